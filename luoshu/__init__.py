@@ -1,0 +1,30 @@
+"""luoshu: a distributed deep-learning system — dataflow graphs or eager, one operator library."""
+
+from luoshu import ops  # noqa: F401  (registers every operator and the Tensor methods)
+from luoshu import runtime  # noqa: F401  (installs the plan builder behind Graph.run)
+from luoshu.core import (
+    CheckpointError,
+    DeviceError,
+    DeviceGroup,
+    DStates,
+    DTypeError,
+    Error,
+    ExecutionError,
+    FeedError,
+    GradientError,
+    Graph,
+    GraphError,
+    IndexedSlices,
+    IndexedSlicesValue,
+    OpError,
+    ShapeError,
+    Tensor,
+    enable_grad,
+    gradients,
+    manual_seed,
+    no_grad,
+    placeholder,
+    tensor,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,139 @@
+"""Reverse-mode automatic differentiation over the IR: gradients are graph ops.
+
+The same walk serves both modes: in define-and-run it records gradient ops into the
+graph; in eager mode they compute at once (and record history only with
+`create_graph=True`, which is what makes higher-order gradients work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from luoshu.core import context, dtypes
+from luoshu.core.errors import GradientError, GraphError
+from luoshu.core.op import apply, topological_ops
+from luoshu.core.tensor import IndexedSlices, Tensor
+
+
+def accumulate(existing, grad):
+    """Sums two gradients, keeping IndexedSlices sparse when both are."""
+    if existing is None:
+        return grad
+    if grad is None:
+        return existing
+    if isinstance(existing, IndexedSlices) and isinstance(grad, IndexedSlices):
+        return IndexedSlices(apply("concat", existing.indices, grad.indices, axis=0),
+                             apply("concat", existing.values, grad.values, axis=0),
+                             existing.dense_shape)
+    if isinstance(grad, IndexedSlices):
+        existing, grad = grad, existing
+    if isinstance(existing, IndexedSlices):
+        return apply("index_add", grad, existing.indices, existing.values, axis=0)
+    return apply("add", existing, grad)
+
+
+def _densify(grad):
+    return grad.to_dense() if isinstance(grad, IndexedSlices) else grad
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def gradients(ys, xs, grad_ys=None, create_graph: bool = False):
+    """d(sum of ys · grad_ys)/d(xs), one entry per x (None where x does not affect ys).
+
+    `grad_ys` defaults to ones. In define-and-run the result is a list of graph tensors
+    (fetch them with `graph.run`); in eager mode it is computed at once.
+    """
+    ys, xs = _as_list(ys), _as_list(xs)
+    grad_ys = [None] * len(ys) if grad_ys is None else _as_list(grad_ys)
+    if len(grad_ys) != len(ys):
+        raise GradientError(f"gradients: {len(ys)} ys but {len(grad_ys)} grad_ys")
+    for t in ys + xs:
+        if not isinstance(t, Tensor):
+            raise GradientError(f"gradients takes tensors, found {type(t).__name__}")
+    graph = next((t.graph for t in ys if t.graph is not None), None)
+    if graph is not None and context.current_graph() is not graph:
+        scope = graph
+    elif graph is None and context.current_graph() is not None:
+        raise GraphError("gradients of eager tensors cannot be built inside a define-and-run graph")
+    else:
+        scope = contextlib.nullcontext()
+    grad_mode = context.enable_grad() if create_graph or graph is not None else context.no_grad()
+    with scope, grad_mode, context.autocast_scope(None):
+        return _backprop(ys, xs, grad_ys, graph)
+
+
+def _backprop(ys, xs, grad_ys, graph):
+    order = topological_ops(ys, graph)
+    x_ids = {id(x) for x in xs}
+    # Only ops on a path from some x to some y take part.
+    reaches = set(x_ids)
+    relevant = []
+    for op in order:
+        if any(id(t) in reaches for t in op.inputs):
+            relevant.append(op)
+            reaches.update(id(t) for t in op.outputs)
+
+    grads: dict[int, object] = {}
+    for y, gy in zip(ys, grad_ys):
+        if id(y) not in reaches:
+            continue
+        seed = apply("ones_like", y) if gy is None else _seed(y, gy)
+        grads[id(y)] = accumulate(grads.get(id(y)), seed)
+
+    for op in reversed(relevant):
+        outs = [(grads.get(id(t)) if id(t) in x_ids else grads.pop(id(t), None)) for t in op.outputs]
+        if all(g is None for g in outs):
+            continue
+        if not op.opdef.differentiable:
+            raise GradientError(f"op '{op.opdef.name}' is not differentiable, but a gradient flows "
+                                "through it")
+        outs = [_densify(g) for g in outs]
+        op.needs_grad = tuple(id(t) in reaches for t in op.inputs)
+        in_grads = op.opdef.gradient(op, outs)
+        if len(in_grads) != len(op.inputs):
+            raise GradientError(f"op '{op.opdef.name}': gradient rule returned {len(in_grads)} "
+                                f"gradients for {len(op.inputs)} inputs")
+        for t, g in zip(op.inputs, in_grads):
+            if g is None or id(t) not in reaches:
+                continue
+            if isinstance(g, Tensor) and g.dtype != t.dtype and dtypes.is_floating(t.dtype):
+                g = apply("cast", g, dtype=t.dtype)
+            grads[id(t)] = accumulate(grads.get(id(t)), g)
+    return [grads.get(id(x)) for x in xs]
+
+
+def _seed(y: Tensor, gy):
+    if not isinstance(gy, Tensor):
+        from luoshu.core.op import as_tensor
+
+        gy = as_tensor(gy, [y])
+    if gy.dtype != y.dtype:
+        gy = apply("cast", gy, dtype=y.dtype)
+    return gy
+
+
+def backward(y: Tensor, gradient=None, create_graph: bool = False) -> None:
+    """Eager `y.backward()`: accumulates into `.grad` of the leaves that require grad."""
+    if y._value is None:
+        raise GraphError(f"backward() is for eager tensors; {y!r} is symbolic: use "
+                         "luoshu.gradients(loss, xs) or optimizer.minimize(loss) in define-and-run")
+    if not y.requires_grad:
+        raise GradientError("backward(): the tensor does not require grad (no input of it does)")
+    if gradient is None and y._value.numel() != 1:
+        raise GradientError(f"backward() without a gradient needs a scalar, found shape {y.shape}")
+    leaves, seen = [], set()
+    if y.producer is None:
+        leaves.append(y)
+    for op in topological_ops([y]):
+        for t in op.inputs:
+            if t.producer is None and t.requires_grad and id(t) not in seen:
+                seen.add(id(t))
+                leaves.append(t)
+    grads = gradients([y], leaves, [gradient], create_graph=create_graph)
+    with context.no_grad() if not create_graph else contextlib.nullcontext():
+        for leaf, g in zip(leaves, grads):
+            if g is not None:
+                leaf.grad = accumulate(leaf.grad, g)

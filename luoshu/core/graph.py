@@ -1,0 +1,178 @@
+"""`Graph`: the define-and-run mode (ops record, `run` compiles and executes) and placeholders."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from luoshu.core import context, dtypes
+from luoshu.core.errors import Error, FeedError, GraphError
+from luoshu.core.tensor import IndexedSlices, Tensor, normalize_device
+
+# The runtime layer installs the function that compiles a fetch set into a runnable plan
+# (core must not import the higher layers that build on it).
+_plan_builder: Callable | None = None
+
+
+def set_plan_builder(builder: Callable) -> None:
+    global _plan_builder
+    _plan_builder = builder
+
+
+class IndexedSlicesValue(NamedTuple):
+    """A fetched `IndexedSlices`: NumPy indices and values plus the dense shape."""
+
+    indices: np.ndarray
+    values: np.ndarray
+    dense_shape: tuple
+
+    def to_dense(self) -> np.ndarray:
+        dense = np.zeros(self.dense_shape, dtype=self.values.dtype)
+        np.add.at(dense, self.indices, self.values)
+        return dense
+
+
+_graph_ids = itertools.count()
+
+
+class Graph:
+    """A define-and-run graph.
+
+    Inside `with Graph() as g:` ops only record; `g.run(fetches, feed_dict)` compiles
+    the ops the fetches need into a flat plan once per (fetch set, fed placeholders),
+    caches it, and runs it: NumPy in, NumPy out.
+    """
+
+    def __init__(self, name: str | None = None):
+        self.name = name or f"graph{next(_graph_ids)}"
+        self.ops: list = []
+        self.placeholders: dict[str, Tensor] = {}
+        self._plans: dict = {}
+
+    def __enter__(self) -> Graph:
+        context.push_graph(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        context.pop_graph(self)
+
+    def __repr__(self) -> str:
+        return f"Graph({self.name!r}, ops={len(self.ops)}, placeholders={list(self.placeholders)})"
+
+    # --- building -------------------------------------------------------------------
+    def placeholder(self, name: str, shape, dtype="float32", device="cpu") -> Tensor:
+        if name in self.placeholders:
+            raise GraphError(f"graph '{self.name}' already has a placeholder named {name!r}")
+        shape = tuple(None if d is None or d == -1 else int(d) for d in shape)
+        t = Tensor(shape, dtypes.dtype_name(dtype), normalize_device(device), graph=self,
+                   name=name, kind="placeholder")
+        self.placeholders[name] = t
+        return t
+
+    # --- running --------------------------------------------------------------------
+    def run(self, fetches, feed_dict: Mapping | None = None):
+        """Computes `fetches` (a tensor or a list of them) given `feed_dict`."""
+        single = not isinstance(fetches, (list, tuple))
+        fetch_list = [fetches] if single else list(fetches)
+        flat, structure = self._flatten_fetches(fetch_list)
+        feeds = self._check_feeds(feed_dict or {})
+        key = (tuple(map(id, flat)), frozenset(feeds))
+        plan = self._plans.get(key)
+        if plan is None:
+            if _plan_builder is None:
+                raise Error("the luoshu runtime is not loaded; import luoshu, not luoshu.core")
+            plan = _plan_builder(self, flat, feeds)
+            self._plans[key] = plan
+        values = plan.run([feeds[id(p)] for p in plan.feed_tensors])
+        results = [_to_numpy(v, t) for v, t in zip(values, flat)]
+        out = []
+        for kind, n in structure:
+            if kind == "slices":
+                indices, vals = results[:2]
+                out.append(IndexedSlicesValue(indices, vals, n))
+                results = results[2:]
+            else:
+                out.append(results[0])
+                results = results[1:]
+        return out[0] if single else out
+
+    def _flatten_fetches(self, fetch_list):
+        flat, structure = [], []
+        for f in fetch_list:
+            if isinstance(f, IndexedSlices):
+                flat += [f.indices, f.values]
+                structure.append(("slices", f.dense_shape))
+                continue
+            if not isinstance(f, Tensor):
+                raise GraphError(f"graph '{self.name}' can fetch tensors only, found {type(f).__name__}")
+            if f.graph is not None and f.graph is not self:
+                raise GraphError(f"fetch {f!r} belongs to graph '{f.graph.name}', not '{self.name}'")
+            flat.append(f)
+            structure.append(("tensor", None))
+        return flat, structure
+
+    def _check_feeds(self, feed_dict: Mapping) -> dict[int, torch.Tensor]:
+        feeds: dict[int, torch.Tensor] = {}
+        for key, value in feed_dict.items():
+            ph = self.placeholders.get(key) if isinstance(key, str) else key
+            if not isinstance(ph, Tensor) or ph.kind != "placeholder" or ph.graph is not self:
+                raise FeedError(f"graph '{self.name}' can feed only its placeholders, found {key!r}; "
+                                f"its placeholders are {sorted(self.placeholders)}")
+            feeds[id(ph)] = _convert_feed(ph, value)
+        return feeds
+
+
+def _convert_feed(ph: Tensor, value) -> torch.Tensor:
+    """Checks a fed value against its placeholder and converts it without copying if it can."""
+    if isinstance(value, Tensor):
+        value = value.value
+    if isinstance(value, torch.Tensor):
+        source = dtypes.dtype_name(value.dtype)
+        np_source = dtypes.to_numpy(source)
+    else:
+        if not isinstance(value, np.ndarray):
+            value = np.asarray(value, dtype=dtypes.to_numpy(ph.dtype))
+        np_source = value.dtype
+        source = str(value.dtype)
+    target = dtypes.to_numpy(ph.dtype)
+    if not (np.can_cast(np_source, target, "same_kind") or (source == "bool" and ph.dtype != "bool")):
+        raise FeedError(f"placeholder {ph.name!r} expects dtype {ph.dtype}, found {source}")
+    shape = tuple(value.shape)
+    if len(shape) != len(ph.shape) or any(d is not None and d != s for d, s in zip(ph.shape, shape)):
+        expected = tuple("None" if d is None else d for d in ph.shape)
+        raise FeedError(f"placeholder {ph.name!r} expects shape {expected}, found {shape}")
+    if isinstance(value, np.ndarray):
+        if not value.flags.writeable or not value.flags.c_contiguous:
+            value = np.ascontiguousarray(value).copy()
+        value = torch.from_numpy(value)
+    want = dtypes.to_torch(ph.dtype)
+    if value.dtype != want or str(value.device) != ph.device:
+        value = value.to(device=ph.device, dtype=want)
+    return value
+
+
+def _to_numpy(value, tensor: Tensor):
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    arr = value.detach().cpu().numpy()
+    # Leaves (parameters) and views of them change in place on the next update: copy those.
+    if tensor.producer is None or value._base is not None:
+        arr = arr.copy()
+    return arr
+
+
+def placeholder(name: str, shape, dtype="float32", device="cpu") -> Tensor:
+    """A value fed at run time; `None` in `shape` marks a dimension known only then."""
+    graph = context.current_graph()
+    if graph is None:
+        raise GraphError(f"placeholder {name!r} needs a define-and-run graph: build it inside "
+                         "`with luoshu.Graph() as g:`")
+    return graph.placeholder(name, shape, dtype, device)

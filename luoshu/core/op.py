@@ -1,0 +1,267 @@
+"""`OpDef` (one class per operator), its registry, `Op` (a node) and `apply` (the dispatcher).
+
+`apply` is the single entry point that turns a call into an op: it checks attributes,
+turns scalars into constants, applies autocast, runs the operator's `infer`, and then
+either computes at once (eager) or records the op in the current graph (define-and-run).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from luoshu.core import context, dtypes
+from luoshu.core.dstates import DStates
+from luoshu.core.errors import (
+    DeviceError,
+    Error,
+    ExecutionError,
+    GradientError,
+    GraphError,
+    OpError,
+    ShapeError,
+)
+from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta, make_constant
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+class OpDef:
+    """One operator: its shape rule, kernel, gradient rule and distributed-states rule.
+
+    Subclasses set `name` and `attrs` (the attribute names with their defaults) and
+    implement `infer` and `compute`; `gradient` builds the input gradients from other
+    ops so the backward graph is a graph like any other.
+    """
+
+    name: ClassVar[str]
+    attrs: ClassVar[dict] = {}
+    # "lower": float inputs run in the autocast dtype (matmul, conv);
+    # "fp32": low-precision inputs are widened (softmax, norms, losses, reductions).
+    autocast: ClassVar[str | None] = None
+    # False for ops without a gradient (integer outputs, optimizer updates, *_backward
+    # kernels that are not differentiated again).
+    differentiable: ClassVar[bool] = True
+
+    def infer(self, inputs: list[Tensor], **attrs) -> list[TensorMeta] | TensorMeta:
+        raise NotImplementedError
+
+    def compute(self, *values, **attrs):
+        raise NotImplementedError
+
+    def gradient(self, op: Op, grads: list) -> list:
+        raise GradientError(f"op '{self.name}' has no gradient rule")
+
+    def deduce_states(self, input_ds: list[DStates | None], **attrs) -> list[DStates | None]:
+        """Default rule: every input must be pure duplicate; the outputs are too."""
+        for i, ds in enumerate(input_ds):
+            if ds is not None and not ds.is_pure_duplicate():
+                raise Error(
+                    f"op '{self.name}' has no distributed-states rule for input {i} with states "
+                    f"{ds.states}; it needs every input duplicated"
+                )
+        first = next((ds for ds in input_ds if ds is not None), None)
+        return [first]
+
+    def shape_error(self, inputs, rule: str) -> ShapeError:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, Tensor))
+        return ShapeError(f"{self.name}: input shapes ({shapes}): {rule}")
+
+
+def register(cls: type[OpDef]) -> type[OpDef]:
+    """Class decorator: makes the operator known by its `name`."""
+    if cls.name in _REGISTRY:
+        raise OpError(f"op '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_opdef(name: str) -> OpDef:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise OpError(f"unknown op '{name}'; {len(_REGISTRY)} ops are registered, e.g. "
+                      f"{', '.join(sorted(_REGISTRY)[:8])}") from None
+
+
+def registered_ops() -> dict[str, OpDef]:
+    return dict(_REGISTRY)
+
+
+class Op:
+    """One node of a graph: an operator applied to input tensors with fixed attributes."""
+
+    __slots__ = ("opdef", "inputs", "attrs", "outputs", "graph", "needs_grad", "__weakref__")
+
+    def __init__(self, opdef: OpDef, inputs: list[Tensor], attrs: dict, graph=None):
+        self.opdef = opdef
+        self.inputs = inputs
+        self.attrs = attrs
+        self.outputs: list[Tensor] = []
+        self.graph = graph
+        # Set by autodiff before a gradient rule runs: which inputs want a gradient, so
+        # rules can skip building the others.
+        self.needs_grad: tuple[bool, ...] = ()
+
+    def __repr__(self) -> str:
+        ins = ", ".join(str(t.shape) for t in self.inputs)
+        return f"Op({self.opdef.name}, inputs=[{ins}], attrs={self.attrs})"
+
+
+def _scalar_dtype(value, tensors: list[Tensor]) -> str:
+    """Python scalars are weakly typed: they take the dtype of a tensor they meet."""
+    if isinstance(value, bool):
+        return tensors[0].dtype if tensors else "bool"
+    if isinstance(value, numbers.Integral):
+        return next((t.dtype for t in tensors if t.dtype != "bool"), dtypes.DEFAULT_INT)
+    if isinstance(value, numbers.Real):
+        return next((t.dtype for t in tensors if dtypes.is_floating(t.dtype)), dtypes.DEFAULT_FLOAT)
+    raise Error(f"cannot use {type(value).__name__} as a tensor")
+
+
+def as_tensor(value, tensors: list[Tensor] = ()) -> Tensor:
+    """Turns an op input into a Tensor: scalars become constants typed after `tensors`."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, IndexedSlices):
+        return value.to_dense()
+    device = tensors[0].device if tensors else None
+    if isinstance(value, numbers.Number):
+        dtype = _scalar_dtype(value, tensors)
+        return Tensor.from_value(torch.tensor(value, dtype=dtypes.to_torch(dtype), device=device))
+    return make_constant(value, device=device)
+
+
+def _autocast_inputs(opdef: OpDef, tensors: list[Tensor], target: str) -> list[Tensor]:
+    if opdef.autocast == "lower":
+        wanted = lambda t: t.dtype in ("float32", "float16", "bfloat16") and t.dtype != target  # noqa: E731
+        to = target
+    else:
+        wanted = lambda t: t.dtype in ("float16", "bfloat16")  # noqa: E731
+        to = "float32"
+    return [apply("cast", t, dtype=to) if wanted(t) else t for t in tensors]
+
+
+def apply(opdef: OpDef | str, *inputs, **attrs):
+    """Applies an operator: returns one Tensor, or a tuple when it has several outputs."""
+    if type(opdef) is str:
+        opdef = get_opdef(opdef)
+    known = opdef.attrs
+    if attrs:
+        for key in attrs:
+            if key not in known:
+                raise OpError(f"op '{opdef.name}' has no attribute '{key}'; its attributes are "
+                              f"{sorted(known) or 'none'}")
+        full = {**known, **attrs}
+    else:
+        full = dict(known)
+
+    tensors = list(inputs)
+    if not all(isinstance(x, Tensor) for x in tensors):
+        given = [x for x in inputs if isinstance(x, Tensor)]
+        tensors = [x if isinstance(x, Tensor) else as_tensor(x, given) for x in inputs]
+    cast_to = context.autocast_dtype()
+    if cast_to is not None and opdef.autocast is not None:
+        tensors = _autocast_inputs(opdef, tensors, cast_to)
+
+    if len(tensors) > 1:
+        device = tensors[0].device
+        for t in tensors:
+            if t.device != device:
+                raise DeviceError(f"{opdef.name}: inputs are on different devices "
+                                  f"({', '.join(t.device for t in tensors)})")
+    metas = opdef.infer(tensors, **full)
+    if type(metas) is TensorMeta:
+        metas = (metas,)
+
+    graph = context.current_graph()
+    if graph is None:
+        outputs = _run_eager(opdef, tensors, full, metas)
+    else:
+        outputs = _record(graph, opdef, tensors, full, metas)
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def _default_device(tensors, meta: TensorMeta) -> str:
+    if meta.device is not None:
+        return meta.device
+    return tensors[0].device if tensors else "cpu"
+
+
+def _run_eager(opdef, tensors, attrs, metas):
+    for t in tensors:
+        if t._value is None:
+            raise GraphError(
+                f"{opdef.name}: input {t!r} belongs to define-and-run graph "
+                f"'{t.graph.name if t.graph else '?'}'; build ops on it inside `with graph:`"
+            )
+    try:
+        result = opdef.compute(*[t._value for t in tensors], **attrs)
+    except Error:
+        raise
+    except (RuntimeError, IndexError, ValueError) as exc:
+        shapes = ", ".join(str(t.shape) for t in tensors)
+        raise ExecutionError(f"op '{opdef.name}' failed on input shapes ({shapes}): {exc}") from exc
+    values = result if type(result) in (tuple, list) else (result,)
+    track = (opdef.differentiable and context.is_grad_enabled()
+             and any(t.requires_grad for t in tensors))
+    op = Op(opdef, tensors, attrs) if track else None
+    outputs = []
+    for i, (meta, value) in enumerate(zip(metas, values)):
+        if value is None:
+            out = Tensor(meta.shape, meta.dtype, _default_device(tensors, meta), kind="token")
+        else:
+            out = Tensor(value.shape, meta.dtype, meta.device or str(value.device), value=value)
+        if track and dtypes.is_floating(meta.dtype):
+            out.requires_grad = True
+            out.producer = (op, i)
+        outputs.append(out)
+    if op is not None:
+        op.outputs = outputs
+    return outputs
+
+
+def _record(graph, opdef, tensors, attrs, metas):
+    for t in tensors:
+        if t.graph is not None and t.graph is not graph:
+            raise GraphError(f"{opdef.name}: input {t!r} belongs to graph '{t.graph.name}', "
+                             f"not to the graph being built ('{graph.name}')")
+    op = Op(opdef, tensors, attrs, graph)
+    track = opdef.differentiable
+    op.outputs = [
+        Tensor(meta.shape, meta.dtype, _default_device(tensors, meta), producer=(op, i), graph=graph,
+               requires_grad=track and dtypes.is_floating(meta.dtype)
+               and any(t.requires_grad for t in tensors))
+        for i, meta in enumerate(metas)
+    ]
+    graph.ops.append(op)
+    return op.outputs
+
+
+def topological_ops(outputs, graph=None) -> list[Op]:
+    """The ops `outputs` depend on, inputs before consumers.
+
+    With `graph`, the walk stops at tensors of other graphs and at leaves, which the
+    plan reads as they are (parameters, constants, eager tensors).
+    """
+    order: list[Op] = []
+    visited: set[int] = set()
+    stack = [(t.producer[0], False) for t in reversed(outputs)
+             if t.producer is not None and (graph is None or t.graph is graph)]
+    while stack:
+        op, done = stack.pop()
+        if done:
+            order.append(op)
+            continue
+        if id(op) in visited:
+            continue
+        visited.add(id(op))
+        stack.append((op, True))
+        for t in reversed(op.inputs):
+            producer = t.producer
+            if producer is not None and id(producer[0]) not in visited and (graph is None or t.graph is graph):
+                stack.append((producer[0], False))
+    return order

@@ -1,0 +1,135 @@
+"""The flat execution plan of a define-and-run graph and its executor.
+
+A `Plan` is a list of steps `(kernel, input slots, output slots, slots freed after)`.
+To keep the hot loop lean, the plan is emitted once as a straight-line Python function
+in which every slot is a local variable: running it walks no graph, looks up nothing by
+name and allocates nothing beyond what the kernels return; `del` frees each buffer
+after its last reader.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from luoshu.compiler import prune
+from luoshu.core.errors import Error, ExecutionError, FeedError
+from luoshu.core.tensor import Tensor
+
+
+@dataclass
+class Step:
+    op: object  # the IR Op this step runs
+    kernel: object  # opdef.compute with the attributes bound
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    frees: tuple[int, ...] = ()
+
+
+@dataclass
+class Plan:
+    feed_tensors: list[Tensor]  # placeholders, in the order `run` takes their values
+    leaf_tensors: list[Tensor]  # parameters and constants, read at the start of each run
+    steps: list[Step]
+    fetch_slots: list[int]
+    source: str = ""
+    _fn: object = field(default=None, repr=False)
+
+    def run(self, feed_values: list[torch.Tensor]) -> list:
+        with torch.no_grad():
+            return self._fn(feed_values)
+
+
+def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
+    ops = prune(graph, fetches)
+    slot_of: dict[int, int] = {}
+    feed_tensors: list[Tensor] = []
+    leaf_tensors: list[Tensor] = []
+
+    def slot(t: Tensor) -> int:
+        s = slot_of.get(id(t))
+        if s is None:
+            s = slot_of[id(t)] = len(slot_of)
+            if t.producer is None or t.graph is not graph:
+                if t.kind == "placeholder":
+                    feed_tensors.append(t)
+                else:
+                    leaf_tensors.append(t)
+        return s
+
+    steps = []
+    for op in ops:
+        ins = tuple(slot(t) for t in op.inputs)
+        outs = tuple(slot(t) for t in op.outputs)
+        kernel = functools.partial(op.opdef.compute, **op.attrs) if op.attrs else op.opdef.compute
+        steps.append(Step(op, kernel, ins, outs))
+    fetch_slots = [slot(t) for t in fetches]
+
+    missing = [t for t in feed_tensors if id(t) not in fed]
+    if missing:
+        names = ", ".join(repr(t.name) for t in missing)
+        raise FeedError(f"graph '{graph.name}': the fetches depend on placeholder(s) {names}, "
+                        "which the feed_dict does not feed")
+
+    last_use: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        for s in step.inputs + step.outputs:
+            last_use[s] = i
+    keep = set(fetch_slots)
+    frees: dict[int, list[int]] = {}
+    for s, i in last_use.items():
+        if s not in keep:
+            frees.setdefault(i, []).append(s)
+    for i, step in enumerate(steps):
+        step.frees = tuple(sorted(frees.get(i, ())))
+
+    plan = Plan(feed_tensors, leaf_tensors, steps, fetch_slots)
+    _emit(plan, slot_of)
+    return plan
+
+
+def _emit(plan: Plan, slot_of: dict[int, int]) -> None:
+    """Writes the plan as one straight-line function over local variables."""
+    namespace: dict = {"_fail": _fail_factory(plan), "_Error": Error}
+    lines = ["def _run(feeds):"]
+    if plan.feed_tensors:
+        names = ", ".join(f"s{slot_of[id(t)]}" for t in plan.feed_tensors)
+        lines.append(f"    {names}, = feeds")
+    for j, t in enumerate(plan.leaf_tensors):
+        namespace[f"L{j}"] = t
+        lines.append(f"    s{slot_of[id(t)]} = L{j}._value")
+    lines.append("    i = -1")
+    lines.append("    try:")
+    for i, step in enumerate(plan.steps):
+        namespace[f"K{i}"] = step.kernel
+        args = ", ".join(f"s{s}" for s in step.inputs)
+        lines.append(f"        i = {i}")
+        call = f"K{i}({args})"
+        if len(step.outputs) == 1:
+            lines.append(f"        s{step.outputs[0]} = {call}")
+        else:
+            lines.append(f"        {', '.join(f's{s}' for s in step.outputs)}, = {call}")
+        if step.frees:
+            lines.append(f"        del {', '.join(f's{s}' for s in step.frees)}")
+    lines.append("    except _Error:")
+    lines.append("        raise")
+    lines.append("    except Exception as exc:")
+    lines.append("        raise _fail(i, exc) from exc")
+    lines.append(f"    return ({''.join(f's{s}, ' for s in plan.fetch_slots)})")
+    plan.source = "\n".join(lines)
+    exec(compile(plan.source, f"<luoshu plan of {len(plan.steps)} steps>", "exec"), namespace)
+    plan._fn = namespace["_run"]
+
+
+def _fail_factory(plan: Plan):
+    def fail(index: int, exc: Exception) -> Error:
+        if index < 0:
+            return ExecutionError(f"plan failed before its first step: {exc}")
+        op = plan.steps[index].op
+        shapes = ", ".join(str(t.shape) for t in op.inputs)
+        return ExecutionError(f"op '{op.opdef.name}' (step {index}) failed at run time; declared "
+                              f"input shapes ({shapes}): {exc}")
+
+    return fail

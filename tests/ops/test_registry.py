@@ -1,0 +1,41 @@
+"""Every registered operator is checked against torch.autograd in both graph modes."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+
+import luoshu as ls
+import tests.ops as cases_pkg
+from tests.ops.harness import check, ops_exercised
+
+
+def _all_cases():
+    cases = []
+    for info in pkgutil.iter_modules(cases_pkg.__path__):
+        if info.name.startswith("cases_"):
+            cases += importlib.import_module(f"tests.ops.{info.name}").CASES
+    return cases
+
+
+CASES = _all_cases()
+
+
+def test_case_names_are_unique():
+    names = [c.name for c in CASES]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_op_matches_torch(case):
+    check(case)
+
+
+def test_every_registered_op_has_a_case():
+    covered = set()
+    for case in CASES:
+        covered |= ops_exercised(case)
+    missing = sorted(set(ls.core.registered_ops()) - covered)
+    assert not missing, f"registered ops without a case in tests/ops/cases_*.py: {missing}"
