@@ -72,7 +72,8 @@ def _backprop(ys, xs, grad_ys, graph):
     reaches = set(x_ids)
     relevant = []
     for op in order:
-        if any(id(t) in reaches for t in op.inputs):
+        # Non-differentiable ops (integer results, *_like constants) pass no gradient.
+        if op.opdef.differentiable and any(id(t) in reaches for t in op.inputs):
             relevant.append(op)
             reaches.update(id(t) for t in op.outputs)
 
@@ -87,9 +88,6 @@ def _backprop(ys, xs, grad_ys, graph):
         outs = [(grads.get(id(t)) if id(t) in x_ids else grads.pop(id(t), None)) for t in op.outputs]
         if all(g is None for g in outs):
             continue
-        if not op.opdef.differentiable:
-            raise GradientError(f"op '{op.opdef.name}' is not differentiable, but a gradient flows "
-                                "through it")
         outs = [_densify(g) for g in outs]
         op.needs_grad = tuple(id(t) in reaches for t in op.inputs)
         in_grads = op.opdef.gradient(op, outs)

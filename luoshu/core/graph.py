@@ -143,7 +143,7 @@ def _convert_feed(ph: Tensor, value) -> torch.Tensor:
         raise FeedError(f"placeholder {ph.name!r} expects dtype {ph.dtype}, found {source}")
     shape = tuple(value.shape)
     if len(shape) != len(ph.shape) or any(d is not None and d != s for d, s in zip(ph.shape, shape)):
-        expected = tuple("None" if d is None else d for d in ph.shape)
+        expected = "(" + ", ".join("None" if d is None else str(d) for d in ph.shape) + ("," if len(ph.shape) == 1 else "") + ")"
         raise FeedError(f"placeholder {ph.name!r} expects shape {expected}, found {shape}")
     if isinstance(value, np.ndarray):
         if not value.flags.writeable or not value.flags.c_contiguous:

@@ -42,8 +42,9 @@ class OpDef:
     # "lower": float inputs run in the autocast dtype (matmul, conv);
     # "fp32": low-precision inputs are widened (softmax, norms, losses, reductions).
     autocast: ClassVar[str | None] = None
-    # False for ops without a gradient (integer outputs, optimizer updates, *_backward
-    # kernels that are not differentiated again).
+    # False where the outputs do not depend differentiably on the inputs (integer or
+    # bool results, *_like constants, updates): no gradient flows through. An op that
+    # has a gradient but no rule for it keeps True and lets `gradient` raise.
     differentiable: ClassVar[bool] = True
 
     def infer(self, inputs: list[Tensor], **attrs) -> list[TensorMeta] | TensorMeta:

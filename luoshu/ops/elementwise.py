@@ -88,13 +88,21 @@ class Pow(_Binary):
     def gradient(self, op, grads):
         g, = grads
         a, b = op.inputs
-        ga = sum_to(g * b * a ** (b - 1), a) if wants(op, 0) else None
+        ga = sum_to(_pow_base_grad(g, a, b), a) if wants(op, 0) else None
         # d(a^b)/db = a^b log a, taken as 0 where a == 0 (the limit for b > 0).
         gb = None
         if wants(op, 1):
             safe_log = apply("where", a > 0, apply("log", apply("where", a > 0, a, 1.0)), 0.0)
             gb = sum_to(g * op.outputs[0] * safe_log, b)
         return [ga, gb]
+
+
+def _pow_base_grad(g, a, b):
+    """g * b * a^(b-1), exactly 0 where b == 0 (as torch, so 0^-1 never makes a nan)."""
+    if b.producer is None and b._value is not None and b._value.numel() == 1 and not b.requires_grad:
+        e = float(b._value)  # a constant exponent: fold it at build time
+        return apply("zeros_like", g) if e == 0 else g * (a ** (e - 1.0) * e)
+    return apply("where", b == 0, 0.0, g * b * a ** (b - 1.0))
 
 
 @register

@@ -113,6 +113,8 @@ def _emit(plan: Plan, slot_of: dict[int, int]) -> None:
             lines.append(f"        {', '.join(f's{s}' for s in step.outputs)}, = {call}")
         if step.frees:
             lines.append(f"        del {', '.join(f's{s}' for s in step.frees)}")
+    if not plan.steps:
+        lines.append("        pass")
     lines.append("    except _Error:")
     lines.append("        raise")
     lines.append("    except Exception as exc:")
