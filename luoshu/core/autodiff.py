@@ -65,42 +65,50 @@ def gradients(ys, xs, grad_ys=None, create_graph: bool = False):
         return _backprop(ys, xs, grad_ys, graph)
 
 
+def _key(t: Tensor):
+    """A tensor's identity for the walk: (op, output index), stable even if an eager
+    op rebuilds a dropped output tensor."""
+    producer = t.producer
+    return id(t) if producer is None else (id(producer[0]), producer[1])
+
+
 def _backprop(ys, xs, grad_ys, graph):
     order = topological_ops(ys, graph)
-    x_ids = {id(x) for x in xs}
+    x_ids = {_key(x) for x in xs}
     # Only ops on a path from some x to some y take part.
     reaches = set(x_ids)
     relevant = []
     for op in order:
         # Non-differentiable ops (integer results, *_like constants) pass no gradient.
-        if op.opdef.differentiable and any(id(t) in reaches for t in op.inputs):
+        if op.opdef.differentiable and any(_key(t) in reaches for t in op.inputs):
             relevant.append(op)
-            reaches.update(id(t) for t in op.outputs)
+            reaches.update((id(op), i) for i in range(len(op._outputs)))
 
     grads: dict[int, object] = {}
     for y, gy in zip(ys, grad_ys):
-        if id(y) not in reaches:
+        if _key(y) not in reaches:
             continue
         seed = apply("ones_like", y) if gy is None else _seed(y, gy)
-        grads[id(y)] = accumulate(grads.get(id(y)), seed)
+        grads[_key(y)] = accumulate(grads.get(_key(y)), seed)
 
     for op in reversed(relevant):
-        outs = [(grads.get(id(t)) if id(t) in x_ids else grads.pop(id(t), None)) for t in op.outputs]
+        keys = [(id(op), i) for i in range(len(op._outputs))]
+        outs = [(grads.get(k) if k in x_ids else grads.pop(k, None)) for k in keys]
         if all(g is None for g in outs):
             continue
         outs = [_densify(g) for g in outs]
-        op.needs_grad = tuple(id(t) in reaches for t in op.inputs)
+        op.needs_grad = tuple(_key(t) in reaches for t in op.inputs)
         in_grads = op.opdef.gradient(op, outs)
         if len(in_grads) != len(op.inputs):
             raise GradientError(f"op '{op.opdef.name}': gradient rule returned {len(in_grads)} "
                                 f"gradients for {len(op.inputs)} inputs")
         for t, g in zip(op.inputs, in_grads):
-            if g is None or id(t) not in reaches:
+            if g is None or _key(t) not in reaches:
                 continue
             if isinstance(g, Tensor) and g.dtype != t.dtype and dtypes.is_floating(t.dtype):
                 g = apply("cast", g, dtype=t.dtype)
-            grads[id(t)] = accumulate(grads.get(id(t)), g)
-    return [grads.get(id(x)) for x in xs]
+            grads[_key(t)] = accumulate(grads.get(_key(t)), g)
+    return [grads.get(_key(x)) for x in xs]
 
 
 def _seed(y: Tensor, gy):

@@ -8,6 +8,7 @@ either computes at once (eager) or records the op in the current graph (define-a
 from __future__ import annotations
 
 import numbers
+import weakref
 from typing import ClassVar
 
 import numpy as np
@@ -93,19 +94,40 @@ def registered_ops() -> dict[str, OpDef]:
 
 
 class Op:
-    """One node of a graph: an operator applied to input tensors with fixed attributes."""
+    """One node of a graph: an operator applied to input tensors with fixed attributes.
 
-    __slots__ = ("opdef", "inputs", "attrs", "outputs", "graph", "needs_grad", "__weakref__")
+    A graph op holds its output tensors. An eager op holds only weak references to
+    them plus their torch values: a strong op -> output -> op cycle per eager op would
+    leave every activation to the cycle collector (slow, and memory freed late). An
+    output that was dropped is rebuilt from its value when a gradient rule asks.
+    """
+
+    __slots__ = ("opdef", "inputs", "attrs", "graph", "needs_grad", "_outputs", "_values", "__weakref__")
 
     def __init__(self, opdef: OpDef, inputs: list[Tensor], attrs: dict, graph=None):
         self.opdef = opdef
         self.inputs = inputs
         self.attrs = attrs
-        self.outputs: list[Tensor] = []
         self.graph = graph
         # Set by autodiff before a gradient rule runs: which inputs want a gradient, so
         # rules can skip building the others.
         self.needs_grad: tuple[bool, ...] = ()
+        self._outputs: list = []
+        self._values = None
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        if self._values is None:
+            return self._outputs
+        result = []
+        for i, ref in enumerate(self._outputs):
+            t = ref()
+            if t is None:
+                v = self._values[i]
+                t = Tensor(v.shape, dtypes.dtype_name(v.dtype), str(v.device), value=v, producer=(self, i),
+                           requires_grad=True)
+            result.append(t)
+        return result
 
     def __repr__(self) -> str:
         ins = ", ".join(str(t.shape) for t in self.inputs)
@@ -221,7 +243,8 @@ def _run_eager(opdef, tensors, attrs, metas):
             out.producer = (op, i)
         outputs.append(out)
     if op is not None:
-        op.outputs = outputs
+        op._outputs = [weakref.ref(t) for t in outputs]
+        op._values = values
     return outputs
 
 
@@ -232,14 +255,14 @@ def _record(graph, opdef, tensors, attrs, metas):
                              f"not to the graph being built ('{graph.name}')")
     op = Op(opdef, tensors, attrs, graph)
     track = opdef.differentiable
-    op.outputs = [
+    op._outputs = [
         Tensor(meta.shape, meta.dtype, _default_device(tensors, meta), producer=(op, i), graph=graph,
                requires_grad=track and dtypes.is_floating(meta.dtype)
                and any(t.requires_grad for t in tensors))
         for i, meta in enumerate(metas)
     ]
     graph.ops.append(op)
-    return op.outputs
+    return op._outputs
 
 
 def topological_ops(outputs, graph=None) -> list[Op]:

@@ -146,10 +146,10 @@ def _to_numpy(x):
     return x.numpy() if isinstance(x, ls.Tensor) else np.asarray(x)
 
 
-def run_eager(case, arrays, grads, ref):
+def run_eager(case, arrays, grads, ref, device="cpu"):
     if case.seed is not None:
         ls.manual_seed(case.seed)
-    xs = [ls.tensor(a, requires_grad=g) for a, g in zip(arrays, grads)]
+    xs = [ls.tensor(a, requires_grad=g, device=device) for a, g in zip(arrays, grads)]
     outs = _as_tuple(case.fn(*xs))
     for i, (o, e) in enumerate(zip(outs, ref["outs"])):
         _close(o.numpy(), e, f"{case.name} eager output {i}", case.tol)
@@ -157,38 +157,39 @@ def run_eager(case, arrays, grads, ref):
         return
     diff = [x for x, g in zip(xs, grads) if g]
     ys = [o for o, c in zip(outs, ref["cot"]) if c is not None and o.requires_grad]
-    cots = [ls.tensor(c) for o, c in zip(outs, ref["cot"]) if c is not None and o.requires_grad]
+    cots = [ls.tensor(c, device=device) for o, c in zip(outs, ref["cot"]) if c is not None and o.requires_grad]
     gs = ls.gradients(ys, diff, cots, create_graph=case.second_order)
     for i, (g, e) in enumerate(zip(gs, ref["grads"])):
         _close(_to_numpy(g), e, f"{case.name} eager gradient of input {i}", case.tol)
     if case.second_order:
         present = [g for g in gs if g is not None]
-        total = sum((g * ls.tensor(w)).sum() for g, w in zip(present, ref["weights"]))
+        total = sum((g * ls.tensor(w, device=device)).sum() for g, w in zip(present, ref["weights"]))
         gg = ls.gradients(total, diff)
         for i, (g, e) in enumerate(zip(gg, ref["grads2"])):
             _close(_to_numpy(g), e, f"{case.name} eager second-order gradient of input {i}", case.tol)
 
 
-def build_graph(case, arrays, grads, ref):
+def build_graph(case, arrays, grads, ref, device="cpu"):
     """Records the case (outputs, gradients, second-order gradients) into a new graph."""
     gs = gg = None
     if case.seed is not None:
         ls.manual_seed(case.seed)
     with ls.Graph() as g:
-        phs = [ls.placeholder(f"in{i}", a.shape, str(a.dtype)) for i, a in enumerate(arrays)]
+        phs = [ls.placeholder(f"in{i}", a.shape, str(a.dtype), device) for i, a in enumerate(arrays)]
         outs = _as_tuple(case.fn(*phs))
         fetches = list(outs)
         feed = {p: a for p, a in zip(phs, arrays)}
         if case.grad:
             diff = [p for p, gr in zip(phs, grads) if gr]
             pairs = [(o, c) for o, c in zip(outs, ref["cot"]) if c is not None]
-            cot_phs = [ls.placeholder(f"cot{i}", c.shape, "float64") for i, (_, c) in enumerate(pairs)]
+            cot_phs = [ls.placeholder(f"cot{i}", c.shape, "float64", device) for i, (_, c) in enumerate(pairs)]
             feed.update({p: c for p, (_, c) in zip(cot_phs, pairs)})
             gs = ls.gradients([o for o, _ in pairs], diff, cot_phs)
             fetches += [x for x in gs if x is not None]
             if case.second_order:
                 present = [x for x in gs if x is not None]
-                w_phs = [ls.placeholder(f"w{i}", w.shape, "float64") for i, w in enumerate(ref["weights"])]
+                w_phs = [ls.placeholder(f"w{i}", w.shape, "float64", device)
+                         for i, w in enumerate(ref["weights"])]
                 feed.update({p: w for p, w in zip(w_phs, ref["weights"])})
                 total = sum((x * w).sum() for x, w in zip(present, w_phs))
                 gg = ls.gradients(total, diff)
@@ -196,8 +197,8 @@ def build_graph(case, arrays, grads, ref):
     return g, outs, fetches, feed, gs, gg
 
 
-def run_graph(case, arrays, grads, ref):
-    g, outs, fetches, feed, gs, gg = build_graph(case, arrays, grads, ref)
+def run_graph(case, arrays, grads, ref, device="cpu"):
+    g, outs, fetches, feed, gs, gg = build_graph(case, arrays, grads, ref, device)
     if case.seed is not None:
         ls.manual_seed(case.seed)
     values = g.run(fetches, feed)
@@ -230,12 +231,12 @@ def _prepare(case):
     return arrays, grads, _torch_reference(case, arrays, grads, rng)
 
 
-def check(case: OpCase) -> None:
-    """Runs one case in both modes against torch."""
+def check(case: OpCase, device: str = "cpu") -> None:
+    """Runs one case in both modes on `device` against torch on the CPU."""
     arrays, grads, ref = _prepare(case)
-    run_eager(case, arrays, grads, ref)
+    run_eager(case, arrays, grads, ref, device)
     if not case.eager_only:
-        run_graph(case, arrays, grads, ref)
+        run_graph(case, arrays, grads, ref, device)
 
 
 def ops_exercised(case: OpCase) -> set[str]:

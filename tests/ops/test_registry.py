@@ -7,6 +7,7 @@ import pathlib
 import pkgutil
 
 import pytest
+import torch
 
 import luoshu as ls
 import tests.ops as cases_pkg
@@ -32,6 +33,14 @@ def test_case_names_are_unique():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_op_matches_torch(case):
     check(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", [c for c in CASES if c.seed is None], ids=lambda c: c.name)
+def test_op_matches_torch_on_cuda(case):
+    # Random ops are left out: CUDA generators draw different streams than the CPU reference.
+    check(case, device="cuda")
 
 
 def test_every_registered_op_has_a_case():
