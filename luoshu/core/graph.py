@@ -126,8 +126,24 @@ class Graph:
         return feeds
 
 
+_NUMPY_DTYPES = {name: dtypes.to_numpy(name) for name in dtypes.FLOATING | dtypes.INTEGER | {"bool"}}
+
+
+def _check_feed_shape(ph: Tensor, shape: tuple) -> None:
+    if len(shape) != len(ph.shape) or any(d is not None and d != s for d, s in zip(ph.shape, shape)):
+        expected = ", ".join("None" if d is None else str(d) for d in ph.shape)
+        expected = f"({expected}{',' if len(ph.shape) == 1 else ''})"
+        raise FeedError(f"placeholder {ph.name!r} expects shape {expected}, found {shape}")
+
+
 def _convert_feed(ph: Tensor, value) -> torch.Tensor:
     """Checks a fed value against its placeholder and converts it without copying if it can."""
+    target = _NUMPY_DTYPES[ph.dtype]
+    if type(value) is np.ndarray and value.dtype == target and ph.device == "cpu" and ph.dtype != "bfloat16":
+        _check_feed_shape(ph, value.shape)  # the common case: the right array, zero-copy
+        if not value.flags.writeable or not value.flags.c_contiguous:
+            value = np.ascontiguousarray(value).copy()
+        return torch.from_numpy(value)
     if isinstance(value, Tensor):
         value = value.value
     if isinstance(value, torch.Tensor):
@@ -135,16 +151,12 @@ def _convert_feed(ph: Tensor, value) -> torch.Tensor:
         np_source = dtypes.to_numpy(source)
     else:
         if not isinstance(value, np.ndarray):
-            value = np.asarray(value, dtype=dtypes.to_numpy(ph.dtype))
+            value = np.asarray(value, dtype=target)
         np_source = value.dtype
         source = str(value.dtype)
-    target = dtypes.to_numpy(ph.dtype)
     if not (np.can_cast(np_source, target, "same_kind") or (source == "bool" and ph.dtype != "bool")):
         raise FeedError(f"placeholder {ph.name!r} expects dtype {ph.dtype}, found {source}")
-    shape = tuple(value.shape)
-    if len(shape) != len(ph.shape) or any(d is not None and d != s for d, s in zip(ph.shape, shape)):
-        expected = "(" + ", ".join("None" if d is None else str(d) for d in ph.shape) + ("," if len(ph.shape) == 1 else "") + ")"
-        raise FeedError(f"placeholder {ph.name!r} expects shape {expected}, found {shape}")
+    _check_feed_shape(ph, tuple(value.shape))
     if isinstance(value, np.ndarray):
         if not value.flags.writeable or not value.flags.c_contiguous:
             value = np.ascontiguousarray(value).copy()

@@ -1,12 +1,19 @@
-"""Reductions over any axes (with keepdims) and their gradients."""
+"""Reductions over any axes (with keepdims), arg-reductions, cumsum, and their gradients."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from luoshu.core import dtypes
+from luoshu.core.errors import OpError
 from luoshu.core.op import OpDef, apply, register
-from luoshu.core.shapes import broadcast_shapes, normalize_axes, reduced_shape
+from luoshu.core.shapes import broadcast_shapes, normalize_axes, normalize_axis, reduced_shape
 from luoshu.core.tensor import TensorMeta
+from luoshu.ops._util import float_dtype
+
+_SMALL_INTS = ("bool", "int8", "int16", "int32", "uint8")
 
 
 @register
@@ -47,31 +54,10 @@ class BroadcastLike(OpDef):
         return [apply("sum_to", grads[0], op.inputs[0]), None]
 
 
-@register
-class Sum(OpDef):
-    name = "sum"
-    attrs = {"axis": None, "keepdims": False}
-    autocast = "fp32"
-
-    def infer(self, inputs, axis, keepdims):
-        x, = inputs
-        axes = normalize_axes(self.name, axis, x.ndim)
-        dtype = "int64" if x.dtype in ("bool", "int8", "int16", "int32", "uint8") else x.dtype
-        return TensorMeta(reduced_shape(x.shape, axes, keepdims), dtype)
-
-    @staticmethod
-    def compute(x, axis, keepdims):
-        if axis is None:
-            return x.sum()
-        return x.sum(dim=axis, keepdim=keepdims)
-
-    def gradient(self, op, grads):
-        x = op.inputs[0]
-        axes = normalize_axes(self.name, op.attrs["axis"], x.ndim)
-        # A full reduction's gradient is 0-d and broadcasts as it is.
-        full = len(axes) == x.ndim
-        g = grads[0] if op.attrs["keepdims"] or full else _keepdims(grads[0], axes)
-        return [apply("broadcast_like", g, x)]
+# --- helpers ----------------------------------------------------------------------------
+def _axes(x, axis) -> tuple[int, ...]:
+    """The axes a kernel reduces over (normalised; `()` means none, unlike torch's `dim=()`)."""
+    return normalize_axes("reduction", axis, x.ndim)
 
 
 def _keepdims(g, axes):
@@ -81,6 +67,316 @@ def _keepdims(g, axes):
     return g
 
 
+def _kept(op, t):
+    """An output-shaped tensor `t` of a reduction, with its reduced axes back as size 1."""
+    x = op.inputs[0]
+    axes = normalize_axes(op.opdef.name, op.attrs["axis"], x.ndim)
+    if op.attrs.get("keepdims") or len(axes) == x.ndim:
+        return t  # already keepdims-shaped, or 0-d (broadcasts as it is)
+    return _keepdims(t, axes)
+
+
+def _count(x, axes, dtype):
+    """How many elements each output of a reduction over `axes` reads: an int, or a tensor
+    (keepdims-shaped) when some of those dimensions are known only at run time."""
+    sizes = [x.shape[a] for a in axes]
+    if all(d is not None for d in sizes):
+        return math.prod(sizes)
+    return apply("sum", apply("ones_like", x, dtype=dtype), axis=axes, keepdims=True)
+
+
+def _float_input(x):
+    return x if x.is_floating_point() else x.to(dtypes.to_torch(dtypes.DEFAULT_FLOAT))
+
+
+class _Reduce(OpDef):
+    """A reduction with `axis` (None, int or tuple) and `keepdims`, float result."""
+
+    attrs = {"axis": None, "keepdims": False}
+    autocast = "fp32"
+
+    def infer(self, inputs, axis, keepdims, **attrs):
+        x, = inputs
+        axes = normalize_axes(self.name, axis, x.ndim)
+        return TensorMeta(reduced_shape(x.shape, axes, keepdims), self.result_dtype(x.dtype))
+
+    def result_dtype(self, dtype):
+        return float_dtype(dtype)
+
+
+# --- reductions -------------------------------------------------------------------------
+@register
+class Sum(_Reduce):
+    name = "sum"
+
+    def result_dtype(self, dtype):
+        return "int64" if dtype in _SMALL_INTS else dtype
+
+    @staticmethod
+    def compute(x, axis, keepdims):
+        axes = _axes(x, axis)
+        if not axes:
+            return x.to(torch.int64) if x.dtype in (torch.bool, torch.int8, torch.int16, torch.int32,
+                                                   torch.uint8) else x.clone()
+        return x.sum(dim=axes, keepdim=keepdims)
+
+    def gradient(self, op, grads):
+        return [apply("broadcast_like", _kept(op, grads[0]), op.inputs[0])]
+
+
+@register
+class Mean(_Reduce):
+    name = "mean"
+
+    @staticmethod
+    def compute(x, axis, keepdims):
+        axes = _axes(x, axis)
+        x = _float_input(x)
+        return x.mean(dim=axes, keepdim=keepdims) if axes else x.clone()
+
+    def gradient(self, op, grads):
+        x = op.inputs[0]
+        axes = normalize_axes(self.name, op.attrs["axis"], x.ndim)
+        count = _count(x, axes, grads[0].dtype)
+        return [apply("broadcast_like", _kept(op, grads[0]), x) / count]
+
+
+class _Extremum(_Reduce):
+    """max / min values; the gradient is split evenly between ties, as torch.amax does."""
+
+    def result_dtype(self, dtype):
+        return dtype
+
+    def gradient(self, op, grads):
+        x = op.inputs[0]
+        out = _kept(op, op.outputs[0])
+        hit = apply("equal", x, out)
+        ties = apply("sum", apply("cast", hit, dtype=grads[0].dtype), axis=op.attrs["axis"], keepdims=True)
+        share = _kept(op, grads[0]) / ties if op.attrs["keepdims"] else _keepdims_all(op, grads[0]) / ties
+        return [apply("where", hit, share, 0.0)]
+
+
+def _keepdims_all(op, g):
+    """`g` in keepdims form, also for a full reduction (matching `ties`, which kept dims)."""
+    x = op.inputs[0]
+    return _keepdims(g, normalize_axes(op.opdef.name, op.attrs["axis"], x.ndim))
+
+
+@register
+class Max(_Extremum):
+    name = "max"
+
+    @staticmethod
+    def compute(x, axis, keepdims):
+        axes = _axes(x, axis)
+        return torch.amax(x, dim=axes, keepdim=keepdims) if axes else x.clone()
+
+
+@register
+class Min(_Extremum):
+    name = "min"
+
+    @staticmethod
+    def compute(x, axis, keepdims):
+        axes = _axes(x, axis)
+        return torch.amin(x, dim=axes, keepdim=keepdims) if axes else x.clone()
+
+
+@register
+class Prod(_Reduce):
+    name = "prod"
+
+    def result_dtype(self, dtype):
+        return "int64" if dtype in _SMALL_INTS else dtype
+
+    @staticmethod
+    def compute(x, axis, keepdims):
+        axes = _axes(x, axis)
+        if x.dtype in (torch.bool, torch.int8, torch.int16, torch.int32, torch.uint8):
+            x = x.to(torch.int64)
+        for a in sorted(axes, reverse=True):  # torch.prod takes one dim at a time
+            x = x.prod(dim=a, keepdim=keepdims)
+        return x if axes else x.clone()
+
+    def gradient(self, op, grads):
+        # d prod / d x_i is the product of the others; built without dividing by zero:
+        # `others` is the product of the non-zero others, right where no other is zero.
+        x = op.inputs[0]
+        axis = op.attrs["axis"]
+        is_zero = apply("equal", x, 0.0)
+        nonzero = apply("where", is_zero, 1.0, x)
+        prod_nonzero = apply("prod", nonzero, axis=axis, keepdims=True)
+        zeros = apply("cast", is_zero, dtype=x.dtype)
+        zeros_elsewhere = apply("sum", zeros, axis=axis, keepdims=True) - zeros
+        others = apply("where", is_zero, prod_nonzero, prod_nonzero / nonzero)
+        others = apply("where", apply("equal", zeros_elsewhere, 0.0), others, 0.0)
+        return [_keepdims_all(op, grads[0]) * others if not op.attrs["keepdims"] else grads[0] * others]
+
+
+class _Moment(_Reduce):
+    attrs = {"axis": None, "keepdims": False, "correction": 1}
+
+    def _var_grad(self, op, g_var_kept):
+        """d var / dx for a keepdims-shaped upstream gradient: g · 2 (x - mean) / (N - correction)."""
+        x = op.inputs[0]
+        axes = normalize_axes(self.name, op.attrs["axis"], x.ndim)
+        centered = x - apply("mean", x, axis=axes, keepdims=True)
+        count = _count(x, axes, g_var_kept.dtype)
+        return g_var_kept * centered * 2.0 / (count - op.attrs["correction"])
+
+
+@register
+class Var(_Moment):
+    name = "var"
+
+    @staticmethod
+    def compute(x, axis, keepdims, correction):
+        axes = _axes(x, axis)
+        x = _float_input(x)
+        if not axes:
+            return torch.full_like(x, float("nan") if correction >= 1 else 0.0)
+        return torch.var(x, dim=axes, correction=correction, keepdim=keepdims)
+
+    def gradient(self, op, grads):
+        return [self._var_grad(op, _keepdims_all(op, grads[0]) if not op.attrs["keepdims"] else grads[0])]
+
+
+@register
+class Std(_Moment):
+    name = "std"
+
+    @staticmethod
+    def compute(x, axis, keepdims, correction):
+        axes = _axes(x, axis)
+        x = _float_input(x)
+        if not axes:
+            return torch.full_like(x, float("nan") if correction >= 1 else 0.0)
+        return torch.std(x, dim=axes, correction=correction, keepdim=keepdims)
+
+    def gradient(self, op, grads):
+        keep = (lambda t: t) if op.attrs["keepdims"] else (lambda t: _keepdims_all(op, t))
+        # d std = d var / (2 std)
+        return [self._var_grad(op, keep(grads[0]) / (keep(op.outputs[0]) * 2.0))]
+
+
+@register
+class Norm(_Reduce):
+    """Vector p-norm over `axis` (all axes by default): `ord` is a positive number, inf or
+    -inf ('fro' means 2)."""
+
+    name = "norm"
+    attrs = {"ord": 2.0, "axis": None, "keepdims": False}
+
+    def infer(self, inputs, axis, keepdims, ord):  # noqa: A002
+        if not (isinstance(ord, (int, float)) and not isinstance(ord, bool) and ord > 0) and ord not in (
+                math.inf, -math.inf):
+            raise OpError(f"norm: ord must be a positive number, inf, -inf or 'fro', found {ord!r}")
+        return super().infer(inputs, axis, keepdims)
+
+    @staticmethod
+    def compute(x, ord, axis, keepdims):  # noqa: A002
+        axes = _axes(x, axis)
+        x = _float_input(x)
+        if not axes:
+            return x.abs()
+        return torch.linalg.vector_norm(x, ord, dim=axes, keepdim=keepdims)
+
+    def gradient(self, op, grads):
+        x = op.inputs[0]
+        p = op.attrs["ord"]
+        keep = (lambda t: t) if op.attrs["keepdims"] else (lambda t: _keepdims_all(op, t))
+        g, out = keep(grads[0]), keep(op.outputs[0])
+        if p in (math.inf, -math.inf):  # the gradient of max|x| (min|x|), ties share it
+            hit = apply("equal", apply("abs", x), out)
+            ties = apply("sum", apply("cast", hit, dtype=g.dtype), axis=op.attrs["axis"], keepdims=True)
+            return [apply("where", hit, g * apply("sign", x) / ties, 0.0)]
+        if p == 1:
+            return [g * apply("sign", x)]
+        # d |x|_p = sign(x) |x|^(p-1) / |x|_p^(p-1); torch takes 0 where the norm is 0.
+        is_zero = apply("equal", out, 0.0)
+        safe = apply("where", is_zero, 1.0, out)
+        scale = apply("where", is_zero, 0.0, g / safe if p == 2 else g / safe ** (p - 1))
+        if p == 2:
+            return [scale * x]
+        return [scale * apply("sign", x) * apply("abs", x) ** (p - 1)]
+
+
+@register
+class Logsumexp(_Reduce):
+    name = "logsumexp"
+
+    @staticmethod
+    def compute(x, axis, keepdims):
+        axes = _axes(x, axis)
+        x = _float_input(x)
+        return torch.logsumexp(x, dim=axes, keepdim=keepdims) if axes else x.clone()
+
+    def gradient(self, op, grads):
+        keep = (lambda t: t) if op.attrs["keepdims"] else (lambda t: _keepdims_all(op, t))
+        x = op.inputs[0]
+        return [keep(grads[0]) * apply("exp", x - keep(op.outputs[0]))]
+
+
+class _ArgReduce(OpDef):
+    """Index of the max / min along one axis; `axis=None` indexes the flattened tensor."""
+
+    attrs = {"axis": None, "keepdims": False}
+    differentiable = False
+
+    def infer(self, inputs, axis, keepdims):
+        x, = inputs
+        if axis is None:
+            shape = (1,) * x.ndim if keepdims else ()
+        else:
+            a = normalize_axis(self.name, axis, x.ndim)
+            shape = reduced_shape(x.shape, (a,), keepdims)
+        return TensorMeta(shape, "int64")
+
+
+@register
+class Argmax(_ArgReduce):
+    name = "argmax"
+
+    @staticmethod
+    def compute(x, axis, keepdims):
+        return torch.argmax(x, dim=axis, keepdim=keepdims)
+
+
+@register
+class Argmin(_ArgReduce):
+    name = "argmin"
+
+    @staticmethod
+    def compute(x, axis, keepdims):
+        return torch.argmin(x, dim=axis, keepdim=keepdims)
+
+
+@register
+class Cumsum(OpDef):
+    """Running sum along `axis`; `reverse=True` sums from the end (the gradient of cumsum)."""
+
+    name = "cumsum"
+    attrs = {"axis": 0, "reverse": False}
+    autocast = "fp32"
+
+    def infer(self, inputs, axis, reverse):
+        x, = inputs
+        normalize_axis(self.name, axis, x.ndim)
+        return TensorMeta(x.shape, "int64" if x.dtype in _SMALL_INTS else x.dtype)
+
+    @staticmethod
+    def compute(x, axis, reverse):
+        if x.ndim == 0:
+            return x.to(torch.int64) if x.dtype in (torch.bool, torch.int32) else x.clone()
+        if not reverse:
+            return torch.cumsum(x, dim=axis)
+        return torch.cumsum(x.flip(axis), dim=axis).flip(axis)
+
+    def gradient(self, op, grads):
+        return [apply("cumsum", grads[0], axis=op.attrs["axis"], reverse=not op.attrs["reverse"])]
+
+
+# --- public functions -------------------------------------------------------------------
 def _axis_attr(axis):
     if axis is None or isinstance(axis, int):
         return axis
@@ -91,4 +387,67 @@ def sum(x, axis=None, keepdims: bool = False):  # noqa: A001 - mirrors numpy/tor
     return apply("sum", x, axis=_axis_attr(axis), keepdims=keepdims)
 
 
-__all__ = ["sum"]
+def mean(x, axis=None, keepdims: bool = False):
+    return apply("mean", x, axis=_axis_attr(axis), keepdims=keepdims)
+
+
+def max(x, axis=None, keepdims: bool = False):  # noqa: A001
+    """The largest values over `axis` (values only, like NumPy; see `argmax` for indices)."""
+    return apply("max", x, axis=_axis_attr(axis), keepdims=keepdims)
+
+
+def min(x, axis=None, keepdims: bool = False):  # noqa: A001
+    return apply("min", x, axis=_axis_attr(axis), keepdims=keepdims)
+
+
+def prod(x, axis=None, keepdims: bool = False):
+    return apply("prod", x, axis=_axis_attr(axis), keepdims=keepdims)
+
+
+def var(x, axis=None, keepdims: bool = False, correction: int | None = None, ddof: int | None = None):
+    """Variance; `correction` (torch) or `ddof` (NumPy) is subtracted from the count (default 1)."""
+    return apply("var", x, axis=_axis_attr(axis), keepdims=keepdims, correction=_correction(correction, ddof))
+
+
+def std(x, axis=None, keepdims: bool = False, correction: int | None = None, ddof: int | None = None):
+    return apply("std", x, axis=_axis_attr(axis), keepdims=keepdims, correction=_correction(correction, ddof))
+
+
+def _correction(correction, ddof):
+    if correction is not None and ddof is not None:
+        raise OpError("var/std: give correction or ddof, not both")
+    value = correction if correction is not None else ddof
+    return 1 if value is None else int(value)
+
+
+def norm(x, ord=2, axis=None, keepdims: bool = False):  # noqa: A002 - NumPy's argument name
+    """Vector norm of the entries over `axis`: ord 2 (default, also 'fro'), 1, inf, -inf or any p > 0."""
+    if ord in ("fro", None):
+        ord = 2  # noqa: A001
+    if isinstance(ord, str):
+        raise OpError(f"norm: ord must be a number, inf or 'fro', found {ord!r}")
+    return apply("norm", x, ord=float(ord), axis=_axis_attr(axis), keepdims=keepdims)
+
+
+def logsumexp(x, axis=None, keepdims: bool = False):
+    return apply("logsumexp", x, axis=_axis_attr(axis), keepdims=keepdims)
+
+
+def argmax(x, axis: int | None = None, keepdims: bool = False):
+    return apply("argmax", x, axis=axis, keepdims=keepdims)
+
+
+def argmin(x, axis: int | None = None, keepdims: bool = False):
+    return apply("argmin", x, axis=axis, keepdims=keepdims)
+
+
+def cumsum(x, axis: int | None = None):
+    """Running sum along `axis`; `axis=None` runs over the flattened tensor (NumPy)."""
+    if axis is None:
+        x = apply("reshape", x, shape=(-1,))
+        axis = 0
+    return apply("cumsum", x, axis=int(axis))
+
+
+__all__ = ["argmax", "argmin", "cumsum", "logsumexp", "max", "mean", "min", "norm", "prod", "std",
+           "sum", "var"]
