@@ -32,8 +32,9 @@ def _digits(seed: int):
 
 def train(args) -> float:
     """Trains the default MLP; returns the final test accuracy."""
-    import luoshu as ls
     from tqdm import tqdm
+
+    import luoshu as ls
 
     ls.manual_seed(args.seed)
     xtr, ytr, xte, yte = _digits(args.seed)

@@ -11,7 +11,6 @@ import numbers
 import weakref
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from luoshu.core import context, dtypes

@@ -152,14 +152,7 @@ class _Extremum(_Reduce):
         out = _kept(op, op.outputs[0])
         hit = apply("equal", x, out)
         ties = apply("sum", apply("cast", hit, dtype=grads[0].dtype), axis=op.attrs["axis"], keepdims=True)
-        share = _kept(op, grads[0]) / ties if op.attrs["keepdims"] else _keepdims_all(op, grads[0]) / ties
-        return [apply("where", hit, share, 0.0)]
-
-
-def _keepdims_all(op, g):
-    """`g` in keepdims form, also for a full reduction (matching `ties`, which kept dims)."""
-    x = op.inputs[0]
-    return _keepdims(g, normalize_axes(op.opdef.name, op.attrs["axis"], x.ndim))
+        return [apply("where", hit, _kept(op, grads[0]) / ties, 0.0)]
 
 
 @register
@@ -210,7 +203,7 @@ class Prod(_Reduce):
         zeros_elsewhere = apply("sum", zeros, axis=axis, keepdims=True) - zeros
         others = apply("where", is_zero, prod_nonzero, prod_nonzero / nonzero)
         others = apply("where", apply("equal", zeros_elsewhere, 0.0), others, 0.0)
-        return [_keepdims_all(op, grads[0]) * others if not op.attrs["keepdims"] else grads[0] * others]
+        return [_kept(op, grads[0]) * others]
 
 
 class _Moment(_Reduce):
@@ -238,7 +231,7 @@ class Var(_Moment):
         return torch.var(x, dim=axes, correction=correction, keepdim=keepdims)
 
     def gradient(self, op, grads):
-        return [self._var_grad(op, _keepdims_all(op, grads[0]) if not op.attrs["keepdims"] else grads[0])]
+        return [self._var_grad(op, _kept(op, grads[0]))]
 
 
 @register
@@ -254,9 +247,8 @@ class Std(_Moment):
         return torch.std(x, dim=axes, correction=correction, keepdim=keepdims)
 
     def gradient(self, op, grads):
-        keep = (lambda t: t) if op.attrs["keepdims"] else (lambda t: _keepdims_all(op, t))
         # d std = d var / (2 std)
-        return [self._var_grad(op, keep(grads[0]) / (keep(op.outputs[0]) * 2.0))]
+        return [self._var_grad(op, _kept(op, grads[0]) / (_kept(op, op.outputs[0]) * 2.0))]
 
 
 @register
@@ -268,8 +260,8 @@ class Norm(_Reduce):
     attrs = {"ord": 2.0, "axis": None, "keepdims": False}
 
     def infer(self, inputs, axis, keepdims, ord):  # noqa: A002
-        if not (isinstance(ord, (int, float)) and not isinstance(ord, bool) and ord > 0) and ord not in (
-                math.inf, -math.inf):
+        valid = isinstance(ord, (int, float)) and not isinstance(ord, bool) and (ord > 0 or ord == -math.inf)
+        if not valid:
             raise OpError(f"norm: ord must be a positive number, inf, -inf or 'fro', found {ord!r}")
         return super().infer(inputs, axis, keepdims)
 
@@ -284,8 +276,7 @@ class Norm(_Reduce):
     def gradient(self, op, grads):
         x = op.inputs[0]
         p = op.attrs["ord"]
-        keep = (lambda t: t) if op.attrs["keepdims"] else (lambda t: _keepdims_all(op, t))
-        g, out = keep(grads[0]), keep(op.outputs[0])
+        g, out = _kept(op, grads[0]), _kept(op, op.outputs[0])
         if p in (math.inf, -math.inf):  # the gradient of max|x| (min|x|), ties share it
             hit = apply("equal", apply("abs", x), out)
             ties = apply("sum", apply("cast", hit, dtype=g.dtype), axis=op.attrs["axis"], keepdims=True)
@@ -312,9 +303,8 @@ class Logsumexp(_Reduce):
         return torch.logsumexp(x, dim=axes, keepdim=keepdims) if axes else x.clone()
 
     def gradient(self, op, grads):
-        keep = (lambda t: t) if op.attrs["keepdims"] else (lambda t: _keepdims_all(op, t))
         x = op.inputs[0]
-        return [keep(grads[0]) * apply("exp", x - keep(op.outputs[0]))]
+        return [_kept(op, grads[0]) * apply("exp", x - _kept(op, op.outputs[0]))]
 
 
 class _ArgReduce(OpDef):
@@ -366,8 +356,6 @@ class Cumsum(OpDef):
 
     @staticmethod
     def compute(x, axis, reverse):
-        if x.ndim == 0:
-            return x.to(torch.int64) if x.dtype in (torch.bool, torch.int32) else x.clone()
         if not reverse:
             return torch.cumsum(x, dim=axis)
         return torch.cumsum(x.flip(axis), dim=axis).flip(axis)
