@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from luoshu.core import dtypes
+from luoshu.core.errors import OpError, ShapeError
 from luoshu.core.op import OpDef, apply, register
-from luoshu.core.tensor import TensorMeta
+from luoshu.core.tensor import TensorMeta, normalize_device
 
 
 class _Like(OpDef):
@@ -59,4 +63,130 @@ def ones_like(x, dtype=None):
 def full_like(x, fill_value, dtype=None):
     return apply("full_like", x, fill_value=fill_value, dtype=dtype)
 
-__all__ = ["full_like", "ones_like", "zeros_like"]
+
+# --- from nothing: shape, dtype and device are attributes ------------------------------------
+def _shape_attr(shape) -> tuple[int, ...]:
+    """`f(2, 3)`, `f((2, 3))` and `f([2, 3])` alike."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+        shape = shape[0]
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise ShapeError(f"shape {shape} has a negative dimension")
+    return shape
+
+
+class _Create(OpDef):
+    """An op without inputs: its shape, dtype and device come from its attributes."""
+
+    differentiable = False
+    attrs = {"shape": (), "dtype": "float32", "device": "cpu"}
+
+    def infer(self, inputs, shape, dtype, device, **attrs):
+        return TensorMeta(tuple(shape), dtypes.dtype_name(dtype), device)
+
+
+@register
+class Zeros(_Create):
+    name = "zeros"
+
+    @staticmethod
+    def compute(shape, dtype, device):
+        return torch.zeros(shape, dtype=dtypes.to_torch(dtype), device=device)
+
+
+@register
+class Ones(_Create):
+    name = "ones"
+
+    @staticmethod
+    def compute(shape, dtype, device):
+        return torch.ones(shape, dtype=dtypes.to_torch(dtype), device=device)
+
+
+@register
+class Full(_Create):
+    name = "full"
+    attrs = {"shape": (), "fill_value": 0.0, "dtype": "float32", "device": "cpu"}
+
+    @staticmethod
+    def compute(shape, fill_value, dtype, device):
+        return torch.full(shape, fill_value, dtype=dtypes.to_torch(dtype), device=device)
+
+
+def _arange_length(start, stop, step) -> int:
+    if step == 0:
+        raise OpError("arange: step must not be 0")
+    if all(isinstance(v, int) for v in (start, stop, step)):
+        return max(0, -((start - stop) // step))  # ceil division, exact for ints
+    return max(0, math.ceil((stop - start) / step))
+
+
+@register
+class Arange(_Create):
+    name = "arange"
+    attrs = {"start": 0, "stop": 0, "step": 1, "dtype": "int64", "device": "cpu"}
+
+    def infer(self, inputs, start, stop, step, dtype, device):
+        return TensorMeta((_arange_length(start, stop, step),), dtypes.dtype_name(dtype), device)
+
+    @staticmethod
+    def compute(start, stop, step, dtype, device):
+        return torch.arange(start, stop, step, dtype=dtypes.to_torch(dtype), device=device)
+
+
+@register
+class Eye(_Create):
+    name = "eye"
+    attrs = {"n": 1, "m": None, "dtype": "float32", "device": "cpu"}
+
+    def infer(self, inputs, n, m, dtype, device):
+        return TensorMeta((n, n if m is None else m), dtypes.dtype_name(dtype), device)
+
+    @staticmethod
+    def compute(n, m, dtype, device):
+        return torch.eye(n, n if m is None else m, dtype=dtypes.to_torch(dtype), device=device)
+
+
+def _dtype(dtype, default: str = dtypes.DEFAULT_FLOAT) -> str:
+    return default if dtype is None else dtypes.dtype_name(dtype)
+
+
+def zeros(*shape, dtype=None, device=None):
+    return apply("zeros", shape=_shape_attr(shape), dtype=_dtype(dtype), device=normalize_device(device))
+
+
+def ones(*shape, dtype=None, device=None):
+    return apply("ones", shape=_shape_attr(shape), dtype=_dtype(dtype), device=normalize_device(device))
+
+
+def full(shape, fill_value, dtype=None, device=None):
+    """A tensor of `fill_value`; the dtype follows the value (bool, int64 or float32) unless given."""
+    shape = _shape_attr((shape,))
+    if dtype is None:
+        dtype = "bool" if isinstance(fill_value, bool) else (
+            dtypes.DEFAULT_INT if isinstance(fill_value, numbers.Integral) else dtypes.DEFAULT_FLOAT)
+    value = bool(fill_value) if isinstance(fill_value, bool) else (
+        int(fill_value) if isinstance(fill_value, numbers.Integral) else float(fill_value))
+    return apply("full", shape=shape, fill_value=value, dtype=dtypes.dtype_name(dtype),
+                 device=normalize_device(device))
+
+
+def arange(start, stop=None, step=1, dtype=None, device=None):
+    """`arange(stop)` or `arange(start, stop, step)`; int64 for integer bounds, else float32."""
+    if stop is None:
+        start, stop = 0, start
+    bounds = [v.item() if hasattr(v, "item") else v for v in (start, stop, step)]
+    if dtype is None:
+        dtype = dtypes.DEFAULT_INT if all(isinstance(v, numbers.Integral) for v in bounds) else dtypes.DEFAULT_FLOAT
+    bounds = [int(v) if isinstance(v, numbers.Integral) else float(v) for v in bounds]
+    start, stop, step = bounds
+    return apply("arange", start=start, stop=stop, step=step, dtype=dtypes.dtype_name(dtype),
+                 device=normalize_device(device))
+
+
+def eye(n: int, m: int | None = None, dtype=None, device=None):
+    return apply("eye", n=int(n), m=None if m is None else int(m), dtype=_dtype(dtype),
+                 device=normalize_device(device))
+
+
+__all__ = ["arange", "eye", "full", "full_like", "ones", "ones_like", "zeros", "zeros_like"]

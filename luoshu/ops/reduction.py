@@ -259,14 +259,14 @@ class Norm(_Reduce):
     name = "norm"
     attrs = {"ord": 2.0, "axis": None, "keepdims": False}
 
-    def infer(self, inputs, axis, keepdims, ord):  # noqa: A002
+    def infer(self, inputs, axis, keepdims, ord):
         valid = isinstance(ord, (int, float)) and not isinstance(ord, bool) and (ord > 0 or ord == -math.inf)
         if not valid:
             raise OpError(f"norm: ord must be a positive number, inf, -inf or 'fro', found {ord!r}")
         return super().infer(inputs, axis, keepdims)
 
     @staticmethod
-    def compute(x, ord, axis, keepdims):  # noqa: A002
+    def compute(x, ord, axis, keepdims):
         axes = _axes(x, axis)
         x = _float_input(x)
         if not axes:
@@ -371,7 +371,7 @@ def _axis_attr(axis):
     return tuple(int(a) for a in axis)
 
 
-def sum(x, axis=None, keepdims: bool = False):  # noqa: A001 - mirrors numpy/torch naming
+def sum(x, axis=None, keepdims: bool = False):
     return apply("sum", x, axis=_axis_attr(axis), keepdims=keepdims)
 
 
@@ -379,12 +379,12 @@ def mean(x, axis=None, keepdims: bool = False):
     return apply("mean", x, axis=_axis_attr(axis), keepdims=keepdims)
 
 
-def max(x, axis=None, keepdims: bool = False):  # noqa: A001
+def max(x, axis=None, keepdims: bool = False):
     """The largest values over `axis` (values only, like NumPy; see `argmax` for indices)."""
     return apply("max", x, axis=_axis_attr(axis), keepdims=keepdims)
 
 
-def min(x, axis=None, keepdims: bool = False):  # noqa: A001
+def min(x, axis=None, keepdims: bool = False):
     return apply("min", x, axis=_axis_attr(axis), keepdims=keepdims)
 
 
@@ -408,10 +408,10 @@ def _correction(correction, ddof):
     return 1 if value is None else int(value)
 
 
-def norm(x, ord=2, axis=None, keepdims: bool = False):  # noqa: A002 - NumPy's argument name
+def norm(x, ord=2, axis=None, keepdims: bool = False):
     """Vector norm of the entries over `axis`: ord 2 (default, also 'fro'), 1, inf, -inf or any p > 0."""
     if ord in ("fro", None):
-        ord = 2  # noqa: A001
+        ord = 2
     if isinstance(ord, str):
         raise OpError(f"norm: ord must be a number, inf or 'fro', found {ord!r}")
     return apply("norm", x, ord=float(ord), axis=_axis_attr(axis), keepdims=keepdims)

@@ -1,14 +1,26 @@
-"""Shape and indexing operators: reshape, (un)squeeze, concat, gather/scatter of rows, ..."""
+"""Shape and indexing operators: reshape, transpose, concat/split, slicing, gather/scatter, pad, ..."""
 
 from __future__ import annotations
 
+import builtins
+import numbers
+
+import numpy as np
 import torch
 
 from luoshu.core import dtypes
-from luoshu.core.errors import DTypeError, ShapeError
+from luoshu.core.errors import DTypeError, GradientError, OpError, ShapeError
 from luoshu.core.op import OpDef, apply, register
-from luoshu.core.shapes import normalize_axis, numel, same_dim
-from luoshu.core.tensor import IndexedSlices, TensorMeta
+from luoshu.core.shapes import normalize_axes, normalize_axis, numel, same_dim
+from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta, make_constant
+from luoshu.ops._util import sum_to, wants
+
+aten = torch.ops.aten
+_slice = builtins.slice  # this module defines the `slice` operator function
+
+
+class _IndexOutOfRange(ShapeError, IndexError):
+    """Also an IndexError, so Python's iteration over `t[0], t[1], ...` stops at the end."""
 
 
 def _has_unknown(shape) -> bool:
@@ -189,6 +201,509 @@ class SparseToDense(OpDef):
         return [None, apply("index_select", grads[0], op.inputs[0], axis=0)]
 
 
+# --- axes ---------------------------------------------------------------------------------
+@register
+class Transpose(OpDef):
+    """Swaps two axes (the last two by default)."""
+
+    name = "transpose"
+    attrs = {"axis0": -2, "axis1": -1}
+
+    def infer(self, inputs, axis0, axis1):
+        x, = inputs
+        a, b = normalize_axis(self.name, axis0, x.ndim), normalize_axis(self.name, axis1, x.ndim)
+        shape = list(x.shape)
+        shape[a], shape[b] = shape[b], shape[a]
+        return TensorMeta(tuple(shape), x.dtype)
+
+    @staticmethod
+    def compute(x, axis0, axis1):
+        return x.transpose(axis0, axis1)
+
+    def gradient(self, op, grads):
+        return [apply("transpose", grads[0], **op.attrs)]
+
+
+@register
+class Permute(OpDef):
+    """Reorders the axes: output axis i is input axis `axes[i]`."""
+
+    name = "permute"
+    attrs = {"axes": ()}
+
+    def infer(self, inputs, axes):
+        x, = inputs
+        norm = [normalize_axis(self.name, a, x.ndim) for a in axes]
+        if sorted(norm) != list(range(x.ndim)):
+            raise self.shape_error(inputs, f"axes {tuple(axes)} are not a permutation of the {x.ndim} axes")
+        return TensorMeta(tuple(x.shape[a] for a in norm), x.dtype)
+
+    @staticmethod
+    def compute(x, axes):
+        return x.permute(axes)
+
+    def gradient(self, op, grads):
+        ndim = op.inputs[0].ndim
+        axes = [a % ndim for a in op.attrs["axes"]]
+        inverse = tuple(sorted(range(ndim), key=axes.__getitem__))
+        return [apply("permute", grads[0], axes=inverse)]
+
+
+@register
+class BroadcastTo(OpDef):
+    """Broadcasts to `shape` (NumPy rules; -1 keeps the input's dimension, as torch.expand)."""
+
+    name = "broadcast_to"
+    attrs = {"shape": ()}
+
+    def infer(self, inputs, shape):
+        x, = inputs
+        lead = len(shape) - x.ndim
+        if lead < 0:
+            raise self.shape_error(inputs, f"cannot broadcast to the lower-rank shape {tuple(shape)}")
+        out = []
+        for i, d in enumerate(shape):
+            src = x.shape[i - lead] if i >= lead else 1
+            if d == -1:
+                if i < lead:
+                    raise self.shape_error(inputs, f"-1 in target shape {tuple(shape)} at a new leading axis")
+                d = src
+            elif src not in (1, None) and src != d:
+                raise self.shape_error(inputs, f"cannot broadcast to {tuple(shape)}: axis {i} is {src}")
+            out.append(d)
+        return TensorMeta(tuple(out), x.dtype)
+
+    @staticmethod
+    def compute(x, shape):
+        return x.expand(shape)
+
+    def gradient(self, op, grads):
+        return [sum_to(grads[0], op.inputs[0])]
+
+
+# --- joining and splitting ------------------------------------------------------------
+@register
+class Stack(OpDef):
+    name = "stack"
+    attrs = {"axis": 0}
+
+    def infer(self, inputs, axis):
+        first = inputs[0]
+        axis = normalize_axis(self.name, axis, first.ndim + 1)
+        for t in inputs:
+            if t.ndim != first.ndim or not all(same_dim(d, e) for d, e in zip(t.shape, first.shape)):
+                raise self.shape_error(inputs, "all inputs must have the same shape")
+        shape = tuple(next((t.shape[i] for t in inputs if t.shape[i] is not None), None)
+                      for i in range(first.ndim))
+        return TensorMeta(shape[:axis] + (len(inputs),) + shape[axis:],
+                          dtypes.promote(*[t.dtype for t in inputs]))
+
+    @staticmethod
+    def compute(*values, axis):
+        return torch.stack(values, dim=axis)
+
+    def gradient(self, op, grads):
+        axis = op.attrs["axis"]
+        n = len(op.inputs)
+        pieces = apply("split", grads[0], sizes=(1,) * n, axis=axis)
+        pieces = pieces if isinstance(pieces, tuple) else (pieces,)
+        return [apply("squeeze", p, axis=axis) if wants(op, i) else None for i, p in enumerate(pieces)]
+
+
+def _section_sizes(n: int, sections: int) -> tuple[int, ...]:
+    """numpy.array_split's sizes: the first `n % sections` pieces are one longer."""
+    base, extra = divmod(n, sections)
+    return tuple(base + 1 if i < extra else base for i in range(sections))
+
+
+@register
+class Split(OpDef):
+    """Cuts `x` along `axis` into pieces of the given `sizes`, or into `sections` near-equal
+    pieces (numpy.array_split); one output per piece."""
+
+    name = "split"
+    attrs = {"sizes": (), "sections": 0, "axis": 0}
+
+    def infer(self, inputs, sizes, sections, axis):
+        x, = inputs
+        axis = normalize_axis(self.name, axis, x.ndim)
+        n = x.shape[axis]
+        if bool(sizes) == bool(sections):
+            raise self.shape_error(inputs, "give either sizes or a number of sections")
+        if sections:
+            sizes = _section_sizes(n, sections) if n is not None else (None,) * sections
+        elif any(s < 0 for s in sizes) or (n is not None and sum(sizes) != n):
+            raise self.shape_error(inputs, f"sizes {tuple(sizes)} must add up to axis {axis} (size {n})")
+        return [TensorMeta(x.shape[:axis] + (s,) + x.shape[axis + 1:], x.dtype) for s in sizes]
+
+    @staticmethod
+    def compute(x, sizes, sections, axis):
+        pieces = torch.split(x, list(sizes), dim=axis) if sizes else torch.tensor_split(x, sections, dim=axis)
+        return pieces[0] if len(pieces) == 1 else pieces
+
+    def gradient(self, op, grads):
+        dtype = next(g.dtype for g in grads if g is not None)
+        pieces = [g if g is not None else apply("zeros_like", out, dtype=dtype)
+                  for g, out in zip(grads, op.outputs)]
+        return [apply("concat", *pieces, axis=op.attrs["axis"])]
+
+
+@register
+class SliceLike(OpDef):
+    """Piece `index` of `x` cut along `axis` as the concat of `tensors` was joined: the
+    gradient of a concat whose sizes are known only at run time."""
+
+    name = "slice_like"
+    attrs = {"index": 0, "axis": 0}
+
+    def infer(self, inputs, index, axis):
+        x, parts = inputs[0], inputs[1:]
+        if not 0 <= index < len(parts):
+            raise self.shape_error(inputs, f"index {index} is out of range for {len(parts)} pieces")
+        axis = normalize_axis(self.name, axis, x.ndim)
+        return TensorMeta(x.shape[:axis] + (parts[index].shape[axis],) + x.shape[axis + 1:], x.dtype)
+
+    @staticmethod
+    def compute(x, *parts, index, axis):
+        start = sum(p.shape[axis] for p in parts[:index])
+        return x.narrow(axis, start, parts[index].shape[axis])
+
+    def gradient(self, op, grads):
+        g, = grads
+        index = op.attrs["index"]
+        parts = op.inputs[1:]
+        pieces = [g if j == index else apply("zeros_like", p, dtype=g.dtype) for j, p in enumerate(parts)]
+        return [apply("concat", *pieces, axis=op.attrs["axis"])] + [None] * len(parts)
+
+
+# --- slicing ------------------------------------------------------------------------------
+def _slice_plan(shape, starts, stops, steps):
+    """The forward-step torch index for a basic slice, and the axes to flip first
+    (torch indexing has no negative steps: walk the flipped axis forwards instead)."""
+    index, flips = [], []
+    for axis, (a, b, s) in enumerate(zip(starts, stops, steps)):
+        if s is not None and s < 0:
+            n = shape[axis]
+            a, b, s = _slice(a, b, s).indices(n)
+            flips.append(axis)
+            index.append(_slice(n - 1 - a, n - 1 - b, -s))
+        else:
+            index.append(_slice(a, b, s))
+    return tuple(index), flips
+
+
+@register
+class Slice(OpDef):
+    """`x[starts[i]:stops[i]:steps[i], ...]` over the leading axes (None = the default;
+    negative steps walk backwards, as in Python)."""
+
+    name = "slice"
+    attrs = {"starts": (), "stops": (), "steps": ()}
+
+    def infer(self, inputs, starts, stops, steps):
+        x, = inputs
+        if not len(starts) == len(stops) == len(steps) or len(starts) > x.ndim:
+            raise self.shape_error(inputs, f"starts {starts}, stops {stops} and steps {steps} need one entry "
+                                           f"per sliced axis, at most {x.ndim}")
+        shape = list(x.shape)
+        for axis, (a, b, s) in enumerate(zip(starts, stops, steps)):
+            if s == 0:
+                raise self.shape_error(inputs, f"slice step of axis {axis} is 0")
+            if shape[axis] is not None:
+                shape[axis] = len(range(*_slice(a, b, s).indices(shape[axis])))
+        return TensorMeta(tuple(shape), x.dtype)
+
+    @staticmethod
+    def compute(x, starts, stops, steps):
+        index, flips = _slice_plan(x.shape, starts, stops, steps)
+        return (x.flip(flips) if flips else x)[index]
+
+    def gradient(self, op, grads):
+        return [apply("slice_backward", grads[0], op.inputs[0], **op.attrs)]
+
+
+@register
+class SliceBackward(OpDef):
+    """Zeros shaped like `like` with `g` written where `slice` read (its gradient)."""
+
+    name = "slice_backward"
+    attrs = {"starts": (), "stops": (), "steps": ()}
+
+    def infer(self, inputs, starts, stops, steps):
+        return TensorMeta(inputs[1].shape, inputs[0].dtype)
+
+    @staticmethod
+    def compute(g, like, starts, stops, steps):
+        index, flips = _slice_plan(like.shape, starts, stops, steps)
+        out = g.new_zeros(like.shape)
+        out[index] = g
+        return out.flip(flips) if flips else out
+
+    def gradient(self, op, grads):
+        return [apply("slice", grads[0], **op.attrs), None]
+
+
+# --- gathering and scattering ---------------------------------------------------------------
+@register
+class IndexSelect(OpDef):
+    """The entries of `x` at positions `index` (1-D) along `axis`."""
+
+    name = "index_select"
+    attrs = {"axis": 0}
+
+    def infer(self, inputs, axis):
+        x, index = inputs
+        _check_indices(self, inputs, index)
+        axis = normalize_axis(self.name, axis, x.ndim)
+        return TensorMeta(x.shape[:axis] + index.shape + x.shape[axis + 1:], x.dtype)
+
+    @staticmethod
+    def compute(x, index, axis):
+        return torch.index_select(x, axis, index)
+
+    def gradient(self, op, grads):
+        x, index = op.inputs
+        return [apply("index_add", apply("zeros_like", x, dtype=grads[0].dtype), index, grads[0],
+                      axis=op.attrs["axis"]), None]
+
+
+def _check_same_rank(opdef, inputs, *tensors):
+    index = tensors[1]
+    if not dtypes.is_integer(index.dtype):
+        raise DTypeError(f"{opdef.name}: index must be integers, found {index.dtype}")
+    if any(t.ndim != tensors[0].ndim for t in tensors):
+        raise opdef.shape_error(inputs, "input, index (and src) must have the same rank")
+
+
+@register
+class Gather(OpDef):
+    """torch.gather: `out[i][j] = x[index[i][j]][j]` for axis 0, and so on."""
+
+    name = "gather"
+    attrs = {"axis": 0}
+
+    def infer(self, inputs, axis):
+        x, index = inputs
+        _check_same_rank(self, inputs, x, index)
+        normalize_axis(self.name, axis, x.ndim)
+        return TensorMeta(index.shape, x.dtype)
+
+    @staticmethod
+    def compute(x, index, axis):
+        return torch.gather(x, axis, index)
+
+    def gradient(self, op, grads):
+        x, index = op.inputs
+        zeros = apply("zeros_like", x, dtype=grads[0].dtype)
+        return [apply("scatter_add", zeros, index, grads[0], axis=op.attrs["axis"]), None]
+
+
+@register
+class ScatterAdd(OpDef):
+    """torch.scatter_add: `x` with `src[i][j]` added at `[index[i][j]][j]` for axis 0, ..."""
+
+    name = "scatter_add"
+    attrs = {"axis": 0}
+
+    def infer(self, inputs, axis):
+        x, index, src = inputs
+        _check_same_rank(self, inputs, x, index, src)
+        normalize_axis(self.name, axis, x.ndim)
+        return TensorMeta(x.shape, x.dtype)
+
+    @staticmethod
+    def compute(x, index, src, axis):
+        return x.scatter_add(axis, index, src.to(x.dtype))
+
+    def gradient(self, op, grads):
+        g, = grads
+        x, index, src = op.inputs
+        gsrc = None
+        if wants(op, 2):
+            gsrc = apply("gather", g, index, axis=op.attrs["axis"])
+            if index.shape != src.shape:  # torch reads only the index-shaped corner of src
+                if _has_unknown(index.shape) or _has_unknown(src.shape):
+                    raise GradientError("scatter_add: the gradient for a src larger than index needs "
+                                        "known shapes")
+                pads = []
+                for d_src, d_index in reversed(list(zip(src.shape, index.shape))):
+                    pads += [0, d_src - d_index]
+                gsrc = apply("pad", gsrc, pad=tuple(pads))
+        return [g if wants(op, 0) else None, None, gsrc]
+
+
+# --- padding, repeating, flipping, triangles ---------------------------------------------
+_PAD_MODES = ("constant", "reflect", "replicate")
+
+
+@register
+class Pad(OpDef):
+    """torch.nn.functional.pad: `pad` = (last-axis before, after, next axis before, after, ...)."""
+
+    name = "pad"
+    attrs = {"pad": (), "mode": "constant", "value": 0.0}
+
+    def infer(self, inputs, pad, mode, value):
+        x, = inputs
+        if mode not in _PAD_MODES:
+            raise OpError(f"pad: mode must be one of {_PAD_MODES}, found {mode!r}")
+        if len(pad) % 2 or len(pad) > 2 * x.ndim:
+            raise self.shape_error(inputs, f"pad {tuple(pad)} needs (before, after) pairs for at most {x.ndim} axes")
+        shape = list(x.shape)
+        for i in range(len(pad) // 2):
+            axis = x.ndim - 1 - i
+            if shape[axis] is not None:
+                shape[axis] += pad[2 * i] + pad[2 * i + 1]
+                if shape[axis] < 0:
+                    raise self.shape_error(inputs, f"pad {tuple(pad)} crops axis {axis} below size 0")
+        return TensorMeta(tuple(shape), x.dtype)
+
+    @staticmethod
+    def compute(x, pad, mode, value):
+        return torch.nn.functional.pad(x, list(pad), mode, value if mode == "constant" else None)
+
+    def gradient(self, op, grads):
+        pad, mode = op.attrs["pad"], op.attrs["mode"]
+        if mode == "constant":  # negative padding crops
+            return [apply("pad", grads[0], pad=tuple(-p for p in pad))]
+        return [apply("pad_backward", grads[0], op.inputs[0], pad=pad, mode=mode)]
+
+
+@register
+class PadBackward(OpDef):
+    """The gradient of reflect / replicate padding: each output cell adds into its source."""
+
+    name = "pad_backward"
+    attrs = {"pad": (), "mode": "reflect"}
+
+    def infer(self, inputs, pad, mode):
+        return TensorMeta(inputs[1].shape, inputs[0].dtype)
+
+    @staticmethod
+    def compute(g, like, pad, mode):
+        kernel = getattr(aten, f"{'reflection' if mode == 'reflect' else 'replication'}_pad{len(pad) // 2}d_backward")
+        return kernel(g, like.to(g.dtype), list(pad))
+
+    def gradient(self, op, grads):
+        return [apply("pad", grads[0], pad=op.attrs["pad"], mode=op.attrs["mode"]), None]
+
+
+@register
+class Repeat(OpDef):
+    """torch.Tensor.repeat: tiles `x` `repeats[i]` times along axis i (extra leading repeats
+    add axes)."""
+
+    name = "repeat"
+    attrs = {"repeats": ()}
+
+    def infer(self, inputs, repeats):
+        x, = inputs
+        if len(repeats) < x.ndim or any(r < 0 for r in repeats):
+            raise self.shape_error(inputs, f"repeats {tuple(repeats)} need one non-negative count per axis")
+        shape = (1,) * (len(repeats) - x.ndim) + x.shape
+        return TensorMeta(tuple(None if d is None else d * r for d, r in zip(shape, repeats)), x.dtype)
+
+    @staticmethod
+    def compute(x, repeats):
+        return x.repeat(*repeats)
+
+    def gradient(self, op, grads):
+        return [apply("repeat_backward", grads[0], op.inputs[0], **op.attrs)]
+
+
+@register
+class RepeatBackward(OpDef):
+    """Sums the tiles of a repeated gradient back onto the shape of `like`."""
+
+    name = "repeat_backward"
+    attrs = {"repeats": ()}
+
+    def infer(self, inputs, repeats):
+        return TensorMeta(inputs[1].shape, inputs[0].dtype)
+
+    @staticmethod
+    def compute(g, like, repeats):
+        shape = (1,) * (len(repeats) - like.ndim) + tuple(like.shape)
+        tiled = [n for r, d in zip(repeats, shape) for n in (r, d)]
+        return g.reshape(tiled).sum(dim=tuple(range(0, len(tiled), 2))).reshape(like.shape)
+
+    def gradient(self, op, grads):
+        return [apply("repeat", grads[0], **op.attrs), None]
+
+
+@register
+class Flip(OpDef):
+    name = "flip"
+    attrs = {"axes": ()}
+
+    def infer(self, inputs, axes):
+        x, = inputs
+        normalize_axes(self.name, axes, x.ndim)
+        return TensorMeta(x.shape, x.dtype)
+
+    @staticmethod
+    def compute(x, axes):
+        return x.flip(axes)
+
+    def gradient(self, op, grads):
+        return [apply("flip", grads[0], **op.attrs)]
+
+
+class _Triangle(OpDef):
+    attrs = {"k": 0}
+
+    def infer(self, inputs, k):
+        x, = inputs
+        if x.ndim < 2:
+            raise self.shape_error(inputs, "needs rank >= 2 (a matrix or a batch of them)")
+        return TensorMeta(x.shape, x.dtype)
+
+    def gradient(self, op, grads):
+        return [apply(self.name, grads[0], **op.attrs)]
+
+
+@register
+class Tril(_Triangle):
+    """The lower triangle (on and below diagonal `k`); the rest is zero."""
+
+    name = "tril"
+
+    @staticmethod
+    def compute(x, k):
+        return torch.tril(x, k)
+
+
+@register
+class Triu(_Triangle):
+    """The upper triangle (on and above diagonal `k`); the rest is zero."""
+
+    name = "triu"
+
+    @staticmethod
+    def compute(x, k):
+        return torch.triu(x, k)
+
+
+@register
+class OneHot(OpDef):
+    """int64 one-hot vectors along a new last axis; `num_classes=-1` means max(index) + 1,
+    known only at run time."""
+
+    name = "one_hot"
+    attrs = {"num_classes": -1}
+    differentiable = False
+
+    def infer(self, inputs, num_classes):
+        x, = inputs
+        if not dtypes.is_integer(x.dtype):
+            raise DTypeError(f"one_hot: indices must be integers, found {x.dtype}")
+        return TensorMeta(x.shape + (None if num_classes == -1 else num_classes,), "int64")
+
+    @staticmethod
+    def compute(x, num_classes):
+        return torch.nn.functional.one_hot(x.to(torch.int64), num_classes)
+
+
 def _check_indices(opdef, inputs, indices):
     if not dtypes.is_integer(indices.dtype):
         raise DTypeError(f"{opdef.name}: indices must be integers, found {indices.dtype}")
@@ -221,4 +736,189 @@ def index_add(x, indices, values, axis: int = 0):
 def sparse_to_dense(slices: IndexedSlices):
     return slices.to_dense()
 
-__all__ = ["concat", "index_add", "reshape", "reshape_like", "sparse_to_dense", "squeeze", "unsqueeze"]
+
+def _ints(values) -> tuple[int, ...]:
+    """`f(x, 1, 2)` and `f(x, (1, 2))` alike."""
+    if len(values) == 1 and isinstance(values[0], (tuple, list, torch.Size)):
+        values = values[0]
+    return tuple(int(v) for v in values)
+
+
+def transpose(x, *axes):
+    """Two axes swap them (torch; the last two by default); a permutation, as a tuple or as
+    more than two axes, reorders the axes (NumPy's `x.transpose((1, 0, 2))`)."""
+    if not axes:
+        return x if x.ndim < 2 else apply("transpose", x)
+    if len(axes) == 2 and all(isinstance(a, numbers.Integral) for a in axes):
+        return apply("transpose", x, axis0=int(axes[0]), axis1=int(axes[1]))
+    return apply("permute", x, axes=_ints(axes))
+
+
+def permute(x, *axes):
+    return apply("permute", x, axes=_ints(axes))
+
+
+def broadcast_to(x, *shape):
+    return apply("broadcast_to", x, shape=_ints(shape))
+
+
+def stack(tensors, axis: int = 0):
+    return apply("stack", *tensors, axis=axis)
+
+
+def split(x, sizes_or_sections, axis: int = 0):
+    """A list of sizes cuts pieces of those sizes (torch.split); a number cuts that many
+    near-equal pieces (numpy.array_split). Returns a tuple."""
+    if isinstance(sizes_or_sections, int):
+        out = apply("split", x, sections=sizes_or_sections, axis=axis)
+    else:
+        out = apply("split", x, sizes=tuple(int(s) for s in sizes_or_sections), axis=axis)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def slice(x, starts=(), stops=(), steps=None):
+    """`x[starts[0]:stops[0]:steps[0], starts[1]:...]` over the leading axes."""
+    steps = (None,) * len(starts) if steps is None else steps
+    return apply("slice", x, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
+
+
+def _index_tensor(item, x, axis):
+    """A 1-D (or 0-d) integer index tensor from a Tensor, array, list or torch tensor."""
+    if isinstance(item, Tensor):
+        t = item
+    else:
+        value = np.asarray(item.cpu()) if isinstance(item, torch.Tensor) else np.asarray(item)
+        if value.dtype == bool:
+            if value.ndim != 1:
+                raise ShapeError(f"getitem: a boolean mask must be 1-D, found shape {value.shape}")
+            value = np.nonzero(value)[0]
+        if value.size == 0:
+            value = value.astype(np.int64)
+        if not np.issubdtype(value.dtype, np.integer):
+            raise DTypeError(f"getitem: index arrays must hold integers, found {value.dtype}")
+        n = x.shape[axis]
+        if n is not None:
+            if value.size and (value.min() < -n or value.max() >= n):
+                raise ShapeError(f"getitem: index out of range for axis {axis} of size {n}")
+            value = np.where(value < 0, value + n, value)
+        t = make_constant(value.astype(np.int64), device=x.device)
+    if not dtypes.is_integer(t.dtype):
+        raise DTypeError(f"getitem: index tensors must be integers (boolean masks: use where), found {t.dtype}")
+    if t.ndim > 1:
+        raise ShapeError(f"getitem: index tensors must be 0-d or 1-D, found shape {t.shape}")
+    return t
+
+
+def getitem(x, index):
+    """Basic indexing (ints, slices with steps, None, Ellipsis) plus one integer array on
+    one axis (`x[:, [2, 0]]` selects with index_select)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if sum(i is Ellipsis for i in items) > 1:
+        raise ShapeError("getitem: an index can hold only one Ellipsis (...)")
+    consumed = sum(i is not None and i is not Ellipsis for i in items)
+    if consumed > x.ndim:
+        raise ShapeError(f"getitem: {consumed} indices for a tensor of rank {x.ndim}")
+    at = next((i for i, item in enumerate(items) if item is Ellipsis), None)  # `in` would build ops
+    if at is not None:
+        items = items[:at] + (_slice(None),) * (x.ndim - consumed) + items[at + 1:]
+
+    starts, stops, steps = [], [], []
+    drop, new_axes = [], []
+    select = None
+    axis = out_axis = 0
+    for item in items:
+        if item is None:
+            new_axes.append(out_axis)
+            out_axis += 1
+            continue
+        if isinstance(item, _slice):
+            starts.append(None if item.start is None else int(item.start))
+            stops.append(None if item.stop is None else int(item.stop))
+            steps.append(None if item.step is None else int(item.step))
+            out_axis += 1
+        elif isinstance(item, numbers.Integral) and not isinstance(item, bool):
+            i, n = int(item), x.shape[axis]
+            if n is not None and not -n <= i < n:
+                raise _IndexOutOfRange(f"getitem: index {i} is out of range for axis {axis} of size {n}")
+            starts.append(i)
+            stops.append(i + 1 if i != -1 else None)
+            steps.append(None)
+            drop.append(axis)
+        else:
+            if select is not None:
+                raise ShapeError("getitem: only one axis can be indexed by an array (use gather)")
+            select = (axis, _index_tensor(item, x, axis))
+            starts.append(None)
+            stops.append(None)
+            steps.append(None)
+            if select[1].ndim == 0:
+                drop.append(axis)
+            else:
+                out_axis += 1
+        axis += 1
+
+    while starts and starts[-1] is None and stops[-1] is None and steps[-1] in (None, 1):
+        starts.pop(), stops.pop(), steps.pop()
+    out = x
+    if starts:
+        out = apply("slice", out, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
+    if select is not None:
+        axis, t = select
+        out = apply("index_select", out, t if t.ndim == 1 else apply("reshape", t, shape=(1,)), axis=axis)
+    if drop:
+        out = apply("squeeze", out, axis=tuple(drop))
+    for a in new_axes:
+        out = apply("unsqueeze", out, axis=a)
+    return out
+
+
+def index_select(x, axis: int, index):
+    """torch.index_select(input, dim, index)."""
+    return apply("index_select", x, index, axis=axis)
+
+
+def gather(x, axis: int, index):
+    """torch.gather(input, dim, index)."""
+    return apply("gather", x, index, axis=axis)
+
+
+def scatter_add(x, axis: int, index, src):
+    """torch.scatter_add(input, dim, index, src) (out of place)."""
+    return apply("scatter_add", x, index, src, axis=axis)
+
+
+def pad(x, pad, mode: str = "constant", value: float = 0.0):
+    """torch.nn.functional.pad: `pad` lists (before, after) pairs from the last axis backwards."""
+    return apply("pad", x, pad=tuple(int(p) for p in pad), mode=mode, value=float(value))
+
+
+def repeat(x, *repeats):
+    """torch.Tensor.repeat: `x.repeat(2, 1)` tiles x twice along axis 0."""
+    return apply("repeat", x, repeats=_ints(repeats))
+
+
+def flip(x, axis=None):
+    """Reverses the order along `axis` (an int or a tuple; all axes by default)."""
+    axes = tuple(range(x.ndim)) if axis is None else (axis,) if isinstance(axis, int) else tuple(axis)
+    return apply("flip", x, axes=axes)
+
+
+def tril(x, k: int = 0, diagonal: int | None = None):
+    return apply("tril", x, k=int(k if diagonal is None else diagonal))
+
+
+def triu(x, k: int = 0, diagonal: int | None = None):
+    return apply("triu", x, k=int(k if diagonal is None else diagonal))
+
+
+def one_hot(indices, num_classes: int = -1):
+    return apply("one_hot", indices, num_classes=int(num_classes))
+
+
+def slice_like(x, *parts, index: int, axis: int = 0):
+    return apply("slice_like", x, *parts, index=index, axis=axis)
+
+
+__all__ = ["broadcast_to", "concat", "flip", "gather", "getitem", "index_add", "index_select", "one_hot", "pad",
+           "permute", "repeat", "reshape", "reshape_like", "scatter_add", "slice", "slice_like",
+           "sparse_to_dense", "split", "squeeze", "stack", "transpose", "tril", "triu", "unsqueeze"]
