@@ -44,8 +44,8 @@ def install(ops) -> None:
             setattr(Tensor, name, getattr(ops, name))
     Tensor.astype = lambda self, dtype: apply("cast", self, dtype=dtype)
     Tensor.float = lambda self: apply("cast", self, dtype="float32")
-    Tensor.T = property(lambda self: ops.transpose(self) if hasattr(ops, "transpose") else None)
-    Tensor.view = Tensor.reshape if hasattr(Tensor, "reshape") else None
+    Tensor.T = property(lambda self: ops.transpose(self) if self.ndim >= 2 else self)
+    Tensor.view = ops.reshape
     Tensor.matmul = lambda self, other: ops.matmul(self, other)
 
 

@@ -67,19 +67,25 @@ class LossScaler:
         return self._init_scale if self._scale is None else float(self._scale.item())
 
     def unscale_(self, optimizer) -> None:
-        """Divides the optimizer's `.grad`s by the scale in place and records inf/nan."""
+        """Divides the optimizer's `.grad`s by the scale and records whether any is inf/nan.
+
+        The unscaled gradients replace `.grad` (eager gradients may be broadcast views or
+        shared between parameters, so they are not written in place).
+        """
         if not self.enabled:
             return
         state = self._per_optimizer.get(id(optimizer))
         if state is not None:
             raise Error("LossScaler.unscale_() was already called on this optimizer since the last update()"
                         if state["stage"] == "unscaled" else "LossScaler.unscale_() is called after step()")
-        tensors = []
-        for p in optimizer.parameters():
+        params = [p for p in optimizer.parameters() if p.grad is not None]
+        tensors = [p.grad.values.value if isinstance(p.grad, IndexedSlices) else p.grad.value for p in params]
+        unscaled, found_inf = self._unscaled_copies(tensors)
+        for p, value in zip(params, unscaled):
             g = p.grad
-            if g is not None:
-                tensors.append(g.values.value if isinstance(g, IndexedSlices) else g.value)
-        self._per_optimizer[id(optimizer)] = {"found_inf": self._check_and_unscale(tensors), "stage": "unscaled"}
+            p.grad = (IndexedSlices(g.indices, Tensor.from_value(value), g.dense_shape)
+                      if isinstance(g, IndexedSlices) else Tensor.from_value(value))
+        self._per_optimizer[id(optimizer)] = {"found_inf": found_inf, "stage": "unscaled"}
 
     def step(self, optimizer, *args, **kwargs):
         """Unscales (unless `unscale_` did) and runs `optimizer.step()` unless a gradient is inf/nan."""
@@ -138,13 +144,18 @@ class LossScaler:
         torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf.to(self._scale.device),
                                  self.growth_factor, self.backoff_factor, self.growth_interval)
 
+    def _unscaled_copies(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`tensors` divided by the scale, as new tensors, and found_inf."""
+        copies: list = [None] * len(tensors)
+        if tensors:
+            for idx in _groups_by_device_dtype(tensors):
+                for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], 1.0)):
+                    copies[i] = t
+        return copies, self._check_and_unscale(copies)
+
     def _unscale_and_update(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
         """One fused step of the update op: unscaled copies, whether to skip, new scale."""
-        copies = []
-        for idx in _groups_by_device_dtype(tensors):
-            copies += list(zip(idx, torch._foreach_mul([tensors[i] for i in idx], 1.0)))
-        copies = [t for _, t in sorted(copies, key=lambda pair: pair[0])]
-        found_inf = self._check_and_unscale(copies)
+        copies, found_inf = self._unscaled_copies(tensors)
         skip = bool(found_inf.item())
         self._update_scale(found_inf)
         return copies, skip

@@ -103,6 +103,9 @@ def _coalesce(indices: torch.Tensor, values: torch.Tensor, param: torch.Tensor):
     if values.dtype != param.dtype:
         values = values.to(param.dtype)
     rows, inverse = torch.unique(indices, return_inverse=True)
+    if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= param.shape[0]):
+        raise GradientError(f"sparse gradient rows must be in [0, {param.shape[0]}) for a parameter of shape "
+                            f"{tuple(param.shape)}, found rows {int(rows[0])}..{int(rows[-1])}")
     summed = values.new_zeros((rows.numel(),) + tuple(param.shape[1:]))
     summed.index_add_(0, inverse, values)
     return rows, summed
@@ -128,12 +131,6 @@ def _total_norm(tensors: list[torch.Tensor], norm_type: float = 2.0) -> torch.Te
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
-def _scale_in_place(tensors: list[torch.Tensor], factor: torch.Tensor) -> None:
-    for idx in _groups_by_device_dtype(tensors):
-        group = [tensors[i] for i in idx]
-        torch._foreach_mul_(group, factor.to(device=group[0].device, dtype=group[0].dtype))
-
-
 def _scaled(tensors: list[torch.Tensor], factor: torch.Tensor) -> list[torch.Tensor]:
     """`tensors` times the scalar tensor `factor`, as new tensors (multi-tensor kernels)."""
     out: list = [None] * len(tensors)
@@ -146,38 +143,44 @@ def _scaled(tensors: list[torch.Tensor], factor: torch.Tensor) -> list[torch.Ten
 
 
 def clip_grad_norm_(params, max_norm: float, norm_type: float = 2.0) -> Tensor:
-    """Scales the gradients of `params` in place so their global norm is at most `max_norm`.
+    """Scales the gradients of `params` so their global norm is at most `max_norm`.
 
-    Sparse gradients count as their dense equivalents (repeated rows summed first).
-    Returns the total norm before clipping, as an eager scalar tensor (like torch).
+    Sparse gradients count as their dense equivalents (repeated rows summed first). The
+    scaled gradients replace `.grad` (eager gradients may be broadcast views or shared
+    between parameters, so they are not written in place). Returns the total norm
+    before clipping, as an eager scalar tensor (like torch).
     """
     params = [params] if isinstance(params, Tensor) else list(params)
-    norm_sources, to_scale = [], []
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if isinstance(g, IndexedSlices):
-            _, summed = _coalesce(g.indices.value, g.values.value, p.value)
-            norm_sources.append(summed)
-            to_scale.append(g.values.value)
-        else:
-            norm_sources.append(g.value)
-            to_scale.append(g.value)
-    if not norm_sources:
+    params = [p for p in params if p.grad is not None]
+    if not params:
         return Tensor.from_value(torch.zeros(()))
     with torch.no_grad():
+        norm_sources, to_scale = [], []
+        for p in params:
+            g = p.grad
+            if isinstance(g, IndexedSlices):
+                norm_sources.append(_coalesce(g.indices.value, g.values.value, p.value)[1])
+                to_scale.append(g.values.value)
+            else:
+                norm_sources.append(g.value)
+                to_scale.append(g.value)
         total = _total_norm(norm_sources, float(norm_type))
         coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
-        _scale_in_place(to_scale, coef)
+        for p, value in zip(params, _scaled(to_scale, coef)):
+            g = p.grad
+            p.grad = (IndexedSlices(g.indices, Tensor.from_value(value), g.dense_shape)
+                      if isinstance(g, IndexedSlices) else Tensor.from_value(value))
     return Tensor.from_value(total)
 
 
-def _json_value(value):
+def _json_value(key: str, value):
     """Hyperparameters as JSON values (tuples become lists); raises for anything else."""
     if isinstance(value, tuple):
         value = list(value)
-    json.dumps(value)
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise Error(f"optimizer hyperparameter {key!r} = {value!r} is not JSON-serialisable") from None
     return value
 
 
@@ -371,7 +374,9 @@ class Optimizer:
                 if tuple(g.shape) != tuple(p.shape):
                     raise GradientError(f"{type(self).__name__}: the gradient of parameter {i} has shape "
                                         f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
-                entries.append((i, g if g.dtype == p.dtype else g.to(p.dtype)))
+                # Fused kernels need a layout like the parameter's; eager gradients can be
+                # broadcast (stride-0) views.
+                entries.append((i, (g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()))
             if not entries:
                 return
             if loss_scaler is not None and loss_scaler.enabled:
@@ -394,7 +399,9 @@ class Optimizer:
         names = self._state_names(group)
         params, grads, steps, fresh = [], [], [], []
         state: dict[str, list] = {name: [] for name in names}
-        sparse = []  # (position in the lists, parameter value, rows, its state dict)
+        # Updated on copies and written back: (position in the lists, parameter value,
+        # rows (None: the whole non-contiguous parameter), its state dict).
+        sparse = []
         for i, g in items:
             p = self._params[i]._value
             st = self._state[i]
@@ -413,6 +420,9 @@ class Optimizer:
                 for name in names:
                     state[name].append(st[name].index_select(0, rows))
             else:
+                if not p.is_contiguous():  # updated through a contiguous copy, like sparse rows
+                    sparse.append((len(params), p, None, st))
+                    p = p.contiguous()
                 params.append(p)
                 grads.append(g)
                 for name in names:
@@ -421,6 +431,9 @@ class Optimizer:
         grads = self._regularize(group, params, grads)
         self._rule(group, params, grads, state, steps, fresh)
         for pos, p, rows, st in sparse:
+            if rows is None:
+                p.copy_(params[pos])
+                continue
             p.index_copy_(0, rows, params[pos])
             for name in names:
                 st[name].index_copy_(0, rows, state[name][pos])
@@ -438,7 +451,7 @@ class Optimizer:
         return []
 
     def _initial_state(self, group: dict, name: str, param: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(param, memory_format=torch.preserve_format)
+        return torch.zeros_like(param, memory_format=torch.contiguous_format)
 
     def _rule(self, group, params, grads, state, steps, fresh) -> None:
         raise NotImplementedError
@@ -449,7 +462,7 @@ class Optimizer:
         by their index in the optimizer's parameter list ("state.3.exp_avg")."""
         groups = []
         for gi, group in enumerate(self.param_groups):
-            hyper = {k: _json_value(v) for k, v in group.items() if k != "params"}
+            hyper = {k: _json_value(k, v) for k, v in group.items() if k != "params"}
             hyper["params"] = [i for i, g in enumerate(self._group_of) if g == gi]
             groups.append(hyper)
         tensors, state_meta = {}, {}
@@ -570,7 +583,7 @@ class Optimizer:
                 if t.dtype != p.dtype:
                     raise fail(f"tensor {tkey!r} has dtype {dtypes.dtype_name(t.dtype)}, parameter {i} has "
                                f"{dtypes.dtype_name(p.dtype)}")
-                st[tname] = t.detach().to(device=p.device, copy=True)
+                st[tname] = t.detach().to(device=p.device, copy=True).contiguous()
             new_state[i] = st
         unknown = sorted(set(tensors) - expected_keys)
         if unknown:

@@ -107,7 +107,7 @@ class AdaGrad(Optimizer):
         return ["sum"]
 
     def _initial_state(self, group, name, param):
-        return torch.full_like(param, group["initial_accumulator_value"], memory_format=torch.preserve_format)
+        return torch.full_like(param, group["initial_accumulator_value"], memory_format=torch.contiguous_format)
 
     def _rule(self, group, params, grads, state, steps, fresh):
         sums = state["sum"]
@@ -237,24 +237,14 @@ class LAMB(Optimizer):
 
     def _rule(self, group, params, grads, state, steps, fresh):
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        torch._foreach_lerp_(exp_avg, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
-        # Bias corrections 1 - beta^step as 0-d tensors: no host sync on the step counters.
-        bias1 = torch._foreach_pow(beta1, steps)
-        torch._foreach_neg_(bias1)
-        torch._foreach_add_(bias1, 1.0)
-        bias2 = torch._foreach_pow(beta2, steps)
-        torch._foreach_neg_(bias2)
-        torch._foreach_add_(bias2, 1.0)
-        denom = torch._foreach_div(exp_avg_sq, bias2)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        update = torch._foreach_div(exp_avg, bias1)
-        torch._foreach_div_(update, denom)
-        if group["weight_decay"]:
-            torch._foreach_add_(update, params, alpha=group["weight_decay"])
+        update = torch._foreach_mul(params, 0.0) if group["weight_decay"] == 0 else \
+            torch._foreach_mul(params, group["weight_decay"])
+        for idx in _groups_by_device_dtype(params):
+            # The fused Adam kernel with lr = -1 adds the bias-corrected Adam step
+            # m̂ / (√v̂ + eps) to `update` (and advances the moments) in one pass.
+            torch._fused_adam_(_pick(update, idx), _pick(grads, idx), _pick(state["exp_avg"], idx),
+                               _pick(state["exp_avg_sq"], idx), [], _pick(steps, idx), lr=-1.0, beta1=beta1,
+                               beta2=beta2, weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False)
         for idx in _groups_by_device_dtype(params):
             ps, us = _pick(params, idx), _pick(update, idx)
             p_norm = torch.stack(torch._foreach_norm(ps))

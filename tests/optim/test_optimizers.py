@@ -30,22 +30,22 @@ def _torch_loss(x, params):
     return (out * out).sum() * 0.5
 
 
-def _ls_params(dtype=np.float64):
-    return [ls.tensor(v.astype(dtype), requires_grad=True) for v in INIT]
+def _ls_params(dtype=np.float64, device="cpu"):
+    return [ls.tensor(v.astype(dtype), requires_grad=True, device=device) for v in INIT]
 
 
 def _torch_params(dtype=torch.float64):
     return [torch.tensor(v, dtype=dtype, requires_grad=True) for v in INIT]
 
 
-def run_luoshu(make_opt, mode, dtype=np.float64, steps=STEPS, params=None, opt=None, xs=XS):
+def run_luoshu(make_opt, mode, dtype=np.float64, steps=STEPS, params=None, opt=None, xs=XS, device="cpu"):
     """Trains the small MLP; returns the parameters after every step."""
-    params = params if params is not None else _ls_params(dtype)
+    params = params if params is not None else _ls_params(dtype, device)
     opt = opt if opt is not None else make_opt(params)
     trajectory = []
     if mode == "graph":
         with ls.Graph() as g:
-            x = ls.placeholder("x", (6, 5), str(np.dtype(dtype)))
+            x = ls.placeholder("x", (6, 5), str(np.dtype(dtype)), device=device)
             loss = _ls_loss(x, params)
             train = opt.minimize(loss)
         for xv in xs[:steps]:
@@ -54,11 +54,11 @@ def run_luoshu(make_opt, mode, dtype=np.float64, steps=STEPS, params=None, opt=N
             trajectory.append([p.numpy() for p in params])
     elif mode == "minimize":
         for xv in xs[:steps]:
-            assert opt.minimize(_ls_loss(ls.tensor(xv.astype(dtype)), params)) is None
+            assert opt.minimize(_ls_loss(ls.tensor(xv.astype(dtype), device=device), params)) is None
             trajectory.append([p.numpy() for p in params])
     else:
         for xv in xs[:steps]:
-            loss = _ls_loss(ls.tensor(xv.astype(dtype)), params)
+            loss = _ls_loss(ls.tensor(xv.astype(dtype), device=device), params)
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -133,6 +133,18 @@ def test_trajectory_matches_torch(config, mode):
 def test_eager_minimize_matches_step():
     ours, _, _ = run_luoshu(lambda p: optim.Adam(p, lr=0.05), "minimize")
     assert_same_trajectory(ours, run_torch(lambda p: torch.optim.Adam(p, lr=0.05)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_trajectory_matches_torch_on_cuda(config, mode):
+    _, ours, theirs = config
+    ref = run_torch(theirs)
+    assert_same_trajectory(run_luoshu(ours, mode, device="cuda")[0], ref)
+    lamb = lambda p: optim.LAMB(p, lr=0.02, betas=(0.9, 0.99), weight_decay=0.05, max_grad_norm=1.0)  # noqa: E731
+    assert_same_trajectory(run_luoshu(lamb, mode, device="cuda")[0], run_luoshu(lamb, mode)[0])
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
@@ -572,3 +584,47 @@ def test_load_state_dict_for_a_different_model_raises():
     other = optim.Adam([ls.tensor(np.ones((4, 5)), requires_grad=True)] + _ls_params()[1:])
     with pytest.raises(ls.CheckpointError, match="shape"):
         other.load_state_dict(source.state_dict())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_broadcast_gradients_and_non_contiguous_parameters(config):
+    """Eager gradients can be stride-0 views shared by two parameters; parameters can be
+    transposed views. Both must update like torch's (fused kernels assume dense layouts)."""
+    _, ours, theirs = config
+    c0 = np.arange(6.0).reshape(2, 3) / 6.0
+
+    def luoshu_run():
+        a, b = ls.tensor(np.ones(3) * 0.5, requires_grad=True), ls.tensor(np.ones(3), requires_grad=True)
+        c = ls.tensor(torch.tensor(c0).T, requires_grad=True)  # a transposed (non-contiguous) view
+        opt = ours([a, b, c])
+        for _ in range(5):
+            ((a + b).sum() * 2.0 + (c * c * c).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        return [a.numpy(), b.numpy(), c.numpy()]
+
+    def torch_run():
+        a = torch.full((3,), 0.5, dtype=torch.float64, requires_grad=True)
+        b = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        c = torch.tensor(c0).T.clone().requires_grad_()
+        opt = theirs([a, b, c])
+        for _ in range(5):
+            opt.zero_grad()
+            ((a + b).sum() * 2.0 + (c * c * c).sum()).backward()
+            opt.step()
+        return [t.detach().numpy() for t in (a, b, c)]
+
+    for x, y in zip(luoshu_run(), torch_run()):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_rows_out_of_range_are_refused_before_any_change():
+    table = ls.tensor(np.zeros((4, 2)), requires_grad=True)
+    w = ls.tensor(np.zeros(2), requires_grad=True)
+    opt = optim.Adam([w, table], lr=0.1)
+    w.grad = ls.tensor(np.ones(2))
+    table.grad = ls.IndexedSlices(ls.tensor(np.array([1, 4])), ls.tensor(np.ones((2, 2))), (4, 2))
+    with pytest.raises(ls.GradientError, match=r"rows must be in \[0, 4\)"):
+        opt.step()
+    assert len(opt.state) == 0
+    np.testing.assert_array_equal(w.numpy(), np.zeros(2))
