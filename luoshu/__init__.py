@@ -2,6 +2,9 @@
 
 from luoshu import ops  # noqa: F401  (registers every operator and the Tensor methods)
 from luoshu import runtime  # noqa: F401  (installs the plan builder behind Graph.run)
+from luoshu import optim  # noqa: F401
+from luoshu.amp import autocast
+from luoshu.checkpoint import load, save
 from luoshu.core import (
     CheckpointError,
     DeviceError,
@@ -28,3 +31,10 @@ from luoshu.core import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "DStates", "DTypeError", "DeviceError", "DeviceGroup", "Error", "ExecutionError",
+    "FeedError", "GradientError", "Graph", "GraphError", "IndexedSlices", "IndexedSlicesValue", "OpError",
+    "ShapeError", "Tensor", "autocast", "enable_grad", "gradients", "load", "manual_seed", "nn", "no_grad",
+    "ops", "optim", "placeholder", "save", "tensor",
+]

@@ -82,7 +82,23 @@ def _count(x, axes, dtype):
     sizes = [x.shape[a] for a in axes]
     if all(d is not None for d in sizes):
         return math.prod(sizes)
-    return apply("sum", apply("ones_like", x, dtype=dtype), axis=axes, keepdims=True)
+    return apply("reduced_count", x, axes=tuple(axes), dtype=dtype)
+
+
+@register
+class ReducedCount(OpDef):
+    """The number of elements a reduction over `axes` reads, from the run-time shape (a scalar)."""
+
+    name = "reduced_count"
+    attrs = {"axes": (), "dtype": "float32"}
+    differentiable = False
+
+    def infer(self, inputs, axes, dtype):
+        return TensorMeta((), dtypes.dtype_name(dtype))
+
+    @staticmethod
+    def compute(x, axes, dtype):
+        return torch.tensor(math.prod(x.shape[a] for a in axes), dtype=dtypes.to_torch(dtype), device=x.device)
 
 
 def _float_input(x):

@@ -72,6 +72,7 @@ class OpCase:
     seed: int | None = None
     tol: float = ATOL
     eager_only: bool = False
+    dynamic: bool = False  # graph placeholders get a run-time (None) first dimension
 
     def __repr__(self) -> str:
         return self.name
@@ -176,7 +177,8 @@ def build_graph(case, arrays, grads, ref, device="cpu"):
     if case.seed is not None:
         ls.manual_seed(case.seed)
     with ls.Graph() as g:
-        phs = [ls.placeholder(f"in{i}", a.shape, str(a.dtype), device) for i, a in enumerate(arrays)]
+        phs = [ls.placeholder(f"in{i}", ((None,) + a.shape[1:]) if case.dynamic and a.ndim else a.shape,
+                              str(a.dtype), device) for i, a in enumerate(arrays)]
         outs = _as_tuple(case.fn(*phs))
         fetches = list(outs)
         feed = {p: a for p, a in zip(phs, arrays)}
