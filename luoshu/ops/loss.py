@@ -1,5 +1,253 @@
-"""Loss operators: cross entropy, nll, mse, l1, smooth l1, binary cross entropy."""
+"""Loss operators: cross entropy and nll (fused kernels), mse, l1, smooth l1, binary cross entropy.
+
+Cross entropy and nll run as one fused kernel each way (softmax minus the smoothed target
+in the backward). The others are composites of elementwise ops and reductions: their
+kernels are memory-bound and tiny next to the model, and as composites they get second
+order gradients for free.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import torch
+
+from luoshu.core import dtypes
+from luoshu.core.errors import DTypeError, OpError
+from luoshu.core.op import OpDef, apply, register
+from luoshu.core.shapes import same_dim
+from luoshu.core.tensor import TensorMeta
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(name: str, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise OpError(f"{name}: reduction must be one of {_REDUCTIONS}, found {reduction!r}")
+
+
+def _class_target_shape(opdef, inputs):
+    """(N, C, d1, ...) logits with (N, d1, ...) class indices, or same-shape probabilities."""
+    x, target = inputs[0], inputs[1]
+    if x.ndim < 1:
+        raise opdef.shape_error(inputs, "input must have a class dimension")
+    soft = dtypes.is_floating(target.dtype)
+    if soft:
+        ok = target.ndim == x.ndim and all(same_dim(a, b) for a, b in zip(x.shape, target.shape))
+        rule = "soft-label target must have the input's shape"
+    else:
+        batch = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
+        ok = target.ndim == len(batch) and all(same_dim(a, b) for a, b in zip(batch, target.shape))
+        rule = "class-index target must have the input's shape without the class dim (dim 1)"
+    if not ok:
+        raise opdef.shape_error(inputs, rule)
+    if len(inputs) == 3:
+        c = x.shape[1] if x.ndim > 1 else x.shape[0]
+        if inputs[2].ndim != 1 or not same_dim(inputs[2].shape[0], c):
+            raise opdef.shape_error(inputs, f"class weights must be ({c},)")
+    return soft
+
+
+def _loss_meta(x, target_shape, reduction, soft):
+    if reduction != "none":
+        return TensorMeta((), x.dtype)
+    return TensorMeta(target_shape[:1] + target_shape[2:] if soft else target_shape, x.dtype)
+
+
+@register
+class CrossEntropy(OpDef):
+    """torch.nn.functional.cross_entropy: class indices or probabilities, weights,
+    ignore_index, label smoothing, any reduction; inputs (logits, target[, weight])."""
+
+    name = "cross_entropy"
+    attrs = {"ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0}
+    autocast = "fp32"
+
+    def infer(self, inputs, ignore_index, reduction, label_smoothing):
+        _check_reduction(self.name, reduction)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise OpError(f"cross_entropy: label_smoothing must be in [0, 1], found {label_smoothing}")
+        if not dtypes.is_floating(inputs[0].dtype):
+            raise DTypeError(f"cross_entropy: input must be floating point, found {inputs[0].dtype}")
+        soft = _class_target_shape(self, inputs)
+        return _loss_meta(inputs[0], inputs[1].shape, reduction, soft)
+
+    @staticmethod
+    def compute(x, target, weight=None, *, ignore_index, reduction, label_smoothing):
+        if target.is_floating_point() and target.dtype != x.dtype:
+            target = target.to(x.dtype)
+        return torch.nn.functional.cross_entropy(x, target, weight, ignore_index=ignore_index,
+                                                 reduction=reduction, label_smoothing=label_smoothing)
+
+    def gradient(self, op, grads):
+        soft = dtypes.is_floating(op.inputs[1].dtype)
+        out = apply("cross_entropy_backward", grads[0], *op.inputs, **op.attrs)
+        if soft:
+            grad_x, grad_target = out
+            return [grad_x, grad_target] + [None] * (len(op.inputs) - 2)
+        return [out, None] + [None] * (len(op.inputs) - 2)
+
+
+def _class_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-class vector shaped to broadcast over dim 1 of an ndim-rank input."""
+    return t.reshape((1, -1) + (1,) * (ndim - 2)) if ndim > 1 else t
+
+
+@register
+class CrossEntropyBackward(OpDef):
+    """d(cross_entropy)/d(logits) — and d/d(target) for soft labels — in one kernel."""
+
+    name = "cross_entropy_backward"
+    attrs = CrossEntropy.attrs
+
+    def infer(self, inputs, ignore_index, reduction, label_smoothing):
+        x, target = inputs[1], inputs[2]
+        meta = TensorMeta(x.shape, x.dtype)
+        return [meta, TensorMeta(target.shape, x.dtype)] if dtypes.is_floating(target.dtype) else meta
+
+    @staticmethod
+    def compute(g, x, target, weight=None, *, ignore_index, reduction, label_smoothing):
+        class_dim = 1 if x.ndim > 1 else 0
+        num_classes = x.shape[class_dim]
+        logp = torch.log_softmax(x, class_dim)
+        p = logp.exp()
+        w = None if weight is None else _class_view(weight.to(x.dtype), x.ndim)
+        eps = label_smoothing
+        if target.is_floating_point():
+            q = target.to(x.dtype)
+            if eps:
+                q = q * (1 - eps) + eps / num_classes
+            wq = q if w is None else q * w
+            grad = p * wq.sum(class_dim, keepdim=True) - wq
+            grad_target = -logp if w is None else -logp * w
+            if eps:
+                grad_target = grad_target * (1 - eps)
+            if reduction == "mean":
+                n = x.numel() // num_classes
+                grad, grad_target = grad / n, grad_target / n
+            scale = g.unsqueeze(class_dim) if reduction == "none" else g
+            return grad * scale, grad_target * scale
+        valid = target != ignore_index
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        onehot = torch.zeros_like(x).scatter_(class_dim, safe.unsqueeze(class_dim), 1.0)
+        if w is None:
+            grad = p - onehot * (1 - eps)
+            if eps:
+                grad = grad - eps / num_classes
+            sample_weight = valid.to(x.dtype)
+        else:
+            w_t = weight.to(x.dtype)[safe] * valid
+            grad = (p - onehot) * (w_t.unsqueeze(class_dim) * (1 - eps))
+            if eps:
+                grad = grad + (p * w.sum() - w) * (eps / num_classes)
+            sample_weight = w_t
+        grad = grad * valid.unsqueeze(class_dim)
+        if reduction == "mean":
+            grad = grad / sample_weight.sum()
+        scale = g.unsqueeze(class_dim) if reduction == "none" else g
+        return grad * scale
+
+
+@register
+class NllLoss(OpDef):
+    """torch.nn.functional.nll_loss over log-probabilities (N, C, d1, ...)."""
+
+    name = "nll_loss"
+    attrs = {"ignore_index": -100, "reduction": "mean"}
+    autocast = "fp32"
+
+    def infer(self, inputs, ignore_index, reduction):
+        _check_reduction(self.name, reduction)
+        if _class_target_shape(self, inputs):
+            raise DTypeError(f"nll_loss: target must hold class indices, found {inputs[1].dtype}")
+        return _loss_meta(inputs[0], inputs[1].shape, reduction, False)
+
+    @staticmethod
+    def compute(logp, target, weight=None, *, ignore_index, reduction):
+        return torch.nn.functional.nll_loss(logp, target, weight, ignore_index=ignore_index, reduction=reduction)
+
+    def gradient(self, op, grads):
+        return [apply("nll_loss_backward", grads[0], *op.inputs, **op.attrs)] + [None] * (len(op.inputs) - 1)
+
+
+@register
+class NllLossBackward(OpDef):
+    name = "nll_loss_backward"
+    attrs = NllLoss.attrs
+
+    def infer(self, inputs, ignore_index, reduction):
+        return TensorMeta(inputs[1].shape, inputs[1].dtype)
+
+    @staticmethod
+    def compute(g, logp, target, weight=None, *, ignore_index, reduction):
+        class_dim = 1 if logp.ndim > 1 else 0
+        valid = target != ignore_index
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        w_t = valid.to(logp.dtype) if weight is None else weight.to(logp.dtype)[safe] * valid
+        grad = torch.zeros_like(logp).scatter_(class_dim, safe.unsqueeze(class_dim), -w_t.unsqueeze(class_dim))
+        if reduction == "mean":
+            grad = grad / w_t.sum()
+        return grad * (g.unsqueeze(class_dim) if reduction == "none" else g)
+
+
+# --- public functions (PyTorch's names and arguments) ------------------------------------
+def cross_entropy(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0):
+    inputs = (input, target) if weight is None else (input, target, weight)
+    return apply("cross_entropy", *inputs, ignore_index=ignore_index, reduction=reduction,
+                 label_smoothing=float(label_smoothing))
+
+
+def nll_loss(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean"):
+    inputs = (input, target) if weight is None else (input, target, weight)
+    return apply("nll_loss", *inputs, ignore_index=ignore_index, reduction=reduction)
+
+
+def _reduce(loss, reduction: str, name: str):
+    _check_reduction(name, reduction)
+    if reduction == "mean":
+        return apply("mean", loss)
+    if reduction == "sum":
+        return apply("sum", loss)
+    return loss
+
+
+def mse_loss(input, target, reduction: str = "mean"):
+    d = input - target
+    return _reduce(d * d, reduction, "mse_loss")
+
+
+def l1_loss(input, target, reduction: str = "mean"):
+    return _reduce(apply("abs", input - target), reduction, "l1_loss")
+
+
+def smooth_l1_loss(input, target, reduction: str = "mean", beta: float = 1.0):
+    d = apply("abs", input - target)
+    if beta == 0:
+        return _reduce(d, reduction, "smooth_l1_loss")
+    loss = apply("where", d < beta, d * d * (0.5 / beta), d - 0.5 * beta)
+    return _reduce(loss, reduction, "smooth_l1_loss")
+
+
+def binary_cross_entropy(input, target, weight=None, reduction: str = "mean"):
+    """On probabilities; logs are clamped at -100 as torch does, so p = 0 or 1 stays finite."""
+    log_p = apply("clamp", apply("log", input), min=-100.0)
+    log_q = apply("clamp", apply("log", 1.0 - input), min=-100.0)
+    loss = -(target * log_p + (1.0 - target) * log_q)
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(loss, reduction, "binary_cross_entropy")
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, reduction: str = "mean", pos_weight=None):
+    """Stable in the logits: log(1 + e^-|x|) + max(-x, 0) never overflows."""
+    softplus_neg = apply("log1p", apply("exp", -apply("abs", input))) + apply("relu", -input)
+    if pos_weight is None:
+        loss = (1.0 - target) * input + softplus_neg
+    else:
+        loss = (1.0 - target) * input + (1.0 + (pos_weight - 1.0) * target) * softplus_neg
+    if weight is not None:
+        loss = loss * weight
+    return _reduce(loss, reduction, "binary_cross_entropy_with_logits")
+
+
+__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "l1_loss", "mse_loss",
+           "nll_loss", "smooth_l1_loss"]
