@@ -1,8 +1,11 @@
 """luoshu: a distributed deep-learning system — dataflow graphs or eager, one operator library."""
 
-from luoshu import ops  # noqa: F401  (registers every operator and the Tensor methods)
-from luoshu import runtime  # noqa: F401  (installs the plan builder behind Graph.run)
-from luoshu import optim  # noqa: F401
+from luoshu import (  # noqa: F401
+    nn,
+    ops,  # noqa: F401  (registers every operator and the Tensor methods)
+    optim,
+    runtime,  # noqa: F401  (installs the plan builder behind Graph.run)
+)
 from luoshu.amp import autocast
 from luoshu.checkpoint import load, save
 from luoshu.core import (

@@ -1,0 +1,16 @@
+"""The functional neural-network API under PyTorch's names and argument names.
+
+Everything here is an operator of `luoshu.ops` (or a composite of them); this module
+only gathers the neural-network ones in one place, as `torch.nn.functional` does.
+"""
+
+from __future__ import annotations
+
+from luoshu.ops.nn import *  # noqa: F403 - every nn operator, under its torch name
+from luoshu.ops.nn import __all__ as _nn_ops
+
+__all__ = sorted({
+    "binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy", "elu", "gelu", "l1_loss",
+    "leaky_relu", "linear", "mse_loss", "nll_loss", "one_hot", "pad", "relu", "sigmoid", "silu",
+    "smooth_l1_loss", "softplus", "tanh", *_nn_ops,
+})
