@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from luoshu.core import context, dtypes
 from luoshu.core.errors import GradientError, GraphError
 from luoshu.core.op import apply, topological_ops
@@ -88,7 +90,7 @@ def _backprop(ys, xs, grad_ys, graph):
     for y, gy in zip(ys, grad_ys):
         if _key(y) not in reaches:
             continue
-        seed = apply("ones_like", y) if gy is None else _seed(y, gy)
+        seed = _ones_like(y) if gy is None else _seed(y, gy)
         grads[_key(y)] = accumulate(grads.get(_key(y)), seed)
 
     for op in reversed(relevant):
@@ -109,6 +111,12 @@ def _backprop(ys, xs, grad_ys, graph):
                 g = apply("cast", g, dtype=t.dtype)
             grads[_key(t)] = accumulate(grads.get(_key(t)), g)
     return [grads.get(_key(x)) for x in xs]
+
+
+def _ones_like(y: Tensor):
+    if y.shape == ():  # a scalar loss: the seed is a constant, no op to run each step
+        return Tensor.from_value(torch.ones((), dtype=dtypes.to_torch(y.dtype), device=y.device))
+    return apply("ones_like", y)
 
 
 def _seed(y: Tensor, gy):

@@ -16,6 +16,8 @@ from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import same_dim
 from luoshu.core.tensor import TensorMeta
 
+aten = torch.ops.aten
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -52,10 +54,22 @@ def _loss_meta(x, target_shape, reduction, soft):
     return TensorMeta(target_shape[:1] + target_shape[2:] if soft else target_shape, x.dtype)
 
 
+_ATEN_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _fast_path(x, target, label_smoothing) -> bool:
+    """2-D logits, class indices, no smoothing: torch's own nll kernels apply."""
+    return x.ndim == 2 and not target.is_floating_point() and not label_smoothing
+
+
 @register
 class CrossEntropy(OpDef):
     """torch.nn.functional.cross_entropy: class indices or probabilities, weights,
-    ignore_index, label smoothing, any reduction; inputs (logits, target[, weight])."""
+    ignore_index, label smoothing, any reduction; inputs (logits, target[, weight]).
+
+    Outputs (loss, log_softmax(logits), total_weight): the backward reuses the
+    log-probabilities instead of recomputing them, as torch's own kernels do.
+    """
 
     name = "cross_entropy"
     attrs = {"ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0}
@@ -65,25 +79,37 @@ class CrossEntropy(OpDef):
         _check_reduction(self.name, reduction)
         if not 0.0 <= label_smoothing <= 1.0:
             raise OpError(f"cross_entropy: label_smoothing must be in [0, 1], found {label_smoothing}")
-        if not dtypes.is_floating(inputs[0].dtype):
-            raise DTypeError(f"cross_entropy: input must be floating point, found {inputs[0].dtype}")
+        x = inputs[0]
+        if not dtypes.is_floating(x.dtype):
+            raise DTypeError(f"cross_entropy: input must be floating point, found {x.dtype}")
         soft = _class_target_shape(self, inputs)
-        return _loss_meta(inputs[0], inputs[1].shape, reduction, soft)
+        return [_loss_meta(x, inputs[1].shape, reduction, soft), TensorMeta(x.shape, x.dtype),
+                TensorMeta((), x.dtype)]
 
     @staticmethod
     def compute(x, target, weight=None, *, ignore_index, reduction, label_smoothing):
+        class_dim = 1 if x.ndim > 1 else 0
+        logp = torch.log_softmax(x, class_dim)
+        if _fast_path(x, target, label_smoothing):
+            loss, total_weight = aten.nll_loss_forward(logp, target, weight, _ATEN_REDUCTION[reduction],
+                                                       ignore_index)
+            return loss, logp, total_weight
         if target.is_floating_point() and target.dtype != x.dtype:
             target = target.to(x.dtype)
-        return torch.nn.functional.cross_entropy(x, target, weight, ignore_index=ignore_index,
+        loss = torch.nn.functional.cross_entropy(x, target, weight, ignore_index=ignore_index,
                                                  reduction=reduction, label_smoothing=label_smoothing)
+        return loss, logp, x.new_zeros(())
 
     def gradient(self, op, grads):
-        soft = dtypes.is_floating(op.inputs[1].dtype)
-        out = apply("cross_entropy_backward", grads[0], *op.inputs, **op.attrs)
-        if soft:
-            grad_x, grad_target = out
-            return [grad_x, grad_target] + [None] * (len(op.inputs) - 2)
-        return [out, None] + [None] * (len(op.inputs) - 2)
+        if grads[0] is None:
+            return [None] * len(op.inputs)
+        x, target = op.inputs[0], op.inputs[1]
+        logp, total_weight = op.outputs[1], op.outputs[2]
+        out = apply("cross_entropy_backward", grads[0], logp, target, total_weight, *op.inputs[2:], **op.attrs)
+        rest = [None] * (len(op.inputs) - 2)
+        if dtypes.is_floating(target.dtype):
+            return [out[0], out[1]] + rest
+        return [out, None] + rest
 
 
 def _class_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -93,26 +119,30 @@ def _class_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 @register
 class CrossEntropyBackward(OpDef):
-    """d(cross_entropy)/d(logits) — and d/d(target) for soft labels — in one kernel."""
+    """d(cross_entropy)/d(logits) — and d/d(target) for soft labels — from the saved
+    log-probabilities; inputs (grad, logp, target, total_weight[, weight])."""
 
     name = "cross_entropy_backward"
     attrs = CrossEntropy.attrs
 
     def infer(self, inputs, ignore_index, reduction, label_smoothing):
-        x, target = inputs[1], inputs[2]
-        meta = TensorMeta(x.shape, x.dtype)
-        return [meta, TensorMeta(target.shape, x.dtype)] if dtypes.is_floating(target.dtype) else meta
+        logp, target = inputs[1], inputs[2]
+        meta = TensorMeta(logp.shape, logp.dtype)
+        return [meta, TensorMeta(target.shape, logp.dtype)] if dtypes.is_floating(target.dtype) else meta
 
     @staticmethod
-    def compute(g, x, target, weight=None, *, ignore_index, reduction, label_smoothing):
-        class_dim = 1 if x.ndim > 1 else 0
-        num_classes = x.shape[class_dim]
-        logp = torch.log_softmax(x, class_dim)
+    def compute(g, logp, target, total_weight, weight=None, *, ignore_index, reduction, label_smoothing):
+        if _fast_path(logp, target, label_smoothing):
+            grad = aten.nll_loss_backward(g, logp, target, weight, _ATEN_REDUCTION[reduction], ignore_index,
+                                          total_weight)
+            return aten._log_softmax_backward_data(grad, logp, 1, logp.dtype)
+        class_dim = 1 if logp.ndim > 1 else 0
+        num_classes = logp.shape[class_dim]
         p = logp.exp()
-        w = None if weight is None else _class_view(weight.to(x.dtype), x.ndim)
+        w = None if weight is None else _class_view(weight.to(logp.dtype), logp.ndim)
         eps = label_smoothing
         if target.is_floating_point():
-            q = target.to(x.dtype)
+            q = target.to(logp.dtype)
             if eps:
                 q = q * (1 - eps) + eps / num_classes
             wq = q if w is None else q * w
@@ -121,20 +151,20 @@ class CrossEntropyBackward(OpDef):
             if eps:
                 grad_target = grad_target * (1 - eps)
             if reduction == "mean":
-                n = x.numel() // num_classes
+                n = logp.numel() // num_classes
                 grad, grad_target = grad / n, grad_target / n
             scale = g.unsqueeze(class_dim) if reduction == "none" else g
             return grad * scale, grad_target * scale
         valid = target != ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target))
-        onehot = torch.zeros_like(x).scatter_(class_dim, safe.unsqueeze(class_dim), 1.0)
+        onehot = torch.zeros_like(logp).scatter_(class_dim, safe.unsqueeze(class_dim), 1.0)
         if w is None:
             grad = p - onehot * (1 - eps)
             if eps:
                 grad = grad - eps / num_classes
-            sample_weight = valid.to(x.dtype)
+            sample_weight = valid.to(logp.dtype)
         else:
-            w_t = weight.to(x.dtype)[safe] * valid
+            w_t = weight.to(logp.dtype)[safe] * valid
             grad = (p - onehot) * (w_t.unsqueeze(class_dim) * (1 - eps))
             if eps:
                 grad = grad + (p * w.sum() - w) * (eps / num_classes)
@@ -193,7 +223,7 @@ def cross_entropy(input, target, weight=None, ignore_index: int = -100, reductio
                   label_smoothing: float = 0.0):
     inputs = (input, target) if weight is None else (input, target, weight)
     return apply("cross_entropy", *inputs, ignore_index=ignore_index, reduction=reduction,
-                 label_smoothing=float(label_smoothing))
+                 label_smoothing=float(label_smoothing))[0]
 
 
 def nll_loss(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean"):

@@ -427,7 +427,8 @@ class Optimizer:
                 grads.append(g)
                 for name in names:
                     state[name].append(st[name])
-        torch._foreach_add_(steps, 1.0)
+        if self._counts_steps:
+            torch._foreach_add_(steps, 1.0)
         grads = self._regularize(group, params, grads)
         self._rule(group, params, grads, state, steps, fresh)
         for pos, p, rows, st in sparse:
@@ -447,6 +448,10 @@ class Optimizer:
         return grads
 
     # --- what subclasses define -------------------------------------------------------
+    # Whether the rule reads the per-parameter step counters (bias corrections, lr decay);
+    # when not, they are not incremented: a kernel launch per parameter saved each step.
+    _counts_steps: ClassVar[bool] = True
+
     def _state_names(self, group: dict) -> list[str]:
         return []
 

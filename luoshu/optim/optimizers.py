@@ -52,6 +52,8 @@ class SGD(Optimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise Error(f"{type(self).__name__}: Nesterov momentum needs momentum > 0 and zero dampening")
 
+    _counts_steps = False
+
     def _state_names(self, group):
         return ["momentum_buffer"] if group["momentum"] else []
 
