@@ -103,7 +103,7 @@ class CrossEntropy(OpDef):
     def gradient(self, op, grads):
         if grads[0] is None:
             return [None] * len(op.inputs)
-        x, target = op.inputs[0], op.inputs[1]
+        target = op.inputs[1]
         logp, total_weight = op.outputs[1], op.outputs[2]
         out = apply("cross_entropy_backward", grads[0], logp, target, total_weight, *op.inputs[2:], **op.attrs)
         rest = [None] * (len(op.inputs) - 2)
