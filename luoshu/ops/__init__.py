@@ -9,18 +9,20 @@ Registered operators without a hand-written function (gradient kernels such as
 from __future__ import annotations
 
 from luoshu.core.op import apply, get_opdef, registered_ops
-from luoshu.ops import creation, elementwise, linalg, loss, nn, random, reduction, shape
+from luoshu.ops import conv, creation, elementwise, linalg, loss, nn, norm, random, reduction, shape
 from luoshu.ops import tensor_methods as _tensor_methods
+from luoshu.ops.conv import *  # noqa: F403
 from luoshu.ops.creation import *  # noqa: F403
 from luoshu.ops.elementwise import *  # noqa: F403
 from luoshu.ops.linalg import *  # noqa: F403
 from luoshu.ops.loss import *  # noqa: F403
 from luoshu.ops.nn import *  # noqa: F403
+from luoshu.ops.norm import *  # noqa: F403
 from luoshu.ops.random import *  # noqa: F403
 from luoshu.ops.reduction import *  # noqa: F403
 from luoshu.ops.shape import *  # noqa: F403
 
-_FAMILIES = (creation, elementwise, linalg, loss, nn, random, reduction, shape)
+_FAMILIES = (conv, creation, elementwise, linalg, loss, nn, norm, random, reduction, shape)
 
 
 def __getattr__(name: str):
