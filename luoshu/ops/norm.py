@@ -1,5 +1,236 @@
-"""Normalisation operators: batch, layer, group and RMS norm."""
+"""Normalisation operators: batch, layer and group norm (ATen kernels each way) and RMS norm.
+
+Optional affine parameters and running statistics are flagged in the attributes, so an
+op's inputs are always `x` followed by the tensors that are present.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import math
+
+import torch
+
+from luoshu.core import dtypes
+from luoshu.core.errors import OpError
+from luoshu.core.op import OpDef, apply, register
+from luoshu.core.shapes import same_dim
+from luoshu.core.tensor import TensorMeta
+
+aten = torch.ops.aten
+
+
+def _split_optional(values, flags):
+    """Maps the present optional inputs back to their slots (None where absent)."""
+    it = iter(values)
+    return [next(it) if flag else None for flag in flags]
+
+
+@register
+class BatchNorm(OpDef):
+    """Inputs x, [weight, bias], [running_mean, running_var]; outputs (y, save_mean, save_invstd).
+
+    In training it normalises with the batch statistics and updates the running
+    statistics in place (they are leaf tensors, so the update persists across runs);
+    in eval it normalises with the running statistics.
+    """
+
+    name = "batch_norm"
+    attrs = {"training": True, "momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True}
+    autocast = "fp32"
+
+    def infer(self, inputs, training, momentum, eps, affine, track_running_stats):
+        x = inputs[0]
+        expected = 1 + 2 * affine + 2 * track_running_stats
+        if len(inputs) != expected or x.ndim < 2:
+            raise self.shape_error(inputs, f"batch_norm needs x (N, C, ...) and {expected - 1} parameter inputs")
+        if not training and not track_running_stats:
+            raise OpError("batch_norm: eval mode needs running statistics")
+        for t in inputs[1:]:
+            if t.ndim != 1 or not same_dim(t.shape[0], x.shape[1]):
+                raise self.shape_error(inputs, f"per-channel tensors must be ({x.shape[1]},)")
+        stats = TensorMeta((x.shape[1],), x.dtype)
+        return [TensorMeta(x.shape, x.dtype), stats, stats]
+
+    @staticmethod
+    def compute(x, *rest, training, momentum, eps, affine, track_running_stats):
+        w, b, rm, rv = _split_optional(rest, (affine, affine, track_running_stats, track_running_stats))
+        return aten.native_batch_norm(x, w, b, rm, rv, training, momentum, eps)
+
+    def gradient(self, op, grads):
+        a = op.attrs
+        needs = op.needs_grad or (True,) * len(op.inputs)
+        mask = (needs[0], a["affine"] and needs[1], a["affine"] and needs[2])
+        outs = apply("batch_norm_backward", grads[0], *op.inputs, op.outputs[1], op.outputs[2],
+                     output_mask=mask, **a)
+        result = [outs[0] if mask[0] else None]
+        if a["affine"]:
+            result += [outs[1] if mask[1] else None, outs[2] if mask[2] else None]
+        return result + [None] * (2 if a["track_running_stats"] else 0)
+
+
+@register
+class BatchNormBackward(OpDef):
+    name = "batch_norm_backward"
+    attrs = {**BatchNorm.attrs, "output_mask": (True, True, True)}
+
+    def infer(self, inputs, affine, **attrs):
+        x = inputs[1]
+        stats = TensorMeta((x.shape[1],), x.dtype)
+        return [TensorMeta(x.shape, x.dtype), stats, stats]
+
+    @staticmethod
+    def compute(g, x, *rest, training, momentum, eps, affine, track_running_stats, output_mask):
+        *params, save_mean, save_invstd = rest
+        w, _, rm, rv = _split_optional(params, (affine, affine, track_running_stats, track_running_stats))
+        return aten.native_batch_norm_backward(g, x, w, rm, rv, save_mean, save_invstd, training, eps,
+                                               list(output_mask))
+
+
+@register
+class LayerNorm(OpDef):
+    """Normalises over the last len(normalized_shape) dims; outputs (y, mean, rstd)."""
+
+    name = "layer_norm"
+    attrs = {"normalized_shape": (), "eps": 1e-5, "has_weight": True, "has_bias": True}
+    autocast = "fp32"
+
+    def infer(self, inputs, normalized_shape, eps, has_weight, has_bias):
+        x = inputs[0]
+        n = len(normalized_shape)
+        if not n or x.ndim < n or any(not same_dim(a, b) for a, b in zip(x.shape[-n:], normalized_shape)):
+            raise self.shape_error(inputs, f"the last dims must be normalized_shape {normalized_shape}")
+        if len(inputs) != 1 + has_weight + has_bias or any(t.shape != tuple(normalized_shape) for t in inputs[1:]):
+            raise self.shape_error(inputs, f"weight and bias must have shape {tuple(normalized_shape)}")
+        stats = TensorMeta(x.shape[:-n] + (1,) * n, x.dtype)
+        return [TensorMeta(x.shape, x.dtype), stats, stats]
+
+    @staticmethod
+    def compute(x, *rest, normalized_shape, eps, has_weight, has_bias):
+        w, b = _split_optional(rest, (has_weight, has_bias))
+        return aten.native_layer_norm(x, list(normalized_shape), w, b, eps)
+
+    def gradient(self, op, grads):
+        a = op.attrs
+        needs = op.needs_grad or (True,) * len(op.inputs)
+        mask = (needs[0], a["has_weight"] and needs[1], a["has_bias"] and needs[-1])
+        outs = apply("layer_norm_backward", grads[0], *op.inputs, op.outputs[1], op.outputs[2], output_mask=mask, **a)
+        result = [outs[0] if mask[0] else None]
+        if a["has_weight"]:
+            result.append(outs[1] if mask[1] else None)
+        if a["has_bias"]:
+            result.append(outs[2] if mask[2] else None)
+        return result
+
+
+@register
+class LayerNormBackward(OpDef):
+    name = "layer_norm_backward"
+    attrs = {**LayerNorm.attrs, "output_mask": (True, True, True)}
+
+    def infer(self, inputs, normalized_shape, **attrs):
+        x = inputs[1]
+        p = TensorMeta(tuple(normalized_shape), x.dtype)
+        return [TensorMeta(x.shape, x.dtype), p, p]
+
+    @staticmethod
+    def compute(g, x, *rest, normalized_shape, eps, has_weight, has_bias, output_mask):
+        *params, mean, rstd = rest
+        w, b = _split_optional(params, (has_weight, has_bias))
+        return aten.native_layer_norm_backward(g, x, list(normalized_shape), mean, rstd, w, b, list(output_mask))
+
+
+@register
+class GroupNorm(OpDef):
+    """Normalises each of `num_groups` channel groups; outputs (y, mean, rstd)."""
+
+    name = "group_norm"
+    attrs = {"num_groups": 1, "eps": 1e-5, "affine": True}
+    autocast = "fp32"
+
+    def infer(self, inputs, num_groups, eps, affine):
+        x = inputs[0]
+        if x.ndim < 2 or (x.shape[1] is not None and x.shape[1] % num_groups):
+            raise self.shape_error(inputs, f"channels must divide into {num_groups} groups")
+        if len(inputs) != 1 + 2 * affine:
+            raise self.shape_error(inputs, "group_norm takes x and, if affine, weight and bias")
+        stats = TensorMeta((x.shape[0], num_groups), x.dtype)
+        return [TensorMeta(x.shape, x.dtype), stats, stats]
+
+    @staticmethod
+    def compute(x, *rest, num_groups, eps, affine):
+        w, b = _split_optional(rest, (affine, affine))
+        n, c = x.shape[0], x.shape[1]
+        return aten.native_group_norm(x, w, b, n, c, math.prod(x.shape[2:]), num_groups, eps)
+
+    def gradient(self, op, grads):
+        a = op.attrs
+        needs = op.needs_grad or (True,) * len(op.inputs)
+        mask = (needs[0], a["affine"] and needs[1], a["affine"] and needs[2])
+        outs = apply("group_norm_backward", grads[0], *op.inputs, op.outputs[1], op.outputs[2],
+                     output_mask=mask, **a)
+        result = [outs[0] if mask[0] else None]
+        if a["affine"]:
+            result += [outs[1] if mask[1] else None, outs[2] if mask[2] else None]
+        return result
+
+
+@register
+class GroupNormBackward(OpDef):
+    name = "group_norm_backward"
+    attrs = {**GroupNorm.attrs, "output_mask": (True, True, True)}
+
+    def infer(self, inputs, **attrs):
+        x = inputs[1]
+        p = TensorMeta((x.shape[1],), x.dtype)
+        return [TensorMeta(x.shape, x.dtype), p, p]
+
+    @staticmethod
+    def compute(g, x, *rest, num_groups, eps, affine, output_mask):
+        *params, mean, rstd = rest
+        w, _ = _split_optional(params, (affine, affine))
+        n, c = x.shape[0], x.shape[1]
+        return aten.native_group_norm_backward(g, x, mean, rstd, w, n, c, math.prod(x.shape[2:]), num_groups,
+                                               list(output_mask))
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    affine = weight is not None
+    if affine != (bias is not None):
+        raise OpError("batch_norm: give both weight and bias, or neither")
+    track = running_mean is not None
+    if track != (running_var is not None):
+        raise OpError("batch_norm: give both running_mean and running_var, or neither")
+    inputs = [input] + ([weight, bias] if affine else []) + ([running_mean, running_var] if track else [])
+    return apply("batch_norm", *inputs, training=bool(training), momentum=float(momentum), eps=float(eps),
+                 affine=affine, track_running_stats=track)[0]
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    inputs = [input] + [t for t in (weight, bias) if t is not None]
+    return apply("layer_norm", *inputs, normalized_shape=shape, eps=float(eps), has_weight=weight is not None,
+                 has_bias=bias is not None)[0]
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    affine = weight is not None
+    if affine != (bias is not None):
+        raise OpError("group_norm: give both weight and bias, or neither")
+    inputs = [input] + ([weight, bias] if affine else [])
+    return apply("group_norm", *inputs, num_groups=int(num_groups), eps=float(eps), affine=affine)[0]
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """x / sqrt(mean(x², last dims) + eps) * weight — a composite (second order for free)."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if eps is None:
+        eps = torch.finfo(dtypes.to_torch(input.dtype if dtypes.is_floating(input.dtype) else "float32")).eps
+    axes = tuple(range(-len(shape), 0))
+    x = apply("cast", input, dtype="float32") if input.dtype in ("float16", "bfloat16") else input
+    out = x * apply("rsqrt", apply("mean", x * x, axis=axes, keepdims=True) + eps)
+    if out.dtype != input.dtype:
+        out = apply("cast", out, dtype=input.dtype)
+    return out if weight is None else out * weight
+
+
+__all__ = ["batch_norm", "group_norm", "layer_norm", "rms_norm"]
