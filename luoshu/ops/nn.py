@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from luoshu.core import dtypes
 from luoshu.core.errors import DTypeError, OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.random import generator
-from luoshu.core.shapes import normalize_axis
+from luoshu.core.shapes import broadcast_shapes, normalize_axis, same_dim
 from luoshu.core.tensor import IndexedSlices, TensorMeta
 
 aten = torch.ops.aten
@@ -163,6 +165,153 @@ class Embedding(OpDef):
         return [IndexedSlices(flat_ids, values, weight.shape), None]
 
 
+_BAG_MODES = ("sum", "mean")
+
+
+def _bag_layout(ids: torch.Tensor, offsets: torch.Tensor | None, include_last_offset: bool):
+    """Flat ids, per-bag start offsets and the bag of every id (2-D ids: one bag per row)."""
+    if ids.ndim == 2:
+        rows, width = ids.shape
+        flat = ids.reshape(-1)
+        offsets = torch.arange(0, rows * width, width, device=ids.device)
+    else:
+        flat = ids
+        if include_last_offset:
+            offsets = offsets[:-1]
+    counts = torch.diff(offsets, append=offsets.new_tensor([flat.numel()]))
+    bag_of = torch.repeat_interleave(torch.arange(offsets.numel(), device=ids.device), counts)
+    return flat, offsets, bag_of
+
+
+@register
+class EmbeddingBag(OpDef):
+    """Sums or averages the rows of each bag: inputs weight, ids[, offsets][, per_sample_weights].
+
+    Outputs (bags, flat ids, bag of each id, divisor per id); the weight gradient is an
+    IndexedSlices over the looked-up rows.
+    """
+
+    name = "embedding_bag"
+    attrs = {"mode": "mean", "has_offsets": True, "has_weights": False, "include_last_offset": False,
+             "padding_idx": None}
+
+    def infer(self, inputs, mode, has_offsets, has_weights, include_last_offset, padding_idx):
+        if mode not in _BAG_MODES:
+            raise OpError(f"embedding_bag: mode must be one of {_BAG_MODES}, found {mode!r}")
+        weight, ids = inputs[0], inputs[1]
+        _check_ids(self, ids)
+        if weight.ndim != 2 or len(inputs) != 2 + has_offsets + has_weights:
+            raise self.shape_error(inputs, "embedding_bag takes weight (rows, dim), ids, [offsets], [weights]")
+        if has_offsets:
+            if ids.ndim != 1 or inputs[2].ndim != 1:
+                raise self.shape_error(inputs, "with offsets, ids and offsets must be 1-D")
+            bags = inputs[2].shape[0]
+            bags = None if bags is None else bags - include_last_offset
+        elif ids.ndim == 2:
+            bags = ids.shape[0]
+        else:
+            raise self.shape_error(inputs, "ids must be 2-D (one bag per row) or 1-D with offsets")
+        if has_weights and mode != "sum":
+            raise OpError("embedding_bag: per_sample_weights need mode='sum'")
+        n = None if ids.ndim == 2 and None in ids.shape else (
+            ids.shape[0] * ids.shape[1] if ids.ndim == 2 else ids.shape[0])
+        return [TensorMeta((bags, weight.shape[1]), weight.dtype), TensorMeta((n,), "int64"),
+                TensorMeta((n,), "int64"), TensorMeta((n,), weight.dtype)]
+
+    @staticmethod
+    def compute(weight, ids, *rest, mode, has_offsets, has_weights, include_last_offset, padding_idx):
+        offsets = rest[0] if has_offsets else None
+        psw = rest[-1] if has_weights else None
+        flat, starts, bag_of = _bag_layout(ids, offsets, include_last_offset)
+        out = torch.nn.functional.embedding_bag(flat, weight, starts, mode=mode, per_sample_weights=psw,
+                                                padding_idx=padding_idx)
+        valid = torch.ones_like(flat, dtype=weight.dtype) if padding_idx is None else (flat != padding_idx).to(
+            weight.dtype)
+        if mode == "mean":
+            size = torch.zeros(starts.numel(), dtype=weight.dtype, device=weight.device).index_add_(0, bag_of, valid)
+            scale = valid / size.clamp_min(1)[bag_of]
+        else:
+            scale = valid if psw is None else valid * psw
+        return out, flat, bag_of, scale
+
+    def gradient(self, op, grads):
+        weight = op.inputs[0]
+        flat, bag_of, scale = op.outputs[1], op.outputs[2], op.outputs[3]
+        rows = apply("index_select", grads[0], bag_of, axis=0)
+        values = rows * apply("unsqueeze", scale, axis=1)
+        result = [IndexedSlices(flat, values, weight.shape)] + [None] * (len(op.inputs) - 1)
+        if op.attrs["has_weights"] and (not op.needs_grad or op.needs_grad[-1]):
+            looked_up = apply("embedding", weight, flat)
+            result[-1] = apply("sum", rows * looked_up, axis=1)
+        return result
+
+
+# --- attention ----------------------------------------------------------------------------
+def _attention_scores(q, k, mask, is_causal, scale):
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores
+
+
+@register
+class ScaledDotProductAttention(OpDef):
+    """softmax(q kᵀ · scale + mask) v over (..., L, E) queries and (..., S, E) keys."""
+
+    name = "scaled_dot_product_attention"
+    attrs = {"is_causal": False, "scale": None}
+    autocast = "lower"
+
+    def infer(self, inputs, is_causal, scale):
+        q, k, v = inputs[:3]
+        if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
+            raise self.shape_error(inputs, "query, key and value need the same rank >= 2")
+        if not same_dim(q.shape[-1], k.shape[-1]) or not same_dim(k.shape[-2], v.shape[-2]):
+            raise self.shape_error(inputs, "query/key embedding dims and key/value lengths must match")
+        if len(inputs) == 4 and is_causal:
+            raise OpError("scaled_dot_product_attention: give attn_mask or is_causal, not both")
+        shape = broadcast_shapes(self.name, q.shape[:-2], k.shape[:-2], v.shape[:-2]) + (q.shape[-2], v.shape[-1])
+        return TensorMeta(shape, dtypes.promote(q.dtype, k.dtype, v.dtype))
+
+    @staticmethod
+    def compute(q, k, v, mask=None, *, is_causal, scale):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                                scale=scale)
+
+    def gradient(self, op, grads):
+        outs = apply("scaled_dot_product_attention_backward", grads[0], *op.inputs, **op.attrs)
+        return list(outs) + [None] * (len(op.inputs) - 3)
+
+
+@register
+class ScaledDotProductAttentionBackward(OpDef):
+    """(dq, dk, dv), recomputing the attention probabilities (no L×S buffer is kept)."""
+
+    name = "scaled_dot_product_attention_backward"
+    attrs = ScaledDotProductAttention.attrs
+
+    def infer(self, inputs, is_causal, scale):
+        return [TensorMeta(t.shape, t.dtype) for t in inputs[1:4]]
+
+    @staticmethod
+    def compute(g, q, k, v, mask=None, *, is_causal, scale):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        p = torch.softmax(_attention_scores(q, k, mask, is_causal, scale), -1)
+        dv = torch.matmul(p.transpose(-2, -1), g)
+        dp = torch.matmul(g, v.transpose(-2, -1))
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        dq = torch.matmul(ds, k) * scale
+        dk = torch.matmul(ds.transpose(-2, -1), q) * scale
+        return _sum_to(dq, q), _sum_to(dk, k), _sum_to(dv, v)
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return grad if grad.shape == like.shape else grad.sum_to_size(like.shape)
+
+
 # --- public functions (PyTorch's names and arguments) ------------------------------------
 def softmax(input, dim: int = -1):
     return apply("softmax", input, axis=dim)
@@ -184,4 +333,23 @@ def embedding(input, weight, padding_idx: int | None = None):
     return apply("embedding", weight, input, padding_idx=padding_idx)
 
 
-__all__ = ["dropout", "embedding", "log_softmax", "softmax"]
+def embedding_bag(input, weight, offsets=None, mode: str = "mean", per_sample_weights=None,
+                  include_last_offset: bool = False, padding_idx: int | None = None):
+    inputs = [weight, input] + ([offsets] if offsets is not None else [])
+    inputs += [per_sample_weights] if per_sample_weights is not None else []
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    return apply("embedding_bag", *inputs, mode=mode, has_offsets=offsets is not None,
+                 has_weights=per_sample_weights is not None, include_last_offset=bool(include_last_offset),
+                 padding_idx=padding_idx)[0]
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None):
+    if dropout_p:
+        raise OpError("scaled_dot_product_attention: dropout_p > 0 is not supported; apply dropout to the output")
+    inputs = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
+    return apply("scaled_dot_product_attention", *inputs, is_causal=bool(is_causal), scale=scale)
+
+
+__all__ = ["dropout", "embedding", "embedding_bag", "log_softmax", "scaled_dot_product_attention", "softmax"]
