@@ -215,10 +215,12 @@ def make_constant(data, dtype=None, device=None, requires_grad=False, name=None,
     if isinstance(data, torch.Tensor):
         value = data.detach()
     elif isinstance(data, np.ndarray):
+        # np.ascontiguousarray turns 0-d arrays into shape (1,); np.require keeps the rank.
+        data = np.require(data, requirements="C")
         if data.dtype == np.float64 and dtype is None:
-            value = torch.from_numpy(np.ascontiguousarray(data))
+            value = torch.from_numpy(data)
         else:
-            value = torch.as_tensor(np.ascontiguousarray(data))
+            value = torch.as_tensor(data)
     else:
         try:
             value = torch.as_tensor(data)

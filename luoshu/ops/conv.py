@@ -105,22 +105,27 @@ class ConvolutionBackward(OpDef):
 
 
 def _conv(input, weight, bias, n, stride, padding, dilation, groups, transposed=False, output_padding=0):
+    unbatched = input.ndim == n + 1  # PyTorch takes (C, *spatial) too
+    if unbatched:
+        input = apply("unsqueeze", input, axis=0)
     if isinstance(padding, str):
         if padding == "valid":
             padding = 0
         elif padding == "same" and not transposed:
-            kernel = weight.shape[2:]
             dil = _tuple(dilation, n, "dilation")
-            total = [d * (k - 1) for d, k in zip(dil, kernel)]
-            if any(t % 2 for t in total) or any(s != 1 for s in _tuple(stride, n, "stride")):
-                raise OpError(f"conv: padding='same' needs stride 1 and an even total padding, found {total}")
+            if any(s != 1 for s in _tuple(stride, n, "stride")):
+                raise OpError(f"conv: padding='same' needs stride 1, found stride {stride}")
+            total = [d * (k - 1) for d, k in zip(dil, weight.shape[2:])]
             padding = tuple(t // 2 for t in total)
+            if any(t % 2 for t in total):  # odd total: the extra cell goes at the end, as in PyTorch
+                input = apply("pad", input, pad=tuple(p for t in reversed(total) for p in (0, t % 2)))
         else:
             raise OpError(f"conv: padding must be ints, 'valid' or 'same', found {padding!r}")
     inputs = (input, weight) if bias is None else (input, weight, bias)
-    return apply("convolution", *inputs, stride=_tuple(stride, n, "stride"), padding=_tuple(padding, n, "padding"),
-                 dilation=_tuple(dilation, n, "dilation"), transposed=transposed,
-                 output_padding=_tuple(output_padding, n, "output_padding"), groups=int(groups))
+    out = apply("convolution", *inputs, stride=_tuple(stride, n, "stride"), padding=_tuple(padding, n, "padding"),
+                dilation=_tuple(dilation, n, "dilation"), transposed=transposed,
+                output_padding=_tuple(output_padding, n, "output_padding"), groups=int(groups))
+    return apply("squeeze", out, axis=0) if unbatched else out
 
 
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):

@@ -12,6 +12,7 @@ from luoshu.core.op import OpDef, apply, register
 from luoshu.core.random import generator
 from luoshu.core.shapes import broadcast_shapes, normalize_axis, same_dim
 from luoshu.core.tensor import IndexedSlices, TensorMeta
+from luoshu.ops.shape import reshape_like
 
 aten = torch.ops.aten
 
@@ -221,7 +222,7 @@ class EmbeddingBag(OpDef):
     @staticmethod
     def compute(weight, ids, *rest, mode, has_offsets, has_weights, include_last_offset, padding_idx):
         offsets = rest[0] if has_offsets else None
-        psw = rest[-1] if has_weights else None
+        psw = rest[-1].reshape(-1) if has_weights else None  # 2-D bags carry 2-D weights
         flat, starts, bag_of = _bag_layout(ids, offsets, include_last_offset)
         out = torch.nn.functional.embedding_bag(flat, weight, starts, mode=mode, per_sample_weights=psw,
                                                 padding_idx=padding_idx)
@@ -242,7 +243,10 @@ class EmbeddingBag(OpDef):
         result = [IndexedSlices(flat, values, weight.shape)] + [None] * (len(op.inputs) - 1)
         if op.attrs["has_weights"] and (not op.needs_grad or op.needs_grad[-1]):
             looked_up = apply("embedding", weight, flat)
-            result[-1] = apply("sum", rows * looked_up, axis=1)
+            grad_weights = apply("sum", rows * looked_up, axis=1)
+            if op.attrs["padding_idx"] is not None:  # padding ids do not take part in the bag
+                grad_weights = apply("where", flat != op.attrs["padding_idx"], grad_weights, 0.0)
+            result[-1] = reshape_like(grad_weights, op.inputs[-1])
         return result
 
 
@@ -283,7 +287,7 @@ class ScaledDotProductAttention(OpDef):
 
     def gradient(self, op, grads):
         outs = apply("scaled_dot_product_attention_backward", grads[0], *op.inputs, **op.attrs)
-        return list(outs) + [None] * (len(op.inputs) - 3)
+        return list(outs) + [None] * (len(op.inputs) - len(outs))
 
 
 @register
@@ -294,7 +298,9 @@ class ScaledDotProductAttentionBackward(OpDef):
     attrs = ScaledDotProductAttention.attrs
 
     def infer(self, inputs, is_causal, scale):
-        return [TensorMeta(t.shape, t.dtype) for t in inputs[1:4]]
+        # An additive float mask gets a gradient too (the score gradient summed to its shape).
+        wrt = inputs[1:] if len(inputs) == 5 and dtypes.is_floating(inputs[4].dtype) else inputs[1:4]
+        return [TensorMeta(t.shape, t.dtype) for t in wrt]
 
     @staticmethod
     def compute(g, q, k, v, mask=None, *, is_causal, scale):
@@ -305,6 +311,8 @@ class ScaledDotProductAttentionBackward(OpDef):
         ds = p * (dp - (dp * p).sum(-1, keepdim=True))
         dq = torch.matmul(ds, k) * scale
         dk = torch.matmul(ds.transpose(-2, -1), q) * scale
+        if mask is not None and mask.is_floating_point():
+            return _sum_to(dq, q), _sum_to(dk, k), _sum_to(dv, v), _sum_to(ds, mask)
         return _sum_to(dq, q), _sum_to(dk, k), _sum_to(dv, v)
 
 

@@ -136,3 +136,10 @@ def test_scalars_are_weakly_typed():
     assert (i + 1).dtype == "int32"
     assert (i * 0.5).dtype == "float32"
     assert (x > 0).dtype == "bool"
+
+
+def test_tensor_from_zero_d_array_keeps_rank_zero():
+    # np.ascontiguousarray would make these shape (1,), breaking scalar targets (cross_entropy on (C,) logits).
+    assert ls.tensor(np.array(2)).shape == ()
+    assert ls.tensor(np.array(2.5)).shape == ()
+    assert ls.tensor(np.zeros((2, 3)).T).shape == (3, 2)

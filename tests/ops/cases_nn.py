@@ -56,4 +56,11 @@ CASES += [
     OpCase("sdpa_float_mask_broadcast_heads", lambda q, k, v, m: O.scaled_dot_product_attention(q, k, v, m),
            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m),
            [(2, 3, 4, 3), (2, 1, 5, 3), (2, 1, 5, 2), Const(np.random.default_rng(4).standard_normal((4, 5)))]),
+    OpCase("sdpa_float_mask_grad", lambda q, k, v, m: O.scaled_dot_product_attention(q, k, v, m),
+           lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m),
+           [(2, 2, 4, 3), (2, 2, 5, 3), (2, 2, 5, 2), (2, 1, 4, 5)]),
+    OpCase("embedding_bag_weighted_2d_padding",
+           lambda w, i, p: O.embedding_bag(i, w, mode="sum", per_sample_weights=p, padding_idx=2),
+           lambda w, i, p: F.embedding_bag(i, w, mode="sum", per_sample_weights=p, padding_idx=2),
+           [(6, 3), Const(np.array([[0, 2, 2], [5, 1, 3]])), (2, 3)]),
 ]
