@@ -25,6 +25,20 @@ def _split_optional(values, flags):
     return [next(it) if flag else None for flag in flags]
 
 
+def _norm_gradient(op, grad, backward: str, has_weight: bool, has_bias: bool, trailing: int = 0):
+    """Gradients of a normalisation op through its fused backward op, which takes the
+    forward inputs plus the saved (mean, rstd) outputs and returns (dx, dweight, dbias)."""
+    needs = op.needs_grad or (True,) * len(op.inputs)
+    mask = (needs[0], has_weight and needs[1], has_bias and needs[1 + has_weight])
+    outs = apply(backward, grad, *op.inputs, op.outputs[1], op.outputs[2], output_mask=mask, **op.attrs)
+    result = [outs[0] if mask[0] else None]
+    if has_weight:
+        result.append(outs[1] if mask[1] else None)
+    if has_bias:
+        result.append(outs[2] if mask[2] else None)
+    return result + [None] * trailing
+
+
 @register
 class BatchNorm(OpDef):
     """Inputs x, [weight, bias], [running_mean, running_var]; outputs (y, save_mean, save_invstd).
@@ -58,14 +72,8 @@ class BatchNorm(OpDef):
 
     def gradient(self, op, grads):
         a = op.attrs
-        needs = op.needs_grad or (True,) * len(op.inputs)
-        mask = (needs[0], a["affine"] and needs[1], a["affine"] and needs[2])
-        outs = apply("batch_norm_backward", grads[0], *op.inputs, op.outputs[1], op.outputs[2],
-                     output_mask=mask, **a)
-        result = [outs[0] if mask[0] else None]
-        if a["affine"]:
-            result += [outs[1] if mask[1] else None, outs[2] if mask[2] else None]
-        return result + [None] * (2 if a["track_running_stats"] else 0)
+        return _norm_gradient(op, grads[0], "batch_norm_backward", a["affine"], a["affine"],
+                              trailing=2 if a["track_running_stats"] else 0)
 
 
 @register
@@ -110,16 +118,7 @@ class LayerNorm(OpDef):
         return aten.native_layer_norm(x, list(normalized_shape), w, b, eps)
 
     def gradient(self, op, grads):
-        a = op.attrs
-        needs = op.needs_grad or (True,) * len(op.inputs)
-        mask = (needs[0], a["has_weight"] and needs[1], a["has_bias"] and needs[-1])
-        outs = apply("layer_norm_backward", grads[0], *op.inputs, op.outputs[1], op.outputs[2], output_mask=mask, **a)
-        result = [outs[0] if mask[0] else None]
-        if a["has_weight"]:
-            result.append(outs[1] if mask[1] else None)
-        if a["has_bias"]:
-            result.append(outs[2] if mask[2] else None)
-        return result
+        return _norm_gradient(op, grads[0], "layer_norm_backward", op.attrs["has_weight"], op.attrs["has_bias"])
 
 
 @register
@@ -163,15 +162,7 @@ class GroupNorm(OpDef):
         return aten.native_group_norm(x, w, b, n, c, math.prod(x.shape[2:]), num_groups, eps)
 
     def gradient(self, op, grads):
-        a = op.attrs
-        needs = op.needs_grad or (True,) * len(op.inputs)
-        mask = (needs[0], a["affine"] and needs[1], a["affine"] and needs[2])
-        outs = apply("group_norm_backward", grads[0], *op.inputs, op.outputs[1], op.outputs[2],
-                     output_mask=mask, **a)
-        result = [outs[0] if mask[0] else None]
-        if a["affine"]:
-            result += [outs[1] if mask[1] else None, outs[2] if mask[2] else None]
-        return result
+        return _norm_gradient(op, grads[0], "group_norm_backward", op.attrs["affine"], op.attrs["affine"])
 
 
 @register
