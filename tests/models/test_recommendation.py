@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score as auc
 
 import luoshu as ls
 from luoshu import models
-from sklearn.metrics import roc_auc_score as auc
 
 CFG = models.CTRConfig(dense_dim=4, slot_sizes=[11, 7, 5], embedding_dim=4, mlp_dims=(16, 8), num_cross_layers=3)
 
