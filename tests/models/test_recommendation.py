@@ -124,7 +124,7 @@ def test_models_learn_synthetic_ctr(name):
         loss = ls.nn.functional.binary_cross_entropy_with_logits(logits, y)
         train = opt.minimize(loss)
     dense, sparse, labels = _learnable_ctr(4096, 0)
-    for epoch in range(4):
+    for _ in range(4):
         for b in range(0, 4096, 128):
             g.run([loss, train], {d: dense[b:b + 128], s: sparse[b:b + 128], y: labels[b:b + 128]})
     td, ts, tl = _learnable_ctr(2048, 1)
