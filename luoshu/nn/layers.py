@@ -126,7 +126,10 @@ class Flatten(Module):
     def forward(self, x):
         start = self.start_dim % x.ndim
         end = self.end_dim % x.ndim
-        shape = tuple(-1 if d is None else d for d in x.shape[:start]) + (-1,) + tuple(x.shape[end + 1:])
+        flat = x.shape[start:end + 1]
+        middle = -1 if any(d is None for d in flat) else math.prod(flat)
+        shape = tuple(-1 if d is None else d for d in x.shape[:start]) + (middle,) + tuple(
+            -1 if d is None else d for d in x.shape[end + 1:])
         if sum(d == -1 for d in shape) > 1:
             raise Error(f"Flatten: input shape {x.shape} has unknown dims on both sides of the flattened range")
         return x.reshape(shape)
@@ -207,3 +210,55 @@ class LogSoftmax(Module):
 
     def forward(self, x):
         return F.log_softmax(x, dim=self.dim)
+
+
+class Dropout(Module):
+    """Zeroes elements with probability p while training (scaling the rest by 1/(1-p)); identity in eval."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise Error(f"Dropout: p must be in [0, 1], found {p}")
+        self.p, self.inplace = p, inplace
+
+    def forward(self, x):
+        if self.training and self.p == 1.0:
+            return x * 0.0
+        return F.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class EmbeddingBag(Module):
+    """Sums or averages bags of embeddings (bags given by `offsets` or by the rows of 2-d ids)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, max_norm: float | None = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
+                 _weight=None, include_last_offset: bool = False, padding_idx: int | None = None,
+                 dtype="float32", device=None):
+        super().__init__()
+        if max_norm is not None or scale_grad_by_freq:
+            raise Error("EmbeddingBag: max_norm and scale_grad_by_freq are not supported")
+        if mode not in ("sum", "mean"):  # the embedding_bag op has no 'max' kernel yet
+            raise Error(f"EmbeddingBag: mode must be 'sum' or 'mean', found {mode!r}")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise Error(f"EmbeddingBag: padding_idx {padding_idx} is outside [0, {num_embeddings})")
+            padding_idx %= num_embeddings
+        self.num_embeddings, self.embedding_dim, self.mode = num_embeddings, embedding_dim, mode
+        self.include_last_offset, self.padding_idx, self.sparse = include_last_offset, padding_idx, sparse
+        if _weight is not None:
+            self.weight = Parameter(_weight)
+        else:
+            self.weight = empty_parameter((num_embeddings, embedding_dim), dtype, device)
+            init.normal_(self.weight)
+            if padding_idx is not None:
+                self.weight.value[padding_idx].zero_()
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        return F.embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights,
+                               self.include_last_offset, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, mode={self.mode!r}"
