@@ -1,10 +1,17 @@
-"""End-to-end training: eager == define-and-run, mixed precision, the default job."""
+"""End-to-end training: eager == define-and-run, mixed precision (the `luoshu train` command: test_cli.py)."""
 
 import numpy as np
 
 import luoshu as ls
 from luoshu import nn
-from luoshu.cli import _digits, main
+from luoshu.data import load_digits
+
+
+def _digits(seed):
+    x, y = load_digits()
+    order = np.random.default_rng(seed).permutation(len(x))
+    train, test = order[:int(0.8 * len(x))], order[int(0.8 * len(x)):]
+    return x[train], y[train], x[test], y[test]
 
 
 def _mlp(seed):
@@ -73,12 +80,3 @@ def test_mixed_precision_matches_fp32_accuracy():
     assert logits.dtype == "bfloat16" and loss.dtype == "float32"
     assert fp32 > 0.93 and bf16 > fp32 - 0.03, (fp32, bf16)
 
-
-def test_default_job_learns_and_writes_logs(tmp_path):
-    out = tmp_path / "run"
-    assert main(["train", "--epochs", "3", "--quiet", "--out", str(out)]) == 0
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,step,train_loss,test_accuracy")
-    assert len(rows) == 4 and float(rows[-1].split(",")[3]) > 0.9
-    restored = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    assert ls.load(out / "checkpoint", restored)["epochs"] == 3
