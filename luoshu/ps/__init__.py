@@ -1,0 +1,29 @@
+"""The parameter server (HET): ZeroMQ servers with key-sharded tables and server-side optimizers, and the client.
+
+Servers: `serve` (run by the launcher in server processes) or `start_local_servers` (subprocesses,
+for tests and single-machine use). Workers: `connect` returns a `Client` with
+`create_table` / `pull` / `pull_async` / `push` (futures), dense tensors, `snapshot`,
+`stats`, `barrier`, `shutdown_servers`. `initial_rows` reproduces a table's seeded
+initial rows in a single process, for references.
+"""
+
+from luoshu.ps.client import Client, connect
+from luoshu.ps.local import LocalServers, start_local_servers
+from luoshu.ps.protocol import (
+    IdOutOfRangeError,
+    ProtocolError,
+    PSError,
+    ServerUnavailableError,
+    SnapshotError,
+    TableError,
+    initial_rows,
+    map_ids,
+    shard_of,
+)
+from luoshu.ps.server import ParameterServer, serve
+
+__all__ = [
+    "Client", "IdOutOfRangeError", "LocalServers", "PSError", "ParameterServer", "ProtocolError",
+    "ServerUnavailableError", "SnapshotError", "TableError", "connect", "initial_rows", "map_ids", "serve",
+    "shard_of", "start_local_servers",
+]

@@ -1,0 +1,850 @@
+"""Parameter-server processes: key-sharded tables and dense tensors, server-side optimizers, sync rounds.
+
+One server owns the rows of every table whose ids hash to it (`protocol.shard_of`) and a
+share of the dense tensors (each lives whole on the server its name hashes to). Rows are
+created on first touch (pull or push) from the table's seeded initialiser. Updates reuse
+`luoshu.optim`'s rules on the gathered touched rows, so a sparse push applies exactly
+the lazy update a single-process `luoshu.optim` step applies to an `IndexedSlices`
+gradient (untouched rows and their state never change; Adam's bias correction uses the
+table's step, the number of updates the table received, as torch SparseAdam). With
+``step_mode="row"`` Adam and AdaGrad count steps per row instead (HET's per-row clock).
+
+Every push reaches every server (an empty part where a server owns none of the ids),
+so the table step is the same on all shards. In synchronous mode (``sync_workers=N``)
+the pushes of one step from all N workers are summed and applied as ONE update once all
+have arrived; a worker's pull after its push waits for that update.
+
+The loop is single-threaded over a ZeroMQ ROUTER socket: a request is decoded and
+checked in full before it changes anything; a malformed one is logged and answered
+with an error, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from collections import deque
+
+import numpy as np
+import torch
+
+from luoshu import optim
+from luoshu.core.errors import Error
+from luoshu.core.tensor import tensor as _make_tensor
+from luoshu.ps import protocol as P
+from luoshu.ps import snapshot as S
+from luoshu.ps.protocol import ProtocolError, PSError, SnapshotError, TableError
+
+log = logging.getLogger("luoshu.ps")
+
+OPTIMIZERS = {"sgd": optim.SGD, "momentum": optim.Momentum, "nesterov": optim.Nesterov, "adagrad": optim.AdaGrad,
+              "rmsprop": optim.RMSProp, "adam": optim.Adam, "adamw": optim.AdamW, "lamb": optim.LAMB}
+TABLE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_ROW_STEP_RULES = {"adam", "adamw", "adagrad"}
+_STEPLESS_RULES = {"sgd", "momentum", "nesterov", "rmsprop"}
+
+STORE_PREFIX = "luoshu/ps"
+
+
+# --- a vectorised id -> slot map -----------------------------------------------------------
+class IdIndex:
+    """Open-addressing hash map from int64 ids to dense slots 0..size-1, vectorised over batches."""
+
+    def __init__(self, capacity: int = 1024):
+        self.size = 0
+        self._alloc(max(16, 1 << (int(capacity) - 1).bit_length()))
+
+    def _alloc(self, capacity: int) -> None:
+        self._mask = np.uint64(capacity - 1)
+        self._keys = np.zeros(capacity, dtype=np.int64)
+        self._slots = np.full(capacity, -1, dtype=np.int64)
+
+    def _home(self, ids: np.ndarray) -> np.ndarray:
+        return (P.splitmix64(ids.view(np.uint64) ^ np.uint64(0x5851F42D4C957F2D)) & self._mask).astype(np.int64)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """The slot of each id, -1 where absent."""
+        out = np.full(ids.size, -1, dtype=np.int64)
+        pos = self._home(ids)
+        pending = np.arange(ids.size)
+        mask = int(self._mask)
+        while pending.size:
+            p = pos[pending]
+            slot = self._slots[p]
+            empty = slot < 0
+            hit = ~empty & (self._keys[p] == ids[pending])
+            out[pending[hit]] = slot[hit]
+            pending = pending[~empty & ~hit]
+            pos[pending] = (pos[pending] + 1) & mask
+        return out
+
+    def insert(self, ids: np.ndarray) -> np.ndarray:
+        """Adds distinct absent `ids`; returns their new slots (size, size+1, ...)."""
+        new_slots = np.arange(self.size, self.size + ids.size, dtype=np.int64)
+        if 2 * (self.size + ids.size) > self._slots.size:
+            old_keys, old_slots = self._keys[self._slots >= 0], self._slots[self._slots >= 0]
+            capacity = self._slots.size
+            while 2 * (self.size + ids.size) > capacity:
+                capacity *= 2
+            self._alloc(capacity)
+            self._place(old_keys, old_slots)
+        self._place(ids, new_slots)
+        self.size += ids.size
+        return new_slots
+
+    def _place(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        pos = self._home(ids)
+        pending = np.arange(ids.size)
+        mask = int(self._mask)
+        while pending.size:
+            p = pos[pending]
+            free = self._slots[p] < 0
+            cand, cpos = pending[free], p[free]
+            # Several new ids may want one free cell: the first of each takes it, the rest probe on.
+            cells, first = np.unique(cpos, return_index=True)
+            winners = cand[first]
+            self._keys[cells] = ids[winners]
+            self._slots[cells] = slots[winners]
+            taken = np.zeros(ids.size, dtype=bool)
+            taken[winners] = True
+            occupied = pending[~free]
+            pos[occupied] = (pos[occupied] + 1) & mask
+            pending = pending[~taken[pending]]
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, slots) of every entry, ordered by slot."""
+        used = self._slots >= 0
+        ids, slots = self._keys[used], self._slots[used]
+        order = np.argsort(slots)
+        return ids[order], slots[order]
+
+
+# --- server-side optimizer rules -------------------------------------------------------------
+class _Rule:
+    """One optimizer's update rule, borrowed from `luoshu.optim` and applied to gathered rows."""
+
+    def __init__(self, spec, step_mode: str, where: str):
+        if not (isinstance(spec, (list, tuple)) and len(spec) == 2 and isinstance(spec[0], str)
+                and isinstance(spec[1], dict)):
+            raise TableError(f"{where}: optimizer must be (name, {{hyperparameters}}), e.g. ('adam', {{'lr': 1e-3}}); "
+                             f"found {spec!r}")
+        name, kwargs = spec[0].lower(), dict(spec[1])
+        if name not in OPTIMIZERS:
+            raise TableError(f"{where}: unknown optimizer {spec[0]!r}; expected one of {sorted(OPTIMIZERS)}")
+        if step_mode not in ("table", "row"):
+            raise TableError(f"{where}: step_mode must be 'table' or 'row', found {step_mode!r}")
+        if step_mode == "row" and name not in _ROW_STEP_RULES | _STEPLESS_RULES:
+            raise TableError(f"{where}: step_mode='row' is supported for {sorted(_ROW_STEP_RULES)}, not {name!r}")
+        if step_mode == "row" and kwargs.get("amsgrad"):
+            raise TableError(f"{where}: step_mode='row' does not support amsgrad")
+        if "max_grad_norm" in kwargs:
+            raise TableError(f"{where}: max_grad_norm (global clipping) is not available on a parameter server")
+        try:
+            self.opt = OPTIMIZERS[name]([_make_tensor(np.zeros(1, dtype=np.float32))], **kwargs)
+        except TypeError as exc:
+            raise TableError(f"{where}: bad hyperparameters for {name!r}: {exc}") from None
+        except Error as exc:
+            raise TableError(f"{where}: {exc}") from None
+        self.name = name
+        self.row_steps = step_mode == "row" and name in _ROW_STEP_RULES
+        self.group = self.opt.param_groups[0]
+        self.state_names = self.opt._state_names(self.group)
+        self.counts_steps = self.opt._counts_steps
+
+    def initial_state(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        return self.opt._initial_state(self.group, name, rows)
+
+    def apply(self, param: torch.Tensor, grad: torch.Tensor, state: dict, step: torch.Tensor, fresh: bool,
+              row_steps: torch.Tensor | None = None) -> None:
+        """Updates `param` and `state` (contiguous, owned) in place; `step` is already incremented."""
+        if self.row_steps:
+            self._apply_row_steps(param, grad, state, row_steps)
+            return
+        grads = self.opt._regularize(self.group, [param], [grad])
+        self.opt._rule(self.group, [param], grads, {n: [state[n]] for n in self.state_names}, [step], [fresh])
+
+    def _apply_row_steps(self, param, grad, state, t) -> None:
+        group = self.group
+        lr = group["lr"]
+        t = t.to(param.dtype).unsqueeze(1)
+        if self.name == "adagrad":
+            grad = self.opt._regularize(group, [param], [grad])[0]
+            state["sum"].addcmul_(grad, grad)
+            clr = lr / (1.0 + (t - 1.0) * group["lr_decay"])
+            param.sub_(clr * grad / (state["sum"].sqrt() + group["eps"]))
+            return
+        beta1, beta2 = group["betas"]
+        if self.name == "adamw":
+            param.mul_(1.0 - lr * group["weight_decay"])
+        else:
+            grad = self.opt._regularize(group, [param], [grad])[0]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(grad, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        bc1 = 1.0 - beta1 ** t
+        bc2_sqrt = (1.0 - beta2 ** t).sqrt()
+        param.sub_((lr / bc1) * m / (v.sqrt() / bc2_sqrt + group["eps"]))
+
+
+# --- synchronous rounds -----------------------------------------------------------------------
+class _SyncRounds:
+    """Collects each worker's k-th push into round k; a round completes when all N have pushed."""
+
+    def __init__(self, num_workers: int):
+        self.num_workers = num_workers
+        self.pushed = [0] * num_workers
+        self.applied = 0
+        self.rounds: deque = deque()
+
+    def check_worker(self, worker: int, what: str) -> None:
+        if not 0 <= worker < self.num_workers:
+            raise PSError(f"{what} is synchronous over {self.num_workers} workers (ranks 0..{self.num_workers - 1}), "
+                          f"found a request from worker {worker}")
+
+    def add(self, worker: int, part) -> list:
+        """Adds a push; returns the parts of each round it completed (ordered by worker rank)."""
+        r = self.pushed[worker] - self.applied
+        while len(self.rounds) <= r:
+            self.rounds.append({})
+        self.rounds[r][worker] = part
+        self.pushed[worker] += 1
+        done = []
+        while self.rounds and len(self.rounds[0]) == self.num_workers:
+            parts = self.rounds.popleft()
+            self.applied += 1
+            done.append([parts[w] for w in sorted(parts)])
+        return done
+
+    def must_wait(self, worker: int) -> bool:
+        return 0 <= worker < self.num_workers and self.pushed[worker] > self.applied
+
+
+# --- tables and dense tensors --------------------------------------------------------------------
+def _table_config(args: dict) -> dict:
+    """A table's configuration from create_table args, checked and normalised (JSON-able)."""
+    name = args.get("name")
+    if not isinstance(name, str) or not name:
+        raise TableError(f"a table name must be a non-empty string, found {name!r}")
+    dim = args.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+        raise TableError(f"table {name!r}: dim must be a positive integer, found {dim!r}")
+    num_rows = args.get("num_rows")
+    if num_rows is not None and (not isinstance(num_rows, int) or isinstance(num_rows, bool) or num_rows <= 0):
+        raise TableError(f"table {name!r}: num_rows must be a positive integer or None, found {num_rows!r}")
+    policy = args.get("id_policy", "hash")
+    if policy not in ("hash", "refuse"):
+        raise TableError(f"table {name!r}: id_policy must be 'hash' or 'refuse', found {policy!r}")
+    dtype = args.get("dtype", "float32")
+    if dtype not in TABLE_DTYPES:
+        raise TableError(f"table {name!r}: dtype must be one of {sorted(TABLE_DTYPES)}, found {dtype!r}")
+    sync = args.get("sync_workers")
+    if sync is not None and (not isinstance(sync, int) or isinstance(sync, bool) or sync <= 0):
+        raise TableError(f"table {name!r}: sync_workers must be a positive integer or None, found {sync!r}")
+    seed = args.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TableError(f"table {name!r}: seed must be an integer, found {seed!r}")
+    optimizer = args.get("optimizer")
+    if isinstance(optimizer, (list, tuple)) and len(optimizer) == 2:
+        optimizer = [str(optimizer[0]).lower(), optimizer[1]]
+    return {"name": name, "dim": dim, "num_rows": num_rows, "id_policy": policy, "init": list(P.check_init(
+        args.get("init", ("normal", 0.0, 0.01)))), "optimizer": optimizer, "dtype": dtype, "sync_workers": sync,
+        "seed": seed, "step_mode": args.get("step_mode", "table")}
+
+
+class _Variable:
+    """What tables and dense tensors share: the rule, the step, sync rounds, counters."""
+
+    def __init__(self, config: dict, where: str):
+        self.config = config
+        self.where = where
+        self.rule = _Rule(config["optimizer"], config.get("step_mode", "table"), where)
+        self.dtype = TABLE_DTYPES[config["dtype"]]
+        self.step = torch.zeros((), dtype=torch.float32)
+        self.updates = 0
+        self.sync = _SyncRounds(config["sync_workers"]) if config["sync_workers"] else None
+        self.counters = {"pulls": 0, "pushes": 0, "rows_pulled": 0, "rows_pushed": 0, "updates": 0}
+
+    def _advance(self) -> bool:
+        """Counts one update; returns whether the state is fresh (the first update), as luoshu.optim."""
+        fresh = self.updates == 0
+        self.updates += 1
+        self.counters["updates"] += 1
+        if self.rule.counts_steps:
+            self.step += 1.0
+        return fresh
+
+
+class _Table(_Variable):
+    def __init__(self, config: dict):
+        super().__init__(config, f"table {config['name']!r}")
+        self.name, self.dim = config["name"], config["dim"]
+        self.index = IdIndex()
+        self.size = 0
+        self._reserve(1024)
+
+    def _reserve(self, capacity: int) -> None:
+        old = getattr(self, "rows", None)
+        if old is not None and old.shape[0] >= capacity:
+            return
+        new_cap = max(capacity, 2 * (old.shape[0] if old is not None else 0))
+        rows = torch.empty((new_cap, self.dim), dtype=self.dtype)
+        state = {n: torch.empty((new_cap, self.dim), dtype=self.dtype) for n in self.rule.state_names}
+        versions = np.zeros(new_cap, dtype=np.int64)
+        row_steps = torch.zeros(new_cap, dtype=torch.float32)
+        if old is not None:
+            n = self.size
+            rows[:n] = old[:n]
+            for name in state:
+                state[name][:n] = self.state[name][:n]
+            versions[:n] = self.versions[:n]
+            row_steps[:n] = self.row_steps[:n]
+        self.rows, self.state, self.versions, self.row_steps = rows, state, versions, row_steps
+
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """The slots of `ids`, creating (and initialising) the rows of ids seen for the first time."""
+        slots = self.index.lookup(ids)
+        missing = slots < 0
+        if missing.any():
+            new_ids = np.unique(ids[missing])
+            self._add_rows(new_ids, torch.from_numpy(P.initial_rows(
+                self.name, new_ids, self.dim, self.config["init"], self.config["seed"], self.config["dtype"])))
+            slots = self.index.lookup(ids)
+        return slots
+
+    def _add_rows(self, ids: np.ndarray, rows: torch.Tensor, state: dict | None = None,
+                  versions: np.ndarray | None = None, row_steps: np.ndarray | None = None) -> None:
+        self._reserve(self.size + ids.size)
+        new = self.index.insert(ids)
+        lo, hi = int(new[0]) if new.size else self.size, self.size + ids.size
+        self.rows[lo:hi] = rows
+        for name in self.rule.state_names:
+            self.state[name][lo:hi] = (state[name] if state is not None
+                                       else self.rule.initial_state(name, self.rows[lo:hi]))
+        self.versions[lo:hi] = 0 if versions is None else versions
+        self.row_steps[lo:hi] = 0 if row_steps is None else torch.from_numpy(row_steps)
+        self.size = hi
+
+    def check_ids(self, ids: np.ndarray) -> None:
+        num_rows = self.config["num_rows"]
+        if num_rows is not None and ids.size and (ids.min() < 0 or ids.max() >= num_rows):
+            bad = ids[(ids < 0) | (ids >= num_rows)]
+            raise P.IdOutOfRangeError(f"table {self.name!r} has num_rows={num_rows}: {bad.size} ids outside "
+                                      f"[0, {num_rows}), e.g. {bad[:5].tolist()}")
+
+    def pull(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        slots = self.slots(ids)
+        self.counters["pulls"] += 1
+        self.counters["rows_pulled"] += ids.size
+        return self.rows[torch.from_numpy(slots)].numpy(), self.versions[slots]
+
+    def apply(self, parts: list) -> None:
+        """One update from `parts`, a list of (ids, grads) already scaled: duplicates summed."""
+        ids = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        grads = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        fresh = self._advance()
+        if ids.size == 0:
+            return
+        slots = self.slots(ids)
+        uniq, inverse = np.unique(slots, return_inverse=True)
+        rows_t = torch.from_numpy(uniq)
+        summed = grads.new_zeros((uniq.size, self.dim))
+        summed.index_add_(0, torch.from_numpy(inverse.reshape(-1)), grads)
+        param = self.rows.index_select(0, rows_t)
+        state = {n: self.state[n].index_select(0, rows_t) for n in self.rule.state_names}
+        self.row_steps.index_add_(0, rows_t, torch.ones(uniq.size, dtype=torch.float32))
+        self.rule.apply(param, summed, state, self.step, fresh, self.row_steps.index_select(0, rows_t))
+        self.rows.index_copy_(0, rows_t, param)
+        for n in self.rule.state_names:
+            self.state[n].index_copy_(0, rows_t, state[n])
+        self.versions[uniq] += 1
+
+    def info(self) -> dict:
+        return {**self.config, "rows": self.size, "step": int(self.step.item()), "updates": self.updates,
+                **self.counters}
+
+    def snapshot_arrays(self, prefix: str) -> dict:
+        n = self.size
+        ids, slots = self.index.items()
+        arrays = {f"{prefix}.ids": ids, f"{prefix}.rows": self.rows[:n][torch.from_numpy(slots)].numpy(),
+                  f"{prefix}.versions": self.versions[:n][slots],
+                  f"{prefix}.row_steps": self.row_steps[:n][torch.from_numpy(slots)].numpy()}
+        for name in self.rule.state_names:
+            arrays[f"{prefix}.state.{name}"] = self.state[name][:n][torch.from_numpy(slots)].numpy()
+        return arrays
+
+    def restore(self, entry: dict, arrays: dict, prefix: str) -> None:
+        ids = arrays[f"{prefix}.ids"]
+        n = ids.size
+        expect = {f"{prefix}.rows": (n, self.dim), f"{prefix}.versions": (n,), f"{prefix}.row_steps": (n,),
+                  **{f"{prefix}.state.{s}": (n, self.dim) for s in self.rule.state_names}}
+        for key, shape in expect.items():
+            if key not in arrays or arrays[key].shape != shape:
+                found = arrays[key].shape if key in arrays else "missing"
+                raise SnapshotError(f"{self.where}: snapshot array {key} should have shape {shape}, found {found}")
+        self._add_rows(ids.astype(np.int64), torch.from_numpy(arrays[f"{prefix}.rows"]).to(self.dtype),
+                       {s: torch.from_numpy(arrays[f"{prefix}.state.{s}"]).to(self.dtype)
+                        for s in self.rule.state_names},
+                       arrays[f"{prefix}.versions"], arrays[f"{prefix}.row_steps"].astype(np.float32))
+        self.step.fill_(float(entry["step"]))
+        self.updates = int(entry["updates"])
+
+
+def _dense_config(args: dict) -> dict:
+    name = args.get("name")
+    if not isinstance(name, str) or not name:
+        raise TableError(f"a dense tensor name must be a non-empty string, found {name!r}")
+    sync = args.get("sync_workers")
+    if sync is not None and (not isinstance(sync, int) or isinstance(sync, bool) or sync <= 0):
+        raise TableError(f"dense {name!r}: sync_workers must be a positive integer or None, found {sync!r}")
+    dtype = args.get("dtype", "float32")
+    if dtype not in TABLE_DTYPES:
+        raise TableError(f"dense {name!r}: dtype must be one of {sorted(TABLE_DTYPES)}, found {dtype!r}")
+    shape = args.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise TableError(f"dense {name!r}: shape must be a list of non-negative ints, found {shape!r}")
+    optimizer = args.get("optimizer")
+    if isinstance(optimizer, (list, tuple)) and len(optimizer) == 2:
+        optimizer = [str(optimizer[0]).lower(), optimizer[1]]
+    return {"name": name, "shape": shape, "dtype": dtype, "optimizer": optimizer, "sync_workers": sync,
+            "step_mode": "table"}
+
+
+class _Dense(_Variable):
+    def __init__(self, config: dict, value: np.ndarray):
+        super().__init__(config, f"dense {config['name']!r}")
+        self.name = config["name"]
+        self.value = torch.from_numpy(np.array(value, dtype=config["dtype"]))
+        self.state = {n: self.rule.initial_state(n, self.value) for n in self.rule.state_names}
+        self.version = 0
+
+    def apply(self, parts: list) -> None:
+        grad = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        fresh = self._advance()
+        self.rule.apply(self.value, grad, self.state, self.step, fresh)
+        self.version += 1
+
+    def info(self) -> dict:
+        return {**self.config, "step": int(self.step.item()), "updates": self.updates, "version": self.version,
+                **self.counters}
+
+
+# --- the server ---------------------------------------------------------------------------------------
+class ParameterServer:
+    """The state and request handling of one server; `run` drives it from a ZeroMQ ROUTER socket."""
+
+    def __init__(self, server_index: int, num_servers: int, num_workers: int, snapshot_dir=None,
+                 snapshot_every_s: float | None = None, keep_snapshots: int = 2):
+        if not 0 <= server_index < num_servers:
+            raise PSError(f"server_index must be in [0, {num_servers}), found {server_index}")
+        if num_workers <= 0:
+            raise PSError(f"num_workers must be positive, found {num_workers}")
+        self.server_index, self.num_servers, self.num_workers = server_index, num_servers, num_workers
+        self.snapshot_dir = None if snapshot_dir is None else str(snapshot_dir)
+        self.snapshot_every_s = snapshot_every_s
+        self.keep_snapshots = keep_snapshots
+        self.tables: dict[str, _Table] = {}
+        self.dense: dict[str, _Dense] = {}
+        self.deferred: list = []  # (identity, message) pulls waiting for a sync round
+        self.barrier_waiting: dict[int, tuple] = {}
+        self.barrier_generation = 0
+        self.shutdown_from: set[int] = set()
+        self.stopping = False
+        self.started = time.time()
+        self.last_snapshot = time.monotonic()
+        self.restored_from: str | None = None
+        self.counters = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "snapshots": 0}
+        self.name = f"parameter server {server_index}"
+        if self.snapshot_dir is not None:
+            self.restore()
+
+    # --- dispatch -----------------------------------------------------------------------------
+    def handle(self, identity: bytes, frames: list) -> list:
+        """Answers one request; returns the (identity, reply frames) to send (deferred pulls may be released)."""
+        self.counters["requests"] += 1
+        self.counters["bytes_in"] += sum(len(f) if isinstance(f, bytes) else f.buffer.nbytes for f in frames)
+        try:
+            msg = P.decode(frames)
+            if msg.status != P.STATUS_OK:
+                raise ProtocolError("a request must have status 0")
+            handler = self._HANDLERS[msg.op]
+            return handler(self, identity, msg)
+        except (Error, ValueError, TypeError, KeyError, OverflowError) as exc:
+            self.counters["errors"] += 1
+            request_id, worker = P.peek_request_id(frames)
+            if isinstance(exc, PSError):
+                log.warning("%s: refused a request from worker %s: %s", self.name, worker, exc)
+                err = exc
+            elif isinstance(exc, Error):
+                err = PSError(str(exc))
+            else:
+                log.exception("%s: request from worker %s failed", self.name, worker)
+                err = ProtocolError(f"bad request: {type(exc).__name__}: {exc}")
+            return [(identity, P.error_frames(request_id, worker, err))]
+
+    def _reply(self, identity, msg: P.Message, args=None, arrays=()) -> list:
+        return [(identity, P.encode(msg.op, msg.request_id, msg.worker, args, arrays))]
+
+    def _table(self, args: dict) -> _Table:
+        name = args.get("table")
+        table = self.tables.get(name) if isinstance(name, str) else None
+        if table is None:
+            raise TableError(f"no table {name!r} on {self.name} (tables: {sorted(self.tables)})")
+        return table
+
+    def _dense(self, args: dict) -> _Dense:
+        name = args.get("name")
+        dense = self.dense.get(name) if isinstance(name, str) else None
+        if dense is None:
+            raise TableError(f"no dense tensor {name!r} on {self.name} (dense: {sorted(self.dense)})")
+        return dense
+
+    def _ping(self, identity, msg):
+        return self._reply(identity, msg, {"server": self.server_index})
+
+    def _hello(self, identity, msg):
+        return self._reply(identity, msg, {"server_index": self.server_index, "num_servers": self.num_servers,
+                                            "num_workers": self.num_workers, "protocol": P.VERSION,
+                                            "tables": {n: t.config for n, t in self.tables.items()},
+                                            "dense": {n: d.config for n, d in self.dense.items()},
+                                            "restored_from": self.restored_from})
+
+    def _create_table(self, identity, msg):
+        config = _table_config(msg.args)
+        existing = self.tables.get(config["name"])
+        if existing is not None:
+            if existing.config != config:
+                diff = {k: (existing.config[k], config[k]) for k in config if existing.config.get(k) != config[k]}
+                raise TableError(f"table {config['name']!r} exists with another configuration; "
+                                 f"differences (existing, requested): {diff}")
+        else:
+            self.tables[config["name"]] = _Table(config)
+        return self._reply(identity, msg, {"config": config})
+
+    def _table_info(self, identity, msg):
+        return self._reply(identity, msg, {"config": self._table(msg.args).config})
+
+    def _ids_arg(self, msg: P.Message, table: _Table, n_arrays: int) -> np.ndarray:
+        if len(msg.arrays) != n_arrays:
+            raise ProtocolError(f"{P.OP_NAMES[msg.op]} on table {table.name!r} takes {n_arrays} arrays, "
+                                f"found {len(msg.arrays)}")
+        ids = msg.arrays[0]
+        if ids.dtype != np.int64 or ids.ndim != 1:
+            raise ProtocolError(f"{P.OP_NAMES[msg.op]} on table {table.name!r}: ids must be a 1-D int64 array, "
+                                f"found {ids.dtype}{list(ids.shape)}")
+        table.check_ids(ids)
+        return ids
+
+    def _pull(self, identity, msg):
+        table = self._table(msg.args)
+        ids = self._ids_arg(msg, table, 1)
+        if table.sync is not None:
+            table.sync.check_worker(msg.worker, table.where)
+            if table.sync.must_wait(msg.worker):
+                self.deferred.append((identity, msg))
+                return []
+        rows, versions = table.pull(ids)
+        return self._reply(identity, msg, None, (rows, versions))
+
+    def _push(self, identity, msg):
+        table = self._table(msg.args)
+        ids = self._ids_arg(msg, table, 2)
+        grads = msg.arrays[1]
+        if grads.shape != (ids.size, table.dim) or grads.dtype.kind != "f":
+            raise ProtocolError(f"push to table {table.name!r}: grads must be floating with shape "
+                                f"({ids.size}, {table.dim}), found {grads.dtype}{list(grads.shape)}")
+        scale = msg.args.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
+            raise ProtocolError(f"push to table {table.name!r}: scale must be a finite number, found {scale!r}")
+        g = torch.from_numpy(np.array(grads, dtype=table.config["dtype"]))
+        if scale != 1.0:
+            g.mul_(scale)
+        table.counters["pushes"] += 1
+        table.counters["rows_pushed"] += ids.size
+        if table.sync is None:
+            table.apply([(ids, g)])
+            return self._reply(identity, msg, {"applied": True})
+        table.sync.check_worker(msg.worker, table.where)
+        rounds = table.sync.add(msg.worker, (np.array(ids), g))
+        for parts in rounds:
+            table.apply(parts)
+        return self._reply(identity, msg, {"applied": bool(rounds)}) + (self._release() if rounds else [])
+
+    def _release(self) -> list:
+        """Answers the deferred pulls whose round has been applied."""
+        waiting, self.deferred = self.deferred, []
+        out = []
+        for identity, msg in waiting:
+            out += self._HANDLERS[msg.op](self, identity, msg)
+        return out
+
+    def _create_dense(self, identity, msg):
+        config = _dense_config(msg.args)
+        existing = self.dense.get(config["name"])
+        if existing is not None:
+            if existing.config != config:
+                raise TableError(f"dense {config['name']!r} exists with another configuration: "
+                                 f"{existing.config} vs {config}")
+        else:
+            if len(msg.arrays) != 1 or list(msg.arrays[0].shape) != config["shape"]:
+                raise ProtocolError(f"create_dense {config['name']!r} needs one array of shape {config['shape']}")
+            self.dense[config["name"]] = _Dense(config, msg.arrays[0])
+        return self._reply(identity, msg, {"config": config})
+
+    def _pull_dense(self, identity, msg):
+        dense = self._dense(msg.args)
+        if dense.sync is not None:
+            dense.sync.check_worker(msg.worker, dense.where)
+            if dense.sync.must_wait(msg.worker):
+                self.deferred.append((identity, msg))
+                return []
+        dense.counters["pulls"] += 1
+        return self._reply(identity, msg, {"version": dense.version}, (dense.value.numpy(),))
+
+    def _push_dense(self, identity, msg):
+        dense = self._dense(msg.args)
+        if len(msg.arrays) != 1 or list(msg.arrays[0].shape) != dense.config["shape"] \
+                or msg.arrays[0].dtype.kind != "f":
+            found = [f"{a.dtype}{list(a.shape)}" for a in msg.arrays]
+            raise ProtocolError(f"push_dense {dense.name!r} needs one floating array of shape "
+                                f"{dense.config['shape']}, found {found}")
+        scale = msg.args.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
+            raise ProtocolError(f"push_dense {dense.name!r}: scale must be a finite number, found {scale!r}")
+        g = torch.from_numpy(np.array(msg.arrays[0], dtype=dense.config["dtype"]))
+        if scale != 1.0:
+            g.mul_(scale)
+        dense.counters["pushes"] += 1
+        if dense.sync is None:
+            dense.apply([g])
+            return self._reply(identity, msg, {"applied": True})
+        dense.sync.check_worker(msg.worker, dense.where)
+        rounds = dense.sync.add(msg.worker, g)
+        for parts in rounds:
+            dense.apply(parts)
+        return self._reply(identity, msg, {"applied": bool(rounds)}) + (self._release() if rounds else [])
+
+    def _snapshot(self, identity, msg):
+        path = self.snapshot()
+        return self._reply(identity, msg, {"path": str(path)})
+
+    def _stats(self, identity, msg):
+        return self._reply(identity, msg, self.stats())
+
+    def _barrier(self, identity, msg):
+        if not 0 <= msg.worker < self.num_workers:
+            raise PSError(f"barrier over {self.num_workers} workers, found worker {msg.worker}")
+        self.barrier_waiting[msg.worker] = (identity, msg)
+        if len(self.barrier_waiting) < self.num_workers:
+            return []
+        waiting, self.barrier_waiting = self.barrier_waiting, {}
+        self.barrier_generation += 1
+        out = []
+        for ident, m in waiting.values():
+            out += self._reply(ident, m, {"generation": self.barrier_generation})
+        return out
+
+    def _shutdown(self, identity, msg):
+        self.shutdown_from.add(msg.worker)
+        if msg.args.get("force") or len(self.shutdown_from) >= self.num_workers:
+            self.stopping = True
+        return self._reply(identity, msg, {"stopping": self.stopping})
+
+    _HANDLERS = {P.PING: _ping, P.HELLO: _hello, P.CREATE_TABLE: _create_table, P.TABLE_INFO: _table_info,
+                 P.PULL: _pull, P.PUSH: _push, P.CREATE_DENSE: _create_dense, P.PULL_DENSE: _pull_dense,
+                 P.PUSH_DENSE: _push_dense, P.SNAPSHOT: _snapshot, P.STATS: _stats, P.BARRIER: _barrier,
+                 P.SHUTDOWN: _shutdown}
+
+    # --- stats, snapshots ----------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {"server_index": self.server_index, "uptime_s": time.time() - self.started, **self.counters,
+                "tables": {n: t.info() for n, t in self.tables.items()},
+                "dense": {n: d.info() for n, d in self.dense.items()}, "restored_from": self.restored_from}
+
+    def snapshot(self):
+        """Writes a snapshot of every table and dense tensor (rows, versions, optimizer state)."""
+        if self.snapshot_dir is None:
+            raise SnapshotError(f"{self.name} has no snapshot_dir; start it with one to take snapshots")
+        meta = {"tables": [], "dense": []}
+        arrays = {}
+        for i, table in enumerate(self.tables.values()):
+            meta["tables"].append({"config": table.config, "prefix": f"t{i}", "step": int(table.step.item()),
+                                   "updates": table.updates})
+            arrays.update(table.snapshot_arrays(f"t{i}"))
+        for i, dense in enumerate(self.dense.values()):
+            meta["dense"].append({"config": dense.config, "prefix": f"d{i}", "step": int(dense.step.item()),
+                                  "updates": dense.updates, "version": dense.version})
+            arrays[f"d{i}.value"] = dense.value.numpy()
+            for s in dense.rule.state_names:
+                arrays[f"d{i}.state.{s}"] = dense.state[s].numpy()
+        path = S.write_snapshot(self.snapshot_dir, self.server_index, self.num_servers, meta, arrays,
+                                keep=self.keep_snapshots)
+        self.counters["snapshots"] += 1
+        self.last_snapshot = time.monotonic()
+        log.info("%s: snapshot written to %s", self.name, path)
+        return path
+
+    def restore(self) -> bool:
+        """Restores the newest good snapshot, if any; returns whether one was restored."""
+        found = S.load_newest(self.snapshot_dir, self.server_index, self.num_servers)
+        if found is None:
+            return False
+        path, meta, arrays = found
+        tables, dense = {}, {}
+        try:
+            for entry in meta.get("tables", []):
+                table = _Table(_table_config(entry["config"]))
+                table.restore(entry, arrays, entry["prefix"])
+                tables[table.name] = table
+            for entry in meta.get("dense", []):
+                config = _dense_config(entry["config"])
+                p = entry["prefix"]
+                d = _Dense(config, arrays[f"{p}.value"])
+                for s in d.rule.state_names:
+                    d.state[s] = torch.from_numpy(np.array(arrays[f"{p}.state.{s}"], dtype=config["dtype"]))
+                d.step.fill_(float(entry["step"]))
+                d.updates, d.version = int(entry["updates"]), int(entry["version"])
+                dense[d.name] = d
+        except (KeyError, TypeError, ValueError, Error) as exc:
+            raise SnapshotError(f"{self.name}: snapshot {path} does not describe valid tables: {exc}") from exc
+        self.tables, self.dense = tables, dense
+        self.restored_from = str(path)
+        log.info("%s: restored %d tables and %d dense tensors from %s", self.name, len(tables), len(dense), path)
+        return True
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self, sock, ready=None) -> None:
+        """Serves requests on the bound ROUTER `sock` until the workers shut the server down."""
+        import zmq
+
+        if ready is not None:
+            ready()
+        while not self.stopping:
+            timeout = 1000
+            if self.snapshot_every_s and self.snapshot_dir is not None:
+                due = self.last_snapshot + self.snapshot_every_s - time.monotonic()
+                if due <= 0:
+                    self._periodic_snapshot()
+                    continue
+                timeout = max(1, min(timeout, int(due * 1000)))
+            if not sock.poll(timeout, zmq.POLLIN):
+                continue
+            while True:
+                try:
+                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                identity, body = frames[0].bytes, frames[1:]
+                for ident, reply in self.handle(identity, body):
+                    self.counters["bytes_out"] += sum(getattr(f, "nbytes", len(f)) for f in reply)
+                    sock.send_multipart([ident, *reply], copy=False)
+                if self.stopping:
+                    break
+        if self.snapshot_dir is not None and self.snapshot_every_s:
+            self._periodic_snapshot()
+
+    def _periodic_snapshot(self) -> None:
+        try:
+            self.snapshot()
+        except SnapshotError as exc:
+            log.error("%s: periodic snapshot failed: %s", self.name, exc)
+            self.last_snapshot = time.monotonic()
+
+
+def _bind(sock, host: str, port: int | None) -> int:
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+        return port
+    return sock.bind_to_random_port(f"tcp://{host}")
+
+
+def _local_ip_towards(peer: str) -> str:
+    """This machine's address as `peer` would reach it (no packet is sent)."""
+    if peer in ("127.0.0.1", "localhost", ""):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((peer, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def serve(store, server_index: int, num_servers: int, num_workers: int, snapshot_dir=None,
+          snapshot_every_s: float | None = None, host: str | None = None, port: int | None = None) -> None:
+    """Runs parameter server `server_index` of `num_servers` until the workers shut it down.
+
+    The server binds a TCP port (the one it published before, if it restarts, so clients
+    reconnect), restores the newest good snapshot under `snapshot_dir`, and publishes its
+    address in `store` (a torch.distributed Store) under ``luoshu/ps/<index>/address``
+    for `luoshu.ps.connect(store=...)`.
+    """
+    import zmq
+
+    key = f"{STORE_PREFIX}/{server_index}/address"
+    if port is None and store is not None and store.check([key]):
+        port = int(store.get(key).decode().rsplit(":", 1)[1])
+    if host is None:
+        host = os.environ.get("LUOSHU_PS_HOST") or _local_ip_towards(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    server = ParameterServer(server_index, num_servers, num_workers, snapshot_dir, snapshot_every_s)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    try:
+        port = _bind(sock, "*", port)
+        address = f"tcp://{host}:{port}"
+
+        def publish():
+            if store is not None:
+                store.set(f"{STORE_PREFIX}/num_servers", str(num_servers))
+                store.set(key, address)
+            log.info("%s listening on %s", server.name, address)
+
+        server.run(sock, publish)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+READY_LINE = "LUOSHU_PS_READY"
+
+
+def main(argv=None) -> int:
+    """Entry of a server subprocess (`python -m luoshu.ps.server`): prints its address once ready."""
+    import zmq
+
+    parser = argparse.ArgumentParser(description="one luoshu parameter server")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--num-servers", type=int, required=True)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--snapshot-dir", default=None)
+    parser.add_argument("--snapshot-every-s", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LUOSHU_PS_LOG", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(1)
+    server = ParameterServer(args.index, args.num_servers, args.num_workers, args.snapshot_dir,
+                             args.snapshot_every_s)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    try:
+        port = _bind(sock, args.host, args.port or None)
+
+        def ready():
+            print(f"{READY_LINE} tcp://{args.host}:{port}", flush=True)
+
+        server.run(sock, ready)
+    finally:
+        sock.close()
+        ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
