@@ -1,6 +1,7 @@
 """luoshu: a distributed deep-learning system — dataflow graphs or eager, one operator library."""
 
 from luoshu import (  # noqa: F401
+    dist,
     nn,
     ops,  # noqa: F401  (registers every operator and the Tensor methods)
     optim,
@@ -38,6 +39,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "DStates", "DTypeError", "DeviceError", "DeviceGroup", "Error", "ExecutionError",
     "FeedError", "GradientError", "Graph", "GraphError", "IndexedSlices", "IndexedSlicesValue", "OpError",
-    "ShapeError", "Tensor", "autocast", "enable_grad", "gradients", "load", "manual_seed", "nn", "no_grad",
+    "ShapeError", "Tensor", "autocast", "dist", "enable_grad", "gradients", "load", "manual_seed", "nn", "no_grad",
     "ops", "optim", "placeholder", "save", "tensor",
 ]

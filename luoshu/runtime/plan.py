@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from luoshu.compiler import prune
+from luoshu.compiler import prune, schedule_comm
 from luoshu.core.errors import Error, ExecutionError, FeedError
 from luoshu.core.tensor import Tensor
 
@@ -43,7 +43,7 @@ class Plan:
 
 
 def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
-    ops = prune(graph, fetches)
+    ops = schedule_comm(prune(graph, fetches))
     slot_of: dict[int, int] = {}
     feed_tensors: list[Tensor] = []
     leaf_tensors: list[Tensor] = []

@@ -1,0 +1,65 @@
+"""The comm scheduling pass: start collectives as early as possible, wait on them as late as possible.
+
+The pruned op list is a depth-first topological order, which puts every wait right
+after its start (the walk reaches the start through the wait). This pass re-orders the
+ops, keeping every op after its inputs: an op that starts an asynchronous collective
+runs as soon as its inputs exist, and an op that waits on one runs only when nothing
+else is ready, so the transfer overlaps the rest of the backward pass.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from luoshu.core.op import Op
+
+# Ops that only block on a transfer already in flight, or that block on their own
+# (sync collectives of sparse gradients): run them when nothing else can run.
+WAITS = frozenset({"comm_wait", "bucket_unpack", "sparse_all_gather"})
+_ASYNC_CAPABLE = frozenset({"all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"})
+
+
+def starts_collective(op: Op) -> bool:
+    name = op.opdef.name
+    return name == "bucket_all_reduce" or (name in _ASYNC_CAPABLE and bool(op.attrs.get("async_op")))
+
+
+def schedule_comm(ops: list[Op]) -> list[Op]:
+    """`ops` (a topological order) re-ordered: starts early, waits late, dependencies kept."""
+    if not any(op.opdef.name in WAITS for op in ops):
+        return ops
+    position = {id(op): i for i, op in enumerate(ops)}
+    consumers: list[list[int]] = [[] for _ in ops]
+    missing = [0] * len(ops)
+    for i, op in enumerate(ops):
+        producers = set()
+        for t in op.inputs:
+            if t.producer is not None:
+                j = position.get(id(t.producer[0]))
+                if j is not None and j not in producers:
+                    producers.add(j)
+                    consumers[j].append(i)
+        missing[i] = len(producers)
+
+    # Among ready ops, follow the order the program recorded them: autodiff records the
+    # backward from the last layer down, the order in which gradients become final (the
+    # depth-first order would first walk all the way down to the first parameter).
+    graph = ops[0].graph
+    recorded = {id(op): i for i, op in enumerate(graph.ops)} if graph is not None else {}
+
+    def rank(i: int) -> tuple[int, int, int]:
+        op = ops[i]
+        urgency = 0 if starts_collective(op) else 2 if op.opdef.name in WAITS else 1
+        return urgency, recorded.get(id(op), i), i
+
+    ready = [rank(i) for i in range(len(ops)) if missing[i] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)[-1]
+        order.append(ops[i])
+        for j in consumers[i]:
+            missing[j] -= 1
+            if missing[j] == 0:
+                heapq.heappush(ready, rank(j))
+    return order

@@ -1,0 +1,223 @@
+"""`DataParallel`: the same training step on every worker, gradients synchronised by a strategy.
+
+A strategy decides how gradients (and parameters) travel between workers. Modes map to
+strategy classes in `STRATEGIES`; "allreduce" is here, the parameter-server modes
+("ps", "hybrid") register theirs with `register_strategy`. A strategy implements:
+
+- `setup(params, buffers)`: once, before training (allreduce: broadcast worker 0's values);
+- `rewrite_update(graph, update_op)`: define-and-run, rewrite one `optimizer_update` op
+  (allreduce: the bucketed gradient pass of `luoshu.compiler`);
+- `reduce_gradients(pairs) -> pairs`: eager, turn local gradients (parameter index with a
+  torch tensor, or an `(indices, values)` pair for a sparse one) into synchronised ones.
+"""
+
+from __future__ import annotations
+
+from luoshu.compiler import insert_gradient_allreduce
+from luoshu.compiler.data_parallel import plan_buckets
+from luoshu.core import context
+from luoshu.core.autodiff import gradients
+from luoshu.core.errors import Error, GradientError
+from luoshu.core.graph import Graph
+from luoshu.core.op import apply
+from luoshu.core.tensor import IndexedSlices, Tensor
+from luoshu.dist import env
+from luoshu.dist.env import DistError
+from luoshu.nn.module import Module
+from luoshu.optim.optimizer import Optimizer, _grad_value, _keep_alive, _lookup_live
+
+MODES = ("allreduce", "ps", "hybrid")
+
+
+class Strategy:
+    """How a `DataParallel` synchronises; subclasses implement the three hooks."""
+
+    def __init__(self, dp: DataParallel, **options):
+        if options:
+            raise DistError(f"DataParallel(mode={dp.mode!r}) takes no options {sorted(options)}")
+        self.dp = dp
+
+    def setup(self, params: list[Tensor], buffers: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    def rewrite_update(self, graph: Graph, update_op) -> None:
+        raise NotImplementedError
+
+    def reduce_gradients(self, optimizer: Optimizer, pairs: list) -> list:
+        raise NotImplementedError
+
+
+class AllReduceStrategy(Strategy):
+    """Dense gradients: bucketed, asynchronous all-reduce (mean). Sparse: all-gather of rows."""
+
+    def setup(self, params, buffers):
+        if env.group_size(self.dp.group) == 1:
+            return
+        with context.no_grad():
+            for t in list(params) + list(buffers):
+                if t._value is not None:
+                    t._value.copy_(apply("broadcast", Tensor.from_value(t._value), src=0, group=self.dp.group).value)
+
+    def rewrite_update(self, graph, update_op):
+        insert_gradient_allreduce(graph, update_op, self.dp.bucket_bytes, self.dp.group)
+
+    def reduce_gradients(self, optimizer, pairs):
+        if env.group_size(self.dp.group) == 1:
+            return pairs
+        out = dict(pairs)
+        dense = [(i, g) for i, g in pairs if not isinstance(g, tuple)]
+        buckets = plan_buckets([g.numel() * g.element_size() for _, g in dense],
+                               [str(g.dtype) for _, g in dense], self.dp.bucket_bytes)
+        group = self.dp.group
+        with context.no_grad():
+            # Gradients are final once backward returns: start every bucket, then wait in order.
+            started = [(bucket, apply("bucket_all_reduce", *[Tensor.from_value(dense[k][1]) for k in bucket],
+                                      reduce="mean", group=group)) for bucket in reversed(buckets)]
+            for bucket, flat in started:
+                pieces = apply("bucket_unpack", flat, shapes=tuple(tuple(dense[k][1].shape) for k in bucket))
+                pieces = pieces if isinstance(pieces, tuple) else (pieces,)
+                for k, piece in zip(bucket, pieces):
+                    out[dense[k][0]] = piece.value
+            for i, g in pairs:
+                if isinstance(g, tuple):
+                    idx, val = apply("sparse_all_gather", Tensor.from_value(g[0]), Tensor.from_value(g[1]),
+                                     reduce="mean", group=group)
+                    out[i] = (idx.value, val.value)
+        return [(i, out[i]) for i, _ in pairs]
+
+
+STRATEGIES: dict[str, type[Strategy]] = {"allreduce": AllReduceStrategy}
+
+
+def register_strategy(mode: str, cls: type[Strategy]) -> None:
+    """Makes `DataParallel(mode=mode)` use `cls` (the parameter-server modes register here)."""
+    if mode not in MODES:
+        raise DistError(f"unknown DataParallel mode {mode!r}; the modes are {MODES}")
+    STRATEGIES[mode] = cls
+
+
+class DataParallel:
+    """Trains one model on every worker, each on its own share of the batch.
+
+    Define-and-run: `DataParallel(graph)` rewrites every optimizer update already in the
+    graph (or build through `dp.minimize(loss)` inside the graph). Eager: wrap the model
+    and its optimizer, call the wrapper like the model, then `dp.minimize(loss)` or
+    `loss.backward(); dp.step()`.
+
+    ```python
+    ls.dist.init()
+    model, opt = Net(), ls.optim.SGD(net.parameters(), lr=0.1)
+    dp = ls.dist.DataParallel(model, opt, bucket_size_mb=25)  # worker 0's weights everywhere
+    loss = loss_fn(dp(x_shard), y_shard)
+    dp.minimize(loss)                                         # mean gradient over the workers
+    ```
+
+    With the same seed, N workers at batch b each follow exactly the single-process run at
+    batch N*b (for a loss that is a mean over the batch). `bucket_size_mb` bounds each
+    all-reduce bucket; `group` (a DeviceGroup of worker ranks) defaults to every worker.
+    """
+
+    def __init__(self, target: Module | Graph | None = None, optimizer: Optimizer | None = None, *,
+                 mode: str = "allreduce", bucket_size_mb: float = 25.0, group=None, broadcast: bool = True,
+                 **options):
+        if mode not in MODES:
+            raise DistError(f"DataParallel: unknown mode {mode!r}; the modes are {MODES}")
+        if mode not in STRATEGIES:
+            raise DistError(f"DataParallel: mode {mode!r} needs the parameter-server strategies of luoshu.ps, "
+                            "which are not available in this build; use mode='allreduce'")
+        if not isinstance(bucket_size_mb, (int, float)) or isinstance(bucket_size_mb, bool) or not bucket_size_mb > 0:
+            raise DistError(f"DataParallel: bucket_size_mb must be a positive number, found {bucket_size_mb!r}")
+        if target is not None and not isinstance(target, (Module, Graph)):
+            raise DistError(f"DataParallel wraps a luoshu.nn.Module or a luoshu.Graph, found {type(target).__name__}")
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise DistError(f"DataParallel: optimizer must be a luoshu.optim.Optimizer, found "
+                            f"{type(optimizer).__name__}")
+        env.init()
+        self.mode = mode
+        self.bucket_bytes = max(1, int(bucket_size_mb * 2**20))
+        self.group = tuple(getattr(group, "ranks", group) or ())
+        env.process_group(self.group or None)  # validates the ranks; creating a group is collective
+        self.module = target if isinstance(target, Module) else None
+        self.optimizer = optimizer
+        self.strategy = STRATEGIES[mode](self, **options)
+        if isinstance(target, Graph):
+            updates = [op for op in target.ops if op.opdef.name == "optimizer_update"]
+            if not updates:
+                raise DistError(f"DataParallel: graph '{target.name}' has no optimizer update to synchronise; "
+                                "call optimizer.minimize(loss) inside it first")
+            optimizers = {id(o): o for o in (_lookup_live(op.attrs["optimizer"], "optimizer") for op in updates)}
+            if broadcast:
+                params = [p for o in optimizers.values() for p in o.parameters()]
+                self.strategy.setup(params, [])
+            for op in updates:
+                self.strategy.rewrite_update(target, op)
+        elif broadcast:
+            params = self.module.parameters() if self.module is not None else []
+            if optimizer is not None:
+                seen = {id(p) for p in params}
+                params = list(params) + [p for p in optimizer.parameters() if id(p) not in seen]
+            buffers = self.module.buffers() if self.module is not None else []
+            self.strategy.setup(params, buffers)
+
+    def __repr__(self) -> str:
+        return (f"DataParallel(mode={self.mode!r}, workers={env.group_size(self.group or None)}, "
+                f"bucket_bytes={self.bucket_bytes})")
+
+    def __call__(self, *args, **kwargs):
+        if self.module is None:
+            raise DistError("DataParallel: no module to call; wrap one with DataParallel(module, optimizer)")
+        return self.module(*args, **kwargs)
+
+    def _need_optimizer(self) -> Optimizer:
+        if self.optimizer is None:
+            raise DistError("DataParallel: no optimizer; wrap one with DataParallel(module, optimizer)")
+        return self.optimizer
+
+    def minimize(self, loss: Tensor, var_list=None, loss_scaler=None):
+        """Like `Optimizer.minimize`, with the gradients synchronised across the workers."""
+        opt = self._need_optimizer()
+        if not isinstance(loss, Tensor):
+            raise GradientError(f"minimize takes a loss tensor, found {type(loss).__name__}")
+        if loss.graph is not None:
+            update = opt.minimize(loss, var_list=var_list, loss_scaler=loss_scaler)
+            _keep_alive(loss.graph, self)
+            self.strategy.rewrite_update(loss.graph, update.producer[0])
+            return update
+        params = opt.parameters() if var_list is None else list(var_list)
+        index = {id(p): i for i, p in enumerate(opt.parameters())}
+        for p in params:
+            if id(p) not in index:
+                raise Error(f"DataParallel.minimize: {p!r} is not a parameter of the optimizer")
+        target = loss_scaler.scale(loss) if loss_scaler is not None else loss
+        grads = gradients(target, params)
+        pairs = [(index[id(p)], _grad_value(p, g)) for p, g in zip(params, grads) if g is not None]
+        if not pairs:
+            raise GradientError(f"minimize: the loss does not depend on any of the {len(params)} parameters")
+        opt._apply_gradients(self.strategy.reduce_gradients(opt, pairs), loss_scaler)
+        return None
+
+    def synchronize_gradients(self) -> None:
+        """Eager: replaces every parameter's `.grad` with its synchronised value."""
+        opt = self._need_optimizer()
+        params = opt.parameters()
+        pairs = [(i, _grad_value(p, p.grad)) for i, p in enumerate(params) if p.grad is not None]
+        for i, g in self.strategy.reduce_gradients(opt, pairs):
+            p = params[i]
+            if isinstance(g, tuple):
+                p.grad = IndexedSlices(Tensor.from_value(g[0]), Tensor.from_value(g[1]), p.shape)
+            else:
+                p.grad = Tensor.from_value(g)
+
+    def step(self) -> None:
+        """Eager, after `loss.backward()`: synchronises the gradients, then the optimizer steps."""
+        self.synchronize_gradients()
+        self._need_optimizer().step()
+
+    def zero_grad(self) -> None:
+        self._need_optimizer().zero_grad()
+
+    def parameters(self) -> list[Tensor]:
+        if self.module is not None:
+            return self.module.parameters()
+        return self._need_optimizer().parameters()
+

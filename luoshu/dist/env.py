@@ -1,0 +1,243 @@
+"""The process environment: `init` from torchrun's variables, ranks, cached process groups, the store.
+
+`luoshu launch -n N --servers S` (torchrun underneath) starts N + S processes per node.
+On every node the first N local ranks are workers and the last S are parameter servers.
+Workers form the default collective group by themselves: `rank()` and `world_size()`
+count workers only, so a training script never sees the servers. Servers take no part
+in any collective; `init()` hands them the rendezvous store and runs
+`luoshu.ps.serve(...)`, then exits the process so the script's training code never runs
+there. Everyone shares the rendezvous `TCPStore` (`ps_store()`), e.g. to publish server
+addresses.
+
+Multi-node: every node runs `luoshu launch -n N --servers S --nnodes K --node-rank R
+--rdzv-endpoint host:port script.py`; torchrun numbers the nodes (`GROUP_RANK`), worker
+`i` of node `g` is worker rank `g * N + i` and server `j` of node `g` is server index
+`g * S + j`, so K nodes give K * N workers and K * S servers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as torch_dist
+
+from luoshu.core.dstates import DeviceGroup
+from luoshu.core.errors import Error
+
+
+class DistError(Error, RuntimeError):
+    """A distributed failure: bad launch environment, a collective that failed, a dead peer."""
+
+
+DEFAULT_TIMEOUT_S = 180.0  # bounds every collective: a dead peer never hangs the others forever
+
+
+@dataclass
+class _State:
+    initialized: bool = False
+    backend: str | None = None
+    rank: int = 0  # worker rank (servers: their server index)
+    world_size: int = 1  # workers
+    local_rank: int = 0
+    role: str = "worker"  # or "server"
+    num_servers: int = 0
+    store: object = None
+    timeout: datetime.timedelta = field(default_factory=lambda: datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+    groups: dict = field(default_factory=dict)
+
+
+_state = _State()
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise DistError(f"luoshu.dist.init: the environment variable {name} is not set; start the script "
+                            "with `luoshu launch -n N script.py` (or torchrun)")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistError(f"luoshu.dist.init: {name} must be an integer, found {raw!r}") from None
+
+
+def _layout() -> tuple[str, int, int, int, int]:
+    """(role, index within its role, number of workers, number of servers, local rank) from the env."""
+    global_rank, global_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    servers_per_node = _env_int("LUOSHU_SERVERS_PER_NODE", 0)
+    if servers_per_node == 0:
+        return "worker", global_rank, global_size, 0, local_rank
+    local_size = _env_int("LOCAL_WORLD_SIZE")
+    node = _env_int("GROUP_RANK", 0)
+    workers_per_node = local_size - servers_per_node
+    if workers_per_node < 1 or global_size % local_size:
+        raise DistError(f"luoshu.dist.init: {local_size} processes per node with {servers_per_node} servers per "
+                        f"node leave no workers, or do not divide the world of {global_size}")
+    nodes = global_size // local_size
+    if local_rank < workers_per_node:
+        return "worker", node * workers_per_node + local_rank, nodes * workers_per_node, \
+            nodes * servers_per_node, local_rank
+    return "server", node * servers_per_node + local_rank - workers_per_node, nodes * workers_per_node, \
+        nodes * servers_per_node, local_rank
+
+
+def init(backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Joins the job described by the torchrun environment (a no-op when already joined).
+
+    Without that environment (a plain `python script.py`) this is a single process:
+    rank 0 of 1, and collectives are identities. `backend` defaults to NCCL when CUDA
+    is available and Gloo otherwise. `timeout_s` (default `LUOSHU_COMM_TIMEOUT` or
+    180 s) bounds every collective. A parameter-server process does not return: it
+    serves until the workers shut it down and then exits.
+    """
+    if _state.initialized:
+        return
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("LUOSHU_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if not timeout_s > 0:
+        raise DistError(f"luoshu.dist.init: timeout_s must be positive, found {timeout_s}")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        _state.__init__(initialized=True, timeout=timeout)
+        return
+    role, index, num_workers, num_servers, local_rank = _layout()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and role == "worker" else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise DistError(f"luoshu.dist.init: backend must be 'gloo' or 'nccl', found {backend!r}")
+    try:
+        store, _, _ = next(torch_dist.rendezvous("env://", timeout=timeout))
+    except (RuntimeError, ValueError) as exc:
+        raise DistError(f"luoshu.dist.init: cannot reach the rendezvous store at "
+                        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: {exc}") from exc
+    _state.__init__(initialized=True, backend=backend, rank=index, world_size=num_workers, local_rank=local_rank,
+                    role=role, num_servers=num_servers, store=store, timeout=timeout)
+    if role == "server":
+        _serve_and_exit(store, index, num_servers, num_workers)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    # Workers only: the servers never join a collective, so the default group (and
+    # torch.distributed.get_rank()) number workers from 0.
+    torch_dist.init_process_group(backend, store=torch_dist.PrefixStore("luoshu/workers", store), rank=index,
+                                  world_size=num_workers, timeout=timeout)
+
+
+def _serve_and_exit(store, index: int, num_servers: int, num_workers: int) -> None:
+    try:
+        from luoshu import ps
+    except ImportError as exc:
+        raise DistError(f"server {index}: luoshu.ps is not available: {exc}") from exc
+    ps.serve(ps_prefix_store(store), index, num_servers, num_workers)
+    sys.exit(0)
+
+
+def ps_prefix_store(store):
+    return torch_dist.PrefixStore("luoshu/ps", store)
+
+
+def is_initialized() -> bool:
+    return _state.initialized
+
+
+def is_distributed() -> bool:
+    """True in a multi-process job (the collectives talk to other processes)."""
+    return _state.initialized and _state.store is not None and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    """This worker's rank among the workers (0 in a single process)."""
+    return _state.rank
+
+
+def world_size() -> int:
+    """The number of workers (servers excluded; 1 in a single process)."""
+    return _state.world_size
+
+
+def local_rank() -> int:
+    return _state.local_rank
+
+
+def num_servers() -> int:
+    return _state.num_servers
+
+
+def is_server() -> bool:
+    return _state.role == "server"
+
+
+def backend() -> str | None:
+    return _state.backend
+
+
+def timeout() -> datetime.timedelta:
+    return _state.timeout
+
+
+def ps_store():
+    """`(store, num_servers)`: the rendezvous store (under the "luoshu/ps" prefix) everyone
+    shares, and the number of parameter servers; `(None, 0)` in a single process."""
+    if _state.store is None:
+        return None, 0
+    return ps_prefix_store(_state.store), _state.num_servers
+
+
+def barrier(group: DeviceGroup | None = None) -> None:
+    """Waits until every worker of `group` (default: all workers) gets here."""
+    pg = process_group(group)
+    if pg is None:
+        return
+    try:
+        torch_dist.barrier(group=pg)
+    except RuntimeError as exc:
+        raise DistError(f"barrier on worker ranks {_ranks_of(group)} failed (a peer may have died): {exc}") from exc
+
+
+def _ranks_of(group) -> tuple[int, ...]:
+    if group is None:
+        return tuple(range(_state.world_size))
+    return tuple(group.ranks if isinstance(group, DeviceGroup) else group)
+
+
+def process_group(group: DeviceGroup | tuple | list | None = None):
+    """The torch process group of a `DeviceGroup` (worker ranks), created once and cached.
+
+    None (or every worker) is the default group. Returns None in a single process, where
+    collectives are identities. Creating a group is collective: every worker must ask for
+    the same groups in the same order (as SPMD programs do).
+    """
+    ranks = _ranks_of(group)
+    for r in ranks:
+        if not 0 <= r < _state.world_size:
+            raise DistError(f"device group {ranks} names worker rank {r}, but there are {_state.world_size} workers")
+    if not is_distributed():
+        return None
+    if ranks == tuple(range(_state.world_size)):
+        return torch_dist.group.WORLD
+    pg = _state.groups.get(ranks)
+    if pg is None:
+        pg = _state.groups[ranks] = torch_dist.new_group(list(ranks), timeout=_state.timeout)
+    return pg
+
+
+def group_size(group: DeviceGroup | tuple | list | None = None) -> int:
+    return len(_ranks_of(group)) if is_distributed() else 1
+
+
+def group_rank(group: DeviceGroup | tuple | list | None = None) -> int:
+    """This worker's position in `group` (-1 when not a member)."""
+    ranks = _ranks_of(group)
+    return ranks.index(_state.rank) if _state.rank in ranks else -1
+
+
+def shutdown() -> None:
+    """Leaves the job: destroys the process groups (a no-op when not initialised)."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+    _state.__init__()

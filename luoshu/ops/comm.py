@@ -1,0 +1,468 @@
+"""Communication operators: all_reduce, all_gather, reduce_scatter, broadcast, reduce, all_to_all.
+
+Each collective runs over a group of worker ranks (`group=()` is every worker) through
+torch.distributed; each gradient is the dual collective (all_gather <-> reduce_scatter,
+broadcast <-> reduce, all_to_all <-> all_to_all with the splits swapped, all_reduce <->
+all_reduce). In a single process (no `luoshu launch`) a group has one member and every
+collective is the identity.
+
+Asynchronous collectives (`async_op=True`, and `bucket_all_reduce`) start the transfer
+and return its output buffer at once, with the pending work attached to the buffer;
+a later `comm_wait` (or `bucket_unpack`) op waits on it. Between the two, the plan keeps
+computing: this is how gradient all-reduce overlaps the rest of the backward pass.
+
+The process groups belong to `luoshu.dist`, which installs the resolver below (the ops
+layer does not import the layers above it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as torch_dist
+
+from luoshu.core.errors import Error, OpError
+from luoshu.core.op import OpDef, apply, register
+from luoshu.core.shapes import numel
+from luoshu.core.tensor import Tensor, TensorMeta
+
+__all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "reduce", "reduce_scatter"]
+
+_REDUCE = ("sum", "mean")
+# torch 2.13 renamed the single-tensor collectives; the old names warn.
+_all_gather_single = getattr(torch_dist, "all_gather_single", None) or torch_dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(torch_dist, "reduce_scatter_single", None) or torch_dist.reduce_scatter_tensor
+_PENDING = "_luoshu_pending"  # attribute of a torch buffer whose collective is still running
+
+# ranks tuple -> (torch process group or None, group size, this worker's index in it)
+_group_resolver: Callable | None = None
+
+
+def set_group_resolver(resolver: Callable) -> None:
+    global _group_resolver
+    _group_resolver = resolver
+
+
+def _group(name: str, ranks: tuple):
+    if _group_resolver is None:  # luoshu.dist not loaded: a single process
+        if ranks and tuple(ranks) != (0,):
+            raise Error(f"{name}: group {tuple(ranks)} needs luoshu.dist (a single process has rank 0 only)")
+        return None, 1, 0
+    return _group_resolver(tuple(ranks))
+
+
+def _comm_failed(name: str, ranks: tuple, exc: Exception) -> Error:
+    from luoshu.core.errors import ExecutionError
+
+    who = f"worker ranks {tuple(ranks)}" if ranks else "all workers"
+    return ExecutionError(f"{name} over {who} failed: a peer process may have died or timed out "
+                          f"(the launcher names the dead rank): {exc}")
+
+
+def _check_group_attr(name: str, group) -> None:
+    if not isinstance(group, (tuple, list)) or not all(isinstance(r, int) for r in group):
+        raise OpError(f"{name}: group must be a tuple of worker ranks (() = all workers), found {group!r}")
+
+
+def _check_reduce(name: str, reduce: str) -> None:
+    if reduce not in _REDUCE:
+        raise OpError(f"{name}: reduce must be one of {_REDUCE}, found {reduce!r}")
+
+
+def _static_size(name: str, group) -> int | None:
+    """The group size when it is known while building (a given group, or a resolved world)."""
+    if group:
+        return len(group)
+    return _group(name, group)[1]
+
+
+def _attach(buffer: torch.Tensor, work, finish: Callable | None) -> torch.Tensor:
+    if work is not None or finish is not None:
+        setattr(buffer, _PENDING, (work, finish))
+    return buffer
+
+
+def _finish(buffer: torch.Tensor) -> torch.Tensor:
+    pending = buffer.__dict__.pop(_PENDING, None)
+    if pending is not None:
+        work, finish = pending
+        if work is not None:
+            work.wait()
+        if finish is not None:
+            finish()
+    return buffer
+
+
+def _run(name: str, ranks, fn, buffer: torch.Tensor, async_op: bool, finish: Callable | None = None):
+    """Runs collective `fn(async_op)` writing into `buffer`; synchronous unless `async_op`."""
+    try:
+        work = fn(async_op)
+        if not async_op:
+            if finish is not None:
+                finish()
+            return buffer
+        return _attach(buffer, work, finish)
+    except RuntimeError as exc:
+        raise _comm_failed(name, ranks, exc) from exc
+
+
+@register
+class AllReduce(OpDef):
+    """Sum (or mean) of `x` over the group, on every member."""
+
+    name = "all_reduce"
+    attrs = {"reduce": "sum", "group": (), "async_op": False}
+
+    def infer(self, inputs, reduce, group, async_op):
+        _check_reduce(self.name, reduce)
+        _check_group_attr(self.name, group)
+        return TensorMeta(inputs[0].shape, inputs[0].dtype)
+
+    def compute(self, x, reduce, group, async_op):
+        pg, size, _ = _group(self.name, group)
+        out = x.clone(memory_format=torch.contiguous_format)
+        if pg is None:
+            return out
+        finish = (lambda: out.div_(size)) if reduce == "mean" else None
+        return _run(self.name, group, lambda a: torch_dist.all_reduce(out, group=pg, async_op=a), out,
+                    async_op, finish)
+
+    def gradient(self, op, grads):
+        return [apply("all_reduce", grads[0], reduce=op.attrs["reduce"], group=op.attrs["group"])]
+
+
+@register
+class CommWait(OpDef):
+    """Waits for the asynchronous collective that produces `x`; returns `x` complete."""
+
+    name = "comm_wait"
+
+    def infer(self, inputs):
+        return TensorMeta(inputs[0].shape, inputs[0].dtype)
+
+    @staticmethod
+    def compute(x):
+        return _finish(x)
+
+    def gradient(self, op, grads):
+        return [grads[0]]
+
+
+@register
+class AllGather(OpDef):
+    """The members' `x` concatenated along axis 0, in group order (equal shapes)."""
+
+    name = "all_gather"
+    attrs = {"group": (), "async_op": False}
+
+    def infer(self, inputs, group, async_op):
+        _check_group_attr(self.name, group)
+        x = inputs[0]
+        if x.ndim == 0:
+            raise self.shape_error(inputs, "all_gather needs at least one dimension")
+        size = _static_size(self.name, group)
+        rows = None if x.shape[0] is None else x.shape[0] * size
+        return TensorMeta((rows,) + x.shape[1:], x.dtype)
+
+    def compute(self, x, group, async_op):
+        pg, size, _ = _group(self.name, group)
+        if pg is None:
+            return x.clone(memory_format=torch.contiguous_format)
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] * size,) + tuple(x.shape[1:]))
+        return _run(self.name, group, lambda a: _all_gather_single(out, x, group=pg, async_op=a),
+                    out, async_op)
+
+    def gradient(self, op, grads):
+        return [apply("reduce_scatter", grads[0], reduce="sum", group=op.attrs["group"])]
+
+
+@register
+class ReduceScatter(OpDef):
+    """Sum (or mean) over the group of `x`, split along axis 0: member i keeps block i."""
+
+    name = "reduce_scatter"
+    attrs = {"reduce": "sum", "group": (), "async_op": False}
+
+    def infer(self, inputs, reduce, group, async_op):
+        _check_reduce(self.name, reduce)
+        _check_group_attr(self.name, group)
+        x = inputs[0]
+        size = _static_size(self.name, group)
+        if x.ndim == 0 or (x.shape[0] is not None and x.shape[0] % size):
+            raise self.shape_error(inputs, f"axis 0 must split evenly over the {size} group members")
+        rows = None if x.shape[0] is None else x.shape[0] // size
+        return TensorMeta((rows,) + x.shape[1:], x.dtype)
+
+    def compute(self, x, reduce, group, async_op):
+        pg, size, _ = _group(self.name, group)
+        if pg is None:
+            return x.clone(memory_format=torch.contiguous_format)
+        if x.shape[0] % size:
+            raise OpError(f"reduce_scatter: axis 0 of shape {tuple(x.shape)} does not split over {size} members")
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] // size,) + tuple(x.shape[1:]))
+        finish = (lambda: out.div_(size)) if reduce == "mean" else None
+        return _run(self.name, group, lambda a: _reduce_scatter_single(out, x, group=pg, async_op=a),
+                    out, async_op, finish)
+
+    def gradient(self, op, grads):
+        g = apply("all_gather", grads[0], group=op.attrs["group"])
+        if op.attrs["reduce"] == "mean":
+            g = g / _static_size(self.name, op.attrs["group"])
+        return [g]
+
+
+def _check_root(name: str, root: int, group) -> None:
+    size = _static_size(name, group)
+    if not isinstance(root, int) or not 0 <= root < size:
+        raise OpError(f"{name}: the root must be a position in the group of {size}, found {root!r}")
+
+
+@register
+class Broadcast(OpDef):
+    """Member `src`'s `x` (a position in the group) on every member."""
+
+    name = "broadcast"
+    attrs = {"src": 0, "group": (), "async_op": False}
+
+    def infer(self, inputs, src, group, async_op):
+        _check_group_attr(self.name, group)
+        _check_root(self.name, src, group)
+        return TensorMeta(inputs[0].shape, inputs[0].dtype)
+
+    def compute(self, x, src, group, async_op):
+        pg, _, _ = _group(self.name, group)
+        out = x.clone(memory_format=torch.contiguous_format)
+        if pg is None:
+            return out
+        src_rank = group[src] if group else src
+        return _run(self.name, group, lambda a: torch_dist.broadcast(out, src_rank, group=pg, async_op=a), out,
+                    async_op)
+
+    def gradient(self, op, grads):
+        return [apply("reduce", grads[0], dst=op.attrs["src"], group=op.attrs["group"])]
+
+
+@register
+class Reduce(OpDef):
+    """The sum of `x` over the group on member `dst` (a position in the group); zeros elsewhere."""
+
+    name = "reduce"
+    attrs = {"dst": 0, "group": ()}
+
+    def infer(self, inputs, dst, group):
+        _check_group_attr(self.name, group)
+        _check_root(self.name, dst, group)
+        return TensorMeta(inputs[0].shape, inputs[0].dtype)
+
+    def compute(self, x, dst, group):
+        pg, _, me = _group(self.name, group)
+        out = x.clone(memory_format=torch.contiguous_format)
+        if pg is None:
+            return out
+        dst_rank = group[dst] if group else dst
+        _run(self.name, group, lambda a: torch_dist.reduce(out, dst_rank, group=pg, async_op=a), out, False)
+        if me != dst:  # torch leaves the other members' buffers unspecified
+            out.zero_()
+        return out
+
+    def gradient(self, op, grads):
+        return [apply("broadcast", grads[0], src=op.attrs["dst"], group=op.attrs["group"])]
+
+
+@register
+class AllToAll(OpDef):
+    """Block j of `x` (axis 0) goes to member j; the output stacks the blocks received, in order.
+
+    Equal blocks by default; `input_splits` / `output_splits` give the rows sent to and
+    received from each member for unequal ones.
+    """
+
+    name = "all_to_all"
+    attrs = {"input_splits": (), "output_splits": (), "group": (), "async_op": False}
+
+    def infer(self, inputs, input_splits, output_splits, group, async_op):
+        _check_group_attr(self.name, group)
+        x = inputs[0]
+        size = _static_size(self.name, group)
+        if x.ndim == 0:
+            raise self.shape_error(inputs, "all_to_all needs at least one dimension")
+        if bool(input_splits) != bool(output_splits):
+            raise OpError("all_to_all: give both input_splits and output_splits, or neither")
+        if not input_splits:
+            if x.shape[0] is not None and x.shape[0] % size:
+                raise self.shape_error(inputs, f"axis 0 must split evenly over the {size} group members")
+            return TensorMeta(x.shape, x.dtype)
+        for what, splits in (("input_splits", input_splits), ("output_splits", output_splits)):
+            if len(splits) != size or any(not isinstance(s, int) or s < 0 for s in splits):
+                raise OpError(f"all_to_all: {what} must be {size} non-negative ints, found {splits!r}")
+        if x.shape[0] is not None and x.shape[0] != sum(input_splits):
+            raise self.shape_error(inputs, f"axis 0 must equal sum(input_splits) = {sum(input_splits)}")
+        return TensorMeta((sum(output_splits),) + x.shape[1:], x.dtype)
+
+    def compute(self, x, input_splits, output_splits, group, async_op):
+        pg, _, _ = _group(self.name, group)
+        if pg is None:
+            return x.clone(memory_format=torch.contiguous_format)
+        x = x.contiguous()
+        rows = sum(output_splits) if output_splits else x.shape[0]
+        out = x.new_empty((rows,) + tuple(x.shape[1:]))
+        ins, outs = (list(input_splits), list(output_splits)) if input_splits else (None, None)
+        return _run(self.name, group, lambda a: torch_dist.all_to_all_single(out, x, outs, ins, group=pg, async_op=a),
+                    out, async_op)
+
+    def gradient(self, op, grads):
+        a = op.attrs
+        return [apply("all_to_all", grads[0], input_splits=a["output_splits"], output_splits=a["input_splits"],
+                      group=a["group"])]
+
+
+# --- gradient synchronisation (data parallelism) ------------------------------------------
+@register
+class BucketAllReduce(OpDef):
+    """Flattens `xs` into one buffer and starts its all-reduce; `bucket_unpack` waits and splits.
+
+    One collective per bucket instead of one per gradient, launched as soon as the
+    bucket's last gradient exists.
+    """
+
+    name = "bucket_all_reduce"
+    attrs = {"reduce": "mean", "group": ()}
+    differentiable = False
+    tested_by = "tests/dist/test_comm_ops.py"
+
+    def infer(self, inputs, reduce, group):
+        _check_reduce(self.name, reduce)
+        _check_group_attr(self.name, group)
+        if not inputs or len({t.dtype for t in inputs}) != 1:
+            raise OpError(f"{self.name}: needs one or more inputs of one dtype, found "
+                          f"{sorted({t.dtype for t in inputs})}")
+        sizes = [numel(t.shape) for t in inputs]
+        total = None if any(s is None for s in sizes) else sum(sizes)
+        return TensorMeta((total,), inputs[0].dtype)
+
+    def compute(self, *xs, reduce, group):
+        pg, size, _ = _group(self.name, group)
+        flat = torch.cat([x.reshape(-1) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1).clone()
+        if pg is None:
+            return flat
+        finish = (lambda: flat.div_(size)) if reduce == "mean" else None
+        return _run(self.name, group, lambda a: torch_dist.all_reduce(flat, group=pg, async_op=a), flat, True,
+                    finish)
+
+
+@register
+class BucketUnpack(OpDef):
+    """Waits for a `bucket_all_reduce` and returns its pieces with the given shapes."""
+
+    name = "bucket_unpack"
+    attrs = {"shapes": ()}
+    differentiable = False
+    tested_by = "tests/dist/test_comm_ops.py"
+
+    def infer(self, inputs, shapes):
+        if not shapes:
+            raise OpError(f"{self.name}: shapes must list the bucket's pieces")
+        total = inputs[0].shape[0]
+        if total is not None and total != sum(numel(tuple(s)) for s in shapes):
+            raise self.shape_error(inputs, f"the bucket must hold exactly the pieces {list(shapes)}")
+        return [TensorMeta(tuple(s), inputs[0].dtype) for s in shapes]
+
+    @staticmethod
+    def compute(flat, shapes):
+        flat = _finish(flat)
+        out, pos = [], 0
+        for s in shapes:
+            n = numel(tuple(s))
+            out.append(flat[pos:pos + n].view(tuple(s)))
+            pos += n
+        return tuple(out) if len(out) > 1 else out[0]
+
+
+@register
+class SparseAllGather(OpDef):
+    """An IndexedSlices gradient gathered over the group: every member's (indices, values).
+
+    Members may hold different numbers of rows (padded to the longest on the wire). With
+    `reduce="mean"` the values are divided by the group size. The table is never densified.
+    """
+
+    name = "sparse_all_gather"
+    attrs = {"reduce": "mean", "group": ()}
+    differentiable = False
+    tested_by = "tests/dist/test_comm_ops.py"
+
+    def infer(self, inputs, reduce, group):
+        _check_reduce(self.name, reduce)
+        _check_group_attr(self.name, group)
+        indices, values = inputs
+        if indices.ndim != 1 or values.ndim < 1:
+            raise self.shape_error(inputs, "needs 1-D indices and values with one row per index")
+        return [TensorMeta((None,), indices.dtype), TensorMeta((None,) + values.shape[1:], values.dtype)]
+
+    def compute(self, indices, values, reduce, group):
+        pg, size, _ = _group(self.name, group)
+        if pg is None:
+            return indices.clone(), values.clone()
+        try:
+            counts = torch.empty(size, dtype=torch.int64)
+            _all_gather_single(counts, torch.tensor([indices.shape[0]], dtype=torch.int64), group=pg)
+            longest = int(counts.max())
+            idx = indices.new_zeros((longest,))
+            idx[:indices.shape[0]] = indices
+            val = values.new_zeros((longest,) + tuple(values.shape[1:]))
+            val[:values.shape[0]] = values
+            all_idx = idx.new_empty((size * longest,))
+            all_val = val.new_empty((size * longest,) + tuple(values.shape[1:]))
+            w1 = _all_gather_single(all_idx, idx, group=pg, async_op=True)
+            w2 = _all_gather_single(all_val, val.contiguous(), group=pg, async_op=True)
+            w1.wait()
+            w2.wait()
+        except RuntimeError as exc:
+            raise _comm_failed(self.name, group, exc) from exc
+        if int(counts.min()) != longest:
+            keep = torch.cat([torch.arange(r * longest, r * longest + int(c)) for r, c in enumerate(counts.tolist())])
+            all_idx, all_val = all_idx[keep], all_val[keep]
+        if reduce == "mean":
+            all_val.div_(size)
+        return all_idx, all_val
+
+
+# --- functions ---------------------------------------------------------------------------
+def _ranks(group) -> tuple:
+    if group is None:
+        return ()
+    return tuple(int(r) for r in getattr(group, "ranks", group))
+
+
+def all_reduce(x: Tensor, reduce: str = "sum", group=None, async_op: bool = False) -> Tensor:
+    """Sum (or mean) over `group` (a DeviceGroup or worker ranks; None = all workers).
+    With `async_op`, pass the result through `comm_wait` before reading it."""
+    return apply("all_reduce", x, reduce=reduce, group=_ranks(group), async_op=async_op)
+
+
+def comm_wait(x: Tensor) -> Tensor:
+    return apply("comm_wait", x)
+
+
+def all_gather(x: Tensor, group=None, async_op: bool = False) -> Tensor:
+    return apply("all_gather", x, group=_ranks(group), async_op=async_op)
+
+
+def reduce_scatter(x: Tensor, reduce: str = "sum", group=None, async_op: bool = False) -> Tensor:
+    return apply("reduce_scatter", x, reduce=reduce, group=_ranks(group), async_op=async_op)
+
+
+def broadcast(x: Tensor, src: int = 0, group=None, async_op: bool = False) -> Tensor:
+    return apply("broadcast", x, src=src, group=_ranks(group), async_op=async_op)
+
+
+def reduce(x: Tensor, dst: int = 0, group=None) -> Tensor:
+    return apply("reduce", x, dst=dst, group=_ranks(group))
+
+
+def all_to_all(x: Tensor, input_splits=None, output_splits=None, group=None, async_op: bool = False) -> Tensor:
+    return apply("all_to_all", x, input_splits=tuple(input_splits or ()), output_splits=tuple(output_splits or ()),
+                 group=_ranks(group), async_op=async_op)
