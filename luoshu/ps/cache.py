@@ -19,7 +19,9 @@ the lowest scores with `np.argpartition`. No Python loop runs per id.
 
 The cache talks to anything with the parameter-server client's table calls:
 `pull(name, ids) -> (rows, versions)`, `pull_async(name, ids) -> Future`, and
-`push(name, ids, grads, scale=...) -> Future`.
+`push(name, ids, grads, scale=...) -> Future`. Pushes are not waited for: a pull issued
+after a push reaches each server after it, as the client sends every request to a
+server in order over one socket.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from luoshu.core.errors import Error
+from luoshu.ps.protocol import PSError
 
 POLICIES = ("lru", "lfu")
 _ID_BYTES = 8
@@ -38,7 +40,7 @@ _VERSION_BYTES = 8
 _TICK_BITS = 40
 
 
-class CacheError(Error, ValueError):
+class CacheError(PSError, ValueError):
     """A cache configured or used wrongly (names the table, what was expected and found)."""
 
 
@@ -120,7 +122,7 @@ class HETCache:
         # Gradients leaving the cache this step (evicted rows): pushed with end_step's push.
         self._out_ids: list[np.ndarray] = []
         self._out_grads: list[np.ndarray] = []
-        self._last_push = None  # (sorted ids, future) of the newest push
+        self._last_push = None  # the future of the newest push
         self._staged: list = []  # prefetches: (sorted ids, future, clock at issue)
         self._deferred_prefetch: np.ndarray | None = None
         self._served_versions = np.empty(0, np.int64)
@@ -281,7 +283,6 @@ class HETCache:
             self.stats.prefetched += int(hit.sum())
         if todo.any():
             pull_ids = ids[todo]
-            self._wait_pushes(pull_ids)
             pulled, pulled_versions = self.client.pull(self.table, pull_ids)
             self._count_pull(len(pull_ids))
             rows[todo] = pulled
@@ -293,14 +294,11 @@ class HETCache:
         self.stats.rows_pulled += n
         self.stats.bytes_pulled += n * (_ID_BYTES + _VERSION_BYTES + self.dim * self.dtype.itemsize)
 
-    def _wait_pushes(self, ids: np.ndarray) -> None:
-        """A pull of rows just pushed waits for that push (asynchronous tables keep no order)."""
-        if self._last_push is None:
-            return
-        pushed, future = self._last_push
-        if len(pushed) and np.isin(ids, pushed, assume_unique=True).any():
+    def _check_last_push(self) -> None:
+        """Raises the error of the previous push, if it failed (pushes are not waited for)."""
+        if self._last_push is not None and self._last_push.done():
+            future, self._last_push = self._last_push, None
             future.result()
-            self._last_push = None
 
     def _evict(self, count: int, exclude: np.ndarray | None = None) -> None:
         """Drops the `count` lowest-scored resident rows (not those in `exclude`), writing
@@ -393,8 +391,8 @@ class HETCache:
                 summed = np.zeros((len(uniq), self.dim), grads.dtype)
                 np.add.at(summed, inverse, grads)
                 ids, grads = uniq, summed
-        future = self.client.push(self.table, ids, grads, scale=self.scale)
-        self._last_push = (ids, future)
+        self._check_last_push()
+        self._last_push = self.client.push(self.table, ids, grads, scale=self.scale)
         self.stats.pushes += 1
         self.stats.rows_pushed += len(ids)
         self.stats.bytes_pushed += len(ids) * (_ID_BYTES + self.dim * self.dtype.itemsize)
@@ -423,7 +421,6 @@ class HETCache:
             uniq = uniq[~valid]
         if len(uniq) == 0:
             return
-        self._wait_pushes(uniq)
         self._staged.append((uniq, self.client.pull_async(self.table, uniq), stamp))
         self._count_pull(len(uniq))
 
@@ -441,8 +438,8 @@ class HETCache:
         if self._out_ids:
             self._push_out(force=True)
         if self._last_push is not None:
-            self._last_push[1].result()
-            self._last_push = None
+            future, self._last_push = self._last_push, None
+            future.result()
         self._staged = []
         if refresh and len(self._keys):
             rows, versions = self.client.pull(self.table, self._keys)

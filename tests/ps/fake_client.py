@@ -32,6 +32,15 @@ class FakeClient:
         self.pushed_rows = 0
         self.push_calls = 0
 
+    def create_table(self, name, dim, *, optimizer=("sgd", {"lr": 0.1}), sync_workers=None, **_):
+        assert dim == self.dim and optimizer[0] == "sgd"
+        self.lr = optimizer[1]["lr"]
+        self.config = {"name": name, "dim": dim, "sync_workers": sync_workers}
+        return dict(self.config)
+
+    def table_config(self, name):
+        return dict(self.config)
+
     def _row(self, i: int) -> np.ndarray:
         if i not in self.rows:
             self.rows[i] = initial_rows(np.array([i]), self.dim)[0]
