@@ -188,9 +188,11 @@ def _config_fields(config_class: type) -> dict[str, dataclasses.Field]:
     return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[str, Any]):
-    """Builds zoo model `name` with the config fields the dataset decides (classes, vocabulary, slots ...)
-    filled in from `dataset_info` and the rest from `model_args`; returns (model, config)."""
+def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[str, Any],
+                min_info: Mapping[str, Any] | None = None):
+    """Builds zoo model `name` with the config fields the dataset decides filled in: `dataset_info`
+    fields (classes, channels, slots ...) must match, `min_info` fields (vocabulary, sequence length,
+    table sizes) may be larger. The rest comes from `model_args`; returns (model, config)."""
     table = model_table()
     config_class, model_class, _ = table[name]
     fields = _config_fields(config_class)
@@ -206,6 +208,14 @@ def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[
         if given is not None and _normalise(given) != _normalise(value):
             raise TrainConfigError(f"model arg {key}={given!r} does not fit the dataset, which needs {key}={value!r}")
         kwargs[key] = value
+    for key, value in (min_info or {}).items():
+        if key not in fields:
+            continue
+        given = model_args.get(key)
+        if given is not None and not _at_least(given, value):
+            raise TrainConfigError(f"model arg {key}={given!r} is too small for the dataset, which needs "
+                                   f"{key} >= {value!r}")
+        kwargs[key] = value
     kwargs.update(model_args)
     from luoshu import models
 
@@ -219,6 +229,13 @@ def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[
         raise
     except (TypeError, ValueError) as exc:
         raise TrainConfigError(f"model {name!r}: bad config {kwargs}: {exc}") from None
+
+
+def _at_least(given, needed) -> bool:
+    if isinstance(needed, list | tuple):
+        return isinstance(given, list | tuple) and len(given) == len(needed) and all(
+            _at_least(g, n) for g, n in zip(given, needed))
+    return isinstance(given, int | float) and given >= needed
 
 
 def _normalise(value):
@@ -257,12 +274,15 @@ def build_optimizer(config: TrainConfig, params):
 @dataclass
 class DataSplits:
     """A dataset ready for a task: train and eval arrays (dicts of equal-length NumPy arrays, keyed by
-    the task's input names), what the model config needs to know (`info`) and a per-batch transform."""
+    the task's input names), what the model config must say (`info`, exactly; `min_info`, at least)
+    and a per-batch transform `transform(batch, rng, train)` (rng: seeded per batch, so random
+    augmentation and masking are reproducible and resume exactly)."""
 
     train: dict[str, np.ndarray]
     eval: dict[str, np.ndarray]
-    info: dict[str, Any]
-    transform: Callable[[dict], dict] | None = None
+    info: dict[str, Any]  # config fields the data fixes (classes, channels, dense features)
+    transform: Callable[[dict, np.random.Generator, bool], dict] | None = None
+    min_info: dict[str, Any] = field(default_factory=dict)  # fields the data bounds below (vocabulary, length)
 
 
 @dataclass(frozen=True)
@@ -291,8 +311,11 @@ def _split(arrays: dict[str, np.ndarray], eval_fraction: float, seed: int, shuff
     return {k: v[train] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()}
 
 
-def _image_splits(train_images, train_labels, eval_images, eval_labels, num_classes, mean, std) -> DataSplits:
-    """uint8/float images (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W), normalised per batch."""
+def _image_splits(train_images, train_labels, eval_images, eval_labels, num_classes, mean, std,
+                  augment: bool = False) -> DataSplits:
+    """uint8/float images (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W), normalised per batch; with
+    `augment`, training batches get the usual CIFAR augmentation (random crop with 4 pixels of zero
+    padding, horizontal flip)."""
     def nchw(images):
         return images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
 
@@ -302,13 +325,28 @@ def _image_splits(train_images, train_labels, eval_images, eval_labels, num_clas
     mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
 
-    def transform(batch):
-        return {**batch, "image": (batch["image"].astype(np.float32) / scale - mean) / std}
+    def transform(batch, rng, train):
+        images = (batch["image"].astype(np.float32) / scale - mean) / std
+        if augment and train:
+            images = _crop_and_flip(images, rng)
+        return {**batch, "image": images}
 
     info = {"num_classes": num_classes, "in_channels": channels, "image_size": size,
             "in_features": channels * size * train_images.shape[3]}
     return DataSplits({"image": train_images, "label": train_labels}, {"image": eval_images, "label": eval_labels},
                       info, transform)
+
+
+def _crop_and_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    n, _, h, w = images.shape
+    padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))  # zero = the mean after normalising
+    top, left = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+    rows = top[:, None] + np.arange(h)[None, :]  # (n, h)
+    cols = left[:, None] + np.arange(w)[None, :]
+    flip = rng.random(n) < 0.5
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None, None], np.arange(images.shape[1])[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _load_digits(path, data_args, task):
@@ -333,14 +371,14 @@ def _load_cifar(classes: int):
         from luoshu.data import CIFAR10, CIFAR100
 
         if classes == 10:
-            a = _args(data_args, "cifar10", {})
+            a = _args(data_args, "cifar10", {"augment": True})
             train, test = CIFAR10(path, train=True), CIFAR10(path, train=False)
         else:
-            a = _args(data_args, "cifar100", {"label": "fine"})
+            a = _args(data_args, "cifar100", {"label": "fine", "augment": True})
             train, test = CIFAR100(path, True, a["label"]), CIFAR100(path, False, a["label"])
         num_classes = 10 if classes == 10 else 100 if a["label"] == "fine" else 20
         return _image_splits(train.images, train.labels, test.images, test.labels, num_classes,
-                             [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+                             [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], a["augment"])
     return load
 
 
@@ -359,8 +397,8 @@ def _ctr_splits(train: dict, held: dict, slot_sizes) -> DataSplits:
         raise TrainConfigError(f"the CTR ids do not fit the slot sizes {sizes.tolist()}: expected "
                                f"{len(sizes)} slots with ids in [0, size), found {sparse.shape[1]} slots with ids in "
                                f"[{sparse.min(initial=0)}, {sparse.max(initial=0)}]")
-    info = {"dense_dim": int(train["dense"].shape[1]), "slot_sizes": sizes.tolist()}
-    return DataSplits(train, held, info)
+    return DataSplits(train, held, {"dense_dim": int(train["dense"].shape[1])},
+                      min_info={"slot_sizes": sizes.tolist()})
 
 
 def _tail_split(data: dict, eval_fraction: float) -> tuple[dict, dict]:
@@ -461,7 +499,7 @@ def _load_movielens(path, data_args, task):
     eu, ei = user[last].astype(np.int64), item[last].astype(np.int64)
     candidates = np.concatenate([ei[:, None], unrated(eu, a["eval_negatives"])], axis=1)  # held-out item first
     held = {"user": np.repeat(eu[:, None], candidates.shape[1], axis=1), "item": candidates}
-    return DataSplits(train, held, {"num_users": num_users, "num_items": num_items})
+    return DataSplits(train, held, {}, min_info={"num_users": num_users, "num_items": num_items})
 
 
 def _pad(seqs, length: int, value: int) -> np.ndarray:
@@ -480,22 +518,23 @@ def _load_copy(reverse: bool):
                                     "max_len": 12, "seed": 0})
         pairs = copy_task(a["num_samples"] + a["eval_samples"], a["vocab"], a["min_len"], a["max_len"],
                           reverse=reverse, dist="uniform", seed=a["seed"])
-        info = {"vocab_size": a["vocab"]}
+        info = {"vocab_size": a["vocab"], "src_vocab_size": a["vocab"], "tgt_vocab_size": a["vocab"]}
         if task == "lm":  # source, separator, answer: score the answer only
             length = 2 * a["max_len"]
             arrays = {"tokens": _pad([p[0] for p in pairs], length, 0), "targets": _pad([p[1] for p in pairs],
                                                                                          length, -100)}
-            info["max_seq_len"] = length
+            info.update(_lengths_info(length))
         else:  # seq2seq: the source, and the answer after a start token (1) with an end token (1) after it
-            n_src = [(len(p[0]) - 1) // 2 for p in pairs]  # len(inputs) = 2 * len(source)
+            n_src = [len(p[0]) // 2 for p in pairs]  # inputs: source, separator, answer[:-1]
             sources = [p[0][:k] for p, k in zip(pairs, n_src)]
             answers = [p[1][k:] for p, k in zip(pairs, n_src)]
             arrays = {"src": _pad(sources, a["max_len"], 0),
                       "tgt_in": _pad([np.r_[1, ans] for ans in answers], a["max_len"] + 1, 0),
                       "tgt_out": _pad([np.r_[ans, 1] for ans in answers], a["max_len"] + 1, -100)}
-            info["max_seq_len"] = a["max_len"] + 1
+            info["max_len"] = a["max_len"] + 1
         n = a["num_samples"]
-        return DataSplits({k: v[:n] for k, v in arrays.items()}, {k: v[n:] for k, v in arrays.items()}, info)
+        return DataSplits({k: v[:n] for k, v in arrays.items()}, {k: v[n:] for k, v in arrays.items()}, {},
+                          min_info=info)
     return load
 
 
@@ -514,7 +553,31 @@ def _load_synthetic_lm(path, data_args, task):
     blocks = stream[:n * block].reshape(n, block)
     train, held = _split({"tokens": blocks[:, :-1].copy(), "targets": blocks[:, 1:].copy()}, a["eval_fraction"],
                          a["seed"], shuffle=False)
-    return DataSplits(train, held, {"vocab_size": a["vocab"], "max_seq_len": a["seq_len"]})
+    return DataSplits(train, held, {}, min_info={"vocab_size": a["vocab"], **_lengths_info(a["seq_len"])})
+
+
+def _lengths_info(length: int) -> dict[str, int]:
+    """The zoo's names for a language model's longest sequence."""
+    return {"block_size": length, "max_seq_len": length, "max_position_embeddings": length}
+
+
+def _load_synthetic_text(path, data_args, task):
+    """Topic classification: each class draws its tokens from its own Zipf distribution (a random
+    permutation of the vocabulary), sequence lengths long-tailed; padding id 0."""
+    from luoshu.data import synthetic_sequences
+
+    a = _args(data_args, "synthetic-text", {"num_samples": 4096, "eval_samples": 1024, "num_classes": 4,
+                                            "vocab": 64, "min_len": 4, "max_len": 32, "seed": 0})
+    n = a["num_samples"] + a["eval_samples"]
+    rng = np.random.default_rng(a["seed"])
+    labels = rng.integers(0, a["num_classes"], n)
+    seqs = synthetic_sequences(n, a["vocab"], a["min_len"], a["max_len"], num_special=1, seed=a["seed"])
+    topics = np.stack([1 + rng.permutation(a["vocab"] - 1) for _ in range(a["num_classes"])])  # token 0: padding
+    tokens = _pad([topics[c][s - 1] for c, s in zip(labels, seqs)], a["max_len"], 0)
+    arrays = {"tokens": tokens, "label": labels.astype(np.int64)}
+    m = a["num_samples"]
+    return DataSplits({k: v[:m] for k, v in arrays.items()}, {k: v[m:] for k, v in arrays.items()},
+                      {"num_classes": a["num_classes"]}, min_info={"vocab_size": a["vocab"]})
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -529,6 +592,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "copy": DatasetSpec(("seq2seq", "lm"), False, _load_copy(False), "copy a random sequence (synthetic)"),
     "reverse": DatasetSpec(("seq2seq", "lm"), False, _load_copy(True), "reverse a random sequence (synthetic)"),
     "synthetic-lm": DatasetSpec(("lm",), False, _load_synthetic_lm, "long-tail token corpus (synthetic)"),
+    "synthetic-text": DatasetSpec(("sequence",), False, _load_synthetic_text,
+                                  "token sequences labelled by topic (synthetic)"),
 }
 
 
@@ -542,21 +607,20 @@ class Task:
     target: str = "label"
     metrics: tuple[str, ...] = ()
 
-    def placeholders(self, arrays: dict[str, np.ndarray], device: str, flatten: bool = False) -> dict:
+    def placeholders(self, arrays: dict[str, np.ndarray], device: str) -> dict:
         import luoshu as ls
 
         out = {}
         for key in (*self.inputs, self.target):
             a = arrays[key]
             shape = (None, *a.shape[1:])
-            if key == "image" and flatten:
-                shape = (None, int(np.prod(a.shape[1:])))
             dtype = "int64" if np.issubdtype(a.dtype, np.integer) and key != "image" else "float32"
             out[key] = ls.placeholder(key, shape, dtype, device)
         return out
 
     def forward(self, model, feeds: dict):
-        return model(*(feeds[k] for k in self.inputs))
+        out = model(*(feeds[k] for k in self.inputs))
+        return out[0] if isinstance(out, tuple) else out  # BERT: (mlm_logits, nsp_logits)
 
     def loss(self, output, target):
         from luoshu.nn import functional as F
@@ -617,7 +681,7 @@ class RatingTask(CTRTask):
 
     inputs, metrics = ("user", "item"), ("hr@10", "ndcg@10")
 
-    def placeholders(self, arrays, device, flatten=False):
+    def placeholders(self, arrays, device):
         import luoshu as ls
 
         return {"user": ls.placeholder("user", (None,), "int64", device),
@@ -687,9 +751,9 @@ class _EpochBatches:
     """Batch `i` of one epoch (from `start` on), cut from in-memory arrays in a seeded order:
     a map-style dataset of whole batches for `DataLoader(batch_size=None)` to prefetch."""
 
-    def __init__(self, arrays, order: np.ndarray, batch_size: int, start: int, transform):
-        self.arrays, self.order, self.batch_size, self.start, self.transform = arrays, order, batch_size, start, \
-            transform
+    def __init__(self, arrays, order: np.ndarray, batch_size: int, start: int, transform, seed: tuple[int, ...]):
+        self.arrays, self.order, self.batch_size, self.start = arrays, order, batch_size, start
+        self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
         return max(0, len(self.order) // self.batch_size - self.start)
@@ -698,7 +762,9 @@ class _EpochBatches:
         j = self.start + i
         idx = np.sort(self.order[j * self.batch_size:(j + 1) * self.batch_size])
         batch = {k: v[idx] for k, v in self.arrays.items()}
-        return self.transform(batch) if self.transform is not None else batch
+        if self.transform is None:
+            return batch
+        return self.transform(batch, np.random.default_rng([*self.seed, j]), True)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -741,6 +807,27 @@ def _set_generator_state(device: str, state: str) -> None:
 
     raw = np.frombuffer(base64.b64decode(state), dtype=np.uint8).copy()
     generator(device).set_state(torch.from_numpy(raw))
+
+
+def _is_masked_lm(model_class: type) -> bool:
+    from luoshu import models
+
+    bert = getattr(models, "BertForPreTraining", None)
+    return bert is not None and issubclass(model_class, bert)
+
+
+def _masked_lm(mask_id: int) -> Callable:
+    """BERT's masked-LM objective over a token batch: 15% of positions are scored; of those, 80% are
+    replaced by [MASK] (`mask_id`), 10% by a random token and 10% kept."""
+    def transform(batch, rng, train):
+        tokens = batch["tokens"]
+        chosen = rng.random(tokens.shape) < 0.15
+        chosen.reshape(-1)[0] |= not chosen.any()  # a batch with nothing to score would give a NaN loss
+        draw = rng.random(tokens.shape)
+        inputs = np.where(chosen & (draw < 0.8), mask_id, tokens)
+        inputs = np.where(chosen & (draw >= 0.8) & (draw < 0.9), rng.integers(0, mask_id, tokens.shape), inputs)
+        return {**batch, "tokens": inputs.astype(np.int64), "targets": np.where(chosen, tokens, -100)}
+    return transform
 
 
 # --- the trainer --------------------------------------------------------------------------------------
@@ -810,16 +897,19 @@ class Trainer:
         self.checkpoint_interval = self.eval_interval if config.checkpoint_interval is None \
             else config.checkpoint_interval
 
+        if self.task_name == "lm" and _is_masked_lm(model_table()[config.model][1]):
+            vocab = self.data.min_info["vocab_size"]
+            self.data.min_info["vocab_size"] = vocab + 1  # one more id: [MASK]
+            self.data.transform = _masked_lm(vocab)
         ls.manual_seed(config.seed)
-        self.model, self.model_config = build_model(config.model, self.data.info, config.model_args)
+        self.model, self.model_config = build_model(config.model, self.data.info, config.model_args,
+                                                    self.data.min_info)
         if self.device != "cpu":
             self.model.to(self.device)
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.scheduler = self._scheduler()
-        flatten = "in_features" in _config_fields(model_table()[config.model][0])
-        self._flatten = flatten
         with ls.Graph(f"train-{config.model}") as graph:
-            self.feeds = self.task.placeholders(self.data.train, self.device, flatten)
+            self.feeds = self.task.placeholders(self.data.train, self.device)
             self.model.train()
             output = self.task.forward(self.model, self.feeds)
             self.loss = self.task.loss(output, self.feeds[self.task.target])
@@ -833,6 +923,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.window = {"loss_sum": 0.0, "steps": 0, "samples": 0, "seconds": 0.0}
         self.last_metrics: dict[str, float] = {}
+        self._eval_data: dict[str, np.ndarray] | None = None
 
     # --- pieces -------------------------------------------------------------------------------------
     def _scheduler(self):
@@ -849,25 +940,20 @@ class Trainer:
         return None
 
     def _feed(self, batch: dict[str, np.ndarray]) -> dict:
-        feed = {}
-        for key, ph in self.feeds.items():
-            if key not in batch:
-                continue
-            value = batch[key]
-            if key == "image" and self._flatten:
-                value = value.reshape(len(value), -1)
-            feed[ph] = value
-        return feed
+        return {ph: batch[key] for key, ph in self.feeds.items() if key in batch}
 
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """The eval branch's output (logits) on one batch of inputs."""
-        batch = self.data.transform(batch) if self.data.transform is not None else batch
         feed = {ph: v for ph, v in self._feed(batch).items() if ph.name in self.task.inputs}
         return self.graph.run(self.eval_output, feed)
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
-        return self.task.evaluate(self.predict, self.data.eval, c.eval_batch_size or 4 * c.batch_size)
+        if self._eval_data is None:
+            self._eval_data = self.data.eval
+            if self.data.transform is not None:  # no augmentation; masks (BERT) fixed for every evaluation
+                self._eval_data = self.data.transform(self.data.eval, np.random.default_rng([c.seed, 1 << 31]), False)
+        return self.task.evaluate(self.predict, self._eval_data, c.eval_batch_size or 4 * c.batch_size)
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -945,7 +1031,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 batches = _EpochBatches(self.data.train, epoch_order(c.seed, self.epoch, len(self.data.train[
-                    self.task.target])), c.batch_size, self.batch_in_epoch, self.data.transform)
+                    self.task.target])), c.batch_size, self.batch_in_epoch, self.data.transform, (c.seed, self.epoch))
                 loader = DataLoader(batches, batch_size=None, num_workers=c.num_workers)
                 tick = time.perf_counter()
                 for batch in loader:
