@@ -118,6 +118,7 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
                         f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: {exc}") from exc
     _state.__init__(initialized=True, backend=backend, rank=index, world_size=num_workers, local_rank=local_rank,
                     role=role, num_servers=num_servers, store=store, timeout=timeout)
+    os.environ["LUOSHU_WORKER_RANK" if role == "worker" else "LUOSHU_SERVER_INDEX"] = str(index)
     if role == "server":
         _serve_and_exit(store, index, num_servers, num_workers)
     if backend == "nccl":
@@ -133,12 +134,8 @@ def _serve_and_exit(store, index: int, num_servers: int, num_workers: int) -> No
         from luoshu import ps
     except ImportError as exc:
         raise DistError(f"server {index}: luoshu.ps is not available: {exc}") from exc
-    ps.serve(ps_prefix_store(store), index, num_servers, num_workers)
+    ps.serve(store, index, num_servers, num_workers)
     sys.exit(0)
-
-
-def ps_prefix_store(store):
-    return torch_dist.PrefixStore("luoshu/ps", store)
 
 
 def is_initialized() -> bool:
@@ -181,11 +178,10 @@ def timeout() -> datetime.timedelta:
 
 
 def ps_store():
-    """`(store, num_servers)`: the rendezvous store (under the "luoshu/ps" prefix) everyone
-    shares, and the number of parameter servers; `(None, 0)` in a single process."""
-    if _state.store is None:
-        return None, 0
-    return ps_prefix_store(_state.store), _state.num_servers
+    """`(store, num_servers)`: the rendezvous store every process of the job shares (keys
+    under "luoshu/ps/" are the parameter servers'), and the number of parameter servers;
+    `(None, 0)` in a single process."""
+    return _state.store, _state.num_servers
 
 
 def barrier(group: DeviceGroup | None = None) -> None:

@@ -1,9 +1,9 @@
 """A small recommender-style model trained with DataParallel; run under `luoshu launch` by the tests.
 
-    python -m luoshu.dist.launch -n N tests/dist/dp_train.py --mode graph|eager --batch B --out params.npz
+    python -m luoshu.dist.launch -n N tests/dist/dp_train.py --runs graph:0.001:sgd,eager:25:adam --out PREFIX
 
 Every worker draws the same global batch of N*B rows per step and trains on its own
-slice; worker 0 writes the final parameters. `train(...)` with world size 1 and batch
+slice; every worker writes its final parameters to PREFIX.rank<r>.npz. `train(...)` with world size 1 and batch
 N*B is the single-process reference the tests compare against.
 """
 
@@ -77,21 +77,27 @@ def train(mode: str, batch: int, steps: int, workers: int, rank: int, bucket_mb:
     return {name: p.numpy() for name, p in model.named_parameters()}
 
 
+def parse_run(run: str) -> tuple[str, float, str]:
+    """"graph:0.001:sgd" -> (mode, bucket size in MB, optimizer)."""
+    mode, bucket_mb, optimizer = run.split(":")
+    return mode, float(bucket_mb), optimizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("graph", "eager"), default="graph")
+    parser.add_argument("--runs", default="graph:25:sgd", help="comma-separated mode:bucket_mb:optimizer")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--bucket-mb", type=float, default=25.0)
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.dist.init()
-    params = train(args.mode, args.batch, args.steps, ls.dist.world_size(), ls.dist.rank(), args.bucket_mb,
-                   args.optimizer)
-    if ls.dist.rank() == 0:
-        np.savez(args.out, **params)
+    results = {}
+    for run in args.runs.split(","):
+        mode, bucket_mb, optimizer = parse_run(run)
+        params = train(mode, args.batch, args.steps, ls.dist.world_size(), ls.dist.rank(), bucket_mb, optimizer)
+        results.update({f"{run}/{name}": value for name, value in params.items()})
+    np.savez(f"{args.out}.rank{ls.dist.rank()}.npz", **results)
     ls.dist.barrier()
     ls.dist.shutdown()
 

@@ -1,0 +1,32 @@
+"""Worker `--victim` kills itself (SIGKILL) in the middle of training; the others keep all-reducing.
+
+    python -m luoshu.dist.launch -n 2 tests/dist/die_script.py --victim 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+import numpy as np
+import torch
+
+import luoshu as ls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--victim", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ls.dist.init()
+    x = ls.tensor(np.ones(1000, np.float32))
+    for step in range(100000):  # far longer than any test waits: only the fault ends it
+        if step == 3 and ls.dist.rank() == args.victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        ls.ops.all_reduce(x)
+
+
+if __name__ == "__main__":
+    main()
