@@ -105,7 +105,7 @@ def synthetic_ctr(num_samples: int, dense_dim: int = 13, slot_sizes: Sequence[in
                   dist: str = "uniform", alpha: float = 1.2, seed: int = 0, embed_dim: int = 4,
                   interaction_weight: float = 0.5, logit_scale: float = 2.0, ctr: float = 0.25,
                   missing_rate: float = 0.0,
-                  return_probability: bool = False) -> dict[str, np.ndarray]:
+                  return_probability: bool = False, sample_index: int | None = None) -> dict[str, np.ndarray]:
     """Click-log samples whose labels follow a hidden model, so a good CTR model can learn them.
 
     Returns a CTR batch: `"dense"` float32 (N, dense_dim) of non-negative integer counts,
@@ -147,7 +147,8 @@ def synthetic_ctr(num_samples: int, dense_dim: int = 13, slot_sizes: Sequence[in
     for _ in range(60):
         bias = (low + high) / 2
         low, high = (bias, high) if np.mean(1 / (1 + np.exp(-(calibration + bias)))) < ctr else (low, bias)
-    rng = np.random.default_rng(sample_seed)
+    # `sample_index` draws another sample (e.g. one per file) from the same hidden model
+    rng = np.random.default_rng(sample_seed if sample_index is None else np.random.SeedSequence([seed, sample_index]))
     dense, sparse = draw(rng, num_samples)
     logit = (model.raw_logit(dense, sparse) - mean) / std * logit_scale + bias
     probability = 1 / (1 + np.exp(-logit))

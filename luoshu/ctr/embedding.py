@@ -1,0 +1,141 @@
+"""HugeCTR's `SparseEmbedding` on a luoshu table: keys → rows (slot offsets or a growing hash
+index), and one vector per slot by sum or mean over the slot's keys.
+
+With `slot_size_array` known, slot s's key k is row `offset[s] + k`, as HugeCTR offsets
+Parquet keys. Without it (Norm / Raw data with global keys), rows are handed out on first
+touch by a sorted, vectorised key index with the capacity HugeCTR derives from
+`workspace_size_per_gpu_in_mb` (or `max_vocabulary_size_per_gpu`). The last row is padding:
+always zero, used for missing keys and the unused places of short multi-hot slots.
+
+Lookups: one key per slot uses `embedding`, several use `embedding_bag` (sum / mean,
+padding ignored); the gradient is an IndexedSlices, so the optimizer touches only the rows
+seen (HugeCTR's Local / LazyGlobal updates). `Update_t.Global` gathers with `index_select`,
+whose gradient is dense over the table, so every row's optimizer state moves each step, as
+HugeCTR's global update does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from luoshu import ops
+from luoshu.ctr.config import CTRError, DataReaderSparseParam, SparseEmbedding
+from luoshu.nn import functional as F
+from luoshu.nn import init
+from luoshu.nn.layers import empty_parameter
+from luoshu.nn.module import Module
+
+
+def vocabulary_capacity(spec: SparseEmbedding) -> int:
+    """Rows of a hash table: `max_vocabulary_size_per_gpu`, else the workspace over the vector size."""
+    if spec.max_vocabulary_size_per_gpu:
+        return int(spec.max_vocabulary_size_per_gpu)
+    rows = int(spec.workspace_size_per_gpu_in_mb * (1 << 20) // (4 * max(spec.embedding_vec_size, 1)))
+    if rows < 1:
+        raise CTRError(f"SparseEmbedding {spec.sparse_embedding_name!r} workspace_size_per_gpu_in_mb: without a "
+                       f"slot_size_array the table needs a workspace (or max_vocabulary_size_per_gpu), found "
+                       f"{spec.workspace_size_per_gpu_in_mb}")
+    return rows
+
+
+class SparseEmbeddingTable(Module):
+    """One embedding table: `emb_vector` (rows + 1 padding row, vec_size) and, for hash tables,
+    `key` (the key stored in each row, -1 where free)."""
+
+    def __init__(self, spec: SparseEmbedding, sparse: DataReaderSparseParam, slot_sizes: list[int] | None,
+                 global_update: bool = False):
+        super().__init__()
+        self.name, self.combiner = spec.sparse_embedding_name, spec.combiner
+        self.vec_size, self.num_slots, self.hotness = spec.embedding_vec_size, sparse.slot_num, sparse.max_nnz
+        self.global_update = global_update
+        self.slot_sizes = list(slot_sizes) if slot_sizes else None
+        if self.slot_sizes is not None:
+            self.rows = int(sum(self.slot_sizes))
+            self.offsets = np.concatenate([[0], np.cumsum(self.slot_sizes)[:-1]]).astype(np.int64)
+        else:
+            self.rows = vocabulary_capacity(spec)
+            self.register_buffer("key", np.full(self.rows, -1, dtype=np.int64))
+        self.emb_vector = empty_parameter((self.rows + 1, self.vec_size))
+        init.uniform_(self.emb_vector, -0.05, 0.05)
+        with torch.no_grad():
+            self.emb_vector.value[self.rows].zero_()
+        self._sorted_keys: np.ndarray | None = None
+        self._sorted_rows: np.ndarray | None = None
+        self._count = 0
+
+    @property
+    def pad(self) -> int:
+        return self.rows
+
+    # --- keys → rows ------------------------------------------------------------------
+    def reset_index(self) -> None:
+        """Rebuilds the hash index from `key` (after loading weights)."""
+        if self.slot_sizes is not None:
+            return
+        keys = self.key.value.numpy()
+        used = np.flatnonzero(keys >= 0)
+        order = np.argsort(keys[used], kind="stable")
+        self._sorted_keys, self._sorted_rows = keys[used][order], used[order]
+        self._count = int(used.max()) + 1 if used.size else 0
+
+    def rows_of(self, keys: np.ndarray, insert: bool) -> np.ndarray:
+        """Row of every key of a (batch, slots, hotness) array (-1 = padding → the padding row);
+        with `insert`, unseen keys of a hash table get fresh rows, else the padding row."""
+        if self.slot_sizes is not None:
+            present = keys >= 0
+            sizes = np.asarray(self.slot_sizes)[None, :, None]
+            bad = present & (keys >= sizes)
+            if bad.any():
+                b, s, _ = np.argwhere(bad)[0]
+                raise CTRError(f"SparseEmbedding {self.name!r}: slot {s} holds key {keys[b, s].max()}, beyond its "
+                               f"slot_size_array entry {self.slot_sizes[s]}")
+            return np.where(present, keys + self.offsets[None, :, None], self.pad)
+        if self._sorted_keys is None:
+            self.reset_index()
+        flat = keys.reshape(-1)
+        valid = flat >= 0
+        uniq, inverse = np.unique(flat[valid], return_inverse=True)
+        pos = np.searchsorted(self._sorted_keys, uniq)
+        clipped = np.minimum(pos, max(len(self._sorted_keys) - 1, 0))
+        found = (pos < len(self._sorted_keys)) & (self._sorted_keys[clipped] == uniq) if len(self._sorted_keys) \
+            else np.zeros(len(uniq), bool)
+        rows_u = np.where(found, self._sorted_rows[clipped] if len(self._sorted_rows) else 0, self.pad)
+        new = ~found
+        if insert and new.any():
+            count = int(new.sum())
+            if self._count + count > self.rows:
+                raise CTRError(f"SparseEmbedding {self.name!r}: {self._count + count} distinct keys exceed the "
+                               f"table's {self.rows} rows; raise workspace_size_per_gpu_in_mb or give "
+                               f"slot_size_array")
+            fresh = np.arange(self._count, self._count + count, dtype=np.int64)
+            self.key.value.numpy()[fresh] = uniq[new]
+            rows_u[new] = fresh
+            self._sorted_keys = np.insert(self._sorted_keys, pos[new], uniq[new])
+            self._sorted_rows = np.insert(self._sorted_rows, pos[new], fresh)
+            self._count += count
+        out = np.full(flat.shape, self.pad, dtype=np.int64)
+        out[valid] = rows_u[inverse]
+        return out.reshape(keys.shape)
+
+    # --- lookup -------------------------------------------------------------------------
+    def forward(self, rows):
+        """(batch, slots, hotness) int64 rows → (batch, slots, vec_size)."""
+        S, k, d = self.num_slots, self.hotness, self.vec_size
+        w = self.emb_vector
+        if self.global_update:
+            flat = ops.reshape(rows, (-1,))
+            gathered = ops.reshape(ops.index_select(w, 0, flat), (-1, S, k, d))
+            mask = ops.unsqueeze(ops.cast(ops.not_equal(rows, self.pad), "float32"), 3)
+            out = ops.sum(gathered * mask, axis=2)
+            if self.combiner == "mean":
+                out = out / ops.clamp(ops.sum(mask, axis=2), min=1.0)
+            return out
+        if k == 1:
+            return F.embedding(ops.reshape(rows, (-1, S)), w, padding_idx=self.pad)
+        bags = F.embedding_bag(ops.reshape(rows, (-1, k)), w, mode=self.combiner, padding_idx=self.pad)
+        return ops.reshape(bags, (-1, S, d))
+
+    def extra_repr(self) -> str:
+        kind = "slot offsets" if self.slot_sizes is not None else "hash"
+        return f"{self.name}: rows={self.rows}, vec={self.vec_size}, slots={self.num_slots}, {kind}, {self.combiner}"
