@@ -7,14 +7,18 @@ strategy classes in `STRATEGIES`; "allreduce" is here, the parameter-server mode
 - `setup(params, buffers)`: once, before training (allreduce: broadcast worker 0's values);
 - `rewrite_update(graph, update_op)`: define-and-run, rewrite one `optimizer_update` op
   (allreduce: the bucketed gradient pass of `luoshu.compiler`);
-- `reduce_gradients(pairs) -> pairs`: eager, turn local gradients (parameter index with a
-  torch tensor, or an `(indices, values)` pair for a sparse one) into synchronised ones.
+- `reduce_gradients(optimizer, pairs) -> pairs`: eager, turn local gradients (parameter
+  index with a torch tensor, or an `(indices, values)` pair for a sparse one) into
+  synchronised ones; `begin_gradients(optimizer)` may return a `GradientSync` that gets
+  each gradient while backward still runs (`DataParallel.minimize` feeds it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 from luoshu.compiler import insert_gradient_allreduce
-from luoshu.compiler.data_parallel import plan_buckets
 from luoshu.core import context
 from luoshu.core.autodiff import gradients
 from luoshu.core.errors import Error, GradientError
@@ -30,7 +34,8 @@ MODES = ("allreduce", "ps", "hybrid")
 
 
 class Strategy:
-    """How a `DataParallel` synchronises; subclasses implement the three hooks."""
+    """How a `DataParallel` synchronises; subclasses implement `setup`, `rewrite_update` and
+    `reduce_gradients`, and may override `begin_gradients` to start work while backward runs."""
 
     def __init__(self, dp: DataParallel, **options):
         if options:
@@ -45,6 +50,75 @@ class Strategy:
 
     def reduce_gradients(self, optimizer: Optimizer, pairs: list) -> list:
         raise NotImplementedError
+
+    def begin_gradients(self, optimizer: Optimizer) -> GradientSync:
+        """Eager: a sink that gets each gradient as soon as backward finishes it."""
+        return GradientSync(lambda pairs: self.reduce_gradients(optimizer, pairs))
+
+
+class GradientSync:
+    """Collects `(parameter index, gradient)` as backward produces them; `finish` returns the
+    synchronised pairs in the order they came. This base one synchronises everything at the end."""
+
+    def __init__(self, reduce=None):
+        self._reduce = reduce
+        self.pairs: list = []
+
+    def add(self, index: int, grad) -> None:
+        self.pairs.append((index, grad))
+
+    def finish(self) -> list:
+        return self._reduce(self.pairs) if self._reduce is not None else self.pairs
+
+
+class _BucketSync(GradientSync):
+    """Eager all-reduce: dense gradients fill buckets in the order backward finishes them, and
+    each bucket's asynchronous all-reduce starts as soon as it is full; sparse ones are
+    all-gathered at the end. Every worker runs the same backward, so the buckets match."""
+
+    def __init__(self, bucket_bytes: int, group: tuple):
+        super().__init__()
+        self.bucket_bytes, self.group = bucket_bytes, group
+        self.filling: dict = {}  # dtype -> ([(index, value)], bytes)
+        self.started: list = []  # ([(index, value)], flat buffer in flight)
+        self.sparse: list = []
+
+    def add(self, index, grad):
+        self.pairs.append((index, grad))
+        if isinstance(grad, tuple):
+            self.sparse.append((index, grad))
+            return
+        size = grad.numel() * grad.element_size()
+        entries, nbytes = self.filling.get(grad.dtype, ([], 0))
+        if entries and nbytes + size > self.bucket_bytes:
+            self._start(entries)
+            entries, nbytes = [], 0
+        entries.append((index, grad))
+        self.filling[grad.dtype] = (entries, nbytes + size)
+
+    def _start(self, entries):
+        with context.no_grad():
+            flat = apply("bucket_all_reduce", *[Tensor.from_value(g) for _, g in entries], reduce="mean",
+                         group=self.group)
+        self.started.append((entries, flat))
+
+    def finish(self):
+        for entries, _ in self.filling.values():
+            if entries:
+                self._start(entries)
+        self.filling = {}
+        out = {}
+        with context.no_grad():
+            for entries, flat in self.started:
+                pieces = apply("bucket_unpack", flat, shapes=tuple(tuple(g.shape) for _, g in entries))
+                pieces = pieces if isinstance(pieces, tuple) else (pieces,)
+                for (index, _), piece in zip(entries, pieces):
+                    out[index] = piece.value
+            for index, (idx, val) in self.sparse:
+                gathered = apply("sparse_all_gather", Tensor.from_value(idx), Tensor.from_value(val), reduce="mean",
+                                 group=self.group)
+                out[index] = (gathered[0].value, gathered[1].value)
+        return [(i, out[i]) for i, _ in self.pairs]
 
 
 class AllReduceStrategy(Strategy):
@@ -61,29 +135,16 @@ class AllReduceStrategy(Strategy):
     def rewrite_update(self, graph, update_op):
         insert_gradient_allreduce(graph, update_op, self.dp.bucket_bytes, self.dp.group)
 
-    def reduce_gradients(self, optimizer, pairs):
+    def begin_gradients(self, optimizer):
         if env.group_size(self.dp.group) == 1:
-            return pairs
-        out = dict(pairs)
-        dense = [(i, g) for i, g in pairs if not isinstance(g, tuple)]
-        buckets = plan_buckets([g.numel() * g.element_size() for _, g in dense],
-                               [str(g.dtype) for _, g in dense], self.dp.bucket_bytes)
-        group = self.dp.group
-        with context.no_grad():
-            # Gradients are final once backward returns: start every bucket, then wait in order.
-            started = [(bucket, apply("bucket_all_reduce", *[Tensor.from_value(dense[k][1]) for k in bucket],
-                                      reduce="mean", group=group)) for bucket in reversed(buckets)]
-            for bucket, flat in started:
-                pieces = apply("bucket_unpack", flat, shapes=tuple(tuple(dense[k][1].shape) for k in bucket))
-                pieces = pieces if isinstance(pieces, tuple) else (pieces,)
-                for k, piece in zip(bucket, pieces):
-                    out[dense[k][0]] = piece.value
-            for i, g in pairs:
-                if isinstance(g, tuple):
-                    idx, val = apply("sparse_all_gather", Tensor.from_value(g[0]), Tensor.from_value(g[1]),
-                                     reduce="mean", group=group)
-                    out[i] = (idx.value, val.value)
-        return [(i, out[i]) for i, _ in pairs]
+            return GradientSync()
+        return _BucketSync(self.dp.bucket_bytes, self.dp.group)
+
+    def reduce_gradients(self, optimizer, pairs):
+        sync = self.begin_gradients(optimizer)
+        for index, grad in pairs:
+            sync.add(index, grad)
+        return sync.finish()
 
 
 STRATEGIES: dict[str, type[Strategy]] = {"allreduce": AllReduceStrategy}
@@ -122,6 +183,10 @@ class DataParallel:
                  **options):
         if mode not in MODES:
             raise DistError(f"DataParallel: unknown mode {mode!r}; the modes are {MODES}")
+        if mode not in STRATEGIES:
+            # luoshu.ps (a layer above) registers "ps" and "hybrid" when imported: import it on demand.
+            with contextlib.suppress(ImportError):
+                importlib.import_module("luoshu.ps")
         if mode not in STRATEGIES:
             raise DistError(f"DataParallel: mode {mode!r} needs the parameter-server strategies of luoshu.ps, "
                             "which are not available in this build; use mode='allreduce'")
@@ -189,11 +254,16 @@ class DataParallel:
             if id(p) not in index:
                 raise Error(f"DataParallel.minimize: {p!r} is not a parameter of the optimizer")
         target = loss_scaler.scale(loss) if loss_scaler is not None else loss
-        grads = gradients(target, params)
-        pairs = [(index[id(p)], _grad_value(p, g)) for p, g in zip(params, grads) if g is not None]
-        if not pairs:
+        sync = self.strategy.begin_gradients(opt)
+
+        def ready(i: int, grad) -> None:
+            if grad is not None:
+                sync.add(index[id(params[i])], _grad_value(params[i], grad))
+
+        gradients(target, params, on_ready=ready)
+        if not sync.pairs:
             raise GradientError(f"minimize: the loss does not depend on any of the {len(params)} parameters")
-        opt._apply_gradients(self.strategy.reduce_gradients(opt, pairs), loss_scaler)
+        opt._apply_gradients(sync.finish(), loss_scaler)
         return None
 
     def synchronize_gradients(self) -> None:

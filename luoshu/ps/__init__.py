@@ -9,6 +9,7 @@ initial rows in a single process, for references.
 
 from luoshu.ps.cache import CacheError, CacheStats, HETCache
 from luoshu.ps.client import Client, connect
+from luoshu.ps.data_parallel import HybridStrategy, PSStrategy  # registers DataParallel's "ps" and "hybrid"
 from luoshu.ps.embedding import Embedding, SlotEmbedding, prefetch, ps_embeddings, push_gradients, replace_embeddings
 from luoshu.ps.local import LocalServers, start_local_servers
 from luoshu.ps.protocol import (
@@ -25,8 +26,8 @@ from luoshu.ps.protocol import (
 from luoshu.ps.server import ParameterServer, serve
 
 __all__ = [
-    "CacheError", "CacheStats", "Embedding", "HETCache", "SlotEmbedding", "prefetch", "ps_embeddings",
-    "push_gradients", "replace_embeddings",
+    "CacheError", "CacheStats", "Embedding", "HETCache", "HybridStrategy", "PSStrategy", "SlotEmbedding",
+    "prefetch", "ps_embeddings", "push_gradients", "replace_embeddings",
     "Client", "IdOutOfRangeError", "LocalServers", "PSError", "ParameterServer", "ProtocolError",
     "ServerUnavailableError", "SnapshotError", "TableError", "connect", "initial_rows", "map_ids", "serve",
     "shard_of", "start_local_servers",

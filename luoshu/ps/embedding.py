@@ -288,8 +288,10 @@ def replace_embeddings(module: Module, client, *, prefix: str = "", **options) -
     `luoshu.nn.Embedding` becomes `Embedding` and a slot table (a module with `slot_sizes`
     and an `offsets` buffer, as `luoshu.models.SlotEmbedding`) becomes `SlotEmbedding`,
     named `prefix` + the module's dotted path, with the same shape; the server initialises
-    the rows (`options` pass on to the new embeddings: `optimizer`, `init`, `sync_workers`,
-    `scale`, cache options). Returns the new embeddings (already placed in `module`).
+    the rows with the local layer's distribution (normal with std 1 for `nn.Embedding`,
+    0.01 for slot tables) unless `init` says otherwise (`options` pass on to the new
+    embeddings: `optimizer`, `init`, `sync_workers`, `scale`, cache options). Returns the
+    new embeddings (already placed in `module`).
     """
     from luoshu.nn.layers import Embedding as LocalEmbedding
 
@@ -306,7 +308,7 @@ def replace_embeddings(module: Module, client, *, prefix: str = "", **options) -
                     raise Error(f"replace_embeddings: {full} has padding_idx={child.padding_idx}; a parameter-"
                                 "server table has no padding row")
                 new = Embedding(client, prefix + full, child.embedding_dim, child.num_embeddings,
-                                **{"id_policy": "refuse", **options})
+                                **{"id_policy": "refuse", "init": ("normal", 0.0, 1.0), **options})
             else:
                 continue
             setattr(parent, child_name, new)
