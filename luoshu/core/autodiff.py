@@ -42,11 +42,13 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def gradients(ys, xs, grad_ys=None, create_graph: bool = False):
+def gradients(ys, xs, grad_ys=None, create_graph: bool = False, on_ready=None):
     """d(sum of ys · grad_ys)/d(xs), one entry per x (None where x does not affect ys).
 
     `grad_ys` defaults to ones. In define-and-run the result is a list of graph tensors
-    (fetch them with `graph.run`); in eager mode it is computed at once.
+    (fetch them with `graph.run`); in eager mode it is computed at once. `on_ready(i, grad)`,
+    if given, is called as soon as the gradient of `xs[i]` is final, while the rest of the
+    backward pass still runs (data parallelism starts its all-reduce there).
     """
     ys, xs = _as_list(ys), _as_list(xs)
     grad_ys = [None] * len(ys) if grad_ys is None else _as_list(grad_ys)
@@ -64,7 +66,7 @@ def gradients(ys, xs, grad_ys=None, create_graph: bool = False):
         scope = contextlib.nullcontext()
     grad_mode = context.enable_grad() if create_graph or graph is not None else context.no_grad()
     with scope, grad_mode, context.autocast_scope(None):
-        return _backprop(ys, xs, grad_ys, graph)
+        return _backprop(ys, xs, grad_ys, graph, on_ready)
 
 
 def _key(t: Tensor):
@@ -74,7 +76,7 @@ def _key(t: Tensor):
     return id(t) if producer is None else (id(producer[0]), producer[1])
 
 
-def _backprop(ys, xs, grad_ys, graph):
+def _backprop(ys, xs, grad_ys, graph, on_ready=None):
     order = topological_ops(ys, graph)
     x_ids = {_key(x) for x in xs}
     # Only ops on a path from some x to some y take part.
@@ -93,7 +95,10 @@ def _backprop(ys, xs, grad_ys, graph):
         seed = _ones_like(y) if gy is None else _seed(y, gy)
         grads[_key(y)] = accumulate(grads.get(_key(y)), seed)
 
-    for op in reversed(relevant):
+    ready_after = _ready_positions(relevant, xs) if on_ready is not None else {}
+    for pos, op in enumerate(reversed(relevant)):
+        for i in ready_after.pop(pos - 1, ()):
+            on_ready(i, grads.get(_key(xs[i])))
         keys = [(id(op), i) for i in range(len(op._outputs))]
         outs = [(grads.get(k) if k in x_ids else grads.pop(k, None)) for k in keys]
         if all(g is None for g in outs):
@@ -110,7 +115,22 @@ def _backprop(ys, xs, grad_ys, graph):
             if isinstance(g, Tensor) and g.dtype != t.dtype and dtypes.is_floating(t.dtype):
                 g = apply("cast", g, dtype=t.dtype)
             grads[_key(t)] = accumulate(grads.get(_key(t)), g)
+    for pos in sorted(ready_after):
+        for i in ready_after[pos]:
+            on_ready(i, grads.get(_key(xs[i])))
     return [grads.get(_key(x)) for x in xs]
+
+
+def _ready_positions(relevant, xs) -> dict[int, list[int]]:
+    """For `on_ready`: the position in the backward walk after which each x's gradient is final."""
+    last: dict = {}
+    for pos, op in enumerate(reversed(relevant)):
+        for t in op.inputs:
+            last[_key(t)] = pos
+    ready: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        ready.setdefault(last.get(_key(x), -1), []).append(i)
+    return ready
 
 
 def _ones_like(y: Tensor):

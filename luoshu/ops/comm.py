@@ -407,8 +407,10 @@ class SparseAllGather(OpDef):
         if pg is None:
             return indices.clone(), values.clone()
         try:
-            counts = torch.empty(size, dtype=torch.int64)
-            _all_gather_single(counts, torch.tensor([indices.shape[0]], dtype=torch.int64), group=pg)
+            # on the indices' device: NCCL gathers CUDA tensors only
+            counts = torch.empty(size, dtype=torch.int64, device=indices.device)
+            _all_gather_single(counts, torch.tensor([indices.shape[0]], dtype=torch.int64, device=indices.device),
+                               group=pg)
             longest = int(counts.max())
             idx = indices.new_zeros((longest,))
             idx[:indices.shape[0]] = indices
@@ -423,7 +425,8 @@ class SparseAllGather(OpDef):
         except RuntimeError as exc:
             raise _comm_failed(self.name, group, exc) from exc
         if int(counts.min()) != longest:
-            keep = torch.cat([torch.arange(r * longest, r * longest + int(c)) for r, c in enumerate(counts.tolist())])
+            keep = torch.cat([torch.arange(r * longest, r * longest + c, device=indices.device)
+                              for r, c in enumerate(counts.tolist())])
             all_idx, all_val = all_idx[keep], all_val[keep]
         if reduce == "mean":
             all_val.div_(size)

@@ -70,6 +70,8 @@ def train(mode: str, batch: int, steps: int, workers: int, rank: int, bucket_mb:
             loss_e = ls.nn.functional.mse_loss(out, ls.tensor(y_v))
             if dp is None:
                 opt.minimize(loss_e)
+            elif mode == "eager-minimize":  # buckets start while backward runs
+                dp.minimize(loss_e)
             else:
                 loss_e.backward()
                 dp.step()

@@ -15,7 +15,7 @@ from tests.dist.dp_train import Net, parse_run, train
 from tests.dist.launcher import launch
 
 # Bucket sizes: 0.0005 MB (~524 B) splits the dense gradients (~1.6 KB) into several buckets.
-RUNS = ["graph:0.0005:sgd", "eager:0.0005:sgd", "graph:25:adam", "eager:25:adam"]
+RUNS = ["graph:0.0005:sgd", "eager:0.0005:sgd", "eager-minimize:0.0005:adam", "graph:25:adam"]
 
 
 def _check_job(tmp_path, workers: int, runs: list[str], batch: int = 4):
@@ -89,3 +89,22 @@ def test_bad_arguments_are_refused():
         ls.dist.DataParallel(ls.Graph())
     with pytest.raises(ls.Error, match="worker rank 3"):
         ls.dist.DataParallel(model, group=ls.DeviceGroup([0, 3]))
+
+
+def test_gradients_are_reported_as_soon_as_they_are_final():
+    # The eager path's overlap rests on this hook: the last layer's gradients are final
+    # (and their bucket can start) long before the first layer's.
+    ls.manual_seed(0)
+    layers = [ls.nn.Linear(4, 4) for _ in range(3)]
+    x = ls.tensor(np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32))
+    h = x
+    for layer in layers:
+        h = layer(h).tanh()
+    params = [p for layer in layers for p in layer.parameters()]
+    seen = []
+    grads = ls.gradients(h.sum(), params, on_ready=lambda i, g: seen.append((i, g.numpy())))
+    assert sorted(i for i, _ in seen) == list(range(len(params)))
+    order = [i for i, _ in seen]
+    assert order.index(4) < order.index(0) and order.index(5) < order.index(1)  # layer 3 before layer 1
+    for i, g in seen:
+        np.testing.assert_array_equal(g, grads[i].numpy())

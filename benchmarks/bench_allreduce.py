@@ -1,0 +1,142 @@
+"""Gradient all-reduce bandwidth: luoshu's bucketed path vs torch.distributed all_reduce of the same bytes.
+
+For each total size, the "gradients" are ~20 float32 tensors of mixed sizes (like a
+model's weights and biases). luoshu's path is what `DataParallel(mode="allreduce")`
+inserts into a define-and-run graph: `bucket_all_reduce` (flatten + async all-reduce,
+mean) per bucket and `bucket_unpack` (wait + split), run as a compiled plan. The
+references, in the same processes: one `torch.distributed.all_reduce` of a flat
+buffer of the same bytes (the ideal: no flattening, one collective) and one
+all_reduce per tensor (no bucketing). Timings are medians over repeats after warm-up;
+bandwidth is bus bandwidth, 2(n-1)/n * bytes / time (as nccl-tests report it).
+
+    .venv/bin/python benchmarks/bench_allreduce.py [--procs 2 4] [--sizes-mb 1 4 16 64] [--repeats 9]
+
+Without a torchrun environment the script launches itself through `luoshu launch`
+once per process count; worker 0 prints the table and appends it to --out (CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+import luoshu as ls
+from luoshu.compiler.data_parallel import plan_buckets
+
+
+def _shapes(total_bytes: int) -> list[tuple[int, ...]]:
+    """~20 tensors whose sizes sum to total_bytes of float32: matrices and their biases."""
+    elements = total_bytes // 4
+    weights = np.array([1, 3, 2, 5, 1, 8, 2, 4, 1, 3], dtype=np.float64)
+    counts = np.floor(weights / weights.sum() * elements * 0.99).astype(int)
+    shapes = []
+    for c in counts:
+        rows = max(1, int(np.sqrt(c)))
+        shapes += [(rows, max(1, int(c) // rows)), (rows,)]
+    used = sum(int(np.prod(s)) for s in shapes)
+    if elements > used:
+        shapes.append((elements - used,))
+    return shapes
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch_dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    # the slowest worker decides: take the max over workers of each median
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _luoshu_path(grads: list[torch.Tensor], bucket_mb: float):
+    with ls.Graph() as g:
+        leaves = [ls.Tensor.from_value(t) for t in grads]
+        outputs = []
+        buckets = plan_buckets([t.numel() * 4 for t in grads], ["float32"] * len(grads), int(bucket_mb * 2**20))
+        for bucket in buckets:
+            flat = ls.core.apply("bucket_all_reduce", *[leaves[i] for i in bucket], reduce="mean")
+            pieces = ls.core.apply("bucket_unpack", flat, shapes=tuple(tuple(grads[i].shape) for i in bucket))
+            outputs += list(pieces) if isinstance(pieces, tuple) else [pieces]
+    # fetching through NumPy would time a copy the training step never makes: run the plan itself
+    g.run(outputs)
+    plan = next(iter(g._plans.values()))
+    return lambda: plan.run([]), len(buckets)
+
+
+def worker(args) -> None:
+    torch.set_num_threads(1)
+    ls.dist.init()
+    n, rank = ls.dist.world_size(), ls.dist.rank()
+    rows = []
+    for size_mb in args.sizes_mb:
+        total = int(size_mb * 2**20)
+        grads = [torch.randn(s) for s in _shapes(total)]
+        nbytes = sum(t.numel() * 4 for t in grads)
+        flat = torch.cat([t.reshape(-1) for t in grads])
+        run_luoshu, n_buckets = _luoshu_path(grads, args.bucket_mb)
+        t_flat = _median_time(lambda flat=flat: torch_dist.all_reduce(flat), args.repeats)
+        t_luoshu = _median_time(run_luoshu, args.repeats)
+        t_each = _median_time(lambda grads=grads: [torch_dist.all_reduce(t) for t in grads], args.repeats)
+        bus = 2 * (n - 1) / n * nbytes / 2**30
+        rows.append({"procs": n, "size_mb": round(nbytes / 2**20, 2), "tensors": len(grads), "buckets": n_buckets,
+                     "torch_flat_gbps": bus / t_flat, "luoshu_bucketed_gbps": bus / t_luoshu,
+                     "torch_per_tensor_gbps": bus / t_each, "luoshu_over_torch_flat": t_flat / t_luoshu})
+    if rank == 0:
+        header = (f"{'procs':>5} {'MB':>7} {'tensors':>7} {'buckets':>7} {'torch flat GB/s':>16} "
+                  f"{'luoshu GB/s':>12} {'per-tensor GB/s':>16} {'luoshu/torch':>12}")
+        print(header)
+        for r in rows:
+            print(f"{r['procs']:>5} {r['size_mb']:>7} {r['tensors']:>7} {r['buckets']:>7} "
+                  f"{r['torch_flat_gbps']:>16.3f} {r['luoshu_bucketed_gbps']:>12.3f} "
+                  f"{r['torch_per_tensor_gbps']:>16.3f} {r['luoshu_over_torch_flat']:>12.2f}")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        new = not out.exists()
+        with open(out, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+    ls.dist.barrier()
+    ls.dist.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procs", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--bucket-mb", type=float, default=25.0)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", default="runs/bench_allreduce.csv")
+    args = parser.parse_args()
+    if "RANK" in os.environ:
+        worker(args)
+        return
+    for n in args.procs:
+        forwarded = ["--sizes-mb", *map(str, args.sizes_mb), "--bucket-mb", str(args.bucket_mb),
+                     "--repeats", str(args.repeats), "--out", args.out]
+        cmd = [sys.executable, "-m", "luoshu.dist.launch", "-n", str(n), __file__, *forwarded]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        code = subprocess.call(cmd, env=env)
+        if code:
+            sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
