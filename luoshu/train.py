@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -850,10 +851,16 @@ def resolve(config: TrainConfig) -> tuple[str, DatasetSpec]:
     if task not in spec.tasks:
         fitting = sorted(n for n, entry in table.items() if entry[2] in spec.tasks)
         fitting_data = sorted(n for n, s in DATASETS.items() if task in s.tasks)
-        raise TrainConfigError(f"model {config.model!r} is a {task} model and does not fit dataset "
+        raise TrainConfigError(f"model {config.model!r} ({task} task) does not fit dataset "
                                f"{config.dataset!r} ({'/'.join(spec.tasks)} data); models for it: "
                                f"{', '.join(fitting) or 'none'}; datasets for {config.model!r}: "
                                f"{', '.join(fitting_data) or 'none'}")
+    fields = _config_fields(table[config.model][0])
+    unknown = sorted(set(config.model_args) - set(fields))
+    if unknown:
+        raise TrainConfigError(f"model {config.model!r} has no config field {unknown[0]!r}"
+                               f"{_suggest(unknown[0], fields)}; its fields ({table[config.model][0].__name__}): "
+                               f"{', '.join(fields)}")
     if spec.needs_path:
         if not config.data_path:
             raise TrainConfigError(f"dataset {config.dataset!r} reads local files: pass --data-path "
@@ -1023,7 +1030,10 @@ class Trainer:
                                                  "lr"), resume_step=self.step if c.resume else None)
         from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(logdir=str(job), purge_step=self.step if c.resume else None, flush_secs=10)
+        # A resumed run's points replace those the interrupted run logged after its checkpoint (purge_step);
+        # the suffix keeps two runs started within one second from sharing (and clobbering) a file name.
+        writer = SummaryWriter(logdir=str(job), purge_step=self.step if c.resume else None, flush_secs=10,
+                               filename_suffix=f".{uuid.uuid4().hex[:8]}")
         bar = tqdm(total=self.total_steps * c.batch_size, initial=self.step * c.batch_size, unit="sample",
                    unit_scale=True, disable=not c.progress, dynamic_ncols=True,
                    desc=f"{c.model} on {c.dataset}")
