@@ -205,20 +205,24 @@ def process_group(group: DeviceGroup | tuple | list | None = None):
     """The torch process group of a `DeviceGroup` (worker ranks), created once and cached.
 
     None (or every worker) is the default group. Returns None in a single process, where
-    collectives are identities. Creating a group is collective: every worker must ask for
-    the same groups in the same order (as SPMD programs do).
+    collectives are identities, and on a worker outside the group. Only the members take
+    part in creating a group (torch's local synchronisation), and they must create their
+    groups in the same order, as SPMD programs do. As in torch, the members of a group
+    are ordered by ascending rank: all_gather and all_to_all blocks follow that order.
     """
     ranks = _ranks_of(group)
     for r in ranks:
         if not 0 <= r < _state.world_size:
             raise DistError(f"device group {ranks} names worker rank {r}, but there are {_state.world_size} workers")
-    if not is_distributed():
+    if not is_distributed() or _state.rank not in ranks:
         return None
-    if ranks == tuple(range(_state.world_size)):
+    members = tuple(sorted(ranks))
+    if members == tuple(range(_state.world_size)):
         return torch_dist.group.WORLD
-    pg = _state.groups.get(ranks)
+    pg = _state.groups.get(members)
     if pg is None:
-        pg = _state.groups[ranks] = torch_dist.new_group(list(ranks), timeout=_state.timeout)
+        pg = _state.groups[members] = torch_dist.new_group(list(members), timeout=_state.timeout,
+                                                           use_local_synchronization=True)
     return pg
 
 
@@ -227,9 +231,9 @@ def group_size(group: DeviceGroup | tuple | list | None = None) -> int:
 
 
 def group_rank(group: DeviceGroup | tuple | list | None = None) -> int:
-    """This worker's position in `group` (-1 when not a member)."""
-    ranks = _ranks_of(group)
-    return ranks.index(_state.rank) if _state.rank in ranks else -1
+    """This worker's position in `group` by ascending rank (-1 when not a member)."""
+    members = sorted(_ranks_of(group))
+    return members.index(_state.rank) if _state.rank in members else -1
 
 
 def shutdown() -> None:

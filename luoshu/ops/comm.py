@@ -222,7 +222,7 @@ def _check_root(name: str, root: int, group) -> None:
 
 @register
 class Broadcast(OpDef):
-    """Member `src`'s `x` (a position in the group) on every member."""
+    """Member `src`'s `x` on every member (`src`: a position in the group, by ascending rank)."""
 
     name = "broadcast"
     attrs = {"src": 0, "group": (), "async_op": False}
@@ -237,7 +237,7 @@ class Broadcast(OpDef):
         out = x.clone(memory_format=torch.contiguous_format)
         if pg is None:
             return out
-        src_rank = group[src] if group else src
+        src_rank = sorted(group)[src] if group else src
         return _run(self.name, group, lambda a: torch_dist.broadcast(out, src_rank, group=pg, async_op=a), out,
                     async_op)
 
@@ -247,7 +247,7 @@ class Broadcast(OpDef):
 
 @register
 class Reduce(OpDef):
-    """The sum of `x` over the group on member `dst` (a position in the group); zeros elsewhere."""
+    """The sum of `x` over the group on member `dst` (a position by ascending rank); zeros elsewhere."""
 
     name = "reduce"
     attrs = {"dst": 0, "group": ()}
@@ -262,7 +262,7 @@ class Reduce(OpDef):
         out = x.clone(memory_format=torch.contiguous_format)
         if pg is None:
             return out
-        dst_rank = group[dst] if group else dst
+        dst_rank = sorted(group)[dst] if group else dst
         _run(self.name, group, lambda a: torch_dist.reduce(out, dst_rank, group=pg, async_op=a), out, False)
         if me != dst:  # torch leaves the other members' buffers unspecified
             out.zero_()

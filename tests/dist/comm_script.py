@@ -18,8 +18,20 @@ import torch
 import luoshu as ls
 
 O = ls.ops
-SPLITS_IN = {0: [1, 2], 1: [3, 1]}  # rows worker r sends to workers 0 and 1
-SPLITS_OUT = {0: [1, 3], 1: [2, 1]}
+
+
+def splits_in(rank: int, n: int) -> list[int]:
+    """Rows worker `rank` sends to each worker (unequal, 1 to 3)."""
+    return [(rank + 2 * s) % 3 + 1 for s in range(n)]
+
+
+def splits_out(rank: int, n: int) -> list[int]:
+    return [splits_in(s, n)[rank] for s in range(n)]
+
+
+def subgroup(rank: int) -> tuple[int, ...]:
+    """With 4 workers: the even and the odd workers form two groups."""
+    return (0, 2) if rank % 2 == 0 else (1, 3)
 
 
 def x_of(rank: int, shape) -> np.ndarray:
@@ -30,21 +42,25 @@ def cotangent(rank: int, shape) -> np.ndarray:
     return np.random.default_rng(100 + rank).standard_normal(shape)
 
 
-def cases(rank: int):
+def cases(rank: int, n: int):
     """(name, input shape, function of one luoshu tensor, output shape)."""
-    return [
+    sub = [
+        ("subgroup_all_reduce", (3,), lambda x: O.all_reduce(x, group=ls.DeviceGroup(subgroup(rank))), (3,)),
+        ("subgroup_all_gather", (2, 2), lambda x: O.all_gather(x, group=subgroup(rank)), (4, 2)),
+    ] if n == 4 else []
+    return sub + [
         ("all_reduce_sum", (3, 2), lambda x: O.all_reduce(x), (3, 2)),
         ("all_reduce_mean", (3, 2), lambda x: O.all_reduce(x, reduce="mean"), (3, 2)),
         ("all_reduce_async", (3, 2), lambda x: O.comm_wait(O.all_reduce(x, async_op=True)), (3, 2)),
-        ("all_gather", (2, 3), lambda x: O.all_gather(x), (4, 3)),
-        ("all_gather_async", (2, 3), lambda x: O.comm_wait(O.all_gather(x, async_op=True)), (4, 3)),
-        ("reduce_scatter", (4, 3), lambda x: O.reduce_scatter(x), (2, 3)),
-        ("reduce_scatter_mean", (4, 3), lambda x: O.reduce_scatter(x, reduce="mean"), (2, 3)),
+        ("all_gather", (2, 3), lambda x: O.all_gather(x), (2 * n, 3)),
+        ("all_gather_async", (2, 3), lambda x: O.comm_wait(O.all_gather(x, async_op=True)), (2 * n, 3)),
+        ("reduce_scatter", (2 * n, 3), lambda x: O.reduce_scatter(x), (2, 3)),
+        ("reduce_scatter_mean", (2 * n, 3), lambda x: O.reduce_scatter(x, reduce="mean"), (2, 3)),
         ("broadcast", (3,), lambda x: O.broadcast(x, src=1), (3,)),
         ("reduce", (3,), lambda x: O.reduce(x, dst=1), (3,)),
-        ("all_to_all", (4, 2), lambda x: O.all_to_all(x), (4, 2)),
-        ("all_to_all_unequal", (sum(SPLITS_IN[rank]), 2),
-         lambda x: O.all_to_all(x, SPLITS_IN[rank], SPLITS_OUT[rank]), (sum(SPLITS_OUT[rank]), 2)),
+        ("all_to_all", (2 * n, 2), lambda x: O.all_to_all(x), (2 * n, 2)),
+        ("all_to_all_unequal", (sum(splits_in(rank, n)), 2),
+         lambda x: O.all_to_all(x, splits_in(rank, n), splits_out(rank, n)), (sum(splits_out(rank, n)), 2)),
     ]
 
 
@@ -53,7 +69,7 @@ def main() -> None:
     ls.dist.init()
     rank = ls.dist.rank()
     out: dict[str, np.ndarray] = {}
-    for name, shape, fn, out_shape in cases(rank):
+    for name, shape, fn, out_shape in cases(rank, ls.dist.world_size()):
         x_np, g_np = x_of(rank, shape), cotangent(rank, out_shape)
         x = ls.tensor(x_np, requires_grad=True)
         y = fn(x)
