@@ -7,15 +7,54 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from luoshu.ps.protocol import PSError, ServerUnavailableError
-from luoshu.ps.server import READY_LINE
+from luoshu.ps.server import READY_LINE, ParameterServer
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 # `-c` rather than `-m luoshu.ps.server`: runpy warns when the package has already imported the module.
 _ENTRY = "import sys; from luoshu.ps.server import main; sys.exit(main())"
+
+
+class _ThreadServer:
+    """A server running in a thread of this process (`in_process=True`): quick to start, for tests."""
+
+    def __init__(self, k: int, owner: LocalServers, port: int):
+        import zmq
+
+        self.server = ParameterServer(k, owner.num_servers, owner.num_workers, owner.snapshot_dir,
+                                      owner.snapshot_every_s)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if port:
+            self.sock.bind(f"tcp://{owner.host}:{port}")
+        else:
+            port = self.sock.bind_to_random_port(f"tcp://{owner.host}")
+        self.address = f"tcp://{owner.host}:{port}"
+        self.thread = threading.Thread(target=self._run, name=f"luoshu-ps-server-{k}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.run(self.sock)
+        finally:
+            self.sock.close(linger=0)
+            self.ctx.term()
+
+    def poll(self):
+        return None if self.thread.is_alive() else 0
+
+    def crash(self) -> None:
+        self.server.crashed = True
+        self.thread.join()
+
+    def wait(self, timeout=None):
+        self.thread.join(timeout)
+        return None if self.thread.is_alive() else 0
 
 
 class LocalServers:
@@ -26,7 +65,7 @@ class LocalServers:
 
     def __init__(self, num_servers: int, num_workers: int = 1, snapshot_dir=None,
                  snapshot_every_s: float | None = None, host: str = "127.0.0.1", startup_timeout_s: float = 60.0,
-                 log_level: str = "WARNING"):
+                 log_level: str = "WARNING", in_process: bool = False):
         if num_servers <= 0 or num_workers <= 0:
             raise PSError(f"need at least one server and one worker, found {num_servers} and {num_workers}")
         self.num_servers, self.num_workers = num_servers, num_workers
@@ -35,9 +74,15 @@ class LocalServers:
         self.host = host
         self.startup_timeout_s = startup_timeout_s
         self.log_level = log_level
-        self.processes: list[subprocess.Popen | None] = [None] * num_servers
+        self.in_process = in_process
+        self.processes: list = [None] * num_servers
         self.addresses: list[str] = [""] * num_servers
         try:
+            if in_process:
+                for k in range(num_servers):
+                    self.processes[k] = _ThreadServer(k, self, 0)
+                    self.addresses[k] = self.processes[k].address
+                return
             for k in range(num_servers):
                 self.processes[k] = self._spawn(k, 0)
             for k in range(num_servers):
@@ -93,7 +138,9 @@ class LocalServers:
     def kill(self, k: int) -> None:
         """Kills server `k` at once (SIGKILL: no goodbye, no final snapshot), as a crash would."""
         proc = self.processes[k]
-        if proc is not None and proc.poll() is None:
+        if isinstance(proc, _ThreadServer):
+            proc.crash()
+        elif proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
 
@@ -103,21 +150,24 @@ class LocalServers:
             raise PSError(f"parameter server {k} is still running; kill it first")
         self._close_pipe(k)
         port = int(self.addresses[k].rsplit(":", 1)[1])
+        if self.in_process:
+            self.processes[k] = _ThreadServer(k, self, port)
+            return self.addresses[k]
         self.processes[k] = self._spawn(k, port)
         self.addresses[k] = self._wait_ready(k)
         return self.addresses[k]
 
     def _close_pipe(self, k: int) -> None:
         proc = self.processes[k]
-        if proc is not None and proc.stdout is not None:
+        if isinstance(proc, subprocess.Popen) and proc.stdout is not None:
             proc.stdout.close()
 
     def wait(self, timeout_s: float | None = None) -> list[int | None]:
         """Waits for every server to exit (after `shutdown_servers`); returns their exit codes."""
         codes = []
         for proc in self.processes:
-            if proc is None:
-                codes.append(None)
+            if proc is None or isinstance(proc, _ThreadServer):
+                codes.append(None if proc is None else proc.wait(timeout_s))
                 continue
             try:
                 codes.append(proc.wait(timeout=timeout_s))
@@ -128,10 +178,12 @@ class LocalServers:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Terminates every server still running (SIGTERM, then SIGKILL after `timeout_s`)."""
         for proc in self.processes:
-            if proc is not None and proc.poll() is None:
+            if isinstance(proc, _ThreadServer):
+                proc.crash()
+            elif proc is not None and proc.poll() is None:
                 proc.terminate()
         for k, proc in enumerate(self.processes):
-            if proc is None:
+            if proc is None or isinstance(proc, _ThreadServer):
                 continue
             try:
                 proc.wait(timeout=timeout_s)
@@ -143,11 +195,15 @@ class LocalServers:
 
 def start_local_servers(num_servers: int, num_workers: int = 1, snapshot_dir=None,
                         snapshot_every_s: float | None = None, host: str = "127.0.0.1",
-                        startup_timeout_s: float = 60.0, log_level: str = "WARNING") -> LocalServers:
+                        startup_timeout_s: float = 60.0, log_level: str = "WARNING",
+                        in_process: bool = False) -> LocalServers:
     """Starts `num_servers` parameter servers as subprocesses on this machine and waits until they listen.
+
+    With `in_process=True` they run as threads of this process instead (instant start, one GIL:
+    for tests and debugging); `kill` then stops a thread at once, discarding its memory as a crash would.
 
     `luoshu.ps.connect(addresses=servers)` connects to them; `servers.stop()` (or a `with` block)
     ends them.
     """
     return LocalServers(num_servers, num_workers, snapshot_dir, snapshot_every_s, host, startup_timeout_s,
-                        log_level)
+                        log_level, in_process)

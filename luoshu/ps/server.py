@@ -453,6 +453,7 @@ class ParameterServer:
         self.barrier_generation = 0
         self.shutdown_from: set[int] = set()
         self.stopping = False
+        self.crashed = False  # set from another thread to stop at once, as a killed process would
         self.started = time.time()
         self.last_snapshot = time.monotonic()
         self.restored_from: str | None = None
@@ -722,8 +723,8 @@ class ParameterServer:
 
         if ready is not None:
             ready()
-        while not self.stopping:
-            timeout = 1000
+        while not self.stopping and not self.crashed:
+            timeout = 200
             if self.snapshot_every_s and self.snapshot_dir is not None:
                 due = self.last_snapshot + self.snapshot_every_s - time.monotonic()
                 if due <= 0:
@@ -741,9 +742,9 @@ class ParameterServer:
                 for ident, reply in self.handle(identity, body):
                     self.counters["bytes_out"] += sum(getattr(f, "nbytes", len(f)) for f in reply)
                     sock.send_multipart([ident, *reply], copy=False)
-                if self.stopping:
+                if self.stopping or self.crashed:
                     break
-        if self.snapshot_dir is not None and self.snapshot_every_s:
+        if self.snapshot_dir is not None and self.snapshot_every_s and not self.crashed:
             self._periodic_snapshot()
 
     def _periodic_snapshot(self) -> None:
