@@ -542,29 +542,36 @@ class Model:
                                       i64_keys=self.solver.i64_input_key, eval_=True)
         return self._eval_arrays(src, num_batches)[0]
 
-    def predict_batch(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-        """Probabilities for arrays: dense (n, dense_dim) and sparse keys (n, slots[, hotness], -1 = none)."""
-        self._require_compiled("predict_batch")
+    def _batch_of(self, dense, sparse) -> dict:
         sparse = np.asarray(sparse, dtype=np.int64)
         if sparse.ndim == 2:
             sparse = sparse[:, :, None]
         dense = np.asarray(dense, dtype=np.float32)
         if sparse.shape[2] < self._hotness:
-            sparse = np.concatenate([sparse, np.full(sparse.shape[:2] + (self._hotness - sparse.shape[2],), -1)], 2)
-        batch = {"label": np.zeros((len(dense), self._input.total_label_dim), np.float32), "dense": dense,
-                 "sparse": sparse}
-        return np.asarray(self.graph.run(self._eval_tensors["prediction"], self._feeds(batch, insert=False)))
+            pad = np.full(sparse.shape[:2] + (self._hotness - sparse.shape[2],), -1, np.int64)
+            sparse = np.concatenate([sparse, pad], axis=2)
+        return {"label": np.zeros((len(dense), self._input.total_label_dim), np.float32), "dense": dense,
+                "sparse": sparse}
 
-    def check_out_tensor(self, tensor_name: str, tensor_type: str = "Evaluate") -> np.ndarray:
-        """A named tensor's value on the last training batch (evaluation-mode pass)."""
+    def predict_batch(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        """Probabilities for arrays: dense (n, dense_dim) and sparse keys (n, slots[, hotness], -1 = none)."""
+        self._require_compiled("predict_batch")
+        feeds = self._feeds(self._batch_of(dense, sparse), insert=False)
+        return np.asarray(self.graph.run(self._eval_tensors["prediction"], feeds))
+
+    def check_out_tensor(self, tensor_name: str, tensor_type: str = "Evaluate", dense: np.ndarray | None = None,
+                         sparse: np.ndarray | None = None) -> np.ndarray:
+        """A named tensor's value (evaluation-mode pass) on the last training batch, or on the
+        given `dense` / `sparse` arrays (as `predict_batch` takes them)."""
         self._require_compiled("check_out_tensor")
         tensors = self._eval_tensors["tensors"]
         if tensor_name not in tensors or tensor_name.startswith("__"):
             raise CTRError(f"check_out_tensor tensor_name: no tensor {tensor_name!r}; known: "
                            f"{sorted(k for k in tensors if not k.startswith('__'))}")
-        if self._last_feeds is None:
-            raise CTRError("check_out_tensor: no batch has run yet")
-        return np.asarray(self.graph.run(tensors[tensor_name], self._last_feeds), dtype=np.float32)
+        feeds = self._last_feeds if dense is None else self._feeds(self._batch_of(dense, sparse), insert=False)
+        if feeds is None:
+            raise CTRError("check_out_tensor: no batch has run yet; pass dense and sparse arrays")
+        return np.asarray(self.graph.run(tensors[tensor_name], feeds), dtype=np.float32)
 
     # --- description ----------------------------------------------------------------------------
     def summary(self) -> str:
