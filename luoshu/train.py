@@ -890,6 +890,8 @@ class Trainer:
         config.validate()
         self.config = config
         self.task_name, spec = resolve(config)
+        if config.resume and latest_checkpoint(config.checkpoint_path) is None:
+            raise TrainConfigError(f"--resume: no checkpoint in {config.checkpoint_path}")
         self.task = TASKS[self.task_name]
         self.device = normalize_device(config.device)
         self.data = spec.load(config.data_path, dict(config.data_args), self.task_name)
