@@ -426,7 +426,8 @@ class HETCache:
 
     def flush(self, refresh: bool = True) -> None:
         """Writes back every accumulated gradient now (one push, waited for); with `refresh`
-        re-pulls the resident rows, so the cache then holds exactly the server's rows."""
+        re-pulls the resident rows, so the cache then holds exactly the server's rows. On a
+        synchronous table this is one push of a round: every worker must flush together."""
         slots = self._slot_of
         pending = self._has_pending[slots]
         if pending.any():
@@ -435,7 +436,7 @@ class HETCache:
             self._pending[slots[pending]] = 0
             self._has_pending[slots[pending]] = False
             self.stats.write_backs += int(pending.sum())
-        if self._out_ids:
+        if self._out_ids or self.sync:  # a synchronous table counts this push in every worker's rounds
             self._push_out(force=True)
         if self._last_push is not None:
             future, self._last_push = self._last_push, None

@@ -209,3 +209,14 @@ def test_bad_configuration_and_input_are_refused():
     with pytest.raises(CacheError, match="4 values"):
         cache.accumulate(np.array([1, 2]), np.zeros((2, 3), np.float32))
     assert cache.pending_rows() == 0
+
+
+def test_flush_of_a_synchronous_table_always_pushes_once():
+    """Every worker's flush is one push of a synchronous round, with or without gradients."""
+    client = FakeClient(DIM)
+    cache = HETCache(client, "t", DIM, capacity=10, staleness=3, sync=True)
+    cache.lookup(np.array([1, 2]))
+    cache.end_step()
+    calls = client.push_calls
+    cache.flush()
+    assert client.push_calls == calls + 1

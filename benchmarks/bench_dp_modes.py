@@ -1,0 +1,149 @@
+"""Data-parallel training throughput (samples/s) of Wide&Deep and DCN on 1, 2 and 4 worker
+processes in the allreduce, ps and hybrid modes of `luoshu.dist.DataParallel`.
+
+Each configuration is one `luoshu launch -n N [--servers 1]` job on this machine. Workers
+train a define-and-run graph on their own shard of the synthetic power-law CTR data
+(26 slots, 300,229 embedding rows of dim 16, MLP 256-128, batch 256 per worker, Adam);
+ps and hybrid read the tables with staleness 0 and no cache (exact synchronous training),
+"hybrid+het" with a 50,000-row LFU cache and staleness 4. After warm-up, worker 0 times
+`--repeats` windows of `--steps` steps; the median window gives the global samples/s
+(N * batch * steps / seconds). Every worker process runs one torch thread. On a small
+shared machine more processes than cores oversubscribe it, and the figures are noisy when
+other jobs run. Results go to runs/bench_dp_modes.csv.
+
+    .venv/bin/python benchmarks/bench_dp_modes.py [--models wdl,dcn] [--workers 1,2,4] \
+        [--modes allreduce,ps,hybrid,hybrid+het]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def worker(args) -> None:
+    import numpy as np
+    import torch
+
+    import luoshu as ls
+    from luoshu import models, ps
+    from luoshu.data.synthetic import DEFAULT_SLOT_SIZES, synthetic_ctr
+
+    torch.set_num_threads(1)
+    ls.dist.init()
+    rank, n = ls.dist.rank(), ls.dist.world_size()
+    batch, steps = args.batch, args.warmup + args.repeats * args.steps
+    data = synthetic_ctr(batch * steps, dist="power_law", alpha=1.2, seed=100 + rank)
+    dense = np.log1p(data["dense"])
+    ls.manual_seed(0)
+    cfg = models.CTRConfig(dense_dim=13, slot_sizes=list(DEFAULT_SLOT_SIZES), embedding_dim=16,
+                           mlp_dims=(256, 128), num_cross_layers=3)
+    model = models.DCN(cfg) if args.model == "dcn" else models.WideAndDeep(cfg)
+    opt = ls.optim.Adam(model.parameters(), lr=1e-3)
+    mode, het = args.mode.split("+")[0], args.mode.endswith("+het")
+    options = {}
+    if mode != "allreduce":
+        options = dict(staleness=4, cache_capacity=50_000, cache_policy="lfu") if het else {}
+    dp = ls.dist.DataParallel(model, opt, mode=mode, **options)
+    with ls.Graph() as g:
+        d = ls.placeholder("dense", (None, 13))
+        s = ls.placeholder("sparse", (None, 26), "int64")
+        y = ls.placeholder("label", (None,))
+        loss = ls.nn.functional.binary_cross_entropy_with_logits(model(d, s), y)
+        train = dp.minimize(loss)
+    windows, t0 = [], None
+    for step in range(steps):
+        if step >= args.warmup and (step - args.warmup) % args.steps == 0:
+            if t0 is not None:
+                windows.append(time.perf_counter() - t0)
+            ls.dist.barrier()
+            t0 = time.perf_counter()
+        sl = slice(step * batch, (step + 1) * batch)
+        if mode != "allreduce" and step + 1 < steps:
+            ps.prefetch(model, data["sparse"][(step + 1) * batch:(step + 2) * batch])
+        g.run([loss, train], {d: dense[sl], s: data["sparse"][sl], y: data["label"][sl]})
+    ls.dist.barrier()
+    windows.append(time.perf_counter() - t0)
+    if rank == 0:
+        result = {"samples_per_s": n * batch * args.steps / statistics.median(windows),
+                  "windows_s": windows}
+        if mode != "allreduce":
+            result["hit_rate"] = statistics.mean(v["hit_rate"] for v in dp.strategy.stats().values())
+        pathlib.Path(args.out).write_text(json.dumps(result))
+    if mode != "allreduce":
+        dp.strategy.client.shutdown_servers()
+        dp.strategy.client.close()
+    ls.dist.shutdown()
+
+
+def launch(model: str, mode: str, workers: int, args, out: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    servers = [] if mode == "allreduce" else ["--servers", "1"]
+    cmd = [sys.executable, "-m", "luoshu.dist.launch", "-n", str(workers), *servers, __file__, "--worker",
+           "--model", model, "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--out", out]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{model} {mode} on {workers} workers failed:\n{proc.stderr[-3000:]}")
+    return json.loads(pathlib.Path(out).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="wdl")
+    parser.add_argument("--mode", default="allreduce")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--models", default="wdl,dcn")
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--modes", default="allreduce,ps,hybrid,hybrid+het")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--csv", default="runs/bench_dp_modes.csv")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from tqdm import tqdm
+
+    configs = [(m, w, mode) for m in args.models.split(",") for w in map(int, args.workers.split(","))
+               for mode in args.modes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (model, workers, mode) in enumerate(tqdm(configs, desc="jobs", unit="job")):
+            res = launch(model, mode, workers, args, os.path.join(tmp, f"{k}.json"))
+            rows.append({"model": model, "workers": workers, "mode": mode, "samples_per_s": res["samples_per_s"],
+                         "hit_rate": res.get("hit_rate", "")})
+    by = {(r["model"], r["workers"], r["mode"]): r["samples_per_s"] for r in rows}
+    print(f"\n{'model':>5} {'workers':>7} {'mode':>11} {'samples/s':>10} {'vs allreduce':>12} {'vs 1 worker':>11}")
+    for r in rows:
+        ref = by.get((r["model"], r["workers"], "allreduce"))
+        one = by.get((r["model"], 1, r["mode"]))
+        print(f"{r['model']:>5} {r['workers']:>7} {r['mode']:>11} {r['samples_per_s']:>10.0f} "
+              f"{(r['samples_per_s'] / ref) if ref else float('nan'):>12.2f} "
+              f"{(r['samples_per_s'] / one) if one else float('nan'):>11.2f}")
+    out = pathlib.Path(args.csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
