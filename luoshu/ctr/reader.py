@@ -248,6 +248,8 @@ class NormSource(_Source):
                         raise CTRError(f"DataReaderParams: {path} sample {r} fails its checksum / length check")
                     pos += 1
                 keys.append(sample)
+        except CTRError:
+            raise
         except (IndexError, ValueError):
             raise CTRError(f"DataReaderParams: {path} is truncated or not a Norm file (at sample {len(keys)} of "
                            f"{rows})") from None
