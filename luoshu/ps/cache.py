@@ -125,7 +125,7 @@ class HETCache:
         self._last_push = None  # the future of the newest push
         self._staged: list = []  # prefetches: (sorted ids, future, clock at issue)
         self._deferred_prefetch: np.ndarray | None = None
-        self._served_versions = np.empty(0, np.int64)
+        self._served_ids = self._served_versions = np.empty(0, np.int64)
 
     # --- storage ------------------------------------------------------------------------
     def _alloc(self, size: int) -> None:
@@ -253,7 +253,7 @@ class HETCache:
             freq = (self._score[slots] >> _TICK_BITS) + counts
             self._score[slots] = (freq << _TICK_BITS) | ticks
         self._batch_keys, self._batch_slots = uniq, slots
-        self._served_versions = self._version[slots]
+        self._served_ids, self._served_versions = uniq, self._version[slots]
         excess = len(self._keys) - self.capacity
         if excess > 0:
             self._evict(excess, exclude=slots)
@@ -461,9 +461,9 @@ class HETCache:
         out_slots[order] = slots
         return self._rows[out_slots].copy(), self._version[out_slots].copy()
 
-    def served_versions(self) -> np.ndarray:
-        """The versions of the rows served by the last lookup, one per unique id (sorted)."""
-        return self._served_versions.copy()
+    def served_versions(self) -> tuple[np.ndarray, np.ndarray]:
+        """The unique ids of the last lookup (sorted) and the versions of the rows served for them."""
+        return self._served_ids.copy(), self._served_versions.copy()
 
     def pending_rows(self) -> int:
         return int(self._has_pending[self._slot_of].sum())

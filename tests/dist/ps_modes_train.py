@@ -113,6 +113,7 @@ def train_ctr(run: str, batch: int, steps: int, workers: int, rank: int, client)
     dp = ls.dist.DataParallel(model, opt, mode=mode, client=client, prefix=f"{run}/", staleness=int(staleness),
                               cache_capacity=2000, cache_policy="lfu")
     n_train = workers * batch * steps
+    max_lag = 0
     for step in range(steps):
         lo = (step * workers + rank) * batch
         sl = slice(lo, lo + batch)
@@ -120,9 +121,14 @@ def train_ctr(run: str, batch: int, steps: int, workers: int, rank: int, client)
             nxt = ((step + 1) * workers + rank) * batch
             ps.prefetch(model, data["sparse"][nxt:nxt + batch])
         logits = dp(ls.tensor(dense[sl]), ls.tensor(data["sparse"][sl]))
+        if step % 10 == 0:  # how far behind the servers' rows were the rows just served?
+            for emb in dp.strategy.tables:
+                ids, served = emb.cache.served_versions()
+                max_lag = max(max_lag, int((client.pull(emb.table, ids)[1] - served).max()))
         dp.minimize(ls.nn.functional.binary_cross_entropy_with_logits(logits, ls.tensor(data["label"][sl])))
     dp.strategy.flush()
     out = {f"stats/{k}": np.array(v["hit_rate"]) for k, v in dp.strategy.stats().items()}
+    out["max_lag"] = np.array(max_lag)
     if rank == 0:
         with ls.no_grad():
             scores = model(ls.tensor(dense[n_train:]), ls.tensor(data["sparse"][n_train:])).numpy()

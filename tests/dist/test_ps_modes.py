@@ -43,8 +43,9 @@ def test_two_workers_match_one_process_and_stale_ctr_training_converges(tmp_path
     per_rank = _run_job(tmp_path, 2, PARITY_RUNS + [ctr], batch=4)
     _check_parity(per_rank, PARITY_RUNS, 2, 4)
     assert per_rank[0][f"{ctr}/auc"] > 0.7
-    for got in per_rank:  # the power-law head stays cached across steps
-        assert got[f"{ctr}/stats/{ctr}/embedding"] > 0.2
+    for got in per_rank:
+        assert got[f"{ctr}/stats/{ctr}/embedding"] > 0.2  # the power-law head stays cached across steps
+        assert 0 <= got[f"{ctr}/max_lag"] <= 2  # never served more than staleness versions behind
 
 
 @pytest.mark.dist
@@ -56,6 +57,7 @@ def test_four_workers_and_dcn_in_ps_mode(tmp_path):
     _check_parity(per_rank, PARITY_RUNS, 4, 3)
     for run in ctr:
         assert per_rank[0][f"{run}/auc"] > 0.7
+        assert all(got[f"{run}/max_lag"] <= int(run.split(":")[-1]) for got in per_rank)
 
 
 def test_ps_modes_need_servers_and_a_model():
