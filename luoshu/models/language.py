@@ -182,7 +182,8 @@ class Attention(Module):
 class LSTMClassifierConfig:
     """Embedding -> LSTM -> linear. `per_token=True` scores every position (tagging, or a language
     model when unidirectional); otherwise the sequence is pooled: the output at its last real
-    token ("last"; lengths from `padding_idx`) or the mean over real tokens ("mean")."""
+    token ("last"; lengths from `padding_idx`, right padding; a bidirectional LSTM's backward half is
+    read at position 0) or the mean over real tokens ("mean")."""
 
     vocab_size: int = 1000
     num_classes: int = 2
@@ -233,6 +234,10 @@ class LSTMClassifier(Module):
                 last = ops.clamp(ops.sum(real, axis=1, keepdims=True) - 1.0, min=0.0).astype("int64")  # (B, 1, 1)
                 index = ops.broadcast_to(last, (-1, 1, out.shape[2]))
                 pooled = ops.squeeze(ops.gather(out, 1, index), 1)
+                if self.config.bidirectional:  # the backward direction ends at position 0
+                    forward, _ = ops.split(pooled, 2, axis=1)
+                    _, backward = ops.split(ops.squeeze(out[:, :1], 1), 2, axis=1)
+                    pooled = ops.concat([forward, backward], axis=1)
         return self.head(self.dropout(pooled))
 
 

@@ -1,0 +1,215 @@
+"""Vision models: ResNet-18 parity with a PyTorch ResNet, graph == eager, LeNet learns the digits,
+every model trains a step at a tiny size, bad configs are refused."""
+
+import numpy as np
+import pytest
+import torch
+
+import luoshu as ls
+from luoshu import data, models
+
+
+class TorchBasicBlock(torch.nn.Module):
+    """torchvision's BasicBlock, written out (He et al. 2016, option B shortcuts)."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(width)
+        self.conv2 = torch.nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(width)
+        self.downsample = None
+        if stride != 1 or cin != width:
+            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, width, 1, stride, bias=False),
+                                                  torch.nn.BatchNorm2d(width))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet18(torch.nn.Module):
+    def __init__(self, num_classes, width, stem):
+        super().__init__()
+        if stem == "cifar":
+            self.conv1 = torch.nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.maxpool = torch.nn.Identity()
+        else:
+            self.conv1 = torch.nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.maxpool = torch.nn.MaxPool2d(3, 2, 1)
+        self.bn1 = torch.nn.BatchNorm2d(width)
+        cin = width
+        for i in range(4):
+            w = width * 2 ** i
+            setattr(self, f"layer{i + 1}", torch.nn.Sequential(TorchBasicBlock(cin, w, 2 if i else 1),
+                                                               TorchBasicBlock(w, w, 1)))
+            cin = w
+        self.fc = torch.nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _pair(stem, width=8, seed=0):
+    ls.manual_seed(seed)
+    ours = models.resnet18(num_classes=7, width=width, stem=stem).to(dtype="float64")
+    ref = TorchResNet18(7, width, stem).double()
+    ref.load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in ours.state_dict().items()})
+    return ours, ref
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_resnet18_matches_pytorch(stem):
+    ours, ref = _pair(stem)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32))
+    out = ours(ls.tensor(x))  # training mode: batch statistics
+    tout = ref(torch.from_numpy(x))
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-5, atol=1e-8)
+    labels = np.array([0, 3, 6])
+    ls.nn.functional.cross_entropy(out, ls.tensor(labels)).backward()
+    torch.nn.functional.cross_entropy(tout, torch.from_numpy(labels)).backward()
+    tparams = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), tparams[name].grad.numpy(), rtol=1e-5, atol=1e-9,
+                                   err_msg=name)
+    for name, b in ref.named_buffers():  # running statistics moved alike
+        np.testing.assert_allclose(ours.state_dict()[name].numpy(), b.numpy(), rtol=1e-6, atol=1e-9,
+                                   err_msg=name)
+    ours.eval()
+    ref.eval()
+    np.testing.assert_allclose(ours(ls.tensor(x)).numpy(), ref(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-5, atol=1e-8)
+
+
+def test_resnet_graph_matches_eager_through_a_training_step():
+    x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    y = np.array([0, 1, 2, 3])
+
+    def step_eager():
+        ls.manual_seed(3)
+        model = models.resnet18(num_classes=4, width=4)
+        opt = ls.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        losses = []
+        for _ in range(2):
+            loss = ls.nn.functional.cross_entropy(model(ls.tensor(x)), ls.tensor(y))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, model
+
+    eager, eager_model = step_eager()
+    ls.manual_seed(3)
+    model = models.resnet18(num_classes=4, width=4)
+    opt = ls.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with ls.Graph() as g:
+        xp = ls.placeholder("x", (None, 3, 16, 16))
+        yp = ls.placeholder("y", (None,), "int64")
+        loss = ls.nn.functional.cross_entropy(model(xp), yp)
+        train = opt.minimize(loss)
+    graph = [float(g.run([loss, train], {xp: x, yp: y})[0]) for _ in range(2)]
+    np.testing.assert_allclose(graph, eager, rtol=1e-5)
+    ours = dict(model.state_dict())
+    for name, t in eager_model.state_dict().items():
+        if name.endswith("num_batches_tracked"):  # counted in eager mode only (see BatchNorm2d)
+            continue
+        np.testing.assert_allclose(ours[name].numpy(), t.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _digits_split():
+    x, y = data.load_digits(images=True)
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order][:, None], y[order]
+    x = (x - x[:1400].mean()) / x[:1400].std()  # standardised with the training split's statistics
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def test_lenet_learns_the_digits():
+    """Seeds 0-4 reach 96.5-99.2% test accuracy in these 12 epochs (about 260 steps)."""
+    xtr, ytr, xte, yte = _digits_split()
+    ls.manual_seed(0)
+    model = models.LeNet(models.LeNetConfig(in_channels=1, num_classes=10, image_size=8))
+    epochs, batch = 12, 64
+    opt = ls.optim.Adam(model.parameters(), lr=5e-3)
+    schedule = ls.optim.CosineAnnealingLR(opt, T_max=epochs * (len(xtr) // batch))
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, 1, 8, 8))
+        y = ls.placeholder("y", (None,), "int64")
+        logits = model(x)
+        loss = ls.nn.functional.cross_entropy(logits, y)
+        train = opt.minimize(loss)
+    rng = np.random.default_rng(0)
+    for _ in range(epochs):
+        order = rng.permutation(len(xtr))
+        for b in range(0, len(order) - batch + 1, batch):
+            g.run([loss, train], {x: xtr[order[b:b + batch]], y: ytr[order[b:b + batch]]})
+            schedule.step()
+    accuracy = float((g.run(logits, {x: xte}).argmax(1) == yte).mean())
+    assert accuracy >= 0.95, f"LeNet digits test accuracy {accuracy:.3f}"
+
+
+TINY = [
+    ("mlp", dict(in_features=48, hidden=(16, 8), num_classes=5, dropout=0.1), (2, 3, 4, 4)),
+    ("lenet", dict(in_channels=1, num_classes=5, image_size=8), (2, 1, 8, 8)),
+    ("lenet", dict(in_channels=3, num_classes=5, image_size=28, activation="tanh"), (2, 3, 28, 28)),
+    ("alexnet", dict(num_classes=5, hidden=16), (2, 3, 32, 32)),
+    ("alexnet", dict(num_classes=5, hidden=16, image_size=64, in_channels=1), (2, 1, 64, 64)),
+    ("vgg16", dict(num_classes=5, hidden=16, width=4), (2, 3, 32, 32)),
+    ("vgg16", dict(num_classes=5, hidden=16, width=4, batch_norm=False, image_size=64), (2, 3, 64, 64)),
+    ("resnet", dict(depth=34, num_classes=5, width=2), (2, 3, 16, 16)),
+    ("resnet50", dict(num_classes=5, width=2, stem="imagenet"), (2, 3, 32, 32)),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "shape"), TINY)
+def test_every_vision_model_trains_a_step(name, kwargs, shape):
+    ls.manual_seed(0)
+    model = models.build(name, **kwargs)
+    opt = ls.optim.SGD(model.parameters(), lr=0.01)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    before = [p.numpy().copy() for p in model.parameters()]
+    out = model(ls.tensor(x))
+    assert out.shape == (2, 5)
+    ls.nn.functional.cross_entropy(out, ls.tensor(np.array([0, 4]))).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    assert any(not np.array_equal(b, p.numpy()) for b, p in zip(before, model.parameters()))
+
+
+def test_resnet_helpers_and_torchvision_layout():
+    model = models.resnet50(num_classes=3, width=2)
+    assert model.config.depth == 50 and isinstance(model.layer1[0], models.Bottleneck)
+    names = set(model.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight", "layer4.2.bn3.bias",
+            "fc.weight"} <= names
+    assert len(models.resnet34(width=2).layer3) == 6
+    # 11.17M parameters in torchvision's ResNet-18 with 10 classes and the 3x3 stem
+    assert sum(p.numpy().size for p in models.resnet18().parameters()) == 11_173_962
+
+
+@pytest.mark.parametrize(("config", "kwargs", "match"), [
+    (models.ResNetConfig, dict(depth=20), "depth must be one of"),
+    (models.ResNetConfig, dict(stem="tiny"), "stem must be"),
+    (models.MLPConfig, dict(hidden=(8, 0)), "hidden must be positive"),
+    (models.MLPConfig, dict(dropout=1.5), "dropout"),
+    (models.LeNetConfig, dict(image_size=2), "image_size must be >= 4"),
+    (models.VGG16Config, dict(image_size=16), "image_size must be >= 32"),
+    (models.AlexNetConfig, dict(num_classes=0), "num_classes must be a positive int"),
+])
+def test_bad_configs_are_refused(config, kwargs, match):
+    with pytest.raises(ls.Error, match=match):
+        config(**kwargs)
+
+
+def test_wrong_input_shape_is_refused():
+    model = models.LeNet(models.LeNetConfig(image_size=8))
+    with pytest.raises(ls.Error, match=r"expected 8x8 images"):
+        model(ls.tensor(np.zeros((2, 1, 28, 28), np.float32)))
+    with pytest.raises(ls.Error, match=r"\(batch, 3, height, width\)"):
+        models.resnet18(width=2)(ls.tensor(np.zeros((2, 1, 8, 8), np.float32)))
+    with pytest.raises(ls.Error, match="expected 64 features"):
+        models.MLP(models.MLPConfig(in_features=64))(ls.tensor(np.zeros((2, 65), np.float32)))
