@@ -19,6 +19,7 @@ from luoshu.ps.protocol import (
     ServerUnavailableError,
     SnapshotError,
     TableError,
+    WorkerTimeoutError,
     initial_rows,
     map_ids,
     shard_of,
@@ -30,5 +31,5 @@ __all__ = [
     "prefetch", "ps_embeddings", "push_gradients", "replace_embeddings",
     "Client", "IdOutOfRangeError", "LocalServers", "PSError", "ParameterServer", "ProtocolError",
     "ServerUnavailableError", "SnapshotError", "TableError", "connect", "initial_rows", "map_ids", "serve",
-    "shard_of", "start_local_servers",
+    "shard_of", "start_local_servers", "WorkerTimeoutError",
 ]

@@ -257,6 +257,11 @@ class Client:
                          lambda msg, i=i: gather.part(i, msg), gather.error, timeout_s)
         return self._wait(future, timeout_s)
 
+    def _wait_s(self, timeout_s: float | None = None) -> float:
+        # A server gives up on a waiting request (a sync pull, a barrier) a little before the client would,
+        # so the error names the missing workers rather than blaming the server.
+        return 0.8 * (self.timeout_s if timeout_s is None else timeout_s)
+
     def _wait(self, future: Future, timeout_s: float | None = None):
         # The I/O thread fails every request by its deadline; the margin only guards against a dead thread.
         return future.result(timeout=(self.timeout_s if timeout_s is None else timeout_s) + 30.0)
@@ -322,7 +327,7 @@ class Client:
         gather = _Gather(len(servers), finish, future)
         for i, k in enumerate(servers):
             part = mapped if positions[k] is None else mapped[positions[k]]
-            self._submit(k, P.PULL, {"table": name}, (part,),
+            self._submit(k, P.PULL, {"table": name, "wait_s": self._wait_s()}, (part,),
                          lambda msg, i=i: gather.part(i, (msg.arrays[0], msg.arrays[1])), gather.error)
         self.counters["rows_pulled"] += n
         return future
@@ -374,7 +379,7 @@ class Client:
     def pull_dense_async(self, name: str) -> Future:
         future: Future = Future()
         gather = _Gather(1, lambda parts: parts[0], future)
-        self._submit(self.dense_home(name), P.PULL_DENSE, {"name": name}, (),
+        self._submit(self.dense_home(name), P.PULL_DENSE, {"name": name, "wait_s": self._wait_s()}, (),
                      lambda msg: gather.part(0, (np.array(msg.arrays[0]), msg.args["version"])), gather.error)
         return future
 
@@ -412,7 +417,7 @@ class Client:
 
     def barrier(self, timeout_s: float | None = None) -> None:
         """Waits until every worker of the job has reached a barrier (held by server 0)."""
-        self._call_all(P.BARRIER, lambda k: {}, servers=[0], timeout_s=timeout_s)
+        self._call_all(P.BARRIER, lambda k: {"wait_s": self._wait_s(timeout_s)}, servers=[0], timeout_s=timeout_s)
 
     def shutdown_servers(self, force: bool = False) -> None:
         """Tells the servers this worker is done; they exit once every worker has (or at once with force)."""

@@ -66,6 +66,10 @@ class ServerUnavailableError(PSError, ConnectionError):
     """A server that did not answer within the timeout or could not be reached (names it)."""
 
 
+class WorkerTimeoutError(PSError, TimeoutError):
+    """A synchronous step or barrier that timed out waiting for workers (names the missing ranks)."""
+
+
 class TableError(PSError, KeyError):
     """An unknown table, a table re-created with a different configuration, or bad table arguments."""
 
@@ -82,7 +86,7 @@ class SnapshotError(PSError):
 
 
 ERROR_KINDS = {cls.__name__: cls for cls in (PSError, ProtocolError, ServerUnavailableError, TableError,
-                                              IdOutOfRangeError, SnapshotError)}
+                                              IdOutOfRangeError, SnapshotError, WorkerTimeoutError)}
 
 
 # --- messages ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from luoshu.core.errors import Error
 from luoshu.core.tensor import tensor as _make_tensor
 from luoshu.ps import protocol as P
 from luoshu.ps import snapshot as S
-from luoshu.ps.protocol import ProtocolError, PSError, SnapshotError, TableError
+from luoshu.ps.protocol import ProtocolError, PSError, SnapshotError, TableError, WorkerTimeoutError
 
 log = logging.getLogger("luoshu.ps")
 
@@ -221,6 +221,10 @@ class _SyncRounds:
 
     def must_wait(self, worker: int) -> bool:
         return 0 <= worker < self.num_workers and self.pushed[worker] > self.applied
+
+    def missing(self) -> list[int]:
+        """The workers whose push of the next round has not arrived."""
+        return [w for w in range(self.num_workers) if self.pushed[w] <= self.applied]
 
 
 # --- tables and dense tensors --------------------------------------------------------------------
@@ -448,7 +452,7 @@ class ParameterServer:
         self.keep_snapshots = keep_snapshots
         self.tables: dict[str, _Table] = {}
         self.dense: dict[str, _Dense] = {}
-        self.deferred: list = []  # (identity, message) pulls waiting for a sync round
+        self.deferred: list = []  # (identity, message, variable) pulls waiting for a sync round
         self.barrier_waiting: dict[int, tuple] = {}
         self.barrier_generation = 0
         self.shutdown_from: set[int] = set()
@@ -545,7 +549,7 @@ class ParameterServer:
         if table.sync is not None:
             table.sync.check_worker(msg.worker, table.where)
             if table.sync.must_wait(msg.worker):
-                self.deferred.append((identity, msg))
+                self._defer(identity, msg, table)
                 return []
         rows, versions = table.pull(ids)
         return self._reply(identity, msg, None, (rows, versions))
@@ -574,12 +578,52 @@ class ParameterServer:
             table.apply(parts)
         return self._reply(identity, msg, {"applied": bool(rounds)}) + (self._release() if rounds else [])
 
+    @staticmethod
+    def _deadline(msg: P.Message) -> float:
+        """When a waiting request gives up: `wait_s` (sent by the client, below its own timeout) after arrival."""
+        if "_deadline" not in msg.args:
+            wait_s = msg.args.get("wait_s", 60.0)
+            wait_s = wait_s if isinstance(wait_s, (int, float)) and wait_s > 0 else 60.0
+            msg.args["_deadline"] = time.monotonic() + wait_s
+            msg.args["_wait_s"] = wait_s
+        return msg.args["_deadline"]
+
+    def _defer(self, identity, msg: P.Message, variable: _Variable) -> None:
+        self._deadline(msg)
+        self.deferred.append((identity, msg, variable))
+
     def _release(self) -> list:
         """Answers the deferred pulls whose round has been applied."""
         waiting, self.deferred = self.deferred, []
         out = []
-        for identity, msg in waiting:
+        for identity, msg, _ in waiting:
             out += self._HANDLERS[msg.op](self, identity, msg)
+        return out
+
+    def expire(self, now: float | None = None) -> list:
+        """Error replies for pulls and barriers that waited past their deadline, naming the missing workers."""
+        now = time.monotonic() if now is None else now
+        out = []
+        if any(msg.args["_deadline"] <= now for _, msg, _ in self.deferred):
+            keep = []
+            for identity, msg, var in self.deferred:
+                if msg.args["_deadline"] > now:
+                    keep.append((identity, msg, var))
+                    continue
+                err = WorkerTimeoutError(
+                    f"{var.where} on {self.name}: synchronous step {var.sync.applied + 1} still lacks the pushes of "
+                    f"workers {var.sync.missing()} after {msg.args['_wait_s']:g} s (dead or stuck?); "
+                    f"the pull of worker {msg.worker} gives up")
+                log.error("%s", err)
+                out.append((identity, P.error_frames(msg.request_id, msg.worker, err)))
+            self.deferred = keep
+        if self.barrier_waiting and min(self._deadline(m) for _, m in self.barrier_waiting.values()) <= now:
+            missing = [w for w in range(self.num_workers) if w not in self.barrier_waiting]
+            err = WorkerTimeoutError(f"barrier on {self.name}: workers {missing} did not arrive (dead or stuck?)")
+            log.error("%s", err)
+            for identity, m in self.barrier_waiting.values():
+                out.append((identity, P.error_frames(m.request_id, m.worker, err)))
+            self.barrier_waiting = {}
         return out
 
     def _create_dense(self, identity, msg):
@@ -600,7 +644,7 @@ class ParameterServer:
         if dense.sync is not None:
             dense.sync.check_worker(msg.worker, dense.where)
             if dense.sync.must_wait(msg.worker):
-                self.deferred.append((identity, msg))
+                self._defer(identity, msg, dense)
                 return []
         dense.counters["pulls"] += 1
         return self._reply(identity, msg, {"version": dense.version}, (dense.value.numpy(),))
@@ -638,6 +682,7 @@ class ParameterServer:
     def _barrier(self, identity, msg):
         if not 0 <= msg.worker < self.num_workers:
             raise PSError(f"barrier over {self.num_workers} workers, found worker {msg.worker}")
+        self._deadline(msg)
         self.barrier_waiting[msg.worker] = (identity, msg)
         if len(self.barrier_waiting) < self.num_workers:
             return []
@@ -731,7 +776,11 @@ class ParameterServer:
                     self._periodic_snapshot()
                     continue
                 timeout = max(1, min(timeout, int(due * 1000)))
-            if not sock.poll(timeout, zmq.POLLIN):
+            ready = sock.poll(timeout, zmq.POLLIN)
+            if self.deferred or self.barrier_waiting:
+                for ident, reply in self.expire():
+                    sock.send_multipart([ident, *reply], copy=False)
+            if not ready:
                 continue
             while True:
                 try:

@@ -257,6 +257,18 @@ def test_dense_tensors_async_and_sync():
     assert version == 3
 
 
+def test_a_missing_worker_is_named_within_the_timeout():
+    with ps.start_local_servers(2, num_workers=2, in_process=True) as servers:
+        c0 = _client(servers, 0, timeout_s=1.0)
+        c0.create_table("s", 2, optimizer=("sgd", {"lr": 1.0}), sync_workers=2)
+        c0.push("s", [1, 2, 3], np.ones((3, 2), np.float32)).result(10)
+        with pytest.raises(ps.WorkerTimeoutError, match=r"step 1 still lacks the pushes of workers \[1\]"):
+            c0.pull("s", [1, 2, 3])
+        with pytest.raises(ps.WorkerTimeoutError, match=r"workers \[1\] did not arrive"):
+            c0.barrier()
+        c0.close()
+
+
 def test_barrier_waits_for_every_worker():
     with ps.start_local_servers(1, num_workers=2, in_process=True) as servers:
         c0, c1 = _client(servers, 0), _client(servers, 1)
