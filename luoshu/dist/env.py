@@ -107,6 +107,7 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
         _state.__init__(initialized=True, timeout=timeout)
         return
     role, index, num_workers, num_servers, local_rank = _layout()
+    _report_uncaught_errors()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and role == "worker" else "gloo"
     if backend not in ("gloo", "nccl"):
@@ -127,6 +128,24 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     # torch.distributed.get_rank()) number workers from 0.
     torch_dist.init_process_group(backend, store=torch_dist.PrefixStore("luoshu/workers", store), rank=index,
                                   world_size=num_workers, timeout=timeout)
+
+
+def _report_uncaught_errors() -> None:
+    """An uncaught exception goes to torchrun's error file too, so the launcher can quote it."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    handler, previous = ErrorHandler(), sys.excepthook
+
+    def hook(kind, value, traceback):
+        try:
+            handler.record_exception(value)
+        except Exception:  # reporting must never hide the original error
+            pass
+        previous(kind, value, traceback)
+
+    sys.excepthook = hook
 
 
 def _serve_and_exit(store, index: int, num_servers: int, num_workers: int) -> None:

@@ -87,7 +87,11 @@ def _describe(rank: int, failure, workers: int, servers: int) -> str:
         how = f"exited with code {code}"
     pid = getattr(failure, "pid", "?")
     message = getattr(failure, "message", "")
+    if isinstance(message, dict):  # the error file of a process that recorded its exception
+        message = str(message.get("message", ""))
     noise = ("Signal", "exitcode", "To enable traceback")
+    if len(message) > 400:
+        message = message[:400] + " ..."
     detail = f": {message}" if message and not any(n in message for n in noise) else ""
     return f"{who} (pid {pid}) {how}{detail}"
 

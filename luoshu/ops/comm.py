@@ -56,8 +56,8 @@ def _comm_failed(name: str, ranks: tuple, exc: Exception) -> Error:
     from luoshu.core.errors import ExecutionError
 
     who = f"worker ranks {tuple(ranks)}" if ranks else "all workers"
-    return ExecutionError(f"{name} over {who} failed: a peer process may have died or timed out "
-                          f"(the launcher names the dead rank): {exc}")
+    return ExecutionError(f"{name} over {who} failed: a peer process died or did not join within the "
+                          f"collective timeout (luoshu launch names a dead process): {exc}")
 
 
 def _check_group_attr(name: str, group) -> None:

@@ -20,7 +20,7 @@ def main() -> None:
     from luoshu import ps
 
     store, servers = ls.dist.ps_store()
-    client = ps.connect(store=store)
+    client = ps.connect(store=store, timeout_s=120)  # generous: the test machine is shared
     client.create_table("t", 2, num_rows=8, id_policy="refuse", init=("zeros",), optimizer=("sgd", {"lr": 1.0}))
     client.barrier()
     client.push("t", np.array([ls.dist.rank()]), -np.ones((1, 2), np.float32)).result()

@@ -51,13 +51,25 @@ def test_a_killed_worker_stops_the_job_and_is_named():
 
 
 @pytest.mark.dist
-@pytest.mark.timeout(200)
+@pytest.mark.slow  # tests/dist/test_ps_modes.py exercises launcher-started servers in the default run
+@pytest.mark.timeout(300)
 def test_servers_started_by_the_launcher_serve_the_workers(tmp_path):
     pytest.importorskip("zmq")
-    job = launch(2, "tests/dist/ps_script.py", str(tmp_path), timeout=180, extra=("--servers", "1"))
+    job = launch(2, "tests/dist/ps_script.py", str(tmp_path), timeout=280, extra=("--servers", "1"))
     assert job.returncode == 0, job.stderr[-3000:]
     for rank in range(2):
         result = np.load(tmp_path / f"rank{rank}.npz")
         # each worker pushed -1 to its own row of a zero table with SGD lr 1: every worker sees both
         np.testing.assert_array_equal(result["rows"], np.ones((2, 2)))
         assert int(result["servers"]) == 1 and int(result["world"]) == 2
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_hung_worker_cannot_hang_the_job():
+    # Worker 1 stops calling collectives; worker 0's all-reduce gives up after the
+    # collective timeout and the launcher stops the job, quoting the error.
+    job = launch(2, "tests/dist/die_script.py", "--victim", "1", "--hang", timeout=120, extra=("--timeout", "5"))
+    assert job.returncode == 1
+    assert "worker rank 0" in job.stderr and "all_reduce over all workers failed" in job.stderr, job.stderr[-2000:]
