@@ -99,7 +99,11 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     if _state.initialized:
         return
     if timeout_s is None:
-        timeout_s = float(os.environ.get("LUOSHU_COMM_TIMEOUT", DEFAULT_TIMEOUT_S))
+        raw = os.environ.get("LUOSHU_COMM_TIMEOUT", DEFAULT_TIMEOUT_S)
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise DistError(f"luoshu.dist.init: LUOSHU_COMM_TIMEOUT must be seconds, found {raw!r}") from None
     if not timeout_s > 0:
         raise DistError(f"luoshu.dist.init: timeout_s must be positive, found {timeout_s}")
     timeout = datetime.timedelta(seconds=timeout_s)

@@ -73,3 +73,40 @@ def test_a_hung_worker_cannot_hang_the_job():
     job = launch(2, "tests/dist/die_script.py", "--victim", "1", "--hang", timeout=120, extra=("--timeout", "5"))
     assert job.returncode == 1
     assert "worker rank 0" in job.stderr and "all_reduce over all workers failed" in job.stderr, job.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env, expected", [
+    # one node, 2 workers: plain torchrun numbering
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, ("worker", 1, 2, 0, 1)),
+    # one node, 2 workers + 1 server: local rank 2 is server 0
+    ({"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "0",
+      "LUOSHU_SERVERS_PER_NODE": "1"}, ("server", 0, 2, 1, 2)),
+    # two nodes of 2 workers + 1 server: on node 1, local rank 1 is worker 3, local rank 2 is server 1
+    ({"RANK": "4", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "1",
+      "LUOSHU_SERVERS_PER_NODE": "1"}, ("worker", 3, 4, 2, 1)),
+    ({"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "1",
+      "LUOSHU_SERVERS_PER_NODE": "1"}, ("server", 1, 4, 2, 2)),
+])
+def test_workers_and_servers_are_numbered_per_node(env, expected, monkeypatch):
+    from luoshu.dist import env as dist_env
+
+    for key in ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LUOSHU_SERVERS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert dist_env._layout() == expected
+
+
+def test_a_bad_environment_is_refused(monkeypatch):
+    import luoshu as ls
+    from luoshu.dist import env as dist_env
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ls.dist.DistError, match="WORLD_SIZE must be an integer"):
+        dist_env._layout()
+    monkeypatch.setenv("LUOSHU_COMM_TIMEOUT", "soon")
+    monkeypatch.setattr(dist_env, "_state", dist_env._State())
+    with pytest.raises(ls.dist.DistError, match="LUOSHU_COMM_TIMEOUT"):
+        ls.dist.init()
+    assert not ls.dist.is_initialized()
