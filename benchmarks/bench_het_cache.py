@@ -6,7 +6,8 @@ rows, dim 16, server-side SGD). Each step looks up a batch's (batch, 26) ids thr
 cache, accumulates a gradient for them and ends the step, as `luoshu.ps.Embedding` does in
 training; the next batch is prefetched. Bytes count ids, rows and versions pulled, and ids
 and gradient rows pushed. Step times are medians over repeats after warm-up; they are
-noisy when other jobs share the CPU. Results go to runs/bench_het_cache.csv.
+noisy when other jobs share the CPU; the worker runs one torch thread. Results go to
+runs/bench_het_cache.csv.
 
     .venv/bin/python benchmarks/bench_het_cache.py [--batch 1024] [--steps 40] [--repeats 3]
 """
@@ -21,6 +22,7 @@ import statistics
 import time
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from luoshu import ps
@@ -65,6 +67,8 @@ def main() -> None:
     parser.add_argument("--staleness", default="0,1,4,16")
     parser.add_argument("--out", default="runs/bench_het_cache.csv")
     args = parser.parse_args()
+    # One thread: torch's threaded index_add stalls badly when other jobs share the cores.
+    torch.set_num_threads(1)
 
     total = args.steps + args.warmup
     data = synthetic_ctr(args.batch * total, dist="power_law", alpha=1.2, seed=0)

@@ -227,10 +227,14 @@ class PSStrategy(_PSBase):
         """One step: push every gradient, end the tables' steps, pull the dense values."""
         tables, dense = self._split(pairs)
         scale = 1.0 / self.workers
-        pushes = []
-        for i, g in dense:
+        for i, g in dense:  # checked before anything is sent
             if i not in self.dense:
                 raise DistError(f"DataParallel(mode='ps'): parameter {i} of the optimizer is not in the model")
+            if isinstance(g, tuple):
+                raise DistError(f"DataParallel(mode='ps'): parameter {self.dense[i][0]!r} has a sparse gradient but "
+                                "is no parameter-server table; use luoshu.nn.Embedding or luoshu.ps.Embedding for it")
+        pushes = []
+        for i, g in dense:
             pushes.append(self.client.push_dense(self.dense[i][0], g.detach().cpu().numpy(), scale=scale))
         if self.sync_workers is not None:
             # A synchronous round needs one push from every worker for every tensor.
