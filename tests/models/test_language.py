@@ -352,6 +352,7 @@ def test_lstm_learns_to_reverse():
         b = step * 64 % (len(xtr) - 64)
         g.run([loss, train], {x: xtr[b:b + 64], y: ytr[b:b + 64]})
     accuracy = _answer_accuracy(g.run(logits, {x: xte}).argmax(-1), yte)
+    print(f"LSTM reverse-task answer accuracy {accuracy:.3f}")
     assert accuracy >= 0.9, f"LSTM reverse-task accuracy {accuracy:.3f}"
 
 
@@ -394,6 +395,7 @@ def test_transformer_learns_to_copy_with_greedy_decoding():
         if i + 1 < length:
             decoded[:, i + 1] = step[:, i]
     accuracy = _answer_accuracy(step, ttout)
+    print(f"Transformer greedy copy accuracy {accuracy:.3f}")
     assert accuracy >= 0.9, f"Transformer greedy copy accuracy {accuracy:.3f}"
 
 
@@ -413,6 +415,7 @@ def test_gpt_memorises_a_tiny_corpus():
     feed = {x: ids[None, :-1], y: ids[None, 1:]}
     for _ in range(150):
         final, _ = g.run([loss, train], feed)
+    print(f"GPT tiny-corpus loss {float(final):.4f}")
     assert float(final) < 0.05
     assert (g.run(logits, feed).argmax(-1)[0] == ids[1:]).all()
 
