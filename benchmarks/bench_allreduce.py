@@ -32,6 +32,7 @@ import torch.distributed as torch_dist
 
 import luoshu as ls
 from luoshu.compiler.data_parallel import plan_buckets
+from luoshu.ops.comm import BucketBuffer
 
 
 def _shapes(total_bytes: int) -> list[tuple[int, ...]]:
@@ -65,18 +66,22 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def _luoshu_path(grads: list[torch.Tensor], bucket_mb: float):
+    """The ops the DataParallel pass inserts (persistent bucket buffers included), as one plan."""
+    buffers = []
     with ls.Graph() as g:
         leaves = [ls.Tensor.from_value(t) for t in grads]
         outputs = []
         buckets = plan_buckets([t.numel() * 4 for t in grads], ["float32"] * len(grads), int(bucket_mb * 2**20))
         for bucket in buckets:
-            flat = ls.core.apply("bucket_all_reduce", *[leaves[i] for i in bucket], reduce="mean")
+            buffers.append(BucketBuffer())
+            flat = ls.core.apply("bucket_all_reduce", *[leaves[i] for i in bucket], reduce="mean",
+                                 buffer=buffers[-1].key)
             pieces = ls.core.apply("bucket_unpack", flat, shapes=tuple(tuple(grads[i].shape) for i in bucket))
             outputs += list(pieces) if isinstance(pieces, tuple) else [pieces]
     # fetching through NumPy would time a copy the training step never makes: run the plan itself
     g.run(outputs)
     plan = next(iter(g._plans.values()))
-    return lambda: plan.run([]), len(buckets)
+    return lambda: (plan.run([]), buffers), len(buckets)
 
 
 def worker(args) -> None:

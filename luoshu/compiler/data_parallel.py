@@ -18,8 +18,11 @@ from luoshu.core import dtypes
 from luoshu.core.errors import GraphError
 from luoshu.core.op import Op, apply
 from luoshu.core.shapes import numel
+from luoshu.ops.comm import BucketBuffer
 
 _REWRITTEN: weakref.WeakSet = weakref.WeakSet()
+# graph -> the persistent bucket buffers its bucket_all_reduce ops name (freed with the graph)
+_BUFFERS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _split_inputs(update: Op) -> list[tuple[int, str, list]]:
@@ -83,7 +86,9 @@ def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple
             names.append(g.dtype)
         for bucket in plan_buckets(sizes, names, bucket_bytes):
             grads = [dense[i][2][0] for i in bucket]
-            flat = apply("bucket_all_reduce", *grads, reduce="mean", group=tuple(group))
+            buffer = BucketBuffer()
+            _BUFFERS_OF.setdefault(graph, []).append(buffer)
+            flat = apply("bucket_all_reduce", *grads, reduce="mean", group=tuple(group), buffer=buffer.key)
             pieces = apply("bucket_unpack", flat, shapes=tuple(tuple(g.shape) for g in grads))
             pieces = pieces if isinstance(pieces, tuple) else (pieces,)
             for i, piece in zip(bucket, pieces):

@@ -28,6 +28,7 @@ from luoshu.core.tensor import IndexedSlices, Tensor
 from luoshu.dist import env
 from luoshu.dist.env import DistError
 from luoshu.nn.module import Module
+from luoshu.ops.comm import BucketBuffer
 from luoshu.optim.optimizer import Optimizer, _grad_value, _keep_alive, _lookup_live
 
 MODES = ("allreduce", "ps", "hybrid")
@@ -76,9 +77,10 @@ class _BucketSync(GradientSync):
     each bucket's asynchronous all-reduce starts as soon as it is full; sparse ones are
     all-gathered at the end. Every worker runs the same backward, so the buckets match."""
 
-    def __init__(self, bucket_bytes: int, group: tuple):
+    def __init__(self, bucket_bytes: int, group: tuple, buffers: list):
         super().__init__()
         self.bucket_bytes, self.group = bucket_bytes, group
+        self.buffers = buffers  # persistent BucketBuffers, one per bucket position, kept across steps
         self.filling: dict = {}  # dtype -> ([(index, value)], bytes)
         self.started: list = []  # ([(index, value)], flat buffer in flight)
         self.sparse: list = []
@@ -97,9 +99,12 @@ class _BucketSync(GradientSync):
         self.filling[grad.dtype] = (entries, nbytes + size)
 
     def _start(self, entries):
+        if len(self.buffers) <= len(self.started):
+            self.buffers.append(BucketBuffer())
+        key = self.buffers[len(self.started)].key
         with context.no_grad():
             flat = apply("bucket_all_reduce", *[Tensor.from_value(g) for _, g in entries], reduce="mean",
-                         group=self.group)
+                         group=self.group, buffer=key)
         self.started.append((entries, flat))
 
     def finish(self):
@@ -124,6 +129,11 @@ class _BucketSync(GradientSync):
 class AllReduceStrategy(Strategy):
     """Dense gradients: bucketed, asynchronous all-reduce (mean). Sparse: all-gather of rows."""
 
+    @property
+    def buffers(self) -> list:
+        """The eager path's persistent bucket buffers (a lazy attribute: subclasses keep their __init__)."""
+        return self.__dict__.setdefault("_bucket_buffers", [])
+
     def setup(self, params, buffers):
         if env.group_size(self.dp.group) == 1:
             return
@@ -138,7 +148,7 @@ class AllReduceStrategy(Strategy):
     def begin_gradients(self, optimizer):
         if env.group_size(self.dp.group) == 1:
             return GradientSync()
-        return _BucketSync(self.dp.bucket_bytes, self.dp.group)
+        return _BucketSync(self.dp.bucket_bytes, self.dp.group, self.buffers)
 
     def reduce_gradients(self, optimizer, pairs):
         sync = self.begin_gradients(optimizer)

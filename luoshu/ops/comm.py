@@ -17,6 +17,8 @@ layer does not import the layers above it).
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -320,20 +322,53 @@ class AllToAll(OpDef):
 
 
 # --- gradient synchronisation (data parallelism) ------------------------------------------
+class BucketBuffer:
+    """The persistent flat buffer of one gradient bucket, reused every step.
+
+    A fresh buffer per step costs more than the copy into it (first-touch page faults on
+    CPU, allocator churn on GPU); DDP keeps its buckets for the same reason. Whoever
+    inserts a `bucket_all_reduce` owns the BucketBuffer and keeps it alive; the op names
+    it by `key`.
+    """
+
+    def __init__(self):
+        self.key = next(_buffer_keys)
+        self.tensor: torch.Tensor | None = None
+        _BUFFERS[self.key] = self
+
+
+_buffer_keys = itertools.count()
+_BUFFERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _bucket_buffer(key: int, numel_: int, xs) -> torch.Tensor:
+    like = xs[0]
+    holder = _BUFFERS.get(key) if key >= 0 else None
+    buf = holder.tensor if holder is not None else None
+    if buf is None or buf.numel() != numel_ or buf.dtype != like.dtype or buf.device != like.device or \
+            any(x.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for x in xs):
+        buf = torch.empty(numel_, dtype=like.dtype, device=like.device)
+        if holder is not None:
+            holder.tensor = buf
+    return buf
+
+
 @register
 class BucketAllReduce(OpDef):
-    """Flattens `xs` into one buffer and starts its all-reduce; `bucket_unpack` waits and splits.
+    """Copies `xs` into one flat buffer and starts its all-reduce; `bucket_unpack` waits and splits.
 
     One collective per bucket instead of one per gradient, launched as soon as the
-    bucket's last gradient exists.
+    bucket's last gradient exists. For a mean, each piece is scaled by 1/size while it
+    is copied in (one pass, like DDP's gradient pre-division). `buffer` names a
+    `BucketBuffer` to reuse (-1: a new buffer each run).
     """
 
     name = "bucket_all_reduce"
-    attrs = {"reduce": "mean", "group": ()}
+    attrs = {"reduce": "mean", "group": (), "buffer": -1}
     differentiable = False
     tested_by = "tests/dist/test_comm_ops.py"
 
-    def infer(self, inputs, reduce, group):
+    def infer(self, inputs, reduce, group, buffer):
         _check_reduce(self.name, reduce)
         _check_group_attr(self.name, group)
         if not inputs or len({t.dtype for t in inputs}) != 1:
@@ -343,14 +378,22 @@ class BucketAllReduce(OpDef):
         total = None if any(s is None for s in sizes) else sum(sizes)
         return TensorMeta((total,), inputs[0].dtype)
 
-    def compute(self, *xs, reduce, group):
+    def compute(self, *xs, reduce, group, buffer):
         pg, size, _ = _group(self.name, group)
-        flat = torch.cat([x.reshape(-1) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1).clone()
+        flat = _bucket_buffer(buffer, sum(x.numel() for x in xs), xs)
+        scale = 1.0 / size if reduce == "mean" and size > 1 else None
+        pos = 0
+        for x in xs:
+            n = x.numel()
+            piece = flat[pos:pos + n].view(x.shape)
+            if scale is None:
+                piece.copy_(x)
+            else:
+                torch.mul(x, scale, out=piece)
+            pos += n
         if pg is None:
             return flat
-        finish = (lambda: flat.div_(size)) if reduce == "mean" else None
-        return _run(self.name, group, lambda a: torch_dist.all_reduce(flat, group=pg, async_op=a), flat, True,
-                    finish)
+        return _run(self.name, group, lambda a: torch_dist.all_reduce(flat, group=pg, async_op=a), flat, True)
 
 
 @register
