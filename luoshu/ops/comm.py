@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as torch_dist
 
+from luoshu.core.dstates import DUPLICATE, PARTIAL, DStates
 from luoshu.core.errors import Error, OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import numel
@@ -60,6 +61,24 @@ def _comm_failed(name: str, ranks: tuple, exc: Exception) -> Error:
     who = f"worker ranks {tuple(ranks)}" if ranks else "all workers"
     return ExecutionError(f"{name} over {who} failed: a peer process died or did not join within the "
                           f"collective timeout (luoshu launch names a dead process): {exc}")
+
+
+def _move_states(name: str, ds: DStates | None, source: int, target: int) -> list[DStates | None]:
+    """The states after a collective turns the `source` key (partial, or split 0) into `target`."""
+    if ds is None:
+        return [None]
+    if ds.get(source) == 1:
+        raise OpError(f"{name}: the input has states {ds.states}, with no {_KEY_NAMES.get(source, source)} part "
+                      "for this collective to resolve")
+    states = dict(ds.states)
+    count = states.pop(source)
+    states[target] = states.get(target, 1) * count
+    order = [target if k == source else k for k in ds.order]
+    order = [k for i, k in enumerate(order) if k not in order[:i]]
+    return [DStates(ds.device_num, states, tuple(order))]
+
+
+_KEY_NAMES = {PARTIAL: "partial", DUPLICATE: "duplicate", 0: "split(0)"}
 
 
 def _check_group_attr(name: str, group) -> None:
@@ -133,6 +152,9 @@ class AllReduce(OpDef):
     def gradient(self, op, grads):
         return [apply("all_reduce", grads[0], reduce=op.attrs["reduce"], group=op.attrs["group"])]
 
+    def deduce_states(self, input_ds, **attrs):
+        return _move_states(self.name, input_ds[0], PARTIAL, DUPLICATE)  # partial -> duplicate
+
 
 @register
 class CommWait(OpDef):
@@ -179,6 +201,9 @@ class AllGather(OpDef):
     def gradient(self, op, grads):
         return [apply("reduce_scatter", grads[0], reduce="sum", group=op.attrs["group"])]
 
+    def deduce_states(self, input_ds, **attrs):
+        return _move_states(self.name, input_ds[0], 0, DUPLICATE)  # split(0) -> duplicate
+
 
 @register
 class ReduceScatter(OpDef):
@@ -214,6 +239,9 @@ class ReduceScatter(OpDef):
         if op.attrs["reduce"] == "mean":
             g = g / _static_size(self.name, op.attrs["group"])
         return [g]
+
+    def deduce_states(self, input_ds, **attrs):
+        return _move_states(self.name, input_ds[0], PARTIAL, 0)  # partial -> split(0)
 
 
 def _check_root(name: str, root: int, group) -> None:

@@ -101,3 +101,19 @@ def test_sparse_all_gather_keeps_rows_of_unequal_counts(results):
     for rank in range(2):
         np.testing.assert_array_equal(results[rank]["sparse/indices"], indices)
         np.testing.assert_allclose(results[rank]["sparse/values"], values, rtol=1e-12)
+
+
+def test_states_rules_resolve_partial_and_split_parts():
+    import luoshu as ls
+    from luoshu.core.dstates import DUPLICATE, PARTIAL
+
+    rule = lambda name, ds: ls.core.get_opdef(name).deduce_states([ds])[0]  # noqa: E731
+    assert rule("all_reduce", ls.DStates(4, {PARTIAL: 4})) == ls.DStates.duplicate(4)
+    assert rule("all_reduce", ls.DStates(4, {PARTIAL: 2, 1: 2})) == ls.DStates(4, {DUPLICATE: 2, 1: 2})
+    assert rule("reduce_scatter", ls.DStates(2, {PARTIAL: 2})) == ls.DStates(2, {0: 2})
+    assert rule("all_gather", ls.DStates(4, {0: 2, DUPLICATE: 2}, order=(0, DUPLICATE))) == ls.DStates.duplicate(4)
+    assert rule("all_reduce", None) is None
+    with pytest.raises(ls.Error, match="no partial part"):
+        rule("all_reduce", ls.DStates.duplicate(2))
+    with pytest.raises(ls.Error, match=r"no split\(0\) part"):
+        rule("all_gather", ls.DStates(2, {1: 2}))
