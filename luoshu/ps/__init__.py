@@ -5,6 +5,11 @@ for tests and single-machine use). Workers: `connect` returns a `Client` with
 `create_table` / `pull` / `pull_async` / `push` (futures), dense tensors, `snapshot`,
 `stats`, `barrier`, `shutdown_servers`. `initial_rows` reproduces a table's seeded
 initial rows in a single process, for references.
+
+Training on the servers: `HETCache` (the worker cache with LRU/LFU and a staleness bound),
+`Embedding` / `SlotEmbedding` (tables on the servers, read through the cache, usable in
+eager and graph mode), and the "ps" and "hybrid" modes of `luoshu.dist.DataParallel`
+(`luoshu.ps.data_parallel`), which move a model's embedding tables here.
 """
 
 from luoshu.ps.cache import CacheError, CacheStats, HETCache
