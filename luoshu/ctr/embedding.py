@@ -139,3 +139,95 @@ class SparseEmbeddingTable(Module):
     def extra_repr(self) -> str:
         kind = "slot offsets" if self.slot_sizes is not None else "hash"
         return f"{self.name}: rows={self.rows}, vec={self.vec_size}, slots={self.num_slots}, {kind}, {self.combiner}"
+
+
+class ShardedTable(SparseEmbeddingTable):
+    """One rank's part of a table split over the workers of a multi-process job.
+
+    `placement="distributed"` (DistributedSlotSparseEmbeddingHash): row g lives on rank g % W.
+    `placement="localized"` (LocalizedSlotSparseEmbeddingHash): slot s lives whole on rank s % W.
+    Every rank draws the full table from the shared seed and keeps its rows, so the job starts
+    from the rows one process would. A lookup sends each key to its owner (all-to-all of equal
+    blocks: one slot per key of the batch per rank, padding where another rank owns it), the
+    owners gather their rows and send them back (the dual all-to-all, whose gradient carries
+    the row gradients to the owners), and the vectors are combined per slot as before.
+    """
+
+    def __init__(self, spec: SparseEmbedding, sparse: DataReaderSparseParam, slot_sizes: list[int] | None,
+                 global_update: bool, world: int, rank: int, placement: str):
+        if not slot_sizes:
+            raise CTRError(f"SparseEmbedding {spec.sparse_embedding_name!r}: a {placement} table over {world} "
+                           f"processes needs the slots' sizes (DataReaderParams or SparseEmbedding slot_size_array)")
+        super().__init__(spec, sparse, slot_sizes, global_update)
+        self.world, self.rank, self.placement = world, rank, placement
+        rows = np.arange(self.rows)
+        if placement == "distributed":
+            self.owner = (rows % world).astype(np.int64)
+        else:
+            slot_of_row = np.repeat(np.arange(len(self.slot_sizes)), self.slot_sizes)
+            self.owner = (slot_of_row % world).astype(np.int64)
+        self.local = np.zeros(self.rows, dtype=np.int64)
+        self.shard_rows = []
+        for r in range(world):
+            mine = np.flatnonzero(self.owner == r)
+            self.local[mine] = np.arange(len(mine))
+            self.shard_rows.append(mine)
+        full = self.emb_vector.value
+        mine = torch.from_numpy(self.shard_rows[rank])
+        shard = torch.cat([full[mine], torch.zeros(1, self.vec_size, dtype=full.dtype)])
+        self.emb_vector = empty_parameter(tuple(shard.shape))
+        with torch.no_grad():
+            self.emb_vector.value.copy_(shard)
+        self.local_pad = len(self.shard_rows[rank])
+
+    def route(self, rows: np.ndarray) -> np.ndarray:
+        """For each rank, the local row it must look up for each key of this batch (padding elsewhere)."""
+        flat = rows.reshape(-1)
+        valid = flat != self.pad
+        owners = np.where(valid, self.owner[np.minimum(flat, self.rows - 1)], -1)
+        locals_ = np.where(valid, self.local[np.minimum(flat, self.rows - 1)], 0)
+        pads = [len(s) for s in self.shard_rows]
+        send = np.empty((self.world, flat.size), dtype=np.int64)
+        for r in range(self.world):
+            send[r] = np.where(owners == r, locals_, pads[r])
+        return send.reshape(-1)
+
+    def forward(self, rows, send=None):
+        from luoshu.ops import comm
+
+        S, k, d = self.num_slots, self.hotness, self.vec_size
+        requests = comm.all_to_all(send)
+        if self.global_update:
+            vectors = ops.index_select(self.emb_vector, 0, requests)
+            vectors = vectors * ops.unsqueeze(ops.cast(ops.not_equal(requests, self.local_pad), "float32"), 1)
+        else:
+            vectors = F.embedding(requests, self.emb_vector, padding_idx=self.local_pad)
+        answers = comm.all_to_all(vectors)  # block r: rank r's rows for this rank's keys
+        gathered = ops.sum(ops.reshape(answers, (self.world, -1, d)), axis=0)
+        per_key = ops.reshape(gathered, (-1, S, k, d))
+        if k == 1:
+            return ops.reshape(per_key, (-1, S, d))
+        out = ops.sum(per_key, axis=2)
+        if self.combiner == "mean":
+            present = ops.cast(ops.not_equal(rows, self.pad), "float32")
+            out = out / ops.clamp(ops.unsqueeze(ops.sum(present, axis=2), 2), min=1.0)
+        return out
+
+    def full_table(self) -> np.ndarray:
+        """The whole table (rows + padding row), gathered from every rank (a collective call)."""
+        import torch.distributed as torch_dist
+
+        longest = max(len(s) for s in self.shard_rows)
+        mine = self.emb_vector.value[:-1]
+        padded = torch.zeros(longest, self.vec_size, dtype=mine.dtype)
+        padded[:len(mine)] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        torch_dist.all_gather(parts, padded)
+        full = np.zeros((self.rows + 1, self.vec_size), dtype=np.float32)
+        for r, rows in enumerate(self.shard_rows):
+            full[rows] = parts[r][:len(rows)].numpy()
+        return full
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.placement} over {self.world} ranks (rank {self.rank}: " \
+               f"{self.local_pad} rows)"

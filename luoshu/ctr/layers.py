@@ -154,8 +154,7 @@ def _interaction(where, names, xs):
     feats = ops.concat([ops.unsqueeze(dense, 1), emb], axis=1)
     dots = ops.reshape(ops.matmul(feats, ops.transpose(feats, 1, 2)), (-1, n * n))
     rows, cols = np.tril_indices(n, k=-1)
-    lower = ops.index_select(dots, 1, ops.constant(rows * n + cols) if hasattr(ops, "constant")
-                             else _index_tensor(rows * n + cols))
+    lower = ops.index_select(dots, 1, _index_tensor(rows * n + cols))
     pad = ops.zeros_like(ops.index_select(dense, 1, _index_tensor(np.zeros(1, np.int64))))
     return ops.concat([dense, lower, pad], axis=1)
 
@@ -235,7 +234,8 @@ def build_layer(b: Builder, index: int, layer: DenseLayer, kind: Layer_t, p: dic
             per_sample = int(np.prod(_shape(x)[1:]))
             lead = p["leading_dim"] or per_sample
             step = p["time_step"]
-            if per_sample % lead or (step and per_sample % (lead * step)):
+            # rows may regroup across the batch (DeepFM: (batch·slots, 10) back to (batch, slots·10))
+            if (per_sample % lead and lead % per_sample) or (step and per_sample % (lead * step)):
                 raise where.fail(f"leading_dim: {lead}{f' x time_step {step}' if step else ''} must divide the "
                                  f"{per_sample} values per sample of {names[0]} {('batch',) + _shape(xs[0])[1:]}")
             return [ops.reshape(x, (-1, step, lead) if step else (-1, lead))], {}

@@ -33,7 +33,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from luoshu import optim
+from luoshu import dist, optim
 from luoshu.amp import autocast
 from luoshu.checkpoint import load as load_checkpoint
 from luoshu.checkpoint import save as save_checkpoint
@@ -50,6 +50,7 @@ from luoshu.ctr.config import (
     CTRError,
     DataReaderParams,
     DenseLayer,
+    Embedding_t,
     Input,
     Layer_t,
     MetricsType,
@@ -60,7 +61,7 @@ from luoshu.ctr.config import (
     Update_t,
     layer_from_json,
 )
-from luoshu.ctr.embedding import SparseEmbeddingTable
+from luoshu.ctr.embedding import ShardedTable, SparseEmbeddingTable
 from luoshu.ctr.layers import Builder, build_layer
 from luoshu.metrics import auc as auc_score
 from luoshu.nn.layers import Linear
@@ -90,16 +91,25 @@ def make_optimizer(opt: OptParamsPy, params: list, lr: float) -> optim.Optimizer
     return optim.SGD(params, lr=lr, momentum=opt.momentum_factor if t is Optimizer_t.MomentumSGD else 0.0)
 
 
-def _minimize_all(loss, groups: list, scaler) -> list:
-    """One backward pass, one update op per optimizer (`groups`: (optimizer, params) pairs)."""
+def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple = ()) -> list:
+    """One backward pass, one update op per optimizer (`groups`: (optimizer, params) pairs).
+
+    In a `world`-process job each rank's loss covers its share of the global batch: the
+    gradients are taken of loss / world, the `replicated` parameters' (the dense network's)
+    are summed over the ranks, and sharded tables' arrive summed through their all-to-all."""
+    from luoshu.ops import comm
     from luoshu.optim.optimizer import _keep_alive  # the update op's bookkeeping, shared with minimize()
 
-    if len(groups) == 1:
+    if len(groups) == 1 and world == 1:
         opt, params = groups[0]
         return [opt.minimize(loss, var_list=params, loss_scaler=scaler)]
-    target = scaler.scale(loss) if scaler is not None else loss
+    target = loss * (1.0 / world) if world > 1 else loss
+    target = scaler.scale(target) if scaler is not None else target
     flat = [p for _, params in groups for p in params]
     grads = gradients(target, flat)
+    if world > 1:
+        shared = {id(p) for p in replicated}
+        grads = [comm.all_reduce(g) if id(p) in shared and g is not None else g for p, g in zip(flat, grads)]
     updates, pos = [], 0
     for opt, params in groups:
         inputs, used, kinds = [], [], []
@@ -244,7 +254,14 @@ class Model:
         if self.reader_params.source and self.reader_params.source[0]:
             self._open_sources(inp)
         manual_seed(self.solver.seed)
-        self._rng = np.random.default_rng(self.solver.seed)
+        self._world, self._rank = (dist.world_size(), dist.rank()) if dist.is_distributed() else (1, 0)
+        if self.solver.embedding_placement == "parameter_server":
+            raise CTRError("CreateSolver embedding_placement: 'parameter_server' is not available in luoshu.ctr yet; "
+                           "use 'distributed' or 'localized' (or luoshu.ps with luoshu.models)")
+        for name, size in (("batchsize", self.solver.batchsize), ("batchsize_eval", self.solver.batchsize_eval)):
+            if size % self._world:
+                raise CTRError(f"CreateSolver {name}: the global batch {size} must split evenly over the "
+                               f"{self._world} processes")
         params_of = {p.sparse_name: p for p in inp.data_reader_sparse_param_array}
         self.tables: list[SparseEmbeddingTable] = []
         self._table_inputs: list[tuple[int, int]] = []
@@ -253,9 +270,16 @@ class Model:
             sizes = e.slot_size_array or (self.reader_params.slot_size_array[s0:s1]
                                           if self.reader_params.slot_size_array else None)
             opt = e.optimizer or self.opt_params
-            table = SparseEmbeddingTable(e, params_of[e.bottom_name], sizes,
-                                         global_update=opt.update_type is Update_t.Global
-                                         and opt.optimizer_type is not Optimizer_t.SGD)
+            global_update = opt.update_type is Update_t.Global and opt.optimizer_type is not Optimizer_t.SGD
+            if self._world > 1:
+                placement = self.solver.embedding_placement
+                if placement == "auto":
+                    placement = "distributed" if e.embedding_type is Embedding_t.DistributedSlotSparseEmbeddingHash \
+                        else "localized"
+                table = ShardedTable(e, params_of[e.bottom_name], sizes, global_update, self._world, self._rank,
+                                     placement)
+            else:
+                table = SparseEmbeddingTable(e, params_of[e.bottom_name], sizes, global_update=global_update)
             self.tables.append(table)
             self._table_inputs.append((s0, s1))
         self.network = _Network()
@@ -274,6 +298,8 @@ class Model:
             self._ph_label = placeholder("label", (None, label_dim))
             self._ph_dense = placeholder("dense", (None, inp.dense_dim))
             self._ph_rows = [placeholder(f"rows_{t.name}", (None, t.num_slots, t.hotness), "int64")
+                             for t in self.tables]
+            self._ph_send = [placeholder(f"send_{t.name}", (None,), "int64") if isinstance(t, ShardedTable) else None
                              for t in self.tables]
             with precision:
                 train = self._forward(inp, embeddings, training=True)
@@ -295,7 +321,7 @@ class Model:
                 if self.solver.use_mixed_precision else None
             groups = ([(self.dense_optimizer, dense_params)] if dense_params else []) + \
                 [(o, t.parameters()) for o, t in zip(self.sparse_optimizers, self.tables)]
-            self._updates = _minimize_all(loss, groups, self.scaler)
+            self._updates = _minimize_all(loss, groups, self.scaler, self._world, tuple(dense_params))
         self._embeddings = embeddings
         self._compiled = True
 
@@ -309,11 +335,11 @@ class Model:
         else:
             tensors[inp.label_name] = self._ph_label
         tensors[inp.dense_name] = self._ph_dense
-        for e, table, rows in zip(embeddings, self.tables, self._ph_rows):
+        for e, table, rows, send in zip(embeddings, self.tables, self._ph_rows, self._ph_send):
             if e.sparse_embedding_name in tensors:
                 raise CTRError(f"SparseEmbedding sparse_embedding_name: {e.sparse_embedding_name!r} is already a "
                                f"tensor name")
-            tensors[e.sparse_embedding_name] = table(rows)
+            tensors[e.sparse_embedding_name] = table(rows) if send is None else table(rows, send)
         builder = Builder(self.network, training)
         losses, producers = {}, {}
         first_dense = 1 + len(embeddings)
@@ -356,11 +382,18 @@ class Model:
             raise CTRError(f"Model.{what}: call compile() first")
 
     # --- feeding ----------------------------------------------------------------------------
-    def _feeds(self, batch: dict, insert: bool) -> dict:
+    def _feeds(self, batch: dict, insert: bool, shard: bool = False) -> dict:
+        """Feeds for a batch; with `shard` (training in a multi-process job) this rank's part of it."""
+        if shard and self._world > 1:
+            part = len(batch["label"]) // self._world
+            batch = {k: v[self._rank * part:(self._rank + 1) * part] for k, v in batch.items()}
         feeds = {self._ph_label: batch["label"], self._ph_dense: batch["dense"]}
         sparse = batch["sparse"]
-        for table, ph, (s0, s1) in zip(self.tables, self._ph_rows, self._table_inputs):
-            feeds[ph] = table.rows_of(sparse[:, s0:s1, :table.hotness], insert)
+        for table, ph, send, (s0, s1) in zip(self.tables, self._ph_rows, self._ph_send, self._table_inputs):
+            rows = table.rows_of(sparse[:, s0:s1, :table.hotness], insert)
+            feeds[ph] = rows
+            if send is not None:
+                feeds[send] = table.route(rows)
         return feeds
 
     def _batches(self, source, batch_size: int, repeat: bool):
@@ -394,7 +427,10 @@ class Model:
             return False
         self._iteration += 1
         self._set_lr(self._iteration)
-        feeds = self._feeds(batch, insert=True)
+        if self._world > 1 and len(batch["label"]) % self._world:
+            raise CTRError(f"training batch of {len(batch['label'])} rows does not split over {self._world} "
+                           f"processes (an epoch's last batch); use repeat_dataset=True or a dividing batchsize")
+        feeds = self._feeds(batch, insert=True, shard=True)
         self._last_feeds = feeds
         self._last_loss = float(self.graph.run([self._loss, *self._updates], feeds)[0])
         if not math.isfinite(self._last_loss) and self.scaler is None:
@@ -691,6 +727,15 @@ class Model:
         self._require_compiled("load_sparse_optimizer_states")
         for i, f in self._sparse_targets(sparse_opt_states_files):
             _load_optimizer(f, self.sparse_optimizers[i])
+
+    def embedding_table(self, embedding: int | str = 0) -> np.ndarray:
+        """An embedding table's rows (without the padding row) as one array; in a multi-process
+        job gathered from every rank (call it on all ranks)."""
+        self._require_compiled("embedding_table")
+        index = embedding if isinstance(embedding, int) else self._tables_named(embedding)[0]
+        table = self.tables[index]
+        full = table.full_table() if isinstance(table, ShardedTable) else table.emb_vector.numpy()
+        return np.array(full[:-1])
 
     # --- freezing -------------------------------------------------------------------------------------
     def freeze_dense(self) -> None:

@@ -1,0 +1,166 @@
+"""luoshu.ctr (HugeCTR API) DCN with the quick-start shapes vs PyTorch, samples/s, in one run.
+
+13 dense features, 26 slots with the quick start's slot sizes (390k rows), vector size 16,
+6 cross layers, MLP 1024 (the quick start's fc1; no dropout on either side), batch 1024, Adam.
+
+  luoshu.ctr Global  Update_t.Global (the quick start's setting): every row's Adam state moves
+  luoshu.ctr Local   Update_t.Local: only the rows in the batch (IndexedSlices gradient)
+  (a) PyTorch eager, dense nn.Embedding + torch.optim.Adam (sweeps the whole table, like Global)
+  (b) PyTorch eager, nn.Embedding(sparse=True) + torch.optim.SparseAdam for the table, Adam for the rest
+  (c) TorchRec EmbeddingBagCollection with a fused optimizer: skipped. torchrec 1.9.2 needs
+      fbgemm-gpu(-cpu) 1.9.0, whose kernels are built for another torch release: with torch
+      2.13.0 `import fbgemm_gpu` fails (undefined symbol in fbgemm_gpu_tbe_index_select.so),
+      and a matching fbgemm would replace the pinned torch.
+
+luoshu.ctr's timing includes its own input pipeline (Parquet reader, key → row mapping,
+feeding the graph); the PyTorch steps get ready-made tensors.
+
+    .venv/bin/python benchmarks/bench_ctr.py [--steps 20] [--repeats 3] [--batch 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from luoshu import ctr as hugectr
+from luoshu.ctr.tools import DataGenerator, DataGeneratorParams
+
+SLOTS = [39884, 39043, 17289, 7420, 20263, 3, 7120, 1543, 39884, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 63,
+         39884, 39043, 17289, 7420, 20263, 3, 7120, 1543]
+VEC, CROSS, MLP = 16, 6, 1024
+
+
+def make_data(folder: Path, batch: int, batches: int):
+    DataGenerator(DataGeneratorParams(
+        format=hugectr.DataReaderType_t.Parquet, label_dim=1, dense_dim=13, num_slot=26,
+        source=str(folder / "file_list.txt"), eval_source=str(folder / "file_list_test.txt"), slot_size_array=SLOTS,
+        power_law_type=hugectr.PowerLaw_t.Short, num_files=1, eval_num_files=1,
+        num_samples_per_file=batch * batches)).generate()
+    table = pq.read_table(hugectr.read_file_list(folder / "file_list.txt")[0])
+    label = table.column("label").to_numpy().astype(np.float32)
+    dense = np.stack([table.column(f"I{i + 1}").to_numpy() for i in range(13)], 1).astype(np.float32)
+    sparse = np.stack([table.column(f"C{i + 1}").to_numpy() for i in range(26)], 1).astype(np.int64)
+    return [(dense[i:i + batch], sparse[i:i + batch], label[i:i + batch]) for i in range(0, len(label), batch)]
+
+
+def luoshu_step(folder: Path, batch: int, update):
+    solver = hugectr.CreateSolver(batchsize=batch, batchsize_eval=batch, max_eval_batches=1, lr=0.001,
+                                  repeat_dataset=True)
+    reader = hugectr.DataReaderParams(data_reader_type=hugectr.DataReaderType_t.Parquet,
+                                      source=[str(folder / "file_list.txt")],
+                                      eval_source=str(folder / "file_list_test.txt"), slot_size_array=SLOTS)
+    optimizer = hugectr.CreateOptimizer(optimizer_type=hugectr.Optimizer_t.Adam, update_type=update, epsilon=1e-8)
+    model = hugectr.Model(solver, reader, optimizer)
+    model.add(hugectr.Input(label_dim=1, label_name="label", dense_dim=13, dense_name="dense",
+                            data_reader_sparse_param_array=[hugectr.DataReaderSparseParam("data1", 1, True, 26)]))
+    model.add(hugectr.SparseEmbedding(embedding_type=hugectr.Embedding_t.DistributedSlotSparseEmbeddingHash,
+                                      workspace_size_per_gpu_in_mb=75, embedding_vec_size=VEC, combiner="sum",
+                                      sparse_embedding_name="sparse_embedding1", bottom_name="data1",
+                                      optimizer=optimizer))
+    L = hugectr.Layer_t
+    for kind, bottoms, tops, params in [
+        (L.Reshape, ["sparse_embedding1"], ["reshape1"], {"leading_dim": 26 * VEC}),
+        (L.Concat, ["reshape1", "dense"], ["concat1"], {}),
+        (L.MultiCross, ["concat1"], ["multicross1"], {"num_layers": CROSS}),
+        (L.InnerProduct, ["concat1"], ["fc1"], {"num_output": MLP}),
+        (L.ReLU, ["fc1"], ["relu1"], {}),
+        (L.Concat, ["relu1", "multicross1"], ["concat2"], {}),
+        (L.InnerProduct, ["concat2"], ["fc2"], {"num_output": 1}),
+        (L.BinaryCrossEntropyLoss, ["fc2", "label"], ["loss"], {}),
+    ]:
+        model.add(hugectr.DenseLayer(layer_type=kind, bottom_names=bottoms, top_names=tops, **params))
+    model.compile()
+    return lambda i: model.train()
+
+
+class TorchDCN(torch.nn.Module):
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(sum(SLOTS), VEC, sparse=sparse)
+        self.register_buffer("offsets", torch.tensor(np.concatenate([[0], np.cumsum(SLOTS)[:-1]])))
+        dim = 13 + 26 * VEC
+        self.w = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(dim) / dim ** 0.5) for _ in range(CROSS)])
+        self.b = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(dim)) for _ in range(CROSS)])
+        self.fc1 = torch.nn.Linear(dim, MLP)
+        self.fc2 = torch.nn.Linear(dim + MLP, 1)
+
+    def forward(self, dense, sparse):
+        x0 = x = torch.cat([self.embedding(sparse + self.offsets).flatten(1), dense], 1)
+        for w, b in zip(self.w, self.b):
+            x = x0 * (x @ w).unsqueeze(1) + b + x
+        return self.fc2(torch.cat([torch.relu(self.fc1(x0)), x], 1)).squeeze(1)
+
+
+def torch_step(data, sparse: bool):
+    torch.manual_seed(0)
+    model = TorchDCN(sparse)
+    if sparse:
+        table = [model.embedding.weight]
+        rest = [p for n, p in model.named_parameters() if n != "embedding.weight"]
+        opts = [torch.optim.SparseAdam(table, lr=1e-3), torch.optim.Adam(rest, lr=1e-3)]
+    else:
+        opts = [torch.optim.Adam(model.parameters(), lr=1e-3)]
+    tdata = [tuple(torch.from_numpy(a) for a in b) for b in data]
+
+    def step(i):
+        dense, keys, label = tdata[i % len(tdata)]
+        for o in opts:
+            o.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, keys), label)
+        loss.backward()
+        for o in opts:
+            o.step()
+        loss.item()
+
+    return step
+
+
+def measure(step, steps: int, repeats: int) -> float:
+    for i in range(3):
+        step(i)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        rates.append(steps / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1024)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data = make_data(folder, args.batch, 8)
+        rates = {
+            "luoshu.ctr Global": measure(luoshu_step(folder, args.batch, hugectr.Update_t.Global), args.steps,
+                                         args.repeats),
+            "luoshu.ctr Local": measure(luoshu_step(folder, args.batch, hugectr.Update_t.Local), args.steps,
+                                        args.repeats),
+            "(a) torch dense+Adam": measure(torch_step(data, False), args.steps, args.repeats),
+            "(b) torch SparseAdam": measure(torch_step(data, True), args.steps, args.repeats),
+        }
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"median of {args.repeats} x {args.steps} steps")
+    for name, rate in rates.items():
+        print(f"{name:<22} {rate * args.batch:>10,.0f} samples/s")
+    print("(c) TorchRec            skipped: fbgemm-gpu-cpu 1.9.0 does not load with torch 2.13.0 (see docstring)")
+    a, b = rates["(a) torch dense+Adam"], rates["(b) torch SparseAdam"]
+    for name in ("luoshu.ctr Global", "luoshu.ctr Local"):
+        print(f"{name:<22} vs (a) {rates[name] / a:5.2f}x   vs (b) {rates[name] / b:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
