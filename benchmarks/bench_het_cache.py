@@ -81,20 +81,25 @@ def main() -> None:
     stalenesses = [int(s) for s in args.staleness.split(",")]
     configs = [(0, 0, "lru")] + [(c, s, p) for c, s in itertools.product(capacities, stalenesses) if c
                                  for p in ("lru", "lfu")]
-    rows = []
     names = itertools.count()
+    runs: dict = {c: [] for c in configs}
     with ps.start_local_servers(2) as servers:
         client = ps.connect(addresses=servers)
         try:
-            bar = tqdm(configs, desc="configs", unit="config")
-            for capacity, staleness, policy in bar:
-                runs = [run_config(client, f"t{next(names)}", batches, capacity, staleness, policy, args.warmup)
-                        for _ in range(args.repeats)]
-                res = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                rows.append({"capacity": capacity, "staleness": staleness, "policy": policy, **res})
-                bar.set_postfix(ms=f"{res['ms_per_step']:.1f}", hit=f"{res['hit_rate']:.2f}")
+            run_config(client, "warm-up", batches, 0, 0, "lru", args.warmup)  # servers' first-use costs
+            # Repeats go round all configurations in turn, so drifting load spreads over all of them.
+            bar = tqdm(total=len(configs) * args.repeats, desc="runs", unit="run")
+            for _ in range(args.repeats):
+                for capacity, staleness, policy in configs:
+                    res = run_config(client, f"t{next(names)}", batches, capacity, staleness, policy, args.warmup)
+                    runs[(capacity, staleness, policy)].append(res)
+                    bar.update()
+                    bar.set_postfix(ms=f"{res['ms_per_step']:.1f}", hit=f"{res['hit_rate']:.2f}")
+            bar.close()
         finally:
             client.close()
+    rows = [{"capacity": c, "staleness": s, "policy": p, **{k: statistics.median(r[k] for r in rs) for k in rs[0]}}
+            for (c, s, p), rs in runs.items()]
 
     base = rows[0]
     print(f"\nbatch {args.batch} x 26 slots, {unique_per_step:.0f} unique ids per step, dim {DIM}; "
