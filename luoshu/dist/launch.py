@@ -71,12 +71,15 @@ def _torchrun_args(args) -> list[str]:
 
 
 def _describe(rank: int, failure, workers: int, servers: int) -> str:
+    """One failed process in words: its role and number, pid, and how it ended."""
     per_node = workers + servers
-    local = getattr(failure, "local_rank", rank % per_node if per_node else rank)
+    local = getattr(failure, "local_rank", rank % per_node)
+    pid = getattr(failure, "pid", "?")
+    node = rank // per_node
     if servers and local >= workers:
-        who = f"server {(rank // per_node) * servers + local - workers} (process rank {rank})"
+        who = f"server {node * servers + local - workers} (process rank {rank}, pid {pid})"
     else:
-        who = f"worker rank {(rank // per_node) * workers + local}" if servers else f"worker rank {rank}"
+        who = f"worker rank {node * workers + local if servers else rank} (pid {pid})"
     code = getattr(failure, "exitcode", None)
     if code is not None and code < 0:
         try:
@@ -85,15 +88,14 @@ def _describe(rank: int, failure, workers: int, servers: int) -> str:
             how = f"was killed by signal {-code}"
     else:
         how = f"exited with code {code}"
-    pid = getattr(failure, "pid", "?")
     message = getattr(failure, "message", "")
     if isinstance(message, dict):  # the error file of a process that recorded its exception
         message = str(message.get("message", ""))
-    noise = ("Signal", "exitcode", "To enable traceback")
     if len(message) > 400:
         message = message[:400] + " ..."
+    noise = ("Signal", "exitcode", "To enable traceback")
     detail = f": {message}" if message and not any(n in message for n in noise) else ""
-    return f"{who} (pid {pid}) {how}{detail}"
+    return f"{who} {how}{detail}"
 
 
 def main(args) -> int:

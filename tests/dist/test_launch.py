@@ -110,3 +110,25 @@ def test_a_bad_environment_is_refused(monkeypatch):
     with pytest.raises(ls.dist.DistError, match="LUOSHU_COMM_TIMEOUT"):
         ls.dist.init()
     assert not ls.dist.is_initialized()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_killed_server_stops_the_job_and_is_named():
+    job = launch(2, "tests/dist/kill_server_script.py", timeout=180, extra=("--servers", "1", "--timeout", "30"))
+    assert job.returncode == 1
+    assert "server 0 (process rank 2" in job.stderr and "SIGKILL" in job.stderr, job.stderr[-2000:]
+
+
+def test_failures_are_described_by_role():
+    from types import SimpleNamespace
+
+    dead = SimpleNamespace(local_rank=1, pid=7, exitcode=-9, message="Signal 9 (SIGKILL) received by PID 7")
+    assert launcher._describe(1, dead, 2, 0) == "worker rank 1 (pid 7) was killed by SIGKILL"
+    # node 1 of two nodes with 2 workers + 1 server each: process rank 5 is server 1
+    server = SimpleNamespace(local_rank=2, pid=8, exitcode=1, message={"message": "PSError: disk full"})
+    assert launcher._describe(5, server, 2, 1) == \
+        "server 1 (process rank 5, pid 8) exited with code 1: PSError: disk full"
+    worker = SimpleNamespace(local_rank=0, pid=9, exitcode=1, message="")
+    assert launcher._describe(3, worker, 2, 1) == "worker rank 2 (pid 9) exited with code 1"
