@@ -124,11 +124,18 @@ def _server_optimizer(opt, group_index: int = 0) -> tuple[str, dict]:
 class _PSBase(Strategy):
     """What ps and hybrid share: the client, the tables moved to the servers, their push."""
 
-    dense_on_servers = False
+    OPTIONS = {"client": None, "staleness": 0, "cache_capacity": 0, "cache_policy": "lru", "prefix": "dp/",
+               "synchronous": True}
 
-    def __init__(self, dp, *, client=None, staleness: int = 0, cache_capacity: int = 0, cache_policy: str = "lru",
-                 prefix: str = "dp/", synchronous: bool = True):
+    def __init__(self, dp, **options):
         self.dp = dp
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise DistError(f"DataParallel(mode={dp.mode!r}) has no options {unknown}; its options are "
+                            f"{sorted(self.OPTIONS)}")
+        options = {**self.OPTIONS, **options}
+        client, staleness, prefix = options["client"], options["staleness"], options["prefix"]
+        cache_capacity, cache_policy = options["cache_capacity"], options["cache_policy"]
         if dp.module is None or dp.optimizer is None:
             raise DistError(f"DataParallel(mode={dp.mode!r}) wraps a model and its optimizer, "
                             f"DataParallel(model, optimizer, mode={dp.mode!r}), created before the graph is "
@@ -143,7 +150,7 @@ class _PSBase(Strategy):
             client = connect(store=store, worker_rank=env.rank())
         self.client, self.prefix = client, prefix
         self.workers = env.group_size(dp.group or None)
-        self.sync_workers = self.workers if synchronous else None
+        self.sync_workers = self.workers if options["synchronous"] else None
         opt = dp.optimizer
         self.tables = replace_embeddings(dp.module, client, prefix=prefix, optimizer=_server_optimizer(opt),
                                          sync_workers=self.sync_workers, scale=1.0 / self.workers,
@@ -200,9 +207,11 @@ class PSStrategy(_PSBase):
             if id(p) in in_opt:
                 self.dense[in_opt[id(p)]] = (self.prefix + name, p)
         self._group_of = {i: opt._group_of[i] for i in self.dense}
+        self._placed = False
 
     def setup(self, params, buffers):
         """Worker 0's dense values go to the servers first; every worker then pulls them."""
+        self._placed = True
         opt = self.dp.optimizer
         rank = env.group_rank(self.dp.group or None)
         for turn in (0, 1):
@@ -227,6 +236,8 @@ class PSStrategy(_PSBase):
         """One step: push every gradient, end the tables' steps, pull the dense values."""
         tables, dense = self._split(pairs)
         scale = 1.0 / self.workers
+        if not self._placed:  # DataParallel(..., broadcast=False) skips setup; the servers still need them
+            self.setup([], [])
         for i, g in dense:  # checked before anything is sent
             if i not in self.dense:
                 raise DistError(f"DataParallel(mode='ps'): parameter {i} of the optimizer is not in the model")

@@ -65,6 +65,8 @@ def test_ps_modes_need_servers_and_a_model():
     opt = ls.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ls.dist.DistError, match="--servers"):
         ls.dist.DataParallel(model, opt, mode="ps")
+    with pytest.raises(ls.dist.DistError, match="cache_capacity"):
+        ls.dist.DataParallel(model, opt, mode="hybrid", cache_size=10)
     assert isinstance(model.embedding, ls.nn.Embedding)  # refused before anything changed
     with ls.Graph() as g:
         ids = ls.placeholder("ids", (None, 3), "int64")
