@@ -1,6 +1,6 @@
 """DLRM in HugeCTR's layer API (as HugeCTR's samples/dlrm), reduced for CPU.
 
-    python examples/ctr/dlrm.py [--max-iter 400]
+    python examples/ctr/dlrm.py [--max-iter 200]
 
 Bottom MLP on the dense features, DLRM's dot-product Interaction with the slot embeddings,
 top MLP to one logit (HugeCTR: vector size 128, MLPs 512-256-128 and 1024-1024-512-256-1).
@@ -13,11 +13,11 @@ from _data import SLOTS, generate
 from luoshu import ctr as hugectr
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--max-iter", type=int, default=400)
+parser.add_argument("--max-iter", type=int, default=200)
 args = parser.parse_args()
 source, eval_source = generate("./dlrm_parquet")
 
-solver = hugectr.CreateSolver(max_eval_batches=16, batchsize_eval=1024, batchsize=512, lr=0.001, vvgpu=[[0]],
+solver = hugectr.CreateSolver(max_eval_batches=8, batchsize_eval=1024, batchsize=512, lr=0.001, vvgpu=[[0]],
                               repeat_dataset=True)
 reader = hugectr.DataReaderParams(data_reader_type=hugectr.DataReaderType_t.Parquet, source=[source],
                                   eval_source=eval_source, slot_size_array=SLOTS)
@@ -43,4 +43,4 @@ model.add(hugectr.DenseLayer(layer_type=L.BinaryCrossEntropyLoss, bottom_names=[
 model.compile()
 model.summary()
 model.graph_to_json(graph_config_file="dlrm.json")
-model.fit(max_iter=args.max_iter, display=100, eval_interval=200, snapshot=args.max_iter, snapshot_prefix="dlrm")
+model.fit(max_iter=args.max_iter, display=50, eval_interval=100, snapshot=args.max_iter, snapshot_prefix="dlrm")

@@ -1,6 +1,6 @@
 """Wide & Deep in HugeCTR's layer API (as HugeCTR's samples/wdl), reduced for CPU.
 
-    python examples/ctr/wdl.py [--max-iter 400]
+    python examples/ctr/wdl.py [--max-iter 200]
 
 Two sparse inputs from one file: 2 "wide" slots (a linear part: 1-dim embeddings summed)
 and 26 "deep" slots (16-dim embeddings into an MLP), added into one logit.
@@ -13,12 +13,12 @@ from _data import SLOTS, generate
 from luoshu import ctr as hugectr
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--max-iter", type=int, default=400)
+parser.add_argument("--max-iter", type=int, default=200)
 args = parser.parse_args()
 slots = SLOTS + [5000, 5000]  # the last two play HugeCTR's crossed wide features
 source, eval_source = generate("./wdl_parquet", slots)
 
-solver = hugectr.CreateSolver(max_eval_batches=16, batchsize_eval=1024, batchsize=512, lr=0.001, vvgpu=[[0]],
+solver = hugectr.CreateSolver(max_eval_batches=8, batchsize_eval=1024, batchsize=512, lr=0.001, vvgpu=[[0]],
                               repeat_dataset=True)
 # the wide slots are the file's last two, so the Input lists the deep input first
 reader = hugectr.DataReaderParams(data_reader_type=hugectr.DataReaderType_t.Parquet, source=[source],
@@ -57,4 +57,4 @@ model.add(hugectr.DenseLayer(layer_type=L.BinaryCrossEntropyLoss, bottom_names=[
 model.compile()
 model.summary()
 model.graph_to_json(graph_config_file="wdl.json")
-model.fit(max_iter=args.max_iter, display=100, eval_interval=200, snapshot=args.max_iter, snapshot_prefix="wdl")
+model.fit(max_iter=args.max_iter, display=50, eval_interval=100, snapshot=args.max_iter, snapshot_prefix="wdl")

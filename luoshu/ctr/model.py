@@ -254,6 +254,8 @@ class Model:
         if self.reader_params.source and self.reader_params.source[0]:
             self._open_sources(inp)
         manual_seed(self.solver.seed)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+            dist.init()  # started by `luoshu launch`: HugeCTR scripts call no init of their own
         self._world, self._rank = (dist.world_size(), dist.rank()) if dist.is_distributed() else (1, 0)
         if self.solver.embedding_placement == "parameter_server":
             raise CTRError("CreateSolver embedding_placement: 'parameter_server' is not available in luoshu.ctr yet; "
