@@ -217,6 +217,37 @@ def test_ctr_files_train(tmp_path, fmt):
     assert 0 <= metrics["auc"] <= 1 and metrics["log_loss"] > 0
 
 
+def _write_image_files(root: Path, kind: str) -> None:
+    """Tiny MNIST (IDX) or CIFAR-10 (binary batch) files in the real formats."""
+    rng = np.random.default_rng(0)
+    if kind == "mnist":
+        for split, n in (("train", 24), ("t10k", 8)):
+            for name, data in ((f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                               (f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))):
+                header = struct.pack(">BBBB", 0, 0, 0x08, data.ndim) + struct.pack(f">{data.ndim}I", *data.shape)
+                (root / name).write_bytes(header + data.tobytes())
+        return
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rng.integers(0, 10, (6, 1), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (6, 3 * 32 * 32), dtype=np.uint8)
+        (root / name).write_bytes(np.concatenate([labels, pixels], axis=1).tobytes())
+
+
+@pytest.mark.parametrize("dataset,model,model_args", [
+    ("mnist", "lenet", {}),
+    ("cifar10", "lenet", {}),
+])
+def test_image_files_train(tmp_path, dataset, model, model_args):
+    _write_image_files(tmp_path, dataset)
+    trainer = Trainer(TrainConfig(model=model, dataset=dataset, data_path=str(tmp_path), model_args=model_args,
+                                  batch_size=8, max_steps=2, out=str(tmp_path / "job"), progress=False))
+    channels = 1 if dataset == "mnist" else 3
+    assert trainer.feeds["image"].shape == (None, channels, 28 if dataset == "mnist" else 32, 28 if
+                                            dataset == "mnist" else 32)
+    metrics = trainer.fit()
+    assert 0 <= metrics["accuracy"] <= 1 and len(trainer.data.eval["label"]) == (8 if dataset == "mnist" else 6)
+
+
 # one tiny job per task the zoo serves: the data, the model and the metrics fit together
 WIRING = [
     ("mlp", "digits", {"hidden": [16]}, {}),
