@@ -449,11 +449,21 @@ def _jsonable(value):
 
 def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_s: float = 30.0) -> Client:
     """Connects a worker to the parameter servers: by `addresses` (a list, or what
-    `start_local_servers` returned) or through `store`, where `serve` published them.
+    `start_local_servers` returned) or through `store`, where `serve` published them (by default
+    the launcher's store, with `worker_rank` = `luoshu.dist.rank()`).
     Checks every server answers (else `ServerUnavailableError` within `timeout_s`)."""
+    if addresses is None and store is None:
+        # Under `luoshu launch --servers S`, luoshu.dist knows the rendezvous store and this worker's rank.
+        from luoshu import dist
+
+        if dist.is_initialized() and dist.num_servers() > 0:
+            store, _ = dist.ps_store()
+            if worker_rank is None:
+                worker_rank = dist.rank()
     if addresses is None:
         if store is None:
-            raise PSError("connect needs either store= (a torch.distributed Store) or addresses=")
+            raise PSError("connect needs store= (a torch.distributed Store), addresses=, or a job started by "
+                          "`luoshu launch --servers S` with luoshu.dist.init() called")
         from luoshu.ps.server import STORE_PREFIX
 
         num = int(store.get(f"{STORE_PREFIX}/num_servers").decode())
