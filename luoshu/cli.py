@@ -56,15 +56,23 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=s)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=s)
     p.add_argument("--warmup-steps", type=int, default=s)
+    p.add_argument("--max-grad-norm", type=float, default=s, help="clip the global gradient norm to this")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=s,
+                   help="bf16/fp16: mixed precision with fp32 master weights (fp16 with loss scaling)")
     p.add_argument("--epochs", type=int, default=s)
     p.add_argument("--max-steps", type=int, default=s, help="train this many steps (instead of --epochs)")
     p.add_argument("--batch-size", type=int, default=s)
+    p.add_argument("--eval-batch-size", type=int, default=s, help="default: 4 x batch size")
     p.add_argument("--device", default=s, help="cpu, cuda, cuda:1 ...")
     p.add_argument("--eval-interval", type=int, default=s, metavar="STEPS",
                    help="steps between evaluations (default: every epoch, and always at the end)")
     p.add_argument("--checkpoint-interval", type=int, default=s, metavar="STEPS",
                    help="steps between checkpoints (default: at every evaluation; 0: only at the end)")
     p.add_argument("--checkpoint-dir", default=s, metavar="DIR", help="default: <out>/checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=s, metavar="N", help="newest N kept (default 3; 0: all)")
+    p.add_argument("--log-interval", type=int, default=s, metavar="STEPS",
+                   help="steps between train-loss points in TensorBoard (default 10)")
+    p.add_argument("--num-workers", type=int, default=s, help="threads preparing batches ahead (default 1)")
     p.add_argument("--resume", action="store_true", default=s,
                    help="continue from the newest checkpoint in the checkpoint dir")
     p.add_argument("--seed", type=int, default=s)

@@ -61,6 +61,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" or "cosine" (to 0 at the last step)
     warmup_steps: int = 0
     max_grad_norm: float | None = None
+    precision: str = "fp32"  # "bf16" / "fp16": autocast with fp32 master weights (fp16 adds loss scaling)
     epochs: int = 3
     max_steps: int | None = None  # stops after this many steps (caps `epochs`)
     batch_size: int = 512
@@ -122,6 +123,7 @@ class TrainConfig:
         check("num_workers", is_int(self.num_workers, 0), "a non-negative integer")
         check("seed", is_int(self.seed, 0), "a non-negative integer")
         check("lr_schedule", self.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'")
+        check("precision", self.precision in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'")
         check("max_grad_norm", self.max_grad_norm is None or (isinstance(self.max_grad_norm, int | float)
                                                              and self.max_grad_norm > 0), "a positive number")
 
@@ -885,6 +887,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         import luoshu as ls
+        from luoshu import optim
         from luoshu.core.tensor import normalize_device
 
         config.validate()
@@ -917,12 +920,14 @@ class Trainer:
             self.model.to(self.device)
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.scheduler = self._scheduler()
-        with ls.Graph(f"train-{config.model}") as graph:
+        low = {"bf16": "bfloat16", "fp16": "float16"}.get(config.precision)
+        self.loss_scaler = optim.LossScaler() if config.precision == "fp16" else None
+        with ls.Graph(f"train-{config.model}") as graph, ls.autocast(low or "bfloat16", enabled=low is not None):
             self.feeds = self.task.placeholders(self.data.train, self.device)
             self.model.train()
             output = self.task.forward(self.model, self.feeds)
             self.loss = self.task.loss(output, self.feeds[self.task.target])
-            self.train_op = self.optimizer.minimize(self.loss)
+            self.train_op = self.optimizer.minimize(self.loss, loss_scaler=self.loss_scaler)
             self.model.eval()
             self.eval_output = self.task.forward(self.model, self.feeds)
             self.model.train()
@@ -975,7 +980,8 @@ class Trainer:
         metadata = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "config": c.to_dict(), "task": self.task_name, "window": dict(self.window),
                     "metrics": self.last_metrics, "generator": _generator_state(self.device),
-                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                    "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None}
         path = ls.save(c.checkpoint_path / f"{CHECKPOINT_PREFIX}{self.step:08d}", self.model, self.optimizer,
                        metadata=json.loads(json.dumps(metadata)))
         if c.keep_checkpoints:
@@ -1006,6 +1012,8 @@ class Trainer:
         _set_generator_state(self.device, saved["generator"])
         if self.scheduler is not None and saved.get("scheduler") is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
+        if self.loss_scaler is not None and saved.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(saved["loss_scaler"])
         return saved
 
     # --- the loop -----------------------------------------------------------------------------------

@@ -348,3 +348,13 @@ def test_dataset_table_is_complete():
             "reverse", "synthetic-lm"} <= set(DATASETS)
     served = {t for spec in DATASETS.values() for t in spec.tasks}
     assert {task for _, _, task in models.MODELS.values()} <= served
+
+
+def test_bf16_precision_keeps_fp32_weights_and_learns(tmp_path):
+    trainer = Trainer(TrainConfig(model="mlp", dataset="digits", model_args={"hidden": [64]}, precision="bf16",
+                                  lr=3e-3, batch_size=32, epochs=3, out=str(tmp_path), progress=False))
+    metrics = trainer.fit()
+    assert trainer.eval_output.dtype == "bfloat16" and trainer.loss.dtype == "float32"
+    weights = load_file(latest_checkpoint(tmp_path / "checkpoints") / "weights.safetensors")
+    assert all(w.dtype == np.float32 for w in weights.values())
+    assert metrics["accuracy"] > 0.9, metrics
