@@ -6,16 +6,23 @@ of several repeats after warm-up, interleaved so drift in machine load hits both
 Target (issue 3): >= 1.0x.
 
     .venv/bin/python benchmarks/bench_resnet.py [--batch 32] [--steps 5] [--repeats 3] [--width 64]
+        [--threads N] [--csv results.csv]
+
+On a CPU shared with other jobs, `--threads 1` avoids OpenMP threads spinning against each other;
+both sides always run with the same thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import os
 import statistics
 import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import luoshu as ls
 from luoshu import models
@@ -107,7 +114,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--csv", default=None, help="append the result as a row to this CSV file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     data = [(rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, args.batch))
             for _ in range(4)]
@@ -123,12 +134,23 @@ def main():
         lstep(i)
         tstep(i)
     lrates, trates = [], []
-    for _ in range(args.rounds):
-        lrates += measure(lstep, args.steps, args.repeats, args.batch)
-        trates += measure(tstep, args.steps, args.repeats, args.batch)
+    with tqdm(range(args.rounds), desc="rounds (luoshu, torch)", unit="round") as bar:
+        for _ in bar:
+            lrates += measure(lstep, args.steps, args.repeats, args.batch)
+            trates += measure(tstep, args.steps, args.repeats, args.batch)
+            bar.set_postfix(luoshu=f"{statistics.median(lrates):.1f}/s", torch=f"{statistics.median(trates):.1f}/s")
     o, t = statistics.median(lrates), statistics.median(trates)
     print(f"{'batch':>6} {'luoshu samples/s':>17} {'torch samples/s':>16} {'ratio':>7}")
     print(f"{args.batch:>6} {o:>17.1f} {t:>16.1f} {o / t:>6.2f}x")
+    if args.csv:
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["model", "batch", "width", "threads", "luoshu_samples_per_s", "torch_samples_per_s",
+                                 "ratio"])
+            writer.writerow(["resnet18-cifar", args.batch, args.width, torch.get_num_threads(), f"{o:.2f}",
+                             f"{t:.2f}", f"{o / t:.3f}"])
 
 
 if __name__ == "__main__":

@@ -102,3 +102,25 @@ def _ncf_beats_popularity():
     pop_hr = metrics.hit_rate_at_k(held_out, popularity, k=10)
     print(f"NCF HR@10 {ncf_hr:.3f}, popularity HR@10 {pop_hr:.3f}")
     assert ncf_hr > pop_hr + 0.1, f"NCF HR@10 {ncf_hr:.3f} vs popularity {pop_hr:.3f}"
+
+
+@pytest.mark.parametrize(("name", "kwargs", "inputs"), [
+    ("resnet18", dict(num_classes=3, width=2), lambda r: [r.standard_normal((2, 3, 8, 8)).astype(np.float32)]),
+    ("gpt2", dict(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8), lambda r: [r.integers(0, 11, (2, 5))]),
+    ("llama", dict(vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, multiple_of=4, max_seq_len=8),
+     lambda r: [r.integers(0, 11, (2, 5))]),
+])
+def test_zoo_models_round_trip_through_checkpoints(tmp_path, name, kwargs, inputs):
+    rng = np.random.default_rng(0)
+    ls.manual_seed(0)
+    model = models.build(name, **kwargs)
+    model(*(ls.tensor(x) for x in inputs(rng)))  # a training-mode pass moves BatchNorm's running statistics
+    model.eval()
+    xs = [ls.tensor(x) for x in inputs(rng)]
+    expected = model(*xs).numpy()
+    ls.save(tmp_path / "ckpt", model)
+    ls.manual_seed(1)
+    fresh = models.build(name, **kwargs).eval()
+    assert not np.allclose(fresh(*xs).numpy(), expected)
+    ls.load(tmp_path / "ckpt", fresh)
+    np.testing.assert_allclose(fresh(*xs).numpy(), expected, rtol=1e-6, atol=1e-7)
