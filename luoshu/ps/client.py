@@ -452,14 +452,15 @@ def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_
     `start_local_servers` returned) or through `store`, where `serve` published them (by default
     the launcher's store, with `worker_rank` = `luoshu.dist.rank()`).
     Checks every server answers (else `ServerUnavailableError` within `timeout_s`)."""
-    if addresses is None and store is None:
-        # Under `luoshu launch --servers S`, luoshu.dist knows the rendezvous store and this worker's rank.
-        from luoshu import dist
+    # Under `luoshu launch --servers S`, luoshu.dist knows the rendezvous store and this worker's rank
+    # (torchrun's RANK also counts the server processes).
+    from luoshu import dist
 
-        if dist.is_initialized() and dist.num_servers() > 0:
+    if dist.is_initialized():
+        if addresses is None and store is None and dist.num_servers() > 0:
             store, _ = dist.ps_store()
-            if worker_rank is None:
-                worker_rank = dist.rank()
+        if worker_rank is None:
+            worker_rank = dist.rank()
     if addresses is None:
         if store is None:
             raise PSError("connect needs store= (a torch.distributed Store), addresses=, or a job started by "

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from luoshu.ps.protocol import PSError, ServerUnavailableError
-from luoshu.ps.server import READY_LINE, ParameterServer
+from luoshu.ps.server import READY_LINE, ParameterServer, _configure
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 # `-c` rather than `-m luoshu.ps.server`: runpy warns when the package has already imported the module.
@@ -29,6 +29,7 @@ class _ThreadServer:
                                       owner.snapshot_every_s)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
+        _configure(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
         if port:
             self.sock.bind(f"tcp://{owner.host}:{port}")

@@ -806,6 +806,15 @@ class ParameterServer:
             self.last_snapshot = time.monotonic()
 
 
+def _configure(sock) -> None:
+    import zmq
+
+    sock.setsockopt(zmq.LINGER, 1000)
+    # Never drop a reply (a ROUTER silently drops at the high-water mark): clients bound what is in flight.
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+
+
 def _bind(sock, host: str, port: int | None) -> int:
     if port:
         sock.bind(f"tcp://{host}:{port}")
@@ -844,7 +853,7 @@ def serve(store, server_index: int, num_servers: int, num_workers: int, snapshot
     server = ParameterServer(server_index, num_servers, num_workers, snapshot_dir, snapshot_every_s)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 1000)
+    _configure(sock)
     try:
         port = _bind(sock, "*", port)
         address = f"tcp://{host}:{port}"
@@ -884,7 +893,7 @@ def main(argv=None) -> int:
                              args.snapshot_every_s)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 1000)
+    _configure(sock)
     try:
         port = _bind(sock, args.host, args.port or None)
 
