@@ -58,7 +58,7 @@ def _group(name: str, ranks: tuple):
 def _comm_failed(name: str, ranks: tuple, exc: Exception) -> Error:
     from luoshu.core.errors import ExecutionError
 
-    who = f"worker ranks {tuple(ranks)}" if ranks else "all workers"
+    who = "its group" if ranks is None else f"worker ranks {tuple(ranks)}" if ranks else "all workers"
     return ExecutionError(f"{name} over {who} failed: a peer process died or did not join within the "
                           f"collective timeout (luoshu launch names a dead process): {exc}")
 
@@ -104,12 +104,15 @@ def _attach(buffer: torch.Tensor, work, finish: Callable | None) -> torch.Tensor
     return buffer
 
 
-def _finish(buffer: torch.Tensor) -> torch.Tensor:
+def _finish(buffer: torch.Tensor, name: str) -> torch.Tensor:
     pending = buffer.__dict__.pop(_PENDING, None)
     if pending is not None:
         work, finish = pending
         if work is not None:
-            work.wait()
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                raise _comm_failed(f"{name} (waiting for an asynchronous collective)", None, exc) from exc
         if finish is not None:
             finish()
     return buffer
@@ -167,7 +170,7 @@ class CommWait(OpDef):
 
     @staticmethod
     def compute(x):
-        return _finish(x)
+        return _finish(x, "comm_wait")
 
     def gradient(self, op, grads):
         return [grads[0]]
@@ -443,7 +446,7 @@ class BucketUnpack(OpDef):
 
     @staticmethod
     def compute(flat, shapes):
-        flat = _finish(flat)
+        flat = _finish(flat, "bucket_unpack")
         out, pos = [], 0
         for s in shapes:
             n = numel(tuple(s))
