@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import pathlib
+import signal
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def worker(args) -> None:
             result["hit_rate"] = statistics.mean(v["hit_rate"] for v in dp.strategy.stats().values())
         pathlib.Path(args.out).write_text(json.dumps(result))
     if mode != "allreduce":
-        dp.strategy.client.shutdown_servers()
+        ls.dist.barrier()  # every worker is done with the servers: worker 0 stops them
+        if rank == 0:
+            dp.strategy.client.shutdown_servers(force=True)
         dp.strategy.client.close()
     ls.dist.shutdown()
 
@@ -92,9 +95,16 @@ def launch(model: str, mode: str, workers: int, args, out: str) -> dict:
     cmd = [sys.executable, "-m", "luoshu.dist.launch", "-n", str(workers), *servers, __file__, "--worker",
            "--model", model, "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--out", out]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every process it started
+        proc.communicate()
+        raise RuntimeError(f"{model} {mode} on {workers} workers did not finish in {args.timeout} s") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{model} {mode} on {workers} workers failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{model} {mode} on {workers} workers failed:\n{err[-3000:]}")
     return json.loads(pathlib.Path(out).read_text())
 
 
@@ -125,7 +135,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, (model, workers, mode) in enumerate(tqdm(configs, desc="jobs", unit="job")):
-            res = launch(model, mode, workers, args, os.path.join(tmp, f"{k}.json"))
+            try:
+                res = launch(model, mode, workers, args, os.path.join(tmp, f"{k}.json"))
+            except RuntimeError as exc:  # report it, go on with the others
+                print(f"\n{exc}", file=sys.stderr)
+                continue
             rows.append({"model": model, "workers": workers, "mode": mode, "samples_per_s": res["samples_per_s"],
                          "hit_rate": res.get("hit_rate", "")})
     by = {(r["model"], r["workers"], r["mode"]): r["samples_per_s"] for r in rows}

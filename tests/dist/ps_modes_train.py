@@ -155,8 +155,9 @@ def main() -> None:
             res = train(run, args.batch, ls.dist.world_size(), ls.dist.rank(), client)
         results.update({f"{run}/{k}": v for k, v in res.items()})
     np.savez(f"{args.out}.rank{ls.dist.rank()}.npz", **results)
-    ls.dist.barrier()
-    client.shutdown_servers()
+    ls.dist.barrier()  # every worker is done with the servers: worker 0 stops them
+    if ls.dist.rank() == 0:
+        client.shutdown_servers(force=True)
     client.close()
     ls.dist.shutdown()
 
