@@ -399,6 +399,13 @@ class _Table(_Variable):
         self.updates = int(entry["updates"])
 
 
+def _check_finite(grads: np.ndarray, what: str) -> None:
+    # A NaN or infinite gradient would poison the rows and their optimizer state for good.
+    if grads.size and not np.isfinite(grads).all():
+        bad = int(grads.size - np.isfinite(grads).sum())
+        raise ProtocolError(f"{what}: {bad} gradient values are NaN or infinite; refused, nothing changed")
+
+
 def _dense_config(args: dict) -> dict:
     name = args.get("name")
     if not isinstance(name, str) or not name:
@@ -479,7 +486,7 @@ class ParameterServer:
                 raise ProtocolError("a request must have status 0")
             handler = self._HANDLERS[msg.op]
             return handler(self, identity, msg)
-        except (Error, ValueError, TypeError, KeyError, OverflowError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad request must never take the server down
             self.counters["errors"] += 1
             request_id, worker = P.peek_request_id(frames)
             if isinstance(exc, PSError):
@@ -487,9 +494,12 @@ class ParameterServer:
                 err = exc
             elif isinstance(exc, Error):
                 err = PSError(str(exc))
-            else:
-                log.exception("%s: request from worker %s failed", self.name, worker)
+            elif isinstance(exc, (ValueError, TypeError, KeyError, IndexError, OverflowError)):
+                log.warning("%s: refused a malformed request from worker %s: %r", self.name, worker, exc)
                 err = ProtocolError(f"bad request: {type(exc).__name__}: {exc}")
+            else:
+                log.exception("%s: a request from worker %s failed", self.name, worker)
+                err = PSError(f"the server failed on this request: {type(exc).__name__}: {exc}")
             return [(identity, P.error_frames(request_id, worker, err))]
 
     def _reply(self, identity, msg: P.Message, args=None, arrays=()) -> list:
@@ -566,6 +576,7 @@ class ParameterServer:
         scale = msg.args.get("scale", 1.0)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
             raise ProtocolError(f"push to table {table.name!r}: scale must be a finite number, found {scale!r}")
+        _check_finite(grads, f"push to table {table.name!r}")
         g = torch.from_numpy(np.array(grads, dtype=table.config["dtype"]))
         if scale != 1.0:
             g.mul_(scale)
@@ -661,6 +672,7 @@ class ParameterServer:
         scale = msg.args.get("scale", 1.0)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
             raise ProtocolError(f"push_dense {dense.name!r}: scale must be a finite number, found {scale!r}")
+        _check_finite(msg.arrays[0], f"push_dense {dense.name!r}")
         g = torch.from_numpy(np.array(msg.arrays[0], dtype=dense.config["dtype"]))
         if scale != 1.0:
             g.mul_(scale)

@@ -142,6 +142,8 @@ def test_bad_requests_get_error_replies_and_change_nothing(server):
         (P.CREATE_TABLE, {"name": "u", "dim": 4, "optimizer": ["adam", {"lr": -1}]}, (), "TableError", "lr"),
         (P.CREATE_TABLE, {"name": "u", "dim": 0, "optimizer": ["adam", {}]}, (), "TableError", "dim"),
         (P.SNAPSHOT, {}, (), "SnapshotError", "no snapshot_dir"),
+        (P.PUSH, {"table": "t"}, (ids, np.array([[1, np.nan, 0], [np.inf, 0, 0]], np.float32)), "ProtocolError",
+         "2 gradient values are NaN or infinite"),
     ]
     for op, args, arrays, kind, words in bad:
         msg = _request(server, op, args, arrays, request_id=42)
@@ -163,3 +165,22 @@ def test_refuse_policy_is_enforced_by_the_server():
     msg = _request(s, P.PULL, {"table": "r"}, (np.array([3, 10], dtype=np.int64),))
     assert msg.args["kind"] == "IdOutOfRangeError" and "[0, 10)" in msg.args["error"]
     assert s.tables["r"].size == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(frame=st.integers(0, 3), cut=st.integers(0, 400), flips=st.lists(st.tuples(st.integers(0, 400),
+                                                                                   st.integers(1, 255)), max_size=4))
+def test_fuzzed_messages_never_break_the_server(frame, cut, flips):
+    s = ParameterServer(0, 1, 1)
+    _request(s, P.CREATE_TABLE, {"name": "t", "dim": 3, "optimizer": ["adam", {}]})
+    frames = _bytes(P.encode(P.PUSH, 3, 0, {"table": "t"}, (np.arange(4, dtype=np.int64),
+                                                              np.ones((4, 3), np.float32))))
+    data = bytearray(frames[frame])
+    for pos, xor in flips:
+        if data:
+            data[pos % len(data)] ^= xor
+    frames[frame] = bytes(data[:cut] if cut < len(data) else data)
+    [(_, reply)] = s.handle(b"w", frames)
+    P.decode(_bytes(reply))  # always a well-formed answer
+    ok = _request(s, P.PULL, {"table": "t"}, (np.arange(4, dtype=np.int64),))
+    assert ok.status == P.STATUS_OK and np.isfinite(ok.arrays[0]).all()
