@@ -42,10 +42,10 @@ MAX_ARGS_BYTES = 1 << 20
 
 # Op codes. Values are part of the wire format: append, never renumber.
 PING, HELLO, CREATE_TABLE, TABLE_INFO, PULL, PUSH, CREATE_DENSE, PULL_DENSE, PUSH_DENSE, SNAPSHOT, STATS, \
-    BARRIER, SHUTDOWN = range(1, 14)
+    BARRIER, SHUTDOWN, BYE = range(1, 15)
 OP_NAMES = {PING: "ping", HELLO: "hello", CREATE_TABLE: "create_table", TABLE_INFO: "table_info", PULL: "pull",
             PUSH: "push", CREATE_DENSE: "create_dense", PULL_DENSE: "pull_dense", PUSH_DENSE: "push_dense",
-            SNAPSHOT: "snapshot", STATS: "stats", BARRIER: "barrier", SHUTDOWN: "shutdown"}
+            SNAPSHOT: "snapshot", STATS: "stats", BARRIER: "barrier", SHUTDOWN: "shutdown", BYE: "bye"}
 
 STATUS_OK, STATUS_ERROR = 0, 1
 

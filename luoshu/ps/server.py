@@ -48,6 +48,7 @@ _ROW_STEP_RULES = {"adam", "adamw", "adagrad"}
 _STEPLESS_RULES = {"sgd", "momentum", "nesterov", "rmsprop"}
 
 STORE_PREFIX = "luoshu/ps"
+SHUTDOWN_GRACE_S = 5.0
 
 
 # --- a vectorised id -> slot map -----------------------------------------------------------
@@ -465,7 +466,10 @@ class ParameterServer:
         self.barrier_waiting: dict[int, tuple] = {}
         self.barrier_generation = 0
         self.shutdown_from: set[int] = set()
-        self.stopping = False
+        self.stopping = False  # every worker asked to shut down: exit once they have their replies
+        self.stop_deadline = 0.0
+        self.bye_from: set[int] = set()
+        self.bye_expected: set[int] = set()  # workers told "stopping", whose BYE confirms they read it
         self.crashed = False  # set from another thread to stop at once, as a killed process would
         self.started = time.time()
         self.last_snapshot = time.monotonic()
@@ -710,13 +714,29 @@ class ParameterServer:
     def _shutdown(self, identity, msg):
         self.shutdown_from.add(msg.worker)
         if msg.args.get("force") or len(self.shutdown_from) >= self.num_workers:
+            if not self.stopping:
+                self.stop_deadline = time.monotonic() + SHUTDOWN_GRACE_S
             self.stopping = True
+        if self.stopping:
+            self.bye_expected.add(msg.worker)
         return self._reply(identity, msg, {"stopping": self.stopping})
+
+    def _bye(self, identity, msg):
+        self.bye_from.add(msg.worker)
+        return self._reply(identity, msg)
+
+    def finished(self) -> bool:
+        """Whether the loop should end: crashed, or stopping and every worker that asked has its reply
+        (its BYE came) or the grace period is over. Closing at once could drop the last replies: a
+        client socket discards what it has not read when the connection goes."""
+        if self.crashed:
+            return True
+        return self.stopping and (self.bye_from >= self.bye_expected or time.monotonic() >= self.stop_deadline)
 
     _HANDLERS = {P.PING: _ping, P.HELLO: _hello, P.CREATE_TABLE: _create_table, P.TABLE_INFO: _table_info,
                  P.PULL: _pull, P.PUSH: _push, P.CREATE_DENSE: _create_dense, P.PULL_DENSE: _pull_dense,
                  P.PUSH_DENSE: _push_dense, P.SNAPSHOT: _snapshot, P.STATS: _stats, P.BARRIER: _barrier,
-                 P.SHUTDOWN: _shutdown}
+                 P.SHUTDOWN: _shutdown, P.BYE: _bye}
 
     # --- stats, snapshots ----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -782,7 +802,7 @@ class ParameterServer:
 
         if ready is not None:
             ready()
-        while not self.stopping and not self.crashed:
+        while not self.finished():
             timeout = 200
             if self.snapshot_every_s and self.snapshot_dir is not None:
                 due = self.last_snapshot + self.snapshot_every_s - time.monotonic()
@@ -805,7 +825,7 @@ class ParameterServer:
                 for ident, reply in self.handle(identity, body):
                     self.counters["bytes_out"] += sum(getattr(f, "nbytes", len(f)) for f in reply)
                     sock.send_multipart([ident, *reply], copy=False)
-                if self.stopping or self.crashed:
+                if self.finished():
                     break
         if self.snapshot_dir is not None and self.snapshot_every_s and not self.crashed:
             self._periodic_snapshot()

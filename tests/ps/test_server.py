@@ -269,6 +269,18 @@ def test_a_missing_worker_is_named_within_the_timeout():
         c0.close()
 
 
+def test_servers_stop_once_every_worker_has_shut_them_down():
+    with ps.start_local_servers(2, num_workers=2, in_process=True) as servers:
+        c0, c1 = _client(servers, 0), _client(servers, 1)
+        c0.shutdown_servers()
+        assert servers.alive(0) and servers.alive(1)  # still serving worker 1
+        c1.create_dense("d", np.zeros(2, np.float32))
+        c1.shutdown_servers()
+        assert servers.wait(10) == [0, 0]
+        c0.close()
+        c1.close()
+
+
 def test_barrier_waits_for_every_worker():
     with ps.start_local_servers(1, num_workers=2, in_process=True) as servers:
         c0, c1 = _client(servers, 0), _client(servers, 1)
