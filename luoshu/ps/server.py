@@ -664,7 +664,8 @@ class ParameterServer:
                 self._defer(identity, msg, dense)
                 return []
         dense.counters["pulls"] += 1
-        return self._reply(identity, msg, {"version": dense.version}, (dense.value.numpy(),))
+        # A copy: frames go out zero-copy after this returns, and the next push updates the value in place.
+        return self._reply(identity, msg, {"version": dense.version}, (dense.value.numpy().copy(),))
 
     def _push_dense(self, identity, msg):
         dense = self._dense(msg.args)
