@@ -70,7 +70,8 @@ def test_servers_started_by_the_launcher_serve_the_workers(tmp_path):
 def test_a_hung_worker_cannot_hang_the_job():
     # Worker 1 stops calling collectives; worker 0's all-reduce gives up after the
     # collective timeout and the launcher stops the job, quoting the error.
-    job = launch(2, "tests/dist/die_script.py", "--victim", "1", "--hang", timeout=120, extra=("--timeout", "5"))
+    # 20 s, not less: the timeout also bounds joining, and on a loaded machine worker 1 may start late
+    job = launch(2, "tests/dist/die_script.py", "--victim", "1", "--hang", timeout=120, extra=("--timeout", "20"))
     assert job.returncode == 1
     assert "worker rank 0" in job.stderr and "all_reduce over all workers failed" in job.stderr, job.stderr[-2000:]
 
