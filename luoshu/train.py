@@ -17,12 +17,13 @@ import base64
 import csv
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,10 @@ class DataSplits:
     info: dict[str, Any]  # config fields the data fixes (classes, channels, dense features)
     transform: Callable[[dict, np.random.Generator, bool], dict] | None = None
     min_info: dict[str, Any] = field(default_factory=dict)  # fields the data bounds below (vocabulary, length)
+    # Data too large for memory: `train_stream(epoch, batch_size)` yields the training batches of one
+    # pass (full batches only; `train` is then empty) and `stream_rows` is the rows per pass, if known.
+    train_stream: Callable[[int, int], Iterable[dict]] | None = None
+    stream_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -433,24 +438,105 @@ def _load_synthetic_ctr(path, data_args, task):
     return _ctr_splits(train, held, slot_sizes)
 
 
-def _load_criteo(path, data_args, task):
-    from luoshu.data import read_criteo
+def _files(path, pattern: str) -> list[Path]:
+    files = sorted(p for p in Path(path).glob(pattern) if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    if not files:
+        raise TrainConfigError(f"no {pattern} files in {path}")
+    return files
 
-    a = _args(data_args, "criteo", {"num_buckets": 10_000, "eval_fraction": 0.1})
-    data = read_criteo(path, num_buckets=a["num_buckets"])
-    buckets = np.broadcast_to(np.asarray(a["num_buckets"]), (data["sparse"].shape[1],))
-    return _ctr_splits(*_tail_split(data, a["eval_fraction"]), buckets)
+
+def _stream_files(path, a: dict, dataset: str, pattern: str) -> tuple[list[Path], list[Path]]:
+    """(train files, eval files) for streaming: `eval_path`, or else the last file of a directory
+    (as Criteo's last day is its test set)."""
+    files = _files(path, pattern)
+    if a["eval_path"] is not None:
+        return files, _files(a["eval_path"], pattern)
+    if len(files) < 2:
+        raise TrainConfigError(f"dataset {dataset!r} with stream=true needs eval data: give --data-arg eval_path=FILE, "
+                               f"or a directory of several files (the last one is held out); found {files}")
+    return files[:-1], files[-1:]
+
+
+def _load_criteo(path, data_args, task):
+    """Criteo TSV: read into memory and split (the last `eval_fraction` of rows held out), or with
+    `stream=true` read in chunks while training (for files larger than memory; needs --max-steps)."""
+    from luoshu.data import CriteoDataset, read_criteo
+
+    a = _args(data_args, "criteo", {"num_buckets": 10_000, "eval_fraction": 0.1, "stream": False,
+                                    "eval_path": None})
+    if not a["stream"]:
+        data = read_criteo(path, num_buckets=a["num_buckets"])
+        buckets = np.broadcast_to(np.asarray(a["num_buckets"]), (data["sparse"].shape[1],))
+        return _ctr_splits(*_tail_split(data, a["eval_fraction"]), buckets)
+    train_files, eval_files = _stream_files(path, a, "criteo", "*")
+    held = read_criteo(eval_files[0], num_buckets=a["num_buckets"]) if len(eval_files) == 1 else \
+        _concat_ctr([read_criteo(f, num_buckets=a["num_buckets"]) for f in eval_files])
+    buckets = np.broadcast_to(np.asarray(a["num_buckets"]), (held["sparse"].shape[1],))
+    splits = _ctr_splits({k: v[:0] for k, v in held.items()}, held, buckets)
+
+    def stream(epoch: int, batch_size: int):
+        # Criteo is in time order: every pass reads the files in order, unshuffled
+        return (_ctr_arrays(b) for b in CriteoDataset(train_files, batch_size, drop_last=True,
+                                                      num_buckets=a["num_buckets"]))
+    splits.train, splits.train_stream = {}, stream
+    return splits
+
+
+def _concat_ctr(parts: list[dict]) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _parquet_slot_sizes(files: list[Path]) -> list[int]:
+    """Slot sizes from the row groups' max statistics of columns C1.. (the largest id + 2: one row
+    for each id and one for a missing id)."""
+    import pyarrow.parquet as pq
+
+    top: dict[str, int] = {}
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        names = meta.schema.names
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for j, name in enumerate(names):
+                if name[:1] == "C" and name[1:].isdigit():
+                    stats = group.column(j).statistics
+                    if stats is None or not stats.has_min_max:
+                        raise TrainConfigError(f"{f}: column {name} has no statistics; give --data-arg "
+                                               "slot_sizes=[...]")
+                    top[name] = max(top.get(name, -1), int(stats.max))
+    return [top[c] + 2 for c in sorted(top, key=lambda c: int(c[1:]))]
 
 
 def _load_parquet(path, data_args, task):
+    """CTR Parquet (`label`, `I1`.., `C1`..): read into memory and split, or with `stream=true` streamed
+    row group by row group, shuffled per epoch (needs eval data: `eval_path` or several files)."""
     from luoshu.data import ParquetDataset, ctr_from_columns
 
-    a = _args(data_args, "parquet", {"eval_fraction": 0.1, "slot_sizes": None})
-    files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
-    if not files:
-        raise TrainConfigError(f"dataset 'parquet': no *.parquet files in {path}")
-    batches = list(ParquetDataset(files, batch_size=1 << 16, transform=ctr_from_columns))
-    data = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    a = _args(data_args, "parquet", {"eval_fraction": 0.1, "slot_sizes": None, "stream": False, "eval_path": None,
+                                     "seed": 0})
+    if a["stream"]:
+        train_files, eval_files = _stream_files(path, a, "parquet", "*.parquet")
+        slot_sizes = list(a["slot_sizes"]) if a["slot_sizes"] is not None else \
+            _parquet_slot_sizes(train_files + eval_files)
+        missing = np.asarray(slot_sizes) - 1  # a missing id (negative) gets the last row
+
+        def ctr(columns):
+            batch = ctr_from_columns(columns)
+            return {**batch, "sparse": np.where(batch["sparse"] < 0, missing, batch["sparse"])}
+
+        held = _concat_ctr(list(ParquetDataset(eval_files, batch_size=1 << 16, transform=ctr)))
+        splits = _ctr_splits({k: v[:0] for k, v in held.items()}, held, slot_sizes)
+        train_rows = ParquetDataset(train_files).num_rows
+
+        def stream(epoch: int, batch_size: int):
+            ds = ParquetDataset(train_files, batch_size=batch_size, shuffle=True, seed=a["seed"], drop_last=True,
+                                transform=ctr)
+            ds.set_epoch(epoch)
+            return (_ctr_arrays(b) for b in ds)
+        splits.train, splits.train_stream, splits.stream_rows = {}, stream, train_rows
+        return splits
+    files = _files(path, "*.parquet")
+    data = _concat_ctr(list(ParquetDataset(files, batch_size=1 << 16, transform=ctr_from_columns)))
     sparse = data["sparse"]
     if a["slot_sizes"] is None:
         # ids are used as they are; a missing id (negative) gets its own row past the largest id
@@ -770,6 +856,17 @@ class _EpochBatches:
         return self.transform(batch, np.random.default_rng([*self.seed, j]), True)
 
 
+class _StreamBatches:
+    """The batches of one pass over streamed files, from batch `start` on (a resumed run reads and
+    drops the ones before it): an iterable dataset for `DataLoader(batch_size=None)` to prefetch."""
+
+    def __init__(self, stream: Callable[[int, int], Iterable[dict]], epoch: int, batch_size: int, start: int):
+        self.stream, self.epoch, self.batch_size, self.start = stream, epoch, batch_size, start
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return itertools.islice(iter(self.stream(self.epoch, self.batch_size)), self.start, None)
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The sample order of epoch `epoch`: a permutation seeded by (seed, epoch), so a resumed run
     sees the same batches as an uninterrupted one."""
@@ -898,14 +995,17 @@ class Trainer:
         self.task = TASKS[self.task_name]
         self.device = normalize_device(config.device)
         self.data = spec.load(config.data_path, dict(config.data_args), self.task_name)
-        n = len(next(iter(self.data.train.values())))
-        self.steps_per_epoch = n // config.batch_size
+        streamed = self.data.train_stream is not None
+        n = self.data.stream_rows if streamed else len(next(iter(self.data.train.values())))
+        self.steps_per_epoch = None if n is None else n // config.batch_size  # None: a stream of unknown length
         if self.steps_per_epoch == 0:
             raise TrainConfigError(f"dataset {config.dataset!r} has {n} training samples, fewer than one batch of "
                                    f"{config.batch_size}; lower --batch-size")
+        if self.steps_per_epoch is None and config.max_steps is None:
+            raise TrainConfigError(f"dataset {config.dataset!r} streams files of unknown length: give --max-steps")
         # max_steps, when given, decides the length (running as many epochs as it takes)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        self.eval_interval = config.eval_interval or self.steps_per_epoch
+        self.eval_interval = config.eval_interval or self.steps_per_epoch or self.total_steps
         self.checkpoint_interval = self.eval_interval if config.checkpoint_interval is None \
             else config.checkpoint_interval
 
@@ -923,7 +1023,7 @@ class Trainer:
         low = {"bf16": "bfloat16", "fp16": "float16"}.get(config.precision)
         self.loss_scaler = optim.LossScaler() if config.precision == "fp16" else None
         with ls.Graph(f"train-{config.model}") as graph, ls.autocast(low or "bfloat16", enabled=low is not None):
-            self.feeds = self.task.placeholders(self.data.train, self.device)
+            self.feeds = self.task.placeholders(self.data.train or self.data.eval, self.device)
             self.model.train()
             output = self.task.forward(self.model, self.feeds)
             self.loss = self.task.loss(output, self.feeds[self.task.target])
@@ -968,6 +1068,15 @@ class Trainer:
             if self.data.transform is not None:  # no augmentation; masks (BERT) fixed for every evaluation
                 self._eval_data = self.data.transform(self.data.eval, np.random.default_rng([c.seed, 1 << 31]), False)
         return self.task.evaluate(self.predict, self._eval_data, c.eval_batch_size or 4 * c.batch_size)
+
+    def _epoch_batches(self):
+        """The training batches of the current epoch from `batch_in_epoch` on, as a dataset for DataLoader."""
+        c = self.config
+        if self.data.train_stream is not None:
+            return _StreamBatches(self.data.train_stream, self.epoch, c.batch_size, self.batch_in_epoch)
+        order = epoch_order(c.seed, self.epoch, len(self.data.train[self.task.target]))
+        return _EpochBatches(self.data.train, order, c.batch_size, self.batch_in_epoch, self.data.transform,
+                             (c.seed, self.epoch))
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -1050,10 +1159,8 @@ class Trainer:
         interval_loss, interval_steps = 0.0, 0
         try:
             while self.step < self.total_steps:
-                batches = _EpochBatches(self.data.train, epoch_order(c.seed, self.epoch, len(self.data.train[
-                    self.task.target])), c.batch_size, self.batch_in_epoch, self.data.transform, (c.seed, self.epoch))
-                loader = DataLoader(batches, batch_size=None, num_workers=c.num_workers)
-                tick = time.perf_counter()
+                loader = DataLoader(self._epoch_batches(), batch_size=None, num_workers=c.num_workers)
+                tick, first = time.perf_counter(), self.batch_in_epoch
                 for batch in loader:
                     loss, _ = self.graph.run([self.loss, self.train_op], self._feed(batch))
                     loss = float(loss)
@@ -1080,7 +1187,7 @@ class Trainer:
                         bar.set_postfix_str(f"epoch {self.epoch + 1} loss {interval_loss / interval_steps:.4f} "
                                             f"{_metric_text(self.last_metrics)}")
                         interval_loss, interval_steps = 0.0, 0
-                    end_of_epoch = self.batch_in_epoch == self.steps_per_epoch
+                    end_of_epoch = self.batch_in_epoch == self.steps_per_epoch  # never, for unknown lengths
                     last = self.step == self.total_steps
                     if end_of_epoch:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -1091,6 +1198,12 @@ class Trainer:
                     if last or end_of_epoch:
                         break
                     tick = time.perf_counter()
+                else:  # a stream of unknown length ran out: that was one pass
+                    if self.batch_in_epoch == first:
+                        raise TrainConfigError(f"dataset {c.dataset!r}: a pass over the training files gave no "
+                                               f"full batch of {c.batch_size} rows")
+                    if self.steps_per_epoch is None:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         except KeyboardInterrupt:
             bar.close()
             if self.step:
@@ -1107,7 +1220,8 @@ class Trainer:
         w = self.window
         train_loss = w["loss_sum"] / max(w["steps"], 1)
         rate = w["samples"] / max(w["seconds"], 1e-9)
-        log.write({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "train_loss": train_loss,
+        epoch = self.epoch if self.steps_per_epoch is None else round(self.step / self.steps_per_epoch, 4)
+        log.write({"step": self.step, "epoch": epoch, "train_loss": train_loss,
                    **self.last_metrics, "samples_per_s": rate, "lr": self._lr()})
         for name, value in self.last_metrics.items():
             writer.add_scalar(f"eval/{name}", value, self.step)

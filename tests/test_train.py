@@ -358,3 +358,49 @@ def test_bf16_precision_keeps_fp32_weights_and_learns(tmp_path):
     weights = load_file(latest_checkpoint(tmp_path / "checkpoints") / "weights.safetensors")
     assert all(w.dtype == np.float32 for w in weights.values())
     assert metrics["accuracy"] > 0.9, metrics
+
+
+@pytest.mark.parametrize("fmt", ["criteo", "parquet"])
+def test_streamed_ctr_files_resume_exactly(tmp_path, monkeypatch, fmt):
+    """stream=true: files read batch by batch while training, eval data held out, several passes, and a
+    resumed run (which re-reads the pass up to its batch) ends with the uninterrupted run's weights."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for day in range(3):  # days 0, 1 train; day 2 (the last file) is the eval set
+        data = synthetic_ctr(200, slot_sizes=[30] * 26, seed=day)
+        if fmt == "criteo":
+            write_criteo(data_dir / f"day_{day}", data, chunk_rows=128)
+        else:
+            write_ctr_parquet(data_dir / f"day_{day}.parquet", data, row_group_size=100)
+    data_args = {"stream": True, **({"num_buckets": 32} if fmt == "criteo" else {})}
+    base = dict(model="wdl", dataset=fmt, data_path=str(data_dir), data_args=data_args, batch_size=64,
+                model_args={"embedding_dim": 4, "mlp_dims": [8]}, eval_interval=4, progress=False)
+    # 400 training rows = 6 batches of 64 per pass: 12 steps make two passes
+    length = {"max_steps": 12} if fmt == "criteo" else {"epochs": 2}
+    whole = Trainer(TrainConfig(**base, **length, out=str(tmp_path / "whole")))
+    assert whole.data.train == {} and len(whole.data.eval["label"]) == 200
+    metrics = whole.fit()
+    # a Criteo pass is known to be over only once the files run out: the 12th step ends before that
+    assert whole.epoch == (1 if fmt == "criteo" else 2) and 0 <= metrics["auc"] <= 1
+    _interrupt_after(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**base, **length, out=str(tmp_path / "cut")))
+    monkeypatch.undo()
+    resumed = Trainer(TrainConfig(**base, **length, out=str(tmp_path / "cut"), resume=True))
+    resumed.fit()
+    assert resumed.step == whole.step
+    a = _weights(latest_checkpoint(tmp_path / "whole" / "checkpoints"))
+    b = _weights(latest_checkpoint(tmp_path / "cut" / "checkpoints"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_streaming_needs_eval_data_and_a_length(tmp_path):
+    write_criteo(tmp_path / "day_0", synthetic_ctr(100, slot_sizes=[5] * 26))
+    with pytest.raises(TrainConfigError, match="needs eval data"):
+        Trainer(TrainConfig(model="lr", dataset="criteo", data_path=str(tmp_path / "day_0"),
+                            data_args={"stream": True}, out=str(tmp_path / "job")))
+    with pytest.raises(TrainConfigError, match="unknown length: give --max-steps"):
+        Trainer(TrainConfig(model="lr", dataset="criteo", data_path=str(tmp_path / "day_0"),
+                            data_args={"stream": True, "eval_path": str(tmp_path / "day_0")},
+                            out=str(tmp_path / "job")))
