@@ -328,7 +328,7 @@ class Client:
 
         gather = _Gather(len(servers), finish, future)
         for i, k in enumerate(servers):
-            part = mapped if positions[k] is None else mapped[positions[k]]
+            part = mapped.copy() if positions[k] is None else mapped[positions[k]]
             self._submit(k, P.PULL, {"table": name, "wait_s": self._wait_s()}, (part,),
                          lambda msg, i=i: gather.part(i, (msg.arrays[0], msg.arrays[1])), gather.error)
         self.counters["rows_pulled"] += n
@@ -352,7 +352,8 @@ class Client:
         # Every server gets a part, empty or not, so the table step advances on every shard.
         for k in range(self.num_servers):
             if positions[0] is None:
-                part_ids, part_grads = mapped, grads
+                # Private copies: frames leave zero-copy later, and the caller may reuse its buffers at once.
+                part_ids, part_grads = mapped.copy(), grads.copy()
             else:
                 part_ids, part_grads = mapped[positions[k]], grads[positions[k]]
             self._submit(k, P.PUSH, {"table": name, "scale": float(scale)}, (part_ids, part_grads),
@@ -392,7 +393,7 @@ class Client:
 
     def push_dense(self, name: str, grad, scale: float = 1.0) -> Future:
         """Sends a dense gradient; its server applies the optimizer (one update per sync round)."""
-        grad = np.ascontiguousarray(grad)
+        grad = np.array(grad, order="C")  # a private copy: the frame leaves later
         future: Future = Future()
         gather = _Gather(1, lambda parts: None, future)
         self._submit(self.dense_home(name), P.PUSH_DENSE, {"name": name, "scale": float(scale)}, (grad,),

@@ -134,6 +134,19 @@ def test_pull_async_and_many_concurrent_futures(servers):
         assert rows.shape == (0, 4) and versions.shape == (0,)
 
 
+def test_the_caller_may_reuse_its_buffers_as_soon_as_push_returns():
+    with ps.start_local_servers(1, in_process=True) as servers, _client(servers) as c:
+        c.create_table("e", 64, optimizer=("sgd", {"lr": 1.0}), init=("zeros",))
+        ids, grads = np.arange(2000), np.ones((2000, 64), np.float32)  # above pyzmq's copy threshold
+        future = c.push("e", ids, grads)
+        grads[:] = 100.0
+        ids[:] = 0
+        future.result(10)
+        rows, versions = c.pull("e", np.arange(2000))
+    np.testing.assert_array_equal(rows, -1.0)
+    np.testing.assert_array_equal(versions, 1)
+
+
 def test_sync_mode_two_workers_equal_one_worker_with_the_summed_gradient():
     steps = [(_batches(1, seed=2 * s)[0], _batches(1, seed=2 * s + 1)[0]) for s in range(3)]
     ids_all = np.arange(20)
