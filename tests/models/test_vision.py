@@ -95,6 +95,20 @@ def test_resnet18_matches_pytorch(stem):
                                rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
+def test_full_width_resnet18_matches_pytorch_in_float32():
+    ls.manual_seed(0)
+    ours = models.resnet18(num_classes=10)
+    ref = TorchResNet18(10, 64, "cifar")
+    ref.load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in ours.state_dict().items()})
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    out, tout = ours(ls.tensor(x)), ref(torch.from_numpy(x))
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    tout.sum().backward()
+    np.testing.assert_allclose(ours.conv1.weight.grad.numpy(), ref.conv1.weight.grad.numpy(), rtol=1e-3, atol=1e-4)
+
+
 def test_resnet_graph_matches_eager_through_a_training_step():
     x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
     y = np.array([0, 1, 2, 3])
