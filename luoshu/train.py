@@ -172,24 +172,13 @@ def load_config(path: str | Path) -> dict:
 
 def model_table() -> dict[str, tuple[type, type, str]]:
     """The model zoo's registry: name -> (ConfigClass, ModelClass, task)."""
-    from luoshu import models
+    from luoshu.models import MODELS
 
-    table = getattr(models, "MODELS", None)
-    if table is None:  # the zoo's registry predates nothing but the recommendation models
-        table = {"dcn": (models.CTRConfig, models.DCN, "ctr"), "wdl": (models.CTRConfig, models.WideAndDeep, "ctr"),
-                 "deepfm": (models.CTRConfig, models.DeepFM, "ctr"), "dlrm": (models.CTRConfig, models.DLRM, "ctr"),
-                 "lr": (models.CTRConfig, models.LogisticRegression, "ctr"),
-                 "ncf": (models.NCFConfig, models.NCF, "rating")}
-    return dict(table)
+    return dict(MODELS)
 
 
 def _config_fields(config_class: type) -> dict[str, dataclasses.Field]:
-    if dataclasses.is_dataclass(config_class):
-        return {f.name: f for f in dataclasses.fields(config_class)}
-    import inspect
-
-    params = inspect.signature(config_class).parameters
-    return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {f.name: f for f in dataclasses.fields(config_class)}
 
 
 def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[str, Any],
@@ -198,7 +187,7 @@ def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[
     fields (classes, channels, slots ...) must match, `min_info` fields (vocabulary, sequence length,
     table sizes) may be larger. The rest comes from `model_args`; returns (model, config)."""
     table = model_table()
-    config_class, model_class, _ = table[name]
+    config_class = table[name][0]
     fields = _config_fields(config_class)
     unknown = sorted(set(model_args) - set(fields))
     if unknown:
@@ -221,18 +210,10 @@ def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[
                                    f"{key} >= {value!r}")
         kwargs[key] = value
     kwargs.update(model_args)
-    from luoshu import models
+    from luoshu.models import build
 
-    try:
-        if hasattr(models, "build") and hasattr(models, "MODELS"):
-            model = models.build(name, **kwargs)
-            return model, getattr(model, "config", None)
-        config = config_class(**kwargs)
-        return model_class(config), config
-    except Error:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise TrainConfigError(f"model {name!r}: bad config {kwargs}: {exc}") from None
+    model = build(name, **kwargs)  # refuses a bad field value with a luoshu.Error
+    return model, getattr(model, "config", None)
 
 
 def _at_least(given, needed) -> bool:

@@ -341,6 +341,8 @@ def test_model_args_that_contradict_the_data(tmp_path):
         Trainer(TrainConfig(model="mlp", dataset="digits", model_args={"num_classes": 5}, out=str(tmp_path)))
     with pytest.raises(TrainConfigError, match=r"vocab_size=8 is too small for the dataset"):
         Trainer(TrainConfig(model="gpt2", dataset="copy", model_args={"vocab_size": 8}, out=str(tmp_path)))
+    with pytest.raises(ls.Error, match="dropout"):
+        Trainer(TrainConfig(model="mlp", dataset="digits", model_args={"dropout": 2.0}, out=str(tmp_path)))
 
 
 def test_dataset_table_is_complete():
