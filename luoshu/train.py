@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -1121,8 +1122,12 @@ class Trainer:
                 raise TrainConfigError(f"--resume: no checkpoint in {c.checkpoint_path}")
             self.load_checkpoint(newest)
         else:
-            for _, old in list_checkpoints(c.checkpoint_path):
-                shutil.rmtree(old, ignore_errors=True)  # starting over: older checkpoints would be resumed next
+            stale = list_checkpoints(c.checkpoint_path)
+            if stale:  # starting over: a later --resume must not pick up the previous run's checkpoints
+                print(f"starting over: removing {len(stale)} checkpoint(s) of a previous run from "
+                      f"{c.checkpoint_path} (--resume continues a run instead)", file=sys.stderr)
+            for _, old in stale:
+                shutil.rmtree(old, ignore_errors=True)
             for old in job.glob("events.out.tfevents.*"):
                 old.unlink()
         (job / "config.yaml").write_text(_dump_yaml(c.to_dict()))
