@@ -22,9 +22,18 @@ import torch
 from luoshu import ops
 from luoshu.ctr.config import CTRError, DataReaderSparseParam, SparseEmbedding
 from luoshu.nn import functional as F
-from luoshu.nn import init
 from luoshu.nn.layers import empty_parameter
 from luoshu.nn.module import Module
+
+# Every placement starts a table from the same rows: a pure function of (table name, seed, row),
+# which the parameter servers compute too (luoshu.ps.initial_rows).
+INITIALIZER = ("uniform", -0.05, 0.05)
+
+
+def initial_table(name: str, rows: int, dim: int, seed: int) -> np.ndarray:
+    from luoshu.ps.protocol import initial_rows
+
+    return initial_rows(f"ctr/{name}", np.arange(rows, dtype=np.int64), dim, INITIALIZER, seed=seed)
 
 
 def vocabulary_capacity(spec: SparseEmbedding) -> int:
@@ -44,7 +53,7 @@ class SparseEmbeddingTable(Module):
     `key` (the key stored in each row, -1 where free)."""
 
     def __init__(self, spec: SparseEmbedding, sparse: DataReaderSparseParam, slot_sizes: list[int] | None,
-                 global_update: bool = False):
+                 global_update: bool = False, seed: int = 0):
         super().__init__()
         self.name, self.combiner = spec.sparse_embedding_name, spec.combiner
         self.vec_size, self.num_slots, self.hotness = spec.embedding_vec_size, sparse.slot_num, sparse.max_nnz
@@ -57,8 +66,9 @@ class SparseEmbeddingTable(Module):
             self.rows = vocabulary_capacity(spec)
             self.register_buffer("key", np.full(self.rows, -1, dtype=np.int64))
         self.emb_vector = empty_parameter((self.rows + 1, self.vec_size))
-        init.uniform_(self.emb_vector, -0.05, 0.05)
         with torch.no_grad():
+            self.emb_vector.value[:self.rows].copy_(torch.from_numpy(initial_table(self.name, self.rows,
+                                                                                  self.vec_size, seed)))
             self.emb_vector.value[self.rows].zero_()
         self._sorted_keys: np.ndarray | None = None
         self._sorted_rows: np.ndarray | None = None
@@ -154,11 +164,11 @@ class ShardedTable(SparseEmbeddingTable):
     """
 
     def __init__(self, spec: SparseEmbedding, sparse: DataReaderSparseParam, slot_sizes: list[int] | None,
-                 global_update: bool, world: int, rank: int, placement: str):
+                 global_update: bool, world: int, rank: int, placement: str, seed: int = 0):
         if not slot_sizes:
             raise CTRError(f"SparseEmbedding {spec.sparse_embedding_name!r}: a {placement} table over {world} "
                            f"processes needs the slots' sizes (DataReaderParams or SparseEmbedding slot_size_array)")
-        super().__init__(spec, sparse, slot_sizes, global_update)
+        super().__init__(spec, sparse, slot_sizes, global_update, seed)
         self.world, self.rank, self.placement = world, rank, placement
         rows = np.arange(self.rows)
         if placement == "distributed":
@@ -231,3 +241,77 @@ class ShardedTable(SparseEmbeddingTable):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.placement} over {self.world} ranks (rank {self.rank}: " \
                f"{self.local_pad} rows)"
+
+
+def ps_optimizer_spec(opt, lr: float) -> tuple[str, dict]:
+    """The server-side optimizer (luoshu.ps) an `OptParamsPy` describes."""
+    from luoshu.ctr.config import Optimizer_t
+
+    t, lr = opt.optimizer_type, opt.lr if opt.lr is not None else lr
+    if t is Optimizer_t.Adam:
+        return "adam", {"lr": lr, "betas": [opt.beta1, opt.beta2], "eps": opt.epsilon}
+    if t is Optimizer_t.AdaGrad:
+        return "adagrad", {"lr": lr, "initial_accumulator_value": opt.initial_accu_value, "eps": opt.epsilon}
+    if t is Optimizer_t.Nesterov:
+        return "nesterov", {"lr": lr, "momentum": opt.momentum_factor}
+    if t is Optimizer_t.MomentumSGD and opt.momentum_factor:
+        return "momentum", {"lr": lr, "momentum": opt.momentum_factor}
+    return "sgd", {"lr": lr}
+
+
+class PSTable(Module):
+    """An embedding table on the parameter servers (luoshu.ps), read through the HET cache.
+
+    Rows are the same global rows as a local table's (slot offsets applied), created on the
+    servers with the same seeded initial values; the padding row exists there too but every
+    lookup of it is masked to zero, so it never gets a gradient. The gradient is pushed by a
+    `ps_push` op and the server applies the table's optimizer (synchronous over the workers).
+    """
+
+    def __init__(self, spec: SparseEmbedding, sparse: DataReaderSparseParam, slot_sizes: list[int] | None,
+                 client, optimizer: tuple, world: int, seed: int, staleness: int = 0, cache_capacity: int = 0):
+        from luoshu.ps import Embedding
+
+        super().__init__()
+        if not slot_sizes:
+            raise CTRError(f"SparseEmbedding {spec.sparse_embedding_name!r}: a parameter-server table needs the "
+                           f"slots' sizes (slot_size_array)")
+        self.name, self.combiner = spec.sparse_embedding_name, spec.combiner
+        self.vec_size, self.num_slots, self.hotness = spec.embedding_vec_size, sparse.slot_num, sparse.max_nnz
+        self.slot_sizes = list(slot_sizes)
+        self.rows = int(sum(self.slot_sizes))
+        self.offsets = np.concatenate([[0], np.cumsum(self.slot_sizes)[:-1]]).astype(np.int64)
+        self.remote = Embedding(client, f"ctr/{self.name}", self.vec_size, num_embeddings=self.rows + 1,
+                                init=INITIALIZER, optimizer=optimizer, id_policy="refuse",
+                                sync_workers=world if world > 1 else None, cache_capacity=cache_capacity,
+                                staleness=staleness, seed=seed)
+
+    @property
+    def pad(self) -> int:
+        return self.rows
+
+    rows_of = SparseEmbeddingTable.rows_of
+
+    def forward(self, rows):
+        S, k, d = self.num_slots, self.hotness, self.vec_size
+        looked = ops.reshape(self.remote(ops.reshape(rows, (-1,))), (-1, S, k, d))
+        mask = ops.unsqueeze(ops.cast(ops.not_equal(rows, self.pad), "float32"), 3)
+        out = ops.sum(looked * mask, axis=2)
+        if self.combiner == "mean" and k > 1:
+            out = out / ops.clamp(ops.sum(mask, axis=2), min=1.0)
+        return out
+
+    def push_op(self, loss_target):
+        """The op that pushes this table's gradient of `loss_target` (one per training step)."""
+        from luoshu.core.autodiff import gradients
+
+        return self.remote.push_op(gradients(loss_target, [self.remote.weight])[0])
+
+    def full_table(self) -> np.ndarray:
+        """Every row (and the padding row) as the servers hold them now."""
+        self.remote.flush()
+        rows, _ = self.remote.client.pull(self.remote.table, np.arange(self.rows + 1))
+        return np.asarray(rows)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: rows={self.rows}, vec={self.vec_size}, slots={self.num_slots}, on the parameter servers"

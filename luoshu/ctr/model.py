@@ -10,7 +10,8 @@ optimizer and each embedding table its own (HugeCTR lets an embedding carry its 
 `optimizer`); all of them update from one backward pass.
 
 Files (`save_params_to_files(prefix, iter)`, also written by `fit(snapshot=...)`):
-`{prefix}_dense_{iter}.model` and `{prefix}{i}_sparse_{iter}.model` for embedding i, each a
+`{prefix}_dense_{iter}.model` and `{prefix}{i}_sparse_{iter}.model` for embedding i (one
+`.rank<r>` package per rank for a table sharded over processes), each a
 luoshu checkpoint directory (graph.json, weights.safetensors, the optimizer's state,
 manifest.json with SHA-256) — HugeCTR's names, luoshu's verified format, no pickle. A
 sparse package holds `emb_vector` (and `key` for hash tables). HugeCTR's separate
@@ -61,7 +62,7 @@ from luoshu.ctr.config import (
     Update_t,
     layer_from_json,
 )
-from luoshu.ctr.embedding import ShardedTable, SparseEmbeddingTable
+from luoshu.ctr.embedding import PSTable, ShardedTable, SparseEmbeddingTable, ps_optimizer_spec
 from luoshu.ctr.layers import Builder, build_layer
 from luoshu.metrics import auc as auc_score
 from luoshu.nn.layers import Linear
@@ -91,22 +92,25 @@ def make_optimizer(opt: OptParamsPy, params: list, lr: float) -> optim.Optimizer
     return optim.SGD(params, lr=lr, momentum=opt.momentum_factor if t is Optimizer_t.MomentumSGD else 0.0)
 
 
-def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple = ()) -> list:
+def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple = (), remote: tuple = ()) -> list:
     """One backward pass, one update op per optimizer (`groups`: (optimizer, params) pairs).
 
     In a `world`-process job each rank's loss covers its share of the global batch: the
     gradients are taken of loss / world, the `replicated` parameters' (the dense network's)
-    are summed over the ranks, and sharded tables' arrive summed through their all-to-all."""
+    are summed over the ranks, and sharded tables' arrive summed through their all-to-all.
+    `remote` parameter-server tables get a push op for their gradient instead of an update."""
     from luoshu.ops import comm
     from luoshu.optim.optimizer import _keep_alive  # the update op's bookkeeping, shared with minimize()
 
-    if len(groups) == 1 and world == 1:
+    if len(groups) == 1 and world == 1 and not remote:
         opt, params = groups[0]
         return [opt.minimize(loss, var_list=params, loss_scaler=scaler)]
     target = loss * (1.0 / world) if world > 1 else loss
     target = scaler.scale(target) if scaler is not None else target
     flat = [p for _, params in groups for p in params]
-    grads = gradients(target, flat)
+    grads = gradients(target, flat + [t.remote.weight for t in remote])
+    pushes = [t.remote.push_op(g) for t, g in zip(remote, grads[len(flat):]) if g is not None]
+    grads = grads[:len(flat)]
     if world > 1:
         shared = {id(p) for p in replicated}
         grads = [comm.all_reduce(g) if id(p) in shared and g is not None else g for p, g in zip(flat, grads)]
@@ -133,7 +137,7 @@ def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple 
             key = scaler._key
         updates.append(apply("optimizer_update", *inputs, optimizer=opt._key, params=tuple(used),
                              kinds="".join(kinds), loss_scaler=key))
-    return updates
+    return updates + pushes
 
 
 def _lr_at(solver: Solver, step: int) -> float:
@@ -257,9 +261,7 @@ class Model:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
             dist.init()  # started by `luoshu launch`: HugeCTR scripts call no init of their own
         self._world, self._rank = (dist.world_size(), dist.rank()) if dist.is_distributed() else (1, 0)
-        if self.solver.embedding_placement == "parameter_server":
-            raise CTRError("CreateSolver embedding_placement: 'parameter_server' is not available in luoshu.ctr yet; "
-                           "use 'distributed' or 'localized' (or luoshu.ps with luoshu.models)")
+        self._ps_client = self._connect_ps() if self.solver.embedding_placement == "parameter_server" else None
         for name, size in (("batchsize", self.solver.batchsize), ("batchsize_eval", self.solver.batchsize_eval)):
             if size % self._world:
                 raise CTRError(f"CreateSolver {name}: the global batch {size} must split evenly over the "
@@ -273,15 +275,22 @@ class Model:
                                           if self.reader_params.slot_size_array else None)
             opt = e.optimizer or self.opt_params
             global_update = opt.update_type is Update_t.Global and opt.optimizer_type is not Optimizer_t.SGD
-            if self._world > 1:
+            if self._ps_client is not None:
+                if global_update or self.solver.use_mixed_precision:
+                    raise CTRError(f"SparseEmbedding {e.sparse_embedding_name!r}: a parameter-server table updates "
+                                   f"the rows it is sent (Update_t.Local / LazyGlobal) in fp32; found update_type "
+                                   f"{opt.update_type.name}, use_mixed_precision={self.solver.use_mixed_precision}")
+                table = PSTable(e, params_of[e.bottom_name], sizes, self._ps_client,
+                                ps_optimizer_spec(opt, self.solver.lr), self._world, self.solver.seed)
+            elif self._world > 1:
                 placement = self.solver.embedding_placement
                 if placement == "auto":
                     placement = "distributed" if e.embedding_type is Embedding_t.DistributedSlotSparseEmbeddingHash \
                         else "localized"
                 table = ShardedTable(e, params_of[e.bottom_name], sizes, global_update, self._world, self._rank,
-                                     placement)
+                                     placement, self.solver.seed)
             else:
-                table = SparseEmbeddingTable(e, params_of[e.bottom_name], sizes, global_update=global_update)
+                table = SparseEmbeddingTable(e, params_of[e.bottom_name], sizes, global_update, self.solver.seed)
             self.tables.append(table)
             self._table_inputs.append((s0, s1))
         self.network = _Network()
@@ -317,15 +326,28 @@ class Model:
             dense_params = self.network.parameters()
             self.dense_optimizer = make_optimizer(self.opt_params, dense_params, self.solver.lr) \
                 if dense_params else None
-            self.sparse_optimizers = [make_optimizer(e.optimizer or self.opt_params, t.parameters(), self.solver.lr)
+            self.sparse_optimizers = [None if isinstance(t, PSTable) else
+                                      make_optimizer(e.optimizer or self.opt_params, t.parameters(), self.solver.lr)
                                       for e, t in zip(embeddings, self.tables)]
             self.scaler = optim.LossScaler(init_scale=max(float(self.solver.scaler), 1.0), growth_interval=1 << 30) \
                 if self.solver.use_mixed_precision else None
             groups = ([(self.dense_optimizer, dense_params)] if dense_params else []) + \
-                [(o, t.parameters()) for o, t in zip(self.sparse_optimizers, self.tables)]
-            self._updates = _minimize_all(loss, groups, self.scaler, self._world, tuple(dense_params))
+                [(o, t.parameters()) for o, t in zip(self.sparse_optimizers, self.tables) if o is not None]
+            remote = tuple(t for t in self.tables if isinstance(t, PSTable))
+            self._updates = _minimize_all(loss, groups, self.scaler, self._world, tuple(dense_params), remote)
         self._embeddings = embeddings
         self._compiled = True
+
+    def _connect_ps(self):
+        """A client of the job's parameter servers (`luoshu launch --servers N`), or of one started
+        in this process when the job has none."""
+        from luoshu import ps
+
+        store, servers = dist.ps_store()
+        if servers:
+            return ps.connect(store=store, worker_rank=dist.rank())
+        self._ps_servers = ps.start_local_servers(1, in_process=True)
+        return ps.connect(addresses=self._ps_servers)
 
     def _forward(self, inp: Input, embeddings: list[SparseEmbedding], training: bool) -> dict:
         tensors: dict[str, Any] = {}
@@ -409,7 +431,7 @@ class Model:
 
     def _set_lr(self, step: int) -> float:
         lr = _lr_at(self.solver, step)
-        for opt, spec in [(self.dense_optimizer, self.opt_params)] + [
+        for opt, spec in [(self.dense_optimizer, self.opt_params)] + [  # parameter-server tables: None
                 (o, e.optimizer or self.opt_params) for o, e in zip(self.sparse_optimizers, self._embeddings)]:
             if opt is None:
                 continue
@@ -687,11 +709,20 @@ class Model:
         """Writes `{prefix}_dense_{iter}.model` and `{prefix}{i}_sparse_{iter}.model` (see the module doc)."""
         self._require_compiled("save_params_to_files")
         meta = {"iteration": self._iteration, "model_name": self.solver.model_name}
-        out = [save_checkpoint(f"{prefix}_dense_{iter}.model", self.network, self.dense_optimizer, metadata=meta)]
+        out = []
+        if self._rank == 0:  # the dense network is the same on every rank
+            out.append(save_checkpoint(f"{prefix}_dense_{iter}.model", self.network, self.dense_optimizer,
+                                       metadata=meta))
         for i, (table, opt) in enumerate(zip(self.tables, self.sparse_optimizers)):
-            out.append(save_checkpoint(f"{prefix}{i}_sparse_{iter}.model", table, opt,
+            if isinstance(table, PSTable):  # the servers hold it (and snapshot it themselves)
+                continue
+            out.append(save_checkpoint(f"{prefix}{i}_sparse_{iter}.model{self._shard_suffix()}", table, opt,
                                        metadata={**meta, "sparse_embedding_name": table.name}))
         return out
+
+    def _shard_suffix(self) -> str:
+        """Sharded tables save one package per rank: `<file>.rank<r>`."""
+        return f".rank{self._rank}" if self._world > 1 else ""
 
     def load_dense_weights(self, dense_model_file: str | os.PathLike) -> None:
         self._require_compiled("load_dense_weights")
@@ -718,17 +749,20 @@ class Model:
     def load_sparse_weights(self, sparse_embedding_files) -> None:
         """Loads embedding tables: a list (one per embedding, in order) or {name: file}."""
         self._require_compiled("load_sparse_weights")
-        targets = self._sparse_targets(sparse_embedding_files)
+        targets = [(i, f"{f}{self._shard_suffix()}") for i, f in self._sparse_targets(sparse_embedding_files)]
         for _, f in targets:  # verify everything before changing anything
             verify(f)
         for i, f in targets:
+            if isinstance(self.tables[i], PSTable):
+                raise CTRError(f"load_sparse_weights: {self.tables[i].name!r} lives on the parameter servers; "
+                               f"restore it with luoshu.ps snapshots")
             load_checkpoint(f, self.tables[i])
             self.tables[i].reset_index()
 
     def load_sparse_optimizer_states(self, sparse_opt_states_files) -> None:
         self._require_compiled("load_sparse_optimizer_states")
         for i, f in self._sparse_targets(sparse_opt_states_files):
-            _load_optimizer(f, self.sparse_optimizers[i])
+            _load_optimizer(f"{f}{self._shard_suffix()}", self.sparse_optimizers[i])
 
     def embedding_table(self, embedding: int | str = 0) -> np.ndarray:
         """An embedding table's rows (without the padding row) as one array; in a multi-process
@@ -736,7 +770,7 @@ class Model:
         self._require_compiled("embedding_table")
         index = embedding if isinstance(embedding, int) else self._tables_named(embedding)[0]
         table = self.tables[index]
-        full = table.full_table() if isinstance(table, ShardedTable) else table.emb_vector.numpy()
+        full = table.full_table() if isinstance(table, (ShardedTable, PSTable)) else table.emb_vector.numpy()
         return np.array(full[:-1])
 
     # --- freezing -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 
 import luoshu.dist as dist
 from luoshu import ctr as hugectr
+from luoshu import ps
 from tests.ctr.conftest import dcn_model
 
 STEPS, BATCH = 4, 64
@@ -39,6 +40,13 @@ def main():
             saved[f"{spec}/{k}"] = v
     if dist.rank() == 0:
         np.savez(out, **saved)
+    store, servers = dist.ps_store()
+    if servers:  # every worker is done with the parameter servers: worker 0 stops them
+        client = ps.connect(store=store, worker_rank=dist.rank())
+        dist.barrier()
+        if dist.rank() == 0:
+            client.shutdown_servers(force=True)
+        client.close()
     dist.shutdown()
 
 

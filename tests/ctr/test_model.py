@@ -137,4 +137,4 @@ def test_mixed_precision_follows_fp32(parquet_data):
             assert "cast" in {op.opdef.name for op in model.graph.ops}  # bf16 matmuls under autocast
             assert model.scaler.get_scale() == 1024
     np.testing.assert_allclose(losses[True], losses[False], rtol=2e-2)
-    assert losses[True][-1] < losses[True][0] - 0.1
+    assert np.mean(losses[True][-5:]) < losses[True][0] - 0.05
