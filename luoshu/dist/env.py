@@ -17,9 +17,12 @@ Multi-node: every node runs `luoshu launch -n N --servers S --nnodes K --node-ra
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -126,6 +129,8 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     os.environ["LUOSHU_WORKER_RANK" if role == "worker" else "LUOSHU_SERVER_INDEX"] = str(index)
     if role == "server":
         _serve_and_exit(store, index, num_servers, num_workers)
+    if num_servers:
+        atexit.register(_count_worker_exit, store)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     # Workers only: the servers never join a collective, so the default group (and
@@ -152,11 +157,40 @@ def _report_uncaught_errors() -> None:
     sys.excepthook = hook
 
 
+_WORKERS_EXITED = "luoshu/dist/workers_exited"
+SERVER_GRACE_S = 10.0  # after the last worker exits, how long a server may still take to stop by itself
+
+
+def _count_worker_exit(store) -> None:
+    """atexit of a worker: lets the servers know, so a job whose workers never shut the
+    servers down (they did not use them, or forgot) still ends."""
+    try:
+        store.add(_WORKERS_EXITED, 1)
+    except Exception:  # the job is ending anyway; the store may already be gone
+        pass
+
+
+def _exit_when_workers_are_gone(store, num_workers: int) -> None:
+    def watch():
+        while True:
+            time.sleep(0.5)
+            try:
+                exited = store.add(_WORKERS_EXITED, 0)
+            except Exception:  # the rendezvous store is gone, and the job with it
+                exited = num_workers
+            if exited >= num_workers:
+                time.sleep(SERVER_GRACE_S)  # a normal shutdown through serve() finishes first
+                os._exit(0)
+
+    threading.Thread(target=watch, name="luoshu-server-watch", daemon=True).start()
+
+
 def _serve_and_exit(store, index: int, num_servers: int, num_workers: int) -> None:
     try:
         from luoshu import ps
     except ImportError as exc:
         raise DistError(f"server {index}: luoshu.ps is not available: {exc}") from exc
+    _exit_when_workers_are_gone(store, num_workers)
     ps.serve(store, index, num_servers, num_workers)
     sys.exit(0)
 

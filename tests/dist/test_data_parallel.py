@@ -108,3 +108,23 @@ def test_gradients_are_reported_as_soon_as_they_are_final():
     assert order.index(4) < order.index(0) and order.index(5) < order.index(1)  # layer 3 before layer 1
     for i, g in seen:
         np.testing.assert_array_equal(g, grads[i].numpy())
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_nodes_with_a_server_each_match_one_process(tmp_path):
+    # Two "machines" on localhost, each with 1 worker and 1 (unused) parameter server: the
+    # workers are numbered across nodes, and the servers end with the job by themselves.
+    from tests.dist.launcher import launch_nodes
+
+    run = "graph:0.0005:sgd"
+    jobs = launch_nodes(2, 1, "tests/dist/dp_train.py", "--runs", run, "--out", str(tmp_path / "params"),
+                        timeout=240, extra=("--servers", "1"))
+    for job in jobs:
+        assert job.returncode == 0, job.stderr[-3000:]
+    reference = train("graph", 8, 10, 1, 0, 25.0, "sgd", data_parallel=False)
+    for rank in range(2):
+        got = np.load(tmp_path / f"params.rank{rank}.npz")
+        for name, expected in reference.items():
+            np.testing.assert_allclose(got[f"{run}/{name}"], expected, rtol=1e-5, atol=1e-5)
