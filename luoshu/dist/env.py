@@ -7,7 +7,8 @@ count workers only, so a training script never sees the servers. Servers take no
 in any collective; `init()` hands them the rendezvous store and runs
 `luoshu.ps.serve(...)`, then exits the process so the script's training code never runs
 there. Everyone shares the rendezvous `TCPStore` (`ps_store()`), e.g. to publish server
-addresses.
+addresses. Workers count their exit in the store; once all have exited, a server that
+was never told to shut down exits by itself (after `SERVER_GRACE_S`), so the job ends.
 
 Multi-node: every node runs `luoshu launch -n N --servers S --nnodes K --node-rank R
 --rdzv-endpoint host:port script.py`; torchrun numbers the nodes (`GROUP_RANK`), worker
