@@ -9,6 +9,12 @@ Each node runs N + S local processes: local ranks 0..N-1 are workers, N..N+S-1 a
 parameter servers (`LUOSHU_SERVERS_PER_NODE=S`; see `luoshu.dist.env` for the numbering).
 When any process dies the agent stops all the others, and this command exits non-zero
 with a message naming the dead process's rank, role, pid and exit code or signal.
+
+Multi-node: run the same command on every node with `--nnodes K --rdzv-endpoint
+host:port` (torchrun's c10d rendezvous numbers the nodes). Kubernetes: a PyTorchJob
+whose pods run `luoshu launch -n N --nnodes $PET_NNODES --rdzv-endpoint
+$MASTER_ADDR:$MASTER_PORT script.py`; a PyTorchJob that starts the script directly
+(one process per pod, RANK / WORLD_SIZE / MASTER_ADDR set) works too, without servers.
 """
 
 from __future__ import annotations
