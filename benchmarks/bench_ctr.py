@@ -123,16 +123,20 @@ def torch_step(data, sparse: bool):
     return step
 
 
-def measure(step, steps: int, repeats: int) -> float:
-    for i in range(3):
-        step(i)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(steps):
+def measure(steps_by_name: dict, steps: int, repeats: int) -> dict:
+    """Median steps/s of each step function; the repeats interleave the configurations, so a
+    shared, busy CPU slows them alike."""
+    for step in steps_by_name.values():
+        for i in range(3):
             step(i)
-        rates.append(steps / (time.perf_counter() - start))
-    return statistics.median(rates)
+    rates: dict = {name: [] for name in steps_by_name}
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            start = time.perf_counter()
+            for i in range(steps):
+                step(i)
+            rates[name].append(steps / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def main():
@@ -144,16 +148,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = make_data(folder, args.batch, 8)
-        rates = {
-            "luoshu.ctr Global": measure(luoshu_step(folder, args.batch, hugectr.Update_t.Global), args.steps,
-                                         args.repeats),
-            "luoshu.ctr Local": measure(luoshu_step(folder, args.batch, hugectr.Update_t.Local), args.steps,
-                                        args.repeats),
-            "(a) torch dense+Adam": measure(torch_step(data, False), args.steps, args.repeats),
-            "(b) torch SparseAdam": measure(torch_step(data, True), args.steps, args.repeats),
-        }
+        rates = measure({
+            "luoshu.ctr Global": luoshu_step(folder, args.batch, hugectr.Update_t.Global),
+            "luoshu.ctr Local": luoshu_step(folder, args.batch, hugectr.Update_t.Local),
+            "(a) torch dense+Adam": torch_step(data, False),
+            "(b) torch SparseAdam": torch_step(data, True),
+        }, args.steps, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"median of {args.repeats} x {args.steps} steps")
+          f"median of {args.repeats} interleaved runs of {args.steps} steps (noisy on a shared CPU)")
     for name, rate in rates.items():
         print(f"{name:<22} {rate * args.batch:>10,.0f} samples/s")
     print("(c) TorchRec            skipped: fbgemm-gpu-cpu 1.9.0 does not load with torch 2.13.0 (see docstring)")
