@@ -103,8 +103,8 @@ def rotary_tables(length: int, head_dim: int, theta: float = 10000.0) -> tuple[n
 def apply_rotary(x, cos, sin):
     """Rotates (..., length, head_dim) query/key pairs (x_i, x_{i+d/2}) by the position's angles.
 
-    Composed from split/neg/concat/mul: the elementwise ops fuse poorly anyway on CPU and
-    the gradient (the inverse rotation) falls out of autodiff."""
+    A composite of split/neg/concat/mul rather than a fused op: its gradient (the inverse
+    rotation) comes from autodiff, and the few elementwise kernels are small next to attention."""
     first, second = ops.split(x, 2, axis=-1)
     return x * cos + ops.concat([-second, first], axis=-1) * sin
 
