@@ -524,7 +524,11 @@ class Model:
                 raise CTRError(f"fit {name}: expected an integer >= 0, found {v!r}")
         stem = snapshot_prefix or self.solver.model_name or "ctr"
         path = Path(metrics_file) if metrics_file is not None else Path(f"{stem}_metrics.csv")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        lead = self._rank == 0  # in a multi-process job rank 0 reports; every rank trains and evaluates
+        if lead:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            path, progress = Path(os.devnull), False
         history: list[dict] = []
         fields = ["iteration", "epoch", "phase", "loss", "auc", "samples_per_s", "lr", "elapsed_s"]
         threshold = self.solver.metrics_spec.get(MetricsType.AUC, 1.0)
@@ -563,19 +567,22 @@ class Model:
                 bar.set_postfix(loss=f"{self._last_loss:.4f}", samples_s=f"{rate:,.0f}", refresh=False)
                 if display and it % display == 0:
                     lr = _lr_at(self.solver, it)
-                    bar.write(f"Iter: {it} Time({window_n} iters): {now - window_start:.3f}s "
-                              f"Loss: {window_loss / window_n:.6f} lr:{lr:g} ({rate:,.0f} samples/s)")
+                    if lead:
+                        bar.write(f"Iter: {it} Time({window_n} iters): {now - window_start:.3f}s "
+                                  f"Loss: {window_loss / window_n:.6f} lr:{lr:g} ({rate:,.0f} samples/s)")
                     record({"iteration": it, "epoch": epoch, "phase": "train", "loss": window_loss / window_n,
                             "auc": "", "samples_per_s": rate, "lr": lr, "elapsed_s": now - start})
                     window_start, window_loss, window_n = now, 0.0, 0
                 last = done >= total
                 if self._eval_source is not None and ((eval_interval and it % eval_interval == 0) or last):
                     m = self.evaluate()
-                    bar.write(f"Evaluation, AUC: {m['AUC']:.6f} AverageLoss: {m['AverageLoss']:.6f} (iter {it})")
+                    if lead:
+                        bar.write(f"Evaluation, AUC: {m['AUC']:.6f} AverageLoss: {m['AverageLoss']:.6f} (iter {it})")
                     record({"iteration": it, "epoch": epoch, "phase": "eval", "loss": m["AverageLoss"],
                             "auc": m["AUC"], "samples_per_s": "", "lr": "", "elapsed_s": time.perf_counter() - start})
                     if threshold < 1.0 and m["AUC"] >= threshold:
-                        bar.write(f"Hit target AUC {threshold} at iteration {it}; stopping")
+                        if lead:
+                            bar.write(f"Hit target AUC {threshold} at iteration {it}; stopping")
                         stop = True
                 if snapshot and it % snapshot == 0:
                     self.save_params_to_files(snapshot_prefix, it)
