@@ -91,6 +91,13 @@ class TrainConfig:
         if unknown:
             raise TrainConfigError(f"{source}: unknown setting {unknown[0]!r}{_suggest(unknown[0], names)}; "
                                    f"known settings: {', '.join(sorted(names))}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            # YAML 1.1 reads 3e-4 (no dot) as a string
+            if isinstance(values.get(name), str):
+                try:
+                    values[name] = float(values[name])
+                except ValueError:
+                    pass  # validate() names the bad value
         config = cls(**values)
         config.validate(source)
         return config

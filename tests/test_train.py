@@ -325,6 +325,14 @@ def test_bad_configs_are_refused_before_anything_is_written(tmp_path, values, ma
     assert not out.exists()
 
 
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
+    from luoshu.train import load_config
+
+    (tmp_path / "job.yaml").write_text("lr: 3e-4\nweight_decay: 1e-5\n")
+    config = TrainConfig.from_dict(load_config(tmp_path / "job.yaml"))
+    assert config.lr == 3e-4 and config.weight_decay == 1e-5
+
+
 @pytest.mark.parametrize("values,match", [
     ({"epochs": 0}, "epochs must be a positive integer"),
     ({"lr": -1}, "lr must be a positive number"),
