@@ -189,8 +189,7 @@ class Solver:
     use_algorithm_search: bool = True
     use_cuda_graph: bool = True
     embedding_placement: str = "auto"  # luoshu: "auto", "distributed", "localized" or "parameter_server"
-    mixed_precision_dtype: str | None = None  # luoshu: None picks bfloat16 on CPU, float16 on CUDA
-    device: str = "cpu"  # luoshu: where tables and the dense network live
+    mixed_precision_dtype: str = "bfloat16"  # luoshu: the autocast dtype of use_mixed_precision (CPU: bfloat16)
 
     def __post_init__(self):
         self.lr_policy = LrPolicy_t.parse(self.lr_policy, "CreateSolver lr_policy")

@@ -301,9 +301,7 @@ class Model:
         self._shapes: dict[str, tuple] = {}
         precision = contextlib.nullcontext()
         if self.solver.use_mixed_precision:
-            dtype = self.solver.mixed_precision_dtype or ("float16" if self.solver.device.startswith("cuda")
-                                                          else "bfloat16")
-            precision = autocast(dtype)
+            precision = autocast(self.solver.mixed_precision_dtype)
         with self.graph:
             label_dim = inp.total_label_dim
             self._ph_label = placeholder("label", (None, label_dim))
@@ -318,6 +316,10 @@ class Model:
             self._train_tensors, self._eval_tensors = train, evaluation
             losses = train["losses"]
             if loss_names:
+                unknown = [n for n in loss_names if n not in losses]
+                if unknown:
+                    raise CTRError(f"compile loss_names: {unknown} are not loss outputs; the losses are "
+                                   f"{sorted(losses)}")
                 weights = list(loss_weights) or [1.0] * len(loss_names)
                 loss = sum(w * losses[n] for n, w in zip(loss_names, weights))
             else:
