@@ -116,7 +116,8 @@ def _table(array: np.ndarray, like):
 class Attention(Module):
     """Self-attention with `num_heads` query heads sharing `num_kv_heads` key/value heads (GQA;
     equal counts are ordinary multi-head attention), separate q/k/v/o projections, optional
-    causal masking and rotary position embeddings on queries and keys."""
+    causal masking and rotary position embeddings on queries and keys. `dropout` applies to the
+    attention probabilities and to the output (as BERT and GPT-2 do) while training."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = True,
                  causal: bool = False, rotary: bool = False, rope_theta: float = 10000.0, dropout: float = 0.0):
@@ -136,7 +137,7 @@ class Attention(Module):
         self.k_proj = Linear(dim, kv, bias=bias)
         self.v_proj = Linear(dim, kv, bias=bias)
         self.o_proj = Linear(dim, dim, bias=bias)
-        self.resid_dropout = Dropout(dropout)
+        self.attn_dropout, self.resid_dropout = float(dropout), Dropout(dropout)
         self._rope_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def _heads(self, x, heads: int, length: int):
@@ -168,9 +169,21 @@ class Attention(Module):
             # Query head h reads key/value head h // rep: repeat each kv head rep times in place.
             k, v = (ops.unsqueeze(t, 2).repeat(1, 1, rep, 1, 1).reshape((-1, self.num_heads, length, self.head_dim))
                     for t in (k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+        if self.training and self.attn_dropout:
+            out = self._attend_with_dropout(q, k, v, mask, length)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
         out = ops.permute(out, 0, 2, 1, 3).reshape((-1, length, self.dim))
         return self.resid_dropout(self.o_proj(out))
+
+    def _attend_with_dropout(self, q, k, v, mask, length: int):
+        """The attention spelled out, since the fused op has no dropout on its probabilities."""
+        scores = ops.matmul(q, ops.transpose(k, -2, -1)) * (1.0 / math.sqrt(self.head_dim))
+        if self.causal:
+            mask = make_constant(np.tril(np.ones((length, length), bool)), device=q.device)
+        if mask is not None:
+            scores = ops.where(mask, scores, -np.inf) if mask.dtype == "bool" else scores + mask
+        return ops.matmul(F.dropout(F.softmax(scores, dim=-1), self.attn_dropout, True), v)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, causal={self.causal}, "

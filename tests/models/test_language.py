@@ -310,6 +310,22 @@ def test_llama_block_matches_pytorch():
     _compare_grads(model, ref)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_dropout_path_matches_the_fused_path(causal):
+    """While training, dropout on the probabilities needs the spelled-out attention; with a
+    vanishing rate it must give the fused op's numbers (masks, causality and GQA included)."""
+    ls.manual_seed(0)
+    attn = models.Attention(16, 4, 2, causal=causal, rotary=True, dropout=1e-12)
+    x = ls.tensor(np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32))
+    keep = None if causal else ls.tensor(np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:, None, None])
+    spelled = attn(x, keep).numpy()
+    fused = attn.eval()(x, keep).numpy()
+    np.testing.assert_allclose(spelled, fused, rtol=1e-5, atol=1e-6)
+    attn.train()
+    attn.attn_dropout = 0.5
+    assert not np.allclose(attn(x, keep).numpy(), fused)
+
+
 def test_rotary_keeps_norms_and_makes_scores_relative():
     cos, sin = models.rotary_tables(12, 8)
     rng = np.random.default_rng(0)
