@@ -1,6 +1,6 @@
 """HugeCTR's DCN quick start, step 2: train on the data `dcn_generate.py` wrote.
 
-    python examples/ctr/dcn_train.py [--max-iter 200] [--mlp 1024]
+    python examples/ctr/dcn_train.py [--max-iter 150] [--mlp 1024]
 
 HugeCTR's `dcn_parquet_train.py` with the import changed; the MLP width and iteration count
 are command-line options (defaults sized for a couple of minutes on 2 CPU cores:
@@ -13,7 +13,7 @@ import argparse
 from luoshu import ctr as hugectr
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--max-iter", type=int, default=200)
+parser.add_argument("--max-iter", type=int, default=150)
 parser.add_argument("--batch", type=int, default=512)
 parser.add_argument("--mlp", type=int, default=256)
 args = parser.parse_args()
@@ -77,4 +77,4 @@ model.add(hugectr.DenseLayer(layer_type=hugectr.Layer_t.BinaryCrossEntropyLoss,
 model.compile()
 model.summary()
 model.graph_to_json(graph_config_file="dcn.json")
-model.fit(max_iter=args.max_iter, display=50, eval_interval=100, snapshot=args.max_iter, snapshot_prefix="dcn")
+model.fit(max_iter=args.max_iter, display=25, eval_interval=75, snapshot=args.max_iter, snapshot_prefix="dcn")

@@ -1,6 +1,6 @@
 """DeepFM in HugeCTR's layer API (as HugeCTR's samples/deepfm), reduced for CPU.
 
-    python examples/ctr/deepfm.py [--max-iter 200]
+    python examples/ctr/deepfm.py [--max-iter 150]
 
 One 11-dim embedding per slot: 10 dims feed the FM and the MLP, 1 dim is the first-order
 weight; dense features get latent vectors through WeightMultiply.
@@ -13,7 +13,7 @@ from _data import SLOTS, generate
 from luoshu import ctr as hugectr
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--max-iter", type=int, default=200)
+parser.add_argument("--max-iter", type=int, default=150)
 args = parser.parse_args()
 source, eval_source = generate("./deepfm_parquet")
 
@@ -59,4 +59,4 @@ add(L.BinaryCrossEntropyLoss, ["add", "label"], ["loss"])
 model.compile()
 model.summary()
 model.graph_to_json(graph_config_file="deepfm.json")
-model.fit(max_iter=args.max_iter, display=50, eval_interval=100, snapshot=args.max_iter, snapshot_prefix="deepfm")
+model.fit(max_iter=args.max_iter, display=25, eval_interval=75, snapshot=args.max_iter, snapshot_prefix="deepfm")

@@ -1,6 +1,6 @@
 """DLRM in HugeCTR's layer API (as HugeCTR's samples/dlrm), reduced for CPU.
 
-    python examples/ctr/dlrm.py [--max-iter 200]
+    python examples/ctr/dlrm.py [--max-iter 150]
 
 Bottom MLP on the dense features, DLRM's dot-product Interaction with the slot embeddings,
 top MLP to one logit (HugeCTR: vector size 128, MLPs 512-256-128 and 1024-1024-512-256-1).
@@ -13,7 +13,7 @@ from _data import SLOTS, generate
 from luoshu import ctr as hugectr
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--max-iter", type=int, default=200)
+parser.add_argument("--max-iter", type=int, default=150)
 args = parser.parse_args()
 source, eval_source = generate("./dlrm_parquet")
 
@@ -43,4 +43,4 @@ model.add(hugectr.DenseLayer(layer_type=L.BinaryCrossEntropyLoss, bottom_names=[
 model.compile()
 model.summary()
 model.graph_to_json(graph_config_file="dlrm.json")
-model.fit(max_iter=args.max_iter, display=50, eval_interval=100, snapshot=args.max_iter, snapshot_prefix="dlrm")
+model.fit(max_iter=args.max_iter, display=25, eval_interval=75, snapshot=args.max_iter, snapshot_prefix="dlrm")

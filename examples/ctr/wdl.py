@@ -1,6 +1,6 @@
 """Wide & Deep in HugeCTR's layer API (as HugeCTR's samples/wdl), reduced for CPU.
 
-    python examples/ctr/wdl.py [--max-iter 200]
+    python examples/ctr/wdl.py [--max-iter 150]
 
 Two sparse inputs from one file: 2 "wide" slots (a linear part: 1-dim embeddings summed)
 and 26 "deep" slots (16-dim embeddings into an MLP), added into one logit.
@@ -13,7 +13,7 @@ from _data import SLOTS, generate
 from luoshu import ctr as hugectr
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--max-iter", type=int, default=200)
+parser.add_argument("--max-iter", type=int, default=150)
 args = parser.parse_args()
 slots = SLOTS + [5000, 5000]  # the last two play HugeCTR's crossed wide features
 source, eval_source = generate("./wdl_parquet", slots)
@@ -57,4 +57,4 @@ model.add(hugectr.DenseLayer(layer_type=L.BinaryCrossEntropyLoss, bottom_names=[
 model.compile()
 model.summary()
 model.graph_to_json(graph_config_file="wdl.json")
-model.fit(max_iter=args.max_iter, display=50, eval_interval=100, snapshot=args.max_iter, snapshot_prefix="wdl")
+model.fit(max_iter=args.max_iter, display=25, eval_interval=75, snapshot=args.max_iter, snapshot_prefix="wdl")
