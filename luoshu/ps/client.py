@@ -273,7 +273,18 @@ class Client:
                      init=("normal", 0.0, 0.01), optimizer=("adam", {"lr": 1e-3}), dtype: str = "float32",
                      sync_workers: int | None = None, seed: int = 0, step_mode: str = "table") -> dict:
         """Creates a sharded table on every server (idempotent: the same call from every worker is fine;
-        a different configuration under an existing name is refused). Returns its configuration."""
+        a different configuration under an existing name is refused). Returns its configuration.
+
+        - `num_rows` / `id_policy`: ids outside [0, num_rows) are hashed into range ("hash") or refused
+          with `IdOutOfRangeError` ("refuse"); None takes any int64 id.
+        - `init`: ("normal", mean, std), ("truncated_normal", mean, std), ("uniform", low, high),
+          ("constant", value) or ("zeros",); rows are a pure function of (name, seed, id): see `initial_rows`.
+        - `optimizer`: (name, hyperparameters) of a `luoshu.optim` optimizer ("sgd", "momentum", "nesterov",
+          "adagrad", "rmsprop", "adam", "adamw", "lamb"), applied lazily to the touched rows.
+        - `step_mode`: "table" (bias corrections / lr decay count the table's updates, as `luoshu.optim`
+          and torch SparseAdam) or "row" (each row counts its own updates; Adam, AdamW, AdaGrad).
+        - `sync_workers=N`: one update per step from the summed pushes of N workers (see `push`).
+        """
         if isinstance(optimizer, (list, tuple)) and len(optimizer) == 2 and optimizer[1] is None:
             optimizer = (optimizer[0], {})
         if isinstance(optimizer, str):
