@@ -1,8 +1,7 @@
 """The `luoshu` command line: a table of subcommands, each a parser set-up and a run function.
 
-A subcommand is one entry in `COMMANDS`; adding one (e.g. `luoshu launch`) is an import and a line:
-    COMMANDS["launch"] = Command("run a script on N processes", launch.add_arguments, launch.run)
-The work itself lives in the library (`luoshu/train.py` for `luoshu train`), so this file stays thin.
+A subcommand is one entry in `COMMANDS`. The work itself lives in the library (`luoshu/train.py` for
+`luoshu train`, `luoshu/dist/launch.py` for `luoshu launch`), so this file stays thin.
 """
 
 from __future__ import annotations
@@ -124,12 +123,30 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- luoshu launch ------------------------------------------------------------------------------------
+
+def _launch_arguments(p: argparse.ArgumentParser) -> None:
+    from luoshu.dist import launch
+
+    launch.add_arguments(p)
+
+
+def _run_launch(args: argparse.Namespace) -> int:
+    from luoshu.dist import launch
+
+    return launch.main(args)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model from the zoo on a dataset (default: DCN on synthetic click logs)",
                      _train_arguments, _run_train,
                      description="Train a model from a config file and/or flags (flags win). Writes metrics.csv, "
                                  "a TensorBoard event file and resumable checkpoints in the job directory.",
                      epilog=_train_epilog),
+    "launch": Command("run a training script on N worker (+ S parameter-server) processes per node",
+                      _launch_arguments, _run_launch,
+                      description="Start a script on N worker processes (and S parameter servers) per node through "
+                                  "torchrun's elastic agent; multi-node with --nnodes/--node-rank/--rdzv-endpoint."),
 }
 
 
