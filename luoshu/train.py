@@ -27,12 +27,17 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from luoshu.core.errors import CheckpointError, Error
+
+if TYPE_CHECKING:
+    from luoshu.core.tensor import Tensor
+    from luoshu.nn.module import Module
+    from luoshu.optim import Optimizer
 
 # --- errors and config --------------------------------------------------------------------------------
 
@@ -190,7 +195,7 @@ def _config_fields(config_class: type) -> dict[str, dataclasses.Field]:
 
 
 def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[str, Any],
-                min_info: Mapping[str, Any] | None = None):
+                min_info: Mapping[str, Any] | None = None) -> tuple[Module, Any]:
     """Builds zoo model `name` with the config fields the dataset decides filled in: `dataset_info`
     fields (classes, channels, slots ...) must match, `min_info` fields (vocabulary, sequence length,
     table sizes) may be larger. The rest comes from `model_args`; returns (model, config)."""
@@ -249,7 +254,7 @@ def _optimizers() -> dict[str, Callable]:
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "adagrad", "rmsprop", "lamb")
 
 
-def build_optimizer(config: TrainConfig, params):
+def build_optimizer(config: TrainConfig, params) -> Optimizer:
     table = _optimizers()
     cls = table[config.optimizer]
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay, **config.optimizer_args}
@@ -696,11 +701,11 @@ class Task:
             out[key] = ls.placeholder(key, shape, dtype, device)
         return out
 
-    def forward(self, model, feeds: dict):
+    def forward(self, model: Module, feeds: dict) -> Tensor:
         out = model(*(feeds[k] for k in self.inputs))
         return out[0] if isinstance(out, tuple) else out  # BERT: (mlm_logits, nsp_logits)
 
-    def loss(self, output, target):
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
         from luoshu.nn import functional as F
 
         return F.cross_entropy(output, target)
@@ -719,7 +724,8 @@ def _batched(data: dict[str, np.ndarray], batch_size: int):
 class ImageTask(Task):
     inputs, metrics = ("image",), ("accuracy", "eval_loss")
 
-    def evaluate(self, predict, data, batch_size):
+    def evaluate(self, predict: Callable[[dict], np.ndarray], data: dict[str, np.ndarray],
+                 batch_size: int) -> dict[str, float]:
         from luoshu import metrics
 
         logits = np.concatenate([predict(b) for b in _batched(data, batch_size)])
@@ -741,12 +747,13 @@ class SequenceTask(ImageTask):
 class CTRTask(Task):
     inputs, metrics = ("dense", "sparse"), ("auc", "log_loss")
 
-    def loss(self, output, target):
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
         from luoshu.nn import functional as F
 
         return F.binary_cross_entropy_with_logits(output, target)
 
-    def evaluate(self, predict, data, batch_size):
+    def evaluate(self, predict: Callable[[dict], np.ndarray], data: dict[str, np.ndarray],
+                 batch_size: int) -> dict[str, float]:
         from luoshu import metrics
 
         logits = np.concatenate([predict(b) for b in _batched(data, batch_size)]).astype(np.float64)
@@ -759,14 +766,15 @@ class RatingTask(CTRTask):
 
     inputs, metrics = ("user", "item"), ("hr@10", "ndcg@10")
 
-    def placeholders(self, arrays, device):
+    def placeholders(self, arrays: dict[str, np.ndarray], device: str) -> dict:
         import luoshu as ls
 
         return {"user": ls.placeholder("user", (None,), "int64", device),
                 "item": ls.placeholder("item", (None,), "int64", device),
                 "label": ls.placeholder("label", (None,), "float32", device)}
 
-    def evaluate(self, predict, data, batch_size):
+    def evaluate(self, predict: Callable[[dict], np.ndarray], data: dict[str, np.ndarray],
+                 batch_size: int) -> dict[str, float]:
         from luoshu import metrics
 
         users, items = data["user"], data["item"]
@@ -804,14 +812,15 @@ class LMTask(Task):
 
     inputs, target, metrics = ("tokens",), "targets", ("perplexity", "token_accuracy")
 
-    def loss(self, output, target):
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
         from luoshu import ops
         from luoshu.nn import functional as F
 
         vocab = output.shape[-1]
         return F.cross_entropy(ops.reshape(output, (-1, vocab)), ops.reshape(target, (-1,)), ignore_index=-100)
 
-    def evaluate(self, predict, data, batch_size):
+    def evaluate(self, predict: Callable[[dict], np.ndarray], data: dict[str, np.ndarray],
+                 batch_size: int) -> dict[str, float]:
         return _token_metrics(predict, data, batch_size, self.inputs, self.target)
 
 
