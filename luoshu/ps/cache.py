@@ -126,6 +126,7 @@ class HETCache:
         self._staged: list = []  # prefetches: (sorted ids, future, clock at issue)
         self._deferred_prefetch: np.ndarray | None = None
         self._served_ids = self._served_versions = np.empty(0, np.int64)
+        self._unique_memo: list = []
 
     # --- storage ------------------------------------------------------------------------
     def _alloc(self, size: int) -> None:
@@ -201,11 +202,21 @@ class HETCache:
             raise CacheError(f"cache of table {self.table!r}: ids must be integers, found dtype {ids.dtype}")
         return ids.astype(np.int64, copy=False)
 
+    def _unique(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`np.unique(flat, return_inverse=True)`, remembered for the last two id arrays: a step
+        sees the same ids in prefetch, lookup and accumulate."""
+        for key, result in self._unique_memo:
+            if key.shape == flat.shape and np.array_equal(key, flat):
+                return result
+        result = np.unique(flat, return_inverse=True)
+        self._unique_memo = [(flat.copy(), result), *self._unique_memo[:1]]
+        return result
+
     def lookup(self, ids) -> np.ndarray:
         """The rows of `ids` (`ids.shape + (dim,)`), pulling what the cache cannot serve."""
         ids = self._check_ids(ids)
         flat = ids.reshape(-1)
-        uniq, inverse = np.unique(flat, return_inverse=True)
+        uniq, inverse = self._unique(flat)
         # The last occurrence of each id gives it its access tick (LRU order within a batch).
         last = np.full(len(uniq), -1, np.int64)
         np.maximum.at(last, inverse, np.arange(len(flat), dtype=np.int64))
@@ -336,7 +347,7 @@ class HETCache:
         if grads.shape[1] != self.dim:
             raise CacheError(f"cache of table {self.table!r}: gradient rows must have {self.dim} values, "
                              f"found shape {tuple(grads.shape)} for {len(ids)} ids")
-        uniq, inverse = np.unique(ids, return_inverse=True)
+        uniq, inverse = self._unique(ids)
         summed = torch.zeros((len(uniq), self.dim), dtype=grads.dtype)
         summed.index_add_(0, torch.from_numpy(inverse.reshape(-1)), grads)
         summed = summed.numpy().astype(self.dtype, copy=False)
@@ -372,7 +383,7 @@ class HETCache:
         if next_ids is None:
             next_ids, self._deferred_prefetch = self._deferred_prefetch, None
         if next_ids is not None:
-            self._issue_prefetch(self._check_ids(next_ids), self.clock)
+            self._issue_prefetch(self._unique(self._check_ids(next_ids).reshape(-1))[0], self.clock)
 
     def _push_out(self, force: bool = False) -> None:
         if self._out_ids:
@@ -408,12 +419,12 @@ class HETCache:
         if self.staleness == 0:
             self._deferred_prefetch = ids
             return
-        uniq = np.unique(ids.reshape(-1))
+        uniq, _ = self._unique(ids.reshape(-1))
         found, _ = self._find(uniq)
         self._issue_prefetch(uniq[~found], self.clock)
 
-    def _issue_prefetch(self, ids: np.ndarray, stamp: int) -> None:
-        uniq = np.unique(ids.reshape(-1))
+    def _issue_prefetch(self, uniq: np.ndarray, stamp: int) -> None:
+        """Pulls sorted unique `uniq` asynchronously for the step at clock `stamp`."""
         if stamp == self.clock and len(self._keys):
             found, slots = self._find(uniq)
             valid = np.zeros(len(uniq), bool)
