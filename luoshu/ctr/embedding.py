@@ -9,9 +9,10 @@ always zero, used for missing keys and the unused places of short multi-hot slot
 
 Lookups: one key per slot uses `embedding`, several use `embedding_bag` (sum / mean,
 padding ignored); the gradient is an IndexedSlices, so the optimizer touches only the rows
-seen (HugeCTR's Local / LazyGlobal updates). `Update_t.Global` gathers with `index_select`,
-whose gradient is dense over the table, so every row's optimizer state moves each step, as
-HugeCTR's global update does.
+seen (HugeCTR's Local / LazyGlobal updates). Under `Update_t.Global` the model hands the same
+IndexedSlices to the optimizer as a global update (kind "g"): every row's optimizer state
+moves each step, as HugeCTR's global update does, without a table-sized gradient per step.
+(A table sharded over processes still gathers with `index_select`, whose gradient is dense.)
 """
 
 from __future__ import annotations
@@ -133,14 +134,6 @@ class SparseEmbeddingTable(Module):
         """(batch, slots, hotness) int64 rows → (batch, slots, vec_size)."""
         S, k, d = self.num_slots, self.hotness, self.vec_size
         w = self.emb_vector
-        if self.global_update:
-            flat = ops.reshape(rows, (-1,))
-            gathered = ops.reshape(ops.index_select(w, 0, flat), (-1, S, k, d))
-            mask = ops.unsqueeze(ops.cast(ops.not_equal(rows, self.pad), "float32"), 3)
-            out = ops.sum(gathered * mask, axis=2)
-            if self.combiner == "mean":
-                out = out / ops.clamp(ops.sum(mask, axis=2), min=1.0)
-            return out
         if k == 1:
             return F.embedding(ops.reshape(rows, (-1, S)), w, padding_idx=self.pad)
         bags = F.embedding_bag(ops.reshape(rows, (-1, k)), w, mode=self.combiner, padding_idx=self.pad)

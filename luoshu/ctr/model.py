@@ -92,8 +92,12 @@ def make_optimizer(opt: OptParamsPy, params: list, lr: float) -> optim.Optimizer
     return optim.SGD(params, lr=lr, momentum=opt.momentum_factor if t is Optimizer_t.MomentumSGD else 0.0)
 
 
-def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple = (), remote: tuple = ()) -> list:
+def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple = (), remote: tuple = (),
+                  global_rows: tuple = ()) -> list:
     """One backward pass, one update op per optimizer (`groups`: (optimizer, params) pairs).
+
+    The sparse gradients of the `global_rows` parameters (tables with `Update_t.Global`) update
+    every row of the table (optimizer update kind "g"), the others only the rows looked up.
 
     In a `world`-process job each rank's loss covers its share of the global batch: the
     gradients are taken of loss / world, the `replicated` parameters' (the dense network's)
@@ -102,7 +106,7 @@ def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple 
     from luoshu.ops import comm
     from luoshu.optim.optimizer import _keep_alive  # the update op's bookkeeping, shared with minimize()
 
-    if len(groups) == 1 and world == 1 and not remote:
+    if len(groups) == 1 and world == 1 and not remote and not global_rows:
         opt, params = groups[0]
         return [opt.minimize(loss, var_list=params, loss_scaler=scaler)]
     target = loss * (1.0 / world) if world > 1 else loss
@@ -115,6 +119,7 @@ def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple 
         shared = {id(p) for p in replicated}
         grads = [comm.all_reduce(g) if id(p) in shared and g is not None else g for p, g in zip(flat, grads)]
     updates, pos = [], 0
+    everywhere = {id(p) for p in global_rows}
     for opt, params in groups:
         inputs, used, kinds = [], [], []
         for p, g in zip(params, grads[pos:pos + len(params)]):
@@ -123,7 +128,7 @@ def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple 
             used.append(opt._index[id(p)])
             if isinstance(g, IndexedSlices):
                 inputs += [g.indices, g.values]
-                kinds.append("s")
+                kinds.append("g" if id(p) in everywhere else "s")
             else:
                 inputs.append(g)
                 kinds.append("d")
@@ -336,7 +341,9 @@ class Model:
             groups = ([(self.dense_optimizer, dense_params)] if dense_params else []) + \
                 [(o, t.parameters()) for o, t in zip(self.sparse_optimizers, self.tables) if o is not None]
             remote = tuple(t for t in self.tables if isinstance(t, PSTable))
-            self._updates = _minimize_all(loss, groups, self.scaler, self._world, tuple(dense_params), remote)
+            global_rows = tuple(t.emb_vector for t in self.tables if getattr(t, "global_update", False))
+            self._updates = _minimize_all(loss, groups, self.scaler, self._world, tuple(dense_params), remote,
+                                          global_rows)
         self._embeddings = embeddings
         self._compiled = True
 

@@ -9,6 +9,11 @@ updates run as multi-tensor (`torch._foreach_*` / fused) kernels. A sparse gradi
 coalesced, the touched rows of the parameter and its state are gathered, updated by
 the same rule, and scattered back: untouched rows and their state never change
 (TF LazyAdam / torch SparseAdam semantics; bias correction uses the table's step).
+A *global* sparse gradient (`(indices, values, GLOBAL)`, update kind "g", HugeCTR's
+`Update_t.Global`) updates every row as the dense gradient it stands for would, zero
+where no row was touched: its rows are written into a persistent zero buffer, the rule
+runs over the whole parameter, and the rows are zeroed again — no table-sized gradient
+is allocated, filled or scattered per step.
 
 Updates are in place on each parameter's torch value, so a compiled plan, which reads
 `param._value` at every run, sees them.
@@ -64,8 +69,10 @@ class OptimizerUpdate(OpDef):
     """Applies one optimizer step in place; inputs are the flattened gradients.
 
     `params` lists the optimizer's parameter indices that get a gradient and `kinds`
-    says, per parameter, whether it is dense ("d", one input) or sparse ("s", two
-    inputs: indices and values). The output is a token: fetching it gives None.
+    says, per parameter, whether it is dense ("d", one input), sparse ("s", two
+    inputs: indices and values, only those rows updated) or sparse applied globally
+    ("g": indices and values standing for a dense gradient that is zero elsewhere, every
+    row updated). The output is a token: fetching it gives None.
     """
 
     name = "optimizer_update"
@@ -74,8 +81,8 @@ class OptimizerUpdate(OpDef):
     tested_by = "tests/optim/test_optimizers.py"
 
     def infer(self, inputs, optimizer, params, kinds, loss_scaler):
-        expected = sum(2 if k == "s" else 1 for k in kinds)
-        if len(params) != len(kinds) or len(inputs) != expected or set(kinds) - {"d", "s"}:
+        expected = sum(1 if k == "d" else 2 for k in kinds)
+        if len(params) != len(kinds) or len(inputs) != expected or set(kinds) - {"d", "s", "g"}:
             raise OpError(f"optimizer_update: {len(params)} parameters with kinds {kinds!r} need "
                           f"{expected} gradient inputs, found {len(inputs)}")
         return TensorMeta((), "float32")
@@ -88,11 +95,18 @@ class OptimizerUpdate(OpDef):
             if kind == "s":
                 grads.append((index, (values[pos], values[pos + 1])))
                 pos += 2
+            elif kind == "g":
+                grads.append((index, (values[pos], values[pos + 1], GLOBAL)))
+                pos += 2
             else:
                 grads.append((index, values[pos]))
                 pos += 1
         opt._apply_gradients(grads, scaler)
         return None
+
+
+# The third element of a sparse gradient pair that is applied to every row (kind "g").
+GLOBAL = "global"
 
 
 # --- helpers over torch values ---------------------------------------------------------
@@ -229,6 +243,7 @@ class Optimizer:
         self._group_of: list[int] = []
         self._index: dict[int, int] = {}
         self._state: list[dict | None] = []
+        self._grad_buffers: dict[int, torch.Tensor] = {}  # global sparse updates' scratch gradients
         if isinstance(params, Tensor):
             params = [params]
         groups = list(params)
@@ -369,7 +384,7 @@ class Optimizer:
             for i, g in grads:
                 p = self._params[i]._value
                 if isinstance(g, tuple):
-                    entries.append((i, _coalesce(g[0], g[1], p)))
+                    entries.append((i, _coalesce(g[0], g[1], p) + tuple(g[2:])))
                     continue
                 if tuple(g.shape) != tuple(p.shape):
                     raise GradientError(f"{type(self).__name__}: the gradient of parameter {i} has shape "
@@ -402,6 +417,7 @@ class Optimizer:
         # Updated on copies and written back: (position in the lists, parameter value,
         # rows (None: the whole non-contiguous parameter), its state dict).
         sparse = []
+        zero_after = []  # (persistent gradient buffer, rows written into it) of global sparse updates
         for i, g in items:
             p = self._params[i]._value
             st = self._state[i]
@@ -412,7 +428,19 @@ class Optimizer:
                 if name not in st:
                     st[name] = self._initial_state(group, name, p)
             steps.append(st["step"])
-            if isinstance(g, tuple):
+            if isinstance(g, tuple) and len(g) == 3:  # global: every row, zero gradient where untouched
+                rows, values, _ = g
+                if not p.is_contiguous():
+                    raise GradientError(f"{type(self).__name__}: a global sparse update needs a contiguous "
+                                        f"parameter, parameter {i} is not")
+                buffer = self._zero_grad_buffer(i, p)
+                buffer.index_copy_(0, rows, values)
+                zero_after.append((buffer, rows))
+                params.append(p)
+                grads.append(buffer)
+                for name in names:
+                    state[name].append(st[name])
+            elif isinstance(g, tuple):
                 rows, values = g
                 sparse.append((len(params), p, rows, st))
                 params.append(p.index_select(0, rows))
@@ -430,7 +458,11 @@ class Optimizer:
         if self._counts_steps:
             torch._foreach_add_(steps, 1.0)
         grads = self._regularize(group, params, grads)
-        self._rule(group, params, grads, state, steps, fresh)
+        try:
+            self._rule(group, params, grads, state, steps, fresh)
+        finally:  # rules never write their gradients: zeroing the rows restores an all-zero buffer
+            for buffer, rows in zero_after:
+                buffer.index_fill_(0, rows, 0)
         for pos, p, rows, st in sparse:
             if rows is None:
                 p.copy_(params[pos])
@@ -438,6 +470,13 @@ class Optimizer:
             p.index_copy_(0, rows, params[pos])
             for name in names:
                 st[name].index_copy_(0, rows, state[name][pos])
+
+    def _zero_grad_buffer(self, i: int, p: torch.Tensor) -> torch.Tensor:
+        """Parameter i's persistent all-zero gradient buffer (scratch, not state: never saved)."""
+        buffer = self._grad_buffers.get(i)
+        if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
+            buffer = self._grad_buffers[i] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return buffer
 
     def _regularize(self, group, params, grads):
         weight_decay, l1 = group["weight_decay"], group["l1"]
@@ -618,4 +657,4 @@ def _dense_part(g):
 
 
 def _replace_dense_parts(entries: list, tensors: Iterable[torch.Tensor]) -> list:
-    return [(i, (g[0], t) if isinstance(g, tuple) else t) for (i, g), t in zip(entries, tensors)]
+    return [(i, (g[0], t, *g[2:]) if isinstance(g, tuple) else t) for (i, g), t in zip(entries, tensors)]

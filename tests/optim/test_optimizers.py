@@ -354,6 +354,38 @@ def test_sparse_and_dense_parameters_in_one_step_and_in_a_graph():
     assert not np.array_equal(t_e, table0)
 
 
+@pytest.mark.parametrize("name", list(SPARSE_FACTORIES))
+def test_global_sparse_update_equals_dense_update_of_the_scattered_gradient(name):
+    """Kind "g" (HugeCTR's Update_t.Global): every row moves as under the dense gradient the
+    IndexedSlices stands for, with a dense parameter of the same optimizer beside it."""
+    make = SPARSE_FACTORIES[name]
+    rng = np.random.default_rng(6)
+    table0, w0 = rng.standard_normal((10, 3)), rng.standard_normal(3)
+    steps = [(rng.integers(0, 10, size=6), rng.standard_normal((6, 3)), rng.standard_normal(3)) for _ in range(6)]
+    steps[3] = (np.array([], np.int64), np.zeros((0, 3)), steps[3][2])  # a step without rows
+
+    table, w = ls.tensor(table0.copy(), requires_grad=True), ls.tensor(w0.copy(), requires_grad=True)
+    opt = make([w, table])
+    with ls.Graph() as g:
+        gw = ls.placeholder("gw", (3,), "float64")
+        idx = ls.placeholder("idx", (None,), "int64")
+        vals = ls.placeholder("vals", (None, 3), "float64")
+        train = ls.core.apply("optimizer_update", gw, idx, vals, optimizer=opt._key, params=(0, 1), kinds="dg")
+    dense_table, dense_w = ls.tensor(table0.copy(), requires_grad=True), ls.tensor(w0.copy(), requires_grad=True)
+    dense_opt = make([dense_w, dense_table])
+    for i, v, gwv in steps:
+        g.run(train, {gw: gwv, idx: i, vals: v})
+        full = np.zeros((10, 3))
+        np.add.at(full, i, v)
+        dense_table.grad, dense_w.grad = ls.tensor(full), ls.tensor(gwv)
+        dense_opt.step()
+        np.testing.assert_allclose(table.numpy(), dense_table.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(w.numpy(), dense_w.numpy(), rtol=1e-10, atol=1e-12)
+        assert not opt._grad_buffers[1].any()  # the scratch gradient is all zero between steps
+    for k, v in dense_opt.state[dense_table].items():
+        torch.testing.assert_close(opt.state[table][k], v, rtol=1e-10, atol=1e-12)
+
+
 def test_minimize_with_a_sparse_gradient_if_an_embedding_op_exists():
     if "embedding" not in ls.core.registered_ops():
         pytest.skip("no embedding op registered yet")
