@@ -20,6 +20,11 @@ CASES = [
            [(2, 3, 4), (5, 4)], second_order=True),
     OpCase("matmul_trans_both", lambda a, b: apply("matmul", a, b, trans_a=True, trans_b=True),
            lambda a, b: a.mT @ b.mT, [(2, 4, 3), (2, 5, 4)], second_order=True),
+    # contracted dimension 1: the kernel's outer-product path (trans_a reads a (1, n) operand as (n, 1))
+    OpCase("matmul_outer", O.matmul, torch.matmul, [(6, 1), (1, 5)], second_order=True),
+    OpCase("matmul_outer_batch_broadcast", O.matmul, torch.matmul, [(2, 1, 3, 1), (4, 1, 5)]),
+    OpCase("matmul_outer_trans_a", lambda a, b: apply("matmul", a, b, trans_a=True), lambda a, b: a.mT @ b,
+           [(1, 6), (1, 5)]),
     OpCase("matmul_vector_matrix", O.matmul, torch.matmul, [(4,), (4, 5)], second_order=True),
     OpCase("matmul_matrix_vector", O.matmul, torch.matmul, [(2, 3, 4), (4,)], second_order=True),
     OpCase("matmul_vector_vector", O.matmul, torch.matmul, [(4,), (4,)], second_order=True),
