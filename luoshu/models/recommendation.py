@@ -90,14 +90,36 @@ class CrossNetwork(Module):
                 setattr(self, f"layer{i}", Linear(dim, dim))
 
     def forward(self, x0):
+        if self.cross_type == "v1":
+            return self._cross_v1(x0)
         x = x0
         for i in range(self.num_layers):
-            if self.cross_type == "v1":
-                xw = ops.sum(x * getattr(self, f"weight{i}"), axis=1, keepdims=True)  # (batch, 1)
-                x = x0 * xw + getattr(self, f"bias{i}") + x
-            else:
-                x = x0 * getattr(self, f"layer{i}")(x) + x
+            x = x0 * getattr(self, f"layer{i}")(x) + x
         return x
+
+    def _cross_v1(self, x0):
+        """x_{l+1} = x0 (x_l . w_l) + b_l + x_l, computed in its factored form.
+
+        Every x_l is x0 * s_l + c_l with a per-sample scalar s_l (s_0 = 1) and a vector shared by
+        the batch, c_l = b_0 + ... + b_{l-1}; then x_l . w_l = s_l (x0 . w_l) + c_l . w_l. So one
+        (batch, dim) @ (dim, layers) product and per-sample scalar steps replace the layers'
+        full-width products, sums and adds (forward and backward): the same function, a few
+        passes over the (batch, dim) activations instead of ~13 per layer.
+        """
+        weights = [getattr(self, f"weight{i}") for i in range(self.num_layers)]
+        if not weights:
+            return x0
+        # x0 . w_l for every layer; as a linear layer (weights as rows) BLAS runs it ~2x faster than x0 @ W
+        projections = ops.split(ops.linear(x0, ops.stack(weights, axis=0)), self.num_layers, axis=1)
+        scale, shift = None, None  # s_l (batch, 1), c_l (dim,); None: s_0 = 1, c_0 = 0
+        for i, (w, x0w) in enumerate(zip(weights, projections)):
+            xw = x0w if scale is None else scale * x0w  # x_l . w_l, (batch, 1)
+            if shift is not None:
+                xw = xw + ops.sum(shift * w)
+            scale = 1.0 + xw if scale is None else scale + xw
+            bias = getattr(self, f"bias{i}")
+            shift = bias if shift is None else shift + bias
+        return x0 * scale + shift
 
 
 class _CTRModel(Module):

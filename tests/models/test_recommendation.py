@@ -71,6 +71,11 @@ def test_dcn_matches_pytorch_forward_and_gradients(kind):
     cfg = models.CTRConfig(**{**CFG.__dict__, "cross_type": kind})
     ls.manual_seed(0)
     model = models.DCN(cfg)
+    if kind == "v1":  # non-zero cross biases, so the factored cross network's shared-vector terms count
+        rng = np.random.default_rng(3)
+        for i in range(cfg.num_cross_layers):
+            bias = getattr(model.cross, f"bias{i}")
+            bias.value.copy_(torch.from_numpy(rng.standard_normal(bias.shape).astype(np.float32) * 0.3))
     ref = TorchDCN(cfg)
     ref.load_state_dict(_torch_state(model, kind))
     dense, sparse = _inputs()
@@ -83,6 +88,14 @@ def test_dcn_matches_pytorch_forward_and_gradients(kind):
     assert isinstance(grad, ls.IndexedSlices)
     np.testing.assert_allclose(grad.to_dense().numpy(), ref.embedding.weight.grad.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(model.head.weight.grad.numpy(), ref.head.weight.grad.numpy(), rtol=1e-4, atol=1e-5)
+    for i in range(cfg.num_cross_layers):
+        if kind == "v1":
+            pairs = [(getattr(model.cross, f"weight{i}"), ref.w[i]), (getattr(model.cross, f"bias{i}"), ref.b[i])]
+        else:
+            layer = getattr(model.cross, f"layer{i}")
+            pairs = [(layer.weight, ref.cross[i].weight), (layer.bias, ref.cross[i].bias)]
+        for mine, theirs in pairs:
+            np.testing.assert_allclose(mine.grad.numpy(), theirs.grad.numpy(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["DCN", "WideAndDeep", "DeepFM", "DLRM", "LogisticRegression"])
