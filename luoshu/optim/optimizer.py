@@ -116,13 +116,33 @@ def _coalesce(indices: torch.Tensor, values: torch.Tensor, param: torch.Tensor):
     values = values.reshape((indices.numel(),) + tuple(param.shape[1:]))
     if values.dtype != param.dtype:
         values = values.to(param.dtype)
-    rows, inverse = torch.unique(indices, return_inverse=True)
-    if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= param.shape[0]):
-        raise GradientError(f"sparse gradient rows must be in [0, {param.shape[0]}) for a parameter of shape "
-                            f"{tuple(param.shape)}, found rows {int(rows[0])}..{int(rows[-1])}")
+    if indices.numel():
+        low, high = (int(v) for v in torch.aminmax(indices))
+        if low < 0 or high >= param.shape[0]:
+            raise GradientError(f"sparse gradient rows must be in [0, {param.shape[0]}) for a parameter of shape "
+                                f"{tuple(param.shape)}, found rows {low}..{high}")
+    rows, inverse = _unique_rows(indices, param.shape[0])
     summed = values.new_zeros((rows.numel(),) + tuple(param.shape[1:]))
     summed.index_add_(0, inverse, values)
     return rows, summed
+
+
+# Up to this many table rows per index, marking the touched rows in a table-long mask beats
+# sorting the indices (torch.unique): ~1.1 vs ~1.7 ms for 26k indices into a 400k-row table.
+_MARK_ROWS_PER_INDEX = 32
+
+
+def _unique_rows(indices: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(indices, return_inverse=True) for indices known to lie in [0, num_rows)."""
+    if not indices.numel() or num_rows > _MARK_ROWS_PER_INDEX * indices.numel():
+        return torch.unique(indices, return_inverse=True)
+    indices = indices.to(torch.int64)
+    touched = torch.zeros(num_rows, dtype=torch.bool, device=indices.device)
+    touched.index_fill_(0, indices, True)
+    rows = touched.nonzero().squeeze(1)
+    position = torch.empty(num_rows, dtype=torch.int64, device=indices.device)
+    position.index_copy_(0, rows, torch.arange(rows.numel(), device=indices.device))
+    return rows, position.index_select(0, indices)
 
 
 def _groups_by_device_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:
