@@ -7,6 +7,7 @@
   luoshu.ctr Local   Update_t.Local: only the rows in the batch (IndexedSlices gradient)
   (a) PyTorch eager, dense nn.Embedding + torch.optim.Adam (sweeps the whole table, like Global)
   (b) PyTorch eager, nn.Embedding(sparse=True) + torch.optim.SparseAdam for the table, Adam for the rest
+  (b') (b) with the factored cross network (see below)
   (c) TorchRec EmbeddingBagCollection with a fused optimizer: skipped. torchrec 1.9.2 needs
       fbgemm-gpu(-cpu) 1.9.0, whose kernels are built for another torch release: with torch
       2.13.0 `import fbgemm_gpu` fails (undefined symbol in fbgemm_gpu_tbe_index_select.so),
@@ -14,6 +15,13 @@
 
 luoshu.ctr's timing includes its own input pipeline (Parquet reader, key → row mapping,
 feeding the graph); the PyTorch steps get ready-made tensors.
+
+luoshu's MultiCross (luoshu.models.CrossNetwork v1) computes the same function in factored
+form, x_l = x0 * s_l + c_l (one (batch, dim) x (dim, layers) product and per-sample scalars),
+where (a) and (b) run the layers one by one as written in the paper. So that the ratio to (b)
+can be split into what comes from the algorithm and what from the system, (b') is (b) with the
+cross network written in that factored form too (informational; the targets are against (a)
+and (b)).
 
     .venv/bin/python benchmarks/bench_ctr.py [--steps 20] [--repeats 3] [--batch 1024]
 """
@@ -82,8 +90,9 @@ def luoshu_step(folder: Path, batch: int, update):
 
 
 class TorchDCN(torch.nn.Module):
-    def __init__(self, sparse: bool):
+    def __init__(self, sparse: bool, factored: bool = False):
         super().__init__()
+        self.factored = factored
         self.embedding = torch.nn.Embedding(sum(SLOTS), VEC, sparse=sparse)
         self.register_buffer("offsets", torch.tensor(np.concatenate([[0], np.cumsum(SLOTS)[:-1]])))
         dim = 13 + 26 * VEC
@@ -94,14 +103,22 @@ class TorchDCN(torch.nn.Module):
 
     def forward(self, dense, sparse):
         x0 = x = torch.cat([self.embedding(sparse + self.offsets).flatten(1), dense], 1)
-        for w, b in zip(self.w, self.b):
-            x = x0 * (x @ w).unsqueeze(1) + b + x
+        if self.factored:  # x_l = x0 * s_l + c_l, as luoshu's CrossNetwork computes it
+            x0w = torch.nn.functional.linear(x0, torch.stack(list(self.w)))
+            s, c = torch.ones_like(x0w[:, :1]), torch.zeros_like(self.b[0])
+            for i, (w, b) in enumerate(zip(self.w, self.b)):
+                s = s + s * x0w[:, i:i + 1] + c @ w
+                c = c + b
+            x = x0 * s + c
+        else:
+            for w, b in zip(self.w, self.b):
+                x = x0 * (x @ w).unsqueeze(1) + b + x
         return self.fc2(torch.cat([torch.relu(self.fc1(x0)), x], 1)).squeeze(1)
 
 
-def torch_step(data, sparse: bool):
+def torch_step(data, sparse: bool, factored: bool = False):
     torch.manual_seed(0)
-    model = TorchDCN(sparse)
+    model = TorchDCN(sparse, factored)
     if sparse:
         table = [model.embedding.weight]
         rest = [p for n, p in model.named_parameters() if n != "embedding.weight"]
@@ -153,15 +170,18 @@ def main():
             "luoshu.ctr Local": luoshu_step(folder, args.batch, hugectr.Update_t.Local),
             "(a) torch dense+Adam": torch_step(data, False),
             "(b) torch SparseAdam": torch_step(data, True),
+            "(b') (b), factored cross": torch_step(data, True, factored=True),
         }, args.steps, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"median of {args.repeats} interleaved runs of {args.steps} steps (noisy on a shared CPU)")
     for name, rate in rates.items():
-        print(f"{name:<22} {rate * args.batch:>10,.0f} samples/s")
+        print(f"{name:<26} {rate * args.batch:>10,.0f} samples/s")
     print("(c) TorchRec            skipped: fbgemm-gpu-cpu 1.9.0 does not load with torch 2.13.0 (see docstring)")
     a, b = rates["(a) torch dense+Adam"], rates["(b) torch SparseAdam"]
+    b2 = rates["(b') (b), factored cross"]
     for name in ("luoshu.ctr Global", "luoshu.ctr Local"):
-        print(f"{name:<22} vs (a) {rates[name] / a:5.2f}x   vs (b) {rates[name] / b:5.2f}x")
+        print(f"{name:<22} vs (a) {rates[name] / a:5.2f}x   vs (b) {rates[name] / b:5.2f}x   "
+              f"vs (b') {rates[name] / b2:5.2f}x")
 
 
 if __name__ == "__main__":
