@@ -42,9 +42,7 @@ from luoshu.checkpoint import verify
 from luoshu.core.autodiff import gradients
 from luoshu.core.errors import CheckpointError, Error
 from luoshu.core.graph import Graph, placeholder
-from luoshu.core.op import apply
 from luoshu.core.random import manual_seed
-from luoshu.core.tensor import IndexedSlices
 from luoshu.ctr import reader as readers
 from luoshu.ctr.config import (
     LOSS_LAYERS,
@@ -104,7 +102,6 @@ def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple 
     are summed over the ranks, and sharded tables' arrive summed through their all-to-all.
     `remote` parameter-server tables get a push op for their gradient instead of an update."""
     from luoshu.ops import comm
-    from luoshu.optim.optimizer import _keep_alive  # the update op's bookkeeping, shared with minimize()
 
     if len(groups) == 1 and world == 1 and not remote and not global_rows:
         opt, params = groups[0]
@@ -119,29 +116,13 @@ def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple 
         shared = {id(p) for p in replicated}
         grads = [comm.all_reduce(g) if id(p) in shared and g is not None else g for p, g in zip(flat, grads)]
     updates, pos = [], 0
-    everywhere = {id(p) for p in global_rows}
     for opt, params in groups:
-        inputs, used, kinds = [], [], []
-        for p, g in zip(params, grads[pos:pos + len(params)]):
-            if g is None:
-                continue
-            used.append(opt._index[id(p)])
-            if isinstance(g, IndexedSlices):
-                inputs += [g.indices, g.values]
-                kinds.append("g" if id(p) in everywhere else "s")
-            else:
-                inputs.append(g)
-                kinds.append("d")
+        indices = [opt._index[id(p)] for p in params]
+        everywhere = {opt._index[id(p)] for p in global_rows if id(p) in opt._index}
+        update = opt.update_op(loss.graph, indices, grads[pos:pos + len(params)], scaler, everywhere)
         pos += len(params)
-        if not used:
-            continue
-        _keep_alive(loss.graph, opt)
-        key = -1
-        if scaler is not None:
-            _keep_alive(loss.graph, scaler)
-            key = scaler._key
-        updates.append(apply("optimizer_update", *inputs, optimizer=opt._key, params=tuple(used),
-                             kinds="".join(kinds), loss_scaler=key))
+        if update is not None:
+            updates.append(update)
     return updates + pushes
 
 

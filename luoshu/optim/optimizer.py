@@ -374,27 +374,37 @@ class Optimizer:
         scope = graph if context.current_graph() is not graph else contextlib.nullcontext()
         with scope:
             target = loss_scaler.scale(loss) if loss_scaler is not None else loss
-            grads = gradients(target, params)
-            inputs, used, kinds = [], [], []
-            for i, g in zip(indices, grads):
-                if g is None:
-                    continue
-                used.append(i)
-                if isinstance(g, IndexedSlices):
-                    inputs += [g.indices, g.values]
-                    kinds.append("s")
-                else:
-                    inputs.append(g)
-                    kinds.append("d")
-            if not used:
-                raise GradientError(f"minimize: the loss does not depend on any of the {len(params)} parameters")
-            _keep_alive(graph, self)
-            scaler_key = -1
-            if loss_scaler is not None:
-                _keep_alive(graph, loss_scaler)
-                scaler_key = loss_scaler._key
-            return apply("optimizer_update", *inputs, optimizer=self._key, params=tuple(used),
-                         kinds="".join(kinds), loss_scaler=scaler_key)
+            update = self.update_op(graph, indices, gradients(target, params), loss_scaler)
+        if update is None:
+            raise GradientError(f"minimize: the loss does not depend on any of the {len(params)} parameters")
+        return update
+
+    def update_op(self, graph, indices: list[int], grads: list, loss_scaler=None, global_rows=frozenset()):
+        """Records the define-and-run update op applying gradient tensors `grads` to the
+        parameters at `indices` (entries whose gradient is None are skipped); returns its
+        output, or None when no gradient is given. The sparse gradients of the parameters
+        whose index is in `global_rows` update every row (kind "g"), the others only the
+        rows they touch."""
+        inputs, used, kinds = [], [], []
+        for i, g in zip(indices, grads):
+            if g is None:
+                continue
+            used.append(i)
+            if isinstance(g, IndexedSlices):
+                inputs += [g.indices, g.values]
+                kinds.append("g" if i in global_rows else "s")
+            else:
+                inputs.append(g)
+                kinds.append("d")
+        if not used:
+            return None
+        _keep_alive(graph, self)
+        scaler_key = -1
+        if loss_scaler is not None:
+            _keep_alive(graph, loss_scaler)
+            scaler_key = loss_scaler._key
+        return apply("optimizer_update", *inputs, optimizer=self._key, params=tuple(used),
+                     kinds="".join(kinds), loss_scaler=scaler_key)
 
     def _apply_gradients(self, grads: list, loss_scaler=None) -> None:
         """The update path of both modes: `grads` pairs a parameter index with a torch
