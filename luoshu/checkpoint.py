@@ -15,7 +15,6 @@ pickle is involved anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,19 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from luoshu.core.digest import file_sha256
 from luoshu.core.errors import CheckpointError
 
 FORMAT = "luoshu-package"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -73,7 +65,7 @@ def save(path, module, optimizer=None, metadata: dict | None = None) -> Path:
             opt_state = optimizer.state_dict()
             save_file(_tensors_for_disk(opt_state["tensors"]), staging / "optimizer.safetensors")
             _write_json(staging / "optimizer.json", {"class": type(optimizer).__name__, "meta": opt_state["meta"]})
-        files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size}
+        files = {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size}
                  for f in sorted(staging.iterdir())}
         _write_json(staging / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
         _swap_in(staging, path)
@@ -125,7 +117,7 @@ def verify(path) -> dict:
         if size != entry.get("bytes"):
             raise CheckpointError(f"checkpoint file {f} is truncated or altered: expected {entry.get('bytes')} "
                                   f"bytes, found {size}")
-        digest = _sha256(f)
+        digest = file_sha256(f)
         if digest != entry.get("sha256"):
             raise CheckpointError(f"checkpoint file {f} is corrupt: SHA-256 {digest[:16]}… does not match the "
                                   f"manifest's {str(entry.get('sha256'))[:16]}…")

@@ -47,6 +47,26 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _padding_row(layer: str, padding_idx: int | None, num_embeddings: int) -> int | None:
+    """`padding_idx` checked and made non-negative (PyTorch accepts -num_embeddings..num_embeddings-1)."""
+    if padding_idx is None:
+        return None
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise Error(f"{layer}: padding_idx {padding_idx} is outside [0, {num_embeddings})")
+    return padding_idx % num_embeddings
+
+
+def _embedding_table(num_embeddings: int, embedding_dim: int, padding_idx: int | None, weight, dtype, device):
+    """The given `weight`, or a N(0, 1) table whose padding row is zero (PyTorch's initialisation)."""
+    if weight is not None:
+        return Parameter(weight)
+    table = empty_parameter((num_embeddings, embedding_dim), dtype, device)
+    init.normal_(table)
+    if padding_idx is not None:
+        table.value[padding_idx].zero_()
+    return table
+
+
 class Embedding(Module):
     """A lookup table whose gradient is an IndexedSlices over the looked-up rows."""
 
@@ -54,18 +74,8 @@ class Embedding(Module):
                  dtype="float32", device=None, _weight=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise Error(f"Embedding: padding_idx {padding_idx} is outside [0, {num_embeddings})")
-            padding_idx %= num_embeddings
-        self.padding_idx = padding_idx
-        if _weight is not None:
-            self.weight = Parameter(_weight)
-        else:
-            self.weight = empty_parameter((num_embeddings, embedding_dim), dtype, device)
-            init.normal_(self.weight)
-            if padding_idx is not None:
-                self.weight.value[padding_idx].zero_()
+        self.padding_idx = _padding_row("Embedding", padding_idx, num_embeddings)
+        self.weight = _embedding_table(num_embeddings, embedding_dim, self.padding_idx, _weight, dtype, device)
 
     def forward(self, ids):
         return F.embedding(ids, self.weight, padding_idx=self.padding_idx)
@@ -242,19 +252,10 @@ class EmbeddingBag(Module):
             raise Error("EmbeddingBag: max_norm and scale_grad_by_freq are not supported")
         if mode not in ("sum", "mean"):  # the embedding_bag op has no 'max' kernel yet
             raise Error(f"EmbeddingBag: mode must be 'sum' or 'mean', found {mode!r}")
-        if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise Error(f"EmbeddingBag: padding_idx {padding_idx} is outside [0, {num_embeddings})")
-            padding_idx %= num_embeddings
+        padding_idx = _padding_row("EmbeddingBag", padding_idx, num_embeddings)
         self.num_embeddings, self.embedding_dim, self.mode = num_embeddings, embedding_dim, mode
         self.include_last_offset, self.padding_idx, self.sparse = include_last_offset, padding_idx, sparse
-        if _weight is not None:
-            self.weight = Parameter(_weight)
-        else:
-            self.weight = empty_parameter((num_embeddings, embedding_dim), dtype, device)
-            init.normal_(self.weight)
-            if padding_idx is not None:
-                self.weight.value[padding_idx].zero_()
+        self.weight = _embedding_table(num_embeddings, embedding_dim, padding_idx, _weight, dtype, device)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         return F.embedding_bag(input, self.weight, offsets, self.mode, per_sample_weights,

@@ -12,7 +12,6 @@ verify, skipping (and logging) corrupt ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from luoshu.core.digest import file_sha256
 from luoshu.ps.protocol import SnapshotError
 
 FORMAT_VERSION = 1
@@ -32,14 +32,6 @@ log = logging.getLogger("luoshu.ps")
 def server_dir(root: str | os.PathLike, server_index: int, num_servers: int) -> Path:
     """The directory holding the snapshots of one server of a job with `num_servers` servers."""
     return Path(root) / f"server-{server_index:03d}-of-{num_servers:03d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sequence(path: Path) -> int:
@@ -78,7 +70,7 @@ def write_snapshot(root: str | os.PathLike, server_index: int, num_servers: int,
                 np.save(f, np.ascontiguousarray(array), allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
-            files[fname] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[fname] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         manifest = {"format": FORMAT_VERSION, "server_index": server_index, "num_servers": num_servers,
                     "sequence": seq, "created_unix": time.time(), "meta": meta, "files": files}
         with open(tmp / MANIFEST, "w") as f:
@@ -123,7 +115,7 @@ def read_snapshot(path: str | os.PathLike, server_index: int, num_servers: int) 
         if not fpath.is_file() or fpath.stat().st_size != info.get("bytes"):
             found = fpath.stat().st_size if fpath.is_file() else "missing"
             raise SnapshotError(f"snapshot {path}: {fname} should have {info.get('bytes')} bytes, found {found}")
-        if _sha256(fpath) != info.get("sha256"):
+        if file_sha256(fpath) != info.get("sha256"):
             raise SnapshotError(f"snapshot {path}: {fname} does not match its SHA-256 (corrupt)")
         try:
             arrays[fname[:-4]] = np.load(fpath, allow_pickle=False)
