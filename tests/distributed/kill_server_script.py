@@ -1,6 +1,6 @@
 """Worker 0 kills the parameter server (SIGKILL) while the workers keep all-reducing.
 
-    python -m luoshu.dist.launch -n 2 --servers 1 tests/dist/kill_server_script.py
+    python -m luoshu.distributed.launch -n 2 --servers 1 tests/distributed/kill_server_script.py
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ def _sibling_with_local_rank(local_rank: int) -> int:
 
 def main() -> None:
     torch.set_num_threads(1)
-    ls.dist.init()
+    ls.distributed.init()
     x = ls.tensor(np.ones(100, np.float32))
-    if ls.dist.rank() == 0:
-        os.kill(_sibling_with_local_rank(ls.dist.world_size()), signal.SIGKILL)
+    if ls.distributed.rank() == 0:
+        os.kill(_sibling_with_local_rank(ls.distributed.world_size()), signal.SIGKILL)
     deadline = time.monotonic() + 600  # only the launcher ends this job
     while time.monotonic() < deadline:
         ls.ops.all_reduce(x)

@@ -1,4 +1,4 @@
-"""The data-parallel gradient pass: all-reduce an update op's gradients in buckets before it runs.
+"""The gradient all-reduce pass of data parallelism: all-reduce an update op's gradients in buckets before it runs.
 
 `insert_gradient_allreduce` rewrites one `optimizer_update` op of a define-and-run graph:
 its dense gradients are grouped, in the order the backward pass produces them, into
@@ -19,38 +19,50 @@ from luoshu.core.errors import GraphError
 from luoshu.core.op import Op, apply
 from luoshu.core.shapes import numel
 from luoshu.ops.comm import BucketBuffer
+from luoshu.ops.update import update_entries, update_inputs
 
 _REWRITTEN: weakref.WeakSet = weakref.WeakSet()
 # graph -> the persistent bucket buffers its bucket_all_reduce ops name (freed with the graph)
 _BUFFERS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _split_inputs(update: Op) -> list[tuple[int, str, list]]:
-    """(parameter index, kind, input tensors) per parameter of an optimizer_update op."""
-    entries, pos = [], 0
-    for index, kind in zip(update.attrs["params"], update.attrs["kinds"]):
-        width = 2 if kind == "s" else 1
-        entries.append((index, kind, list(update.inputs[pos:pos + width])))
-        pos += width
-    return entries
+class BucketFiller:
+    """Groups tensors into all-reduce buckets as they arrive: at most `bucket_bytes` per bucket
+    (at least one tensor), one dtype per bucket; a bucket closes when the next tensor of its
+    dtype would overflow it. The one bucketing rule of both modes: the graph pass feeds it the
+    gradients in the order backward records them, eager data parallelism as backward
+    finishes them."""
+
+    def __init__(self, bucket_bytes: int):
+        self.bucket_bytes = bucket_bytes
+        self._open: dict = {}  # dtype -> (items, bytes so far)
+
+    def add(self, item, size_bytes: int, dtype) -> list | None:
+        """Adds `item`; returns the bucket this closed (its items), or None."""
+        items, nbytes = self._open.get(dtype, ([], 0))
+        closed = None
+        if items and nbytes + size_bytes > self.bucket_bytes:
+            closed, items, nbytes = items, [], 0
+        items.append(item)
+        self._open[dtype] = (items, nbytes + size_bytes)
+        return closed
+
+    def close(self) -> list[list]:
+        """The buckets still open (each non-empty); the filler starts over empty."""
+        buckets = [items for items, _ in self._open.values() if items]
+        self._open = {}
+        return buckets
 
 
 def plan_buckets(sizes_bytes: list[int], dtype_names: list[str], bucket_bytes: int) -> list[list[int]]:
-    """Consecutive positions grouped into buckets of at most `bucket_bytes` (at least one
-    tensor each) and of a single dtype; a bucket closes when the next tensor would overflow it."""
-    buckets: list[list[int]] = []
-    open_by_dtype: dict[str, tuple[list[int], int]] = {}
+    """`BucketFiller` over positions 0..n-1: the buckets, ordered by their first position."""
+    filler, buckets = BucketFiller(bucket_bytes), []
     for i, (size, dtype) in enumerate(zip(sizes_bytes, dtype_names)):
-        current = open_by_dtype.get(dtype)
-        if current is not None and current[1] + size > bucket_bytes:
-            current = None
-        if current is None:
-            bucket: list[int] = []
-            buckets.append(bucket)
-            current = (bucket, 0)
-        current[0].append(i)
-        open_by_dtype[dtype] = (current[0], current[1] + size)
-    return buckets
+        closed = filler.add(i, size, dtype)
+        if closed is not None:
+            buckets.append(closed)
+    buckets += filler.close()
+    return sorted(buckets, key=lambda b: b[0])
 
 
 def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple = ()) -> int:
@@ -70,9 +82,9 @@ def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple
     def produced_at(t) -> int:
         return order.get(id(t.producer[0]), -1) if t.producer is not None else -1
 
-    entries = _split_inputs(update)
-    dense = [e for e in entries if e[1] == "d"]
-    dense.sort(key=lambda e: produced_at(e[2][0]))
+    entries = update_entries(update.attrs["params"], update.attrs["kinds"], update.inputs)
+    dense = [e for e in entries if e.kind == "d"]
+    dense.sort(key=lambda e: produced_at(e.inputs[0]))
     replaced: dict[int, list] = {}
     n_buckets = 0
     with graph:
@@ -94,9 +106,9 @@ def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple
             for i, piece in zip(bucket, pieces):
                 replaced[dense[i][0]] = [piece]
             n_buckets += 1
-        for index, _, (indices, values) in (e for e in entries if e[1] == "s"):
+        for index, _, (indices, values) in (e for e in entries if e.kind != "d"):
             replaced[index] = list(apply("sparse_all_gather", indices, values, reduce="mean", group=tuple(group)))
-    update.inputs = [t for index, _, _ in entries for t in replaced[index]]
+    _, _, update.inputs = update_inputs(e._replace(inputs=replaced[e.index]) for e in entries)
     _REWRITTEN.add(update)
     graph._plans.clear()
     return n_buckets

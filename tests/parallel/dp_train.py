@@ -1,6 +1,6 @@
 """A small recommender-style model trained with DataParallel; run under `luoshu launch` by the tests.
 
-    python -m luoshu.dist.launch -n N tests/dist/dp_train.py --runs graph:0.001:sgd,eager:25:adam --out PREFIX
+    luoshu launch -n N tests/parallel/dp_train.py --runs graph:0.001:sgd,eager:25:adam --out PREFIX
 
 Every worker draws the same global batch of N*B rows per step and trains on its own
 slice; every worker writes its final parameters to PREFIX.rank<r>.npz. `train(...)` with world size 1 and batch
@@ -57,9 +57,9 @@ def train(mode: str, batch: int, steps: int, workers: int, rank: int, bucket_mb:
             loss = ls.nn.functional.mse_loss(model(ids, dense), y)
             train_op = opt.minimize(loss)
         if data_parallel:
-            ls.dist.DataParallel(g, bucket_size_mb=bucket_mb)
+            ls.parallel.DataParallel(g, bucket_size_mb=bucket_mb)
     else:
-        dp = ls.dist.DataParallel(model, opt, bucket_size_mb=bucket_mb) if data_parallel else None
+        dp = ls.parallel.DataParallel(model, opt, bucket_size_mb=bucket_mb) if data_parallel else None
     lo, hi = rank * batch, (rank + 1) * batch
     for ids_v, dense_v, y_v in batches(steps, workers * batch):
         ids_v, dense_v, y_v = ids_v[lo:hi], dense_v[lo:hi], y_v[lo:hi]
@@ -93,15 +93,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ls.dist.init()
+    ls.distributed.init()
     results = {}
     for run in args.runs.split(","):
         mode, bucket_mb, optimizer = parse_run(run)
-        params = train(mode, args.batch, args.steps, ls.dist.world_size(), ls.dist.rank(), bucket_mb, optimizer)
+        params = train(mode, args.batch, args.steps, ls.distributed.world_size(), ls.distributed.rank(), bucket_mb,
+                       optimizer)
         results.update({f"{run}/{name}": value for name, value in params.items()})
-    np.savez(f"{args.out}.rank{ls.dist.rank()}.npz", **results)
-    ls.dist.barrier()
-    ls.dist.shutdown()
+    np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", **results)
+    ls.distributed.barrier()
+    ls.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The parameter-server modes of `luoshu.dist.DataParallel`: "ps" and "hybrid".
+"""The parameter-server sync modes of `luoshu.parallel.DataParallel`: "ps" and "hybrid".
 
 - ps: every parameter lives on the servers. Embedding tables become `luoshu.ps`
   embeddings (read through the HET cache, gradients pushed); dense parameters become
@@ -12,12 +12,12 @@ tensors are synchronous over the N workers (one update per step from all their p
 with `staleness=0` N workers at batch b follow one process at batch N*b exactly.
 
 ```python
-ls.dist.init()                               # under `luoshu launch -n N --servers S`
+ls.distributed.init()                               # under `luoshu launch -n N --servers S`
 model = ls.models.DCN(cfg); opt = ls.optim.Adam(model.parameters(), lr=1e-3)
-dp = ls.dist.DataParallel(model, opt, mode="hybrid", staleness=2, cache_capacity=50_000)
+dp = ls.parallel.DataParallel(model, opt, mode="hybrid", staleness=2, cache_capacity=50_000)
 loss = loss_fn(dp(dense, sparse), label); dp.minimize(loss)   # or build a graph with the same model
 ls.ps.prefetch(model, next_sparse)           # optional: pull the next batch's rows early
-dp.strategy.flush()                          # at the end: write back what the caches hold
+dp.sync.flush()                          # at the end: write back what the caches hold
 ```
 
 Options (keyword arguments of `DataParallel`): `client` (default: connect to the launcher's
@@ -29,90 +29,28 @@ the cache's staleness in steps).
 from __future__ import annotations
 
 import contextlib
-import itertools
-import weakref
 
 import numpy as np
 import torch
 
-from luoshu.core import context
-from luoshu.core.op import OpDef, apply, get_opdef, register
-from luoshu.core.tensor import Tensor, TensorMeta
-from luoshu.dist import env
-from luoshu.dist.data_parallel import AllReduceStrategy, Strategy, register_strategy
-from luoshu.dist.env import DistError
-from luoshu.ps.embedding import Embedding, ps_embeddings, replace_embeddings
-
-_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_next_key = itertools.count()
-
-
-def _strategy(key: int, op: str) -> _PSBase:
-    s = _LIVE.get(key)
-    if s is None:
-        from luoshu.core.errors import ExecutionError
-
-        raise ExecutionError(f"{op}: the DataParallel strategy with key {key} no longer exists")
-    return s
-
-
-def _pairs(values, params, kinds) -> list:
-    pairs, pos = [], 0
-    for index, kind in zip(params, kinds):
-        if kind == "s":
-            pairs.append((index, (values[pos], values[pos + 1])))
-            pos += 2
-        else:
-            pairs.append((index, values[pos]))
-            pos += 1
-    return pairs
-
-
-@register
-class PSStep(OpDef):
-    """ps mode's update: pushes every gradient (inputs as `optimizer_update`'s) to the servers
-    and pulls the updated dense parameters back; the output is a token."""
-
-    name = "ps_step"
-    attrs = {"strategy": -1, "params": (), "kinds": ""}
-    differentiable = False
-    tested_by = "tests/dist/test_ps_modes.py"
-
-    def infer(self, inputs, strategy, params, kinds):
-        return TensorMeta((), "float32")
-
-    def compute(self, *values, strategy, params, kinds):
-        _strategy(strategy, "ps_step").synchronize(_pairs(values, params, kinds))
-        return None
-
-
-@register
-class PSSparsePush(OpDef):
-    """hybrid mode: pushes the tables' gradients (index, values pairs) and ends every table's
-    step; passes its last input on when it has an odd count (the update reads it after)."""
-
-    name = "ps_sparse_push"
-    attrs = {"strategy": -1, "params": ()}
-    differentiable = False
-    tested_by = "tests/dist/test_ps_modes.py"
-
-    def infer(self, inputs, strategy, params):
-        if len(inputs) % 2:
-            return TensorMeta(inputs[-1].shape, inputs[-1].dtype)
-        return TensorMeta((), "float32")
-
-    def compute(self, *values, strategy, params):
-        s = _strategy(strategy, "ps_sparse_push")
-        s.push_tables([(i, (values[2 * k], values[2 * k + 1])) for k, i in enumerate(params)])
-        return values[-1] if len(values) % 2 else None
+from luoshu.core import context, live
+from luoshu.core.op import apply, get_opdef
+from luoshu.core.tensor import Tensor
+from luoshu.distributed import env
+from luoshu.distributed.env import DistError
+from luoshu.ops.update import update_entries, update_inputs
+from luoshu.optim import OPTIMIZERS, optimizer_name
+from luoshu.parallel.data_parallel import AllReduceSync, SyncMode, register_sync_mode
+from luoshu.ps.client import connect
+from luoshu.ps.embedding import ps_embeddings, replace_embeddings
 
 
 def _server_optimizer(opt, group_index: int = 0) -> tuple[str, dict]:
     """(name, hyperparameters) of a luoshu optimizer, for the server to build the same rule."""
-    name = type(opt).__name__.lower()
-    known = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lamb")
-    if name not in known:
-        raise DistError(f"DataParallel: the parameter servers run {known}; {type(opt).__name__} has no server rule")
+    name = optimizer_name(opt)
+    if name is None:
+        raise DistError(f"DataParallel: the parameter servers run {sorted(OPTIMIZERS)}; {type(opt).__name__} has no "
+                        "server rule")
     if opt.max_grad_norm is not None:
         raise DistError("DataParallel: max_grad_norm (global clipping) is not available with parameters on "
                         "parameter servers")
@@ -121,7 +59,7 @@ def _server_optimizer(opt, group_index: int = 0) -> tuple[str, dict]:
     return name, hyper
 
 
-class _PSBase(Strategy):
+class _PSBase(SyncMode):
     """What ps and hybrid share: the client, the tables moved to the servers, their push."""
 
     OPTIONS = {"client": None, "staleness": 0, "cache_capacity": 0, "cache_policy": "lru", "prefix": "dp/",
@@ -145,8 +83,6 @@ class _PSBase(Strategy):
             if store is None or num == 0:
                 raise DistError(f"DataParallel(mode={dp.mode!r}) needs parameter servers: start the job with "
                                 "`luoshu launch -n N --servers S script.py`, or pass client=luoshu.ps.connect(...)")
-            from luoshu.ps.client import connect
-
             client = connect(store=store, worker_rank=env.rank())
         self.client, self.prefix = client, prefix
         self.workers = env.group_size(dp.group or None)
@@ -163,8 +99,7 @@ class _PSBase(Strategy):
         if handles:
             opt.add_param_group({"params": handles})
         self.table_of = {id(e.weight): e for e in self.tables}
-        self._key = next(_next_key)
-        _LIVE[self._key] = self
+        self._key = live.register(self)  # what ps_step / ps_sparse_push name in their attributes
 
     # --- tables --------------------------------------------------------------------------------
     def push_tables(self, pairs: list) -> None:
@@ -195,7 +130,7 @@ class _PSBase(Strategy):
         return tables, rest
 
 
-class PSStrategy(_PSBase):
+class PSSync(_PSBase):
     """mode="ps": dense parameters and tables on the servers."""
 
     def __init__(self, dp, **options):
@@ -223,7 +158,7 @@ class PSStrategy(_PSBase):
                 env.barrier(self.dp.group or None)
         self._pull_dense()
         if self.workers > 1 and buffers:
-            AllReduceStrategy(self.dp).setup([], buffers)
+            AllReduceSync(self.dp).setup([], buffers)
 
     def _pull_dense(self) -> None:
         futures = [(p, self.client.pull_dense_async(name)) for name, p in self.dense.values()]
@@ -272,12 +207,12 @@ class PSStrategy(_PSBase):
         return []
 
 
-class HybridStrategy(_PSBase):
+class HybridSync(_PSBase):
     """mode="hybrid": dense parameters all-reduce between workers, tables on the servers."""
 
     def __init__(self, dp, **options):
         super().__init__(dp, **options)
-        self._allreduce = AllReduceStrategy(dp)
+        self._allreduce = AllReduceSync(dp)
 
     def setup(self, params, buffers):
         params = [p for p in params if id(p) not in self.table_of]
@@ -292,20 +227,14 @@ class HybridStrategy(_PSBase):
         return self._allreduce.reduce_gradients(optimizer, dense)
 
     def rewrite_update(self, graph, update_op) -> None:
-        params, kinds = update_op.attrs["params"], update_op.attrs["kinds"]
-        entries, pos = [], 0
-        for index, kind in zip(params, kinds):
-            n = 2 if kind == "s" else 1
-            entries.append((index, kind, update_op.inputs[pos:pos + n]))
-            pos += n
+        entries = update_entries(update_op.attrs["params"], update_op.attrs["kinds"], update_op.inputs)
         opt_params = self.dp.optimizer.parameters()
-        tables = [e for e in entries if id(opt_params[e[0]]) in self.table_of]
-        rest = [e for e in entries if id(opt_params[e[0]]) not in self.table_of]
+        tables = [e for e in entries if id(opt_params[e.index]) in self.table_of]
+        rest = [e for e in entries if id(opt_params[e.index]) not in self.table_of]
         if not tables:
             self._allreduce.rewrite_update(graph, update_op)
             return
-        sparse_inputs = [t for e in tables for t in e[2]]
-        table_params = tuple(e[0] for e in tables)
+        table_params, _, sparse_inputs = update_inputs(tables)
         if not rest:
             update_op.opdef = get_opdef("ps_sparse_push")
             update_op.inputs = sparse_inputs
@@ -314,16 +243,16 @@ class HybridStrategy(_PSBase):
             return
         with graph if context.current_graph() is not graph else contextlib.nullcontext():
             # The update reads its first dense gradient through the push: the push runs first.
-            carry = apply("ps_sparse_push", *sparse_inputs, rest[0][2][0], strategy=self._key, params=table_params)
-        rest[0] = (rest[0][0], rest[0][1], [carry])
-        update_op.inputs = [t for e in rest for t in e[2]]
-        update_op.attrs = {**update_op.attrs, "params": tuple(e[0] for e in rest),
-                           "kinds": "".join(e[1] for e in rest)}
+            carry = apply("ps_sparse_push", *sparse_inputs, rest[0].inputs[0], strategy=self._key,
+                          params=table_params)
+        rest[0] = rest[0]._replace(inputs=[carry])
+        params, kinds, update_op.inputs = update_inputs(rest)
+        update_op.attrs = {**update_op.attrs, "params": params, "kinds": kinds}
         graph._plans.clear()
         self._allreduce.rewrite_update(graph, update_op)
 
 
-register_strategy("ps", PSStrategy)
-register_strategy("hybrid", HybridStrategy)
+register_sync_mode("ps", PSSync)
+register_sync_mode("hybrid", HybridSync)
 
-__all__ = ["Embedding", "HybridStrategy", "PSStrategy"]
+__all__ = ["HybridSync", "PSSync"]

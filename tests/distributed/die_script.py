@@ -1,6 +1,6 @@
 """Worker `--victim` dies (SIGKILL) or hangs in the middle of training; the others keep all-reducing.
 
-    python -m luoshu.dist.launch -n 2 tests/dist/die_script.py --victim 1 [--hang]
+    python -m luoshu.distributed.launch -n 2 tests/distributed/die_script.py --victim 1 [--hang]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ def main() -> None:
     parser.add_argument("--hang", action="store_true", help="stop calling collectives instead of dying")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ls.dist.init()
+    ls.distributed.init()
     x = ls.tensor(np.ones(1000, np.float32))
     for step in range(100000):  # far longer than any test waits: only the fault ends it
-        if step == 3 and ls.dist.rank() == args.victim:
+        if step == 3 and ls.distributed.rank() == args.victim:
             if args.hang:
                 while True:
                     time.sleep(1)

@@ -4,11 +4,12 @@
 On every node the first N local ranks are workers and the last S are parameter servers.
 Workers form the default collective group by themselves: `rank()` and `world_size()`
 count workers only, so a training script never sees the servers. Servers take no part
-in any collective; `init()` hands them the rendezvous store and runs
-`luoshu.ps.serve(...)`, then exits the process so the script's training code never runs
-there. Everyone shares the rendezvous `TCPStore` (`ps_store()`), e.g. to publish server
-addresses. Workers count their exit in the store; once all have exited, a server that
-was never told to shut down exits by itself (after `SERVER_GRACE_S`), so the job ends.
+in any collective; `init()` hands them the rendezvous store and runs the server role
+(`luoshu.ps` installs it with `set_server_role` when imported, as `import luoshu` does),
+then exits the process so the script's training code never runs there. Everyone shares
+the rendezvous `TCPStore` (`ps_store()`), e.g. to publish server addresses. Workers count
+their exit in the store; once all have exited, a server that was never told to shut down
+exits by itself (after `SERVER_GRACE_S`), so the job ends.
 
 Multi-node: every node runs `luoshu launch -n N --servers S --nnodes K --node-rank R
 --rdzv-endpoint host:port script.py`; torchrun numbers the nodes (`GROUP_RANK`), worker
@@ -24,6 +25,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,13 +63,13 @@ def _env_int(name: str, default: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw is None:
         if default is None:
-            raise DistError(f"luoshu.dist.init: the environment variable {name} is not set; start the script "
+            raise DistError(f"luoshu.distributed.init: the environment variable {name} is not set; start the script "
                             "with `luoshu launch -n N script.py` (or torchrun)")
         return default
     try:
         return int(raw)
     except ValueError:
-        raise DistError(f"luoshu.dist.init: {name} must be an integer, found {raw!r}") from None
+        raise DistError(f"luoshu.distributed.init: {name} must be an integer, found {raw!r}") from None
 
 
 def _layout() -> tuple[str, int, int, int, int]:
@@ -81,7 +83,7 @@ def _layout() -> tuple[str, int, int, int, int]:
     node = _env_int("GROUP_RANK", 0)
     workers_per_node = local_size - servers_per_node
     if workers_per_node < 1 or global_size % local_size:
-        raise DistError(f"luoshu.dist.init: {local_size} processes per node with {servers_per_node} servers per "
+        raise DistError(f"luoshu.distributed.init: {local_size} processes per node with {servers_per_node} servers per "
                         f"node leave no workers, or do not divide the world of {global_size}")
     nodes = global_size // local_size
     if local_rank < workers_per_node:
@@ -107,9 +109,9 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
         try:
             timeout_s = float(raw)
         except ValueError:
-            raise DistError(f"luoshu.dist.init: LUOSHU_COMM_TIMEOUT must be seconds, found {raw!r}") from None
+            raise DistError(f"luoshu.distributed.init: LUOSHU_COMM_TIMEOUT must be seconds, found {raw!r}") from None
     if not timeout_s > 0:
-        raise DistError(f"luoshu.dist.init: timeout_s must be positive, found {timeout_s}")
+        raise DistError(f"luoshu.distributed.init: timeout_s must be positive, found {timeout_s}")
     timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         _state.__init__(initialized=True, timeout=timeout)
@@ -119,11 +121,11 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and role == "worker" else "gloo"
     if backend not in ("gloo", "nccl"):
-        raise DistError(f"luoshu.dist.init: backend must be 'gloo' or 'nccl', found {backend!r}")
+        raise DistError(f"luoshu.distributed.init: backend must be 'gloo' or 'nccl', found {backend!r}")
     try:
         store, _, _ = next(torch_dist.rendezvous("env://", timeout=timeout))
     except (RuntimeError, ValueError) as exc:
-        raise DistError(f"luoshu.dist.init: cannot reach the rendezvous store at "
+        raise DistError(f"luoshu.distributed.init: cannot reach the rendezvous store at "
                         f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: {exc}") from exc
     _state.__init__(initialized=True, backend=backend, rank=index, world_size=num_workers, local_rank=local_rank,
                     role=role, num_servers=num_servers, store=store, timeout=timeout)
@@ -186,13 +188,23 @@ def _exit_when_workers_are_gone(store, num_workers: int) -> None:
     threading.Thread(target=watch, name="luoshu-server-watch", daemon=True).start()
 
 
+# What a server process runs: `serve(store, index, num_servers, num_workers)`. This layer knows
+# processes, not parameter servers; `luoshu.ps` (a layer above) installs its serve loop here.
+_server_role: Callable[[object, int, int, int], None] | None = None
+
+
+def set_server_role(serve: Callable[[object, int, int, int], None]) -> None:
+    """Installs what a server process of a `luoshu launch --servers S` job runs."""
+    global _server_role
+    _server_role = serve
+
+
 def _serve_and_exit(store, index: int, num_servers: int, num_workers: int) -> None:
-    try:
-        from luoshu import ps
-    except ImportError as exc:
-        raise DistError(f"server {index}: luoshu.ps is not available: {exc}") from exc
+    if _server_role is None:
+        raise DistError(f"server {index}: no server role is installed; import luoshu (which loads luoshu.ps) "
+                        "before luoshu.distributed.init()")
     _exit_when_workers_are_gone(store, num_workers)
-    ps.serve(store, index, num_servers, num_workers)
+    _server_role(store, index, num_servers, num_workers)
     sys.exit(0)
 
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 import luoshu as ls
-from tests.dist.launcher import launch
-from tests.dist.ps_modes_train import Net, train
+from tests.distributed.launcher import launch
+from tests.parallel.ps_modes_train import Net, train
 
 PARITY_RUNS = ["ps:eager:sgd", "ps:graph:adam", "hybrid:eager:adam", "hybrid:graph:sgd"]
 
 
 def _run_job(tmp_path, workers: int, runs: list[str], batch: int, ctr_steps: int = 80, timeout: float = 240):
-    job = launch(workers, "tests/dist/ps_modes_train.py", "--runs", ",".join(runs), "--batch", str(batch),
+    job = launch(workers, "tests/parallel/ps_modes_train.py", "--runs", ",".join(runs), "--batch", str(batch),
                  "--ctr-steps", str(ctr_steps), "--out", str(tmp_path / "res"), timeout=timeout,
                  extra=("--servers", "1"))
     assert job.returncode == 0, job.stderr[-3000:]
@@ -63,14 +63,14 @@ def test_four_workers_and_dcn_in_ps_mode(tmp_path):
 def test_ps_modes_need_servers_and_a_model():
     model = Net()
     opt = ls.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ls.dist.DistError, match="--servers"):
-        ls.dist.DataParallel(model, opt, mode="ps")
-    with pytest.raises(ls.dist.DistError, match="cache_capacity"):
-        ls.dist.DataParallel(model, opt, mode="hybrid", cache_size=10)
+    with pytest.raises(ls.distributed.DistError, match="--servers"):
+        ls.parallel.DataParallel(model, opt, mode="ps")
+    with pytest.raises(ls.distributed.DistError, match="cache_capacity"):
+        ls.parallel.DataParallel(model, opt, mode="hybrid", cache_size=10)
     assert isinstance(model.embedding, ls.nn.Embedding)  # refused before anything changed
     with ls.Graph() as g:
         ids = ls.placeholder("ids", (None, 3), "int64")
         dense = ls.placeholder("dense", (None, 5), "float32")
         opt.minimize(model(ids, dense).sum())
-    with pytest.raises(ls.dist.DistError, match="model and its optimizer"):
-        ls.dist.DataParallel(g, mode="hybrid")
+    with pytest.raises(ls.distributed.DistError, match="model and its optimizer"):
+        ls.parallel.DataParallel(g, mode="hybrid")

@@ -1,12 +1,12 @@
 """`luoshu launch`: starts a training script on N worker (+ S server) processes per node via torchrun.
 
     luoshu launch -n N [--servers S] [--nnodes K --node-rank R --rdzv-endpoint host:port] script.py args...
-    python -m luoshu.dist.launch -n N script.py args...
+    python -m luoshu.distributed.launch -n N script.py args...
 
 This is torchrun's elastic agent (`torch.distributed.run`), so rendezvous, multi-node
 runs and a Kubernetes PyTorchJob (which runs torchrun on every pod) work the same way.
 Each node runs N + S local processes: local ranks 0..N-1 are workers, N..N+S-1 are
-parameter servers (`LUOSHU_SERVERS_PER_NODE=S`; see `luoshu.dist.env` for the numbering).
+parameter servers (`LUOSHU_SERVERS_PER_NODE=S`; see `luoshu.distributed.env` for the numbering).
 When any process dies the agent stops all the others, and this command exits non-zero
 with a message naming the dead process's rank, role, pid and exit code or signal.
 

@@ -11,9 +11,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def launch(n: int, script: str, *args: str, timeout: float = 120, extra: tuple = ()) -> subprocess.CompletedProcess:
-    """Runs `python -m luoshu.dist.launch -n N script args...`; kills the whole job on timeout."""
+    """Runs `python -m luoshu.distributed.launch -n N script args...`; kills the whole job on timeout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "luoshu.dist.launch", "-n", str(n), *extra, str(ROOT / script), *args]
+    cmd = [sys.executable, "-m", "luoshu.distributed.launch", "-n", str(n), *extra, str(ROOT / script), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -41,7 +41,7 @@ def launch_nodes(nnodes: int, n: int, script: str, *args: str, timeout: float = 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = []
     for node in range(nnodes):
-        cmd = [sys.executable, "-m", "luoshu.dist.launch", "-n", str(n), "--nnodes", str(nnodes), "--node-rank",
+        cmd = [sys.executable, "-m", "luoshu.distributed.launch", "-n", str(n), "--nnodes", str(nnodes), "--node-rank",
                str(node), "--rdzv-endpoint", endpoint, "--rdzv-id", "luoshu-test", *extra, str(ROOT / script), *args]
         procs.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                             text=True, start_new_session=True)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.dist.comm_script import cases, cotangent, splits_in, splits_out, subgroup, x_of
-from tests.dist.launcher import launch
+from tests.distributed.comm_script import cases, cotangent, splits_in, splits_out, subgroup, x_of
+from tests.distributed.launcher import launch
 
 
 def _blocks(a: np.ndarray, sizes) -> list[np.ndarray]:
@@ -47,7 +47,7 @@ def _expected(name: str, rank: int, n: int):
 
 def _run_job(tmp_path_factory, n: int):
     out = tmp_path_factory.mktemp(f"comm{n}")
-    job = launch(n, "tests/dist/comm_script.py", str(out), timeout=240)
+    job = launch(n, "tests/distributed/comm_script.py", str(out), timeout=240)
     assert job.returncode == 0, job.stderr[-3000:]
     return [dict(np.load(out / f"rank{r}.npz")) for r in range(n)]
 

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from luoshu.dist import launch as launcher
-from tests.dist.launcher import ROOT, launch
+from luoshu.distributed import launch as launcher
+from tests.distributed.launcher import ROOT, launch
 
 
 def _parse(*argv: str):
@@ -19,7 +19,7 @@ def _parse(*argv: str):
 
 
 def test_arguments_map_onto_torchrun():
-    script = str(ROOT / "tests/dist/dp_train.py")
+    script = str(ROOT / "tests/parallel/dp_train.py")
     args = launcher._torchrun_args(_parse("-n", "2", "--servers", "1", script, "--out", "x"))
     assert args[:2] == ["--nproc-per-node", "3"] and "--standalone" in args
     assert args[-3:] == [script, "--out", "x"]
@@ -29,10 +29,10 @@ def test_arguments_map_onto_torchrun():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("-n", "0", "tests/dist/dp_train.py"), "at least 1 worker"),
-    (("--servers", "-1", "tests/dist/dp_train.py"), "--servers"),
+    (("-n", "0", "tests/parallel/dp_train.py"), "at least 1 worker"),
+    (("--servers", "-1", "tests/parallel/dp_train.py"), "--servers"),
     (("no_such_script.py",), "does not exist"),
-    (("--nnodes", "2", "tests/dist/dp_train.py"), "--rdzv-endpoint"),
+    (("--nnodes", "2", "tests/parallel/dp_train.py"), "--rdzv-endpoint"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -44,18 +44,18 @@ def test_bad_arguments_are_refused(argv, message, capsys, monkeypatch):
 @pytest.mark.timeout(150)
 def test_a_killed_worker_stops_the_job_and_is_named():
     start = time.monotonic()
-    job = launch(2, "tests/dist/die_script.py", "--victim", "1", timeout=120, extra=("--timeout", "30"))
+    job = launch(2, "tests/distributed/die_script.py", "--victim", "1", timeout=120, extra=("--timeout", "30"))
     assert job.returncode == 1
     assert "worker rank 1" in job.stderr and "SIGKILL" in job.stderr, job.stderr[-2000:]
     assert time.monotonic() - start < 120
 
 
 @pytest.mark.dist
-@pytest.mark.slow  # tests/dist/test_ps_modes.py exercises launcher-started servers in the default run
+@pytest.mark.slow  # tests/parallel/test_ps_modes.py exercises launcher-started servers in the default run
 @pytest.mark.timeout(300)
 def test_servers_started_by_the_launcher_serve_the_workers(tmp_path):
     pytest.importorskip("zmq")
-    job = launch(2, "tests/dist/ps_script.py", str(tmp_path), timeout=280, extra=("--servers", "1"))
+    job = launch(2, "tests/distributed/ps_script.py", str(tmp_path), timeout=280, extra=("--servers", "1"))
     assert job.returncode == 0, job.stderr[-3000:]
     for rank in range(2):
         result = np.load(tmp_path / f"rank{rank}.npz")
@@ -71,7 +71,8 @@ def test_a_hung_worker_cannot_hang_the_job():
     # Worker 1 stops calling collectives; worker 0's all-reduce gives up after the
     # collective timeout and the launcher stops the job, quoting the error.
     # 20 s, not less: the timeout also bounds joining, and on a loaded machine worker 1 may start late
-    job = launch(2, "tests/dist/die_script.py", "--victim", "1", "--hang", timeout=120, extra=("--timeout", "20"))
+    job = launch(2, "tests/distributed/die_script.py", "--victim", "1", "--hang", timeout=120,
+                 extra=("--timeout", "20"))
     assert job.returncode == 1
     assert "worker rank 0" in job.stderr and "all_reduce over all workers failed" in job.stderr, job.stderr[-2000:]
 
@@ -89,7 +90,7 @@ def test_a_hung_worker_cannot_hang_the_job():
       "LUOSHU_SERVERS_PER_NODE": "1"}, ("server", 1, 4, 2, 2)),
 ])
 def test_workers_and_servers_are_numbered_per_node(env, expected, monkeypatch):
-    from luoshu.dist import env as dist_env
+    from luoshu.distributed import env as dist_env
 
     for key in ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LUOSHU_SERVERS_PER_NODE"):
         monkeypatch.delenv(key, raising=False)
@@ -100,24 +101,24 @@ def test_workers_and_servers_are_numbered_per_node(env, expected, monkeypatch):
 
 def test_a_bad_environment_is_refused(monkeypatch):
     import luoshu as ls
-    from luoshu.dist import env as dist_env
+    from luoshu.distributed import env as dist_env
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "two")
-    with pytest.raises(ls.dist.DistError, match="WORLD_SIZE must be an integer"):
+    with pytest.raises(ls.distributed.DistError, match="WORLD_SIZE must be an integer"):
         dist_env._layout()
     monkeypatch.setenv("LUOSHU_COMM_TIMEOUT", "soon")
     monkeypatch.setattr(dist_env, "_state", dist_env._State())
-    with pytest.raises(ls.dist.DistError, match="LUOSHU_COMM_TIMEOUT"):
-        ls.dist.init()
-    assert not ls.dist.is_initialized()
+    with pytest.raises(ls.distributed.DistError, match="LUOSHU_COMM_TIMEOUT"):
+        ls.distributed.init()
+    assert not ls.distributed.is_initialized()
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_a_killed_server_stops_the_job_and_is_named():
-    job = launch(2, "tests/dist/kill_server_script.py", timeout=180, extra=("--servers", "1", "--timeout", "30"))
+    job = launch(2, "tests/distributed/kill_server_script.py", timeout=180, extra=("--servers", "1", "--timeout", "30"))
     assert job.returncode == 1
     assert "server 0 (process rank 2" in job.stderr and "SIGKILL" in job.stderr, job.stderr[-2000:]
 

@@ -1,8 +1,9 @@
-"""`DataParallel`: the same training step on every worker, gradients synchronised by a strategy.
+"""`DataParallel`: the same training step on every worker, gradients synchronised by a sync mode.
 
-A strategy decides how gradients (and parameters) travel between workers. Modes map to
-strategy classes in `STRATEGIES`; "allreduce" is here, the parameter-server modes
-("ps", "hybrid") register theirs with `register_strategy`. A strategy implements:
+A sync mode decides how gradients (and parameters) travel between workers. Modes map to
+`SyncMode` classes in `SYNC_MODES`; "allreduce" is here, the parameter-server modes
+("ps", "hybrid", in `luoshu.parallel.ps_modes`) register theirs with `register_sync_mode`.
+A sync mode implements:
 
 - `setup(params, buffers)`: once, before training (allreduce: broadcast worker 0's values);
 - `rewrite_update(graph, update_op)`: define-and-run, rewrite one `optimizer_update` op
@@ -15,27 +16,27 @@ strategy classes in `STRATEGIES`; "allreduce" is here, the parameter-server mode
 
 from __future__ import annotations
 
-import contextlib
-import importlib
+import warnings
 
 from luoshu.compiler import insert_gradient_allreduce
-from luoshu.core import context
+from luoshu.compiler.gradient_allreduce import BucketFiller
+from luoshu.core import context, live
 from luoshu.core.autodiff import gradients
 from luoshu.core.errors import Error, GradientError
 from luoshu.core.graph import Graph
 from luoshu.core.op import apply
 from luoshu.core.tensor import IndexedSlices, Tensor
-from luoshu.dist import env
-from luoshu.dist.env import DistError
+from luoshu.distributed import env
+from luoshu.distributed.env import DistError
 from luoshu.nn.module import Module
 from luoshu.ops.comm import BucketBuffer
-from luoshu.optim.optimizer import Optimizer, _grad_value, _keep_alive, _lookup_live
+from luoshu.optim.optimizer import Optimizer, gradient_value
 
 MODES = ("allreduce", "ps", "hybrid")
 
 
-class Strategy:
-    """How a `DataParallel` synchronises; subclasses implement `setup`, `rewrite_update` and
+class SyncMode:
+    """How a `DataParallel` synchronises gradients; subclasses implement `setup`, `rewrite_update` and
     `reduce_gradients`, and may override `begin_gradients` to start work while backward runs."""
 
     def __init__(self, dp: DataParallel, **options):
@@ -81,7 +82,7 @@ class _BucketSync(GradientSync):
         super().__init__()
         self.bucket_bytes, self.group = bucket_bytes, group
         self.buffers = buffers  # persistent BucketBuffers, one per bucket position, kept across steps
-        self.filling: dict = {}  # dtype -> ([(index, value)], bytes)
+        self.filler = BucketFiller(bucket_bytes)  # holds (index, value) pairs
         self.started: list = []  # ([(index, value)], flat buffer in flight)
         self.sparse: list = []
 
@@ -90,13 +91,9 @@ class _BucketSync(GradientSync):
         if isinstance(grad, tuple):
             self.sparse.append((index, grad))
             return
-        size = grad.numel() * grad.element_size()
-        entries, nbytes = self.filling.get(grad.dtype, ([], 0))
-        if entries and nbytes + size > self.bucket_bytes:
-            self._start(entries)
-            entries, nbytes = [], 0
-        entries.append((index, grad))
-        self.filling[grad.dtype] = (entries, nbytes + size)
+        closed = self.filler.add((index, grad), grad.numel() * grad.element_size(), grad.dtype)
+        if closed is not None:
+            self._start(closed)
 
     def _start(self, entries):
         if len(self.buffers) <= len(self.started):
@@ -108,10 +105,8 @@ class _BucketSync(GradientSync):
         self.started.append((entries, flat))
 
     def finish(self):
-        for entries, _ in self.filling.values():
-            if entries:
-                self._start(entries)
-        self.filling = {}
+        for entries in self.filler.close():
+            self._start(entries)
         out = {}
         with context.no_grad():
             for entries, flat in self.started:
@@ -126,7 +121,7 @@ class _BucketSync(GradientSync):
         return [(i, out[i]) for i, _ in self.pairs]
 
 
-class AllReduceStrategy(Strategy):
+class AllReduceSync(SyncMode):
     """Dense gradients: bucketed, asynchronous all-reduce (mean). Sparse: all-gather of rows."""
 
     @property
@@ -157,14 +152,14 @@ class AllReduceStrategy(Strategy):
         return sync.finish()
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"allreduce": AllReduceStrategy}
+SYNC_MODES: dict[str, type[SyncMode]] = {"allreduce": AllReduceSync}
 
 
-def register_strategy(mode: str, cls: type[Strategy]) -> None:
+def register_sync_mode(mode: str, cls: type[SyncMode]) -> None:
     """Makes `DataParallel(mode=mode)` use `cls` (the parameter-server modes register here)."""
     if mode not in MODES:
         raise DistError(f"unknown DataParallel mode {mode!r}; the modes are {MODES}")
-    STRATEGIES[mode] = cls
+    SYNC_MODES[mode] = cls
 
 
 class DataParallel:
@@ -176,9 +171,9 @@ class DataParallel:
     `loss.backward(); dp.step()`.
 
     ```python
-    ls.dist.init()
+    ls.distributed.init()
     model, opt = Net(), ls.optim.SGD(net.parameters(), lr=0.1)
-    dp = ls.dist.DataParallel(model, opt, bucket_size_mb=25)  # worker 0's weights everywhere
+    dp = ls.parallel.DataParallel(model, opt, bucket_size_mb=25)  # worker 0's weights everywhere
     loss = loss_fn(dp(x_shard), y_shard)
     dp.minimize(loss)                                         # mean gradient over the workers
     ```
@@ -193,13 +188,8 @@ class DataParallel:
                  **options):
         if mode not in MODES:
             raise DistError(f"DataParallel: unknown mode {mode!r}; the modes are {MODES}")
-        if mode not in STRATEGIES:
-            # luoshu.ps (a layer above) registers "ps" and "hybrid" when imported: import it on demand.
-            with contextlib.suppress(ImportError):
-                importlib.import_module("luoshu.ps")
-        if mode not in STRATEGIES:
-            raise DistError(f"DataParallel: mode {mode!r} needs the parameter-server strategies of luoshu.ps, "
-                            "which are not available in this build; use mode='allreduce'")
+        if mode not in SYNC_MODES:  # luoshu.parallel's __init__ registers every mode
+            raise DistError(f"DataParallel: mode {mode!r} is not registered; import luoshu.parallel")
         if not isinstance(bucket_size_mb, (int, float)) or isinstance(bucket_size_mb, bool) or not bucket_size_mb > 0:
             raise DistError(f"DataParallel: bucket_size_mb must be a positive number, found {bucket_size_mb!r}")
         if target is not None and not isinstance(target, (Module, Graph)):
@@ -214,25 +204,32 @@ class DataParallel:
         env.process_group(self.group or None)  # validates the ranks; creating a group is collective
         self.module = target if isinstance(target, Module) else None
         self.optimizer = optimizer
-        self.strategy = STRATEGIES[mode](self, **options)
+        self.sync = SYNC_MODES[mode](self, **options)
         if isinstance(target, Graph):
             updates = [op for op in target.ops if op.opdef.name == "optimizer_update"]
             if not updates:
                 raise DistError(f"DataParallel: graph '{target.name}' has no optimizer update to synchronise; "
                                 "call optimizer.minimize(loss) inside it first")
-            optimizers = {id(o): o for o in (_lookup_live(op.attrs["optimizer"], "optimizer") for op in updates)}
+            found = (live.lookup(op.attrs["optimizer"], "optimizer", "DataParallel") for op in updates)
+            optimizers = {id(o): o for o in found}
             if broadcast:
                 params = [p for o in optimizers.values() for p in o.parameters()]
-                self.strategy.setup(params, [])
+                self.sync.setup(params, [])
             for op in updates:
-                self.strategy.rewrite_update(target, op)
+                self.sync.rewrite_update(target, op)
         elif broadcast:
             params = self.module.parameters() if self.module is not None else []
             if optimizer is not None:
                 seen = {id(p) for p in params}
                 params = list(params) + [p for p in optimizer.parameters() if id(p) not in seen]
             buffers = self.module.buffers() if self.module is not None else []
-            self.strategy.setup(params, buffers)
+            self.sync.setup(params, buffers)
+
+    @property
+    def strategy(self) -> SyncMode:
+        """Former name of `sync`, kept for one release."""
+        warnings.warn("DataParallel.strategy is now DataParallel.sync", DeprecationWarning, stacklevel=2)
+        return self.sync
 
     def __repr__(self) -> str:
         return (f"DataParallel(mode={self.mode!r}, workers={env.group_size(self.group or None)}, "
@@ -255,8 +252,8 @@ class DataParallel:
             raise GradientError(f"minimize takes a loss tensor, found {type(loss).__name__}")
         if loss.graph is not None:
             update = opt.minimize(loss, var_list=var_list, loss_scaler=loss_scaler)
-            _keep_alive(loss.graph, self)
-            self.strategy.rewrite_update(loss.graph, update.producer[0])
+            live.keep_alive(loss.graph, self)
+            self.sync.rewrite_update(loss.graph, update.producer[0])
             return update
         params = opt.parameters() if var_list is None else list(var_list)
         index = {id(p): i for i, p in enumerate(opt.parameters())}
@@ -264,24 +261,24 @@ class DataParallel:
             if id(p) not in index:
                 raise Error(f"DataParallel.minimize: {p!r} is not a parameter of the optimizer")
         target = loss_scaler.scale(loss) if loss_scaler is not None else loss
-        sync = self.strategy.begin_gradients(opt)
+        sync = self.sync.begin_gradients(opt)
 
         def ready(i: int, grad) -> None:
             if grad is not None:
-                sync.add(index[id(params[i])], _grad_value(params[i], grad))
+                sync.add(index[id(params[i])], gradient_value(params[i], grad))
 
         gradients(target, params, on_ready=ready)
         if not sync.pairs:
             raise GradientError(f"minimize: the loss does not depend on any of the {len(params)} parameters")
-        opt._apply_gradients(sync.finish(), loss_scaler)
+        opt.apply_gradients(sync.finish(), loss_scaler)
         return None
 
     def synchronize_gradients(self) -> None:
         """Eager: replaces every parameter's `.grad` with its synchronised value."""
         opt = self._need_optimizer()
         params = opt.parameters()
-        pairs = [(i, _grad_value(p, p.grad)) for i, p in enumerate(params) if p.grad is not None]
-        for i, g in self.strategy.reduce_gradients(opt, pairs):
+        pairs = [(i, gradient_value(p, p.grad)) for i, p in enumerate(params) if p.grad is not None]
+        for i, g in self.sync.reduce_gradients(opt, pairs):
             p = params[i]
             if isinstance(g, tuple):
                 p.grad = IndexedSlices(Tensor.from_value(g[0]), Tensor.from_value(g[1]), p.shape)

@@ -1,9 +1,9 @@
 """Runs every comm op (forward and gradient, eager and define-and-run) on the launched workers.
 
-    python -m luoshu.dist.launch -n 2 tests/dist/comm_script.py OUT_DIR
+    python -m luoshu.distributed.launch -n 2 tests/distributed/comm_script.py OUT_DIR
 
 Worker r writes OUT_DIR/rank{r}.npz with, per case, the output and the gradient of
-its input for the cotangent `cotangent(r, shape)`; tests/dist/test_comm_ops.py
+its input for the cotangent `cotangent(r, shape)`; tests/distributed/test_comm_ops.py
 recomputes both for every worker in NumPy.
 """
 
@@ -66,10 +66,10 @@ def cases(rank: int, n: int):
 
 def main() -> None:
     torch.set_num_threads(1)
-    ls.dist.init()
-    rank = ls.dist.rank()
+    ls.distributed.init()
+    rank = ls.distributed.rank()
     out: dict[str, np.ndarray] = {}
-    for name, shape, fn, out_shape in cases(rank, ls.dist.world_size()):
+    for name, shape, fn, out_shape in cases(rank, ls.distributed.world_size()):
         x_np, g_np = x_of(rank, shape), cotangent(rank, out_shape)
         x = ls.tensor(x_np, requires_grad=True)
         y = fn(x)
@@ -91,9 +91,9 @@ def main() -> None:
     idx, val = ls.core.apply("sparse_all_gather", ls.tensor(np.arange(rows) + 10 * rank),
                              ls.tensor(x_of(rank, (rows, 2))), reduce="mean")
     out["sparse/indices"], out["sparse/values"] = idx.numpy(), val.numpy()
-    ls.dist.barrier()
+    ls.distributed.barrier()
     np.savez(os.path.join(sys.argv[1], f"rank{rank}.npz"), **out)
-    ls.dist.shutdown()
+    ls.distributed.shutdown()
 
 
 if __name__ == "__main__":

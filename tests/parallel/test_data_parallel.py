@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 import luoshu as ls
-from tests.dist.dp_train import Net, parse_run, train
-from tests.dist.launcher import launch
+from tests.distributed.launcher import launch
+from tests.parallel.dp_train import Net, parse_run, train
 
 # Bucket sizes: 0.0005 MB (~524 B) splits the dense gradients (~1.6 KB) into several buckets.
 RUNS = ["graph:0.0005:sgd", "eager:0.0005:sgd", "eager-minimize:0.0005:adam", "graph:25:adam"]
 
 
 def _check_job(tmp_path, workers: int, runs: list[str], batch: int = 4):
-    job = launch(workers, "tests/dist/dp_train.py", "--runs", ",".join(runs), "--batch", str(batch),
+    job = launch(workers, "tests/parallel/dp_train.py", "--runs", ",".join(runs), "--batch", str(batch),
                  "--out", str(tmp_path / "params"), timeout=240)
     assert job.returncode == 0, job.stderr[-3000:]
     per_rank = [np.load(tmp_path / f"params.rank{r}.npz") for r in range(workers)]
@@ -54,7 +54,7 @@ def _graph_with_update(bucket_mb: float):
         dense = ls.placeholder("dense", (None, 5), "float32")
         loss = model(ids, dense).sum()
         train_op = opt.minimize(loss)
-    ls.dist.DataParallel(g, bucket_size_mb=bucket_mb)
+    ls.parallel.DataParallel(g, bucket_size_mb=bucket_mb)
     feed = {ids: np.zeros((2, 3), np.int64), dense: np.ones((2, 5), np.float32)}
     g.run([loss, train_op], feed)
     return [step.op.opdef.name for step in next(iter(g._plans.values())).steps]
@@ -80,15 +80,15 @@ def test_buckets_start_during_backward_and_are_waited_before_the_update():
 def test_bad_arguments_are_refused():
     model = Net()
     with pytest.raises(ls.Error, match="unknown mode"):
-        ls.dist.DataParallel(model, mode="gossip")
+        ls.parallel.DataParallel(model, mode="gossip")
     with pytest.raises(ls.Error, match="bucket_size_mb"):
-        ls.dist.DataParallel(model, bucket_size_mb=0)
+        ls.parallel.DataParallel(model, bucket_size_mb=0)
     with pytest.raises(ls.Error, match="Module or a luoshu.Graph"):
-        ls.dist.DataParallel(object())
+        ls.parallel.DataParallel(object())
     with pytest.raises(ls.Error, match="no optimizer update"):
-        ls.dist.DataParallel(ls.Graph())
+        ls.parallel.DataParallel(ls.Graph())
     with pytest.raises(ls.Error, match="worker rank 3"):
-        ls.dist.DataParallel(model, group=ls.DeviceGroup([0, 3]))
+        ls.parallel.DataParallel(model, group=ls.DeviceGroup([0, 3]))
 
 
 def test_gradients_are_reported_as_soon_as_they_are_final():
@@ -116,10 +116,10 @@ def test_gradients_are_reported_as_soon_as_they_are_final():
 def test_two_nodes_with_a_server_each_match_one_process(tmp_path):
     # Two "machines" on localhost, each with 1 worker and 1 (unused) parameter server: the
     # workers are numbered across nodes, and the servers end with the job by themselves.
-    from tests.dist.launcher import launch_nodes
+    from tests.distributed.launcher import launch_nodes
 
     run = "graph:0.0005:sgd"
-    jobs = launch_nodes(2, 1, "tests/dist/dp_train.py", "--runs", run, "--out", str(tmp_path / "params"),
+    jobs = launch_nodes(2, 1, "tests/parallel/dp_train.py", "--runs", run, "--out", str(tmp_path / "params"),
                         timeout=240, extra=("--servers", "1"))
     for job in jobs:
         assert job.returncode == 0, job.stderr[-3000:]

@@ -1,6 +1,6 @@
 """DataParallel in the parameter-server modes; run under `luoshu launch -n N --servers S` by the tests.
 
-    python -m luoshu.dist.launch -n 2 --servers 1 tests/dist/ps_modes_train.py --runs ps:eager:sgd --out PREFIX
+    luoshu launch -n 2 --servers 1 tests/parallel/ps_modes_train.py --runs ps:eager:sgd --out PREFIX
 
 Parity runs ("mode:graph|eager:optimizer", staleness 0): every worker draws the same global
 batch of N*B rows per step and trains on its own slice; `train(..., workers=1,
@@ -60,7 +60,7 @@ def train(run: str, batch: int, workers: int, rank: int, client=None, data_paral
     opt = _optimizer(opt_name, model.parameters())
     prefix = f"{run}/"
     if data_parallel:
-        dp = ls.dist.DataParallel(model, opt, mode=mode, client=client, prefix=prefix)
+        dp = ls.parallel.DataParallel(model, opt, mode=mode, client=client, prefix=prefix)
     else:  # the reference: a local table holding the rows the servers start from
         rows = ps.initial_rows(prefix + "embedding", np.arange(VOCAB), DIM, INIT)
         model.embedding.weight.value.copy_(torch.from_numpy(rows))
@@ -88,7 +88,7 @@ def train(run: str, batch: int, workers: int, rank: int, client=None, data_paral
             dp.zero_grad()
     out = {name: p.numpy() for name, p in model.named_parameters()}
     if data_parallel:
-        dp.strategy.flush()
+        dp.sync.flush()
         out["table"] = client.pull(prefix + "embedding", np.arange(VOCAB))[0]
     else:
         out["table"] = out.pop("embedding.weight")
@@ -110,7 +110,7 @@ def train_ctr(run: str, batch: int, steps: int, workers: int, rank: int, client)
                            num_cross_layers=2)
     model = models.DCN(cfg) if model_name == "dcn" else models.WideAndDeep(cfg)
     opt = ls.optim.Adam(model.parameters(), lr=0.01)
-    dp = ls.dist.DataParallel(model, opt, mode=mode, client=client, prefix=f"{run}/", staleness=int(staleness),
+    dp = ls.parallel.DataParallel(model, opt, mode=mode, client=client, prefix=f"{run}/", staleness=int(staleness),
                               cache_capacity=2000, cache_policy="lfu")
     n_train = workers * batch * steps
     max_lag = 0
@@ -122,12 +122,12 @@ def train_ctr(run: str, batch: int, steps: int, workers: int, rank: int, client)
             ps.prefetch(model, data["sparse"][nxt:nxt + batch])
         logits = dp(ls.tensor(dense[sl]), ls.tensor(data["sparse"][sl]))
         if step % 10 == 0:  # how far behind the servers' rows were the rows just served?
-            for emb in dp.strategy.tables:
+            for emb in dp.sync.tables:
                 ids, served = emb.cache.served_versions()
                 max_lag = max(max_lag, int((client.pull(emb.table, ids)[1] - served).max()))
         dp.minimize(ls.nn.functional.binary_cross_entropy_with_logits(logits, ls.tensor(data["label"][sl])))
-    dp.strategy.flush()
-    out = {f"stats/{k}": np.array(v["hit_rate"]) for k, v in dp.strategy.stats().items()}
+    dp.sync.flush()
+    out = {f"stats/{k}": np.array(v["hit_rate"]) for k, v in dp.sync.stats().items()}
     out["max_lag"] = np.array(max_lag)
     if rank == 0:
         with ls.no_grad():
@@ -144,22 +144,22 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ls.dist.init()  # a server process serves here and exits
-    store, _ = ls.dist.ps_store()
-    client = ps.connect(store=store, worker_rank=ls.dist.rank())
+    ls.distributed.init()  # a server process serves here and exits
+    store, _ = ls.distributed.ps_store()
+    client = ps.connect(store=store, worker_rank=ls.distributed.rank())
     results = {}
     for run in args.runs.split(","):
         if run.startswith("ctr:"):
-            res = train_ctr(run, 64, args.ctr_steps, ls.dist.world_size(), ls.dist.rank(), client)
+            res = train_ctr(run, 64, args.ctr_steps, ls.distributed.world_size(), ls.distributed.rank(), client)
         else:
-            res = train(run, args.batch, ls.dist.world_size(), ls.dist.rank(), client)
+            res = train(run, args.batch, ls.distributed.world_size(), ls.distributed.rank(), client)
         results.update({f"{run}/{k}": v for k, v in res.items()})
-    np.savez(f"{args.out}.rank{ls.dist.rank()}.npz", **results)
-    ls.dist.barrier()  # every worker is done with the servers: worker 0 stops them
-    if ls.dist.rank() == 0:
+    np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", **results)
+    ls.distributed.barrier()  # every worker is done with the servers: worker 0 stops them
+    if ls.distributed.rank() == 0:
         client.shutdown_servers(force=True)
     client.close()
-    ls.dist.shutdown()
+    ls.distributed.shutdown()
 
 
 if __name__ == "__main__":
