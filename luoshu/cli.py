@@ -1,6 +1,6 @@
 """The `luoshu` command line: a table of subcommands, each a parser set-up and a run function.
 
-A subcommand is one entry in `COMMANDS`. The work itself lives in the library (`luoshu/train.py` for
+A subcommand is one entry in `COMMANDS`. The work itself lives in the library (`luoshu/train/` for
 `luoshu train`, `luoshu/distributed/launch.py` for `luoshu launch`), so this file stays thin.
 """
 
