@@ -263,7 +263,7 @@ class InferenceModel:
                 if batch is not None and arr.shape[0] != batch[1]:
                     raise FeedError(
                         f"model {self.name!r} input {spec.name!r}: batch size {arr.shape[0]} differs "
-                        f"from input {batch[0]!r}'s {batch[1]}"
+                        f"from the batch size {batch[1]} of input {batch[0]!r}"
                     )
                 batch = batch or (spec.name, arr.shape[0])
             out[spec.name] = arr
