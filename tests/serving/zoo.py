@@ -91,3 +91,58 @@ def live_outputs(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     with ls.no_grad():
         out = model(*[ls.tensor(v) for v in feeds.values()])
     return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+# --- the HugeCTR-style DCN of luoshu.ctr ---------------------------------------------------------
+def hugectr_dcn_files(folder):
+    """Trains the (shrunk) HugeCTR DCN quick start of tests/ctr for a few steps on generated Parquet
+    data and saves it as HugeCTR does; returns (model, graph JSON, dense file, sparse files)."""
+    from tests.ctr.conftest import dcn_model, generate
+
+    source, eval_source = generate(folder, per_file=256, files=1)
+    model = dcn_model(source, eval_source, batch=64)
+    model.compile()
+    model.fit(max_iter=6, display=100, eval_interval=1000, snapshot=0, progress=False)
+    model.graph_to_json(folder / "dcn.json")
+    dense, *sparse = model.save_params_to_files(str(folder / "dcn"), 6)
+    return model, folder / "dcn.json", dense, sparse
+
+
+def hugectr_inputs(rng, batch: int) -> dict[str, np.ndarray]:
+    """Keys of the HugeCTR DCN's one sparse input (batch, 8 slots, 1), some empty (-1) or out of range."""
+    from tests.ctr.conftest import DENSE, SLOTS
+
+    sizes = np.asarray(SLOTS)
+    keys = (rng.random((batch, len(sizes))) * sizes).astype(np.int64)
+    keys[rng.random(keys.shape) < 0.1] = -1
+    keys[rng.random(keys.shape) < 0.05] = 10**6
+    return {"dense": rng.standard_normal((batch, DENSE)).astype(np.float32), "data1": keys[:, :, None]}
+
+
+def hugectr_bag_model():
+    """A compiled (untrained, data-less) luoshu.ctr model with multi-hot slots averaged per bag."""
+    from luoshu import ctr as hugectr
+
+    solver = hugectr.CreateSolver(batchsize=16, batchsize_eval=16, lr=0.01, seed=3)
+    reader = hugectr.DataReaderParams(source=[""], slot_size_array=[6, 9, 4])  # no data: inference only
+    model = hugectr.Model(solver, reader, hugectr.CreateOptimizer(optimizer_type=hugectr.Optimizer_t.SGD))
+    model.add(hugectr.Input(label_dim=1, label_name="label", dense_dim=2, dense_name="dense",
+                            data_reader_sparse_param_array=[hugectr.DataReaderSparseParam("keys", 3, False, 3)]))
+    model.add(hugectr.SparseEmbedding(embedding_type=hugectr.Embedding_t.DistributedSlotSparseEmbeddingHash,
+                                      workspace_size_per_gpu_in_mb=1, embedding_vec_size=4, combiner="mean",
+                                      sparse_embedding_name="emb", bottom_name="keys"))
+    L = hugectr.Layer_t
+    model.add(hugectr.DenseLayer(layer_type=L.Reshape, bottom_names=["emb"], top_names=["flat"], leading_dim=12))
+    model.add(hugectr.DenseLayer(layer_type=L.Concat, bottom_names=["flat", "dense"], top_names=["x"]))
+    model.add(hugectr.DenseLayer(layer_type=L.InnerProduct, bottom_names=["x"], top_names=["fc"], num_output=1))
+    model.add(hugectr.DenseLayer(layer_type=L.BinaryCrossEntropyLoss, bottom_names=["fc", "label"],
+                                 top_names=["loss"]))
+    model.compile()
+    return model
+
+
+def hugectr_bag_inputs(rng, batch: int) -> dict[str, np.ndarray]:
+    keys = (rng.random((batch, 3, 3)) * np.array([6, 9, 4])[None, :, None]).astype(np.int64)
+    keys[rng.random(keys.shape) < 0.3] = -1  # short bags
+    keys[:, 0, 0] = 0  # at least one key per sample
+    return {"dense": rng.standard_normal((batch, 2)).astype(np.float32), "keys": keys}
