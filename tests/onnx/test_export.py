@@ -35,6 +35,14 @@ def _assert_parity(onnx_path, loaded, batches=(1, 4)):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"{loaded.name} {name} batch {batch}")
 
 
+def test_every_zoo_model_is_covered():
+    from luoshu.models import MODELS
+
+    covered = {zoo_name for zoo_name, _, _ in zoo.ZOO.values()}
+    # "resnet" and "resnet34" are the ResNet class of resnet18 (basic blocks) at another depth
+    assert set(MODELS) - covered == {"resnet", "resnet34"}
+
+
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx_packages")
@@ -80,6 +88,16 @@ def test_external_data(packages, tmp_path):
     onnx.checker.check_model(str(path))
     assert path.stat().st_size < data.stat().st_size  # the weights live beside the graph
     _assert_parity(path, serving.load(packages["resnet18"]), batches=(2,))
+
+
+def test_external_data_is_chosen_past_the_protobuf_limit(packages, tmp_path, monkeypatch):
+    from luoshu.onnx import exporter as export_module
+
+    # A stand-in for 2 GB so the test stays small: the choice is the same comparison
+    monkeypatch.setattr(export_module, "PROTO_LIMIT", export_module._HEADROOM + 1000)
+    path = lonnx.export(packages["resnet18"], tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    _assert_parity(path, serving.load(packages["resnet18"]), batches=(1,))
 
 
 def test_cli_export_onnx(packages, tmp_path, capsys):

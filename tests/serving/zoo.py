@@ -1,5 +1,5 @@
-"""Small configurations of every zoo model that inference uses, with input makers (shared by
-the package and ONNX tests)."""
+"""Small configurations of every model of the zoo (`luoshu.models.MODELS`, each ResNet depth by its
+name), with input makers, shared by the package and ONNX tests."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _ctr_inputs(rng, b):
             "sparse": (rng.random((b, len(sizes))) * sizes).astype(np.int64)}
 
 
+def _seq2seq_inputs(rng, b):
+    src = rng.integers(1, 30, (b, 6))
+    src[:, 4:][rng.random((b, 2)) < 0.5] = 0  # some trailing padding, masked out of attention
+    return {"src": src, "tgt": rng.integers(1, 31, (b, 5))}
+
+
 def _ncf_inputs(rng, b):
     return {"users": rng.integers(0, 10, b), "items": rng.integers(0, 12, b)}
 
@@ -51,11 +57,15 @@ ZOO = {
     "lenet": ("lenet", dict(image_size=12), _images(1, 12)),
     "resnet18": ("resnet18", dict(num_classes=5, width=8), _images(3, 16)),
     "resnet50": ("resnet50", dict(num_classes=5, width=4, stem="imagenet"), _images(3, 32)),
+    "alexnet": ("alexnet", dict(num_classes=5, hidden=16), _images(3, 32)),
     "vgg16": ("vgg16", dict(num_classes=5, width=4, hidden=16), _images(3, 32)),
     "lstm": ("lstm", dict(vocab_size=40, embed_dim=8, hidden_size=8, num_layers=2, bidirectional=True),
              _padded_ids),
     "bert": ("bert", dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
                           max_position_embeddings=16), _bert_inputs),
+    "transformer": ("transformer", dict(src_vocab_size=30, tgt_vocab_size=31, d_model=16, nhead=2,
+                                        num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, max_len=16),
+                    _seq2seq_inputs),
     "gpt2": ("gpt2", dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16), _ids(50, 8)),
     "llama": ("llama", dict(vocab_size=50, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24,
                             max_seq_len=16), _ids(50, 8)),
@@ -64,6 +74,7 @@ ZOO = {
     "dcn": ("dcn", {**_CTR, "num_cross_layers": 2}, _ctr_inputs),
     "dcn_v2": ("dcn", {**_CTR, "num_cross_layers": 2, "cross_type": "v2"}, _ctr_inputs),
     "dlrm": ("dlrm", {**_CTR, "bottom_mlp_dims": (8,)}, _ctr_inputs),
+    "lr": ("lr", _CTR, _ctr_inputs),
     "ncf": ("ncf", dict(num_users=10, num_items=12, mlp_dims=(8, 4)), _ncf_inputs),
 }
 
