@@ -623,3 +623,10 @@ def _full_like(b, op, ins):
     out = op.outputs[0].dtype
     value = {"zeros_like": 0, "ones_like": 1}.get(op.opdef.name, op.attrs.get("fill_value", 0))
     return [b.node("Expand", [b.scalar(value, out), b.node("Shape", ins)])]
+
+
+@mapping("zeros", "ones", "full", "eye", "arange")
+def _creation(b, op, ins):
+    # No inputs and static attributes: the value is a constant of the graph
+    value = op.opdef.compute(**op.attrs)
+    return [b.const(value.detach().cpu().numpy())]
