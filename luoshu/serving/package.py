@@ -174,7 +174,7 @@ def from_graph(
 ) -> InferenceModel:
     """An `InferenceModel` over `outputs` of a define-and-run `graph` fed by the placeholders
     `inputs`; every leaf the outputs read becomes a weight, named by `weight_names` (tensor id ->
-    name) or `const.N`."""
+    name), else `const.<its name>` or `const.N`."""
     names = [t.name for t in inputs]
     if output_names is None:
         output_names = ["output"] if len(outputs) == 1 else [f"output{i}" for i in range(len(outputs))]
@@ -196,7 +196,10 @@ def from_graph(
         if t.kind == "placeholder":
             raise Error(f"export: the outputs depend on placeholder {t.name!r}, which is not one of the inputs {names}")
         leaves[id(t)] = t
-    keys = {tid: weight_names.get(tid, f"const.{i}") for i, tid in enumerate(leaves)}
+    keys: dict[int, str] = {}
+    for i, (tid, t) in enumerate(leaves.items()):
+        key = weight_names.get(tid) or (f"const.{t.name}" if t.name else f"const.{i}")
+        keys[tid] = key if key not in keys.values() else f"const.{i}"
     if len(set(keys.values())) != len(keys):
         raise Error("export: two weights share one name")
     weights = {keys[tid]: t for tid, t in leaves.items()}

@@ -105,13 +105,16 @@ def live_outputs(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 # --- the HugeCTR-style DCN of luoshu.ctr ---------------------------------------------------------
-def hugectr_dcn_files(folder):
+def hugectr_dcn_files(folder, hashed: bool = False):
     """Trains the (shrunk) HugeCTR DCN quick start of tests/ctr for a few steps on generated Parquet
-    data and saves it as HugeCTR does; returns (model, graph JSON, dense file, sparse files)."""
+    data and saves it as HugeCTR does; returns (model, graph JSON, dense file, sparse files).
+    `hashed`: without a slot_size_array, so keys get rows through the table's hash index."""
     from tests.ctr.conftest import dcn_model, generate
 
     source, eval_source = generate(folder, per_file=256, files=1)
     model = dcn_model(source, eval_source, batch=64)
+    if hashed:
+        model.reader_params.slot_size_array = []
     model.compile()
     model.fit(max_iter=6, display=100, eval_interval=1000, snapshot=0, progress=False)
     model.graph_to_json(folder / "dcn.json")
