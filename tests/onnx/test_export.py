@@ -105,6 +105,10 @@ def test_cli_export_onnx(packages, tmp_path, capsys):
     assert cli.main(["export-onnx", str(packages["ncf"]), str(out)]) == 0
     assert "dynamic batch" in capsys.readouterr().out
     _assert_parity(out, serving.load(packages["ncf"]), batches=(5,))
+    fixed = tmp_path / "ncf3.onnx"
+    assert cli.main(["export-onnx", str(packages["ncf"]), str(fixed), "--opset", "18", "--static-batch", "3"]) == 0
+    proto = onnx.load(str(fixed))
+    assert proto.opset_import[0].version == 18 and proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
     assert cli.main(["export-onnx", str(tmp_path / "missing"), str(tmp_path / "x.onnx")]) == 1
     assert "no checkpoint directory" in capsys.readouterr().err
 

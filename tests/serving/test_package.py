@@ -236,6 +236,11 @@ def test_large_tables_are_stored_as_row_shards(tmp_path):
     feeds = zoo.inputs("dcn", 6)
     np.testing.assert_allclose(serving.load(path)(feeds)["output"], zoo.live_outputs(model, feeds)[0], rtol=1e-5,
                                atol=1e-6)
+    pieces = list(serving.weight_rows(path, "embedding.weight"))  # shard by shard, as a store would read them
+    assert [start for start, _ in pieces] == list(range(0, table.shape[0], 3))
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in pieces]), table.numpy())
+    with pytest.raises(serving.PackageError, match="no weight 'nope'"):
+        next(serving.weight_rows(path, "nope"))
 
 
 def test_export_refuses_bad_names_and_arguments(tmp_path):
