@@ -24,14 +24,16 @@ from luoshu.models import build
 
 
 def _ctr_inputs(rng, batch):
-    return {"dense": rng.standard_normal((batch, 13)).astype(np.float32),
-            "sparse": rng.integers(0, 1000, (batch, 26))}
+    return {"dense": rng.standard_normal((batch, 13)).astype(np.float32), "sparse": rng.integers(0, 1000, (batch, 26))}
 
 
 CASES = {
     "dcn": (lambda: build("dcn"), _ctr_inputs, (1, 512)),
-    "resnet18": (lambda: build("resnet18", num_classes=10),
-                 lambda rng, b: {"x": rng.standard_normal((b, 3, 32, 32)).astype(np.float32)}, (1, 32)),
+    "resnet18": (
+        lambda: build("resnet18", num_classes=10),
+        lambda rng, b: {"x": rng.standard_normal((b, 3, 32, 32)).astype(np.float32)},
+        (1, 32),
+    ),
 }
 
 
@@ -53,12 +55,12 @@ def main() -> None:
             model = make().eval()
             package = ls.serving.export(Path(tmp) / name, model, inputs(rng, 2), name=name)
             served = ls.serving.load(package)
-            session = ort.InferenceSession(str(ls.onnx.export(package, Path(tmp) / f"{name}.onnx")), options,
-                                           providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(
+                str(ls.onnx.export(package, Path(tmp) / f"{name}.onnx")), options, providers=["CPUExecutionProvider"]
+            )
             for batch in batches:
                 feeds = inputs(rng, batch)
-                np.testing.assert_allclose(session.run(None, feeds)[0], served(feeds)["output"], rtol=1e-4,
-                                           atol=1e-4)
+                np.testing.assert_allclose(session.run(None, feeds)[0], served(feeds)["output"], rtol=1e-4, atol=1e-4)
                 times = {"luoshu": [], "ort": []}
                 runs = {"luoshu": lambda f=feeds, m=served: m(f), "ort": lambda f=feeds, s=session: s.run(None, f)}
                 for _ in range(3):  # warm-up

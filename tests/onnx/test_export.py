@@ -72,13 +72,15 @@ def test_opset_18_reductions(packages, tmp_path, name):
 
 def test_static_batch_and_live_module(tmp_path):
     model = zoo.make("lenet")
-    path = lonnx.export(model, tmp_path / "lenet.onnx", dynamic_batch=False, batch_size=4,
-                        example_inputs=zoo.inputs("lenet", 2))
+    path = lonnx.export(
+        model, tmp_path / "lenet.onnx", dynamic_batch=False, batch_size=4, example_inputs=zoo.inputs("lenet", 2)
+    )
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [4, 1, 12, 12]
     feeds = zoo.inputs("lenet", 4)
-    np.testing.assert_allclose(_session(path).run(None, feeds)[0], zoo.live_outputs(model, feeds)[0], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _session(path).run(None, feeds)[0], zoo.live_outputs(model, feeds)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_external_data(packages, tmp_path):

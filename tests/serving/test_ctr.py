@@ -30,8 +30,10 @@ def test_saved_files_load_as_a_package_that_predicts_as_training(trained, tmp_pa
     model, graph_json, dense, sparse = trained
     path = serving.export_ctr_files(tmp_path / "dcn", graph_json, dense, sparse, name="dcn", version=6)
     loaded = serving.load(path)
-    assert [(s.name, s.dtype, s.shape) for s in loaded.inputs] == [("dense", "float32", (-1, 4)),
-                                                                   ("data1", "int64", (-1, 8, 1))]
+    assert [(s.name, s.dtype, s.shape) for s in loaded.inputs] == [
+        ("dense", "float32", (-1, 4)),
+        ("data1", "int64", (-1, 8, 1)),
+    ]
     assert [(s.name, s.shape) for s in loaded.outputs] == [("prediction", (-1, 1))]
     assert loaded.metadata["tables"]["sparse_embedding1"]["slot_sizes"] == SLOTS
     rng = np.random.default_rng(0)
@@ -46,8 +48,9 @@ def test_a_compiled_model_exports_directly_with_multi_hot_bags(tmp_path):
     loaded = serving.load(path)
     assert loaded.inputs[1].shape == (-1, 3, 3)
     feeds = zoo.hugectr_bag_inputs(np.random.default_rng(1), 5)
-    np.testing.assert_allclose(loaded(feeds)["prediction"], model.predict_batch(feeds["dense"], feeds["keys"]),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded(feeds)["prediction"], model.predict_batch(feeds["dense"], feeds["keys"]), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_hash_indexed_tables_carry_their_key_index(tmp_path):

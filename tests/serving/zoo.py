@@ -30,14 +30,19 @@ def _padded_ids(rng, b):
 def _bert_inputs(rng, b):
     mask = (rng.random((b, 8)) < 0.8).astype(np.int64)
     mask[:, 0] = 1  # every sequence has its [CLS] token
-    return {"input_ids": rng.integers(0, 50, (b, 8)), "token_type_ids": rng.integers(0, 2, (b, 8)),
-            "attention_mask": mask}
+    return {
+        "input_ids": rng.integers(0, 50, (b, 8)),
+        "token_type_ids": rng.integers(0, 2, (b, 8)),
+        "attention_mask": mask,
+    }
 
 
 def _ctr_inputs(rng, b):
     sizes = np.asarray(_CTR["slot_sizes"])
-    return {"dense": rng.standard_normal((b, _CTR["dense_dim"])).astype(np.float32),
-            "sparse": (rng.random((b, len(sizes))) * sizes).astype(np.int64)}
+    return {
+        "dense": rng.standard_normal((b, _CTR["dense_dim"])).astype(np.float32),
+        "sparse": (rng.random((b, len(sizes))) * sizes).astype(np.int64),
+    }
 
 
 def _seq2seq_inputs(rng, b):
@@ -52,23 +57,44 @@ def _ncf_inputs(rng, b):
 
 # name -> (zoo name, config, inputs(rng, batch) -> {forward argument: array})
 ZOO = {
-    "mlp": ("mlp", dict(in_features=12, hidden=(16, 8), num_classes=3),
-            lambda rng, b: {"x": rng.standard_normal((b, 12)).astype(np.float32)}),
+    "mlp": (
+        "mlp",
+        dict(in_features=12, hidden=(16, 8), num_classes=3),
+        lambda rng, b: {"x": rng.standard_normal((b, 12)).astype(np.float32)},
+    ),
     "lenet": ("lenet", dict(image_size=12), _images(1, 12)),
     "resnet18": ("resnet18", dict(num_classes=5, width=8), _images(3, 16)),
     "resnet50": ("resnet50", dict(num_classes=5, width=4, stem="imagenet"), _images(3, 32)),
     "alexnet": ("alexnet", dict(num_classes=5, hidden=16), _images(3, 32)),
     "vgg16": ("vgg16", dict(num_classes=5, width=4, hidden=16), _images(3, 32)),
-    "lstm": ("lstm", dict(vocab_size=40, embed_dim=8, hidden_size=8, num_layers=2, bidirectional=True),
-             _padded_ids),
-    "bert": ("bert", dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-                          max_position_embeddings=16), _bert_inputs),
-    "transformer": ("transformer", dict(src_vocab_size=30, tgt_vocab_size=31, d_model=16, nhead=2,
-                                        num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, max_len=16),
-                    _seq2seq_inputs),
+    "lstm": ("lstm", dict(vocab_size=40, embed_dim=8, hidden_size=8, num_layers=2, bidirectional=True), _padded_ids),
+    "bert": (
+        "bert",
+        dict(
+            vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position_embeddings=16
+        ),
+        _bert_inputs,
+    ),
+    "transformer": (
+        "transformer",
+        dict(
+            src_vocab_size=30,
+            tgt_vocab_size=31,
+            d_model=16,
+            nhead=2,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            dim_feedforward=32,
+            max_len=16,
+        ),
+        _seq2seq_inputs,
+    ),
     "gpt2": ("gpt2", dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16), _ids(50, 8)),
-    "llama": ("llama", dict(vocab_size=50, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24,
-                            max_seq_len=16), _ids(50, 8)),
+    "llama": (
+        "llama",
+        dict(vocab_size=50, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=24, max_seq_len=16),
+        _ids(50, 8),
+    ),
     "wdl": ("wdl", _CTR, _ctr_inputs),
     "deepfm": ("deepfm", _CTR, _ctr_inputs),
     "dcn": ("dcn", {**_CTR, "num_cross_layers": 2}, _ctr_inputs),
@@ -140,17 +166,30 @@ def hugectr_bag_model():
     solver = hugectr.CreateSolver(batchsize=16, batchsize_eval=16, lr=0.01, seed=3)
     reader = hugectr.DataReaderParams(source=[""], slot_size_array=[6, 9, 4])  # no data: inference only
     model = hugectr.Model(solver, reader, hugectr.CreateOptimizer(optimizer_type=hugectr.Optimizer_t.SGD))
-    model.add(hugectr.Input(label_dim=1, label_name="label", dense_dim=2, dense_name="dense",
-                            data_reader_sparse_param_array=[hugectr.DataReaderSparseParam("keys", 3, False, 3)]))
-    model.add(hugectr.SparseEmbedding(embedding_type=hugectr.Embedding_t.DistributedSlotSparseEmbeddingHash,
-                                      workspace_size_per_gpu_in_mb=1, embedding_vec_size=4, combiner="mean",
-                                      sparse_embedding_name="emb", bottom_name="keys"))
+    model.add(
+        hugectr.Input(
+            label_dim=1,
+            label_name="label",
+            dense_dim=2,
+            dense_name="dense",
+            data_reader_sparse_param_array=[hugectr.DataReaderSparseParam("keys", 3, False, 3)],
+        )
+    )
+    model.add(
+        hugectr.SparseEmbedding(
+            embedding_type=hugectr.Embedding_t.DistributedSlotSparseEmbeddingHash,
+            workspace_size_per_gpu_in_mb=1,
+            embedding_vec_size=4,
+            combiner="mean",
+            sparse_embedding_name="emb",
+            bottom_name="keys",
+        )
+    )
     L = hugectr.Layer_t
     model.add(hugectr.DenseLayer(layer_type=L.Reshape, bottom_names=["emb"], top_names=["flat"], leading_dim=12))
     model.add(hugectr.DenseLayer(layer_type=L.Concat, bottom_names=["flat", "dense"], top_names=["x"]))
     model.add(hugectr.DenseLayer(layer_type=L.InnerProduct, bottom_names=["x"], top_names=["fc"], num_output=1))
-    model.add(hugectr.DenseLayer(layer_type=L.BinaryCrossEntropyLoss, bottom_names=["fc", "label"],
-                                 top_names=["loss"]))
+    model.add(hugectr.DenseLayer(layer_type=L.BinaryCrossEntropyLoss, bottom_names=["fc", "label"], top_names=["loss"]))
     model.compile()
     return model
 
