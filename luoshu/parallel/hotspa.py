@@ -292,31 +292,9 @@ def bucketize(lengths: Sequence[int], bounds: Sequence[int]) -> list[list[int]]:
     return buckets
 
 
-def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bounds: Sequence[int],
-             strategies: Sequence[Strategy | str] | None = None, micro_batch_tokens: int | None = None) -> dict:
-    """Every static strategy and hot switching over `bounds` (one strategy per bucket;
-    default: the fastest that fits for each bucket). Returns {"static": [Prediction...],
-    "best_static": Prediction | None, "hot_switch": Prediction, "speedup": float}."""
-    statics = [predict(model, cluster, st, lengths, micro_batch_tokens or int(bounds[0]))
-               for st in static_strategies(cluster, model)]
-    fitting = [p for p in statics if p.fits]
-    best_static = min(fitting, key=lambda p: p.time_s) if fitting else None
-    buckets = bucketize(lengths, bounds)
-    bound_of = [int(b) for b in bounds[:-1]]
-    if strategies is None:
-        chosen = []
-        for seqs, bound in zip(buckets, bound_of):
-            options = [(predict(model, cluster, st, seqs, micro_batch_tokens or bound), st)
-                       for st in static_strategies(cluster, model)]
-            options = [o for o in options if o[0].fits]
-            if not options:
-                raise HotSPaError(f"no strategy holds a bucket of lengths up to {max(seqs, default=0)} in "
-                                  f"{cluster.memory / 2**30:.0f} GiB per device")
-            chosen.append(min(options, key=lambda o: o[0].time_s)[1])
-    else:
-        chosen = [parse_strategy(s) if isinstance(s, str) else s for s in strategies]
-        if len(chosen) != len(buckets):
-            raise HotSPaError(f"{len(buckets)} buckets need as many strategies, found {len(chosen)}")
+def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=False):
+    """(step time, peak memory, per-bucket parts) of running bucket i under chosen[i], starting
+    and ending at the owner (the strategy with the least model-state memory per device)."""
     parts, memory, total = [], 0.0, 0.0
     owner = min(chosen, key=lambda st: 16.0 * model.params / (st.tp * st.pp))
     previous = owner
@@ -324,7 +302,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
         if not seqs:
             continue
         p = predict(model, cluster, st, seqs, micro_batch_tokens or bound)
-        if not p.fits:
+        if check and not p.fits:
             raise HotSPaError(f"bucket up to length {max(seqs, default=0)}: strategy {st} needs "
                               f"{p.memory_bytes / 2**30:.1f} GiB per device, more than {cluster.memory / 2**30:.0f}")
         switch = switch_time(model, cluster, previous, st)
@@ -334,8 +312,44 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
                       "switch_s": switch})
         previous = st
     total += switch_time(model, cluster, previous, owner)
-    owner_pred = predict(model, cluster, owner, lengths[:1], micro_batch_tokens or int(bounds[0]))
-    total += owner_pred.parts.get("dp_sync", 0.0)
+    total += predict(model, cluster, owner, [1], None).parts.get("dp_sync", 0.0)
+    return total, memory, parts
+
+
+def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bounds: Sequence[int],
+             strategies: Sequence[Strategy | str] | None = None, micro_batch_tokens: int | None = None,
+             candidates: int = 3) -> dict:
+    """Every static strategy and hot switching over `bounds` (one strategy per bucket;
+    default: the fastest that fits for each bucket). Returns {"static": [Prediction...],
+    "best_static": Prediction | None, "hot_switch": Prediction, "speedup": float}."""
+    static_list = static_strategies(cluster, model)
+    statics = [predict(model, cluster, st, lengths, micro_batch_tokens or int(bounds[0])) for st in static_list]
+    fitting = [(p, st) for p, st in zip(statics, static_list) if p.fits]
+    best_static, best_static_strategy = min(fitting, key=lambda o: o[0].time_s) if fitting else (None, None)
+    buckets = bucketize(lengths, bounds)
+    bound_of = [int(b) for b in bounds[:-1]]
+    if strategies is None:
+        # Per bucket, the `candidates` fastest strategies that hold it; then every combination,
+        # switch costs included (the fastest per bucket alone can lose to the switches).
+        options = []
+        for seqs, bound in zip(buckets, bound_of):
+            ranked = sorted(((predict(model, cluster, st, seqs, micro_batch_tokens or bound), st)
+                             for st in static_strategies(cluster, model)), key=lambda o: o[0].time_s)
+            ranked = [st for p, st in ranked if p.fits]
+            if not ranked:
+                raise HotSPaError(f"no strategy holds a bucket of lengths up to {max(seqs, default=0)} in "
+                                  f"{cluster.memory / 2**30:.0f} GiB per device")
+            top = ranked[:candidates] if seqs else ranked[:1]
+            if best_static_strategy is not None and best_static_strategy not in top:
+                top.append(best_static_strategy)  # one strategy throughout is always a candidate
+            options.append(top)
+        chosen = min((list(c) for c in itertools.product(*options)),
+                     key=lambda c: _hot_step(model, cluster, c, buckets, bound_of, micro_batch_tokens)[0])
+    else:
+        chosen = [parse_strategy(s) if isinstance(s, str) else s for s in strategies]
+        if len(chosen) != len(buckets):
+            raise HotSPaError(f"{len(buckets)} buckets need as many strategies, found {len(chosen)}")
+    total, memory, parts = _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=True)
     hot = Prediction("hot:" + "|".join(str(s) for s in chosen), total, memory, True, {"buckets": parts})
     speedup = best_static.time_s / total if best_static is not None and total > 0 else float("nan")
     return {"static": statics, "best_static": best_static, "hot_switch": hot, "speedup": speedup}
