@@ -51,8 +51,17 @@ class DynamicBatcher:
     dynamic batching switched off); `on_batch(record)` is called after every run.
     """
 
-    def __init__(self, name: str, run: Callable[[Arrays], Arrays], *, max_batch_size: int, max_delay_s: float,
-                 workers: int = 1, batched: bool = True, on_batch: Callable[[BatchRecord], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[Arrays], Arrays],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        workers: int = 1,
+        batched: bool = True,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+    ):
         self.name, self._run = name, run
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_delay_s = max(0.0, float(max_delay_s))
@@ -62,8 +71,10 @@ class DynamicBatcher:
         self._queued_rows = 0
         self._cond = threading.Condition()
         self._closing = False
-        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
-                         for i in range(max(1, int(workers)))]
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(max(1, int(workers)))
+        ]
         for t in self._threads:
             t.start()
 
@@ -139,8 +150,10 @@ class DynamicBatcher:
             total = sum(rows)
             for name, value in outputs.items():
                 if value.ndim == 0 or value.shape[0] != total:
-                    raise ModelError(f"model {self.name!r}: output {name!r} has shape {list(value.shape)}, "
-                                     f"expected {total} rows (one per input row)")
+                    raise ModelError(
+                        f"model {self.name!r}: output {name!r} has shape {list(value.shape)}, "
+                        f"expected {total} rows (one per input row)"
+                    )
         except Exception:  # noqa: BLE001 - one bad request must not fail the others: run each alone
             self._record(len(batch), sum(rows), time.perf_counter() - start, queue_s, failed=True)
             for p in batch:
@@ -158,8 +171,11 @@ class DynamicBatcher:
             outputs = self._run(pending.inputs)
         except Exception as exc:  # noqa: BLE001 - the model's failure goes to this request only
             self._record(1, pending.rows, time.perf_counter() - start, queue_s, failed=True)
-            error = exc if isinstance(exc, ModelError) else ModelError(
-                f"model {self.name!r} failed on this request: {type(exc).__name__}: {exc}")
+            error = (
+                exc
+                if isinstance(exc, ModelError)
+                else ModelError(f"model {self.name!r} failed on this request: {type(exc).__name__}: {exc}")
+            )
             pending.future.set_exception(error)
             return
         self._record(1, pending.rows, time.perf_counter() - start, queue_s)

@@ -31,9 +31,18 @@ from luoshu.serving.server import InferenceServer, ServerError
 
 # Which repeated field of InferTensorContents carries each datatype (FP16 and BF16: raw only).
 _CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
-    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
 }
 
 
@@ -55,8 +64,9 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
         has_contents = tensor.HasField("contents")
         if raw:
             if has_contents:
-                raise RequestError(f"input {name!r} sets 'contents' while the request uses raw_input_contents; "
-                                   "use one or the other")
+                raise RequestError(
+                    f"input {name!r} sets 'contents' while the request uses raw_input_contents; use one or the other"
+                )
             inputs[name] = array_from_bytes(name, tensor.datatype, list(tensor.shape), raw[i])
             continue
         where = f"input {name!r}"
@@ -69,8 +79,9 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
             raise RequestError(f"{where}: no contents and no raw_input_contents")
         for other in set(_CONTENTS_FIELD.values()) - {field}:
             if len(getattr(tensor.contents, other)):
-                raise RequestError(f"{where}: datatype {tensor.datatype} expects its values in {field}, "
-                                   f"found them in {other}")
+                raise RequestError(
+                    f"{where}: datatype {tensor.datatype} expects its values in {field}, found them in {other}"
+                )
         values = getattr(tensor.contents, field)
         n = int(np.prod(shape)) if shape else 1
         if len(values) != n:
@@ -92,8 +103,9 @@ def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
     return InferRequest(msg.model_name, msg.model_version or None, inputs, msg.id or None, outputs, True, params)
 
 
-def encode_response(model_name: str, model_version: str, request: InferRequest,
-                    outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+def encode_response(
+    model_name: str, model_version: str, request: InferRequest, outputs: dict[str, np.ndarray]
+) -> pb.ModelInferResponse:
     reply = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request.id or "")
     names = [o.name for o in request.outputs] if request.outputs is not None else list(outputs)
     for name in names:
@@ -159,11 +171,15 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
 def create_grpc_server(server: InferenceServer) -> tuple[grpc.Server, int]:
     """A grpc.Server with the service on `config.host:config.grpc_port` (not started) and its bound port."""
     config = server.config
-    options = [("grpc.max_receive_message_length", config.max_body_bytes),
-               ("grpc.max_send_message_length", max(config.max_body_bytes, 64 << 20)),
-               ("grpc.so_reuseport", 0)]
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.grpc_threads,
-                                                         thread_name_prefix="luoshu-serve-grpc"), options=options)
+    options = [
+        ("grpc.max_receive_message_length", config.max_body_bytes),
+        ("grpc.max_send_message_length", max(config.max_body_bytes, 64 << 20)),
+        ("grpc.so_reuseport", 0),
+    ]
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.grpc_threads, thread_name_prefix="luoshu-serve-grpc"),
+        options=options,
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Service(server), grpc_server)
     host = f"[{config.host}]" if ":" in config.host else config.host
     try:

@@ -105,8 +105,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"the request body has {declared} bytes, above the limit of {limit}")
     if request.headers.get("content-encoding", "identity") not in ("identity", ""):
-        raise RequestError(f"unsupported Content-Encoding {request.headers['content-encoding']!r}; "
-                           "send the body uncompressed")
+        raise RequestError(
+            f"unsupported Content-Encoding {request.headers['content-encoding']!r}; send the body uncompressed"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -147,4 +148,3 @@ def _known(server: InferenceServer, name: str, version: str | None) -> tuple[str
     except RequestError:
         return "", ""
     return entry.name, entry.version
-

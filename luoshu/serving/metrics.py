@@ -49,13 +49,23 @@ class ModelStats:
     def as_dict(self, name: str, version: str) -> dict:
         zero = {"count": 0, "ns": 0}
         return {
-            "name": name, "version": version, "last_inference": self.last_inference_ms,
-            "inference_count": self.inference_count, "execution_count": self.execution_count,
-            "inference_stats": {"success": self.success.as_dict(), "fail": self.fail.as_dict(),
-                                "queue": self.queue.as_dict(), "compute_input": zero,
-                                "compute_infer": self.compute_infer.as_dict(), "compute_output": zero},
-            "batch_stats": [{"batch_size": size, "compute_input": zero, "compute_infer": d.as_dict(),
-                             "compute_output": zero} for size, d in sorted(self.batches.items())],
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.as_dict(),
+                "fail": self.fail.as_dict(),
+                "queue": self.queue.as_dict(),
+                "compute_input": zero,
+                "compute_infer": self.compute_infer.as_dict(),
+                "compute_output": zero,
+            },
+            "batch_stats": [
+                {"batch_size": size, "compute_input": zero, "compute_infer": d.as_dict(), "compute_output": zero}
+                for size, d in sorted(self.batches.items())
+            ],
         }
 
 
@@ -65,20 +75,43 @@ class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         labels = ("model", "version")
-        self.requests = Counter("luoshu_inference_requests", "Inference requests by outcome",
-                                (*labels, "protocol", "status"), registry=self.registry)
-        self.latency = Histogram("luoshu_inference_request_duration_seconds",
-                                 "Inference request latency, arrival to reply", (*labels, "protocol"),
-                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.queue_time = Histogram("luoshu_inference_queue_duration_seconds",
-                                    "Time a request waited in its model's queue", labels,
-                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("luoshu_inference_batch_size", "Rows per run of the model", labels,
-                                    buckets=_BATCH_BUCKETS, registry=self.registry)
-        self.executions = Counter("luoshu_inference_executions", "Runs of the model (batches)", labels,
-                                  registry=self.registry)
-        self.compute_time = Histogram("luoshu_inference_compute_duration_seconds", "Seconds per run of the model",
-                                      labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "luoshu_inference_requests",
+            "Inference requests by outcome",
+            (*labels, "protocol", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "luoshu_inference_request_duration_seconds",
+            "Inference request latency, arrival to reply",
+            (*labels, "protocol"),
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "luoshu_inference_queue_duration_seconds",
+            "Time a request waited in its model's queue",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "luoshu_inference_batch_size",
+            "Rows per run of the model",
+            labels,
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.executions = Counter(
+            "luoshu_inference_executions", "Runs of the model (batches)", labels, registry=self.registry
+        )
+        self.compute_time = Histogram(
+            "luoshu_inference_compute_duration_seconds",
+            "Seconds per run of the model",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._stats: dict[tuple[str, str], ModelStats] = {}
         self._lock = threading.Lock()
         self._stores: list = []
@@ -126,12 +159,12 @@ class _StoreCollector:
         self._stores = stores
 
     def collect(self):
-        lookups = CounterMetricFamily("luoshu_embedding_lookups", "Unique ids looked up per tier",
-                                      labels=("table", "tier"))
+        lookups = CounterMetricFamily(
+            "luoshu_embedding_lookups", "Unique ids looked up per tier", labels=("table", "tier")
+        )
         hits = CounterMetricFamily("luoshu_embedding_hits", "Unique ids found per tier", labels=("table", "tier"))
         rate = GaugeMetricFamily("luoshu_embedding_hit_rate", "Hits / lookups per tier", labels=("table", "tier"))
-        seconds = CounterMetricFamily("luoshu_embedding_lookup_seconds", "Seconds spent in lookups",
-                                      labels=("table",))
+        seconds = CounterMetricFamily("luoshu_embedding_lookup_seconds", "Seconds spent in lookups", labels=("table",))
         calls = CounterMetricFamily("luoshu_embedding_lookup_calls", "Lookup calls", labels=("table",))
         for store in self._stores:
             for table, tiers in store.stats().items():

@@ -138,8 +138,9 @@ def array_from_json(name: str, datatype: object, shape: object, data: object) ->
         except (ValueError, TypeError):
             raise RequestError(f"{where}: 'data' is not a rectangular array of numbers") from None
         if raw.size and raw.dtype.kind not in _JSON_KINDS[dtype.kind]:
-            raise RequestError(f"{where}: datatype {datatype} expects {_kind_words(dtype)} in 'data', "
-                               f"found {_found_words(raw)}")
+            raise RequestError(
+                f"{where}: datatype {datatype} expects {_kind_words(dtype)} in 'data', found {_found_words(raw)}"
+            )
         if dtype.kind in "iu" and raw.size:
             info = np.iinfo(dtype)
             if raw.min() < info.min or raw.max() > info.max:
@@ -156,7 +157,8 @@ def _kind_words(dtype: np.dtype) -> str:
 
 def _found_words(raw: np.ndarray) -> str:
     return {"b": "booleans", "f": "non-integer numbers", "U": "strings", "S": "strings", "O": "mixed values"}.get(
-        raw.dtype.kind, raw.dtype.name)
+        raw.dtype.kind, raw.dtype.name
+    )
 
 
 def array_from_bytes(name: str, datatype: object, shape: object, buffer: bytes | memoryview) -> np.ndarray:
@@ -183,7 +185,7 @@ def _bytes_elements(where: str, buffer: bytes | memoryview, n: int) -> np.ndarra
         pos += 4
         if pos + size > len(buffer):
             raise RequestError(f"{where}: BYTES element {len(out)} claims {size} bytes past the buffer's end")
-        out.append(bytes(buffer[pos:pos + size]))
+        out.append(bytes(buffer[pos : pos + size]))
         pos += size
     if pos != len(buffer):
         raise RequestError(f"{where}: {len(buffer) - pos} bytes left over after {n} BYTES elements")
@@ -212,8 +214,9 @@ def array_to_json_data(array: np.ndarray) -> list:
 HEADER_LENGTH = "inference-header-content-length"
 
 
-def parse_http_request(model_name: str, model_version: str | None, body: bytes,
-                       header_length: str | None) -> InferRequest:
+def parse_http_request(
+    model_name: str, model_version: str | None, body: bytes, header_length: str | None
+) -> InferRequest:
     """The JSON body (with the binary tensor extension's trailing bytes where `header_length` is given)."""
     if header_length is not None:
         try:
@@ -260,10 +263,13 @@ def parse_http_request(model_name: str, model_version: str | None, body: bytes,
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise RequestError(f"input {name!r}: binary_data_size must be a non-negative integer, found {size!r}")
             if offset + size > len(binary):
-                raise RequestError(f"input {name!r}: binary_data_size {size} runs past the body's "
-                                   f"{len(binary) - offset} remaining binary bytes")
-            inputs[name] = array_from_bytes(name, tensor.get("datatype"), tensor.get("shape"),
-                                            binary[offset:offset + size])
+                raise RequestError(
+                    f"input {name!r}: binary_data_size {size} runs past the body's "
+                    f"{len(binary) - offset} remaining binary bytes"
+                )
+            inputs[name] = array_from_bytes(
+                name, tensor.get("datatype"), tensor.get("shape"), binary[offset : offset + size]
+            )
             offset += size
         else:
             inputs[name] = array_from_json(name, tensor.get("datatype"), tensor.get("shape"), tensor.get("data"))
@@ -279,8 +285,15 @@ def parse_http_request(model_name: str, model_version: str | None, body: bytes,
                 raise RequestError(f"outputs[{i}] must be an object with a string 'name', found {out!r:.80}")
             params = _parameters(out.get("parameters"), f"output {out['name']!r}")
             outputs.append(RequestedOutput(out["name"], bool(params.get("binary_data", False))))
-    return InferRequest(model_name, model_version, inputs, request_id, outputs,
-                        bool(parameters.get("binary_data_output", False)), parameters)
+    return InferRequest(
+        model_name,
+        model_version,
+        inputs,
+        request_id,
+        outputs,
+        bool(parameters.get("binary_data_output", False)),
+        parameters,
+    )
 
 
 def _parameters(params: object, where: str) -> dict:
@@ -291,8 +304,9 @@ def _parameters(params: object, where: str) -> dict:
     return params
 
 
-def http_response_body(model_name: str, model_version: str, request: InferRequest,
-                       outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
+def http_response_body(
+    model_name: str, model_version: str, request: InferRequest, outputs: dict[str, np.ndarray]
+) -> tuple[bytes, int | None]:
     """(body, JSON header length or None): binary outputs follow the JSON header when any is asked for."""
     tensors, chunks = [], []
     for out in _selected(request, outputs):
@@ -347,17 +361,23 @@ def check_inputs(model_name: str, specs, inputs: dict[str, np.ndarray], max_batc
         array = inputs[spec.name]
         want = np.dtype(spec.dtype)
         if array.dtype != want and not (want.kind in "OSU" and array.dtype.kind == "O"):
-            raise RequestError(f"model {model_name!r}, input {spec.name!r}: expected datatype "
-                               f"{datatype_of(want)}, found {datatype_of(array.dtype)}")
+            raise RequestError(
+                f"model {model_name!r}, input {spec.name!r}: expected datatype "
+                f"{datatype_of(want)}, found {datatype_of(array.dtype)}"
+            )
         shape = tuple(spec.shape)
         ok = len(shape) == array.ndim and all(d == -1 or d == f for d, f in zip(shape, array.shape))
         if not ok:
-            raise RequestError(f"model {model_name!r}, input {spec.name!r}: expected shape {list(shape)} "
-                               f"(-1: any size), found {list(array.shape)}")
+            raise RequestError(
+                f"model {model_name!r}, input {spec.name!r}: expected shape {list(shape)} "
+                f"(-1: any size), found {list(array.shape)}"
+            )
         if shape and shape[0] == -1:
             if rows is not None and array.shape[0] != rows:
-                raise RequestError(f"model {model_name!r}, input {spec.name!r}: batch size {array.shape[0]} "
-                                   f"differs from the other inputs' {rows}")
+                raise RequestError(
+                    f"model {model_name!r}, input {spec.name!r}: batch size {array.shape[0]} "
+                    f"differs from the other inputs' {rows}"
+                )
             rows = array.shape[0]
     if rows is not None and max_batch_size is not None and rows > max_batch_size:
         raise RequestError(f"model {model_name!r}: batch size {rows} is above the maximum {max_batch_size}")

@@ -101,10 +101,14 @@ class _Entry:
         self.max_batch_size = config.max_batch_size if self.batchable else None
         name, version = self.name, self.version
         self.batcher = DynamicBatcher(
-            f"{name}:{version}", self._run, max_batch_size=config.max_batch_size,
-            max_delay_s=config.max_queue_delay_ms / 1000.0, workers=config.workers,
+            f"{name}:{version}",
+            self._run,
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_queue_delay_ms / 1000.0,
+            workers=config.workers,
             batched=config.dynamic_batching and self.batchable,
-            on_batch=lambda record: metrics.on_batch(name, version, record))
+            on_batch=lambda record: metrics.on_batch(name, version, record),
+        )
 
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self.model(inputs)
@@ -114,18 +118,29 @@ class _Entry:
         def tensor(s):
             return {"name": s.name, "datatype": datatype_of(s.dtype), "shape": list(s.shape)}
 
-        return {"name": self.name, "versions": versions, "platform": PLATFORM,
-                "inputs": [tensor(s) for s in self.inputs], "outputs": [tensor(s) for s in self.outputs]}
+        return {
+            "name": self.name,
+            "versions": versions,
+            "platform": PLATFORM,
+            "inputs": [tensor(s) for s in self.inputs],
+            "outputs": [tensor(s) for s in self.outputs],
+        }
 
     def config(self) -> dict:
         """Triton's model configuration, the parts that apply."""
+
         def tensor(s):
             dims = list(s.shape[1:]) if self.batchable else list(s.shape)
             data_type = "TYPE_" + datatype_of(s.dtype).replace("BYTES", "STRING")
             return {"name": s.name, "data_type": data_type, "dims": dims}
 
-        out = {"name": self.name, "platform": PLATFORM, "max_batch_size": self.max_batch_size or 0,
-               "input": [tensor(s) for s in self.inputs], "output": [tensor(s) for s in self.outputs]}
+        out = {
+            "name": self.name,
+            "platform": PLATFORM,
+            "max_batch_size": self.max_batch_size or 0,
+            "input": [tensor(s) for s in self.inputs],
+            "output": [tensor(s) for s in self.outputs],
+        }
         if self.batcher.batched:
             out["dynamic_batching"] = {"max_queue_delay_microseconds": int(self.batcher.max_delay_s * 1e6)}
         return out
@@ -217,8 +232,9 @@ class InferenceServer:
             if version in (None, ""):
                 version = max(versions, key=_version_key)
             if version not in versions:
-                raise NotFoundError(f"model {name!r} has no version {version!r}; "
-                                    f"versions are {sorted(versions, key=_version_key)}")
+                raise NotFoundError(
+                    f"model {name!r} has no version {version!r}; versions are {sorted(versions, key=_version_key)}"
+                )
             return versions[version]
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
@@ -237,8 +253,11 @@ class InferenceServer:
         return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
 
     def statistics(self, name: str | None = None, version: str | None = None) -> dict:
-        entries = [self.entry(name, version)] if name else [
-            e for n in self.model_names() for e in (self._entries[n][v] for v in self.versions(n))]
+        entries = (
+            [self.entry(name, version)]
+            if name
+            else [e for n in self.model_names() for e in (self._entries[n][v] for v in self.versions(n))]
+        )
         return {"model_stats": [self.metrics.stats(e.name, e.version).as_dict(e.name, e.version) for e in entries]}
 
     # --- inference ------------------------------------------------------------------------------------
@@ -287,11 +306,17 @@ class InferenceServer:
             raise ServerError(f"cannot bind HTTP on {self.config.host}:{self.config.http_port}: {exc}") from None
         sock.listen(2048)
         self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(self), log_level="warning", lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=self.config.drain_timeout_s)
+        config = uvicorn.Config(
+            create_app(self),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=self.config.drain_timeout_s,
+        )
         self._http = uvicorn.Server(config)
-        self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [sock]},
-                                             name="luoshu-serve-http", daemon=True)
+        self._http_thread = threading.Thread(
+            target=self._http.run, kwargs={"sockets": [sock]}, name="luoshu-serve-http", daemon=True
+        )
         self._http_thread.start()
         deadline = time.monotonic() + 30
         while not self._http.started:
@@ -350,4 +375,3 @@ class InferenceServer:
 def serve(models: Sequence[ModelSource], **config) -> InferenceServer:
     """Starts a server on the given models (keyword arguments: `ServerConfig` fields) and waits until ready."""
     return InferenceServer(models, ServerConfig(**config)).start(wait=True)
-

@@ -42,8 +42,15 @@ def packages(tmp_path_factory):
 
         ls.manual_seed(models_seed)
         mlp = models.build("mlp", in_features=6, hidden=(8,), num_classes=3)
-        out[f"mlp{version}"] = export(root / f"mlp-v{version}", mlp, np.zeros((2, 6), np.float32),
-                                      name="mlp", version=version, input_names=["x"], output_names=["logits"])
+        out[f"mlp{version}"] = export(
+            root / f"mlp-v{version}",
+            mlp,
+            np.zeros((2, 6), np.float32),
+            name="mlp",
+            version=version,
+            input_names=["x"],
+            output_names=["logits"],
+        )
     dcn = models.build("dcn", **DCN_SHAPE)
     out["dcn"] = export(root / "dcn", dcn, (np.zeros((2, 4), np.float32), np.zeros((2, 6), np.int64)), name="dcn")
     return out
