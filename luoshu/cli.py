@@ -156,17 +156,24 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="threads running each model (default 1)")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20),
                    help="largest request body / gRPC message accepted, MiB (default 64)")
+    p.add_argument("--embedding-store", metavar="CONFIG.json",
+                   help="serve the packages' embedding tables named in this store config from the tiered store "
+                        "(hot cache -> host memory -> RocksDB); see luoshu/serving/embedding_store.py")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from luoshu.serving.server import InferenceServer, ServerConfig
+    from luoshu.serving.server import InferenceServer, ServerConfig, store_backed_sources
 
     config = ServerConfig(host=args.host, http_port=None if args.http_port < 0 else args.http_port,
                           grpc_port=None if args.grpc_port < 0 else args.grpc_port,
                           max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
                           dynamic_batching=not args.no_dynamic_batching, workers=args.workers,
                           max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    server = InferenceServer(args.packages, config)
+    sources, stores = list(args.packages), []
+    if args.embedding_store:
+        sources, store = store_backed_sources(args.packages, args.embedding_store)
+        stores.append(store)
+    server = InferenceServer(sources, config, stores=stores)
 
     def announce() -> None:
         server.wait_ready()

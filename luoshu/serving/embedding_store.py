@@ -51,8 +51,12 @@ import numpy as np
 from luoshu.core.errors import Error
 
 CACHE_POLICIES = ("lru", "lfu")
-OVERFLOW_POLICIES = {"evict_least_used": "lfu", "evict_least_recent": "lru", "evict_oldest": "fifo",
-                     "evict_random": "random"}
+OVERFLOW_POLICIES = {
+    "evict_least_used": "lfu",
+    "evict_least_recent": "lru",
+    "evict_oldest": "fifo",
+    "evict_random": "random",
+}
 TIERS = ("hot_cache", "host", "persistent")
 _TICK_BITS = 40  # LFU scores put the use count above the last-use tick
 
@@ -66,6 +70,7 @@ class ReadOnlyTierError(StoreError):
 
 
 # --- configuration ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class TableConfig:
@@ -87,24 +92,31 @@ class TableConfig:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim <= 0:
             raise StoreError(f"{where}: dim must be a positive integer, found {self.dim!r}")
         if isinstance(self.cache_capacity, bool) or not isinstance(self.cache_capacity, int) or self.cache_capacity < 0:
-            raise StoreError(f"{where}: hot_cache capacity must be a non-negative integer, found {self.cache_capacity!r}")
+            raise StoreError(
+                f"{where}: hot_cache capacity must be a non-negative integer, found {self.cache_capacity!r}"
+            )
         if self.cache_policy not in CACHE_POLICIES:
             raise StoreError(f"{where}: hot_cache policy must be one of {CACHE_POLICIES}, found {self.cache_policy!r}")
-        if self.host_capacity is not None and (isinstance(self.host_capacity, bool)
-                                               or not isinstance(self.host_capacity, int) or self.host_capacity < 1):
-            raise StoreError(f"{where}: volatile_db capacity must be a positive integer or null, "
-                             f"found {self.host_capacity!r}")
+        if self.host_capacity is not None and (
+            isinstance(self.host_capacity, bool) or not isinstance(self.host_capacity, int) or self.host_capacity < 1
+        ):
+            raise StoreError(
+                f"{where}: volatile_db capacity must be a positive integer or null, found {self.host_capacity!r}"
+            )
         if self.overflow_policy not in OVERFLOW_POLICIES:
-            raise StoreError(f"{where}: overflow_policy must be one of {sorted(OVERFLOW_POLICIES)}, "
-                             f"found {self.overflow_policy!r}")
+            raise StoreError(
+                f"{where}: overflow_policy must be one of {sorted(OVERFLOW_POLICIES)}, found {self.overflow_policy!r}"
+            )
         for key in ("overflow_resolution_target", "initial_cache_rate"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise StoreError(f"{where}: {key} must be a number in [0, 1], found {value!r}")
         default = np.asarray(self.default_value, dtype=np.float64)
         if default.ndim > 1 or (default.ndim == 1 and default.shape[0] != self.dim):
-            raise StoreError(f"{where}: default_value must be a number or a list of {self.dim} numbers, "
-                             f"found shape {list(default.shape)}")
+            raise StoreError(
+                f"{where}: default_value must be a number or a list of {self.dim} numbers, "
+                f"found shape {list(default.shape)}"
+            )
 
     def default_row(self) -> np.ndarray:
         return np.broadcast_to(np.asarray(self.default_value, dtype=self.dtype), (self.dim,)).copy()
@@ -129,8 +141,12 @@ class StoreConfig:
             raise StoreError(f"an embedding store config must be a JSON object, found {type(source).__name__}")
         _known(source, {"hot_cache", "volatile_db", "persistent_db", "tables", "refresh_interval_s"}, "the config")
         top_cache = _section(source, "hot_cache", {"capacity", "policy"}, "the config")
-        top_host = _section(source, "volatile_db", {"capacity", "overflow_policy", "overflow_resolution_target",
-                                                     "initial_cache_rate", "type"}, "the config")
+        top_host = _section(
+            source,
+            "volatile_db",
+            {"capacity", "overflow_policy", "overflow_resolution_target", "initial_cache_rate", "type"},
+            "the config",
+        )
         persistent = _section(source, "persistent_db", {"type", "path", "read_only"}, "the config")
         if persistent and persistent.get("type", "rocks_db") != "rocks_db":
             raise StoreError(f"persistent_db type must be 'rocks_db', found {persistent.get('type')!r}")
@@ -145,15 +161,27 @@ class StoreConfig:
                 raise StoreError(f"tables[{i}] must be an object, found {t!r}")
             _known(t, {"name", "dim", "default_value", "hot_cache", "volatile_db", "dtype"}, f"tables[{i}]")
             cache = {**top_cache, **_section(t, "hot_cache", {"capacity", "policy"}, f"tables[{i}]")}
-            host = {**top_host, **_section(t, "volatile_db", {"capacity", "overflow_policy",
-                                                              "overflow_resolution_target", "initial_cache_rate",
-                                                              "type"}, f"tables[{i}]")}
+            host = {
+                **top_host,
+                **_section(
+                    t,
+                    "volatile_db",
+                    {"capacity", "overflow_policy", "overflow_resolution_target", "initial_cache_rate", "type"},
+                    f"tables[{i}]",
+                ),
+            }
             config = TableConfig(
-                name=t.get("name"), dim=t.get("dim"), default_value=t.get("default_value", 0.0),
-                cache_capacity=cache.get("capacity", 4096), cache_policy=cache.get("policy", "lru"),
-                host_capacity=host.get("capacity"), overflow_policy=host.get("overflow_policy", "evict_least_used"),
+                name=t.get("name"),
+                dim=t.get("dim"),
+                default_value=t.get("default_value", 0.0),
+                cache_capacity=cache.get("capacity", 4096),
+                cache_policy=cache.get("policy", "lru"),
+                host_capacity=host.get("capacity"),
+                overflow_policy=host.get("overflow_policy", "evict_least_used"),
                 overflow_resolution_target=host.get("overflow_resolution_target", 0.8),
-                initial_cache_rate=host.get("initial_cache_rate", 1.0), dtype=t.get("dtype", "float32"))
+                initial_cache_rate=host.get("initial_cache_rate", 1.0),
+                dtype=t.get("dtype", "float32"),
+            )
             if config.name in tables:
                 raise StoreError(f"embedding table {config.name!r} is configured twice")
             tables[config.name] = config
@@ -179,6 +207,7 @@ def _section(doc: dict, key: str, keys: set, where: str) -> dict:
 
 # --- the volatile tiers ---------------------------------------------------------------------------------
 
+
 @dataclass
 class TierStats:
     lookups: int = 0  # unique ids that reached the tier
@@ -197,8 +226,9 @@ class RowTier:
     evicts down to once a put would pass capacity (1.0: just enough).
     """
 
-    def __init__(self, dim: int, capacity: int | None, policy: str, dtype=np.float32, target: float = 1.0,
-                 seed: int = 0):
+    def __init__(
+        self, dim: int, capacity: int | None, policy: str, dtype=np.float32, target: float = 1.0, seed: int = 0
+    ):
         self.dim, self.capacity, self.policy, self.target = dim, capacity, policy, target
         self.dtype = np.dtype(dtype)
         self.stats = TierStats()
@@ -298,11 +328,12 @@ class RowTier:
             self._score = np.concatenate([self._score, np.zeros(size - old, np.int64)])
             self._count = np.concatenate([self._count, np.zeros(size - old, np.int64)])
             self._free = np.concatenate([np.arange(size - 1, old - 1, -1, dtype=np.int64), self._free])
-        slots, self._free = self._free[len(self._free) - n:], self._free[: len(self._free) - n]
+        slots, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
         return slots
 
 
 # --- the persistent tier ----------------------------------------------------------------------------------
+
 
 class RocksTier:
     """Every row of one table in RocksDB (`rocksdict`, raw mode): 8-byte big-endian id -> row bytes."""
@@ -331,7 +362,7 @@ class RocksTier:
     @staticmethod
     def _keys(ids: np.ndarray) -> list[bytes]:
         raw = ids.astype(">i8").tobytes()
-        return [raw[i:i + 8] for i in range(0, len(raw), 8)]
+        return [raw[i : i + 8] for i in range(0, len(raw), 8)]
 
     def get(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, rows of the found) for unique ids."""
@@ -343,26 +374,33 @@ class RocksTier:
         hits = [v for v in values if v is not None]
         for v in hits[:1]:
             if len(v) != self._row_bytes:
-                raise StoreError(f"persistent tier {self.path}: a row has {len(v)} bytes, expected {self._row_bytes} "
-                                 f"({self.dim} x {self.dtype.name}); was it written for another table?")
+                raise StoreError(
+                    f"persistent tier {self.path}: a row has {len(v)} bytes, expected {self._row_bytes} "
+                    f"({self.dim} x {self.dtype.name}); was it written for another table?"
+                )
         self.stats.hits += len(hits)
-        rows = np.frombuffer(b"".join(hits), self.dtype).reshape(-1, self.dim) if hits else np.empty(
-            (0, self.dim), self.dtype)
+        rows = (
+            np.frombuffer(b"".join(hits), self.dtype).reshape(-1, self.dim)
+            if hits
+            else np.empty((0, self.dim), self.dtype)
+        )
         return found, rows
 
     def put(self, ids: np.ndarray, rows: np.ndarray, chunk: int = 1 << 16) -> None:
         if self.read_only:
-            raise ReadOnlyTierError(f"the persistent tier at {self.path} is read-only; it refuses writes "
-                                    f"({len(ids)} rows); open the store with read_only false to update it")
+            raise ReadOnlyTierError(
+                f"the persistent tier at {self.path} is read-only; it refuses writes "
+                f"({len(ids)} rows); open the store with read_only false to update it"
+            )
         from rocksdict import WriteBatch
 
         rows = np.ascontiguousarray(rows, self.dtype)
         for start in range(0, len(ids), chunk):
             batch = WriteBatch(raw_mode=True)
-            part = rows[start:start + chunk]
+            part = rows[start : start + chunk]
             raw = part.tobytes()
-            for i, key in enumerate(self._keys(ids[start:start + chunk])):
-                batch.put(key, raw[i * self._row_bytes:(i + 1) * self._row_bytes])
+            for i, key in enumerate(self._keys(ids[start : start + chunk])):
+                batch.put(key, raw[i * self._row_bytes : (i + 1) * self._row_bytes])
             self._db.write(batch)
 
     def count(self) -> int:
@@ -374,15 +412,24 @@ class RocksTier:
 
 # --- the store ----------------------------------------------------------------------------------------------
 
+
 class _Table:
     def __init__(self, config: TableConfig, persistent: RocksTier | None):
         self.config = config
         self.dim, self.dtype = config.dim, np.dtype(config.dtype)
         self.default = config.default_row()
-        self.cache = (RowTier(config.dim, config.cache_capacity, config.cache_policy, self.dtype)
-                      if config.cache_capacity else None)
-        self.host = RowTier(config.dim, config.host_capacity, OVERFLOW_POLICIES[config.overflow_policy], self.dtype,
-                            target=config.overflow_resolution_target)
+        self.cache = (
+            RowTier(config.dim, config.cache_capacity, config.cache_policy, self.dtype)
+            if config.cache_capacity
+            else None
+        )
+        self.host = RowTier(
+            config.dim,
+            config.host_capacity,
+            OVERFLOW_POLICIES[config.overflow_policy],
+            self.dtype,
+            target=config.overflow_resolution_target,
+        )
         self.persistent = persistent
         self.defaults = 0  # unique ids found in no tier
         self.lookup_calls = 0
@@ -402,8 +449,12 @@ class EmbeddingStore:
         for name, tc in self.config.tables.items():
             persistent = None
             if self.config.persistent_path is not None:
-                persistent = RocksTier(Path(self.config.persistent_path) / _dir_name(name), tc.dim, tc.dtype,
-                                       self.config.persistent_read_only)
+                persistent = RocksTier(
+                    Path(self.config.persistent_path) / _dir_name(name),
+                    tc.dim,
+                    tc.dtype,
+                    self.config.persistent_read_only,
+                )
             self._tables[name] = _Table(tc, persistent)
         self._stop = threading.Event()
         self._refresher = None
@@ -438,8 +489,10 @@ class EmbeddingStore:
             raise StoreError(f"table {name!r}: ids repeat")
         capacity = t.config.host_capacity
         if t.persistent is None and capacity is not None and len(ids) > capacity:
-            raise StoreError(f"table {name!r}: {len(ids)} rows do not fit the host tier's capacity {capacity} and "
-                             "there is no persistent tier to hold the rest; configure persistent_db")
+            raise StoreError(
+                f"table {name!r}: {len(ids)} rows do not fit the host tier's capacity {capacity} and "
+                "there is no persistent tier to hold the rest; configure persistent_db"
+            )
         with t.lock:
             if t.persistent is not None:
                 t.persistent.put(ids, rows)
@@ -459,14 +512,17 @@ class EmbeddingStore:
         for name in store.tables:
             if name not in model.weights:
                 store.close()
-                raise StoreError(f"package {path}: no weight {name!r} for the embedding table; its weights are "
-                                 f"{sorted(model.weights)}")
+                raise StoreError(
+                    f"package {path}: no weight {name!r} for the embedding table; its weights are "
+                    f"{sorted(model.weights)}"
+                )
             store.load(name, model.weights[name].numpy())
         return store
 
     @classmethod
-    def from_ps_snapshots(cls, root, num_servers: int, config: StoreConfig | dict | str | os.PathLike
-                          ) -> EmbeddingStore:
+    def from_ps_snapshots(
+        cls, root, num_servers: int, config: StoreConfig | dict | str | os.PathLike
+    ) -> EmbeddingStore:
         """A store whose tables come from the newest good snapshot of each of `num_servers` parameter servers."""
         from luoshu.ps.snapshot import load_newest
 
@@ -532,15 +588,20 @@ class EmbeddingStore:
         """Queues fresh rows from a trainer; `refresh()` makes them visible."""
         t = self.table(name)
         if t.persistent is not None and t.persistent.read_only:
-            raise ReadOnlyTierError(f"table {name!r}: the persistent tier at {t.persistent.path} is read-only; "
-                                    "updates are refused (they would be lost on eviction)")
+            raise ReadOnlyTierError(
+                f"table {name!r}: the persistent tier at {t.persistent.path} is read-only; "
+                "updates are refused (they would be lost on eviction)"
+            )
         ids, rows = np.asarray(ids), np.asarray(rows)
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise StoreError(f"table {name!r}: update ids must be a 1-d integer array, found {ids.dtype} "
-                             f"{list(ids.shape)}")
+            raise StoreError(
+                f"table {name!r}: update ids must be a 1-d integer array, found {ids.dtype} {list(ids.shape)}"
+            )
         if rows.shape != (len(ids), t.dim) or rows.dtype.kind != "f":
-            raise StoreError(f"table {name!r}: update rows must be floats of shape {[len(ids), t.dim]}, found "
-                             f"{rows.dtype} {list(rows.shape)}")
+            raise StoreError(
+                f"table {name!r}: update rows must be floats of shape {[len(ids), t.dim]}, found "
+                f"{rows.dtype} {list(rows.shape)}"
+            )
         if not np.isfinite(rows).all():
             raise StoreError(f"table {name!r}: update rows contain NaN or infinite values; refused")
         t.updates.put((ids.astype(np.int64), rows.astype(t.dtype)))
@@ -587,9 +648,14 @@ class EmbeddingStore:
             tiers["host"] = t.host.stats.as_dict()
             if t.persistent is not None:
                 tiers["persistent"] = t.persistent.stats.as_dict()
-            out[name] = {"tiers": tiers, "defaults": t.defaults, "lookup_calls": t.lookup_calls,
-                         "lookup_seconds": t.lookup_seconds, "host_rows": len(t.host),
-                         "cache_rows": len(t.cache) if t.cache is not None else 0}
+            out[name] = {
+                "tiers": tiers,
+                "defaults": t.defaults,
+                "lookup_calls": t.lookup_calls,
+                "lookup_seconds": t.lookup_seconds,
+                "host_rows": len(t.host),
+                "cache_rows": len(t.cache) if t.cache is not None else 0,
+            }
         return out
 
     def close(self) -> None:

@@ -152,11 +152,13 @@ ModelSource = object  # an inference model, a package path, or a callable return
 class InferenceServer:
     """Serves models over the Open Inference Protocol (HTTP and gRPC); see the module docstring."""
 
-    def __init__(self, models: Sequence[ModelSource], config: ServerConfig | None = None):
+    def __init__(self, models: Sequence[ModelSource], config: ServerConfig | None = None, *, stores: Sequence = ()):
         if not models:
             raise ServerError("the server needs at least one model")
         self.config = config or ServerConfig()
         self.metrics = ServingMetrics()
+        for store in stores:  # embedding stores whose tiers /metrics reports
+            self.metrics.add_store(store)
         self._sources = list(models)
         self._entries: dict[str, dict[str, _Entry]] = {}
         self._lock = threading.Lock()
@@ -372,6 +374,39 @@ class InferenceServer:
         self.stop()
 
 
-def serve(models: Sequence[ModelSource], **config) -> InferenceServer:
+def serve(models: Sequence[ModelSource], *, stores: Sequence = (), **config) -> InferenceServer:
     """Starts a server on the given models (keyword arguments: `ServerConfig` fields) and waits until ready."""
-    return InferenceServer(models, ServerConfig(**config)).start(wait=True)
+    return InferenceServer(models, ServerConfig(**config), stores=stores).start(wait=True)
+
+
+def store_backed_sources(packages: Sequence[str | os.PathLike], store_config) -> tuple[list, object]:
+    """Model sources for `packages` whose weights named like the store's tables are served from one
+    `EmbeddingStore` (filled from the first package holding them, unless its RocksDB tier is read-only,
+    that is, already written); returns (sources, store)."""
+    from luoshu.serving.embedding_store import EmbeddingStore, StoreConfig
+    from luoshu.serving.package import load
+    from luoshu.serving.store_model import StoreBackedModel
+
+    config = store_config if isinstance(store_config, StoreConfig) else StoreConfig.from_json(store_config)
+    store = EmbeddingStore(config)
+    filled = threading.Lock()
+    state = {"filled": config.persistent_read_only}
+
+    def source(path):
+        def build():
+            model = load(path)
+            tables = {name: name for name in store.tables if name in model.weights}
+            if not tables:
+                return model
+            with filled:
+                if not state["filled"]:
+                    for name in tables:
+                        store.load(name, model.weights[name].numpy())
+                    state["filled"] = True
+            served = StoreBackedModel(model, store, tables)
+            served.release_tables()
+            return served
+
+        return build
+
+    return [source(p) for p in packages], store

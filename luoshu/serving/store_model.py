@@ -34,8 +34,10 @@ class StoreBackedModel:
             t = store.table(table)
             shape = tuple(model.weights[weight].shape)
             if len(shape) != 2 or shape[1] != t.dim:
-                raise StoreError(f"model {model.name!r}: weight {weight!r} has shape {list(shape)}, the store's table "
-                                 f"{table!r} has rows of {t.dim}")
+                raise StoreError(
+                    f"model {model.name!r}: weight {weight!r} has shape {list(shape)}, the store's table "
+                    f"{table!r} has rows of {t.dim}"
+                )
         table_of = {id(model.weights[w]): t for w, t in tables.items()}
         slot: dict[int, int] = {}
 
@@ -51,8 +53,10 @@ class StoreBackedModel:
             if table_reads:
                 if op.opdef.name not in _GATHER_OPS or table_reads != [0]:
                     name = table_of[id(op.inputs[table_reads[0]])]
-                    raise StoreError(f"model {model.name!r}: op {op.opdef.name!r} reads the table of {name!r} other "
-                                     f"than as an embedding lookup; only {_GATHER_OPS} can be served from the store")
+                    raise StoreError(
+                        f"model {model.name!r}: op {op.opdef.name!r} reads the table of {name!r} other "
+                        f"than as an embedding lookup; only {_GATHER_OPS} can be served from the store"
+                    )
                 table = table_of[id(op.inputs[0])]
                 served.add(table)
                 kernel = functools.partial(self._lookup, table)
@@ -84,7 +88,10 @@ class StoreBackedModel:
         checked = self.model.check_feeds(feeds)
         values: list = [None] * self._size
         for name, s in self._feeds:
-            values[s] = torch.from_numpy(np.ascontiguousarray(checked[name]))
+            array = checked[name]
+            if not (array.flags.writeable and array.flags.c_contiguous):  # torch wants its own writable copy
+                array = np.array(array)
+            values[s] = torch.from_numpy(array)
         for s, t in self._leaves:
             values[s] = t._value
         with torch.no_grad():
