@@ -1,8 +1,8 @@
 """The `luoshu` command line: a table of subcommands, each a parser set-up and a run function.
 
 A subcommand is one entry in `COMMANDS`. The work itself lives in the library (`luoshu/train.py` for
-`luoshu train`, `luoshu/dist/launch.py` for `luoshu launch`, `luoshu/serving/server.py` for
-`luoshu serve`), so this file stays thin.
+`luoshu train`, `luoshu/dist/launch.py` for `luoshu launch`, `luoshu/onnx` for `luoshu export-onnx`,
+`luoshu/serving/server.py` for `luoshu serve`), so this file stays thin.
 """
 
 from __future__ import annotations
@@ -194,6 +194,25 @@ def _quietly(fn) -> None:
         pass  # serve_forever reports the loading error
 
 
+# --- luoshu export-onnx -------------------------------------------------------------------------------
+
+def _export_onnx_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", metavar="PACKAGE", help="model package directory (luoshu.serving.export)")
+    p.add_argument("out", metavar="OUT.onnx", help="ONNX file to write (weights over 2 GB go to OUT.onnx.data)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or later; default 17)")
+    p.add_argument("--static-batch", type=int, default=None, metavar="N",
+                   help="fix the batch dimension to N instead of leaving it dynamic")
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from luoshu.onnx import export
+
+    static = args.static_batch
+    path = export(args.package, args.out, opset=args.opset, dynamic_batch=static is None, batch_size=static or 1)
+    print(f"wrote {path} (opset {args.opset}, {'batch ' + str(static) if static else 'dynamic batch'})")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model from the zoo on a dataset (default: DCN on synthetic click logs)",
                      _train_arguments, _run_train,
@@ -208,6 +227,8 @@ COMMANDS: dict[str, Command] = {
                      _serve_arguments, _run_serve,
                      description="Serve model packages over HTTP/REST and gRPC with the KServe v2 / Triton protocol, "
                                  "batching requests dynamically per model. Stops gracefully on SIGINT/SIGTERM."),
+    "export-onnx": Command("convert a model package to ONNX (walking luoshu's IR; checked with onnx.checker)",
+                           _export_onnx_arguments, _run_export_onnx),
 }
 
 

@@ -157,6 +157,25 @@ def trace(model, example_inputs, *, input_names=None, output_names=None, dynamic
     finally:
         for m, flag in was_training:
             object.__setattr__(m, "training", flag)
+    weight_names = {id(t): n for n, t in model.state_dict().items()}
+    return from_graph(graph, placeholders, outputs, output_names, weight_names, name=type(model).__name__.lower())
+
+
+def from_graph(
+    graph: Graph,
+    inputs: list[Tensor],
+    outputs: list[Tensor],
+    output_names=None,
+    weight_names: Mapping[int, str] | None = None,
+    *,
+    name: str,
+    version: int | str = 1,
+    metadata: dict | None = None,
+) -> InferenceModel:
+    """An `InferenceModel` over `outputs` of a define-and-run `graph` fed by the placeholders
+    `inputs`; every leaf the outputs read becomes a weight, named by `weight_names` (tensor id ->
+    name) or `const.N`."""
+    names = [t.name for t in inputs]
     if output_names is None:
         output_names = ["output"] if len(outputs) == 1 else [f"output{i}" for i in range(len(outputs))]
     output_names = list(output_names)
@@ -167,20 +186,22 @@ def trace(model, example_inputs, *, input_names=None, output_names=None, dynamic
         )
     if set(output_names) & set(names):
         raise Error(f"export: output names {output_names} clash with input names {names}")
-    weight_names = {id(t): n for n, t in model.state_dict().items()}
-    leaves = {}
-    for op in topological_ops(outputs, graph):
-        for t in op.inputs:
-            if (t.producer is None or t.graph is not graph) and t.kind != "placeholder" and id(t) not in leaves:
-                leaves[id(t)] = weight_names.get(id(t), f"const.{len(leaves)}")
-    for t in outputs:  # an output that is a weight itself
-        if t.producer is None and t.kind != "placeholder" and id(t) not in leaves:
-            leaves[id(t)] = weight_names.get(id(t), f"const.{len(leaves)}")
-    tensors_by_id = {id(t): t for op in topological_ops(outputs, graph) for t in op.inputs}
-    tensors_by_id.update({id(t): t for t in outputs})
-    weights = {key: tensors_by_id[tid] for tid, key in leaves.items()}
+    weight_names = weight_names or {}
+    fed = {id(t) for t in inputs}
+    ops = topological_ops(outputs, graph)
+    leaves: dict[int, Tensor] = {}
+    for t in [t for op in ops for t in op.inputs] + list(outputs):
+        if id(t) in fed or id(t) in leaves or (t.producer is not None and t.graph is graph):
+            continue
+        if t.kind == "placeholder":
+            raise Error(f"export: the outputs depend on placeholder {t.name!r}, which is not one of the inputs {names}")
+        leaves[id(t)] = t
+    keys = {tid: weight_names.get(tid, f"const.{i}") for i, tid in enumerate(leaves)}
+    if len(set(keys.values())) != len(keys):
+        raise Error("export: two weights share one name")
+    weights = {keys[tid]: t for tid, t in leaves.items()}
     return InferenceModel(
-        graph, placeholders, outputs, output_names, weights, name=type(model).__name__.lower(), version="1"
+        graph, inputs, outputs, output_names, weights, name=name, version=str(version), metadata=metadata
     )
 
 
@@ -263,7 +284,7 @@ class InferenceModel:
                 if batch is not None and arr.shape[0] != batch[1]:
                     raise FeedError(
                         f"model {self.name!r} input {spec.name!r}: batch size {arr.shape[0]} differs "
-                        f"from input {batch[0]!r}'s {batch[1]}"
+                        f"from the batch size {batch[1]} of input {batch[0]!r}"
                     )
                 batch = batch or (spec.name, arr.shape[0])
             out[spec.name] = arr
