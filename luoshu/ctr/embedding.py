@@ -23,8 +23,9 @@ import torch
 from luoshu import ops
 from luoshu.ctr.config import CTRError, DataReaderSparseParam, SparseEmbedding
 from luoshu.nn import functional as F
-from luoshu.nn.layers import empty_parameter
+from luoshu.nn.layers import SlotLayout, empty_parameter
 from luoshu.nn.module import Module
+from luoshu.ps import PSEmbedding
 
 # Every placement starts a table from the same rows: a pure function of (table name, seed, row),
 # which the parameter servers compute too (luoshu.ps.initial_rows).
@@ -61,8 +62,8 @@ class SparseEmbeddingTable(Module):
         self.global_update = global_update
         self.slot_sizes = list(slot_sizes) if slot_sizes else None
         if self.slot_sizes is not None:
-            self.rows = int(sum(self.slot_sizes))
-            self.offsets = np.concatenate([[0], np.cumsum(self.slot_sizes)[:-1]]).astype(np.int64)
+            layout = SlotLayout(self.slot_sizes, f"SparseEmbedding {self.name!r}")
+            self.rows, self.offsets = layout.num_rows, layout.offsets
         else:
             self.rows = vocabulary_capacity(spec)
             self.register_buffer("key", np.full(self.rows, -1, dtype=np.int64))
@@ -263,8 +264,6 @@ class PSTable(Module):
 
     def __init__(self, spec: SparseEmbedding, sparse: DataReaderSparseParam, slot_sizes: list[int] | None,
                  client, optimizer: tuple, world: int, seed: int, staleness: int = 0, cache_capacity: int = 0):
-        from luoshu.ps import Embedding
-
         super().__init__()
         if not slot_sizes:
             raise CTRError(f"SparseEmbedding {spec.sparse_embedding_name!r}: a parameter-server table needs the "
@@ -273,8 +272,8 @@ class PSTable(Module):
         self.vec_size, self.num_slots, self.hotness = spec.embedding_vec_size, sparse.slot_num, sparse.max_nnz
         self.slot_sizes = list(slot_sizes)
         self.rows = int(sum(self.slot_sizes))
-        self.offsets = np.concatenate([[0], np.cumsum(self.slot_sizes)[:-1]]).astype(np.int64)
-        self.remote = Embedding(client, f"ctr/{self.name}", self.vec_size, num_embeddings=self.rows + 1,
+        self.offsets = SlotLayout(self.slot_sizes, f"SparseEmbedding {self.name!r}").offsets
+        self.remote = PSEmbedding(client, f"ctr/{self.name}", self.vec_size, num_embeddings=self.rows + 1,
                                 init=INITIALIZER, optimizer=optimizer, id_policy="refuse",
                                 sync_workers=world if world > 1 else None, cache_capacity=cache_capacity,
                                 staleness=staleness, seed=seed)

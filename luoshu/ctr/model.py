@@ -34,7 +34,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from luoshu import dist, optim
+from luoshu import distributed as dist
+from luoshu import optim
 from luoshu.amp import autocast
 from luoshu.checkpoint import load as load_checkpoint
 from luoshu.checkpoint import save as save_checkpoint
