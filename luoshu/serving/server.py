@@ -40,6 +40,7 @@ from luoshu.serving.protocol import (
 log = logging.getLogger("luoshu.serving")
 
 SERVER_NAME = "luoshu"
+IMAGE = "luoshu:0.1.0"  # what the Dockerfile builds and deploy/ runs (tests check they agree)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
