@@ -113,6 +113,7 @@ class ServingMetrics:
             registry=self.registry,
         )
         self._stats: dict[tuple[str, str], ModelStats] = {}
+        self._children: dict[tuple, tuple] = {}
         self._lock = threading.Lock()
         self._stores: list = []
         self.registry.register(_StoreCollector(self._stores))
@@ -141,8 +142,13 @@ class ServingMetrics:
                 stats.inference_count += record.rows
 
     def on_request(self, name: str, version: str, protocol: str, status: str, seconds: float) -> None:
-        self.requests.labels(name, version, protocol, status).inc()
-        self.latency.labels(name, version, protocol).observe(seconds)
+        key = (name, version, protocol, status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds the key each call: keep the children
+            children = (self.requests.labels(*key), self.latency.labels(name, version, protocol))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         stats = self.stats(name, version)
         with self._lock:
             (stats.success if status == "success" else stats.fail).add(seconds)

@@ -167,6 +167,7 @@ class InferenceServer:
         self._load_error: BaseException | None = None
         self._stopping = False
         self._http = None
+        self.http_socket: socket.socket | None = None
         self._http_thread: threading.Thread | None = None
         self._grpc = None
         self.http_port: int | None = None
@@ -300,7 +301,9 @@ class InferenceServer:
         from luoshu.serving.http import create_app
 
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted connections only for sockets that say
+        # so, and without it every reply with a body waits ~40 ms for a delayed ACK (Nagle)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.host, self.config.http_port))
@@ -308,6 +311,7 @@ class InferenceServer:
             sock.close()
             raise ServerError(f"cannot bind HTTP on {self.config.host}:{self.config.http_port}: {exc}") from None
         sock.listen(2048)
+        self.http_socket = sock
         self.http_port = sock.getsockname()[1]
         config = uvicorn.Config(
             create_app(self),

@@ -638,6 +638,9 @@ def test_binds_only_the_given_host(server):
     import socket
 
     assert server.config.host == "127.0.0.1"
+    # an IPPROTO_TCP socket: asyncio then sets TCP_NODELAY on every accepted connection (else each reply
+    # with a body waits for a delayed ACK)
+    assert server.http_socket.proto == socket.IPPROTO_TCP
     others = [
         a[4][0]
         for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
