@@ -1,7 +1,7 @@
 """One mapping per luoshu operator: how an IR op becomes ONNX nodes.
 
 A mapping is `fn(b, op, ins) -> [output name or None per IR output]`: `b` is the graph builder
-(`luoshu.onnx.export._Builder`), `op` the IR op (its input and output tensors carry shapes and
+(`luoshu.onnx.exporter._Builder`), `op` the IR op (its input and output tensors carry shapes and
 dtypes, `op.attrs` its attributes), `ins` the ONNX names of its inputs. An output a mapping
 does not produce (the saved statistics of `batch_norm`, the indices of `max_pool2d`) is None;
 a graph that reads one is refused naming the op. Only inference semantics are mapped:
@@ -623,3 +623,10 @@ def _full_like(b, op, ins):
     out = op.outputs[0].dtype
     value = {"zeros_like": 0, "ones_like": 1}.get(op.opdef.name, op.attrs.get("fill_value", 0))
     return [b.node("Expand", [b.scalar(value, out), b.node("Shape", ins)])]
+
+
+@mapping("zeros", "ones", "full", "eye", "arange")
+def _creation(b, op, ins):
+    # No inputs and static attributes: the value is a constant of the graph
+    value = op.opdef.compute(**op.attrs)
+    return [b.const(value.detach().cpu().numpy())]

@@ -8,9 +8,10 @@ key k is row `offset[s] + k`, and a key outside its slot's range, or -1, reads t
 row (zeros), the default row of an unknown key at inference. The output `prediction` is the
 model's evaluation-mode probability (batch, label_dim).
 
-Tables without a `slot_size_array` (keys handed rows on first touch by a hash index) are refused:
-their index lives outside the graph; so are tables on parameter servers or sharded over processes
-(export from a single-process model).
+Tables without a `slot_size_array` (keys handed rows on first touch by a hash index) carry their
+key index into the package as two weights (`<table>.sorted_keys`, `<table>.sorted_rows`) searched
+in the graph; a key never stored reads the padding row. Tables on parameter servers or sharded
+over processes are refused (export from a single-process model, e.g. with `export_ctr_files`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,42 @@ def _ctr():
 
 def _keys_to_rows(keys, table):
     """Rows of one sparse input's (batch, slots, hotness) keys in its table (see the module docstring)."""
+    if table.slot_sizes is None:
+        return _hash_rows(keys, table)
     sizes = make_constant(np.asarray(table.slot_sizes, np.int64)[None, :, None])
     offsets = make_constant(np.asarray(table.offsets, np.int64)[None, :, None])
     valid = ops.logical_and(keys >= 0, keys < sizes)
     return ops.where(valid, keys + offsets, table.pad)
+
+
+def _hash_rows(keys, table):
+    """Rows of a hash-indexed table's keys: a binary search of the table's sorted keys, in the graph.
+
+    The key index (each stored key and its row, sorted by key) becomes two weights; a lower-bound
+    search by binary lifting takes ceil(log2(n)) vectorised steps of gather, compare and select (ops
+    every backend has, ONNX included). A key the table never stored reads the padding row."""
+    stored = table.key.value.numpy()
+    used = np.flatnonzero(stored >= 0)
+    order = np.argsort(stored[used], kind="stable")
+    sorted_keys, sorted_rows = stored[used][order], used[order].astype(np.int64)
+    shape = keys.shape[1:]
+    flat = ops.reshape(keys, (-1,))
+    n = len(sorted_keys)
+    if n == 0:
+        return ops.reshape(ops.full_like(flat, table.pad), (-1, *shape))
+    key_table = make_constant(sorted_keys, name=f"{table.name}.sorted_keys")
+    row_table = make_constant(sorted_rows, name=f"{table.name}.sorted_rows")
+    below = ops.zeros_like(flat)  # how many stored keys are smaller than each key
+    step = 1 << (n.bit_length() - 1)
+    while step:
+        candidate = below + step
+        probe = ops.index_select(key_table, 0, ops.clamp(candidate - 1, max=n - 1))
+        below = ops.where(ops.logical_and(candidate <= n, probe < flat), candidate, below)
+        step >>= 1
+    at = ops.clamp(below, max=n - 1)
+    found = ops.logical_and(ops.index_select(key_table, 0, at) == flat, flat >= 0)
+    rows = ops.where(found, ops.index_select(row_table, 0, at), table.pad)
+    return ops.reshape(rows, (-1, *shape))
 
 
 def trace_ctr(model, *, name: str | None = None, version: int | str = 1) -> InferenceModel:
@@ -57,11 +90,6 @@ def trace_ctr(model, *, name: str | None = None, version: int | str = 1) -> Infe
             raise Error(
                 f"export_ctr: embedding {table.name!r} is a {type(table).__name__}; export a single-process "
                 "model whose tables it holds itself (load the saved files with export_ctr_files)"
-            )
-        if table.slot_sizes is None:
-            raise Error(
-                f"export_ctr: embedding {table.name!r} hands rows to keys through a hash index (no "
-                "slot_size_array); give DataReaderParams or SparseEmbedding a slot_size_array to export it"
             )
     inp = model._input
     src = model.graph
@@ -98,7 +126,8 @@ def trace_ctr(model, *, name: str | None = None, version: int | str = 1) -> Infe
                 "input": e.bottom_name,
                 "rows": t.rows,
                 "vec_size": t.vec_size,
-                "slot_sizes": list(t.slot_sizes),
+                "slot_sizes": None if t.slot_sizes is None else list(t.slot_sizes),
+                "index": "hash" if t.slot_sizes is None else "slot offsets",
                 "combiner": t.combiner,
                 "weight": f"sparse.{t.name}.emb_vector",
             }

@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +174,7 @@ def from_graph(
 ) -> InferenceModel:
     """An `InferenceModel` over `outputs` of a define-and-run `graph` fed by the placeholders
     `inputs`; every leaf the outputs read becomes a weight, named by `weight_names` (tensor id ->
-    name) or `const.N`."""
+    name), else `const.<its name>` or `const.N`."""
     names = [t.name for t in inputs]
     if output_names is None:
         output_names = ["output"] if len(outputs) == 1 else [f"output{i}" for i in range(len(outputs))]
@@ -196,7 +196,10 @@ def from_graph(
         if t.kind == "placeholder":
             raise Error(f"export: the outputs depend on placeholder {t.name!r}, which is not one of the inputs {names}")
         leaves[id(t)] = t
-    keys = {tid: weight_names.get(tid, f"const.{i}") for i, tid in enumerate(leaves)}
+    keys: dict[int, str] = {}
+    for i, (tid, t) in enumerate(leaves.items()):
+        key = weight_names.get(tid) or (f"const.{t.name}" if t.name else f"const.{i}")
+        keys[tid] = key if key not in keys.values() else f"const.{i}"
     if len(set(keys.values())) != len(keys):
         raise Error("export: two weights share one name")
     weights = {keys[tid]: t for tid, t in leaves.items()}
@@ -482,6 +485,34 @@ def _read_weights(path: Path, manifest_files: set[str], spec: dict) -> dict[str,
             )
         out[key] = value
     return out
+
+
+def weight_rows(path, key: str) -> Iterator[tuple[int, np.ndarray]]:
+    """The rows of one weight of a package, shard by shard: `(first row, rows)` pairs in row order.
+
+    For tables too large to hold twice (an embedding store filling its tiers): the package is
+    verified first, then only this weight's files are read, one at a time."""
+    path = Path(path)
+    doc = checkpoint.verify(path)
+    listed = set(checkpoint._read_json(path / checkpoint.MANIFEST).get("files", {}))
+    weights = doc.get("graph", {}).get("weights") if isinstance(doc.get("graph"), dict) else None
+    if not isinstance(weights, dict) or key not in weights:
+        raise PackageError(
+            f"{path / 'graph.json'}: no weight {key!r}; the package has "
+            f"{sorted(weights) if isinstance(weights, dict) else 'no inference graph'}"
+        )
+    start = 0
+    for f in _field(weights[key], "files", list, f"{path} weight {key!r}"):
+        if f not in listed:
+            raise PackageError(
+                f"{path / 'graph.json'}: weight {key!r} is stored in {f!r}, which the manifest does not list"
+            )
+        tensors = checkpoint.load_tensors(path / f)
+        if key not in tensors:
+            raise PackageError(f"{path} weight {key!r}: missing from {f}")
+        rows = tensors[key].numpy()
+        yield start, rows
+        start += len(rows) if rows.ndim else 1
 
 
 def load(path) -> InferenceModel:

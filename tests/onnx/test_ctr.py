@@ -1,5 +1,6 @@
-"""luoshu.onnx on luoshu.ctr packages: the HugeCTR-style DCN (keys in, key -> row step in the graph)
-and multi-hot mean bags match under onnxruntime at two batch sizes."""
+"""luoshu.onnx on luoshu.ctr packages: the HugeCTR-style DCN (keys in, key -> row step in the graph,
+by slot offsets or by the hash index's search) and multi-hot mean bags match under onnxruntime at
+two batch sizes."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def test_hugectr_dcn(tmp_path):
     path = lonnx.export(package, tmp_path / "dcn.onnx")
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"Gather", "Where"} <= ops  # the embedding lookup and the key -> row step
+    _parity(path, serving.load(package), zoo.hugectr_inputs)
+
+
+def test_hash_indexed_dcn(tmp_path):
+    """The key index's binary search (gather, compare, select) runs in onnxruntime as in luoshu."""
+    _, graph_json, dense, sparse = zoo.hugectr_dcn_files(tmp_path, hashed=True)
+    package = serving.export_ctr_files(tmp_path / "dcn", graph_json, dense, sparse)
+    path = lonnx.export(package, tmp_path / "dcn.onnx")
     _parity(path, serving.load(package), zoo.hugectr_inputs)
 
 

@@ -35,6 +35,14 @@ def _assert_parity(onnx_path, loaded, batches=(1, 4)):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"{loaded.name} {name} batch {batch}")
 
 
+def test_every_zoo_model_is_covered():
+    from luoshu.models import MODELS
+
+    covered = {zoo_name for zoo_name, _, _ in zoo.ZOO.values()}
+    # "resnet" and "resnet34" are the ResNet class of resnet18 (basic blocks) at another depth
+    assert set(MODELS) - covered == {"resnet", "resnet34"}
+
+
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx_packages")
@@ -64,13 +72,15 @@ def test_opset_18_reductions(packages, tmp_path, name):
 
 def test_static_batch_and_live_module(tmp_path):
     model = zoo.make("lenet")
-    path = lonnx.export(model, tmp_path / "lenet.onnx", dynamic_batch=False, batch_size=4,
-                        example_inputs=zoo.inputs("lenet", 2))
+    path = lonnx.export(
+        model, tmp_path / "lenet.onnx", dynamic_batch=False, batch_size=4, example_inputs=zoo.inputs("lenet", 2)
+    )
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [4, 1, 12, 12]
     feeds = zoo.inputs("lenet", 4)
-    np.testing.assert_allclose(_session(path).run(None, feeds)[0], zoo.live_outputs(model, feeds)[0], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _session(path).run(None, feeds)[0], zoo.live_outputs(model, feeds)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_external_data(packages, tmp_path):
@@ -82,11 +92,25 @@ def test_external_data(packages, tmp_path):
     _assert_parity(path, serving.load(packages["resnet18"]), batches=(2,))
 
 
+def test_external_data_is_chosen_past_the_protobuf_limit(packages, tmp_path, monkeypatch):
+    from luoshu.onnx import exporter as export_module
+
+    # A stand-in for 2 GB so the test stays small: the choice is the same comparison
+    monkeypatch.setattr(export_module, "PROTO_LIMIT", export_module._HEADROOM + 1000)
+    path = lonnx.export(packages["resnet18"], tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    _assert_parity(path, serving.load(packages["resnet18"]), batches=(1,))
+
+
 def test_cli_export_onnx(packages, tmp_path, capsys):
     out = tmp_path / "ncf.onnx"
     assert cli.main(["export-onnx", str(packages["ncf"]), str(out)]) == 0
     assert "dynamic batch" in capsys.readouterr().out
     _assert_parity(out, serving.load(packages["ncf"]), batches=(5,))
+    fixed = tmp_path / "ncf3.onnx"
+    assert cli.main(["export-onnx", str(packages["ncf"]), str(fixed), "--opset", "18", "--static-batch", "3"]) == 0
+    proto = onnx.load(str(fixed))
+    assert proto.opset_import[0].version == 18 and proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
     assert cli.main(["export-onnx", str(tmp_path / "missing"), str(tmp_path / "x.onnx")]) == 1
     assert "no checkpoint directory" in capsys.readouterr().err
 

@@ -68,7 +68,7 @@ def test_packages_load_and_run_without_the_model_classes(packages, tmp_path):
         from luoshu import serving
         feeds = np.load({str(tmp_path / "feeds.npz")!r})
         results = {{}}
-        for name, path in {({n: str(p) for n, (p, _) in packages.items()})!r}.items():
+        for name, path in { ({n: str(p) for n, (p, _) in packages.items()})!r}.items():
             model = serving.load(path)
             inputs = {{k.split("/", 1)[1]: feeds[k] for k in feeds.files if k.startswith(name + "/")}}
             for out, value in model(inputs).items():
@@ -212,15 +212,18 @@ def test_bad_feeds_are_refused_naming_the_input(packages):
         ({**good, "extra": good["dense"]}, r"unexpected \['extra'\]"),
         ({**good, "sparse": good["sparse"].astype(np.int32)}, "input 'sparse': expected dtype int64, found int32"),
         ({**good, "dense": good["dense"][:, :2]}, r"input 'dense': expected shape \[-1, 3\].*found \[4, 2\]"),
-        ({**good, "dense": good["dense"][:3]}, "input 'sparse': batch size 4 differs from the batch size 3 of input "
-                                               "'dense'"),
+        (
+            {**good, "dense": good["dense"][:3]},
+            "input 'sparse': batch size 4 differs from the batch size 3 of input 'dense'",
+        ),
         ([good["dense"], good["sparse"]], "feeds must be a mapping"),
     ]
     for feeds, match in cases:
         with pytest.raises(FeedError, match=match):
             model(feeds)
-    np.testing.assert_allclose(model(good)["output"], zoo.live_outputs(packages["dcn"][1], good)[0], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        model(good)["output"], zoo.live_outputs(packages["dcn"][1], good)[0], rtol=1e-5, atol=1e-6
+    )
 
 
 # --- shards, names --------------------------------------------------------------------------------
@@ -234,8 +237,14 @@ def test_large_tables_are_stored_as_row_shards(tmp_path):
     doc = json.loads((path / "graph.json").read_text())
     assert len(doc["graph"]["weights"]["embedding.weight"]["files"]) == -(-table.shape[0] // 3)
     feeds = zoo.inputs("dcn", 6)
-    np.testing.assert_allclose(serving.load(path)(feeds)["output"], zoo.live_outputs(model, feeds)[0], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        serving.load(path)(feeds)["output"], zoo.live_outputs(model, feeds)[0], rtol=1e-5, atol=1e-6
+    )
+    pieces = list(serving.weight_rows(path, "embedding.weight"))  # shard by shard, as a store would read them
+    assert [start for start, _ in pieces] == list(range(0, table.shape[0], 3))
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in pieces]), table.numpy())
+    with pytest.raises(serving.PackageError, match="no weight 'nope'"):
+        next(serving.weight_rows(path, "nope"))
 
 
 def test_export_refuses_bad_names_and_arguments(tmp_path):
