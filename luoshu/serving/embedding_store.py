@@ -474,7 +474,8 @@ class EmbeddingStore:
         return list(self._tables)
 
     def load(self, name: str, rows: np.ndarray, ids: np.ndarray | None = None) -> None:
-        """Loads a table's rows (ids default to 0..n-1): all into RocksDB, the first share into host memory."""
+        """Loads rows of a table (ids default to 0..n-1; calls add up): all into RocksDB, the first
+        `initial_cache_rate` of the host tier's capacity into host memory."""
         t = self.table(name)
         rows = np.asarray(rows)
         if rows.ndim != 2 or rows.shape[1] != t.dim:
@@ -488,35 +489,39 @@ class EmbeddingStore:
         if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
             raise StoreError(f"table {name!r}: ids repeat")
         capacity = t.config.host_capacity
-        if t.persistent is None and capacity is not None and len(ids) > capacity:
-            raise StoreError(
-                f"table {name!r}: {len(ids)} rows do not fit the host tier's capacity {capacity} and "
-                "there is no persistent tier to hold the rest; configure persistent_db"
-            )
         with t.lock:
+            if t.persistent is None and capacity is not None and len(t.host) + len(ids) > capacity:
+                raise StoreError(
+                    f"table {name!r}: {len(t.host) + len(ids)} rows do not fit the host tier's capacity {capacity} "
+                    "and there is no persistent tier to hold the rest; configure persistent_db"
+                )
             if t.persistent is not None:
                 t.persistent.put(ids, rows)
-            fill = len(ids) if capacity is None else min(len(ids), int(capacity * t.config.initial_cache_rate))
-            if t.persistent is None:
+                # the host tier starts with the first initial_cache_rate of its capacity (HPS's initial_cache_rate)
+                room = len(ids) if capacity is None else int(capacity * t.config.initial_cache_rate) - len(t.host)
+                fill = max(0, min(len(ids), room))
+            else:
                 fill = len(ids)
             if fill:
                 t.host.put(ids[:fill], rows[:fill])
 
     @classmethod
     def from_package(cls, path, config: StoreConfig | dict | str | os.PathLike) -> EmbeddingStore:
-        """A store whose tables are weights of a model package (configured table names = weight names)."""
-        from luoshu.serving.package import load
+        """A store whose tables are weights of a model package (configured table names = weight names),
+        read shard by shard (`luoshu.serving.weight_rows`, after the manifest verifies)."""
+        from luoshu.serving.package import PackageError, weight_rows
 
-        model = load(path)
         store = cls(config)
-        for name in store.tables:
-            if name not in model.weights:
-                store.close()
-                raise StoreError(
-                    f"package {path}: no weight {name!r} for the embedding table; its weights are "
-                    f"{sorted(model.weights)}"
-                )
-            store.load(name, model.weights[name].numpy())
+        try:
+            for name in store.tables:
+                for first, rows in weight_rows(path, name):
+                    store.load(name, rows, np.arange(first, first + len(rows), dtype=np.int64))
+        except PackageError as exc:
+            store.close()
+            raise StoreError(f"embedding table {name!r} from package {path}: {exc}") from exc
+        except BaseException:
+            store.close()
+            raise
         return store
 
     @classmethod

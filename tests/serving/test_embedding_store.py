@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from luoshu import ps
+from luoshu import models, ps
+from luoshu.serving import export, load, weight_rows
 from luoshu.serving.embedding_store import (
     EmbeddingStore,
     ReadOnlyTierError,
@@ -17,6 +18,7 @@ from luoshu.serving.embedding_store import (
     StoreConfig,
     StoreError,
 )
+from tests.serving.conftest import DCN_SHAPE
 
 DIM = 8
 
@@ -197,6 +199,19 @@ def test_tables_from_a_package(tmp_path, packages, loaded):
         packages["dcn"], _config(tmp_path / "db", name="embedding.weight", dim=4)
     ) as store:
         want = loaded["dcn"].weights["embedding.weight"].numpy()
+        np.testing.assert_array_equal(store.lookup("embedding.weight", np.arange(len(want))), want)
+    # a table stored in row shards is read shard by shard
+    sharded = export(
+        tmp_path / "sharded",
+        models.build("dcn", **DCN_SHAPE),
+        (np.zeros((2, 4), np.float32), np.zeros((2, 6), np.int64)),
+        name="dcn",
+        max_shard_bytes=1000,
+    )
+    assert len(list(weight_rows(sharded, "embedding.weight"))) > 1
+    config = _config(tmp_path / "db2", name="embedding.weight", dim=4)
+    with EmbeddingStore.from_package(sharded, config) as store:
+        want = load(sharded).weights["embedding.weight"].numpy()
         np.testing.assert_array_equal(store.lookup("embedding.weight", np.arange(len(want))), want)
     with pytest.raises(StoreError, match="no weight 'nope'"):
         EmbeddingStore.from_package(packages["dcn"], _config(None, host=None, name="nope", dim=4))
