@@ -17,8 +17,9 @@ Rows come from a training package (`from_package`: the model's embedding weights
 `luoshu.serving.load`, which verifies the manifest) or from the parameter server's snapshots
 (`from_ps_snapshots`). A trainer streams fresh rows with `update(table, ids, rows)` (an
 in-process queue); they become visible at the next `refresh()` (or every
-`refresh_interval_s` in a background thread), written through every tier. A store opened on
-a read-only RocksDB refuses updates with `ReadOnlyTierError`.
+`refresh_interval_s` in a background thread), written through every tier; `listen(address)`
+takes the same updates from other processes over ZeroMQ (`UpdateFeed(address).send(...)` on the
+trainer's side). A store opened on a read-only RocksDB refuses updates with `ReadOnlyTierError`.
 
 Configuration (JSON, in the spirit of HPS's; every key optional except "tables"):
 
@@ -458,6 +459,9 @@ class EmbeddingStore:
             self._tables[name] = _Table(tc, persistent)
         self._stop = threading.Event()
         self._refresher = None
+        self._listeners: list[threading.Thread] = []
+        self.rejected_updates = 0  # feed messages refused (malformed, unknown table, bad rows)
+        self.feed_errors: list[str] = []  # the newest few refusals, for diagnosis
         if self.config.refresh_interval_s > 0:
             self._refresher = threading.Thread(target=self._refresh_loop, name="embedding-store-refresh", daemon=True)
             self._refresher.start()
@@ -643,6 +647,50 @@ class EmbeddingStore:
         while not self._stop.wait(self.config.refresh_interval_s):
             self.refresh()
 
+    def listen(self, address: str = "tcp://127.0.0.1:0") -> str:
+        """Receives updates from trainers (`UpdateFeed`) on a ZeroMQ PULL socket bound at `address`
+        (port 0: any free port); returns the bound address. Rows arrive through `update`, so they
+        become visible at the next refresh; a malformed message is counted in `rejected_updates`
+        and dropped, never raised into the store."""
+        import zmq
+
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 30)
+        try:
+            if address.endswith(":0"):
+                port = sock.bind_to_random_port(address.rsplit(":", 1)[0])
+                address = f"{address.rsplit(':', 1)[0]}:{port}"
+            else:
+                sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise StoreError(f"embedding store: cannot listen for updates on {address}: {exc}") from None
+        thread = threading.Thread(target=self._listen_loop, args=(sock,), name="embedding-store-feed", daemon=True)
+        self._listeners.append(thread)
+        thread.start()
+        return address
+
+    def _listen_loop(self, sock) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    continue
+                frames = sock.recv_multipart(copy=True)
+                try:
+                    table, ids, rows = decode_update(frames)
+                    self.update(table, ids, rows)
+                except StoreError as exc:
+                    self.rejected_updates += 1
+                    self.feed_errors = (self.feed_errors + [str(exc)])[-8:]
+        finally:
+            sock.close()
+
     # --- bookkeeping ----------------------------------------------------------------------------------------
     def stats(self) -> dict:
         out = {}
@@ -667,11 +715,77 @@ class EmbeddingStore:
         self._stop.set()
         if self._refresher is not None:
             self._refresher.join(5)
+        for thread in self._listeners:
+            thread.join(5)
         for t in self._tables.values():
             if t.persistent is not None:
                 t.persistent.close()
 
     def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- the update feed from training ---------------------------------------------------------------------------
+
+_FEED_MAGIC = b"luoshu-embedding-update/1"
+
+
+def encode_update(table: str, ids, rows) -> list[bytes]:
+    """One feed message: magic, table name, a JSON header (dtype, rows, dim), raw ids, raw rows."""
+    ids = np.ascontiguousarray(ids, dtype="<i8")
+    rows = np.ascontiguousarray(rows)
+    if rows.ndim != 2 or rows.shape[0] != ids.shape[0] or rows.dtype.kind != "f":
+        raise StoreError(
+            f"an update of {table!r} needs (n,) ids and (n, dim) float rows, found ids {list(ids.shape)} "
+            f"and rows {rows.dtype} {list(rows.shape)}"
+        )
+    header = json.dumps(
+        {"dtype": rows.dtype.newbyteorder("<").str, "rows": int(rows.shape[0]), "dim": int(rows.shape[1])}
+    ).encode()
+    return [_FEED_MAGIC, table.encode(), header, ids.tobytes(), rows.astype(rows.dtype.newbyteorder("<")).tobytes()]
+
+
+def decode_update(frames: list[bytes]) -> tuple[str, np.ndarray, np.ndarray]:
+    """(table, ids, rows) of a feed message; StoreError naming what is wrong with a malformed one."""
+    if len(frames) != 5 or frames[0] != _FEED_MAGIC:
+        raise StoreError(f"update feed: not a luoshu embedding update ({len(frames)} frames)")
+    try:
+        table = frames[1].decode()
+        header = json.loads(frames[2])
+        dtype, n, dim = np.dtype(header["dtype"]), int(header["rows"]), int(header["dim"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"update feed: unreadable header ({exc})") from None
+    if dtype.kind != "f" or n < 0 or dim <= 0:
+        raise StoreError(f"update feed: rows must be floats with n >= 0 and dim > 0, found {dtype} {n} x {dim}")
+    if len(frames[3]) != 8 * n or len(frames[4]) != n * dim * dtype.itemsize:
+        raise StoreError(
+            f"update feed, table {table!r}: {n} x {dim} {dtype} rows need {8 * n} id bytes and "
+            f"{n * dim * dtype.itemsize} row bytes, found {len(frames[3])} and {len(frames[4])}"
+        )
+    return table, np.frombuffer(frames[3], "<i8"), np.frombuffer(frames[4], dtype).reshape(n, dim)
+
+
+class UpdateFeed:
+    """A trainer's side of the update stream: `feed.send(table, ids, rows)` pushes fresh rows to a
+    serving store's `listen` address (ZeroMQ PUSH; messages queue while the server is away)."""
+
+    def __init__(self, address: str):
+        import zmq
+
+        self._sock = zmq.Context.instance().socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.connect(address)
+
+    def send(self, table: str, ids, rows) -> None:
+        self._sock.send_multipart(encode_update(table, ids, rows))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> UpdateFeed:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -268,3 +268,32 @@ def test_config_from_a_json_file_and_bad_use(tmp_path):
             store.lookup("emb", np.array([1.5]))
         with pytest.raises(StoreError, match=r"rows must be \(n, 8\)"):
             store.load("emb", np.zeros((3, 4), np.float32))
+
+
+def test_updates_streamed_over_zeromq(tmp_path):
+    import zmq
+
+    from luoshu.serving.embedding_store import UpdateFeed
+
+    table = _table(50)
+    with EmbeddingStore(_config(tmp_path / "db")) as store:
+        store.load("emb", table)
+        address = store.listen("tcp://127.0.0.1:0")
+        fresh = np.full((2, DIM), 3.0, np.float32)
+        raw = zmq.Context.instance().socket(zmq.PUSH)
+        raw.connect(address)
+        raw.send_multipart([b"junk"])  # a malformed message: counted and dropped
+        with UpdateFeed(address) as feed:
+            feed.send("emb", np.array([4, 40]), fresh)
+            feed.send("nope", np.array([1]), fresh[:1])  # an unknown table: refused, the store goes on
+            deadline = time.monotonic() + 10
+            while store.rejected_updates < 2 or store.table("emb").updates.empty():
+                assert time.monotonic() < deadline, (store.rejected_updates, store.feed_errors)
+                time.sleep(0.01)
+        raw.close()
+        assert any("no table 'nope'" in e for e in store.feed_errors)
+        np.testing.assert_array_equal(store.lookup("emb", np.array([4])), table[[4]])  # before the refresh
+        store.refresh()
+        np.testing.assert_array_equal(
+            store.lookup("emb", np.array([4, 40, 5])), np.stack([fresh[0], fresh[1], table[5]])
+        )
