@@ -4,7 +4,7 @@ For DCN (HugeCTR's quick-start shapes with 1000 ids per slot: 13 dense + 26 slot
 layers, MLP 1024-1024) and a small ResNet-18
 (CIFAR stem, width 16, 32x32 images), three HTTP servers run as subprocesses on 127.0.0.1:
 
-  luoshu-batched    luoshu serve PACKAGE (dynamic batching, max batch 64, queue delay 2 ms)
+  luoshu-batched    luoshu serve PACKAGE (dynamic batching, max batch 64, queue delay --queue-delay-ms)
   luoshu-unbatched  luoshu serve PACKAGE --no-dynamic-batching
   fastapi-torch     the reference: a FastAPI endpoint a PyTorch user would write (uvicorn, one
                     process, a sync handler on FastAPI's thread pool) parsing the same v2 JSON and
@@ -238,10 +238,10 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, pid: int | None = 
             "cpu_ms": cpu / len(bodies) * 1e3}
 
 
-def start_servers(model_name: str, package: Path) -> dict[str, tuple[subprocess.Popen, int]]:
+def start_servers(model_name: str, package: Path, delay_ms: float) -> dict[str, tuple[subprocess.Popen, int]]:
     servers = {}
     luoshu = [sys.executable, "-m", "luoshu.cli", "serve", str(package), "--grpc-port", "-1",
-              "--max-batch-size", "64", "--max-queue-delay-ms", "2"]
+              "--max-batch-size", "64", "--max-queue-delay-ms", str(delay_ms)]
     for label, extra in (("luoshu-batched", []), ("luoshu-unbatched", ["--no-dynamic-batching"])):
         port = free_port()
         servers[label] = (subprocess.Popen(luoshu + ["--http-port", str(port)] + extra, env=ENV,
@@ -314,8 +314,9 @@ def onnxruntime_reference(model_name: str, package: Path, tmp: Path, n: int) -> 
 
 
 def bench_model(model_name: str, package: Path, tmp: Path, args) -> None:
-    print(f"\n== {model_name}: {args.requests} one-sample requests per run, {args.repeats} repeats (medians)")
-    servers = start_servers(model_name, package)
+    print(f"\n== {model_name}: {args.requests} one-sample requests per run, {args.repeats} repeats (medians), "
+          f"luoshu queue delay {args.queue_delay_ms} ms")
+    servers = start_servers(model_name, package, args.queue_delay_ms)
     try:
         check_replies(model_name, package, servers)
         rng_bodies = [body_of(model_name, sample(model_name, 1, i)) for i in range(args.requests)]
@@ -401,6 +402,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--queue-delay-ms", type=float, default=0.0, help="luoshu-batched's --max-queue-delay-ms")
     parser.add_argument("--models", nargs="+", default=["dcn", "resnet18"], choices=["dcn", "resnet18"])
     parser.add_argument("--store-rows", type=int, default=200_000, help="0: skip the embedding store")
     parser.add_argument("--reference-server", nargs=3, metavar=("MODEL", "PACKAGE", "PORT"), help=argparse.SUPPRESS)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from luoshu.serving.batching import BatchRecord
 
@@ -170,14 +170,16 @@ class _StoreCollector:
         )
         hits = CounterMetricFamily("luoshu_embedding_hits", "Unique ids found per tier", labels=("table", "tier"))
         rate = GaugeMetricFamily("luoshu_embedding_hit_rate", "Hits / lookups per tier", labels=("table", "tier"))
-        seconds = CounterMetricFamily("luoshu_embedding_lookup_seconds", "Seconds spent in lookups", labels=("table",))
-        calls = CounterMetricFamily("luoshu_embedding_lookup_calls", "Lookup calls", labels=("table",))
+        latency = SummaryMetricFamily(
+            "luoshu_embedding_lookup_duration_seconds",
+            "Embedding store lookup calls and their seconds",
+            labels=("table",),
+        )
         for store in self._stores:
             for table, tiers in store.stats().items():
                 for tier, s in tiers["tiers"].items():
                     lookups.add_metric((table, tier), s["lookups"])
                     hits.add_metric((table, tier), s["hits"])
                     rate.add_metric((table, tier), s["hit_rate"])
-                seconds.add_metric((table,), tiers["lookup_seconds"])
-                calls.add_metric((table,), tiers["lookup_calls"])
-        yield from (lookups, hits, rate, seconds, calls)
+                latency.add_metric((table,), tiers["lookup_calls"], tiers["lookup_seconds"])
+        yield from (lookups, hits, rate, latency)

@@ -65,7 +65,7 @@ class ServerConfig:
     http_port: int | None = DEFAULT_HTTP_PORT  # None: no HTTP; 0: any free port
     grpc_port: int | None = DEFAULT_GRPC_PORT  # None: no gRPC; 0: any free port
     max_batch_size: int = 64
-    max_queue_delay_ms: float = 1.0
+    max_queue_delay_ms: float = 0.0  # 0 (Triton's default): batch what queued while the model ran
     dynamic_batching: bool = True
     workers: int = 1  # threads running each model's batches (Triton's instance count)
     max_body_bytes: int = 64 << 20  # larger HTTP bodies and gRPC messages are refused
