@@ -82,6 +82,7 @@ def test_served_from_the_store_predicts_what_training_predicted(trained, tmp_pat
         metrics = httpx.get(f"http://127.0.0.1:{server.http_port}/metrics").text
     assert 'luoshu_embedding_hit_rate{table="embedding.weight",tier="persistent"}' in metrics
     assert 'luoshu_embedding_lookups_total{table="embedding.weight",tier="hot_cache"}' in metrics
+    assert 'luoshu_embedding_lookup_duration_seconds_count{table="embedding.weight"} 5.0' in metrics
     tiers = store.stats()["embedding.weight"]["tiers"]
     assert tiers["persistent"]["hits"] > 0 and tiers["hot_cache"]["hits"] > 0
     store.close()
