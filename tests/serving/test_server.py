@@ -658,3 +658,18 @@ def test_bytes_elements_round_trip():
     wire = array_to_bytes(values)
     assert wire == b"".join(struct.pack("<I", len(v)) + v for v in values)
     assert list(array_from_bytes("s", "BYTES", [3], wire)) == list(values)
+
+
+def test_several_workers_run_one_model(models):
+    """--workers 2: two threads take batches from one queue; every reply is still the model's own answer."""
+    counted = Counting(models["dcn"], name="dcn2", delay_s=0.01)
+    config = ServerConfig(http_port=0, grpc_port=None, workers=2, max_batch_size=4)
+    with InferenceServer([counted], config) as s, httpx.Client(timeout=30) as client:
+        url = f"http://127.0.0.1:{s.http_port}/v2/models/dcn2/infer"
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda i: client.post(url, json=_dcn_json(1, seed=200 + i)), range(12)))
+    for i, r in enumerate(replies):
+        assert r.status_code == 200, r.text
+        want = models["dcn"](_dcn_feeds(1, seed=200 + i))["output"]
+        np.testing.assert_allclose(r.json()["outputs"][0]["data"], want, rtol=1e-6)
+    assert sum(counted.calls) == 12 and max(counted.calls) <= 4
