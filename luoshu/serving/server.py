@@ -202,7 +202,7 @@ class InferenceServer:
                 log.info("loaded model %s version %s", model.name, model.version)
         except BaseException as exc:  # noqa: BLE001 - reported by wait_ready and kept from readiness
             self._load_error = exc
-            log.error("loading the models failed: %s", exc)
+            log.info("loading the models failed: %s", exc)  # wait_ready and serve_forever raise it
         finally:
             self._loaded.set()
 
