@@ -232,6 +232,8 @@ def parse_http_request(
         doc = json.loads(head.decode())  # a str: json's encoding detection on bytes costs as much as the parse
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("the request body nests JSON arrays or objects too deeply") from None
     if not isinstance(doc, dict):
         raise RequestError(f"the request body must be a JSON object, found {type(doc).__name__}")
     unknown = set(doc) - {"id", "parameters", "inputs", "outputs"}

@@ -342,6 +342,14 @@ BAD_HTTP = [
     # (id, path, body bytes or JSON, headers, status, words the error must name)
     ("malformed-json", "/v2/models/mlp/infer", b'{"inputs": [', {}, 400, ["not valid JSON"]),
     ("not-an-object", "/v2/models/mlp/infer", b"[1, 2]", {}, 400, ["JSON object"]),
+    (
+        "deeply-nested",
+        "/v2/models/mlp/infer",
+        b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        {},
+        400,
+        ["too deeply"],
+    ),
     ("unknown-model", "/v2/models/nope/infer", _x([1, 6]), {}, 404, ["nope"]),
     ("unknown-version", "/v2/models/mlp/versions/7/infer", _x([1, 6]), {}, 404, ["version '7'", "['1', '2']"]),
     ("no-inputs", "/v2/models/mlp/infer", {"inputs": []}, {}, 400, ["inputs"]),
