@@ -2,8 +2,10 @@
 
 `StoreBackedModel(model, store, {weight name: table name})` runs the package's IR graph op by
 op (each op's `OpDef.compute`, as the plan executor does) but answers every `embedding` op
-that reads one of the named weights with `store.lookup(table, ids)`: the ids are whatever the
-graph computed (slot offsets included), so any CTR model of the zoo works unchanged. The
+that reads one of the named weights with `store.lookup(table, ids)`, and runs every
+`embedding_bag` on a compact table of the rows its batch reads (from the store). The ids are
+whatever the graph computed (slot offsets, luoshu.ctr's key -> row step), so the zoo's CTR
+models and `luoshu.ctr` packages work unchanged. The
 model's own copy of a table is never read, and `release_tables()` drops it. It has the
 inference-model protocol (`name`, `version`, `inputs`, `outputs`, `__call__`), so
 `InferenceServer` serves it like any other model.
@@ -19,7 +21,7 @@ import torch
 
 from luoshu.serving.embedding_store import EmbeddingStore, StoreError
 
-_GATHER_OPS = ("embedding",)
+_GATHER_OPS = ("embedding", "embedding_bag")
 
 
 class StoreBackedModel:
@@ -59,8 +61,15 @@ class StoreBackedModel:
                     )
                 table = table_of[id(op.inputs[0])]
                 served.add(table)
-                kernel = functools.partial(self._lookup, table)
-                ins = (slot_of(op.inputs[1]),)
+                if op.opdef.name == "embedding":  # its forward ignores padding_idx: the rows are the answer
+                    kernel = functools.partial(self._lookup, table)
+                    ins = (slot_of(op.inputs[1]),)
+                else:
+                    kernel = functools.partial(self._bag, table, op.opdef.compute, dict(op.attrs))
+                    ins = tuple(slot_of(t) for t in op.inputs[1:])
+                for t in op.inputs[1:]:
+                    if t.producer is None and t.kind != "placeholder":
+                        leaves[slot_of(t)] = t
             else:
                 kernel = functools.partial(op.opdef.compute, **op.attrs) if op.attrs else op.opdef.compute
                 ins = tuple(slot_of(t) for t in op.inputs)
@@ -77,6 +86,22 @@ class StoreBackedModel:
 
     def _lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.store.lookup(table, ids.numpy()))
+
+    def _bag(self, table: str, compute, attrs: dict, ids: torch.Tensor, *rest):
+        """An embedding bag over the batch's own rows: the op runs on a compact table of the unique
+        ids it reads (from the store), with the ids renumbered into it and padding_idx moved along."""
+        flat = ids.numpy()
+        uniq, inverse = np.unique(flat.reshape(-1), return_inverse=True)
+        rows = self.store.lookup(table, uniq)
+        pad = attrs.get("padding_idx")
+        if pad is not None:
+            pos = int(np.searchsorted(uniq, pad))
+            if pos == len(uniq) or uniq[pos] != pad:  # the padding id is not in this batch: give it a row
+                rows = np.concatenate([rows, np.zeros((1, rows.shape[1]), rows.dtype)])
+                pos = len(uniq)
+            attrs = {**attrs, "padding_idx": pos}
+        local = torch.from_numpy(inverse.reshape(flat.shape).astype(np.int64))
+        return compute(torch.from_numpy(rows), local, *rest, **attrs)
 
     def release_tables(self) -> None:
         """Drops the model's own copies of the store-served tables (the store has them)."""

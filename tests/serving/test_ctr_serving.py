@@ -156,3 +156,63 @@ def test_luoshu_serve_command_with_an_embedding_store(trained, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def _table_weights(model) -> dict[str, int]:
+    """The weights an embedding lookup reads, with their row widths."""
+    out = {}
+    for op in model.ops:
+        if op.opdef.name in ("embedding", "embedding_bag"):
+            for name, t in model.weights.items():
+                if t is op.inputs[0]:
+                    out[name] = int(t.shape[1])
+    return out
+
+
+def _store_for(path, model, tmp_path, host: int = 6) -> EmbeddingStore:
+    tables = [{"name": name, "dim": dim} for name, dim in _table_weights(model).items()]
+    config = {
+        "hot_cache": {"capacity": 3},
+        "volatile_db": {"capacity": host, "initial_cache_rate": 0.5},
+        "persistent_db": {"path": str(tmp_path / "db")},
+        "tables": tables,
+    }
+    return EmbeddingStore.from_package(path, config)
+
+
+@pytest.mark.parametrize("name", ["wdl", "deepfm", "dcn_v2", "dlrm", "lr", "ncf"])
+def test_every_zoo_ctr_model_serves_from_the_store(name, tmp_path):
+    from tests.serving import zoo
+
+    model = zoo.make(name)
+    feeds = zoo.inputs(name, 9)
+    path = export(tmp_path / name, model, feeds, name=name)
+    package = load(path)
+    with _store_for(path, package, tmp_path) as store:
+        served = StoreBackedModel(load(path), store)
+        want = package(feeds)
+        for key, value in served(feeds).items():
+            np.testing.assert_allclose(value, want[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bags", "files", "hashed"])
+def test_luoshu_ctr_packages_serve_from_the_store(kind, tmp_path):
+    """HugeCTR-style packages: multi-hot embedding bags (padding rows renumbered per batch), slot
+    offsets, and hash-indexed tables' key search, all in the graph before the store's lookup."""
+    from luoshu import serving
+    from tests.serving import zoo
+
+    rng = np.random.default_rng(4)
+    if kind == "bags":
+        model = zoo.hugectr_bag_model()
+        path = serving.export_ctr(tmp_path / "pkg", model, name="bags")
+        feeds = zoo.hugectr_bag_inputs(rng, 7)
+    else:
+        model, graph_json, dense, sparse = zoo.hugectr_dcn_files(tmp_path / "train", hashed=kind == "hashed")
+        path = serving.export_ctr_files(tmp_path / "pkg", graph_json, dense, sparse, name="dcn")
+        feeds = zoo.hugectr_inputs(rng, 7)
+    package = load(path)
+    assert _table_weights(package)
+    with _store_for(path, package, tmp_path, host=10) as store:
+        served = StoreBackedModel(load(path), store)
+        np.testing.assert_allclose(served(feeds)["prediction"], package(feeds)["prediction"], rtol=1e-6, atol=1e-6)
