@@ -183,7 +183,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     import threading
 
     threading.Thread(target=lambda: _quietly(announce), daemon=True).start()
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        for store in stores:
+            store.close()
     return 0
 
 
