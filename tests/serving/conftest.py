@@ -22,9 +22,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _one_thread():
-    # 2 shared cores: torch's thread pool spinning on small batches costs 100x in latency
+    # 2 shared cores: torch's thread pool spinning on small batches costs 100x in latency (restored
+    # after this package's tests, so the rest of a session keeps its threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
