@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import luoshu as ls
 from luoshu import models
 from luoshu.serving import export, load
 
@@ -38,10 +39,7 @@ def packages(tmp_path_factory):
     root = tmp_path_factory.mktemp("packages")
     out = {}
     for version in (1, 2):
-        models_seed = 10 + version
-        import luoshu as ls
-
-        ls.manual_seed(models_seed)
+        ls.manual_seed(10 + version)  # different weights per version
         mlp = models.build("mlp", in_features=6, hidden=(8,), num_classes=3)
         out[f"mlp{version}"] = export(
             root / f"mlp-v{version}",
