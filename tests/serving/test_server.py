@@ -123,6 +123,12 @@ def test_model_metadata_and_readiness(http, triton_http, triton_grpc, models):
     assert http.get("/v2/models/nope/ready").status_code == 400
     config = http.get("/v2/models/mlp/config").json()
     assert config["max_batch_size"] == MAX_BATCH and config["input"][0]["dims"] == [6]
+    assert http.get("/v2/models/mlp/versions/1/config").json()["output"][0]["dims"] == [3]
+    assert http.get("/v2/models/mlp/versions/9/config").status_code == 404
+    stats = http.get("/v2/models/mlp/versions/1/stats").json()["model_stats"]
+    assert [(s["name"], s["version"]) for s in stats] == [("mlp", "1")]
+    assert http.get("/v2/models/nope/stats").status_code == 404
+    assert http.get("/v2/nowhere").json() == {"error": "Not Found"}
 
 
 def test_statistics_and_metrics(http, triton_http, models):
