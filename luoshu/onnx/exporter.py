@@ -4,7 +4,8 @@
 `luoshu.nn.Module` with `example_inputs`), refuses the graph up front if any op has no mapping
 (naming each such op), emits the nodes op by op, stores the weights as initializers, checks the
 result with `onnx.checker` and writes it; models over 2 GB keep their weights in one external
-data file beside the `.onnx` file (protobuf cannot hold more), checked by path.
+data file beside the `.onnx` file (protobuf cannot hold more), written there straight from the
+tensors (page-aligned, never copied into the protobuf) and checked by path.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from luoshu.onnx.mappings import MAPPINGS, OnnxExportError
 
 MIN_OPSET = 17
 PROTO_LIMIT = 2 * 1024**3  # protobuf's hard limit on one serialised message
+EXTERNAL_THRESHOLD = 1024  # with external data, smaller weights stay inside the model file
 _HEADROOM = 64 * 1024**2  # nodes and metadata beside the weights
 
 
@@ -35,10 +37,11 @@ def _onnx():
 class _Builder:
     """Collects nodes and initializers; mappings call `node`, `const`, `ints`, `scalar`, `cast`, `reduce`."""
 
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, external=None):
         onnx, self.helper, self.numpy_helper = _onnx()
         self.TensorProto = onnx.TensorProto
         self.opset = opset
+        self.external = external  # (open binary file, its name beside the model) for large weights
         self.nodes: list = []
         self.initializers: list = []
         self._names = itertools.count()
@@ -56,7 +59,23 @@ class _Builder:
         return outputs[0] if n_out == 1 else outputs
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(self.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.external is None or array.nbytes < EXTERNAL_THRESHOLD:
+            self.initializers.append(self.numpy_helper.from_array(array, name))
+            return name
+        # Written straight to the data file: never copied into the protobuf (which could not hold it)
+        f, location = self.external
+        offset = -f.tell() % 4096 + f.tell()  # page-aligned, so runtimes can map the file
+        f.seek(offset)
+        array.tofile(f)
+        tensor = self.TensorProto(
+            name=name, dims=list(array.shape), data_type=self.helper.np_dtype_to_tensor_dtype(array.dtype)
+        )
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = self.TensorProto.EXTERNAL
+        self.initializers.append(tensor)
         return name
 
     def const(self, array: np.ndarray) -> str:
@@ -117,8 +136,9 @@ def unmapped_ops(model) -> list[str]:
     return seen
 
 
-def to_onnx(model, opset: int = MIN_OPSET, dynamic_batch: bool = True, batch_size: int = 1):
-    """The `onnx.ModelProto` of an `InferenceModel` (weights inside)."""
+def to_onnx(model, opset: int = MIN_OPSET, dynamic_batch: bool = True, batch_size: int = 1, external=None):
+    """The `onnx.ModelProto` of an `InferenceModel`: weights inside, or with `external` (an open
+    binary file and its name relative to the model file) those of 1 KiB or more written there."""
     _, helper, _ = _onnx()
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise OnnxExportError(f"export: opset must be an int >= {MIN_OPSET}, found {opset!r}")
@@ -127,7 +147,7 @@ def to_onnx(model, opset: int = MIN_OPSET, dynamic_batch: bool = True, batch_siz
         raise OnnxExportError(
             f"export: model {model.name!r} uses op(s) without an ONNX mapping: {', '.join(repr(m) for m in missing)}"
         )
-    b = _Builder(opset)
+    b = _Builder(opset, external)
     names: dict[int, str | None] = {}
     weight_of = {id(t): key for key, t in model.weights.items()}
 
@@ -198,28 +218,31 @@ def export(
     (or when `external_data=True`). The file passes `onnx.checker` before this returns."""
     onnx, _, _ = _onnx()
     model = _resolve(model_or_package, example_inputs)
-    proto = to_onnx(model, opset, dynamic_batch, batch_size)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(t.value.numel() * t.value.element_size() for t in model.weights.values())
     if external_data is None:
         external_data = weight_bytes + _HEADROOM >= PROTO_LIMIT
-    try:
-        if external_data:
-            location = path.name + ".data"
-            (path.parent / location).unlink(missing_ok=True)  # onnx appends to an existing data file
-            onnx.save_model(
-                proto,
-                str(path),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=location,
-                size_threshold=1024,
-            )
-            onnx.checker.check_model(str(path))  # by path: the loaded proto alone cannot be checked past 2 GB
-        else:
+    if not external_data:
+        proto = to_onnx(model, opset, dynamic_batch, batch_size)
+        try:
             onnx.checker.check_model(proto)
-            onnx.save_model(proto, str(path))
+        except onnx.checker.ValidationError as exc:
+            raise OnnxExportError(f"export: the ONNX model of {model.name!r} fails onnx.checker: {exc}") from exc
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(proto, str(path))
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.parent / (path.name + ".data")
+    try:
+        with open(data, "wb") as f:
+            proto = to_onnx(model, opset, dynamic_batch, batch_size, external=(f, data.name))
+        onnx.save_model(proto, str(path))
+        onnx.checker.check_model(str(path))  # by path: the model and its data file together
     except onnx.checker.ValidationError as exc:
+        path.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
         raise OnnxExportError(f"export: the ONNX model of {model.name!r} fails onnx.checker: {exc}") from exc
+    except BaseException:
+        data.unlink(missing_ok=True)
+        raise
     return path

@@ -12,6 +12,7 @@ import luoshu as ls
 from luoshu import cli, serving
 from luoshu import onnx as lonnx
 from luoshu.nn.module import Module
+from luoshu.serving.package import trace
 from tests.serving import zoo
 
 
@@ -136,3 +137,30 @@ def test_bad_arguments_are_refused(packages, tmp_path):
         lonnx.export(zoo.make("mlp"), tmp_path / "m.onnx")
     with pytest.raises(lonnx.OnnxExportError, match="expected a package directory"):
         lonnx.export(42, tmp_path / "m.onnx")
+
+
+class _BigTable(Module):
+    """A 2.3 GB embedding table: past protobuf's limit, so the weights must go to external data."""
+
+    def __init__(self):
+        super().__init__()
+        from luoshu.nn.module import Parameter
+
+        table = np.zeros((9_000_000, 64), np.float32)
+        table[:1000] = np.random.default_rng(0).standard_normal((1000, 64))
+        table[-1000:] = np.random.default_rng(1).standard_normal((1000, 64))
+        self.weight = Parameter(table, requires_grad=False)
+
+    def forward(self, ids):
+        return ls.ops.sum(ls.nn.functional.embedding(ids, self.weight), axis=1)
+
+
+@pytest.mark.slow
+def test_a_model_past_2gb_keeps_its_weights_in_external_data(tmp_path):
+    model = trace(_BigTable(), np.zeros((2, 3), np.int64))
+    path = lonnx.export(model, tmp_path / "big.onnx")
+    data = tmp_path / "big.onnx.data"
+    assert data.stat().st_size >= 9_000_000 * 64 * 4 and path.stat().st_size < 1 << 20
+    onnx.checker.check_model(str(path))
+    ids = np.array([[0, 5, 999], [8_999_999, 8_999_000, 3]], np.int64)
+    np.testing.assert_allclose(_session(path).run(None, {"ids": ids})[0], model({"ids": ids})["output"], rtol=1e-6)

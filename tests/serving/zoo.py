@@ -3,6 +3,8 @@ name), with input makers, shared by the package and ONNX tests."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 import luoshu as ls
@@ -142,7 +144,12 @@ def hugectr_dcn_files(folder, hashed: bool = False):
     if hashed:
         model.reader_params.slot_size_array = []
     model.compile()
-    model.fit(max_iter=6, display=100, eval_interval=1000, snapshot=0, progress=False)
+    cwd = os.getcwd()
+    os.chdir(folder)  # fit() writes its metrics file into the working directory
+    try:
+        model.fit(max_iter=6, display=100, eval_interval=1000, snapshot=0, progress=False)
+    finally:
+        os.chdir(cwd)
     model.graph_to_json(folder / "dcn.json")
     dense, *sparse = model.save_params_to_files(str(folder / "dcn"), 6)
     return model, folder / "dcn.json", dense, sparse
