@@ -41,12 +41,18 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-DCN_CFG = {"dense_dim": 13, "slot_sizes": [1000] * 26, "embedding_dim": 16, "mlp_dims": (1024, 1024),
-           "num_cross_layers": 6}
+DCN_CFG = {
+    "dense_dim": 13,
+    "slot_sizes": [1000] * 26,
+    "embedding_dim": 16,
+    "mlp_dims": (1024, 1024),
+    "num_cross_layers": 6,
+}
 RESNET_CFG = {"width": 16, "num_classes": 10}
 
 
 # --- the models, in luoshu (served) and torch.nn (the reference handler) -------------------------------------
+
 
 def build_torch(model_name: str, weights: dict):
     import torch
@@ -109,8 +115,10 @@ def TorchDCN(cfg):  # noqa: N802 - a class built lazily so this file imports wit
 def sample(model_name: str, n: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     if model_name == "dcn":
-        return {"dense": rng.standard_normal((n, 13)).astype(np.float32),
-                "sparse": rng.integers(0, 1000, (n, 26)).astype(np.int64)}
+        return {
+            "dense": rng.standard_normal((n, 13)).astype(np.float32),
+            "sparse": rng.integers(0, 1000, (n, 26)).astype(np.int64),
+        }
     return {"x": rng.standard_normal((n, 3, 32, 32)).astype(np.float32)}
 
 
@@ -133,6 +141,7 @@ def export_packages(root: Path, names: list[str]) -> dict[str, Path]:
 
 # --- the reference server (run in a subprocess) ----------------------------------------------------------------
 
+
 def reference_server(model_name: str, package: str, port: int) -> None:
     import torch
     import uvicorn
@@ -152,17 +161,24 @@ def reference_server(model_name: str, package: str, port: int) -> None:
 
     @app.post("/v2/models/{name}/infer")
     def infer(name: str, body: dict):
-        feeds = [torch.from_numpy(np.asarray(i["data"], dtype=dtypes[i["datatype"]]).reshape(i["shape"]))
-                 for i in body["inputs"]]
+        feeds = [
+            torch.from_numpy(np.asarray(i["data"], dtype=dtypes[i["datatype"]]).reshape(i["shape"]))
+            for i in body["inputs"]
+        ]
         with torch.inference_mode():
             out = module(*feeds)
-        return {"model_name": name, "outputs": [{"name": "output", "datatype": "FP32", "shape": list(out.shape),
-                                                 "data": out.reshape(-1).tolist()}]}
+        return {
+            "model_name": name,
+            "outputs": [
+                {"name": "output", "datatype": "FP32", "shape": list(out.shape), "data": out.reshape(-1).tolist()}
+            ],
+        }
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 # --- load generation -------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -173,9 +189,15 @@ def free_port() -> int:
 def body_of(model_name: str, feeds: dict[str, np.ndarray]) -> bytes:
     types = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
     output = "output"
-    return json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": types[v.dtype],
-                                   "data": v.reshape(-1).tolist()} for k, v in feeds.items()],
-                       "outputs": [{"name": output}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": k, "shape": list(v.shape), "datatype": types[v.dtype], "data": v.reshape(-1).tolist()}
+                for k, v in feeds.items()
+            ],
+            "outputs": [{"name": output}],
+        }
+    ).encode()
 
 
 async def _load(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[float]]:
@@ -197,8 +219,10 @@ async def _load(url: str, bodies: list[bytes], concurrency: int) -> tuple[float,
             while next_index < len(bodies):
                 body = bodies[next_index]
                 next_index += 1
-                head = (f"POST /{path} HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                head = (
+                    f"POST /{path} HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
                 start = time.perf_counter()
                 writer.write(head + body)
                 status_line = await reader.readline()
@@ -234,21 +258,42 @@ def run_load(url: str, bodies: list[bytes], concurrency: int, pid: int | None = 
     rate, latencies = asyncio.run(_load(url, bodies, concurrency))
     cpu = (cpu_seconds(pid) - cpu) if pid else float("nan")
     lat = np.array(latencies) * 1e3
-    return {"rps": rate, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "cpu_ms": cpu / len(bodies) * 1e3}
+    return {
+        "rps": rate,
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        "cpu_ms": cpu / len(bodies) * 1e3,
+    }
 
 
 def start_servers(model_name: str, package: Path, delay_ms: float) -> dict[str, tuple[subprocess.Popen, int]]:
     servers = {}
-    luoshu = [sys.executable, "-m", "luoshu.cli", "serve", str(package), "--grpc-port", "-1",
-              "--max-batch-size", "64", "--max-queue-delay-ms", str(delay_ms)]
+    luoshu = [
+        sys.executable,
+        "-m",
+        "luoshu.cli",
+        "serve",
+        str(package),
+        "--grpc-port",
+        "-1",
+        "--max-batch-size",
+        "64",
+        "--max-queue-delay-ms",
+        str(delay_ms),
+    ]
     for label, extra in (("luoshu-batched", []), ("luoshu-unbatched", ["--no-dynamic-batching"])):
         port = free_port()
-        servers[label] = (subprocess.Popen(luoshu + ["--http-port", str(port)] + extra, env=ENV,
-                                           stdout=subprocess.DEVNULL), port)
+        servers[label] = (
+            subprocess.Popen(luoshu + ["--http-port", str(port)] + extra, env=ENV, stdout=subprocess.DEVNULL),
+            port,
+        )
     port = free_port()
-    servers["fastapi-torch"] = (subprocess.Popen([sys.executable, __file__, "--reference-server", model_name,
-                                                  str(package), str(port)], env=ENV), port)
+    servers["fastapi-torch"] = (
+        subprocess.Popen(
+            [sys.executable, __file__, "--reference-server", model_name, str(package), str(port)], env=ENV
+        ),
+        port,
+    )
     import httpx
 
     for label, (proc, port) in servers.items():
@@ -276,8 +321,12 @@ def check_replies(model_name: str, package: Path, servers) -> None:
     with torch.inference_mode():
         want = module(*(torch.from_numpy(v) for v in feeds.values())).numpy().reshape(-1)
     for label, (_, port) in servers.items():
-        r = httpx.post(f"http://127.0.0.1:{port}/v2/models/{model_name}/infer", content=body_of(model_name, feeds),
-                       headers={"Content-Type": "application/json"}, timeout=30)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v2/models/{model_name}/infer",
+            content=body_of(model_name, feeds),
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
         if r.status_code != 200:
             raise SystemExit(f"{label}: {r.status_code} {r.text[:300]}")
         got = np.array(r.json()["outputs"][0]["data"], np.float32)
@@ -314,8 +363,10 @@ def onnxruntime_reference(model_name: str, package: Path, tmp: Path, n: int) -> 
 
 
 def bench_model(model_name: str, package: Path, tmp: Path, args) -> None:
-    print(f"\n== {model_name}: {args.requests} one-sample requests per run, {args.repeats} repeats (medians), "
-          f"luoshu queue delay {args.queue_delay_ms} ms")
+    print(
+        f"\n== {model_name}: {args.requests} one-sample requests per run, {args.repeats} repeats (medians), "
+        f"luoshu queue delay {args.queue_delay_ms} ms"
+    )
     servers = start_servers(model_name, package, args.queue_delay_ms)
     try:
         check_replies(model_name, package, servers)
@@ -328,19 +379,25 @@ def bench_model(model_name: str, package: Path, tmp: Path, args) -> None:
                 for label, (proc, port) in servers.items():
                     r = run_load(f"http://127.0.0.1:{port}/v2/models/{model_name}/infer", rng_bodies, c, proc.pid)
                     results.setdefault((label, c), []).append(r)
-        print(f"  {'server':17} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
-              f"{'server CPU ms/req':>17}")
+        print(
+            f"  {'server':17} {'conc':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
+            f"{'server CPU ms/req':>17}"
+        )
         for c in args.concurrency:
             for label in servers:
                 runs = results[(label, c)]
                 rps, p50, p99, cpu = (statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "cpu_ms"))
                 print(f"  {label:17} {c:4d} {rps:8.0f} {p50:8.2f} {p99:8.2f} {p99 / p50:7.2f} {cpu:17.3f}")
-            med = {k: {label: statistics.median(r[k] for r in results[(label, c)]) for label in servers}
-                   for k in ("rps", "cpu_ms")}
-            print(f"  -> luoshu-batched / fastapi-torch at concurrency {c}: "
-                  f"{med['rps']['luoshu-batched'] / med['rps']['fastapi-torch']:.2f}x requests/s, "
-                  f"{med['cpu_ms']['fastapi-torch'] / med['cpu_ms']['luoshu-batched']:.2f}x requests per server "
-                  "CPU-second")
+            med = {
+                k: {label: statistics.median(r[k] for r in results[(label, c)]) for label in servers}
+                for k in ("rps", "cpu_ms")
+            }
+            print(
+                f"  -> luoshu-batched / fastapi-torch at concurrency {c}: "
+                f"{med['rps']['luoshu-batched'] / med['rps']['fastapi-torch']:.2f}x requests/s, "
+                f"{med['cpu_ms']['fastapi-torch'] / med['cpu_ms']['luoshu-batched']:.2f}x requests per server "
+                "CPU-second"
+            )
         print("  " + onnxruntime_reference(model_name, package, tmp, args.requests))
     finally:
         for proc, _ in servers.values():
@@ -357,14 +414,22 @@ def bench_store(rows: int, tmp: Path, batches: int = 100, batch_ids: int = 4096)
 
     dim = 16
     host = rows // 10
-    print(f"\n== embedding store: {rows} rows x {dim} (RocksDB), host tier {host} rows, hot cache {host // 10}, "
-          f"{batches} batches of {batch_ids} power-law ids (zipf a=1.2)")
+    print(
+        f"\n== embedding store: {rows} rows x {dim} (RocksDB), host tier {host} rows, hot cache {host // 10}, "
+        f"{batches} batches of {batch_ids} power-law ids (zipf a=1.2)"
+    )
     table = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
-    config = {"hot_cache": {"capacity": host // 10, "policy": "lfu"},
-              "volatile_db": {"capacity": host, "overflow_policy": "evict_least_used",
-                              "overflow_resolution_target": 0.8, "initial_cache_rate": 0.0},
-              "persistent_db": {"type": "rocks_db", "path": str(tmp / "store")},
-              "tables": [{"name": "t", "dim": dim}]}
+    config = {
+        "hot_cache": {"capacity": host // 10, "policy": "lfu"},
+        "volatile_db": {
+            "capacity": host,
+            "overflow_policy": "evict_least_used",
+            "overflow_resolution_target": 0.8,
+            "initial_cache_rate": 0.0,
+        },
+        "persistent_db": {"type": "rocks_db", "path": str(tmp / "store")},
+        "tables": [{"name": "t", "dim": dim}],
+    }
     rng = np.random.default_rng(1)
     id_batches = [np.minimum(rng.zipf(1.2, batch_ids) - 1, rows - 1) for _ in range(batches)]
     # ids drawn over a permuted table, so the hot ids are spread over the key space
@@ -393,8 +458,10 @@ def bench_store(rows: int, tmp: Path, batches: int = 100, batch_ids: int = 4096)
         looked = after[tier]["lookups"] - before[tier]["lookups"]
         hits = after[tier]["hits"] - before[tier]["hits"]
         print(f"  {tier:10} hit rate {hits / max(looked, 1):6.1%} of the {looked} unique ids reaching it")
-    print(f"  store: {n / elapsed:10.0f} ids/s ({elapsed / (batches - 10) * 1e3:.2f} ms per batch); "
-          f"NumPy gather from an in-memory table: {n / gather:10.0f} ids/s")
+    print(
+        f"  store: {n / elapsed:10.0f} ids/s ({elapsed / (batches - 10) * 1e3:.2f} ms per batch); "
+        f"NumPy gather from an in-memory table: {n / gather:10.0f} ids/s"
+    )
 
 
 def main() -> None:
