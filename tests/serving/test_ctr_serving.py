@@ -196,12 +196,13 @@ def test_every_zoo_ctr_model_serves_from_the_store(name, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bags", "files", "hashed"])
-def test_luoshu_ctr_packages_serve_from_the_store(kind, tmp_path):
+def test_luoshu_ctr_packages_serve_from_the_store(kind, tmp_path, monkeypatch):
     """HugeCTR-style packages: multi-hot embedding bags (padding rows renumbered per batch), slot
     offsets, and hash-indexed tables' key search, all in the graph before the store's lookup."""
     from luoshu import serving
     from tests.serving import zoo
 
+    monkeypatch.chdir(tmp_path)  # luoshu.ctr's training writes its metrics file into the working directory
     rng = np.random.default_rng(4)
     if kind == "bags":
         model = zoo.hugectr_bag_model()
