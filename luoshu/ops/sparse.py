@@ -1,0 +1,290 @@
+"""Sparse-graph operators: sparse x dense matmul, scatter-reduce over edges, segment softmax.
+
+A graph reaches these ops as plain integer tensors, its *structure*, with the edges in
+CSR order (sorted by target node):
+
+- `row` (E,): the target node of each edge; `col` (E,): its source node;
+- `indptr` (n_dst + 1,): CSR offsets of each target's incoming edges;
+- `t_indptr` (n_src + 1,), `t_index` (E,), `t_perm` (E,): the CSC view (edges sorted by
+  source): offsets per source, the target of each edge in that order, and the CSR edge id
+  it holds.
+
+Keeping both views as inputs lets the gradient of `A @ x` (`A.T @ g`) run the same CSR
+kernel without sorting the edges again on every backward pass. The node counts come from
+the lengths of `indptr` and `t_indptr`, so sampled blocks of any size flow through one
+define-and-run graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from luoshu.core import dtypes
+from luoshu.core.dstates import PARTIAL
+from luoshu.core.errors import DTypeError, Error
+from luoshu.core.op import OpDef, apply, register
+from luoshu.core.tensor import TensorMeta
+from luoshu.ops._util import wants
+
+REDUCTIONS = ("sum", "mean", "max")
+
+# torch warns that its CSR tensors are "beta"; the kernels used here (CSR @ dense) are
+# the stable core of that support.
+_BETA_WARNING = "Sparse CSR tensor support is in beta state"
+_TORCH_REDUCE = {"sum": "sum", "mean": "mean", "max": "amax"}
+
+
+def _length(t):
+    return t.shape[0] if t.shape else None
+
+
+def _nodes(indptr):
+    n = _length(indptr)
+    return None if n is None else n - 1
+
+
+def _check_ints(opdef, inputs, names, tensors):
+    for name, t in zip(names, tensors):
+        if not dtypes.is_integer(t.dtype):
+            raise DTypeError(f"{opdef.name}: {name} must be integers, found {t.dtype}")
+        if len(t.shape) != 1:
+            raise opdef.shape_error(inputs, f"{name} must be 1-d, found rank {len(t.shape)}")
+
+
+def _check_equal(opdef, inputs, what, a, b):
+    if a is not None and b is not None and a != b:
+        raise opdef.shape_error(inputs, f"{what}: {a} != {b}")
+
+
+def _feature_states(opdef, ds, allow_partial: bool):
+    """States rule shared by the family: node/edge rows stay whole on every device; the
+    feature dimensions may be split (and partial where the op is linear in the input)."""
+    if ds is None:
+        return None
+    for key in ds.states:
+        if key == 0 or (key == PARTIAL and not allow_partial):
+            raise Error(f"op '{opdef.name}' cannot take input states {ds.states}: the node/edge dimension 0 "
+                        f"must not be split{'' if allow_partial else ' and the input must not be partial'}")
+    return ds
+
+
+def _require_duplicate(opdef, input_ds, positions):
+    for i in positions:
+        ds = input_ds[i]
+        if ds is not None and not ds.is_pure_duplicate():
+            raise Error(f"op '{opdef.name}' needs input {i} (graph structure or edge weights) duplicated, "
+                        f"found states {ds.states}")
+
+
+# --- sparse x dense --------------------------------------------------------------------
+@register
+class Spmm(OpDef):
+    """`A @ x` (or `A.T @ x`) where `A[row[e], col[e]] = weight[e]`, an (n_dst, n_src) matrix.
+
+    Inputs: the six structure tensors, `weight` (E,) and `x` (n, F). Runs torch's CSR
+    kernel (MKL on CPU, cuSPARSE on GPU) on the CSR view, or on the CSC view for the
+    transpose.
+    """
+
+    name = "spmm"
+    attrs = {"transpose": False}
+    autocast = "fp32"
+
+    def infer(self, inputs, transpose):
+        row, col, indptr, t_indptr, t_index, t_perm, weight, x = inputs
+        _check_ints(self, inputs, ("row", "col", "indptr", "t_indptr", "t_index", "t_perm"),
+                    (row, col, indptr, t_indptr, t_index, t_perm))
+        if len(weight.shape) != 1 or not dtypes.is_floating(weight.dtype):
+            raise self.shape_error(inputs, f"weight must be a 1-d float tensor, found {weight.dtype} "
+                                           f"of rank {len(weight.shape)}")
+        if len(x.shape) != 2:
+            raise self.shape_error(inputs, f"x must be 2-d (nodes, features), found rank {len(x.shape)}")
+        if weight.dtype != x.dtype:
+            raise DTypeError(f"{self.name}: weight and x must have one dtype, found {weight.dtype} and {x.dtype}")
+        edges = _length(row)
+        for name, t in (("col", col), ("t_index", t_index), ("t_perm", t_perm), ("weight", weight)):
+            _check_equal(self, inputs, f"{name} must have one entry per edge", _length(t), edges)
+        n_dst, n_src = _nodes(indptr), _nodes(t_indptr)
+        if transpose:
+            n_dst, n_src = n_src, n_dst
+        _check_equal(self, inputs, f"x must have one row per {'target' if transpose else 'source'} node",
+                     x.shape[0], n_src)
+        return TensorMeta((n_dst, x.shape[1]), x.dtype)
+
+    @staticmethod
+    def compute(row, col, indptr, t_indptr, t_index, t_perm, weight, x, transpose):
+        n_dst, n_src = indptr.shape[0] - 1, t_indptr.shape[0] - 1
+        if weight.shape[0] == 0:  # no edges: nothing reaches any node
+            return x.new_zeros((n_src if transpose else n_dst, x.shape[1]))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_BETA_WARNING)
+            if transpose:
+                matrix = torch.sparse_csr_tensor(t_indptr, t_index, weight[t_perm], (n_src, n_dst),
+                                                 check_invariants=False)
+            else:
+                matrix = torch.sparse_csr_tensor(indptr, col, weight, (n_dst, n_src), check_invariants=False)
+        return matrix @ x
+
+    def gradient(self, op, grads):
+        g, = grads
+        *structure, weight, x = op.inputs
+        transpose = op.attrs["transpose"]
+        row, col = structure[0], structure[1]
+        gx = gw = None
+        if wants(op, 7):
+            gx = apply("spmm", *structure, weight, g, transpose=not transpose)
+        if wants(op, 6):
+            # d out[i] / d A[i, j] = x[j]: a row-wise dot product of g and x over each edge
+            out_rows, in_rows = (col, row) if transpose else (row, col)
+            gw = apply("sum", apply("index_select", g, out_rows) * apply("index_select", x, in_rows), axis=-1)
+        return [None] * 6 + [gw, gx]
+
+    def deduce_states(self, input_ds, transpose):
+        _require_duplicate(self, input_ds, range(7))
+        return [_feature_states(self, input_ds[7], allow_partial=True)]
+
+
+# --- scatter-reduce over edges ------------------------------------------------------------
+def _segment_count(opdef, inputs, num_segments):
+    """The output row count: len(indptr) - 1 when the size input is given, else the attr."""
+    if len(inputs) == 3:
+        return _nodes(inputs[2])
+    if num_segments is None or num_segments < 0:
+        raise opdef.shape_error(inputs, f"give num_segments (>= 0) or an indptr input, found {num_segments}")
+    return int(num_segments)
+
+
+def _check_scatter(opdef, inputs):
+    if len(inputs) not in (2, 3):
+        raise opdef.shape_error(inputs, f"takes (src, index) or (src, index, indptr), found {len(inputs)} inputs")
+    src, index = inputs[0], inputs[1]
+    names = ("index", "indptr")[: len(inputs) - 1]
+    _check_ints(opdef, inputs, names, inputs[1:])
+    if len(src.shape) < 1:
+        raise opdef.shape_error(inputs, "src must have an edge dimension")
+    if not dtypes.is_floating(src.dtype):
+        raise DTypeError(f"{opdef.name}: src must be floating point, found {src.dtype}")
+    _check_equal(opdef, inputs, "index must have one entry per row of src", _length(index), _length(src))
+
+
+def _out_rows(index, size, num_segments):
+    return size[0].shape[0] - 1 if size else num_segments
+
+
+def _scatter(src, index, rows, reduce):
+    out = src.new_zeros((rows,) + tuple(src.shape[1:]))
+    expanded = index.view((-1,) + (1,) * (src.dim() - 1)).expand_as(src)
+    # include_self=False over zeros: rows that receive nothing stay 0, as PyG defines them
+    return out.scatter_reduce_(0, expanded, src, _TORCH_REDUCE[reduce], include_self=False)
+
+
+@register
+class ScatterReduce(OpDef):
+    """`out[i] = reduce(src[e] for e with index[e] == i)`, reduce in sum / mean / max; rows
+    that receive nothing are 0. Output rows: `len(indptr) - 1` when the optional third input
+    (a CSR `indptr`) is given, else the `num_segments` attribute."""
+
+    name = "scatter_reduce"
+    attrs = {"reduce": "sum", "num_segments": None}
+    autocast = "fp32"
+
+    def infer(self, inputs, reduce, num_segments):
+        if reduce not in REDUCTIONS:
+            raise Error(f"{self.name}: reduce must be one of {REDUCTIONS}, found {reduce!r}")
+        _check_scatter(self, inputs)
+        rows = _segment_count(self, inputs, num_segments)
+        return TensorMeta((rows,) + tuple(inputs[0].shape[1:]), inputs[0].dtype)
+
+    @staticmethod
+    def compute(src, index, *size, reduce, num_segments):
+        return _scatter(src, index, _out_rows(index, size, num_segments), reduce)
+
+    def gradient(self, op, grads):
+        g, = grads
+        src, index, *size = op.inputs
+        reduce, num = op.attrs["reduce"], op.attrs["num_segments"]
+        if not wants(op, 0):
+            return [None] * len(op.inputs)
+        if reduce == "sum":
+            gsrc = apply("index_select", g, index)
+        elif reduce == "mean":
+            ones = apply("ones_like", src)
+            count = apply("scatter_reduce", ones, index, *size, reduce="sum", num_segments=num)
+            gsrc = apply("index_select", g / apply("maximum", count, 1.0), index)
+        else:  # max: split evenly between ties, as luoshu's (and torch's) amax does
+            out = op.outputs[0]
+            hit = apply("cast", apply("equal", src, apply("index_select", out, index)), dtype=g.dtype)
+            ties = apply("scatter_reduce", hit, index, *size, reduce="sum", num_segments=num)
+            gsrc = hit * apply("index_select", g / apply("maximum", ties, 1.0), index)
+        return [gsrc] + [None] * (len(op.inputs) - 1)
+
+    def deduce_states(self, input_ds, reduce, num_segments):
+        _require_duplicate(self, input_ds, range(1, len(input_ds)))
+        return [_feature_states(self, input_ds[0], allow_partial=reduce in ("sum", "mean"))]
+
+
+@register
+class SegmentSoftmax(OpDef):
+    """Softmax of `src` over the entries sharing an `index` (each node's incoming edges),
+    per trailing column (attention heads). Sizes as for `scatter_reduce`."""
+
+    name = "segment_softmax"
+    attrs = {"num_segments": None}
+    autocast = "fp32"
+
+    def infer(self, inputs, num_segments):
+        _check_scatter(self, inputs)
+        _segment_count(self, inputs, num_segments)
+        return TensorMeta(inputs[0].shape, inputs[0].dtype)
+
+    @staticmethod
+    def compute(src, index, *size, num_segments):
+        rows = _out_rows(index, size, num_segments)
+        # shift by each segment's max so exp never overflows
+        shifted = src - _scatter(src, index, rows, "max").index_select(0, index)
+        e = shifted.exp()
+        return e / _scatter(e, index, rows, "sum").index_select(0, index)
+
+    def gradient(self, op, grads):
+        g, = grads
+        src, index, *size = op.inputs
+        y = op.outputs[0]
+        dot = apply("scatter_reduce", g * y, index, *size, reduce="sum", num_segments=op.attrs["num_segments"])
+        return [y * (g - apply("index_select", dot, index))] + [None] * (len(op.inputs) - 1)
+
+    def deduce_states(self, input_ds, num_segments):
+        _require_duplicate(self, input_ds, range(1, len(input_ds)))
+        return [_feature_states(self, input_ds[0], allow_partial=False)]
+
+
+# --- public functions -------------------------------------------------------------------
+def spmm(structure, weight, x, transpose: bool = False):
+    """`A @ x` (or `A.T @ x`) for the sparse matrix of a graph: `structure` is the six index
+    tensors of `SparseGraph.structure()` (or the graph itself), `weight` one value per edge."""
+    if hasattr(structure, "structure"):
+        structure = structure.structure(x.device if hasattr(x, "device") else None)
+    return apply("spmm", *structure, weight, x, transpose=transpose)
+
+
+def scatter_reduce(src, index, reduce: str = "sum", num_segments: int | None = None, indptr=None):
+    """Reduces the rows of `src` into `num_segments` rows (or `len(indptr) - 1`) by `index`."""
+    if indptr is None:
+        return apply("scatter_reduce", src, index, reduce=reduce, num_segments=num_segments)
+    return apply("scatter_reduce", src, index, indptr, reduce=reduce)
+
+
+def segment_softmax(src, index, num_segments: int | None = None, indptr=None):
+    """Softmax over the rows of `src` that share an `index` (e.g. each node's incoming edges)."""
+    if indptr is None:
+        return apply("segment_softmax", src, index, num_segments=num_segments)
+    return apply("segment_softmax", src, index, indptr)
+
+
+def gather_edges(x, index):
+    """The rows of `x` at each edge's endpoint (`index_select`; its gradient is an `index_add`)."""
+    return apply("index_select", x, index, axis=0)
+
+
+__all__ = ["gather_edges", "scatter_reduce", "segment_softmax", "spmm"]
