@@ -51,8 +51,18 @@ class SparseGraph:
     given in the caller's edge order and stored in CSR order.
     """
 
-    def __init__(self, edge_index, num_nodes: int | None = None, *, edge_weight=None, edge_attr=None, x=None,
-                 y=None, num_src_nodes: int | None = None, **node_data: Any):
+    def __init__(
+        self,
+        edge_index,
+        num_nodes: int | None = None,
+        *,
+        edge_weight=None,
+        edge_attr=None,
+        x=None,
+        y=None,
+        num_src_nodes: int | None = None,
+        **node_data: Any,
+    ):
         ei = _as_torch(edge_index, "edge_index")
         if ei.dtype.is_floating_point or ei.dtype == torch.bool:
             raise GraphInputError(f"edge_index must be integers, found {ei.dtype}")
@@ -74,8 +84,10 @@ class SparseGraph:
         for name, ids, n in (("source", src, num_src), ("target", dst, num_nodes)):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
                 bad = ids[(ids < 0) | (ids >= n)][0]
-                raise GraphInputError(f"edge_index holds {name} node {int(bad)}, outside [0, {n}) "
-                                      f"(edge_index row {0 if name == 'source' else 1})")
+                raise GraphInputError(
+                    f"edge_index holds {name} node {int(bad)}, outside [0, {n}) "
+                    f"(edge_index row {0 if name == 'source' else 1})"
+                )
         self.num_nodes, self.num_src_nodes = num_nodes, num_src
         # stable sort keeps the caller's order among each target's edges (PyG's order)
         self.perm = torch.argsort(dst, stable=True)
@@ -92,6 +104,7 @@ class SparseGraph:
             setattr(self, name, self._node_array(value, name, num_nodes))
         self._node_keys = tuple(node_data)
         self._structure: dict = {}
+        self._cache: dict = {}
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -104,8 +117,13 @@ class SparseGraph:
     def from_scipy(cls, matrix, **kwargs) -> SparseGraph:
         """From a SciPy sparse matrix `A[target, source] = weight` (the matrix `spmm` multiplies by)."""
         coo = matrix.tocoo()
-        return cls(np.stack([coo.col, coo.row]), coo.shape[0], num_src_nodes=coo.shape[1],
-                   edge_weight=coo.data.astype(np.float64 if coo.data.dtype == np.float64 else np.float32), **kwargs)
+        return cls(
+            np.stack([coo.col, coo.row]),
+            coo.shape[0],
+            num_src_nodes=coo.shape[1],
+            edge_weight=coo.data.astype(np.float64 if coo.data.dtype == np.float64 else np.float32),
+            **kwargs,
+        )
 
     @classmethod
     def from_networkx(cls, graph, weight: str | None = None, **kwargs) -> SparseGraph:
@@ -127,8 +145,7 @@ class SparseGraph:
     def _edge_array(self, value, name: str, ndim: int | None) -> torch.Tensor:
         t = _as_torch(value, name)
         if t.shape[:1] != (self.num_edges,):
-            raise GraphInputError(f"{name} must have one row per edge ({self.num_edges}), found shape "
-                                  f"{tuple(t.shape)}")
+            raise GraphInputError(f"{name} must have one row per edge ({self.num_edges}), found shape {tuple(t.shape)}")
         if ndim is not None and t.dim() != ndim:
             raise GraphInputError(f"{name} must be {ndim}-d, found shape {tuple(t.shape)}")
         return t[self.perm].contiguous()
@@ -185,29 +202,48 @@ class SparseGraph:
         """The (num_nodes, num_src_nodes) SciPy CSR matrix `A[target, source] = weight`."""
         import scipy.sparse as sp
 
-        return sp.csr_matrix((self.weights(torch.float64).numpy(), self.col.numpy(), self.indptr.numpy()),
-                             shape=(self.num_nodes, self.num_src_nodes))
+        return sp.csr_matrix(
+            (self.weights(torch.float64).numpy(), self.col.numpy(), self.indptr.numpy()),
+            shape=(self.num_nodes, self.num_src_nodes),
+        )
 
     def structure(self, device: str | None = None) -> tuple[Tensor, ...]:
         """The six index tensors the sparse operators take (constants, cached per device)."""
         key = str(device or "cpu")
         if key not in self._structure:
             self._structure[key] = tuple(
-                make_constant(t, device=device) for t in
-                (self.row, self.col, self.indptr, self.t_indptr, self.t_index, self.t_perm))
+                make_constant(t, device=device)
+                for t in (self.row, self.col, self.indptr, self.t_indptr, self.t_index, self.t_perm)
+            )
         return self._structure[key]
+
+    def cached(self, key, build):
+        """`build()`, computed once per graph and `key` (layers keep derived graphs and
+        normalised edge weights here; the graph's edges never change after construction)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     # --- transforms --------------------------------------------------------------------
     def _rebuild(self, edge_index, edge_weight=None, edge_attr=None) -> SparseGraph:
         extra = {k: getattr(self, k) for k in self._node_keys}
-        return SparseGraph(edge_index, self.num_nodes, edge_weight=edge_weight, edge_attr=edge_attr, x=self.x,
-                           y=self.y, num_src_nodes=self.num_src_nodes, **extra)
+        return SparseGraph(
+            edge_index,
+            self.num_nodes,
+            edge_weight=edge_weight,
+            edge_attr=edge_attr,
+            x=self.x,
+            y=self.y,
+            num_src_nodes=self.num_src_nodes,
+            **extra,
+        )
 
     def add_self_loops(self, fill_value: float = 1.0) -> SparseGraph:
         """A copy with an edge `i -> i` added for every node (after the existing edges, as PyG does)."""
         if self.is_bipartite:
-            raise GraphInputError(f"self-loops need a square graph, found {self.num_src_nodes} sources "
-                                  f"and {self.num_nodes} targets")
+            raise GraphInputError(
+                f"self-loops need a square graph, found {self.num_src_nodes} sources and {self.num_nodes} targets"
+            )
         loops = torch.arange(self.num_nodes)
         ei = torch.cat([self.edge_index, torch.stack([loops, loops])], 1)
         w = None
@@ -217,24 +253,70 @@ class SparseGraph:
             raise GraphInputError("add_self_loops cannot invent edge_attr rows for the new loops")
         return self._rebuild(ei, w)
 
+    def add_remaining_self_loops(self, fill_value: float = 1.0) -> SparseGraph:
+        """A copy with a loop `i -> i` of weight `fill_value` for every node that has none;
+        existing loops keep their weights (PyG's add_remaining_self_loops)."""
+        if self.is_bipartite:
+            raise GraphInputError(
+                f"self-loops need a square graph, found {self.num_src_nodes} sources and {self.num_nodes} targets"
+            )
+        loop = self.row == self.col
+        w = self.weights(torch.float64 if self.edge_weight is None else self.edge_weight.dtype)
+        fill = torch.full((self.num_nodes,), fill_value, dtype=w.dtype)
+        fill[self.row[loop]] = w[loop]
+        ei = torch.cat([self.edge_index[:, ~loop], torch.stack([torch.arange(self.num_nodes)] * 2)], 1)
+        return self._rebuild(ei, torch.cat([w[~loop], fill]))
+
     def remove_self_loops(self) -> SparseGraph:
         keep = self.row != self.col
         w = None if self.edge_weight is None else self.edge_weight[keep]
         a = None if self.edge_attr is None else self.edge_attr[keep]
         return self._rebuild(self.edge_index[:, keep], w, a)
 
-    def gcn_norm(self, add_self_loops: bool = True, dtype=torch.float32) -> torch.Tensor:
-        """Symmetric normalisation `D^-1/2 (A + I) D^-1/2` as per-edge weights in CSR order of
-        `self.add_self_loops()` (or of `self`), with D the weighted in-degree (PyG's gcn_norm)."""
-        g = self.add_self_loops() if add_self_loops else self
+    def gcn_norm(
+        self, add_self_loops: bool = True, fill_value: float = 1.0, dtype=torch.float32
+    ) -> tuple[SparseGraph, torch.Tensor]:
+        """Symmetric normalisation `D^-1/2 (A + I) D^-1/2`: the graph with its remaining
+        self-loops added (or `self`) and its per-edge weights in CSR order, D being the
+        weighted in-degree (PyG's gcn_norm)."""
+        g = self.add_remaining_self_loops(fill_value) if add_self_loops else self
         w = g.weights(dtype)
         deg = torch.zeros(g.num_nodes, dtype=dtype).index_add_(0, g.row, w)
         inv = deg.pow(-0.5)
         inv[torch.isinf(inv)] = 0.0
-        return inv[g.col] * w * inv[g.row]
+        return g, inv[g.col] * w * inv[g.row]
 
     def __repr__(self) -> str:
-        nodes = (f"num_nodes={self.num_nodes}" if not self.is_bipartite
-                 else f"num_src_nodes={self.num_src_nodes}, num_dst_nodes={self.num_nodes}")
+        nodes = (
+            f"num_nodes={self.num_nodes}"
+            if not self.is_bipartite
+            else f"num_src_nodes={self.num_src_nodes}, num_dst_nodes={self.num_nodes}"
+        )
         feats = "" if self.x is None else f", x={tuple(self.x.shape)}"
         return f"SparseGraph({nodes}, num_edges={self.num_edges}{feats})"
+
+
+def batch_graphs(graphs: list[SparseGraph]) -> SparseGraph:
+    """One block-diagonal graph of several (for graph classification): node ids offset per
+    graph, node features and node labels concatenated, `batch[i]` the graph of node i and
+    `num_graphs` set (graph-level labels stay with the caller)."""
+    if not graphs:
+        raise GraphInputError("batch_graphs needs at least one graph, found none")
+    offsets = np.cumsum([0] + [g.num_nodes for g in graphs])
+    for i, g in enumerate(graphs):
+        if g.is_bipartite:
+            raise GraphInputError(f"batch_graphs: graph {i} is bipartite")
+        if (g.x is None) != (graphs[0].x is None):
+            raise GraphInputError(
+                f"batch_graphs: graph {i} {'lacks' if g.x is None else 'has'} node features x unlike graph 0"
+            )
+    ei = torch.cat([g.edge_index + int(o) for g, o in zip(graphs, offsets)], 1)
+    x = None if graphs[0].x is None else torch.cat([g.x for g in graphs])
+    batch = torch.repeat_interleave(torch.arange(len(graphs)), torch.tensor([g.num_nodes for g in graphs]))
+    weights = None
+    if any(g.edge_weight is not None for g in graphs):
+        weights = torch.cat([g.weights(torch.float32) for g in graphs])
+    y = torch.cat([g.y for g in graphs]) if all(g.y is not None for g in graphs) else None
+    out = SparseGraph(ei, int(offsets[-1]), x=x, y=y, edge_weight=weights, batch=batch)
+    out.num_graphs = len(graphs)
+    return out

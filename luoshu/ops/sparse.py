@@ -65,8 +65,10 @@ def _feature_states(opdef, ds, allow_partial: bool):
         return None
     for key in ds.states:
         if key == 0 or (key == PARTIAL and not allow_partial):
-            raise Error(f"op '{opdef.name}' cannot take input states {ds.states}: the node/edge dimension 0 "
-                        f"must not be split{'' if allow_partial else ' and the input must not be partial'}")
+            raise Error(
+                f"op '{opdef.name}' cannot take input states {ds.states}: the node/edge dimension 0 "
+                f"must not be split{'' if allow_partial else ' and the input must not be partial'}"
+            )
     return ds
 
 
@@ -74,16 +76,30 @@ def _require_duplicate(opdef, input_ds, positions):
     for i in positions:
         ds = input_ds[i]
         if ds is not None and not ds.is_pure_duplicate():
-            raise Error(f"op '{opdef.name}' needs input {i} (graph structure or edge weights) duplicated, "
-                        f"found states {ds.states}")
+            raise Error(
+                f"op '{opdef.name}' needs input {i} (graph structure or edge weights) duplicated, "
+                f"found states {ds.states}"
+            )
 
 
 # --- sparse x dense --------------------------------------------------------------------
+def _csr_mm(row, col, indptr, t_indptr, t_index, t_perm, weight, x, transpose):
+    n_dst, n_src = indptr.shape[0] - 1, t_indptr.shape[0] - 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BETA_WARNING)
+        if transpose:
+            matrix = torch.sparse_csr_tensor(t_indptr, t_index, weight[t_perm], (n_src, n_dst), check_invariants=False)
+        else:
+            matrix = torch.sparse_csr_tensor(indptr, col, weight, (n_dst, n_src), check_invariants=False)
+    return matrix @ x
+
+
 @register
 class Spmm(OpDef):
     """`A @ x` (or `A.T @ x`) where `A[row[e], col[e]] = weight[e]`, an (n_dst, n_src) matrix.
 
-    Inputs: the six structure tensors, `weight` (E,) and `x` (n, F). Runs torch's CSR
+    Inputs: the six structure tensors, `weight` (E,) and `x` (n, F), or one matrix per
+    attention head: `weight` (E, H) and `x` (n, H, F). Runs torch's CSR
     kernel (MKL on CPU, cuSPARSE on GPU) on the CSR view, or on the CSC view for the
     transpose.
     """
@@ -94,13 +110,26 @@ class Spmm(OpDef):
 
     def infer(self, inputs, transpose):
         row, col, indptr, t_indptr, t_index, t_perm, weight, x = inputs
-        _check_ints(self, inputs, ("row", "col", "indptr", "t_indptr", "t_index", "t_perm"),
-                    (row, col, indptr, t_indptr, t_index, t_perm))
-        if len(weight.shape) != 1 or not dtypes.is_floating(weight.dtype):
-            raise self.shape_error(inputs, f"weight must be a 1-d float tensor, found {weight.dtype} "
-                                           f"of rank {len(weight.shape)}")
-        if len(x.shape) != 2:
-            raise self.shape_error(inputs, f"x must be 2-d (nodes, features), found rank {len(x.shape)}")
+        _check_ints(
+            self,
+            inputs,
+            ("row", "col", "indptr", "t_indptr", "t_index", "t_perm"),
+            (row, col, indptr, t_indptr, t_index, t_perm),
+        )
+        if len(weight.shape) not in (1, 2) or not dtypes.is_floating(weight.dtype):
+            raise self.shape_error(
+                inputs,
+                f"weight must be a float tensor (edges,) or (edges, heads), found "
+                f"{weight.dtype} of rank {len(weight.shape)}",
+            )
+        if len(x.shape) != len(weight.shape) + 1:
+            raise self.shape_error(
+                inputs,
+                f"x must be (nodes, features) for weight (edges,) or (nodes, heads, "
+                f"features) for weight (edges, heads), found rank {len(x.shape)}",
+            )
+        if len(weight.shape) == 2:
+            _check_equal(self, inputs, "weight and x must have the same number of heads", weight.shape[1], x.shape[1])
         if weight.dtype != x.dtype:
             raise DTypeError(f"{self.name}: weight and x must have one dtype, found {weight.dtype} and {x.dtype}")
         edges = _length(row)
@@ -109,26 +138,29 @@ class Spmm(OpDef):
         n_dst, n_src = _nodes(indptr), _nodes(t_indptr)
         if transpose:
             n_dst, n_src = n_src, n_dst
-        _check_equal(self, inputs, f"x must have one row per {'target' if transpose else 'source'} node",
-                     x.shape[0], n_src)
-        return TensorMeta((n_dst, x.shape[1]), x.dtype)
+        _check_equal(
+            self, inputs, f"x must have one row per {'target' if transpose else 'source'} node", x.shape[0], n_src
+        )
+        return TensorMeta((n_dst,) + tuple(x.shape[1:]), x.dtype)
 
     @staticmethod
     def compute(row, col, indptr, t_indptr, t_index, t_perm, weight, x, transpose):
         n_dst, n_src = indptr.shape[0] - 1, t_indptr.shape[0] - 1
+        rows = n_src if transpose else n_dst
         if weight.shape[0] == 0:  # no edges: nothing reaches any node
-            return x.new_zeros((n_src if transpose else n_dst, x.shape[1]))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_BETA_WARNING)
-            if transpose:
-                matrix = torch.sparse_csr_tensor(t_indptr, t_index, weight[t_perm], (n_src, n_dst),
-                                                 check_invariants=False)
-            else:
-                matrix = torch.sparse_csr_tensor(indptr, col, weight, (n_dst, n_src), check_invariants=False)
-        return matrix @ x
+            return x.new_zeros((rows,) + tuple(x.shape[1:]))
+        if weight.dim() == 2:  # one matrix per head (attention): (n, heads, features)
+            return torch.stack(
+                [
+                    _csr_mm(row, col, indptr, t_indptr, t_index, t_perm, weight[:, h], x[:, h], transpose)
+                    for h in range(weight.shape[1])
+                ],
+                dim=1,
+            )
+        return _csr_mm(row, col, indptr, t_indptr, t_index, t_perm, weight, x, transpose)
 
     def gradient(self, op, grads):
-        g, = grads
+        (g,) = grads
         *structure, weight, x = op.inputs
         transpose = op.attrs["transpose"]
         row, col = structure[0], structure[1]
@@ -202,7 +234,7 @@ class ScatterReduce(OpDef):
         return _scatter(src, index, _out_rows(index, size, num_segments), reduce)
 
     def gradient(self, op, grads):
-        g, = grads
+        (g,) = grads
         src, index, *size = op.inputs
         reduce, num = op.attrs["reduce"], op.attrs["num_segments"]
         if not wants(op, 0):
@@ -248,7 +280,7 @@ class SegmentSoftmax(OpDef):
         return e / _scatter(e, index, rows, "sum").index_select(0, index)
 
     def gradient(self, op, grads):
-        g, = grads
+        (g,) = grads
         src, index, *size = op.inputs
         y = op.outputs[0]
         dot = apply("scatter_reduce", g * y, index, *size, reduce="sum", num_segments=op.attrs["num_segments"])

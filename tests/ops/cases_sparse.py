@@ -46,6 +46,14 @@ def _ref_spmm(row, col, indptr, t_indptr, t_index, t_perm, w, x, transpose=False
     return (a.T if transpose else a) @ x
 
 
+def _ref_spmm_heads(row, col, indptr, t_indptr, t_index, t_perm, w, x, transpose=False):
+    outs = []
+    for h in range(w.shape[1]):
+        a = _dense(w[:, h], row, col, N_DST, N_SRC)
+        outs.append((a.T if transpose else a) @ x[:, h])
+    return torch.stack(outs, 1)
+
+
 def _ref_sparse_mm(row, col, indptr, t_indptr, t_index, t_perm, w, x):
     coo = torch.sparse_coo_tensor(torch.stack([row, col]), w, (N_DST, N_SRC), check_invariants=True)
     return torch.sparse.mm(coo, x)
@@ -74,35 +82,101 @@ def _ref_segment_softmax(src, index, n):
 
 IDX = Const(ROW)
 PTR = S[2]
-TIES = Const(np.array([[1.0, 2.0], [1.0, -1.0], [0.5, 2.0], [3.0, 3.0], [3.0, 0.0], [-1.0, 5.0], [-1.0, 5.0],
-                       [-2.0, 0.0], [0.0, 0.0]]), grad=True)
+TIES = Const(
+    np.array(
+        [[1.0, 2.0], [1.0, -1.0], [0.5, 2.0], [3.0, 3.0], [3.0, 0.0], [-1.0, 5.0], [-1.0, 5.0], [-2.0, 0.0], [0.0, 0.0]]
+    ),
+    grad=True,
+)
 
 CASES = [
     OpCase("spmm", _spmm, _ref_spmm, [*S, (E,), (N_SRC, 3)], second_order=True),
-    OpCase("spmm_transpose", lambda *a: _spmm(*a, transpose=True), lambda *a: _ref_spmm(*a, transpose=True),
-           [*S, (E,), (N_DST, 3)], second_order=True),
+    OpCase(
+        "spmm_transpose",
+        lambda *a: _spmm(*a, transpose=True),
+        lambda *a: _ref_spmm(*a, transpose=True),
+        [*S, (E,), (N_DST, 3)],
+        second_order=True,
+    ),
+    OpCase("spmm_heads", _spmm, _ref_spmm_heads, [*S, (E, 2), (N_SRC, 2, 3)], second_order=True),
+    OpCase(
+        "spmm_heads_transpose",
+        lambda *a: _spmm(*a, transpose=True),
+        lambda *a: _ref_spmm_heads(*a, transpose=True),
+        [*S, (E, 3), (N_DST, 3, 2)],
+    ),
     OpCase("spmm_torch_sparse_mm", _spmm, _ref_sparse_mm, [*S, (E,), (N_SRC, 2)]),
-    OpCase("spmm_public_fn", lambda *a: ls.ops.spmm(a[:6], a[6], a[7]) * 2.0,
-           lambda *a: _ref_spmm(*a) * 2.0, [*S, (E,), (N_SRC, 1)]),
-    OpCase("spmm_no_edges", lambda *a: _spmm(*a) + a[7].sum(), lambda *a: torch.zeros(3, 2, dtype=a[7].dtype)
-           + a[7].sum(), [*NO_EDGES, (0,), (2, 2)]),
-    *[OpCase(f"scatter_reduce_{r}", lambda s, i, r=r: ls.ops.scatter_reduce(s, i, r, num_segments=N_DST),
-             lambda s, i, r=r: _ref_scatter(s, i, {"max": "amax"}.get(r, r), N_DST), [(E, 3), IDX],
-             second_order=r != "max") for r in ("sum", "mean", "max")],
-    *[OpCase(f"scatter_reduce_{r}_indptr", lambda s, i, p, r=r: ls.ops.scatter_reduce(s, i, r, indptr=p),
-             lambda s, i, p, r=r: _ref_scatter(s, i, {"max": "amax"}.get(r, r), N_DST), [(E, 2, 2), IDX, PTR],
-             dynamic=True) for r in ("sum", "mean", "max")],
-    OpCase("scatter_reduce_max_ties", lambda s, i: ls.ops.scatter_reduce(s, i, "max", num_segments=N_DST),
-           lambda s, i: _ref_scatter(s, i, "amax", N_DST), [TIES, IDX]),
-    OpCase("scatter_reduce_1d_unsorted", lambda s, i: ls.ops.scatter_reduce(s, i, "sum", num_segments=6),
-           lambda s, i: _ref_scatter(s, i, "sum", 6), [(E,), Const(SRC)], second_order=True),
-    OpCase("segment_softmax", lambda s, i: ls.ops.segment_softmax(s, i, num_segments=N_DST),
-           lambda s, i: _ref_segment_softmax(s, i, N_DST), [(E,), IDX], second_order=True),
-    OpCase("segment_softmax_heads_indptr", lambda s, i, p: ls.ops.segment_softmax(s * 3.0, i, indptr=p),
-           lambda s, i, p: _ref_segment_softmax(s * 3.0, i, N_DST), [(E, 4), IDX, PTR], second_order=True),
-    OpCase("segment_softmax_large", lambda s, i: ls.ops.segment_softmax(s * 400.0, i, num_segments=N_DST),
-           lambda s, i: _ref_segment_softmax(s * 400.0, i, N_DST), [(E, 2), IDX], tol=1e-5),
-    OpCase("gather_edges_scatter", lambda x, c, r: ls.ops.scatter_reduce(ls.ops.gather_edges(x, c), r, "sum",
-                                                                          num_segments=N_DST),
-           lambda x, c, r: _ref_scatter(x[c], r, "sum", N_DST), [(N_SRC, 3), Const(COL), IDX], second_order=True),
+    OpCase(
+        "spmm_public_fn",
+        lambda *a: ls.ops.spmm(a[:6], a[6], a[7]) * 2.0,
+        lambda *a: _ref_spmm(*a) * 2.0,
+        [*S, (E,), (N_SRC, 1)],
+    ),
+    OpCase(
+        "spmm_no_edges",
+        lambda *a: _spmm(*a) + a[7].sum(),
+        lambda *a: torch.zeros(3, 2, dtype=a[7].dtype) + a[7].sum(),
+        [*NO_EDGES, (0,), (2, 2)],
+    ),
+    *[
+        OpCase(
+            f"scatter_reduce_{r}",
+            lambda s, i, r=r: ls.ops.scatter_reduce(s, i, r, num_segments=N_DST),
+            lambda s, i, r=r: _ref_scatter(s, i, {"max": "amax"}.get(r, r), N_DST),
+            [(E, 3), IDX],
+            second_order=r != "max",
+        )
+        for r in ("sum", "mean", "max")
+    ],
+    *[
+        OpCase(
+            f"scatter_reduce_{r}_indptr",
+            lambda s, i, p, r=r: ls.ops.scatter_reduce(s, i, r, indptr=p),
+            lambda s, i, p, r=r: _ref_scatter(s, i, {"max": "amax"}.get(r, r), N_DST),
+            [(E, 2, 2), IDX, PTR],
+            dynamic=True,
+        )
+        for r in ("sum", "mean", "max")
+    ],
+    OpCase(
+        "scatter_reduce_max_ties",
+        lambda s, i: ls.ops.scatter_reduce(s, i, "max", num_segments=N_DST),
+        lambda s, i: _ref_scatter(s, i, "amax", N_DST),
+        [TIES, IDX],
+    ),
+    OpCase(
+        "scatter_reduce_1d_unsorted",
+        lambda s, i: ls.ops.scatter_reduce(s, i, "sum", num_segments=6),
+        lambda s, i: _ref_scatter(s, i, "sum", 6),
+        [(E,), Const(SRC)],
+        second_order=True,
+    ),
+    OpCase(
+        "segment_softmax",
+        lambda s, i: ls.ops.segment_softmax(s, i, num_segments=N_DST),
+        lambda s, i: _ref_segment_softmax(s, i, N_DST),
+        [(E,), IDX],
+        second_order=True,
+    ),
+    OpCase(
+        "segment_softmax_heads_indptr",
+        lambda s, i, p: ls.ops.segment_softmax(s * 3.0, i, indptr=p),
+        lambda s, i, p: _ref_segment_softmax(s * 3.0, i, N_DST),
+        [(E, 4), IDX, PTR],
+        second_order=True,
+    ),
+    OpCase(
+        "segment_softmax_large",
+        lambda s, i: ls.ops.segment_softmax(s * 400.0, i, num_segments=N_DST),
+        lambda s, i: _ref_segment_softmax(s * 400.0, i, N_DST),
+        [(E, 2), IDX],
+        tol=1e-5,
+    ),
+    OpCase(
+        "gather_edges_scatter",
+        lambda x, c, r: ls.ops.scatter_reduce(ls.ops.gather_edges(x, c), r, "sum", num_segments=N_DST),
+        lambda x, c, r: _ref_scatter(x[c], r, "sum", N_DST),
+        [(N_SRC, 3), Const(COL), IDX],
+        second_order=True,
+    ),
 ]
