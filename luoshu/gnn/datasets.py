@@ -54,9 +54,16 @@ def karate_club() -> SparseGraph:
     return _finish(SparseGraph.from_networkx(g, x=np.eye(34, dtype=np.float32), y=y, **masks))
 
 
-def stochastic_block_model(num_nodes: int = 10_000, num_classes: int = 5, avg_degree: float = 10.0,
-                           p_intra: float = 0.5, num_features: int = 16, feature_noise: float = 3.0,
-                           split: tuple[float, float] = (0.6, 0.2), seed: int = 0) -> SparseGraph:
+def stochastic_block_model(
+    num_nodes: int = 10_000,
+    num_classes: int = 5,
+    avg_degree: float = 10.0,
+    p_intra: float = 0.5,
+    num_features: int = 16,
+    feature_noise: float = 3.0,
+    split: tuple[float, float] = (0.6, 0.2),
+    seed: int = 0,
+) -> SparseGraph:
     """A seeded stochastic-block-model graph of any size, with class-correlated features.
 
     Each node gets a class uniformly at random. `num_nodes * avg_degree / 2` undirected
@@ -68,11 +75,15 @@ def stochastic_block_model(num_nodes: int = 10_000, num_classes: int = 5, avg_de
     Vectorised: about a second per million edges.
     """
     if num_nodes < num_classes or num_classes < 2:
-        raise GraphInputError(f"an SBM needs num_classes >= 2 and num_nodes >= num_classes, found "
-                              f"{num_nodes} nodes and {num_classes} classes")
+        raise GraphInputError(
+            f"an SBM needs num_classes >= 2 and num_nodes >= num_classes, found "
+            f"{num_nodes} nodes and {num_classes} classes"
+        )
     if not 0.0 <= p_intra <= 1.0 or avg_degree <= 0 or num_features < 1:
-        raise GraphInputError(f"an SBM needs 0 <= p_intra <= 1, avg_degree > 0 and num_features >= 1, found "
-                              f"p_intra={p_intra}, avg_degree={avg_degree}, num_features={num_features}")
+        raise GraphInputError(
+            f"an SBM needs 0 <= p_intra <= 1, avg_degree > 0 and num_features >= 1, found "
+            f"p_intra={p_intra}, avg_degree={avg_degree}, num_features={num_features}"
+        )
     rng = np.random.default_rng(seed)
     y = rng.integers(0, num_classes, num_nodes)
     by_class = np.argsort(y, kind="stable")
@@ -101,8 +112,14 @@ def _open_lines(path: Path):
                 yield number, line.replace(",", " ").split()
 
 
-def read_edge_list(edges: str | os.PathLike, nodes: str | os.PathLike | None = None, *, undirected: bool = False,
-                   split: tuple[float, float] = (0.6, 0.2), seed: int = 0) -> SparseGraph:
+def read_edge_list(
+    edges: str | os.PathLike,
+    nodes: str | os.PathLike | None = None,
+    *,
+    undirected: bool = False,
+    split: tuple[float, float] = (0.6, 0.2),
+    seed: int = 0,
+) -> SparseGraph:
     """An edge-list file (`source target [weight]` per line, `#` comments) and an optional
     node file of `id feature... label` lines (Cora's `.content` layout: any id tokens, a
     label that may be a name). Without a node file, ids must be integers 0..n-1 and the
@@ -147,8 +164,9 @@ def read_edge_list(edges: str | os.PathLike, nodes: str | os.PathLike | None = N
             try:
                 pairs.append((int(parts[0]), int(parts[1])))
             except ValueError:
-                raise GraphInputError(f"{edges}:{number}: node ids must be integers without a node file, "
-                                      f"found {parts[:2]}") from None
+                raise GraphInputError(
+                    f"{edges}:{number}: node ids must be integers without a node file, found {parts[:2]}"
+                ) from None
         weights.append(float(parts[2]) if len(parts) == 3 else 1.0)
     ei = np.asarray(pairs, dtype=np.int64).reshape(-1, 2).T
     w = np.asarray(weights, dtype=np.float32)
@@ -214,12 +232,14 @@ def read_ogb(root: str | os.PathLike, split: str | None = None) -> SparseGraph:
         split_dir = split_root
     else:
         raise GraphInputError(f"{split_root} holds several splits {[p.name for p in schemes]}; pass split=")
-    parts = [np.asarray(_load_array(split_dir, name)).reshape(-1).astype(np.int64) for name in ("train", "valid",
-                                                                                               "test")]
+    parts = [
+        np.asarray(_load_array(split_dir, name)).reshape(-1).astype(np.int64) for name in ("train", "valid", "test")
+    ]
     n = len(x)
     for name, ids in zip(("train", "valid", "test"), parts):
         if ids.size and (ids.min() < 0 or ids.max() >= n):
             raise GraphInputError(f"{split_dir}/{name}: node id {int(ids.max())} outside [0, {n})")
-    graph = SparseGraph(np.asarray(ei).astype(np.int64), n, x=np.asarray(x, dtype=np.float32),
-                        y=y.astype(np.int64), **_masks(n, *parts))
+    graph = SparseGraph(
+        np.asarray(ei).astype(np.int64), n, x=np.asarray(x, dtype=np.float32), y=y.astype(np.int64), **_masks(n, *parts)
+    )
     return _finish(graph)

@@ -19,8 +19,12 @@ from luoshu.nn.module import Module
 
 
 def _check_config(name: str, in_features: int, num_classes: int, hidden: int, num_layers: int, dropout: float):
-    for field, value in (("in_features", in_features), ("num_classes", num_classes), ("hidden", hidden),
-                         ("num_layers", num_layers)):
+    for field, value in (
+        ("in_features", in_features),
+        ("num_classes", num_classes),
+        ("hidden", hidden),
+        ("num_layers", num_layers),
+    ):
         if not isinstance(value, int) or value < 1:
             raise Error(f"{name}: {field} must be a positive int, found {value!r}")
     if not 0.0 <= dropout < 1.0:
@@ -32,8 +36,9 @@ def _per_layer(model: str, graph, num_layers: int) -> list[SparseGraph]:
         return [graph] * num_layers
     blocks = list(getattr(graph, "blocks", graph))
     if len(blocks) != num_layers:
-        raise GraphInputError(f"{model} has {num_layers} layers but was given {len(blocks)} blocks; sample with "
-                              f"one fan-out per layer")
+        raise GraphInputError(
+            f"{model} has {num_layers} layers but was given {len(blocks)} blocks; sample with one fan-out per layer"
+        )
     return blocks
 
 
@@ -60,8 +65,7 @@ class GraphSAGEConfig:
     dropout: float = 0.5
 
     def __post_init__(self):
-        _check_config("GraphSAGEConfig", self.in_features, self.num_classes, self.hidden, self.num_layers,
-                      self.dropout)
+        _check_config("GraphSAGEConfig", self.in_features, self.num_classes, self.hidden, self.num_layers, self.dropout)
 
 
 @dataclass
@@ -102,8 +106,10 @@ class GCN(_NodeClassifier):
 
     def forward(self, x, graph):
         if not isinstance(graph, SparseGraph):
-            raise GraphInputError("GCN trains on the full graph (GCNConv has no bipartite form); use graphsage or "
-                                  "gat for sampled mini-batches")
+            raise GraphInputError(
+                "GCN trains on the full graph (GCNConv has no bipartite form); use graphsage or "
+                "gat for sampled mini-batches"
+            )
         return super().forward(x, graph)
 
 
@@ -114,8 +120,9 @@ class GraphSAGE(_NodeClassifier):
         super().__init__()
         self.config = config
         sizes = [config.in_features] + [config.hidden] * (config.num_layers - 1) + [config.num_classes]
-        self.convs = ModuleList([SAGEConv(a, b, aggr=config.aggr, project=config.project)
-                                 for a, b in zip(sizes[:-1], sizes[1:])])
+        self.convs = ModuleList(
+            [SAGEConv(a, b, aggr=config.aggr, project=config.project) for a, b in zip(sizes[:-1], sizes[1:])]
+        )
 
 
 class GAT(_NodeClassifier):

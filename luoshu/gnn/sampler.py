@@ -76,11 +76,14 @@ def _check_fanouts(fanouts, num_layers: int | None) -> tuple[int, ...]:
     except (TypeError, ValueError):
         raise GraphInputError(f"fanouts must be a list of ints (one per layer), found {fanouts!r}") from None
     if not fanouts or any(f == 0 or f < -1 for f in fanouts):
-        raise GraphInputError(f"fanouts must be a non-empty list of positive ints (-1 = every neighbour), "
-                              f"found {list(fanouts)}")
+        raise GraphInputError(
+            f"fanouts must be a non-empty list of positive ints (-1 = every neighbour), found {list(fanouts)}"
+        )
     if num_layers is not None and len(fanouts) != num_layers:
-        raise GraphInputError(f"fanouts {list(fanouts)} give {len(fanouts)} hops but the model has {num_layers} "
-                              f"layers; give one fan-out per layer")
+        raise GraphInputError(
+            f"fanouts {list(fanouts)} give {len(fanouts)} hops but the model has {num_layers} "
+            f"layers; give one fan-out per layer"
+        )
     return fanouts
 
 
@@ -140,7 +143,7 @@ class NeighborSampler:
             order = torch.argsort(first)
             local = torch.empty_like(order)
             local[order] = torch.arange(len(order))
-            src_local = local[inverse[len(nodes):]]
+            src_local = local[inverse[len(nodes) :]]
             block = SparseGraph(torch.stack([src_local, owner]), len(nodes), num_src_nodes=len(unique))
             block.src_nodes, block.dst_nodes = unique[order], nodes
             blocks.append(block)
@@ -171,21 +174,36 @@ class NeighborLoader:
     a data-parallel job (`rank`, `world_size`) takes its contiguous slice of each.
     """
 
-    def __init__(self, graph: SparseGraph, fanouts: Sequence[int], seeds=None, batch_size: int = 512,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, num_workers: int = 0,
-                 prefetch: int = 2, rank: int = 0, world_size: int = 1, num_layers: int | None = None):
+    def __init__(
+        self,
+        graph: SparseGraph,
+        fanouts: Sequence[int],
+        seeds=None,
+        batch_size: int = 512,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        prefetch: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        num_layers: int | None = None,
+    ):
         self.sampler = NeighborSampler(graph, fanouts, seed, num_layers)
         if seeds is None:
             seeds = torch.arange(graph.num_nodes)
         seeds = torch.as_tensor(np.asarray(seeds))
         if seeds.dtype == torch.bool:
             if seeds.shape != (graph.num_nodes,):
-                raise GraphInputError(f"a seed mask needs one entry per node ({graph.num_nodes}), found shape "
-                                      f"{tuple(seeds.shape)}")
+                raise GraphInputError(
+                    f"a seed mask needs one entry per node ({graph.num_nodes}), found shape {tuple(seeds.shape)}"
+                )
             seeds = torch.nonzero(seeds).reshape(-1)
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise GraphInputError(f"NeighborLoader needs batch_size >= 1 and 0 <= rank < world_size, found "
-                                  f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+            raise GraphInputError(
+                f"NeighborLoader needs batch_size >= 1 and 0 <= rank < world_size, found "
+                f"batch_size={batch_size}, rank={rank}, world_size={world_size}"
+            )
         self.seeds = seeds.to(torch.int64).numpy()
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.num_workers, self.prefetch = num_workers, prefetch
@@ -196,15 +214,18 @@ class NeighborLoader:
         self.epoch = epoch
 
     def _batches(self, epoch: int) -> list[tuple[int, np.ndarray]]:
-        order = (np.random.default_rng([self.seed, epoch]).permutation(len(self.seeds)) if self.shuffle
-                 else np.arange(len(self.seeds)))
+        order = (
+            np.random.default_rng([self.seed, epoch]).permutation(len(self.seeds))
+            if self.shuffle
+            else np.arange(len(self.seeds))
+        )
         ids = self.seeds[order]
         step = self.batch_size * self.world_size
         stop = len(ids) - len(ids) % step if self.drop_last else len(ids)
         out = []
         for index, start in enumerate(range(0, stop, step)):
-            part = ids[start:start + step]
-            mine = part[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            part = ids[start : start + step]
+            mine = part[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             if len(mine):
                 out.append((index, mine))
         return out

@@ -34,8 +34,7 @@ def train_full_graph_epoch(model, optimizer, graph: SparseGraph, device=None) ->
     """One optimizer step on the whole graph, the loss over the train mask; returns the loss."""
     model.train()
     ids = graph.cached(("train_ids", str(device)), lambda: make_constant(_ids(graph, "train"), device=device))
-    labels = graph.cached(("train_y", str(device)), lambda: make_constant(graph.y[_ids(graph, "train")],
-                                                                          device=device))
+    labels = graph.cached(("train_y", str(device)), lambda: make_constant(graph.y[_ids(graph, "train")], device=device))
     optimizer.zero_grad()
     logits = model(_features(graph, device), graph)
     loss = F.cross_entropy(ops.index_select(logits, 0, ids), labels)
