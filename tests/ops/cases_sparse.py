@@ -54,6 +54,10 @@ def _ref_spmm_heads(row, col, indptr, t_indptr, t_index, t_perm, w, x, transpose
     return torch.stack(outs, 1)
 
 
+def _ref_sddmm(row, col, indptr, t_indptr, t_index, t_perm, a, b):
+    return (a[row] * b[col]).sum(-1)
+
+
 def _ref_sparse_mm(row, col, indptr, t_indptr, t_index, t_perm, w, x):
     coo = torch.sparse_coo_tensor(torch.stack([row, col]), w, (N_DST, N_SRC), check_invariants=True)
     return torch.sparse.mm(coo, x)
@@ -98,6 +102,9 @@ CASES = [
         [*S, (E,), (N_DST, 3)],
         second_order=True,
     ),
+    OpCase("spmm_wide", _spmm, _ref_spmm, [*S, (E,), (N_SRC, 40)]),  # the reduce-kernel path
+    OpCase("spmm_wide_transpose", lambda *a: _spmm(*a, transpose=True), lambda *a: _ref_spmm(*a, transpose=True),
+           [*S, (E,), (N_DST, 33)]),
     OpCase("spmm_heads", _spmm, _ref_spmm_heads, [*S, (E, 2), (N_SRC, 2, 3)], second_order=True),
     OpCase(
         "spmm_heads_transpose",
@@ -105,6 +112,11 @@ CASES = [
         lambda *a: _ref_spmm_heads(*a, transpose=True),
         [*S, (E, 3), (N_DST, 3, 2)],
     ),
+    OpCase("sddmm", lambda *a: apply("sddmm", *a), _ref_sddmm, [*S, (N_DST, 3), (N_SRC, 3)], second_order=True),
+    OpCase("sddmm_heads", lambda *a: apply("sddmm", *a), _ref_sddmm, [*S, (N_DST, 2, 3), (N_SRC, 2, 3)],
+           second_order=True),
+    OpCase("sddmm_no_edges", lambda *a: apply("sddmm", *a).sum() + a[6].sum() + a[7].sum(),
+           lambda *a: a[6].sum() + a[7].sum(), [*NO_EDGES, (3, 2), (2, 2)]),
     OpCase("spmm_torch_sparse_mm", _spmm, _ref_sparse_mm, [*S, (E,), (N_SRC, 2)]),
     OpCase(
         "spmm_public_fn",
