@@ -49,12 +49,17 @@ def _pyg_models(features: int, classes: int, hidden: int, heads: int):
             return x
 
     return {
-        "gcn": lambda cached: Net([pyg.GCNConv(features, hidden, cached=cached),
-                                   pyg.GCNConv(hidden, classes, cached=cached)]),
+        "gcn": lambda cached: Net(
+            [pyg.GCNConv(features, hidden, cached=cached), pyg.GCNConv(hidden, classes, cached=cached)]
+        ),
         "graphsage": lambda cached: Net([pyg.SAGEConv(features, hidden), pyg.SAGEConv(hidden, classes)]),
-        "gat": lambda cached: Net([pyg.GATConv(features, hidden // heads, heads=heads, dropout=0.5),
-                                   pyg.GATConv(hidden, classes, heads=1, concat=False, dropout=0.5)],
-                                  act=torch.nn.functional.elu),
+        "gat": lambda cached: Net(
+            [
+                pyg.GATConv(features, hidden // heads, heads=heads, dropout=0.5),
+                pyg.GATConv(hidden, classes, heads=1, concat=False, dropout=0.5),
+            ],
+            act=torch.nn.functional.elu,
+        ),
     }
 
 
@@ -95,8 +100,10 @@ def main() -> None:
 
     graph = stochastic_block_model(args.nodes, avg_degree=args.degree, num_features=args.features, seed=0)
     classes = graph.num_classes
-    print(f"SBM graph: {graph.num_nodes} nodes, {graph.num_edges} edges, {args.features} features, "
-          f"{classes} classes; torch threads {torch.get_num_threads()}; repeats {args.repeats} (+1 warm-up)")
+    print(
+        f"SBM graph: {graph.num_nodes} nodes, {graph.num_edges} edges, {args.features} features, "
+        f"{classes} classes; torch threads {torch.get_num_threads()}; repeats {args.repeats} (+1 warm-up)"
+    )
     x_t = graph.x.float()
     ei = graph.edge_index
     adj_t = torch.sparse_csr_tensor(graph.indptr, graph.col, torch.ones(graph.num_edges), (graph.num_nodes,) * 2)
@@ -118,7 +125,7 @@ def main() -> None:
         theirs = {k: (m, torch.optim.Adam(m.parameters(), lr=0.01), a) for k, (m, a) in variants.items()}
         times = {"luoshu": [], **{k: [] for k in theirs}}
         for r in range(args.repeats + 1):
-            t = _timed(lambda: train_full_graph_epoch(ours, ours_opt, graph))
+            t = _timed(lambda ours=ours, ours_opt=ours_opt: train_full_graph_epoch(ours, ours_opt, graph))
             if r:
                 times["luoshu"].append(t)
             for k, (m, opt, a) in theirs.items():
@@ -133,12 +140,17 @@ def main() -> None:
     # sampled GraphSAGE mini-batches: the same blocks for both
     sampler = NeighborSampler(graph, [10, 5], seed=0)
     seeds = train_ids.numpy()
-    batches = [sampler.sample(seeds[i * args.batch_size:(i + 1) * args.batch_size], batch=i)
-               for i in range(args.batches)]
+    batches = [
+        sampler.sample(seeds[i * args.batch_size : (i + 1) * args.batch_size], batch=i) for i in range(args.batches)
+    ]
     sample_t = []
     for r in range(args.repeats + 1):
-        t = _timed(lambda r=r: [sampler.sample(seeds[i * args.batch_size:(i + 1) * args.batch_size], epoch=r,
-                                               batch=i) for i in range(args.batches)])
+        t = _timed(
+            lambda r=r: [
+                sampler.sample(seeds[i * args.batch_size : (i + 1) * args.batch_size], epoch=r, batch=i)
+                for i in range(args.batches)
+            ]
+        )
         if r:
             sample_t.append(t)
     ls.manual_seed(0)
@@ -170,14 +182,22 @@ def main() -> None:
         if r:
             ot.append(a)
             tt.append(b)
-    rows.append((f"graphsage sampled [10,5] x{args.batches} batches of {args.batch_size}", "PyG edge_index",
-                 statistics.median(ot), statistics.median(tt)))
+    rows.append(
+        (
+            f"graphsage sampled [10,5] x{args.batches} batches of {args.batch_size}",
+            "PyG edge_index",
+            statistics.median(ot),
+            statistics.median(tt),
+        )
+    )
 
     print(f"\n{'workload':<52} {'reference':<28} {'luoshu s':>9} {'PyG s':>9} {'speed-up':>9}")
     for workload, ref, ours_t, ref_t in rows:
         print(f"{workload:<52} {ref:<28} {ours_t:>9.4f} {ref_t:>9.4f} {ref_t / ours_t:>8.2f}x")
-    print(f"sampling [10,5], {args.batches} batches of {args.batch_size} (luoshu NeighborSampler): "
-          f"{statistics.median(sample_t):.4f} s")
+    print(
+        f"sampling [10,5], {args.batches} batches of {args.batch_size} (luoshu NeighborSampler): "
+        f"{statistics.median(sample_t):.4f} s"
+    )
 
 
 if __name__ == "__main__":
