@@ -51,26 +51,35 @@ def _ogb(path, args):
 
 # name -> (loader(path, args) -> SparseGraph, allowed options, description)
 GRAPH_DATASETS: dict[str, tuple[Callable[[str | None, dict], SparseGraph], tuple[str, ...], str]] = {
-    "sbm": (_sbm, ("num_nodes", "num_classes", "avg_degree", "p_intra", "num_features", "feature_noise", "split",
-                   "seed"), "a generated stochastic-block-model graph (10k nodes by default)"),
+    "sbm": (
+        _sbm,
+        ("num_nodes", "num_classes", "avg_degree", "p_intra", "num_features", "feature_noise", "split", "seed"),
+        "a generated stochastic-block-model graph (10k nodes by default)",
+    ),
     "karate": (_karate, (), "Zachary's karate club, the two leaders labelled (shipped with networkx)"),
-    "edge-list": (_edge_list, ("nodes", "undirected", "split", "seed"),
-                  "an edge-list file (--data-path) and a Cora-style node file (--data-arg nodes=...)"),
+    "edge-list": (
+        _edge_list,
+        ("nodes", "undirected", "split", "seed"),
+        "an edge-list file (--data-path) and a Cora-style node file (--data-arg nodes=...)",
+    ),
     "ogb": (_ogb, ("split",), "an OGB node-property directory (edge, node-feat, node-label, split/)"),
 }
 
 
 def _graph(config) -> tuple[SparseGraph, tuple[int, ...] | None]:
     if config.dataset not in GRAPH_DATASETS:
-        raise NodeJobError(f"model {config.model!r} classifies nodes; its dataset must be one of "
-                           f"{sorted(GRAPH_DATASETS)}, found {config.dataset!r}")
+        raise NodeJobError(
+            f"model {config.model!r} classifies nodes; its dataset must be one of "
+            f"{sorted(GRAPH_DATASETS)}, found {config.dataset!r}"
+        )
     load, allowed, _ = GRAPH_DATASETS[config.dataset]
     args = dict(config.data_args)
     fanouts = args.pop("fanouts", None)
     unknown = sorted(set(args) - set(allowed))
     if unknown:
-        raise NodeJobError(f"dataset {config.dataset!r} has no option {unknown[0]!r}; its options are "
-                           f"{list(allowed) + ['fanouts']}")
+        raise NodeJobError(
+            f"dataset {config.dataset!r} has no option {unknown[0]!r}; its options are {list(allowed) + ['fanouts']}"
+        )
     if "split" in args and isinstance(args["split"], list):
         args["split"] = tuple(args["split"])
     graph = load(config.data_path, args)
@@ -103,10 +112,12 @@ def _optimizer(config, params):
 
     table = {"adam": Adam, "adamw": AdamW, "sgd": SGD}
     if config.optimizer not in table:
-        raise NodeJobError(f"node-classification jobs take optimizer one of {sorted(table)}, found "
-                           f"{config.optimizer!r}")
-    return table[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay,
-                                   **dict(getattr(config, "optimizer_args", {}) or {}))
+        raise NodeJobError(
+            f"node-classification jobs take optimizer one of {sorted(table)}, found {config.optimizer!r}"
+        )
+    return table[config.optimizer](
+        params, lr=config.lr, weight_decay=config.weight_decay, **dict(getattr(config, "optimizer_args", {}) or {})
+    )
 
 
 def train_node_job(config, log: Callable[[str], None] | None = None) -> dict[str, float]:
@@ -120,19 +131,31 @@ def train_node_job(config, log: Callable[[str], None] | None = None) -> dict[str
     opt = _optimizer(config, model.parameters())
     loader = None
     if fanouts is not None:
-        loader = NeighborLoader(graph, fanouts, seeds=graph.train_mask, batch_size=config.batch_size, seed=config.seed,
-                                num_workers=config.num_workers, num_layers=len(model.convs))
+        loader = NeighborLoader(
+            graph,
+            fanouts,
+            seeds=graph.train_mask,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            num_workers=config.num_workers,
+            num_layers=len(model.convs),
+        )
     job_dir = Path(config.job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for epoch in range(config.epochs):
-        loss = (train_sampled_epoch(model, opt, graph, loader) if loader is not None
-                else train_full_graph_epoch(model, opt, graph))
+        loss = (
+            train_sampled_epoch(model, opt, graph, loader)
+            if loader is not None
+            else train_full_graph_epoch(model, opt, graph)
+        )
         acc = accuracy(model, graph)
         rows.append({"epoch": epoch + 1, "loss": loss, **{f"{k}_accuracy": v for k, v in acc.items()}})
         if log is not None:
-            log(f"epoch {epoch + 1}: loss {loss:.4f}, train {acc['train']:.4f}, val {acc['val']:.4f}, "
-                f"test {acc['test']:.4f}")
+            log(
+                f"epoch {epoch + 1}: loss {loss:.4f}, train {acc['train']:.4f}, val {acc['val']:.4f}, "
+                f"test {acc['test']:.4f}"
+            )
     with open(job_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -155,9 +155,11 @@ class Spmm(OpDef):
         if weight.shape[0] == 0:  # no edges: nothing reaches any node
             return x.new_zeros((rows,) + tuple(x.shape[1:]))
         if weight.dim() == 2:  # one matrix per head (attention): (n, heads, features)
+            # heads-major copies: each head's product reads contiguous rows
+            heads_x, heads_w = x.transpose(0, 1).contiguous(), weight.t().contiguous()
             return torch.stack(
                 [
-                    _csr_mm(row, col, indptr, t_indptr, t_index, t_perm, weight[:, h], x[:, h], transpose)
+                    _csr_mm(row, col, indptr, t_indptr, t_index, t_perm, heads_w[h], heads_x[h], transpose)
                     for h in range(weight.shape[1])
                 ],
                 dim=1,
@@ -184,8 +186,9 @@ class Spmm(OpDef):
 def _sampled_dot(indptr, col, a, b):
     if col.shape[0] == 0:
         return a.new_zeros((0,))
-    pattern = torch.sparse_csr_tensor(indptr, col, a.new_zeros(col.shape[0]), (a.shape[0], b.shape[0]),
-                                      check_invariants=False)
+    pattern = torch.sparse_csr_tensor(
+        indptr, col, a.new_zeros(col.shape[0]), (a.shape[0], b.shape[0]), check_invariants=False
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_BETA_WARNING)
         return torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values()
@@ -202,8 +205,12 @@ class Sddmm(OpDef):
 
     def infer(self, inputs):
         row, col, indptr, t_indptr, t_index, t_perm, a, b = inputs
-        _check_ints(self, inputs, ("row", "col", "indptr", "t_indptr", "t_index", "t_perm"),
-                    (row, col, indptr, t_indptr, t_index, t_perm))
+        _check_ints(
+            self,
+            inputs,
+            ("row", "col", "indptr", "t_indptr", "t_index", "t_perm"),
+            (row, col, indptr, t_indptr, t_index, t_perm),
+        )
         if len(a.shape) not in (2, 3) or len(b.shape) != len(a.shape):
             raise self.shape_error(inputs, "a and b must both be (nodes, features) or (nodes, heads, features)")
         if a.dtype != b.dtype or not dtypes.is_floating(a.dtype):
@@ -221,7 +228,7 @@ class Sddmm(OpDef):
         return _sampled_dot(indptr, col, a, b)
 
     def gradient(self, op, grads):
-        g, = grads
+        (g,) = grads
         *structure, a, b = op.inputs
         ga = apply("spmm", *structure, g, b) if wants(op, 6) else None
         gb = apply("spmm", *structure, g, a, transpose=True) if wants(op, 7) else None
@@ -231,8 +238,10 @@ class Sddmm(OpDef):
         _require_duplicate(self, input_ds, range(6))
         a, b = input_ds[6], input_ds[7]
         if (a is not None and not a.is_pure_duplicate()) or (b is not None and not b.is_pure_duplicate()):
-            raise Error(f"op '{self.name}' needs a and b duplicated (a split feature dimension would leave "
-                        f"partial dot products), found {a and a.states} and {b and b.states}")
+            raise Error(
+                f"op '{self.name}' needs a and b duplicated (a split feature dimension would leave "
+                f"partial dot products), found {a and a.states} and {b and b.states}"
+            )
         return [a or b]
 
 
@@ -259,8 +268,25 @@ def _check_scatter(opdef, inputs):
     _check_equal(opdef, inputs, "index must have one entry per row of src", _length(index), _length(src))
 
 
-def _out_rows(index, size, num_segments):
-    return size[0].shape[0] - 1 if size else num_segments
+def _reduce(src, index, size, num_segments, reduce):
+    """With an `indptr` the rows of src come in CSR order, and torch's segment kernel (which
+    reads each segment's run) beats the scatter kernel up to about 32 values per row."""
+    if not size:
+        return _scatter(src, index, num_segments, reduce)
+    indptr = size[0]
+    if indptr.shape[0] and int(indptr[-1]) != src.shape[0]:
+        raise Error(
+            f"an indptr ending at {int(indptr[-1])} does not cover the {src.shape[0]} rows of src; "
+            f"with indptr the rows must come in CSR order"
+        )
+    width = src[0].numel() if src.shape[0] else 0
+    if width > 32 or src.device.type != "cpu":
+        return _scatter(src, index, indptr.shape[0] - 1, reduce)
+    out = torch.segment_reduce(src, reduce, offsets=indptr, axis=0, unsafe=True)
+    if reduce != "sum":  # empty segments come out -inf (max) or nan (mean); PyG defines them as 0
+        empty = (indptr[1:] == indptr[:-1]).view((-1,) + (1,) * (src.dim() - 1))
+        out = out.masked_fill(empty, 0.0)
+    return out
 
 
 def _scatter(src, index, rows, reduce):
@@ -274,7 +300,10 @@ def _scatter(src, index, rows, reduce):
 class ScatterReduce(OpDef):
     """`out[i] = reduce(src[e] for e with index[e] == i)`, reduce in sum / mean / max; rows
     that receive nothing are 0. Output rows: `len(indptr) - 1` when the optional third input
-    (a CSR `indptr`) is given, else the `num_segments` attribute."""
+    (a CSR `indptr`) is given, else the `num_segments` attribute. With `indptr`, the rows of
+    `src` come in CSR order (`index` holds the segment ids `indptr` implies), as the per-edge
+    values of a graph do.
+    """
 
     name = "scatter_reduce"
     attrs = {"reduce": "sum", "num_segments": None}
@@ -289,7 +318,7 @@ class ScatterReduce(OpDef):
 
     @staticmethod
     def compute(src, index, *size, reduce, num_segments):
-        return _scatter(src, index, _out_rows(index, size, num_segments), reduce)
+        return _reduce(src, index, size, num_segments, reduce)
 
     def gradient(self, op, grads):
         (g,) = grads
@@ -331,11 +360,10 @@ class SegmentSoftmax(OpDef):
 
     @staticmethod
     def compute(src, index, *size, num_segments):
-        rows = _out_rows(index, size, num_segments)
         # shift by each segment's max so exp never overflows
-        shifted = src - _scatter(src, index, rows, "max").index_select(0, index)
+        shifted = src - _reduce(src, index, size, num_segments, "max").index_select(0, index)
         e = shifted.exp()
-        return e / _scatter(e, index, rows, "sum").index_select(0, index)
+        return e / _reduce(e, index, size, num_segments, "sum").index_select(0, index)
 
     def gradient(self, op, grads):
         (g,) = grads

@@ -11,10 +11,22 @@ from luoshu.gnn.job import NodeJobError, train_node_job
 
 
 def _config(tmp_path, **kw):
-    values = {"model": "graphsage", "model_args": {}, "dataset": "sbm", "data_path": None,
-              "data_args": {"num_nodes": 2000}, "optimizer": "adam", "optimizer_args": {}, "lr": 0.02,
-              "weight_decay": 0.0, "epochs": 3, "batch_size": 256, "seed": 0, "num_workers": 1,
-              "job_dir": tmp_path / "job"}
+    values = {
+        "model": "graphsage",
+        "model_args": {},
+        "dataset": "sbm",
+        "data_path": None,
+        "data_args": {"num_nodes": 2000},
+        "optimizer": "adam",
+        "optimizer_args": {},
+        "lr": 0.02,
+        "weight_decay": 0.0,
+        "epochs": 3,
+        "batch_size": 256,
+        "seed": 0,
+        "num_workers": 1,
+        "job_dir": tmp_path / "job",
+    }
     values.update(kw)
     return SimpleNamespace(**values)
 

@@ -103,8 +103,12 @@ CASES = [
         second_order=True,
     ),
     OpCase("spmm_wide", _spmm, _ref_spmm, [*S, (E,), (N_SRC, 40)]),  # the reduce-kernel path
-    OpCase("spmm_wide_transpose", lambda *a: _spmm(*a, transpose=True), lambda *a: _ref_spmm(*a, transpose=True),
-           [*S, (E,), (N_DST, 33)]),
+    OpCase(
+        "spmm_wide_transpose",
+        lambda *a: _spmm(*a, transpose=True),
+        lambda *a: _ref_spmm(*a, transpose=True),
+        [*S, (E,), (N_DST, 33)],
+    ),
     OpCase("spmm_heads", _spmm, _ref_spmm_heads, [*S, (E, 2), (N_SRC, 2, 3)], second_order=True),
     OpCase(
         "spmm_heads_transpose",
@@ -113,10 +117,15 @@ CASES = [
         [*S, (E, 3), (N_DST, 3, 2)],
     ),
     OpCase("sddmm", lambda *a: apply("sddmm", *a), _ref_sddmm, [*S, (N_DST, 3), (N_SRC, 3)], second_order=True),
-    OpCase("sddmm_heads", lambda *a: apply("sddmm", *a), _ref_sddmm, [*S, (N_DST, 2, 3), (N_SRC, 2, 3)],
-           second_order=True),
-    OpCase("sddmm_no_edges", lambda *a: apply("sddmm", *a).sum() + a[6].sum() + a[7].sum(),
-           lambda *a: a[6].sum() + a[7].sum(), [*NO_EDGES, (3, 2), (2, 2)]),
+    OpCase(
+        "sddmm_heads", lambda *a: apply("sddmm", *a), _ref_sddmm, [*S, (N_DST, 2, 3), (N_SRC, 2, 3)], second_order=True
+    ),
+    OpCase(
+        "sddmm_no_edges",
+        lambda *a: apply("sddmm", *a).sum() + a[6].sum() + a[7].sum(),
+        lambda *a: a[6].sum() + a[7].sum(),
+        [*NO_EDGES, (3, 2), (2, 2)],
+    ),
     OpCase("spmm_torch_sparse_mm", _spmm, _ref_sparse_mm, [*S, (E,), (N_SRC, 2)]),
     OpCase(
         "spmm_public_fn",
@@ -149,6 +158,15 @@ CASES = [
             dynamic=True,
         )
         for r in ("sum", "mean", "max")
+    ],
+    *[
+        OpCase(  # wide rows: the scatter kernel behind the indptr form
+            f"scatter_reduce_{r}_indptr_wide",
+            lambda s, i, p, r=r: ls.ops.scatter_reduce(s, i, r, indptr=p),
+            lambda s, i, p, r=r: _ref_scatter(s, i, {"max": "amax"}.get(r, r), N_DST),
+            [(E, 40), IDX, PTR],
+        )
+        for r in ("mean", "max")
     ],
     OpCase(
         "scatter_reduce_max_ties",
