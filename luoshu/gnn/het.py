@@ -15,7 +15,7 @@ from luoshu.core.errors import Error
 from luoshu.core.tensor import Tensor, make_constant
 from luoshu.gnn.models import GraphSAGE, GraphSAGEConfig
 from luoshu.nn.module import Module
-from luoshu.ps.embedding import Embedding
+from luoshu.ps.embedding import PSEmbedding
 
 
 class PSNodeEmbedding(Module):
@@ -37,7 +37,7 @@ class PSNodeEmbedding(Module):
         seed: int = 0,
     ):
         super().__init__()
-        self.embedding = Embedding(
+        self.embedding = PSEmbedding(
             client,
             table,
             embedding_dim,

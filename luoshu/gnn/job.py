@@ -21,8 +21,10 @@ from luoshu.core.errors import Error
 from luoshu.core.random import manual_seed
 from luoshu.gnn import datasets
 from luoshu.gnn.graph import SparseGraph
+from luoshu.gnn.models import GAT, GCN, GATConfig, GCNConfig, GraphSAGE, GraphSAGEConfig
 from luoshu.gnn.sampler import NeighborLoader
 from luoshu.gnn.training import accuracy, train_full_graph_epoch, train_sampled_epoch
+from luoshu.optim import OPTIMIZERS
 
 
 class NodeJobError(Error, ValueError):
@@ -90,10 +92,14 @@ def _graph(config) -> tuple[SparseGraph, tuple[int, ...] | None]:
     return graph, fanouts
 
 
-def _model(config, graph: SparseGraph, num_layers_hint: int | None):
-    from luoshu.models import MODELS
+# the zoo's node models (luoshu.models lists the same three; importing it here would be a circle)
+NODE_MODELS = {"gcn": (GCNConfig, GCN), "graphsage": (GraphSAGEConfig, GraphSAGE), "gat": (GATConfig, GAT)}
 
-    config_class, model_class, task = MODELS[config.model]
+
+def _model(config, graph: SparseGraph, num_layers_hint: int | None):
+    if config.model not in NODE_MODELS:
+        raise NodeJobError(f"node-classification jobs take model one of {sorted(NODE_MODELS)}, found {config.model!r}")
+    config_class, model_class = NODE_MODELS[config.model]
     fields = {f.name for f in dataclasses.fields(config_class)}
     args: dict[str, Any] = {"in_features": int(graph.x.shape[1]), "num_classes": int(graph.num_classes)}
     if num_layers_hint is not None and "num_layers" not in config.model_args:
@@ -108,16 +114,10 @@ def _model(config, graph: SparseGraph, num_layers_hint: int | None):
 
 
 def _optimizer(config, params):
-    from luoshu.optim import SGD, Adam, AdamW
-
-    table = {"adam": Adam, "adamw": AdamW, "sgd": SGD}
-    if config.optimizer not in table:
-        raise NodeJobError(
-            f"node-classification jobs take optimizer one of {sorted(table)}, found {config.optimizer!r}"
-        )
-    return table[config.optimizer](
-        params, lr=config.lr, weight_decay=config.weight_decay, **dict(getattr(config, "optimizer_args", {}) or {})
-    )
+    if config.optimizer not in OPTIMIZERS:
+        raise NodeJobError(f"optimizer must be one of {sorted(OPTIMIZERS)}, found {config.optimizer!r}")
+    return OPTIMIZERS[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay,
+                                        **dict(getattr(config, "optimizer_args", {}) or {}))
 
 
 def train_node_job(config, log: Callable[[str], None] | None = None) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Data-parallel mini-batch GraphSAGE; run under `luoshu launch` by tests/gnn/test_distributed.py.
 
-    python -m luoshu.dist.launch -n N tests/gnn/dp_graphsage.py --batch B --out PREFIX
+    python -m luoshu.distributed.launch -n N tests/gnn/dp_graphsage.py --batch B --out PREFIX
 
 Each worker samples its own slice of every global batch of N*B seed nodes (the sampler's
 counter-based randomness gives it the neighbourhoods one process would sample) and
@@ -27,7 +27,7 @@ def train(batch: int, rank: int, world_size: int, data_parallel: bool, epochs: i
     ls.manual_seed(1234 + 1000 * rank)  # different on purpose: DataParallel broadcasts worker 0's weights
     model = GraphSAGE(GraphSAGEConfig(8, graph.num_classes, hidden=16, dropout=0.0))
     opt = ls.optim.Adam(model.parameters(), lr=0.01)
-    dp = ls.dist.DataParallel(model, opt) if data_parallel else None
+    dp = ls.parallel.DataParallel(model, opt) if data_parallel else None
     loader = NeighborLoader(
         graph,
         [5, 3],
@@ -56,9 +56,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    ls.dist.init()
-    params = train(args.batch, ls.dist.rank(), ls.dist.world_size(), data_parallel=True)
-    np.savez(f"{args.out}.rank{ls.dist.rank()}.npz", **params)
+    ls.distributed.init()
+    params = train(args.batch, ls.distributed.rank(), ls.distributed.world_size(), data_parallel=True)
+    np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", **params)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.dist.launcher import launch
+from tests.distributed.launcher import launch
 from tests.gnn.dp_graphsage import train
 
 
