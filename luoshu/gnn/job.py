@@ -17,6 +17,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tensorboardX import SummaryWriter
+
+from luoshu.checkpoint import save
 from luoshu.core.errors import Error
 from luoshu.core.random import manual_seed
 from luoshu.gnn import datasets
@@ -116,13 +119,16 @@ def _model(config, graph: SparseGraph, num_layers_hint: int | None):
 def _optimizer(config, params):
     if config.optimizer not in OPTIMIZERS:
         raise NodeJobError(f"optimizer must be one of {sorted(OPTIMIZERS)}, found {config.optimizer!r}")
-    return OPTIMIZERS[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay,
-                                        **dict(getattr(config, "optimizer_args", {}) or {}))
+    return OPTIMIZERS[config.optimizer](
+        params, lr=config.lr, weight_decay=config.weight_decay, **dict(getattr(config, "optimizer_args", {}) or {})
+    )
 
 
 def train_node_job(config, log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Trains `config.model` on `config.dataset` for `config.epochs`; returns the final loss and
-    the train / val / test accuracies, also written to `<job dir>/metrics.csv` (one row per epoch)."""
+    the train / val / test accuracies. Writes `<job dir>/metrics.csv` (one row per epoch), a
+    TensorBoard event file in the job dir and the final model and optimizer as a checkpoint
+    in the checkpoint dir."""
     graph, fanouts = _graph(config)
     manual_seed(config.seed)
     model = _model(config, graph, len(fanouts) if fanouts else None)
@@ -143,23 +149,31 @@ def train_node_job(config, log: Callable[[str], None] | None = None) -> dict[str
     job_dir = Path(config.job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for epoch in range(config.epochs):
-        loss = (
-            train_sampled_epoch(model, opt, graph, loader)
-            if loader is not None
-            else train_full_graph_epoch(model, opt, graph)
-        )
-        acc = accuracy(model, graph)
-        rows.append({"epoch": epoch + 1, "loss": loss, **{f"{k}_accuracy": v for k, v in acc.items()}})
-        if log is not None:
-            log(
-                f"epoch {epoch + 1}: loss {loss:.4f}, train {acc['train']:.4f}, val {acc['val']:.4f}, "
-                f"test {acc['test']:.4f}"
+    with SummaryWriter(str(job_dir)) as events:
+        for epoch in range(config.epochs):
+            loss = (
+                train_sampled_epoch(model, opt, graph, loader)
+                if loader is not None
+                else train_full_graph_epoch(model, opt, graph)
             )
+            acc = accuracy(model, graph)
+            rows.append({"epoch": epoch + 1, "loss": loss, **{f"{k}_accuracy": v for k, v in acc.items()}})
+            events.add_scalar("train/loss", loss, epoch + 1)
+            for split, value in acc.items():
+                events.add_scalar(f"accuracy/{split}", value, epoch + 1)
+            if log is not None:
+                log(
+                    f"epoch {epoch + 1}: loss {loss:.4f}, train {acc['train']:.4f}, val {acc['val']:.4f}, "
+                    f"test {acc['test']:.4f}"
+                )
     with open(job_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    checkpoints = Path(getattr(config, "checkpoint_path", job_dir / "checkpoints"))
+    save(
+        checkpoints / f"epoch-{config.epochs}", model, opt, metadata={"model": config.model, "dataset": config.dataset}
+    )
     final = rows[-1]
     return {k: float(v) for k, v in final.items() if k != "epoch"}
 
