@@ -204,6 +204,13 @@ class NeighborLoader:
                 f"NeighborLoader needs batch_size >= 1 and 0 <= rank < world_size, found "
                 f"batch_size={batch_size}, rank={rank}, world_size={world_size}"
             )
+        if world_size > 1 and not drop_last:
+            # a short last global batch would leave some workers a batch fewer than the others,
+            # and their all-reduce would wait for a step that never comes
+            raise GraphInputError(
+                f"NeighborLoader with world_size={world_size} needs drop_last=True so every worker "
+                f"gets the same number of batches"
+            )
         self.seeds = seeds.to(torch.int64).numpy()
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.num_workers, self.prefetch = num_workers, prefetch

@@ -141,3 +141,8 @@ def test_layer_refuses_features_of_the_wrong_size():
 
     with pytest.raises(ls.Error, match="x has 3 rows but the graph has 4 source nodes"):
         SAGEConv(2, 2)(ls.tensor(np.zeros((3, 2), np.float32)), SparseGraph(EI, 4))
+
+
+def test_data_parallel_loader_needs_drop_last():
+    with pytest.raises(GraphInputError, match="needs drop_last=True"):
+        NeighborLoader(SparseGraph(EI, 4), [2], world_size=2, rank=1)
