@@ -112,7 +112,7 @@ def main() -> None:
     pyg_builders = _pyg_models(args.features, classes, args.hidden, args.heads)
 
     rows = []
-    for name in args.models.split(","):
+    for name in [m for m in args.models.split(",") if m]:
         ls.manual_seed(0)
         torch.manual_seed(0)
         ours = _luoshu_model(name, args.features, classes, args.hidden, args.heads)
@@ -172,8 +172,9 @@ def main() -> None:
         theirs.train()
         for mb, blocks in zip(batches, pyg_blocks):
             theirs_opt.zero_grad()
-            out = theirs(x_t[mb.input_nodes], blocks)
-            torch.nn.functional.cross_entropy(out, graph.y[mb.seeds]).backward()
+            # index_select, as PyG's own loaders gather a batch's features
+            out = theirs(x_t.index_select(0, mb.input_nodes), blocks)
+            torch.nn.functional.cross_entropy(out, graph.y.index_select(0, mb.seeds)).backward()
             theirs_opt.step()
 
     ot, tt = [], []

@@ -45,8 +45,9 @@ def train_full_graph_epoch(model, optimizer, graph: SparseGraph, device=None) ->
 
 def minibatch_loss(model, graph: SparseGraph, batch: MiniBatch, device=None):
     """The mean cross-entropy over a sampled batch's seeds (features gathered for its input nodes)."""
-    x = make_constant(graph.x[batch.input_nodes].float(), device=device)
-    y = make_constant(graph.y[batch.seeds], device=device)
+    # index_select, not x[ids]: the advanced-indexing gather is several times slower on CPU
+    x = make_constant(torch.index_select(graph.x, 0, batch.input_nodes).float(), device=device)
+    y = make_constant(torch.index_select(graph.y, 0, batch.seeds), device=device)
     return F.cross_entropy(model(x, batch.blocks), y)
 
 
