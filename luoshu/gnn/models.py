@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from luoshu import ops
 from luoshu.core.errors import Error
+from luoshu.core.tensor import Tensor, make_constant
 from luoshu.gnn.conv import GATConv, GCNConv, SAGEConv
 from luoshu.gnn.graph import GraphInputError, SparseGraph
 from luoshu.nn import functional as F
 from luoshu.nn.container import ModuleList
+from luoshu.nn.layers import Embedding
 from luoshu.nn.module import Module
 
 
@@ -63,9 +66,18 @@ class GraphSAGEConfig:
     aggr: str = "mean"
     project: bool = False  # with aggr="max": the paper's max-pooling aggregator
     dropout: float = 0.5
+    # a learnable embedding per node, appended to its features (in_features counts only the
+    # features); under DataParallel(mode="ps" | "hybrid") the table lives on the servers (HET)
+    num_nodes: int = 0
+    embedding_dim: int = 0
 
     def __post_init__(self):
         _check_config("GraphSAGEConfig", self.in_features, self.num_classes, self.hidden, self.num_layers, self.dropout)
+        if (self.embedding_dim > 0) != (self.num_nodes > 0) or self.embedding_dim < 0 or self.num_nodes < 0:
+            raise Error(
+                f"GraphSAGEConfig: a node embedding needs both num_nodes and embedding_dim positive, "
+                f"found num_nodes={self.num_nodes}, embedding_dim={self.embedding_dim}"
+            )
 
 
 @dataclass
@@ -114,15 +126,31 @@ class GCN(_NodeClassifier):
 
 
 class GraphSAGE(_NodeClassifier):
-    """Hamilton et al.'s GraphSAGE: `num_layers` SAGEConv layers (mean, sum or max[-pool])."""
+    """Hamilton et al.'s GraphSAGE: `num_layers` SAGEConv layers (mean, sum or max[-pool]).
+
+    With `embedding_dim`, `forward(x, graph, node_ids)` appends each input node's learnable
+    embedding (`node_embedding`, an `nn.Embedding` of `num_nodes` rows) to its features.
+    """
 
     def __init__(self, config: GraphSAGEConfig):
         super().__init__()
         self.config = config
-        sizes = [config.in_features] + [config.hidden] * (config.num_layers - 1) + [config.num_classes]
+        width = config.in_features + config.embedding_dim
+        sizes = [width] + [config.hidden] * (config.num_layers - 1) + [config.num_classes]
+        if config.embedding_dim:
+            self.node_embedding = Embedding(config.num_nodes, config.embedding_dim)
         self.convs = ModuleList(
             [SAGEConv(a, b, aggr=config.aggr, project=config.project) for a, b in zip(sizes[:-1], sizes[1:])]
         )
+
+    def forward(self, x, graph, node_ids=None):
+        if self.config.embedding_dim:
+            if node_ids is None:
+                raise GraphInputError("GraphSAGE with a node embedding needs node_ids (the input nodes' global ids)")
+            if not isinstance(node_ids, Tensor):
+                node_ids = make_constant(node_ids, dtype="int64")
+            x = ops.concat([x, self.node_embedding(node_ids)], axis=1)
+        return super().forward(x, graph)
 
 
 class GAT(_NodeClassifier):
