@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 
 import luoshu as ls
 from luoshu.gnn.datasets import stochastic_block_model
@@ -56,9 +57,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     ls.distributed.init()
     params = train(args.batch, ls.distributed.rank(), ls.distributed.world_size(), data_parallel=True)
     np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", **params)
+    ls.distributed.barrier()
+    ls.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ def test_two_workers_match_one_process_at_twice_the_batch(tmp_path):
         assert sorted(got.files) == sorted(reference)
         for name, value in reference.items():
             np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=f"rank {rank} {name}")
-    initial = ps.initial_rows(PREFIX + "node_embedding", np.arange(NODES), DIM, ("normal", 0.0, 1.0))
-    assert not np.allclose(reference["table"], initial)  # the rows trained
     # the run trained: the parameters moved away from worker 0's initial ones
     assert not np.allclose(reference["convs.0.lin_l.weight"], train(120, 0, 1, False, epochs=0)["convs.0.lin_l.weight"])
 
