@@ -16,22 +16,24 @@ import torch
 from luoshu import ops
 from luoshu.core.errors import Error
 from luoshu.core.tensor import make_constant
-from luoshu.gnn.graph import SparseGraph
+from luoshu.gnn.graph import BlockPlaceholders, SparseGraph, with_target_loops
 from luoshu.nn import functional as F
 from luoshu.nn import init
 from luoshu.nn.layers import Linear, empty_parameter
 from luoshu.nn.module import Module
 
 
-def _pair(x, graph: SparseGraph, layer: str):
+def _pair(x, graph, layer: str):
+    if not isinstance(graph, (SparseGraph, BlockPlaceholders)):
+        raise Error(f"{layer}: graph must be a luoshu.gnn.SparseGraph, found {type(graph).__name__}")
     if isinstance(x, (tuple, list)):
         x_src, x_dst = x
+    elif graph.symbolic:  # the targets lead the sources; their count is known at run time
+        x_src, x_dst = x, ops.target_rows(x, graph.structure()[2])
     else:
         x_src = x
         x_dst = x if not graph.is_bipartite else x[: graph.num_nodes]
-    if not isinstance(graph, SparseGraph):
-        raise Error(f"{layer}: graph must be a luoshu.gnn.SparseGraph, found {type(graph).__name__}")
-    if x_src.shape[0] is not None and x_src.shape[0] != graph.num_src_nodes:
+    if not graph.symbolic and x_src.shape[0] is not None and x_src.shape[0] != graph.num_src_nodes:
         raise Error(f"{layer}: x has {x_src.shape[0]} rows but the graph has {graph.num_src_nodes} source nodes")
     return x_src, x_dst
 
@@ -102,6 +104,8 @@ class GCNConv(Module):
         return g, _edge_constant(graph, key, lambda: weights, x)
 
     def forward(self, x, graph: SparseGraph):
+        if getattr(graph, "symbolic", False):
+            raise Error("GCNConv trains on the full graph; it takes no BlockPlaceholders")
         _pair(x, graph, "GCNConv")
         g, weight = self._propagation_graph(graph, x)
         out = ops.spmm(g.structure(x.device), weight, F.linear(x, self.lin.weight))
@@ -155,10 +159,11 @@ class SAGEConv(Module):
         if self.project:
             x_src = F.relu(self.lin(x_src))
         structure = graph.structure(x_src.device)
-        if self.aggr == "max":
-            # per-edge messages, then each target's maximum (0 where a node has no neighbour)
+        if self.aggr == "max" or graph.symbolic:
+            # per-edge messages, then each target's reduction (0 where a node has no neighbour);
+            # a symbolic block has no degrees to fold into spmm's edge weights ahead of time
             messages = ops.gather_edges(x_src, structure[1])
-            out = ops.scatter_reduce(messages, structure[0], "max", indptr=structure[2])
+            out = ops.scatter_reduce(messages, structure[0], self.aggr, indptr=structure[2])
         else:
 
             def weights():
@@ -221,19 +226,15 @@ class GATConv(Module):
         else:
             self.register_parameter("bias", None)
 
-    def _attention_graph(self, graph: SparseGraph) -> SparseGraph:
-        if not self.add_self_loops:
+    def _attention_graph(self, graph):
+        if graph.symbolic:
+            if self.add_self_loops != graph.self_loops:
+                raise Error(
+                    f"GATConv(add_self_loops={self.add_self_loops}) needs BlockPlaceholders(self_loops="
+                    f"{self.add_self_loops}), found self_loops={graph.self_loops}"
+                )
             return graph
-
-        def build():
-            # PyG: drop existing loops, then add i -> i for the first min(n_src, n_dst) nodes
-            # (a sampled block lists its targets first among its sources)
-            plain = graph.row != graph.col
-            loops = torch.arange(min(graph.num_nodes, graph.num_src_nodes))
-            ei = torch.cat([graph.edge_index[:, plain], torch.stack([loops, loops])], 1)
-            return SparseGraph(ei, graph.num_nodes, num_src_nodes=graph.num_src_nodes)
-
-        return graph.cached(("gat_loops",), build)
+        return with_target_loops(graph) if self.add_self_loops else graph
 
     def forward(self, x, graph: SparseGraph):
         x_src, x_dst = _pair(x, graph, "GATConv")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from luoshu.core.errors import Error
+from luoshu.core.graph import placeholder
 from luoshu.core.tensor import Tensor, make_constant
 
 
@@ -155,6 +156,8 @@ class SparseGraph:
         if t.dim() == 0 or t.shape[0] != n:
             raise GraphInputError(f"{name} must have one row per node ({n}), found shape {tuple(t.shape)}")
         return t
+
+    symbolic = False  # a concrete graph (BlockPlaceholders stands for one inside a define-and-run graph)
 
     # --- views -----------------------------------------------------------------------
     @property
@@ -320,3 +323,45 @@ def batch_graphs(graphs: list[SparseGraph]) -> SparseGraph:
     out = SparseGraph(ei, int(offsets[-1]), x=x, y=y, edge_weight=weights, batch=batch)
     out.num_graphs = len(graphs)
     return out
+
+
+def with_target_loops(graph: SparseGraph) -> SparseGraph:
+    """`graph` without its self-loops plus a loop `i -> i` for each of the first
+    min(num_src_nodes, num_nodes) nodes (GATConv's loops, as PyG adds them; a sampled
+    block lists its targets first among its sources). Kept with the graph."""
+
+    def build():
+        plain = graph.row != graph.col
+        loops = torch.arange(min(graph.num_nodes, graph.num_src_nodes))
+        ei = torch.cat([graph.edge_index[:, plain], torch.stack([loops, loops])], 1)
+        return SparseGraph(ei, graph.num_nodes, num_src_nodes=graph.num_src_nodes)
+
+    return graph.cached(("target_loops",), build)
+
+
+_STRUCTURE = ("row", "col", "indptr", "t_indptr", "t_index", "t_perm")
+
+
+class BlockPlaceholders:
+    """Stands for a sampled block inside `with luoshu.Graph():`: placeholders for its six
+    structure arrays (lengths known only at run time); `feed(block)` maps them to a block's
+    arrays. With `self_loops=True` it carries the block with GATConv's loops added (what a
+    GATConv with add_self_loops needs). SAGEConv and GATConv take it where they take a block.
+    """
+
+    symbolic = True
+    is_bipartite = True
+    num_nodes = num_src_nodes = None
+
+    def __init__(self, name: str = "block", self_loops: bool = False, device: str = "cpu"):
+        self.self_loops = self_loops
+        self._tensors = tuple(placeholder(f"{name}.{key}", (None,), "int64", device) for key in _STRUCTURE)
+
+    def structure(self, device: str | None = None) -> tuple[Tensor, ...]:
+        return self._tensors
+
+    def feed(self, block: SparseGraph) -> dict:
+        if not isinstance(block, SparseGraph):
+            raise GraphInputError(f"BlockPlaceholders.feed takes a SparseGraph block, found {type(block).__name__}")
+        g = with_target_loops(block) if self.self_loops else block
+        return {t: getattr(g, key).numpy() for t, key in zip(self._tensors, _STRUCTURE)}

@@ -377,6 +377,64 @@ class SegmentSoftmax(OpDef):
         return [_feature_states(self, input_ds[0], allow_partial=False)]
 
 
+# --- target rows of a block ---------------------------------------------------------------
+@register
+class TargetRows(OpDef):
+    """The first `len(indptr) - 1` rows of `x`: a sampled block's targets, which lead its
+    sources (known only at run time inside a define-and-run graph)."""
+
+    name = "target_rows"
+
+    def infer(self, inputs):
+        x, indptr = inputs
+        _check_ints(self, inputs, ("indptr",), (indptr,))
+        if len(x.shape) < 1:
+            raise self.shape_error(inputs, "x must have a node dimension")
+        n = _nodes(indptr)
+        if n is not None and x.shape[0] is not None and n > x.shape[0]:
+            raise self.shape_error(inputs, f"{n} target rows asked of x with {x.shape[0]} rows")
+        return TensorMeta((n,) + tuple(x.shape[1:]), x.dtype)
+
+    @staticmethod
+    def compute(x, indptr):
+        n = indptr.shape[0] - 1
+        if n > x.shape[0]:
+            raise Error(f"target_rows: {n} target rows asked of x with {x.shape[0]} rows")
+        return x[:n]
+
+    def gradient(self, op, grads):
+        x, indptr = op.inputs
+        return [apply("target_rows_backward", grads[0], x, indptr), None]
+
+    def deduce_states(self, input_ds):
+        _require_duplicate(self, input_ds, (1,))
+        return [_feature_states(self, input_ds[0], allow_partial=True)]
+
+
+@register
+class TargetRowsBackward(OpDef):
+    """`g` (the target rows' gradient) padded with zero rows to the shape of `x`."""
+
+    name = "target_rows_backward"
+
+    def infer(self, inputs):
+        g, x, indptr = inputs
+        return TensorMeta(x.shape, g.dtype)
+
+    @staticmethod
+    def compute(g, x, indptr):
+        out = g.new_zeros(x.shape)
+        out[: g.shape[0]] = g
+        return out
+
+    def gradient(self, op, grads):
+        return [apply("target_rows", grads[0], op.inputs[2]), None, None]
+
+    def deduce_states(self, input_ds):
+        _require_duplicate(self, input_ds, (2,))
+        return [_feature_states(self, input_ds[0], allow_partial=True)]
+
+
 # --- public functions -------------------------------------------------------------------
 def spmm(structure, weight, x, transpose: bool = False):
     """`A @ x` (or `A.T @ x`) for the sparse matrix of a graph: `structure` is the six index
@@ -407,9 +465,14 @@ def segment_softmax(src, index, num_segments: int | None = None, indptr=None):
     return apply("segment_softmax", src, index, indptr)
 
 
+def target_rows(x, indptr):
+    """The first `len(indptr) - 1` rows of `x` (a block's target nodes)."""
+    return apply("target_rows", x, indptr)
+
+
 def gather_edges(x, index):
     """The rows of `x` at each edge's endpoint (`index_select`; its gradient is an `index_add`)."""
     return apply("index_select", x, index, axis=0)
 
 
-__all__ = ["gather_edges", "scatter_reduce", "sddmm", "segment_softmax", "spmm"]
+__all__ = ["gather_edges", "scatter_reduce", "sddmm", "segment_softmax", "spmm", "target_rows"]

@@ -119,3 +119,44 @@ def test_define_and_run_training_matches_eager():
             ref.backward()
             eager_opt.step()
             np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["graphsage", "gat"])
+def test_define_and_run_sampled_training_matches_eager(kind):
+    # one graph recorded with BlockPlaceholders, fed a new sampled batch per step
+    from luoshu.gnn import BlockPlaceholders
+
+    g = stochastic_block_model(600, seed=6)
+    loader = NeighborLoader(g, [4, 3], seeds=g.train_mask, batch_size=64, seed=3)
+
+    def build():
+        ls.manual_seed(0)
+        if kind == "gat":
+            return GAT(GATConfig(16, 5, hidden=4, heads=2, dropout=0.0))
+        return GraphSAGE(GraphSAGEConfig(16, 5, hidden=8, dropout=0.0))
+
+    eager, graph_model = build(), build()
+    eager_opt = ls.optim.Adam(eager.parameters(), lr=0.01)
+    graph_opt = ls.optim.Adam(graph_model.parameters(), lr=0.01)
+    with ls.Graph() as dag:
+        x = ls.placeholder("x", (None, 16), "float32")
+        y = ls.placeholder("y", (None,), "int64")
+        blocks = [BlockPlaceholders(f"hop{i}", self_loops=kind == "gat") for i in range(2)]
+        loss = ls.nn.functional.cross_entropy(graph_model(x, blocks), y)
+        step = graph_opt.minimize(loss)
+    steps = 0
+    for mb in loader:
+        feed = {x: g.x[mb.input_nodes].numpy(), y: g.y[mb.seeds].numpy()}
+        for ph, block in zip(blocks, mb.blocks):
+            feed.update(ph.feed(block))
+        (got, _) = dag.run([loss, step], feed)
+        eager_opt.zero_grad()
+        ref = ls.nn.functional.cross_entropy(eager(ls.tensor(feed[x]), mb.blocks), ls.tensor(feed[y]))
+        ref.backward()
+        eager_opt.step()
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-6)
+        steps += 1
+    assert steps == 6
+    with pytest.raises(ls.Error, match=r"needs BlockPlaceholders\(self_loops=True\)"):
+        with ls.Graph():
+            GAT(GATConfig(16, 5, hidden=4, heads=2))(ls.placeholder("x", (None, 16)), [BlockPlaceholders("a")] * 2)

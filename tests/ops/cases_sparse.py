@@ -203,6 +203,21 @@ CASES = [
         tol=1e-5,
     ),
     OpCase(
+        "target_rows",
+        lambda x, p: ls.ops.target_rows(x, p) * 2.0,
+        lambda x, p: x[:N_DST] * 2.0,
+        [(N_SRC, 3), PTR],
+        second_order=True,
+        dynamic=True,
+    ),
+    OpCase(
+        "target_rows_backward",
+        lambda g, x, p: apply("target_rows_backward", g * g, x, p),
+        lambda g, x, p: torch.cat([g * g, torch.zeros(N_SRC - N_DST, 3, dtype=g.dtype)]),
+        [(N_DST, 3), (N_SRC, 3), PTR],
+        second_order=True,
+    ),
+    OpCase(
         "gather_edges_scatter",
         lambda x, c, r: ls.ops.scatter_reduce(ls.ops.gather_edges(x, c), r, "sum", num_segments=N_DST),
         lambda x, c, r: _ref_scatter(x[c], r, "sum", N_DST),
