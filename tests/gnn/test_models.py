@@ -2,7 +2,8 @@
 
 - GCN on Zachary's karate club, featureless (X = I), trained on the two faction leaders
   only: Zachary (1977) assigned 33 of 34 members correctly; GCN gets 31/32 of the other
-  members right here (96.9%), the same single miss, and the test asserts it.
+  members right here (96.9%; 33/34 overall), missing the same member (node 8, Zachary's
+  individual 9), and the test asserts it.
 - GraphSAGE (mean) on a 10k-node SBM (5 classes, p_intra 0.5, noisy features):
   test accuracy >= 0.80 full-graph and sampled ([10, 5]), against 0.58 from the features
   alone (scikit-learn's logistic regression).
