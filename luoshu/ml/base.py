@@ -11,6 +11,8 @@ and turn every refusal into a `luoshu.Error` subclass that is also a `ValueError
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -116,13 +118,18 @@ def encode_labels(estimator, y, classes=None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_torch(X, dtype=torch.float64):
-    """A validated X as a torch tensor: dense stays dense, CSR becomes a torch sparse CSR tensor (no copy of data)."""
+    """A validated X as a torch tensor: dense stays dense, CSR becomes a torch sparse CSR tensor."""
     if sp.issparse(X):
-        return torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(np.int64)),
-                                       torch.from_numpy(X.indices.astype(np.int64)),
-                                       torch.from_numpy(np.asarray(X.data, dtype=np.float64)).to(dtype),
-                                       size=X.shape)
-    return torch.from_numpy(np.ascontiguousarray(X)).to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's "sparse CSR is in beta" notice
+            return torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(np.int64)),
+                                           torch.from_numpy(X.indices.astype(np.int64)),
+                                           torch.from_numpy(np.asarray(X.data, dtype=np.float64)).to(dtype),
+                                           size=X.shape, check_invariants=False)  # scipy's validation holds
+    X = np.ascontiguousarray(X)
+    if not X.flags.writeable:  # torch refuses to wrap read-only memory (e.g. a memmap) without a copy
+        X = X.copy()
+    return torch.from_numpy(X).to(dtype)
 
 
 def check_positive(estimator, **values) -> None:
