@@ -1,0 +1,13 @@
+"""Classic machine learning (HetuML's part of Hetu): scikit-learn-compatible estimators on luoshu's kernels.
+
+Every estimator has `fit` / `predict` (and `predict_proba`, `transform`, `score` as fits),
+`get_params` / `set_params`, takes dense NumPy arrays or SciPy CSR matrices (`load_libsvm`
+reads libsvm files), and saves as a model package: `est.save(path)`, `luoshu.ml.load(path)`.
+"""
+
+from luoshu.ml.base import DataError, Estimator, MLError, NotFittedError, ParameterError
+from luoshu.ml.io import load, load_libsvm, save
+
+__all__ = [
+    "DataError", "Estimator", "MLError", "NotFittedError", "ParameterError", "load", "load_libsvm", "save",
+]
