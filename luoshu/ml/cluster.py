@@ -15,19 +15,10 @@ import math
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
+from sklearn.base import ClusterMixin, TransformerMixin
 
-from luoshu.ml._validation import (
-    MLInputError,
-    check_choice,
-    check_fitted,
-    check_positive_int,
-    check_X,
-    rng_of,
-    row_slices,
-    row_sq_norms,
-    to_torch,
-)
+from luoshu.ml._validation import FLOATS, check_int, dense, rng_of, row_slices, row_sq_norms
+from luoshu.ml.base import DataError, Estimator, ParameterError, check_choice, check_X
 
 _CHUNK_ELEMENTS = 1 << 22  # rows per chunk x clusters: bounds the distance block at ~32 MB in float64
 
@@ -66,7 +57,7 @@ class _Data:
     def __init__(self, X):
         self.X = X  # the validated NumPy array or SciPy CSR matrix
         self.sparse = sp.issparse(X)
-        self.t = None if self.sparse else to_torch(X)
+        self.t = None if self.sparse else dense(X)
         self.sq = row_sq_norms(X if self.sparse else self.t)
         self.n, self.d = X.shape
         self.dtype = torch.float64 if X.dtype == np.float64 else torch.float32
@@ -124,7 +115,7 @@ def _kmeans_plusplus(data: _Data, k: int, rng: np.random.Generator, comm: _Comm)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     total = int(offsets[-1])
     if total < k:
-        raise MLInputError(f"KMeans: n_samples={total} should be >= n_clusters={k}")
+        raise DataError(f"KMeans: n_samples={total} should be >= n_clusters={k}")
     trials = 2 + int(math.log(k))
 
     def fetch(global_idx: np.ndarray) -> torch.Tensor:
@@ -164,7 +155,7 @@ def _random_init(data: _Data, k: int, rng: np.random.Generator, comm: _Comm) -> 
     counts = comm.gather_scalars(data.n, torch.float64).to(torch.int64)
     total = int(counts.sum())
     if total < k:
-        raise MLInputError(f"KMeans: n_samples={total} should be >= n_clusters={k}")
+        raise DataError(f"KMeans: n_samples={total} should be >= n_clusters={k}")
     idx = rng.choice(total, size=k, replace=False)
     lo = int(counts[: comm.rank].sum())
     out = torch.zeros(k, data.d, dtype=data.dtype)
@@ -189,16 +180,16 @@ def _scaled_tol(data: _Data, tol: float, comm: _Comm) -> float:
     return float(var.mean()) * tol
 
 
-class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
+class _KMeansBase(ClusterMixin, TransformerMixin, Estimator):
     def _check_params(self, X_n: int | None = None) -> None:
-        check_positive_int(self, "n_clusters", self.n_clusters)
-        check_positive_int(self, "max_iter", self.max_iter)
+        check_int(self, "n_clusters", self.n_clusters)
+        check_int(self, "max_iter", self.max_iter)
         if not (isinstance(self.tol, int | float) and self.tol >= 0):
-            raise MLInputError(f"{type(self).__name__}: tol must be a non-negative number, found {self.tol!r}")
+            raise ParameterError(f"{type(self).__name__}: tol must be a non-negative number, found {self.tol!r}")
         if isinstance(self.init, str):
             check_choice(self, "init", self.init, ("k-means++", "random"))
         elif np.shape(self.init) != (self.n_clusters, getattr(self, "n_features_in_", np.shape(self.init)[-1])):
-            raise MLInputError(f"{type(self).__name__}: init as an array must have shape (n_clusters, n_features) "
+            raise ParameterError(f"{type(self).__name__}: init as an array must have shape (n_clusters, n_features) "
                                f"= ({self.n_clusters}, {getattr(self, 'n_features_in_', '?')}), found "
                                f"{np.shape(self.init)}")
 
@@ -208,8 +199,8 @@ class _KMeansBase(ClusterMixin, TransformerMixin, BaseEstimator):
         return torch.as_tensor(np.asarray(self.init, dtype=data.X.dtype)).clone()
 
     def _data(self, X) -> _Data:
-        check_fitted(self, "cluster_centers_")
-        X = check_X(self, X, reset=False)
+        self._check_fitted("cluster_centers_")
+        X = check_X(self, X, reset=False, dtype=FLOATS)
         return _Data(X)
 
     def predict(self, X) -> np.ndarray:
@@ -259,18 +250,18 @@ class KMeans(_KMeansBase):
         self.distributed = distributed
 
     def fit(self, X, y=None) -> KMeans:
-        X = check_X(self, X, reset=True)
+        X = check_X(self, X, reset=True, dtype=FLOATS)
         self._check_params()
         n_init = self.n_init
         if n_init == "auto":
             n_init = 1 if isinstance(self.init, str) and self.init == "k-means++" else 10
         if not isinstance(self.init, str):
             n_init = 1
-        check_positive_int(self, "n_init", n_init)
+        check_int(self, "n_init", n_init)
         comm = _Comm(self.distributed)
         data = _Data(X)
         if not self.distributed and data.n < self.n_clusters:
-            raise MLInputError(f"KMeans: n_samples={data.n} should be >= n_clusters={self.n_clusters}")
+            raise DataError(f"KMeans: n_samples={data.n} should be >= n_clusters={self.n_clusters}")
         rng = rng_of(self.random_state)
         tol = _scaled_tol(data, self.tol, comm)
         best = None
@@ -324,13 +315,13 @@ class MiniBatchKMeans(_KMeansBase):
         self.random_state = random_state
 
     def fit(self, X, y=None) -> MiniBatchKMeans:
-        X = check_X(self, X, reset=True)
+        X = check_X(self, X, reset=True, dtype=FLOATS)
         self._check_params()
-        check_positive_int(self, "batch_size", self.batch_size)
+        check_int(self, "batch_size", self.batch_size)
         data = _Data(X)
         k = self.n_clusters
         if data.n < k:
-            raise MLInputError(f"MiniBatchKMeans: n_samples={data.n} should be >= n_clusters={k}")
+            raise DataError(f"MiniBatchKMeans: n_samples={data.n} should be >= n_clusters={k}")
         rng = rng_of(self.random_state)
         comm = _Comm(False)
         tol = _scaled_tol(data, self.tol, comm)
@@ -338,7 +329,7 @@ class MiniBatchKMeans(_KMeansBase):
         init_size = min(data.n, self.init_size or max(3 * self.batch_size, k))
         n_init = self.n_init if self.n_init != "auto" else (
             1 if isinstance(self.init, str) and self.init == "k-means++" else 3)
-        check_positive_int(self, "n_init", n_init)
+        check_int(self, "n_init", n_init)
         sub = _Data(X[rng.choice(data.n, init_size, replace=False)])
         centers, best = None, math.inf
         for _ in range(n_init if isinstance(self.init, str) else 1):

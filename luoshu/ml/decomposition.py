@@ -15,17 +15,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 
-from luoshu.ml._validation import (
-    MLInputError,
-    check_choice,
-    check_fitted,
-    check_positive_int,
-    check_X,
-    rng_of,
-    row_slices,
-)
+from luoshu.ml._validation import check_int, check_nonnegative, rng_of, row_slices
+from luoshu.ml.base import DataError, Estimator, ParameterError, check_choice, check_X
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -57,7 +50,7 @@ def _likelihood_term(prior: float, distr: torch.Tensor, dirichlet: torch.Tensor,
     return float(score)
 
 
-class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
     """Latent Dirichlet allocation by variational Bayes (scikit-learn's parameters and attributes).
 
     `fit(X)` on document-word counts (dense or CSR); `transform(X)` gives each document's topic mixture
@@ -145,21 +138,23 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.exp_dirichlet_component_ = self._exp_elog_beta.numpy()
 
     def _check_params(self) -> None:
-        check_positive_int(self, "n_components", self.n_components)
-        check_positive_int(self, "max_iter", self.max_iter)
-        check_positive_int(self, "batch_size", self.batch_size)
-        check_positive_int(self, "max_doc_update_iter", self.max_doc_update_iter)
+        check_int(self, "n_components", self.n_components)
+        check_int(self, "max_iter", self.max_iter)
+        check_int(self, "batch_size", self.batch_size)
+        check_int(self, "max_doc_update_iter", self.max_doc_update_iter)
         check_choice(self, "learning_method", self.learning_method, ("batch", "online"))
         for name in ("doc_topic_prior", "topic_word_prior"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int | float) and v > 0):
-                raise MLInputError(f"LDA: {name} must be a positive number or None, found {v!r}")
+                raise ParameterError(f"LDA: {name} must be a positive number or None, found {v!r}")
         if not 0.5 < self.learning_decay <= 1.0 and self.learning_method == "online":
-            raise MLInputError(f"LDA: learning_decay must be in (0.5, 1] for convergence, found {self.learning_decay}")
+            raise ParameterError(f"LDA: learning_decay must be in (0.5, 1] for convergence, found "
+                                 f"{self.learning_decay}")
 
     def fit(self, X, y=None) -> LDA:
         self._check_params()
-        X = check_X(self, X, reset=True, nonnegative=True)
+        X = check_X(self, X, reset=True)
+        check_nonnegative(self, X)
         corpus = _Corpus(X)
         # a legacy RandomState drawing in scikit-learn's order (components, then each E-step's gammas), so a
         # seed gives the very fit scikit-learn's LatentDirichletAllocation gives
@@ -195,8 +190,10 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return self
 
     def _corpus(self, X) -> _Corpus:
-        check_fitted(self, "components_")
-        return _Corpus(check_X(self, X, reset=False, nonnegative=True))
+        self._check_fitted("components_")
+        X = check_X(self, X, reset=False)
+        check_nonnegative(self, X)
+        return _Corpus(X)
 
     def transform(self, X, *, normalize: bool = True) -> np.ndarray:
         """Each document's topic mixture (rows sum to 1 unless normalize=False)."""
@@ -220,7 +217,7 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _perplexity(self, corpus: _Corpus, gamma: torch.Tensor) -> float:
         words = corpus.X.sum()
         if words == 0:
-            raise MLInputError("LDA: perplexity of a corpus without words is undefined (every count is 0)")
+            raise DataError("LDA: perplexity of a corpus without words is undefined (every count is 0)")
         return float(np.exp(-self._bound(corpus, gamma) / words))
 
     def perplexity(self, X) -> float:
@@ -236,6 +233,15 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     @property
     def _n_features_out(self) -> int:
         return self.components_.shape[0]
+
+    def _fitted_state(self) -> dict:
+        state = super()._fitted_state()
+        state.pop("exp_dirichlet_component_", None)  # a function of components_
+        return state
+
+    def _restore_state(self, state: dict) -> None:
+        super()._restore_state(state)
+        self._set_components(torch.from_numpy(np.asarray(self.components_, dtype=np.float64)))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -275,7 +281,7 @@ def _hals(A: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
     return violation
 
 
-class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
     """Non-negative matrix factorisation X ~ W H (Frobenius loss), W = transform(X), H = components_.
 
     solver "cd": coordinate descent on one column of W / row of H at a time (HALS); "mu": multiplicative
@@ -303,7 +309,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             H = avg * np.abs(rng.standard_normal((k, p)))
             return torch.from_numpy(W), torch.from_numpy(H)
         if k > min(n, p):
-            raise MLInputError(f"NMF: init={init!r} needs n_components <= min(n_samples, n_features) = "
+            raise ParameterError(f"NMF: init={init!r} needs n_components <= min(n_samples, n_features) = "
                                f"{min(n, p)}, found {k}; use init='random'")
         if sp.issparse(X):
             from scipy.sparse.linalg import svds
@@ -332,12 +338,13 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def _check_params(self) -> None:
         if self.n_components is not None:
-            check_positive_int(self, "n_components", self.n_components)
-        check_positive_int(self, "max_iter", self.max_iter)
+            check_int(self, "n_components", self.n_components)
+        check_int(self, "max_iter", self.max_iter)
         check_choice(self, "solver", self.solver, ("cd", "mu"))
 
     def _prepare(self, X, reset: bool):
-        X = check_X(self, X, reset=reset, nonnegative=True)
+        X = check_X(self, X, reset=reset)
+        check_nonnegative(self, X)
         X = X.astype(np.float64) if sp.issparse(X) else torch.from_numpy(np.asarray(X, dtype=np.float64))
         X_sq = float(X.multiply(X).sum()) if sp.issparse(X) else float((X * X).sum())
         return X, X_sq
@@ -383,7 +390,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if W is not None and H is not None:
             W0, H0 = torch.tensor(np.asarray(W, dtype=np.float64)), torch.tensor(np.asarray(H, dtype=np.float64))
             if W0.shape != (X.shape[0], k) or H0.shape != (k, X.shape[1]) or (W0 < 0).any() or (H0 < 0).any():
-                raise MLInputError(f"NMF: custom W, H must be non-negative of shapes {(X.shape[0], k)} and "
+                raise DataError(f"NMF: custom W, H must be non-negative of shapes {(X.shape[0], k)} and "
                                    f"{(k, X.shape[1])}, found {tuple(W0.shape)} and {tuple(H0.shape)}")
         else:
             W0, H0 = self._initialise(X if sp.issparse(X) else X.numpy(), k, rng)
@@ -400,17 +407,17 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
 
     def transform(self, X) -> np.ndarray:
         """W for new rows with H fixed (initialised at sqrt(mean(X) / k), as scikit-learn)."""
-        check_fitted(self, "components_")
+        self._check_fitted("components_")
         X, X_sq = self._prepare(X, reset=False)
         k = self.n_components_
         W = torch.full((X.shape[0], k), float(np.sqrt(max(float(X.mean()), 0.0) / k)), dtype=torch.float64)
         return self._solve(X, X_sq, W, torch.from_numpy(self.components_), update_H=False)[0].numpy()
 
     def inverse_transform(self, X) -> np.ndarray:
-        check_fitted(self, "components_")
+        self._check_fitted("components_")
         W = np.asarray(X, dtype=np.float64)
         if W.ndim != 2 or W.shape[1] != self.n_components_:
-            raise MLInputError(f"NMF.inverse_transform: expected W with {self.n_components_} columns, found shape "
+            raise DataError(f"NMF.inverse_transform: expected W with {self.n_components_} columns, found shape "
                                f"{W.shape}")
         return W @ self.components_
 

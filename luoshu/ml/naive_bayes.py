@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import ClassifierMixin
 
-from luoshu.ml._validation import MLInputError, check_fitted, check_X, check_X_y, class_labels, to_torch
+from luoshu.ml._validation import check_nonnegative, dense
+from luoshu.ml.base import Estimator, ParameterError, check_X, check_X_y, encode_labels
 
 
 def _one_hot(encoded: np.ndarray, n_classes: int, dtype) -> torch.Tensor:
@@ -20,7 +21,7 @@ def _one_hot(encoded: np.ndarray, n_classes: int, dtype) -> torch.Tensor:
                                                                         torch.ones((), dtype=dtype))
 
 
-class _BaseNB(ClassifierMixin, BaseEstimator):
+class _BaseNB(ClassifierMixin, Estimator):
     def _joint_log_likelihood(self, X) -> torch.Tensor:
         raise NotImplementedError
 
@@ -40,10 +41,10 @@ class _BaseNB(ClassifierMixin, BaseEstimator):
             return counts / counts.sum()
         given = np.asarray(given, dtype=np.float64)
         if given.shape != (len(self.classes_),):
-            raise MLInputError(f"{type(self).__name__}: the priors must have one value per class "
+            raise ParameterError(f"{type(self).__name__}: the priors must have one value per class "
                                f"({len(self.classes_)}), found shape {given.shape}")
         if (given < 0).any() or not np.isclose(given.sum(), 1.0):
-            raise MLInputError(f"{type(self).__name__}: the priors must be non-negative and sum to 1, found "
+            raise ParameterError(f"{type(self).__name__}: the priors must be non-negative and sum to 1, found "
                                f"{given.tolist()}")
         return torch.from_numpy(given).to(counts.dtype)
 
@@ -58,11 +59,11 @@ class GaussianNB(_BaseNB):
 
     def fit(self, X, y) -> GaussianNB:
         if not (isinstance(self.var_smoothing, int | float) and self.var_smoothing >= 0):
-            raise MLInputError(f"GaussianNB: var_smoothing must be a non-negative number, found "
+            raise ParameterError(f"GaussianNB: var_smoothing must be a non-negative number, found "
                                f"{self.var_smoothing!r}")
         X, y = check_X_y(self, X, y, accept_sparse=False)
-        classes, encoded = class_labels(self, y)
-        x = to_torch(X).to(torch.float64)
+        classes, encoded = encode_labels(self, y)
+        x = dense(X).to(torch.float64)
         Y = _one_hot(encoded, len(classes), torch.float64)
         counts = Y.sum(0)
         mean = (Y.T @ x) / counts[:, None]
@@ -78,9 +79,9 @@ class GaussianNB(_BaseNB):
         return self
 
     def _joint_log_likelihood(self, X) -> torch.Tensor:
-        check_fitted(self, "theta_")
+        self._check_fitted("theta_")
         X = check_X(self, X, reset=False, accept_sparse=False)
-        x = to_torch(X).to(torch.float64)
+        x = dense(X).to(torch.float64)
         mean, var = torch.from_numpy(self.theta_), torch.from_numpy(self.var_)
         inv = 1 / var
         # -1/2 sum_j (x_j - m_j)^2 / v_j expanded into two matrix products over all classes at once
@@ -101,15 +102,16 @@ class MultinomialNB(_BaseNB):
 
     def fit(self, X, y) -> MultinomialNB:
         if not (isinstance(self.alpha, int | float) and self.alpha >= 0):
-            raise MLInputError(f"MultinomialNB: alpha must be a non-negative number, found {self.alpha!r}")
-        X, y = check_X_y(self, X, y, nonnegative=True)
-        classes, encoded = class_labels(self, y)
+            raise ParameterError(f"MultinomialNB: alpha must be a non-negative number, found {self.alpha!r}")
+        X, y = check_X_y(self, X, y)
+        check_nonnegative(self, X)
+        classes, encoded = encode_labels(self, y)
         self.classes_ = classes
         Y = _one_hot(encoded, len(classes), torch.float64)
         if sp.issparse(X):
             counts = torch.from_numpy(np.asarray((sp.csr_matrix(Y.numpy().T) @ X).todense(), dtype=np.float64))
         else:
-            counts = Y.T @ to_torch(X).to(torch.float64)
+            counts = Y.T @ dense(X).to(torch.float64)
         class_count = Y.sum(0)
         smoothed = counts + self.alpha
         self.feature_count_ = counts.numpy()
@@ -126,13 +128,14 @@ class MultinomialNB(_BaseNB):
         return self
 
     def _joint_log_likelihood(self, X) -> torch.Tensor:
-        check_fitted(self, "feature_log_prob_")
-        X = check_X(self, X, reset=False, nonnegative=True)
+        self._check_fitted("feature_log_prob_")
+        X = check_X(self, X, reset=False)
+        check_nonnegative(self, X)
         flp = torch.from_numpy(self.feature_log_prob_)
         if sp.issparse(X):
             jll = torch.from_numpy(np.asarray(X.astype(np.float64) @ self.feature_log_prob_.T))
         else:
-            jll = to_torch(X).to(torch.float64) @ flp.T
+            jll = dense(X).to(torch.float64) @ flp.T
         return jll + torch.from_numpy(self.class_log_prior_)[None, :]
 
     def __sklearn_tags__(self):

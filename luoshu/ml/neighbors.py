@@ -10,28 +10,14 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import ClassifierMixin
 
-from luoshu.ml._validation import (
-    MLInputError,
-    check_choice,
-    check_fitted,
-    check_positive_int,
-    check_X,
-    check_X_y,
-    class_labels,
-    row_slices,
-    row_sq_norms,
-    to_torch,
-)
+from luoshu.ml._validation import FLOATS, check_int, dense, row_slices, row_sq_norms
+from luoshu.ml.base import DataError, Estimator, check_choice, check_X, check_X_y, encode_labels
 
 _BLOCK_ELEMENTS = 1 << 22  # query rows per chunk x training rows
 
 METRICS = ("euclidean", "minkowski", "manhattan", "cosine")
-
-
-def _dense(X) -> torch.Tensor:
-    return torch.from_numpy(X.toarray()) if sp.issparse(X) else to_torch(X)
 
 
 def _dot_t(A, B) -> torch.Tensor:
@@ -44,7 +30,7 @@ def _dot_t(A, B) -> torch.Tensor:
     return A @ B.T
 
 
-class KNeighborsClassifier(ClassifierMixin, BaseEstimator):
+class KNeighborsClassifier(ClassifierMixin, Estimator):
     """k-nearest-neighbour vote (uniform or 1/distance weights) by brute force.
 
     metric: "euclidean" (= "minkowski" with p=2), "manhattan" (= "minkowski" with p=1) or "cosine".
@@ -66,13 +52,13 @@ class KNeighborsClassifier(ClassifierMixin, BaseEstimator):
         return self.metric
 
     def fit(self, X, y) -> KNeighborsClassifier:
-        check_positive_int(self, "n_neighbors", self.n_neighbors)
+        check_int(self, "n_neighbors", self.n_neighbors)
         check_choice(self, "weights", self.weights, ("uniform", "distance"))
         metric = self._metric()
-        X, y = check_X_y(self, X, y)
-        self.classes_, self._y = class_labels(self, y)
+        X, y = check_X_y(self, X, y)  # float64: distances to compare across queries
+        self.classes_, self._y = encode_labels(self, y)
         self._y = torch.from_numpy(self._y.astype(np.int64))
-        self._fit_X = X if sp.issparse(X) and metric != "manhattan" else _dense(X)
+        self._fit_X = X if sp.issparse(X) and metric != "manhattan" else dense(X)
         if metric == "cosine":
             norms = row_sq_norms(self._fit_X).sqrt().clamp_min(1e-12)
             self._fit_X = (sp.diags(1 / norms.numpy()) @ self._fit_X).tocsr() if sp.issparse(self._fit_X) \
@@ -86,7 +72,7 @@ class KNeighborsClassifier(ClassifierMixin, BaseEstimator):
     def _distances(self, Q) -> torch.Tensor:
         """Distances (squared for Euclidean) of query rows Q to every training row."""
         if self._metric_ == "manhattan":
-            return torch.cdist(_dense(Q), self._fit_X, p=1)
+            return torch.cdist(dense(Q), self._fit_X, p=1)
         dots = _dot_t(Q, self._fit_X)
         if self._metric_ == "cosine":
             return 1 - dots
@@ -96,21 +82,21 @@ class KNeighborsClassifier(ClassifierMixin, BaseEstimator):
     def kneighbors(self, X=None, n_neighbors: int | None = None, return_distance: bool = True):
         """(distances, indices) of the `n_neighbors` nearest training rows of each query row. X=None queries
         the training rows themselves, each excluding itself (as scikit-learn)."""
-        check_fitted(self, "_fit_X")
+        self._check_fitted("n_samples_fit_")
         k = self.n_neighbors if n_neighbors is None else n_neighbors
-        check_positive_int(self, "n_neighbors", k)
+        check_int(self, "n_neighbors", k)
         query_is_train = X is None
         if query_is_train:
             X = self._fit_X if sp.issparse(self._fit_X) else self._fit_X.numpy()
             k_search = k + 1
         else:
-            X = check_X(self, X, reset=False)
+            X = check_X(self, X, reset=False, dtype=FLOATS)
             if self._metric_ == "cosine":
-                norms = row_sq_norms(X if sp.issparse(X) else to_torch(X)).sqrt().clamp_min(1e-12).numpy()
+                norms = row_sq_norms(X if sp.issparse(X) else dense(X)).sqrt().clamp_min(1e-12).numpy()
                 X = (sp.diags(1 / norms) @ X).tocsr() if sp.issparse(X) else X / norms[:, None]
             k_search = k
         if k_search > self.n_samples_fit_:
-            raise MLInputError(f"KNeighborsClassifier: Expected n_neighbors <= n_samples_fit, but "
+            raise DataError(f"KNeighborsClassifier: Expected n_neighbors <= n_samples_fit, but "
                                f"n_neighbors = {k_search}, n_samples_fit = {self.n_samples_fit_}, "
                                f"n_samples = {X.shape[0]}")
         n = X.shape[0]
@@ -118,7 +104,7 @@ class KNeighborsClassifier(ClassifierMixin, BaseEstimator):
         ind = torch.empty(n, k, dtype=torch.int64)
         chunk = max(1, _BLOCK_ELEMENTS // max(self.n_samples_fit_, 1))
         for s in row_slices(n, chunk):
-            Q = X[s].astype(self._dtype) if sp.issparse(X) else to_torch(X[s]).to(self._fit_sq.dtype)
+            Q = X[s].astype(self._dtype) if sp.issparse(X) else dense(X[s]).to(self._fit_sq.dtype)
             d = self._distances(Q)
             vals, idx = torch.topk(d, k_search, dim=1, largest=False, sorted=True)
             if query_is_train:
@@ -150,6 +136,25 @@ class KNeighborsClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         best = np.argmax(self.predict_proba(X), axis=1)
         return self.classes_[best]
+
+    def _fitted_state(self) -> dict:
+        state = super()._fitted_state()
+        X = self._fit_X
+        state["fit_rows_"] = {"indptr": X.indptr, "indices": X.indices, "data": X.data, "shape": list(X.shape)} \
+            if sp.issparse(X) else X.numpy()
+        state["fit_labels_"] = self._y.numpy()
+        return state
+
+    def _restore_state(self, state: dict) -> None:
+        state = dict(state)
+        rows, labels = state.pop("fit_rows_"), state.pop("fit_labels_")
+        super()._restore_state(state)
+        self._fit_X = sp.csr_matrix((rows["data"], rows["indices"], rows["indptr"]), shape=tuple(rows["shape"])) \
+            if isinstance(rows, dict) else torch.from_numpy(rows)
+        self._y = torch.from_numpy(labels)
+        self._fit_sq = row_sq_norms(self._fit_X)
+        self._metric_ = self._metric()
+        self._dtype = np.float64
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
