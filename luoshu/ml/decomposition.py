@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 
-from luoshu.ml._validation import check_int, check_nonnegative, rng_of, row_slices
+from luoshu.ml._validation import check_int, check_nonnegative, dense, rng_of, row_slices
 from luoshu.ml.base import DataError, Estimator, ParameterError, check_choice, check_X
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -345,7 +345,7 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
     def _prepare(self, X, reset: bool):
         X = check_X(self, X, reset=reset)
         check_nonnegative(self, X)
-        X = X.astype(np.float64) if sp.issparse(X) else torch.from_numpy(np.asarray(X, dtype=np.float64))
+        X = X.astype(np.float64) if sp.issparse(X) else dense(np.asarray(X, dtype=np.float64))
         X_sq = float(X.multiply(X).sum()) if sp.issparse(X) else float((X * X).sum())
         return X, X_sq
 
