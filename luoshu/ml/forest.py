@@ -128,7 +128,8 @@ class RandomForestClassifier(ClassifierMixin, _Forest):
         return self._mean_leaf_values(X)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(1)]
 
 
 class RandomForestRegressor(RegressorMixin, _Forest):

@@ -363,7 +363,8 @@ class GBDTClassifier(ClassifierMixin, _GBDT):
         return torch.softmax(raw, 1).numpy()
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(1)]
 
 
 class GBDTRegressor(RegressorMixin, _GBDT):

@@ -82,9 +82,9 @@ def test_a_single_tree_is_the_exact_greedy_best_split():
     y = np.where(X[:, 1] > 0.3, 2.0, 0.0) + 0.1 * rng.normal(size=300)
     m = GBDTRegressor(n_estimators=1, learning_rate=1.0, num_leaves=2, min_child_samples=1).fit(X, y)
     (tree,) = m.trees_[0]
-    best = min(((((y[X[:, f] <= t] - y[X[:, f] <= t].mean()) ** 2).sum()
+    best = min((((y[X[:, f] <= t] - y[X[:, f] <= t].mean()) ** 2).sum()
                  + ((y[X[:, f] > t] - y[X[:, f] > t].mean()) ** 2).sum(), f, t)
-                for f in range(3) for t in np.unique(X[:, f])[:-1]))
+                for f in range(3) for t in np.unique(X[:, f])[:-1])
     assert tree.split_feature[0] == best[1]
     left = X[:, best[1]] <= tree.threshold[0]
     assert (left == (X[:, best[1]] <= best[2])).all()
