@@ -64,14 +64,19 @@ class _Collectives:
         return t
 
     def allgather_rows(self, X: np.ndarray) -> np.ndarray:
-        """Every worker's rows, in rank order (for the bin edges)."""
+        """Every worker's rows, in rank order (for the bin edges): padded to the largest count, then trimmed."""
         if self.pg is None:
             return X
         import torch.distributed as torch_dist
 
-        parts: list = [None] * self.world
-        torch_dist.all_gather_object(parts, X, group=self.pg)
-        return np.concatenate(parts)
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        torch_dist.all_gather(counts, torch.tensor([X.shape[0]], dtype=torch.int64), group=self.pg)
+        most = max(int(c) for c in counts)
+        mine = torch.full((most, X.shape[1]), float("nan"), dtype=torch.float64)
+        mine[: X.shape[0]] = torch.from_numpy(X)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        torch_dist.all_gather(parts, mine, group=self.pg)
+        return np.concatenate([p[: int(c)].numpy() for p, c in zip(parts, counts)])
 
 
 class _GBDT(Estimator):
