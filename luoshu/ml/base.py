@@ -113,7 +113,7 @@ def encode_labels(estimator, y, classes=None) -> tuple[np.ndarray, np.ndarray]:
     bad = classes[codes] != y
     if bad.any():
         raise DataError(f"{name}: labels {np.unique(np.asarray(y)[bad])[:5].tolist()} are not among the expected "
-                        f"classes {list(classes)}")
+                        f"classes {classes.tolist()}")
     return classes, codes
 
 

@@ -187,9 +187,8 @@ def save(estimator: Estimator, path: str | os.PathLike) -> Path:
     if not isinstance(estimator, Estimator):
         raise CheckpointError(f"luoshu.ml.save: expected a luoshu.ml estimator, found {type(estimator).__name__}")
     name = type(estimator).__name__
+    estimator._check_fitted("n_features_in_")
     state = estimator._fitted_state()
-    if not state:
-        estimator._check_fitted("n_features_in_")
     arrays = _Arrays()
     params = _encode(estimator.get_params(deep=False), arrays, f"{name} parameters")
     fitted = _encode(state, arrays, f"{name} fitted state")

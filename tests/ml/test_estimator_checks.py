@@ -1,16 +1,18 @@
-"""scikit-learn's own estimator checks (`parametrize_with_checks`) on every luoshu.ml estimator."""
+"""scikit-learn's own estimator checks (`parametrize_with_checks`, all of them) on every luoshu.ml estimator."""
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from luoshu.ml import linear
+from luoshu import ml
 
 ESTIMATORS = [
-    linear.LogisticRegression(),
-    linear.LogisticRegression(penalty="elasticnet", l1_ratio=0.5),
-    linear.LinearRegression(),
-    linear.Ridge(),
-    linear.LinearSVC(),
-    linear.LinearSVC(loss="hinge"),
+    ml.LogisticRegression(),
+    ml.LinearRegression(),
+    ml.Ridge(),
+    ml.LinearSVC(),
+    ml.GBDTClassifier(n_estimators=10),
+    ml.GBDTRegressor(n_estimators=10),
+    ml.RandomForestClassifier(n_estimators=5),
+    ml.RandomForestRegressor(n_estimators=5),
 ]
 
 

@@ -1,0 +1,306 @@
+"""Histogram tree machinery shared by GBDT and random forests: quantile bins, gradient histograms, leaf-wise trees.
+
+- `BinMapper`: per-feature quantile bin edges (at most 255 bins; bin 255 holds missing
+  values). `x <= edges[b]` exactly when `bin(x) <= b`, so a tree learnt on bins
+  predicts raw values with the same thresholds.
+- `grow_tree`: leaf-wise growth (the leaf with the largest gain splits next) over
+  histograms of per-row channels `[g_1 .. g_K, h, count]`. A histogram is one
+  `scatter_add_` over the node's rows and all features at once (two channels per
+  complex scatter), the larger child's is the parent's minus the smaller one's, and
+  the best split of every feature and bin (missing values tried on both sides) comes
+  from one cumulative sum — no Python loop over rows, features or bins.
+- `Tree`: flat arrays in LightGBM's layout (internal nodes by creation order, a leaf
+  `j` referenced as `~j`), predicted for all rows at once, one depth level per step.
+
+`allreduce` lets a data-parallel caller sum histograms across workers: every worker
+then sees the global histogram and grows the same tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+N_BINS = 256  # slots per feature: up to 255 value bins, the last one for missing values
+MISSING_BIN = 255
+MAX_BINS = 255
+
+
+class BinMapper:
+    """Quantile bin edges per feature, learnt from (a sample of) the training rows."""
+
+    def __init__(self, edges: list[np.ndarray]):
+        self.edges = [np.asarray(e, dtype=np.float64) for e in edges]
+        self.n_bins = np.array([len(e) + 1 for e in self.edges], dtype=np.int64)  # value bins per feature
+
+    @classmethod
+    def fit(cls, X: np.ndarray, max_bins: int = MAX_BINS) -> BinMapper:
+        """Edges from the rows of X (NaN = missing, ignored here). Deterministic: the same rows give the same edges."""
+        edges = []
+        for f in range(X.shape[1]):
+            col = X[:, f]
+            col = col[~np.isnan(col)]
+            if col.size == 0:
+                edges.append(np.empty(0))
+                continue
+            uniq, counts = np.unique(col, return_counts=True)
+            if len(uniq) <= max_bins:
+                edges.append((uniq[:-1] + uniq[1:]) / 2)
+                continue
+            # Quantiles by sample count: cut after the value where each 1/max_bins of the mass ends.
+            cum = np.cumsum(counts)
+            targets = cum[-1] * np.arange(1, max_bins) / max_bins
+            cut = np.unique(np.searchsorted(cum, targets, side="left"))
+            cut = cut[cut < len(uniq) - 1]
+            edges.append((uniq[cut] + uniq[cut + 1]) / 2)
+        return cls(edges)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Bin ids (uint8, n x d); missing values go to `MISSING_BIN`."""
+        out = np.empty(X.shape, dtype=np.uint8)
+        for f, e in enumerate(self.edges):
+            col = X[:, f]
+            b = np.searchsorted(e, col, side="left")
+            b[np.isnan(col)] = MISSING_BIN
+            out[:, f] = b
+        return out
+
+    def threshold(self, feature: int, bin_id: int) -> float:
+        return float(self.edges[feature][bin_id])
+
+
+@dataclass
+class Tree:
+    """One tree in LightGBM's layout. Leaf values are (n_leaves, K)."""
+
+    split_feature: np.ndarray  # (L-1,) int64
+    split_bin: np.ndarray  # (L-1,) int64
+    threshold: np.ndarray  # (L-1,) float64: go left when x <= threshold
+    default_left: np.ndarray  # (L-1,) bool: where missing values go
+    left_child: np.ndarray  # (L-1,) int64: internal node index, or ~leaf
+    right_child: np.ndarray
+    split_gain: np.ndarray
+    internal_value: np.ndarray  # (L-1, K)
+    internal_weight: np.ndarray  # hessian sums
+    internal_count: np.ndarray
+    leaf_value: np.ndarray  # (L, K)
+    leaf_weight: np.ndarray
+    leaf_count: np.ndarray
+
+    @property
+    def n_leaves(self) -> int:
+        return len(self.leaf_value)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def apply_bins(self, codes: torch.Tensor) -> torch.Tensor:
+        """Leaf index of every row of binned data (n x d uint8/int64 codes)."""
+        return _apply(self, codes, binned=True)
+
+    def apply(self, X: torch.Tensor) -> torch.Tensor:
+        """Leaf index of every row of raw data (float64, NaN = missing)."""
+        return _apply(self, X, binned=False)
+
+
+def _apply(tree: Tree, data: torch.Tensor, binned: bool) -> torch.Tensor:
+    n = data.shape[0]
+    if tree.n_leaves == 1:
+        return torch.zeros(n, dtype=torch.int64)
+    feat = torch.from_numpy(tree.split_feature)
+    left = torch.from_numpy(tree.left_child)
+    right = torch.from_numpy(tree.right_child)
+    dleft = torch.from_numpy(tree.default_left)
+    thr = torch.from_numpy(tree.split_bin if binned else tree.threshold)
+    node = torch.zeros(n, dtype=torch.int64)
+    rows = torch.arange(n)
+    while rows.numel():
+        cur = node[rows]
+        f = feat[cur]
+        x = data[rows, f]
+        if binned:
+            x = x.long()
+            missing = x == MISSING_BIN
+            go_left = torch.where(missing, dleft[cur], x <= thr[cur])
+        else:
+            missing = torch.isnan(x)
+            go_left = torch.where(missing, dleft[cur], x <= thr[cur])
+        nxt = torch.where(go_left, left[cur], right[cur])
+        node[rows] = nxt
+        rows = rows[nxt >= 0]
+    return ~node
+
+
+@dataclass
+class GrowParams:
+    max_leaves: int = 31
+    max_depth: int = -1  # -1: unlimited
+    min_child_samples: float = 20
+    min_child_weight: float = 1e-3
+    reg_lambda: float = 0.0
+    min_split_gain: float = 0.0
+    shrinkage: float = 1.0
+    # per-node feature sampling (random forests): how many features each node may split on
+    features_per_node: int | None = None
+    generator: torch.Generator | None = None
+    allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    feature_mask: torch.Tensor | None = None  # per-tree feature subset (GBDT colsample_bytree)
+    n_bins: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+def histogram(codes: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Per-feature, per-bin sums of each channel: (C, N_BINS, d) float64.
+
+    `codes` is (n, d) int64, `channels` (n, C) float64; `rows` selects the node's rows
+    (None: all). Two channels ride in one complex scatter (real and imaginary parts),
+    halving the passes over the index.
+    """
+    idx = codes if rows is None else codes.index_select(0, rows)
+    vals = channels if rows is None else channels.index_select(0, rows)
+    m, d = idx.shape
+    n_ch = vals.shape[1]
+    out = torch.empty(n_ch, N_BINS, d, dtype=torch.float64)
+    for c in range(0, n_ch, 2):
+        if c + 1 < n_ch:
+            z = torch.complex(vals[:, c], vals[:, c + 1])
+            acc = torch.zeros(N_BINS, d, dtype=torch.complex128)
+            acc.scatter_add_(0, idx, z[:, None].expand(m, d))
+            out[c], out[c + 1] = acc.real, acc.imag
+        else:
+            acc = torch.zeros(N_BINS, d, dtype=torch.float64)
+            acc.scatter_add_(0, idx, vals[:, c, None].expand(m, d))
+            out[c] = acc
+    return out
+
+
+@dataclass
+class _Leaf:
+    rows: torch.Tensor
+    hist: torch.Tensor  # (C, N_BINS, d)
+    totals: torch.Tensor  # (C,)
+    depth: int
+    gain: float = -np.inf
+    feature: int = -1
+    bin: int = -1
+    missing_left: bool = False
+
+
+def _leaf_objective(G: torch.Tensor, H: torch.Tensor, lam: float) -> torch.Tensor:
+    """sum_k G_k^2 / (H + lambda): the (doubled, negated) loss reduction of a leaf's optimal value."""
+    return (G * G).sum(0) / (H + lam)
+
+
+def _best_split(leaf: _Leaf, p: GrowParams, k: int) -> None:
+    hist, tot = leaf.hist, leaf.totals
+    d = hist.shape[2]
+    value = hist[:, :MISSING_BIN]  # (C, 255, d)
+    miss = hist[:, MISSING_BIN]  # (C, d)
+    left_a = value.cumsum(1)  # missing right
+    left_b = left_a + miss[:, None, :]  # missing left
+    left = torch.stack([left_a, left_b], 1)  # (C, 2, 255, d)
+    right = tot[:, None, None, None] - left
+    GL, HL, NL = left[:k], left[k], left[k + 1]
+    GR, HR, NR = right[:k], right[k], right[k + 1]
+    gain = _leaf_objective(GL, HL, p.reg_lambda) + _leaf_objective(GR, HR, p.reg_lambda) \
+        - float(_leaf_objective(tot[:k, None], tot[k, None], p.reg_lambda)[0])
+    ok = (NL >= p.min_child_samples) & (NR >= p.min_child_samples) & (HL >= p.min_child_weight) \
+        & (HR >= p.min_child_weight)
+    # a threshold must leave at least one value bin on each side
+    bins = torch.arange(MISSING_BIN)[:, None]
+    ok &= (bins < (p.n_bins - 1)[None, :])[None]
+    # with no missing values in the node both directions are one split: keep "missing right" only
+    ok[1] &= (miss[k + 1] > 0)[None, :]
+    mask = p.feature_mask
+    if p.features_per_node is not None and p.features_per_node < d:
+        pick = torch.randperm(d, generator=p.generator)[: p.features_per_node]
+        node_mask = torch.zeros(d, dtype=torch.bool)
+        node_mask[pick] = True
+        mask = node_mask if mask is None else mask & node_mask
+    if mask is not None:
+        ok &= mask[None, None, :]
+    gain = torch.where(ok, gain, -torch.inf)
+    best = int(torch.argmax(gain))
+    g = float(gain.view(-1)[best])
+    if not g > max(p.min_split_gain, 1e-12):
+        leaf.gain = -np.inf
+        return
+    direction, rest = divmod(best, MISSING_BIN * d)
+    b, f = divmod(rest, d)
+    leaf.gain, leaf.feature, leaf.bin, leaf.missing_left = g, f, b, bool(direction)
+
+
+def grow_tree(codes: torch.Tensor, codes_by_feature: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor,
+              k: int, params: GrowParams, thresholds: Callable[[int, int], float]) -> tuple[Tree, list[torch.Tensor]]:
+    """Grows one tree on `rows`; returns it and the rows of each leaf.
+
+    `channels` columns: `k` gradient channels, the hessian, the sample count (or weight).
+    `codes_by_feature` is the (d, n) transposed copy of `codes`, for the per-split row routing.
+    """
+    p = params
+    reduce = p.allreduce or (lambda t: t)
+    hist = reduce(histogram(codes, channels, None if rows.numel() == codes.shape[0] else rows))
+    totals = hist[:, :, 0].sum(1)  # every row falls in exactly one bin of feature 0
+    leaves = [_Leaf(rows, hist, totals, 0)]
+    nodes: list[dict] = []
+    parent_of_leaf: dict[int, tuple[int, str]] = {}  # leaf -> (internal node, "left"/"right")
+    _best_split(leaves[0], p, k)
+    lam = p.reg_lambda
+
+    def value_of(tot):
+        return (-tot[:k] / (tot[k] + lam) * p.shrinkage).numpy()
+
+    while len(leaves) < p.max_leaves:
+        cands = [i for i, lf in enumerate(leaves) if lf.gain > -np.inf and (p.max_depth < 0 or lf.depth < p.max_depth)]
+        if not cands:
+            break
+        j = max(cands, key=lambda i: (leaves[i].gain, -i))
+        lf = leaves[j]
+        col = codes_by_feature[lf.feature].index_select(0, lf.rows).long()
+        go_left = torch.where(col == MISSING_BIN, lf.missing_left, col <= lf.bin)
+        left_rows, right_rows = lf.rows[go_left], lf.rows[~go_left]
+        # the smaller child gets a fresh histogram (local rows only are known, so compare global counts)
+        left_count = reduce(torch.tensor([float(left_rows.numel()), float(right_rows.numel())], dtype=torch.float64))
+        small_is_left = bool(left_count[0] <= left_count[1])
+        small_rows = left_rows if small_is_left else right_rows
+        small = reduce(histogram(codes, channels, small_rows))
+        large = lf.hist - small
+        lh, rh = (small, large) if small_is_left else (large, small)
+        node_id = len(nodes)
+        nodes.append({"feature": lf.feature, "bin": lf.bin, "threshold": thresholds(lf.feature, lf.bin),
+                      "default_left": lf.missing_left, "gain": lf.gain, "value": value_of(lf.totals),
+                      "weight": float(lf.totals[k]), "count": float(lf.totals[k + 1]),
+                      "left": ~j, "right": ~len(leaves)})
+        if j in parent_of_leaf:
+            parent, side = parent_of_leaf[j]
+            nodes[parent][side] = node_id
+        parent_of_leaf[j] = (node_id, "left")
+        parent_of_leaf[len(leaves)] = (node_id, "right")
+        depth = lf.depth + 1
+        left_leaf = _Leaf(left_rows, lh, lh[:, :, 0].sum(1), depth)
+        right_leaf = _Leaf(right_rows, rh, rh[:, :, 0].sum(1), depth)
+        leaves[j] = left_leaf
+        leaves.append(right_leaf)
+        _best_split(left_leaf, p, k)
+        _best_split(right_leaf, p, k)
+
+    def arr(key, dtype):
+        return np.array([nd[key] for nd in nodes], dtype=dtype)
+
+    tree = Tree(
+        split_feature=arr("feature", np.int64), split_bin=arr("bin", np.int64),
+        threshold=arr("threshold", np.float64), default_left=arr("default_left", bool),
+        left_child=arr("left", np.int64), right_child=arr("right", np.int64), split_gain=arr("gain", np.float64),
+        internal_value=np.array([nd["value"] for nd in nodes], dtype=np.float64).reshape(len(nodes), k),
+        internal_weight=arr("weight", np.float64), internal_count=arr("count", np.float64),
+        leaf_value=np.stack([value_of(lf.totals) for lf in leaves]).astype(np.float64),
+        leaf_weight=np.array([float(lf.totals[k]) for lf in leaves]),
+        leaf_count=np.array([float(lf.totals[k + 1]) for lf in leaves]),
+    )
+    return tree, [lf.rows for lf in leaves]
+
+
+def tree_from_dict(d: dict) -> Tree:
+    return Tree(**{k: np.asarray(v) for k, v in d.items()})
