@@ -28,6 +28,12 @@ class Family:
     needs_nonnegative: bool = False
 
 
+_GBDT_SPACE = {"learning_rate": {"low": 0.02, "high": 0.3, "log": True},
+               "num_leaves": {"type": "int", "low": 4, "high": 63},
+               "n_estimators": {"type": "int", "low": 20, "high": 200, "log": True}}
+_FOREST_SPACE = {"n_estimators": {"type": "int", "low": 20, "high": 200, "log": True},
+                 "max_features": {"low": 0.2, "high": 1.0}, "min_samples_leaf": {"type": "int", "low": 1, "high": 20}}
+
 FAMILIES = [
     Family("logistic_regression", "LogisticRegression", "classification",
            {"C": {"low": 1e-3, "high": 1e2, "log": True}}),
@@ -38,18 +44,12 @@ FAMILIES = [
            needs_nonnegative=True),
     Family("knn", "KNeighborsClassifier", "classification",
            {"n_neighbors": {"type": "int", "low": 1, "high": 30}, "weights": ["uniform", "distance"]}),
-    Family("gbdt", "GBDTClassifier", "classification",
-           {"learning_rate": {"low": 0.02, "high": 0.3, "log": True}, "max_leaves": {"type": "int", "low": 4,
-                                                                                     "high": 63}}),
-    Family("random_forest", "RandomForestClassifier", "classification",
-           {"max_features": {"low": 0.2, "high": 1.0}}),
+    Family("gbdt", "GBDTClassifier", "classification", _GBDT_SPACE),
+    Family("random_forest", "RandomForestClassifier", "classification", _FOREST_SPACE),
     Family("linear_regression", "LinearRegression", "regression", {}),
     Family("ridge", "Ridge", "regression", {"alpha": {"low": 1e-4, "high": 1e3, "log": True}}),
-    Family("gbdt_regressor", "GBDTRegressor", "regression",
-           {"learning_rate": {"low": 0.02, "high": 0.3, "log": True}, "max_leaves": {"type": "int", "low": 4,
-                                                                                     "high": 63}}),
-    Family("random_forest_regressor", "RandomForestRegressor", "regression",
-           {"max_features": {"low": 0.2, "high": 1.0}}),
+    Family("gbdt_regressor", "GBDTRegressor", "regression", _GBDT_SPACE),
+    Family("random_forest_regressor", "RandomForestRegressor", "regression", _FOREST_SPACE),
 ]
 
 
@@ -166,12 +166,14 @@ def select(X, y, candidates="auto", metric: str | None = None, time_budget: floa
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-    # every family's default settings first, then TPE over families and their spaces
+    # every family's default settings first (in FAMILIES' order: the quick ones first, so a short budget
+    # still sees them), then TPE over the families and their spaces
     start = time.perf_counter()
     for name in by_name:
         family, cls, params = by_name[name]
         defaults = cls().get_params()
-        study.enqueue_trial({"family": name, **{f"{name}.{p.name}": _clip(p, defaults[p.name]) for p in params}})
+        fixed = {f"{name}.{p.name}": _clip(p, defaults[p.name]) for p in params}
+        study.enqueue_trial({"family": name, **{k: v for k, v in fixed.items() if v is not None}})
     study.optimize(objective, timeout=max(time_budget - (time.perf_counter() - start), 1e-3))
     rows = sorted((r for r in board.values() if r["params"] is not None), key=lambda r: -r["score"])
     if not rows:
@@ -181,6 +183,8 @@ def select(X, y, candidates="auto", metric: str | None = None, time_budget: floa
             rows.append(r)
     for r in rows:
         r["fit_seconds"] = r["fit_seconds"] / max(r["trials"] - r["failed"], 1)
+        if r["params"] is None:
+            r["score"] = None  # never fitted within the budget
     best = rows[0]
     family, cls, _ = by_name[best["family"]]
     estimator = clone(cls(**(family.fixed or {}), **best["params"])).fit(X, y)
@@ -188,9 +192,12 @@ def select(X, y, candidates="auto", metric: str | None = None, time_budget: floa
 
 
 def _clip(p: Param, value):
-    """A family's default value, kept inside the searched range (categorical: as is when a choice)."""
+    """A family's default value, kept inside the searched range (categorical: as is when a choice); None
+    when the default is not in the space's terms (e.g. max_features="sqrt" for a fraction): TPE samples it."""
     if p.kind == "categorical":
         return value if value in p.choices else p.choices[0]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
     value = min(max(value, p.low), p.high)
     return int(value) if p.kind == "int" else float(value)
 

@@ -24,25 +24,22 @@ _CHUNK_ELEMENTS = 1 << 22  # rows per chunk x clusters: bounds the distance bloc
 
 
 class _Comm:
-    """Sums over the workers of a distributed fit (identities in one process)."""
+    """Sums over the workers of a distributed fit (identities in one process), on the all-reduce the
+    data-parallel GBDT uses (`luoshu.ml.gbdt._Collectives`), plus this worker's rank."""
 
     def __init__(self, distributed: bool):
-        self.group = None
-        self.size, self.rank = 1, 0
+        from luoshu.ml.gbdt import _Collectives
+
+        self.collectives = _Collectives(distributed)
+        self.size = self.collectives.world
+        self.rank = 0
         if distributed:
             from luoshu import dist
 
-            dist.init()
-            self.group = dist.process_group()
-            self.size, self.rank = dist.world_size(), dist.rank()
+            self.rank = dist.rank()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.group is not None:
-            import torch.distributed as torch_dist
-
-            t = t.contiguous()
-            torch_dist.all_reduce(t, group=self.group)
-        return t
+        return self.collectives.allreduce(t)
 
     def gather_scalars(self, value: float, dtype) -> torch.Tensor:
         """One value per worker, in rank order."""
