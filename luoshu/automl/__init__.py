@@ -1,8 +1,9 @@
 """Automated machine learning: hyper-parameter search (`tune`, on Optuna), model selection over the
 `luoshu.ml` families (`select`) and automated feature engineering for tabular/CTR data (`AutoFeatures`)."""
 
+from luoshu.automl.features import AutoFeatures
 from luoshu.automl.select import FAMILIES, select
 from luoshu.automl.space import TuneError, parse_space
 from luoshu.automl.tune import Reporter, TuneResult, tune
 
-__all__ = ["FAMILIES", "Reporter", "TuneError", "TuneResult", "parse_space", "select", "tune"]
+__all__ = ["FAMILIES", "AutoFeatures", "Reporter", "TuneError", "TuneResult", "parse_space", "select", "tune"]
