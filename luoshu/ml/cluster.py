@@ -67,13 +67,17 @@ class _Data:
     def chunk(self, s: slice):
         return torch.from_numpy(self.X[s].toarray()) if self.sparse else self.t[s]
 
-    def sq_dist(self, C: torch.Tensor, s: slice = slice(None)) -> torch.Tensor:
-        """Squared distances of rows `s` to each row of C (clamped at 0 against rounding)."""
+    def partial_sq_dist(self, C: torch.Tensor, s: slice = slice(None)) -> torch.Tensor:
+        """||c||^2 - 2 x.c for rows `s` and each row of C: the squared distance less ||x||^2, which is the
+        same for every centre, so the nearest centre is found without adding it."""
         c_sq = (C * C).sum(1)[None, :]
         if self.sparse:
-            d = c_sq - 2 * torch.from_numpy(np.asarray(self.X[s] @ C.T.numpy()))
-        else:
-            d = torch.addmm(c_sq, self.t[s], C.T, alpha=-2)  # one GEMM: -2 x.c + ||c||^2
+            return c_sq - 2 * torch.from_numpy(np.asarray(self.X[s] @ C.T.numpy()))
+        return torch.addmm(c_sq, self.t[s], C.T, alpha=-2)  # one GEMM
+
+    def sq_dist(self, C: torch.Tensor, s: slice = slice(None)) -> torch.Tensor:
+        """Squared distances of rows `s` to each row of C (clamped at 0 against rounding)."""
+        d = self.partial_sq_dist(C, s)
         d += self.sq[s][:, None]
         return d.clamp_min_(0)
 
@@ -96,9 +100,8 @@ def _assign(data: _Data, C: torch.Tensor, want_sums: bool):
     mind = torch.empty(data.n, dtype=data.dtype)
     sums = torch.zeros(k, data.d, dtype=data.dtype) if want_sums else None
     for s in row_slices(data.n, data.chunk_rows(k)):
-        dist = data.sq_dist(C, s)
-        m, lab = dist.min(1)
-        labels[s], mind[s] = lab, m
+        m, lab = data.partial_sq_dist(C, s).min(1)
+        labels[s], mind[s] = lab, (m + data.sq[s]).clamp_min_(0)
         if want_sums:
             sums += data.cluster_sums(lab, k, s)
     counts = torch.bincount(labels, minlength=k).to(data.dtype)
