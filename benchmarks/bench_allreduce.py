@@ -31,7 +31,7 @@ import torch
 import torch.distributed as torch_dist
 
 import luoshu as ls
-from luoshu.compiler.data_parallel import plan_buckets
+from luoshu.compiler.gradient_allreduce import plan_buckets
 from luoshu.ops.comm import BucketBuffer
 
 
@@ -86,8 +86,8 @@ def _luoshu_path(grads: list[torch.Tensor], bucket_mb: float):
 
 def worker(args) -> None:
     torch.set_num_threads(1)
-    ls.dist.init()
-    n, rank = ls.dist.world_size(), ls.dist.rank()
+    ls.distributed.init()
+    n, rank = ls.distributed.world_size(), ls.distributed.rank()
     rows = []
     for size_mb in args.sizes_mb:
         total = int(size_mb * 2**20)
@@ -118,8 +118,8 @@ def worker(args) -> None:
             if new:
                 writer.writeheader()
             writer.writerows(rows)
-    ls.dist.barrier()
-    ls.dist.shutdown()
+    ls.distributed.barrier()
+    ls.distributed.shutdown()
 
 
 def main() -> None:
@@ -136,7 +136,7 @@ def main() -> None:
     for n in args.procs:
         forwarded = ["--sizes-mb", *map(str, args.sizes_mb), "--bucket-mb", str(args.bucket_mb),
                      "--repeats", str(args.repeats), "--out", args.out]
-        cmd = [sys.executable, "-m", "luoshu.dist.launch", "-n", str(n), __file__, *forwarded]
+        cmd = [sys.executable, "-m", "luoshu.distributed.launch", "-n", str(n), __file__, *forwarded]
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         code = subprocess.call(cmd, env=env)
         if code:

@@ -11,21 +11,20 @@ and return its output buffer at once, with the pending work attached to the buff
 a later `comm_wait` (or `bucket_unpack`) op waits on it. Between the two, the plan keeps
 computing: this is how gradient all-reduce overlaps the rest of the backward pass.
 
-The process groups belong to `luoshu.dist`, which installs the resolver below (the ops
+The process groups belong to `luoshu.distributed`, which installs the resolver below (the ops
 layer does not import the layers above it).
 """
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from collections.abc import Callable
 
 import torch
 import torch.distributed as torch_dist
 
+from luoshu.core import live
 from luoshu.core.dstates import DUPLICATE, PARTIAL, DStates
-from luoshu.core.errors import Error, OpError
+from luoshu.core.errors import Error, ExecutionError, OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import numel
 from luoshu.core.tensor import Tensor, TensorMeta
@@ -48,16 +47,14 @@ def set_group_resolver(resolver: Callable) -> None:
 
 
 def _group(name: str, ranks: tuple):
-    if _group_resolver is None:  # luoshu.dist not loaded: a single process
+    if _group_resolver is None:  # luoshu.distributed not loaded: a single process
         if ranks and tuple(ranks) != (0,):
-            raise Error(f"{name}: group {tuple(ranks)} needs luoshu.dist (a single process has rank 0 only)")
+            raise Error(f"{name}: group {tuple(ranks)} needs luoshu.distributed (a single process has rank 0 only)")
         return None, 1, 0
     return _group_resolver(tuple(ranks))
 
 
 def _comm_failed(name: str, ranks: tuple, exc: Exception) -> Error:
-    from luoshu.core.errors import ExecutionError
-
     who = "its group" if ranks is None else f"worker ranks {tuple(ranks)}" if ranks else "all workers"
     return ExecutionError(f"{name} over {who} failed: a peer process died or did not join within the "
                           f"collective timeout (luoshu launch names a dead process): {exc}")
@@ -363,18 +360,13 @@ class BucketBuffer:
     """
 
     def __init__(self):
-        self.key = next(_buffer_keys)
         self.tensor: torch.Tensor | None = None
-        _BUFFERS[self.key] = self
-
-
-_buffer_keys = itertools.count()
-_BUFFERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.key = live.register(self)
 
 
 def _bucket_buffer(key: int, numel_: int, xs) -> torch.Tensor:
     like = xs[0]
-    holder = _BUFFERS.get(key) if key >= 0 else None
+    holder = live.lookup(key, "bucket buffer", "bucket_all_reduce") if key >= 0 else None
     buf = holder.tensor if holder is not None else None
     if buf is None or buf.numel() != numel_ or buf.dtype != like.dtype or buf.device != like.device or \
             any(x.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for x in xs):
@@ -397,7 +389,7 @@ class BucketAllReduce(OpDef):
     name = "bucket_all_reduce"
     attrs = {"reduce": "mean", "group": (), "buffer": -1}
     differentiable = False
-    tested_by = "tests/dist/test_comm_ops.py"
+    tested_by = "tests/distributed/test_comm_ops.py"
 
     def infer(self, inputs, reduce, group, buffer):
         _check_reduce(self.name, reduce)
@@ -434,7 +426,7 @@ class BucketUnpack(OpDef):
     name = "bucket_unpack"
     attrs = {"shapes": ()}
     differentiable = False
-    tested_by = "tests/dist/test_comm_ops.py"
+    tested_by = "tests/distributed/test_comm_ops.py"
 
     def infer(self, inputs, shapes):
         if not shapes:
@@ -466,7 +458,7 @@ class SparseAllGather(OpDef):
     name = "sparse_all_gather"
     attrs = {"reduce": "mean", "group": ()}
     differentiable = False
-    tested_by = "tests/dist/test_comm_ops.py"
+    tested_by = "tests/distributed/test_comm_ops.py"
 
     def infer(self, inputs, reduce, group):
         _check_reduce(self.name, reduce)
