@@ -155,12 +155,12 @@ def _tune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    from luoshu.automl import tune
     from luoshu.train import load_config
+    from luoshu.train.tune import tune_job
 
-    result = tune(load_config(args.job), load_config(args.space), n_trials=args.trials, timeout=args.timeout,
-                  storage=args.storage, study_name=args.study_name, metric=args.metric, pruner=args.pruner,
-                  seed=args.seed, out=args.out)
+    result = tune_job(load_config(args.job), load_config(args.space), n_trials=args.trials, timeout=args.timeout,
+                      storage=args.storage, study_name=args.study_name, metric=args.metric, pruner=args.pruner,
+                      seed=args.seed, out=args.out)
     print(f"best {result.best_value:.6g} with {result.best_params}; trials {result.counts}; "
           f"ready config {result.files['best']} (luoshu train --config {result.files['best']}), "
           f"all trials {result.files['trials']}, plots in {args.out}")

@@ -4,6 +4,10 @@
 from luoshu.automl.features import AutoFeatures
 from luoshu.automl.select import FAMILIES, select
 from luoshu.automl.space import TuneError, parse_space
-from luoshu.automl.tune import Reporter, TuneResult, tune
+from luoshu.automl.space import apply as apply_values
+from luoshu.automl.tune import Reporter, TuneResult, direction_of, tune
 
-__all__ = ["FAMILIES", "AutoFeatures", "Reporter", "TuneError", "TuneResult", "parse_space", "select", "tune"]
+__all__ = [
+    "FAMILIES", "AutoFeatures", "Reporter", "TuneError", "TuneResult", "apply_values", "direction_of", "parse_space",
+    "select", "tune",
+]

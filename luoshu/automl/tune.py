@@ -122,22 +122,6 @@ def _estimator_objective(estimator, X, y, cv: int, scoring) -> Callable:
     return run
 
 
-def _train_objective(config: Mapping[str, Any], metric: str, out: Path) -> Callable:
-    """Runs the `luoshu train` job with the trial's settings; its eval metric at every evaluation step is an
-    intermediate report (through the public `Trainer.evaluate`, overridden in a subclass)."""
-    from luoshu.automl._train_job import reporting_trainer
-
-    def run(params, report, number):
-        values = apply(config, params)
-        values["out"] = str(out / f"trial-{number:04d}")
-        values.pop("checkpoint_dir", None)
-        values["progress"] = False
-        values["resume"] = False
-        return reporting_trainer(values, metric, report, source=f"trial {number}")
-
-    return run
-
-
 # --- results ---------------------------------------------------------------------------------------------
 
 
@@ -213,7 +197,7 @@ def write_plots(study, out: Path) -> dict[str, Path]:
 
 
 def tune(objective_or_config, space: Mapping[str, Any], n_trials: int | None = 20, timeout: float | None = None,
-         storage=None, *, X=None, y=None, cv: int = 3, scoring=None, metric: str | None = None,
+         storage=None, *, X=None, y=None, cv: int = 3, scoring=None,
          direction: str | None = None, study_name: str = "luoshu", pruner="median", seed: int | None = None,
          out: str | Path | None = None) -> TuneResult:
     """Searches `space` with TPE for the best value of the objective.
@@ -221,9 +205,10 @@ def tune(objective_or_config, space: Mapping[str, Any], n_trials: int | None = 2
     objective_or_config:
       - a function `f(params)` or `f(params, report)` returning the value (`report(value, step)` gives
         intermediate values for pruning), `direction` default "minimize";
-      - a `luoshu train` job: a `TrainConfig` or a config mapping; each trial trains it with the sampled
-        settings (dotted names reach model_args/data_args/...), reports `metric` (default: the task's first
-        eval metric) at every evaluation and is pruned on it; trials write under `out` (default runs/tune);
+      - a job: an object with `base_config` (a mapping), `direction` and `run_trial(params, report, number)`,
+        such as `luoshu.train.tune.TrainJob(config)` for a `luoshu train` job (each trial trains it with the
+        sampled settings, dotted names reaching model_args/data_args/..., reporting its eval metric at every
+        evaluation); the best config (base_config with the best values) is written as best.yaml;
       - an estimator (`luoshu.ml` or any scikit-learn-compatible one): the mean `cv`-fold score on X, y
         (`scoring`: a scikit-learn scorer name, default the estimator's `score`), maximised.
 
@@ -241,11 +226,13 @@ def tune(objective_or_config, space: Mapping[str, Any], n_trials: int | None = 2
     if n_trials is None and timeout is None:
         raise TuneError("tune: give n_trials or timeout (or both), or the search never ends")
     base_config = None
-    if _is_train_config(objective_or_config):
-        base_config = _config_dict(objective_or_config)
-        metric = metric or _first_metric(base_config)
-        run = _train_objective(base_config, metric, Path(out or "runs/tune"))
-        direction = direction or direction_of(metric)
+    if hasattr(objective_or_config, "run_trial") and hasattr(objective_or_config, "base_config"):
+        base_config = dict(objective_or_config.base_config)
+        run = objective_or_config.run_trial
+        direction = direction or getattr(objective_or_config, "direction", "maximize")
+    elif isinstance(objective_or_config, Mapping) or type(objective_or_config).__name__ == "TrainConfig":
+        raise TuneError("tune: a luoshu train config is tuned as a job: tune(luoshu.train.tune.TrainJob(config), "
+                        "space, ...) (or luoshu.train.tune.tune_job(config, space, ...))")
     elif hasattr(objective_or_config, "fit") and hasattr(objective_or_config, "get_params"):
         known = objective_or_config.get_params()
         for p in params:
@@ -292,21 +279,3 @@ def tune(objective_or_config, space: Mapping[str, Any], n_trials: int | None = 2
     if out is not None:
         result.write(out)
     return result
-
-
-def _is_train_config(obj) -> bool:
-    if isinstance(obj, Mapping):
-        return True
-    return type(obj).__name__ == "TrainConfig" and hasattr(obj, "to_dict")
-
-
-def _config_dict(obj) -> dict:
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    return obj.to_dict()
-
-
-def _first_metric(config: Mapping[str, Any]) -> str:
-    from luoshu.automl._train_job import first_metric
-
-    return first_metric(config)

@@ -34,9 +34,9 @@ class _Comm:
         self.size = self.collectives.world
         self.rank = 0
         if distributed:
-            from luoshu import dist
+            from luoshu import distributed as processes
 
-            self.rank = dist.rank()
+            self.rank = processes.rank()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.collectives.allreduce(t)

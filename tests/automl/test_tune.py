@@ -20,6 +20,7 @@ from sklearn.datasets import load_iris
 import luoshu
 from luoshu import automl
 from luoshu.ml import KNeighborsClassifier
+from luoshu.train.tune import TrainJob, tune_job
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,7 +103,7 @@ JOB = {"model": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 128, "mod
 
 def test_tunes_a_training_job_reporting_each_evaluation(tmp_path):
     space = {"lr": {"low": 1e-5, "high": 0.05, "log": True}, "model_args.hidden": [[16], [32]]}
-    result = automl.tune(JOB, space, n_trials=4, seed=0, out=tmp_path)
+    result = automl.tune(TrainJob(JOB, out=tmp_path), space, n_trials=4, seed=0, out=tmp_path)
     # every trial trained and reported its accuracy at each of its 2 evaluations (one per epoch)
     for t in result.study.trials:
         assert t.state.name in ("COMPLETE", "PRUNED")
@@ -126,7 +127,7 @@ def test_a_diverging_training_trial_is_pruned_by_the_trainer_hook(tmp_path):
     calls = []
     # median pruner, 3 startup trials: the 4th trial (a learning rate far too small) is cut at its first eval
     space = {"lr": [0.01, 0.01, 0.01, 1e-7]}
-    result = automl.tune({**JOB, "epochs": 3}, space, n_trials=8, seed=0, out=tmp_path)
+    result = tune_job({**JOB, "epochs": 3}, space, n_trials=8, seed=0, out=tmp_path)
     for t in result.study.trials:
         calls.append((t.params["lr"], t.state.name, len(t.intermediate_values)))
     bad = [c for c in calls if c[0] == 1e-7 and c[1] == "PRUNED"]
@@ -208,7 +209,11 @@ def test_bad_settings_are_refused():
     with pytest.raises(luoshu.Error, match="pruner"):
         automl.tune(lambda p: 0.0, {"x": [1]}, n_trials=1, pruner="sometimes")
     with pytest.raises(luoshu.Error, match="unknown setting"):
-        automl.tune({**JOB, "learning_rate": 0.1}, {"lr": [0.1]}, n_trials=1)
+        TrainJob({**JOB, "learning_rate": 0.1})
+    with pytest.raises(luoshu.Error, match="reports"):
+        TrainJob(JOB, metric="auc")  # an image job reports accuracy and eval_loss
+    with pytest.raises(luoshu.Error, match="TrainJob"):
+        automl.tune(JOB, {"lr": [0.1]}, n_trials=1)  # a bare config: automl sits below the jobs layer
     with pytest.raises(luoshu.Error, match="no trial"):
         automl.tune(lambda p: float("nan"), {"x": [1]}, n_trials=2)
 

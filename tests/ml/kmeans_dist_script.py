@@ -1,6 +1,6 @@
 """Distributed KMeans: each worker fits on its own rows; tests/ml/test_cluster.py compares with one process.
 
-    python -m luoshu.dist.launch -n 2 tests/ml/kmeans_dist_script.py OUT_DIR
+    python -m luoshu.distributed.launch -n 2 tests/ml/kmeans_dist_script.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def rows(rank: int) -> np.ndarray:
 def main() -> None:
     import torch
 
-    from luoshu import dist
+    from luoshu import distributed as dist
     from luoshu.ml import KMeans
 
     torch.set_num_threads(1)

@@ -3,8 +3,6 @@ model files, scikit-learn's estimator checks, and the distributed fit on two pro
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -122,10 +120,8 @@ def test_sklearn_estimator_checks(estimator, check):
 @pytest.mark.dist
 @pytest.mark.timeout(240)
 def test_distributed_kmeans_on_two_processes_equals_one_process(tmp_path):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "dist"))
-    from launcher import launch
-
     import tests.ml.kmeans_dist_script as script
+    from tests.distributed.launcher import launch
 
     proc = launch(2, "tests/ml/kmeans_dist_script.py", str(tmp_path), timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
