@@ -69,15 +69,19 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
         self.n_samples_fit_ = X.shape[0]
         return self
 
-    def _distances(self, Q) -> torch.Tensor:
-        """Distances (squared for Euclidean) of query rows Q to every training row."""
+    def _distances(self, Q) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(a score per training row that ranks like the distance, what each query row adds to it to give
+        the distance or None). Euclidean ranks by ||t||^2 - 2 q.t, one fused GEMM; ||q||^2 is added to the
+        k kept values only."""
         if self._metric_ == "manhattan":
-            return torch.cdist(dense(Q), self._fit_X, p=1)
-        dots = _dot_t(Q, self._fit_X)
+            return torch.cdist(dense(Q), self._fit_X, p=1), None
         if self._metric_ == "cosine":
-            return 1 - dots
-        dots.mul_(-2).add_(self._fit_sq[None, :]).add_(row_sq_norms(Q)[:, None])
-        return dots.clamp_min_(0)
+            return 1 - _dot_t(Q, self._fit_X), None
+        if sp.issparse(Q) or sp.issparse(self._fit_X):
+            partial = _dot_t(Q, self._fit_X).mul_(-2).add_(self._fit_sq[None, :])
+        else:
+            partial = torch.addmm(self._fit_sq[None, :], Q, self._fit_X.T, alpha=-2)
+        return partial, row_sq_norms(Q)
 
     def kneighbors(self, X=None, n_neighbors: int | None = None, return_distance: bool = True):
         """(distances, indices) of the `n_neighbors` nearest training rows of each query row. X=None queries
@@ -105,8 +109,10 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
         chunk = max(1, _BLOCK_ELEMENTS // max(self.n_samples_fit_, 1))
         for s in row_slices(n, chunk):
             Q = X[s].astype(self._dtype) if sp.issparse(X) else dense(X[s]).to(self._fit_sq.dtype)
-            d = self._distances(Q)
+            d, offset = self._distances(Q)
             vals, idx = torch.topk(d, k_search, dim=1, largest=False, sorted=True)
+            if offset is not None:
+                vals = (vals + offset[:, None]).clamp_min_(0)
             if query_is_train:
                 # drop each row's own index (or, among duplicates found first, the farthest hit)
                 own = idx == torch.arange(s.start, s.stop)[:, None]
