@@ -121,8 +121,14 @@ def case_logistic(scale: float):
     return f"LogisticRegression (L2) fit {X.shape[0]}x50", ours, ref, quality, quality
 
 
-CASES = {"kmeans": case_kmeans, "minibatch": case_minibatch, "knn": case_knn, "lda": case_lda, "nmf": case_nmf,
-         "logistic": case_logistic}
+CASES = {
+    "kmeans": case_kmeans,
+    "minibatch": case_minibatch,
+    "knn": case_knn,
+    "lda": case_lda,
+    "nmf": case_nmf,
+    "logistic": case_logistic,
+}
 
 
 def main() -> None:

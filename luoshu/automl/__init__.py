@@ -8,6 +8,14 @@ from luoshu.automl.space import apply as apply_values
 from luoshu.automl.tune import Reporter, TuneResult, direction_of, tune
 
 __all__ = [
-    "FAMILIES", "AutoFeatures", "Reporter", "TuneError", "TuneResult", "apply_values", "direction_of", "parse_space",
-    "select", "tune",
+    "FAMILIES",
+    "AutoFeatures",
+    "Reporter",
+    "TuneError",
+    "TuneResult",
+    "apply_values",
+    "direction_of",
+    "parse_space",
+    "select",
+    "tune",
 ]

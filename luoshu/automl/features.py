@@ -58,10 +58,22 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
     add (0: none). max_features: keep this many features by GBDT importance (None: keep all).
     """
 
-    def __init__(self, categorical="auto", *, log_transform: bool = True, n_bins: int = 10,
-                 frequency_encoding: bool = True, target_encoding: bool = True, cv: int = 5, smooth: float = 10.0,
-                 max_crosses: int = 4, min_cross_gain: float = 1e-3, max_features: int | None = None,
-                 max_categories: int = 32, random_state: int = 0):
+    def __init__(
+        self,
+        categorical="auto",
+        *,
+        log_transform: bool = True,
+        n_bins: int = 10,
+        frequency_encoding: bool = True,
+        target_encoding: bool = True,
+        cv: int = 5,
+        smooth: float = 10.0,
+        max_crosses: int = 4,
+        min_cross_gain: float = 1e-3,
+        max_features: int | None = None,
+        max_categories: int = 32,
+        random_state: int = 0,
+    ):
         self.categorical = categorical
         self.log_transform = log_transform
         self.n_bins = n_bins
@@ -83,8 +95,10 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
         if X.shape[0] == 0:
             raise DataError("AutoFeatures: found 0 rows; a table with at least one row is required")
         if not fitting and X.shape[1] != self.n_features_in_:
-            raise DataError(f"AutoFeatures: X has {X.shape[1]} features, but AutoFeatures is expecting "
-                            f"{self.n_features_in_} features as input")
+            raise DataError(
+                f"AutoFeatures: X has {X.shape[1]} features, but AutoFeatures is expecting "
+                f"{self.n_features_in_} features as input"
+            )
         return X
 
     def _split_columns(self, X: np.ndarray) -> tuple[list[int], list[int]]:
@@ -112,8 +126,9 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
         try:
             values = X[:, columns].astype(np.float64)
         except (TypeError, ValueError) as exc:
-            raise DataError(f"AutoFeatures: numeric columns {columns} hold non-numbers ({exc}); list them as "
-                            "categorical") from None
+            raise DataError(
+                f"AutoFeatures: numeric columns {columns} hold non-numbers ({exc}); list them as categorical"
+            ) from None
         if not np.all(np.isfinite(values)):
             bad = columns[int(np.argwhere(~np.isfinite(values))[0, 1])]
             raise DataError(f"AutoFeatures: numeric column {bad} contains NaN or infinity")
@@ -139,8 +154,9 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
         from sklearn.model_selection import KFold, StratifiedKFold
 
         if self._classification:
-            return list(StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(np.zeros(n),
-                                                                                                    y_raw))
+            return list(
+                StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state).split(np.zeros(n), y_raw)
+            )
         return list(KFold(self.cv, shuffle=True, random_state=self.random_state).split(np.zeros(n)))
 
     def _oof(self, codes: np.ndarray, n_categories: int, Y: np.ndarray, folds) -> np.ndarray:
@@ -155,8 +171,10 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
 
     def fit_transform(self, X, y=None, **fit_params) -> np.ndarray:
         if y is None:
-            raise DataError("AutoFeatures requires y to be passed, but the target y is None (target encoding and "
-                            "the cross search learn from it)")
+            raise DataError(
+                "AutoFeatures requires y to be passed, but the target y is None (target encoding and "
+                "the cross search learn from it)"
+            )
         if not (isinstance(self.cv, int) and self.cv >= 2):
             raise ParameterError(f"AutoFeatures: cv must be an integer >= 2, found {self.cv!r}")
         if not (isinstance(self.n_bins, int) and self.n_bins >= 0):
@@ -178,8 +196,9 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
             skew = float(((v - v.mean()) ** 3).mean() / std**3) if std > 0 else 0.0
             if self.log_transform and v.min() >= 0 and skew > 1.0:
                 self.log_columns_.append(j)
-            edges = np.unique(np.quantile(v, np.linspace(0, 1, self.n_bins + 1)[1:-1])) if self.n_bins > 1 \
-                else np.empty(0)
+            edges = (
+                np.unique(np.quantile(v, np.linspace(0, 1, self.n_bins + 1)[1:-1])) if self.n_bins > 1 else np.empty(0)
+            )
             self.bin_edges_.append(edges)
         # categorical fields: codes, then the greedy cross search over pairs
         fields = {(j,): _codes(X[:, j].astype(str))[1] for j in cat_cols}
@@ -221,7 +240,7 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
         gains = []
         keys = sorted(k[0] for k in fields)
         for i, a in enumerate(keys):
-            for b in keys[i + 1:]:
+            for b in keys[i + 1 :]:
                 ca, cb = fields[(a,)], fields[(b,)]
                 codes = _codes(ca * (cb.max() + 1) + cb)[1]
                 loss = _loss(Y, self._oof(codes, codes.max() + 1, Y, folds), self._classification)
@@ -260,12 +279,14 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
         if self.max_features is None or self.max_features >= features.shape[1]:
             return np.arange(features.shape[1])
         if not (isinstance(self.max_features, int) and self.max_features >= 1):
-            raise ParameterError(f"AutoFeatures: max_features must be a positive integer or None, found "
-                                 f"{self.max_features!r}")
+            raise ParameterError(
+                f"AutoFeatures: max_features must be a positive integer or None, found {self.max_features!r}"
+            )
         from luoshu.ml import GBDTClassifier, GBDTRegressor
 
-        model = (GBDTClassifier if self._classification else GBDTRegressor)(n_estimators=30, num_leaves=15,
-                                                                            random_state=self.random_state)
+        model = (GBDTClassifier if self._classification else GBDTRegressor)(
+            n_estimators=30, num_leaves=15, random_state=self.random_state
+        )
         importance = model.fit(features, y).feature_importances_
         self.importances_ = importance
         return np.sort(np.argsort(-importance, kind="stable")[: self.max_features])

@@ -28,22 +28,36 @@ class Family:
     needs_nonnegative: bool = False
 
 
-_GBDT_SPACE = {"learning_rate": {"low": 0.02, "high": 0.3, "log": True},
-               "num_leaves": {"type": "int", "low": 4, "high": 63},
-               "n_estimators": {"type": "int", "low": 20, "high": 200, "log": True}}
-_FOREST_SPACE = {"n_estimators": {"type": "int", "low": 20, "high": 200, "log": True},
-                 "max_features": {"low": 0.2, "high": 1.0}, "min_samples_leaf": {"type": "int", "low": 1, "high": 20}}
+_GBDT_SPACE = {
+    "learning_rate": {"low": 0.02, "high": 0.3, "log": True},
+    "num_leaves": {"type": "int", "low": 4, "high": 63},
+    "n_estimators": {"type": "int", "low": 20, "high": 200, "log": True},
+}
+_FOREST_SPACE = {
+    "n_estimators": {"type": "int", "low": 20, "high": 200, "log": True},
+    "max_features": {"low": 0.2, "high": 1.0},
+    "min_samples_leaf": {"type": "int", "low": 1, "high": 20},
+}
 
 FAMILIES = [
-    Family("logistic_regression", "LogisticRegression", "classification",
-           {"C": {"low": 1e-3, "high": 1e2, "log": True}}),
+    Family(
+        "logistic_regression", "LogisticRegression", "classification", {"C": {"low": 1e-3, "high": 1e2, "log": True}}
+    ),
     Family("linear_svc", "LinearSVC", "classification", {"C": {"low": 1e-3, "high": 1e2, "log": True}}),
-    Family("gaussian_nb", "GaussianNB", "classification",
-           {"var_smoothing": {"low": 1e-12, "high": 1e-2, "log": True}}),
-    Family("multinomial_nb", "MultinomialNB", "classification", {"alpha": {"low": 1e-3, "high": 10.0, "log": True}},
-           needs_nonnegative=True),
-    Family("knn", "KNeighborsClassifier", "classification",
-           {"n_neighbors": {"type": "int", "low": 1, "high": 30}, "weights": ["uniform", "distance"]}),
+    Family("gaussian_nb", "GaussianNB", "classification", {"var_smoothing": {"low": 1e-12, "high": 1e-2, "log": True}}),
+    Family(
+        "multinomial_nb",
+        "MultinomialNB",
+        "classification",
+        {"alpha": {"low": 1e-3, "high": 10.0, "log": True}},
+        needs_nonnegative=True,
+    ),
+    Family(
+        "knn",
+        "KNeighborsClassifier",
+        "classification",
+        {"n_neighbors": {"type": "int", "low": 1, "high": 30}, "weights": ["uniform", "distance"]},
+    ),
     Family("gbdt", "GBDTClassifier", "classification", _GBDT_SPACE),
     Family("random_forest", "RandomForestClassifier", "classification", _FOREST_SPACE),
     Family("linear_regression", "LinearRegression", "regression", {}),
@@ -98,8 +112,10 @@ def available(task: str, X, candidates="auto") -> list[tuple[Family, type, list[
         cls = _estimators().get(family.estimator)
         if cls is None or family.task != task or (family.needs_nonnegative and not nonnegative):
             if candidates != "auto":
-                raise TuneError(f"select: family {family.name!r} cannot run here (luoshu.ml has "
-                                f"{family.estimator}: {cls is not None}; it is for {family.task}, the task is {task})")
+                raise TuneError(
+                    f"select: family {family.name!r} cannot run here (luoshu.ml has "
+                    f"{family.estimator}: {cls is not None}; it is for {family.task}, the task is {task})"
+                )
             continue
         own = cls().get_params()
         space = {k: v for k, v in family.space.items() if k in own}
@@ -109,8 +125,9 @@ def available(task: str, X, candidates="auto") -> list[tuple[Family, type, list[
     return out
 
 
-def select(X, y, candidates="auto", metric: str | None = None, time_budget: float = 60.0, cv: int = 3,
-           seed: int | None = 0) -> tuple[Any, list[dict]]:
+def select(
+    X, y, candidates="auto", metric: str | None = None, time_budget: float = 60.0, cv: int = 3, seed: int | None = 0
+) -> tuple[Any, list[dict]]:
     """Searches the families (and each one's hyper-parameters) by mean `cv`-fold `metric` (a scikit-learn
     scorer name; default accuracy / r2) for about `time_budget` seconds. Every family gets at least one trial
     (its default settings) before TPE decides where to spend the rest.
@@ -138,15 +155,25 @@ def select(X, y, candidates="auto", metric: str | None = None, time_budget: floa
     splitter = (StratifiedKFold if task == "classification" else KFold)(cv, shuffle=True, random_state=0)
     folds = list(splitter.split(X, y))
     by_name = {f.name: (f, cls, params) for f, cls, params in families}
-    board: dict[str, dict] = {f.name: {"family": f.name, "estimator": f.estimator, "score": -math.inf,
-                                       "params": None, "trials": 0, "failed": 0, "fit_seconds": 0.0}
-                              for f, _, _ in families}
+    board: dict[str, dict] = {
+        f.name: {
+            "family": f.name,
+            "estimator": f.estimator,
+            "score": -math.inf,
+            "params": None,
+            "trials": 0,
+            "failed": 0,
+            "fit_seconds": 0.0,
+        }
+        for f, _, _ in families
+    }
 
     def objective(trial):
         name = trial.suggest_categorical("family", list(by_name))
         family, cls, params = by_name[name]
-        values = sample([Param(f"{name}.{p.name}", p.kind, p.low, p.high, p.log, p.step, p.choices)
-                         for p in params], trial)
+        values = sample(
+            [Param(f"{name}.{p.name}", p.kind, p.low, p.high, p.log, p.step, p.choices) for p in params], trial
+        )
         kwargs = {k.split(".", 1)[1]: v for k, v in values.items()}
         row = board[name]
         row["trials"] += 1

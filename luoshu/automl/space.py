@@ -68,12 +68,14 @@ def parse_space(space: Mapping[str, Any], source: str = "search space") -> list[
         if isinstance(spec, list | tuple):
             spec = {"choices": list(spec)}
         if not isinstance(spec, Mapping):
-            raise TuneError(f"{source}: {name} must be a list of choices or a mapping with type/low/high, found "
-                            f"{spec!r}")
+            raise TuneError(
+                f"{source}: {name} must be a list of choices or a mapping with type/low/high, found {spec!r}"
+            )
         unknown = set(spec) - {"type", "low", "high", "log", "step", "choices"}
         if unknown:
-            raise TuneError(f"{source}: {name} has unknown keys {sorted(unknown)} (known: type, low, high, log, step, "
-                            "choices)")
+            raise TuneError(
+                f"{source}: {name} has unknown keys {sorted(unknown)} (known: type, low, high, log, step, choices)"
+            )
         if "choices" in spec:
             choices = tuple(spec["choices"])
             if not choices:

@@ -93,8 +93,11 @@ def _function_objective(fn: Callable) -> Callable:
         takes_report = len(inspect.signature(fn).parameters) >= 2
     except (TypeError, ValueError):
         takes_report = False
-    return (lambda params, report, number: fn(params, report)) if takes_report else \
-        (lambda params, report, number: fn(params))
+    return (
+        (lambda params, report, number: fn(params, report))
+        if takes_report
+        else (lambda params, report, number: fn(params))
+    )
 
 
 def _estimator_objective(estimator, X, y, cv: int, scoring) -> Callable:
@@ -167,11 +170,22 @@ def write_trials_csv(study, params: list[Param], path: Path) -> None:
         w.writerow(["number", "state", "value", *names, "steps_reported", "datetime_start", "duration_s"])
         for t in study.get_trials(deepcopy=False):
             values = decode(params, t.params)
-            duration = (t.datetime_complete - t.datetime_start).total_seconds() \
-                if t.datetime_complete and t.datetime_start else ""
-            w.writerow([t.number, t.state.name, "" if t.value is None else t.value,
-                        *[values.get(n, "") for n in names], len(t.intermediate_values),
-                        t.datetime_start.isoformat() if t.datetime_start else "", duration])
+            duration = (
+                (t.datetime_complete - t.datetime_start).total_seconds()
+                if t.datetime_complete and t.datetime_start
+                else ""
+            )
+            w.writerow(
+                [
+                    t.number,
+                    t.state.name,
+                    "" if t.value is None else t.value,
+                    *[values.get(n, "") for n in names],
+                    len(t.intermediate_values),
+                    t.datetime_start.isoformat() if t.datetime_start else "",
+                    duration,
+                ]
+            )
 
 
 def write_plots(study, out: Path) -> dict[str, Path]:
@@ -180,9 +194,11 @@ def write_plots(study, out: Path) -> dict[str, Path]:
     import optuna
 
     files = {}
-    plots = {"history": optuna.visualization.plot_optimization_history,
-             "importances": optuna.visualization.plot_param_importances,
-             "parallel_coordinate": optuna.visualization.plot_parallel_coordinate}
+    plots = {
+        "history": optuna.visualization.plot_optimization_history,
+        "importances": optuna.visualization.plot_param_importances,
+        "parallel_coordinate": optuna.visualization.plot_parallel_coordinate,
+    }
     for name, plot in plots.items():
         try:
             figure = plot(study)
@@ -196,10 +212,23 @@ def write_plots(study, out: Path) -> dict[str, Path]:
 # --- tune ------------------------------------------------------------------------------------------------
 
 
-def tune(objective_or_config, space: Mapping[str, Any], n_trials: int | None = 20, timeout: float | None = None,
-         storage=None, *, X=None, y=None, cv: int = 3, scoring=None,
-         direction: str | None = None, study_name: str = "luoshu", pruner="median", seed: int | None = None,
-         out: str | Path | None = None) -> TuneResult:
+def tune(
+    objective_or_config,
+    space: Mapping[str, Any],
+    n_trials: int | None = 20,
+    timeout: float | None = None,
+    storage=None,
+    *,
+    X=None,
+    y=None,
+    cv: int = 3,
+    scoring=None,
+    direction: str | None = None,
+    study_name: str = "luoshu",
+    pruner="median",
+    seed: int | None = None,
+    out: str | Path | None = None,
+) -> TuneResult:
     """Searches `space` with TPE for the best value of the objective.
 
     objective_or_config:
@@ -231,32 +260,45 @@ def tune(objective_or_config, space: Mapping[str, Any], n_trials: int | None = 2
         run = objective_or_config.run_trial
         direction = direction or getattr(objective_or_config, "direction", "maximize")
     elif isinstance(objective_or_config, Mapping) or type(objective_or_config).__name__ == "TrainConfig":
-        raise TuneError("tune: a luoshu train config is tuned as a job: tune(luoshu.train.tune.TrainJob(config), "
-                        "space, ...) (or luoshu.train.tune.tune_job(config, space, ...))")
+        raise TuneError(
+            "tune: a luoshu train config is tuned as a job: tune(luoshu.train.tune.TrainJob(config), "
+            "space, ...) (or luoshu.train.tune.tune_job(config, space, ...))"
+        )
     elif hasattr(objective_or_config, "fit") and hasattr(objective_or_config, "get_params"):
         known = objective_or_config.get_params()
         for p in params:
             if p.name not in known:
-                raise TuneError(f"tune: {type(objective_or_config).__name__} has no parameter {p.name!r} "
-                                f"(its parameters: {', '.join(sorted(known))})")
+                raise TuneError(
+                    f"tune: {type(objective_or_config).__name__} has no parameter {p.name!r} "
+                    f"(its parameters: {', '.join(sorted(known))})"
+                )
         run = _estimator_objective(objective_or_config, X, y, cv, scoring)
         direction = direction or "maximize"
     elif callable(objective_or_config):
         run = _function_objective(objective_or_config)
         direction = direction or "minimize"
     else:
-        raise TuneError(f"tune: expected an objective function, a luoshu train config or an estimator, found "
-                        f"{type(objective_or_config).__name__}")
+        raise TuneError(
+            f"tune: expected an objective function, a luoshu train config or an estimator, found "
+            f"{type(objective_or_config).__name__}"
+        )
     if direction not in ("minimize", "maximize"):
         raise TuneError(f"tune: direction must be 'minimize' or 'maximize', found {direction!r}")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=_storage(storage), sampler=optuna.samplers.TPESampler(seed=seed),
-                                pruner=_pruner(pruner), study_name=study_name, direction=direction,
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=_storage(storage),
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=_pruner(pruner),
+        study_name=study_name,
+        direction=direction,
+        load_if_exists=True,
+    )
     if study.direction.name.lower() != direction:
-        raise TuneError(f"tune: the stored study {study_name!r} maximises/minimises the other way "
-                        f"({study.direction.name.lower()}, asked {direction})")
+        raise TuneError(
+            f"tune: the stored study {study_name!r} maximises/minimises the other way "
+            f"({study.direction.name.lower()}, asked {direction})"
+        )
 
     def objective(trial):
         values = sample(params, trial)
@@ -270,12 +312,20 @@ def tune(objective_or_config, space: Mapping[str, Any], n_trials: int | None = 2
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     counts = {s: states.count(s) for s in sorted(set(states))}
     if not counts.get("COMPLETE"):
-        raise TuneError(f"tune: no trial of study {study_name!r} completed ({counts}); widen the space, run more "
-                        "trials or relax the pruner")
+        raise TuneError(
+            f"tune: no trial of study {study_name!r} completed ({counts}); widen the space, run more "
+            "trials or relax the pruner"
+        )
     best = study.best_trial
     best_params = decode(params, best.params)
-    result = TuneResult(study, params, best_params, float(best.value),
-                        apply(base_config, best_params) if base_config is not None else None, counts)
+    result = TuneResult(
+        study,
+        params,
+        best_params,
+        float(best.value),
+        apply(base_config, best_params) if base_config is not None else None,
+        counts,
+    )
     if out is not None:
         result.write(out)
     return result

@@ -14,8 +14,10 @@ def check_nonnegative(estimator, X) -> None:
     """Refuses negative entries (count data); the message keeps scikit-learn's "Negative values in data"."""
     values = X.data if sp.issparse(X) else X
     if values.size and values.min() < 0:
-        raise DataError(f"{type(estimator).__name__}: Negative values in data passed to X: expected non-negative "
-                        f"counts, found the value {values.min():g}")
+        raise DataError(
+            f"{type(estimator).__name__}: Negative values in data passed to X: expected non-negative "
+            f"counts, found the value {values.min():g}"
+        )
 
 
 def check_int(estimator, name: str, value, low: int = 1) -> None:

@@ -84,8 +84,10 @@ class _Data:
     def cluster_sums(self, labels: torch.Tensor, k: int, s: slice = slice(None)) -> torch.Tensor:
         if self.sparse:
             rows = self.X[s]
-            one_hot = sp.csr_matrix((np.ones(rows.shape[0], dtype=rows.dtype), (labels.numpy(),
-                                     np.arange(rows.shape[0]))), shape=(k, rows.shape[0]))
+            one_hot = sp.csr_matrix(
+                (np.ones(rows.shape[0], dtype=rows.dtype), (labels.numpy(), np.arange(rows.shape[0]))),
+                shape=(k, rows.shape[0]),
+            )
             return torch.from_numpy(np.asarray((one_hot @ rows).todense()))
         return torch.zeros(k, self.d, dtype=self.dtype).index_add_(0, labels, self.t[s])
 
@@ -189,9 +191,11 @@ class _KMeansBase(ClusterMixin, TransformerMixin, Estimator):
         if isinstance(self.init, str):
             check_choice(self, "init", self.init, ("k-means++", "random"))
         elif np.shape(self.init) != (self.n_clusters, getattr(self, "n_features_in_", np.shape(self.init)[-1])):
-            raise ParameterError(f"{type(self).__name__}: init as an array must have shape (n_clusters, n_features) "
-                               f"= ({self.n_clusters}, {getattr(self, 'n_features_in_', '?')}), found "
-                               f"{np.shape(self.init)}")
+            raise ParameterError(
+                f"{type(self).__name__}: init as an array must have shape (n_clusters, n_features) "
+                f"= ({self.n_clusters}, {getattr(self, 'n_features_in_', '?')}), found "
+                f"{np.shape(self.init)}"
+            )
 
     def _init_centers(self, data: _Data, rng, comm: _Comm) -> torch.Tensor:
         if isinstance(self.init, str):
@@ -239,8 +243,17 @@ class KMeans(_KMeansBase):
     Empty clusters keep their previous centre (scikit-learn moves them to far points instead).
     """
 
-    def __init__(self, n_clusters: int = 8, *, init="k-means++", n_init="auto", max_iter: int = 300,
-                 tol: float = 1e-4, random_state=None, distributed: bool = False):
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        init="k-means++",
+        n_init="auto",
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        random_state=None,
+        distributed: bool = False,
+    ):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
@@ -301,9 +314,19 @@ class MiniBatchKMeans(_KMeansBase):
     `max_iter` passes worth of steps, or when the smoothed batch inertia has not improved for
     `max_no_improvement` steps, or when the centres move less than `tol`."""
 
-    def __init__(self, n_clusters: int = 8, *, init="k-means++", max_iter: int = 100, batch_size: int = 1024,
-                 tol: float = 0.0, max_no_improvement: int | None = 10, init_size: int | None = None,
-                 n_init="auto", random_state=None):
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        init="k-means++",
+        max_iter: int = 100,
+        batch_size: int = 1024,
+        tol: float = 0.0,
+        max_no_improvement: int | None = 10,
+        init_size: int | None = None,
+        n_init="auto",
+        random_state=None,
+    ):
         self.n_clusters = n_clusters
         self.init = init
         self.max_iter = max_iter
@@ -327,8 +350,11 @@ class MiniBatchKMeans(_KMeansBase):
         tol = _scaled_tol(data, self.tol, comm)
         # initialise on a subsample (as scikit-learn: 3 x batch_size rows), best of n_init by its inertia
         init_size = min(data.n, self.init_size or max(3 * self.batch_size, k))
-        n_init = self.n_init if self.n_init != "auto" else (
-            1 if isinstance(self.init, str) and self.init == "k-means++" else 3)
+        n_init = (
+            self.n_init
+            if self.n_init != "auto"
+            else (1 if isinstance(self.init, str) and self.init == "k-means++" else 3)
+        )
         check_int(self, "n_init", n_init)
         sub = _Data(X[rng.choice(data.n, init_size, replace=False)])
         centers, best = None, math.inf

@@ -58,11 +58,23 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
     exp(-bound / word count) under the variational bound; `score(X)` the bound itself.
     """
 
-    def __init__(self, n_components: int = 10, *, doc_topic_prior: float | None = None,
-                 topic_word_prior: float | None = None, learning_method: str = "batch", learning_decay: float = 0.7,
-                 learning_offset: float = 10.0, max_iter: int = 10, batch_size: int = 128, evaluate_every: int = -1,
-                 perp_tol: float = 1e-1, mean_change_tol: float = 1e-3, max_doc_update_iter: int = 100,
-                 random_state=None):
+    def __init__(
+        self,
+        n_components: int = 10,
+        *,
+        doc_topic_prior: float | None = None,
+        topic_word_prior: float | None = None,
+        learning_method: str = "batch",
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
+        max_iter: int = 10,
+        batch_size: int = 128,
+        evaluate_every: int = -1,
+        perp_tol: float = 1e-1,
+        mean_change_tol: float = 1e-3,
+        max_doc_update_iter: int = 100,
+        random_state=None,
+    ):
         self.n_components = n_components
         self.doc_topic_prior = doc_topic_prior
         self.topic_word_prior = topic_word_prior
@@ -97,7 +109,8 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
             theta = exp_elog_theta[act]
             norm_phi = (theta[sub_rows] * sub_beta).sum(1) + _EPS
             acc = torch.zeros(len(act), k, dtype=torch.float64).index_add_(
-                0, sub_rows, sub_beta * (sub_counts / norm_phi)[:, None])
+                0, sub_rows, sub_beta * (sub_counts / norm_phi)[:, None]
+            )
             new_gamma = alpha + theta * acc
             change = (new_gamma - gamma[act]).abs().mean(1)
             gamma[act] = new_gamma
@@ -121,8 +134,7 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
         total = torch.zeros(self.n_components, corpus.n_words, dtype=torch.float64)
         offset = s.start
         for c in row_slices(s.stop - s.start, 4096):
-            total += self._e_step(corpus, slice(offset + c.start, offset + c.stop), self._exp_elog_beta, rng,
-                                  True)[1]
+            total += self._e_step(corpus, slice(offset + c.start, offset + c.stop), self._exp_elog_beta, rng, True)[1]
         return total
 
     def _doc_topics(self, corpus: _Corpus) -> torch.Tensor:
@@ -148,8 +160,9 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
             if v is not None and not (isinstance(v, int | float) and v > 0):
                 raise ParameterError(f"LDA: {name} must be a positive number or None, found {v!r}")
         if not 0.5 < self.learning_decay <= 1.0 and self.learning_method == "online":
-            raise ParameterError(f"LDA: learning_decay must be in (0.5, 1] for convergence, found "
-                                 f"{self.learning_decay}")
+            raise ParameterError(
+                f"LDA: learning_decay must be in (0.5, 1] for convergence, found {self.learning_decay}"
+            )
 
     def fit(self, X, y=None) -> LDA:
         self._check_params()
@@ -289,8 +302,16 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
     min(n_samples, n_features)), "nndsvd" or "random". Stopping rules as scikit-learn's (see `_solve`).
     """
 
-    def __init__(self, n_components: int | None = None, *, init: str | None = None, solver: str = "cd",
-                 tol: float = 1e-4, max_iter: int = 200, random_state=None):
+    def __init__(
+        self,
+        n_components: int | None = None,
+        *,
+        init: str | None = None,
+        solver: str = "cd",
+        tol: float = 1e-4,
+        max_iter: int = 200,
+        random_state=None,
+    ):
         self.n_components = n_components
         self.init = init
         self.solver = solver
@@ -309,8 +330,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
             H = avg * np.abs(rng.standard_normal((k, p)))
             return torch.from_numpy(W), torch.from_numpy(H)
         if k > min(n, p):
-            raise ParameterError(f"NMF: init={init!r} needs n_components <= min(n_samples, n_features) = "
-                               f"{min(n, p)}, found {k}; use init='random'")
+            raise ParameterError(
+                f"NMF: init={init!r} needs n_components <= min(n_samples, n_features) = "
+                f"{min(n, p)}, found {k}; use init='random'"
+            )
         if sp.issparse(X):
             from scipy.sparse.linalg import svds
 
@@ -390,8 +413,10 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
         if W is not None and H is not None:
             W0, H0 = torch.tensor(np.asarray(W, dtype=np.float64)), torch.tensor(np.asarray(H, dtype=np.float64))
             if W0.shape != (X.shape[0], k) or H0.shape != (k, X.shape[1]) or (W0 < 0).any() or (H0 < 0).any():
-                raise DataError(f"NMF: custom W, H must be non-negative of shapes {(X.shape[0], k)} and "
-                                   f"{(k, X.shape[1])}, found {tuple(W0.shape)} and {tuple(H0.shape)}")
+                raise DataError(
+                    f"NMF: custom W, H must be non-negative of shapes {(X.shape[0], k)} and "
+                    f"{(k, X.shape[1])}, found {tuple(W0.shape)} and {tuple(H0.shape)}"
+                )
         else:
             W0, H0 = self._initialise(X if sp.issparse(X) else X.numpy(), k, rng)
         W, H, it = self._solve(X, X_sq, W0, H0, update_H=True)
@@ -417,8 +442,9 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
         self._check_fitted("components_")
         W = np.asarray(X, dtype=np.float64)
         if W.ndim != 2 or W.shape[1] != self.n_components_:
-            raise DataError(f"NMF.inverse_transform: expected W with {self.n_components_} columns, found shape "
-                               f"{W.shape}")
+            raise DataError(
+                f"NMF.inverse_transform: expected W with {self.n_components_} columns, found shape {W.shape}"
+            )
         return W @ self.components_
 
     @property

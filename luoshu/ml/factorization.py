@@ -26,16 +26,20 @@ def _interactions(estimator, X, y):
     name = type(estimator).__name__
     if sp.issparse(X):
         if y is not None:
-            raise DataError(f"{name}: give either a user x item sparse matrix or (user, item) pairs with y, not "
-                            "a sparse matrix and y")
+            raise DataError(
+                f"{name}: give either a user x item sparse matrix or (user, item) pairs with y, not "
+                "a sparse matrix and y"
+            )
         M = sp.coo_matrix(X)
         users, items, values = M.row.astype(np.int64), M.col.astype(np.int64), M.data.astype(np.float64)
         shape = M.shape
     else:
         pairs = np.asarray(X)
         if pairs.ndim != 2 or pairs.shape[1] != 2:
-            raise DataError(f"{name}: X must be (user, item) pairs of shape (n, 2) or a user x item sparse matrix, "
-                            f"found shape {pairs.shape}")
+            raise DataError(
+                f"{name}: X must be (user, item) pairs of shape (n, 2) or a user x item sparse matrix, "
+                f"found shape {pairs.shape}"
+            )
         if pairs.size and not np.all(np.isfinite(pairs.astype(np.float64))):
             raise DataError(f"{name}: X contains NaN or infinity; (user, item) pairs must be integer ids")
         if pairs.size and (np.any(pairs != np.round(pairs)) or pairs.min() < 0):
@@ -52,17 +56,18 @@ def _interactions(estimator, X, y):
     return users, items, values, shape[0], shape[1]
 
 
-def _scatter_normal_equations(rows: torch.Tensor, other: torch.Tensor, gram_weight: torch.Tensor,
-                              rhs_weight: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _scatter_normal_equations(
+    rows: torch.Tensor, other: torch.Tensor, gram_weight: torch.Tensor, rhs_weight: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A[r] = sum over ratings of r: w_g o o^T, b[r] = sum w_r o, for the other side's factors o."""
     f = other.shape[1]
     A = torch.zeros(n_rows, f, f, dtype=other.dtype)
     b = torch.zeros(n_rows, f, dtype=other.dtype)
     step = max(1, _OUTER_ELEMENTS // (f * f))
     for start in range(0, len(rows), step):
-        r, o = rows[start:start + step], other[start:start + step]
-        A.index_add_(0, r, (o * gram_weight[start:start + step, None])[:, :, None] * o[:, None, :])
-        b.index_add_(0, r, o * rhs_weight[start:start + step, None])
+        r, o = rows[start : start + step], other[start : start + step]
+        A.index_add_(0, r, (o * gram_weight[start : start + step, None])[:, :, None] * o[:, None, :])
+        b.index_add_(0, r, o * rhs_weight[start : start + step, None])
     return A, b
 
 
@@ -77,9 +82,21 @@ class MatrixFactorization(Estimator):
     objective; implicit feedback samples `negatives` unobserved items per observed pair).
     """
 
-    def __init__(self, n_factors: int = 10, *, solver: str = "als", feedback: str = "explicit", reg: float = 0.05,
-                 alpha: float = 10.0, n_iter: int = 15, lr: float = 0.05, batch_size: int = 1024,
-                 negatives: int = 4, init_std: float = 0.1, random_state=None):
+    def __init__(
+        self,
+        n_factors: int = 10,
+        *,
+        solver: str = "als",
+        feedback: str = "explicit",
+        reg: float = 0.05,
+        alpha: float = 10.0,
+        n_iter: int = 15,
+        lr: float = 0.05,
+        batch_size: int = 1024,
+        negatives: int = 4,
+        init_std: float = 0.1,
+        random_state=None,
+    ):
         self.n_factors = n_factors
         self.solver = solver
         self.feedback = feedback
@@ -107,8 +124,10 @@ class MatrixFactorization(Estimator):
         self._check_params()
         users, items, values, n_users, n_items = _interactions(self, X, y)
         if self.feedback == "implicit" and values.min() < 0:
-            raise DataError(f"MatrixFactorization: implicit feedback must be non-negative interaction strengths, "
-                            f"found {values.min():g}")
+            raise DataError(
+                f"MatrixFactorization: implicit feedback must be non-negative interaction strengths, "
+                f"found {values.min():g}"
+            )
         rng = rng_of(self.random_state)
         f = self.n_factors
         P = torch.from_numpy(rng.normal(0, self.init_std, (n_users, f)))
@@ -124,10 +143,12 @@ class MatrixFactorization(Estimator):
         self.user_factors_, self.item_factors_ = P.numpy(), Q.numpy()
         self.mean_ = mean
         self.n_users_, self.n_items_ = n_users, n_items
+        self.n_features_in_ = 2  # predict takes (user, item) pairs
         return self
 
-    def _als_half(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, other: torch.Tensor,
-                  n_rows: int) -> torch.Tensor:
+    def _als_half(
+        self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, other: torch.Tensor, n_rows: int
+    ) -> torch.Tensor:
         """The exact minimiser of the objective over one side's factors with the other side fixed."""
         f = other.shape[1]
         eye = torch.eye(f, dtype=other.dtype)
@@ -151,7 +172,7 @@ class MatrixFactorization(Estimator):
         for _ in range(self.n_iter):
             order = torch.from_numpy(rng.permutation(n))
             for start in range(0, n, self.batch_size):
-                idx = order[start:start + self.batch_size]
+                idx = order[start : start + self.batch_size]
                 bu, bi, bv = u[idx], i[idx], v[idx]
                 if self.feedback == "explicit":
                     target, weight = bv, torch.ones_like(bv)
@@ -172,16 +193,18 @@ class MatrixFactorization(Estimator):
         self._check_fitted("user_factors_")
         pairs = np.asarray(X)
         if pairs.ndim != 2 or pairs.shape[1] != 2:
-            raise DataError(f"MatrixFactorization: expected (user, item) pairs of shape (n, 2), found shape "
-                            f"{pairs.shape}")
+            raise DataError(
+                f"MatrixFactorization: expected (user, item) pairs of shape (n, 2), found shape {pairs.shape}"
+            )
         if pairs.size and not np.all(np.isfinite(pairs.astype(np.float64))):
             raise DataError("MatrixFactorization: the pairs contain NaN or infinity")
         users, items = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
         for name, ids, n in (("user", users, self.n_users_), ("item", items, self.n_items_)):
             if ids.size and (ids.min() < 0 or ids.max() >= n):
                 bad = ids[(ids < 0) | (ids >= n)][0]
-                raise DataError(f"MatrixFactorization: {name} id {bad} is unknown (the model has {n} {name}s, "
-                                f"ids 0..{n - 1})")
+                raise DataError(
+                    f"MatrixFactorization: {name} id {bad} is unknown (the model has {n} {name}s, ids 0..{n - 1})"
+                )
         return torch.from_numpy(users), torch.from_numpy(items)
 
     def predict(self, X) -> np.ndarray:

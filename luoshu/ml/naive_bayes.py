@@ -17,8 +17,9 @@ from luoshu.ml.base import Estimator, ParameterError, check_X, check_X_y, encode
 
 def _one_hot(encoded: np.ndarray, n_classes: int, dtype) -> torch.Tensor:
     idx = torch.from_numpy(encoded.astype(np.int64))
-    return torch.zeros(len(encoded), n_classes, dtype=dtype).index_put_((torch.arange(len(encoded)), idx),
-                                                                        torch.ones((), dtype=dtype))
+    return torch.zeros(len(encoded), n_classes, dtype=dtype).index_put_(
+        (torch.arange(len(encoded)), idx), torch.ones((), dtype=dtype)
+    )
 
 
 class _BaseNB(ClassifierMixin, Estimator):
@@ -41,11 +42,14 @@ class _BaseNB(ClassifierMixin, Estimator):
             return counts / counts.sum()
         given = np.asarray(given, dtype=np.float64)
         if given.shape != (len(self.classes_),):
-            raise ParameterError(f"{type(self).__name__}: the priors must have one value per class "
-                               f"({len(self.classes_)}), found shape {given.shape}")
+            raise ParameterError(
+                f"{type(self).__name__}: the priors must have one value per class "
+                f"({len(self.classes_)}), found shape {given.shape}"
+            )
         if (given < 0).any() or not np.isclose(given.sum(), 1.0):
-            raise ParameterError(f"{type(self).__name__}: the priors must be non-negative and sum to 1, found "
-                               f"{given.tolist()}")
+            raise ParameterError(
+                f"{type(self).__name__}: the priors must be non-negative and sum to 1, found {given.tolist()}"
+            )
         return torch.from_numpy(given).to(counts.dtype)
 
 
@@ -59,8 +63,9 @@ class GaussianNB(_BaseNB):
 
     def fit(self, X, y) -> GaussianNB:
         if not (isinstance(self.var_smoothing, int | float) and self.var_smoothing >= 0):
-            raise ParameterError(f"GaussianNB: var_smoothing must be a non-negative number, found "
-                               f"{self.var_smoothing!r}")
+            raise ParameterError(
+                f"GaussianNB: var_smoothing must be a non-negative number, found {self.var_smoothing!r}"
+            )
         X, y = check_X_y(self, X, y, accept_sparse=False)
         classes, encoded = encode_labels(self, y)
         x = dense(X).to(torch.float64)

@@ -61,8 +61,11 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
         self._fit_X = X if sp.issparse(X) and metric != "manhattan" else dense(X)
         if metric == "cosine":
             norms = row_sq_norms(self._fit_X).sqrt().clamp_min(1e-12)
-            self._fit_X = (sp.diags(1 / norms.numpy()) @ self._fit_X).tocsr() if sp.issparse(self._fit_X) \
+            self._fit_X = (
+                (sp.diags(1 / norms.numpy()) @ self._fit_X).tocsr()
+                if sp.issparse(self._fit_X)
                 else self._fit_X / norms[:, None]
+            )
         self._fit_sq = row_sq_norms(self._fit_X)
         self._metric_ = metric
         self._dtype = X.dtype
@@ -100,9 +103,11 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
                 X = (sp.diags(1 / norms) @ X).tocsr() if sp.issparse(X) else X / norms[:, None]
             k_search = k
         if k_search > self.n_samples_fit_:
-            raise DataError(f"KNeighborsClassifier: Expected n_neighbors <= n_samples_fit, but "
-                               f"n_neighbors = {k_search}, n_samples_fit = {self.n_samples_fit_}, "
-                               f"n_samples = {X.shape[0]}")
+            raise DataError(
+                f"KNeighborsClassifier: Expected n_neighbors <= n_samples_fit, but "
+                f"n_neighbors = {k_search}, n_samples_fit = {self.n_samples_fit_}, "
+                f"n_samples = {X.shape[0]}"
+            )
         n = X.shape[0]
         dist = torch.empty(n, k, dtype=self._fit_sq.dtype)
         ind = torch.empty(n, k, dtype=torch.int64)
@@ -146,8 +151,11 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
     def _fitted_state(self) -> dict:
         state = super()._fitted_state()
         X = self._fit_X
-        state["fit_rows_"] = {"indptr": X.indptr, "indices": X.indices, "data": X.data, "shape": list(X.shape)} \
-            if sp.issparse(X) else X.numpy()
+        state["fit_rows_"] = (
+            {"indptr": X.indptr, "indices": X.indices, "data": X.data, "shape": list(X.shape)}
+            if sp.issparse(X)
+            else X.numpy()
+        )
         state["fit_labels_"] = self._y.numpy()
         return state
 
@@ -155,8 +163,11 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
         state = dict(state)
         rows, labels = state.pop("fit_rows_"), state.pop("fit_labels_")
         super()._restore_state(state)
-        self._fit_X = sp.csr_matrix((rows["data"], rows["indices"], rows["indptr"]), shape=tuple(rows["shape"])) \
-            if isinstance(rows, dict) else torch.from_numpy(rows)
+        self._fit_X = (
+            sp.csr_matrix((rows["data"], rows["indices"], rows["indptr"]), shape=tuple(rows["shape"]))
+            if isinstance(rows, dict)
+            else torch.from_numpy(rows)
+        )
         self._y = torch.from_numpy(labels)
         self._fit_sq = row_sq_norms(self._fit_X)
         self._metric_ = self._metric()

@@ -26,8 +26,9 @@ class TrainJob:
     names such as *loss*/perplexity are minimised). Trials write under `out` (trial-NNNN directories).
     """
 
-    def __init__(self, config: TrainConfig | Mapping[str, Any], metric: str | None = None,
-                 out: str | Path = "runs/tune"):
+    def __init__(
+        self, config: TrainConfig | Mapping[str, Any], metric: str | None = None, out: str | Path = "runs/tune"
+    ):
         values = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
         base = TrainConfig.from_dict(values, "tune job")  # refuse a bad job before any trial
         task, _ = check_config(base)
@@ -55,8 +56,16 @@ class TrainJob:
         return float(ReportingTrainer(TrainConfig.from_dict(values, f"trial {number}")).fit()[metric])
 
 
-def tune_job(config: TrainConfig | Mapping[str, Any], space: Mapping[str, Any], n_trials: int | None = 20,
-             timeout: float | None = None, storage=None, *, metric: str | None = None, out: str | Path = "runs/tune",
-             **kwargs) -> TuneResult:
+def tune_job(
+    config: TrainConfig | Mapping[str, Any],
+    space: Mapping[str, Any],
+    n_trials: int | None = 20,
+    timeout: float | None = None,
+    storage=None,
+    *,
+    metric: str | None = None,
+    out: str | Path = "runs/tune",
+    **kwargs,
+) -> TuneResult:
     """`luoshu.automl.tune(TrainJob(config, metric, out), space, ...)`, writing results to `out`."""
     return tune(TrainJob(config, metric, out), space, n_trials, timeout, storage, out=out, **kwargs)

@@ -77,8 +77,7 @@ def test_in_a_pipeline_the_cross_lifts_a_linear_model():
     X, y = interaction_data()
 
     def accuracy(**kwargs):
-        model = make_pipeline(AutoFeatures(categorical=[0, 1, 2, 3], **kwargs), StandardScaler(),
-                              LogisticRegression())
+        model = make_pipeline(AutoFeatures(categorical=[0, 1, 2, 3], **kwargs), StandardScaler(), LogisticRegression())
         return cross_val_score(model, X, y, cv=3).mean()
 
     with_cross, without = accuracy(), accuracy(max_crosses=0)

@@ -54,8 +54,9 @@ def test_regression_and_leaderboard_scores_are_cv_scores():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(200, 5))
     y = X @ rng.normal(size=5) + 0.1 * rng.normal(size=200)
-    est, board = automl.select(X, y, candidates=["linear_regression", "ridge", "gbdt_regressor"], time_budget=2,
-                               metric="r2")
+    est, board = automl.select(
+        X, y, candidates=["linear_regression", "ridge", "gbdt_regressor"], time_budget=2, metric="r2"
+    )
     assert board[0]["family"] in {"linear_regression", "ridge"} and board[0]["score"] > 0.99
     assert est.score(X, y) > 0.99
 
@@ -68,8 +69,9 @@ def test_given_candidates_and_knn_cv_matches_sklearn():
     assert [r["family"] for r in board] == ["knn"] and isinstance(est, KNeighborsClassifier)
     from sklearn.model_selection import StratifiedKFold
 
-    ref = cross_val_score(KNeighborsClassifier(**board[0]["params"]), X, y,
-                          cv=StratifiedKFold(3, shuffle=True, random_state=0)).mean()
+    ref = cross_val_score(
+        KNeighborsClassifier(**board[0]["params"]), X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0)
+    ).mean()
     np.testing.assert_allclose(board[0]["score"], ref)
 
 

@@ -35,17 +35,22 @@ def _one_thread():
 
 def test_finds_the_optimum_of_a_quadratic():
     space = {"x": {"low": -10, "high": 10}, "y": {"low": -10, "high": 10}, "kind": ["a", "b", "c"]}
-    result = automl.tune(lambda p: (p["x"] - 2) ** 2 + (p["y"] + 1) ** 2 + (0 if p["kind"] == "b" else 5), space,
-                         n_trials=80, seed=0)
+    result = automl.tune(
+        lambda p: (p["x"] - 2) ** 2 + (p["y"] + 1) ** 2 + (0 if p["kind"] == "b" else 5), space, n_trials=80, seed=0
+    )
     assert abs(result.best_params["x"] - 2) < 0.5 and abs(result.best_params["y"] + 1) < 0.5
     assert result.best_params["kind"] == "b" and result.best_value < 0.5
     assert result.counts == {"COMPLETE": 80}
 
 
 def test_integer_log_and_maximize():
-    result = automl.tune(lambda p: -abs(np.log10(p["lr"]) + 3) - abs(p["n"] - 7), {
-        "lr": {"low": 1e-6, "high": 1.0, "log": True}, "n": {"type": "int", "low": 1, "high": 20}},
-        n_trials=60, direction="maximize", seed=1)
+    result = automl.tune(
+        lambda p: -abs(np.log10(p["lr"]) + 3) - abs(p["n"] - 7),
+        {"lr": {"low": 1e-6, "high": 1.0, "log": True}, "n": {"type": "int", "low": 1, "high": 20}},
+        n_trials=60,
+        direction="maximize",
+        seed=1,
+    )
     assert result.best_params["n"] == 7 and 3e-4 < result.best_params["lr"] < 3e-3
 
 
@@ -90,15 +95,22 @@ def test_tunes_an_estimator_by_cross_validation():
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     # the reported value is the 3-fold CV accuracy of the best parameters
-    ref = cross_val_score(KNeighborsClassifier(**result.best_params), X, y,
-                          cv=StratifiedKFold(3, shuffle=True, random_state=0)).mean()
+    ref = cross_val_score(
+        KNeighborsClassifier(**result.best_params), X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0)
+    ).mean()
     np.testing.assert_allclose(result.best_value, ref)
     with pytest.raises(luoshu.Error, match="no parameter"):
         automl.tune(KNeighborsClassifier(), {"k": [1, 2]}, n_trials=1, X=X, y=y)
 
 
-JOB = {"model": "mlp", "dataset": "digits", "epochs": 2, "batch_size": 128, "model_args": {"hidden": [16]},
-       "optimizer": "adam"}
+JOB = {
+    "model": "mlp",
+    "dataset": "digits",
+    "epochs": 2,
+    "batch_size": 128,
+    "model_args": {"hidden": [16]},
+    "optimizer": "adam",
+}
 
 
 def test_tunes_a_training_job_reporting_each_evaluation(tmp_path):
@@ -112,8 +124,10 @@ def test_tunes_a_training_job_reporting_each_evaluation(tmp_path):
             rows = list(csv.DictReader(open(tmp_path / f"trial-{t.number:04d}" / "metrics.csv")))
             assert float(rows[-1]["accuracy"]) == pytest.approx(t.value, abs=1e-5)
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
-    assert best["lr"] == result.best_params["lr"] and best["model_args"]["hidden"] == result.best_params[
-        "model_args.hidden"]
+    assert (
+        best["lr"] == result.best_params["lr"]
+        and best["model_args"]["hidden"] == result.best_params["model_args.hidden"]
+    )
     from luoshu.train import TrainConfig
 
     TrainConfig.from_dict(best)  # a ready luoshu train config
@@ -159,8 +173,16 @@ def test_two_processes_share_one_study_without_lost_or_duplicated_trials(tmp_pat
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), storage, "12", str(seed)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), storage, "12", str(seed)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     try:
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
@@ -188,16 +210,19 @@ def test_sqlite_storage_for_one_process(tmp_path):
     assert len(again.study.trials) == 5  # the second call continued the stored study
 
 
-@pytest.mark.parametrize("space, message", [
-    ({}, "non-empty"),
-    ({"x": {"low": 1, "high": 0}}, "low < high"),
-    ({"x": {"low": 0, "high": 1, "log": True}}, "log scale"),
-    ({"x": {"low": 0}}, "both low and high"),
-    ({"x": {"type": "str", "low": 0, "high": 1}}, "type"),
-    ({"x": {"low": 0, "high": 1, "size": 3}}, "unknown keys"),
-    ({"x": []}, "empty list"),
-    ({"x": 3}, "list of choices"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({}, "non-empty"),
+        ({"x": {"low": 1, "high": 0}}, "low < high"),
+        ({"x": {"low": 0, "high": 1, "log": True}}, "log scale"),
+        ({"x": {"low": 0}}, "both low and high"),
+        ({"x": {"type": "str", "low": 0, "high": 1}}, "type"),
+        ({"x": {"low": 0, "high": 1, "size": 3}}, "unknown keys"),
+        ({"x": []}, "empty list"),
+        ({"x": 3}, "list of choices"),
+    ],
+)
 def test_bad_spaces_are_refused(space, message):
     with pytest.raises(automl.TuneError, match=message):
         automl.tune(lambda p: 0.0, space, n_trials=1)
@@ -224,11 +249,26 @@ def test_luoshu_tune_command(tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({**JOB, "epochs": 1}))
     (tmp_path / "space.yaml").write_text("lr: {low: 1.0e-4, high: 0.05, log: true}\n")
     out = tmp_path / "out"
-    code = cli.main(["tune", str(tmp_path / "job.yaml"), "--space", str(tmp_path / "space.yaml"), "--trials", "2",
-                     "--storage", str(tmp_path / "study.log"), "--out", str(out), "--seed", "0"])
+    code = cli.main(
+        [
+            "tune",
+            str(tmp_path / "job.yaml"),
+            "--space",
+            str(tmp_path / "space.yaml"),
+            "--trials",
+            "2",
+            "--storage",
+            str(tmp_path / "study.log"),
+            "--out",
+            str(out),
+            "--seed",
+            "0",
+        ]
+    )
     assert code == 0
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["model"] == "mlp" and 1e-4 <= best["lr"] <= 0.05
     assert len(list(csv.DictReader(open(out / "trials.csv")))) == 2
-    assert cli.main(["tune", str(tmp_path / "job.yaml"), "--space", str(tmp_path / "job.yaml"), "--trials",
-                     "1"]) == 1  # a job file is no space: refused with a message, exit status 1
+    assert (
+        cli.main(["tune", str(tmp_path / "job.yaml"), "--space", str(tmp_path / "job.yaml"), "--trials", "1"]) == 1
+    )  # a job file is no space: refused with a message, exit status 1

@@ -1,6 +1,6 @@
 """Distributed KMeans: each worker fits on its own rows; tests/ml/test_cluster.py compares with one process.
 
-    python -m luoshu.distributed.launch -n 2 tests/ml/kmeans_dist_script.py OUT_DIR
+python -m luoshu.distributed.launch -n 2 tests/ml/kmeans_dist_script.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ def main() -> None:
     rank = dist.rank()
     for init in INITS:
         km = KMeans(K, init=init, random_state=7, tol=0, max_iter=50, distributed=True).fit(rows(rank))
-        np.savez(f"{sys.argv[1]}/rank{rank}_{init}.npz", centers=km.cluster_centers_, inertia=km.inertia_,
-                 n_iter=km.n_iter_, labels=km.labels_)
+        np.savez(
+            f"{sys.argv[1]}/rank{rank}_{init}.npz",
+            centers=km.cluster_centers_,
+            inertia=km.inertia_,
+            n_iter=km.n_iter_,
+            labels=km.labels_,
+        )
     dist.shutdown()
 
 

@@ -28,8 +28,11 @@ def _one_thread():
 
 
 def _datasets():
-    return {"iris": load_iris().data, "wine": StandardScaler().fit_transform(load_wine().data),
-            "digits": load_digits().data}
+    return {
+        "iris": load_iris().data,
+        "wine": StandardScaler().fit_transform(load_wine().data),
+        "digits": load_digits().data,
+    }
 
 
 @pytest.mark.parametrize("name", ["iris", "wine", "digits"])

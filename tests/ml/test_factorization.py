@@ -65,7 +65,7 @@ def test_implicit_als_item_step_is_the_closed_form():
 def test_explicit_held_out_error_near_the_noise_level(solver):
     X, r, _ = low_rank()
     perm = np.random.default_rng(1).permutation(len(r))
-    tr, te = perm[: int(0.8 * len(r))], perm[int(0.8 * len(r)):]
+    tr, te = perm[: int(0.8 * len(r))], perm[int(0.8 * len(r)) :]
     kwargs = {"lr": 0.02, "n_iter": 60, "batch_size": 256} if solver == "sgd" else {}
     mf = MatrixFactorization(4, solver=solver, reg=0.01, random_state=0, **kwargs).fit(X[tr], r[tr])
     rmse = -mf.score(X[te], r[te])
@@ -81,8 +81,9 @@ def test_implicit_ranks_held_out_positives_first(solver):
     seen = liked & (rng.random(R.shape) < 0.5)
     u, i = np.nonzero(seen)
     kwargs = {"lr": 0.01, "n_iter": 30} if solver == "sgd" else {}
-    mf = MatrixFactorization(4, solver=solver, feedback="implicit", reg=0.1, alpha=5.0, random_state=0,
-                             **kwargs).fit(np.stack([u, i], 1))
+    mf = MatrixFactorization(4, solver=solver, feedback="implicit", reg=0.1, alpha=5.0, random_state=0, **kwargs).fit(
+        np.stack([u, i], 1)
+    )
     scores = mf.user_factors_ @ mf.item_factors_.T
     unseen = ~seen
     # SGD samples the unobserved pairs (`negatives` per positive) instead of weighting all of them exactly
@@ -133,9 +134,15 @@ def test_save_and_load(tmp_path):
     np.testing.assert_array_equal(ml.load(tmp_path / "mf").predict(X[:20]), mf.predict(X[:20]))
 
 
-PARAMETER_CHECKS = ["check_estimator_cloneable", "check_estimator_repr", "check_no_attributes_set_in_init",
-                    "check_parameters_default_constructible", "check_get_params_invariance", "check_set_params",
-                    "check_do_not_raise_errors_in_init_or_set_params"]
+PARAMETER_CHECKS = [
+    "check_estimator_cloneable",
+    "check_estimator_repr",
+    "check_no_attributes_set_in_init",
+    "check_parameters_default_constructible",
+    "check_get_params_invariance",
+    "check_set_params",
+    "check_do_not_raise_errors_in_init_or_set_params",
+]
 
 
 @pytest.mark.parametrize("check", PARAMETER_CHECKS)

@@ -44,8 +44,12 @@ def test_gaussian_nb_equals_sklearn(name):
 def test_gaussian_nb_priors():
     X, y = load_iris(return_X_y=True)
     priors = [0.5, 0.3, 0.2]
-    np.testing.assert_allclose(GaussianNB(priors=priors).fit(X, y).predict_proba(X),
-                               sknb.GaussianNB(priors=priors).fit(X, y).predict_proba(X), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        GaussianNB(priors=priors).fit(X, y).predict_proba(X),
+        sknb.GaussianNB(priors=priors).fit(X, y).predict_proba(X),
+        rtol=1e-6,
+        atol=1e-9,
+    )
     with pytest.raises(luoshu.Error, match="priors"):
         GaussianNB(priors=[0.5, 0.5]).fit(X, y)
     with pytest.raises(luoshu.Error, match="sum to 1"):
@@ -69,8 +73,9 @@ def test_multinomial_nb_equals_sklearn(sparse, alpha):
 def test_multinomial_nb_uniform_and_given_priors():
     X, y = load_digits(return_X_y=True)
     for kwargs in ({"fit_prior": False}, {"class_prior": np.full(10, 0.1)}):
-        np.testing.assert_allclose(MultinomialNB(**kwargs).fit(X, y).class_log_prior_,
-                                   sknb.MultinomialNB(**kwargs).fit(X, y).class_log_prior_)
+        np.testing.assert_allclose(
+            MultinomialNB(**kwargs).fit(X, y).class_log_prior_, sknb.MultinomialNB(**kwargs).fit(X, y).class_log_prior_
+        )
 
 
 def test_bad_input_is_refused():
