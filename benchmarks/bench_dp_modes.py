@@ -1,5 +1,5 @@
 """Data-parallel training throughput (samples/s) of Wide&Deep and DCN on 1, 2 and 4 worker
-processes in the allreduce, ps and hybrid modes of `luoshu.dist.DataParallel`.
+processes in the allreduce, ps and hybrid modes of `luoshu.parallel.DataParallel`.
 
 Each configuration is one `luoshu launch -n N [--servers 1]` job on this machine. Workers
 train a define-and-run graph on their own shard of the synthetic power-law CTR data
@@ -41,8 +41,8 @@ def worker(args) -> None:
     from luoshu.data.synthetic import DEFAULT_SLOT_SIZES, synthetic_ctr
 
     torch.set_num_threads(1)
-    ls.dist.init()
-    rank, n = ls.dist.rank(), ls.dist.world_size()
+    ls.distributed.init()
+    rank, n = ls.distributed.rank(), ls.distributed.world_size()
     batch, steps = args.batch, args.warmup + args.repeats * args.steps
     data = synthetic_ctr(batch * steps, dist="power_law", alpha=1.2, seed=100 + rank)
     dense = np.log1p(data["dense"])
@@ -55,7 +55,7 @@ def worker(args) -> None:
     options = {}
     if mode != "allreduce":
         options = dict(staleness=4, cache_capacity=50_000, cache_policy="lfu") if het else {}
-    dp = ls.dist.DataParallel(model, opt, mode=mode, **options)
+    dp = ls.parallel.DataParallel(model, opt, mode=mode, **options)
     with ls.Graph() as g:
         d = ls.placeholder("dense", (None, 13))
         s = ls.placeholder("sparse", (None, 26), "int64")
@@ -67,32 +67,32 @@ def worker(args) -> None:
         if step >= args.warmup and (step - args.warmup) % args.steps == 0:
             if t0 is not None:
                 windows.append(time.perf_counter() - t0)
-            ls.dist.barrier()
+            ls.distributed.barrier()
             t0 = time.perf_counter()
         sl = slice(step * batch, (step + 1) * batch)
         if mode != "allreduce" and step + 1 < steps:
             ps.prefetch(model, data["sparse"][(step + 1) * batch:(step + 2) * batch])
         g.run([loss, train], {d: dense[sl], s: data["sparse"][sl], y: data["label"][sl]})
-    ls.dist.barrier()
+    ls.distributed.barrier()
     windows.append(time.perf_counter() - t0)
     if rank == 0:
         result = {"samples_per_s": n * batch * args.steps / statistics.median(windows),
                   "windows_s": windows}
         if mode != "allreduce":
-            result["hit_rate"] = statistics.mean(v["hit_rate"] for v in dp.strategy.stats().values())
+            result["hit_rate"] = statistics.mean(v["hit_rate"] for v in dp.sync.stats().values())
         pathlib.Path(args.out).write_text(json.dumps(result))
     if mode != "allreduce":
-        ls.dist.barrier()  # every worker is done with the servers: worker 0 stops them
+        ls.distributed.barrier()  # every worker is done with the servers: worker 0 stops them
         if rank == 0:
-            dp.strategy.client.shutdown_servers(force=True)
-        dp.strategy.client.close()
-    ls.dist.shutdown()
+            dp.sync.client.shutdown_servers(force=True)
+        dp.sync.client.close()
+    ls.distributed.shutdown()
 
 
 def launch(model: str, mode: str, workers: int, args, out: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     servers = [] if mode == "allreduce" else ["--servers", "1"]
-    cmd = [sys.executable, "-m", "luoshu.dist.launch", "-n", str(workers), *servers, __file__, "--worker",
+    cmd = [sys.executable, "-m", "luoshu.distributed.launch", "-n", str(workers), *servers, __file__, "--worker",
            "--model", model, "--mode", mode, "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--out", out]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,10 +1,13 @@
 """luoshu: a distributed deep-learning system — dataflow graphs or eager, one operator library."""
 
 from luoshu import (  # noqa: F401
-    dist,
+    dist,  # noqa: F401  (the former luoshu.distributed + luoshu.parallel; its names warn)
+    distributed,
     nn,
     ops,  # noqa: F401  (registers every operator and the Tensor methods)
     optim,
+    parallel,
+    ps,  # noqa: F401  (installs the server role of luoshu.distributed)
     runtime,  # noqa: F401  (installs the plan builder behind Graph.run)
 )
 from luoshu.amp import autocast
@@ -36,9 +39,10 @@ from luoshu.core import (
 
 __version__ = "0.1.0"
 
+
 __all__ = [
     "CheckpointError", "DStates", "DTypeError", "DeviceError", "DeviceGroup", "Error", "ExecutionError",
     "FeedError", "GradientError", "Graph", "GraphError", "IndexedSlices", "IndexedSlicesValue", "OpError",
-    "ShapeError", "Tensor", "autocast", "dist", "enable_grad", "gradients", "load", "manual_seed", "nn", "no_grad",
-    "ops", "optim", "placeholder", "save", "tensor",
+    "ShapeError", "Tensor", "autocast", "distributed", "enable_grad", "gradients", "load", "manual_seed", "nn",
+    "no_grad", "ops", "optim", "parallel", "placeholder", "ps", "save", "tensor",
 ]

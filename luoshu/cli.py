@@ -1,7 +1,7 @@
 """The `luoshu` command line: a table of subcommands, each a parser set-up and a run function.
 
-A subcommand is one entry in `COMMANDS`. The work itself lives in the library (`luoshu/train.py` for
-`luoshu train`, `luoshu/dist/launch.py` for `luoshu launch`), so this file stays thin.
+A subcommand is one entry in `COMMANDS`. The work itself lives in the library (`luoshu/train/` for
+`luoshu train`, `luoshu/distributed/launch.py` for `luoshu launch`), so this file stays thin.
 """
 
 from __future__ import annotations
@@ -126,13 +126,13 @@ def _run_train(args: argparse.Namespace) -> int:
 # --- luoshu launch ------------------------------------------------------------------------------------
 
 def _launch_arguments(p: argparse.ArgumentParser) -> None:
-    from luoshu.dist import launch
+    from luoshu.distributed import launch
 
     launch.add_arguments(p)
 
 
 def _run_launch(args: argparse.Namespace) -> int:
-    from luoshu.dist import launch
+    from luoshu.distributed import launch
 
     return launch.main(args)
 

@@ -13,7 +13,7 @@ import torch
 
 from luoshu.core import context, dtypes
 from luoshu.core.errors import GradientError, GraphError
-from luoshu.core.op import apply, topological_ops
+from luoshu.core.op import apply, as_tensor, topological_ops
 from luoshu.core.tensor import IndexedSlices, Tensor
 
 
@@ -141,8 +141,6 @@ def _ones_like(y: Tensor):
 
 def _seed(y: Tensor, gy):
     if not isinstance(gy, Tensor):
-        from luoshu.core.op import as_tensor
-
         gy = as_tensor(gy, [y])
     if gy.dtype != y.dtype:
         gy = apply("cast", gy, dtype=y.dtype)

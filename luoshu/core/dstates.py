@@ -2,7 +2,7 @@
 
 The IR carries these on every tensor (`Tensor.ds`, one per parallel strategy) so that
 operators can state how they transform them; the deduction pass and the comm-op
-insertion live in the compiler and `luoshu.dist`.
+insertion live in the compiler and `luoshu.distributed`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import torch
 
 from luoshu.core import dtypes
 from luoshu.core.errors import DTypeError, Error, GradientError, GraphError
+from luoshu.core.shapes import numel
 
 
 class TensorMeta(NamedTuple):
@@ -92,7 +93,6 @@ class Tensor:
         return self.shape if dim is None else self.shape[dim]
 
     def numel(self):
-        from luoshu.core.shapes import numel
 
         return numel(self.shape)
 
@@ -148,15 +148,11 @@ class Tensor:
         arr = self.numpy()
         return arr if dtype is None else arr.astype(dtype)
 
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # `==` builds an op (luoshu.ops installs it), so tensors hash by identity
         return id(self)
 
-    # --- autodiff -------------------------------------------------------------------
-    def backward(self, gradient=None, create_graph: bool = False) -> None:
-        """Accumulates d(self)/d(leaf) into `.grad` of every leaf that requires grad."""
-        from luoshu.core.autodiff import backward
-
-        backward(self, gradient, create_graph=create_graph)
+    # `backward()` and every method that builds an op (`+`, `.sum()`, `==`, ...) are installed by
+    # luoshu.ops.tensor_methods: ops and autodiff are built on Tensor, so Tensor cannot import them.
 
     def detach(self) -> Tensor:
         return Tensor.from_value(self.value)
@@ -195,11 +191,6 @@ class IndexedSlices:
     @property
     def shape(self) -> tuple:
         return self.dense_shape
-
-    def to_dense(self) -> Tensor:
-        from luoshu.core.op import apply
-
-        return apply("sparse_to_dense", self.indices, self.values, num_rows=self.dense_shape[0])
 
     def numpy(self) -> np.ndarray:
         return self.to_dense().numpy()

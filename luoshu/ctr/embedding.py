@@ -21,10 +21,14 @@ import numpy as np
 import torch
 
 from luoshu import ops
-from luoshu.ctr.config import CTRError, DataReaderSparseParam, SparseEmbedding
+from luoshu.core.autodiff import gradients
+from luoshu.ctr.config import CTRError, DataReaderSparseParam, Optimizer_t, SparseEmbedding
 from luoshu.nn import functional as F
-from luoshu.nn.layers import empty_parameter
+from luoshu.nn.layers import SlotLayout, empty_parameter
 from luoshu.nn.module import Module
+from luoshu.ops import comm
+from luoshu.ps import PSEmbedding
+from luoshu.ps.protocol import initial_rows
 
 # Every placement starts a table from the same rows: a pure function of (table name, seed, row),
 # which the parameter servers compute too (luoshu.ps.initial_rows).
@@ -32,8 +36,6 @@ INITIALIZER = ("uniform", -0.05, 0.05)
 
 
 def initial_table(name: str, rows: int, dim: int, seed: int) -> np.ndarray:
-    from luoshu.ps.protocol import initial_rows
-
     return initial_rows(f"ctr/{name}", np.arange(rows, dtype=np.int64), dim, INITIALIZER, seed=seed)
 
 
@@ -61,8 +63,8 @@ class SparseEmbeddingTable(Module):
         self.global_update = global_update
         self.slot_sizes = list(slot_sizes) if slot_sizes else None
         if self.slot_sizes is not None:
-            self.rows = int(sum(self.slot_sizes))
-            self.offsets = np.concatenate([[0], np.cumsum(self.slot_sizes)[:-1]]).astype(np.int64)
+            layout = SlotLayout(self.slot_sizes, f"SparseEmbedding {self.name!r}")
+            self.rows, self.offsets = layout.num_rows, layout.offsets
         else:
             self.rows = vocabulary_capacity(spec)
             self.register_buffer("key", np.full(self.rows, -1, dtype=np.int64))
@@ -196,8 +198,6 @@ class ShardedTable(SparseEmbeddingTable):
         return send.reshape(-1)
 
     def forward(self, rows, send=None):
-        from luoshu.ops import comm
-
         S, k, d = self.num_slots, self.hotness, self.vec_size
         requests = comm.all_to_all(send)
         if self.global_update:
@@ -238,8 +238,6 @@ class ShardedTable(SparseEmbeddingTable):
 
 def ps_optimizer_spec(opt, lr: float) -> tuple[str, dict]:
     """The server-side optimizer (luoshu.ps) an `OptParamsPy` describes."""
-    from luoshu.ctr.config import Optimizer_t
-
     t, lr = opt.optimizer_type, opt.lr if opt.lr is not None else lr
     if t is Optimizer_t.Adam:
         return "adam", {"lr": lr, "betas": [opt.beta1, opt.beta2], "eps": opt.epsilon}
@@ -263,8 +261,6 @@ class PSTable(Module):
 
     def __init__(self, spec: SparseEmbedding, sparse: DataReaderSparseParam, slot_sizes: list[int] | None,
                  client, optimizer: tuple, world: int, seed: int, staleness: int = 0, cache_capacity: int = 0):
-        from luoshu.ps import Embedding
-
         super().__init__()
         if not slot_sizes:
             raise CTRError(f"SparseEmbedding {spec.sparse_embedding_name!r}: a parameter-server table needs the "
@@ -273,8 +269,8 @@ class PSTable(Module):
         self.vec_size, self.num_slots, self.hotness = spec.embedding_vec_size, sparse.slot_num, sparse.max_nnz
         self.slot_sizes = list(slot_sizes)
         self.rows = int(sum(self.slot_sizes))
-        self.offsets = np.concatenate([[0], np.cumsum(self.slot_sizes)[:-1]]).astype(np.int64)
-        self.remote = Embedding(client, f"ctr/{self.name}", self.vec_size, num_embeddings=self.rows + 1,
+        self.offsets = SlotLayout(self.slot_sizes, f"SparseEmbedding {self.name!r}").offsets
+        self.remote = PSEmbedding(client, f"ctr/{self.name}", self.vec_size, num_embeddings=self.rows + 1,
                                 init=INITIALIZER, optimizer=optimizer, id_policy="refuse",
                                 sync_workers=world if world > 1 else None, cache_capacity=cache_capacity,
                                 staleness=staleness, seed=seed)
@@ -296,8 +292,6 @@ class PSTable(Module):
 
     def push_op(self, loss_target):
         """The op that pushes this table's gradient of `loss_target` (one per training step)."""
-        from luoshu.core.autodiff import gradients
-
         return self.remote.push_op(gradients(loss_target, [self.remote.weight])[0])
 
     def full_table(self) -> np.ndarray:

@@ -16,7 +16,7 @@ from luoshu import ops
 from luoshu.core.errors import Error
 from luoshu.nn import functional as F
 from luoshu.nn import init
-from luoshu.nn.layers import Linear, ReLU, Sequential, empty_parameter
+from luoshu.nn.layers import Linear, ReLU, Sequential, SlotLayout, empty_parameter
 from luoshu.nn.module import Module, Parameter
 
 
@@ -48,17 +48,16 @@ class SlotEmbedding(Module):
 
     def __init__(self, slot_sizes, embedding_dim: int, std: float = 0.01):
         super().__init__()
-        self.slot_sizes = [int(s) for s in slot_sizes]
+        self._layout = SlotLayout(slot_sizes, "SlotEmbedding")
+        self.slot_sizes = self._layout.sizes
         self.embedding_dim = embedding_dim
-        self.weight = empty_parameter((sum(self.slot_sizes), embedding_dim))
+        self.weight = empty_parameter((self._layout.num_rows, embedding_dim))
         init.normal_(self.weight, 0.0, std)
-        offsets = np.concatenate([[0], np.cumsum(self.slot_sizes)[:-1]]).astype(np.int64)
-        self.register_buffer("offsets", offsets)
+        self.register_buffer("offsets", self._layout.offsets)
 
     def forward(self, sparse):
         """(batch, num_slots) ids → (batch, num_slots, embedding_dim)."""
-        if sparse.ndim != 2 or sparse.shape[1] not in (None, len(self.slot_sizes)):
-            raise Error(f"SlotEmbedding: ids must be (batch, {len(self.slot_sizes)}), found {sparse.shape}")
+        self._layout.check_ids(sparse.shape)
         return F.embedding(sparse + self.offsets, self.weight)
 
     def extra_repr(self) -> str:

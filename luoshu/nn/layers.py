@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from luoshu.core import dtypes
@@ -65,6 +66,29 @@ def _embedding_table(num_embeddings: int, embedding_dim: int, padding_idx: int |
     if padding_idx is not None:
         table.value[padding_idx].zero_()
     return table
+
+
+class SlotLayout:
+    """Several id slots (CTR fields) in one table: slot s's id i is row `offsets[s] + i`.
+
+    The one place that turns slot sizes into row offsets and checks (batch, num_slots) ids,
+    for local slot tables (`luoshu.models.SlotEmbedding`) and parameter-server ones
+    (`luoshu.ps.PSSlotEmbedding`) alike.
+    """
+
+    def __init__(self, slot_sizes, owner: str):
+        sizes = [int(s) for s in slot_sizes]
+        if not sizes or any(s <= 0 for s in sizes):
+            raise Error(f"{owner}: slot sizes must be positive, found {list(slot_sizes)}")
+        self.owner = owner
+        self.sizes = sizes
+        self.num_rows = sum(sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+    def check_ids(self, shape) -> None:
+        """(batch, num_slots) ids, else an error naming the owner and the shape found."""
+        if len(shape) != 2 or shape[1] not in (None, len(self.sizes)):
+            raise Error(f"{self.owner}: ids must be (batch, {len(self.sizes)}), found {tuple(shape)}")
 
 
 class Embedding(Module):

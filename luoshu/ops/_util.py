@@ -5,7 +5,7 @@ from __future__ import annotations
 from luoshu.core import dtypes
 from luoshu.core.op import apply
 from luoshu.core.shapes import numel
-from luoshu.core.tensor import Tensor, TensorMeta
+from luoshu.core.tensor import Tensor
 
 
 def wants(op, i: int) -> bool:
@@ -18,10 +18,6 @@ def sum_to(grad: Tensor, like: Tensor) -> Tensor:
     if grad.shape == like.shape and numel(like.shape) is not None:
         return grad
     return apply("sum_to", grad, like)
-
-
-def same_meta(t: Tensor, dtype: str | None = None) -> TensorMeta:
-    return TensorMeta(t.shape, dtype or t.dtype)
 
 
 def float_dtype(dtype: str) -> str:

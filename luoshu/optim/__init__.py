@@ -1,9 +1,10 @@
 """Optimizers, learning-rate schedulers, gradient clipping and dynamic loss scaling."""
 
 from luoshu.optim.loss_scaler import LossScaler
-from luoshu.optim.optimizer import Optimizer, OptimizerUpdate, clip_grad_norm_
+from luoshu.optim.optimizer import Optimizer, clip_grad_norm_, gradient_value
 from luoshu.optim.optimizers import (
     LAMB,
+    OPTIMIZERS,
     SGD,
     AdaGrad,
     Adagrad,
@@ -13,7 +14,9 @@ from luoshu.optim.optimizers import (
     Nesterov,
     RMSProp,
     RMSprop,
+    optimizer_name,
 )
+from luoshu.optim.rules import UpdateRule
 from luoshu.optim.scheduler import (
     CosineAnnealingLR,
     CosineWarmup,
@@ -26,7 +29,8 @@ from luoshu.optim.scheduler import (
 )
 
 __all__ = [
-    "LAMB", "SGD", "AdaGrad", "Adagrad", "Adam", "AdamW", "CosineAnnealingLR", "CosineWarmup",
-    "ExponentialLR", "LRScheduler", "LinearWarmup", "LossScaler", "Momentum", "MultiStepLR", "Nesterov",
-    "Optimizer", "OptimizerUpdate", "RMSProp", "RMSprop", "ReduceLROnPlateau", "StepLR", "clip_grad_norm_",
+    "LAMB", "OPTIMIZERS", "SGD", "AdaGrad", "Adagrad", "Adam", "AdamW", "CosineAnnealingLR", "CosineWarmup",
+    "ExponentialLR", "LRScheduler", "LinearWarmup", "LossScaler", "Momentum", "MultiStepLR", "Nesterov", "Optimizer",
+    "RMSProp", "RMSprop", "ReduceLROnPlateau", "StepLR", "UpdateRule", "clip_grad_norm_", "gradient_value",
+    "optimizer_name",
 ]

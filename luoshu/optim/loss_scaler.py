@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from luoshu.core import live
 from luoshu.core.errors import CheckpointError, Error
 from luoshu.core.tensor import IndexedSlices, Tensor
-from luoshu.optim.optimizer import _groups_by_device_dtype, _register_live
+from luoshu.optim.optimizer import _groups_by_device_dtype
 
 
 class LossScaler:
@@ -42,7 +43,7 @@ class LossScaler:
         self._scale_leaf: Tensor | None = None
         # per optimizer (by id): {"found_inf": tensor, "stage": "unscaled" | "stepped"}
         self._per_optimizer: dict[int, dict] = {}
-        self._key = _register_live(self)
+        self._key = live.register(self)  # what optimizer_update names in its attributes
 
     def __repr__(self) -> str:
         return f"LossScaler(scale={self.get_scale()}, enabled={self.enabled})"

@@ -1,7 +1,7 @@
 """`Optimizer`: parameter groups, per-parameter state, and the one update path.
 
-Eager `step()` and the define-and-run update op recorded by `minimize()` both end in
-`Optimizer._apply_gradients`, which takes plain torch values: a dense gradient per
+Eager `step()` and the define-and-run update op recorded by `minimize()` (`optimizer_update`,
+in `luoshu/ops/update.py`) both end in `Optimizer.apply_gradients`, which takes plain torch values: a dense gradient per
 parameter, or an `(indices, values)` pair for a sparse (`IndexedSlices`) one. It
 unscales (with a loss scaler), clips by global norm, adds L2/L1 regularisation and
 hands each parameter group to the optimizer's `_rule` as lists of tensors, so dense
@@ -22,91 +22,18 @@ Updates are in place on each parameter's torch value, so a compiled plan, which 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
-import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import ClassVar
 
 import torch
 
-from luoshu.core import context, dtypes
+from luoshu.core import context, dtypes, live
 from luoshu.core.autodiff import gradients
-from luoshu.core.errors import CheckpointError, Error, ExecutionError, GradientError, GraphError, OpError
-from luoshu.core.op import OpDef, apply, register
-from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta
-
-# --- live objects named by the update op's (JSON-able) attributes ----------------------
-# The update op refers to its optimizer and loss scaler by an integer key. The registry
-# holds them weakly; every graph holding an update op keeps its objects alive.
-_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_KEEP_ALIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_next_key = itertools.count()
-
-
-def _register_live(obj) -> int:
-    key = next(_next_key)
-    _LIVE[key] = obj
-    return key
-
-
-def _lookup_live(key: int, what: str):
-    obj = _LIVE.get(key)
-    if obj is None:
-        raise ExecutionError(f"optimizer_update: the {what} with key {key} no longer exists")
-    return obj
-
-
-def _keep_alive(graph, obj) -> None:
-    held = _KEEP_ALIVE.setdefault(graph, [])
-    if not any(o is obj for o in held):
-        held.append(obj)
-
-
-@register
-class OptimizerUpdate(OpDef):
-    """Applies one optimizer step in place; inputs are the flattened gradients.
-
-    `params` lists the optimizer's parameter indices that get a gradient and `kinds`
-    says, per parameter, whether it is dense ("d", one input), sparse ("s", two
-    inputs: indices and values, only those rows updated) or sparse applied globally
-    ("g": indices and values standing for a dense gradient that is zero elsewhere, every
-    row updated). The output is a token: fetching it gives None.
-    """
-
-    name = "optimizer_update"
-    attrs = {"optimizer": -1, "params": (), "kinds": "", "loss_scaler": -1}
-    differentiable = False
-    tested_by = "tests/optim/test_optimizers.py"
-
-    def infer(self, inputs, optimizer, params, kinds, loss_scaler):
-        expected = sum(1 if k == "d" else 2 for k in kinds)
-        if len(params) != len(kinds) or len(inputs) != expected or set(kinds) - {"d", "s", "g"}:
-            raise OpError(f"optimizer_update: {len(params)} parameters with kinds {kinds!r} need "
-                          f"{expected} gradient inputs, found {len(inputs)}")
-        return TensorMeta((), "float32")
-
-    def compute(self, *values, optimizer, params, kinds, loss_scaler):
-        opt = _lookup_live(optimizer, "optimizer")
-        scaler = _lookup_live(loss_scaler, "loss scaler") if loss_scaler >= 0 else None
-        grads, pos = [], 0
-        for index, kind in zip(params, kinds):
-            if kind == "s":
-                grads.append((index, (values[pos], values[pos + 1])))
-                pos += 2
-            elif kind == "g":
-                grads.append((index, (values[pos], values[pos + 1], GLOBAL)))
-                pos += 2
-            else:
-                grads.append((index, values[pos]))
-                pos += 1
-        opt._apply_gradients(grads, scaler)
-        return None
-
-
-# The third element of a sparse gradient pair that is applied to every row (kind "g").
-GLOBAL = "global"
+from luoshu.core.errors import CheckpointError, Error, GradientError, GraphError
+from luoshu.core.op import apply
+from luoshu.core.tensor import IndexedSlices, Tensor
 
 
 # --- helpers over torch values ---------------------------------------------------------
@@ -273,7 +200,7 @@ class Optimizer:
             groups = [{"params": groups}]
         for group in groups:
             self.add_param_group(group)
-        self._key = _register_live(self)
+        self._key = live.register(self)  # what optimizer_update names in its attributes
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v}" for k, v in self.defaults.items())
@@ -336,9 +263,9 @@ class Optimizer:
         grads = []
         for i, p in enumerate(self._params):
             if p.grad is not None:
-                grads.append((i, _grad_value(p, p.grad)))
+                grads.append((i, gradient_value(p, p.grad)))
         if grads:
-            self._apply_gradients(grads)
+            self.apply_gradients(grads)
         return loss
 
     def minimize(self, loss: Tensor, var_list=None, loss_scaler=None):
@@ -365,10 +292,10 @@ class Optimizer:
         if graph is None:
             target = loss_scaler.scale(loss) if loss_scaler is not None else loss
             grads = gradients(target, params)
-            pairs = [(i, _grad_value(p, g)) for i, p, g in zip(indices, params, grads) if g is not None]
+            pairs = [(i, gradient_value(p, g)) for i, p, g in zip(indices, params, grads) if g is not None]
             if not pairs:
                 raise GradientError(f"minimize: the loss does not depend on any of the {len(params)} parameters")
-            self._apply_gradients(pairs, loss_scaler)
+            self.apply_gradients(pairs, loss_scaler)
             return None
 
         scope = graph if context.current_graph() is not graph else contextlib.nullcontext()
@@ -398,17 +325,19 @@ class Optimizer:
                 kinds.append("d")
         if not used:
             return None
-        _keep_alive(graph, self)
+        live.keep_alive(graph, self)
         scaler_key = -1
         if loss_scaler is not None:
-            _keep_alive(graph, loss_scaler)
+            live.keep_alive(graph, loss_scaler)
             scaler_key = loss_scaler._key
         return apply("optimizer_update", *inputs, optimizer=self._key, params=tuple(used),
                      kinds="".join(kinds), loss_scaler=scaler_key)
 
-    def _apply_gradients(self, grads: list, loss_scaler=None) -> None:
+    def apply_gradients(self, grads: list, loss_scaler=None) -> None:
         """The update path of both modes: `grads` pairs a parameter index with a torch
-        tensor (dense) or an `(indices, values)` tuple (sparse)."""
+        tensor (dense), an `(indices, values)` tuple (sparse) or `(indices, values, GLOBAL)`
+        (sparse applied to every row). Data-parallel sync modes call it with synchronised
+        gradients."""
         with torch.no_grad():
             entries = []
             for i, g in grads:
@@ -665,8 +594,8 @@ class Optimizer:
         return new_groups, new_state, (None if max_grad_norm is None else float(max_grad_norm))
 
 
-def _grad_value(param: Tensor, grad):
-    """A gradient as torch values: a tensor, or `(indices, values)` for IndexedSlices."""
+def gradient_value(param: Tensor, grad):
+    """A gradient as `apply_gradients` takes it: a torch tensor, or `(indices, values)` for IndexedSlices."""
     if isinstance(grad, IndexedSlices):
         if tuple(grad.dense_shape) != tuple(param.shape):
             raise GradientError(f"sparse gradient of dense shape {grad.dense_shape} for a parameter of shape "

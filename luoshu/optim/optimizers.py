@@ -254,3 +254,16 @@ class LAMB(Optimizer):
             ratio = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
             torch._foreach_mul_(us, list(ratio.unbind(0)))
             torch._foreach_add_(ps, us, alpha=-group["lr"])
+
+
+# The one name -> optimizer table: `luoshu train`, the parameter servers and the data-parallel
+# modes all read it.
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adam": Adam, "adamw": AdamW, "adagrad": AdaGrad,
+    "rmsprop": RMSProp, "lamb": LAMB,
+}
+
+
+def optimizer_name(opt: Optimizer) -> str | None:
+    """The table name of `opt`'s class (None for a class outside the table)."""
+    return next((name for name, cls in OPTIMIZERS.items() if type(opt) is cls), None)

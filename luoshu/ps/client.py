@@ -22,8 +22,9 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from luoshu.distributed import env as dist
 from luoshu.ps import protocol as P
-from luoshu.ps.protocol import PSError, ServerUnavailableError, TableError
+from luoshu.ps.protocol import STORE_PREFIX, PSError, ServerUnavailableError, TableError
 
 
 class _Request:
@@ -468,12 +469,10 @@ def _jsonable(value):
 def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_s: float = 30.0) -> Client:
     """Connects a worker to the parameter servers: by `addresses` (a list, or what
     `start_local_servers` returned) or through `store`, where `serve` published them (by default
-    the launcher's store, with `worker_rank` = `luoshu.dist.rank()`).
+    the launcher's store, with `worker_rank` = `luoshu.distributed.rank()`).
     Checks every server answers (else `ServerUnavailableError` within `timeout_s`)."""
-    # Under `luoshu launch --servers S`, luoshu.dist knows the rendezvous store and this worker's rank
+    # Under `luoshu launch --servers S`, luoshu.distributed knows the rendezvous store and this worker's rank
     # (torchrun's RANK also counts the server processes).
-    from luoshu import dist
-
     if dist.is_initialized():
         if addresses is None and store is None and dist.num_servers() > 0:
             store, _ = dist.ps_store()
@@ -482,9 +481,7 @@ def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_
     if addresses is None:
         if store is None:
             raise PSError("connect needs store= (a torch.distributed Store), addresses=, or a job started by "
-                          "`luoshu launch --servers S` with luoshu.dist.init() called")
-        from luoshu.ps.server import STORE_PREFIX
-
+                          "`luoshu launch --servers S` with luoshu.distributed.init() called")
         num = int(store.get(f"{STORE_PREFIX}/num_servers").decode())
         addresses = [store.get(f"{STORE_PREFIX}/{k}/address").decode() for k in range(num)]
     elif hasattr(addresses, "addresses"):

@@ -1,13 +1,13 @@
 """Embeddings whose table lives on the parameter servers, read through the HET cache.
 
-`Embedding` (and `SlotEmbedding`, one table for every slot of a CTR model) works in eager
+`PSEmbedding` (and `PSSlotEmbedding`, one table for every slot of a CTR model) works in eager
 and define-and-run graphs alike. Its forward is the `ps_lookup` operator: the batch's rows
 come from the worker cache, which pulls what it cannot serve (rows the previous step's
 `prefetch` asked for are already on their way). Its gradient is an `IndexedSlices` over
 the looked-up ids of the table's handle, `embedding.weight`; that gradient is pushed to
 the servers, never applied locally: eagerly with `push_gradients`, in a graph by the
 `ps_push` operator (`embedding.push_op(grad)`, or the ps/hybrid modes of
-`luoshu.dist.DataParallel`, which do it for every table of a model). The server applies
+`luoshu.parallel.DataParallel`, which do it for every table of a model). The server applies
 the table's optimizer.
 
 The handle is a leaf tensor of shape (num_rows, dim) that holds no rows; it is not a
@@ -17,107 +17,30 @@ The handle is a leaf tensor of shape (num_rows, dim) that holds no rows; it is n
 from __future__ import annotations
 
 import contextlib
-import itertools
-import weakref
 
 import numpy as np
 import torch
 
-from luoshu.core import context, dtypes
-from luoshu.core.errors import DTypeError, Error, ExecutionError, GraphError
-from luoshu.core.op import OpDef, apply, register
-from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta
+from luoshu.core import context, live
+from luoshu.core.errors import Error, GraphError
+from luoshu.core.op import apply
+from luoshu.core.tensor import IndexedSlices, Tensor
+from luoshu.nn.layers import Embedding as LocalEmbedding
+from luoshu.nn.layers import SlotLayout
 from luoshu.nn.module import Module
 from luoshu.ps.cache import POLICIES, HETCache
 
-# --- live embeddings named by the operators' (JSON-able) attributes ---------------------------
-_LIVE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_KEEP_ALIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_next_key = itertools.count()
 # Rows of a table whose size is not declared (hashed ids of any value).
 UNBOUNDED_ROWS = 2**62
 
 
-def _lookup_live(key: int, op: str) -> Embedding:
-    emb = _LIVE.get(key)
-    if emb is None:
-        raise ExecutionError(f"{op}: the parameter-server embedding with key {key} no longer exists")
-    return emb
-
-
-def _keep_alive(graph, emb) -> None:
-    if graph is None:
-        return
-    held = _KEEP_ALIVE.setdefault(graph, [])
-    if not any(e is emb for e in held):
-        held.append(emb)
-
-
-@register
-class PSLookup(OpDef):
-    """Rows of a parameter-server table at `ids` (inputs: the table's handle, ids), read
-    through the worker's HET cache; the handle's gradient is an IndexedSlices over `ids`."""
-
-    name = "ps_lookup"
-    attrs = {"table": -1}
-    tested_by = "tests/ps/test_embedding.py"
-
-    def infer(self, inputs, table):
-        handle, ids = inputs
-        if handle.ndim != 2:
-            raise self.shape_error(inputs, "the table handle must be (num_rows, dim)")
-        if not dtypes.is_integer(ids.dtype):
-            raise DTypeError(f"ps_lookup: ids must be integers, found {ids.dtype}")
-        return TensorMeta(tuple(ids.shape) + (handle.shape[1],), handle.dtype)
-
-    def compute(self, handle, ids, table):
-        rows = _lookup_live(table, "ps_lookup").cache.lookup(ids)
-        return torch.from_numpy(rows)
-
-    def gradient(self, op, grads):
-        handle, ids = op.inputs
-        flat_ids = apply("reshape", ids, shape=(-1,))
-        values = apply("reshape", grads[0], shape=(-1, handle.shape[1]))
-        return [IndexedSlices(flat_ids, values, handle.shape), None]
-
-
-@register
-class PSPush(OpDef):
-    """Pushes a table's IndexedSlices gradient (inputs: indices, values[, carry]) into the
-    worker cache and ends the table's step (the cache writes back what its bounds require).
-
-    The output is `carry` unchanged when given (so an update that reads it runs after the
-    push), else a token.
-    """
-
-    name = "ps_push"
-    attrs = {"table": -1}
-    differentiable = False
-    tested_by = "tests/ps/test_embedding.py"
-
-    def infer(self, inputs, table):
-        if len(inputs) not in (2, 3):
-            raise self.shape_error(inputs, "ps_push takes indices, values and optionally a tensor to pass on")
-        if not dtypes.is_integer(inputs[0].dtype):
-            raise DTypeError(f"ps_push: indices must be integers, found {inputs[0].dtype}")
-        if len(inputs) == 3:
-            return TensorMeta(inputs[2].shape, inputs[2].dtype)
-        return TensorMeta((), "float32")
-
-    def compute(self, indices, values, *carry, table):
-        emb = _lookup_live(table, "ps_push")
-        emb.cache.accumulate(indices, values)
-        emb.cache.end_step()
-        return carry[0] if carry else None
-
-
-class Embedding(Module):
+class PSEmbedding(Module):
     """A lookup table of `embedding_dim` columns stored on the parameter servers.
 
     ```python
     servers = luoshu.ps.start_local_servers(2)
     client = luoshu.ps.connect(addresses=servers)
-    emb = luoshu.ps.Embedding(client, "items", 16, num_embeddings=10**6, optimizer=("adagrad", {"lr": 0.05}),
+    emb = luoshu.ps.PSEmbedding(client, "items", 16, num_embeddings=10**6, optimizer=("adagrad", {"lr": 0.05}),
                               cache_capacity=100_000, staleness=2)
     out = emb(ids)                    # eager or inside a Graph
     loss.backward(); emb.push_gradients()            # eager
@@ -139,16 +62,16 @@ class Embedding(Module):
                  staleness: int = 0, scale: float = 1.0, seed: int = 0, create: bool = True):
         super().__init__()
         if not isinstance(name, str) or not name:
-            raise Error(f"luoshu.ps.Embedding: name must be a non-empty string, found {name!r}")
+            raise Error(f"luoshu.ps.PSEmbedding: name must be a non-empty string, found {name!r}")
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim <= 0:
-            raise Error(f"luoshu.ps.Embedding {name!r}: embedding_dim must be a positive integer, "
+            raise Error(f"luoshu.ps.PSEmbedding {name!r}: embedding_dim must be a positive integer, "
                         f"found {embedding_dim!r}")
         if num_embeddings is not None and (isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int)
                                            or num_embeddings <= 0):
-            raise Error(f"luoshu.ps.Embedding {name!r}: num_embeddings must be a positive integer or None, "
+            raise Error(f"luoshu.ps.PSEmbedding {name!r}: num_embeddings must be a positive integer or None, "
                         f"found {num_embeddings!r}")
         if cache_policy not in POLICIES:
-            raise Error(f"luoshu.ps.Embedding {name!r}: cache_policy must be one of {POLICIES}, "
+            raise Error(f"luoshu.ps.PSEmbedding {name!r}: cache_policy must be one of {POLICIES}, "
                         f"found {cache_policy!r}")
         self.client, self.table = client, name
         self.embedding_dim, self.num_embeddings = embedding_dim, num_embeddings
@@ -164,11 +87,10 @@ class Embedding(Module):
         # The handle: the table in the IR. Its value holds no rows; ps_lookup ignores it.
         self.weight = Tensor((rows, embedding_dim), "float32", "cpu", value=torch.empty((0, embedding_dim)),
                              requires_grad=True, name=name, kind="ps_table")
-        self._key = next(_next_key)
-        _LIVE[self._key] = self
+        self._key = live.register(self)  # what ps_lookup / ps_push name in their attributes
 
     def forward(self, ids):
-        _keep_alive(context.current_graph(), self)
+        live.keep_alive(context.current_graph(), self)
         return apply("ps_lookup", self.weight, ids, table=self._key)
 
     # --- the step -----------------------------------------------------------------------------
@@ -185,10 +107,10 @@ class Embedding(Module):
             self.cache.end_step()
             return
         if not isinstance(grad, IndexedSlices):
-            raise Error(f"luoshu.ps.Embedding {self.table!r}: the gradient must be an IndexedSlices, "
+            raise Error(f"luoshu.ps.PSEmbedding {self.table!r}: the gradient must be an IndexedSlices, "
                         f"found {type(grad).__name__}")
         if grad.indices.symbolic:
-            raise GraphError(f"luoshu.ps.Embedding {self.table!r}: a symbolic gradient is pushed by "
+            raise GraphError(f"luoshu.ps.PSEmbedding {self.table!r}: a symbolic gradient is pushed by "
                              "push_op(grad) inside the graph")
         self.cache.accumulate(grad.indices.value, grad.values.value)
         self.cache.end_step()
@@ -197,11 +119,11 @@ class Embedding(Module):
         """Define-and-run: the op that pushes `grad` (from `luoshu.gradients(loss, emb.weight)`)
         and ends the step; fetch it with the training step. Eager: pushes at once."""
         if not isinstance(grad, IndexedSlices):
-            raise Error(f"luoshu.ps.Embedding {self.table!r}: push_op takes the IndexedSlices gradient of "
+            raise Error(f"luoshu.ps.PSEmbedding {self.table!r}: push_op takes the IndexedSlices gradient of "
                         f"emb.weight, found {type(grad).__name__}")
         graph = grad.values.graph
         scope = graph if graph is not None and context.current_graph() is not graph else contextlib.nullcontext()
-        _keep_alive(graph, self)
+        live.keep_alive(graph, self)
         with scope:
             inputs = (grad.indices, grad.values) + ((carry,) if carry is not None else ())
             return apply("ps_push", *inputs, table=self._key)
@@ -220,34 +142,26 @@ class Embedding(Module):
                 f"{self.cache.policy}, staleness={self.cache.staleness}")
 
 
-class SlotEmbedding(Embedding):
+class PSSlotEmbedding(PSEmbedding):
     """`luoshu.models.SlotEmbedding` on the servers: one table for every slot, slot s's id i
     being row offsets[s] + i; takes (batch, num_slots) ids."""
 
     def __init__(self, client, name: str, slot_sizes, embedding_dim: int, **kwargs):
-        sizes = [int(s) for s in slot_sizes]
-        if not sizes or any(s <= 0 for s in sizes):
-            raise Error(f"luoshu.ps.SlotEmbedding {name!r}: slot sizes must be positive, found {list(slot_sizes)}")
+        layout = SlotLayout(slot_sizes, f"luoshu.ps.PSSlotEmbedding {name!r}")
         kwargs.setdefault("id_policy", "refuse")
-        super().__init__(client, name, embedding_dim, num_embeddings=sum(sizes), **kwargs)
-        self.slot_sizes = sizes
-        self.register_buffer("offsets", np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
-
-    def _global_ids(self, sparse):
-        if sparse.ndim != 2 or sparse.shape[1] not in (None, len(self.slot_sizes)):
-            raise Error(f"luoshu.ps.SlotEmbedding {self.table!r}: ids must be (batch, {len(self.slot_sizes)}), "
-                        f"found {sparse.shape}")
-        return sparse + self.offsets
+        super().__init__(client, name, embedding_dim, num_embeddings=layout.num_rows, **kwargs)
+        self._layout = layout
+        self.slot_sizes = layout.sizes
+        self.register_buffer("offsets", layout.offsets)
 
     def forward(self, sparse):
-        return super().forward(self._global_ids(sparse))
+        self._layout.check_ids(sparse.shape)
+        return super().forward(sparse + self.offsets)
 
     def prefetch(self, sparse) -> None:
         ids = _as_numpy_ids(sparse)
-        if ids.ndim != 2 or ids.shape[1] != len(self.slot_sizes):
-            raise Error(f"luoshu.ps.SlotEmbedding {self.table!r}: ids must be (batch, {len(self.slot_sizes)}), "
-                        f"found {ids.shape}")
-        self.cache.prefetch(ids + self.offsets.numpy())
+        self._layout.check_ids(ids.shape)
+        self.cache.prefetch(ids + self._layout.offsets)
 
 
 def _as_numpy_ids(ids) -> np.ndarray:
@@ -259,11 +173,11 @@ def _as_numpy_ids(ids) -> np.ndarray:
 
 
 # --- helpers over a model ---------------------------------------------------------------------
-def ps_embeddings(module: Module) -> list[Embedding]:
+def ps_embeddings(module: Module) -> list[PSEmbedding]:
     """Every parameter-server embedding in `module` (depth first, each once)."""
     seen, out = set(), []
     for m in module.modules():
-        if isinstance(m, Embedding) and id(m) not in seen:
+        if isinstance(m, PSEmbedding) and id(m) not in seen:
             seen.add(id(m))
             out.append(m)
     return out
@@ -282,32 +196,30 @@ def push_gradients(module: Module) -> None:
         emb.push_gradients()
 
 
-def replace_embeddings(module: Module, client, *, prefix: str = "", **options) -> list[Embedding]:
+def replace_embeddings(module: Module, client, *, prefix: str = "", **options) -> list[PSEmbedding]:
     """Swaps every local embedding table of `module` for one on the parameter servers.
 
-    `luoshu.nn.Embedding` becomes `Embedding` and a slot table (a module with `slot_sizes`
-    and an `offsets` buffer, as `luoshu.models.SlotEmbedding`) becomes `SlotEmbedding`,
+    `luoshu.nn.Embedding` becomes `PSEmbedding` and a slot table (a module with `slot_sizes`
+    and an `offsets` buffer, as `luoshu.models.SlotEmbedding`) becomes `PSSlotEmbedding`,
     named `prefix` + the module's dotted path, with the same shape; the server initialises
     the rows with the local layer's distribution (normal with std 1 for `nn.Embedding`,
     0.01 for slot tables) unless `init` says otherwise (`options` pass on to the new
     embeddings: `optimizer`, `init`, `sync_workers`, `scale`, cache options). Returns the
     new embeddings (already placed in `module`).
     """
-    from luoshu.nn.layers import Embedding as LocalEmbedding
-
     created = []
     for path, parent in list(module.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, Embedding):
+            if isinstance(child, PSEmbedding):
                 continue
             full = f"{path}.{child_name}" if path else child_name
             if hasattr(child, "slot_sizes") and "offsets" in child._buffers:
-                new = SlotEmbedding(client, prefix + full, child.slot_sizes, child.weight.shape[1], **options)
+                new = PSSlotEmbedding(client, prefix + full, child.slot_sizes, child.weight.shape[1], **options)
             elif isinstance(child, LocalEmbedding):
                 if child.padding_idx is not None:
                     raise Error(f"replace_embeddings: {full} has padding_idx={child.padding_idx}; a parameter-"
                                 "server table has no padding row")
-                new = Embedding(client, prefix + full, child.embedding_dim, child.num_embeddings,
+                new = PSEmbedding(client, prefix + full, child.embedding_dim, child.num_embeddings,
                                 **{"id_policy": "refuse", "init": ("normal", 0.0, 1.0), **options})
             else:
                 continue

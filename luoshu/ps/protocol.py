@@ -33,6 +33,9 @@ import numpy as np
 
 from luoshu.core.errors import Error
 
+# Keys of the job's rendezvous store under which the servers publish their addresses.
+STORE_PREFIX = "luoshu/ps"
+
 MAGIC = b"LSPS"
 VERSION = 1
 HEADER = struct.Struct("<4sBBBBIQi")
@@ -188,13 +191,6 @@ def _np_dtype(name: str) -> np.dtype:
     if name == "bfloat16":  # NumPy has no bfloat16: the bits travel as uint16
         return np.dtype(np.uint16)
     return np.dtype(name)
-
-
-def raise_for_error(msg: Message, server: str) -> None:
-    """Raises the error an error reply carries, as its luoshu class, naming the server."""
-    if msg.status == STATUS_ERROR:
-        cls = ERROR_KINDS.get(msg.args.get("kind"), PSError)
-        raise cls(f"{server}: {msg.args.get('error', 'unknown error')}")
 
 
 # --- hashing and initial rows --------------------------------------------------------------

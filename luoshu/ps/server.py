@@ -32,22 +32,16 @@ from collections import deque
 import numpy as np
 import torch
 
-from luoshu import optim
 from luoshu.core.errors import Error
-from luoshu.core.tensor import tensor as _make_tensor
+from luoshu.optim.rules import UpdateRule
 from luoshu.ps import protocol as P
 from luoshu.ps import snapshot as S
-from luoshu.ps.protocol import ProtocolError, PSError, SnapshotError, TableError, WorkerTimeoutError
+from luoshu.ps.protocol import STORE_PREFIX, ProtocolError, PSError, SnapshotError, TableError, WorkerTimeoutError
 
 log = logging.getLogger("luoshu.ps")
 
-OPTIMIZERS = {"sgd": optim.SGD, "momentum": optim.Momentum, "nesterov": optim.Nesterov, "adagrad": optim.AdaGrad,
-              "rmsprop": optim.RMSProp, "adam": optim.Adam, "adamw": optim.AdamW, "lamb": optim.LAMB}
 TABLE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_ROW_STEP_RULES = {"adam", "adamw", "adagrad"}
-_STEPLESS_RULES = {"sgd", "momentum", "nesterov", "rmsprop"}
 
-STORE_PREFIX = "luoshu/ps"
 SHUTDOWN_GRACE_S = 5.0
 
 
@@ -125,70 +119,20 @@ class IdIndex:
 
 
 # --- server-side optimizer rules -------------------------------------------------------------
-class _Rule:
-    """One optimizer's update rule, borrowed from `luoshu.optim` and applied to gathered rows."""
+class _Rule(UpdateRule):
+    """A table's or dense tensor's rule: `luoshu.optim`'s `UpdateRule`, its errors as `TableError`s."""
 
     def __init__(self, spec, step_mode: str, where: str):
         if not (isinstance(spec, (list, tuple)) and len(spec) == 2 and isinstance(spec[0], str)
                 and isinstance(spec[1], dict)):
             raise TableError(f"{where}: optimizer must be (name, {{hyperparameters}}), e.g. ('adam', {{'lr': 1e-3}}); "
                              f"found {spec!r}")
-        name, kwargs = spec[0].lower(), dict(spec[1])
-        if name not in OPTIMIZERS:
-            raise TableError(f"{where}: unknown optimizer {spec[0]!r}; expected one of {sorted(OPTIMIZERS)}")
         if step_mode not in ("table", "row"):
             raise TableError(f"{where}: step_mode must be 'table' or 'row', found {step_mode!r}")
-        if step_mode == "row" and name not in _ROW_STEP_RULES | _STEPLESS_RULES:
-            raise TableError(f"{where}: step_mode='row' is supported for {sorted(_ROW_STEP_RULES)}, not {name!r}")
-        if step_mode == "row" and kwargs.get("amsgrad"):
-            raise TableError(f"{where}: step_mode='row' does not support amsgrad")
-        if "max_grad_norm" in kwargs:
-            raise TableError(f"{where}: max_grad_norm (global clipping) is not available on a parameter server")
         try:
-            self.opt = OPTIMIZERS[name]([_make_tensor(np.zeros(1, dtype=np.float32))], **kwargs)
-        except TypeError as exc:
-            raise TableError(f"{where}: bad hyperparameters for {name!r}: {exc}") from None
+            super().__init__(spec[0], dict(spec[1]), row_steps=step_mode == "row")
         except Error as exc:
             raise TableError(f"{where}: {exc}") from None
-        self.name = name
-        self.row_steps = step_mode == "row" and name in _ROW_STEP_RULES
-        self.group = self.opt.param_groups[0]
-        self.state_names = self.opt._state_names(self.group)
-        self.counts_steps = self.opt._counts_steps
-
-    def initial_state(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        return self.opt._initial_state(self.group, name, rows)
-
-    def apply(self, param: torch.Tensor, grad: torch.Tensor, state: dict, step: torch.Tensor, fresh: bool,
-              row_steps: torch.Tensor | None = None) -> None:
-        """Updates `param` and `state` (contiguous, owned) in place; `step` is already incremented."""
-        if self.row_steps:
-            self._apply_row_steps(param, grad, state, row_steps)
-            return
-        grads = self.opt._regularize(self.group, [param], [grad])
-        self.opt._rule(self.group, [param], grads, {n: [state[n]] for n in self.state_names}, [step], [fresh])
-
-    def _apply_row_steps(self, param, grad, state, t) -> None:
-        group = self.group
-        lr = group["lr"]
-        t = t.to(param.dtype).unsqueeze(1)
-        if self.name == "adagrad":
-            grad = self.opt._regularize(group, [param], [grad])[0]
-            state["sum"].addcmul_(grad, grad)
-            clr = lr / (1.0 + (t - 1.0) * group["lr_decay"])
-            param.sub_(clr * grad / (state["sum"].sqrt() + group["eps"]))
-            return
-        beta1, beta2 = group["betas"]
-        if self.name == "adamw":
-            param.mul_(1.0 - lr * group["weight_decay"])
-        else:
-            grad = self.opt._regularize(group, [param], [grad])[0]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(grad, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        bc1 = 1.0 - beta1 ** t
-        bc2_sqrt = (1.0 - beta2 ** t).sqrt()
-        param.sub_((lr / bc1) * m / (v.sqrt() / bc2_sqrt + group["eps"]))
 
 
 # --- synchronous rounds -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-import luoshu.dist as dist
+import luoshu.distributed as dist
 from luoshu import ctr as hugectr
 from luoshu import ps
 from tests.ctr.conftest import dcn_model

@@ -8,7 +8,7 @@ import pytest
 
 from tests.ctr.conftest import generate
 from tests.ctr.placement_train import run
-from tests.dist.launcher import launch
+from tests.distributed.launcher import launch
 
 RUNS = ["distributed:Local", "localized:Local", "distributed:Global", "parameter_server:Local"]
 

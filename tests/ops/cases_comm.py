@@ -3,7 +3,7 @@
 Here each collective is the identity (a one-member sum, gather, scatter or exchange);
 these cases check shapes, both graph modes and that gradients pass through. What the
 collectives do across processes, and their gradients there, is checked by
-tests/dist/test_comm_ops.py against NumPy.
+tests/distributed/test_comm_ops.py against NumPy.
 """
 
 import luoshu as ls

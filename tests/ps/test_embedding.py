@@ -7,7 +7,9 @@ import torch
 
 import luoshu as ls
 from luoshu import models, ps
-from luoshu.ps.embedding import Embedding, SlotEmbedding, ps_embeddings, replace_embeddings
+from luoshu.ps.embedding import PSEmbedding as Embedding
+from luoshu.ps.embedding import PSSlotEmbedding as SlotEmbedding
+from luoshu.ps.embedding import ps_embeddings, replace_embeddings
 from tests.ps.fake_client import FakeClient, initial_rows
 
 DIM, LR, STEPS = 4, 0.5, 6

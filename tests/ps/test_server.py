@@ -114,7 +114,7 @@ def test_adam_matches_torch_sparse_adam_and_luoshu_optim(servers):
         weight.grad = torch.sparse_coo_tensor(torch.from_numpy(ids)[None], torch.from_numpy(grads), (15, 3),
                                               check_invariants=True)
         opt.step()
-        ls_opt._apply_gradients([(0, (torch.from_numpy(ids), torch.from_numpy(grads)))])
+        ls_opt.apply_gradients([(0, (torch.from_numpy(ids), torch.from_numpy(grads)))])
     np.testing.assert_allclose(rows, weight.detach().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(rows, table.numpy(), rtol=1e-6, atol=1e-7)
 

@@ -1,0 +1,27 @@
+"""Parallel strategies users apply to a model: `DataParallel` with its sync modes —
+"allreduce" (bucketed gradient all-reduce), "ps" and "hybrid" (parameter server) — built on
+`luoshu.nn`, `luoshu.optim`, `luoshu.compiler` and `luoshu.ps`.
+
+```python
+ls.distributed.init()
+dp = ls.parallel.DataParallel(model, opt)      # eager; or DataParallel(graph) after minimize()
+dp.minimize(loss_fn(dp(x_shard), y_shard))
+```
+"""
+
+from luoshu.parallel import ps_modes as _ps_modes  # noqa: F401  (registers the "ps" and "hybrid" modes)
+from luoshu.parallel.data_parallel import (
+    MODES,
+    SYNC_MODES,
+    AllReduceSync,
+    DataParallel,
+    GradientSync,
+    SyncMode,
+    register_sync_mode,
+)
+from luoshu.parallel.ps_modes import HybridSync, PSSync
+
+__all__ = [
+    "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync", "SyncMode",
+    "register_sync_mode",
+]

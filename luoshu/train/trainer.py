@@ -1,0 +1,311 @@
+"""The `Trainer` behind `luoshu train`: one define-and-run graph, the training loop, evaluation, checkpoints
+with the training position, and the job's `metrics.csv` and TensorBoard events."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from luoshu.amp import autocast
+from luoshu.checkpoint import load, save, verify
+from luoshu.core import Graph, manual_seed
+from luoshu.core.errors import CheckpointError, Error
+from luoshu.core.tensor import normalize_device
+from luoshu.data import DataLoader
+from luoshu.optim import CosineWarmup, LinearWarmup, LossScaler
+from luoshu.train.batches import EpochBatches, StreamBatches, epoch_order
+from luoshu.train.builders import build_model, build_optimizer, model_table
+from luoshu.train.checkpoints import (
+    checkpoint_dir,
+    generator_state,
+    latest_checkpoint,
+    list_checkpoints,
+    set_generator_state,
+)
+from luoshu.train.config import TrainConfig, check_config
+from luoshu.train.errors import TrainConfigError
+from luoshu.train.tasks import TASKS, is_masked_lm, masked_lm
+
+
+class Trainer:
+    """Trains one job in define-and-run mode; `fit()` runs it and returns the last eval metrics."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.task_name, spec = check_config(config)
+        if config.resume and latest_checkpoint(config.checkpoint_path) is None:
+            raise TrainConfigError(f"--resume: no checkpoint in {config.checkpoint_path}")
+        self.task = TASKS[self.task_name]
+        self.device = normalize_device(config.device)
+        self.data = spec.load(config.data_path, dict(config.data_args), self.task_name)
+        streamed = self.data.train_stream is not None
+        n = self.data.stream_rows if streamed else len(next(iter(self.data.train.values())))
+        self.steps_per_epoch = None if n is None else n // config.batch_size  # None: a stream of unknown length
+        if self.steps_per_epoch == 0:
+            raise TrainConfigError(f"dataset {config.dataset!r} has {n} training samples, fewer than one batch of "
+                                   f"{config.batch_size}; lower --batch-size")
+        if self.steps_per_epoch is None and config.max_steps is None:
+            raise TrainConfigError(f"dataset {config.dataset!r} streams files of unknown length: give --max-steps")
+        # max_steps, when given, decides the length (running as many epochs as it takes)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.eval_interval = config.eval_interval or self.steps_per_epoch or self.total_steps
+        self.checkpoint_interval = self.eval_interval if config.checkpoint_interval is None \
+            else config.checkpoint_interval
+
+        if self.task_name == "lm" and is_masked_lm(model_table()[config.model][1]):
+            vocab = self.data.min_info["vocab_size"]
+            self.data.min_info["vocab_size"] = vocab + 1  # one more id: [MASK]
+            self.data.transform = masked_lm(vocab)
+        manual_seed(config.seed)
+        self.model, self.model_config = build_model(config.model, self.data.info, config.model_args,
+                                                    self.data.min_info)
+        if self.device != "cpu":
+            self.model.to(self.device)
+        self.optimizer = build_optimizer(config, self.model.parameters())
+        self.scheduler = self._scheduler()
+        low = {"bf16": "bfloat16", "fp16": "float16"}.get(config.precision)
+        self.loss_scaler = LossScaler() if config.precision == "fp16" else None
+        with Graph(f"train-{config.model}") as graph, autocast(low or "bfloat16", enabled=low is not None):
+            self.feeds = self.task.placeholders(self.data.train or self.data.eval, self.device)
+            self.model.train()
+            output = self.task.forward(self.model, self.feeds)
+            self.loss = self.task.loss(output, self.feeds[self.task.target])
+            self.train_op = self.optimizer.minimize(self.loss, loss_scaler=self.loss_scaler)
+            self.model.eval()
+            self.eval_output = self.task.forward(self.model, self.feeds)
+            self.model.train()
+        self.graph = graph
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.window = {"loss_sum": 0.0, "steps": 0, "samples": 0, "seconds": 0.0}
+        self.last_metrics: dict[str, float] = {}
+        self._eval_data: dict[str, np.ndarray] | None = None
+
+    # --- pieces -------------------------------------------------------------------------------------
+    def _scheduler(self):
+        c = self.config
+        if c.lr_schedule == "cosine":
+            if c.warmup_steps >= self.total_steps:
+                raise TrainConfigError(f"warmup_steps {c.warmup_steps} must be below the {self.total_steps} "
+                                       "training steps")
+            return CosineWarmup(self.optimizer, c.warmup_steps, self.total_steps)
+        if c.warmup_steps:
+            return LinearWarmup(self.optimizer, c.warmup_steps)
+        return None
+
+    def _feed(self, batch: dict[str, np.ndarray]) -> dict:
+        return {ph: batch[key] for key, ph in self.feeds.items() if key in batch}
+
+    def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """The eval branch's output (logits) on one batch of inputs."""
+        feed = {ph: v for ph, v in self._feed(batch).items() if ph.name in self.task.inputs}
+        return self.graph.run(self.eval_output, feed)
+
+    def evaluate(self) -> dict[str, float]:
+        c = self.config
+        if self._eval_data is None:
+            self._eval_data = self.data.eval
+            if self.data.transform is not None:  # no augmentation; masks (BERT) fixed for every evaluation
+                self._eval_data = self.data.transform(self.data.eval, np.random.default_rng([c.seed, 1 << 31]), False)
+        return self.task.evaluate(self.predict, self._eval_data, c.eval_batch_size or 4 * c.batch_size)
+
+    def _epoch_batches(self):
+        """The training batches of the current epoch from `batch_in_epoch` on, as a dataset for DataLoader."""
+        c = self.config
+        if self.data.train_stream is not None:
+            return StreamBatches(self.data.train_stream, self.epoch, c.batch_size, self.batch_in_epoch)
+        order = epoch_order(c.seed, self.epoch, len(self.data.train[self.task.target]))
+        return EpochBatches(self.data.train, order, c.batch_size, self.batch_in_epoch, self.data.transform,
+                            (c.seed, self.epoch))
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        c = self.config
+        metadata = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                    "config": c.to_dict(), "task": self.task_name, "window": dict(self.window),
+                    "metrics": self.last_metrics, "generator": generator_state(self.device),
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                    "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None}
+        path = save(checkpoint_dir(c.checkpoint_path, self.step), self.model, self.optimizer,
+                    metadata=json.loads(json.dumps(metadata)))
+        if c.keep_checkpoints:
+            for _, old in list_checkpoints(c.checkpoint_path)[:-c.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Restores model, optimizer and training position from a checkpoint written by this trainer."""
+        path = Path(path)
+        saved = verify(path).get("metadata", {})
+        for key in ("step", "epoch", "batch_in_epoch", "config", "generator"):
+            if key not in saved:
+                raise CheckpointError(f"checkpoint {path} has no training position ({key!r} missing from its "
+                                      "metadata); was it written by luoshu train?")
+        old = saved["config"]
+        for key in ("model", "dataset", "model_args", "data_args", "seed", "batch_size"):
+            if old.get(key) != getattr(self.config, key):
+                raise TrainConfigError(f"cannot resume from {path}: it was trained with {key}={old.get(key)!r}, "
+                                       f"this job has {key}={getattr(self.config, key)!r}")
+        load(path, self.model, self.optimizer)
+        self.step, self.epoch, self.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+        self.window = dict(saved.get("window") or self.window)
+        self.last_metrics = dict(saved.get("metrics") or {})
+        set_generator_state(self.device, saved["generator"])
+        if self.scheduler is not None and saved.get("scheduler") is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        if self.loss_scaler is not None and saved.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(saved["loss_scaler"])
+        return saved
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        c = self.config
+        job = c.job_dir
+        job.mkdir(parents=True, exist_ok=True)
+        if c.resume:
+            newest = latest_checkpoint(c.checkpoint_path)
+            if newest is None:
+                raise TrainConfigError(f"--resume: no checkpoint in {c.checkpoint_path}")
+            self.load_checkpoint(newest)
+        else:
+            stale = list_checkpoints(c.checkpoint_path)
+            if stale:  # starting over: a later --resume must not pick up the previous run's checkpoints
+                print(f"starting over: removing {len(stale)} checkpoint(s) of a previous run from "
+                      f"{c.checkpoint_path} (--resume continues a run instead)", file=sys.stderr)
+            for _, old in stale:
+                shutil.rmtree(old, ignore_errors=True)
+            for old in job.glob("events.out.tfevents.*"):
+                old.unlink()
+        (job / "config.yaml").write_text(_dump_yaml(c.to_dict()))
+        log = _MetricsLog(job / "metrics.csv", ("step", "epoch", "train_loss", *self.task.metrics, "samples_per_s",
+                                                 "lr"), resume_step=self.step if c.resume else None)
+        # A resumed run's points replace those the interrupted run logged after its checkpoint (purge_step);
+        # the suffix keeps two runs started within one second from sharing (and clobbering) a file name.
+        writer = SummaryWriter(logdir=str(job), purge_step=self.step if c.resume else None, flush_secs=10,
+                               filename_suffix=f".{uuid.uuid4().hex[:8]}")
+        bar = tqdm(total=self.total_steps * c.batch_size, initial=self.step * c.batch_size, unit="sample",
+                   unit_scale=True, disable=not c.progress, dynamic_ncols=True,
+                   desc=f"{c.model} on {c.dataset}")
+        interval_loss, interval_steps = 0.0, 0
+        try:
+            while self.step < self.total_steps:
+                loader = DataLoader(self._epoch_batches(), batch_size=None, num_workers=c.num_workers)
+                tick, first = time.perf_counter(), self.batch_in_epoch
+                for batch in loader:
+                    loss, _ = self.graph.run([self.loss, self.train_op], self._feed(batch))
+                    loss = float(loss)
+                    if not math.isfinite(loss):
+                        raise Error(f"training diverged: the loss is {loss} at step {self.step + 1} (epoch "
+                                    f"{self.epoch + 1}); lower the learning rate (now {self._lr():g})")
+                    if self.scheduler is not None:
+                        self.scheduler.step()
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    now = time.perf_counter()
+                    self.window["loss_sum"] += loss
+                    self.window["steps"] += 1
+                    self.window["samples"] += c.batch_size
+                    self.window["seconds"] += now - tick
+                    interval_loss, interval_steps = interval_loss + loss, interval_steps + 1
+                    tick = now
+                    bar.update(c.batch_size)
+                    if self.step % c.log_interval == 0:
+                        rate = self.window["samples"] / max(self.window["seconds"], 1e-9)
+                        writer.add_scalar("train/loss", interval_loss / interval_steps, self.step)
+                        writer.add_scalar("train/samples_per_s", rate, self.step)
+                        writer.add_scalar("train/lr", self._lr(), self.step)
+                        bar.set_postfix_str(f"epoch {self.epoch + 1} loss {interval_loss / interval_steps:.4f} "
+                                            f"{_metric_text(self.last_metrics)}")
+                        interval_loss, interval_steps = 0.0, 0
+                    end_of_epoch = self.batch_in_epoch == self.steps_per_epoch  # never, for unknown lengths
+                    last = self.step == self.total_steps
+                    if end_of_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    if self.step % self.eval_interval == 0 or last:
+                        self._evaluate_and_log(log, writer, bar)
+                    if last or (self.checkpoint_interval and self.step % self.checkpoint_interval == 0):
+                        self.save_checkpoint()
+                    if last or end_of_epoch:
+                        break
+                    tick = time.perf_counter()
+                else:  # a stream of unknown length ran out: that was one pass
+                    if self.batch_in_epoch == first:
+                        raise TrainConfigError(f"dataset {c.dataset!r}: a pass over the training files gave no "
+                                               f"full batch of {c.batch_size} rows")
+                    if self.steps_per_epoch is None:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step:
+                path = self.save_checkpoint()
+                print(f"interrupted at step {self.step}: saved {path}; continue with --resume")
+            raise
+        finally:
+            bar.close()
+            writer.close()
+        return self.last_metrics
+
+    def _evaluate_and_log(self, log, writer, bar) -> None:
+        self.last_metrics = self.evaluate()
+        w = self.window
+        train_loss = w["loss_sum"] / max(w["steps"], 1)
+        rate = w["samples"] / max(w["seconds"], 1e-9)
+        epoch = self.epoch if self.steps_per_epoch is None else round(self.step / self.steps_per_epoch, 4)
+        log.write({"step": self.step, "epoch": epoch, "train_loss": train_loss,
+                   **self.last_metrics, "samples_per_s": rate, "lr": self._lr()})
+        for name, value in self.last_metrics.items():
+            writer.add_scalar(f"eval/{name}", value, self.step)
+        writer.add_scalar("eval/train_loss", train_loss, self.step)
+        bar.set_postfix_str(f"epoch {self.epoch} loss {train_loss:.4f} {_metric_text(self.last_metrics)}")
+        self.window = {"loss_sum": 0.0, "steps": 0, "samples": 0, "seconds": 0.0}
+
+
+def _metric_text(values: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
+def _dump_yaml(values: dict) -> str:
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+class _MetricsLog:
+    """metrics.csv: one row per evaluation. On resume, rows past the checkpoint's step (written by the
+    interrupted run after its last checkpoint) are dropped, so the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, columns: tuple[str, ...], resume_step: int | None):
+        self.path, self.columns = path, columns
+        rows = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                if tuple(reader.fieldnames or ()) == columns:
+                    rows = [r for r in reader if int(r["step"]) <= resume_step]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    """Runs a training job; returns the last eval metrics."""
+    return Trainer(config).fit()

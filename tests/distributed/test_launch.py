@@ -1,0 +1,136 @@
+"""`luoshu launch`: environment, servers, bad arguments and the dead-worker fault."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pytest
+
+from luoshu.distributed import launch as launcher
+from tests.distributed.launcher import ROOT, launch
+
+
+def _parse(*argv: str):
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_arguments_map_onto_torchrun():
+    script = str(ROOT / "tests/parallel/dp_train.py")
+    args = launcher._torchrun_args(_parse("-n", "2", "--servers", "1", script, "--out", "x"))
+    assert args[:2] == ["--nproc-per-node", "3"] and "--standalone" in args
+    assert args[-3:] == [script, "--out", "x"]
+    multi = launcher._torchrun_args(_parse("-n", "4", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint",
+                                           "head:29400", script))
+    assert "--standalone" not in multi and multi[multi.index("--rdzv-endpoint") + 1] == "head:29400"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("-n", "0", "tests/parallel/dp_train.py"), "at least 1 worker"),
+    (("--servers", "-1", "tests/parallel/dp_train.py"), "--servers"),
+    (("no_such_script.py",), "does not exist"),
+    (("--nnodes", "2", "tests/parallel/dp_train.py"), "--rdzv-endpoint"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert launcher.main(_parse(*argv)) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(150)
+def test_a_killed_worker_stops_the_job_and_is_named():
+    start = time.monotonic()
+    job = launch(2, "tests/distributed/die_script.py", "--victim", "1", timeout=120, extra=("--timeout", "30"))
+    assert job.returncode == 1
+    assert "worker rank 1" in job.stderr and "SIGKILL" in job.stderr, job.stderr[-2000:]
+    assert time.monotonic() - start < 120
+
+
+@pytest.mark.dist
+@pytest.mark.slow  # tests/parallel/test_ps_modes.py exercises launcher-started servers in the default run
+@pytest.mark.timeout(300)
+def test_servers_started_by_the_launcher_serve_the_workers(tmp_path):
+    pytest.importorskip("zmq")
+    job = launch(2, "tests/distributed/ps_script.py", str(tmp_path), timeout=280, extra=("--servers", "1"))
+    assert job.returncode == 0, job.stderr[-3000:]
+    for rank in range(2):
+        result = np.load(tmp_path / f"rank{rank}.npz")
+        # each worker pushed -1 to its own row of a zero table with SGD lr 1: every worker sees both
+        np.testing.assert_array_equal(result["rows"], np.ones((2, 2)))
+        assert int(result["servers"]) == 1 and int(result["world"]) == 2
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_hung_worker_cannot_hang_the_job():
+    # Worker 1 stops calling collectives; worker 0's all-reduce gives up after the
+    # collective timeout and the launcher stops the job, quoting the error.
+    # 20 s, not less: the timeout also bounds joining, and on a loaded machine worker 1 may start late
+    job = launch(2, "tests/distributed/die_script.py", "--victim", "1", "--hang", timeout=120,
+                 extra=("--timeout", "20"))
+    assert job.returncode == 1
+    assert "worker rank 0" in job.stderr and "all_reduce over all workers failed" in job.stderr, job.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env, expected", [
+    # one node, 2 workers: plain torchrun numbering
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, ("worker", 1, 2, 0, 1)),
+    # one node, 2 workers + 1 server: local rank 2 is server 0
+    ({"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "0",
+      "LUOSHU_SERVERS_PER_NODE": "1"}, ("server", 0, 2, 1, 2)),
+    # two nodes of 2 workers + 1 server: on node 1, local rank 1 is worker 3, local rank 2 is server 1
+    ({"RANK": "4", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "1",
+      "LUOSHU_SERVERS_PER_NODE": "1"}, ("worker", 3, 4, 2, 1)),
+    ({"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3", "GROUP_RANK": "1",
+      "LUOSHU_SERVERS_PER_NODE": "1"}, ("server", 1, 4, 2, 2)),
+])
+def test_workers_and_servers_are_numbered_per_node(env, expected, monkeypatch):
+    from luoshu.distributed import env as dist_env
+
+    for key in ("LOCAL_WORLD_SIZE", "GROUP_RANK", "LUOSHU_SERVERS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert dist_env._layout() == expected
+
+
+def test_a_bad_environment_is_refused(monkeypatch):
+    import luoshu as ls
+    from luoshu.distributed import env as dist_env
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ls.distributed.DistError, match="WORLD_SIZE must be an integer"):
+        dist_env._layout()
+    monkeypatch.setenv("LUOSHU_COMM_TIMEOUT", "soon")
+    monkeypatch.setattr(dist_env, "_state", dist_env._State())
+    with pytest.raises(ls.distributed.DistError, match="LUOSHU_COMM_TIMEOUT"):
+        ls.distributed.init()
+    assert not ls.distributed.is_initialized()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_killed_server_stops_the_job_and_is_named():
+    job = launch(2, "tests/distributed/kill_server_script.py", timeout=180, extra=("--servers", "1", "--timeout", "30"))
+    assert job.returncode == 1
+    assert "server 0 (process rank 2" in job.stderr and "SIGKILL" in job.stderr, job.stderr[-2000:]
+
+
+def test_failures_are_described_by_role():
+    from types import SimpleNamespace
+
+    dead = SimpleNamespace(local_rank=1, pid=7, exitcode=-9, message="Signal 9 (SIGKILL) received by PID 7")
+    assert launcher._describe(1, dead, 2, 0) == "worker rank 1 (pid 7) was killed by SIGKILL"
+    # node 1 of two nodes with 2 workers + 1 server each: process rank 5 is server 1
+    server = SimpleNamespace(local_rank=2, pid=8, exitcode=1, message={"message": "PSError: disk full"})
+    assert launcher._describe(5, server, 2, 1) == \
+        "server 1 (process rank 5, pid 8) exited with code 1: PSError: disk full"
+    worker = SimpleNamespace(local_rank=0, pid=9, exitcode=1, message="")
+    assert launcher._describe(3, worker, 2, 1) == "worker rank 2 (pid 9) exited with code 1"
