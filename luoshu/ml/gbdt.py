@@ -48,7 +48,7 @@ class _Collectives:
         self.pg = None
         self.world = 1
         if distributed:
-            from luoshu import dist
+            from luoshu import distributed as dist
 
             dist.init()
             self.pg = dist.process_group()

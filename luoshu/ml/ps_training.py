@@ -30,7 +30,8 @@ def _compact(Xb: sp.csr_matrix) -> tuple[np.ndarray, sp.csr_matrix]:
 
 
 def _connect(est):
-    from luoshu import dist, ps
+    from luoshu import distributed as dist
+    from luoshu import ps
 
     if est.ps_addresses is not None:
         return ps.connect(addresses=est.ps_addresses, worker_rank=dist.rank() if dist.is_initialized() else 0), 1, 0
@@ -43,7 +44,7 @@ def _max_over_workers(value: int, world: int) -> int:
         return value
     import torch.distributed as torch_dist
 
-    from luoshu import dist
+    from luoshu import distributed as dist
 
     t = torch.tensor([value], dtype=torch.int64)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=dist.process_group())

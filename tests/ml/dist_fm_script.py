@@ -1,6 +1,6 @@
 """FM through the parameter servers under `luoshu launch -n N --servers S`: each worker fits on its half.
 
-    python -m luoshu.dist.launch -n 2 --servers 1 tests/ml/dist_fm_script.py OUT_PREFIX
+    python -m luoshu.distributed.launch -n 2 --servers 1 tests/ml/dist_fm_script.py OUT_PREFIX
 
 Writes OUT_PREFIX.rank<r>.npz with the loss curve and the pulled parameters.
 """
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import torch
 
-from luoshu import dist
+from luoshu import distributed as dist
 from luoshu.ml.fm import FactorizationMachine
 from tests.ml.test_fm import fm_data
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from luoshu import ml
-from tests.dist.launcher import launch
+from tests.distributed.launcher import launch
 from tests.ml import dist_gbdt_script as script
 
 
