@@ -27,6 +27,7 @@ def test_two_workers_grow_the_trees_of_one_process(tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # ~25 s on a busy machine; test_fm.py covers PS training with in-process servers by default
 @pytest.mark.timeout(240)
 def test_fm_on_two_workers_and_a_server_reaches_the_single_process_loss(tmp_path):
     from luoshu.ml.fm import FactorizationMachine

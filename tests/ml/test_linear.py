@@ -78,7 +78,8 @@ def _lr_objective(coef, intercept, X, y, C, l1_ratio):
     return C * loss + l1_ratio * np.abs(coef).sum() + 0.5 * (1 - l1_ratio) * (coef ** 2).sum()
 
 
-@pytest.mark.parametrize("penalty, l1_ratio, load", [("l1", 1.0, datasets.load_breast_cancer),
+@pytest.mark.parametrize("penalty, l1_ratio, load", [pytest.param("l1", 1.0, datasets.load_breast_cancer,
+                                                                  marks=pytest.mark.slow),  # saga's reference: ~5 s
                                                       ("elasticnet", 0.3, datasets.load_breast_cancer),
                                                       ("l1", 1.0, datasets.load_iris)])
 def test_l1_and_elastic_net_reach_sklearn_saga_optimum(penalty, l1_ratio, load):
