@@ -42,9 +42,13 @@ def ctr_data(rows: int):
     counts = np.floor(rng.lognormal(1.0, 1.5, size=(rows, 13)))
     counts[rng.random(counts.shape) < 0.4] = np.nan
     cats = np.minimum(rng.zipf(1.6, size=(rows, 26)) - 1, 10_000).astype(np.float64)
-    logit = (np.nan_to_num(np.log1p(counts[:, :4])) @ np.array([0.6, -0.4, 0.3, 0.2])
-             + 0.8 * (cats[:, 0] % 3 == 1) - 0.6 * ((cats[:, 1] == 0) & (cats[:, 2] > 1))
-             + 0.5 * np.isnan(counts[:, 5]) - 1.5)
+    logit = (
+        np.nan_to_num(np.log1p(counts[:, :4])) @ np.array([0.6, -0.4, 0.3, 0.2])
+        + 0.8 * (cats[:, 0] % 3 == 1)
+        - 0.6 * ((cats[:, 1] == 0) & (cats[:, 2] > 1))
+        + 0.5 * np.isnan(counts[:, 5])
+        - 1.5
+    )
     y = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(int)
     return _split(np.hstack([counts, cats]), y)
 
@@ -55,22 +59,36 @@ def _split(X, y):
 
 
 def fit_luoshu(Xtr, ytr):
-    return ml.GBDTClassifier(n_estimators=TREES, num_leaves=LEAVES, learning_rate=LR, max_bins=BINS,
-                             min_child_samples=MIN_LEAF).fit(Xtr, ytr)
+    return ml.GBDTClassifier(
+        n_estimators=TREES, num_leaves=LEAVES, learning_rate=LR, max_bins=BINS, min_child_samples=MIN_LEAF
+    ).fit(Xtr, ytr)
 
 
 def fit_lightgbm(Xtr, ytr, threads):
     import lightgbm as lgb
 
-    return lgb.LGBMClassifier(n_estimators=TREES, num_leaves=LEAVES, learning_rate=LR, max_bin=BINS,
-                              min_child_samples=MIN_LEAF, n_jobs=threads, verbose=-1).fit(Xtr, ytr)
+    return lgb.LGBMClassifier(
+        n_estimators=TREES,
+        num_leaves=LEAVES,
+        learning_rate=LR,
+        max_bin=BINS,
+        min_child_samples=MIN_LEAF,
+        n_jobs=threads,
+        verbose=-1,
+    ).fit(Xtr, ytr)
 
 
 def fit_sklearn(Xtr, ytr):
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    return HistGradientBoostingClassifier(max_iter=TREES, max_leaf_nodes=LEAVES, learning_rate=LR, max_bins=BINS,
-                                          min_samples_leaf=MIN_LEAF, early_stopping=False).fit(Xtr, ytr)
+    return HistGradientBoostingClassifier(
+        max_iter=TREES,
+        max_leaf_nodes=LEAVES,
+        learning_rate=LR,
+        max_bins=BINS,
+        min_samples_leaf=MIN_LEAF,
+        early_stopping=False,
+    ).fit(Xtr, ytr)
 
 
 def run(name: str, data, repeats: int, threads: int) -> None:
@@ -79,7 +97,7 @@ def run(name: str, data, repeats: int, threads: int) -> None:
     times: dict[str, list[float]] = {k: [] for k in fits}
     aucs: dict[str, float] = {}
     with threadpool_limits(threads):
-        for k, fit in fits.items():  # warm-up: imports, thread pools, first-touch allocation
+        for fit in fits.values():  # warm-up: imports, thread pools, first-touch allocation
             fit(Xtr[:2000], ytr[:2000])
         for _ in range(repeats):
             for k, fit in fits.items():
@@ -88,16 +106,20 @@ def run(name: str, data, repeats: int, threads: int) -> None:
                 times[k].append(time.perf_counter() - start)
                 aucs[k] = roc_auc_score(yte, model.predict_proba(Xte)[:, 1])
     base = statistics.median(times["luoshu"])
-    print(f"\n{name}: {Xtr.shape[0]} train rows x {Xtr.shape[1]} features, {TREES} trees, {threads} threads, "
-          f"{repeats} repeats")
+    print(
+        f"\n{name}: {Xtr.shape[0]} train rows x {Xtr.shape[1]} features, {TREES} trees, {threads} threads, "
+        f"{repeats} repeats"
+    )
     print(f"{'library':<10} {'median s':>9} {'AUC':>8} {'time / luoshu':>14}")
     for k in fits:
         med = statistics.median(times[k])
         print(f"{k:<10} {med:9.2f} {aucs[k]:8.4f} {med / base:14.2f}")
     lgb_t = statistics.median(times["lightgbm"])
-    print(f"luoshu / LightGBM time: {base / lgb_t:.2f}x (target <= 1.5x), AUC difference "
-          f"{aucs['luoshu'] - aucs['lightgbm']:+.4f} (target within +-0.002); luoshu / sklearn time: "
-          f"{base / statistics.median(times['sklearn']):.2f}x (target < 1)")
+    print(
+        f"luoshu / LightGBM time: {base / lgb_t:.2f}x (target <= 1.5x), AUC difference "
+        f"{aucs['luoshu'] - aucs['lightgbm']:+.4f} (target within +-0.002); luoshu / sklearn time: "
+        f"{base / statistics.median(times['sklearn']):.2f}x (target < 1)"
+    )
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ class _FMBase(Estimator):
             order = rng.permutation(n)
             total = 0.0
             for start in range(0, n, bs):
-                rows = np.sort(order[start:start + bs])
+                rows = np.sort(order[start : start + bs])
                 Xb = to_torch(X[rows])
                 Z, cache = self._scores(Xb, params)
                 loss, R = _loss_and_residual(self.task, k_out, Z, target[torch.from_numpy(rows)])
@@ -126,8 +126,10 @@ class _FMBase(Estimator):
             X = sp.csr_matrix((np.where(known, X.data, 0.0), pos, X.indptr), shape=(X.shape[0], max(len(ids), 1)))
         params = {name: torch.from_numpy(np.asarray(getattr(self, name + "_"))) for name in self._param_names}
         if ids is not None and len(ids) == 0:
-            params["w"], params["V"] = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, int(self.n_factors),
-                                                                                           dtype=torch.float64)
+            params["w"], params["V"] = (
+                torch.zeros(1, 1, dtype=torch.float64),
+                torch.zeros(1, 1, int(self.n_factors), dtype=torch.float64),
+            )
         Z, _ = self._scores(to_torch(X), params)
         return Z.numpy()
 
@@ -161,10 +163,21 @@ class FactorizationMachine(_FMBase):
 
     _param_names = ("w0", "w", "V")
 
-    def __init__(self, task: str = "classification", n_factors: int = 8, n_epochs: int = 20,
-                 batch_size: int = 256, learning_rate: float = 0.1, reg_linear: float = 0.0,
-                 reg_factors: float = 1e-4, init_std: float = 0.01, random_state: int | None = None,
-                 ps_addresses: list[str] | None = None, ps: str | None = None, ps_table: str = "luoshu_ml_fm"):
+    def __init__(
+        self,
+        task: str = "classification",
+        n_factors: int = 8,
+        n_epochs: int = 20,
+        batch_size: int = 256,
+        learning_rate: float = 0.1,
+        reg_linear: float = 0.0,
+        reg_factors: float = 1e-4,
+        init_std: float = 0.01,
+        random_state: int | None = None,
+        ps_addresses: list[str] | None = None,
+        ps: str | None = None,
+        ps_table: str = "luoshu_ml_fm",
+    ):
         self.task = task
         self.n_factors = n_factors
         self.n_epochs = n_epochs
@@ -178,7 +191,6 @@ class FactorizationMachine(_FMBase):
         self.ps = ps
         self.ps_table = ps_table
 
-
     def fit(self, X, y):
         self._check_common()
         if self.ps is not None:
@@ -189,8 +201,10 @@ class FactorizationMachine(_FMBase):
             self._train_local(X, target, k_out)
         else:
             if k_out != 1:
-                raise DataError("FactorizationMachine: parameter-server training takes binary classification or "
-                                f"regression, found {k_out} classes")
+                raise DataError(
+                    "FactorizationMachine: parameter-server training takes binary classification or "
+                    f"regression, found {k_out} classes"
+                )
             from luoshu.ml.ps_training import train_fm_on_servers
 
             train_fm_on_servers(self, sp.csr_matrix(X), target)
@@ -198,14 +212,18 @@ class FactorizationMachine(_FMBase):
 
     def _init_params(self, d: int, k_out: int, gen) -> dict:
         k = int(self.n_factors)
-        return {"w0": torch.zeros(k_out, dtype=torch.float64), "w": torch.zeros(d, k_out, dtype=torch.float64),
-                "V": torch.randn(k_out, d, k, generator=gen, dtype=torch.float64) * self.init_std}
+        return {
+            "w0": torch.zeros(k_out, dtype=torch.float64),
+            "w": torch.zeros(d, k_out, dtype=torch.float64),
+            "V": torch.randn(k_out, d, k, generator=gen, dtype=torch.float64) * self.init_std,
+        }
 
     @staticmethod
     def _square(X: torch.Tensor) -> torch.Tensor:
         if X.layout == torch.sparse_csr:
-            return torch.sparse_csr_tensor(X.crow_indices(), X.col_indices(), X.values() ** 2, size=X.shape,
-                                           check_invariants=False)
+            return torch.sparse_csr_tensor(
+                X.crow_indices(), X.col_indices(), X.values() ** 2, size=X.shape, check_invariants=False
+            )
         return X * X
 
     def _scores(self, X: torch.Tensor, params: dict):
@@ -236,9 +254,19 @@ class FieldAwareFM(_FMBase):
 
     _param_names = ("w0", "w", "V")
 
-    def __init__(self, task: str = "classification", fields=None, n_factors: int = 4, n_epochs: int = 20,
-                 batch_size: int = 256, learning_rate: float = 0.1, reg_linear: float = 0.0,
-                 reg_factors: float = 1e-4, init_std: float = 0.01, random_state: int | None = None):
+    def __init__(
+        self,
+        task: str = "classification",
+        fields=None,
+        n_factors: int = 4,
+        n_epochs: int = 20,
+        batch_size: int = 256,
+        learning_rate: float = 0.1,
+        reg_linear: float = 0.0,
+        reg_factors: float = 1e-4,
+        init_std: float = 0.01,
+        random_state: int | None = None,
+    ):
         self.task = task
         self.fields = fields
         self.n_factors = n_factors
@@ -250,15 +278,16 @@ class FieldAwareFM(_FMBase):
         self.init_std = init_std
         self.random_state = random_state
 
-
     def fit(self, X, y):
         self._check_common()
         X, y = check_X_y(self, X, y, y_numeric=self.task == "regression")
         d = X.shape[1]
         fields = np.arange(d) if self.fields is None else np.asarray(self.fields)
         if fields.shape != (d,) or fields.dtype.kind not in "iu" or (fields.size and fields.min() < 0):
-            raise DataError(f"FieldAwareFM: fields must give a non-negative integer field for each of the {d} "
-                            f"features, found {self.fields!r}")
+            raise DataError(
+                f"FieldAwareFM: fields must give a non-negative integer field for each of the {d} "
+                f"features, found {self.fields!r}"
+            )
         self.fields_ = fields.astype(np.int64)
         self.n_fields_ = int(fields.max()) + 1 if d else 0
         target, k_out = self._targets(y)
@@ -267,8 +296,11 @@ class FieldAwareFM(_FMBase):
 
     def _init_params(self, d: int, k_out: int, gen) -> dict:
         F, k = self.n_fields_, int(self.n_factors)
-        return {"w0": torch.zeros(k_out, dtype=torch.float64), "w": torch.zeros(d, k_out, dtype=torch.float64),
-                "V": torch.randn(d, F, k_out, k, generator=gen, dtype=torch.float64) * self.init_std}
+        return {
+            "w0": torch.zeros(k_out, dtype=torch.float64),
+            "w": torch.zeros(d, k_out, dtype=torch.float64),
+            "V": torch.randn(d, F, k_out, k, generator=gen, dtype=torch.float64) * self.init_std,
+        }
 
     def _field_onehot(self, d: int) -> torch.Tensor:
         return torch.nn.functional.one_hot(torch.from_numpy(self.fields_), self.n_fields_).double()  # (d, F)

@@ -206,8 +206,13 @@ def _best_splits(leaves: list[_Leaf], p: GrowParams, k: int, valid_bins: torch.T
     GR, HR, NR = right[:, :, :k], right[:, :, k], right[:, :, k + 1]
     parent = ((tot[:, :k] ** 2).sum(1) / (tot[:, k] + lam))[:, None, None, None]
     gain = (GL * GL).sum(2) / (HL + lam) + (GR * GR).sum(2) / (HR + lam) - parent  # (B, 2, 255, d)
-    ok = (NL >= p.min_child_samples) & (NR >= p.min_child_samples) & (HL >= p.min_child_weight) \
-        & (HR >= p.min_child_weight) & valid_bins
+    ok = (
+        (NL >= p.min_child_samples)
+        & (NR >= p.min_child_samples)
+        & (HL >= p.min_child_weight)
+        & (HR >= p.min_child_weight)
+        & valid_bins
+    )
     # with no missing values in a node both directions are one split: keep "missing right" only
     if has_missing:
         ok[:, 1] &= (miss[:, k + 1] > 0)[:, None, :]
@@ -230,8 +235,15 @@ def _best_splits(leaves: list[_Leaf], p: GrowParams, k: int, valid_bins: torch.T
         lf.gain, lf.feature, lf.bin, lf.missing_left = g, f, bin_id, bool(direction)
 
 
-def grow_tree(codes: torch.Tensor, codes_by_feature: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor,
-              k: int, params: GrowParams, thresholds: Callable[[int, int], float]) -> tuple[Tree, list[torch.Tensor]]:
+def grow_tree(
+    codes: torch.Tensor,
+    codes_by_feature: torch.Tensor,
+    channels: torch.Tensor,
+    rows: torch.Tensor,
+    k: int,
+    params: GrowParams,
+    thresholds: Callable[[int, int], float],
+) -> tuple[Tree, list[torch.Tensor]]:
     """Grows one tree on `rows`; returns it and the rows of each leaf.
 
     `channels` columns: `k` gradient channels, the hessian, the sample count (or weight).
@@ -269,10 +281,20 @@ def grow_tree(codes: torch.Tensor, codes_by_feature: torch.Tensor, channels: tor
         large = lf.hist - small
         lh, rh = (small, large) if small_is_left else (large, small)
         node_id = len(nodes)
-        nodes.append({"feature": lf.feature, "bin": lf.bin, "threshold": thresholds(lf.feature, lf.bin),
-                      "default_left": lf.missing_left, "gain": lf.gain, "value": value_of(lf.totals),
-                      "weight": float(lf.totals[k]), "count": float(lf.totals[k + 1]),
-                      "left": ~j, "right": ~len(leaves)})
+        nodes.append(
+            {
+                "feature": lf.feature,
+                "bin": lf.bin,
+                "threshold": thresholds(lf.feature, lf.bin),
+                "default_left": lf.missing_left,
+                "gain": lf.gain,
+                "value": value_of(lf.totals),
+                "weight": float(lf.totals[k]),
+                "count": float(lf.totals[k + 1]),
+                "left": ~j,
+                "right": ~len(leaves),
+            }
+        )
         if j in parent_of_leaf:
             parent, side = parent_of_leaf[j]
             nodes[parent][side] = node_id
@@ -289,11 +311,16 @@ def grow_tree(codes: torch.Tensor, codes_by_feature: torch.Tensor, channels: tor
         return np.array([nd[key] for nd in nodes], dtype=dtype)
 
     tree = Tree(
-        split_feature=arr("feature", np.int64), split_bin=arr("bin", np.int64),
-        threshold=arr("threshold", np.float64), default_left=arr("default_left", bool),
-        left_child=arr("left", np.int64), right_child=arr("right", np.int64), split_gain=arr("gain", np.float64),
+        split_feature=arr("feature", np.int64),
+        split_bin=arr("bin", np.int64),
+        threshold=arr("threshold", np.float64),
+        default_left=arr("default_left", bool),
+        left_child=arr("left", np.int64),
+        right_child=arr("right", np.int64),
+        split_gain=arr("gain", np.float64),
         internal_value=np.array([nd["value"] for nd in nodes], dtype=np.float64).reshape(len(nodes), k),
-        internal_weight=arr("weight", np.float64), internal_count=arr("count", np.float64),
+        internal_weight=arr("weight", np.float64),
+        internal_count=arr("count", np.float64),
         leaf_value=np.stack([value_of(lf.totals) for lf in leaves]).astype(np.float64),
         leaf_weight=np.array([float(lf.totals[k]) for lf in leaves]),
         leaf_count=np.array([float(lf.totals[k + 1]) for lf in leaves]),

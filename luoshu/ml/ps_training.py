@@ -24,8 +24,9 @@ from luoshu.ml.fm import _loss_and_residual
 def _compact(Xb: sp.csr_matrix) -> tuple[np.ndarray, sp.csr_matrix]:
     """(the distinct column ids of a batch, the batch with columns renumbered 0..u-1)."""
     ids = np.unique(Xb.indices.astype(np.int64))
-    local = sp.csr_matrix((Xb.data, np.searchsorted(ids, Xb.indices).astype(np.int64), Xb.indptr),
-                          shape=(Xb.shape[0], len(ids)))
+    local = sp.csr_matrix(
+        (Xb.data, np.searchsorted(ids, Xb.indices).astype(np.int64), Xb.indptr), shape=(Xb.shape[0], len(ids))
+    )
     return ids, local
 
 
@@ -59,8 +60,16 @@ def train_fm_on_servers(est, X: sp.csr_matrix, target: torch.Tensor) -> None:
     sync = world if world > 1 else None
     seed = 0 if est.random_state is None else int(est.random_state)
     adagrad = ("adagrad", {"lr": float(est.learning_rate), "eps": 1e-10})
-    client.create_table(table, 1 + k, num_rows=None, init=("normal", 0.0, float(est.init_std)), optimizer=adagrad,
-                        dtype="float64", sync_workers=sync, seed=seed)
+    client.create_table(
+        table,
+        1 + k,
+        num_rows=None,
+        init=("normal", 0.0, float(est.init_std)),
+        optimizer=adagrad,
+        dtype="float64",
+        sync_workers=sync,
+        seed=seed,
+    )
     client.create_dense(bias, np.zeros(1), optimizer=adagrad, sync_workers=sync, dtype="float64")
     n = X.shape[0]
     bs = int(est.batch_size)
@@ -71,7 +80,7 @@ def train_fm_on_servers(est, X: sp.csr_matrix, target: torch.Tensor) -> None:
         order = rng.permutation(n)
         total = 0.0
         for step in range(steps):
-            rows = np.sort(order[step * bs:(step + 1) * bs])
+            rows = np.sort(order[step * bs : (step + 1) * bs])
             if rows.size == 0:  # a worker with fewer rows still takes part in the step
                 client.push(table, np.empty(0, dtype=np.int64), np.empty((0, 1 + k))).result()
                 client.push_dense(bias, np.zeros(1)).result()
@@ -79,8 +88,11 @@ def train_fm_on_servers(est, X: sp.csr_matrix, target: torch.Tensor) -> None:
             ids, Xb = _compact(X[rows])
             pulled, _ = client.pull(table, ids)
             pulled = torch.from_numpy(np.asarray(pulled, dtype=np.float64))
-            params = {"w0": torch.from_numpy(np.asarray(client.pull_dense(bias), dtype=np.float64)).reshape(1),
-                      "w": pulled[:, :1].contiguous(), "V": pulled[:, 1:].contiguous()[None]}
+            params = {
+                "w0": torch.from_numpy(np.asarray(client.pull_dense(bias), dtype=np.float64)).reshape(1),
+                "w": pulled[:, :1].contiguous(),
+                "V": pulled[:, 1:].contiguous()[None],
+            }
             Xt = to_torch(Xb)
             Z, cache = est._scores(Xt, params)
             loss, R = _loss_and_residual(est.task, 1, Z, target[torch.from_numpy(rows)])

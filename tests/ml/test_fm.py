@@ -18,7 +18,7 @@ def fm_data(n=4000, d=30, k=4, seed=0):
     X = sp.random(n, d, density=0.2, random_state=seed + 1, format="csr", data_rvs=lambda s: np.ones(s))
     V, w = rng.normal(size=(d, k)), rng.normal(size=d) * 0.3
     Xd = X.toarray()
-    score = Xd @ w + 0.5 * ((Xd @ V) ** 2 - Xd ** 2 @ V ** 2).sum(1)
+    score = Xd @ w + 0.5 * ((Xd @ V) ** 2 - Xd**2 @ V**2).sum(1)
     score = (score - score.mean()) / score.std() * 3
     return X, (rng.random(n) < 1 / (1 + np.exp(-score))).astype(int), score
 
@@ -33,10 +33,15 @@ def test_gradients_equal_torch_autograd(cls, task, k_out, layout):
     if cls is FieldAwareFM:
         m.fields_, m.n_fields_ = np.array([0, 0, 1, 1, 2, 2]), 3
     gen = torch.Generator().manual_seed(0)
-    p = {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=torch.float64)
-         for k, v in m._init_params(6, k_out, gen).items()}
-    target = (torch.nn.functional.one_hot(torch.arange(7) % k_out, k_out).double() if k_out > 1
-              else torch.tensor([[0.0], [1.0], [1.0], [0.0], [1.0], [0.0], [1.0]], dtype=torch.float64))
+    p = {
+        k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=torch.float64)
+        for k, v in m._init_params(6, k_out, gen).items()
+    }
+    target = (
+        torch.nn.functional.one_hot(torch.arange(7) % k_out, k_out).double()
+        if k_out > 1
+        else torch.tensor([[0.0], [1.0], [1.0], [0.0], [1.0], [0.0], [1.0]], dtype=torch.float64)
+    )
     Xin = to_torch(sp.csr_matrix(X) if layout == "csr" else X)
     Z, cache = m._scores(Xin, p)
     _, R = _loss_and_residual(task, k_out, Z, target)
@@ -78,8 +83,9 @@ def test_ffm_and_regression():
     fields = np.arange(16) // 4
     ffm = FieldAwareFM(fields=fields, n_factors=4, n_epochs=20).fit(X[:2200], y[:2200])
     assert roc_auc_score(y[2200:], ffm.predict_proba(X[2200:])[:, 1]) > roc_auc_score(y[2200:], score[2200:]) - 0.06
-    reg = FactorizationMachine(task="regression", n_factors=4, n_epochs=40, learning_rate=0.2).fit(X[:2200],
-                                                                                                   score[:2200])
+    reg = FactorizationMachine(task="regression", n_factors=4, n_epochs=40, learning_rate=0.2).fit(
+        X[:2200], score[:2200]
+    )
     assert r2_score(score[2200:], reg.predict(X[2200:])) > 0.9
     with pytest.raises(ml.DataError, match="fields"):
         FieldAwareFM(fields=[0, 1]).fit(X, y)
@@ -96,12 +102,12 @@ def test_fm_on_parameter_servers_with_hashed_ids_reaches_the_local_loss(tmp_path
     lr_local = FactorizationMachine(n_factors=0, n_epochs=10).fit(X, y)  # logistic regression
     with ps.start_local_servers(2, in_process=True) as servers:
         fm = FactorizationMachine(n_factors=4, n_epochs=10, ps_addresses=servers.addresses).fit(Xh, y)
-        lr = FactorizationMachine(n_factors=0, n_epochs=10, ps_addresses=servers.addresses,
-                                  ps_table="lr").fit(Xh, y)
+        lr = FactorizationMachine(n_factors=0, n_epochs=10, ps_addresses=servers.addresses, ps_table="lr").fit(Xh, y)
     assert fm.loss_curve_[-1] == pytest.approx(local.loss_curve_[-1], rel=0.03)
     assert lr.loss_curve_[-1] == pytest.approx(lr_local.loss_curve_[-1], rel=0.03)
     np.testing.assert_array_equal(fm.feature_ids_, hashed)
     assert roc_auc_score(y, fm.predict_proba(Xh)[:, 1]) == pytest.approx(
-        roc_auc_score(y, local.predict_proba(X)[:, 1]), abs=0.01)
+        roc_auc_score(y, local.predict_proba(X)[:, 1]), abs=0.01
+    )
     fm.save(tmp_path / "fm")  # predicts without the servers, also after loading
     np.testing.assert_array_equal(ml.load(tmp_path / "fm").predict_proba(Xh), fm.predict_proba(Xh))
