@@ -6,15 +6,31 @@ reads libsvm files), and saves as a model package: `est.save(path)`, `luoshu.ml.
 """
 
 from luoshu.ml.base import DataError, Estimator, MLError, NotFittedError, ParameterError
+from luoshu.ml.fm import FactorizationMachine, FieldAwareFM
 from luoshu.ml.forest import RandomForestClassifier, RandomForestRegressor
 from luoshu.ml.gbdt import GBDTClassifier, GBDTRegressor
 from luoshu.ml.io import load, load_libsvm, save
 from luoshu.ml.linear import LinearRegression, LinearSVC, LogisticRegression, Ridge
 
 __all__ = [
-    "DataError", "Estimator", "GBDTClassifier", "GBDTRegressor", "LinearRegression", "LinearSVC",
-    "LogisticRegression", "MLError", "NotFittedError", "ParameterError", "RandomForestClassifier",
-    "RandomForestRegressor", "Ridge", "load", "load_libsvm", "save",
+    "DataError",
+    "Estimator",
+    "FactorizationMachine",
+    "FieldAwareFM",
+    "GBDTClassifier",
+    "GBDTRegressor",
+    "LinearRegression",
+    "LinearSVC",
+    "LogisticRegression",
+    "MLError",
+    "NotFittedError",
+    "ParameterError",
+    "RandomForestClassifier",
+    "RandomForestRegressor",
+    "Ridge",
+    "load",
+    "load_libsvm",
+    "save",
 ]
 
 from luoshu.ml.cluster import KMeans, MiniBatchKMeans  # noqa: E402  (one block per module group: mergeable)

@@ -24,7 +24,14 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from luoshu.core.errors import Error
 
 __all__ = [
-    "DataError", "Estimator", "MLError", "NotFittedError", "check_X", "check_X_y", "encode_labels", "to_torch",
+    "DataError",
+    "Estimator",
+    "MLError",
+    "NotFittedError",
+    "check_X",
+    "check_X_y",
+    "encode_labels",
+    "to_torch",
 ]
 
 
@@ -66,26 +73,49 @@ def _validate(estimator, X, y="no_validation", reset: bool = True, **kwargs):
         raise DataError(f"{name}: {msg}") from exc
 
 
-def check_X(estimator, X, *, reset: bool, accept_sparse: bool = True, allow_nan: bool = False,
-            dtype=np.float64):
+def check_X(estimator, X, *, reset: bool, accept_sparse: bool = True, allow_nan: bool = False, dtype=np.float64):
     """Validates X for `fit` (`reset=True`: records `n_features_in_`) or predict (`reset=False`: checks it).
 
     Returns a C-contiguous float array or a CSR matrix with sorted indices.
     """
-    X = _validate(estimator, X, reset=reset, accept_sparse="csr" if accept_sparse else False, dtype=dtype,
-                  ensure_all_finite="allow-nan" if allow_nan else True, order="C")
+    X = _validate(
+        estimator,
+        X,
+        reset=reset,
+        accept_sparse="csr" if accept_sparse else False,
+        dtype=dtype,
+        ensure_all_finite="allow-nan" if allow_nan else True,
+        order="C",
+    )
     if sp.issparse(X):
         X = sp.csr_matrix(X)
         X.sort_indices()
     return X
 
 
-def check_X_y(estimator, X, y, *, accept_sparse: bool = True, allow_nan: bool = False, multi_output: bool = False,
-              y_numeric: bool = False):
+def check_X_y(
+    estimator,
+    X,
+    y,
+    *,
+    accept_sparse: bool = True,
+    allow_nan: bool = False,
+    multi_output: bool = False,
+    y_numeric: bool = False,
+):
     """Validates a training set (sets `n_features_in_`); y is 1-d unless `multi_output`."""
-    X, y = _validate(estimator, X, y, reset=True, accept_sparse="csr" if accept_sparse else False,
-                     dtype=np.float64, ensure_all_finite="allow-nan" if allow_nan else True, order="C",
-                     multi_output=multi_output, y_numeric=y_numeric)
+    X, y = _validate(
+        estimator,
+        X,
+        y,
+        reset=True,
+        accept_sparse="csr" if accept_sparse else False,
+        dtype=np.float64,
+        ensure_all_finite="allow-nan" if allow_nan else True,
+        order="C",
+        multi_output=multi_output,
+        y_numeric=y_numeric,
+    )
     if sp.issparse(X):
         X = sp.csr_matrix(X)
         X.sort_indices()
@@ -105,15 +135,18 @@ def encode_labels(estimator, y, classes=None) -> tuple[np.ndarray, np.ndarray]:
     if classes is None:
         classes, codes = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise DataError(f"{name}: a classifier needs samples of at least 2 classes, found only 1 class "
-                            f"({classes[0]!r})")
+            raise DataError(
+                f"{name}: a classifier needs samples of at least 2 classes, found only 1 class ({classes[0]!r})"
+            )
         return classes, codes.reshape(-1)
     codes = np.searchsorted(classes, y)
     codes = np.clip(codes, 0, len(classes) - 1)
     bad = classes[codes] != y
     if bad.any():
-        raise DataError(f"{name}: labels {np.unique(np.asarray(y)[bad])[:5].tolist()} are not among the expected "
-                        f"classes {classes.tolist()}")
+        raise DataError(
+            f"{name}: labels {np.unique(np.asarray(y)[bad])[:5].tolist()} are not among the expected "
+            f"classes {classes.tolist()}"
+        )
     return classes, codes
 
 
@@ -122,10 +155,13 @@ def to_torch(X, dtype=torch.float64):
     if sp.issparse(X):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's "sparse CSR is in beta" notice
-            return torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(np.int64)),
-                                           torch.from_numpy(X.indices.astype(np.int64)),
-                                           torch.from_numpy(np.asarray(X.data, dtype=np.float64)).to(dtype),
-                                           size=X.shape, check_invariants=False)  # scipy's validation holds
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(X.indptr.astype(np.int64)),
+                torch.from_numpy(X.indices.astype(np.int64)),
+                torch.from_numpy(np.asarray(X.data, dtype=np.float64)).to(dtype),
+                size=X.shape,
+                check_invariants=False,
+            )  # scipy's validation holds
     X = np.ascontiguousarray(X)
     if not X.flags.writeable:  # torch refuses to wrap read-only memory (e.g. a memmap) without a copy
         X = X.copy()

@@ -25,9 +25,17 @@ __all__ = ["RandomForestClassifier", "RandomForestRegressor"]
 class _Forest(Estimator):
     _default_max_features: str | float = "sqrt"
 
-    def __init__(self, n_estimators: int = 100, max_depth: int | None = None, min_samples_leaf: int = 1,
-                 max_features: str | int | float | None = "sqrt", max_leaf_nodes: int | None = None,
-                 bootstrap: bool = True, max_bins: int = 255, random_state: int | None = None):
+    def __init__(
+        self,
+        n_estimators: int = 100,
+        max_depth: int | None = None,
+        min_samples_leaf: int = 1,
+        max_features: str | int | float | None = "sqrt",
+        max_leaf_nodes: int | None = None,
+        bootstrap: bool = True,
+        max_bins: int = 255,
+        random_state: int | None = None,
+    ):
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.min_samples_leaf = min_samples_leaf
@@ -56,8 +64,9 @@ class _Forest(Estimator):
             return min(int(mf), d)
         if isinstance(mf, float) and 0.0 < mf <= 1.0:
             return max(1, int(mf * d))
-        raise ParameterError(f"{name}: max_features must be 'sqrt', 'log2', None, an int >= 1 or a float in (0, 1], "
-                             f"found {mf!r}")
+        raise ParameterError(
+            f"{name}: max_features must be 'sqrt', 'log2', None, an int >= 1 or a float in (0, 1], found {mf!r}"
+        )
 
     def _grow(self, X: np.ndarray, targets: torch.Tensor) -> None:
         """targets: (n, K) per-row values whose weighted means the leaves hold."""
@@ -76,10 +85,16 @@ class _Forest(Estimator):
         codes_np = mapper.transform(X)
         codes = torch.from_numpy(codes_np.astype(np.int64))
         codes_by_feature = torch.from_numpy(np.ascontiguousarray(codes_np.T))
-        params = GrowParams(max_leaves=int(self.max_leaf_nodes or max(2, n)), max_depth=int(self.max_depth or -1),
-                            min_child_samples=float(self.min_samples_leaf), min_child_weight=0.0, reg_lambda=0.0,
-                            features_per_node=self._n_features_per_node(d), generator=gen,
-                            n_bins=torch.from_numpy(mapper.n_bins))
+        params = GrowParams(
+            max_leaves=int(self.max_leaf_nodes or max(2, n)),
+            max_depth=int(self.max_depth or -1),
+            min_child_samples=float(self.min_samples_leaf),
+            min_child_weight=0.0,
+            reg_lambda=0.0,
+            features_per_node=self._n_features_per_node(d),
+            generator=gen,
+            n_bins=torch.from_numpy(mapper.n_bins),
+        )
         trees = []
         for _ in range(int(self.n_estimators)):
             if self.bootstrap:
@@ -135,12 +150,27 @@ class RandomForestClassifier(ClassifierMixin, _Forest):
 class RandomForestRegressor(RegressorMixin, _Forest):
     """A random forest of variance-reduction trees (`max_features=1.0` by default, as scikit-learn)."""
 
-    def __init__(self, n_estimators: int = 100, max_depth: int | None = None, min_samples_leaf: int = 1,
-                 max_features: str | int | float | None = 1.0, max_leaf_nodes: int | None = None,
-                 bootstrap: bool = True, max_bins: int = 255, random_state: int | None = None):
-        super().__init__(n_estimators=n_estimators, max_depth=max_depth, min_samples_leaf=min_samples_leaf,
-                         max_features=max_features, max_leaf_nodes=max_leaf_nodes, bootstrap=bootstrap,
-                         max_bins=max_bins, random_state=random_state)
+    def __init__(
+        self,
+        n_estimators: int = 100,
+        max_depth: int | None = None,
+        min_samples_leaf: int = 1,
+        max_features: str | int | float | None = 1.0,
+        max_leaf_nodes: int | None = None,
+        bootstrap: bool = True,
+        max_bins: int = 255,
+        random_state: int | None = None,
+    ):
+        super().__init__(
+            n_estimators=n_estimators,
+            max_depth=max_depth,
+            min_samples_leaf=min_samples_leaf,
+            max_features=max_features,
+            max_leaf_nodes=max_leaf_nodes,
+            bootstrap=bootstrap,
+            max_bins=max_bins,
+            random_state=random_state,
+        )
 
     def fit(self, X, y):
         X, y = check_X_y(self, X, y, allow_nan=True, y_numeric=True)

@@ -48,7 +48,7 @@ class _Collectives:
         self.pg = None
         self.world = 1
         if distributed:
-            from luoshu import dist
+            from luoshu import distributed as dist
 
             dist.init()
             self.pg = dist.process_group()
@@ -82,11 +82,24 @@ class _Collectives:
 class _GBDT(Estimator):
     _loss_name = ""
 
-    def __init__(self, n_estimators: int = 100, learning_rate: float = 0.1, num_leaves: int = 31,
-                 max_depth: int = -1, min_child_samples: int = 20, min_child_weight: float = 1e-3,
-                 reg_lambda: float = 0.0, min_split_gain: float = 0.0, subsample: float = 1.0,
-                 colsample_bytree: float = 1.0, max_bins: int = 255, n_iter_no_change: int | None = None,
-                 validation_fraction: float = 0.1, random_state: int | None = None, distributed: bool = False):
+    def __init__(
+        self,
+        n_estimators: int = 100,
+        learning_rate: float = 0.1,
+        num_leaves: int = 31,
+        max_depth: int | None = -1,
+        min_child_samples: int = 20,
+        min_child_weight: float = 1e-3,
+        reg_lambda: float = 0.0,
+        min_split_gain: float = 0.0,
+        subsample: float = 1.0,
+        colsample_bytree: float = 1.0,
+        max_bins: int = 255,
+        n_iter_no_change: int | None = None,
+        validation_fraction: float = 0.1,
+        random_state: int | None = None,
+        distributed: bool = False,
+    ):
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.num_leaves = num_leaves
@@ -126,8 +139,9 @@ class _GBDT(Estimator):
         if self.n_iter_no_change is not None:
             check_positive(self, n_iter_no_change=self.n_iter_no_change)
             if not 0.0 < self.validation_fraction < 1.0:
-                raise ParameterError(f"{name}: validation_fraction must be in (0, 1), found "
-                                     f"{self.validation_fraction!r}")
+                raise ParameterError(
+                    f"{name}: validation_fraction must be in (0, 1), found {self.validation_fraction!r}"
+                )
 
     # -- the loss, per subclass: raw scores (n, K)
     def _init_score(self, y: torch.Tensor, comm: _Collectives) -> torch.Tensor:
@@ -170,11 +184,17 @@ class _GBDT(Estimator):
         raw = init.expand(n, k).clone()
         raw_val = init.expand(X_val.shape[0], k).clone() if X_val is not None else None
         codes_val = torch.from_numpy(mapper.transform(X_val)) if X_val is not None else None
-        params = GrowParams(max_leaves=int(self.num_leaves), max_depth=int(self.max_depth),
-                            min_child_samples=float(self.min_child_samples),
-                            min_child_weight=float(self.min_child_weight), reg_lambda=float(self.reg_lambda),
-                            min_split_gain=float(self.min_split_gain), shrinkage=float(self.learning_rate),
-                            allreduce=comm.allreduce if comm.pg is not None else None, n_bins=n_bins)
+        params = GrowParams(
+            max_leaves=int(self.num_leaves),
+            max_depth=-1 if self.max_depth is None else int(self.max_depth),
+            min_child_samples=float(self.min_child_samples),
+            min_child_weight=float(self.min_child_weight),
+            reg_lambda=float(self.reg_lambda),
+            min_split_gain=float(self.min_split_gain),
+            shrinkage=float(self.learning_rate),
+            allreduce=comm.allreduce if comm.pg is not None else None,
+            n_bins=n_bins,
+        )
         trees: list[list[Tree]] = []
         best_loss, best_iter, since_best = np.inf, 0, 0
         self.validation_loss_ = []
@@ -192,7 +212,7 @@ class _GBDT(Estimator):
             g, h = self._grad_hess(raw, y)
             round_trees = []
             for c in range(k):
-                channels = torch.cat([g[:, c:c + 1], h[:, c:c + 1], ones], 1)
+                channels = torch.cat([g[:, c : c + 1], h[:, c : c + 1], ones], 1)
                 tree, leaf_rows = grow_tree(codes, codes_by_feature, channels, rows, 1, params, mapper.threshold)
                 if rows.numel() == n:
                     for leaf, r in enumerate(leaf_rows):
@@ -275,11 +295,19 @@ class _GBDT(Estimator):
         for f in range(d):
             e = self.bin_edges_[f]
             infos.append("none" if len(e) == 0 else f"[{_num(e[0])}:{_num(e[-1])}]")
-        head = ["tree", "version=v4", f"num_class={k}", f"num_tree_per_iteration={k}", "label_index=0",
-                f"max_feature_idx={d - 1}", f"objective={self._lgb_objective()}",
-                "feature_names=" + " ".join(f"Column_{i}" for i in range(d)),
-                "feature_infos=" + " ".join(infos),
-                "tree_sizes=" + " ".join(str(len(b.encode())) for b in blocks), ""]
+        head = [
+            "tree",
+            "version=v4",
+            f"num_class={k}",
+            f"num_tree_per_iteration={k}",
+            "label_index=0",
+            f"max_feature_idx={d - 1}",
+            f"objective={self._lgb_objective()}",
+            "feature_names=" + " ".join(f"Column_{i}" for i in range(d)),
+            "feature_infos=" + " ".join(infos),
+            "tree_sizes=" + " ".join(str(len(b.encode())) for b in blocks),
+            "",
+        ]
         return "\n".join(head) + "\n" + "".join(blocks) + "end of trees\n\npandas_categorical:null\n"
 
 
@@ -296,19 +324,25 @@ def _tree_text(index: int, tree: Tree, bias: float, shrinkage: float) -> str:
     if tree.n_leaves > 1:
         # decision_type: bit 1 = default left, bits 2-3 = missing type (2: NaN)
         decision = [(2 if dl else 0) | (2 << 2) for dl in tree.default_left]
-        lines += [f"split_feature={join(tree.split_feature, str)}",
-                  f"split_gain={join(tree.split_gain)}",
-                  f"threshold={join(tree.threshold)}",
-                  f"decision_type={join(decision, str)}",
-                  f"left_child={join(tree.left_child, str)}",
-                  f"right_child={join(tree.right_child, str)}"]
-    lines += [f"leaf_value={join(leaf_values)}",
-              f"leaf_weight={join(tree.leaf_weight)}",
-              f"leaf_count={join(tree.leaf_count.astype(np.int64), str)}"]
+        lines += [
+            f"split_feature={join(tree.split_feature, str)}",
+            f"split_gain={join(tree.split_gain)}",
+            f"threshold={join(tree.threshold)}",
+            f"decision_type={join(decision, str)}",
+            f"left_child={join(tree.left_child, str)}",
+            f"right_child={join(tree.right_child, str)}",
+        ]
+    lines += [
+        f"leaf_value={join(leaf_values)}",
+        f"leaf_weight={join(tree.leaf_weight)}",
+        f"leaf_count={join(tree.leaf_count.astype(np.int64), str)}",
+    ]
     if tree.n_leaves > 1:
-        lines += [f"internal_value={join(tree.internal_value[:, 0])}",
-                  f"internal_weight={join(tree.internal_weight)}",
-                  f"internal_count={join(tree.internal_count.astype(np.int64), str)}"]
+        lines += [
+            f"internal_value={join(tree.internal_value[:, 0])}",
+            f"internal_weight={join(tree.internal_weight)}",
+            f"internal_count={join(tree.internal_count.astype(np.int64), str)}",
+        ]
     lines += ["is_linear=0", f"shrinkage={_num(shrinkage)}", "", ""]
     return "\n".join(lines) + "\n"
 
@@ -353,8 +387,11 @@ class GBDTClassifier(ClassifierMixin, _GBDT):
         return float((torch.logsumexp(raw, 1) - raw.gather(1, y[:, None])[:, 0]).mean())
 
     def _lgb_objective(self) -> str:
-        return "binary sigmoid:1" if self.n_trees_per_iteration_ == 1 else \
-            f"multiclass num_class:{self.n_trees_per_iteration_}"
+        return (
+            "binary sigmoid:1"
+            if self.n_trees_per_iteration_ == 1
+            else f"multiclass num_class:{self.n_trees_per_iteration_}"
+        )
 
     def decision_function(self, X) -> np.ndarray:
         raw = self._raw_predict(X)

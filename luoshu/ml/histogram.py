@@ -188,52 +188,62 @@ class _Leaf:
     missing_left: bool = False
 
 
-def _leaf_objective(G: torch.Tensor, H: torch.Tensor, lam: float) -> torch.Tensor:
-    """sum_k G_k^2 / (H + lambda): the (doubled, negated) loss reduction of a leaf's optimal value."""
-    return (G * G).sum(0) / (H + lam)
-
-
-def _best_split(leaf: _Leaf, p: GrowParams, k: int) -> None:
-    hist, tot = leaf.hist, leaf.totals
-    d = hist.shape[2]
-    value = hist[:, :MISSING_BIN]  # (C, 255, d)
-    miss = hist[:, MISSING_BIN]  # (C, d)
-    left_a = value.cumsum(1)  # missing right
-    left_b = left_a + miss[:, None, :]  # missing left
-    left = torch.stack([left_a, left_b], 1)  # (C, 2, 255, d)
-    right = tot[:, None, None, None] - left
-    GL, HL, NL = left[:k], left[k], left[k + 1]
-    GR, HR, NR = right[:k], right[k], right[k + 1]
-    gain = _leaf_objective(GL, HL, p.reg_lambda) + _leaf_objective(GR, HR, p.reg_lambda) \
-        - float(_leaf_objective(tot[:k, None], tot[k, None], p.reg_lambda)[0])
-    ok = (NL >= p.min_child_samples) & (NR >= p.min_child_samples) & (HL >= p.min_child_weight) \
+def _best_splits(leaves: list[_Leaf], p: GrowParams, k: int, valid_bins: torch.Tensor) -> None:
+    """Finds each leaf's best (feature, bin, missing side) at once: one batched pass for the given leaves."""
+    hist = torch.stack([lf.hist for lf in leaves])  # (B, C, N_BINS, d)
+    tot = torch.stack([lf.totals for lf in leaves])  # (B, C)
+    n_leaves, _, _, d = hist.shape
+    lam = p.reg_lambda
+    left_a = hist[:, :, :MISSING_BIN].cumsum(2)  # missing values go right
+    miss = hist[:, :, MISSING_BIN]  # (B, C, d)
+    has_missing = bool((miss[:, k + 1] > 0).any())
+    if has_missing:
+        left = torch.stack([left_a, left_a + miss[:, :, None, :]], 1)  # (B, 2, C, 255, d); [:, 1]: missing left
+    else:  # no missing values here: "missing left" is the same split, skip its half of the work
+        left = left_a[:, None]
+    right = tot[:, None, :, None, None] - left
+    GL, HL, NL = left[:, :, :k], left[:, :, k], left[:, :, k + 1]
+    GR, HR, NR = right[:, :, :k], right[:, :, k], right[:, :, k + 1]
+    parent = ((tot[:, :k] ** 2).sum(1) / (tot[:, k] + lam))[:, None, None, None]
+    gain = (GL * GL).sum(2) / (HL + lam) + (GR * GR).sum(2) / (HR + lam) - parent  # (B, 2, 255, d)
+    ok = (
+        (NL >= p.min_child_samples)
+        & (NR >= p.min_child_samples)
+        & (HL >= p.min_child_weight)
         & (HR >= p.min_child_weight)
-    # a threshold must leave at least one value bin on each side
-    bins = torch.arange(MISSING_BIN)[:, None]
-    ok &= (bins < (p.n_bins - 1)[None, :])[None]
-    # with no missing values in the node both directions are one split: keep "missing right" only
-    ok[1] &= (miss[k + 1] > 0)[None, :]
+        & valid_bins
+    )
+    # with no missing values in a node both directions are one split: keep "missing right" only
+    if has_missing:
+        ok[:, 1] &= (miss[:, k + 1] > 0)[:, None, :]
     mask = p.feature_mask
     if p.features_per_node is not None and p.features_per_node < d:
-        pick = torch.randperm(d, generator=p.generator)[: p.features_per_node]
-        node_mask = torch.zeros(d, dtype=torch.bool)
-        node_mask[pick] = True
-        mask = node_mask if mask is None else mask & node_mask
+        node_mask = torch.zeros(n_leaves, d, dtype=torch.bool)
+        for i in range(n_leaves):
+            node_mask[i, torch.randperm(d, generator=p.generator)[: p.features_per_node]] = True
+        mask = node_mask if mask is None else mask[None] & node_mask
     if mask is not None:
-        ok &= mask[None, None, :]
-    gain = torch.where(ok, gain, -torch.inf)
-    best = int(torch.argmax(gain))
-    g = float(gain.view(-1)[best])
-    if not g > max(p.min_split_gain, 1e-12):
-        leaf.gain = -np.inf
-        return
-    direction, rest = divmod(best, MISSING_BIN * d)
-    b, f = divmod(rest, d)
-    leaf.gain, leaf.feature, leaf.bin, leaf.missing_left = g, f, b, bool(direction)
+        ok &= (mask if mask.dim() == 2 else mask[None])[:, None, None, :]
+    gain = torch.where(ok, gain, -torch.inf).view(n_leaves, -1)
+    best_gain, best = gain.max(1)
+    for lf, g, b in zip(leaves, best_gain.tolist(), best.tolist()):
+        if not g > max(p.min_split_gain, 1e-12):
+            lf.gain = -np.inf
+            continue
+        direction, rest = divmod(b, MISSING_BIN * d)  # variant 1 exists only when has_missing
+        bin_id, f = divmod(rest, d)
+        lf.gain, lf.feature, lf.bin, lf.missing_left = g, f, bin_id, bool(direction)
 
 
-def grow_tree(codes: torch.Tensor, codes_by_feature: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor,
-              k: int, params: GrowParams, thresholds: Callable[[int, int], float]) -> tuple[Tree, list[torch.Tensor]]:
+def grow_tree(
+    codes: torch.Tensor,
+    codes_by_feature: torch.Tensor,
+    channels: torch.Tensor,
+    rows: torch.Tensor,
+    k: int,
+    params: GrowParams,
+    thresholds: Callable[[int, int], float],
+) -> tuple[Tree, list[torch.Tensor]]:
     """Grows one tree on `rows`; returns it and the rows of each leaf.
 
     `channels` columns: `k` gradient channels, the hessian, the sample count (or weight).
@@ -246,7 +256,9 @@ def grow_tree(codes: torch.Tensor, codes_by_feature: torch.Tensor, channels: tor
     leaves = [_Leaf(rows, hist, totals, 0)]
     nodes: list[dict] = []
     parent_of_leaf: dict[int, tuple[int, str]] = {}  # leaf -> (internal node, "left"/"right")
-    _best_split(leaves[0], p, k)
+    # a threshold must leave at least one value bin on each side
+    valid_bins = torch.arange(MISSING_BIN)[:, None] < (p.n_bins - 1)[None, :]
+    _best_splits(leaves, p, k, valid_bins)
     lam = p.reg_lambda
 
     def value_of(tot):
@@ -269,10 +281,20 @@ def grow_tree(codes: torch.Tensor, codes_by_feature: torch.Tensor, channels: tor
         large = lf.hist - small
         lh, rh = (small, large) if small_is_left else (large, small)
         node_id = len(nodes)
-        nodes.append({"feature": lf.feature, "bin": lf.bin, "threshold": thresholds(lf.feature, lf.bin),
-                      "default_left": lf.missing_left, "gain": lf.gain, "value": value_of(lf.totals),
-                      "weight": float(lf.totals[k]), "count": float(lf.totals[k + 1]),
-                      "left": ~j, "right": ~len(leaves)})
+        nodes.append(
+            {
+                "feature": lf.feature,
+                "bin": lf.bin,
+                "threshold": thresholds(lf.feature, lf.bin),
+                "default_left": lf.missing_left,
+                "gain": lf.gain,
+                "value": value_of(lf.totals),
+                "weight": float(lf.totals[k]),
+                "count": float(lf.totals[k + 1]),
+                "left": ~j,
+                "right": ~len(leaves),
+            }
+        )
         if j in parent_of_leaf:
             parent, side = parent_of_leaf[j]
             nodes[parent][side] = node_id
@@ -283,18 +305,22 @@ def grow_tree(codes: torch.Tensor, codes_by_feature: torch.Tensor, channels: tor
         right_leaf = _Leaf(right_rows, rh, rh[:, :, 0].sum(1), depth)
         leaves[j] = left_leaf
         leaves.append(right_leaf)
-        _best_split(left_leaf, p, k)
-        _best_split(right_leaf, p, k)
+        _best_splits([left_leaf, right_leaf], p, k, valid_bins)
 
     def arr(key, dtype):
         return np.array([nd[key] for nd in nodes], dtype=dtype)
 
     tree = Tree(
-        split_feature=arr("feature", np.int64), split_bin=arr("bin", np.int64),
-        threshold=arr("threshold", np.float64), default_left=arr("default_left", bool),
-        left_child=arr("left", np.int64), right_child=arr("right", np.int64), split_gain=arr("gain", np.float64),
+        split_feature=arr("feature", np.int64),
+        split_bin=arr("bin", np.int64),
+        threshold=arr("threshold", np.float64),
+        default_left=arr("default_left", bool),
+        left_child=arr("left", np.int64),
+        right_child=arr("right", np.int64),
+        split_gain=arr("gain", np.float64),
         internal_value=np.array([nd["value"] for nd in nodes], dtype=np.float64).reshape(len(nodes), k),
-        internal_weight=arr("weight", np.float64), internal_count=arr("count", np.float64),
+        internal_weight=arr("weight", np.float64),
+        internal_count=arr("count", np.float64),
         leaf_value=np.stack([value_of(lf.totals) for lf in leaves]).astype(np.float64),
         leaf_weight=np.array([float(lf.totals[k]) for lf in leaves]),
         leaf_count=np.array([float(lf.totals[k + 1]) for lf in leaves]),

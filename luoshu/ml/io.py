@@ -33,8 +33,9 @@ STATE_VERSION = 1
 # ---------------------------------------------------------------- libsvm
 
 
-def load_libsvm(path: str | os.PathLike, n_features: int | None = None, zero_based: bool | str = "auto",
-                dtype=np.float64) -> tuple[sp.csr_matrix, np.ndarray]:
+def load_libsvm(
+    path: str | os.PathLike, n_features: int | None = None, zero_based: bool | str = "auto", dtype=np.float64
+) -> tuple[sp.csr_matrix, np.ndarray]:
     """Reads a libsvm / svmlight file: `label idx:value idx:value ...  # comment` per line.
 
     Returns `(X, y)` with X a CSR matrix. `zero_based="auto"` treats the indices as 1-based
@@ -71,13 +72,15 @@ def load_libsvm(path: str | os.PathLike, n_features: int | None = None, zero_bas
                 try:
                     i, v = int(idx), float(val)
                 except ValueError:
-                    raise DataError(f"{path}:{lineno}: expected an integer index and a number, found {field!r}"
-                                    ) from None
+                    raise DataError(
+                        f"{path}:{lineno}: expected an integer index and a number, found {field!r}"
+                    ) from None
                 if i < 0:
                     raise DataError(f"{path}:{lineno}: feature indices must be non-negative, found {i}")
                 if i <= last:
-                    raise DataError(f"{path}:{lineno}: feature indices must increase along a line, found {i} "
-                                    f"after {last}")
+                    raise DataError(
+                        f"{path}:{lineno}: feature indices must increase along a line, found {i} after {last}"
+                    )
                 last = i
                 indices.append(i)
                 values.append(v)
@@ -94,11 +97,14 @@ def load_libsvm(path: str | os.PathLike, n_features: int | None = None, zero_bas
     width = int(idx_arr.max()) + 1 if idx_arr.size else 0
     if n_features is not None:
         if n_features < width:
-            raise DataError(f"{path}: n_features={n_features}, but the file has feature index {width - 1} "
-                            f"({'0' if zero_based else '1'}-based)")
+            raise DataError(
+                f"{path}: n_features={n_features}, but the file has feature index {width - 1} "
+                f"({'0' if zero_based else '1'}-based)"
+            )
         width = n_features
-    X = sp.csr_matrix((np.asarray(values, dtype=dtype), idx_arr, np.asarray(indptr, dtype=np.int64)),
-                      shape=(len(labels), width))
+    X = sp.csr_matrix(
+        (np.asarray(values, dtype=dtype), idx_arr, np.asarray(indptr, dtype=np.int64)), shape=(len(labels), width)
+    )
     return X, np.asarray(labels, dtype=np.float64)
 
 
@@ -130,8 +136,11 @@ def _encode(value, arrays: _Arrays, where: str):
         if value.dtype.kind in "biuf":
             return {"__array__": arrays.add(value)}
         if value.dtype.kind in "OU" and all(isinstance(v, (str, int, float, np.generic)) for v in value.ravel()):
-            return {"__list_array__": [_encode(v, arrays, where) for v in value.ravel().tolist()],
-                    "shape": list(value.shape), "dtype": "object" if value.dtype.kind == "O" else str(value.dtype)}
+            return {
+                "__list_array__": [_encode(v, arrays, where) for v in value.ravel().tolist()],
+                "shape": list(value.shape),
+                "dtype": "object" if value.dtype.kind == "O" else str(value.dtype),
+            }
     if isinstance(value, (list, tuple)):
         return {"__list__" if isinstance(value, list) else "__tuple__": [_encode(v, arrays, where) for v in value]}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
@@ -151,8 +160,11 @@ def _decode(value, tensors: dict, where: str):
         return tensors[name].numpy()
     if "__list_array__" in value:
         items = [_decode(v, tensors, where) for v in value["__list_array__"]]
-        arr = np.empty(len(items), dtype=object) if value["dtype"] == "object" else np.asarray(items,
-                                                                                               dtype=value["dtype"])
+        arr = (
+            np.empty(len(items), dtype=object)
+            if value["dtype"] == "object"
+            else np.asarray(items, dtype=value["dtype"])
+        )
         if value["dtype"] == "object":
             arr[:] = items
         return arr.reshape(value["shape"])
@@ -192,8 +204,7 @@ def save(estimator: Estimator, path: str | os.PathLike) -> Path:
     arrays = _Arrays()
     params = _encode(estimator.get_params(deep=False), arrays, f"{name} parameters")
     fitted = _encode(state, arrays, f"{name} fitted state")
-    metadata = {"kind": KIND, "state_version": STATE_VERSION, "estimator": name, "params": params,
-                "state": fitted}
+    metadata = {"kind": KIND, "state_version": STATE_VERSION, "estimator": name, "params": params, "state": fitted}
     return checkpoint.save(path, _EstimatorState(arrays.tensors), metadata=metadata)
 
 
@@ -203,12 +214,15 @@ def load(path: str | os.PathLike) -> Estimator:
     graph = checkpoint.verify(path)
     meta = graph.get("metadata") or {}
     if meta.get("kind") != KIND or meta.get("state_version") != STATE_VERSION:
-        raise CheckpointError(f"{path}: not a luoshu.ml model (expected kind {KIND!r} version {STATE_VERSION}, "
-                              f"found {meta.get('kind')!r} version {meta.get('state_version')!r})")
+        raise CheckpointError(
+            f"{path}: not a luoshu.ml model (expected kind {KIND!r} version {STATE_VERSION}, "
+            f"found {meta.get('kind')!r} version {meta.get('state_version')!r})"
+        )
     cls = REGISTRY.get(meta.get("estimator"))
     if cls is None:
-        raise CheckpointError(f"{path}: unknown estimator {meta.get('estimator')!r}; luoshu.ml knows "
-                              f"{sorted(REGISTRY)}")
+        raise CheckpointError(
+            f"{path}: unknown estimator {meta.get('estimator')!r}; luoshu.ml knows {sorted(REGISTRY)}"
+        )
     try:
         tensors = load_file(path / "weights.safetensors")
     except (SafetensorError, OSError, ValueError) as exc:

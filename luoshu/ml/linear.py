@@ -58,8 +58,15 @@ def _linear_tags(tags):
 class LogisticRegression(ClassifierMixin, Estimator):
     """Logistic regression with scikit-learn's objective; `penalty` in {"l2", "l1", "elasticnet", None}."""
 
-    def __init__(self, penalty: str | None = "l2", C: float = 1.0, l1_ratio: float = 0.5, fit_intercept: bool = True,
-                 max_iter: int = 1000, tol: float = 1e-6):
+    def __init__(
+        self,
+        penalty: str | None = "l2",
+        C: float = 1.0,
+        l1_ratio: float = 0.5,
+        fit_intercept: bool = True,
+        max_iter: int = 1000,
+        tol: float = 1e-6,
+    ):
         self.penalty = penalty
         self.C = C
         self.l1_ratio = l1_ratio
@@ -100,7 +107,7 @@ class LogisticRegression(ClassifierMixin, Estimator):
 
         def unpack(theta):
             W = theta[: d * k].view(d, k)
-            b = theta[d * k:] if fit_b else torch.zeros(k, dtype=torch.float64)
+            b = theta[d * k :] if fit_b else torch.zeros(k, dtype=torch.float64)
             return W, b
 
         def smooth(theta):
@@ -122,6 +129,7 @@ class LogisticRegression(ClassifierMixin, Estimator):
         if l1 == 0.0:
             theta, self.n_iter_ = lbfgs(smooth, theta0, max_iter=self.max_iter, tol=self.tol)
         else:
+
             def objective(theta):
                 f, g = smooth(theta)
                 return f, g
@@ -133,8 +141,9 @@ class LogisticRegression(ClassifierMixin, Estimator):
                 return out
 
             lip = spectral_norm_sq(design.mv, design.rmv, d) / n * (0.25 if k == 1 else 0.5) + l2 + 1.0 / n
-            theta, self.n_iter_ = fista(objective, prox, theta0, lipschitz=lip, max_iter=self.max_iter * 20,
-                                        tol=self.tol)
+            theta, self.n_iter_ = fista(
+                objective, prox, theta0, lipschitz=lip, max_iter=self.max_iter * 20, tol=self.tol
+            )
         W, b = unpack(theta)
         self.coef_ = W.T.contiguous().numpy()
         self.intercept_ = b.numpy().copy()
@@ -179,8 +188,9 @@ def _centred_solve(estimator, X, y, alpha: float, fit_intercept: bool):
         if design.sparse:
             gram = (design.Xt @ design.X.to_dense()) if d * n <= 5e7 else None
             if gram is None:
-                raise ParameterError(f"{type(estimator).__name__}: a sparse X of {n} x {d} is too large for the "
-                                     "closed-form solve")
+                raise ParameterError(
+                    f"{type(estimator).__name__}: a sparse X of {n} x {d} is too large for the closed-form solve"
+                )
         else:
             gram = design.X.T @ design.X
         gram = gram - n * torch.outer(x_mean, x_mean)
@@ -244,8 +254,15 @@ class Ridge(_LeastSquares):
 class LinearSVC(ClassifierMixin, Estimator):
     """A linear support-vector classifier (liblinear's formulation, one-vs-rest for several classes)."""
 
-    def __init__(self, C: float = 1.0, loss: str = "squared_hinge", fit_intercept: bool = True,
-                 intercept_scaling: float = 1.0, max_iter: int = 2000, tol: float = 1e-4):
+    def __init__(
+        self,
+        C: float = 1.0,
+        loss: str = "squared_hinge",
+        fit_intercept: bool = True,
+        intercept_scaling: float = 1.0,
+        max_iter: int = 2000,
+        tol: float = 1e-4,
+    ):
         self.C = C
         self.loss = loss
         self.fit_intercept = fit_intercept
@@ -286,8 +303,9 @@ class LinearSVC(ClassifierMixin, Estimator):
             return v.clamp(min=0.0, max=upper)
 
         lip = spectral_norm_sq(design.mv, design.rmv, d) + diag
-        a, self.n_iter_ = fista(dual, project, torch.zeros(n * k, dtype=torch.float64), lipschitz=lip,
-                                max_iter=self.max_iter, tol=self.tol)
+        a, self.n_iter_ = fista(
+            dual, project, torch.zeros(n * k, dtype=torch.float64), lipschitz=lip, max_iter=self.max_iter, tol=self.tol
+        )
         W = design.rmv(a.view(n, k) * sign).T.contiguous()  # (k, d)
         if self.fit_intercept:
             self.coef_ = W[:, :-1].contiguous().numpy()

@@ -14,8 +14,9 @@ import torch
 FunGrad = Callable[[torch.Tensor], tuple[float, torch.Tensor]]
 
 
-def lbfgs(fun_grad: FunGrad, x0: torch.Tensor, *, max_iter: int = 500, tol: float = 1e-6,
-          memory: int = 20) -> tuple[torch.Tensor, int]:
+def lbfgs(
+    fun_grad: FunGrad, x0: torch.Tensor, *, max_iter: int = 500, tol: float = 1e-6, memory: int = 20
+) -> tuple[torch.Tensor, int]:
     """Minimises a smooth function; returns `(x, iterations)`. Backtracking Armijo line search."""
     x = x0.clone()
     f, g = fun_grad(x)
@@ -69,8 +70,15 @@ def lbfgs(fun_grad: FunGrad, x0: torch.Tensor, *, max_iter: int = 500, tol: floa
     return x, it
 
 
-def fista(fun_grad: FunGrad, prox: Callable[[torch.Tensor, float], torch.Tensor], x0: torch.Tensor, *,
-          lipschitz: float, max_iter: int = 5000, tol: float = 1e-6) -> tuple[torch.Tensor, int]:
+def fista(
+    fun_grad: FunGrad,
+    prox: Callable[[torch.Tensor, float], torch.Tensor],
+    x0: torch.Tensor,
+    *,
+    lipschitz: float,
+    max_iter: int = 5000,
+    tol: float = 1e-6,
+) -> tuple[torch.Tensor, int]:
     """Minimises smooth + non-smooth by accelerated proximal gradient with backtracking and adaptive restart.
 
     `prox(v, step)` is the proximal map of the non-smooth part (a projection for a box
@@ -102,8 +110,12 @@ def fista(fun_grad: FunGrad, prox: Callable[[torch.Tensor, float], torch.Tensor]
     return x, it
 
 
-def spectral_norm_sq(matvec: Callable[[torch.Tensor], torch.Tensor], rmatvec: Callable[[torch.Tensor], torch.Tensor],
-                     n_cols: int, iters: int = 50) -> float:
+def spectral_norm_sq(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rmatvec: Callable[[torch.Tensor], torch.Tensor],
+    n_cols: int,
+    iters: int = 50,
+) -> float:
     """The largest eigenvalue of A^T A by power iteration (an upper estimate: +1%)."""
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(n_cols, dtype=torch.float64, generator=gen)

@@ -1,6 +1,6 @@
 """Data-parallel GBDT under `luoshu launch -n N`: each worker fits on its slice of one generated data set.
 
-    python -m luoshu.dist.launch -n 2 tests/ml/dist_gbdt_script.py OUT_PREFIX
+    python -m luoshu.distributed.launch -n 2 tests/ml/dist_gbdt_script.py OUT_PREFIX
 
 Writes OUT_PREFIX.rank<r>.npz with every tree's arrays. `data()` is the full data set; the
 test fits one process on all of it and compares.
@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import torch
 
-from luoshu import dist, ml
+from luoshu import distributed as dist
+from luoshu import ml
 
 PARAMS = {"n_estimators": 8, "num_leaves": 12, "min_child_samples": 5, "learning_rate": 0.2}
 

@@ -13,6 +13,9 @@ ESTIMATORS = [
     ml.GBDTRegressor(n_estimators=10),
     ml.RandomForestClassifier(n_estimators=5),
     ml.RandomForestRegressor(n_estimators=5),
+    ml.FactorizationMachine(n_epochs=5),
+    ml.FactorizationMachine(task="regression", n_epochs=5),
+    ml.FieldAwareFM(n_epochs=5),
 ]
 
 

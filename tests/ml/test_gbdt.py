@@ -82,14 +82,22 @@ def test_a_single_tree_is_the_exact_greedy_best_split():
     y = np.where(X[:, 1] > 0.3, 2.0, 0.0) + 0.1 * rng.normal(size=300)
     m = GBDTRegressor(n_estimators=1, learning_rate=1.0, num_leaves=2, min_child_samples=1).fit(X, y)
     (tree,) = m.trees_[0]
-    best = min((((y[X[:, f] <= t] - y[X[:, f] <= t].mean()) ** 2).sum()
-                 + ((y[X[:, f] > t] - y[X[:, f] > t].mean()) ** 2).sum(), f, t)
-                for f in range(3) for t in np.unique(X[:, f])[:-1])
+    best = min(
+        (
+            ((y[X[:, f] <= t] - y[X[:, f] <= t].mean()) ** 2).sum()
+            + ((y[X[:, f] > t] - y[X[:, f] > t].mean()) ** 2).sum(),
+            f,
+            t,
+        )
+        for f in range(3)
+        for t in np.unique(X[:, f])[:-1]
+    )
     assert tree.split_feature[0] == best[1]
     left = X[:, best[1]] <= tree.threshold[0]
     assert (left == (X[:, best[1]] <= best[2])).all()
-    np.testing.assert_allclose(sorted(tree.leaf_value[:, 0] + m.init_score_[0]),
-                               sorted([y[left].mean(), y[~left].mean()]), atol=1e-9)
+    np.testing.assert_allclose(
+        sorted(tree.leaf_value[:, 0] + m.init_score_[0]), sorted([y[left].mean(), y[~left].mean()]), atol=1e-9
+    )
 
 
 def test_bins_are_quantiles_and_consistent_with_thresholds():
@@ -109,7 +117,8 @@ def test_bins_are_quantiles_and_consistent_with_thresholds():
 def test_early_stopping_keeps_the_best_iteration(binary_with_missing):
     Xtr, Xte, ytr, yte = binary_with_missing
     m = GBDTClassifier(n_estimators=400, learning_rate=0.5, num_leaves=31, n_iter_no_change=5).fit(
-        Xtr, ytr, eval_set=(Xte, yte))
+        Xtr, ytr, eval_set=(Xte, yte)
+    )
     assert m.best_iteration_ < 400 and len(m.trees_) == m.best_iteration_
     assert int(np.argmin(m.validation_loss_)) + 1 == m.best_iteration_
     assert len(m.validation_loss_) == m.best_iteration_ + 5

@@ -34,14 +34,17 @@ def test_libsvm_zero_based_qid_and_comments(tmp_path):
     np.testing.assert_array_equal(X.toarray(), [[1.5, 0, 0, 0, -2], [0, 0, 0.3, 0, 0], [0, 0, 0, 0, 0]])
 
 
-@pytest.mark.parametrize("line, message", [
-    ("1 3:1 x:2", "expected an integer index"),
-    ("1 3:1 5", "expected index:value"),
-    ("yes 1:1", "label must be a number"),
-    ("1 4:1 2:1", "must increase"),
-    ("1 -1:1", "non-negative"),
-    ("1 1:abc", "expected an integer index and a number"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("1 3:1 x:2", "expected an integer index"),
+        ("1 3:1 5", "expected index:value"),
+        ("yes 1:1", "label must be a number"),
+        ("1 4:1 2:1", "must increase"),
+        ("1 -1:1", "non-negative"),
+        ("1 1:abc", "expected an integer index and a number"),
+    ],
+)
 def test_malformed_libsvm_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.libsvm"
     path.write_text("1 1:0.5 2:1\n0 2:1\n" + line + "\n")

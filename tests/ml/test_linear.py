@@ -48,8 +48,9 @@ def test_linear_regression_is_least_squares_even_when_rank_deficient():
     assert ours.score(X, y) == pytest.approx(ref.score(X, y), abs=1e-10)
 
 
-@pytest.mark.parametrize("load, C", [(datasets.load_breast_cancer, 0.5), (datasets.load_iris, 2.0),
-                                     (datasets.load_wine, 1.0)])
+@pytest.mark.parametrize(
+    "load, C", [(datasets.load_breast_cancer, 0.5), (datasets.load_iris, 2.0), (datasets.load_wine, 1.0)]
+)
 def test_l2_logistic_regression_matches_sklearn_to_1e_4(load, C):
     X, y = _scaled(load)
     ours = linear.LogisticRegression(C=C, tol=1e-9).fit(X, y)
@@ -75,18 +76,22 @@ def _lr_objective(coef, intercept, X, y, C, l1_ratio):
         loss = np.logaddexp(0, -s * Z[:, 0]).sum()
     else:
         loss = (np.logaddexp.reduce(Z, axis=1) - Z[np.arange(len(y)), y]).sum()
-    return C * loss + l1_ratio * np.abs(coef).sum() + 0.5 * (1 - l1_ratio) * (coef ** 2).sum()
+    return C * loss + l1_ratio * np.abs(coef).sum() + 0.5 * (1 - l1_ratio) * (coef**2).sum()
 
 
-@pytest.mark.parametrize("penalty, l1_ratio, load", [("l1", 1.0, datasets.load_breast_cancer),
-                                                      ("elasticnet", 0.3, datasets.load_breast_cancer),
-                                                      ("l1", 1.0, datasets.load_iris)])
+@pytest.mark.parametrize(
+    "penalty, l1_ratio, load",
+    [
+        pytest.param("l1", 1.0, datasets.load_breast_cancer, marks=pytest.mark.slow),  # saga's reference: ~5 s
+        ("elasticnet", 0.3, datasets.load_breast_cancer),
+        ("l1", 1.0, datasets.load_iris),
+    ],
+)
 def test_l1_and_elastic_net_reach_sklearn_saga_optimum(penalty, l1_ratio, load):
     X, y = _scaled(load)
     kw = {"l1_ratio": 0.3} if penalty == "elasticnet" else {}
     ours = linear.LogisticRegression(penalty=penalty, C=0.5, tol=1e-8, **kw).fit(X, y)
-    ref = linear_model.LogisticRegression(l1_ratio=l1_ratio, C=0.5, solver="saga", tol=1e-8,
-                                          max_iter=100000).fit(X, y)
+    ref = linear_model.LogisticRegression(l1_ratio=l1_ratio, C=0.5, solver="saga", tol=1e-8, max_iter=100000).fit(X, y)
     ours_obj = _lr_objective(ours.coef_, ours.intercept_, X, y, 0.5, l1_ratio)
     ref_obj = _lr_objective(ref.coef_, ref.intercept_, X, y, 0.5, l1_ratio)
     assert ours_obj <= ref_obj + 1e-6 * abs(ref_obj)
@@ -109,8 +114,7 @@ def test_estimators_work_in_pipelines_and_cross_validation():
     X, y = datasets.load_wine(return_X_y=True)
     pipe = make_pipeline(StandardScaler(), linear.LogisticRegression(C=0.1))
     ours = cross_val_score(pipe, X, y, cv=3).mean()
-    ref = cross_val_score(make_pipeline(StandardScaler(), linear_model.LogisticRegression(C=0.1)),
-                          X, y, cv=3).mean()
+    ref = cross_val_score(make_pipeline(StandardScaler(), linear_model.LogisticRegression(C=0.1)), X, y, cv=3).mean()
     assert ours == pytest.approx(ref, abs=0.01)
     assert ours > 0.9
 
