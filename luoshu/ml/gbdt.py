@@ -15,6 +15,8 @@ concatenated rows.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -99,6 +101,7 @@ class _GBDT(Estimator):
         validation_fraction: float = 0.1,
         random_state: int | None = None,
         distributed: bool = False,
+        n_jobs: int | None = None,
     ):
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
@@ -115,6 +118,7 @@ class _GBDT(Estimator):
         self.validation_fraction = validation_fraction
         self.random_state = random_state
         self.distributed = distributed
+        self.n_jobs = n_jobs
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -155,6 +159,23 @@ class _GBDT(Estimator):
 
     def _fit_boosting(self, X: np.ndarray, y: torch.Tensor, k: int, eval_set) -> None:
         self._check_params()
+        threads = torch.get_num_threads() if self.n_jobs is None else int(self.n_jobs)
+        if threads < 1:
+            raise ParameterError(f"{type(self).__name__}: n_jobs must be >= 1, found {self.n_jobs!r}")
+        if threads == 1:
+            return self._boost(X, y, k, eval_set, None)
+        # Histograms go to our own threads, each running torch single-threaded: scatter_add_
+        # gets slower, not faster, with torch's intra-op threads.
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            # OpenMP's thread count is per thread: each pool thread sets its own
+            with ThreadPoolExecutor(threads, "luoshu-gbdt", initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                return self._boost(X, y, k, eval_set, pool)
+        finally:
+            torch.set_num_threads(before)
+
+    def _boost(self, X: np.ndarray, y: torch.Tensor, k: int, eval_set, pool) -> None:
         comm = _Collectives(self.distributed)
         rng = np.random.default_rng(0 if self.random_state is None else self.random_state)
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
@@ -194,6 +215,7 @@ class _GBDT(Estimator):
             shrinkage=float(self.learning_rate),
             allreduce=comm.allreduce if comm.pg is not None else None,
             n_bins=n_bins,
+            pool=pool,
         )
         trees: list[list[Tree]] = []
         best_loss, best_iter, since_best = np.inf, 0, 0

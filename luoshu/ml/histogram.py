@@ -19,6 +19,7 @@ then sees the global histogram and grows the same tree.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -149,17 +150,15 @@ class GrowParams:
     allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     feature_mask: torch.Tensor | None = None  # per-tree feature subset (GBDT colsample_bytree)
     n_bins: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    pool: ThreadPoolExecutor | None = None  # threads for the histograms
 
 
-def histogram(codes: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """Per-feature, per-bin sums of each channel: (C, N_BINS, d) float64.
+PARALLEL_MIN_ROWS = 8192  # below this a node's histogram is not worth splitting across threads
 
-    `codes` is (n, d) int64, `channels` (n, C) float64; `rows` selects the node's rows
-    (None: all). Two channels ride in one complex scatter (real and imaginary parts),
-    halving the passes over the index.
-    """
-    idx = codes if rows is None else codes.index_select(0, rows)
-    vals = channels if rows is None else channels.index_select(0, rows)
+
+def _histogram_block(codes: torch.Tensor, channels: torch.Tensor, rows) -> torch.Tensor:
+    idx = codes[rows] if isinstance(rows, slice) else codes.index_select(0, rows)
+    vals = channels[rows] if isinstance(rows, slice) else channels.index_select(0, rows)
     m, d = idx.shape
     n_ch = vals.shape[1]
     out = torch.empty(n_ch, N_BINS, d, dtype=torch.float64)
@@ -173,6 +172,30 @@ def histogram(codes: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor | 
             acc = torch.zeros(N_BINS, d, dtype=torch.float64)
             acc.scatter_add_(0, idx, vals[:, c, None].expand(m, d))
             out[c] = acc
+    return out
+
+
+def histogram(
+    codes: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor | None, pool: ThreadPoolExecutor | None = None
+) -> torch.Tensor:
+    """Per-feature, per-bin sums of each channel: (C, N_BINS, d) float64.
+
+    `codes` is (n, d) int64, `channels` (n, C) float64; `rows` selects the node's rows
+    (None: all). Two channels ride in one complex scatter (real and imaginary parts),
+    halving the passes over the index. With a `pool`, blocks of rows are gathered and
+    scattered on its threads (torch's own intra-op threads make `scatter_add_` slower,
+    not faster) and the block histograms summed in block order.
+    """
+    m = codes.shape[0] if rows is None else rows.numel()
+    workers = pool._max_workers if pool is not None else 1
+    if workers == 1 or m < PARALLEL_MIN_ROWS:
+        return _histogram_block(codes, channels, slice(None) if rows is None else rows)
+    bounds = [m * i // workers for i in range(workers + 1)]
+    blocks = [slice(a, b) if rows is None else rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = list(pool.map(lambda blk: _histogram_block(codes, channels, blk), blocks))
+    out = parts[0]
+    for part in parts[1:]:
+        out += part
     return out
 
 
@@ -225,7 +248,11 @@ def _best_splits(leaves: list[_Leaf], p: GrowParams, k: int, valid_bins: torch.T
     if mask is not None:
         ok &= (mask if mask.dim() == 2 else mask[None])[:, None, None, :]
     gain = torch.where(ok, gain, -torch.inf).view(n_leaves, -1)
-    best_gain, best = gain.max(1)
+    best_gain = gain.max(1).values
+    # Ties (to rounding) go to the first candidate: sums in another order (threads, workers)
+    # differ in the last bits, and must not change the tree.
+    near = gain >= (best_gain - 1e-9 * best_gain.abs())[:, None]
+    best = near.to(torch.uint8).argmax(1)
     for lf, g, b in zip(leaves, best_gain.tolist(), best.tolist()):
         if not g > max(p.min_split_gain, 1e-12):
             lf.gain = -np.inf
@@ -251,7 +278,7 @@ def grow_tree(
     """
     p = params
     reduce = p.allreduce or (lambda t: t)
-    hist = reduce(histogram(codes, channels, None if rows.numel() == codes.shape[0] else rows))
+    hist = reduce(histogram(codes, channels, None if rows.numel() == codes.shape[0] else rows, p.pool))
     totals = hist[:, :, 0].sum(1)  # every row falls in exactly one bin of feature 0
     leaves = [_Leaf(rows, hist, totals, 0)]
     nodes: list[dict] = []
@@ -277,7 +304,7 @@ def grow_tree(
         left_count = reduce(torch.tensor([float(left_rows.numel()), float(right_rows.numel())], dtype=torch.float64))
         small_is_left = bool(left_count[0] <= left_count[1])
         small_rows = left_rows if small_is_left else right_rows
-        small = reduce(histogram(codes, channels, small_rows))
+        small = reduce(histogram(codes, channels, small_rows, p.pool))
         large = lf.hist - small
         lh, rh = (small, large) if small_is_left else (large, small)
         node_id = len(nodes)

@@ -155,3 +155,19 @@ def test_bad_eval_labels_and_parameters_are_refused(binary_with_missing):
         GBDTClassifier(subsample=0.0).fit(Xtr, ytr)
     with pytest.raises(ml.DataError, match="features"):
         GBDTClassifier(n_estimators=2).fit(Xtr, ytr).predict(Xte[:, :5])
+
+
+def test_threaded_histograms_grow_the_same_trees(binary_with_missing, monkeypatch):
+    from luoshu.ml import histogram
+
+    Xtr, Xte, ytr, _ = binary_with_missing
+    one = GBDTClassifier(n_estimators=5, n_jobs=1).fit(Xtr, ytr)
+    monkeypatch.setattr(histogram, "PARALLEL_MIN_ROWS", 64)  # the test data is small: split it anyway
+    two = GBDTClassifier(n_estimators=5, n_jobs=2).fit(Xtr, ytr)
+    for (a,), (b,) in zip(one.trees_, two.trees_):
+        np.testing.assert_array_equal(a.split_feature, b.split_feature)
+        np.testing.assert_array_equal(a.split_bin, b.split_bin)
+    np.testing.assert_allclose(two.predict_proba(Xte), one.predict_proba(Xte), atol=1e-10)
+    import torch
+
+    assert torch.get_num_threads() == 1  # the fit restored the caller's thread count
