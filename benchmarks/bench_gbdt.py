@@ -13,6 +13,10 @@ Data sets:
   logistic model with crosses; 20% held out.
 
     .venv/bin/python benchmarks/bench_gbdt.py [--rows 200000] [--ctr-rows 1000000] [--repeats 3] [--threads 2]
+
+On a machine shared with other jobs, run with `OMP_WAIT_POLICY=PASSIVE`: LightGBM's and
+scikit-learn's OpenMP threads otherwise spin against the other load and their times
+swing by several times.
 """
 
 from __future__ import annotations
