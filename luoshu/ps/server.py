@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import socket
 import sys
@@ -43,6 +44,80 @@ log = logging.getLogger("luoshu.ps")
 TABLE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 SHUTDOWN_GRACE_S = 5.0
+
+# Bounds on what one request may ask for: a client value is checked against these before it is used.
+MAX_NAME_CHARS = 256
+MAX_DIM = 1 << 15
+MAX_NUM_ROWS = 1 << 62
+DEFAULT_WAIT_S = 60.0
+MAX_WAIT_S = 24 * 3600.0
+
+# The args each op takes (besides "arrays", which `protocol.decode` consumes) and how many arrays it
+# carries. Anything else is refused: the server never reads a key it did not define here.
+OP_ARGS = {
+    P.PING: frozenset(), P.HELLO: frozenset(), P.SNAPSHOT: frozenset(), P.STATS: frozenset(), P.BYE: frozenset(),
+    P.CREATE_TABLE: frozenset({"name", "dim", "num_rows", "id_policy", "init", "optimizer", "dtype",
+                               "sync_workers", "seed", "step_mode"}),
+    P.TABLE_INFO: frozenset({"table"}), P.PULL: frozenset({"table", "wait_s"}),
+    P.PUSH: frozenset({"table", "scale"}),
+    P.CREATE_DENSE: frozenset({"name", "shape", "dtype", "optimizer", "sync_workers"}),
+    P.PULL_DENSE: frozenset({"name", "wait_s"}), P.PUSH_DENSE: frozenset({"name", "scale"}),
+    P.BARRIER: frozenset({"wait_s"}), P.SHUTDOWN: frozenset({"force"}),
+}
+OP_ARRAYS = {P.PULL: 1, P.PUSH: 2, P.CREATE_DENSE: 1, P.PUSH_DENSE: 1}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_request(msg: P.Message) -> None:
+    """Refuses args the op does not take and a wrong number of arrays, before any handler runs."""
+    allowed = OP_ARGS[msg.op]
+    unknown = sorted(set(msg.args) - allowed)
+    name = P.OP_NAMES[msg.op]
+    if unknown:
+        raise ProtocolError(f"{name} takes the args {sorted(allowed)}, found unknown {unknown}")
+    expected = OP_ARRAYS.get(msg.op, 0)
+    if len(msg.arrays) != expected:
+        raise ProtocolError(f"{name} takes {expected} arrays, found {len(msg.arrays)}")
+
+
+def _wait_arg(args: dict, what: str) -> float:
+    """The seconds a waiting request may wait (the client's `wait_s`), checked."""
+    wait_s = args.get("wait_s", DEFAULT_WAIT_S)
+    if not _is_number(wait_s) or not 0 < wait_s <= MAX_WAIT_S:
+        raise ProtocolError(f"{what}: wait_s must be a number of seconds in (0, {MAX_WAIT_S:g}], found {wait_s!r}")
+    return float(wait_s)
+
+
+def _name_arg(value, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
+        raise TableError(f"{what} must be a non-empty string of at most {MAX_NAME_CHARS} characters, "
+                         f"found {value!r:.80}")
+    return value
+
+
+def _scale_arg(args: dict, what: str) -> float:
+    scale = args.get("scale", 1.0)
+    if not _is_number(scale) or not math.isfinite(scale):
+        raise ProtocolError(f"{what}: scale must be a finite number, found {scale!r}")
+    return float(scale)
+
+
+class _Waiting:
+    """A request the server holds (a sync pull, a barrier): its reply address and the server's own deadline.
+    The deadline lives here, never in the client's args, so no client value is trusted after the check."""
+
+    __slots__ = ("identity", "msg", "variable", "deadline", "wait_s")
+
+    def __init__(self, identity: bytes, msg: P.Message, variable, wait_s: float):
+        self.identity, self.msg, self.variable, self.wait_s = identity, msg, variable, wait_s
+        self.deadline = time.monotonic() + wait_s
 
 
 # --- a vectorised id -> slot map -----------------------------------------------------------
@@ -175,15 +250,13 @@ class _SyncRounds:
 # --- tables and dense tensors --------------------------------------------------------------------
 def _table_config(args: dict) -> dict:
     """A table's configuration from create_table args, checked and normalised (JSON-able)."""
-    name = args.get("name")
-    if not isinstance(name, str) or not name:
-        raise TableError(f"a table name must be a non-empty string, found {name!r}")
+    name = _name_arg(args.get("name"), "a table name")
     dim = args.get("dim")
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-        raise TableError(f"table {name!r}: dim must be a positive integer, found {dim!r}")
+    if not _is_int(dim) or not 0 < dim <= MAX_DIM:
+        raise TableError(f"table {name!r}: dim must be an integer in [1, {MAX_DIM}], found {dim!r}")
     num_rows = args.get("num_rows")
-    if num_rows is not None and (not isinstance(num_rows, int) or isinstance(num_rows, bool) or num_rows <= 0):
-        raise TableError(f"table {name!r}: num_rows must be a positive integer or None, found {num_rows!r}")
+    if num_rows is not None and (not _is_int(num_rows) or not 0 < num_rows <= MAX_NUM_ROWS):
+        raise TableError(f"table {name!r}: num_rows must be an integer in [1, 2**62] or None, found {num_rows!r}")
     policy = args.get("id_policy", "hash")
     if policy not in ("hash", "refuse"):
         raise TableError(f"table {name!r}: id_policy must be 'hash' or 'refuse', found {policy!r}")
@@ -191,17 +264,20 @@ def _table_config(args: dict) -> dict:
     if dtype not in TABLE_DTYPES:
         raise TableError(f"table {name!r}: dtype must be one of {sorted(TABLE_DTYPES)}, found {dtype!r}")
     sync = args.get("sync_workers")
-    if sync is not None and (not isinstance(sync, int) or isinstance(sync, bool) or sync <= 0):
+    if sync is not None and (not _is_int(sync) or not 0 < sync <= 1 << 20):
         raise TableError(f"table {name!r}: sync_workers must be a positive integer or None, found {sync!r}")
     seed = args.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TableError(f"table {name!r}: seed must be an integer, found {seed!r}")
+    if not _is_int(seed) or not -(1 << 63) <= seed < 1 << 64:
+        raise TableError(f"table {name!r}: seed must be a 64-bit integer, found {seed!r}")
+    step_mode = args.get("step_mode", "table")
+    if step_mode not in ("table", "row"):
+        raise TableError(f"table {name!r}: step_mode must be 'table' or 'row', found {step_mode!r}")
     optimizer = args.get("optimizer")
     if isinstance(optimizer, (list, tuple)) and len(optimizer) == 2:
         optimizer = [str(optimizer[0]).lower(), optimizer[1]]
     return {"name": name, "dim": dim, "num_rows": num_rows, "id_policy": policy, "init": list(P.check_init(
         args.get("init", ("normal", 0.0, 0.01)))), "optimizer": optimizer, "dtype": dtype, "sync_workers": sync,
-        "seed": seed, "step_mode": args.get("step_mode", "table")}
+        "seed": seed, "step_mode": step_mode}
 
 
 class _Variable:
@@ -233,7 +309,8 @@ class _Table(_Variable):
         self.name, self.dim = config["name"], config["dim"]
         self.index = IdIndex()
         self.size = 0
-        self._reserve(1024)
+        # A small first block: a wide table must not cost a large allocation before it has rows.
+        self._reserve(max(16, min(1024, (1 << 20) // self.dim)))
 
     def _reserve(self, capacity: int) -> None:
         old = getattr(self, "rows", None)
@@ -352,18 +429,16 @@ def _check_finite(grads: np.ndarray, what: str) -> None:
 
 
 def _dense_config(args: dict) -> dict:
-    name = args.get("name")
-    if not isinstance(name, str) or not name:
-        raise TableError(f"a dense tensor name must be a non-empty string, found {name!r}")
+    name = _name_arg(args.get("name"), "a dense tensor name")
     sync = args.get("sync_workers")
-    if sync is not None and (not isinstance(sync, int) or isinstance(sync, bool) or sync <= 0):
+    if sync is not None and (not _is_int(sync) or not 0 < sync <= 1 << 20):
         raise TableError(f"dense {name!r}: sync_workers must be a positive integer or None, found {sync!r}")
     dtype = args.get("dtype", "float32")
     if dtype not in TABLE_DTYPES:
         raise TableError(f"dense {name!r}: dtype must be one of {sorted(TABLE_DTYPES)}, found {dtype!r}")
     shape = args.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise TableError(f"dense {name!r}: shape must be a list of non-negative ints, found {shape!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d < 1 << 40 for d in shape):
+        raise TableError(f"dense {name!r}: shape must be a list of at most 8 non-negative ints, found {shape!r}")
     optimizer = args.get("optimizer")
     if isinstance(optimizer, (list, tuple)) and len(optimizer) == 2:
         optimizer = [str(optimizer[0]).lower(), optimizer[1]]
@@ -406,8 +481,8 @@ class ParameterServer:
         self.keep_snapshots = keep_snapshots
         self.tables: dict[str, _Table] = {}
         self.dense: dict[str, _Dense] = {}
-        self.deferred: list = []  # (identity, message, variable) pulls waiting for a sync round
-        self.barrier_waiting: dict[int, tuple] = {}
+        self.deferred: list[_Waiting] = []  # pulls waiting for a sync round
+        self.barrier_waiting: dict[int, _Waiting] = {}
         self.barrier_generation = 0
         self.shutdown_from: set[int] = set()
         self.stopping = False  # every worker asked to shut down: exit once they have their replies
@@ -427,11 +502,12 @@ class ParameterServer:
     def handle(self, identity: bytes, frames: list) -> list:
         """Answers one request; returns the (identity, reply frames) to send (deferred pulls may be released)."""
         self.counters["requests"] += 1
-        self.counters["bytes_in"] += sum(len(f) if isinstance(f, bytes) else f.buffer.nbytes for f in frames)
         try:
+            self.counters["bytes_in"] += sum(P._buffer(f).nbytes for f in frames)
             msg = P.decode(frames)
             if msg.status != P.STATUS_OK:
                 raise ProtocolError("a request must have status 0")
+            _check_request(msg)
             handler = self._HANDLERS[msg.op]
             return handler(self, identity, msg)
         except Exception as exc:  # noqa: BLE001 - one bad request must never take the server down
@@ -450,11 +526,18 @@ class ParameterServer:
                 err = PSError(f"the server failed on this request: {type(exc).__name__}: {exc}")
             return [(identity, P.error_frames(request_id, worker, err))]
 
+    def _check_worker(self, msg: P.Message) -> None:
+        if not 0 <= msg.worker < self.num_workers:
+            raise PSError(f"{P.OP_NAMES[msg.op]} on {self.name}: the job has {self.num_workers} workers "
+                          f"(ranks 0..{self.num_workers - 1}), found a request from worker {msg.worker}")
+
     def _reply(self, identity, msg: P.Message, args=None, arrays=()) -> list:
         return [(identity, P.encode(msg.op, msg.request_id, msg.worker, args, arrays))]
 
     def _table(self, args: dict) -> _Table:
         name = args.get("table")
+        if not isinstance(name, str):
+            raise TableError(f"a table name must be a string, found {name!r:.80}")
         table = self.tables.get(name) if isinstance(name, str) else None
         if table is None:
             raise TableError(f"no table {name!r} on {self.name} (tables: {sorted(self.tables)})")
@@ -462,6 +545,8 @@ class ParameterServer:
 
     def _dense(self, args: dict) -> _Dense:
         name = args.get("name")
+        if not isinstance(name, str):
+            raise TableError(f"a dense tensor name must be a string, found {name!r:.80}")
         dense = self.dense.get(name) if isinstance(name, str) else None
         if dense is None:
             raise TableError(f"no dense tensor {name!r} on {self.name} (dense: {sorted(self.dense)})")
@@ -503,13 +588,14 @@ class ParameterServer:
         table.check_ids(ids)
         return ids
 
-    def _pull(self, identity, msg):
+    def _pull(self, identity, msg, waited: _Waiting | None = None):
         table = self._table(msg.args)
         ids = self._ids_arg(msg, table, 1)
+        wait_s = _wait_arg(msg.args, f"pull from table {table.name!r}") if waited is None else waited.wait_s
         if table.sync is not None:
             table.sync.check_worker(msg.worker, table.where)
             if table.sync.must_wait(msg.worker):
-                self._defer(identity, msg, table)
+                self._defer(identity, msg, table, wait_s)
                 return []
         rows, versions = table.pull(ids)
         return self._reply(identity, msg, None, (rows, versions))
@@ -521,13 +607,13 @@ class ParameterServer:
         if grads.shape != (ids.size, table.dim) or grads.dtype.kind != "f":
             raise ProtocolError(f"push to table {table.name!r}: grads must be floating with shape "
                                 f"({ids.size}, {table.dim}), found {grads.dtype}{list(grads.shape)}")
-        scale = msg.args.get("scale", 1.0)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
-            raise ProtocolError(f"push to table {table.name!r}: scale must be a finite number, found {scale!r}")
+        scale = _scale_arg(msg.args, f"push to table {table.name!r}")
         _check_finite(grads, f"push to table {table.name!r}")
         g = torch.from_numpy(np.array(grads, dtype=table.config["dtype"]))
         if scale != 1.0:
             g.mul_(scale)
+            # A finite scale times finite gradients can still overflow the table's dtype.
+            _check_finite(g.numpy(), f"push to table {table.name!r} (gradients times scale {scale:g})")
         table.counters["pushes"] += 1
         table.counters["rows_pushed"] += ids.size
         if table.sync is None:
@@ -539,51 +625,47 @@ class ParameterServer:
             table.apply(parts)
         return self._reply(identity, msg, {"applied": bool(rounds)}) + (self._release() if rounds else [])
 
-    @staticmethod
-    def _deadline(msg: P.Message) -> float:
-        """When a waiting request gives up: `wait_s` (sent by the client, below its own timeout) after arrival."""
-        if "_deadline" not in msg.args:
-            wait_s = msg.args.get("wait_s", 60.0)
-            wait_s = wait_s if isinstance(wait_s, (int, float)) and wait_s > 0 else 60.0
-            msg.args["_deadline"] = time.monotonic() + wait_s
-            msg.args["_wait_s"] = wait_s
-        return msg.args["_deadline"]
-
-    def _defer(self, identity, msg: P.Message, variable: _Variable) -> None:
-        self._deadline(msg)
-        self.deferred.append((identity, msg, variable))
+    def _defer(self, identity, msg: P.Message, variable: _Variable, wait_s: float) -> None:
+        self.deferred.append(_Waiting(identity, msg, variable, wait_s))
 
     def _release(self) -> list:
-        """Answers the deferred pulls whose round has been applied."""
+        """Answers the deferred pulls whose round has been applied (each its own error, if it fails now)."""
         waiting, self.deferred = self.deferred, []
         out = []
-        for identity, msg, _ in waiting:
-            out += self._HANDLERS[msg.op](self, identity, msg)
+        for w in waiting:
+            try:
+                out += self._HANDLERS[w.msg.op](self, w.identity, w.msg, waited=w)
+            except Exception as exc:  # noqa: BLE001 - the failure belongs to the waiting request, not this one
+                self.counters["errors"] += 1
+                log.warning("%s: a deferred request of worker %s failed: %s", self.name, w.msg.worker, exc)
+                err = exc if isinstance(exc, PSError) else PSError(f"{type(exc).__name__}: {exc}")
+                out.append((w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)))
         return out
 
     def expire(self, now: float | None = None) -> list:
         """Error replies for pulls and barriers that waited past their deadline, naming the missing workers."""
         now = time.monotonic() if now is None else now
         out = []
-        if any(msg.args["_deadline"] <= now for _, msg, _ in self.deferred):
+        if any(w.deadline <= now for w in self.deferred):
             keep = []
-            for identity, msg, var in self.deferred:
-                if msg.args["_deadline"] > now:
-                    keep.append((identity, msg, var))
+            for w in self.deferred:
+                if w.deadline > now:
+                    keep.append(w)
                     continue
+                var = w.variable
                 err = WorkerTimeoutError(
                     f"{var.where} on {self.name}: synchronous step {var.sync.applied + 1} still lacks the pushes of "
-                    f"workers {var.sync.missing()} after {msg.args['_wait_s']:g} s (dead or stuck?); "
-                    f"the pull of worker {msg.worker} gives up")
+                    f"workers {var.sync.missing()} after {w.wait_s:g} s (dead or stuck?); "
+                    f"the pull of worker {w.msg.worker} gives up")
                 log.error("%s", err)
-                out.append((identity, P.error_frames(msg.request_id, msg.worker, err)))
+                out.append((w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)))
             self.deferred = keep
-        if self.barrier_waiting and min(self._deadline(m) for _, m in self.barrier_waiting.values()) <= now:
-            missing = [w for w in range(self.num_workers) if w not in self.barrier_waiting]
+        if self.barrier_waiting and min(w.deadline for w in self.barrier_waiting.values()) <= now:
+            missing = [r for r in range(self.num_workers) if r not in self.barrier_waiting]
             err = WorkerTimeoutError(f"barrier on {self.name}: workers {missing} did not arrive (dead or stuck?)")
             log.error("%s", err)
-            for identity, m in self.barrier_waiting.values():
-                out.append((identity, P.error_frames(m.request_id, m.worker, err)))
+            for w in self.barrier_waiting.values():
+                out.append((w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)))
             self.barrier_waiting = {}
         return out
 
@@ -600,12 +682,13 @@ class ParameterServer:
             self.dense[config["name"]] = _Dense(config, msg.arrays[0])
         return self._reply(identity, msg, {"config": config})
 
-    def _pull_dense(self, identity, msg):
+    def _pull_dense(self, identity, msg, waited: _Waiting | None = None):
         dense = self._dense(msg.args)
+        wait_s = _wait_arg(msg.args, f"pull of dense {dense.name!r}") if waited is None else waited.wait_s
         if dense.sync is not None:
             dense.sync.check_worker(msg.worker, dense.where)
             if dense.sync.must_wait(msg.worker):
-                self._defer(identity, msg, dense)
+                self._defer(identity, msg, dense, wait_s)
                 return []
         dense.counters["pulls"] += 1
         # A copy: frames go out zero-copy after this returns, and the next push updates the value in place.
@@ -618,13 +701,12 @@ class ParameterServer:
             found = [f"{a.dtype}{list(a.shape)}" for a in msg.arrays]
             raise ProtocolError(f"push_dense {dense.name!r} needs one floating array of shape "
                                 f"{dense.config['shape']}, found {found}")
-        scale = msg.args.get("scale", 1.0)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
-            raise ProtocolError(f"push_dense {dense.name!r}: scale must be a finite number, found {scale!r}")
+        scale = _scale_arg(msg.args, f"push_dense {dense.name!r}")
         _check_finite(msg.arrays[0], f"push_dense {dense.name!r}")
         g = torch.from_numpy(np.array(msg.arrays[0], dtype=dense.config["dtype"]))
         if scale != 1.0:
             g.mul_(scale)
+            _check_finite(g.numpy(), f"push_dense {dense.name!r} (gradient times scale {scale:g})")
         dense.counters["pushes"] += 1
         if dense.sync is None:
             dense.apply([g])
@@ -643,22 +725,29 @@ class ParameterServer:
         return self._reply(identity, msg, self.stats())
 
     def _barrier(self, identity, msg):
-        if not 0 <= msg.worker < self.num_workers:
-            raise PSError(f"barrier over {self.num_workers} workers, found worker {msg.worker}")
-        self._deadline(msg)
-        self.barrier_waiting[msg.worker] = (identity, msg)
+        self._check_worker(msg)
+        wait_s = _wait_arg(msg.args, f"barrier on {self.name}")
+        out = []
+        previous = self.barrier_waiting.get(msg.worker)
+        if previous is not None:  # a worker that gave up and came again: its old request is answered, not lost
+            out.append((previous.identity, P.error_frames(previous.msg.request_id, msg.worker, PSError(
+                f"barrier on {self.name}: worker {msg.worker} entered the barrier again; this request is dropped"))))
+        self.barrier_waiting[msg.worker] = _Waiting(identity, msg, None, wait_s)
         if len(self.barrier_waiting) < self.num_workers:
-            return []
+            return out
         waiting, self.barrier_waiting = self.barrier_waiting, {}
         self.barrier_generation += 1
-        out = []
-        for ident, m in waiting.values():
-            out += self._reply(ident, m, {"generation": self.barrier_generation})
+        for w in waiting.values():
+            out += self._reply(w.identity, w.msg, {"generation": self.barrier_generation})
         return out
 
     def _shutdown(self, identity, msg):
+        self._check_worker(msg)
+        force = msg.args.get("force", False)
+        if not isinstance(force, bool):
+            raise ProtocolError(f"shutdown on {self.name}: force must be true or false, found {force!r:.80}")
         self.shutdown_from.add(msg.worker)
-        if msg.args.get("force") or len(self.shutdown_from) >= self.num_workers:
+        if force or len(self.shutdown_from) >= self.num_workers:
             if not self.stopping:
                 self.stop_deadline = time.monotonic() + SHUTDOWN_GRACE_S
             self.stopping = True
@@ -667,6 +756,7 @@ class ParameterServer:
         return self._reply(identity, msg, {"stopping": self.stopping})
 
     def _bye(self, identity, msg):
+        self._check_worker(msg)
         self.bye_from.add(msg.worker)
         return self._reply(identity, msg)
 
@@ -757,8 +847,7 @@ class ParameterServer:
                 timeout = max(1, min(timeout, int(due * 1000)))
             ready = sock.poll(timeout, zmq.POLLIN)
             if self.deferred or self.barrier_waiting:
-                for ident, reply in self.expire():
-                    sock.send_multipart([ident, *reply], copy=False)
+                self._send(sock, self._expire_safely())
             if not ready:
                 continue
             while True:
@@ -767,18 +856,35 @@ class ParameterServer:
                 except zmq.Again:
                     break
                 identity, body = frames[0].bytes, frames[1:]
-                for ident, reply in self.handle(identity, body):
-                    self.counters["bytes_out"] += sum(getattr(f, "nbytes", len(f)) for f in reply)
-                    sock.send_multipart([ident, *reply], copy=False)
+                self._send(sock, self.handle(identity, body))
                 if self.finished():
                     break
         if self.snapshot_dir is not None and self.snapshot_every_s and not self.crashed:
             self._periodic_snapshot()
 
+    def _send(self, sock, replies: list) -> None:
+        for ident, reply in replies:
+            self.counters["bytes_out"] += sum(getattr(f, "nbytes", len(f)) for f in reply)
+            try:
+                sock.send_multipart([ident, *reply], copy=False)
+            except Exception as exc:  # noqa: BLE001 - one reply that cannot go must not end the loop
+                log.error("%s: could not send a reply: %s", self.name, exc)
+
+    def _expire_safely(self) -> list:
+        """`expire`, which must never end the loop: should it fail, everything waiting is answered with the error."""
+        try:
+            return self.expire()
+        except Exception as exc:  # noqa: BLE001 - a bug here must not take the server down
+            log.exception("%s: expiring waiting requests failed", self.name)
+            err = PSError(f"{self.name} dropped this waiting request after an internal error: {exc}")
+            waiting = [*self.deferred, *self.barrier_waiting.values()]
+            self.deferred, self.barrier_waiting = [], {}
+            return [(w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)) for w in waiting]
+
     def _periodic_snapshot(self) -> None:
         try:
             self.snapshot()
-        except SnapshotError as exc:
+        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the serving
             log.error("%s: periodic snapshot failed: %s", self.name, exc)
             self.last_snapshot = time.monotonic()
 
