@@ -16,6 +16,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 from concurrent.futures import Future
@@ -23,6 +24,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from luoshu.distributed import env as dist
+from luoshu.ps import auth as A
 from luoshu.ps import protocol as P
 from luoshu.ps.protocol import STORE_PREFIX, PSError, ServerUnavailableError, TableError
 
@@ -88,7 +90,8 @@ def _ids_array(ids, table: str) -> np.ndarray:
 class Client:
     """A worker's connection to all parameter servers (see `luoshu.ps.connect`)."""
 
-    def __init__(self, addresses: list[str], worker_rank: int = 0, timeout_s: float = 30.0):
+    def __init__(self, addresses: list[str], worker_rank: int = 0, timeout_s: float = 30.0,
+                 secret: str | None = None):
         import zmq
 
         if not addresses:
@@ -108,6 +111,7 @@ class Client:
             s.setsockopt(zmq.IMMEDIATE, 1)
             s.setsockopt(zmq.RECONNECT_IVL, 50)
             s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            A.secure_client(s, secret)
             s.connect(addr)
             self._socks.append(s)
         endpoint = f"inproc://luoshu-ps-client-{id(self)}-{os.getpid()}"
@@ -120,6 +124,7 @@ class Client:
         self._ids = itertools.count(1)
         self._closing = False
         self._closed = False
+        self._told_servers = False
         self._tables: dict[str, dict] = {}
         self.counters = {"requests": 0, "rows_pulled": 0, "rows_pushed": 0, "bytes_sent": 0, "bytes_received": 0,
                          "timeouts": 0}
@@ -434,9 +439,10 @@ class Client:
         """Waits until every worker of the job has reached a barrier (held by server 0)."""
         self._call_all(P.BARRIER, lambda k: {"wait_s": self._wait_s(timeout_s)}, servers=[0], timeout_s=timeout_s)
 
-    def shutdown_servers(self, force: bool = False) -> None:
+    def shutdown_servers(self, force: bool = False, timeout_s: float | None = None) -> None:
         """Tells the servers this worker is done; they exit once every worker has (or at once with force)."""
-        replies = self._call_all(P.SHUTDOWN, lambda k: {"force": bool(force)})
+        self._told_servers = True
+        replies = self._call_all(P.SHUTDOWN, lambda k: {"force": bool(force)}, timeout_s=timeout_s)
         # Tell each stopping server its reply arrived, so it can exit now rather than after its grace period.
         for k, reply in enumerate(replies):
             if reply.args.get("stopping"):
@@ -466,10 +472,13 @@ def _jsonable(value):
     return value
 
 
-def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_s: float = 30.0) -> Client:
+def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_s: float = 30.0,
+            secret: str | None = None) -> Client:
     """Connects a worker to the parameter servers: by `addresses` (a list, or what
     `start_local_servers` returned) or through `store`, where `serve` published them (by default
     the launcher's store, with `worker_rank` = `luoshu.distributed.rank()`).
+    `secret` authenticates this worker (default: the servers' own from `start_local_servers`,
+    else the job's `LUOSHU_JOB_SECRET`; see `luoshu.ps.auth`).
     Checks every server answers (else `ServerUnavailableError` within `timeout_s`)."""
     # Under `luoshu launch --servers S`, luoshu.distributed knows the rendezvous store and this worker's rank
     # (torchrun's RANK also counts the server processes).
@@ -485,15 +494,42 @@ def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_
         num = int(store.get(f"{STORE_PREFIX}/num_servers").decode())
         addresses = [store.get(f"{STORE_PREFIX}/{k}/address").decode() for k in range(num)]
     elif hasattr(addresses, "addresses"):
+        if secret is None:
+            secret = getattr(addresses, "secret", None)
         addresses = addresses.addresses
     elif isinstance(addresses, str):
         addresses = [addresses]
     if worker_rank is None:
         worker_rank = int(os.environ.get("LUOSHU_WORKER_RANK", os.environ.get("RANK", "0")))
-    client = Client(list(addresses), worker_rank, timeout_s)
+    client = Client(list(addresses), worker_rank, timeout_s, secret if secret is not None else A.job_secret())
     try:
         client.hello()
     except BaseException:
         client.close()
         raise
+    if dist.is_initialized():
+        # The job's own servers (found through the launcher's store) are told at the worker's exit, so a
+        # script that never calls shutdown_servers() still lets them stop at once.
+        job_store = dist.ps_store()[0]
+        dist.on_shutdown(_at_job_exit(client, tell_servers=job_store is not None and store is job_store))
     return client
+
+
+EXIT_TIMEOUT_S = 5.0
+
+
+def _at_job_exit(client: Client, tell_servers: bool):
+    """The hook `luoshu.distributed.shutdown` runs for `client` (held weakly: it may be gone by then)."""
+    ref = weakref.ref(client)
+
+    def hook() -> None:
+        c = ref()
+        if c is None or c._closed:
+            return
+        try:
+            if tell_servers and not c._told_servers:
+                c.shutdown_servers(timeout_s=EXIT_TIMEOUT_S)
+        finally:
+            c.close()
+
+    return hook

@@ -35,6 +35,7 @@ import torch
 
 from luoshu.core.errors import Error
 from luoshu.optim.rules import UpdateRule
+from luoshu.ps import auth as A
 from luoshu.ps import protocol as P
 from luoshu.ps import snapshot as S
 from luoshu.ps.protocol import STORE_PREFIX, ProtocolError, PSError, SnapshotError, TableError, WorkerTimeoutError
@@ -493,7 +494,8 @@ class ParameterServer:
         self.started = time.time()
         self.last_snapshot = time.monotonic()
         self.restored_from: str | None = None
-        self.counters = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "snapshots": 0}
+        self.counters = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "snapshots": 0,
+                         "refused_connections": 0}
         self.name = f"parameter server {server_index}"
         if self.snapshot_dir is not None:
             self.restore()
@@ -831,13 +833,25 @@ class ParameterServer:
         return True
 
     # --- the loop ------------------------------------------------------------------------------
-    def run(self, sock, ready=None) -> None:
-        """Serves requests on the bound ROUTER `sock` until the workers shut the server down."""
+    def run(self, sock, ready=None, stop_when=None, monitor=None) -> None:
+        """Serves requests on the bound ROUTER `sock` until the workers shut the server down (or,
+        checked twice a second, `stop_when()` says every worker has left without doing so)."""
         import zmq
 
         if ready is not None:
             ready()
+        next_check = time.monotonic() + 0.5
         while not self.finished():
+            if stop_when is not None and not self.stopping and time.monotonic() >= next_check:
+                next_check = time.monotonic() + 0.5
+                try:
+                    gone = stop_when()
+                except Exception:  # noqa: BLE001 - a failing check is no reason to stop serving
+                    gone = False
+                if gone:
+                    log.info("%s: every worker has left; stopping", self.name)
+                    self.stopping, self.stop_deadline = True, time.monotonic()
+                    continue
             timeout = 200
             if self.snapshot_every_s and self.snapshot_dir is not None:
                 due = self.last_snapshot + self.snapshot_every_s - time.monotonic()
@@ -846,6 +860,8 @@ class ParameterServer:
                     continue
                 timeout = max(1, min(timeout, int(due * 1000)))
             ready = sock.poll(timeout, zmq.POLLIN)
+            if monitor is not None:
+                self._count_refused(monitor)
             if self.deferred or self.barrier_waiting:
                 self._send(sock, self._expire_safely())
             if not ready:
@@ -861,6 +877,20 @@ class ParameterServer:
                     break
         if self.snapshot_dir is not None and self.snapshot_every_s and not self.crashed:
             self._periodic_snapshot()
+
+    def _count_refused(self, monitor) -> None:
+        """Counts the failed handshakes the socket monitor reported (peers without the job's keys)."""
+        import zmq
+
+        while True:
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except Exception:  # noqa: BLE001 - a monitor that fails must not end the loop
+                return
+            self.counters["refused_connections"] += 1
+            log.warning("%s: refused a connection that did not authenticate", self.name)
 
     def _send(self, sock, replies: list) -> None:
         for ident, reply in replies:
@@ -898,6 +928,45 @@ def _configure(sock) -> None:
     sock.setsockopt(zmq.RCVHWM, 0)
 
 
+class ServerSocket:
+    """A server's bound ROUTER socket with its context, and, for a job with a secret, CURVE
+    authentication: the ZAP handler that admits the job's client key, and a monitor that counts
+    failed handshakes (`refused_connections` in the server's stats)."""
+
+    def __init__(self, host: str, port: int | None, secret: str | None):
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        _configure(self.sock)
+        self.auth = self.monitor = None
+        try:
+            if secret:
+                self.auth = A.Authenticator(self.ctx, secret)
+                A.secure_server(self.sock, secret)
+                self.monitor = self.sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            self.port = _bind(self.sock, host, port)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self, linger: int | None = None) -> None:
+        if self.monitor is not None:
+            try:
+                self.sock.disable_monitor()
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+            self.monitor.close(linger=0)
+            self.monitor = None
+        if self.auth is not None:
+            self.auth.close()
+            self.auth = None
+        self.sock.close(linger=linger)
+        self.ctx.term()
+
+
 def _bind(sock, host: str, port: int | None) -> int:
     if port:
         sock.bind(f"tcp://{host}:{port}")
@@ -918,28 +987,27 @@ def _local_ip_towards(peer: str) -> str:
 
 
 def serve(store, server_index: int, num_servers: int, num_workers: int, snapshot_dir=None,
-          snapshot_every_s: float | None = None, host: str | None = None, port: int | None = None) -> None:
+          snapshot_every_s: float | None = None, host: str | None = None, port: int | None = None,
+          secret: str | None = None) -> None:
     """Runs parameter server `server_index` of `num_servers` until the workers shut it down.
 
-    The server binds a TCP port (the one it published before, if it restarts, so clients
-    reconnect), restores the newest good snapshot under `snapshot_dir`, and publishes its
-    address in `store` (a torch.distributed Store) under ``luoshu/ps/<index>/address``
-    for `luoshu.ps.connect(store=...)`.
+    The server binds a TCP port on one interface, `host` (default `LUOSHU_PS_HOST`, else this
+    machine's address towards the rendezvous host: loopback on a single node), never on all of
+    them; on a restart it takes the port it published before, so clients reconnect. It admits
+    only peers holding the job's `secret` (default `LUOSHU_JOB_SECRET`, which the launcher sets;
+    see `luoshu.ps.auth`), restores the newest good snapshot under `snapshot_dir`, and publishes
+    its address in `store` (a torch.distributed Store) under ``luoshu/ps/<index>/address`` for
+    `luoshu.ps.connect(store=...)`.
     """
-    import zmq
-
     key = f"{STORE_PREFIX}/{server_index}/address"
     if port is None and store is not None and store.check([key]):
         port = int(store.get(key).decode().rsplit(":", 1)[1])
     if host is None:
         host = os.environ.get("LUOSHU_PS_HOST") or _local_ip_towards(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     server = ParameterServer(server_index, num_servers, num_workers, snapshot_dir, snapshot_every_s)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    _configure(sock)
+    ss = ServerSocket(host, port, secret if secret is not None else A.job_secret())
     try:
-        port = _bind(sock, "*", port)
-        address = f"tcp://{host}:{port}"
+        address = f"tcp://{host}:{ss.port}"
 
         def publish():
             if store is not None:
@@ -947,19 +1015,19 @@ def serve(store, server_index: int, num_servers: int, num_workers: int, snapshot
                 store.set(key, address)
             log.info("%s listening on %s", server.name, address)
 
-        server.run(sock, publish)
+        from luoshu.distributed import env as dist
+
+        server.run(ss.sock, publish, stop_when=dist.workers_gone if store is not None else None, monitor=ss.monitor)
     finally:
-        sock.close()
-        ctx.term()
+        ss.close()
 
 
 READY_LINE = "LUOSHU_PS_READY"
 
 
 def main(argv=None) -> int:
-    """Entry of a server subprocess (`python -m luoshu.ps.server`): prints its address once ready."""
-    import zmq
-
+    """Entry of a server subprocess (`python -m luoshu.ps.server`): prints its address once ready.
+    The job's secret comes in the environment (`LUOSHU_JOB_SECRET`), never on the command line."""
     parser = argparse.ArgumentParser(description="one luoshu parameter server")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--num-servers", type=int, required=True)
@@ -974,19 +1042,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     server = ParameterServer(args.index, args.num_servers, args.num_workers, args.snapshot_dir,
                              args.snapshot_every_s)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    _configure(sock)
+    ss = ServerSocket(args.host, args.port or None, A.job_secret())
     try:
-        port = _bind(sock, args.host, args.port or None)
-
         def ready():
-            print(f"{READY_LINE} tcp://{args.host}:{port}", flush=True)
+            print(f"{READY_LINE} tcp://{args.host}:{ss.port}", flush=True)
 
-        server.run(sock, ready)
+        server.run(ss.sock, ready, monitor=ss.monitor)
     finally:
-        sock.close()
-        ctx.term()
+        ss.close()
     return 0
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from luoshu import ps
+from luoshu.ps import auth
 from luoshu.ps import protocol as P
 from luoshu.ps.server import ParameterServer
 
@@ -227,6 +228,7 @@ def test_raw_frames_over_a_socket_do_not_stop_a_server():
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        auth.secure_client(sock, servers.secret)  # a member of the job gone rogue: it holds the keys
         sock.connect(servers.addresses[0])
         try:
             for i in range(300):
@@ -254,3 +256,56 @@ def test_raw_frames_over_a_socket_do_not_stop_a_server():
         finally:
             sock.close()
             ctx.term()
+
+
+# --- authentication -----------------------------------------------------------------------------------
+def test_keys_are_derived_from_the_job_secret():
+    zmq = pytest.importorskip("zmq")
+    a, b = auth.keypair("s1", "server"), auth.keypair("s1", "server")
+    assert a == b and a != auth.keypair("s2", "server") and a != auth.keypair("s1", "client")
+    assert zmq.curve_public(a[1]) == a[0] and len(a[0]) == 40
+
+
+def _raw_socket(ctx, address, secret=None):
+    import zmq
+
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    auth.secure_client(sock, secret)
+    sock.connect(address)
+    return sock
+
+
+def test_peers_without_the_secret_are_refused_and_counted():
+    zmq = pytest.importorskip("zmq")
+    with ps.start_local_servers(1, num_workers=1, in_process=True) as servers:
+        ctx = zmq.Context()
+        try:
+            plain = _raw_socket(ctx, servers.addresses[0])  # no CURVE at all
+            forged = _raw_socket(ctx, servers.addresses[0], secret="guessed")  # CURVE, the wrong keys
+            for sock in (plain, forged):
+                sock.send_multipart(P.encode(P.SHUTDOWN, 1, 0, {"force": True}))
+                sock.send_multipart(P.encode(P.PING, 2, 0))
+            assert not plain.poll(1500) and not forged.poll(100)  # no answer: nothing reached the loop
+            plain.close()
+            forged.close()
+        finally:
+            ctx.term()
+        assert servers.alive(0)
+        with pytest.raises(ps.ServerUnavailableError):
+            ps.connect(addresses=servers.addresses, secret="guessed", timeout_s=1.5)
+        with ps.connect(addresses=servers, timeout_s=10) as client:  # the job's own keys
+            stats = client.stats()["servers"][0]
+            assert stats["refused_connections"] >= 3, stats
+            assert stats["requests"] == 2, stats  # hello and stats of this client only
+            assert not servers.processes[0].server.stopping
+
+
+def test_subprocess_servers_get_the_secret_in_their_environment(tmp_path):
+    pytest.importorskip("zmq")
+    with ps.start_local_servers(1) as servers:
+        assert servers.secret and servers.secret not in " ".join(servers.processes[0].args)
+        with ps.connect(addresses=servers, timeout_s=30) as client:
+            assert client.hello()[0]["server_index"] == 0
+        with pytest.raises(ps.ServerUnavailableError):
+            ps.connect(addresses=servers.addresses, secret="", timeout_s=1.5)
