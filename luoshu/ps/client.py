@@ -78,6 +78,43 @@ class _Gather:
         self._fail(exc)
 
 
+class _PushGather:
+    """The outcome of a push to every shard: completes once EVERY shard answered (or timed out), so a
+    failure can say exactly which shards applied the push (`PartialPushError`) and which did not."""
+
+    def __init__(self, n: int, table: str, future: Future, name_of):
+        self.outcomes: list = [None] * n  # True (applied) or the exception
+        self.left, self.table, self.future, self.name_of = n, table, future, name_of
+        self.lock = threading.Lock()
+
+    def _record(self, k: int, outcome) -> None:
+        with self.lock:
+            if self.outcomes[k] is not None:
+                return
+            self.outcomes[k] = outcome
+            self.left -= 1
+            if self.left:
+                return
+        applied = [k for k, o in enumerate(self.outcomes) if o is True]
+        failed = {k: o for k, o in enumerate(self.outcomes) if o is not True}
+        if not failed:
+            self.future.set_result(None)
+        elif not applied:  # nothing changed anywhere: the shards are still in step
+            self.future.set_exception(failed[min(failed)])
+        else:
+            reasons = "; ".join(f"{self.name_of(k)}: {exc}" for k, exc in failed.items())
+            self.future.set_exception(P.PartialPushError(
+                f"push to table {self.table!r} was applied by servers {applied} but not by servers "
+                f"{sorted(failed)} ({reasons}); the shards are out of step until Client.resync() rolls them "
+                "back to a common snapshot", self.table, applied, failed))
+
+    def part(self, k: int) -> None:
+        self._record(k, True)
+
+    def error(self, k: int, exc: BaseException) -> None:
+        self._record(k, exc)
+
+
 def _ids_array(ids, table: str) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
@@ -364,8 +401,16 @@ class Client:
             raise TableError(f"push to table {name!r}: grads must be floating with shape "
                              f"({mapped.size}, {config['dim']}), found {grads.dtype}{list(grads.shape)}")
         grads = np.ascontiguousarray(grads)
+        # Checked here, not only on the servers: a shard refusing its part while the others apply
+        # theirs would leave the table out of step.
+        if grads.size and not np.isfinite(grads).all():
+            bad = int(grads.size - np.isfinite(grads).sum())
+            raise P.ProtocolError(f"push to table {name!r}: {bad} gradient values are NaN or infinite; refused, "
+                                  "nothing sent")
+        if not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale)):
+            raise P.ProtocolError(f"push to table {name!r}: scale must be a finite number, found {scale!r}")
         future: Future = Future()
-        gather = _Gather(self.num_servers, lambda parts: None, future)
+        gather = _PushGather(self.num_servers, name, future, self._server_name)
         # Every server gets a part, empty or not, so the table step advances on every shard.
         for k in range(self.num_servers):
             if positions[0] is None:
@@ -374,7 +419,7 @@ class Client:
             else:
                 part_ids, part_grads = mapped[positions[k]], grads[positions[k]]
             self._submit(k, P.PUSH, {"table": name, "scale": float(scale)}, (part_ids, part_grads),
-                         lambda msg, k=k: gather.part(k, None), gather.error)
+                         lambda msg, k=k: gather.part(k), lambda exc, k=k: gather.error(k, exc))
         self.counters["rows_pushed"] += mapped.size
         return future
 
@@ -427,9 +472,29 @@ class Client:
                               f"{info['num_servers']}, the client expected server {k} of {self.num_servers}")
         return infos
 
-    def snapshot(self) -> list[str]:
-        """Makes every server write a snapshot now; returns their paths."""
-        return [m.args["path"] for m in self._call_all(P.SNAPSHOT, lambda k: {})]
+    def snapshot(self, tag: str | None = None) -> list[str]:
+        """Makes every server write a snapshot now; returns their paths. With `tag` (1-64 characters of
+        [A-Za-z0-9_.-], e.g. f"step-{step}") the snapshots can later be restored together by `resync`."""
+        args = {} if tag is None else {"tag": tag}
+        return [m.args["path"] for m in self._call_all(P.SNAPSHOT, lambda k: args)]
+
+    def resync(self) -> str:
+        """Rolls every server back to the newest snapshot tag that all of them hold, so the shards of
+        every table are at the same step again (after a `PartialPushError`, or a server that restarted
+        from its snapshot while the others went on); returns that tag, for the worker to resume from it.
+        Raises `SnapshotError` when the servers share no tagged snapshot."""
+        infos = self.hello()
+        common = None
+        for info in infos:
+            tags = info.get("snapshot_tags") or []
+            common = list(tags) if common is None else [t for t in common if t in tags]
+        if not common:
+            raise P.SnapshotError(f"resync: the servers share no tagged snapshot (their tags: "
+                                  f"{[info.get('snapshot_tags') for info in infos]}); take one with snapshot(tag=...)")
+        tag = common[0]  # newest first on every server
+        self._call_all(P.RESTORE, lambda k: {"tag": tag})
+        self._tables.clear()
+        return tag
 
     def stats(self) -> dict:
         """{"servers": [per-server counters and tables], "client": this client's counters}."""

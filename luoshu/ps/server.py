@@ -25,6 +25,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -56,7 +57,8 @@ MAX_WAIT_S = 24 * 3600.0
 # The args each op takes (besides "arrays", which `protocol.decode` consumes) and how many arrays it
 # carries. Anything else is refused: the server never reads a key it did not define here.
 OP_ARGS = {
-    P.PING: frozenset(), P.HELLO: frozenset(), P.SNAPSHOT: frozenset(), P.STATS: frozenset(), P.BYE: frozenset(),
+    P.PING: frozenset(), P.HELLO: frozenset(), P.SNAPSHOT: frozenset({"tag"}), P.RESTORE: frozenset({"tag"}),
+    P.STATS: frozenset(), P.BYE: frozenset(),
     P.CREATE_TABLE: frozenset({"name", "dim", "num_rows", "id_policy", "init", "optimizer", "dtype",
                                "sync_workers", "seed", "step_mode"}),
     P.TABLE_INFO: frozenset({"table"}), P.PULL: frozenset({"table", "wait_s"}),
@@ -108,6 +110,18 @@ def _scale_arg(args: dict, what: str) -> float:
     if not _is_number(scale) or not math.isfinite(scale):
         raise ProtocolError(f"{what}: scale must be a finite number, found {scale!r}")
     return float(scale)
+
+
+_TAG = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _tag_arg(args: dict, what: str, required: bool) -> str | None:
+    tag = args.get("tag")
+    if tag is None and not required:
+        return None
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+        raise ProtocolError(f"{what}: tag must be 1-64 characters of [A-Za-z0-9_.-], found {tag!r:.80}")
+    return tag
 
 
 class _Waiting:
@@ -494,6 +508,7 @@ class ParameterServer:
         self.started = time.time()
         self.last_snapshot = time.monotonic()
         self.restored_from: str | None = None
+        self.restored_tag: str | None = None
         self.counters = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "snapshots": 0,
                          "refused_connections": 0}
         self.name = f"parameter server {server_index}"
@@ -562,7 +577,9 @@ class ParameterServer:
                                             "num_workers": self.num_workers, "protocol": P.VERSION,
                                             "tables": {n: t.config for n, t in self.tables.items()},
                                             "dense": {n: d.config for n, d in self.dense.items()},
-                                            "restored_from": self.restored_from})
+                                            "restored_from": self.restored_from, "restored_tag": self.restored_tag,
+                                            "snapshot_tags": [] if self.snapshot_dir is None else S.list_tags(
+                                                self.snapshot_dir, self.server_index, self.num_servers)})
 
     def _create_table(self, identity, msg):
         config = _table_config(msg.args)
@@ -720,8 +737,25 @@ class ParameterServer:
         return self._reply(identity, msg, {"applied": bool(rounds)}) + (self._release() if rounds else [])
 
     def _snapshot(self, identity, msg):
-        path = self.snapshot()
+        path = self.snapshot(_tag_arg(msg.args, f"snapshot of {self.name}", required=False))
         return self._reply(identity, msg, {"path": str(path)})
+
+    def _restore(self, identity, msg):
+        """Rolls every table and dense tensor back to the snapshot tagged `tag` (see `Client.resync`)."""
+        tag = _tag_arg(msg.args, f"restore of {self.name}", required=True)
+        if self.snapshot_dir is None:
+            raise SnapshotError(f"{self.name} has no snapshot_dir to restore from")
+        out = []
+        # Requests waiting on the state being replaced are answered, not left to time out.
+        err = PSError(f"{self.name} was rolled back to snapshot {tag!r} while this request waited")
+        for w in [*self.deferred, *self.barrier_waiting.values()]:
+            out.append((w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)))
+        if not self.restore(tag):
+            raise SnapshotError(f"{self.name} has no good snapshot tagged {tag!r} (tags: "
+                                f"{S.list_tags(self.snapshot_dir, self.server_index, self.num_servers)})")
+        self.deferred, self.barrier_waiting = [], {}
+        steps = {n: int(t.step.item()) for n, t in self.tables.items()}
+        return out + self._reply(identity, msg, {"restored_tag": tag, "steps": steps})
 
     def _stats(self, identity, msg):
         return self._reply(identity, msg, self.stats())
@@ -773,7 +807,7 @@ class ParameterServer:
     _HANDLERS = {P.PING: _ping, P.HELLO: _hello, P.CREATE_TABLE: _create_table, P.TABLE_INFO: _table_info,
                  P.PULL: _pull, P.PUSH: _push, P.CREATE_DENSE: _create_dense, P.PULL_DENSE: _pull_dense,
                  P.PUSH_DENSE: _push_dense, P.SNAPSHOT: _snapshot, P.STATS: _stats, P.BARRIER: _barrier,
-                 P.SHUTDOWN: _shutdown, P.BYE: _bye}
+                 P.SHUTDOWN: _shutdown, P.BYE: _bye, P.RESTORE: _restore}
 
     # --- stats, snapshots ----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -781,11 +815,11 @@ class ParameterServer:
                 "tables": {n: t.info() for n, t in self.tables.items()},
                 "dense": {n: d.info() for n, d in self.dense.items()}, "restored_from": self.restored_from}
 
-    def snapshot(self):
+    def snapshot(self, tag: str | None = None):
         """Writes a snapshot of every table and dense tensor (rows, versions, optimizer state)."""
         if self.snapshot_dir is None:
             raise SnapshotError(f"{self.name} has no snapshot_dir; start it with one to take snapshots")
-        meta = {"tables": [], "dense": []}
+        meta = {"tables": [], "dense": [], "tag": tag}
         arrays = {}
         for i, table in enumerate(self.tables.values()):
             meta["tables"].append({"config": table.config, "prefix": f"t{i}", "step": int(table.step.item()),
@@ -804,9 +838,10 @@ class ParameterServer:
         log.info("%s: snapshot written to %s", self.name, path)
         return path
 
-    def restore(self) -> bool:
+    def restore(self, tag: str | None = None) -> bool:
         """Restores the newest good snapshot, if any; returns whether one was restored."""
-        found = S.load_newest(self.snapshot_dir, self.server_index, self.num_servers)
+        found = (S.load_newest(self.snapshot_dir, self.server_index, self.num_servers) if tag is None
+                 else S.load_tagged(self.snapshot_dir, self.server_index, self.num_servers, tag))
         if found is None:
             return False
         path, meta, arrays = found
@@ -829,6 +864,7 @@ class ParameterServer:
             raise SnapshotError(f"{self.name}: snapshot {path} does not describe valid tables: {exc}") from exc
         self.tables, self.dense = tables, dense
         self.restored_from = str(path)
+        self.restored_tag = meta.get("tag") if isinstance(meta.get("tag"), str) else None
         log.info("%s: restored %d tables and %d dense tensors from %s", self.name, len(tables), len(dense), path)
         return True
 

@@ -134,6 +134,8 @@ _KEYS = {
     P.PUSH_DENSE: ["name", "scale"],
     P.BARRIER: ["wait_s"],
     P.SHUTDOWN: ["force"],
+    P.SNAPSHOT: ["tag"],
+    P.RESTORE: ["tag"],
 }
 
 
