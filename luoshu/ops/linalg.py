@@ -6,7 +6,7 @@ import torch
 
 from luoshu.core import dtypes
 from luoshu.core.errors import OpError
-from luoshu.core.op import OpDef, apply, register
+from luoshu.core.op import OpDef, apply, as_tensor, register
 from luoshu.core.shapes import broadcast_shapes, same_dim
 from luoshu.core.tensor import TensorMeta
 from luoshu.ops._util import sum_to, wants
@@ -46,6 +46,14 @@ class Matmul(OpDef):
             # products as BLAS, which is several times slower on such shapes.
             return a * b
         return torch.matmul(a, b)
+
+    @staticmethod
+    def compute_into(out, scale, a, b, trans_a, trans_b):
+        """2-D operands: one addmm writes scale * (a @ b) into `out` (beta 0 ignores its contents)."""
+        if a.ndim != 2 or b.ndim != 2 or a.dtype != out.dtype or b.dtype != out.dtype:
+            return False
+        torch.addmm(out, a.t() if trans_a else a, b.t() if trans_b else b, beta=0, alpha=scale, out=out)
+        return True
 
     def gradient(self, op, grads):
         g, = grads
@@ -195,8 +203,6 @@ class Einsum(OpDef):
 
 def matmul(a, b):
     """NumPy matmul semantics: vectors are promoted to matrices and the extra dim dropped."""
-    from luoshu.core.op import as_tensor
-
     a, b = as_tensor(a), as_tensor(b)
     if a.ndim == 1 and b.ndim == 1:
         return apply("sum", a * b)

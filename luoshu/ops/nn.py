@@ -115,6 +115,7 @@ class Dropout(OpDef):
 
     name = "dropout"
     attrs = {"p": 0.5}
+    random = True
 
     def infer(self, inputs, p):
         if not 0.0 <= p < 1.0:
@@ -132,6 +133,11 @@ class Dropout(OpDef):
         g = grads[0]
         return [None if g is None else g * op.outputs[1]]
 
+    def replay(self, op, inputs):
+        """The same mask on new inputs: recomputation keeps the draw."""
+        mask = op.outputs[1]
+        return [apply("mul", inputs[0], mask), mask]
+
 
 # --- embeddings ---------------------------------------------------------------------------
 def _check_ids(opdef, ids):
@@ -140,7 +146,7 @@ def _check_ids(opdef, ids):
 
 
 @register
-class Embedding(OpDef):
+class EmbeddingLookup(OpDef):
     """Rows of `weight` at `ids`; the weight's gradient is an IndexedSlices of those rows."""
 
     name = "embedding"
@@ -185,7 +191,7 @@ def _bag_layout(ids: torch.Tensor, offsets: torch.Tensor | None, include_last_of
 
 
 @register
-class EmbeddingBag(OpDef):
+class EmbeddingBagLookup(OpDef):
     """Sums or averages the rows of each bag: inputs weight, ids[, offsets][, per_sample_weights].
 
     Outputs (bags, flat ids, bag of each id, divisor per id); the weight gradient is an
