@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rdzv-backend", dest="rdzv_backend", default="c10d",
                         help="torchrun rendezvous backend for multi-node runs (default c10d)")
     parser.add_argument("--rdzv-id", dest="rdzv_id", default="luoshu", help="job id shared by the nodes")
+    parser.add_argument("--rdzv-conf", dest="rdzv_conf", default="",
+                        help="torchrun's rendezvous settings, e.g. is_host=1 on the node whose address the endpoint "
+                             "names when torch cannot tell (network namespaces, NAT)")
     parser.add_argument("--max-restarts", dest="max_restarts", type=int, default=0,
                         help="restarts of the whole group after a failure (default 0: fail fast)")
     parser.add_argument("--log-dir", dest="log_dir", default=None, help="directory for per-process logs")
@@ -84,6 +87,8 @@ def _torchrun_args(args) -> list[str]:
             raise LaunchError("luoshu launch: a multi-node job needs --rdzv-endpoint host:port (same on every node)")
         out += ["--rdzv-backend", args.rdzv_backend, "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id,
                 "--node-rank", str(args.node_rank)]
+        if args.rdzv_conf:
+            out += ["--rdzv-conf", args.rdzv_conf]
     if args.log_dir:
         out += ["--log-dir", args.log_dir]
     return out + [args.script, *args.script_args]
