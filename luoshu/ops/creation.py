@@ -10,6 +10,7 @@ import torch
 from luoshu.core import dtypes
 from luoshu.core.errors import OpError, ShapeError
 from luoshu.core.op import OpDef, apply, register
+from luoshu.core.shapes import normalize_axis
 from luoshu.core.tensor import TensorMeta, normalize_device
 
 
@@ -52,6 +53,24 @@ class FullLike(_Like):
         return torch.full_like(x, fill_value, dtype=dtypes.to_torch(dtype) if dtype else None)
 
 
+@register
+class ArangeLike(OpDef):
+    """0, 1, ..., n - 1 for n the run-time size of `x` along `axis`: the positions of a sequence
+    whose length is fed at run time (a `None` dim), on x's device."""
+
+    name = "arange_like"
+    differentiable = False
+    attrs = {"axis": 0, "dtype": "int64"}
+
+    def infer(self, inputs, axis, dtype):
+        x = inputs[0]
+        return TensorMeta((x.shape[normalize_axis(self.name, axis, x.ndim)],), dtypes.dtype_name(dtype))
+
+    @staticmethod
+    def compute(x, axis, dtype):
+        return torch.arange(x.shape[axis], dtype=dtypes.to_torch(dtype), device=x.device)
+
+
 def zeros_like(x, dtype=None):
     return apply("zeros_like", x, dtype=dtype)
 
@@ -62,6 +81,11 @@ def ones_like(x, dtype=None):
 
 def full_like(x, fill_value, dtype=None):
     return apply("full_like", x, fill_value=fill_value, dtype=dtype)
+
+
+def arange_like(x, axis: int = 0, dtype="int64"):
+    """`arange(x.shape[axis])` with the size read when the graph runs."""
+    return apply("arange_like", x, axis=int(axis), dtype=dtypes.dtype_name(dtype))
 
 
 # --- from nothing: shape, dtype and device are attributes ------------------------------------
@@ -189,4 +213,4 @@ def eye(n: int, m: int | None = None, dtype=None, device=None):
                  device=normalize_device(device))
 
 
-__all__ = ["arange", "eye", "full", "full_like", "ones", "ones_like", "zeros", "zeros_like"]
+__all__ = ["arange", "arange_like", "eye", "full", "full_like", "ones", "ones_like", "zeros", "zeros_like"]
