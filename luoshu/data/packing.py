@@ -77,11 +77,12 @@ class PackedRows:
         """The part of a per-token (rows, budget, ...) array `values` (logits, losses) that belongs
         to input sequence `i`."""
         row, start, length = (int(v) for v in self.placement[i])
-        return values[row, start:start + length]
+        return values[row, start : start + length]
 
 
-def pack_sequences(sequences: Sequence[np.ndarray], budget: int, pad_id: int = 0,
-                   ignore_index: int = IGNORE_INDEX) -> PackedRows:
+def pack_sequences(
+    sequences: Sequence[np.ndarray], budget: int, pad_id: int = 0, ignore_index: int = IGNORE_INDEX
+) -> PackedRows:
     """Packs 1-D token sequences into rows of `budget` tokens, first-fit in order of decreasing
     length (ties in input order; few rows, deterministic). Padding fills each row's tail with
     `pad_id`, segment id 0, position 0 and label `ignore_index`; the label of a sequence's last
@@ -92,11 +93,12 @@ def pack_sequences(sequences: Sequence[np.ndarray], budget: int, pad_id: int = 0
     for i, s in enumerate(sequences):
         a = np.asarray(s)
         if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
-            raise DataError(f"pack_sequences: sequence {i} must be a non-empty 1-D array of token ids, found "
-                            f"shape {a.shape} of {a.dtype}")
+            raise DataError(
+                f"pack_sequences: sequence {i} must be a non-empty 1-D array of token ids, found "
+                f"shape {a.shape} of {a.dtype}"
+            )
         if a.size > budget:
-            raise DataError(f"pack_sequences: sequence {i} has {a.size} tokens, more than the row budget "
-                            f"of {budget}")
+            raise DataError(f"pack_sequences: sequence {i} has {a.size} tokens, more than the row budget of {budget}")
         seqs.append(a.astype(np.int64, copy=False))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     free: list[int] = []  # tokens left in each row
@@ -118,10 +120,10 @@ def pack_sequences(sequences: Sequence[np.ndarray], budget: int, pad_id: int = 0
     for i in sorted(range(len(seqs)), key=lambda i: (placement[i, 0], placement[i, 1])):
         row, start, n = (int(v) for v in placement[i])
         segments_in_row[row] += 1
-        tokens[row, start:start + n] = seqs[i]
-        segment_ids[row, start:start + n] = segments_in_row[row]
-        positions[row, start:start + n] = np.arange(n)
-        labels[row, start:start + n - 1] = seqs[i][1:]
+        tokens[row, start : start + n] = seqs[i]
+        segment_ids[row, start : start + n] = segments_in_row[row]
+        positions[row, start : start + n] = np.arange(n)
+        labels[row, start : start + n - 1] = seqs[i][1:]
     return PackedRows(tokens, segment_ids, positions, labels, placement)
 
 
@@ -140,9 +142,13 @@ class BucketGroup:
         return self.rows.num_tokens
 
 
-def bucket_batch(sequences: Sequence[np.ndarray], bucket_bounds: Sequence[int],
-                 row_tokens: int | Sequence[int] | None = None, pad_id: int = 0,
-                 ignore_index: int = IGNORE_INDEX) -> list[BucketGroup]:
+def bucket_batch(
+    sequences: Sequence[np.ndarray],
+    bucket_bounds: Sequence[int],
+    row_tokens: int | Sequence[int] | None = None,
+    pad_id: int = 0,
+    ignore_index: int = IGNORE_INDEX,
+) -> list[BucketGroup]:
     """A step's global batch split into one group per bucket of `bucket_bounds` (descending,
     ending with 0; see `bucketize`), each group's sequences packed into rows of `row_tokens`
     tokens (one int for all buckets or one per bucket; default: the bucket's bound). A sequence
@@ -165,8 +171,10 @@ def bucket_batch(sequences: Sequence[np.ndarray], bucket_bounds: Sequence[int],
     for k, idx in enumerate(members):
         for i in idx:
             if len(sequences[i]) > budgets[k]:
-                raise DataError(f"bucket_batch: sequence {i} has {len(sequences[i])} tokens, more than the row "
-                                f"budget of {budgets[k]} of its bucket (bound {bounds[k]})")
+                raise DataError(
+                    f"bucket_batch: sequence {i} has {len(sequences[i])} tokens, more than the row "
+                    f"budget of {budgets[k]} of its bucket (bound {bounds[k]})"
+                )
         rows = pack_sequences([sequences[i] for i in idx], budgets[k], pad_id, ignore_index)
         groups.append(BucketGroup(bounds[k], np.asarray(idx, np.int64), rows))
     return groups
