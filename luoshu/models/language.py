@@ -218,7 +218,7 @@ class Attention(Module):
             self._rope_cache = (self.max_positions, *rotary_tables(self.max_positions, self.head_dim,
                                                                    self.rope_theta))
         _, cos, sin = self._rope_cache
-        positions = ops.arange_like(like, 2) if positions is None else positions
+        positions = ops.arange_like(like, 2, limit=self.max_positions) if positions is None else positions
         cos, sin = (_gather_rows(_table(t[:self.max_positions], like), positions) for t in (cos, sin))
         if positions.ndim == 2:  # (B, L, D) -> (B, 1, L, D): the same angles for every head
             cos, sin = ops.unsqueeze(cos, 1), ops.unsqueeze(sin, 1)
@@ -420,7 +420,7 @@ def _position_rows(table: Embedding, ids, length: int | None, positions=None):
     dense as before), else the rows at `positions` (default 0..L-1 read at run time)."""
     if positions is None and length is not None:
         return table.weight[:length]
-    return table(ops.arange_like(ids, 1) if positions is None else positions)
+    return table(ops.arange_like(ids, 1, limit=table.weight.shape[0]) if positions is None else positions)
 
 
 # --- BERT ---------------------------------------------------------------------------------

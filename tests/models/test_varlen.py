@@ -201,6 +201,12 @@ def test_bad_inputs_are_refused():
         model(ids, positions=ls.tensor(np.zeros((1, 5), np.int64)))
     with pytest.raises(ls.Error, match="segment_ids must be"):
         model(ids, segment_ids=ls.tensor(np.zeros((4,), np.int64)))
+    for name in ("gpt2", "llama"):  # a fed length over the maximum (32) is refused when the plan runs
+        with ls.Graph() as g:
+            ph = ls.placeholder("ids", (None, None), "int64")
+            logits = _model(name)(ph)
+        with pytest.raises(ls.Error, match="fed size 33 of axis .* exceeds the limit 32"):
+            g.run(logits, {ph: np.zeros((1, 33), np.int64)})
     attention = models.language.Attention(8, 2, rotary=True)  # no max_positions
     with ls.Graph(), pytest.raises(ls.Error, match="need max_positions"):
         attention(ls.placeholder("x", (None, None, 8), "float32"))

@@ -28,7 +28,7 @@ CASES = [
     OpCase("ones_like_dtype", lambda x: O.ones_like(x, dtype="int32"),
            lambda x: torch.ones_like(x, dtype=torch.int32), [(3, 4)], grad=False),
     OpCase("full_like", lambda x: O.full_like(x, -2.0), lambda x: torch.full_like(x, -2.0), [(3, 4)], grad=False),
-    OpCase("arange_like", lambda x: O.arange_like(x, axis=1), lambda x: torch.arange(x.shape[1]), [(3, 5)],
+    OpCase("arange_like", lambda x: O.arange_like(x, axis=1, limit=5), lambda x: torch.arange(x.shape[1]), [(3, 5)],
            grad=False, dynamic=True),
     OpCase("arange_like_float_in_expression", lambda x: x * O.arange_like(x, axis=0, dtype="float64"),
            lambda x: x * torch.arange(x.shape[0], dtype=torch.float64), [(4,)], dynamic=True, second_order=True),
