@@ -2,10 +2,10 @@
 
 Token inputs are (batch, length) int64 ids; every model returns logits. Inside a
 define-and-run graph the batch size may stay `None`, and so may the sequence length of
-BERT, GPT-2 and LLaMA: their positions, rotary tables and causal masks are then sized by
-the fed length when the graph runs, so one graph (and one compiled plan) serves every
-length. The LSTM classifier and the encoder-decoder Transformer still need the length when
-the graph is built. One `Attention` module serves BERT, GPT-2 and LLaMA: multi-head or
+BERT, GPT-2, LLaMA and the encoder-decoder Transformer: their positions, rotary tables and
+causal masks are then sized by the fed length when the graph runs, so one graph (and one
+compiled plan) serves every length. The LSTM classifier still needs the length when the
+graph is built (it unrolls over it). One `Attention` module serves BERT, GPT-2 and LLaMA: multi-head or
 grouped-query, optionally causal and rotary, on the fused `scaled_dot_product_attention` op.
 
 Packed rows (several sequences concatenated, see `luoshu.data.pack_sequences`): GPT-2 and
@@ -390,9 +390,13 @@ class Transformer(Module):
         self._positions = sinusoidal_positions(c.max_len, c.d_model)
 
     def _embed(self, embedding: Embedding, ids, what: str):
-        length = _check_ids(f"Transformer ({what})", ids, self.config.max_len)
+        length = _check_ids(f"Transformer ({what})", ids, self.config.max_len, runtime_length=True)
         x = embedding(ids) * math.sqrt(self.config.d_model)
-        return self.dropout(x + _table(self._positions[:length], x))
+        if length is None:  # the table's rows at 0..L-1, L read when the graph runs
+            positions = _gather_rows(_table(self._positions, x), ops.arange_like(ids, 1, limit=self.config.max_len))
+        else:
+            positions = _table(self._positions[:length], x)
+        return self.dropout(x + positions)
 
     def padding_mask(self, ids):
         """(B, L) bool, True at pad_id tokens (torch's key_padding_mask convention); None without pad_id."""

@@ -112,6 +112,36 @@ def test_bert_runtime_length_with_padding_mask_matches_fixed_graphs():
     assert len(g._plans) == 1
 
 
+def test_transformer_runtime_lengths_match_eager():
+    ls.manual_seed(0)
+    config = models.TransformerConfig(
+        src_vocab_size=VOCAB,
+        tgt_vocab_size=VOCAB,
+        d_model=32,
+        nhead=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dim_feedforward=48,
+        dropout=0.0,
+        max_len=32,
+        pad_id=0,
+    )
+    model = models.Transformer(config).to(dtype="float64")
+    model.eval()
+    with ls.Graph() as g:
+        src = ls.placeholder("src", (None, None), "int64")
+        tgt = ls.placeholder("tgt", (None, None), "int64")
+        logits = model(src, tgt)
+    rng = np.random.default_rng(5)
+    for s, t in ((8, 5), (16, 9), (24, 24)):
+        src_ids, tgt_ids = rng.integers(1, VOCAB, (2, s)), rng.integers(1, VOCAB, (2, t))
+        src_ids[1, s - 3 :] = 0  # padding, masked out of attention
+        got = g.run(logits, {src: src_ids, tgt: tgt_ids})
+        want = model(ls.tensor(src_ids), ls.tensor(tgt_ids)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert len(g._plans) == 1
+
+
 def _sequences(seed=3):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, VOCAB, n) for n in (7, 3, 11, 2, 6, 5, 9, 4)]
