@@ -142,6 +142,29 @@ def test_transformer_runtime_lengths_match_eager():
     assert len(g._plans) == 1
 
 
+def test_multihead_attention_causal_and_3d_masks_at_runtime_lengths_match_torch():
+    ls.manual_seed(0)
+    m = ls.nn.MultiheadAttention(8, 2, batch_first=True, dtype="float64")
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ref.load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in m.state_dict().items()})
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, None, 8), "float64")
+        mask3 = ls.placeholder("mask3", (None, None, None), "float64")
+        causal, _ = m(x, x, x, need_weights=False, is_causal=True)
+        masked, _ = m(x, x, x, need_weights=False, attn_mask=mask3)
+    rng = np.random.default_rng(6)
+    for length in (3, 7):
+        xs = rng.standard_normal((2, length, 8))
+        m3 = rng.standard_normal((2 * 2, length, length))
+        got = g.run([causal, masked], {x: xs, mask3: m3})
+        t = torch.from_numpy(xs)
+        blocked = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)
+        want_causal = ref(t, t, t, need_weights=False, attn_mask=blocked)[0].detach().numpy()
+        want_masked = ref(t, t, t, need_weights=False, attn_mask=torch.from_numpy(m3))[0].detach().numpy()
+        np.testing.assert_allclose(got[0], want_causal, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got[1], want_masked, rtol=1e-10, atol=1e-12)
+
+
 def _sequences(seed=3):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, VOCAB, n) for n in (7, 3, 11, 2, 6, 5, 9, 4)]
