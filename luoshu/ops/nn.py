@@ -140,7 +140,7 @@ def _check_ids(opdef, ids):
 
 
 @register
-class Embedding(OpDef):
+class EmbeddingLookup(OpDef):
     """Rows of `weight` at `ids`; the weight's gradient is an IndexedSlices of those rows."""
 
     name = "embedding"
@@ -185,7 +185,7 @@ def _bag_layout(ids: torch.Tensor, offsets: torch.Tensor | None, include_last_of
 
 
 @register
-class EmbeddingBag(OpDef):
+class EmbeddingBagLookup(OpDef):
     """Sums or averages the rows of each bag: inputs weight, ids[, offsets][, per_sample_weights].
 
     Outputs (bags, flat ids, bag of each id, divisor per id); the weight gradient is an
