@@ -275,3 +275,17 @@ def test_sigterm_finishes_the_step_saves_a_checkpoint_and_resumes_exactly(tmp_pa
     b = checkpoint_arrays(latest_checkpoint(tmp_path / "cut" / "checkpoints"))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_fp16_precision_scales_the_loss_keeps_fp32_weights_and_learns(tmp_path):
+    trainer = Trainer(TrainConfig(model="mlp", dataset="digits", model_args={"hidden": [64]}, precision="fp16",
+                                  lr=5e-3, batch_size=64, epochs=3, out=str(tmp_path), progress=False))
+    assert trainer.loss_scaler is not None and trainer.loss_scaler.get_scale() == 2.0 ** 16
+    metrics = trainer.fit()
+    assert trainer.eval_output.dtype == "float16" and trainer.loss.dtype == "float32"
+    weights = load_file(latest_checkpoint(tmp_path / "checkpoints") / "weights.safetensors")
+    assert all(w.dtype == np.float32 for w in weights.values())
+    assert metrics["accuracy"] > 0.9, metrics
+    # every step went through the scaler (clean steps counted towards growth), and its state was saved
+    saved = ls.checkpoint.verify(latest_checkpoint(tmp_path / "checkpoints"))["metadata"]["loss_scaler"]
+    assert saved["_growth_tracker"] == trainer.step == 3 * (1437 // 64)
