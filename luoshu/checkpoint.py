@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,11 +47,8 @@ def _tensors_for_disk(tensors: dict) -> dict[str, torch.Tensor]:
 
 def save(path, module, optimizer=None, metadata: dict | None = None) -> Path:
     """Saves `module` (and `optimizer`) as a checkpoint directory at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+
+    def write(staging: Path) -> None:
         state = module.state_dict()
         save_file(_tensors_for_disk(state), staging / "weights.safetensors")
         graph = {
@@ -67,8 +65,22 @@ def save(path, module, optimizer=None, metadata: dict | None = None) -> Path:
             opt_state = optimizer.state_dict()
             save_file(_tensors_for_disk(opt_state["tensors"]), staging / "optimizer.safetensors")
             _write_json(staging / "optimizer.json", {"class": type(optimizer).__name__, "meta": opt_state["meta"]})
+
+    return write_package(path, write)
+
+
+def write_package(path, write: Callable[[Path], None]) -> Path:
+    """Writes a package directory at `path`: `write(staging)` fills a fresh staging directory
+    (graph.json, weights.safetensors, ...), then the manifest of every file in it is added and
+    the directory swapped in whole (a failed write never destroys what was at `path`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        write(staging)
         files = {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size}
-                 for f in sorted(staging.iterdir())}
+                 for f in sorted(staging.iterdir()) if f.name != MANIFEST}
         _write_json(staging / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
         _swap_in(staging, path)
     except BaseException:
@@ -154,7 +166,8 @@ def _verify(path: Path) -> tuple[dict, set[str]]:
     return graph, set(files)
 
 
-def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
+def load_tensors(f: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a `CheckpointError` naming the file if it cannot be read."""
     try:
         return load_file(f)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -169,7 +182,7 @@ def load(path, module, optimizer=None) -> dict:
     """
     path = Path(path)
     graph, listed = _verify(path)
-    weights = _load_tensors(path / "weights.safetensors")
+    weights = load_tensors(path / "weights.safetensors")
     staged = module._stage_state_dict(weights)
     if optimizer is not None:
         missing = [n for n in ("optimizer.json", "optimizer.safetensors") if n not in listed]
@@ -180,7 +193,7 @@ def load(path, module, optimizer=None) -> dict:
         if meta.get("class") != type(optimizer).__name__:
             raise CheckpointError(f"checkpoint {path} holds {meta.get('class')} state, not "
                                   f"{type(optimizer).__name__}")
-        tensors = _load_tensors(path / "optimizer.safetensors")
+        tensors = load_tensors(path / "optimizer.safetensors")
         optimizer.load_state_dict({"tensors": tensors, "meta": meta["meta"]})  # validates before changing
     module._apply_staged(staged)
     return graph.get("metadata", {})

@@ -1,7 +1,8 @@
 """The `luoshu` command line: a table of subcommands, each a parser set-up and a run function.
 
 A subcommand is one entry in `COMMANDS`. The work itself lives in the library (`luoshu/train/` for
-`luoshu train`, `luoshu/distributed/launch.py` for `luoshu launch`), so this file stays thin.
+`luoshu train`, `luoshu/distributed/launch.py` for `luoshu launch`, `luoshu/onnx` for `luoshu export-onnx`),
+so this file stays thin.
 """
 
 from __future__ import annotations
@@ -138,6 +139,25 @@ def _run_launch(args: argparse.Namespace) -> int:
     return launch.main(args)
 
 
+# --- luoshu export-onnx -------------------------------------------------------------------------------
+
+def _export_onnx_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", metavar="PACKAGE", help="model package directory (luoshu.serving.export)")
+    p.add_argument("out", metavar="OUT.onnx", help="ONNX file to write (weights over 2 GB go to OUT.onnx.data)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or later; default 17)")
+    p.add_argument("--static-batch", type=int, default=None, metavar="N",
+                   help="fix the batch dimension to N instead of leaving it dynamic")
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from luoshu.onnx import export
+
+    static = args.static_batch
+    path = export(args.package, args.out, opset=args.opset, dynamic_batch=static is None, batch_size=static or 1)
+    print(f"wrote {path} (opset {args.opset}, {'batch ' + str(static) if static else 'dynamic batch'})")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model from the zoo on a dataset (default: DCN on synthetic click logs)",
                      _train_arguments, _run_train,
@@ -148,6 +168,8 @@ COMMANDS: dict[str, Command] = {
                       _launch_arguments, _run_launch,
                       description="Start a script on N worker processes (and S parameter servers) per node through "
                                   "torchrun's elastic agent; multi-node with --nnodes/--node-rank/--rdzv-endpoint."),
+    "export-onnx": Command("convert a model package to ONNX (walking luoshu's IR; checked with onnx.checker)",
+                           _export_onnx_arguments, _run_export_onnx),
 }
 
 

@@ -36,6 +36,17 @@ class IndexedSlicesValue(NamedTuple):
         return dense
 
 
+class RecomputeRegion:
+    """Ops recorded by one call of a recomputed module, and the tensors it returned (kept:
+    the next layer reads them anyway). The recompute pass sets `applied` once it rewrote the
+    region and lists in `copies` the ops it recorded to recompute it."""
+
+    __slots__ = ("ops", "outputs", "applied", "copies")
+
+    def __init__(self, ops: list, outputs: list):
+        self.ops, self.outputs, self.applied, self.copies = ops, outputs, False, []
+
+
 _graph_ids = itertools.count()
 
 
@@ -52,6 +63,9 @@ class Graph:
         self.ops: list = []
         self.placeholders: dict[str, Tensor] = {}
         self._plans: dict = {}
+        # Regions whose intermediate activations are recomputed in the backward instead of
+        # kept (`luoshu.nn.recompute` records them; `luoshu.compiler.recompute` rewrites them).
+        self.recompute_regions: list[RecomputeRegion] = []
 
     def __enter__(self) -> Graph:
         context.push_graph(self)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -46,6 +47,19 @@ class OpDef:
     # bool results, *_like constants, updates): no gradient flows through. An op that
     # has a gradient but no rule for it keeps True and lets `gradient` raise.
     differentiable: ClassVar[bool] = True
+    # True for ops that draw from a random generator. Recomputation (the recompute pass) must
+    # not draw again: it calls `replay`, which rebuilds the outputs from new inputs and the
+    # original op's outputs (its draw), or returns None to keep the original outputs.
+    random: ClassVar[bool] = False
+
+    def replay(self, op: Op, inputs: list[Tensor]) -> list[Tensor] | None:
+        return None
+
+    # Optional kernel `compute_into(out, scale, *values, **attrs) -> bool` writing the (one)
+    # output times `scale` into `out`, a view of a preallocated buffer, instead of returning a
+    # new tensor; it returns False where it cannot for these values (the caller then copies).
+    # Data parallelism uses it to compute gradients straight into their all-reduce bucket.
+    compute_into: ClassVar[Callable | None] = None
 
     def infer(self, inputs: list[Tensor], **attrs) -> list[TensorMeta] | TensorMeta:
         raise NotImplementedError

@@ -25,6 +25,7 @@ from luoshu.nn.layers import (
 )
 from luoshu.nn.module import Module, Parameter
 from luoshu.nn.norm import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm, RMSNorm
+from luoshu.nn.recompute import recompute
 from luoshu.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell
 from luoshu.nn.transformer import (
     TransformerDecoder,
@@ -45,4 +46,6 @@ __all__ = [
     "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
     # containers
     "ModuleDict", "ModuleList",
+    # memory
+    "recompute",
 ]

@@ -117,6 +117,7 @@ class Dropout(OpDef):
 
     name = "dropout"
     attrs = {"p": 0.5}
+    random = True
 
     def infer(self, inputs, p):
         if not 0.0 <= p < 1.0:
@@ -133,6 +134,11 @@ class Dropout(OpDef):
     def gradient(self, op, grads):
         g = grads[0]
         return [None if g is None else g * op.outputs[1]]
+
+    def replay(self, op, inputs):
+        """The same mask on new inputs: recomputation keeps the draw."""
+        mask = op.outputs[1]
+        return [apply("mul", inputs[0], mask), mask]
 
 
 # --- embeddings ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from luoshu.compiler import prune, schedule_comm
+from luoshu.compiler import apply_recompute, prune, schedule_comm
 from luoshu.core.errors import Error, ExecutionError, FeedError
 from luoshu.core.tensor import Tensor
 from luoshu.runtime.memory import MemoryReport, measure
@@ -51,6 +51,7 @@ class Plan:
 
 
 def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
+    apply_recompute(graph)
     ops = schedule_comm(prune(graph, fetches))
     slot_of: dict[int, int] = {}
     feed_tensors: list[Tensor] = []
