@@ -65,6 +65,26 @@ def _args(data_args: Mapping, dataset: str, defaults: dict) -> dict:
     if unknown:
         raise TrainConfigError(f"dataset {dataset!r} has no option {unknown[0]!r}{suggestion(unknown[0], defaults)}; "
                                f"its options: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}")
+    for key, value in data_args.items():  # the default's type is the option's (None: any value)
+        default = defaults[key]
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            ok, words = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+            per_slot = key == "num_buckets" and isinstance(value, list) and value and all(map(whole, value))
+            ok, words = whole(value) or per_slot, "a non-negative integer" + (" (or one per slot)" if key ==
+                                                                               "num_buckets" else "")
+        elif isinstance(default, float):
+            ok, words = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        elif isinstance(default, str):
+            ok, words = isinstance(value, str), "a string"
+        else:
+            ok, words = isinstance(value, type(default)), type(default).__name__
+        if not ok:
+            raise TrainConfigError(f"dataset {dataset!r}: option {key}={value!r} must be {words} (default "
+                                   f"{default!r})")
     return {**defaults, **data_args}
 
 
