@@ -10,6 +10,7 @@ dp.minimize(loss_fn(dp(x_shard), y_shard))
 """
 
 from luoshu.parallel import ps_modes as _ps_modes  # noqa: F401  (registers the "ps" and "hybrid" modes)
+from luoshu.parallel import zero as _zero  # noqa: F401  (registers DataParallel(zero=...))
 from luoshu.parallel.data_parallel import (
     MODES,
     SYNC_MODES,
@@ -20,8 +21,9 @@ from luoshu.parallel.data_parallel import (
     register_sync_mode,
 )
 from luoshu.parallel.ps_modes import HybridSync, PSSync
+from luoshu.parallel.zero import ZeroSync
 
 __all__ = [
     "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync", "SyncMode",
-    "register_sync_mode",
+    "ZeroSync", "register_sync_mode",
 ]
