@@ -38,7 +38,7 @@ def check_model_args(name: str, model_args: Mapping[str, Any]) -> None:
         raise TrainConfigError(f"model {name!r} has no config field {unknown[0]!r}{suggestion(unknown[0], fields)}; "
                                f"its fields ({config_class.__name__}): {', '.join(fields)}")
     for key, value in model_args.items():
-        expected = _field_expectation(key, str(fields[key].type))
+        expected = _field_expectation(key, str(fields[key].type), fields[key].default)
         if expected is not None and not expected[0](value):
             raise TrainConfigError(f"model arg {key}={value!r} for {name!r}: expected {expected[1]}, found "
                                    f"{type(value).__name__} {value!r}")
@@ -52,11 +52,12 @@ def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # not NaN
 
 
-def _field_expectation(key: str, annotation: str):
+def _field_expectation(key: str, annotation: str, default=None):
     """(check, words) for a model config field from its annotation, or None for types not checked here.
 
-    Counts and sizes are integers, never negative; widths in a tuple are positive; an id field
-    (`padding_idx`, `pad_id`) may be any integer; `dropout` is a fraction in [0, 1)."""
+    Counts and sizes are integers, never negative (sizes positive, unless the field's own default is 0,
+    which then means "none"); widths in a tuple are positive; an id field (`padding_idx`, `pad_id`) may
+    be any integer; `dropout` is a fraction in [0, 1)."""
     optional = annotation.replace(" ", "").endswith("|None")
     base = annotation.replace(" ", "").removesuffix("|None")
     check = words = None
@@ -65,6 +66,8 @@ def _field_expectation(key: str, annotation: str):
     elif base == "int":
         low = None if "pad" in key else (1 if key.endswith(("_dim", "_size", "heads", "head", "classes", "width"))
                                          or key in ("hidden", "depth", "dim", "embd", "n_embd") else 0)
+        if low == 1 and default == 0:
+            low = 0
         check = lambda v: _is_int(v, low)  # noqa: E731
         words = "an integer" if low is None else ("a positive integer" if low == 1 else "a non-negative integer")
     elif base == "float":
