@@ -319,3 +319,58 @@ def test_vision_models_match_pytorch_forward_and_every_gradient(name, kwargs, sh
     for key, p in model.named_parameters():
         np.testing.assert_allclose(p.grad.numpy(), theirs[key].grad.numpy(), rtol=1e-9, atol=1e-10,
                                    err_msg=f"{name}: {key}")
+
+
+class TorchBottleneck(torch.nn.Module):
+    """torchvision's Bottleneck (ResNet v1.5: the stride on the 3x3 conv), expansion 4."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        out = width * 4
+        self.conv1, self.bn1 = torch.nn.Conv2d(cin, width, 1, bias=False), torch.nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = torch.nn.Conv2d(width, width, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = torch.nn.Conv2d(width, out, 1, bias=False), torch.nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or cin != out:
+            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, out, 1, stride, bias=False),
+                                                  torch.nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+def test_resnet50_bottlenecks_match_pytorch_forward_and_every_gradient():
+    """ResNet-50 (3-4-6-3 bottlenecks, ImageNet stem) at width 2 against torchvision's layout, float64."""
+    ls.manual_seed(0)
+    ours = models.build("resnet50", num_classes=5, width=2, stem="imagenet").to(dtype="float64")
+    nn = torch.nn
+    ref = nn.Module()
+    ref.conv1, ref.bn1 = nn.Conv2d(3, 2, 7, 2, 3, bias=False), nn.BatchNorm2d(2)
+    cin = 2
+    for i, blocks in enumerate((3, 4, 6, 3)):
+        w = 2 * 2 ** i
+        layer = [TorchBottleneck(cin, w, 2 if i else 1)] + [TorchBottleneck(w * 4, w, 1) for _ in range(blocks - 1)]
+        setattr(ref, f"layer{i + 1}", nn.Sequential(*layer))
+        cin = w * 4
+    ref.fc = nn.Linear(cin, 5)
+    ref.double().load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in ours.state_dict().items()})
+
+    def run(x):
+        x = nn.functional.max_pool2d(torch.relu(ref.bn1(ref.conv1(x))), 3, 2, 1)
+        for i in range(1, 5):
+            x = getattr(ref, f"layer{i}")(x)
+        return ref.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32))
+    out, tout = ours(ls.tensor(x)), run(torch.from_numpy(x))
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-8, atol=1e-9)
+    cot = np.random.default_rng(2).standard_normal(tuple(tout.shape))
+    (out * ls.tensor(cot)).sum().backward()
+    (tout * torch.from_numpy(cot)).sum().backward()
+    theirs = dict(ref.named_parameters())
+    assert set(theirs) == {k for k, _ in ours.named_parameters()}
+    for key, p in ours.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), theirs[key].grad.numpy(), rtol=1e-7, atol=1e-8, err_msg=key)
