@@ -1,19 +1,20 @@
 """MLP 784-256-256-10 + SGD: luoshu define-and-run vs PyTorch eager, training steps/s.
 
-Both run in this process on the same data; each timing is the median of several
-repeats after warm-up. Targets (issue 2): >= 1.25x at batch 16, >= 1.05x at batch 128.
+All run in this process on the same data, repeats interleaved (see _timing.py), medians after
+warm-up. PyTorch rows: SGD with the default for-loop, foreach and fused implementations (on CPU
+the default is the for-loop; a user tuning the step picks foreach or fused), and with --compile a
+torch.compile'd model with fused SGD. The ratio is against the best PyTorch row.
 
-    .venv/bin/python benchmarks/bench_mlp.py [--steps 200] [--repeats 7]
+    .venv/bin/python benchmarks/bench_mlp.py [--steps 200] [--repeats 5] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
+from _timing import interleaved
 
 import luoshu as ls
 
@@ -35,17 +36,18 @@ def luoshu_runner(batch: int, data):
     return step
 
 
-def torch_runner(batch: int, data):
+def torch_runner(batch: int, data, sgd: dict, compile: bool = False):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                                 torch.nn.ReLU(), torch.nn.Linear(256, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, **sgd)
+    forward = torch.compile(model) if compile else model
     tdata = [(torch.from_numpy(xb), torch.from_numpy(yb)) for xb, yb in data]
 
     def step(i):
         xb, yb = tdata[i % len(tdata)]
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(forward(xb), yb)
         loss.backward()
         opt.step()
         loss.item()  # luoshu returns the loss as NumPy each step; do the same work here
@@ -53,38 +55,28 @@ def torch_runner(batch: int, data):
     return step
 
 
-def measure(step, steps: int, repeats: int) -> float:
-    for i in range(20):
-        step(i)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        rates.append(steps / (time.perf_counter() - start))
-    return statistics.median(rates)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'batch':>6} {'luoshu steps/s':>15} {'torch steps/s':>14} {'ratio':>7}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, steps/s, median of {args.repeats} "
+          f"interleaved rounds of {args.steps} steps")
     for batch in args.batches:
         data = [(rng.standard_normal((batch, 784)).astype(np.float32), rng.integers(0, 10, batch))
                 for _ in range(16)]
-        # Interleave the two so drift in machine load hits both alike.
-        ours, theirs = [], []
-        lstep, tstep = luoshu_runner(batch, data), torch_runner(batch, data)
-        for _ in range(3):
-            ours.append(measure(lstep, args.steps, max(1, args.repeats // 3)))
-            theirs.append(measure(tstep, args.steps, max(1, args.repeats // 3)))
-        o, t = statistics.median(ours), statistics.median(theirs)
-        print(f"{batch:>6} {o:>15.1f} {t:>14.1f} {o / t:>6.2f}x")
+        refs = {"torch SGD (for-loop)": torch_runner(batch, data, {"foreach": False}),
+                "torch SGD foreach": torch_runner(batch, data, {"foreach": True}),
+                "torch SGD fused": torch_runner(batch, data, {"fused": True})}
+        if args.compile:
+            refs["torch.compile + fused"] = torch_runner(batch, data, {"fused": True}, compile=True)
+        rates = interleaved({"luoshu": luoshu_runner(batch, data), **refs}, args.steps, args.repeats, warmup=20)
+        best = max(refs, key=rates.get)
+        row = "  ".join(f"{name} {rate:.1f}" for name, rate in rates.items())
+        print(f"batch {batch:>4}: {row}  |  luoshu / best torch ({best}) {rates['luoshu'] / rates[best]:.2f}x")
 
 
 if __name__ == "__main__":

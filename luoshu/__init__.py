@@ -39,15 +39,18 @@ from luoshu.core import (
 
 __version__ = "0.1.0"
 
-_LAZY = ("onnx", "serving")  # the deployment layer, imported on first use: it sits above everything here
+# The higher layers load on first use (`ls.models.DCN`, `ls.train.train`), so `import luoshu` stays light
+# and the packages below never import them by accident.
+_LAZY_SUBPACKAGES = ("models", "ctr", "train", "data", "metrics", "ml", "automl", "gnn", "serving", "onnx")
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib.util
 
+    if name in _LAZY_SUBPACKAGES and importlib.util.find_spec(f"luoshu.{name}") is not None:
         return importlib.import_module(f"luoshu.{name}")
     raise AttributeError(f"module 'luoshu' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError", "DStates", "DTypeError", "DeviceError", "DeviceGroup", "Error", "ExecutionError",

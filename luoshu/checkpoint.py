@@ -9,8 +9,10 @@ A checkpoint is a directory:
 
 `save` writes a new directory beside the target and swaps it in only when complete,
 so a failed save never destroys the previous checkpoint. `load` verifies the manifest,
-the format version and every name, shape and dtype before it changes anything. No
-pickle is involved anywhere.
+the format version and every name, shape and dtype before it changes anything. It reads
+only files the manifest lists and hashes, and refuses a directory holding any other
+file (an `optimizer.*` copied into a checkpoint saved without one is tampering, not
+state). No pickle is involved anywhere.
 """
 
 from __future__ import annotations
@@ -100,17 +102,28 @@ def _swap_in(staging: Path, path: Path) -> None:
 
 
 def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, which must hold an object (a mapping) at the top."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint file {path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint file {path}: expected a JSON object at the top, found "
+                              f"{type(value).__name__}")
+    return value
 
 
 def verify(path) -> dict:
-    """Checks a checkpoint's manifest, format version and file hashes; returns its graph.json."""
-    path = Path(path)
+    """Checks a checkpoint's manifest, format version and file hashes; returns its graph.json.
+
+    The directory may hold only the manifest and the files it lists (plain names, each hashed)."""
+    return _verify(Path(path))[0]
+
+
+def _verify(path: Path) -> tuple[dict, set[str]]:
+    """`verify`, also returning the names the manifest lists: all that `load` may read."""
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
     manifest = _read_json(path / MANIFEST)
@@ -121,6 +134,16 @@ def verify(path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict) or "weights.safetensors" not in files or "graph.json" not in files:
         raise CheckpointError(f"{path / MANIFEST}: the manifest does not list weights.safetensors and graph.json")
+    for name, entry in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name:
+            raise CheckpointError(f"{path / MANIFEST}: {name!r} is not a file name of the checkpoint")
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{path / MANIFEST}: the entry of {name} must be an object with sha256 and bytes, "
+                                  f"found {entry!r}")
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path} holds {', '.join(unlisted)}, which the manifest does not list; "
+                              "refusing it (a checkpoint holds only the manifest and the files it hashes)")
     for name, entry in files.items():
         f = path / name
         if not f.is_file():
@@ -137,7 +160,10 @@ def verify(path) -> dict:
     if graph.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path / 'graph.json'}: expected format version {FORMAT_VERSION}, "
                               f"found {graph.get('format_version')!r}")
-    return graph
+    if not isinstance(graph.get("metadata", {}), dict):
+        raise CheckpointError(f"{path / 'graph.json'}: metadata must be a JSON object, found "
+                              f"{type(graph['metadata']).__name__}")
+    return graph, set(files)
 
 
 def load_tensors(f: Path) -> dict[str, torch.Tensor]:
@@ -155,12 +181,14 @@ def load(path, module, optimizer=None) -> dict:
     module and optimizer are left exactly as they were.
     """
     path = Path(path)
-    graph = verify(path)
+    graph, listed = _verify(path)
     weights = load_tensors(path / "weights.safetensors")
     staged = module._stage_state_dict(weights)
     if optimizer is not None:
-        if not (path / "optimizer.safetensors").is_file():
-            raise CheckpointError(f"checkpoint {path} holds no optimizer state")
+        missing = [n for n in ("optimizer.json", "optimizer.safetensors") if n not in listed]
+        if missing:  # only files the manifest lists (and verify hashed) are ever read
+            raise CheckpointError(f"checkpoint {path} holds no optimizer state (its manifest does not list "
+                                  f"{' or '.join(missing)})")
         meta = _read_json(path / "optimizer.json")
         if meta.get("class") != type(optimizer).__name__:
             raise CheckpointError(f"checkpoint {path} holds {meta.get('class')} state, not "

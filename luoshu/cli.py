@@ -116,7 +116,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if given.pop("quiet", False):
         values["progress"] = False
     values.update(given)
-    config = TrainConfig.from_dict(values, "luoshu train")
+    # the messages' source: main() already prefixes "luoshu train: error:"
+    config = TrainConfig.from_dict(values, f"config file {args.config}" if "config" in vars(args) else "settings")
     metrics = train(config)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     print(f"{config.model} on {config.dataset}: {shown}; metrics in {config.job_dir / 'metrics.csv'}, "
@@ -295,7 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Error as exc:
         print(f"luoshu {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # the trainer saved a checkpoint first; SIGTERM arrives as its subclass
+        from luoshu.train.errors import Terminated
+
+        if isinstance(exc, Terminated):
+            print(f"luoshu {args.command}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print(f"luoshu {args.command}: interrupted", file=sys.stderr)
         return 130
 

@@ -93,13 +93,58 @@ def test_json_config_and_resume_from_the_command_line(tmp_path):
     (["--config", "/nope/job.yaml"], "config file /nope/job.yaml does not exist"),
     (["--epochs", "0"], "epochs must be a positive integer"),
     (["--resume"], "--resume: no checkpoint in"),
+    (["--model-arg", "mlp_dims=abc"], "model arg mlp_dims='abc' for 'dcn': expected a list of positive integers"),
+    (["--model-arg", "mlp_dims=[a,b]"], "model arg mlp_dims=['a', 'b'] for 'dcn': expected a list of positive"),
+    (["--model-arg", "embedding_dim=1.5"], "model arg embedding_dim=1.5 for 'dcn': expected a positive integer"),
+    (["--model-arg", "num_cross_layers=-1"], "num_cross_layers=-1 for 'dcn': expected a non-negative integer"),
+    (["--model-arg", "cross_type=3"], "cross_type=3 for 'dcn': expected a string"),
+    (["--model", "mlp", "--dataset", "digits", "--model-arg", "dropout=1.5"], "expected a number in [0, 1)"),
+    (["--lr", "-1"], "settings: lr must be a positive number, found -1"),
 ])
 def test_bad_config_exits_with_a_clear_error(tmp_path, capsys, args, message):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--quiet", *args]) == 1
     err = capsys.readouterr().err
     assert err.startswith("luoshu train: error: ") and message in err, err
+    assert err.count("luoshu train:") == 1, err  # one prefix, not "luoshu train: error: luoshu train: ..."
     assert "Traceback" not in err
+
+
+def test_out_that_is_a_file_or_cannot_be_written_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    for out, message in ((tmp_path / "file", "a file is in the way"),
+                         (tmp_path / "file" / "run", "cannot write there (")):
+        assert main(["train", "--out", str(out), "--quiet", "--max-steps", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"luoshu train: error: --out {out}: ") and message in err, err
+    assert main(["train", "--out", str(tmp_path / "ok"), "--checkpoint-dir", str(tmp_path / "file"), "--quiet",
+                 "--max-steps", "1"]) == 1
+    assert "--checkpoint-dir" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import luoshu as ls
+
+    config = tmp_path / "job.yaml"
+    config.write_text(TINY)
+    original, calls = ls.Graph.run, {"n": 0}
+
+    def run(self, fetches, feed_dict=None):
+        if isinstance(fetches, list) and len(fetches) == 2:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, fetches, feed_dict)
+
+    monkeypatch.setattr(ls.Graph, "run", run)
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 143
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM) at step 2: saved" in err and "luoshu train: terminated (SIGTERM)" in err
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [2]
 
 
 @pytest.mark.parametrize("text,message", [

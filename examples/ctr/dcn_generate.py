@@ -6,6 +6,8 @@ The same script as HugeCTR's `dcn_parquet_generate.py` with `import hugectr` rep
 `from luoshu import ctr as hugectr`; only the file counts are smaller (HugeCTR: 128 training
 files of 40960 samples). Labels follow a hidden click model, so the AUC means something.
 """
+# doc-test: args
+
 
 from luoshu import ctr as hugectr
 from luoshu.ctr.tools import DataGenerator, DataGeneratorParams

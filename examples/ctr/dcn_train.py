@@ -7,6 +7,9 @@ are command-line options (defaults sized for seconds on 2 CPU cores, ~8 s measur
 `--mlp 1024 --max-iter 5120 --batch 1024` is the original). Writes dcn.json, the snapshot
 packages dcn_dense_*.model / dcn0_sparse_*.model and dcn_metrics.csv.
 """
+# doc-test: needs dcn_generate.py
+# doc-test: args --max-iter 10
+
 
 import argparse
 

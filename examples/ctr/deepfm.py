@@ -5,6 +5,8 @@
 One 11-dim embedding per slot: 10 dims feed the FM and the MLP, 1 dim is the first-order
 weight; dense features get latent vectors through WeightMultiply.
 """
+# doc-test: args --max-iter 10
+
 
 import argparse
 

@@ -5,6 +5,8 @@
 Bottom MLP on the dense features, DLRM's dot-product Interaction with the slot embeddings,
 top MLP to one logit (HugeCTR: vector size 128, MLPs 512-256-128 and 1024-1024-512-256-1).
 """
+# doc-test: args --max-iter 10
+
 
 import argparse
 

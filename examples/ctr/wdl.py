@@ -5,6 +5,8 @@
 Two sparse inputs from one file: 2 "wide" slots (a linear part: 1-dim embeddings summed)
 and 26 "deep" slots (16-dim embeddings into an MLP), added into one logit.
 """
+# doc-test: args --max-iter 10
+
 
 import argparse
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from luoshu.core import context, dtypes
-from luoshu.core.errors import Error, FeedError, GraphError
+from luoshu.core.errors import Error, FeedError, GraphError, ShapeError
 from luoshu.core.tensor import IndexedSlices, Tensor, normalize_device
 
 # The runtime layer installs the function that compiles a fetch set into a runnable plan
@@ -81,7 +81,17 @@ class Graph:
     def placeholder(self, name: str, shape, dtype="float32", device="cpu") -> Tensor:
         if name in self.placeholders:
             raise GraphError(f"graph '{self.name}' already has a placeholder named {name!r}")
-        shape = tuple(None if d is None or d == -1 else int(d) for d in shape)
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"a placeholder's name must be a non-empty string, found {name!r}")
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            raise ShapeError(f"placeholder {name!r}: shape must be a sequence of sizes, found {shape!r}") from None
+        for d in dims:  # None (or -1) marks a dimension fed at run time; anything else is a size >= 0
+            if not (d is None or (isinstance(d, int | np.integer) and not isinstance(d, bool) and d >= -1)):
+                raise ShapeError(f"placeholder {name!r}: each dimension must be a size >= 0, or None (or -1) for one "
+                                 f"known only at run time; found {d!r} in shape {shape!r}")
+        shape = tuple(None if d is None or d == -1 else int(d) for d in dims)
         t = Tensor(shape, dtypes.dtype_name(dtype), normalize_device(device), graph=self,
                    name=name, kind="placeholder")
         self.placeholders[name] = t

@@ -169,11 +169,20 @@ def ctr_from_columns(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "label" not in columns:
         raise DataError(f"ctr_from_columns: no 'label' column among {sorted(columns)}")
     n = len(columns["label"])
-    return {"dense": np.stack([columns[c] for c in dense_names], axis=1).astype(np.float32) if dense_names
-            else np.zeros((n, 0), np.float32),
-            "sparse": np.stack([columns[c] for c in sparse_names], axis=1).astype(np.int64) if sparse_names
-            else np.zeros((n, 0), np.int64),
-            "label": np.asarray(columns["label"], dtype=np.float32)}
+
+    def stacked(names: list[str], dtype, kind: str, words: str) -> np.ndarray:
+        out = np.zeros((n, len(names)), dtype)
+        for j, name in enumerate(names):
+            value = np.asarray(columns[name])
+            if value.dtype.kind not in kind:  # e.g. strings in an id column: name it, do not guess
+                raise DataError(f"ctr_from_columns: column {name!r} holds {value.dtype} values such as "
+                                f"{value[:1].tolist()}; expected {words}")
+            out[:, j] = value
+        return out
+
+    return {"dense": stacked(dense_names, np.float32, "biuf", "numbers"),
+            "sparse": stacked(sparse_names, np.int64, "iu", "integer ids"),
+            "label": stacked(["label"], np.float32, "biuf", "numbers")[:, 0]}
 
 
 class CriteoDataset(IterableDataset):

@@ -103,6 +103,32 @@ class ConvolutionBackward(OpDef):
         return aten.convolution_backward(g, x, w, bias_sizes, stride, padding, dilation, transposed,
                                          output_padding, groups, list(output_mask))
 
+    def gradient(self, op, grads):
+        """A convolution B(x, w) is bilinear, so its backward's gradient is convolutions again:
+        d/dg = B(ggx, w) + B(x, ggw) + ggb; d/dx = (dx of B with weight ggw); d/dw = (dw of B on input ggx)."""
+        ggx, ggw, ggb = grads
+        g, x, w = op.inputs
+        conv = {k: op.attrs[k] for k in Convolution.attrs}
+        needs = op.needs_grad or (True, True, True)
+        grad_g = None
+        if needs[0]:
+            for term in ([apply("convolution", ggx, w, **conv)] if ggx is not None else []) + \
+                    ([apply("convolution", x, ggw, **conv)] if ggw is not None else []):
+                grad_g = term if grad_g is None else grad_g + term
+            if ggb is not None and op.attrs["has_bias"]:
+                bias = apply("reshape", ggb, shape=(1, -1) + (1,) * (g.ndim - 2))
+                grad_g = bias if grad_g is None else grad_g + bias
+            if grad_g is not None and grad_g.shape != g.shape:
+                grad_g = apply("broadcast_to", grad_g, shape=g.shape)
+        grad_x = grad_w = None
+        if needs[1] and ggw is not None:
+            grad_x = apply("convolution_backward", g, x, ggw, output_mask=(True, False, False), has_bias=False,
+                           **conv)[0]
+        if needs[2] and ggx is not None:
+            grad_w = apply("convolution_backward", g, ggx, w, output_mask=(False, True, False), has_bias=False,
+                           **conv)[1]
+        return [grad_g, grad_x, grad_w]
+
 
 def _conv(input, weight, bias, n, stride, padding, dilation, groups, transposed=False, output_padding=0):
     unbatched = input.ndim == n + 1  # PyTorch takes (C, *spatial) too
@@ -185,6 +211,19 @@ class MaxPool2dBackward(OpDef):
         return aten.max_pool2d_with_indices_backward(g, x, kernel_size, stride, padding, dilation, ceil_mode,
                                                      indices)
 
+    def gradient(self, op, grads):
+        """Linear in g (a scatter through the argmax indices), constant in x almost everywhere: d/dg
+        gathers gg at the same indices; d/dx is zero (as in PyTorch)."""
+        gg, = grads
+        g, x, indices = op.inputs
+        lead = x.shape[:-2]
+        if any(d is None for d in lead + x.shape[-2:] + g.shape[-2:]):
+            raise OpError("max_pool2d: second-order gradients need the input shape known when the graph is built")
+        flat = apply("reshape", gg, shape=(*lead, x.shape[-2] * x.shape[-1]))
+        where = apply("reshape", indices, shape=(*lead, g.shape[-2] * g.shape[-1]))
+        picked = apply("gather", flat, where, axis=len(lead))
+        return [apply("reshape", picked, shape=g.shape), None, None]
+
 
 @register
 class AvgPool2d(OpDef):
@@ -254,6 +293,11 @@ class AdaptiveAvgPool2dBackward(OpDef):
     @staticmethod
     def compute(g, x):
         return aten._adaptive_avg_pool2d_backward(g, x)
+
+    def gradient(self, op, grads):
+        """Linear in g, independent of x's values: its gradient is the forward pool again."""
+        g = op.inputs[0]
+        return [apply("adaptive_avg_pool2d", grads[0], output_size=tuple(g.shape[-2:])), None]
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):

@@ -15,6 +15,7 @@ from luoshu.core.errors import DTypeError, OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import same_dim
 from luoshu.core.tensor import TensorMeta
+from luoshu.ops._util import gradient_by_recompute
 
 aten = torch.ops.aten
 
@@ -101,15 +102,17 @@ class CrossEntropy(OpDef):
         return loss, logp, x.new_zeros(())
 
     def gradient(self, op, grads):
-        if grads[0] is None:
-            return [None] * len(op.inputs)
         target = op.inputs[1]
         logp, total_weight = op.outputs[1], op.outputs[2]
-        out = apply("cross_entropy_backward", grads[0], logp, target, total_weight, *op.inputs[2:], **op.attrs)
         rest = [None] * (len(op.inputs) - 2)
-        if dtypes.is_floating(target.dtype):
-            return [out[0], out[1]] + rest
-        return [out, None] + rest
+        grad_x = grad_target = None
+        if grads[0] is not None:
+            out = apply("cross_entropy_backward", grads[0], logp, target, total_weight, *op.inputs[2:], **op.attrs)
+            grad_x, grad_target = (out[0], out[1]) if dtypes.is_floating(target.dtype) else (out, None)
+        if grads[1] is not None:  # the saved log-probabilities are used by a second-order gradient
+            via_logp = apply("log_softmax_backward", grads[1], logp, axis=1 if logp.ndim > 1 else 0)
+            grad_x = via_logp if grad_x is None else grad_x + via_logp
+        return [grad_x, grad_target] + rest
 
 
 def _class_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -175,6 +178,14 @@ class CrossEntropyBackward(OpDef):
         scale = g.unsqueeze(class_dim) if reduction == "none" else g
         return grad * scale
 
+    def gradient(self, op, grads):
+        # log_softmax(logp) == logp, so the loss as a function of the saved log-probabilities is the loss
+        # itself: recompute it from primitives at z = logp and differentiate its vjp once more.
+        a = op.attrs
+        soft = dtypes.is_floating(op.inputs[2].dtype)
+        return gradient_by_recompute(op, grads, lambda z, target, _, weight=None: _cross_entropy_composite(
+            z, target, weight, **a), [1, 2] if soft else [1])
+
 
 @register
 class NllLoss(OpDef):
@@ -216,6 +227,58 @@ class NllLossBackward(OpDef):
         if reduction == "mean":
             grad = grad / w_t.sum()
         return grad * (g.unsqueeze(class_dim) if reduction == "none" else g)
+
+    def gradient(self, op, grads):
+        """Linear in g and constant in the log-probabilities (nll is linear in them): d/dg is nll_loss
+        of gg itself, d/dlogp is zero."""
+        gg, = grads
+        _, logp, *rest = op.inputs
+        return [apply("nll_loss", gg, *rest, **op.attrs)] + [None] * (len(op.inputs) - 1)
+
+
+def _cross_entropy_composite(z, target, weight, ignore_index, reduction, label_smoothing):
+    """cross_entropy from primitives (log_softmax, one_hot, sums), for second-order gradients only."""
+    class_dim = 1 if z.ndim > 1 else 0
+    num_classes = z.shape[class_dim]
+    if num_classes is None:
+        raise OpError("cross_entropy: second-order gradients need the number of classes known when the graph "
+                      "is built")
+    logq = apply("log_softmax", z, axis=class_dim)
+    w = None if weight is None else (apply("reshape", weight, shape=(1, -1) + (1,) * (z.ndim - 2)) if z.ndim > 1
+                                     else weight)
+    eps = label_smoothing
+    if dtypes.is_floating(target.dtype):
+        q = target if target.dtype == z.dtype else apply("cast", target, dtype=z.dtype)
+        if eps:
+            q = q * (1 - eps) + eps / num_classes
+        loss = -apply("sum", (q if w is None else q * w) * logq, axis=class_dim)
+        if reduction == "mean":
+            return apply("sum", loss) / float(max(1, _numel(z.shape) // num_classes))
+        return apply("sum", loss) if reduction == "sum" else loss
+    valid = target != ignore_index
+    safe = apply("where", valid, target, 0)
+    onehot = apply("cast", apply("one_hot", safe, num_classes=num_classes), dtype=z.dtype)
+    if z.ndim > 2:  # one_hot puts the classes last; the logits have them at dim 1
+        onehot = apply("permute", onehot, axes=(0, z.ndim - 1, *range(1, z.ndim - 1)))
+    validf = apply("cast", valid, dtype=z.dtype)
+    picked = onehot if w is None else onehot * w
+    loss = -apply("sum", picked * logq, axis=class_dim) * validf
+    if eps:
+        smooth = -apply("sum", logq if w is None else logq * w, axis=class_dim) * validf / float(num_classes)
+        loss = loss * (1 - eps) + smooth * eps
+    if reduction == "mean":
+        sample_weight = validf if w is None else apply("sum", picked, axis=class_dim) * validf
+        return apply("sum", loss) / apply("sum", sample_weight)
+    return apply("sum", loss) if reduction == "sum" else loss
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        if d is None:
+            raise OpError("cross_entropy: second-order gradients need the input shape known when the graph is built")
+        n *= d
+    return n
 
 
 # --- public functions (PyTorch's names and arguments) ------------------------------------

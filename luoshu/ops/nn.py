@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from luoshu.core import dtypes
 from luoshu.core.errors import DTypeError, OpError
-from luoshu.core.op import OpDef, apply, register
+from luoshu.core.op import OpDef, apply, as_tensor, register
 from luoshu.core.random import generator
 from luoshu.core.shapes import broadcast_shapes, normalize_axis, same_dim
 from luoshu.core.tensor import IndexedSlices, TensorMeta
+from luoshu.ops._util import gradient_by_recompute
 from luoshu.ops.shape import reshape_like
 
 aten = torch.ops.aten
@@ -320,6 +322,28 @@ class ScaledDotProductAttentionBackward(OpDef):
         if mask is not None and mask.is_floating_point():
             return _sum_to(dq, q), _sum_to(dk, k), _sum_to(dv, v), _sum_to(ds, mask)
         return _sum_to(dq, q), _sum_to(dk, k), _sum_to(dv, v)
+
+    def gradient(self, op, grads):
+        a = op.attrs
+
+        def forward(q, k, v, mask=None):  # attention from primitives: softmax(q kᵀ · scale + mask) v
+            if q.shape[-1] is None and a["scale"] is None:
+                raise OpError("scaled_dot_product_attention: second-order gradients need the embedding size "
+                              "known when the graph is built (or an explicit scale)")
+            scale = 1.0 / math.sqrt(q.shape[-1]) if a["scale"] is None else a["scale"]
+            scores = apply("matmul", q, apply("transpose", k, axis0=-2, axis1=-1)) * scale
+            if a["is_causal"]:
+                if q.shape[-2] is None or k.shape[-2] is None:
+                    raise OpError("scaled_dot_product_attention: second-order gradients of causal attention need "
+                                  "the sequence lengths known when the graph is built")
+                allowed = as_tensor(np.tril(np.ones((q.shape[-2], k.shape[-2]), bool)), [q])
+                scores = apply("where", allowed, scores, float("-inf"))
+            if mask is not None:
+                scores = apply("where", mask, scores, float("-inf")) if mask.dtype == "bool" else scores + mask
+            return apply("matmul", apply("softmax", scores, axis=-1), v)
+
+        float_mask = len(op.inputs) == 5 and dtypes.is_floating(op.inputs[4].dtype)
+        return gradient_by_recompute(op, grads, forward, [1, 2, 3] + ([4] if float_mask else []))
 
 
 def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from luoshu.core.errors import OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import same_dim
 from luoshu.core.tensor import TensorMeta
+from luoshu.ops._util import gradient_by_recompute
 
 aten = torch.ops.aten
 
@@ -37,6 +38,28 @@ def _norm_gradient(op, grad, backward: str, has_weight: bool, has_bias: bool, tr
     if has_bias:
         result.append(outs[2] if mask[2] else None)
     return result + [None] * trailing
+
+
+def _channel_view(t, ndim: int):
+    """A per-channel (C,) tensor shaped to broadcast over dim 1 of an ndim-rank input."""
+    return apply("reshape", t, shape=(1, -1) + (1,) * (ndim - 2))
+
+
+def _normalise(x, axes, eps, mean=None, var=None):
+    """(x - mean) / sqrt(var + eps) from primitives; the batch statistics when none are given."""
+    if mean is None:
+        mean = apply("mean", x, axis=axes, keepdims=True)
+        d = x - mean
+        var = apply("mean", d * d, axis=axes, keepdims=True)
+    else:
+        d = x - mean
+    return d * apply("rsqrt", var + eps)
+
+
+def _affine(y, w, b, view):
+    if w is not None:
+        y = y * view(w)
+    return y if b is None else y + view(b)
 
 
 @register
@@ -93,6 +116,21 @@ class BatchNormBackward(OpDef):
         return aten.native_batch_norm_backward(g, x, w, rm, rv, save_mean, save_invstd, training, eps,
                                                list(output_mask))
 
+    def gradient(self, op, grads):
+        a = op.attrs
+
+        def forward(x, *rest):  # batch_norm from primitives (the running statistics are constants)
+            w, b, rm, rv = _split_optional(rest[:-2], (a["affine"],) * 2 + (a["track_running_stats"],) * 2)
+            view = lambda t: _channel_view(t, x.ndim)  # noqa: E731
+            if a["training"]:
+                y = _normalise(x, (0,) + tuple(range(2, x.ndim)), a["eps"])
+            else:
+                y = _normalise(x, None, a["eps"], view(rm), view(rv))
+            return _affine(y, w, b, view)
+
+        return gradient_by_recompute(op, grads, forward, [1, 2 if a["affine"] else None,
+                                                          3 if a["affine"] else None])
+
 
 @register
 class LayerNorm(OpDef):
@@ -136,6 +174,17 @@ class LayerNormBackward(OpDef):
         *params, mean, rstd = rest
         w, b = _split_optional(params, (has_weight, has_bias))
         return aten.native_layer_norm_backward(g, x, list(normalized_shape), mean, rstd, w, b, list(output_mask))
+
+    def gradient(self, op, grads):
+        a = op.attrs
+
+        def forward(x, *rest):  # layer_norm from primitives
+            w, b = _split_optional(rest[:-2], (a["has_weight"], a["has_bias"]))
+            y = _normalise(x, tuple(range(-len(a["normalized_shape"]), 0)), a["eps"])
+            return _affine(y, w, b, lambda t: t)
+
+        return gradient_by_recompute(op, grads, forward, [1, 2 if a["has_weight"] else None,
+                                                          2 + a["has_weight"] if a["has_bias"] else None])
 
 
 @register
@@ -182,6 +231,23 @@ class GroupNormBackward(OpDef):
         n, c = x.shape[0], x.shape[1]
         return aten.native_group_norm_backward(g, x, mean, rstd, w, n, c, math.prod(x.shape[2:]), num_groups,
                                                list(output_mask))
+
+    def gradient(self, op, grads):
+        a = op.attrs
+        groups = a["num_groups"]
+
+        def forward(x, *rest):  # group_norm from primitives: (N, G, rest) statistics
+            w, b = _split_optional(rest[:-2], (a["affine"], a["affine"]))
+            c, spatial = x.shape[1], x.shape[2:]
+            if c is None or any(s is None for s in spatial):
+                raise OpError("group_norm: second-order gradients need the channel and spatial sizes known when "
+                              "the graph is built")
+            grouped = apply("reshape", x, shape=(-1, groups, (c // groups) * math.prod(spatial)))
+            y = apply("reshape", _normalise(grouped, (2,), a["eps"]), shape=(-1, c, *spatial))
+            return _affine(y, w, b, lambda t: _channel_view(t, x.ndim))
+
+        return gradient_by_recompute(op, grads, forward, [1, 2 if a["affine"] else None,
+                                                          3 if a["affine"] else None])
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):

@@ -29,13 +29,64 @@ def config_fields(config_class: type) -> dict[str, dataclasses.Field]:
 
 
 def check_model_args(name: str, model_args: Mapping[str, Any]) -> None:
-    """Refuses a `model_args` key that zoo model `name`'s config class has no field for."""
+    """Refuses a `model_args` key that zoo model `name`'s config class has no field for, and a value
+    that does not have the field's type (from its annotation) or is out of range for it."""
     config_class = MODELS[name][0]
     fields = config_fields(config_class)
     unknown = sorted(set(model_args) - set(fields))
     if unknown:
         raise TrainConfigError(f"model {name!r} has no config field {unknown[0]!r}{suggestion(unknown[0], fields)}; "
                                f"its fields ({config_class.__name__}): {', '.join(fields)}")
+    for key, value in model_args.items():
+        expected = _field_expectation(key, str(fields[key].type), fields[key].default)
+        if expected is not None and not expected[0](value):
+            raise TrainConfigError(f"model arg {key}={value!r} for {name!r}: expected {expected[1]}, found "
+                                   f"{type(value).__name__} {value!r}")
+
+
+def _is_int(v, low: int | None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # not NaN
+
+
+def _field_expectation(key: str, annotation: str, default=None):
+    """(check, words) for a model config field from its annotation, or None for types not checked here.
+
+    Counts and sizes are integers, never negative (sizes positive, unless the field's own default is 0,
+    which then means "none"); widths in a tuple are positive; an id field (`padding_idx`, `pad_id`) may
+    be any integer; `dropout` is a fraction in [0, 1)."""
+    optional = annotation.replace(" ", "").endswith("|None")
+    base = annotation.replace(" ", "").removesuffix("|None")
+    check = words = None
+    if base == "bool":
+        check, words = (lambda v: isinstance(v, bool)), "true or false"
+    elif base == "int":
+        low = None if "pad" in key else (1 if key.endswith(("_dim", "_size", "heads", "head", "classes", "width"))
+                                         or key in ("hidden", "depth", "dim", "embd", "n_embd") else 0)
+        if low == 1 and default == 0:
+            low = 0
+        check = lambda v: _is_int(v, low)  # noqa: E731
+        words = "an integer" if low is None else ("a positive integer" if low == 1 else "a non-negative integer")
+    elif base == "float":
+        if "dropout" in key:
+            check, words = (lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"
+        elif key.endswith(("eps", "theta", "range")):
+            check, words = (lambda v: _is_number(v) and v > 0), "a positive number"
+        else:
+            check, words = _is_number, "a number"
+    elif base == "str":
+        check, words = (lambda v: isinstance(v, str)), "a string"
+    elif base in ("tuple[int,...]", "list[int]"):
+        check = lambda v: isinstance(v, list | tuple) and all(_is_int(x, 1) for x in v)  # noqa: E731
+        words = "a list of positive integers, e.g. [256, 128]"
+    if check is None:
+        return None
+    if optional:
+        return (lambda v: v is None or check(v)), f"{words} or null"
+    return check, words
 
 
 def build_model(name: str, dataset_info: Mapping[str, Any], model_args: Mapping[str, Any],

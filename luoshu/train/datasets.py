@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from luoshu.data import (
@@ -15,6 +17,7 @@ from luoshu.data import (
     CIFAR100,
     MNIST,
     CriteoDataset,
+    DataError,
     ParquetDataset,
     copy_task,
     ctr_from_columns,
@@ -63,6 +66,26 @@ def _args(data_args: Mapping, dataset: str, defaults: dict) -> dict:
     if unknown:
         raise TrainConfigError(f"dataset {dataset!r} has no option {unknown[0]!r}{suggestion(unknown[0], defaults)}; "
                                f"its options: {', '.join(f'{k}={v!r}' for k, v in defaults.items())}")
+    for key, value in data_args.items():  # the default's type is the option's (None: any value)
+        default = defaults[key]
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            ok, words = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            whole = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+            per_slot = key == "num_buckets" and isinstance(value, list) and value and all(map(whole, value))
+            ok, words = whole(value) or per_slot, "a non-negative integer" + (" (or one per slot)" if key ==
+                                                                               "num_buckets" else "")
+        elif isinstance(default, float):
+            ok, words = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        elif isinstance(default, str):
+            ok, words = isinstance(value, str), "a string"
+        else:
+            ok, words = isinstance(value, type(default)), type(default).__name__
+        if not ok:
+            raise TrainConfigError(f"dataset {dataset!r}: option {key}={value!r} must be {words} (default "
+                                   f"{default!r})")
     return {**defaults, **data_args}
 
 
@@ -252,6 +275,48 @@ def _parquet_slot_sizes(files: list[Path]) -> list[int]:
     return [top[c] + 2 for c in sorted(top, key=lambda c: int(c[1:]))]
 
 
+_CRITEO_LAYOUT = (13, 26)  # dense and sparse columns of Criteo, which CTR Parquet files usually follow
+
+
+def _ctr_parquet_columns(files: list[Path]) -> list[str]:
+    """The CTR columns to read (`label`, `I*`, `C*`), checked in every file's schema before any row is read:
+    numbers in `label` and `I*`, integer ids in `C*`, and the same columns in every file (train and eval).
+    Columns missing from the usual I1..I13 / C1..C26 run are stated, not silently trained without."""
+    first = None
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{f}: not a readable Parquet file: {exc}") from None
+        if "label" not in schema.names:
+            raise DataError(f"{f}: no 'label' column; CTR Parquet files hold label, I1.., C1.. (found "
+                            f"{schema.names[:8]}{' ...' if len(schema.names) > 8 else ''})")
+        dense = sorted((n for n in schema.names if n[:1] == "I" and n[1:].isdigit()), key=lambda n: int(n[1:]))
+        sparse = sorted((n for n in schema.names if n[:1] == "C" and n[1:].isdigit()), key=lambda n: int(n[1:]))
+        for name in ["label", *dense]:
+            kind = schema.field(name).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+                raise DataError(f"{f}: column {name!r} holds {kind} values; expected numbers")
+        for name in sparse:
+            kind = schema.field(name).type
+            if not pa.types.is_integer(kind):
+                raise DataError(f"{f}: column {name!r} holds {kind} values; the sparse columns C1.. hold integer ids")
+        if first is None:
+            first = (f, dense, sparse)
+        elif (dense, sparse) != (first[1], first[2]):
+            lacks = sorted(set(first[1] + first[2]) - set(dense + sparse), key=lambda n: (n[0], int(n[1:])))
+            extra = sorted(set(dense + sparse) - set(first[1] + first[2]), key=lambda n: (n[0], int(n[1:])))
+            raise DataError(f"{f} does not have the columns of {first[0]}: it lacks {lacks or 'none'} and adds "
+                            f"{extra or 'none'}; every file (train and eval) needs the same CTR columns")
+    _, dense, sparse = first
+    gaps = [f"{p}{i}" for p, names, usual in (("I", dense, _CRITEO_LAYOUT[0]), ("C", sparse, _CRITEO_LAYOUT[1]))
+            for i in range(1, max([usual, *(int(n[1:]) for n in names)]) + 1) if f"{p}{i}" not in names]
+    if gaps:
+        print(f"dataset 'parquet': the files have no column {', '.join(gaps)}; training on {len(dense)} dense and "
+              f"{len(sparse)} sparse columns (a model config that names more is refused)", file=sys.stderr)
+    return ["label", *dense, *sparse]
+
+
 def _load_parquet(path, data_args, task):
     """CTR Parquet (`label`, `I1`.., `C1`..): read into memory and split, or with `stream=true` streamed
     row group by row group, shuffled per epoch (needs eval data: `eval_path` or several files)."""
@@ -259,6 +324,7 @@ def _load_parquet(path, data_args, task):
                                      "seed": 0})
     if a["stream"]:
         train_files, eval_files = _stream_files(path, a, "parquet", "*.parquet")
+        columns = _ctr_parquet_columns(train_files + eval_files)
         slot_sizes = list(a["slot_sizes"]) if a["slot_sizes"] is not None else \
             _parquet_slot_sizes(train_files + eval_files)
         missing = np.asarray(slot_sizes) - 1  # a missing id (negative) gets the last row
@@ -267,19 +333,20 @@ def _load_parquet(path, data_args, task):
             batch = ctr_from_columns(columns)
             return {**batch, "sparse": np.where(batch["sparse"] < 0, missing, batch["sparse"])}
 
-        held = _concat_ctr(list(ParquetDataset(eval_files, batch_size=1 << 16, transform=ctr)))
+        held = _concat_ctr(list(ParquetDataset(eval_files, columns, batch_size=1 << 16, transform=ctr)))
         splits = _ctr_splits({k: v[:0] for k, v in held.items()}, held, slot_sizes)
         train_rows = ParquetDataset(train_files).num_rows
 
         def stream(epoch: int, batch_size: int):
-            ds = ParquetDataset(train_files, batch_size=batch_size, shuffle=True, seed=a["seed"], drop_last=True,
-                                transform=ctr)
+            ds = ParquetDataset(train_files, columns, batch_size=batch_size, shuffle=True, seed=a["seed"],
+                                drop_last=True, transform=ctr)
             ds.set_epoch(epoch)
             return (_ctr_arrays(b) for b in ds)
         splits.train, splits.train_stream, splits.stream_rows = {}, stream, train_rows
         return splits
     files = _files(path, "*.parquet")
-    data = _concat_ctr(list(ParquetDataset(files, batch_size=1 << 16, transform=ctr_from_columns)))
+    columns = _ctr_parquet_columns(files)
+    data = _concat_ctr(list(ParquetDataset(files, columns, batch_size=1 << 16, transform=ctr_from_columns)))
     sparse = data["sparse"]
     if a["slot_sizes"] is None:
         # ids are used as they are; a missing id (negative) gets its own row past the largest id

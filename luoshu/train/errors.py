@@ -13,6 +13,11 @@ class TrainConfigError(Error, ValueError):
     missing data path, a model that does not fit the dataset's task, a bad value, nothing to resume."""
 
 
+class Terminated(KeyboardInterrupt):
+    """A training run stopped by SIGTERM after saving a checkpoint (a KeyboardInterrupt, as Ctrl-C's is,
+    so code that stops on one stops on both); `luoshu train` exits with 143 (128 + SIGTERM)."""
+
+
 def suggestion(name: str, known: Iterable[str]) -> str:
     """` (did you mean 'x'?)` for the known name closest to `name`, or "" when none is close."""
     close = difflib.get_close_matches(str(name), list(known), n=1)

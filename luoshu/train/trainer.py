@@ -6,8 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,12 +25,13 @@ from luoshu.checkpoint import load, save, verify
 from luoshu.core import Graph, manual_seed
 from luoshu.core.errors import CheckpointError, Error
 from luoshu.core.tensor import normalize_device
-from luoshu.data import DataLoader
+from luoshu.data import DataError, DataLoader
 from luoshu.gnn.job import train_node_job
 from luoshu.optim import CosineWarmup, LinearWarmup, LossScaler
 from luoshu.train.batches import EpochBatches, StreamBatches, epoch_order
 from luoshu.train.builders import build_model, build_optimizer, model_table
 from luoshu.train.checkpoints import (
+    PreviousRun,
     checkpoint_dir,
     generator_state,
     latest_checkpoint,
@@ -35,7 +39,7 @@ from luoshu.train.checkpoints import (
     set_generator_state,
 )
 from luoshu.train.config import TrainConfig, check_config
-from luoshu.train.errors import TrainConfigError
+from luoshu.train.errors import Terminated, TrainConfigError
 from luoshu.train.tasks import TASKS, is_masked_lm, masked_lm
 
 
@@ -45,8 +49,13 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.task_name, spec = check_config(config)
+        if PreviousRun(config.job_dir, config.checkpoint_path).recover():
+            print(f"{config.job_dir}: restored the results of the run before an attempt that stopped before its "
+                  "first checkpoint", file=sys.stderr)
         if config.resume and latest_checkpoint(config.checkpoint_path) is None:
             raise TrainConfigError(f"--resume: no checkpoint in {config.checkpoint_path}")
+        _check_writable(config.job_dir, "--out")  # before the data load, which may take long
+        _check_writable(config.checkpoint_path, "--checkpoint-dir")
         self.task = TASKS[self.task_name]
         self.device = normalize_device(config.device)
         self.data = spec.load(config.data_path, dict(config.data_args), self.task_name)
@@ -136,6 +145,7 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Writes `step-<N>`; the first one a run writes replaces the previous run's results."""
         c = self.config
         metadata = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "config": c.to_dict(), "task": self.task_name, "window": dict(self.window),
@@ -147,6 +157,9 @@ class Trainer:
         if c.keep_checkpoints:
             for _, old in list_checkpoints(c.checkpoint_path)[:-c.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+        previous = getattr(self, "_previous", None)
+        if previous is not None and previous.pending:
+            previous.discard()
         return path
 
     def load_checkpoint(self, path: str | Path) -> dict:
@@ -174,24 +187,52 @@ class Trainer:
         return saved
 
     # --- the loop -----------------------------------------------------------------------------------
+    def _resume_point(self) -> Path:
+        """The newest checkpoint that verifies; a corrupt newer one is named and passed over."""
+        c = self.config
+        found = list_checkpoints(c.checkpoint_path)
+        if not found:
+            raise TrainConfigError(f"--resume: no checkpoint in {c.checkpoint_path}")
+        bad = []
+        for _, path in reversed(found):
+            try:
+                verify(path)
+            except CheckpointError as exc:
+                bad.append(f"{path.name} ({exc})")
+                continue
+            if bad:
+                print(f"--resume: the newest checkpoint(s) cannot be used: {'; '.join(bad)}; resuming from "
+                      f"{path}, the newest good one", file=sys.stderr)
+            return path
+        raise CheckpointError(f"--resume: no checkpoint in {c.checkpoint_path} can be used: {'; '.join(bad)}")
+
     def fit(self) -> dict[str, float]:
         c = self.config
         job = c.job_dir
-        job.mkdir(parents=True, exist_ok=True)
+        _make_dir(job, "--out")
+        previous = PreviousRun(job, c.checkpoint_path)
         if c.resume:
-            newest = latest_checkpoint(c.checkpoint_path)
-            if newest is None:
-                raise TrainConfigError(f"--resume: no checkpoint in {c.checkpoint_path}")
-            self.load_checkpoint(newest)
+            self.load_checkpoint(self._resume_point())
         else:
-            stale = list_checkpoints(c.checkpoint_path)
-            if stale:  # starting over: a later --resume must not pick up the previous run's checkpoints
-                print(f"starting over: removing {len(stale)} checkpoint(s) of a previous run from "
-                      f"{c.checkpoint_path} (--resume continues a run instead)", file=sys.stderr)
-            for _, old in stale:
-                shutil.rmtree(old, ignore_errors=True)
-            for old in job.glob("events.out.tfevents.*"):
-                old.unlink()
+            moved = previous.set_aside()
+            if moved:  # a later --resume must not pick up the previous run's checkpoints
+                print(f"starting over: the previous run's {moved} wait in {previous.job_aside.name}/ and are "
+                      "replaced once this run saves its first checkpoint (--resume continues a run instead)",
+                      file=sys.stderr)
+        self._previous = previous
+        try:
+            with _StopRequests() as stop:
+                return self._loop(stop)
+        except BaseException:
+            if previous.pending:
+                previous.restore()
+                print(f"this run stopped before its first checkpoint: the previous run's results in {job} are "
+                      "back as they were", file=sys.stderr)
+            raise
+
+    def _loop(self, stop: _StopRequests) -> dict[str, float]:
+        c = self.config
+        job = c.job_dir
         (job / "config.yaml").write_text(_dump_yaml(c.to_dict()))
         log = _MetricsLog(job / "metrics.csv", ("step", "epoch", "train_loss", *self.task.metrics, "samples_per_s",
                                                  "lr"), resume_step=self.step if c.resume else None)
@@ -203,6 +244,7 @@ class Trainer:
                    unit_scale=True, disable=not c.progress, dynamic_ncols=True,
                    desc=f"{c.model} on {c.dataset}")
         interval_loss, interval_steps = 0.0, 0
+        saved_at = None
         try:
             while self.step < self.total_steps:
                 loader = DataLoader(self._epoch_batches(), batch_size=None, num_workers=c.num_workers)
@@ -211,8 +253,7 @@ class Trainer:
                     loss, _ = self.graph.run([self.loss, self.train_op], self._feed(batch))
                     loss = float(loss)
                     if not math.isfinite(loss):
-                        raise Error(f"training diverged: the loss is {loss} at step {self.step + 1} (epoch "
-                                    f"{self.epoch + 1}); lower the learning rate (now {self._lr():g})")
+                        raise self._non_finite_loss(loss, batch)
                     if self.scheduler is not None:
                         self.scheduler.step()
                     self.step += 1
@@ -241,6 +282,9 @@ class Trainer:
                         self._evaluate_and_log(log, writer, bar)
                     if last or (self.checkpoint_interval and self.step % self.checkpoint_interval == 0):
                         self.save_checkpoint()
+                        saved_at = self.step
+                    if stop.signum is not None:  # SIGTERM / Ctrl-C, honoured between steps
+                        raise stop.interrupt()
                     if last or end_of_epoch:
                         break
                     tick = time.perf_counter()
@@ -250,16 +294,33 @@ class Trainer:
                                                f"full batch of {c.batch_size} rows")
                     if self.steps_per_epoch is None:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             bar.close()
             if self.step:
-                path = self.save_checkpoint()
-                print(f"interrupted at step {self.step}: saved {path}; continue with --resume")
+                path = self.save_checkpoint() if saved_at != self.step else checkpoint_dir(c.checkpoint_path,
+                                                                                         self.step)
+                how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+                print(f"{how} at step {self.step}: saved {path}; continue with --resume", file=sys.stderr)
             raise
         finally:
             bar.close()
             writer.close()
         return self.last_metrics
+
+    def _non_finite_loss(self, loss: float, batch: dict[str, np.ndarray]) -> Error:
+        """Bad data (a NaN or infinity in the batch) or divergence: which one, in words."""
+        where = f"step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1})"
+        bad = {}
+        for key, value in batch.items():
+            value = np.asarray(value)
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                bad[key] = int((~np.isfinite(value)).sum())
+        if bad:
+            found = ", ".join(f"{n} in {key!r}" for key, n in bad.items())
+            return DataError(f"dataset {self.config.dataset!r}: the batch of {where} holds NaN or infinite values "
+                             f"({found}); the loss is {loss}. Clean the data (this is not divergence)")
+        return Error(f"training diverged: the loss is {loss} at {where}; lower the learning rate (now "
+                     f"{self._lr():g})")
 
     def _evaluate_and_log(self, log, writer, bar) -> None:
         self.last_metrics = self.evaluate()
@@ -274,6 +335,55 @@ class Trainer:
         writer.add_scalar("eval/train_loss", train_loss, self.step)
         bar.set_postfix_str(f"epoch {self.epoch} loss {train_loss:.4f} {_metric_text(self.last_metrics)}")
         self.window = {"loss_sum": 0.0, "steps": 0, "samples": 0, "seconds": 0.0}
+
+
+class _StopRequests:
+    """SIGTERM (what Kubernetes and schedulers send) and Ctrl-C during `fit`: the current step finishes,
+    a checkpoint is saved and the run stops, so a checkpoint never holds a half-applied update. A second
+    signal stops at once. Handlers are installed only in the main thread (Python's rule) and restored after."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._old[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now
+            raise self.interrupt()
+        self.signum = signum
+
+    def interrupt(self) -> KeyboardInterrupt:
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuses (TrainConfigError) a directory path that is a file, lies under a file, or under a folder
+    this process may not write to; writes nothing, so a refused job leaves no trace."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe == path and not path.is_dir():
+        raise TrainConfigError(f"{flag} {path}: a file is in the way; expected a directory (or no such path)")
+    if not probe.is_dir():
+        raise TrainConfigError(f"{flag} {path}: cannot write there ({probe} is a file, not a directory)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"{flag} {path}: cannot write there ({probe} is not writable)")
+
+
+def _make_dir(path: Path, flag: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a read-only file system, which os.access does not see for root
+        raise TrainConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _metric_text(values: dict[str, float]) -> str:

@@ -143,3 +143,12 @@ def test_tensor_from_zero_d_array_keeps_rank_zero():
     assert ls.tensor(np.array(2)).shape == ()
     assert ls.tensor(np.array(2.5)).shape == ()
     assert ls.tensor(np.zeros((2, 3)).T).shape == (3, 2)
+
+
+@pytest.mark.parametrize("shape", [(-3,), (4, -2), (2.5,), ("a",), (True, 3), 5])
+def test_placeholder_refuses_a_shape_that_is_no_shape(shape):
+    with ls.Graph():
+        with pytest.raises(ls.ShapeError, match="placeholder 'x'"):
+            ls.placeholder("x", shape)
+    with ls.Graph():  # None and -1 both mean "known at run time"; 0 is a size
+        assert ls.placeholder("x", (None, -1, 0, np.int64(3))).shape == (None, None, 0, 3)

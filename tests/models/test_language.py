@@ -517,3 +517,38 @@ def test_bad_inputs_are_refused():
     lstm = models.LSTMClassifier(models.LSTMClassifierConfig(vocab_size=10, embed_dim=4, hidden_size=4))
     with ls.Graph(), pytest.raises(ls.Error, match="sequence length must be known"):  # it unrolls over it
         lstm(ls.placeholder("ids", (None, None), "int64"))
+
+
+@pytest.mark.parametrize("options", [dict(per_token=True), dict(pooling="mean", padding_idx=None),
+                                     dict(pooling="last", padding_idx=None, bidirectional=False)])
+def test_lstm_classifier_matches_torch_lstm_forward_and_every_gradient(options):
+    """Beyond shapes: torch.nn.LSTM (same parameter names and gate order) under the same weights, float64."""
+    cfg = dict(vocab_size=20, num_classes=3, embed_dim=5, hidden_size=6, num_layers=2, bidirectional=True,
+               dropout=0.0)
+    cfg.update(options)
+    ls.manual_seed(0)
+    model = models.build("lstm", **cfg).to(dtype="float64")
+    dirs = 2 if cfg["bidirectional"] else 1
+    ref = torch.nn.ModuleDict({"embedding": torch.nn.Embedding(20, 5),
+                               "lstm": torch.nn.LSTM(5, 6, 2, batch_first=True, bidirectional=cfg["bidirectional"]),
+                               "head": torch.nn.Linear(6 * dirs, 3)}).double()
+    _load(ref, model)
+    ids = np.random.default_rng(1).integers(1, 20, (4, 7))
+    out = model(ls.tensor(ids))
+    seq, _ = ref["lstm"](ref["embedding"](torch.from_numpy(ids)))
+    if cfg.get("per_token"):
+        pooled = seq
+    elif cfg["pooling"] == "mean":
+        pooled = seq.mean(1)
+    else:
+        pooled = seq[:, -1]
+    tout = ref["head"](pooled)
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-10, atol=1e-10)
+    cot = np.random.default_rng(2).standard_normal(tuple(tout.shape))
+    (out * ls.tensor(cot)).sum().backward()
+    (tout * torch.from_numpy(cot)).sum().backward()
+    theirs = dict(ref.named_parameters())
+    assert set(theirs) == {k for k, _ in model.named_parameters()}
+    for key, p in model.named_parameters():
+        g = p.grad.to_dense().numpy() if isinstance(p.grad, ls.IndexedSlices) else p.grad.numpy()
+        np.testing.assert_allclose(g, theirs[key].grad.numpy(), rtol=1e-9, atol=1e-10, err_msg=key)

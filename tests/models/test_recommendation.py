@@ -68,34 +68,48 @@ def _torch_state(model, kind):
 
 @pytest.mark.parametrize("kind", ["v1", "v2"])
 def test_dcn_matches_pytorch_forward_and_gradients(kind):
+    """In float64, so a wrong term cannot hide under float32 rounding; every parameter's gradient is
+    compared (embedding rows, cross network, the deep MLP and the head)."""
     cfg = models.CTRConfig(**{**CFG.__dict__, "cross_type": kind})
     ls.manual_seed(0)
-    model = models.DCN(cfg)
+    model = models.DCN(cfg).to(dtype="float64")
     if kind == "v1":  # non-zero cross biases, so the factored cross network's shared-vector terms count
         rng = np.random.default_rng(3)
         for i in range(cfg.num_cross_layers):
             bias = getattr(model.cross, f"bias{i}")
-            bias.value.copy_(torch.from_numpy(rng.standard_normal(bias.shape).astype(np.float32) * 0.3))
-    ref = TorchDCN(cfg)
+            bias.value.copy_(torch.from_numpy(rng.standard_normal(bias.shape) * 0.3))
+    ref = TorchDCN(cfg).double()
     ref.load_state_dict(_torch_state(model, kind))
     dense, sparse = _inputs()
+    dense = dense.astype(np.float64)
     out = model(ls.tensor(dense), ls.tensor(sparse))
     tout = ref(torch.from_numpy(dense), torch.from_numpy(sparse))
-    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    tout.sum().backward()
+    assert out.dtype == "float64"
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-12, atol=1e-12)
+    weights = np.random.default_rng(5).standard_normal(len(dense))  # not all-ones: every sample counts apart
+    (out * ls.tensor(weights)).sum().backward()
+    (tout * torch.from_numpy(weights)).sum().backward()
     grad = model.embedding.weight.grad
     assert isinstance(grad, ls.IndexedSlices)
-    np.testing.assert_allclose(grad.to_dense().numpy(), ref.embedding.weight.grad.numpy(), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(model.head.weight.grad.numpy(), ref.head.weight.grad.numpy(), rtol=1e-4, atol=1e-5)
-    for i in range(cfg.num_cross_layers):
+    theirs = dict(ref.named_parameters())
+    mine = _luoshu_params(model, kind)
+    assert sorted(mine) == sorted(theirs)  # every torch parameter is compared, the deep part included
+    for name, p in mine.items():
+        g = p.grad.to_dense().numpy() if isinstance(p.grad, ls.IndexedSlices) else p.grad.numpy()
+        np.testing.assert_allclose(g, theirs[name].grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def _luoshu_params(model, kind) -> dict:
+    """luoshu's parameters under the torch model's names."""
+    out = {"embedding.weight": model.embedding.weight, "head.weight": model.head.weight, "head.bias": model.head.bias}
+    for i in range(CFG.num_cross_layers):
         if kind == "v1":
-            pairs = [(getattr(model.cross, f"weight{i}"), ref.w[i]), (getattr(model.cross, f"bias{i}"), ref.b[i])]
+            out[f"w.{i}"], out[f"b.{i}"] = getattr(model.cross, f"weight{i}"), getattr(model.cross, f"bias{i}")
         else:
             layer = getattr(model.cross, f"layer{i}")
-            pairs = [(layer.weight, ref.cross[i].weight), (layer.bias, ref.cross[i].bias)]
-        for mine, theirs in pairs:
-            np.testing.assert_allclose(mine.grad.numpy(), theirs.grad.numpy(), rtol=1e-4, atol=1e-5)
+            out[f"cross.{i}.weight"], out[f"cross.{i}.bias"] = layer.weight, layer.bias
+    out.update({f"deep.{name}": p for name, p in model.deep.named_parameters()})
+    return out
 
 
 @pytest.mark.parametrize("name", ["DCN", "WideAndDeep", "DeepFM", "DLRM", "LogisticRegression"])
@@ -157,3 +171,132 @@ def test_bad_slot_count_is_refused():
     model = models.DCN(CFG)
     with pytest.raises(ls.Error, match=r"\(batch, 3\)"):
         model(ls.tensor(np.zeros((2, 4), np.float32)), ls.tensor(np.zeros((2, 5), np.int64)))
+
+
+# --- the other CTR models and NCF against PyTorch, written from their papers, in float64 --------------------
+
+class TorchSlotEmbedding(torch.nn.Module):
+    def __init__(self, sizes, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(sum(sizes), dim))
+        self.register_buffer("offsets", torch.tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]])))
+
+    def forward(self, sparse):
+        return torch.nn.functional.embedding(sparse + self.offsets, self.weight)
+
+
+def _torch_mlp(dims, final_activation=True):
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if final_activation or i < len(dims) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+class TorchWideAndDeep(torch.nn.Module):
+    """Cheng et al. 2016: a linear model over ids and dense features plus an MLP over the embeddings."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embedding = TorchSlotEmbedding(cfg.slot_sizes, cfg.embedding_dim)
+        self.wide_embedding = TorchSlotEmbedding(cfg.slot_sizes, 1)
+        self.wide_dense = torch.nn.Linear(cfg.dense_dim, 1)
+        self.deep = _torch_mlp((cfg.dense_dim + len(cfg.slot_sizes) * cfg.embedding_dim, *cfg.mlp_dims, 1), False)
+
+    def forward(self, dense, sparse):
+        x = torch.cat([dense, self.embedding(sparse).flatten(1)], 1)
+        return (self.wide_embedding(sparse).sum((1, 2)) + self.wide_dense(dense)[:, 0] + self.deep(x)[:, 0])
+
+
+class TorchDeepFM(torch.nn.Module):
+    """Guo et al. 2017: first-order terms + FM pairwise interactions <v_i, v_j> + an MLP, shared embeddings."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.embedding = TorchSlotEmbedding(cfg.slot_sizes, cfg.embedding_dim)
+        self.first_order = TorchSlotEmbedding(cfg.slot_sizes, 1)
+        self.dense_linear = torch.nn.Linear(cfg.dense_dim, 1)
+        self.deep = _torch_mlp((cfg.dense_dim + len(cfg.slot_sizes) * cfg.embedding_dim, *cfg.mlp_dims, 1), False)
+
+    def forward(self, dense, sparse):
+        emb = self.embedding(sparse)
+        n = emb.shape[1]
+        pairwise = sum((emb[:, i] * emb[:, j]).sum(1) for i in range(n) for j in range(i + 1, n))  # literally
+        x = torch.cat([dense, emb.flatten(1)], 1)
+        return self.first_order(sparse).sum((1, 2)) + self.dense_linear(dense)[:, 0] + pairwise + self.deep(x)[:, 0]
+
+
+class TorchDLRM(torch.nn.Module):
+    """Naumov et al. 2019: bottom MLP, pairwise dot products of (dense vector, embeddings), top MLP."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, n = cfg.embedding_dim, len(cfg.slot_sizes) + 1
+        self.embedding = TorchSlotEmbedding(cfg.slot_sizes, d)
+        self.bottom = _torch_mlp((cfg.dense_dim, *cfg.bottom_mlp_dims, d))
+        self.top = _torch_mlp((d + n * (n - 1) // 2, *cfg.mlp_dims, 1), False)
+        self.register_buffer("upper", torch.zeros(n * (n - 1) // 2, dtype=torch.int64))  # luoshu's bookkeeping
+
+    def forward(self, dense, sparse):
+        z = self.bottom(dense)
+        feats = torch.cat([z[:, None], self.embedding(sparse)], 1)
+        rows, cols = torch.triu_indices(feats.shape[1], feats.shape[1], 1)
+        dots = torch.bmm(feats, feats.transpose(1, 2))[:, rows, cols]
+        return self.top(torch.cat([z, dots], 1))[:, 0]
+
+
+class TorchNCF(torch.nn.Module):
+    """He et al. 2017: GMF (elementwise product of embeddings) and an MLP tower, fused by one linear head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        half = cfg.mlp_dims[0] // 2
+        self.gmf_user, self.gmf_item = TorchSlotEmbedding([cfg.num_users], cfg.gmf_dim), \
+            TorchSlotEmbedding([cfg.num_items], cfg.gmf_dim)
+        self.mlp_user, self.mlp_item = TorchSlotEmbedding([cfg.num_users], half), \
+            TorchSlotEmbedding([cfg.num_items], half)
+        self.mlp = _torch_mlp(cfg.mlp_dims)
+        self.head = torch.nn.Linear(cfg.gmf_dim + cfg.mlp_dims[-1], 1)
+
+    def forward(self, users, items):
+        u, i = users[:, None], items[:, None]
+        gmf = (self.gmf_user(u) * self.gmf_item(i))[:, 0]
+        tower = self.mlp(torch.cat([self.mlp_user(u), self.mlp_item(i)], 2)[:, 0])
+        return self.head(torch.cat([gmf, tower], 1))[:, 0]
+
+
+_CFG_ALL = models.CTRConfig(dense_dim=4, slot_sizes=[11, 7, 5], embedding_dim=4, mlp_dims=(16, 8),
+                            bottom_mlp_dims=(8,))
+
+
+@pytest.mark.parametrize("name,ref_class", [("WideAndDeep", TorchWideAndDeep), ("DeepFM", TorchDeepFM),
+                                            ("DLRM", TorchDLRM), ("NCF", TorchNCF)])
+def test_ctr_models_match_pytorch_forward_and_every_gradient(name, ref_class):
+    ls.manual_seed(1)
+    rng = np.random.default_rng(2)
+    if name == "NCF":
+        cfg = models.NCFConfig(num_users=9, num_items=13, gmf_dim=3, mlp_dims=(8, 6, 4))
+        inputs = (rng.integers(0, 9, 7), rng.integers(0, 13, 7))
+    else:
+        cfg = _CFG_ALL
+        dense, sparse = _inputs(7, seed=4)
+        inputs = (dense.astype(np.float64), sparse)
+    model = getattr(models, name)(cfg).to(dtype="float64")
+    for p in model.parameters():  # O(1) values everywhere, so no term is negligible
+        p.value.copy_(torch.from_numpy(rng.standard_normal(p.shape) * 0.5))
+    ref = ref_class(cfg).double()
+    state = model.state_dict()
+    ref.load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in state.items()})
+    out = model(*(ls.tensor(x) for x in inputs))
+    tout = ref(*(torch.from_numpy(x) for x in inputs))
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-12, atol=1e-12)
+    weights = rng.standard_normal(len(inputs[0]))
+    (out * ls.tensor(weights)).sum().backward()
+    (tout * torch.from_numpy(weights)).sum().backward()
+    theirs = dict(ref.named_parameters())
+    mine = dict(model.named_parameters())
+    assert sorted(mine) == sorted(theirs)
+    for key, p in mine.items():
+        g = p.grad.to_dense().numpy() if isinstance(p.grad, ls.IndexedSlices) else p.grad.numpy()
+        np.testing.assert_allclose(g, theirs[key].grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=f"{name}: {key}")

@@ -238,3 +238,139 @@ def test_wrong_input_shape_is_refused():
         models.resnet18(width=2)(ls.tensor(np.zeros((2, 1, 8, 8), np.float32)))
     with pytest.raises(ls.Error, match="expected 64 features"):
         models.MLP(models.MLPConfig(in_features=64))(ls.tensor(np.zeros((2, 65), np.float32)))
+
+
+# --- MLP, LeNet, AlexNet, VGG-16 against PyTorch references written from torchvision's layouts, float64 ----
+
+def _torch_lenet(cin, classes, size):
+    half = size // 2
+    pad2 = 0 if half >= 10 else 2
+    out = (half + 2 * pad2 - 4) // 2
+    nn = torch.nn
+    return nn.ModuleDict({
+        "features": nn.Sequential(nn.Conv2d(cin, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), nn.MaxPool2d(2)),
+        "classifier": nn.Sequential(nn.Flatten(), nn.Linear(16 * out * out, 120), nn.ReLU(), nn.Linear(120, 84),
+                                    nn.ReLU(), nn.Linear(84, classes))})
+
+
+def _torch_alexnet_cifar(cin, classes, hidden):
+    nn = torch.nn
+    return nn.ModuleDict({
+        "features": nn.Sequential(nn.Conv2d(cin, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(64, 192, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        "avgpool": nn.AdaptiveAvgPool2d((2, 2)),
+        "classifier": nn.Sequential(nn.Dropout(0.0), nn.Linear(256 * 4, hidden), nn.ReLU(), nn.Dropout(0.0),
+                                    nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))})
+
+
+def _torch_vgg16_bn(classes, hidden, width):
+    nn = torch.nn
+    layers, c = [], 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers += [nn.Conv2d(c, v * width // 64, 3, padding=1), nn.BatchNorm2d(v * width // 64), nn.ReLU()]
+        c = v * width // 64
+    return nn.ModuleDict({"features": nn.Sequential(*layers), "avgpool": nn.AdaptiveAvgPool2d((1, 1)),
+                          "classifier": nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Dropout(0.0),
+                                                      nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.0),
+                                                      nn.Linear(hidden, classes))})
+
+
+def _run_torch(ref, x):
+    if "avgpool" in ref:
+        return ref["classifier"](torch.flatten(ref["avgpool"](ref["features"](x)), 1))
+    if "layers" in ref:
+        return ref["layers"](x)
+    return ref["classifier"](ref["features"](x))
+
+
+@pytest.mark.parametrize(("name", "kwargs", "shape", "reference"), [
+    ("mlp", dict(in_features=48, hidden=(16, 8), num_classes=5), (3, 3, 4, 4),
+     lambda: torch.nn.ModuleDict({"layers": torch.nn.Sequential(
+         torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+         torch.nn.Linear(8, 5))})),
+    ("lenet", dict(in_channels=1, num_classes=5, image_size=8), (3, 1, 8, 8), lambda: _torch_lenet(1, 5, 8)),
+    ("lenet", dict(in_channels=2, num_classes=4, image_size=28), (2, 2, 28, 28), lambda: _torch_lenet(2, 4, 28)),
+    ("alexnet", dict(num_classes=5, hidden=16, dropout=0.0), (2, 3, 32, 32), lambda: _torch_alexnet_cifar(3, 5, 16)),
+    ("vgg16", dict(num_classes=5, hidden=16, width=4, dropout=0.0), (3, 3, 32, 32),
+     lambda: _torch_vgg16_bn(5, 16, 4)),
+])
+def test_vision_models_match_pytorch_forward_and_every_gradient(name, kwargs, shape, reference):
+    """Beyond shapes: the same weights give torch's outputs and every parameter's gradient (train mode:
+    batch norm uses the batch's statistics), in float64."""
+    ls.manual_seed(3)
+    model = models.build(name, **kwargs).to(dtype="float64")
+    ref = reference().double()
+    ref.load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in model.state_dict().items()},
+                        strict=False)  # torch's BatchNorm also counts batches (num_batches_tracked)
+    assert {k for k, _ in ref.named_parameters()} == {k for k, _ in model.named_parameters()}
+    x = np.random.default_rng(4).standard_normal(shape)
+    out, tout = model(ls.tensor(x)), _run_torch(ref, torch.from_numpy(x))
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-10, atol=1e-10)
+    cot = np.random.default_rng(5).standard_normal(tuple(tout.shape))
+    (out * ls.tensor(cot)).sum().backward()
+    (tout * torch.from_numpy(cot)).sum().backward()
+    theirs = dict(ref.named_parameters())
+    for key, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), theirs[key].grad.numpy(), rtol=1e-9, atol=1e-10,
+                                   err_msg=f"{name}: {key}")
+
+
+class TorchBottleneck(torch.nn.Module):
+    """torchvision's Bottleneck (ResNet v1.5: the stride on the 3x3 conv), expansion 4."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        out = width * 4
+        self.conv1, self.bn1 = torch.nn.Conv2d(cin, width, 1, bias=False), torch.nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = torch.nn.Conv2d(width, width, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = torch.nn.Conv2d(width, out, 1, bias=False), torch.nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or cin != out:
+            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, out, 1, stride, bias=False),
+                                                  torch.nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+def test_resnet50_bottlenecks_match_pytorch_forward_and_every_gradient():
+    """ResNet-50 (3-4-6-3 bottlenecks, ImageNet stem) at width 2 against torchvision's layout, float64."""
+    ls.manual_seed(0)
+    ours = models.build("resnet50", num_classes=5, width=2, stem="imagenet").to(dtype="float64")
+    nn = torch.nn
+    ref = nn.Module()
+    ref.conv1, ref.bn1 = nn.Conv2d(3, 2, 7, 2, 3, bias=False), nn.BatchNorm2d(2)
+    cin = 2
+    for i, blocks in enumerate((3, 4, 6, 3)):
+        w = 2 * 2 ** i
+        layer = [TorchBottleneck(cin, w, 2 if i else 1)] + [TorchBottleneck(w * 4, w, 1) for _ in range(blocks - 1)]
+        setattr(ref, f"layer{i + 1}", nn.Sequential(*layer))
+        cin = w * 4
+    ref.fc = nn.Linear(cin, 5)
+    ref.double().load_state_dict({k: torch.from_numpy(v.numpy().copy()) for k, v in ours.state_dict().items()})
+
+    def run(x):
+        x = nn.functional.max_pool2d(torch.relu(ref.bn1(ref.conv1(x))), 3, 2, 1)
+        for i in range(1, 5):
+            x = getattr(ref, f"layer{i}")(x)
+        return ref.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32))
+    out, tout = ours(ls.tensor(x)), run(torch.from_numpy(x))
+    np.testing.assert_allclose(out.numpy(), tout.detach().numpy(), rtol=1e-8, atol=1e-9)
+    cot = np.random.default_rng(2).standard_normal(tuple(tout.shape))
+    (out * ls.tensor(cot)).sum().backward()
+    (tout * torch.from_numpy(cot)).sum().backward()
+    theirs = dict(ref.named_parameters())
+    assert set(theirs) == {k for k, _ in ours.named_parameters()}
+    for key, p in ours.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), theirs[key].grad.numpy(), rtol=1e-7, atol=1e-8, err_msg=key)

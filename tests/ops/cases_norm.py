@@ -29,17 +29,18 @@ def _torch_bn(training):
 
 
 CASES = [
-    OpCase("batch_norm_train", _ls_bn(True), _torch_bn(True), [(4, 3, 2, 2), (3,), (3,)]),
-    OpCase("batch_norm_eval", _ls_bn(False), _torch_bn(False), [(4, 3, 5), (3,), (3,)]),
+    OpCase("batch_norm_train", _ls_bn(True), _torch_bn(True), [(4, 3, 2, 2), (3,), (3,)], second_order=True),
+    OpCase("batch_norm_eval", _ls_bn(False), _torch_bn(False), [(4, 3, 5), (3,), (3,)], second_order=True),
     OpCase("batch_norm_no_affine_no_stats", lambda x: O.batch_norm(x, None, None, training=True),
-           lambda x: F.batch_norm(x, None, None, training=True), [(5, 3)]),
+           lambda x: F.batch_norm(x, None, None, training=True), [(5, 3)], second_order=True),
     OpCase("layer_norm", lambda x, w, b: O.layer_norm(x, (4,), w, b), lambda x, w, b: F.layer_norm(x, (4,), w, b),
-           [(2, 3, 4), (4,), (4,)]),
+           [(2, 3, 4), (4,), (4,)], second_order=True),
     OpCase("layer_norm_2d_no_affine", lambda x: O.layer_norm(x, (3, 4), eps=1e-3),
-           lambda x: F.layer_norm(x, (3, 4), eps=1e-3), [(2, 3, 4)]),
+           lambda x: F.layer_norm(x, (3, 4), eps=1e-3), [(2, 3, 4)], second_order=True),
     OpCase("group_norm", lambda x, w, b: O.group_norm(x, 2, w, b), lambda x, w, b: F.group_norm(x, 2, w, b),
-           [(2, 4, 3, 2), (4,), (4,)]),
-    OpCase("group_norm_no_affine", lambda x: O.group_norm(x, 3), lambda x: F.group_norm(x, 3), [(2, 6, 5)]),
+           [(2, 4, 3, 2), (4,), (4,)], second_order=True),
+    OpCase("group_norm_no_affine", lambda x: O.group_norm(x, 3), lambda x: F.group_norm(x, 3), [(2, 6, 5)],
+           second_order=True),
     OpCase("rms_norm", lambda x, w: O.rms_norm(x, (4,), w, eps=1e-6), lambda x, w: F.rms_norm(x, (4,), w, eps=1e-6),
            [(2, 3, 4), (4,)], second_order=True),
 ]

@@ -180,6 +180,7 @@ def build_graph(case, arrays, grads, ref, device="cpu"):
         phs = [ls.placeholder(f"in{i}", ((None,) + a.shape[1:]) if case.dynamic and a.ndim else a.shape,
                               str(a.dtype), device) for i, a in enumerate(arrays)]
         outs = _as_tuple(case.fn(*phs))
+        marks = [len(g.ops)]  # where the forward ops end, then the first-order gradient ops
         fetches = list(outs)
         feed = {p: a for p, a in zip(phs, arrays)}
         if case.grad:
@@ -188,6 +189,7 @@ def build_graph(case, arrays, grads, ref, device="cpu"):
             cot_phs = [ls.placeholder(f"cot{i}", c.shape, "float64", device) for i, (_, c) in enumerate(pairs)]
             feed.update({p: c for p, (_, c) in zip(cot_phs, pairs)})
             gs = ls.gradients([o for o, _ in pairs], diff, cot_phs)
+            marks.append(len(g.ops))
             fetches += [x for x in gs if x is not None]
             if case.second_order:
                 present = [x for x in gs if x is not None]
@@ -197,6 +199,7 @@ def build_graph(case, arrays, grads, ref, device="cpu"):
                 total = sum((x * w).sum() for x, w in zip(present, w_phs))
                 gg = ls.gradients(total, diff)
                 fetches += [x for x in gg if x is not None]
+    g.case_marks = marks
     return g, outs, fetches, feed, gs, gg
 
 
@@ -247,3 +250,14 @@ def ops_exercised(case: OpCase) -> set[str]:
     arrays, grads, ref = _prepare(case)
     g = build_graph(case, arrays, grads, ref)[0]
     return {op.opdef.name for op in g.ops}
+
+
+def ops_checked(case: OpCase) -> set[str]:
+    """The ops a case checks in full, as its own: the ops of its forward graph, whose outputs and (with
+    `grad`) gradients are compared with torch, and, in a `second_order` case, the ops of its first-order
+    gradient graph (a fused `*_backward` op among them), whose gradients the second-order comparison
+    checks. An op met only as a first-order helper has had its output checked, never its gradient."""
+    arrays, grads, ref = _prepare(case)
+    g = build_graph(case, arrays, grads, ref)[0]
+    upto = g.case_marks[1] if case.second_order and len(g.case_marks) > 1 else g.case_marks[0]
+    return {op.opdef.name for op in g.ops[:upto]}

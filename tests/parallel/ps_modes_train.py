@@ -2,7 +2,8 @@
 
     luoshu launch -n 2 --servers 1 tests/parallel/ps_modes_train.py --runs ps:eager:sgd --out PREFIX
 
-Parity runs ("mode:graph|eager:optimizer", staleness 0): every worker draws the same global
+Parity runs ("mode:graph|eager:optimizer", staleness 0; "...:cache-lru" / "...:cache-lfu" read the
+tables through a HET cache smaller than the vocabulary): every worker draws the same global
 batch of N*B rows per step and trains on its own slice; `train(..., workers=1,
 data_parallel=False)` at batch N*B, with the embedding rows the servers start from, is the
 single-process reference. Convergence runs ("ctr:mode:model:staleness"): the synthetic
@@ -54,13 +55,16 @@ def _optimizer(name: str, params):
 
 def train(run: str, batch: int, workers: int, rank: int, client=None, data_parallel: bool = True) -> dict:
     """One parity run; returns the dense parameters by name and the table rows ("table")."""
-    mode, style, opt_name = run.split(":")
+    mode, style, opt_name, *cache = run.split(":")  # "...:cache": through a HET cache at staleness 0
     ls.manual_seed(1234 + 1000 * rank)  # different per worker on purpose: worker 0's values must win
     model = Net()
     opt = _optimizer(opt_name, model.parameters())
     prefix = f"{run}/"
     if data_parallel:
-        dp = ls.parallel.DataParallel(model, opt, mode=mode, client=client, prefix=prefix)
+        # a cache smaller than the vocabulary, so rows are evicted (and written back) along the way
+        options = {"cache_capacity": VOCAB // 3, "staleness": 0, "cache_policy": cache[0][6:] or "lru"} \
+            if cache else {}
+        dp = ls.parallel.DataParallel(model, opt, mode=mode, client=client, prefix=prefix, **options)
     else:  # the reference: a local table holding the rows the servers start from
         rows = ps.initial_rows(prefix + "embedding", np.arange(VOCAB), DIM, INIT)
         model.embedding.weight.value.copy_(torch.from_numpy(rows))
@@ -90,6 +94,10 @@ def train(run: str, batch: int, workers: int, rank: int, client=None, data_paral
     if data_parallel:
         dp.sync.flush()
         out["table"] = client.pull(prefix + "embedding", np.arange(VOCAB))[0]
+        if cache:  # proof that the rows went through the cache (and, smaller than the table, it evicted)
+            stats = list(dp.sync.stats().values())
+            out["cache_lookups"] = np.array([s["lookups"] for s in stats])
+            out["cache_evictions"] = np.array([s["evictions"] for s in stats])
     else:
         out["table"] = out.pop("embedding.weight")
     return out

@@ -17,6 +17,8 @@ from tests.distributed.launcher import launch
 from tests.parallel.ps_modes_train import Net, train
 
 PARITY_RUNS = ["ps:eager:sgd", "ps:graph:adam", "hybrid:eager:adam", "hybrid:graph:sgd"]
+# the HET cache at staleness 0 must be exact too: N workers through their caches == one process
+CACHED_RUNS = ["ps:eager:adam:cache-lru", "hybrid:graph:sgd:cache-lfu"]
 
 
 def _run_job(tmp_path, workers: int, runs: list[str], batch: int, ctr_steps: int = 80, timeout: float = 240):
@@ -40,8 +42,11 @@ def _check_parity(per_rank, runs, workers, batch):
 @pytest.mark.timeout(300)
 def test_two_workers_match_one_process_and_stale_ctr_training_converges(tmp_path):
     ctr = "ctr:hybrid:wdl:2"
-    per_rank = _run_job(tmp_path, 2, PARITY_RUNS + [ctr], batch=4)
-    _check_parity(per_rank, PARITY_RUNS, 2, 4)
+    per_rank = _run_job(tmp_path, 2, PARITY_RUNS + CACHED_RUNS + [ctr], batch=4)
+    _check_parity(per_rank, PARITY_RUNS + CACHED_RUNS, 2, 4)
+    for run in CACHED_RUNS:  # (at staleness 0 every touched row is pushed, so hits are rare: count lookups)
+        for got in per_rank:
+            assert got[f"{run}/cache_lookups"].min() > 0 and got[f"{run}/cache_evictions"].min() > 0, run
     assert per_rank[0][f"{ctr}/auc"] > 0.7
     for got in per_rank:
         assert got[f"{ctr}/stats/{ctr}/embedding"] > 0.2  # the power-law head stays cached across steps

@@ -180,6 +180,10 @@ def test_a_weight_in_a_file_the_manifest_does_not_list_is_never_read(mlp_package
         doc["graph"]["weights"][key]["files"] = ["extra.safetensors"]
 
     _edit_graph(mlp_package, move_weight)
+    # refused by the checkpoint format's own check (a file the manifest does not list), before the package's
+    with pytest.raises(CheckpointError, match="extra.safetensors.*manifest does not list"):
+        serving.load(mlp_package)
+    (mlp_package / "extra.safetensors").unlink()  # not there at all: the package's check names it
     with pytest.raises(serving.PackageError, match="extra.safetensors.*manifest does not list"):
         serving.load(mlp_package)
 

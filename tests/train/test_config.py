@@ -19,6 +19,9 @@ from tests.train.harness import TINY_CTR
     ({"dataset": "criteo", "data_path": "/no/such/file.tsv"}, r"data path /no/such/file.tsv does not exist"),
     ({"model_args": {"hiden": 3}}, r"model 'dcn' has no config field 'hiden'"),
     ({"data_args": {"samples": 3}}, r"dataset 'synthetic-ctr' has no option 'samples'"),
+    ({"data_args": {"num_samples": "abc"}}, r"option num_samples='abc' must be a non-negative integer"),
+    ({"data_args": {"max_slot_size": 1.5}}, r"option max_slot_size=1.5 must be a non-negative integer"),
+    ({"data_args": {"dist": 3}}, r"option dist=3 must be a string"),
     ({"device": "tpu"}, r"device 'tpu'"),
     ({"device": "cuda:7"}, r"device 'cuda:7' is not available"),
     ({"model": "ncf", "dataset": "movielens", "data_path": "."}, None),  # a directory: the reader names the file

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import luoshu as ls
 from luoshu import models
 from luoshu.data import synthetic_ctr, write_criteo, write_ctr_parquet
 from luoshu.train import DATASETS, TrainConfig, TrainConfigError, Trainer, train
@@ -112,3 +113,74 @@ def test_streaming_needs_eval_data_and_a_length(tmp_path):
         Trainer(TrainConfig(model="lr", dataset="criteo", data_path=str(tmp_path / "day_0"),
                             data_args={"stream": True, "eval_path": str(tmp_path / "day_0")},
                             out=str(tmp_path / "job")))
+
+
+def _ctr_columns(n: int = 600, seed: int = 3) -> dict:
+    from luoshu.data import ctr_to_columns
+
+    return ctr_to_columns(synthetic_ctr(n, slot_sizes=[20] * 26, seed=seed))
+
+
+def _parquet_job(tmp_path, data_path, **kw):
+    return TrainConfig(**{"model": "lr", "dataset": "parquet", "data_path": str(data_path), "batch_size": 100,
+                          "max_steps": 2, "out": str(tmp_path / "job"), "progress": False, **kw})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_parquet_with_strings_in_an_id_column_is_refused_by_name(tmp_path, stream):
+    from luoshu.data import write_parquet
+
+    columns = _ctr_columns()
+    columns["C3"] = np.array([f"id{v}" for v in columns["C3"]])
+    write_parquet(tmp_path / "a.parquet", columns)
+    write_parquet(tmp_path / "b.parquet", columns)
+    with pytest.raises(ls.Error, match=r"a.parquet: column 'C3' holds string values; the sparse columns C1.. hold "
+                                       "integer ids"):
+        Trainer(_parquet_job(tmp_path, tmp_path, data_args={"stream": stream}, max_steps=2))
+    columns = _ctr_columns()
+    columns["I2"] = np.array(["x"] * len(columns["I2"]))
+    write_parquet(tmp_path / "a.parquet", columns)
+    with pytest.raises(ls.Error, match="column 'I2' holds string values; expected numbers"):
+        Trainer(_parquet_job(tmp_path, tmp_path / "a.parquet"))
+
+
+def test_streamed_eval_file_missing_a_column_is_refused(tmp_path):
+    from luoshu.data import write_parquet
+
+    write_parquet(tmp_path / "train.parquet", _ctr_columns())
+    held = _ctr_columns(seed=4)
+    del held["C26"]
+    write_parquet(tmp_path / "eval.parquet", held)
+    with pytest.raises(ls.Error, match=r"eval.parquet does not have the columns of .*train.parquet: it lacks "
+                                       r"\['C26'\]"):
+        Trainer(_parquet_job(tmp_path, tmp_path / "train.parquet",
+                             data_args={"stream": True, "eval_path": str(tmp_path / "eval.parquet")}))
+
+
+def test_parquet_missing_feature_columns_is_stated_and_refused_when_the_model_names_them(tmp_path, capsys):
+    from luoshu.data import write_parquet
+
+    columns = _ctr_columns()
+    del columns["I5"], columns["C7"]
+    write_parquet(tmp_path / "part.parquet", columns)
+    trainer = Trainer(_parquet_job(tmp_path, tmp_path / "part.parquet"))
+    assert "no column I5, C7; training on 12 dense and 25 sparse columns" in capsys.readouterr().err
+    assert trainer.data.train["dense"].shape[1] == 12 and trainer.data.train["sparse"].shape[1] == 25
+    with pytest.raises(TrainConfigError, match="dense_dim=13 does not fit the dataset, which needs dense_dim=12"):
+        Trainer(_parquet_job(tmp_path, tmp_path / "part.parquet", model_args={"dense_dim": 13}))
+    with pytest.raises(TrainConfigError, match="slot_sizes"):
+        Trainer(_parquet_job(tmp_path, tmp_path / "part.parquet", model_args={"slot_sizes": [21] * 26}))
+    capsys.readouterr()
+    write_parquet(tmp_path / "part.parquet", _ctr_columns())  # the full layout: nothing to state
+    Trainer(_parquet_job(tmp_path, tmp_path / "part.parquet"))
+    assert "no column" not in capsys.readouterr().err
+
+
+def test_nan_labels_are_reported_as_bad_data_not_divergence(tmp_path):
+    from luoshu.data import write_parquet
+
+    columns = _ctr_columns()
+    columns["label"][17] = np.nan
+    write_parquet(tmp_path / "part.parquet", columns)
+    with pytest.raises(ls.data.DataError, match=r"NaN or infinite values \(1 in 'label'\).*not divergence"):
+        train(_parquet_job(tmp_path, tmp_path / "part.parquet", data_args={"eval_fraction": 0.5}, max_steps=3))

@@ -147,3 +147,145 @@ def test_streamed_ctr_files_resume_exactly(tmp_path, monkeypatch, fmt):
     b = checkpoint_arrays(latest_checkpoint(tmp_path / "cut" / "checkpoints"))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _job_files(job):
+    return {str(p.relative_to(job)): p.read_bytes() for p in sorted(job.rglob("*")) if p.is_file()}
+
+
+def _fail_at_step(monkeypatch, step: int, how: str):
+    """Training step `step` fails: "nan" returns a NaN loss (divergence), "raise" raises KeyboardInterrupt."""
+    calls = {"n": 0}
+    original = ls.Graph.run
+
+    def run(self, fetches, feed_dict=None):
+        if isinstance(fetches, list) and len(fetches) == 2:
+            calls["n"] += 1
+            if calls["n"] == step:
+                if how == "raise":
+                    raise KeyboardInterrupt
+                out = original(self, fetches, feed_dict)
+                return [np.float32("nan"), *out[1:]]
+        return original(self, fetches, feed_dict)
+
+    monkeypatch.setattr(ls.Graph, "run", run)
+
+
+@pytest.mark.parametrize("how", ["nan", "raise"])
+def test_a_rerun_that_fails_before_its_first_checkpoint_leaves_the_previous_run_as_it_was(tmp_path, monkeypatch,
+                                                                                          how, capsys):
+    job = tmp_path / "job"
+    base = dict(model="lr", dataset="synthetic-ctr", data_args=TINY_CTR, batch_size=256, max_steps=4,
+                checkpoint_interval=2, out=str(job), progress=False)
+    train(TrainConfig(**base))
+    before = _job_files(job)
+    assert "metrics.csv" in before and any(k.startswith("events.out") for k in before)
+    _fail_at_step(monkeypatch, 1 if how == "raise" else 2, how)  # before the run's first checkpoint (step 2)
+    with pytest.raises(ls.Error if how == "nan" else KeyboardInterrupt):
+        train(TrainConfig(**base, lr=0.5))
+    monkeypatch.undo()
+    assert _job_files(job) == before, "the previous run's checkpoints, metrics and events must survive"
+    assert "back as they were" in capsys.readouterr().err
+    # the previous run is still resumable, and a re-run that gets to its first checkpoint replaces it
+    Trainer(TrainConfig(**{**base, "max_steps": 6}, resume=True)).fit()
+    assert [s for s, _ in list_checkpoints(job / "checkpoints")] == [2, 4, 6]
+    train(TrainConfig(**{**base, "max_steps": 2}, lr=0.5))
+    assert [s for s, _ in list_checkpoints(job / "checkpoints")] == [2]
+    assert not any(".previous-run" in k for k in _job_files(job)) and len(read_rows(job / "metrics.csv")) == 1
+
+
+def test_a_rerun_killed_before_its_first_checkpoint_is_recovered_at_the_next_start(tmp_path):
+    from luoshu.train.checkpoints import PreviousRun
+
+    job = tmp_path / "job"
+    base = dict(model="lr", dataset="synthetic-ctr", data_args=TINY_CTR, batch_size=256, max_steps=4,
+                out=str(job), progress=False)
+    train(TrainConfig(**base))
+    before = _job_files(job)
+    PreviousRun(job, job / "checkpoints").set_aside()  # what a re-run does first; then it was SIGKILLed
+    (job / "metrics.csv").write_text("step\n")  # ... after writing a little
+    (job / "checkpoints" / "step-00000001").mkdir()  # and half a checkpoint (no manifest)
+    assert latest_checkpoint(job / "checkpoints") is None
+    Trainer(TrainConfig(**{**base, "max_steps": 6}, resume=True)).fit()  # --resume finds the previous run
+    assert [s for s, _ in list_checkpoints(job / "checkpoints")] == [4, 6]
+    assert read_rows(job / "metrics.csv")[0] == read_rows_from(before["metrics.csv"])[0]
+
+
+def read_rows_from(data: bytes) -> list[dict]:
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(data.decode())))
+
+
+def test_resume_passes_over_a_corrupt_newest_checkpoint_and_says_so(tmp_path, capsys):
+    job, whole = tmp_path / "job", tmp_path / "whole"
+    base = dict(model="mlp", dataset="digits", model_args={"hidden": [16]}, optimizer="adam", lr=1e-2, batch_size=64,
+                checkpoint_interval=2, keep_checkpoints=0, progress=False)
+    train(TrainConfig(**base, max_steps=6, out=str(whole)))
+    train(TrainConfig(**base, max_steps=4, out=str(job)))
+    weights = job / "checkpoints" / "step-00000004" / "weights.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-3] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    capsys.readouterr()
+    Trainer(TrainConfig(**base, max_steps=6, out=str(job), resume=True)).fit()
+    err = capsys.readouterr().err
+    assert "step-00000004" in err and "corrupt" in err and "resuming from" in err and "step-00000002" in err
+    a, b = checkpoint_arrays(latest_checkpoint(whole / "checkpoints")), checkpoint_arrays(latest_checkpoint(
+        job / "checkpoints"))
+    for key in a:  # resumed at step 2: the same parameters as the run that was never interrupted
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for _, path in list_checkpoints(job / "checkpoints"):
+        ls.checkpoint.verify(path)  # step 4 was written again, good this time
+    for _, path in list_checkpoints(job / "checkpoints"):
+        (path / "graph.json").write_text("[]")
+    with pytest.raises(ls.CheckpointError, match="no checkpoint in .* can be used: step-00000006"):
+        Trainer(TrainConfig(**base, max_steps=8, out=str(job), resume=True)).fit()
+
+
+def test_sigterm_finishes_the_step_saves_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from luoshu.train.errors import Terminated
+
+    base = dict(model="mlp", dataset="digits", model_args={"hidden": [16], "dropout": 0.1}, optimizer="momentum",
+                lr=0.05, batch_size=64, max_steps=8, eval_interval=4, progress=False)
+    train(TrainConfig(**base, out=str(tmp_path / "whole")))
+    calls = {"n": 0}
+    original = ls.Graph.run
+
+    def run(self, fetches, feed_dict=None):
+        if isinstance(fetches, list) and len(fetches) == 2:
+            calls["n"] += 1
+            if calls["n"] == 3:  # Kubernetes stops the pod during step 3
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, fetches, feed_dict)
+
+    monkeypatch.setattr(ls.Graph, "run", run)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        train(TrainConfig(**base, out=str(tmp_path / "cut")))
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is previous  # the trainer's handler is gone again
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-00000003"  # step 3 completed
+    Trainer(TrainConfig(**base, out=str(tmp_path / "cut"), resume=True)).fit()
+    a = checkpoint_arrays(latest_checkpoint(tmp_path / "whole" / "checkpoints"))
+    b = checkpoint_arrays(latest_checkpoint(tmp_path / "cut" / "checkpoints"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_fp16_precision_scales_the_loss_keeps_fp32_weights_and_learns(tmp_path):
+    trainer = Trainer(TrainConfig(model="mlp", dataset="digits", model_args={"hidden": [64]}, precision="fp16",
+                                  lr=5e-3, batch_size=64, epochs=3, out=str(tmp_path), progress=False))
+    assert trainer.loss_scaler is not None and trainer.loss_scaler.get_scale() == 2.0 ** 16
+    metrics = trainer.fit()
+    assert trainer.eval_output.dtype == "float16" and trainer.loss.dtype == "float32"
+    weights = load_file(latest_checkpoint(tmp_path / "checkpoints") / "weights.safetensors")
+    assert all(w.dtype == np.float32 for w in weights.values())
+    assert metrics["accuracy"] > 0.9, metrics
+    # every step went through the scaler (clean steps counted towards growth), and its state was saved
+    saved = ls.checkpoint.verify(latest_checkpoint(tmp_path / "checkpoints"))["metadata"]["loss_scaler"]
+    assert saved["_growth_tracker"] == trainer.step == 3 * (1437 // 64)
