@@ -32,3 +32,14 @@ __all__ = [
     "load_libsvm",
     "save",
 ]
+
+from luoshu.ml.cluster import KMeans, MiniBatchKMeans  # noqa: E402  (one block per module group: mergeable)
+from luoshu.ml.decomposition import LDA, NMF  # noqa: E402
+from luoshu.ml.factorization import MatrixFactorization  # noqa: E402
+from luoshu.ml.naive_bayes import GaussianNB, MultinomialNB  # noqa: E402
+from luoshu.ml.neighbors import KNeighborsClassifier  # noqa: E402
+
+__all__ += [
+    "GaussianNB", "KMeans", "KNeighborsClassifier", "LDA", "MatrixFactorization", "MiniBatchKMeans", "MultinomialNB",
+    "NMF",
+]

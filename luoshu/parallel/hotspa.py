@@ -246,7 +246,7 @@ def static_strategies(cluster: ClusterSpec, model: ModelSpec) -> list[Strategy]:
     return out
 
 
-def _weight_layouts(st: Strategy, world: int) -> tuple[Layout, Layout]:
+def weight_layouts(st: Strategy, world: int) -> tuple[Layout, Layout]:
     """Layouts of a column- and a row-parallel weight of one layer's first stage under `st`
     (tp adjacent, dp outer; the stage's ranks the first tp·dp of the first stage)."""
     ranks = [d * st.tp * st.pp + t for d in range(st.dp) for t in range(st.tp)]
@@ -269,7 +269,7 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
         return 0.0
     h, f = model.hidden, model.ffn_dim
     seconds = 0.0
-    for (s_col, s_row), (d_col, d_row) in [(_weight_layouts(src, cluster.world), _weight_layouts(dst, cluster.world))]:
+    for (s_col, s_row), (d_col, d_row) in [(weight_layouts(src, cluster.world), weight_layouts(dst, cluster.world))]:
         for shape, s_layout, d_layout, count in [((3 * h, h), s_col, d_col, 1), ((h, h), s_row, d_row, 1),
                                                  ((2 * f, h), s_col, d_col, 1), ((h, f), s_row, d_row, 1)]:
             plan = plan_hot_switch(shape, 2, s_layout, d_layout, node_size=cluster.gpus_per_node)
