@@ -40,6 +40,12 @@ from luoshu.ml.naive_bayes import GaussianNB, MultinomialNB  # noqa: E402
 from luoshu.ml.neighbors import KNeighborsClassifier  # noqa: E402
 
 __all__ += [
-    "GaussianNB", "KMeans", "KNeighborsClassifier", "LDA", "MatrixFactorization", "MiniBatchKMeans", "MultinomialNB",
+    "GaussianNB",
+    "KMeans",
+    "KNeighborsClassifier",
+    "LDA",
+    "MatrixFactorization",
+    "MiniBatchKMeans",
+    "MultinomialNB",
     "NMF",
 ]
