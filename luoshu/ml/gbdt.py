@@ -8,9 +8,10 @@ stopping on a validation set, and missing values sent to the side each split lea
 `lightgbm.Booster(model_str=...)`).
 
 Data parallel: with `distributed=True` inside `luoshu launch -n N`, each worker passes its
-own rows; bin edges come from all workers' rows (all-gathered), every histogram and
-total is all-reduced, and so every worker grows the tree one process would grow on the
-concatenated rows.
+own rows; bin edges come from every k-th row of the concatenated data (up to 200k rows,
+all-gathered), every histogram and total is all-reduced, and so every worker grows the
+tree one process would grow on the concatenated rows (with `subsample=1`: row sampling
+draws per worker).
 """
 
 from __future__ import annotations
