@@ -19,6 +19,7 @@ ESTIMATORS = [
     ml.FactorizationMachine(n_epochs=5),
     ml.FactorizationMachine(task="regression", n_epochs=5),
     ml.FieldAwareFM(n_epochs=5),
+    ml.SparseLogisticRegression(n_epochs=5),
 ]
 
 
