@@ -41,6 +41,7 @@ import numpy as np
 
 from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.core.errors import Error
+from luoshu.data.packing import bucketize
 from luoshu.parallel.hot_switch import Layout, plan_hot_switch
 
 
@@ -277,19 +278,6 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
             seconds += count * plan.max_send_bytes / bw
     layers_held = math.ceil(model.layers / min(src.pp, dst.pp))
     return 2.0 * seconds * layers_held
-
-
-def bucketize(lengths: Sequence[int], bounds: Sequence[int]) -> list[list[int]]:
-    """Lengths grouped by descending `bounds` (the last bound is 0): bucket i takes lengths
-    in (bounds[i+1], bounds[i]]; the first also takes anything longer."""
-    bounds = [int(b) for b in bounds]
-    if any(a <= b for a, b in zip(bounds[:-1], bounds[1:])) or not bounds or bounds[-1] != 0:
-        raise HotSPaError(f"bucket bounds must be strictly descending and end with 0, found {list(bounds)}")
-    buckets: list[list[int]] = [[] for _ in bounds[:-1]]
-    for n in lengths:
-        i = next((k for k in range(len(bounds) - 1) if n > bounds[k + 1]), len(bounds) - 2)
-        buckets[i].append(int(n))
-    return buckets
 
 
 def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=False):
