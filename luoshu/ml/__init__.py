@@ -6,7 +6,7 @@ reads libsvm files), and saves as a model package: `est.save(path)`, `luoshu.ml.
 """
 
 from luoshu.ml.base import DataError, Estimator, MLError, NotFittedError, ParameterError
-from luoshu.ml.fm import FactorizationMachine, FieldAwareFM
+from luoshu.ml.fm import FactorizationMachine, FieldAwareFM, SparseLogisticRegression
 from luoshu.ml.forest import RandomForestClassifier, RandomForestRegressor
 from luoshu.ml.gbdt import GBDTClassifier, GBDTRegressor
 from luoshu.ml.io import load, load_libsvm, save
@@ -28,6 +28,7 @@ __all__ = [
     "RandomForestClassifier",
     "RandomForestRegressor",
     "Ridge",
+    "SparseLogisticRegression",
     "load",
     "load_libsvm",
     "save",
@@ -40,6 +41,12 @@ from luoshu.ml.naive_bayes import GaussianNB, MultinomialNB  # noqa: E402
 from luoshu.ml.neighbors import KNeighborsClassifier  # noqa: E402
 
 __all__ += [
-    "GaussianNB", "KMeans", "KNeighborsClassifier", "LDA", "MatrixFactorization", "MiniBatchKMeans", "MultinomialNB",
+    "GaussianNB",
+    "KMeans",
+    "KNeighborsClassifier",
+    "LDA",
+    "MatrixFactorization",
+    "MiniBatchKMeans",
+    "MultinomialNB",
     "NMF",
 ]

@@ -35,7 +35,7 @@ from luoshu.ml.base import (
     to_torch,
 )
 
-__all__ = ["FactorizationMachine", "FieldAwareFM"]
+__all__ = ["FactorizationMachine", "FieldAwareFM", "SparseLogisticRegression"]
 
 
 def _loss_and_residual(task: str, k_out: int, Z: torch.Tensor, target: torch.Tensor):
@@ -247,6 +247,41 @@ class FactorizationMachine(_FMBase):
         gV = (Xt @ RS).view(d, k_out, k).permute(1, 0, 2) - (X2t @ R).T[:, :, None] * V
         gV = gV + self.reg_factors * V
         return {"w0": R.sum(0), "w": gw, "V": gV.contiguous()}
+
+
+class SparseLogisticRegression(FactorizationMachine):
+    """Logistic regression by mini-batch AdaGrad for sparse, high-dimensional data: an FM without factors.
+
+    With `ps_addresses=` or `ps="launch"` the weights live on the parameter servers, one row
+    per feature id (the CSR column index: hashed ids up to 2^40 need no dense array); the
+    fitted `w_` holds the rows of `feature_ids_`. Binary classification; the penalty is
+    `reg_linear / 2 * ||w||^2` per batch.
+    """
+
+    task = "classification"
+    n_factors = 0
+    reg_factors = 0.0
+
+    def __init__(
+        self,
+        n_epochs: int = 20,
+        batch_size: int = 256,
+        learning_rate: float = 0.1,
+        reg_linear: float = 0.0,
+        random_state: int | None = None,
+        ps_addresses: list[str] | None = None,
+        ps: str | None = None,
+        ps_table: str = "luoshu_ml_lr",
+    ):
+        self.n_epochs = n_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.reg_linear = reg_linear
+        self.random_state = random_state
+        self.ps_addresses = ps_addresses
+        self.ps = ps
+        self.ps_table = ps_table
+        self.init_std = 0.0
 
 
 class FieldAwareFM(_FMBase):

@@ -8,9 +8,10 @@ stopping on a validation set, and missing values sent to the side each split lea
 `lightgbm.Booster(model_str=...)`).
 
 Data parallel: with `distributed=True` inside `luoshu launch -n N`, each worker passes its
-own rows; bin edges come from all workers' rows (all-gathered), every histogram and
-total is all-reduced, and so every worker grows the tree one process would grow on the
-concatenated rows.
+own rows; bin edges come from every k-th row of the concatenated data (up to 200k rows,
+all-gathered), every histogram and total is all-reduced, and so every worker grows the
+tree one process would grow on the concatenated rows (with `subsample=1`: row sampling
+draws per worker).
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ class _Collectives:
     def __init__(self, distributed: bool):
         self.pg = None
         self.world = 1
+        self.rank = 0
         if distributed:
             from luoshu import distributed as dist
 
             dist.init()
             self.pg = dist.process_group()
             self.world = dist.world_size()
+            self.rank = dist.rank()
 
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.pg is None:
@@ -65,15 +68,24 @@ class _Collectives:
         torch_dist.all_reduce(t, group=self.pg)
         return t
 
+    def row_counts(self, n: int) -> list[int]:
+        """Every worker's number of rows, in rank order."""
+        if self.pg is None:
+            return [n]
+        import torch.distributed as torch_dist
+
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        torch_dist.all_gather(counts, torch.tensor([n], dtype=torch.int64), group=self.pg)
+        return [int(c) for c in counts]
+
     def allgather_rows(self, X: np.ndarray) -> np.ndarray:
         """Every worker's rows, in rank order (for the bin edges): padded to the largest count, then trimmed."""
         if self.pg is None:
             return X
         import torch.distributed as torch_dist
 
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        torch_dist.all_gather(counts, torch.tensor([X.shape[0]], dtype=torch.int64), group=self.pg)
-        most = max(int(c) for c in counts)
+        counts = self.row_counts(X.shape[0])
+        most = max(counts)
         mine = torch.full((most, X.shape[1]), float("nan"), dtype=torch.float64)
         mine[: X.shape[0]] = torch.from_numpy(X)
         parts = [torch.empty_like(mine) for _ in range(self.world)]
@@ -191,9 +203,12 @@ class _GBDT(Estimator):
         if X_val is not None and not isinstance(y_val, torch.Tensor):
             y_val = self._encode_eval_y(y_val)
 
-        sample = X
-        if X.shape[0] > BIN_SAMPLE_ROWS and comm.world == 1:
-            sample = X[np.sort(rng.choice(X.shape[0], BIN_SAMPLE_ROWS, replace=False))]
+        # Bin edges from every stride-th row of the concatenated data (all rows up to BIN_SAMPLE_ROWS):
+        # each worker takes its rows of that global sample, so N workers find the edges one process finds.
+        counts = comm.row_counts(X.shape[0])
+        offset = sum(counts[: comm.rank])
+        stride = max(1, -(-sum(counts) // BIN_SAMPLE_ROWS))
+        sample = X[(-offset) % stride :: stride]
         mapper = BinMapper.fit(comm.allgather_rows(sample), self.max_bins)
         codes_np = mapper.transform(X)
         codes = torch.from_numpy(codes_np.astype(np.int64))

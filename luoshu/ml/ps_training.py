@@ -64,7 +64,7 @@ def train_fm_on_servers(est, X: sp.csr_matrix, target: torch.Tensor) -> None:
         table,
         1 + k,
         num_rows=None,
-        init=("normal", 0.0, float(est.init_std)),
+        init=("normal", 0.0, float(est.init_std)) if est.init_std > 0 else ("zeros",),
         optimizer=adagrad,
         dtype="float64",
         sync_workers=sync,

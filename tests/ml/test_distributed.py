@@ -10,10 +10,13 @@ from tests.ml import dist_gbdt_script as script
 
 @pytest.mark.dist
 @pytest.mark.timeout(240)
-def test_two_workers_grow_the_trees_of_one_process(tmp_path):
+def test_two_workers_grow_the_trees_of_one_process(tmp_path, monkeypatch):
+    from luoshu.ml import gbdt
+
     job = launch(2, "tests/ml/dist_gbdt_script.py", str(tmp_path / "out"), timeout=200)
     assert job.returncode == 0, job.stderr[-3000:]
-    for kind in ("binary", "multiclass"):
+    for kind in script.KINDS:
+        monkeypatch.setattr(gbdt, "BIN_SAMPLE_ROWS", script.SAMPLED_BIN_ROWS if kind == "sampled" else 200_000)
         X, y = script.data(kind)
         single = script.tree_arrays(ml.GBDTClassifier(**script.PARAMS).fit(X, y))
         for rank in range(2):

@@ -99,14 +99,18 @@ def test_fm_on_parameter_servers_with_hashed_ids_reaches_the_local_loss(tmp_path
     hashed = np.sort(rng.choice(2**40, X.shape[1], replace=False))  # feature ids up to 2^40
     Xh = sp.csr_matrix((X.data, hashed[X.indices], X.indptr), shape=(X.shape[0], 2**40))
     local = FactorizationMachine(n_factors=4, n_epochs=10).fit(X, y)
-    lr_local = FactorizationMachine(n_factors=0, n_epochs=10).fit(X, y)  # logistic regression
+    lr_local = ml.SparseLogisticRegression(n_epochs=10).fit(X, y)
     with ps.start_local_servers(2, in_process=True) as servers:
         # the estimator connects by address; the job's secret (as the launcher hands it) admits it
         monkeypatch.setenv("LUOSHU_JOB_SECRET", servers.secret)
         fm = FactorizationMachine(n_factors=4, n_epochs=10, ps_addresses=servers.addresses).fit(Xh, y)
-        lr = FactorizationMachine(n_factors=0, n_epochs=10, ps_addresses=servers.addresses, ps_table="lr").fit(Xh, y)
+        lr = ml.SparseLogisticRegression(n_epochs=10, ps_addresses=servers.addresses).fit(Xh, y)
     assert fm.loss_curve_[-1] == pytest.approx(local.loss_curve_[-1], rel=0.03)
     assert lr.loss_curve_[-1] == pytest.approx(lr_local.loss_curve_[-1], rel=0.03)
+    sk = SkLogisticRegression(C=1e4).fit(X, y)  # logistic regression: the same ranking as scikit-learn's
+    assert roc_auc_score(y, lr.predict_proba(Xh)[:, 1]) == pytest.approx(
+        roc_auc_score(y, sk.decision_function(X)), abs=0.01
+    )
     np.testing.assert_array_equal(fm.feature_ids_, hashed)
     assert roc_auc_score(y, fm.predict_proba(Xh)[:, 1]) == pytest.approx(
         roc_auc_score(y, local.predict_proba(X)[:, 1]), abs=0.01

@@ -78,10 +78,13 @@ def _fitted():
         (ml.GBDTRegressor(n_estimators=5, n_iter_no_change=2).fit(Xr, yr), Xr),
         (ml.RandomForestClassifier(n_estimators=3).fit(Xb, yb), Xb),
         (ml.RandomForestRegressor(n_estimators=3, max_depth=4).fit(Xr, yr), Xr),
+        (ml.FactorizationMachine(n_epochs=3).fit(Xb, yb), Xb),
+        (ml.FieldAwareFM(fields=[0, 0, 1, 1], n_epochs=3).fit(X, y), X),
+        (ml.SparseLogisticRegression(n_epochs=3).fit(Xb, yb), Xb),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(12))
 def test_save_load_round_trip_predicts_the_same(tmp_path, index):
     est, X = _fitted()[index]
     est.save(tmp_path / "model")
