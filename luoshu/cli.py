@@ -80,6 +80,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="job directory for metrics.csv, TensorBoard events and checkpoints "
                         "(default: runs/<model>-<dataset>)")
     p.add_argument("--quiet", action="store_true", default=s, help="no progress bar")
+    p.add_argument("--profile-memory", dest="profile_memory", action="store_true", default=s,
+                   help="account the first training step's memory (peak, its step, parameters / optimizer state / "
+                        "gradients / activations): printed and written to memory.json")
+    p.add_argument("--recompute", nargs="?", const=True, default=s, metavar="SCOPE",
+                   help="recompute activations in the backward: every block, or SCOPE 'attention' (language models)")
 
 
 def _train_epilog() -> str:
@@ -115,6 +120,8 @@ def _run_train(args: argparse.Namespace) -> int:
             values[key] = {**(values.get(key) or {}), **dict(given.pop(key))}
     if given.pop("quiet", False):
         values["progress"] = False
+    if "recompute" in given:  # a field of the language models' configs
+        values["model_args"] = {**(values.get("model_args") or {}), "recompute": given.pop("recompute")}
     values.update(given)
     # the messages' source: main() already prefixes "luoshu train: error:"
     config = TrainConfig.from_dict(values, f"config file {args.config}" if "config" in vars(args) else "settings")

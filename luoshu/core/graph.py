@@ -115,11 +115,14 @@ class Graph:
 
     def memory(self, fetches, feed_dict: Mapping | None = None):
         """Runs `fetches` once like `run` and returns the plan's memory report: peak live bytes,
-        the step that reaches it, and parameters / optimizer state / gradients / activations."""
+        the step that reaches it, and parameters / optimizer state / gradients / activations;
+        `report.outputs` holds the fetched values (NumPy, as `run` returns them)."""
         flat, _ = self._flatten_fetches([fetches] if not isinstance(fetches, (list, tuple)) else list(fetches))
         feeds = self._check_feeds(feed_dict or {})
         plan = self._plan_for(flat, feeds)
-        return plan.memory([feeds[id(p)] for p in plan.feed_tensors])
+        report = plan.memory([feeds[id(p)] for p in plan.feed_tensors])
+        report.outputs = [_to_numpy(v, t) for v, t in zip(report.outputs, flat)]
+        return report
 
     def run(self, fetches, feed_dict: Mapping | None = None):
         """Computes `fetches` (a tensor or a list of them) given `feed_dict`."""

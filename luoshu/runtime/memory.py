@@ -46,9 +46,10 @@ class MemoryReport:
     timeline: list[int] = field(default_factory=list)  # plan-allocated live bytes after each step
     peak_gradients: int = 0  # the most gradient bytes alive at once (any step)
     peak_activations: int = 0  # the most activation bytes alive at once (any step)
+    outputs: list = field(default_factory=list, repr=False)  # the fetched values of the run
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "timeline"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("timeline", "outputs")}
 
     def __str__(self) -> str:
         def mb(n: int) -> str:
@@ -183,8 +184,9 @@ def measure(plan, feed_values: list) -> MemoryReport:
                 release(s, slots.pop(s))
     state = _optimizer_state_bytes(plan)
     step_index = best[1]
+    fetched = [slots.get(s) for s in plan.fetch_slots]
     return MemoryReport(
         peak_bytes=parameters + state + best[0], peak_step=step_index,
         peak_op=plan.steps[step_index].op.opdef.name if step_index >= 0 else "(inputs)",
         parameters=parameters, optimizer_state=state, gradients=peak_split[0], activations=peak_split[1],
-        timeline=timeline, peak_gradients=peak_grads, peak_activations=peak_acts)
+        timeline=timeline, peak_gradients=peak_grads, peak_activations=peak_acts, outputs=fetched)

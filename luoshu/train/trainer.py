@@ -100,6 +100,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.window = {"loss_sum": 0.0, "steps": 0, "samples": 0, "seconds": 0.0}
+        self.memory_report = None  # the first step's, with --profile-memory
         self.last_metrics: dict[str, float] = {}
         self._eval_data: dict[str, np.ndarray] | None = None
 
@@ -114,6 +115,16 @@ class Trainer:
         if c.warmup_steps:
             return LinearWarmup(self.optimizer, c.warmup_steps)
         return None
+
+    def _profile_step(self, feed: dict, bar) -> float:
+        """Runs one training step through the plan's memory accounting (the same kernels in the
+        same order as `run`); prints the report and writes it to memory.json. Returns the loss."""
+        report = self.graph.memory([self.loss, self.train_op], feed)
+        self.memory_report = report
+        bar.write(f"memory of one training step of {self.config.model}:\n{report}")
+        (self.config.job_dir / "memory.json").write_text(json.dumps(
+            {**report.as_dict(), "timeline": report.timeline}, indent=1))
+        return report.outputs[0]
 
     def _feed(self, batch: dict[str, np.ndarray]) -> dict:
         return {ph: batch[key] for key, ph in self.feeds.items() if key in batch}
@@ -250,7 +261,10 @@ class Trainer:
                 loader = DataLoader(self._epoch_batches(), batch_size=None, num_workers=c.num_workers)
                 tick, first = time.perf_counter(), self.batch_in_epoch
                 for batch in loader:
-                    loss, _ = self.graph.run([self.loss, self.train_op], self._feed(batch))
+                    if c.profile_memory and self.memory_report is None:
+                        loss = self._profile_step(self._feed(batch), bar)
+                    else:
+                        loss, _ = self.graph.run([self.loss, self.train_op], self._feed(batch))
                     loss = float(loss)
                     if not math.isfinite(loss):
                         raise self._non_finite_loss(loss, batch)
