@@ -24,6 +24,12 @@ from luoshu.nn.layers import (
     Tanh,
 )
 from luoshu.nn.module import Module, Parameter
+from luoshu.nn.parallel_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 from luoshu.nn.norm import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm, RMSNorm
 from luoshu.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell
 from luoshu.nn.transformer import (
@@ -45,4 +51,6 @@ __all__ = [
     "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
     # containers
     "ModuleDict", "ModuleList",
+    # tensor parallel
+    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
 ]

@@ -9,7 +9,8 @@ Registered operators without a hand-written function (gradient kernels such as
 from __future__ import annotations
 
 from luoshu.core.op import apply, get_opdef, registered_ops
-from luoshu.ops import comm, conv, creation, elementwise, linalg, loss, nn, norm, ps, random, reduction, shape, update
+from luoshu.ops import (comm, conv, creation, elementwise, linalg, loss, nn, norm, parallel, ps, random, reduction,
+                        shape, update)
 from luoshu.ops import tensor_methods as _tensor_methods
 from luoshu.ops.comm import *  # noqa: F403
 from luoshu.ops.conv import *  # noqa: F403
@@ -23,7 +24,7 @@ from luoshu.ops.random import *  # noqa: F403
 from luoshu.ops.reduction import *  # noqa: F403
 from luoshu.ops.shape import *  # noqa: F403
 
-_FAMILIES = (comm, conv, creation, elementwise, linalg, loss, nn, norm, ps, random, reduction, shape, update)
+_FAMILIES = (comm, conv, creation, elementwise, linalg, loss, nn, norm, parallel, ps, random, reduction, shape, update)
 
 
 def __getattr__(name: str):

@@ -20,8 +20,9 @@ from luoshu.parallel.data_parallel import (
     register_sync_mode,
 )
 from luoshu.parallel.ps_modes import HybridSync, PSSync
+from luoshu.parallel.tensor_parallel import MEGATRON_PLAN, TensorParallel, gather_parameters, parallelize
 
 __all__ = [
-    "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync", "SyncMode",
-    "register_sync_mode",
+    "MEGATRON_PLAN", "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
+    "SyncMode", "TensorParallel", "gather_parameters", "parallelize", "register_sync_mode",
 ]
