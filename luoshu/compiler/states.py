@@ -404,27 +404,43 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
 
 # --- simulation (one process, every rank of a group) -----------------------------------------
 def simulate(ops: list[Op], fetches: list[Tensor], n: int, feeds: dict | None = None,
-             sequence_parallel: bool = False) -> list[list]:
-    """Runs the logical `ops` on n simulated ranks: leaves sharded from their full values by their
-    states, each rank's local graph executed in lockstep, each collective computed from every
-    rank's input. Returns, per rank, the local values of `fetches` in their deduced states."""
+             sequence_parallel: bool = False, partial_weights=None) -> tuple[list, list, list]:
+    """Runs the logical `ops` on n simulated ranks in one process: leaves sharded from their
+    full values by their states (a partial leaf as `partial_weights[r]` times its value,
+    default all on rank 0), each rank's local graph run in lockstep, every collective
+    computed from all ranks' inputs. Returns (per rank: the local values of `fetches`, per
+    rank: their deduced states, the local graphs)."""
     feeds = feeds or {}
-    graphs = []
-    for r in range(n):
-        strategy = Strategy(tuple(range(n)), r, sequence_parallel)
-        graphs.append(localize_graph(ops, [], strategy, lambda t, ds, r=r: shard_value(t._value, ds, r)))
+    weights = partial_weights or [1.0] + [0.0] * (n - 1)
+
+    def piece(value, ds, r):
+        if S.key(ds) == PARTIAL:
+            return value * weights[r]
+        return shard_value(value, ds, r)
+
+    locals_ = [localize_graph(ops, [], Strategy(tuple(range(n)), r, sequence_parallel),
+                              lambda t, ds, r=r: piece(t._value, ds, r)) for r in range(n)]
     values = [dict() for _ in range(n)]
-    for r, loc in enumerate(graphs):
+    for r, loc in enumerate(locals_):
         for lid, ph in loc.feeds.items():
             if id(ph) not in feeds:
                 raise GraphError(f"simulate: placeholder {ph.name!r} is not fed")
-            ds = loc.states[id(ph)]
-            values[r][lid] = shard_value(torch.as_tensor(feeds[id(ph)]), ds, r)
+            values[r][lid] = piece(torch.as_tensor(feeds[id(ph)]), loc.states[id(ph)], r)
+    run_lockstep([loc.graph for loc in locals_], values)
+    return ([[_value(loc.tensors[id(f)], values[r]) for f in fetches] for r, loc in enumerate(locals_)],
+            [[loc.states[id(f)] for f in fetches] for loc in locals_], locals_)
+
+
+def run_lockstep(graphs: list[Graph], values: list[dict]) -> None:
+    """Runs the ranks' local graphs (alike in structure) op by op; `values[r]` maps tensor ids to
+    values (feeds in, every output added); collectives combine all ranks' inputs."""
     with torch.no_grad():
-        for step in range(len(graphs[0].graph.ops)):
-            local_ops = [loc.graph.ops[step] for loc in graphs]
+        for step in range(len(graphs[0].ops)):
+            local_ops = [g.ops[step] for g in graphs]
             args = [[_value(t, values[r]) for t in o.inputs] for r, o in enumerate(local_ops)]
             name = local_ops[0].opdef.name
+            if any(o.opdef.name != name for o in local_ops):
+                raise GraphError(f"run_lockstep: step {step} runs different ops on different ranks")
             if name in _SIMULATED:
                 results = _SIMULATED[name](args, local_ops[0].attrs)
             else:
@@ -433,8 +449,6 @@ def simulate(ops: list[Op], fetches: list[Tensor], n: int, feeds: dict | None = 
                 res = res if isinstance(res, (tuple, list)) else (res,)
                 for t, v in zip(o.outputs, res):
                     values[r][id(t)] = v
-    return [[_value(loc.tensors[id(f)], values[r]) for f in fetches] for r, loc in enumerate(graphs)], \
-        [[loc.states[id(f)] for f in fetches] for loc in graphs]
 
 
 def _value(t: Tensor, values: dict):
@@ -480,11 +494,11 @@ def assemble(values: list, ds_list: list) -> torch.Tensor:
         return sum(values)
     if k == DUPLICATE:
         for v in values[1:]:
-            if not torch.equal(v, values[0]):
+            if v.shape != values[0].shape or not torch.allclose(v, values[0], rtol=1e-12, atol=1e-12):
                 raise StatesError("duplicate states, but the ranks hold different values")
         return values[0]
     return torch.cat(values, k)
 
 
-__all__ = ["Shard", "StatesError", "Strategy", "assemble", "attach", "convert", "localize_graph", "set_default",
-           "shard_value", "simulate"]
+__all__ = ["Shard", "StatesError", "Strategy", "assemble", "attach", "convert", "localize_graph", "run_lockstep",
+           "set_default", "shard_value", "simulate"]
