@@ -180,7 +180,11 @@ def conversion_cost(src: DStates, dst: DStates, shape, fixed: bool, sequence_par
     if a == b:
         return 0.0
     size = _numel(shape)
-    if a == DUPLICATE:  # local slicing, or keeping the value on one member
+    if a == DUPLICATE and b == PARTIAL:
+        # Free locally, but it defers an all-reduce to wherever the partial result lands:
+        # dearer than resolving the other input now, so partials are reduced where they arise.
+        return 3.0 * size
+    if a == DUPLICATE:  # a local slice
         return 0.01 * size
     if a == PARTIAL:
         cost = 2.0 * size if b == DUPLICATE else (1.0 if sequence_parallel else 4.0) * size

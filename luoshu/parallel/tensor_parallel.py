@@ -142,7 +142,7 @@ def parallelize(model: Module, mesh: DeviceMesh, sequence_parallel: bool = False
         split[full] = f"split({dim})"
     dp_group = mesh.group("dp").ranks if mesh.dp > 1 else ()
     for axis in ("tp", "dp"):  # groups are created collectively, in the same order on every rank
-        if mesh.sizes[axis] > 1:
+        if mesh.sizes[axis] > 1 and env.is_distributed():
             mesh.process_group(axis)
     strategy = states.Strategy(mesh.group("tp").ranks, mesh.index("tp"), bool(sequence_parallel), dp_group,
                                max(1, int(bucket_size_mb * 2**20)))

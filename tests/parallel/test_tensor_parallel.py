@@ -1,0 +1,152 @@
+"""Tensor and sequence parallelism: plan structure, sharded bytes, the SP norm trap, bad input, and
+multi-process training against one process (float64, three AdamW steps, to 1e-6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import luoshu as ls
+from luoshu.compiler import states as ST
+from luoshu.core.op import topological_ops
+from luoshu.models.language import GPT2, Attention, GPTBlock, GPTConfig
+from tests.distributed.launcher import launch
+from tests.parallel import tp_train
+
+COMM = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+CONFIG = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=64)
+
+
+def _shard_block(block, tp: int = 2, rank: int = 0, sp: bool = False):
+    mesh = ls.distributed.DeviceMesh(tp=tp, world_size=tp, rank=rank)
+    tpar = ls.parallel.parallelize(block, mesh, sequence_parallel=sp, broadcast=False)
+    ST.set_default(None)  # these tests localise by hand
+    return tpar.strategy
+
+
+def _comm_counts(ops):
+    counts = {}
+    for op in ops:
+        if op.opdef.name in COMM and len(op.inputs[0].shape) >= 2:  # activations, not scalars
+            counts[op.opdef.name] = counts.get(op.opdef.name, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_gpt2_block_plan_holds_megatrons_collectives(sp):
+    ls.manual_seed(0)
+    block = GPTBlock(CONFIG)
+    strategy = _shard_block(block, sp=sp)
+    x_states = [ls.core.dstates.DStates(2, {1: 2})] if sp else []
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, 16, 64))
+        x.ds = list(x_states)
+        out = block(x)
+        g_out = ls.placeholder("g_out", (None, 16, 64))
+        g_out.ds = list(x_states)
+        grads = ls.gradients(out, block.parameters() + [x], grad_ys=g_out)
+    forward = ST.localize_graph(topological_ops([out], g), [], strategy)
+    both = ST.localize_graph(topological_ops([out] + grads, g), [], strategy)
+    fwd = _comm_counts(forward.graph.ops)
+    bwd = {k: v - fwd.get(k, 0) for k, v in _comm_counts(both.graph.ops).items()}
+    bwd = {k: v for k, v in bwd.items() if v}
+    if sp:
+        assert fwd == {"all_gather": 2, "reduce_scatter": 2}
+        assert bwd == {"all_gather": 2, "reduce_scatter": 2}
+    else:
+        assert fwd == {"all_reduce": 2}
+        assert bwd == {"all_reduce": 2}
+    assert ST.S.key(forward.states[id(out)]) == (1 if sp else -1)
+
+
+def test_sequence_parallel_norm_weight_gradients_are_summed_over_tp():
+    """The SP trap: each member's norm-weight gradient covers only its sequence block."""
+    ls.manual_seed(0)
+    block = GPTBlock(CONFIG)
+    strategy = _shard_block(block, sp=True)
+    opt = ls.optim.SGD(block.parameters(), lr=0.1)
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, 16, 64))
+        x.ds = [ls.core.dstates.DStates(2, {1: 2})]
+        loss = ls.ops.sum(block(x))
+        step = opt.minimize(loss)
+    local = ST.localize_graph(topological_ops([step], g), [step], strategy)
+    update = next(op for op in local.graph.ops if op.opdef.name == "optimizer_update")
+    names = [n for n, _ in block.named_parameters()]
+    for i, t in zip(update.attrs["params"], update.inputs):
+        if "ln_" in names[i]:
+            assert t.producer[0].opdef.name == "all_reduce", names[i]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_holds_half_of_each_split_weight(rank):
+    ls.manual_seed(0)
+    full = {n: p.value.clone() for n, p in GPT2(CONFIG).named_parameters()}
+    ls.manual_seed(0)
+    model = GPT2(CONFIG)
+    tpar = _shard_block(model, tp=2, rank=rank)
+    assert tpar is not None
+    split = 0
+    for name, p in model.named_parameters():
+        value, whole = p.value, full[name]
+        if p.ds and not p.ds[0].is_pure_duplicate():
+            dim = next(iter(p.ds[0].states))
+            assert value.nbytes * 2 == whole.nbytes, name
+            np.testing.assert_array_equal(value.numpy(), whole.chunk(2, dim)[rank].numpy())
+            assert p.shape == tuple(whole.shape)  # the declared (global) shape is unchanged
+            split += 1
+        else:
+            assert value.nbytes == whole.nbytes
+    assert split == 1 + 2 * 10  # wte; per block q/k/v weight+bias, o weight, c_fc weight+bias, c_proj weight
+
+
+def test_bad_input_is_refused_clearly():
+    with pytest.raises(ls.Error, match=r"dp \* tp \* pp = 6 must equal the world size 4"):
+        ls.distributed.DeviceMesh(dp=3, tp=2, world_size=4)
+    mesh = ls.distributed.DeviceMesh(tp=8, world_size=8)
+    with pytest.raises(ls.Error, match="num_heads = 4 does not split over the tensor-parallel axis of size 8"):
+        ls.parallel.parallelize(GPT2(CONFIG), mesh, broadcast=False)
+    odd = GPT2(GPTConfig(vocab_size=130, block_size=16, n_layer=1, n_head=4, n_embd=64))
+    before = odd.wte.weight.value.clone()
+    with pytest.raises(ls.Error, match=r"wte.weight dimension 0 has size 130.*axis of size 4"):
+        ls.parallel.parallelize(odd, ls.distributed.DeviceMesh(tp=4, world_size=4), broadcast=False)
+    assert odd.wte.weight.value.shape == before.shape and not odd.wte.weight.ds  # nothing changed
+    with pytest.raises(ls.Error, match="pipeline"):
+        ls.parallel.parallelize(odd, ls.distributed.DeviceMesh(tp=2, pp=2, world_size=4), broadcast=False)
+    with pytest.raises(ls.Error, match="DeviceMesh"):
+        ls.parallel.parallelize(odd, (2, 2))
+    ST.set_default(None)
+
+
+def test_attention_gqa_kv_heads_must_split():
+    attn = Attention(64, 8, 2)
+    with pytest.raises(ls.Error, match="num_kv_heads = 2"):
+        ls.parallel.parallelize(attn, ls.distributed.DeviceMesh(tp=4, world_size=4), broadcast=False)
+
+
+def _compare(tmp_path, n, model, dp, tp, sp):
+    out = tmp_path / "tp"
+    args = ["--model", model, "--dp", str(dp), "--tp", str(tp), "--out", str(out)] + (["--sp"] if sp else [])
+    proc = launch(n, "tests/parallel/tp_train.py", *args, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, ref_params = tp_train.train(model)
+    runs = [np.load(f"{out}.rank{r}.npz") for r in range(n)]
+    mesh_losses = np.mean([runs[r * tp]["losses"] for r in range(dp)], axis=0)  # each DP rank: its half
+    np.testing.assert_allclose(mesh_losses, ref_losses, rtol=0, atol=1e-6)
+    for run in runs:
+        for name, value in ref_params.items():
+            np.testing.assert_allclose(run[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.dist
+def test_gpt2_tp2_sequence_parallel_matches_one_process(tmp_path):
+    _compare(tmp_path, 2, "gpt2", 1, 2, True)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("model,dp,tp,sp", [("gpt2", 1, 2, False), ("llama", 1, 2, False), ("gpt2", 1, 4, False),
+                                            ("gpt2", 1, 4, True), ("gpt2", 2, 2, False), ("gpt2", 2, 2, True),
+                                            ("llama", 1, 4, False), ("llama", 2, 2, True), ("gpt2", 4, 1, False)])
+def test_mesh_training_matches_one_process(tmp_path, model, dp, tp, sp):
+    _compare(tmp_path, dp * tp, model, dp, tp, sp)
