@@ -19,10 +19,11 @@ from luoshu.parallel.data_parallel import (
     SyncMode,
     register_sync_mode,
 )
+from luoshu.parallel.pipeline import Pipeline, PipelineError, pipeline
 from luoshu.parallel.ps_modes import HybridSync, PSSync
 from luoshu.parallel.tensor_parallel import MEGATRON_PLAN, TensorParallel, gather_parameters, parallelize
 
 __all__ = [
     "MEGATRON_PLAN", "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
-    "SyncMode", "TensorParallel", "gather_parameters", "parallelize", "register_sync_mode",
+    "Pipeline", "PipelineError", "SyncMode", "pipeline", "TensorParallel", "gather_parameters", "parallelize", "register_sync_mode",
 ]
