@@ -119,8 +119,9 @@ def states_of(t: Tensor, strategy: int, n: int) -> DStates:
     if len(t.ds) > strategy and t.ds[strategy] is not None:
         ds = t.ds[strategy]
         if ds.device_num != n:
-            raise StatesError(f"tensor {t.name or t!r} has states over {ds.device_num} devices, but its "
-                              f"tensor-parallel group has {n}")
+            raise StatesError(
+                f"tensor {t.name or t!r} has states over {ds.device_num} devices, but its tensor-parallel group has {n}"
+            )
         S.key(ds)
         return ds
     return S.dup(n)
@@ -134,8 +135,9 @@ def local_shape(shape, ds: DStates, name: str = "tensor") -> tuple:
         raise StatesError(f"{name}: split on dimension {d}, but it has shape {tuple(shape)}")
     size, n = shape[d], ds.device_num
     if size is not None and size % n:
-        raise StatesError(f"{name}: dimension {d} of size {size} does not split over the tensor-parallel axis "
-                          f"of size {n}")
+        raise StatesError(
+            f"{name}: dimension {d} of size {size} does not split over the tensor-parallel axis of size {n}"
+        )
     return tuple(None if s is None else (s // n if i == d else s) for i, s in enumerate(shape))
 
 
@@ -239,12 +241,12 @@ def convert(x: Tensor, src: DStates, dst: DStates, global_shape, shard: Shard) -
     # split(a) -> split(b): all-to-all over blocks of dim b
     _check_split(global_shape, b, n)
     shape = list(x.shape)
-    y = apply("reshape", x, shape=_shape_attr(shape[:b] + [n, shape[b] // n] + shape[b + 1:]))
+    y = apply("reshape", x, shape=_shape_attr(shape[:b] + [n, shape[b] // n] + shape[b + 1 :]))
     y = apply("all_to_all", _to_front(y, b), group=group)  # axis 0: the member the block came from
     rest = list(shape)
     rest[b] //= n
     y = _from_front(y, a)  # the source-member axis just before dim a
-    merged = rest[:a] + [None if rest[a] is None else rest[a] * n] + rest[a + 1:]
+    merged = rest[:a] + [None if rest[a] is None else rest[a] * n] + rest[a + 1 :]
     return apply("reshape", y, shape=_shape_attr(merged))
 
 
@@ -336,8 +338,10 @@ def _deduce(op: Op, in_ds: list, strategy: Strategy):
         fixed = [t.producer is None and t.kind == "variable" for t in op.inputs]
 
         def cost(c):
-            return sum(0.0 if w is None else conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
-                       for d, w, t, f in zip(in_ds, c.inputs, op.inputs, fixed))
+            return sum(
+                0.0 if w is None else conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
+                for d, w, t, f in zip(in_ds, c.inputs, op.inputs, fixed)
+            )
 
         best = min(need.candidates, key=cost)
         return _pad(best.outputs, nout, n), list(best.inputs)
@@ -346,8 +350,11 @@ def _deduce(op: Op, in_ds: list, strategy: Strategy):
             return [S.dup(n)] * nout, keep
         if op.opdef.name not in _WARNED:
             _WARNED.add(op.opdef.name)
-            warnings.warn(f"op '{op.opdef.name}' has no distributed-states rule for inputs "
-                          f"{[S._show(d) for d in in_ds]}; its inputs are gathered to duplicate", stacklevel=2)
+            warnings.warn(
+                f"op '{op.opdef.name}' has no distributed-states rule for inputs "
+                f"{[S._show(d) for d in in_ds]}; its inputs are gathered to duplicate",
+                stacklevel=2,
+            )
         return [S.dup(n)] * nout, [S.dup(n)] * len(in_ds)
 
 
@@ -370,8 +377,7 @@ def _localize_op(op: Op, inputs, in_ds, out_ds, shard: Shard) -> list:
         outs = apply(opdef, *inputs, **attrs)
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
     if len(outs) != len(op.outputs):
-        raise GraphError(f"states pass: the local '{opdef.name}' gave {len(outs)} outputs, expected "
-                         f"{len(op.outputs)}")
+        raise GraphError(f"states pass: the local '{opdef.name}' gave {len(outs)} outputs, expected {len(op.outputs)}")
     return outs
 
 
@@ -407,8 +413,14 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
 
 
 # --- simulation (one process, every rank of a group) -----------------------------------------
-def simulate(ops: list[Op], fetches: list[Tensor], n: int, feeds: dict | None = None,
-             sequence_parallel: bool = False, partial_weights=None) -> tuple[list, list, list]:
+def simulate(
+    ops: list[Op],
+    fetches: list[Tensor],
+    n: int,
+    feeds: dict | None = None,
+    sequence_parallel: bool = False,
+    partial_weights=None,
+) -> tuple[list, list, list]:
     """Runs the logical `ops` on n simulated ranks in one process: leaves sharded from their
     full values by their states (a partial leaf as `partial_weights[r]` times its value,
     default all on rank 0), each rank's local graph run in lockstep, every collective
@@ -422,8 +434,12 @@ def simulate(ops: list[Op], fetches: list[Tensor], n: int, feeds: dict | None = 
             return value * weights[r]
         return shard_value(value, ds, r)
 
-    locals_ = [localize_graph(ops, [], Strategy(tuple(range(n)), r, sequence_parallel),
-                              lambda t, ds, r=r: piece(t._value, ds, r)) for r in range(n)]
+    locals_ = [
+        localize_graph(
+            ops, [], Strategy(tuple(range(n)), r, sequence_parallel), lambda t, ds, r=r: piece(t._value, ds, r)
+        )
+        for r in range(n)
+    ]
     values = [dict() for _ in range(n)]
     for r, loc in enumerate(locals_):
         for lid, ph in loc.feeds.items():
@@ -431,8 +447,11 @@ def simulate(ops: list[Op], fetches: list[Tensor], n: int, feeds: dict | None = 
                 raise GraphError(f"simulate: placeholder {ph.name!r} is not fed")
             values[r][lid] = piece(torch.as_tensor(feeds[id(ph)]), loc.states[id(ph)], r)
     run_lockstep([loc.graph for loc in locals_], values)
-    return ([[_value(loc.tensors[id(f)], values[r]) for f in fetches] for r, loc in enumerate(locals_)],
-            [[loc.states[id(f)] for f in fetches] for loc in locals_], locals_)
+    return (
+        [[_value(loc.tensors[id(f)], values[r]) for f in fetches] for r, loc in enumerate(locals_)],
+        [[loc.states[id(f)] for f in fetches] for loc in locals_],
+        locals_,
+    )
 
 
 def run_lockstep(graphs: list[Graph], values: list[dict]) -> None:
@@ -485,8 +504,12 @@ def _sim_all_to_all(args, attrs):
     return [torch.cat([blocks[m][r] for m in range(n)], 0) for r in range(n)]
 
 
-_SIMULATED = {"all_reduce": _sim_all_reduce, "all_gather": _sim_all_gather, "reduce_scatter": _sim_reduce_scatter,
-              "all_to_all": _sim_all_to_all}
+_SIMULATED = {
+    "all_reduce": _sim_all_reduce,
+    "all_gather": _sim_all_gather,
+    "reduce_scatter": _sim_reduce_scatter,
+    "all_to_all": _sim_all_to_all,
+}
 
 
 def assemble(values: list, ds_list: list) -> torch.Tensor:
@@ -504,5 +527,16 @@ def assemble(values: list, ds_list: list) -> torch.Tensor:
     return torch.cat(values, k)
 
 
-__all__ = ["Shard", "StatesError", "Strategy", "assemble", "attach", "convert", "localize_graph", "run_lockstep",
-           "set_default", "shard_value", "simulate"]
+__all__ = [
+    "Shard",
+    "StatesError",
+    "Strategy",
+    "assemble",
+    "attach",
+    "convert",
+    "localize_graph",
+    "run_lockstep",
+    "set_default",
+    "shard_value",
+    "simulate",
+]

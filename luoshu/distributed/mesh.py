@@ -24,8 +24,7 @@ AXES = ("pp", "dp", "tp")  # major to minor
 class DeviceMesh:
     """The worker ranks as a (pp, dp, tp) grid; `group(axis)` is this rank's group along an axis."""
 
-    def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1, world_size: int | None = None,
-                 rank: int | None = None):
+    def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1, world_size: int | None = None, rank: int | None = None):
         sizes = {"pp": pp, "dp": dp, "tp": tp}
         for name, size in sizes.items():
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -36,8 +35,10 @@ class DeviceMesh:
         self.rank = env.rank() if rank is None else int(rank)
         product = math.prod(sizes.values())
         if product != world_size:
-            raise DistError(f"DeviceMesh(dp={dp}, tp={tp}, pp={pp}): dp * tp * pp = {product} must equal the world "
-                            f"size {world_size}")
+            raise DistError(
+                f"DeviceMesh(dp={dp}, tp={tp}, pp={pp}): dp * tp * pp = {product} must equal the world "
+                f"size {world_size}"
+            )
         if not 0 <= self.rank < world_size:
             raise DistError(f"DeviceMesh: rank {self.rank} is outside the world of {world_size}")
         self.sizes = sizes
@@ -101,7 +102,9 @@ class DeviceMesh:
         return out
 
     def process_group(self, axis: str):
-        """The torch process group of this rank's `axis` group (created once, cached; None alone)."""
+        """The torch process group of this rank's `axis` group (created once, cached; None in one process)."""
+        if not env.is_distributed():
+            return None
         return env.process_group(self.group(axis))
 
     def batch_slice(self, global_batch: int) -> slice:

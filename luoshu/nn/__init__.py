@@ -24,13 +24,13 @@ from luoshu.nn.layers import (
     Tanh,
 )
 from luoshu.nn.module import Module, Parameter
+from luoshu.nn.norm import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm, RMSNorm
 from luoshu.nn.parallel_layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
-from luoshu.nn.norm import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm, RMSNorm
 from luoshu.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell
 from luoshu.nn.transformer import (
     TransformerDecoder,

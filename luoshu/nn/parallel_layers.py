@@ -51,8 +51,10 @@ def shard_parameter(param: Tensor, dim: int | None, mesh, name: str | None = Non
     if not 0 <= dim < len(param.shape):
         raise ShardingError(f"{name}: cannot split dimension {dim} of a parameter of shape {param.shape}")
     if param.shape[dim] % size:
-        raise ShardingError(f"{name}: dimension {dim} has size {param.shape[dim]}, which the tensor-parallel axis "
-                            f"of size {size} does not divide")
+        raise ShardingError(
+            f"{name}: dimension {dim} has size {param.shape[dim]}, which the tensor-parallel axis "
+            f"of size {size} does not divide"
+        )
     if param.ds:
         raise ShardingError(f"{name}: already has distributed states {param.ds[0].states}")
     param.ds = [DStates(size, {dim: size})]
@@ -63,8 +65,7 @@ def shard_parameter(param: Tensor, dim: int | None, mesh, name: str | None = Non
 class ColumnParallelLinear(Linear):
     """`Linear` with the output features split over the mesh's TP axis."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, mesh=None, dtype="float32",
-                 device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, mesh=None, dtype="float32", device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
         shard_parameter(self.weight, 0, mesh, "ColumnParallelLinear.weight")
         if self.bias is not None:
@@ -74,8 +75,7 @@ class ColumnParallelLinear(Linear):
 class RowParallelLinear(Linear):
     """`Linear` with the input features split over the mesh's TP axis (the bias is duplicated)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, mesh=None, dtype="float32",
-                 device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, mesh=None, dtype="float32", device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
         shard_parameter(self.weight, 1, mesh, "RowParallelLinear.weight")
         if self.bias is not None:
@@ -85,18 +85,33 @@ class RowParallelLinear(Linear):
 class VocabParallelEmbedding(Embedding):
     """`Embedding` with the table's rows (the vocabulary) split over the mesh's TP axis."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, mesh=None,
-                 dtype="float32", device=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        mesh=None,
+        dtype="float32",
+        device=None,
+    ):
         super().__init__(num_embeddings, embedding_dim, padding_idx, dtype, device)
         shard_parameter(self.weight, 0, mesh, "VocabParallelEmbedding.weight")
 
 
-def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100,
-                                 reduction: str = "mean") -> Tensor:
+def vocab_parallel_cross_entropy(
+    logits: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> Tensor:
     """Cross entropy of (N, vocab) logits that are split on the vocabulary (a column-parallel
     head); the states pass computes it without gathering them."""
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
 
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "ShardingError", "VocabParallelEmbedding", "shard_parameter",
-           "tp_coordinates", "vocab_parallel_cross_entropy"]
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "ShardingError",
+    "VocabParallelEmbedding",
+    "shard_parameter",
+    "tp_coordinates",
+    "vocab_parallel_cross_entropy",
+]

@@ -9,8 +9,22 @@ Registered operators without a hand-written function (gradient kernels such as
 from __future__ import annotations
 
 from luoshu.core.op import apply, get_opdef, registered_ops
-from luoshu.ops import (comm, conv, creation, elementwise, linalg, loss, nn, norm, parallel, ps, random, reduction,
-                        shape, update)
+from luoshu.ops import (
+    comm,
+    conv,
+    creation,
+    elementwise,
+    linalg,
+    loss,
+    nn,
+    norm,
+    parallel,
+    ps,
+    random,
+    reduction,
+    shape,
+    update,
+)
 from luoshu.ops import tensor_methods as _tensor_methods
 from luoshu.ops.comm import *  # noqa: F403
 from luoshu.ops.conv import *  # noqa: F403

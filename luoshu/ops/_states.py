@@ -39,8 +39,10 @@ class NeedStates(OpError):
 
     def __init__(self, op: str, candidates: list[Candidate], found):
         self.candidates = candidates
-        super().__init__(f"op '{op}' has no layout for input states {[_show(d) for d in found]}; it can run with "
-                         f"{[[_show(d) for d in c.inputs] for c in candidates[:6]]}")
+        super().__init__(
+            f"op '{op}' has no layout for input states {[_show(d) for d in found]}; it can run with "
+            f"{[[_show(d) for d in c.inputs] for c in candidates[:6]]}"
+        )
 
 
 def _show(ds) -> str:
@@ -67,8 +69,10 @@ def key(ds: DStates | None) -> int:
     if ds is None or not ds.states:
         return DUPLICATE
     if len(ds.states) != 1:
-        raise OpError(f"states {ds.states} mix several keys; the rules take one duplicate, partial or split key "
-                      "over a tensor-parallel group")
+        raise OpError(
+            f"states {ds.states} mix several keys; the rules take one duplicate, partial or split key "
+            "over a tensor-parallel group"
+        )
     return next(iter(ds.states))
 
 
@@ -114,8 +118,7 @@ def elementwise(op: str, input_ds, io: OpIO, linear="none", outputs: int = 1) ->
         return [input_ds[0] if input_ds else None] * outputs
     out = io.outputs[0]
     cands = [Candidate(tuple(dup(n) for _ in input_ds), (dup(n),) * outputs)]
-    found_splits = {split_dim(d) + len(out) - len(s) for d, s in zip(input_ds, io.inputs)
-                    if split_dim(d) is not None}
+    found_splits = {split_dim(d) + len(out) - len(s) for d, s in zip(input_ds, io.inputs) if split_dim(d) is not None}
     for d, size in enumerate(out):
         if not (divisible(size, n) or (size is None and d in found_splits)):
             continue
@@ -129,13 +132,15 @@ def elementwise(op: str, input_ds, io: OpIO, linear="none", outputs: int = 1) ->
     elif linear != "none":
         for i in linear:
             if i < len(input_ds):
-                cands.append(Candidate(tuple(partial(n) if j == i else dup(n) for j in range(len(input_ds))),
-                                       (partial(n),) * outputs))
+                cands.append(
+                    Candidate(
+                        tuple(partial(n) if j == i else dup(n) for j in range(len(input_ds))), (partial(n),) * outputs
+                    )
+                )
     return choose(op, cands, input_ds)
 
 
-def mapped(op: str, input_ds, ndim: int, dim_map, linear: bool = True, outputs: int = 1,
-           extra: int = 0) -> list:
+def mapped(op: str, input_ds, ndim: int, dim_map, linear: bool = True, outputs: int = 1, extra: int = 0) -> list:
     """One tensor input whose split dim d becomes output dim `dim_map(d)` (None: not expressible);
     partial passes through when `linear`. `extra` inputs (shape-only or index inputs) stay duplicate."""
     x = input_ds[0]
@@ -150,7 +155,7 @@ def mapped(op: str, input_ds, ndim: int, dim_map, linear: bool = True, outputs: 
         o = dim_map(d)
         if o is not None:
             cands.append(Candidate((split(n, d),) + rest, (split(n, o),) * outputs))
-    return choose(op, cands, list(input_ds[:1 + extra]) + [None] * (1 + extra - len(input_ds)))
+    return choose(op, cands, list(input_ds[: 1 + extra]) + [None] * (1 + extra - len(input_ds)))
 
 
 def reshape_dim(in_shape, out_shape, d: int, n: int) -> int | None:
@@ -184,12 +189,12 @@ def _pair_dims(a: tuple, b: tuple, unknown_head: bool):
     matched. Equal leading and trailing dims pair one to one; what remains in the middle
     pairs by products, or, when it holds a size known only at run time, as one group."""
     head = []
-    while (len(head) < min(len(a), len(b)) and a[len(head)] == b[len(head)]
-           and (unknown_head or a[len(head)] is not None)):
+    while (
+        len(head) < min(len(a), len(b)) and a[len(head)] == b[len(head)] and (unknown_head or a[len(head)] is not None)
+    ):
         head.append(len(head))
     tail = []
-    while (len(tail) < min(len(a), len(b)) - len(head)
-           and a[len(a) - 1 - len(tail)] == b[len(b) - 1 - len(tail)]):
+    while len(tail) < min(len(a), len(b)) - len(head) and a[len(a) - 1 - len(tail)] == b[len(b) - 1 - len(tail)]:
         tail.append(len(tail))
     groups = [([i], [i]) for i in head]
     mid_a = list(range(len(head), len(a) - len(tail)))

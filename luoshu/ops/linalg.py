@@ -9,9 +9,9 @@ from luoshu.core.errors import OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import broadcast_shapes, same_dim
 from luoshu.core.tensor import TensorMeta
-from luoshu.ops._util import sum_to, wants
 from luoshu.ops import _states
 from luoshu.ops._states import Candidate, dup, partial, split
+from luoshu.ops._util import sum_to, wants
 
 
 def _dims_ok(input_ds, n: int):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from luoshu.core.errors import OpError
 from luoshu.core.op import OpDef, register
 from luoshu.core.tensor import TensorMeta

@@ -585,8 +585,8 @@ class SliceBackward(OpDef):
             return super().deduce_states(input_ds)
         shape = _io.inputs[1]
         cands = [Candidate((dup(n), dup(n)), (dup(n),)), Candidate((partial(n), dup(n)), (partial(n),))]
-        cands += [Candidate((_states.split(n, d), _states.split(n, d)), (_states.split(n, d),)) for d in range(len(shape))
-                  if _whole_axis(shape, d, attrs) and (_states.divisible(shape[d], n)
+        cands += [Candidate((_states.split(n, d), _states.split(n, d)), (_states.split(n, d),))
+                  for d in range(len(shape)) if _whole_axis(shape, d, attrs) and (_states.divisible(shape[d], n)
                                                        or _states.split_dim(input_ds[0]) == d)]
         return _states.choose(self.name, cands, input_ds)
 
@@ -797,8 +797,8 @@ class RepeatBackward(OpDef):
         ndim = len(_io.inputs[1])
         lead = len(repeats) - ndim
         cands = [Candidate((dup(n), dup(n)), (dup(n),)), Candidate((partial(n), dup(n)), (partial(n),))]
-        cands += [Candidate((_states.split(n, d + lead), _states.split(n, d)), (_states.split(n, d),)) for d in range(ndim)
-                  if repeats[d + lead] == 1 and _states.divisible(_io.inputs[1][d], n)]
+        cands += [Candidate((_states.split(n, d + lead), _states.split(n, d)), (_states.split(n, d),))
+                  for d in range(ndim) if repeats[d + lead] == 1 and _states.divisible(_io.inputs[1][d], n)]
         return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs, repeats):

@@ -25,5 +25,6 @@ from luoshu.parallel.tensor_parallel import MEGATRON_PLAN, TensorParallel, gathe
 
 __all__ = [
     "MEGATRON_PLAN", "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
-    "Pipeline", "PipelineError", "SyncMode", "pipeline", "TensorParallel", "gather_parameters", "parallelize", "register_sync_mode",
+    "Pipeline", "PipelineError", "SyncMode", "TensorParallel", "gather_parameters", "parallelize", "pipeline",
+    "register_sync_mode",
 ]

@@ -89,8 +89,9 @@ class Pipeline:
                 raise PipelineError(f"pipeline: stages names {len(stages)} modules, one per stage of pp={pp} expected")
             for s in stages:
                 if s not in names:
-                    raise PipelineError(f"pipeline: stages names unknown module {s!r}; the layers are "
-                                        f"{names[0]} .. {names[-1]}")
+                    raise PipelineError(
+                        f"pipeline: stages names unknown module {s!r}; the layers are {names[0]} .. {names[-1]}"
+                    )
             starts = [names.index(s) for s in stages]
             if starts[0] != 0 or starts != sorted(set(starts)):
                 raise PipelineError(f"pipeline: stages {stages} must start at {names[0]} and increase")
@@ -120,8 +121,9 @@ class Pipeline:
         """Traces this stage's graph. `inputs` / `labels`: (name, shape, dtype) of the model's
         inputs and the loss's extra arguments (batch dim None); `loss_fn(model_output, *labels)`."""
         if not isinstance(optimizer, Optimizer):
-            raise PipelineError(f"pipeline.compile: optimizer must be a luoshu.optim.Optimizer, found "
-                                f"{type(optimizer).__name__}")
+            raise PipelineError(
+                f"pipeline.compile: optimizer must be a luoshu.optim.Optimizer, found {type(optimizer).__name__}"
+            )
         self.optimizer = optimizer
         g = Graph(name=f"pipeline-stage{self.stage}")
         holder: dict = {}
@@ -168,7 +170,7 @@ class Pipeline:
             xs = self.params + ([self.stage_input] if self.stage_input is not None else [])
             grads = gradients(out, xs, grad_ys=None if self.is_last else self.grad_out)
             # sparse table gradients accumulate densely over micro-batches
-            self.param_grads = [(gr.to_dense() if hasattr(gr, "to_dense") else gr) for gr in grads[:len(self.params)]]
+            self.param_grads = [(gr.to_dense() if hasattr(gr, "to_dense") else gr) for gr in grads[: len(self.params)]]
         self.input_grad = grads[-1] if self.stage_input is not None else None
         for p, gr in zip(self.params, self.param_grads):
             if gr is None:
@@ -207,12 +209,14 @@ class Pipeline:
         share = self.mesh.batch_slice(rows)
         local = share.stop - share.start
         if local % self.micro_batches:
-            raise PipelineError(f"pipeline: the batch share of {local} rows (global {rows}, dp={self.mesh.dp}) does "
-                                f"not divide into {self.micro_batches} micro-batches")
+            raise PipelineError(
+                f"pipeline: the batch share of {local} rows (global {rows}, dp={self.mesh.dp}) does "
+                f"not divide into {self.micro_batches} micro-batches"
+            )
         size = local // self.micro_batches
 
         def micro(arrays, m):
-            return [np.asarray(a)[share][m * size:(m + 1) * size] for a in arrays]
+            return [np.asarray(a)[share][m * size : (m + 1) * size] for a in arrays]
 
         saved, pending, losses = {}, [], []
         accum = [None] * len(self.params)
@@ -248,7 +252,7 @@ class Pipeline:
                 fetch = self.param_grads + ([self.input_grad] if self.input_grad is not None else [])
                 values = self.graph.run(fetch, feed)
                 self.ledger.freed(m)
-                for k, v in enumerate(values[:len(self.params)]):
+                for k, v in enumerate(values[: len(self.params)]):
                     v = torch.from_numpy(np.asarray(v))
                     accum[k] = v.clone() if accum[k] is None else accum[k].add_(v)
                 if self.input_grad is not None:
@@ -271,8 +275,7 @@ class Pipeline:
         self.optimizer.apply_gradients(list(zip(self.param_index, grads)))
 
 
-def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1,
-             schedule: str = "1f1b") -> Pipeline:
+def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b") -> Pipeline:
     """This rank's stage of `model` cut over `mesh.pp` stages (see the module docstring)."""
     return Pipeline(model, mesh, stages, micro_batches, schedule)
 

@@ -42,13 +42,25 @@ COLWISE, ROWWISE, ROWS = "colwise", "rowwise", "rows"
 # bias split on out; rowwise: its weight split on in; rows: a table (or a vocabulary-sized
 # bias) split on its rows.
 MEGATRON_PLAN: dict[str, str] = {
-    "q_proj": COLWISE, "k_proj": COLWISE, "v_proj": COLWISE, "o_proj": ROWWISE,
-    "c_fc": COLWISE, "c_proj": ROWWISE,
-    "gate_proj": COLWISE, "up_proj": COLWISE, "down_proj": ROWWISE,
-    "intermediate": COLWISE, "output": ROWWISE,
+    "q_proj": COLWISE,
+    "k_proj": COLWISE,
+    "v_proj": COLWISE,
+    "o_proj": ROWWISE,
+    "c_fc": COLWISE,
+    "c_proj": ROWWISE,
+    "gate_proj": COLWISE,
+    "up_proj": COLWISE,
+    "down_proj": ROWWISE,
+    "intermediate": COLWISE,
+    "output": ROWWISE,
     "lm_head": COLWISE,
-    "wte": ROWS, "embed_tokens": ROWS, "word_embeddings": ROWS, "mlm_bias": ROWS,
-    "embedding": ROWS, "wide_embedding": ROWS, "first_order": ROWS,
+    "wte": ROWS,
+    "embed_tokens": ROWS,
+    "word_embeddings": ROWS,
+    "mlm_bias": ROWS,
+    "embedding": ROWS,
+    "wide_embedding": ROWS,
+    "first_order": ROWS,
 }
 
 
@@ -59,8 +71,10 @@ class TensorParallel:
         self.mesh, self.strategy, self.split = mesh, strategy, split
 
     def __repr__(self) -> str:
-        return (f"TensorParallel({self.mesh}, sequence_parallel={self.strategy.sequence_parallel}, "
-                f"{len(self.split)} split parameters)")
+        return (
+            f"TensorParallel({self.mesh}, sequence_parallel={self.strategy.sequence_parallel}, "
+            f"{len(self.split)} split parameters)"
+        )
 
     def attach(self, graph) -> None:
         """Compiles `graph` under this strategy (graphs reading split parameters do by default)."""
@@ -88,12 +102,19 @@ def _check_heads(name: str, module: Module, tp: int) -> None:
     for attr in ("num_heads", "num_kv_heads"):
         heads = getattr(module, attr, None)
         if isinstance(heads, int) and heads % tp:
-            raise ShardingError(f"parallelize: {name}.{attr} = {heads} does not split over the tensor-parallel axis "
-                                f"of size {tp}")
+            raise ShardingError(
+                f"parallelize: {name}.{attr} = {heads} does not split over the tensor-parallel axis of size {tp}"
+            )
 
 
-def parallelize(model: Module, mesh: DeviceMesh, sequence_parallel: bool = False, plan: dict | None = None,
-                broadcast: bool = True, bucket_size_mb: float = 25.0) -> TensorParallel:
+def parallelize(
+    model: Module,
+    mesh: DeviceMesh,
+    sequence_parallel: bool = False,
+    plan: dict | None = None,
+    broadcast: bool = True,
+    bucket_size_mb: float = 25.0,
+) -> TensorParallel:
     """Splits `model`'s parameters over `mesh`'s TP axis by `plan` (default `MEGATRON_PLAN`) and
     makes define-and-run graphs that read them compile to this rank's tensor-parallel plan.
 
@@ -105,8 +126,9 @@ def parallelize(model: Module, mesh: DeviceMesh, sequence_parallel: bool = False
     plan = MEGATRON_PLAN if plan is None else dict(plan)
     for pattern, layout in plan.items():
         if layout not in (COLWISE, ROWWISE, ROWS):
-            raise Error(f"parallelize: plan entry {pattern!r} has layout {layout!r}; the layouts are "
-                        f"{(COLWISE, ROWWISE, ROWS)}")
+            raise Error(
+                f"parallelize: plan entry {pattern!r} has layout {layout!r}; the layouts are {(COLWISE, ROWWISE, ROWS)}"
+            )
     tp = mesh.tp
     todo: list[tuple[str, Tensor, int | None]] = []
     for name, module in model.named_modules():
@@ -132,8 +154,10 @@ def parallelize(model: Module, mesh: DeviceMesh, sequence_parallel: bool = False
         if p.ds:
             raise ShardingError(f"parallelize: {full} already has distributed states {p.ds[0].states}")
         if tp > 1 and (dim >= len(p.shape) or p.shape[dim] % tp):
-            raise ShardingError(f"parallelize: {full} dimension {dim} has size {p.shape[dim]}, which the "
-                                f"tensor-parallel axis of size {tp} does not divide")
+            raise ShardingError(
+                f"parallelize: {full} dimension {dim} has size {p.shape[dim]}, which the "
+                f"tensor-parallel axis of size {tp} does not divide"
+            )
     if broadcast:
         _broadcast(model)
     split = {}
@@ -144,8 +168,9 @@ def parallelize(model: Module, mesh: DeviceMesh, sequence_parallel: bool = False
     for axis in ("tp", "dp"):  # groups are created collectively, in the same order on every rank
         if mesh.sizes[axis] > 1 and env.is_distributed():
             mesh.process_group(axis)
-    strategy = states.Strategy(mesh.group("tp").ranks, mesh.index("tp"), bool(sequence_parallel), dp_group,
-                               max(1, int(bucket_size_mb * 2**20)))
+    strategy = states.Strategy(
+        mesh.group("tp").ranks, mesh.index("tp"), bool(sequence_parallel), dp_group, max(1, int(bucket_size_mb * 2**20))
+    )
     states.set_default(strategy)
     return TensorParallel(mesh, strategy, split)
 

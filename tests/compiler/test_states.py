@@ -58,15 +58,22 @@ def check(build, specs, shapes, rng, dtypes=None, grads=True, n=N):
         if grads:
             probe = make_constant(rng.standard_normal(outs[0].shape))
             wrt = [t for t, dt in zip(inputs, dtypes) if dt == "float64"]
-            fetches += [gr.to_dense() if isinstance(gr, IndexedSlices) else gr
-                        for gr in ls.gradients(ls.ops.sum(outs[0] * probe), wrt)]
+            fetches += [
+                gr.to_dense() if isinstance(gr, IndexedSlices) else gr
+                for gr in ls.gradients(ls.ops.sum(outs[0] * probe), wrt)
+            ]
     expected = g.run(fetches)
     ops = topological_ops(fetches, g)
     values, ds, _ = ST.simulate(ops, fetches, n, partial_weights=WEIGHTS[:n] if n == N else None)
-    for i, f in enumerate(fetches):
+    for i in range(len(fetches)):
         got = ST.assemble([v[i] for v in values], [d[i] for d in ds]).numpy()
-        np.testing.assert_allclose(got, expected[i], rtol=1e-10, atol=1e-10,
-                                   err_msg=f"output {i} with input layouts {specs}, deduced {S._show(ds[0][i])}")
+        np.testing.assert_allclose(
+            got,
+            expected[i],
+            rtol=1e-10,
+            atol=1e-10,
+            err_msg=f"output {i} with input layouts {specs}, deduced {S._show(ds[0][i])}",
+        )
     return [S._show(d) for d in ds[0]]
 
 
@@ -77,8 +84,13 @@ def rng():
 
 def test_linear_every_layout(rng):
     specs = list(itertools.product([DUP, PART, 0, 1], [DUP, 0, 1], [DUP, 0]))
-    native = {(DUP, 0, 0): "split(1)", (1, 1, DUP): "partial", (0, DUP, DUP): "split(0)", (DUP, DUP, DUP): "dup",
-              (PART, DUP, DUP): "partial"}
+    native = {
+        (DUP, 0, 0): "split(1)",
+        (1, 1, DUP): "partial",
+        (0, DUP, DUP): "split(0)",
+        (DUP, DUP, DUP): "dup",
+        (PART, DUP, DUP): "partial",
+    }
     for x, w, b in specs:
         got = check(lambda x, w, b: ls.nn.functional.linear(x, w, b), (x, w, b), [(8, 12), (16, 12), (16,)], rng)
         if (x, w, b) in native:
@@ -95,16 +107,19 @@ def test_matmul_batched(rng, ta, tb):
     a_shape = (4, 12, 8) if ta else (4, 8, 12)
     b_shape = (4, 16, 12) if tb else (4, 12, 16)
     for a, b in itertools.product([DUP, PART, 0, 1, 2], [DUP, 0, 1, 2]):
-        check(lambda a, b: ls.core.op.apply("matmul", a, b, trans_a=ta, trans_b=tb), (a, b), [a_shape, b_shape],
-              rng)
-    assert check(lambda a, b: ls.core.op.apply("matmul", a, b), (2, 1), [(4, 8, 12), (4, 12, 16)], rng)[0] == \
-        "partial"
+        check(lambda a, b: ls.core.op.apply("matmul", a, b, trans_a=ta, trans_b=tb), (a, b), [a_shape, b_shape], rng)
+    assert check(lambda a, b: ls.core.op.apply("matmul", a, b), (2, 1), [(4, 8, 12), (4, 12, 16)], rng)[0] == "partial"
 
 
 def test_embedding_row_split_table_is_partial(rng):
     for w, ids in itertools.product([DUP, 0, 1], [DUP, 0]):
-        got = check(lambda w, ids: ls.nn.functional.embedding(ids, w), (w, ids), [(16, 8), (4, 5)], rng,
-                    dtypes=["float64", "int64"])
+        got = check(
+            lambda w, ids: ls.nn.functional.embedding(ids, w),
+            (w, ids),
+            [(16, 8), (4, 5)],
+            rng,
+            dtypes=["float64", "int64"],
+        )
         if (w, ids) == (0, DUP):
             assert got[0] == "partial"
 
@@ -141,8 +156,9 @@ def test_cross_entropy_vocab_parallel(rng, reduction):
 
 def test_layer_norm_and_rms_norm(rng):
     for x in [DUP, PART, 0, 1, 2]:
-        got = check(lambda x, w, b: ls.nn.functional.layer_norm(x, (12,), w, b), (x, DUP, DUP),
-                    [(4, 8, 12), (12,), (12,)], rng)
+        got = check(
+            lambda x, w, b: ls.nn.functional.layer_norm(x, (12,), w, b), (x, DUP, DUP), [(4, 8, 12), (12,), (12,)], rng
+        )
         if x == 1:
             assert got[:4] == ["split(1)", "split(1)", "partial", "partial"]  # weight grads partial
         check(lambda x, w: ls.nn.functional.rms_norm(x, (12,), w, 1e-6), (x, DUP), [(4, 8, 12), (12,)], rng)
@@ -173,17 +189,27 @@ def test_reshape_transpose_permute_move_the_split(rng):
 def test_attention_with_split_heads(rng):
     shape = (4, 4, 8, 8)
     for spec in [DUP, 0, 1]:
-        got = check(lambda q, k, v: ls.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-                    (spec, spec, spec), [shape] * 3, rng)
+        got = check(
+            lambda q, k, v: ls.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+            (spec, spec, spec),
+            [shape] * 3,
+            rng,
+        )
         if spec == 1:
             assert set(got) == {"split(1)"}
     check(lambda q, k, v: ls.nn.functional.scaled_dot_product_attention(q, k, v), (1, DUP, 2), [shape] * 3, rng)
 
 
 def test_elementwise_broadcasting_and_partials(rng):
-    cases = [(lambda a, b: a + b, (PART, PART)), (lambda a, b: a + b, (PART, DUP)), (lambda a, b: a * b, (PART, DUP)),
-             (lambda a, b: a * b, (PART, PART)), (lambda a, b: a / b, (0, DUP)), (lambda a, b: a - b, (1, 0)),
-             (lambda a, b: ls.nn.functional.gelu(a) + b, (PART, 0))]
+    cases = [
+        (lambda a, b: a + b, (PART, PART)),
+        (lambda a, b: a + b, (PART, DUP)),
+        (lambda a, b: a * b, (PART, DUP)),
+        (lambda a, b: a * b, (PART, PART)),
+        (lambda a, b: a / b, (0, DUP)),
+        (lambda a, b: a - b, (1, 0)),
+        (lambda a, b: ls.nn.functional.gelu(a) + b, (PART, 0)),
+    ]
     for fn, specs in cases:
         check(fn, specs, [(8, 12), (12,)] if specs[1] != 0 else [(8, 12), (12,)], rng)
     assert check(lambda a, b: a + b, (PART, PART), [(8, 12), (8, 12)], rng)[0] == "partial"
@@ -227,16 +253,24 @@ def test_comm_for_every_state_pair(rng, src, dst):
         values.append({id(x): piece})
     ST.run_lockstep(graphs, values)
     got = [values[r].get(id(outs[r]), None) if outs[r] is not None else None for r in range(N)]
-    got = [v if v is not None else (full * WEIGHTS[r] if src == PART else ST.shard_value(full, s, r))
-           for r, v in enumerate(got)]
+    got = [
+        v if v is not None else (full * WEIGHTS[r] if src == PART else ST.shard_value(full, s, r))
+        for r, v in enumerate(got)
+    ]
     if dst != PART:
         for r in range(N):
             torch.testing.assert_close(got[r], ST.shard_value(full, d, r), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ST.assemble(got, [d] * N), full, rtol=1e-12, atol=1e-12)
     names = {op.opdef.name for op in graphs[0].ops}
-    expected = {(PART, DUP): "all_reduce", (0, DUP): "all_gather", (2, DUP): "all_gather",
-                (PART, 0): "reduce_scatter", (PART, 1): "reduce_scatter", (0, 2): "all_to_all",
-                (1, 0): "all_to_all"}.get((src, dst))
+    expected = {
+        (PART, DUP): "all_reduce",
+        (0, DUP): "all_gather",
+        (2, DUP): "all_gather",
+        (PART, 0): "reduce_scatter",
+        (PART, 1): "reduce_scatter",
+        (0, 2): "all_to_all",
+        (1, 0): "all_to_all",
+    }.get((src, dst))
     if expected:
         assert expected in names
     if src == DUP:  # a local slice: no communication

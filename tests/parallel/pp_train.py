@@ -75,9 +75,14 @@ def main() -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     params = {names[id(p)]: p.numpy() for p in pipe.params}
     feeds = [t.name for t in pipe.graph._plans[next(iter(pipe.graph._plans))].feed_tensors]
-    np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", losses=np.array([x if x is not None else np.nan
-                                                                             for x in losses]),
-             peak=peak, stage=pipe.stage, feeds=json.dumps(sorted(feeds)), **params)
+    np.savez(
+        f"{args.out}.rank{ls.distributed.rank()}.npz",
+        losses=np.array([x if x is not None else np.nan for x in losses]),
+        peak=peak,
+        stage=pipe.stage,
+        feeds=json.dumps(sorted(feeds)),
+        **params,
+    )
     ls.distributed.shutdown()
 
 

@@ -57,8 +57,12 @@ def test_bad_input_is_refused_clearly():
         ls.parallel.pipeline(_model(2), mesh2, schedule="zigzag")
     pipe = ls.parallel.pipeline(_model(2), ls.distributed.DeviceMesh(world_size=1), micro_batches=3)
     model = pipe.model
-    pipe.compile([("ids", (None, 16), "int64")], [("y", (None, 16), "int64")], pp_train.loss_fn,
-                 ls.optim.SGD(model.parameters(), lr=0.1))
+    pipe.compile(
+        [("ids", (None, 16), "int64")],
+        [("y", (None, 16), "int64")],
+        pp_train.loss_fn,
+        ls.optim.SGD(model.parameters(), lr=0.1),
+    )
     before = model.wte.weight.value.clone()
     ids = np.zeros((8, 16), np.int64)
     with pytest.raises(ls.Error, match="8 rows .* does not divide into 3 micro-batches"):
@@ -81,8 +85,20 @@ def test_gradients_are_scaled_once_over_micro_batches():
 
 def _compare(tmp_path, dp, pp, layers, m, sched, stages=None):
     out = tmp_path / "pp"
-    args = ["--dp", str(dp), "--pp", str(pp), "--layers", str(layers), "--micro-batches", str(m), "--schedule", sched,
-            "--out", str(out)] + (["--stages", ",".join(stages)] if stages else [])
+    args = [
+        "--dp",
+        str(dp),
+        "--pp",
+        str(pp),
+        "--layers",
+        str(layers),
+        "--micro-batches",
+        str(m),
+        "--schedule",
+        sched,
+        "--out",
+        str(out),
+    ] + (["--stages", ",".join(stages)] if stages else [])
     proc = launch(dp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref_losses, ref_params = pp_train.reference(layers)
@@ -111,9 +127,18 @@ def test_gpt2_two_stages_1f1b_matches_one_process(tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("dp,pp,layers,m,sched", [(1, 2, 2, 4, "gpipe"), (2, 1, 2, 2, "1f1b"), (2, 2, 2, 2, "gpipe"),
-                                                  (2, 2, 2, 2, "1f1b"), (1, 4, 4, 4, "gpipe"), (1, 4, 4, 4, "1f1b"),
-                                                  (1, 4, 4, 2, "1f1b")])
+@pytest.mark.parametrize(
+    "dp,pp,layers,m,sched",
+    [
+        (1, 2, 2, 4, "gpipe"),
+        (2, 1, 2, 2, "1f1b"),
+        (2, 2, 2, 2, "gpipe"),
+        (2, 2, 2, 2, "1f1b"),
+        (1, 4, 4, 4, "gpipe"),
+        (1, 4, 4, 4, "1f1b"),
+        (1, 4, 4, 2, "1f1b"),
+    ],
+)
 def test_pipeline_meshes_match_one_process(tmp_path, dp, pp, layers, m, sched):
     _compare(tmp_path, dp, pp, layers, m, sched)
 

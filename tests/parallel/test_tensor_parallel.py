@@ -145,8 +145,18 @@ def test_gpt2_tp2_sequence_parallel_matches_one_process(tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("model,dp,tp,sp", [("gpt2", 1, 2, False), ("llama", 1, 2, False), ("gpt2", 1, 4, False),
-                                            ("gpt2", 1, 4, True), ("gpt2", 2, 2, False), ("gpt2", 2, 2, True),
-                                            ("llama", 2, 2, True), ("gpt2", 4, 1, False)])
+@pytest.mark.parametrize(
+    "model,dp,tp,sp",
+    [
+        ("gpt2", 1, 2, False),
+        ("llama", 1, 2, False),
+        ("gpt2", 1, 4, False),
+        ("gpt2", 1, 4, True),
+        ("gpt2", 2, 2, False),
+        ("gpt2", 2, 2, True),
+        ("llama", 2, 2, True),
+        ("gpt2", 4, 1, False),
+    ],
+)
 def test_mesh_training_matches_one_process(tmp_path, model, dp, tp, sp):
     _compare(tmp_path, dp * tp, model, dp, tp, sp)

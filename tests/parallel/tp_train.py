@@ -24,8 +24,9 @@ VOCAB, LENGTH, BATCH, STEPS = 128, 16, 8, 3
 def build(model: str):
     if model == "gpt2":
         return GPT2(GPTConfig(vocab_size=VOCAB, block_size=LENGTH, n_layer=2, n_head=4, n_embd=64))
-    return Llama(LlamaConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                             max_seq_len=LENGTH))
+    return Llama(
+        LlamaConfig(vocab_size=VOCAB, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=LENGTH)
+    )
 
 
 def batches(seed: int = 3):
