@@ -1,10 +1,16 @@
-"""The comm scheduling pass: start collectives as early as possible, wait on them as late as possible.
+"""The scheduling pass: ops in the order the program recorded them, collectives started as
+early as possible and waited on as late as possible.
 
-The pruned op list is a depth-first topological order, which puts every wait right
-after its start (the walk reaches the start through the wait). This pass re-orders the
-ops, keeping every op after its inputs: an op that starts an asynchronous collective
-runs as soon as its inputs exist, and an op that waits on one runs only when nothing
-else is ready, so the transfer overlaps the rest of the backward pass.
+The pruned op list is a depth-first topological order from the fetches. That order puts
+every wait right after its start (the walk reaches the start through the wait), and with
+many fetches (every parameter's gradient) it runs the whole chain of input gradients before
+any weight gradient, keeping every layer's activations alive until the end of the backward.
+This pass re-orders the ops, keeping every op after its inputs: among the ops that are ready,
+the one recorded first runs first — autodiff records each layer's weight gradients right
+after its input gradient, last layer first, so each layer's activations die with its own
+backward — except that an op starting an asynchronous collective runs as soon as its inputs
+exist, and an op waiting on one runs only when nothing else is ready, so the transfer
+overlaps the rest of the backward pass.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ def starts_collective(op: Op) -> bool:
 
 
 def schedule_comm(ops: list[Op]) -> list[Op]:
-    """`ops` (a topological order) re-ordered: starts early, waits late, dependencies kept."""
-    if not any(op.opdef.name in WAITS for op in ops):
+    """`ops` (a topological order) re-ordered: recorded order, starts early, waits late,
+    dependencies kept."""
+    if len(ops) < 2:
         return ops
     position = {id(op): i for i, op in enumerate(ops)}
     consumers: list[list[int]] = [[] for _ in ops]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from luoshu.core.errors import GraphError
+
 
 class _State(threading.local):
     def __init__(self):
@@ -28,8 +30,6 @@ def push_graph(graph) -> None:
 
 def pop_graph(graph) -> None:
     if not _state.graphs or _state.graphs[-1] is not graph:
-        from luoshu.core.errors import GraphError
-
         raise GraphError(f"graph {graph.name!r} is not the innermost graph; exit graphs in reverse order")
     _state.graphs.pop()
 

@@ -36,6 +36,17 @@ class IndexedSlicesValue(NamedTuple):
         return dense
 
 
+class RecomputeRegion:
+    """Ops recorded by one call of a recomputed module, and the tensors it returned (kept:
+    the next layer reads them anyway). The recompute pass sets `applied` once it rewrote the
+    region and lists in `copies` the ops it recorded to recompute it."""
+
+    __slots__ = ("ops", "outputs", "applied", "copies")
+
+    def __init__(self, ops: list, outputs: list):
+        self.ops, self.outputs, self.applied, self.copies = ops, outputs, False, []
+
+
 _graph_ids = itertools.count()
 
 
@@ -52,6 +63,9 @@ class Graph:
         self.ops: list = []
         self.placeholders: dict[str, Tensor] = {}
         self._plans: dict = {}
+        # Regions whose intermediate activations are recomputed in the backward instead of
+        # kept (`luoshu.nn.recompute` records them; `luoshu.compiler.recompute` rewrites them).
+        self.recompute_regions: list[RecomputeRegion] = []
 
     def __enter__(self) -> Graph:
         context.push_graph(self)
@@ -74,12 +88,7 @@ class Graph:
         return t
 
     # --- running --------------------------------------------------------------------
-    def run(self, fetches, feed_dict: Mapping | None = None):
-        """Computes `fetches` (a tensor or a list of them) given `feed_dict`."""
-        single = not isinstance(fetches, (list, tuple))
-        fetch_list = [fetches] if single else list(fetches)
-        flat, structure = self._flatten_fetches(fetch_list)
-        feeds = self._check_feeds(feed_dict or {})
+    def _plan_for(self, flat: list, feeds: dict):
         key = (tuple(map(id, flat)), frozenset(feeds))
         plan = self._plans.get(key)
         if plan is None:
@@ -87,6 +96,28 @@ class Graph:
                 raise Error("the luoshu runtime is not loaded; import luoshu, not luoshu.core")
             plan = _plan_builder(self, flat, feeds)
             self._plans[key] = plan
+        return plan
+
+    def plan(self, fetches, feed_dict: Mapping | None = None):
+        """The compiled plan `run(fetches, feed_dict)` executes (compiled and cached on first use)."""
+        flat, _ = self._flatten_fetches([fetches] if not isinstance(fetches, (list, tuple)) else list(fetches))
+        return self._plan_for(flat, self._check_feeds(feed_dict or {}))
+
+    def memory(self, fetches, feed_dict: Mapping | None = None):
+        """Runs `fetches` once like `run` and returns the plan's memory report: peak live bytes,
+        the step that reaches it, and parameters / optimizer state / gradients / activations."""
+        flat, _ = self._flatten_fetches([fetches] if not isinstance(fetches, (list, tuple)) else list(fetches))
+        feeds = self._check_feeds(feed_dict or {})
+        plan = self._plan_for(flat, feeds)
+        return plan.memory([feeds[id(p)] for p in plan.feed_tensors])
+
+    def run(self, fetches, feed_dict: Mapping | None = None):
+        """Computes `fetches` (a tensor or a list of them) given `feed_dict`."""
+        single = not isinstance(fetches, (list, tuple))
+        fetch_list = [fetches] if single else list(fetches)
+        flat, structure = self._flatten_fetches(fetch_list)
+        feeds = self._check_feeds(feed_dict or {})
+        plan = self._plan_for(flat, feeds)
         values = plan.run([feeds[id(p)] for p in plan.feed_tensors])
         results = [_to_numpy(v, t) for v, t in zip(values, flat)]
         out = []

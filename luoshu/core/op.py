@@ -46,6 +46,13 @@ class OpDef:
     # bool results, *_like constants, updates): no gradient flows through. An op that
     # has a gradient but no rule for it keeps True and lets `gradient` raise.
     differentiable: ClassVar[bool] = True
+    # True for ops that draw from a random generator. Recomputation (the recompute pass) must
+    # not draw again: it calls `replay`, which rebuilds the outputs from new inputs and the
+    # original op's outputs (its draw), or returns None to keep the original outputs.
+    random: ClassVar[bool] = False
+
+    def replay(self, op: Op, inputs: list[Tensor]) -> list[Tensor] | None:
+        return None
 
     def infer(self, inputs: list[Tensor], **attrs) -> list[TensorMeta] | TensorMeta:
         raise NotImplementedError

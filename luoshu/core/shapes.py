@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from luoshu.core.errors import ShapeError
+
 Shape = tuple
 
 
@@ -24,8 +26,6 @@ def broadcast_shapes(op_name: str, *shapes: Shape) -> Shape:
             elif d is None or dim is None:
                 dim = dim if d is None else d
             elif d != dim:
-                from luoshu.core.errors import ShapeError
-
                 shown = ", ".join(str(tuple(s)) for s in shapes)
                 raise ShapeError(
                     f"{op_name}: shapes {shown} do not broadcast: dimension {axis} is {dim} in one "
@@ -37,8 +37,6 @@ def broadcast_shapes(op_name: str, *shapes: Shape) -> Shape:
 
 def normalize_axis(op_name: str, axis: int, ndim: int) -> int:
     if not -ndim <= axis < max(ndim, 1):
-        from luoshu.core.errors import ShapeError
-
         raise ShapeError(f"{op_name}: axis {axis} is out of range for a tensor of rank {ndim}")
     return axis % ndim if ndim else 0
 
@@ -51,8 +49,6 @@ def normalize_axes(op_name: str, axis, ndim: int) -> tuple[int, ...]:
         axis = (axis,)
     axes = tuple(sorted(normalize_axis(op_name, a, ndim) for a in axis))
     if len(set(axes)) != len(axes):
-        from luoshu.core.errors import ShapeError
-
         raise ShapeError(f"{op_name}: repeated axis in {axis}")
     return axes
 

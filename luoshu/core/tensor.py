@@ -151,12 +151,8 @@ class Tensor:
     def __hash__(self) -> int:  # `==` builds an op (luoshu.ops installs it), so tensors hash by identity
         return id(self)
 
-    # --- autodiff -------------------------------------------------------------------
-    def backward(self, gradient=None, create_graph: bool = False) -> None:
-        """Accumulates d(self)/d(leaf) into `.grad` of every leaf that requires grad."""
-        from luoshu.core.autodiff import backward  # autodiff builds on Tensor: bound at call time
-
-        backward(self, gradient, create_graph=create_graph)
+    # `backward()` and every method that builds an op (`+`, `.sum()`, `==`, ...) are installed by
+    # luoshu.ops.tensor_methods: ops and autodiff are built on Tensor, so Tensor cannot import them.
 
     def detach(self) -> Tensor:
         return Tensor.from_value(self.value)
@@ -195,11 +191,6 @@ class IndexedSlices:
     @property
     def shape(self) -> tuple:
         return self.dense_shape
-
-    def to_dense(self) -> Tensor:
-        from luoshu.core.op import apply  # ops build on Tensor: bound at call time
-
-        return apply("sparse_to_dense", self.indices, self.values, num_rows=self.dense_shape[0])
 
     def numpy(self) -> np.ndarray:
         return self.to_dense().numpy()

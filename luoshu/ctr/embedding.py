@@ -21,11 +21,14 @@ import numpy as np
 import torch
 
 from luoshu import ops
-from luoshu.ctr.config import CTRError, DataReaderSparseParam, SparseEmbedding
+from luoshu.core.autodiff import gradients
+from luoshu.ctr.config import CTRError, DataReaderSparseParam, Optimizer_t, SparseEmbedding
 from luoshu.nn import functional as F
 from luoshu.nn.layers import SlotLayout, empty_parameter
 from luoshu.nn.module import Module
+from luoshu.ops import comm
 from luoshu.ps import PSEmbedding
+from luoshu.ps.protocol import initial_rows
 
 # Every placement starts a table from the same rows: a pure function of (table name, seed, row),
 # which the parameter servers compute too (luoshu.ps.initial_rows).
@@ -33,8 +36,6 @@ INITIALIZER = ("uniform", -0.05, 0.05)
 
 
 def initial_table(name: str, rows: int, dim: int, seed: int) -> np.ndarray:
-    from luoshu.ps.protocol import initial_rows
-
     return initial_rows(f"ctr/{name}", np.arange(rows, dtype=np.int64), dim, INITIALIZER, seed=seed)
 
 
@@ -197,8 +198,6 @@ class ShardedTable(SparseEmbeddingTable):
         return send.reshape(-1)
 
     def forward(self, rows, send=None):
-        from luoshu.ops import comm
-
         S, k, d = self.num_slots, self.hotness, self.vec_size
         requests = comm.all_to_all(send)
         if self.global_update:
@@ -239,8 +238,6 @@ class ShardedTable(SparseEmbeddingTable):
 
 def ps_optimizer_spec(opt, lr: float) -> tuple[str, dict]:
     """The server-side optimizer (luoshu.ps) an `OptParamsPy` describes."""
-    from luoshu.ctr.config import Optimizer_t
-
     t, lr = opt.optimizer_type, opt.lr if opt.lr is not None else lr
     if t is Optimizer_t.Adam:
         return "adam", {"lr": lr, "betas": [opt.beta1, opt.beta2], "eps": opt.epsilon}
@@ -295,8 +292,6 @@ class PSTable(Module):
 
     def push_op(self, loss_target):
         """The op that pushes this table's gradient of `loss_target` (one per training step)."""
-        from luoshu.core.autodiff import gradients
-
         return self.remote.push_op(gradients(loss_target, [self.remote.weight])[0])
 
     def full_table(self) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 
 from luoshu import ops
 from luoshu.core.errors import Error
+from luoshu.core.tensor import make_constant
 from luoshu.ctr.config import Activation_t, CTRError, DenseLayer, Initializer_t, Layer_t, Regularizer_t
 from luoshu.models.recommendation import CrossNetwork
 from luoshu.nn import functional as F
@@ -160,7 +161,6 @@ def _interaction(where, names, xs):
 
 
 def _index_tensor(values: np.ndarray):
-    from luoshu.core.tensor import make_constant
     return make_constant(np.asarray(values, dtype=np.int64))
 
 
@@ -349,5 +349,4 @@ def build_layer(b: Builder, index: int, layer: DenseLayer, kind: Layer_t, p: dic
 
 
 def _index_tensor_f(values):
-    from luoshu.core.tensor import make_constant
     return make_constant(np.asarray(values, dtype=np.float32))

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from luoshu import distributed as dist
-from luoshu import optim
+from luoshu import optim, ps
 from luoshu.amp import autocast
 from luoshu.checkpoint import load as load_checkpoint
 from luoshu.checkpoint import save as save_checkpoint
@@ -66,6 +66,7 @@ from luoshu.ctr.layers import Builder, build_layer
 from luoshu.metrics import auc as auc_score
 from luoshu.nn.layers import Linear
 from luoshu.nn.module import Module
+from luoshu.ops import comm
 
 GRAPH_FORMAT = "luoshu-ctr-graph"
 GRAPH_VERSION = 1
@@ -102,8 +103,6 @@ def _minimize_all(loss, groups: list, scaler, world: int = 1, replicated: tuple 
     gradients are taken of loss / world, the `replicated` parameters' (the dense network's)
     are summed over the ranks, and sharded tables' arrive summed through their all-to-all.
     `remote` parameter-server tables get a push op for their gradient instead of an update."""
-    from luoshu.ops import comm
-
     if len(groups) == 1 and world == 1 and not remote and not global_rows:
         opt, params = groups[0]
         return [opt.minimize(loss, var_list=params, loss_scaler=scaler)]
@@ -332,8 +331,6 @@ class Model:
     def _connect_ps(self):
         """A client of the job's parameter servers (`luoshu launch --servers N`), or of one started
         in this process when the job has none."""
-        from luoshu import ps
-
         store, servers = dist.ps_store()
         if servers:
             return ps.connect(store=store, worker_rank=dist.rank())

@@ -24,6 +24,7 @@ from luoshu.nn.container import ModuleList
 from luoshu.nn.layers import Dropout, Embedding, Linear
 from luoshu.nn.module import Module, Parameter
 from luoshu.nn.norm import LayerNorm, RMSNorm
+from luoshu.nn.recompute import SCOPES, recompute
 from luoshu.nn.recurrent import LSTM
 from luoshu.nn.transformer import (
     TransformerDecoder,
@@ -46,6 +47,20 @@ def _probability(config, *names: str) -> None:
     for name in names:
         if not 0.0 <= getattr(config, name) < 1.0:
             raise Error(f"{type(config).__name__}: {name} must be in [0, 1), found {getattr(config, name)}")
+
+
+def _check_recompute(config) -> None:
+    if config.recompute not in (False, True, *SCOPES):
+        raise Error(f"{type(config).__name__}: recompute must be false, true or one of {SCOPES}, "
+                    f"found {config.recompute!r}")
+
+
+def _recomputed(blocks: ModuleList, setting: bool | str) -> ModuleList:
+    """`blocks` with each one marked for activation recompute as the config says."""
+    if setting:
+        for block in blocks:
+            recompute(block, "full" if setting is True else setting)
+    return blocks
 
 
 def _divides(config, heads: str, dim: str) -> None:
@@ -344,8 +359,10 @@ class BertConfig:
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    recompute: bool | str = False  # True/"full": recompute each layer in the backward; "attention": its attention
 
     def __post_init__(self):
+        _check_recompute(self)
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                   "max_position_embeddings", "type_vocab_size")
         _divides(self, "num_heads", "hidden_size")
@@ -381,7 +398,7 @@ class Bert(Module):
         self.token_type_embeddings = Embedding(c.type_vocab_size, c.hidden_size)
         self.embedding_norm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = Dropout(c.dropout)
-        self.layers = ModuleList(BertLayer(c) for _ in range(c.num_layers))
+        self.layers = _recomputed(ModuleList(BertLayer(c) for _ in range(c.num_layers)), c.recompute)
         self.pooler = Linear(c.hidden_size, c.hidden_size)
         _init_normal(self, c.initializer_range)
 
@@ -447,8 +464,10 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    recompute: bool | str = False  # True/"full": recompute each block in the backward; "attention": its attention
 
     def __post_init__(self):
+        _check_recompute(self)
         _positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         _divides(self, "n_head", "n_embd")
         _probability(self, "dropout")
@@ -490,7 +509,7 @@ class GPT2(Module):
         self.wte = Embedding(c.vocab_size, c.n_embd)
         self.wpe = Embedding(c.block_size, c.n_embd)
         self.drop = Dropout(c.dropout)
-        self.h = ModuleList(GPTBlock(c) for _ in range(c.n_layer))
+        self.h = _recomputed(ModuleList(GPTBlock(c) for _ in range(c.n_layer)), c.recompute)
         self.ln_f = LayerNorm(c.n_embd, eps=c.layer_norm_eps, bias=c.bias)
         _init_normal(self, 0.02)
         for block in self.h:  # residual projections scaled by depth (GPT-2 paper, section 2.3)
@@ -525,8 +544,10 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     initializer_range: float = 0.02
+    recompute: bool | str = False  # True/"full": recompute each block in the backward; "attention": its attention
 
     def __post_init__(self):
+        _check_recompute(self)
         _positive(self, "vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len")
         _divides(self, "n_heads", "dim")
         if self.n_kv_heads is not None:
@@ -582,7 +603,7 @@ class Llama(Module):
         super().__init__()
         self.config = c = config
         self.embed_tokens = Embedding(c.vocab_size, c.dim)
-        self.layers = ModuleList(LlamaBlock(c) for _ in range(c.n_layers))
+        self.layers = _recomputed(ModuleList(LlamaBlock(c) for _ in range(c.n_layers)), c.recompute)
         self.norm = RMSNorm(c.dim, eps=c.norm_eps)
         self.lm_head = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
         _init_normal(self, c.initializer_range)

@@ -31,6 +31,7 @@ from luoshu.nn.parallel_layers import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
+from luoshu.nn.recompute import recompute
 from luoshu.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell
 from luoshu.nn.transformer import (
     TransformerDecoder,
@@ -53,4 +54,6 @@ __all__ = [
     "ModuleDict", "ModuleList",
     # tensor parallel
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
+    # memory
+    "recompute",
 ]

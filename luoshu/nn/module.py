@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from luoshu.core import dtypes
+from luoshu.core import context, dtypes
 from luoshu.core.errors import CheckpointError, Error
+from luoshu.core.graph import RecomputeRegion
 from luoshu.core.tensor import Tensor, make_constant, normalize_device
 
 
@@ -207,7 +208,14 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        graph = context.current_graph() if self.__dict__.get("_recompute") else None
+        if graph is None:
+            return self.forward(*args, **kwargs)
+        start = len(graph.ops)  # `luoshu.nn.recompute`: what this call records is one region
+        out = self.forward(*args, **kwargs)
+        outputs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
+        graph.recompute_regions.append(RecomputeRegion(graph.ops[start:], outputs))
+        return out
 
     def extra_repr(self) -> str:
         return ""

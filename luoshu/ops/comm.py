@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 
 from luoshu.core import live
 from luoshu.core.dstates import DUPLICATE, PARTIAL, DStates
-from luoshu.core.errors import Error, OpError
+from luoshu.core.errors import Error, ExecutionError, OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import numel
 from luoshu.core.tensor import Tensor, TensorMeta
@@ -55,8 +55,6 @@ def _group(name: str, ranks: tuple):
 
 
 def _comm_failed(name: str, ranks: tuple, exc: Exception) -> Error:
-    from luoshu.core.errors import ExecutionError
-
     who = "its group" if ranks is None else f"worker ranks {tuple(ranks)}" if ranks else "all workers"
     return ExecutionError(f"{name} over {who} failed: a peer process died or did not join within the "
                           f"collective timeout (luoshu launch names a dead process): {exc}")

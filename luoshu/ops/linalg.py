@@ -6,7 +6,7 @@ import torch
 
 from luoshu.core import dtypes
 from luoshu.core.errors import OpError
-from luoshu.core.op import OpDef, apply, register
+from luoshu.core.op import OpDef, apply, as_tensor, register
 from luoshu.core.shapes import broadcast_shapes, same_dim
 from luoshu.core.tensor import TensorMeta
 from luoshu.ops import _states
@@ -260,8 +260,6 @@ class Einsum(OpDef):
 
 def matmul(a, b):
     """NumPy matmul semantics: vectors are promoted to matrices and the extra dim dropped."""
-    from luoshu.core.op import as_tensor
-
     a, b = as_tensor(a), as_tensor(b)
     if a.ndim == 1 and b.ndim == 1:
         return apply("sum", a * b)

@@ -164,6 +164,7 @@ class Dropout(OpDef):
 
     name = "dropout"
     attrs = {"p": 0.5}
+    random = True
 
     def deduce_states(self, input_ds, _io=None, **attrs):
         """Any split passes (each member draws the mask of its block); partial does not."""
@@ -188,6 +189,11 @@ class Dropout(OpDef):
         g = grads[0]
         return [None if g is None else g * op.outputs[1]]
 
+    def replay(self, op, inputs):
+        """The same mask on new inputs: recomputation keeps the draw."""
+        mask = op.outputs[1]
+        return [apply("mul", inputs[0], mask), mask]
+
 
 # --- embeddings ---------------------------------------------------------------------------
 def _check_ids(opdef, ids):
@@ -196,7 +202,7 @@ def _check_ids(opdef, ids):
 
 
 @register
-class Embedding(OpDef):
+class EmbeddingLookup(OpDef):
     """Rows of `weight` at `ids`; the weight's gradient is an IndexedSlices of those rows."""
 
     name = "embedding"
@@ -271,7 +277,7 @@ def _bag_layout(ids: torch.Tensor, offsets: torch.Tensor | None, include_last_of
 
 
 @register
-class EmbeddingBag(OpDef):
+class EmbeddingBagLookup(OpDef):
     """Sums or averages the rows of each bag: inputs weight, ids[, offsets][, per_sample_weights].
 
     Outputs (bags, flat ids, bag of each id, divisor per id); the weight gradient is an

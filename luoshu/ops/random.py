@@ -21,6 +21,7 @@ class _Random(OpDef):
     """A random tensor of `shape`, `dtype` on `device` (an op without inputs)."""
 
     differentiable = False
+    random = True
 
     def infer(self, inputs, shape, dtype, device, **attrs):
         return TensorMeta(tuple(shape), dtypes.dtype_name(dtype), device)
@@ -30,6 +31,7 @@ class _RandomLike(OpDef):
     """A random tensor shaped like the input (at run time, so `None` dims work)."""
 
     differentiable = False
+    random = True
 
     def infer(self, inputs, dtype, **attrs):
         x = inputs[0]
@@ -93,6 +95,7 @@ class Bernoulli(OpDef):
     name = "bernoulli"
     attrs = {"p": 0.5, "shape": (), "dtype": "float32", "device": "cpu"}
     differentiable = False
+    random = True
 
     def infer(self, inputs, p, shape, dtype, device):
         if inputs:

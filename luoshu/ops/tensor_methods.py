@@ -1,12 +1,16 @@
-"""Python operators and methods of `Tensor` (`+ - * / @ **`, comparisons, `.sum()`, ...).
+"""Python operators and methods of `Tensor` (`+ - * / @ **`, comparisons, `.sum()`, ...),
+`Tensor.backward` and `IndexedSlices.to_dense`: every method that builds an op.
 
-They live here, not in core, because they call the operator functions of this package.
+They are installed here, not written in core's class body, because they call operators and
+autodiff, which are built on `Tensor`: the one mechanism that binds them, so core never
+imports upward.
 """
 
 from __future__ import annotations
 
+from luoshu.core import autodiff
 from luoshu.core.op import apply
-from luoshu.core.tensor import Tensor
+from luoshu.core.tensor import IndexedSlices, Tensor
 
 
 def _binary(name: str, reflected: bool = False):
@@ -15,8 +19,20 @@ def _binary(name: str, reflected: bool = False):
     return lambda self, other: apply(name, self, other)
 
 
+def _backward(self, gradient=None, create_graph: bool = False) -> None:
+    """Accumulates d(self)/d(leaf) into `.grad` of every leaf that requires grad."""
+    autodiff.backward(self, gradient, create_graph=create_graph)
+
+
+def _to_dense(self) -> Tensor:
+    """The dense (num_rows, ...) tensor an IndexedSlices stands for (repeated rows summed)."""
+    return apply("sparse_to_dense", self.indices, self.values, num_rows=self.dense_shape[0])
+
+
 def install(ops) -> None:
     """Binds the operator functions of `luoshu.ops` onto Tensor."""
+    Tensor.backward = _backward
+    IndexedSlices.to_dense = _to_dense
     for dunder, name in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("truediv", "div"),
                          ("pow", "pow"), ("and", "logical_and"), ("or", "logical_or"),
                          ("xor", "logical_xor")]:

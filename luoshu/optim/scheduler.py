@@ -12,14 +12,13 @@ import bisect
 import math
 
 from luoshu.core.errors import CheckpointError, Error
+from luoshu.optim.optimizer import Optimizer
 
 
 class LRScheduler:
     """Base class: `step()` advances `last_epoch` and sets each group's lr from `get_lr()`."""
 
     def __init__(self, optimizer, last_epoch: int = -1):
-        from luoshu.optim.optimizer import Optimizer
-
         if not isinstance(optimizer, Optimizer):
             raise Error(f"{type(self).__name__} needs a luoshu optimizer, found {type(optimizer).__name__}")
         self.optimizer = optimizer

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from luoshu.compiler import prune, schedule_comm, states
+from luoshu.compiler import apply_recompute, prune, schedule_comm, states
 from luoshu.core.errors import Error, ExecutionError, FeedError
 from luoshu.core.tensor import Tensor
+from luoshu.runtime.memory import MemoryReport, measure
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Plan:
     leaf_tensors: list[Tensor]  # parameters and constants, read at the start of each run
     steps: list[Step]
     fetch_slots: list[int]
+    slot_of: dict[int, int] = field(default_factory=dict, repr=False)  # id(tensor) -> slot
     source: str = ""
     _fn: object = field(default=None, repr=False)
 
@@ -41,8 +43,15 @@ class Plan:
         with torch.no_grad():
             return self._fn(feed_values)
 
+    def memory(self, feed_values: list[torch.Tensor]) -> MemoryReport:
+        """Runs the plan once, step by step, and reports its peak live bytes, the step that
+        reaches it and the split into parameters, optimizer state, gradients and activations
+        (`luoshu.runtime.memory`). The step really runs: updates are applied."""
+        return measure(self, feed_values)
+
 
 def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
+    apply_recompute(graph)
     ops = prune(graph, fetches)
     logical_feeds: dict[int, Tensor] = {}
     strategy = states.strategy_of(graph, ops)
@@ -96,7 +105,7 @@ def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
     for i, step in enumerate(steps):
         step.frees = tuple(sorted(frees.get(i, ())))
 
-    plan = Plan(feed_tensors, leaf_tensors, steps, fetch_slots)
+    plan = Plan(feed_tensors, leaf_tensors, steps, fetch_slots, slot_of)
     _emit(plan, slot_of)
     return plan
 

@@ -1,0 +1,187 @@
+"""Memory accounting of a plan: every buffer's size and lifetime, the peak and where it falls.
+
+`measure(plan, feeds)` runs the plan's steps one by one (the same kernels as `Plan.run`, in
+the same order, freeing each slot after its last reader as the emitted function does) and
+follows the storage behind every slot: a view shares its base's storage and is counted once;
+a storage is live while any slot refers to it. Bytes are split as a training step's memory is
+usually split:
+
+- parameters: the plan's leaf variables (and parameter-server table handles), alive throughout;
+- optimizer state: the state tensors of every optimizer the plan's update ops drive, after the
+  step (state is created on the first update and kept);
+- gradients: the buffers an update op reads, and the communication buffers (buckets) that
+  carry them there;
+- activations: everything else the plan allocates — forward activations, the backward's
+  intermediate values, fed inputs and constants.
+
+The peak is the largest total after any step, with the step and its op named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from luoshu.core import live
+
+# Ops that consume gradients and apply them (their inputs are gradients by definition).
+UPDATE_OPS = frozenset({"optimizer_update", "ps_step", "ps_sparse_push"})
+# Collectives that carry gradients on the way to an update: their inputs are gradients too.
+GRADIENT_CARRIERS = frozenset({"bucket_all_reduce", "bucket_unpack", "sparse_all_gather", "all_reduce",
+                               "reduce_scatter", "all_gather", "comm_wait"})
+
+
+@dataclass
+class MemoryReport:
+    """Peak live bytes of one run of a plan and its split (bytes at the peak)."""
+
+    peak_bytes: int
+    peak_step: int  # index of the step after which the peak is reached (-1: before the first step)
+    peak_op: str
+    parameters: int
+    optimizer_state: int
+    gradients: int  # at the peak
+    activations: int  # at the peak
+    timeline: list[int] = field(default_factory=list)  # plan-allocated live bytes after each step
+    peak_gradients: int = 0  # the most gradient bytes alive at once (any step)
+    peak_activations: int = 0  # the most activation bytes alive at once (any step)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "timeline"}
+
+    def __str__(self) -> str:
+        def mb(n: int) -> str:
+            return f"{n / 2**20:10.3f} MiB"
+
+        return "\n".join([
+            f"peak {mb(self.peak_bytes)} after step {self.peak_step} ({self.peak_op})",
+            f"  parameters      {mb(self.parameters)}",
+            f"  optimizer state {mb(self.optimizer_state)}",
+            f"  gradients       {mb(self.gradients)}   (largest at any step {mb(self.peak_gradients)})",
+            f"  activations     {mb(self.activations)}   (largest at any step {mb(self.peak_activations)})",
+        ])
+
+
+def _storage(value) -> tuple[int, int] | None:
+    """(storage key, bytes) of a torch tensor; None for anything else (tokens, handles)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    storage = value.untyped_storage()
+    return storage.data_ptr(), storage.nbytes()
+
+
+def _gradient_slots(plan) -> set[int]:
+    """Slots that hold gradients: inputs of update ops, and inputs of the collectives whose
+    results flow only into updates (bucket all-reduce and its unpacking, sparse gathers)."""
+    producer_step = {}
+    for i, step in enumerate(plan.steps):
+        for s in step.outputs:
+            producer_step[s] = i
+    grads: set[int] = set()
+    frontier = [i for i, step in enumerate(plan.steps) if step.op.opdef.name in UPDATE_OPS]
+    seen = set(frontier)
+    while frontier:
+        i = frontier.pop()
+        for s in plan.steps[i].inputs:
+            grads.add(s)
+            j = producer_step.get(s)
+            if j is not None and j not in seen and plan.steps[j].op.opdef.name in GRADIENT_CARRIERS:
+                seen.add(j)
+                frontier.append(j)
+    return grads
+
+
+def _optimizer_state_bytes(plan) -> int:
+    total, seen = 0, set()
+    for step in plan.steps:
+        key = step.op.attrs.get("optimizer") if step.op.opdef.name == "optimizer_update" else None
+        if key is None or key < 0:
+            continue
+        opt = live.lookup(key, "optimizer", "memory accounting")
+        if id(opt) in seen:
+            continue
+        seen.add(id(opt))
+        storages = {}
+        for state in opt.state.values():
+            for t in state.values():
+                found = _storage(t)
+                if found is not None:
+                    storages[found[0]] = found[1]
+        total += sum(storages.values())
+    return total
+
+
+def measure(plan, feed_values: list) -> MemoryReport:
+    """Runs `plan` once on `feed_values` (as `Plan.run` takes them), step by step, and
+    accounts for every buffer it holds. The step really runs: updates are applied."""
+    slots: dict[int, object] = {}
+    leaf_slots = set()
+    for t, v in zip(plan.feed_tensors, feed_values):
+        slots[plan.slot_of[id(t)]] = v
+    parameter_storages: dict[int, int] = {}
+    for t in plan.leaf_tensors:
+        s = plan.slot_of[id(t)]
+        slots[s] = t._value
+        if t.kind in ("variable", "ps_table") or t.requires_grad:
+            leaf_slots.add(s)
+            found = _storage(t._value)
+            if found is not None:
+                parameter_storages[found[0]] = found[1]
+    gradient_slots = _gradient_slots(plan)
+
+    # storage key -> [bytes, slots referring to it]; parameters' storages are counted apart
+    owners: dict[int, list] = {}
+
+    def hold(s: int, value) -> None:
+        found = _storage(value)
+        if found is None or found[0] in parameter_storages:
+            return
+        entry = owners.setdefault(found[0], [found[1], set()])
+        entry[1].add(s)
+
+    def release(s: int, value) -> None:
+        found = _storage(value)
+        if found is None or found[0] not in owners:
+            return
+        entry = owners[found[0]]
+        entry[1].discard(s)
+        if not entry[1]:
+            del owners[found[0]]
+
+    def split() -> tuple[int, int]:
+        grads = acts = 0
+        for nbytes, refs in owners.values():
+            if refs & gradient_slots:
+                grads += nbytes
+            else:
+                acts += nbytes
+        return grads, acts
+
+    for s, v in slots.items():
+        if s not in leaf_slots:
+            hold(s, v)
+    parameters = sum(parameter_storages.values())
+    best = (sum(split()), -1)
+    timeline, peak_split, peak_grads, peak_acts = [], split(), 0, 0
+    with torch.no_grad():
+        for i, step in enumerate(plan.steps):
+            out = step.kernel(*[slots[s] for s in step.inputs])
+            values = (out,) if len(step.outputs) == 1 else tuple(out)
+            for s, v in zip(step.outputs, values):
+                slots[s] = v
+                hold(s, v)
+            grads, acts = split()
+            timeline.append(grads + acts)
+            peak_grads, peak_acts = max(peak_grads, grads), max(peak_acts, acts)
+            if grads + acts > best[0]:
+                best, peak_split = (grads + acts, i), (grads, acts)
+            for s in step.frees:
+                release(s, slots.pop(s))
+    state = _optimizer_state_bytes(plan)
+    step_index = best[1]
+    return MemoryReport(
+        peak_bytes=parameters + state + best[0], peak_step=step_index,
+        peak_op=plan.steps[step_index].op.opdef.name if step_index >= 0 else "(inputs)",
+        parameters=parameters, optimizer_state=state, gradients=peak_split[0], activations=peak_split[1],
+        timeline=timeline, peak_gradients=peak_grads, peak_activations=peak_acts)
