@@ -41,7 +41,7 @@ from luoshu.core import live
 from luoshu.core.dstates import DUPLICATE, PARTIAL, DStates
 from luoshu.core.errors import Error, GraphError
 from luoshu.core.graph import Graph
-from luoshu.core.op import Op, apply
+from luoshu.core.op import Op, apply, get_opdef
 from luoshu.core.tensor import Tensor
 from luoshu.ops import _states as S
 from luoshu.ops.update import update_entries
@@ -403,6 +403,9 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
         elif d is not None:
             val = convert(val, S.dup(shard.size), S.split(shard.size, d), values.shape, shard)
         grads += [idx, val]
+    if getattr(opt, "max_grad_norm", None) is not None and shard.size > 1:
+        split = {i for i, p in enumerate(params) if not states_of(p, strategy.strategy, shard.size).is_pure_duplicate()}
+        opt.shard_norm = _ShardNorm(split, shard)
     out = apply("optimizer_update", *grads, **attrs)
     tensors[id(op.outputs[0])] = out
     states[id(op.outputs[0])] = S.dup(shard.size)
@@ -410,6 +413,23 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
         from luoshu.compiler.gradient_allreduce import insert_gradient_allreduce
 
         insert_gradient_allreduce(out.graph, out.producer[0], strategy.bucket_bytes, tuple(strategy.dp_group))
+
+
+class _ShardNorm:
+    """The global gradient norm of a tensor-parallel model for clipping: split gradients add
+    their squares over the TP group, duplicated ones count once (each member adds 1/n)."""
+
+    def __init__(self, split: set, shard: Shard):
+        self.split, self.shard = split, shard
+
+    def __call__(self, indices: list, grads: list) -> torch.Tensor:
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        total = torch.zeros((), dtype=dtype, device=grads[0].device)
+        for i, g in zip(indices, grads):
+            sq = torch.linalg.vector_norm(g.to(dtype)) ** 2
+            total += sq if i in self.split else sq / self.shard.size
+        total = get_opdef("all_reduce").compute(total, reduce="sum", group=self.shard.group, async_op=False)
+        return total.sqrt()
 
 
 # --- simulation (one process, every rank of a group) -----------------------------------------

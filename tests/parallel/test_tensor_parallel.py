@@ -124,23 +124,28 @@ def test_attention_gqa_kv_heads_must_split():
         ls.parallel.parallelize(attn, ls.distributed.DeviceMesh(tp=4, world_size=4), broadcast=False)
 
 
-def _compare(tmp_path, n, model, dp, tp, sp):
+def _compare(tmp_path, n, model, dp, tp, sp, clip=None):
     out = tmp_path / "tp"
     args = ["--model", model, "--dp", str(dp), "--tp", str(tp), "--out", str(out)] + (["--sp"] if sp else [])
+    args += ["--clip", str(clip)] if clip else []
     proc = launch(n, "tests/parallel/tp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref_losses, ref_params = tp_train.train(model)
+    ref_losses, ref_params = tp_train.train(model, clip=clip)
     runs = [np.load(f"{out}.rank{r}.npz") for r in range(n)]
     mesh_losses = np.mean([runs[r * tp]["losses"] for r in range(dp)], axis=0)  # each DP rank: its half
     np.testing.assert_allclose(mesh_losses, ref_losses, rtol=0, atol=1e-6)
     for run in runs:
         for name, value in ref_params.items():
             np.testing.assert_allclose(run[name], value, rtol=0, atol=1e-6, err_msg=name)
+    return ref_losses
 
 
 @pytest.mark.dist
-def test_gpt2_tp2_sequence_parallel_matches_one_process(tmp_path):
-    _compare(tmp_path, 2, "gpt2", 1, 2, True)
+def test_gpt2_tp2_sequence_parallel_with_global_norm_clipping_matches_one_process(tmp_path):
+    """Also clips to a norm the gradients exceed: the norm must cover every shard, counted once."""
+    losses = _compare(tmp_path, 2, "gpt2", 1, 2, True, clip=0.05)
+    unclipped, _ = tp_train.train("gpt2")
+    assert np.abs(losses - unclipped).max() > 1e-4  # the clipping took effect
 
 
 @pytest.mark.dist
