@@ -101,6 +101,11 @@ def set_default(strategy: Strategy | None) -> None:
     _DEFAULT[0] = strategy
 
 
+def default() -> Strategy | None:
+    """The strategy `set_default` installed (None: none)."""
+    return _DEFAULT[0]
+
+
 def strategy_of(graph: Graph, ops: list[Op]) -> Strategy | None:
     s = _ATTACHED.get(graph)
     if s is not None:

@@ -19,12 +19,13 @@ from luoshu.parallel.data_parallel import (
     SyncMode,
     register_sync_mode,
 )
+from luoshu.parallel import checkpoint
 from luoshu.parallel.pipeline import Pipeline, PipelineError, pipeline
 from luoshu.parallel.ps_modes import HybridSync, PSSync
 from luoshu.parallel.tensor_parallel import MEGATRON_PLAN, TensorParallel, gather_parameters, parallelize
 
 __all__ = [
-    "MEGATRON_PLAN", "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
+    "MEGATRON_PLAN", "MODES", "checkpoint", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
     "Pipeline", "PipelineError", "SyncMode", "TensorParallel", "gather_parameters", "parallelize", "pipeline",
     "register_sync_mode",
 ]

@@ -165,3 +165,66 @@ def test_gpt2_tp2_sequence_parallel_with_global_norm_clipping_matches_one_proces
 )
 def test_mesh_training_matches_one_process(tmp_path, model, dp, tp, sp):
     _compare(tmp_path, dp * tp, model, dp, tp, sp)
+
+
+def _reference_after_two_steps():
+    """One process: two AdamW steps on the whole batch; its full parameters and optimizer state."""
+    from tests.parallel.tp_checkpoint import full_state
+
+    ls.manual_seed(11)
+    model = tp_train.build("gpt2").to(dtype="float64")
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, tp_train.LENGTH), "int64")
+        y = ls.placeholder("y", (None, tp_train.LENGTH), "int64")
+        loss = ls.nn.functional.cross_entropy(model(ids).reshape((-1, tp_train.VOCAB)), y.reshape((-1,)))
+        step = opt.minimize(loss)
+    for i, (ids_v, y_v) in enumerate(tp_train.batches()):
+        if i < 2:
+            g.run([loss, step], {ids: ids_v, y: y_v})
+    return full_state(model, opt)
+
+
+def _check_state(got: dict, expected: dict):
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, rtol=0, atol=1e-9, err_msg=k)
+
+
+def _load_in_one_process(path):
+    from tests.parallel.tp_checkpoint import full_state
+
+    ls.manual_seed(5)  # other initial values: everything must come from the checkpoint
+    model = tp_train.build("gpt2").to(dtype="float64")
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ls.load(path, model, opt)
+    return full_state(model, opt)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_checkpoint_saved_under_dp2_tp2_loads_under_tp4_tp2_and_one_process(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = launch(
+        4, "tests/parallel/tp_checkpoint.py", "save", "--dp", "2", "--tp", "2", "--path", str(ckpt), timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = _reference_after_two_steps()
+    _check_state(_load_in_one_process(ckpt), expected)
+    for n, tp in ((4, 4), (2, 2)):
+        out = tmp_path / f"tp{tp}"
+        proc = launch(
+            n,
+            "tests/parallel/tp_checkpoint.py",
+            "load",
+            "--tp",
+            str(tp),
+            "--path",
+            str(ckpt),
+            "--out",
+            str(out),
+            timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for r in range(n):
+            _check_state(dict(np.load(f"{out}.rank{r}.npz")), expected)
