@@ -9,6 +9,7 @@ dp.minimize(loss_fn(dp(x_shard), y_shard))
 ```
 """
 
+from luoshu.parallel import checkpoint
 from luoshu.parallel import ps_modes as _ps_modes  # noqa: F401  (registers the "ps" and "hybrid" modes)
 from luoshu.parallel.data_parallel import (
     MODES,
@@ -19,13 +20,12 @@ from luoshu.parallel.data_parallel import (
     SyncMode,
     register_sync_mode,
 )
-from luoshu.parallel import checkpoint
 from luoshu.parallel.pipeline import Pipeline, PipelineError, pipeline
 from luoshu.parallel.ps_modes import HybridSync, PSSync
 from luoshu.parallel.tensor_parallel import MEGATRON_PLAN, TensorParallel, gather_parameters, parallelize
 
 __all__ = [
-    "MEGATRON_PLAN", "MODES", "checkpoint", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
-    "Pipeline", "PipelineError", "SyncMode", "TensorParallel", "gather_parameters", "parallelize", "pipeline",
-    "register_sync_mode",
+    "MEGATRON_PLAN", "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
+    "Pipeline", "PipelineError", "SyncMode", "TensorParallel", "checkpoint", "gather_parameters", "parallelize",
+    "pipeline", "register_sync_mode",
 ]
