@@ -183,6 +183,10 @@ def _numel(shape) -> float:
 
 def conversion_cost(src: DStates, dst: DStates, shape, fixed: bool, sequence_parallel: bool) -> float:
     """A relative byte count of the comm that turns `src` into `dst` (parameters move only as a last resort)."""
+    if dst is S.WHOLE:
+        if S.same(dst, src):
+            return 0.0
+        dst = S.dup(src.device_num)
     a, b = S.key(src), S.key(dst)
     if a == b:
         return 0.0
@@ -303,6 +307,8 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
         src = states[id(t)]
         if S.same(src, want):
             return tensors[id(t)]
+        if want is S.WHOLE:
+            want = S.dup(n)
         k = (id(t), S.key(want))
         if k not in cache:
             cache[k] = convert(tensors[id(t)], src, want, t.shape, shard)
@@ -318,7 +324,10 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
             in_ds = [states[id(t)] for t in op.inputs]
             out_ds, want = _deduce(op, in_ds, strategy)
             inputs = [tensors[id(t)] if w is None else converted(t, w) for t, w in zip(op.inputs, want)]
-            in_ds = [d if w is None else w for d, w in zip(in_ds, want)]
+            in_ds = [
+                d if w is None or (w is S.WHOLE and S.same(w, d)) else (S.dup(n) if w is S.WHOLE else w)
+                for d, w in zip(in_ds, want)
+            ]
             outs = _localize_op(op, inputs, in_ds, out_ds, shard)
             for t, lt, ds in zip(op.outputs, outs, out_ds):
                 tensors[id(t)] = lt

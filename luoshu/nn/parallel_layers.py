@@ -43,7 +43,8 @@ def shard_parameter(param: Tensor, dim: int | None, mesh, name: str | None = Non
     this rank's block as its value; the declared shape stays the global one."""
     size, index = tp_coordinates(mesh)
     name = name or param.name or "parameter"
-    if size == 1:
+    if size == 1 or dim is None:
+        param.ds = [DStates.duplicate(size)]
         return param
     if dim is None:
         param.ds = [DStates.duplicate(size)]

@@ -48,8 +48,21 @@ class NeedStates(OpError):
 def _show(ds) -> str:
     if ds is None:
         return "-"
+    if ds is WHOLE:
+        return "whole"
     k = key(ds)
     return {DUPLICATE: "dup", PARTIAL: "partial"}.get(k, f"split({k})")
+
+
+class _Whole:
+    """A wanted state for inputs read only for their shape (`like` of sum_to, reshape_like...):
+    anything not split (duplicate or partial) has the full local shape."""
+
+    def __repr__(self) -> str:
+        return "WHOLE"
+
+
+WHOLE = _Whole()
 
 
 def dup(n: int) -> DStates:
@@ -93,7 +106,10 @@ def group_size(input_ds) -> int | None:
 
 
 def same(a, b) -> bool:
-    """Equal layouts (None counts as duplicate)."""
+    """Equal layouts (None counts as duplicate; WHOLE matches duplicate and partial)."""
+    if a is WHOLE or b is WHOLE:
+        other = b if a is WHOLE else a
+        return other is WHOLE or key(other) in (DUPLICATE, PARTIAL)
     return key(a) == key(b) and (a is None or b is None or a.device_num == b.device_num)
 
 

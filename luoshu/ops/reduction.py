@@ -30,7 +30,8 @@ class SumTo(OpDef):
         if n is None or n == 1 or _io is None:
             return super().deduce_states(input_ds)
         g_shape, like_shape = _io.inputs
-        cands = [Candidate((dup(n), dup(n)), (dup(n),)), Candidate((partial(n), dup(n)), (partial(n),))]
+        whole = _states.WHOLE  # `like` gives only its shape
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
         for d, size in enumerate(g_shape):
             dl = d - (len(g_shape) - len(like_shape))
             if dl >= 0 and like_shape[dl] != 1:
@@ -61,7 +62,20 @@ class BroadcastLike(OpDef):
     name = "broadcast_like"
 
     def deduce_states(self, input_ds, _io=None, **attrs):
-        return _states.elementwise(self.name, input_ds, _io, (0,))  # `like` gives the shape only
+        """x broadcast to `like`'s shape: a split of x on a dim it has whole; `like` (its shape only)
+        split alike, else anything whole."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        x_shape, like_shape = _io.inputs
+        whole = _states.WHOLE
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
+        for d, size in enumerate(like_shape):
+            dx = d - (len(like_shape) - len(x_shape))
+            wx = dup(n) if dx < 0 or x_shape[dx] == 1 else split(n, dx)
+            if _states.divisible(size, n) or _states.split_dim(input_ds[1]) == d:
+                cands.append(Candidate((wx, split(n, d)), (split(n, d),)))
+        return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs):
         x, like = inputs

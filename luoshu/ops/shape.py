@@ -89,7 +89,8 @@ class ReshapeLike(OpDef):
         if n is None or n == 1 or _io is None:
             return super().deduce_states(input_ds)
         a, b = _io.inputs
-        cands = [Candidate((dup(n), dup(n)), (dup(n),)), Candidate((partial(n), dup(n)), (partial(n),))]
+        whole = _states.WHOLE  # `like` gives only its shape
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
         for d in range(len(a)):
             o = _states.reshape_dim(a, b, d, n)
             if o is not None:
@@ -584,7 +585,8 @@ class SliceBackward(OpDef):
         if n is None or n == 1 or _io is None:
             return super().deduce_states(input_ds)
         shape = _io.inputs[1]
-        cands = [Candidate((dup(n), dup(n)), (dup(n),)), Candidate((partial(n), dup(n)), (partial(n),))]
+        whole = _states.WHOLE  # `like` gives only its shape
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
         cands += [Candidate((_states.split(n, d), _states.split(n, d)), (_states.split(n, d),))
                   for d in range(len(shape)) if _whole_axis(shape, d, attrs) and (_states.divisible(shape[d], n)
                                                        or _states.split_dim(input_ds[0]) == d)]
@@ -796,7 +798,8 @@ class RepeatBackward(OpDef):
             return super().deduce_states(input_ds)
         ndim = len(_io.inputs[1])
         lead = len(repeats) - ndim
-        cands = [Candidate((dup(n), dup(n)), (dup(n),)), Candidate((partial(n), dup(n)), (partial(n),))]
+        whole = _states.WHOLE  # `like` gives only its shape
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
         cands += [Candidate((_states.split(n, d + lead), _states.split(n, d)), (_states.split(n, d),))
                   for d in range(ndim) if repeats[d + lead] == 1 and _states.divisible(_io.inputs[1][d], n)]
         return _states.choose(self.name, cands, input_ds)

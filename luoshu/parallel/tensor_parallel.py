@@ -28,6 +28,7 @@ import torch
 
 from luoshu.compiler import states
 from luoshu.core import context
+from luoshu.core.dstates import DStates
 from luoshu.core.errors import Error
 from luoshu.core.op import apply
 from luoshu.core.tensor import Tensor
@@ -164,6 +165,9 @@ def parallelize(
     for full, p, dim in todo:
         shard_parameter(p, dim, mesh, full)
         split[full] = f"split({dim})"
+    for p in model.parameters():  # the rest is duplicated: annotated too, so graphs reading them compile here
+        if not p.ds:
+            p.ds = [DStates.duplicate(tp)]
     dp_group = mesh.group("dp").ranks if mesh.dp > 1 else ()
     for axis in ("tp", "dp"):  # groups are created collectively, in the same order on every rank
         if mesh.sizes[axis] > 1 and env.is_distributed():
