@@ -13,9 +13,9 @@ backward, AdamW) after warm-up, and the bytes each rank sends per step.
   the (untied) embedding and LM head stay replicated, as PyTorch's tutorial leaves them
   without loss_parallel.
 
-Bytes: luoshu's per-rank bytes are counted from the collectives in its compiled plan
-(ring volumes: all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n of the full
-tensor); Megatron's analytic volume per step is 4 all-reduces of b*s*h per layer (2
+Bytes: luoshu's per-rank bytes are counted at run time from the collectives its comm ops
+call during one step (ring volumes: all-reduce 2(n-1)/n, all-gather and reduce-scatter
+(n-1)/n of the full tensor); Megatron's analytic volume per step is 4 all-reduces of b*s*h per layer (2
 forward, 2 backward) plus the vocabulary-parallel embedding's forward all-reduce and the
 LM head's input-gradient all-reduce (b*s*h each), plus the loss's two all-reduces of (b*s)
 sums and its all-gather of the (b*s) row maxima.
@@ -29,7 +29,6 @@ per process count; worker 0 prints the table.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import subprocess
@@ -87,26 +86,40 @@ def _median(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-_RING = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "all_to_all": lambda n: (n - 1) / n,
-}
+def _measured_bytes(run) -> float:
+    """Bytes this rank sends during `run()`, from the collectives luoshu's comm ops call (ring
+    volumes of their full tensors)."""
+    from luoshu.ops import comm
 
+    n = torch_dist.get_world_size()
+    sent = [0.0]
+    originals = (torch_dist.all_reduce, comm._all_gather_single, comm._reduce_scatter_single,
+                 torch_dist.all_to_all_single)
 
-def _plan_bytes(plan, batch: int) -> float:
-    """Bytes this rank sends per run of `plan`, from its collectives (full-tensor sizes)."""
-    total = 0.0
-    for step in plan.steps:
-        name = step.op.opdef.name
-        if name not in _RING:
-            continue
-        t = step.op.outputs[0] if name == "all_gather" else step.op.inputs[0]
-        n = len(step.op.attrs["group"])
-        elems = math.prod(batch if d is None else d for d in t.shape)
-        total += _RING[name](n) * elems * 4
-    return total
+    def all_reduce(t, *a, **k):
+        sent[0] += 2 * (n - 1) / n * t.numel() * t.element_size()
+        return originals[0](t, *a, **k)
+
+    def all_gather(out, x, *a, **k):
+        sent[0] += (n - 1) / n * out.numel() * out.element_size()
+        return originals[1](out, x, *a, **k)
+
+    def reduce_scatter(out, x, *a, **k):
+        sent[0] += (n - 1) / n * x.numel() * x.element_size()
+        return originals[2](out, x, *a, **k)
+
+    def all_to_all(out, x, *a, **k):
+        sent[0] += (n - 1) / n * x.numel() * x.element_size()
+        return originals[3](out, x, *a, **k)
+
+    torch_dist.all_reduce, comm._all_gather_single, comm._reduce_scatter_single = all_reduce, all_gather, reduce_scatter
+    torch_dist.all_to_all_single = all_to_all
+    try:
+        run()
+    finally:
+        (torch_dist.all_reduce, comm._all_gather_single, comm._reduce_scatter_single,
+         torch_dist.all_to_all_single) = originals
+    return sent[0]
 
 
 def worker(args) -> None:
@@ -132,8 +145,7 @@ def worker(args) -> None:
         step = opt.minimize(loss)
     feed = {ids: ids_v, y: y_v}
     g.run([loss, step], feed)
-    plan = next(iter(g._plans.values()))
-    sent = _plan_bytes(plan, batch)
+    sent = _measured_bytes(lambda: g.run([loss, step], feed))
 
     # PyTorch
     from torch.distributed.device_mesh import init_device_mesh
