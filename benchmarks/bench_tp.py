@@ -93,8 +93,12 @@ def _measured_bytes(run) -> float:
 
     n = torch_dist.get_world_size()
     sent = [0.0]
-    originals = (torch_dist.all_reduce, comm._all_gather_single, comm._reduce_scatter_single,
-                 torch_dist.all_to_all_single)
+    originals = (
+        torch_dist.all_reduce,
+        comm._all_gather_single,
+        comm._reduce_scatter_single,
+        torch_dist.all_to_all_single,
+    )
 
     def all_reduce(t, *a, **k):
         sent[0] += 2 * (n - 1) / n * t.numel() * t.element_size()
@@ -117,8 +121,9 @@ def _measured_bytes(run) -> float:
     try:
         run()
     finally:
-        (torch_dist.all_reduce, comm._all_gather_single, comm._reduce_scatter_single,
-         torch_dist.all_to_all_single) = originals
+        (torch_dist.all_reduce, comm._all_gather_single, comm._reduce_scatter_single, torch_dist.all_to_all_single) = (
+            originals
+        )
     return sent[0]
 
 

@@ -24,6 +24,8 @@ each rank takes its DP share (`mesh.batch_slice`) and cuts it into M micro-batch
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.distributed as torch_dist
@@ -224,6 +226,7 @@ class Pipeline:
         out_shape = None if self.is_last else (size,) + tuple(self.out.shape[1:])
         dtype = torch.float64 if self.out.dtype == "float64" else torch.float32
         self.ledger = ActivationLedger()
+        self.busy_s = 0.0  # time in this stage's plans (the rest of a step is waiting: the bubble)
         for kind, m in schedule(self.schedule_name, self.stage, self.stages, self.micro_batches):
             feed = {}
             if self.is_first:
@@ -237,7 +240,9 @@ class Pipeline:
                     feed[self.stage_input] = buf.numpy()
                 saved[m] = feed
                 self.ledger.saved(m)
+                start = time.perf_counter()
                 value = self.graph.run(self.out, feed)
+                self.busy_s += time.perf_counter() - start
                 if self.is_last:
                     losses.append(float(value))
                 else:
@@ -250,7 +255,9 @@ class Pipeline:
                     torch_dist.recv(gbuf, self._neighbour(1), tag=2 * m + 1)
                     feed[self.grad_out] = gbuf.numpy()
                 fetch = self.param_grads + ([self.input_grad] if self.input_grad is not None else [])
+                start = time.perf_counter()
                 values = self.graph.run(fetch, feed)
+                self.busy_s += time.perf_counter() - start
                 self.ledger.freed(m)
                 for k, v in enumerate(values[: len(self.params)]):
                     v = torch.from_numpy(np.asarray(v))
