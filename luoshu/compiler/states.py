@@ -401,6 +401,11 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
     attrs = op.attrs
     opt = live.lookup(attrs["optimizer"], "optimizer", "states pass")
     params = opt.parameters()
+    if getattr(opt, "per_parameter_norms", False) and shard.size > 1:
+        split = [p.name for p in params if not states_of(p, strategy.strategy, shard.size).is_pure_duplicate()]
+        if split:
+            raise StatesError(f"{type(opt).__name__} takes norms of whole parameters, but {split[:3]} are split over "
+                              f"the tensor-parallel axis of size {shard.size}; use another optimizer or tp=1")
     grads = []
     for entry in update_entries(attrs["params"], attrs["kinds"], op.inputs):
         p = params[entry.index]

@@ -228,3 +228,34 @@ def test_checkpoint_saved_under_dp2_tp2_loads_under_tp4_tp2_and_one_process(tmp_
         assert proc.returncode == 0, proc.stderr[-3000:]
         for r in range(n):
             _check_state(dict(np.load(f"{out}.rank{r}.npz")), expected)
+
+
+OPTIMIZERS = ["sgd", "momentum", "nesterov", "adam", "adagrad", "rmsprop"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_every_elementwise_optimizer_under_tp2_matches_one_process(tmp_path):
+    out = tmp_path / "opt"
+    proc = launch(2, "tests/parallel/tp_train.py", "--tp", "2", "--optimizers", ",".join(OPTIMIZERS), "--out", str(out),
+                  timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in OPTIMIZERS:
+        ref_losses, ref_params = tp_train.train("gpt2", optimizer=name)
+        for r in range(2):
+            run = np.load(f"{out}.{name}.rank{r}.npz")
+            np.testing.assert_allclose(run["losses"], ref_losses, atol=1e-6, err_msg=name)
+            for k, v in ref_params.items():
+                np.testing.assert_allclose(run[k], v, atol=1e-6, err_msg=f"{name} {k}")
+
+
+def test_lamb_on_split_parameters_is_refused():
+    ls.manual_seed(0)
+    block = GPTBlock(CONFIG)
+    strategy = _shard_block(block)
+    opt = ls.optim.LAMB(block.parameters(), lr=1e-3)
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, 16, 64))
+        step = opt.minimize(ls.ops.sum(block(x)))
+    with pytest.raises(ls.Error, match="LAMB takes norms of whole parameters"):
+        ST.localize_graph(topological_ops([step], g), [step], strategy)

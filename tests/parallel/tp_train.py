@@ -36,12 +36,16 @@ def batches(seed: int = 3):
         yield ids, np.roll(ids, -1, axis=1)
 
 
-def train(model_name: str, mesh=None, sequence_parallel: bool = False, clip: float | None = None):
-    """(losses, {name: full parameter}) after STEPS AdamW steps (gradients clipped to norm `clip`)."""
+def train(model_name: str, mesh=None, sequence_parallel: bool = False, clip: float | None = None,
+          optimizer: str = "adamw"):
+    """(losses, {name: full parameter}) after STEPS optimizer steps (gradients clipped to norm `clip`)."""
     ls.manual_seed(11)
     model = build(model_name).to(dtype="float64")
     tp = ls.parallel.parallelize(model, mesh, sequence_parallel=sequence_parallel) if mesh is not None else None
-    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
+    if optimizer == "adamw":
+        opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
+    else:
+        opt = ls.optim.OPTIMIZERS[optimizer](model.parameters(), lr=1e-2, max_grad_norm=clip)
     with ls.Graph() as g:
         ids = ls.placeholder("ids", (None, LENGTH), "int64")
         y = ls.placeholder("y", (None, LENGTH), "int64")
@@ -67,13 +71,16 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--clip", type=float, default=None)
+    parser.add_argument("--optimizers", default="adamw", help="comma-separated; one result file each")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
     mesh = ls.distributed.DeviceMesh(dp=args.dp, tp=args.tp)
-    losses, params = train(args.model, mesh, args.sp, args.clip)
-    np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
+    for name in args.optimizers.split(","):
+        losses, params = train(args.model, mesh, args.sp, args.clip, name)
+        suffix = "" if name == "adamw" else f".{name}"
+        np.savez(f"{args.out}{suffix}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
     ls.distributed.shutdown()
 
 
