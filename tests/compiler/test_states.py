@@ -102,7 +102,8 @@ def test_linear_3d_input(rng):
         check(lambda x, w: ls.nn.functional.linear(x, w), (x, w), [(4, 8, 12), (16, 12)], rng)
 
 
-@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("ta,tb", [(False, False), pytest.param(True, False, marks=pytest.mark.slow),
+                                   pytest.param(False, True, marks=pytest.mark.slow)])
 def test_matmul_batched(rng, ta, tb):
     a_shape = (4, 12, 8) if ta else (4, 8, 12)
     b_shape = (4, 16, 12) if tb else (4, 12, 16)
@@ -293,3 +294,32 @@ def test_bad_annotation_names_tensor_and_sizes(rng):
         y = x * 2.0
     with pytest.raises(ST.StatesError, match="weird.*dimension 0 of size 6.*4"):
         ST.simulate(topological_ops([y], g), [y], N)
+
+
+@pytest.mark.parametrize("model", ["DLRM", "DCN"])
+def test_ctr_model_with_row_wise_table_on_four_simulated_ranks(rng, model):
+    """parallelize's row-wise slot table: the partial lookups and the table's gradient rows."""
+    from luoshu.models.recommendation import DCN, DLRM, CTRConfig
+
+    cfg = CTRConfig(dense_dim=3, slot_sizes=[5, 7, 4], embedding_dim=4, mlp_dims=(8,), num_cross_layers=2,
+                    bottom_mlp_dims=(8,))
+    ls.manual_seed(0)
+    net = (DLRM if model == "DLRM" else DCN)(cfg).to(dtype="float64")
+    whole = {id(p): p.value.clone() for p in net.parameters()}
+    tpar = ls.parallel.parallelize(net, ls.distributed.DeviceMesh(tp=N, world_size=N), broadcast=False)
+    ST.set_default(None)
+    assert tpar.split == {"embedding.weight": "split(0)"}
+    for p in net.parameters():
+        p._value = whole[id(p)]
+    dense_v, sparse_v = rng.standard_normal((6, 3)), np.stack([rng.integers(0, s, 6) for s in (5, 7, 4)], 1)
+    with ls.Graph() as g:
+        dense = ls.placeholder("dense", (None, 3), "float64")
+        sparse = ls.placeholder("sparse", (None, 3), "int64")
+        out = net(dense, sparse)
+        grads = ls.gradients(ls.ops.sum(out * out), [net.embedding.weight])
+        fetches = [out, grads[0].to_dense()]
+    expected = g.run(fetches, {dense: dense_v, sparse: sparse_v})
+    values, ds, _ = ST.simulate(topological_ops(fetches, g), fetches, N, {id(dense): dense_v, id(sparse): sparse_v})
+    for i in range(len(fetches)):
+        got = ST.assemble([v[i] for v in values], [d[i] for d in ds]).numpy()
+        np.testing.assert_allclose(got, expected[i], rtol=1e-10, atol=1e-10)

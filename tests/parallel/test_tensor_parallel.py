@@ -259,3 +259,42 @@ def test_lamb_on_split_parameters_is_refused():
         step = opt.minimize(ls.ops.sum(block(x)))
     with pytest.raises(ls.Error, match="LAMB takes norms of whole parameters"):
         ST.localize_graph(topological_ops([step], g), [step], strategy)
+
+
+@pytest.mark.parametrize("sp", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_gpt2_under_autocast_on_two_simulated_ranks(sp):
+    """Mixed precision composes: the casts autocast inserts carry the states through (bf16 sums
+    in another order: compared at bf16 precision)."""
+    ls.manual_seed(0)
+    model = GPT2(CONFIG)
+    whole = {id(p): p.value.clone() for p in model.parameters()}
+    _shard_block(model, sp=sp)
+    for p in model.parameters():  # the simulation shards full values by the annotated states
+        p._value = whole[id(p)]
+    rng = np.random.default_rng(0)
+    ids_v, y_v = rng.integers(0, 128, (2, 16)), rng.integers(0, 128, (2, 16))
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, 16), "int64")
+        y = ls.placeholder("y", (None, 16), "int64")
+        with ls.autocast("bfloat16"):
+            logits = model(ids)
+        loss = ls.nn.functional.cross_entropy(logits.reshape((-1, 128)).astype("float32"), y.reshape((-1,)))
+        grads = ls.gradients(loss, [model.h[0].mlp.c_fc.weight, model.h[1].ln_1.weight])
+    fetches = [loss] + grads
+    values, states, _ = ST.simulate(topological_ops(fetches, g), fetches, 2, {id(ids): ids_v, id(y): y_v},
+                                    sequence_parallel=sp)
+    got = [ST.assemble([v[i] for v in values], [s[i] for s in states]).float().numpy() for i in range(len(fetches))]
+    assert ST.S._show(states[0][1]) == "split(0)" and ST.S._show(states[0][2]) == ("partial" if sp else "dup")
+    # one process, unsharded model, same seed
+    ls.manual_seed(0)
+    ref_model = GPT2(CONFIG)
+    with ls.Graph() as g2:
+        ids2 = ls.placeholder("ids", (None, 16), "int64")
+        y2 = ls.placeholder("y", (None, 16), "int64")
+        with ls.autocast("bfloat16"):
+            logits2 = ref_model(ids2)
+        loss2 = ls.nn.functional.cross_entropy(logits2.reshape((-1, 128)).astype("float32"), y2.reshape((-1,)))
+        grads2 = ls.gradients(loss2, [ref_model.h[0].mlp.c_fc.weight, ref_model.h[1].ln_1.weight])
+    expected = g2.run([loss2] + grads2, {ids2: ids_v, y2: y_v})
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b.astype(np.float32), rtol=5e-2, atol=5e-3)
