@@ -6,7 +6,10 @@ inserts into a define-and-run graph: `bucket_all_reduce` (flatten + async all-re
 mean) per bucket and `bucket_unpack` (wait + split), run as a compiled plan. The
 references, in the same processes: one `torch.distributed.all_reduce` of a flat
 buffer of the same bytes (the ideal: no flattening, one collective) and one
-all_reduce per tensor (no bucketing). Timings are medians over repeats after warm-up;
+all_reduce per tensor (no bucketing). A second comparison times gradients that the step
+itself makes by matmuls: luoshu writes each into its bucket (gradients as bucket views), the
+reference computes the same matmuls with `out=` into one flat buffer, pre-divides it and
+all-reduces it once. Timings are medians over repeats after warm-up;
 bandwidth is bus bandwidth, 2(n-1)/n * bytes / time (as nccl-tests report it).
 
     .venv/bin/python benchmarks/bench_allreduce.py [--procs 2 4] [--sizes-mb 1 4 16 64] [--repeats 9]
@@ -84,6 +87,44 @@ def _luoshu_path(grads: list[torch.Tensor], bucket_mb: float):
     return lambda: (plan.run([]), buffers), len(buckets)
 
 
+def _produced_paths(grads: list[torch.Tensor], bucket_mb: float):
+    """Gradients made by matmuls inside the step, as a linear layer's weight gradients are
+    (g.T @ x for a batch of 8 rows), then applied by SGD: luoshu's plan writes each one straight
+    into its bucket (`bucket_place`, gradients as bucket views); the reference, what a PyTorch
+    user would write by hand, computes the same matmuls with `out=` into views of one flat
+    buffer, all-reduces it once and applies the same foreach SGD update."""
+    rows = 8
+    factors = [(torch.randn(rows, s[0]), torch.randn(rows, int(np.prod(s[1:])) if len(s) > 1 else 1)) for s in
+               (g.shape for g in grads)]
+    total = sum(g.numel() for g in grads)
+    flat = torch.empty(total)
+    views, pos = [], 0
+    for g in grads:
+        views.append(flat[pos:pos + g.numel()].view(g.shape[0], -1))
+        pos += g.numel()
+    world = torch_dist.get_world_size()
+    params = [torch.zeros(v.shape) for v in views]
+
+    def reference():  # the step luoshu's plan runs: matmuls, one all-reduce, the SGD update
+        for (a, b), view in zip(factors, views):
+            torch.mm(a.t(), b, out=view)
+        flat.mul_(1.0 / world)
+        torch_dist.all_reduce(flat)
+        torch._foreach_add_(params, views, alpha=-0.0)
+
+    model_params = [ls.nn.Parameter(torch.zeros(a.shape[1], b.shape[1])) for a, b in factors]
+    opt = ls.optim.SGD(model_params, lr=0.0)
+    with ls.Graph() as g:
+        leaves = [(ls.Tensor.from_value(a), ls.Tensor.from_value(b)) for a, b in factors]
+        grads_ = [ls.core.apply("matmul", a, b, trans_a=True) for a, b in leaves]
+        update = opt.update_op(g, list(range(len(grads_))), grads_)
+    ls.parallel.DataParallel(g, bucket_size_mb=bucket_mb)
+    g.run(update)
+    plan = next(iter(g._plans.values()))
+    placed = sum(step.op.opdef.name == "bucket_place" for step in plan.steps)
+    return reference, (lambda: plan.run([])), placed
+
+
 def worker(args) -> None:
     torch.set_num_threads(1)
     ls.distributed.init()
@@ -98,18 +139,26 @@ def worker(args) -> None:
         t_flat = _median_time(lambda flat=flat: torch_dist.all_reduce(flat), args.repeats)
         t_luoshu = _median_time(run_luoshu, args.repeats)
         t_each = _median_time(lambda grads=grads: [torch_dist.all_reduce(t) for t in grads], args.repeats)
+        reference, produced, placed = _produced_paths(grads, args.bucket_mb)
+        t_ref = _median_time(reference, args.repeats)
+        t_produced = _median_time(produced, args.repeats)
         bus = 2 * (n - 1) / n * nbytes / 2**30
         rows.append({"procs": n, "size_mb": round(nbytes / 2**20, 2), "tensors": len(grads), "buckets": n_buckets,
                      "torch_flat_gbps": bus / t_flat, "luoshu_bucketed_gbps": bus / t_luoshu,
-                     "torch_per_tensor_gbps": bus / t_each, "luoshu_over_torch_flat": t_flat / t_luoshu})
+                     "torch_per_tensor_gbps": bus / t_each, "luoshu_over_torch_flat": t_flat / t_luoshu,
+                     "placed": placed, "torch_matmul_out_flat_ms": t_ref * 1e3,
+                     "luoshu_bucket_views_ms": t_produced * 1e3, "views_over_torch": t_ref / t_produced})
     if rank == 0:
         header = (f"{'procs':>5} {'MB':>7} {'tensors':>7} {'buckets':>7} {'torch flat GB/s':>16} "
-                  f"{'luoshu GB/s':>12} {'per-tensor GB/s':>16} {'luoshu/torch':>12}")
+                  f"{'luoshu GB/s':>12} {'per-tensor GB/s':>16} {'luoshu/torch':>12} | {'mm+flat ms':>10} "
+                  f"{'views ms':>9} {'views/torch':>11}")
         print(header)
         for r in rows:
             print(f"{r['procs']:>5} {r['size_mb']:>7} {r['tensors']:>7} {r['buckets']:>7} "
                   f"{r['torch_flat_gbps']:>16.3f} {r['luoshu_bucketed_gbps']:>12.3f} "
-                  f"{r['torch_per_tensor_gbps']:>16.3f} {r['luoshu_over_torch_flat']:>12.2f}")
+                  f"{r['torch_per_tensor_gbps']:>16.3f} {r['luoshu_over_torch_flat']:>12.2f} | "
+                  f"{r['torch_matmul_out_flat_ms']:>10.2f} {r['luoshu_bucket_views_ms']:>9.2f} "
+                  f"{r['views_over_torch']:>11.2f}")
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         new = not out.exists()

@@ -39,6 +39,15 @@ from luoshu.core import (
 
 __version__ = "0.1.0"
 
+_LAZY = ("onnx", "serving")  # the deployment layer, imported on first use: it sits above everything here
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"luoshu.{name}")
+    raise AttributeError(f"module 'luoshu' has no attribute {name!r}")
 
 __all__ = [
     "CheckpointError", "DStates", "DTypeError", "DeviceError", "DeviceGroup", "Error", "ExecutionError",

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,11 +45,8 @@ def _tensors_for_disk(tensors: dict) -> dict[str, torch.Tensor]:
 
 def save(path, module, optimizer=None, metadata: dict | None = None) -> Path:
     """Saves `module` (and `optimizer`) as a checkpoint directory at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+
+    def write(staging: Path) -> None:
         state = module.state_dict()
         save_file(_tensors_for_disk(state), staging / "weights.safetensors")
         graph = {
@@ -65,8 +63,22 @@ def save(path, module, optimizer=None, metadata: dict | None = None) -> Path:
             opt_state = optimizer.state_dict()
             save_file(_tensors_for_disk(opt_state["tensors"]), staging / "optimizer.safetensors")
             _write_json(staging / "optimizer.json", {"class": type(optimizer).__name__, "meta": opt_state["meta"]})
+
+    return write_package(path, write)
+
+
+def write_package(path, write: Callable[[Path], None]) -> Path:
+    """Writes a package directory at `path`: `write(staging)` fills a fresh staging directory
+    (graph.json, weights.safetensors, ...), then the manifest of every file in it is added and
+    the directory swapped in whole (a failed write never destroys what was at `path`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        write(staging)
         files = {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size}
-                 for f in sorted(staging.iterdir())}
+                 for f in sorted(staging.iterdir()) if f.name != MANIFEST}
         _write_json(staging / MANIFEST, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
         _swap_in(staging, path)
     except BaseException:
@@ -128,7 +140,8 @@ def verify(path) -> dict:
     return graph
 
 
-def _load_tensors(f: Path) -> dict[str, torch.Tensor]:
+def load_tensors(f: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a `CheckpointError` naming the file if it cannot be read."""
     try:
         return load_file(f)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -143,7 +156,7 @@ def load(path, module, optimizer=None) -> dict:
     """
     path = Path(path)
     graph = verify(path)
-    weights = _load_tensors(path / "weights.safetensors")
+    weights = load_tensors(path / "weights.safetensors")
     staged = module._stage_state_dict(weights)
     if optimizer is not None:
         if not (path / "optimizer.safetensors").is_file():
@@ -152,7 +165,7 @@ def load(path, module, optimizer=None) -> dict:
         if meta.get("class") != type(optimizer).__name__:
             raise CheckpointError(f"checkpoint {path} holds {meta.get('class')} state, not "
                                   f"{type(optimizer).__name__}")
-        tensors = _load_tensors(path / "optimizer.safetensors")
+        tensors = load_tensors(path / "optimizer.safetensors")
         optimizer.load_state_dict({"tensors": tensors, "meta": meta["meta"]})  # validates before changing
     module._apply_staged(staged)
     return graph.get("metadata", {})

@@ -1,7 +1,8 @@
 """The `luoshu` command line: a table of subcommands, each a parser set-up and a run function.
 
 A subcommand is one entry in `COMMANDS`. The work itself lives in the library (`luoshu/train/` for
-`luoshu train`, `luoshu/distributed/launch.py` for `luoshu launch`), so this file stays thin.
+`luoshu train`, `luoshu/distributed/launch.py` for `luoshu launch`, `luoshu/onnx` for `luoshu export-onnx`,
+`luoshu/serving/server.py` for `luoshu serve`), so this file stays thin.
 """
 
 from __future__ import annotations
@@ -137,6 +138,85 @@ def _run_launch(args: argparse.Namespace) -> int:
     return launch.main(args)
 
 
+# --- luoshu serve -------------------------------------------------------------------------------------
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    from luoshu.serving.server import DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_HTTP_PORT, ServerConfig
+
+    d = ServerConfig()
+    p.add_argument("packages", nargs="+", metavar="PACKAGE", help="model package directories (luoshu.serving.export)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"interface to bind (default {DEFAULT_HOST}; 0.0.0.0: all)")
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP/REST port (0: any free; -1: none)")
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (0: any free; -1: none)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help=f"most rows per request and per batched run (default {d.max_batch_size})")
+    p.add_argument("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms,
+                   help=f"longest wait for a fuller batch (default {d.max_queue_delay_ms})")
+    p.add_argument("--no-dynamic-batching", action="store_true", help="run every request alone")
+    p.add_argument("--workers", type=int, default=d.workers, help="threads running each model (default 1)")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20),
+                   help="largest request body / gRPC message accepted, MiB (default 64)")
+    p.add_argument("--embedding-store", metavar="CONFIG.json",
+                   help="serve the packages' embedding tables named in this store config from the tiered store "
+                        "(hot cache -> host memory -> RocksDB); see luoshu/serving/embedding_store.py")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from luoshu.serving.server import InferenceServer, ServerConfig, store_backed_sources
+
+    config = ServerConfig(host=args.host, http_port=None if args.http_port < 0 else args.http_port,
+                          grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+                          max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
+                          dynamic_batching=not args.no_dynamic_batching, workers=args.workers,
+                          max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    sources, stores = list(args.packages), []
+    if args.embedding_store:
+        sources, store = store_backed_sources(args.packages, args.embedding_store)
+        stores.append(store)
+    server = InferenceServer(sources, config, stores=stores)
+
+    def announce() -> None:
+        server.wait_ready()
+        print(f"luoshu serve: ready, HTTP on {config.host}:{server.http_port}, gRPC on {config.host}:"
+              f"{server.grpc_port}, models {', '.join(server.model_names())}", flush=True)
+
+    import threading
+
+    threading.Thread(target=lambda: _quietly(announce), daemon=True).start()
+    try:
+        server.serve_forever()
+    finally:
+        for store in stores:
+            store.close()
+    return 0
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Error:
+        pass  # serve_forever reports the loading error
+
+
+# --- luoshu export-onnx -------------------------------------------------------------------------------
+
+def _export_onnx_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("package", metavar="PACKAGE", help="model package directory (luoshu.serving.export)")
+    p.add_argument("out", metavar="OUT.onnx", help="ONNX file to write (weights over 2 GB go to OUT.onnx.data)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or later; default 17)")
+    p.add_argument("--static-batch", type=int, default=None, metavar="N",
+                   help="fix the batch dimension to N instead of leaving it dynamic")
+
+
+def _run_export_onnx(args: argparse.Namespace) -> int:
+    from luoshu.onnx import export
+
+    static = args.static_batch
+    path = export(args.package, args.out, opset=args.opset, dynamic_batch=static is None, batch_size=static or 1)
+    print(f"wrote {path} (opset {args.opset}, {'batch ' + str(static) if static else 'dynamic batch'})")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model from the zoo on a dataset (default: DCN on synthetic click logs)",
                      _train_arguments, _run_train,
@@ -147,6 +227,12 @@ COMMANDS: dict[str, Command] = {
                       _launch_arguments, _run_launch,
                       description="Start a script on N worker processes (and S parameter servers) per node through "
                                   "torchrun's elastic agent; multi-node with --nnodes/--node-rank/--rdzv-endpoint."),
+    "serve": Command("serve model packages over the Open Inference Protocol (KServe v2), HTTP and gRPC",
+                     _serve_arguments, _run_serve,
+                     description="Serve model packages over HTTP/REST and gRPC with the KServe v2 / Triton protocol, "
+                                 "batching requests dynamically per model. Stops gracefully on SIGINT/SIGTERM."),
+    "export-onnx": Command("convert a model package to ONNX (walking luoshu's IR; checked with onnx.checker)",
+                           _export_onnx_arguments, _run_export_onnx),
 }
 
 

@@ -65,10 +65,39 @@ def plan_buckets(sizes_bytes: list[int], dtype_names: list[str], bucket_bytes: i
     return sorted(buckets, key=lambda b: b[0])
 
 
-def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple = ()) -> int:
+def _placeable(g, update: Op, graph) -> bool:
+    """Whether gradient `g` can be computed straight into its bucket: made by a graph op with
+    a `compute_into` kernel and one output, and read by nothing but the update."""
+    if g.producer is None:
+        return False
+    producer = g.producer[0]
+    if producer.graph is not graph or producer.opdef.compute_into is None or len(producer.outputs) != 1:
+        return False
+    return not any(t is g for op in graph.ops if op is not update for t in op.inputs)
+
+
+def _place_in_bucket(grads: list, buffer: BucketBuffer, update: Op, graph, group: tuple) -> list:
+    """`grads` with each placeable one recomputed by `bucket_place` into `buffer`."""
+    total = sum(numel(g.shape) for g in grads)
+    placed, offset = [], 0
+    for g in grads:
+        if _placeable(g, update, graph):
+            producer = g.producer[0]
+            g = apply("bucket_place", *producer.inputs, op=producer.opdef.name, op_attrs=dict(producer.attrs),
+                      shape=tuple(g.shape), dtype=g.dtype, buffer=buffer.key, offset=offset, total=total,
+                      reduce="mean", group=tuple(group))
+        placed.append(g)
+        offset += numel(g.shape)
+    return placed
+
+
+def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple = (),
+                              bucket_views: bool = True) -> int:
     """Rewrites `update` (an optimizer_update of `graph`) to read all-reduced gradients.
 
-    Returns the number of dense buckets. A second call on the same op does nothing.
+    With `bucket_views`, a gradient whose producer can write into a given buffer (a matmul,
+    a sum) is computed as a view of its bucket (`bucket_place`), so the all-reduce copies
+    nothing in. Returns the number of dense buckets. A second call on the same op does nothing.
     """
     if update.opdef.name != "optimizer_update" or update.graph is not graph:
         raise GraphError(f"insert_gradient_allreduce: expected an optimizer_update op of graph '{graph.name}', "
@@ -100,6 +129,8 @@ def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple
             grads = [dense[i][2][0] for i in bucket]
             buffer = BucketBuffer()
             _BUFFERS_OF.setdefault(graph, []).append(buffer)
+            if bucket_views:
+                grads = _place_in_bucket(grads, buffer, update, graph, group)
             flat = apply("bucket_all_reduce", *grads, reduce="mean", group=tuple(group), buffer=buffer.key)
             pieces = apply("bucket_unpack", flat, shapes=tuple(tuple(g.shape) for g in grads))
             pieces = pieces if isinstance(pieces, tuple) else (pieces,)

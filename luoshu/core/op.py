@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -53,6 +54,12 @@ class OpDef:
 
     def replay(self, op: Op, inputs: list[Tensor]) -> list[Tensor] | None:
         return None
+
+    # Optional kernel `compute_into(out, scale, *values, **attrs) -> bool` writing the (one)
+    # output times `scale` into `out`, a view of a preallocated buffer, instead of returning a
+    # new tensor; it returns False where it cannot for these values (the caller then copies).
+    # Data parallelism uses it to compute gradients straight into their all-reduce bucket.
+    compute_into: ClassVar[Callable | None] = None
 
     def infer(self, inputs: list[Tensor], **attrs) -> list[TensorMeta] | TensorMeta:
         raise NotImplementedError

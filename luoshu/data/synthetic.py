@@ -170,7 +170,29 @@ def _lengths(rng: np.random.Generator, num: int, min_len: int, max_len: int, dis
         mu = 0.5 * (np.log(min_len) + np.log(max_len))
         sigma = max((np.log(max_len) - np.log(min_len)) / 4, 1e-6)
         return np.clip(np.rint(rng.lognormal(mu, sigma, num)), min_len, max_len).astype(np.int64)
-    raise DataError(f"length dist must be 'long_tail', 'lognormal' or 'uniform'; got {dist!r}")
+    if dist in CORPUS_LENGTHS:  # tokens per document shaped like a real corpus, clipped to the bounds
+        median, sigma = CORPUS_LENGTHS[dist]
+        return np.clip(np.rint(rng.lognormal(np.log(median), sigma, num)), min_len, max_len).astype(np.int64)
+    raise DataError(f"length dist must be 'long_tail', 'lognormal', 'uniform' or one of {sorted(CORPUS_LENGTHS)}; "
+                    f"got {dist!r}")
+
+
+# (median tokens, log-space spread) of document lengths, read off the length histograms that
+# HotSPa (SOSP 2024, Fig. 1) shows: CommonCrawl mostly short web pages (over 80% under 4K tokens)
+# with a thin tail to 32K; GitHub code files longer and with a heavier tail (about a quarter
+# over 4K tokens).
+CORPUS_LENGTHS = {"commoncrawl": (700.0, 1.15), "github": (1400.0, 1.45)}
+
+
+def corpus_lengths(num: int, corpus: str = "commoncrawl", max_len: int = 32768, min_len: int = 16,
+                   seed: int = 0) -> np.ndarray:
+    """`num` sequence lengths distributed like `corpus` ("commoncrawl" or "github"), for
+    simulating and benchmarking mixed-length training (HotSPa's length buckets)."""
+    if corpus not in CORPUS_LENGTHS:
+        raise DataError(f"corpus must be one of {sorted(CORPUS_LENGTHS)}, found {corpus!r}")
+    if not 1 <= min_len <= max_len or num < 0:
+        raise DataError(f"corpus_lengths needs 1 <= min_len <= max_len and num >= 0; got {min_len}, {max_len}, {num}")
+    return _lengths(np.random.default_rng(seed), num, min_len, max_len, corpus, 0.0)
 
 
 def synthetic_sequences(num: int, vocab: int, min_len: int = 4, max_len: int = 512, dist: str = "long_tail",
@@ -179,7 +201,8 @@ def synthetic_sequences(num: int, vocab: int, min_len: int = 4, max_len: int = 5
     """A corpus of `num` int64 token sequences with long-tailed lengths in [min_len, max_len].
 
     Lengths follow `dist`: "long_tail" (power law with exponent `alpha`: many short sequences,
-    a few very long ones, as real corpora), "lognormal" or "uniform". Tokens lie in
+    a few very long ones, as real corpora), "commoncrawl" or "github" (shaped like those
+    corpora, see `corpus_lengths`), "lognormal" or "uniform". Tokens lie in
     [num_special, vocab) (the first `num_special` ids are left for padding, BOS/EOS, ...) and
     follow Zipf's law with exponent `zipf_alpha` ("zipf") or are uniform ("uniform").
     """

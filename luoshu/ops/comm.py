@@ -22,10 +22,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as torch_dist
 
-from luoshu.core import live
+from luoshu.core import dtypes, live
 from luoshu.core.dstates import DUPLICATE, PARTIAL, DStates
 from luoshu.core.errors import Error, ExecutionError, OpError
-from luoshu.core.op import OpDef, apply, register
+from luoshu.core.op import OpDef, apply, get_opdef, register
 from luoshu.core.shapes import numel
 from luoshu.core.tensor import Tensor, TensorMeta
 
@@ -364,16 +364,23 @@ class BucketBuffer:
         self.key = live.register(self)
 
 
-def _bucket_buffer(key: int, numel_: int, xs) -> torch.Tensor:
-    like = xs[0]
+def _bucket_buffer(key: int, numel_: int, like: torch.Tensor, avoid=()) -> torch.Tensor:
+    """The persistent flat buffer of BucketBuffer `key` (-1: a fresh one), allocated anew when
+    missing, of another size, dtype or device, or aliased by a tensor of `avoid`."""
     holder = live.lookup(key, "bucket buffer", "bucket_all_reduce") if key >= 0 else None
     buf = holder.tensor if holder is not None else None
     if buf is None or buf.numel() != numel_ or buf.dtype != like.dtype or buf.device != like.device or \
-            any(x.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for x in xs):
+            any(x.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for x in avoid):
         buf = torch.empty(numel_, dtype=like.dtype, device=like.device)
         if holder is not None:
             holder.tensor = buf
     return buf
+
+
+def _in_place(x: torch.Tensor, flat: torch.Tensor | None, pos: int) -> bool:
+    """Whether `x` already is the bucket's piece at `pos` (written there by `bucket_place`)."""
+    return (flat is not None and x.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+            and x.storage_offset() == flat.storage_offset() + pos and x.is_contiguous())
 
 
 @register
@@ -383,7 +390,9 @@ class BucketAllReduce(OpDef):
     One collective per bucket instead of one per gradient, launched as soon as the
     bucket's last gradient exists. For a mean, each piece is scaled by 1/size while it
     is copied in (one pass, like DDP's gradient pre-division). `buffer` names a
-    `BucketBuffer` to reuse (-1: a new buffer each run).
+    `BucketBuffer` to reuse (-1: a new buffer each run). A piece that `bucket_place`
+    already computed in the buffer at its position (scaled) is neither copied nor scaled:
+    gradients planned as views of the bucket reach the all-reduce with no copy at all.
     """
 
     name = "bucket_all_reduce"
@@ -403,20 +412,73 @@ class BucketAllReduce(OpDef):
 
     def compute(self, *xs, reduce, group, buffer):
         pg, size, _ = _group(self.name, group)
-        flat = _bucket_buffer(buffer, sum(x.numel() for x in xs), xs)
-        scale = 1.0 / size if reduce == "mean" and size > 1 else None
-        pos = 0
+        total = sum(x.numel() for x in xs)
+        current = live.lookup(buffer, "bucket buffer", self.name).tensor if buffer >= 0 else None
+        offsets = [0]
         for x in xs:
-            n = x.numel()
-            piece = flat[pos:pos + n].view(x.shape)
-            if scale is None:
+            offsets.append(offsets[-1] + x.numel())
+        placed = [_in_place(x, current, pos) for x, pos in zip(xs, offsets)]
+        flat = _bucket_buffer(buffer, total, xs[0], [x for x, p in zip(xs, placed) if not p])
+        scale = 1.0 / size if reduce == "mean" and size > 1 else None
+        for x, pos, was_placed in zip(xs, offsets, placed):
+            if was_placed and flat is current:
+                continue  # bucket_place computed it there, already scaled: no copy in
+            piece = flat[pos:pos + x.numel()].view(x.shape)
+            if scale is None or was_placed:
                 piece.copy_(x)
             else:
                 torch.mul(x, scale, out=piece)
-            pos += n
         if pg is None:
             return flat
         return _run(self.name, group, lambda a: torch_dist.all_reduce(flat, group=pg, async_op=a), flat, True)
+
+
+@register
+class BucketPlace(OpDef):
+    """Runs op `op` (attributes `op_attrs`) on the inputs and writes its one output (of static
+    `shape` and `dtype`), times 1/size for a mean, straight into bucket `buffer` at element
+    `offset` (a bucket of `total` elements): the gradient is born as a view of the bucket
+    (PyTorch DDP's `gradient_as_bucket_view`), so `bucket_all_reduce` has nothing to copy.
+    Ops with a `compute_into` kernel (matmul, sum) write there themselves; others are
+    computed and copied in.
+    """
+
+    name = "bucket_place"
+    attrs = {"op": "", "op_attrs": {}, "shape": (), "dtype": "float32", "buffer": -1, "offset": 0, "total": 0,
+             "reduce": "mean", "group": ()}
+    differentiable = False
+    tested_by = "tests/parallel/test_data_parallel.py"
+
+    def infer(self, inputs, op, op_attrs, shape, dtype, buffer, offset, total, reduce, group):
+        _check_reduce(self.name, reduce)
+        _check_group_attr(self.name, group)
+        opdef = get_opdef(op)
+        meta = opdef.infer(inputs, **{**opdef.attrs, **op_attrs})
+        meta = meta[0] if isinstance(meta, list) and len(meta) == 1 else meta
+        if not isinstance(meta, TensorMeta) or tuple(meta.shape) != tuple(shape) or meta.dtype != dtype:
+            raise OpError(f"{self.name}: op {op!r} gives {meta}, the bucket piece is {tuple(shape)} {dtype}")
+        n = numel(tuple(shape))
+        if buffer < 0 or n is None or not 0 <= offset <= total - n:
+            raise OpError(f"{self.name}: a piece of {n} elements at offset {offset} does not fit a bucket of "
+                          f"{total} (buffer {buffer})")
+        return meta
+
+    def compute(self, *values, op, op_attrs, shape, dtype, buffer, offset, total, reduce, group):
+        _, size, _ = _group(self.name, group)
+        opdef = get_opdef(op)
+        attrs = {**opdef.attrs, **op_attrs}
+        scale = 1.0 / size if reduce == "mean" and size > 1 else 1.0
+        device = next(v.device for v in values if isinstance(v, torch.Tensor))
+        like = torch.empty(0, dtype=dtypes.to_torch(dtype), device=device)
+        flat = _bucket_buffer(buffer, total, like)
+        piece = flat[offset:offset + numel(tuple(shape))].view(tuple(shape))
+        if opdef.compute_into is None or not opdef.compute_into(piece, scale, *values, **attrs):
+            result = opdef.compute(*values, **attrs)
+            if scale == 1.0:
+                piece.copy_(result)
+            else:
+                torch.mul(result, scale, out=piece)
+        return piece
 
 
 @register

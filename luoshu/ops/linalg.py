@@ -84,6 +84,14 @@ class Matmul(OpDef):
             return a * b
         return torch.matmul(a, b)
 
+    @staticmethod
+    def compute_into(out, scale, a, b, trans_a, trans_b):
+        """2-D operands: one addmm writes scale * (a @ b) into `out` (beta 0 ignores its contents)."""
+        if a.ndim != 2 or b.ndim != 2 or a.dtype != out.dtype or b.dtype != out.dtype:
+            return False
+        torch.addmm(out, a.t() if trans_a else a, b.t() if trans_b else b, beta=0, alpha=scale, out=out)
+        return True
+
     def gradient(self, op, grads):
         g, = grads
         a, b = op.inputs

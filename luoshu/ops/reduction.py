@@ -215,6 +215,16 @@ class Sum(_Reduce):
                                                    torch.uint8) else x.clone()
         return x.sum(dim=axes, keepdim=keepdims)
 
+    @staticmethod
+    def compute_into(out, scale, x, axis, keepdims):
+        axes = _axes(x, axis)
+        if not axes or x.dtype != out.dtype or not x.is_floating_point():
+            return False
+        torch.sum(x, dim=axes, keepdim=keepdims, out=out)
+        if scale != 1.0:
+            out.mul_(scale)
+        return True
+
     def gradient(self, op, grads):
         return [apply("broadcast_like", _kept(op, grads[0]), op.inputs[0])]
 

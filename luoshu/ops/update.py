@@ -117,6 +117,15 @@ class PSStep(OpDef):
 
 
 @register
+class ShardedUpdate(PSStep):
+    """The ZeRO sync mode's update: the mode shard-reduces the gradients (inputs as
+    `optimizer_update`'s), updates this rank's shards and gathers the parameters; a token."""
+
+    name = "sharded_update"
+    tested_by = "tests/parallel/test_zero.py"
+
+
+@register
 class PSSparsePush(OpDef):
     """The "hybrid" sync mode: pushes the tables' gradients (index, values pairs) and ends every
     table's step; passes its last input on when it has an odd count (the update reads it after)."""

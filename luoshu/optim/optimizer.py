@@ -336,24 +336,14 @@ class Optimizer:
         return apply("optimizer_update", *inputs, optimizer=self._key, params=tuple(used),
                      kinds="".join(kinds), loss_scaler=scaler_key)
 
-    def apply_gradients(self, grads: list, loss_scaler=None) -> None:
+    def apply_gradients(self, grads: list, loss_scaler=None, other_norm_sq: torch.Tensor | None = None) -> None:
         """The update path of both modes: `grads` pairs a parameter index with a torch
         tensor (dense), an `(indices, values)` tuple (sparse) or `(indices, values, GLOBAL)`
         (sparse applied to every row). Data-parallel sync modes call it with synchronised
-        gradients."""
+        gradients. `other_norm_sq`: the squared norm of gradients applied elsewhere (ZeRO's
+        shards) that global-norm clipping counts in."""
         with torch.no_grad():
-            entries = []
-            for i, g in grads:
-                p = self._params[i]._value
-                if isinstance(g, tuple):
-                    entries.append((i, _coalesce(g[0], g[1], p) + tuple(g[2:])))
-                    continue
-                if tuple(g.shape) != tuple(p.shape):
-                    raise GradientError(f"{type(self).__name__}: the gradient of parameter {i} has shape "
-                                        f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
-                # Fused kernels need a layout like the parameter's; eager gradients can be
-                # broadcast (stride-0) views.
-                entries.append((i, (g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()))
+            entries = self._entries(grads)
             if not entries:
                 return
             if loss_scaler is not None and loss_scaler.enabled:
@@ -365,6 +355,8 @@ class Optimizer:
                 tensors = [_dense_part(g) for _, g in entries]
                 total = _total_norm(tensors) if self.shard_norm is None else \
                     self.shard_norm([i for i, _ in entries], tensors)
+                if other_norm_sq is not None:
+                    total = (total.double() ** 2 + other_norm_sq.double()).sqrt()
                 coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
                 entries = _replace_dense_parts(entries, _scaled(tensors, coef))
             by_group: dict[int, list] = {}
@@ -372,6 +364,29 @@ class Optimizer:
                 by_group.setdefault(self._group_of[i], []).append((i, g))
             for gi, items in by_group.items():
                 self._update_group(self.param_groups[gi], items)
+
+    def _entries(self, grads: list) -> list:
+        """Gradients checked and put in the layout the rules take (sparse ones coalesced)."""
+        entries = []
+        for i, g in grads:
+            p = self._params[i]._value
+            if isinstance(g, tuple):
+                entries.append((i, _coalesce(g[0], g[1], p) + tuple(g[2:])))
+                continue
+            if tuple(g.shape) != tuple(p.shape):
+                raise GradientError(f"{type(self).__name__}: the gradient of parameter {i} has shape "
+                                    f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
+            # Fused kernels need a layout like the parameter's; eager gradients can be
+            # broadcast (stride-0) views.
+            entries.append((i, (g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()))
+        return entries
+
+    def gradient_norm_squared(self, grads: list) -> torch.Tensor:
+        """The squared global norm of `grads` as `apply_gradients` counts it for clipping
+        (a sparse gradient as the dense one it stands for)."""
+        with torch.no_grad():
+            tensors = [_dense_part(g) for _, g in self._entries(grads)]
+            return _total_norm(tensors).double() ** 2 if tensors else torch.zeros((), dtype=torch.float64)
 
     def _update_group(self, group: dict, items: list) -> None:
         names = self._state_names(group)

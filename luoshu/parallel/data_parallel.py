@@ -185,7 +185,7 @@ class DataParallel:
 
     def __init__(self, target: Module | Graph | None = None, optimizer: Optimizer | None = None, *,
                  mode: str = "allreduce", bucket_size_mb: float = 25.0, group=None, broadcast: bool = True,
-                 **options):
+                 zero: int = 0, **options):
         if mode not in MODES:
             raise DistError(f"DataParallel: unknown mode {mode!r}; the modes are {MODES}")
         if mode not in SYNC_MODES:  # luoshu.parallel's __init__ registers every mode
@@ -204,7 +204,7 @@ class DataParallel:
         env.process_group(self.group or None)  # validates the ranks; creating a group is collective
         self.module = target if isinstance(target, Module) else None
         self.optimizer = optimizer
-        self.sync = SYNC_MODES[mode](self, **options)
+        updates, optimizers = [], {}
         if isinstance(target, Graph):
             updates = [op for op in target.ops if op.opdef.name == "optimizer_update"]
             if not updates:
@@ -212,6 +212,18 @@ class DataParallel:
                                 "call optimizer.minimize(loss) inside it first")
             found = (live.lookup(op.attrs["optimizer"], "optimizer", "DataParallel") for op in updates)
             optimizers = {id(o): o for o in found}
+            if self.optimizer is None and len(optimizers) == 1:
+                self.optimizer = next(iter(optimizers.values()))  # the graph's one optimizer
+        if zero:
+            if mode != "allreduce":
+                raise DistError(f"DataParallel: zero={zero} shards the optimizer of mode='allreduce', not {mode!r}")
+            if isinstance(target, Graph) and len(optimizers) != 1:
+                raise DistError(f"DataParallel(zero={zero}) shards one optimizer; graph '{target.name}' updates with "
+                                f"{len(optimizers)}")
+            self.sync = SYNC_MODES["zero"](self, zero, **options)
+        else:
+            self.sync = SYNC_MODES[mode](self, **options)
+        if isinstance(target, Graph):
             if broadcast:
                 params = [p for o in optimizers.values() for p in o.parameters()]
                 self.sync.setup(params, [])

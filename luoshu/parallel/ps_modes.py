@@ -194,6 +194,7 @@ class PSSync(_PSBase):
             f.result(timeout=self.client.timeout_s + 30.0)
 
     def rewrite_update(self, graph, update_op) -> None:
+        live.keep_alive(graph, self)  # the graph runs this mode's update op for as long as it lives
         update_op.opdef = get_opdef("ps_step")
         update_op.attrs = {"strategy": self._key, "params": tuple(update_op.attrs["params"]),
                            "kinds": update_op.attrs["kinds"]}
@@ -234,6 +235,7 @@ class HybridSync(_PSBase):
         if not tables:
             self._allreduce.rewrite_update(graph, update_op)
             return
+        live.keep_alive(graph, self)  # the graph runs this mode's push op for as long as it lives
         table_params, _, sparse_inputs = update_inputs(tables)
         if not rest:
             update_op.opdef = get_opdef("ps_sparse_push")

@@ -26,7 +26,7 @@ import torch
 from luoshu.core import live
 
 # Ops that consume gradients and apply them (their inputs are gradients by definition).
-UPDATE_OPS = frozenset({"optimizer_update", "ps_step", "ps_sparse_push"})
+UPDATE_OPS = frozenset({"optimizer_update", "ps_step", "ps_sparse_push", "sharded_update"})
 # Collectives that carry gradients on the way to an update: their inputs are gradients too.
 GRADIENT_CARRIERS = frozenset({"bucket_all_reduce", "bucket_unpack", "sparse_all_gather", "all_reduce",
                                "reduce_scatter", "all_gather", "comm_wait"})
@@ -92,24 +92,27 @@ def _gradient_slots(plan) -> set[int]:
     return grads
 
 
-def _optimizer_state_bytes(plan) -> int:
-    total, seen = 0, set()
+def _optimizers(plan) -> list:
+    """The optimizers the plan's update ops step on this rank (a ZeRO mode's shard optimizers)."""
+    found = []
     for step in plan.steps:
-        key = step.op.attrs.get("optimizer") if step.op.opdef.name == "optimizer_update" else None
-        if key is None or key < 0:
-            continue
-        opt = live.lookup(key, "optimizer", "memory accounting")
-        if id(opt) in seen:
-            continue
-        seen.add(id(opt))
-        storages = {}
+        name = step.op.opdef.name
+        if name == "optimizer_update" and step.op.attrs["optimizer"] >= 0:
+            found.append(live.lookup(step.op.attrs["optimizer"], "optimizer", "memory accounting"))
+        elif name == "sharded_update":
+            found += live.lookup(step.op.attrs["strategy"], "sync mode", "memory accounting").optimizers()
+    return found
+
+
+def _optimizer_state_bytes(plan) -> int:
+    storages = {}
+    for opt in _optimizers(plan):
         for state in opt.state.values():
             for t in state.values():
                 found = _storage(t)
                 if found is not None:
                     storages[found[0]] = found[1]
-        total += sum(storages.values())
-    return total
+    return sum(storages.values())
 
 
 def measure(plan, feed_values: list) -> MemoryReport:

@@ -72,9 +72,33 @@ def test_buckets_start_during_backward_and_are_waited_before_the_update():
     names = _graph_with_update(0.0005)
     starts = [i for i, n in enumerate(names) if n == "bucket_all_reduce"]
     waits = [i for i, n in enumerate(names) if n == "bucket_unpack"]
-    backward = [i for i, n in enumerate(names) if n in ("matmul", "threshold_backward", "sum")]
+    backward = [i for i, n in enumerate(names) if n in ("matmul", "threshold_backward", "sum", "bucket_place")]
     assert starts[0] < backward[-1], "the first bucket must start before the backward pass ends"
     assert max(starts) < min(waits) and max(waits) < names.index("optimizer_update")
+
+
+def test_gradients_are_computed_as_views_of_their_bucket():
+    """The weight and bias gradients (matmul, sum) are written straight into the bucket: the
+    values the update reads live in the bucket buffer, and they equal the plain gradients."""
+    names = _graph_with_update(25.0)
+    assert names.count("bucket_place") == 4  # two linear layers: two weights, two biases
+    ls.manual_seed(0)
+    model = Net()
+    opt = ls.optim.SGD(model.parameters(), lr=0.1)
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, 3), "int64")
+        dense = ls.placeholder("dense", (None, 5), "float32")
+        loss = model(ids, dense).sum()
+        grads = ls.gradients(loss, model.parameters())
+        train_op = opt.minimize(loss)
+    feed = {ids: np.arange(6).reshape(2, 3) % 50, dense: np.ones((2, 5), np.float32)}
+    before = [p.numpy().copy() for p in model.parameters()]
+    expected = g.run(grads, feed)
+    ls.parallel.DataParallel(g, bucket_size_mb=25.0)
+    g.run([loss, train_op], feed)
+    for p, b, e in zip(model.parameters(), before, expected):
+        if isinstance(e, np.ndarray):  # the dense ones: SGD moved them by lr * gradient
+            np.testing.assert_allclose(p.numpy(), b - 0.1 * e, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_arguments_are_refused():

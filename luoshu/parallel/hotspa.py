@@ -1,0 +1,424 @@
+"""HotSPa's cost model, simulator and strategy search.
+
+`simulate(model, cluster, lengths, ...)` predicts the step time and the peak memory per device
+of every static (dp, tp, pp) strategy that covers the cluster, and of hot switching (each
+length bucket under its own strategy, parameters and gradients switched between them inside
+the step), for a batch of sequences with the given lengths. `search_layers` is the
+Galvatron-style dynamic program that picks, layer by layer, a (tp, sequence parallel,
+recompute) choice under a per-device memory budget; it is exact for the cost model (the tests
+compare it with brute force), and an infeasible budget raises `HotSPaError` rather than
+returning a strategy that does not fit.
+
+The cost model (per transformer layer, mixed precision with fp32 Adam states, as Megatron-LM
+accounts for them):
+
+- compute: forward 24·b·s·h² + 4·b·s²·h FLOPs (Narayanan et al. 2021), backward twice that,
+  full recompute one forward more; divided by tp, at the cluster's FLOP/s times `mfu`;
+- activations: s·b·h·(34 + 5·a·s/h) bytes without tensor parallelism; with tp t:
+  s·b·h·(10 + 24/t + 5·a·s/(h·t)); with sequence parallelism s·b·h·(34 + 5·a·s/h)/t;
+  selective recompute (or fused flash attention, the default) drops the 5·a·s/h term, full
+  recompute keeps 2·s·b·h (the layer input) (Korthikanti et al. 2022);
+- model states: 16 bytes per parameter (fp16 weight and gradient, fp32 master weight and two
+  Adam moments), divided by tp·pp;
+- communication, ring collectives at the bandwidth of the group's links (intra-node when the
+  group fits a node): tensor parallelism 4 all-reduces of b·s·h fp16 values per layer and
+  micro-batch (with sequence parallelism the same bytes as all-gathers and reduce-scatters),
+  pipeline activations and gradients point-to-point at each stage boundary, one data-parallel
+  all-reduce of the gradients per step, and the pipeline bubble (pp-1)/(m+pp-1);
+- hot switching: the planner's real plan (`luoshu.parallel.hot_switch`) for every weight of a
+  layer, its largest per-device send volume at the slowest link it crosses, twice per switch
+  (parameters there, accumulated gradients back).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from luoshu.core.dstates import DUPLICATE, DStates
+from luoshu.core.errors import Error
+from luoshu.parallel.hot_switch import Layout, plan_hot_switch
+
+
+class HotSPaError(Error, ValueError):
+    """A strategy that does not fit the cluster or the memory, or bad simulator input."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    ffn: int | None = None  # default: LLaMA's 8/3·hidden rounded to 256 (SwiGLU, three matrices)
+    flash_attention: bool = True  # fused attention keeps no s×s scores (drops the 5·a·s/h term)
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.ffn or 256 * math.ceil(8 * self.hidden / 3 / 256)
+
+    @property
+    def layer_params(self) -> int:
+        return 4 * self.hidden * self.hidden + 3 * self.hidden * self.ffn_dim + 2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + 2 * self.vocab * self.hidden
+
+
+LLAMA_7B = ModelSpec(layers=32, hidden=4096, heads=32, vocab=32000, ffn=11008)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    gpus_per_node: int
+    nodes: int
+    flops: float  # peak dense fp16/bf16 FLOP/s of one device
+    intra_bw: float  # bytes/s per device within a node
+    inter_bw: float  # bytes/s per device between nodes
+    memory: float  # bytes per device
+    mfu: float = 0.5  # fraction of peak the kernels reach
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+# A800-80GB: 312 TFLOP/s bf16, NVLink 400 GB/s, 200 Gb/s InfiniBand per GPU (the paper's cluster).
+A800 = dict(flops=312e12, intra_bw=200e9, inter_bw=25e9, memory=80 * 2**30)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    dp: int
+    tp: int
+    pp: int
+    sp: bool = False
+    recompute: str = "none"  # "none", "selective", "full"
+
+    def __str__(self) -> str:
+        extra = (",sp" if self.sp else "") + ("" if self.recompute == "none" else f",rc={self.recompute}")
+        return f"dp{self.dp},tp{self.tp},pp{self.pp}{extra}"
+
+
+def parse_strategy(text: str) -> Strategy:
+    """'dp2,tp2,pp2' (any order; a missing axis is 1) -> Strategy."""
+    sizes = {"dp": 1, "tp": 1, "pp": 1}
+    for part in str(text).replace(" ", "").split(","):
+        name, digits = part[:2], part[2:]
+        if name not in sizes or not digits.isdigit() or int(digits) < 1:
+            raise HotSPaError(f"unknown strategy {text!r}: expected parts like dp2,tp4,pp1")
+        sizes[name] = int(digits)
+    return Strategy(**sizes)
+
+
+# --- one layer ---------------------------------------------------------------------------------------
+def layer_flops(model: ModelSpec, b: int, s: int) -> float:
+    """Forward FLOPs of one layer for b sequences of length s."""
+    h = model.hidden
+    return 24.0 * b * s * h * h + 4.0 * b * s * s * h
+
+
+def packed_flops(model: ModelSpec, lengths: Sequence[int]) -> float:
+    """Forward FLOPs of one layer for sequences packed into one micro-batch with a
+    block-diagonal mask: the dense part over every token, attention within each sequence."""
+    h = model.hidden
+    tokens = float(sum(lengths))
+    return 24.0 * tokens * h * h + 4.0 * h * float(sum(n * n for n in lengths))
+
+
+def layer_activation_bytes(model: ModelSpec, b: int, s: int, tp: int, sp: bool, recompute: str) -> float:
+    h, a = model.hidden, model.heads
+    attention = 0.0 if model.flash_attention else 5.0 * a * s / h
+    if recompute == "full":
+        return 2.0 * s * b * h / (tp if sp else 1)
+    if recompute == "selective":
+        attention = 0.0
+    if sp:
+        return s * b * h * (34.0 + attention) / tp
+    return s * b * h * (10.0 + 24.0 / tp + attention / tp)
+
+
+def _ring(nbytes: float, n: int, bw: float) -> float:
+    return 0.0 if n <= 1 else 2.0 * (n - 1) / n * nbytes / bw
+
+
+def _group_bw(cluster: ClusterSpec, span: int) -> float:
+    return cluster.intra_bw if span <= cluster.gpus_per_node else cluster.inter_bw
+
+
+def layer_time(model: ModelSpec, cluster: ClusterSpec, b: int, s: int, tp: int, sp: bool, recompute: str,
+               lengths: Sequence[int] | None = None) -> float:
+    """Forward + backward (+ recompute) time of one layer and micro-batch (b sequences of
+    length s, or `lengths` packed), tensor-parallel communication included."""
+    passes = 3.0 + (1.0 if recompute == "full" else 0.0)
+    forward = packed_flops(model, lengths) if lengths is not None else layer_flops(model, b, s)
+    tokens = float(sum(lengths)) if lengths is not None else float(b * s)
+    flops = forward * passes
+    if recompute == "selective":
+        flops += 4.0 * model.hidden * (float(sum(n * n for n in lengths)) if lengths is not None else b * s * s)
+    compute = flops / tp / (cluster.flops * cluster.mfu)
+    comm = 4 * _ring(2.0 * tokens * model.hidden, tp, _group_bw(cluster, tp))
+    return compute + comm
+
+
+# --- a whole strategy ------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    strategy: str
+    time_s: float
+    memory_bytes: float
+    fits: bool
+    parts: dict = field(default_factory=dict)
+
+
+def _check_strategy(st: Strategy, model: ModelSpec, cluster: ClusterSpec) -> None:
+    if st.dp * st.tp * st.pp != cluster.world:
+        raise HotSPaError(f"strategy {st} covers {st.dp * st.tp * st.pp} devices, the cluster has {cluster.world}")
+    if model.layers < st.pp:
+        raise HotSPaError(f"strategy {st}: {model.layers} layers cannot fill {st.pp} pipeline stages")
+    if model.heads % st.tp:
+        raise HotSPaError(f"strategy {st}: {model.heads} heads do not split over tp={st.tp}")
+
+
+def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Sequence[int],
+            micro_batch_tokens: int | None = None) -> Prediction:
+    """Step time and peak memory of `lengths` under one strategy: each data-parallel replica
+    packs its sequences into micro-batches of up to `micro_batch_tokens` (default: the longest
+    sequence, the size a static strategy must hold), runs them through its pipeline (1F1B) and
+    the gradients are all-reduced once per step."""
+    _check_strategy(st, model, cluster)
+    lengths = [int(n) for n in lengths]
+    if not lengths:
+        return Prediction(str(st), 0.0, 0.0, True)
+    tokens_per_micro = micro_batch_tokens or max(lengths)
+    per_replica = [lengths[i::st.dp] for i in range(st.dp)]
+    layers_per_stage = math.ceil(model.layers / st.pp)
+    worst = peak_act = 0.0
+    for seqs in per_replica:
+        micro = _micro_batches(seqs, tokens_per_micro)
+        t_stage = sum(layers_per_stage * layer_time(model, cluster, 1, 0, st.tp, st.sp, st.recompute, mb)
+                      for mb in micro)
+        p2p = 0.0
+        if st.pp > 1:
+            p2p = sum(2 * 2.0 * sum(mb) * model.hidden / _group_bw(cluster, st.tp * st.pp) for mb in micro)
+        m = max(len(micro), 1)
+        # 1F1B: (m + pp - 1) slots of the slowest stage's per-micro-batch time
+        worst = max(worst, (t_stage + p2p) * (m + st.pp - 1) / m)
+        # the first stage keeps up to pp micro-batches in flight: at worst the largest
+        largest = sorted((sum(mb) for mb in micro), reverse=True)[:st.pp]
+        peak_act = max(peak_act, sum(layers_per_stage * layer_activation_bytes(model, 1, t, st.tp, st.sp,
+                                                                               st.recompute) for t in largest))
+    states = 16.0 * model.params / (st.tp * st.pp)
+    grad_bytes = 2.0 * model.params / (st.tp * st.pp)
+    dp_sync = _ring(grad_bytes, st.dp, _group_bw(cluster, cluster.world if st.dp > 1 else 1))
+    memory = states + peak_act
+    return Prediction(str(st), worst + dp_sync, memory, memory <= cluster.memory,
+                      {"pipeline": worst, "dp_sync": dp_sync, "states": states, "activations": peak_act})
+
+
+def _micro_batches(seqs: list[int], tokens: int) -> list[list[int]]:
+    """First-fit-decreasing packing of sequences into micro-batches of at most `tokens`."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for n in sorted(seqs, reverse=True):
+        i = next((k for k, r in enumerate(room) if r >= n), None)
+        if i is None:
+            bins.append([n])
+            room.append(max(tokens - n, 0))
+        else:
+            bins[i].append(n)
+            room[i] -= n
+    return bins
+
+
+def static_strategies(cluster: ClusterSpec, model: ModelSpec) -> list[Strategy]:
+    out = []
+    for tp in (1, 2, 4, 8, 16):
+        for pp in (1, 2, 4, 8, 16):
+            if cluster.world % (tp * pp) or tp > cluster.gpus_per_node or model.heads % tp or pp > model.layers:
+                continue
+            out.append(Strategy(cluster.world // (tp * pp), tp, pp, sp=tp > 1))
+    return out
+
+
+def _weight_layouts(st: Strategy, world: int) -> tuple[Layout, Layout]:
+    """Layouts of a column- and a row-parallel weight of one layer's first stage under `st`
+    (tp adjacent, dp outer; the stage's ranks the first tp·dp of the first stage)."""
+    ranks = [d * st.tp * st.pp + t for d in range(st.dp) for t in range(st.tp)]
+    def layout(dim: int) -> Layout:
+        states, order = {}, []
+        if st.dp > 1:
+            states[DUPLICATE] = st.dp
+            order.append(DUPLICATE)
+        if st.tp > 1:
+            states[dim] = st.tp
+            order.append(dim)
+        return Layout(DStates(st.dp * st.tp, states, tuple(order)), ranks)
+    return layout(0), layout(1)
+
+
+def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> float:
+    """Time of one switch of parameters (and, back, of gradients) from `src` to `dst`, from
+    the planner's plan of one layer's weights, times the layers a device holds."""
+    if src == dst:
+        return 0.0
+    h, f = model.hidden, model.ffn_dim
+    seconds = 0.0
+    for (s_col, s_row), (d_col, d_row) in [(_weight_layouts(src, cluster.world), _weight_layouts(dst, cluster.world))]:
+        for shape, s_layout, d_layout, count in [((3 * h, h), s_col, d_col, 1), ((h, h), s_row, d_row, 1),
+                                                 ((2 * f, h), s_col, d_col, 1), ((h, f), s_row, d_row, 1)]:
+            plan = plan_hot_switch(shape, 2, s_layout, d_layout, node_size=cluster.gpus_per_node)
+            bw = cluster.inter_bw if plan.inter_node_bytes else cluster.intra_bw
+            seconds += count * plan.max_send_bytes / bw
+    layers_held = math.ceil(model.layers / min(src.pp, dst.pp))
+    return 2.0 * seconds * layers_held
+
+
+def bucketize(lengths: Sequence[int], bounds: Sequence[int]) -> list[list[int]]:
+    """Lengths grouped by descending `bounds` (the last bound is 0): bucket i takes lengths
+    in (bounds[i+1], bounds[i]]; the first also takes anything longer."""
+    bounds = [int(b) for b in bounds]
+    if any(a <= b for a, b in zip(bounds[:-1], bounds[1:])) or not bounds or bounds[-1] != 0:
+        raise HotSPaError(f"bucket bounds must be strictly descending and end with 0, found {list(bounds)}")
+    buckets: list[list[int]] = [[] for _ in bounds[:-1]]
+    for n in lengths:
+        i = next((k for k in range(len(bounds) - 1) if n > bounds[k + 1]), len(bounds) - 2)
+        buckets[i].append(int(n))
+    return buckets
+
+
+def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=False):
+    """(step time, peak memory, per-bucket parts) of running bucket i under chosen[i], starting
+    and ending at the owner (the strategy with the least model-state memory per device)."""
+    parts, memory, total = [], 0.0, 0.0
+    owner = min(chosen, key=lambda st: 16.0 * model.params / (st.tp * st.pp))
+    previous = owner
+    for st, seqs, bound in zip(chosen, buckets, bound_of):
+        if not seqs:
+            continue
+        p = predict(model, cluster, st, seqs, micro_batch_tokens or bound)
+        if check and not p.fits:
+            raise HotSPaError(f"bucket up to length {max(seqs, default=0)}: strategy {st} needs "
+                              f"{p.memory_bytes / 2**30:.1f} GiB per device, more than {cluster.memory / 2**30:.0f}")
+        switch = switch_time(model, cluster, previous, st)
+        total += p.time_s - p.parts.get("dp_sync", 0.0) + switch
+        memory = max(memory, p.memory_bytes)
+        parts.append({"strategy": str(st), "sequences": len(seqs), "tokens": sum(seqs), "time_s": p.time_s,
+                      "switch_s": switch})
+        previous = st
+    total += switch_time(model, cluster, previous, owner)
+    total += predict(model, cluster, owner, [1], None).parts.get("dp_sync", 0.0)
+    return total, memory, parts
+
+
+def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bounds: Sequence[int],
+             strategies: Sequence[Strategy | str] | None = None, micro_batch_tokens: int | None = None,
+             candidates: int = 3) -> dict:
+    """Every static strategy and hot switching over `bounds` (one strategy per bucket;
+    default: the fastest that fits for each bucket). Returns {"static": [Prediction...],
+    "best_static": Prediction | None, "hot_switch": Prediction, "speedup": float}."""
+    static_list = static_strategies(cluster, model)
+    statics = [predict(model, cluster, st, lengths, micro_batch_tokens or int(bounds[0])) for st in static_list]
+    fitting = [(p, st) for p, st in zip(statics, static_list) if p.fits]
+    best_static, best_static_strategy = min(fitting, key=lambda o: o[0].time_s) if fitting else (None, None)
+    buckets = bucketize(lengths, bounds)
+    bound_of = [int(b) for b in bounds[:-1]]
+    if strategies is None:
+        # Per bucket, the `candidates` fastest strategies that hold it; then every combination,
+        # switch costs included (the fastest per bucket alone can lose to the switches).
+        options = []
+        for seqs, bound in zip(buckets, bound_of):
+            ranked = sorted(((predict(model, cluster, st, seqs, micro_batch_tokens or bound), st)
+                             for st in static_strategies(cluster, model)), key=lambda o: o[0].time_s)
+            ranked = [st for p, st in ranked if p.fits]
+            if not ranked:
+                raise HotSPaError(f"no strategy holds a bucket of lengths up to {max(seqs, default=0)} in "
+                                  f"{cluster.memory / 2**30:.0f} GiB per device")
+            top = ranked[:candidates] if seqs else ranked[:1]
+            if best_static_strategy is not None and best_static_strategy not in top:
+                top.append(best_static_strategy)  # one strategy throughout is always a candidate
+            options.append(top)
+        chosen = min((list(c) for c in itertools.product(*options)),
+                     key=lambda c: _hot_step(model, cluster, c, buckets, bound_of, micro_batch_tokens)[0])
+    else:
+        chosen = [parse_strategy(s) if isinstance(s, str) else s for s in strategies]
+        if len(chosen) != len(buckets):
+            raise HotSPaError(f"{len(buckets)} buckets need as many strategies, found {len(chosen)}")
+    total, memory, parts = _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=True)
+    hot = Prediction("hot:" + "|".join(str(s) for s in chosen), total, memory, True, {"buckets": parts})
+    speedup = best_static.time_s / total if best_static is not None and total > 0 else float("nan")
+    return {"static": statics, "best_static": best_static, "hot_switch": hot, "speedup": speedup}
+
+
+# --- layer-wise search (Galvatron) -----------------------------------------------------------------------
+def search_layers(times: Sequence[Sequence[float]], memories: Sequence[Sequence[int]], budget: int,
+                  transition: Sequence[Sequence[float]] | None = None) -> tuple[list[int], float]:
+    """The choice per layer (indices into each layer's options) of least total time whose
+    memory sums to at most `budget`; `transition[i][j]` is the cost between consecutive layers
+    choosing options i then j (resharding activations). Memories are integers (e.g. MiB),
+    which makes the dynamic program exact. Raises HotSPaError when nothing fits."""
+    layers = len(times)
+    if layers == 0:
+        return [], 0.0
+    k = len(times[0])
+    if any(len(t) != k for t in times) or any(len(m) != k for m in memories) or len(memories) != layers:
+        raise HotSPaError("search_layers: every layer needs one time and one memory per option")
+    if transition is None:
+        transition = [[0.0] * k for _ in range(k)]
+    inf = float("inf")
+    # best[c][m]: least time of layers so far ending with option c using exactly m memory units
+    best = np.full((k, budget + 1), inf)
+    back: list[np.ndarray] = []
+    for c in range(k):
+        if memories[0][c] <= budget:
+            best[c, memories[0][c]] = times[0][c]
+    for layer in range(1, layers):
+        new = np.full((k, budget + 1), inf)
+        arg = np.full((k, budget + 1, 2), -1, dtype=np.int64)
+        for c in range(k):
+            need = memories[layer][c]
+            if need > budget:
+                continue
+            for p in range(k):
+                cand = best[p, :budget + 1 - need] + transition[p][c] + times[layer][c]
+                target = new[c, need:]
+                better = cand < target
+                target[better] = cand[better]
+                arg[c, need:][better] = np.stack([np.full(better.sum(), p), np.nonzero(better)[0]], axis=1)
+        back.append(arg)
+        best = new
+    c, m = np.unravel_index(np.argmin(best), best.shape)
+    total = float(best[c, m])
+    if not math.isfinite(total):
+        raise HotSPaError(f"no choice of options fits {layers} layers in a memory budget of {budget}; the least "
+                          f"they need is {sum(min(m) for m in memories)}")
+    path = [int(c)]
+    for arg in reversed(back):
+        c, m = arg[c, m]
+        path.append(int(c))
+    return path[::-1], total
+
+
+def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[int], float]:
+    k = len(times[0])
+    transition = transition or [[0.0] * k for _ in range(k)]
+    best = None
+    for pick in itertools.product(range(k), repeat=len(times)):
+        if sum(memories[i][c] for i, c in enumerate(pick)) > budget:
+            continue
+        t = sum(times[i][c] for i, c in enumerate(pick)) + sum(transition[a][b] for a, b in zip(pick, pick[1:]))
+        if best is None or t < best[1]:
+            best = (list(pick), t)
+    if best is None:
+        raise HotSPaError("nothing fits")
+    return best
+
+
+__all__ = ["A800", "LLAMA_7B", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy", "bucketize",
+           "brute_force_layers", "layer_activation_bytes", "layer_flops", "layer_time", "parse_strategy", "predict",
+           "search_layers", "simulate", "static_strategies", "switch_time"]

@@ -1,0 +1,85 @@
+"""HotSPa's cost model, simulator and layer-wise strategy search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from luoshu.data import corpus_lengths
+from luoshu.parallel import hotspa as H
+
+CLUSTER8 = H.ClusterSpec(gpus_per_node=8, nodes=1, **H.A800)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_layer_search_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    layers, options = int(rng.integers(3, 5)), int(rng.integers(3, 5))
+    times = rng.uniform(1, 10, (layers, options)).tolist()
+    memories = rng.integers(1, 8, (layers, options)).tolist()
+    transition = rng.uniform(0, 3, (options, options)).tolist()
+    budget = int(sum(min(m) for m in memories) + rng.integers(0, 6))  # tight: near the least that fits
+    path, total = H.search_layers(times, memories, budget, transition)
+    expected_path, expected = H.brute_force_layers(times, memories, budget, transition)
+    assert total == pytest.approx(expected)
+    assert sum(memories[i][c] for i, c in enumerate(path)) <= budget
+    recomputed = sum(times[i][c] for i, c in enumerate(path)) + sum(transition[a][b] for a, b in zip(path, path[1:]))
+    assert recomputed == pytest.approx(total)
+
+
+def test_infeasible_budget_is_an_error_not_a_strategy():
+    with pytest.raises(H.HotSPaError, match="no choice of options fits 2 layers"):
+        H.search_layers([[1, 2], [1, 2]], [[5, 4], [5, 4]], 7)
+
+
+def test_memory_model_orders_techniques():
+    m, b, s = H.LLAMA_7B, 1, 8192
+    plain = H.layer_activation_bytes(m, b, s, 4, False, "none")
+    sp = H.layer_activation_bytes(m, b, s, 4, True, "none")
+    full = H.layer_activation_bytes(m, b, s, 4, True, "full")
+    assert full < sp < plain
+    # Korthikanti et al.: with sequence parallelism activations divide exactly by tp
+    assert H.layer_activation_bytes(m, b, s, 8, True, "none") * 8 == H.layer_activation_bytes(m, b, s, 1, True, "none")
+
+
+def test_long_sequences_need_frugal_strategies_and_short_ones_run_fastest_in_dp():
+    long = H.predict(H.LLAMA_7B, CLUSTER8, H.Strategy(8, 1, 1), [32768])
+    assert not long.fits  # 7B under plain DP cannot hold a 32K sequence in 80 GB
+    assert H.predict(H.LLAMA_7B, CLUSTER8, H.Strategy(1, 8, 1, sp=True), [32768]).fits
+    short = [512] * 64
+    dp = H.predict(H.LLAMA_7B, CLUSTER8, H.Strategy(4, 1, 2), short)
+    tp = H.predict(H.LLAMA_7B, CLUSTER8, H.Strategy(1, 8, 1, sp=True), short)
+    assert dp.fits and dp.time_s < tp.time_s
+
+
+def test_simulator_reports_every_static_strategy_and_a_hot_switching_plan():
+    lengths = corpus_lengths(256, "github", max_len=32768, seed=0)
+    result = H.simulate(H.LLAMA_7B, CLUSTER8, lengths, [32768, 16384, 4096, 0])
+    assert result["best_static"] is not None and result["best_static"].fits
+    assert {p.strategy for p in result["static"]} >= {"dp8,tp1,pp1", "dp1,tp8,pp1,sp", "dp2,tp2,pp2,sp"}
+    hot = result["hot_switch"]
+    assert hot.memory_bytes <= CLUSTER8.memory and len(hot.parts["buckets"]) == 3
+    assert sum(b["sequences"] for b in hot.parts["buckets"]) == len(lengths)
+    assert result["speedup"] == pytest.approx(result["best_static"].time_s / hot.time_s)
+
+
+def test_corpus_lengths_are_long_tailed():
+    cc = corpus_lengths(20000, "commoncrawl", max_len=32768, seed=1)
+    gh = corpus_lengths(20000, "github", max_len=32768, seed=1)
+    assert np.median(cc) < 1000 < np.median(gh) < 2000
+    assert (cc > 4096).mean() < 0.1 < (gh > 4096).mean() < 0.35
+    assert cc.max() <= 32768 and gh.max() == 32768  # a thin tail to the maximum
+
+
+def test_bad_input():
+    with pytest.raises(H.HotSPaError, match="strictly descending"):
+        H.bucketize([10, 20], [4096, 8192, 0])
+    with pytest.raises(H.HotSPaError, match="unknown strategy"):
+        H.parse_strategy("dp2,xp4")
+    with pytest.raises(H.HotSPaError, match="covers 4 devices, the cluster has 8"):
+        H.predict(H.LLAMA_7B, CLUSTER8, H.Strategy(2, 2, 1), [128])
+    with pytest.raises(H.HotSPaError, match="needs .* GiB per device"):
+        H.simulate(H.LLAMA_7B, CLUSTER8, [32768, 100], [32768, 4096, 0], strategies=["dp8", "dp8"])
+    with pytest.raises(H.HotSPaError, match="2 buckets need as many strategies"):
+        H.simulate(H.LLAMA_7B, CLUSTER8, [100], [32768, 4096, 0], strategies=["dp8"])
+    assert H.parse_strategy("tp4,dp1,pp2") == H.Strategy(1, 4, 2)

@@ -1,0 +1,78 @@
+"""ZeRO stages 1 and 2 against plain data parallelism: the same losses, parameters and
+(consolidated) optimizer state, with 1/dp of the dense optimizer state on each rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import luoshu as ls
+from tests.distributed.launcher import launch
+from tests.parallel.zero_train import Net, train
+
+
+def _check(tmp_path, workers: int) -> None:
+    job = launch(workers, "tests/parallel/zero_train.py", str(tmp_path), timeout=280)
+    assert job.returncode == 0, job.stderr[-3000:]
+    for rank in range(workers):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for mode in ("graph", "eager"):
+            plain = {k[len(f"{mode}/0/"):]: got[k] for k in got.files if k.startswith(f"{mode}/0/")}
+            assert any(k.startswith("state/") for k in plain)
+            for zero in (1, 2):
+                for key, expected in plain.items():
+                    value = got[f"{mode}/{zero}/{key}"]
+                    if key == "state_bytes":  # the dense parameters' state, per rank
+                        assert value * workers == expected, (mode, zero, value, expected)
+                    else:
+                        np.testing.assert_allclose(value, expected, rtol=1e-9, atol=1e-12,
+                                                   err_msg=f"{mode} zero={zero} rank {rank}: {key}")
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_zero_matches_plain_data_parallelism_on_two_processes(tmp_path):
+    _check(tmp_path, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_zero_matches_plain_data_parallelism_on_four_processes(tmp_path):
+    _check(tmp_path, 4)
+
+
+def test_one_process_equals_plain():
+    plain, zero = train("graph", 0, 1, 0), train("graph", 2, 1, 0)
+    for key, value in plain.items():
+        if key != "state_bytes":
+            np.testing.assert_allclose(zero[key], value, rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+def test_plan_accounts_for_the_shard_state():
+    model = Net().to(dtype="float64")
+    opt = ls.optim.Adam(model.parameters(), lr=0.01)
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, 2), "int64")
+        dense = ls.placeholder("dense", (None, 5), "float64")
+        loss = model(ids, dense).sum()
+        step = opt.minimize(loss)
+    ls.parallel.DataParallel(g, zero=1)
+    feed = {ids: np.zeros((3, 2), np.int64), dense: np.ones((3, 5))}
+    report = g.memory([loss, step], feed)
+    dense_params = sum(p.numpy().size for n, p in model.named_parameters() if not n.startswith("embedding"))
+    table = model.embedding.weight.numpy().size
+    # one process: the shard is everything; the table's Adam state is the model optimizer's
+    assert report.optimizer_state == 2 * 8 * (dense_params + table) + 4 * 2  # + the two step counters
+
+
+def test_bad_arguments():
+    model = Net()
+    with pytest.raises(ls.distributed.DistError, match="zero must be one of"):
+        ls.parallel.DataParallel(model, ls.optim.Adam(model.parameters()), zero=3)
+    with pytest.raises(ls.distributed.DistError, match="LAMB cannot be sharded"):
+        ls.parallel.DataParallel(model, ls.optim.LAMB(model.parameters()), zero=1)
+    with pytest.raises(ls.distributed.DistError, match="shards an optimizer"):
+        ls.parallel.DataParallel(model, zero=1)
+    with pytest.raises(ls.distributed.DistError, match="mode='allreduce', not 'hybrid'"):
+        ls.parallel.DataParallel(model, ls.optim.Adam(model.parameters()), mode="hybrid", zero=1)

@@ -1,0 +1,94 @@
+"""ZeRO-1/2 against plain data parallelism in the same job; run under `luoshu launch -n N`.
+
+    luoshu launch -n 2 tests/parallel/zero_train.py OUT_DIR
+
+Each run trains the same float64 model (an embedding table, so sparse gradients take the
+plain path, and two linear layers) for 5 AdamW steps with gradient clipping, in graph and eager
+mode, plain and with zero=1 and zero=2; every rank saves losses, final parameters, its
+optimizer-state bytes and the consolidated optimizer state.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+import luoshu as ls
+
+VOCAB, FIELDS, DIM, DENSE, HIDDEN = 20, 2, 3, 5, 7
+
+
+class Net(ls.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = ls.nn.Embedding(VOCAB, DIM)
+        self.hidden = ls.nn.Linear(FIELDS * DIM + DENSE, HIDDEN)
+        self.out = ls.nn.Linear(HIDDEN, 1)
+
+    def forward(self, ids, dense):
+        x = ls.ops.concat([self.embedding(ids).reshape((-1, FIELDS * DIM)), dense], axis=1)
+        return self.out(self.hidden(x).tanh()).reshape((-1,))
+
+
+def batches(workers: int, batch: int, steps: int = 5):
+    rng = np.random.default_rng(3)
+    for _ in range(steps):
+        ids = rng.integers(0, VOCAB, (workers * batch, FIELDS))
+        dense = rng.standard_normal((workers * batch, DENSE))
+        yield ids, dense, dense[:, 0] * 0.5 + 0.1 * ids[:, 0]
+
+
+def train(mode: str, zero: int, workers: int, rank: int, batch: int = 3) -> dict:
+    ls.manual_seed(7)
+    model = Net().to(dtype="float64")
+    opt = ls.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01, max_grad_norm=0.5)
+    lo, hi = rank * batch, (rank + 1) * batch
+    losses = []
+    if mode == "graph":
+        with ls.Graph() as g:
+            ids = ls.placeholder("ids", (None, FIELDS), "int64")
+            dense = ls.placeholder("dense", (None, DENSE), "float64")
+            y = ls.placeholder("y", (None,), "float64")
+            loss = ls.nn.functional.mse_loss(model(ids, dense), y)
+            step = opt.minimize(loss)
+        dp = ls.parallel.DataParallel(g, zero=zero) if zero else ls.parallel.DataParallel(g)
+        for i, d, t in batches(workers, batch):
+            losses.append(g.run([loss, step], {ids: i[lo:hi], dense: d[lo:hi], y: t[lo:hi]})[0])
+    else:
+        dp = ls.parallel.DataParallel(model, opt, zero=zero)
+        for i, d, t in batches(workers, batch):
+            out = loss = ls.nn.functional.mse_loss(dp(ls.tensor(i[lo:hi]), ls.tensor(d[lo:hi])), ls.tensor(t[lo:hi]))
+            losses.append(float(out.numpy()))
+            dp.minimize(loss)
+    result = {f"param/{name}": p.numpy().copy() for name, p in model.named_parameters()}
+    result["losses"] = np.array(losses)
+    if zero:
+        optimizers = dp.sync.optimizers()
+        state = dp.sync.consolidated_state_dict()
+    else:
+        optimizers, state = [opt], opt.state_dict()
+    dense_bytes = sum(t.numel() * t.element_size() for o in optimizers for p, st in o.state.items()
+                      if p.name != "weight" or p.shape[0] != VOCAB for k, t in st.items() if k != "step")
+    result["state_bytes"] = np.array(dense_bytes)
+    for key, value in state["tensors"].items():
+        result[f"state/{key}"] = value.numpy()
+    return result
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    ls.distributed.init()
+    rank, workers = ls.distributed.rank(), ls.distributed.world_size()
+    results = {}
+    for mode in ("graph", "eager"):
+        for zero in (0, 1, 2):
+            results.update({f"{mode}/{zero}/{k}": v for k, v in train(mode, zero, workers, rank).items()})
+    np.savez(f"{sys.argv[1]}/rank{rank}.npz", **results)
+    ls.distributed.barrier()
+    ls.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
