@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -76,6 +76,9 @@ class Strategy:
     dp_group: tuple = ()
     bucket_bytes: int = 25 * 2**20
     strategy: int = 0
+    # id(fetched tensor) -> the states it is fetched in (default: duplicate); a pipeline stage
+    # fetches its parameters' gradients in the parameters' own states.
+    fetch_states: dict = field(default_factory=dict)
 
     @property
     def shard(self) -> Shard:
@@ -335,7 +338,7 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
         for f in fetches:
             get(f)
             if f.kind != "token" and f.producer is not None and f.producer[0].opdef.name != "optimizer_update":
-                tensors[id(f)] = converted(f, S.dup(n))
+                tensors[id(f)] = converted(f, strategy.fetch_states.get(id(f), S.dup(n)))
     return Localized(local, tensors, states, feeds)
 
 
@@ -404,8 +407,10 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
     if getattr(opt, "per_parameter_norms", False) and shard.size > 1:
         split = [p.name for p in params if not states_of(p, strategy.strategy, shard.size).is_pure_duplicate()]
         if split:
-            raise StatesError(f"{type(opt).__name__} takes norms of whole parameters, but {split[:3]} are split over "
-                              f"the tensor-parallel axis of size {shard.size}; use another optimizer or tp=1")
+            raise StatesError(
+                f"{type(opt).__name__} takes norms of whole parameters, but {split[:3]} are split over "
+                f"the tensor-parallel axis of size {shard.size}; use another optimizer or tp=1"
+            )
     grads = []
     for entry in update_entries(attrs["params"], attrs["kinds"], op.inputs):
         p = params[entry.index]

@@ -24,12 +24,14 @@ each rank takes its DP share (`mesh.batch_slice`) and cuts it into M micro-batch
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from luoshu.compiler import states
 from luoshu.core.errors import Error
 from luoshu.core.graph import Graph
 from luoshu.core.graph import placeholder as make_placeholder
@@ -75,8 +77,6 @@ class Pipeline:
             raise PipelineError(f"pipeline: unknown schedule {schedule!r}; the schedules are {SCHEDULES}")
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise PipelineError(f"pipeline: micro_batches must be a positive int, found {micro_batches!r}")
-        if mesh.tp != 1:
-            raise PipelineError(f"pipeline: tensor parallelism inside pipeline stages (tp={mesh.tp}) is not supported")
         prefix, layers = _layers(model)
         pp = mesh.pp
         if len(layers) < pp:
@@ -177,6 +177,11 @@ class Pipeline:
         for p, gr in zip(self.params, self.param_grads):
             if gr is None:
                 raise PipelineError(f"pipeline: parameter {p.name} of stage {self.stage} gets no gradient")
+        strategy = states.default()
+        if strategy is not None and any(p.ds and not p.ds[0].is_pure_duplicate() for p in self.params):
+            # tensor parallel inside the stage: gradients stay this rank's blocks, activations go whole
+            wanted = {id(gr): p.ds[0] for p, gr in zip(self.params, self.param_grads) if p.ds}
+            states.attach(g, dataclasses.replace(strategy, fetch_states=wanted))
         self._shared = self._shared_parameters(used)
         self._compiled = True
 

@@ -85,8 +85,6 @@ class TensorParallel:
 def _check_mesh(mesh) -> DeviceMesh:
     if not isinstance(mesh, DeviceMesh):
         raise Error(f"parallelize: mesh must be a luoshu.distributed.DeviceMesh, found {type(mesh).__name__}")
-    if mesh.pp != 1:
-        raise Error(f"parallelize: pipeline parallelism (pp={mesh.pp}) is not supported by parallelize; use pp=1")
     return mesh
 
 

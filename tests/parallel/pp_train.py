@@ -1,6 +1,6 @@
 """GPT-2 trained with pipeline (and data) parallelism; run under `luoshu launch` by the tests.
 
-    luoshu launch -n N tests/parallel/pp_train.py --dp D --pp P --micro-batches M --schedule 1f1b --out PREFIX
+    luoshu launch -n N tests/parallel/pp_train.py --dp D --tp T --pp P --micro-batches M --schedule 1f1b --out PREFIX
 
 Rank r writes the losses (last stage), its stage's parameters and the peak number of
 micro-batches its stage kept alive to PREFIX.rank<r>.npz.
@@ -53,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b")
@@ -61,9 +62,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
-    mesh = ls.distributed.DeviceMesh(dp=args.dp, pp=args.pp)
+    mesh = ls.distributed.DeviceMesh(dp=args.dp, tp=args.tp, pp=args.pp)
     ls.manual_seed(11)
     model = GPT2(config(args.layers)).to(dtype="float64")
+    if args.tp > 1:
+        ls.parallel.parallelize(model, mesh)
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     stages = args.stages.split(",") if args.stages else None
     pipe = ls.parallel.pipeline(model, mesh, stages=stages, micro_batches=args.micro_batches, schedule=args.schedule)
@@ -73,7 +76,8 @@ def main() -> None:
         losses.append(pipe.step([ids], [y]))
         peak = max(peak, pipe.ledger.peak)
     names = {id(p): n for n, p in model.named_parameters()}
-    params = {names[id(p)]: p.numpy() for p in pipe.params}
+    full = ls.parallel.gather_parameters(model, mesh)  # whole values of TP-split ones (collective)
+    params = {names[id(p)]: full[names[id(p)]].numpy() for p in pipe.params}
     feeds = [t.name for t in pipe.graph._plans[next(iter(pipe.graph._plans))].feed_tensors]
     np.savez(
         f"{args.out}.rank{ls.distributed.rank()}.npz",

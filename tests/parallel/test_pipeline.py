@@ -83,11 +83,13 @@ def test_gradients_are_scaled_once_over_micro_batches():
         np.testing.assert_allclose(p.numpy(), ref_params[name], atol=1e-10, err_msg=name)
 
 
-def _compare(tmp_path, dp, pp, layers, m, sched, stages=None):
+def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1):
     out = tmp_path / "pp"
     args = [
         "--dp",
         str(dp),
+        "--tp",
+        str(tp),
         "--pp",
         str(pp),
         "--layers",
@@ -99,10 +101,10 @@ def _compare(tmp_path, dp, pp, layers, m, sched, stages=None):
         "--out",
         str(out),
     ] + (["--stages", ",".join(stages)] if stages else [])
-    proc = launch(dp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
+    proc = launch(dp * tp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref_losses, ref_params = pp_train.reference(layers)
-    runs = [np.load(f"{out}.rank{r}.npz") for r in range(dp * pp)]
+    runs = [np.load(f"{out}.rank{r}.npz") for r in range(dp * tp * pp)]
     last = [r for r in runs if int(r["stage"]) == pp - 1]
     np.testing.assert_allclose(np.mean([r["losses"] for r in last], axis=0), ref_losses, atol=1e-6)
     seen = set()
@@ -147,3 +149,11 @@ def test_pipeline_meshes_match_one_process(tmp_path, dp, pp, layers, m, sched):
 @pytest.mark.slow
 def test_named_stages(tmp_path):
     _compare(tmp_path, 1, 2, 4, 2, "1f1b", stages=["h.0", "h.3"])
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("sched", ["gpipe", "1f1b"])
+def test_tensor_parallel_stages_match_one_process(tmp_path, sched):
+    """Mesh (dp, tp, pp) = (1, 2, 2): each stage's graph compiles through the states pass."""
+    _compare(tmp_path, 1, 2, 2, 2, sched, tp=2)
