@@ -296,3 +296,66 @@ def test_gpt2_under_autocast_on_two_simulated_ranks(sp):
     expected = g2.run([loss2] + grads2, {ids2: ids_v, y2: y_v})
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b.astype(np.float32), rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_rank_dying_mid_step_ends_the_job_with_the_launchers_message(tmp_path):
+    job = launch(
+        2,
+        "tests/parallel/tp_train.py",
+        "--tp",
+        "2",
+        "--sp",
+        "--die-at",
+        "1",
+        "--out",
+        str(tmp_path / "x"),
+        timeout=150,
+        extra=("--timeout", "30"),
+    )
+    assert job.returncode != 0
+    assert "worker rank 1" in job.stderr and "SIGKILL" in job.stderr
+
+
+def test_bert_for_pretraining_on_two_simulated_ranks():
+    """BERT's Megatron layout (tied MLM decoder with its vocabulary bias split, padding mask)."""
+    from luoshu.models.language import BertConfig, BertForPreTraining
+
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        dropout=0.0,
+    )
+    ls.manual_seed(0)
+    model = BertForPreTraining(cfg).to(dtype="float64")
+    whole = {id(p): p.value.clone() for p in model.parameters()}
+    tpar = ls.parallel.parallelize(model, ls.distributed.DeviceMesh(tp=2, world_size=2), broadcast=False)
+    ST.set_default(None)
+    assert tpar.split["mlm_bias"] == "split(0)" and tpar.split["bert.layers.0.intermediate.weight"] == "split(0)"
+    for p in model.parameters():
+        p._value = whole[id(p)]
+    rng = np.random.default_rng(0)
+    ids_v = rng.integers(0, 64, (2, 8))
+    mask_v = np.ones((2, 8), np.int64)
+    mask_v[1, 6:] = 0
+    labels_v = np.where(rng.random((2, 8)) < 0.3, ids_v, -100)
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, 8), "int64")
+        mask = ls.placeholder("mask", (None, 8), "int64")
+        labels = ls.placeholder("labels", (None, 8), "int64")
+        nsp = ls.placeholder("nsp", (None,), "int64")
+        mlm, nsp_logits = model(ids, attention_mask=mask)
+        loss = BertForPreTraining.loss(mlm, nsp_logits, labels, nsp)
+        grads = ls.gradients(loss, [model.bert.word_embeddings.weight, model.mlm_bias, model.mlm_norm.weight])
+    fetches = [loss] + grads
+    feeds = {ids: ids_v, mask: mask_v, labels: labels_v, nsp: np.array([0, 1])}
+    expected = g.run(fetches, feeds)
+    values, states, _ = ST.simulate(topological_ops(fetches, g), fetches, 2, {id(k): v for k, v in feeds.items()})
+    for i in range(len(fetches)):
+        got = ST.assemble([v[i] for v in values], [s[i] for s in states]).numpy()
+        np.testing.assert_allclose(got, expected[i], rtol=1e-10, atol=1e-10)

@@ -11,6 +11,8 @@ PREFIX.rank<r>.npz. `train(...)` without a mesh is the one-process reference.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 
 import numpy as np
 import torch
@@ -36,8 +38,14 @@ def batches(seed: int = 3):
         yield ids, np.roll(ids, -1, axis=1)
 
 
-def train(model_name: str, mesh=None, sequence_parallel: bool = False, clip: float | None = None,
-          optimizer: str = "adamw"):
+def train(
+    model_name: str,
+    mesh=None,
+    sequence_parallel: bool = False,
+    clip: float | None = None,
+    optimizer: str = "adamw",
+    die_at: int | None = None,
+):
     """(losses, {name: full parameter}) after STEPS optimizer steps (gradients clipped to norm `clip`)."""
     ls.manual_seed(11)
     model = build(model_name).to(dtype="float64")
@@ -54,7 +62,9 @@ def train(model_name: str, mesh=None, sequence_parallel: bool = False, clip: flo
         step = opt.minimize(loss)
     rows = mesh.batch_slice(BATCH) if mesh is not None else slice(None)
     losses = []
-    for ids_v, y_v in batches():
+    for i, (ids_v, y_v) in enumerate(batches()):
+        if die_at == i and mesh is not None and mesh.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # a rank dying mid-job: its peers wait in a collective
         value, _ = g.run([loss, step], {ids: ids_v[rows], y: y_v[rows]})
         losses.append(float(value))
     if tp is not None:
@@ -71,6 +81,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--clip", type=float, default=None)
+    parser.add_argument("--die-at", type=int, default=None, help="rank 1 is killed before this step")
     parser.add_argument("--optimizers", default="adamw", help="comma-separated; one result file each")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -78,7 +89,7 @@ def main() -> None:
     ls.distributed.init()
     mesh = ls.distributed.DeviceMesh(dp=args.dp, tp=args.tp)
     for name in args.optimizers.split(","):
-        losses, params = train(args.model, mesh, args.sp, args.clip, name)
+        losses, params = train(args.model, mesh, args.sp, args.clip, name, args.die_at)
         suffix = "" if name == "adamw" else f".{name}"
         np.savez(f"{args.out}{suffix}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
     ls.distributed.shutdown()
