@@ -2,7 +2,8 @@
 
 A logical graph is built with global shapes; parameters (and optionally placeholders)
 carry `DStates` in `Tensor.ds[strategy]` (annotated by `luoshu.parallel.parallelize` or
-the tensor-parallel layers). `localize_graph` walks the pruned ops in order, the
+the tensor-parallel layers). Every rank feeds placeholders whole (one annotated otherwise
+is sliced in the local graph). `localize_graph` walks the pruned ops in order, the
 backward ops too (gradients are ops), and for each op:
 
 1. asks the op's `deduce_states` for its outputs' states given its inputs' states;
@@ -293,11 +294,15 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
         ds = states_of(t, strategy.strategy, n)
         shape = local_shape(t.shape, ds, t.name or "leaf")
         if t.kind == "placeholder":
-            view = Tensor(shape, t.dtype, t.device, name=t.name, kind="placeholder")
+            # Every rank feeds the whole value; a placeholder annotated otherwise is sliced here.
+            view = Tensor(t.shape, t.dtype, t.device, name=t.name, kind="placeholder")
             feeds[id(view)] = t
-        else:
-            value = leaf_values(t, ds) if leaf_values is not None else None
-            view = _LeafView(t, shape, value)
+            tensors[id(t)], states[id(t)] = view, S.dup(n)
+            if not S.same(ds, S.dup(n)):
+                tensors[id(t)], states[id(t)] = convert(view, S.dup(n), ds, t.shape, shard), ds
+            return tensors[id(t)]
+        value = leaf_values(t, ds) if leaf_values is not None else None
+        view = _LeafView(t, shape, value)
         tensors[id(t)] = view
         states[id(t)] = ds
         return view
@@ -489,7 +494,7 @@ def simulate(
         for lid, ph in loc.feeds.items():
             if id(ph) not in feeds:
                 raise GraphError(f"simulate: placeholder {ph.name!r} is not fed")
-            values[r][lid] = piece(torch.as_tensor(feeds[id(ph)]), loc.states[id(ph)], r)
+            values[r][lid] = torch.as_tensor(feeds[id(ph)])  # whole: the local graph slices what it needs
     run_lockstep([loc.graph for loc in locals_], values)
     return (
         [[_value(loc.tensors[id(f)], values[r]) for f in fetches] for r, loc in enumerate(locals_)],
