@@ -11,8 +11,16 @@ ps and hybrid read the tables with staleness 0 and no cache (exact synchronous t
 shared machine more processes than cores oversubscribe it, and the figures are noisy when
 other jobs run. Results go to runs/bench_dp_modes.csv.
 
+`--links` adds emulated networks next to loopback (`benchmarks/netem.py`): for a job of N
+workers the benchmark makes N network namespaces on a private bridge, shaped with tc, and
+runs each worker (and, in the ps modes, one server) as its own "node" of a multi-node
+`luoshu launch --nnodes N` inside its namespace, with its own address in 10.213.0.0/24; the
+gradient all-reduce and the parameter-server traffic both cross the shaped links. (So the
+ps modes have one server per node there, N in all, against one on loopback.) Everything is
+removed afterwards; without root, `ip` or `tc` those links are skipped with the reason.
+
     .venv/bin/python benchmarks/bench_dp_modes.py [--models wdl,dcn] [--workers 1,2,4] \
-        [--modes allreduce,ps,hybrid,hybrid+het]
+        [--modes allreduce,ps,hybrid,hybrid+het] [--links loopback,10gbit:50us,1gbit:200us]
 """
 
 from __future__ import annotations
@@ -108,6 +116,48 @@ def launch(model: str, mode: str, workers: int, args, out: str) -> dict:
     return json.loads(pathlib.Path(out).read_text())
 
 
+def launch_emulated(net, model: str, mode: str, workers: int, args, out: str) -> dict:
+    """One job as `workers` nodes, node k (one worker, + one server in the ps modes) in namespace k."""
+    import random
+
+    from luoshu.ps import auth
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "LUOSHU_JOB_SECRET": auth.new_secret()}
+    endpoint = f"{net.addresses[0]}:{random.randint(20000, 40000)}"  # inside the namespaces: nothing else listens
+    servers = [] if mode == "allreduce" else ["--servers", "1"]
+    procs = []
+    for k in range(workers):
+        cmd = [sys.executable, "-m", "luoshu.distributed.launch", "-n", "1", *servers, "--nnodes", str(workers),
+               "--node-rank", str(k), "--rdzv-endpoint", endpoint, "--rdzv-id", "bench",
+               # torch cannot tell that 10.213.0.1 is node 0's own address inside a namespace: say so
+               "--rdzv-conf", f"is_host={int(k == 0)}", "--ps-host",
+               net.addresses[k], __file__, "--worker", "--model", model, "--mode", mode, "--batch",
+               str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
+               str(args.repeats), "--out", out]
+        # Gloo and the agent must use the namespace address: the host name resolves to the real host there.
+        node_env = {**env, "GLOO_SOCKET_IFNAME": net.interface(k), "PET_LOCAL_ADDR": net.addresses[k]}
+        procs.append(net.run(k, cmd, cwd=ROOT, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True))
+    errors = []
+    deadline = time.monotonic() + args.timeout
+    for k, proc in enumerate(procs):
+        try:
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            errors.append(f"node {k} did not finish in {args.timeout} s")
+            continue
+        if proc.returncode != 0:
+            errors.append(f"node {k} failed:\n{err[-2000:]}")
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    if errors:
+        raise RuntimeError(f"{model} {mode} on {workers} workers over {net.link}: " + "\n".join(errors))
+    return json.loads(pathlib.Path(out).read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -123,6 +173,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--csv", default="runs/bench_dp_modes.csv")
+    parser.add_argument("--links", default="loopback",
+                        help="comma-separated: loopback and/or emulated links RATE:DELAY, e.g. 10gbit:50us,1gbit:200us")
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -133,15 +185,54 @@ def main() -> None:
     configs = [(m, w, mode) for m in args.models.split(",") for w in map(int, args.workers.split(","))
                for mode in args.modes.split(",")]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, (model, workers, mode) in enumerate(tqdm(configs, desc="jobs", unit="job")):
-            try:
-                res = launch(model, mode, workers, args, os.path.join(tmp, f"{k}.json"))
-            except RuntimeError as exc:  # report it, go on with the others
-                print(f"\n{exc}", file=sys.stderr)
+    links = args.links.split(",")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import netem
+
+    for link in links:
+        if link != "loopback":
+            ok, why = netem.available()
+            if not ok:
+                print(f"skipping the emulated link {link}: {why}")
                 continue
-            rows.append({"model": model, "workers": workers, "mode": mode, "samples_per_s": res["samples_per_s"],
-                         "hit_rate": res.get("hit_rate", "")})
+        nets: dict = {}
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                for k, (model, workers, mode) in enumerate(tqdm(configs, desc=f"jobs ({link})", unit="job")):
+                    out = os.path.join(tmp, f"{k}.json")
+                    try:
+                        if link == "loopback":
+                            res = launch(model, mode, workers, args, out)
+                        else:
+                            if workers not in nets:
+                                nets[workers] = netem.EmulatedNetwork(workers, link)
+                            res = launch_emulated(nets[workers], model, mode, workers, args, out)
+                    except RuntimeError as exc:  # report it, go on with the others
+                        print(f"\n{exc}", file=sys.stderr)
+                        continue
+                    described = link if link == "loopback" else nets[workers].describe()
+                    rows.append({"link": link, "shaping": described, "model": model, "workers": workers,
+                                 "mode": mode, "samples_per_s": res["samples_per_s"],
+                                 "hit_rate": res.get("hit_rate", "")})
+        finally:
+            for net in nets.values():
+                net.close()
+    if not rows:
+        return
+    for link in dict.fromkeys(r["link"] for r in rows):
+        shaping = next(r["shaping"] for r in rows if r["link"] == link)
+        print(f"\nlink {link}: {shaping}")
+        _print_rows([r for r in rows if r["link"] == link])
+    out = pathlib.Path(args.csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+def _print_rows(rows: list) -> None:
     by = {(r["model"], r["workers"], r["mode"]): r["samples_per_s"] for r in rows}
     print(f"\n{'model':>5} {'workers':>7} {'mode':>11} {'samples/s':>10} {'vs allreduce':>12} {'vs 1 worker':>11}")
     for r in rows:
@@ -150,13 +241,6 @@ def main() -> None:
         print(f"{r['model']:>5} {r['workers']:>7} {r['mode']:>11} {r['samples_per_s']:>10.0f} "
               f"{(r['samples_per_s'] / ref) if ref else float('nan'):>12.2f} "
               f"{(r['samples_per_s'] / one) if one else float('nan'):>11.2f}")
-    out = pathlib.Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

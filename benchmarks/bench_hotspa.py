@@ -54,7 +54,7 @@ def planner_rows() -> list[dict]:
     rows = []
     for src_text, dst_text in pairs:
         src, dst = H.parse_strategy(src_text), H.parse_strategy(dst_text)
-        (s_col, s_row), (d_col, d_row) = H._weight_layouts(src, cluster.world), H._weight_layouts(dst, cluster.world)
+        (s_col, s_row), (d_col, d_row) = H.weight_layouts(src, cluster.world), H.weight_layouts(dst, cluster.world)
         totals = {}
         for policy in ("balanced", "fcfs"):
             load, inter = {}, 0

@@ -138,6 +138,36 @@ def _run_launch(args: argparse.Namespace) -> int:
     return launch.main(args)
 
 
+# --- luoshu tune -------------------------------------------------------------------------------------
+
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", metavar="JOB", help="the `luoshu train` config (YAML/JSON) to tune")
+    p.add_argument("--space", required=True, metavar="FILE", help="search space (YAML/JSON): name -> range")
+    p.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop starting trials after this")
+    p.add_argument("--storage", default=None, help="study storage shared by parallel processes: a journal file "
+                   "path (recommended) or an RDB URL such as sqlite:///study.db (one writer only)")
+    p.add_argument("--study-name", default="luoshu", help="the study's name in the storage")
+    p.add_argument("--metric", default=None, help="eval metric to optimise (default: the task's first)")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    p.add_argument("--seed", type=int, default=None, help="the TPE sampler's seed")
+    p.add_argument("--out", default="runs/tune", metavar="DIR",
+                   help="trial jobs, best.yaml, trials.csv and plots go here (default runs/tune)")
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from luoshu.train import load_config
+    from luoshu.train.tune import tune_job
+
+    result = tune_job(load_config(args.job), load_config(args.space), n_trials=args.trials, timeout=args.timeout,
+                      storage=args.storage, study_name=args.study_name, metric=args.metric, pruner=args.pruner,
+                      seed=args.seed, out=args.out)
+    print(f"best {result.best_value:.6g} with {result.best_params}; trials {result.counts}; "
+          f"ready config {result.files['best']} (luoshu train --config {result.files['best']}), "
+          f"all trials {result.files['trials']}, plots in {args.out}")
+    return 0
+
+
 # --- luoshu serve -------------------------------------------------------------------------------------
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -227,6 +257,10 @@ COMMANDS: dict[str, Command] = {
                       _launch_arguments, _run_launch,
                       description="Start a script on N worker processes (and S parameter servers) per node through "
                                   "torchrun's elastic agent; multi-node with --nnodes/--node-rank/--rdzv-endpoint."),
+    "tune": Command("search a training job's hyper-parameters (Optuna: TPE, pruning; shared storage)",
+                    _tune_arguments, _run_tune,
+                    description="Run trials of a `luoshu train` job over a search space; processes given the same "
+                                "--storage work on one study. Writes best.yaml, trials.csv and plots to --out."),
     "serve": Command("serve model packages over the Open Inference Protocol (KServe v2), HTTP and gRPC",
                      _serve_arguments, _run_serve,
                      description="Serve model packages over HTTP/REST and gRPC with the KServe v2 / Triton protocol, "

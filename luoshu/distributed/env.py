@@ -9,7 +9,13 @@ in any collective; `init()` hands them the rendezvous store and runs the server 
 then exits the process so the script's training code never runs there. Everyone shares
 the rendezvous `TCPStore` (`ps_store()`), e.g. to publish server addresses. Workers count
 their exit in the store; once all have exited, a server that was never told to shut down
-exits by itself (after `SERVER_GRACE_S`), so the job ends.
+stops by itself (`workers_gone()`; `SERVER_GRACE_S` later it is ended regardless), so the job ends.
+
+Leaving: `init()` registers an orderly `shutdown()` at interpreter exit, so a script that
+never calls it still ends cleanly: the hooks of higher layers run first (`on_shutdown`;
+`luoshu.ps` closes its clients and tells the job's servers), then the process groups are
+destroyed (torch's Gloo threads would otherwise abort the interpreter's exit with
+"terminate called without an active exception"), then the worker counts its exit.
 
 Multi-node: every node runs `luoshu launch -n N --servers S --nnodes K --node-rank R
 --rdzv-endpoint host:port script.py`; torchrun numbers the nodes (`GROUP_RANK`), worker
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import os
 import sys
 import threading
@@ -40,6 +47,8 @@ class DistError(Error, RuntimeError):
 
 
 DEFAULT_TIMEOUT_S = 180.0  # bounds every collective: a dead peer never hangs the others forever
+# The per-job secret parameter servers and workers authenticate each other with (luoshu.ps.auth).
+JOB_SECRET_ENV = "LUOSHU_JOB_SECRET"
 
 
 @dataclass
@@ -130,16 +139,23 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     _state.__init__(initialized=True, backend=backend, rank=index, world_size=num_workers, local_rank=local_rank,
                     role=role, num_servers=num_servers, store=store, timeout=timeout)
     os.environ["LUOSHU_WORKER_RANK" if role == "worker" else "LUOSHU_SERVER_INDEX"] = str(index)
+    if num_servers and not os.environ.get(JOB_SECRET_ENV):
+        # A multi-node job whose nodes were not given one secret: the first process to ask sets it in the
+        # rendezvous store (which only the job's own processes join; weaker than a secret given to every node).
+        import secrets
+
+        os.environ[JOB_SECRET_ENV] = store.compare_set("luoshu/dist/job_secret", "", secrets.token_hex(32)).decode()
     if role == "server":
         _serve_and_exit(store, index, num_servers, num_workers)
-    if num_servers:
-        atexit.register(_count_worker_exit, store)
+    _register_exit()
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     # Workers only: the servers never join a collective, so the default group (and
     # torch.distributed.get_rank()) number workers from 0.
     torch_dist.init_process_group(backend, store=torch_dist.PrefixStore("luoshu/workers", store), rank=index,
                                   world_size=num_workers, timeout=timeout)
+    if num_workers > 1:
+        _start_heartbeat()
 
 
 def _report_uncaught_errors() -> None:
@@ -165,12 +181,22 @@ SERVER_GRACE_S = 10.0  # after the last worker exits, how long a server may stil
 
 
 def _count_worker_exit(store) -> None:
-    """atexit of a worker: lets the servers know, so a job whose workers never shut the
+    """A worker leaving: lets the servers know, so a job whose workers never shut the
     servers down (they did not use them, or forgot) still ends."""
     try:
         store.add(_WORKERS_EXITED, 1)
     except Exception:  # the job is ending anyway; the store may already be gone
         pass
+
+
+def workers_gone() -> bool:
+    """On a server: whether every worker of the job has left (counted its exit in the store)."""
+    if _state.store is None:
+        return False
+    try:
+        return _state.store.add(_WORKERS_EXITED, 0) >= _state.world_size
+    except Exception:  # the rendezvous store is gone, and the job with it
+        return True
 
 
 def _exit_when_workers_are_gone(store, num_workers: int) -> None:
@@ -259,10 +285,14 @@ def barrier(group: DeviceGroup | None = None) -> None:
     pg = process_group(group)
     if pg is None:
         return
+    ranks = _ranks_of(group)
+    if _monitor is not None:
+        _monitor.entered(ranks)
     try:
         torch_dist.barrier(group=pg)
     except RuntimeError as exc:
-        raise DistError(f"barrier on worker ranks {_ranks_of(group)} failed (a peer may have died): {exc}") from exc
+        late = _monitor.laggards(ranks) if _monitor is not None else ""
+        raise DistError(f"barrier on worker ranks {ranks} failed: {late or 'a peer may have died'}: {exc}") from exc
 
 
 def _ranks_of(group) -> tuple[int, ...]:
@@ -306,8 +336,153 @@ def group_rank(group: DeviceGroup | tuple | list | None = None) -> int:
     return members.index(_state.rank) if _state.rank in members else -1
 
 
+# --- per-rank progress: who did not arrive --------------------------------------------------------
+_HEARTBEAT = "luoshu/dist/heartbeat/"
+HEARTBEAT_S = 0.5
+
+
+class _Monitor:
+    """Counts the collectives this worker entered per group and publishes the counts with a time stamp
+    in the store every `HEARTBEAT_S` (its own thread and store connection). When a collective fails,
+    `laggards` compares the members' counts: a member behind this one never arrived (and its heartbeat's
+    age tells a stuck process, still beating, from a dead or frozen one)."""
+
+    def __init__(self, store, rank: int, world: int):
+        self.store, self.rank, self.world = store, rank, world
+        self.counts: dict[tuple, int] = {}
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="luoshu-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _key(self, ranks) -> tuple:
+        members = tuple(sorted(ranks)) if ranks else ()
+        return () if members == tuple(range(self.world)) else members
+
+    def entered(self, ranks) -> None:
+        key = self._key(ranks)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _beat(self) -> None:
+        counts = {",".join(map(str, k)): v for k, v in list(self.counts.items())}
+        with self.lock:
+            self.store.set(f"{_HEARTBEAT}{self.rank}", json.dumps({"t": time.time(), "counts": counts}))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - the store may be gone at the job's end
+                pass
+            if self.stopped.wait(HEARTBEAT_S):
+                return
+
+    def _read(self, rank: int) -> dict | None:
+        key = f"{_HEARTBEAT}{rank}"
+        with self.lock:
+            if not self.store.check([key]):
+                return None
+            return json.loads(self.store.get(key).decode())
+
+    def laggards(self, ranks) -> str:
+        """Which members of the group did not arrive at this worker's current collective ("" if all did)."""
+        key = self._key(ranks)
+        mine = self.counts.get(key, 0)
+        members = key or tuple(range(self.world))
+        late, now = [], time.time()
+        for r in members:
+            if r == self.rank:
+                continue
+            beat = self._read(r)
+            if beat is None:
+                late.append((r, f"worker rank {r} never reported"))
+                continue
+            theirs = int(beat["counts"].get(",".join(map(str, key)), 0))
+            if theirs < mine:
+                age = now - float(beat["t"])
+                state = "still running" if age < 5 * HEARTBEAT_S + 2 else f"silent for {age:.0f} s: dead or frozen?"
+                late.append((r, f"worker rank {r} is at collective {theirs} ({state})"))
+        if not late:
+            return ""
+        who = ", ".join(str(r) for r, _ in late)
+        what = "all workers" if not key else f"worker ranks {key}"
+        plural = "s" if len(late) > 1 else ""
+        return (f"worker rank{plural} {who} did not arrive at collective {mine} over {what}, which worker rank "
+                f"{self.rank} waited for; " + "; ".join(text for _, text in late))
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=2.0)
+
+
+_monitor: _Monitor | None = None
+
+
+def _start_heartbeat() -> None:
+    global _monitor
+    from luoshu.ops import comm
+
+    try:  # its own connection: a store client is not shared between threads
+        store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    except (KeyError, ValueError, RuntimeError):
+        return  # no way to publish progress: collectives still work, failures just name no laggard
+    _monitor = _Monitor(store, _state.rank, _state.world_size)
+    comm.set_monitor(_monitor)
+
+
+def _stop_heartbeat() -> None:
+    global _monitor
+    if _monitor is not None:
+        from luoshu.ops import comm
+
+        comm.set_monitor(None)
+        _monitor.stop()
+        _monitor = None
+
+
+# Callables run when this process leaves the job (newest first): registered by higher layers.
+_shutdown_hooks: list[Callable[[], None]] = []
+_exit_registered = False
+
+
+def on_shutdown(hook: Callable[[], None]) -> None:
+    """Registers `hook` to run once when this process leaves the job (`shutdown()`, or the
+    interpreter's exit after `init()`), before the process groups are destroyed."""
+    _shutdown_hooks.append(hook)
+
+
+def _register_exit() -> None:
+    global _exit_registered
+    if not _exit_registered:
+        atexit.register(_at_exit)
+        _exit_registered = True
+
+
+def _at_exit() -> None:
+    if _state.initialized:
+        shutdown()
+
+
 def shutdown() -> None:
-    """Leaves the job: destroys the process groups (a no-op when not initialised)."""
+    """Leaves the job (a no-op when not initialised): runs the `on_shutdown` hooks (parameter-server
+    clients closed, servers told), destroys the process groups, and counts this worker's exit
+    for the servers. `init()` registers it at interpreter exit; calling it earlier is fine."""
+    failures = []
+    while _shutdown_hooks:
+        hook = _shutdown_hooks.pop()
+        try:
+            hook()
+        except Exception as exc:  # noqa: BLE001 - every hook runs, and the groups are destroyed regardless
+            failures.append(exc)
+    _stop_heartbeat()
     if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+        try:
+            torch_dist.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - a peer may be gone already
+            failures.append(exc)
+    if _state.role == "worker" and _state.num_servers and _state.store is not None:
+        _count_worker_exit(_state.store)
     _state.__init__()
+    for exc in failures:
+        print(f"luoshu.distributed.shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)

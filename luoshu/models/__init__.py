@@ -10,6 +10,8 @@
   returns `(mlm_logits (B, L, vocab), nsp_logits (B, 2))`.
 - "ctr": `forward(dense (B, dense_dim) float, sparse (B, num_slots) int64)` -> (B,) click logits.
 - "rating": `forward(users (B,), items (B,))` int64 -> (B,) interaction logits.
+- "node": `forward(x (N, in_features), graph)` -> (N, num_classes) logits; `graph` a
+  `luoshu.gnn.SparseGraph` or a sampled `MiniBatch`'s blocks (see `luoshu.gnn.models`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from luoshu.core.errors import Error
+from luoshu.gnn.models import GAT, GCN, GATConfig, GCNConfig, GraphSAGE, GraphSAGEConfig
 from luoshu.models.language import (
     GPT2,
     Attention,
@@ -67,7 +70,7 @@ from luoshu.models.vision import (
     resnet50,
 )
 
-TASKS = ("image", "sequence", "seq2seq", "lm", "ctr", "rating")
+TASKS = ("image", "sequence", "seq2seq", "lm", "ctr", "rating", "node")
 
 MODELS: dict[str, tuple[type, type, str]] = {
     "mlp": (MLPConfig, MLP, "image"),
@@ -89,6 +92,9 @@ MODELS: dict[str, tuple[type, type, str]] = {
     "dlrm": (CTRConfig, DLRM, "ctr"),
     "lr": (CTRConfig, LogisticRegression, "ctr"),
     "ncf": (NCFConfig, NCF, "rating"),
+    "gcn": (GCNConfig, GCN, "node"),
+    "graphsage": (GraphSAGEConfig, GraphSAGE, "node"),
+    "gat": (GATConfig, GAT, "node"),
 }
 
 
@@ -129,4 +135,6 @@ __all__ = [
     # recommendation
     "CTRConfig", "CrossNetwork", "DCN", "DLRM", "DeepFM", "LogisticRegression", "NCF", "NCFConfig",
     "SlotEmbedding", "WideAndDeep",
+    # graphs
+    "GAT", "GATConfig", "GCN", "GCNConfig", "GraphSAGE", "GraphSAGEConfig",
 ]

@@ -1,11 +1,17 @@
 """Sequence and language models: LSTM classifier, Transformer seq2seq, BERT, GPT-2 and LLaMA.
 
 Token inputs are (batch, length) int64 ids; every model returns logits. Inside a
-define-and-run graph the batch size may stay `None`, but the sequence length must be
-known when the graph is built (positions, masks and rotary tables are sized by it, and
-recurrent layers unroll over it). One `Attention` module serves BERT, GPT-2 and LLaMA:
-multi-head or grouped-query, optionally causal and rotary, on the fused
-`scaled_dot_product_attention` op.
+define-and-run graph the batch size may stay `None`, and so may the sequence length of
+BERT, GPT-2, LLaMA and the encoder-decoder Transformer: their positions, rotary tables and
+causal masks are then sized by the fed length when the graph runs, so one graph (and one
+compiled plan) serves every length. The LSTM classifier still needs the length when the
+graph is built (it unrolls over it). One `Attention` module serves BERT, GPT-2 and LLaMA: multi-head or
+grouped-query, optionally causal and rotary, on the fused `scaled_dot_product_attention` op.
+
+Packed rows (several sequences concatenated, see `luoshu.data.pack_sequences`): GPT-2 and
+LLaMA take `positions=` (each sequence restarting at 0) and `segment_ids=` (attention stays
+inside a segment: a block-diagonal causal mask), so a packed row trains exactly as its
+sequences would one by one.
 """
 
 from __future__ import annotations
@@ -69,17 +75,42 @@ def _divides(config, heads: str, dim: str) -> None:
                     f"({getattr(config, heads)})")
 
 
-def _check_ids(model: str, ids, max_len: int | None = None) -> int:
-    """Validates (batch, length) ids; returns the length."""
+def _check_ids(model: str, ids, max_len: int | None = None, runtime_length: bool = False) -> int | None:
+    """Validates (batch, length) ids; returns the length (None: fed at run time, where allowed)."""
     if ids.ndim != 2 or ids.dtype not in ("int64", "int32"):
         raise Error(f"{model}: expected (batch, length) integer token ids, found shape {ids.shape} of {ids.dtype}")
     length = ids.shape[1]
-    if length is None:
+    if length is None and not runtime_length:
         raise Error(f"{model}: the sequence length must be known when the graph is built; "
                     f"give the placeholder a fixed length, found shape {ids.shape}")
-    if max_len is not None and length > max_len:
+    if max_len is not None and length is not None and length > max_len:
         raise Error(f"{model}: sequence length {length} exceeds the configured maximum {max_len}")
     return length
+
+
+def _check_like_ids(model: str, name: str, value, ids) -> None:
+    """`positions` / `segment_ids` must be integer and (batch, length) like the ids (or (length,))."""
+    if value is None:
+        return
+    if value.dtype not in ("int64", "int32") or value.ndim not in (1, 2) or \
+            value.shape[-1] not in (None, ids.shape[1]) and ids.shape[1] is not None:
+        raise Error(f"{model}: {name} must be integer, (batch, length) like the ids {ids.shape} or (length,), "
+                    f"found shape {value.shape} of {value.dtype}")
+    if name == "segment_ids" and value.ndim != 2:
+        raise Error(f"{model}: segment_ids must be (batch, length) like the ids {ids.shape}, found {value.shape}")
+
+
+def segment_mask(segment_ids):
+    """(B, 1, L, L) bool, True where query i and key j lie in the same segment: the block-diagonal
+    mask of packed rows (padding, segment 0 by `pack_sequences`' convention, attends only to
+    padding, so no row of the softmax is empty)."""
+    return ops.unsqueeze(ops.unsqueeze(segment_ids, 2) == ops.unsqueeze(segment_ids, 1), 1)
+
+
+def causal_mask(x, axis: int = 1):
+    """(L, L) bool lower-triangular mask for the run-time length of `x` along `axis`."""
+    position = ops.arange_like(x, axis)
+    return ops.unsqueeze(position, 1) >= ops.unsqueeze(position, 0)
 
 
 def _init_normal(module: Module, std: float) -> None:
@@ -128,14 +159,23 @@ def _table(array: np.ndarray, like):
     return make_constant(array, dtype=like.dtype, device=like.device)
 
 
+def _gather_rows(table, positions):
+    """table[positions] for (L,) or (B, L) integer positions -> (L, D) or (B, L, D)."""
+    return ops.embedding(positions, table)
+
+
 class Attention(Module):
     """Self-attention with `num_heads` query heads sharing `num_kv_heads` key/value heads (GQA;
     equal counts are ordinary multi-head attention), separate q/k/v/o projections, optional
     causal masking and rotary position embeddings on queries and keys. `dropout` applies to the
-    attention probabilities and to the output (as BERT and GPT-2 do) while training."""
+    attention probabilities and to the output (as BERT and GPT-2 do) while training.
+
+    The length may be `None` (fed at run time); rotary embeddings then read their angles from a
+    table of `max_positions` rows by position, as they do when `positions` are given."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = True,
-                 causal: bool = False, rotary: bool = False, rope_theta: float = 10000.0, dropout: float = 0.0):
+                 causal: bool = False, rotary: bool = False, rope_theta: float = 10000.0, dropout: float = 0.0,
+                 max_positions: int | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
@@ -147,6 +187,7 @@ class Attention(Module):
         if rotary and self.head_dim % 2:
             raise Error(f"Attention: rotary embeddings need an even head dim, found {self.head_dim}")
         self.causal, self.rotary, self.rope_theta = causal, rotary, rope_theta
+        self.max_positions = max_positions
         kv = num_kv_heads * self.head_dim
         self.q_proj = Linear(dim, dim, bias=bias)
         self.k_proj = Linear(dim, kv, bias=bias)
@@ -155,47 +196,69 @@ class Attention(Module):
         self.attn_dropout, self.resid_dropout = float(dropout), Dropout(dropout)
         self._rope_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _heads(self, x, heads: int, length: int):
+    def _heads(self, x, heads: int, length: int | None):
         """(B, L, heads * D) -> (B, heads, L, D)."""
-        return ops.permute(x.reshape((-1, length, heads, self.head_dim)), 0, 2, 1, 3)
+        # A known length keeps `reshape` (whose distributed-states rule tensor parallelism
+        # uses); a run-time one needs `unflatten`, as batch and length are then both unknown.
+        x = ops.unflatten(x, -1, (heads, self.head_dim)) if length is None else \
+            x.reshape((-1, length, heads, self.head_dim))
+        return ops.permute(x, 0, 2, 1, 3)
 
-    def _rope(self, length: int, like):
-        if self._rope_cache is None or self._rope_cache[0] < length:
-            self._rope_cache = (length, *rotary_tables(length, self.head_dim, self.rope_theta))
+    def _rope(self, length: int | None, like, positions=None):
+        """(cos, sin) broadcastable to (B, heads, L, head_dim)."""
+        if positions is None and length is not None:
+            if self._rope_cache is None or self._rope_cache[0] < length:
+                self._rope_cache = (length, *rotary_tables(length, self.head_dim, self.rope_theta))
+            _, cos, sin = self._rope_cache
+            return _table(cos[:length], like), _table(sin[:length], like)
+        if self.max_positions is None:
+            raise Error("Attention: rotary embeddings at a run-time length or at given positions need "
+                        "max_positions (the size of the angle table), found None")
+        if self._rope_cache is None or self._rope_cache[0] < self.max_positions:
+            self._rope_cache = (self.max_positions, *rotary_tables(self.max_positions, self.head_dim,
+                                                                   self.rope_theta))
         _, cos, sin = self._rope_cache
-        return _table(cos[:length], like), _table(sin[:length], like)
+        positions = ops.arange_like(like, 2, limit=self.max_positions) if positions is None else positions
+        cos, sin = (_gather_rows(_table(t[:self.max_positions], like), positions) for t in (cos, sin))
+        if positions.ndim == 2:  # (B, L, D) -> (B, 1, L, D): the same angles for every head
+            cos, sin = ops.unsqueeze(cos, 1), ops.unsqueeze(sin, 1)
+        return cos, sin
 
-    def forward(self, x, mask=None):
-        """x: (B, L, dim); mask: optional, broadcastable to (B, heads, L, L), bool (True = attend)
-        or additive float."""
-        if x.ndim != 3 or x.shape[2] != self.dim or x.shape[1] is None:
-            raise Error(f"Attention: expected (batch, length, {self.dim}) with a known length, found {x.shape}")
-        if self.causal and mask is not None:
-            raise Error("Attention: a causal attention takes no extra mask")
+    def forward(self, x, mask=None, positions=None):
+        """x: (B, L, dim), L may be None; mask: optional, broadcastable to (B, heads, L, L), bool
+        (True = attend) or additive float — a causal attention also applies its causal mask;
+        positions: optional (L,) or (B, L) integer positions for the rotary angles (default
+        0..L-1)."""
+        if x.ndim != 3 or x.shape[2] != self.dim:
+            raise Error(f"Attention: expected (batch, length, {self.dim}), found {x.shape}")
         length = x.shape[1]
         q = self._heads(self.q_proj(x), self.num_heads, length)
         k = self._heads(self.k_proj(x), self.num_kv_heads, length)
         v = self._heads(self.v_proj(x), self.num_kv_heads, length)
         if self.rotary:
-            cos, sin = self._rope(length, q)
+            cos, sin = self._rope(length, q, positions)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             # Query head h reads key/value head h // rep: repeat each kv head rep times in place.
-            k, v = (ops.unsqueeze(t, 2).repeat(1, 1, rep, 1, 1).reshape((-1, self.num_heads, length, self.head_dim))
+            k, v = (ops.unsqueeze(t, 2).repeat(1, 1, rep, 1, 1) for t in (k, v))
+            k, v = (ops.flatten(t, 1, 2) if length is None else t.reshape((-1, self.num_heads, length, self.head_dim))
                     for t in (k, v))
+        if self.causal and mask is not None:  # the fused op takes a mask or is_causal, not both
+            mask = _and_mask(mask, causal_mask(x))
         if self.training and self.attn_dropout:
-            out = self._attend_with_dropout(q, k, v, mask, length)
+            out = self._attend_with_dropout(q, k, v, mask, x)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
-        out = ops.permute(out, 0, 2, 1, 3).reshape((-1, length, self.dim))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        out = ops.permute(out, 0, 2, 1, 3)
+        out = ops.flatten(out, 2, 3) if length is None else out.reshape((-1, length, self.dim))
         return self.resid_dropout(self.o_proj(out))
 
-    def _attend_with_dropout(self, q, k, v, mask, length: int):
+    def _attend_with_dropout(self, q, k, v, mask, x):
         """The attention spelled out, since the fused op has no dropout on its probabilities."""
         scores = ops.matmul(q, ops.transpose(k, -2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        if self.causal:
-            mask = make_constant(np.tril(np.ones((length, length), bool)), device=q.device)
+        if self.causal and mask is None:
+            mask = causal_mask(x)
         if mask is not None:
             scores = ops.where(mask, scores, -np.inf) if mask.dtype == "bool" else scores + mask
         return ops.matmul(F.dropout(F.softmax(scores, dim=-1), self.attn_dropout, True), v)
@@ -203,6 +266,13 @@ class Attention(Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, causal={self.causal}, "
                 f"rotary={self.rotary}")
+
+
+def _and_mask(mask, allowed):
+    """`mask` (bool: True = attend, or additive float) restricted to where `allowed` (bool) holds."""
+    if mask.dtype == "bool":
+        return mask & allowed
+    return ops.where(allowed, mask, -np.inf)
 
 
 # --- LSTM classifier ----------------------------------------------------------------------
@@ -320,9 +390,13 @@ class Transformer(Module):
         self._positions = sinusoidal_positions(c.max_len, c.d_model)
 
     def _embed(self, embedding: Embedding, ids, what: str):
-        length = _check_ids(f"Transformer ({what})", ids, self.config.max_len)
+        length = _check_ids(f"Transformer ({what})", ids, self.config.max_len, runtime_length=True)
         x = embedding(ids) * math.sqrt(self.config.d_model)
-        return self.dropout(x + _table(self._positions[:length], x))
+        if length is None:  # the table's rows at 0..L-1, L read when the graph runs
+            positions = _gather_rows(_table(self._positions, x), ops.arange_like(ids, 1, limit=self.config.max_len))
+        else:
+            positions = _table(self._positions[:length], x)
+        return self.dropout(x + positions)
 
     def padding_mask(self, ids):
         """(B, L) bool, True at pad_id tokens (torch's key_padding_mask convention); None without pad_id."""
@@ -342,6 +416,15 @@ class Transformer(Module):
     def forward(self, src, tgt):
         src_mask = self.padding_mask(src)
         return self.decode(tgt, self.encode(src, src_mask), src_mask, self.padding_mask(tgt))
+
+
+def _position_rows(table: Embedding, ids, length: int | None, positions=None):
+    """The learned position embeddings of `ids`' positions: the first `length` rows of the
+    table when the length is known and no positions are given (a slice, whose gradient is
+    dense as before), else the rows at `positions` (default 0..L-1 read at run time)."""
+    if positions is None and length is not None:
+        return table.weight[:length]
+    return table(ops.arange_like(ids, 1, limit=table.weight.shape[0]) if positions is None else positions)
 
 
 # --- BERT ---------------------------------------------------------------------------------
@@ -387,8 +470,9 @@ class BertLayer(Module):
 
 
 class Bert(Module):
-    """The encoder: `forward(input_ids, token_type_ids=None, attention_mask=None)` ->
-    (sequence output (B, L, H), pooled [CLS] output (B, H)). attention_mask: (B, L), nonzero = real token."""
+    """The encoder: `forward(input_ids, token_type_ids=None, attention_mask=None, position_ids=None)` ->
+    (sequence output (B, L, H), pooled [CLS] output (B, H)). attention_mask: (B, L), nonzero = real
+    token; position_ids: (B, L) or (L,), default 0..L-1 (L may be fed at run time)."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -402,9 +486,11 @@ class Bert(Module):
         self.pooler = Linear(c.hidden_size, c.hidden_size)
         _init_normal(self, c.initializer_range)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
-        length = _check_ids("Bert", input_ids, self.config.max_position_embeddings)
-        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:length]
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None):
+        length = _check_ids("Bert", input_ids, self.config.max_position_embeddings, runtime_length=True)
+        _check_like_ids("Bert", "position_ids", position_ids, input_ids)
+        x = self.word_embeddings(input_ids) + _position_rows(self.position_embeddings, input_ids, length,
+                                                             position_ids)
         if token_type_ids is not None:
             x = x + self.token_type_embeddings(token_type_ids)
         else:  # every token is segment 0
@@ -437,8 +523,8 @@ class BertForPreTraining(Module):
             init.normal_(m.weight, 0.0, c.initializer_range)
             init.zeros_(m.bias)
 
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
-        x, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, position_ids=None):
+        x, pooled = self.bert(input_ids, token_type_ids, attention_mask, position_ids)
         h = self.mlm_norm(F.gelu(self.mlm_transform(x)))
         mlm = F.linear(h, self.bert.word_embeddings.weight, self.mlm_bias)
         return mlm, self.nsp(pooled)
@@ -494,14 +580,16 @@ class GPTBlock(Module):
         self.ln_2 = LayerNorm(c.n_embd, eps=c.layer_norm_eps, bias=c.bias)
         self.mlp = GPTMLP(c)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT2(Module):
     """Token + learned position embeddings, pre-LN blocks, final LN, LM head tied to the token
-    embedding: `forward(ids)` -> (B, L, vocab) next-token logits."""
+    embedding: `forward(ids, positions=None, segment_ids=None)` -> (B, L, vocab) next-token
+    logits. L may be fed at run time. Packed rows: `positions` (B, L) restart at 0 in each
+    sequence and `segment_ids` (B, L) keep attention inside a sequence."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -516,11 +604,14 @@ class GPT2(Module):
             for proj in (block.attn.o_proj, block.mlp.c_proj):
                 init.normal_(proj.weight, 0.0, 0.02 / math.sqrt(2 * c.n_layer))
 
-    def forward(self, ids):
-        length = _check_ids("GPT2", ids, self.config.block_size)
-        x = self.drop(self.wte(ids) + self.wpe.weight[:length])
+    def forward(self, ids, positions=None, segment_ids=None):
+        length = _check_ids("GPT2", ids, self.config.block_size, runtime_length=True)
+        _check_like_ids("GPT2", "positions", positions, ids)
+        _check_like_ids("GPT2", "segment_ids", segment_ids, ids)
+        x = self.drop(self.wte(ids) + _position_rows(self.wpe, ids, length, positions))
+        mask = None if segment_ids is None else segment_mask(segment_ids)
         for block in self.h:
-            x = block(x)
+            x = block(x, mask)
         return F.linear(self.ln_f(x), self.wte.weight)
 
 
@@ -587,17 +678,19 @@ class LlamaBlock(Module):
         super().__init__()
         self.input_layernorm = RMSNorm(c.dim, eps=c.norm_eps)
         self.self_attn = Attention(c.dim, c.n_heads, c.n_kv_heads, bias=False, causal=True, rotary=True,
-                                   rope_theta=c.rope_theta)
+                                   rope_theta=c.rope_theta, max_positions=c.max_seq_len)
         self.post_attention_layernorm = RMSNorm(c.dim, eps=c.norm_eps)
         self.mlp = LlamaMLP(c.dim, c.ffn_dim)
 
-    def forward(self, x):
-        x = x + self.self_attn(self.input_layernorm(x))
+    def forward(self, x, mask=None, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), mask, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Llama(Module):
-    """`forward(ids)` -> (B, L, vocab) next-token logits (parameter names follow Hugging Face's)."""
+    """`forward(ids, positions=None, segment_ids=None)` -> (B, L, vocab) next-token logits
+    (parameter names follow Hugging Face's). L may be fed at run time; `positions` and
+    `segment_ids` as GPT-2's (packed rows)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -608,10 +701,13 @@ class Llama(Module):
         self.lm_head = None if c.tie_embeddings else Linear(c.dim, c.vocab_size, bias=False)
         _init_normal(self, c.initializer_range)
 
-    def forward(self, ids):
-        _check_ids("Llama", ids, self.config.max_seq_len)
+    def forward(self, ids, positions=None, segment_ids=None):
+        _check_ids("Llama", ids, self.config.max_seq_len, runtime_length=True)
+        _check_like_ids("Llama", "positions", positions, ids)
+        _check_like_ids("Llama", "segment_ids", segment_ids, ids)
         x = self.embed_tokens(ids)
+        mask = None if segment_ids is None else segment_mask(segment_ids)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, mask, positions)
         x = self.norm(x)
         return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)

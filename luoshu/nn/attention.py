@@ -24,7 +24,7 @@ def _split_heads(x, heads: int):
     """(N, L, E) -> (N, heads, L, E / heads)."""
     n, length, e = x.shape
     if n is None and length is None:  # a reshape may leave only one dim unknown
-        return ops.stack(ops.split(x, heads, axis=-1), axis=1)
+        return ops.permute(ops.unflatten(x, -1, (heads, e // heads)), 0, 2, 1, 3)
     x = x.reshape((-1 if n is None else n, -1 if length is None else length, heads, e // heads))
     return ops.permute(x, 0, 2, 1, 3)
 
@@ -32,9 +32,9 @@ def _split_heads(x, heads: int):
 def _merge_heads(x):
     """(N, heads, L, D) -> (N, L, heads * D)."""
     n, heads, length, d = x.shape
-    if n is None and length is None:
-        return ops.squeeze(ops.concat(ops.split(x, heads, axis=1), axis=-1), 1)
     x = ops.permute(x, 0, 2, 1, 3)
+    if n is None and length is None:
+        return ops.flatten(x, 2, 3)
     return x.reshape((-1 if n is None else n, -1 if length is None else length, heads * d))
 
 
@@ -100,20 +100,20 @@ class MultiheadAttention(Module):
             b_q, b_k, b_v = ops.split(self.in_proj_bias, 3, axis=0)
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-    def _masks(self, key_padding_mask, attn_mask, is_causal, length, source, like, batched):
+    def _masks(self, key_padding_mask, attn_mask, is_causal, length, source, like, key, batched):
         """One additive float mask broadcastable to (N, heads, L, S), or None."""
         dtype = like.dtype
         if attn_mask is None and is_causal:
-            if length is None or source is None:
-                raise Error("MultiheadAttention: is_causal without attn_mask needs known sequence lengths")
-            attn_mask = make_constant(np.triu(np.ones((length, source), bool), 1), device=like.device)
+            if length is None or source is None:  # sized when the graph runs: key j is blocked for query i < j
+                attn_mask = ops.unsqueeze(ops.arange_like(like, 1), 1) < ops.unsqueeze(ops.arange_like(key, 1), 0)
+            else:
+                attn_mask = make_constant(np.triu(np.ones((length, source), bool), 1), device=like.device)
         mask = None
         if attn_mask is not None:
             mask = _as_additive(attn_mask, dtype)
-            if attn_mask.ndim == 3:
-                if length is None or source is None:
-                    raise Error("MultiheadAttention: a 3-d attn_mask needs known sequence lengths")
-                mask = mask.reshape((-1, self.num_heads, length, source))
+            if attn_mask.ndim == 3:  # (N * heads, L, S)
+                mask = ops.unflatten(mask, 0, (-1, self.num_heads)) if length is None or source is None else \
+                    mask.reshape((-1, self.num_heads, length, source))
             elif attn_mask.ndim != 2:
                 raise Error(f"MultiheadAttention: attn_mask must be 2-d or 3-d, found shape {attn_mask.shape}")
         if key_padding_mask is not None:
@@ -135,7 +135,7 @@ class MultiheadAttention(Module):
         elif not self.batch_first:
             query, key, value = (ops.transpose(t, 0, 1) for t in (query, key, value))
         q, k, v = self._project(query, key, value)  # (N, L, E), (N, S, E), (N, S, E)
-        mask = self._masks(key_padding_mask, attn_mask, is_causal, q.shape[1], k.shape[1], q, batched)
+        mask = self._masks(key_padding_mask, attn_mask, is_causal, q.shape[1], k.shape[1], q, k, batched)
         extra = 0
         if self.bias_k is not None:
             k = ops.concat([k, self.bias_k + ops.zeros_like(k[:, :1])], axis=1)

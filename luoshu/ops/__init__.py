@@ -23,6 +23,7 @@ from luoshu.ops import (
     random,
     reduction,
     shape,
+    sparse,
     update,
 )
 from luoshu.ops import tensor_methods as _tensor_methods
@@ -37,8 +38,10 @@ from luoshu.ops.norm import *  # noqa: F403
 from luoshu.ops.random import *  # noqa: F403
 from luoshu.ops.reduction import *  # noqa: F403
 from luoshu.ops.shape import *  # noqa: F403
+from luoshu.ops.sparse import *  # noqa: F403
 
-_FAMILIES = (comm, conv, creation, elementwise, linalg, loss, nn, norm, parallel, ps, random, reduction, shape, update)
+_FAMILIES = (comm, conv, creation, elementwise, linalg, loss, nn, norm, parallel, ps, random, reduction, shape, sparse,
+             update)
 
 
 def __getattr__(name: str):

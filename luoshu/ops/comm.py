@@ -46,6 +46,16 @@ def set_group_resolver(resolver: Callable) -> None:
     _group_resolver = resolver
 
 
+# Installed by `luoshu.distributed` too: `entered(ranks)` as a collective starts (per-rank progress),
+# `laggards(ranks) -> str` when one fails (which members never arrived; "" if it cannot tell).
+_monitor = None
+
+
+def set_monitor(monitor) -> None:
+    global _monitor
+    _monitor = monitor
+
+
 def _group(name: str, ranks: tuple):
     if _group_resolver is None:  # luoshu.distributed not loaded: a single process
         if ranks and tuple(ranks) != (0,):
@@ -56,6 +66,14 @@ def _group(name: str, ranks: tuple):
 
 def _comm_failed(name: str, ranks: tuple, exc: Exception) -> Error:
     who = "its group" if ranks is None else f"worker ranks {tuple(ranks)}" if ranks else "all workers"
+    late = ""
+    if _monitor is not None:
+        try:
+            late = _monitor.laggards(ranks)
+        except Exception:  # noqa: BLE001 - naming the laggard must never hide the failure itself
+            late = ""
+    if late:
+        return ExecutionError(f"{name} over {who} failed: {late}: {exc}")
     return ExecutionError(f"{name} over {who} failed: a peer process died or did not join within the "
                           f"collective timeout (luoshu launch names a dead process): {exc}")
 
@@ -117,6 +135,8 @@ def _finish(buffer: torch.Tensor, name: str) -> torch.Tensor:
 
 def _run(name: str, ranks, fn, buffer: torch.Tensor, async_op: bool, finish: Callable | None = None):
     """Runs collective `fn(async_op)` writing into `buffer`; synchronous unless `async_op`."""
+    if _monitor is not None:
+        _monitor.entered(ranks)
     try:
         work = fn(async_op)
         if not async_op:

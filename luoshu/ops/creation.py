@@ -10,6 +10,7 @@ import torch
 from luoshu.core import dtypes
 from luoshu.core.errors import OpError, ShapeError
 from luoshu.core.op import OpDef, apply, register
+from luoshu.core.shapes import normalize_axis
 from luoshu.core.tensor import TensorMeta, normalize_device
 
 
@@ -52,6 +53,32 @@ class FullLike(_Like):
         return torch.full_like(x, fill_value, dtype=dtypes.to_torch(dtype) if dtype else None)
 
 
+@register
+class ArangeLike(OpDef):
+    """0, 1, ..., n - 1 for n the run-time size of `x` along `axis`: the positions of a sequence
+    whose length is fed at run time (a `None` dim), on x's device. With `limit`, a size above it
+    is refused when the plan runs (a model's maximum length, before an out-of-range lookup)."""
+
+    name = "arange_like"
+    differentiable = False
+    attrs = {"axis": 0, "dtype": "int64", "limit": None}
+
+    def infer(self, inputs, axis, dtype, limit):
+        x = inputs[0]
+        n = x.shape[normalize_axis(self.name, axis, x.ndim)]
+        if limit is not None and n is not None and n > limit:
+            raise self.shape_error(inputs, f"axis {axis} has size {n}, more than the limit {limit}")
+        return TensorMeta((n,), dtypes.dtype_name(dtype))
+
+    @staticmethod
+    def compute(x, axis, dtype, limit):
+        n = x.shape[axis]
+        if limit is not None and n > limit:
+            raise OpError(f"arange_like: the fed size {n} of axis {axis} exceeds the limit {limit} "
+                          "(the maximum sequence length)")
+        return torch.arange(n, dtype=dtypes.to_torch(dtype), device=x.device)
+
+
 def zeros_like(x, dtype=None):
     return apply("zeros_like", x, dtype=dtype)
 
@@ -62,6 +89,12 @@ def ones_like(x, dtype=None):
 
 def full_like(x, fill_value, dtype=None):
     return apply("full_like", x, fill_value=fill_value, dtype=dtype)
+
+
+def arange_like(x, axis: int = 0, dtype="int64", limit: int | None = None):
+    """`arange(x.shape[axis])` with the size read when the graph runs (at most `limit`)."""
+    return apply("arange_like", x, axis=int(axis), dtype=dtypes.dtype_name(dtype),
+                 limit=None if limit is None else int(limit))
 
 
 # --- from nothing: shape, dtype and device are attributes ------------------------------------
@@ -189,4 +222,4 @@ def eye(n: int, m: int | None = None, dtype=None, device=None):
                  device=normalize_device(device))
 
 
-__all__ = ["arange", "eye", "full", "full_like", "ones", "ones_like", "zeros", "zeros_like"]
+__all__ = ["arange", "arange_like", "eye", "full", "full_like", "ones", "ones_like", "zeros", "zeros_like"]

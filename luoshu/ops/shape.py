@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import math
 import numbers
 
 import numpy as np
@@ -112,6 +113,65 @@ def reshape_like(x, like):
     if not _has_unknown(like.shape):
         return apply("reshape", x, shape=like.shape)
     return apply("reshape_like", x, like)
+
+
+@register
+class Flatten(OpDef):
+    """Axes `start`..`end` merged into one; unlike `reshape`, any number of the other dims may
+    be `None` (a batch and a sequence length both fed at run time)."""
+
+    name = "flatten"
+    attrs = {"start": 0, "end": -1}
+
+    def infer(self, inputs, start, end):
+        x, = inputs
+        a, b = normalize_axis(self.name, start, x.ndim), normalize_axis(self.name, end, x.ndim)
+        if a > b:
+            raise self.shape_error(inputs, f"start axis {start} comes after end axis {end}")
+        return TensorMeta(x.shape[:a] + (numel(x.shape[a:b + 1]),) + x.shape[b + 1:], x.dtype)
+
+    @staticmethod
+    def compute(x, start, end):
+        return x.flatten(start, end)
+
+    def gradient(self, op, grads):
+        return [reshape_like(grads[0], op.inputs[0])]
+
+
+@register
+class Unflatten(OpDef):
+    """Axis `axis` split into `sizes` (at most one -1, inferred); the other dims may be `None`."""
+
+    name = "unflatten"
+    attrs = {"axis": 0, "sizes": ()}
+
+    def infer(self, inputs, axis, sizes):
+        x, = inputs
+        a = normalize_axis(self.name, axis, x.ndim)
+        sizes = tuple(int(d) for d in sizes)
+        if not sizes or sum(d == -1 for d in sizes) > 1 or any(d < -1 for d in sizes):
+            raise self.shape_error(inputs, f"sizes {sizes} must be non-empty with at most one -1 and no other "
+                                           "negatives")
+        known = math.prod(d for d in sizes if d != -1)
+        n = x.shape[a]
+        if n is None:
+            out = tuple(None if d == -1 else d for d in sizes)
+        elif -1 in sizes:
+            if known == 0 or n % known:
+                raise self.shape_error(inputs, f"axis {axis} of size {n} cannot split into {sizes}")
+            out = tuple(n // known if d == -1 else d for d in sizes)
+        elif known != n:
+            raise self.shape_error(inputs, f"axis {axis} of size {n} cannot split into {sizes}")
+        else:
+            out = sizes
+        return TensorMeta(x.shape[:a] + out + x.shape[a + 1:], x.dtype)
+
+    @staticmethod
+    def compute(x, axis, sizes):
+        return x.unflatten(axis, sizes)
+
+    def gradient(self, op, grads):
+        return [reshape_like(grads[0], op.inputs[0])]
 
 
 @register
@@ -903,6 +963,16 @@ def reshape(x, *shape):
     return apply("reshape", x, shape=tuple(int(d) for d in shape))
 
 
+def flatten(x, start: int = 0, end: int = -1):
+    """Axes start..end (inclusive) merged into one, as `torch.flatten`."""
+    return apply("flatten", x, start=int(start), end=int(end))
+
+
+def unflatten(x, axis: int, sizes):
+    """Axis `axis` split into `sizes`, as `torch.unflatten`."""
+    return apply("unflatten", x, axis=int(axis), sizes=tuple(int(d) for d in sizes))
+
+
 def unsqueeze(x, axis: int):
     return apply("unsqueeze", x, axis=axis)
 
@@ -1105,6 +1175,6 @@ def slice_like(x, *parts, index: int, axis: int = 0):
     return apply("slice_like", x, *parts, index=index, axis=axis)
 
 
-__all__ = ["broadcast_to", "concat", "flip", "gather", "getitem", "index_add", "index_select", "one_hot", "pad",
-           "permute", "repeat", "reshape", "reshape_like", "scatter_add", "slice", "slice_like",
-           "sparse_to_dense", "split", "squeeze", "stack", "transpose", "tril", "triu", "unsqueeze"]
+__all__ = ["broadcast_to", "concat", "flatten", "flip", "gather", "getitem", "index_add", "index_select", "one_hot",
+           "pad", "permute", "repeat", "reshape", "reshape_like", "scatter_add", "slice", "slice_like",
+           "sparse_to_dense", "split", "squeeze", "stack", "transpose", "tril", "triu", "unflatten", "unsqueeze"]

@@ -41,6 +41,7 @@ import numpy as np
 
 from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.core.errors import Error
+from luoshu.data.packing import bucketize
 from luoshu.parallel.hot_switch import Layout, plan_hot_switch
 
 
@@ -246,7 +247,7 @@ def static_strategies(cluster: ClusterSpec, model: ModelSpec) -> list[Strategy]:
     return out
 
 
-def _weight_layouts(st: Strategy, world: int) -> tuple[Layout, Layout]:
+def weight_layouts(st: Strategy, world: int) -> tuple[Layout, Layout]:
     """Layouts of a column- and a row-parallel weight of one layer's first stage under `st`
     (tp adjacent, dp outer; the stage's ranks the first tp·dp of the first stage)."""
     ranks = [d * st.tp * st.pp + t for d in range(st.dp) for t in range(st.tp)]
@@ -269,7 +270,7 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
         return 0.0
     h, f = model.hidden, model.ffn_dim
     seconds = 0.0
-    for (s_col, s_row), (d_col, d_row) in [(_weight_layouts(src, cluster.world), _weight_layouts(dst, cluster.world))]:
+    for (s_col, s_row), (d_col, d_row) in [(weight_layouts(src, cluster.world), weight_layouts(dst, cluster.world))]:
         for shape, s_layout, d_layout, count in [((3 * h, h), s_col, d_col, 1), ((h, h), s_row, d_row, 1),
                                                  ((2 * f, h), s_col, d_col, 1), ((h, f), s_row, d_row, 1)]:
             plan = plan_hot_switch(shape, 2, s_layout, d_layout, node_size=cluster.gpus_per_node)
@@ -277,19 +278,6 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
             seconds += count * plan.max_send_bytes / bw
     layers_held = math.ceil(model.layers / min(src.pp, dst.pp))
     return 2.0 * seconds * layers_held
-
-
-def bucketize(lengths: Sequence[int], bounds: Sequence[int]) -> list[list[int]]:
-    """Lengths grouped by descending `bounds` (the last bound is 0): bucket i takes lengths
-    in (bounds[i+1], bounds[i]]; the first also takes anything longer."""
-    bounds = [int(b) for b in bounds]
-    if any(a <= b for a, b in zip(bounds[:-1], bounds[1:])) or not bounds or bounds[-1] != 0:
-        raise HotSPaError(f"bucket bounds must be strictly descending and end with 0, found {list(bounds)}")
-    buckets: list[list[int]] = [[] for _ in bounds[:-1]]
-    for n in lengths:
-        i = next((k for k in range(len(bounds) - 1) if n > bounds[k + 1]), len(bounds) - 2)
-        buckets[i].append(int(n))
-    return buckets
 
 
 def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=False):

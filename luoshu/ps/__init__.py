@@ -31,6 +31,7 @@ from luoshu.ps.embedding import (
 from luoshu.ps.local import LocalServers, start_local_servers
 from luoshu.ps.protocol import (
     IdOutOfRangeError,
+    PartialPushError,
     ProtocolError,
     PSError,
     ServerUnavailableError,
@@ -59,7 +60,7 @@ def __getattr__(name: str):
 __all__ = [
     "CacheError", "CacheStats", "HETCache", "PSEmbedding", "PSSlotEmbedding",
     "prefetch", "ps_embeddings", "push_gradients", "replace_embeddings",
-    "Client", "IdOutOfRangeError", "LocalServers", "PSError", "ParameterServer", "ProtocolError",
+    "Client", "IdOutOfRangeError", "PartialPushError", "LocalServers", "PSError", "ParameterServer", "ProtocolError",
     "ServerUnavailableError", "SnapshotError", "TableError", "connect", "initial_rows", "map_ids", "serve",
     "shard_of", "start_local_servers", "WorkerTimeoutError",
 ]

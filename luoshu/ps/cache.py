@@ -21,11 +21,15 @@ The cache talks to anything with the parameter-server client's table calls:
 `pull(name, ids) -> (rows, versions)`, `pull_async(name, ids) -> Future`, and
 `push(name, ids, grads, scale=...) -> Future`. Pushes are not waited for: a pull issued
 after a push reaches each server after it, as the client sends every request to a
-server in order over one socket.
+server in order over one socket. Every push's future is kept until its reply has come;
+`end_step` raises the first push (in issue order) that has failed by then and `flush`
+waits for all of them, so a refused push is never lost silently, whatever order the
+replies arrive in.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,7 +126,7 @@ class HETCache:
         # Gradients leaving the cache this step (evicted rows): pushed with end_step's push.
         self._out_ids: list[np.ndarray] = []
         self._out_grads: list[np.ndarray] = []
-        self._last_push = None  # the future of the newest push
+        self._pushes: list = []  # the future of every push whose reply has not been looked at, in issue order
         self._staged: list = []  # prefetches: (sorted ids, future, clock at issue)
         self._deferred_prefetch: np.ndarray | None = None
         self._served_ids = self._served_versions = np.empty(0, np.int64)
@@ -305,11 +309,26 @@ class HETCache:
         self.stats.rows_pulled += n
         self.stats.bytes_pulled += n * (_ID_BYTES + _VERSION_BYTES + self.dim * self.dtype.itemsize)
 
-    def _check_last_push(self) -> None:
-        """Raises the error of the previous push, if it failed (pushes are not waited for)."""
-        if self._last_push is not None and self._last_push.done():
-            future, self._last_push = self._last_push, None
-            future.result()
+    def _check_pushes(self, wait: bool = False, timeout_s: float | None = None) -> None:
+        """Forgets the pushes whose replies came (all of them first, with `wait`) and raises the
+        first failure among them in issue order, noting how many failed: their gradients are lost."""
+        if not self._pushes:
+            return
+        if wait:
+            _, not_done = concurrent.futures.wait(self._pushes, timeout=timeout_s)
+            if not_done:
+                raise CacheError(f"cache of table {self.table!r}: {len(not_done)} pushes still have no reply "
+                                 f"after {timeout_s:g} s")
+        done = [f for f in self._pushes if f.done()]
+        if not done:
+            return
+        self._pushes = [f for f in self._pushes if not f.done()]
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if failed:
+            first = failed[0]
+            first.add_note(f"cache of table {self.table!r}: {len(failed)} pushes failed; their gradients were not "
+                           "applied (this is the first of them)")
+            raise first
 
     def _evict(self, count: int, exclude: np.ndarray | None = None) -> None:
         """Drops the `count` lowest-scored resident rows (not those in `exclude`), writing
@@ -384,6 +403,8 @@ class HETCache:
             next_ids, self._deferred_prefetch = self._deferred_prefetch, None
         if next_ids is not None:
             self._issue_prefetch(self._unique(self._check_ids(next_ids).reshape(-1))[0], self.clock)
+        # Last, so the step itself is complete (its push sent, the clock advanced) when a failure is raised.
+        self._check_pushes()
 
     def _push_out(self, force: bool = False) -> None:
         if self._out_ids:
@@ -402,8 +423,7 @@ class HETCache:
                 summed = np.zeros((len(uniq), self.dim), grads.dtype)
                 np.add.at(summed, inverse, grads)
                 ids, grads = uniq, summed
-        self._check_last_push()
-        self._last_push = self.client.push(self.table, ids, grads, scale=self.scale)
+        self._pushes.append(self.client.push(self.table, ids, grads, scale=self.scale))
         self.stats.pushes += 1
         self.stats.rows_pushed += len(ids)
         self.stats.bytes_pushed += len(ids) * (_ID_BYTES + self.dim * self.dtype.itemsize)
@@ -435,10 +455,11 @@ class HETCache:
         self._staged.append((uniq, self.client.pull_async(self.table, uniq), stamp))
         self._count_pull(len(uniq))
 
-    def flush(self, refresh: bool = True) -> None:
-        """Writes back every accumulated gradient now (one push, waited for); with `refresh`
-        re-pulls the resident rows, so the cache then holds exactly the server's rows. On a
-        synchronous table this is one push of a round: every worker must flush together."""
+    def flush(self, refresh: bool = True, timeout_s: float | None = None) -> None:
+        """Writes back every accumulated gradient now (one push) and waits for the replies of every
+        push still outstanding, raising the first that failed; with `refresh` re-pulls the resident
+        rows, so the cache then holds exactly the server's rows. On a synchronous table this is
+        one push of a round: every worker must flush together."""
         slots = self._slot_of
         pending = self._has_pending[slots]
         if pending.any():
@@ -449,9 +470,7 @@ class HETCache:
             self.stats.write_backs += int(pending.sum())
         if self._out_ids or self.sync:  # a synchronous table counts this push in every worker's rounds
             self._push_out(force=True)
-        if self._last_push is not None:
-            future, self._last_push = self._last_push, None
-            future.result()
+        self._check_pushes(wait=True, timeout_s=timeout_s)
         self._staged = []
         if refresh and len(self._keys):
             rows, versions = self.client.pull(self.table, self._keys)

@@ -16,6 +16,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 from concurrent.futures import Future
@@ -23,6 +24,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from luoshu.distributed import env as dist
+from luoshu.ps import auth as A
 from luoshu.ps import protocol as P
 from luoshu.ps.protocol import STORE_PREFIX, PSError, ServerUnavailableError, TableError
 
@@ -76,6 +78,43 @@ class _Gather:
         self._fail(exc)
 
 
+class _PushGather:
+    """The outcome of a push to every shard: completes once EVERY shard answered (or timed out), so a
+    failure can say exactly which shards applied the push (`PartialPushError`) and which did not."""
+
+    def __init__(self, n: int, table: str, future: Future, name_of):
+        self.outcomes: list = [None] * n  # True (applied) or the exception
+        self.left, self.table, self.future, self.name_of = n, table, future, name_of
+        self.lock = threading.Lock()
+
+    def _record(self, k: int, outcome) -> None:
+        with self.lock:
+            if self.outcomes[k] is not None:
+                return
+            self.outcomes[k] = outcome
+            self.left -= 1
+            if self.left:
+                return
+        applied = [k for k, o in enumerate(self.outcomes) if o is True]
+        failed = {k: o for k, o in enumerate(self.outcomes) if o is not True}
+        if not failed:
+            self.future.set_result(None)
+        elif not applied:  # nothing changed anywhere: the shards are still in step
+            self.future.set_exception(failed[min(failed)])
+        else:
+            reasons = "; ".join(f"{self.name_of(k)}: {exc}" for k, exc in failed.items())
+            self.future.set_exception(P.PartialPushError(
+                f"push to table {self.table!r} was applied by servers {applied} but not by servers "
+                f"{sorted(failed)} ({reasons}); the shards are out of step until Client.resync() rolls them "
+                "back to a common snapshot", self.table, applied, failed))
+
+    def part(self, k: int) -> None:
+        self._record(k, True)
+
+    def error(self, k: int, exc: BaseException) -> None:
+        self._record(k, exc)
+
+
 def _ids_array(ids, table: str) -> np.ndarray:
     arr = np.asarray(ids)
     if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
@@ -88,7 +127,8 @@ def _ids_array(ids, table: str) -> np.ndarray:
 class Client:
     """A worker's connection to all parameter servers (see `luoshu.ps.connect`)."""
 
-    def __init__(self, addresses: list[str], worker_rank: int = 0, timeout_s: float = 30.0):
+    def __init__(self, addresses: list[str], worker_rank: int = 0, timeout_s: float = 30.0,
+                 secret: str | None = None):
         import zmq
 
         if not addresses:
@@ -108,6 +148,7 @@ class Client:
             s.setsockopt(zmq.IMMEDIATE, 1)
             s.setsockopt(zmq.RECONNECT_IVL, 50)
             s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            A.secure_client(s, secret)
             s.connect(addr)
             self._socks.append(s)
         endpoint = f"inproc://luoshu-ps-client-{id(self)}-{os.getpid()}"
@@ -120,6 +161,7 @@ class Client:
         self._ids = itertools.count(1)
         self._closing = False
         self._closed = False
+        self._told_servers = False
         self._tables: dict[str, dict] = {}
         self.counters = {"requests": 0, "rows_pulled": 0, "rows_pushed": 0, "bytes_sent": 0, "bytes_received": 0,
                          "timeouts": 0}
@@ -359,8 +401,16 @@ class Client:
             raise TableError(f"push to table {name!r}: grads must be floating with shape "
                              f"({mapped.size}, {config['dim']}), found {grads.dtype}{list(grads.shape)}")
         grads = np.ascontiguousarray(grads)
+        # Checked here, not only on the servers: a shard refusing its part while the others apply
+        # theirs would leave the table out of step.
+        if grads.size and not np.isfinite(grads).all():
+            bad = int(grads.size - np.isfinite(grads).sum())
+            raise P.ProtocolError(f"push to table {name!r}: {bad} gradient values are NaN or infinite; refused, "
+                                  "nothing sent")
+        if not (isinstance(scale, (int, float, np.floating)) and np.isfinite(scale)):
+            raise P.ProtocolError(f"push to table {name!r}: scale must be a finite number, found {scale!r}")
         future: Future = Future()
-        gather = _Gather(self.num_servers, lambda parts: None, future)
+        gather = _PushGather(self.num_servers, name, future, self._server_name)
         # Every server gets a part, empty or not, so the table step advances on every shard.
         for k in range(self.num_servers):
             if positions[0] is None:
@@ -369,7 +419,7 @@ class Client:
             else:
                 part_ids, part_grads = mapped[positions[k]], grads[positions[k]]
             self._submit(k, P.PUSH, {"table": name, "scale": float(scale)}, (part_ids, part_grads),
-                         lambda msg, k=k: gather.part(k, None), gather.error)
+                         lambda msg, k=k: gather.part(k), lambda exc, k=k: gather.error(k, exc))
         self.counters["rows_pushed"] += mapped.size
         return future
 
@@ -422,9 +472,29 @@ class Client:
                               f"{info['num_servers']}, the client expected server {k} of {self.num_servers}")
         return infos
 
-    def snapshot(self) -> list[str]:
-        """Makes every server write a snapshot now; returns their paths."""
-        return [m.args["path"] for m in self._call_all(P.SNAPSHOT, lambda k: {})]
+    def snapshot(self, tag: str | None = None) -> list[str]:
+        """Makes every server write a snapshot now; returns their paths. With `tag` (1-64 characters of
+        [A-Za-z0-9_.-], e.g. f"step-{step}") the snapshots can later be restored together by `resync`."""
+        args = {} if tag is None else {"tag": tag}
+        return [m.args["path"] for m in self._call_all(P.SNAPSHOT, lambda k: args)]
+
+    def resync(self) -> str:
+        """Rolls every server back to the newest snapshot tag that all of them hold, so the shards of
+        every table are at the same step again (after a `PartialPushError`, or a server that restarted
+        from its snapshot while the others went on); returns that tag, for the worker to resume from it.
+        Raises `SnapshotError` when the servers share no tagged snapshot."""
+        infos = self.hello()
+        common = None
+        for info in infos:
+            tags = info.get("snapshot_tags") or []
+            common = list(tags) if common is None else [t for t in common if t in tags]
+        if not common:
+            raise P.SnapshotError(f"resync: the servers share no tagged snapshot (their tags: "
+                                  f"{[info.get('snapshot_tags') for info in infos]}); take one with snapshot(tag=...)")
+        tag = common[0]  # newest first on every server
+        self._call_all(P.RESTORE, lambda k: {"tag": tag})
+        self._tables.clear()
+        return tag
 
     def stats(self) -> dict:
         """{"servers": [per-server counters and tables], "client": this client's counters}."""
@@ -434,9 +504,10 @@ class Client:
         """Waits until every worker of the job has reached a barrier (held by server 0)."""
         self._call_all(P.BARRIER, lambda k: {"wait_s": self._wait_s(timeout_s)}, servers=[0], timeout_s=timeout_s)
 
-    def shutdown_servers(self, force: bool = False) -> None:
+    def shutdown_servers(self, force: bool = False, timeout_s: float | None = None) -> None:
         """Tells the servers this worker is done; they exit once every worker has (or at once with force)."""
-        replies = self._call_all(P.SHUTDOWN, lambda k: {"force": bool(force)})
+        self._told_servers = True
+        replies = self._call_all(P.SHUTDOWN, lambda k: {"force": bool(force)}, timeout_s=timeout_s)
         # Tell each stopping server its reply arrived, so it can exit now rather than after its grace period.
         for k, reply in enumerate(replies):
             if reply.args.get("stopping"):
@@ -466,10 +537,13 @@ def _jsonable(value):
     return value
 
 
-def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_s: float = 30.0) -> Client:
+def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_s: float = 30.0,
+            secret: str | None = None) -> Client:
     """Connects a worker to the parameter servers: by `addresses` (a list, or what
     `start_local_servers` returned) or through `store`, where `serve` published them (by default
     the launcher's store, with `worker_rank` = `luoshu.distributed.rank()`).
+    `secret` authenticates this worker (default: the servers' own from `start_local_servers`,
+    else the job's `LUOSHU_JOB_SECRET`; see `luoshu.ps.auth`).
     Checks every server answers (else `ServerUnavailableError` within `timeout_s`)."""
     # Under `luoshu launch --servers S`, luoshu.distributed knows the rendezvous store and this worker's rank
     # (torchrun's RANK also counts the server processes).
@@ -485,15 +559,42 @@ def connect(store=None, addresses=None, worker_rank: int | None = None, timeout_
         num = int(store.get(f"{STORE_PREFIX}/num_servers").decode())
         addresses = [store.get(f"{STORE_PREFIX}/{k}/address").decode() for k in range(num)]
     elif hasattr(addresses, "addresses"):
+        if secret is None:
+            secret = getattr(addresses, "secret", None)
         addresses = addresses.addresses
     elif isinstance(addresses, str):
         addresses = [addresses]
     if worker_rank is None:
         worker_rank = int(os.environ.get("LUOSHU_WORKER_RANK", os.environ.get("RANK", "0")))
-    client = Client(list(addresses), worker_rank, timeout_s)
+    client = Client(list(addresses), worker_rank, timeout_s, secret if secret is not None else A.job_secret())
     try:
         client.hello()
     except BaseException:
         client.close()
         raise
+    if dist.is_initialized():
+        # The job's own servers (found through the launcher's store) are told at the worker's exit, so a
+        # script that never calls shutdown_servers() still lets them stop at once.
+        job_store = dist.ps_store()[0]
+        dist.on_shutdown(_at_job_exit(client, tell_servers=job_store is not None and store is job_store))
     return client
+
+
+EXIT_TIMEOUT_S = 5.0
+
+
+def _at_job_exit(client: Client, tell_servers: bool):
+    """The hook `luoshu.distributed.shutdown` runs for `client` (held weakly: it may be gone by then)."""
+    ref = weakref.ref(client)
+
+    def hook() -> None:
+        c = ref()
+        if c is None or c._closed:
+            return
+        try:
+            if tell_servers and not c._told_servers:
+                c.shutdown_servers(timeout_s=EXIT_TIMEOUT_S)
+        finally:
+            c.close()
+
+    return hook

@@ -1,4 +1,7 @@
-"""Parameter servers as local subprocesses, for tests and single-machine use without the launcher."""
+"""Parameter servers as local subprocesses, for tests and single-machine use without the launcher.
+
+They bind loopback by default and admit only clients holding the secret this module creates for
+them (`servers.secret`; `luoshu.ps.connect(addresses=servers)` uses it): see `luoshu.ps.auth`."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+from luoshu.ps import auth as A
 from luoshu.ps.protocol import PSError, ServerUnavailableError
-from luoshu.ps.server import READY_LINE, ParameterServer, _configure
+from luoshu.ps.server import READY_LINE, ParameterServer, ServerSocket
 
 _ROOT = str(Path(__file__).resolve().parents[2])
 # `-c` rather than `-m luoshu.ps.server`: runpy warns when the package has already imported the module.
@@ -23,28 +27,18 @@ class _ThreadServer:
     """A server running in a thread of this process (`in_process=True`): quick to start, for tests."""
 
     def __init__(self, k: int, owner: LocalServers, port: int):
-        import zmq
-
         self.server = ParameterServer(k, owner.num_servers, owner.num_workers, owner.snapshot_dir,
                                       owner.snapshot_every_s)
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        _configure(self.sock)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if port:
-            self.sock.bind(f"tcp://{owner.host}:{port}")
-        else:
-            port = self.sock.bind_to_random_port(f"tcp://{owner.host}")
-        self.address = f"tcp://{owner.host}:{port}"
+        self.socket = ServerSocket(owner.host, port or None, owner.secret)
+        self.address = f"tcp://{owner.host}:{self.socket.port}"
         self.thread = threading.Thread(target=self._run, name=f"luoshu-ps-server-{k}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            self.server.run(self.sock)
+            self.server.run(self.socket.sock, monitor=self.socket.monitor)
         finally:
-            self.sock.close(linger=0)
-            self.ctx.term()
+            self.socket.close(linger=0)
 
     def poll(self):
         return None if self.thread.is_alive() else 0
@@ -66,9 +60,11 @@ class LocalServers:
 
     def __init__(self, num_servers: int, num_workers: int = 1, snapshot_dir=None,
                  snapshot_every_s: float | None = None, host: str = "127.0.0.1", startup_timeout_s: float = 60.0,
-                 log_level: str = "WARNING", in_process: bool = False):
+                 log_level: str = "WARNING", in_process: bool = False, secret: str | None = None):
         if num_servers <= 0 or num_workers <= 0:
             raise PSError(f"need at least one server and one worker, found {num_servers} and {num_workers}")
+        # One secret for these servers and their clients; "" turns authentication off (not recommended).
+        self.secret = (secret if secret is not None else A.new_secret()) or None
         self.num_servers, self.num_workers = num_servers, num_workers
         self.snapshot_dir = None if snapshot_dir is None else str(snapshot_dir)
         self.snapshot_every_s = snapshot_every_s
@@ -112,6 +108,9 @@ class LocalServers:
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("LUOSHU_PS_LOG", self.log_level)
         env.setdefault("OMP_NUM_THREADS", "1")
+        env.pop(A.SECRET_ENV, None)
+        if self.secret is not None:  # in the environment, not argv: other users can read a command line
+            env[A.SECRET_ENV] = self.secret
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
 
     def _wait_ready(self, k: int) -> str:
@@ -197,14 +196,15 @@ class LocalServers:
 def start_local_servers(num_servers: int, num_workers: int = 1, snapshot_dir=None,
                         snapshot_every_s: float | None = None, host: str = "127.0.0.1",
                         startup_timeout_s: float = 60.0, log_level: str = "WARNING",
-                        in_process: bool = False) -> LocalServers:
+                        in_process: bool = False, secret: str | None = None) -> LocalServers:
     """Starts `num_servers` parameter servers as subprocesses on this machine and waits until they listen.
 
     With `in_process=True` they run as threads of this process instead (instant start, one GIL:
     for tests and debugging); `kill` then stops a thread at once, discarding its memory as a crash would.
 
-    `luoshu.ps.connect(addresses=servers)` connects to them; `servers.stop()` (or a `with` block)
-    ends them.
+    They admit only clients holding `secret` (default: a fresh one, `servers.secret`).
+    `luoshu.ps.connect(addresses=servers)` connects to them with it; `servers.stop()` (or a
+    `with` block) ends them.
     """
     return LocalServers(num_servers, num_workers, snapshot_dir, snapshot_every_s, host, startup_timeout_s,
-                        log_level, in_process)
+                        log_level, in_process, secret)

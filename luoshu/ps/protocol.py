@@ -45,10 +45,11 @@ MAX_ARGS_BYTES = 1 << 20
 
 # Op codes. Values are part of the wire format: append, never renumber.
 PING, HELLO, CREATE_TABLE, TABLE_INFO, PULL, PUSH, CREATE_DENSE, PULL_DENSE, PUSH_DENSE, SNAPSHOT, STATS, \
-    BARRIER, SHUTDOWN, BYE = range(1, 15)
+    BARRIER, SHUTDOWN, BYE, RESTORE = range(1, 16)
 OP_NAMES = {PING: "ping", HELLO: "hello", CREATE_TABLE: "create_table", TABLE_INFO: "table_info", PULL: "pull",
             PUSH: "push", CREATE_DENSE: "create_dense", PULL_DENSE: "pull_dense", PUSH_DENSE: "push_dense",
-            SNAPSHOT: "snapshot", STATS: "stats", BARRIER: "barrier", SHUTDOWN: "shutdown", BYE: "bye"}
+            SNAPSHOT: "snapshot", STATS: "stats", BARRIER: "barrier", SHUTDOWN: "shutdown", BYE: "bye",
+            RESTORE: "restore"}
 
 STATUS_OK, STATUS_ERROR = 0, 1
 
@@ -67,6 +68,15 @@ class ProtocolError(PSError, ValueError):
 
 class ServerUnavailableError(PSError, ConnectionError):
     """A server that did not answer within the timeout or could not be reached (names it)."""
+
+
+class PartialPushError(ServerUnavailableError):
+    """A push that some shards applied and others did not: `applied` and `failed` (server -> reason) say
+    exactly which. The table is out of step across its shards until `Client.resync` rolls them back."""
+
+    def __init__(self, message: str, table: str = "", applied: tuple = (), failed: dict | None = None):
+        super().__init__(message)
+        self.table, self.applied, self.failed = table, tuple(applied), dict(failed or {})
 
 
 class WorkerTimeoutError(PSError, TimeoutError):

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import socket
 import sys
 import time
@@ -34,6 +36,7 @@ import torch
 
 from luoshu.core.errors import Error
 from luoshu.optim.rules import UpdateRule
+from luoshu.ps import auth as A
 from luoshu.ps import protocol as P
 from luoshu.ps import snapshot as S
 from luoshu.ps.protocol import STORE_PREFIX, ProtocolError, PSError, SnapshotError, TableError, WorkerTimeoutError
@@ -43,6 +46,93 @@ log = logging.getLogger("luoshu.ps")
 TABLE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 SHUTDOWN_GRACE_S = 5.0
+
+# Bounds on what one request may ask for: a client value is checked against these before it is used.
+MAX_NAME_CHARS = 256
+MAX_DIM = 1 << 15
+MAX_NUM_ROWS = 1 << 62
+DEFAULT_WAIT_S = 60.0
+MAX_WAIT_S = 24 * 3600.0
+
+# The args each op takes (besides "arrays", which `protocol.decode` consumes) and how many arrays it
+# carries. Anything else is refused: the server never reads a key it did not define here.
+OP_ARGS = {
+    P.PING: frozenset(), P.HELLO: frozenset(), P.SNAPSHOT: frozenset({"tag"}), P.RESTORE: frozenset({"tag"}),
+    P.STATS: frozenset(), P.BYE: frozenset(),
+    P.CREATE_TABLE: frozenset({"name", "dim", "num_rows", "id_policy", "init", "optimizer", "dtype",
+                               "sync_workers", "seed", "step_mode"}),
+    P.TABLE_INFO: frozenset({"table"}), P.PULL: frozenset({"table", "wait_s"}),
+    P.PUSH: frozenset({"table", "scale"}),
+    P.CREATE_DENSE: frozenset({"name", "shape", "dtype", "optimizer", "sync_workers"}),
+    P.PULL_DENSE: frozenset({"name", "wait_s"}), P.PUSH_DENSE: frozenset({"name", "scale"}),
+    P.BARRIER: frozenset({"wait_s"}), P.SHUTDOWN: frozenset({"force"}),
+}
+OP_ARRAYS = {P.PULL: 1, P.PUSH: 2, P.CREATE_DENSE: 1, P.PUSH_DENSE: 1}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_request(msg: P.Message) -> None:
+    """Refuses args the op does not take and a wrong number of arrays, before any handler runs."""
+    allowed = OP_ARGS[msg.op]
+    unknown = sorted(set(msg.args) - allowed)
+    name = P.OP_NAMES[msg.op]
+    if unknown:
+        raise ProtocolError(f"{name} takes the args {sorted(allowed)}, found unknown {unknown}")
+    expected = OP_ARRAYS.get(msg.op, 0)
+    if len(msg.arrays) != expected:
+        raise ProtocolError(f"{name} takes {expected} arrays, found {len(msg.arrays)}")
+
+
+def _wait_arg(args: dict, what: str) -> float:
+    """The seconds a waiting request may wait (the client's `wait_s`), checked."""
+    wait_s = args.get("wait_s", DEFAULT_WAIT_S)
+    if not _is_number(wait_s) or not 0 < wait_s <= MAX_WAIT_S:
+        raise ProtocolError(f"{what}: wait_s must be a number of seconds in (0, {MAX_WAIT_S:g}], found {wait_s!r}")
+    return float(wait_s)
+
+
+def _name_arg(value, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
+        raise TableError(f"{what} must be a non-empty string of at most {MAX_NAME_CHARS} characters, "
+                         f"found {value!r:.80}")
+    return value
+
+
+def _scale_arg(args: dict, what: str) -> float:
+    scale = args.get("scale", 1.0)
+    if not _is_number(scale) or not math.isfinite(scale):
+        raise ProtocolError(f"{what}: scale must be a finite number, found {scale!r}")
+    return float(scale)
+
+
+_TAG = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _tag_arg(args: dict, what: str, required: bool) -> str | None:
+    tag = args.get("tag")
+    if tag is None and not required:
+        return None
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+        raise ProtocolError(f"{what}: tag must be 1-64 characters of [A-Za-z0-9_.-], found {tag!r:.80}")
+    return tag
+
+
+class _Waiting:
+    """A request the server holds (a sync pull, a barrier): its reply address and the server's own deadline.
+    The deadline lives here, never in the client's args, so no client value is trusted after the check."""
+
+    __slots__ = ("identity", "msg", "variable", "deadline", "wait_s")
+
+    def __init__(self, identity: bytes, msg: P.Message, variable, wait_s: float):
+        self.identity, self.msg, self.variable, self.wait_s = identity, msg, variable, wait_s
+        self.deadline = time.monotonic() + wait_s
 
 
 # --- a vectorised id -> slot map -----------------------------------------------------------
@@ -175,15 +265,13 @@ class _SyncRounds:
 # --- tables and dense tensors --------------------------------------------------------------------
 def _table_config(args: dict) -> dict:
     """A table's configuration from create_table args, checked and normalised (JSON-able)."""
-    name = args.get("name")
-    if not isinstance(name, str) or not name:
-        raise TableError(f"a table name must be a non-empty string, found {name!r}")
+    name = _name_arg(args.get("name"), "a table name")
     dim = args.get("dim")
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-        raise TableError(f"table {name!r}: dim must be a positive integer, found {dim!r}")
+    if not _is_int(dim) or not 0 < dim <= MAX_DIM:
+        raise TableError(f"table {name!r}: dim must be an integer in [1, {MAX_DIM}], found {dim!r}")
     num_rows = args.get("num_rows")
-    if num_rows is not None and (not isinstance(num_rows, int) or isinstance(num_rows, bool) or num_rows <= 0):
-        raise TableError(f"table {name!r}: num_rows must be a positive integer or None, found {num_rows!r}")
+    if num_rows is not None and (not _is_int(num_rows) or not 0 < num_rows <= MAX_NUM_ROWS):
+        raise TableError(f"table {name!r}: num_rows must be an integer in [1, 2**62] or None, found {num_rows!r}")
     policy = args.get("id_policy", "hash")
     if policy not in ("hash", "refuse"):
         raise TableError(f"table {name!r}: id_policy must be 'hash' or 'refuse', found {policy!r}")
@@ -191,17 +279,20 @@ def _table_config(args: dict) -> dict:
     if dtype not in TABLE_DTYPES:
         raise TableError(f"table {name!r}: dtype must be one of {sorted(TABLE_DTYPES)}, found {dtype!r}")
     sync = args.get("sync_workers")
-    if sync is not None and (not isinstance(sync, int) or isinstance(sync, bool) or sync <= 0):
+    if sync is not None and (not _is_int(sync) or not 0 < sync <= 1 << 20):
         raise TableError(f"table {name!r}: sync_workers must be a positive integer or None, found {sync!r}")
     seed = args.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TableError(f"table {name!r}: seed must be an integer, found {seed!r}")
+    if not _is_int(seed) or not -(1 << 63) <= seed < 1 << 64:
+        raise TableError(f"table {name!r}: seed must be a 64-bit integer, found {seed!r}")
+    step_mode = args.get("step_mode", "table")
+    if step_mode not in ("table", "row"):
+        raise TableError(f"table {name!r}: step_mode must be 'table' or 'row', found {step_mode!r}")
     optimizer = args.get("optimizer")
     if isinstance(optimizer, (list, tuple)) and len(optimizer) == 2:
         optimizer = [str(optimizer[0]).lower(), optimizer[1]]
     return {"name": name, "dim": dim, "num_rows": num_rows, "id_policy": policy, "init": list(P.check_init(
         args.get("init", ("normal", 0.0, 0.01)))), "optimizer": optimizer, "dtype": dtype, "sync_workers": sync,
-        "seed": seed, "step_mode": args.get("step_mode", "table")}
+        "seed": seed, "step_mode": step_mode}
 
 
 class _Variable:
@@ -233,7 +324,8 @@ class _Table(_Variable):
         self.name, self.dim = config["name"], config["dim"]
         self.index = IdIndex()
         self.size = 0
-        self._reserve(1024)
+        # A small first block: a wide table must not cost a large allocation before it has rows.
+        self._reserve(max(16, min(1024, (1 << 20) // self.dim)))
 
     def _reserve(self, capacity: int) -> None:
         old = getattr(self, "rows", None)
@@ -352,18 +444,16 @@ def _check_finite(grads: np.ndarray, what: str) -> None:
 
 
 def _dense_config(args: dict) -> dict:
-    name = args.get("name")
-    if not isinstance(name, str) or not name:
-        raise TableError(f"a dense tensor name must be a non-empty string, found {name!r}")
+    name = _name_arg(args.get("name"), "a dense tensor name")
     sync = args.get("sync_workers")
-    if sync is not None and (not isinstance(sync, int) or isinstance(sync, bool) or sync <= 0):
+    if sync is not None and (not _is_int(sync) or not 0 < sync <= 1 << 20):
         raise TableError(f"dense {name!r}: sync_workers must be a positive integer or None, found {sync!r}")
     dtype = args.get("dtype", "float32")
     if dtype not in TABLE_DTYPES:
         raise TableError(f"dense {name!r}: dtype must be one of {sorted(TABLE_DTYPES)}, found {dtype!r}")
     shape = args.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise TableError(f"dense {name!r}: shape must be a list of non-negative ints, found {shape!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and 0 <= d < 1 << 40 for d in shape):
+        raise TableError(f"dense {name!r}: shape must be a list of at most 8 non-negative ints, found {shape!r}")
     optimizer = args.get("optimizer")
     if isinstance(optimizer, (list, tuple)) and len(optimizer) == 2:
         optimizer = [str(optimizer[0]).lower(), optimizer[1]]
@@ -406,8 +496,8 @@ class ParameterServer:
         self.keep_snapshots = keep_snapshots
         self.tables: dict[str, _Table] = {}
         self.dense: dict[str, _Dense] = {}
-        self.deferred: list = []  # (identity, message, variable) pulls waiting for a sync round
-        self.barrier_waiting: dict[int, tuple] = {}
+        self.deferred: list[_Waiting] = []  # pulls waiting for a sync round
+        self.barrier_waiting: dict[int, _Waiting] = {}
         self.barrier_generation = 0
         self.shutdown_from: set[int] = set()
         self.stopping = False  # every worker asked to shut down: exit once they have their replies
@@ -418,7 +508,9 @@ class ParameterServer:
         self.started = time.time()
         self.last_snapshot = time.monotonic()
         self.restored_from: str | None = None
-        self.counters = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "snapshots": 0}
+        self.restored_tag: str | None = None
+        self.counters = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "snapshots": 0,
+                         "refused_connections": 0}
         self.name = f"parameter server {server_index}"
         if self.snapshot_dir is not None:
             self.restore()
@@ -427,11 +519,12 @@ class ParameterServer:
     def handle(self, identity: bytes, frames: list) -> list:
         """Answers one request; returns the (identity, reply frames) to send (deferred pulls may be released)."""
         self.counters["requests"] += 1
-        self.counters["bytes_in"] += sum(len(f) if isinstance(f, bytes) else f.buffer.nbytes for f in frames)
         try:
+            self.counters["bytes_in"] += sum(P._buffer(f).nbytes for f in frames)
             msg = P.decode(frames)
             if msg.status != P.STATUS_OK:
                 raise ProtocolError("a request must have status 0")
+            _check_request(msg)
             handler = self._HANDLERS[msg.op]
             return handler(self, identity, msg)
         except Exception as exc:  # noqa: BLE001 - one bad request must never take the server down
@@ -450,11 +543,18 @@ class ParameterServer:
                 err = PSError(f"the server failed on this request: {type(exc).__name__}: {exc}")
             return [(identity, P.error_frames(request_id, worker, err))]
 
+    def _check_worker(self, msg: P.Message) -> None:
+        if not 0 <= msg.worker < self.num_workers:
+            raise PSError(f"{P.OP_NAMES[msg.op]} on {self.name}: the job has {self.num_workers} workers "
+                          f"(ranks 0..{self.num_workers - 1}), found a request from worker {msg.worker}")
+
     def _reply(self, identity, msg: P.Message, args=None, arrays=()) -> list:
         return [(identity, P.encode(msg.op, msg.request_id, msg.worker, args, arrays))]
 
     def _table(self, args: dict) -> _Table:
         name = args.get("table")
+        if not isinstance(name, str):
+            raise TableError(f"a table name must be a string, found {name!r:.80}")
         table = self.tables.get(name) if isinstance(name, str) else None
         if table is None:
             raise TableError(f"no table {name!r} on {self.name} (tables: {sorted(self.tables)})")
@@ -462,6 +562,8 @@ class ParameterServer:
 
     def _dense(self, args: dict) -> _Dense:
         name = args.get("name")
+        if not isinstance(name, str):
+            raise TableError(f"a dense tensor name must be a string, found {name!r:.80}")
         dense = self.dense.get(name) if isinstance(name, str) else None
         if dense is None:
             raise TableError(f"no dense tensor {name!r} on {self.name} (dense: {sorted(self.dense)})")
@@ -475,7 +577,9 @@ class ParameterServer:
                                             "num_workers": self.num_workers, "protocol": P.VERSION,
                                             "tables": {n: t.config for n, t in self.tables.items()},
                                             "dense": {n: d.config for n, d in self.dense.items()},
-                                            "restored_from": self.restored_from})
+                                            "restored_from": self.restored_from, "restored_tag": self.restored_tag,
+                                            "snapshot_tags": [] if self.snapshot_dir is None else S.list_tags(
+                                                self.snapshot_dir, self.server_index, self.num_servers)})
 
     def _create_table(self, identity, msg):
         config = _table_config(msg.args)
@@ -503,13 +607,14 @@ class ParameterServer:
         table.check_ids(ids)
         return ids
 
-    def _pull(self, identity, msg):
+    def _pull(self, identity, msg, waited: _Waiting | None = None):
         table = self._table(msg.args)
         ids = self._ids_arg(msg, table, 1)
+        wait_s = _wait_arg(msg.args, f"pull from table {table.name!r}") if waited is None else waited.wait_s
         if table.sync is not None:
             table.sync.check_worker(msg.worker, table.where)
             if table.sync.must_wait(msg.worker):
-                self._defer(identity, msg, table)
+                self._defer(identity, msg, table, wait_s)
                 return []
         rows, versions = table.pull(ids)
         return self._reply(identity, msg, None, (rows, versions))
@@ -521,13 +626,13 @@ class ParameterServer:
         if grads.shape != (ids.size, table.dim) or grads.dtype.kind != "f":
             raise ProtocolError(f"push to table {table.name!r}: grads must be floating with shape "
                                 f"({ids.size}, {table.dim}), found {grads.dtype}{list(grads.shape)}")
-        scale = msg.args.get("scale", 1.0)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
-            raise ProtocolError(f"push to table {table.name!r}: scale must be a finite number, found {scale!r}")
+        scale = _scale_arg(msg.args, f"push to table {table.name!r}")
         _check_finite(grads, f"push to table {table.name!r}")
         g = torch.from_numpy(np.array(grads, dtype=table.config["dtype"]))
         if scale != 1.0:
             g.mul_(scale)
+            # A finite scale times finite gradients can still overflow the table's dtype.
+            _check_finite(g.numpy(), f"push to table {table.name!r} (gradients times scale {scale:g})")
         table.counters["pushes"] += 1
         table.counters["rows_pushed"] += ids.size
         if table.sync is None:
@@ -539,51 +644,47 @@ class ParameterServer:
             table.apply(parts)
         return self._reply(identity, msg, {"applied": bool(rounds)}) + (self._release() if rounds else [])
 
-    @staticmethod
-    def _deadline(msg: P.Message) -> float:
-        """When a waiting request gives up: `wait_s` (sent by the client, below its own timeout) after arrival."""
-        if "_deadline" not in msg.args:
-            wait_s = msg.args.get("wait_s", 60.0)
-            wait_s = wait_s if isinstance(wait_s, (int, float)) and wait_s > 0 else 60.0
-            msg.args["_deadline"] = time.monotonic() + wait_s
-            msg.args["_wait_s"] = wait_s
-        return msg.args["_deadline"]
-
-    def _defer(self, identity, msg: P.Message, variable: _Variable) -> None:
-        self._deadline(msg)
-        self.deferred.append((identity, msg, variable))
+    def _defer(self, identity, msg: P.Message, variable: _Variable, wait_s: float) -> None:
+        self.deferred.append(_Waiting(identity, msg, variable, wait_s))
 
     def _release(self) -> list:
-        """Answers the deferred pulls whose round has been applied."""
+        """Answers the deferred pulls whose round has been applied (each its own error, if it fails now)."""
         waiting, self.deferred = self.deferred, []
         out = []
-        for identity, msg, _ in waiting:
-            out += self._HANDLERS[msg.op](self, identity, msg)
+        for w in waiting:
+            try:
+                out += self._HANDLERS[w.msg.op](self, w.identity, w.msg, waited=w)
+            except Exception as exc:  # noqa: BLE001 - the failure belongs to the waiting request, not this one
+                self.counters["errors"] += 1
+                log.warning("%s: a deferred request of worker %s failed: %s", self.name, w.msg.worker, exc)
+                err = exc if isinstance(exc, PSError) else PSError(f"{type(exc).__name__}: {exc}")
+                out.append((w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)))
         return out
 
     def expire(self, now: float | None = None) -> list:
         """Error replies for pulls and barriers that waited past their deadline, naming the missing workers."""
         now = time.monotonic() if now is None else now
         out = []
-        if any(msg.args["_deadline"] <= now for _, msg, _ in self.deferred):
+        if any(w.deadline <= now for w in self.deferred):
             keep = []
-            for identity, msg, var in self.deferred:
-                if msg.args["_deadline"] > now:
-                    keep.append((identity, msg, var))
+            for w in self.deferred:
+                if w.deadline > now:
+                    keep.append(w)
                     continue
+                var = w.variable
                 err = WorkerTimeoutError(
                     f"{var.where} on {self.name}: synchronous step {var.sync.applied + 1} still lacks the pushes of "
-                    f"workers {var.sync.missing()} after {msg.args['_wait_s']:g} s (dead or stuck?); "
-                    f"the pull of worker {msg.worker} gives up")
+                    f"workers {var.sync.missing()} after {w.wait_s:g} s (dead or stuck?); "
+                    f"the pull of worker {w.msg.worker} gives up")
                 log.error("%s", err)
-                out.append((identity, P.error_frames(msg.request_id, msg.worker, err)))
+                out.append((w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)))
             self.deferred = keep
-        if self.barrier_waiting and min(self._deadline(m) for _, m in self.barrier_waiting.values()) <= now:
-            missing = [w for w in range(self.num_workers) if w not in self.barrier_waiting]
+        if self.barrier_waiting and min(w.deadline for w in self.barrier_waiting.values()) <= now:
+            missing = [r for r in range(self.num_workers) if r not in self.barrier_waiting]
             err = WorkerTimeoutError(f"barrier on {self.name}: workers {missing} did not arrive (dead or stuck?)")
             log.error("%s", err)
-            for identity, m in self.barrier_waiting.values():
-                out.append((identity, P.error_frames(m.request_id, m.worker, err)))
+            for w in self.barrier_waiting.values():
+                out.append((w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)))
             self.barrier_waiting = {}
         return out
 
@@ -600,12 +701,13 @@ class ParameterServer:
             self.dense[config["name"]] = _Dense(config, msg.arrays[0])
         return self._reply(identity, msg, {"config": config})
 
-    def _pull_dense(self, identity, msg):
+    def _pull_dense(self, identity, msg, waited: _Waiting | None = None):
         dense = self._dense(msg.args)
+        wait_s = _wait_arg(msg.args, f"pull of dense {dense.name!r}") if waited is None else waited.wait_s
         if dense.sync is not None:
             dense.sync.check_worker(msg.worker, dense.where)
             if dense.sync.must_wait(msg.worker):
-                self._defer(identity, msg, dense)
+                self._defer(identity, msg, dense, wait_s)
                 return []
         dense.counters["pulls"] += 1
         # A copy: frames go out zero-copy after this returns, and the next push updates the value in place.
@@ -618,13 +720,12 @@ class ParameterServer:
             found = [f"{a.dtype}{list(a.shape)}" for a in msg.arrays]
             raise ProtocolError(f"push_dense {dense.name!r} needs one floating array of shape "
                                 f"{dense.config['shape']}, found {found}")
-        scale = msg.args.get("scale", 1.0)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
-            raise ProtocolError(f"push_dense {dense.name!r}: scale must be a finite number, found {scale!r}")
+        scale = _scale_arg(msg.args, f"push_dense {dense.name!r}")
         _check_finite(msg.arrays[0], f"push_dense {dense.name!r}")
         g = torch.from_numpy(np.array(msg.arrays[0], dtype=dense.config["dtype"]))
         if scale != 1.0:
             g.mul_(scale)
+            _check_finite(g.numpy(), f"push_dense {dense.name!r} (gradient times scale {scale:g})")
         dense.counters["pushes"] += 1
         if dense.sync is None:
             dense.apply([g])
@@ -636,29 +737,53 @@ class ParameterServer:
         return self._reply(identity, msg, {"applied": bool(rounds)}) + (self._release() if rounds else [])
 
     def _snapshot(self, identity, msg):
-        path = self.snapshot()
+        path = self.snapshot(_tag_arg(msg.args, f"snapshot of {self.name}", required=False))
         return self._reply(identity, msg, {"path": str(path)})
+
+    def _restore(self, identity, msg):
+        """Rolls every table and dense tensor back to the snapshot tagged `tag` (see `Client.resync`)."""
+        tag = _tag_arg(msg.args, f"restore of {self.name}", required=True)
+        if self.snapshot_dir is None:
+            raise SnapshotError(f"{self.name} has no snapshot_dir to restore from")
+        out = []
+        # Requests waiting on the state being replaced are answered, not left to time out.
+        err = PSError(f"{self.name} was rolled back to snapshot {tag!r} while this request waited")
+        for w in [*self.deferred, *self.barrier_waiting.values()]:
+            out.append((w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)))
+        if not self.restore(tag):
+            raise SnapshotError(f"{self.name} has no good snapshot tagged {tag!r} (tags: "
+                                f"{S.list_tags(self.snapshot_dir, self.server_index, self.num_servers)})")
+        self.deferred, self.barrier_waiting = [], {}
+        steps = {n: int(t.step.item()) for n, t in self.tables.items()}
+        return out + self._reply(identity, msg, {"restored_tag": tag, "steps": steps})
 
     def _stats(self, identity, msg):
         return self._reply(identity, msg, self.stats())
 
     def _barrier(self, identity, msg):
-        if not 0 <= msg.worker < self.num_workers:
-            raise PSError(f"barrier over {self.num_workers} workers, found worker {msg.worker}")
-        self._deadline(msg)
-        self.barrier_waiting[msg.worker] = (identity, msg)
+        self._check_worker(msg)
+        wait_s = _wait_arg(msg.args, f"barrier on {self.name}")
+        out = []
+        previous = self.barrier_waiting.get(msg.worker)
+        if previous is not None:  # a worker that gave up and came again: its old request is answered, not lost
+            out.append((previous.identity, P.error_frames(previous.msg.request_id, msg.worker, PSError(
+                f"barrier on {self.name}: worker {msg.worker} entered the barrier again; this request is dropped"))))
+        self.barrier_waiting[msg.worker] = _Waiting(identity, msg, None, wait_s)
         if len(self.barrier_waiting) < self.num_workers:
-            return []
+            return out
         waiting, self.barrier_waiting = self.barrier_waiting, {}
         self.barrier_generation += 1
-        out = []
-        for ident, m in waiting.values():
-            out += self._reply(ident, m, {"generation": self.barrier_generation})
+        for w in waiting.values():
+            out += self._reply(w.identity, w.msg, {"generation": self.barrier_generation})
         return out
 
     def _shutdown(self, identity, msg):
+        self._check_worker(msg)
+        force = msg.args.get("force", False)
+        if not isinstance(force, bool):
+            raise ProtocolError(f"shutdown on {self.name}: force must be true or false, found {force!r:.80}")
         self.shutdown_from.add(msg.worker)
-        if msg.args.get("force") or len(self.shutdown_from) >= self.num_workers:
+        if force or len(self.shutdown_from) >= self.num_workers:
             if not self.stopping:
                 self.stop_deadline = time.monotonic() + SHUTDOWN_GRACE_S
             self.stopping = True
@@ -667,6 +792,7 @@ class ParameterServer:
         return self._reply(identity, msg, {"stopping": self.stopping})
 
     def _bye(self, identity, msg):
+        self._check_worker(msg)
         self.bye_from.add(msg.worker)
         return self._reply(identity, msg)
 
@@ -681,7 +807,7 @@ class ParameterServer:
     _HANDLERS = {P.PING: _ping, P.HELLO: _hello, P.CREATE_TABLE: _create_table, P.TABLE_INFO: _table_info,
                  P.PULL: _pull, P.PUSH: _push, P.CREATE_DENSE: _create_dense, P.PULL_DENSE: _pull_dense,
                  P.PUSH_DENSE: _push_dense, P.SNAPSHOT: _snapshot, P.STATS: _stats, P.BARRIER: _barrier,
-                 P.SHUTDOWN: _shutdown, P.BYE: _bye}
+                 P.SHUTDOWN: _shutdown, P.BYE: _bye, P.RESTORE: _restore}
 
     # --- stats, snapshots ----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -689,11 +815,11 @@ class ParameterServer:
                 "tables": {n: t.info() for n, t in self.tables.items()},
                 "dense": {n: d.info() for n, d in self.dense.items()}, "restored_from": self.restored_from}
 
-    def snapshot(self):
+    def snapshot(self, tag: str | None = None):
         """Writes a snapshot of every table and dense tensor (rows, versions, optimizer state)."""
         if self.snapshot_dir is None:
             raise SnapshotError(f"{self.name} has no snapshot_dir; start it with one to take snapshots")
-        meta = {"tables": [], "dense": []}
+        meta = {"tables": [], "dense": [], "tag": tag}
         arrays = {}
         for i, table in enumerate(self.tables.values()):
             meta["tables"].append({"config": table.config, "prefix": f"t{i}", "step": int(table.step.item()),
@@ -712,9 +838,10 @@ class ParameterServer:
         log.info("%s: snapshot written to %s", self.name, path)
         return path
 
-    def restore(self) -> bool:
+    def restore(self, tag: str | None = None) -> bool:
         """Restores the newest good snapshot, if any; returns whether one was restored."""
-        found = S.load_newest(self.snapshot_dir, self.server_index, self.num_servers)
+        found = (S.load_newest(self.snapshot_dir, self.server_index, self.num_servers) if tag is None
+                 else S.load_tagged(self.snapshot_dir, self.server_index, self.num_servers, tag))
         if found is None:
             return False
         path, meta, arrays = found
@@ -737,17 +864,30 @@ class ParameterServer:
             raise SnapshotError(f"{self.name}: snapshot {path} does not describe valid tables: {exc}") from exc
         self.tables, self.dense = tables, dense
         self.restored_from = str(path)
+        self.restored_tag = meta.get("tag") if isinstance(meta.get("tag"), str) else None
         log.info("%s: restored %d tables and %d dense tensors from %s", self.name, len(tables), len(dense), path)
         return True
 
     # --- the loop ------------------------------------------------------------------------------
-    def run(self, sock, ready=None) -> None:
-        """Serves requests on the bound ROUTER `sock` until the workers shut the server down."""
+    def run(self, sock, ready=None, stop_when=None, monitor=None) -> None:
+        """Serves requests on the bound ROUTER `sock` until the workers shut the server down (or,
+        checked twice a second, `stop_when()` says every worker has left without doing so)."""
         import zmq
 
         if ready is not None:
             ready()
+        next_check = time.monotonic() + 0.5
         while not self.finished():
+            if stop_when is not None and not self.stopping and time.monotonic() >= next_check:
+                next_check = time.monotonic() + 0.5
+                try:
+                    gone = stop_when()
+                except Exception:  # noqa: BLE001 - a failing check is no reason to stop serving
+                    gone = False
+                if gone:
+                    log.info("%s: every worker has left; stopping", self.name)
+                    self.stopping, self.stop_deadline = True, time.monotonic()
+                    continue
             timeout = 200
             if self.snapshot_every_s and self.snapshot_dir is not None:
                 due = self.last_snapshot + self.snapshot_every_s - time.monotonic()
@@ -756,9 +896,10 @@ class ParameterServer:
                     continue
                 timeout = max(1, min(timeout, int(due * 1000)))
             ready = sock.poll(timeout, zmq.POLLIN)
+            if monitor is not None:
+                self._count_refused(monitor)
             if self.deferred or self.barrier_waiting:
-                for ident, reply in self.expire():
-                    sock.send_multipart([ident, *reply], copy=False)
+                self._send(sock, self._expire_safely())
             if not ready:
                 continue
             while True:
@@ -767,18 +908,49 @@ class ParameterServer:
                 except zmq.Again:
                     break
                 identity, body = frames[0].bytes, frames[1:]
-                for ident, reply in self.handle(identity, body):
-                    self.counters["bytes_out"] += sum(getattr(f, "nbytes", len(f)) for f in reply)
-                    sock.send_multipart([ident, *reply], copy=False)
+                self._send(sock, self.handle(identity, body))
                 if self.finished():
                     break
         if self.snapshot_dir is not None and self.snapshot_every_s and not self.crashed:
             self._periodic_snapshot()
 
+    def _count_refused(self, monitor) -> None:
+        """Counts the failed handshakes the socket monitor reported (peers without the job's keys)."""
+        import zmq
+
+        while True:
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except Exception:  # noqa: BLE001 - a monitor that fails must not end the loop
+                return
+            self.counters["refused_connections"] += 1
+            log.warning("%s: refused a connection that did not authenticate", self.name)
+
+    def _send(self, sock, replies: list) -> None:
+        for ident, reply in replies:
+            self.counters["bytes_out"] += sum(getattr(f, "nbytes", len(f)) for f in reply)
+            try:
+                sock.send_multipart([ident, *reply], copy=False)
+            except Exception as exc:  # noqa: BLE001 - one reply that cannot go must not end the loop
+                log.error("%s: could not send a reply: %s", self.name, exc)
+
+    def _expire_safely(self) -> list:
+        """`expire`, which must never end the loop: should it fail, everything waiting is answered with the error."""
+        try:
+            return self.expire()
+        except Exception as exc:  # noqa: BLE001 - a bug here must not take the server down
+            log.exception("%s: expiring waiting requests failed", self.name)
+            err = PSError(f"{self.name} dropped this waiting request after an internal error: {exc}")
+            waiting = [*self.deferred, *self.barrier_waiting.values()]
+            self.deferred, self.barrier_waiting = [], {}
+            return [(w.identity, P.error_frames(w.msg.request_id, w.msg.worker, err)) for w in waiting]
+
     def _periodic_snapshot(self) -> None:
         try:
             self.snapshot()
-        except SnapshotError as exc:
+        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the serving
             log.error("%s: periodic snapshot failed: %s", self.name, exc)
             self.last_snapshot = time.monotonic()
 
@@ -790,6 +962,45 @@ def _configure(sock) -> None:
     # Never drop a reply (a ROUTER silently drops at the high-water mark): clients bound what is in flight.
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+
+
+class ServerSocket:
+    """A server's bound ROUTER socket with its context, and, for a job with a secret, CURVE
+    authentication: the ZAP handler that admits the job's client key, and a monitor that counts
+    failed handshakes (`refused_connections` in the server's stats)."""
+
+    def __init__(self, host: str, port: int | None, secret: str | None):
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        _configure(self.sock)
+        self.auth = self.monitor = None
+        try:
+            if secret:
+                self.auth = A.Authenticator(self.ctx, secret)
+                A.secure_server(self.sock, secret)
+                self.monitor = self.sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            self.port = _bind(self.sock, host, port)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self, linger: int | None = None) -> None:
+        if self.monitor is not None:
+            try:
+                self.sock.disable_monitor()
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+            self.monitor.close(linger=0)
+            self.monitor = None
+        if self.auth is not None:
+            self.auth.close()
+            self.auth = None
+        self.sock.close(linger=linger)
+        self.ctx.term()
 
 
 def _bind(sock, host: str, port: int | None) -> int:
@@ -812,28 +1023,27 @@ def _local_ip_towards(peer: str) -> str:
 
 
 def serve(store, server_index: int, num_servers: int, num_workers: int, snapshot_dir=None,
-          snapshot_every_s: float | None = None, host: str | None = None, port: int | None = None) -> None:
+          snapshot_every_s: float | None = None, host: str | None = None, port: int | None = None,
+          secret: str | None = None) -> None:
     """Runs parameter server `server_index` of `num_servers` until the workers shut it down.
 
-    The server binds a TCP port (the one it published before, if it restarts, so clients
-    reconnect), restores the newest good snapshot under `snapshot_dir`, and publishes its
-    address in `store` (a torch.distributed Store) under ``luoshu/ps/<index>/address``
-    for `luoshu.ps.connect(store=...)`.
+    The server binds a TCP port on one interface, `host` (default `LUOSHU_PS_HOST`, else this
+    machine's address towards the rendezvous host: loopback on a single node), never on all of
+    them; on a restart it takes the port it published before, so clients reconnect. It admits
+    only peers holding the job's `secret` (default `LUOSHU_JOB_SECRET`, which the launcher sets;
+    see `luoshu.ps.auth`), restores the newest good snapshot under `snapshot_dir`, and publishes
+    its address in `store` (a torch.distributed Store) under ``luoshu/ps/<index>/address`` for
+    `luoshu.ps.connect(store=...)`.
     """
-    import zmq
-
     key = f"{STORE_PREFIX}/{server_index}/address"
     if port is None and store is not None and store.check([key]):
         port = int(store.get(key).decode().rsplit(":", 1)[1])
     if host is None:
         host = os.environ.get("LUOSHU_PS_HOST") or _local_ip_towards(os.environ.get("MASTER_ADDR", "127.0.0.1"))
     server = ParameterServer(server_index, num_servers, num_workers, snapshot_dir, snapshot_every_s)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    _configure(sock)
+    ss = ServerSocket(host, port, secret if secret is not None else A.job_secret())
     try:
-        port = _bind(sock, "*", port)
-        address = f"tcp://{host}:{port}"
+        address = f"tcp://{host}:{ss.port}"
 
         def publish():
             if store is not None:
@@ -841,19 +1051,19 @@ def serve(store, server_index: int, num_servers: int, num_workers: int, snapshot
                 store.set(key, address)
             log.info("%s listening on %s", server.name, address)
 
-        server.run(sock, publish)
+        from luoshu.distributed import env as dist
+
+        server.run(ss.sock, publish, stop_when=dist.workers_gone if store is not None else None, monitor=ss.monitor)
     finally:
-        sock.close()
-        ctx.term()
+        ss.close()
 
 
 READY_LINE = "LUOSHU_PS_READY"
 
 
 def main(argv=None) -> int:
-    """Entry of a server subprocess (`python -m luoshu.ps.server`): prints its address once ready."""
-    import zmq
-
+    """Entry of a server subprocess (`python -m luoshu.ps.server`): prints its address once ready.
+    The job's secret comes in the environment (`LUOSHU_JOB_SECRET`), never on the command line."""
     parser = argparse.ArgumentParser(description="one luoshu parameter server")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--num-servers", type=int, required=True)
@@ -868,19 +1078,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     server = ParameterServer(args.index, args.num_servers, args.num_workers, args.snapshot_dir,
                              args.snapshot_every_s)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    _configure(sock)
+    ss = ServerSocket(args.host, args.port or None, A.job_secret())
     try:
-        port = _bind(sock, args.host, args.port or None)
-
         def ready():
-            print(f"{READY_LINE} tcp://{args.host}:{port}", flush=True)
+            print(f"{READY_LINE} tcp://{args.host}:{ss.port}", flush=True)
 
-        server.run(sock, ready)
+        server.run(ss.sock, ready, monitor=ss.monitor)
     finally:
-        sock.close()
-        ctx.term()
+        ss.close()
     return 0
 
 

@@ -124,6 +124,36 @@ def read_snapshot(path: str | os.PathLike, server_index: int, num_servers: int) 
     return meta, arrays
 
 
+def snapshot_tag(path: str | os.PathLike) -> str | None:
+    """The tag a snapshot was taken under (its manifest's meta["tag"]; not verified), or None."""
+    try:
+        meta = json.loads((Path(path) / MANIFEST).read_text()).get("meta", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    tag = meta.get("tag") if isinstance(meta, dict) else None
+    return tag if isinstance(tag, str) else None
+
+
+def list_tags(root: str | os.PathLike, server_index: int, num_servers: int) -> list[str]:
+    """The tags of a server's snapshots, newest first (manifests read, checksums not verified)."""
+    tags = (snapshot_tag(p) for p in list_snapshots(root, server_index, num_servers))
+    return [t for t in tags if t is not None]
+
+
+def load_tagged(root: str | os.PathLike, server_index: int, num_servers: int, tag: str):
+    """(path, meta, arrays) of the newest snapshot tagged `tag` that verifies, or None."""
+    for path in list_snapshots(root, server_index, num_servers):
+        if snapshot_tag(path) != tag:
+            continue
+        try:
+            meta, arrays = read_snapshot(path, server_index, num_servers)
+        except SnapshotError as exc:
+            log.warning("skipping a bad snapshot: %s", exc)
+            continue
+        return path, meta, arrays
+    return None
+
+
 def load_newest(root: str | os.PathLike, server_index: int, num_servers: int):
     """(path, meta, arrays) of the newest snapshot that verifies, or None where there is none."""
     for path in list_snapshots(root, server_index, num_servers):

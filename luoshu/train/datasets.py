@@ -25,6 +25,7 @@ from luoshu.data import (
     synthetic_ctr,
     synthetic_sequences,
 )
+from luoshu.gnn.job import describe_datasets
 from luoshu.train.errors import TrainConfigError, suggestion
 
 
@@ -416,4 +417,16 @@ DATASETS: dict[str, DatasetSpec] = {
     "synthetic-text": DatasetSpec(("sequence",), False, _load_synthetic_text,
                                   "token sequences labelled by topic (synthetic)"),
 }
+
+
+def _graph_job(name: str) -> Callable:
+    def load(path, data_args, task):
+        raise TrainConfigError(f"dataset {name!r} is a graph: its jobs run through luoshu.gnn.job.train_node_job, "
+                               "not the Trainer")
+    return load
+
+
+# graphs for the "node" task (gcn, graphsage, gat); `train` hands these jobs to luoshu.gnn.job
+DATASETS.update({name: DatasetSpec(("node",), name in ("edge-list", "ogb"), _graph_job(name), help)
+                 for name, help in describe_datasets().items()})
 

@@ -23,6 +23,7 @@ from luoshu.core import Graph, manual_seed
 from luoshu.core.errors import CheckpointError, Error
 from luoshu.core.tensor import normalize_device
 from luoshu.data import DataLoader
+from luoshu.gnn.job import train_node_job
 from luoshu.optim import CosineWarmup, LinearWarmup, LossScaler
 from luoshu.train.batches import EpochBatches, StreamBatches, epoch_order
 from luoshu.train.builders import build_model, build_optimizer, model_table
@@ -307,5 +308,9 @@ class _MetricsLog:
 
 
 def train(config: TrainConfig) -> dict[str, float]:
-    """Runs a training job; returns the last eval metrics."""
+    """Runs a training job; returns the last eval metrics. Node classification on a graph (the
+    gcn / graphsage / gat models) runs through `luoshu.gnn.job`, full-graph or sampled."""
+    task, _ = check_config(config)
+    if task == "node":
+        return train_node_job(config, log=print if config.progress else None)
     return Trainer(config).fit()

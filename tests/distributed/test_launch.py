@@ -65,16 +65,68 @@ def test_servers_started_by_the_launcher_serve_the_workers(tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.slow
+@pytest.mark.slow  # 20 s of collective timeout; the heartbeat naming itself is checked by test_the_monitor_...
 @pytest.mark.timeout(150)
-def test_a_hung_worker_cannot_hang_the_job():
-    # Worker 1 stops calling collectives; worker 0's all-reduce gives up after the
-    # collective timeout and the launcher stops the job, quoting the error.
+def test_a_hung_worker_cannot_hang_the_job_and_is_named():
+    # Worker 1 stops calling collectives; worker 0's all-reduce gives up after the collective
+    # timeout, names worker 1 from the heartbeats, and the launcher leads with worker 1.
     # 20 s, not less: the timeout also bounds joining, and on a loaded machine worker 1 may start late
     job = launch(2, "tests/distributed/die_script.py", "--victim", "1", "--hang", timeout=120,
                  extra=("--timeout", "20"))
     assert job.returncode == 1
-    assert "worker rank 0" in job.stderr and "all_reduce over all workers failed" in job.stderr, job.stderr[-2000:]
+    first = job.stderr[job.stderr.index("luoshu launch:"):]
+    assert first.startswith("luoshu launch: worker rank 1 hung: it did not arrive at collective 4 over all workers"), \
+        job.stderr[-2000:]
+    assert "all_reduce over all workers failed" in job.stderr and "still running" in job.stderr, job.stderr[-2000:]
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(150)
+def test_a_worker_hung_after_its_last_collective_is_stopped_and_named():
+    start = time.monotonic()
+    job = launch(2, "tests/distributed/die_script.py", "--victim", "1", "--hang-at-end", timeout=120,
+                 extra=("--timeout", "8"))
+    assert job.returncode == 1
+    assert "worker rank 1 (pid" in job.stderr and "did not finish within 8 s after worker rank 0 ended" in \
+        job.stderr, job.stderr[-2000:]
+    assert time.monotonic() - start < 100
+
+
+def test_the_monitor_names_the_members_behind_this_one():
+    from luoshu.distributed import env as dist_env
+
+    class Store(dict):
+        def set(self, k, v):
+            self[k] = v.encode()
+
+        def check(self, keys):
+            return all(k in self for k in keys)
+
+        def get(self, k):
+            return self[k]
+
+    store = Store()
+    monitors = [dist_env._Monitor.__new__(dist_env._Monitor) for _ in range(3)]
+    for r, m in enumerate(monitors):  # no thread: beats by hand
+        m.store, m.rank, m.world, m.counts = store, r, 3, {}
+        m.lock = __import__("threading").Lock()
+    for _ in range(4):
+        monitors[0].entered(())
+        monitors[2].entered((0, 1, 2))  # the whole world, spelled out: the same group
+    for _ in range(2):
+        monitors[1].entered(())
+    monitors[0].entered((0, 2))
+    for m in monitors:
+        m._beat()
+    text = monitors[0].laggards(())
+    assert text.startswith("worker rank 1 did not arrive at collective 4 over all workers") and \
+        "worker rank 1 is at collective 2 (still running)" in text, text
+    assert monitors[2].laggards([2, 0, 1]).startswith("worker rank 1 did not arrive")
+    late = monitors[0].laggards((0, 2))
+    assert late.startswith("worker rank 2 did not arrive at collective 1 over worker ranks (0, 2)"), late
+    assert monitors[1].laggards(()) == ""  # rank 1 is the one behind: nobody is late for it
+    del store["luoshu/dist/heartbeat/2"]
+    assert "worker rank 2 never reported" in monitors[0].laggards(())
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -134,3 +186,41 @@ def test_failures_are_described_by_role():
         "server 1 (process rank 5, pid 8) exited with code 1: PSError: disk full"
     worker = SimpleNamespace(local_rank=0, pid=9, exitcode=1, message="")
     assert launcher._describe(3, worker, 2, 1) == "worker rank 2 (pid 9) exited with code 1"
+
+
+def _run_without_shutdown(tmp_path, runs: int, extra: tuple = (), ps: bool = False) -> list[float]:
+    """Runs exit_script.py `runs` times; every run must succeed. Returns, per run, the seconds from the
+    last worker reaching the end of its script to the job's end."""
+    lags = []
+    for i in range(runs):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        job = launch(2, "tests/distributed/exit_script.py", str(out), *(["--ps"] if ps else []), timeout=120,
+                     extra=extra)
+        ended = time.time()
+        assert job.returncode == 0, f"run {i} of {runs}: {job.stderr[-3000:]}"
+        assert "terminate called" not in job.stderr, job.stderr[-3000:]
+        lags.append(ended - max(float((out / f"end{r}").read_text()) for r in range(2)))
+    return lags
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+def test_scripts_without_an_explicit_shutdown_end_cleanly(tmp_path):
+    _run_without_shutdown(tmp_path, 2)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_scripts_without_an_explicit_shutdown_end_cleanly_20_of_20(tmp_path):
+    _run_without_shutdown(tmp_path, 20)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+def test_a_ps_job_without_an_explicit_shutdown_ends_promptly(tmp_path):
+    pytest.importorskip("zmq")
+    (lag,) = _run_without_shutdown(tmp_path, 1, extra=("--servers", "1"), ps=True)
+    # the servers are told at the workers' exit; before, they idled SERVER_GRACE_S (10 s) first
+    assert lag < 7.0, lag

@@ -40,8 +40,9 @@ def test_every_zoo_model_is_covered():
     from luoshu.models import MODELS
 
     covered = {zoo_name for zoo_name, _, _ in zoo.ZOO.values()}
-    # "resnet" and "resnet34" are the ResNet class of resnet18 (basic blocks) at another depth
-    assert set(MODELS) - covered == {"resnet", "resnet34"}
+    # "resnet" and "resnet34" are the ResNet class of resnet18 (basic blocks) at another depth;
+    # the graph models (task "node") take a SparseGraph, and luoshu.ops.sparse has no ONNX mapping yet
+    assert set(MODELS) - covered == {"resnet", "resnet34", "gcn", "graphsage", "gat"}
 
 
 @pytest.fixture(scope="module")

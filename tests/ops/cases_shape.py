@@ -12,6 +12,14 @@ apply = ls.core.apply
 
 
 CASES = [
+    OpCase("flatten", lambda x: O.flatten(x, 1, 2) * 2.0, lambda x: x.flatten(1, 2) * 2.0, [(2, 3, 4, 2)],
+           second_order=True),
+    OpCase("flatten_dynamic", lambda x: O.flatten(x, 0, 1), lambda x: x.flatten(0, 1), [(3, 2, 4)], dynamic=True),
+    OpCase("flatten_all", O.flatten, torch.flatten, [(2, 3)]),
+    OpCase("unflatten", lambda x: O.unflatten(x, -1, (2, -1)) * 2.0, lambda x: x.unflatten(-1, (2, -1)) * 2.0,
+           [(3, 6)], second_order=True),
+    OpCase("unflatten_dynamic", lambda x: O.unflatten(x, 0, (-1, 2)), lambda x: x.unflatten(0, (-1, 2)), [(4, 3)],
+           dynamic=True),
     # reshaping
     OpCase("reshape", lambda x: O.reshape(x, 4, -1), lambda x: x.reshape(4, -1), [(2, 3, 4)], second_order=True),
     OpCase("reshape_method_tuple", lambda x: x.reshape((3, 4)), lambda x: x.reshape(3, 4), [(12,)]),

@@ -46,18 +46,25 @@ def test_four_workers_match_one_process_at_four_times_the_batch(tmp_path):
     _check_job(tmp_path, 4, RUNS, batch=3)
 
 
-def _graph_with_update(bucket_mb: float):
+def _training_graph():
+    """(model, graph, loss, its gradients, the SGD update, a feed) of one small step."""
     model = Net()
     opt = ls.optim.SGD(model.parameters(), lr=0.1)
     with ls.Graph() as g:
         ids = ls.placeholder("ids", (None, 3), "int64")
         dense = ls.placeholder("dense", (None, 5), "float32")
         loss = model(ids, dense).sum()
+        grads = ls.gradients(loss, model.parameters())
         train_op = opt.minimize(loss)
+    feed = {ids: np.arange(6).reshape(2, 3) % 50, dense: np.ones((2, 5), np.float32)}
+    return model, g, loss, grads, train_op, feed
+
+
+def _graph_with_update(bucket_mb: float):
+    _, g, loss, _, train_op, feed = _training_graph()
     ls.parallel.DataParallel(g, bucket_size_mb=bucket_mb)
-    feed = {ids: np.zeros((2, 3), np.int64), dense: np.ones((2, 5), np.float32)}
     g.run([loss, train_op], feed)
-    return [step.op.opdef.name for step in next(iter(g._plans.values())).steps]
+    return [step.op.opdef.name for step in g.plan([loss, train_op], feed).steps]
 
 
 def test_the_pass_buckets_dense_gradients_and_gathers_sparse_ones():
@@ -82,16 +89,7 @@ def test_gradients_are_computed_as_views_of_their_bucket():
     values the update reads live in the bucket buffer, and they equal the plain gradients."""
     names = _graph_with_update(25.0)
     assert names.count("bucket_place") == 4  # two linear layers: two weights, two biases
-    ls.manual_seed(0)
-    model = Net()
-    opt = ls.optim.SGD(model.parameters(), lr=0.1)
-    with ls.Graph() as g:
-        ids = ls.placeholder("ids", (None, 3), "int64")
-        dense = ls.placeholder("dense", (None, 5), "float32")
-        loss = model(ids, dense).sum()
-        grads = ls.gradients(loss, model.parameters())
-        train_op = opt.minimize(loss)
-    feed = {ids: np.arange(6).reshape(2, 3) % 50, dense: np.ones((2, 5), np.float32)}
+    model, g, loss, grads, train_op, feed = _training_graph()
     before = [p.numpy().copy() for p in model.parameters()]
     expected = g.run(grads, feed)
     ls.parallel.DataParallel(g, bucket_size_mb=25.0)

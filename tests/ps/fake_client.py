@@ -3,10 +3,15 @@
 Rows start at a fixed function of their id, the server applies plain SGD with the pushed
 gradient times `scale`, and every push bumps the version of each row it touches: what
 the real server does for an SGD table, without processes or sockets.
+
+`LateFakeClient` answers pushes late and in any order, as a real client's futures complete
+when the servers' replies arrive: the server decides (applies or refuses) when the push
+reaches it, the reply comes whenever `release` says.
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 
 import numpy as np
@@ -68,3 +73,66 @@ class FakeClient:
 
     def server_version(self, ids) -> np.ndarray:
         return np.array([self.versions.get(int(i), 0) for i in ids], np.int64)
+
+
+class RefusedPush(Exception):
+    """What a refused push's future raises in `LateFakeClient`."""
+
+
+class LateFakeClient(FakeClient):
+    """Push replies held back: `release(order)` completes them later, in any order.
+
+    `refuse(k)` makes the k-th push (0-based, counting every push) be refused by the server:
+    its rows do not change, and its future fails with `RefusedPush` when released.
+    """
+
+    def __init__(self, dim: int, lr: float = 0.1):
+        super().__init__(dim, lr)
+        self.held: list[tuple[int, Future, bool]] = []  # (push number, future, refused)
+        self.refused: set[int] = set()
+        self._lock = threading.Lock()
+
+    def refuse(self, k: int) -> None:
+        self.refused.add(k)
+
+    def push(self, name, ids, grads, scale=1.0):
+        k = self.push_calls
+        refused = k in self.refused
+        if refused:
+            self.push_calls += 1
+        else:
+            super().push(name, ids, grads, scale)
+        future = Future()
+        with self._lock:
+            self.held.append((k, future, refused))
+        return future
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return sum(not f.done() for _, f, _ in self.held)
+
+    def release(self, order: str = "reverse", seed: int = 0, gap_s: float = 0.0) -> None:
+        """Completes every held future: "reverse" (newest reply first), "random" (seeded) or "fifo"."""
+        with self._lock:  # the futures stay in `held` until completed, so `outstanding` counts them meanwhile
+            held = [h for h in self.held if not h[1].done()]
+        if order == "reverse":
+            held = held[::-1]
+        elif order == "random":
+            rng = np.random.default_rng(seed)
+            held = [held[i] for i in rng.permutation(len(held))]
+        for k, future, refused in held:
+            if gap_s:
+                threading.Event().wait(gap_s)
+            if refused:
+                future.set_exception(RefusedPush(f"push {k} was refused by the server"))
+            else:
+                future.set_result(None)
+
+    def release_later(self, delay_s: float, order: str = "reverse", gap_s: float = 0.0) -> threading.Thread:
+        def run():
+            threading.Event().wait(delay_s)
+            self.release(order, gap_s=gap_s)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t

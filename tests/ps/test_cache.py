@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from luoshu.ps.cache import CacheError, HETCache
-from tests.ps.fake_client import FakeClient, initial_rows
+from tests.ps.fake_client import FakeClient, LateFakeClient, RefusedPush, initial_rows
 
 DIM = 4
 
@@ -222,3 +222,56 @@ def test_flush_of_a_synchronous_table_always_pushes_once():
     calls = client.push_calls
     cache.flush()
     assert client.push_calls == calls + 1
+
+
+# --- pushes whose replies come late and out of order ---------------------------------------------
+def _step(cache, ids, grad=1.0):
+    cache.lookup(ids)
+    cache.accumulate(ids, np.full((len(ids), DIM), grad, np.float32))
+    cache.end_step()
+
+
+def test_a_refused_push_followed_by_another_is_reported_by_flush():
+    # Push 0 is refused, push 1 accepted; neither reply has come when push 1 leaves, and the
+    # replies then arrive newest first. The cache must still report push 0's loss.
+    client = LateFakeClient(DIM)
+    client.refuse(0)
+    cache = HETCache(client, "t", DIM, capacity=0)
+    _step(cache, np.array([1, 2]))
+    _step(cache, np.array([3]))
+    assert client.outstanding() == 2
+    client.release_later(0.05, order="reverse")
+    with pytest.raises(RefusedPush, match="push 0 was refused"):
+        cache.flush(refresh=False)
+    assert client.outstanding() == 0
+    cache.flush(refresh=False)  # reported once; nothing else is outstanding
+
+
+@pytest.mark.parametrize("order", ["reverse", "random", "fifo"])
+def test_every_outstanding_push_is_waited_for_and_the_first_failure_surfaces(order):
+    client = LateFakeClient(DIM)
+    for k in (3, 5):
+        client.refuse(k)
+    cache = HETCache(client, "t", DIM, capacity=0)
+    for step in range(8):
+        _step(cache, np.array([step % 3, 10 + step]))
+    assert client.outstanding() == 8  # all tracked: none was completed by the fake yet
+    client.release(order=order, seed=3)
+    with pytest.raises(RefusedPush, match="push 3 was refused") as info:
+        cache.end_step()  # the next push call sees the failed replies: the first in issue order wins
+    assert any("2 pushes failed" in note for note in info.value.__notes__)
+    # the accepted pushes were applied: rows 10+s for s not in (3, 5) moved by -lr * 1
+    for s in range(8):
+        expected = initial_rows(np.array([10 + s]), DIM)[0] - (0.0 if s in (3, 5) else 0.1)
+        np.testing.assert_allclose(client.rows[10 + s], expected, rtol=1e-6)
+
+
+def test_flush_waits_for_every_reply_not_only_the_newest():
+    client = LateFakeClient(DIM)
+    cache = HETCache(client, "t", DIM, capacity=16, staleness=0)
+    for step in range(4):
+        _step(cache, np.array([step, 7]))
+    assert client.outstanding() == 4
+    client.release_later(0.02, order="reverse", gap_s=0.05)  # the newest reply first, then one by one
+    cache.flush(refresh=False)
+    assert client.outstanding() == 0

@@ -14,6 +14,7 @@ import zmq
 
 import luoshu as ls
 from luoshu import ps
+from luoshu.ps import auth
 from luoshu.ps import protocol as P
 
 
@@ -313,6 +314,7 @@ def test_malformed_messages_are_answered_and_the_server_keeps_serving(servers):
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.setsockopt(zmq.RCVTIMEO, 10_000)
+    auth.secure_client(raw, servers.secret)  # a member of the job sending garbage (outsiders are refused)
     raw.connect(servers.addresses[0])
     with _client(servers) as c:
         c.create_table("e", 2, optimizer=("sgd", {"lr": 1.0}))

@@ -34,10 +34,10 @@ def test_killed_server_restarts_from_its_snapshot_and_training_continues(tmp_pat
         pid = servers.processes[1].pid
         servers.kill(1)
         assert servers.processes[1].returncode == -9
-        with ps.Client(servers.addresses[:1], timeout_s=30) as alone:  # server 0 keeps serving
+        with ps.Client(servers.addresses[:1], timeout_s=30, secret=servers.secret) as alone:  # server 0 serves on
             assert alone.stats()["servers"][0]["tables"]["e"]["step"] == 4
         with pytest.raises(ps.ServerUnavailableError, match=r"parameter server 1 at tcp://127\.0\.0\.1:\d+"):
-            ps.Client(servers.addresses, timeout_s=1.0).pull("e", ids)
+            ps.Client(servers.addresses, timeout_s=1.0, secret=servers.secret).pull("e", ids)
         servers.restart(1)
         assert servers.processes[1].pid != pid and c.hello()[1]["restored_from"]
         _run(c, steps[4:])

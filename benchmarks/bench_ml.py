@@ -1,0 +1,164 @@
+"""luoshu.ml against scikit-learn on the same data: KMeans, MiniBatchKMeans, KNN, LDA, NMF, LogisticRegression.
+
+Each case fits (or predicts with) luoshu's estimator and scikit-learn's on the same arrays, repeats
+interleaved (luoshu, sklearn, luoshu, sklearn ...), the first pair a warm-up; it prints median seconds,
+the time ratio (sklearn / luoshu: above 1 means luoshu is faster) and each side's quality (inertia,
+accuracy, held-out perplexity, reconstruction error, log loss). Both sides get the same threads (torch
+intra-op threads, and scikit-learn's OpenMP/BLAS pools through threadpoolctl).
+
+    .venv/bin/python benchmarks/bench_ml.py [--repeats 5] [--threads 2] [--scale 1.0] [--cases kmeans lda ...]
+
+--scale multiplies the sample counts (1.0: KMeans 100k x 32, KNN 20k train / 5k queries x 32, LDA 2k docs x
+2k words, NMF 5k x 500, LogisticRegression 50k x 50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def _time(fn) -> tuple[float, object]:
+    tick = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - tick, out
+
+
+def case_kmeans(scale: float):
+    from sklearn.cluster import KMeans as Ref
+    from sklearn.datasets import make_blobs
+
+    from luoshu.ml import KMeans
+
+    X, _ = make_blobs(int(100_000 * scale), n_features=32, centers=16, cluster_std=4.0, random_state=0)
+    X = X.astype(np.float32)
+    ours = lambda: KMeans(16, n_init=1, max_iter=100, random_state=0).fit(X)  # noqa: E731
+    ref = lambda: Ref(16, n_init=1, max_iter=100, random_state=0, algorithm="lloyd").fit(X)  # noqa: E731
+    quality = lambda m: ("inertia", float(m.inertia_))  # noqa: E731
+    return f"KMeans fit {X.shape[0]}x32 k=16 float32", ours, ref, quality, quality
+
+
+def case_minibatch(scale: float):
+    from sklearn.cluster import MiniBatchKMeans as Ref
+    from sklearn.datasets import make_blobs
+
+    from luoshu.ml import MiniBatchKMeans
+
+    X, _ = make_blobs(int(100_000 * scale), n_features=32, centers=16, cluster_std=4.0, random_state=0)
+    X = X.astype(np.float32)
+    ours = lambda: MiniBatchKMeans(16, batch_size=2048, random_state=0).fit(X)  # noqa: E731
+    ref = lambda: Ref(16, batch_size=2048, random_state=0).fit(X)  # noqa: E731
+    quality = lambda m: ("inertia", float(m.inertia_))  # noqa: E731
+    return f"MiniBatchKMeans fit {X.shape[0]}x32 k=16", ours, ref, quality, quality
+
+
+def case_knn(scale: float):
+    from sklearn.datasets import make_classification
+    from sklearn.neighbors import KNeighborsClassifier as Ref
+
+    from luoshu.ml import KNeighborsClassifier
+
+    n_train, n_query = int(20_000 * scale), int(5_000 * scale)
+    X, y = make_classification(n_train + n_query, n_features=32, n_informative=16, n_classes=4, random_state=0)
+    Xtr, Xte, ytr, yte = X[:n_train], X[n_train:], y[:n_train], y[n_train:]
+    ours_model = KNeighborsClassifier(10).fit(Xtr, ytr)
+    ref_model = Ref(10, algorithm="brute").fit(Xtr, ytr)  # brute: what scikit-learn picks itself at 32 dims
+    ours = lambda: ours_model.predict(Xte)  # noqa: E731
+    ref = lambda: ref_model.predict(Xte)  # noqa: E731
+    quality = lambda pred: ("accuracy", float((pred == yte).mean()))  # noqa: E731
+    return f"KNN predict {n_query} queries on {n_train}x32, k=10", ours, ref, quality, quality
+
+
+def case_lda(scale: float):
+    from sklearn.decomposition import LatentDirichletAllocation as Ref
+
+    from luoshu.ml import LDA
+
+    rng = np.random.default_rng(0)
+    n_docs, n_words, k = int(2_000 * scale), 2_000, 10
+    topics = rng.dirichlet(np.full(n_words, 0.02), k)
+    theta = rng.dirichlet(np.full(k, 0.2), n_docs + 500)
+    counts = np.stack([rng.multinomial(100, t @ topics) for t in theta]).astype(np.float64)
+    X, held = sp.csr_matrix(counts[:n_docs]), sp.csr_matrix(counts[n_docs:])
+    kwargs = dict(learning_method="online", max_iter=5, batch_size=256, random_state=0)
+    ours = lambda: LDA(k, **kwargs).fit(X)  # noqa: E731
+    ref = lambda: Ref(k, **kwargs).fit(X)  # noqa: E731
+    quality = lambda m: ("held-out perplexity", float(m.perplexity(held)))  # noqa: E731
+    return f"LDA online fit {n_docs} docs x {n_words} words, 10 topics, 5 passes", ours, ref, quality, quality
+
+
+def case_nmf(scale: float):
+    from sklearn.decomposition import NMF as Ref
+
+    from luoshu.ml import NMF
+
+    rng = np.random.default_rng(0)
+    n = int(5_000 * scale)
+    X = np.abs(rng.normal(size=(n, 20))) @ np.abs(rng.normal(size=(20, 500))) + np.abs(rng.normal(size=(n, 500)))
+    ours = lambda: NMF(20, max_iter=200, random_state=0).fit(X)  # noqa: E731
+    ref = lambda: Ref(20, max_iter=200, random_state=0).fit(X)  # noqa: E731
+    quality = lambda m: ("reconstruction error", float(m.reconstruction_err_))  # noqa: E731
+    return f"NMF (cd) fit {n}x500, 20 components", ours, ref, quality, quality
+
+
+def case_logistic(scale: float):
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression as Ref
+    from sklearn.metrics import log_loss
+
+    from luoshu.ml import LogisticRegression
+
+    X, y = make_classification(int(50_000 * scale), n_features=50, n_informative=20, random_state=0)
+    ours = lambda: LogisticRegression(C=1.0).fit(X, y)  # noqa: E731
+    ref = lambda: Ref(C=1.0, max_iter=1000).fit(X, y)  # noqa: E731
+    quality = lambda m: ("train log loss", float(log_loss(y, m.predict_proba(X))))  # noqa: E731
+    return f"LogisticRegression (L2) fit {X.shape[0]}x50", ours, ref, quality, quality
+
+
+CASES = {
+    "kmeans": case_kmeans,
+    "minibatch": case_minibatch,
+    "knn": case_knn,
+    "lda": case_lda,
+    "nmf": case_nmf,
+    "logistic": case_logistic,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed pairs after one warm-up pair")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    args = parser.parse_args()
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # scikit-learn's convergence notices
+    print(f"threads {args.threads}, {args.repeats} timed repeats (median), scale {args.scale}")
+    print(f"{'case':58s} {'luoshu s':>9s} {'sklearn s':>9s} {'speed-up':>8s}  quality (luoshu / sklearn)")
+    with threadpool_limits(args.threads):
+        for name in args.cases:
+            title, ours, ref, q_ours, q_ref = CASES[name](args.scale)
+            times_ours, times_ref = [], []
+            for r in range(args.repeats + 1):
+                t_ours, out_ours = _time(ours)
+                t_ref, out_ref = _time(ref)
+                if r:  # the first pair warms caches, thread pools and lazy imports
+                    times_ours.append(t_ours)
+                    times_ref.append(t_ref)
+            a, b = statistics.median(times_ours), statistics.median(times_ref)
+            metric, va = q_ours(out_ours)
+            _, vb = q_ref(out_ref)
+            print(f"{title:58s} {a:9.3f} {b:9.3f} {b / a:7.2f}x  {metric} {va:.6g} / {vb:.6g}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""Matrix decompositions: the `LDA` topic model (variational Bayes, online or batch) and `NMF`.
+
+LDA follows Hoffman, Blei & Bach (2010) and scikit-learn's `LatentDirichletAllocation`: the E-step updates
+every document of a chunk at once over the non-zeros of its CSR rows (an nnz x topics gather, a row-wise
+`index_add_` back to documents), freezing each document once its topic weights change by less than
+`mean_change_tol`, exactly as the per-document loop does; the M-step blends the sufficient statistics into
+`components_` with step (offset + t)^-decay (online) or replaces them (batch).
+
+NMF minimises the Frobenius norm ||X - WH|| with W, H >= 0 by coordinate descent on one column/row at a time
+(HALS, the update scikit-learn's "cd" solver makes) or by Lee & Seung's multiplicative updates ("mu").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
+
+from luoshu.ml._validation import check_int, check_nonnegative, dense, rng_of, row_slices
+from luoshu.ml.base import DataError, Estimator, ParameterError, check_choice, check_X
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def _dirichlet_expectation(a: torch.Tensor) -> torch.Tensor:
+    """E[log x] for x ~ Dirichlet(a), row-wise."""
+    return torch.special.digamma(a) - torch.special.digamma(a.sum(1, keepdim=True))
+
+
+class _Corpus:
+    """A document-word count matrix as CSR parts (row of each non-zero, word, count) in float64."""
+
+    def __init__(self, X):
+        X = sp.csr_matrix(X, dtype=np.float64)
+        self.X = X
+        self.n_docs, self.n_words = X.shape
+
+    def part(self, s: slice):
+        sub = self.X[s]
+        rows = torch.from_numpy(np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr)))
+        return rows, torch.from_numpy(sub.indices.astype(np.int64)), torch.from_numpy(sub.data), sub.shape[0]
+
+
+def _likelihood_term(prior: float, distr: torch.Tensor, dirichlet: torch.Tensor, size: int) -> float:
+    """E[log p(x | prior)] - E[log q(x | distr)] for Dirichlet rows (scikit-learn's `_loglikelihood`)."""
+    score = ((prior - distr) * dirichlet).sum()
+    score += (torch.lgamma(distr) - torch.lgamma(torch.tensor(prior, dtype=distr.dtype))).sum()
+    score += (torch.lgamma(torch.tensor(prior * size, dtype=distr.dtype)) - torch.lgamma(distr.sum(1))).sum()
+    return float(score)
+
+
+class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
+    """Latent Dirichlet allocation by variational Bayes (scikit-learn's parameters and attributes).
+
+    `fit(X)` on document-word counts (dense or CSR); `transform(X)` gives each document's topic mixture
+    (rows sum to 1); `components_[k, w]` is topic k's variational parameter for word w; `perplexity(X)` is
+    exp(-bound / word count) under the variational bound; `score(X)` the bound itself.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 10,
+        *,
+        doc_topic_prior: float | None = None,
+        topic_word_prior: float | None = None,
+        learning_method: str = "batch",
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
+        max_iter: int = 10,
+        batch_size: int = 128,
+        evaluate_every: int = -1,
+        perp_tol: float = 1e-1,
+        mean_change_tol: float = 1e-3,
+        max_doc_update_iter: int = 100,
+        random_state=None,
+    ):
+        self.n_components = n_components
+        self.doc_topic_prior = doc_topic_prior
+        self.topic_word_prior = topic_word_prior
+        self.learning_method = learning_method
+        self.learning_decay = learning_decay
+        self.learning_offset = learning_offset
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.evaluate_every = evaluate_every
+        self.perp_tol = perp_tol
+        self.mean_change_tol = mean_change_tol
+        self.max_doc_update_iter = max_doc_update_iter
+        self.random_state = random_state
+
+    # --- the variational steps ----------------------------------------------------------------------
+    def _e_step(self, corpus: _Corpus, s: slice, exp_elog_beta: torch.Tensor, rng, want_sstats: bool):
+        """(unnormalised doc-topic gamma of rows s, sufficient statistics K x V or None)."""
+        rows, cols, counts, n = corpus.part(s)
+        k = self.n_components
+        alpha = self.doc_topic_prior_
+        if rng is not None:
+            gamma = torch.from_numpy(rng.gamma(100.0, 1.0 / 100.0, (n, k)))
+        else:
+            gamma = torch.ones(n, k, dtype=torch.float64)
+        exp_elog_theta = torch.exp(_dirichlet_expectation(gamma))
+        beta_cols = exp_elog_beta[:, cols].T.contiguous()  # nnz x K: each non-zero's word column
+        # only documents still changing are updated (a converged one keeps its values, as the per-document
+        # loop stops updating it); `act` indexes them, and the non-zeros are compacted to theirs
+        act = torch.arange(n)
+        sub_rows, sub_beta, sub_counts = rows, beta_cols, counts
+        for _ in range(self.max_doc_update_iter):
+            theta = exp_elog_theta[act]
+            norm_phi = (theta[sub_rows] * sub_beta).sum(1) + _EPS
+            acc = torch.zeros(len(act), k, dtype=torch.float64).index_add_(
+                0, sub_rows, sub_beta * (sub_counts / norm_phi)[:, None]
+            )
+            new_gamma = alpha + theta * acc
+            change = (new_gamma - gamma[act]).abs().mean(1)
+            gamma[act] = new_gamma
+            exp_elog_theta[act] = torch.exp(_dirichlet_expectation(new_gamma))
+            still = change >= self.mean_change_tol
+            if not still.any():
+                break
+            if not still.all():
+                keep = still[sub_rows]
+                renumber = torch.cumsum(still, 0) - 1
+                act = act[still]
+                sub_rows, sub_beta, sub_counts = renumber[sub_rows[keep]], sub_beta[keep], sub_counts[keep]
+        if not want_sstats:
+            return gamma, None
+        norm_phi = (exp_elog_theta[rows] * beta_cols).sum(1) + _EPS
+        vals = exp_elog_theta[rows] * (counts / norm_phi)[:, None]
+        sstats = torch.zeros(corpus.n_words, k, dtype=torch.float64).index_add_(0, cols, vals).T
+        return gamma, sstats * exp_elog_beta
+
+    def _sstats(self, corpus: _Corpus, s: slice, rng) -> torch.Tensor:
+        total = torch.zeros(self.n_components, corpus.n_words, dtype=torch.float64)
+        offset = s.start
+        for c in row_slices(s.stop - s.start, 4096):
+            total += self._e_step(corpus, slice(offset + c.start, offset + c.stop), self._exp_elog_beta, rng, True)[1]
+        return total
+
+    def _doc_topics(self, corpus: _Corpus) -> torch.Tensor:
+        out = torch.empty(corpus.n_docs, self.n_components, dtype=torch.float64)
+        for s in row_slices(corpus.n_docs, 4096):
+            out[s] = self._e_step(corpus, s, self._exp_elog_beta, None, False)[0]
+        return out
+
+    def _set_components(self, components: torch.Tensor) -> None:
+        self._components = components
+        self._exp_elog_beta = torch.exp(_dirichlet_expectation(components))
+        self.components_ = components.numpy()
+        self.exp_dirichlet_component_ = self._exp_elog_beta.numpy()
+
+    def _check_params(self) -> None:
+        check_int(self, "n_components", self.n_components)
+        check_int(self, "max_iter", self.max_iter)
+        check_int(self, "batch_size", self.batch_size)
+        check_int(self, "max_doc_update_iter", self.max_doc_update_iter)
+        check_choice(self, "learning_method", self.learning_method, ("batch", "online"))
+        for name in ("doc_topic_prior", "topic_word_prior"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int | float) and v > 0):
+                raise ParameterError(f"LDA: {name} must be a positive number or None, found {v!r}")
+        if not 0.5 < self.learning_decay <= 1.0 and self.learning_method == "online":
+            raise ParameterError(
+                f"LDA: learning_decay must be in (0.5, 1] for convergence, found {self.learning_decay}"
+            )
+
+    def fit(self, X, y=None) -> LDA:
+        self._check_params()
+        X = check_X(self, X, reset=True)
+        check_nonnegative(self, X)
+        corpus = _Corpus(X)
+        # a legacy RandomState drawing in scikit-learn's order (components, then each E-step's gammas), so a
+        # seed gives the very fit scikit-learn's LatentDirichletAllocation gives
+        from sklearn.utils import check_random_state
+
+        rng = check_random_state(self.random_state)
+        k = self.n_components
+        self.doc_topic_prior_ = 1.0 / k if self.doc_topic_prior is None else float(self.doc_topic_prior)
+        self.topic_word_prior_ = 1.0 / k if self.topic_word_prior is None else float(self.topic_word_prior)
+        self._set_components(torch.from_numpy(rng.gamma(100.0, 1.0 / 100.0, (k, corpus.n_words))))
+        self.n_batch_iter_ = 1
+        last_bound = None
+        n = corpus.n_docs
+        self.n_iter_ = 0
+        for i in range(self.max_iter):
+            if self.learning_method == "online":
+                for s in row_slices(n, self.batch_size):
+                    sstats = self._sstats(corpus, s, rng)
+                    rho = (self.learning_offset + self.n_batch_iter_) ** -self.learning_decay
+                    update = self.topic_word_prior_ + n * sstats / (s.stop - s.start)
+                    self._set_components((1 - rho) * self._components + rho * update)
+                    self.n_batch_iter_ += 1
+            else:
+                self._set_components(self.topic_word_prior_ + self._sstats(corpus, slice(0, n), rng))
+                self.n_batch_iter_ += 1
+            self.n_iter_ += 1
+            if self.evaluate_every > 0 and (i + 1) % self.evaluate_every == 0:
+                bound = self._perplexity(corpus, self._doc_topics(corpus))
+                if last_bound is not None and abs(last_bound - bound) < self.perp_tol:
+                    break
+                last_bound = bound
+        self.bound_ = self._perplexity(corpus, self._doc_topics(corpus))
+        return self
+
+    def _corpus(self, X) -> _Corpus:
+        self._check_fitted("components_")
+        X = check_X(self, X, reset=False)
+        check_nonnegative(self, X)
+        return _Corpus(X)
+
+    def transform(self, X, *, normalize: bool = True) -> np.ndarray:
+        """Each document's topic mixture (rows sum to 1 unless normalize=False)."""
+        gamma = self._doc_topics(self._corpus(X))
+        if normalize:
+            gamma = gamma / gamma.sum(1, keepdim=True)
+        return gamma.numpy()
+
+    def _bound(self, corpus: _Corpus, gamma: torch.Tensor) -> float:
+        elog_theta = _dirichlet_expectation(gamma)
+        elog_beta = _dirichlet_expectation(self._components)
+        score = 0.0
+        for s in row_slices(corpus.n_docs, 4096):
+            rows, cols, counts, _ = corpus.part(s)
+            temp = elog_theta[s][rows] + elog_beta[:, cols].T
+            score += float((counts * torch.logsumexp(temp, 1)).sum())
+        score += _likelihood_term(self.doc_topic_prior_, gamma, elog_theta, self.n_components)
+        score += _likelihood_term(self.topic_word_prior_, self._components, elog_beta, corpus.n_words)
+        return score
+
+    def _perplexity(self, corpus: _Corpus, gamma: torch.Tensor) -> float:
+        words = corpus.X.sum()
+        if words == 0:
+            raise DataError("LDA: perplexity of a corpus without words is undefined (every count is 0)")
+        return float(np.exp(-self._bound(corpus, gamma) / words))
+
+    def perplexity(self, X) -> float:
+        """exp(-(variational bound) / (number of words)) of X; lower is better."""
+        corpus = self._corpus(X)
+        return self._perplexity(corpus, self._doc_topics(corpus))
+
+    def score(self, X, y=None) -> float:
+        """The variational lower bound of log p(X) (higher is better)."""
+        corpus = self._corpus(X)
+        return self._bound(corpus, self._doc_topics(corpus))
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.components_.shape[0]
+
+    def _fitted_state(self) -> dict:
+        state = super()._fitted_state()
+        state.pop("exp_dirichlet_component_", None)  # a function of components_
+        return state
+
+    def _restore_state(self, state: dict) -> None:
+        super()._restore_state(state)
+        self._set_components(torch.from_numpy(np.asarray(self.components_, dtype=np.float64)))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.input_tags.positive_only = True
+        return tags
+
+
+# --- NMF -----------------------------------------------------------------------------------------------
+
+
+def _nmf_products(X, W: torch.Tensor | None = None, H: torch.Tensor | None = None) -> torch.Tensor:
+    """X @ H.T (given H) or W.T @ X (given W) for dense or CSR X."""
+    if H is not None:
+        return torch.from_numpy(np.asarray(X @ H.T.numpy())) if sp.issparse(X) else X @ H.T
+    return torch.from_numpy(np.asarray((X.T @ W.numpy()).T)) if sp.issparse(X) else W.T @ X
+
+
+def _frobenius_sq(X, X_sq: float, W: torch.Tensor, H: torch.Tensor) -> float:
+    """||X - WH||^2 without forming WH: ||X||^2 - 2 <W, XH^T> + <W^T W, H H^T>."""
+    value = X_sq - 2 * float((W * _nmf_products(X, H=H)).sum()) + float(((W.T @ W) * (H @ H.T)).sum())
+    return max(value, 0.0)
+
+
+def _hals(A: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
+    """One coordinate-descent sweep over the columns of A (n x k) for min ||.||: A[:, j] += (cross[:, j] -
+    A @ gram[:, j]) / gram[j, j], clipped at 0 — in place, each column using the columns already updated.
+    Returns the sweep's violation: the summed magnitude of the projected gradient (scikit-learn's measure)."""
+    violation = 0.0
+    for j in range(A.shape[1]):
+        if gram[j, j] <= 0:
+            continue
+        grad = A @ gram[:, j] - cross[:, j]
+        projected = torch.where(A[:, j] > 0, grad, grad.clamp_max(0))
+        violation += float(projected.abs().sum())
+        A[:, j] = (A[:, j] - grad / gram[j, j]).clamp_min_(0)
+    return violation
+
+
+class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
+    """Non-negative matrix factorisation X ~ W H (Frobenius loss), W = transform(X), H = components_.
+
+    solver "cd": coordinate descent on one column of W / row of H at a time (HALS); "mu": multiplicative
+    updates. init "nndsvda" (SVD-based, zeros filled with the mean of X; the default when n_components <=
+    min(n_samples, n_features)), "nndsvd" or "random". Stopping rules as scikit-learn's (see `_solve`).
+    """
+
+    def __init__(
+        self,
+        n_components: int | None = None,
+        *,
+        init: str | None = None,
+        solver: str = "cd",
+        tol: float = 1e-4,
+        max_iter: int = 200,
+        random_state=None,
+    ):
+        self.n_components = n_components
+        self.init = init
+        self.solver = solver
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _initialise(self, X, k: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        n, p = X.shape
+        init = self.init or ("nndsvda" if k <= min(n, p) else "random")
+        check_choice(self, "init", init, ("random", "nndsvd", "nndsvda"))
+        mean = float(X.mean())
+        if init == "random":
+            avg = np.sqrt(mean / k)
+            W = avg * np.abs(rng.standard_normal((n, k)))
+            H = avg * np.abs(rng.standard_normal((k, p)))
+            return torch.from_numpy(W), torch.from_numpy(H)
+        if k > min(n, p):
+            raise ParameterError(
+                f"NMF: init={init!r} needs n_components <= min(n_samples, n_features) = "
+                f"{min(n, p)}, found {k}; use init='random'"
+            )
+        if sp.issparse(X):
+            from scipy.sparse.linalg import svds
+
+            U, S, Vt = svds(X, k=k) if k < min(n, p) else np.linalg.svd(X.toarray(), full_matrices=False)
+            order = np.argsort(S)[::-1]
+            U, S, Vt = U[:, order], S[order], Vt[order]
+        else:
+            U, S, Vt = np.linalg.svd(X, full_matrices=False)
+        U, S, Vt = U[:, :k], S[:k], Vt[:k]
+        W, H = np.zeros((n, k)), np.zeros((k, p))
+        W[:, 0], H[0] = np.sqrt(S[0]) * np.abs(U[:, 0]), np.sqrt(S[0]) * np.abs(Vt[0])
+        for j in range(1, k):
+            x, y = U[:, j], Vt[j]
+            xp, yp, xn, yn = np.maximum(x, 0), np.maximum(y, 0), np.abs(np.minimum(x, 0)), np.abs(np.minimum(y, 0))
+            xpn, ypn, xnn, ynn = (np.linalg.norm(v) for v in (xp, yp, xn, yn))
+            mp, mn = xpn * ypn, xnn * ynn
+            # keep the sign pattern (positive or negative parts) carrying more of the singular pair
+            u, v, sigma = (xp / xpn, yp / ypn, mp) if mp > mn else (xn / max(xnn, _EPS), yn / max(ynn, _EPS), mn)
+            lam = np.sqrt(S[j] * sigma)
+            W[:, j], H[j] = lam * u, lam * v
+        W[W < 1e-6], H[H < 1e-6] = 0, 0
+        if init == "nndsvda":
+            W[W == 0], H[H == 0] = mean, mean
+        return torch.from_numpy(W), torch.from_numpy(H)
+
+    def _check_params(self) -> None:
+        if self.n_components is not None:
+            check_int(self, "n_components", self.n_components)
+        check_int(self, "max_iter", self.max_iter)
+        check_choice(self, "solver", self.solver, ("cd", "mu"))
+
+    def _prepare(self, X, reset: bool):
+        X = check_X(self, X, reset=reset)
+        check_nonnegative(self, X)
+        X = X.astype(np.float64) if sp.issparse(X) else dense(np.asarray(X, dtype=np.float64))
+        X_sq = float(X.multiply(X).sum()) if sp.issparse(X) else float((X * X).sum())
+        return X, X_sq
+
+    def _solve(self, X, X_sq: float, W: torch.Tensor, H: torch.Tensor, update_H: bool):
+        """Alternating updates; returns (W, H, iterations). "cd" stops when the sweep's projected-gradient
+        violation falls to `tol` times the first one; "mu" when ||X - WH|| (checked every 10 iterations)
+        improved by less than `tol` times its initial value (both as scikit-learn)."""
+        err_init = err_prev = np.sqrt(_frobenius_sq(X, X_sq, W, H))
+        violation_init = None
+        it = 0
+        for it in range(1, self.max_iter + 1):  # noqa: B007
+            HHt, XHt = H @ H.T, _nmf_products(X, H=H)
+            if self.solver == "cd":
+                violation = _hals(W, HHt, XHt)
+            else:
+                W *= XHt / (W @ HHt).clamp_min_(_EPS)
+            if update_H:
+                WtW, WtX = W.T @ W, _nmf_products(X, W=W)
+                if self.solver == "cd":
+                    Ht = H.T.contiguous()
+                    violation += _hals(Ht, WtW, WtX.T)
+                    H = Ht.T.contiguous()
+                else:
+                    H *= WtX / (WtW @ H).clamp_min_(_EPS)
+            if self.solver == "cd":
+                if violation_init is None:
+                    violation_init = violation
+                if violation_init == 0 or violation / violation_init <= self.tol:
+                    break
+            elif self.tol > 0 and it % 10 == 0:
+                err = np.sqrt(_frobenius_sq(X, X_sq, W, H))
+                if err_init > 0 and (err_prev - err) / err_init < self.tol:
+                    break
+                err_prev = err
+        return W, H, it
+
+    def fit_transform(self, X, y=None, W=None, H=None) -> np.ndarray:
+        self._check_params()
+        X, X_sq = self._prepare(X, reset=True)
+        k = self.n_components or X.shape[1]
+        rng = rng_of(self.random_state)
+        if W is not None and H is not None:
+            W0, H0 = torch.tensor(np.asarray(W, dtype=np.float64)), torch.tensor(np.asarray(H, dtype=np.float64))
+            if W0.shape != (X.shape[0], k) or H0.shape != (k, X.shape[1]) or (W0 < 0).any() or (H0 < 0).any():
+                raise DataError(
+                    f"NMF: custom W, H must be non-negative of shapes {(X.shape[0], k)} and "
+                    f"{(k, X.shape[1])}, found {tuple(W0.shape)} and {tuple(H0.shape)}"
+                )
+        else:
+            W0, H0 = self._initialise(X if sp.issparse(X) else X.numpy(), k, rng)
+        W, H, it = self._solve(X, X_sq, W0, H0, update_H=True)
+        self.components_ = H.numpy()
+        self.n_components_ = k
+        self.n_iter_ = it
+        self.reconstruction_err_ = float(np.sqrt(_frobenius_sq(X, X_sq, W, H)))
+        return W.numpy()
+
+    def fit(self, X, y=None) -> NMF:
+        self.fit_transform(X)
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """W for new rows with H fixed (initialised at sqrt(mean(X) / k), as scikit-learn)."""
+        self._check_fitted("components_")
+        X, X_sq = self._prepare(X, reset=False)
+        k = self.n_components_
+        W = torch.full((X.shape[0], k), float(np.sqrt(max(float(X.mean()), 0.0) / k)), dtype=torch.float64)
+        return self._solve(X, X_sq, W, torch.from_numpy(self.components_), update_H=False)[0].numpy()
+
+    def inverse_transform(self, X) -> np.ndarray:
+        self._check_fitted("components_")
+        W = np.asarray(X, dtype=np.float64)
+        if W.ndim != 2 or W.shape[1] != self.n_components_:
+            raise DataError(
+                f"NMF.inverse_transform: expected W with {self.n_components_} columns, found shape {W.shape}"
+            )
+        return W @ self.components_
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.components_.shape[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        tags.input_tags.positive_only = True
+        return tags

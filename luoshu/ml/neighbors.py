@@ -1,0 +1,179 @@
+"""Nearest neighbours by brute force on batched distance kernels: `KNeighborsClassifier`.
+
+Queries go in chunks; each chunk's distances to every training row are one matrix product
+(``||q||^2 - 2 q.t + ||t||^2`` for Euclidean, a normalised product for cosine, `torch.cdist` for
+Manhattan) followed by `torch.topk`, so memory stays at one chunk x n_train block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import ClassifierMixin
+
+from luoshu.ml._validation import FLOATS, check_int, dense, row_slices, row_sq_norms
+from luoshu.ml.base import DataError, Estimator, check_choice, check_X, check_X_y, encode_labels
+
+_BLOCK_ELEMENTS = 1 << 22  # query rows per chunk x training rows
+
+METRICS = ("euclidean", "minkowski", "manhattan", "cosine")
+
+
+def _dot_t(A, B) -> torch.Tensor:
+    """A @ B.T for dense tensors or SciPy CSR matrices (SciPy does the sparse products)."""
+    if sp.issparse(A) or sp.issparse(B):
+        a = A if sp.issparse(A) else A.numpy()
+        b = B if sp.issparse(B) else B.numpy()
+        out = a @ b.T
+        return torch.from_numpy(np.asarray(out.todense() if sp.issparse(out) else out))
+    return A @ B.T
+
+
+class KNeighborsClassifier(ClassifierMixin, Estimator):
+    """k-nearest-neighbour vote (uniform or 1/distance weights) by brute force.
+
+    metric: "euclidean" (= "minkowski" with p=2), "manhattan" (= "minkowski" with p=1) or "cosine".
+    Ties in the vote go to the smallest class label; equidistant neighbours are ordered as `torch.topk`
+    returns them.
+    """
+
+    def __init__(self, n_neighbors: int = 5, *, weights: str = "uniform", metric: str = "minkowski", p: int = 2):
+        self.n_neighbors = n_neighbors
+        self.weights = weights
+        self.metric = metric
+        self.p = p
+
+    def _metric(self) -> str:
+        check_choice(self, "metric", self.metric, METRICS)
+        if self.metric == "minkowski":
+            check_choice(self, "p", self.p, (1, 2))
+            return "euclidean" if self.p == 2 else "manhattan"
+        return self.metric
+
+    def fit(self, X, y) -> KNeighborsClassifier:
+        check_int(self, "n_neighbors", self.n_neighbors)
+        check_choice(self, "weights", self.weights, ("uniform", "distance"))
+        metric = self._metric()
+        X, y = check_X_y(self, X, y)  # float64: distances to compare across queries
+        self.classes_, self._y = encode_labels(self, y)
+        self._y = torch.from_numpy(self._y.astype(np.int64))
+        self._fit_X = X if sp.issparse(X) and metric != "manhattan" else dense(X)
+        if metric == "cosine":
+            norms = row_sq_norms(self._fit_X).sqrt().clamp_min(1e-12)
+            self._fit_X = (
+                (sp.diags(1 / norms.numpy()) @ self._fit_X).tocsr()
+                if sp.issparse(self._fit_X)
+                else self._fit_X / norms[:, None]
+            )
+        self._fit_sq = row_sq_norms(self._fit_X)
+        self._metric_ = metric
+        self._dtype = X.dtype
+        self.n_samples_fit_ = X.shape[0]
+        return self
+
+    def _distances(self, Q) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(a score per training row that ranks like the distance, what each query row adds to it to give
+        the distance or None). Euclidean ranks by ||t||^2 - 2 q.t, one fused GEMM; ||q||^2 is added to the
+        k kept values only."""
+        if self._metric_ == "manhattan":
+            return torch.cdist(dense(Q), self._fit_X, p=1), None
+        if self._metric_ == "cosine":
+            return 1 - _dot_t(Q, self._fit_X), None
+        if sp.issparse(Q) or sp.issparse(self._fit_X):
+            partial = _dot_t(Q, self._fit_X).mul_(-2).add_(self._fit_sq[None, :])
+        else:
+            partial = torch.addmm(self._fit_sq[None, :], Q, self._fit_X.T, alpha=-2)
+        return partial, row_sq_norms(Q)
+
+    def kneighbors(self, X=None, n_neighbors: int | None = None, return_distance: bool = True):
+        """(distances, indices) of the `n_neighbors` nearest training rows of each query row. X=None queries
+        the training rows themselves, each excluding itself (as scikit-learn)."""
+        self._check_fitted("n_samples_fit_")
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        check_int(self, "n_neighbors", k)
+        query_is_train = X is None
+        if query_is_train:
+            X = self._fit_X if sp.issparse(self._fit_X) else self._fit_X.numpy()
+            k_search = k + 1
+        else:
+            X = check_X(self, X, reset=False, dtype=FLOATS)
+            if self._metric_ == "cosine":
+                norms = row_sq_norms(X if sp.issparse(X) else dense(X)).sqrt().clamp_min(1e-12).numpy()
+                X = (sp.diags(1 / norms) @ X).tocsr() if sp.issparse(X) else X / norms[:, None]
+            k_search = k
+        if k_search > self.n_samples_fit_:
+            raise DataError(
+                f"KNeighborsClassifier: Expected n_neighbors <= n_samples_fit, but "
+                f"n_neighbors = {k_search}, n_samples_fit = {self.n_samples_fit_}, "
+                f"n_samples = {X.shape[0]}"
+            )
+        n = X.shape[0]
+        dist = torch.empty(n, k, dtype=self._fit_sq.dtype)
+        ind = torch.empty(n, k, dtype=torch.int64)
+        chunk = max(1, _BLOCK_ELEMENTS // max(self.n_samples_fit_, 1))
+        for s in row_slices(n, chunk):
+            Q = X[s].astype(self._dtype) if sp.issparse(X) else dense(X[s]).to(self._fit_sq.dtype)
+            d, offset = self._distances(Q)
+            vals, idx = torch.topk(d, k_search, dim=1, largest=False, sorted=True)
+            if offset is not None:
+                vals = (vals + offset[:, None]).clamp_min_(0)
+            if query_is_train:
+                # drop each row's own index (or, among duplicates found first, the farthest hit)
+                own = idx == torch.arange(s.start, s.stop)[:, None]
+                drop = torch.where(own.any(1), own.to(torch.int8).argmax(1), torch.full((idx.shape[0],), k))
+                keep = torch.ones_like(idx, dtype=torch.bool)
+                keep[torch.arange(idx.shape[0]), drop] = False
+                vals, idx = vals[keep].reshape(-1, k), idx[keep].reshape(-1, k)
+            dist[s], ind[s] = vals, idx
+        if self._metric_ == "euclidean":
+            dist = dist.sqrt_()
+        return (dist.numpy(), ind.numpy()) if return_distance else ind.numpy()
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities: the (weighted) share of each class among the neighbours."""
+        dist, ind = self.kneighbors(X)
+        dist, ind = torch.from_numpy(dist), torch.from_numpy(ind)
+        labels = self._y[ind]
+        if self.weights == "uniform":
+            w = torch.ones_like(dist)
+        else:
+            zero = dist == 0
+            # an exact match decides alone (as scikit-learn): weight 1 on zero distances, 0 elsewhere
+            w = torch.where(zero.any(1, keepdim=True), zero.to(dist.dtype), 1 / dist.clamp_min(1e-300))
+        votes = torch.zeros(dist.shape[0], len(self.classes_), dtype=dist.dtype).scatter_add_(1, labels, w)
+        return (votes / votes.sum(1, keepdim=True)).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        best = np.argmax(self.predict_proba(X), axis=1)
+        return self.classes_[best]
+
+    def _fitted_state(self) -> dict:
+        state = super()._fitted_state()
+        X = self._fit_X
+        state["fit_rows_"] = (
+            {"indptr": X.indptr, "indices": X.indices, "data": X.data, "shape": list(X.shape)}
+            if sp.issparse(X)
+            else X.numpy()
+        )
+        state["fit_labels_"] = self._y.numpy()
+        return state
+
+    def _restore_state(self, state: dict) -> None:
+        state = dict(state)
+        rows, labels = state.pop("fit_rows_"), state.pop("fit_labels_")
+        super()._restore_state(state)
+        self._fit_X = (
+            sp.csr_matrix((rows["data"], rows["indices"], rows["indptr"]), shape=tuple(rows["shape"]))
+            if isinstance(rows, dict)
+            else torch.from_numpy(rows)
+        )
+        self._y = torch.from_numpy(labels)
+        self._fit_sq = row_sq_norms(self._fit_X)
+        self._metric_ = self._metric()
+        self._dtype = np.float64
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags

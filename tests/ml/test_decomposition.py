@@ -1,0 +1,136 @@
+"""LDA and NMF against scikit-learn (LatentDirichletAllocation, NMF) and against the generating topic model;
+sparse input, bad input, model files and scikit-learn's estimator checks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn import decomposition as skd
+from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import luoshu
+from luoshu import ml
+from luoshu.ml import LDA, NMF
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def topic_corpus(n_docs=600, n_topics=5, n_words=150, doc_len=60, seed=0):
+    """Documents drawn from a known LDA model: (counts as CSR, the true topic-word distributions)."""
+    rng = np.random.default_rng(seed)
+    topics = rng.dirichlet(np.full(n_words, 0.05), n_topics)
+    theta = rng.dirichlet(np.full(n_topics, 0.3), n_docs)
+    counts = np.stack([rng.multinomial(doc_len, t @ topics) for t in theta]).astype(np.float64)
+    return sp.csr_matrix(counts), topics
+
+
+@pytest.mark.parametrize("method", ["batch", "online"])
+def test_lda_equals_sklearn_for_the_same_seed(method):
+    X, _ = topic_corpus()
+    Xtr, Xte = X[:480], X[480:]
+    kwargs = dict(learning_method=method, max_iter=5, batch_size=100, random_state=3)
+    ours, ref = LDA(5, **kwargs).fit(Xtr), skd.LatentDirichletAllocation(5, **kwargs).fit(Xtr)
+    np.testing.assert_allclose(ours.components_, ref.components_, rtol=1e-6)
+    np.testing.assert_allclose(ours.transform(Xte), ref.transform(Xte), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ours.perplexity(Xte), ref.perplexity(Xte), rtol=1e-7)
+    np.testing.assert_allclose(ours.score(Xte), ref.score(Xte), rtol=1e-8)
+    np.testing.assert_allclose(ours.bound_, ref.bound_, rtol=1e-7)
+
+
+def test_lda_recovers_the_generating_topics():
+    X, topics = topic_corpus(n_docs=400, seed=1)
+    lda = LDA(5, max_iter=15, random_state=0).fit(X)
+    learned = lda.components_ / lda.components_.sum(1, keepdims=True)
+    cos = (topics @ learned.T) / np.outer(np.linalg.norm(topics, axis=1), np.linalg.norm(learned, axis=1))
+    rows, cols = linear_sum_assignment(-cos)
+    assert cos[rows, cols].min() > 0.9
+    doc_topic = lda.transform(X)
+    np.testing.assert_allclose(doc_topic.sum(1), 1.0, rtol=1e-10)
+    # held-out perplexity within 1% of scikit-learn's on the same data
+    Xte, _ = topic_corpus(n_docs=100, seed=1)
+    ref = skd.LatentDirichletAllocation(5, max_iter=15, random_state=0).fit(X)
+    assert lda.perplexity(Xte) <= ref.perplexity(Xte) * 1.01
+
+
+def test_lda_dense_input_gives_the_sparse_result():
+    X, _ = topic_corpus(n_docs=200)
+    a, b = LDA(4, max_iter=3, random_state=0).fit(X), LDA(4, max_iter=3, random_state=0).fit(X.toarray())
+    np.testing.assert_allclose(a.components_, b.components_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_nmf_reconstruction_error_within_one_percent_of_sklearn(solver, sparse):
+    X = load_digits().data[:600]
+    X = sp.csr_matrix(X) if sparse else X
+    ours = NMF(8, solver=solver, max_iter=150, random_state=0)
+    W = ours.fit_transform(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref = skd.NMF(8, solver=solver, max_iter=150, random_state=0).fit(X)
+    assert ours.reconstruction_err_ <= ref.reconstruction_err_ * 1.01
+    dense = X.toarray() if sparse else X
+    np.testing.assert_allclose(ours.reconstruction_err_, np.linalg.norm(dense - W @ ours.components_), rtol=1e-6)
+    assert (W >= 0).all() and (ours.components_ >= 0).all()
+    # transform (H fixed) reconstructs new rows about as well as scikit-learn's
+    err = np.linalg.norm(dense[:200] - ours.inverse_transform(ours.transform(X[:200])))
+    err_ref = np.linalg.norm(dense[:200] - ref.inverse_transform(ref.transform(X[:200])))
+    assert err <= err_ref * 1.02
+
+
+def test_nmf_random_init_and_full_rank():
+    X = np.abs(np.random.default_rng(0).normal(size=(40, 6)))
+    ours = NMF(init="random", random_state=0, max_iter=400, tol=1e-8).fit(X)  # n_components = n_features
+    assert ours.reconstruction_err_ < 1e-2 * np.linalg.norm(X)
+
+
+def test_bad_input_is_refused():
+    X, _ = topic_corpus(n_docs=50)
+    lda = LDA(3, max_iter=2, random_state=0).fit(X)
+    before = lda.components_.copy()
+    with pytest.raises(luoshu.Error, match="Negative"):
+        lda.fit(-X)
+    np.testing.assert_array_equal(lda.components_, before)
+    with pytest.raises(luoshu.Error, match="features"):
+        lda.transform(X[:, :10])
+    bad = X.toarray()
+    bad[0, 0] = np.nan
+    for est in (LDA(3), NMF(3)):
+        with pytest.raises(luoshu.Error, match="NaN"):
+            est.fit(bad)
+        with pytest.raises(luoshu.Error):
+            est.fit(np.empty((0, 5)))
+        with pytest.raises(luoshu.Error, match="Negative"):
+            est.fit(-X)
+    with pytest.raises(luoshu.Error, match="learning_method"):
+        LDA(learning_method="gibbs").fit(X)
+    with pytest.raises(luoshu.Error, match="solver"):
+        NMF(solver="als").fit(X)
+    with pytest.raises(ml.NotFittedError):
+        NMF().transform(X)
+
+
+def test_save_and_load(tmp_path):
+    X, _ = topic_corpus(n_docs=60)
+    for name, est in (("lda", LDA(3, max_iter=2, random_state=0)), ("nmf", NMF(3, random_state=0))):
+        est.fit(X)
+        est.save(tmp_path / name)
+        np.testing.assert_allclose(ml.load(tmp_path / name).transform(X), est.transform(X), rtol=1e-12)
+
+
+@parametrize_with_checks([LDA(3, max_iter=3, random_state=0), NMF(2, random_state=0)])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
