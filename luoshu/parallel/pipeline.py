@@ -12,10 +12,14 @@ Each rank compiles its stage's forward and backward plans once; the backward pla
 recomputes the stage's forward from the saved stage input (full activation
 recomputation), so a stage keeps one input per micro-batch in flight, counted by the
 runtime's `ActivationLedger` (1F1B: at most `pp`). Activations and their gradients
-travel between neighbouring stages point to point. Gradients accumulate over the
-micro-batches and are scaled once (1/M: each micro-batch's loss is a mean over its
-rows); parameters used by several stages (GPT-2's tied embedding) sum their gradients
-over those stages; the DP axis averages them; then the optimizer applies one update.
+travel between neighbouring stages point to point (torch.distributed send/recv issued
+by this runtime, not comm ops of the graph). Gradients accumulate over the micro-batches
+and are scaled once (1/M: each micro-batch's loss is a mean over its rows); a table's
+sparse gradient stays rows (so a lazy optimizer touches the rows one whole batch would);
+parameters used by several stages (GPT-2's tied embedding) sum their gradients over
+those stages; the DP axis averages them; then the optimizer applies one update. A stage
+may be tensor parallel (`parallelize` the model first): its graph compiles through the
+states pass, its gradients are fetched as this rank's blocks.
 
 Data convention: every rank passes the same global batch to `step`; the first stage
 reads only the inputs and the last only the labels (`feeds_of` says what a rank needs),
@@ -36,6 +40,7 @@ from luoshu.core.errors import Error
 from luoshu.core.graph import Graph
 from luoshu.core.graph import placeholder as make_placeholder
 from luoshu.core.op import topological_ops
+from luoshu.core.tensor import IndexedSlices
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn.container import ModuleList
@@ -171,16 +176,23 @@ class Pipeline:
             self.grad_out = None if self.is_last else make_placeholder("stage_output_grad", out.shape, out.dtype)
             xs = self.params + ([self.stage_input] if self.stage_input is not None else [])
             grads = gradients(out, xs, grad_ys=None if self.is_last else self.grad_out)
-            # sparse table gradients accumulate densely over micro-batches
-            self.param_grads = [(gr.to_dense() if hasattr(gr, "to_dense") else gr) for gr in grads[: len(self.params)]]
+        self.param_grads = list(grads[: len(self.params)])
         self.input_grad = grads[-1] if self.stage_input is not None else None
         for p, gr in zip(self.params, self.param_grads):
             if gr is None:
                 raise PipelineError(f"pipeline: parameter {p.name} of stage {self.stage} gets no gradient")
+        # A table's sparse gradient stays rows (indices, values) over the micro-batches, so a lazy
+        # optimizer touches the rows one whole batch would (a dense sum would touch every row).
+        self._sparse = [isinstance(gr, IndexedSlices) for gr in self.param_grads]
+        self._grad_fetch = [
+            t for gr, sp in zip(self.param_grads, self._sparse) for t in ((gr.indices, gr.values) if sp else (gr,))
+        ]
         strategy = states.default()
         if strategy is not None and any(p.ds and not p.ds[0].is_pure_duplicate() for p in self.params):
             # tensor parallel inside the stage: gradients stay this rank's blocks, activations go whole
-            wanted = {id(gr): p.ds[0] for p, gr in zip(self.params, self.param_grads) if p.ds}
+            wanted = {
+                id(gr): p.ds[0] for p, gr, sp in zip(self.params, self.param_grads, self._sparse) if p.ds and not sp
+            }
             states.attach(g, dataclasses.replace(strategy, fetch_states=wanted))
         self._shared = self._shared_parameters(used)
         self._compiled = True
@@ -259,14 +271,24 @@ class Pipeline:
                     gbuf = torch.empty(out_shape, dtype=dtype)
                     torch_dist.recv(gbuf, self._neighbour(1), tag=2 * m + 1)
                     feed[self.grad_out] = gbuf.numpy()
-                fetch = self.param_grads + ([self.input_grad] if self.input_grad is not None else [])
+                fetch = self._grad_fetch + ([self.input_grad] if self.input_grad is not None else [])
                 start = time.perf_counter()
                 values = self.graph.run(fetch, feed)
                 self.busy_s += time.perf_counter() - start
                 self.ledger.freed(m)
-                for k, v in enumerate(values[: len(self.params)]):
-                    v = torch.from_numpy(np.asarray(v))
+                pos = 0
+                for k, sparse in enumerate(self._sparse):
+                    if sparse:
+                        rows = (
+                            torch.from_numpy(np.asarray(values[pos])),
+                            torch.from_numpy(np.asarray(values[pos + 1])),
+                        )
+                        accum[k] = [rows] if accum[k] is None else accum[k] + [rows]
+                        pos += 2
+                        continue
+                    v = torch.from_numpy(np.asarray(values[pos]))
                     accum[k] = v.clone() if accum[k] is None else accum[k].add_(v)
+                    pos += 1
                 if self.input_grad is not None:
                     t = torch.from_numpy(np.ascontiguousarray(values[-1]))
                     pending.append((torch_dist.isend(t, self._neighbour(-1), tag=2 * m + 1), t))
@@ -276,15 +298,52 @@ class Pipeline:
         return float(np.mean(losses)) if losses else None
 
     def _apply(self, accum: list) -> None:
-        grads = [g.div_(self.micro_batches) for g in accum]  # the mean over micro-batches: scaled once
+        m, dp = self.micro_batches, self.mesh.dp
+        grads = []
+        for k, acc in enumerate(accum):
+            if not self._sparse[k]:
+                grads.append(acc.div_(m))  # the mean over micro-batches: scaled once
+                continue
+            rows = torch.cat([i for i, _ in acc])
+            values = torch.cat([v for _, v in acc]).div_(m)
+            if dp > 1 and env.is_distributed():
+                rows, values = self._gather_rows(rows, values)
+                values.div_(dp)
+            p = self.params[k]
+            if p.ds and not p.ds[0].is_pure_duplicate():  # a row-split table keeps its own rows
+                local = p._value.shape[0]
+                start = states.default().index * local
+                keep = (rows >= start) & (rows < start + local)
+                rows, values = rows[keep] - start, values[keep]
+            grads.append((rows, values))
         for pos, users in self._shared:
+            if self._sparse[pos]:
+                rows, values = grads[pos]
+                grads[pos] = torch.zeros_like(self.params[pos]._value).index_add_(0, rows, values)
             torch_dist.all_reduce(grads[pos], group=env.process_group(users))
-        if self.mesh.dp > 1 and env.is_distributed():
+        if dp > 1 and env.is_distributed():
             pg = self.mesh.process_group("dp")
-            for g in grads:
-                torch_dist.all_reduce(g, group=pg)
-                g.div_(self.mesh.dp)
+            for k, g in enumerate(grads):
+                if not self._sparse[k] or isinstance(g, torch.Tensor):
+                    torch_dist.all_reduce(g, group=pg)
+                    g.div_(dp)
         self.optimizer.apply_gradients(list(zip(self.param_index, grads)))
+
+    def _gather_rows(self, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every DP peer's sparse rows (unequal counts), in DP order."""
+        pg, dp = self.mesh.process_group("dp"), self.mesh.dp
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dp)]
+        torch_dist.all_gather(counts, torch.tensor([rows.numel()]), group=pg)
+        longest = int(max(c.item() for c in counts))
+        pad = longest - rows.numel()
+        rows_p = torch.cat([rows, rows.new_zeros(pad)])
+        values_p = torch.cat([values, values.new_zeros((pad,) + tuple(values.shape[1:]))])
+        all_rows = [torch.empty_like(rows_p) for _ in range(dp)]
+        all_values = [torch.empty_like(values_p) for _ in range(dp)]
+        torch_dist.all_gather(all_rows, rows_p, group=pg)
+        torch_dist.all_gather(all_values, values_p, group=pg)
+        n = [int(c.item()) for c in counts]
+        return (torch.cat([r[:c] for r, c in zip(all_rows, n)]), torch.cat([v[:c] for v, c in zip(all_values, n)]))
 
 
 def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b") -> Pipeline:

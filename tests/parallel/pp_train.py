@@ -15,13 +15,24 @@ import numpy as np
 import torch
 
 import luoshu as ls
-from luoshu.models.language import GPT2, GPTConfig
+from luoshu.models.language import GPT2, GPTConfig, Llama, LlamaConfig
 
 VOCAB, LENGTH, BATCH, STEPS = 128, 16, 8, 3
 
 
 def config(layers: int) -> GPTConfig:
     return GPTConfig(vocab_size=VOCAB, block_size=LENGTH, n_layer=layers, n_head=4, n_embd=64)
+
+
+def build(model: str, layers: int):
+    """GPT-2 (tied embedding: dense gradients) or LLaMA (untied: the table's gradient is sparse rows)."""
+    if model == "llama":
+        return Llama(
+            LlamaConfig(
+                vocab_size=VOCAB, dim=64, n_layers=layers, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=LENGTH
+            )
+        ).to(dtype="float64")
+    return GPT2(config(layers)).to(dtype="float64")
 
 
 def batches(seed: int = 5):
@@ -35,10 +46,10 @@ def loss_fn(logits, y):
     return ls.nn.functional.cross_entropy(logits.reshape((-1, VOCAB)), y.reshape((-1,)))
 
 
-def reference(layers: int):
+def reference(layers: int, model_name: str = "gpt2"):
     """One process, the whole batch at once: (losses, parameters)."""
     ls.manual_seed(11)
-    model = GPT2(config(layers)).to(dtype="float64")
+    model = build(model_name, layers)
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     with ls.Graph() as g:
         ids = ls.placeholder("ids", (None, LENGTH), "int64")
@@ -54,6 +65,7 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--model", default="gpt2")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b")
@@ -64,7 +76,7 @@ def main() -> None:
     ls.distributed.init()
     mesh = ls.distributed.DeviceMesh(dp=args.dp, tp=args.tp, pp=args.pp)
     ls.manual_seed(11)
-    model = GPT2(config(args.layers)).to(dtype="float64")
+    model = build(args.model, args.layers)
     if args.tp > 1:
         ls.parallel.parallelize(model, mesh)
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
