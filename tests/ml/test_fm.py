@@ -91,7 +91,7 @@ def test_ffm_and_regression():
         FieldAwareFM(fields=[0, 1]).fit(X, y)
 
 
-def test_fm_on_parameter_servers_with_hashed_ids_reaches_the_local_loss(tmp_path):
+def test_fm_on_parameter_servers_with_hashed_ids_reaches_the_local_loss(tmp_path, monkeypatch):
     from luoshu import ps
 
     X, y, _ = fm_data(n=3000)
@@ -101,6 +101,8 @@ def test_fm_on_parameter_servers_with_hashed_ids_reaches_the_local_loss(tmp_path
     local = FactorizationMachine(n_factors=4, n_epochs=10).fit(X, y)
     lr_local = FactorizationMachine(n_factors=0, n_epochs=10).fit(X, y)  # logistic regression
     with ps.start_local_servers(2, in_process=True) as servers:
+        # the estimator connects by address; the job's secret (as the launcher hands it) admits it
+        monkeypatch.setenv("LUOSHU_JOB_SECRET", servers.secret)
         fm = FactorizationMachine(n_factors=4, n_epochs=10, ps_addresses=servers.addresses).fit(Xh, y)
         lr = FactorizationMachine(n_factors=0, n_epochs=10, ps_addresses=servers.addresses, ps_table="lr").fit(Xh, y)
     assert fm.loss_curve_[-1] == pytest.approx(local.loss_curve_[-1], rel=0.03)
