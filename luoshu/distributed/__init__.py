@@ -26,6 +26,7 @@ from luoshu.distributed.env import (
     shutdown,
     world_size,
 )
+from luoshu.distributed.mesh import DeviceMesh
 from luoshu.ops import comm as _comm
 
 
@@ -38,7 +39,7 @@ def _resolve(ranks: tuple):
 _comm.set_group_resolver(_resolve)
 
 __all__ = [
-    "DeviceGroup", "DistError", "backend", "barrier", "group_rank", "group_size", "init", "is_distributed",
-    "is_initialized", "is_server", "local_rank", "num_servers", "process_group", "ps_store", "rank",
+    "DeviceGroup", "DeviceMesh", "DistError", "backend", "barrier", "group_rank", "group_size", "init",
+    "is_distributed", "is_initialized", "is_server", "local_rank", "num_servers", "process_group", "ps_store", "rank",
     "set_server_role", "shutdown", "world_size",
 ]

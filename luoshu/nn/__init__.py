@@ -25,6 +25,12 @@ from luoshu.nn.layers import (
 )
 from luoshu.nn.module import Module, Parameter
 from luoshu.nn.norm import BatchNorm1d, BatchNorm2d, GroupNorm, LayerNorm, RMSNorm
+from luoshu.nn.parallel_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 from luoshu.nn.recompute import recompute
 from luoshu.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNBase, RNNCell
 from luoshu.nn.transformer import (
@@ -46,6 +52,8 @@ __all__ = [
     "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
     # containers
     "ModuleDict", "ModuleList",
+    # tensor parallel
+    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     # memory
     "recompute",
 ]

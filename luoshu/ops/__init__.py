@@ -18,6 +18,7 @@ from luoshu.ops import (
     loss,
     nn,
     norm,
+    parallel,
     ps,
     random,
     reduction,
@@ -39,7 +40,8 @@ from luoshu.ops.reduction import *  # noqa: F403
 from luoshu.ops.shape import *  # noqa: F403
 from luoshu.ops.sparse import *  # noqa: F403
 
-_FAMILIES = (comm, conv, creation, elementwise, linalg, loss, nn, norm, ps, random, reduction, shape, sparse, update)
+_FAMILIES = (comm, conv, creation, elementwise, linalg, loss, nn, norm, parallel, ps, random, reduction, shape, sparse,
+             update)
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ from luoshu.core.errors import DTypeError, OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import broadcast_shapes
 from luoshu.core.tensor import TensorMeta
+from luoshu.ops import _states
 from luoshu.ops._util import float_dtype, sum_to, wants
 
 aten = torch.ops.aten
@@ -22,16 +23,23 @@ class _Binary(OpDef):
         a, b = inputs
         return TensorMeta(broadcast_shapes(self.name, a.shape, b.shape), dtypes.promote(a.dtype, b.dtype))
 
-    def deduce_states(self, input_ds, **attrs):
-        a, b = input_ds
-        if a is not None and b is not None and a != b and not (a.is_pure_duplicate() and b.is_pure_duplicate()):
-            return super().deduce_states(input_ds)
-        return [a if a is not None else b]
+    # Which inputs may be partial: "all" (a sum of sums), a tuple (any one of them, the
+    # others duplicate: linear in each), or "none".
+    states_linear = "none"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        if _io is None:
+            a, b = input_ds
+            if a is not None and b is not None and a != b and not (a.is_pure_duplicate() and b.is_pure_duplicate()):
+                return super().deduce_states(input_ds)
+            return [a if a is not None else b]
+        return _states.elementwise(self.name, input_ds, _io, self.states_linear)
 
 
 @register
 class Add(_Binary):
     name = "add"
+    states_linear = "all"
     compute = staticmethod(torch.add)
 
     def gradient(self, op, grads):
@@ -43,6 +51,7 @@ class Add(_Binary):
 @register
 class Sub(_Binary):
     name = "sub"
+    states_linear = "all"
     compute = staticmethod(torch.sub)
 
     def gradient(self, op, grads):
@@ -54,6 +63,7 @@ class Sub(_Binary):
 @register
 class Mul(_Binary):
     name = "mul"
+    states_linear = (0, 1)
     compute = staticmethod(torch.mul)
 
     def gradient(self, op, grads):
@@ -65,6 +75,7 @@ class Mul(_Binary):
 @register
 class Div(_Binary):
     name = "div"
+    states_linear = (0,)
 
     def infer(self, inputs):
         meta = super().infer(inputs)
@@ -136,6 +147,9 @@ def _select_grad(op, g, first_wins, tie):
 class Where(OpDef):
     name = "where"
 
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        return _states.elementwise(self.name, input_ds, _io, "none")
+
     def infer(self, inputs):
         cond, a, b = inputs
         if cond.dtype != "bool":
@@ -204,13 +218,18 @@ class _Unary(OpDef):
         x, = inputs
         return TensorMeta(x.shape, float_dtype(x.dtype) if self.float_only else x.dtype)
 
-    def deduce_states(self, input_ds, **attrs):
-        return [input_ds[0]]
+    states_linear = False  # neg: a partial input gives a partial output
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        if _io is None:
+            return [input_ds[0]]
+        return _states.elementwise(self.name, input_ds, _io, (0,) if self.states_linear else "none")
 
 
 @register
 class Neg(_Unary):
     name = "neg"
+    states_linear = True
     float_only = False
     compute = staticmethod(torch.neg)
 
@@ -327,6 +346,9 @@ class TanhBackward(OpDef):
 
     name = "tanh_backward"
 
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        return _states.elementwise(self.name, input_ds, _io, (0,))  # linear in the incoming gradient
+
     def infer(self, inputs):
         return TensorMeta(inputs[1].shape, inputs[1].dtype)
 
@@ -352,6 +374,9 @@ class SigmoidBackward(OpDef):
     """g * y * (1 - y) in one kernel."""
 
     name = "sigmoid_backward"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        return _states.elementwise(self.name, input_ds, _io, (0,))  # linear in the incoming gradient
 
     def infer(self, inputs):
         return TensorMeta(inputs[1].shape, inputs[1].dtype)
@@ -379,6 +404,9 @@ class ThresholdBackward(OpDef):
     """g where x > threshold, else 0 (the relu gradient in one kernel)."""
 
     name = "threshold_backward"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        return _states.elementwise(self.name, input_ds, _io, (0,))  # linear in the incoming gradient
     attrs = {"threshold": 0.0}
 
     def infer(self, inputs, threshold):
@@ -441,6 +469,9 @@ class GeluBackward(OpDef):
     """The gelu gradient in one kernel; its own gradient is built from primitives."""
 
     name = "gelu_backward"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        return _states.elementwise(self.name, input_ds, _io, (0,))  # linear in the incoming gradient
     attrs = {"approximate": "none"}
 
     def infer(self, inputs, approximate):

@@ -9,7 +9,14 @@ from luoshu.core.errors import OpError
 from luoshu.core.op import OpDef, apply, as_tensor, register
 from luoshu.core.shapes import broadcast_shapes, same_dim
 from luoshu.core.tensor import TensorMeta
+from luoshu.ops import _states
+from luoshu.ops._states import Candidate, dup, partial, split
 from luoshu.ops._util import sum_to, wants
+
+
+def _dims_ok(input_ds, n: int):
+    """ok(i, d, size): input i may be split on dim d (divisible, or split there already)."""
+    return lambda i, d, size: _states.divisible(size, n) or _states.split_dim(input_ds[i]) == d
 
 
 @register
@@ -23,6 +30,36 @@ class Matmul(OpDef):
     name = "matmul"
     attrs = {"trans_a": False, "trans_b": False}
     autocast = "lower"
+
+    def deduce_states(self, input_ds, _io=None, trans_a=False, trans_b=False, **attrs):
+        """Rows of a -> rows of the product, columns of b -> its columns, both contracted dims
+        split -> partial, a batch dim split in both (or broadcast in one) stays split; partial
+        times duplicate is partial."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        a, b = _io.inputs
+        out = _io.outputs[0]
+        ra, ka = (len(a) - 1, len(a) - 2) if trans_a else (len(a) - 2, len(a) - 1)
+        kb, cb = (len(b) - 1, len(b) - 2) if trans_b else (len(b) - 2, len(b) - 1)
+        ok = _dims_ok(input_ds, n)
+        cands = [Candidate((dup(n), dup(n)), (dup(n),)), Candidate((partial(n), dup(n)), (partial(n),)),
+                 Candidate((dup(n), partial(n)), (partial(n),))]
+        if ok(0, ra, a[ra]):
+            cands.append(Candidate((split(n, ra), dup(n)), (split(n, len(out) - 2),)))
+        if ok(1, cb, b[cb]):
+            cands.append(Candidate((dup(n), split(n, cb)), (split(n, len(out) - 1),)))
+        if ok(0, ka, a[ka]) or ok(1, kb, b[kb]):
+            cands.append(Candidate((split(n, ka), split(n, kb)), (partial(n),)))
+        for d in range(len(out) - 2):
+            da, db = d - (len(out) - len(a)), d - (len(out) - len(b))
+            if not _states.divisible(out[d], n) and not any(
+                    _states.split_dim(x) == e for x, e in zip(input_ds, (da, db))):
+                continue
+            wa = dup(n) if da < 0 or a[da] == 1 else split(n, da)
+            wb = dup(n) if db < 0 or b[db] == 1 else split(n, db)
+            cands.append(Candidate((wa, wb), (split(n, d),)))
+        return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs, trans_a, trans_b):
         a, b = inputs
@@ -77,6 +114,34 @@ class Linear(OpDef):
 
     name = "linear"
     autocast = "lower"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """Column-parallel (weight split on out: output split on its last dim), row-parallel
+        (x split on in, weight on in: partial output, the bias added on one member), rows of
+        x split, or partial x."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        x, w = _io.inputs[0], _io.inputs[1]
+        bias = len(input_ds) == 3
+        tail = (lambda s: (s,)) if bias else (lambda s: ())
+        ok = _dims_ok(input_ds, n)
+        nd = len(x)
+        cands = [Candidate((dup(n), dup(n)) + tail(dup(n)), (dup(n),)),
+                 Candidate((partial(n), dup(n)) + tail(dup(n)), (partial(n),))]
+        if ok(1, 0, w[0]):
+            cands.append(Candidate((dup(n), split(n, 0)) + tail(split(n, 0)), (split(n, nd - 1),)))
+        if ok(1, 1, w[1]) or ok(0, nd - 1, x[-1]):
+            cands.append(Candidate((split(n, nd - 1), split(n, 1)) + tail(dup(n)), (partial(n),)))
+        for d in range(nd - 1):
+            if ok(0, d, x[d]):
+                cands.append(Candidate((split(n, d), dup(n)) + tail(dup(n)), (split(n, d),)))
+        return _states.choose(self.name, cands, input_ds)
+
+    def localize(self, inputs, attrs, input_ds, output_ds, shard):
+        if len(inputs) == 3 and _states.is_partial(output_ds[0]) and shard.index != 0:
+            return apply(self.name, inputs[0], inputs[1])  # the bias joins the sum once, on member 0
+        return apply(self.name, *inputs)
 
     def infer(self, inputs):
         x, w = inputs[0], inputs[1]

@@ -15,6 +15,8 @@ from luoshu.core.errors import DTypeError, OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import same_dim
 from luoshu.core.tensor import TensorMeta
+from luoshu.ops import _states
+from luoshu.ops._states import Candidate, dup, split
 from luoshu.ops._util import gradient_by_recompute
 
 aten = torch.ops.aten
@@ -58,6 +60,40 @@ def _loss_meta(x, target_shape, reduction, soft):
 _ATEN_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
+def _vocab_parallel_ok(io, attrs, n: int, inputs: int) -> bool:
+    """2-D logits with a class count the group divides, integer targets, no class weights or smoothing."""
+    logits, target = io.inputs[0], io.inputs[1]
+    return (inputs == 2 and len(logits) == 2 and len(target) == 1 and _states.divisible(logits[1], n)
+            and not attrs["label_smoothing"])
+
+
+def _vocab_parallel_cross_entropy(x, target, attrs, shard):
+    """Cross entropy of (N, C/n) logit blocks (Megatron's vocabulary-parallel loss): the row max
+    and the sum of exponentials are combined over the group, then the target's log-probability
+    from the member that owns it; the full (N, C) logits never exist on one member."""
+    from luoshu.ops import comm
+
+    n, classes = shard.size, x.shape[1]
+    row_max = apply("max", x, axis=1, keepdims=True)
+    maxima = apply("reshape", comm.all_gather(row_max, group=shard.group), shape=(n, -1, 1))
+    shifted = x - apply("max", maxima, axis=0)
+    total = comm.all_reduce(apply("sum", apply("exp", shifted), axis=1, keepdims=True), group=shard.group)
+    logp = shifted - apply("log", total)
+    local = target - shard.index * classes
+    inside = apply("logical_and", local >= 0, local < classes)
+    safe = apply("unsqueeze", apply("where", inside, local, 0), axis=1)
+    picked = apply("reshape", apply("gather", logp, safe, axis=1), shape=(-1,))
+    picked = comm.all_reduce(picked * apply("cast", inside, dtype=x.dtype), group=shard.group)
+    valid = apply("cast", target != attrs["ignore_index"], dtype=x.dtype)
+    losses = -picked * valid
+    total_weight = apply("sum", valid)
+    if attrs["reduction"] == "mean":
+        return apply("sum", losses) / total_weight, logp, total_weight
+    if attrs["reduction"] == "sum":
+        return apply("sum", losses), logp, total_weight
+    return losses, logp, apply("zeros_like", total_weight)
+
+
 def _fast_path(x, target, label_smoothing) -> bool:
     """2-D logits, class indices, no smoothing: torch's own nll kernels apply."""
     return x.ndim == 2 and not target.is_floating_point() and not label_smoothing
@@ -75,6 +111,23 @@ class CrossEntropy(OpDef):
     name = "cross_entropy"
     attrs = {"ignore_index": -100, "reduction": "mean", "label_smoothing": 0.0}
     autocast = "fp32"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """Vocabulary-parallel: (N, C) logits split on the class dim, targets duplicate -> the
+        loss duplicate, the log-probabilities split (see `localize`: the full logits never
+        gather)."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        cands = [Candidate((dup(n),) * len(input_ds), (dup(n), dup(n), dup(n)))]
+        if _vocab_parallel_ok(_io, attrs, n, len(input_ds)):
+            cands.append(Candidate((split(n, 1), dup(n)), (dup(n), split(n, 1), dup(n))))
+        return _states.choose(self.name, cands, input_ds)
+
+    def localize(self, inputs, attrs, input_ds, output_ds, shard):
+        if _states.split_dim(input_ds[0]) != 1:
+            return apply(self.name, *inputs, **attrs)
+        return _vocab_parallel_cross_entropy(inputs[0], inputs[1], attrs, shard)
 
     def infer(self, inputs, ignore_index, reduction, label_smoothing):
         _check_reduction(self.name, reduction)
@@ -127,6 +180,35 @@ class CrossEntropyBackward(OpDef):
 
     name = "cross_entropy_backward"
     attrs = CrossEntropy.attrs
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """(g, logp, target, total_weight): log-probabilities split on the class dim give the
+        gradient split alike."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        cands = [Candidate((dup(n),) * len(input_ds), (dup(n),))]
+        io = _states.OpIO(_io.inputs[1:], _io.outputs)
+        if _vocab_parallel_ok(io, attrs, n, len(input_ds) - 2):
+            cands.append(Candidate((dup(n), split(n, 1), dup(n), dup(n)), (split(n, 1),)))
+        return _states.choose(self.name, cands, input_ds)
+
+    def localize(self, inputs, attrs, input_ds, output_ds, shard):
+        if _states.split_dim(input_ds[1]) != 1:
+            return apply(self.name, *inputs, **attrs)
+        g, logp, target, total_weight = inputs
+        classes = logp.shape[1]
+        local = target - shard.index * classes
+        inside = apply("logical_and", local >= 0, local < classes)
+        safe = apply("where", inside, local, 0)
+        onehot = apply("cast", apply("one_hot", safe, num_classes=classes), dtype=logp.dtype)
+        onehot = onehot * apply("unsqueeze", apply("cast", inside, dtype=logp.dtype), axis=1)
+        valid = apply("cast", target != attrs["ignore_index"], dtype=logp.dtype)
+        grad = (apply("exp", logp) - onehot) * apply("unsqueeze", valid, axis=1)
+        if attrs["reduction"] == "mean":
+            grad = grad / total_weight
+        scale = apply("unsqueeze", g, axis=1) if attrs["reduction"] == "none" else g
+        return grad * scale
 
     def infer(self, inputs, ignore_index, reduction, label_smoothing):
         logp, target = inputs[1], inputs[2]

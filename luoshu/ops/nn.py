@@ -13,16 +13,59 @@ from luoshu.core.op import OpDef, apply, as_tensor, register
 from luoshu.core.random import generator
 from luoshu.core.shapes import broadcast_shapes, normalize_axis, same_dim
 from luoshu.core.tensor import IndexedSlices, TensorMeta
+from luoshu.ops import _states
+from luoshu.ops._states import Candidate, dup, partial, split
 from luoshu.ops._util import gradient_by_recompute
 from luoshu.ops.shape import reshape_like
 
 aten = torch.ops.aten
 
 
+def _softmax_backward_states(name, input_ds, io, axis):
+    """(g, y): split alike on a dim other than `axis`; linear in g (y duplicate)."""
+    n = _states.group_size(input_ds)
+    if n is None or n == 1 or io is None:
+        return [input_ds[0]]
+    ndim = len(io.inputs[0])
+    a = normalize_axis(name, axis, ndim)
+    cands = [Candidate((dup(n), dup(n)), (dup(n),)), Candidate((partial(n), dup(n)), (partial(n),))]
+    cands += [Candidate((split(n, d), split(n, d)), (split(n, d),)) for d in range(ndim) if d != a]
+    return _states.choose(name, cands, input_ds)
+
+
+def _attention_states(name, input_ds, io, first: int, outputs: int):
+    """Attention ops: inputs from `first` on are q, k, v[, mask]; every output follows the split."""
+    n = _states.group_size(input_ds)
+    if n is None or n == 1 or io is None:
+        return [input_ds[first]] * outputs
+    shapes = io.inputs
+    out_nd = len(io.outputs[0])
+    cands = [Candidate((dup(n),) * len(input_ds), (dup(n),) * outputs)]
+    for d in range(out_nd - 2):
+        wanted, outs = [], []
+        for i, s in enumerate(shapes):
+            di = d - (out_nd - len(s))
+            broadcast = i >= first + 3 and (di < 0 or s[di] == 1)
+            wanted.append(dup(n) if broadcast else split(n, di))
+        for j in range(outputs):
+            mask_grad = j == 3  # a broadcast mask's gradient sums over the split dim: partial
+            outs.append(partial(n) if mask_grad and wanted[first + 3] == dup(n) else wanted[first + j])
+        cands.append(Candidate(tuple(wanted), tuple(outs)))
+    return _states.choose(name, cands, input_ds)
+
+
 # --- softmax ------------------------------------------------------------------------------
 class _SoftmaxBase(OpDef):
     attrs = {"axis": -1}
     autocast = "fp32"
+
+    def deduce_states(self, input_ds, _io=None, axis=-1, **attrs):
+        """Split on any dim but the normalised one; no partial input."""
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        a = normalize_axis(self.name, axis, ndim)
+        return _states.mapped(self.name, input_ds, ndim, lambda d: None if d == a else d, linear=False)
 
     def infer(self, inputs, axis):
         x, = inputs
@@ -50,6 +93,9 @@ class SoftmaxBackward(OpDef):
 
     name = "softmax_backward"
     attrs = {"axis": -1}
+
+    def deduce_states(self, input_ds, _io=None, axis=-1, **attrs):
+        return _softmax_backward_states(self.name, input_ds, _io, axis)
 
     def infer(self, inputs, axis):
         return TensorMeta(inputs[1].shape, inputs[1].dtype)
@@ -89,6 +135,9 @@ class LogSoftmaxBackward(OpDef):
     name = "log_softmax_backward"
     attrs = {"axis": -1}
 
+    def deduce_states(self, input_ds, _io=None, axis=-1, **attrs):
+        return _softmax_backward_states(self.name, input_ds, _io, axis)
+
     def infer(self, inputs, axis):
         return TensorMeta(inputs[1].shape, inputs[1].dtype)
 
@@ -118,6 +167,13 @@ class Dropout(OpDef):
     name = "dropout"
     attrs = {"p": 0.5}
     random = True
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """Any split passes (each member draws the mask of its block); partial does not."""
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        return _states.mapped(self.name, input_ds, ndim, lambda d: d, linear=False, outputs=2)
 
     def infer(self, inputs, p):
         if not 0.0 <= p < 1.0:
@@ -153,6 +209,36 @@ class EmbeddingLookup(OpDef):
 
     name = "embedding"
     attrs = {"padding_idx": None}
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """A row-split table gives a partial output (each member its own rows, zeros elsewhere);
+        a table split on the embedding dim gives the output split on its last dim; split ids
+        give split rows."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        w, ids = _io.inputs
+        out = _io.outputs[0]
+        cands = [Candidate((dup(n), dup(n)), (dup(n),))]
+        if _states.divisible(w[0], n):
+            cands.append(Candidate((split(n, 0), dup(n)), (partial(n),)))
+        if _states.divisible(w[1], n):
+            cands.append(Candidate((split(n, 1), dup(n)), (split(n, len(out) - 1),)))
+        for d, size in enumerate(ids):
+            if _states.divisible(size, n) or _states.split_dim(input_ds[1]) == d:
+                cands.append(Candidate((dup(n), split(n, d)), (split(n, d),)))
+        return _states.choose(self.name, cands, input_ds)
+
+    def localize(self, inputs, attrs, input_ds, output_ds, shard):
+        weight, ids = inputs
+        if _states.split_dim(input_ds[0]) != 0:
+            return apply(self.name, weight, ids, **attrs)
+        rows = weight.shape[0]  # the vocabulary range [start, start + rows) of this member
+        local = ids - shard.index * rows
+        inside = apply("logical_and", local >= 0, local < rows)
+        safe = apply("where", inside, local, 0)
+        out = apply(self.name, weight, safe, **attrs)
+        return out * apply("unsqueeze", apply("cast", inside, dtype=out.dtype), axis=-1)
 
     def infer(self, inputs, padding_idx):
         weight, ids = inputs
@@ -277,6 +363,11 @@ class ScaledDotProductAttention(OpDef):
     attrs = {"is_causal": False, "scale": None}
     autocast = "lower"
 
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """Split batch or heads (any dim before the last two) in q, k, v alike; the mask
+        stays duplicate where it broadcasts."""
+        return _attention_states(self.name, input_ds, _io, 0, 1)
+
     def infer(self, inputs, is_causal, scale):
         q, k, v = inputs[:3]
         if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
@@ -304,6 +395,9 @@ class ScaledDotProductAttentionBackward(OpDef):
 
     name = "scaled_dot_product_attention_backward"
     attrs = ScaledDotProductAttention.attrs
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        return _attention_states(self.name, input_ds, _io, 1, len(_io.outputs) if _io is not None else 3)
 
     def infer(self, inputs, is_causal, scale):
         # An additive float mask gets a gradient too (the score gradient summed to its shape).

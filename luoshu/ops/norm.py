@@ -15,6 +15,8 @@ from luoshu.core.errors import OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import same_dim
 from luoshu.core.tensor import TensorMeta
+from luoshu.ops import _states
+from luoshu.ops._states import Candidate, dup, partial, split
 from luoshu.ops._util import gradient_by_recompute
 
 aten = torch.ops.aten
@@ -140,6 +142,18 @@ class LayerNorm(OpDef):
     attrs = {"normalized_shape": (), "eps": 1e-5, "has_weight": True, "has_bias": True}
     autocast = "fp32"
 
+    def deduce_states(self, input_ds, _io=None, normalized_shape=(), **attrs):
+        """x split on a dim it does not normalise (its statistics too); weight and bias duplicate."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        x = _io.inputs[0]
+        rest = (dup(n),) * (len(input_ds) - 1)
+        cands = [Candidate((dup(n),) + rest, (dup(n),) * 3)]
+        cands += [Candidate((split(n, d),) + rest, (split(n, d),) * 3) for d in range(len(x) - len(normalized_shape))
+                  if _states.divisible(x[d], n) or _states.split_dim(input_ds[0]) == d]
+        return _states.choose(self.name, cands, input_ds)
+
     def infer(self, inputs, normalized_shape, eps, has_weight, has_bias):
         x = inputs[0]
         n = len(normalized_shape)
@@ -163,6 +177,24 @@ class LayerNorm(OpDef):
 class LayerNormBackward(OpDef):
     name = "layer_norm_backward"
     attrs = {**LayerNorm.attrs, "output_mask": (True, True, True)}
+
+    def deduce_states(self, input_ds, _io=None, normalized_shape=(), has_weight=True, has_bias=True, **attrs):
+        """(g, x, [w], [b], mean, rstd): split alike on an unnormalised dim -> x's gradient split and
+        the weight's and bias's partial (each member summed its rows): with sequence
+        parallelism the update all-reduces them over the TP group."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        x = _io.inputs[1]
+        params = (dup(n),) * (has_weight + has_bias)
+        # No partial-g layout although the op is linear in g: the weight's and bias's gradients
+        # would stay partial and cost an all-reduce each at the update (Megatron reduces g once).
+        cands = [Candidate((dup(n), dup(n)) + params + (dup(n), dup(n)), (dup(n),) * 3)]
+        for d in range(len(x) - len(normalized_shape)):
+            if _states.divisible(x[d], n) or _states.split_dim(input_ds[1]) == d:
+                s = split(n, d)
+                cands.append(Candidate((s, s) + params + (s, s), (s, partial(n), partial(n))))
+        return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs, normalized_shape, **attrs):
         x = inputs[1]

@@ -11,6 +11,8 @@ from luoshu.core.errors import OpError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import broadcast_shapes, normalize_axes, normalize_axis, reduced_shape
 from luoshu.core.tensor import TensorMeta
+from luoshu.ops import _states
+from luoshu.ops._states import Candidate, dup, partial, split
 from luoshu.ops._util import float_dtype
 
 _SMALL_INTS = ("bool", "int8", "int16", "int32", "uint8")
@@ -21,6 +23,23 @@ class SumTo(OpDef):
     """Sums a broadcast gradient down to the shape of `like` (known only at run time)."""
 
     name = "sum_to"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """A split of a dim that `like` broadcasts becomes partial; `like` must hold the kept split."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        g_shape, like_shape = _io.inputs
+        whole = _states.WHOLE  # `like` gives only its shape
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
+        for d, size in enumerate(g_shape):
+            dl = d - (len(g_shape) - len(like_shape))
+            if dl >= 0 and like_shape[dl] != 1:
+                if _states.divisible(size, n) or _states.split_dim(input_ds[0]) == d:
+                    cands.append(Candidate((split(n, d), split(n, dl)), (split(n, dl),)))
+            else:
+                cands.append(Candidate((split(n, d), None), (partial(n),)))
+        return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs):
         g, like = inputs
@@ -41,6 +60,22 @@ class BroadcastLike(OpDef):
     """Broadcasts `x` to the shape of `like` (the dual of sum_to)."""
 
     name = "broadcast_like"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """x broadcast to `like`'s shape: a split of x on a dim it has whole; `like` (its shape only)
+        split alike, else anything whole."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        x_shape, like_shape = _io.inputs
+        whole = _states.WHOLE
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
+        for d, size in enumerate(like_shape):
+            dx = d - (len(like_shape) - len(x_shape))
+            wx = dup(n) if dx < 0 or x_shape[dx] == 1 else split(n, dx)
+            if _states.divisible(size, n) or _states.split_dim(input_ds[1]) == d:
+                cands.append(Candidate((wx, split(n, d)), (split(n, d),)))
+        return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs):
         x, like = inputs
@@ -93,6 +128,15 @@ class ReducedCount(OpDef):
     attrs = {"axes": (), "dtype": "float32"}
     differentiable = False
 
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        n = _states.group_size(input_ds)
+        return [None if n is None else dup(n)]
+
+    def localize(self, inputs, attrs, input_ds, output_ds, shard):
+        count = apply(self.name, *inputs, **attrs)
+        d = _states.split_dim(input_ds[0])
+        return count * shard.size if d is not None and d in attrs["axes"] else count  # the global count
+
     def infer(self, inputs, axes, dtype):
         return TensorMeta((), dtypes.dtype_name(dtype))
 
@@ -119,11 +163,46 @@ class _Reduce(OpDef):
     def result_dtype(self, dtype):
         return float_dtype(dtype)
 
+    # "sum": a reduced split becomes partial and partial stays partial; "mean": partial
+    # stays partial and a reduced split gives partial local means scaled by 1/n; "none":
+    # only splits of kept dims pass (max, min, prod, ...).
+    states_kind = "none"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        shape = _io.inputs[0]
+        axes = normalize_axes(self.name, attrs.get("axis"), len(shape))
+        keep = attrs.get("keepdims", False)
+        cands = [Candidate((dup(n),), (dup(n),))]
+        if self.states_kind != "none":
+            cands.append(Candidate((partial(n),), (partial(n),)))
+        for d, size in enumerate(shape):
+            if not (_states.divisible(size, n) or _states.split_dim(input_ds[0]) == d):
+                continue
+            if d in axes:
+                if self.states_kind != "none":
+                    cands.append(Candidate((split(n, d),), (partial(n),)))
+            else:
+                o = d if keep else d - len([a for a in axes if a < d])
+                cands.append(Candidate((split(n, d),), (split(n, o),)))
+        return _states.choose(self.name, cands, input_ds)
+
+    def localize(self, inputs, attrs, input_ds, output_ds, shard):
+        out = apply(self.name, *inputs, **attrs)
+        d = _states.split_dim(input_ds[0])
+        axes = normalize_axes(self.name, attrs.get("axis"), len(inputs[0].shape))
+        if self.states_kind == "mean" and d is not None and d in axes:
+            return out * (1.0 / shard.size)  # equal shards: the global mean is the sum of local means / n
+        return out
+
 
 # --- reductions -------------------------------------------------------------------------
 @register
 class Sum(_Reduce):
     name = "sum"
+    states_kind = "sum"
 
     def result_dtype(self, dtype):
         return "int64" if dtype in _SMALL_INTS else dtype
@@ -153,6 +232,7 @@ class Sum(_Reduce):
 @register
 class Mean(_Reduce):
     name = "mean"
+    states_kind = "mean"
 
     @staticmethod
     def compute(x, axis, keepdims):

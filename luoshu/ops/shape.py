@@ -14,6 +14,8 @@ from luoshu.core.errors import DTypeError, GradientError, OpError, ShapeError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import normalize_axes, normalize_axis, numel, same_dim
 from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta, make_constant
+from luoshu.ops import _states
+from luoshu.ops._states import Candidate, dup, partial
 from luoshu.ops._util import sum_to, wants
 
 aten = torch.ops.aten
@@ -32,6 +34,21 @@ def _has_unknown(shape) -> bool:
 class Reshape(OpDef):
     name = "reshape"
     attrs = {"shape": ()}
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        n = _states.group_size(input_ds) or 1
+        (a,), (b,) = _io.inputs, _io.outputs
+        return _states.mapped(self.name, input_ds, len(a), lambda d: _states.reshape_dim(a, b, d, n))
+
+    def local_attrs(self, attrs, input_ds, output_ds, io):
+        d = _states.split_dim(output_ds[0])
+        if d is not None and attrs["shape"][d] != -1:
+            shape = list(attrs["shape"])
+            shape[d] //= output_ds[0].device_num
+            attrs["shape"] = tuple(shape)
+        return attrs
 
     def infer(self, inputs, shape):
         x, = inputs
@@ -66,6 +83,20 @@ class ReshapeLike(OpDef):
     """Reshapes `x` to the run-time shape of `like` (gradients of reshapes with `None` dims)."""
 
     name = "reshape_like"
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """`x` reshaped to `like`'s run-time shape: `like` must hold the split where x's lands."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        a, b = _io.inputs
+        whole = _states.WHOLE  # `like` gives only its shape
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
+        for d in range(len(a)):
+            o = _states.reshape_dim(a, b, d, n)
+            if o is not None:
+                cands.append(Candidate((_states.split(n, d), _states.split(n, o)), (_states.split(n, o),)))
+        return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs):
         return TensorMeta(inputs[1].shape, inputs[0].dtype)
@@ -148,6 +179,13 @@ class Unsqueeze(OpDef):
     name = "unsqueeze"
     attrs = {"axis": 0}
 
+    def deduce_states(self, input_ds, _io=None, axis=0, **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        a = normalize_axis(self.name, axis, ndim + 1)
+        return _states.mapped(self.name, input_ds, ndim, lambda d: d if d < a else d + 1)
+
     def infer(self, inputs, axis):
         x, = inputs
         axis = normalize_axis(self.name, axis, x.ndim + 1)
@@ -165,6 +203,17 @@ class Unsqueeze(OpDef):
 class Squeeze(OpDef):
     name = "squeeze"
     attrs = {"axis": None}
+
+    def deduce_states(self, input_ds, _io=None, axis=None, **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        shape = _io.inputs[0]
+        if axis is None:
+            gone = {i for i, d in enumerate(shape) if d == 1}
+        else:
+            gone = {normalize_axis(self.name, a, len(shape)) for a in ((axis,) if isinstance(axis, int) else axis)}
+        return _states.mapped(self.name, input_ds, len(shape),
+                              lambda d: None if d in gone else d - len([g for g in gone if g < d]))
 
     def infer(self, inputs, axis):
         x, = inputs
@@ -191,6 +240,19 @@ class Squeeze(OpDef):
 class Concat(OpDef):
     name = "concat"
     attrs = {"axis": 0}
+
+    def deduce_states(self, input_ds, _io=None, axis=0, **attrs):
+        """All inputs in the same states, split on any dim but the joined one (or all partial)."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        out = _io.outputs[0]
+        axis = normalize_axis(self.name, axis, len(out))
+        k = len(input_ds)
+        cands = [Candidate((dup(n),) * k, (dup(n),)), Candidate((partial(n),) * k, (partial(n),))]
+        cands += [Candidate((_states.split(n, d),) * k, (_states.split(n, d),)) for d, size in enumerate(out)
+                  if d != axis and (_states.divisible(size, n) or any(_states.split_dim(x) == d for x in input_ds))]
+        return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs, axis):
         first = inputs[0]
@@ -225,6 +287,31 @@ class IndexAdd(OpDef):
 
     name = "index_add"
     attrs = {"axis": 0}
+
+    def deduce_states(self, input_ds, _io=None, axis=0, **attrs):
+        """x and values split alike on a dim other than `axis`, or all partial; a table split
+        along `axis` (a row-split table) keeps the rows it owns (see `localize`)."""
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        x_shape, _, v_shape = _io.inputs
+        axis = normalize_axis(self.name, axis, len(x_shape))
+        cands = [Candidate((dup(n), dup(n), dup(n)), (dup(n),)),
+                 Candidate((partial(n), dup(n), partial(n)), (partial(n),))]
+        if _states.divisible(x_shape[axis], n) and axis == 0:
+            cands.append(Candidate((_states.split(n, 0), dup(n), dup(n)), (_states.split(n, 0),)))
+        for d, size in enumerate(x_shape):
+            if d != axis and _states.divisible(size, n):
+                cands.append(Candidate((_states.split(n, d), dup(n), _states.split(n, d)), (_states.split(n, d),)))
+        return _states.choose(self.name, cands, input_ds)
+
+    def localize(self, inputs, attrs, input_ds, output_ds, shard):
+        x, indices, values = inputs
+        if _states.split_dim(input_ds[0]) != 0 or attrs["axis"] != 0:
+            return apply(self.name, x, indices, values, **attrs)
+        rows = x.shape[0]
+        indices, values = apply("shard_rows", indices, values, start=shard.index * rows, rows=rows)
+        return apply(self.name, x, indices, values, **attrs)
 
     def infer(self, inputs, axis):
         x, indices, values = inputs
@@ -269,6 +356,13 @@ class Transpose(OpDef):
     name = "transpose"
     attrs = {"axis0": -2, "axis1": -1}
 
+    def deduce_states(self, input_ds, _io=None, axis0=-2, axis1=-1, **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        a, b = normalize_axis(self.name, axis0, ndim), normalize_axis(self.name, axis1, ndim)
+        return _states.mapped(self.name, input_ds, ndim, lambda d: b if d == a else a if d == b else d)
+
     def infer(self, inputs, axis0, axis1):
         x, = inputs
         a, b = normalize_axis(self.name, axis0, x.ndim), normalize_axis(self.name, axis1, x.ndim)
@@ -290,6 +384,13 @@ class Permute(OpDef):
 
     name = "permute"
     attrs = {"axes": ()}
+
+    def deduce_states(self, input_ds, _io=None, axes=(), **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        norm = [normalize_axis(self.name, a, ndim) for a in axes]
+        return _states.mapped(self.name, input_ds, ndim, norm.index)
 
     def infer(self, inputs, axes):
         x, = inputs
@@ -315,6 +416,21 @@ class BroadcastTo(OpDef):
 
     name = "broadcast_to"
     attrs = {"shape": ()}
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        a, b = _io.inputs[0], _io.outputs[0]
+        lead = len(b) - len(a)
+        return _states.mapped(self.name, input_ds, len(a), lambda d: d + lead if a[d] != 1 else None)
+
+    def local_attrs(self, attrs, input_ds, output_ds, io):
+        d = _states.split_dim(output_ds[0])
+        if d is not None and attrs["shape"][d] != -1:
+            shape = list(attrs["shape"])
+            shape[d] //= output_ds[0].device_num
+            attrs["shape"] = tuple(shape)
+        return attrs
 
     def infer(self, inputs, shape):
         x, = inputs
@@ -384,6 +500,13 @@ class Split(OpDef):
     name = "split"
     attrs = {"sizes": (), "sections": 0, "axis": 0}
 
+    def deduce_states(self, input_ds, _io=None, axis=0, **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        a = normalize_axis(self.name, axis, ndim)
+        return _states.mapped(self.name, input_ds, ndim, lambda d: None if d == a else d, outputs=len(_io.outputs))
+
     def infer(self, inputs, sizes, sections, axis):
         x, = inputs
         axis = normalize_axis(self.name, axis, x.ndim)
@@ -437,6 +560,23 @@ class SliceLike(OpDef):
 
 
 # --- slicing ------------------------------------------------------------------------------
+def _whole_axis(shape, d: int, attrs) -> bool:
+    """Whether a slice keeps axis `d` whole (start 0, stop past the end, step 1)."""
+    if d >= len(attrs["starts"]):
+        return True
+    a, b, s = attrs["starts"][d], attrs["stops"][d], attrs["steps"][d]
+    return a in (None, 0) and s in (None, 1) and (b is None or (shape[d] is not None and b >= shape[d]))
+
+
+def _whole_axis_local(attrs, ds) -> dict:
+    d = _states.split_dim(ds)
+    if d is not None and d < len(attrs["stops"]):
+        stops = list(attrs["stops"])
+        stops[d] = None  # the whole local block
+        attrs["stops"] = tuple(stops)
+    return attrs
+
+
 def _slice_plan(shape, starts, stops, steps):
     """The forward-step torch index for a basic slice, and the axes to flip first
     (torch indexing has no negative steps: walk the flipped axis forwards instead)."""
@@ -459,6 +599,17 @@ class Slice(OpDef):
 
     name = "slice"
     attrs = {"starts": (), "stops": (), "steps": ()}
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        """A split survives on axes the slice keeps whole; partial passes (slicing is linear)."""
+        if _io is None:
+            return super().deduce_states(input_ds)
+        shape = _io.inputs[0]
+        return _states.mapped(self.name, input_ds, len(shape),
+                              lambda d: d if _whole_axis(shape, d, attrs) else None)
+
+    def local_attrs(self, attrs, input_ds, output_ds, io):
+        return _whole_axis_local(attrs, input_ds[0])
 
     def infer(self, inputs, starts, stops, steps):
         x, = inputs
@@ -488,6 +639,21 @@ class SliceBackward(OpDef):
 
     name = "slice_backward"
     attrs = {"starts": (), "stops": (), "steps": ()}
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        shape = _io.inputs[1]
+        whole = _states.WHOLE  # `like` gives only its shape
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
+        cands += [Candidate((_states.split(n, d), _states.split(n, d)), (_states.split(n, d),))
+                  for d in range(len(shape)) if _whole_axis(shape, d, attrs) and (_states.divisible(shape[d], n)
+                                                       or _states.split_dim(input_ds[0]) == d)]
+        return _states.choose(self.name, cands, input_ds)
+
+    def local_attrs(self, attrs, input_ds, output_ds, io):
+        return _whole_axis_local(attrs, output_ds[0])
 
     def infer(self, inputs, starts, stops, steps):
         return TensorMeta(inputs[1].shape, inputs[0].dtype)
@@ -656,6 +822,14 @@ class Repeat(OpDef):
     name = "repeat"
     attrs = {"repeats": ()}
 
+    def deduce_states(self, input_ds, _io=None, repeats=(), **attrs):
+        """Tiling keeps a split only on axes repeated once (a tiled split is not one block)."""
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        lead = len(repeats) - ndim
+        return _states.mapped(self.name, input_ds, ndim, lambda d: d + lead if repeats[d + lead] == 1 else None)
+
     def infer(self, inputs, repeats):
         x, = inputs
         if len(repeats) < x.ndim or any(r < 0 for r in repeats):
@@ -677,6 +851,18 @@ class RepeatBackward(OpDef):
 
     name = "repeat_backward"
     attrs = {"repeats": ()}
+
+    def deduce_states(self, input_ds, _io=None, repeats=(), **attrs):
+        n = _states.group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[1])
+        lead = len(repeats) - ndim
+        whole = _states.WHOLE  # `like` gives only its shape
+        cands = [Candidate((dup(n), whole), (dup(n),)), Candidate((partial(n), whole), (partial(n),))]
+        cands += [Candidate((_states.split(n, d + lead), _states.split(n, d)), (_states.split(n, d),))
+                  for d in range(ndim) if repeats[d + lead] == 1 and _states.divisible(_io.inputs[1][d], n)]
+        return _states.choose(self.name, cands, input_ds)
 
     def infer(self, inputs, repeats):
         return TensorMeta(inputs[1].shape, inputs[0].dtype)

@@ -185,6 +185,9 @@ class Optimizer:
             raise Error(f"{type(self).__name__}: max_grad_norm must be positive, found {max_grad_norm}")
         self.defaults = {"weight_decay": 0.0, "l1": 0.0, **defaults}
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        # Tensor parallelism installs `shard_norm(indices, grads) -> total norm`: the norm over
+        # every shard of the model, not just this rank's (luoshu.compiler.states).
+        self.shard_norm = None
         self.param_groups: list[dict] = []
         self._params: list[Tensor] = []
         self._group_of: list[int] = []
@@ -350,7 +353,8 @@ class Optimizer:
                 entries = _replace_dense_parts(entries, unscaled)
             if self.max_grad_norm is not None:
                 tensors = [_dense_part(g) for _, g in entries]
-                total = _total_norm(tensors)
+                total = _total_norm(tensors) if self.shard_norm is None else \
+                    self.shard_norm([i for i, _ in entries], tensors)
                 if other_norm_sq is not None:
                     total = (total.double() ** 2 + other_norm_sq.double()).sqrt()
                 coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)

@@ -224,6 +224,7 @@ class LAMB(Optimizer):
     """
 
     decoupled_weight_decay = True
+    per_parameter_norms = True  # the trust ratio needs whole-parameter norms: not on tensor-parallel shards
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, l1: float = 0.0, max_grad_norm: float | None = None):

@@ -9,6 +9,7 @@ dp.minimize(loss_fn(dp(x_shard), y_shard))
 ```
 """
 
+from luoshu.parallel import checkpoint
 from luoshu.parallel import ps_modes as _ps_modes  # noqa: F401  (registers the "ps" and "hybrid" modes)
 from luoshu.parallel import zero as _zero  # noqa: F401  (registers DataParallel(zero=...))
 from luoshu.parallel.data_parallel import (
@@ -20,10 +21,13 @@ from luoshu.parallel.data_parallel import (
     SyncMode,
     register_sync_mode,
 )
+from luoshu.parallel.pipeline import Pipeline, PipelineError, pipeline
 from luoshu.parallel.ps_modes import HybridSync, PSSync
+from luoshu.parallel.tensor_parallel import MEGATRON_PLAN, TensorParallel, gather_parameters, parallelize
 from luoshu.parallel.zero import ZeroSync
 
 __all__ = [
-    "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync", "SyncMode",
-    "ZeroSync", "register_sync_mode",
+    "MEGATRON_PLAN", "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
+    "Pipeline", "PipelineError", "SyncMode", "TensorParallel", "ZeroSync", "checkpoint", "gather_parameters",
+    "parallelize", "pipeline", "register_sync_mode",
 ]

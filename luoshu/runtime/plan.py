@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from luoshu.compiler import apply_recompute, prune, schedule_comm
+from luoshu.compiler import apply_recompute, prune, schedule_comm, states
 from luoshu.core.errors import Error, ExecutionError, FeedError
 from luoshu.core.tensor import Tensor
 from luoshu.runtime.memory import MemoryReport, measure
@@ -52,7 +52,14 @@ class Plan:
 
 def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
     apply_recompute(graph)
-    ops = schedule_comm(prune(graph, fetches))
+    ops = prune(graph, fetches)
+    logical_feeds: dict[int, Tensor] = {}
+    strategy = states.strategy_of(graph, ops)
+    if strategy is not None:  # tensor parallel: this rank's local graph (DESIGN §3)
+        local = states.localize_graph(ops, fetches, strategy)
+        graph, fetches, logical_feeds = local.graph, [local.tensors[id(f)] for f in fetches], local.feeds
+        ops = prune(graph, fetches)
+    ops = schedule_comm(ops)
     slot_of: dict[int, int] = {}
     feed_tensors: list[Tensor] = []
     leaf_tensors: list[Tensor] = []
@@ -75,6 +82,10 @@ def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
         kernel = functools.partial(op.opdef.compute, **op.attrs) if op.attrs else op.opdef.compute
         steps.append(Step(op, kernel, ins, outs))
     fetch_slots = [slot(t) for t in fetches]
+    for local_id, placeholder in logical_feeds.items():  # the caller feeds the logical placeholders
+        if local_id in slot_of:
+            slot_of[id(placeholder)] = slot_of[local_id]
+    feed_tensors[:] = [logical_feeds.get(id(t), t) for t in feed_tensors]
 
     missing = [t for t in feed_tensors if id(t) not in fed]
     if missing:

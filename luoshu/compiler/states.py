@@ -1,0 +1,591 @@
+"""The distributed-states pass: deduce every tensor's states and turn a logical graph into one rank's local graph.
+
+A logical graph is built with global shapes; parameters (and optionally placeholders)
+carry `DStates` in `Tensor.ds[strategy]` (annotated by `luoshu.parallel.parallelize` or
+the tensor-parallel layers). Every rank feeds placeholders whole (one annotated otherwise
+is sliced in the local graph). `localize_graph` walks the pruned ops in order, the
+backward ops too (gradients are ops), and for each op:
+
+1. asks the op's `deduce_states` for its outputs' states given its inputs' states;
+2. when the op has no layout for those inputs (`NeedStates`), picks its cheapest layout
+   and converts each input with the comm op derived from the (source, destination)
+   pair: partial -> duplicate all-reduce, partial -> split reduce-scatter, split ->
+   duplicate all-gather, duplicate -> split local slice, split(i) -> split(j)
+   all-to-all (`convert`); an op with no rule at all gets duplicate inputs (all-gathered
+   once, with a warning naming the op) and so always computes the right values;
+3. records the op's local version in the rank's local graph: the same op with local
+   attributes (`local_attrs`), or the op's own `localize` (vocabulary-parallel
+   embedding and cross entropy, row-split index_add).
+
+An optimizer update wants each gradient in its parameter's states (this is where, with
+sequence parallelism, the norm weights' partial gradients are all-reduced over the TP
+group); a fetched tensor is made duplicate. The result is a plain define-and-run graph
+that the runtime compiles into the rank's plan: one local graph, and so one plan, per
+strategy. With a data-parallel group the bucketed gradient all-reduce pass then runs
+on the local update.
+
+`simulate` runs the local graphs of all ranks of a group in one process, the
+collectives computed from every rank's input; the tests check rules and comm with it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from luoshu.core import live
+from luoshu.core.dstates import DUPLICATE, PARTIAL, DStates
+from luoshu.core.errors import Error, GraphError
+from luoshu.core.graph import Graph
+from luoshu.core.op import Op, apply, get_opdef
+from luoshu.core.tensor import Tensor
+from luoshu.ops import _states as S
+from luoshu.ops.update import update_entries
+
+
+class StatesError(Error):
+    """A distributed-states annotation or conversion that cannot work (names the tensor and sizes)."""
+
+
+class Shard(NamedTuple):
+    """Where a rank sits in its tensor-parallel group: position, group size, the group's ranks."""
+
+    index: int
+    size: int
+    group: tuple
+
+
+@dataclass
+class Strategy:
+    """One parallel strategy as the pass sees it from one rank.
+
+    `group`: the ranks of this rank's tensor-parallel group (in mesh order); `index`: this
+    rank's position in it; `sequence_parallel`: activations between TP regions may stay
+    split (partial -> split is a reduce-scatter rather than a last resort); `dp_group`:
+    ranks that average gradients (the bucketed all-reduce pass), `()` for none;
+    `strategy`: which entry of `Tensor.ds` to read.
+    """
+
+    group: tuple
+    index: int
+    sequence_parallel: bool = False
+    dp_group: tuple = ()
+    bucket_bytes: int = 25 * 2**20
+    strategy: int = 0
+    # id(fetched tensor) -> the states it is fetched in (default: duplicate); a pipeline stage
+    # fetches its parameters' gradients in the parameters' own states.
+    fetch_states: dict = field(default_factory=dict)
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.index, len(self.group), tuple(self.group))
+
+
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DEFAULT: list = [None]
+_WARNED: set = set()
+
+
+def attach(graph: Graph, strategy: Strategy | None) -> None:
+    """Makes `graph` compile through the states pass under `strategy` (None detaches)."""
+    if strategy is None:
+        _ATTACHED.pop(graph, None)
+    else:
+        _ATTACHED[graph] = strategy
+    graph._plans.clear()
+
+
+def set_default(strategy: Strategy | None) -> None:
+    """The strategy of graphs with nothing attached that read annotated tensors (set by `parallelize`)."""
+    _DEFAULT[0] = strategy
+
+
+def default() -> Strategy | None:
+    """The strategy `set_default` installed (None: none)."""
+    return _DEFAULT[0]
+
+
+def strategy_of(graph: Graph, ops: list[Op]) -> Strategy | None:
+    s = _ATTACHED.get(graph)
+    if s is not None:
+        return s
+    s = _DEFAULT[0]
+    if s is None:
+        return None
+    for op in ops:
+        for t in op.inputs:
+            if t.producer is None and len(t.ds) > s.strategy:
+                return s
+    return None
+
+
+def states_of(t: Tensor, strategy: int, n: int) -> DStates:
+    if len(t.ds) > strategy and t.ds[strategy] is not None:
+        ds = t.ds[strategy]
+        if ds.device_num != n:
+            raise StatesError(
+                f"tensor {t.name or t!r} has states over {ds.device_num} devices, but its tensor-parallel group has {n}"
+            )
+        S.key(ds)
+        return ds
+    return S.dup(n)
+
+
+def local_shape(shape, ds: DStates, name: str = "tensor") -> tuple:
+    d = S.split_dim(ds)
+    if d is None:
+        return tuple(shape)
+    if d >= len(shape):
+        raise StatesError(f"{name}: split on dimension {d}, but it has shape {tuple(shape)}")
+    size, n = shape[d], ds.device_num
+    if size is not None and size % n:
+        raise StatesError(
+            f"{name}: dimension {d} of size {size} does not split over the tensor-parallel axis of size {n}"
+        )
+    return tuple(None if s is None else (s // n if i == d else s) for i, s in enumerate(shape))
+
+
+def shard_value(value: torch.Tensor, ds: DStates, index: int) -> torch.Tensor:
+    """This position's piece of a full value under `ds` (partial: the full value on position 0)."""
+    k = S.key(ds)
+    if k == DUPLICATE:
+        return value
+    if k == PARTIAL:
+        return value if index == 0 else torch.zeros_like(value)
+    return value.chunk(ds.device_num, k)[index].clone()
+
+
+class _LeafView(Tensor):
+    """A local leaf of the local graph: a parameter's local shape, reading its current value."""
+
+    __slots__ = ("_source", "_own")
+
+    def __init__(self, source: Tensor, shape, value=None):
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_own", value)
+        super().__init__(shape, source.dtype, source.device, name=source.name, kind=source.kind)
+
+    @property
+    def _value(self):
+        return self._own if self._own is not None else self._source._value
+
+    @_value.setter
+    def _value(self, value):
+        if value is not None:
+            object.__setattr__(self, "_own", value)
+
+
+# --- conversions ------------------------------------------------------------------------
+def _numel(shape) -> float:
+    return float(math.prod(8 if s is None else s for s in shape)) if shape else 1.0
+
+
+def conversion_cost(src: DStates, dst: DStates, shape, fixed: bool, sequence_parallel: bool) -> float:
+    """A relative byte count of the comm that turns `src` into `dst` (parameters move only as a last resort)."""
+    if dst is S.WHOLE:
+        if S.same(dst, src):
+            return 0.0
+        dst = S.dup(src.device_num)
+    a, b = S.key(src), S.key(dst)
+    if a == b:
+        return 0.0
+    size = _numel(shape)
+    if a == DUPLICATE and b == PARTIAL:
+        # Free locally, but it defers an all-reduce to wherever the partial result lands:
+        # dearer than resolving the other input now, so partials are reduced where they arise.
+        return 3.0 * size
+    if a == DUPLICATE:  # a local slice
+        return 0.01 * size
+    if a == PARTIAL:
+        cost = 2.0 * size if b == DUPLICATE else (1.0 if sequence_parallel else 4.0) * size
+    else:
+        cost = size
+    return cost * (1e6 if fixed else 1.0)
+
+
+def _to_front(x: Tensor, d: int) -> Tensor:
+    if d == 0:
+        return x
+    axes = (d,) + tuple(i for i in range(x.ndim) if i != d)
+    return apply("permute", x, axes=axes)
+
+
+def _from_front(x: Tensor, d: int) -> Tensor:
+    if d == 0:
+        return x
+    axes = tuple(range(1, d + 1)) + (0,) + tuple(range(d + 1, x.ndim))
+    return apply("permute", x, axes=axes)
+
+
+def _shape_attr(shape) -> tuple:
+    return tuple(-1 if s is None else s for s in shape)
+
+
+def convert(x: Tensor, src: DStates, dst: DStates, global_shape, shard: Shard) -> Tensor:
+    """Builds (in the current graph) the ops that turn local `x` in states `src` into states `dst`."""
+    a, b = S.key(src), S.key(dst)
+    group = shard.group
+    n = shard.size
+    if a == b or n == 1:
+        return x
+    if a == PARTIAL and b == DUPLICATE:
+        return apply("all_reduce", x, reduce="sum", group=group)
+    if a == PARTIAL:
+        _check_split(global_shape, b, n)
+        return _from_front(apply("reduce_scatter", _to_front(x, b), reduce="sum", group=group), b)
+    if a >= 0 and b == DUPLICATE:
+        return _from_front(apply("all_gather", _to_front(x, a), group=group), a)
+    if a == DUPLICATE and b >= 0:
+        _check_split(global_shape, b, n)
+        chunk = global_shape[b] // n
+        starts = (None,) * b + (shard.index * chunk,)
+        stops = (None,) * b + ((shard.index + 1) * chunk,)
+        return apply("slice", x, starts=starts, stops=stops, steps=(None,) * (b + 1))
+    if b == PARTIAL:
+        if a >= 0:
+            x = convert(x, src, S.dup(n), global_shape, shard)
+        # the same op on every member (the members' graphs stay alike): the value on member 0 only
+        return x * (1.0 if shard.index == 0 else 0.0)
+    # split(a) -> split(b): all-to-all over blocks of dim b
+    _check_split(global_shape, b, n)
+    shape = list(x.shape)
+    y = apply("reshape", x, shape=_shape_attr(shape[:b] + [n, shape[b] // n] + shape[b + 1 :]))
+    y = apply("all_to_all", _to_front(y, b), group=group)  # axis 0: the member the block came from
+    rest = list(shape)
+    rest[b] //= n
+    y = _from_front(y, a)  # the source-member axis just before dim a
+    merged = rest[:a] + [None if rest[a] is None else rest[a] * n] + rest[a + 1 :]
+    return apply("reshape", y, shape=_shape_attr(merged))
+
+
+def _check_split(shape, d: int, n: int) -> None:
+    if d >= len(shape) or shape[d] is None or shape[d] % n:
+        raise StatesError(f"cannot split dimension {d} of shape {tuple(shape)} over {n} devices")
+
+
+# --- the pass ---------------------------------------------------------------------------
+class Localized(NamedTuple):
+    graph: Graph
+    tensors: dict  # id(logical tensor) -> local tensor
+    states: dict  # id(logical tensor) -> DStates
+    feeds: dict  # id(local placeholder) -> logical placeholder
+
+
+def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, leaf_values=None) -> Localized:
+    """The local graph of one rank for the logical `ops` (a topological order) and `fetches`.
+
+    `leaf_values(t, ds)`, when given, supplies a leaf's local value (the simulation
+    shards full values); otherwise a leaf reads the parameter's own (already local) value.
+    """
+    shard = strategy.shard
+    n = shard.size
+    local = Graph(name=f"local{shard.index}of{n}")
+    tensors: dict[int, Tensor] = {}
+    states: dict[int, DStates] = {}
+    feeds: dict[int, Tensor] = {}
+    cache: dict[tuple, Tensor] = {}
+
+    def leaf(t: Tensor) -> Tensor:
+        ds = states_of(t, strategy.strategy, n)
+        shape = local_shape(t.shape, ds, t.name or "leaf")
+        if t.kind == "placeholder":
+            # Every rank feeds the whole value; a placeholder annotated otherwise is sliced here.
+            view = Tensor(t.shape, t.dtype, t.device, name=t.name, kind="placeholder")
+            feeds[id(view)] = t
+            tensors[id(t)], states[id(t)] = view, S.dup(n)
+            if not S.same(ds, S.dup(n)):
+                tensors[id(t)], states[id(t)] = convert(view, S.dup(n), ds, t.shape, shard), ds
+            return tensors[id(t)]
+        value = leaf_values(t, ds) if leaf_values is not None else None
+        view = _LeafView(t, shape, value)
+        tensors[id(t)] = view
+        states[id(t)] = ds
+        return view
+
+    def get(t: Tensor) -> Tensor:
+        found = tensors.get(id(t))
+        return found if found is not None else leaf(t)
+
+    def converted(t: Tensor, want: DStates) -> Tensor:
+        src = states[id(t)]
+        if S.same(src, want):
+            return tensors[id(t)]
+        if want is S.WHOLE:
+            want = S.dup(n)
+        k = (id(t), S.key(want))
+        if k not in cache:
+            cache[k] = convert(tensors[id(t)], src, want, t.shape, shard)
+        return cache[k]
+
+    with local:
+        for op in ops:
+            for t in op.inputs:
+                get(t)
+            if op.opdef.name == "optimizer_update":
+                _localize_update(op, tensors, states, converted, shard, strategy)
+                continue
+            in_ds = [states[id(t)] for t in op.inputs]
+            out_ds, want = _deduce(op, in_ds, strategy)
+            inputs = [tensors[id(t)] if w is None else converted(t, w) for t, w in zip(op.inputs, want)]
+            in_ds = [
+                d if w is None or (w is S.WHOLE and S.same(w, d)) else (S.dup(n) if w is S.WHOLE else w)
+                for d, w in zip(in_ds, want)
+            ]
+            outs = _localize_op(op, inputs, in_ds, out_ds, shard)
+            for t, lt, ds in zip(op.outputs, outs, out_ds):
+                tensors[id(t)] = lt
+                states[id(t)] = ds if ds is not None else S.dup(n)
+        for f in fetches:
+            get(f)
+            if f.kind != "token" and f.producer is not None and f.producer[0].opdef.name != "optimizer_update":
+                tensors[id(f)] = converted(f, strategy.fetch_states.get(id(f), S.dup(n)))
+    return Localized(local, tensors, states, feeds)
+
+
+def _deduce(op: Op, in_ds: list, strategy: Strategy):
+    """(output states, wanted input states or None per input)."""
+    n = len(strategy.group)
+    io = S.OpIO(tuple(t.shape for t in op.inputs), tuple(t.shape for t in op.outputs))
+    nout = len(op.outputs)
+    keep = [None] * len(in_ds)
+    try:
+        out = op.opdef.deduce_states(in_ds, _io=io, **op.attrs)
+        return _pad(out, nout, n), keep
+    except S.NeedStates as need:
+        fixed = [t.producer is None and t.kind == "variable" for t in op.inputs]
+
+        def cost(c):
+            return sum(
+                0.0 if w is None else conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
+                for d, w, t, f in zip(in_ds, c.inputs, op.inputs, fixed)
+            )
+
+        best = min(need.candidates, key=cost)
+        return _pad(best.outputs, nout, n), list(best.inputs)
+    except Error:
+        if all(d is None or S.key(d) == DUPLICATE for d in in_ds):
+            return [S.dup(n)] * nout, keep
+        if op.opdef.name not in _WARNED:
+            _WARNED.add(op.opdef.name)
+            warnings.warn(
+                f"op '{op.opdef.name}' has no distributed-states rule for inputs "
+                f"{[S._show(d) for d in in_ds]}; its inputs are gathered to duplicate",
+                stacklevel=2,
+            )
+        return [S.dup(n)] * nout, [S.dup(n)] * len(in_ds)
+
+
+def _pad(out, nout: int, n: int) -> list:
+    out = [S.dup(n) if d is None else d for d in list(out)[:nout]]
+    return out + [out[0] if out else S.dup(n)] * (nout - len(out))
+
+
+def _localize_op(op: Op, inputs, in_ds, out_ds, shard: Shard) -> list:
+    opdef = op.opdef
+    custom = getattr(opdef, "localize", None)
+    if custom is not None and shard.size > 1:
+        outs = custom(inputs, op.attrs, in_ds, out_ds, shard)
+    else:
+        attrs = op.attrs
+        local_attrs = getattr(opdef, "local_attrs", None)
+        if local_attrs is not None and shard.size > 1:
+            io = S.OpIO(tuple(t.shape for t in op.inputs), tuple(t.shape for t in op.outputs))
+            attrs = local_attrs(dict(attrs), in_ds, out_ds, io)
+        outs = apply(opdef, *inputs, **attrs)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    if len(outs) != len(op.outputs):
+        raise GraphError(f"states pass: the local '{opdef.name}' gave {len(outs)} outputs, expected {len(op.outputs)}")
+    return outs
+
+
+def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy: Strategy) -> None:
+    """The update reads each gradient in its parameter's states; sparse rows of a row-split table
+    are renumbered to its local rows (others dropped)."""
+    attrs = op.attrs
+    opt = live.lookup(attrs["optimizer"], "optimizer", "states pass")
+    params = opt.parameters()
+    if getattr(opt, "per_parameter_norms", False) and shard.size > 1:
+        split = [p.name for p in params if not states_of(p, strategy.strategy, shard.size).is_pure_duplicate()]
+        if split:
+            raise StatesError(
+                f"{type(opt).__name__} takes norms of whole parameters, but {split[:3]} are split over "
+                f"the tensor-parallel axis of size {shard.size}; use another optimizer or tp=1"
+            )
+    grads = []
+    for entry in update_entries(attrs["params"], attrs["kinds"], op.inputs):
+        p = params[entry.index]
+        want = states_of(p, strategy.strategy, shard.size)
+        if entry.kind == "d":
+            grads.append(converted(entry.inputs[0], want))
+            continue
+        indices, values = entry.inputs
+        idx, val = converted(indices, S.dup(shard.size)), converted(values, S.dup(shard.size))
+        d = S.split_dim(want)
+        if d == 0:
+            rows = p.shape[0] // shard.size
+            idx, val = apply("shard_rows", idx, val, start=shard.index * rows, rows=rows)
+        elif d is not None:
+            val = convert(val, S.dup(shard.size), S.split(shard.size, d), values.shape, shard)
+        grads += [idx, val]
+    if getattr(opt, "max_grad_norm", None) is not None and shard.size > 1:
+        split = {i for i, p in enumerate(params) if not states_of(p, strategy.strategy, shard.size).is_pure_duplicate()}
+        opt.shard_norm = _ShardNorm(split, shard)
+    out = apply("optimizer_update", *grads, **attrs)
+    tensors[id(op.outputs[0])] = out
+    states[id(op.outputs[0])] = S.dup(shard.size)
+    if len(strategy.dp_group) > 1:
+        from luoshu.compiler.gradient_allreduce import insert_gradient_allreduce
+
+        insert_gradient_allreduce(out.graph, out.producer[0], strategy.bucket_bytes, tuple(strategy.dp_group))
+
+
+class _ShardNorm:
+    """The global gradient norm of a tensor-parallel model for clipping: split gradients add
+    their squares over the TP group, duplicated ones count once (each member adds 1/n)."""
+
+    def __init__(self, split: set, shard: Shard):
+        self.split, self.shard = split, shard
+
+    def __call__(self, indices: list, grads: list) -> torch.Tensor:
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        total = torch.zeros((), dtype=dtype, device=grads[0].device)
+        for i, g in zip(indices, grads):
+            sq = torch.linalg.vector_norm(g.to(dtype)) ** 2
+            total += sq if i in self.split else sq / self.shard.size
+        total = get_opdef("all_reduce").compute(total, reduce="sum", group=self.shard.group, async_op=False)
+        return total.sqrt()
+
+
+# --- simulation (one process, every rank of a group) -----------------------------------------
+def simulate(
+    ops: list[Op],
+    fetches: list[Tensor],
+    n: int,
+    feeds: dict | None = None,
+    sequence_parallel: bool = False,
+    partial_weights=None,
+) -> tuple[list, list, list]:
+    """Runs the logical `ops` on n simulated ranks in one process: leaves sharded from their
+    full values by their states (a partial leaf as `partial_weights[r]` times its value,
+    default all on rank 0), each rank's local graph run in lockstep, every collective
+    computed from all ranks' inputs. Returns (per rank: the local values of `fetches`, per
+    rank: their deduced states, the local graphs)."""
+    feeds = feeds or {}
+    weights = partial_weights or [1.0] + [0.0] * (n - 1)
+
+    def piece(value, ds, r):
+        if S.key(ds) == PARTIAL:
+            return value * weights[r]
+        return shard_value(value, ds, r)
+
+    locals_ = [
+        localize_graph(
+            ops, [], Strategy(tuple(range(n)), r, sequence_parallel), lambda t, ds, r=r: piece(t._value, ds, r)
+        )
+        for r in range(n)
+    ]
+    values = [dict() for _ in range(n)]
+    for r, loc in enumerate(locals_):
+        for lid, ph in loc.feeds.items():
+            if id(ph) not in feeds:
+                raise GraphError(f"simulate: placeholder {ph.name!r} is not fed")
+            values[r][lid] = torch.as_tensor(feeds[id(ph)])  # whole: the local graph slices what it needs
+    run_lockstep([loc.graph for loc in locals_], values)
+    return (
+        [[_value(loc.tensors[id(f)], values[r]) for f in fetches] for r, loc in enumerate(locals_)],
+        [[loc.states[id(f)] for f in fetches] for loc in locals_],
+        locals_,
+    )
+
+
+def run_lockstep(graphs: list[Graph], values: list[dict]) -> None:
+    """Runs the ranks' local graphs (alike in structure) op by op; `values[r]` maps tensor ids to
+    values (feeds in, every output added); collectives combine all ranks' inputs."""
+    with torch.no_grad():
+        for step in range(len(graphs[0].ops)):
+            local_ops = [g.ops[step] for g in graphs]
+            args = [[_value(t, values[r]) for t in o.inputs] for r, o in enumerate(local_ops)]
+            name = local_ops[0].opdef.name
+            if any(o.opdef.name != name for o in local_ops):
+                raise GraphError(f"run_lockstep: step {step} runs different ops on different ranks")
+            if name in _SIMULATED:
+                results = _SIMULATED[name](args, local_ops[0].attrs)
+            else:
+                results = [o.opdef.compute(*a, **o.attrs) for o, a in zip(local_ops, args)]
+            for r, (o, res) in enumerate(zip(local_ops, results)):
+                res = res if isinstance(res, (tuple, list)) else (res,)
+                for t, v in zip(o.outputs, res):
+                    values[r][id(t)] = v
+
+
+def _value(t: Tensor, values: dict):
+    v = values.get(id(t))
+    return t._value if v is None else v
+
+
+def _sim_all_reduce(args, attrs):
+    total = sum(a[0] for a in args)
+    if attrs.get("reduce") == "mean":
+        total = total / len(args)
+    return [total.clone() for _ in args]
+
+
+def _sim_all_gather(args, attrs):
+    full = torch.cat([a[0] for a in args], 0)
+    return [full.clone() for _ in args]
+
+
+def _sim_reduce_scatter(args, attrs):
+    total = sum(a[0] for a in args)
+    if attrs.get("reduce") == "mean":
+        total = total / len(args)
+    return [c.clone() for c in total.chunk(len(args), 0)]
+
+
+def _sim_all_to_all(args, attrs):
+    n = len(args)
+    blocks = [a[0].chunk(n, 0) for a in args]
+    return [torch.cat([blocks[m][r] for m in range(n)], 0) for r in range(n)]
+
+
+_SIMULATED = {
+    "all_reduce": _sim_all_reduce,
+    "all_gather": _sim_all_gather,
+    "reduce_scatter": _sim_reduce_scatter,
+    "all_to_all": _sim_all_to_all,
+}
+
+
+def assemble(values: list, ds_list: list) -> torch.Tensor:
+    """The global value from every rank's local value in states `ds` (sum partials, concatenate
+    splits, duplicates must agree)."""
+    ds = ds_list[0]
+    k = S.key(ds)
+    if k == PARTIAL:
+        return sum(values)
+    if k == DUPLICATE:
+        for v in values[1:]:
+            if v.shape != values[0].shape or not torch.allclose(v, values[0], rtol=1e-12, atol=1e-12):
+                raise StatesError("duplicate states, but the ranks hold different values")
+        return values[0]
+    return torch.cat(values, k)
+
+
+__all__ = [
+    "Shard",
+    "StatesError",
+    "Strategy",
+    "assemble",
+    "attach",
+    "convert",
+    "localize_graph",
+    "run_lockstep",
+    "set_default",
+    "shard_value",
+    "simulate",
+]

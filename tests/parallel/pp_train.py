@@ -1,0 +1,106 @@
+"""GPT-2 trained with pipeline (and data) parallelism; run under `luoshu launch` by the tests.
+
+    luoshu launch -n N tests/parallel/pp_train.py --dp D --tp T --pp P --micro-batches M --schedule 1f1b --out PREFIX
+
+Rank r writes the losses (last stage), its stage's parameters and the peak number of
+micro-batches its stage kept alive to PREFIX.rank<r>.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+import luoshu as ls
+from luoshu.models.language import GPT2, GPTConfig, Llama, LlamaConfig
+
+VOCAB, LENGTH, BATCH, STEPS = 128, 16, 8, 3
+
+
+def config(layers: int) -> GPTConfig:
+    return GPTConfig(vocab_size=VOCAB, block_size=LENGTH, n_layer=layers, n_head=4, n_embd=64)
+
+
+def build(model: str, layers: int):
+    """GPT-2 (tied embedding: dense gradients) or LLaMA (untied: the table's gradient is sparse rows)."""
+    if model == "llama":
+        return Llama(
+            LlamaConfig(
+                vocab_size=VOCAB, dim=64, n_layers=layers, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=LENGTH
+            )
+        ).to(dtype="float64")
+    return GPT2(config(layers)).to(dtype="float64")
+
+
+def batches(seed: int = 5):
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        ids = rng.integers(0, VOCAB, (BATCH, LENGTH))
+        yield ids, np.roll(ids, -1, axis=1)
+
+
+def loss_fn(logits, y):
+    return ls.nn.functional.cross_entropy(logits.reshape((-1, VOCAB)), y.reshape((-1,)))
+
+
+def reference(layers: int, model_name: str = "gpt2"):
+    """One process, the whole batch at once: (losses, parameters)."""
+    ls.manual_seed(11)
+    model = build(model_name, layers)
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, LENGTH), "int64")
+        y = ls.placeholder("y", (None, LENGTH), "int64")
+        loss = loss_fn(model(ids), y)
+        step = opt.minimize(loss)
+    losses = [float(g.run([loss, step], {ids: i, y: t})[0]) for i, t in batches()]
+    return np.array(losses), {n: p.numpy() for n, p in model.named_parameters()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--micro-batches", type=int, default=2)
+    parser.add_argument("--schedule", default="1f1b")
+    parser.add_argument("--stages", default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ls.distributed.init()
+    mesh = ls.distributed.DeviceMesh(dp=args.dp, tp=args.tp, pp=args.pp)
+    ls.manual_seed(11)
+    model = build(args.model, args.layers)
+    if args.tp > 1:
+        ls.parallel.parallelize(model, mesh)
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    stages = args.stages.split(",") if args.stages else None
+    pipe = ls.parallel.pipeline(model, mesh, stages=stages, micro_batches=args.micro_batches, schedule=args.schedule)
+    pipe.compile([("ids", (None, LENGTH), "int64")], [("y", (None, LENGTH), "int64")], loss_fn, opt)
+    losses, peak = [], 0
+    for ids, y in batches():
+        losses.append(pipe.step([ids], [y]))
+        peak = max(peak, pipe.ledger.peak)
+    names = {id(p): n for n, p in model.named_parameters()}
+    full = ls.parallel.gather_parameters(model, mesh)  # whole values of TP-split ones (collective)
+    params = {names[id(p)]: full[names[id(p)]].numpy() for p in pipe.params}
+    feeds = [t.name for t in pipe.graph._plans[next(iter(pipe.graph._plans))].feed_tensors]
+    np.savez(
+        f"{args.out}.rank{ls.distributed.rank()}.npz",
+        losses=np.array([x if x is not None else np.nan for x in losses]),
+        peak=peak,
+        stage=pipe.stage,
+        feeds=json.dumps(sorted(feeds)),
+        **params,
+    )
+    ls.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
