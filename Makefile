@@ -20,15 +20,15 @@ run: install
 	$(VENV)/bin/luoshu train
 
 test: install
-	$(PY) -m ruff check luoshu tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lint: install
-	$(PY) -m ruff check luoshu tests benchmarks
-	$(PY) -m ruff format --check luoshu tests benchmarks
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: install
-	$(PY) -m ruff format luoshu tests benchmarks
+	$(PY) -m ruff format .
 
 bench: install
 	$(PY) benchmarks/bench_mlp.py

@@ -86,7 +86,7 @@ class SparseEmbeddingTable(Module):
         """Rebuilds the hash index from `key` (after loading weights)."""
         if self.slot_sizes is not None:
             return
-        keys = self.key.value.numpy()
+        keys = self.key.value.cpu().numpy()
         used = np.flatnonzero(keys >= 0)
         order = np.argsort(keys[used], kind="stable")
         self._sorted_keys, self._sorted_rows = keys[used][order], used[order]
@@ -122,7 +122,8 @@ class SparseEmbeddingTable(Module):
                                f"table's {self.rows} rows; raise workspace_size_per_gpu_in_mb or give "
                                f"slot_size_array")
             fresh = np.arange(self._count, self._count + count, dtype=np.int64)
-            self.key.value.numpy()[fresh] = uniq[new]
+            key = self.key.value  # on the model's device; written through torch, not a NumPy view
+            key[torch.from_numpy(fresh).to(key.device)] = torch.from_numpy(uniq[new]).to(key.device)
             rows_u[new] = fresh
             self._sorted_keys = np.insert(self._sorted_keys, pos[new], uniq[new])
             self._sorted_rows = np.insert(self._sorted_rows, pos[new], fresh)
@@ -228,7 +229,7 @@ class ShardedTable(SparseEmbeddingTable):
         torch_dist.all_gather(parts, padded)
         full = np.zeros((self.rows + 1, self.vec_size), dtype=np.float32)
         for r, rows in enumerate(self.shard_rows):
-            full[rows] = parts[r][:len(rows)].numpy()
+            full[rows] = parts[r][:len(rows)].cpu().numpy()
         return full
 
     def extra_repr(self) -> str:

@@ -102,12 +102,24 @@ def _layout() -> tuple[str, int, int, int, int]:
         nodes * servers_per_node, local_rank
 
 
+# A device-keyed backend string makes torch.distributed pick the backend per tensor device.
+MIXED_BACKEND = "cpu:gloo,cuda:nccl"
+BACKENDS = ("gloo", "nccl", MIXED_BACKEND)
+
+
+def default_backend(cuda_available: bool) -> str:
+    """Gloo for CPU tensors always; NCCL for CUDA tensors where CUDA exists."""
+    return MIXED_BACKEND if cuda_available else "gloo"
+
+
 def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     """Joins the job described by the torchrun environment (a no-op when already joined).
 
     Without that environment (a plain `python script.py`) this is a single process:
-    rank 0 of 1, and collectives are identities. `backend` defaults to NCCL when CUDA
-    is available and Gloo otherwise. `timeout_s` (default `LUOSHU_COMM_TIMEOUT` or
+    rank 0 of 1, and collectives are identities. `backend` defaults to Gloo, and where CUDA
+    is available to `"cpu:gloo,cuda:nccl"`: each collective runs on the backend of its
+    tensors' device (CPU tensors over Gloo, CUDA tensors over NCCL), so a job whose tensors
+    stay on the CPU works on a CUDA machine too. `timeout_s` (default `LUOSHU_COMM_TIMEOUT` or
     180 s) bounds every collective. A parameter-server process does not return: it
     serves until the workers shut it down and then exits.
     """
@@ -128,9 +140,9 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     role, index, num_workers, num_servers, local_rank = _layout()
     _report_uncaught_errors()
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() and role == "worker" else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise DistError(f"luoshu.distributed.init: backend must be 'gloo' or 'nccl', found {backend!r}")
+        backend = default_backend(torch.cuda.is_available() and role == "worker")
+    if backend not in BACKENDS:
+        raise DistError(f"luoshu.distributed.init: backend must be one of {BACKENDS}, found {backend!r}")
     try:
         store, _, _ = next(torch_dist.rendezvous("env://", timeout=timeout))
     except (RuntimeError, ValueError) as exc:
@@ -148,7 +160,7 @@ def init(backend: str | None = None, timeout_s: float | None = None) -> None:
     if role == "server":
         _serve_and_exit(store, index, num_servers, num_workers)
     _register_exit()
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(local_rank)
     # Workers only: the servers never join a collective, so the default group (and
     # torch.distributed.get_rank()) number workers from 0.

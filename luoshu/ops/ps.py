@@ -35,8 +35,9 @@ class PSLookup(OpDef):
         return TensorMeta(tuple(ids.shape) + (handle.shape[1],), handle.dtype)
 
     def compute(self, handle, ids, table):
-        rows = live.lookup(table, _WHAT, self.name).cache.lookup(ids)
-        return torch.from_numpy(rows)
+        rows = torch.from_numpy(live.lookup(table, _WHAT, self.name).cache.lookup(ids))
+        # the rows come from the servers through host memory; they go where the batch's ids are
+        return rows if ids.device == rows.device else rows.to(ids.device, non_blocking=True)
 
     def gradient(self, op, grads):
         handle, ids = op.inputs

@@ -224,3 +224,33 @@ def test_a_ps_job_without_an_explicit_shutdown_ends_promptly(tmp_path):
     (lag,) = _run_without_shutdown(tmp_path, 1, extra=("--servers", "1"), ps=True)
     # the servers are told at the workers' exit; before, they idled SERVER_GRACE_S (10 s) first
     assert lag < 7.0, lag
+
+
+def test_backend_follows_the_tensors_device():
+    """CPU tensors always go over Gloo; where CUDA exists, CUDA tensors go over NCCL and CPU
+    tensors still over Gloo (a device-keyed backend), so CPU models run on CUDA machines."""
+    from luoshu.distributed import env
+
+    assert env.default_backend(False) == "gloo"
+    assert env.default_backend(True) == "cpu:gloo,cuda:nccl"
+    assert env.default_backend(True) in env.BACKENDS
+
+
+def test_ps_rows_arrive_on_the_ids_device():
+    import numpy as np
+    import torch
+
+    from luoshu.core import live
+    from luoshu.ops.ps import PSLookup
+
+    class Cache:
+        def lookup(self, ids):
+            return np.ones(tuple(ids.shape) + (2,), np.float32)
+
+    class Table:
+        cache = Cache()
+
+    table = Table()
+    key = live.register(table)
+    rows = PSLookup().compute(torch.empty(0, 2), torch.zeros(3, dtype=torch.int64, device="meta"), table=key)
+    assert rows.device.type == "meta" and rows.shape == (3, 2)
