@@ -552,3 +552,62 @@ def test_lstm_classifier_matches_torch_lstm_forward_and_every_gradient(options):
     for key, p in model.named_parameters():
         g = p.grad.to_dense().numpy() if isinstance(p.grad, ls.IndexedSlices) else p.grad.numpy()
         np.testing.assert_allclose(g, theirs[key].grad.numpy(), rtol=1e-9, atol=1e-10, err_msg=key)
+
+
+class TorchSeq2Seq(torch.nn.Module):
+    """The reference: torch's own encoder and decoder stacks under luoshu's module names, the
+    sinusoidal positions computed here from Vaswani et al.'s formula."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.src_embedding = torch.nn.Embedding(c.src_vocab_size, c.d_model, padding_idx=c.pad_id)
+        self.tgt_embedding = torch.nn.Embedding(c.tgt_vocab_size, c.d_model, padding_idx=c.pad_id)
+        layer = dict(d_model=c.d_model, nhead=c.nhead, dim_feedforward=c.dim_feedforward, dropout=0.0,
+                     activation=c.activation, batch_first=True, norm_first=c.norm_first)
+        final = (lambda: torch.nn.LayerNorm(c.d_model)) if c.norm_first else (lambda: None)  # pre-LN ends in a norm
+        self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(**layer), c.num_encoder_layers,
+                                                   final(), enable_nested_tensor=False)
+        self.decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(**layer), c.num_decoder_layers,
+                                                   final())
+        self.generator = torch.nn.Linear(c.d_model, c.tgt_vocab_size)
+        pos = torch.arange(c.max_len, dtype=torch.float64)[:, None]
+        i = torch.arange(c.d_model, dtype=torch.float64)[None, :]
+        angle = pos / 10000.0 ** (2 * torch.div(i, 2, rounding_mode="floor") / c.d_model)
+        self.register_buffer("positions", torch.where(i % 2 == 0, torch.sin(angle), torch.cos(angle)))
+
+    def embed(self, emb, ids):
+        return emb(ids) * math.sqrt(self.c.d_model) + self.positions[: ids.shape[1]]
+
+    def forward(self, src, tgt):
+        src_pad, tgt_pad = src == self.c.pad_id, tgt == self.c.pad_id
+        memory = self.encoder(self.embed(self.src_embedding, src), src_key_padding_mask=src_pad)
+        causal = torch.triu(torch.ones(tgt.shape[1], tgt.shape[1], dtype=torch.bool), 1)
+        x = self.decoder(self.embed(self.tgt_embedding, tgt), memory, tgt_mask=causal, tgt_is_causal=True,
+                         tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
+        return self.generator(x)
+
+
+@pytest.mark.parametrize("norm_first, activation", [(False, "relu"), (True, "gelu")])
+def test_transformer_seq2seq_matches_torch_forward_and_every_gradient(norm_first, activation):
+    cfg = models.TransformerConfig(src_vocab_size=11, tgt_vocab_size=13, d_model=16, nhead=2, num_encoder_layers=2,
+                                   num_decoder_layers=2, dim_feedforward=24, dropout=0.0, max_len=16, pad_id=0,
+                                   norm_first=norm_first, activation=activation)
+    ls.manual_seed(0)
+    model = models.Transformer(cfg).to(dtype="float64")
+    model.eval()
+    ref = TorchSeq2Seq(cfg).double()
+    state = {k: torch.from_numpy(v.numpy().copy()) for k, v in model.state_dict().items()}
+    state["positions"] = ref.positions
+    ref.load_state_dict(state)  # strict: the same parameter names on both sides
+    rng = np.random.default_rng(0)
+    src, tgt = rng.integers(1, 11, (3, 7)), rng.integers(1, 13, (3, 5))
+    src[1, -2:] = 0  # padding
+    tgt[2, -1] = 0
+    weights = rng.standard_normal((3, 5, 13))
+    out = model(ls.tensor(src), ls.tensor(tgt))
+    (out * ls.tensor(weights)).sum().backward()
+    expected = ref(torch.from_numpy(src), torch.from_numpy(tgt))
+    (expected * torch.from_numpy(weights)).sum().backward()
+    np.testing.assert_allclose(out.numpy(), expected.detach().numpy(), rtol=1e-6, atol=1e-8)
+    _compare_grads(model, ref, rtol=1e-5, atol=1e-8)
