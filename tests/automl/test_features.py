@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, TargetEncoder
@@ -14,14 +13,6 @@ from sklearn.preprocessing import StandardScaler, TargetEncoder
 import luoshu
 from luoshu.automl import AutoFeatures
 from luoshu.ml import LogisticRegression
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def interaction_data(n=2000, seed=0):

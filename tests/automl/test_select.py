@@ -7,21 +7,11 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from sklearn.model_selection import cross_val_score
 
 import luoshu
 from luoshu import automl
 from luoshu.ml import KNeighborsClassifier
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 LINEAR = {"logistic_regression", "linear_svc", "linear_regression", "ridge"}
 

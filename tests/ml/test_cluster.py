@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 from sklearn import cluster as skc
 from sklearn.datasets import load_digits, load_iris, load_wine, make_blobs
 from sklearn.metrics import adjusted_rand_score
@@ -16,15 +15,6 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import luoshu
 from luoshu import ml
 from luoshu.ml import KMeans, MiniBatchKMeans
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two shared cores: torch's intra-op threads only slow these small problems down
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _datasets():

@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn import decomposition as skd
 from sklearn.datasets import load_digits
@@ -18,14 +17,6 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import luoshu
 from luoshu import ml
 from luoshu.ml import LDA, NMF
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def topic_corpus(n_docs=600, n_topics=5, n_words=150, doc_len=60, seed=0):

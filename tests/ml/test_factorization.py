@@ -7,21 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 from sklearn.metrics import roc_auc_score
 from sklearn.utils import estimator_checks as checks
 
 import luoshu
 from luoshu import ml
 from luoshu.ml import MatrixFactorization
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def low_rank(n_users=200, n_items=120, rank=4, density=0.3, noise=0.1, seed=0):

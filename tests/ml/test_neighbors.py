@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 from sklearn import neighbors as skn
 from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine
 from sklearn.model_selection import train_test_split
@@ -16,14 +15,6 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import luoshu
 from luoshu import ml
 from luoshu.ml import KNeighborsClassifier
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _split(name):
