@@ -62,7 +62,8 @@ class _FlatGroup:
         self.rank, self.world = rank, world
         self.shard = self.flat[rank * self.shard_size:(rank + 1) * self.shard_size]
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero_shard", kind="variable")
-        self.optimizer = opt_class([self.shard_param], **hyper)
+        self.optimizer = opt_class([self.shard_param])
+        self.optimizer.param_groups[0].update(hyper)  # the group's own (already checked) hyperparameters
         self.grad = torch.zeros_like(self.flat)
         self.grad_shard = torch.empty_like(self.shard)
 
@@ -87,6 +88,7 @@ class ZeroSync(SyncMode):
         self.plain = AllReduceSync(dp)  # sparse gradients, and the broadcast at setup
         self.groups: list[_FlatGroup] | None = None
         self.owner: dict[int, _FlatGroup] = {}
+        self._loaded = False  # a plain state dict was loaded and still has to reach the shards
         self._key = live.register(self)  # what sharded_update names in its attributes
 
     # --- SyncMode -------------------------------------------------------------------------------
@@ -114,17 +116,21 @@ class ZeroSync(SyncMode):
         opt = self.dp.optimizer
         world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
         params = opt.parameters()
+        group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
         by_key: dict[tuple, list[int]] = {}
         for i in dense_indices:
-            by_key.setdefault((opt._group_of[i], params[i]._value.dtype), []).append(i)
+            by_key.setdefault((group_of[id(params[i])], params[i]._value.dtype), []).append(i)
         self.groups = []
         for (gi, _), indices in sorted(by_key.items(), key=lambda kv: kv[1][0]):
             hyper = {k: v for k, v in opt.param_groups[gi].items() if k != "params"}
             group = _FlatGroup(indices, [params[i] for i in indices], hyper, type(opt), world, rank)
+            group.group_index = gi
             self.groups.append(group)
             for i in indices:
                 self.owner[i] = group
         self.world, self.rank = world, rank
+        if self._loaded:
+            self._scatter_loaded_state()
 
     def synchronize(self, pairs: list) -> None:
         """One step: shard-reduce the dense gradients, update this rank's shards, gather them."""
@@ -168,6 +174,9 @@ class ZeroSync(SyncMode):
                 for group in self.groups:
                     group.grad_shard.mul_(coef.to(group.grad_shard.dtype))
             for group in self.groups:
+                # the model optimizer's hyperparameters (a scheduler may have changed lr) hold for its shards
+                hyper = {k: v for k, v in opt.param_groups[group.group_index].items() if k != "params"}
+                group.optimizer.param_groups[0].update(hyper)
                 group.optimizer.apply_gradients([(0, group.grad_shard)])
                 if pg is not None:
                     torch_dist.all_gather_single(group.flat, group.shard.clone(), group=pg)
@@ -190,13 +199,13 @@ class ZeroSync(SyncMode):
         pg = env.process_group(self.dp.group or None)
         tensors, state_meta = dict(plain["tensors"]), dict(plain["meta"]["state"])
         for group in self.groups:
-            shard_state = group.optimizer._state[0]
-            if shard_state is None:
+            shard = group.optimizer.state_dict()
+            entry0 = shard["meta"]["state"].get("0")
+            if entry0 is None:
                 continue
-            step = int(shard_state["step"].item())
-            for name, value in shard_state.items():
-                if name == "step":
-                    continue
+            step = entry0["step"]
+            for name in entry0["tensors"]:
+                value = shard["tensors"][f"state.0.{name}"]
                 full = torch.empty(group.shard_size * self.world, dtype=value.dtype)
                 if pg is None:
                     full.copy_(value)
@@ -208,6 +217,50 @@ class ZeroSync(SyncMode):
                     entry = state_meta.setdefault(str(i), {"step": step, "tensors": []})
                     entry["tensors"] = sorted(set(entry["tensors"]) | {name})
         return {"tensors": tensors, "meta": {**plain["meta"], "state": state_meta}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Takes a plain optimizer's `state_dict()` (a run without ZeRO, or
+        `consolidated_state_dict()`): the model's optimizer checks it whole and nothing changes on
+        a mismatch; each shard optimizer then takes its slice (at the first step, when the shards
+        are laid out)."""
+        self.dp.optimizer.load_state_dict(state_dict)
+        self._loaded = True
+        if self.groups is not None:
+            self._scatter_loaded_state()
+
+    def _scatter_loaded_state(self) -> None:
+        """Moves the loaded state of the sharded parameters from the model's optimizer into the
+        shard optimizers (this rank's slice); the model's optimizer keeps only the rest."""
+        opt = self.dp.optimizer
+        plain = opt.state_dict()
+        meta_state, tensors = plain["meta"]["state"], plain["tensors"]
+        for group in self.groups:
+            entries = [meta_state.get(str(i)) for i in group.indices]
+            if all(e is None for e in entries):
+                continue
+            steps = {e["step"] for e in entries if e is not None}
+            names = {tuple(e["tensors"]) for e in entries if e is not None}
+            if None in entries or len(steps) != 1 or len(names) != 1:
+                raise DistError(f"DataParallel(zero={self.stage}): the loaded state holds parameters "
+                                f"{group.indices} at different steps or with different state; ZeRO shards them "
+                                "as one flat tensor")
+            step, names = steps.pop(), names.pop()
+            shard_tensors = {}
+            for name in names:
+                flat = torch.zeros_like(group.flat)
+                for i, offset, p in zip(group.indices, group.offsets, group.params):
+                    flat[offset:offset + p._value.numel()].copy_(tensors[f"state.{i}.{name}"].reshape(-1))
+                shard_tensors[f"state.0.{name}"] = flat[self.rank * group.shard_size:
+                                                        (self.rank + 1) * group.shard_size].clone()
+            shard = group.optimizer.state_dict()
+            shard["meta"]["state"] = {"0": {"step": step, "tensors": list(names)}}
+            group.optimizer.load_state_dict({"tensors": shard_tensors, "meta": shard["meta"]})
+            for i in group.indices:  # the model's optimizer no longer holds what the shards do
+                meta_state.pop(str(i), None)
+                for name in names:
+                    tensors.pop(f"state.{i}.{name}", None)
+        opt.load_state_dict(plain)
+        self._loaded = False
 
 
 SYNC_MODES["zero"] = ZeroSync  # DataParallel(..., zero=stage) builds this mode

@@ -76,3 +76,41 @@ def test_bad_arguments():
         ls.parallel.DataParallel(model, zero=1)
     with pytest.raises(ls.distributed.DistError, match="mode='allreduce', not 'hybrid'"):
         ls.parallel.DataParallel(model, ls.optim.Adam(model.parameters()), mode="hybrid", zero=1)
+
+
+def _steps(model, opt, data, dp=None):
+    for ids, dense, y in data:
+        loss = ls.nn.functional.mse_loss(model(ls.tensor(ids), ls.tensor(dense)), ls.tensor(y))
+        (dp or opt).minimize(loss)
+
+
+def test_a_plain_checkpoint_loads_into_zero_and_back():
+    """Plain for 3 steps, then 2 more either plain or ZeRO after loading the plain state:
+    the same parameters, and the ZeRO run's consolidated state equals the plain run's."""
+    from tests.parallel.zero_train import batches
+
+    data = list(batches(1, 4, steps=5))
+    ls.manual_seed(7)
+    plain_model = Net().to(dtype="float64")
+    plain_opt = ls.optim.AdamW(plain_model.parameters(), lr=0.05, weight_decay=0.01)
+    sched = ls.optim.StepLR(plain_opt, step_size=1, gamma=0.5)
+    _steps(plain_model, plain_opt, data[:3])
+    saved = plain_opt.state_dict()
+    weights = {k: v.numpy().copy() for k, v in plain_model.state_dict().items()}
+    sched.step()
+    _steps(plain_model, plain_opt, data[3:])
+
+    ls.manual_seed(7)
+    model = Net().to(dtype="float64")
+    model.load_state_dict(weights)
+    opt = ls.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+    dp = ls.parallel.DataParallel(model, opt, zero=1)
+    dp.sync.load_state_dict(saved)
+    opt.param_groups[0]["lr"] = plain_opt.param_groups[0]["lr"]  # what the scheduler set
+    _steps(model, opt, data[3:], dp)
+    for (name, a), b in zip(plain_model.named_parameters(), model.parameters()):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
+    back, expected = dp.sync.consolidated_state_dict(), plain_opt.state_dict()
+    assert sorted(back["tensors"]) == sorted(expected["tensors"])
+    for key, value in expected["tensors"].items():
+        np.testing.assert_allclose(back["tensors"][key].numpy(), value.numpy(), rtol=1e-12, atol=1e-14, err_msg=key)
