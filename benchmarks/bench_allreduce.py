@@ -24,14 +24,13 @@ import argparse
 import csv
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from _relaunch import run_per_process_count
 
 import luoshu as ls
 from luoshu.compiler.gradient_allreduce import plan_buckets
@@ -182,14 +181,7 @@ def main() -> None:
     if "RANK" in os.environ:
         worker(args)
         return
-    for n in args.procs:
-        forwarded = ["--sizes-mb", *map(str, args.sizes_mb), "--bucket-mb", str(args.bucket_mb),
-                     "--repeats", str(args.repeats), "--out", args.out]
-        cmd = [sys.executable, "-m", "luoshu.distributed.launch", "-n", str(n), __file__, *forwarded]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        code = subprocess.call(cmd, env=env)
-        if code:
-            sys.exit(code)
+    run_per_process_count(__file__, args)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from _relaunch import run_per_process_count
 
 import luoshu as ls
 from luoshu.models.language import GPT2, GPTConfig
@@ -226,27 +225,7 @@ def main() -> None:
     if "RANK" in os.environ:
         worker(args)
         return
-    for n in args.procs:
-        cmd = [
-            sys.executable,
-            "-m",
-            "luoshu.distributed.launch",
-            "-n",
-            str(n),
-            __file__,
-            "--layers",
-            str(args.layers),
-            "--width",
-            str(args.width),
-            "--length",
-            str(args.length),
-            "--batch",
-            str(args.batch),
-            "--repeats",
-            str(args.repeats),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        subprocess.run(cmd, check=True, env=env)
+    run_per_process_count(__file__, args)
 
 
 if __name__ == "__main__":
