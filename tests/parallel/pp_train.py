@@ -94,8 +94,9 @@ def main() -> None:
     full = ls.parallel.gather_parameters(model, mesh)  # whole values of TP-split ones (collective)
     params = {names[id(p)]: full[names[id(p)]].numpy() for p in pipe.params}
     feeds = pipe.feeds  # the placeholders this rank's stage plans read
-    sends = [op.attrs["peer"] for op in pipe.program.forward.ops if op.opdef.name == "send"]
-    recvs = [op.attrs["peer"] for op in pipe.program.forward.ops if op.opdef.name == "recv"]
+    forward_ops = [step.op for step in pipe.runner.forward_plan.steps]
+    sends = [op.attrs["peer"] for op in forward_ops if op.opdef.name == "send"]
+    recvs = [op.attrs["peer"] for op in forward_ops if op.opdef.name == "recv"]
     np.savez(
         f"{args.out}.rank{ls.distributed.rank()}.npz",
         losses=np.array([x if x is not None else np.nan for x in losses]),
