@@ -2,9 +2,9 @@
 search them beside the `luoshu.ml` families.
 
 Each wraps `luoshu.models.MLP` (`n_layers` hidden Linear-ReLU layers of `width` units) in a
-define-and-run graph: inputs are standardised with the training mean and scale, the loss is cross entropy (classes) or mean squared error
-(the target standardised too), and `luoshu.optim.Adam` minimises it over shuffled mini-batches for
-`n_epochs`. Prediction runs the same graph's logits.
+define-and-run graph: inputs are standardised with the training mean and scale, the loss is cross
+entropy (classes) or mean squared error (the target standardised too), and `luoshu.optim.Adam`
+minimises it over shuffled mini-batches for `n_epochs`. Prediction runs the same graph's logits.
 """
 
 from __future__ import annotations
