@@ -2,6 +2,7 @@
 `luoshu.ml` families (`select`) and automated feature engineering for tabular/CTR data (`AutoFeatures`)."""
 
 from luoshu.automl.features import AutoFeatures, CTRData, write_ctr_data
+from luoshu.automl.mlp import MLPClassifier, MLPRegressor
 from luoshu.automl.select import FAMILIES, select
 from luoshu.automl.space import TuneError, parse_space
 from luoshu.automl.space import apply as apply_values
@@ -9,6 +10,8 @@ from luoshu.automl.tune import Reporter, TuneResult, direction_of, tune
 
 __all__ = [
     "FAMILIES",
+    "MLPClassifier",
+    "MLPRegressor",
     "AutoFeatures",
     "CTRData",
     "Reporter",
