@@ -52,8 +52,9 @@ class Layout:
     def __init__(self, states: DStates, ranks: Sequence[int]):
         ranks = tuple(int(r) for r in ranks)
         if len(ranks) != states.device_num or len(set(ranks)) != len(ranks):
-            raise HotSwitchError(f"a layout over {states.device_num} devices needs as many distinct ranks, found "
-                                 f"{ranks}")
+            raise HotSwitchError(
+                f"a layout over {states.device_num} devices needs as many distinct ranks, found {ranks}"
+            )
         if states.get(PARTIAL) > 1:
             raise HotSwitchError(f"states {states.states} hold partial copies; reduce them before a hot switch")
         object.__setattr__(self, "states", states)
@@ -175,8 +176,16 @@ def _check(shape, source: Layout, destination: Layout, node_size: int, policy: s
     return shape
 
 
-def plan_hot_switch(shape: Sequence[int], itemsize: int, source: Layout, destination: Layout, *,
-                    node_size: int = 8, policy: str = "balanced", load: dict[int, int] | None = None) -> SwitchPlan:
+def plan_hot_switch(
+    shape: Sequence[int],
+    itemsize: int,
+    source: Layout,
+    destination: Layout,
+    *,
+    node_size: int = 8,
+    policy: str = "balanced",
+    load: dict[int, int] | None = None,
+) -> SwitchPlan:
     """The messages that turn `source` shards of a tensor of `shape` into `destination` shards.
 
     `load` (rank -> bytes already planned, updated in place) balances the senders over several
@@ -202,12 +211,20 @@ def plan_hot_switch(shape: Sequence[int], itemsize: int, source: Layout, destina
         m = messages.setdefault((sender, receiver), Message(sender, receiver))
         m.slices.append(cell)
         m.nbytes += _volume(cell) * itemsize
-    return SwitchPlan(shape, itemsize, source, destination, sorted(messages.values(), key=lambda m: (m.sender,
-                      m.receiver)), local, node_size)
+    return SwitchPlan(
+        shape,
+        itemsize,
+        source,
+        destination,
+        sorted(messages.values(), key=lambda m: (m.sender, m.receiver)),
+        local,
+        node_size,
+    )
 
 
-def brute_force_max_send(shape: Sequence[int], itemsize: int, source: Layout, destination: Layout, *,
-                         node_size: int = 8) -> int:
+def brute_force_max_send(
+    shape: Sequence[int], itemsize: int, source: Layout, destination: Layout, *, node_size: int = 8
+) -> int:
     """The smallest largest-per-rank send volume over every choice of senders that keeps a
     same-node sender wherever one exists (exponential: for checking small cases)."""
     shape = _check(shape, source, destination, node_size, "balanced")
@@ -247,13 +264,14 @@ def simulate(plan: SwitchPlan, shards: dict[int, np.ndarray]) -> dict[int, np.nd
         for cell in m.slices:  # the receiver unpacks the one buffer in the same order
             n = _volume(cell)
             view = out[m.receiver][_local_slice(cell, dst[m.receiver])]
-            view[...] = packed[pos:pos + n].reshape(view.shape)
+            view[...] = packed[pos : pos + n].reshape(view.shape)
             pos += n
     return out
 
 
-def run_switch(plan: SwitchPlan, local: torch.Tensor | None, rank: int, dtype: torch.dtype = torch.float32,
-               group=None) -> torch.Tensor | None:
+def run_switch(
+    plan: SwitchPlan, local: torch.Tensor | None, rank: int, dtype: torch.dtype = torch.float32, group=None
+) -> torch.Tensor | None:
     """Executes `plan` on this rank: one batch of isend/irecv (one message per peer) plus the
     local copies. `local` is this rank's source shard (None if it holds none); returns its
     destination shard of `dtype` (None if it needs none)."""
@@ -281,13 +299,18 @@ def run_switch(plan: SwitchPlan, local: torch.Tensor | None, rank: int, dtype: t
         for cell in m.slices:
             n = _volume(cell)
             view = out[_local_slice(cell, dst[rank])]
-            view.copy_(buffer[pos:pos + n].view(view.shape))
+            view.copy_(buffer[pos : pos + n].view(view.shape))
             pos += n
     return out
 
 
-def run_switches(plans: Sequence[SwitchPlan], locals_: Sequence[torch.Tensor | None], rank: int,
-                 dtype: torch.dtype = torch.float32, group=None) -> list[torch.Tensor | None]:
+def run_switches(
+    plans: Sequence[SwitchPlan],
+    locals_: Sequence[torch.Tensor | None],
+    rank: int,
+    dtype: torch.dtype = torch.float32,
+    group=None,
+) -> list[torch.Tensor | None]:
     """Executes several tensors' plans on this rank as one batch of isend/irecv: every slice
     that one sender sends one receiver, over all the tensors, travels in one message.
     Returns this rank's destination shard of each tensor (None where it needs none)."""
@@ -306,7 +329,8 @@ def run_switches(plans: Sequence[SwitchPlan], locals_: Sequence[torch.Tensor | N
         for m in plan.messages:  # tensors in plan order, slices in message order: both ends agree
             if m.sender == rank:
                 outgoing.setdefault(m.receiver, []).extend(
-                    local[_local_slice(c, src[rank])].reshape(-1).to(dtype) for c in m.slices)
+                    local[_local_slice(c, src[rank])].reshape(-1).to(dtype) for c in m.slices
+                )
             elif m.receiver == rank:
                 incoming.setdefault(m.sender, []).append((k, m))
     ops, buffers = [], []
@@ -327,14 +351,19 @@ def run_switches(plans: Sequence[SwitchPlan], locals_: Sequence[torch.Tensor | N
             for cell in m.slices:
                 n = _volume(cell)
                 view = outs[k][_local_slice(cell, box)]
-                view.copy_(buffer[pos:pos + n].view(view.shape))
+                view.copy_(buffer[pos : pos + n].view(view.shape))
                 pos += n
     return outs
 
 
 # --- the order of strategies in a step ------------------------------------------------------------------
-def switch_cost(shapes: Sequence[Sequence[int]], itemsize: int, source: Sequence[Layout],
-                destination: Sequence[Layout], node_size: int = 8) -> int:
+def switch_cost(
+    shapes: Sequence[Sequence[int]],
+    itemsize: int,
+    source: Sequence[Layout],
+    destination: Sequence[Layout],
+    node_size: int = 8,
+) -> int:
     """The largest per-rank send volume of switching every tensor (its layouts under two strategies)."""
     load: dict[int, int] = {}
     for shape, s, d in zip(shapes, source, destination):
@@ -359,5 +388,18 @@ def best_order(costs: Sequence[Sequence[float]], owner: int = 0) -> tuple[list[i
     return best if best is not None else ([owner, owner], 0.0)
 
 
-__all__ = ["DUPLICATE", "HotSwitchError", "Layout", "Message", "POLICIES", "SwitchPlan", "best_order",
-           "brute_force_max_send", "plan_hot_switch", "run_switch", "run_switches", "simulate", "switch_cost"]
+__all__ = [
+    "DUPLICATE",
+    "HotSwitchError",
+    "Layout",
+    "Message",
+    "POLICIES",
+    "SwitchPlan",
+    "best_order",
+    "brute_force_max_send",
+    "plan_hot_switch",
+    "run_switch",
+    "run_switches",
+    "simulate",
+    "switch_cost",
+]

@@ -39,7 +39,7 @@ from luoshu.core import context
 from luoshu.core.autodiff import gradients
 from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.core.graph import Graph
-from luoshu.core.tensor import IndexedSlices, Tensor
+from luoshu.core.tensor import IndexedSlices
 from luoshu.data.packing import IGNORE_INDEX, _check_bounds, bucket_batch
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
@@ -65,19 +65,32 @@ class StepReport:
     step_seconds: float = 0.0
 
 
+def _refuse_pipeline(i: int, pp: int, text: str) -> None:
+    if pp > 1:
+        raise HotSPaError(
+            f"HotSPa: strategy {i} {text!r} has {pp} pipeline stages; HotSPa runs tensor- and "
+            "data-parallel strategies only (pp=1)"
+        )
+
+
 def _strategy_mesh(spec, i: int, world: int, rank: int) -> DeviceMesh:
     if isinstance(spec, str):
         st = parse_strategy(spec)  # an unknown string: HotSPaError
+        _refuse_pipeline(i, st.pp, spec)
         if st.dp * st.tp * st.pp != world:
-            raise HotSPaError(f"HotSPa: strategy {i} {spec!r} covers {st.dp * st.tp * st.pp} devices, but the "
-                              f"world has {world} ranks")
+            raise HotSPaError(
+                f"HotSPa: strategy {i} {spec!r} covers {st.dp * st.tp * st.pp} devices, but the world has {world} ranks"
+            )
         return DeviceMesh(dp=st.dp, tp=st.tp, pp=st.pp, world_size=world, rank=rank)
     if not isinstance(spec, DeviceMesh):
-        raise HotSPaError(f"HotSPa: strategy {i} must be a DeviceMesh or a string like 'dp2,tp2,pp1', found "
-                          f"{type(spec).__name__}")
+        raise HotSPaError(
+            f"HotSPa: strategy {i} must be a DeviceMesh or a string like 'dp2,tp2,pp1', found {type(spec).__name__}"
+        )
+    _refuse_pipeline(i, spec.pp, _name(spec))
     if spec.world_size != world:
-        raise HotSPaError(f"HotSPa: strategy {i} {spec} covers {spec.world_size} devices, but the world has "
-                          f"{world} ranks")
+        raise HotSPaError(
+            f"HotSPa: strategy {i} {spec} covers {spec.world_size} devices, but the world has {world} ranks"
+        )
     return spec
 
 
@@ -91,8 +104,9 @@ def model_spec(model: Module) -> ModelSpec | None:
     if c is None:
         return None
     if hasattr(c, "n_embd"):  # GPT-2: two MLP matrices of 4h, counted as the cost model's three of 8h/3
-        return ModelSpec(c.n_layer, c.n_embd, c.n_head, c.vocab_size, ffn=max(1, 8 * c.n_embd // 3),
-                         flash_attention=False)
+        return ModelSpec(
+            c.n_layer, c.n_embd, c.n_head, c.vocab_size, ffn=max(1, 8 * c.n_embd // 3), flash_attention=False
+        )
     if hasattr(c, "dim") and hasattr(c, "n_layers"):
         return ModelSpec(c.n_layers, c.dim, c.n_heads, c.vocab_size, ffn=c.hidden_dim, flash_attention=False)
     return None
@@ -127,36 +141,45 @@ class HotSPa:
     shards) and call `step(sequences, optimizer)` once per batch.
     """
 
-    def __init__(self, model: Module, strategies: Sequence, bucket_bounds: Sequence[int], *,
-                 owner: int | None = None, memory_budget: float | None = None, node_size: int | None = None,
-                 broadcast: bool = True, plan: dict | None = None):
+    def __init__(
+        self,
+        model: Module,
+        strategies: Sequence,
+        bucket_bounds: Sequence[int],
+        *,
+        owner: int | None = None,
+        memory_budget: float | None = None,
+        node_size: int | None = None,
+        broadcast: bool = True,
+        plan: dict | None = None,
+    ):
         if not isinstance(model, Module):
             raise HotSPaError(f"HotSPa: expected a luoshu.nn.Module, found {type(model).__name__}")
         bounds = _check_bounds(bucket_bounds)
         strategies = list(strategies)
         if len(strategies) != len(bounds) - 1:
-            raise HotSPaError(f"HotSPa: bucket bounds {bounds} make {len(bounds) - 1} buckets, which need as many "
-                              f"strategies; found {len(strategies)}")
+            raise HotSPaError(
+                f"HotSPa: bucket bounds {bounds} make {len(bounds) - 1} buckets, which need as many "
+                f"strategies; found {len(strategies)}"
+            )
         env.init()
         world, rank = env.world_size(), env.rank()
         meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
-        for i, mesh in enumerate(meshes):
-            if mesh.pp > 1:
-                raise HotSPaError(f"HotSPa: strategy {i} {_name(mesh)} has pipeline stages; HotSPa runs "
-                                  "tensor- and data-parallel strategies only")
         spec = model_spec(model)
         if memory_budget is not None:
             if spec is None:
                 raise HotSPaError("HotSPa: memory_budget needs a model with a GPT-2 or LLaMA config for the cost model")
-            cluster = ClusterSpec(gpus_per_node=world, nodes=1, flops=1.0, intra_bw=1.0, inter_bw=1.0,
-                                  memory=float(memory_budget))
+            cluster = ClusterSpec(
+                gpus_per_node=world, nodes=1, flops=1.0, intra_bw=1.0, inter_bw=1.0, memory=float(memory_budget)
+            )
             for i, mesh in enumerate(meshes):
                 p = predict(spec, cluster, CostStrategy(mesh.dp, mesh.tp, mesh.pp), [bounds[i]] * mesh.dp)
                 if not p.fits:
                     raise HotSPaError(
                         f"HotSPa: bucket {i} (sequences up to {bounds[i]} tokens) under strategy {_name(mesh)} needs "
                         f"{p.memory_bytes / 2**20:.1f} MiB per device per the cost model, more than the budget of "
-                        f"{memory_budget / 2**20:.1f} MiB")
+                        f"{memory_budget / 2**20:.1f} MiB"
+                    )
         params = model.parameters()
         if any(p.ds for p in params):
             raise HotSPaError("HotSPa: the model's parameters already carry distributed states; pass a plain model")
@@ -191,8 +214,13 @@ class HotSPa:
         self._switch_plans: dict[tuple[int, int], list[hs.SwitchPlan]] = {}
         itemsize = params[0]._value.element_size()
         n = len(meshes)
-        self._costs = [[0.0 if b == self.owner or a == b else float(max(self._plans(a, b)[0].values(), default=0))
-                        for b in range(n)] for a in range(n)]
+        self._costs = [
+            [
+                0.0 if b == self.owner or a == b else float(max(self._plans(a, b)[0].values(), default=0))
+                for b in range(n)
+            ]
+            for a in range(n)
+        ]
         self._itemsize = itemsize
         self._build_graph(plans_strategy)
 
@@ -202,8 +230,14 @@ class HotSPa:
         if (a, b) not in self._switch_plans:
             load: dict[int, int] = {}
             self._switch_plans[(a, b)] = [
-                hs.plan_hot_switch(tuple(p.shape), p._value.element_size(), self._layouts[a][k], self._layouts[b][k],
-                                   node_size=self.node_size, load=load)
+                hs.plan_hot_switch(
+                    tuple(p.shape),
+                    p._value.element_size(),
+                    self._layouts[a][k],
+                    self._layouts[b][k],
+                    node_size=self.node_size,
+                    load=load,
+                )
                 for k, p in enumerate(self.params)
             ]
         plans = self._switch_plans[(a, b)]
@@ -223,8 +257,9 @@ class HotSPa:
             scale = g.placeholder("scale", (), dtype)
             logits = self.model(ids, positions=positions, segment_ids=segments)
             vocab = logits.shape[-1]
-            total = F.cross_entropy(logits.reshape((-1, vocab)), labels.reshape((-1,)), ignore_index=IGNORE_INDEX,
-                                    reduction="sum")
+            total = F.cross_entropy(
+                logits.reshape((-1, vocab)), labels.reshape((-1,)), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             loss = total * scale
             grads = gradients(loss, self.params)
         self.graph = g
@@ -237,8 +272,11 @@ class HotSPa:
             self._fetches += [gr.indices, gr.values] if isinstance(gr, IndexedSlices) else [gr]
         self._strategies = []
         for i, st in enumerate(strategies):  # gradients fetched in their parameter's states under strategy i
-            wanted = {id(gr): p.ds[i] for p, gr in zip(self.params, grads)
-                      if gr is not None and not isinstance(gr, IndexedSlices)}
+            wanted = {
+                id(gr): p.ds[i]
+                for p, gr in zip(self.params, grads)
+                if gr is not None and not isinstance(gr, IndexedSlices)
+            }
             self._strategies.append(dataclasses.replace(st, fetch_states=wanted))
 
     # --- one step ---------------------------------------------------------------------------------
@@ -251,9 +289,16 @@ class HotSPa:
             return 0.0, [torch.zeros_like(v) for v in values]
         states.select(self.graph, self._strategies[i], ("hotspa", i))
         ids, positions, segments, labels, scale_t = self._feeds
-        out = self.graph.run(self._fetches, {ids: rows.tokens, positions: rows.positions,
-                                             segments: rows.segment_ids, labels: rows.labels,
-                                             scale_t: np.asarray(scale, dtype=values[0].numpy().dtype)})
+        out = self.graph.run(
+            self._fetches,
+            {
+                ids: rows.tokens,
+                positions: rows.positions,
+                segments: rows.segment_ids,
+                labels: rows.labels,
+                scale_t: np.asarray(scale, dtype=values[0].numpy().dtype),
+            },
+        )
         loss, rest = float(out[0]), out[1:]
         grads = []
         for k, (p, gr) in enumerate(zip(self.params, self._grads)):
@@ -281,7 +326,7 @@ class HotSPa:
         torch_dist.all_reduce(flat, group=mesh.process_group("dp"))
         out, pos = [], 0
         for g in grads:
-            out.append(flat[pos:pos + g.numel()].view(g.shape))
+            out.append(flat[pos : pos + g.numel()].view(g.shape))
             pos += g.numel()
         return out
 
@@ -311,8 +356,10 @@ class HotSPa:
         start = time.perf_counter()
         missing = [p.name for p in self.params if id(p) not in optimizer._index]
         if missing:
-            raise HotSPaError(f"HotSPa.step: the optimizer does not hold parameters {missing[:3]}; create it with "
-                              "model.parameters() after HotSPa")
+            raise HotSPaError(
+                f"HotSPa.step: the optimizer does not hold parameters {missing[:3]}; create it with "
+                "model.parameters() after HotSPa"
+            )
         groups = bucket_batch(sequences, self.bounds)
         total = sum(int((gr.rows.labels != IGNORE_INDEX).sum()) for gr in groups)
         if total == 0:
@@ -321,8 +368,11 @@ class HotSPa:
         report = StepReport(0.0, self.order(used))
         accumulated = [torch.zeros_like(v) for v in self._owner_values]
         # a table's sparse gradient updates only the rows some group touched (as one process would)
-        touched = {k: torch.zeros(p.shape[0], dtype=torch.int32) for k, (p, g) in
-                   enumerate(zip(self.params, self._grads)) if isinstance(g, IndexedSlices)}
+        touched = {
+            k: torch.zeros(p.shape[0], dtype=torch.int32)
+            for k, (p, g) in enumerate(zip(self.params, self._grads))
+            if isinstance(g, IndexedSlices)
+        }
         current, loss = self.owner, 0.0
         with context.no_grad():
             for i in report.order:
@@ -338,12 +388,17 @@ class HotSPa:
                     report.switch_seconds += seconds
                     current = i
                 mesh = self.meshes[i]
-                mine = np.arange(gr.rows.num_rows)[mesh.index("dp")::mesh.dp]  # this replica's rows
+                mine = np.arange(gr.rows.num_rows)[mesh.index("dp") :: mesh.dp]  # this replica's rows
                 rows = None
                 if len(mine):
                     r = gr.rows
-                    rows = dataclasses.replace(r, tokens=r.tokens[mine], positions=r.positions[mine],
-                                               segment_ids=r.segment_ids[mine], labels=r.labels[mine])
+                    rows = dataclasses.replace(
+                        r,
+                        tokens=r.tokens[mine],
+                        positions=r.positions[mine],
+                        segment_ids=r.segment_ids[mine],
+                        labels=r.labels[mine],
+                    )
                 share, grads = self._local_grads(i, rows, 1.0 / total, touched)
                 loss += share
                 grads = self._dp_sum(i, grads)
@@ -359,8 +414,8 @@ class HotSPa:
                 flat = torch.cat(list(touched.values()))
                 torch_dist.all_reduce(flat)
                 pos = 0
-                for k, mark in touched.items():
-                    mark.copy_(flat[pos:pos + len(mark)])
+                for mark in touched.values():
+                    mark.copy_(flat[pos : pos + len(mark)])
                     pos += len(mark)
             for k, mark in touched.items():
                 first, last = self._layouts[self.owner][k].boxes(tuple(self.params[k].shape))[self.rank][0]
@@ -399,8 +454,9 @@ class HotSPa:
         return out
 
     def __repr__(self) -> str:
-        return (f"HotSPa({[_name(m) for m in self.meshes]}, bounds={self.bounds}, "
-                f"owner={_name(self.meshes[self.owner])})")
+        return (
+            f"HotSPa({[_name(m) for m in self.meshes]}, bounds={self.bounds}, owner={_name(self.meshes[self.owner])})"
+        )
 
 
 __all__ = ["HotSPa", "StepReport", "model_spec"]

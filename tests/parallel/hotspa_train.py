@@ -28,8 +28,11 @@ def build(name: str):
     if name == "gpt2":
         model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=MAX_LEN, n_layer=2, n_head=4, n_embd=32))
     else:
-        model = Llama(LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=64,
-                                  max_seq_len=MAX_LEN))
+        model = Llama(
+            LlamaConfig(
+                vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=64, max_seq_len=MAX_LEN
+            )
+        )
     return model.to(dtype="float64")
 
 
@@ -37,8 +40,9 @@ def batches(seed: int = 5):
     """Long-tailed batches: most sequences short, a few up to MAX_LEN (every bucket non-empty)."""
     rng = np.random.default_rng(seed)
     for _ in range(STEPS):
-        seqs = ls.data.synthetic_sequences(BATCH - 2, VOCAB, min_len=2, max_len=MAX_LEN,
-                                           seed=int(rng.integers(1 << 30)))
+        seqs = ls.data.synthetic_sequences(
+            BATCH - 2, VOCAB, min_len=2, max_len=MAX_LEN, seed=int(rng.integers(1 << 30))
+        )
         yield [*seqs, rng.integers(0, VOCAB, MAX_LEN), rng.integers(0, VOCAB, 9)]
 
 
