@@ -421,6 +421,8 @@ class HotSPa:
                 first, last = self._layouts[self.owner][k].boxes(tuple(self.params[k].shape))[self.rank][0]
                 rows = torch.nonzero(mark[first:last] > 0).reshape(-1)
                 updates[k] = (updates[k][0], (rows, accumulated[k].index_select(0, rows)))
+            if optimizer.max_grad_norm is not None:
+                optimizer.shard_norm = self._global_norm(optimizer)
             optimizer.apply_gradients(updates)
             # the optimizer updated the owner's shards in place; they stay the parameters' values
             self._owner_values = [p._value for p in self.params]
@@ -431,6 +433,24 @@ class HotSPa:
         report.loss = loss
         report.step_seconds = time.perf_counter() - start
         return report
+
+    def _global_norm(self, optimizer):
+        """The clipping norm over the owner's shards: each box counted once however many ranks
+        hold it, summed over every rank (one all-reduce of a scalar)."""
+        copies = {}
+        for k, p in enumerate(self.params):
+            boxes = list(self._layouts[self.owner][k].boxes(tuple(p.shape)).values())
+            copies[optimizer._index[id(p)]] = boxes.count(boxes[self.rank])
+
+        def norm(indices: list, grads: list) -> torch.Tensor:
+            total = torch.zeros((), dtype=torch.float64)
+            for i, g in zip(indices, grads):
+                total += torch.linalg.vector_norm(g.double()) ** 2 / copies[i]
+            if env.is_distributed():
+                torch_dist.all_reduce(total)
+            return total.sqrt()
+
+        return norm
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter's full value by name, gathered from the owner's shards (a collective)."""

@@ -36,6 +36,8 @@ def test_hot_switching_gpt2_and_llama_on_4_processes_match_one_process(tmp_path)
             assert (run["switch_bytes"] > 0).all()  # parameters really moved between layouts
             assert run["tokens"].sum(axis=1).tolist() == batch_tokens
             assert (run["tokens"] > 0).all()  # every bucket ran under its strategy
+    unclipped, _ = H.reference("llama", clip=False)
+    assert np.abs(unclipped - H.reference("llama")[0]).max() > 1e-4  # LLaMA's clipping took effect
 
 
 def test_one_process_three_strategies_train_as_the_reference_with_a_plan_per_strategy():
