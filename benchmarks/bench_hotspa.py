@@ -31,7 +31,6 @@ import argparse
 import csv
 import os
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np

@@ -46,7 +46,8 @@ from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
 from luoshu.nn.module import Module
 from luoshu.parallel import hot_switch as hs
-from luoshu.parallel.hotspa import ClusterSpec, HotSPaError, ModelSpec, parse_strategy, predict
+from luoshu.parallel import hotspa_profile
+from luoshu.parallel.hotspa import ClusterSpec, HotSPaError, model_spec, parse_strategy, predict
 from luoshu.parallel.hotspa import Strategy as CostStrategy
 from luoshu.parallel.tensor_parallel import _broadcast, parallelize
 
@@ -98,20 +99,6 @@ def _name(mesh: DeviceMesh) -> str:
     return f"dp{mesh.dp},tp{mesh.tp},pp{mesh.pp}"
 
 
-def model_spec(model: Module) -> ModelSpec | None:
-    """The cost model's description of a zoo language model (GPT-2 or LLaMA config), or None."""
-    c = getattr(model, "config", None)
-    if c is None:
-        return None
-    if hasattr(c, "n_embd"):  # GPT-2: two MLP matrices of 4h, counted as the cost model's three of 8h/3
-        return ModelSpec(
-            c.n_layer, c.n_embd, c.n_head, c.vocab_size, ffn=max(1, 8 * c.n_embd // 3), flash_attention=False
-        )
-    if hasattr(c, "dim") and hasattr(c, "n_layers"):
-        return ModelSpec(c.n_layers, c.dim, c.n_heads, c.vocab_size, ffn=c.hidden_dim, flash_attention=False)
-    return None
-
-
 def _world_layout(ds: DStates, mesh: DeviceMesh) -> hs.Layout:
     """A parameter's layout over every rank: its TP states inside each TP group, duplicated over DP
     (the mesh orders ranks dp-major, tp-minor)."""
@@ -132,7 +119,9 @@ class HotSPa:
     returning (B, L, vocab) logits) with bucket i of each step's batch under `strategies[i]`.
 
     `strategies`: one `DeviceMesh` or string ("dp2,tp2,pp1") per bucket, each covering the
-    world; `bucket_bounds`: strictly descending, ending with 0 (bucket i takes lengths in
+    world, or "auto": the cost model fed by this machine's profile (`hotspa_profile`) picks them
+    for a batch with `auto_lengths` (default: one sequence at each bucket's bound).
+    `bucket_bounds`: strictly descending, ending with 0 (bucket i takes lengths in
     (bounds[i+1], bounds[i]]). `owner`: the strategy index that holds the parameters and
     optimizer state (default: least model-state memory per rank). `memory_budget`: bytes per
     device; every bucket's strategy must hold its bound in it per the cost model
@@ -152,17 +141,25 @@ class HotSPa:
         node_size: int | None = None,
         broadcast: bool = True,
         plan: dict | None = None,
+        auto_lengths: Sequence[int] | None = None,
     ):
         if not isinstance(model, Module):
             raise HotSPaError(f"HotSPa: expected a luoshu.nn.Module, found {type(model).__name__}")
         bounds = _check_bounds(bucket_bounds)
+        env.init()
+        if isinstance(strategies, str) and strategies == "auto":  # the profiled cost model picks them
+            prof = hotspa_profile.profile(model)
+            lengths = list(auto_lengths) if auto_lengths is not None else bounds[:-1]
+            memory = float("inf") if memory_budget is None else float(memory_budget)
+            strategies = hotspa_profile.choose_strategies(prof, env.world_size(), bounds, lengths, memory)
+        elif isinstance(strategies, str):
+            raise HotSPaError(f"HotSPa: strategies must be a list (one per bucket) or 'auto', found {strategies!r}")
         strategies = list(strategies)
         if len(strategies) != len(bounds) - 1:
             raise HotSPaError(
                 f"HotSPa: bucket bounds {bounds} make {len(bounds) - 1} buckets, which need as many "
                 f"strategies; found {len(strategies)}"
             )
-        env.init()
         world, rank = env.world_size(), env.rank()
         meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
         spec = model_spec(model)
