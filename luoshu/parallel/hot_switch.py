@@ -314,6 +314,7 @@ def run_switches(
     """Executes several tensors' plans on this rank as one batch of isend/irecv: every slice
     that one sender sends one receiver, over all the tensors, travels in one message.
     Returns this rank's destination shard of each tensor (None where it needs none)."""
+    device = next((t.device for t in locals_ if t is not None), torch.device("cpu"))
     outs: list[torch.Tensor | None] = []
     outgoing: dict[int, list[torch.Tensor]] = {}
     incoming: dict[int, list[tuple[int, Message]]] = {}
@@ -322,7 +323,7 @@ def run_switches(
         out = None
         if rank in dst:
             box = dst[rank]
-            out = torch.empty(tuple(b1 - b0 for b0, b1 in box), dtype=dtype)
+            out = torch.empty(tuple(b1 - b0 for b0, b1 in box), dtype=dtype, device=device)
             for cell in plan.local.get(rank, []):
                 out[_local_slice(cell, box)] = local[_local_slice(cell, src[rank])]
         outs.append(out)
@@ -338,7 +339,7 @@ def run_switches(
         ops.append(dist.P2POp(dist.isend, torch.cat(outgoing[peer]), peer, group))
     for peer in sorted(incoming):
         count = sum(m.nbytes // plans[k].itemsize for k, m in incoming[peer])
-        buffer = torch.empty(count, dtype=dtype)
+        buffer = torch.empty(count, dtype=dtype, device=device)
         ops.append(dist.P2POp(dist.irecv, buffer, peer, group))
         buffers.append((peer, buffer))
     if ops:

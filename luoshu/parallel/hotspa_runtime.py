@@ -293,7 +293,7 @@ class HotSPa:
                 positions: rows.positions,
                 segments: rows.segment_ids,
                 labels: rows.labels,
-                scale_t: np.asarray(scale, dtype=values[0].numpy().dtype),
+                scale_t: np.asarray(scale, dtype=np.float64),  # converted to the placeholder's dtype
             },
         )
         loss, rest = float(out[0]), out[1:]
@@ -302,15 +302,16 @@ class HotSPa:
             if gr is None:
                 grads.append(torch.zeros_like(values[k]))
             elif isinstance(gr, IndexedSlices):  # rows of a table: summed into its local block
-                idx, val = torch.from_numpy(rest[0]), torch.from_numpy(rest[1])
+                device = values[k].device
+                idx, val = torch.from_numpy(rest[0]).to(device), torch.from_numpy(rest[1]).to(device)
                 rest = rest[2:]
-                dense = torch.zeros(tuple(p.shape), dtype=values[k].dtype)
+                dense = torch.zeros(tuple(p.shape), dtype=values[k].dtype, device=device)
                 dense.index_add_(0, idx.reshape(-1), val.reshape(-1, *dense.shape[1:]).to(dense.dtype))
-                touched[k][idx.reshape(-1)] = 1
+                touched[k][idx.reshape(-1).cpu()] = 1
                 box = self._layouts[i][k].boxes(tuple(p.shape))[self.rank]
                 grads.append(dense[tuple(slice(a, b) for a, b in box)].contiguous())
             else:
-                grads.append(torch.from_numpy(rest[0]).to(values[k].dtype))
+                grads.append(torch.from_numpy(rest[0]).to(device=values[k].device, dtype=values[k].dtype))
                 rest = rest[1:]
         return (loss if mesh.index("tp") == 0 else 0.0), grads
 
@@ -416,7 +417,7 @@ class HotSPa:
                     pos += len(mark)
             for k, mark in touched.items():
                 first, last = self._layouts[self.owner][k].boxes(tuple(self.params[k].shape))[self.rank][0]
-                rows = torch.nonzero(mark[first:last] > 0).reshape(-1)
+                rows = torch.nonzero(mark[first:last] > 0).reshape(-1).to(accumulated[k].device)
                 updates[k] = (updates[k][0], (rows, accumulated[k].index_select(0, rows)))
             if optimizer.max_grad_norm is not None:
                 optimizer.shard_norm = self._global_norm(optimizer)
@@ -440,7 +441,7 @@ class HotSPa:
             copies[optimizer._index[id(p)]] = boxes.count(boxes[self.rank])
 
         def norm(indices: list, grads: list) -> torch.Tensor:
-            total = torch.zeros((), dtype=torch.float64)
+            total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
             for i, g in zip(indices, grads):
                 total += torch.linalg.vector_norm(g.double()) ** 2 / copies[i]
             if env.is_distributed():
@@ -456,7 +457,7 @@ class HotSPa:
         for k, p in enumerate(self.params):
             layout = self._layouts[self.owner][k]
             boxes = layout.boxes(tuple(p.shape))
-            full = torch.zeros(tuple(p.shape), dtype=p._value.dtype)
+            full = torch.zeros(tuple(p.shape), dtype=p._value.dtype, device=p._value.device)
             mine = boxes[self.rank]
             full[tuple(slice(a, b) for a, b in mine)] = p._value
             if env.is_distributed():

@@ -126,3 +126,18 @@ def test_a_run_time_length_needs_no_more_tp_collectives_than_a_fixed_one(name):
     assert runtime == fixed
     if name == "gpt2":
         assert runtime == {"all_reduce": 2 * 2 + 1}  # Megatron's two per block, one for the vocabulary-split lookup
+
+
+def test_a_step_with_a_sequence_over_the_first_bound_changes_nothing():
+    model = H.build("gpt2")
+    hot = ls.parallel.HotSPa(model, ONE, H.BOUNDS)
+    opt = H.optimizer(model)
+    before = {n: p.value.clone() for n, p in model.named_parameters()}
+    batch = [np.arange(5), np.zeros(H.BOUNDS[0] + 1, np.int64)]
+    with pytest.raises(ls.Error, match="sequence 1 has 33 tokens, more than the row budget of 32"):
+        hot.step(batch, opt)
+    for n, p in model.named_parameters():
+        assert (p.value == before[n]).all(), n
+    other = ls.optim.SGD([model.parameters()[0]], lr=0.1)
+    with pytest.raises(ls.Error, match="the optimizer does not hold parameters"):
+        hot.step(batch[:1], other)
