@@ -38,6 +38,7 @@ from luoshu.compiler import states
 from luoshu.core import context
 from luoshu.core.autodiff import gradients
 from luoshu.core.dstates import DUPLICATE, DStates
+from luoshu.core.errors import Error
 from luoshu.core.graph import Graph
 from luoshu.core.tensor import IndexedSlices
 from luoshu.data.packing import IGNORE_INDEX, _check_bounds, bucket_batch
@@ -160,6 +161,8 @@ class HotSPa:
                 f"HotSPa: bucket bounds {bounds} make {len(bounds) - 1} buckets, which need as many "
                 f"strategies; found {len(strategies)}"
             )
+        if owner is not None and not (isinstance(owner, int) and 0 <= owner < len(strategies)):
+            raise HotSPaError(f"HotSPa: owner must index one of the {len(strategies)} strategies, found {owner!r}")
         world, rank = env.world_size(), env.rank()
         meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
         spec = model_spec(model)
@@ -184,16 +187,22 @@ class HotSPa:
             _broadcast(model)
         full = [p._value for p in params]
         per_strategy_ds, per_strategy_value, plans_strategy = [], [], []
-        for i, mesh in enumerate(meshes):  # parallelize each strategy from the full values
+        try:
+            for i, mesh in enumerate(meshes):  # parallelize each strategy from the full values
+                for p, v in zip(params, full):
+                    p.ds, p._value = [], v
+                tp = parallelize(model, mesh, broadcast=False, plan=plan)
+                per_strategy_ds.append([p.ds[0] for p in params])
+                per_strategy_value.append([p._value for p in params])
+                plans_strategy.append(dataclasses.replace(tp.strategy, dp_group=(), strategy=i))
+                if mesh.dp > 1 and env.is_distributed():
+                    mesh.process_group("dp")
+        except Error:  # a strategy the model cannot take (heads that tp does not divide): the model as it was
             for p, v in zip(params, full):
                 p.ds, p._value = [], v
-            tp = parallelize(model, mesh, broadcast=False, plan=plan)
-            per_strategy_ds.append([p.ds[0] for p in params])
-            per_strategy_value.append([p._value for p in params])
-            plans_strategy.append(dataclasses.replace(tp.strategy, dp_group=(), strategy=i))
-            if mesh.dp > 1 and env.is_distributed():
-                mesh.process_group("dp")
-        states.set_default(None)
+            raise
+        finally:
+            states.set_default(None)  # graphs compile under a strategy only where HotSPa selects one
         for k, p in enumerate(params):
             p.ds = [ds[k] for ds in per_strategy_ds]
         self.model, self.meshes, self.bounds, self.params = model, meshes, bounds, params
@@ -201,8 +210,6 @@ class HotSPa:
         self.node_size = int(node_size or os.environ.get("LOCAL_WORLD_SIZE", world))
         sizes = [sum(v.numel() for v in values) for values in per_strategy_value]
         self.owner = int(np.argmin(sizes)) if owner is None else int(owner)
-        if not 0 <= self.owner < len(meshes):
-            raise HotSPaError(f"HotSPa: owner must index one of the {len(meshes)} strategies, found {owner}")
         for p, v in zip(params, per_strategy_value[self.owner]):
             p._value = v
         self._owner_values = list(per_strategy_value[self.owner])

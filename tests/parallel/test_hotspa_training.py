@@ -141,3 +141,19 @@ def test_a_step_with_a_sequence_over_the_first_bound_changes_nothing():
     other = ls.optim.SGD([model.parameters()[0]], lr=0.1)
     with pytest.raises(ls.Error, match="the optimizer does not hold parameters"):
         hot.step(batch[:1], other)
+
+
+def test_a_mesh_of_another_world_or_a_bad_owner_leaves_the_model_as_it_was():
+    ls.manual_seed(0)
+    model = ls.models.GPT2(ls.models.GPTConfig(vocab_size=48, block_size=16, n_layer=1, n_head=4, n_embd=24))
+    before = {n: p.value.clone() for n, p in model.named_parameters()}
+    meshes = [ls.distributed.DeviceMesh(world_size=1, rank=0)] * 2 + [
+        ls.distributed.DeviceMesh(tp=3, world_size=3, rank=0)
+    ]
+    with pytest.raises(ls.Error, match="covers 3 devices"):
+        ls.parallel.HotSPa(model, meshes, [16, 8, 4, 0])
+    with pytest.raises(ls.Error, match="owner must index one of the 3 strategies, found 3"):
+        ls.parallel.HotSPa(model, ONE, H.BOUNDS, owner=3)
+    assert _untouched(model)
+    for n, p in model.named_parameters():
+        assert p.value.shape == before[n].shape and (p.value == before[n]).all()
