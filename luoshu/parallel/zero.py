@@ -707,10 +707,11 @@ class ZeroSync(SyncMode):
         `consolidated_state_dict()`): the model's optimizer checks it whole and nothing changes on
         a mismatch; each shard optimizer then takes its slice (at the first step, when the shards
         are laid out)."""
-        self.dp.optimizer.load_state_dict(state_dict)
-        self._loaded = True
-        if self.groups is not None:
-            self._scatter_loaded_state()
+        with self.gathered_parameters():  # stage 3: the model's optimizer places state where parameters are
+            self.dp.optimizer.load_state_dict(state_dict)
+            self._loaded = True
+            if self.groups is not None:
+                self._scatter_loaded_state()
 
     def _scatter_loaded_state(self) -> None:
         """Moves the loaded state of the sharded parameters from the model's optimizer into the
