@@ -196,3 +196,24 @@ def test_bad_options():
         ls.parallel.DataParallel(model, opt, zero=2, offload="parameters")
     with pytest.raises(ls.distributed.DistError, match="offload needs zero"):
         ls.parallel.DataParallel(model, opt, offload="optimizer")
+
+
+def test_luoshu_train_zero_key_trains_checkpoints_and_resumes_like_a_plain_job(tmp_path, monkeypatch):
+    """`zero: 3` in a `luoshu train` job: the same checkpoints (weights and Adam state) as the
+    plain job, and a run interrupted and resumed reaches them too."""
+    from luoshu.train import TrainConfig, Trainer, latest_checkpoint, train
+    from tests.train.harness import checkpoint_arrays, interrupt_after
+
+    base = dict(model="mlp", dataset="digits", model_args={"hidden": [16]}, optimizer="adamw", lr=0.01,
+                batch_size=64, max_steps=10, eval_interval=5, progress=False)
+    train(TrainConfig(**base, out=str(tmp_path / "plain")))
+    train(TrainConfig(**base, zero=3, out=str(tmp_path / "zero")))
+    interrupt_after(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**base, zero=3, out=str(tmp_path / "cut")))
+    monkeypatch.undo()
+    Trainer(TrainConfig(**base, zero=3, out=str(tmp_path / "cut"), resume=True)).fit()
+    plain = checkpoint_arrays(latest_checkpoint(tmp_path / "plain" / "checkpoints"))
+    for job in ("zero", "cut"):
+        got = checkpoint_arrays(latest_checkpoint(tmp_path / job / "checkpoints"))
+        _assert_same(plain, got, rtol=1e-6, atol=1e-7)
