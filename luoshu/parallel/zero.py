@@ -142,7 +142,7 @@ class _Unit:
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero3_shard", kind="variable")
         self.optimizer = opt_class([offload.host_shard(self) if offload.enabled else self.shard_param])
         self.optimizer.param_groups[0].update(hyper)
-        self.grad_shard = torch.zeros_like(self.shard)
+        self.grad_shard = None  # this step's reduce-scattered gradient, dropped after the update
         self.full = None  # eager: the gathered flat buffer while the parameters are in use
         self.in_flight = None  # eager: a started gather not waited on yet
         self.users = 0  # eager: forward calls of the unit's module under way
@@ -461,7 +461,9 @@ class ZeroSync(SyncMode):
                 if self.stage == 3:
                     group.drain()
                 self.offload.step(group)
-                if self.stage != 3 and pg is not None:
+                if self.stage == 3:
+                    group.grad_shard = None  # the step's own: nothing holds a gradient between steps
+                elif pg is not None:
                     torch_dist.all_gather_single(group.flat, group.shard.clone(), group=pg)
         if gathered:
             opt.apply_gradients(gathered, other_norm_sq=dense_sq)
