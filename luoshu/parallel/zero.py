@@ -53,8 +53,9 @@ and dynamic loss scaling (the overflow check would have to agree across ranks) a
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
-(`non_blocking`); `offload="parameters"` (stage 3) also keeps the parameter shards on the host
-between uses. On a CPU-only run (parameters on the CPU) both are accepted and change nothing.
+(`non_blocking`). `offload="parameters"` (stage 3) is accepted and for now does the same: the
+device still keeps the parameter shards between uses (moving them to the host is not built). On a
+CPU-only run (parameters on the CPU) both are accepted and change nothing.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ class Offload:
             group.host.copy_(group.shard)
 
     def to_device(self, unit) -> torch.Tensor:
-        """The shard to gather from (stage 3 "parameters": it lives on the host in between)."""
+        """The shard to gather from: the device copy (host-resident shards are not built yet)."""
         return unit.shard
 
 
