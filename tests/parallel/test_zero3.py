@@ -96,7 +96,8 @@ def test_autocast_keeps_float32_master_shards():
     _assert_same(plain, weights, rtol=1e-6, atol=1e-7)
 
 
-def test_eager_steps_equal_plain():
+@pytest.mark.parametrize("how", ["minimize", "backward_step"])
+def test_eager_steps_equal_plain(how):
     def run(zero):
         model = _gpt2()
         opt = ls.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, max_grad_norm=1.0)
@@ -105,7 +106,12 @@ def test_eager_steps_equal_plain():
         for i, t in _batches():
             loss = _loss(dp or model, ls.tensor(i), ls.tensor(t))
             losses.append(float(loss.numpy()))
-            (dp or opt).minimize(loss)
+            if how == "minimize":
+                (dp or opt).minimize(loss)
+            else:
+                loss.backward()
+                (dp or opt).step()
+                (dp or opt).zero_grad()
         return losses, _weights(model, dp), dp
 
     (plain_losses, plain, _), (losses, weights, dp) = run(0), run(3)
