@@ -4,8 +4,9 @@ against PyTorch eager with the same technique, on N processes (Gloo, CPU).
 luoshu's rows come from two counts of the same define-and-run step: the plan's own accounting
 (`plan.memory()`: parameters + optimizer state + the most gradient, activation and gathered-
 parameter bytes alive at once) and torch's profiler memory records of the plan's run (the
-largest net allocation after any top-level op of a second step, plus the parameters,
-optimizer state and fed batch that exist before it). PyTorch's rows use the profiler count on the same model written
+largest net allocation after any top-level op of a second step, plus what exists before it:
+parameters, optimizer state, the fed batch and the buffers kept across steps — gradient
+buckets, ZeRO-1/2's flat gradients; for DDP its buckets, one copy of every gradient). PyTorch's rows use the profiler count on the same model written
 with torch.nn (the same shapes and parameter count, tied LM head), AdamW, one warm-up step:
 
     plain      DistributedDataParallel                 luoshu DataParallel(g)
@@ -37,6 +38,7 @@ from _relaunch import run_per_process_count
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import luoshu as ls
+from luoshu.compiler.gradient_allreduce import _BUFFERS_OF
 from luoshu.models import build
 
 TECHNIQUES = ("plain", "recompute", "zero1", "zero2", "zero3")
@@ -91,7 +93,7 @@ def luoshu_peaks(technique: str, args, rank: int) -> tuple[int, int]:
         loss = ls.nn.functional.cross_entropy(logits.reshape((-1, args.vocab)), targets.reshape((-1,)))
         step = opt.minimize(loss)
     zero = {"zero1": 1, "zero2": 2, "zero3": 3}.get(technique, 0)
-    ls.parallel.DataParallel(g, zero=zero, unit_size_mb=args.unit_mb) if zero == 3 else \
+    dp = ls.parallel.DataParallel(g, zero=zero, unit_size_mb=args.unit_mb) if zero == 3 else \
         ls.parallel.DataParallel(g, zero=zero)
     rng = np.random.default_rng(rank)
     feed = {ids: rng.integers(0, args.vocab, (args.batch, args.length)),
@@ -100,7 +102,11 @@ def luoshu_peaks(technique: str, args, rank: int) -> tuple[int, int]:
     plan = g.plan([loss, step], feed)
     feeds = [torch.from_numpy(np.ascontiguousarray(feed[t])) for t in plan.feed_tensors]
     report = plan.memory(feeds)
-    before = report.parameters + report.optimizer_state + _storage_bytes(feeds)
+    # what exists before the profiled steps: parameters, optimizer state, the batch, and the
+    # buffers kept across steps (gradient buckets; ZeRO-1/2's flat gradients)
+    buckets = [b.tensor for b in _BUFFERS_OF.get(g, []) if b.tensor is not None]
+    kept = dp.sync.persistent_gradient_bytes() if zero in (1, 2) else 0
+    before = report.parameters + report.optimizer_state + _storage_bytes(feeds) + _storage_bytes(buckets) + kept
     measured = before + _profiled(lambda: plan.run(feeds))
     return report.peak_bytes, measured
 
@@ -175,7 +181,9 @@ def torch_peak(technique: str, args, rank: int) -> int:
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     state = [t for s in opt.optim.state.values() for t in s.values()] if technique == "zero1" else \
         [t.to_local() if hasattr(t, "to_local") else t for s in opt.state.values() for t in s.values()]
-    before = _storage_bytes(local) + _storage_bytes(state) + _storage_bytes([ids, targets])
+    # DDP's buckets (gradient_as_bucket_view off, its default) hold every gradient across steps
+    buckets = sum(p.numel() * p.element_size() for p in model.parameters()) if wrapped is not model else 0
+    before = _storage_bytes(local) + _storage_bytes(state) + _storage_bytes([ids, targets]) + buckets
     return before + _profiled(step)
 
 

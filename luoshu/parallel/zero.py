@@ -676,6 +676,13 @@ class ZeroSync(SyncMode):
         holds the state of parameters with sparse gradients only)."""
         return [g.optimizer for g in self.groups or []] + [self.dp.optimizer]
 
+    def persistent_gradient_bytes(self) -> int:
+        """Gradient buffers this mode keeps between steps, outside any plan (stages 1-2: each
+        group's flat gradient and its shard; stage 3 keeps none)."""
+        if self.stage == 3 or not self.groups:
+            return 0
+        return sum(t.untyped_storage().nbytes() for g in self.groups for t in (g.grad, g.grad_shard))
+
     def consolidated_state_dict(self) -> dict:
         """The plain optimizer's `state_dict()` with every shard's state gathered (every rank
         calls it; every rank gets the whole state)."""

@@ -9,8 +9,9 @@ usually split:
 - parameters: the plan's leaf variables (and parameter-server table handles), alive throughout;
 - optimizer state: the state tensors of every optimizer the plan's update ops drive, after the
   step (state is created on the first update and kept);
-- gradients: the buffers an update op reads, and the communication buffers (buckets) that
-  carry them there;
+- gradients: the buffers an update op reads, the communication buffers (buckets) that
+  carry them there, and the gradient buffers a sync mode keeps between steps (ZeRO-1/2's flat
+  gradient and its shard);
 - gathered parameters: ZeRO-3's whole parameters, gathered from the shards before their readers
   (the shards themselves are parameters);
 - activations: everything else the plan allocates — forward activations, the backward's
@@ -198,6 +199,12 @@ def measure(plan, feed_values: list) -> MemoryReport:
             for s in step.frees:
                 release(s, slots.pop(s))
     state = _optimizer_state_bytes(plan)
+    # gradient buffers a sync mode keeps between steps outside the plan (ZeRO-1/2's flat gradients)
+    kept = sum(live.lookup(step.op.attrs["strategy"], "sync mode", "memory accounting").persistent_gradient_bytes()
+               for step in plan.steps if step.op.opdef.name == "sharded_update")
+    best = (best[0] + kept, best[1])
+    peak_split = (peak_split[0] + kept, *peak_split[1:])
+    peak_grads += kept
     step_index = best[1]
     fetched = [slots.get(s) for s in plan.fetch_slots]
     return MemoryReport(
