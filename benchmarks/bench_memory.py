@@ -6,7 +6,8 @@ luoshu's rows come from two counts of the same define-and-run step: the plan's o
 parameter bytes alive at once) and torch's profiler memory records of the plan's run (the
 largest net allocation after any top-level op of a second step, plus what exists before it:
 parameters, optimizer state, the fed batch and the buffers kept across steps — gradient
-buckets, ZeRO-1/2's flat gradients; for DDP its buckets, one copy of every gradient). PyTorch's rows use the profiler count on the same model written
+buckets, ZeRO-1/2's flat gradients; for DDP its buckets, one copy of every gradient).
+PyTorch's rows use the profiler count on the same model written
 with torch.nn (the same shapes and parameter count, tied LM head), AdamW, one warm-up step:
 
     plain      DistributedDataParallel                 luoshu DataParallel(g)
