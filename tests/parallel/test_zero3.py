@@ -117,6 +117,8 @@ def test_eager_steps_equal_plain(how):
     (plain_losses, plain, _), (losses, weights, dp) = run(0), run(3)
     # every block's linear layers and norms are units; the tied token table stays whole
     assert len(dp.sync.groups) >= 4 * LAYERS
+    assert all(p._value.device.type == "meta" for u in dp.sync.groups for p in u.params)  # freed after use
+    assert len(dp.sync._forward_order) == len(dp.sync.groups)  # the order prefetching follows
     np.testing.assert_allclose(losses, plain_losses, rtol=1e-10)
     _assert_same(plain, weights)
 
