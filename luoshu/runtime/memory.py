@@ -10,8 +10,8 @@ usually split:
 - optimizer state: the state tensors of every optimizer the plan's update ops drive, after the
   step (state is created on the first update and kept);
 - gradients: the buffers an update op reads, the communication buffers (buckets) that
-  carry them there, and the gradient buffers a sync mode keeps between steps (ZeRO-1/2's flat
-  gradient and its shard);
+  carry them there, and the gradient buffers kept between steps (persistent buckets, counted
+  throughout the step; ZeRO-1/2's flat gradient and its shard);
 - gathered parameters: ZeRO-3's whole parameters, gathered from the shards before their readers
   (the shards themselves are parameters);
 - activations: everything else the plan allocates — forward activations, the backward's
@@ -33,6 +33,8 @@ UPDATE_OPS = frozenset({"optimizer_update", "ps_step", "ps_sparse_push", "sharde
 # Collectives that carry gradients on the way to an update: their inputs are gradients too.
 GRADIENT_CARRIERS = frozenset({"bucket_all_reduce", "bucket_unpack", "sparse_all_gather", "all_reduce",
                                "reduce_scatter", "all_gather", "comm_wait", "zero3_reduce_scatter"})
+# Ops that write a persistent bucket buffer (their `buffer` attribute names its BucketBuffer).
+BUCKET_OPS = frozenset({"bucket_all_reduce", "bucket_place"})
 # Ops whose outputs are parameters gathered from shards (ZeRO-3), alive between use and free.
 PARAMETER_GATHERS = frozenset({"zero3_gather", "zero3_unpack"})
 
@@ -143,6 +145,15 @@ def measure(plan, feed_values: list) -> MemoryReport:
             if found is not None:
                 parameter_storages[found[0]] = found[1]
     gradient_slots = _gradient_slots(plan)
+    # persistent gradient buckets (kept across steps by their BucketBuffer): alive throughout,
+    # counted once whether or not this run has written them yet
+    bucket_storages: dict[int, int] = {}
+    for step in plan.steps:
+        key = step.op.attrs.get("buffer", -1) if step.op.opdef.name in BUCKET_OPS else -1
+        held = live.lookup(key, "bucket buffer", "memory accounting").tensor if key >= 0 else None
+        found = _storage(held)
+        if found is not None:
+            bucket_storages[found[0]] = found[1]
     gathered_slots = {s for step in plan.steps if step.op.opdef.name in PARAMETER_GATHERS for s in step.outputs}
 
     # storage key -> [bytes, slots referring to it]; parameters' storages are counted apart
@@ -150,7 +161,7 @@ def measure(plan, feed_values: list) -> MemoryReport:
 
     def hold(s: int, value) -> None:
         found = _storage(value)
-        if found is None or found[0] in parameter_storages:
+        if found is None or found[0] in parameter_storages or found[0] in bucket_storages:
             return
         entry = owners.setdefault(found[0], [found[1], set()])
         entry[1].add(s)
@@ -201,7 +212,7 @@ def measure(plan, feed_values: list) -> MemoryReport:
     state = _optimizer_state_bytes(plan)
     # gradient buffers a sync mode keeps between steps outside the plan (ZeRO-1/2's flat gradients)
     kept = sum(live.lookup(step.op.attrs["strategy"], "sync mode", "memory accounting").persistent_gradient_bytes()
-               for step in plan.steps if step.op.opdef.name == "sharded_update")
+               for step in plan.steps if step.op.opdef.name == "sharded_update") + sum(bucket_storages.values())
     best = (best[0] + kept, best[1])
     peak_split = (peak_split[0] + kept, *peak_split[1:])
     peak_grads += kept
