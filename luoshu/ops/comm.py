@@ -419,7 +419,7 @@ class Send(OpDef):
 
     name = "send"
     attrs = {"peer": 0, "tag": 0, "header": False}
-    tested_by = "tests/compiler/test_pipeline_partition.py"
+    tested_by = "tests/parallel/test_pipeline.py"  # run across processes by the pipeline parity tests
 
     def infer(self, inputs, peer, tag, header):
         _check_peer(self.name, peer, tag)
@@ -463,7 +463,7 @@ class Recv(OpDef):
 
     name = "recv"
     attrs = {"shape": (), "dtype": "float32", "device": "cpu", "peer": 0, "tag": 0}
-    tested_by = "tests/compiler/test_pipeline_partition.py"
+    tested_by = "tests/parallel/test_pipeline.py"  # run across processes by the pipeline parity tests
 
     def infer(self, inputs, shape, dtype, device, peer, tag):
         _check_peer(self.name, peer, tag)

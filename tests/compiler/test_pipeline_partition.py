@@ -1,7 +1,7 @@
 """The pipeline partition pass on a traced GPT-2 (one process: graphs only, nothing sent): stage
 boundaries are send/recv ops derived where the device group changes, each comm op's gradient its
 dual, a backward graph that reads the forward's saved activations instead of recomputing them.
-The `send` / `recv` kernels themselves run across processes in tests/parallel/test_pipeline.py."""
+The `send` / `recv` kernels run across processes in tests/parallel/test_pipeline.py."""
 
 from __future__ import annotations
 
