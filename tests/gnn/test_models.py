@@ -153,12 +153,14 @@ def test_define_and_run_sampled_training_matches_eager(kind):
         blocks = [BlockPlaceholders(f"hop{i}", self_loops=kind == "gat") for i in range(2)]
         loss = ls.nn.functional.cross_entropy(graph_model(x, blocks), y)
         step = graph_opt.minimize(loss)
-    steps = 0
+    steps, plans, sizes = 0, set(), set()
     for mb in loader:
         feed = {x: g.x[mb.input_nodes].numpy(), y: g.y[mb.seeds].numpy()}
         for ph, block in zip(blocks, mb.blocks):
             feed.update(ph.feed(block))
         (got, _) = dag.run([loss, step], feed)
+        plans.add(id(dag.plan([loss, step], feed)))
+        sizes.add(tuple(b.num_src_nodes for b in mb.blocks))
         eager_opt.zero_grad()
         ref = ls.nn.functional.cross_entropy(eager(ls.tensor(feed[x]), mb.blocks), ls.tensor(feed[y]))
         ref.backward()
@@ -166,6 +168,7 @@ def test_define_and_run_sampled_training_matches_eager(kind):
         np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-6)
         steps += 1
     assert steps == 6
+    assert len(sizes) > 1 and len(plans) == 1  # blocks of every size run through one compiled plan
     with pytest.raises(ls.Error, match=r"needs BlockPlaceholders\(self_loops=True\)"):
         with ls.Graph():
             GAT(GATConfig(16, 5, hidden=4, heads=2))(ls.placeholder("x", (None, 16)), [BlockPlaceholders("a")] * 2)
