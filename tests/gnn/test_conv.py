@@ -206,3 +206,11 @@ def test_global_pooling_matches_pyg():
         (g,) = ls.gradients((out * ls.tensor(cot)).sum(), [lx])
         (tg,) = torch.autograd.grad(ref, [tx], torch.tensor(cot))
         np.testing.assert_allclose(g.numpy(), tg.numpy(), rtol=TOL, atol=TOL)
+
+
+def test_graph_layers_are_nn_modules_exported_from_gnn():
+    # luoshu.nn cannot import luoshu.gnn (the layering); its docstring names where they are
+    for layer in (GCNConv, SAGEConv, GATConv):
+        assert issubclass(layer, ls.nn.Module)
+        assert getattr(ls.gnn, layer.__name__) is layer
+        assert f"ls.gnn.{layer.__name__}" in ls.nn.__doc__
