@@ -53,6 +53,7 @@ class TrainConfig:
     num_workers: int = 1  # background threads preparing batches
     progress: bool = True
     profile_memory: bool = False  # account the first step's memory; printed and written to memory.json
+    compile: bool = False  # run each training step as one TorchInductor-compiled graph (luoshu.compiler.inductor)
     # the settings (as `check_config` last passed them), so an unchanged config is not checked twice
     _passed_check: ClassVar[str | None] = None
 
@@ -142,6 +143,7 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check("lr_schedule", c.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'")
     check("precision", c.precision in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'")
     check("profile_memory", isinstance(c.profile_memory, bool), "true or false")
+    check("compile", isinstance(c.compile, bool), "true or false")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)
                                                        and c.max_grad_norm > 0), "a positive number")
 

@@ -96,6 +96,8 @@ class Trainer:
             self.eval_output = self.task.forward(self.model, self.feeds)
             self.model.train()
         self.graph = graph
+        if config.compile:
+            graph.compile([self.loss, self.train_op])
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
