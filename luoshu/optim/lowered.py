@@ -30,12 +30,15 @@ class LoweredUpdate:
         name = type(opt).__name__
         sparse = [(i, k) for i, k in zip(indices, kinds) if k != "d"]
         if sparse:
-            raise Error(f"{name}: the sparse gradient (kind {sparse[0][1]!r}) of parameter {sparse[0][0]} has rows "
-                        "known only at run time; only dense updates are lowered")
+            raise Error(
+                f"{name}: the sparse gradient (kind {sparse[0][1]!r}) of parameter {sparse[0][0]} has rows "
+                "known only at run time; only dense updates are lowered"
+            )
         rule = _rule_of(type(opt))
         if rule is None:
-            raise Error(f"{name} has no lowered update rule (lowered: SGD, Momentum, Nesterov, Adam, AdamW, AdaGrad, "
-                        "RMSProp)")
+            raise Error(
+                f"{name} has no lowered update rule (lowered: SGD, Momentum, Nesterov, Adam, AdamW, AdaGrad, RMSProp)"
+            )
         if opt.shard_norm is not None:
             raise Error(f"{name}: clipping across tensor-parallel shards is not lowered")
         for i in indices:
@@ -48,8 +51,10 @@ class LoweredUpdate:
             by_group.setdefault(opt._group_of[i], []).append(pos)
         self.groups = list(by_group.items())  # (group index, positions in `indices`)
         self._lr_values = [None] * len(self.groups)
-        self._lr_tensors = [torch.zeros((), dtype=torch.float64, device=opt._params[self.indices[pos[0]]]._value.device)
-                            for _, pos in self.groups]
+        self._lr_tensors = [
+            torch.zeros((), dtype=torch.float64, device=opt._params[self.indices[pos[0]]]._value.device)
+            for _, pos in self.groups
+        ]
 
     def inputs(self) -> tuple | None:
         """This step's (params, state lists by name per group, steps, learning rates), or None

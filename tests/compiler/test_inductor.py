@@ -88,8 +88,11 @@ def test_compiled_mlp_step_equals_the_plan_over_20_steps_as_one_inductor_graph()
 
     torch._dynamo.reset()
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    plan = _compare(lambda: _mlp_job(lambda ps: ls.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3)),
-                    "inductor", on_step=schedule)
+    plan = _compare(
+        lambda: _mlp_job(lambda ps: ls.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3)),
+        "inductor",
+        on_step=schedule,
+    )
     assert plan.compiled.reason is None
     assert plan.compiled.compiled_runs == 19  # the first step creates the optimizer state through the plan
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # one graph, no break
@@ -106,14 +109,18 @@ def test_compiled_gpt2_step_equals_the_plan_over_20_steps_under_inductor():
     assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: ls.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=1e-2),
-    lambda ps: ls.optim.AdamW(ps, lr=1e-2, max_grad_norm=0.1),
-    lambda ps: ls.optim.AdaGrad(ps, lr=0.1, lr_decay=0.01),
-    lambda ps: ls.optim.RMSProp(ps, lr=1e-2, momentum=0.9, centered=True),
-    lambda ps: ls.optim.Nesterov(ps, lr=0.1, l1=1e-3),
-    lambda ps: ls.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.5),
-], ids=["adam-amsgrad-l2", "adamw-clipped", "adagrad", "rmsprop-centered", "nesterov-l1", "sgd-dampening"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: ls.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=1e-2),
+        lambda ps: ls.optim.AdamW(ps, lr=1e-2, max_grad_norm=0.1),
+        lambda ps: ls.optim.AdaGrad(ps, lr=0.1, lr_decay=0.01),
+        lambda ps: ls.optim.RMSProp(ps, lr=1e-2, momentum=0.9, centered=True),
+        lambda ps: ls.optim.Nesterov(ps, lr=0.1, l1=1e-3),
+        lambda ps: ls.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.5),
+    ],
+    ids=["adam-amsgrad-l2", "adamw-clipped", "adagrad", "rmsprop-centered", "nesterov-l1", "sgd-dampening"],
+)
 def test_each_lowered_rule_equals_the_optimizer(make_opt):
     """The lowered update math, run eagerly (no compiler), against the fused/foreach kernels."""
     params = [ls.tensor(np.random.default_rng(k).standard_normal((6, 4)).astype(np.float32)) for k in range(3)]
@@ -154,8 +161,9 @@ def _assert_falls_back(make_job, op_name, words, backend="eager"):
 
 
 def test_an_optimizer_without_a_lowered_rule_falls_back_to_the_plan_naming_the_update():
-    _assert_falls_back(lambda: _mlp_job(lambda ps: ls.optim.LAMB(ps, lr=1e-2)), "optimizer_update",
-                       ["LAMB has no lowered update rule"])
+    _assert_falls_back(
+        lambda: _mlp_job(lambda ps: ls.optim.LAMB(ps, lr=1e-2)), "optimizer_update", ["LAMB has no lowered update rule"]
+    )
 
 
 def test_a_sparse_embedding_update_falls_back_naming_the_update():
@@ -228,9 +236,21 @@ def test_luoshu_train_compile_gives_the_uncompiled_metrics(tmp_path):
     from luoshu.train import TrainConfig, train
 
     def run(compile, out):
-        return train(TrainConfig.from_dict({"model": "mlp", "dataset": "digits", "max_steps": 12, "batch_size": 64,
-                                            "optimizer": "sgd", "lr": 0.05, "progress": False, "compile": compile,
-                                            "out": str(tmp_path / out)}))
+        return train(
+            TrainConfig.from_dict(
+                {
+                    "model": "mlp",
+                    "dataset": "digits",
+                    "max_steps": 12,
+                    "batch_size": 64,
+                    "optimizer": "sgd",
+                    "lr": 0.05,
+                    "progress": False,
+                    "compile": compile,
+                    "out": str(tmp_path / out),
+                }
+            )
+        )
 
     plain, compiled = run(False, "plain"), run(True, "compiled")
     for key, value in plain.items():
