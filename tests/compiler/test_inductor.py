@@ -232,7 +232,7 @@ def test_train_config_refuses_a_non_bool_compile():
 
 
 @pytest.mark.slow
-def test_luoshu_train_compile_gives_the_uncompiled_metrics(tmp_path):
+def test_luoshu_train_compile_gives_the_uncompiled_metrics(tmp_path, recwarn):
     from luoshu.train import TrainConfig, train
 
     def run(compile, out):
@@ -253,5 +253,6 @@ def test_luoshu_train_compile_gives_the_uncompiled_metrics(tmp_path):
         )
 
     plain, compiled = run(False, "plain"), run(True, "compiled")
+    assert not [w for w in recwarn if issubclass(w.category, LoweringWarning)]  # it ran compiled
     for key, value in plain.items():
         assert compiled[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
