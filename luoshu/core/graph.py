@@ -67,6 +67,9 @@ class Graph:
         self.placeholders: dict[str, Tensor] = {}
         self._plans: dict = {}
         self._compile_options: dict = {}  # fetch ids -> Graph.compile's options
+        # The parallel strategy the next plans compile under (HotSPa runs one graph under several):
+        # part of the plan-cache key, so each (strategy, fetches, feeds) keeps its own plan.
+        self.strategy_key = None
         # Regions whose intermediate activations are recomputed in the backward instead of
         # kept (`luoshu.nn.recompute` records them; `luoshu.compiler.recompute` rewrites them).
         self.recompute_regions: list[RecomputeRegion] = []
@@ -103,7 +106,7 @@ class Graph:
 
     # --- running --------------------------------------------------------------------
     def _plan_for(self, flat: list, feeds: dict):
-        key = (tuple(map(id, flat)), frozenset(feeds))
+        key = (tuple(map(id, flat)), frozenset(feeds), self.strategy_key)
         plan = self._plans.get(key)
         if plan is None:
             if _plan_builder is None:
@@ -127,8 +130,8 @@ class Graph:
         flat, _ = self._flatten_fetches([fetches] if not isinstance(fetches, (list, tuple)) else list(fetches))
         key = tuple(map(id, flat))
         self._compile_options[key] = {"backend": backend, "cuda_graphs": cuda_graphs}
-        for (fetch_key, _), plan in self._plans.items():
-            if fetch_key == key:
+        for plan_key, plan in self._plans.items():
+            if plan_key[0] == key:
                 plan.compile(backend=backend, cuda_graphs=cuda_graphs)
 
     def plan(self, fetches, feed_dict: Mapping | None = None):

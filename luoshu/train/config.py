@@ -54,6 +54,7 @@ class TrainConfig:
     progress: bool = True
     profile_memory: bool = False  # account the first step's memory; printed and written to memory.json
     compile: bool = False  # run each training step as one TorchInductor-compiled graph (luoshu.compiler.inductor)
+    hot_switch: dict | None = None  # HotSPa: {buckets: [...descending..., 0], strategies: ["dp1,tp4,pp1", ...]}
     # the settings (as `check_config` last passed them), so an unchanged config is not checked twice
     _passed_check: ClassVar[str | None] = None
 
@@ -146,6 +147,10 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check("compile", isinstance(c.compile, bool), "true or false")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)
                                                        and c.max_grad_norm > 0), "a positive number")
+    if c.hot_switch is not None:
+        from luoshu.train.hot_switch import check_hot_switch  # (it imports the builders this module does)
+
+        check_hot_switch(c, source)
 
 
 def _check_job(config: TrainConfig) -> None:
