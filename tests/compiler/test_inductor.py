@@ -191,6 +191,7 @@ class _HostRoundTrip(OpDef):
     kernel reads on the host, which TorchDynamo cannot capture in a graph."""
 
     name = "_test_host_round_trip"
+    tested_by = "tests/compiler/test_inductor.py"  # the registry's coverage rule (tests/ops/test_registry.py)
 
     def infer(self, inputs):
         return TensorMeta(inputs[0].shape, inputs[0].dtype)
