@@ -122,7 +122,8 @@ class CompiledStep:
     def _give_up(self, reason: str) -> None:
         self.reason = reason
         self._fn = None
-        warnings.warn(f"whole-step compilation falls back to the plan: {reason}", LoweringWarning, stacklevel=4)
+        # stacklevel 6: the caller of Graph.run (through Plan.compile or the first compiled run)
+        warnings.warn(f"whole-step compilation falls back to the plan: {reason}", LoweringWarning, stacklevel=6)
 
     # --- running --------------------------------------------------------------------
     def run(self, feed_values: list) -> tuple | None:
