@@ -101,6 +101,7 @@ def main():
                "torch.compile": torch_runner(config, data, weights, compiled=True)}
     first = {name: run(0) for name, run in runners.items()}  # the same weights and batch: the same loss
     spread = max(first.values()) - min(first.values())
+    print("first losses:", {k: f"{v:.9g}" for k, v in first.items()})
     assert spread < 1e-4, f"the contenders disagree on the first loss: {first}"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2 {args.layers} layers, width "
           f"{args.width}, length {args.length}, batch {args.batch}, vocab {args.vocab}; first losses agree to "
