@@ -83,6 +83,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-memory", dest="profile_memory", action="store_true", default=s,
                    help="account the first training step's memory (peak, its step, parameters / optimizer state / "
                         "gradients / activations): printed and written to memory.json")
+    p.add_argument("--compile", action="store_true", default=s,
+                   help="run each training step (forward, backward, update) as one TorchInductor-compiled graph; "
+                        "a step that cannot be lowered runs uncompiled, with a warning naming the op")
     p.add_argument("--recompute", nargs="?", const=True, default=s, metavar="SCOPE",
                    help="recompute activations in the backward: every block, or SCOPE 'attention' (language models)")
 

@@ -53,6 +53,7 @@ class TrainConfig:
     num_workers: int = 1  # background threads preparing batches
     progress: bool = True
     profile_memory: bool = False  # account the first step's memory; printed and written to memory.json
+    compile: bool = False  # run each training step as one TorchInductor-compiled graph (luoshu.compiler.inductor)
     zero: int = 0  # ZeRO stage over the data-parallel workers: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters
     hot_switch: dict | None = None  # HotSPa: {buckets: [...descending..., 0], strategies: ["dp1,tp4,pp1", ...]}
     # the settings (as `check_config` last passed them), so an unchanged config is not checked twice
@@ -144,6 +145,7 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check("lr_schedule", c.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'")
     check("precision", c.precision in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'")
     check("profile_memory", isinstance(c.profile_memory, bool), "true or false")
+    check("compile", isinstance(c.compile, bool), "true or false")
     check("zero", c.zero in (0, 1, 2, 3) and not isinstance(c.zero, bool), "0, 1, 2 or 3")
     check("zero", not c.zero or c.hot_switch is None, "0 in a hot_switch job (it lays out its own strategies)")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)

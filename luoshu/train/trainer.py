@@ -101,6 +101,8 @@ class Trainer:
         self.graph = graph
         # ZeRO: the shards' state is checkpointed as the plain optimizer's (consolidated_state_dict)
         self.dp = DataParallel(graph, zero=config.zero) if config.zero else None
+        if config.compile:
+            graph.compile([self.loss, self.train_op])
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
