@@ -106,8 +106,11 @@ class ParallelRun:
         pg, pp_ranks = self.mesh.process_group("pp"), self.mesh.group("pp").ranks
         params = optimizer.parameters()
         plain = optimizer.state_dict() if with_state else None
-        mine = {"owned": list(self.pipe.param_index), "state": plain["meta"]["state"] if plain else None,
-                "shapes": {k: (list(v.shape), str(v.dtype)) for k, v in plain["tensors"].items()} if plain else None}
+        mine = {
+            "owned": list(self.pipe.param_index),
+            "state": plain["meta"]["state"] if plain else None,
+            "shapes": {k: (list(v.shape), str(v.dtype)) for k, v in plain["tensors"].items()} if plain else None,
+        }
         everyone: list = [None] * len(pp_ranks)
         torch_dist.all_gather_object(everyone, mine, group=pg)
         owner: dict[int, int] = {}

@@ -1,0 +1,71 @@
+"""DLRM with its slot tables row-wise or table-wise over TP; run under `luoshu launch` by the tests.
+
+    luoshu launch -n 2 tests/parallel/dlrm_tp_train.py --tables table --out PREFIX
+
+Rank r writes the losses of 3 AdamW steps (float64) and the full parameters (table in its
+original row order) to PREFIX.rank<r>.npz; `train(None, ...)` is the one-process reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+import luoshu as ls
+from luoshu.models.recommendation import DLRM, CTRConfig
+
+SLOTS, DENSE, BATCH, STEPS = [7, 3, 12, 5, 3], 4, 16, 3
+
+
+def train(mesh, tables: str = "row"):
+    ls.manual_seed(3)
+    model = DLRM(CTRConfig(dense_dim=DENSE, slot_sizes=SLOTS, embedding_dim=4, mlp_dims=(8,), bottom_mlp_dims=(8,))).to(
+        dtype="float64"
+    )
+    if mesh is not None:
+        ls.parallel.parallelize(model, mesh, tables=tables)
+    opt = ls.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
+    with ls.Graph() as g:
+        dense = ls.placeholder("dense", (None, DENSE), "float64")
+        sparse = ls.placeholder("sparse", (None, len(SLOTS)), "int64")
+        y = ls.placeholder("y", (None,), "float64")
+        loss = ls.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), y)
+        step = opt.minimize(loss)
+    rng = np.random.default_rng(9)
+    losses = []
+    for _ in range(STEPS):
+        d = rng.standard_normal((BATCH, DENSE))
+        s = np.stack([rng.integers(0, n, BATCH) for n in SLOTS], axis=1)
+        t = (rng.random(BATCH) < 0.4).astype(np.float64)
+        rows = mesh.batch_slice(BATCH) if mesh is not None else slice(None)
+        losses.append(float(g.run([loss, step], {dense: d[rows], sparse: s[rows], y: t[rows]})[0]))
+    if mesh is None:
+        params = {n: p.value.clone() for n, p in model.named_parameters()}
+    else:
+        params = ls.parallel.gather_parameters(model, mesh)
+    return np.array(losses), {n: v.numpy() for n, v in params.items()}, model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tables", default="row")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ls.distributed.init()
+    mesh = ls.distributed.DeviceMesh(tp=ls.distributed.world_size())
+    losses, params, model = train(mesh, args.tables)
+    local_rows = model.embedding.weight._value.shape[0]
+    np.savez(
+        f"{args.out}.rank{ls.distributed.rank()}.npz",
+        losses=losses,
+        local_rows=local_rows,
+        **{f"param.{k}": v for k, v in params.items()},
+    )
+    ls.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
