@@ -36,6 +36,7 @@ from luoshu.core.tensor import Tensor
 from luoshu.distributed import env
 from luoshu.nn.module import Module
 from luoshu.optim.optimizer import Optimizer
+from luoshu.parallel.tensor_parallel import original_order, placed_order, placed_tables
 from luoshu.parallel.zero import ZeroSync
 
 
@@ -79,21 +80,38 @@ def _tp_group() -> tuple:
     return tuple(strategy.group) if strategy is not None else (0,)
 
 
+def _placed(model: Module) -> dict:
+    """id(weight) -> (its table module, original row of each placed row, original offsets, original shape)."""
+    return {id(w): (m, rows, offsets, shape) for m, w, rows, offsets, shape in placed_tables(model)}
+
+
 @contextmanager
 def _full_tensors(model: Module, optimizer: Optimizer | None, group: tuple) -> Iterator[None]:
-    """Every split parameter (and its optimizer state) as its full value while inside."""
+    """Every split parameter (and its optimizer state) as its full value while inside; a table-wise
+    table in its original row order, shape and slot offsets."""
     params = _split_parameters(model)
     states_ = _state_of(optimizer, params)
+    placed = _placed(model)
     restore = []
     try:
         for p, st in zip(params, states_ + [None] * (len(params) - len(states_))):
             dim, _ = _split(p)
+            table = placed.get(id(p))
+
+            def full(value, dim=dim, table=table):
+                value = _gather(value, dim, group)
+                return value if table is None else original_order(value, table[1], table[3])
+
             restore.append((p, "_value", p._value))
-            p._value = _gather(p._value, dim, group)
+            p._value = full(p._value)
+            if table is not None:
+                offsets = table[0]._buffers["offsets"]
+                restore += [(p, "shape", p.shape), (offsets, "_value", offsets._value)]
+                p.shape, offsets._value = tuple(table[3]), table[2].clone()
             if st is not None:
                 for name in sorted(k for k in st if k != "step"):
                     restore.append((st, name, st[name]))
-                    st[name] = _gather(st[name], dim, group)
+                    st[name] = full(st[name])
         yield
     finally:
         for holder, name, value in reversed(restore):
@@ -121,24 +139,42 @@ class _ShardedLayouts(package.LayoutHook):
     def load(self, path, module, optimizer) -> dict:
         zero = _zero_of(optimizer)
         params = _split_parameters(module)
-        local = [p._value for p in params]
-        for p in params:  # full-size buffers for the package to verify and copy into
+        placed = _placed(module)
+        local = [(p._value, p.shape) for p in params]
+        offsets = {
+            id(p): (t[0]._buffers["offsets"], t[0]._buffers["offsets"]._value)
+            for p in params
+            if (t := placed.get(id(p))) is not None
+        }
+        for p in params:  # full-size buffers (a table-wise table: its original shape) to verify and copy into
+            if id(p) in placed:
+                p.shape = tuple(placed[id(p)][3])
             p._value = torch.empty(p.shape, dtype=p._value.dtype, device=p._value.device)
         try:
             meta = package.load_full(path, module, optimizer, zero.load_state_dict if zero is not None else None)
         except BaseException:
-            for p, v in zip(params, local):
-                p._value = v
+            for p, (v, shape) in zip(params, local):
+                p._value, p.shape = v, shape
             raise
+        finally:
+            for buffer, placed_offsets in offsets.values():  # the file holds the original order's offsets
+                buffer._value = placed_offsets
         opt_states = _state_of(optimizer, params)
         strategy = states.default()
         index = strategy.index if strategy is not None else 0
-        for p, st in zip(params, opt_states + [None] * (len(params) - len(opt_states))):
+        for p, st, (_, shape) in zip(params, opt_states + [None] * (len(params) - len(opt_states)), local):
             dim, size = _split(p)
-            p._value = _block(p._value, dim, size, index)
+            table = placed.get(id(p))
+
+            def mine(value, dim=dim, size=size, table=table):
+                if table is not None:
+                    value = placed_order(value, table[1])
+                return _block(value, dim, size, index)
+
+            p._value, p.shape = mine(p._value), shape
             if st is not None:
                 for name in [k for k in st if k != "step"]:
-                    st[name] = _block(st[name], dim, size, index)
+                    st[name] = mine(st[name])
         return meta
 
 

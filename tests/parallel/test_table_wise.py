@@ -62,10 +62,39 @@ def test_dlrm_tables_on_two_processes_equal_one_process(tmp_path, tables):
     out = tmp_path / tables
     proc = launch(2, "tests/parallel/dlrm_tp_train.py", "--tables", tables, "--out", str(out), timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses, params, _ = dlrm_tp_train.train(None)
+    losses, params, _, _ = dlrm_tp_train.train(None)
     for r in range(2):
         got = np.load(f"{out}.rank{r}.npz")
         np.testing.assert_allclose(got["losses"], losses, rtol=0, atol=1e-6)
         for name, value in params.items():
             np.testing.assert_allclose(got[f"param.{name}"], value, rtol=0, atol=1e-6, err_msg=name)
         assert int(got["local_rows"]) == 15  # half the 30 rows each: [12, 3] and [7, 5, 3] whole
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_table_wise_checkpoint_loads_into_one_process_and_into_row_and_table_wise_jobs(tmp_path):
+    from tests.parallel.tp_checkpoint import full_state
+
+    ckpt = tmp_path / "ckpt"
+    args = ["--tables", "table", "--out", str(tmp_path / "train"), "--save", str(ckpt)]
+    proc = launch(2, "tests/parallel/dlrm_tp_train.py", *args, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, _, ref_model, ref_opt = dlrm_tp_train.train(None)
+    expected = full_state(ref_model, ref_opt)
+    model, opt = dlrm_tp_train.build(None, seed=5)
+    ls.load(ckpt, model, opt)  # the table in its original order and shape: a plain one-process model
+    got = full_state(model, opt)
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, rtol=0, atol=1e-9, err_msg=k)
+    for tables in ("row", "table"):
+        out = tmp_path / tables
+        args = ["--tables", tables, "--out", str(out), "--load", str(ckpt)]
+        proc = launch(2, "tests/parallel/dlrm_tp_train.py", *args, timeout=200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for r in range(2):
+            loaded = dict(np.load(f"{out}.rank{r}.npz"))
+            assert sorted(loaded) == sorted(expected)
+            for k, v in expected.items():
+                np.testing.assert_allclose(loaded[k], v, rtol=0, atol=1e-9, err_msg=f"{tables} rank {r}: {k}")
