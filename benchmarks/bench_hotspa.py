@@ -10,16 +10,33 @@ against first-come-first-served.
    weights of one LLaMA-7B layer between strategies, balanced planner vs first-come-first-
    served, on 2 nodes of 8.
 
-    .venv/bin/python benchmarks/bench_hotspa.py [--batch 512] [--out runs/bench_hotspa.csv]
+3. Runtime (`--runtime`, 4 processes, Gloo on CPU, float32): a long-tailed batch of GPT-2
+   sequences trained through each static strategy (tp4, dp2-tp2, dp4: every sequence packed
+   into rows of the longest bound, one layout, no switching) and through hot switching (the
+   buckets under tp4, dp2-tp2, dp4, parameters and gradients switched inside the step), in the
+   same processes with repeats interleaved (`_timing.interleaved`); median step time, and the
+   share of the hot-switching step spent in switches. With `--profile`, the cost model fed by
+   this machine's profile (`hotspa_profile`) predicts the same step times, and their order is
+   printed beside the measured one.
 
-Both parts are model predictions and plans, not timings of a run: no GPU cluster is needed.
+    .venv/bin/python benchmarks/bench_hotspa.py [--batch 512] [--out runs/bench_hotspa.csv]
+    .venv/bin/python benchmarks/bench_hotspa.py --runtime [--layers 2] [--width 64] [--seqs 32] [--max-len 512]
+
+Parts 1 and 2 are model predictions and plans, not timings of a run: no GPU cluster is needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
+import statistics
 from pathlib import Path
+
+import numpy as np
+import torch
+from _relaunch import run_per_process_count
+from _timing import interleaved
 
 from luoshu.data import corpus_lengths
 from luoshu.parallel import hotspa as H
@@ -74,6 +91,102 @@ def planner_rows() -> list[dict]:
     return rows
 
 
+RUNTIME_STRATEGIES = ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1"]
+
+
+def runtime_batches(args, count: int) -> list[list[np.ndarray]]:
+    """Long-tailed batches (most sequences short, a thin tail to max_len), the longest always present."""
+    from luoshu.data import synthetic_sequences
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        seqs = synthetic_sequences(args.seqs - 1, args.vocab, min_len=4, max_len=args.max_len, seed=i)
+        out.append([*seqs, rng.integers(0, args.vocab, args.max_len)])
+    return out
+
+
+def runtime_worker(args) -> None:
+    import luoshu as ls
+    from luoshu.models.language import GPT2, GPTConfig
+
+    torch.set_num_threads(1)
+    ls.distributed.init()
+    rank = ls.distributed.rank()
+    bounds = [args.max_len, args.max_len // 4, args.max_len // 16, 0]
+    batches = runtime_batches(args, 4)
+
+    def build():
+        ls.manual_seed(0)
+        return GPT2(GPTConfig(vocab_size=args.vocab, block_size=args.max_len, n_layer=args.layers, n_head=4,
+                              n_embd=args.width))
+
+    # A memory budget per device (the cost model's bytes) that only tp4 meets at the longest length, as
+    # on GPUs where long sequences need tensor parallelism: between tp4's and dp2-tp2's need.
+    from luoshu.parallel.hotspa_runtime import model_spec
+
+    spec, cluster = model_spec(build()), H.ClusterSpec(4, 1, 1.0, 1.0, 1.0, memory=float("inf"))
+    need = {s: H.predict(spec, cluster, H.parse_strategy(s), [args.max_len] * H.parse_strategy(s).dp).memory_bytes
+            for s in RUNTIME_STRATEGIES}
+    budget = (need["dp1,tp4,pp1"] + need["dp2,tp2,pp1"]) / 2
+    contenders, jobs, seconds = {}, {}, {}
+    for name, strategies, bnds in [*((f"static {s}", [s], [args.max_len, 0]) for s in RUNTIME_STRATEGIES),
+                                   ("hot switching", RUNTIME_STRATEGIES, bounds)]:
+        model = build()
+        hot = ls.parallel.HotSPa(model, strategies, bnds, memory_budget=budget if len(strategies) > 1 else None)
+        opt = ls.optim.AdamW(model.parameters(), lr=1e-4)
+        jobs[name] = (hot, opt)
+        seconds[name] = []
+
+        def step(i, name=name):
+            hot, opt = jobs[name]
+            report = hot.step(batches[i % len(batches)], opt)
+            seconds[name].append((report.step_seconds, report.switch_seconds, report.switch_bytes))
+
+        contenders[name] = step
+    rates = interleaved(contenders, args.steps, args.repeats, warmup=1)
+    if args.profile:
+        from luoshu.parallel import hotspa_profile
+
+        profile = hotspa_profile.profile(build(), lengths=(16, 64, args.max_len), batches=(1, 2))
+    if rank != 0:
+        ls.distributed.shutdown()
+        return
+    tokens = sum(len(s) for s in batches[0])
+    rows = []
+    for name in contenders:
+        timed = seconds[name][1:]  # past the warm-up step
+        step_s = 1.0 / rates[name]
+        share = statistics.median(sw / st for st, sw, _ in timed) if timed else 0.0
+        fits = name == "hot switching" or need[name.removeprefix("static ")] <= budget
+        rows.append({"strategy": name, "fits_budget": fits, "step_ms": round(step_s * 1e3, 1),
+                     "tokens_per_s": round(tokens / step_s),
+                     "switch_share": round(share, 3), "switch_mib": round(timed[0][2] / 2**20, 2) if timed else 0})
+    statics = [r for r in rows if r["strategy"].startswith("static")]
+    best = min(statics, key=lambda r: r["step_ms"])
+    best_fit = min((r for r in statics if r["fits_budget"]), key=lambda r: r["step_ms"])
+    hot_row = rows[-1]
+    for r in rows:
+        r["vs_best_static"] = round(best["step_ms"] / r["step_ms"], 3)
+        r["vs_best_fitting"] = round(best_fit["step_ms"] / r["step_ms"], 3)
+    print(f"Runtime (4 processes, GPT-2 {args.layers} layers width {args.width}, {args.seqs} sequences up to "
+          f"{args.max_len}, {tokens} tokens per step, bounds {bounds}):")
+    if args.profile:
+        predicted = hotspa_profile.predict_steps(profile, build(), batches[0], RUNTIME_STRATEGIES, bounds)
+        for r in rows:
+            r["predicted_ms"] = round(predicted[r["strategy"]] * 1e3, 1)
+        measured_order = [r["strategy"] for r in sorted(rows, key=lambda r: r["step_ms"])]
+        predicted_order = [r["strategy"] for r in sorted(rows, key=lambda r: r["predicted_ms"])]
+        print(f"measured order:  {measured_order}\npredicted order: {predicted_order}")
+    _print(rows)
+    print(f"memory budget {budget / 2**20:.2f} MiB per device (cost model): static needs at {args.max_len} tokens "
+          + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in need.items()))
+    print(f"hot switching: {hot_row['vs_best_static']}x the fastest static strategy ({best['strategy']}), "
+          f"{hot_row['vs_best_fitting']}x the fastest that fits the budget ({best_fit['strategy']}); "
+          f"{hot_row['switch_share'] * 100:.1f}% of its step in switches")
+    ls.distributed.shutdown()
+
+
 def _print(rows: list[dict]) -> None:
     keys = list(rows[0])
     widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
@@ -86,7 +199,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--out", default="runs/bench_hotspa.csv")
+    # 0/1 flags (given bare they mean 1) so that the relaunch forwards them as values
+    parser.add_argument("--runtime", type=int, nargs="?", const=1, default=0, help="the 4-process runtime part")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--seqs", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", type=int, nargs="?", const=1, default=0,
+                        help="predict the runtime steps from this machine's profile")
     args = parser.parse_args()
+    if args.runtime:
+        if "RANK" in os.environ:
+            runtime_worker(args)
+        else:
+            args.procs = [4]
+            run_per_process_count(__file__, args)
+        return
     sim, plans = simulator_rows(args.batch), planner_rows()
     print("Simulator (LLaMA-7B, A800-80GB, predicted step times):")
     _print(sim)

@@ -100,6 +100,13 @@ def attach(graph: Graph, strategy: Strategy | None) -> None:
     graph._plans.clear()
 
 
+def select(graph: Graph, strategy: Strategy, key) -> None:
+    """Makes `graph` compile under `strategy` while keeping the plans compiled under others
+    (HotSPa: one graph, one cached plan per strategy; `key` tells the strategies apart)."""
+    _ATTACHED[graph] = strategy
+    graph.strategy_key = key
+
+
 def set_default(strategy: Strategy | None) -> None:
     """The strategy of graphs with nothing attached that read annotated tensors (set by `parallelize`)."""
     _DEFAULT[0] = strategy
@@ -585,6 +592,7 @@ __all__ = [
     "convert",
     "localize_graph",
     "run_lockstep",
+    "select",
     "set_default",
     "shard_value",
     "simulate",

@@ -63,6 +63,9 @@ class Graph:
         self.ops: list = []
         self.placeholders: dict[str, Tensor] = {}
         self._plans: dict = {}
+        # The parallel strategy the next plans compile under (HotSPa runs one graph under several):
+        # part of the plan-cache key, so each (strategy, fetches, feeds) keeps its own plan.
+        self.strategy_key = None
         # Regions whose intermediate activations are recomputed in the backward instead of
         # kept (`luoshu.nn.recompute` records them; `luoshu.compiler.recompute` rewrites them).
         self.recompute_regions: list[RecomputeRegion] = []
@@ -99,7 +102,7 @@ class Graph:
 
     # --- running --------------------------------------------------------------------
     def _plan_for(self, flat: list, feeds: dict):
-        key = (tuple(map(id, flat)), frozenset(feeds))
+        key = (tuple(map(id, flat)), frozenset(feeds), self.strategy_key)
         plan = self._plans.get(key)
         if plan is None:
             if _plan_builder is None:

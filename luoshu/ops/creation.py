@@ -12,6 +12,7 @@ from luoshu.core.errors import OpError, ShapeError
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.shapes import normalize_axis
 from luoshu.core.tensor import TensorMeta, normalize_device
+from luoshu.ops._states import WHOLE, Candidate, choose, dup, group_size, split
 
 
 class _Like(OpDef):
@@ -69,6 +70,17 @@ class ArangeLike(OpDef):
         if limit is not None and n is not None and n > limit:
             raise self.shape_error(inputs, f"axis {axis} has size {n}, more than the limit {limit}")
         return TensorMeta((n,), dtypes.dtype_name(dtype))
+
+    def deduce_states(self, input_ds, _io=None, axis=0, **attrs):
+        """Duplicate positions from any `x` whose `axis` is not split (x gives only its shape)."""
+        n = group_size(input_ds)
+        if n is None or n == 1 or _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        a = normalize_axis(self.name, axis, ndim)
+        cands = [Candidate((WHOLE,), (dup(n),))]
+        cands += [Candidate((split(n, d),), (dup(n),)) for d in range(ndim) if d != a]
+        return choose(self.name, cands, input_ds)
 
     @staticmethod
     def compute(x, axis, dtype, limit):

@@ -87,11 +87,9 @@ class Softmax(_SoftmaxBase):
         return [apply("softmax_backward", grads[0], op.outputs[0], **op.attrs)]
 
 
-@register
-class SoftmaxBackward(OpDef):
-    """y * (g - sum(g * y)) in one kernel; differentiable again through primitives."""
+class _SoftmaxBackwardBase(OpDef):
+    """(g, y) -> the input gradient of a (log-)softmax whose output is y: y's shape and states."""
 
-    name = "softmax_backward"
     attrs = {"axis": -1}
 
     def deduce_states(self, input_ds, _io=None, axis=-1, **attrs):
@@ -99,6 +97,13 @@ class SoftmaxBackward(OpDef):
 
     def infer(self, inputs, axis):
         return TensorMeta(inputs[1].shape, inputs[1].dtype)
+
+
+@register
+class SoftmaxBackward(_SoftmaxBackwardBase):
+    """y * (g - sum(g * y)) in one kernel; differentiable again through primitives."""
+
+    name = "softmax_backward"
 
     @staticmethod
     def compute(g, y, axis):
@@ -129,17 +134,10 @@ class LogSoftmax(_SoftmaxBase):
 
 
 @register
-class LogSoftmaxBackward(OpDef):
+class LogSoftmaxBackward(_SoftmaxBackwardBase):
     """g - exp(y) * sum(g) in one kernel."""
 
     name = "log_softmax_backward"
-    attrs = {"axis": -1}
-
-    def deduce_states(self, input_ds, _io=None, axis=-1, **attrs):
-        return _softmax_backward_states(self.name, input_ds, _io, axis)
-
-    def infer(self, inputs, axis):
-        return TensorMeta(inputs[1].shape, inputs[1].dtype)
 
     @staticmethod
     def compute(g, y, axis):

@@ -130,6 +130,14 @@ class Flatten(OpDef):
             raise self.shape_error(inputs, f"start axis {start} comes after end axis {end}")
         return TensorMeta(x.shape[:a] + (numel(x.shape[a:b + 1]),) + x.shape[b + 1:], x.dtype)
 
+    def deduce_states(self, input_ds, _io=None, start=0, end=-1, **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        a, b = normalize_axis(self.name, start, ndim), normalize_axis(self.name, end, ndim)
+        # a split of the first merged dim stays one contiguous block of the merged dim
+        return _states.mapped(self.name, input_ds, ndim, lambda d: d if d <= a else (d - (b - a) if d > b else None))
+
     @staticmethod
     def compute(x, start, end):
         return x.flatten(start, end)
@@ -165,6 +173,29 @@ class Unflatten(OpDef):
         else:
             out = sizes
         return TensorMeta(x.shape[:a] + out + x.shape[a + 1:], x.dtype)
+
+    def deduce_states(self, input_ds, _io=None, axis=0, sizes=(), **attrs):
+        if _io is None:
+            return super().deduce_states(input_ds)
+        ndim = len(_io.inputs[0])
+        a = normalize_axis(self.name, axis, ndim)
+        n = _states.group_size(input_ds) or 1
+        first = _io.outputs[0][a]  # a split of the unflattened axis lands on its first new dim
+        lands = first is None or first % n == 0
+
+        def dim_map(d):
+            if d == a:
+                return a if lands else None
+            return d if d < a else d + len(sizes) - 1
+
+        return _states.mapped(self.name, input_ds, ndim, dim_map)
+
+    def local_attrs(self, attrs, input_ds, output_ds, io):
+        d = _states.split_dim(output_ds[0])
+        a = normalize_axis(self.name, attrs["axis"], len(io.inputs[0]))
+        if d == a and attrs["sizes"][0] != -1:
+            attrs["sizes"] = (attrs["sizes"][0] // output_ds[0].device_num,) + tuple(attrs["sizes"][1:])
+        return attrs
 
     @staticmethod
     def compute(x, axis, sizes):

@@ -21,13 +21,15 @@ from luoshu.parallel.data_parallel import (
     SyncMode,
     register_sync_mode,
 )
+from luoshu.parallel.hotspa_runtime import HotSPa, StepReport
 from luoshu.parallel.pipeline import Pipeline, PipelineError, pipeline
 from luoshu.parallel.ps_modes import HybridSync, PSSync
 from luoshu.parallel.tensor_parallel import MEGATRON_PLAN, TensorParallel, gather_parameters, parallelize
 from luoshu.parallel.zero import ZeroSync
 
 __all__ = [
-    "MEGATRON_PLAN", "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HybridSync", "PSSync",
+    "MEGATRON_PLAN", "MODES", "SYNC_MODES", "AllReduceSync", "DataParallel", "GradientSync", "HotSPa", "HybridSync",
+    "PSSync", "StepReport",
     "Pipeline", "PipelineError", "SyncMode", "TensorParallel", "ZeroSync", "checkpoint", "gather_parameters",
     "parallelize", "pipeline", "register_sync_mode",
 ]

@@ -17,7 +17,8 @@ the tensor (splits cut it, duplicates repeat it). The planner
 source rank that holds a slice sends it. `best_order` chooses the order in which a step visits
 its strategies so that the switches between them cost least, starting and ending at the
 strategy that owns the parameters. `run_switch` executes a plan as one batch of point-to-point
-sends and receives; `simulate` executes it in one process for tests and cost estimates.
+sends and receives (`run_switches`: the plans of many tensors in one batch, one message per
+peer); `simulate` executes it in one process for tests and cost estimates.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class Layout:
     def __init__(self, states: DStates, ranks: Sequence[int]):
         ranks = tuple(int(r) for r in ranks)
         if len(ranks) != states.device_num or len(set(ranks)) != len(ranks):
-            raise HotSwitchError(f"a layout over {states.device_num} devices needs as many distinct ranks, found "
-                                 f"{ranks}")
+            raise HotSwitchError(
+                f"a layout over {states.device_num} devices needs as many distinct ranks, found {ranks}"
+            )
         if states.get(PARTIAL) > 1:
             raise HotSwitchError(f"states {states.states} hold partial copies; reduce them before a hot switch")
         object.__setattr__(self, "states", states)
@@ -174,12 +176,25 @@ def _check(shape, source: Layout, destination: Layout, node_size: int, policy: s
     return shape
 
 
-def plan_hot_switch(shape: Sequence[int], itemsize: int, source: Layout, destination: Layout, *,
-                    node_size: int = 8, policy: str = "balanced") -> SwitchPlan:
-    """The messages that turn `source` shards of a tensor of `shape` into `destination` shards."""
+def plan_hot_switch(
+    shape: Sequence[int],
+    itemsize: int,
+    source: Layout,
+    destination: Layout,
+    *,
+    node_size: int = 8,
+    policy: str = "balanced",
+    load: dict[int, int] | None = None,
+) -> SwitchPlan:
+    """The messages that turn `source` shards of a tensor of `shape` into `destination` shards.
+
+    `load` (rank -> bytes already planned, updated in place) balances the senders over several
+    tensors switched together, as one switch of a whole model does."""
     shape = _check(shape, source, destination, node_size, policy)
     needs, local = _needs(shape, source, destination)
-    planned: dict[int, int] = {r: 0 for r in source.ranks}
+    planned: dict[int, int] = load if load is not None else {}
+    for r in source.ranks:
+        planned.setdefault(r, 0)
     choice: dict[tuple[int, Box], int] = {}
     order = sorted(needs, key=lambda n: (-_volume(n[1]), n[0], n[1])) if policy == "balanced" else needs
     for receiver, cell, owners in order:
@@ -196,12 +211,20 @@ def plan_hot_switch(shape: Sequence[int], itemsize: int, source: Layout, destina
         m = messages.setdefault((sender, receiver), Message(sender, receiver))
         m.slices.append(cell)
         m.nbytes += _volume(cell) * itemsize
-    return SwitchPlan(shape, itemsize, source, destination, sorted(messages.values(), key=lambda m: (m.sender,
-                      m.receiver)), local, node_size)
+    return SwitchPlan(
+        shape,
+        itemsize,
+        source,
+        destination,
+        sorted(messages.values(), key=lambda m: (m.sender, m.receiver)),
+        local,
+        node_size,
+    )
 
 
-def brute_force_max_send(shape: Sequence[int], itemsize: int, source: Layout, destination: Layout, *,
-                         node_size: int = 8) -> int:
+def brute_force_max_send(
+    shape: Sequence[int], itemsize: int, source: Layout, destination: Layout, *, node_size: int = 8
+) -> int:
     """The smallest largest-per-rank send volume over every choice of senders that keeps a
     same-node sender wherever one exists (exponential: for checking small cases)."""
     shape = _check(shape, source, destination, node_size, "balanced")
@@ -241,13 +264,14 @@ def simulate(plan: SwitchPlan, shards: dict[int, np.ndarray]) -> dict[int, np.nd
         for cell in m.slices:  # the receiver unpacks the one buffer in the same order
             n = _volume(cell)
             view = out[m.receiver][_local_slice(cell, dst[m.receiver])]
-            view[...] = packed[pos:pos + n].reshape(view.shape)
+            view[...] = packed[pos : pos + n].reshape(view.shape)
             pos += n
     return out
 
 
-def run_switch(plan: SwitchPlan, local: torch.Tensor | None, rank: int, dtype: torch.dtype = torch.float32,
-               group=None) -> torch.Tensor | None:
+def run_switch(
+    plan: SwitchPlan, local: torch.Tensor | None, rank: int, dtype: torch.dtype = torch.float32, group=None
+) -> torch.Tensor | None:
     """Executes `plan` on this rank: one batch of isend/irecv (one message per peer) plus the
     local copies. `local` is this rank's source shard (None if it holds none); returns its
     destination shard of `dtype` (None if it needs none)."""
@@ -275,14 +299,72 @@ def run_switch(plan: SwitchPlan, local: torch.Tensor | None, rank: int, dtype: t
         for cell in m.slices:
             n = _volume(cell)
             view = out[_local_slice(cell, dst[rank])]
-            view.copy_(buffer[pos:pos + n].view(view.shape))
+            view.copy_(buffer[pos : pos + n].view(view.shape))
             pos += n
     return out
 
 
+def run_switches(
+    plans: Sequence[SwitchPlan],
+    locals_: Sequence[torch.Tensor | None],
+    rank: int,
+    dtype: torch.dtype = torch.float32,
+    group=None,
+) -> list[torch.Tensor | None]:
+    """Executes several tensors' plans on this rank as one batch of isend/irecv: every slice
+    that one sender sends one receiver, over all the tensors, travels in one message.
+    Returns this rank's destination shard of each tensor (None where it needs none)."""
+    device = next((t.device for t in locals_ if t is not None), torch.device("cpu"))
+    outs: list[torch.Tensor | None] = []
+    outgoing: dict[int, list[torch.Tensor]] = {}
+    incoming: dict[int, list[tuple[int, Message]]] = {}
+    for k, (plan, local) in enumerate(zip(plans, locals_)):
+        src, dst = plan.source.boxes(plan.shape), plan.destination.boxes(plan.shape)
+        out = None
+        if rank in dst:
+            box = dst[rank]
+            out = torch.empty(tuple(b1 - b0 for b0, b1 in box), dtype=dtype, device=device)
+            for cell in plan.local.get(rank, []):
+                out[_local_slice(cell, box)] = local[_local_slice(cell, src[rank])]
+        outs.append(out)
+        for m in plan.messages:  # tensors in plan order, slices in message order: both ends agree
+            if m.sender == rank:
+                outgoing.setdefault(m.receiver, []).extend(
+                    local[_local_slice(c, src[rank])].reshape(-1).to(dtype) for c in m.slices
+                )
+            elif m.receiver == rank:
+                incoming.setdefault(m.sender, []).append((k, m))
+    ops, buffers = [], []
+    for peer in sorted(outgoing):
+        ops.append(dist.P2POp(dist.isend, torch.cat(outgoing[peer]), peer, group))
+    for peer in sorted(incoming):
+        count = sum(m.nbytes // plans[k].itemsize for k, m in incoming[peer])
+        buffer = torch.empty(count, dtype=dtype, device=device)
+        ops.append(dist.P2POp(dist.irecv, buffer, peer, group))
+        buffers.append((peer, buffer))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    for peer, buffer in buffers:
+        pos = 0
+        for k, m in incoming[peer]:
+            box = plans[k].destination.boxes(plans[k].shape)[rank]
+            for cell in m.slices:
+                n = _volume(cell)
+                view = outs[k][_local_slice(cell, box)]
+                view.copy_(buffer[pos : pos + n].view(view.shape))
+                pos += n
+    return outs
+
+
 # --- the order of strategies in a step ------------------------------------------------------------------
-def switch_cost(shapes: Sequence[Sequence[int]], itemsize: int, source: Sequence[Layout],
-                destination: Sequence[Layout], node_size: int = 8) -> int:
+def switch_cost(
+    shapes: Sequence[Sequence[int]],
+    itemsize: int,
+    source: Sequence[Layout],
+    destination: Sequence[Layout],
+    node_size: int = 8,
+) -> int:
     """The largest per-rank send volume of switching every tensor (its layouts under two strategies)."""
     load: dict[int, int] = {}
     for shape, s, d in zip(shapes, source, destination):
@@ -307,5 +389,18 @@ def best_order(costs: Sequence[Sequence[float]], owner: int = 0) -> tuple[list[i
     return best if best is not None else ([owner, owner], 0.0)
 
 
-__all__ = ["DUPLICATE", "HotSwitchError", "Layout", "Message", "POLICIES", "SwitchPlan", "best_order",
-           "brute_force_max_send", "plan_hot_switch", "run_switch", "simulate", "switch_cost"]
+__all__ = [
+    "DUPLICATE",
+    "HotSwitchError",
+    "Layout",
+    "Message",
+    "POLICIES",
+    "SwitchPlan",
+    "best_order",
+    "brute_force_max_send",
+    "plan_hot_switch",
+    "run_switch",
+    "run_switches",
+    "simulate",
+    "switch_cost",
+]

@@ -83,6 +83,7 @@ class ClusterSpec:
     inter_bw: float  # bytes/s per device between nodes
     memory: float  # bytes per device
     mfu: float = 0.5  # fraction of peak the kernels reach
+    layer_overhead: float = 0.0  # seconds per layer and micro-batch beyond the FLOPs (kernel launches; profiled)
 
     @property
     def world(self) -> int:
@@ -115,6 +116,20 @@ def parse_strategy(text: str) -> Strategy:
             raise HotSPaError(f"unknown strategy {text!r}: expected parts like dp2,tp4,pp1")
         sizes[name] = int(digits)
     return Strategy(**sizes)
+
+
+def model_spec(model) -> ModelSpec | None:
+    """The cost model's description of a zoo language model (GPT-2 or LLaMA config), or None."""
+    c = getattr(model, "config", None)
+    if c is None:
+        return None
+    if hasattr(c, "n_embd"):  # GPT-2: two MLP matrices of 4h, as the cost model's three of ~8h/3 (a multiple of 8)
+        return ModelSpec(
+            c.n_layer, c.n_embd, c.n_head, c.vocab_size, ffn=8 * max(1, round(c.n_embd / 3)), flash_attention=False
+        )
+    if hasattr(c, "dim") and hasattr(c, "n_layers"):
+        return ModelSpec(c.n_layers, c.dim, c.n_heads, c.vocab_size, ffn=c.hidden_dim, flash_attention=False)
+    return None
 
 
 # --- one layer ---------------------------------------------------------------------------------------
@@ -162,7 +177,7 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, b: int, s: int, tp: int, 
     flops = forward * passes
     if recompute == "selective":
         flops += 4.0 * model.hidden * (float(sum(n * n for n in lengths)) if lengths is not None else b * s * s)
-    compute = flops / tp / (cluster.flops * cluster.mfu)
+    compute = flops / tp / (cluster.flops * cluster.mfu) + cluster.layer_overhead
     comm = 4 * _ring(2.0 * tokens * model.hidden, tp, _group_bw(cluster, tp))
     return compute + comm
 
@@ -306,11 +321,12 @@ def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, che
 
 def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bounds: Sequence[int],
              strategies: Sequence[Strategy | str] | None = None, micro_batch_tokens: int | None = None,
-             candidates: int = 3) -> dict:
-    """Every static strategy and hot switching over `bounds` (one strategy per bucket;
-    default: the fastest that fits for each bucket). Returns {"static": [Prediction...],
-    "best_static": Prediction | None, "hot_switch": Prediction, "speedup": float}."""
-    static_list = static_strategies(cluster, model)
+             candidates: int = 3, options: Sequence[Strategy] | None = None) -> dict:
+    """Every static strategy (`options`, default `static_strategies`) and hot switching over
+    `bounds` (one strategy per bucket; default: the fastest combination of options that fits).
+    Returns {"static": [Prediction...], "best_static": Prediction | None, "hot_switch":
+    Prediction, "chosen": [Strategy per bucket], "speedup": float}."""
+    static_list = list(options) if options is not None else static_strategies(cluster, model)
     statics = [predict(model, cluster, st, lengths, micro_batch_tokens or int(bounds[0])) for st in static_list]
     fitting = [(p, st) for p, st in zip(statics, static_list) if p.fits]
     best_static, best_static_strategy = min(fitting, key=lambda o: o[0].time_s) if fitting else (None, None)
@@ -322,7 +338,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
         options = []
         for seqs, bound in zip(buckets, bound_of):
             ranked = sorted(((predict(model, cluster, st, seqs, micro_batch_tokens or bound), st)
-                             for st in static_strategies(cluster, model)), key=lambda o: o[0].time_s)
+                             for st in static_list), key=lambda o: o[0].time_s)
             ranked = [st for p, st in ranked if p.fits]
             if not ranked:
                 raise HotSPaError(f"no strategy holds a bucket of lengths up to {max(seqs, default=0)} in "
@@ -340,7 +356,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
     total, memory, parts = _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=True)
     hot = Prediction("hot:" + "|".join(str(s) for s in chosen), total, memory, True, {"buckets": parts})
     speedup = best_static.time_s / total if best_static is not None and total > 0 else float("nan")
-    return {"static": statics, "best_static": best_static, "hot_switch": hot, "speedup": speedup}
+    return {"static": statics, "best_static": best_static, "hot_switch": hot, "chosen": chosen, "speedup": speedup}
 
 
 # --- layer-wise search (Galvatron) -----------------------------------------------------------------------

@@ -60,6 +60,7 @@ class TrainConfig:
     micro_batches: int = 1
     pipeline_schedule: str = "1f1b"  # "1f1b" or "gpipe"
     sequence_parallel: bool = False
+    hot_switch: dict | None = None  # HotSPa: {buckets: [...descending..., 0], strategies: ["dp1,tp4,pp1", ...]}
     # the settings (as `check_config` last passed them), so an unchanged config is not checked twice
     _passed_check: ClassVar[str | None] = None
 
@@ -155,6 +156,10 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check("sequence_parallel", isinstance(c.sequence_parallel, bool), "true or false")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)
                                                        and c.max_grad_norm > 0), "a positive number")
+    if c.hot_switch is not None:
+        from luoshu.train.hot_switch import check_hot_switch  # (it imports the builders this module does)
+
+        check_hot_switch(c, source)
 
 
 def _check_job(config: TrainConfig) -> None:
@@ -215,6 +220,11 @@ def _check_parallel(config: TrainConfig, task: str) -> None:
 
     c = config
     product = c.dp * c.tp * c.pp
+    if c.hot_switch is not None:  # its strategies lay out the ranks
+        if product > 1 or c.micro_batches > 1 or c.sequence_parallel:
+            raise TrainConfigError("hot_switch names its own strategies: leave dp, tp, pp, micro_batches and "
+                                   "sequence_parallel at their defaults")
+        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if product != world:
         raise TrainConfigError(f"dp x tp x pp = {c.dp} x {c.tp} x {c.pp} = {product} must equal the world size of "

@@ -40,6 +40,7 @@ from luoshu.train.checkpoints import (
 )
 from luoshu.train.config import TrainConfig, check_config
 from luoshu.train.errors import Terminated, TrainConfigError
+from luoshu.train.hot_switch import train_hot_switch
 from luoshu.train.parallel_run import ParallelRun
 from luoshu.train.tasks import TASKS, is_masked_lm, masked_lm
 
@@ -480,4 +481,6 @@ def train(config: TrainConfig) -> dict[str, float]:
     task, _ = check_config(config)
     if task == "node":
         return train_node_job(config, log=print if config.progress else None)
+    if config.hot_switch is not None:
+        return train_hot_switch(config)
     return Trainer(config).fit()

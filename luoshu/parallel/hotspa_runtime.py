@@ -1,0 +1,487 @@
+"""`HotSPa`: one language-model graph trained under several parallel strategies inside each step.
+
+HotSPa (Hetu, SOSP 2024) splits a step's batch by sequence length into buckets and runs each
+bucket under its own strategy: long sequences under memory-frugal tensor parallelism, the many
+short ones under plain data parallelism. Training stays exactly that of one strategy:
+
+- one logical graph (placeholders with a run-time length; packed rows with reset positions and
+  segment ids); every parameter carries one `DStates` per strategy in `Tensor.ds`, the
+  distributed-states pass localises the graph for each strategy, and the plan cache keeps one
+  compiled plan per (strategy, fetches, feeds) (`Graph.strategy_key`);
+- one strategy, the *owner* (by default the one whose model states take least memory per rank),
+  holds the parameters and the optimizer state; before a bucket runs under another strategy the
+  hot-switch planner's plan moves the parameter slices there (`hot_switch.run_switches`: one
+  batch of isend/irecv, one message per peer);
+- each bucket's gradients are summed over its strategy's data-parallel group and switched back
+  into the owner's layout, where they accumulate; one optimizer step runs there;
+- the buckets are visited in the order that makes the parameter switches cheapest
+  (`hot_switch.best_order`, starting and ending at the owner).
+
+Each rank's loss is the sum of its tokens' cross entropies divided by the step's total target
+tokens, so the buckets' gradients add up to the gradient of the whole batch's mean loss.
+Pipeline strategies (pp > 1) are not supported here yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from luoshu.compiler import states
+from luoshu.core import context
+from luoshu.core.autodiff import gradients
+from luoshu.core.dstates import DUPLICATE, DStates
+from luoshu.core.errors import Error
+from luoshu.core.graph import Graph
+from luoshu.core.tensor import IndexedSlices
+from luoshu.data.packing import IGNORE_INDEX, _check_bounds, bucket_batch
+from luoshu.distributed import env
+from luoshu.distributed.mesh import DeviceMesh
+from luoshu.nn import functional as F
+from luoshu.nn.module import Module
+from luoshu.parallel import hot_switch as hs
+from luoshu.parallel import hotspa_profile
+from luoshu.parallel.hotspa import ClusterSpec, HotSPaError, model_spec, parse_strategy, predict
+from luoshu.parallel.hotspa import Strategy as CostStrategy
+from luoshu.parallel.tensor_parallel import _broadcast, parallelize
+
+
+@dataclass
+class StepReport:
+    """What one `HotSPa.step` did: the batch's mean loss, and per visited strategy (in visiting
+    order) its tokens, the bytes its switches moved (all ranks, parameters there and gradients
+    back) and this rank's seconds in those switches."""
+
+    loss: float
+    order: list[int]
+    tokens: dict[int, int] = field(default_factory=dict)
+    switch_bytes: int = 0
+    switch_seconds: float = 0.0
+    step_seconds: float = 0.0
+
+
+def _refuse_pipeline(i: int, pp: int, text: str) -> None:
+    if pp > 1:
+        raise HotSPaError(
+            f"HotSPa: strategy {i} {text!r} has {pp} pipeline stages; HotSPa runs tensor- and "
+            "data-parallel strategies only (pp=1)"
+        )
+
+
+def _strategy_mesh(spec, i: int, world: int, rank: int) -> DeviceMesh:
+    if isinstance(spec, str):
+        st = parse_strategy(spec)  # an unknown string: HotSPaError
+        _refuse_pipeline(i, st.pp, spec)
+        if st.dp * st.tp * st.pp != world:
+            raise HotSPaError(
+                f"HotSPa: strategy {i} {spec!r} covers {st.dp * st.tp * st.pp} devices, but the world has {world} ranks"
+            )
+        return DeviceMesh(dp=st.dp, tp=st.tp, pp=st.pp, world_size=world, rank=rank)
+    if not isinstance(spec, DeviceMesh):
+        raise HotSPaError(
+            f"HotSPa: strategy {i} must be a DeviceMesh or a string like 'dp2,tp2,pp1', found {type(spec).__name__}"
+        )
+    _refuse_pipeline(i, spec.pp, _name(spec))
+    if spec.world_size != world:
+        raise HotSPaError(
+            f"HotSPa: strategy {i} {spec} covers {spec.world_size} devices, but the world has {world} ranks"
+        )
+    return spec
+
+
+def _name(mesh: DeviceMesh) -> str:
+    return f"dp{mesh.dp},tp{mesh.tp},pp{mesh.pp}"
+
+
+def _world_layout(ds: DStates, mesh: DeviceMesh) -> hs.Layout:
+    """A parameter's layout over every rank: its TP states inside each TP group, duplicated over DP
+    (the mesh orders ranks dp-major, tp-minor)."""
+    split = [k for k in ds.states if k >= 0]
+    world_states, order = {}, []
+    dup = mesh.dp * (1 if split else mesh.tp)
+    if dup > 1:
+        world_states[DUPLICATE] = dup
+        order.append(DUPLICATE)
+    if split:
+        world_states[split[0]] = mesh.tp
+        order.append(split[0])
+    return hs.Layout(DStates(mesh.world_size, world_states, tuple(order)), range(mesh.world_size))
+
+
+class HotSPa:
+    """Trains `model` (a causal language model called as `model(ids, positions=, segment_ids=)`
+    returning (B, L, vocab) logits) with bucket i of each step's batch under `strategies[i]`.
+
+    `strategies`: one `DeviceMesh` or string ("dp2,tp2,pp1") per bucket, each covering the
+    world, or "auto": the cost model fed by this machine's profile (`hotspa_profile`) picks them
+    for a batch with `auto_lengths` (default: one sequence at each bucket's bound).
+    `bucket_bounds`: strictly descending, ending with 0 (bucket i takes lengths in
+    (bounds[i+1], bounds[i]]). `owner`: the strategy index that holds the parameters and
+    optimizer state (default: least model-state memory per rank). `memory_budget`: bytes per
+    device; every bucket's strategy must hold its bound in it per the cost model
+    (`hotspa.predict`). `node_size`: ranks per node for the planner (default: the launcher's
+    local world size). Create the optimizer after `HotSPa` (the parameters then hold the owner's
+    shards) and call `step(sequences, optimizer)` once per batch.
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        strategies: Sequence,
+        bucket_bounds: Sequence[int],
+        *,
+        owner: int | None = None,
+        memory_budget: float | None = None,
+        node_size: int | None = None,
+        broadcast: bool = True,
+        plan: dict | None = None,
+        auto_lengths: Sequence[int] | None = None,
+    ):
+        if not isinstance(model, Module):
+            raise HotSPaError(f"HotSPa: expected a luoshu.nn.Module, found {type(model).__name__}")
+        bounds = _check_bounds(bucket_bounds)
+        env.init()
+        if isinstance(strategies, str) and strategies == "auto":  # the profiled cost model picks them
+            prof = hotspa_profile.profile(model)
+            lengths = list(auto_lengths) if auto_lengths is not None else bounds[:-1]
+            memory = float("inf") if memory_budget is None else float(memory_budget)
+            strategies = hotspa_profile.choose_strategies(prof, env.world_size(), bounds, lengths, memory)
+        elif isinstance(strategies, str):
+            raise HotSPaError(f"HotSPa: strategies must be a list (one per bucket) or 'auto', found {strategies!r}")
+        strategies = list(strategies)
+        if len(strategies) != len(bounds) - 1:
+            raise HotSPaError(
+                f"HotSPa: bucket bounds {bounds} make {len(bounds) - 1} buckets, which need as many "
+                f"strategies; found {len(strategies)}"
+            )
+        if owner is not None and not (isinstance(owner, int) and 0 <= owner < len(strategies)):
+            raise HotSPaError(f"HotSPa: owner must index one of the {len(strategies)} strategies, found {owner!r}")
+        world, rank = env.world_size(), env.rank()
+        meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
+        spec = model_spec(model)
+        if memory_budget is not None:
+            if spec is None:
+                raise HotSPaError("HotSPa: memory_budget needs a model with a GPT-2 or LLaMA config for the cost model")
+            cluster = ClusterSpec(
+                gpus_per_node=world, nodes=1, flops=1.0, intra_bw=1.0, inter_bw=1.0, memory=float(memory_budget)
+            )
+            for i, mesh in enumerate(meshes):
+                p = predict(spec, cluster, CostStrategy(mesh.dp, mesh.tp, mesh.pp), [bounds[i]] * mesh.dp)
+                if not p.fits:
+                    raise HotSPaError(
+                        f"HotSPa: bucket {i} (sequences up to {bounds[i]} tokens) under strategy {_name(mesh)} needs "
+                        f"{p.memory_bytes / 2**20:.1f} MiB per device per the cost model, more than the budget of "
+                        f"{memory_budget / 2**20:.1f} MiB"
+                    )
+        params = model.parameters()
+        if any(p.ds for p in params):
+            raise HotSPaError("HotSPa: the model's parameters already carry distributed states; pass a plain model")
+        if broadcast:
+            _broadcast(model)
+        full = [p._value for p in params]
+        per_strategy_ds, per_strategy_value, plans_strategy = [], [], []
+        try:
+            for i, mesh in enumerate(meshes):  # parallelize each strategy from the full values
+                for p, v in zip(params, full):
+                    p.ds, p._value = [], v
+                tp = parallelize(model, mesh, broadcast=False, plan=plan)
+                per_strategy_ds.append([p.ds[0] for p in params])
+                per_strategy_value.append([p._value for p in params])
+                plans_strategy.append(dataclasses.replace(tp.strategy, dp_group=(), strategy=i))
+                if mesh.dp > 1 and env.is_distributed():
+                    mesh.process_group("dp")
+        except Error:  # a strategy the model cannot take (heads that tp does not divide): the model as it was
+            for p, v in zip(params, full):
+                p.ds, p._value = [], v
+            raise
+        finally:
+            states.set_default(None)  # graphs compile under a strategy only where HotSPa selects one
+        for k, p in enumerate(params):
+            p.ds = [ds[k] for ds in per_strategy_ds]
+        self.model, self.meshes, self.bounds, self.params = model, meshes, bounds, params
+        self.rank, self.world = rank, world
+        self.node_size = int(node_size or os.environ.get("LOCAL_WORLD_SIZE", world))
+        sizes = [sum(v.numel() for v in values) for values in per_strategy_value]
+        self.owner = int(np.argmin(sizes)) if owner is None else int(owner)
+        for p, v in zip(params, per_strategy_value[self.owner]):
+            p._value = v
+        self._owner_values = list(per_strategy_value[self.owner])
+        del full, per_strategy_value
+        self._layouts = [[_world_layout(p.ds[i], mesh) for p in params] for i, mesh in enumerate(meshes)]
+        self._switch_plans: dict[tuple[int, int], list[hs.SwitchPlan]] = {}
+        itemsize = params[0]._value.element_size()
+        n = len(meshes)
+        self._costs = [
+            [
+                0.0 if b == self.owner or a == b else float(max(self._plans(a, b)[0].values(), default=0))
+                for b in range(n)
+            ]
+            for a in range(n)
+        ]
+        self._itemsize = itemsize
+        self._build_graph(plans_strategy)
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def _plans(self, a: int, b: int) -> tuple[dict[int, int], list[hs.SwitchPlan]]:
+        """(bytes each rank sends, the plan of every parameter) for a switch from strategy a to b."""
+        if (a, b) not in self._switch_plans:
+            load: dict[int, int] = {}
+            self._switch_plans[(a, b)] = [
+                hs.plan_hot_switch(
+                    tuple(p.shape),
+                    p._value.element_size(),
+                    self._layouts[a][k],
+                    self._layouts[b][k],
+                    node_size=self.node_size,
+                    load=load,
+                )
+                for k, p in enumerate(self.params)
+            ]
+        plans = self._switch_plans[(a, b)]
+        sent: dict[int, int] = {}
+        for plan in plans:
+            for r, nbytes in plan.send_bytes().items():
+                sent[r] = sent.get(r, 0) + nbytes
+        return sent, plans
+
+    def _build_graph(self, strategies: list[states.Strategy]) -> None:
+        dtype = self.params[0].dtype
+        with Graph(name="hotspa") as g:
+            ids = g.placeholder("ids", (None, None), "int64")
+            positions = g.placeholder("positions", (None, None), "int64")
+            segments = g.placeholder("segment_ids", (None, None), "int64")
+            labels = g.placeholder("labels", (None, None), "int64")
+            scale = g.placeholder("scale", (), dtype)
+            logits = self.model(ids, positions=positions, segment_ids=segments)
+            vocab = logits.shape[-1]
+            total = F.cross_entropy(
+                logits.reshape((-1, vocab)), labels.reshape((-1,)), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            loss = total * scale
+            grads = gradients(loss, self.params)
+        self.graph = g
+        self._feeds = (ids, positions, segments, labels, scale)
+        self._loss, self._grads = loss, grads
+        self._fetches = [loss]
+        for gr in grads:
+            if gr is None:
+                continue
+            self._fetches += [gr.indices, gr.values] if isinstance(gr, IndexedSlices) else [gr]
+        self._strategies = []
+        for i, st in enumerate(strategies):  # gradients fetched in their parameter's states under strategy i
+            wanted = {
+                id(gr): p.ds[i]
+                for p, gr in zip(self.params, grads)
+                if gr is not None and not isinstance(gr, IndexedSlices)
+            }
+            self._strategies.append(dataclasses.replace(st, fetch_states=wanted))
+
+    # --- one step ---------------------------------------------------------------------------------
+    def _local_grads(self, i: int, rows, scale: float, touched: dict) -> tuple[float, list[torch.Tensor]]:
+        """(this rank's loss share, each parameter's local gradient under strategy i) for `rows`;
+        the rows of tables with a sparse gradient are marked in `touched[k]`."""
+        mesh = self.meshes[i]
+        values = [p._value for p in self.params]
+        if rows is None:  # this rank's replica got no rows this step: it adds nothing
+            return 0.0, [torch.zeros_like(v) for v in values]
+        states.select(self.graph, self._strategies[i], ("hotspa", i))
+        ids, positions, segments, labels, scale_t = self._feeds
+        out = self.graph.run(
+            self._fetches,
+            {
+                ids: rows.tokens,
+                positions: rows.positions,
+                segments: rows.segment_ids,
+                labels: rows.labels,
+                scale_t: np.asarray(scale, dtype=np.float64),  # converted to the placeholder's dtype
+            },
+        )
+        loss, rest = float(out[0]), out[1:]
+        grads = []
+        for k, (p, gr) in enumerate(zip(self.params, self._grads)):
+            if gr is None:
+                grads.append(torch.zeros_like(values[k]))
+            elif isinstance(gr, IndexedSlices):  # rows of a table: summed into its local block
+                device = values[k].device
+                idx, val = torch.from_numpy(rest[0]).to(device), torch.from_numpy(rest[1]).to(device)
+                rest = rest[2:]
+                dense = torch.zeros(tuple(p.shape), dtype=values[k].dtype, device=device)
+                dense.index_add_(0, idx.reshape(-1), val.reshape(-1, *dense.shape[1:]).to(dense.dtype))
+                touched[k][idx.reshape(-1).cpu()] = 1
+                box = self._layouts[i][k].boxes(tuple(p.shape))[self.rank]
+                grads.append(dense[tuple(slice(a, b) for a, b in box)].contiguous())
+            else:
+                grads.append(torch.from_numpy(rest[0]).to(device=values[k].device, dtype=values[k].dtype))
+                rest = rest[1:]
+        return (loss if mesh.index("tp") == 0 else 0.0), grads
+
+    def _dp_sum(self, i: int, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sums the gradients over strategy i's data-parallel group (one flat all-reduce)."""
+        mesh = self.meshes[i]
+        if mesh.dp == 1 or not env.is_distributed():
+            return grads
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch_dist.all_reduce(flat, group=mesh.process_group("dp"))
+        out, pos = [], 0
+        for g in grads:
+            out.append(flat[pos : pos + g.numel()].view(g.shape))
+            pos += g.numel()
+        return out
+
+    def _switch(self, a: int, b: int, values: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, float]:
+        """values in strategy a's layout -> strategy b's (one batch of isend/irecv); (values, bytes, s)."""
+        if a == b:
+            return values, 0, 0.0
+        sent, plans = self._plans(a, b)
+        start = time.perf_counter()
+        if env.is_distributed():
+            out = hs.run_switches(plans, values, self.rank, dtype=values[0].dtype)
+        else:
+            out = values
+        return out, sum(sent.values()), time.perf_counter() - start
+
+    def order(self, used: Sequence[int]) -> list[int]:
+        """The visiting order of the strategies `used` this step: the owner's first, then the one
+        whose parameter switches cost least in total (`hot_switch.best_order`)."""
+        used = sorted(set(used) | {self.owner})
+        sub = [[self._costs[a][b] for b in used] for a in used]
+        path, _ = hs.best_order(sub, used.index(self.owner))
+        return [used[j] for j in path[:-1]]
+
+    def step(self, sequences: Sequence[np.ndarray], optimizer) -> StepReport:
+        """One training step over a global batch of 1-D token sequences (the same on every rank):
+        bucketed, packed, each bucket run under its strategy, one optimizer step at the owner."""
+        start = time.perf_counter()
+        missing = [p.name for p in self.params if id(p) not in optimizer._index]
+        if missing:
+            raise HotSPaError(
+                f"HotSPa.step: the optimizer does not hold parameters {missing[:3]}; create it with "
+                "model.parameters() after HotSPa"
+            )
+        groups = bucket_batch(sequences, self.bounds)
+        total = sum(int((gr.rows.labels != IGNORE_INDEX).sum()) for gr in groups)
+        if total == 0:
+            raise HotSPaError("HotSPa.step: the batch has no target tokens (every sequence has one token or none)")
+        used = [i for i, gr in enumerate(groups) if gr.rows.num_rows]
+        report = StepReport(0.0, self.order(used))
+        accumulated = [torch.zeros_like(v) for v in self._owner_values]
+        # a table's sparse gradient updates only the rows some group touched (as one process would)
+        touched = {
+            k: torch.zeros(p.shape[0], dtype=torch.int32)
+            for k, (p, g) in enumerate(zip(self.params, self._grads))
+            if isinstance(g, IndexedSlices)
+        }
+        current, loss = self.owner, 0.0
+        with context.no_grad():
+            for i in report.order:
+                gr = groups[i]
+                report.tokens[i] = gr.tokens
+                if not gr.rows.num_rows:
+                    continue
+                if i != current:  # parameters there, from wherever they are now
+                    values, nbytes, seconds = self._switch(current, i, [p._value for p in self.params])
+                    for p, v in zip(self.params, values):
+                        p._value = v
+                    report.switch_bytes += nbytes
+                    report.switch_seconds += seconds
+                    current = i
+                mesh = self.meshes[i]
+                mine = np.arange(gr.rows.num_rows)[mesh.index("dp") :: mesh.dp]  # this replica's rows
+                rows = None
+                if len(mine):
+                    r = gr.rows
+                    rows = dataclasses.replace(
+                        r,
+                        tokens=r.tokens[mine],
+                        positions=r.positions[mine],
+                        segment_ids=r.segment_ids[mine],
+                        labels=r.labels[mine],
+                    )
+                share, grads = self._local_grads(i, rows, 1.0 / total, touched)
+                loss += share
+                grads = self._dp_sum(i, grads)
+                grads, nbytes, seconds = self._switch(i, self.owner, grads)  # gradients back to the owner
+                report.switch_bytes += nbytes
+                report.switch_seconds += seconds
+                for acc, g in zip(accumulated, grads):
+                    acc += g
+            for p, v in zip(self.params, self._owner_values):
+                p._value = v
+            updates = [(optimizer._index[id(p)], g) for p, g in zip(self.params, accumulated)]
+            if touched and env.is_distributed():
+                flat = torch.cat(list(touched.values()))
+                torch_dist.all_reduce(flat)
+                pos = 0
+                for mark in touched.values():
+                    mark.copy_(flat[pos : pos + len(mark)])
+                    pos += len(mark)
+            for k, mark in touched.items():
+                first, last = self._layouts[self.owner][k].boxes(tuple(self.params[k].shape))[self.rank][0]
+                rows = torch.nonzero(mark[first:last] > 0).reshape(-1).to(accumulated[k].device)
+                updates[k] = (updates[k][0], (rows, accumulated[k].index_select(0, rows)))
+            if optimizer.max_grad_norm is not None:
+                optimizer.shard_norm = self._global_norm(optimizer)
+            optimizer.apply_gradients(updates)
+            # the optimizer updated the owner's shards in place; they stay the parameters' values
+            self._owner_values = [p._value for p in self.params]
+        if env.is_distributed():
+            value = torch.tensor([loss], dtype=torch.float64)
+            torch_dist.all_reduce(value)
+            loss = float(value[0])
+        report.loss = loss
+        report.step_seconds = time.perf_counter() - start
+        return report
+
+    def _global_norm(self, optimizer):
+        """The clipping norm over the owner's shards: each box counted once however many ranks
+        hold it, summed over every rank (one all-reduce of a scalar)."""
+        copies = {}
+        for k, p in enumerate(self.params):
+            boxes = list(self._layouts[self.owner][k].boxes(tuple(p.shape)).values())
+            copies[optimizer._index[id(p)]] = boxes.count(boxes[self.rank])
+
+        def norm(indices: list, grads: list) -> torch.Tensor:
+            total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+            for i, g in zip(indices, grads):
+                total += torch.linalg.vector_norm(g.double()) ** 2 / copies[i]
+            if env.is_distributed():
+                torch_dist.all_reduce(total)
+            return total.sqrt()
+
+        return norm
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter's full value by name, gathered from the owner's shards (a collective)."""
+        out = {}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for k, p in enumerate(self.params):
+            layout = self._layouts[self.owner][k]
+            boxes = layout.boxes(tuple(p.shape))
+            full = torch.zeros(tuple(p.shape), dtype=p._value.dtype, device=p._value.device)
+            mine = boxes[self.rank]
+            full[tuple(slice(a, b) for a, b in mine)] = p._value
+            if env.is_distributed():
+                # every box is held by dp copies: sum once per box, by the lowest rank holding it
+                first = {}
+                for r in sorted(boxes):
+                    first.setdefault(boxes[r], r)
+                if first[mine] != self.rank:
+                    full.zero_()
+                torch_dist.all_reduce(full)
+            out[names.get(id(p), p.name)] = full
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"HotSPa({[_name(m) for m in self.meshes]}, bounds={self.bounds}, owner={_name(self.meshes[self.owner])})"
+        )
+
+
+__all__ = ["HotSPa", "StepReport", "model_spec"]

@@ -1,0 +1,114 @@
+"""GPT-2 / LLaMA trained with HotSPa hot switching over long-tailed batches; run under
+`luoshu launch -n 4` by the tests.
+
+    luoshu launch -n 4 tests/parallel/hotspa_train.py --models gpt2,llama --out PREFIX
+
+Every rank draws the same batches; rank r writes, per model, the losses and the full parameters
+(gathered from the owner's shards) to PREFIX.<model>.rank<r>.npz. `reference(model)` is the
+one-process reference: each sequence alone, eagerly, losses summed over the batch's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+import luoshu as ls
+from luoshu.models.language import GPT2, GPTConfig, Llama, LlamaConfig
+
+VOCAB, MAX_LEN, STEPS, BATCH = 64, 32, 5, 14
+BOUNDS = [32, 12, 6, 0]
+STRATEGIES = ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1"]
+
+
+def build(name: str):
+    ls.manual_seed(7)
+    if name == "gpt2":
+        model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=MAX_LEN, n_layer=2, n_head=4, n_embd=32))
+    else:
+        model = Llama(
+            LlamaConfig(
+                vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=64, max_seq_len=MAX_LEN
+            )
+        )
+    return model.to(dtype="float64")
+
+
+def batches(seed: int = 5):
+    """Long-tailed batches: most sequences short, a few up to MAX_LEN (every bucket non-empty)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        seqs = ls.data.synthetic_sequences(
+            BATCH - 2, VOCAB, min_len=2, max_len=MAX_LEN, seed=int(rng.integers(1 << 30))
+        )
+        yield [*seqs, rng.integers(0, VOCAB, MAX_LEN), rng.integers(0, VOCAB, 9)]
+
+
+CLIP = {"gpt2": None, "llama": 0.3}  # LLaMA's gradients are clipped to a global norm they exceed
+
+
+def optimizer(model, clip=None):
+    return ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
+
+
+def reference(name: str, clip: bool = True):
+    """(losses, {name: parameter}) of one process on the same batches: the mean next-token loss
+    over every target of the batch, each sequence run alone (no packing, no parallelism)."""
+    model = build(name)
+    opt = optimizer(model, CLIP[name] if clip else None)
+    losses = []
+    for seqs in batches():
+        total = sum(len(s) - 1 for s in seqs)
+        model.zero_grad()
+        value = 0.0
+        for s in seqs:
+            if len(s) < 2:
+                continue
+            # the whole sequence in, as a one-process job feeds it; its last token has no target
+            logits = model(ls.tensor(s[None]))
+            target = np.concatenate([s[1:], [-100]])
+            loss = ls.nn.functional.cross_entropy(logits.reshape((-1, VOCAB)), ls.tensor(target), reduction="sum")
+            loss = loss * (1.0 / total)
+            loss.backward()
+            value += loss.item()
+        opt.step()
+        losses.append(value)
+    return np.array(losses), {n: p.value.clone().numpy() for n, p in model.named_parameters()}
+
+
+def train(name: str, strategies=STRATEGIES):
+    model = build(name)
+    hot = ls.parallel.HotSPa(model, strategies, BOUNDS)
+    opt = optimizer(model, CLIP[name])
+    losses, reports = [], []
+    for seqs in batches():
+        report = hot.step(seqs, opt)
+        losses.append(report.loss)
+        reports.append(report)
+    params = {n: v.numpy() for n, v in hot.full_parameters().items()}
+    return np.array(losses), params, reports, hot
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="gpt2,llama")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ls.distributed.init()
+    for name in args.models.split(","):
+        losses, params, reports, hot = train(name)
+        extra = {
+            "owner": np.array(hot.owner),
+            "order": np.array(reports[0].order),
+            "switch_bytes": np.array([r.switch_bytes for r in reports]),
+            "tokens": np.array([[r.tokens.get(i, 0) for i in range(len(STRATEGIES))] for r in reports]),
+        }
+        np.savez(f"{args.out}.{name}.rank{ls.distributed.rank()}.npz", losses=losses, **extra, **params)
+    ls.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

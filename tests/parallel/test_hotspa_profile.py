@@ -1,0 +1,68 @@
+"""Profiling inputs of the strategy search: per-layer points on this machine, the fitted cost model,
+`strategies="auto"` under a memory budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import luoshu as ls
+from luoshu.models.language import GPT2, GPTConfig
+from luoshu.parallel import hotspa as H
+from luoshu.parallel import hotspa_profile as P
+
+BOUNDS = [256, 64, 16, 0]
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    ls.manual_seed(0)
+    model = GPT2(GPTConfig(vocab_size=128, block_size=256, n_layer=2, n_head=4, n_embd=64))
+    return model, P.profile(model, lengths=(16, 64, 256), batches=(1, 2), repeats=2)
+
+
+def test_profile_measures_every_point_and_fits_the_cost_model(profiled):
+    _, prof = profiled
+    assert [(p["batch"], p["length"]) for p in prof.points] == [(b, s) for b in (1, 2) for s in (16, 64, 256)]
+    assert prof.flops > 0 and prof.layer_overhead_s >= 0 and prof.activation_scale > 0
+    act = {(p["batch"], p["length"]): p["activation_bytes"] for p in prof.points}
+    for b in (1, 2):  # a block keeps more activations for longer and for more sequences
+        assert act[(b, 16)] < act[(b, 64)] < act[(b, 256)]
+    assert act[(2, 256)] > act[(1, 256)]
+    # the fitted activation model is the cost model's formula scaled once: within 2x at the longest
+    want = prof.activation_scale * H.layer_activation_bytes(prof.spec, 2, 256, 1, False, "none")
+    assert 0.5 < act[(2, 256)] / want < 2.0
+
+
+def _need(prof, st: str, length: int, world: int) -> float:
+    cluster = P.cluster(prof, world)
+    s = H.parse_strategy(st)
+    return H.predict(prof.spec, cluster, s, [length] * s.dp).memory_bytes * prof.activation_scale
+
+
+def test_auto_strategies_hold_each_bucket_in_the_budget(profiled):
+    _, prof = profiled
+    lengths = [256, 200, 60, 40, 30, 12, 10, 8, 6, 4]
+    free = P.choose_strategies(prof, 4, BOUNDS, lengths)
+    assert len(free) == 3 and all(H.parse_strategy(s).dp * H.parse_strategy(s).tp == 4 for s in free)
+    budget = (_need(prof, "dp1,tp4,pp1", 256, 4) + _need(prof, "dp2,tp2,pp1", 256, 4)) / 2
+    tight = P.choose_strategies(prof, 4, BOUNDS, lengths, memory=budget)
+    assert tight[0] == "dp1,tp4,pp1"  # only tp4 holds the longest bucket
+    for st, bound in zip(tight, BOUNDS):
+        assert _need(prof, st, bound, 4) <= budget * (1 + 1e-9)
+    with pytest.raises(ls.Error, match="no strategy holds a bucket of lengths up to 256"):
+        P.choose_strategies(prof, 4, BOUNDS, lengths, memory=_need(prof, "dp1,tp4,pp1", 256, 4) * 0.5)
+
+
+def test_hotspa_auto_in_one_process_trains(profiled):
+    ls.manual_seed(0)
+    model = GPT2(GPTConfig(vocab_size=128, block_size=256, n_layer=1, n_head=4, n_embd=32))
+    hot = ls.parallel.HotSPa(model, "auto", BOUNDS)
+    assert [str(m.sizes) for m in hot.meshes] == [str({"pp": 1, "dp": 1, "tp": 1})] * 3
+    opt = ls.optim.SGD(model.parameters(), lr=0.1)
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, 128, n) for n in (200, 50, 9, 5)]
+    first = hot.step(batch, opt).loss
+    assert hot.step(batch, opt).loss < first
+    with pytest.raises(ls.Error, match="a list \\(one per bucket\\) or 'auto'"):
+        ls.parallel.HotSPa(model, "fastest", BOUNDS)
