@@ -57,7 +57,7 @@ def test_bad_table_placement_is_refused():
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tables", ["row", "table"])
+@pytest.mark.parametrize("tables", [pytest.param("row", marks=pytest.mark.slow), "table"])
 def test_dlrm_tables_on_two_processes_equal_one_process(tmp_path, tables):
     out = tmp_path / tables
     proc = launch(2, "tests/parallel/dlrm_tp_train.py", "--tables", tables, "--out", str(out), timeout=200)
