@@ -437,7 +437,8 @@ class BucketAllReduce(OpDef):
         offsets = [0]
         for x in xs:
             offsets.append(offsets[-1] + x.numel())
-        placed = [_in_place(x, current, pos) for x, pos in zip(xs, offsets)]
+        pieces = current.__dict__.get(_PIECES_AT, {}) if current is not None else {}
+        placed = [pieces.get(pos) is x or _in_place(x, current, pos) for x, pos in zip(xs, offsets)]
         flat = _bucket_buffer(buffer, total, xs[0], [x for x, p in zip(xs, placed) if not p])
         scale = 1.0 / size if reduce == "mean" and size > 1 else None
         for x, pos, was_placed in zip(xs, offsets, placed):
@@ -484,14 +485,28 @@ class BucketPlace(OpDef):
         return meta
 
     def compute(self, *values, op, op_attrs, shape, dtype, buffer, offset, total, reduce, group):
-        _, size, _ = _group(self.name, group)
-        opdef = get_opdef(op)
-        attrs = {**opdef.attrs, **op_attrs}
-        scale = 1.0 / size if reduce == "mean" and size > 1 else 1.0
-        device = next(v.device for v in values if isinstance(v, torch.Tensor))
-        like = torch.empty(0, dtype=dtypes.to_torch(dtype), device=device)
-        flat = _bucket_buffer(buffer, total, like)
-        piece = flat[offset:offset + numel(tuple(shape))].view(tuple(shape))
+        # What does not change between steps (the op, its attributes, the scale, the piece of the
+        # persistent buffer) is prepared once per attribute dict, which the plan's kernel binds for
+        # good: at 1 MB buckets the per-step Python work was a sizeable part of the step.
+        prepared = _PLACED.get(id(op_attrs))
+        if prepared is None or prepared[0] is not op_attrs:
+            _, size, _ = _group(self.name, group)
+            opdef = get_opdef(op)
+            scale = 1.0 / size if reduce == "mean" and size > 1 else 1.0
+            prepared = (op_attrs, opdef, {**opdef.attrs, **op_attrs}, scale)
+            if len(_PLACED) > 4096:  # attribute dicts of plans gone: start over
+                _PLACED.clear()
+            _PLACED[id(op_attrs)] = prepared
+        _, opdef, attrs, scale = prepared
+        flat = live.lookup(buffer, "bucket buffer", self.name).tensor
+        pieces = flat.__dict__.get(_PIECES_AT) if flat is not None else None
+        piece = pieces.get(offset) if pieces is not None else None
+        if piece is None or tuple(piece.shape) != tuple(shape):
+            device = next(v.device for v in values if isinstance(v, torch.Tensor))
+            like = torch.empty(0, dtype=dtypes.to_torch(dtype), device=device)
+            flat = _bucket_buffer(buffer, total, like)
+            piece = flat[offset:offset + numel(tuple(shape))].view(tuple(shape))
+            flat.__dict__.setdefault(_PIECES_AT, {})[offset] = piece
         if opdef.compute_into is None or not opdef.compute_into(piece, scale, *values, **attrs):
             result = opdef.compute(*values, **attrs)
             if scale == 1.0:
@@ -499,6 +514,11 @@ class BucketPlace(OpDef):
             else:
                 torch.mul(result, scale, out=piece)
         return piece
+
+
+# id(attribute dict of a bucket_place kernel) -> (that dict, opdef, attributes, scale)
+_PLACED: dict[int, tuple] = {}
+_PIECES_AT = "_luoshu_pieces_at"  # attribute of a bucket buffer: offset -> the piece bucket_place writes
 
 
 @register
@@ -521,12 +541,22 @@ class BucketUnpack(OpDef):
     @staticmethod
     def compute(flat, shapes):
         flat = _finish(flat, "bucket_unpack")
+        # A persistent bucket buffer comes back every step: its pieces are made once and kept on
+        # it (they die with it).
+        cached = flat.__dict__.get(_PIECES)
+        if cached is not None and cached[0] == shapes:
+            return cached[1]
         out, pos = [], 0
         for s in shapes:
             n = numel(tuple(s))
             out.append(flat[pos:pos + n].view(tuple(s)))
             pos += n
-        return tuple(out) if len(out) > 1 else out[0]
+        result = tuple(out) if len(out) > 1 else out[0]
+        flat.__dict__[_PIECES] = (shapes, result)
+        return result
+
+
+_PIECES = "_luoshu_pieces"  # attribute of a bucket buffer: (shapes, its pieces) as bucket_unpack made them
 
 
 @register

@@ -60,6 +60,7 @@ class TrainConfig:
     micro_batches: int = 1
     pipeline_schedule: str = "1f1b"  # "1f1b" or "gpipe"
     sequence_parallel: bool = False
+    zero: int = 0  # ZeRO stage over the data-parallel workers: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters
     hot_switch: dict | None = None  # HotSPa: {buckets: [...descending..., 0], strategies: ["dp1,tp4,pp1", ...]}
     # the settings (as `check_config` last passed them), so an unchanged config is not checked twice
     _passed_check: ClassVar[str | None] = None
@@ -154,6 +155,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
         check(name, is_int(getattr(c, name), 1), "a positive integer")
     check("pipeline_schedule", c.pipeline_schedule in ("1f1b", "gpipe"), "'1f1b' or 'gpipe'")
     check("sequence_parallel", isinstance(c.sequence_parallel, bool), "true or false")
+    check("zero", c.zero in (0, 1, 2, 3) and not isinstance(c.zero, bool), "0, 1, 2 or 3")
+    check("zero", not c.zero or c.hot_switch is None, "0 in a hot_switch job (it lays out its own strategies)")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)
                                                        and c.max_grad_norm > 0), "a positive number")
     if c.hot_switch is not None:
@@ -224,6 +227,11 @@ def _check_parallel(config: TrainConfig, task: str) -> None:
         if product > 1 or c.micro_batches > 1 or c.sequence_parallel:
             raise TrainConfigError("hot_switch names its own strategies: leave dp, tp, pp, micro_batches and "
                                    "sequence_parallel at their defaults")
+        return
+    if c.zero:  # ZeRO's own data parallelism (DataParallel(graph, zero=...)) lays out the ranks
+        if product > 1 or c.micro_batches > 1 or c.sequence_parallel:
+            raise TrainConfigError(f"zero = {c.zero} with dp/tp/pp: luoshu train shards the optimizer only in "
+                                   "its own data-parallel job; leave dp, tp, pp at 1")
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if product != world:
