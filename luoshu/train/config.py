@@ -54,6 +54,8 @@ class TrainConfig:
     progress: bool = True
     profile_memory: bool = False  # account the first step's memory; printed and written to memory.json
     hot_switch: dict | None = None  # HotSPa: {buckets: [...descending..., 0], strategies: ["dp1,tp4,pp1", ...]}
+    parallel: str | None = None  # "auto": the strategy search picks the job's (dp, tp) (luoshu.train.hot_switch)
+    memory_budget_mb: float | None = None  # with parallel "auto": per-device memory the strategy must fit in
     # the settings (as `check_config` last passed them), so an unchanged config is not checked twice
     _passed_check: ClassVar[str | None] = None
 
@@ -145,7 +147,7 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check("profile_memory", isinstance(c.profile_memory, bool), "true or false")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)
                                                        and c.max_grad_norm > 0), "a positive number")
-    if c.hot_switch is not None:
+    if c.hot_switch is not None or c.parallel is not None or c.memory_budget_mb is not None:
         from luoshu.train.hot_switch import check_hot_switch  # (it imports the builders this module does)
 
         check_hot_switch(c, source)
