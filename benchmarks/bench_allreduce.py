@@ -9,7 +9,7 @@ buffer of the same bytes (the ideal: no flattening, one collective) and one
 all_reduce per tensor (no bucketing). A second comparison times gradients that the step
 itself makes by matmuls: luoshu writes each into its bucket (gradients as bucket views), the
 reference computes the same matmuls with `out=` into one flat buffer, pre-divides it and
-all-reduces it once. Timings are medians over repeats after warm-up;
+all-reduces it once. Timings are medians over interleaved repeats after warm-up;
 bandwidth is bus bandwidth, 2(n-1)/n * bytes / time (as nccl-tests report it).
 
     .venv/bin/python benchmarks/bench_allreduce.py [--procs 2 4] [--sizes-mb 1 4 16 64] [--repeats 9]
@@ -52,19 +52,24 @@ def _shapes(total_bytes: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def _median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        torch_dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    # the slowest worker decides: take the max over workers of each median
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+def _median_times(contenders: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Seconds per call of each contender: warm-up, then `repeats` rounds in which every contender
+    runs once in turn (the order rotating), so the shared machine's load hits them alike; the
+    slowest worker decides (the max over workers of each median)."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            torch_dist.barrier()
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    t = torch.tensor([statistics.median(times[name]) for name in names], dtype=torch.float64)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return float(t)
+    return dict(zip(names, t.tolist()))
 
 
 def _luoshu_path(grads: list[torch.Tensor], bucket_mb: float):
@@ -135,12 +140,12 @@ def worker(args) -> None:
         nbytes = sum(t.numel() * 4 for t in grads)
         flat = torch.cat([t.reshape(-1) for t in grads])
         run_luoshu, n_buckets = _luoshu_path(grads, args.bucket_mb)
-        t_flat = _median_time(lambda flat=flat: torch_dist.all_reduce(flat), args.repeats)
-        t_luoshu = _median_time(run_luoshu, args.repeats)
-        t_each = _median_time(lambda grads=grads: [torch_dist.all_reduce(t) for t in grads], args.repeats)
         reference, produced, placed = _produced_paths(grads, args.bucket_mb)
-        t_ref = _median_time(reference, args.repeats)
-        t_produced = _median_time(produced, args.repeats)
+        t = _median_times({"flat": lambda flat=flat: torch_dist.all_reduce(flat), "luoshu": run_luoshu,
+                           "each": lambda grads=grads: [torch_dist.all_reduce(t) for t in grads],
+                           "reference": reference, "produced": produced}, args.repeats)
+        t_flat, t_luoshu, t_each, t_ref, t_produced = (t[k] for k in ("flat", "luoshu", "each", "reference",
+                                                                      "produced"))
         bus = 2 * (n - 1) / n * nbytes / 2**30
         rows.append({"procs": n, "size_mb": round(nbytes / 2**20, 2), "tensors": len(grads), "buckets": n_buckets,
                      "torch_flat_gbps": bus / t_flat, "luoshu_bucketed_gbps": bus / t_luoshu,
@@ -175,7 +180,7 @@ def main() -> None:
     parser.add_argument("--procs", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--bucket-mb", type=float, default=25.0)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--out", default="runs/bench_allreduce.csv")
     args = parser.parse_args()
     if "RANK" in os.environ:

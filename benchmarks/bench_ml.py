@@ -1,4 +1,4 @@
-"""luoshu.ml against scikit-learn on the same data: KMeans, MiniBatchKMeans, KNN, LDA, NMF, LogisticRegression.
+"""luoshu.ml against scikit-learn on the same data: KMeans, MiniBatchKMeans, KNN, LDA, NMF, LogisticRegression, FM.
 
 Each case fits (or predicts with) luoshu's estimator and scikit-learn's on the same arrays, repeats
 interleaved (luoshu, sklearn, luoshu, sklearn ...), the first pair a warm-up; it prints median seconds,
@@ -9,7 +9,8 @@ intra-op threads, and scikit-learn's OpenMP/BLAS pools through threadpoolctl).
     .venv/bin/python benchmarks/bench_ml.py [--repeats 5] [--threads 2] [--scale 1.0] [--cases kmeans lda ...]
 
 --scale multiplies the sample counts (1.0: KMeans 100k x 32, KNN 20k train / 5k queries x 32, LDA 2k docs x
-2k words, NMF 5k x 500, LogisticRegression 50k x 50).
+2k words, NMF 5k x 500, LogisticRegression 50k x 50, FM 40k one-hot rows x 200 against a PyTorch FM, as
+scikit-learn has none).
 """
 
 from __future__ import annotations
@@ -121,7 +122,59 @@ def case_logistic(scale: float):
     return f"LogisticRegression (L2) fit {X.shape[0]}x50", ours, ref, quality, quality
 
 
+def case_fm(scale: float):
+    """FM on one-hot CTR-like rows; scikit-learn has no FM, so the reference is the FM a PyTorch user writes
+    (embedding tables, torch.optim.Adagrad, same factors, epochs, batch and learning rate)."""
+    from sklearn.metrics import log_loss
+
+    from luoshu.ml import FactorizationMachine
+
+    rng = np.random.default_rng(0)
+    n, fields, values, factors = int(40_000 * scale), 10, 20, 8
+    ids = rng.integers(0, values, size=(n, fields)) + np.arange(fields) * values  # one id per field
+    hidden = rng.normal(0, 0.5, size=(fields * values, 4))
+    emb = hidden[ids]  # (n, fields, 4)
+    logit = 0.5 * ((emb.sum(1) ** 2).sum(1) - (emb**2).sum((1, 2))) / 3 - 0.2
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+    X = sp.csr_matrix(
+        (np.ones(n * fields), ids.reshape(-1), np.arange(0, n * fields + 1, fields)), (n, fields * values)
+    )
+    n_test = n // 5
+    Xtr, ytr, Xte, yte, ids_tr, ids_te = X[n_test:], y[n_test:], X[:n_test], y[:n_test], ids[n_test:], ids[:n_test]
+    kw = dict(n_factors=factors, n_epochs=5, batch_size=256, learning_rate=0.05, reg_factors=1e-3)
+
+    def ref():
+        gen = torch.Generator().manual_seed(0)
+        d = fields * values
+        w0 = torch.zeros(1, requires_grad=True)
+        w = torch.zeros(d, requires_grad=True)
+        V = (torch.randn(d, factors, generator=gen) * 0.01).requires_grad_()
+        opt = torch.optim.Adagrad([w0, w, V], lr=0.05)
+        idx, target = torch.from_numpy(ids_tr), torch.from_numpy(ytr).float()
+
+        def score(i):
+            e = V[i]
+            return w0 + w[i].sum(1) + 0.5 * ((e.sum(1) ** 2) - (e * e).sum(1)).sum(1)
+
+        for _ in range(5):
+            perm = torch.randperm(len(idx), generator=gen)
+            for a in range(0, len(idx), 256):
+                b = perm[a : a + 256]
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(score(idx[b]), target[b])
+                loss = loss + 1e-3 * 0.5 * (V[idx[b]] ** 2).sum() / len(b)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            return torch.sigmoid(score(torch.from_numpy(ids_te))).numpy()
+
+    ours = lambda: FactorizationMachine(random_state=0, **kw).fit(Xtr, ytr).predict_proba(Xte)[:, 1]  # noqa: E731
+    quality = lambda p: ("test log loss", float(log_loss(yte, p)))  # noqa: E731
+    return f"FM fit {len(ytr)} one-hot rows x {fields * values} (PyTorch reference)", ours, ref, quality, quality
+
+
 CASES = {
+    "fm": case_fm,
     "kmeans": case_kmeans,
     "minibatch": case_minibatch,
     "knn": case_knn,

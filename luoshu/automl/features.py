@@ -7,12 +7,21 @@ encoding lowers the loss (log loss, or squared error for regression) below the b
 own encodings; the best pairs are taken while they gain. Finally the features can be cut to the most
 important ones by a GBDT's split gains.
 
+For `luoshu.ctr`: `slot_keys(X)` gives each categorical field and chosen cross as an embedding slot
+(key 0: a category unseen in training), and `write_ctr_data` writes the transformed table as a
+`luoshu.ctr` Parquet data set (dense features = the engineered ones, slots = the fields and crosses)
+with its file list and `slot_size_array`, ready for `ctr.DataReaderParams`.
+
 `fit_transform` (what a Pipeline calls while fitting) gives each training row target encodings learnt
 without that row's fold, as scikit-learn's `TargetEncoder` does; `transform` uses the encodings of the
 whole training set.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -293,27 +302,102 @@ class AutoFeatures(TransformerMixin, BaseEstimator):
 
     # --- transform ----------------------------------------------------------------------------------------
     def transform(self, X) -> np.ndarray:
-        if not hasattr(self, "selected_"):
-            from luoshu.ml.base import NotFittedError
-
-            raise NotFittedError("AutoFeatures: this transformer is not fitted yet; call fit first")
+        self._check_is_fitted()
         X = self._table(X, fitting=False)
         values = self._numeric(X, self.numeric_columns_)
         encoded = {}
         for name, cats in self.categories_.items():
-            if "*" in name:
-                a, b = (int(p[1:]) for p in name.split("*"))
-                raw = self._cross_values(X, a, b)
-            else:
-                raw = X[:, int(name[1:])].astype(str)
-            _, codes = _codes(raw, cats)
+            _, codes = _codes(self._raw_field(X, name), cats)
             known = codes >= 0
             freq = np.where(known, self.frequencies_[name][np.maximum(codes, 0)], 0.0)
             target = np.where(known[:, None], self.target_means_[name][np.maximum(codes, 0)], self.prior_[None, :])
             encoded[name] = (freq, target)
         return self._assemble(X, values, encoded)[0][:, self.selected_]
 
+    def slot_keys(self, X) -> np.ndarray:
+        """(n, fields + crosses) int64 keys: per categorical field and chosen cross (in `slot_names_`
+        order) the training category's index + 1, or 0 for a category training never saw."""
+        self._check_is_fitted()
+        X = self._table(X, fitting=False)
+        keys = np.zeros((X.shape[0], len(self.categories_)), dtype=np.int64)
+        for s, (name, cats) in enumerate(self.categories_.items()):
+            _, codes = _codes(self._raw_field(X, name), cats)
+            keys[:, s] = codes + 1
+        return keys
+
+    @property
+    def slot_names_(self) -> list[str]:
+        return list(self.categories_)
+
+    @property
+    def slot_sizes_(self) -> list[int]:
+        """Keys per slot: the training categories plus the unseen key 0."""
+        return [len(c) + 1 for c in self.categories_.values()]
+
+    def _raw_field(self, X: np.ndarray, name: str) -> np.ndarray:
+        if "*" in name:
+            a, b = (int(p[1:]) for p in name.split("*"))
+            return self._cross_values(X, a, b)
+        return X[:, int(name[1:])].astype(str)
+
+    def _check_is_fitted(self) -> None:
+        if not hasattr(self, "selected_"):
+            from luoshu.ml.base import NotFittedError
+
+            raise NotFittedError("AutoFeatures: this transformer is not fitted yet; call fit first")
+
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         if not hasattr(self, "selected_"):
             raise TuneError("AutoFeatures: not fitted yet")
         return self.feature_names_all_[self.selected_]
+
+
+@dataclass
+class CTRData:
+    """What `write_ctr_data` wrote: the file list to name as `source` / `eval_source`, and the shape."""
+
+    source: str
+    slot_size_array: list[int]
+    dense_dim: int
+    num_slots: int
+    num_rows: int
+
+
+def write_ctr_data(
+    features: AutoFeatures, X, y, folder: str | os.PathLike, *, fit: bool = False, num_files: int = 1
+) -> CTRData:
+    """Writes the table X, y as a `luoshu.ctr` Parquet data set in `folder` through `features`.
+
+    Columns `label`, `I1`.. (the engineered features, `features.transform`) and `C1`.. (one slot per
+    categorical field and chosen cross, `features.slot_keys`), in `num_files` files listed in
+    `folder/file_list.txt`. With `fit=True` the features are fitted on these rows first, and the rows
+    get out-of-fold target encodings (`fit_transform`): use it for the training set, then `fit=False`
+    for the evaluation set. Pass `slot_size_array` to `ctr.DataReaderParams` so each slot's keys get
+    their own range.
+    """
+    from luoshu.ctr.reader import write_file_list
+    from luoshu.data.parquet import write_ctr_parquet
+
+    if not (isinstance(num_files, int) and num_files >= 1):
+        raise ParameterError(f"write_ctr_data: num_files must be an integer >= 1, found {num_files!r}")
+    dense = features.fit_transform(X, y) if fit else features.transform(X)
+    keys = features.slot_keys(X)
+    label = np.asarray(y).reshape(-1)
+    if getattr(features, "_classification", False):
+        if len(features.classes_) != 2:
+            raise DataError(f"write_ctr_data: CTR labels are binary, found {len(features.classes_)} classes")
+        label = (label == features.classes_[1]).astype(np.float32)
+    if len(label) != len(dense):
+        raise DataError(f"write_ctr_data: X has {len(dense)} rows but y has {len(label)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(label)
+    files = []
+    for i in range(num_files):
+        part = slice(n * i // num_files, n * (i + 1) // num_files)
+        path = folder / f"part_{i}.parquet"
+        write_ctr_parquet(path, {"dense": dense[part], "sparse": keys[part], "label": label[part]})
+        files.append(path.name)
+    source = folder / "file_list.txt"
+    write_file_list(source, files)
+    return CTRData(str(source), features.slot_sizes_, dense.shape[1], keys.shape[1], n)

@@ -1,5 +1,5 @@
-"""Model selection: `select` searches the estimator families of `luoshu.ml`, each with its own space, under
-one time budget (one Optuna study whose first choice is the family), and refits the winner.
+"""Model selection: `select` searches the estimator families of `luoshu.ml` and the zoo's small MLPs, each
+with its own space, under one time budget (one Optuna study whose first choice is the family), and refits the winner.
 
 A family joins when `luoshu.ml` has its class (the tree and factorisation-machine families appear once
 those estimators exist) and when the data suit it (multinomial naive Bayes needs non-negative features).
@@ -33,6 +33,11 @@ _GBDT_SPACE = {
     "num_leaves": {"type": "int", "low": 4, "high": 63},
     "n_estimators": {"type": "int", "low": 20, "high": 200, "log": True},
 }
+_MLP_SPACE = {
+    "width": {"type": "int", "low": 16, "high": 256, "log": True},
+    "n_layers": {"type": "int", "low": 1, "high": 3},
+    "learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
+}
 _FOREST_SPACE = {
     "n_estimators": {"type": "int", "low": 20, "high": 200, "log": True},
     "max_features": {"low": 0.2, "high": 1.0},
@@ -60,10 +65,12 @@ FAMILIES = [
     ),
     Family("gbdt", "GBDTClassifier", "classification", _GBDT_SPACE),
     Family("random_forest", "RandomForestClassifier", "classification", _FOREST_SPACE),
+    Family("mlp", "MLPClassifier", "classification", _MLP_SPACE),
     Family("linear_regression", "LinearRegression", "regression", {}),
     Family("ridge", "Ridge", "regression", {"alpha": {"low": 1e-4, "high": 1e3, "log": True}}),
     Family("gbdt_regressor", "GBDTRegressor", "regression", _GBDT_SPACE),
     Family("random_forest_regressor", "RandomForestRegressor", "regression", _FOREST_SPACE),
+    Family("mlp_regressor", "MLPRegressor", "regression", _MLP_SPACE),
 ]
 
 
@@ -79,17 +86,19 @@ def task_of(y) -> str:
 
 
 def _estimators() -> dict[str, type]:
-    """Every estimator class of luoshu.ml by name (each submodule imported, so each class registered)."""
+    """Every estimator class of luoshu.ml by name (each submodule imported, so each class registered), and
+    the zoo's MLPs (`luoshu.automl.mlp`)."""
     import importlib
     import pkgutil
 
     import luoshu.ml
+    from luoshu.automl.mlp import MLPClassifier, MLPRegressor
     from luoshu.ml.base import REGISTRY
 
     for module in pkgutil.iter_modules(luoshu.ml.__path__):
         if not module.name.startswith("_"):
             importlib.import_module(f"luoshu.ml.{module.name}")
-    return dict(REGISTRY)
+    return {**REGISTRY, "MLPClassifier": MLPClassifier, "MLPRegressor": MLPRegressor}
 
 
 def available(task: str, X, candidates="auto") -> list[tuple[Family, type, list[Param]]]:

@@ -2,16 +2,19 @@
 workers of a `luoshu launch` job) and `MiniBatchKMeans`.
 
 The distance kernel is ``||x||^2 - 2 x.c + ||c||^2`` as one matrix product per chunk of rows (dense or CSR),
-so a Lloyd step is a GEMM, an argmin and an `index_add_`. In a distributed fit every worker holds its own
-rows; k-means++ draws each candidate from the global D^2 distribution (every worker uses the same generator,
-the owner of the drawn row contributes it through an all-reduce), and each Lloyd step all-reduces the
-per-cluster sums and counts, so the centres equal those of one process on the concatenated rows.
+so a Lloyd step is a GEMM per cache-sized chunk, then (dense rows) one compiled pass over the chunk that
+takes each row's nearest centre and adds the row to that centre's sum and count. In a distributed fit
+every worker holds its own rows; k-means++ draws each candidate from the global D^2 distribution (every
+worker uses the same generator, the owner of the drawn row contributes it through an all-reduce), and
+each Lloyd step all-reduces the per-cluster sums and counts, so the centres equal those of one process
+on the concatenated rows.
 """
 
 from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -21,6 +24,9 @@ from luoshu.ml._validation import FLOATS, check_int, dense, rng_of, row_slices, 
 from luoshu.ml.base import DataError, Estimator, ParameterError, check_choice, check_X
 
 _CHUNK_ELEMENTS = 1 << 22  # rows per chunk x clusters: bounds the distance block at ~32 MB in float64
+# rows per chunk x features: the chunk's rows (<= 1 MB) stay in the L2 cache from the distance GEMM to the
+# per-cluster sums that read them again; one block of all rows goes out to memory and back (2x slower)
+_CACHE_ELEMENTS = 1 << 17
 
 
 class _Comm:
@@ -92,7 +98,31 @@ class _Data:
         return torch.zeros(k, self.d, dtype=self.dtype).index_add_(0, labels, self.t[s])
 
     def chunk_rows(self, k: int) -> int:
-        return max(256, _CHUNK_ELEMENTS // max(k, 1))
+        return max(256, min(_CHUNK_ELEMENTS // max(k, 1), _CACHE_ELEMENTS // max(self.d, 1)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _nearest_and_sums(partial, x, x_sq, labels, mind, sums, counts):  # pragma: no cover - compiled
+    """Per row of a chunk: the nearest centre (first of equals) from the partial distances, the squared
+    distance (partial + ||x||^2, clamped at 0), and, when `sums` has rows, the row added to its centre's
+    sum (float64) and count. One pass, where torch takes a min, an index_add_ and a bincount."""
+    n, k = partial.shape
+    d = x.shape[1]
+    want_sums = sums.shape[0] > 0
+    for i in range(n):
+        best = partial[i, 0]
+        j = 0
+        for c in range(1, k):
+            v = partial[i, c]
+            if v < best:
+                best = v
+                j = c
+        labels[i] = j
+        mind[i] = max(best + x_sq[i], 0.0)
+        if want_sums:
+            counts[j] += 1.0
+            for f in range(d):
+                sums[j, f] += x[i, f]
 
 
 def _assign(data: _Data, C: torch.Tensor, want_sums: bool):
@@ -100,6 +130,17 @@ def _assign(data: _Data, C: torch.Tensor, want_sums: bool):
     k = C.shape[0]
     labels = torch.empty(data.n, dtype=torch.int64)
     mind = torch.empty(data.n, dtype=data.dtype)
+    if not data.sparse:
+        sums64 = np.zeros((k if want_sums else 0, data.d))
+        counts64 = np.zeros(k)
+        x, sq, lab_np, mind_np = data.t.numpy(), data.sq.numpy(), labels.numpy(), mind.numpy()
+        for s in row_slices(data.n, data.chunk_rows(k)):
+            partial = data.partial_sq_dist(C, s).numpy()
+            _nearest_and_sums(partial, x[s], sq[s], lab_np[s], mind_np[s], sums64, counts64)
+        if not want_sums:
+            counts64 = np.bincount(lab_np, minlength=k)
+        sums = torch.from_numpy(sums64).to(data.dtype) if want_sums else None
+        return labels, mind, sums, torch.from_numpy(counts64).to(data.dtype)
     sums = torch.zeros(k, data.d, dtype=data.dtype) if want_sums else None
     for s in row_slices(data.n, data.chunk_rows(k)):
         m, lab = data.partial_sq_dist(C, s).min(1)

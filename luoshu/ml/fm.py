@@ -53,6 +53,15 @@ def _is_classifier(est) -> bool:
     return est.task == "classification"
 
 
+def columns_of_ids(X, ids: np.ndarray) -> sp.csr_matrix:
+    """X with column `ids[j]` renumbered j, for a model trained on parameter servers: only the feature ids
+    its data touched have parameters, so other columns weigh 0 (dropped). At least one column."""
+    X = sp.csr_matrix(X)
+    pos = np.clip(np.searchsorted(ids, X.indices), 0, max(len(ids) - 1, 0))
+    known = (ids[pos] == X.indices) if len(ids) else np.zeros(len(X.indices), dtype=bool)
+    return sp.csr_matrix((np.where(known, X.data, 0.0), pos, X.indptr), shape=(X.shape[0], max(len(ids), 1)))
+
+
 class _FMBase(Estimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -119,11 +128,7 @@ class _FMBase(Estimator):
         X = check_X(self, X, reset=False)
         ids = getattr(self, "feature_ids_", None)
         if ids is not None:
-            # trained on parameter servers: only the touched feature ids have parameters; others weigh 0
-            X = sp.csr_matrix(X)
-            pos = np.clip(np.searchsorted(ids, X.indices), 0, max(len(ids) - 1, 0))
-            known = (ids[pos] == X.indices) if len(ids) else np.zeros(len(X.indices), dtype=bool)
-            X = sp.csr_matrix((np.where(known, X.data, 0.0), pos, X.indptr), shape=(X.shape[0], max(len(ids), 1)))
+            X = columns_of_ids(X, ids)
         params = {name: torch.from_numpy(np.asarray(getattr(self, name + "_"))) for name in self._param_names}
         if ids is not None and len(ids) == 0:
             params["w"], params["V"] = (

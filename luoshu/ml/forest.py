@@ -83,8 +83,8 @@ class _Forest(Estimator):
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         mapper = BinMapper.fit(X, self.max_bins)
         codes_np = mapper.transform(X)
-        codes = torch.from_numpy(codes_np.astype(np.int64))
-        codes_by_feature = torch.from_numpy(np.ascontiguousarray(codes_np.T))
+        codes = codes_np  # (n, d) uint8
+        codes_by_feature = np.ascontiguousarray(codes_np.T)
         params = GrowParams(
             max_leaves=int(self.max_leaf_nodes or max(2, n)),
             max_depth=int(self.max_depth or -1),

@@ -210,16 +210,16 @@ class _GBDT(Estimator):
         stride = max(1, -(-sum(counts) // BIN_SAMPLE_ROWS))
         sample = X[(-offset) % stride :: stride]
         mapper = BinMapper.fit(comm.allgather_rows(sample), self.max_bins)
-        codes_np = mapper.transform(X)
-        codes = torch.from_numpy(codes_np.astype(np.int64))
-        codes_by_feature = torch.from_numpy(np.ascontiguousarray(codes_np.T))
+        codes_np = mapper.transform(X, pool)
+        codes = codes_np  # (n, d) uint8
+        codes_by_feature = np.ascontiguousarray(codes_np.T)
         n, d = codes.shape
         n_bins = torch.from_numpy(mapper.n_bins)
 
         init = self._init_score(y, comm)  # (K,)
         raw = init.expand(n, k).clone()
         raw_val = init.expand(X_val.shape[0], k).clone() if X_val is not None else None
-        codes_val = torch.from_numpy(mapper.transform(X_val)) if X_val is not None else None
+        codes_val = torch.from_numpy(mapper.transform(X_val, pool)) if X_val is not None else None
         params = GrowParams(
             max_leaves=int(self.num_leaves),
             max_depth=-1 if self.max_depth is None else int(self.max_depth),

@@ -2,15 +2,16 @@
 
 - `BinMapper`: per-feature quantile bin edges (at most 255 bins; bin 255 holds missing
   values). `x <= edges[b]` exactly when `bin(x) <= b`, so a tree learnt on bins
-  predicts raw values with the same thresholds.
+  predicts raw values with the same thresholds. Codes are uint8, row-major.
 - `grow_tree`: leaf-wise growth (the leaf with the largest gain splits next) over
-  histograms of per-row channels `[g_1 .. g_K, h, count]`. A histogram is one
-  `scatter_add_` over the node's rows and all features at once (two channels per
-  complex scatter), the larger child's is the parent's minus the smaller one's, and
-  the best split of every feature and bin (missing values tried on both sides) comes
-  from one cumulative sum — no Python loop over rows, features or bins.
+  histograms of per-row channels `[g_1 .. g_K, h, count]`. The inner loops (a node's
+  histogram, the row partition of a split, the best split over every feature and bin
+  with missing values tried on both sides, tree application) are compiled
+  (`luoshu.ml._tree_kernels`); only the smaller child of a split gets a fresh histogram,
+  the larger one's is the parent's minus it. With a thread pool, a histogram's rows are
+  split in blocks over its threads and the two children's split searches run side by side.
 - `Tree`: flat arrays in LightGBM's layout (internal nodes by creation order, a leaf
-  `j` referenced as `~j`), predicted for all rows at once, one depth level per step.
+  `j` referenced as `~j`).
 
 `allreduce` lets a data-parallel caller sum histograms across workers: every worker
 then sees the global histogram and grows the same tree.
@@ -25,9 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from luoshu.ml import _tree_kernels as _k
+
 N_BINS = 256  # slots per feature: up to 255 value bins, the last one for missing values
 MISSING_BIN = 255
 MAX_BINS = 255
+PARALLEL_MIN_ROWS = 4096  # below this a node's histogram (or binning) is not worth splitting across threads
 
 
 class BinMapper:
@@ -59,14 +63,20 @@ class BinMapper:
             edges.append((uniq[cut] + uniq[cut + 1]) / 2)
         return cls(edges)
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """Bin ids (uint8, n x d); missing values go to `MISSING_BIN`."""
-        out = np.empty(X.shape, dtype=np.uint8)
+    def transform(self, X: np.ndarray, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+        """Bin ids (uint8, n x d); missing values go to `MISSING_BIN`. With a `pool`, blocks of rows on its threads."""
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        n, d = X.shape
+        padded = np.full((d, N_BINS), np.inf)
         for f, e in enumerate(self.edges):
-            col = X[:, f]
-            b = np.searchsorted(e, col, side="left")
-            b[np.isnan(col)] = MISSING_BIN
-            out[:, f] = b
+            padded[f, : len(e)] = e
+        out = np.empty((n, d), dtype=np.uint8)
+        workers = pool._max_workers if pool is not None and n >= PARALLEL_MIN_ROWS else 1
+        bounds = [n * i // workers for i in range(workers + 1)]
+        if workers == 1:
+            _k.bin_rows(X, padded, 0, n, out)
+        else:
+            list(pool.map(lambda i: _k.bin_rows(X, padded, bounds[i], bounds[i + 1], out), range(workers)))
         return out
 
     def threshold(self, feature: int, bin_id: int) -> float:
@@ -107,32 +117,23 @@ class Tree:
         return _apply(self, X, binned=False)
 
 
-def _apply(tree: Tree, data: torch.Tensor, binned: bool) -> torch.Tensor:
+def _apply(tree: Tree, data, binned: bool) -> torch.Tensor:
+    data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
     n = data.shape[0]
     if tree.n_leaves == 1:
         return torch.zeros(n, dtype=torch.int64)
-    feat = torch.from_numpy(tree.split_feature)
-    left = torch.from_numpy(tree.left_child)
-    right = torch.from_numpy(tree.right_child)
-    dleft = torch.from_numpy(tree.default_left)
-    thr = torch.from_numpy(tree.split_bin if binned else tree.threshold)
-    node = torch.zeros(n, dtype=torch.int64)
-    rows = torch.arange(n)
-    while rows.numel():
-        cur = node[rows]
-        f = feat[cur]
-        x = data[rows, f]
-        if binned:
-            x = x.long()
-            missing = x == MISSING_BIN
-            go_left = torch.where(missing, dleft[cur], x <= thr[cur])
-        else:
-            missing = torch.isnan(x)
-            go_left = torch.where(missing, dleft[cur], x <= thr[cur])
-        nxt = torch.where(go_left, left[cur], right[cur])
-        node[rows] = nxt
-        rows = rows[nxt >= 0]
-    return ~node
+    feat = np.ascontiguousarray(tree.split_feature, dtype=np.int64)
+    left = np.ascontiguousarray(tree.left_child, dtype=np.int64)
+    right = np.ascontiguousarray(tree.right_child, dtype=np.int64)
+    dleft = np.ascontiguousarray(tree.default_left, dtype=np.bool_)
+    if binned:
+        codes = np.ascontiguousarray(data, dtype=np.uint8)
+        thr = np.ascontiguousarray(tree.split_bin, dtype=np.int64)
+        leaf = _k.apply_binned(codes, feat, thr, dleft, left, right)
+    else:
+        X = np.ascontiguousarray(data, dtype=np.float64)
+        leaf = _k.apply_raw(X, feat, np.ascontiguousarray(tree.threshold, dtype=np.float64), dleft, left, right)
+    return torch.from_numpy(leaf)
 
 
 @dataclass
@@ -153,46 +154,30 @@ class GrowParams:
     pool: ThreadPoolExecutor | None = None  # threads for the histograms
 
 
-PARALLEL_MIN_ROWS = 8192  # below this a node's histogram is not worth splitting across threads
-
-
-def _histogram_block(codes: torch.Tensor, channels: torch.Tensor, rows) -> torch.Tensor:
-    idx = codes[rows] if isinstance(rows, slice) else codes.index_select(0, rows)
-    vals = channels[rows] if isinstance(rows, slice) else channels.index_select(0, rows)
-    m, d = idx.shape
-    n_ch = vals.shape[1]
-    out = torch.empty(n_ch, N_BINS, d, dtype=torch.float64)
-    for c in range(0, n_ch, 2):
-        if c + 1 < n_ch:
-            z = torch.complex(vals[:, c], vals[:, c + 1])
-            acc = torch.zeros(N_BINS, d, dtype=torch.complex128)
-            acc.scatter_add_(0, idx, z[:, None].expand(m, d))
-            out[c], out[c + 1] = acc.real, acc.imag
-        else:
-            acc = torch.zeros(N_BINS, d, dtype=torch.float64)
-            acc.scatter_add_(0, idx, vals[:, c, None].expand(m, d))
-            out[c] = acc
-    return out
-
-
 def histogram(
-    codes: torch.Tensor, channels: torch.Tensor, rows: torch.Tensor | None, pool: ThreadPoolExecutor | None = None
-) -> torch.Tensor:
-    """Per-feature, per-bin sums of each channel: (C, N_BINS, d) float64.
+    codes: np.ndarray, channels: np.ndarray, rows: np.ndarray, pool: ThreadPoolExecutor | None = None
+) -> np.ndarray:
+    """Per-feature, per-bin sums of each channel over `rows`: (d, N_BINS, C) float64.
 
-    `codes` is (n, d) int64, `channels` (n, C) float64; `rows` selects the node's rows
-    (None: all). Two channels ride in one complex scatter (real and imaginary parts),
-    halving the passes over the index. With a `pool`, blocks of rows are gathered and
-    scattered on its threads (torch's own intra-op threads make `scatter_add_` slower,
-    not faster) and the block histograms summed in block order.
+    `codes` is (n, d) uint8, `channels` (n, C) float64, `rows` int64 ascending. With a
+    `pool`, blocks of rows go to its threads (the compiled loop releases the GIL) and the
+    block histograms are summed in block order.
     """
-    m = codes.shape[0] if rows is None else rows.numel()
+    m = rows.shape[0]
+    d, c_n = codes.shape[1], channels.shape[1]
     workers = pool._max_workers if pool is not None else 1
     if workers == 1 or m < PARALLEL_MIN_ROWS:
-        return _histogram_block(codes, channels, slice(None) if rows is None else rows)
+        out = np.zeros((d, N_BINS, c_n))
+        _k.histogram_block(codes, channels, rows, 0, m, out)
+        return out
     bounds = [m * i // workers for i in range(workers + 1)]
-    blocks = [slice(a, b) if rows is None else rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    parts = list(pool.map(lambda blk: _histogram_block(codes, channels, blk), blocks))
+
+    def block(i: int) -> np.ndarray:
+        part = np.zeros((d, N_BINS, c_n))
+        _k.histogram_block(codes, channels, rows, bounds[i], bounds[i + 1], part)
+        return part
+
+    parts = list(pool.map(block, range(workers)))
     out = parts[0]
     for part in parts[1:]:
         out += part
@@ -201,9 +186,9 @@ def histogram(
 
 @dataclass
 class _Leaf:
-    rows: torch.Tensor
-    hist: torch.Tensor  # (C, N_BINS, d)
-    totals: torch.Tensor  # (C,)
+    rows: np.ndarray  # int64, ascending
+    hist: np.ndarray  # (d, N_BINS, C)
+    totals: np.ndarray  # (C,)
     depth: int
     gain: float = -np.inf
     feature: int = -1
@@ -211,85 +196,78 @@ class _Leaf:
     missing_left: bool = False
 
 
-def _best_splits(leaves: list[_Leaf], p: GrowParams, k: int, valid_bins: torch.Tensor) -> None:
-    """Finds each leaf's best (feature, bin, missing side) at once: one batched pass for the given leaves."""
-    hist = torch.stack([lf.hist for lf in leaves])  # (B, C, N_BINS, d)
-    tot = torch.stack([lf.totals for lf in leaves])  # (B, C)
-    n_leaves, _, _, d = hist.shape
-    lam = p.reg_lambda
-    left_a = hist[:, :, :MISSING_BIN].cumsum(2)  # missing values go right
-    miss = hist[:, :, MISSING_BIN]  # (B, C, d)
-    has_missing = bool((miss[:, k + 1] > 0).any())
-    if has_missing:
-        left = torch.stack([left_a, left_a + miss[:, :, None, :]], 1)  # (B, 2, C, 255, d); [:, 1]: missing left
-    else:  # no missing values here: "missing left" is the same split, skip its half of the work
-        left = left_a[:, None]
-    right = tot[:, None, :, None, None] - left
-    GL, HL, NL = left[:, :, :k], left[:, :, k], left[:, :, k + 1]
-    GR, HR, NR = right[:, :, :k], right[:, :, k], right[:, :, k + 1]
-    parent = ((tot[:, :k] ** 2).sum(1) / (tot[:, k] + lam))[:, None, None, None]
-    gain = (GL * GL).sum(2) / (HL + lam) + (GR * GR).sum(2) / (HR + lam) - parent  # (B, 2, 255, d)
-    ok = (
-        (NL >= p.min_child_samples)
-        & (NR >= p.min_child_samples)
-        & (HL >= p.min_child_weight)
-        & (HR >= p.min_child_weight)
-        & valid_bins
-    )
-    # with no missing values in a node both directions are one split: keep "missing right" only
-    if has_missing:
-        ok[:, 1] &= (miss[:, k + 1] > 0)[:, None, :]
-    mask = p.feature_mask
-    if p.features_per_node is not None and p.features_per_node < d:
-        node_mask = torch.zeros(n_leaves, d, dtype=torch.bool)
-        for i in range(n_leaves):
-            node_mask[i, torch.randperm(d, generator=p.generator)[: p.features_per_node]] = True
-        mask = node_mask if mask is None else mask[None] & node_mask
-    if mask is not None:
-        ok &= (mask if mask.dim() == 2 else mask[None])[:, None, None, :]
-    gain = torch.where(ok, gain, -torch.inf).view(n_leaves, -1)
-    best_gain = gain.max(1).values
-    # Ties (to rounding) go to the first candidate: sums in another order (threads, workers)
-    # differ in the last bits, and must not change the tree.
-    near = gain >= (best_gain - 1e-9 * best_gain.abs())[:, None]
-    best = near.to(torch.uint8).argmax(1)
-    for lf, g, b in zip(leaves, best_gain.tolist(), best.tolist()):
+def _best_splits(leaves: list[_Leaf], p: GrowParams, k: int, n_bins: np.ndarray, scratch: list[np.ndarray]) -> None:
+    """Finds each leaf's best (feature, bin, missing side); the leaves on the pool's threads when there is one."""
+    d = n_bins.shape[0]
+    tree_mask = np.ones(d, dtype=np.bool_) if p.feature_mask is None else p.feature_mask.numpy().astype(np.bool_)
+    masks = []
+    for _ in leaves:  # drawn in leaf order, whatever runs them
+        mask = tree_mask
+        if p.features_per_node is not None and p.features_per_node < d:
+            node_mask = np.zeros(d, dtype=np.bool_)
+            node_mask[torch.randperm(d, generator=p.generator)[: p.features_per_node].numpy()] = True
+            mask = tree_mask & node_mask
+        masks.append(mask)
+    args = (k, n_bins)
+    limits = (float(p.reg_lambda), float(p.min_child_samples), float(p.min_child_weight))
+
+    def one(i: int):
+        return _k.best_split(leaves[i].hist, leaves[i].totals, *args, masks[i], *limits, scratch[i])
+
+    if p.pool is not None and len(leaves) > 1:
+        results = list(p.pool.map(one, range(len(leaves))))
+    else:
+        results = [one(i) for i in range(len(leaves))]
+    for lf, (g, f, b, missing_left) in zip(leaves, results):
         if not g > max(p.min_split_gain, 1e-12):
             lf.gain = -np.inf
             continue
-        direction, rest = divmod(b, MISSING_BIN * d)  # variant 1 exists only when has_missing
-        bin_id, f = divmod(rest, d)
-        lf.gain, lf.feature, lf.bin, lf.missing_left = g, f, bin_id, bool(direction)
+        lf.gain, lf.feature, lf.bin, lf.missing_left = float(g), int(f), int(b), bool(missing_left)
+
+
+def _as_numpy(t, dtype) -> np.ndarray:
+    a = t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
 def grow_tree(
-    codes: torch.Tensor,
-    codes_by_feature: torch.Tensor,
-    channels: torch.Tensor,
-    rows: torch.Tensor,
+    codes,
+    codes_by_feature,
+    channels,
+    rows,
     k: int,
     params: GrowParams,
     thresholds: Callable[[int, int], float],
 ) -> tuple[Tree, list[torch.Tensor]]:
     """Grows one tree on `rows`; returns it and the rows of each leaf.
 
-    `channels` columns: `k` gradient channels, the hessian, the sample count (or weight).
-    `codes_by_feature` is the (d, n) transposed copy of `codes`, for the per-split row routing.
+    `codes` (n, d) and `codes_by_feature` (its (d, n) transpose, for the per-split row
+    routing) are uint8 bin codes; `channels` columns: `k` gradient channels, the hessian,
+    the sample count (or weight). NumPy arrays or tensors.
     """
     p = params
-    reduce = p.allreduce or (lambda t: t)
-    hist = reduce(histogram(codes, channels, None if rows.numel() == codes.shape[0] else rows, p.pool))
-    totals = hist[:, :, 0].sum(1)  # every row falls in exactly one bin of feature 0
+    codes = _as_numpy(codes, np.uint8)
+    codes_by_feature = _as_numpy(codes_by_feature, np.uint8)
+    channels = _as_numpy(channels, np.float64)
+    rows = _as_numpy(rows, np.int64)
+    n_bins = _as_numpy(p.n_bins, np.int64)
+
+    def reduce(a: np.ndarray) -> np.ndarray:
+        if p.allreduce is None:
+            return a
+        return p.allreduce(torch.from_numpy(a)).numpy()
+
+    hist = reduce(histogram(codes, channels, rows, p.pool))
+    totals = hist[0].sum(0)  # every row falls in exactly one bin of feature 0
     leaves = [_Leaf(rows, hist, totals, 0)]
     nodes: list[dict] = []
     parent_of_leaf: dict[int, tuple[int, str]] = {}  # leaf -> (internal node, "left"/"right")
-    # a threshold must leave at least one value bin on each side
-    valid_bins = torch.arange(MISSING_BIN)[:, None] < (p.n_bins - 1)[None, :]
-    _best_splits(leaves, p, k, valid_bins)
+    scratch = [np.empty((2, MISSING_BIN, codes.shape[1])) for _ in range(2)]
+    _best_splits(leaves, p, k, n_bins, scratch)
     lam = p.reg_lambda
 
     def value_of(tot):
-        return (-tot[:k] / (tot[k] + lam) * p.shrinkage).numpy()
+        return -tot[:k] / (tot[k] + lam) * p.shrinkage
 
     while len(leaves) < p.max_leaves:
         cands = [i for i, lf in enumerate(leaves) if lf.gain > -np.inf and (p.max_depth < 0 or lf.depth < p.max_depth)]
@@ -297,15 +275,13 @@ def grow_tree(
             break
         j = max(cands, key=lambda i: (leaves[i].gain, -i))
         lf = leaves[j]
-        col = codes_by_feature[lf.feature].index_select(0, lf.rows).long()
-        go_left = torch.where(col == MISSING_BIN, lf.missing_left, col <= lf.bin)
-        left_rows, right_rows = lf.rows[go_left], lf.rows[~go_left]
+        left_rows, right_rows = _k.partition(codes_by_feature[lf.feature], lf.rows, lf.bin, lf.missing_left)
         # the smaller child gets a fresh histogram (local rows only are known, so compare global counts)
-        left_count = reduce(torch.tensor([float(left_rows.numel()), float(right_rows.numel())], dtype=torch.float64))
+        left_count = reduce(np.array([float(left_rows.shape[0]), float(right_rows.shape[0])]))
         small_is_left = bool(left_count[0] <= left_count[1])
         small_rows = left_rows if small_is_left else right_rows
         small = reduce(histogram(codes, channels, small_rows, p.pool))
-        large = lf.hist - small
+        large = np.subtract(lf.hist, small, out=lf.hist)  # the parent's histogram is not needed again
         lh, rh = (small, large) if small_is_left else (large, small)
         node_id = len(nodes)
         nodes.append(
@@ -328,11 +304,11 @@ def grow_tree(
         parent_of_leaf[j] = (node_id, "left")
         parent_of_leaf[len(leaves)] = (node_id, "right")
         depth = lf.depth + 1
-        left_leaf = _Leaf(left_rows, lh, lh[:, :, 0].sum(1), depth)
-        right_leaf = _Leaf(right_rows, rh, rh[:, :, 0].sum(1), depth)
+        left_leaf = _Leaf(left_rows, lh, lh[0].sum(0), depth)
+        right_leaf = _Leaf(right_rows, rh, rh[0].sum(0), depth)
         leaves[j] = left_leaf
         leaves.append(right_leaf)
-        _best_splits([left_leaf, right_leaf], p, k, valid_bins)
+        _best_splits([left_leaf, right_leaf], p, k, n_bins, scratch)
 
     def arr(key, dtype):
         return np.array([nd[key] for nd in nodes], dtype=dtype)
@@ -352,7 +328,7 @@ def grow_tree(
         leaf_weight=np.array([float(lf.totals[k]) for lf in leaves]),
         leaf_count=np.array([float(lf.totals[k + 1]) for lf in leaves]),
     )
-    return tree, [lf.rows for lf in leaves]
+    return tree, [torch.from_numpy(lf.rows) for lf in leaves]
 
 
 def tree_from_dict(d: dict) -> Tree:

@@ -20,6 +20,7 @@ import torch
 from sklearn.base import ClassifierMixin, RegressorMixin
 
 from luoshu.ml.base import (
+    DataError,
     Estimator,
     ParameterError,
     check_choice,
@@ -56,7 +57,12 @@ def _linear_tags(tags):
 
 
 class LogisticRegression(ClassifierMixin, Estimator):
-    """Logistic regression with scikit-learn's objective; `penalty` in {"l2", "l1", "elasticnet", None}."""
+    """Logistic regression with scikit-learn's objective; `penalty` in {"l2", "l1", "elasticnet", None}.
+
+    With `ps="launch"` or `ps_addresses=` the weights live on parameter servers (binary, L2 or no
+    penalty): `n_epochs`, `batch_size` and `learning_rate` set its mini-batch AdaGrad, `ps_table`
+    names the servers' table. Without them (the default) the fit is L-BFGS / FISTA in this process.
+    """
 
     def __init__(
         self,
@@ -66,6 +72,13 @@ class LogisticRegression(ClassifierMixin, Estimator):
         fit_intercept: bool = True,
         max_iter: int = 1000,
         tol: float = 1e-6,
+        ps: str | None = None,
+        ps_addresses: list[str] | None = None,
+        n_epochs: int = 20,
+        batch_size: int = 256,
+        learning_rate: float = 0.1,
+        random_state: int | None = None,
+        ps_table: str = "luoshu_ml_logistic",
     ):
         self.penalty = penalty
         self.C = C
@@ -73,6 +86,13 @@ class LogisticRegression(ClassifierMixin, Estimator):
         self.fit_intercept = fit_intercept
         self.max_iter = max_iter
         self.tol = tol
+        self.ps = ps
+        self.ps_addresses = ps_addresses
+        self.n_epochs = n_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.random_state = random_state
+        self.ps_table = ps_table
 
     def __sklearn_tags__(self):
         return _linear_tags(super().__sklearn_tags__())
@@ -93,8 +113,11 @@ class LogisticRegression(ClassifierMixin, Estimator):
         check_positive(self, C=self.C, max_iter=self.max_iter, tol=self.tol)
         if self.penalty == "elasticnet" and not 0.0 <= self.l1_ratio <= 1.0:
             raise ParameterError(f"LogisticRegression: l1_ratio must be in [0, 1], found {self.l1_ratio!r}")
+        if self.ps is not None or self.ps_addresses is not None:
+            return self._fit_on_servers(X, y)
         X, y = check_X_y(self, X, y)
         self.classes_, codes = encode_labels(self, y)
+        self.feature_ids_ = None
         design = _Design(X)
         n, d = X.shape
         k = 1 if len(self.classes_) == 2 else len(self.classes_)
@@ -150,9 +173,53 @@ class LogisticRegression(ClassifierMixin, Estimator):
         self.n_iter_ = max(int(self.n_iter_), 1)
         return self
 
+    def _fit_on_servers(self, X, y) -> LogisticRegression:
+        from luoshu.ml.fm import SparseLogisticRegression
+        from luoshu.ml.ps_training import rows_over_workers
+
+        name = "LogisticRegression"
+        if self.ps is not None:
+            check_choice(self, "ps", self.ps, ("launch",))
+        if self.penalty not in ("l2", None):
+            raise ParameterError(
+                f"{name}: training on parameter servers takes penalty 'l2' or None, found {self.penalty!r}"
+            )
+        if not self.fit_intercept:
+            raise ParameterError(f"{name}: training on parameter servers fits an intercept; found fit_intercept=False")
+        X, y = check_X_y(self, X, y)
+        classes, _ = encode_labels(self, y)
+        if len(classes) != 2:
+            raise DataError(f"{name}: training on parameter servers is binary, found {len(classes)} classes")
+        n_total = rows_over_workers(self, X.shape[0])
+        # sklearn's C * sum(loss) + ||w||^2 / 2 is, per sample, mean(loss) + ||w||^2 / (2 C n)
+        l2 = 0.0 if self.penalty is None else 1.0 / (self.C * n_total)
+        inner = SparseLogisticRegression(
+            n_epochs=self.n_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            reg_linear=l2,
+            random_state=self.random_state,
+            ps_addresses=self.ps_addresses,
+            ps=self.ps,
+            ps_table=self.ps_table,
+        ).fit(sp.csr_matrix(X), y)
+        self.classes_ = inner.classes_
+        self.feature_ids_ = inner.feature_ids_
+        self.coef_ = inner.w_.T.copy()  # (1, len(feature_ids_))
+        self.intercept_ = inner.w0_.copy()
+        self.loss_curve_ = inner.loss_curve_
+        self.n_iter_ = inner.n_iter_
+        return self
+
     def decision_function(self, X) -> np.ndarray:
         self._check_fitted("coef_")
         X = check_X(self, X, reset=False)
+        if getattr(self, "feature_ids_", None) is not None:
+            from luoshu.ml.fm import columns_of_ids
+
+            X = columns_of_ids(X, self.feature_ids_)
+            if len(self.feature_ids_) == 0:  # columns_of_ids keeps one (empty) column
+                return np.full(X.shape[0], float(self.intercept_[0]))
         Z = (to_torch(X) @ torch.from_numpy(self.coef_.T.copy())).numpy() + self.intercept_
         return Z[:, 0] if Z.shape[1] == 1 else Z
 
@@ -315,9 +382,53 @@ class LinearSVC(ClassifierMixin, Estimator):
         self.n_iter_ = max(int(self.n_iter_), 1)
         return self
 
+    def _fit_on_servers(self, X, y) -> LogisticRegression:
+        from luoshu.ml.fm import SparseLogisticRegression
+        from luoshu.ml.ps_training import rows_over_workers
+
+        name = "LogisticRegression"
+        if self.ps is not None:
+            check_choice(self, "ps", self.ps, ("launch",))
+        if self.penalty not in ("l2", None):
+            raise ParameterError(
+                f"{name}: training on parameter servers takes penalty 'l2' or None, found {self.penalty!r}"
+            )
+        if not self.fit_intercept:
+            raise ParameterError(f"{name}: training on parameter servers fits an intercept; found fit_intercept=False")
+        X, y = check_X_y(self, X, y)
+        classes, _ = encode_labels(self, y)
+        if len(classes) != 2:
+            raise DataError(f"{name}: training on parameter servers is binary, found {len(classes)} classes")
+        n_total = rows_over_workers(self, X.shape[0])
+        # sklearn's C * sum(loss) + ||w||^2 / 2 is, per sample, mean(loss) + ||w||^2 / (2 C n)
+        l2 = 0.0 if self.penalty is None else 1.0 / (self.C * n_total)
+        inner = SparseLogisticRegression(
+            n_epochs=self.n_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            reg_linear=l2,
+            random_state=self.random_state,
+            ps_addresses=self.ps_addresses,
+            ps=self.ps,
+            ps_table=self.ps_table,
+        ).fit(sp.csr_matrix(X), y)
+        self.classes_ = inner.classes_
+        self.feature_ids_ = inner.feature_ids_
+        self.coef_ = inner.w_.T.copy()  # (1, len(feature_ids_))
+        self.intercept_ = inner.w0_.copy()
+        self.loss_curve_ = inner.loss_curve_
+        self.n_iter_ = inner.n_iter_
+        return self
+
     def decision_function(self, X) -> np.ndarray:
         self._check_fitted("coef_")
         X = check_X(self, X, reset=False)
+        if getattr(self, "feature_ids_", None) is not None:
+            from luoshu.ml.fm import columns_of_ids
+
+            X = columns_of_ids(X, self.feature_ids_)
+            if len(self.feature_ids_) == 0:  # columns_of_ids keeps one (empty) column
+                return np.full(X.shape[0], float(self.intercept_[0]))
         Z = (to_torch(X) @ torch.from_numpy(self.coef_.T.copy())).numpy() + self.intercept_
         return Z[:, 0] if Z.shape[1] == 1 else Z
 

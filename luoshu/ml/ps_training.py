@@ -52,6 +52,21 @@ def _max_over_workers(value: int, world: int) -> int:
     return int(t)
 
 
+def rows_over_workers(est, n: int) -> int:
+    """The number of rows of every worker's data together (the job's workers under `ps="launch"`)."""
+    from luoshu import distributed as dist
+
+    if est.ps is not None:
+        dist.init()
+    if not dist.is_initialized() or dist.world_size() == 1:
+        return n
+    import torch.distributed as torch_dist
+
+    t = torch.tensor([n], dtype=torch.int64)
+    torch_dist.all_reduce(t, group=dist.process_group())
+    return int(t)
+
+
 def train_fm_on_servers(est, X: sp.csr_matrix, target: torch.Tensor) -> None:
     """Fits `est` (a binary or regression FactorizationMachine) on this worker's rows through the servers."""
     client, world, rank = _connect(est)

@@ -181,6 +181,9 @@ class DataParallel:
     With the same seed, N workers at batch b each follow exactly the single-process run at
     batch N*b (for a loss that is a mean over the batch). `bucket_size_mb` bounds each
     all-reduce bucket; `group` (a DeviceGroup of worker ranks) defaults to every worker.
+    `zero=1 | 2 | 3` shards the optimizer state, then the gradients, then the parameters over
+    the workers (`luoshu.parallel.zero`; options `unit_size_mb` for stage 3 and
+    `offload="optimizer" | "parameters"`).
     """
 
     def __init__(self, target: Module | Graph | None = None, optimizer: Optimizer | None = None, *,
@@ -214,6 +217,9 @@ class DataParallel:
             optimizers = {id(o): o for o in found}
             if self.optimizer is None and len(optimizers) == 1:
                 self.optimizer = next(iter(optimizers.values()))  # the graph's one optimizer
+        if options.get("offload") is not None and not zero:
+            raise DistError(f"DataParallel: offload needs zero=1|2|3 (it moves the ZeRO shards' state), found "
+                            f"offload={options['offload']!r} with zero={zero!r}")
         if zero:
             if mode != "allreduce":
                 raise DistError(f"DataParallel: zero={zero} shards the optimizer of mode='allreduce', not {mode!r}")

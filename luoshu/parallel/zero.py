@@ -1,9 +1,11 @@
-"""ZeRO over the data-parallel axis (Rajbhandari et al. 2020), stages 1 and 2.
+"""ZeRO over the data-parallel axis (Rajbhandari et al. 2020), stages 1, 2 and 3.
 
-`DataParallel(model, opt, zero=1 | 2)` shards the optimizer state of the dense parameters over
-the data-parallel ranks. At the first step the dense parameters of each parameter group are
-laid out in one flat buffer per (group, dtype) — the parameters become views of it — padded to
-a multiple of the rank count; rank r owns the r-th contiguous shard. Each step:
+`DataParallel(model, opt, zero=1 | 2 | 3)` shards the optimizer state of the dense parameters
+over the data-parallel ranks.
+
+Stages 1 and 2: at the first step the dense parameters of each parameter group are laid out in
+one flat buffer per (group, dtype) — the parameters become views of it — padded to a multiple
+of the rank count; rank r owns the r-th contiguous shard. Each step:
 
 - stage 1: the flat gradient is all-reduced (mean) and each rank keeps its shard;
 - stage 2: the flat gradient is reduce-scattered (mean): each rank receives only its shard,
@@ -12,32 +14,80 @@ a multiple of the rank count; rank r owns the r-th contiguous shard. Each step:
   sum of squares, all-reduced);
 - each rank updates its shard with an optimizer of the same class and hyperparameters over the
   shard (so its state is 1/dp of the plain run's), then the shards are all-gathered into the
-  flat parameter buffer, which every parameter views.
+  flat buffer, which every parameter views.
 
-The result equals plain data parallelism exactly up to floating-point summation order: the
-update rules are elementwise. Sparse (`IndexedSlices`) gradients — embedding tables — keep the
-plain path: their rows are all-gathered and the model's own optimizer updates them lazily.
+Stage 3 also shards the parameters: the dense parameters are grouped into units (a layer's
+parameters), each unit is one padded flat tensor and a rank keeps only its shard of it between
+uses; a parameter's `_value` is then a tensor on the "meta" device (shape, no storage).
+
+- define-and-run: the graph pass below (`rewrite_update`) groups the parameters in the order
+  the forward first reads them, `unit_size_mb` at most per unit (the gradient buckets' rule,
+  `BucketFiller`), and replaces every reader of a parameter with the output of a
+  `zero3_gather` (start the all-gather of the unit into a fresh buffer) and a `zero3_unpack`
+  (wait, the parameters as views of it): one pair for the forward's readers and one for the
+  backward's, recorded just before the unit's first reader, and the next unit's gather recorded
+  right after it — the scheduler runs ready ops in recorded order, so the next unit's
+  transfer overlaps this unit's compute and a unit's buffer dies after its last reader. Each
+  unit's gradients meet in one `zero3_reduce_scatter` recorded right after the last of them is
+  made, so the whole gradients die as soon as the shard exists.
+- eager: each module that owns parameters is a unit, laid out at the end of the first step
+  (which runs unsharded and tells the dense parameters from the sparse ones). Its `forward`
+  gathers it (starting the next module's gather), frees it after; its outputs pass through a
+  `zero3_mark` whose gradient gathers it again when the backward reaches the module (starting
+  the previous module's gather); the unit is freed and reduce-scattered once backward has made
+  every gradient of it. Parameters of embedding modules, parameters that two modules own, and
+  parameters with sparse gradients stay whole (all-reduced, the model's optimizer).
+
+Read or set the parameters of a stage-3 run inside `with dp.sync.gathered_parameters():`
+(`model.state_dict()`, `model.load_state_dict(...)`): on exit each rank keeps its shard of
+what they hold (stages 1-2: a no-op, the parameters are whole).
+
+The result equals plain data parallelism up to floating-point summation order: the update
+rules are elementwise. Sparse (`IndexedSlices`) gradients — embedding tables — keep the plain
+path: their rows are all-gathered and the model's own optimizer updates them lazily.
 `consolidated_state_dict()` gathers the shards into the plain optimizer's state-dict layout (a
 ZeRO checkpoint loads into a plain run), and `load_state_dict` takes a plain one.
 
 Per-parameter rules cannot run on flat shards: LAMB (its trust ratio is a norm per parameter)
 and dynamic loss scaling (the overflow check would have to agree across ranks) are refused.
+
+`offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
+and runs the shard update there, copies to and from the device on a side stream
+(`non_blocking`). `offload="parameters"` (stage 3) is accepted and for now does the same: the
+device still keeps the parameter shards between uses (moving them to the host is not built). On a
+CPU-only run (parameters on the CPU) both are accepted and change nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as torch_dist
 
-from luoshu.core import live
-from luoshu.core.op import get_opdef
-from luoshu.core.tensor import Tensor
+from luoshu.compiler.gradient_allreduce import BucketFiller
+from luoshu.compiler.recompute import apply_recompute
+from luoshu.core import context, dtypes, live
+from luoshu.core.op import OpDef, apply, get_opdef, register
+from luoshu.core.shapes import numel
+from luoshu.core.tensor import Tensor, TensorMeta
 from luoshu.distributed import env
 from luoshu.distributed.env import DistError
+from luoshu.ops.update import update_entries, update_inputs
 from luoshu.optim import OPTIMIZERS, optimizer_name
-from luoshu.parallel.data_parallel import SYNC_MODES, AllReduceSync, SyncMode
+from luoshu.parallel.data_parallel import SYNC_MODES, AllReduceSync, GradientSync, SyncMode
 
-STAGES = (1, 2)
+STAGES = (1, 2, 3)
+OFFLOADS = (None, "optimizer", "parameters")
+_WORK = "_luoshu_zero3_work"  # attribute of a gathered buffer whose all-gather is still running
+# torch 2.13 renamed the single-tensor collectives; the old names warn.
+_all_gather_single = getattr(torch_dist, "all_gather_single", None) or torch_dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(torch_dist, "reduce_scatter_single", None) or torch_dist.reduce_scatter_tensor
+
+
+def _freed(p: Tensor) -> torch.Tensor:
+    """What a stage-3 parameter holds between uses: its shape and dtype, no storage."""
+    return torch.empty(p.shape, dtype=dtypes.to_torch(p.dtype), device="meta")
 
 
 class _FlatGroup:
@@ -68,14 +118,167 @@ class _FlatGroup:
         self.grad_shard = torch.empty_like(self.shard)
 
 
+class _Unit:
+    """Stage 3: the dense parameters of one unit (one layer; one parameter group and dtype).
+    Between uses a rank keeps only its shard of their padded flat concatenation."""
+
+    def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
+                 pg, group_index: int, offload: Offload):
+        self.indices, self.params, self.group_index = indices, params, group_index
+        self.numels = [numel(p.shape) for p in params]
+        self.offsets, pos = [], 0
+        for n in self.numels:
+            self.offsets.append(pos)
+            pos += n
+        self.shard_size = -(-pos // world)
+        self.padded = self.shard_size * world
+        self.world, self.rank, self.pg, self.offload = world, rank, pg, offload
+        first = params[0]._value
+        flat = torch.zeros(self.padded, dtype=first.dtype, device=first.device)
+        for p, offset, n in zip(params, self.offsets, self.numels):
+            flat[offset:offset + n].copy_(p._value.reshape(-1))
+            p._value = _freed(p)
+        self.device = first.device
+        self.shard = flat[rank * self.shard_size:(rank + 1) * self.shard_size].clone()
+        self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero3_shard", kind="variable")
+        self.optimizer = opt_class([offload.host_shard(self) if offload.enabled else self.shard_param])
+        self.optimizer.param_groups[0].update(hyper)
+        self.grad_shard = None  # this step's reduce-scattered gradient, dropped after the update
+        self.full = None  # eager: the gathered flat buffer while the parameters are in use
+        self.in_flight = None  # eager: a started gather not waited on yet
+        self.users = 0  # eager: forward calls of the unit's module under way
+
+    # --- the collectives (both modes) -----------------------------------------------------------
+    def start_gather(self) -> torch.Tensor:
+        """A fresh padded flat buffer the unit's all-gather writes into (maybe still running)."""
+        shard = self.offload.to_device(self)
+        flat = shard.new_empty(self.padded)
+        if self.pg is None:
+            flat.copy_(shard)
+        else:
+            work = _all_gather_single(flat, shard, group=self.pg, async_op=True)
+            setattr(flat, _WORK, work)
+        return flat
+
+    def finish_gather(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The parameters' values, views of `flat`, once its gather finished."""
+        work = flat.__dict__.pop(_WORK, None)
+        if work is not None:
+            work.wait()
+        return [flat[offset:offset + n].view(p.shape) for p, offset, n in zip(self.params, self.offsets, self.numels)]
+
+    def reduce_scatter(self, grads: list) -> torch.Tensor:
+        """This rank's shard of the mean over the ranks of the unit's gradients (None: zeros)."""
+        flat = torch.zeros(self.padded, dtype=self.shard.dtype, device=self.device)
+        for g, offset, n in zip(grads, self.offsets, self.numels):
+            if g is not None:
+                flat[offset:offset + n].copy_(g.reshape(-1))
+        flat.div_(self.world)
+        if self.pg is None:
+            return flat
+        out = flat.new_empty(self.shard_size)
+        _reduce_scatter_single(out, flat, group=self.pg)
+        return out
+
+    # --- eager use ------------------------------------------------------------------------------
+    def prefetch(self) -> None:
+        if self.full is None and self.in_flight is None:
+            self.in_flight = self.start_gather()
+
+    def acquire(self) -> None:
+        """Makes the parameters whole (waiting on a prefetch, or gathering now)."""
+        if self.full is not None:
+            return
+        flat = self.in_flight if self.in_flight is not None else self.start_gather()
+        self.in_flight, self.full = None, flat
+        for p, value in zip(self.params, self.finish_gather(flat)):
+            p._value = value
+
+    def release(self) -> None:
+        if self.full is not None:
+            self.full = None
+            for p in self.params:
+                p._value = _freed(p)
+
+    def drain(self) -> None:
+        """Drops a prefetch nobody waited on (before the shard changes)."""
+        if self.in_flight is not None:
+            self.finish_gather(self.in_flight)
+            self.in_flight = None
+
+    def reshard_from_parameters(self) -> None:
+        """The shard from what the (whole) parameters hold now."""
+        flat = torch.zeros(self.padded, dtype=self.shard.dtype, device=self.device)
+        for p, offset, n in zip(self.params, self.offsets, self.numels):
+            flat[offset:offset + n].copy_(p._value.reshape(-1))
+        self.shard.copy_(flat[self.rank * self.shard_size:(self.rank + 1) * self.shard_size])
+        self.offload.shard_changed(self)
+
+
+class Offload:
+    """Where the shards' optimizer state (and, stage 3, the parameter shards) live between uses.
+
+    On CUDA (not run here: no GPU was available while writing it) the shard optimizer steps a
+    pinned host fp32 copy of the shard: the gradient shard goes to the host and the updated
+    shard back to the device with `non_blocking` copies on a side stream, the compute stream
+    waiting on an event only where it reads the result. Anywhere else the option is accepted and
+    nothing moves."""
+
+    def __init__(self, kind: str | None):
+        if kind not in OFFLOADS:
+            raise DistError(f"DataParallel: offload must be one of {OFFLOADS}, found {kind!r}")
+        self.kind = kind
+        self.enabled = False  # set per unit/group once the device is known
+        self._stream = None
+
+    def applies_to(self, device: torch.device) -> bool:
+        return self.kind is not None and device.type == "cuda"
+
+    def stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def host_shard(self, group) -> Tensor:
+        """The optimizer's parameter: a pinned host fp32 copy of `group.shard`."""
+        group.host = torch.empty(group.shard.shape, dtype=torch.float32, pin_memory=True)
+        group.host.copy_(group.shard)
+        group.host_grad = torch.empty_like(group.host, pin_memory=True)
+        group.host_param = Tensor.from_value(group.host, requires_grad=True, name="zero_host_shard", kind="variable")
+        return group.host_param
+
+    def step(self, group) -> None:
+        """One shard update: on the host when offloaded, else on the shard itself."""
+        if not self.enabled:
+            group.optimizer.apply_gradients([(0, group.grad_shard)])
+            return
+        stream, compute = self.stream(), torch.cuda.current_stream(group.shard.device)
+        stream.wait_stream(compute)  # the gradient shard is complete on the compute stream
+        with torch.cuda.stream(stream):
+            group.host_grad.copy_(group.grad_shard, non_blocking=True)
+        stream.synchronize()  # the host update reads it
+        group.optimizer.apply_gradients([(0, group.host_grad.to(group.host.dtype))])
+        with torch.cuda.stream(stream):
+            group.shard.copy_(group.host, non_blocking=True)
+            group.shard.record_stream(stream)
+        compute.wait_stream(stream)  # later kernels read the updated shard
+
+    def shard_changed(self, group) -> None:
+        if self.enabled:
+            group.host.copy_(group.shard)
+
+    def to_device(self, unit) -> torch.Tensor:
+        """The shard to gather from: the device copy (host-resident shards are not built yet)."""
+        return unit.shard
+
+
 class ZeroSync(SyncMode):
     """DataParallel's ZeRO sync mode (stages 1 and 2); see the module docstring."""
 
-    def __init__(self, dp, stage: int, **options):
+    def __init__(self, dp, stage: int, *, unit_size_mb: float = 4.0, offload: str | None = None, **options):
         super().__init__(dp, **options)
         if stage not in STAGES:
-            raise DistError(f"DataParallel: zero must be one of {STAGES} (stage 3, parameter sharding, is not "
-                            f"available yet), found {stage!r}")
+            raise DistError(f"DataParallel: zero must be one of {STAGES}, found {stage!r}")
         opt = dp.optimizer
         if opt is None:
             raise DistError("DataParallel(zero=...) shards an optimizer: wrap the model and its optimizer, "
@@ -84,12 +287,25 @@ class ZeroSync(SyncMode):
         if name is None or name == "lamb":
             raise DistError(f"DataParallel(zero={stage}): {type(opt).__name__} cannot be sharded elementwise; ZeRO "
                             f"runs {sorted(set(OPTIMIZERS) - {'lamb'})}")
+        if not isinstance(unit_size_mb, (int, float)) or isinstance(unit_size_mb, bool) or not unit_size_mb > 0:
+            raise DistError(f"DataParallel(zero=3): unit_size_mb must be a positive number, found {unit_size_mb!r}")
+        if offload == "parameters" and stage != 3:
+            raise DistError(f"DataParallel(zero={stage}): offload='parameters' needs zero=3 (stages 1-2 keep every "
+                            "parameter whole on the device); offload='optimizer' works with every stage")
         self.stage = stage
+        self.offload = Offload(offload)
+        self.unit_bytes = max(1, int(unit_size_mb * 2**20))
         self.plain = AllReduceSync(dp)  # sparse gradients, and the broadcast at setup
-        self.groups: list[_FlatGroup] | None = None
-        self.owner: dict[int, _FlatGroup] = {}
+        self.groups: list | None = None  # _FlatGroup (stages 1-2) or _Unit (stage 3)
+        self.owner: dict[int, object] = {}
         self._loaded = False  # a plain state dict was loaded and still has to reach the shards
-        self._key = live.register(self)  # what sharded_update names in its attributes
+        self._key = live.register(self)  # what sharded_update and the zero3 ops name in their attributes
+        # stage 3, eager: module -> its unit once laid out, and the order the forward meets units
+        self._module_units: dict[int, _Unit] = {}
+        self._forward_order: list[_Unit] = []
+        self._wrapped = False
+        if stage == 3 and dp.module is not None:
+            self._wrap_modules(dp.module)
 
     # --- SyncMode -------------------------------------------------------------------------------
     def setup(self, params, buffers) -> None:
@@ -99,32 +315,60 @@ class ZeroSync(SyncMode):
         if update_op.attrs.get("loss_scaler", -1) >= 0:
             raise DistError("DataParallel(zero=...): dynamic loss scaling is not available with ZeRO")
         live.keep_alive(graph, self)  # the graph runs this mode's update op for as long as it lives
+        if self.stage == 3:
+            if self.groups is not None:
+                raise DistError("DataParallel(zero=3) shards the parameters of one update op; this graph has more")
+            self._shard_graph(graph, update_op)
         update_op.opdef = get_opdef("sharded_update")
         update_op.attrs = {"strategy": self._key, "params": tuple(update_op.attrs["params"]),
                            "kinds": update_op.attrs["kinds"]}
         graph._plans.clear()
 
+    def begin_gradients(self, optimizer) -> GradientSync:
+        if self.stage == 3:
+            return _Zero3Gradients(self)
+        return super().begin_gradients(optimizer)
+
     def reduce_gradients(self, optimizer, pairs) -> list:
-        self.synchronize(pairs)
+        if self.stage == 3:
+            sync = _Zero3Gradients(self)
+            for i, g in pairs:
+                sync.add(i, g)
+            sync.finish()
+        else:
+            self.synchronize(pairs)
         params = optimizer.parameters()
         for i, _ in pairs:
             params[i].grad = None
         return []
 
     # --- the step -------------------------------------------------------------------------------
-    def _build(self, dense_indices: list[int]) -> None:
+    def _layout(self, dense_indices: list[int]) -> list[tuple[int, list[int]]]:
+        """(parameter group, indices) per (group, dtype), in the order of `dense_indices`."""
         opt = self.dp.optimizer
-        world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
         params = opt.parameters()
         group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
         by_key: dict[tuple, list[int]] = {}
         for i in dense_indices:
-            by_key.setdefault((group_of[id(params[i])], params[i]._value.dtype), []).append(i)
+            by_key.setdefault((group_of[id(params[i])], params[i].dtype), []).append(i)
+        return [(gi, indices) for (gi, _), indices in sorted(by_key.items(), key=lambda kv: kv[1][0])]
+
+    def _hyper(self, gi: int) -> dict:
+        return {k: v for k, v in self.dp.optimizer.param_groups[gi].items() if k != "params"}
+
+    def _build(self, dense_indices: list[int]) -> None:
+        opt = self.dp.optimizer
+        world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
+        params = opt.parameters()
         self.groups = []
-        for (gi, _), indices in sorted(by_key.items(), key=lambda kv: kv[1][0]):
-            hyper = {k: v for k, v in opt.param_groups[gi].items() if k != "params"}
-            group = _FlatGroup(indices, [params[i] for i in indices], hyper, type(opt), world, rank)
+        for gi, indices in self._layout(dense_indices):
+            group = _FlatGroup(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank)
             group.group_index = gi
+            group.padded = group.flat.numel()
+            self.offload.enabled = self.offload.applies_to(group.flat.device)
+            if self.offload.enabled:  # the optimizer steps the pinned host copy
+                group.optimizer = type(opt)([self.offload.host_shard(group)])
+                group.optimizer.param_groups[0].update(self._hyper(gi))
             self.groups.append(group)
             for i in indices:
                 self.owner[i] = group
@@ -132,8 +376,40 @@ class ZeroSync(SyncMode):
         if self._loaded:
             self._scatter_loaded_state()
 
+    def _build_units(self, units: list[tuple[int, list[int]]]) -> None:
+        """Stage 3: shards every unit (a parameter group index and parameter indices)."""
+        opt = self.dp.optimizer
+        world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
+        pg = env.process_group(self.dp.group or None)
+        params = opt.parameters()
+        self.groups = []
+        for gi, indices in units:
+            device = params[indices[0]]._value.device
+            self.offload.enabled = self.offload.applies_to(device)
+            unit = _Unit(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank, pg, gi,
+                         self.offload)
+            unit.position = len(self.groups)
+            self.groups.append(unit)
+            for i in indices:
+                self.owner[i] = unit
+        self.world, self.rank = world, rank
+        if self._loaded:
+            self._scatter_loaded_state()
+
     def synchronize(self, pairs: list) -> None:
-        """One step: shard-reduce the dense gradients, update this rank's shards, gather them."""
+        """One step. Stages 1-2: shard-reduce the dense gradients, update this rank's shards,
+        gather them. Stage 3 (define-and-run): each unit's gradient shard is already
+        reduce-scattered; update the shards."""
+        if self.stage == 3:
+            sparse = []
+            for i, g in pairs:
+                unit = self.owner.get(i)
+                if unit is not None and unit.indices[0] == i and not isinstance(g, tuple):
+                    unit.grad_shard = g
+                else:
+                    sparse.append((i, g))
+            self._update_shards(sparse)
+            return
         dense = [(i, g) for i, g in pairs if not isinstance(g, tuple)]
         sparse = [(i, g) for i, g in pairs if isinstance(g, tuple)]
         if self.groups is None:
@@ -144,7 +420,6 @@ class ZeroSync(SyncMode):
                             "time after the first step; ZeRO lays out the parameters at the first step")
         pg = env.process_group(self.dp.group or None)
         got = {i: g for i, g in dense}
-        opt = self.dp.optimizer
         with torch.no_grad():
             for group in self.groups:
                 group.grad.zero_()
@@ -160,10 +435,18 @@ class ZeroSync(SyncMode):
                     group.grad_shard.copy_(group.grad[self.rank * group.shard_size:(self.rank + 1) * group.shard_size])
                 else:
                     torch_dist.reduce_scatter_single(group.grad_shard, group.grad, group=pg)
-            gathered = self.plain.reduce_gradients(opt, sparse) if sparse else []
+        self._update_shards(sparse)
+
+    def _update_shards(self, plain_pairs: list) -> None:
+        """Clips by the norm over every shard and the plain path's gradients, updates this
+        rank's shards (stages 1-2: and all-gathers them), then the plain path."""
+        pg = env.process_group(self.dp.group or None)
+        opt = self.dp.optimizer
+        with torch.no_grad():
+            gathered = self.plain.reduce_gradients(opt, plain_pairs) if plain_pairs else []
             dense_sq = None
             if opt.max_grad_norm is not None:
-                # The global norm over every shard and the (replicated) sparse gradients.
+                # The global norm over every shard and the (replicated) plain-path gradients.
                 dense_sq = torch.stack([g.grad_shard.double().pow(2).sum() for g in self.groups]).sum()
                 if pg is not None:
                     dense_sq = dense_sq.reshape(1)
@@ -175,19 +458,230 @@ class ZeroSync(SyncMode):
                     group.grad_shard.mul_(coef.to(group.grad_shard.dtype))
             for group in self.groups:
                 # the model optimizer's hyperparameters (a scheduler may have changed lr) hold for its shards
-                hyper = {k: v for k, v in opt.param_groups[group.group_index].items() if k != "params"}
-                group.optimizer.param_groups[0].update(hyper)
-                group.optimizer.apply_gradients([(0, group.grad_shard)])
-                if pg is not None:
+                group.optimizer.param_groups[0].update(self._hyper(group.group_index))
+                if self.stage == 3:
+                    group.drain()
+                self.offload.step(group)
+                if self.stage == 3:
+                    group.grad_shard = None  # the step's own: nothing holds a gradient between steps
+                elif pg is not None:
                     torch_dist.all_gather_single(group.flat, group.shard.clone(), group=pg)
         if gathered:
             opt.apply_gradients(gathered, other_norm_sq=dense_sq)
+
+    # --- stage 3, define-and-run ----------------------------------------------------------------
+    def _shard_graph(self, graph, update) -> None:
+        """The stage-3 graph pass (see the module docstring): lays out the units of `update`'s
+        dense parameters and rewires every reader of them to per-phase gathers."""
+        apply_recompute(graph)  # the recomputed forward copies read the backward's gathers
+        opt = self.dp.optimizer
+        params = opt.parameters()
+        entries = update_entries(update.attrs["params"], update.attrs["kinds"], update.inputs)
+        dense = [e for e in entries if e.kind == "d"]
+        if not dense:
+            raise DistError("DataParallel(zero=3): the update has no dense parameter to shard")
+        wanted = {id(params[e.index]): e.index for e in dense}
+        position = {id(op): k for k, op in enumerate(graph.ops)}
+        readers: dict[int, list] = {}  # parameter index -> [(position, op)]
+        for k, op in enumerate(graph.ops):
+            for t in op.inputs:
+                i = wanted.get(id(t))
+                if i is not None and (not readers.get(i) or readers[i][-1][1] is not op):
+                    readers.setdefault(i, []).append((k, op))
+        missing = [params[e.index] for e in dense if e.index not in readers]
+        if missing or any(params[e.index]._value is None for e in dense):
+            raise DistError(f"DataParallel(zero=3): parameters {missing} are not read by graph '{graph.name}'")
+
+        def made_at(t) -> int:
+            return position.get(id(t.producer[0]), -1) if t.producer is not None else -1
+
+        # Units: the parameters in the order the program first reads them, filled like buckets.
+        group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
+        filler, units = BucketFiller(self.unit_bytes), []
+        for e in sorted(dense, key=lambda e: readers[e.index][0][0]):
+            p = params[e.index]
+            closed = filler.add(e.index, numel(p.shape) * dtypes.to_torch(p.dtype).itemsize,
+                                (group_of[id(p)], p.dtype))
+            if closed is not None:
+                units.append(closed)
+        units += filler.close()
+        units.sort(key=lambda u: readers[u[0]][0][0])
+        self._build_units([(group_of[id(params[u[0]])], u) for u in units])
+        # Readers recorded before the first weight gradient are the forward's (the last layer's
+        # input gradient may come first: its unit then stays gathered into its backward).
+        backward_from = min(made_at(e.inputs[0]) for e in dense)
+        grad_of = {e.index: e.inputs[0] for e in dense}
+        before: dict[int, list] = {}  # id(op) -> new ops recorded just before it
+        after: dict[int, list] = {}
+        new_ops: list = []
+        with graph:
+            for phase in ("forward", "backward"):
+                chain = []
+                for unit in self.groups:
+                    ops = [(k, op) for i in unit.indices for k, op in readers[i]
+                           if (k < backward_from) == (phase == "forward")]
+                    if ops:
+                        chain.append((min(k for k, _ in ops), unit, [op for _, op in ops]))
+                chain.sort(key=lambda c: c[0])
+                starts, waits = [], []
+                for _, unit, ops in chain:
+                    mark = len(graph.ops)
+                    flat = apply("zero3_gather", unit.shard_param, sync=self._key, unit=unit.position)
+                    start = graph.ops[mark:]
+                    mark = len(graph.ops)
+                    views = apply("zero3_unpack", flat, sync=self._key, unit=unit.position)
+                    views = views if isinstance(views, tuple) else (views,)
+                    wait = graph.ops[mark:]
+                    starts.append(start)
+                    waits.append(wait)
+                    new_ops += start + wait
+                    swap = {id(p): v for p, v in zip(unit.params, views)}
+                    for op in ops:
+                        op.inputs = [swap.get(id(t), t) for t in op.inputs]
+                # unit k's wait just before its first reader, unit k+1's gather right after it
+                for k, (_, _, ops) in enumerate(chain):
+                    first = min(ops, key=lambda op: position[id(op)])
+                    recorded = (starts[0] if k == 0 else []) + waits[k] + (starts[k + 1] if k + 1 < len(chain) else [])
+                    before.setdefault(id(first), []).extend(recorded)
+            for unit in self.groups:
+                grads = [grad_of[i] for i in unit.indices]
+                mark = len(graph.ops)
+                shard = apply("zero3_reduce_scatter", *grads, sync=self._key, unit=unit.position)
+                ops = graph.ops[mark:]
+                new_ops += ops
+                last = max(made_at(g) for g in grads)
+                if last < 0:
+                    before.setdefault(id(graph.ops[0]), []).extend(ops)
+                else:
+                    after.setdefault(id(graph.ops[last]), []).extend(ops)
+                unit.grad_tensor = shard
+        added = {id(op) for op in new_ops}
+        ordered = []
+        for op in graph.ops:
+            if id(op) in added:
+                continue
+            ordered += before.get(id(op), [])
+            ordered.append(op)
+            ordered += after.get(id(op), [])
+        graph.ops[:] = ordered
+        rest = [e for e in entries if e.kind != "d"]
+        shards = [dense[0]._replace(index=u.indices[0], inputs=[u.grad_tensor]) for u in self.groups]
+        update.attrs["params"], update.attrs["kinds"], update.inputs = update_inputs(shards + rest)
+
+    # --- stage 3, eager -------------------------------------------------------------------------
+    def _wrap_modules(self, model) -> None:
+        """Wraps the forward of every module that owns parameters (see the module docstring)."""
+        from luoshu.nn.layers import Embedding, EmbeddingBag  # the tables keep the plain path
+
+        owners: dict[int, list] = {}
+        for _, module in model.named_modules():
+            for p in module._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), []).append(module)
+        self._owners = owners
+        self._tables = {id(p) for _, m in model.named_modules() if isinstance(m, (Embedding, EmbeddingBag))
+                        for p in m._parameters.values() if p is not None}
+        self._modules = [m for _, m in model.named_modules() if any(p is not None for p in m._parameters.values())]
+        for module in self._modules:
+            forward = module.forward
+            object.__setattr__(module, "forward", self._gathering(module, forward))
+
+    def _gathering(self, module, forward):
+        def zero3_forward(*args, **kwargs):
+            unit = self._module_units.get(id(module))
+            if unit is None or context.current_graph() is not None:
+                return forward(*args, **kwargs)
+            self._enter(unit)
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                unit.users -= 1
+                if unit.users == 0:
+                    unit.release()
+            if not context.is_grad_enabled():
+                return out
+            if isinstance(out, Tensor):
+                return self._mark(out, unit)
+            if isinstance(out, tuple):
+                return tuple(self._mark(t, unit) if isinstance(t, Tensor) else t for t in out)
+            return out
+
+        return zero3_forward
+
+    def _mark(self, t: Tensor, unit: _Unit) -> Tensor:
+        if not t.requires_grad:
+            return t
+        return apply("zero3_mark", t, sync=self._key, unit=unit.position)
+
+    def _enter(self, unit: _Unit) -> None:
+        unit.acquire()
+        unit.users += 1
+        if not unit.seen:
+            unit.seen = True
+            unit.order = len(self._forward_order)
+            self._forward_order.append(unit)
+        elif unit.order + 1 < len(self._forward_order):
+            self._forward_order[unit.order + 1].prefetch()
+
+    def backward_reached(self, position: int) -> None:
+        """The backward reached a unit's module (a zero3_mark's gradient): gather it, and start
+        gathering the module the forward ran before it."""
+        unit = self.groups[position]
+        unit.acquire()
+        if unit.seen and unit.order > 0:
+            self._forward_order[unit.order - 1].prefetch()
+
+    def _lay_out_eager(self, pairs: list) -> None:
+        """End of the first eager step: the units, one per (module, group, dtype) of dense parameters."""
+        params = self.dp.optimizer.parameters()
+        index = {id(p): i for i, p in enumerate(params)}
+        sparse = {i for i, g in pairs if isinstance(g, tuple)}
+        units, unit_modules = [], []
+        for module in self._modules:
+            indices = [index[id(p)] for p in module._parameters.values()
+                       if p is not None and id(p) in index and len(self._owners[id(p)]) == 1
+                       and id(p) not in self._tables and index[id(p)] not in sparse]
+            for gi, group in self._layout(indices):
+                units.append((gi, group))
+                unit_modules.append(module)
+        self._build_units(units)
+        for unit, module in zip(self.groups, unit_modules):
+            unit.seen = False
+            if id(module) in self._module_units:  # a module with two groups: one unit, the first
+                raise DistError(f"DataParallel(zero=3): {type(module).__name__} has parameters in two parameter "
+                                "groups or dtypes; eager ZeRO-3 gathers one unit per module")
+            self._module_units[id(module)] = unit
+
+    def gathered_parameters(self):
+        """A context in which every sharded parameter is whole; on exit each rank keeps its shard
+        of what they then hold (stage 3; stages 1-2 keep them whole: nothing to do)."""
+        return self._gathered() if self.stage == 3 and self.groups else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        for unit in self.groups:
+            unit.drain()
+            unit.acquire()
+        try:
+            yield
+        finally:
+            for unit in self.groups:
+                unit.reshard_from_parameters()
+                unit.release()
+
 
     # --- memory and checkpoints -----------------------------------------------------------------
     def optimizers(self) -> list:
         """The optimizers this rank steps: the shard optimizers (and the model's own, which
         holds the state of parameters with sparse gradients only)."""
         return [g.optimizer for g in self.groups or []] + [self.dp.optimizer]
+
+    def persistent_gradient_bytes(self) -> int:
+        """Gradient buffers this mode keeps between steps, outside any plan (stages 1-2: each
+        group's flat gradient and its shard; stage 3 keeps none)."""
+        if self.stage == 3 or not self.groups:
+            return 0
+        return sum(t.untyped_storage().nbytes() for g in self.groups for t in (g.grad, g.grad_shard))
 
     def consolidated_state_dict(self) -> dict:
         """The plain optimizer's `state_dict()` with every shard's state gathered (every rank
@@ -223,10 +717,11 @@ class ZeroSync(SyncMode):
         `consolidated_state_dict()`): the model's optimizer checks it whole and nothing changes on
         a mismatch; each shard optimizer then takes its slice (at the first step, when the shards
         are laid out)."""
-        self.dp.optimizer.load_state_dict(state_dict)
-        self._loaded = True
-        if self.groups is not None:
-            self._scatter_loaded_state()
+        with self.gathered_parameters():  # stage 3: the model's optimizer places state where parameters are
+            self.dp.optimizer.load_state_dict(state_dict)
+            self._loaded = True
+            if self.groups is not None:
+                self._scatter_loaded_state()
 
     def _scatter_loaded_state(self) -> None:
         """Moves the loaded state of the sharded parameters from the model's optimizer into the
@@ -247,7 +742,7 @@ class ZeroSync(SyncMode):
             step, names = steps.pop(), names.pop()
             shard_tensors = {}
             for name in names:
-                flat = torch.zeros_like(group.flat)
+                flat = torch.zeros(group.padded, dtype=group.shard.dtype)
                 for i, offset, p in zip(group.indices, group.offsets, group.params):
                     flat[offset:offset + p._value.numel()].copy_(tensors[f"state.{i}.{name}"].reshape(-1))
                 shard_tensors[f"state.0.{name}"] = flat[self.rank * group.shard_size:
@@ -261,6 +756,140 @@ class ZeroSync(SyncMode):
                     tensors.pop(f"state.{i}.{name}", None)
         opt.load_state_dict(plain)
         self._loaded = False
+
+
+class _Zero3Gradients(GradientSync):
+    """Eager stage 3: each unit's gradients are reduce-scattered (and its parameters freed) as
+    soon as backward has made all of them; the plain path's at the end."""
+
+    def __init__(self, mode: ZeroSync):
+        super().__init__()
+        self.mode = mode
+        self.waiting: dict[int, dict] = {}  # unit position -> {index: gradient}
+        self.done: set[int] = set()
+
+    def add(self, index, grad):
+        self.pairs.append((index, grad))
+        unit = self.mode.owner.get(index) if self.mode.groups is not None else None
+        if unit is None or isinstance(grad, tuple):
+            return
+        got = self.waiting.setdefault(unit.position, {})
+        got[index] = grad
+        if len(got) == len(unit.indices):
+            self._scatter_unit(unit)
+
+    def _scatter_unit(self, unit) -> None:
+        got = self.waiting.pop(unit.position, {})
+        with torch.no_grad():
+            unit.grad_shard = unit.reduce_scatter([got.get(i) for i in unit.indices])
+        unit.release()
+        self.done.add(unit.position)
+
+    def finish(self):
+        mode = self.mode
+        if mode.groups is None:
+            mode._lay_out_eager(self.pairs)
+            for index, grad in self.pairs:
+                unit = mode.owner.get(index)
+                if unit is not None:
+                    self.waiting.setdefault(unit.position, {})[index] = grad
+        for unit in mode.groups:  # every rank the same units in the same order
+            if unit.position not in self.done:
+                self._scatter_unit(unit)
+        plain = [(i, g) for i, g in self.pairs if i not in mode.owner]
+        mode._update_shards(plain)
+        return []
+
+
+def _unit(sync: int, unit: int, op: str) -> _Unit:
+    return live.lookup(sync, "ZeRO-3 sync mode", op).groups[unit]
+
+
+@register
+class Zero3Gather(OpDef):
+    """ZeRO-3: starts gathering one unit's parameters from every rank's shard into a fresh
+    padded flat buffer (the transfer may still run; `zero3_unpack` waits)."""
+
+    name = "zero3_gather"
+    attrs = {"sync": -1, "unit": -1}
+    differentiable = False
+    tested_by = "tests/parallel/test_zero3.py"
+
+    def infer(self, inputs, sync, unit):
+        return TensorMeta((_unit(sync, unit, self.name).padded,), inputs[0].dtype)
+
+    def compute(self, shard, sync, unit):
+        return _unit(sync, unit, self.name).start_gather()
+
+
+@register
+class Zero3Unpack(OpDef):
+    """ZeRO-3: waits for a `zero3_gather`; the unit's parameters as views of its buffer."""
+
+    name = "zero3_unpack"
+    attrs = {"sync": -1, "unit": -1}
+    differentiable = False
+    tested_by = "tests/parallel/test_zero3.py"
+
+    def infer(self, inputs, sync, unit):
+        return [TensorMeta(p.shape, p.dtype) for p in _unit(sync, unit, self.name).params]
+
+    def compute(self, flat, sync, unit):
+        values = _unit(sync, unit, self.name).finish_gather(flat)
+        return tuple(values) if len(values) > 1 else values[0]
+
+
+@register
+class Zero3ReduceScatter(OpDef):
+    """ZeRO-3: one unit's gradients (inputs in the unit's order) reduce-scattered (mean): this
+    rank's shard of their padded flat concatenation."""
+
+    name = "zero3_reduce_scatter"
+    attrs = {"sync": -1, "unit": -1}
+    differentiable = False
+    tested_by = "tests/parallel/test_zero3.py"
+
+    def infer(self, inputs, sync, unit):
+        return TensorMeta((_unit(sync, unit, self.name).shard_size,), inputs[0].dtype)
+
+    def compute(self, *grads, sync, unit):
+        return _unit(sync, unit, self.name).reduce_scatter(list(grads))
+
+
+@register
+class Zero3Mark(OpDef):
+    """Eager ZeRO-3: the identity on a module's output, whose gradient gathers the module's
+    parameters again when the backward reaches it."""
+
+    name = "zero3_mark"
+    attrs = {"sync": -1, "unit": -1}
+    tested_by = "tests/parallel/test_zero3.py"
+
+    def infer(self, inputs, sync, unit):
+        return TensorMeta(inputs[0].shape, inputs[0].dtype)
+
+    def compute(self, x, sync, unit):
+        return x.view_as(x)
+
+    def gradient(self, op, grads):
+        return [apply("zero3_backward_reached", grads[0], **op.attrs)]
+
+
+@register
+class Zero3BackwardReached(OpDef):
+    """Eager ZeRO-3: the identity on a gradient that first gathers the unit's parameters."""
+
+    name = "zero3_backward_reached"
+    attrs = {"sync": -1, "unit": -1}
+    differentiable = False
+    tested_by = "tests/parallel/test_zero3.py"
+
+    def infer(self, inputs, sync, unit):
+        return TensorMeta(inputs[0].shape, inputs[0].dtype)
+
+    def compute(self, g, sync, unit):
+        live.lookup(sync, "ZeRO-3 sync mode", self.name).backward_reached(unit)
+        return g.view_as(g)
 
 
 SYNC_MODES["zero"] = ZeroSync  # DataParallel(..., zero=stage) builds this mode

@@ -9,8 +9,11 @@ usually split:
 - parameters: the plan's leaf variables (and parameter-server table handles), alive throughout;
 - optimizer state: the state tensors of every optimizer the plan's update ops drive, after the
   step (state is created on the first update and kept);
-- gradients: the buffers an update op reads, and the communication buffers (buckets) that
-  carry them there;
+- gradients: the buffers an update op reads, the communication buffers (buckets) that
+  carry them there, and the gradient buffers kept between steps (persistent buckets, counted
+  throughout the step; ZeRO-1/2's flat gradient and its shard);
+- gathered parameters: ZeRO-3's whole parameters, gathered from the shards before their readers
+  (the shards themselves are parameters);
 - activations: everything else the plan allocates — forward activations, the backward's
   intermediate values, fed inputs and constants.
 
@@ -29,7 +32,11 @@ from luoshu.core import live
 UPDATE_OPS = frozenset({"optimizer_update", "ps_step", "ps_sparse_push", "sharded_update"})
 # Collectives that carry gradients on the way to an update: their inputs are gradients too.
 GRADIENT_CARRIERS = frozenset({"bucket_all_reduce", "bucket_unpack", "sparse_all_gather", "all_reduce",
-                               "reduce_scatter", "all_gather", "comm_wait"})
+                               "reduce_scatter", "all_gather", "comm_wait", "zero3_reduce_scatter"})
+# Ops that write a persistent bucket buffer (their `buffer` attribute names its BucketBuffer).
+BUCKET_OPS = frozenset({"bucket_all_reduce", "bucket_place"})
+# Ops whose outputs are parameters gathered from shards (ZeRO-3), alive between use and free.
+PARAMETER_GATHERS = frozenset({"zero3_gather", "zero3_unpack"})
 
 
 @dataclass
@@ -46,6 +53,9 @@ class MemoryReport:
     timeline: list[int] = field(default_factory=list)  # plan-allocated live bytes after each step
     peak_gradients: int = 0  # the most gradient bytes alive at once (any step)
     peak_activations: int = 0  # the most activation bytes alive at once (any step)
+    gathered_parameters: int = 0  # ZeRO-3 parameters gathered from the shards, at the peak
+    peak_gathered_parameters: int = 0  # the most gathered-parameter bytes alive at once (any step)
+    update_gradients: int = 0  # the gradient bytes the update ops read (ZeRO-2/3: this rank's shards)
     outputs: list = field(default_factory=list, repr=False)  # the fetched values of the run
 
     def as_dict(self) -> dict:
@@ -61,6 +71,8 @@ class MemoryReport:
             f"  optimizer state {mb(self.optimizer_state)}",
             f"  gradients       {mb(self.gradients)}   (largest at any step {mb(self.peak_gradients)})",
             f"  activations     {mb(self.activations)}   (largest at any step {mb(self.peak_activations)})",
+            f"  gathered params {mb(self.gathered_parameters)}   (largest at any step "
+            f"{mb(self.peak_gathered_parameters)})",
         ])
 
 
@@ -133,13 +145,23 @@ def measure(plan, feed_values: list) -> MemoryReport:
             if found is not None:
                 parameter_storages[found[0]] = found[1]
     gradient_slots = _gradient_slots(plan)
+    # persistent gradient buckets (kept across steps by their BucketBuffer): alive throughout,
+    # counted once whether or not this run has written them yet
+    bucket_storages: dict[int, int] = {}
+    for step in plan.steps:
+        key = step.op.attrs.get("buffer", -1) if step.op.opdef.name in BUCKET_OPS else -1
+        held = live.lookup(key, "bucket buffer", "memory accounting").tensor if key >= 0 else None
+        found = _storage(held)
+        if found is not None:
+            bucket_storages[found[0]] = found[1]
+    gathered_slots = {s for step in plan.steps if step.op.opdef.name in PARAMETER_GATHERS for s in step.outputs}
 
     # storage key -> [bytes, slots referring to it]; parameters' storages are counted apart
     owners: dict[int, list] = {}
 
     def hold(s: int, value) -> None:
         found = _storage(value)
-        if found is None or found[0] in parameter_storages:
+        if found is None or found[0] in parameter_storages or found[0] in bucket_storages:
             return
         entry = owners.setdefault(found[0], [found[1], set()])
         entry[1].add(s)
@@ -153,40 +175,52 @@ def measure(plan, feed_values: list) -> MemoryReport:
         if not entry[1]:
             del owners[found[0]]
 
-    def split() -> tuple[int, int]:
-        grads = acts = 0
+    def split() -> tuple[int, int, int]:
+        grads = acts = gathered = 0
         for nbytes, refs in owners.values():
             if refs & gradient_slots:
                 grads += nbytes
+            elif refs & gathered_slots:
+                gathered += nbytes
             else:
                 acts += nbytes
-        return grads, acts
+        return grads, acts, gathered
 
     for s, v in slots.items():
         if s not in leaf_slots:
             hold(s, v)
     parameters = sum(parameter_storages.values())
     best = (sum(split()), -1)
-    timeline, peak_split, peak_grads, peak_acts = [], split(), 0, 0
+    timeline, peak_split, peak_grads, peak_acts, peak_gathered, update_grads = [], split(), 0, 0, 0, 0
     with torch.no_grad():
         for i, step in enumerate(plan.steps):
+            if step.op.opdef.name in UPDATE_OPS:
+                update_grads += sum(dict(filter(None, (_storage(slots[s]) for s in step.inputs))).values())
             out = step.kernel(*[slots[s] for s in step.inputs])
             values = (out,) if len(step.outputs) == 1 else tuple(out)
             for s, v in zip(step.outputs, values):
                 slots[s] = v
                 hold(s, v)
-            grads, acts = split()
-            timeline.append(grads + acts)
+            grads, acts, gathered = split()
+            timeline.append(grads + acts + gathered)
             peak_grads, peak_acts = max(peak_grads, grads), max(peak_acts, acts)
-            if grads + acts > best[0]:
-                best, peak_split = (grads + acts, i), (grads, acts)
+            peak_gathered = max(peak_gathered, gathered)
+            if grads + acts + gathered > best[0]:
+                best, peak_split = (grads + acts + gathered, i), (grads, acts, gathered)
             for s in step.frees:
                 release(s, slots.pop(s))
     state = _optimizer_state_bytes(plan)
+    # gradient buffers a sync mode keeps between steps outside the plan (ZeRO-1/2's flat gradients)
+    kept = sum(live.lookup(step.op.attrs["strategy"], "sync mode", "memory accounting").persistent_gradient_bytes()
+               for step in plan.steps if step.op.opdef.name == "sharded_update") + sum(bucket_storages.values())
+    best = (best[0] + kept, best[1])
+    peak_split = (peak_split[0] + kept, *peak_split[1:])
+    peak_grads += kept
     step_index = best[1]
     fetched = [slots.get(s) for s in plan.fetch_slots]
     return MemoryReport(
         peak_bytes=parameters + state + best[0], peak_step=step_index,
         peak_op=plan.steps[step_index].op.opdef.name if step_index >= 0 else "(inputs)",
         parameters=parameters, optimizer_state=state, gradients=peak_split[0], activations=peak_split[1],
-        timeline=timeline, peak_gradients=peak_grads, peak_activations=peak_acts, outputs=fetched)
+        timeline=timeline, peak_gradients=peak_grads, peak_activations=peak_acts, gathered_parameters=peak_split[2],
+        peak_gathered_parameters=peak_gathered, update_gradients=update_grads, outputs=fetched)

@@ -53,6 +53,7 @@ class TrainConfig:
     num_workers: int = 1  # background threads preparing batches
     progress: bool = True
     profile_memory: bool = False  # account the first step's memory; printed and written to memory.json
+    zero: int = 0  # ZeRO stage over the data-parallel workers: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters
     hot_switch: dict | None = None  # HotSPa: {buckets: [...descending..., 0], strategies: ["dp1,tp4,pp1", ...]}
     parallel: str | None = None  # "auto": the strategy search picks the job's (dp, tp) (luoshu.train.hot_switch)
     memory_budget_mb: float | None = None  # with parallel "auto": per-device memory the strategy must fit in
@@ -145,6 +146,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check("lr_schedule", c.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'")
     check("precision", c.precision in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'")
     check("profile_memory", isinstance(c.profile_memory, bool), "true or false")
+    check("zero", c.zero in (0, 1, 2, 3) and not isinstance(c.zero, bool), "0, 1, 2 or 3")
+    check("zero", not c.zero or c.hot_switch is None, "0 in a hot_switch job (it lays out its own strategies)")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)
                                                        and c.max_grad_norm > 0), "a positive number")
     if c.hot_switch is not None or c.parallel is not None or c.memory_budget_mb is not None:

@@ -3,6 +3,7 @@ with the training position, and the job's `metrics.csv` and TensorBoard events."
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -28,6 +29,7 @@ from luoshu.core.tensor import normalize_device
 from luoshu.data import DataError, DataLoader
 from luoshu.gnn.job import train_node_job
 from luoshu.optim import CosineWarmup, LinearWarmup, LossScaler
+from luoshu.parallel import DataParallel
 from luoshu.train.batches import EpochBatches, StreamBatches, epoch_order
 from luoshu.train.builders import build_model, build_optimizer, model_table
 from luoshu.train.checkpoints import (
@@ -97,6 +99,8 @@ class Trainer:
             self.eval_output = self.task.forward(self.model, self.feeds)
             self.model.train()
         self.graph = graph
+        # ZeRO: the shards' state is checkpointed as the plain optimizer's (consolidated_state_dict)
+        self.dp = DataParallel(graph, zero=config.zero) if config.zero else None
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -164,8 +168,9 @@ class Trainer:
                     "metrics": self.last_metrics, "generator": generator_state(self.device),
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                     "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None}
-        path = save(checkpoint_dir(c.checkpoint_path, self.step), self.model, self.optimizer,
-                    metadata=json.loads(json.dumps(metadata)))
+        with self._whole_state() as optimizer:
+            path = save(checkpoint_dir(c.checkpoint_path, self.step), self.model, optimizer,
+                        metadata=json.loads(json.dumps(metadata)))
         if c.keep_checkpoints:
             for _, old in list_checkpoints(c.checkpoint_path)[:-c.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -173,6 +178,18 @@ class Trainer:
         if previous is not None and previous.pending:
             previous.discard()
         return path
+
+    @contextlib.contextmanager
+    def _whole_state(self):
+        """The optimizer to checkpoint, with the model's parameters whole: with ZeRO, a plain
+        optimizer holding the consolidated state of the shards (a ZeRO checkpoint is a plain one)."""
+        if self.dp is None:
+            yield self.optimizer
+            return
+        with self.dp.sync.gathered_parameters():
+            plain = build_optimizer(self.config, self.model.parameters())
+            plain.load_state_dict(self.dp.sync.consolidated_state_dict())
+            yield plain
 
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restores model, optimizer and training position from a checkpoint written by this trainer."""
@@ -187,7 +204,11 @@ class Trainer:
             if old.get(key) != getattr(self.config, key):
                 raise TrainConfigError(f"cannot resume from {path}: it was trained with {key}={old.get(key)!r}, "
                                        f"this job has {key}={getattr(self.config, key)!r}")
-        load(path, self.model, self.optimizer)
+        with self._whole_state() as optimizer:
+            load(path, self.model, optimizer)
+            state = optimizer.state_dict()
+        if self.dp is not None:
+            self.dp.sync.load_state_dict(state)
         self.step, self.epoch, self.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
         self.window = dict(saved.get("window") or self.window)
         self.last_metrics = dict(saved.get("metrics") or {})

@@ -24,7 +24,6 @@ from luoshu.train.tune import TrainJob, tune_job
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def test_finds_the_optimum_of_a_quadratic():
     space = {"x": {"low": -10, "high": 10}, "y": {"low": -10, "high": 10}, "kind": ["a", "b", "c"]}
     result = automl.tune(

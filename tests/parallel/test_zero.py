@@ -1,4 +1,4 @@
-"""ZeRO stages 1 and 2 against plain data parallelism: the same losses, parameters and
+"""ZeRO stages 1, 2 and 3 against plain data parallelism: the same losses, parameters and
 (consolidated) optimizer state, with 1/dp of the dense optimizer state on each rank."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _check(tmp_path, workers: int) -> None:
         for mode in ("graph", "eager"):
             plain = {k[len(f"{mode}/0/"):]: got[k] for k in got.files if k.startswith(f"{mode}/0/")}
             assert any(k.startswith("state/") for k in plain)
-            for zero in (1, 2):
+            for zero in (1, 2, 3):
                 for key, expected in plain.items():
                     value = got[f"{mode}/{zero}/{key}"]
                     if key == "state_bytes":  # the dense parameters' state, per rank
@@ -27,6 +27,15 @@ def _check(tmp_path, workers: int) -> None:
                     else:
                         np.testing.assert_allclose(value, expected, rtol=1e-9, atol=1e-12,
                                                    err_msg=f"{mode} zero={zero} rank {rank}: {key}")
+        # ZeRO-3, from the plan's accounting: 1/dp of the plain run's parameter, gradient (what the
+        # update reads) and optimizer-state bytes; Adam's step counters (4 bytes each) are one per
+        # tensor in the plain run (four) and one per unit (one) with ZeRO-3.
+        plain, sharded = ({k: int(got[f"memory/{z}/{k}"]) for k in ("parameters", "optimizer_state", "update_gradients",
+                                                                   "gathered")} for z in (0, 3))
+        assert plain["parameters"] == 44 * 8 and sharded["parameters"] * workers == plain["parameters"]
+        assert sharded["update_gradients"] * workers == plain["update_gradients"] == 44 * 8
+        assert (sharded["optimizer_state"] - 4) * workers == plain["optimizer_state"] - 4 * 4 == 2 * 44 * 8
+        assert sharded["gathered"] == 44 * 8 and plain["gathered"] == 0  # one unit whole at a time
 
 
 @pytest.mark.dist
@@ -69,7 +78,7 @@ def test_plan_accounts_for_the_shard_state():
 def test_bad_arguments():
     model = Net()
     with pytest.raises(ls.distributed.DistError, match="zero must be one of"):
-        ls.parallel.DataParallel(model, ls.optim.Adam(model.parameters()), zero=3)
+        ls.parallel.DataParallel(model, ls.optim.Adam(model.parameters()), zero=4)
     with pytest.raises(ls.distributed.DistError, match="LAMB cannot be sharded"):
         ls.parallel.DataParallel(model, ls.optim.LAMB(model.parameters()), zero=1)
     with pytest.raises(ls.distributed.DistError, match="shards an optimizer"):

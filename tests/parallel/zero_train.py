@@ -1,15 +1,16 @@
-"""ZeRO-1/2 against plain data parallelism in the same job; run under `luoshu launch -n N`.
+"""ZeRO-1/2/3 against plain data parallelism in the same job; run under `luoshu launch -n N`.
 
     luoshu launch -n 2 tests/parallel/zero_train.py OUT_DIR
 
 Each run trains the same float64 model (an embedding table, so sparse gradients take the
 plain path, and two linear layers) for 5 AdamW steps with gradient clipping, in graph and eager
-mode, plain and with zero=1 and zero=2; every rank saves losses, final parameters, its
+mode, plain and with zero=1, 2 and 3; every rank saves losses, final parameters, its
 optimizer-state bytes and the consolidated optimizer state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -62,7 +63,8 @@ def train(mode: str, zero: int, workers: int, rank: int, batch: int = 3) -> dict
             out = loss = ls.nn.functional.mse_loss(dp(ls.tensor(i[lo:hi]), ls.tensor(d[lo:hi])), ls.tensor(t[lo:hi]))
             losses.append(float(out.numpy()))
             dp.minimize(loss)
-    result = {f"param/{name}": p.numpy().copy() for name, p in model.named_parameters()}
+    with dp.sync.gathered_parameters() if zero else contextlib.nullcontext():  # stage 3: the shards, whole
+        result = {f"param/{name}": p.numpy().copy() for name, p in model.named_parameters()}
     result["losses"] = np.array(losses)
     if zero:
         optimizers = dp.sync.optimizers()
@@ -77,14 +79,32 @@ def train(mode: str, zero: int, workers: int, rank: int, batch: int = 3) -> dict
     return result
 
 
+def memory(zero: int, workers: int, rank: int) -> dict:
+    """The plan's accounting of one step of a dense MLP (44 float64 parameters, four tensors):
+    parameter, optimizer-state and update-gradient bytes on this rank."""
+    ls.manual_seed(1)
+    model = ls.nn.Sequential(ls.nn.Linear(4, 6), ls.nn.Tanh(), ls.nn.Linear(6, 2)).to(dtype="float64")
+    opt = ls.optim.AdamW(model.parameters(), lr=0.01)
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, 4), "float64")
+        loss = (model(x) ** 2).mean()
+        step = opt.minimize(loss)
+    ls.parallel.DataParallel(g, zero=zero) if zero else ls.parallel.DataParallel(g)
+    report = g.memory([loss, step], {x: np.full((3, 4), rank + 1.0)})
+    return {"parameters": report.parameters, "optimizer_state": report.optimizer_state,
+            "update_gradients": report.update_gradients, "gathered": report.peak_gathered_parameters}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     ls.distributed.init()
     rank, workers = ls.distributed.rank(), ls.distributed.world_size()
     results = {}
     for mode in ("graph", "eager"):
-        for zero in (0, 1, 2):
+        for zero in (0, 1, 2, 3):
             results.update({f"{mode}/{zero}/{k}": v for k, v in train(mode, zero, workers, rank).items()})
+    for zero in (0, 3):
+        results.update({f"memory/{zero}/{k}": np.array(v) for k, v in memory(zero, workers, rank).items()})
     np.savez(f"{sys.argv[1]}/rank{rank}.npz", **results)
     ls.distributed.barrier()
     ls.distributed.shutdown()
