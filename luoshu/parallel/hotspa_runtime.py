@@ -165,6 +165,8 @@ class HotSPa:
             raise HotSPaError(f"HotSPa: owner must index one of the {len(strategies)} strategies, found {owner!r}")
         world, rank = env.world_size(), env.rank()
         meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
+        # "…,sp": the strategy's graph keeps activations between TP regions split along the sequence
+        self.sequence_parallel = [isinstance(s, str) and parse_strategy(s).sp for s in strategies]
         spec = model_spec(model)
         if memory_budget is not None:
             if spec is None:
@@ -191,7 +193,7 @@ class HotSPa:
             for i, mesh in enumerate(meshes):  # parallelize each strategy from the full values
                 for p, v in zip(params, full):
                     p.ds, p._value = [], v
-                tp = parallelize(model, mesh, broadcast=False, plan=plan)
+                tp = parallelize(model, mesh, self.sequence_parallel[i], broadcast=False, plan=plan)
                 per_strategy_ds.append([p.ds[0] for p in params])
                 per_strategy_value.append([p._value for p in params])
                 plans_strategy.append(dataclasses.replace(tp.strategy, dp_group=(), strategy=i))
