@@ -94,6 +94,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe"], default=s)
     p.add_argument("--sequence-parallel", action="store_true", default=s,
                    help="keep activations between tensor-parallel regions split on the sequence")
+    p.add_argument("--parallel", choices=["auto"], default=s,
+                   help="auto: the strategy search (profiled cost model) picks the (dp, tp) of a gpt2/llama job "
+                        "on synthetic-lm under luoshu launch")
+    p.add_argument("--memory-budget-mb", type=float, default=s, metavar="MIB",
+                   help="with --parallel auto: memory per device the chosen strategy must fit in")
     p.add_argument("--recompute", nargs="?", const=True, default=s, metavar="SCOPE",
                    help="recompute activations in the backward: every block, or SCOPE 'attention' (language models)")
 

@@ -63,6 +63,8 @@ class TrainConfig:
     sequence_parallel: bool = False
     zero: int = 0  # ZeRO stage over the data-parallel workers: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters
     hot_switch: dict | None = None  # HotSPa: {buckets: [...descending..., 0], strategies: ["dp1,tp4,pp1", ...]}
+    parallel: str | None = None  # "auto": the strategy search picks the job's (dp, tp) (luoshu.train.hot_switch)
+    memory_budget_mb: float | None = None  # with parallel "auto": per-device memory the strategy must fit in
     # the settings (as `check_config` last passed them), so an unchanged config is not checked twice
     _passed_check: ClassVar[str | None] = None
 
@@ -161,7 +163,7 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check("zero", not c.zero or c.hot_switch is None, "0 in a hot_switch job (it lays out its own strategies)")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)
                                                        and c.max_grad_norm > 0), "a positive number")
-    if c.hot_switch is not None:
+    if c.hot_switch is not None or c.parallel is not None or c.memory_budget_mb is not None:
         from luoshu.train.hot_switch import check_hot_switch  # (it imports the builders this module does)
 
         check_hot_switch(c, source)

@@ -504,6 +504,6 @@ def train(config: TrainConfig) -> dict[str, float]:
     task, _ = check_config(config)
     if task == "node":
         return train_node_job(config, log=print if config.progress else None)
-    if config.hot_switch is not None:
+    if config.hot_switch is not None or config.parallel is not None:
         return train_hot_switch(config)
     return Trainer(config).fit()
