@@ -299,6 +299,7 @@ class ZeroSync(SyncMode):
         self.groups: list | None = None  # _FlatGroup (stages 1-2) or _Unit (stage 3)
         self.owner: dict[int, object] = {}
         self._loaded = False  # a plain state dict was loaded and still has to reach the shards
+        self._gather_depth = 0  # nesting of gathered_parameters() contexts
         self._key = live.register(self)  # what sharded_update and the zero3 ops name in their attributes
         # stage 3, eager: module -> its unit once laid out, and the order the forward meets units
         self._module_units: dict[int, _Unit] = {}
@@ -659,15 +660,22 @@ class ZeroSync(SyncMode):
 
     @contextlib.contextmanager
     def _gathered(self):
-        for unit in self.groups:
-            unit.drain()
-            unit.acquire()
+        # re-entrant: `ls.load` gathers, and the optimizer-state load inside it gathers again;
+        # only the outermost context gathers and reshards
+        depth = self._gather_depth
+        self._gather_depth = depth + 1
+        if depth == 0:
+            for unit in self.groups:
+                unit.drain()
+                unit.acquire()
         try:
             yield
         finally:
-            for unit in self.groups:
-                unit.reshard_from_parameters()
-                unit.release()
+            self._gather_depth = depth
+            if depth == 0:
+                for unit in self.groups:
+                    unit.reshard_from_parameters()
+                    unit.release()
 
 
     # --- memory and checkpoints -----------------------------------------------------------------
