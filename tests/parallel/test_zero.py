@@ -36,6 +36,30 @@ def _check(tmp_path, workers: int) -> None:
         assert sharded["update_gradients"] * workers == plain["update_gradients"] == 44 * 8
         assert (sharded["optimizer_state"] - 4) * workers == plain["optimizer_state"] - 4 * 4 == 2 * 44 * 8
         assert sharded["gathered"] == 44 * 8 and plain["gathered"] == 0  # one unit whole at a time
+        # ZeRO-2 (one bucket: the default 4 MB holds all 44): the update reads 1/dp of the gradients.
+        zero2 = int(got["memory/2/update_gradients"])
+        assert zero2 * workers == plain["update_gradients"], (zero2, plain["update_gradients"])
+        _check_zero2_gradients(got, workers)
+
+
+def _check_zero2_gradients(got, workers: int) -> None:
+    """Eight 8x8 float64 weights (G = 8 * 512 bytes), one reduce-scatter bucket per weight.
+
+    Plain data parallelism keeps every gradient whole: the persistent all-reduce buckets (G),
+    counted at every step, are its floor. ZeRO-2's update reads this rank's shards, G/dp exactly
+    (64 elements divide by 2 and 4: no padding). Its peak is reached at the last bucket's
+    reduce-scatter (the first layer's weight): all eight shards (G/dp) plus that weight's whole
+    gradient (512 bytes), which dies right there; every earlier step holds fewer shards and one
+    whole gradient at most. So peak = G/dp + 512: 2560 bytes at dp=2, 1536 at dp=4, against >= G
+    = 4096 for plain data parallelism (the bucket bound: G/dp plus one bucket). ZeRO-1 adds its
+    kept 1/dp gradient shard to plain's all-reduce buckets and nothing else: G + G/dp."""
+    g_bytes, bucket = 8 * 64 * 8, 64 * 8
+    plain, z1, z2 = ({k: int(got[f"layers/{z}/{k}"]) for k in ("update_gradients", "peak_gradients")}
+                     for z in (0, 1, 2))
+    assert plain["update_gradients"] == g_bytes and plain["peak_gradients"] >= g_bytes, plain
+    assert z2["update_gradients"] == g_bytes // workers, z2
+    assert z2["peak_gradients"] == g_bytes // workers + bucket, z2
+    assert z1["peak_gradients"] == plain["peak_gradients"] + g_bytes // workers, (z1, plain)
 
 
 @pytest.mark.dist

@@ -95,6 +95,30 @@ def memory(zero: int, workers: int, rank: int) -> dict:
             "update_gradients": report.update_gradients, "gathered": report.peak_gathered_parameters}
 
 
+LAYERS, WIDTH = 8, 8  # memory_layers: eight 8x8 float64 weights, 512 bytes each
+
+
+def memory_layers(zero: int, workers: int, rank: int) -> dict:
+    """The plan's accounting of one step of eight 8x8 linear layers (no bias, float64): with
+    `unit_size_mb` of one weight, ZeRO-2 reduce-scatters each weight's gradient on its own."""
+    ls.manual_seed(2)
+    layers = []
+    for _ in range(LAYERS):
+        layers += [ls.nn.Linear(WIDTH, WIDTH, bias=False), ls.nn.Tanh()]
+    model = ls.nn.Sequential(*layers).to(dtype="float64")
+    opt = ls.optim.AdamW(model.parameters(), lr=0.01)
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, WIDTH), "float64")
+        loss = (model(x) ** 2).mean()
+        step = opt.minimize(loss)
+    if zero:
+        ls.parallel.DataParallel(g, zero=zero, unit_size_mb=WIDTH * WIDTH * 8 / 2**20)
+    else:
+        ls.parallel.DataParallel(g)
+    report = g.memory([loss, step], {x: np.full((3, WIDTH), rank + 1.0)})
+    return {"update_gradients": report.update_gradients, "peak_gradients": report.peak_gradients}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     ls.distributed.init()
@@ -103,8 +127,10 @@ def main() -> None:
     for mode in ("graph", "eager"):
         for zero in (0, 1, 2, 3):
             results.update({f"{mode}/{zero}/{k}": v for k, v in train(mode, zero, workers, rank).items()})
-    for zero in (0, 3):
+    for zero in (0, 2, 3):
         results.update({f"memory/{zero}/{k}": np.array(v) for k, v in memory(zero, workers, rank).items()})
+    for zero in (0, 1, 2):
+        results.update({f"layers/{zero}/{k}": np.array(v) for k, v in memory_layers(zero, workers, rank).items()})
     np.savez(f"{sys.argv[1]}/rank{rank}.npz", **results)
     ls.distributed.barrier()
     ls.distributed.shutdown()
