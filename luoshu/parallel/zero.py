@@ -320,7 +320,8 @@ class ZeroSync(SyncMode):
             raise DistError(f"DataParallel(zero={stage}): {type(opt).__name__} cannot be sharded elementwise; ZeRO "
                             f"runs {sorted(set(OPTIMIZERS) - {'lamb'})}")
         if not isinstance(unit_size_mb, (int, float)) or isinstance(unit_size_mb, bool) or not unit_size_mb > 0:
-            raise DistError(f"DataParallel(zero={stage}): unit_size_mb must be a positive number, found {unit_size_mb!r}")
+            raise DistError(f"DataParallel(zero={stage}): unit_size_mb must be a positive number, found "
+                            f"{unit_size_mb!r}")
         if offload == "parameters" and stage != 3:
             raise DistError(f"DataParallel(zero={stage}): offload='parameters' needs zero=3 (stages 1-2 keep every "
                             "parameter whole on the device); offload='optimizer' works with every stage")
