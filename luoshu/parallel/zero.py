@@ -10,7 +10,8 @@ hyperparameters over it (so its state is 1/dp of the plain run's). Each step:
 
 - stage 1: the gradients take plain data parallelism's path (the bucketed, asynchronous
   all-reduce, `insert_gradient_allreduce` / the eager buckets) and each rank copies its slice of
-  them into its kept gradient shard (1/dp of the gradients: the only gradient memory it adds);
+  them into a gradient shard (1/dp of them) that lives only for the update: between steps
+  stage 1 holds no gradient memory beyond plain data parallelism's buckets;
 - stage 2: the dense gradients are grouped into buckets of `unit_size_mb` (`BucketFiller`, in
   the order the backward makes them; the layout is fixed at the first step) and each bucket is
   reduce-scattered (mean) as soon as its last gradient exists — the same `zero3_reduce_scatter`
@@ -147,15 +148,15 @@ class _FlatGroup(_Sharded):
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero_shard", kind="variable")
         self.optimizer = opt_class([self.shard_param])
         self.optimizer.param_groups[0].update(hyper)  # the group's own (already checked) hyperparameters
-        # stage 1: this rank's slice of the all-reduced gradients, kept (1/dp of them); stage 2:
-        # the step's reduce-scattered shard, dropped after the update
-        self.grad_shard = torch.empty_like(self.shard) if stage == 1 else None
+        # this step's gradient shard (stage 1: this rank's slice of the all-reduced gradients;
+        # stage 2: the reduce-scattered shard), dropped after the update
+        self.grad_shard = None
 
     def take_shard(self, got: dict) -> None:
         """Stage 1: this rank's slice of the (all-reduced) gradients `got` (index -> tensor;
         missing: zeros), copied piece by piece: no flat copy of the whole gradient."""
         lo, hi = self.rank * self.shard_size, (self.rank + 1) * self.shard_size
-        self.grad_shard.zero_()
+        self.grad_shard = torch.zeros_like(self.shard)
         for i, offset, n in zip(self.indices, self.offsets, self.numels):
             g = got.get(i)
             a, b = max(lo, offset), min(hi, offset + n)
@@ -525,8 +526,7 @@ class ZeroSync(SyncMode):
                 if self.stage == 3:
                     group.drain()
                 self.offload.step(group)
-                if self.stage >= 2:
-                    group.grad_shard = None  # the step's own: nothing holds a gradient between steps
+                group.grad_shard = None  # the step's own: nothing holds a gradient between steps
                 if self.stage <= 2 and pg is not None:
                     torch_dist.all_gather_single(group.flat, group.shard.clone(), group=pg)
         if gathered:
@@ -770,11 +770,10 @@ class ZeroSync(SyncMode):
         return [g.optimizer for g in self.groups or []] + [self.dp.optimizer]
 
     def persistent_gradient_bytes(self) -> int:
-        """Gradient buffers this mode keeps between steps, outside any plan (stage 1: each
-        group's gradient shard, 1/dp of the gradients; stages 2-3 keep none)."""
-        if self.stage != 1 or not self.groups:
-            return 0
-        return sum(g.grad_shard.untyped_storage().nbytes() for g in self.groups)
+        """Gradient buffers this mode keeps between steps, outside any plan: none (stage 1's
+        all-reduce buckets are the plan's, counted as plain data parallelism's; every stage's
+        gradient shard lives only from its reduce until the update)."""
+        return 0
 
     def consolidated_state_dict(self) -> dict:
         """The plain optimizer's `state_dict()` with every shard's state gathered (every rank
