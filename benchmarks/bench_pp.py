@@ -5,9 +5,9 @@ embeddings on the first stage, final norm, head and loss on the last), same micr
 GPipe and 1F1B, Gloo on CPU, both in the same processes with repeats interleaved; median
 step time (all micro-batches forward and backward, then AdamW) after warm-up. luoshu's
 bubble fraction is measured per stage as 1 - (time in the stage's plans) / (step time),
-averaged over the stages, next to the ideal (pp-1)/(m+pp-1). luoshu's backward plan
-recomputes its stage's forward (full activation recomputation), so its stages work about
-a third more than PyTorch's, which keeps the activations.
+averaged over the stages, next to the ideal (pp-1)/(m+pp-1) (time a recv waits for its
+peer counts as idle). Both keep each micro-batch's activations from its forward to its
+backward (luoshu's backward plan reads the forward's saved values; nothing is recomputed).
 
     .venv/bin/python benchmarks/bench_pp.py [--procs 2 4] [--layers 4] [--width 256] [--length 128] [--batch 8]
         [--micro-batches 4]

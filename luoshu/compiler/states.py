@@ -11,8 +11,10 @@ backward ops too (gradients are ops), and for each op:
    and converts each input with the comm op derived from the (source, destination)
    pair: partial -> duplicate all-reduce, partial -> split reduce-scatter, split ->
    duplicate all-gather, duplicate -> split local slice, split(i) -> split(j)
-   all-to-all (`convert`); an op with no rule at all gets duplicate inputs (all-gathered
-   once, with a warning naming the op) and so always computes the right values;
+   all-to-all (`convert`), and where the device group changes (pipeline stages) a
+   send/recv pair (`transfer`, used by the pipeline partition pass); an op with no rule
+   at all gets duplicate inputs (all-gathered once, with a warning naming the op) and
+   so always computes the right values;
 3. records the op's local version in the rank's local graph: the same op with local
    attributes (`local_attrs`), or the op's own `localize` (vocabulary-parallel
    embedding and cross entropy, row-split index_add).
@@ -270,6 +272,30 @@ def convert(x: Tensor, src: DStates, dst: DStates, global_shape, shard: Shard) -
     return apply("reshape", y, shape=_shape_attr(merged))
 
 
+def transfer(x: Tensor | None, logical: Tensor, source: tuple, dest: tuple, rank: int, tag: int) -> Tensor | None:
+    """The point-to-point comm op where the device group changes: `logical` is made on the ranks
+    `source` and read on `dest` (groups of one size, e.g. two pipeline stages' TP groups; member
+    i of one talks to member i of the other). On a source rank: `send` local `x` (returns the
+    token); on a dest rank: `recv` (returns the received tensor); elsewhere None."""
+    source, dest = tuple(source), tuple(dest)
+    if len(source) != len(dest):
+        raise StatesError(
+            f"{logical.name or 'tensor'}: moving from device group {source} to {dest} needs groups of one "
+            f"size, found {len(source)} and {len(dest)}"
+        )
+    header = any(d is None for d in logical.shape)  # run-time sizes travel before the data
+    if rank in source:
+        if x is None:
+            raise StatesError(f"{logical.name or 'tensor'}: rank {rank} sends it but has no local value")
+        return apply("send", x, peer=dest[source.index(rank)], tag=tag, header=header)
+    if rank in dest:
+        shape = tuple(-1 if d is None else d for d in logical.shape)
+        return apply(
+            "recv", shape=shape, dtype=logical.dtype, device=logical.device, peer=source[dest.index(rank)], tag=tag
+        )
+    return None
+
+
 def _check_split(shape, d: int, n: int) -> None:
     if d >= len(shape) or shape[d] is None or shape[d] % n:
         raise StatesError(f"cannot split dimension {d} of shape {tuple(shape)} over {n} devices")
@@ -441,7 +467,8 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
         grads += [idx, val]
     if getattr(opt, "max_grad_norm", None) is not None and shard.size > 1:
         split = {i for i, p in enumerate(params) if not states_of(p, strategy.strategy, shard.size).is_pure_duplicate()}
-        opt.shard_norm = _ShardNorm(split, shard)
+        weights = {i: 1.0 if i in split else 1.0 / shard.size for i in range(len(params))}
+        opt.shard_norm = ShardNorm(weights, shard.group)
     out = apply("optimizer_update", *grads, **attrs)
     tensors[id(op.outputs[0])] = out
     states[id(op.outputs[0])] = S.dup(shard.size)
@@ -451,20 +478,22 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
         insert_gradient_allreduce(out.graph, out.producer[0], strategy.bucket_bytes, tuple(strategy.dp_group))
 
 
-class _ShardNorm:
-    """The global gradient norm of a tensor-parallel model for clipping: split gradients add
-    their squares over the TP group, duplicated ones count once (each member adds 1/n)."""
+class ShardNorm:
+    """The global gradient norm of a sharded model for clipping, from each rank's part: the
+    squares of gradient i count with `weights[i]` (default 1) and are summed over `group`.
+    Tensor parallelism: a split gradient counts whole, a duplicated one 1/n on each of the n
+    members; a pipeline adds its stages (a parameter several stages hold, once in all)."""
 
-    def __init__(self, split: set, shard: Shard):
-        self.split, self.shard = split, shard
+    def __init__(self, weights: dict, group: tuple):
+        self.weights, self.group = dict(weights), tuple(group)
 
     def __call__(self, indices: list, grads: list) -> torch.Tensor:
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
         total = torch.zeros((), dtype=dtype, device=grads[0].device)
         for i, g in zip(indices, grads):
-            sq = torch.linalg.vector_norm(g.to(dtype)) ** 2
-            total += sq if i in self.split else sq / self.shard.size
-        total = get_opdef("all_reduce").compute(total, reduce="sum", group=self.shard.group, async_op=False)
+            total += torch.linalg.vector_norm(g.to(dtype)) ** 2 * self.weights.get(i, 1.0)
+        if len(self.group) > 1:
+            total = get_opdef("all_reduce").compute(total, reduce="sum", group=self.group, async_op=False)
         return total.sqrt()
 
 
@@ -585,6 +614,7 @@ def assemble(values: list, ds_list: list) -> torch.Tensor:
 
 __all__ = [
     "Shard",
+    "ShardNorm",
     "StatesError",
     "Strategy",
     "assemble",
@@ -596,4 +626,5 @@ __all__ = [
     "set_default",
     "shard_value",
     "simulate",
+    "transfer",
 ]

@@ -17,6 +17,7 @@ layer does not import the layers above it).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -28,8 +29,10 @@ from luoshu.core.errors import Error, ExecutionError, OpError
 from luoshu.core.op import OpDef, apply, get_opdef, register
 from luoshu.core.shapes import numel
 from luoshu.core.tensor import Tensor, TensorMeta
+from luoshu.ops import _states as S
 
-__all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "reduce", "reduce_scatter"]
+__all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "recv_dual", "recv_wait_seconds",
+           "reduce", "reduce_scatter"]
 
 _REDUCE = ("sum", "mean")
 # torch 2.13 renamed the single-tensor collectives; the old names warn.
@@ -367,6 +370,140 @@ class AllToAll(OpDef):
         a = op.attrs
         return [apply("all_to_all", grads[0], input_splits=a["output_splits"], output_splits=a["input_splits"],
                       group=a["group"])]
+
+
+# --- point to point (pipeline stage boundaries) --------------------------------------------
+# The pipeline partition pass derives these where the device group changes (a tensor made on
+# one stage, read on another): `send` on the producer's side, `recv` on the consumer's. Their
+# gradients are each other: the gradient of a send is a recv of the gradient from the peer (tag
+# + GRAD_TAG), and a recv's dual (`recv_dual`) sends the gradient of what it received back.
+GRAD_TAG = 2  # data tag t, shape header t + 1; the gradient's data t + 2, its header t + 3
+_RECV_WAIT = [0.0]  # seconds spent inside recv (waiting for a peer): the pipeline's bubble
+
+
+def recv_wait_seconds() -> float:
+    """Seconds every `recv` of this process has spent so far (mostly waiting for its peer)."""
+    return _RECV_WAIT[0]
+
+
+class _Sends:
+    """The pending isends of one `send` (header and data), holding their buffers until done."""
+
+    __slots__ = ("works", "buffers")
+
+    def __init__(self, works: list, buffers: list):
+        self.works, self.buffers = works, buffers
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.works, self.buffers = [], []
+
+
+def _check_peer(name: str, peer, tag) -> None:
+    for what, v in (("peer", peer), ("tag", tag)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise OpError(f"{name}: {what} must be a non-negative int (a worker rank, a message tag), found {v!r}")
+
+
+def _p2p_ready(name: str, peer: int) -> None:
+    if not torch_dist.is_available() or not torch_dist.is_initialized():
+        raise Error(f"{name}: a point-to-point transfer with worker {peer} needs luoshu.distributed (luoshu launch)")
+
+
+@register
+class Send(OpDef):
+    """Sends `x` to worker `peer` without waiting (isend); returns a token: the bytes sent, with
+    the transfer pending on it (`comm_wait` or the pipeline runtime waits). `header`: the shape
+    travels first (the receiver's shape has run-time dimensions)."""
+
+    name = "send"
+    attrs = {"peer": 0, "tag": 0, "header": False}
+    tested_by = "tests/parallel/test_pipeline.py"  # run across processes by the pipeline parity tests
+
+    def infer(self, inputs, peer, tag, header):
+        _check_peer(self.name, peer, tag)
+        return TensorMeta((), "int64")
+
+    def compute(self, x, peer, tag, header):
+        _p2p_ready(self.name, peer)
+        x = x.contiguous()
+        works, buffers = [], [x]
+        try:
+            if header:
+                shape = torch.tensor(tuple(x.shape), dtype=torch.int64)
+                buffers.append(shape)
+                works.append(torch_dist.isend(shape, peer, tag=tag + 1))
+            works.append(torch_dist.isend(x, peer, tag=tag))
+        except RuntimeError as exc:
+            raise _comm_failed(f"send to worker {peer}", (peer,), exc) from exc
+        token = torch.tensor(x.numel() * x.element_size(), dtype=torch.int64)
+        return _attach(token, _Sends(works, buffers), None)
+
+    def gradient(self, op, grads):
+        x = op.inputs[0]
+        if not dtypes.is_floating(x.dtype):
+            return [None]
+        a = op.attrs
+        return [apply("recv", shape=tuple(-1 if d is None else d for d in x.shape), dtype=x.dtype,
+                      device=x.device, peer=a["peer"], tag=a["tag"] + GRAD_TAG)]
+
+    def deduce_states(self, input_ds, **attrs):
+        # A stage sends whole activations: each member of the stage's TP group to its counterpart.
+        n = S.group_size(input_ds)
+        if n is None or S.key(input_ds[0]) == DUPLICATE:
+            return [None]
+        raise S.NeedStates(self.name, [S.Candidate((S.dup(n),), (S.dup(n),))], input_ds)
+
+
+@register
+class Recv(OpDef):
+    """Receives a tensor from worker `peer` (blocking): `shape` with -1 for a run-time dimension
+    (its sizes then arrive first, from a `send` with `header`)."""
+
+    name = "recv"
+    attrs = {"shape": (), "dtype": "float32", "device": "cpu", "peer": 0, "tag": 0}
+    tested_by = "tests/parallel/test_pipeline.py"  # run across processes by the pipeline parity tests
+
+    def infer(self, inputs, shape, dtype, device, peer, tag):
+        _check_peer(self.name, peer, tag)
+        if not all(isinstance(d, int) and d >= -1 for d in shape):
+            raise OpError(f"recv: shape must be sizes >= 0 or -1 (a run-time size), found {shape!r}")
+        return TensorMeta(tuple(None if d == -1 else d for d in shape), dtype, device)
+
+    def compute(self, shape, dtype, device, peer, tag):
+        _p2p_ready(self.name, peer)
+        start = time.perf_counter()
+        try:
+            if any(d == -1 for d in shape):
+                sizes = torch.empty(len(shape), dtype=torch.int64)
+                torch_dist.recv(sizes, peer, tag=tag + 1)
+                got = tuple(sizes.tolist())
+                if any(d not in (-1, g) for d, g in zip(shape, got)):
+                    raise ExecutionError(f"recv from worker {peer}: expected shape {shape}, the sender sent {got}")
+                shape = got
+            out = torch.empty(shape, dtype=dtypes.to_torch(dtype), device=device)
+            torch_dist.recv(out, peer, tag=tag)
+        except RuntimeError as exc:
+            raise _comm_failed(f"recv from worker {peer}", (peer,), exc) from exc
+        finally:
+            _RECV_WAIT[0] += time.perf_counter() - start
+        return out
+
+    def gradient(self, op, grads):
+        return []  # no inputs: the gradient of what arrived goes back through `recv_dual`
+
+
+def recv_dual(op, grad: Tensor | None) -> Tensor | None:
+    """The dual of a `recv` op: sends the gradient of its output back to the peer (zeros when
+    nothing downstream is differentiable, so the peer's matching recv never waits forever)."""
+    meta = op.outputs[0]
+    if not dtypes.is_floating(meta.dtype):
+        return None
+    if grad is None:
+        grad = apply("zeros_like", meta)
+    a = op.attrs
+    return apply("send", grad, peer=a["peer"], tag=a["tag"] + GRAD_TAG, header=any(d == -1 for d in a["shape"]))
 
 
 # --- gradient synchronisation (data parallelism) ------------------------------------------

@@ -8,45 +8,43 @@ loss) the last one; the model code does not change: each stage's graph is traced
 model's own forward, with the stage's first layer reading a placeholder (the activation
 received from the previous stage) and everything the stage does not need pruned away.
 
-Each rank compiles its stage's forward and backward plans once; the backward plan
-recomputes the stage's forward from the saved stage input (full activation
-recomputation), so a stage keeps one input per micro-batch in flight, counted by the
-runtime's `ActivationLedger` (1F1B: at most `pp`). Activations and their gradients
-travel between neighbouring stages point to point (torch.distributed send/recv issued
-by this runtime, not comm ops of the graph). Gradients accumulate over the micro-batches
+Every rank traces the whole model once; the pipeline partition pass
+(`luoshu.compiler.pipeline`) cuts this rank's stage out of it: where a tensor made on one
+stage is read on another, the states pass derives a send/recv pair (their gradients are
+each other), and the stage graph is split into a forward plan and a backward plan that
+consumes the forward's saved activations. The runtime's `ActivationLedger` holds those
+per micro-batch (1F1B: at most `pp` at once). Gradients accumulate over the micro-batches
 and are scaled once (1/M: each micro-batch's loss is a mean over its rows); a table's
 sparse gradient stays rows (so a lazy optimizer touches the rows one whole batch would);
 parameters used by several stages (GPT-2's tied embedding) sum their gradients over
-those stages; the DP axis averages them; then the optimizer applies one update. A stage
-may be tensor parallel (`parallelize` the model first): its graph compiles through the
-states pass, its gradients are fetched as this rank's blocks.
+those stages; the DP axis averages them; then the optimizer applies one update, clipping
+(`max_grad_norm`) by the norm of the whole model's gradient, summed over the stages and
+TP members of this DP replica. A stage may be tensor parallel (`parallelize` the model
+first): its graph is localized by the states pass, its gradients are this rank's blocks.
 
-Data convention: every rank passes the same global batch to `step`; the first stage
-reads only the inputs and the last only the labels (`feeds_of` says what a rank needs),
-each rank takes its DP share (`mesh.batch_slice`) and cuts it into M micro-batches.
+Data convention: every rank passes the same global batch to `step` (or None for what its
+stage does not read); the first stage reads only the inputs and the last only the labels
+(`feeds_of` / `feeds` say what a rank's plans read), each rank takes its DP share
+(`mesh.batch_slice`) and cuts it into M micro-batches.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import time
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 from luoshu.compiler import states
+from luoshu.compiler.pipeline import partition
 from luoshu.core.errors import Error
 from luoshu.core.graph import Graph
 from luoshu.core.graph import placeholder as make_placeholder
-from luoshu.core.op import topological_ops
-from luoshu.core.tensor import IndexedSlices
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn.container import ModuleList
 from luoshu.nn.module import Module
 from luoshu.optim.optimizer import Optimizer
-from luoshu.runtime.pipeline import SCHEDULES, ActivationLedger, schedule
+from luoshu.runtime.pipeline import SCHEDULES, ActivationLedger, StageRunner, schedule
 
 
 class PipelineError(Error):
@@ -121,81 +119,88 @@ class Pipeline:
         return self.stage == self.stages - 1
 
     def feeds_of(self) -> tuple[bool, bool]:
-        """(needs the inputs, needs the labels) for this rank's stage."""
-        return self.is_first, self.is_last
+        """(needs the inputs, needs the labels) for this rank's stage (after `compile`: what its
+        plans read; before: the convention, inputs on the first stage and labels on the last)."""
+        if not self._compiled:
+            return self.is_first, self.is_last
+        return (
+            any(ph.name in self.feeds for ph in self.input_phs),
+            any(ph.name in self.feeds for ph in self.label_phs),
+        )
 
     def compile(self, inputs: list[tuple], labels: list[tuple], loss_fn, optimizer: Optimizer) -> None:
-        """Traces this stage's graph. `inputs` / `labels`: (name, shape, dtype) of the model's
-        inputs and the loss's extra arguments (batch dim None); `loss_fn(model_output, *labels)`."""
+        """Traces the model and builds this stage's plans. `inputs` / `labels`: (name, shape, dtype)
+        of the model's inputs and the loss's extra arguments (batch dim None); `loss_fn(model_output,
+        *labels)`."""
         if not isinstance(optimizer, Optimizer):
             raise PipelineError(
                 f"pipeline.compile: optimizer must be a luoshu.optim.Optimizer, found {type(optimizer).__name__}"
             )
         self.optimizer = optimizer
-        g = Graph(name=f"pipeline-stage{self.stage}")
-        holder: dict = {}
-        first, last = self.layers[self.first], self.layers[self.last]
-        originals = (first.forward, last.forward)
+        g = Graph(name="pipeline")
+        firsts = [self.layers[a] for a, _ in self.boundaries]
+        marks: dict[int, int] = {}  # stage -> position in g.ops where its first layer begins
+        originals = [layer.forward for layer in firsts]
 
-        def first_forward(x, *args, **kwargs):
-            if not self.is_first:
-                holder["in"] = make_placeholder("stage_input", x.shape, x.dtype, x.device)
-                x = holder["in"]
-            out = originals[0](x, *args, **kwargs)
-            if first is last:
-                holder["out"] = out
-            return out
+        def marked(s, forward):
+            def first_forward(*args, **kwargs):
+                marks.setdefault(s, len(g.ops))
+                return forward(*args, **kwargs)
 
-        def last_forward(x, *args, **kwargs):
-            out = originals[1](x, *args, **kwargs)
-            holder["out"] = out
-            return out
+            return first_forward
 
-        object.__setattr__(first, "forward", first_forward)
-        if last is not first:
-            object.__setattr__(last, "forward", last_forward)
+        for s, layer in enumerate(firsts):
+            object.__setattr__(layer, "forward", marked(s, originals[s]))
         try:
             with g:
-                self.input_phs = [make_placeholder(n, s, d) for n, s, d in inputs]
-                self.label_phs = [make_placeholder(n, s, d) for n, s, d in labels]
-                output = self.model(*self.input_phs)
-                out = loss_fn(output, *self.label_phs) if self.is_last else holder["out"]
+                self.input_phs = [make_placeholder(n, sh, d) for n, sh, d in inputs]
+                self.label_phs = [make_placeholder(n, sh, d) for n, sh, d in labels]
+                loss = loss_fn(self.model(*self.input_phs), *self.label_phs)
         finally:
-            object.__delattr__(first, "forward")
-            if last is not first:
-                object.__delattr__(last, "forward")
-        from luoshu.core.autodiff import gradients
-
-        self.graph, self.out = g, out
-        self.stage_input = holder.get("in")
-        used = {id(t) for op in topological_ops([out], g) for t in op.inputs}
+            for layer in firsts:
+                object.__delattr__(layer, "forward")
+        if len(marks) != self.stages:
+            raise PipelineError(
+                f"pipeline: the model's forward called the first layers of stages {sorted(marks)} "
+                f"only, of {self.stages}"
+            )
+        self.graph = g
+        mesh = self.mesh
+        dp = mesh.index("dp")
+        groups = [tuple(mesh.rank_of(pp=s, dp=dp, tp=t) for t in range(mesh.tp)) for s in range(self.stages)]
         params = optimizer.parameters()
-        self.param_index = [i for i, p in enumerate(params) if id(p) in used]
-        self.params = [params[i] for i in self.param_index]
-        with g:
-            self.grad_out = None if self.is_last else make_placeholder("stage_output_grad", out.shape, out.dtype)
-            xs = self.params + ([self.stage_input] if self.stage_input is not None else [])
-            grads = gradients(out, xs, grad_ys=None if self.is_last else self.grad_out)
-        self.param_grads = list(grads[: len(self.params)])
-        self.input_grad = grads[-1] if self.stage_input is not None else None
-        for p, gr in zip(self.params, self.param_grads):
-            if gr is None:
-                raise PipelineError(f"pipeline: parameter {p.name} of stage {self.stage} gets no gradient")
-        # A table's sparse gradient stays rows (indices, values) over the micro-batches, so a lazy
-        # optimizer touches the rows one whole batch would (a dense sum would touch every row).
-        self._sparse = [isinstance(gr, IndexedSlices) for gr in self.param_grads]
-        self._grad_fetch = [
-            t for gr, sp in zip(self.param_grads, self._sparse) for t in ((gr.indices, gr.values) if sp else (gr,))
-        ]
         strategy = states.default()
-        if strategy is not None and any(p.ds and not p.ds[0].is_pure_duplicate() for p in self.params):
-            # tensor parallel inside the stage: gradients stay this rank's blocks, activations go whole
-            wanted = {
-                id(gr): p.ds[0] for p, gr, sp in zip(self.params, self.param_grads, self._sparse) if p.ds and not sp
-            }
-            states.attach(g, dataclasses.replace(strategy, fetch_states=wanted))
-        self._shared = self._shared_parameters(used)
+        if strategy is None or not any(p.ds and not p.ds[0].is_pure_duplicate() for p in params):
+            strategy = None
+        self.program = partition(
+            g, loss, [0] + [marks[s] for s in range(1, self.stages)], self.stage, groups, mesh.rank, params, strategy
+        )
+        self.params = self.program.params
+        ids = {id(p): i for i, p in enumerate(params)}
+        self.param_index = [ids[id(p)] for p in self.params]
+        self._sparse = self.program.sparse
+        self.runner = StageRunner(self.program)
+        self.feeds = self.program.feed_names
+        self._shared = self._shared_parameters({id(p) for p in self.params})
+        self._install_norm(strategy)
         self._compiled = True
+
+    def _install_norm(self, strategy) -> None:
+        """Global-norm clipping over the whole model: each stage (and TP member) adds its part of
+        the squared norm; a TP-duplicated gradient counts 1/tp on each member, one that several
+        stages hold 1/(their number) on each; the sum runs over this DP replica's ranks."""
+        opt = self.optimizer
+        if opt.max_grad_norm is None or not env.is_distributed() or self.mesh.pp * self.mesh.tp == 1:
+            return
+        users = {pos: len(u) for pos, u in self._shared}
+        weights = {}
+        for pos, (i, p) in enumerate(zip(self.param_index, self.params)):
+            split = strategy is not None and bool(p.ds) and not p.ds[0].is_pure_duplicate()
+            weights[i] = (1.0 if split else 1.0 / self.mesh.tp) / users.get(pos, 1)
+        dp = self.mesh.index("dp")
+        replica = tuple(self.mesh.rank_of(pp=s, dp=dp, tp=t) for s in range(self.mesh.pp) for t in range(self.mesh.tp))
+        env.process_group(replica)  # created by every member in the same order
+        opt.shard_norm = states.ShardNorm(weights, replica)
 
     def _shared_parameters(self, used: set) -> list[tuple[int, tuple]]:
         """(position in self.params, pp ranks using it) of parameters several stages use: each
@@ -216,84 +221,62 @@ class Pipeline:
         return shared
 
     # --- running ---------------------------------------------------------------------
-    def _neighbour(self, delta: int) -> int:
-        return self.mesh.group("pp").ranks[self.stage + delta]
-
-    def step(self, inputs: list, labels: list) -> float | None:
-        """Trains on one global batch (every rank passes the same arrays); returns the mean loss on
-        the last stage (None elsewhere). One optimizer update after all micro-batches."""
+    def step(self, inputs: list | None, labels: list | None) -> float | None:
+        """Trains on one global batch; returns the mean loss on the last stage (None elsewhere).
+        Every rank passes the same arrays (a rank may pass None for what `feeds_of` says its stage
+        does not read). One optimizer update after all micro-batches."""
         if not self._compiled:
             raise PipelineError("pipeline.step: call compile(...) first")
-        rows = len(inputs[0]) if inputs else len(labels[0])
-        share = self.mesh.batch_slice(rows)
-        local = share.stop - share.start
-        if local % self.micro_batches:
-            raise PipelineError(
-                f"pipeline: the batch share of {local} rows (global {rows}, dp={self.mesh.dp}) does "
-                f"not divide into {self.micro_batches} micro-batches"
-            )
-        size = local // self.micro_batches
-
-        def micro(arrays, m):
-            return [np.asarray(a)[share][m * size : (m + 1) * size] for a in arrays]
-
-        saved, pending, losses = {}, [], []
+        named = {}
+        for phs, arrays, what in ((self.input_phs, inputs, "inputs"), (self.label_phs, labels, "labels")):
+            needed = [ph for ph in phs if ph.name in self.feeds]
+            if not needed:
+                continue
+            if arrays is None or len(arrays) != len(phs):
+                raise PipelineError(
+                    f"pipeline.step: stage {self.stage} reads {[ph.name for ph in needed]}; pass all "
+                    f"{len(phs)} {what}, found {None if arrays is None else len(arrays)}"
+                )
+            named.update((ph.name, (ph, a)) for ph, a in zip(phs, arrays) if ph.name in self.feeds)
+        m = self.micro_batches
+        size = None
+        feeds = {}
+        for name, (ph, a) in named.items():
+            rows = len(a)
+            share = self.mesh.batch_slice(rows)
+            local = share.stop - share.start
+            if local % m:
+                raise PipelineError(
+                    f"pipeline: the batch share of {local} rows (global {rows}, dp={self.mesh.dp}) does "
+                    f"not divide into {m} micro-batches"
+                )
+            size = local // m
+            feeds[name] = next(iter(self.graph._check_feeds({ph: np.asarray(a)[share]}).values()))
+        runner = self.runner
+        runner.reset()
+        self.ledger = runner.ledger
+        losses = []
         accum = [None] * len(self.params)
-        shape = None if self.is_first else (size,) + tuple(self.stage_input.shape[1:])
-        out_shape = None if self.is_last else (size,) + tuple(self.out.shape[1:])
-        dtype = torch.float64 if self.out.dtype == "float64" else torch.float32
-        self.ledger = ActivationLedger()
-        self.busy_s = 0.0  # time in this stage's plans (the rest of a step is waiting: the bubble)
-        for kind, m in schedule(self.schedule_name, self.stage, self.stages, self.micro_batches):
-            feed = {}
-            if self.is_first:
-                feed.update(zip(self.input_phs, micro(inputs, m)))
-            if self.is_last:
-                feed.update(zip(self.label_phs, micro(labels, m)))
+        for kind, mb in schedule(self.schedule_name, self.stage, self.stages, m):
+            micro = {n: v[mb * size : (mb + 1) * size] for n, v in feeds.items()}
             if kind == "F":
-                if not self.is_first:
-                    buf = torch.empty(shape, dtype=dtype)
-                    torch_dist.recv(buf, self._neighbour(-1), tag=2 * m)
-                    feed[self.stage_input] = buf.numpy()
-                saved[m] = feed
-                self.ledger.saved(m)
-                start = time.perf_counter()
-                value = self.graph.run(self.out, feed)
-                self.busy_s += time.perf_counter() - start
-                if self.is_last:
-                    losses.append(float(value))
-                else:
-                    t = torch.from_numpy(np.ascontiguousarray(value))
-                    pending.append((torch_dist.isend(t, self._neighbour(1), tag=2 * m), t))
-            else:
-                feed = saved.pop(m)
-                if not self.is_last:
-                    gbuf = torch.empty(out_shape, dtype=dtype)
-                    torch_dist.recv(gbuf, self._neighbour(1), tag=2 * m + 1)
-                    feed[self.grad_out] = gbuf.numpy()
-                fetch = self._grad_fetch + ([self.input_grad] if self.input_grad is not None else [])
-                start = time.perf_counter()
-                values = self.graph.run(fetch, feed)
-                self.busy_s += time.perf_counter() - start
-                self.ledger.freed(m)
-                pos = 0
-                for k, sparse in enumerate(self._sparse):
-                    if sparse:
-                        rows = (
-                            torch.from_numpy(np.asarray(values[pos])),
-                            torch.from_numpy(np.asarray(values[pos + 1])),
-                        )
-                        accum[k] = [rows] if accum[k] is None else accum[k] + [rows]
-                        pos += 2
-                        continue
-                    v = torch.from_numpy(np.asarray(values[pos]))
-                    accum[k] = v.clone() if accum[k] is None else accum[k].add_(v)
-                    pos += 1
-                if self.input_grad is not None:
-                    t = torch.from_numpy(np.ascontiguousarray(values[-1]))
-                    pending.append((torch_dist.isend(t, self._neighbour(-1), tag=2 * m + 1), t))
-        for work, _ in pending:
-            work.wait()
+                loss = runner.forward(mb, micro)
+                if loss is not None:
+                    losses.append(float(loss))
+                continue
+            values = runner.backward(mb, micro)
+            pos = 0
+            for k, sparse in enumerate(self._sparse):
+                if sparse:
+                    rows = (values[pos], values[pos + 1])
+                    accum[k] = [rows] if accum[k] is None else accum[k] + [rows]
+                    pos += 2
+                    continue
+                v = values[pos]
+                accum[k] = v.clone() if accum[k] is None else accum[k].add_(v)
+                pos += 1
+        runner.wait_sends()
+        self.busy_s = runner.busy_s
         self._apply(accum)
         return float(np.mean(losses)) if losses else None
 

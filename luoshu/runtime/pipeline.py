@@ -1,17 +1,28 @@
-"""Pipeline schedules: the order of forward and backward micro-batch steps of each stage, and their accounting.
+"""Pipeline schedules, their activation accounting, and the runner of one stage's plans.
 
 A schedule is a list of `("F", m)` / `("B", m)` steps for one stage. `gpipe` runs every
 forward, then every backward; `one_f_one_b` (PipeDream-flush / Megatron's 1F1B) runs
 `pp - stage - 1` warm-up forwards, then alternates one forward with one backward, then
 drains the backwards, so a stage holds at most `pp - stage` micro-batches of activations
 (at most `pp`). Fewer micro-batches than stages is fine: the warm-up shrinks to fit.
-`ActivationLedger` is the runtime's own count of the micro-batches whose activations a
-stage keeps, so that bound can be checked.
+`ActivationLedger` holds the activations a stage keeps between a micro-batch's forward
+and its backward: the count it reports is the runtime's own storage, so that bound can
+be checked. `StageRunner` compiles a `StageProgram` (the pipeline partition pass) into a
+forward plan and a backward plan and runs a micro-batch through either; the backward
+plan consumes the forward's saved activations (the stage forward runs once).
 """
 
 from __future__ import annotations
 
+import time
+
+import torch
+
+from luoshu.compiler.pipeline import StageProgram
 from luoshu.core.errors import Error
+from luoshu.core.op import get_opdef
+from luoshu.ops.comm import recv_wait_seconds
+from luoshu.runtime.plan import build_plan
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -42,18 +53,106 @@ def schedule(name: str, stage: int, stages: int, micro_batches: int) -> list[tup
 
 
 class ActivationLedger:
-    """Counts the micro-batches whose saved activations are alive on a stage; keeps the peak."""
+    """The saved activations of a stage, per micro-batch: `saved(m, values)` keeps them until
+    `freed(m)` hands them to the backward; `peak` is the most micro-batches held at once and
+    `peak_bytes` the most bytes."""
 
     def __init__(self):
-        self.alive: set[int] = set()
+        self._held: dict[int, tuple] = {}
+        self._bytes: dict[int, int] = {}
         self.peak = 0
+        self.peak_bytes = 0
 
-    def saved(self, micro_batch: int) -> None:
-        self.alive.add(micro_batch)
-        self.peak = max(self.peak, len(self.alive))
+    @property
+    def alive(self) -> set[int]:
+        return set(self._held)
 
-    def freed(self, micro_batch: int) -> None:
-        self.alive.discard(micro_batch)
+    def saved(self, micro_batch: int, values=()) -> None:
+        values = tuple(values)
+        self._held[micro_batch] = values
+        self._bytes[micro_batch] = sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+        self.peak = max(self.peak, len(self._held))
+        self.peak_bytes = max(self.peak_bytes, sum(self._bytes.values()))
+
+    def freed(self, micro_batch: int) -> tuple:
+        self._bytes.pop(micro_batch, None)
+        return self._held.pop(micro_batch, ())
 
 
-__all__ = ["SCHEDULES", "ActivationLedger", "gpipe", "one_f_one_b", "schedule"]
+class StageRunner:
+    """One stage's forward and backward plans and the micro-batch steps of a schedule.
+
+    `forward(m, feeds)` runs the forward plan (feeds: placeholder name -> torch value), keeps
+    its saved activations in the ledger and returns the loss (last stage) or None;
+    `backward(m, feeds)` runs the backward plan on them and returns the gradients fetched
+    (per `program.grad_fetches`). Sends complete in the background; `wait_sends` waits for
+    them. `busy_s` is the time in the plans minus the time recv waited for a peer.
+    """
+
+    def __init__(self, program: StageProgram):
+        self.program = program
+        p = program
+        self.forward_plan = build_plan(p.forward, p.forward_fetches, _AnyFeed())
+        # the received gradients of sent tensors that reach nothing differentiable are fetched too:
+        # every send has its matching recv
+        self.backward_plan = build_plan(p.backward, p.grad_fetches + p.backward_tokens + p.drained, _AnyFeed())
+        saved_at = {id(t): i for i, t in enumerate(p.saved_inputs)}
+        self._forward_names = [_name(t, p.forward_feeds) for t in self.forward_plan.feed_tensors]
+        self._backward_slots = [
+            ("saved", saved_at[id(t)]) if id(t) in saved_at else ("feed", _name(t, p.backward_feeds))
+            for t in self.backward_plan.feed_tensors
+        ]
+        self._tokens = p.send_tokens
+        self._has_loss = p.loss is not None
+        self._grads = len(p.grad_fetches)
+        self._backward_tokens = len(p.backward_tokens)
+        self.ledger = ActivationLedger()
+        self.pending: list = []
+        self.busy_s = 0.0
+
+    def reset(self) -> None:
+        self.ledger = ActivationLedger()
+        self.busy_s = 0.0
+
+    def _timed(self, plan, values):
+        wait0, start = recv_wait_seconds(), time.perf_counter()
+        out = plan.run(values)
+        self.busy_s += (time.perf_counter() - start) - (recv_wait_seconds() - wait0)
+        return out
+
+    def forward(self, m: int, feeds: dict):
+        out = self._timed(self.forward_plan, [feeds[n] for n in self._forward_names])
+        self.pending += out[: self._tokens]
+        loss = out[self._tokens] if self._has_loss else None
+        self.ledger.saved(m, out[self._tokens + self._has_loss :])
+        return loss
+
+    def backward(self, m: int, feeds: dict) -> list:
+        saved = self.ledger.freed(m)
+        values = [saved[i] if kind == "saved" else feeds[i] for kind, i in self._backward_slots]
+        del saved
+        out = self._timed(self.backward_plan, values)
+        self.pending += out[self._grads : self._grads + self._backward_tokens]
+        return list(out[: self._grads])
+
+    def wait_sends(self) -> None:
+        wait = get_opdef("comm_wait").compute
+        for token in self.pending:
+            wait(token)
+        self.pending = []
+
+
+class _AnyFeed(dict):
+    """build_plan's check that every placeholder is fed: the runner feeds all of them."""
+
+    def __contains__(self, key) -> bool:
+        return True
+
+
+def _name(t, names: dict) -> str:
+    if id(t) not in names:
+        raise Error(f"pipeline: the stage plan reads placeholder {t.name!r}, which the partition did not list")
+    return names[id(t)]
+
+
+__all__ = ["SCHEDULES", "ActivationLedger", "StageRunner", "gpipe", "one_f_one_b", "schedule"]

@@ -46,11 +46,11 @@ def loss_fn(logits, y):
     return ls.nn.functional.cross_entropy(logits.reshape((-1, VOCAB)), y.reshape((-1,)))
 
 
-def reference(layers: int, model_name: str = "gpt2"):
-    """One process, the whole batch at once: (losses, parameters)."""
+def reference(layers: int, model_name: str = "gpt2", clip: float | None = None):
+    """One process, the whole batch at once: (losses, parameters); `clip`: global-norm clipping."""
     ls.manual_seed(11)
     model = build(model_name, layers)
-    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
     with ls.Graph() as g:
         ids = ls.placeholder("ids", (None, LENGTH), "int64")
         y = ls.placeholder("y", (None, LENGTH), "int64")
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=2)
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--stages", default=None)
+    parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -79,24 +80,32 @@ def main() -> None:
     model = build(args.model, args.layers)
     if args.tp > 1:
         ls.parallel.parallelize(model, mesh)
-    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=args.clip)
     stages = args.stages.split(",") if args.stages else None
     pipe = ls.parallel.pipeline(model, mesh, stages=stages, micro_batches=args.micro_batches, schedule=args.schedule)
     pipe.compile([("ids", (None, LENGTH), "int64")], [("y", (None, LENGTH), "int64")], loss_fn, opt)
     losses, peak = [], 0
+    need_inputs, need_labels = pipe.feeds_of()
     for ids, y in batches():
-        losses.append(pipe.step([ids], [y]))
+        # a rank passes only what its stage reads
+        losses.append(pipe.step([ids] if need_inputs else None, [y] if need_labels else None))
         peak = max(peak, pipe.ledger.peak)
     names = {id(p): n for n, p in model.named_parameters()}
     full = ls.parallel.gather_parameters(model, mesh)  # whole values of TP-split ones (collective)
     params = {names[id(p)]: full[names[id(p)]].numpy() for p in pipe.params}
-    feeds = [t.name for t in pipe.graph._plans[next(iter(pipe.graph._plans))].feed_tensors]
+    feeds = pipe.feeds  # the placeholders this rank's stage plans read
+    forward_ops = [step.op for step in pipe.runner.forward_plan.steps]
+    sends = [op.attrs["peer"] for op in forward_ops if op.opdef.name == "send"]
+    recvs = [op.attrs["peer"] for op in forward_ops if op.opdef.name == "recv"]
     np.savez(
         f"{args.out}.rank{ls.distributed.rank()}.npz",
         losses=np.array([x if x is not None else np.nan for x in losses]),
         peak=peak,
         stage=pipe.stage,
+        rank=ls.distributed.rank(),
         feeds=json.dumps(sorted(feeds)),
+        sends=np.array(sends, dtype=np.int64),
+        recvs=np.array(recvs, dtype=np.int64),
         **params,
     )
     ls.distributed.shutdown()

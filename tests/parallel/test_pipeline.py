@@ -83,29 +83,33 @@ def test_gradients_are_scaled_once_over_micro_batches():
         np.testing.assert_allclose(p.numpy(), ref_params[name], atol=1e-10, err_msg=name)
 
 
-def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2"):
+def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None):
     out = tmp_path / "pp"
-    args = [
-        "--model",
-        model,
-        "--dp",
-        str(dp),
-        "--tp",
-        str(tp),
-        "--pp",
-        str(pp),
-        "--layers",
-        str(layers),
-        "--micro-batches",
-        str(m),
-        "--schedule",
-        sched,
-        "--out",
-        str(out),
-    ] + (["--stages", ",".join(stages)] if stages else [])
+    args = (
+        [
+            "--model",
+            model,
+            "--dp",
+            str(dp),
+            "--tp",
+            str(tp),
+            "--pp",
+            str(pp),
+            "--layers",
+            str(layers),
+            "--micro-batches",
+            str(m),
+            "--schedule",
+            sched,
+            "--out",
+            str(out),
+        ]
+        + (["--stages", ",".join(stages)] if stages else [])
+        + (["--clip", str(clip)] if clip else [])
+    )
     proc = launch(dp * tp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref_losses, ref_params = pp_train.reference(layers, model)
+    ref_losses, ref_params = pp_train.reference(layers, model, clip)
     runs = [np.load(f"{out}.rank{r}.npz") for r in range(dp * tp * pp)]
     last = [r for r in runs if int(r["stage"]) == pp - 1]
     np.testing.assert_allclose(np.mean([r["losses"] for r in last], axis=0), ref_losses, atol=1e-6)
@@ -117,6 +121,11 @@ def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2"
         assert ("ids" in feeds) == (stage == 0) and ("y" in feeds) == (stage == pp - 1)
         if sched == "1f1b":
             assert int(run["peak"]) <= pp - stage
+        # the stage's boundaries are send/recv ops of its forward plan, to and from its neighbours only
+        rank = int(run["rank"])
+        per = dp * tp
+        assert list(run["recvs"]) == ([] if stage == 0 else [rank - per])
+        assert list(run["sends"]) == ([] if stage == pp - 1 else [rank + per])
         for name in run.files:
             if name in ref_params:
                 np.testing.assert_allclose(run[name], ref_params[name], atol=1e-6, err_msg=name)
@@ -168,3 +177,28 @@ def test_llama_sparse_table_gradients_through_the_pipeline(tmp_path, dp, tp):
     """LLaMA's untied table: its rows stay sparse over micro-batches (and DP peers, and TP row blocks),
     so AdamW updates exactly the rows one whole batch touches."""
     _compare(tmp_path, dp, 2, 2, 2, "1f1b", tp=tp, model="llama")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_one_f_one_b_with_fewer_micro_batches_than_stages(tmp_path):
+    """m=1 < pp=2: the warm-up shrinks to fit; it runs (never hangs) and matches one process."""
+    _compare(tmp_path, 1, 2, 2, 1, "1f1b")
+
+
+def test_clipping_is_active_in_the_reference():
+    """The clipping tests below mean something: at max_grad_norm 0.05 the steps differ from unclipped ones."""
+    _, clipped = pp_train.reference(2, clip=0.05)
+    _, plain = pp_train.reference(2)
+    assert max(np.abs(clipped[n] - plain[n]).max() for n in plain) > 1e-4
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "dp,tp,pp",
+    [(1, 1, 2), pytest.param(1, 2, 2, marks=pytest.mark.slow), pytest.param(2, 1, 2, marks=pytest.mark.slow)],
+)
+def test_global_norm_clipping_across_stages_matches_one_process(tmp_path, dp, tp, pp):
+    """The clipping norm is the whole model's: summed over the stages (the tied embedding once) and
+    the TP shards within a stage, not each stage's own."""
+    _compare(tmp_path, dp, pp, 2, 2, "1f1b", tp=tp, clip=0.05)

@@ -1,0 +1,310 @@
+"""The pipeline partition pass: one traced model graph cut into one rank's stage program.
+
+Every rank traces the whole model (forward and loss) once into one logical graph; the
+caller says where each stage's ops begin in the recorded order (`starts`: the first op
+of each stage's first layer). `partition` then builds this rank's stage:
+
+1. Each op belongs to the stage its position falls in. An op that reads only parameters
+   and constants (no data, nothing random) is copied into every stage that needs it
+   instead of being sent: it costs less to recompute than to transfer.
+2. Where a tensor made on one stage is read on another the device group changes, and the
+   states pass's `transfer` derives the point-to-point pair: `send` on the producer's
+   stage, `recv` on the consumer's (one message tag per boundary, the same on every rank,
+   since all of them traced the same graph).
+3. The stage's backward is the gradient of (its loss, if last) plus (each sent tensor
+   times the gradient received for it): that seed is the send's own gradient (a `recv`
+   from the consumer), and each received tensor's gradient goes back by the recv's dual
+   (a `send`) — the comm ops' gradients are their duals.
+4. With tensor parallelism inside the stage, the states pass localizes the stage graph
+   (activations cross stages whole; gradients are fetched in their parameters' states).
+5. The stage graph is cut into a forward graph and a backward graph: the backward reads
+   the forward's intermediate values it needs (`saved`) as placeholders, so the runtime
+   keeps them per micro-batch and the stage forward runs once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from luoshu.compiler import states
+from luoshu.compiler.passes import prune
+from luoshu.core.autodiff import gradients
+from luoshu.core.errors import Error
+from luoshu.core.graph import Graph
+from luoshu.core.op import Op, apply
+from luoshu.core.tensor import IndexedSlices, Tensor
+from luoshu.ops.comm import recv_dual
+
+TAGS_PER_BOUNDARY = 4  # data, shape header, the gradient's data and header (ops.comm.GRAD_TAG)
+
+
+class PartitionError(Error):
+    """A pipeline partition that cannot be built (names the stage, tensor or parameter)."""
+
+
+@dataclass
+class Boundary:
+    """A logical tensor made on stage `source` and read on stage `dest`, sent with message `tag`."""
+
+    tensor: Tensor
+    source: int
+    dest: int
+    tag: int
+
+
+@dataclass
+class StageProgram:
+    """One rank's stage: the forward and backward graphs and what the runtime feeds and fetches.
+
+    forward: fetch `forward_fetches` = send tokens, then the loss (last stage), then the
+    `saved` values; feeds the placeholders named in `forward_feeds`. backward: feed the
+    saved values to `saved_inputs` (same order) and the placeholders in `backward_feeds`;
+    fetch `grad_fetches` (each parameter's gradient: one tensor, or indices and values of
+    a sparse one), `backward_tokens` (the sends of the received tensors' gradients) and
+    `drained` (the gradients received for sent tensors, so each is received even where it
+    reaches nothing differentiable).
+    """
+
+    stage: int
+    params: list  # the logical parameters the stage reads, in optimizer order
+    sparse: list  # per parameter: its gradient is rows (indices, values)
+    forward: Graph
+    forward_fetches: list
+    send_tokens: int
+    loss: Tensor | None
+    saved: list
+    backward: Graph
+    saved_inputs: list
+    grad_fetches: list
+    backward_tokens: list
+    drained: list
+    boundaries: list
+    forward_feeds: dict = field(default_factory=dict)  # id(placeholder of forward) -> name
+    backward_feeds: dict = field(default_factory=dict)  # id(placeholder of backward) -> name
+
+    @property
+    def feed_names(self) -> set:
+        """The model placeholders this stage's plans read (inputs on the first, labels on the last)."""
+        return set(self.forward_feeds.values()) | set(self.backward_feeds.values())
+
+
+def stage_of_ops(ops: list[Op], graph: Graph, starts: list[int]) -> dict[int, int]:
+    """id(op) -> stage, by its position in `graph.ops` (stage s runs from starts[s] on)."""
+    position = {id(op): i for i, op in enumerate(graph.ops)}
+    out = {}
+    for op in ops:
+        p = position.get(id(op), 0)
+        out[id(op)] = sum(1 for s in starts[1:] if s <= p)
+    return out
+
+
+def _replicable(ops: list[Op]) -> set[int]:
+    """ids of ops that read only parameters and constants (and other such ops), nothing random."""
+    rep: set[int] = set()
+    for op in ops:
+        if not op.inputs or op.opdef.random:
+            continue
+        if all(
+            (t.producer is None and t.kind != "placeholder") or (t.producer is not None and id(t.producer[0]) in rep)
+            for t in op.inputs
+        ):
+            rep.add(id(op))
+    return rep
+
+
+def boundaries(ops: list[Op], stage: dict[int, int], rep: set[int]) -> list[Boundary]:
+    """Every (tensor, consumer stage) where the device group changes, in recorded order."""
+    found: list[Boundary] = []
+    seen: set = set()
+    for op in ops:
+        if id(op) in rep:
+            continue
+        for t in op.inputs:
+            if t.producer is None or id(t.producer[0]) in rep:
+                continue
+            a, b = stage[id(t.producer[0])], stage[id(op)]
+            if a != b and (id(t), b) not in seen:
+                if a > b:
+                    raise PartitionError(
+                        f"pipeline partition: stage {b} reads {t.name or t.producer[0].opdef.name!r} made "
+                        f"on the later stage {a}; stages must follow the model's order"
+                    )
+                seen.add((id(t), b))
+                found.append(Boundary(t, a, b, TAGS_PER_BOUNDARY * len(found)))
+    return found
+
+
+def partition(
+    graph: Graph,
+    loss: Tensor,
+    starts: list[int],
+    stage: int,
+    groups: list[tuple],
+    rank: int,
+    params: list[Tensor],
+    strategy: states.Strategy | None = None,
+) -> StageProgram:
+    """This rank's stage program of the traced `graph` (see the module docstring).
+
+    `starts[s]`: the position in `graph.ops` where stage s begins; `groups[s]`: the
+    ranks of stage s (its tensor-parallel group, in mesh order: member i of one stage
+    talks to member i of another); `params`: the optimizer's parameters (the stage keeps
+    those it reads); `strategy`: the tensor-parallel strategy inside the stage, if any.
+    """
+    n_stages = len(starts)
+    if not 0 <= stage < n_stages or len(groups) != n_stages:
+        raise PartitionError(f"pipeline partition: stage {stage} of {n_stages} with {len(groups)} device groups")
+    ops = prune(graph, [loss])
+    where = stage_of_ops(ops, graph, starts)
+    if loss.producer is not None and where[id(loss.producer[0])] != n_stages - 1:
+        raise PartitionError(
+            f"pipeline partition: the loss is made on stage {where[id(loss.producer[0])]}, "
+            f"not on the last stage {n_stages - 1}"
+        )
+    rep = _replicable(ops)
+    cuts = boundaries(ops, where, rep)
+    mine = [op for op in ops if where[id(op)] == stage and id(op) not in rep]
+    # parameter-only ops this stage reads (transposed tied weights...), copied in
+    needed: set[int] = set()
+    wanted = {id(t.producer[0]) for op in mine for t in op.inputs if t.producer is not None}
+    for op in reversed(ops):
+        if id(op) in rep and id(op) in wanted:
+            needed.add(id(op))
+            wanted.update(id(t.producer[0]) for t in op.inputs if t.producer is not None)
+    body = [op for op in ops if id(op) in needed or (where[id(op)] == stage and id(op) not in rep)]
+
+    g = Graph(name=f"{graph.name}-stage{stage}")
+    local: dict[int, Tensor] = {}
+    placeholders: dict[int, Tensor] = {}
+    received: list[tuple[Tensor, Op]] = []  # (received tensor, its recv op)
+    sent: list[tuple[Tensor, Op]] = []  # (sent tensor, its send op)
+    tokens: list[Tensor] = []
+    outgoing: dict[int, list[Boundary]] = {}
+    for c in cuts:
+        if c.source == stage:
+            outgoing.setdefault(id(c.tensor), []).append(c)
+    with g:
+        for c in cuts:
+            if c.dest == stage:
+                r = states.transfer(None, c.tensor, groups[c.source], groups[c.dest], rank, c.tag)
+                local[id(c.tensor)] = r
+                received.append((r, r.producer[0]))
+
+        def mapped(t: Tensor) -> Tensor:
+            found = local.get(id(t))
+            if found is not None:
+                return found
+            if t.kind == "placeholder" and t.producer is None:
+                ph = placeholders.get(id(t))
+                if ph is None:
+                    ph = placeholders[id(t)] = g.placeholder(t.name, t.shape, t.dtype, t.device)
+                return ph
+            return t  # a parameter or constant: read as it is
+
+        for op in body:
+            outs = apply(op.opdef, *[mapped(t) for t in op.inputs], **op.attrs)
+            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+            for t, lt in zip(op.outputs, outs):
+                local[id(t)] = lt
+                for c in outgoing.get(id(t), ()):
+                    token = states.transfer(lt, t, groups[c.source], groups[c.dest], rank, c.tag)
+                    tokens.append(token)
+                    sent.append((lt, token.producer[0]))
+        out_loss = local[id(loss)] if stage == n_stages - 1 else None
+
+        used = {id(t) for op in body for t in op.inputs}
+        stage_params = [p for p in params if id(p) in used]
+        # the seed of the backward: d(loss) plus, per sent tensor, the gradient its consumer sends back
+        ys, seeds, drained = [], [], []
+        if out_loss is not None:
+            ys.append(out_loss)
+            seeds.append(None)
+        for t, send_op in sent:
+            (gy,) = send_op.opdef.gradient(send_op, [None])
+            if gy is not None:
+                ys.append(t)
+                seeds.append(gy)
+                drained.append(gy)  # received even where t reaches nothing differentiable
+        xs = [p for p in stage_params] + [r for r, _ in received]
+        grads = gradients(ys, xs, seeds) if ys and xs else [None] * len(xs)
+        param_grads = grads[: len(stage_params)]
+        for p, gr in zip(stage_params, param_grads):
+            if gr is None:
+                raise PartitionError(f"pipeline: parameter {p.name} of stage {stage} gets no gradient")
+        back_tokens = []
+        for (_, recv_op), gr in zip(received, grads[len(stage_params) :]):
+            token = recv_dual(recv_op, gr)
+            if token is not None:
+                back_tokens.append(token)
+    sparse = [isinstance(gr, IndexedSlices) for gr in param_grads]
+    grad_fetch = [
+        t for gr in param_grads for t in ((gr.indices, gr.values) if isinstance(gr, IndexedSlices) else (gr,))
+    ]
+    forward_fetches = list(tokens) + ([out_loss] if out_loss is not None else [])
+    backward_fetches = grad_fetch + back_tokens + drained
+
+    if strategy is not None:
+        # tensor parallel inside the stage: this rank's local graph; gradients stay its blocks
+        wanted_states = {
+            id(gr): p.ds[strategy.strategy]
+            for p, gr, sp in zip(stage_params, param_grads, sparse)
+            if not sp and len(p.ds) > strategy.strategy and p.ds[strategy.strategy] is not None
+        }
+        strat = dataclasses.replace(strategy, fetch_states=wanted_states)
+        every = forward_fetches + backward_fetches
+        loc = states.localize_graph(prune(g, every), every, strat)
+        forward_fetches = [loc.tensors[id(t)] for t in forward_fetches]
+        backward_fetches = [loc.tensors[id(t)] for t in backward_fetches]
+        g = loc.graph
+    forward_ops = prune(g, forward_fetches)
+    made = {id(t) for op in forward_ops for t in op.outputs}
+    backward_ops = [op for op in prune(g, backward_fetches) if id(op) not in {id(o) for o in forward_ops}]
+    saved, seen = [], set()
+    for op in backward_ops:
+        for t in op.inputs:
+            if id(t) in made and id(t) not in seen:
+                seen.add(id(t))
+                saved.append(t)
+    forward_feeds = {id(t): t.name for op in forward_ops for t in op.inputs if t.kind == "placeholder"}
+
+    bg = Graph(name=f"{graph.name}-stage{stage}-backward")
+    bmap: dict[int, Tensor] = {}
+    backward_feeds: dict[int, str] = {}
+    with bg:
+        saved_inputs = [bg.placeholder(f"saved{i}", t.shape, t.dtype, t.device) for i, t in enumerate(saved)]
+        bmap.update((id(t), ph) for t, ph in zip(saved, saved_inputs))
+        for op in backward_ops:
+            ins = []
+            for t in op.inputs:
+                m = bmap.get(id(t))
+                if m is None and t.kind == "placeholder" and t.producer is None:
+                    m = bmap[id(t)] = bg.placeholder(t.name, t.shape, t.dtype, t.device)
+                    backward_feeds[id(m)] = t.name
+                ins.append(t if m is None else m)
+            outs = apply(op.opdef, *ins, **op.attrs)
+            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+            for t, bt in zip(op.outputs, outs):
+                bmap[id(t)] = bt
+    backward_fetches = [bmap.get(id(t), t) for t in backward_fetches]
+    return StageProgram(
+        stage=stage,
+        params=stage_params,
+        sparse=sparse,
+        forward=g,
+        forward_fetches=forward_fetches + saved,
+        send_tokens=len(tokens),
+        loss=forward_fetches[len(tokens)] if out_loss is not None else None,
+        saved=saved,
+        backward=bg,
+        saved_inputs=saved_inputs,
+        grad_fetches=backward_fetches[: len(grad_fetch)],
+        backward_tokens=backward_fetches[len(grad_fetch) : len(grad_fetch) + len(back_tokens)],
+        drained=backward_fetches[len(grad_fetch) + len(back_tokens) :],
+        boundaries=cuts,
+        forward_feeds=forward_feeds,
+        backward_feeds=backward_feeds,
+    )
+
+
+__all__ = ["Boundary", "PartitionError", "StageProgram", "boundaries", "partition", "stage_of_ops"]
