@@ -40,12 +40,12 @@ from typing import NamedTuple
 
 import torch
 
-from luoshu.core import live
+from luoshu.core import context, live
 from luoshu.core.dstates import DUPLICATE, PARTIAL, DStates
 from luoshu.core.errors import Error, GraphError
 from luoshu.core.graph import Graph
-from luoshu.core.op import Op, apply, get_opdef
-from luoshu.core.tensor import Tensor
+from luoshu.core.op import Op, apply, get_opdef, set_eager_states
+from luoshu.core.tensor import IndexedSlices, Tensor
 from luoshu.ops import _states as S
 from luoshu.ops.update import update_entries
 
@@ -110,8 +110,13 @@ def select(graph: Graph, strategy: Strategy, key) -> None:
 
 
 def set_default(strategy: Strategy | None) -> None:
-    """The strategy of graphs with nothing attached that read annotated tensors (set by `parallelize`)."""
+    """The strategy of graphs with nothing attached that read annotated tensors, and of eager ops on
+    them (set by `parallelize`)."""
     _DEFAULT[0] = strategy
+    if strategy is None:
+        set_eager_states(None, None)
+    else:
+        set_eager_states(eager_apply, eager_to_states)
 
 
 def default() -> Strategy | None:
@@ -348,11 +353,9 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
         src = states[id(t)]
         if S.same(src, want):
             return tensors[id(t)]
-        if want is S.WHOLE:
-            want = S.dup(n)
-        k = (id(t), S.key(want))
+        k = (id(t), S.key(S.dup(n) if want is S.WHOLE else want))
         if k not in cache:
-            cache[k] = convert(tensors[id(t)], src, want, t.shape, shard)
+            cache[k] = convert_to(tensors[id(t)], src, want, t.shape, shard)
         return cache[k]
 
     with local:
@@ -362,22 +365,44 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
             if op.opdef.name == "optimizer_update":
                 _localize_update(op, tensors, states, converted, shard, strategy)
                 continue
-            in_ds = [states[id(t)] for t in op.inputs]
-            out_ds, want = _deduce(op, in_ds, strategy)
-            inputs = [tensors[id(t)] if w is None else converted(t, w) for t, w in zip(op.inputs, want)]
-            in_ds = [
-                d if w is None or (w is S.WHOLE and S.same(w, d)) else (S.dup(n) if w is S.WHOLE else w)
-                for d, w in zip(in_ds, want)
-            ]
-            outs = _localize_op(op, inputs, in_ds, out_ds, shard)
+            outs, out_ds = localize_op(
+                op,
+                [states[id(t)] for t in op.inputs],
+                [tensors[id(t)] for t in op.inputs],
+                lambda i, w, op=op: converted(op.inputs[i], w),
+                strategy,
+            )
             for t, lt, ds in zip(op.outputs, outs, out_ds):
-                tensors[id(t)] = lt
-                states[id(t)] = ds if ds is not None else S.dup(n)
+                tensors[id(t)], states[id(t)] = lt, ds
         for f in fetches:
             get(f)
             if f.kind != "token" and f.producer is not None and f.producer[0].opdef.name != "optimizer_update":
                 tensors[id(f)] = converted(f, strategy.fetch_states.get(id(f), S.dup(n)))
     return Localized(local, tensors, states, feeds)
+
+
+def convert_to(x: Tensor, src: DStates, want: DStates, global_shape, shard: Shard) -> Tensor:
+    """`convert`, where `want` may also be `S.WHOLE` (whole values: duplicate unless `src` already is whole)."""
+    if S.same(src, want):
+        return x
+    return convert(x, src, S.dup(shard.size) if want is S.WHOLE else want, global_shape, shard)
+
+
+def localize_op(op: Op, in_ds: list, inputs: list, converted, strategy: Strategy) -> tuple[list, list]:
+    """One logical op on this rank, in the current mode (a graph being built, or eager): deduces its
+    output states from `in_ds` (its inputs' states), converts the inputs it needs in other states
+    with `converted(i, wanted states)` (the comm op of the pair), and applies the op's local
+    version to the local `inputs`. Returns (local outputs, their states). The graph pass and the
+    eager dispatch both run every op through here."""
+    n = len(strategy.group)
+    out_ds, want = _deduce(op, in_ds, strategy)
+    inputs = [x if w is None else converted(i, w) for i, (x, w) in enumerate(zip(inputs, want))]
+    in_ds = [
+        d if w is None or (w is S.WHOLE and S.same(w, d)) else (S.dup(n) if w is S.WHOLE else w)
+        for d, w in zip(in_ds, want)
+    ]
+    outs = _localize_op(op, inputs, in_ds, out_ds, strategy.shard)
+    return outs, [S.dup(n) if ds is None else ds for ds in out_ds]
 
 
 def _deduce(op: Op, in_ds: list, strategy: Strategy):
@@ -476,6 +501,54 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
         from luoshu.compiler.gradient_allreduce import insert_gradient_allreduce
 
         insert_gradient_allreduce(out.graph, out.producer[0], strategy.bucket_bytes, tuple(strategy.dp_group))
+
+
+# --- eager dispatch ------------------------------------------------------------------------
+# In eager mode a tensor of a tensor-parallel model is global as in a logical graph: its shape
+# is the global one, `ds` its states, `_value` this rank's local piece. `luoshu.core.op` hands
+# every eager op with such an input to `eager_apply`, which runs it through `localize_op` (the
+# pass's own step: the same `deduce_states` rules, the same derived comm, run at once on the
+# local values). Autodiff records the logical op, so its gradient ops are logical ops too and
+# dispatch the same way: the backward's comm follows from the states, as in the graph pass.
+def eager_apply(opdef, tensors: list, attrs: dict, metas) -> tuple | None:
+    """(logical op, local output values, each output's `ds` list) of an eager op under the default strategy,
+    or None where there is none (or its TP group is one rank) and the op runs as usual."""
+    strategy = _DEFAULT[0]
+    if strategy is None or len(strategy.group) == 1:
+        return None
+    shard, n = strategy.shard, len(strategy.group)
+    in_ds = [states_of(t, strategy.strategy, n) for t in tensors]
+    op = Op(opdef, tensors, attrs)
+    device = tensors[0].device if tensors else "cpu"
+    op._outputs = [Tensor(m.shape, m.dtype, m.device or device) for m in metas]
+    local = [Tensor.from_value(t._value) for t in tensors]
+
+    def converted(i: int, want: DStates) -> Tensor:
+        return convert_to(local[i], in_ds[i], want, tensors[i].shape, shard)
+
+    with context.no_grad():  # autodiff records the logical op (the caller does), not these
+        outs, out_ds = localize_op(op, in_ds, local, converted, strategy)
+    return op, [o._value for o in outs], [[None] * strategy.strategy + [d] for d in out_ds]
+
+
+def eager_to_states(t, like: Tensor):
+    """Eager tensor `t` (an eager gradient) in the states of `like` (its parameter), which an
+    update reads, as `_localize_update` wants them in the graph (e.g. sequence parallelism's
+    partial norm-weight gradients are all-reduced here)."""
+    strategy = _DEFAULT[0]
+    if strategy is None or len(strategy.group) == 1 or not like.ds or t is None:
+        return t
+    if isinstance(t, IndexedSlices):
+        t = t.to_dense()
+    n = len(strategy.group)
+    src, want = states_of(t, strategy.strategy, n), states_of(like, strategy.strategy, n)
+    if S.same(src, want):
+        return t
+    with context.no_grad():
+        local = convert_to(Tensor.from_value(t._value), src, want, t.shape, strategy.shard)
+    out = Tensor(t.shape, t.dtype, t.device, value=local._value)
+    out.ds = [None] * strategy.strategy + [want]
+    return out
 
 
 class ShardNorm:
@@ -620,7 +693,11 @@ __all__ = [
     "assemble",
     "attach",
     "convert",
+    "convert_to",
+    "eager_apply",
+    "eager_to_states",
     "localize_graph",
+    "localize_op",
     "run_lockstep",
     "select",
     "set_default",

@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from luoshu.core import context, dtypes
+from luoshu.core import op as op_module
 from luoshu.core.errors import GradientError, GraphError
 from luoshu.core.op import apply, as_tensor, topological_ops
 from luoshu.core.tensor import IndexedSlices, Tensor
@@ -66,7 +67,10 @@ def gradients(ys, xs, grad_ys=None, create_graph: bool = False, on_ready=None):
         scope = contextlib.nullcontext()
     grad_mode = context.enable_grad() if create_graph or graph is not None else context.no_grad()
     with scope, grad_mode, context.autocast_scope(None):
-        return _backprop(ys, xs, grad_ys, graph, on_ready)
+        grads = _backprop(ys, xs, grad_ys, graph, on_ready)
+        if graph is None and op_module.eager_to_states is not None:  # eager TP: each in its x's states
+            grads = [op_module.eager_to_states(g, x) for g, x in zip(grads, xs)]
+        return grads
 
 
 def _key(t: Tensor):

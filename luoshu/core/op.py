@@ -227,6 +227,19 @@ def _default_device(tensors, meta: TensorMeta) -> str:
     return tensors[0].device if tensors else "cpu"
 
 
+# Eager tensor parallelism (installed by the compiler's states pass while a strategy is set):
+# `eager_states(opdef, tensors, attrs, metas)` runs an op one of whose inputs carries
+# distributed states and returns (logical op, local values, each output's `ds`), or None;
+# `eager_to_states(grad, param)` gives an eager gradient in its parameter's states.
+eager_states: Callable | None = None
+eager_to_states: Callable | None = None
+
+
+def set_eager_states(dispatch: Callable | None, to_states: Callable | None) -> None:
+    global eager_states, eager_to_states
+    eager_states, eager_to_states = dispatch, to_states
+
+
 def _run_eager(opdef, tensors, attrs, metas):
     for t in tensors:
         if t._value is None:
@@ -234,6 +247,10 @@ def _run_eager(opdef, tensors, attrs, metas):
                 f"{opdef.name}: input {t!r} belongs to define-and-run graph "
                 f"'{t.graph.name if t.graph else '?'}'; build ops on it inside `with graph:`"
             )
+    if eager_states is not None and any(t.ds for t in tensors):
+        done = eager_states(opdef, tensors, attrs, metas)
+        if done is not None:
+            return _distributed_outputs(opdef, tensors, metas, *done)
     try:
         result = opdef.compute(*[t._value for t in tensors], **attrs)
     except Error:
@@ -258,6 +275,26 @@ def _run_eager(opdef, tensors, attrs, metas):
     if op is not None:
         op._outputs = [weakref.ref(t) for t in outputs]
         op._values = values
+    return outputs
+
+
+def _distributed_outputs(opdef, tensors, metas, op, values, out_ds):
+    """Global eager outputs (global shape, local value, states) of a dispatched op; autodiff records
+    the logical `op`. Its outputs are held strongly: one rebuilt from a bare value would lose its
+    states (the op -> output cycle is left to the collector)."""
+    track = opdef.differentiable and context.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outputs = []
+    for i, (meta, value, ds) in enumerate(zip(metas, values, out_ds)):
+        if value is None:
+            out = Tensor(meta.shape, meta.dtype, _default_device(tensors, meta), kind="token")
+        else:
+            out = Tensor(meta.shape, meta.dtype, meta.device or str(value.device), value=value)
+        out.ds = ds
+        if track and dtypes.is_floating(meta.dtype):
+            out.requires_grad = True
+            out.producer = (op, i)
+        outputs.append(out)
+    op._outputs, op._values = outputs, None
     return outputs
 
 

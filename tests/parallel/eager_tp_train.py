@@ -1,0 +1,74 @@
+"""GPT-2 trained in eager mode under tensor (and sequence) parallelism; run under `luoshu launch` by
+tests/parallel/test_eager_tp.py.
+
+    luoshu launch -n 2 tests/parallel/eager_tp_train.py --tp 2 [--sp] [--minimize] --out PREFIX
+
+Every rank feeds the same global batches; rank r writes the losses and the full parameters
+(all-gathered over its TP group) to PREFIX.rank<r>.npz. `train(...)` without a mesh is the
+one-process reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+import luoshu as ls
+from luoshu.compiler import states
+from luoshu.models.language import GPT2, GPTConfig
+
+VOCAB, LENGTH, BATCH, STEPS = 64, 8, 4, 3
+
+
+def batches(seed: int = 5):
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        ids = rng.integers(0, VOCAB, (BATCH, LENGTH))
+        yield ids, np.roll(ids, -1, axis=1)
+
+
+def train(mesh=None, sequence_parallel: bool = False, minimize: bool = False):
+    """(losses, {name: full parameter}) after STEPS eager AdamW steps."""
+    ls.manual_seed(7)
+    model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=LENGTH, n_layer=2, n_head=4, n_embd=32)).to(dtype="float64")
+    if mesh is not None:
+        ls.parallel.parallelize(model, mesh, sequence_parallel=sequence_parallel)
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = []
+    for ids_v, y_v in batches():
+        ids, y = ls.tensor(ids_v, dtype="int64"), ls.tensor(y_v, dtype="int64")
+        loss = ls.nn.functional.cross_entropy(model(ids).reshape((-1, VOCAB)), y.reshape((-1,)))
+        if minimize:
+            opt.minimize(loss)
+        else:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses.append(float(loss.value))
+    if mesh is not None:
+        params = ls.parallel.gather_parameters(model, mesh)
+        states.set_default(None)
+    else:
+        params = {n: p.value.clone() for n, p in model.named_parameters()}
+    return np.array(losses), {n: v.numpy() for n, v in params.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--minimize", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ls.distributed.init()
+    mesh = ls.distributed.DeviceMesh(tp=args.tp)
+    losses, params = train(mesh, args.sp, args.minimize)
+    np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
+    ls.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
