@@ -510,6 +510,10 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
 # pass's own step: the same `deduce_states` rules, the same derived comm, run at once on the
 # local values). Autodiff records the logical op, so its gradient ops are logical ops too and
 # dispatch the same way: the backward's comm follows from the states, as in the graph pass.
+# id(eager activation) -> (a weak reference to it, {states key: its local value in those states})
+_EAGER_CONVERTED: dict = {}
+
+
 def eager_apply(opdef, tensors: list, attrs: dict, metas) -> tuple | None:
     """(logical op, local output values, each output's `ds` list) of an eager op under the default strategy,
     or None where there is none (or its TP group is one rank) and the op runs as usual."""
@@ -524,7 +528,19 @@ def eager_apply(opdef, tensors: list, attrs: dict, metas) -> tuple | None:
     local = [Tensor.from_value(t._value) for t in tensors]
 
     def converted(i: int, want: DStates) -> Tensor:
-        return convert_to(local[i], in_ds[i], want, tensors[i].shape, shard)
+        t = tensors[i]
+        if t.kind == "variable":  # a parameter changes in place: converted afresh each time
+            return convert_to(local[i], in_ds[i], want, t.shape, shard)
+        # An activation read by several consumers in one other states (q, k and v projections of
+        # one gathered input) is converted once, as the graph pass's cache does.
+        entry = _EAGER_CONVERTED.get(id(t))
+        if entry is None:  # keyed by identity (Tensor's == is an op); dropped with the tensor
+            entry = _EAGER_CONVERTED[id(t)] = (weakref.ref(t, lambda _, k=id(t): _EAGER_CONVERTED.pop(k, None)), {})
+        cache = entry[1]
+        key = S.key(S.dup(n) if want is S.WHOLE else want)
+        if key not in cache:
+            cache[key] = convert_to(local[i], in_ds[i], want, t.shape, shard)
+        return cache[key]
 
     with context.no_grad():  # autodiff records the logical op (the caller does), not these
         outs, out_ds = localize_op(op, in_ds, local, converted, strategy)

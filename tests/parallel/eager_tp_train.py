@@ -11,6 +11,7 @@ one-process reference.
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import torch
@@ -55,6 +56,53 @@ def train(mesh=None, sequence_parallel: bool = False, minimize: bool = False):
     return np.array(losses), {n: v.numpy() for n, v in params.items()}
 
 
+COMM = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+def block_collectives(mesh, sequence_parallel: bool) -> dict:
+    """The collectives (on activations) one eager GPT-2 block's forward and backward run under `mesh`."""
+    from luoshu.core.op import get_opdef
+    from luoshu.models.language import GPTBlock
+
+    ls.manual_seed(1)
+    block = GPTBlock(GPTConfig(vocab_size=VOCAB, block_size=LENGTH, n_layer=1, n_head=4, n_embd=32))
+    block.to(dtype="float64")
+    ls.parallel.parallelize(block, mesh, sequence_parallel=sequence_parallel)
+    counts: dict = {"forward": {}, "backward": {}}
+    phase = ["forward"]
+    originals = {name: get_opdef(name).compute for name in COMM}
+
+    def counting(name):
+        def compute(x, *args, **attrs):
+            if x.ndim >= 2:
+                counts[phase[0]][name] = counts[phase[0]].get(name, 0) + 1
+            return originals[name](x, *args, **attrs)
+
+        return compute
+
+    for name in COMM:
+        get_opdef(name).compute = counting(name)
+    try:
+
+        def global_tensor(full):  # with sequence parallelism the activations between blocks hold the sequence split
+            if not sequence_parallel:
+                return ls.Tensor.from_value(full, requires_grad=True)
+            t = ls.Tensor.from_value(full.chunk(mesh.tp, 1)[mesh.index("tp")].clone(), requires_grad=True)
+            t.shape, t.ds = tuple(full.shape), [ls.core.dstates.DStates(mesh.tp, {1: mesh.tp})]
+            return t
+
+        x = global_tensor(torch.randn(BATCH, LENGTH, 32, dtype=torch.float64))
+        out = block(x)
+        phase[0] = "backward"
+        seed = global_tensor(torch.randn(BATCH, LENGTH, 32, dtype=torch.float64))
+        ls.gradients(out, block.parameters() + [x], grad_ys=seed)
+    finally:
+        for name in COMM:
+            get_opdef(name).compute = originals[name]
+        states.set_default(None)
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=2)
@@ -67,6 +115,8 @@ def main() -> None:
     mesh = ls.distributed.DeviceMesh(tp=args.tp)
     losses, params = train(mesh, args.sp, args.minimize)
     np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
+    with open(f"{args.out}.rank{ls.distributed.rank()}.json", "w") as f:
+        json.dump(block_collectives(mesh, args.sp), f)
     ls.distributed.shutdown()
 
 

@@ -1,0 +1,62 @@
+"""Eager-mode tensor (and sequence) parallelism: the states pass's own per-op step, run at once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import luoshu as ls
+from luoshu.compiler import states as ST
+from luoshu.core import op as op_module
+from luoshu.core.dstates import DStates
+from tests.distributed.launcher import launch
+from tests.parallel import eager_tp_train
+
+
+def _global(local: torch.Tensor, shape, ds: DStates) -> ls.Tensor:
+    t = ls.Tensor.from_value(local)
+    t.shape, t.ds = tuple(shape), [ds]
+    return t
+
+
+def test_eager_ops_on_simulated_rank_deduce_states_and_slice_duplicates():
+    """Rank 1 of a simulated TP group of 2 (no collective needed): split + split stays split; split +
+    duplicate slices the duplicate locally (the pass's cheapest conversion); the outputs are global."""
+    full_x, full_y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    ST.set_default(ST.Strategy((0, 1), 1))
+    try:
+        x = _global(full_x.chunk(2, 0)[1].clone(), (4, 3), DStates(2, {0: 2}))
+        both = x + _global(full_y.chunk(2, 0)[1].clone(), (4, 3), DStates(2, {0: 2}))
+        mixed = x * ls.Tensor.from_value(full_y)  # the duplicate operand carries no states
+        scaled = ls.nn.functional.relu(x) * 2.0
+    finally:
+        ST.set_default(None)
+    for t, want in ((both, full_x + full_y), (mixed, full_x * full_y), (scaled, full_x.relu() * 2)):
+        assert t.shape == (4, 3) and ST.S.key(t.ds[0]) == 0
+        torch.testing.assert_close(t.value, want.chunk(2, 0)[1], rtol=0, atol=0)
+    assert op_module.eager_states is None  # no strategy: eager ops take the plain path
+
+
+@pytest.mark.parametrize("sp, minimize", [(False, False), (False, True), (True, False)])
+def test_eager_gpt2_tp2_matches_one_process(tmp_path, sp, minimize):
+    out = tmp_path / "eager"
+    args = ["--tp", "2", "--out", str(out)] + (["--sp"] if sp else []) + (["--minimize"] if minimize else [])
+    proc = launch(2, "tests/parallel/eager_tp_train.py", *args, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, ref_params = eager_tp_train.train(minimize=minimize)
+    for r in range(2):
+        got = np.load(f"{out}.rank{r}.npz")
+        np.testing.assert_allclose(got["losses"], ref_losses, rtol=0, atol=1e-6)
+        assert set(got.files) - {"losses"} == set(ref_params)
+        for name, value in ref_params.items():
+            np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=name)
+        # one eager GPT-2 block runs Megatron's collectives, as its compiled plan does
+        counts = json.loads((tmp_path / f"eager.rank{r}.json").read_text())
+        if sp:
+            each = {"all_gather": 2, "reduce_scatter": 2}
+        else:
+            each = {"all_reduce": 2}
+        assert counts == {"forward": each, "backward": each}
