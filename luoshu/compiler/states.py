@@ -514,6 +514,10 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
 _EAGER_CONVERTED: dict = {}
 
 
+def _forget(key: int):
+    return lambda _: _EAGER_CONVERTED.pop(key, None)
+
+
 def eager_apply(opdef, tensors: list, attrs: dict, metas) -> tuple | None:
     """(logical op, local output values, each output's `ds` list) of an eager op under the default strategy,
     or None where there is none (or its TP group is one rank) and the op runs as usual."""
@@ -535,7 +539,7 @@ def eager_apply(opdef, tensors: list, attrs: dict, metas) -> tuple | None:
         # one gathered input) is converted once, as the graph pass's cache does.
         entry = _EAGER_CONVERTED.get(id(t))
         if entry is None:  # keyed by identity (Tensor's == is an op); dropped with the tensor
-            entry = _EAGER_CONVERTED[id(t)] = (weakref.ref(t, lambda _, k=id(t): _EAGER_CONVERTED.pop(k, None)), {})
+            entry = _EAGER_CONVERTED[id(t)] = (weakref.ref(t, _forget(id(t))), {})
         cache = entry[1]
         key = S.key(S.dup(n) if want is S.WHOLE else want)
         if key not in cache:
