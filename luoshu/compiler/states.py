@@ -558,6 +558,12 @@ def eager_to_states(t, like: Tensor):
     strategy = _DEFAULT[0]
     if strategy is None or len(strategy.group) == 1 or not like.ds or t is None:
         return t
+    if len(strategy.dp_group) > 1:
+        # the bucketed DP all-reduce is a graph pass: eager gradients would stay this rank's own
+        raise StatesError(
+            f"eager tensor parallelism covers the TP axis only; this mesh also has a data-parallel axis "
+            f"of {len(strategy.dp_group)} ranks (use define-and-run there, or dp=1)"
+        )
     if isinstance(t, IndexedSlices):
         t = t.to_dense()
     n = len(strategy.group)

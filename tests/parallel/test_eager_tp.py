@@ -40,6 +40,19 @@ def test_eager_ops_on_simulated_rank_deduce_states_and_slice_duplicates():
     assert op_module.eager_states is None  # no strategy: eager ops take the plain path
 
 
+def test_eager_gradients_with_a_data_parallel_axis_are_refused():
+    """The DP all-reduce is a graph pass: an eager backward under dp>1 says so instead of training wrongly."""
+    ST.set_default(ST.Strategy((0, 1), 0, dp_group=(0, 2)))
+    try:
+        w = _global(torch.ones(2, 3, dtype=torch.float64), (4, 3), DStates(2, {0: 2}))
+        w.requires_grad, w.kind = True, "variable"
+        loss = (w * 3.0).sum()  # a split sum: partial, then all-reduced -- only on a real group
+        with pytest.raises(ST.StatesError, match="data-parallel axis of 2 ranks"):
+            ls.gradients(loss, [w])
+    finally:
+        ST.set_default(None)
+
+
 @pytest.mark.parametrize("sp, minimize", [(False, False), (False, True), (True, False)])
 def test_eager_gpt2_tp2_matches_one_process(tmp_path, sp, minimize):
     out = tmp_path / "eager"
