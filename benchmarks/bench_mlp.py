@@ -2,8 +2,11 @@
 
 All run in this process on the same data, repeats interleaved (see _timing.py), medians after
 warm-up. PyTorch rows: SGD with the default for-loop, foreach and fused implementations (on CPU
-the default is the for-loop; a user tuning the step picks foreach or fused), and with --compile a
-torch.compile'd model with fused SGD. The ratio is against the best PyTorch row.
+the default is the for-loop; a user tuning the step picks foreach or fused). With --compile two
+more rows: "luoshu compiled" (`Graph.compile`: forward, backward and the SGD update as one
+TorchInductor graph) and "torch.compile" (the model compiled, forward and backward, and the
+optimizer step compiled too: foreach SGD inside torch.compile, PyTorch's recipe). The ratios are
+luoshu (plan, and compiled) against the best eager PyTorch row and against torch.compile.
 
     .venv/bin/python benchmarks/bench_mlp.py [--steps 200] [--repeats 5] [--compile]
 """
@@ -19,7 +22,7 @@ from _timing import interleaved
 import luoshu as ls
 
 
-def luoshu_runner(batch: int, data):
+def luoshu_runner(batch: int, data, compiled: bool = False):
     ls.manual_seed(0)
     model = ls.nn.Sequential(ls.nn.Linear(784, 256), ls.nn.ReLU(), ls.nn.Linear(256, 256), ls.nn.ReLU(),
                              ls.nn.Linear(256, 10))
@@ -28,6 +31,8 @@ def luoshu_runner(batch: int, data):
         y = ls.placeholder("y", (None,), "int64")
         loss = ls.nn.functional.cross_entropy(model(x), y)
         train = ls.optim.SGD(model.parameters(), lr=0.01).minimize(loss)
+    if compiled:
+        g.compile([loss, train])
 
     def step(i):
         xb, yb = data[i % len(data)]
@@ -42,6 +47,7 @@ def torch_runner(batch: int, data, sgd: dict, compile: bool = False):
                                 torch.nn.ReLU(), torch.nn.Linear(256, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, **sgd)
     forward = torch.compile(model) if compile else model
+    opt_step = torch.compile(opt.step) if compile else opt.step
     tdata = [(torch.from_numpy(xb), torch.from_numpy(yb)) for xb, yb in data]
 
     def step(i):
@@ -49,7 +55,7 @@ def torch_runner(batch: int, data, sgd: dict, compile: bool = False):
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(forward(xb), yb)
         loss.backward()
-        opt.step()
+        opt_step()
         loss.item()  # luoshu returns the loss as NumPy each step; do the same work here
 
     return step
@@ -60,7 +66,7 @@ def main():
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 128])
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--compile", action="store_true", help="add the luoshu compiled and torch.compile rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, steps/s, median of {args.repeats} "
@@ -71,12 +77,19 @@ def main():
         refs = {"torch SGD (for-loop)": torch_runner(batch, data, {"foreach": False}),
                 "torch SGD foreach": torch_runner(batch, data, {"foreach": True}),
                 "torch SGD fused": torch_runner(batch, data, {"fused": True})}
+        mine = {"luoshu": luoshu_runner(batch, data)}
         if args.compile:
-            refs["torch.compile + fused"] = torch_runner(batch, data, {"fused": True}, compile=True)
-        rates = interleaved({"luoshu": luoshu_runner(batch, data), **refs}, args.steps, args.repeats, warmup=20)
-        best = max(refs, key=rates.get)
+            mine["luoshu compiled"] = luoshu_runner(batch, data, compiled=True)
+            refs["torch.compile"] = torch_runner(batch, data, {"foreach": True}, compile=True)
+        rates = interleaved({**mine, **refs}, args.steps, args.repeats, warmup=20)
+        eager = [name for name in refs if name != "torch.compile"]
+        best = max(eager, key=rates.get)
         row = "  ".join(f"{name} {rate:.1f}" for name, rate in rates.items())
-        print(f"batch {batch:>4}: {row}  |  luoshu / best torch ({best}) {rates['luoshu'] / rates[best]:.2f}x")
+        ratios = "  ".join(f"{name} / best torch eager ({best}) {rates[name] / rates[best]:.2f}x"
+                           + (f", / torch.compile {rates[name] / rates['torch.compile']:.2f}x"
+                              if "torch.compile" in rates else "")
+                           for name in mine)
+        print(f"batch {batch:>4}: {row}  |  {ratios}")
 
 
 if __name__ == "__main__":

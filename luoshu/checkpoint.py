@@ -13,6 +13,13 @@ the format version and every name, shape and dtype before it changes anything. I
 only files the manifest lists and hashes, and refuses a directory holding any other
 file (an `optimizer.*` copied into a checkpoint saved without one is tampering, not
 state). No pickle is involved anywhere.
+
+Sharded jobs: a parallel strategy (`luoshu.parallel`) installs a `LayoutHook` with
+`set_layout_hook`. When the hook claims a module (split parameters of tensor parallelism, an
+optimizer sharded by ZeRO), `save` is a collective: every rank calls it, the hook makes every
+tensor and optimizer state full, and one rank writes the regular package — full tensors, so
+it loads into any layout or one process. `load` reads the package on every rank and the hook
+keeps each rank's blocks (the layout of the job that loads).
 """
 
 from __future__ import annotations
@@ -45,8 +52,46 @@ def _tensors_for_disk(tensors: dict) -> dict[str, torch.Tensor]:
             for name, t in tensors.items()}
 
 
+class LayoutHook:
+    """How a strategy layer turns a sharded job's tensors into full ones and back (see the module
+    docstring); installed with `set_layout_hook`, consulted by `save` and `load`."""
+
+    def applies(self, module, optimizer) -> bool:  # pragma: no cover - interface
+        """Whether `module` / `optimizer` are sharded so that `save` and `load` must go through the hook."""
+        raise NotImplementedError
+
+    def save(self, path, module, optimizer, metadata: dict | None) -> Path | None:  # pragma: no cover
+        """Writes the full package (with `save_full`) from one rank; every rank calls it."""
+        raise NotImplementedError
+
+    def load(self, path, module, optimizer) -> dict:  # pragma: no cover
+        """Loads the full package (with `load_full`) and keeps this rank's blocks."""
+        raise NotImplementedError
+
+
+_LAYOUT_HOOK: LayoutHook | None = None
+
+
+def set_layout_hook(hook: LayoutHook | None) -> None:
+    """Installs the hook of sharded layouts (luoshu.parallel does, at import; a lower layer cannot import it)."""
+    global _LAYOUT_HOOK
+    _LAYOUT_HOOK = hook
+
+
 def save(path, module, optimizer=None, metadata: dict | None = None) -> Path:
-    """Saves `module` (and `optimizer`) as a checkpoint directory at `path`."""
+    """Saves `module` (and `optimizer`) as a checkpoint directory at `path`.
+
+    For a sharded job (tensor parallel, ZeRO) this is a collective that writes full tensors from
+    one rank (see the module docstring)."""
+    if _LAYOUT_HOOK is not None and _LAYOUT_HOOK.applies(module, optimizer):
+        _LAYOUT_HOOK.save(path, module, optimizer, metadata)
+        return Path(path)
+    return save_full(path, module, optimizer, metadata)
+
+
+def save_full(path, module, optimizer=None, metadata: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """`save` of the values this process holds, as they are (no layout hook). `optimizer_state`:
+    the optimizer's `state_dict()` to write instead of asking `optimizer` (ZeRO's consolidated one)."""
 
     def write(staging: Path) -> None:
         state = module.state_dict()
@@ -62,7 +107,7 @@ def save(path, module, optimizer=None, metadata: dict | None = None) -> Path:
         }
         _write_json(staging / "graph.json", graph)
         if optimizer is not None:
-            opt_state = optimizer.state_dict()
+            opt_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
             save_file(_tensors_for_disk(opt_state["tensors"]), staging / "optimizer.safetensors")
             _write_json(staging / "optimizer.json", {"class": type(optimizer).__name__, "meta": opt_state["meta"]})
 
@@ -178,8 +223,17 @@ def load(path, module, optimizer=None) -> dict:
     """Loads a checkpoint into `module` (and `optimizer`); returns the saved metadata.
 
     Everything is verified first (hashes, names, shapes, dtypes); on any error the
-    module and optimizer are left exactly as they were.
+    module and optimizer are left exactly as they were. A sharded module (or optimizer)
+    keeps its blocks of the full tensors (see the module docstring).
     """
+    if _LAYOUT_HOOK is not None and _LAYOUT_HOOK.applies(module, optimizer):
+        return _LAYOUT_HOOK.load(path, module, optimizer)
+    return load_full(path, module, optimizer)
+
+
+def load_full(path, module, optimizer=None, load_optimizer_state: Callable[[dict], None] | None = None) -> dict:
+    """`load` into tensors of the checkpoint's full shapes (no layout hook). `load_optimizer_state`:
+    takes the optimizer's state dict instead of `optimizer.load_state_dict` (ZeRO's shards)."""
     path = Path(path)
     graph, listed = _verify(path)
     weights = load_tensors(path / "weights.safetensors")
@@ -194,6 +248,7 @@ def load(path, module, optimizer=None) -> dict:
             raise CheckpointError(f"checkpoint {path} holds {meta.get('class')} state, not "
                                   f"{type(optimizer).__name__}")
         tensors = load_tensors(path / "optimizer.safetensors")
-        optimizer.load_state_dict({"tensors": tensors, "meta": meta["meta"]})  # validates before changing
+        # validates before changing anything
+        (load_optimizer_state or optimizer.load_state_dict)({"tensors": tensors, "meta": meta["meta"]})
     module._apply_staged(staged)
     return graph.get("metadata", {})

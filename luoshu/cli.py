@@ -83,6 +83,22 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-memory", dest="profile_memory", action="store_true", default=s,
                    help="account the first training step's memory (peak, its step, parameters / optimizer state / "
                         "gradients / activations): printed and written to memory.json")
+    p.add_argument("--compile", action="store_true", default=s,
+                   help="run each training step (forward, backward, update) as one TorchInductor-compiled graph; "
+                        "a step that cannot be lowered runs uncompiled, with a warning naming the op")
+    p.add_argument("--dp", type=int, default=s, help="data-parallel size (under luoshu launch; dp x tp x pp = "
+                   "the processes)")
+    p.add_argument("--tp", type=int, default=s, help="tensor-parallel size (language models)")
+    p.add_argument("--pp", type=int, default=s, help="pipeline-parallel stages (language models)")
+    p.add_argument("--micro-batches", type=int, default=s, help="micro-batches per step of a pipeline")
+    p.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe"], default=s)
+    p.add_argument("--sequence-parallel", action="store_true", default=s,
+                   help="keep activations between tensor-parallel regions split on the sequence")
+    p.add_argument("--parallel", choices=["auto"], default=s,
+                   help="auto: the strategy search (profiled cost model) picks the (dp, tp) of a gpt2/llama job "
+                        "on synthetic-lm under luoshu launch")
+    p.add_argument("--memory-budget-mb", type=float, default=s, metavar="MIB",
+                   help="with --parallel auto: memory per device the chosen strategy must fit in")
     p.add_argument("--recompute", nargs="?", const=True, default=s, metavar="SCOPE",
                    help="recompute activations in the backward: every block, or SCOPE 'attention' (language models)")
 

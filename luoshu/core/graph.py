@@ -16,6 +16,9 @@ from luoshu.core.tensor import IndexedSlices, Tensor, normalize_device
 # The runtime layer installs the function that compiles a fetch set into a runnable plan
 # (core must not import the higher layers that build on it).
 _plan_builder: Callable | None = None
+# The backends `Graph.compile` takes (`luoshu.compiler.inductor`); "eager" and "aot_eager" only
+# trace, for debugging a lowering.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 def set_plan_builder(builder: Callable) -> None:
@@ -63,6 +66,7 @@ class Graph:
         self.ops: list = []
         self.placeholders: dict[str, Tensor] = {}
         self._plans: dict = {}
+        self._compile_options: dict = {}  # fetch ids -> Graph.compile's options
         # The parallel strategy the next plans compile under (HotSPa runs one graph under several):
         # part of the plan-cache key, so each (strategy, fetches, feeds) keeps its own plan.
         self.strategy_key = None
@@ -108,8 +112,27 @@ class Graph:
             if _plan_builder is None:
                 raise Error("the luoshu runtime is not loaded; import luoshu, not luoshu.core")
             plan = _plan_builder(self, flat, feeds)
+            options = self._compile_options.get(key[0])
+            if options is not None:
+                plan.compile(**options)
             self._plans[key] = plan
         return plan
+
+    def compile(self, fetches, backend: str = "inductor", cuda_graphs: bool | None = None) -> None:
+        """Runs `fetches` (a full training step: forward, backward and the update) as one
+        compiled graph from now on: `run(fetches, ...)` lowers the plan to one torch.fx graph
+        and compiles it with `backend` (TorchInductor). Where a step cannot be lowered, a
+        `LoweringWarning` names the op and the plan runs it. `cuda_graphs` (None: where the
+        parameters are on CUDA and the feed shapes static) captures the step as a CUDA graph."""
+        if backend not in COMPILE_BACKENDS:
+            raise GraphError(f"graph '{self.name}': unknown compile backend {backend!r}; expected one of "
+                             f"{list(COMPILE_BACKENDS)}")
+        flat, _ = self._flatten_fetches([fetches] if not isinstance(fetches, (list, tuple)) else list(fetches))
+        key = tuple(map(id, flat))
+        self._compile_options[key] = {"backend": backend, "cuda_graphs": cuda_graphs}
+        for plan_key, plan in self._plans.items():
+            if plan_key[0] == key:
+                plan.compile(backend=backend, cuda_graphs=cuda_graphs)
 
     def plan(self, fetches, feed_dict: Mapping | None = None):
         """The compiled plan `run(fetches, feed_dict)` executes (compiled and cached on first use)."""

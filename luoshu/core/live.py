@@ -43,3 +43,8 @@ def keep_alive(graph, obj) -> None:
     held = _KEEP_ALIVE.setdefault(graph, [])
     if not any(o is obj for o in held):
         held.append(obj)
+
+
+def alive() -> list:
+    """Every registered object still alive (a strategy finds its live sync modes by kind)."""
+    return list(_LIVE.values())

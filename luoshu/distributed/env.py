@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import json
+import logging
 import os
 import sys
 import threading
@@ -243,7 +244,14 @@ def _serve_and_exit(store, index: int, num_servers: int, num_workers: int) -> No
                         "before luoshu.distributed.init()")
     _exit_when_workers_are_gone(store, num_workers)
     _server_role(store, index, num_servers, num_workers)
-    sys.exit(0)
+    # The serve loop has closed its sockets and written its snapshots. Leave without the
+    # interpreter's teardown: destroying the rendezvous store's and the kernels' native threads
+    # in static-destructor order aborted a loaded server now and then ("terminate called
+    # without an active exception", SIGABRT), which the launcher rightly reports as a failure.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def is_initialized() -> bool:

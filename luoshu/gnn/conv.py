@@ -159,10 +159,17 @@ class SAGEConv(Module):
         if self.project:
             x_src = F.relu(self.lin(x_src))
         structure = graph.structure(x_src.device)
+        # mean and sum commute with lin_l: aggregating lin_l's output instead of its input moves
+        # fewer columns through the sparse product when the layer narrows (DGL's lin_before_mp;
+        # PyG always aggregates first). The bias is added after, so a node without neighbours
+        # still gets lin_l's bias alone.
+        width = x_src.shape[-1]
+        linear_first = self.aggr != "max" and width is not None and self.out_channels < width
+        h = F.linear(x_src, self.lin_l.weight) if linear_first else x_src
         if self.aggr == "max" or graph.symbolic:
             # per-edge messages, then each target's reduction (0 where a node has no neighbour);
             # a symbolic block has no degrees to fold into spmm's edge weights ahead of time
-            messages = ops.gather_edges(x_src, structure[1])
+            messages = ops.gather_edges(h, structure[1])
             out = ops.scatter_reduce(messages, structure[0], self.aggr, indptr=structure[2])
         else:
 
@@ -172,8 +179,11 @@ class SAGEConv(Module):
                 deg = graph.in_degree().to(torch.float64)
                 return (1.0 / deg.clamp(min=1.0))[graph.row]
 
-            out = ops.spmm(structure, _edge_constant(graph, ("sage", self.aggr), weights, x_src), x_src)
-        out = self.lin_l(out)
+            out = ops.spmm(structure, _edge_constant(graph, ("sage", self.aggr), weights, h), h)
+        if not linear_first:
+            out = self.lin_l(out)
+        elif self.lin_l.bias is not None:
+            out = out + self.lin_l.bias
         if self.root_weight:
             out = out + self.lin_r(x_dst)
         return _normalize(out) if self.normalize else out

@@ -1,4 +1,9 @@
-"""Modules, layers, initialisers and the functional API (`luoshu.nn.functional`)."""
+"""Modules, layers, initialisers and the functional API (`luoshu.nn.functional`).
+
+Graph layers are `luoshu.nn.Module`s too but live in `luoshu.gnn` (`ls.gnn.GCNConv`,
+`ls.gnn.SAGEConv`, `ls.gnn.GATConv`, the global pooling functions): DESIGN.md section 1
+puts `gnn` among the domains, above `nn`, so this package does not import them.
+"""
 
 from luoshu.nn import functional, init
 from luoshu.nn.attention import MultiheadAttention

@@ -181,8 +181,11 @@ class Dropout(OpDef):
 
     @staticmethod
     def compute(x, p):
-        mask = torch.empty_like(x).bernoulli_(1.0 - p, generator=generator(str(x.device)))
-        mask.div_(1.0 - p)
+        # keep where a uniform draw in [0, 1) is >= p: on CPU torch.rand is about 4x faster
+        # than bernoulli_, whose per-element path was most of a GNN epoch (float32 draws also
+        # for half inputs, whose own uniforms would have 11 bits)
+        keep = torch.rand(x.shape, generator=generator(str(x.device)), device=x.device).ge_(p)  # 1.0 or 0.0
+        mask = keep.to(x.dtype).mul_(1.0 / (1.0 - p))
         return x * mask, mask
 
     def gradient(self, op, grads):

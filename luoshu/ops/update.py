@@ -9,6 +9,9 @@ standing for a dense gradient that is zero elsewhere, every row updated).
 `update_entries` reads that layout and `update_inputs` writes it; the optimizer, the
 gradient all-reduce pass and the parameter-server modes all go through them.
 
+`optimizer_update` also has a `lower` (the update as pure tensor math, for whole-step
+compilation); the other update ops drive servers and collectives and are not lowered.
+
 The ops reach the Python objects they drive (an optimizer, a loss scaler, a sync mode)
 through `luoshu.core.live` keys, so their attributes stay plain JSON.
 """
@@ -95,6 +98,14 @@ class OptimizerUpdate(OpDef):
         scaler = live.lookup(loss_scaler, "loss scaler", self.name) if loss_scaler >= 0 else None
         opt.apply_gradients(gradient_pairs(params, kinds, values), scaler)
         return None
+
+    def lower(self, *, optimizer, params, kinds, loss_scaler):
+        """The update as pure tensor math for whole-step compilation (`luoshu.compiler.inductor`):
+        the optimizer's `LoweredUpdate`; an `Error` says what cannot be lowered."""
+        if loss_scaler >= 0 and live.lookup(loss_scaler, "loss scaler", self.name).enabled:
+            raise OpError(f"{self.name}: a loss scaler skips steps on overflow (a data-dependent branch), "
+                          "which is not lowered")
+        return live.lookup(optimizer, "optimizer", self.name).lowered_update(params, kinds)
 
 
 @register

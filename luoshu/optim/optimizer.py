@@ -381,6 +381,13 @@ class Optimizer:
             entries.append((i, (g if g.dtype == p.dtype else g.to(p.dtype)).contiguous()))
         return entries
 
+    def lowered_update(self, indices, kinds: str):
+        """The update of parameters `indices` (gradient kinds `kinds`) as pure tensor math for
+        whole-step compilation (`luoshu.optim.lowered.LoweredUpdate`); an `Error` says why not."""
+        from luoshu.optim.lowered import LoweredUpdate  # it builds on this module
+
+        return LoweredUpdate(self, indices, kinds)
+
     def gradient_norm_squared(self, grads: list) -> torch.Tensor:
         """The squared global norm of `grads` as `apply_gradients` counts it for clipping
         (a sparse gradient as the dense one it stands for)."""

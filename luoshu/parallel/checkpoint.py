@@ -1,30 +1,43 @@
-"""Checkpoints across layouts: a tensor-parallel job saves full tensors; a job of any layout loads them and reshards.
+"""Checkpoints across layouts: the `luoshu.checkpoint` layout hook that makes `ls.save` / `ls.load` of a sharded job
+write and read full tensors.
 
-`save(path, model, optimizer, mesh)` all-gathers every split parameter and its optimizer
-state over the TP group and writes the regular luoshu package (`luoshu.save`) from rank
-0: full tensors, so the checkpoint does not depend on the layout it came from and loads
-into one process with plain `luoshu.load`. `load(path, model, optimizer)` verifies and
-reads the package into full-size buffers, then keeps this rank's block of every split
-parameter and state (the split comes from the parameters' own states, i.e. the layout
-of the job that loads). Call it on every rank, after `parallelize`.
+Installed at import of `luoshu.parallel`, so plain `ls.save(path, model, optimizer)` and
+`ls.load(path, model, optimizer)` handle a sharded job:
+
+- tensor parallel (`parallelize`: parameters with split states): `ls.save` all-gathers every
+  split parameter and its optimizer state over the TP group, and rank 0 writes the regular
+  package — full tensors, so the checkpoint does not depend on the layout it came from and
+  loads into one process; `ls.load` reads the full package into full-size buffers on every
+  rank, then keeps this rank's block of every split parameter and state (the split comes from
+  the parameters' own states: the layout of the job that loads).
+- ZeRO (`DataParallel(..., zero=...)`, its optimizer reached as `dp.sync`): `ls.save` writes
+  the optimizer state of `dp.sync.consolidated_state_dict()` (the plain optimizer's layout)
+  from rank 0; `ls.load` gives the plain state to `dp.sync.load_state_dict`. A ZeRO
+  checkpoint loads into a plain run and a plain one into ZeRO.
+
+Both `save`s are collectives: call them on every rank. A job with neither (plain data
+parallelism) saves as before, from whichever rank calls. Pipeline stages are not covered:
+each rank holds only its own stage's trained values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-from luoshu.checkpoint import load as load_package
-from luoshu.checkpoint import save as save_package
+from luoshu import checkpoint as package
 from luoshu.compiler import states
-from luoshu.core import context
+from luoshu.core import context, live
 from luoshu.core.op import apply
 from luoshu.core.tensor import Tensor
 from luoshu.distributed import env
 from luoshu.nn.module import Module
 from luoshu.optim.optimizer import Optimizer
+from luoshu.parallel.tensor_parallel import original_order, placed_order, placed_tables
+from luoshu.parallel.zero import ZeroSync
 
 
 def _split(p: Tensor):
@@ -51,21 +64,54 @@ def _state_of(optimizer: Optimizer | None, params: list) -> list:
     return [(optimizer._state[index[id(p)]] if id(p) in index else None) for p in params]
 
 
+def _split_parameters(model: Module) -> list:
+    return [p for p in model.parameters() if _split(p) is not None]
+
+
+def _zero_of(optimizer) -> ZeroSync | None:
+    """The live ZeRO sync mode that shards `optimizer`'s state, if any."""
+    if optimizer is None:
+        return None
+    return next((s for s in live.alive() if isinstance(s, ZeroSync) and s.dp.optimizer is optimizer), None)
+
+
+def _tp_group() -> tuple:
+    strategy = states.default()
+    return tuple(strategy.group) if strategy is not None else (0,)
+
+
+def _placed(model: Module) -> dict:
+    """id(weight) -> (its table module, original row of each placed row, original offsets, original shape)."""
+    return {id(w): (m, rows, offsets, shape) for m, w, rows, offsets, shape in placed_tables(model)}
+
+
 @contextmanager
 def _full_tensors(model: Module, optimizer: Optimizer | None, group: tuple) -> Iterator[None]:
-    """Every split parameter (and its optimizer state) as its full value while inside."""
-    params = [p for p in model.parameters() if _split(p) is not None]
-    states = _state_of(optimizer, params)
+    """Every split parameter (and its optimizer state) as its full value while inside; a table-wise
+    table in its original row order, shape and slot offsets."""
+    params = _split_parameters(model)
+    states_ = _state_of(optimizer, params)
+    placed = _placed(model)
     restore = []
     try:
-        for p, st in zip(params, states + [None] * (len(params) - len(states))):
+        for p, st in zip(params, states_ + [None] * (len(params) - len(states_))):
             dim, _ = _split(p)
+            table = placed.get(id(p))
+
+            def full(value, dim=dim, table=table):
+                value = _gather(value, dim, group)
+                return value if table is None else original_order(value, table[1], table[3])
+
             restore.append((p, "_value", p._value))
-            p._value = _gather(p._value, dim, group)
+            p._value = full(p._value)
+            if table is not None:
+                offsets = table[0]._buffers["offsets"]
+                restore += [(p, "shape", p.shape), (offsets, "_value", offsets._value)]
+                p.shape, offsets._value = tuple(table[3]), table[2].clone()
             if st is not None:
                 for name in sorted(k for k in st if k != "step"):
                     restore.append((st, name, st[name]))
-                    st[name] = _gather(st[name], dim, group)
+                    st[name] = full(st[name])
         yield
     finally:
         for holder, name, value in reversed(restore):
@@ -75,40 +121,83 @@ def _full_tensors(model: Module, optimizer: Optimizer | None, group: tuple) -> I
                 setattr(holder, name, value)
 
 
+class _ShardedLayouts(package.LayoutHook):
+    """The layout hook of tensor parallelism and ZeRO (see the module docstring)."""
+
+    def applies(self, module, optimizer) -> bool:
+        return (isinstance(module, Module) and bool(_split_parameters(module))) or _zero_of(optimizer) is not None
+
+    def save(self, path, module, optimizer, metadata, group: tuple | None = None) -> Path | None:
+        zero = _zero_of(optimizer)
+        with _full_tensors(module, optimizer, _tp_group() if group is None else group):
+            # every rank takes part in the gathers; one writes
+            opt_state = zero.consolidated_state_dict() if zero is not None else None
+            written = package.save_full(path, module, optimizer, metadata, opt_state) if env.rank() == 0 else None
+        env.barrier()
+        return written
+
+    def load(self, path, module, optimizer) -> dict:
+        zero = _zero_of(optimizer)
+        params = _split_parameters(module)
+        placed = _placed(module)
+        local = [(p._value, p.shape) for p in params]
+        offsets = {
+            id(p): (t[0]._buffers["offsets"], t[0]._buffers["offsets"]._value)
+            for p in params
+            if (t := placed.get(id(p))) is not None
+        }
+        for p in params:  # full-size buffers (a table-wise table: its original shape) to verify and copy into
+            if id(p) in placed:
+                p.shape = tuple(placed[id(p)][3])
+            p._value = torch.empty(p.shape, dtype=p._value.dtype, device=p._value.device)
+        try:
+            meta = package.load_full(path, module, optimizer, zero.load_state_dict if zero is not None else None)
+        except BaseException:
+            for p, (v, shape) in zip(params, local):
+                p._value, p.shape = v, shape
+            raise
+        finally:
+            for buffer, placed_offsets in offsets.values():  # the file holds the original order's offsets
+                buffer._value = placed_offsets
+        opt_states = _state_of(optimizer, params)
+        strategy = states.default()
+        index = strategy.index if strategy is not None else 0
+        for p, st, (_, shape) in zip(params, opt_states + [None] * (len(params) - len(opt_states)), local):
+            dim, size = _split(p)
+            table = placed.get(id(p))
+
+            def mine(value, dim=dim, size=size, table=table):
+                if table is not None:
+                    value = placed_order(value, table[1])
+                return _block(value, dim, size, index)
+
+            p._value, p.shape = mine(p._value), shape
+            if st is not None:
+                for name in [k for k in st if k != "step"]:
+                    st[name] = mine(st[name])
+        return meta
+
+
+_HOOK = _ShardedLayouts()
+package.set_layout_hook(_HOOK)
+
+
 def save(path, model: Module, optimizer: Optimizer | None = None, mesh=None, metadata: dict | None = None):
-    """Writes the full-tensor package of a (tensor-)parallel `model` from rank 0 (collective)."""
-    group = mesh.group("tp").ranks if mesh is not None else (0,)
-    with _full_tensors(model, optimizer, group):
+    """`ls.save` of a sharded job with the mesh it ran on recorded in the metadata (collective)."""
+    meta = dict(metadata or {})
+    if mesh is not None:
+        meta["saved_from"] = {"dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp}
+    if _HOOK.applies(model, optimizer):
+        _HOOK.save(path, model, optimizer, meta, mesh.group("tp").ranks if mesh is not None else None)
+    else:
         if env.rank() == 0:
-            meta = dict(metadata or {})
-            if mesh is not None:
-                meta["saved_from"] = {"dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp}
-            save_package(path, model, optimizer, meta)
-    env.barrier()
+            package.save_full(path, model, optimizer, meta)
+        env.barrier()
 
 
 def load(path, model: Module, optimizer: Optimizer | None = None) -> dict:
-    """Loads a full-tensor package into a model of any layout: this rank keeps its blocks."""
-    params = [p for p in model.parameters() if _split(p) is not None]
-    local = [p._value for p in params]
-    for p in params:  # full-size buffers for the package to verify and copy into
-        p._value = torch.empty(p.shape, dtype=p._value.dtype, device=p._value.device)
-    try:
-        meta = load_package(path, model, optimizer)
-    except BaseException:
-        for p, v in zip(params, local):
-            p._value = v
-        raise
-    opt_states = _state_of(optimizer, params)
-    strategy = states.default()
-    index = strategy.index if strategy is not None else 0
-    for p, st in zip(params, opt_states + [None] * (len(params) - len(opt_states))):
-        dim, size = _split(p)
-        p._value = _block(p._value, dim, size, index)
-        if st is not None:
-            for name in [k for k in st if k != "step"]:
-                st[name] = _block(st[name], dim, size, index)
-    return meta
+    """`ls.load`: loads a full-tensor package into a model of any layout; this rank keeps its blocks."""
+    return package.load(path, model, optimizer)
 
 
 __all__ = ["load", "save"]

@@ -108,14 +108,21 @@ class Strategy:
 
 
 def parse_strategy(text: str) -> Strategy:
-    """'dp2,tp2,pp2' (any order; a missing axis is 1) -> Strategy."""
+    """'dp2,tp2,pp2' (any order; a missing axis is 1; a part 'sp': sequence parallelism over
+    the tp axis) -> Strategy."""
     sizes = {"dp": 1, "tp": 1, "pp": 1}
+    sp = False
     for part in str(text).replace(" ", "").split(","):
+        if part == "sp":
+            sp = True
+            continue
         name, digits = part[:2], part[2:]
         if name not in sizes or not digits.isdigit() or int(digits) < 1:
-            raise HotSPaError(f"unknown strategy {text!r}: expected parts like dp2,tp4,pp1")
+            raise HotSPaError(f"unknown strategy {text!r}: expected parts like dp2,tp4,pp1 (and sp)")
         sizes[name] = int(digits)
-    return Strategy(**sizes)
+    if sp and sizes["tp"] == 1:
+        raise HotSPaError(f"strategy {text!r}: sequence parallelism (sp) splits over tp, which is 1")
+    return Strategy(**sizes, sp=sp)
 
 
 def model_spec(model) -> ModelSpec | None:

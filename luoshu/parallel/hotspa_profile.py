@@ -166,6 +166,34 @@ def choose_strategies(
     return [str(st) for st in result["chosen"]]
 
 
+def choose_static(
+    prof: Profile, world: int, lengths: Sequence[int], memory: float = float("inf")
+) -> tuple[H.Strategy, H.Prediction, list[H.Prediction]]:
+    """The static strategy (`luoshu train --parallel auto`) of a job over `world` ranks whose
+    batches hold sequences of these `lengths`: the runnable strategy the profiled cost model
+    predicts fastest among those that hold the longest sequence in `memory` bytes per device.
+    Returns (strategy, its prediction, every candidate's prediction); a `HotSPaError` naming
+    each candidate's need when none fits."""
+    spec = prof.spec
+    cl = cluster(prof, world, memory)
+    options = runnable(world, spec)
+    tokens = max(int(n) for n in lengths)
+    table = [H.predict(spec, cl, st, lengths, tokens) for st in options]
+    fitting = [(p, st) for p, st in zip(table, options) if p.fits]
+    # predictions are in the cost model's units; memory back in this machine's bytes
+    scale = prof.activation_scale
+    for p in table:
+        p.memory_bytes *= scale
+    if not fitting:
+        needs = ", ".join(f"{p.strategy} {p.memory_bytes / 2**20:.2f} MiB" for p in table)
+        raise H.HotSPaError(
+            f"--parallel auto: no strategy over {world} ranks holds sequences of {tokens} tokens in "
+            f"{memory / 2**20:.2f} MiB per device per the profiled cost model; they need {needs}"
+        )
+    best, st = min(fitting, key=lambda o: o[0].time_s)
+    return st, best, table
+
+
 def predict_steps(
     prof: Profile, model: Module, sequences: Sequence, strategies: Sequence[str], bounds: Sequence[int]
 ) -> dict[str, float]:
@@ -183,4 +211,4 @@ def predict_steps(
     return out
 
 
-__all__ = ["Profile", "choose_strategies", "cluster", "predict_steps", "profile", "runnable"]
+__all__ = ["Profile", "choose_static", "choose_strategies", "cluster", "predict_steps", "profile", "runnable"]

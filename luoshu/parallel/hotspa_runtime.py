@@ -165,6 +165,8 @@ class HotSPa:
             raise HotSPaError(f"HotSPa: owner must index one of the {len(strategies)} strategies, found {owner!r}")
         world, rank = env.world_size(), env.rank()
         meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
+        # "…,sp": the strategy's graph keeps activations between TP regions split along the sequence
+        self.sequence_parallel = [isinstance(s, str) and parse_strategy(s).sp for s in strategies]
         spec = model_spec(model)
         if memory_budget is not None:
             if spec is None:
@@ -191,7 +193,7 @@ class HotSPa:
             for i, mesh in enumerate(meshes):  # parallelize each strategy from the full values
                 for p, v in zip(params, full):
                     p.ds, p._value = [], v
-                tp = parallelize(model, mesh, broadcast=False, plan=plan)
+                tp = parallelize(model, mesh, self.sequence_parallel[i], broadcast=False, plan=plan)
                 per_strategy_ds.append([p.ds[0] for p in params])
                 per_strategy_value.append([p._value for p in params])
                 plans_strategy.append(dataclasses.replace(tp.strategy, dp_group=(), strategy=i))
@@ -457,26 +459,40 @@ class HotSPa:
 
         return norm
 
+    def _box(self, k: int) -> tuple[slice, ...]:
+        box = self._layouts[self.owner][k].boxes(tuple(self.params[k].shape))[self.rank]
+        return tuple(slice(a, b) for a, b in box)
+
+    def gather(self, k: int, local: torch.Tensor) -> torch.Tensor:
+        """The full value of a tensor laid out like parameter k in the owner's layout (this rank's
+        shard `local`: the parameter itself or an optimizer moment of it); a collective."""
+        p = self.params[k]
+        boxes = self._layouts[self.owner][k].boxes(tuple(p.shape))
+        full = torch.zeros(tuple(p.shape), dtype=local.dtype, device=local.device)
+        mine = boxes[self.rank]
+        full[self._box(k)] = local
+        if env.is_distributed():
+            # every box is held by dp copies: sum once per box, by the lowest rank holding it
+            first = {}
+            for r in sorted(boxes):
+                first.setdefault(boxes[r], r)
+            if first[mine] != self.rank:
+                full.zero_()
+            torch_dist.all_reduce(full)
+        return full
+
+    def shard(self, k: int, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard, in the owner's layout, of a full tensor shaped like parameter k."""
+        if tuple(full.shape) != tuple(self.params[k].shape):
+            raise HotSPaError(
+                f"HotSPa.shard: parameter {k} has shape {tuple(self.params[k].shape)}, found {tuple(full.shape)}"
+            )
+        return full[self._box(k)].clone().contiguous()
+
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter's full value by name, gathered from the owner's shards (a collective)."""
-        out = {}
         names = {id(p): n for n, p in self.model.named_parameters()}
-        for k, p in enumerate(self.params):
-            layout = self._layouts[self.owner][k]
-            boxes = layout.boxes(tuple(p.shape))
-            full = torch.zeros(tuple(p.shape), dtype=p._value.dtype, device=p._value.device)
-            mine = boxes[self.rank]
-            full[tuple(slice(a, b) for a, b in mine)] = p._value
-            if env.is_distributed():
-                # every box is held by dp copies: sum once per box, by the lowest rank holding it
-                first = {}
-                for r in sorted(boxes):
-                    first.setdefault(boxes[r], r)
-                if first[mine] != self.rank:
-                    full.zero_()
-                torch_dist.all_reduce(full)
-            out[names.get(id(p), p.name)] = full
-        return out
+        return {names.get(id(p), p.name): self.gather(k, p._value) for k, p in enumerate(self.params)}
 
     def __repr__(self) -> str:
         return (

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from luoshu.compiler import apply_recompute, prune, schedule_comm, states
+from luoshu.compiler.inductor import CompiledStep
 from luoshu.core.errors import Error, ExecutionError, FeedError
 from luoshu.core.tensor import Tensor
 from luoshu.runtime.memory import MemoryReport, measure
@@ -38,10 +39,21 @@ class Plan:
     slot_of: dict[int, int] = field(default_factory=dict, repr=False)  # id(tensor) -> slot
     source: str = ""
     _fn: object = field(default=None, repr=False)
+    compiled: CompiledStep | None = field(default=None, repr=False)  # set by `compile`
 
     def run(self, feed_values: list[torch.Tensor]) -> list:
         with torch.no_grad():
+            if self.compiled is not None:
+                out = self.compiled.run(feed_values)
+                if out is not None:
+                    return out
             return self._fn(feed_values)
+
+    def compile(self, backend: str = "inductor", cuda_graphs: bool | None = None) -> CompiledStep:
+        """Runs the steps as one compiled graph from the next run on (`luoshu.compiler.inductor`);
+        this plan stays the fallback for steps that cannot be lowered."""
+        self.compiled = CompiledStep(self, backend, cuda_graphs)
+        return self.compiled
 
     def memory(self, feed_values: list[torch.Tensor]) -> MemoryReport:
         """Runs the plan once, step by step, and reports its peak live bytes, the step that

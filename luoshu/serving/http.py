@@ -32,9 +32,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _bool_status(value: bool) -> Response:
-    # The protocol: 200 = true, 4xx = false, empty body.
-    return Response(status_code=200 if value else 400)
+def _bool_status(key: str, value: bool) -> Response:
+    # The protocol's status code: 200 = true, 4xx = false (what Triton's client reads), and
+    # the body of the protocol's OpenAPI spec, {"live": bool} / {"ready": bool} (what
+    # KServe's client reads)
+    return JSONResponse({key: value}, status_code=200 if value else 400)
 
 
 def create_app(server: InferenceServer) -> FastAPI:
@@ -55,11 +57,11 @@ def create_app(server: InferenceServer) -> FastAPI:
 
     @app.get(LIVE_PATH)
     async def live():
-        return _bool_status(True)
+        return _bool_status("live", True)
 
     @app.get(READY_PATH)
     async def ready():
-        return _bool_status(server.ready)
+        return _bool_status("ready", server.ready)
 
     @app.get("/v2")
     async def server_metadata():
@@ -92,7 +94,7 @@ async def _metadata(request: Request, name: str, version: str | None = None):
 
 
 async def _model_ready(request: Request, name: str, version: str | None = None):
-    return _bool_status(request.app.state.server.model_ready(name, version))
+    return _bool_status("ready", request.app.state.server.model_ready(name, version))
 
 
 async def _config(request: Request, name: str, version: str | None = None):

@@ -236,9 +236,18 @@ def parse_http_request(
         raise RequestError("the request body nests JSON arrays or objects too deeply") from None
     if not isinstance(doc, dict):
         raise RequestError(f"the request body must be a JSON object, found {type(doc).__name__}")
-    unknown = set(doc) - {"id", "parameters", "inputs", "outputs"}
+    unknown = set(doc) - {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}
     if unknown:
-        raise RequestError(f"unknown request fields {sorted(unknown)}; expected id, parameters, inputs, outputs")
+        raise RequestError(
+            f"unknown request fields {sorted(unknown)}; expected id, parameters, inputs, outputs (and model_name, "
+            f"model_version)"
+        )
+    # KServe's REST client also names the model in the body (as gRPC's ModelInferRequest
+    # does); accepted where it agrees with the URL
+    for key, expected in (("model_name", model_name), ("model_version", model_version)):
+        given = doc.get(key)
+        if given not in (None, "") and given != expected:
+            raise RequestError(f"the body's {key} {given!r} differs from the URL's {expected!r}")
     parameters = _parameters(doc.get("parameters"), "the request")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):

@@ -364,9 +364,13 @@ class InferenceServer:
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            while not stop.wait(0.5):
+            frozen = False
+            while not stop.wait(0.05 if not frozen else 0.5):
                 if self._loaded.is_set() and self._load_error is not None:
                     raise ServerError(f"a model failed to load: {self._load_error}") from self._load_error
+                if self._loaded.is_set() and not frozen:
+                    _freeze_startup_objects()
+                    frozen = True
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -377,6 +381,20 @@ class InferenceServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _freeze_startup_objects() -> None:
+    """Moves every object alive after loading (modules, models, the web stack) out of the cyclic
+    garbage collector's reach. Otherwise every full (generation 2) collection walks them all:
+    in `luoshu serve` with DCN those took 50-200 ms on 2 busy cores (more when loaded), and
+    every request in flight waits for one; frozen, the collections while serving stay under
+    1 ms. Full collections are rare under steady traffic (none in a few thousand requests),
+    so this guards a long-running server's tail. Only for the process `luoshu serve` owns:
+    frozen objects are never collected, a leak for a host program's own garbage."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def serve(models: Sequence[ModelSource], *, stores: Sequence = (), **config) -> InferenceServer:

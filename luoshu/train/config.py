@@ -53,8 +53,18 @@ class TrainConfig:
     num_workers: int = 1  # background threads preparing batches
     progress: bool = True
     profile_memory: bool = False  # account the first step's memory; printed and written to memory.json
+    compile: bool = False  # run each training step as one TorchInductor-compiled graph (luoshu.compiler.inductor)
+    # parallelism under `luoshu launch` (language models): dp x tp x pp must be the world size
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    micro_batches: int = 1
+    pipeline_schedule: str = "1f1b"  # "1f1b" or "gpipe"
+    sequence_parallel: bool = False
     zero: int = 0  # ZeRO stage over the data-parallel workers: 0 off, 1 optimizer state, 2 + gradients, 3 + parameters
     hot_switch: dict | None = None  # HotSPa: {buckets: [...descending..., 0], strategies: ["dp1,tp4,pp1", ...]}
+    parallel: str | None = None  # "auto": the strategy search picks the job's (dp, tp) (luoshu.train.hot_switch)
+    memory_budget_mb: float | None = None  # with parallel "auto": per-device memory the strategy must fit in
     # the settings (as `check_config` last passed them), so an unchanged config is not checked twice
     _passed_check: ClassVar[str | None] = None
 
@@ -144,11 +154,16 @@ def _check_values(config: TrainConfig, source: str) -> None:
     check("lr_schedule", c.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'")
     check("precision", c.precision in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'")
     check("profile_memory", isinstance(c.profile_memory, bool), "true or false")
+    check("compile", isinstance(c.compile, bool), "true or false")
+    for name in ("dp", "tp", "pp", "micro_batches"):
+        check(name, is_int(getattr(c, name), 1), "a positive integer")
+    check("pipeline_schedule", c.pipeline_schedule in ("1f1b", "gpipe"), "'1f1b' or 'gpipe'")
+    check("sequence_parallel", isinstance(c.sequence_parallel, bool), "true or false")
     check("zero", c.zero in (0, 1, 2, 3) and not isinstance(c.zero, bool), "0, 1, 2 or 3")
     check("zero", not c.zero or c.hot_switch is None, "0 in a hot_switch job (it lays out its own strategies)")
     check("max_grad_norm", c.max_grad_norm is None or (isinstance(c.max_grad_norm, int | float)
                                                        and c.max_grad_norm > 0), "a positive number")
-    if c.hot_switch is not None:
+    if c.hot_switch is not None or c.parallel is not None or c.memory_budget_mb is not None:
         from luoshu.train.hot_switch import check_hot_switch  # (it imports the builders this module does)
 
         check_hot_switch(c, source)
@@ -176,6 +191,7 @@ def _check_job(config: TrainConfig) -> None:
                                f"{', '.join(fitting) or 'none'}; datasets for {config.model!r}: "
                                f"{', '.join(fitting_data) or 'none'}")
     check_model_args(config.model, config.model_args)
+    _check_parallel(config, task)
     if spec.needs_path:
         if not config.data_path:
             raise TrainConfigError(f"dataset {config.dataset!r} reads local files: pass --data-path "
@@ -192,6 +208,59 @@ def _check_job(config: TrainConfig) -> None:
                                f"({torch.cuda.device_count()} CUDA devices)")
     if device.type not in ("cpu", "cuda"):
         raise TrainConfigError(f"device {config.device!r}: luoshu trains on cpu or cuda")
+
+
+def _layer_count(config: TrainConfig) -> int | None:
+    """The number of repeated layers (what pipeline stages cut) of a zoo model's config, or None."""
+    config_class = model_table()[config.model][0]
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    for name in ("n_layer", "n_layers", "num_layers", "num_hidden_layers", "depth"):
+        if name in fields:
+            value = config.model_args.get(name, fields[name].default)
+            return value if isinstance(value, int) else None
+    return None
+
+
+def _check_parallel(config: TrainConfig, task: str) -> None:
+    """dp x tp x pp against the world size of the launch, the model, the batch and the micro-batches."""
+    import os
+
+    c = config
+    product = c.dp * c.tp * c.pp
+    if c.hot_switch is not None:  # its strategies lay out the ranks
+        if product > 1 or c.micro_batches > 1 or c.sequence_parallel:
+            raise TrainConfigError("hot_switch names its own strategies: leave dp, tp, pp, micro_batches and "
+                                   "sequence_parallel at their defaults")
+        return
+    if c.zero:  # ZeRO's own data parallelism (DataParallel(graph, zero=...)) lays out the ranks
+        if product > 1 or c.micro_batches > 1 or c.sequence_parallel:
+            raise TrainConfigError(f"zero = {c.zero} with dp/tp/pp: luoshu train shards the optimizer only in "
+                                   "its own data-parallel job; leave dp, tp, pp at 1")
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if product != world:
+        raise TrainConfigError(f"dp x tp x pp = {c.dp} x {c.tp} x {c.pp} = {product} must equal the world size of "
+                               f"the launch, found {world} (run under `luoshu launch -n {product}`)")
+    if product == 1:
+        if c.sequence_parallel:
+            raise TrainConfigError("sequence_parallel needs tensor parallelism: set tp > 1")
+        return
+    if task != "lm":
+        lms = sorted(n for n, entry in model_table().items() if entry[2] == "lm")
+        raise TrainConfigError(f"dp/tp/pp in luoshu train are for the language models ({', '.join(lms)}); model "
+                               f"{c.model!r} is a {task} model")
+    if c.sequence_parallel and c.tp == 1:
+        raise TrainConfigError("sequence_parallel needs tensor parallelism: set tp > 1")
+    if c.batch_size % (c.dp * c.micro_batches):
+        raise TrainConfigError(f"batch_size {c.batch_size} must divide into dp = {c.dp} shares of micro_batches = "
+                               f"{c.micro_batches} micro-batches each (a multiple of {c.dp * c.micro_batches})")
+    if c.micro_batches > 1 and c.pp == 1:
+        raise TrainConfigError(f"micro_batches = {c.micro_batches} needs pipeline parallelism: set pp > 1")
+    layers = _layer_count(c)
+    if c.pp > 1 and layers is not None and layers < c.pp:
+        raise TrainConfigError(f"pp = {c.pp} stages need at least {c.pp} layers; model {c.model!r} has {layers}")
+    if c.precision != "fp32":
+        raise TrainConfigError(f"precision {c.precision!r} with dp/tp/pp: luoshu train runs parallel jobs in fp32")
 
 
 # `luoshu train` with no config file, model or dataset: DCN (small towers) on 100k generated click logs,

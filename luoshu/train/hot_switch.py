@@ -9,54 +9,94 @@ each document keeps its length and lands in its bucket), through `luoshu.paralle
 Rank 0 writes `metrics.csv`: per step the loss, the tokens each bucket's group ran
 (`tokens_bucket<i>`, bucket i under strategy i), the bytes
 the switches moved, the seconds rank 0 spent in them and the step time.
+
+`parallel: auto` (`luoshu train --parallel auto`, with `--memory-budget-mb`) trains the same job
+under one static strategy that the strategy search picks: this machine's per-layer profile
+(`hotspa_profile.profile`) feeds the cost model, and `hotspa_profile.choose_static` takes the
+fastest (dp, tp) over the launched ranks that holds the corpus's longest document in the budget
+(an infeasible budget: a `HotSPaError` naming what each candidate needs). The choice, its
+predicted step time and memory are printed and written to `parallel.json`; the job then runs
+as a one-bucket HotSPa, i.e. `ls.parallel.parallelize` under that mesh.
+
+Checkpoints: at every `checkpoint_interval` steps (default: every epoch; 0: only at the end)
+and at the end, the full parameters and optimizer state, gathered from the owner strategy's
+layout, are written by rank 0 as the regular checkpoint package (`ls.save`, `step-<N>`), so
+`ls.load` reads one into a plain model; `--resume` continues from the newest one under the
+same or another hot-switching configuration (or `parallel: auto`), sharding it anew.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
+import torch.distributed as torch_dist
+
+from luoshu.checkpoint import load, load_tensors, save, verify
 from luoshu.core import manual_seed
-from luoshu.core.errors import Error
+from luoshu.core.errors import CheckpointError, Error
 from luoshu.data.packing import _check_bounds
 from luoshu.data.synthetic import synthetic_sequences
 from luoshu.distributed import env
+from luoshu.parallel import hotspa_profile
 from luoshu.parallel.hotspa import parse_strategy
 from luoshu.parallel.hotspa_runtime import HotSPa
 from luoshu.train.builders import build_model, build_optimizer
+from luoshu.train.checkpoints import checkpoint_dir, generator_state, latest_checkpoint, list_checkpoints
 from luoshu.train.errors import TrainConfigError
 
 MODELS = ("gpt2", "llama")
 CORPUS = {"num_docs": 2000, "vocab": 256, "min_len": 4, "max_len": 256, "seed": 0}
 
 
-def check_hot_switch(config, source: str = "config") -> tuple[list[int], list[str]]:
-    """(bucket bounds, strategy strings) of `config.hot_switch`, or a `TrainConfigError` naming what is wrong."""
+def check_hot_switch(config, source: str = "config") -> tuple[list[int] | None, list[str] | None]:
+    """(bucket bounds, strategy strings) of `config.hot_switch` ((None, None) for `parallel: auto`,
+    whose strategy the search picks at run time), or a `TrainConfigError` naming what is wrong."""
     hs = config.hot_switch
-    if not isinstance(hs, Mapping) or set(hs) != {"buckets", "strategies"}:
-        raise TrainConfigError(
-            f"{source}: hot_switch must be a mapping with exactly 'buckets' and 'strategies', found {hs!r}"
-        )
-    try:
-        bounds = _check_bounds(hs["buckets"])
-        strategies = [str(s) for s in hs["strategies"]]
-        for s in strategies:
-            parse_strategy(s)
-    except (Error, TypeError) as exc:
-        raise TrainConfigError(f"{source}: hot_switch: {exc}") from None
-    if len(strategies) != len(bounds) - 1:
-        raise TrainConfigError(
-            f"{source}: hot_switch: buckets {bounds} make {len(bounds) - 1} buckets, which need "
-            f"as many strategies; found {len(strategies)}"
-        )
+    bounds = strategies = None
+    budget = config.memory_budget_mb
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
+        raise TrainConfigError(f"{source}: memory_budget_mb must be a positive number of MiB, found {budget!r}")
+    if config.parallel is not None:
+        if config.parallel != "auto":
+            raise TrainConfigError(f"{source}: parallel must be 'auto', found {config.parallel!r}")
+        if hs is not None:
+            raise TrainConfigError(
+                f"{source}: parallel 'auto' picks one static strategy; hot_switch gives one per bucket: set one of them"
+            )
+    elif hs is None:
+        raise TrainConfigError(f"{source}: memory_budget_mb needs parallel 'auto' or a hot_switch setting")
+    else:
+        if not isinstance(hs, Mapping) or set(hs) != {"buckets", "strategies"}:
+            raise TrainConfigError(
+                f"{source}: hot_switch must be a mapping with exactly 'buckets' and 'strategies', found {hs!r}"
+            )
+        try:
+            bounds = _check_bounds(hs["buckets"])
+            strategies = [str(s) for s in hs["strategies"]]
+            for s in strategies:
+                parse_strategy(s)
+        except (Error, TypeError) as exc:
+            raise TrainConfigError(f"{source}: hot_switch: {exc}") from None
+        if len(strategies) != len(bounds) - 1:
+            raise TrainConfigError(
+                f"{source}: hot_switch: buckets {bounds} make {len(bounds) - 1} buckets, which need "
+                f"as many strategies; found {len(strategies)}"
+            )
     if config.model not in MODELS or config.dataset != "synthetic-lm":
         raise TrainConfigError(
-            f"{source}: hot_switch trains {' or '.join(MODELS)} on 'synthetic-lm'; found model "
+            f"{source}: {'hot_switch' if hs is not None else 'parallel auto'} trains {' or '.join(MODELS)} on "
+            f"'synthetic-lm'; found model "
             f"{config.model!r} on {config.dataset!r}"
         )
     if config.precision != "fp32":
-        raise TrainConfigError(f"{source}: hot_switch runs in fp32; found precision {config.precision!r}")
+        raise TrainConfigError(
+            f"{source}: hot_switch / parallel auto run in fp32; found precision {config.precision!r}"
+        )
     unknown = sorted(set(config.data_args) - set(CORPUS) - {"seq_len", "eval_fraction"})
     if unknown:
         raise TrainConfigError(
@@ -66,10 +106,117 @@ def check_hot_switch(config, source: str = "config") -> tuple[list[int], list[st
     return bounds, strategies
 
 
+def _barrier() -> None:
+    if env.is_distributed():
+        torch_dist.barrier()
+
+
+def save_checkpoint(path: Path, hot: HotSPa, model, optimizer, metadata: dict) -> Path | None:
+    """Writes the regular checkpoint package at `path` from rank 0: every parameter and optimizer
+    state tensor gathered from the owner strategy's shards (a collective: every rank calls it).
+    Returns the path on rank 0, None elsewhere."""
+    full = [hot.gather(k, p._value) for k, p in enumerate(hot.params)]
+    state = optimizer._state
+    full_state = {}
+    for k, p in enumerate(hot.params):
+        i = optimizer._index[id(p)]
+        if state[i] is not None:
+            for name in sorted(n for n in state[i] if n != "step"):
+                full_state[(i, name)] = hot.gather(k, state[i][name])
+    written = None
+    if env.rank() == 0:
+        # ls.save reads the module's and the optimizer's tensors: the full ones stand in for the shards
+        # while it writes, then the shards come back
+        shards = [p._value for p in hot.params]
+        shard_state = {key: state[key[0]][key[1]] for key in full_state}
+        try:
+            for p, v in zip(hot.params, full):
+                p._value = v
+            for (i, name), v in full_state.items():
+                state[i][name] = v
+            written = save(path, model, optimizer, metadata=json.loads(json.dumps(metadata)))
+        finally:
+            for p, v in zip(hot.params, shards):
+                p._value = v
+            for (i, name), v in shard_state.items():
+                state[i][name] = v
+    _barrier()
+    return written
+
+
+def _resume_point(config) -> tuple[Path, dict]:
+    """The newest checkpoint and its metadata, checked against this job."""
+    path = latest_checkpoint(config.checkpoint_path)
+    if path is None:
+        raise TrainConfigError(f"--resume: no checkpoint in {config.checkpoint_path}")
+    saved = verify(path).get("metadata", {})
+    if "step" not in saved or "config" not in saved:
+        raise CheckpointError(f"checkpoint {path} has no training position; was it written by luoshu train?")
+    for key in ("model", "dataset", "model_args", "data_args", "seed", "batch_size"):
+        if saved["config"].get(key) != getattr(config, key):
+            raise TrainConfigError(
+                f"cannot resume from {path}: it was trained with {key}={saved['config'].get(key)!r}, "
+                f"this job has {key}={getattr(config, key)!r}"
+            )
+    return path, saved
+
+
+def _load_optimizer(path: Path, hot: HotSPa, optimizer) -> None:
+    """The checkpoint's full optimizer state, sharded into the owner's layout on this rank."""
+    meta = json.loads((path / "optimizer.json").read_text())
+    if meta.get("class") != type(optimizer).__name__:
+        raise CheckpointError(f"checkpoint {path} holds {meta.get('class')} state, not {type(optimizer).__name__}")
+    tensors = load_tensors(path / "optimizer.safetensors")
+    k_of = {optimizer._index[id(p)]: k for k, p in enumerate(hot.params)}
+    sharded = {}
+    for key, value in tensors.items():
+        _, i, _ = key.split(".", 2)
+        sharded[key] = hot.shard(k_of[int(i)], value)
+    optimizer.load_state_dict({"tensors": sharded, "meta": meta["meta"]})
+
+
+def _choose_static(config, model, docs) -> str:
+    """`parallel: auto`: the searched strategy string, printed and written to parallel.json."""
+    budget = float("inf") if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
+    prof = hotspa_profile.profile(model)
+    lengths = [len(d) for d in docs[: config.batch_size]]
+    strategy, best, table = hotspa_profile.choose_static(prof, env.world_size(), lengths, budget)
+    text = f"dp{strategy.dp},tp{strategy.tp},pp{strategy.pp}"
+    if env.rank() == 0:
+        print(
+            f"--parallel auto: {text} over {env.world_size()} ranks, predicted {best.time_s * 1e3:.2f} ms per step "
+            f"and {best.memory_bytes / 2**20:.2f} MiB per device (candidates: "
+            + ", ".join(f"{p.strategy} {p.time_s * 1e3:.2f} ms {p.memory_bytes / 2**20:.2f} MiB" for p in table)
+            + ")",
+            flush=True,
+        )
+        config.job_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "strategy": text,
+            "predicted_step_s": best.time_s,
+            "predicted_memory_bytes": best.memory_bytes,
+            "memory_budget_bytes": None if config.memory_budget_mb is None else budget,
+            "candidates": [
+                {"strategy": p.strategy, "step_s": p.time_s, "memory_bytes": p.memory_bytes, "fits": p.fits}
+                for p in table
+            ],
+            "profile": {
+                "flops": prof.flops,
+                "layer_overhead_s": prof.layer_overhead_s,
+                "activation_scale": prof.activation_scale,
+                "bandwidth": prof.bandwidth,
+            },
+        }
+        (config.job_dir / "parallel.json").write_text(json.dumps(record, indent=1))
+    return text
+
+
 def train_hot_switch(config) -> dict[str, float]:
-    """Runs the job; returns {"train_loss": the last step's loss}."""
+    """Runs the job (`hot_switch` or `parallel: auto`); returns {"train_loss": the last step's loss}."""
     bounds, strategies = check_hot_switch(config)
     corpus = {**CORPUS, **{k: v for k, v in config.data_args.items() if k in CORPUS}}
+    if bounds is None:
+        bounds = [corpus["max_len"], 0]  # one bucket: every document under the one searched strategy
     if corpus["max_len"] > bounds[0]:
         raise TrainConfigError(
             f"hot_switch: documents up to {corpus['max_len']} tokens (data_args max_len) do not "
@@ -79,20 +226,30 @@ def train_hot_switch(config) -> dict[str, float]:
     docs = synthetic_sequences(
         corpus["num_docs"], corpus["vocab"], corpus["min_len"], corpus["max_len"], num_special=1, seed=corpus["seed"]
     )
-    manual_seed(config.seed)
-    lengths = {"block_size": bounds[0], "max_seq_len": bounds[0]}
-    model, _ = build_model(config.model, {}, config.model_args, {"vocab_size": corpus["vocab"], **lengths})
-    hot = HotSPa(model, strategies, bounds)
-    optimizer = build_optimizer(config, model.parameters())
     steps_per_epoch = len(docs) // config.batch_size
     if steps_per_epoch == 0:
         raise TrainConfigError(f"hot_switch: {len(docs)} documents make no batch of {config.batch_size}")
     total = config.max_steps or config.epochs * steps_per_epoch
+    resume = _resume_point(config) if config.resume else None
+    manual_seed(config.seed)
+    lengths = {"block_size": bounds[0], "max_seq_len": bounds[0]}
+    model, _ = build_model(config.model, {}, config.model_args, {"vocab_size": corpus["vocab"], **lengths})
+    if resume is not None:
+        load(resume[0], model)  # the full values, before HotSPa shards them
+    if strategies is None:
+        strategies = [_choose_static(config, model, docs)]
+    budget = None if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
+    hot = HotSPa(model, strategies, bounds, memory_budget=budget if config.hot_switch is not None else None)
+    optimizer = build_optimizer(config, model.parameters())
+    first = 0
+    if resume is not None:
+        _load_optimizer(resume[0], hot, optimizer)
+        first = int(resume[1]["step"])
+    interval = steps_per_epoch if config.checkpoint_interval is None else config.checkpoint_interval
     job = config.job_dir
     writer = None
     if env.rank() == 0:
         job.mkdir(parents=True, exist_ok=True)
-        f = open(job / "metrics.csv", "w", newline="")
         columns = [
             "step",
             "train_loss",
@@ -101,11 +258,18 @@ def train_hot_switch(config) -> dict[str, float]:
             "switch_s",
             "step_s",
         ]
-        writer = csv.DictWriter(f, columns)
+        kept = []
+        if resume is not None and (job / "metrics.csv").is_file():  # the rows up to the checkpoint stay
+            with open(job / "metrics.csv", newline="") as old:
+                kept = [r for r in csv.DictReader(old) if int(r["step"]) <= first]
+        f = open(job / "metrics.csv", "w", newline="")
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
+        for r in kept:
+            writer.writerow({k: r.get(k, "") for k in columns})
     loss = float("nan")
     try:
-        for step in range(total):
+        for step in range(first, total):
             start = (step % steps_per_epoch) * config.batch_size
             tick = time.perf_counter()
             report = hot.step(docs[start : start + config.batch_size], optimizer)
@@ -121,16 +285,34 @@ def train_hot_switch(config) -> dict[str, float]:
                 for i in range(len(strategies)):
                     row[f"tokens_bucket{i}"] = report.tokens.get(i, 0)
                 writer.writerow(row)
+                f.flush()
                 if config.progress:
                     print(
                         f"step {step + 1}/{total} loss {loss:.4f} tokens {report.tokens} switch "
                         f"{report.switch_bytes} B in {report.switch_seconds * 1e3:.1f} ms",
                         flush=True,
                     )
+            done = step + 1
+            if done == total or (interval and done % interval == 0):
+                metadata = {
+                    "step": done,
+                    "epoch": done // steps_per_epoch,
+                    "batch_in_epoch": done % steps_per_epoch,
+                    "config": config.to_dict(),
+                    "task": "lm",
+                    "strategies": list(strategies),
+                    "bounds": list(bounds),
+                    "train_loss": loss,
+                    "generator": generator_state("cpu"),
+                }
+                save_checkpoint(checkpoint_dir(config.checkpoint_path, done), hot, model, optimizer, metadata)
+                if env.rank() == 0 and config.keep_checkpoints:
+                    for _, old in list_checkpoints(config.checkpoint_path)[: -config.keep_checkpoints]:
+                        shutil.rmtree(old, ignore_errors=True)
     finally:
         if writer is not None:
             f.close()
     return {"train_loss": loss}
 
 
-__all__ = ["check_hot_switch", "train_hot_switch"]
+__all__ = ["check_hot_switch", "save_checkpoint", "train_hot_switch"]

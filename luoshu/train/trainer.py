@@ -43,6 +43,7 @@ from luoshu.train.checkpoints import (
 from luoshu.train.config import TrainConfig, check_config
 from luoshu.train.errors import Terminated, TrainConfigError
 from luoshu.train.hot_switch import train_hot_switch
+from luoshu.train.parallel_run import ParallelRun
 from luoshu.train.tasks import TASKS, is_masked_lm, masked_lm
 
 
@@ -52,9 +53,14 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.task_name, spec = check_config(config)
-        if PreviousRun(config.job_dir, config.checkpoint_path).recover():
+        # dp x tp x pp under luoshu launch (check_config matched it to the world size)
+        self.parallel = ParallelRun(config) if config.dp * config.tp * config.pp > 1 else None
+        self.writes = self.parallel is None or self.parallel.writes  # only rank 0 writes the job directory
+        if self.writes and PreviousRun(config.job_dir, config.checkpoint_path).recover():
             print(f"{config.job_dir}: restored the results of the run before an attempt that stopped before its "
                   "first checkpoint", file=sys.stderr)
+        if self.parallel is not None:  # rank 0 has put the job directory in order
+            self.parallel.barrier()
         if config.resume and latest_checkpoint(config.checkpoint_path) is None:
             raise TrainConfigError(f"--resume: no checkpoint in {config.checkpoint_path}")
         _check_writable(config.job_dir, "--out")  # before the data load, which may take long
@@ -85,6 +91,8 @@ class Trainer:
                                                     self.data.min_info)
         if self.device != "cpu":
             self.model.to(self.device)
+        if self.parallel is not None:
+            self.parallel.prepare(self.model)  # before the optimizer, which holds this rank's blocks
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.scheduler = self._scheduler()
         low = {"bf16": "bfloat16", "fp16": "float16"}.get(config.precision)
@@ -94,13 +102,18 @@ class Trainer:
             self.model.train()
             output = self.task.forward(self.model, self.feeds)
             self.loss = self.task.loss(output, self.feeds[self.task.target])
-            self.train_op = self.optimizer.minimize(self.loss, loss_scaler=self.loss_scaler)
+            # a pipeline trains through its stage plans; this graph then only evaluates
+            self.train_op = None if config.pp > 1 else self.optimizer.minimize(self.loss, loss_scaler=self.loss_scaler)
             self.model.eval()
             self.eval_output = self.task.forward(self.model, self.feeds)
             self.model.train()
         self.graph = graph
+        if config.pp > 1:
+            self.parallel.build_pipeline(self.model, self.optimizer, self.task, self.data.train or self.data.eval)
         # ZeRO: the shards' state is checkpointed as the plain optimizer's (consolidated_state_dict)
         self.dp = DataParallel(graph, zero=config.zero) if config.zero else None
+        if config.compile:
+            graph.compile([self.loss, self.train_op])
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -141,6 +154,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
+        if self.parallel is not None:  # pipeline ranks hold only their stage's trained values
+            self.parallel.sync_stages(self.optimizer, with_state=False)
         if self._eval_data is None:
             self._eval_data = self.data.eval
             if self.data.transform is not None:  # no augmentation; masks (BERT) fixed for every evaluation
@@ -168,9 +183,14 @@ class Trainer:
                     "metrics": self.last_metrics, "generator": generator_state(self.device),
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                     "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None}
-        with self._whole_state() as optimizer:
-            path = save(checkpoint_dir(c.checkpoint_path, self.step), self.model, optimizer,
-                        metadata=json.loads(json.dumps(metadata)))
+        path = checkpoint_dir(c.checkpoint_path, self.step)
+        if self.parallel is not None:  # full tensors, written by rank 0 (a collective)
+            self.parallel.save(path, self.model, self.optimizer, json.loads(json.dumps(metadata)))
+            if not self.writes:
+                return path
+        else:
+            with self._whole_state() as optimizer:
+                path = save(path, self.model, optimizer, metadata=json.loads(json.dumps(metadata)))
         if c.keep_checkpoints:
             for _, old in list_checkpoints(c.checkpoint_path)[:-c.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -200,7 +220,7 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {path} has no training position ({key!r} missing from its "
                                       "metadata); was it written by luoshu train?")
         old = saved["config"]
-        for key in ("model", "dataset", "model_args", "data_args", "seed", "batch_size"):
+        for key in ("model", "dataset", "model_args", "data_args", "seed", "batch_size"):  # not the layout
             if old.get(key) != getattr(self.config, key):
                 raise TrainConfigError(f"cannot resume from {path}: it was trained with {key}={old.get(key)!r}, "
                                        f"this job has {key}={getattr(self.config, key)!r}")
@@ -246,6 +266,8 @@ class Trainer:
         previous = PreviousRun(job, c.checkpoint_path)
         if c.resume:
             self.load_checkpoint(self._resume_point())
+        elif not self.writes:
+            previous = _NoPreviousRun()
         else:
             moved = previous.set_aside()
             if moved:  # a later --resume must not pick up the previous run's checkpoints
@@ -253,6 +275,8 @@ class Trainer:
                       "replaced once this run saves its first checkpoint (--resume continues a run instead)",
                       file=sys.stderr)
         self._previous = previous
+        if self.parallel is not None:  # rank 0 has set the previous run aside before anyone writes
+            self.parallel.barrier()
         try:
             with _StopRequests() as stop:
                 return self._loop(stop)
@@ -266,15 +290,18 @@ class Trainer:
     def _loop(self, stop: _StopRequests) -> dict[str, float]:
         c = self.config
         job = c.job_dir
-        (job / "config.yaml").write_text(_dump_yaml(c.to_dict()))
-        log = _MetricsLog(job / "metrics.csv", ("step", "epoch", "train_loss", *self.task.metrics, "samples_per_s",
-                                                 "lr"), resume_step=self.step if c.resume else None)
-        # A resumed run's points replace those the interrupted run logged after its checkpoint (purge_step);
-        # the suffix keeps two runs started within one second from sharing (and clobbering) a file name.
-        writer = SummaryWriter(logdir=str(job), purge_step=self.step if c.resume else None, flush_secs=10,
-                               filename_suffix=f".{uuid.uuid4().hex[:8]}")
+        if self.writes:
+            (job / "config.yaml").write_text(_dump_yaml(c.to_dict()))
+            columns = ("step", "epoch", "train_loss", *self.task.metrics, "samples_per_s", "lr")
+            log = _MetricsLog(job / "metrics.csv", columns, resume_step=self.step if c.resume else None)
+            # A resumed run's points replace those the interrupted run logged after its checkpoint (purge_step);
+            # the suffix keeps two runs started within one second from sharing (and clobbering) a file name.
+            writer = SummaryWriter(logdir=str(job), purge_step=self.step if c.resume else None, flush_secs=10,
+                                   filename_suffix=f".{uuid.uuid4().hex[:8]}")
+        else:  # ranks other than 0 of a parallel job write nothing
+            log, writer = _Discard(), _Discard()
         bar = tqdm(total=self.total_steps * c.batch_size, initial=self.step * c.batch_size, unit="sample",
-                   unit_scale=True, disable=not c.progress, dynamic_ncols=True,
+                   unit_scale=True, disable=not c.progress or not self.writes, dynamic_ncols=True,
                    desc=f"{c.model} on {c.dataset}")
         interval_loss, interval_steps = 0.0, 0
         saved_at = None
@@ -283,7 +310,12 @@ class Trainer:
                 loader = DataLoader(self._epoch_batches(), batch_size=None, num_workers=c.num_workers)
                 tick, first = time.perf_counter(), self.batch_in_epoch
                 for batch in loader:
-                    if c.profile_memory and self.memory_report is None:
+                    if self.parallel is not None and c.pp > 1:
+                        loss = self.parallel.pipeline_step(batch, self.task)
+                    elif self.parallel is not None:
+                        loss, _ = self.graph.run([self.loss, self.train_op], self._feed(self.parallel.share(batch)))
+                        loss = self.parallel.mean_loss(float(loss))
+                    elif c.profile_memory and self.memory_report is None:
                         loss = self._profile_step(self._feed(batch), bar)
                     else:
                         loss, _ = self.graph.run([self.loss, self.train_op], self._feed(batch))
@@ -373,6 +405,19 @@ class Trainer:
         self.window = {"loss_sum": 0.0, "steps": 0, "samples": 0, "seconds": 0.0}
 
 
+class _Discard:
+    """What a rank other than 0 writes to: nothing (the metrics log and TensorBoard writer of rank 0)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class _NoPreviousRun:
+    """A rank other than 0 leaves the previous run's results to rank 0."""
+
+    pending = False
+
+
 class _StopRequests:
     """SIGTERM (what Kubernetes and schedulers send) and Ctrl-C during `fit`: the current step finishes,
     a checkpoint is saved and the run stops, so a checkpoint never holds a half-applied update. A second
@@ -459,6 +504,6 @@ def train(config: TrainConfig) -> dict[str, float]:
     task, _ = check_config(config)
     if task == "node":
         return train_node_job(config, log=print if config.progress else None)
-    if config.hot_switch is not None:
+    if config.hot_switch is not None or config.parallel is not None:
         return train_hot_switch(config)
     return Trainer(config).fit()

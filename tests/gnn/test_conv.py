@@ -101,13 +101,15 @@ def test_gcn_conv_edge_weights_match_pyg(improved):
         {"aggr": "mean", "root_weight": False},
     ],
 )
-def test_sage_conv_matches_pyg(kwargs):
+@pytest.mark.parametrize("channels", [(6, 3), (3, 6)], ids=["narrowing", "widening"])
+def test_sage_conv_matches_pyg(kwargs, channels):
+    # narrowing mean/sum layers apply lin_l before aggregating, widening ones after (PyG: after)
     rng = np.random.default_rng(2)
     ei = _random_graph(rng)
-    x = rng.standard_normal((12, 6))
+    x = rng.standard_normal((12, channels[0]))
     torch.manual_seed(1)
-    theirs = pyg_nn.SAGEConv(6, 3, **kwargs).double()
-    _compare(SAGEConv(6, 3, dtype="float64", **kwargs), theirs, x, ei)
+    theirs = pyg_nn.SAGEConv(*channels, **kwargs).double()
+    _compare(SAGEConv(*channels, dtype="float64", **kwargs), theirs, x, ei)
 
 
 def test_sage_conv_on_a_bipartite_block_matches_pyg():
@@ -206,3 +208,11 @@ def test_global_pooling_matches_pyg():
         (g,) = ls.gradients((out * ls.tensor(cot)).sum(), [lx])
         (tg,) = torch.autograd.grad(ref, [tx], torch.tensor(cot))
         np.testing.assert_allclose(g.numpy(), tg.numpy(), rtol=TOL, atol=TOL)
+
+
+def test_graph_layers_are_nn_modules_exported_from_gnn():
+    # luoshu.nn cannot import luoshu.gnn (the layering); its docstring names where they are
+    for layer in (GCNConv, SAGEConv, GATConv):
+        assert issubclass(layer, ls.nn.Module)
+        assert getattr(ls.gnn, layer.__name__) is layer
+        assert f"ls.gnn.{layer.__name__}" in ls.nn.__doc__

@@ -1,5 +1,6 @@
 """Data-parallel mini-batch GraphSAGE over `luoshu launch -n 2` matches one process at the
-doubled batch: eager DataParallel with all-reduced mean gradients, and the HET path (a node
+doubled batch: DataParallel with all-reduced mean gradients, eager and on a sampled
+define-and-run graph, and the HET path (a node
 embedding table on a parameter server, mode "hybrid", read through the worker cache)."""
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from tests.gnn.dp_graphsage import train
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-def test_two_workers_match_one_process_at_twice_the_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["eager", "define-and-run"])
+def test_two_workers_match_one_process_at_twice_the_batch(tmp_path, mode):
+    # the reference is always one eager process: the define-and-run workers (one recorded
+    # graph on BlockPlaceholders, fed a sampled batch per step) must follow it too
     prefix = tmp_path / "params"
-    result = launch(2, "tests/gnn/dp_graphsage.py", "--batch", "60", "--out", str(prefix), timeout=240)
+    flags = ("--graph",) if mode == "define-and-run" else ()
+    result = launch(2, "tests/gnn/dp_graphsage.py", "--batch", "60", "--out", str(prefix), *flags, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     reference = train(120, rank=0, world_size=1, data_parallel=False)
     for rank in range(2):

@@ -1,9 +1,10 @@
 """The zoo's GCN / GraphSAGE / GAT train to the stated accuracies.
 
 - GCN on Zachary's karate club, featureless (X = I), trained on the two faction leaders
-  only: Zachary (1977) assigned 33 of 34 members correctly; GCN gets 31/32 of the other
-  members right here (96.9%; 33/34 overall), missing the same member (node 8, Zachary's
-  individual 9), and the test asserts it.
+  only: Zachary (1977) assigned 33 of 34 members correctly, missing individual 9 (node 8).
+  Over five seeds GCN gets at least 30/32 of the other members right (>= 93.8%; 32/34
+  overall), its only errors node 8 and, on some seeds, node 2 (individual 3, who had ties
+  to both factions); about half the seeds give Zachary's 33/34.
 - GraphSAGE (mean) on a 10k-node SBM (5 classes, p_intra 0.5, noisy features):
   test accuracy >= 0.80 full-graph and sampled ([10, 5]), against 0.58 from the features
   alone (scikit-learn's logistic regression).
@@ -27,15 +28,22 @@ def sbm():
 
 
 def test_gcn_on_karate_club():
+    from luoshu.core.context import no_grad
+
     g = karate_club()
-    ls.manual_seed(0)
-    model = GCN(GCNConfig(34, 2, hidden=16))
-    opt = ls.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
-    for _ in range(200):
-        train_full_graph_epoch(model, opt, g)
-    acc = accuracy(model, g)
-    assert acc["train"] == 1.0
-    assert acc["test"] >= 31 / 32
+    for seed in range(5):
+        ls.manual_seed(seed)
+        model = GCN(GCNConfig(34, 2, hidden=16))
+        opt = ls.optim.Adam(model.parameters(), lr=0.01, weight_decay=5e-4)
+        for _ in range(200):
+            train_full_graph_epoch(model, opt, g)
+        acc = accuracy(model, g)
+        assert acc["train"] == 1.0, seed
+        assert acc["test"] >= 30 / 32, seed
+        model.eval()
+        with no_grad():
+            wrong = set(np.nonzero(model(ls.tensor(g.x.float().numpy()), g).numpy().argmax(-1) != g.y.numpy())[0])
+        assert wrong <= {2, 8}, (seed, wrong)
 
 
 def test_features_alone_are_weak_on_the_sbm(sbm):
@@ -145,12 +153,14 @@ def test_define_and_run_sampled_training_matches_eager(kind):
         blocks = [BlockPlaceholders(f"hop{i}", self_loops=kind == "gat") for i in range(2)]
         loss = ls.nn.functional.cross_entropy(graph_model(x, blocks), y)
         step = graph_opt.minimize(loss)
-    steps = 0
+    steps, plans, sizes = 0, set(), set()
     for mb in loader:
         feed = {x: g.x[mb.input_nodes].numpy(), y: g.y[mb.seeds].numpy()}
         for ph, block in zip(blocks, mb.blocks):
             feed.update(ph.feed(block))
         (got, _) = dag.run([loss, step], feed)
+        plans.add(id(dag.plan([loss, step], feed)))
+        sizes.add(tuple(b.num_src_nodes for b in mb.blocks))
         eager_opt.zero_grad()
         ref = ls.nn.functional.cross_entropy(eager(ls.tensor(feed[x]), mb.blocks), ls.tensor(feed[y]))
         ref.backward()
@@ -158,6 +168,7 @@ def test_define_and_run_sampled_training_matches_eager(kind):
         np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-6)
         steps += 1
     assert steps == 6
+    assert len(sizes) > 1 and len(plans) == 1  # blocks of every size run through one compiled plan
     with pytest.raises(ls.Error, match=r"needs BlockPlaceholders\(self_loops=True\)"):
         with ls.Graph():
             GAT(GATConfig(16, 5, hidden=4, heads=2))(ls.placeholder("x", (None, 16)), [BlockPlaceholders("a")] * 2)

@@ -11,7 +11,7 @@ F = torch.nn.functional
 
 
 def _torch_dropout(x, p, gen):
-    mask = torch.empty_like(x).bernoulli_(1 - p, generator=gen) / (1 - p)
+    mask = (torch.rand(x.shape, generator=gen) >= p).to(x.dtype) / (1 - p)
     return x * mask
 
 

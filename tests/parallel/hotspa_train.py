@@ -91,20 +91,32 @@ def train(name: str, strategies=STRATEGIES):
     return np.array(losses), params, reports, hot
 
 
+def _collectives(hot, i: int, name: str) -> int:
+    """How many `name` collectives strategy i's localised graph holds (sequence parallelism
+    turns the TP all-reduces into reduce-scatters and all-gathers)."""
+    from luoshu.compiler import states
+    from luoshu.core.op import topological_ops
+
+    local = states.localize_graph(topological_ops(hot._fetches, hot.graph), [], hot._strategies[i])
+    return sum(op.opdef.name == name for op in local.graph.ops)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="gpt2,llama")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--strategies", default=";".join(STRATEGIES), help="';'-separated strategy strings")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
     for name in args.models.split(","):
-        losses, params, reports, hot = train(name)
+        losses, params, reports, hot = train(name, args.strategies.split(";"))
         extra = {
             "owner": np.array(hot.owner),
             "order": np.array(reports[0].order),
             "switch_bytes": np.array([r.switch_bytes for r in reports]),
             "tokens": np.array([[r.tokens.get(i, 0) for i in range(len(STRATEGIES))] for r in reports]),
+            "reduce_scatter": np.array([_collectives(hot, i, "reduce_scatter") for i in range(len(hot.meshes))]),
         }
         np.savez(f"{args.out}.{name}.rank{ls.distributed.rank()}.npz", losses=losses, **extra, **params)
     ls.distributed.shutdown()

@@ -66,3 +66,22 @@ def test_hotspa_auto_in_one_process_trains(profiled):
     assert hot.step(batch, opt).loss < first
     with pytest.raises(ls.Error, match="a list \\(one per bucket\\) or 'auto'"):
         ls.parallel.HotSPa(model, "fastest", BOUNDS)
+
+
+def test_choose_static_takes_the_fastest_strategy_the_budget_holds(profiled):
+    """`--parallel auto`'s search over 4 ranks: unbounded, the fastest candidate; with a budget
+    between the candidates' needs, one that fits, and every faster candidate does not."""
+    _, prof = profiled
+    lengths = [256, 64, 40, 16, 16, 8]
+    st, best, table = P.choose_static(prof, 4, lengths)
+    assert {p.strategy for p in table} == {"dp4,tp1,pp1", "dp2,tp2,pp1", "dp1,tp4,pp1"}
+    assert best.time_s == min(p.time_s for p in table) and str(st) == best.strategy
+    needs = sorted(p.memory_bytes for p in table)
+    assert needs[0] < needs[-1]
+    budget = (needs[0] + needs[1]) / 2  # only the most frugal candidate fits
+    st, best, table = P.choose_static(prof, 4, lengths, budget)
+    assert best.memory_bytes <= budget
+    assert all(p.memory_bytes > budget for p in table if p.time_s < best.time_s)
+    assert best.memory_bytes == needs[0]
+    with pytest.raises(H.HotSPaError, match=r"no strategy over 4 ranks .* they need dp4,tp1,pp1 .* MiB"):
+        P.choose_static(prof, 4, lengths, needs[0] / 2)

@@ -40,6 +40,43 @@ def test_hot_switching_gpt2_and_llama_on_4_processes_match_one_process(tmp_path)
     assert np.abs(unclipped - H.reference("llama")[0]).max() > 1e-4  # LLaMA's clipping took effect
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sequence_parallel_strategies_on_4_processes_match_one_process(tmp_path):
+    """'…,sp' strategies (sequence parallelism over tp through parallelize) in the hot-switching set."""
+    out = tmp_path / "sp"
+    strategies = "dp1,tp4,pp1,sp;dp2,tp2,pp1,sp;dp4,tp1,pp1"
+    proc = launch(
+        4,
+        "tests/parallel/hotspa_train.py",
+        "--models",
+        "gpt2",
+        "--strategies",
+        strategies,
+        "--out",
+        str(out),
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, ref_params = H.reference("gpt2")
+    for r in range(4):
+        run = np.load(f"{out}.gpt2.rank{r}.npz")
+        np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
+        for pname, value in ref_params.items():
+            np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=pname)
+        assert (run["switch_bytes"] > 0).all()
+        # the sp strategies' plans really reduce-scatter; dp4 has no tensor-parallel collective
+        assert run["reduce_scatter"][0] > 0 and run["reduce_scatter"][1] > 0 and run["reduce_scatter"][2] == 0
+
+
+def test_a_sequence_parallel_strategy_string_needs_tp():
+    from luoshu.parallel.hotspa import HotSPaError, parse_strategy
+
+    assert parse_strategy("dp1,tp4,pp1,sp").sp and not parse_strategy("dp1,tp4,pp1").sp
+    with pytest.raises(HotSPaError, match="sequence parallelism"):
+        parse_strategy("dp4,tp1,sp")
+
+
 def test_one_process_three_strategies_train_as_the_reference_with_a_plan_per_strategy():
     losses, params, reports, hot = H.train("llama", ONE)
     ref_losses, ref_params = H.reference("llama")

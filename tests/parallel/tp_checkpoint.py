@@ -3,7 +3,7 @@
     luoshu launch -n 4 tests/parallel/tp_checkpoint.py save --dp 2 --tp 2 --path CKPT
     luoshu launch -n 2 tests/parallel/tp_checkpoint.py load --tp 2 --path CKPT --out PREFIX
 
-`save` trains two AdamW steps and saves; `load` loads into its own layout and writes the
+`save` trains two AdamW steps and saves with `ls.save`; `load` loads (`ls.load`) into its own layout and writes the
 full parameters and optimizer state (gathered over its TP group) to PREFIX.rank<r>.npz.
 """
 
@@ -57,9 +57,9 @@ def main() -> None:
         for i, (ids_v, y_v) in enumerate(tp_train.batches()):
             if i < 2:
                 g.run([loss, step], {ids: ids_v[rows], y: y_v[rows]})
-        ls.parallel.checkpoint.save(args.path, model, opt, mesh)
+        ls.save(args.path, model, opt)  # a collective under TP: full tensors written by rank 0
     else:
-        ls.parallel.checkpoint.load(args.path, model, opt)
+        ls.load(args.path, model, opt)
         with _full_tensors(model, opt, mesh.group("tp").ranks):
             state = full_state(model, opt)
         np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", **state)

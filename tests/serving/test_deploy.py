@@ -121,3 +121,66 @@ def test_pytorchjob_runs_luoshu_train_under_the_launcher(monkeypatch):
 @pytest.mark.parametrize("name", ["serve.yaml", "train-pytorchjob.yaml"])
 def test_manifests_parse(name):
     assert all("apiVersion" in d and "kind" in d and "metadata" in d for d in _docs(name))
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_dockerfile_installs_what_the_server_runs():
+    """What the image's `pip install .` needs is in its build context, and what it installs
+    runs the server: the entrypoint is the package's console script, the base image's Python
+    meets requires-python, the health check asks the server's own port and path, and every
+    third-party module luoshu.serving imports comes with the runtime dependencies (the image
+    installs no extra)."""
+    import ast
+    import fnmatch
+    import importlib
+    import sys
+    from importlib import metadata
+    from importlib.metadata import packages_distributions
+
+    specifiers = pytest.importorskip("packaging.specifiers")
+    requirements = pytest.importorskip("packaging.requirements")
+    text = (ROOT / "Dockerfile").read_text()
+    project = _pyproject()
+    entry = yaml.safe_load(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))
+    module, _, func = project["scripts"][entry[0]].partition(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    (python,) = re.findall(r"^FROM python:(\d+\.\d+)", text, re.M)
+    assert specifiers.SpecifierSet(project["requires-python"]).contains(f"{python}.0")
+    assert f"http://127.0.0.1:{S.DEFAULT_HTTP_PORT}{S.READY_PATH}" in text
+    # the build context: COPY'd sources hold pyproject, the readme and the package, and
+    # .dockerignore drops none of the package's files (the checked-in gRPC stubs included)
+    copied = {w.rstrip("/") for line in re.findall(r"^COPY (.+)$", text, re.M) for w in line.split()[:-1]}
+    assert {"pyproject.toml", project["readme"], "luoshu"} <= copied
+    ignored = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip()]
+    package_files = [p.relative_to(ROOT).as_posix() for p in (ROOT / "luoshu").rglob("*") if p.is_file()]
+    assert "luoshu/serving/proto/grpc_predict_v2_pb2.py" in package_files
+    for path in package_files:
+        if "__pycache__" in path:
+            continue
+        assert not any(fnmatch.fnmatch(path, pat) or path.startswith(pat + "/") for pat in ignored), path
+    # the runtime dependencies and what they require in turn (fastapi brings starlette)
+    runtime, todo = set(), [requirements.Requirement(r) for r in project["dependencies"]]
+    while todo:
+        req = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        if name in runtime or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        runtime.add(name)
+        todo += [requirements.Requirement(r) for r in (metadata.requires(name) or [])]
+    dists = packages_distributions()
+    for source in (ROOT / "luoshu" / "serving").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top == "luoshu" or top in sys.stdlib_module_names:
+                    continue
+                owners = {d.lower().replace("_", "-") for d in dists.get(top, [])}
+                assert owners & runtime, f"{source.name} imports {top} ({owners}), not a runtime dependency"

@@ -94,8 +94,9 @@ def assert_good_request(http, models) -> None:
 
 
 def test_health_and_server_metadata(http, triton_http, triton_grpc):
-    assert http.get("/v2/health/live").status_code == 200
-    assert http.get("/v2/health/ready").status_code == 200
+    live, ready = http.get("/v2/health/live"), http.get("/v2/health/ready")
+    assert (live.status_code, live.json()) == (200, {"live": True})  # status code and the OpenAPI body
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
     meta = http.get("/v2").json()
     assert meta["name"] == "luoshu" and "binary_tensor_data" in meta["extensions"]
     assert triton_http.is_server_live() and triton_http.is_server_ready()
@@ -359,6 +360,17 @@ BAD_HTTP = [
     ("unknown-model", "/v2/models/nope/infer", _x([1, 6]), {}, 404, ["nope"]),
     ("unknown-version", "/v2/models/mlp/versions/7/infer", _x([1, 6]), {}, 404, ["version '7'", "['1', '2']"]),
     ("no-inputs", "/v2/models/mlp/infer", {"inputs": []}, {}, 400, ["inputs"]),
+    ("unknown-field", "/v2/models/mlp/infer", {**_x([1, 6]), "model": "mlp"}, {}, 400, ["['model']"]),
+    # KServe's client names the model in the body too: it must agree with the URL
+    ("body-model-differs", "/v2/models/mlp/infer", {**_x([1, 6]), "model_name": "dcn"}, {}, 400, ["'dcn'", "'mlp'"]),
+    (
+        "body-version-differs",
+        "/v2/models/mlp/versions/1/infer",
+        {**_x([1, 6]), "model_version": "2"},
+        {},
+        400,
+        ["model_version '2'", "'1'"],
+    ),
     (
         "missing-input",
         "/v2/models/dcn/infer",

@@ -99,3 +99,155 @@ def test_hot_switch_needs_a_language_model_on_the_document_corpus(tmp_path):
     values = _values(tmp_path, ["dp1,tp1,pp1"] * 3, model="bert")
     with pytest.raises(TrainConfigError, match="hot_switch trains gpt2 or llama"):
         TrainConfig.from_dict(values)
+
+
+# --- checkpoints and --resume ---------------------------------------------------------------------------
+def _losses(run_dir) -> list[float]:
+    return [float(r["train_loss"]) for r in _rows(run_dir / "metrics.csv")]
+
+
+def _final_tensors(run_dir) -> dict:
+    """The newest checkpoint's parameters and optimizer state, read back through ls.load into a plain model."""
+    from luoshu.checkpoint import load_tensors
+    from luoshu.train.checkpoints import latest_checkpoint
+
+    path = latest_checkpoint(run_dir / "checkpoints")
+    assert path is not None
+    model, _ = ls.train.builders.build_model(
+        "gpt2", {}, {"n_layer": 1, "n_head": 4, "n_embd": 32}, {"vocab_size": DATA["vocab"], "block_size": 64}
+    )
+    ls.load(path, model)  # the regular package: a plain one-process model takes it
+    out = {n: p.value.clone() for n, p in model.named_parameters()}
+    out.update({f"opt.{k}": v for k, v in load_tensors(path / "optimizer.safetensors").items()})
+    return out
+
+
+def _close(a: dict, b: dict, atol: float) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.allclose(a[k].numpy(), b[k].numpy(), rtol=0, atol=atol), k
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    steps = ["dp1,tp1,pp1"] * 3
+    whole = tmp_path / "whole"
+    ls.train.train(TrainConfig.from_dict({**_values(tmp_path, steps, max_steps=5), "out": str(whole)}))
+    part = tmp_path / "part"
+    first = {**_values(tmp_path, steps, max_steps=2), "out": str(part)}
+    ls.train.train(TrainConfig.from_dict(first))
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-00000002"]
+    # resumed under another hot-switching configuration (one bucket): the same training
+    other = {**first, "max_steps": 5, "resume": True, "hot_switch": {"buckets": [64, 0], "strategies": ["dp1"]}}
+    ls.train.train(TrainConfig.from_dict(other))
+    assert [int(r["step"]) for r in _rows(part / "metrics.csv")] == [1, 2, 3, 4, 5]
+    assert np.allclose(_losses(part), _losses(whole), rtol=1e-5, atol=0)
+    _close(_final_tensors(part), _final_tensors(whole), atol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    steps = ["dp1,tp1,pp1"] * 3
+    ls.train.train(TrainConfig.from_dict(_values(tmp_path, steps, max_steps=1)))
+    values = _values(tmp_path, steps, max_steps=2, resume=True)
+    values["model_args"] = {**values["model_args"], "n_embd": 64}
+    with pytest.raises(TrainConfigError, match="trained with model_args"):
+        ls.train.train(TrainConfig.from_dict(values))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_resume_on_4_processes_under_other_strategies_equals_one_process(tmp_path):
+    import yaml
+
+    ref = tmp_path / "ref"
+    ls.train.train(TrainConfig.from_dict({**_values(tmp_path, ["dp1,tp1,pp1"] * 3, max_steps=4), "out": str(ref)}))
+    run = tmp_path / "run"
+    first = {**_values(tmp_path, ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1"], max_steps=2), "out": str(run)}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(first))
+    proc = launch(4, "luoshu/cli.py", "train", "--config", str(tmp_path / "a.yaml"), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = {**first, "max_steps": 4, "resume": True}
+    second["hot_switch"] = {"buckets": BUCKETS, "strategies": ["dp2,tp2,pp1", "dp4,tp1,pp1", "dp1,tp4,pp1"]}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(second))
+    proc = launch(4, "luoshu/cli.py", "train", "--config", str(tmp_path / "b.yaml"), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.allclose(_losses(run), _losses(ref), rtol=1e-4, atol=0)
+    _close(_final_tensors(run), _final_tensors(ref), atol=1e-4)
+
+
+# --- parallel: auto ----------------------------------------------------------------------------------------
+def _auto_values(tmp_path, **extra):
+    values = _values(tmp_path, [], parallel="auto", **extra)
+    del values["hot_switch"]
+    return values
+
+
+def test_parallel_auto_picks_records_and_trains_a_static_strategy(tmp_path, capsys):
+    import json
+
+    metrics = ls.train.train(TrainConfig.from_dict(_auto_values(tmp_path, max_steps=2)))
+    record = json.loads((tmp_path / "run" / "parallel.json").read_text())
+    assert record["strategy"] == "dp1,tp1,pp1"  # the only strategy over one process
+    assert record["predicted_step_s"] > 0 and record["predicted_memory_bytes"] > 0
+    assert "--parallel auto: dp1,tp1,pp1" in capsys.readouterr().out
+    assert len(_losses(tmp_path / "run")) == 2 and np.isfinite(metrics["train_loss"])
+
+
+def test_parallel_auto_with_an_infeasible_budget_is_a_clear_error(tmp_path):
+    with pytest.raises(ls.Error, match=r"no strategy over 1 ranks holds sequences of \d+ tokens in 0.01 MiB"):
+        ls.train.train(TrainConfig.from_dict(_auto_values(tmp_path, memory_budget_mb=0.01)))
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"parallel": "manual"}, "parallel must be 'auto'"),
+        ({"memory_budget_mb": -1}, "memory_budget_mb must be a positive number"),
+        ({"parallel": None, "memory_budget_mb": 64}, "memory_budget_mb needs parallel 'auto'"),
+    ],
+)
+def test_bad_parallel_settings_are_refused(tmp_path, extra, match):
+    with pytest.raises(TrainConfigError, match=match):
+        TrainConfig.from_dict({**_auto_values(tmp_path), **extra})
+
+
+def test_parallel_auto_and_hot_switch_together_are_refused(tmp_path):
+    with pytest.raises(TrainConfigError, match="set one of them"):
+        TrainConfig.from_dict(_values(tmp_path, ["dp1,tp1,pp1"] * 3, parallel="auto"))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_parallel_auto_under_launch_respects_the_budget(tmp_path):
+    """Two processes, a budget between what dp2 and tp2 need per the profiled model: the search
+    must take tp2 (the memory figures come from the plans' accounting, not from timings)."""
+    import json
+
+    import yaml
+
+    from luoshu.parallel import hotspa as H
+    from luoshu.parallel import hotspa_profile
+
+    model, _ = ls.train.builders.build_model(
+        "gpt2", {}, {"n_layer": 1, "n_head": 4, "n_embd": 32}, {"vocab_size": DATA["vocab"], "block_size": 64}
+    )
+    prof = hotspa_profile.profile(model)
+    docs = ls.data.synthetic_sequences(48, DATA["vocab"], DATA["min_len"], DATA["max_len"], num_special=1, seed=0)
+    lengths = [len(d) for d in docs[:16]]
+    cl = hotspa_profile.cluster(prof, 2)
+    need = {
+        tp: H.predict(prof.spec, cl, H.Strategy(2 // tp, tp, 1), lengths, max(lengths)).memory_bytes
+        * prof.activation_scale
+        for tp in (1, 2)
+    }
+    assert need[2] < need[1]
+    budget_mb = (need[1] + need[2]) / 2 / 2**20
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(_auto_values(tmp_path, max_steps=2, memory_budget_mb=budget_mb)))
+    proc = launch(2, "luoshu/cli.py", "train", "--config", str(tmp_path / "job.yaml"), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "parallel.json").read_text())
+    assert record["strategy"] == "dp1,tp2,pp1", record
+    assert record["predicted_memory_bytes"] <= budget_mb * 2**20
+    ref = tmp_path / "ref"
+    ls.train.train(TrainConfig.from_dict({**_auto_values(tmp_path, max_steps=2), "out": str(ref)}))
+    assert np.allclose(_losses(tmp_path / "run"), _losses(ref), rtol=1e-4, atol=0)

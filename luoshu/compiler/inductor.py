@@ -1,0 +1,177 @@
+"""Whole-step compilation: a plan's steps (forward, backward and the optimizer update) lowered to
+one torch.fx graph by TorchDynamo and compiled by TorchInductor, with the plan as the fallback.
+
+The plan's steps are written as one straight-line Python function over explicit inputs (the
+feeds, the leaves' values, and what each lowered op needs this step), which
+`torch.compile(fullgraph=True)` captures as a single fx graph: no graph break is allowed, so
+either the whole step compiles or none of it does. Every step calls its op's kernel, except ops
+whose `OpDef` has a `lower(**attrs)`: that returns a lowering whose `inputs()` are passed to the
+compiled function each step and whose `compute(inputs, *values)` replaces the kernel (the
+optimizer update: `luoshu.optim.lowered`, its state and learning rates as tensors, mutated in
+place). When a step cannot be lowered (an op's `lower` refuses, or Dynamo/Inductor fail on an
+op's kernel), a `LoweringWarning` names the op and the plan runs the step, now and after.
+Before a lowering's state exists (an optimizer's first step), the plan runs that step.
+
+On CUDA with static feed shapes the compiled step is captured as a CUDA graph (Inductor's
+"reduce-overhead" mode; parameters and optimizer state are marked as static addresses, so their
+in-place updates stay inside the graph). Inductor caches compiled kernels on disk
+(`TORCHINDUCTOR_CACHE_DIR`, its FX graph cache), so a second process compiles faster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import linecache
+import re
+import warnings
+
+import torch
+
+from luoshu.core.errors import Error, ExecutionError
+from luoshu.core.graph import COMPILE_BACKENDS
+
+_names = itertools.count()
+
+
+class LoweringWarning(UserWarning):
+    """A step could not be lowered to one compiled graph; the plan runs it (names the op)."""
+
+
+class CompiledStep:
+    """A plan's steps as one compiled function. `run(feed_values)` returns the fetches, or None
+    where the plan must run this step instead (not lowerable: `reason` says why, naming the op;
+    or a lowering not ready yet). `cuda_graphs`: None captures a CUDA graph where every leaf is on
+    CUDA and every feed shape is static; True/False force it."""
+
+    def __init__(self, plan, backend: str = "inductor", cuda_graphs: bool | None = None):
+        if backend not in COMPILE_BACKENDS:
+            raise Error(f"compile: unknown backend {backend!r}; expected one of {list(COMPILE_BACKENDS)}")
+        self.plan, self.backend = plan, backend
+        self.reason: str | None = None
+        self.compiled_runs = 0  # steps the compiled function ran (the rest ran through the plan)
+        self._lowerings: list = []
+        self._fn = None
+        try:
+            source, namespace = self._emit()
+        except Error as exc:
+            self._give_up(str(exc))
+            return
+        leaves_on_cuda = bool(plan.leaf_tensors) and all(t.device.startswith("cuda") for t in plan.leaf_tensors)
+        static = all(None not in t.shape for t in plan.feed_tensors)
+        self.cuda_graphs = (leaves_on_cuda and static) if cuda_graphs is None else bool(cuda_graphs)
+        self.source = source
+        options = {"mode": "reduce-overhead"} if self.cuda_graphs and backend == "inductor" else {}
+        self._fn = torch.compile(namespace["_step"], backend=backend, fullgraph=True, **options)
+        self._first = True
+
+    # --- lowering -------------------------------------------------------------------
+    def _emit(self) -> tuple[str, dict]:
+        """The straight-line step function; an `Error` naming the op where one refuses lowering."""
+        plan = self.plan
+        slot_of = plan.slot_of
+        self.filename = f"<luoshu compiled step {next(_names)}>"
+        namespace: dict = {}
+        lines = ["def _step(feeds, leaves, extras):"]
+        if plan.feed_tensors:
+            lines.append(f"    {''.join(f's{slot_of[id(t)]}, ' for t in plan.feed_tensors)}= feeds")
+        if plan.leaf_tensors:
+            lines.append(f"    {''.join(f's{slot_of[id(t)]}, ' for t in plan.leaf_tensors)}= leaves")
+        self._step_of_line: dict[int, int] = {}
+        for i, step in enumerate(plan.steps):
+            op = step.op
+            args = ", ".join(f"s{s}" for s in step.inputs)
+            lower = getattr(op.opdef, "lower", None)
+            if lower is not None:
+                try:
+                    lowering = lower(**op.attrs)
+                except Error as exc:
+                    raise Error(f"op '{op.opdef.name}' (step {i}) cannot be lowered: {exc}") from None
+                namespace[f"U{i}"] = lowering.compute
+                call = f"U{i}(extras[{len(self._lowerings)}]{', ' if args else ''}{args})"
+                self._lowerings.append(lowering)
+            else:
+                namespace[f"K{i}"] = step.kernel
+                call = f"K{i}({args})"
+            self._step_of_line[len(lines) + 1] = i
+            outs = ", ".join(f"s{s}" for s in step.outputs)
+            lines.append(f"    {outs}{',' if len(step.outputs) > 1 else ''} = {call}")
+            if step.frees:
+                lines.append(f"    del {', '.join(f's{s}' for s in step.frees)}")
+        lines.append(f"    return ({''.join(f's{s}, ' for s in plan.fetch_slots)})")
+        source = "\n".join(lines) + "\n"
+        # Dynamo's messages quote the source line; register it like a file.
+        linecache.cache[self.filename] = (len(source), None, source.splitlines(True), self.filename)
+        exec(compile(source, self.filename, "exec"), namespace)
+        return source, namespace
+
+    def _op_of(self, exc: BaseException) -> str:
+        """The op whose step a Dynamo/Inductor error points at, from the step function's line."""
+        text = str(exc)
+        found = re.findall(re.escape(self.filename) + r'", line (\d+)', text)
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == self.filename:
+                found.append(str(tb.tb_lineno))
+            tb = tb.tb_next
+        for line in found:
+            i = self._step_of_line.get(int(line))
+            if i is not None:
+                return f"op '{self.plan.steps[i].op.opdef.name}' (step {i})"
+        return "a step"
+
+    def _give_up(self, reason: str) -> None:
+        self.reason = reason
+        self._fn = None
+        # stacklevel 6: the caller of Graph.run (through Plan.compile or the first compiled run)
+        warnings.warn(f"whole-step compilation falls back to the plan: {reason}", LoweringWarning, stacklevel=6)
+
+    # --- running --------------------------------------------------------------------
+    def run(self, feed_values: list) -> tuple | None:
+        if self._fn is None:
+            return None
+        extras = []
+        for lowering in self._lowerings:
+            inputs = lowering.inputs()
+            if inputs is None:
+                return None
+            extras.append(inputs)
+        leaves = [t._value for t in self.plan.leaf_tensors]
+        if self._first:
+            return self._first_run(feed_values, leaves, extras)
+        try:
+            out = self._fn(feed_values, leaves, extras)
+        except Error:
+            raise
+        except Exception as exc:
+            raise ExecutionError(f"the compiled step failed at run time: {exc}") from exc
+        self.compiled_runs += 1
+        return out
+
+    def _first_run(self, feed_values, leaves, extras):
+        """Compiles (Dynamo traces before anything runs, so a failure has changed nothing)."""
+        if self.cuda_graphs:
+            for t in itertools.chain(leaves, _tensors(extras)):
+                torch._dynamo.mark_static_address(t)
+        try:
+            out = self._fn(feed_values, leaves, extras)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.Unsupported) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._give_up(f"{self._op_of(exc)} cannot be lowered: {first_line}")
+            return None
+        self._first = False
+        self.compiled_runs += 1
+        return out
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+__all__ = ["CompiledStep", "LoweringWarning"]
