@@ -94,7 +94,7 @@ def luoshu_peaks(technique: str, args, rank: int) -> tuple[int, int]:
         loss = ls.nn.functional.cross_entropy(logits.reshape((-1, args.vocab)), targets.reshape((-1,)))
         step = opt.minimize(loss)
     zero = {"zero1": 1, "zero2": 2, "zero3": 3}.get(technique, 0)
-    dp = ls.parallel.DataParallel(g, zero=zero, unit_size_mb=args.unit_mb) if zero == 3 else \
+    dp = ls.parallel.DataParallel(g, zero=zero, unit_size_mb=args.unit_mb) if zero in (2, 3) else \
         ls.parallel.DataParallel(g, zero=zero)
     rng = np.random.default_rng(rank)
     feed = {ids: rng.integers(0, args.vocab, (args.batch, args.length)),

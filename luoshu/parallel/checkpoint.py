@@ -12,8 +12,9 @@ Installed at import of `luoshu.parallel`, so plain `ls.save(path, model, optimiz
   the parameters' own states: the layout of the job that loads).
 - ZeRO (`DataParallel(..., zero=...)`, its optimizer reached as `dp.sync`): `ls.save` writes
   the optimizer state of `dp.sync.consolidated_state_dict()` (the plain optimizer's layout)
-  from rank 0; `ls.load` gives the plain state to `dp.sync.load_state_dict`. A ZeRO
-  checkpoint loads into a plain run and a plain one into ZeRO.
+  from rank 0; `ls.load` gives the plain state to `dp.sync.load_state_dict`. Under ZeRO-3 both
+  run inside `dp.sync.gathered_parameters()`, so the parameters are written and read whole. A
+  ZeRO checkpoint loads into a plain run and a plain one into ZeRO.
 
 Both `save`s are collectives: call them on every rank. A job with neither (plain data
 parallelism) saves as before, from whichever rank calls. Pipeline stages are not covered:
@@ -22,6 +23,7 @@ each rank holds only its own stage's trained values.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,7 +131,8 @@ class _ShardedLayouts(package.LayoutHook):
 
     def save(self, path, module, optimizer, metadata, group: tuple | None = None) -> Path | None:
         zero = _zero_of(optimizer)
-        with _full_tensors(module, optimizer, _tp_group() if group is None else group):
+        whole = zero.gathered_parameters() if zero is not None else contextlib.nullcontext()  # ZeRO-3's shards
+        with whole, _full_tensors(module, optimizer, _tp_group() if group is None else group):
             # every rank takes part in the gathers; one writes
             opt_state = zero.consolidated_state_dict() if zero is not None else None
             written = package.save_full(path, module, optimizer, metadata, opt_state) if env.rank() == 0 else None
@@ -138,6 +141,12 @@ class _ShardedLayouts(package.LayoutHook):
 
     def load(self, path, module, optimizer) -> dict:
         zero = _zero_of(optimizer)
+        if zero is not None:  # ZeRO-3: load into whole parameters; each rank keeps its shard after
+            with zero.gathered_parameters():
+                return self._load(path, module, optimizer, zero)
+        return self._load(path, module, optimizer, None)
+
+    def _load(self, path, module, optimizer, zero) -> dict:
         params = _split_parameters(module)
         placed = _placed(module)
         local = [(p._value, p.shape) for p in params]

@@ -182,7 +182,8 @@ class DataParallel:
     batch N*b (for a loss that is a mean over the batch). `bucket_size_mb` bounds each
     all-reduce bucket; `group` (a DeviceGroup of worker ranks) defaults to every worker.
     `zero=1 | 2 | 3` shards the optimizer state, then the gradients, then the parameters over
-    the workers (`luoshu.parallel.zero`; options `unit_size_mb` for stage 3 and
+    the workers (`luoshu.parallel.zero`; options `unit_size_mb`, stage 2's reduce-scatter
+    buckets and stage 3's units, and
     `offload="optimizer" | "parameters"`).
     """
 

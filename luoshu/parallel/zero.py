@@ -3,18 +3,27 @@
 `DataParallel(model, opt, zero=1 | 2 | 3)` shards the optimizer state of the dense parameters
 over the data-parallel ranks.
 
-Stages 1 and 2: at the first step the dense parameters of each parameter group are laid out in
-one flat buffer per (group, dtype) — the parameters become views of it — padded to a multiple
-of the rank count; rank r owns the r-th contiguous shard. Each step:
+Stages 1 and 2 keep the parameters whole, as views of padded flat buffers (one per parameter
+group and dtype at stage 1, one per gradient bucket at stage 2), padded to a multiple of the
+rank count; rank r owns the r-th contiguous shard of each and an optimizer of the same class and
+hyperparameters over it (so its state is 1/dp of the plain run's). Each step:
 
-- stage 1: the flat gradient is all-reduced (mean) and each rank keeps its shard;
-- stage 2: the flat gradient is reduce-scattered (mean): each rank receives only its shard,
-  half the bytes of an all-reduce on the wire;
+- stage 1: the gradients take plain data parallelism's path (the bucketed, asynchronous
+  all-reduce, `insert_gradient_allreduce` / the eager buckets) and each rank copies its slice of
+  them into a gradient shard (1/dp of them) that lives only for the update: between steps
+  stage 1 holds no gradient memory beyond plain data parallelism's buckets;
+- stage 2: the dense gradients are grouped into buckets of `unit_size_mb` (`BucketFiller`, in
+  the order the backward makes them; the layout is fixed at the first step) and each bucket is
+  reduce-scattered (mean) as soon as its last gradient exists — the same `zero3_reduce_scatter`
+  as stage 3's units, recorded right after that gradient in define-and-run, started from the
+  gradient sink in eager — so the bucket's whole gradients die there and a rank keeps only its
+  1/dp shard. The transfer is asynchronous: the backward goes on while it runs, and a bucket's
+  reduce-scatter waits on the previous one before starting (at most two flat copies in flight);
+  the update waits on the last;
 - the global gradient norm (for `max_grad_norm`) is the norm over all shards (each rank's
   sum of squares, all-reduced);
-- each rank updates its shard with an optimizer of the same class and hyperparameters over the
-  shard (so its state is 1/dp of the plain run's), then the shards are all-gathered into the
-  flat buffer, which every parameter views.
+- each rank updates its shards, then the shards are all-gathered into the flat buffers, which
+  the parameters view.
 
 Stage 3 also shards the parameters: the dense parameters are grouped into units (a layer's
 parameters), each unit is one padded flat tensor and a rank keeps only its shard of it between
@@ -29,7 +38,7 @@ uses; a parameter's `_value` is then a tensor on the "meta" device (shape, no st
   right after it — the scheduler runs ready ops in recorded order, so the next unit's
   transfer overlaps this unit's compute and a unit's buffer dies after its last reader. Each
   unit's gradients meet in one `zero3_reduce_scatter` recorded right after the last of them is
-  made, so the whole gradients die as soon as the shard exists.
+  made, so the whole gradients die as soon as the shard exists (stage 2's mechanism).
 - eager: each module that owns parameters is a unit, laid out at the end of the first step
   (which runs unsharded and tells the dense parameters from the sparse ones). Its `forward`
   gathers it (starting the next module's gather), frees it after; its outputs pass through a
@@ -65,6 +74,7 @@ import contextlib
 import torch
 import torch.distributed as torch_dist
 
+from luoshu.compiler import insert_gradient_allreduce
 from luoshu.compiler.gradient_allreduce import BucketFiller
 from luoshu.compiler.recompute import apply_recompute
 from luoshu.core import context, dtypes, live
@@ -90,35 +100,71 @@ def _freed(p: Tensor) -> torch.Tensor:
     return torch.empty(p.shape, dtype=dtypes.to_torch(p.dtype), device="meta")
 
 
-class _FlatGroup:
-    """The dense parameters of one (parameter group, dtype): one padded flat buffer, this
+class _Sharded:
+    """What every ZeRO layout shares: parameters `params` at `offsets` (`numels` elements) of one
+    padded flat tensor of `padded` elements, rank r owning elements [r*shard_size, (r+1)*shard_size),
+    and the reduce-scatter of their gradients into this rank's shard (the one copy of it: stage 2's
+    buckets and stage 3's units)."""
+
+    def start_reduce_scatter(self, grads: list) -> tuple[torch.Tensor, object, torch.Tensor]:
+        """Starts the reduce-scatter (mean over the ranks) of `grads` (in `params` order; None:
+        zeros): (this rank's shard, still being written while the work runs; the work, None
+        when there is nothing to wait on; the flat copy the transfer reads, to keep alive)."""
+        flat = torch.zeros(self.padded, dtype=self.shard.dtype, device=self.device)
+        for g, offset, n in zip(grads, self.offsets, self.numels):
+            if g is not None:
+                flat[offset:offset + n].copy_(g.reshape(-1))
+        flat.div_(self.world)
+        if self.pg is None:
+            return flat, None, flat
+        out = flat.new_empty(self.shard_size)
+        return out, _reduce_scatter_single(out, flat, group=self.pg, async_op=True), flat
+
+
+class _FlatGroup(_Sharded):
+    """Stages 1-2: dense parameters of one parameter group and dtype (stage 1: all of them;
+    stage 2: one gradient bucket of them), the parameters views of one padded flat buffer, this
     rank's shard of it and the optimizer over that shard."""
 
-    def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int):
+    def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
+                 pg, stage: int):
         self.indices = indices
         self.params = params
-        numel = sum(p._value.numel() for p in params)
-        self.shard_size = -(-numel // world)
+        self.numels = [p._value.numel() for p in params]
+        self.shard_size = -(-sum(self.numels) // world)
+        self.padded = self.shard_size * world
         first = params[0]._value
-        self.flat = torch.zeros(self.shard_size * world, dtype=first.dtype, device=first.device)
+        self.device = first.device
+        self.flat = torch.zeros(self.padded, dtype=first.dtype, device=first.device)
         self.offsets = []
         pos = 0
-        for p in params:
-            n = p._value.numel()
+        for p, n in zip(params, self.numels):
             self.flat[pos:pos + n].copy_(p._value.reshape(-1))
             p._value = self.flat[pos:pos + n].view(p._value.shape)  # the parameter now views the flat buffer
             self.offsets.append(pos)
             pos += n
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.pg = rank, world, pg
         self.shard = self.flat[rank * self.shard_size:(rank + 1) * self.shard_size]
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero_shard", kind="variable")
         self.optimizer = opt_class([self.shard_param])
         self.optimizer.param_groups[0].update(hyper)  # the group's own (already checked) hyperparameters
-        self.grad = torch.zeros_like(self.flat)
-        self.grad_shard = torch.empty_like(self.shard)
+        # this step's gradient shard (stage 1: this rank's slice of the all-reduced gradients;
+        # stage 2: the reduce-scattered shard), dropped after the update
+        self.grad_shard = None
+
+    def take_shard(self, got: dict) -> None:
+        """Stage 1: this rank's slice of the (all-reduced) gradients `got` (index -> tensor;
+        missing: zeros), copied piece by piece: no flat copy of the whole gradient."""
+        lo, hi = self.rank * self.shard_size, (self.rank + 1) * self.shard_size
+        self.grad_shard = torch.zeros_like(self.shard)
+        for i, offset, n in zip(self.indices, self.offsets, self.numels):
+            g = got.get(i)
+            a, b = max(lo, offset), min(hi, offset + n)
+            if g is not None and a < b:
+                self.grad_shard[a - lo:b - lo].copy_(g.reshape(-1)[a - offset:b - offset])
 
 
-class _Unit:
+class _Unit(_Sharded):
     """Stage 3: the dense parameters of one unit (one layer; one parameter group and dtype).
     Between uses a rank keeps only its shard of their padded flat concatenation."""
 
@@ -166,19 +212,6 @@ class _Unit:
         if work is not None:
             work.wait()
         return [flat[offset:offset + n].view(p.shape) for p, offset, n in zip(self.params, self.offsets, self.numels)]
-
-    def reduce_scatter(self, grads: list) -> torch.Tensor:
-        """This rank's shard of the mean over the ranks of the unit's gradients (None: zeros)."""
-        flat = torch.zeros(self.padded, dtype=self.shard.dtype, device=self.device)
-        for g, offset, n in zip(grads, self.offsets, self.numels):
-            if g is not None:
-                flat[offset:offset + n].copy_(g.reshape(-1))
-        flat.div_(self.world)
-        if self.pg is None:
-            return flat
-        out = flat.new_empty(self.shard_size)
-        _reduce_scatter_single(out, flat, group=self.pg)
-        return out
 
     # --- eager use ------------------------------------------------------------------------------
     def prefetch(self) -> None:
@@ -273,7 +306,7 @@ class Offload:
 
 
 class ZeroSync(SyncMode):
-    """DataParallel's ZeRO sync mode (stages 1 and 2); see the module docstring."""
+    """DataParallel's ZeRO sync mode (stages 1, 2 and 3); see the module docstring."""
 
     def __init__(self, dp, stage: int, *, unit_size_mb: float = 4.0, offload: str | None = None, **options):
         super().__init__(dp, **options)
@@ -288,7 +321,8 @@ class ZeroSync(SyncMode):
             raise DistError(f"DataParallel(zero={stage}): {type(opt).__name__} cannot be sharded elementwise; ZeRO "
                             f"runs {sorted(set(OPTIMIZERS) - {'lamb'})}")
         if not isinstance(unit_size_mb, (int, float)) or isinstance(unit_size_mb, bool) or not unit_size_mb > 0:
-            raise DistError(f"DataParallel(zero=3): unit_size_mb must be a positive number, found {unit_size_mb!r}")
+            raise DistError(f"DataParallel(zero={stage}): unit_size_mb must be a positive number, found "
+                            f"{unit_size_mb!r}")
         if offload == "parameters" and stage != 3:
             raise DistError(f"DataParallel(zero={stage}): offload='parameters' needs zero=3 (stages 1-2 keep every "
                             "parameter whole on the device); offload='optimizer' works with every stage")
@@ -299,7 +333,9 @@ class ZeroSync(SyncMode):
         self.groups: list | None = None  # _FlatGroup (stages 1-2) or _Unit (stage 3)
         self.owner: dict[int, object] = {}
         self._loaded = False  # a plain state dict was loaded and still has to reach the shards
+        self._gather_depth = 0  # nesting of gathered_parameters() contexts
         self._key = live.register(self)  # what sharded_update and the zero3 ops name in their attributes
+        self._scatters: list = []  # (work, flat copy it reads) of the reduce-scatter still in flight
         # stage 3, eager: module -> its unit once laid out, and the order the forward meets units
         self._module_units: dict[int, _Unit] = {}
         self._forward_order: list[_Unit] = []
@@ -319,24 +355,27 @@ class ZeroSync(SyncMode):
             if self.groups is not None:
                 raise DistError("DataParallel(zero=3) shards the parameters of one update op; this graph has more")
             self._shard_graph(graph, update_op)
+        elif self.stage == 2:
+            if self.groups is not None:
+                raise DistError("DataParallel(zero=2) shards the gradients of one update op; this graph has more")
+            self._bucket_graph(graph, update_op)
+        else:  # stage 1: plain data parallelism's bucketed all-reduce, then the shard update
+            insert_gradient_allreduce(graph, update_op, self.dp.bucket_bytes, self.dp.group)
         update_op.opdef = get_opdef("sharded_update")
         update_op.attrs = {"strategy": self._key, "params": tuple(update_op.attrs["params"]),
                            "kinds": update_op.attrs["kinds"]}
         graph._plans.clear()
 
     def begin_gradients(self, optimizer) -> GradientSync:
-        if self.stage == 3:
-            return _Zero3Gradients(self)
-        return super().begin_gradients(optimizer)
+        if self.stage >= 2:
+            return _ScatterGradients(self)
+        return _AllReducedGradients(self, self.plain.begin_gradients(optimizer))
 
     def reduce_gradients(self, optimizer, pairs) -> list:
-        if self.stage == 3:
-            sync = _Zero3Gradients(self)
-            for i, g in pairs:
-                sync.add(i, g)
-            sync.finish()
-        else:
-            self.synchronize(pairs)
+        sync = self.begin_gradients(optimizer)
+        for i, g in pairs:
+            sync.add(i, g)
+        sync.finish()
         params = optimizer.parameters()
         for i, _ in pairs:
             params[i].grad = None
@@ -356,15 +395,33 @@ class ZeroSync(SyncMode):
     def _hyper(self, gi: int) -> dict:
         return {k: v for k, v in self.dp.optimizer.param_groups[gi].items() if k != "params"}
 
-    def _build(self, dense_indices: list[int]) -> None:
+    def _bucket_layout(self, dense_indices: list[int]) -> list[tuple[int, list[int]]]:
+        """Stage 2: (parameter group, indices) per gradient bucket, `BucketFiller` over the
+        parameters in the order of `dense_indices` (the order their gradients are made)."""
+        opt = self.dp.optimizer
+        params = opt.parameters()
+        group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
+        filler, buckets = BucketFiller(self.unit_bytes), []
+        for i in dense_indices:
+            p = params[i]
+            closed = filler.add(i, numel(p.shape) * dtypes.to_torch(p.dtype).itemsize, (group_of[id(p)], p.dtype))
+            if closed is not None:
+                buckets.append(closed)
+        buckets += filler.close()
+        return [(group_of[id(params[b[0]])], b) for b in buckets]
+
+    def _build(self, layout: list[tuple[int, list[int]]]) -> None:
+        """Stages 1-2: one `_FlatGroup` per (parameter group, indices) of `layout`."""
         opt = self.dp.optimizer
         world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
+        pg = env.process_group(self.dp.group or None)
         params = opt.parameters()
         self.groups = []
-        for gi, indices in self._layout(dense_indices):
-            group = _FlatGroup(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank)
+        for gi, indices in layout:
+            group = _FlatGroup(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank, pg,
+                               self.stage)
             group.group_index = gi
-            group.padded = group.flat.numel()
+            group.position = len(self.groups)
             self.offload.enabled = self.offload.applies_to(group.flat.device)
             if self.offload.enabled:  # the optimizer steps the pinned host copy
                 group.optimizer = type(opt)([self.offload.host_shard(group)])
@@ -396,11 +453,26 @@ class ZeroSync(SyncMode):
         if self._loaded:
             self._scatter_loaded_state()
 
+    def scatter(self, group: _Sharded, grads: list) -> torch.Tensor:
+        """Starts the reduce-scatter of one bucket (stage 2) or unit (stage 3) and returns its
+        shard, still being written: the backward goes on meanwhile. The one before is waited on
+        first, so at most two flat copies are in flight; the update waits on the last."""
+        self.wait_scatters()
+        out, work, flat = group.start_reduce_scatter(grads)
+        if work is not None:
+            self._scatters.append((work, flat))
+        return out
+
+    def wait_scatters(self) -> None:
+        for work, _ in self._scatters:
+            work.wait()
+        self._scatters = []
+
     def synchronize(self, pairs: list) -> None:
-        """One step. Stages 1-2: shard-reduce the dense gradients, update this rank's shards,
-        gather them. Stage 3 (define-and-run): each unit's gradient shard is already
-        reduce-scattered; update the shards."""
-        if self.stage == 3:
+        """One define-and-run step. Stage 1: the gradients are all-reduced (plain data
+        parallelism's buckets); take this rank's slice, update the shards, gather them. Stages 2-3:
+        each bucket's (unit's) gradient shard is already reduce-scattered; update the shards."""
+        if self.stage >= 2:
             sparse = []
             for i, g in pairs:
                 unit = self.owner.get(i)
@@ -410,40 +482,33 @@ class ZeroSync(SyncMode):
                     sparse.append((i, g))
             self._update_shards(sparse)
             return
+        self._update_all_reduced(pairs)
+
+    def _update_all_reduced(self, pairs: list) -> None:
+        """Stage 1: `pairs` are all-reduced (dense) and all-gathered (sparse) already."""
         dense = [(i, g) for i, g in pairs if not isinstance(g, tuple)]
         sparse = [(i, g) for i, g in pairs if isinstance(g, tuple)]
         if self.groups is None:
-            self._build(sorted(i for i, _ in dense))
+            self._build(self._layout(sorted(i for i, _ in dense)))
         unknown = [i for i, _ in dense if i not in self.owner]
         if unknown:
             raise DistError(f"DataParallel(zero={self.stage}): parameters {unknown} got a dense gradient for the first "
                             "time after the first step; ZeRO lays out the parameters at the first step")
-        pg = env.process_group(self.dp.group or None)
         got = {i: g for i, g in dense}
         with torch.no_grad():
             for group in self.groups:
-                group.grad.zero_()
-                for i, offset, p in zip(group.indices, group.offsets, group.params):
-                    g = got.get(i)
-                    if g is not None:
-                        group.grad[offset:offset + p._value.numel()].copy_(g.reshape(-1))
-                group.grad.div_(self.world)
-                if pg is None:
-                    group.grad_shard.copy_(group.grad[:group.shard_size])
-                elif self.stage == 1:
-                    torch_dist.all_reduce(group.grad, group=pg)
-                    group.grad_shard.copy_(group.grad[self.rank * group.shard_size:(self.rank + 1) * group.shard_size])
-                else:
-                    torch_dist.reduce_scatter_single(group.grad_shard, group.grad, group=pg)
-        self._update_shards(sparse)
+                group.take_shard(got)
+        self._update_shards(sparse, reduced=True)
 
-    def _update_shards(self, plain_pairs: list) -> None:
-        """Clips by the norm over every shard and the plain path's gradients, updates this
-        rank's shards (stages 1-2: and all-gathers them), then the plain path."""
+    def _update_shards(self, plain_pairs: list, reduced: bool = False) -> None:
+        """Clips by the norm over every shard and the plain path's gradients (`reduced`: those
+        are synchronised already), updates this rank's shards (stages 1-2: and all-gathers them),
+        then the plain path."""
         pg = env.process_group(self.dp.group or None)
         opt = self.dp.optimizer
+        self.wait_scatters()
         with torch.no_grad():
-            gathered = self.plain.reduce_gradients(opt, plain_pairs) if plain_pairs else []
+            gathered = plain_pairs if reduced else self.plain.reduce_gradients(opt, plain_pairs) if plain_pairs else []
             dense_sq = None
             if opt.max_grad_norm is not None:
                 # The global norm over every shard and the (replicated) plain-path gradients.
@@ -462,9 +527,8 @@ class ZeroSync(SyncMode):
                 if self.stage == 3:
                     group.drain()
                 self.offload.step(group)
-                if self.stage == 3:
-                    group.grad_shard = None  # the step's own: nothing holds a gradient between steps
-                elif pg is not None:
+                group.grad_shard = None  # the step's own: nothing holds a gradient between steps
+                if self.stage <= 2 and pg is not None:
                     torch_dist.all_gather_single(group.flat, group.shard.clone(), group=pg)
         if gathered:
             opt.apply_gradients(gathered, other_norm_sq=dense_sq)
@@ -510,7 +574,6 @@ class ZeroSync(SyncMode):
         # Readers recorded before the first weight gradient are the forward's (the last layer's
         # input gradient may come first: its unit then stays gathered into its backward).
         backward_from = min(made_at(e.inputs[0]) for e in dense)
-        grad_of = {e.index: e.inputs[0] for e in dense}
         before: dict[int, list] = {}  # id(op) -> new ops recorded just before it
         after: dict[int, list] = {}
         new_ops: list = []
@@ -543,6 +606,36 @@ class ZeroSync(SyncMode):
                     first = min(ops, key=lambda op: position[id(op)])
                     recorded = (starts[0] if k == 0 else []) + waits[k] + (starts[k + 1] if k + 1 < len(chain) else [])
                     before.setdefault(id(first), []).extend(recorded)
+        self._scatter_graph(graph, update, entries, made_at, before, after, new_ops)
+
+    def _bucket_graph(self, graph, update) -> None:
+        """The stage-2 graph pass: the dense gradients in buckets (`BucketFiller`, `unit_size_mb`)
+        in the order the backward makes them; each bucket's `zero3_reduce_scatter` recorded right
+        after its last gradient is made, the update reading the shards."""
+        entries = update_entries(update.attrs["params"], update.attrs["kinds"], update.inputs)
+        dense = [e for e in entries if e.kind == "d"]
+        if not dense:
+            raise DistError("DataParallel(zero=2): the update has no dense gradient to shard")
+        params = self.dp.optimizer.parameters()
+        unknown = [params[e.index] for e in dense if params[e.index]._value is None or numel(params[e.index].shape)
+                   is None]
+        if unknown:
+            raise DistError(f"DataParallel(zero=2): parameters {unknown} have no value or a run-time shape")
+        position = {id(op): k for k, op in enumerate(graph.ops)}
+
+        def made_at(t) -> int:
+            return position.get(id(t.producer[0]), -1) if t.producer is not None else -1
+
+        order = sorted(dense, key=lambda e: made_at(e.inputs[0]))
+        self._build(self._bucket_layout([e.index for e in order]))
+        self._scatter_graph(graph, update, entries, made_at, {}, {}, [])
+
+    def _scatter_graph(self, graph, update, entries, made_at, before: dict, after: dict, new_ops: list) -> None:
+        """Stages 2-3: one `zero3_reduce_scatter` per bucket (unit) of `self.groups`, recorded right
+        after the last of its gradients is made (so they die there), the new ops of `before` /
+        `after` put in place, and `update` reading the shards."""
+        grad_of = {e.index: e.inputs[0] for e in entries if e.kind == "d"}
+        with graph:
             for unit in self.groups:
                 grads = [grad_of[i] for i in unit.indices]
                 mark = len(graph.ops)
@@ -565,6 +658,7 @@ class ZeroSync(SyncMode):
             ordered += after.get(id(op), [])
         graph.ops[:] = ordered
         rest = [e for e in entries if e.kind != "d"]
+        dense = [e for e in entries if e.kind == "d"]
         shards = [dense[0]._replace(index=u.indices[0], inputs=[u.grad_tensor]) for u in self.groups]
         update.attrs["params"], update.attrs["kinds"], update.inputs = update_inputs(shards + rest)
 
@@ -659,15 +753,22 @@ class ZeroSync(SyncMode):
 
     @contextlib.contextmanager
     def _gathered(self):
-        for unit in self.groups:
-            unit.drain()
-            unit.acquire()
+        # re-entrant: `ls.load` gathers, and the optimizer-state load inside it gathers again;
+        # only the outermost context gathers and reshards
+        depth = self._gather_depth
+        self._gather_depth = depth + 1
+        if depth == 0:
+            for unit in self.groups:
+                unit.drain()
+                unit.acquire()
         try:
             yield
         finally:
-            for unit in self.groups:
-                unit.reshard_from_parameters()
-                unit.release()
+            self._gather_depth = depth
+            if depth == 0:
+                for unit in self.groups:
+                    unit.reshard_from_parameters()
+                    unit.release()
 
 
     # --- memory and checkpoints -----------------------------------------------------------------
@@ -677,11 +778,10 @@ class ZeroSync(SyncMode):
         return [g.optimizer for g in self.groups or []] + [self.dp.optimizer]
 
     def persistent_gradient_bytes(self) -> int:
-        """Gradient buffers this mode keeps between steps, outside any plan (stages 1-2: each
-        group's flat gradient and its shard; stage 3 keeps none)."""
-        if self.stage == 3 or not self.groups:
-            return 0
-        return sum(t.untyped_storage().nbytes() for g in self.groups for t in (g.grad, g.grad_shard))
+        """Gradient buffers this mode keeps between steps, outside any plan: none (stage 1's
+        all-reduce buckets are the plan's, counted as plain data parallelism's; every stage's
+        gradient shard lives only from its reduce until the update)."""
+        return 0
 
     def consolidated_state_dict(self) -> dict:
         """The plain optimizer's `state_dict()` with every shard's state gathered (every rank
@@ -758,9 +858,27 @@ class ZeroSync(SyncMode):
         self._loaded = False
 
 
-class _Zero3Gradients(GradientSync):
-    """Eager stage 3: each unit's gradients are reduce-scattered (and its parameters freed) as
-    soon as backward has made all of them; the plain path's at the end."""
+class _AllReducedGradients(GradientSync):
+    """Eager stage 1: plain data parallelism's bucketed all-reduce (`inner`), then the shard update."""
+
+    def __init__(self, mode: ZeroSync, inner: GradientSync):
+        super().__init__()
+        self.mode, self.inner = mode, inner
+
+    def add(self, index, grad):
+        self.pairs.append((index, grad))
+        self.inner.add(index, grad)
+
+    def finish(self):
+        self.mode._update_all_reduced(self.inner.finish())
+        return []
+
+
+class _ScatterGradients(GradientSync):
+    """Eager stages 2-3: each bucket's (unit's) gradients are reduce-scattered (stage 3: and its
+    parameters freed) as soon as backward has made all of them; the plain path's at the end.
+    The first step lays the buckets out (stage 2: `BucketFiller` in the order the gradients
+    came; stage 3: one unit per module) and scatters them all at its end."""
 
     def __init__(self, mode: ZeroSync):
         super().__init__()
@@ -781,14 +899,18 @@ class _Zero3Gradients(GradientSync):
     def _scatter_unit(self, unit) -> None:
         got = self.waiting.pop(unit.position, {})
         with torch.no_grad():
-            unit.grad_shard = unit.reduce_scatter([got.get(i) for i in unit.indices])
-        unit.release()
+            unit.grad_shard = self.mode.scatter(unit, [got.get(i) for i in unit.indices])
+        if self.mode.stage == 3:
+            unit.release()
         self.done.add(unit.position)
 
     def finish(self):
         mode = self.mode
         if mode.groups is None:
-            mode._lay_out_eager(self.pairs)
+            if mode.stage == 2:
+                mode._build(mode._bucket_layout([i for i, g in self.pairs if not isinstance(g, tuple)]))
+            else:
+                mode._lay_out_eager(self.pairs)
             for index, grad in self.pairs:
                 unit = mode.owner.get(index)
                 if unit is not None:
@@ -841,8 +963,9 @@ class Zero3Unpack(OpDef):
 
 @register
 class Zero3ReduceScatter(OpDef):
-    """ZeRO-3: one unit's gradients (inputs in the unit's order) reduce-scattered (mean): this
-    rank's shard of their padded flat concatenation."""
+    """ZeRO-2/3: one bucket's (unit's) gradients (inputs in its order) reduce-scattered (mean):
+    this rank's shard of their padded flat concatenation, the transfer maybe still running
+    (the mode's update waits on it)."""
 
     name = "zero3_reduce_scatter"
     attrs = {"sync": -1, "unit": -1}
@@ -853,7 +976,7 @@ class Zero3ReduceScatter(OpDef):
         return TensorMeta((_unit(sync, unit, self.name).shard_size,), inputs[0].dtype)
 
     def compute(self, *grads, sync, unit):
-        return _unit(sync, unit, self.name).reduce_scatter(list(grads))
+        return live.lookup(sync, "ZeRO sync mode", self.name).scatter(_unit(sync, unit, self.name), list(grads))
 
 
 @register

@@ -227,10 +227,13 @@ def _check_parallel(config: TrainConfig, task: str) -> None:
 
     c = config
     product = c.dp * c.tp * c.pp
-    if c.hot_switch is not None:  # its strategies lay out the ranks
+    if c.hot_switch is not None or c.parallel is not None:  # its strategies (or the search) lay out the ranks
         if product > 1 or c.micro_batches > 1 or c.sequence_parallel:
-            raise TrainConfigError("hot_switch names its own strategies: leave dp, tp, pp, micro_batches and "
-                                   "sequence_parallel at their defaults")
+            which = "hot_switch names its own strategies" if c.hot_switch is not None else \
+                f"parallel = {c.parallel!r} chooses the layout itself"
+            raise TrainConfigError(f"{which}: leave dp, tp, pp, micro_batches and sequence_parallel at their "
+                                   f"defaults (found dp={c.dp}, tp={c.tp}, pp={c.pp}, micro_batches={c.micro_batches}, "
+                                   f"sequence_parallel={c.sequence_parallel})")
         return
     if c.zero:  # ZeRO's own data parallelism (DataParallel(graph, zero=...)) lays out the ranks
         if product > 1 or c.micro_batches > 1 or c.sequence_parallel:

@@ -19,10 +19,12 @@ def _check(tmp_path, workers: int) -> None:
         for mode in ("graph", "eager"):
             plain = {k[len(f"{mode}/0/"):]: got[k] for k in got.files if k.startswith(f"{mode}/0/")}
             assert any(k.startswith("state/") for k in plain)
-            for zero in (1, 2, 3):
+            for zero in (1, 2, 3, "2b"):  # 2b: ZeRO-2, one reduce-scatter bucket per parameter
                 for key, expected in plain.items():
                     value = got[f"{mode}/{zero}/{key}"]
-                    if key == "state_bytes":  # the dense parameters' state, per rank
+                    if key == "state_bytes" and zero == "2b":  # four buckets, each padded by < dp elements
+                        assert expected <= value * workers < expected + 4 * workers * 2 * 8, (mode, value, expected)
+                    elif key == "state_bytes":  # the dense parameters' state, per rank
                         assert value * workers == expected, (mode, zero, value, expected)
                     else:
                         np.testing.assert_allclose(value, expected, rtol=1e-9, atol=1e-12,
@@ -36,6 +38,31 @@ def _check(tmp_path, workers: int) -> None:
         assert sharded["update_gradients"] * workers == plain["update_gradients"] == 44 * 8
         assert (sharded["optimizer_state"] - 4) * workers == plain["optimizer_state"] - 4 * 4 == 2 * 44 * 8
         assert sharded["gathered"] == 44 * 8 and plain["gathered"] == 0  # one unit whole at a time
+        # ZeRO-2 (one bucket: the default 4 MB holds all 44): the update reads 1/dp of the gradients.
+        zero2 = int(got["memory/2/update_gradients"])
+        assert zero2 * workers == plain["update_gradients"], (zero2, plain["update_gradients"])
+        _check_zero2_gradients(got, workers)
+
+
+def _check_zero2_gradients(got, workers: int) -> None:
+    """Eight 8x8 float64 weights (G = 8 * 512 bytes), one reduce-scatter bucket per weight.
+
+    Plain data parallelism keeps every gradient whole: the persistent all-reduce buckets (G),
+    counted at every step, are its floor. ZeRO-2's update reads this rank's shards, G/dp exactly
+    (64 elements divide by 2 and 4: no padding). Its peak is reached at the last bucket's
+    reduce-scatter (the first layer's weight): all eight shards (G/dp) plus that weight's whole
+    gradient (512 bytes), which dies right there; every earlier step holds fewer shards and one
+    whole gradient at most. So peak = G/dp + 512: 2560 bytes at dp=2, 1536 at dp=4, against >= G
+    = 4096 for plain data parallelism (the bucket bound: G/dp plus one bucket). ZeRO-1 holds
+    plain's all-reduce buckets and no other gradient buffer (its 1/dp shard lives only inside
+    the update): the same gradient bytes as plain."""
+    g_bytes, bucket = 8 * 64 * 8, 64 * 8
+    plain, z1, z2 = ({k: int(got[f"layers/{z}/{k}"]) for k in ("update_gradients", "peak_gradients")}
+                     for z in (0, 1, 2))
+    assert plain["update_gradients"] == g_bytes and plain["peak_gradients"] >= g_bytes, plain
+    assert z2["update_gradients"] == g_bytes // workers, z2
+    assert z2["peak_gradients"] == g_bytes // workers + bucket, z2
+    assert z1 == plain, (z1, plain)
 
 
 @pytest.mark.dist

@@ -225,3 +225,32 @@ def test_luoshu_train_zero_key_trains_checkpoints_and_resumes_like_a_plain_job(t
     for job in ("zero", "cut"):
         got = checkpoint_arrays(latest_checkpoint(tmp_path / job / "checkpoints"))
         _assert_same(plain, got, rtol=1e-6, atol=1e-7)
+
+
+def test_ls_save_and_load_go_through_zero3_shards(tmp_path):
+    """`ls.save` of a ZeRO-3 model writes whole parameters and the consolidated optimizer state
+    (a plain run loads it and takes the same next step); `ls.load` of a plain checkpoint into a
+    ZeRO-3 run lands in its shards."""
+    batches = _batches()
+    plain = _gpt2()
+    plain_opt = ls.optim.AdamW(plain.parameters(), lr=0.01, weight_decay=0.1)
+    for i, t in batches[:2]:
+        plain_opt.minimize(_loss(plain, ls.tensor(i), ls.tensor(t)))
+    ls.save(tmp_path / "plain", plain, plain_opt)
+    plain_opt.minimize(_loss(plain, ls.tensor(batches[2][0]), ls.tensor(batches[2][1])))
+
+    model = _gpt2()
+    opt = ls.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    dp = ls.parallel.DataParallel(model, opt, zero=3)
+    dp.minimize(_loss(dp, ls.tensor(batches[0][0]), ls.tensor(batches[0][1])))  # lays out the units
+    ls.load(tmp_path / "plain", model, opt)  # into the shards
+    dp.minimize(_loss(dp, ls.tensor(batches[2][0]), ls.tensor(batches[2][1])))
+    _assert_same(_weights(plain, None), _weights(model, dp))
+
+    ls.save(tmp_path / "zero3", model, opt)
+    back = _gpt2()
+    back_opt = ls.optim.AdamW(back.parameters(), lr=0.01, weight_decay=0.1)
+    ls.load(tmp_path / "zero3", back, back_opt)
+    _assert_same(_weights(plain, None), _weights(back, None))
+    _assert_same({k: v.numpy() for k, v in plain_opt.state_dict()["tensors"].items()},
+                 {k: v.numpy() for k, v in back_opt.state_dict()["tensors"].items()})

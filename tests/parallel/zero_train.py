@@ -41,7 +41,7 @@ def batches(workers: int, batch: int, steps: int = 5):
         yield ids, dense, dense[:, 0] * 0.5 + 0.1 * ids[:, 0]
 
 
-def train(mode: str, zero: int, workers: int, rank: int, batch: int = 3) -> dict:
+def train(mode: str, zero: int, workers: int, rank: int, batch: int = 3, **options) -> dict:
     ls.manual_seed(7)
     model = Net().to(dtype="float64")
     opt = ls.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01, max_grad_norm=0.5)
@@ -54,11 +54,11 @@ def train(mode: str, zero: int, workers: int, rank: int, batch: int = 3) -> dict
             y = ls.placeholder("y", (None,), "float64")
             loss = ls.nn.functional.mse_loss(model(ids, dense), y)
             step = opt.minimize(loss)
-        dp = ls.parallel.DataParallel(g, zero=zero) if zero else ls.parallel.DataParallel(g)
+        dp = ls.parallel.DataParallel(g, zero=zero, **options) if zero else ls.parallel.DataParallel(g)
         for i, d, t in batches(workers, batch):
             losses.append(g.run([loss, step], {ids: i[lo:hi], dense: d[lo:hi], y: t[lo:hi]})[0])
     else:
-        dp = ls.parallel.DataParallel(model, opt, zero=zero)
+        dp = ls.parallel.DataParallel(model, opt, zero=zero, **options)
         for i, d, t in batches(workers, batch):
             out = loss = ls.nn.functional.mse_loss(dp(ls.tensor(i[lo:hi]), ls.tensor(d[lo:hi])), ls.tensor(t[lo:hi]))
             losses.append(float(out.numpy()))
@@ -95,6 +95,30 @@ def memory(zero: int, workers: int, rank: int) -> dict:
             "update_gradients": report.update_gradients, "gathered": report.peak_gathered_parameters}
 
 
+LAYERS, WIDTH = 8, 8  # memory_layers: eight 8x8 float64 weights, 512 bytes each
+
+
+def memory_layers(zero: int, workers: int, rank: int) -> dict:
+    """The plan's accounting of one step of eight 8x8 linear layers (no bias, float64): with
+    `unit_size_mb` of one weight, ZeRO-2 reduce-scatters each weight's gradient on its own."""
+    ls.manual_seed(2)
+    layers = []
+    for _ in range(LAYERS):
+        layers += [ls.nn.Linear(WIDTH, WIDTH, bias=False), ls.nn.Tanh()]
+    model = ls.nn.Sequential(*layers).to(dtype="float64")
+    opt = ls.optim.AdamW(model.parameters(), lr=0.01)
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, WIDTH), "float64")
+        loss = (model(x) ** 2).mean()
+        step = opt.minimize(loss)
+    if zero:
+        ls.parallel.DataParallel(g, zero=zero, unit_size_mb=WIDTH * WIDTH * 8 / 2**20)
+    else:
+        ls.parallel.DataParallel(g)
+    report = g.memory([loss, step], {x: np.full((3, WIDTH), rank + 1.0)})
+    return {"update_gradients": report.update_gradients, "peak_gradients": report.peak_gradients}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     ls.distributed.init()
@@ -103,8 +127,13 @@ def main() -> None:
     for mode in ("graph", "eager"):
         for zero in (0, 1, 2, 3):
             results.update({f"{mode}/{zero}/{k}": v for k, v in train(mode, zero, workers, rank).items()})
-    for zero in (0, 3):
+        # ZeRO-2 with one reduce-scatter bucket per parameter (1-byte buckets), started mid-backward
+        small = train(mode, 2, workers, rank, unit_size_mb=2**-20)
+        results.update({f"{mode}/2b/{k}": v for k, v in small.items()})
+    for zero in (0, 2, 3):
         results.update({f"memory/{zero}/{k}": np.array(v) for k, v in memory(zero, workers, rank).items()})
+    for zero in (0, 1, 2):
+        results.update({f"layers/{zero}/{k}": np.array(v) for k, v in memory_layers(zero, workers, rank).items()})
     np.savez(f"{sys.argv[1]}/rank{rank}.npz", **results)
     ls.distributed.barrier()
     ls.distributed.shutdown()

@@ -133,6 +133,8 @@ def test_a_dp2_tp2_checkpoint_resumes_under_pp2(tmp_path, reference):
         ({"pipeline_schedule": "zb"}, 1, r"pipeline_schedule must be '1f1b' or 'gpipe', found 'zb'"),
         ({"model": "dcn", "dataset": "synthetic-ctr", "model_args": {}, "data_args": {}, "dp": 2}, 2,
          r"dp/tp/pp in luoshu train are for the language models .*'dcn' is a ctr model"),
+        ({"parallel": "auto", "dp": 2}, 2, r"parallel = 'auto' chooses the layout itself: leave dp, tp, pp.*"
+         r"found dp=2, tp=1"),
     ],
 )
 def test_check_config_refuses_layouts_the_job_cannot_run(monkeypatch, tmp_path, changes, world, message):
