@@ -2,6 +2,10 @@
 
 Same model (GPT-2 blocks as in bench_tp.py; float32), same stages (the layers split evenly,
 embeddings on the first stage, final norm, head and loss on the last), same micro-batches,
+both with GPT-2's tied embedding: the head on the last stage is the token embedding of the
+first, so each step both sum that weight's gradient over the first and last stage (torch:
+a copy of the weight on each, its gradient all-reduced over the two after the schedule,
+as Megatron's embedding group does; luoshu: the pipeline's shared-parameter all-reduce),
 GPipe and 1F1B, Gloo on CPU, both in the same processes with repeats interleaved; median
 step time (all micro-batches forward and backward, then AdamW) after warm-up. luoshu's
 bubble fraction is measured per stage as 1 - (time in the stage's plans) / (step time),
@@ -89,6 +93,13 @@ def _compare(sched, args, pp, rank, ids_v, y_v):
     )
     stage = PipelineStage(stage_mod, rank, pp, torch.device("cpu"), input_args=example)
     schedule = (ScheduleGPipe if sched == "gpipe" else Schedule1F1B)(stage, m, loss_fn=_loss)
+    # GPT-2's tied embedding: one weight on the first stage (wte) and the last (head), the same at
+    # the start and its gradient summed over the two every step (new_group: every rank calls it)
+    tie_group = torch_dist.new_group([0, pp - 1])
+    tied = stage_mod.wte.weight if rank == 0 else stage_mod.head.weight if rank == pp - 1 else None
+    if tied is not None:
+        with torch.no_grad():
+            torch_dist.broadcast(tied, 0, group=tie_group)
     topt = torch.optim.AdamW(stage_mod.parameters(), lr=1e-4, foreach=True)
     tids, ty = torch.from_numpy(ids_v), torch.from_numpy(y_v)
 
@@ -100,6 +111,8 @@ def _compare(sched, args, pp, rank, ids_v, y_v):
             schedule.step(target=ty, losses=[])
         else:
             schedule.step()
+        if tied is not None:
+            torch_dist.all_reduce(tied.grad, group=tie_group)
         topt.step()
 
     busy = []

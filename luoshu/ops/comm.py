@@ -17,8 +17,9 @@ layer does not import the layers above it).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -32,7 +33,7 @@ from luoshu.core.tensor import Tensor, TensorMeta
 from luoshu.ops import _states as S
 
 __all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "recv_dual", "recv_wait_seconds",
-           "reduce", "reduce_scatter"]
+           "reduce", "reduce_scatter", "shapes_once"]
 
 _REDUCE = ("sum", "mean")
 # torch 2.13 renamed the single-tensor collectives; the old names warn.
@@ -386,6 +387,25 @@ def recv_wait_seconds() -> float:
     return _RECV_WAIT[0]
 
 
+# Inside `shapes_once`: (direction, peer, tag) -> the run-time shape already exchanged there.
+_SHAPES: list[dict | None] = [None]
+
+
+@contextlib.contextmanager
+def shapes_once() -> Iterator[None]:
+    """Inside this scope a run-time shape crosses each (peer, tag) once: the first `send` with
+    `header` there sends it and the first `recv` receives it; later messages on that channel
+    reuse it and travel as data alone (one message instead of two, and no blocking header
+    recv). Both peers must run the same messages in the scope and every message on a channel
+    must have the first one's shape: a pipeline step, whose micro-batches share one shape
+    (a send that breaks this raises instead of sending a wrong size)."""
+    outer, _SHAPES[0] = _SHAPES[0], {}
+    try:
+        yield
+    finally:
+        _SHAPES[0] = outer
+
+
 class _Sends:
     """The pending isends of one `send` (header and data), holding their buffers until done."""
 
@@ -429,6 +449,15 @@ class Send(OpDef):
         _p2p_ready(self.name, peer)
         x = x.contiguous()
         works, buffers = [], [x]
+        known, key = _SHAPES[0], ("send", peer, tag)
+        if header and known is not None:
+            if key in known:
+                if known[key] != tuple(x.shape):
+                    raise ExecutionError(f"send to worker {peer} (tag {tag}): shape {tuple(x.shape)} after "
+                                         f"{known[key]} on the same channel in one shapes_once scope")
+                header = False  # the receiver kept the first message's shape
+            else:
+                known[key] = tuple(x.shape)
         try:
             if header:
                 shape = torch.tensor(tuple(x.shape), dtype=torch.int64)
@@ -459,7 +488,8 @@ class Send(OpDef):
 @register
 class Recv(OpDef):
     """Receives a tensor from worker `peer` (blocking): `shape` with -1 for a run-time dimension
-    (its sizes then arrive first, from a `send` with `header`)."""
+    (its sizes then arrive first, from a `send` with `header`; inside `shapes_once`, only with
+    the channel's first message)."""
 
     name = "recv"
     attrs = {"shape": (), "dtype": "float32", "device": "cpu", "peer": 0, "tag": 0}
@@ -475,12 +505,17 @@ class Recv(OpDef):
         _p2p_ready(self.name, peer)
         start = time.perf_counter()
         try:
-            if any(d == -1 for d in shape):
+            known, key = _SHAPES[0], ("recv", peer, tag)
+            if any(d == -1 for d in shape) and known is not None and key in known:
+                shape = known[key]  # this channel's shape arrived with its first message in the scope
+            elif any(d == -1 for d in shape):
                 sizes = torch.empty(len(shape), dtype=torch.int64)
                 torch_dist.recv(sizes, peer, tag=tag + 1)
                 got = tuple(sizes.tolist())
                 if any(d not in (-1, g) for d, g in zip(shape, got)):
                     raise ExecutionError(f"recv from worker {peer}: expected shape {shape}, the sender sent {got}")
+                if known is not None:
+                    known[key] = got
                 shape = got
             out = torch.empty(shape, dtype=dtypes.to_torch(dtype), device=device)
             torch_dist.recv(out, peer, tag=tag)

@@ -43,6 +43,7 @@ from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn.container import ModuleList
 from luoshu.nn.module import Module
+from luoshu.ops.comm import shapes_once
 from luoshu.optim.optimizer import Optimizer
 from luoshu.runtime.pipeline import SCHEDULES, ActivationLedger, StageRunner, schedule
 
@@ -257,7 +258,16 @@ class Pipeline:
         self.ledger = runner.ledger
         losses = []
         accum = [None] * len(self.params)
-        for kind, mb in schedule(self.schedule_name, self.stage, self.stages, m):
+        with shapes_once():  # the micro-batches share one shape: each boundary sends it once a step
+            self._run_schedule(feeds, size, losses, accum)
+        self.busy_s = runner.busy_s
+        self._apply(accum)
+        return float(np.mean(losses)) if losses else None
+
+    def _run_schedule(self, feeds: dict, size: int | None, losses: list, accum: list) -> None:
+        """Every micro-batch step of this stage's schedule; the sends complete before it returns."""
+        runner = self.runner
+        for kind, mb in schedule(self.schedule_name, self.stage, self.stages, self.micro_batches):
             micro = {n: v[mb * size : (mb + 1) * size] for n, v in feeds.items()}
             if kind == "F":
                 loss = runner.forward(mb, micro)
@@ -276,9 +286,6 @@ class Pipeline:
                 accum[k] = v.clone() if accum[k] is None else accum[k].add_(v)
                 pos += 1
         runner.wait_sends()
-        self.busy_s = runner.busy_s
-        self._apply(accum)
-        return float(np.mean(losses)) if losses else None
 
     def _apply(self, accum: list) -> None:
         m, dp = self.micro_batches, self.mesh.dp

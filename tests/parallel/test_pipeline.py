@@ -202,3 +202,48 @@ def test_global_norm_clipping_across_stages_matches_one_process(tmp_path, dp, tp
     """The clipping norm is the whole model's: summed over the stages (the tied embedding once) and
     the TP shards within a stage, not each stage's own."""
     _compare(tmp_path, dp, pp, 2, 2, "1f1b", tp=tp, clip=0.05)
+
+
+class _Wire:
+    """An in-memory point-to-point transport standing in for torch.distributed: messages per tag, in order."""
+
+    def __init__(self):
+        self.messages: dict[int, list] = {}
+
+    def isend(self, tensor, peer, tag):
+        self.messages.setdefault(tag, []).append(tensor.clone())
+        return type("Done", (), {"wait": lambda self: None})()
+
+    def recv(self, tensor, peer, tag):
+        tensor.copy_(self.messages[tag].pop(0))
+
+
+def test_shapes_once_sends_a_run_time_shape_once_per_channel(monkeypatch):
+    import torch
+
+    from luoshu.core.op import get_opdef
+    from luoshu.ops import comm
+
+    wire = _Wire()
+    monkeypatch.setattr(comm, "_p2p_ready", lambda name, peer: None)
+    monkeypatch.setattr(comm.torch_dist, "isend", wire.isend)
+    monkeypatch.setattr(comm.torch_dist, "recv", wire.recv)
+    send, recv = get_opdef("send").compute, get_opdef("recv").compute
+    xs = [torch.randn(3, 5) for _ in range(3)]
+    for x in xs[:2]:  # outside the scope every message carries its shape
+        send(x, peer=1, tag=8, header=True)
+    assert len(wire.messages[9]) == 2
+    for x in xs[:2]:
+        assert torch.equal(recv((-1, 5), "float32", "cpu", peer=0, tag=8), x)
+    with comm.shapes_once():
+        for x in xs:
+            send(x, peer=1, tag=8, header=True)
+        assert len(wire.messages[9]) == 1 and len(wire.messages[8]) == 3  # one header, three data messages
+        for x in xs:
+            assert torch.equal(recv((-1, 5), "float32", "cpu", peer=0, tag=8), x)
+        with pytest.raises(ls.Error, match=r"shape \(2, 5\) after \(3, 5\)"):
+            send(torch.zeros(2, 5), peer=1, tag=8, header=True)  # refused before anything is sent
+        assert not wire.messages[8] and not wire.messages[9]
+    with comm.shapes_once():  # a new scope (the next step) exchanges the shape again
+        send(torch.ones(2, 5), peer=1, tag=8, header=True)
+        assert torch.equal(recv((-1, 5), "float32", "cpu", peer=0, tag=8), torch.ones(2, 5))
