@@ -483,13 +483,7 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
             continue
         indices, values = entry.inputs
         idx, val = converted(indices, S.dup(shard.size)), converted(values, S.dup(shard.size))
-        d = S.split_dim(want)
-        if d == 0:
-            rows = p.shape[0] // shard.size
-            idx, val = apply("shard_rows", idx, val, start=shard.index * rows, rows=rows)
-        elif d is not None:
-            val = convert(val, S.dup(shard.size), S.split(shard.size, d), values.shape, shard)
-        grads += [idx, val]
+        grads += list(_rows_in_states(idx, val, values.shape, p.shape, want, shard))
     if getattr(opt, "max_grad_norm", None) is not None and shard.size > 1:
         split = {i for i, p in enumerate(params) if not states_of(p, strategy.strategy, shard.size).is_pure_duplicate()}
         weights = {i: 1.0 if i in split else 1.0 / shard.size for i in range(len(params))}
@@ -564,10 +558,20 @@ def eager_to_states(t, like: Tensor):
             f"eager tensor parallelism covers the TP axis only; this mesh also has a data-parallel axis "
             f"of {len(strategy.dp_group)} ranks (use define-and-run there, or dp=1)"
         )
-    if isinstance(t, IndexedSlices):
-        t = t.to_dense()
     n = len(strategy.group)
-    src, want = states_of(t, strategy.strategy, n), states_of(like, strategy.strategy, n)
+    want = states_of(like, strategy.strategy, n)
+    if isinstance(t, IndexedSlices):  # stays sparse (a sparse update touches only its rows), as in the graph
+        dup = S.dup(n)
+        with context.no_grad():
+            idx, val = (
+                convert_to(
+                    Tensor.from_value(x._value), states_of(x, strategy.strategy, n), dup, x.shape, strategy.shard
+                )
+                for x in (t.indices, t.values)
+            )
+            idx, val = _rows_in_states(idx, val, t.values.shape, like.shape, want, strategy.shard)
+        return IndexedSlices(idx, val, t.dense_shape)
+    src = states_of(t, strategy.strategy, n)
     if S.same(src, want):
         return t
     with context.no_grad():
@@ -575,6 +579,18 @@ def eager_to_states(t, like: Tensor):
     out = Tensor(t.shape, t.dtype, t.device, value=local._value)
     out.ds = [None] * strategy.strategy + [want]
     return out
+
+
+def _rows_in_states(idx: Tensor, val: Tensor, values_shape, param_shape, want: DStates, shard: Shard):
+    """A sparse gradient's duplicate (indices, values) for a parameter in states `want`: a row-split
+    table keeps its own rows, renumbered to its local rows (the others dropped)."""
+    d = S.split_dim(want)
+    if d == 0:
+        rows = param_shape[0] // shard.size
+        return apply("shard_rows", idx, val, start=shard.index * rows, rows=rows)
+    if d is not None:
+        val = convert(val, S.dup(shard.size), S.split(shard.size, d), values_shape, shard)
+    return idx, val
 
 
 class ShardNorm:

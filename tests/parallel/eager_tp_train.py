@@ -1,7 +1,7 @@
 """GPT-2 trained in eager mode under tensor (and sequence) parallelism; run under `luoshu launch` by
 tests/parallel/test_eager_tp.py.
 
-    luoshu launch -n 2 tests/parallel/eager_tp_train.py --tp 2 [--sp] [--minimize] --out PREFIX
+    luoshu launch -n 2 tests/parallel/eager_tp_train.py [--model gpt2|llama] --tp 2 [--sp] [--minimize] --out PREFIX
 
 Every rank feeds the same global batches; rank r writes the losses and the full parameters
 (all-gathered over its TP group) to PREFIX.rank<r>.npz. `train(...)` without a mesh is the
@@ -18,7 +18,7 @@ import torch
 
 import luoshu as ls
 from luoshu.compiler import states
-from luoshu.models.language import GPT2, GPTConfig
+from luoshu.models.language import GPT2, GPTConfig, Llama, LlamaConfig
 
 VOCAB, LENGTH, BATCH, STEPS = 64, 8, 4, 3
 
@@ -30,10 +30,18 @@ def batches(seed: int = 5):
         yield ids, np.roll(ids, -1, axis=1)
 
 
-def train(mesh=None, sequence_parallel: bool = False, minimize: bool = False):
+def build(model: str):
+    if model == "gpt2":
+        return GPT2(GPTConfig(vocab_size=VOCAB, block_size=LENGTH, n_layer=2, n_head=4, n_embd=32))
+    return Llama(
+        LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=LENGTH)
+    )
+
+
+def train(mesh=None, sequence_parallel: bool = False, minimize: bool = False, model_name: str = "gpt2"):
     """(losses, {name: full parameter}) after STEPS eager AdamW steps."""
     ls.manual_seed(7)
-    model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=LENGTH, n_layer=2, n_head=4, n_embd=32)).to(dtype="float64")
+    model = build(model_name).to(dtype="float64")
     if mesh is not None:
         ls.parallel.parallelize(model, mesh, sequence_parallel=sequence_parallel)
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -105,6 +113,7 @@ def block_collectives(mesh, sequence_parallel: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gpt2")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--minimize", action="store_true")
@@ -113,7 +122,7 @@ def main() -> None:
     torch.set_num_threads(1)
     ls.distributed.init()
     mesh = ls.distributed.DeviceMesh(tp=args.tp)
-    losses, params = train(mesh, args.sp, args.minimize)
+    losses, params = train(mesh, args.sp, args.minimize, args.model)
     np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
     with open(f"{args.out}.rank{ls.distributed.rank()}.json", "w") as f:
         json.dump(block_collectives(mesh, args.sp), f)

@@ -53,13 +53,17 @@ def test_eager_gradients_with_a_data_parallel_axis_are_refused():
         ST.set_default(None)
 
 
-@pytest.mark.parametrize("sp, minimize", [(False, False), (False, True), (True, False)])
-def test_eager_gpt2_tp2_matches_one_process(tmp_path, sp, minimize):
+@pytest.mark.parametrize(
+    "model, sp, minimize",
+    [("gpt2", False, False), ("gpt2", True, True), ("llama", True, False)],  # llama: a sparse row-split table gradient
+)
+def test_eager_tp2_training_matches_one_process(tmp_path, model, sp, minimize):
     out = tmp_path / "eager"
-    args = ["--tp", "2", "--out", str(out)] + (["--sp"] if sp else []) + (["--minimize"] if minimize else [])
+    args = ["--model", model, "--tp", "2", "--out", str(out)]
+    args += (["--sp"] if sp else []) + (["--minimize"] if minimize else [])
     proc = launch(2, "tests/parallel/eager_tp_train.py", *args, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref_losses, ref_params = eager_tp_train.train(minimize=minimize)
+    ref_losses, ref_params = eager_tp_train.train(minimize=minimize, model_name=model)
     for r in range(2):
         got = np.load(f"{out}.rank{r}.npz")
         np.testing.assert_allclose(got["losses"], ref_losses, rtol=0, atol=1e-6)
