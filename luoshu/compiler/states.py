@@ -485,9 +485,7 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
         idx, val = converted(indices, S.dup(shard.size)), converted(values, S.dup(shard.size))
         grads += list(_rows_in_states(idx, val, values.shape, p.shape, want, shard))
     if getattr(opt, "max_grad_norm", None) is not None and shard.size > 1:
-        split = {i for i, p in enumerate(params) if not states_of(p, strategy.strategy, shard.size).is_pure_duplicate()}
-        weights = {i: 1.0 if i in split else 1.0 / shard.size for i in range(len(params))}
-        opt.shard_norm = ShardNorm(weights, shard.group)
+        opt.shard_norm = _tp_shard_norm(params, strategy)
     out = apply("optimizer_update", *grads, **attrs)
     tensors[id(op.outputs[0])] = out
     states[id(op.outputs[0])] = S.dup(shard.size)
@@ -591,6 +589,23 @@ def _rows_in_states(idx: Tensor, val: Tensor, values_shape, param_shape, want: D
     if d is not None:
         val = convert(val, S.dup(shard.size), S.split(shard.size, d), values_shape, shard)
     return idx, val
+
+
+def _tp_shard_norm(params: list, strategy: Strategy) -> ShardNorm:
+    """Clipping's norm over a TP group: a split parameter's gradient counts whole on each member,
+    a duplicated one 1/n on each of the n members."""
+    n = len(strategy.group)
+    split = {i for i, p in enumerate(params) if not states_of(p, strategy.strategy, n).is_pure_duplicate()}
+    return ShardNorm({i: 1.0 if i in split else 1.0 / n for i in range(len(params))}, strategy.group)
+
+
+def eager_shard_norm(params: list) -> ShardNorm | None:
+    """The clipping norm of an eager optimizer step over `params` under the installed TP strategy
+    (None without one, or where no parameter carries distributed states)."""
+    strategy = _DEFAULT[0]
+    if strategy is None or len(strategy.group) == 1 or not any(p.ds for p in params):
+        return None
+    return _tp_shard_norm(params, strategy)
 
 
 class ShardNorm:

@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import torch
 
+from luoshu.compiler import states
 from luoshu.core import context, dtypes, live
 from luoshu.core.autodiff import gradients
 from luoshu.core.errors import CheckpointError, Error, GradientError, GraphError
@@ -353,8 +354,9 @@ class Optimizer:
                 entries = _replace_dense_parts(entries, unscaled)
             if self.max_grad_norm is not None:
                 tensors = [_dense_part(g) for _, g in entries]
-                total = _total_norm(tensors) if self.shard_norm is None else \
-                    self.shard_norm([i for i, _ in entries], tensors)
+                # a graph's states pass installs `shard_norm`; an eager TP step asks for it here
+                shard_norm = self.shard_norm or states.eager_shard_norm(self.parameters())
+                total = _total_norm(tensors) if shard_norm is None else shard_norm([i for i, _ in entries], tensors)
                 if other_norm_sq is not None:
                     total = (total.double() ** 2 + other_norm_sq.double()).sqrt()
                 coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)

@@ -1,7 +1,8 @@
 """GPT-2 trained in eager mode under tensor (and sequence) parallelism; run under `luoshu launch` by
 tests/parallel/test_eager_tp.py.
 
-    luoshu launch -n 2 tests/parallel/eager_tp_train.py [--model gpt2|llama] --tp 2 [--sp] [--minimize] --out PREFIX
+    luoshu launch -n 2 tests/parallel/eager_tp_train.py [--model gpt2|llama] --tp 2 [--sp] [--minimize] [--clip NORM]
+        --out PREFIX
 
 Every rank feeds the same global batches; rank r writes the losses and the full parameters
 (all-gathered over its TP group) to PREFIX.rank<r>.npz. `train(...)` without a mesh is the
@@ -38,13 +39,17 @@ def build(model: str):
     )
 
 
-def train(mesh=None, sequence_parallel: bool = False, minimize: bool = False, model_name: str = "gpt2"):
-    """(losses, {name: full parameter}) after STEPS eager AdamW steps."""
+def train(mesh=None, sequence_parallel: bool = False, minimize: bool = False, model_name: str = "gpt2",
+          clip: float | None = None):
+    """(losses, {name: full parameter}) after STEPS eager AdamW steps (SGD clipped to global norm `clip`)."""
     ls.manual_seed(7)
     model = build(model_name).to(dtype="float64")
     if mesh is not None:
         ls.parallel.parallelize(model, mesh, sequence_parallel=sequence_parallel)
-    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if clip is None:
+        opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    else:  # SGD: the clipping coefficient scales the step itself (Adam would all but cancel it)
+        opt = ls.optim.SGD(model.parameters(), lr=0.5, max_grad_norm=clip)
     losses = []
     for ids_v, y_v in batches():
         ids, y = ls.tensor(ids_v, dtype="int64"), ls.tensor(y_v, dtype="int64")
@@ -117,12 +122,13 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--minimize", action="store_true")
+    parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
     mesh = ls.distributed.DeviceMesh(tp=args.tp)
-    losses, params = train(mesh, args.sp, args.minimize, args.model)
+    losses, params = train(mesh, args.sp, args.minimize, args.model, args.clip)
     np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
     with open(f"{args.out}.rank{ls.distributed.rank()}.json", "w") as f:
         json.dump(block_collectives(mesh, args.sp), f)

@@ -53,17 +53,29 @@ def test_eager_gradients_with_a_data_parallel_axis_are_refused():
         ST.set_default(None)
 
 
+CLIP = 0.05
+
+
+def test_the_clipping_case_clips():
+    """CLIP is small enough to change the one-process run, so the clipped case tests the norm."""
+    _, clipped = eager_tp_train.train(clip=CLIP)
+    _, barely = eager_tp_train.train(clip=1e6)  # a norm never reached: plain SGD
+    assert max(np.abs(clipped[k] - barely[k]).max() for k in clipped) > 1e-3
+
+
 @pytest.mark.parametrize(
-    "model, sp, minimize",
-    [("gpt2", False, False), ("gpt2", True, True), ("llama", True, False)],  # llama: a sparse row-split table gradient
+    "model, sp, minimize, clip",
+    [("gpt2", False, False, None), ("gpt2", True, True, None),
+     ("llama", True, False, None),  # llama: a sparse row-split table gradient
+     ("gpt2", True, False, CLIP)],  # clipped by the whole model's norm across the TP shards
 )
-def test_eager_tp2_training_matches_one_process(tmp_path, model, sp, minimize):
+def test_eager_tp2_training_matches_one_process(tmp_path, model, sp, minimize, clip):
     out = tmp_path / "eager"
     args = ["--model", model, "--tp", "2", "--out", str(out)]
-    args += (["--sp"] if sp else []) + (["--minimize"] if minimize else [])
+    args += (["--sp"] if sp else []) + (["--minimize"] if minimize else []) + (["--clip", str(clip)] if clip else [])
     proc = launch(2, "tests/parallel/eager_tp_train.py", *args, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref_losses, ref_params = eager_tp_train.train(minimize=minimize, model_name=model)
+    ref_losses, ref_params = eager_tp_train.train(minimize=minimize, model_name=model, clip=clip)
     for r in range(2):
         got = np.load(f"{out}.rank{r}.npz")
         np.testing.assert_allclose(got["losses"], ref_losses, rtol=0, atol=1e-6)
