@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch.distributed as torch_dist
 
-from luoshu.checkpoint import load, load_tensors, save, verify
+from luoshu.checkpoint import load, load_tensors, save_full, verify
 from luoshu.core import manual_seed
 from luoshu.core.errors import CheckpointError, Error
 from luoshu.data.packing import _check_bounds
@@ -125,8 +125,10 @@ def save_checkpoint(path: Path, hot: HotSPa, model, optimizer, metadata: dict) -
                 full_state[(i, name)] = hot.gather(k, state[i][name])
     written = None
     if env.rank() == 0:
-        # ls.save reads the module's and the optimizer's tensors: the full ones stand in for the shards
-        # while it writes, then the shards come back
+        # the writer reads the module's and the optimizer's tensors: the full ones stand in for the
+        # shards while it writes, then the shards come back. `save_full`, not `ls.save`: the values
+        # are whole already, and `ls.save`'s layout hook would gather the TP-annotated parameters
+        # again as a collective that only this rank joins
         shards = [p._value for p in hot.params]
         shard_state = {key: state[key[0]][key[1]] for key in full_state}
         try:
@@ -134,7 +136,7 @@ def save_checkpoint(path: Path, hot: HotSPa, model, optimizer, metadata: dict) -
                 p._value = v
             for (i, name), v in full_state.items():
                 state[i][name] = v
-            written = save(path, model, optimizer, metadata=json.loads(json.dumps(metadata)))
+            written = save_full(path, model, optimizer, metadata=json.loads(json.dumps(metadata)))
         finally:
             for p, v in zip(hot.params, shards):
                 p._value = v
