@@ -382,53 +382,9 @@ class LinearSVC(ClassifierMixin, Estimator):
         self.n_iter_ = max(int(self.n_iter_), 1)
         return self
 
-    def _fit_on_servers(self, X, y) -> LogisticRegression:
-        from luoshu.ml.fm import SparseLogisticRegression
-        from luoshu.ml.ps_training import rows_over_workers
-
-        name = "LogisticRegression"
-        if self.ps is not None:
-            check_choice(self, "ps", self.ps, ("launch",))
-        if self.penalty not in ("l2", None):
-            raise ParameterError(
-                f"{name}: training on parameter servers takes penalty 'l2' or None, found {self.penalty!r}"
-            )
-        if not self.fit_intercept:
-            raise ParameterError(f"{name}: training on parameter servers fits an intercept; found fit_intercept=False")
-        X, y = check_X_y(self, X, y)
-        classes, _ = encode_labels(self, y)
-        if len(classes) != 2:
-            raise DataError(f"{name}: training on parameter servers is binary, found {len(classes)} classes")
-        n_total = rows_over_workers(self, X.shape[0])
-        # sklearn's C * sum(loss) + ||w||^2 / 2 is, per sample, mean(loss) + ||w||^2 / (2 C n)
-        l2 = 0.0 if self.penalty is None else 1.0 / (self.C * n_total)
-        inner = SparseLogisticRegression(
-            n_epochs=self.n_epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            reg_linear=l2,
-            random_state=self.random_state,
-            ps_addresses=self.ps_addresses,
-            ps=self.ps,
-            ps_table=self.ps_table,
-        ).fit(sp.csr_matrix(X), y)
-        self.classes_ = inner.classes_
-        self.feature_ids_ = inner.feature_ids_
-        self.coef_ = inner.w_.T.copy()  # (1, len(feature_ids_))
-        self.intercept_ = inner.w0_.copy()
-        self.loss_curve_ = inner.loss_curve_
-        self.n_iter_ = inner.n_iter_
-        return self
-
     def decision_function(self, X) -> np.ndarray:
         self._check_fitted("coef_")
         X = check_X(self, X, reset=False)
-        if getattr(self, "feature_ids_", None) is not None:
-            from luoshu.ml.fm import columns_of_ids
-
-            X = columns_of_ids(X, self.feature_ids_)
-            if len(self.feature_ids_) == 0:  # columns_of_ids keeps one (empty) column
-                return np.full(X.shape[0], float(self.intercept_[0]))
         Z = (to_torch(X) @ torch.from_numpy(self.coef_.T.copy())).numpy() + self.intercept_
         return Z[:, 0] if Z.shape[1] == 1 else Z
 
