@@ -124,7 +124,10 @@ def case_logistic(scale: float):
 
 def case_fm(scale: float):
     """FM on one-hot CTR-like rows; scikit-learn has no FM, so the reference is the FM a PyTorch user writes
-    (embedding tables, torch.optim.Adagrad, same factors, epochs, batch and learning rate)."""
+    (embedding tables, torch.optim.Adagrad, same factors, epochs, batch and learning rate). Of the variants a
+    PyTorch user would write for it (this one; foreach Adagrad; one [w | V] table through F.embedding, dense or
+    with sparse gradients and Adagrad's sparse update) this was the fastest or level at 1 thread: 0.31-0.33 s
+    against 0.21-0.64 s, 0.41-0.43 s and 0.59-0.68 s at scale 0.5, load average ~6."""
     from sklearn.metrics import log_loss
 
     from luoshu.ml import FactorizationMachine

@@ -3,9 +3,10 @@
 FM: `y = w0 + <w, x> + sum_{i<j} <v_i, v_j> x_i x_j`, computed as
 `0.5 * sum_f ((X V)_f^2 - (X^2 V^2)_f)` (Rendle's O(nnz k) form). FFM gives each feature
 one factor per field: `sum_{i<j} <v_{i,F(j)}, v_{j,F(i)}> x_i x_j`, computed per pair of
-fields from `A[f, g] = sum_{i in f} x_i v_{i,g}`. Gradients are written out (no
-autograd) and applied by mini-batch AdaGrad on torch kernels. Classification with K > 2
-classes trains K score functions under a softmax. Inputs may be dense or CSR.
+fields from `A[f, g] = sum_{i in f} x_i v_{i,g}` (prediction; torch kernels). Training runs one
+compiled epoch per pass (`_fm_kernels`: forward, backward and mini-batch AdaGrad fused over each batch's
+non-zeros; only the touched features' rows are updated and regularised, as on the parameter servers).
+Classification with K > 2 classes trains K score functions under a softmax. Inputs may be dense or CSR.
 
 Parameter-server mode (`FactorizationMachine(ps_addresses=...)` or `ps="launch"` under
 `luoshu launch --servers S`): each feature's row `[w_i, v_i]` lives in a `luoshu.ps`
@@ -23,6 +24,7 @@ from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils import ClassifierTags, RegressorTags
 from sklearn.utils.metaestimators import available_if
 
+from luoshu.ml import _fm_kernels as _kernels
 from luoshu.ml.base import (
     DataError,
     Estimator,
@@ -92,35 +94,31 @@ class _FMBase(Estimator):
             return (codes == 1).double()[:, None], 1
         return torch.nn.functional.one_hot(codes, k_out).double(), k_out
 
-    # subclasses: _init_params(d, k_out, gen) -> dict; _scores(Xt, params) -> (Z, cache);
-    # _grads(Xt, params, cache, R) -> dict
+    # subclasses: _init_params(d, k_out, gen) -> dict; _scores(Xt, params) -> (Z, cache) and
+    # _grads(Xt, params, cache, R) -> dict (prediction and the parameter-server path); _epoch(...) -> loss sum
 
     def _train_local(self, X, target: torch.Tensor, k_out: int) -> None:
         n, d = X.shape
         rng = np.random.default_rng(0 if self.random_state is None else self.random_state)
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        params = self._init_params(d, k_out, gen)
-        accum = {name: torch.zeros_like(p) for name, p in params.items()}
-        bs = int(self.batch_size)
+        params = {name: p.numpy() for name, p in self._init_params(d, k_out, gen).items()}
+        accum = {name: np.zeros_like(p) for name, p in params.items()}
+        # dense input too: its non-zeros are the features a row touches
+        X = sp.csr_matrix(X, dtype=np.float64)
+        csr = (X.indptr.astype(np.int64), X.indices.astype(np.int64), X.data)
+        task_code = (
+            _kernels.REGRESSION if self.task == "regression" else _kernels.BINARY if k_out == 1 else _kernels.SOFTMAX
+        )
+        target = np.ascontiguousarray(target.numpy())
         self.loss_curve_ = []
         for _ in range(int(self.n_epochs)):
             order = rng.permutation(n)
-            total = 0.0
-            for start in range(0, n, bs):
-                rows = np.sort(order[start : start + bs])
-                Xb = to_torch(X[rows])
-                Z, cache = self._scores(Xb, params)
-                loss, R = _loss_and_residual(self.task, k_out, Z, target[torch.from_numpy(rows)])
-                total += float(loss.sum())
-                grads = self._grads(Xb, params, cache, R / len(rows))
-                for name, g in grads.items():
-                    accum[name] += g * g
-                    params[name] -= self.learning_rate * g / (accum[name].sqrt() + 1e-10)
+            total = self._epoch(csr, order, target, task_code, params, accum)
             self.loss_curve_.append(total / n)
         self.loss_curve_ = np.asarray(self.loss_curve_)
         self.feature_ids_ = None
         for name, p in params.items():
-            setattr(self, name + "_", p.numpy())
+            setattr(self, name + "_", p)
         self.n_iter_ = int(self.n_epochs)
 
     def _predict_scores(self, X) -> np.ndarray:
@@ -222,6 +220,13 @@ class FactorizationMachine(_FMBase):
             "w": torch.zeros(d, k_out, dtype=torch.float64),
             "V": torch.randn(k_out, d, k, generator=gen, dtype=torch.float64) * self.init_std,
         }
+
+    def _epoch(self, csr, order, target, task, params, accum) -> float:
+        return _kernels.fm_epoch(
+            *csr, order, int(self.batch_size), target, task, params["w0"], params["w"], params["V"],
+            accum["w0"], accum["w"], accum["V"], float(self.learning_rate), float(self.reg_linear),
+            float(self.reg_factors),
+        )  # fmt: skip
 
     @staticmethod
     def _square(X: torch.Tensor) -> torch.Tensor:
@@ -341,6 +346,13 @@ class FieldAwareFM(_FMBase):
             "w": torch.zeros(d, k_out, dtype=torch.float64),
             "V": torch.randn(d, F, k_out, k, generator=gen, dtype=torch.float64) * self.init_std,
         }
+
+    def _epoch(self, csr, order, target, task, params, accum) -> float:
+        return _kernels.ffm_epoch(
+            *csr, self.fields_, order, int(self.batch_size), target, task, params["w0"], params["w"], params["V"],
+            accum["w0"], accum["w"], accum["V"], float(self.learning_rate), float(self.reg_linear),
+            float(self.reg_factors),
+        )  # fmt: skip
 
     def _field_onehot(self, d: int) -> torch.Tensor:
         return torch.nn.functional.one_hot(torch.from_numpy(self.fields_), self.n_fields_).double()  # (d, F)

@@ -54,6 +54,70 @@ def test_gradients_equal_torch_autograd(cls, task, k_out, layout):
         torch.testing.assert_close(ours[name], ref[name].grad, atol=1e-12, rtol=1e-10)
 
 
+def _pairwise_scores(cls, X, p, fields):
+    """Scores by the definition (a sum over feature pairs i < j), independent of the O(nnz k) forms."""
+    d = X.shape[1]
+    upper = torch.triu(torch.ones(d, d, dtype=torch.float64), 1)
+    if cls is FactorizationMachine:
+        dots = torch.einsum("cik,cjk->ijc", p["V"], p["V"])  # <v_i, v_j> per output
+    else:
+        f = torch.from_numpy(fields)
+        Vij = p["V"][:, f]  # (i, j, K, k): v_{i, F(j)}
+        dots = (Vij * Vij.transpose(0, 1)).sum(3)  # <v_{i,F(j)}, v_{j,F(i)}>
+    pair = torch.einsum("bi,bj,ijc,ij->bc", X, X, dots, upper)
+    return p["w0"] + X @ p["w"] + pair
+
+
+@pytest.mark.parametrize("cls", [FactorizationMachine, FieldAwareFM])
+@pytest.mark.parametrize("task, k_out", [("classification", 1), ("classification", 3), ("regression", 1)])
+def test_training_equals_torch_autograd_and_adagrad_on_touched_rows(cls, task, k_out):
+    """Two epochs of batches of 4: the compiled epochs against torch autograd + torch.optim.Adagrad, with the
+    penalty on the rows the batch touches (untouched rows get no gradient, so Adagrad leaves them alone)."""
+    rng = np.random.default_rng(1)
+    n, d = 10, 6
+    X = rng.normal(size=(n, d)) * (rng.random((n, d)) < 0.4)
+    y = rng.normal(size=n) if task == "regression" else np.arange(n) % (2 if k_out == 1 else k_out)
+    fields = np.array([0, 0, 1, 1, 2, 2])
+    kw = dict(task=task, n_factors=3, n_epochs=2, batch_size=4, learning_rate=0.3, reg_linear=0.05,
+              reg_factors=0.1, init_std=0.5, random_state=4)  # fmt: skip
+    m = cls(fields=fields, **kw) if cls is FieldAwareFM else cls(**kw)
+    m.fit(sp.csr_matrix(X), y)
+    # the reference starts where fit starts: the same seeds, initial parameters and row orders
+    seeds = np.random.default_rng(4)
+    gen = torch.Generator().manual_seed(int(seeds.integers(2**31)))
+    m.n_fields_ = 3
+    p = {k: v.clone().requires_grad_() for k, v in m._init_params(d, k_out, gen).items()}
+    opt = torch.optim.Adagrad(list(p.values()), lr=0.3, eps=1e-10)
+    Xt = torch.from_numpy(X)
+    target = torch.from_numpy(y) if task == "regression" else torch.from_numpy(y).long()
+    curve = []
+    for _ in range(2):
+        order, total = seeds.permutation(n), 0.0
+        for start in range(0, n, 4):
+            rows = torch.from_numpy(np.sort(order[start : start + 4]))
+            Z = _pairwise_scores(cls, Xt[rows], p, fields)
+            if task == "regression":
+                loss = 0.5 * ((Z[:, 0] - target[rows]) ** 2).sum()
+            elif k_out == 1:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    Z[:, 0], target[rows].double(), reduction="sum"
+                )
+            else:
+                loss = torch.nn.functional.cross_entropy(Z, target[rows], reduction="sum")
+            total += float(loss.detach())
+            touched = (Xt[rows] != 0).any(0)
+            penalty = 0.5 * (0.05 * (p["w"][touched] ** 2).sum() + 0.1 * (p["V"][..., touched, :] ** 2).sum()) \
+                if cls is FactorizationMachine else \
+                0.5 * (0.05 * (p["w"][touched] ** 2).sum() + 0.1 * (p["V"][touched] ** 2).sum())  # fmt: skip
+            opt.zero_grad()
+            (loss / len(rows) + penalty).backward()
+            opt.step()
+        curve.append(total / n)
+    for name in ("w0", "w", "V"):
+        np.testing.assert_allclose(getattr(m, name + "_"), p[name].detach().numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(m.loss_curve_, curve, rtol=1e-10)
+
+
 def test_ffm_score_equals_the_pairwise_sum():
     m = FieldAwareFM(n_factors=2)
     m.fields_, m.n_fields_ = np.array([0, 1, 1, 2]), 3
