@@ -4,6 +4,12 @@ Queries go in chunks; each chunk's distances to every training row are one matri
 (``||q||^2 - 2 q.t + ||t||^2`` for Euclidean, a normalised product for cosine, `torch.cdist` for
 Manhattan) followed by a compiled top-k pass (`_smallest_k`: one comparison per candidate once the row's k best
 are found, where `torch.topk` sorts blocks), so memory stays at one cache-sized chunk x n_train block.
+
+Dense float64 Euclidean queries are screened in float32 (half the GEMM's and the top-k's memory traffic, twice
+its SIMD width): each row keeps its best `k + 4` candidates by the float32 score, which are then rescored in
+float64 (`_rescore`); a row whose float64 k-th score is not below every uncandidate's float32 score by more
+than a bound on the float32 rounding error is recomputed in float64 in full. So the neighbours and distances
+are the float64 ones.
 """
 
 from __future__ import annotations
@@ -45,6 +51,40 @@ def _smallest_k(D, k, vals, idx):  # pragma: no cover - compiled
             idx[i, pos] = j
             if count < k:
                 count += 1
+
+
+_F32_UNIT = 2.0**-24  # float32's unit roundoff
+
+
+@numba.njit(nogil=True, cache=True)
+def _rescore(Q, T, t_sq, cand, screen_vals, slack, k, vals, idx):  # pragma: no cover - compiled
+    """Per query row: float64 scores ||t||^2 - 2 q.t of its candidates `cand` (ascending by the float32 score
+    `screen_vals`), the k smallest into vals/idx (equal values: lower column first). Returns a flag per row:
+    True where every non-candidate, whose float32 score is >= the last candidate's, is provably no better
+    (float32 error <= slack[i]) than the k-th."""
+    n, m = cand.shape
+    dim = Q.shape[1]
+    exact = np.empty(m)
+    ok = np.ones(n, np.bool_)
+    for i in range(n):
+        for c in range(m):
+            t = cand[i, c]
+            dot = 0.0
+            for f in range(dim):
+                dot += Q[i, f] * T[t, f]
+            exact[c] = t_sq[t] - 2.0 * dot
+        for c in range(k):  # selection of the k smallest by (score, column)
+            best = -1
+            for e in range(m):
+                if exact[e] == np.inf:
+                    continue
+                if best < 0 or exact[e] < exact[best] or (exact[e] == exact[best] and cand[i, e] < cand[i, best]):
+                    best = e
+            vals[i, c] = exact[best]
+            idx[i, c] = cand[i, best]
+            exact[best] = np.inf
+        ok[i] = vals[i, k - 1] < screen_vals[i, m - 1] - slack[i]
+    return ok
 
 
 def _dot_t(A, B) -> torch.Tensor:
@@ -95,8 +135,38 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
         self._fit_sq = row_sq_norms(self._fit_X)
         self._metric_ = metric
         self._dtype = X.dtype
+        self._set_screen()
         self.n_samples_fit_ = X.shape[0]
         return self
+
+    def _set_screen(self) -> None:
+        """The float32 copy of the training rows that screens dense float64 Euclidean queries (or None)."""
+        X = self._fit_X
+        screen = self._metric_ == "euclidean" and not sp.issparse(X) and X.dtype == torch.float64
+        self._screen_X = X.float() if screen else None
+        self._screen_sq = self._fit_sq.float() if screen else None
+        self._fit_norm_max = float(self._fit_sq.max().sqrt()) if screen and X.shape[0] else 0.0
+
+    def _screened(self, Q: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Float32 screening of dense float64 query rows Q into vals/idx (scores ||t||^2 - 2 q.t); returns the
+        rows the float32 bound could not certify (computed again in float64 by the caller)."""
+        n_fit, dim = self._screen_X.shape
+        m = min(n_fit, k + 4)
+        partial = torch.addmm(self._screen_sq[None, :], Q.float(), self._screen_X.T, alpha=-2)
+        screen_vals = torch.empty(Q.shape[0], m, dtype=torch.float32)
+        cand = torch.empty(Q.shape[0], m, dtype=torch.int64)
+        _smallest_k(partial.numpy(), m, screen_vals.numpy(), cand.numpy())
+        # |error| of a float32 score: inputs rounded (2u), the dot product over dim terms (dim u) and the adds
+        # of ||t||^2 (4u, with its own rounding), each times the size of its terms; twice that first-order bound
+        q_norm = Q.norm(dim=1)
+        slack = 2 * _F32_UNIT * (2 * (dim + 4) * q_norm * self._fit_norm_max + 4 * self._fit_norm_max**2)
+        if m == n_fit:
+            slack = torch.full_like(slack, -np.inf)  # every training row is a candidate: nothing to certify
+        ok = _rescore(
+            Q.numpy(), self._fit_X.numpy(), self._fit_sq.numpy(), cand.numpy(), screen_vals.double().numpy(),
+            slack.numpy(), k, vals.numpy(), idx.numpy(),
+        )  # fmt: skip
+        return torch.from_numpy(~ok).nonzero()[:, 0]
 
     def _distances(self, Q) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(a score per training row that ranks like the distance, what each query row adds to it to give
@@ -140,10 +210,19 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
         chunk = max(_MIN_CHUNK, _BLOCK_ELEMENTS // max(self.n_samples_fit_, 1))
         for s in row_slices(n, chunk):
             Q = X[s].astype(self._dtype) if sp.issparse(X) else dense(X[s]).to(self._fit_sq.dtype)
-            d, offset = self._distances(Q)
-            vals = torch.empty(d.shape[0], k_search, dtype=d.dtype)
-            idx = torch.empty(d.shape[0], k_search, dtype=torch.int64)
-            _smallest_k(d.contiguous().numpy(), k_search, vals.numpy(), idx.numpy())
+            vals = torch.empty(Q.shape[0], k_search, dtype=self._fit_sq.dtype)
+            idx = torch.empty(Q.shape[0], k_search, dtype=torch.int64)
+            if self._screen_X is not None and not sp.issparse(Q):
+                redo = self._screened(Q.contiguous(), k_search, vals, idx)
+                offset = row_sq_norms(Q)
+                if redo.numel():
+                    d, _ = self._distances(Q[redo])
+                    v, i = vals[redo], idx[redo]  # copies, written back
+                    _smallest_k(d.contiguous().numpy(), k_search, v.numpy(), i.numpy())
+                    vals[redo], idx[redo] = v, i
+            else:
+                d, offset = self._distances(Q)
+                _smallest_k(d.contiguous().numpy(), k_search, vals.numpy(), idx.numpy())
             if offset is not None:
                 vals = (vals + offset[:, None]).clamp_min_(0)
             if query_is_train:
@@ -200,6 +279,7 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
         self._fit_sq = row_sq_norms(self._fit_X)
         self._metric_ = self._metric()
         self._dtype = np.float64
+        self._set_screen()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn import neighbors as skn
 from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine
 from sklearn.model_selection import train_test_split
@@ -56,6 +57,29 @@ def test_training_rows_query_excludes_each_row_itself():
     d_ref, i_ref = skn.NearestNeighbors(n_neighbors=3, algorithm="brute").fit(X).kneighbors()
     np.testing.assert_allclose(d, d_ref, rtol=1e-7, atol=1e-9)
     np.testing.assert_array_equal(i, i_ref)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_float32_screening_gives_the_float64_neighbours(offset):
+    """Dense float64 Euclidean queries are screened in float32 and rescored in float64; far from the origin
+    (offset 1e3: float32 cannot separate the candidates) rows fall back to float64. Either way the neighbours
+    are NumPy's float64 ones (stable order: equal distances by training row)."""
+    rng = np.random.default_rng(0)
+    Xtr, Xte = rng.normal(size=(3000, 12)) + offset, rng.normal(size=(300, 12)) + offset
+    Xtr[1000:1010] = Xtr[:10]  # exact duplicates: equidistant neighbours
+    Xte[:10] = Xtr[:10]
+    knn = KNeighborsClassifier(7).fit(Xtr, np.arange(3000) % 3)
+    d, i = knn.kneighbors(Xte)
+    ref_sq = ((Xte[:, None, :] - Xtr[None, :, :]) ** 2).sum(2)
+    ref_i = np.argsort(ref_sq, axis=1, kind="stable")[:, :7]
+    np.testing.assert_allclose(d, np.sqrt(np.take_along_axis(ref_sq, ref_i, 1)), rtol=1e-6, atol=1e-6 * (1 + offset))
+    if offset == 0:  # far out, rounding in ||t||^2 - 2 q.t itself may swap rows NumPy's differences keep apart
+        np.testing.assert_array_equal(i, ref_i)
+    redo = knn._screened(
+        torch.from_numpy(Xte), 7, torch.empty(300, 7, dtype=torch.float64), torch.empty(300, 7, dtype=torch.int64)
+    )
+    # near the origin float32 certifies (almost) every row; at 1e3 its error bound exceeds the gaps
+    assert len(redo) < 30 if offset == 0 else len(redo) == 300
 
 
 def test_sparse_input_gives_the_dense_result():
