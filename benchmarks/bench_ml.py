@@ -10,7 +10,8 @@ intra-op threads, and scikit-learn's OpenMP/BLAS pools through threadpoolctl).
 
 --scale multiplies the sample counts (1.0: KMeans 100k x 32, KNN 20k train / 5k queries x 32, LDA 2k docs x
 2k words, NMF 5k x 500, LogisticRegression 50k x 50, FM 40k one-hot rows x 200 against a PyTorch FM, as
-scikit-learn has none).
+scikit-learn has none). lda_gibbs: luoshu's collapsed Gibbs LDA (50 sweeps) against scikit-learn's online
+variational LDA on the LDA row's data.
 """
 
 from __future__ import annotations
@@ -76,22 +77,41 @@ def case_knn(scale: float):
     return f"KNN predict {n_query} queries on {n_train}x32, k=10", ours, ref, quality, quality
 
 
-def case_lda(scale: float):
-    from sklearn.decomposition import LatentDirichletAllocation as Ref
-
-    from luoshu.ml import LDA
-
+def _lda_corpus(scale: float):
+    """Documents of 100 words drawn from a known 10-topic model over 2k words: (training CSR, 500 held-out)."""
     rng = np.random.default_rng(0)
     n_docs, n_words, k = int(2_000 * scale), 2_000, 10
     topics = rng.dirichlet(np.full(n_words, 0.02), k)
     theta = rng.dirichlet(np.full(k, 0.2), n_docs + 500)
     counts = np.stack([rng.multinomial(100, t @ topics) for t in theta]).astype(np.float64)
-    X, held = sp.csr_matrix(counts[:n_docs]), sp.csr_matrix(counts[n_docs:])
+    return sp.csr_matrix(counts[:n_docs]), sp.csr_matrix(counts[n_docs:])
+
+
+def case_lda(scale: float):
+    from sklearn.decomposition import LatentDirichletAllocation as Ref
+
+    from luoshu.ml import LDA
+
+    X, held = _lda_corpus(scale)
     kwargs = dict(learning_method="online", max_iter=5, batch_size=256, random_state=0)
-    ours = lambda: LDA(k, **kwargs).fit(X)  # noqa: E731
-    ref = lambda: Ref(k, **kwargs).fit(X)  # noqa: E731
+    ours = lambda: LDA(10, **kwargs).fit(X)  # noqa: E731
+    ref = lambda: Ref(10, **kwargs).fit(X)  # noqa: E731
     quality = lambda m: ("held-out perplexity", float(m.perplexity(held)))  # noqa: E731
-    return f"LDA online fit {n_docs} docs x {n_words} words, 10 topics, 5 passes", ours, ref, quality, quality
+    return f"LDA online fit {X.shape[0]} docs x {X.shape[1]} words, 10 topics, 5 passes", ours, ref, quality, quality
+
+
+def case_lda_gibbs(scale: float):
+    """Collapsed Gibbs sampling (50 sweeps) against scikit-learn's online variational fit of the LDA row (5
+    passes): time, and held-out perplexity by the same variational bound given each model's components_."""
+    from sklearn.decomposition import LatentDirichletAllocation as Ref
+
+    from luoshu.ml import LDA
+
+    X, held = _lda_corpus(scale)
+    ours = lambda: LDA(10, learning_method="gibbs", max_iter=50, random_state=0).fit(X)  # noqa: E731
+    ref = lambda: Ref(10, learning_method="online", max_iter=5, batch_size=256, random_state=0).fit(X)  # noqa: E731
+    quality = lambda m: ("held-out perplexity", float(m.perplexity(held)))  # noqa: E731
+    return f"LDA gibbs fit {X.shape[0]} docs, 50 sweeps (sklearn online)", ours, ref, quality, quality
 
 
 def case_nmf(scale: float):
@@ -182,6 +202,7 @@ CASES = {
     "minibatch": case_minibatch,
     "knn": case_knn,
     "lda": case_lda,
+    "lda_gibbs": case_lda_gibbs,
     "nmf": case_nmf,
     "logistic": case_logistic,
 }

@@ -4,7 +4,12 @@ LDA follows Hoffman, Blei & Bach (2010) and scikit-learn's `LatentDirichletAlloc
 every document of a chunk at once over the non-zeros of its CSR rows (an nnz x topics gather, a row-wise
 `index_add_` back to documents), freezing each document once its topic weights change by less than
 `mean_change_tol`, exactly as the per-document loop does; the M-step blends the sufficient statistics into
-`components_` with step (offset + t)^-decay (online) or replaces them (batch).
+`components_` with step (offset + t)^-decay (online) or replaces them (batch). `learning_method="gibbs"` fits
+by collapsed Gibbs sampling instead (Griffiths & Steyvers 2004): a compiled sweep (`_gibbs_sweep`) over the
+corpus' tokens, one per unit of count, resamples each token's topic from its document's and its word's topic
+counts; `components_` is then the topic-word counts plus the prior, averaged over the second half of the sweeps,
+and `transform`, `perplexity` and `score` run the same variational E-step given `components_` as the other
+methods, so perplexities compare on one definition.
 
 NMF minimises the Frobenius norm ||X - WH|| with W, H >= 0 by coordinate descent on one column/row at a time
 (HALS, the update scikit-learn's "cd" solver makes) or by Lee & Seung's multiplicative updates ("mu").
@@ -12,6 +17,7 @@ NMF minimises the Frobenius norm ||X - WH|| with W, H >= 0 by coordinate descent
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -50,8 +56,46 @@ def _likelihood_term(prior: float, distr: torch.Tensor, dirichlet: torch.Tensor,
     return float(score)
 
 
+@numba.njit(nogil=True, cache=True)
+def _gibbs_sweep(tok_doc, tok_word, z, ndk, nwk, nk, alpha, eta, uniforms):  # pragma: no cover - compiled
+    """One collapsed Gibbs sweep over the tokens in order: token i leaves its topic z[i] and joins topic t with
+    probability proportional to (n_dt + alpha) (n_wt + eta) / (n_t + V eta), by the inverse CDF at uniforms[i].
+    ndk (docs, K), nwk (words, K) and nk (K,) count every token by topic; all three are updated in place."""
+    n_topics = nk.shape[0]
+    v_eta = nwk.shape[0] * eta
+    cdf = np.empty(n_topics)
+    inv_nk = np.empty(n_topics)
+    for t in range(n_topics):
+        inv_nk[t] = 1.0 / (nk[t] + v_eta)
+    for i in range(tok_doc.shape[0]):
+        d = tok_doc[i]
+        w = tok_word[i]
+        t = z[i]
+        ndk[d, t] -= 1
+        nwk[w, t] -= 1
+        nk[t] -= 1
+        inv_nk[t] = 1.0 / (nk[t] + v_eta)
+        total = 0.0
+        for s in range(n_topics):  # the word's row and the document's row: contiguous
+            total += (ndk[d, s] + alpha) * (nwk[w, s] + eta) * inv_nk[s]
+            cdf[s] = total
+        u = uniforms[i] * total
+        t = 0
+        while t < n_topics - 1 and cdf[t] <= u:
+            t += 1
+        z[i] = t
+        ndk[d, t] += 1
+        nwk[w, t] += 1
+        nk[t] += 1
+        inv_nk[t] = 1.0 / (nk[t] + v_eta)
+
+
 class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
-    """Latent Dirichlet allocation by variational Bayes (scikit-learn's parameters and attributes).
+    """Latent Dirichlet allocation by variational Bayes or collapsed Gibbs sampling (scikit-learn's parameters and
+    attributes).
+
+    learning_method "batch" / "online": variational Bayes as scikit-learn's; "gibbs": `max_iter` sweeps of
+    collapsed Gibbs sampling over the tokens (counts rounded to whole tokens), deterministic for a seed.
 
     `fit(X)` on document-word counts (dense or CSR); `transform(X)` gives each document's topic mixture
     (rows sum to 1); `components_[k, w]` is topic k's variational parameter for word w; `perplexity(X)` is
@@ -154,7 +198,7 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
         check_int(self, "max_iter", self.max_iter)
         check_int(self, "batch_size", self.batch_size)
         check_int(self, "max_doc_update_iter", self.max_doc_update_iter)
-        check_choice(self, "learning_method", self.learning_method, ("batch", "online"))
+        check_choice(self, "learning_method", self.learning_method, ("batch", "online", "gibbs"))
         for name in ("doc_topic_prior", "topic_word_prior"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, int | float) and v > 0):
@@ -177,6 +221,8 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
         k = self.n_components
         self.doc_topic_prior_ = 1.0 / k if self.doc_topic_prior is None else float(self.doc_topic_prior)
         self.topic_word_prior_ = 1.0 / k if self.topic_word_prior is None else float(self.topic_word_prior)
+        if self.learning_method == "gibbs":
+            return self._fit_gibbs(corpus, rng)
         self._set_components(torch.from_numpy(rng.gamma(100.0, 1.0 / 100.0, (k, corpus.n_words))))
         self.n_batch_iter_ = 1
         last_bound = None
@@ -199,6 +245,44 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
                 if last_bound is not None and abs(last_bound - bound) < self.perp_tol:
                     break
                 last_bound = bound
+        self.bound_ = self._perplexity(corpus, self._doc_topics(corpus))
+        return self
+
+    def _fit_gibbs(self, corpus: _Corpus, rng) -> LDA:
+        """Collapsed Gibbs sampling from uniformly drawn topics; components_ = topic-word counts (averaged over
+        the sweeps after the first half, the burn-in) + topic_word_prior."""
+        X, k = corpus.X, self.n_components
+        counts = np.rint(X.data).astype(np.int64)  # a token per unit of count
+        tok_doc = np.repeat(np.repeat(np.arange(corpus.n_docs), np.diff(X.indptr)), counts)
+        tok_word = np.repeat(X.indices.astype(np.int64), counts)
+        z = rng.randint(0, k, tok_doc.shape[0]).astype(np.int64)
+        ndk = np.zeros((corpus.n_docs, k), np.int64)
+        nwk = np.zeros((corpus.n_words, k), np.int64)
+        np.add.at(ndk, (tok_doc, z), 1)
+        np.add.at(nwk, (tok_word, z), 1)
+        nk = nwk.sum(0)
+        alpha, eta = self.doc_topic_prior_, self.topic_word_prior_
+        burn_in = self.max_iter // 2
+        average = np.zeros((corpus.n_words, k))
+        last_bound = None
+        self.n_iter_ = 0
+        for i in range(self.max_iter):
+            _gibbs_sweep(tok_doc, tok_word, z, ndk, nwk, nk, alpha, eta, rng.random_sample(tok_doc.shape[0]))
+            self.n_iter_ += 1
+            if i >= burn_in:
+                average += nwk
+            if self.evaluate_every > 0 and (i + 1) % self.evaluate_every == 0:
+                self._set_components(torch.from_numpy(nwk.T + eta))
+                bound = self._perplexity(corpus, self._doc_topics(corpus))
+                if last_bound is not None and abs(last_bound - bound) < self.perp_tol:
+                    break
+                last_bound = bound
+        if self.n_iter_ <= burn_in:  # stopped by perp_tol within the burn-in: the last sample
+            average, samples = nwk, 1
+        else:
+            samples = self.n_iter_ - burn_in
+        self._set_components(torch.from_numpy(np.ascontiguousarray(average.T / samples + eta)))
+        self.n_batch_iter_ = self.n_iter_ + 1
         self.bound_ = self._perplexity(corpus, self._doc_topics(corpus))
         return self
 
