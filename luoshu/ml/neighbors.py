@@ -23,9 +23,9 @@ from sklearn.base import ClassifierMixin
 from luoshu.ml._validation import FLOATS, check_int, dense, row_slices, row_sq_norms
 from luoshu.ml.base import DataError, Estimator, check_choice, check_X, check_X_y, encode_labels
 
-# query rows per chunk x training rows: a distance block of <= 2 MB (float64) stays in the L2 cache from the
-# GEMM that writes it to the top-k that reads it; blocks 16x larger run 3-4x slower
-_BLOCK_ELEMENTS = 1 << 18
+# query rows per chunk x training rows: a distance block of <= 2 MB stays in the L2 cache from the GEMM that
+# writes it to the top-k that reads it; blocks 16x larger run 3-4x slower
+_BLOCK_BYTES = 1 << 21
 _MIN_CHUNK = 16  # query rows: below this the GEMM's shape wastes more than the cache saves
 
 METRICS = ("euclidean", "minkowski", "manhattan", "cosine")
@@ -147,26 +147,53 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
         self._screen_sq = self._fit_sq.float() if screen else None
         self._fit_norm_max = float(self._fit_sq.max().sqrt()) if screen and X.shape[0] else 0.0
 
-    def _screened(self, Q: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Float32 screening of dense float64 query rows Q into vals/idx (scores ||t||^2 - 2 q.t); returns the
-        rows the float32 bound could not certify (computed again in float64 by the caller)."""
-        n_fit, dim = self._screen_X.shape
+    def _chunk_rows(self, itemsize: int) -> int:
+        return max(_MIN_CHUNK, _BLOCK_BYTES // (itemsize * max(self.n_samples_fit_, 1)))
+
+    def _screened(self, Q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(squared distances, indices) of the k nearest training rows of dense float64 queries Q by float32
+        screening and float64 rescoring, and the rows the float32 bound could not certify (done in float64)."""
+        n, (n_fit, dim) = Q.shape[0], self._screen_X.shape
         m = min(n_fit, k + 4)
-        partial = torch.addmm(self._screen_sq[None, :], Q.float(), self._screen_X.T, alpha=-2)
-        screen_vals = torch.empty(Q.shape[0], m, dtype=torch.float32)
-        cand = torch.empty(Q.shape[0], m, dtype=torch.int64)
-        _smallest_k(partial.numpy(), m, screen_vals.numpy(), cand.numpy())
+        Q32 = Q.float()
+        screen_vals = torch.empty(n, m, dtype=torch.float32)
+        cand = torch.empty(n, m, dtype=torch.int64)
+        chunk = self._chunk_rows(4)
+        partial = torch.empty(min(chunk, n), n_fit, dtype=torch.float32)
+        for s in row_slices(n, chunk):
+            block = partial[: s.stop - s.start]
+            torch.addmm(self._screen_sq[None, :], Q32[s], self._screen_X.T, alpha=-2, out=block)
+            _smallest_k(block.numpy(), m, screen_vals[s].numpy(), cand[s].numpy())
         # |error| of a float32 score: inputs rounded (2u), the dot product over dim terms (dim u) and the adds
         # of ||t||^2 (4u, with its own rounding), each times the size of its terms; twice that first-order bound
-        q_norm = Q.norm(dim=1)
-        slack = 2 * _F32_UNIT * (2 * (dim + 4) * q_norm * self._fit_norm_max + 4 * self._fit_norm_max**2)
+        q_sq = row_sq_norms(Q)
+        slack = 2 * _F32_UNIT * (2 * (dim + 4) * q_sq.sqrt() * self._fit_norm_max + 4 * self._fit_norm_max**2)
         if m == n_fit:
             slack = torch.full_like(slack, -np.inf)  # every training row is a candidate: nothing to certify
+        vals = torch.empty(n, k, dtype=torch.float64)
+        idx = torch.empty(n, k, dtype=torch.int64)
         ok = _rescore(
             Q.numpy(), self._fit_X.numpy(), self._fit_sq.numpy(), cand.numpy(), screen_vals.double().numpy(),
             slack.numpy(), k, vals.numpy(), idx.numpy(),
         )  # fmt: skip
-        return torch.from_numpy(~ok).nonzero()[:, 0]
+        vals += q_sq[:, None]
+        redo = torch.from_numpy(~ok).nonzero()[:, 0]
+        if redo.numel():
+            vals[redo], idx[redo] = self._nearest(Q[redo], k)
+        return vals, idx, redo
+
+    def _nearest(self, X, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances, squared for Euclidean, indices) of the k nearest training rows, chunk by chunk."""
+        n = X.shape[0]
+        vals = torch.empty(n, k, dtype=self._fit_sq.dtype)
+        idx = torch.empty(n, k, dtype=torch.int64)
+        for s in row_slices(n, self._chunk_rows(self._fit_sq.element_size())):
+            Q = X[s].astype(self._dtype) if sp.issparse(X) else dense(X[s]).to(self._fit_sq.dtype)
+            d, offset = self._distances(Q)
+            _smallest_k(d.contiguous().numpy(), k, vals[s].numpy(), idx[s].numpy())
+            if offset is not None:
+                vals[s] += offset[:, None]
+        return vals, idx
 
     def _distances(self, Q) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(a score per training row that ranks like the distance, what each query row adds to it to give
@@ -204,35 +231,18 @@ class KNeighborsClassifier(ClassifierMixin, Estimator):
                 f"n_neighbors = {k_search}, n_samples_fit = {self.n_samples_fit_}, "
                 f"n_samples = {X.shape[0]}"
             )
-        n = X.shape[0]
-        dist = torch.empty(n, k, dtype=self._fit_sq.dtype)
-        ind = torch.empty(n, k, dtype=torch.int64)
-        chunk = max(_MIN_CHUNK, _BLOCK_ELEMENTS // max(self.n_samples_fit_, 1))
-        for s in row_slices(n, chunk):
-            Q = X[s].astype(self._dtype) if sp.issparse(X) else dense(X[s]).to(self._fit_sq.dtype)
-            vals = torch.empty(Q.shape[0], k_search, dtype=self._fit_sq.dtype)
-            idx = torch.empty(Q.shape[0], k_search, dtype=torch.int64)
-            if self._screen_X is not None and not sp.issparse(Q):
-                redo = self._screened(Q.contiguous(), k_search, vals, idx)
-                offset = row_sq_norms(Q)
-                if redo.numel():
-                    d, _ = self._distances(Q[redo])
-                    v, i = vals[redo], idx[redo]  # copies, written back
-                    _smallest_k(d.contiguous().numpy(), k_search, v.numpy(), i.numpy())
-                    vals[redo], idx[redo] = v, i
-            else:
-                d, offset = self._distances(Q)
-                _smallest_k(d.contiguous().numpy(), k_search, vals.numpy(), idx.numpy())
-            if offset is not None:
-                vals = (vals + offset[:, None]).clamp_min_(0)
-            if query_is_train:
-                # drop each row's own index (or, among duplicates found first, the farthest hit)
-                own = idx == torch.arange(s.start, s.stop)[:, None]
-                drop = torch.where(own.any(1), own.to(torch.int8).argmax(1), torch.full((idx.shape[0],), k))
-                keep = torch.ones_like(idx, dtype=torch.bool)
-                keep[torch.arange(idx.shape[0]), drop] = False
-                vals, idx = vals[keep].reshape(-1, k), idx[keep].reshape(-1, k)
-            dist[s], ind[s] = vals, idx
+        if self._screen_X is not None and not sp.issparse(X):
+            vals, idx, _ = self._screened(dense(X).to(torch.float64), k_search)
+        else:
+            vals, idx = self._nearest(X, k_search)
+        dist, ind = vals.clamp_min_(0), idx
+        if query_is_train:
+            # drop each row's own index (or, among duplicates found first, the farthest hit)
+            own = idx == torch.arange(idx.shape[0])[:, None]
+            drop = torch.where(own.any(1), own.to(torch.int8).argmax(1), torch.full((idx.shape[0],), k))
+            keep = torch.ones_like(idx, dtype=torch.bool)
+            keep[torch.arange(idx.shape[0]), drop] = False
+            dist, ind = vals[keep].reshape(-1, k), idx[keep].reshape(-1, k)
         if self._metric_ == "euclidean":
             dist = dist.sqrt_()
         return (dist.numpy(), ind.numpy()) if return_distance else ind.numpy()
