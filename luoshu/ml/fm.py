@@ -105,6 +105,9 @@ class _FMBase(Estimator):
         accum = {name: np.zeros_like(p) for name, p in params.items()}
         # dense input too: its non-zeros are the features a row touches
         X = sp.csr_matrix(X, dtype=np.float64)
+        if not X.has_canonical_format:  # a repeated column would count as two features (FM's x_j^2 term)
+            X = X.copy()
+            X.sum_duplicates()
         csr = (X.indptr.astype(np.int64), X.indices.astype(np.int64), X.data)
         task_code = (
             _kernels.REGRESSION if self.task == "regression" else _kernels.BINARY if k_out == 1 else _kernels.SOFTMAX

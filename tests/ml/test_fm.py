@@ -181,3 +181,19 @@ def test_fm_on_parameter_servers_with_hashed_ids_reaches_the_local_loss(tmp_path
     )
     fm.save(tmp_path / "fm")  # predicts without the servers, also after loading
     np.testing.assert_array_equal(ml.load(tmp_path / "fm").predict_proba(Xh), fm.predict_proba(Xh))
+
+
+@pytest.mark.parametrize("cls", [FactorizationMachine, FieldAwareFM])
+def test_repeated_csr_entries_count_as_their_sum(cls):
+    X, y, _ = fm_data(n=300, d=8)
+    # every entry split into two halves at the same (row, column): CSR built from its parts keeps both
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    order = np.argsort(np.r_[rows, rows], kind="stable")
+    half = sp.csr_matrix(
+        (np.r_[X.data, X.data][order] / 2, np.r_[X.indices, X.indices][order], 2 * X.indptr), shape=X.shape
+    )
+    assert half.nnz == 2 * X.nnz and not half.has_canonical_format
+    a = cls(n_epochs=2, random_state=0).fit(X, y)
+    b = cls(n_epochs=2, random_state=0).fit(half, y)
+    np.testing.assert_allclose(a.V_, b.V_, rtol=1e-10, atol=1e-14)
+    assert not half.has_canonical_format  # the caller's matrix is left as it was
