@@ -108,6 +108,13 @@ def test_gibbs_is_deterministic_for_a_seed():
     assert not np.array_equal(a.components_, c.components_)
 
 
+def test_gibbs_stops_on_perp_tol_with_the_last_sample():
+    X, _ = topic_corpus(n_docs=100)
+    lda = LDA(4, learning_method="gibbs", max_iter=40, evaluate_every=5, perp_tol=1e9, random_state=0).fit(X)
+    assert lda.n_iter_ == 10  # evaluated at 5 and 10: within the burn-in (20), so the last sample's counts
+    np.testing.assert_allclose(lda.components_.sum(), X.sum() + lda.topic_word_prior_ * 4 * X.shape[1])
+
+
 def test_lda_dense_input_gives_the_sparse_result():
     X, _ = topic_corpus(n_docs=200)
     a, b = LDA(4, max_iter=3, random_state=0).fit(X), LDA(4, max_iter=3, random_state=0).fit(X.toarray())
