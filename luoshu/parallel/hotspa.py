@@ -462,6 +462,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
              candidates: int = 3, options: Sequence[Strategy] | None = None, runtime: bool = False) -> dict:
     """Every static strategy (`options`, default `static_strategies`) and hot switching over
     `bounds` (one strategy per bucket; default: the fastest combination of options that fits).
+    `runtime`: predict as HotSPa's runtime runs each strategy (`predict(..., micro_batches=pp)`).
     Returns {"static": [Prediction...], "best_static": Prediction | None, "hot_switch":
     Prediction, "chosen": [Strategy per bucket], "speedup": float}."""
     static_list = list(options) if options is not None else static_strategies(cluster, model)
@@ -565,5 +566,6 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 
 
 __all__ = ["A800", "LLAMA_7B", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy", "bucketize",
-           "brute_force_layers", "layer_activation_bytes", "layer_flops", "layer_time", "parse_strategy", "predict",
+           "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",
+           "layer_time", "parse_strategy", "predict", "run_time",
            "search_layers", "simulate", "static_strategies", "switch_time"]

@@ -93,7 +93,8 @@ def _together() -> None:
 
 
 def _timed_runs(g: Graph, fetches: list, feeds: dict, repeats: int) -> float:
-    g.run(fetches, feeds)  # compiled and warm
+    """The median of `repeats` runs (compiled and warm first)."""
+    g.run(fetches, feeds)
     _together()
     times = []
     for _ in range(repeats):
@@ -152,6 +153,13 @@ def _time_model(model: Module, s: int, repeats: int) -> float:
     return _timed_runs(g, fetches, feeds, repeats)
 
 
+def _model_lengths(model: Module, lengths: Sequence[int]) -> list[int]:
+    """The profile's lengths that the whole model takes (its positions end at its block size)."""
+    c = model.config
+    most = int(getattr(c, "block_size", None) or getattr(c, "max_seq_len", None) or max(lengths))
+    return sorted({min(int(s), most) for s in lengths})
+
+
 def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repeats: int) -> tuple:
     """((n, ((rows, row length, seconds), ...)), ...): one run of the whole model's plan (forward,
     loss, backward, as HotSPa's plans) under tensor parallelism over n ranks at each point, timed on
@@ -181,7 +189,7 @@ def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repe
                 states.attach(g, dataclasses.replace(tpar.strategy, dp_group=(), fetch_states=wanted))
             points = []
             for b in batches:
-                for s_len in lengths:
+                for s_len in _model_lengths(model, lengths):
                     feeds = _lm_feeds(phs, spec.vocab, int(b), int(s_len), rng)
                     t = _mean_over_ranks(_timed_runs(g, fetches, feeds, repeats))
                     points.append((int(b), int(s_len), t))
@@ -351,7 +359,7 @@ def profile(
     scale = float(measured @ model_bytes / (model_bytes @ model_bytes))
     flops_rate, overhead = 1.0 / float(per_flop), max(float(overhead), 0.0)
     # the whole model at the smallest point: what its plan costs beyond its layers and head
-    s0 = int(min(lengths))
+    s0 = _model_lengths(model, lengths)[0]
     whole = _mean_over_ranks(_time_model(model, s0, repeats))
     head = 6.0 * s0 * spec.hidden * spec.vocab / flops_rate
     layer_s = 3.0 * H.layer_flops(spec, 1, s0) / flops_rate + float(per_score) * spec.heads * s0 * s0 + overhead

@@ -25,7 +25,7 @@ from luoshu.data.packing import bucket_batch
 from luoshu.models.language import GPT2, GPTConfig
 from luoshu.parallel import hotspa_profile
 
-VOCAB, MAX_LEN, SEQS, ROUNDS = 256, 256, 24, 5
+VOCAB, MAX_LEN, SEQS, ROUNDS = 256, 512, 32, 5
 STRATEGIES = ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1"]
 
 
@@ -73,7 +73,10 @@ def main() -> None:
     prof = hotspa_profile.profile(build(), lengths=(MAX_LEN // 4, MAX_LEN), batches=counts)
     predicted = hotspa_profile.predict_static(prof, seqs, STRATEGIES, MAX_LEN)
     if ls.distributed.rank() == 0:
-        np.savez(args.out + ".npz", measured=measured, predicted=np.array([predicted[s] for s in STRATEGIES]))
+        runs = np.array([(n, b, s, t) for n, points in prof.tp_runs for b, s, t in points])
+        np.savez(
+            args.out + ".npz", measured=measured, predicted=np.array([predicted[s] for s in STRATEGIES]), tp_runs=runs
+        )
     ls.distributed.shutdown()
 
 
