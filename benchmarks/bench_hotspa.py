@@ -148,7 +148,8 @@ def runtime_worker(args) -> None:
     if args.profile:
         from luoshu.parallel import hotspa_profile
 
-        profile = hotspa_profile.profile(build(), lengths=(16, 64, args.max_len), batches=(1, 2))
+        # at the bucket bounds (the rows' lengths) and around the rows a replica runs
+        profile = hotspa_profile.profile(build(), lengths=sorted(bounds[:-1]), batches=(1, 2, 3, 5))
     if rank != 0:
         ls.distributed.shutdown()
         return
@@ -178,6 +179,11 @@ def runtime_worker(args) -> None:
         measured_order = [r["strategy"] for r in sorted(rows, key=lambda r: r["step_ms"])]
         predicted_order = [r["strategy"] for r in sorted(rows, key=lambda r: r["predicted_ms"])]
         print(f"measured order:  {measured_order}\npredicted order: {predicted_order}")
+        print(f"profile: {profile.flops / 1e9:.2f} GFLOP/s, layer overhead {profile.layer_overhead_s * 1e3:.2f} ms, "
+              f"run overhead {profile.run_overhead_s * 1e3:.2f} ms, collective latency "
+              + ", ".join(f"n={n} {a * 1e3:.2f} ms" for n, a in profile.latency)
+              + f", {profile.layer_collectives} collectives per layer and {profile.run_collectives} per run (tp), "
+              f"update {profile.update_seconds * 1e9:.2f} ns per parameter")
     _print(rows)
     print(f"memory budget {budget / 2**20:.2f} MiB per device (cost model): static needs at {args.max_len} tokens "
           + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in need.items()))

@@ -28,6 +28,16 @@ accounts for them):
 - hot switching: the planner's real plan (`luoshu.parallel.hot_switch`) for every weight of a
   layer, its largest per-device send volume at the slowest link it crosses, twice per switch
   (parameters there, accumulated gradients back).
+
+What a profile of the machine at hand measures (`hotspa_profile`) enters through the cluster's
+latency terms, zero for the paper's cluster: every collective costs its group's latency α on
+top of its bytes over β (Gloo on CPU pays ~ms per call, more than its bytes), a TP plan issues
+`layer_collectives` of them per layer and `run_collectives` per run of the plan (vocab-parallel
+embedding and loss), each run costs `run_overhead` beyond its layers, and the optimizer update
+`update_seconds` per parameter a device holds. `predict(..., micro_batches=k)` models HotSPa's
+runtime rather than the simulator's GPU pipeline: a replica's packed rows run as k plans (1 for
+pp = 1, the pipeline's micro-batches otherwise), attention over whole rows where the model has
+no fused variable-length kernel, the LM head's FLOPs counted.
 """
 
 from __future__ import annotations
@@ -84,6 +94,18 @@ class ClusterSpec:
     memory: float  # bytes per device
     mfu: float = 0.5  # fraction of peak the kernels reach
     layer_overhead: float = 0.0  # seconds per layer and micro-batch beyond the FLOPs (kernel launches; profiled)
+    # profiled latency terms (module docstring): ((group size, seconds per collective), ...) ascending
+    latency: tuple = ()
+    layer_collectives: int = 4
+    run_collectives: int = 0
+    run_overhead: float = 0.0  # seconds per run of a plan beyond its layers
+    update_seconds: float = 0.0  # optimizer seconds per parameter element a device holds
+    group_bandwidth: tuple = ()  # ((group size, bytes/s), ...): profiled β of a group's collectives
+    value_bytes: float = 2.0  # bytes of one activation value (fp16 on the paper's cluster)
+    attention_seconds: float = 0.0  # per score element (b·heads·s²) of unfused attention, beyond its FLOPs
+    # ((tp, ((rows, row length, seconds), ...)), ...): profiled runs of the whole model's plan under
+    # tp (its repeated work and collectives in them); `run_time` interpolates them where given
+    tp_runs: tuple = ()
 
     @property
     def world(self) -> int:
@@ -170,6 +192,28 @@ def _ring(nbytes: float, n: int, bw: float) -> float:
     return 0.0 if n <= 1 else 2.0 * (n - 1) / n * nbytes / bw
 
 
+def _by_group(table: tuple, n: int) -> float:
+    """The profiled value of the largest profiled group no larger than n (else the smallest's)."""
+    known = [v for size, v in table if size <= n] or [table[0][1]]
+    return float(known[-1])
+
+
+def collective_latency(cluster: ClusterSpec, n: int) -> float:
+    """α of one collective over a group of n devices (0 for one device or an unprofiled cluster)."""
+    if n <= 1 or not cluster.latency:
+        return 0.0
+    return _by_group(cluster.latency, n)
+
+
+def collective_time(cluster: ClusterSpec, nbytes: float, n: int) -> float:
+    """α + the ring volume of `nbytes` over β of a group of n (the profiled β where there is one,
+    else the links' bandwidth)."""
+    if n <= 1:
+        return 0.0
+    bw = _by_group(cluster.group_bandwidth, n) if cluster.group_bandwidth else _group_bw(cluster, n)
+    return collective_latency(cluster, n) + _ring(nbytes, n, bw)
+
+
 def _group_bw(cluster: ClusterSpec, span: int) -> float:
     return cluster.intra_bw if span <= cluster.gpus_per_node else cluster.inter_bw
 
@@ -186,7 +230,71 @@ def layer_time(model: ModelSpec, cluster: ClusterSpec, b: int, s: int, tp: int, 
         flops += 4.0 * model.hidden * (float(sum(n * n for n in lengths)) if lengths is not None else b * s * s)
     compute = flops / tp / (cluster.flops * cluster.mfu) + cluster.layer_overhead
     comm = 4 * _ring(2.0 * tokens * model.hidden, tp, _group_bw(cluster, tp))
+    if tp > 1:
+        comm += cluster.layer_collectives * collective_latency(cluster, tp)
     return compute + comm
+
+
+def _interpolated_run(points: Sequence[tuple], rows: int, row_len: int) -> float:
+    """Seconds of one plan run over `rows` rows of `row_len` tokens from profiled (rows, row length,
+    seconds) points: piecewise linear in the rows at each profiled length, linear
+    in the square of the length between profiled lengths (the scores grow so), extended past the
+    ends by the nearest two."""
+    by_length: dict[int, list[tuple[int, float]]] = {}
+    for b, s, t in points:
+        by_length.setdefault(int(s), []).append((int(b), float(t)))
+    lengths = sorted(by_length)
+
+    def at(s: int) -> float:
+        pts = sorted(by_length[s])
+        if len(pts) == 1:
+            return pts[0][1] * rows / pts[0][0]
+        j = next((i for i, (b, _) in enumerate(pts) if b >= rows), len(pts) - 1)
+        (b0, t0), (b1, t1) = pts[max(j, 1) - 1], pts[max(j, 1)]
+        per_row = max((t1 - t0) / (b1 - b0), 0.0)
+        return max(t0 + per_row * (rows - b0), 0.0)
+
+    if len(lengths) == 1:
+        return at(lengths[0]) * row_len / lengths[0]
+    hi = next((i for i, s in enumerate(lengths) if s >= row_len), len(lengths) - 1)
+    hi = max(hi, 1)
+    s0, s1 = lengths[hi - 1], lengths[hi]
+    t0, t1 = at(s0), at(s1)
+    w = (row_len**2 - s0**2) / (s1**2 - s0**2)
+    return max(t0 + w * (t1 - t0), 0.0)
+
+
+def run_time(model: ModelSpec, cluster: ClusterSpec, rows: Sequence[Sequence[int]], row_len: int, layers: int,
+             tp: int, sp: bool, recompute: str, last: bool = True) -> float:
+    """One run of the runtime's plan over packed `rows` (each a list of sequence lengths in a row of
+    `row_len` tokens) through `layers` layers: the layers as one batch (their overhead and
+    collectives once), attention over whole rows unless the model has fused attention; the
+    plan's own overhead and, on the last stage, the LM head."""
+    flat = [n for row in rows for n in row]
+    if not flat:
+        return 0.0
+    rate = cluster.flops * cluster.mfu
+    passes = 3.0 + (1.0 if recompute == "full" else 0.0)
+    tokens = float(len(rows) * row_len)  # the rows' padding runs through the kernels too
+    h = model.hidden
+    if model.flash_attention:
+        squares = float(sum(n * n for n in flat))
+    else:  # the masked scores of every row, not of each sequence alone
+        squares = float(len(rows) * row_len * row_len)
+    measured = [points for n, points in cluster.tp_runs if n == tp]
+    if measured and not sp and recompute == "none":  # the profiled plan: its layers' share of the whole
+        return _interpolated_run(measured[0], len(rows), row_len) * layers / model.layers
+    flops = (24.0 * tokens * h * h + 4.0 * h * squares) * passes
+    if recompute == "selective":
+        flops += 4.0 * h * squares
+    scores = 0.0 if model.flash_attention else cluster.attention_seconds * model.heads * squares
+    layer = (flops / rate + scores) / tp + cluster.layer_overhead
+    activation = tokens * h * cluster.value_bytes
+    total = layers * (layer + cluster.layer_collectives * collective_time(cluster, activation, tp))
+    total += cluster.run_overhead + cluster.run_collectives * collective_time(cluster, activation, tp)
+    if last:
+        total += 6.0 * tokens * h * model.vocab / tp / rate
+    return total
 
 
 # --- a whole strategy ------------------------------------------------------------------------------------
@@ -209,26 +317,39 @@ def _check_strategy(st: Strategy, model: ModelSpec, cluster: ClusterSpec) -> Non
 
 
 def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Sequence[int],
-            micro_batch_tokens: int | None = None) -> Prediction:
+            micro_batch_tokens: int | None = None, micro_batches: int | None = None) -> Prediction:
     """Step time and peak memory of `lengths` under one strategy: each data-parallel replica
     packs its sequences into micro-batches of up to `micro_batch_tokens` (default: the longest
     sequence, the size a static strategy must hold), runs them through its pipeline (1F1B) and
-    the gradients are all-reduced once per step."""
+    the gradients are all-reduced once per step. `micro_batches=k`: HotSPa's runtime instead
+    (module docstring): the replica's packed rows run as min(k, rows) plans (`run_time`)."""
     _check_strategy(st, model, cluster)
     lengths = [int(n) for n in lengths]
     if not lengths:
         return Prediction(str(st), 0.0, 0.0, True)
     tokens_per_micro = micro_batch_tokens or max(lengths)
     per_replica = [lengths[i::st.dp] for i in range(st.dp)]
+    if micro_batches is not None:  # the runtime packs the whole batch, then deals the rows to the replicas
+        packed = _micro_batches(lengths, tokens_per_micro)
+        per_replica = [[n for row in packed[i::st.dp] for n in row] for i in range(st.dp)]
+        rows_of = [packed[i::st.dp] for i in range(st.dp)]
     layers_per_stage = math.ceil(model.layers / st.pp)
     worst = peak_act = 0.0
-    for seqs in per_replica:
-        micro = _micro_batches(seqs, tokens_per_micro)
-        t_stage = sum(layers_per_stage * layer_time(model, cluster, 1, 0, st.tp, st.sp, st.recompute, mb)
-                      for mb in micro)
+    for r, seqs in enumerate(per_replica):
+        micro = _micro_batches(seqs, tokens_per_micro) if micro_batches is None else rows_of[r]
+        if micro_batches is None:
+            t_stage = sum(layers_per_stage * layer_time(model, cluster, 1, 0, st.tp, st.sp, st.recompute, mb)
+                          for mb in micro)
+        else:  # the rows in k plans; the slowest stage is the last (it adds the head)
+            k = max(1, min(int(micro_batches), len(micro)))
+            groups = [micro[j::k] for j in range(k)]
+            t_stage = sum(run_time(model, cluster, g, tokens_per_micro, layers_per_stage, st.tp, st.sp,
+                                   st.recompute) for g in groups)
+            micro = [[n for row in g for n in row] for g in groups]
         p2p = 0.0
         if st.pp > 1:
-            p2p = sum(2 * 2.0 * sum(mb) * model.hidden / _group_bw(cluster, st.tp * st.pp) for mb in micro)
+            p2p = sum(2 * (2.0 * sum(mb) * model.hidden / _group_bw(cluster, st.tp * st.pp)
+                           + collective_latency(cluster, 2)) for mb in micro)
         m = max(len(micro), 1)
         # 1F1B: (m + pp - 1) slots of the slowest stage's per-micro-batch time
         worst = max(worst, (t_stage + p2p) * (m + st.pp - 1) / m)
@@ -239,9 +360,13 @@ def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Seque
     states = 16.0 * model.params / (st.tp * st.pp)
     grad_bytes = 2.0 * model.params / (st.tp * st.pp)
     dp_sync = _ring(grad_bytes, st.dp, _group_bw(cluster, cluster.world if st.dp > 1 else 1))
+    if micro_batches is not None and st.dp > 1:  # the runtime's one flat all-reduce of its gradients
+        dp_sync = collective_time(cluster, cluster.value_bytes * model.params / (st.tp * st.pp), st.dp)
+    update = cluster.update_seconds * model.params / (st.tp * st.pp)
     memory = states + peak_act
-    return Prediction(str(st), worst + dp_sync, memory, memory <= cluster.memory,
-                      {"pipeline": worst, "dp_sync": dp_sync, "states": states, "activations": peak_act})
+    return Prediction(str(st), worst + dp_sync + update, memory, memory <= cluster.memory,
+                      {"pipeline": worst, "dp_sync": dp_sync, "update": update, "states": states,
+                       "activations": peak_act})
 
 
 def _micro_batches(seqs: list[int], tokens: int) -> list[list[int]]:
@@ -302,7 +427,12 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
     return 2.0 * seconds * layers_held
 
 
-def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=False):
+def _runs(st: Strategy, runtime: bool) -> int | None:
+    """`predict`'s micro_batches for HotSPa's runtime (one plan per replica, a pipeline's pp), else None."""
+    return st.pp if runtime else None
+
+
+def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=False, runtime=False):
     """(step time, peak memory, per-bucket parts) of running bucket i under chosen[i], starting
     and ending at the owner (the strategy with the least model-state memory per device)."""
     parts, memory, total = [], 0.0, 0.0
@@ -311,30 +441,33 @@ def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, che
     for st, seqs, bound in zip(chosen, buckets, bound_of):
         if not seqs:
             continue
-        p = predict(model, cluster, st, seqs, micro_batch_tokens or bound)
+        p = predict(model, cluster, st, seqs, micro_batch_tokens or bound, _runs(st, runtime))
         if check and not p.fits:
             raise HotSPaError(f"bucket up to length {max(seqs, default=0)}: strategy {st} needs "
                               f"{p.memory_bytes / 2**30:.1f} GiB per device, more than {cluster.memory / 2**30:.0f}")
         switch = switch_time(model, cluster, previous, st)
-        total += p.time_s - p.parts.get("dp_sync", 0.0) + switch
+        total += p.time_s - p.parts.get("dp_sync", 0.0) - p.parts.get("update", 0.0) + switch
         memory = max(memory, p.memory_bytes)
         parts.append({"strategy": str(st), "sequences": len(seqs), "tokens": sum(seqs), "time_s": p.time_s,
                       "switch_s": switch})
         previous = st
     total += switch_time(model, cluster, previous, owner)
-    total += predict(model, cluster, owner, [1], None).parts.get("dp_sync", 0.0)
+    once = predict(model, cluster, owner, [1], None).parts  # one gradient sync and one update, at the owner
+    total += once.get("dp_sync", 0.0) + once.get("update", 0.0)
     return total, memory, parts
 
 
 def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bounds: Sequence[int],
              strategies: Sequence[Strategy | str] | None = None, micro_batch_tokens: int | None = None,
-             candidates: int = 3, options: Sequence[Strategy] | None = None) -> dict:
+             candidates: int = 3, options: Sequence[Strategy] | None = None, runtime: bool = False) -> dict:
     """Every static strategy (`options`, default `static_strategies`) and hot switching over
     `bounds` (one strategy per bucket; default: the fastest combination of options that fits).
+    `runtime`: predict as HotSPa's runtime runs each strategy (`predict(..., micro_batches=pp)`).
     Returns {"static": [Prediction...], "best_static": Prediction | None, "hot_switch":
     Prediction, "chosen": [Strategy per bucket], "speedup": float}."""
     static_list = list(options) if options is not None else static_strategies(cluster, model)
-    statics = [predict(model, cluster, st, lengths, micro_batch_tokens or int(bounds[0])) for st in static_list]
+    statics = [predict(model, cluster, st, lengths, micro_batch_tokens or int(bounds[0]), _runs(st, runtime))
+               for st in static_list]
     fitting = [(p, st) for p, st in zip(statics, static_list) if p.fits]
     best_static, best_static_strategy = min(fitting, key=lambda o: o[0].time_s) if fitting else (None, None)
     buckets = bucketize(lengths, bounds)
@@ -344,7 +477,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
         # switch costs included (the fastest per bucket alone can lose to the switches).
         options = []
         for seqs, bound in zip(buckets, bound_of):
-            ranked = sorted(((predict(model, cluster, st, seqs, micro_batch_tokens or bound), st)
+            ranked = sorted(((predict(model, cluster, st, seqs, micro_batch_tokens or bound, _runs(st, runtime)), st)
                              for st in static_list), key=lambda o: o[0].time_s)
             ranked = [st for p, st in ranked if p.fits]
             if not ranked:
@@ -355,12 +488,14 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
                 top.append(best_static_strategy)  # one strategy throughout is always a candidate
             options.append(top)
         chosen = min((list(c) for c in itertools.product(*options)),
-                     key=lambda c: _hot_step(model, cluster, c, buckets, bound_of, micro_batch_tokens)[0])
+                     key=lambda c: _hot_step(model, cluster, c, buckets, bound_of, micro_batch_tokens,
+                                             runtime=runtime)[0])
     else:
         chosen = [parse_strategy(s) if isinstance(s, str) else s for s in strategies]
         if len(chosen) != len(buckets):
             raise HotSPaError(f"{len(buckets)} buckets need as many strategies, found {len(chosen)}")
-    total, memory, parts = _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=True)
+    total, memory, parts = _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=True,
+                                     runtime=runtime)
     hot = Prediction("hot:" + "|".join(str(s) for s in chosen), total, memory, True, {"buckets": parts})
     speedup = best_static.time_s / total if best_static is not None and total > 0 else float("nan")
     return {"static": statics, "best_static": best_static, "hot_switch": hot, "chosen": chosen, "speedup": speedup}
@@ -431,5 +566,6 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 
 
 __all__ = ["A800", "LLAMA_7B", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy", "bucketize",
-           "brute_force_layers", "layer_activation_bytes", "layer_flops", "layer_time", "parse_strategy", "predict",
+           "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",
+           "layer_time", "parse_strategy", "predict", "run_time",
            "search_layers", "simulate", "static_strategies", "switch_time"]

@@ -10,7 +10,17 @@ model's dtype, and records the median time and the block's activation bytes at t
 - activations = k · s·b·h·(34 + 5·a·s/h): k scales the model's bytes to this dtype and these
   kernels (the formula is for fp16 on GPUs).
 
-With several processes, `profile` also times an all-reduce between them for the bandwidth.
+With several processes, `profile` also times an all-reduce between them for the bandwidth, and
+it measures what the cost model's latency terms need (`ClusterSpec.latency` ...):
+
+- every process profiles at once (a barrier before each point), so F and c are the rates of this
+  job's process count sharing the machine's cores, as its steps will;
+- α per group size: tiny all-reduces in every group of n consecutive ranks at once (TP groups;
+  the slowest rank's median);
+- the collectives a TP plan issues per layer and per run, counted in the localised graph of the
+  model itself (one and two layers, tp=2);
+- the plan's own overhead per run beyond its layers (the whole model at the smallest point, less
+  its layers and head), and the optimizer update's seconds per parameter (AdamW).
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate` over the runnable
 (pp=1) strategies; `predict_steps` predicts the step time of each static strategy and of hot
@@ -19,6 +29,7 @@ switching for one batch (the benchmark prints it beside the measured times).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Sequence
@@ -28,11 +39,18 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from luoshu.compiler import states
 from luoshu.core.autodiff import gradients
 from luoshu.core.graph import Graph
+from luoshu.core.op import topological_ops
+from luoshu.core.tensor import IndexedSlices
 from luoshu.distributed import env
-from luoshu.nn.module import Module
+from luoshu.distributed.mesh import DeviceMesh
+from luoshu.nn import functional as F
+from luoshu.nn.module import Module, Parameter
+from luoshu.optim import AdamW
 from luoshu.parallel import hotspa as H
+from luoshu.parallel.tensor_parallel import parallelize
 
 
 @dataclass
@@ -45,9 +63,19 @@ class Profile:
     layer_overhead_s: float = 0.0
     activation_scale: float = 1.0
     bandwidth: float | None = None  # bytes/s of a ring all-reduce between the processes (None: one process)
+    latency: tuple = ()  # ((group size, seconds per collective), ...)
+    group_bandwidth: tuple = ()  # ((group size, bytes/s of an all-reduce's ring volume), ...)
+    value_bytes: int = 4  # bytes of one activation value (the model's dtype)
+    attention_seconds: float = 0.0  # per score element (b·heads·s²) of unfused attention, beyond its FLOPs
+    layer_collectives: int = 4
+    run_collectives: int = 0
+    run_overhead_s: float = 0.0
+    update_seconds: float = 0.0  # per parameter element
+    tp_runs: tuple = ()  # ((tp, ((rows, row length, seconds), ...)), ...): the whole model's plan, timed
 
     def layer_seconds(self, b: int, s: int) -> float:
-        return 3.0 * H.layer_flops(self.spec, b, s) / self.flops + self.layer_overhead_s
+        scores = self.attention_seconds * b * self.spec.heads * s * s
+        return 3.0 * H.layer_flops(self.spec, b, s) / self.flops + scores + self.layer_overhead_s
 
 
 def _block(model: Module):
@@ -56,6 +84,24 @@ def _block(model: Module):
         if blocks is not None and len(blocks):
             return blocks[0]
     raise H.HotSPaError(f"profile: {type(model).__name__} has no transformer blocks (h or layers)")
+
+
+def _together() -> None:
+    """Every process starts the next measurement at once (they share the cores as a job does)."""
+    if env.is_distributed():
+        torch_dist.barrier()
+
+
+def _timed_runs(g: Graph, fetches: list, feeds: dict, repeats: int) -> float:
+    """The median of `repeats` runs (compiled and warm first)."""
+    g.run(fetches, feeds)
+    _together()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        g.run(fetches, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _time_block(block: Module, dtype: str, b: int, s: int, h: int, repeats: int) -> tuple[float, int]:
@@ -67,12 +113,192 @@ def _time_block(block: Module, dtype: str, b: int, s: int, h: int, repeats: int)
     value = np.random.default_rng(0).standard_normal((b, s, h)).astype(np.float64 if dtype == "float64" else np.float32)
     fetches = [loss, *[gr for gr in grads if gr is not None]]
     report = g.memory(fetches, {x: value})
+    return _timed_runs(g, fetches, {x: value}, repeats), int(report.peak_activations)
+
+
+def _lm_graph(model: Module):
+    """(graph, fetches, ids, labels) of the model's summed next-token loss and its parameters'
+    gradients, as HotSPa's plans fetch them (each in its parameter's states)."""
+    with Graph(name="profile-model") as g:
+        ids = g.placeholder("ids", (None, None), "int64")
+        labels = g.placeholder("labels", (None, None), "int64")
+        positions = g.placeholder("positions", (None, None), "int64")
+        segments = g.placeholder("segment_ids", (None, None), "int64")
+        logits = model(ids, positions=positions, segment_ids=segments)  # packed rows, as HotSPa feeds them
+        vocab = logits.shape[-1]
+        loss = F.cross_entropy(logits.reshape((-1, vocab)), labels.reshape((-1,)), reduction="sum")
+        grads = gradients(loss, model.parameters())
+    fetches = [loss]
+    for gr in grads:
+        if gr is not None:
+            fetches += [gr.indices, gr.values] if isinstance(gr, IndexedSlices) else [gr]
+    return g, fetches, (ids, labels, positions, segments), grads
+
+
+def _lm_feeds(phs: tuple, vocab: int, b: int, s: int, rng) -> dict:
+    """b packed rows of s tokens, each one sequence (positions from 0, segment 1)."""
+    ids, labels, positions, segments = phs
+    tokens = rng.integers(0, vocab, (b, s))
+    return {
+        ids: tokens,
+        labels: tokens,
+        positions: np.broadcast_to(np.arange(s), (b, s)).copy(),
+        segments: np.ones((b, s), np.int64),
+    }
+
+
+def _time_model(model: Module, s: int, repeats: int) -> float:
+    g, fetches, phs, _ = _lm_graph(model)
+    feeds = _lm_feeds(phs, H.model_spec(model).vocab, 1, s, np.random.default_rng(0))
+    return _timed_runs(g, fetches, feeds, repeats)
+
+
+def _model_lengths(model: Module, lengths: Sequence[int]) -> list[int]:
+    """The profile's lengths that the whole model takes (its positions end at its block size)."""
+    c = model.config
+    most = int(getattr(c, "block_size", None) or getattr(c, "max_seq_len", None) or max(lengths))
+    return sorted({min(int(s), most) for s in lengths})
+
+
+def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repeats: int) -> tuple:
+    """((n, ((rows, row length, seconds), ...)), ...): one run of the whole model's plan (forward,
+    loss, backward, as HotSPa's plans) under tensor parallelism over n ranks at each point, timed on
+    a fresh copy of its architecture with every TP group of the job running at once (the mean over
+    ranks), for each n that divides the world and the heads. What a TP plan costs beyond its split
+    FLOPs (work each member repeats, its collectives, its kernels' overhead) is in it."""
+    spec = H.model_spec(model)
+    world = env.world_size() if env.is_distributed() else 1
+    rng = np.random.default_rng(0)
+    out = []
+    for n in range(1, world + 1):
+        if world % n or spec.heads % n:
+            continue
+        copy = type(model)(model.config)
+        if n > 1:
+            tpar = parallelize(copy, DeviceMesh(dp=world // n, tp=n, world_size=world, rank=env.rank()),
+                               broadcast=False)
+        states.set_default(None)
+        try:
+            g, fetches, phs, grads = _lm_graph(copy)
+            if n > 1:
+                wanted = {
+                    id(gr): p.ds[0]
+                    for p, gr in zip(copy.parameters(), grads)
+                    if gr is not None and not isinstance(gr, IndexedSlices)
+                }
+                states.attach(g, dataclasses.replace(tpar.strategy, dp_group=(), fetch_states=wanted))
+            points = []
+            for b in batches:
+                for s_len in _model_lengths(model, lengths):
+                    feeds = _lm_feeds(phs, spec.vocab, int(b), int(s_len), rng)
+                    t = _mean_over_ranks(_timed_runs(g, fetches, feeds, repeats))
+                    points.append((int(b), int(s_len), t))
+        finally:
+            states.set_default(None)
+        out.append((n, tuple(points)))
+    return tuple(out)
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+def _layers_field(config) -> str:
+    return "n_layer" if hasattr(config, "n_layer") else "n_layers"
+
+
+def _count_collectives(model: Module, layers: int, tp: int = 2) -> int:
+    """Collectives in the localised tp graph of a fresh copy of `model`'s architecture with `layers` layers."""
+    config = dataclasses.replace(model.config, **{_layers_field(model.config): layers})
+    copy = type(model)(config)
+    tpar = parallelize(copy, DeviceMesh(tp=tp, world_size=tp, rank=0), broadcast=False)
+    states.set_default(None)
+    try:
+        g, fetches, _, grads = _lm_graph(copy)
+        wanted = {
+            id(gr): p.ds[0]
+            for p, gr in zip(copy.parameters(), grads)
+            if gr is not None and not isinstance(gr, IndexedSlices)
+        }
+        strategy = dataclasses.replace(tpar.strategy, dp_group=(), fetch_states=wanted)
+        local = states.localize_graph(topological_ops(fetches, g), [], strategy)
+    finally:
+        states.set_default(None)
+    return sum(op.opdef.name in _COLLECTIVES for op in local.graph.ops)
+
+
+def _collective_counts(model: Module) -> tuple[int, int]:
+    """(collectives per layer, per run outside the layers) of the model's tp plans (tp=2)."""
+    spec = H.model_spec(model)
+    if spec.heads % 2:
+        return 4, 0
+    one, two = _count_collectives(model, 1), _count_collectives(model, 2)
+    return two - one, max(one - (two - one), 0)
+
+
+def _busy(work: torch.Tensor, calls: int, group=None, nbytes: int = 4) -> float:
+    """Seconds of `calls` rounds of a small matmul, each followed by an all-reduce of `nbytes` in
+    `group` (none when None), on every rank at once; the slowest rank's."""
+    value = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32)
+    _together()
+    start = time.perf_counter()
+    for _ in range(calls):
+        torch.mm(work, work)
+        if group is not None:
+            torch_dist.all_reduce(value, group=group)
+    slowest = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    torch_dist.all_reduce(slowest, op=torch_dist.ReduceOp.MAX)
+    return float(slowest[0])
+
+
+SWEEP_BYTES = (4, 256 * 2**10, 1 * 2**20)
+
+
+def _collective_costs(calls: int = 12, repeats: int = 3) -> tuple[tuple, tuple]:
+    """(((n, α), ...), ((n, β), ...)) for each group size n that divides the world: what one
+    all-reduce adds to processes that compute between collectives, as a plan's do (groups of n
+    consecutive ranks, all at once): rounds of work plus an all-reduce of each size in
+    `SWEEP_BYTES`, less the work alone, per call (the median of `repeats`), fitted as
+    α + 2(n-1)/n · bytes / β. Busy processes that share cores meet at a collective only when the
+    slowest is scheduled: that wait, not the wire, is most of α on a CPU."""
+    if not env.is_distributed() or env.world_size() < 2:
+        return (), ()
+    world, rank = env.world_size(), env.rank()
+    work = torch.randn(96, 96)
+    alphas, betas = [], []
+    for n in range(2, world + 1):
+        if world % n:
+            continue
+        first = rank // n * n
+        group = env.process_group(tuple(range(first, first + n)))
+        _busy(work, 2, group, SWEEP_BYTES[-1])  # warm
+        seconds = []
+        for nbytes in SWEEP_BYTES:
+            deltas = [(_busy(work, calls, group, nbytes) - _busy(work, calls)) / calls for _ in range(repeats)]
+            seconds.append(max(statistics.median(deltas), 0.0))
+        volume = np.array([2.0 * (n - 1) / n * b for b in SWEEP_BYTES])
+        (alpha, per_byte), *_ = np.linalg.lstsq(np.stack([np.ones_like(volume), volume], 1), np.array(seconds),
+                                                rcond=None)
+        alpha, per_byte = max(float(alpha), 0.0), max(float(per_byte), 1e-12)
+        alphas.append((n, alpha))
+        betas.append((n, 1.0 / per_byte))
+    return tuple(alphas), tuple(betas)
+
+
+def _update_seconds(model: Module, repeats: int = 5) -> float:
+    """AdamW's seconds per parameter element (one update of a buffer the model's size)."""
+    n = sum(p.numel() for p in model.parameters())
+    dtype = model.parameters()[0]._value.dtype
+    p = Parameter(torch.zeros(n, dtype=dtype))
+    opt = AdamW([p], lr=1e-3)
+    grad = torch.ones(n, dtype=dtype)
+    opt.apply_gradients([(0, grad)])
+    _together()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        g.run(fetches, {x: value})
+        opt.apply_gradients([(0, grad)])
         times.append(time.perf_counter() - start)
-    return statistics.median(times), int(report.peak_activations)
+    return statistics.median(times) / n
 
 
 def _bandwidth(nbytes: int = 8 * 2**20, repeats: int = 3) -> float | None:
@@ -113,17 +339,58 @@ def profile(
             p["seconds"] = v
     flops = np.array([3.0 * H.layer_flops(spec, p["batch"], p["length"]) for p in points])
     seconds = np.array([p["seconds"] for p in points])
+    scores = np.array([float(p["batch"] * spec.heads * p["length"] ** 2) for p in points])
     # relative errors (rows over their time): the small points, where the overhead shows, count as much
     weights = 1.0 / seconds
-    (per_flop, overhead), *_ = np.linalg.lstsq(
-        np.stack([flops, np.ones_like(flops)], 1) * weights[:, None], seconds * weights, rcond=None
-    )
+    per_score = 0.0
+    if not spec.flash_attention:  # unfused attention: its softmax and mask over the scores cost beyond FLOPs
+        (per_flop, per_score, overhead), *_ = np.linalg.lstsq(
+            np.stack([flops, scores, np.ones_like(flops)], 1) * weights[:, None], seconds * weights, rcond=None
+        )
+    if spec.flash_attention or per_score < 0 or per_flop <= 0:
+        per_score = 0.0
+        (per_flop, overhead), *_ = np.linalg.lstsq(
+            np.stack([flops, np.ones_like(flops)], 1) * weights[:, None], seconds * weights, rcond=None
+        )
     if per_flop <= 0:  # kernels too small to see the FLOPs: all in the overhead
         per_flop, overhead = float(seconds.mean() / flops.mean()), 0.0
     model_bytes = np.array([H.layer_activation_bytes(spec, p["batch"], p["length"], 1, False, "none") for p in points])
     measured = np.array([p["activation_bytes"] for p in points], dtype=np.float64)
     scale = float(measured @ model_bytes / (model_bytes @ model_bytes))
-    return Profile(spec, points, 1.0 / float(per_flop), max(float(overhead), 0.0), scale, _bandwidth())
+    flops_rate, overhead = 1.0 / float(per_flop), max(float(overhead), 0.0)
+    # the whole model at the smallest point: what its plan costs beyond its layers and head
+    s0 = _model_lengths(model, lengths)[0]
+    whole = _mean_over_ranks(_time_model(model, s0, repeats))
+    head = 6.0 * s0 * spec.hidden * spec.vocab / flops_rate
+    layer_s = 3.0 * H.layer_flops(spec, 1, s0) / flops_rate + float(per_score) * spec.heads * s0 * s0 + overhead
+    run_overhead = max(whole - spec.layers * layer_s - head, 0.0)
+    per_layer, per_run = _collective_counts(model)
+    alphas, betas = _collective_costs()
+    return Profile(
+        spec,
+        points,
+        flops_rate,
+        overhead,
+        scale,
+        _bandwidth(),
+        latency=alphas,
+        group_bandwidth=betas,
+        value_bytes=int(block.parameters()[0]._value.element_size()),
+        attention_seconds=float(per_score),
+        layer_collectives=per_layer,
+        run_collectives=per_run,
+        run_overhead_s=run_overhead,
+        update_seconds=_mean_over_ranks(_update_seconds(model)),
+        tp_runs=_tp_runs(model, lengths, batches, repeats),
+    )
+
+
+def _mean_over_ranks(value: float) -> float:
+    if not env.is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch_dist.all_reduce(t)
+    return float(t[0]) / env.world_size()
 
 
 def cluster(
@@ -146,6 +413,15 @@ def cluster(
         memory / prof.activation_scale,
         mfu=1.0,
         layer_overhead=prof.layer_overhead_s,
+        latency=prof.latency,
+        layer_collectives=prof.layer_collectives,
+        run_collectives=prof.run_collectives,
+        run_overhead=prof.run_overhead_s,
+        update_seconds=prof.update_seconds,
+        group_bandwidth=prof.group_bandwidth,
+        value_bytes=prof.value_bytes,
+        attention_seconds=prof.attention_seconds,
+        tp_runs=prof.tp_runs,
     )
 
 
@@ -200,15 +476,37 @@ def predict_steps(
     """Predicted step seconds of "static <s>" (every sequence packed to the longest bound) for each
     strategy and of "hot switching" (bucket i under strategies[i]) for one batch."""
     spec = prof.spec
-    world = H.parse_strategy(strategies[0]).dp * H.parse_strategy(strategies[0]).tp
+    first = H.parse_strategy(strategies[0])
+    world = first.dp * first.tp * first.pp
     cl = cluster(prof, world)
     lengths = [len(s) for s in sequences]
-    out = {}
-    for s in strategies:
-        out[f"static {s}"] = H.predict(spec, cl, H.parse_strategy(s), lengths, int(bounds[0])).time_s
-    hot = H.simulate(spec, cl, lengths, bounds, strategies=list(strategies), options=runnable(world, spec))
+    out = {f"static {s}": t for s, t in predict_static(prof, sequences, strategies, int(bounds[0])).items()}
+    hot = H.simulate(
+        spec, cl, lengths, bounds, strategies=list(strategies), options=runnable(world, spec), runtime=True
+    )
     out["hot switching"] = hot["hot_switch"].time_s
     return out
 
 
-__all__ = ["Profile", "choose_static", "choose_strategies", "cluster", "predict_steps", "profile", "runnable"]
+def predict_static(prof: Profile, sequences: Sequence, strategies: Sequence[str], bound: int) -> dict[str, float]:
+    """Predicted step seconds of each strategy run alone over one batch, every sequence packed into
+    rows of `bound` tokens, as HotSPa's runtime runs it (one plan per replica, a pipeline's
+    micro-batches), on the profiled cluster of the strategies' devices."""
+    out = {}
+    for text in strategies:
+        st = H.parse_strategy(text)
+        cl = cluster(prof, st.dp * st.tp * st.pp)
+        out[text] = H.predict(prof.spec, cl, st, [len(s) for s in sequences], int(bound), micro_batches=st.pp).time_s
+    return out
+
+
+__all__ = [
+    "Profile",
+    "choose_static",
+    "choose_strategies",
+    "cluster",
+    "predict_static",
+    "predict_steps",
+    "profile",
+    "runnable",
+]

@@ -15,11 +15,16 @@ short ones under plain data parallelism. Training stays exactly that of one stra
 - each bucket's gradients are summed over its strategy's data-parallel group and switched back
   into the owner's layout, where they accumulate; one optimizer step runs there;
 - the buckets are visited in the order that makes the parameter switches cheapest
-  (`hot_switch.best_order`, starting and ending at the owner).
+  (`hot_switch.best_order`, starting and ending at the owner);
+- a strategy with pp > 1 runs its bucket as a pipeline (`parallel.pipeline`: the partition
+  pass's stage plans, micro-batches over each replica's packed rows, a 1F1B schedule): there a
+  parameter lives only on the ranks of the stages that read it, so the planner sends its slices
+  from one stage's ranks to every rank of the next strategy, and back; a parameter that several
+  stages read (GPT-2's tied embedding) sums its stages' gradients before it goes back. The owner
+  is a strategy with pp = 1 (every rank holds its shards for the one update).
 
 Each rank's loss is the sum of its tokens' cross entropies divided by the step's total target
 tokens, so the buckets' gradients add up to the gradient of the whole batch's mean loss.
-Pipeline strategies (pp > 1) are not supported here yet.
 """
 
 from __future__ import annotations
@@ -46,10 +51,13 @@ from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
 from luoshu.nn.module import Module
+from luoshu.ops.comm import shapes_once
+from luoshu.optim import SGD
 from luoshu.parallel import hot_switch as hs
 from luoshu.parallel import hotspa_profile
 from luoshu.parallel.hotspa import ClusterSpec, HotSPaError, model_spec, parse_strategy, predict
 from luoshu.parallel.hotspa import Strategy as CostStrategy
+from luoshu.parallel.pipeline import Pipeline
 from luoshu.parallel.tensor_parallel import _broadcast, parallelize
 
 
@@ -57,28 +65,21 @@ from luoshu.parallel.tensor_parallel import _broadcast, parallelize
 class StepReport:
     """What one `HotSPa.step` did: the batch's mean loss, and per visited strategy (in visiting
     order) its tokens, the bytes its switches moved (all ranks, parameters there and gradients
-    back) and this rank's seconds in those switches."""
+    back) and this rank's seconds in those switches; per pipeline strategy the micro-batches
+    this rank's replica ran."""
 
     loss: float
     order: list[int]
     tokens: dict[int, int] = field(default_factory=dict)
+    micro_batches: dict[int, int] = field(default_factory=dict)
     switch_bytes: int = 0
     switch_seconds: float = 0.0
     step_seconds: float = 0.0
 
 
-def _refuse_pipeline(i: int, pp: int, text: str) -> None:
-    if pp > 1:
-        raise HotSPaError(
-            f"HotSPa: strategy {i} {text!r} has {pp} pipeline stages; HotSPa runs tensor- and "
-            "data-parallel strategies only (pp=1)"
-        )
-
-
 def _strategy_mesh(spec, i: int, world: int, rank: int) -> DeviceMesh:
     if isinstance(spec, str):
         st = parse_strategy(spec)  # an unknown string: HotSPaError
-        _refuse_pipeline(i, st.pp, spec)
         if st.dp * st.tp * st.pp != world:
             raise HotSPaError(
                 f"HotSPa: strategy {i} {spec!r} covers {st.dp * st.tp * st.pp} devices, but the world has {world} ranks"
@@ -88,7 +89,6 @@ def _strategy_mesh(spec, i: int, world: int, rank: int) -> DeviceMesh:
         raise HotSPaError(
             f"HotSPa: strategy {i} must be a DeviceMesh or a string like 'dp2,tp2,pp1', found {type(spec).__name__}"
         )
-    _refuse_pipeline(i, spec.pp, _name(spec))
     if spec.world_size != world:
         raise HotSPaError(
             f"HotSPa: strategy {i} {spec} covers {spec.world_size} devices, but the world has {world} ranks"
@@ -96,23 +96,35 @@ def _strategy_mesh(spec, i: int, world: int, rank: int) -> DeviceMesh:
     return spec
 
 
+def _pipeline_loss(logits, labels, scale):
+    """A pipeline strategy's loss: each target token's cross entropy times the step's 1/(target
+    tokens), fed per token (`scale`) since a pipeline cuts every feed into micro-batches."""
+    vocab = logits.shape[-1]
+    tokens = F.cross_entropy(
+        logits.reshape((-1, vocab)), labels.reshape((-1,)), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return (tokens * scale.reshape((-1,))).sum()
+
+
 def _name(mesh: DeviceMesh) -> str:
     return f"dp{mesh.dp},tp{mesh.tp},pp{mesh.pp}"
 
 
-def _world_layout(ds: DStates, mesh: DeviceMesh) -> hs.Layout:
-    """A parameter's layout over every rank: its TP states inside each TP group, duplicated over DP
-    (the mesh orders ranks dp-major, tp-minor)."""
+def _world_layout(ds: DStates, mesh: DeviceMesh, stages: Sequence[int] = (0,)) -> hs.Layout:
+    """A parameter's layout over the ranks of the pipeline `stages` that hold it (every rank
+    where pp = 1): its TP states inside each TP group, duplicated over DP and those stages (the
+    mesh orders ranks pp-major, then dp, tp-minor)."""
     split = [k for k in ds.states if k >= 0]
+    ranks = [mesh.rank_of(pp=s, dp=d, tp=t) for s in stages for d in range(mesh.dp) for t in range(mesh.tp)]
     world_states, order = {}, []
-    dup = mesh.dp * (1 if split else mesh.tp)
+    dup = len(stages) * mesh.dp * (1 if split else mesh.tp)
     if dup > 1:
         world_states[DUPLICATE] = dup
         order.append(DUPLICATE)
     if split:
         world_states[split[0]] = mesh.tp
         order.append(split[0])
-    return hs.Layout(DStates(mesh.world_size, world_states, tuple(order)), range(mesh.world_size))
+    return hs.Layout(DStates(len(ranks), world_states, tuple(order)), ranks)
 
 
 class HotSPa:
@@ -165,6 +177,17 @@ class HotSPa:
             raise HotSPaError(f"HotSPa: owner must index one of the {len(strategies)} strategies, found {owner!r}")
         world, rank = env.world_size(), env.rank()
         meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
+        flat = [i for i, m in enumerate(meshes) if m.pp == 1]  # the owner's candidates: every rank holds shards
+        if not flat:
+            raise HotSPaError(
+                f"HotSPa: every strategy {[_name(m) for m in meshes]} has pipeline stages; one with pp=1 must hold "
+                "the parameters and the optimizer state"
+            )
+        if owner is not None and meshes[owner].pp > 1:
+            raise HotSPaError(
+                f"HotSPa: owner strategy {owner} {_name(meshes[owner])} has {meshes[owner].pp} pipeline stages; "
+                f"the owner must have pp=1 (one of strategies {flat})"
+            )
         # "…,sp": the strategy's graph keeps activations between TP regions split along the sequence
         self.sequence_parallel = [isinstance(s, str) and parse_strategy(s).sp for s in strategies]
         spec = model_spec(model)
@@ -210,15 +233,34 @@ class HotSPa:
         self.model, self.meshes, self.bounds, self.params = model, meshes, bounds, params
         self.rank, self.world = rank, world
         self.node_size = int(node_size or os.environ.get("LOCAL_WORLD_SIZE", world))
-        sizes = [sum(v.numel() for v in values) for values in per_strategy_value]
-        self.owner = int(np.argmin(sizes)) if owner is None else int(owner)
+        sizes = [sum(v.numel() for v in per_strategy_value[i]) for i in flat]
+        self.owner = flat[int(np.argmin(sizes))] if owner is None else int(owner)
+        # the pipeline strategies' stage programs (traced from the model, as a Pipeline job's)
+        self._pipelines: dict[int, Pipeline] = {}
+        stages_of: dict[int, list[list[int]]] = {}
+        try:
+            for i, mesh in enumerate(meshes):
+                if mesh.pp > 1:
+                    for p, v in zip(params, per_strategy_value[i]):
+                        p._value = v
+                    self._pipelines[i], stages_of[i] = self._stage_program(i, plans_strategy[i])
+        except Error:  # a pipeline the model cannot take (fewer layers than stages): the model as it was
+            for p, v in zip(params, full):
+                p.ds, p._value = [], v
+            raise
         for p, v in zip(params, per_strategy_value[self.owner]):
             p._value = v
         self._owner_values = list(per_strategy_value[self.owner])
         del full, per_strategy_value
-        self._layouts = [[_world_layout(p.ds[i], mesh) for p in params] for i, mesh in enumerate(meshes)]
+        self._layouts = [
+            [
+                _world_layout(p.ds[i], mesh, stages_of[i][k] if i in stages_of else (0,))
+                for k, p in enumerate(params)
+            ]
+            for i, mesh in enumerate(meshes)
+        ]
         self._switch_plans: dict[tuple[int, int], list[hs.SwitchPlan]] = {}
-        itemsize = params[0]._value.element_size()
+        self._itemsize = params[0]._value.element_size()  # every parameter has the model's one dtype
         n = len(meshes)
         self._costs = [
             [
@@ -227,10 +269,39 @@ class HotSPa:
             ]
             for a in range(n)
         ]
-        self._itemsize = itemsize
         self._build_graph(plans_strategy)
 
     # --- set-up -----------------------------------------------------------------------------------
+    def _stage_program(self, i: int, strategy: states.Strategy) -> tuple[Pipeline, list[list[int]]]:
+        """Strategy i's pipeline: this rank's stage plans (the partition pass under strategy i's
+        states), and per parameter the stages that read it (one all-gather over the world)."""
+        mesh = self.meshes[i]
+        pipe = Pipeline(self.model, mesh, micro_batches=mesh.pp)
+        dtype = self.params[0].dtype
+        table = (None, None)
+        # the optimizer only names the parameters (their order); HotSPa's own one updates the owner's shards
+        names = SGD(self.params, lr=0.0)
+        states.set_default(strategy)
+        try:
+            pipe.compile(
+                [("ids", table, "int64"), ("positions", table, "int64"), ("segment_ids", table, "int64")],
+                [("labels", table, "int64"), ("scale", table, dtype)],
+                _pipeline_loss,
+                names,
+            )
+        finally:
+            states.set_default(None)
+        used = torch.zeros((self.world, len(self.params)), dtype=torch.int64)
+        used[self.rank, pipe.param_index] = 1
+        if env.is_distributed():
+            torch_dist.all_reduce(used)
+        per_stage = mesh.dp * mesh.tp
+        stages = [sorted({r // per_stage for r in range(self.world) if used[r, k]}) for k in range(len(self.params))]
+        for k, s in enumerate(stages):
+            if not s:
+                raise HotSPaError(f"HotSPa: strategy {i} {_name(mesh)}: no pipeline stage reads {self.params[k].name}")
+        return pipe, stages
+
     def _plans(self, a: int, b: int) -> tuple[dict[int, int], list[hs.SwitchPlan]]:
         """(bytes each rank sends, the plan of every parameter) for a switch from strategy a to b."""
         if (a, b) not in self._switch_plans:
@@ -238,7 +309,7 @@ class HotSPa:
             self._switch_plans[(a, b)] = [
                 hs.plan_hot_switch(
                     tuple(p.shape),
-                    p._value.element_size(),
+                    self._itemsize,
                     self._layouts[a][k],
                     self._layouts[b][k],
                     node_size=self.node_size,
@@ -307,34 +378,92 @@ class HotSPa:
         )
         loss, rest = float(out[0]), out[1:]
         grads = []
-        for k, (p, gr) in enumerate(zip(self.params, self._grads)):
+        for k, gr in enumerate(self._grads):
             if gr is None:
                 grads.append(torch.zeros_like(values[k]))
             elif isinstance(gr, IndexedSlices):  # rows of a table: summed into its local block
                 device = values[k].device
                 idx, val = torch.from_numpy(rest[0]).to(device), torch.from_numpy(rest[1]).to(device)
                 rest = rest[2:]
-                dense = torch.zeros(tuple(p.shape), dtype=values[k].dtype, device=device)
-                dense.index_add_(0, idx.reshape(-1), val.reshape(-1, *dense.shape[1:]).to(dense.dtype))
-                touched[k][idx.reshape(-1).cpu()] = 1
-                box = self._layouts[i][k].boxes(tuple(p.shape))[self.rank]
-                grads.append(dense[tuple(slice(a, b) for a, b in box)].contiguous())
+                grads.append(self._rows_block(i, k, idx, val, values[k].dtype, touched))
             else:
                 grads.append(torch.from_numpy(rest[0]).to(device=values[k].device, dtype=values[k].dtype))
                 rest = rest[1:]
         return (loss if mesh.index("tp") == 0 else 0.0), grads
 
-    def _dp_sum(self, i: int, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sums the gradients over strategy i's data-parallel group (one flat all-reduce)."""
+    def _rows_block(self, i: int, k: int, idx: torch.Tensor, val: torch.Tensor, dtype, touched: dict) -> torch.Tensor:
+        """A table's sparse gradient (global row ids, their values) summed into this rank's block of
+        parameter k under strategy i; the rows are marked in `touched[k]` where the whole model's
+        gradient of k is sparse (a pipeline stage's lookup of GPT-2's tied table is rows, the
+        table's gradient is dense)."""
+        p = self.params[k]
+        dense = torch.zeros(tuple(p.shape), dtype=dtype, device=val.device)
+        dense.index_add_(0, idx.reshape(-1), val.reshape(-1, *dense.shape[1:]).to(dtype))
+        if k in touched:
+            touched[k][idx.reshape(-1).cpu()] = 1
+        box = self._layouts[i][k].boxes(tuple(p.shape))[self.rank]
+        return dense[tuple(slice(a, b) for a, b in box)].contiguous()
+
+    def _pipeline_grads(self, i: int, rows, scale: float, touched: dict) -> tuple[float, list]:
+        """Strategy i's pipeline on this replica's `rows`: (the loss share of this rank, each
+        parameter's gradient block; None for the parameters its stage does not read). Every stage
+        of one replica gets the same rows: they run the same micro-batches (padded with rows that
+        have no targets up to a multiple of their count)."""
+        pipe = self._pipelines[i]
+        grads: list = [None] * len(self.params)
+        if rows is None:
+            for k in pipe.param_index:
+                grads[k] = torch.zeros_like(self.params[k]._value)
+            return 0.0, grads
+        n = rows.num_rows
+        pipe.micro_batches = m = min(pipe.stages, n)
+        pad = -n % m
+        dtype = self._owner_values[0].dtype
+        arrays = {
+            "ids": rows.tokens,
+            "positions": rows.positions,
+            "segment_ids": rows.segment_ids,
+            "labels": rows.labels,
+        }
+        feeds = {}
+        for name, a in arrays.items():
+            fill = IGNORE_INDEX if name == "labels" else 0  # packing's own padding: segment 0, no target
+            feeds[name] = torch.from_numpy(np.concatenate([a, np.full((pad, a.shape[1]), fill, a.dtype)]))
+        feeds["scale"] = torch.full(tuple(feeds["labels"].shape), scale, dtype=dtype)
+        feeds["scale"][n:] = 0
+        losses, accum = [], [None] * len(pipe.params)
+        with shapes_once():  # the micro-batches share one shape: each boundary sends it once
+            pipe._run_schedule(feeds, (n + pad) // m, losses, accum)
+        for pos, (k, acc) in enumerate(zip(pipe.param_index, accum)):
+            if pipe._sparse[pos]:
+                idx = torch.cat([r for r, _ in acc])
+                val = torch.cat([v for _, v in acc])
+                grads[k] = self._rows_block(i, k, idx, val, dtype, touched)
+            else:
+                grads[k] = acc
+        share = float(sum(losses)) if pipe.is_last and self.meshes[i].index("tp") == 0 else 0.0
+        return share, grads
+
+    def _dp_sum(self, i: int, grads: list) -> list:
+        """Sums the gradients over strategy i's data-parallel group (one flat all-reduce; a
+        pipeline stage's members hold the same parameters), then those of parameters that several
+        pipeline stages read over those stages."""
         mesh = self.meshes[i]
-        if mesh.dp == 1 or not env.is_distributed():
+        if not env.is_distributed():
             return grads
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch_dist.all_reduce(flat, group=mesh.process_group("dp"))
-        out, pos = [], 0
-        for g in grads:
-            out.append(flat[pos : pos + g.numel()].view(g.shape))
-            pos += g.numel()
+        out = list(grads)
+        if mesh.dp > 1:
+            held = [k for k, g in enumerate(grads) if g is not None]
+            flat = torch.cat([grads[k].reshape(-1) for k in held])
+            torch_dist.all_reduce(flat, group=mesh.process_group("dp"))
+            pos = 0
+            for k in held:
+                out[k] = flat[pos : pos + grads[k].numel()].view(grads[k].shape)
+                pos += grads[k].numel()
+        if i in self._pipelines:
+            pipe = self._pipelines[i]
+            for pos, users in pipe._shared:
+                torch_dist.all_reduce(out[pipe.param_index[pos]], group=env.process_group(users))
         return out
 
     def _switch(self, a: int, b: int, values: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, float]:
@@ -344,7 +473,7 @@ class HotSPa:
         sent, plans = self._plans(a, b)
         start = time.perf_counter()
         if env.is_distributed():
-            out = hs.run_switches(plans, values, self.rank, dtype=values[0].dtype)
+            out = hs.run_switches(plans, values, self.rank, dtype=self._owner_values[0].dtype)
         else:
             out = values
         return out, sum(sent.values()), time.perf_counter() - start
@@ -406,7 +535,11 @@ class HotSPa:
                         segment_ids=r.segment_ids[mine],
                         labels=r.labels[mine],
                     )
-                share, grads = self._local_grads(i, rows, 1.0 / total, touched)
+                if i in self._pipelines:
+                    share, grads = self._pipeline_grads(i, rows, 1.0 / total, touched)
+                    report.micro_batches[i] = 0 if rows is None else self._pipelines[i].micro_batches
+                else:
+                    share, grads = self._local_grads(i, rows, 1.0 / total, touched)
                 loss += share
                 grads = self._dp_sum(i, grads)
                 grads, nbytes, seconds = self._switch(i, self.owner, grads)  # gradients back to the owner

@@ -171,7 +171,9 @@ class Pipeline:
         groups = [tuple(mesh.rank_of(pp=s, dp=dp, tp=t) for t in range(mesh.tp)) for s in range(self.stages)]
         params = optimizer.parameters()
         strategy = states.default()
-        if strategy is None or not any(p.ds and not p.ds[0].is_pure_duplicate() for p in params):
+        if strategy is None or not any(
+            len(p.ds) > strategy.strategy and not p.ds[strategy.strategy].is_pure_duplicate() for p in params
+        ):
             strategy = None
         self.program = partition(
             g, loss, [0] + [marks[s] for s in range(1, self.stages)], self.stage, groups, mesh.rank, params, strategy

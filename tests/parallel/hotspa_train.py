@@ -17,6 +17,7 @@ import torch
 
 import luoshu as ls
 from luoshu.models.language import GPT2, GPTConfig, Llama, LlamaConfig
+from luoshu.parallel.hotspa import parse_strategy
 
 VOCAB, MAX_LEN, STEPS, BATCH = 64, 32, 5, 14
 BOUNDS = [32, 12, 6, 0]
@@ -101,6 +102,19 @@ def _collectives(hot, i: int, name: str) -> int:
     return sum(op.opdef.name == name for op in local.graph.ops)
 
 
+def _pp_owner_refused(name: str, strategies: list[str]) -> bool:
+    """Whether naming a pipeline strategy the owner is refused with a luoshu.Error (False when
+    the set has none)."""
+    pp = [i for i, s in enumerate(strategies) if parse_strategy(s).pp > 1]
+    if not pp:
+        return False
+    try:
+        ls.parallel.HotSPa(build(name), strategies, BOUNDS, owner=pp[0])
+    except ls.Error as exc:
+        return "the owner must have pp=1" in str(exc)
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="gpt2,llama")
@@ -116,7 +130,11 @@ def main() -> None:
             "order": np.array(reports[0].order),
             "switch_bytes": np.array([r.switch_bytes for r in reports]),
             "tokens": np.array([[r.tokens.get(i, 0) for i in range(len(STRATEGIES))] for r in reports]),
-            "reduce_scatter": np.array([_collectives(hot, i, "reduce_scatter") for i in range(len(hot.meshes))]),
+            "reduce_scatter": np.array(
+                [0 if i in hot._pipelines else _collectives(hot, i, "reduce_scatter") for i in range(len(hot.meshes))]
+            ),
+            "micro_batches": np.array([max(r.micro_batches.values(), default=0) for r in reports]),
+            "pp_owner_refused": np.array(_pp_owner_refused(name, args.strategies.split(";"))),
         }
         np.savez(f"{args.out}.{name}.rank{ls.distributed.rank()}.npz", losses=losses, **extra, **params)
     ls.distributed.shutdown()

@@ -173,3 +173,36 @@ def test_a_shared_load_balances_a_whole_model_switch(name):
     assert max(shared.values(), default=0) <= max(separate.values(), default=0)
     if name == "dp2tp2->tp4":
         assert max(shared.values()) < max(separate.values())
+
+
+def test_pp2_tp2_to_dp4_over_two_nodes():
+    """A pp2·tp2 model (stage 0 on node 0's ranks 0, 1; stage 1 on node 1's ranks 2, 3; node_size 2)
+    switched whole to dp4: each stage's weights reach every rank, the ranks of the stage's own node
+    from that node; a weight both stages read (a tied table, duplicated over the stages) crosses no
+    node; and the shared load sends no more than planning the tensors one by one."""
+    full = np.random.default_rng(1).standard_normal(SHAPE)
+    stage0, stage1 = mesh_layout(1, 2, ranks=(0, 1)), mesh_layout(1, 2, ranks=(2, 3))
+    tied = mesh_layout(2, 2)  # duplicated over the two stages, split over each stage's tp pair
+    dp4 = mesh_layout(4, 1)
+    load: dict[int, int] = {}
+    plans = [plan_hot_switch(SHAPE, 8, s, dp4, node_size=2, load=load) for s in (stage0, stage1, tied)]
+    for plan, source in zip(plans, (stage0, stage1, tied)):
+        out = simulate(plan, _shards(source, full))
+        for r in range(4):
+            np.testing.assert_array_equal(out[r], full)
+    for plan, home in zip(plans[:2], (0, 1)):
+        # the other node needs the whole weight; each of its ranks gets each half once, over the nodes
+        assert plan.inter_node_bytes == 2 * full.size * 8
+        for m in plan.messages:
+            if m.receiver // 2 == home:
+                assert m.sender // 2 == home  # the stage's own node: from a same-node holder
+    assert plans[2].inter_node_bytes == 0
+    one_by_one = [plan_hot_switch(SHAPE, 8, s, dp4, node_size=2) for s in (stage0, stage1, tied)]
+    separate: dict[int, int] = {}
+    for plan in one_by_one:
+        for r, b in plan.send_bytes().items():
+            separate[r] = separate.get(r, 0) + b
+    assert max(load.values()) <= max(separate.values())
+    # and back: dp4 -> each stage, nothing leaves a node (every rank holds the whole weight)
+    for dest in (stage0, stage1, tied):
+        assert plan_hot_switch(SHAPE, 8, dp4, dest, node_size=2).total_bytes == 0

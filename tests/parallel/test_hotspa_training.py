@@ -69,6 +69,33 @@ def test_sequence_parallel_strategies_on_4_processes_match_one_process(tmp_path)
         assert run["reduce_scatter"][0] > 0 and run["reduce_scatter"][1] > 0 and run["reduce_scatter"][2] == 0
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_pipeline_strategy_in_the_set_on_4_processes_matches_one_process(tmp_path):
+    """A pp=2 strategy (two stages of tp2, micro-batches under 1F1B) among the hot-switched ones:
+    its parameters live on one stage's ranks, GPT-2's tied table on both; the owner is a pp=1
+    strategy, and naming the pipeline one the owner is refused."""
+    out = tmp_path / "pp"
+    strategies = "dp1,tp2,pp2;dp2,tp2,pp1;dp4,tp1,pp1"
+    proc = launch(
+        4, "tests/parallel/hotspa_train.py", "--models", "gpt2,llama", "--strategies", strategies, "--out", str(out),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("gpt2", "llama"):
+        ref_losses, ref_params = H.reference(name)
+        for r in range(4):
+            run = np.load(f"{out}.{name}.rank{r}.npz")
+            np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
+            for pname, value in ref_params.items():
+                np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{name} {pname}")
+            assert int(run["owner"]) == 1  # dp2·tp2: the least memory per rank of the pp=1 strategies
+            assert sorted(run["order"]) == [0, 1, 2] and (run["switch_bytes"] > 0).all()
+            assert (run["tokens"] > 0).all()  # the pipeline bucket ran every step
+            assert run["micro_batches"].max() > 1  # with several micro-batches in flight
+            assert bool(run["pp_owner_refused"])
+
+
 def test_a_sequence_parallel_strategy_string_needs_tp():
     from luoshu.parallel.hotspa import HotSPaError, parse_strategy
 
@@ -128,9 +155,9 @@ def test_a_bucket_its_strategy_cannot_hold_is_named():
     ls.parallel.HotSPa(model, ONE, H.BOUNDS, memory_budget=need[0] * 1.01)  # enough: accepted
 
 
-def test_pipeline_strategies_are_refused_clearly():
+def test_a_pipeline_strategy_that_does_not_fit_the_world_is_refused_clearly():
     model = H.build("gpt2")
-    with pytest.raises(ls.Error, match="strategy 2 'dp1,tp1,pp2' has 2 pipeline stages"):
+    with pytest.raises(ls.Error, match="strategy 2 'dp1,tp1,pp2' covers 2 devices, but the world has 1 ranks"):
         ls.parallel.HotSPa(model, ONE[:2] + ["dp1,tp1,pp2"], H.BOUNDS)
     assert _untouched(model)
 

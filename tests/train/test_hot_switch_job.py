@@ -79,6 +79,26 @@ def test_luoshu_train_hot_switch_under_launch_on_4_processes(tmp_path):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_luoshu_train_hot_switch_with_a_pp2_strategy_matches_one_process(tmp_path):
+    """`hot_switch` strings with pp2 (two layers, two stages of tp2) under `luoshu launch -n 4`: the
+    losses of the job run in one process (every bucket under dp1,tp1,pp1), to float32 rounding."""
+    import yaml
+
+    layers = {"model_args": {"n_layer": 2, "n_head": 4, "n_embd": 32}}
+    one = _values(tmp_path / "one", ["dp1,tp1,pp1"] * 3, **layers)
+    ls.train.train(TrainConfig.from_dict(one))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_values(tmp_path, ["dp1,tp2,pp2", "dp2,tp2,pp1", "dp4,tp1,pp1"], **layers)))
+    proc = launch(4, "luoshu/cli.py", "train", "--config", str(path), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    assert [[int(r[f"tokens_bucket{i}"]) for i in range(3)] for r in rows] == _expected_tokens(3)
+    assert all(int(r["switch_bytes"]) > 0 for r in rows)
+    np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(tmp_path / "one" / "run"), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "hot_switch,match",
     [

@@ -1,0 +1,84 @@
+"""The profiled cost model against measured step times; run under `luoshu launch -n 4` by the tests.
+
+    luoshu launch -n 4 tests/parallel/hotspa_rank.py --out PREFIX
+
+Every rank trains GPT-2 (2 layers, width 64, float32) on one long-tailed batch under each static
+strategy (tp4, dp2·tp2, dp4: HotSPa with one strategy, every sequence packed into rows of the
+longest bound), the strategies interleaved round by round; the step time of a round is the
+slowest rank's. Then `hotspa_profile.profile` measures this machine with the four processes
+running at once, and `predict_static` predicts each strategy's step. Rank 0 writes the rounds'
+times and the predictions to PREFIX.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+import luoshu as ls
+from luoshu.data.packing import bucket_batch
+from luoshu.models.language import GPT2, GPTConfig
+from luoshu.parallel import hotspa_profile
+
+VOCAB, MAX_LEN, SEQS, ROUNDS = 256, 512, 32, 5
+STRATEGIES = ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1"]
+
+
+def build():
+    ls.manual_seed(0)
+    return GPT2(GPTConfig(vocab_size=VOCAB, block_size=MAX_LEN, n_layer=2, n_head=4, n_embd=64))
+
+
+def batch() -> list[np.ndarray]:
+    seqs = ls.data.synthetic_sequences(SEQS - 1, VOCAB, min_len=4, max_len=MAX_LEN, seed=0)
+    return [*seqs, np.random.default_rng(0).integers(0, VOCAB, MAX_LEN)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    ls.distributed.init()
+    seqs = batch()
+    jobs = {}
+    for s in STRATEGIES:
+        model = build()
+        hot = ls.parallel.HotSPa(model, [s], [MAX_LEN, 0])
+        jobs[s] = (hot, ls.optim.AdamW(model.parameters(), lr=1e-4))
+
+    def step(s: str) -> float:
+        hot, opt = jobs[s]
+        torch_dist.barrier()
+        start = time.perf_counter()
+        hot.step(seqs, opt)
+        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        torch_dist.all_reduce(seconds, op=torch_dist.ReduceOp.MAX)
+        return float(seconds[0])
+
+    for s in STRATEGIES:  # warm-up: plans compiled, process groups made
+        step(s)
+    measured = np.zeros((ROUNDS, len(STRATEGIES)))
+    for r in range(ROUNDS):  # interleaved, the order rotating from round to round
+        for k in [(r + j) % len(STRATEGIES) for j in range(len(STRATEGIES))]:
+            measured[r, k] = step(STRATEGIES[k])
+    # profiled at the rows' length and at the row counts the strategies' replicas run
+    rows = bucket_batch(seqs, [MAX_LEN, 0])[0].rows.num_rows
+    counts = sorted({1} | {math.ceil(rows / ls.parallel.hotspa.parse_strategy(s).dp) for s in STRATEGIES})
+    prof = hotspa_profile.profile(build(), lengths=(MAX_LEN // 4, MAX_LEN), batches=counts)
+    predicted = hotspa_profile.predict_static(prof, seqs, STRATEGIES, MAX_LEN)
+    if ls.distributed.rank() == 0:
+        runs = np.array([(n, b, s, t) for n, points in prof.tp_runs for b, s, t in points])
+        np.savez(
+            args.out + ".npz", measured=measured, predicted=np.array([predicted[s] for s in STRATEGIES]), tp_runs=runs
+        )
+    ls.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
