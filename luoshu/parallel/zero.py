@@ -77,6 +77,7 @@ import torch.distributed as torch_dist
 from luoshu.compiler import insert_gradient_allreduce
 from luoshu.compiler.gradient_allreduce import BucketFiller
 from luoshu.compiler.recompute import apply_recompute
+from luoshu.compiler.states import ShardNorm
 from luoshu.core import context, dtypes, live
 from luoshu.core.op import OpDef, apply, get_opdef, register
 from luoshu.core.shapes import numel
@@ -119,6 +120,17 @@ class _Sharded:
             return flat, None, flat
         out = flat.new_empty(self.shard_size)
         return out, _reduce_scatter_single(out, flat, group=self.pg, async_op=True), flat
+
+    def gradient_pieces(self) -> list[tuple[int, torch.Tensor]]:
+        """(parameter index, its piece of this step's gradient shard) for every parameter this
+        rank's shard covers (padding is no parameter's): what clipping's norm weighs per parameter."""
+        lo, hi = self.rank * self.shard_size, (self.rank + 1) * self.shard_size
+        pieces = []
+        for i, offset, n in zip(self.indices, self.offsets, self.numels):
+            a, b = max(lo, offset), min(hi, offset + n)
+            if a < b:
+                pieces.append((i, self.grad_shard[a - lo:b - lo]))
+        return pieces
 
 
 class _FlatGroup(_Sharded):
@@ -326,6 +338,14 @@ class ZeroSync(SyncMode):
         if offload == "parameters" and stage != 3:
             raise DistError(f"DataParallel(zero={stage}): offload='parameters' needs zero=3 (stages 1-2 keep every "
                             "parameter whole on the device); offload='optimizer' works with every stage")
+        # the tensor-parallel strategy the graph compiles under (DataParallel found it), or None
+        self.tensor_parallel = getattr(dp, "tensor_parallel", None)
+        if self.tensor_parallel is not None and stage == 3:
+            raise DistError("DataParallel(zero=3) with tensor parallelism is not built: stage 3 would have to "
+                            "gather the TP shards of every local graph the strategy compiles; use zero=1 or 2")
+        if self.tensor_parallel is not None and dp.module is not None:
+            raise DistError("DataParallel(zero=...) with tensor parallelism runs define-and-run graphs; eager "
+                            "tensor parallelism covers the TP axis only")
         self.stage = stage
         self.offload = Offload(offload)
         self.unit_bytes = max(1, int(unit_size_mb * 2**20))
@@ -345,18 +365,34 @@ class ZeroSync(SyncMode):
 
     # --- SyncMode -------------------------------------------------------------------------------
     def setup(self, params, buffers) -> None:
-        self.plain.setup(params, buffers)
+        if self.tensor_parallel is None:  # `parallelize` gave every rank rank 0's values already
+            self.plain.setup(params, buffers)
 
     def rewrite_update(self, graph, update_op) -> None:
         if update_op.attrs.get("loss_scaler", -1) >= 0:
             raise DistError("DataParallel(zero=...): dynamic loss scaling is not available with ZeRO")
         live.keep_alive(graph, self)  # the graph runs this mode's update op for as long as it lives
+        if self.tensor_parallel is not None:
+            # The states pass makes each rank's local graph; this mode rewrites the local update
+            # there (the gradients are then this rank's TP shards), in place of the DP all-reduce.
+            self.tensor_parallel.update_passes[update_op.attrs["optimizer"]] = self._rewrite_local
+            graph._plans.clear()
+            return
+        self._rewrite(graph, update_op)
+
+    def _rewrite_local(self, graph, update_op) -> None:
+        """The tensor-parallel case: `update_op` of a rank's local graph (compiled again for each
+        fetch set and feed signature; the shards' layout is made once, at the first)."""
+        live.keep_alive(graph, self)
+        self._rewrite(graph, update_op)
+
+    def _rewrite(self, graph, update_op) -> None:
         if self.stage == 3:
             if self.groups is not None:
                 raise DistError("DataParallel(zero=3) shards the parameters of one update op; this graph has more")
             self._shard_graph(graph, update_op)
         elif self.stage == 2:
-            if self.groups is not None:
+            if self.groups is not None and self.tensor_parallel is None:
                 raise DistError("DataParallel(zero=2) shards the gradients of one update op; this graph has more")
             self._bucket_graph(graph, update_op)
         else:  # stage 1: plain data parallelism's bucketed all-reduce, then the shard update
@@ -403,8 +439,8 @@ class ZeroSync(SyncMode):
         group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
         filler, buckets = BucketFiller(self.unit_bytes), []
         for i in dense_indices:
-            p = params[i]
-            closed = filler.add(i, numel(p.shape) * dtypes.to_torch(p.dtype).itemsize, (group_of[id(p)], p.dtype))
+            p = params[i]  # this rank's bytes (a TP shard's)
+            closed = filler.add(i, p._value.numel() * p._value.element_size(), (group_of[id(p)], p.dtype))
             if closed is not None:
                 buckets.append(closed)
         buckets += filler.close()
@@ -511,8 +547,13 @@ class ZeroSync(SyncMode):
             gathered = plain_pairs if reduced else self.plain.reduce_gradients(opt, plain_pairs) if plain_pairs else []
             dense_sq = None
             if opt.max_grad_norm is not None:
-                # The global norm over every shard and the (replicated) plain-path gradients.
-                dense_sq = torch.stack([g.grad_shard.double().pow(2).sum() for g in self.groups]).sum()
+                # The global norm over every shard and the (replicated) plain-path gradients;
+                # under tensor parallelism each parameter's pieces weighed as its TP states say
+                # (`opt.shard_norm`, installed by the states pass) and summed over the TP group too.
+                pieces = [piece for g in self.groups for piece in g.gradient_pieces()]
+                norm = opt.shard_norm if opt.shard_norm is not None else ShardNorm({}, ())
+                dense_sq = norm.squared([i for i, _ in pieces], [t for _, t in pieces],
+                                        device=self.groups[0].device).double()
                 if pg is not None:
                     dense_sq = dense_sq.reshape(1)
                     torch_dist.all_reduce(dense_sq, group=pg)
@@ -627,7 +668,11 @@ class ZeroSync(SyncMode):
             return position.get(id(t.producer[0]), -1) if t.producer is not None else -1
 
         order = sorted(dense, key=lambda e: made_at(e.inputs[0]))
-        self._build(self._bucket_layout([e.index for e in order]))
+        if self.groups is None:
+            self._build(self._bucket_layout([e.index for e in order]))
+        elif sorted(self.owner) != sorted(e.index for e in dense):  # a local graph compiled again
+            raise DistError(f"DataParallel(zero=2): this update's dense parameters {sorted(e.index for e in dense)} "
+                            f"are not the ones laid out at the first ({sorted(self.owner)})")
         self._scatter_graph(graph, update, entries, made_at, {}, {}, [])
 
     def _scatter_graph(self, graph, update, entries, made_at, before: dict, after: dict, new_ops: list) -> None:
