@@ -490,6 +490,10 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
         grads += list(_rows_in_states(idx, val, values.shape, p.shape, want, shard))
     if getattr(opt, "max_grad_norm", None) is not None and shard.size > 1:
         opt.shard_norm = _tp_shard_norm(params, strategy)
+    if attrs.get("loss_scaler", -1) >= 0 and shard.size > 1:
+        scaler = live.lookup(attrs["loss_scaler"], "loss scaler", "states pass")
+        if scaler.agreement_group is None:  # TP members hold other gradients: their overflow checks must agree
+            scaler.agree_across(shard.group)
     out = apply("optimizer_update", *grads, **attrs)
     tensors[id(op.outputs[0])] = out
     states[id(op.outputs[0])] = S.dup(shard.size)
