@@ -53,6 +53,10 @@ class SyncMode:
     def reduce_gradients(self, optimizer: Optimizer, pairs: list) -> list:
         raise NotImplementedError
 
+    def use_loss_scaler(self, loss_scaler) -> None:
+        """Eager: the step's loss scaler, for a mode that updates the parameters itself (ZeRO); the
+        others hand synchronised gradients to the optimizer, which unscales them."""
+
     def begin_gradients(self, optimizer: Optimizer) -> GradientSync:
         """Eager: a sink that gets each gradient as soon as backward finishes it."""
         return GradientSync(lambda pairs: self.reduce_gradients(optimizer, pairs))
@@ -290,6 +294,8 @@ class DataParallel:
             if id(p) not in index:
                 raise Error(f"DataParallel.minimize: {p!r} is not a parameter of the optimizer")
         target = loss_scaler.scale(loss) if loss_scaler is not None else loss
+        if loss_scaler is not None:
+            self.sync.use_loss_scaler(loss_scaler)
         sync = self.sync.begin_gradients(opt)
 
         def ready(i: int, grad) -> None:

@@ -57,8 +57,17 @@ path: their rows are all-gathered and the model's own optimizer updates them laz
 `consolidated_state_dict()` gathers the shards into the plain optimizer's state-dict layout (a
 ZeRO checkpoint loads into a plain run), and `load_state_dict` takes a plain one.
 
-Per-parameter rules cannot run on flat shards: LAMB (its trust ratio is a norm per parameter)
-and dynamic loss scaling (the overflow check would have to agree across ranks) are refused.
+Per-parameter rules cannot run on flat shards: LAMB (its trust ratio is a norm per parameter) is
+refused. Dynamic loss scaling (fp16, `minimize(loss, loss_scaler=...)`) unscales the shards; its
+overflow check is summed over the DP group, so a step an inf in one rank's shard skips is skipped on
+every rank.
+
+Under tensor parallelism (a graph `parallelize` made tensor parallel on a `DeviceMesh(dp=, tp=)`)
+stages 1-2 shard each rank's TP shard of a parameter over the mesh's DP group: the states pass
+calls this mode's update rewrite on each rank's local graph (`Strategy.update_passes`) instead of
+the DP all-reduce, clipping weighs each parameter's pieces as its TP states say (a split
+parameter once on each TP member, a duplicated one 1/tp) and sums over both groups, and the
+checkpoint hook consolidates over DP, then gathers over TP. Stage 3 with TP is refused.
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
@@ -353,6 +362,7 @@ class ZeroSync(SyncMode):
         self.groups: list | None = None  # _FlatGroup (stages 1-2) or _Unit (stage 3)
         self.owner: dict[int, object] = {}
         self._loaded = False  # a plain state dict was loaded and still has to reach the shards
+        self._loss_scaler = None  # fp16: the update's LossScaler (use_loss_scaler)
         self._gather_depth = 0  # nesting of gathered_parameters() contexts
         self._key = live.register(self)  # what sharded_update and the zero3 ops name in their attributes
         self._scatters: list = []  # (work, flat copy it reads) of the reduce-scatter still in flight
@@ -368,9 +378,14 @@ class ZeroSync(SyncMode):
         if self.tensor_parallel is None:  # `parallelize` gave every rank rank 0's values already
             self.plain.setup(params, buffers)
 
+    def use_loss_scaler(self, loss_scaler) -> None:
+        """The dynamic loss scaler of the update (fp16): the shard update unscales every shard and
+        skips the step on every rank where any rank's gradients overflow."""
+        self._loss_scaler = loss_scaler
+
     def rewrite_update(self, graph, update_op) -> None:
         if update_op.attrs.get("loss_scaler", -1) >= 0:
-            raise DistError("DataParallel(zero=...): dynamic loss scaling is not available with ZeRO")
+            self.use_loss_scaler(live.lookup(update_op.attrs["loss_scaler"], "loss scaler", "DataParallel(zero=...)"))
         live.keep_alive(graph, self)  # the graph runs this mode's update op for as long as it lives
         if self.tensor_parallel is not None:
             # The states pass makes each rank's local graph; this mode rewrites the local update
@@ -545,6 +560,10 @@ class ZeroSync(SyncMode):
         self.wait_scatters()
         with torch.no_grad():
             gathered = plain_pairs if reduced else self.plain.reduce_gradients(opt, plain_pairs) if plain_pairs else []
+            if self._loss_scaler is not None and self._loss_scaler.enabled:
+                gathered = self._unscale(gathered, pg)
+                if gathered is None:  # an overflow on some rank: every rank skips the step
+                    return
             dense_sq = None
             if opt.max_grad_norm is not None:
                 # The global norm over every shard and the (replicated) plain-path gradients;
@@ -573,6 +592,28 @@ class ZeroSync(SyncMode):
                     torch_dist.all_gather_single(group.flat, group.shard.clone(), group=pg)
         if gathered:
             opt.apply_gradients(gathered, other_norm_sq=dense_sq)
+
+    def _unscale(self, gathered: list, pg) -> list | None:
+        """fp16: divides every gradient shard and the plain path's gradients by the loss scale and
+        updates the scale. The overflow check covers every shard: its flag is summed over the DP
+        group (and the scaler's agreement group: TP members, the job), so all ranks skip alike.
+        Returns the unscaled plain gradients, or None when the step is skipped."""
+        scaler = self._loss_scaler
+        plain = [g[1] if isinstance(g, tuple) else g for _, g in gathered]
+        unscaled, found = scaler._unscaled_copies([group.grad_shard for group in self.groups] + plain)
+        if pg is not None:
+            found = found.reshape(1)
+            torch_dist.all_reduce(found, group=pg)
+            found = found.reshape(())
+        scaler._update_scale(found)
+        if bool(found.item()):
+            for group in self.groups:
+                group.grad_shard = None
+            return None
+        for group, value in zip(self.groups, unscaled):
+            group.grad_shard = value
+        rest = unscaled[len(self.groups):]
+        return [(i, (g[0], u) + tuple(g[2:]) if isinstance(g, tuple) else u) for (i, g), u in zip(gathered, rest)]
 
     # --- stage 3, define-and-run ----------------------------------------------------------------
     def _shard_graph(self, graph, update) -> None:
