@@ -80,6 +80,26 @@ def test_zero_1_2_over_dp_of_dp2_tp2_match_one_process_and_checkpoints_cross_lay
     assert np.abs(ref_load_losses - ref_losses).max() > 1e-3  # it trained on from the checkpoint
 
 
+ELEMENTWISE = ["sgd", "momentum", "nesterov", "adam", "adagrad", "rmsprop"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_every_elementwise_optimizer_under_zero2_over_dp2_tp2_matches_one_process(tmp_path):
+    out = tmp_path / "opt"
+    args = ["--dp", str(DP), "--tp", str(TP), "--zero", "2", "--optimizers", ",".join(ELEMENTWISE), "--out", str(out)]
+    proc = launch(DP * TP, "tests/parallel/zero_tp_train.py", *args, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ELEMENTWISE:
+        ref_losses, ref_params, _ = zero_tp_train.train(optimizer=name)
+        runs = [np.load(f"{out}.{name}.zero2.rank{r}.npz") for r in range(DP * TP)]
+        mesh_losses = np.mean([runs[r * TP]["losses"] for r in range(DP)], axis=0)
+        np.testing.assert_allclose(mesh_losses, ref_losses, rtol=0, atol=1e-6, err_msg=name)
+        for run in runs:
+            for k, v in ref_params.items():
+                np.testing.assert_allclose(run[k], v, rtol=0, atol=1e-6, err_msg=f"{name} {k}")
+
+
 def _reference_state() -> dict:
     """One process after zero_tp_train's steps: full parameters and AdamW state."""
     ls.manual_seed(11)

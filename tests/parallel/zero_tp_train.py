@@ -2,7 +2,7 @@
 under `luoshu launch` by the tests.
 
     luoshu launch -n 4 tests/parallel/zero_tp_train.py --dp 2 --tp 2 --zero 0,1,2 --out PREFIX \
-        [--save-zero 1 --save CKPT] [--load-zero 2 --load CKPT2]
+        [--optimizers adamw,sgd,...] [--save-zero 1 --save CKPT] [--load-zero 2 --load CKPT2]
 
 For each stage of `--zero` (0: plain dp x tp) rank r writes the losses, the full parameters
 (all-gathered over its TP group) and its optimizer-state bytes at the first step (`plan.memory()`)
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=2)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--zero", default="0,1,2")
-    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--optimizers", default="adamw", help="comma-separated; files of others: PREFIX.<name>.zero<N>")
     parser.add_argument("--save-zero", type=int, default=None)
     parser.add_argument("--save", default=None)
     parser.add_argument("--load-zero", type=int, default=None)
@@ -76,12 +76,14 @@ def main() -> None:
     ls.distributed.init()
     mesh = ls.distributed.DeviceMesh(dp=args.dp, tp=args.tp)
     rank = ls.distributed.rank()
-    for zero in (int(z) for z in args.zero.split(",")):
-        save = args.save if zero == args.save_zero else None
-        losses, params, state_bytes = train(mesh, zero, save=save, optimizer=args.optimizer)
-        np.savez(f"{args.out}.zero{zero}.rank{rank}.npz", losses=losses, state_bytes=state_bytes, **params)
+    for name in args.optimizers.split(","):
+        prefix = args.out if name == "adamw" else f"{args.out}.{name}"
+        for zero in (int(z) for z in args.zero.split(",")):
+            save = args.save if zero == args.save_zero and name == "adamw" else None
+            losses, params, state_bytes = train(mesh, zero, save=save, optimizer=name)
+            np.savez(f"{prefix}.zero{zero}.rank{rank}.npz", losses=losses, state_bytes=state_bytes, **params)
     if args.load is not None:
-        losses, params, _ = train(mesh, args.load_zero, load=args.load, optimizer=args.optimizer)
+        losses, params, _ = train(mesh, args.load_zero, load=args.load)
         np.savez(f"{args.out}.load.rank{rank}.npz", losses=losses, **params)
     ls.distributed.shutdown()
 
