@@ -86,6 +86,9 @@ class Strategy:
     # optimizer key -> pass(local graph, local update op) that synchronises that optimizer's
     # gradients over `dp_group` instead of the bucketed all-reduce (ZeRO over the DP axis)
     update_passes: dict = field(default_factory=dict)
+    # passes(local graph) run on every local graph once localized (ZeRO-3: gathers of the
+    # parameters it shards for readers no update pass rewired)
+    graph_passes: list = field(default_factory=list)
 
     @property
     def shard(self) -> Shard:
@@ -382,7 +385,14 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
             get(f)
             if f.kind != "token" and f.producer is not None and f.producer[0].opdef.name != "optimizer_update":
                 tensors[id(f)] = converted(f, strategy.fetch_states.get(id(f), S.dup(n)))
+    for graph_pass in strategy.graph_passes:
+        graph_pass(local)
     return Localized(local, tensors, states, feeds)
+
+
+def leaf_source(t: Tensor) -> Tensor:
+    """The logical tensor (a parameter) a local graph's leaf reads; `t` itself for any other."""
+    return t._source if isinstance(t, _LeafView) else t
 
 
 def convert_to(x: Tensor, src: DStates, want: DStates, global_shape, shard: Shard) -> Tensor:
@@ -769,6 +779,7 @@ __all__ = [
     "convert_to",
     "eager_apply",
     "eager_to_states",
+    "leaf_source",
     "localize_graph",
     "localize_op",
     "run_lockstep",

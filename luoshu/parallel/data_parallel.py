@@ -189,7 +189,7 @@ class DataParallel:
     the workers (`luoshu.parallel.zero`; options `unit_size_mb`, stage 2's reduce-scatter
     buckets and stage 3's units, and
     `offload="optimizer" | "parameters"`). On a graph made tensor parallel by `parallelize`
-    (a `DeviceMesh(dp=, tp=)`), `zero=1 | 2` shards each TP shard over the mesh's DP group.
+    (a `DeviceMesh(dp=, tp=)`), `zero=1 | 2 | 3` shards each TP shard over the mesh's DP group.
     """
 
     def __init__(self, target: Module | Graph | None = None, optimizer: Optimizer | None = None, *,
