@@ -356,9 +356,6 @@ class ZeroSync(SyncMode):
                             "parameter whole on the device); offload='optimizer' works with every stage")
         # the tensor-parallel strategy the graph compiles under (DataParallel found it), or None
         self.tensor_parallel = getattr(dp, "tensor_parallel", None)
-        if self.tensor_parallel is not None and dp.module is not None:
-            raise DistError("DataParallel(zero=...) with tensor parallelism runs define-and-run graphs; eager "
-                            "tensor parallelism covers the TP axis only")
         self.stage = stage
         self.offload = Offload(offload)
         self.unit_bytes = max(1, int(unit_size_mb * 2**20))
