@@ -92,6 +92,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=s, help="pipeline-parallel stages (language models)")
     p.add_argument("--micro-batches", type=int, default=s, help="micro-batches per step of a pipeline")
     p.add_argument("--pipeline-schedule", choices=["1f1b", "gpipe"], default=s)
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=s,
+                   help="ZeRO stage over the data-parallel workers: 1 shards the optimizer state, 2 also the "
+                        "gradients, 3 also the parameters (with --dp/--tp: over the DP axis)")
     p.add_argument("--sequence-parallel", action="store_true", default=s,
                    help="keep activations between tensor-parallel regions split on the sequence")
     p.add_argument("--parallel", choices=["auto"], default=s,

@@ -24,7 +24,8 @@ sequence parallelism, the norm weights' partial gradients are all-reduced over t
 group); a fetched tensor is made duplicate. The result is a plain define-and-run graph
 that the runtime compiles into the rank's plan: one local graph, and so one plan, per
 strategy. With a data-parallel group the bucketed gradient all-reduce pass then runs
-on the local update.
+on the local update (or the pass a ZeRO mode registered in `Strategy.update_passes`, which
+shards the optimizer over the DP group).
 
 `simulate` runs the local graphs of all ranks of a group in one process, the
 collectives computed from every rank's input; the tests check rules and comm with it.
@@ -82,6 +83,12 @@ class Strategy:
     # id(fetched tensor) -> the states it is fetched in (default: duplicate); a pipeline stage
     # fetches its parameters' gradients in the parameters' own states.
     fetch_states: dict = field(default_factory=dict)
+    # optimizer key -> pass(local graph, local update op) that synchronises that optimizer's
+    # gradients over `dp_group` instead of the bucketed all-reduce (ZeRO over the DP axis)
+    update_passes: dict = field(default_factory=dict)
+    # passes(local graph) run on every local graph once localized (ZeRO-3: gathers of the
+    # parameters it shards for readers no update pass rewired)
+    graph_passes: list = field(default_factory=list)
 
     @property
     def shard(self) -> Shard:
@@ -378,7 +385,14 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
             get(f)
             if f.kind != "token" and f.producer is not None and f.producer[0].opdef.name != "optimizer_update":
                 tensors[id(f)] = converted(f, strategy.fetch_states.get(id(f), S.dup(n)))
+    for graph_pass in strategy.graph_passes:
+        graph_pass(local)
     return Localized(local, tensors, states, feeds)
+
+
+def leaf_source(t: Tensor) -> Tensor:
+    """The logical tensor (a parameter) a local graph's leaf reads; `t` itself for any other."""
+    return t._source if isinstance(t, _LeafView) else t
 
 
 def convert_to(x: Tensor, src: DStates, want: DStates, global_shape, shard: Shard) -> Tensor:
@@ -486,10 +500,17 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
         grads += list(_rows_in_states(idx, val, values.shape, p.shape, want, shard))
     if getattr(opt, "max_grad_norm", None) is not None and shard.size > 1:
         opt.shard_norm = _tp_shard_norm(params, strategy)
+    if attrs.get("loss_scaler", -1) >= 0 and shard.size > 1:
+        scaler = live.lookup(attrs["loss_scaler"], "loss scaler", "states pass")
+        if scaler.agreement_group is None:  # TP members hold other gradients: their overflow checks must agree
+            scaler.agree_across(shard.group)
     out = apply("optimizer_update", *grads, **attrs)
     tensors[id(op.outputs[0])] = out
     states[id(op.outputs[0])] = S.dup(shard.size)
-    if len(strategy.dp_group) > 1:
+    update_pass = strategy.update_passes.get(attrs["optimizer"])
+    if update_pass is not None:
+        update_pass(out.graph, out.producer[0])
+    elif len(strategy.dp_group) > 1:
         from luoshu.compiler.gradient_allreduce import insert_gradient_allreduce
 
         insert_gradient_allreduce(out.graph, out.producer[0], strategy.bucket_bytes, tuple(strategy.dp_group))
@@ -618,13 +639,18 @@ class ShardNorm:
         self.weights, self.group = dict(weights), tuple(group)
 
     def __call__(self, indices: list, grads: list) -> torch.Tensor:
+        return self.squared(indices, grads).sqrt()
+
+    def squared(self, indices: list, grads: list, device=None) -> torch.Tensor:
+        """The squared norm (summed over `group`); `grads` may be pieces of gradient i (ZeRO's
+        shards), each counting with `weights[i]`; `device` where there are none on this rank."""
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        total = torch.zeros((), dtype=dtype, device=grads[0].device)
+        total = torch.zeros((), dtype=dtype, device=grads[0].device if grads else device)
         for i, g in zip(indices, grads):
             total += torch.linalg.vector_norm(g.to(dtype)) ** 2 * self.weights.get(i, 1.0)
         if len(self.group) > 1:
             total = get_opdef("all_reduce").compute(total, reduce="sum", group=self.group, async_op=False)
-        return total.sqrt()
+        return total
 
 
 # --- simulation (one process, every rank of a group) -----------------------------------------
@@ -753,6 +779,7 @@ __all__ = [
     "convert_to",
     "eager_apply",
     "eager_to_states",
+    "leaf_source",
     "localize_graph",
     "localize_op",
     "run_lockstep",

@@ -15,7 +15,9 @@ import torch
 
 from luoshu.core import live
 from luoshu.core.errors import CheckpointError, Error
+from luoshu.core.op import get_opdef
 from luoshu.core.tensor import IndexedSlices, Tensor
+from luoshu.distributed import env
 from luoshu.optim.optimizer import _groups_by_device_dtype
 
 
@@ -43,6 +45,8 @@ class LossScaler:
         self._scale_leaf: Tensor | None = None
         # per optimizer (by id): {"found_inf": tensor, "stage": "unscaled" | "stepped"}
         self._per_optimizer: dict[int, dict] = {}
+        # ranks whose overflow checks must agree (`agree_across`); None: this process decides alone
+        self.agreement_group: tuple | None = None
         self._key = live.register(self)  # what optimizer_update names in its attributes
 
     def __repr__(self) -> str:
@@ -61,6 +65,13 @@ class LossScaler:
             return loss
         self._lazy_init(loss.device)
         return loss * self._scale_leaf
+
+    def agree_across(self, group=()) -> None:
+        """Makes every step's overflow check agree on all ranks of `group` (a DeviceGroup or its
+        ranks; default every worker): the found-inf flag is all-reduced over it, so a step one rank
+        skips is skipped everywhere and the scales stay equal. A sharded job needs it: its ranks
+        hold other gradients (tensor-parallel shards, pipeline stages). A collective each step."""
+        self.agreement_group = tuple(getattr(group, "ranks", group) or ())
 
     def get_scale(self) -> float:
         if not self.enabled:
@@ -130,7 +141,7 @@ class LossScaler:
         self._lazy_init(device)
         found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
         if not tensors:
-            return found_inf
+            return self._agreed(found_inf)
         inv_scale = self._scale.double().reciprocal().float()
         for idx in _groups_by_device_dtype(tensors):
             group = [tensors[i] for i in idx]
@@ -139,7 +150,13 @@ class LossScaler:
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, inv_scale.to(dev))
             if found is not found_inf:
                 found_inf += found.to(found_inf.device)
-        return found_inf
+        return self._agreed(found_inf)
+
+    def _agreed(self, found_inf: torch.Tensor) -> torch.Tensor:
+        """found_inf summed over the agreement group (nonzero where any rank found inf/nan)."""
+        if self.agreement_group is None or not env.is_distributed():
+            return found_inf
+        return get_opdef("all_reduce").compute(found_inf, reduce="sum", group=self.agreement_group, async_op=False)
 
     def _update_scale(self, found_inf: torch.Tensor) -> None:
         torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf.to(self._scale.device),

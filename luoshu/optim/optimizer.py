@@ -394,7 +394,10 @@ class Optimizer:
         """The squared global norm of `grads` as `apply_gradients` counts it for clipping
         (a sparse gradient as the dense one it stands for)."""
         with torch.no_grad():
-            tensors = [_dense_part(g) for _, g in self._entries(grads)]
+            entries = self._entries(grads)
+            tensors = [_dense_part(g) for _, g in entries]
+            if self.shard_norm is not None:  # tensor parallel: summed over the TP group (a collective)
+                return self.shard_norm.squared([i for i, _ in entries], tensors).double()
             return _total_norm(tensors).double() ** 2 if tensors else torch.zeros((), dtype=torch.float64)
 
     def _update_group(self, group: dict, items: list) -> None:

@@ -11,8 +11,10 @@ Installed at import of `luoshu.parallel`, so plain `ls.save(path, model, optimiz
   rank, then keeps this rank's block of every split parameter and state (the split comes from
   the parameters' own states: the layout of the job that loads).
 - ZeRO (`DataParallel(..., zero=...)`, its optimizer reached as `dp.sync`): `ls.save` writes
-  the optimizer state of `dp.sync.consolidated_state_dict()` (the plain optimizer's layout)
-  from rank 0; `ls.load` gives the plain state to `dp.sync.load_state_dict`. Under ZeRO-3 both
+  the optimizer state of `dp.sync.consolidated_state_dict()` (the plain optimizer's layout;
+  under tensor parallelism then gathered over the TP group like the parameters) from rank 0;
+  `ls.load` gives the plain state to `dp.sync.load_state_dict` (under tensor parallelism: this
+  rank's blocks of it). Under ZeRO-3 both
   run inside `dp.sync.gathered_parameters()`, so the parameters are written and read whole. A
   ZeRO checkpoint loads into a plain run and a plain one into ZeRO.
 
@@ -87,6 +89,23 @@ def _placed(model: Module) -> dict:
     return {id(w): (m, rows, offsets, shape) for m, w, rows, offsets, shape in placed_tables(model)}
 
 
+def _full_state_dict(state_dict: dict, optimizer: Optimizer, model: Module, group: tuple) -> dict:
+    """An optimizer `state_dict()` of this rank's TP blocks (ZeRO's consolidated one) with every
+    split parameter's state all-gathered over `group` (a table-wise table's in its original order)."""
+    index = {id(p): i for i, p in enumerate(optimizer.parameters())}
+    placed = _placed(model)
+    tensors = dict(state_dict["tensors"])
+    for p in _split_parameters(model):
+        entry = state_dict["meta"]["state"].get(str(index.get(id(p), -1)))
+        dim, _ = _split(p)
+        for name in (entry or {}).get("tensors", []):
+            key = f"state.{index[id(p)]}.{name}"
+            value = _gather(tensors[key], dim, group)
+            table = placed.get(id(p))
+            tensors[key] = value if table is None else original_order(value, table[1], table[3])
+    return {"tensors": tensors, "meta": state_dict["meta"]}
+
+
 @contextmanager
 def _full_tensors(model: Module, optimizer: Optimizer | None, group: tuple) -> Iterator[None]:
     """Every split parameter (and its optimizer state) as its full value while inside; a table-wise
@@ -131,11 +150,17 @@ class _ShardedLayouts(package.LayoutHook):
 
     def save(self, path, module, optimizer, metadata, group: tuple | None = None) -> Path | None:
         zero = _zero_of(optimizer)
+        group = _tp_group() if group is None else group
         whole = zero.gathered_parameters() if zero is not None else contextlib.nullcontext()  # ZeRO-3's shards
-        with whole, _full_tensors(module, optimizer, _tp_group() if group is None else group):
-            # every rank takes part in the gathers; one writes
-            opt_state = zero.consolidated_state_dict() if zero is not None else None
-            written = package.save_full(path, module, optimizer, metadata, opt_state) if env.rank() == 0 else None
+        with whole:
+            # every rank takes part in the gathers; one writes. ZeRO's state is consolidated over the
+            # DP group first (this rank's TP blocks), then gathered over the TP group.
+            opt_state = None
+            if zero is not None:
+                opt_state = _full_state_dict(zero.consolidated_state_dict(), optimizer, module, group)
+            with _full_tensors(module, optimizer if zero is None else None, group):
+                written = package.save_full(path, module, optimizer, metadata, opt_state) if env.rank() == 0 \
+                    else None
         env.barrier()
         return written
 
@@ -159,8 +184,12 @@ class _ShardedLayouts(package.LayoutHook):
             if id(p) in placed:
                 p.shape = tuple(placed[id(p)][3])
             p._value = torch.empty(p.shape, dtype=p._value.dtype, device=p._value.device)
+        # ZeRO under TP: the model's optimizer takes the full state first, cut to this rank's blocks
+        # below, and ZeRO then takes those (a plain state dict of this layout) for its shards
+        tp_zero = zero is not None and bool(params)
+        load_state = None if zero is None else optimizer.load_state_dict if tp_zero else zero.load_state_dict
         try:
-            meta = package.load_full(path, module, optimizer, zero.load_state_dict if zero is not None else None)
+            meta = package.load_full(path, module, optimizer, load_state)
         except BaseException:
             for p, (v, shape) in zip(params, local):
                 p._value, p.shape = v, shape
@@ -171,7 +200,7 @@ class _ShardedLayouts(package.LayoutHook):
         opt_states = _state_of(optimizer, params)
         strategy = states.default()
         index = strategy.index if strategy is not None else 0
-        for p, st, (_, shape) in zip(params, opt_states + [None] * (len(params) - len(opt_states)), local):
+        for p, st, (local_value, shape) in zip(params, opt_states + [None] * (len(params) - len(opt_states)), local):
             dim, size = _split(p)
             table = placed.get(id(p))
 
@@ -180,10 +209,14 @@ class _ShardedLayouts(package.LayoutHook):
                     value = placed_order(value, table[1])
                 return _block(value, dim, size, index)
 
-            p._value, p.shape = mine(p._value), shape
+            # into the rank's own storage: under ZeRO-1/2 a parameter views the shards' flat buffer
+            block = mine(p._value)
+            p._value, p.shape = local_value.copy_(block), shape
             if st is not None:
                 for name in [k for k in st if k != "step"]:
                     st[name] = mine(st[name])
+        if tp_zero:
+            zero.load_state_dict(optimizer.state_dict())
         return meta
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 
-from luoshu.compiler import insert_gradient_allreduce
+from luoshu.compiler import insert_gradient_allreduce, states
 from luoshu.compiler.gradient_allreduce import BucketFiller
 from luoshu.core import context, live
 from luoshu.core.autodiff import gradients
@@ -52,6 +52,10 @@ class SyncMode:
 
     def reduce_gradients(self, optimizer: Optimizer, pairs: list) -> list:
         raise NotImplementedError
+
+    def use_loss_scaler(self, loss_scaler) -> None:
+        """Eager: the step's loss scaler, for a mode that updates the parameters itself (ZeRO); the
+        others hand synchronised gradients to the optimizer, which unscales them."""
 
     def begin_gradients(self, optimizer: Optimizer) -> GradientSync:
         """Eager: a sink that gets each gradient as soon as backward finishes it."""
@@ -184,7 +188,8 @@ class DataParallel:
     `zero=1 | 2 | 3` shards the optimizer state, then the gradients, then the parameters over
     the workers (`luoshu.parallel.zero`; options `unit_size_mb`, stage 2's reduce-scatter
     buckets and stage 3's units, and
-    `offload="optimizer" | "parameters"`).
+    `offload="optimizer" | "parameters"`). On a graph made tensor parallel by `parallelize`
+    (a `DeviceMesh(dp=, tp=)`), `zero=1 | 2 | 3` shards each TP shard over the mesh's DP group.
     """
 
     def __init__(self, target: Module | Graph | None = None, optimizer: Optimizer | None = None, *,
@@ -205,6 +210,15 @@ class DataParallel:
         self.mode = mode
         self.bucket_bytes = max(1, int(bucket_size_mb * 2**20))
         self.group = tuple(getattr(group, "ranks", group) or ())
+        # a graph that compiles under a tensor-parallel strategy (`parallelize` on a mesh): ZeRO
+        # shards over the mesh's DP axis, in each rank's local graph (luoshu.parallel.zero)
+        self.tensor_parallel = states.strategy_of(target, target.ops) if isinstance(target, Graph) and zero else None
+        if self.tensor_parallel is not None:
+            dp_group = tuple(self.tensor_parallel.dp_group) or (env.rank(),)
+            if self.group and sorted(self.group) != sorted(dp_group):
+                raise DistError(f"DataParallel(zero={zero}): graph '{target.name}' is tensor parallel, so ZeRO shards "
+                                f"over its mesh's DP group {dp_group}, found group={self.group}")
+            self.group = dp_group
         env.process_group(self.group or None)  # validates the ranks; creating a group is collective
         self.module = target if isinstance(target, Module) else None
         self.optimizer = optimizer
@@ -280,6 +294,8 @@ class DataParallel:
             if id(p) not in index:
                 raise Error(f"DataParallel.minimize: {p!r} is not a parameter of the optimizer")
         target = loss_scaler.scale(loss) if loss_scaler is not None else loss
+        if loss_scaler is not None:
+            self.sync.use_loss_scaler(loss_scaler)
         sync = self.sync.begin_gradients(opt)
 
         def ready(i: int, grad) -> None:

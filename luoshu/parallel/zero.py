@@ -57,8 +57,21 @@ path: their rows are all-gathered and the model's own optimizer updates them laz
 `consolidated_state_dict()` gathers the shards into the plain optimizer's state-dict layout (a
 ZeRO checkpoint loads into a plain run), and `load_state_dict` takes a plain one.
 
-Per-parameter rules cannot run on flat shards: LAMB (its trust ratio is a norm per parameter)
-and dynamic loss scaling (the overflow check would have to agree across ranks) are refused.
+Per-parameter rules cannot run on flat shards: LAMB (its trust ratio is a norm per parameter) is
+refused. Dynamic loss scaling (fp16, `minimize(loss, loss_scaler=...)`) unscales the shards; its
+overflow check is summed over the DP group, so a step an inf in one rank's shard skips is skipped on
+every rank.
+
+Under tensor parallelism (a graph `parallelize` made tensor parallel on a `DeviceMesh(dp=, tp=)`)
+stages 1-2 shard each rank's TP shard of a parameter over the mesh's DP group: the states pass
+calls this mode's update rewrite on each rank's local graph (`Strategy.update_passes`) instead of
+the DP all-reduce, clipping weighs each parameter's pieces as its TP states say (a split
+parameter once on each TP member, a duplicated one 1/tp) and sums over both groups, and the
+checkpoint hook consolidates over DP, then gathers over TP. Stage 3 shards each rank's TP shards
+(its units are laid out from this rank's values; a TP member's local graph may not read a
+parameter, a row-parallel bias on members other than 0, which then has no gather) and also
+registers a pass on every local graph the strategy compiles (`Strategy.graph_passes`), so the
+readers of a plan of another fetch set (an evaluation) gather too.
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
@@ -74,9 +87,10 @@ import contextlib
 import torch
 import torch.distributed as torch_dist
 
-from luoshu.compiler import insert_gradient_allreduce
+from luoshu.compiler import insert_gradient_allreduce, states
 from luoshu.compiler.gradient_allreduce import BucketFiller
 from luoshu.compiler.recompute import apply_recompute
+from luoshu.compiler.states import ShardNorm
 from luoshu.core import context, dtypes, live
 from luoshu.core.op import OpDef, apply, get_opdef, register
 from luoshu.core.shapes import numel
@@ -95,9 +109,10 @@ _all_gather_single = getattr(torch_dist, "all_gather_single", None) or torch_dis
 _reduce_scatter_single = getattr(torch_dist, "reduce_scatter_single", None) or torch_dist.reduce_scatter_tensor
 
 
-def _freed(p: Tensor) -> torch.Tensor:
-    """What a stage-3 parameter holds between uses: its shape and dtype, no storage."""
-    return torch.empty(p.shape, dtype=dtypes.to_torch(p.dtype), device="meta")
+def _freed(p: Tensor, shape: tuple) -> torch.Tensor:
+    """What a stage-3 parameter holds between uses: its (this rank's: a TP shard's) shape and dtype,
+    no storage."""
+    return torch.empty(shape, dtype=dtypes.to_torch(p.dtype), device="meta")
 
 
 class _Sharded:
@@ -119,6 +134,17 @@ class _Sharded:
             return flat, None, flat
         out = flat.new_empty(self.shard_size)
         return out, _reduce_scatter_single(out, flat, group=self.pg, async_op=True), flat
+
+    def gradient_pieces(self) -> list[tuple[int, torch.Tensor]]:
+        """(parameter index, its piece of this step's gradient shard) for every parameter this
+        rank's shard covers (padding is no parameter's): what clipping's norm weighs per parameter."""
+        lo, hi = self.rank * self.shard_size, (self.rank + 1) * self.shard_size
+        pieces = []
+        for i, offset, n in zip(self.indices, self.offsets, self.numels):
+            a, b = max(lo, offset), min(hi, offset + n)
+            if a < b:
+                pieces.append((i, self.grad_shard[a - lo:b - lo]))
+        return pieces
 
 
 class _FlatGroup(_Sharded):
@@ -171,7 +197,9 @@ class _Unit(_Sharded):
     def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
                  pg, group_index: int, offload: Offload):
         self.indices, self.params, self.group_index = indices, params, group_index
-        self.numels = [numel(p.shape) for p in params]
+        # this rank's values (under tensor parallelism: its TP shards of the parameters)
+        self.shapes = [tuple(p._value.shape) for p in params]
+        self.numels = [p._value.numel() for p in params]
         self.offsets, pos = [], 0
         for n in self.numels:
             self.offsets.append(pos)
@@ -183,7 +211,7 @@ class _Unit(_Sharded):
         flat = torch.zeros(self.padded, dtype=first.dtype, device=first.device)
         for p, offset, n in zip(params, self.offsets, self.numels):
             flat[offset:offset + n].copy_(p._value.reshape(-1))
-            p._value = _freed(p)
+            p._value = _freed(p, tuple(p._value.shape))
         self.device = first.device
         self.shard = flat[rank * self.shard_size:(rank + 1) * self.shard_size].clone()
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero3_shard", kind="variable")
@@ -211,7 +239,7 @@ class _Unit(_Sharded):
         work = flat.__dict__.pop(_WORK, None)
         if work is not None:
             work.wait()
-        return [flat[offset:offset + n].view(p.shape) for p, offset, n in zip(self.params, self.offsets, self.numels)]
+        return [flat[offset:offset + n].view(shape) for shape, offset, n in zip(self.shapes, self.offsets, self.numels)]
 
     # --- eager use ------------------------------------------------------------------------------
     def prefetch(self) -> None:
@@ -230,8 +258,8 @@ class _Unit(_Sharded):
     def release(self) -> None:
         if self.full is not None:
             self.full = None
-            for p in self.params:
-                p._value = _freed(p)
+            for p, shape in zip(self.params, self.shapes):
+                p._value = _freed(p, shape)
 
     def drain(self) -> None:
         """Drops a prefetch nobody waited on (before the shard changes)."""
@@ -326,6 +354,8 @@ class ZeroSync(SyncMode):
         if offload == "parameters" and stage != 3:
             raise DistError(f"DataParallel(zero={stage}): offload='parameters' needs zero=3 (stages 1-2 keep every "
                             "parameter whole on the device); offload='optimizer' works with every stage")
+        # the tensor-parallel strategy the graph compiles under (DataParallel found it), or None
+        self.tensor_parallel = getattr(dp, "tensor_parallel", None)
         self.stage = stage
         self.offload = Offload(offload)
         self.unit_bytes = max(1, int(unit_size_mb * 2**20))
@@ -333,6 +363,8 @@ class ZeroSync(SyncMode):
         self.groups: list | None = None  # _FlatGroup (stages 1-2) or _Unit (stage 3)
         self.owner: dict[int, object] = {}
         self._loaded = False  # a plain state dict was loaded and still has to reach the shards
+        self._loss_scaler = None  # fp16: the update's LossScaler (use_loss_scaler)
+        self._logical_graphs: list = []  # stage 3 under TP: graphs whose cached plans read whole parameters
         self._gather_depth = 0  # nesting of gathered_parameters() contexts
         self._key = live.register(self)  # what sharded_update and the zero3 ops name in their attributes
         self._scatters: list = []  # (work, flat copy it reads) of the reduce-scatter still in flight
@@ -345,18 +377,42 @@ class ZeroSync(SyncMode):
 
     # --- SyncMode -------------------------------------------------------------------------------
     def setup(self, params, buffers) -> None:
-        self.plain.setup(params, buffers)
+        if self.tensor_parallel is None:  # `parallelize` gave every rank rank 0's values already
+            self.plain.setup(params, buffers)
+
+    def use_loss_scaler(self, loss_scaler) -> None:
+        """The dynamic loss scaler of the update (fp16): the shard update unscales every shard and
+        skips the step on every rank where any rank's gradients overflow."""
+        self._loss_scaler = loss_scaler
 
     def rewrite_update(self, graph, update_op) -> None:
         if update_op.attrs.get("loss_scaler", -1) >= 0:
-            raise DistError("DataParallel(zero=...): dynamic loss scaling is not available with ZeRO")
+            self.use_loss_scaler(live.lookup(update_op.attrs["loss_scaler"], "loss scaler", "DataParallel(zero=...)"))
         live.keep_alive(graph, self)  # the graph runs this mode's update op for as long as it lives
+        if self.tensor_parallel is not None:
+            # The states pass makes each rank's local graph; this mode rewrites the local update
+            # there (the gradients are then this rank's TP shards), in place of the DP all-reduce.
+            self.tensor_parallel.update_passes[update_op.attrs["optimizer"]] = self._rewrite_local
+            if self.stage == 3:  # the parameters are sharded: every local graph reads them through gathers
+                self.tensor_parallel.graph_passes.append(self._gather_local_reads)
+                self._logical_graphs.append(graph)
+            graph._plans.clear()
+            return
+        self._rewrite(graph, update_op)
+
+    def _rewrite_local(self, graph, update_op) -> None:
+        """The tensor-parallel case: `update_op` of a rank's local graph (compiled again for each
+        fetch set and feed signature; the shards' layout is made once, at the first)."""
+        live.keep_alive(graph, self)
+        self._rewrite(graph, update_op)
+
+    def _rewrite(self, graph, update_op) -> None:
         if self.stage == 3:
-            if self.groups is not None:
+            if self.groups is not None and self.tensor_parallel is None:
                 raise DistError("DataParallel(zero=3) shards the parameters of one update op; this graph has more")
             self._shard_graph(graph, update_op)
         elif self.stage == 2:
-            if self.groups is not None:
+            if self.groups is not None and self.tensor_parallel is None:
                 raise DistError("DataParallel(zero=2) shards the gradients of one update op; this graph has more")
             self._bucket_graph(graph, update_op)
         else:  # stage 1: plain data parallelism's bucketed all-reduce, then the shard update
@@ -403,8 +459,8 @@ class ZeroSync(SyncMode):
         group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
         filler, buckets = BucketFiller(self.unit_bytes), []
         for i in dense_indices:
-            p = params[i]
-            closed = filler.add(i, numel(p.shape) * dtypes.to_torch(p.dtype).itemsize, (group_of[id(p)], p.dtype))
+            p = params[i]  # this rank's bytes (a TP shard's)
+            closed = filler.add(i, p._value.numel() * p._value.element_size(), (group_of[id(p)], p.dtype))
             if closed is not None:
                 buckets.append(closed)
         buckets += filler.close()
@@ -450,6 +506,8 @@ class ZeroSync(SyncMode):
             for i in indices:
                 self.owner[i] = unit
         self.world, self.rank = world, rank
+        for graph in self._logical_graphs:  # plans compiled before read the parameters whole
+            graph._plans.clear()
         if self._loaded:
             self._scatter_loaded_state()
 
@@ -509,10 +567,19 @@ class ZeroSync(SyncMode):
         self.wait_scatters()
         with torch.no_grad():
             gathered = plain_pairs if reduced else self.plain.reduce_gradients(opt, plain_pairs) if plain_pairs else []
+            if self._loss_scaler is not None and self._loss_scaler.enabled:
+                gathered = self._unscale(gathered, pg)
+                if gathered is None:  # an overflow on some rank: every rank skips the step
+                    return
             dense_sq = None
             if opt.max_grad_norm is not None:
-                # The global norm over every shard and the (replicated) plain-path gradients.
-                dense_sq = torch.stack([g.grad_shard.double().pow(2).sum() for g in self.groups]).sum()
+                # The global norm over every shard and the (replicated) plain-path gradients;
+                # under tensor parallelism each parameter's pieces weighed as its TP states say
+                # (`opt.shard_norm`, installed by the states pass) and summed over the TP group too.
+                pieces = [piece for g in self.groups for piece in g.gradient_pieces()]
+                norm = opt.shard_norm if opt.shard_norm is not None else ShardNorm({}, ())
+                dense_sq = norm.squared([i for i, _ in pieces], [t for _, t in pieces],
+                                        device=self.groups[0].device).double()
                 if pg is not None:
                     dense_sq = dense_sq.reshape(1)
                     torch_dist.all_reduce(dense_sq, group=pg)
@@ -533,6 +600,28 @@ class ZeroSync(SyncMode):
         if gathered:
             opt.apply_gradients(gathered, other_norm_sq=dense_sq)
 
+    def _unscale(self, gathered: list, pg) -> list | None:
+        """fp16: divides every gradient shard and the plain path's gradients by the loss scale and
+        updates the scale. The overflow check covers every shard: its flag is summed over the DP
+        group (and the scaler's agreement group: TP members, the job), so all ranks skip alike.
+        Returns the unscaled plain gradients, or None when the step is skipped."""
+        scaler = self._loss_scaler
+        plain = [g[1] if isinstance(g, tuple) else g for _, g in gathered]
+        unscaled, found = scaler._unscaled_copies([group.grad_shard for group in self.groups] + plain)
+        if pg is not None:
+            found = found.reshape(1)
+            torch_dist.all_reduce(found, group=pg)
+            found = found.reshape(())
+        scaler._update_scale(found)
+        if bool(found.item()):
+            for group in self.groups:
+                group.grad_shard = None
+            return None
+        for group, value in zip(self.groups, unscaled):
+            group.grad_shard = value
+        rest = unscaled[len(self.groups):]
+        return [(i, (g[0], u) + tuple(g[2:]) if isinstance(g, tuple) else u) for (i, g), u in zip(gathered, rest)]
+
     # --- stage 3, define-and-run ----------------------------------------------------------------
     def _shard_graph(self, graph, update) -> None:
         """The stage-3 graph pass (see the module docstring): lays out the units of `update`'s
@@ -544,45 +633,64 @@ class ZeroSync(SyncMode):
         dense = [e for e in entries if e.kind == "d"]
         if not dense:
             raise DistError("DataParallel(zero=3): the update has no dense parameter to shard")
-        wanted = {id(params[e.index]): e.index for e in dense}
-        position = {id(op): k for k, op in enumerate(graph.ops)}
-        readers: dict[int, list] = {}  # parameter index -> [(position, op)]
-        for k, op in enumerate(graph.ops):
-            for t in op.inputs:
-                i = wanted.get(id(t))
-                if i is not None and (not readers.get(i) or readers[i][-1][1] is not op):
-                    readers.setdefault(i, []).append((k, op))
-        missing = [params[e.index] for e in dense if e.index not in readers]
+        readers = self._readers(graph, {id(params[e.index]): e.index for e in dense})
+        # a TP rank's local graph may not read a parameter (a row-parallel bias: added on member 0)
+        missing = [] if self.tensor_parallel is not None else [params[e.index] for e in dense if e.index not in readers]
         if missing or any(params[e.index]._value is None for e in dense):
             raise DistError(f"DataParallel(zero=3): parameters {missing} are not read by graph '{graph.name}'")
+        position = {id(op): k for k, op in enumerate(graph.ops)}
 
         def made_at(t) -> int:
             return position.get(id(t.producer[0]), -1) if t.producer is not None else -1
 
-        # Units: the parameters in the order the program first reads them, filled like buckets.
-        group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
-        filler, units = BucketFiller(self.unit_bytes), []
-        for e in sorted(dense, key=lambda e: readers[e.index][0][0]):
-            p = params[e.index]
-            closed = filler.add(e.index, numel(p.shape) * dtypes.to_torch(p.dtype).itemsize,
-                                (group_of[id(p)], p.dtype))
-            if closed is not None:
-                units.append(closed)
-        units += filler.close()
-        units.sort(key=lambda u: readers[u[0]][0][0])
-        self._build_units([(group_of[id(params[u[0]])], u) for u in units])
+        if self.groups is None:
+            # Units: the parameters in the order the program first reads them, filled like buckets.
+            group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
+            filler, units = BucketFiller(self.unit_bytes), []
+            first_read = {e.index: readers[e.index][0][0] if e.index in readers else len(graph.ops) for e in dense}
+            for e in sorted(dense, key=lambda e: first_read[e.index]):
+                p = params[e.index]
+                closed = filler.add(e.index, p._value.numel() * dtypes.to_torch(p.dtype).itemsize,
+                                    (group_of[id(p)], p.dtype))
+                if closed is not None:
+                    units.append(closed)
+            units += filler.close()
+            units.sort(key=lambda u: first_read[u[0]])
+            self._build_units([(group_of[id(params[u[0]])], u) for u in units])
+        elif sorted(self.owner) != sorted(e.index for e in dense):  # a local graph compiled again
+            raise DistError(f"DataParallel(zero=3): this update's dense parameters {sorted(e.index for e in dense)} "
+                            f"are not the ones laid out at the first ({sorted(self.owner)})")
         # Readers recorded before the first weight gradient are the forward's (the last layer's
         # input gradient may come first: its unit then stays gathered into its backward).
         backward_from = min(made_at(e.inputs[0]) for e in dense)
         before: dict[int, list] = {}  # id(op) -> new ops recorded just before it
-        after: dict[int, list] = {}
         new_ops: list = []
+        self._gather_readers(graph, readers, (lambda k: k < backward_from, lambda k: k >= backward_from), before,
+                             new_ops)
+        self._scatter_graph(graph, update, entries, made_at, before, {}, new_ops)
+
+    def _readers(self, graph, index_of: dict) -> dict[int, list]:
+        """Parameter index -> [(position, op)] of the ops of `graph` that read it (`index_of`: id of
+        the parameter -> its index); a local graph's leaf stands for the parameter it reads."""
+        readers: dict[int, list] = {}
+        for k, op in enumerate(graph.ops):
+            for t in op.inputs:
+                i = index_of.get(id(states.leaf_source(t)))
+                if i is not None and (not readers.get(i) or readers[i][-1][1] is not op):
+                    readers.setdefault(i, []).append((k, op))
+        return readers
+
+    def _gather_readers(self, graph, readers: dict, phases, before: dict, new_ops: list) -> None:
+        """Per phase (a test on a reader's position: the forward's, the backward's), one
+        `zero3_gather` + `zero3_unpack` per unit the phase reads, the readers rewired to the views:
+        unit k's wait recorded just before its first reader, unit k+1's gather right after it (in
+        `before`; the new ops appended to `new_ops`)."""
+        position = {id(op): k for k, op in enumerate(graph.ops)}
         with graph:
-            for phase in ("forward", "backward"):
+            for in_phase in phases:
                 chain = []
                 for unit in self.groups:
-                    ops = [(k, op) for i in unit.indices for k, op in readers[i]
-                           if (k < backward_from) == (phase == "forward")]
+                    ops = [(k, op) for i in unit.indices for k, op in readers.get(i, ()) if in_phase(k)]
                     if ops:
                         chain.append((min(k for k, _ in ops), unit, [op for _, op in ops]))
                 chain.sort(key=lambda c: c[0])
@@ -600,13 +708,23 @@ class ZeroSync(SyncMode):
                     new_ops += start + wait
                     swap = {id(p): v for p, v in zip(unit.params, views)}
                     for op in ops:
-                        op.inputs = [swap.get(id(t), t) for t in op.inputs]
-                # unit k's wait just before its first reader, unit k+1's gather right after it
+                        op.inputs = [swap.get(id(states.leaf_source(t)), t) for t in op.inputs]
                 for k, (_, _, ops) in enumerate(chain):
                     first = min(ops, key=lambda op: position[id(op)])
                     recorded = (starts[0] if k == 0 else []) + waits[k] + (starts[k + 1] if k + 1 < len(chain) else [])
                     before.setdefault(id(first), []).extend(recorded)
-        self._scatter_graph(graph, update, entries, made_at, before, after, new_ops)
+
+    def _gather_local_reads(self, graph) -> None:
+        """Tensor parallelism, stage 3: run on every local graph the strategy compiles. Readers of
+        the sharded parameters that no update rewired (an evaluation's) read them through gathers."""
+        if self.groups is None:
+            return
+        params = self.dp.optimizer.parameters()
+        readers = self._readers(graph, {id(params[i]): i for i in self.owner})
+        if readers:
+            before, new_ops = {}, []
+            self._gather_readers(graph, readers, (lambda k: True,), before, new_ops)
+            _place(graph, before, {}, new_ops)
 
     def _bucket_graph(self, graph, update) -> None:
         """The stage-2 graph pass: the dense gradients in buckets (`BucketFiller`, `unit_size_mb`)
@@ -627,7 +745,11 @@ class ZeroSync(SyncMode):
             return position.get(id(t.producer[0]), -1) if t.producer is not None else -1
 
         order = sorted(dense, key=lambda e: made_at(e.inputs[0]))
-        self._build(self._bucket_layout([e.index for e in order]))
+        if self.groups is None:
+            self._build(self._bucket_layout([e.index for e in order]))
+        elif sorted(self.owner) != sorted(e.index for e in dense):  # a local graph compiled again
+            raise DistError(f"DataParallel(zero=2): this update's dense parameters {sorted(e.index for e in dense)} "
+                            f"are not the ones laid out at the first ({sorted(self.owner)})")
         self._scatter_graph(graph, update, entries, made_at, {}, {}, [])
 
     def _scatter_graph(self, graph, update, entries, made_at, before: dict, after: dict, new_ops: list) -> None:
@@ -648,15 +770,7 @@ class ZeroSync(SyncMode):
                 else:
                     after.setdefault(id(graph.ops[last]), []).extend(ops)
                 unit.grad_tensor = shard
-        added = {id(op) for op in new_ops}
-        ordered = []
-        for op in graph.ops:
-            if id(op) in added:
-                continue
-            ordered += before.get(id(op), [])
-            ordered.append(op)
-            ordered += after.get(id(op), [])
-        graph.ops[:] = ordered
+        _place(graph, before, after, new_ops)
         rest = [e for e in entries if e.kind != "d"]
         dense = [e for e in entries if e.kind == "d"]
         shards = [dense[0]._replace(index=u.indices[0], inputs=[u.grad_tensor]) for u in self.groups]
@@ -923,6 +1037,20 @@ class _ScatterGradients(GradientSync):
         return []
 
 
+def _place(graph, before: dict, after: dict, new_ops: list) -> None:
+    """Moves the ops of `new_ops` (recorded at the end of `graph`) to just before / after the ops
+    `before` / `after` name them for (by id)."""
+    added = {id(op) for op in new_ops}
+    ordered = []
+    for op in graph.ops:
+        if id(op) in added:
+            continue
+        ordered += before.get(id(op), [])
+        ordered.append(op)
+        ordered += after.get(id(op), [])
+    graph.ops[:] = ordered
+
+
 def _unit(sync: int, unit: int, op: str) -> _Unit:
     return live.lookup(sync, "ZeRO-3 sync mode", op).groups[unit]
 
@@ -954,7 +1082,8 @@ class Zero3Unpack(OpDef):
     tested_by = "tests/parallel/test_zero3.py"
 
     def infer(self, inputs, sync, unit):
-        return [TensorMeta(p.shape, p.dtype) for p in _unit(sync, unit, self.name).params]
+        found = _unit(sync, unit, self.name)
+        return [TensorMeta(shape, p.dtype) for p, shape in zip(found.params, found.shapes)]
 
     def compute(self, flat, sync, unit):
         values = _unit(sync, unit, self.name).finish_gather(flat)

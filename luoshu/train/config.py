@@ -235,11 +235,15 @@ def _check_parallel(config: TrainConfig, task: str) -> None:
                                    f"defaults (found dp={c.dp}, tp={c.tp}, pp={c.pp}, micro_batches={c.micro_batches}, "
                                    f"sequence_parallel={c.sequence_parallel})")
         return
-    if c.zero:  # ZeRO's own data parallelism (DataParallel(graph, zero=...)) lays out the ranks
-        if product > 1 or c.micro_batches > 1 or c.sequence_parallel:
-            raise TrainConfigError(f"zero = {c.zero} with dp/tp/pp: luoshu train shards the optimizer only in "
-                                   "its own data-parallel job; leave dp, tp, pp at 1")
+    if c.zero and product == 1:  # ZeRO's own data parallelism (DataParallel(graph, zero=...)) lays out the ranks
+        if c.micro_batches > 1 or c.sequence_parallel:
+            raise TrainConfigError(f"zero = {c.zero} without dp/tp: leave micro_batches and sequence_parallel at "
+                                   "their defaults")
         return
+    if c.zero and c.pp > 1:  # ZeRO over the DP axis of a dp x tp mesh
+        raise TrainConfigError(f"zero = {c.zero} with dp = {c.dp}, tp = {c.tp}, pp = {c.pp}: luoshu train shards "
+                               "the optimizer over the DP axis of a dp x tp mesh; ZeRO with pipeline stages is not "
+                               "built (leave pp at 1)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if product != world:
         raise TrainConfigError(f"dp x tp x pp = {c.dp} x {c.tp} x {c.pp} = {product} must equal the world size of "
@@ -262,8 +266,9 @@ def _check_parallel(config: TrainConfig, task: str) -> None:
     layers = _layer_count(c)
     if c.pp > 1 and layers is not None and layers < c.pp:
         raise TrainConfigError(f"pp = {c.pp} stages need at least {c.pp} layers; model {c.model!r} has {layers}")
-    if c.precision != "fp32":
-        raise TrainConfigError(f"precision {c.precision!r} with dp/tp/pp: luoshu train runs parallel jobs in fp32")
+    if c.precision == "fp16" and c.pp > 1:
+        raise TrainConfigError(f"precision 'fp16' with pp = {c.pp}: the pipeline's update has no loss scaling; use "
+                               "precision 'bf16' (or fp32) with pipeline stages")
 
 
 # `luoshu train` with no config file, model or dataset: DCN (small towers) on 100k generated click logs,

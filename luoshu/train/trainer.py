@@ -97,6 +97,8 @@ class Trainer:
         self.scheduler = self._scheduler()
         low = {"bf16": "bfloat16", "fp16": "float16"}.get(config.precision)
         self.loss_scaler = LossScaler() if config.precision == "fp16" else None
+        if self.loss_scaler is not None and self.parallel is not None:
+            self.loss_scaler.agree_across(())  # every rank skips the same steps (its gradients are its own shards)
         with Graph(f"train-{config.model}") as graph, autocast(low or "bfloat16", enabled=low is not None):
             self.feeds = self.task.placeholders(self.data.train or self.data.eval, self.device)
             self.model.train()
@@ -108,8 +110,9 @@ class Trainer:
             self.eval_output = self.task.forward(self.model, self.feeds)
             self.model.train()
         self.graph = graph
-        if config.pp > 1:
-            self.parallel.build_pipeline(self.model, self.optimizer, self.task, self.data.train or self.data.eval)
+        if config.pp > 1:  # the stages' graphs are recorded here: under the same autocast
+            with autocast(low or "bfloat16", enabled=low is not None):
+                self.parallel.build_pipeline(self.model, self.optimizer, self.task, self.data.train or self.data.eval)
         # ZeRO: the shards' state is checkpointed as the plain optimizer's (consolidated_state_dict)
         self.dp = DataParallel(graph, zero=config.zero) if config.zero else None
         if config.compile:
