@@ -19,7 +19,9 @@ of each stage's first layer). `partition` then builds this rank's stage:
    (activations cross stages whole; gradients are fetched in their parameters' states).
 5. The stage graph is cut into a forward graph and a backward graph: the backward reads
    the forward's intermediate values it needs (`saved`) as placeholders, so the runtime
-   keeps them per micro-batch and the stage forward runs once.
+   keeps them per micro-batch and the stage forward runs once. The backward is recorded
+   input gradients first: what the sends to the previous stage need runs (and is sent)
+   before this stage's weight gradients.
 """
 
 from __future__ import annotations
@@ -133,6 +135,22 @@ def boundaries(ops: list[Op], stage: dict[int, int], rep: set[int]) -> list[Boun
                 seen.add((id(t), b))
                 found.append(Boundary(t, a, b, TAGS_PER_BOUNDARY * len(found)))
     return found
+
+
+def _input_gradients_first(ops: list[Op], tokens: list[Tensor]) -> list[Op]:
+    """`ops` (topological) with the ops that the sends of the received tensors' gradients need
+    first: the previous stage's backward waits for those, not for this stage's weight gradients,
+    which run after the sends (the split of the backward into input and weight gradients of
+    zero-bubble pipelines: the drain of the pipeline shortens by the weight-gradient time)."""
+    made = {id(t): op for op in ops for t in op.outputs}
+    urgent: set[int] = set()
+    stack = [made[id(t)] for t in tokens if id(t) in made]
+    while stack:
+        op = stack.pop()
+        if id(op) not in urgent:
+            urgent.add(id(op))
+            stack += [made[id(t)] for t in op.inputs if id(t) in made]
+    return [op for op in ops if id(op) in urgent] + [op for op in ops if id(op) not in urgent]
 
 
 def partition(
@@ -259,7 +277,10 @@ def partition(
         g = loc.graph
     forward_ops = prune(g, forward_fetches)
     made = {id(t) for op in forward_ops for t in op.outputs}
-    backward_ops = [op for op in prune(g, backward_fetches) if id(op) not in {id(o) for o in forward_ops}]
+    backward_ops = _input_gradients_first(
+        [op for op in prune(g, backward_fetches) if id(op) not in {id(o) for o in forward_ops}],
+        backward_fetches[len(grad_fetch) : len(grad_fetch) + len(back_tokens)],
+    )
     saved, seen = [], set()
     for op in backward_ops:
         for t in op.inputs:

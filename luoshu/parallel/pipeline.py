@@ -258,16 +258,19 @@ class Pipeline:
         self.ledger = runner.ledger
         losses = []
         accum = [None] * len(self.params)
-        with shapes_once():  # the micro-batches share one shape: each boundary sends it once a step
-            self._run_schedule(feeds, size, losses, accum)
+        steps = schedule(self.schedule_name, self.stage, self.stages, self.micro_batches)
+        # the micro-batches share one shape: each boundary sends it once a step; the schedule says
+        # which messages will come, so their receives are posted ahead of need
+        with shapes_once(), runner.receiving(steps):
+            self._run_schedule(steps, feeds, size, losses, accum)
         self.busy_s = runner.busy_s
         self._apply(accum)
         return float(np.mean(losses)) if losses else None
 
-    def _run_schedule(self, feeds: dict, size: int | None, losses: list, accum: list) -> None:
+    def _run_schedule(self, steps: list, feeds: dict, size: int | None, losses: list, accum: list) -> None:
         """Every micro-batch step of this stage's schedule; the sends complete before it returns."""
         runner = self.runner
-        for kind, mb in schedule(self.schedule_name, self.stage, self.stages, self.micro_batches):
+        for kind, mb in steps:
             micro = {n: v[mb * size : (mb + 1) * size] for n, v in feeds.items()}
             if kind == "F":
                 loss = runner.forward(mb, micro)
@@ -283,7 +286,7 @@ class Pipeline:
                     pos += 2
                     continue
                 v = values[pos]
-                accum[k] = v.clone() if accum[k] is None else accum[k].add_(v)
+                accum[k] = v if accum[k] is None else accum[k].add_(v)  # the runner's own buffers: no copy
                 pos += 1
         runner.wait_sends()
 

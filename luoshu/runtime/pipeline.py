@@ -21,7 +21,7 @@ import torch
 from luoshu.compiler.pipeline import StageProgram
 from luoshu.core.errors import Error
 from luoshu.core.op import get_opdef
-from luoshu.ops.comm import recv_wait_seconds
+from luoshu.ops.comm import posted_recvs, recv_wait_seconds
 from luoshu.runtime.plan import build_plan
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -85,7 +85,7 @@ class StageRunner:
     `forward(m, feeds)` runs the forward plan (feeds: placeholder name -> torch value), keeps
     its saved activations in the ledger and returns the loss (last stage) or None;
     `backward(m, feeds)` runs the backward plan on them and returns the gradients fetched
-    (per `program.grad_fetches`). Sends complete in the background; `wait_sends` waits for
+    (per `program.grad_fetches`), each the caller's to accumulate into in place. Sends complete in the background; `wait_sends` waits for
     them. `busy_s` is the time in the plans minus the time recv waited for a peer.
     """
 
@@ -110,6 +110,22 @@ class StageRunner:
         self.pending: list = []
         self.busy_s = 0.0
 
+    def receiving(self, steps: list[tuple[str, int]], depth: int = 2):
+        """The scope in which the receives of `steps` (a schedule) are posted ahead of need: each
+        recv of the forward plan gets one message per "F" step, each of the backward plan one per
+        "B" step (`luoshu.ops.comm.posted_recvs`; inside `shapes_once`, so a run-time shape is
+        known after a channel's first message)."""
+        counts = {"F": 0, "B": 0}
+        for kind, _ in steps:
+            counts[kind] += 1
+        channels = {}
+        for kind, plan in (("F", self.forward_plan), ("B", self.backward_plan)):
+            for step in plan.steps:
+                if step.op.opdef.name == "recv" and counts[kind]:
+                    a = step.op.attrs
+                    channels[(a["peer"], a["tag"])] = (a["shape"], a["dtype"], a["device"], counts[kind])
+        return posted_recvs(channels, depth)
+
     def reset(self) -> None:
         self.ledger = ActivationLedger()
         self.busy_s = 0.0
@@ -133,13 +149,33 @@ class StageRunner:
         del saved
         out = self._timed(self.backward_plan, values)
         self.pending += out[self._grads : self._grads + self._backward_tokens]
-        return list(out[: self._grads])
+        return _owned(out[: self._grads], values, self.backward_plan.leaf_tensors)
 
     def wait_sends(self) -> None:
         wait = get_opdef("comm_wait").compute
         for token in self.pending:
             wait(token)
         self.pending = []
+
+
+def _owned(grads, fed: list, leaves: list) -> list:
+    """The gradients, each one the caller may accumulate into in place: a fresh buffer of the plan
+    is taken as it is (no copy); one that is a view, or shares storage with what the plan read (a
+    fed value, a parameter) or with another gradient, is copied."""
+    taken = {_storage(v) for v in fed if isinstance(v, torch.Tensor)}
+    taken.update(_storage(t._value) for t in leaves if isinstance(t._value, torch.Tensor))
+    out = []
+    for g in grads:
+        if isinstance(g, torch.Tensor):
+            if g._base is not None or _storage(g) in taken:
+                g = g.clone()
+            taken.add(_storage(g))
+        out.append(g)
+    return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 class _AnyFeed(dict):
