@@ -32,8 +32,8 @@ from luoshu.core.shapes import numel
 from luoshu.core.tensor import Tensor, TensorMeta
 from luoshu.ops import _states as S
 
-__all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "posted_recvs", "recv_dual", "recv_wait_seconds",
-           "reduce", "reduce_scatter", "shapes_once"]
+__all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "posted_recvs", "recv_dual",
+           "recv_wait_seconds", "reduce", "reduce_scatter", "shapes_once"]
 
 _REDUCE = ("sum", "mean")
 # torch 2.13 renamed the single-tensor collectives; the old names warn.

@@ -85,8 +85,9 @@ class StageRunner:
     `forward(m, feeds)` runs the forward plan (feeds: placeholder name -> torch value), keeps
     its saved activations in the ledger and returns the loss (last stage) or None;
     `backward(m, feeds)` runs the backward plan on them and returns the gradients fetched
-    (per `program.grad_fetches`), each the caller's to accumulate into in place. Sends complete in the background; `wait_sends` waits for
-    them. `busy_s` is the time in the plans minus the time recv waited for a peer.
+    (per `program.grad_fetches`), each the caller's to accumulate into in place. Sends complete
+    in the background; `wait_sends` waits for them. `busy_s` is the time in the plans minus the
+    time recv waited for a peer.
     """
 
     def __init__(self, program: StageProgram):
