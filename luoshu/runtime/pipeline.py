@@ -110,6 +110,7 @@ class StageRunner:
         self.ledger = ActivationLedger()
         self.pending: list = []
         self.busy_s = 0.0
+        self._leaves: set | None = None
 
     def receiving(self, steps: list[tuple[str, int]], depth: int = 2):
         """The scope in which the receives of `steps` (a schedule) are posted ahead of need: each
@@ -130,6 +131,7 @@ class StageRunner:
     def reset(self) -> None:
         self.ledger = ActivationLedger()
         self.busy_s = 0.0
+        self._leaves = None
 
     def _timed(self, plan, values):
         wait0, start = recv_wait_seconds(), time.perf_counter()
@@ -150,7 +152,13 @@ class StageRunner:
         del saved
         out = self._timed(self.backward_plan, values)
         self.pending += out[self._grads : self._grads + self._backward_tokens]
-        return _owned(out[: self._grads], values, self.backward_plan.leaf_tensors)
+        if self._leaves is None:  # once a step: a load may have replaced a parameter's buffer
+            self._leaves = {
+                t._value.untyped_storage().data_ptr()
+                for t in self.backward_plan.leaf_tensors
+                if isinstance(t._value, torch.Tensor)
+            }
+        return _owned(out[: self._grads], values, self._leaves)
 
     def wait_sends(self) -> None:
         wait = get_opdef("comm_wait").compute
@@ -159,24 +167,22 @@ class StageRunner:
         self.pending = []
 
 
-def _owned(grads, fed: list, leaves: list) -> list:
+def _owned(grads, fed: list, leaves: set) -> list:
     """The gradients, each one the caller may accumulate into in place: a fresh buffer of the plan
-    is taken as it is (no copy); one that is a view, or shares storage with what the plan read (a
-    fed value, a parameter) or with another gradient, is copied."""
-    taken = {_storage(v) for v in fed if isinstance(v, torch.Tensor)}
-    taken.update(_storage(t._value) for t in leaves if isinstance(t._value, torch.Tensor))
+    is taken as it is (no copy); a view, a value the plan was fed (or its base), or one sharing
+    storage with a parameter (`leaves`: their storages) or with another gradient is copied."""
+    borrowed = {id(v) for v in fed} | {id(v._base) for v in fed if isinstance(v, torch.Tensor) and v._base is not None}
+    seen: set = set()
     out = []
     for g in grads:
         if isinstance(g, torch.Tensor):
-            if g._base is not None or _storage(g) in taken:
+            storage = g.untyped_storage().data_ptr()
+            if g._base is not None or id(g) in borrowed or storage in leaves or storage in seen:
                 g = g.clone()
-            taken.add(_storage(g))
+                storage = g.untyped_storage().data_ptr()
+            seen.add(storage)
         out.append(g)
     return out
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
 
 
 class _AnyFeed(dict):

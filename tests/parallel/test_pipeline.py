@@ -247,6 +247,12 @@ class _Wire:
     def recv(self, tensor, peer, tag):
         tensor.copy_(self.messages[tag].pop(0))
 
+    def irecv(self, tensor, peer, tag):
+        """A posted receive: the message lands in `tensor` when waited on (receives of one tag in posting order)."""
+        self.posted = getattr(self, "posted", 0) + 1
+        wire = self
+        return type("Posted", (), {"wait": lambda self: tensor.copy_(wire.messages[tag].pop(0))})()
+
 
 def test_shapes_once_sends_a_run_time_shape_once_per_channel(monkeypatch):
     import torch
@@ -289,3 +295,36 @@ def test_recompute_inside_pipeline_stages_matches_one_process(tmp_path, sched):
     for a, b in zip(sorted(plain, key=lambda r: int(r["rank"])), sorted(recomputed, key=lambda r: int(r["rank"]))):
         kept, without = int(b["peak_bytes"]), int(a["peak_bytes"])
         assert kept < without / 2, (int(b["stage"]), kept, without)
+
+
+def test_posted_receives_take_the_messages_in_order_and_count_them(monkeypatch):
+    """Receives a schedule announces are posted ahead (their shape once known): each recv returns
+    the next message on its channel; a message counted but never received, or one too many, is an error."""
+    import torch
+
+    from luoshu.core.op import get_opdef
+    from luoshu.ops import comm
+
+    wire = _Wire()
+    monkeypatch.setattr(comm, "_p2p_ready", lambda name, peer: None)
+    for name in ("isend", "recv", "irecv"):
+        monkeypatch.setattr(comm.torch_dist, name, getattr(wire, name))
+    send, recv = get_opdef("send").compute, get_opdef("recv").compute
+    xs = [torch.randn(3, 5) for _ in range(4)]
+    grads = [torch.randn(2, 2) for _ in range(3)]
+    channels = {(0, 8): ((-1, 5), "float32", "cpu", 4), (0, 12): ((2, 2), "float32", "cpu", 3)}
+    with comm.shapes_once(), comm.posted_recvs(channels, depth=2):
+        assert wire.posted == 3  # the run-time shape's header, and two of the static channel's messages
+        for x in xs:
+            send(x, peer=1, tag=8, header=True)
+        for gr in grads:
+            send(gr, peer=1, tag=12, header=False)
+        assert [torch.equal(recv((-1, 5), "float32", "cpu", peer=0, tag=8), x) for x in xs] == [True] * 4
+        assert wire.posted == 3 + 4  # the header told the shape: then all four data messages were posted
+        assert [torch.equal(recv((2, 2), "float32", "cpu", peer=0, tag=12), gr) for gr in grads] == [True] * 3
+        with pytest.raises(ls.Error, match="more messages than the posted_recvs scope counted"):
+            recv((2, 2), "float32", "cpu", peer=0, tag=12)
+    with pytest.raises(ls.Error, match=r"counted but never received.*\(0, 12\): 1"):
+        with comm.posted_recvs({(0, 12): ((2, 2), "float32", "cpu", 2)}):
+            send(grads[0], peer=1, tag=12, header=False)
+            recv((2, 2), "float32", "cpu", peer=0, tag=12)
