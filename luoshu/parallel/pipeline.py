@@ -22,6 +22,14 @@ those stages; the DP axis averages them; then the optimizer applies one update, 
 TP members of this DP replica. A stage may be tensor parallel (`parallelize` the model
 first): its graph is localized by the states pass, its gradients are this rank's blocks.
 
+Communication overlaps the compute: the schedule says how many activations and gradients
+will arrive on each channel in a step, so their receives are posted ahead of need (two per
+channel, into the buffers the plans then read), sends are isends waited on once at the end
+of the step, and each stage's backward sends its input gradient before it computes its
+weight gradients. `ls.nn.recompute` layers are recomputed inside their stage's backward
+(the stage keeps only their inputs per micro-batch). `ls.save` / `ls.load` work directly in
+a pipeline job (`gather_stages`, through the checkpoint layout hook of `parallel.checkpoint`).
+
 Data convention: every rank passes the same global batch to `step` (or None for what its
 stage does not read); the first stage reads only the inputs and the last only the labels
 (`feeds_of` / `feeds` say what a rank's plans read), each rank takes its DP share
