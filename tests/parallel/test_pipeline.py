@@ -328,3 +328,9 @@ def test_posted_receives_take_the_messages_in_order_and_count_them(monkeypatch):
         with comm.posted_recvs({(0, 12): ((2, 2), "float32", "cpu", 2)}):
             send(grads[0], peer=1, tag=12, header=False)
             recv((2, 2), "float32", "cpu", peer=0, tag=12)
+
+
+@pytest.mark.slow
+def test_recompute_inside_tensor_parallel_stages_matches_one_process(tmp_path):
+    """pp2 x tp2 with every layer recomputed: the regions carry into the localized stage graphs."""
+    _compare(tmp_path, 1, 2, 2, 2, "1f1b", tp=2, recompute=True)
