@@ -125,20 +125,24 @@ def _compare(sched, args, pp, rank, ids_v, y_v):
         torch_step()
         luoshu_step()
     busy.clear()
-    lt, tt = [], []
+    lt, tt, lc, tc = [], [], [], []
     for _ in range(args.repeats):
         torch_dist.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         luoshu_step()
         lt.append(time.perf_counter() - start)
+        lc.append(time.process_time() - cpu)
         torch_dist.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         torch_step()
         tt.append(time.perf_counter() - start)
+        tc.append(time.process_time() - cpu)
     t_l, t_t = statistics.median(lt), statistics.median(tt)
-    bubble = torch.tensor(1.0 - statistics.median(busy) / t_l)
-    torch_dist.all_reduce(bubble)
-    return sched, t_l, t_t, float(bubble) / pp
+    # the bubble and the CPU seconds of a step (this process and its Gloo threads), summed over the ranks:
+    # the CPU time does not depend on how busy the machine is, the wall time does
+    figures = torch.tensor([1.0 - statistics.median(busy) / t_l, statistics.median(lc), statistics.median(tc)])
+    torch_dist.all_reduce(figures)
+    return sched, t_l, t_t, float(figures[0]) / pp, float(figures[1]), float(figures[2])
 
 
 def worker(args) -> None:
@@ -152,12 +156,13 @@ def worker(args) -> None:
     rows = [_compare(sched, args, pp, rank, ids_v, y_v) for sched in ("gpipe", "1f1b")]
     if rank == 0:
         ideal = (pp - 1) / (m + pp - 1)
-        for sched, t_l, t_t, bubble in rows:
+        for sched, t_l, t_t, bubble, c_l, c_t in rows:
             print(
                 f"pp={pp} {sched} layers={args.layers} width={args.width} length={args.length} batch={args.batch} "
                 f"micro-batches={m}: luoshu {t_l * 1e3:.0f} ms/step, torch.distributed.pipelining "
                 f"{t_t * 1e3:.0f} ms/step, ratio (torch/luoshu) {t_t / t_l:.2f}; luoshu bubble {bubble:.2f} "
-                f"(ideal (pp-1)/(m+pp-1) = {ideal:.2f})",
+                f"(ideal (pp-1)/(m+pp-1) = {ideal:.2f}); CPU s/step over the ranks: luoshu {c_l * 1e3:.0f} ms, "
+                f"torch {c_t * 1e3:.0f} ms (ratio {c_t / c_l:.2f})",
                 flush=True,
             )
     torch_dist.barrier()

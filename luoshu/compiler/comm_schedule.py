@@ -8,8 +8,8 @@ any weight gradient, keeping every layer's activations alive until the end of th
 This pass re-orders the ops, keeping every op after its inputs: among the ops that are ready,
 the one recorded first runs first — autodiff records each layer's weight gradients right
 after its input gradient, last layer first, so each layer's activations die with its own
-backward — except that an op starting an asynchronous collective runs as soon as its inputs
-exist, and an op waiting on one runs only when nothing else is ready, so the transfer
+backward — except that an op starting an asynchronous collective (or a pipeline's `send`, an isend)
+runs as soon as its inputs exist, and an op waiting on one runs only when nothing else is ready, so the transfer
 overlaps the rest of the backward pass.
 """
 
@@ -27,7 +27,7 @@ _ASYNC_CAPABLE = frozenset({"all_reduce", "all_gather", "reduce_scatter", "broad
 
 def starts_collective(op: Op) -> bool:
     name = op.opdef.name
-    return name == "bucket_all_reduce" or (name in _ASYNC_CAPABLE and bool(op.attrs.get("async_op")))
+    return name in ("bucket_all_reduce", "send") or (name in _ASYNC_CAPABLE and bool(op.attrs.get("async_op")))
 
 
 def schedule_comm(ops: list[Op]) -> list[Op]:

@@ -15,11 +15,16 @@ of each stage's first layer). `partition` then builds this rank's stage:
    times the gradient received for it): that seed is the send's own gradient (a `recv`
    from the consumer), and each received tensor's gradient goes back by the recv's dual
    (a `send`) — the comm ops' gradients are their duals.
-4. With tensor parallelism inside the stage, the states pass localizes the stage graph
+4. Recompute regions (`luoshu.nn.recompute`) carry over to the stage graph and the
+   recompute pass rewrites them there, before the cut: the backward recomputes a region's
+   insides from its inputs, so only those are saved per micro-batch.
+5. With tensor parallelism inside the stage, the states pass localizes the stage graph
    (activations cross stages whole; gradients are fetched in their parameters' states).
-5. The stage graph is cut into a forward graph and a backward graph: the backward reads
+6. The stage graph is cut into a forward graph and a backward graph: the backward reads
    the forward's intermediate values it needs (`saved`) as placeholders, so the runtime
-   keeps them per micro-batch and the stage forward runs once.
+   keeps them per micro-batch and the stage forward runs once. The backward is recorded
+   input gradients first: what the sends to the previous stage need runs (and is sent)
+   before this stage's weight gradients.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from dataclasses import dataclass, field
 
 from luoshu.compiler import states
 from luoshu.compiler.passes import prune
+from luoshu.compiler.recompute import apply_recompute
 from luoshu.core.autodiff import gradients
 from luoshu.core.errors import Error
-from luoshu.core.graph import Graph
+from luoshu.core.graph import Graph, RecomputeRegion
 from luoshu.core.op import Op, apply
 from luoshu.core.tensor import IndexedSlices, Tensor
 from luoshu.ops.comm import recv_dual
@@ -135,6 +141,37 @@ def boundaries(ops: list[Op], stage: dict[int, int], rep: set[int]) -> list[Boun
     return found
 
 
+def _stage_regions(graph: Graph, g: Graph, stage_op: dict, local: dict, crossing: list) -> None:
+    """The recompute regions (`luoshu.nn.recompute`) of the traced graph, as far as they lie in
+    the stage graph `g`: the part of each region on this stage, keeping what it returned and what
+    leaves the stage's forward (sent tensors, the loss), so the recompute pass drops the rest."""
+    leaving = {id(t) for t in crossing}
+    for region in graph.recompute_regions:
+        ops = [stage_op[id(op)] for op in region.ops if id(op) in stage_op]
+        if not ops:
+            continue
+        made = [t for op in ops for t in op.outputs]
+        kept = [local[id(t)] for t in region.outputs if id(t) in local]
+        kept += [t for t in made if id(t) in leaving]
+        g.recompute_regions.append(RecomputeRegion(ops, kept))
+
+
+def _input_gradients_first(ops: list[Op], tokens: list[Tensor]) -> list[Op]:
+    """`ops` (topological) with the ops that the sends of the received tensors' gradients need
+    first: the previous stage's backward waits for those, not for this stage's weight gradients,
+    which run after the sends (the split of the backward into input and weight gradients of
+    zero-bubble pipelines: the drain of the pipeline shortens by the weight-gradient time)."""
+    made = {id(t): op for op in ops for t in op.outputs}
+    urgent: set[int] = set()
+    stack = [made[id(t)] for t in tokens if id(t) in made]
+    while stack:
+        op = stack.pop()
+        if id(op) not in urgent:
+            urgent.add(id(op))
+            stack += [made[id(t)] for t in op.inputs if id(t) in made]
+    return [op for op in ops if id(op) in urgent] + [op for op in ops if id(op) not in urgent]
+
+
 def partition(
     graph: Graph,
     loss: Tensor,
@@ -202,9 +239,12 @@ def partition(
                 return ph
             return t  # a parameter or constant: read as it is
 
+        stage_op: dict[int, Op] = {}  # id(logical op) -> its copy in the stage graph
         for op in body:
             outs = apply(op.opdef, *[mapped(t) for t in op.inputs], **op.attrs)
             outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+            if outs and isinstance(outs[0], Tensor) and outs[0].producer is not None:
+                stage_op[id(op)] = outs[0].producer[0]
             for t, lt in zip(op.outputs, outs):
                 local[id(t)] = lt
                 for c in outgoing.get(id(t), ()):
@@ -237,6 +277,8 @@ def partition(
             token = recv_dual(recv_op, gr)
             if token is not None:
                 back_tokens.append(token)
+    _stage_regions(graph, g, stage_op, local, [lt for lt, _ in sent] + ([out_loss] if out_loss is not None else []))
+    apply_recompute(g)  # before the cut: the backward then reads the regions' inputs, not their insides
     sparse = [isinstance(gr, IndexedSlices) for gr in param_grads]
     grad_fetch = [
         t for gr in param_grads for t in ((gr.indices, gr.values) if isinstance(gr, IndexedSlices) else (gr,))
@@ -259,7 +301,10 @@ def partition(
         g = loc.graph
     forward_ops = prune(g, forward_fetches)
     made = {id(t) for op in forward_ops for t in op.outputs}
-    backward_ops = [op for op in prune(g, backward_fetches) if id(op) not in {id(o) for o in forward_ops}]
+    backward_ops = _input_gradients_first(
+        [op for op in prune(g, backward_fetches) if id(op) not in {id(o) for o in forward_ops}],
+        backward_fetches[len(grad_fetch) : len(grad_fetch) + len(back_tokens)],
+    )
     saved, seen = [], set()
     for op in backward_ops:
         for t in op.inputs:

@@ -32,8 +32,8 @@ from luoshu.core.shapes import numel
 from luoshu.core.tensor import Tensor, TensorMeta
 from luoshu.ops import _states as S
 
-__all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "recv_dual", "recv_wait_seconds",
-           "reduce", "reduce_scatter", "shapes_once"]
+__all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "posted_recvs", "recv_dual",
+           "recv_wait_seconds", "reduce", "reduce_scatter", "shapes_once"]
 
 _REDUCE = ("sum", "mean")
 # torch 2.13 renamed the single-tensor collectives; the old names warn.
@@ -406,6 +406,84 @@ def shapes_once() -> Iterator[None]:
         _SHAPES[0] = outer
 
 
+# Inside `posted_recvs`: (peer, tag) -> the channel's receives posted ahead of their `recv`.
+_POSTED: list[dict | None] = [None]
+
+
+class _Channel:
+    """The receives of one (peer, tag) channel that a schedule knows will come: `left` not posted yet,
+    `queue` posted (irecv into their own buffer, in message order), `header` the posted receive of
+    the run-time shape (a channel whose shape is not known yet)."""
+
+    __slots__ = ("peer", "tag", "shape", "dtype", "device", "left", "depth", "queue", "header")
+
+    def __init__(self, peer: int, tag: int, shape: tuple, dtype: str, device, count: int, depth: int):
+        self.peer, self.tag, self.shape, self.dtype, self.device = peer, tag, tuple(shape), dtype, device
+        self.left, self.depth, self.queue, self.header = count, depth, [], None
+
+    def top_up(self) -> None:
+        """Posts receives until `depth` are outstanding (once the shape is known)."""
+        while self.left > 0 and len(self.queue) < self.depth and all(d != -1 for d in self.shape):
+            out = torch.empty(self.shape, dtype=dtypes.to_torch(self.dtype), device=self.device)
+            try:
+                self.queue.append((torch_dist.irecv(out, self.peer, tag=self.tag), out))
+            except RuntimeError as exc:
+                raise _comm_failed(f"recv from worker {self.peer}", (self.peer,), exc) from exc
+            self.left -= 1
+
+
+@contextlib.contextmanager
+def posted_recvs(channels: dict, depth: int = 2) -> Iterator[None]:
+    """Receives posted ahead of need: `channels` maps (peer, tag) -> (shape, dtype, device, count),
+    the `count` messages a schedule knows will arrive there in this scope. Up to `depth` of them
+    stay posted (irecv into the buffer the `recv` op then returns: no copy) while the plans compute,
+    so a sender's data lands at once instead of waiting for the receiver to ask; each `recv` on the
+    channel takes the oldest and posts the next. A run-time shape (-1) is posted once known: from
+    an enclosing `shapes_once` scope, else its header's receive is posted first. Every counted
+    message must be received in the scope (a pipeline step receives exactly its schedule's)."""
+    known = _SHAPES[0]
+    outer, _POSTED[0] = _POSTED[0], {}
+    try:
+        for (peer, tag), (shape, dtype, device, count) in channels.items():
+            _p2p_ready("recv", peer)
+            ch = _POSTED[0][(peer, tag)] = _Channel(peer, tag, shape, dtype, device, count, depth)
+            if any(d == -1 for d in ch.shape):
+                if known is not None and ("recv", peer, tag) in known:
+                    ch.shape = known[("recv", peer, tag)]
+                elif count > 0:
+                    sizes = torch.empty(len(ch.shape), dtype=torch.int64)
+                    ch.header = (torch_dist.irecv(sizes, peer, tag=tag + 1), sizes)
+            ch.top_up()
+        yield
+        left = {k: ch.left + len(ch.queue) for k, ch in _POSTED[0].items() if ch.left or ch.queue}
+        if left:
+            raise ExecutionError(f"posted_recvs: messages counted but never received, per (peer, tag): {left}")
+    finally:
+        _POSTED[0] = outer
+
+
+def _take_posted(ch: _Channel, shape: tuple, key: tuple) -> torch.Tensor:
+    """The next message of a posted channel (waits for it; posts the following ones first)."""
+    if not ch.queue:
+        if ch.header is None:
+            raise ExecutionError(f"recv from worker {ch.peer} (tag {ch.tag}): more messages than the "
+                                 f"posted_recvs scope counted")
+        work, sizes = ch.header
+        ch.header = None
+        work.wait()
+        got = tuple(sizes.tolist())
+        if len(got) != len(shape) or any(d not in (-1, g) for d, g in zip(shape, got)):
+            raise ExecutionError(f"recv from worker {ch.peer}: expected shape {shape}, the sender sent {got}")
+        if _SHAPES[0] is not None:
+            _SHAPES[0][key] = got
+        ch.shape = got
+        ch.top_up()
+    work, out = ch.queue.pop(0)
+    ch.top_up()
+    work.wait()
+    return out
+
+
 class _Sends:
     """The pending isends of one `send` (header and data), holding their buffers until done."""
 
@@ -506,6 +584,9 @@ class Recv(OpDef):
         start = time.perf_counter()
         try:
             known, key = _SHAPES[0], ("recv", peer, tag)
+            channel = _POSTED[0].get((peer, tag)) if _POSTED[0] is not None else None
+            if channel is not None:
+                return _take_posted(channel, shape, key)
             if any(d == -1 for d in shape) and known is not None and key in known:
                 shape = known[key]  # this channel's shape arrived with its first message in the scope
             elif any(d == -1 for d in shape):

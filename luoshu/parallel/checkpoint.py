@@ -18,9 +18,15 @@ Installed at import of `luoshu.parallel`, so plain `ls.save(path, model, optimiz
   run inside `dp.sync.gathered_parameters()`, so the parameters are written and read whole. A
   ZeRO checkpoint loads into a plain run and a plain one into ZeRO.
 
-Both `save`s are collectives: call them on every rank. A job with neither (plain data
-parallelism) saves as before, from whichever rank calls. Pipeline stages are not covered:
-each rank holds only its own stage's trained values.
+- pipeline (`pipeline(...)`, compiled): each rank trains only its stage's parameters, so
+  `ls.save` first gathers the stages (`Pipeline.gather_stages`: every parameter and its
+  optimizer state broadcast from the stage that trains it, over the pp group), then writes
+  as above (with TP inside the stages, the TP gather follows); `ls.load` reads the full
+  package on every rank (each rank then trains its stage's part). A pipeline checkpoint loads
+  into one process, and one process's into a pipeline of any pp (or pp x tp).
+
+All these `save`s are collectives: call them on every rank. A job with none of them (plain
+data parallelism) saves as before, from whichever rank calls.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from luoshu.core.tensor import Tensor
 from luoshu.distributed import env
 from luoshu.nn.module import Module
 from luoshu.optim.optimizer import Optimizer
+from luoshu.parallel.pipeline import pipeline_of
 from luoshu.parallel.tensor_parallel import original_order, placed_order, placed_tables
 from luoshu.parallel.zero import ZeroSync
 
@@ -77,6 +84,12 @@ def _zero_of(optimizer) -> ZeroSync | None:
     if optimizer is None:
         return None
     return next((s for s in live.alive() if isinstance(s, ZeroSync) and s.dp.optimizer is optimizer), None)
+
+
+def _distributed_pipeline(module, optimizer):
+    """The compiled pipeline of more than one stage that trains `module`, if any."""
+    pipe = pipeline_of(module, optimizer) if isinstance(module, Module) else None
+    return pipe if pipe is not None and pipe.stages > 1 and env.is_distributed() else None
 
 
 def _tp_group() -> tuple:
@@ -143,12 +156,19 @@ def _full_tensors(model: Module, optimizer: Optimizer | None, group: tuple) -> I
 
 
 class _ShardedLayouts(package.LayoutHook):
-    """The layout hook of tensor parallelism and ZeRO (see the module docstring)."""
+    """The layout hook of tensor parallelism, ZeRO and pipelines (see the module docstring)."""
 
     def applies(self, module, optimizer) -> bool:
-        return (isinstance(module, Module) and bool(_split_parameters(module))) or _zero_of(optimizer) is not None
+        return (
+            (isinstance(module, Module) and bool(_split_parameters(module)))
+            or _zero_of(optimizer) is not None
+            or _distributed_pipeline(module, optimizer) is not None
+        )
 
     def save(self, path, module, optimizer, metadata, group: tuple | None = None) -> Path | None:
+        pipe = _distributed_pipeline(module, optimizer)
+        if pipe is not None:  # every rank holds the whole model (its TP blocks) and its optimizer state
+            pipe.gather_stages(with_state=optimizer is not None and optimizer is pipe.optimizer)
         zero = _zero_of(optimizer)
         group = _tp_group() if group is None else group
         whole = zero.gathered_parameters() if zero is not None else contextlib.nullcontext()  # ZeRO-3's shards

@@ -22,6 +22,14 @@ those stages; the DP axis averages them; then the optimizer applies one update, 
 TP members of this DP replica. A stage may be tensor parallel (`parallelize` the model
 first): its graph is localized by the states pass, its gradients are this rank's blocks.
 
+Communication overlaps the compute: the schedule says how many activations and gradients
+will arrive on each channel in a step, so their receives are posted ahead of need (two per
+channel, into the buffers the plans then read), sends are isends waited on once at the end
+of the step, and each stage's backward sends its input gradient before it computes its
+weight gradients. `ls.nn.recompute` layers are recomputed inside their stage's backward
+(the stage keeps only their inputs per micro-batch). `ls.save` / `ls.load` work directly in
+a pipeline job (`gather_stages`, through the checkpoint layout hook of `parallel.checkpoint`).
+
 Data convention: every rank passes the same global batch to `step` (or None for what its
 stage does not read); the first stage reads only the inputs and the last only the labels
 (`feeds_of` / `feeds` say what a rank's plans read), each rank takes its DP share
@@ -36,6 +44,7 @@ import torch.distributed as torch_dist
 
 from luoshu.compiler import states
 from luoshu.compiler.pipeline import partition
+from luoshu.core import live
 from luoshu.core.errors import Error
 from luoshu.core.graph import Graph
 from luoshu.core.graph import placeholder as make_placeholder
@@ -187,6 +196,7 @@ class Pipeline:
         self._shared = self._shared_parameters({id(p) for p in self.params})
         self._install_norm(strategy)
         self._compiled = True
+        self._key = live.register(self)  # ls.save / ls.load find the pipeline of a model (parallel.checkpoint)
 
     def _install_norm(self, strategy) -> None:
         """Global-norm clipping over the whole model: each stage (and TP member) adds its part of
@@ -222,6 +232,51 @@ class Pipeline:
                 env.process_group(users)  # created in the same order on every user
                 shared.append((pos, users))
         return shared
+
+    # --- whole-model views ---------------------------------------------------------------
+    def gather_stages(self, with_state: bool = False) -> None:
+        """Every parameter (and, `with_state`, its optimizer state) from the stage that trains it,
+        so every rank of the pipeline holds the whole model: before an evaluation on every rank
+        or a checkpoint (a collective over the pp group; under TP, each member of a stage sends
+        its blocks to its counterparts)."""
+        if not self._compiled or self.stages == 1 or not env.is_distributed():
+            return
+        optimizer = self.optimizer
+        pg, pp_ranks = self.mesh.process_group("pp"), self.mesh.group("pp").ranks
+        params = optimizer.parameters()
+        plain = optimizer.state_dict() if with_state else None
+        mine = {
+            "owned": list(self.param_index),
+            "state": plain["meta"]["state"] if plain else None,
+            "shapes": {k: (list(v.shape), str(v.dtype)) for k, v in plain["tensors"].items()} if plain else None,
+        }
+        everyone: list = [None] * len(pp_ranks)
+        torch_dist.all_gather_object(everyone, mine, group=pg)
+        owner: dict[int, int] = {}
+        for stage, info in enumerate(everyone):
+            for i in info["owned"]:
+                owner.setdefault(i, stage)
+        tensors, state = ({}, {}) if with_state else (None, None)
+        for i, p in enumerate(params):
+            stage = owner.get(i)
+            if stage is None:  # no stage trains it: every rank holds its initial (broadcast) value
+                continue
+            torch_dist.broadcast(p._value, src=pp_ranks[stage], group=pg)
+            entry = everyone[stage]["state"].get(str(i)) if with_state else None
+            if entry is None:
+                continue
+            state[str(i)] = entry
+            for name in entry["tensors"]:
+                key = f"state.{i}.{name}"
+                if stage == self.stage:
+                    value = plain["tensors"][key].contiguous().clone()
+                else:
+                    shape, dtype = everyone[stage]["shapes"][key]
+                    value = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
+                torch_dist.broadcast(value, src=pp_ranks[stage], group=pg)
+                tensors[key] = value
+        if with_state:
+            optimizer.load_state_dict({"tensors": tensors, "meta": {**plain["meta"], "state": state}})
 
     # --- running ---------------------------------------------------------------------
     def step(self, inputs: list | None, labels: list | None) -> float | None:
@@ -260,16 +315,19 @@ class Pipeline:
         self.ledger = runner.ledger
         losses = []
         accum = [None] * len(self.params)
-        with shapes_once():  # the micro-batches share one shape: each boundary sends it once a step
-            self._run_schedule(feeds, size, losses, accum)
+        steps = schedule(self.schedule_name, self.stage, self.stages, self.micro_batches)
+        # the micro-batches share one shape: each boundary sends it once a step; the schedule says
+        # which messages will come, so their receives are posted ahead of need
+        with shapes_once(), runner.receiving(steps):
+            self._run_schedule(steps, feeds, size, losses, accum)
         self.busy_s = runner.busy_s
         self._apply(accum)
         return float(np.mean(losses)) if losses else None
 
-    def _run_schedule(self, feeds: dict, size: int | None, losses: list, accum: list) -> None:
+    def _run_schedule(self, steps: list, feeds: dict, size: int | None, losses: list, accum: list) -> None:
         """Every micro-batch step of this stage's schedule; the sends complete before it returns."""
         runner = self.runner
-        for kind, mb in schedule(self.schedule_name, self.stage, self.stages, self.micro_batches):
+        for kind, mb in steps:
             micro = {n: v[mb * size : (mb + 1) * size] for n, v in feeds.items()}
             if kind == "F":
                 loss = runner.forward(mb, micro)
@@ -285,7 +343,7 @@ class Pipeline:
                     pos += 2
                     continue
                 v = values[pos]
-                accum[k] = v.clone() if accum[k] is None else accum[k].add_(v)
+                accum[k] = v if accum[k] is None else accum[k].add_(v)  # the runner's own buffers: no copy
                 pos += 1
         runner.wait_sends()
 
@@ -338,9 +396,21 @@ class Pipeline:
         return (torch.cat([r[:c] for r, c in zip(all_rows, n)]), torch.cat([v[:c] for v, c in zip(all_values, n)]))
 
 
+def pipeline_of(module, optimizer=None) -> Pipeline | None:
+    """The live compiled pipeline training `module` (or stepping `optimizer`), the latest one if several."""
+    found = [
+        p
+        for p in live.alive()
+        if isinstance(p, Pipeline)
+        and p._compiled
+        and (p.model is module or (optimizer is not None and p.optimizer is optimizer))
+    ]
+    return max(found, key=lambda p: p._key) if found else None
+
+
 def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b") -> Pipeline:
     """This rank's stage of `model` cut over `mesh.pp` stages (see the module docstring)."""
     return Pipeline(model, mesh, stages, micro_batches, schedule)
 
 
-__all__ = ["Pipeline", "PipelineError", "pipeline"]
+__all__ = ["Pipeline", "PipelineError", "pipeline", "pipeline_of"]

@@ -21,7 +21,7 @@ import torch
 from luoshu.compiler.pipeline import StageProgram
 from luoshu.core.errors import Error
 from luoshu.core.op import get_opdef
-from luoshu.ops.comm import recv_wait_seconds
+from luoshu.ops.comm import posted_recvs, recv_wait_seconds
 from luoshu.runtime.plan import build_plan
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -85,8 +85,9 @@ class StageRunner:
     `forward(m, feeds)` runs the forward plan (feeds: placeholder name -> torch value), keeps
     its saved activations in the ledger and returns the loss (last stage) or None;
     `backward(m, feeds)` runs the backward plan on them and returns the gradients fetched
-    (per `program.grad_fetches`). Sends complete in the background; `wait_sends` waits for
-    them. `busy_s` is the time in the plans minus the time recv waited for a peer.
+    (per `program.grad_fetches`), each the caller's to accumulate into in place. Sends complete
+    in the background; `wait_sends` waits for them. `busy_s` is the time in the plans minus the
+    time recv waited for a peer.
     """
 
     def __init__(self, program: StageProgram):
@@ -109,10 +110,28 @@ class StageRunner:
         self.ledger = ActivationLedger()
         self.pending: list = []
         self.busy_s = 0.0
+        self._leaves: set | None = None
+
+    def receiving(self, steps: list[tuple[str, int]], depth: int = 2):
+        """The scope in which the receives of `steps` (a schedule) are posted ahead of need: each
+        recv of the forward plan gets one message per "F" step, each of the backward plan one per
+        "B" step (`luoshu.ops.comm.posted_recvs`; inside `shapes_once`, so a run-time shape is
+        known after a channel's first message)."""
+        counts = {"F": 0, "B": 0}
+        for kind, _ in steps:
+            counts[kind] += 1
+        channels = {}
+        for kind, plan in (("F", self.forward_plan), ("B", self.backward_plan)):
+            for step in plan.steps:
+                if step.op.opdef.name == "recv" and counts[kind]:
+                    a = step.op.attrs
+                    channels[(a["peer"], a["tag"])] = (a["shape"], a["dtype"], a["device"], counts[kind])
+        return posted_recvs(channels, depth)
 
     def reset(self) -> None:
         self.ledger = ActivationLedger()
         self.busy_s = 0.0
+        self._leaves = None
 
     def _timed(self, plan, values):
         wait0, start = recv_wait_seconds(), time.perf_counter()
@@ -133,13 +152,37 @@ class StageRunner:
         del saved
         out = self._timed(self.backward_plan, values)
         self.pending += out[self._grads : self._grads + self._backward_tokens]
-        return list(out[: self._grads])
+        if self._leaves is None:  # once a step: a load may have replaced a parameter's buffer
+            self._leaves = {
+                t._value.untyped_storage().data_ptr()
+                for t in self.backward_plan.leaf_tensors
+                if isinstance(t._value, torch.Tensor)
+            }
+        return _owned(out[: self._grads], values, self._leaves)
 
     def wait_sends(self) -> None:
         wait = get_opdef("comm_wait").compute
         for token in self.pending:
             wait(token)
         self.pending = []
+
+
+def _owned(grads, fed: list, leaves: set) -> list:
+    """The gradients, each one the caller may accumulate into in place: a fresh buffer of the plan
+    is taken as it is (no copy); a view, a value the plan was fed (or its base), or one sharing
+    storage with a parameter (`leaves`: their storages) or with another gradient is copied."""
+    borrowed = {id(v) for v in fed} | {id(v._base) for v in fed if isinstance(v, torch.Tensor) and v._base is not None}
+    seen: set = set()
+    out = []
+    for g in grads:
+        if isinstance(g, torch.Tensor):
+            storage = g.untyped_storage().data_ptr()
+            if g._base is not None or id(g) in borrowed or storage in leaves or storage in seen:
+                g = g.clone()
+                storage = g.untyped_storage().data_ptr()
+            seen.add(storage)
+        out.append(g)
+    return out
 
 
 class _AnyFeed(dict):

@@ -100,51 +100,13 @@ class ParallelRun:
 
     def sync_stages(self, optimizer: Optimizer, with_state: bool) -> None:
         """Every parameter (and, `with_state`, its optimizer state) from the stage that trains it,
-        so every rank of a pipeline holds the whole model (a collective over the pp group)."""
-        if self.pipe is None:
-            return
-        pg, pp_ranks = self.mesh.process_group("pp"), self.mesh.group("pp").ranks
-        params = optimizer.parameters()
-        plain = optimizer.state_dict() if with_state else None
-        mine = {
-            "owned": list(self.pipe.param_index),
-            "state": plain["meta"]["state"] if plain else None,
-            "shapes": {k: (list(v.shape), str(v.dtype)) for k, v in plain["tensors"].items()} if plain else None,
-        }
-        everyone: list = [None] * len(pp_ranks)
-        torch_dist.all_gather_object(everyone, mine, group=pg)
-        owner: dict[int, int] = {}
-        for stage, info in enumerate(everyone):
-            for i in info["owned"]:
-                owner.setdefault(i, stage)
-        me = self.mesh.index("pp")
-        tensors, state = ({}, {}) if with_state else (None, None)
-        for i, p in enumerate(params):
-            stage = owner.get(i)
-            if stage is None:  # no stage trains it: every rank holds its initial (broadcast) value
-                continue
-            torch_dist.broadcast(p._value, src=pp_ranks[stage], group=pg)
-            entry = everyone[stage]["state"].get(str(i)) if with_state else None
-            if entry is None:
-                continue
-            state[str(i)] = entry
-            for name in entry["tensors"]:
-                key = f"state.{i}.{name}"
-                if stage == me:
-                    value = plain["tensors"][key].contiguous().clone()
-                else:
-                    shape, dtype = everyone[stage]["shapes"][key]
-                    value = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
-                torch_dist.broadcast(value, src=pp_ranks[stage], group=pg)
-                tensors[key] = value
-        if with_state:
-            optimizer.load_state_dict({"tensors": tensors, "meta": {**plain["meta"], "state": state}})
+        so every rank of a pipeline holds the whole model (`Pipeline.gather_stages`, a collective)."""
+        if self.pipe is not None:
+            self.pipe.gather_stages(with_state and optimizer is self.pipe.optimizer)
 
     def save(self, path, model: Module, optimizer: Optimizer, metadata: dict) -> None:
-        """The full-tensor checkpoint, written by rank 0 (a collective)."""
-        self.sync_stages(optimizer, with_state=True)
+        """The full-tensor checkpoint, written by rank 0 (a collective; the layout hook gathers the stages)."""
         parallel_checkpoint.save(path, model, optimizer, self.mesh, metadata)
-
     def barrier(self) -> None:
         env.barrier()
 

@@ -3,7 +3,8 @@
     luoshu launch -n N tests/parallel/pp_train.py --dp D --tp T --pp P --micro-batches M --schedule 1f1b --out PREFIX
 
 Rank r writes the losses (last stage), its stage's parameters and the peak number of
-micro-batches its stage kept alive to PREFIX.rank<r>.npz.
+micro-batches (and bytes) of activations its stage kept alive to PREFIX.rank<r>.npz.
+`--recompute` marks every layer with `ls.nn.recompute`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--stages", default=None)
     parser.add_argument("--clip", type=float, default=None)
+    parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -80,16 +82,19 @@ def main() -> None:
     model = build(args.model, args.layers)
     if args.tp > 1:
         ls.parallel.parallelize(model, mesh)
+    if args.recompute:  # every layer's insides recomputed in its stage's backward
+        for layer in model.h if hasattr(model, "h") else model.layers:
+            ls.nn.recompute(layer)
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=args.clip)
     stages = args.stages.split(",") if args.stages else None
     pipe = ls.parallel.pipeline(model, mesh, stages=stages, micro_batches=args.micro_batches, schedule=args.schedule)
     pipe.compile([("ids", (None, LENGTH), "int64")], [("y", (None, LENGTH), "int64")], loss_fn, opt)
-    losses, peak = [], 0
+    losses, peak, peak_bytes = [], 0, 0
     need_inputs, need_labels = pipe.feeds_of()
     for ids, y in batches():
         # a rank passes only what its stage reads
         losses.append(pipe.step([ids] if need_inputs else None, [y] if need_labels else None))
-        peak = max(peak, pipe.ledger.peak)
+        peak, peak_bytes = max(peak, pipe.ledger.peak), max(peak_bytes, pipe.ledger.peak_bytes)
     names = {id(p): n for n, p in model.named_parameters()}
     full = ls.parallel.gather_parameters(model, mesh)  # whole values of TP-split ones (collective)
     params = {names[id(p)]: full[names[id(p)]].numpy() for p in pipe.params}
@@ -101,6 +106,7 @@ def main() -> None:
         f"{args.out}.rank{ls.distributed.rank()}.npz",
         losses=np.array([x if x is not None else np.nan for x in losses]),
         peak=peak,
+        peak_bytes=peak_bytes,
         stage=pipe.stage,
         rank=ls.distributed.rank(),
         feeds=json.dumps(sorted(feeds)),

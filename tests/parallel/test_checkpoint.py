@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import luoshu as ls
 from tests.parallel.test_zero import _steps
@@ -44,3 +45,66 @@ def test_a_zero_checkpoint_loads_into_a_plain_run_and_back(tmp_path):
     for key, value in expected["tensors"].items():
         np.testing.assert_allclose(got["tensors"][key].numpy(), value.numpy(), rtol=1e-12, atol=1e-14, err_msg=key)
     assert got["meta"]["state"] == expected["meta"]["state"]
+
+
+def _one_process(seed: int, data: list, resume=None):
+    """GPT-2 (float64) trained in one process on the whole batches of `data` (from checkpoint `resume`)."""
+    from tests.parallel import pp_train
+
+    ls.manual_seed(seed)
+    model = pp_train.build("gpt2", 2)
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if resume is not None:
+        ls.load(resume, model, opt)
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, pp_train.LENGTH), "int64")
+        y = ls.placeholder("y", (None, pp_train.LENGTH), "int64")
+        loss = pp_train.loss_fn(model(ids), y)
+        step = opt.minimize(loss)
+    for i, t in data:
+        g.run([loss, step], {ids: i, y: t})
+    return model, opt
+
+
+def _assert_same(model, opt, ref_model, ref_opt, atol):
+    from tests.parallel.tp_checkpoint import full_state
+
+    got, expected = full_state(model, opt), full_state(ref_model, ref_opt)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=atol, err_msg=key)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("pp, tp", [(2, 1), pytest.param(2, 2, marks=pytest.mark.slow)])
+def test_a_pipeline_checkpoint_loads_into_one_process_and_back(tmp_path, pp, tp):
+    """`ls.save` called directly on every rank of a pipeline job writes the whole model and optimizer
+    state (the stages gathered): loaded into one process it holds exactly the stages' trained values
+    and matches one process trained on the same batches; a one-process checkpoint loaded into the
+    pipeline resumes training as one process does."""
+    from tests.distributed.launcher import launch
+    from tests.parallel import pp_train
+
+    data = list(pp_train.batches())
+    ref_model, ref_opt = _one_process(11, data[:2])
+    ls.save(tmp_path / "reference", ref_model, ref_opt)
+    proc = launch(pp * tp, "tests/parallel/pp_checkpoint.py", "--pp", str(pp), "--tp", str(tp), "--resume",
+                  str(tmp_path / "reference"), "--out", str(tmp_path), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    model, opt = _one_process(5, [])  # other initial values: everything comes from the checkpoint
+    ls.load(tmp_path / "trained", model, opt)
+    values = dict(model.named_parameters())
+    seen = set()
+    for r in range(pp * tp):
+        stage = np.load(tmp_path / f"stage.rank{r}.npz")
+        for name in stage.files:  # the values the stage trained, bit for bit
+            np.testing.assert_array_equal(values[name].numpy(), stage[name], err_msg=name)
+            seen.add(name)
+    assert seen == set(values)
+    _assert_same(model, opt, ref_model, ref_opt, atol=1e-6)  # micro-batches: sums in another order
+
+    ref_model, ref_opt = _one_process(5, data[2:], resume=tmp_path / "reference")
+    model, opt = _one_process(7, [])
+    ls.load(tmp_path / "resumed", model, opt)
+    _assert_same(model, opt, ref_model, ref_opt, atol=1e-6)

@@ -83,8 +83,36 @@ def test_gradients_are_scaled_once_over_micro_batches():
         np.testing.assert_allclose(p.numpy(), ref_params[name], atol=1e-10, err_msg=name)
 
 
-def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None):
-    out = tmp_path / "pp"
+def _stage_run(recompute: bool, schedule: str):
+    model = _model(2)
+    if recompute:
+        for layer in model.h:
+            ls.nn.recompute(layer)
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    pipe = ls.parallel.pipeline(model, ls.distributed.DeviceMesh(world_size=1), micro_batches=4, schedule=schedule)
+    pipe.compile([("ids", (None, 16), "int64")], [("y", (None, 16), "int64")], pp_train.loss_fn, opt)
+    losses = [pipe.step([i], [t]) for i, t in pp_train.batches()]
+    return losses, {n: p.numpy() for n, p in model.named_parameters()}, pipe.ledger.peak_bytes
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_recompute_inside_a_stage_keeps_only_the_layers_inputs(schedule):
+    """`ls.nn.recompute` layers inside a pipeline stage: the stage keeps far fewer activation bytes
+    per micro-batch (the runtime's ledger) and trains exactly as without recompute, and as one process."""
+    ref_losses, ref_params = pp_train.reference(2)
+    plain_losses, plain_params, plain_bytes = _stage_run(False, schedule)
+    losses, params, peak_bytes = _stage_run(True, schedule)
+    assert peak_bytes < plain_bytes / 2, (peak_bytes, plain_bytes)
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-13)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-10)
+    for name, value in params.items():
+        np.testing.assert_allclose(value, plain_params[name], rtol=1e-12, atol=1e-14, err_msg=name)
+        np.testing.assert_allclose(value, ref_params[name], atol=1e-10, err_msg=name)
+
+
+def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None, recompute=False):
+    """Runs the pipeline job and checks it against one process; returns every rank's npz."""
+    out = tmp_path / ("pp-recompute" if recompute else "pp")
     args = (
         [
             "--model",
@@ -106,6 +134,7 @@ def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2"
         ]
         + (["--stages", ",".join(stages)] if stages else [])
         + (["--clip", str(clip)] if clip else [])
+        + (["--recompute"] if recompute else [])
     )
     proc = launch(dp * tp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,6 +160,7 @@ def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2"
                 np.testing.assert_allclose(run[name], ref_params[name], atol=1e-6, err_msg=name)
                 seen.add(name)
     assert seen == set(ref_params)
+    return runs
 
 
 @pytest.mark.dist
@@ -217,6 +247,12 @@ class _Wire:
     def recv(self, tensor, peer, tag):
         tensor.copy_(self.messages[tag].pop(0))
 
+    def irecv(self, tensor, peer, tag):
+        """A posted receive: the message lands in `tensor` when waited on (receives of one tag in posting order)."""
+        self.posted = getattr(self, "posted", 0) + 1
+        wire = self
+        return type("Posted", (), {"wait": lambda self: tensor.copy_(wire.messages[tag].pop(0))})()
+
 
 def test_shapes_once_sends_a_run_time_shape_once_per_channel(monkeypatch):
     import torch
@@ -247,3 +283,54 @@ def test_shapes_once_sends_a_run_time_shape_once_per_channel(monkeypatch):
     with comm.shapes_once():  # a new scope (the next step) exchanges the shape again
         send(torch.ones(2, 5), peer=1, tag=8, header=True)
         assert torch.equal(recv((-1, 5), "float32", "cpu", peer=0, tag=8), torch.ones(2, 5))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sched", ["gpipe", "1f1b"])
+def test_recompute_inside_pipeline_stages_matches_one_process(tmp_path, sched):
+    """Two stages with every layer recomputed: the same training as one process, and each stage's
+    peak activation bytes (the runtime's ledger) fall against the same pipeline without recompute."""
+    plain = _compare(tmp_path, 1, 2, 4, 4, sched)
+    recomputed = _compare(tmp_path, 1, 2, 4, 4, sched, recompute=True)
+    for a, b in zip(sorted(plain, key=lambda r: int(r["rank"])), sorted(recomputed, key=lambda r: int(r["rank"]))):
+        kept, without = int(b["peak_bytes"]), int(a["peak_bytes"])
+        assert kept < without / 2, (int(b["stage"]), kept, without)
+
+
+def test_posted_receives_take_the_messages_in_order_and_count_them(monkeypatch):
+    """Receives a schedule announces are posted ahead (their shape once known): each recv returns
+    the next message on its channel; a message counted but never received, or one too many, is an error."""
+    import torch
+
+    from luoshu.core.op import get_opdef
+    from luoshu.ops import comm
+
+    wire = _Wire()
+    monkeypatch.setattr(comm, "_p2p_ready", lambda name, peer: None)
+    for name in ("isend", "recv", "irecv"):
+        monkeypatch.setattr(comm.torch_dist, name, getattr(wire, name))
+    send, recv = get_opdef("send").compute, get_opdef("recv").compute
+    xs = [torch.randn(3, 5) for _ in range(4)]
+    grads = [torch.randn(2, 2) for _ in range(3)]
+    channels = {(0, 8): ((-1, 5), "float32", "cpu", 4), (0, 12): ((2, 2), "float32", "cpu", 3)}
+    with comm.shapes_once(), comm.posted_recvs(channels, depth=2):
+        assert wire.posted == 3  # the run-time shape's header, and two of the static channel's messages
+        for x in xs:
+            send(x, peer=1, tag=8, header=True)
+        for gr in grads:
+            send(gr, peer=1, tag=12, header=False)
+        assert [torch.equal(recv((-1, 5), "float32", "cpu", peer=0, tag=8), x) for x in xs] == [True] * 4
+        assert wire.posted == 3 + 4  # the header told the shape: then all four data messages were posted
+        assert [torch.equal(recv((2, 2), "float32", "cpu", peer=0, tag=12), gr) for gr in grads] == [True] * 3
+        with pytest.raises(ls.Error, match="more messages than the posted_recvs scope counted"):
+            recv((2, 2), "float32", "cpu", peer=0, tag=12)
+    with pytest.raises(ls.Error, match=r"counted but never received.*\(0, 12\): 1"):
+        with comm.posted_recvs({(0, 12): ((2, 2), "float32", "cpu", 2)}):
+            send(grads[0], peer=1, tag=12, header=False)
+            recv((2, 2), "float32", "cpu", peer=0, tag=12)
+
+
+@pytest.mark.slow
+def test_recompute_inside_tensor_parallel_stages_matches_one_process(tmp_path):
+    """pp2 x tp2 with every layer recomputed: the regions carry into the localized stage graphs."""
+    _compare(tmp_path, 1, 2, 2, 2, "1f1b", tp=2, recompute=True)
