@@ -51,7 +51,6 @@ from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
 from luoshu.nn.module import Module
-from luoshu.ops.comm import shapes_once
 from luoshu.optim import SGD
 from luoshu.parallel import hot_switch as hs
 from luoshu.parallel import hotspa_profile
@@ -432,8 +431,7 @@ class HotSPa:
         feeds["scale"] = torch.full(tuple(feeds["labels"].shape), scale, dtype=dtype)
         feeds["scale"][n:] = 0
         losses, accum = [], [None] * len(pipe.params)
-        with shapes_once():  # the micro-batches share one shape: each boundary sends it once
-            pipe._run_schedule(feeds, (n + pad) // m, losses, accum)
+        pipe.run_schedule(feeds, (n + pad) // m, losses, accum)
         for pos, (k, acc) in enumerate(zip(pipe.param_index, accum)):
             if pipe._sparse[pos]:
                 idx = torch.cat([r for r, _ in acc])

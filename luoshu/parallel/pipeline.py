@@ -315,14 +315,19 @@ class Pipeline:
         self.ledger = runner.ledger
         losses = []
         accum = [None] * len(self.params)
-        steps = schedule(self.schedule_name, self.stage, self.stages, self.micro_batches)
-        # the micro-batches share one shape: each boundary sends it once a step; the schedule says
-        # which messages will come, so their receives are posted ahead of need
-        with shapes_once(), runner.receiving(steps):
-            self._run_schedule(steps, feeds, size, losses, accum)
+        self.run_schedule(feeds, size, losses, accum)
         self.busy_s = runner.busy_s
         self._apply(accum)
         return float(np.mean(losses)) if losses else None
+
+    def run_schedule(self, feeds: dict, size: int | None, losses: list, accum: list) -> None:
+        """This stage's schedule over ``micro_batches`` slices of ``size`` rows of ``feeds``: losses
+        appended to ``losses``, gradients accumulated into ``accum`` (one entry per parameter)."""
+        steps = schedule(self.schedule_name, self.stage, self.stages, self.micro_batches)
+        # the micro-batches share one shape: each boundary sends it once a step; the schedule says
+        # which messages will come, so their receives are posted ahead of need
+        with shapes_once(), self.runner.receiving(steps):
+            self._run_schedule(steps, feeds, size, losses, accum)
 
     def _run_schedule(self, steps: list, feeds: dict, size: int | None, losses: list, accum: list) -> None:
         """Every micro-batch step of this stage's schedule; the sends complete before it returns."""
