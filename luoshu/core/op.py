@@ -60,6 +60,10 @@ class OpDef:
     # new tensor; it returns False where it cannot for these values (the caller then copies).
     # Data parallelism uses it to compute gradients straight into their all-reduce bucket.
     compute_into: ClassVar[Callable | None] = None
+    # Inputs the kernel reads only for their shape, dtype and device (the `like` of sum_to): a
+    # plan hands it a one-element stand-in made right after the input's producer
+    # (`shape_stand_in`), so the input's buffer is freed after its last real reader.
+    shape_inputs: ClassVar[tuple[int, ...]] = ()
 
     def infer(self, inputs: list[Tensor], **attrs) -> list[TensorMeta] | TensorMeta:
         raise NotImplementedError

@@ -76,6 +76,7 @@ import torch.distributed as torch_dist
 
 from luoshu.compiler import insert_gradient_allreduce
 from luoshu.compiler.gradient_allreduce import BucketFiller
+from luoshu.compiler.passes import reposition
 from luoshu.compiler.recompute import apply_recompute
 from luoshu.core import context, dtypes, live
 from luoshu.core.op import OpDef, apply, get_opdef, register
@@ -576,7 +577,6 @@ class ZeroSync(SyncMode):
         backward_from = min(made_at(e.inputs[0]) for e in dense)
         before: dict[int, list] = {}  # id(op) -> new ops recorded just before it
         after: dict[int, list] = {}
-        new_ops: list = []
         with graph:
             for phase in ("forward", "backward"):
                 chain = []
@@ -597,7 +597,6 @@ class ZeroSync(SyncMode):
                     wait = graph.ops[mark:]
                     starts.append(start)
                     waits.append(wait)
-                    new_ops += start + wait
                     swap = {id(p): v for p, v in zip(unit.params, views)}
                     for op in ops:
                         op.inputs = [swap.get(id(t), t) for t in op.inputs]
@@ -606,7 +605,7 @@ class ZeroSync(SyncMode):
                     first = min(ops, key=lambda op: position[id(op)])
                     recorded = (starts[0] if k == 0 else []) + waits[k] + (starts[k + 1] if k + 1 < len(chain) else [])
                     before.setdefault(id(first), []).extend(recorded)
-        self._scatter_graph(graph, update, entries, made_at, before, after, new_ops)
+        self._scatter_graph(graph, update, entries, made_at, before, after)
 
     def _bucket_graph(self, graph, update) -> None:
         """The stage-2 graph pass: the dense gradients in buckets (`BucketFiller`, `unit_size_mb`)
@@ -628,9 +627,9 @@ class ZeroSync(SyncMode):
 
         order = sorted(dense, key=lambda e: made_at(e.inputs[0]))
         self._build(self._bucket_layout([e.index for e in order]))
-        self._scatter_graph(graph, update, entries, made_at, {}, {}, [])
+        self._scatter_graph(graph, update, entries, made_at, {}, {})
 
-    def _scatter_graph(self, graph, update, entries, made_at, before: dict, after: dict, new_ops: list) -> None:
+    def _scatter_graph(self, graph, update, entries, made_at, before: dict, after: dict) -> None:
         """Stages 2-3: one `zero3_reduce_scatter` per bucket (unit) of `self.groups`, recorded right
         after the last of its gradients is made (so they die there), the new ops of `before` /
         `after` put in place, and `update` reading the shards."""
@@ -641,22 +640,13 @@ class ZeroSync(SyncMode):
                 mark = len(graph.ops)
                 shard = apply("zero3_reduce_scatter", *grads, sync=self._key, unit=unit.position)
                 ops = graph.ops[mark:]
-                new_ops += ops
                 last = max(made_at(g) for g in grads)
                 if last < 0:
                     before.setdefault(id(graph.ops[0]), []).extend(ops)
                 else:
                     after.setdefault(id(graph.ops[last]), []).extend(ops)
                 unit.grad_tensor = shard
-        added = {id(op) for op in new_ops}
-        ordered = []
-        for op in graph.ops:
-            if id(op) in added:
-                continue
-            ordered += before.get(id(op), [])
-            ordered.append(op)
-            ordered += after.get(id(op), [])
-        graph.ops[:] = ordered
+        reposition(graph, before, after)
         rest = [e for e in entries if e.kind != "d"]
         dense = [e for e in entries if e.kind == "d"]
         shards = [dense[0]._replace(index=u.indices[0], inputs=[u.grad_tensor]) for u in self.groups]
