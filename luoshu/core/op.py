@@ -25,7 +25,7 @@ from luoshu.core.errors import (
     OpError,
     ShapeError,
 )
-from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta, make_constant
+from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta, make_constant, released_error
 
 _REGISTRY: dict[str, OpDef] = {}
 
@@ -251,6 +251,8 @@ def _run_eager(opdef, tensors, attrs, metas):
                 f"{opdef.name}: input {t!r} belongs to define-and-run graph "
                 f"'{t.graph.name if t.graph else '?'}'; build ops on it inside `with graph:`"
             )
+        if t._value.is_meta:
+            raise released_error(t)
     if eager_states is not None and any(t.ds for t in tensors):
         done = eager_states(opdef, tensors, attrs, metas)
         if done is not None:

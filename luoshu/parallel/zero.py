@@ -81,7 +81,7 @@ from luoshu.compiler.recompute import apply_recompute
 from luoshu.core import context, dtypes, live
 from luoshu.core.op import OpDef, apply, get_opdef, register
 from luoshu.core.shapes import numel
-from luoshu.core.tensor import Tensor, TensorMeta
+from luoshu.core.tensor import RELEASED, Tensor, TensorMeta
 from luoshu.distributed import env
 from luoshu.distributed.env import DistError
 from luoshu.ops.update import update_entries, update_inputs
@@ -96,9 +96,18 @@ _all_gather_single = getattr(torch_dist, "all_gather_single", None) or torch_dis
 _reduce_scatter_single = getattr(torch_dist, "reduce_scatter_single", None) or torch_dist.reduce_scatter_tensor
 
 
-def _freed(p: Tensor) -> torch.Tensor:
-    """What a stage-3 parameter holds between uses: its shape and dtype, no storage."""
-    return torch.empty(p.shape, dtype=dtypes.to_torch(p.dtype), device="meta")
+def _freed(p: Tensor, message: str) -> torch.Tensor:
+    """What a stage-3 parameter holds between uses: its shape and dtype, no storage, and the
+    `message` a read of it raises (core's `Tensor.value` and eager ops refuse meta values)."""
+    value = torch.empty(p.shape, dtype=dtypes.to_torch(p.dtype), device="meta")
+    setattr(value, RELEASED, message)
+    return value
+
+
+def _released_message(label: str, p: Tensor) -> str:
+    return (f"DataParallel(zero=3): parameter {label} {tuple(p.shape)} {p.dtype} is sharded over the data-parallel "
+            "ranks and holds no data outside its module's forward (this rank keeps only its shard); read or set "
+            "it inside `with dp.sync.gathered_parameters():`")
 
 
 class _Sharded:
@@ -170,8 +179,9 @@ class _Unit(_Sharded):
     Between uses a rank keeps only its shard of their padded flat concatenation."""
 
     def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
-                 pg, group_index: int, offload: Offload):
+                 pg, group_index: int, offload: Offload, labels: list[str]):
         self.indices, self.params, self.group_index = indices, params, group_index
+        self.released = [_released_message(label, p) for label, p in zip(labels, params)]
         self.numels = [numel(p.shape) for p in params]
         self.offsets, pos = [], 0
         for n in self.numels:
@@ -184,7 +194,8 @@ class _Unit(_Sharded):
         flat = torch.zeros(self.padded, dtype=first.dtype, device=first.device)
         for p, offset, n in zip(params, self.offsets, self.numels):
             flat[offset:offset + n].copy_(p._value.reshape(-1))
-            p._value = _freed(p)
+        for p, message in zip(params, self.released):
+            p._value = _freed(p, message)
         self.device = first.device
         self.shard = flat[rank * self.shard_size:(rank + 1) * self.shard_size].clone()
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero3_shard", kind="variable")
@@ -231,8 +242,8 @@ class _Unit(_Sharded):
     def release(self) -> None:
         if self.full is not None:
             self.full = None
-            for p in self.params:
-                p._value = _freed(p)
+            for p, message in zip(self.params, self.released):
+                p._value = _freed(p, message)
 
     def drain(self) -> None:
         """Drops a prefetch nobody waited on (before the shard changes)."""
@@ -341,6 +352,8 @@ class ZeroSync(SyncMode):
         self._module_units: dict[int, _Unit] = {}
         self._forward_order: list[_Unit] = []
         self._wrapped = False
+        # id(parameter) -> its name in the wrapped model (eager), for the error of a read between uses
+        self._names = {id(p): name for name, p in dp.module.named_parameters()} if dp.module is not None else {}
         if stage == 3 and dp.module is not None:
             self._wrap_modules(dp.module)
 
@@ -444,8 +457,11 @@ class ZeroSync(SyncMode):
         for gi, indices in units:
             device = params[indices[0]]._value.device
             self.offload.enabled = self.offload.applies_to(device)
+            labels = [repr(self._names[id(params[i])]) if id(params[i]) in self._names else
+                      f"{params[i].name!r} (index {i} in the optimizer)" if params[i].name else
+                      f"of index {i} in the optimizer" for i in indices]
             unit = _Unit(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank, pg, gi,
-                         self.offload)
+                         self.offload, labels)
             unit.position = len(self.groups)
             self.groups.append(unit)
             for i in indices:
