@@ -609,8 +609,14 @@ class BucketAllReduce(OpDef):
             pieces = _pieces(flat, tuple(tuple(x.shape) for x in xs))
         else:
             flat = current
-        # computed in the bucket at its position by bucket_place (already scaled)
-        placed = [x is v or (x.data_ptr() == v.data_ptr() and x.is_contiguous()) for x, v in zip(xs, pieces)]
+        # computed in the bucket at its position by bucket_place (already scaled): its very piece, not
+        # merely a tensor there (an earlier bucket_unpack's piece fed back in still has to be scaled)
+        at = flat.__dict__.get(_PIECES_AT)
+        if at:
+            base, item = flat.data_ptr(), flat.element_size()
+            placed = [at.get((v.data_ptr() - base) // item) is x for x, v in zip(xs, pieces)]
+        else:
+            placed = [False] * len(xs)
         if _aliases(flat, [x for x, p in zip(xs, placed) if not p]):  # the fill would overwrite an input
             flat = _bucket_buffer(buffer, flat.numel(), xs[0], [flat])
             pieces = _pieces(flat, tuple(tuple(x.shape) for x in xs))
