@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import weakref
 
+from luoshu.compiler.passes import reposition
 from luoshu.core import dtypes
 from luoshu.core.errors import GraphError
 from luoshu.core.op import Op, apply
@@ -76,8 +77,11 @@ def _placeable(g, update: Op, graph) -> bool:
     return not any(t is g for op in graph.ops if op is not update for t in op.inputs)
 
 
-def _place_in_bucket(grads: list, buffer: BucketBuffer, update: Op, graph, group: tuple) -> list:
-    """`grads` with each placeable one recomputed by `bucket_place` into `buffer`."""
+def _place_in_bucket(grads: list, buffer: BucketBuffer, update: Op, graph, group: tuple, after: dict) -> list:
+    """`grads` with each placeable one recomputed by `bucket_place` into `buffer`; each
+    bucket_place is listed in `after` under the op it replaces, to be recorded where that op
+    was (recorded at the end, it would run at the end of the backward and keep the inputs of
+    every weight gradient alive until then)."""
     total = sum(numel(g.shape) for g in grads)
     placed, offset = [], 0
     for g in grads:
@@ -86,6 +90,7 @@ def _place_in_bucket(grads: list, buffer: BucketBuffer, update: Op, graph, group
             g = apply("bucket_place", *producer.inputs, op=producer.opdef.name, op_attrs=dict(producer.attrs),
                       shape=tuple(g.shape), dtype=g.dtype, buffer=buffer.key, offset=offset, total=total,
                       reduce="mean", group=tuple(group))
+            after[id(producer)] = [g.producer[0]]
         placed.append(g)
         offset += numel(g.shape)
     return placed
@@ -115,6 +120,7 @@ def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple
     dense = [e for e in entries if e.kind == "d"]
     dense.sort(key=lambda e: produced_at(e.inputs[0]))
     replaced: dict[int, list] = {}
+    placed_after: dict[int, list] = {}  # id(gradient op) -> [the bucket_place replacing it]
     n_buckets = 0
     with graph:
         sizes, names = [], []
@@ -130,7 +136,7 @@ def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple
             buffer = BucketBuffer()
             _BUFFERS_OF.setdefault(graph, []).append(buffer)
             if bucket_views:
-                grads = _place_in_bucket(grads, buffer, update, graph, group)
+                grads = _place_in_bucket(grads, buffer, update, graph, group, placed_after)
             flat = apply("bucket_all_reduce", *grads, reduce="mean", group=tuple(group), buffer=buffer.key)
             pieces = apply("bucket_unpack", flat, shapes=tuple(tuple(g.shape) for g in grads))
             pieces = pieces if isinstance(pieces, tuple) else (pieces,)
@@ -139,6 +145,7 @@ def insert_gradient_allreduce(graph, update: Op, bucket_bytes: int, group: tuple
             n_buckets += 1
         for index, _, (indices, values) in (e for e in entries if e.kind != "d"):
             replaced[index] = list(apply("sparse_all_gather", indices, values, reduce="mean", group=tuple(group)))
+    reposition(graph, {}, placed_after)
     _, _, update.inputs = update_inputs(e._replace(inputs=replaced[e.index]) for e in entries)
     _REWRITTEN.add(update)
     graph._plans.clear()

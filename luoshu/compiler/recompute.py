@@ -36,12 +36,17 @@ def _rewrite(graph: Graph, region: RecomputeRegion) -> int:
     inside = {id(op) for op in region.ops}
     made_inside = {id(t): op for op in region.ops for t in op.outputs}
     kept = {id(t) for t in region.outputs}
-    # Readers outside the region of what it made and did not keep: the backward's ops.
-    readers = [op for op in graph.ops if id(op) not in inside
-               and any(id(t) in made_inside and id(t) not in kept for t in op.inputs)]
+    # Readers outside the region of what it made and did not keep: the backward's ops. An input
+    # read only for its shape (`OpDef.shape_inputs`) is not recomputed: the plan hands its
+    # reader a stand-in made with the original, which then dies in the forward anyway.
+    def dropped(op) -> list:
+        return [t for k, t in enumerate(op.inputs) if id(t) in made_inside and id(t) not in kept
+                and k not in op.opdef.shape_inputs]
+
+    readers = [op for op in graph.ops if id(op) not in inside and dropped(op)]
     if not readers:
         return 0
-    needed = [t for op in readers for t in op.inputs if id(t) in made_inside and id(t) not in kept]
+    needed = [t for op in readers for t in dropped(op)]
     # The region's ops those tensors depend on (through tensors it did not keep), in recording order.
     wanted: set[int] = set()
     stack = [made_inside[id(t)] for t in needed]
@@ -64,7 +69,7 @@ def _rewrite(graph: Graph, region: RecomputeRegion) -> int:
                 if id(original) not in kept:
                     copy_of[id(original)] = new
     for op in readers:
-        op.inputs = [copy_of.get(id(t), t) for t in op.inputs]
+        op.inputs = [t if k in op.opdef.shape_inputs else copy_of.get(id(t), t) for k, t in enumerate(op.inputs)]
     # Record the copies just before their first reader: the scheduler runs ready ops in
     # recorded order, so the region is recomputed when its own backward starts, not as soon
     # as its inputs exist.

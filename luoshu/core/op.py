@@ -25,7 +25,7 @@ from luoshu.core.errors import (
     OpError,
     ShapeError,
 )
-from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta, make_constant
+from luoshu.core.tensor import IndexedSlices, Tensor, TensorMeta, make_constant, released_error
 
 _REGISTRY: dict[str, OpDef] = {}
 
@@ -60,6 +60,10 @@ class OpDef:
     # new tensor; it returns False where it cannot for these values (the caller then copies).
     # Data parallelism uses it to compute gradients straight into their all-reduce bucket.
     compute_into: ClassVar[Callable | None] = None
+    # Inputs the kernel reads only for their shape, dtype and device (the `like` of sum_to): a
+    # plan hands it a one-element stand-in made right after the input's producer
+    # (`shape_stand_in`), so the input's buffer is freed after its last real reader.
+    shape_inputs: ClassVar[tuple[int, ...]] = ()
 
     def infer(self, inputs: list[Tensor], **attrs) -> list[TensorMeta] | TensorMeta:
         raise NotImplementedError
@@ -247,6 +251,8 @@ def _run_eager(opdef, tensors, attrs, metas):
                 f"{opdef.name}: input {t!r} belongs to define-and-run graph "
                 f"'{t.graph.name if t.graph else '?'}'; build ops on it inside `with graph:`"
             )
+        if t._value.is_meta:
+            raise released_error(t)
     if eager_states is not None and any(t.ds for t in tensors):
         done = eager_states(opdef, tensors, attrs, metas)
         if done is not None:

@@ -29,6 +29,17 @@ def normalize_device(device) -> str:
     return str(dev)
 
 
+# Attribute of a storage-less ("meta") value standing in for data kept elsewhere between uses (a
+# ZeRO-3 parameter, whose rank holds only a shard): the message a read of the value raises.
+RELEASED = "_luoshu_released"
+
+
+def released_error(t: Tensor) -> Error:
+    """The error for reading `t`, whose value is storage-less (a meta tensor)."""
+    message = getattr(t._value, RELEASED, None)
+    return Error(message or f"{t!r} holds a storage-less (meta) value: there is no data to read")
+
+
 class Tensor:
     """A value in a graph.
 
@@ -115,6 +126,8 @@ class Tensor:
             raise GraphError(
                 f"{self!r} is symbolic (define-and-run); fetch it with graph.run([...], feed_dict)"
             )
+        if self._value.is_meta:
+            raise released_error(self)
         return self._value
 
     def torch(self) -> torch.Tensor:

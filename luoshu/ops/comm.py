@@ -650,12 +650,6 @@ def _bucket_buffer(key: int, numel_: int, like: torch.Tensor, avoid=()) -> torch
     return buf
 
 
-def _in_place(x: torch.Tensor, flat: torch.Tensor | None, pos: int) -> bool:
-    """Whether `x` already is the bucket's piece at `pos` (written there by `bucket_place`)."""
-    return (flat is not None and x.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-            and x.storage_offset() == flat.storage_offset() + pos and x.is_contiguous())
-
-
 @register
 class BucketAllReduce(OpDef):
     """Copies `xs` into one flat buffer and starts its all-reduce; `bucket_unpack` waits and splits.
@@ -684,27 +678,61 @@ class BucketAllReduce(OpDef):
         return TensorMeta((total,), inputs[0].dtype)
 
     def compute(self, *xs, reduce, group, buffer):
+        # Per step this is the bucket's only CPU work besides the collective, so what does not
+        # change between steps (the pieces of the persistent buffer) is looked up, not rebuilt,
+        # and the copies go through one foreach kernel: at 1-4 MB the per-piece Python and
+        # dispatch cost was a sizeable part of the step.
         pg, size, _ = _group(self.name, group)
-        total = sum(x.numel() for x in xs)
         current = live.lookup(buffer, "bucket buffer", self.name).tensor if buffer >= 0 else None
-        offsets = [0]
-        for x in xs:
-            offsets.append(offsets[-1] + x.numel())
-        pieces = current.__dict__.get(_PIECES_AT, {}) if current is not None else {}
-        placed = [pieces.get(pos) is x or _in_place(x, current, pos) for x, pos in zip(xs, offsets)]
-        flat = _bucket_buffer(buffer, total, xs[0], [x for x, p in zip(xs, placed) if not p])
+        pieces = _pieces_like(current, xs) if current is not None else None
+        if pieces is None:  # a new layout (or no buffer yet): the buffer is reused if it fits
+            flat = _bucket_buffer(buffer, sum(x.numel() for x in xs), xs[0])
+            pieces = _pieces(flat, tuple(tuple(x.shape) for x in xs))
+        else:
+            flat = current
+        # computed in the bucket at its position by bucket_place (already scaled): its very piece, not
+        # merely a tensor there (an earlier bucket_unpack's piece fed back in still has to be scaled)
+        at = flat.__dict__.get(_PIECES_AT)
+        if at:
+            base, item = flat.data_ptr(), flat.element_size()
+            placed = [at.get((v.data_ptr() - base) // item) is x for x, v in zip(xs, pieces)]
+        else:
+            placed = [False] * len(xs)
+        if _aliases(flat, [x for x, p in zip(xs, placed) if not p]):  # the fill would overwrite an input
+            flat = _bucket_buffer(buffer, flat.numel(), xs[0], [flat])
+            pieces = _pieces(flat, tuple(tuple(x.shape) for x in xs))
         scale = 1.0 / size if reduce == "mean" and size > 1 else None
-        for x, pos, was_placed in zip(xs, offsets, placed):
-            if was_placed and flat is current:
-                continue  # bucket_place computed it there, already scaled: no copy in
-            piece = flat[pos:pos + x.numel()].view(x.shape)
-            if scale is None or was_placed:
-                piece.copy_(x)
+        copy = [(v, x) for x, v, p in zip(xs, pieces, placed) if p and v.data_ptr() != x.data_ptr()]  # scaled
+        fill = [(v, x) for x, v, p in zip(xs, pieces, placed) if not p]
+        if scale is None:
+            copy, fill = copy + fill, []
+        if copy:
+            torch._foreach_copy_(*map(list, zip(*copy)))
+        if fill and flat.numel() * flat.element_size() <= _TWO_PASS_BYTES:
+            dst, src = map(list, zip(*fill))
+            torch._foreach_copy_(dst, src)  # then scaled in place: one kernel each, in cache
+            if len(fill) == len(xs):
+                flat.mul_(scale)
             else:
-                torch.mul(x, scale, out=piece)
+                torch._foreach_mul_(dst, scale)
+        else:
+            for v, x in fill:  # past the cache a second pass costs more than a launch per piece
+                torch.mul(x, scale, out=v)
         if pg is None:
             return flat
         return _run(self.name, group, lambda a: torch_dist.all_reduce(flat, group=pg, async_op=a), flat, True)
+
+
+# Buckets up to this size are filled by a copy and an in-place scale (two passes over memory that
+# stays in cache, a kernel each); larger ones by one scaled copy per piece.
+_TWO_PASS_BYTES = 4 * 2**20
+
+
+def _aliases(flat: torch.Tensor, xs: list) -> bool:
+    """Whether any of `xs` reads memory of `flat` (it must not be overwritten by the fill)."""
+    start = flat.data_ptr()
+    end = start + flat.numel() * flat.element_size()
+    return any(start <= x.data_ptr() < end for x in xs)
 
 
 @register
@@ -793,23 +821,34 @@ class BucketUnpack(OpDef):
 
     @staticmethod
     def compute(flat, shapes):
-        flat = _finish(flat, "bucket_unpack")
-        # A persistent bucket buffer comes back every step: its pieces are made once and kept on
-        # it (they die with it).
-        cached = flat.__dict__.get(_PIECES)
-        if cached is not None and cached[0] == shapes:
-            return cached[1]
-        out, pos = [], 0
-        for s in shapes:
-            n = numel(tuple(s))
-            out.append(flat[pos:pos + n].view(tuple(s)))
-            pos += n
-        result = tuple(out) if len(out) > 1 else out[0]
-        flat.__dict__[_PIECES] = (shapes, result)
-        return result
+        out = _pieces(_finish(flat, "bucket_unpack"), shapes)
+        return out if len(out) > 1 else out[0]
 
 
-_PIECES = "_luoshu_pieces"  # attribute of a bucket buffer: (shapes, its pieces) as bucket_unpack made them
+_PIECES = "_luoshu_pieces"  # attribute of a bucket buffer: (shapes, its pieces), made once per layout
+
+
+def _pieces(flat: torch.Tensor, shapes: tuple) -> tuple:
+    """The views of `flat` with `shapes`, back to back. A persistent bucket buffer comes back every
+    step: its pieces are made once and kept on it (they die with it)."""
+    cached = flat.__dict__.get(_PIECES)
+    if cached is not None and cached[0] == shapes:
+        return cached[1]
+    out, pos = [], 0
+    for s in shapes:
+        n = numel(tuple(s))
+        out.append(flat[pos:pos + n].view(tuple(s)))
+        pos += n
+    flat.__dict__[_PIECES] = (shapes, tuple(out))
+    return tuple(out)
+
+
+def _pieces_like(flat: torch.Tensor, xs: tuple) -> tuple | None:
+    """`flat`'s cached pieces when they have the shapes of `xs`, else None."""
+    cached = flat.__dict__.get(_PIECES)
+    if cached is None or len(cached[1]) != len(xs) or any(v.shape != x.shape for v, x in zip(cached[1], xs)):
+        return None
+    return cached[1]
 
 
 @register

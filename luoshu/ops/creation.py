@@ -20,6 +20,7 @@ class _Like(OpDef):
 
     differentiable = False
     attrs = {"dtype": None}
+    shape_inputs = (0,)
 
     def infer(self, inputs, dtype, **attrs):
         x = inputs[0]
@@ -61,6 +62,7 @@ class ArangeLike(OpDef):
     is refused when the plan runs (a model's maximum length, before an out-of-range lookup)."""
 
     name = "arange_like"
+    shape_inputs = (0,)
     differentiable = False
     attrs = {"axis": 0, "dtype": "int64", "limit": None}
 

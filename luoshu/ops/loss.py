@@ -218,9 +218,17 @@ class CrossEntropyBackward(OpDef):
     @staticmethod
     def compute(g, logp, target, total_weight, weight=None, *, ignore_index, reduction, label_smoothing):
         if _fast_path(logp, target, label_smoothing):
-            grad = aten.nll_loss_backward(g, logp, target, weight, _ATEN_REDUCTION[reduction], ignore_index,
-                                          total_weight)
-            return aten._log_softmax_backward_data(grad, logp, 1, logp.dtype)
+            # (softmax - onehot(target)) * c per row, c = the row's weight times g (over the total
+            # weight for a mean), written into the one logits-sized buffer the result needs:
+            # aten's nll_loss_backward + _log_softmax_backward_data allocate a second one (the
+            # nll gradient), which was the peak of a language model's step.
+            valid = target != ignore_index
+            safe = torch.where(valid, target, torch.zeros_like(target))
+            w_t = valid.to(logp.dtype) if weight is None else weight.to(logp.dtype)[safe]
+            scale = g / total_weight if reduction == "mean" else g
+            c = torch.where(valid, w_t * scale, torch.zeros((), dtype=logp.dtype, device=logp.device)).unsqueeze(1)
+            grad = torch.exp(logp).mul_(c)
+            return grad.scatter_add_(1, safe.unsqueeze(1), -c)
         class_dim = 1 if logp.ndim > 1 else 0
         num_classes = logp.shape[class_dim]
         p = logp.exp()

@@ -23,6 +23,7 @@ class SumTo(OpDef):
     """Sums a broadcast gradient down to the shape of `like` (known only at run time)."""
 
     name = "sum_to"
+    shape_inputs = (1,)
 
     def deduce_states(self, input_ds, _io=None, **attrs):
         """A split of a dim that `like` broadcasts becomes partial; `like` must hold the kept split."""
@@ -60,6 +61,7 @@ class BroadcastLike(OpDef):
     """Broadcasts `x` to the shape of `like` (the dual of sum_to)."""
 
     name = "broadcast_like"
+    shape_inputs = (1,)
 
     def deduce_states(self, input_ds, _io=None, **attrs):
         """x broadcast to `like`'s shape: a split of x on a dim it has whole; `like` (its shape only)

@@ -83,6 +83,7 @@ class ReshapeLike(OpDef):
     """Reshapes `x` to the run-time shape of `like` (gradients of reshapes with `None` dims)."""
 
     name = "reshape_like"
+    shape_inputs = (1,)
 
     def deduce_states(self, input_ds, _io=None, **attrs):
         """`x` reshaped to `like`'s run-time shape: `like` must hold the split where x's lands."""
@@ -107,6 +108,24 @@ class ReshapeLike(OpDef):
 
     def gradient(self, op, grads):
         return [reshape_like(grads[0], op.inputs[0]), None]
+
+
+@register
+class ShapeStandIn(OpDef):
+    """A one-element stand-in for `x` with x's shape, dtype and device (a stride-0 view of one
+    element): what a plan hands an op that reads an input only for its shape
+    (`OpDef.shape_inputs`), so the plan frees x's buffer after its last real reader."""
+
+    name = "shape_stand_in"
+    differentiable = False
+    tested_by = "tests/runtime/test_memory.py"
+
+    def infer(self, inputs):
+        return TensorMeta(inputs[0].shape, inputs[0].dtype)
+
+    @staticmethod
+    def compute(x):
+        return x.new_empty(()).expand(x.shape)
 
 
 def reshape_like(x, like):
@@ -669,6 +688,7 @@ class SliceBackward(OpDef):
     """Zeros shaped like `like` with `g` written where `slice` read (its gradient)."""
 
     name = "slice_backward"
+    shape_inputs = (1,)
     attrs = {"starts": (), "stops": (), "steps": ()}
 
     def deduce_states(self, input_ds, _io=None, **attrs):

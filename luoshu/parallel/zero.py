@@ -89,12 +89,13 @@ import torch.distributed as torch_dist
 
 from luoshu.compiler import insert_gradient_allreduce, states
 from luoshu.compiler.gradient_allreduce import BucketFiller
+from luoshu.compiler.passes import reposition
 from luoshu.compiler.recompute import apply_recompute
 from luoshu.compiler.states import ShardNorm
 from luoshu.core import context, dtypes, live
 from luoshu.core.op import OpDef, apply, get_opdef, register
 from luoshu.core.shapes import numel
-from luoshu.core.tensor import Tensor, TensorMeta
+from luoshu.core.tensor import RELEASED, Tensor, TensorMeta
 from luoshu.distributed import env
 from luoshu.distributed.env import DistError
 from luoshu.ops.update import update_entries, update_inputs
@@ -109,10 +110,19 @@ _all_gather_single = getattr(torch_dist, "all_gather_single", None) or torch_dis
 _reduce_scatter_single = getattr(torch_dist, "reduce_scatter_single", None) or torch_dist.reduce_scatter_tensor
 
 
-def _freed(p: Tensor, shape: tuple) -> torch.Tensor:
+def _freed(p: Tensor, shape: tuple, message: str) -> torch.Tensor:
     """What a stage-3 parameter holds between uses: its (this rank's: a TP shard's) shape and dtype,
-    no storage."""
-    return torch.empty(shape, dtype=dtypes.to_torch(p.dtype), device="meta")
+    no storage, and the `message` a read of it raises (core's `Tensor.value` and eager ops refuse
+    meta values)."""
+    value = torch.empty(shape, dtype=dtypes.to_torch(p.dtype), device="meta")
+    setattr(value, RELEASED, message)
+    return value
+
+
+def _released_message(label: str, p: Tensor) -> str:
+    return (f"DataParallel(zero=3): parameter {label} {tuple(p.shape)} {p.dtype} is sharded over the data-parallel "
+            "ranks and holds no data outside its module's forward (this rank keeps only its shard); read or set "
+            "it inside `with dp.sync.gathered_parameters():`")
 
 
 class _Sharded:
@@ -195,8 +205,9 @@ class _Unit(_Sharded):
     Between uses a rank keeps only its shard of their padded flat concatenation."""
 
     def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
-                 pg, group_index: int, offload: Offload):
+                 pg, group_index: int, offload: Offload, labels: list[str]):
         self.indices, self.params, self.group_index = indices, params, group_index
+        self.released = [_released_message(label, p) for label, p in zip(labels, params)]
         # this rank's values (under tensor parallelism: its TP shards of the parameters)
         self.shapes = [tuple(p._value.shape) for p in params]
         self.numels = [p._value.numel() for p in params]
@@ -211,7 +222,8 @@ class _Unit(_Sharded):
         flat = torch.zeros(self.padded, dtype=first.dtype, device=first.device)
         for p, offset, n in zip(params, self.offsets, self.numels):
             flat[offset:offset + n].copy_(p._value.reshape(-1))
-            p._value = _freed(p, tuple(p._value.shape))
+        for p, shape, message in zip(params, self.shapes, self.released):
+            p._value = _freed(p, shape, message)
         self.device = first.device
         self.shard = flat[rank * self.shard_size:(rank + 1) * self.shard_size].clone()
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero3_shard", kind="variable")
@@ -258,8 +270,8 @@ class _Unit(_Sharded):
     def release(self) -> None:
         if self.full is not None:
             self.full = None
-            for p, shape in zip(self.params, self.shapes):
-                p._value = _freed(p, shape)
+            for p, shape, message in zip(self.params, self.shapes, self.released):
+                p._value = _freed(p, shape, message)
 
     def drain(self) -> None:
         """Drops a prefetch nobody waited on (before the shard changes)."""
@@ -372,6 +384,8 @@ class ZeroSync(SyncMode):
         self._module_units: dict[int, _Unit] = {}
         self._forward_order: list[_Unit] = []
         self._wrapped = False
+        # id(parameter) -> its name in the wrapped model (eager), for the error of a read between uses
+        self._names = {id(p): name for name, p in dp.module.named_parameters()} if dp.module is not None else {}
         if stage == 3 and dp.module is not None:
             self._wrap_modules(dp.module)
 
@@ -499,8 +513,11 @@ class ZeroSync(SyncMode):
         for gi, indices in units:
             device = params[indices[0]]._value.device
             self.offload.enabled = self.offload.applies_to(device)
+            labels = [repr(self._names[id(params[i])]) if id(params[i]) in self._names else
+                      f"{params[i].name!r} (index {i} in the optimizer)" if params[i].name else
+                      f"of index {i} in the optimizer" for i in indices]
             unit = _Unit(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank, pg, gi,
-                         self.offload)
+                         self.offload, labels)
             unit.position = len(self.groups)
             self.groups.append(unit)
             for i in indices:
@@ -664,10 +681,8 @@ class ZeroSync(SyncMode):
         # input gradient may come first: its unit then stays gathered into its backward).
         backward_from = min(made_at(e.inputs[0]) for e in dense)
         before: dict[int, list] = {}  # id(op) -> new ops recorded just before it
-        new_ops: list = []
-        self._gather_readers(graph, readers, (lambda k: k < backward_from, lambda k: k >= backward_from), before,
-                             new_ops)
-        self._scatter_graph(graph, update, entries, made_at, before, {}, new_ops)
+        self._gather_readers(graph, readers, (lambda k: k < backward_from, lambda k: k >= backward_from), before)
+        self._scatter_graph(graph, update, entries, made_at, before, {})
 
     def _readers(self, graph, index_of: dict) -> dict[int, list]:
         """Parameter index -> [(position, op)] of the ops of `graph` that read it (`index_of`: id of
@@ -680,11 +695,11 @@ class ZeroSync(SyncMode):
                     readers.setdefault(i, []).append((k, op))
         return readers
 
-    def _gather_readers(self, graph, readers: dict, phases, before: dict, new_ops: list) -> None:
+    def _gather_readers(self, graph, readers: dict, phases, before: dict) -> None:
         """Per phase (a test on a reader's position: the forward's, the backward's), one
         `zero3_gather` + `zero3_unpack` per unit the phase reads, the readers rewired to the views:
         unit k's wait recorded just before its first reader, unit k+1's gather right after it (in
-        `before`; the new ops appended to `new_ops`)."""
+        `before`, for `reposition`)."""
         position = {id(op): k for k, op in enumerate(graph.ops)}
         with graph:
             for in_phase in phases:
@@ -705,7 +720,6 @@ class ZeroSync(SyncMode):
                     wait = graph.ops[mark:]
                     starts.append(start)
                     waits.append(wait)
-                    new_ops += start + wait
                     swap = {id(p): v for p, v in zip(unit.params, views)}
                     for op in ops:
                         op.inputs = [swap.get(id(states.leaf_source(t)), t) for t in op.inputs]
@@ -722,9 +736,9 @@ class ZeroSync(SyncMode):
         params = self.dp.optimizer.parameters()
         readers = self._readers(graph, {id(params[i]): i for i in self.owner})
         if readers:
-            before, new_ops = {}, []
-            self._gather_readers(graph, readers, (lambda k: True,), before, new_ops)
-            _place(graph, before, {}, new_ops)
+            before = {}
+            self._gather_readers(graph, readers, (lambda k: True,), before)
+            reposition(graph, before, {})
 
     def _bucket_graph(self, graph, update) -> None:
         """The stage-2 graph pass: the dense gradients in buckets (`BucketFiller`, `unit_size_mb`)
@@ -750,9 +764,9 @@ class ZeroSync(SyncMode):
         elif sorted(self.owner) != sorted(e.index for e in dense):  # a local graph compiled again
             raise DistError(f"DataParallel(zero=2): this update's dense parameters {sorted(e.index for e in dense)} "
                             f"are not the ones laid out at the first ({sorted(self.owner)})")
-        self._scatter_graph(graph, update, entries, made_at, {}, {}, [])
+        self._scatter_graph(graph, update, entries, made_at, {}, {})
 
-    def _scatter_graph(self, graph, update, entries, made_at, before: dict, after: dict, new_ops: list) -> None:
+    def _scatter_graph(self, graph, update, entries, made_at, before: dict, after: dict) -> None:
         """Stages 2-3: one `zero3_reduce_scatter` per bucket (unit) of `self.groups`, recorded right
         after the last of its gradients is made (so they die there), the new ops of `before` /
         `after` put in place, and `update` reading the shards."""
@@ -763,14 +777,13 @@ class ZeroSync(SyncMode):
                 mark = len(graph.ops)
                 shard = apply("zero3_reduce_scatter", *grads, sync=self._key, unit=unit.position)
                 ops = graph.ops[mark:]
-                new_ops += ops
                 last = max(made_at(g) for g in grads)
                 if last < 0:
                     before.setdefault(id(graph.ops[0]), []).extend(ops)
                 else:
                     after.setdefault(id(graph.ops[last]), []).extend(ops)
                 unit.grad_tensor = shard
-        _place(graph, before, after, new_ops)
+        reposition(graph, before, after)
         rest = [e for e in entries if e.kind != "d"]
         dense = [e for e in entries if e.kind == "d"]
         shards = [dense[0]._replace(index=u.indices[0], inputs=[u.grad_tensor]) for u in self.groups]
@@ -1035,20 +1048,6 @@ class _ScatterGradients(GradientSync):
         plain = [(i, g) for i, g in self.pairs if i not in mode.owner]
         mode._update_shards(plain)
         return []
-
-
-def _place(graph, before: dict, after: dict, new_ops: list) -> None:
-    """Moves the ops of `new_ops` (recorded at the end of `graph`) to just before / after the ops
-    `before` / `after` name them for (by id)."""
-    added = {id(op) for op in new_ops}
-    ordered = []
-    for op in graph.ops:
-        if id(op) in added:
-            continue
-        ordered += before.get(id(op), [])
-        ordered.append(op)
-        ordered += after.get(id(op), [])
-    graph.ops[:] = ordered
 
 
 def _unit(sync: int, unit: int, op: str) -> _Unit:

@@ -17,6 +17,7 @@ import torch
 from luoshu.compiler import apply_recompute, prune, schedule_comm, states
 from luoshu.compiler.inductor import CompiledStep
 from luoshu.core.errors import Error, ExecutionError, FeedError
+from luoshu.core.op import Op, get_opdef
 from luoshu.core.tensor import Tensor
 from luoshu.runtime.memory import MemoryReport, measure
 
@@ -87,12 +88,8 @@ def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
                     leaf_tensors.append(t)
         return s
 
-    steps = []
-    for op in ops:
-        ins = tuple(slot(t) for t in op.inputs)
-        outs = tuple(slot(t) for t in op.outputs)
-        kernel = functools.partial(op.opdef.compute, **op.attrs) if op.attrs else op.opdef.compute
-        steps.append(Step(op, kernel, ins, outs))
+    steps = [_step(op, tuple(slot(t) for t in op.inputs), tuple(slot(t) for t in op.outputs)) for op in ops]
+    steps = _stand_in_shape_reads(steps, graph, slot)
     fetch_slots = [slot(t) for t in fetches]
     for local_id, placeholder in logical_feeds.items():  # the caller feeds the logical placeholders
         if local_id in slot_of:
@@ -120,6 +117,42 @@ def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
     plan = Plan(feed_tensors, leaf_tensors, steps, fetch_slots, slot_of)
     _emit(plan, slot_of)
     return plan
+
+
+def _step(op, inputs: tuple[int, ...], outputs: tuple[int, ...]) -> Step:
+    kernel = functools.partial(op.opdef.compute, **op.attrs) if op.attrs else op.opdef.compute
+    return Step(op, kernel, inputs, outputs)
+
+
+def _stand_in_shape_reads(steps: list[Step], graph, slot) -> list[Step]:
+    """Steps where every input an op reads only for its shape (`OpDef.shape_inputs`, the `like` of
+    a gradient's sum_to) and some step makes is read through a `shape_stand_in` run right after
+    that step: the buffer itself then dies after its last real reader, not at the end of the
+    backward (PyTorch's autograd keeps sizes, not tensors, for the same reason)."""
+    made_by = {s: i for i, step in enumerate(steps) for s in step.outputs}
+    stand_in: dict[int, int] = {}  # slot -> its stand-in's slot
+    after: dict[int, list[Step]] = {}  # step index -> stand-in steps to run right after it
+    for step in steps:
+        positions = step.op.opdef.shape_inputs
+        if not positions:
+            continue
+        ins = list(step.inputs)
+        for k in positions:
+            s = ins[k] if k < len(ins) else None
+            if s not in made_by:
+                continue  # a feed or a leaf: alive for the whole run anyway
+            if s not in stand_in:
+                t = step.op.inputs[k]
+                op = Op(get_opdef("shape_stand_in"), [t], {}, graph)
+                out = Tensor(t.shape, t.dtype, t.device, producer=(op, 0), graph=graph)
+                op._outputs = [out]
+                stand_in[s] = slot(out)
+                after.setdefault(made_by[s], []).append(_step(op, (s,), (stand_in[s],)))
+            ins[k] = stand_in[s]
+        step.inputs = tuple(ins)
+    if not after:
+        return steps
+    return [x for i, step in enumerate(steps) for x in (step, *after.get(i, ()))]
 
 
 def _emit(plan: Plan, slot_of: dict[int, int]) -> None:

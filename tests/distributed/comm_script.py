@@ -87,6 +87,17 @@ def main() -> None:
     flat = ls.core.apply("bucket_all_reduce", ls.tensor(a), ls.tensor(b), reduce="mean")
     pa, pb = ls.core.apply("bucket_unpack", flat, shapes=((2, 3), (4,)))
     out["bucket/a"], out["bucket/b"] = pa.numpy(), pb.numpy()
+    # a persistent buffer over three steps: filled, reused, then fed its own previous piece (which
+    # the fill must not overwrite while reading it)
+    from luoshu.ops.comm import BucketBuffer
+
+    held = BucketBuffer()
+    pa = ls.tensor(a)
+    for step in range(3):
+        first = pa if step == 2 else ls.tensor(a * (step + 1))
+        flat = ls.core.apply("bucket_all_reduce", first, ls.tensor(b), reduce="mean", buffer=held.key)
+        pa, pb = ls.core.apply("bucket_unpack", flat, shapes=((2, 3), (4,)))
+        out[f"held/{step}/a"], out[f"held/{step}/b"] = pa.numpy(), pb.numpy()
     rows = 2 + rank
     idx, val = ls.core.apply("sparse_all_gather", ls.tensor(np.arange(rows) + 10 * rank),
                              ls.tensor(x_of(rank, (rows, 2))), reduce="mean")

@@ -95,6 +95,18 @@ def test_bucket_all_reduce_is_the_mean_of_each_piece(results):
 
 @pytest.mark.dist
 @pytest.mark.timeout(180)
+def test_a_persistent_bucket_is_refilled_each_step_and_never_overwrites_its_input(results):
+    mean_a = sum(x_of(r, (2, 3)) for r in range(2)) / 2
+    mean_b = sum(x_of(r + 5, (4,)) for r in range(2)) / 2
+    expected_a = [mean_a, 2 * mean_a, 2 * mean_a]  # step 2 reduces step 1's (equal) result again
+    for rank in range(2):
+        for step in range(3):
+            np.testing.assert_allclose(results[rank][f"held/{step}/a"], expected_a[step], rtol=1e-12)
+            np.testing.assert_allclose(results[rank][f"held/{step}/b"], mean_b, rtol=1e-12)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
 def test_sparse_all_gather_keeps_rows_of_unequal_counts(results):
     indices = np.concatenate([np.arange(2 + r) + 10 * r for r in range(2)])
     values = np.concatenate([x_of(r, (2 + r, 2)) for r in range(2)]) / 2

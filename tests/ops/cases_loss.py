@@ -19,6 +19,8 @@ CASES = [
            lambda x, t: F.cross_entropy(x, t, reduction="sum"), [(5, 4), _LABELS]),
     OpCase("cross_entropy_ignore_mean_weight", lambda x, t, w: O.cross_entropy(x, t, w),
            lambda x, t, w: F.cross_entropy(x, t, w), [(5, 4), _LABELS, _WEIGHT]),
+    OpCase("cross_entropy_ignore_weight_none", lambda x, t, w: O.cross_entropy(x, t, w, reduction="none"),
+           lambda x, t, w: F.cross_entropy(x, t, w, reduction="none"), [(5, 4), _LABELS, _WEIGHT]),
     OpCase("cross_entropy_smoothing", lambda x, t: O.cross_entropy(x, t, label_smoothing=0.2),
            lambda x, t: F.cross_entropy(x, t, label_smoothing=0.2), [(5, 4), _LABELS]),
     OpCase("cross_entropy_smoothing_weight_none",

@@ -84,6 +84,21 @@ def test_buckets_start_during_backward_and_are_waited_before_the_update():
     assert max(starts) < min(waits) and max(waits) < names.index("optimizer_update")
 
 
+def test_each_bucket_place_runs_where_its_gradient_op_ran():
+    """bucket_place takes over its gradient op's place in the backward: recorded at the end, it
+    ran after the whole backward and kept every weight gradient's inputs alive until then."""
+    _, g, loss, _, train_op, feed = _training_graph()
+    plain = [step.op.opdef.name for step in g.plan([loss, train_op], feed).steps]
+    placed = _graph_with_update(25.0)
+    # the backward's gradient ops (matmul, sum) keep their number and places: four of them are
+    # now bucket_place
+    made = [n for n in plain[plain.index("sum") + 1:] if n in ("matmul", "sum")]
+    rewritten = [n for n in placed[placed.index("sum") + 1:] if n in ("matmul", "sum", "bucket_place")]
+    assert len(rewritten) == len(made) and rewritten.count("bucket_place") == 4
+    assert placed.index("bucket_place") < len(placed) - placed[::-1].index("matmul") - 1, \
+        "the first bucket_place runs before the backward's last matmul"
+
+
 def test_gradients_are_computed_as_views_of_their_bucket():
     """The weight and bias gradients (matmul, sum) are written straight into the bucket: the
     values the update reads live in the bucket buffer, and they equal the plain gradients."""

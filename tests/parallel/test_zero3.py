@@ -123,6 +123,27 @@ def test_eager_steps_equal_plain(how):
     _assert_same(plain, weights)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_a_read_between_uses_is_refused_naming_the_parameter_and_the_way_to_read_it(mode):
+    if mode == "eager":
+        model = _gpt2()
+        opt = ls.optim.AdamW(model.parameters(), lr=0.01)
+        dp = ls.parallel.DataParallel(model, opt, zero=3)
+        for i, t in _batches(2):  # the first step lays the units out
+            dp.minimize(_loss(dp, ls.tensor(i), ls.tensor(t)))
+    else:
+        model, dp, _, _ = _train_graph(3, unit_size_mb=0.01)
+    p = model.h[1].mlp.c_fc.weight
+    assert p._value.device.type == "meta"  # between uses: this rank keeps only its shard
+    name = "'h.1.mlp.c_fc.weight'" if mode == "eager" else "'weight'"
+    for read in (p.numpy, lambda: p.value, lambda: p * 2.0, lambda: model.state_dict()["h.1.mlp.c_fc.weight"].numpy()):
+        with pytest.raises(ls.Error, match=rf"zero=3\): parameter {name}.*{tuple(p.shape)}.*"
+                                           r"holds no data outside its module's forward.*gathered_parameters\(\)"):
+            read()
+    with dp.sync.gathered_parameters():
+        assert p.numpy().shape == tuple(p.shape)
+
+
 def test_the_plan_holds_few_units_whole_at_a_time():
     model, dp, _, (g, loss, step, ids, targets) = _train_graph(3, unit_size_mb=0.01)
     i, t = _batches(1)[0]

@@ -106,3 +106,33 @@ def test_memory_runs_the_step():
     before = model.parameters()[0].numpy().copy()
     g.memory(fetches, feed)
     assert not np.array_equal(before, model.parameters()[0].numpy())
+
+
+def test_an_activation_read_only_for_its_shape_dies_at_its_last_real_reader():
+    """h = x @ w feeds only `h + b` in the forward; the backward reads h only for its run-time
+    shape (sum_to's `like`, the batch is fed). The plan hands sum_to a one-element stand-in, so
+    h is freed right after the add instead of living until the add's backward; the gradients
+    still equal torch.autograd's."""
+    rng = np.random.default_rng(0)
+    w0, b0 = rng.standard_normal((64, 256)).astype(np.float32), rng.standard_normal(256).astype(np.float32)
+    x0 = rng.standard_normal((32, 64)).astype(np.float32)
+    w, b = ls.tensor(w0, requires_grad=True), ls.tensor(b0, requires_grad=True)
+    with ls.Graph() as g:
+        x = ls.placeholder("x", (None, 64))
+        h = x @ w
+        loss = (h + b).tanh().sum()
+        grads = ls.gradients(loss, [w, b])
+    plan = g.plan(grads, {x: x0})
+    h_slot = plan.slot_of[id(h)]
+    freed_at = next(step for step in plan.steps if h_slot in step.frees)
+    assert freed_at.op.opdef.name == "add"  # its last real reader, in the forward
+    sum_to = [step for step in plan.steps if step.op.opdef.name == "sum_to" and step.op.inputs[1] is h]
+    assert sum_to and all(h_slot not in step.inputs for step in sum_to)
+    report = g.memory(grads, {x: x0})
+    feeds = [torch.from_numpy(x0)]
+    assert report.gradients + report.activations == _replay_peak(plan, feeds)[0]
+
+    tw, tb = torch.tensor(w0, requires_grad=True), torch.tensor(b0, requires_grad=True)
+    (torch.from_numpy(x0) @ tw + tb).tanh().sum().backward()
+    for got, want in zip(report.outputs, (tw.grad, tb.grad)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
