@@ -193,6 +193,38 @@ def _embedding_job(make_opt, global_rows=False):
     return g, [loss, train], model, opt, data
 
 
+def _dcn_job():
+    """The model zoo's DCN (one table for every slot, factored cross network) with one Adam, shrunk."""
+    config = models.CTRConfig(dense_dim=3, slot_sizes=[7, 30, 5, 12], embedding_dim=4, mlp_dims=(16,),
+                              num_cross_layers=2)
+    ls.manual_seed(0)
+    model = models.DCN(config)
+    with ls.Graph() as g:
+        dense = ls.placeholder("dense", (16, 3))
+        sparse = ls.placeholder("sparse", (16, 4), "int64")
+        label = ls.placeholder("label", (16,))
+        loss = ls.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label)
+        opt = ls.optim.Adam(model.parameters(), lr=1e-2)
+        train = opt.minimize(loss)
+    rng = np.random.default_rng(6)
+    data = [{dense: rng.standard_normal((16, 3)).astype(np.float32),
+             sparse: np.stack([rng.integers(0, n, 16) for n in config.slot_sizes], 1),
+             label: rng.integers(0, 2, 16).astype(np.float32)} for _ in range(4)]
+    return g, [loss, train], model, opt, data
+
+
+def test_compiled_dcn_step_equals_the_plan_over_20_steps(recwarn):
+    plan = _compare(_dcn_job, "eager")
+    assert not [w for w in recwarn if issubclass(w.category, LoweringWarning)]
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
+
+
+@pytest.mark.slow
+def test_compiled_dcn_step_equals_the_plan_over_20_steps_under_inductor():
+    plan = _compare(_dcn_job, "inductor")
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
+
+
 @pytest.mark.parametrize(
     "make_opt, global_rows",
     [
