@@ -9,11 +9,15 @@ references compute the same thing, with the best optimizers PyTorch has:
 
   luoshu.ctr Global        Update_t.Global (the quick start's setting): every row's Adam state moves
   luoshu.ctr Local         Update_t.Local: only the rows in the batch (IndexedSlices gradient)
+  ... compiled             (--compile) the same with CreateSolver(compile_step=True): forward, backward, the
+                           dense Adam and the table's update (luoshu.optim.lowered_sparse) as one Inductor graph
   (a) torch Global maths   factored cross, dense nn.Embedding, Adam(fused=True) over everything
                            (every row moves, as Global)                       <- reference of Global
   (b) torch Local maths    factored cross, nn.Embedding(sparse=True) + SparseAdam for the table,
                            Adam(fused=True) for the rest (row-sparse, as Local) <- reference of Local
   (b, foreach)             (b) with Adam(foreach=True)
+  (a) / (b) torch.compile  (--compile) (a) with the whole model compiled by torch.compile; (b) with the towers
+                           after the lookup compiled (inductor cannot handle the sparse gradient), optimizers eager
   textbook (other algo.)   the paper's layer-by-layer cross network, dense table, Adam(fused=True):
                            a different algorithm; luoshu's gain over it is the algorithm's
   (c) TorchRec EmbeddingBagCollection with a fused optimizer: skipped. torchrec 1.9.2 needs
@@ -24,13 +28,15 @@ references compute the same thing, with the best optimizers PyTorch has:
 luoshu.ctr's timing includes its own input pipeline (Parquet reader, key → row mapping,
 feeding the graph); the PyTorch steps get ready-made tensors. Repeats are interleaved.
 
-    .venv/bin/python benchmarks/bench_ctr.py [--steps 10] [--repeats 3] [--batch 1024]
+    .venv/bin/python benchmarks/bench_ctr.py [--steps 10] [--repeats 3] [--batch 1024] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +45,7 @@ import torch
 from _timing import interleaved
 
 from luoshu import ctr as hugectr
+from luoshu.compiler import LoweringWarning
 from luoshu.ctr.tools import DataGenerator, DataGeneratorParams
 
 SLOTS = [39884, 39043, 17289, 7420, 20263, 3, 7120, 1543, 39884, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 63,
@@ -59,9 +66,9 @@ def make_data(folder: Path, batch: int, batches: int):
     return [(dense[i:i + batch], sparse[i:i + batch], label[i:i + batch]) for i in range(0, len(label), batch)]
 
 
-def luoshu_step(folder: Path, batch: int, update):
+def luoshu_step(folder: Path, batch: int, update, compiled: bool = False):
     solver = hugectr.CreateSolver(batchsize=batch, batchsize_eval=batch, max_eval_batches=1, lr=0.001,
-                                  repeat_dataset=True)
+                                  repeat_dataset=True, compile_step=compiled)
     reader = hugectr.DataReaderParams(data_reader_type=hugectr.DataReaderType_t.Parquet,
                                       source=[str(folder / "file_list.txt")],
                                       eval_source=str(folder / "file_list_test.txt"), slot_size_array=SLOTS)
@@ -86,6 +93,8 @@ def luoshu_step(folder: Path, batch: int, update):
     ]:
         model.add(hugectr.DenseLayer(layer_type=kind, bottom_names=bottoms, top_names=tops, **params))
     model.compile()
+    if compiled:  # a fallback to the plan would time the plan under the compiled row's name
+        warnings.simplefilter("error", LoweringWarning)
     return lambda i: model.train()
 
 
@@ -102,7 +111,10 @@ class TorchDCN(torch.nn.Module):
         self.fc2 = torch.nn.Linear(dim + MLP, 1)
 
     def forward(self, dense, sparse):
-        x0 = x = torch.cat([self.embedding(sparse + self.offsets).flatten(1), dense], 1)
+        return self.towers(dense, self.embedding(sparse + self.offsets))
+
+    def towers(self, dense, emb):
+        x0 = x = torch.cat([emb.flatten(1), dense], 1)
         if self.factored:  # x_l = x0 * s_l + c_l, as luoshu's CrossNetwork computes it
             x0w = torch.nn.functional.linear(x0, torch.stack(list(self.w)))  # x0 . w_l for every layer
             s, c = torch.ones_like(x0w[:, :1]), torch.zeros_like(self.b[0])
@@ -116,9 +128,17 @@ class TorchDCN(torch.nn.Module):
         return self.fc2(torch.cat([torch.relu(self.fc1(x0)), x], 1)).squeeze(1)
 
 
-def torch_step(data, sparse: bool, factored: bool, adam: dict):
+def torch_step(data, sparse: bool, factored: bool, adam: dict, compile: bool = False):
     torch.manual_seed(0)
     model = TorchDCN(sparse, factored)
+    forward = model
+    if compile and not sparse:
+        forward = torch.compile(model)
+    elif compile:  # inductor cannot trace sparse gradients: the lookup stays eager, the towers compile
+        towers = torch.compile(model.towers)
+
+        def forward(dense, keys):
+            return towers(dense, model.embedding(keys + model.offsets))
     if sparse:
         table = [model.embedding.weight]
         rest = [p for n, p in model.named_parameters() if n != "embedding.weight"]
@@ -131,7 +151,7 @@ def torch_step(data, sparse: bool, factored: bool, adam: dict):
         dense, keys, label = tdata[i % len(tdata)]
         for o in opts:
             o.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, keys), label)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(forward(dense, keys), label)
         loss.backward()
         for o in opts:
             o.step()
@@ -145,29 +165,44 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--compile", action="store_true", help="add the compiled rows (compiling takes a while)")
     args = parser.parse_args()
     fused, foreach = {"fused": True}, {"foreach": True}
+    G, Lo = hugectr.Update_t.Global, hugectr.Update_t.Local
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = make_data(folder, args.batch, 8)
-        rates = interleaved({
-            "luoshu.ctr Global": luoshu_step(folder, args.batch, hugectr.Update_t.Global),
-            "luoshu.ctr Local": luoshu_step(folder, args.batch, hugectr.Update_t.Local),
+        contenders = {
+            "luoshu.ctr Global": luoshu_step(folder, args.batch, G),
+            "luoshu.ctr Local": luoshu_step(folder, args.batch, Lo),
             "(a) torch Global maths": torch_step(data, False, True, fused),
             "(b) torch Local maths": torch_step(data, True, True, fused),
             "(b, foreach)": torch_step(data, True, True, foreach),
             "textbook (other algo.)": torch_step(data, False, False, fused),
-        }, args.steps, args.repeats)
+        }
+        if args.compile:
+            contenders.update({
+                "luoshu.ctr Global compiled": luoshu_step(folder, args.batch, G, compiled=True),
+                "luoshu.ctr Local compiled": luoshu_step(folder, args.batch, Lo, compiled=True),
+                "(a) torch.compile": torch_step(data, False, True, fused, compile=True),
+                "(b) torch.compile": torch_step(data, True, True, fused, compile=True),
+            })
+        rates = interleaved(contenders, args.steps, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"median of {args.repeats} interleaved rounds of {args.steps} steps (noisy on a shared CPU)")
+          f"median of {args.repeats} interleaved rounds of {args.steps} steps (noisy on a shared CPU), "
+          f"load average {os.getloadavg()[0]:.1f}")
     for name, rate in rates.items():
-        print(f"{name:<24} {rate * args.batch:>10,.0f} samples/s")
-    print("(c) TorchRec              skipped: fbgemm-gpu-cpu 1.9.0 does not load with torch 2.13.0 (see docstring)")
+        print(f"{name:<27} {rate * args.batch:>10,.0f} samples/s")
+    print("(c) TorchRec                 skipped: fbgemm-gpu-cpu 1.9.0 does not load with torch 2.13.0 (see docstring)")
     local_ref = max(("(b) torch Local maths", "(b, foreach)"), key=rates.get)
-    global_ratio = rates["luoshu.ctr Global"] / rates["(a) torch Global maths"]
-    print(f"luoshu.ctr Global vs (a), the same maths: {global_ratio:.2f}x")
-    print(f"luoshu.ctr Local  vs {local_ref}, the same maths: "
-          f"{rates['luoshu.ctr Local'] / rates[local_ref]:.2f}x")
+    suffixes = ("", " compiled") if args.compile else ("",)
+    for suffix in suffixes:
+        glob, local = rates[f"luoshu.ctr Global{suffix}"], rates[f"luoshu.ctr Local{suffix}"]
+        print(f"luoshu.ctr Global{suffix} vs (a), the same maths: {glob / rates['(a) torch Global maths']:.2f}x")
+        print(f"luoshu.ctr Local{suffix}  vs {local_ref}, the same maths: {local / rates[local_ref]:.2f}x")
+        if args.compile:
+            print(f"luoshu.ctr Global{suffix} vs (a) torch.compile: {glob / rates['(a) torch.compile']:.2f}x; "
+                  f"Local{suffix} vs (b) torch.compile: {local / rates['(b) torch.compile']:.2f}x")
     print(f"luoshu.ctr Local  vs the textbook algorithm (a different algorithm, not a system gain): "
           f"{rates['luoshu.ctr Local'] / rates['textbook (other algo.)']:.2f}x")
 

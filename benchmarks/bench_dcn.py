@@ -12,8 +12,8 @@ reference computes too:
 
 Rows:
   luoshu                       define-and-run graph, the model zoo's DCN
-  luoshu compiled              (--compile) Graph.compile; the row-sparse embedding update is not lowered yet,
-                               so this falls back to the plan (a LoweringWarning names optimizer_update)
+  luoshu compiled              (--compile) Graph.compile: forward, backward, the dense Adam and the row-sparse
+                               table update (luoshu.optim.lowered_sparse) as one TorchInductor graph
   torch same maths, fused      factored cross + SparseAdam + Adam(fused=True)        <- the reference
   torch same maths, foreach    factored cross + SparseAdam + Adam(foreach=True)
   torch.compile same maths     (--compile) the same with the towers (cross, MLP, head) compiled by
@@ -31,6 +31,8 @@ Repeats are interleaved (see _timing.py); ratios are against the best "same math
 from __future__ import annotations
 
 import argparse
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from _timing import interleaved
 
 import luoshu as ls
 from luoshu import models
+from luoshu.compiler import LoweringWarning
 
 SLOTS = [39884, 39043, 17289, 7420, 20263, 3, 7120, 1543, 39884, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 63,
          39884, 39043, 17289, 7420, 20263, 3, 7120, 1543]
@@ -63,6 +66,7 @@ def luoshu_step(data, compiled: bool = False):
         train = ls.optim.Adam(model.parameters(), lr=1e-3).minimize(loss)
     if compiled:  # whole-step compilation; where it cannot lower a step it warns (naming the op) and runs the plan
         g.compile([loss, train])
+        warnings.simplefilter("error", LoweringWarning)  # a fallback would time the plan under this row's name
 
     def step(i):
         dense, sparse, label = data[i % len(data)]
@@ -158,7 +162,7 @@ def main():
     rates = interleaved(contenders, args.steps, args.repeats)
     best = max(same, key=rates.get)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of "
-          f"{args.repeats} interleaved rounds of {args.steps} steps")
+          f"{args.repeats} interleaved rounds of {args.steps} steps, load average {os.getloadavg()[0]:.1f}")
     for name, rate in rates.items():
         print(f"{name:<28} {rate * args.batch:>10,.0f} samples/s   luoshu / this {rates['luoshu'] / rate:5.2f}x")
     for name in mine:

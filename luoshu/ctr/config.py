@@ -190,6 +190,7 @@ class Solver:
     use_cuda_graph: bool = True
     embedding_placement: str = "auto"  # luoshu: "auto", "distributed", "localized" or "parameter_server"
     mixed_precision_dtype: str = "bfloat16"  # luoshu: the autocast dtype of use_mixed_precision (CPU: bfloat16)
+    compile_step: bool = False  # luoshu: each training step runs as one compiled graph (Graph.compile, Inductor)
 
     def __post_init__(self):
         self.lr_policy = LrPolicy_t.parse(self.lr_policy, "CreateSolver lr_policy")
@@ -203,6 +204,8 @@ class Solver:
             raise CTRError(f"CreateSolver lr: expected a positive learning rate, found {self.lr!r}")
         if self.use_mixed_precision and not self.scaler > 0:
             raise CTRError(f"CreateSolver scaler: expected a positive loss scale, found {self.scaler!r}")
+        if not isinstance(self.compile_step, bool):
+            raise CTRError(f"CreateSolver compile_step: expected True or False, found {self.compile_step!r}")
         if self.embedding_placement not in ("auto", "distributed", "localized", "parameter_server"):
             raise CTRError("CreateSolver embedding_placement: expected 'auto', 'distributed', 'localized' or "
                            f"'parameter_server', found {self.embedding_placement!r}")

@@ -325,6 +325,8 @@ class Model:
             global_rows = tuple(t.emb_vector for t in self.tables if getattr(t, "global_update", False))
             self._updates = _minimize_all(loss, groups, self.scaler, self._world, tuple(dense_params), remote,
                                           global_rows)
+        if self.solver.compile_step:  # forward, backward and every update as one graph (a LoweringWarning where not)
+            self.graph.compile([self._loss, *self._updates])
         self._embeddings = embeddings
         self._compiled = True
 

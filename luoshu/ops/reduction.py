@@ -144,7 +144,8 @@ class ReducedCount(OpDef):
 
     @staticmethod
     def compute(x, axes, dtype):
-        return torch.tensor(math.prod(x.shape[a] for a in axes), dtype=dtypes.to_torch(dtype), device=x.device)
+        # a list, not a generator: TorchDynamo cannot trace math.prod over a generator (whole-step compilation)
+        return torch.tensor(math.prod([x.shape[a] for a in axes]), dtype=dtypes.to_torch(dtype), device=x.device)
 
 
 def _float_input(x):

@@ -385,10 +385,12 @@ class Optimizer:
 
     def lowered_update(self, indices, kinds: str):
         """The update of parameters `indices` (gradient kinds `kinds`) as pure tensor math for
-        whole-step compilation (`luoshu.optim.lowered.LoweredUpdate`); an `Error` says why not."""
+        whole-step compilation (`luoshu.optim.lowered.LoweredUpdate`; with sparse kinds
+        `luoshu.optim.lowered_sparse.SparseLoweredUpdate`); an `Error` says why not."""
         from luoshu.optim.lowered import LoweredUpdate  # it builds on this module
+        from luoshu.optim.lowered_sparse import SparseLoweredUpdate
 
-        return LoweredUpdate(self, indices, kinds)
+        return (LoweredUpdate if set(kinds) <= {"d"} else SparseLoweredUpdate)(self, indices, kinds)
 
     def gradient_norm_squared(self, grads: list) -> torch.Tensor:
         """The squared global norm of `grads` as `apply_gradients` counts it for clipping

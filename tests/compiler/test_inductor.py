@@ -13,6 +13,7 @@ import torch
 import luoshu as ls
 from luoshu import models
 from luoshu.compiler import LoweringWarning
+from luoshu.core.autodiff import gradients
 from luoshu.core.op import OpDef, apply, register
 from luoshu.core.tensor import TensorMeta
 
@@ -59,7 +60,7 @@ def _gpt2_job(layers=1):
 
 def _compare(make_job, backend, steps=20, on_step=None, tol=1e-5):
     """Runs the same job as a plan and compiled for `steps` steps; asserts losses and parameters
-    agree to `tol` at every step; returns the compiled plan."""
+    agree to `tol` at every step, and the optimizer state at the end; returns the compiled plan."""
     plain, compiled = make_job(), make_job()
     compiled[0].compile(compiled[1], backend=backend)
     for i in range(steps):
@@ -75,6 +76,10 @@ def _compare(make_job, backend, steps=20, on_step=None, tol=1e-5):
         np.testing.assert_allclose(job_loss, plain_loss, rtol=tol, atol=tol, err_msg=f"loss at step {i}")
         for p, q in zip(plain[2].parameters(), compiled[2].parameters()):
             np.testing.assert_allclose(q.numpy(), p.numpy(), rtol=tol, atol=tol, err_msg=f"{p.name} at step {i}")
+    for p, q in zip(plain[2].parameters(), compiled[2].parameters()):  # and the optimizer state
+        for name, value in plain[3].state[p].items():
+            np.testing.assert_allclose(compiled[3].state[q][name].numpy(), value.numpy(), rtol=tol, atol=tol,
+                                       err_msg=f"{p.name} state {name}")
     g, fetches, _, _, data = compiled
     return g.plan(fetches, data[0])
 
@@ -166,23 +171,84 @@ def test_an_optimizer_without_a_lowered_rule_falls_back_to_the_plan_naming_the_u
     )
 
 
-def test_a_sparse_embedding_update_falls_back_naming_the_update():
-    def job():
-        ls.manual_seed(0)
-        table = ls.nn.Embedding(20, 4)
-        head = ls.nn.Linear(4, 3)
-        with ls.Graph() as g:
-            ids = ls.placeholder("ids", (6,), "int64")
-            y = ls.placeholder("y", (6,), "int64")
-            loss = ls.nn.functional.cross_entropy(head(table(ids)), y)
-            opt = ls.optim.Adam(table.parameters() + head.parameters(), lr=1e-2)
+def _embedding_job(make_opt, global_rows=False):
+    """A table looked up with repeated ids (its gradient an IndexedSlices) and a dense head, one optimizer;
+    `global_rows`: the table's sparse gradient updates every row (kind "g", HugeCTR's Update_t.Global)."""
+    ls.manual_seed(0)
+    table = ls.nn.Embedding(20, 4)
+    head = ls.nn.Linear(4, 3)
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (6,), "int64")
+        y = ls.placeholder("y", (6,), "int64")
+        loss = ls.nn.functional.cross_entropy(head(table(ids)), y)
+        params = table.parameters() + head.parameters()
+        opt = make_opt(params)
+        if global_rows:
+            train = opt.update_op(g, [0, 1, 2], gradients(loss, params), global_rows={0})
+        else:
             train = opt.minimize(loss)
-        rng = np.random.default_rng(3)
-        data = [{ids: rng.integers(0, 20, 6), y: rng.integers(0, 3, 6)} for _ in range(3)]
-        model = ls.nn.Sequential(table, head)
-        return g, [loss, train], model, opt, data
+    rng = np.random.default_rng(3)
+    data = [{ids: rng.integers(0, 8, 6), y: rng.integers(0, 3, 6)} for _ in range(4)]
+    model = ls.nn.Sequential(table, head)
+    return g, [loss, train], model, opt, data
 
-    _assert_falls_back(job, "optimizer_update", ["sparse gradient", "kind 's'"])
+
+def _dcn_job():
+    """The model zoo's DCN (one table for every slot, factored cross network) with one Adam, shrunk."""
+    config = models.CTRConfig(dense_dim=3, slot_sizes=[7, 30, 5, 12], embedding_dim=4, mlp_dims=(16,),
+                              num_cross_layers=2)
+    ls.manual_seed(0)
+    model = models.DCN(config)
+    with ls.Graph() as g:
+        dense = ls.placeholder("dense", (16, 3))
+        sparse = ls.placeholder("sparse", (16, 4), "int64")
+        label = ls.placeholder("label", (16,))
+        loss = ls.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label)
+        opt = ls.optim.Adam(model.parameters(), lr=1e-2)
+        train = opt.minimize(loss)
+    rng = np.random.default_rng(6)
+    data = [{dense: rng.standard_normal((16, 3)).astype(np.float32),
+             sparse: np.stack([rng.integers(0, n, 16) for n in config.slot_sizes], 1),
+             label: rng.integers(0, 2, 16).astype(np.float32)} for _ in range(4)]
+    return g, [loss, train], model, opt, data
+
+
+def test_compiled_dcn_step_equals_the_plan_over_20_steps(recwarn):
+    plan = _compare(_dcn_job, "eager")
+    assert not [w for w in recwarn if issubclass(w.category, LoweringWarning)]
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
+
+
+@pytest.mark.slow
+def test_compiled_dcn_step_equals_the_plan_over_20_steps_under_inductor():
+    plan = _compare(_dcn_job, "inductor")
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
+
+
+@pytest.mark.parametrize(
+    "make_opt, global_rows",
+    [
+        (lambda ps: ls.optim.Adam(ps, lr=1e-2), False),
+        (lambda ps: ls.optim.Adam(ps, lr=1e-2), True),
+        (lambda ps: ls.optim.SGD(ps, lr=0.1, momentum=0.9, max_grad_norm=0.5), False),
+    ],  # every rule, local and global, is checked without the compiler in tests/optim/test_lowered_sparse.py
+    ids=["adam-local", "adam-global", "sgd-momentum-clipped-local"],
+)
+def test_a_sparse_embedding_update_compiles_and_equals_the_plan(make_opt, global_rows, recwarn):
+    plan = _compare(lambda: _embedding_job(make_opt, global_rows), "eager", steps=20, tol=1e-5)
+    assert not [w for w in recwarn if issubclass(w.category, LoweringWarning)]
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
+
+
+@pytest.mark.slow
+def test_a_sparse_embedding_update_equals_the_plan_under_inductor():
+    plan = _compare(lambda: _embedding_job(lambda ps: ls.optim.Adam(ps, lr=1e-2)), "inductor", steps=20)
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
+
+
+def test_a_sparse_update_without_a_lowered_rule_falls_back_naming_the_update():
+    _assert_falls_back(lambda: _embedding_job(lambda ps: ls.optim.LAMB(ps, lr=1e-2)), "optimizer_update",
+                       ["LAMB has no lowered update rule"])
 
 
 @register
