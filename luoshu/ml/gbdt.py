@@ -210,10 +210,9 @@ class _GBDT(Estimator):
         stride = max(1, -(-sum(counts) // BIN_SAMPLE_ROWS))
         sample = X[(-offset) % stride :: stride]
         mapper = BinMapper.fit(comm.allgather_rows(sample), self.max_bins)
-        codes_np = mapper.transform(X, pool)
-        codes = codes_np  # (n, d) uint8
-        codes_by_feature = np.ascontiguousarray(codes_np.T)
-        n, d = codes.shape
+        codes = mapper.transform(X, pool, padded=True)  # (n, >= d) uint8
+        n, d = X.shape
+        codes_by_feature = np.ascontiguousarray(codes[:, :d].T)
         n_bins = torch.from_numpy(mapper.n_bins)
 
         init = self._init_score(y, comm)  # (K,)

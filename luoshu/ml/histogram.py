@@ -63,20 +63,24 @@ class BinMapper:
             edges.append((uniq[cut] + uniq[cut + 1]) / 2)
         return cls(edges)
 
-    def transform(self, X: np.ndarray, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-        """Bin ids (uint8, n x d); missing values go to `MISSING_BIN`. With a `pool`, blocks of rows on its threads."""
+    def transform(self, X: np.ndarray, pool: ThreadPoolExecutor | None = None, padded: bool = False) -> np.ndarray:
+        """Bin ids (uint8, n x d); missing values go to `MISSING_BIN`. With a `pool`, blocks of rows on its threads.
+
+        `padded`: rows get zero columns up to a multiple of 8 (n x 8*ceil(d/8)), so the
+        histogram kernel copies a row as 8-byte words; `grow_tree` takes such codes.
+        """
         X = np.ascontiguousarray(X, dtype=np.float64)
         n, d = X.shape
-        padded = np.full((d, N_BINS), np.inf)
+        edges = np.full((d, N_BINS), np.inf)
         for f, e in enumerate(self.edges):
-            padded[f, : len(e)] = e
-        out = np.empty((n, d), dtype=np.uint8)
+            edges[f, : len(e)] = e
+        out = np.zeros((n, -(-d // 8) * 8), dtype=np.uint8) if padded else np.empty((n, d), dtype=np.uint8)
         workers = pool._max_workers if pool is not None and n >= PARALLEL_MIN_ROWS else 1
         bounds = [n * i // workers for i in range(workers + 1)]
         if workers == 1:
-            _k.bin_rows(X, padded, 0, n, out)
+            _k.bin_rows(X, edges, 0, n, out)
         else:
-            list(pool.map(lambda i: _k.bin_rows(X, padded, bounds[i], bounds[i + 1], out), range(workers)))
+            list(pool.map(lambda i: _k.bin_rows(X, edges, bounds[i], bounds[i + 1], out), range(workers)))
         return out
 
     def threshold(self, feature: int, bin_id: int) -> float:
@@ -155,16 +159,22 @@ class GrowParams:
 
 
 def histogram(
-    codes: np.ndarray, channels: np.ndarray, rows: np.ndarray, pool: ThreadPoolExecutor | None = None
+    codes: np.ndarray,
+    channels: np.ndarray,
+    rows: np.ndarray,
+    pool: ThreadPoolExecutor | None = None,
+    d: int | None = None,
 ) -> np.ndarray:
     """Per-feature, per-bin sums of each channel over `rows`: (d, N_BINS, C) float64.
 
-    `codes` is (n, d) uint8, `channels` (n, C) float64, `rows` int64 ascending. With a
-    `pool`, blocks of rows go to its threads (the compiled loop releases the GIL) and the
-    block histograms are summed in block order.
+    `codes` is (n, >= d) uint8 C-contiguous (`d` defaults to its width; wider: padding
+    columns), `channels` (n, C) float64, `rows` int64 ascending. With a `pool`, blocks of
+    rows go to its threads (the compiled loop releases the GIL) and the block histograms
+    are summed in block order.
     """
     m = rows.shape[0]
-    d, c_n = codes.shape[1], channels.shape[1]
+    d = codes.shape[1] if d is None else d
+    c_n = channels.shape[1]
     workers = pool._max_workers if pool is not None else 1
     if workers == 1 or m < PARALLEL_MIN_ROWS:
         out = np.zeros((d, N_BINS, c_n))
@@ -241,9 +251,10 @@ def grow_tree(
 ) -> tuple[Tree, list[torch.Tensor]]:
     """Grows one tree on `rows`; returns it and the rows of each leaf.
 
-    `codes` (n, d) and `codes_by_feature` (its (d, n) transpose, for the per-split row
-    routing) are uint8 bin codes; `channels` columns: `k` gradient channels, the hessian,
-    the sample count (or weight). NumPy arrays or tensors.
+    `codes` (n, d) (or wider: `BinMapper.transform(..., padded=True)`) and
+    `codes_by_feature` ((d, n), for the per-split row routing) are uint8 bin codes;
+    `channels` columns: `k` gradient channels, the hessian, the sample count (or weight).
+    NumPy arrays or tensors.
     """
     p = params
     codes = _as_numpy(codes, np.uint8)
@@ -257,12 +268,13 @@ def grow_tree(
             return a
         return p.allreduce(torch.from_numpy(a)).numpy()
 
-    hist = reduce(histogram(codes, channels, rows, p.pool))
+    d = codes_by_feature.shape[0]
+    hist = reduce(histogram(codes, channels, rows, p.pool, d))
     totals = hist[0].sum(0)  # every row falls in exactly one bin of feature 0
     leaves = [_Leaf(rows, hist, totals, 0)]
     nodes: list[dict] = []
     parent_of_leaf: dict[int, tuple[int, str]] = {}  # leaf -> (internal node, "left"/"right")
-    scratch = [np.empty((2, MISSING_BIN, codes.shape[1])) for _ in range(2)]
+    scratch = [np.empty((2, MISSING_BIN, d)) for _ in range(2)]
     _best_splits(leaves, p, k, n_bins, scratch)
     lam = p.reg_lambda
 
@@ -280,7 +292,7 @@ def grow_tree(
         left_count = reduce(np.array([float(left_rows.shape[0]), float(right_rows.shape[0])]))
         small_is_left = bool(left_count[0] <= left_count[1])
         small_rows = left_rows if small_is_left else right_rows
-        small = reduce(histogram(codes, channels, small_rows, p.pool))
+        small = reduce(histogram(codes, channels, small_rows, p.pool, d))
         large = np.subtract(lf.hist, small, out=lf.hist)  # the parent's histogram is not needed again
         lh, rh = (small, large) if small_is_left else (large, small)
         node_id = len(nodes)

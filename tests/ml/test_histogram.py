@@ -1,0 +1,42 @@
+"""luoshu.ml.histogram's kernels against NumPy references."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from luoshu.ml import _tree_kernels as _k
+from luoshu.ml import histogram as histogram_module
+from luoshu.ml.histogram import N_BINS, BinMapper, histogram
+
+
+def _reference(codes, channels, rows):
+    d, c_n = codes.shape[1], channels.shape[1]
+    out = np.zeros((d, N_BINS, c_n))
+    for f in range(d):
+        for c in range(c_n):
+            np.add.at(out[f, :, c], codes[rows, f], channels[rows, c])
+    return out
+
+
+@pytest.mark.parametrize("c_n", [3, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_histogram_of_scattered_and_contiguous_rows_equals_numpy(c_n, padded, monkeypatch):
+    monkeypatch.setattr(histogram_module, "PARALLEL_MIN_ROWS", 64)  # small rows: split across threads anyway
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 13))
+    X[rng.random(X.shape) < 0.3] = np.nan
+    mapper = BinMapper.fit(X, 40)
+    codes = mapper.transform(X, padded=padded)
+    assert codes.shape[1] == (16 if padded else 13)
+    np.testing.assert_array_equal(codes[:, :13], mapper.transform(X))
+    channels = rng.normal(size=(3000, c_n))
+    scattered = np.sort(rng.choice(3000, 1100, replace=False))  # more than one gather block
+    for rows in (scattered, np.arange(500, 2100), scattered[:0]):
+        ref = _reference(codes[:, :13], channels, rows)
+        np.testing.assert_allclose(histogram(codes, channels, rows, d=13), ref, rtol=1e-12, atol=1e-12)
+        with ThreadPoolExecutor(2) as pool:
+            got = np.zeros_like(ref)
+            _k.histogram_block(codes, channels, rows, 0, rows.shape[0], got)
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(histogram(codes, channels, rows, pool, d=13), ref, rtol=1e-12, atol=1e-12)
