@@ -173,6 +173,13 @@ def best_split(hist, totals, k, n_bins, feature_ok, lam, min_count, min_weight, 
 
 
 @numba.njit(nogil=True, cache=True)
+def add_to_rows(out, rows, column, value):  # pragma: no cover - compiled
+    """out[rows, column] += value (out 2-D float64)."""
+    for i in range(rows.shape[0]):
+        out[rows[i], column] += value
+
+
+@numba.njit(nogil=True, cache=True)
 def apply_binned(codes, split_feature, split_bin, default_left, left_child, right_child):  # pragma: no cover
     """Leaf index of every row of (n, d) uint8 codes."""
     n = codes.shape[0]

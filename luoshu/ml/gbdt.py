@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin
 
+from luoshu.ml._tree_kernels import add_to_rows
 from luoshu.ml.base import (
     DataError,
     Estimator,
@@ -235,7 +236,9 @@ class _GBDT(Estimator):
         best_loss, best_iter, since_best = np.inf, 0, 0
         self.validation_loss_ = []
         all_rows = torch.arange(n)
-        ones = torch.ones(n, 1, dtype=torch.float64)
+        channels = np.empty((n, 3))  # (g, h, count) of one class's tree, filled per tree
+        channels[:, 2] = 1.0
+        raw_np = raw.numpy()  # shares memory: the leaf values go in place
         for it in range(int(self.n_estimators)):
             rows = all_rows
             if self.subsample < 1.0:
@@ -248,11 +251,12 @@ class _GBDT(Estimator):
             g, h = self._grad_hess(raw, y)
             round_trees = []
             for c in range(k):
-                channels = torch.cat([g[:, c : c + 1], h[:, c : c + 1], ones], 1)
+                channels[:, 0] = g[:, c].numpy()
+                channels[:, 1] = h[:, c].numpy()
                 tree, leaf_rows = grow_tree(codes, codes_by_feature, channels, rows, 1, params, mapper.threshold)
                 if rows.numel() == n:
                     for leaf, r in enumerate(leaf_rows):
-                        raw[r, c] += float(tree.leaf_value[leaf, 0])
+                        add_to_rows(raw_np, r.numpy(), c, float(tree.leaf_value[leaf, 0]))
                 else:
                     raw[:, c] += torch.from_numpy(tree.leaf_value[:, 0])[tree.apply_bins(codes)]
                 if raw_val is not None:

@@ -34,6 +34,18 @@ MAX_BINS = 255
 PARALLEL_MIN_ROWS = 4096  # below this a node's histogram (or binning) is not worth splitting across threads
 
 
+def run_blocks(pool: ThreadPoolExecutor | None, task: Callable[[int], object], n_tasks: int) -> list:
+    """[task(0), ..., task(n_tasks - 1)]: task 0 on the calling thread, the others on `pool`.
+
+    The caller works instead of waiting, so a 2-block split costs one hand-off, not two.
+    """
+    if pool is None or n_tasks == 1:
+        return [task(i) for i in range(n_tasks)]
+    futures = [pool.submit(task, i) for i in range(1, n_tasks)]
+    first = task(0)
+    return [first] + [f.result() for f in futures]
+
+
 class BinMapper:
     """Quantile bin edges per feature, learnt from (a sample of) the training rows."""
 
@@ -80,7 +92,7 @@ class BinMapper:
         if workers == 1:
             _k.bin_rows(X, edges, 0, n, out)
         else:
-            list(pool.map(lambda i: _k.bin_rows(X, edges, bounds[i], bounds[i + 1], out), range(workers)))
+            run_blocks(pool, lambda i: _k.bin_rows(X, edges, bounds[i], bounds[i + 1], out), workers)
         return out
 
     def threshold(self, feature: int, bin_id: int) -> float:
@@ -187,11 +199,28 @@ def histogram(
         _k.histogram_block(codes, channels, rows, bounds[i], bounds[i + 1], part)
         return part
 
-    parts = list(pool.map(block, range(workers)))
+    parts = run_blocks(pool, block, workers)
     out = parts[0]
     for part in parts[1:]:
         out += part
     return out
+
+
+def partition(
+    column: np.ndarray, rows: np.ndarray, bin_id: int, missing_left: bool, pool: ThreadPoolExecutor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (ascending) going left and right of a split on `column`; blocks of rows on the pool's threads."""
+    m = rows.shape[0]
+    workers = pool._max_workers if pool is not None and m >= PARALLEL_MIN_ROWS else 1
+    if workers == 1:
+        return _k.partition(column, rows, bin_id, missing_left)
+    bounds = [m * i // workers for i in range(workers + 1)]
+
+    def block(i: int) -> tuple[np.ndarray, np.ndarray]:
+        return _k.partition(column, rows[bounds[i] : bounds[i + 1]], bin_id, missing_left)
+
+    parts = run_blocks(pool, block, workers)
+    return np.concatenate([left for left, _ in parts]), np.concatenate([right for _, right in parts])
 
 
 @dataclass
@@ -224,10 +253,7 @@ def _best_splits(leaves: list[_Leaf], p: GrowParams, k: int, n_bins: np.ndarray,
     def one(i: int):
         return _k.best_split(leaves[i].hist, leaves[i].totals, *args, masks[i], *limits, scratch[i])
 
-    if p.pool is not None and len(leaves) > 1:
-        results = list(p.pool.map(one, range(len(leaves))))
-    else:
-        results = [one(i) for i in range(len(leaves))]
+    results = run_blocks(p.pool, one, len(leaves))
     for lf, (g, f, b, missing_left) in zip(leaves, results):
         if not g > max(p.min_split_gain, 1e-12):
             lf.gain = -np.inf
@@ -287,7 +313,7 @@ def grow_tree(
             break
         j = max(cands, key=lambda i: (leaves[i].gain, -i))
         lf = leaves[j]
-        left_rows, right_rows = _k.partition(codes_by_feature[lf.feature], lf.rows, lf.bin, lf.missing_left)
+        left_rows, right_rows = partition(codes_by_feature[lf.feature], lf.rows, lf.bin, lf.missing_left, p.pool)
         # the smaller child gets a fresh histogram (local rows only are known, so compare global counts)
         left_count = reduce(np.array([float(left_rows.shape[0]), float(right_rows.shape[0])]))
         small_is_left = bool(left_count[0] <= left_count[1])

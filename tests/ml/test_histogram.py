@@ -40,3 +40,18 @@ def test_histogram_of_scattered_and_contiguous_rows_equals_numpy(c_n, padded, mo
             _k.histogram_block(codes, channels, rows, 0, rows.shape[0], got)
             np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
             np.testing.assert_allclose(histogram(codes, channels, rows, pool, d=13), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_partition_in_blocks_on_threads_equals_numpy(monkeypatch):
+    monkeypatch.setattr(histogram_module, "PARALLEL_MIN_ROWS", 64)
+    rng = np.random.default_rng(1)
+    column = rng.integers(0, 40, 5000).astype(np.uint8)
+    column[rng.random(5000) < 0.2] = _k.MISSING_BIN
+    rows = np.sort(rng.choice(5000, 3001, replace=False))
+    with ThreadPoolExecutor(2) as pool:
+        for missing_left in (False, True):
+            left, right = histogram_module.partition(column, rows, 17, missing_left, pool)
+            values = column[rows]
+            goes_left = np.where(values == _k.MISSING_BIN, missing_left, values <= 17)
+            np.testing.assert_array_equal(left, rows[goes_left])
+            np.testing.assert_array_equal(right, rows[~goes_left])
