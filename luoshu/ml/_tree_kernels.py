@@ -89,6 +89,65 @@ def histogram_block(codes, channels, rows, start, stop, out):  # pragma: no cove
 
 
 @numba.njit(nogil=True, cache=True)
+def count_kept(codes, most_frequent, start, stop, counts):  # pragma: no cover - compiled
+    """counts[r] = how many of row r's codes (r in [start, stop)) are not their feature's most frequent bin."""
+    d = most_frequent.shape[0]
+    for r in range(start, stop):
+        kept = 0
+        for f in range(d):
+            kept += codes[r, f] != most_frequent[f]
+        counts[r] = kept
+
+
+@numba.njit(nogil=True, cache=True)
+def fill_kept(codes, most_frequent, indptr, start, stop, entries):  # pragma: no cover - compiled
+    """entries[indptr[r]:indptr[r + 1]] = f * N_BINS + codes[r, f] of row r's kept codes (see count_kept)."""
+    d = most_frequent.shape[0]
+    for r in range(start, stop):
+        j = indptr[r]
+        end = indptr[r + 1]
+        for f in range(d):
+            b = codes[r, f]
+            if j < end:  # the last kept code of a row must not write into the next row's slots
+                entries[j] = f * N_BINS + b
+            # a store either way, the position moves on kept codes only: no branch on a coin flip
+            j += b != most_frequent[f]
+
+
+@numba.njit(nogil=True, cache=True)
+def histogram_kept(indptr, entries, channels, start, stop, out, totals):  # pragma: no cover - compiled
+    """Adds channels of rows start..stop-1 into out (d * N_BINS, C) at their kept entries, and into totals (C,)."""
+    c_n = channels.shape[1]
+    if c_n == 3:
+        t0 = 0.0
+        t1 = 0.0
+        t2 = 0.0
+        for r in range(start, stop):
+            g = channels[r, 0]
+            h = channels[r, 1]
+            w = channels[r, 2]
+            t0 += g
+            t1 += h
+            t2 += w
+            for j in range(indptr[r], indptr[r + 1]):
+                e = entries[j]
+                out[e, 0] += g
+                out[e, 1] += h
+                out[e, 2] += w
+        totals[0] += t0
+        totals[1] += t1
+        totals[2] += t2
+    else:
+        for r in range(start, stop):
+            for c in range(c_n):
+                totals[c] += channels[r, c]
+            for j in range(indptr[r], indptr[r + 1]):
+                e = entries[j]
+                for c in range(c_n):
+                    out[e, c] += channels[r, c]
+
+
+@numba.njit(nogil=True, cache=True)
 def partition(column, rows, bin_id, missing_left):  # pragma: no cover - compiled
     """Splits rows (ascending) by `column[row] <= bin_id` (missing: `missing_left`); both halves stay ascending."""
     m = rows.shape[0]

@@ -33,11 +33,12 @@ from luoshu.ml.base import (
     check_X_y,
     encode_labels,
 )
-from luoshu.ml.histogram import MAX_BINS, BinMapper, GrowParams, Tree, grow_tree, tree_from_dict
+from luoshu.ml.histogram import MAX_BINS, BinMapper, GrowParams, KeptCodes, Tree, grow_tree, tree_from_dict
 
 __all__ = ["GBDTClassifier", "GBDTRegressor"]
 
 BIN_SAMPLE_ROWS = 200_000  # as LightGBM's bin_construct_sample_cnt
+KEPT_MAX_DENSITY = 0.75  # root histograms skip most frequent bins when at least 25% of codes are in them
 
 
 def _dense(X) -> np.ndarray:
@@ -214,6 +215,9 @@ class _GBDT(Estimator):
         codes = mapper.transform(X, pool, padded=True)  # (n, >= d) uint8
         n, d = X.shape
         codes_by_feature = np.ascontiguousarray(codes[:, :d].T)
+        kept = KeptCodes(codes, d, pool)
+        if kept.density > KEPT_MAX_DENSITY:  # too few codes skipped to pay for the extra indirection
+            kept = None
         n_bins = torch.from_numpy(mapper.n_bins)
 
         init = self._init_score(y, comm)  # (K,)
@@ -231,6 +235,7 @@ class _GBDT(Estimator):
             allreduce=comm.allreduce if comm.pg is not None else None,
             n_bins=n_bins,
             pool=pool,
+            kept=kept,
         )
         trees: list[list[Tree]] = []
         best_loss, best_iter, since_best = np.inf, 0, 0

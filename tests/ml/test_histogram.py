@@ -55,3 +55,27 @@ def test_partition_in_blocks_on_threads_equals_numpy(monkeypatch):
             goes_left = np.where(values == _k.MISSING_BIN, missing_left, values <= 17)
             np.testing.assert_array_equal(left, rows[goes_left])
             np.testing.assert_array_equal(right, rows[~goes_left])
+
+
+@pytest.mark.parametrize("c_n", [3, 2])
+def test_most_frequent_bin_recovered_from_totals_equals_the_full_histogram(c_n, monkeypatch):
+    monkeypatch.setattr(histogram_module, "PARALLEL_MIN_ROWS", 64)
+    rng = np.random.default_rng(2)
+    X = np.floor(rng.lognormal(0.0, 1.5, size=(4000, 9)))  # ~25% zeros
+    X[rng.random(X.shape) < 0.4] = np.nan  # and 40% missing: the most frequent bin
+    X[:, 4] = 0.0  # a constant feature: every code in one bin
+    codes = BinMapper.fit(X, 30).transform(X, padded=True)
+    kept = histogram_module.KeptCodes(codes, 9)
+    assert kept.most_frequent[0] == _k.MISSING_BIN and kept.most_frequent[4] == 0
+    assert 0.4 < kept.density < 0.7
+    channels = rng.normal(size=(4000, c_n))
+    for rows in (np.arange(4000), np.arange(123, 3210)):
+        ref = _reference(codes[:, :9], channels, rows)
+        got = histogram(codes, channels, rows, d=9, kept=kept)
+        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)
+        with ThreadPoolExecutor(2) as pool:
+            np.testing.assert_allclose(histogram(codes, channels, rows, pool, 9, kept), ref, rtol=1e-9, atol=1e-9)
+    scattered = np.sort(rng.choice(4000, 999, replace=False))  # not a run: the full codes, exact
+    np.testing.assert_allclose(
+        histogram(codes, channels, scattered, d=9, kept=kept), _reference(codes[:, :9], channels, scattered), atol=1e-12
+    )
