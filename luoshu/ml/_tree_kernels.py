@@ -6,7 +6,9 @@ sum and a gain per candidate), as loops compiled by numba one pass over bytes. T
 release the GIL (`nogil`), so the tree grower runs blocks of rows on its own threads, and
 are cached on disk (`cache`) so only the first import on a machine compiles them.
 
-Layouts: bin codes `(n, d)` uint8, row-major, so a row's codes are one cache line;
+Layouts: bin codes `(n, d)` uint8, row-major, so a row's codes are one cache line (GBDT
+pads rows to a multiple of 8 bytes, so a gather copies them as words); kept codes (a CSR
+of `feature * N_BINS + bin` without each feature's most frequent bin);
 `codes_by_feature` `(d, n)` uint8 for the partition (one feature, many rows); per-row
 channels `(n, C)` float64 `[g_1 .. g_k, h, count]`; a histogram `(d, N_BINS, C)` float64,
 so one row's channels land side by side.

@@ -8,8 +8,12 @@
   histogram, the row partition of a split, the best split over every feature and bin
   with missing values tried on both sides, tree application) are compiled
   (`luoshu.ml._tree_kernels`); only the smaller child of a split gets a fresh histogram,
-  the larger one's is the parent's minus it. With a thread pool, a histogram's rows are
-  split in blocks over its threads and the two children's split searches run side by side.
+  the larger one's is the parent's minus it. A node's scattered rows are gathered in
+  blocks before their histogram pass (LightGBM's ordered gradients); a root (a run of
+  consecutive rows) can skip each feature's most frequent bin (`KeptCodes`) and recover it
+  from the totals. With a thread pool, a histogram's rows and a split's row partition are
+  split in blocks over the calling thread and the pool's (`run_blocks`), and the two
+  children's split searches run side by side.
 - `Tree`: flat arrays in LightGBM's layout (internal nodes by creation order, a leaf
   `j` referenced as `~j`).
 
