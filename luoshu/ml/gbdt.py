@@ -215,9 +215,8 @@ class _GBDT(Estimator):
         codes = mapper.transform(X, pool, padded=True)  # (n, >= d) uint8
         n, d = X.shape
         codes_by_feature = np.ascontiguousarray(codes[:, :d].T)
-        kept = KeptCodes(codes, d, pool)
-        if kept.density > KEPT_MAX_DENSITY:  # too few codes skipped to pay for the extra indirection
-            kept = None
+        # None when too few codes would be skipped to pay for the extra indirection
+        kept = KeptCodes.of(codes, d, pool, KEPT_MAX_DENSITY)
         n_bins = torch.from_numpy(mapper.n_bins)
 
         init = self._init_score(y, comm)  # (K,)

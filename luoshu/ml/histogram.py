@@ -113,22 +113,30 @@ class KeptCodes:
     (~40% of codes in their feature's most frequent bin) the root pass does that much less.
     """
 
-    def __init__(self, codes: np.ndarray, d: int, pool: ThreadPoolExecutor | None = None):
+    def __init__(self, most_frequent: np.ndarray, indptr: np.ndarray, entries: np.ndarray):
+        self.most_frequent, self.indptr, self.entries = most_frequent, indptr, entries
+        self.d = most_frequent.shape[0]
+
+    @classmethod
+    def of(
+        cls, codes: np.ndarray, d: int, pool: ThreadPoolExecutor | None = None, max_density: float = 1.0
+    ) -> KeptCodes | None:
+        """The kept codes of the first d columns of codes; None when more than `max_density` of them would be kept."""
         n = codes.shape[0]
-        self.d = d
-        self.most_frequent = most_frequent_bins(codes, d)
+        most_frequent = most_frequent_bins(codes, d)
         counts = np.empty(n, dtype=np.int64)
         workers = pool._max_workers if pool is not None and n >= PARALLEL_MIN_ROWS else 1
         bounds = [n * i // workers for i in range(workers + 1)]
-        run_blocks(pool, lambda i: _k.count_kept(codes, self.most_frequent, bounds[i], bounds[i + 1], counts), workers)
-        self.indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(counts, out=self.indptr[1:])
-        self.entries = np.empty(int(self.indptr[-1]), dtype=np.uint16 if d * N_BINS <= 1 << 16 else np.uint32)
+        run_blocks(pool, lambda i: _k.count_kept(codes, most_frequent, bounds[i], bounds[i + 1], counts), workers)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        if indptr[-1] > max_density * n * d:
+            return None
+        entries = np.empty(int(indptr[-1]), dtype=np.uint16 if d * N_BINS <= 1 << 16 else np.uint32)
         run_blocks(
-            pool,
-            lambda i: _k.fill_kept(codes, self.most_frequent, self.indptr, bounds[i], bounds[i + 1], self.entries),
-            workers,
+            pool, lambda i: _k.fill_kept(codes, most_frequent, indptr, bounds[i], bounds[i + 1], entries), workers
         )
+        return cls(most_frequent, indptr, entries)
 
     @property
     def density(self) -> float:

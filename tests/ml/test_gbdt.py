@@ -181,7 +181,7 @@ def test_root_histograms_without_most_frequent_bins_grow_the_same_trees(monkeypa
     X[rng.random(X.shape) < 0.4] = np.nan  # CTR-like: most codes missing or zero
     y = (np.nan_to_num(X[:, 0]) + 2 * np.isnan(X[:, 1]) + rng.normal(size=3000) > 1.5).astype(int)
     kw = {"n_estimators": 10, "num_leaves": 8, "n_jobs": 1}
-    kept = histogram.KeptCodes(BinMapper.fit(X).transform(X, padded=True), 8)
+    kept = histogram.KeptCodes.of(BinMapper.fit(X).transform(X, padded=True), 8)
     assert kept.density < gbdt.KEPT_MAX_DENSITY  # the fit below does skip
     skipping = GBDTClassifier(**kw).fit(X, y)
     monkeypatch.setattr(gbdt, "KEPT_MAX_DENSITY", -1.0)  # never skip: full histograms everywhere

@@ -65,7 +65,7 @@ def test_most_frequent_bin_recovered_from_totals_equals_the_full_histogram(c_n, 
     X[rng.random(X.shape) < 0.4] = np.nan  # and 40% missing: the most frequent bin
     X[:, 4] = 0.0  # a constant feature: every code in one bin
     codes = BinMapper.fit(X, 30).transform(X, padded=True)
-    kept = histogram_module.KeptCodes(codes, 9)
+    kept = histogram_module.KeptCodes.of(codes, 9)
     assert kept.most_frequent[0] == _k.MISSING_BIN and kept.most_frequent[4] == 0
     assert 0.4 < kept.density < 0.7
     channels = rng.normal(size=(4000, c_n))
