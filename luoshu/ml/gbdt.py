@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin
 
+from luoshu.ml._tree_kernels import add_to_rows
 from luoshu.ml.base import (
     DataError,
     Estimator,
@@ -32,11 +33,12 @@ from luoshu.ml.base import (
     check_X_y,
     encode_labels,
 )
-from luoshu.ml.histogram import MAX_BINS, BinMapper, GrowParams, Tree, grow_tree, tree_from_dict
+from luoshu.ml.histogram import MAX_BINS, BinMapper, GrowParams, KeptCodes, Tree, grow_tree, tree_from_dict
 
 __all__ = ["GBDTClassifier", "GBDTRegressor"]
 
 BIN_SAMPLE_ROWS = 200_000  # as LightGBM's bin_construct_sample_cnt
+KEPT_MAX_DENSITY = 0.75  # root histograms skip most frequent bins when at least 25% of codes are in them
 
 
 def _dense(X) -> np.ndarray:
@@ -210,10 +212,11 @@ class _GBDT(Estimator):
         stride = max(1, -(-sum(counts) // BIN_SAMPLE_ROWS))
         sample = X[(-offset) % stride :: stride]
         mapper = BinMapper.fit(comm.allgather_rows(sample), self.max_bins)
-        codes_np = mapper.transform(X, pool)
-        codes = codes_np  # (n, d) uint8
-        codes_by_feature = np.ascontiguousarray(codes_np.T)
-        n, d = codes.shape
+        codes = mapper.transform(X, pool, padded=True)  # (n, >= d) uint8
+        n, d = X.shape
+        codes_by_feature = np.ascontiguousarray(codes[:, :d].T)
+        # None when too few codes would be skipped to pay for the extra indirection
+        kept = KeptCodes.of(codes, d, pool, KEPT_MAX_DENSITY)
         n_bins = torch.from_numpy(mapper.n_bins)
 
         init = self._init_score(y, comm)  # (K,)
@@ -231,12 +234,15 @@ class _GBDT(Estimator):
             allreduce=comm.allreduce if comm.pg is not None else None,
             n_bins=n_bins,
             pool=pool,
+            kept=kept,
         )
         trees: list[list[Tree]] = []
         best_loss, best_iter, since_best = np.inf, 0, 0
         self.validation_loss_ = []
         all_rows = torch.arange(n)
-        ones = torch.ones(n, 1, dtype=torch.float64)
+        channels = np.empty((n, 3))  # (g, h, count) of one class's tree, filled per tree
+        channels[:, 2] = 1.0
+        raw_np = raw.numpy()  # shares memory: the leaf values go in place
         for it in range(int(self.n_estimators)):
             rows = all_rows
             if self.subsample < 1.0:
@@ -249,11 +255,12 @@ class _GBDT(Estimator):
             g, h = self._grad_hess(raw, y)
             round_trees = []
             for c in range(k):
-                channels = torch.cat([g[:, c : c + 1], h[:, c : c + 1], ones], 1)
+                channels[:, 0] = g[:, c].numpy()
+                channels[:, 1] = h[:, c].numpy()
                 tree, leaf_rows = grow_tree(codes, codes_by_feature, channels, rows, 1, params, mapper.threshold)
                 if rows.numel() == n:
                     for leaf, r in enumerate(leaf_rows):
-                        raw[r, c] += float(tree.leaf_value[leaf, 0])
+                        add_to_rows(raw_np, r.numpy(), c, float(tree.leaf_value[leaf, 0]))
                 else:
                     raw[:, c] += torch.from_numpy(tree.leaf_value[:, 0])[tree.apply_bins(codes)]
                 if raw_val is not None:

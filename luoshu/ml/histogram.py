@@ -8,8 +8,12 @@
   histogram, the row partition of a split, the best split over every feature and bin
   with missing values tried on both sides, tree application) are compiled
   (`luoshu.ml._tree_kernels`); only the smaller child of a split gets a fresh histogram,
-  the larger one's is the parent's minus it. With a thread pool, a histogram's rows are
-  split in blocks over its threads and the two children's split searches run side by side.
+  the larger one's is the parent's minus it. A node's scattered rows are gathered in
+  blocks before their histogram pass (LightGBM's ordered gradients); a root (a run of
+  consecutive rows) can skip each feature's most frequent bin (`KeptCodes`) and recover it
+  from the totals. With a thread pool, a histogram's rows and a split's row partition are
+  split in blocks over the calling thread and the pool's (`run_blocks`), and the two
+  children's split searches run side by side.
 - `Tree`: flat arrays in LightGBM's layout (internal nodes by creation order, a leaf
   `j` referenced as `~j`).
 
@@ -32,6 +36,18 @@ N_BINS = 256  # slots per feature: up to 255 value bins, the last one for missin
 MISSING_BIN = 255
 MAX_BINS = 255
 PARALLEL_MIN_ROWS = 4096  # below this a node's histogram (or binning) is not worth splitting across threads
+
+
+def run_blocks(pool: ThreadPoolExecutor | None, task: Callable[[int], object], n_tasks: int) -> list:
+    """[task(0), ..., task(n_tasks - 1)]: task 0 on the calling thread, the others on `pool`.
+
+    The caller works instead of waiting, so a 2-block split costs one hand-off, not two.
+    """
+    if pool is None or n_tasks == 1:
+        return [task(i) for i in range(n_tasks)]
+    futures = [pool.submit(task, i) for i in range(1, n_tasks)]
+    first = task(0)
+    return [first] + [f.result() for f in futures]
 
 
 class BinMapper:
@@ -63,24 +79,82 @@ class BinMapper:
             edges.append((uniq[cut] + uniq[cut + 1]) / 2)
         return cls(edges)
 
-    def transform(self, X: np.ndarray, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-        """Bin ids (uint8, n x d); missing values go to `MISSING_BIN`. With a `pool`, blocks of rows on its threads."""
+    def transform(self, X: np.ndarray, pool: ThreadPoolExecutor | None = None, padded: bool = False) -> np.ndarray:
+        """Bin ids (uint8, n x d); missing values go to `MISSING_BIN`. With a `pool`, blocks of rows on its threads.
+
+        `padded`: rows get zero columns up to a multiple of 8 (n x 8*ceil(d/8)), so the
+        histogram kernel copies a row as 8-byte words; `grow_tree` takes such codes.
+        """
         X = np.ascontiguousarray(X, dtype=np.float64)
         n, d = X.shape
-        padded = np.full((d, N_BINS), np.inf)
+        edges = np.full((d, N_BINS), np.inf)
         for f, e in enumerate(self.edges):
-            padded[f, : len(e)] = e
-        out = np.empty((n, d), dtype=np.uint8)
+            edges[f, : len(e)] = e
+        out = np.zeros((n, -(-d // 8) * 8), dtype=np.uint8) if padded else np.empty((n, d), dtype=np.uint8)
         workers = pool._max_workers if pool is not None and n >= PARALLEL_MIN_ROWS else 1
         bounds = [n * i // workers for i in range(workers + 1)]
         if workers == 1:
-            _k.bin_rows(X, padded, 0, n, out)
+            _k.bin_rows(X, edges, 0, n, out)
         else:
-            list(pool.map(lambda i: _k.bin_rows(X, padded, bounds[i], bounds[i + 1], out), range(workers)))
+            run_blocks(pool, lambda i: _k.bin_rows(X, edges, bounds[i], bounds[i + 1], out), workers)
         return out
 
     def threshold(self, feature: int, bin_id: int) -> float:
         return float(self.edges[feature][bin_id])
+
+
+class KeptCodes:
+    """Each row's codes without its features' most frequent bins, as LightGBM skips them.
+
+    CSR over rows: row r's entries `entries[indptr[r]:indptr[r + 1]]` are
+    `feature * N_BINS + bin`. A histogram over them leaves each feature's most frequent bin
+    empty; `recover` refills it from the rows' totals (every row is in exactly one bin of
+    every feature). Used for runs of consecutive rows (a tree's root); on CTR-like data
+    (~40% of codes in their feature's most frequent bin) the root pass does that much less.
+    """
+
+    def __init__(self, most_frequent: np.ndarray, indptr: np.ndarray, entries: np.ndarray):
+        self.most_frequent, self.indptr, self.entries = most_frequent, indptr, entries
+        self.d = most_frequent.shape[0]
+
+    @classmethod
+    def of(
+        cls, codes: np.ndarray, d: int, pool: ThreadPoolExecutor | None = None, max_density: float = 1.0
+    ) -> KeptCodes | None:
+        """The kept codes of the first d columns of codes; None when more than `max_density` of them would be kept."""
+        n = codes.shape[0]
+        most_frequent = most_frequent_bins(codes, d)
+        counts = np.empty(n, dtype=np.int64)
+        workers = pool._max_workers if pool is not None and n >= PARALLEL_MIN_ROWS else 1
+        bounds = [n * i // workers for i in range(workers + 1)]
+        run_blocks(pool, lambda i: _k.count_kept(codes, most_frequent, bounds[i], bounds[i + 1], counts), workers)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        if indptr[-1] > max_density * n * d:
+            return None
+        entries = np.empty(int(indptr[-1]), dtype=np.uint16 if d * N_BINS <= 1 << 16 else np.uint32)
+        run_blocks(
+            pool, lambda i: _k.fill_kept(codes, most_frequent, indptr, bounds[i], bounds[i + 1], entries), workers
+        )
+        return cls(most_frequent, indptr, entries)
+
+    @property
+    def density(self) -> float:
+        """The fraction of codes kept."""
+        n = self.indptr.shape[0] - 1
+        return float(self.indptr[-1]) / max(1, n * self.d)
+
+    def recover(self, hist: np.ndarray, totals: np.ndarray) -> np.ndarray:
+        """Fills each feature's most frequent bin of `hist` (d, N_BINS, C) with totals minus its other bins."""
+        features = np.arange(self.d)
+        hist[features, self.most_frequent] = 0.0
+        hist[features, self.most_frequent] = totals[None, :] - hist.sum(1)
+        return hist
+
+
+def most_frequent_bins(codes: np.ndarray, d: int) -> np.ndarray:
+    """Each feature's most frequent bin among the first d columns of codes (ties: the lowest bin)."""
+    return np.array([np.bincount(codes[:, f], minlength=N_BINS).argmax() for f in range(d)], dtype=np.int64)
 
 
 @dataclass
@@ -152,36 +226,69 @@ class GrowParams:
     feature_mask: torch.Tensor | None = None  # per-tree feature subset (GBDT colsample_bytree)
     n_bins: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     pool: ThreadPoolExecutor | None = None  # threads for the histograms
+    kept: KeptCodes | None = None  # the codes without most frequent bins, for the root histogram
 
 
 def histogram(
-    codes: np.ndarray, channels: np.ndarray, rows: np.ndarray, pool: ThreadPoolExecutor | None = None
+    codes: np.ndarray,
+    channels: np.ndarray,
+    rows: np.ndarray,
+    pool: ThreadPoolExecutor | None = None,
+    d: int | None = None,
+    kept: KeptCodes | None = None,
 ) -> np.ndarray:
     """Per-feature, per-bin sums of each channel over `rows`: (d, N_BINS, C) float64.
 
-    `codes` is (n, d) uint8, `channels` (n, C) float64, `rows` int64 ascending. With a
-    `pool`, blocks of rows go to its threads (the compiled loop releases the GIL) and the
-    block histograms are summed in block order.
+    `codes` is (n, >= d) uint8 C-contiguous (`d` defaults to its width; wider: padding
+    columns), `channels` (n, C) float64, `rows` int64 ascending. With a `pool`, blocks of
+    rows go to its threads (the compiled loop releases the GIL) and the block histograms
+    are summed in block order. With `kept` (the same codes as `KeptCodes`), a run of
+    consecutive rows skips each feature's most frequent bin and recovers it.
     """
     m = rows.shape[0]
-    d, c_n = codes.shape[1], channels.shape[1]
-    workers = pool._max_workers if pool is not None else 1
-    if workers == 1 or m < PARALLEL_MIN_ROWS:
-        out = np.zeros((d, N_BINS, c_n))
-        _k.histogram_block(codes, channels, rows, 0, m, out)
-        return out
+    d = codes.shape[1] if d is None else d
+    c_n = channels.shape[1]
+    workers = pool._max_workers if pool is not None and m >= PARALLEL_MIN_ROWS else 1
+    bounds = [m * i // workers for i in range(workers + 1)]
+    # a run of consecutive rows (a root) goes through the kept codes, when there are some
+    run = kept is not None and m > 0 and rows[-1] - rows[0] == m - 1
+    first = int(rows[0]) if run else 0
+
+    def block(i: int) -> tuple[np.ndarray, np.ndarray]:
+        part = np.zeros((d, N_BINS, c_n))
+        totals = np.zeros(c_n)
+        if run:
+            flat = part.reshape(d * N_BINS, c_n)
+            _k.histogram_kept(
+                kept.indptr, kept.entries, channels, first + bounds[i], first + bounds[i + 1], flat, totals
+            )
+        else:
+            _k.histogram_block(codes, channels, rows, bounds[i], bounds[i + 1], part)
+        return part, totals
+
+    parts = run_blocks(pool, block, workers)
+    out, totals = parts[0]
+    for part, part_totals in parts[1:]:
+        out += part
+        totals += part_totals
+    return kept.recover(out, totals) if run else out
+
+
+def partition(
+    column: np.ndarray, rows: np.ndarray, bin_id: int, missing_left: bool, pool: ThreadPoolExecutor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (ascending) going left and right of a split on `column`; blocks of rows on the pool's threads."""
+    m = rows.shape[0]
+    workers = pool._max_workers if pool is not None and m >= PARALLEL_MIN_ROWS else 1
+    if workers == 1:
+        return _k.partition(column, rows, bin_id, missing_left)
     bounds = [m * i // workers for i in range(workers + 1)]
 
-    def block(i: int) -> np.ndarray:
-        part = np.zeros((d, N_BINS, c_n))
-        _k.histogram_block(codes, channels, rows, bounds[i], bounds[i + 1], part)
-        return part
+    def block(i: int) -> tuple[np.ndarray, np.ndarray]:
+        return _k.partition(column, rows[bounds[i] : bounds[i + 1]], bin_id, missing_left)
 
-    parts = list(pool.map(block, range(workers)))
-    out = parts[0]
-    for part in parts[1:]:
-        out += part
-    return out
+    parts = run_blocks(pool, block, workers)
+    return np.concatenate([left for left, _ in parts]), np.concatenate([right for _, right in parts])
 
 
 @dataclass
@@ -214,10 +321,7 @@ def _best_splits(leaves: list[_Leaf], p: GrowParams, k: int, n_bins: np.ndarray,
     def one(i: int):
         return _k.best_split(leaves[i].hist, leaves[i].totals, *args, masks[i], *limits, scratch[i])
 
-    if p.pool is not None and len(leaves) > 1:
-        results = list(p.pool.map(one, range(len(leaves))))
-    else:
-        results = [one(i) for i in range(len(leaves))]
+    results = run_blocks(p.pool, one, len(leaves))
     for lf, (g, f, b, missing_left) in zip(leaves, results):
         if not g > max(p.min_split_gain, 1e-12):
             lf.gain = -np.inf
@@ -241,9 +345,10 @@ def grow_tree(
 ) -> tuple[Tree, list[torch.Tensor]]:
     """Grows one tree on `rows`; returns it and the rows of each leaf.
 
-    `codes` (n, d) and `codes_by_feature` (its (d, n) transpose, for the per-split row
-    routing) are uint8 bin codes; `channels` columns: `k` gradient channels, the hessian,
-    the sample count (or weight). NumPy arrays or tensors.
+    `codes` (n, d) (or wider: `BinMapper.transform(..., padded=True)`) and
+    `codes_by_feature` ((d, n), for the per-split row routing) are uint8 bin codes;
+    `channels` columns: `k` gradient channels, the hessian, the sample count (or weight).
+    NumPy arrays or tensors.
     """
     p = params
     codes = _as_numpy(codes, np.uint8)
@@ -257,12 +362,13 @@ def grow_tree(
             return a
         return p.allreduce(torch.from_numpy(a)).numpy()
 
-    hist = reduce(histogram(codes, channels, rows, p.pool))
+    d = codes_by_feature.shape[0]
+    hist = reduce(histogram(codes, channels, rows, p.pool, d, p.kept))
     totals = hist[0].sum(0)  # every row falls in exactly one bin of feature 0
     leaves = [_Leaf(rows, hist, totals, 0)]
     nodes: list[dict] = []
     parent_of_leaf: dict[int, tuple[int, str]] = {}  # leaf -> (internal node, "left"/"right")
-    scratch = [np.empty((2, MISSING_BIN, codes.shape[1])) for _ in range(2)]
+    scratch = [np.empty((2, MISSING_BIN, d)) for _ in range(2)]
     _best_splits(leaves, p, k, n_bins, scratch)
     lam = p.reg_lambda
 
@@ -275,12 +381,12 @@ def grow_tree(
             break
         j = max(cands, key=lambda i: (leaves[i].gain, -i))
         lf = leaves[j]
-        left_rows, right_rows = _k.partition(codes_by_feature[lf.feature], lf.rows, lf.bin, lf.missing_left)
+        left_rows, right_rows = partition(codes_by_feature[lf.feature], lf.rows, lf.bin, lf.missing_left, p.pool)
         # the smaller child gets a fresh histogram (local rows only are known, so compare global counts)
         left_count = reduce(np.array([float(left_rows.shape[0]), float(right_rows.shape[0])]))
         small_is_left = bool(left_count[0] <= left_count[1])
         small_rows = left_rows if small_is_left else right_rows
-        small = reduce(histogram(codes, channels, small_rows, p.pool))
+        small = reduce(histogram(codes, channels, small_rows, p.pool, d, p.kept))
         large = np.subtract(lf.hist, small, out=lf.hist)  # the parent's histogram is not needed again
         lh, rh = (small, large) if small_is_left else (large, small)
         node_id = len(nodes)

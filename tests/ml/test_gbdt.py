@@ -171,3 +171,24 @@ def test_threaded_histograms_grow_the_same_trees(binary_with_missing, monkeypatc
     import torch
 
     assert torch.get_num_threads() == 1  # the fit restored the caller's thread count
+
+
+def test_root_histograms_without_most_frequent_bins_grow_the_same_trees(monkeypatch):
+    from luoshu.ml import gbdt, histogram
+
+    rng = np.random.default_rng(3)
+    X = np.floor(rng.lognormal(0.5, 1.5, size=(3000, 8)))
+    X[rng.random(X.shape) < 0.4] = np.nan  # CTR-like: most codes missing or zero
+    y = (np.nan_to_num(X[:, 0]) + 2 * np.isnan(X[:, 1]) + rng.normal(size=3000) > 1.5).astype(int)
+    kw = {"n_estimators": 10, "num_leaves": 8, "n_jobs": 1}
+    kept = histogram.KeptCodes.of(BinMapper.fit(X).transform(X, padded=True), 8)
+    assert kept.density < gbdt.KEPT_MAX_DENSITY  # the fit below does skip
+    skipping = GBDTClassifier(**kw).fit(X, y)
+    monkeypatch.setattr(gbdt, "KEPT_MAX_DENSITY", -1.0)  # never skip: full histograms everywhere
+    full = GBDTClassifier(**kw).fit(X, y)
+    for (a,), (b,) in zip(skipping.trees_, full.trees_):
+        np.testing.assert_array_equal(a.split_feature, b.split_feature)
+        np.testing.assert_array_equal(a.split_bin, b.split_bin)
+        np.testing.assert_allclose(a.leaf_value, b.leaf_value, rtol=1e-9)
+    ref = _lgb(lgb.LGBMClassifier, n_estimators=10, num_leaves=8).fit(X, y)
+    assert abs(roc_auc_score(y, skipping.predict_proba(X)[:, 1]) - roc_auc_score(y, ref.predict_proba(X)[:, 1])) < 0.01
