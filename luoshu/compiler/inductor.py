@@ -50,7 +50,6 @@ class CompiledStep:
         self.reason: str | None = None
         self.compiled_runs = 0  # steps the compiled function ran (the rest ran through the plan)
         self._lowerings: list = []
-        self._fn = None
         try:
             source, namespace = self._emit()
         except Error as exc:
@@ -60,9 +59,10 @@ class CompiledStep:
         static = all(None not in t.shape for t in plan.feed_tensors)
         self.cuda_graphs = (leaves_on_cuda and static) if cuda_graphs is None else bool(cuda_graphs)
         self.source = source
-        options = {"mode": "reduce-overhead"} if self.cuda_graphs and backend == "inductor" else {}
-        self._fn = torch.compile(namespace["_step"], backend=backend, fullgraph=True, **options)
-        self._first = True
+        self._step = namespace["_step"]
+        # (signature, compiled function of the flat inputs), newest last; `run` looks only at the last
+        # unless the signature moved (a new feed shape, a changed hyperparameter).
+        self._compiled: list[tuple[tuple, object]] = []
 
     # --- lowering -------------------------------------------------------------------
     def _emit(self) -> tuple[str, dict]:
@@ -119,27 +119,63 @@ class CompiledStep:
                 return f"op '{self.plan.steps[i].op.opdef.name}' (step {i})"
         return "a step"
 
-    def _give_up(self, reason: str) -> None:
+    def _give_up(self, reason: str, stacklevel: int = 6) -> None:
+        """From now on the plan runs the step. The warning points at the caller of Graph.run:
+        `stacklevel` 6 from `__init__` (through Plan.compile) and `_switch`, 7 from `_compile`."""
         self.reason = reason
-        self._fn = None
-        # stacklevel 6: the caller of Graph.run (through Plan.compile or the first compiled run)
-        warnings.warn(f"whole-step compilation falls back to the plan: {reason}", LoweringWarning, stacklevel=6)
+        warnings.warn(f"whole-step compilation falls back to the plan: {reason}", LoweringWarning,
+                      stacklevel=stacklevel)
+
+    # --- compiling ------------------------------------------------------------------
+    def _compile(self, feed_values, leaves, extras, flat):
+        """The step captured for these inputs: TorchDynamo exports the step function as one fx
+        graph (fake tensors: nothing runs, so a failure has changed nothing), flattened to the
+        inputs' order, and the backend compiles it. Called directly, the compiled function skips
+        Dynamo's frame hook and guards on every step; `run` checks what they would have (the feed
+        shapes and the hyperparameters baked in) through its signature."""
+        try:
+            graph, _ = torch._dynamo.export(self._step)(feed_values, leaves, extras)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.Unsupported) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._give_up(f"{self._op_of(exc)} cannot be lowered: {first_line}", 7)
+            return None
+        graph.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs: no pytree per call
+        graph.recompile()
+        if self.cuda_graphs:
+            for t in flat:
+                torch._dynamo.mark_static_address(t)
+            mode = {"mode": "reduce-overhead"} if self.backend == "inductor" else {}
+            return torch.compile(graph, backend=self.backend, fullgraph=True, **mode)
+        try:
+            return torch._dynamo.lookup_backend(self.backend)(graph, flat)
+        except Exception as exc:  # the backend refused an op of the captured graph
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._give_up(f"{self._op_of(exc)} cannot be compiled by {self.backend}: {first_line}", 7)
+            return None
 
     # --- running --------------------------------------------------------------------
     def run(self, feed_values: list) -> tuple | None:
-        if self._fn is None:
+        if self.reason is not None:
             return None
-        extras = []
+        leaves = [t._value for t in self.plan.leaf_tensors]
+        flat = [*feed_values, *leaves]
+        extras, constants = [], []
         for lowering in self._lowerings:
             inputs = lowering.inputs()
             if inputs is None:
                 return None
             extras.append(inputs)
-        leaves = [t._value for t in self.plan.leaf_tensors]
-        if self._first:
-            return self._first_run(feed_values, leaves, extras)
+            flat += inputs
+            constants.append(lowering.constants())
+        signature = (*((v.shape, v.stride()) for v in feed_values), *constants)
+        if self._compiled and self._compiled[-1][0] == signature:
+            fn = self._compiled[-1][1]
+        else:
+            fn = self._switch(signature, feed_values, leaves, extras, flat)
+            if fn is None:
+                return None
         try:
-            out = self._fn(feed_values, leaves, extras)
+            out = fn(*flat)
         except Error:
             raise
         except Exception as exc:
@@ -147,31 +183,23 @@ class CompiledStep:
         self.compiled_runs += 1
         return out
 
-    def _first_run(self, feed_values, leaves, extras):
-        """Compiles (Dynamo traces before anything runs, so a failure has changed nothing)."""
-        if self.cuda_graphs:
-            for t in itertools.chain(leaves, _tensors(extras)):
-                torch._dynamo.mark_static_address(t)
-        try:
-            out = self._fn(feed_values, leaves, extras)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.Unsupported) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._give_up(f"{self._op_of(exc)} cannot be lowered: {first_line}")
+    def _switch(self, signature, feed_values, leaves, extras, flat):
+        """The compiled function for `signature`, compiled now where none is cached yet."""
+        for k, (known, fn) in enumerate(self._compiled):
+            if known == signature:
+                self._compiled.append(self._compiled.pop(k))
+                return fn
+        if len(self._compiled) >= _MAX_SIGNATURES:
+            self._give_up(f"more than {_MAX_SIGNATURES} different feed shapes or hyperparameter sets (each "
+                          "compiles anew)")
             return None
-        self._first = False
-        self.compiled_runs += 1
-        return out
+        fn = self._compile(feed_values, leaves, extras, flat)
+        if fn is not None:
+            self._compiled.append((signature, fn))
+        return fn
 
 
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+_MAX_SIGNATURES = 8  # as TorchDynamo's recompilation limit
 
 
 __all__ = ["CompiledStep", "LoweringWarning"]
