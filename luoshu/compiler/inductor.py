@@ -20,6 +20,8 @@ in-place updates stay inside the graph). Inductor caches compiled kernels on dis
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import linecache
 import re
@@ -77,20 +79,24 @@ class CompiledStep:
         if plan.leaf_tensors:
             lines.append(f"    {''.join(f's{slot_of[id(t)]}, ' for t in plan.leaf_tensors)}= leaves")
         self._step_of_line: dict[int, int] = {}
+        lowerings = {}
         for i, step in enumerate(plan.steps):
-            op = step.op
-            args = ", ".join(f"s{s}" for s in step.inputs)
-            lower = getattr(op.opdef, "lower", None)
+            lower = getattr(step.op.opdef, "lower", None)
             if lower is not None:
                 try:
-                    lowering = lower(**op.attrs)
+                    lowerings[i] = lower(**step.op.attrs)
                 except Error as exc:
-                    raise Error(f"op '{op.opdef.name}' (step {i}) cannot be lowered: {exc}") from None
-                namespace[f"U{i}"] = lowering.compute
+                    raise Error(f"op '{step.op.opdef.name}' (step {i}) cannot be lowered: {exc}") from None
+        deferred = _deferred_matmuls(plan, lowerings)
+        self.deferred_matmuls = len(deferred)  # weight gradients a lowering may add in place
+        for i, step in enumerate(plan.steps):
+            args = ", ".join(f"s{s}" for s in step.inputs)
+            if i in lowerings:
+                namespace[f"U{i}"] = lowerings[i].compute
                 call = f"U{i}(extras[{len(self._lowerings)}]{', ' if args else ''}{args})"
-                self._lowerings.append(lowering)
+                self._lowerings.append(lowerings[i])
             else:
-                namespace[f"K{i}"] = step.kernel
+                namespace[f"K{i}"] = functools.partial(DeferredMatmul, step.kernel) if i in deferred else step.kernel
                 call = f"K{i}({args})"
             self._step_of_line[len(lines) + 1] = i
             outs = ", ".join(f"s{s}" for s in step.outputs)
@@ -202,4 +208,57 @@ class CompiledStep:
 _MAX_SIGNATURES = 8  # as TorchDynamo's recompilation limit
 
 
-__all__ = ["CompiledStep", "LoweringWarning"]
+class DeferredMatmul:
+    """A weight gradient `a.T @ b` (a 2-D matmul step read by nothing but a lowering that takes
+    it) left uncomputed, so that an update can add it straight into the parameter: one in-place
+    addmm instead of a gradient-sized buffer and a second pass over the parameter. `value()` is
+    the matmul step's own result, for every other use."""
+
+    __slots__ = ("kernel", "a", "b")
+
+    def __init__(self, kernel, a, b):
+        self.kernel, self.a, self.b = kernel, a, b
+
+    def value(self):
+        return self.kernel(self.a, self.b)
+
+    def add_to_(self, target, scale) -> None:
+        """`target += scale * a.T @ b` in place (`scale` a float or a 0-d tensor)."""
+        torch.ops.luoshu.addmm_(target, (self.a * scale).t(), self.b)
+
+
+def _deferred_matmuls(plan, lowerings: dict) -> set[int]:
+    """The steps whose result can be a `DeferredMatmul`: 2-D matmuls of a transposed and a plain
+    operand (a linear layer's weight gradient), read once, by a lowering that takes them, and
+    not fetched."""
+    reads = collections.Counter(s for step in plan.steps for s in step.inputs)
+    reader = {s: i for i, step in enumerate(plan.steps) for s in step.inputs}
+    fetched = set(plan.fetch_slots)
+    found = set()
+    for i, step in enumerate(plan.steps):
+        op = step.op
+        if op.opdef.name != "matmul" or not op.attrs["trans_a"] or op.attrs["trans_b"] or len(step.outputs) != 1:
+            continue
+        out = step.outputs[0]
+        if (all(len(t.shape) == 2 for t in op.inputs) and reads[out] == 1 and out not in fetched
+                and getattr(lowerings.get(reader[out]), "takes_deferred_matmuls", False)):
+            found.add(i)
+    return found
+
+
+# The in-place addmm of `DeferredMatmul.add_to_` as an operator with a mutated argument: Inductor
+# calls it on the parameter itself (an in-place `Tensor.addmm_` would be functionalized into an
+# addmm and a copy back).
+_library = torch.library.Library("luoshu", "FRAGMENT")
+_library.define("addmm_(Tensor(a!) self, Tensor mat1, Tensor mat2) -> ()")
+
+
+def _addmm_(self, mat1, mat2) -> None:
+    self.addmm_(mat1, mat2)
+
+
+_library.impl("addmm_", _addmm_, "CompositeExplicitAutograd")
+_library.impl("addmm_", lambda self, mat1, mat2: None, "Meta")
+
+
+__all__ = ["CompiledStep", "DeferredMatmul", "LoweringWarning"]

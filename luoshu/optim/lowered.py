@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from luoshu.compiler.inductor import DeferredMatmul
 from luoshu.core.errors import Error
 from luoshu.optim.optimizer import _scaled, _total_norm
 
@@ -28,6 +29,10 @@ class LoweredUpdate:
     applies it in place, and `constants()` are the hyperparameters `compute` reads as constants
     (a compiled step compiles again when they change). Raises `Error` naming what cannot be
     lowered."""
+
+    # A gradient may come as a `DeferredMatmul`; it stays one where the rule adds it to the
+    # parameter as it is (no clipping or regularisation reads it first), else it is computed.
+    takes_deferred_matmuls = True
 
     def __init__(self, opt, indices, kinds: str):
         name = type(opt).__name__
@@ -100,7 +105,18 @@ class LoweredUpdate:
         params, lrs = inputs[:n], inputs[-n_groups:]
         steps = list(inputs[len(inputs) - n - n_groups:len(inputs) - n_groups])
         grads = [grads[pos] for pos in self._order]
-        grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+        at = 0
+        for gi, positions in self.groups:
+            group = opt.param_groups[gi]
+            keep = (opt.max_grad_norm is None and opt._takes_deferred_matmuls(group) and not group["l1"]
+                    and (not group["weight_decay"] or opt.decoupled_weight_decay))
+            for k in range(at, at + len(positions)):
+                g = grads[k]
+                if isinstance(g, DeferredMatmul) and not (keep and g.a.dtype == g.b.dtype == params[k].dtype):
+                    grads[k] = g.value()
+            at += len(positions)
+        grads = [g if not isinstance(g, torch.Tensor) or g.dtype == p.dtype else g.to(p.dtype)
+                 for g, p in zip(grads, params)]
         if opt.max_grad_norm is not None:
             total = _total_norm(grads)
             grads = _scaled(grads, torch.clamp(opt.max_grad_norm / (total + 1e-6), max=1.0))

@@ -488,6 +488,11 @@ class Optimizer:
     def _rule(self, group, params, grads, state, steps, fresh, lr) -> None:
         raise NotImplementedError
 
+    def _takes_deferred_matmuls(self, group: dict) -> bool:
+        """Whether `_rule`, with a tensor `lr`, takes gradients left as matmuls
+        (`luoshu.compiler.inductor.DeferredMatmul`) for `group`."""
+        return False
+
     # --- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict:
         """`{"tensors": {key: torch.Tensor}, "meta": JSON-able dict}`; parameters are named

@@ -51,11 +51,18 @@ def _takes_tensor_lr(rule):
 
 def _add_scaled_(tensors, others, scale) -> None:
     """`tensors += scale * others` in place: one kernel for a float `scale`; a 0-d tensor
-    `scale` (a lowered step's learning rate) goes through a product (no foreach add takes it)."""
-    if isinstance(scale, torch.Tensor):
-        torch._foreach_add_(tensors, torch._foreach_mul(others, scale))
-    else:
+    `scale` (a lowered step's learning rate) goes through a product (no foreach add takes it),
+    and there an `other` may be a weight gradient left as a matmul, added by one in-place addmm
+    (`luoshu.compiler.inductor.DeferredMatmul`)."""
+    if not isinstance(scale, torch.Tensor):
         torch._foreach_add_(tensors, others, alpha=scale)
+        return
+    dense = [k for k, other in enumerate(others) if isinstance(other, torch.Tensor)]
+    for tensor, other in zip(tensors, others):
+        if not isinstance(other, torch.Tensor):
+            other.add_to_(tensor, scale)
+    if dense:
+        torch._foreach_add_(_pick(tensors, dense), torch._foreach_mul(_pick(others, dense), scale))
 
 
 class SGD(Optimizer):
@@ -78,6 +85,9 @@ class SGD(Optimizer):
 
     def _state_names(self, group):
         return ["momentum_buffer"] if group["momentum"] else []
+
+    def _takes_deferred_matmuls(self, group):
+        return not group["momentum"]  # the gradient is only added to the parameter
 
     @_takes_tensor_lr
     def _rule(self, group, params, grads, state, steps, fresh, lr):
