@@ -2,20 +2,27 @@
 one torch.fx graph by TorchDynamo and compiled by TorchInductor, with the plan as the fallback.
 
 The plan's steps are written as one straight-line Python function over explicit inputs (the
-feeds, the leaves' values, and what each lowered op needs this step), which
-`torch.compile(fullgraph=True)` captures as a single fx graph: no graph break is allowed, so
-either the whole step compiles or none of it does. Every step calls its op's kernel, except ops
-whose `OpDef` has a `lower(**attrs)`: that returns a lowering whose `inputs()` are passed to the
-compiled function each step and whose `compute(inputs, *values)` replaces the kernel (the
+feeds, the leaves' values, and what each lowered op needs this step), which TorchDynamo exports
+as a single fx graph (`torch._dynamo.export`: no graph break is allowed, so either the whole
+step compiles or none of it does; it traces with fake tensors, so nothing runs). The backend
+compiles that graph once per signature (the feed shapes and strides, and the hyperparameters a
+lowering bakes in as constants), and each step calls the compiled function directly with one
+flat list of tensors: no Dynamo frame hook, no guard evaluation, no pytree per call — at a small
+step's size those cost as much as the kernels saved. Every step calls its op's kernel, except
+ops whose `OpDef` has a `lower(**attrs)`: that returns a lowering whose `inputs()` are passed to
+the compiled function each step and whose `compute(inputs, *values)` replaces the kernel (the
 optimizer update: `luoshu.optim.lowered`, its state and learning rates as tensors, mutated in
-place). When a step cannot be lowered (an op's `lower` refuses, or Dynamo/Inductor fail on an
-op's kernel), a `LoweringWarning` names the op and the plan runs the step, now and after.
-Before a lowering's state exists (an optimizer's first step), the plan runs that step.
+place). A linear layer's weight gradient read only by such a lowering is a `DeferredMatmul`,
+which plain SGD adds straight into the weight (one in-place addmm). When a step cannot be
+lowered (an op's `lower` refuses, or Dynamo/Inductor fail on an op's kernel), a
+`LoweringWarning` names the op and the plan runs the step, now and after. Before a lowering's
+state exists (an optimizer's first step), the plan runs that step.
 
-On CUDA with static feed shapes the compiled step is captured as a CUDA graph (Inductor's
-"reduce-overhead" mode; parameters and optimizer state are marked as static addresses, so their
-in-place updates stay inside the graph). Inductor caches compiled kernels on disk
-(`TORCHINDUCTOR_CACHE_DIR`, its FX graph cache), so a second process compiles faster.
+On CUDA with static feed shapes the exported graph goes through `torch.compile` in Inductor's
+"reduce-overhead" mode, captured as a CUDA graph (parameters and optimizer state are marked as
+static addresses, so their in-place updates stay inside the graph). Inductor caches compiled
+kernels on disk (`TORCHINDUCTOR_CACHE_DIR`, its FX graph cache), so a second process compiles
+faster.
 """
 
 from __future__ import annotations
@@ -148,7 +155,7 @@ class CompiledStep:
         graph.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs: no pytree per call
         graph.recompile()
         if self.cuda_graphs:
-            for t in flat:
+            for t in flat[len(feed_values):]:  # not the feeds: new tensors each step, copied in
                 torch._dynamo.mark_static_address(t)
             mode = {"mode": "reduce-overhead"} if self.backend == "inductor" else {}
             return torch.compile(graph, backend=self.backend, fullgraph=True, **mode)
