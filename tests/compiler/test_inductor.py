@@ -150,6 +150,31 @@ def test_deferred_weight_gradients_equal_torch_sgd():
                 np.testing.assert_allclose(p.numpy(), r.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{hyper}")
 
 
+def test_a_new_feed_shape_or_hyperparameter_compiles_anew_and_equals_the_plan():
+    # The compiled function is called without Dynamo's guards: the step's own signature (feed
+    # shapes, hyperparameters baked in) must catch a new batch size and a changed momentum.
+    def job():
+        ls.manual_seed(0)
+        model = ls.nn.Sequential(ls.nn.Linear(12, 16), ls.nn.Tanh(), ls.nn.Linear(16, 5))
+        with ls.Graph() as g:
+            x = ls.placeholder("x", (None, 12))
+            y = ls.placeholder("y", (None,), "int64")
+            loss = ls.nn.functional.cross_entropy(model(x), y)
+            opt = ls.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+            train = opt.minimize(loss)
+        rng = np.random.default_rng(7)
+        data = [{x: rng.standard_normal((n, 12)).astype(np.float32), y: rng.integers(0, 5, n)} for n in (8, 3)]
+        return g, [loss, train], model, opt, data
+
+    def change_momentum(i, opt):
+        if i == 5:
+            opt.param_groups[0]["momentum"] = 0.9
+
+    plan = _compare(job, "eager", steps=10, on_step=change_momentum)
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 9
+    assert len(plan.compiled._compiled) == 4  # two batch sizes, before and after the change
+
+
 def test_compiled_gpt2_step_equals_the_plan_over_20_steps():
     plan = _compare(_gpt2_job, "eager")
     assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
