@@ -69,9 +69,9 @@ class CompiledStep:
         self.cuda_graphs = (leaves_on_cuda and static) if cuda_graphs is None else bool(cuda_graphs)
         self.source = source
         self._step = namespace["_step"]
-        # (signature, compiled function of the flat inputs), newest last; `run` looks only at the last
-        # unless the signature moved (a new feed shape, a changed hyperparameter).
-        self._compiled: list[tuple[tuple, object]] = []
+        # The compiled steps, newest last; `run` looks only at the last unless the signature moved
+        # (a new feed shape, a changed hyperparameter).
+        self._compiled: list[_Compiled] = []
 
     # --- lowering -------------------------------------------------------------------
     def _emit(self) -> tuple[str, dict]:
@@ -153,14 +153,24 @@ class CompiledStep:
             self._give_up(f"{self._op_of(exc)} cannot be lowered: {first_line}", 7)
             return None
         graph.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs: no pytree per call
+        # A tensor passed twice (a parameter is a leaf and an input of its update) is one input:
+        # AOTAutograd would otherwise wrap the compiled function in a per-call duplicate check.
+        placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+        first: dict[int, int] = {}
+        for k, t in enumerate(flat):
+            j = first.setdefault(id(t), k)
+            if j != k:
+                placeholders[k].replace_all_uses_with(placeholders[j])
+                graph.graph.erase_node(placeholders[k])
         graph.recompile()
+        inputs = [flat[k] for k in first.values()]
         if self.cuda_graphs:
-            for t in flat[len(feed_values):]:  # not the feeds: new tensors each step, copied in
+            for t in inputs[len(feed_values):]:  # not the feeds: new tensors each step, copied in
                 torch._dynamo.mark_static_address(t)
             mode = {"mode": "reduce-overhead"} if self.backend == "inductor" else {}
             return torch.compile(graph, backend=self.backend, fullgraph=True, **mode)
         try:
-            return torch._dynamo.lookup_backend(self.backend)(graph, flat)
+            return torch._dynamo.lookup_backend(self.backend)(graph, inputs)
         except Exception as exc:  # the backend refused an op of the captured graph
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self._give_up(f"{self._op_of(exc)} cannot be compiled by {self.backend}: {first_line}", 7)
@@ -180,15 +190,14 @@ class CompiledStep:
             extras.append(inputs)
             flat += inputs
             constants.append(lowering.constants())
-        signature = (*((v.shape, v.stride()) for v in feed_values), *constants)
-        if self._compiled and self._compiled[-1][0] == signature:
-            fn = self._compiled[-1][1]
-        else:
-            fn = self._switch(signature, feed_values, leaves, extras, flat)
-            if fn is None:
+        signature = (*[(v.shape, v.stride()) for v in feed_values], *constants)
+        entry = self._compiled[-1] if self._compiled else None
+        if entry is None or entry.signature != signature or not entry.matches(flat):
+            entry = self._switch(signature, feed_values, leaves, extras, flat)
+            if entry is None:
                 return None
         try:
-            out = fn(*flat)
+            out = entry.fn(*[flat[k] for k in entry.keep])
         except Error:
             raise
         except Exception as exc:
@@ -197,19 +206,40 @@ class CompiledStep:
         return out
 
     def _switch(self, signature, feed_values, leaves, extras, flat):
-        """The compiled function for `signature`, compiled now where none is cached yet."""
-        for k, (known, fn) in enumerate(self._compiled):
-            if known == signature:
+        """The compiled function for `signature` and these inputs' duplicates, compiled now
+        where none is cached yet."""
+        for k, entry in enumerate(self._compiled):
+            if entry.signature == signature and entry.matches(flat):
                 self._compiled.append(self._compiled.pop(k))
-                return fn
+                return entry
         if len(self._compiled) >= _MAX_SIGNATURES:
             self._give_up(f"more than {_MAX_SIGNATURES} different feed shapes or hyperparameter sets (each "
                           "compiles anew)")
             return None
         fn = self._compile(feed_values, leaves, extras, flat)
-        if fn is not None:
-            self._compiled.append((signature, fn))
-        return fn
+        if fn is None:
+            return None
+        self._compiled.append(_Compiled(signature, fn, flat))
+        return self._compiled[-1]
+
+
+class _Compiled:
+    """One compiled step: its signature, the function and which inputs it takes (`keep`: each
+    tensor once; `pairs`: (position, earlier position of the same tensor))."""
+
+    __slots__ = ("signature", "fn", "keep", "pairs")
+
+    def __init__(self, signature, fn, flat):
+        self.signature, self.fn = signature, fn
+        first: dict[int, int] = {}
+        self.pairs = [(k, j) for k, t in enumerate(flat) if (j := first.setdefault(id(t), k)) != k]
+        self.keep = list(first.values())
+
+    def matches(self, flat) -> bool:
+        """Whether `flat` repeats tensors where the compiled inputs did, and only there."""
+        if not all(flat[k] is flat[j] for k, j in self.pairs):
+            return False
+        return len({id(flat[k]) for k in self.keep}) == len(self.keep)
 
 
 _MAX_SIGNATURES = 8  # as TorchDynamo's recompilation limit

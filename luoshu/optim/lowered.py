@@ -77,23 +77,22 @@ class LoweredUpdate:
         step counters, then one learning rate per group; None while some parameter has no state
         yet (the first step creates it through the plan)."""
         opt = self.opt
-        params, states, steps = [], [], []
+        states, steps = [], []
         at = 0
-        for k, (gi, positions) in enumerate(self.groups):
-            group = opt.param_groups[gi]
-            names = opt._state_names(group)
-            mine = [opt._state[i] for i in self._indices[at:at + len(positions)]]
-            at += len(positions)
-            for st in mine:
-                if st is None or any(n not in st for n in names):
-                    return None
-                steps.append(st["step"])
-            for n in names:
-                states += [st[n] for st in mine]
-            lr = group["lr"]
-            if lr != self._lr_values[k]:  # a scheduler moved it: one fill, no recompilation
-                self._lr_tensors[k].fill_(lr)
-                self._lr_values[k] = lr
+        try:
+            for k, (gi, positions) in enumerate(self.groups):
+                group = opt.param_groups[gi]
+                mine = [opt._state[i] for i in self._indices[at:at + len(positions)]]
+                at += len(positions)
+                steps += [st["step"] for st in mine]  # a TypeError or KeyError: no state yet
+                for n in opt._state_names(group):
+                    states += [st[n] for st in mine]
+                lr = group["lr"]
+                if lr != self._lr_values[k]:  # a scheduler moved it: one fill, no recompilation
+                    self._lr_tensors[k].fill_(lr)
+                    self._lr_values[k] = lr
+        except (TypeError, KeyError):
+            return None
         params = [opt._params[i]._value for i in self._indices]
         return (*params, *states, *steps, *self._lr_tensors)
 
