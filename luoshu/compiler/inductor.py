@@ -2,24 +2,33 @@
 one torch.fx graph by TorchDynamo and compiled by TorchInductor, with the plan as the fallback.
 
 The plan's steps are written as one straight-line Python function over explicit inputs (the
-feeds, the leaves' values, and what each lowered op needs this step), which
-`torch.compile(fullgraph=True)` captures as a single fx graph: no graph break is allowed, so
-either the whole step compiles or none of it does. Every step calls its op's kernel, except ops
-whose `OpDef` has a `lower(**attrs)`: that returns a lowering whose `inputs()` are passed to the
-compiled function each step and whose `compute(inputs, *values)` replaces the kernel (the
+feeds, the leaves' values, and what each lowered op needs this step), which TorchDynamo exports
+as a single fx graph (`torch._dynamo.export`: no graph break is allowed, so either the whole
+step compiles or none of it does; it traces with fake tensors, so nothing runs). The backend
+compiles that graph once per signature (the feed shapes and strides, and the hyperparameters a
+lowering bakes in as constants), and each step calls the compiled function directly with one
+flat list of tensors: no Dynamo frame hook, no guard evaluation, no pytree per call — at a small
+step's size those cost as much as the kernels saved. Every step calls its op's kernel, except
+ops whose `OpDef` has a `lower(**attrs)`: that returns a lowering whose `inputs()` are passed to
+the compiled function each step and whose `compute(inputs, *values)` replaces the kernel (the
 optimizer update: `luoshu.optim.lowered`, its state and learning rates as tensors, mutated in
-place). When a step cannot be lowered (an op's `lower` refuses, or Dynamo/Inductor fail on an
-op's kernel), a `LoweringWarning` names the op and the plan runs the step, now and after.
-Before a lowering's state exists (an optimizer's first step), the plan runs that step.
+place). A linear layer's weight gradient read only by such a lowering is a `DeferredMatmul`,
+which plain SGD adds straight into the weight (one in-place addmm). When a step cannot be
+lowered (an op's `lower` refuses, or Dynamo/Inductor fail on an op's kernel), a
+`LoweringWarning` names the op and the plan runs the step, now and after. Before a lowering's
+state exists (an optimizer's first step), the plan runs that step.
 
-On CUDA with static feed shapes the compiled step is captured as a CUDA graph (Inductor's
-"reduce-overhead" mode; parameters and optimizer state are marked as static addresses, so their
-in-place updates stay inside the graph). Inductor caches compiled kernels on disk
-(`TORCHINDUCTOR_CACHE_DIR`, its FX graph cache), so a second process compiles faster.
+On CUDA with static feed shapes the exported graph goes through `torch.compile` in Inductor's
+"reduce-overhead" mode, captured as a CUDA graph (parameters and optimizer state are marked as
+static addresses, so their in-place updates stay inside the graph). Inductor caches compiled
+kernels on disk (`TORCHINDUCTOR_CACHE_DIR`, its FX graph cache), so a second process compiles
+faster.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import linecache
 import re
@@ -50,7 +59,6 @@ class CompiledStep:
         self.reason: str | None = None
         self.compiled_runs = 0  # steps the compiled function ran (the rest ran through the plan)
         self._lowerings: list = []
-        self._fn = None
         try:
             source, namespace = self._emit()
         except Error as exc:
@@ -60,9 +68,10 @@ class CompiledStep:
         static = all(None not in t.shape for t in plan.feed_tensors)
         self.cuda_graphs = (leaves_on_cuda and static) if cuda_graphs is None else bool(cuda_graphs)
         self.source = source
-        options = {"mode": "reduce-overhead"} if self.cuda_graphs and backend == "inductor" else {}
-        self._fn = torch.compile(namespace["_step"], backend=backend, fullgraph=True, **options)
-        self._first = True
+        self._step = namespace["_step"]
+        # The compiled steps, newest last; `run` looks only at the last unless the signature moved
+        # (a new feed shape, a changed hyperparameter).
+        self._compiled: list[_Compiled] = []
 
     # --- lowering -------------------------------------------------------------------
     def _emit(self) -> tuple[str, dict]:
@@ -77,20 +86,24 @@ class CompiledStep:
         if plan.leaf_tensors:
             lines.append(f"    {''.join(f's{slot_of[id(t)]}, ' for t in plan.leaf_tensors)}= leaves")
         self._step_of_line: dict[int, int] = {}
+        lowerings = {}
         for i, step in enumerate(plan.steps):
-            op = step.op
-            args = ", ".join(f"s{s}" for s in step.inputs)
-            lower = getattr(op.opdef, "lower", None)
+            lower = getattr(step.op.opdef, "lower", None)
             if lower is not None:
                 try:
-                    lowering = lower(**op.attrs)
+                    lowerings[i] = lower(**step.op.attrs)
                 except Error as exc:
-                    raise Error(f"op '{op.opdef.name}' (step {i}) cannot be lowered: {exc}") from None
-                namespace[f"U{i}"] = lowering.compute
+                    raise Error(f"op '{step.op.opdef.name}' (step {i}) cannot be lowered: {exc}") from None
+        deferred = _deferred_matmuls(plan, lowerings)
+        self.deferred_matmuls = len(deferred)  # weight gradients a lowering may add in place
+        for i, step in enumerate(plan.steps):
+            args = ", ".join(f"s{s}" for s in step.inputs)
+            if i in lowerings:
+                namespace[f"U{i}"] = lowerings[i].compute
                 call = f"U{i}(extras[{len(self._lowerings)}]{', ' if args else ''}{args})"
-                self._lowerings.append(lowering)
+                self._lowerings.append(lowerings[i])
             else:
-                namespace[f"K{i}"] = step.kernel
+                namespace[f"K{i}"] = functools.partial(DeferredMatmul, step.kernel) if i in deferred else step.kernel
                 call = f"K{i}({args})"
             self._step_of_line[len(lines) + 1] = i
             outs = ", ".join(f"s{s}" for s in step.outputs)
@@ -119,27 +132,72 @@ class CompiledStep:
                 return f"op '{self.plan.steps[i].op.opdef.name}' (step {i})"
         return "a step"
 
-    def _give_up(self, reason: str) -> None:
+    def _give_up(self, reason: str, stacklevel: int = 6) -> None:
+        """From now on the plan runs the step. The warning points at the caller of Graph.run:
+        `stacklevel` 6 from `__init__` (through Plan.compile) and `_switch`, 7 from `_compile`."""
         self.reason = reason
-        self._fn = None
-        # stacklevel 6: the caller of Graph.run (through Plan.compile or the first compiled run)
-        warnings.warn(f"whole-step compilation falls back to the plan: {reason}", LoweringWarning, stacklevel=6)
+        warnings.warn(f"whole-step compilation falls back to the plan: {reason}", LoweringWarning,
+                      stacklevel=stacklevel)
+
+    # --- compiling ------------------------------------------------------------------
+    def _compile(self, feed_values, leaves, extras, flat):
+        """The step captured for these inputs: TorchDynamo exports the step function as one fx
+        graph (fake tensors: nothing runs, so a failure has changed nothing), flattened to the
+        inputs' order, and the backend compiles it. Called directly, the compiled function skips
+        Dynamo's frame hook and guards on every step; `run` checks what they would have (the feed
+        shapes and the hyperparameters baked in) through its signature."""
+        try:
+            graph, _ = torch._dynamo.export(self._step)(feed_values, leaves, extras)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.Unsupported) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._give_up(f"{self._op_of(exc)} cannot be lowered: {first_line}", 7)
+            return None
+        graph.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs: no pytree per call
+        # A tensor passed twice (a parameter is a leaf and an input of its update) is one input:
+        # AOTAutograd would otherwise wrap the compiled function in a per-call duplicate check.
+        placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+        first: dict[int, int] = {}
+        for k, t in enumerate(flat):
+            j = first.setdefault(id(t), k)
+            if j != k:
+                placeholders[k].replace_all_uses_with(placeholders[j])
+                graph.graph.erase_node(placeholders[k])
+        graph.recompile()
+        inputs = [flat[k] for k in first.values()]
+        if self.cuda_graphs:
+            for t in inputs[len(feed_values):]:  # not the feeds: new tensors each step, copied in
+                torch._dynamo.mark_static_address(t)
+            mode = {"mode": "reduce-overhead"} if self.backend == "inductor" else {}
+            return torch.compile(graph, backend=self.backend, fullgraph=True, **mode)
+        try:
+            return torch._dynamo.lookup_backend(self.backend)(graph, inputs)
+        except Exception as exc:  # the backend refused an op of the captured graph
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._give_up(f"{self._op_of(exc)} cannot be compiled by {self.backend}: {first_line}", 7)
+            return None
 
     # --- running --------------------------------------------------------------------
     def run(self, feed_values: list) -> tuple | None:
-        if self._fn is None:
+        if self.reason is not None:
             return None
-        extras = []
+        leaves = [t._value for t in self.plan.leaf_tensors]
+        flat = [*feed_values, *leaves]
+        extras, constants = [], []
         for lowering in self._lowerings:
             inputs = lowering.inputs()
             if inputs is None:
                 return None
             extras.append(inputs)
-        leaves = [t._value for t in self.plan.leaf_tensors]
-        if self._first:
-            return self._first_run(feed_values, leaves, extras)
+            flat += inputs
+            constants.append(lowering.constants())
+        signature = (*[(v.shape, v.stride()) for v in feed_values], *constants)
+        entry = self._compiled[-1] if self._compiled else None
+        if entry is None or entry.signature != signature or not entry.matches(flat):
+            entry = self._switch(signature, feed_values, leaves, extras, flat)
+            if entry is None:
+                return None
         try:
-            out = self._fn(feed_values, leaves, extras)
+            out = entry.fn(*[flat[k] for k in entry.keep])
         except Error:
             raise
         except Exception as exc:
@@ -147,31 +205,97 @@ class CompiledStep:
         self.compiled_runs += 1
         return out
 
-    def _first_run(self, feed_values, leaves, extras):
-        """Compiles (Dynamo traces before anything runs, so a failure has changed nothing)."""
-        if self.cuda_graphs:
-            for t in itertools.chain(leaves, _tensors(extras)):
-                torch._dynamo.mark_static_address(t)
-        try:
-            out = self._fn(feed_values, leaves, extras)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.Unsupported) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self._give_up(f"{self._op_of(exc)} cannot be lowered: {first_line}")
+    def _switch(self, signature, feed_values, leaves, extras, flat):
+        """The compiled function for `signature` and these inputs' duplicates, compiled now
+        where none is cached yet."""
+        for k, entry in enumerate(self._compiled):
+            if entry.signature == signature and entry.matches(flat):
+                self._compiled.append(self._compiled.pop(k))
+                return entry
+        if len(self._compiled) >= _MAX_SIGNATURES:
+            self._give_up(f"more than {_MAX_SIGNATURES} different feed shapes or hyperparameter sets (each "
+                          "compiles anew)")
             return None
-        self._first = False
-        self.compiled_runs += 1
-        return out
+        fn = self._compile(feed_values, leaves, extras, flat)
+        if fn is None:
+            return None
+        self._compiled.append(_Compiled(signature, fn, flat))
+        return self._compiled[-1]
 
 
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
+class _Compiled:
+    """One compiled step: its signature, the function and which inputs it takes (`keep`: each
+    tensor once; `pairs`: (position, earlier position of the same tensor))."""
+
+    __slots__ = ("signature", "fn", "keep", "pairs")
+
+    def __init__(self, signature, fn, flat):
+        self.signature, self.fn = signature, fn
+        first: dict[int, int] = {}
+        self.pairs = [(k, j) for k, t in enumerate(flat) if (j := first.setdefault(id(t), k)) != k]
+        self.keep = list(first.values())
+
+    def matches(self, flat) -> bool:
+        """Whether `flat` repeats tensors where the compiled inputs did, and only there."""
+        if not all(flat[k] is flat[j] for k, j in self.pairs):
+            return False
+        return len({id(flat[k]) for k in self.keep}) == len(self.keep)
 
 
-__all__ = ["CompiledStep", "LoweringWarning"]
+_MAX_SIGNATURES = 8  # as TorchDynamo's recompilation limit
+
+
+class DeferredMatmul:
+    """A weight gradient `a.T @ b` (a 2-D matmul step read by nothing but a lowering that takes
+    it) left uncomputed, so that an update can add it straight into the parameter: one in-place
+    addmm instead of a gradient-sized buffer and a second pass over the parameter. `value()` is
+    the matmul step's own result, for every other use."""
+
+    __slots__ = ("kernel", "a", "b")
+
+    def __init__(self, kernel, a, b):
+        self.kernel, self.a, self.b = kernel, a, b
+
+    def value(self):
+        return self.kernel(self.a, self.b)
+
+    def add_to_(self, target, scale) -> None:
+        """`target += scale * a.T @ b` in place (`scale` a float or a 0-d tensor)."""
+        torch.ops.luoshu.addmm_(target, (self.a * scale).t(), self.b)
+
+
+def _deferred_matmuls(plan, lowerings: dict) -> set[int]:
+    """The steps whose result can be a `DeferredMatmul`: 2-D matmuls of a transposed and a plain
+    operand (a linear layer's weight gradient), read once, by a lowering that takes them, and
+    not fetched."""
+    reads = collections.Counter(s for step in plan.steps for s in step.inputs)
+    reader = {s: i for i, step in enumerate(plan.steps) for s in step.inputs}
+    fetched = set(plan.fetch_slots)
+    found = set()
+    for i, step in enumerate(plan.steps):
+        op = step.op
+        if op.opdef.name != "matmul" or not op.attrs["trans_a"] or op.attrs["trans_b"] or len(step.outputs) != 1:
+            continue
+        out = step.outputs[0]
+        if (all(len(t.shape) == 2 for t in op.inputs) and reads[out] == 1 and out not in fetched
+                and getattr(lowerings.get(reader[out]), "takes_deferred_matmuls", False)):
+            found.add(i)
+    return found
+
+
+# The in-place addmm of `DeferredMatmul.add_to_` as an operator with a mutated argument: Inductor
+# calls it on the parameter itself (an in-place `Tensor.addmm_` would be functionalized into an
+# addmm and a copy back).
+_library = torch.library.Library("luoshu", "FRAGMENT")
+_library.define("addmm_(Tensor(a!) self, Tensor mat1, Tensor mat2) -> ()")
+
+
+def _addmm_(self, mat1, mat2) -> None:
+    self.addmm_(mat1, mat2)
+
+
+_library.impl("addmm_", _addmm_, "CompositeExplicitAutograd")
+_library.impl("addmm_", lambda self, mat1, mat2: None, "Meta")
+
+
+__all__ = ["CompiledStep", "DeferredMatmul", "LoweringWarning"]

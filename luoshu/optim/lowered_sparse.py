@@ -54,30 +54,39 @@ def coalesce_rows(indices: torch.Tensor, values: torch.Tensor, shape: tuple):
 
 class SparseLoweredUpdate(LoweredUpdate):
     """`LoweredUpdate` of an update op whose gradient kinds include sparse ones ("s", "g"):
-    `inputs()` adds the optimizer's all-zero gradient buffers of the global ("g") parameters,
-    `compute(inputs, *grads)` takes the update op's flat gradient inputs (indices and values
-    for a sparse parameter) and applies the plan's update in place."""
+    `inputs()` adds the optimizer's all-zero gradient buffers of the global ("g") parameters
+    after the base's tensors, `compute(inputs, *flat_grads)` takes the update op's flat gradient
+    inputs (indices and values for a sparse parameter) and applies the plan's update in place."""
+
+    takes_deferred_matmuls = False  # every gradient arrives computed
 
     def __init__(self, opt, indices, kinds: str):
-        # The base checks everything that does not depend on the kinds (rule, clipping, layout).
+        # The base checks everything that does not depend on the kinds (rule, clipping, layout)
+        # and orders the parameters group by group (`_order`, `_indices`).
         super().__init__(opt, indices, "d" * len(kinds))
-        self.kinds = kinds
+        self.indices, self.kinds = list(indices), kinds
+        self._kinds = [kinds[pos] for pos in self._order]  # in the base's group order
 
     def inputs(self) -> tuple | None:
         base = super().inputs()
         if base is None:
             return None
         opt = self.opt
-        buffers = [opt._zero_grad_buffer(i, opt._params[i]._value) if kind == "g" else None
-                   for i, kind in zip(self.indices, self.kinds)]
-        return (*base, buffers)
+        buffers = [opt._zero_grad_buffer(i, opt._params[i]._value)
+                   for i, kind in zip(self._indices, self._kinds) if kind == "g"]
+        return (*base, *buffers)
 
     def compute(self, inputs: tuple, *flat_grads) -> None:
         opt = self.opt
-        params, states, steps, lrs, buffers = inputs
+        n, n_groups, n_buffers = len(self._indices), len(self.groups), self._kinds.count("g")
+        buffers = iter(inputs[len(inputs) - n_buffers:])
+        inputs = inputs[:len(inputs) - n_buffers]
+        params, lrs = inputs[:n], inputs[-n_groups:]
+        steps = list(inputs[len(inputs) - n - n_groups:len(inputs) - n_groups])
         entries = update_entries(self.indices, self.kinds, flat_grads)
+        entries = [entries[pos] for pos in self._order]
         # Coalesced first: clipping counts each sparse gradient as the dense one it stands for.
-        grads, rows, exact = [], [None] * len(params), []
+        grads, rows, exact = [], [None] * n, []
         for pos, (e, p) in enumerate(zip(entries, params)):
             if e.kind == "d":
                 g = e.inputs[0]
@@ -92,27 +101,35 @@ class SparseLoweredUpdate(LoweredUpdate):
             total = _total_norm(exact)
             grads = _scaled(grads, torch.clamp(opt.max_grad_norm / (total + 1e-6), max=1.0))
         targets, zero_after = list(params), []
-        for pos, (kind, p) in enumerate(zip(self.kinds, params)):
+        for pos, (kind, p) in enumerate(zip(self._kinds, params)):
             if kind == "g":
-                buffers[pos].index_copy_(0, rows[pos], grads[pos])
-                zero_after.append((buffers[pos], rows[pos]))
-                grads[pos] = buffers[pos]
+                buffer = next(buffers)
+                buffer.index_copy_(0, rows[pos], grads[pos])
+                zero_after.append((buffer, rows[pos]))
+                grads[pos] = buffer
             elif kind == "s":
                 targets[pos] = p.index_select(0, rows[pos])
         if opt._counts_steps:
             torch._foreach_add_(steps, 1.0)
-        for (gi, positions), state, lr in zip(self.groups, states, lrs):
-            group = opt.param_groups[gi]
-            gathered = {name: [values[k] if self.kinds[pos] != "s" else values[k].index_select(0, rows[pos])
-                               for k, pos in enumerate(positions)] for name, values in state.items()}
-            ps, st = [targets[p] for p in positions], [steps[p] for p in positions]
-            gs = opt._regularize(group, ps, [grads[p] for p in positions])
-            self.rule(opt, group, ps, gs, gathered, st, lr)
-            for k, pos in enumerate(positions):
-                if self.kinds[pos] == "s":
-                    params[pos].index_copy_(0, rows[pos], ps[k])
+        at, cursor = 0, n
+        for (gi, positions), lr in zip(self.groups, lrs):
+            group, end = opt.param_groups[gi], at + len(positions)
+            state, gathered = {}, {}
+            for name in opt._state_names(group):
+                state[name] = list(inputs[cursor:cursor + len(positions)])
+                cursor += len(positions)
+                gathered[name] = [v if self._kinds[k] != "s" else v.index_select(0, rows[k])
+                                  for k, v in zip(range(at, end), state[name])]
+            ps = targets[at:end]
+            gs = opt._regularize(group, ps, grads[at:end])
+            # state exists (inputs() said so): no parameter is on its first step
+            opt._rule(group, ps, gs, gathered, steps[at:end], [False] * len(ps), lr)
+            for k in range(at, end):
+                if self._kinds[k] == "s":
+                    params[k].index_copy_(0, rows[k], ps[k - at])
                     for name, values in state.items():
-                        values[k].index_copy_(0, rows[pos], gathered[name][k])
+                        values[k - at].index_copy_(0, rows[k], gathered[name][k - at])
+            at = end
         for buffer, touched in zero_after:  # rules never write their gradients: the buffer is all zero again
             buffer.index_fill_(0, touched, 0)
 

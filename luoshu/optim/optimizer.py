@@ -172,9 +172,10 @@ class Optimizer:
 
     Subclasses define `_state_names(group)` (the state tensors a group needs),
     optionally `_initial_state(group, name, param)`, and `_rule(group, params, grads,
-    state, steps, fresh)`, which updates lists of tensors in place with multi-tensor
+    state, steps, fresh, lr)`, which updates lists of tensors in place with multi-tensor
     kernels. `steps` are the per-parameter float32 step counters, already incremented;
-    `fresh[i]` says the state of parameter `i` was created in this step.
+    `fresh[i]` says the state of parameter `i` was created in this step; `lr` is the
+    group's learning rate (a float, or a 0-d tensor in a compiled step: `luoshu.optim.lowered`).
     """
 
     # True where the rule applies `weight_decay` itself (AdamW, LAMB) instead of the
@@ -451,7 +452,7 @@ class Optimizer:
             torch._foreach_add_(steps, 1.0)
         grads = self._regularize(group, params, grads)
         try:
-            self._rule(group, params, grads, state, steps, fresh)
+            self._rule(group, params, grads, state, steps, fresh, group["lr"])
         finally:  # rules never write their gradients: zeroing the rows restores an all-zero buffer
             for buffer, rows in zero_after:
                 buffer.index_fill_(0, rows, 0)
@@ -489,8 +490,13 @@ class Optimizer:
     def _initial_state(self, group: dict, name: str, param: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(param, memory_format=torch.contiguous_format)
 
-    def _rule(self, group, params, grads, state, steps, fresh) -> None:
+    def _rule(self, group, params, grads, state, steps, fresh, lr) -> None:
         raise NotImplementedError
+
+    def _takes_deferred_matmuls(self, group: dict) -> bool:
+        """Whether `_rule`, with a tensor `lr`, takes gradients left as matmuls
+        (`luoshu.compiler.inductor.DeferredMatmul`) for `group`."""
+        return False
 
     # --- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -5,6 +5,13 @@ apex FusedLAMB). Each `_rule` updates one parameter group's lists of tensors in 
 with multi-tensor kernels: torch's fused Adam/AdamW/AdaGrad kernels where they exist,
 `torch._foreach_*` otherwise. Weight decay (L2, added to the gradient) and `l1` are
 applied by the base class before the rule, except where the decay is decoupled.
+
+The rules are the one copy of each update, for the eager/plan update and for the compiled
+whole step alike (`luoshu.optim.lowered`): `lr` is the group's float there and a 0-d tensor
+here (so a scheduler moving it does not recompile), which TorchDynamo traces. Torch's fused
+kernels take no traced tensors, so with a tensor `lr` the Adam and AdaGrad rules run the fused
+kernels' formula in plain tensor ops instead. A rule that handles a tensor `lr` is marked
+`@_takes_tensor_lr`; LAMB's is not (it needs the fused Adam kernel).
 """
 
 from __future__ import annotations
@@ -36,6 +43,28 @@ def _pick(lists, idx):
     return [lists[i] for i in idx]
 
 
+def _takes_tensor_lr(rule):
+    """Marks a `_rule` whose `lr` may be a 0-d tensor: the compiled step can lower it."""
+    rule.takes_tensor_lr = True
+    return rule
+
+
+def _add_scaled_(tensors, others, scale) -> None:
+    """`tensors += scale * others` in place: one kernel for a float `scale`; a 0-d tensor
+    `scale` (a lowered step's learning rate) goes through a product (no foreach add takes it),
+    and there an `other` may be a weight gradient left as a matmul, added by one in-place addmm
+    (`luoshu.compiler.inductor.DeferredMatmul`)."""
+    if not isinstance(scale, torch.Tensor):
+        torch._foreach_add_(tensors, others, alpha=scale)
+        return
+    dense = [k for k, other in enumerate(others) if isinstance(other, torch.Tensor)]
+    for tensor, other in zip(tensors, others):
+        if not isinstance(other, torch.Tensor):
+            other.add_to_(tensor, scale)
+    if dense:
+        torch._foreach_add_(_pick(tensors, dense), torch._foreach_mul(_pick(others, dense), scale))
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD."""
 
@@ -57,8 +86,12 @@ class SGD(Optimizer):
     def _state_names(self, group):
         return ["momentum_buffer"] if group["momentum"] else []
 
-    def _rule(self, group, params, grads, state, steps, fresh):
-        lr, momentum = group["lr"], group["momentum"]
+    def _takes_deferred_matmuls(self, group):
+        return not group["momentum"]  # the gradient is only added to the parameter
+
+    @_takes_tensor_lr
+    def _rule(self, group, params, grads, state, steps, fresh, lr):
+        momentum = group["momentum"]
         if momentum:
             bufs = state["momentum_buffer"]
             new = [i for i, f in enumerate(fresh) if f]
@@ -71,7 +104,7 @@ class SGD(Optimizer):
                 torch._foreach_mul_(old_bufs, momentum)
                 torch._foreach_add_(old_bufs, _pick(grads, old), alpha=1.0 - group["dampening"])
             grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
-        torch._foreach_add_(params, grads, alpha=-lr)
+        _add_scaled_(params, grads, -lr)
 
 
 class Momentum(SGD):
@@ -111,12 +144,19 @@ class AdaGrad(Optimizer):
     def _initial_state(self, group, name, param):
         return torch.full_like(param, group["initial_accumulator_value"], memory_format=torch.contiguous_format)
 
-    def _rule(self, group, params, grads, state, steps, fresh):
+    @_takes_tensor_lr
+    def _rule(self, group, params, grads, state, steps, fresh, lr):
         sums = state["sum"]
+        if isinstance(lr, torch.Tensor):  # traced: the fused kernel's formula (FusedAdagradKernel)
+            torch._foreach_addcmul_(sums, grads, grads)
+            for p, g, s, step in zip(params, grads, sums, steps):
+                clr = lr / (1.0 + (step - 1.0) * group["lr_decay"])
+                p.sub_(clr * g / (s.sqrt() + group["eps"]))
+            return
         for idx in _groups_by_device_dtype(params):
             # The fused kernel reads the (already incremented) step counters, never writes them.
             torch._fused_adagrad_(_pick(params, idx), _pick(grads, idx), _pick(sums, idx), _pick(steps, idx),
-                                  lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=0.0,
+                                  lr=lr, lr_decay=group["lr_decay"], weight_decay=0.0,
                                   eps=group["eps"], maximize=False)
 
 
@@ -146,8 +186,9 @@ class RMSProp(Optimizer):
             names.append("grad_avg")
         return names
 
-    def _rule(self, group, params, grads, state, steps, fresh):
-        alpha, lr = group["alpha"], group["lr"]
+    @_takes_tensor_lr
+    def _rule(self, group, params, grads, state, steps, fresh, lr):
+        alpha = group["alpha"]
         square_avg = state["square_avg"]
         torch._foreach_mul_(square_avg, alpha)
         torch._foreach_addcmul_(square_avg, grads, grads, value=1.0 - alpha)
@@ -163,7 +204,9 @@ class RMSProp(Optimizer):
             bufs = state["momentum_buffer"]
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_addcdiv_(bufs, grads, avg)
-            torch._foreach_add_(params, bufs, alpha=-lr)
+            _add_scaled_(params, bufs, -lr)
+        elif isinstance(lr, torch.Tensor):  # no foreach addcdiv takes a 0-d tensor value
+            _add_scaled_(params, torch._foreach_div(grads, avg), -lr)
         else:
             torch._foreach_addcdiv_(params, grads, avg, value=-lr)
 
@@ -190,18 +233,41 @@ class Adam(Optimizer):
             names.append("max_exp_avg_sq")
         return names
 
-    def _rule(self, group, params, grads, state, steps, fresh):
+    @_takes_tensor_lr
+    def _rule(self, group, params, grads, state, steps, fresh, lr):
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
         decoupled = self.decoupled_weight_decay
+        if isinstance(lr, torch.Tensor):
+            return _traced_adam(group, params, grads, state, steps, lr, decoupled)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         for idx in _groups_by_device_dtype(params):
             # The fused kernels read the (already incremented) step counters, never write them.
             kernel(_pick(params, idx), _pick(grads, idx), _pick(state["exp_avg"], idx),
                    _pick(state["exp_avg_sq"], idx), _pick(state["max_exp_avg_sq"], idx) if amsgrad else [],
-                   _pick(steps, idx), lr=group["lr"], beta1=beta1, beta2=beta2,
+                   _pick(steps, idx), lr=lr, beta1=beta1, beta2=beta2,
                    weight_decay=group["weight_decay"] if decoupled else 0.0, eps=group["eps"],
                    amsgrad=amsgrad, maximize=False)
+
+
+def _traced_adam(group, params, grads, state, steps, lr, decoupled) -> None:
+    """Adam's update for a tensor `lr`: the fused kernels' formula (FusedAdamKernel) in tensor ops."""
+    beta1, beta2 = group["betas"]
+    eps, amsgrad = group["eps"], group["amsgrad"]
+    decay = group["weight_decay"] if decoupled else 0.0
+    for k, (p, g, step) in enumerate(zip(params, grads, steps)):
+        m, v = state["exp_avg"][k], state["exp_avg_sq"][k]
+        if decay:
+            p.mul_(1.0 - lr * decay)
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        if amsgrad:
+            top = state["max_exp_avg_sq"][k]
+            torch.maximum(top, v, out=top)
+            v = top
+        step_size = lr / (1.0 - torch.pow(beta1, step))
+        denom = v.sqrt() / torch.sqrt(1.0 - torch.pow(beta2, step)) + eps
+        p.sub_(step_size * m / denom)
 
 
 class AdamW(Adam):
@@ -238,7 +304,7 @@ class LAMB(Optimizer):
     def _state_names(self, group):
         return ["exp_avg", "exp_avg_sq"]
 
-    def _rule(self, group, params, grads, state, steps, fresh):
+    def _rule(self, group, params, grads, state, steps, fresh, lr):
         beta1, beta2 = group["betas"]
         update = torch._foreach_mul(params, 0.0) if group["weight_decay"] == 0 else \
             torch._foreach_mul(params, group["weight_decay"])
@@ -254,7 +320,7 @@ class LAMB(Optimizer):
             u_norm = torch.stack(torch._foreach_norm(us))
             ratio = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
             torch._foreach_mul_(us, list(ratio.unbind(0)))
-            torch._foreach_add_(ps, us, alpha=-group["lr"])
+            torch._foreach_add_(ps, us, alpha=-lr)
 
 
 # The one name -> optimizer table: `luoshu train`, the parameter servers and the data-parallel

@@ -59,7 +59,8 @@ class UpdateRule:
             self._apply_row_steps(param, grad, state, row_steps)
             return
         grads = self._opt._regularize(self.group, [param], [grad])
-        self._opt._rule(self.group, [param], grads, {n: [state[n]] for n in self.state_names}, [step], [fresh])
+        self._opt._rule(self.group, [param], grads, {n: [state[n]] for n in self.state_names}, [step], [fresh],
+                        self.group["lr"])
 
     def _apply_row_steps(self, param, grad, state, t) -> None:
         group = self.group

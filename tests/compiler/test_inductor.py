@@ -103,6 +103,83 @@ def test_compiled_mlp_step_equals_the_plan_over_20_steps_as_one_inductor_graph()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1  # one graph, no break
 
 
+def test_compiled_plain_sgd_adds_weight_gradients_into_the_parameters():
+    # Plain SGD: each weight gradient stays a matmul that one in-place addmm adds to its weight.
+    # Two interleaved parameter groups (weights, biases), each with its own scheduled lr.
+    def schedule(i, opt):
+        if i % 5 == 4:
+            opt.param_groups[i % 2]["lr"] *= 0.5
+
+    def make_opt(ps):
+        return ls.optim.SGD([{"params": ps[0::2]}, {"params": ps[1::2], "lr": 0.05}], lr=0.1)
+
+    plan = _compare(lambda: _mlp_job(make_opt), "inductor", on_step=schedule)
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
+    assert plan.compiled.deferred_matmuls == 2  # both weights; the first layer's input needs no gradient
+
+
+def test_deferred_weight_gradients_equal_torch_sgd():
+    """The update of weight gradients left as matmuls, run eagerly, against torch.optim.SGD; with
+    clipping or L1 they are computed first."""
+    from luoshu.compiler.inductor import DeferredMatmul
+    from luoshu.core.op import get_opdef
+
+    def kernel(a, b):
+        return get_opdef("matmul").compute(a, b, trans_a=True, trans_b=False)
+
+    rng = np.random.default_rng(6)
+    for hyper in ({}, {"max_grad_norm": 0.5}, {"l1": 1e-3}):
+        weights = [rng.standard_normal((6, 4)).astype(np.float32) for _ in range(2)]
+        params = [ls.tensor(w.copy()) for w in weights]
+        opt = ls.optim.SGD(params, lr=0.1, **hyper)
+        ref = [torch.tensor(w.copy(), requires_grad=True) for w in weights]
+        ref_opt = torch.optim.SGD(ref, lr=0.1)
+        lowered = opt.lowered_update([0, 1], "dd")
+        for step in range(4):
+            factors = [(torch.from_numpy(rng.standard_normal((3, 6)).astype(np.float32)),
+                        torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32))) for _ in range(2)]
+            grads = [a.T @ b for a, b in factors]
+            for r, g in zip(ref, grads):
+                r.grad = g.clone()
+                if "l1" in hyper:
+                    r.grad += hyper["l1"] * torch.sign(r.detach())
+            if "max_grad_norm" in hyper:
+                torch.nn.utils.clip_grad_norm_(ref, hyper["max_grad_norm"])
+            ref_opt.step()
+            if step == 0:
+                opt.apply_gradients(list(enumerate(grads)))  # the first step creates the state
+                continue
+            with torch.no_grad():
+                lowered.compute(lowered.inputs(), *(DeferredMatmul(kernel, a, b) for a, b in factors))
+            for p, r in zip(params, ref):
+                np.testing.assert_allclose(p.numpy(), r.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{hyper}")
+
+
+def test_a_new_feed_shape_or_hyperparameter_compiles_anew_and_equals_the_plan():
+    # The compiled function is called without Dynamo's guards: the step's own signature (feed
+    # shapes, hyperparameters baked in) must catch a new batch size and a changed momentum.
+    def job():
+        ls.manual_seed(0)
+        model = ls.nn.Sequential(ls.nn.Linear(12, 16), ls.nn.Tanh(), ls.nn.Linear(16, 5))
+        with ls.Graph() as g:
+            x = ls.placeholder("x", (None, 12))
+            y = ls.placeholder("y", (None,), "int64")
+            loss = ls.nn.functional.cross_entropy(model(x), y)
+            opt = ls.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+            train = opt.minimize(loss)
+        rng = np.random.default_rng(7)
+        data = [{x: rng.standard_normal((n, 12)).astype(np.float32), y: rng.integers(0, 5, n)} for n in (8, 3)]
+        return g, [loss, train], model, opt, data
+
+    def change_momentum(i, opt):
+        if i == 5:
+            opt.param_groups[0]["momentum"] = 0.9
+
+    plan = _compare(job, "eager", steps=10, on_step=change_momentum)
+    assert plan.compiled.reason is None and plan.compiled.compiled_runs == 9
+    assert len(plan.compiled._compiled) == 4  # two batch sizes, before and after the change
+
+
 def test_compiled_gpt2_step_equals_the_plan_over_20_steps():
     plan = _compare(_gpt2_job, "eager")
     assert plan.compiled.reason is None and plan.compiled.compiled_runs == 19
