@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils.extmath import randomized_svd
 
 from luoshu.ml._validation import check_int, check_nonnegative, dense, rng_of, row_slices
 from luoshu.ml.base import DataError, Estimator, ParameterError, check_choice, check_X
@@ -351,9 +352,10 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
 
 
 def _nmf_products(X, W: torch.Tensor | None = None, H: torch.Tensor | None = None) -> torch.Tensor:
-    """X @ H.T (given H) or W.T @ X (given W) for dense or CSR X."""
+    """X @ H.T (given H) or W.T @ X (given W) for dense or CSR X (dense X @ H.T through NumPy's BLAS,
+    about twice as fast as torch's on this tall-times-transposed shape)."""
     if H is not None:
-        return torch.from_numpy(np.asarray(X @ H.T.numpy())) if sp.issparse(X) else X @ H.T
+        return torch.from_numpy(np.asarray((X if sp.issparse(X) else X.numpy()) @ H.numpy().T))
     return torch.from_numpy(np.asarray((X.T @ W.numpy()).T)) if sp.issparse(X) else W.T @ X
 
 
@@ -363,19 +365,31 @@ def _frobenius_sq(X, X_sq: float, W: torch.Tensor, H: torch.Tensor) -> float:
     return max(value, 0.0)
 
 
+@numba.njit(nogil=True, cache=True)
+def _hals_sweep(A, gram, cross):  # pragma: no cover - compiled; tested through `_hals`
+    violation = 0.0
+    n, k = A.shape
+    for j in range(k):
+        hess = gram[j, j]
+        if hess <= 0:
+            continue
+        for i in range(n):
+            grad = -cross[i, j]
+            for r in range(k):
+                grad += A[i, r] * gram[r, j]
+            violation += abs(grad) if A[i, j] > 0 else abs(min(grad, 0.0))
+            A[i, j] = max(A[i, j] - grad / hess, 0.0)
+    return violation
+
+
 def _hals(A: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
     """One coordinate-descent sweep over the columns of A (n x k) for min ||.||: A[:, j] += (cross[:, j] -
-    A @ gram[:, j]) / gram[j, j], clipped at 0 — in place, each column using the columns already updated.
-    Returns the sweep's violation: the summed magnitude of the projected gradient (scikit-learn's measure)."""
-    violation = 0.0
-    for j in range(A.shape[1]):
-        if gram[j, j] <= 0:
-            continue
-        grad = A @ gram[:, j] - cross[:, j]
-        projected = torch.where(A[:, j] > 0, grad, grad.clamp_max(0))
-        violation += float(projected.abs().sum())
-        A[:, j] = (A[:, j] - grad / gram[j, j]).clamp_min_(0)
-    return violation
+    A @ gram[:, j]) / gram[j, j], clipped at 0 — in place, each column using the columns already updated
+    (a row's entry of column j depends only on that row, so the compiled sweep runs row by row inside a
+    column, as scikit-learn's). Returns the sweep's violation: the summed magnitude of the projected
+    gradient (scikit-learn's measure). `A` must be a contiguous float64 tensor (it is updated through
+    its NumPy view)."""
+    return float(_hals_sweep(A.numpy(), np.ascontiguousarray(gram.numpy()), np.ascontiguousarray(cross.numpy())))
 
 
 class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
@@ -424,6 +438,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
             U, S, Vt = svds(X, k=k) if k < min(n, p) else np.linalg.svd(X.toarray(), full_matrices=False)
             order = np.argsort(S)[::-1]
             U, S, Vt = U[:, order], S[order], Vt[order]
+        elif k < min(n, p):  # the top k singular triples only: randomized SVD, power iterations (as scikit-learn)
+            U, S, Vt = randomized_svd(X, k, random_state=int(rng.integers(2**32 - 1)))
         else:
             U, S, Vt = np.linalg.svd(X, full_matrices=False)
         U, S, Vt = U[:, :k], S[:k], Vt[:k]
@@ -460,7 +476,8 @@ class NMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
         """Alternating updates; returns (W, H, iterations). "cd" stops when the sweep's projected-gradient
         violation falls to `tol` times the first one; "mu" when ||X - WH|| (checked every 10 iterations)
         improved by less than `tol` times its initial value (both as scikit-learn)."""
-        err_init = err_prev = np.sqrt(_frobenius_sq(X, X_sq, W, H))
+        W = W.contiguous()  # the compiled "cd" sweep updates it through its NumPy view
+        err_init = err_prev = np.sqrt(_frobenius_sq(X, X_sq, W, H)) if self.solver == "mu" else None
         violation_init = None
         it = 0
         for it in range(1, self.max_iter + 1):  # noqa: B007
