@@ -57,6 +57,24 @@ def _adagrad(p, acc, g, lr):  # pragma: no cover - compiled
     return p - lr * g / (math.sqrt(acc) + 1e-10), acc
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _touch(j, seen, touched, n_touched):  # pragma: no cover - compiled
+    """Records feature j as touched by this batch (once); the new count of touched features."""
+    if seen[j]:
+        return n_touched
+    seen[j] = True
+    touched[n_touched] = j
+    return n_touched + 1
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _step_linear(j, w, acc_w, g_w, reg_linear, lr):  # pragma: no cover - compiled
+    """AdaGrad on feature j's linear weights (L2 `reg_linear`); their gradient zeroed for the next batch."""
+    for c in range(w.shape[1]):
+        w[j, c], acc_w[j, c] = _adagrad(w[j, c], acc_w[j, c], g_w[j, c] + reg_linear * w[j, c], lr)
+        g_w[j, c] = 0.0
+
+
 @numba.njit(nogil=True, cache=True)
 def fm_epoch(
     indptr, indices, data, order, batch_size, target, task, w0, w, V, acc_w0, acc_w, acc_V, lr, reg_linear, reg_v
@@ -103,10 +121,7 @@ def fm_epoch(
             for p in range(a, b):
                 j = indices[p]
                 x = data[p]
-                if not seen[j]:
-                    seen[j] = True
-                    touched[n_touched] = j
-                    n_touched += 1
+                n_touched = _touch(j, seen, touched, n_touched)
                 for c in range(k_out):
                     rx = R[c] * x
                     g_w[j, c] += rx
@@ -117,9 +132,8 @@ def fm_epoch(
         for t in range(n_touched):
             j = touched[t]
             seen[j] = False
+            _step_linear(j, w, acc_w, g_w, reg_linear, lr)
             for c in range(k_out):
-                w[j, c], acc_w[j, c] = _adagrad(w[j, c], acc_w[j, c], g_w[j, c] + reg_linear * w[j, c], lr)
-                g_w[j, c] = 0.0
                 for f in range(k):
                     g = g_V[c, j, f] + reg_v * V[c, j, f]
                     V[c, j, f], acc_V[c, j, f] = _adagrad(V[c, j, f], acc_V[c, j, f], g, lr)
@@ -172,10 +186,7 @@ def ffm_epoch(
                 g_w0[c] += R[c]
             for p in range(a, b):
                 i = indices[p]
-                if not seen[i]:
-                    seen[i] = True
-                    touched[n_touched] = i
-                    n_touched += 1
+                n_touched = _touch(i, seen, touched, n_touched)
                 for c in range(k_out):
                     g_w[i, c] += R[c] * data[p]
                 for q in range(p + 1, b):
@@ -192,9 +203,7 @@ def ffm_epoch(
         for t in range(n_touched):
             i = touched[t]
             seen[i] = False
-            for c in range(k_out):
-                w[i, c], acc_w[i, c] = _adagrad(w[i, c], acc_w[i, c], g_w[i, c] + reg_linear * w[i, c], lr)
-                g_w[i, c] = 0.0
+            _step_linear(i, w, acc_w, g_w, reg_linear, lr)
             for g_field in range(n_fields):
                 for c in range(k_out):
                     for f in range(k):
