@@ -116,13 +116,20 @@ class ClusterSpec:
 A800 = dict(flops=312e12, intra_bw=200e9, inter_bw=25e9, memory=80 * 2**30)
 
 
+RECOMPUTE = ("none", "selective", "full")
+
+
 @dataclass(frozen=True)
 class Strategy:
     dp: int
     tp: int
     pp: int
     sp: bool = False
-    recompute: str = "none"  # "none", "selective", "full"
+    recompute: str = "none"  # "none", "selective" (attention only), "full" (whole layers)
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE:
+            raise HotSPaError(f"Strategy: recompute must be one of {RECOMPUTE}, found {self.recompute!r}")
 
     def __str__(self) -> str:
         extra = (",sp" if self.sp else "") + ("" if self.recompute == "none" else f",rc={self.recompute}")
@@ -131,20 +138,29 @@ class Strategy:
 
 def parse_strategy(text: str) -> Strategy:
     """'dp2,tp2,pp2' (any order; a missing axis is 1; a part 'sp': sequence parallelism over
-    the tp axis) -> Strategy."""
+    the tp axis; 'rc=selective' or 'rc=full': activation recompute of the attention or of whole
+    layers) -> Strategy; `parse_strategy(str(s)) == s`."""
     sizes = {"dp": 1, "tp": 1, "pp": 1}
-    sp = False
+    sp, recompute = False, "none"
     for part in str(text).replace(" ", "").split(","):
         if part == "sp":
             sp = True
             continue
+        if part.startswith("rc="):
+            if part[3:] not in RECOMPUTE:
+                raise HotSPaError(f"strategy {text!r}: part {part!r}: recompute must be rc= one of {RECOMPUTE}")
+            recompute = part[3:]
+            continue
         name, digits = part[:2], part[2:]
         if name not in sizes or not digits.isdigit() or int(digits) < 1:
-            raise HotSPaError(f"unknown strategy {text!r}: expected parts like dp2,tp4,pp1 (and sp)")
+            raise HotSPaError(
+                f"unknown strategy {text!r}: part {part!r} is none of dpN, tpN, ppN (N >= 1), sp, "
+                "rc=selective, rc=full; expected parts like dp2,tp4,pp1"
+            )
         sizes[name] = int(digits)
     if sp and sizes["tp"] == 1:
         raise HotSPaError(f"strategy {text!r}: sequence parallelism (sp) splits over tp, which is 1")
-    return Strategy(**sizes, sp=sp)
+    return Strategy(**sizes, sp=sp, recompute=recompute)
 
 
 def model_spec(model) -> ModelSpec | None:
@@ -565,7 +581,8 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
     return best
 
 
-__all__ = ["A800", "LLAMA_7B", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy", "bucketize",
+__all__ = ["A800", "LLAMA_7B", "RECOMPUTE", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy",
+           "bucketize",
            "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",
            "layer_time", "parse_strategy", "predict", "run_time",
            "search_layers", "simulate", "static_strategies", "switch_time"]

@@ -16,6 +16,10 @@ short ones under plain data parallelism. Training stays exactly that of one stra
   into the owner's layout, where they accumulate; one optimizer step runs there;
 - the buckets are visited in the order that makes the parameter switches cheapest
   (`hot_switch.best_order`, starting and ending at the owner);
+- a strategy string's "sp" keeps its activations between TP regions split along the sequence,
+  its "rc=full" / "rc=selective" recomputes the transformer blocks' (or their attention's)
+  activations in the backward (`luoshu.nn.recompute`: the strategies of one setting share a
+  graph that the recompute pass rewrites; a pipeline strategy's stages are traced so marked);
 - a strategy with pp > 1 runs its bucket as a pipeline (`parallel.pipeline`: the partition
   pass's stage plans, micro-batches over each replica's packed rows, a 1F1B schedule): there a
   parameter lives only on the ranks of the stages that read it, so the planner sends its slices
@@ -29,6 +33,7 @@ tokens, so the buckets' gradients add up to the gradient of the whole batch's me
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -51,12 +56,13 @@ from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
 from luoshu.nn.module import Module
+from luoshu.nn.recompute import _is_attention, recompute
 from luoshu.optim import SGD
 from luoshu.parallel import hot_switch as hs
 from luoshu.parallel import hotspa_profile
 from luoshu.parallel.hotspa import ClusterSpec, HotSPaError, model_spec, parse_strategy, predict
 from luoshu.parallel.hotspa import Strategy as CostStrategy
-from luoshu.parallel.pipeline import Pipeline
+from luoshu.parallel.pipeline import Pipeline, _layers
 from luoshu.parallel.tensor_parallel import _broadcast, parallelize
 
 
@@ -107,6 +113,40 @@ def _pipeline_loss(logits, labels, scale):
 
 def _name(mesh: DeviceMesh) -> str:
     return f"dp{mesh.dp},tp{mesh.tp},pp{mesh.pp}"
+
+
+@contextlib.contextmanager
+def _recompute_marks(model: Module, setting: str):
+    """While a strategy's graph records: the model's transformer blocks (its first ModuleList, as
+    the pipeline cuts it) marked for activation recompute as the strategy says ("full": each block,
+    "selective": each block's attention; "none": the model's own marks), then the marks as they were."""
+    if setting == "none":
+        yield
+        return
+    _, blocks = _layers(model)
+    inside = [(block, m) for block in blocks for m in block.modules()]
+    saved = [(m, "_recompute" in m.__dict__, m.__dict__.get("_recompute")) for _, m in inside]
+    try:
+        for block, m in inside:
+            recompute(m, enabled=m is block if setting == "full" else _is_attention(m))
+        yield
+    finally:
+        for m, had, value in saved:
+            if had:
+                m.__dict__["_recompute"] = value
+            else:
+                m.__dict__.pop("_recompute", None)
+
+
+@dataclass
+class _Program:
+    """The model's loss and gradients recorded once per recompute setting (the strategies with the
+    same setting share the graph; the plan cache keeps one plan per strategy)."""
+
+    graph: Graph
+    feeds: tuple
+    grads: list
+    fetches: list
 
 
 def _world_layout(ds: DStates, mesh: DeviceMesh, stages: Sequence[int] = (0,)) -> hs.Layout:
@@ -187,8 +227,11 @@ class HotSPa:
                 f"HotSPa: owner strategy {owner} {_name(meshes[owner])} has {meshes[owner].pp} pipeline stages; "
                 f"the owner must have pp=1 (one of strategies {flat})"
             )
-        # "…,sp": the strategy's graph keeps activations between TP regions split along the sequence
-        self.sequence_parallel = [isinstance(s, str) and parse_strategy(s).sp for s in strategies]
+        # "…,sp": the strategy's graph keeps activations between TP regions split along the sequence;
+        # "…,rc=full|selective": its graph recomputes the blocks' (or their attention's) activations
+        parsed = [parse_strategy(s) if isinstance(s, str) else None for s in strategies]
+        self.sequence_parallel = [st is not None and st.sp for st in parsed]
+        self.recompute = [st.recompute if st is not None else "none" for st in parsed]
         spec = model_spec(model)
         if memory_budget is not None:
             if spec is None:
@@ -197,7 +240,8 @@ class HotSPa:
                 gpus_per_node=world, nodes=1, flops=1.0, intra_bw=1.0, inter_bw=1.0, memory=float(memory_budget)
             )
             for i, mesh in enumerate(meshes):
-                p = predict(spec, cluster, CostStrategy(mesh.dp, mesh.tp, mesh.pp), [bounds[i]] * mesh.dp)
+                st = CostStrategy(mesh.dp, mesh.tp, mesh.pp, self.sequence_parallel[i], self.recompute[i])
+                p = predict(spec, cluster, st, [bounds[i]] * mesh.dp)
                 if not p.fits:
                     raise HotSPaError(
                         f"HotSPa: bucket {i} (sequences up to {bounds[i]} tokens) under strategy {_name(mesh)} needs "
@@ -268,7 +312,7 @@ class HotSPa:
             ]
             for a in range(n)
         ]
-        self._build_graph(plans_strategy)
+        self._build_programs(plans_strategy)
 
     # --- set-up -----------------------------------------------------------------------------------
     def _stage_program(self, i: int, strategy: states.Strategy) -> tuple[Pipeline, list[list[int]]]:
@@ -282,12 +326,13 @@ class HotSPa:
         names = SGD(self.params, lr=0.0)
         states.set_default(strategy)
         try:
-            pipe.compile(
-                [("ids", table, "int64"), ("positions", table, "int64"), ("segment_ids", table, "int64")],
-                [("labels", table, "int64"), ("scale", table, dtype)],
-                _pipeline_loss,
-                names,
-            )
+            with _recompute_marks(self.model, self.recompute[i]):
+                pipe.compile(
+                    [("ids", table, "int64"), ("positions", table, "int64"), ("segment_ids", table, "int64")],
+                    [("labels", table, "int64"), ("scale", table, dtype)],
+                    _pipeline_loss,
+                    names,
+                )
         finally:
             states.set_default(None)
         used = torch.zeros((self.world, len(self.params)), dtype=torch.int64)
@@ -323,7 +368,31 @@ class HotSPa:
                 sent[r] = sent.get(r, 0) + nbytes
         return sent, plans
 
-    def _build_graph(self, strategies: list[states.Strategy]) -> None:
+    def _build_programs(self, strategies: list[states.Strategy]) -> None:
+        """The loss and gradient graph of every recompute setting the pp = 1 strategies use (the
+        pipeline strategies trace their own stages), and each strategy's states with its gradients
+        fetched in their parameter's states under it."""
+        by_setting: dict[str, _Program] = {}
+        for i, mesh in enumerate(self.meshes):
+            if mesh.pp == 1 and self.recompute[i] not in by_setting:
+                with _recompute_marks(self.model, self.recompute[i]):
+                    by_setting[self.recompute[i]] = self._record()
+        self._programs = [by_setting.get(self.recompute[i]) for i in range(len(self.meshes))]
+        owner = self._programs[self.owner]
+        self.graph, self._grads = owner.graph, owner.grads  # the owner's; every program's grads are alike in kind
+        self._strategies = []
+        for i, st in enumerate(strategies):
+            program = self._programs[i]
+            wanted = {}
+            if program is not None:
+                wanted = {
+                    id(gr): p.ds[i]
+                    for p, gr in zip(self.params, program.grads)
+                    if gr is not None and not isinstance(gr, IndexedSlices)
+                }
+            self._strategies.append(dataclasses.replace(st, fetch_states=wanted))
+
+    def _record(self) -> _Program:
         dtype = self.params[0].dtype
         with Graph(name="hotspa") as g:
             ids = g.placeholder("ids", (None, None), "int64")
@@ -338,22 +407,12 @@ class HotSPa:
             )
             loss = total * scale
             grads = gradients(loss, self.params)
-        self.graph = g
-        self._feeds = (ids, positions, segments, labels, scale)
-        self._loss, self._grads = loss, grads
-        self._fetches = [loss]
+        fetches = [loss]
         for gr in grads:
             if gr is None:
                 continue
-            self._fetches += [gr.indices, gr.values] if isinstance(gr, IndexedSlices) else [gr]
-        self._strategies = []
-        for i, st in enumerate(strategies):  # gradients fetched in their parameter's states under strategy i
-            wanted = {
-                id(gr): p.ds[i]
-                for p, gr in zip(self.params, grads)
-                if gr is not None and not isinstance(gr, IndexedSlices)
-            }
-            self._strategies.append(dataclasses.replace(st, fetch_states=wanted))
+            fetches += [gr.indices, gr.values] if isinstance(gr, IndexedSlices) else [gr]
+        return _Program(g, (ids, positions, segments, labels, scale), grads, fetches)
 
     # --- one step ---------------------------------------------------------------------------------
     def _local_grads(self, i: int, rows, scale: float, touched: dict) -> tuple[float, list[torch.Tensor]]:
@@ -363,10 +422,11 @@ class HotSPa:
         values = [p._value for p in self.params]
         if rows is None:  # this rank's replica got no rows this step: it adds nothing
             return 0.0, [torch.zeros_like(v) for v in values]
-        states.select(self.graph, self._strategies[i], ("hotspa", i))
-        ids, positions, segments, labels, scale_t = self._feeds
-        out = self.graph.run(
-            self._fetches,
+        program = self._programs[i]
+        states.select(program.graph, self._strategies[i], ("hotspa", i))
+        ids, positions, segments, labels, scale_t = program.feeds
+        out = program.graph.run(
+            program.fetches,
             {
                 ids: rows.tokens,
                 positions: rows.positions,
@@ -377,7 +437,7 @@ class HotSPa:
         )
         loss, rest = float(out[0]), out[1:]
         grads = []
-        for k, gr in enumerate(self._grads):
+        for k, gr in enumerate(program.grads):
             if gr is None:
                 grads.append(torch.zeros_like(values[k]))
             elif isinstance(gr, IndexedSlices):  # rows of a table: summed into its local block

@@ -98,8 +98,26 @@ def _collectives(hot, i: int, name: str) -> int:
     from luoshu.compiler import states
     from luoshu.core.op import topological_ops
 
-    local = states.localize_graph(topological_ops(hot._fetches, hot.graph), [], hot._strategies[i])
+    program = hot._programs[i]
+    local = states.localize_graph(topological_ops(program.fetches, program.graph), [], hot._strategies[i])
     return sum(op.opdef.name == name for op in local.graph.ops)
+
+
+def activation_peaks(hot, sequences) -> list[int]:
+    """The most activation bytes alive at once in each pp = 1 strategy's plan, on `sequences`
+    packed into one bucket (the plan's memory accounting; one run, no update)."""
+    from luoshu.compiler import states
+    from luoshu.data.packing import bucket_batch
+
+    rows = bucket_batch(sequences, [MAX_LEN, 0])[0].rows
+    peaks = []
+    for i, program in enumerate(hot._programs):
+        states.select(program.graph, hot._strategies[i], ("hotspa", i))
+        ids, positions, segments, labels, scale = program.feeds
+        feed = {ids: rows.tokens, positions: rows.positions, segments: rows.segment_ids, labels: rows.labels,
+                scale: np.asarray(1.0)}
+        peaks.append(program.graph.memory(program.fetches, feed).peak_activations)
+    return peaks
 
 
 def _pp_owner_refused(name: str, strategies: list[str]) -> bool:

@@ -83,3 +83,28 @@ def test_bad_input():
     with pytest.raises(H.HotSPaError, match="2 buckets need as many strategies"):
         H.simulate(H.LLAMA_7B, CLUSTER8, [100], [32768, 4096, 0], strategies=["dp8"])
     assert H.parse_strategy("tp4,dp1,pp2") == H.Strategy(1, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "text", ["dp2,tp2,pp1", "dp1,tp4,pp1,sp", "dp1,tp2,pp2,rc=full", "dp2,tp2,pp1,sp,rc=selective", "rc=full,pp2,dp2"]
+)
+def test_a_strategy_string_round_trips(text):
+    st = H.parse_strategy(text)
+    assert H.parse_strategy(str(st)) == st
+    assert st.recompute == ("full" if "rc=full" in text else "selective" if "selective" in text else "none")
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("dp2,xp2", "part 'xp2' is none of dpN, tpN, ppN"),
+        ("dp2,tp0", "part 'tp0' is none of"),
+        ("dp2,rc=attention", "part 'rc=attention': recompute must be rc= one of"),
+        ("dp2,recompute", "part 'recompute' is none of"),
+    ],
+)
+def test_an_unknown_strategy_part_is_named(text, match):
+    with pytest.raises(H.HotSPaError, match=match):
+        H.parse_strategy(text)
+    with pytest.raises(H.HotSPaError, match="recompute must be one of"):
+        H.Strategy(1, 1, 1, recompute="attention")

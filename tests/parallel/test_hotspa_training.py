@@ -116,6 +116,40 @@ def test_one_process_three_strategies_train_as_the_reference_with_a_plan_per_str
     assert all(len(p.ds) == 3 for p in hot.params)  # one DStates per strategy
 
 
+RECOMPUTED = ["dp1,tp1,pp1,rc=full", "dp1,tp1,pp1,rc=selective", "dp1,tp1,pp1"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_a_strategys_recompute_rewrites_its_graph_and_leaves_the_numbers(name):
+    """'rc=full' recomputes each block, 'rc=selective' each block's attention, in the graph of the
+    strategies with that setting; training equals the reference and the model's marks stay as they were."""
+    losses, params, _, hot = H.train(name, RECOMPUTED)
+    ref_losses, ref_params = H.reference(name)
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-9)
+    for pname, value in ref_params.items():
+        np.testing.assert_allclose(params[pname], value, rtol=0, atol=1e-9, err_msg=pname)
+    full, selective, none = hot._programs
+    assert len({id(full), id(selective), id(none)}) == 3  # one graph per recompute setting
+    assert len(full.graph.recompute_regions) == len(selective.graph.recompute_regions) == 2  # two blocks
+    assert all(r.applied and r.copies for r in full.graph.recompute_regions + selective.graph.recompute_regions)
+    assert not none.graph.recompute_regions
+    # the selective regions are the attention's: fewer ops copied than for the whole block
+    assert sum(map(len, (r.copies for r in selective.graph.recompute_regions))) < sum(
+        map(len, (r.copies for r in full.graph.recompute_regions))
+    )
+    assert not any(m.__dict__.get("_recompute") for m in hot.model.modules())
+    if name == "gpt2":  # its plans keep fewer activation bytes at once (LLaMA's two layers are too few to show it)
+        full_peak, selective_peak, none_peak = H.activation_peaks(hot, [np.arange(H.MAX_LEN) % H.VOCAB] * 2)
+        assert full_peak < selective_peak < none_peak
+
+
+def test_strategy_recompute_is_refused_when_unknown():
+    from luoshu.parallel.hotspa import HotSPaError
+
+    with pytest.raises(HotSPaError, match="part 'rc=half': recompute must be rc= one of"):
+        ls.parallel.HotSPa(H.build("gpt2"), ["dp1,tp1,pp1,rc=half"] * 3, H.BOUNDS)
+
+
 def _untouched(model) -> bool:
     return all(not p.ds for p in model.parameters())
 
