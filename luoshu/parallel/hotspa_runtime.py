@@ -50,6 +50,7 @@ from luoshu.core.autodiff import gradients
 from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.core.errors import Error
 from luoshu.core.graph import Graph
+from luoshu.core.op import topological_ops
 from luoshu.core.tensor import IndexedSlices
 from luoshu.data.packing import IGNORE_INDEX, _check_bounds, bucket_batch
 from luoshu.distributed import env
@@ -380,6 +381,16 @@ class HotSPa:
         self._programs = [by_setting.get(self.recompute[i]) for i in range(len(self.meshes))]
         owner = self._programs[self.owner]
         self.graph, self._grads = owner.graph, owner.grads  # the owner's; every program's grads are alike in kind
+        # A table looked up at the fed positions (GPT-2's learned positions) has rows for a gradient here, but
+        # the model run alone reads its first rows as a slice, whose gradient is dense: it updates every row
+        # (AdamW decays the rows no sequence reached), as one process does, not only the touched ones.
+        positions = owner.feeds[1]
+        self._dense_rows = {
+            k
+            for k, gr in enumerate(owner.grads)
+            if isinstance(gr, IndexedSlices)
+            and any(positions is t for op in topological_ops([gr.indices], owner.graph) for t in op.inputs)
+        }
         self._strategies = []
         for i, st in enumerate(strategies):
             program = self._programs[i]
@@ -565,7 +576,7 @@ class HotSPa:
         touched = {
             k: torch.zeros(p.shape[0], dtype=torch.int32)
             for k, (p, g) in enumerate(zip(self.params, self._grads))
-            if isinstance(g, IndexedSlices)
+            if isinstance(g, IndexedSlices) and k not in self._dense_rows
         }
         current, loss = self.owner, 0.0
         with context.no_grad():

@@ -1,4 +1,5 @@
-"""What a job's names build: zoo models (through `luoshu.models.MODELS` / `build`) and optimizers (`OPTIMIZERS`)."""
+"""What a job's names build: zoo models (through `luoshu.models.MODELS` / `build`), optimizers (`OPTIMIZERS`) and
+their learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -146,3 +147,15 @@ def build_optimizer(config: TrainConfig, params: Iterable) -> Optimizer:
     except TypeError as exc:
         raise TrainConfigError(f"optimizer {config.optimizer!r} ({cls.__name__}): bad arguments "
                                f"{config.optimizer_args}: {exc}") from None
+
+
+def build_scheduler(config: TrainConfig, optimizer: Optimizer, total_steps: int):
+    """The learning-rate schedule `config` names over `total_steps` (None: a constant rate), stepped
+    once per training step by every job (the plain trainer and the hot-switching one alike)."""
+    if config.lr_schedule == "cosine":
+        if config.warmup_steps >= total_steps:
+            raise TrainConfigError(f"warmup_steps {config.warmup_steps} must be below the {total_steps} training steps")
+        return optim.CosineWarmup(optimizer, config.warmup_steps, total_steps)
+    if config.warmup_steps:
+        return optim.LinearWarmup(optimizer, config.warmup_steps)
+    return None

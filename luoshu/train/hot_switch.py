@@ -23,6 +23,14 @@ and at the end, the full parameters and optimizer state, gathered from the owner
 layout, are written by rank 0 as the regular checkpoint package (`ls.save`, `step-<N>`), so
 `ls.load` reads one into a plain model; `--resume` continues from the newest one under the
 same or another hot-switching configuration (or `parallel: auto`), sharding it anew.
+
+A plain job (no `hot_switch`) resumes such a checkpoint and this job a plain one's: the metadata
+holds the trainer's fields (step, epoch and batch in epoch, the epoch's length in steps, the
+random generator, the learning-rate schedule's state), the tensors are the same package. The data
+position is the step: this job's batches are `batch_size` whole documents in corpus order, the plain
+job's shuffled blocks of `seq_len` tokens, and each finds its epoch and batch from the step when
+the checkpoint's epochs had another length. The models must agree in shape: a plain job's take
+positions up to data_args `seq_len`, this job's up to the first bucket bound (set them equal).
 """
 
 from __future__ import annotations
@@ -45,8 +53,14 @@ from luoshu.distributed import env
 from luoshu.parallel import hotspa_profile
 from luoshu.parallel.hotspa import parse_strategy
 from luoshu.parallel.hotspa_runtime import HotSPa
-from luoshu.train.builders import build_model, build_optimizer
-from luoshu.train.checkpoints import checkpoint_dir, generator_state, latest_checkpoint, list_checkpoints
+from luoshu.train.builders import build_model, build_optimizer, build_scheduler
+from luoshu.train.checkpoints import (
+    checkpoint_dir,
+    generator_state,
+    latest_checkpoint,
+    list_checkpoints,
+    set_generator_state,
+)
 from luoshu.train.errors import TrainConfigError
 
 MODELS = ("gpt2", "llama")
@@ -152,8 +166,10 @@ def _resume_point(config) -> tuple[Path, dict]:
     if path is None:
         raise TrainConfigError(f"--resume: no checkpoint in {config.checkpoint_path}")
     saved = verify(path).get("metadata", {})
-    if "step" not in saved or "config" not in saved:
-        raise CheckpointError(f"checkpoint {path} has no training position; was it written by luoshu train?")
+    for key in ("step", "config", "generator"):
+        if key not in saved:
+            raise CheckpointError(f"checkpoint {path} has no training position ({key!r} missing from its metadata); "
+                                  "was it written by luoshu train?")
     for key in ("model", "dataset", "model_args", "data_args", "seed", "batch_size"):
         if saved["config"].get(key) != getattr(config, key):
             raise TrainConfigError(
@@ -236,17 +252,25 @@ def train_hot_switch(config) -> dict[str, float]:
     manual_seed(config.seed)
     lengths = {"block_size": bounds[0], "max_seq_len": bounds[0]}
     model, _ = build_model(config.model, {}, config.model_args, {"vocab_size": corpus["vocab"], **lengths})
-    if resume is not None:
-        load(resume[0], model)  # the full values, before HotSPa shards them
+    if resume is not None:  # the full values, before HotSPa shards them
+        try:
+            load(resume[0], model)
+        except CheckpointError as exc:  # verified before anything changed: another model's shapes
+            raise CheckpointError(f"cannot resume from {resume[0]}: {exc}") from None
     if strategies is None:
         strategies = [_choose_static(config, model, docs)]
     budget = None if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
     hot = HotSPa(model, strategies, bounds, memory_budget=budget if config.hot_switch is not None else None)
     optimizer = build_optimizer(config, model.parameters())
+    scheduler = build_scheduler(config, optimizer, total)
     first = 0
-    if resume is not None:
+    if resume is not None:  # the position is the step: this job's batches are the documents from it on
         _load_optimizer(resume[0], hot, optimizer)
-        first = int(resume[1]["step"])
+        saved = resume[1]
+        first = int(saved["step"])
+        set_generator_state("cpu", saved["generator"])
+        if scheduler is not None and saved.get("scheduler") is not None:
+            scheduler.load_state_dict(saved["scheduler"])
     interval = steps_per_epoch if config.checkpoint_interval is None else config.checkpoint_interval
     job = config.job_dir
     writer = None
@@ -275,6 +299,8 @@ def train_hot_switch(config) -> dict[str, float]:
             start = (step % steps_per_epoch) * config.batch_size
             tick = time.perf_counter()
             report = hot.step(docs[start : start + config.batch_size], optimizer)
+            if scheduler is not None:
+                scheduler.step()
             loss = report.loss
             if writer is not None:
                 row = {
@@ -296,16 +322,19 @@ def train_hot_switch(config) -> dict[str, float]:
                     )
             done = step + 1
             if done == total or (interval and done % interval == 0):
-                metadata = {
+                metadata = {  # the plain trainer's fields (either job resumes the other's checkpoint)
                     "step": done,
                     "epoch": done // steps_per_epoch,
                     "batch_in_epoch": done % steps_per_epoch,
+                    "steps_per_epoch": steps_per_epoch,
                     "config": config.to_dict(),
                     "task": "lm",
+                    "generator": generator_state("cpu"),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "loss_scaler": None,
                     "strategies": list(strategies),
                     "bounds": list(bounds),
                     "train_loss": loss,
-                    "generator": generator_state("cpu"),
                 }
                 save_checkpoint(checkpoint_dir(config.checkpoint_path, done), hot, model, optimizer, metadata)
                 if env.rank() == 0 and config.keep_checkpoints:

@@ -28,10 +28,10 @@ from luoshu.core.errors import CheckpointError, Error
 from luoshu.core.tensor import normalize_device
 from luoshu.data import DataError, DataLoader
 from luoshu.gnn.job import train_node_job
-from luoshu.optim import CosineWarmup, LinearWarmup, LossScaler
+from luoshu.optim import LossScaler
 from luoshu.parallel import DataParallel
 from luoshu.train.batches import EpochBatches, StreamBatches, epoch_order
-from luoshu.train.builders import build_model, build_optimizer, model_table
+from luoshu.train.builders import build_model, build_optimizer, build_scheduler, model_table
 from luoshu.train.checkpoints import (
     PreviousRun,
     checkpoint_dir,
@@ -94,7 +94,7 @@ class Trainer:
         if self.parallel is not None:
             self.parallel.prepare(self.model)  # before the optimizer, which holds this rank's blocks
         self.optimizer = build_optimizer(config, self.model.parameters())
-        self.scheduler = self._scheduler()
+        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         low = {"bf16": "bfloat16", "fp16": "float16"}.get(config.precision)
         self.loss_scaler = LossScaler() if config.precision == "fp16" else None
         if self.loss_scaler is not None and self.parallel is not None:
@@ -126,17 +126,6 @@ class Trainer:
         self._eval_data: dict[str, np.ndarray] | None = None
 
     # --- pieces -------------------------------------------------------------------------------------
-    def _scheduler(self):
-        c = self.config
-        if c.lr_schedule == "cosine":
-            if c.warmup_steps >= self.total_steps:
-                raise TrainConfigError(f"warmup_steps {c.warmup_steps} must be below the {self.total_steps} "
-                                       "training steps")
-            return CosineWarmup(self.optimizer, c.warmup_steps, self.total_steps)
-        if c.warmup_steps:
-            return LinearWarmup(self.optimizer, c.warmup_steps)
-        return None
-
     def _profile_step(self, feed: dict, bar) -> float:
         """Runs one training step through the plan's memory accounting (the same kernels in the
         same order as `run`); prints the report and writes it to memory.json. Returns the loss."""
@@ -182,7 +171,8 @@ class Trainer:
         """Writes `step-<N>`; the first one a run writes replaces the previous run's results."""
         c = self.config
         metadata = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                    "config": c.to_dict(), "task": self.task_name, "window": dict(self.window),
+                    "steps_per_epoch": self.steps_per_epoch, "config": c.to_dict(), "task": self.task_name,
+                    "window": dict(self.window),
                     "metrics": self.last_metrics, "generator": generator_state(self.device),
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                     "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None}
@@ -228,11 +218,18 @@ class Trainer:
                 raise TrainConfigError(f"cannot resume from {path}: it was trained with {key}={old.get(key)!r}, "
                                        f"this job has {key}={getattr(self.config, key)!r}")
         with self._whole_state() as optimizer:
-            load(path, self.model, optimizer)
+            try:
+                load(path, self.model, optimizer)
+            except CheckpointError as exc:  # verified before anything changed: another model's shapes
+                raise CheckpointError(f"cannot resume from {path}: {exc}") from None
             state = optimizer.state_dict()
         if self.dp is not None:
             self.dp.sync.load_state_dict(state)
         self.step, self.epoch, self.batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+        if self.steps_per_epoch is not None and saved.get("steps_per_epoch") != self.steps_per_epoch:
+            # the writer's epochs had another length (a hot-switching job's batches are whole documents):
+            # the position in this job's epochs is the step's, as this job's own checkpoint would hold it
+            self.epoch, self.batch_in_epoch = divmod(self.step, self.steps_per_epoch)
         self.window = dict(saved.get("window") or self.window)
         self.last_metrics = dict(saved.get("metrics") or {})
         set_generator_state(self.device, saved["generator"])

@@ -37,14 +37,15 @@ def build(name: str):
     return model.to(dtype="float64")
 
 
-def batches(seed: int = 5):
-    """Long-tailed batches: most sequences short, a few up to MAX_LEN (every bucket non-empty)."""
+def batches(seed: int = 5, longest: int = MAX_LEN):
+    """Long-tailed batches: most sequences short, a few up to `longest` (every bucket non-empty
+    when that is MAX_LEN)."""
     rng = np.random.default_rng(seed)
     for _ in range(STEPS):
         seqs = ls.data.synthetic_sequences(
-            BATCH - 2, VOCAB, min_len=2, max_len=MAX_LEN, seed=int(rng.integers(1 << 30))
+            BATCH - 2, VOCAB, min_len=2, max_len=longest, seed=int(rng.integers(1 << 30))
         )
-        yield [*seqs, rng.integers(0, VOCAB, MAX_LEN), rng.integers(0, VOCAB, 9)]
+        yield [*seqs, rng.integers(0, VOCAB, longest), rng.integers(0, VOCAB, min(9, longest))]
 
 
 CLIP = {"gpt2": None, "llama": 0.3}  # LLaMA's gradients are clipped to a global norm they exceed
@@ -54,13 +55,13 @@ def optimizer(model, clip=None):
     return ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
 
 
-def reference(name: str, clip: bool = True):
+def reference(name: str, clip: bool = True, longest: int = MAX_LEN):
     """(losses, {name: parameter}) of one process on the same batches: the mean next-token loss
     over every target of the batch, each sequence run alone (no packing, no parallelism)."""
     model = build(name)
     opt = optimizer(model, CLIP[name] if clip else None)
     losses = []
-    for seqs in batches():
+    for seqs in batches(longest=longest):
         total = sum(len(s) - 1 for s in seqs)
         model.zero_grad()
         value = 0.0
@@ -79,12 +80,12 @@ def reference(name: str, clip: bool = True):
     return np.array(losses), {n: p.value.clone().numpy() for n, p in model.named_parameters()}
 
 
-def train(name: str, strategies=STRATEGIES):
+def train(name: str, strategies=STRATEGIES, bounds=BOUNDS, longest: int = MAX_LEN):
     model = build(name)
-    hot = ls.parallel.HotSPa(model, strategies, BOUNDS)
+    hot = ls.parallel.HotSPa(model, strategies, bounds)
     opt = optimizer(model, CLIP[name])
     losses, reports = [], []
-    for seqs in batches():
+    for seqs in batches(longest=longest):
         report = hot.step(seqs, opt)
         losses.append(report.loss)
         reports.append(report)
@@ -101,6 +102,17 @@ def _collectives(hot, i: int, name: str) -> int:
     program = hot._programs[i]
     local = states.localize_graph(topological_ops(program.fetches, program.graph), [], hot._strategies[i])
     return sum(op.opdef.name == name for op in local.graph.ops)
+
+
+def _stage_counts(hot, i: int) -> tuple[int, int, int]:
+    """(reduce-scatters in this rank's stage graphs, values each micro-batch's forward saves for
+    the backward, recompute regions traced) of pipeline strategy i; zeros for a pp = 1 one."""
+    if i not in hot._pipelines:
+        return 0, 0, 0
+    pipe = hot._pipelines[i]
+    ops = pipe.program.forward.ops + pipe.program.backward.ops
+    scatters = sum(op.opdef.name == "reduce_scatter" for op in ops)
+    return scatters, len(pipe.program.saved), len(pipe.graph.recompute_regions)
 
 
 def activation_peaks(hot, sequences) -> list[int]:
@@ -120,14 +132,14 @@ def activation_peaks(hot, sequences) -> list[int]:
     return peaks
 
 
-def _pp_owner_refused(name: str, strategies: list[str]) -> bool:
+def _pp_owner_refused(name: str, strategies: list[str], bounds=BOUNDS) -> bool:
     """Whether naming a pipeline strategy the owner is refused with a luoshu.Error (False when
     the set has none)."""
     pp = [i for i, s in enumerate(strategies) if parse_strategy(s).pp > 1]
     if not pp:
         return False
     try:
-        ls.parallel.HotSPa(build(name), strategies, BOUNDS, owner=pp[0])
+        ls.parallel.HotSPa(build(name), strategies, bounds, owner=pp[0])
     except ls.Error as exc:
         return "the owner must have pp=1" in str(exc)
     return False
@@ -138,21 +150,24 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2,llama")
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategies", default=";".join(STRATEGIES), help="';'-separated strategy strings")
+    parser.add_argument("--bounds", default=",".join(map(str, BOUNDS)), help="bucket bounds, one more than strategies")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
     for name in args.models.split(","):
-        losses, params, reports, hot = train(name, args.strategies.split(";"))
+        bounds = [int(b) for b in args.bounds.split(",")]
+        losses, params, reports, hot = train(name, args.strategies.split(";"), bounds)
         extra = {
             "owner": np.array(hot.owner),
             "order": np.array(reports[0].order),
             "switch_bytes": np.array([r.switch_bytes for r in reports]),
-            "tokens": np.array([[r.tokens.get(i, 0) for i in range(len(STRATEGIES))] for r in reports]),
+            "tokens": np.array([[r.tokens.get(i, 0) for i in range(len(hot.meshes))] for r in reports]),
             "reduce_scatter": np.array(
                 [0 if i in hot._pipelines else _collectives(hot, i, "reduce_scatter") for i in range(len(hot.meshes))]
             ),
+            "stage_counts": np.array([_stage_counts(hot, i) for i in range(len(hot.meshes))]),
             "micro_batches": np.array([max(r.micro_batches.values(), default=0) for r in reports]),
-            "pp_owner_refused": np.array(_pp_owner_refused(name, args.strategies.split(";"))),
+            "pp_owner_refused": np.array(_pp_owner_refused(name, args.strategies.split(";"), bounds)),
         }
         np.savez(f"{args.out}.{name}.rank{ls.distributed.rank()}.npz", losses=losses, **extra, **params)
     ls.distributed.shutdown()

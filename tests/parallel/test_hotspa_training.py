@@ -96,6 +96,34 @@ def test_a_pipeline_strategy_in_the_set_on_4_processes_matches_one_process(tmp_p
             assert bool(run["pp_owner_refused"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sequence_parallel_and_recompute_with_pipelines_on_4_processes_match_one_process(tmp_path):
+    """'sp' and 'rc=…' inside pipeline strategies (pp2 of tp2) and a pp=1 one, four buckets: the
+    one-process training; the sp stages really reduce-scatter, the rc=full stages trace a region
+    per block and save fewer values per micro-batch for their backward."""
+    out = tmp_path / "opts"
+    strategies = "dp1,tp2,pp2,sp;dp1,tp2,pp2,rc=full;dp2,tp2,pp1,sp,rc=selective;dp4,tp1,pp1"
+    proc = launch(
+        4, "tests/parallel/hotspa_train.py", "--models", "gpt2,llama", "--strategies", strategies,
+        "--bounds", "32,12,8,5,0", "--out", str(out), timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("gpt2", "llama"):
+        ref_losses, ref_params = H.reference(name)
+        for r in range(4):
+            run = np.load(f"{out}.{name}.rank{r}.npz")
+            np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
+            for pname, value in ref_params.items():
+                np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{name} {pname}")
+            assert int(run["owner"]) == 2 and sorted(run["order"]) == [0, 1, 2, 3]
+            assert (run["tokens"] > 0).all() and run["micro_batches"].max() > 1
+            (sp_scatter, sp_saved, sp_regions), (rc_scatter, rc_saved, rc_regions) = run["stage_counts"][:2]
+            assert sp_scatter > rc_scatter and sp_regions == 0
+            assert rc_regions == 2 and rc_saved < sp_saved
+            assert run["reduce_scatter"][2] > 0  # the pp=1 sp strategy too
+
+
 def test_a_sequence_parallel_strategy_string_needs_tp():
     from luoshu.parallel.hotspa import HotSPaError, parse_strategy
 
@@ -141,6 +169,19 @@ def test_a_strategys_recompute_rewrites_its_graph_and_leaves_the_numbers(name):
     if name == "gpt2":  # its plans keep fewer activation bytes at once (LLaMA's two layers are too few to show it)
         full_peak, selective_peak, none_peak = H.activation_peaks(hot, [np.arange(H.MAX_LEN) % H.VOCAB] * 2)
         assert full_peak < selective_peak < none_peak
+
+
+def test_position_rows_no_sequence_reaches_are_updated_as_one_process_updates_them():
+    """GPT-2 reads its learned positions at the fed positions under HotSPa (a gradient of rows), the
+    first rows as a slice alone (a dense gradient): AdamW's weight decay reaches every row either way,
+    also those past the batches' longest sequence (here 20 of 32)."""
+    losses, params, _, hot = H.train("gpt2", ONE, longest=20)
+    ref_losses, ref_params = H.reference("gpt2", longest=20)
+    assert hot._dense_rows == {next(k for k, p in enumerate(hot.params) if p is hot.model.wpe.weight)}
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-9)
+    for pname, value in ref_params.items():
+        np.testing.assert_allclose(params[pname], value, rtol=0, atol=1e-9, err_msg=pname)
+    assert not np.allclose(params["wpe.weight"][20:], H.build("gpt2").wpe.weight.value.numpy()[20:])
 
 
 def test_strategy_recompute_is_refused_when_unknown():

@@ -4,6 +4,7 @@ tokens of each bucket's group, the switch bytes and the switch time; bad setting
 from __future__ import annotations
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -271,3 +272,147 @@ def test_parallel_auto_under_launch_respects_the_budget(tmp_path):
     ref = tmp_path / "ref"
     ls.train.train(TrainConfig.from_dict({**_auto_values(tmp_path, max_steps=2), "out": str(ref)}))
     assert np.allclose(_losses(tmp_path / "run"), _losses(ref), rtol=1e-4, atol=0)
+
+
+# --- one checkpoint format: a plain job resumes a hot-switching one's and the converse ---------------------
+CROSS_DATA = {"num_docs": 96, "vocab": 64, "min_len": 2, "max_len": 64, "seq_len": 64}  # positions: 64 either way
+# no biases: the key projection's has a zero gradient in exact arithmetic (softmax ignores a constant per
+# query), so float32 rounding noise, normalised by AdamW, is all it would train on
+CROSS_MODEL = {"n_layer": 1, "n_head": 4, "n_embd": 32, "bias": False}
+CROSS_HOT = {"hot_switch": {"buckets": [64, 16, 0], "strategies": ["dp1,tp1,pp1"] * 2}}
+
+
+def _cross_values(out, max_steps: int, hot: bool, **extra):
+    """Four sequences per step (a plain epoch: 4 blocks of 64 tokens; a hot-switching one: 24 documents),
+    a warm-up the resumed job must continue, a step crossing the plain job's first epoch."""
+    values = {
+        "model": "gpt2", "dataset": "synthetic-lm", "model_args": CROSS_MODEL,
+        "data_args": CROSS_DATA, "optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 4,
+        "batch_size": 4, "eval_interval": 1, "max_steps": max_steps, "out": str(out), "progress": False,
+        **(CROSS_HOT if hot else {}), **extra,
+    }
+    return TrainConfig.from_dict(values)
+
+
+def _reference_from(path, config, steps: range, hot: bool):
+    """(losses, parameters) of `steps` run eagerly from the checkpoint at `path`, one process, as the
+    resuming job must run them: the plain job's loss (mean over a block batch of its epoch's seeded
+    order) or the hot-switching one's (every document of the batch alone, its targets' summed cross
+    entropy over the batch's targets), AdamW and a linear warm-up stepped from the start."""
+    from luoshu.train.builders import build_model, build_optimizer
+    from luoshu.train.datasets import DATASETS
+
+    data = DATASETS["synthetic-lm"].load(None, dict(CROSS_DATA), "lm")
+    model, _ = build_model("gpt2", data.info, config.model_args, data.min_info)
+    opt = build_optimizer(config, model.parameters())
+    ls.load(path, model, opt)
+    warmup = ls.optim.LinearWarmup(opt, config.warmup_steps)
+    for _ in range(steps.start):
+        warmup.step()
+    docs = ls.data.synthetic_sequences(96, 64, 2, 64, num_special=1, seed=0)
+    n_blocks = len(data.train["tokens"])
+    per_epoch = n_blocks // 4
+    losses = []
+    for step in steps:
+        model.zero_grad()
+        if hot:
+            batch = docs[(step % (96 // 4)) * 4 : (step % (96 // 4) + 1) * 4]
+            total = sum(len(d) - 1 for d in batch)
+            value = 0.0
+            for d in batch:
+                logits = model(ls.tensor(d[None]))
+                target = ls.tensor(np.concatenate([d[1:], [-100]]))
+                loss = ls.nn.functional.cross_entropy(logits.reshape((-1, 64)), target, reduction="sum") / total
+                loss.backward()
+                value += loss.item()
+        else:
+            epoch, j = divmod(step, per_epoch)
+            order = np.random.default_rng([config.seed, epoch]).permutation(n_blocks)
+            idx = np.sort(order[j * 4 : (j + 1) * 4])
+            logits = model(ls.tensor(data.train["tokens"][idx]))
+            target = ls.tensor(data.train["targets"][idx].reshape(-1))
+            loss = ls.nn.functional.cross_entropy(logits.reshape((-1, 64)), target)
+            loss.backward()
+            value = loss.item()
+        opt.step()
+        warmup.step()
+        losses.append(value)
+    return losses, {n: p.value.clone() for n, p in model.named_parameters()}
+
+
+def _newest(run_dir):
+    from luoshu.train.checkpoints import latest_checkpoint
+
+    return latest_checkpoint(run_dir / "checkpoints")
+
+
+def _cross_tensors(path) -> dict:
+    model, _ = ls.train.builders.build_model("gpt2", {}, CROSS_MODEL, {"vocab_size": 64, "block_size": 64})
+    ls.load(path, model)
+    return {n: p.value.clone() for n, p in model.named_parameters()}
+
+
+def test_a_plain_job_resumes_a_hot_switching_checkpoint_as_its_own(tmp_path):
+    """Three hot-switching steps, then a plain job resumes them for three more: its step, epoch, batch and
+    warm-up are what its own checkpoint of step 3 holds, and it trains on as one process from that
+    checkpoint's parameters and AdamW moments does (its epoch ends after step 4)."""
+    run = tmp_path / "run"
+    ls.train.train(_cross_values(run, 3, hot=True))
+    hot_ckpt = shutil.copytree(_newest(run), tmp_path / "hot-step-3")  # the resumed job keeps only its newest
+    plain_own = tmp_path / "own"
+    ls.train.train(_cross_values(plain_own, 3, hot=False))
+    resumed = ls.train.Trainer(_cross_values(run, 6, hot=False, resume=True))
+    resumed.load_checkpoint(hot_ckpt)
+    own = ls.train.Trainer(_cross_values(plain_own, 6, hot=False, resume=True))
+    own.load_checkpoint(_newest(plain_own))
+    assert resumed.steps_per_epoch == 4
+    position = (resumed.step, resumed.epoch, resumed.batch_in_epoch)
+    assert position == (own.step, own.epoch, own.batch_in_epoch) == (3, 0, 3)
+    assert resumed.scheduler.state_dict() == own.scheduler.state_dict()
+    assert resumed.optimizer.param_groups[0]["lr"] == own.optimizer.param_groups[0]["lr"]
+    ls.train.train(_cross_values(run, 6, hot=False, resume=True))
+    config = _cross_values(run, 6, hot=False)
+    ref_losses, ref_params = _reference_from(hot_ckpt, config, range(3, 6), hot=False)
+    rows = _rows(run / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [4, 5, 6]  # the plain log starts at the resumed step
+    np.testing.assert_allclose([float(r["train_loss"]) for r in rows], ref_losses, rtol=1e-5, atol=0)
+    _close(_cross_tensors(_newest(run)), ref_params, atol=1e-5)
+
+
+def test_a_hot_switching_job_resumes_a_plain_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    ls.train.train(_cross_values(run, 3, hot=False))
+    plain_ckpt = shutil.copytree(_newest(run), tmp_path / "plain-step-3")
+    ls.train.train(_cross_values(run, 6, hot=True, resume=True))
+    config = _cross_values(run, 6, hot=True)
+    ref_losses, ref_params = _reference_from(plain_ckpt, config, range(3, 6), hot=True)
+    rows = [r for r in _rows(run / "metrics.csv") if int(r["step"]) > 3]
+    assert [int(r["step"]) for r in rows] == [4, 5, 6]
+    np.testing.assert_allclose([float(r["train_loss"]) for r in rows], ref_losses, rtol=1e-5, atol=0)
+    _close(_cross_tensors(_newest(run)), ref_params, atol=1e-5)
+
+
+def _files(run) -> dict:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("first_hot", [True, False])
+def test_resuming_the_other_jobs_checkpoint_of_another_model_changes_nothing(tmp_path, first_hot):
+    run = tmp_path / "run"
+    ls.train.train(_cross_values(run, 2, hot=first_hot))
+    before = _files(run)
+    wider = _cross_values(run, 4, hot=not first_hot, resume=True, model_args={**CROSS_MODEL, "n_embd": 64})
+    with pytest.raises(TrainConfigError, match="trained with model_args"):
+        ls.train.train(wider)
+    assert _files(run) == before
+    # the same settings, but the hot-switching job's positions end at its first bucket bound (32), the
+    # plain job's at seq_len (64): the shapes differ, named before anything changes
+    short = tmp_path / "short"
+    data = {**CROSS_DATA, "max_len": 32}
+    hot = {"hot_switch": {"buckets": [32, 16, 0], "strategies": ["dp1,tp1,pp1"] * 2}}
+    ls.train.train(_cross_values(short, 2, hot=first_hot, data_args=data, **(hot if first_hot else {})))
+    before = _files(short)
+    resume = _cross_values(short, 4, hot=False, resume=True, data_args=data, **({} if first_hot else hot))
+    with pytest.raises(ls.Error, match=r"cannot resume from .*step-00000002: .*'wpe.weight' expects shape"):
+        ls.train.train(resume)
+    assert _files(short) == before
