@@ -69,7 +69,10 @@ def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
     logical_feeds: dict[int, Tensor] = {}
     strategy = states.strategy_of(graph, ops)
     if strategy is not None:  # tensor parallel: this rank's local graph (DESIGN §3)
-        local = states.localize_graph(ops, fetches, strategy)
+        # localised in the logical graph's recorded order (not prune's depth-first one): the local graph
+        # records its ops in that order and the scheduler follows it, so what passes placed stays placed
+        # (the recompute pass's copies just before their region's backward)
+        local = states.localize_graph(schedule_comm(ops), fetches, strategy)
         graph, fetches, logical_feeds = local.graph, [local.tensors[id(f)] for f in fetches], local.feeds
         ops = prune(graph, fetches)
     ops = schedule_comm(ops)
