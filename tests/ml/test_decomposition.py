@@ -172,6 +172,28 @@ def test_nmf_reconstruction_error_is_the_direct_norm(solver, sparse, max_iter):
     np.testing.assert_allclose(ours.reconstruction_err_, np.linalg.norm(X - W @ ours.components_), rtol=1e-9)
 
 
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+def test_nmf_row_blocks_follow_sklearn_from_the_same_start(solver, monkeypatch):
+    """W's half-step by row blocks of X (7 rows here, so 43 blocks and a ragged last one) follows scikit-learn's
+    whole-matrix updates from the same custom W, H."""
+    from luoshu.ml import decomposition
+
+    monkeypatch.setattr(decomposition, "_BLOCK_BYTES", 7 * 8 * 64)
+    X = load_digits().data[:300]
+    rng = np.random.default_rng(1)
+    W0, H0 = rng.random((300, 6)), rng.random((6, 64))
+    ours = NMF(6, solver=solver, init="random", max_iter=60)
+    W = ours.fit_transform(X, W=W0, H=H0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref = skd.NMF(6, solver=solver, init="custom", max_iter=60)
+        W_ref = ref.fit_transform(X, W=W0.copy(), H=H0.copy())
+    assert ours.n_iter_ == ref.n_iter_
+    np.testing.assert_allclose(W, W_ref, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ours.components_, ref.components_, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ours.reconstruction_err_, ref.reconstruction_err_, rtol=1e-9)
+
+
 def test_nmf_mu_stops_where_the_direct_errors_say():
     """The "mu" solver checks every 10 iterations whether ||X - WH|| improved by less than tol times its initial
     value; its stopping iteration against fits of 10, 20, ... iterations (tol=0) and their errors computed directly."""
