@@ -141,6 +141,80 @@ def test_nmf_reconstruction_error_within_one_percent_of_sklearn(solver, sparse):
     assert err <= err_ref * 1.02
 
 
+@pytest.mark.parametrize("n", [1, 64, 150])
+def test_hals_sweep_equals_sklearns_cd_update(n):
+    """The blocked sweep against scikit-learn's compiled coordinate-descent update (`_update_cdnmf_fast`):
+    rows not a multiple of the block, a component with zero Hessian (an all-zero row of H)."""
+    from sklearn.decomposition._cdnmf_fast import _update_cdnmf_fast
+
+    from luoshu.ml.decomposition import _hals
+
+    rng = np.random.default_rng(n)
+    W, H, X = rng.random((n, 6)), rng.random((6, 40)), rng.random((n, 40)) * 3
+    H[2] = 0
+    W[rng.random(W.shape) < 0.3] = 0
+    gram, cross = H @ H.T, X @ H.T
+    ours, ref = W.copy(), W.copy()
+    violation = _hals(ours, gram, cross)
+    violation_ref = _update_cdnmf_fast(ref, gram, cross, np.arange(6, dtype=np.intp))
+    np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(violation, violation_ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("max_iter", [1, 7, 200])
+def test_nmf_reconstruction_error_is_the_direct_norm(solver, sparse, max_iter):
+    """reconstruction_err_ comes from the last iteration's Gram and cross products; it is ||X - WH||_F."""
+    X = load_digits().data[:300]
+    ours = NMF(6, solver=solver, max_iter=max_iter, random_state=0)
+    W = ours.fit_transform(sp.csr_matrix(X) if sparse else X)
+    np.testing.assert_allclose(ours.reconstruction_err_, np.linalg.norm(X - W @ ours.components_), rtol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["cd", "mu"])
+def test_nmf_row_blocks_follow_sklearn_from_the_same_start(solver, monkeypatch):
+    """W's half-step by row blocks of X (7 rows here, so 43 blocks and a ragged last one) follows scikit-learn's
+    whole-matrix updates from the same custom W, H."""
+    from luoshu.ml import decomposition
+
+    monkeypatch.setattr(decomposition, "_BLOCK_BYTES", 7 * 8 * 64)
+    X = load_digits().data[:300]
+    rng = np.random.default_rng(1)
+    W0, H0 = rng.random((300, 6)), rng.random((6, 64))
+    ours = NMF(6, solver=solver, init="random", max_iter=60)
+    W = ours.fit_transform(X, W=W0, H=H0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref = skd.NMF(6, solver=solver, init="custom", max_iter=60)
+        W_ref = ref.fit_transform(X, W=W0.copy(), H=H0.copy())
+    assert ours.n_iter_ == ref.n_iter_
+    np.testing.assert_allclose(W, W_ref, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ours.components_, ref.components_, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ours.reconstruction_err_, ref.reconstruction_err_, rtol=1e-9)
+
+
+def test_nmf_mu_stops_where_the_direct_errors_say():
+    """The "mu" solver checks every 10 iterations whether ||X - WH|| improved by less than tol times its initial
+    value; its stopping iteration against fits of 10, 20, ... iterations (tol=0) and their errors computed directly."""
+    X = load_digits().data[:300]
+    rng = np.random.default_rng(0)
+    W0, H0 = rng.random((300, 6)), rng.random((6, 64))
+    tol = 2e-3
+    stopped = NMF(6, solver="mu", tol=tol, max_iter=400, init="random")
+    stopped.fit_transform(X, W=W0, H=H0)
+    errors = [np.linalg.norm(X - W0 @ H0)]
+    expected = None
+    for it in range(10, 401, 10):
+        model = NMF(6, solver="mu", tol=0, max_iter=it, init="random")
+        W = model.fit_transform(X, W=W0, H=H0)
+        errors.append(np.linalg.norm(X - W @ model.components_))
+        if (errors[-2] - errors[-1]) / errors[0] < tol:
+            expected = it
+            break
+    assert expected is not None and stopped.n_iter_ == expected
+
+
 def test_nmf_random_init_and_full_rank():
     X = np.abs(np.random.default_rng(0).normal(size=(40, 6)))
     ours = NMF(init="random", random_state=0, max_iter=400, tol=1e-8).fit(X)  # n_components = n_features
