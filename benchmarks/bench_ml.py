@@ -3,7 +3,9 @@
 Each case fits (or predicts with) luoshu's estimator and scikit-learn's on the same arrays, repeats
 interleaved (luoshu, sklearn, luoshu, sklearn ...), the first pair a warm-up; it prints median seconds,
 the time ratio (sklearn / luoshu: above 1 means luoshu is faster) and each side's quality (inertia,
-accuracy, held-out perplexity, reconstruction error, log loss). Both sides get the same threads (torch
+accuracy, held-out perplexity, reconstruction error, log loss). A second ratio compares the CPU
+seconds the process spent (all threads): on a machine other jobs share, it moves far less with their
+load than the wall clock does, and at --threads 1 it is the same work measured. Both sides get the same threads (torch
 intra-op threads, and scikit-learn's OpenMP/BLAS pools through threadpoolctl).
 
     .venv/bin/python benchmarks/bench_ml.py [--repeats 5] [--threads 2] [--scale 1.0] [--cases kmeans lda ...]
@@ -26,10 +28,11 @@ import scipy.sparse as sp
 import torch
 
 
-def _time(fn) -> tuple[float, object]:
-    tick = time.perf_counter()
+def _time(fn) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process over all its threads, result)."""
+    tick, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - tick, out
+    return time.perf_counter() - tick, time.process_time() - cpu, out
 
 
 def case_kmeans(scale: float):
@@ -220,21 +223,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # scikit-learn's convergence notices
     print(f"threads {args.threads}, {args.repeats} timed repeats (median), scale {args.scale}")
-    print(f"{'case':58s} {'luoshu s':>9s} {'sklearn s':>9s} {'speed-up':>8s}  quality (luoshu / sklearn)")
+    print(f"{'case':58s} {'luoshu s':>9s} {'sklearn s':>9s} {'speed-up':>8s} {'cpu':>7s}  "
+          "quality (luoshu / sklearn)")
     with threadpool_limits(args.threads):
         for name in args.cases:
             title, ours, ref, q_ours, q_ref = CASES[name](args.scale)
-            times_ours, times_ref = [], []
+            times_ours, times_ref, cpu_ours, cpu_ref = [], [], [], []
             for r in range(args.repeats + 1):
-                t_ours, out_ours = _time(ours)
-                t_ref, out_ref = _time(ref)
+                t_ours, c_ours, out_ours = _time(ours)
+                t_ref, c_ref, out_ref = _time(ref)
                 if r:  # the first pair warms caches, thread pools and lazy imports
                     times_ours.append(t_ours)
                     times_ref.append(t_ref)
+                    cpu_ours.append(c_ours)
+                    cpu_ref.append(c_ref)
             a, b = statistics.median(times_ours), statistics.median(times_ref)
+            cpu = statistics.median(cpu_ref) / statistics.median(cpu_ours)
             metric, va = q_ours(out_ours)
             _, vb = q_ref(out_ref)
-            print(f"{title:58s} {a:9.3f} {b:9.3f} {b / a:7.2f}x  {metric} {va:.6g} / {vb:.6g}", flush=True)
+            print(f"{title:58s} {a:9.3f} {b:9.3f} {b / a:7.2f}x {cpu:6.2f}x  {metric} {va:.6g} / {vb:.6g}", flush=True)
 
 
 if __name__ == "__main__":
