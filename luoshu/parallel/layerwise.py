@@ -1,0 +1,414 @@
+"""Layer-wise strategy search (Galvatron): per layer an activation recompute choice, per job the
+(dp, tp, sequence parallel) strategy and the pipeline's stages, under a per-device memory budget.
+
+`search_plan(prof, model, world, rows, row_len, lengths, budget)` returns the `LayerPlan` the cost
+model predicts fastest among every candidate strategy over `world` ranks whose peak fits the
+budget; `apply_plan(model, plan)` marks exactly the chosen blocks for recompute
+(`luoshu.nn.recompute`: "selective" recomputes a block's attention, "full" the whole block).
+
+The cost model per layer and recompute option:
+
+- memory, measured on this machine by the plans' own accounting (`Graph.memory`) of the model's
+  training graph (HotSPa's: packed rows, next-token loss, parameter gradients) with one and with
+  two blocks under that option (`measure_layers`): `saved`, the bytes a block keeps from its
+  forward until its backward (the two-block peak less the one-block peak), `extra`, what its
+  backward adds on top (a fully recomputed block's activations come back then), and `outside`,
+  the embeddings', head's and loss's. A stage's peak is taken as outside + Σ saved · in-flight
+  micro-batches + the extra of each option its blocks use (once per option: the plans' peaks
+  of mixed choices hold both a recomputed block's working set and a selective one's), plus 16
+  bytes per parameter it holds (fp32 weight and gradient, AdamW's two moments). It is
+  conservative where a fully recomputed block is not the last (the plan has freed the later
+  blocks' saved bytes by the time it comes back). Tensor (and sequence) parallelism scale the
+  measured bytes by the ratio of Korthikanti et al.'s formula under that tp
+  (`hotspa.layer_activation_bytes`);
+- time: `hotspa.layer_time` of the block under that option (full recompute one more forward,
+  selective the attention scores again) over the rows a replica runs; a job's step is
+  `hotspa.predict`'s (the profiled whole-model runs, the gradient all-reduce, the update) plus the
+  recompute it chooses; a pipeline's step its slowest stage times (m + pp - 1)/m.
+
+Search: for each candidate the stage programs are exact dynamic programs over layers × options
+(`hotspa.layer_tables`, memory in integer units of budget/`resolution`, rounded up), one for
+each set of options a stage may use (its extras charged up front, the others excluded), and the
+split into stages a min-max dynamic program over the stages' first layers; on tiny
+configurations it equals brute force over every split and choice (the tests). Nothing that
+fits: a `HotSPaError` naming the least memory needed and each candidate's.
+
+What the runtime can carry (and so what `luoshu train --parallel auto` searches):
+
+- recompute per block: yes, the marks are per module and the recompute pass rewrites each region;
+- sequence parallelism: per job only. It is `states.Strategy.sequence_parallel`, one flag of the
+  graph's whole localisation (which conversion the states pass prefers between TP regions), so it
+  cannot differ between the blocks of one plan; the search chooses it per strategy;
+- tp per layer: no. A parameter's `DStates` are per strategy, and one strategy localises the
+  whole graph over one TP group; resharding activations between blocks of different tp groups
+  would need a device-group change inside a plan (the send/recv the pipeline pass derives
+  between stages), which the states pass does not do within a stage. Every layer has the job's tp;
+- pipeline: the search chooses pp and the split (`pipeline=True`), and `Pipeline(stages=...)`
+  accepts a given split, but HotSPa's runtime, which runs the job, keeps every parameter and
+  the optimizer state on a pp = 1 owner, so a pp > 1 job would hold all model states anyway;
+  `--parallel auto` searches pp = 1 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from luoshu.nn.module import Module
+from luoshu.nn.recompute import recompute
+from luoshu.parallel import hotspa as H
+from luoshu.parallel import hotspa_profile
+from luoshu.parallel.pipeline import _layers
+from luoshu.parallel.tensor_parallel import COLWISE, MEGATRON_PLAN
+
+RECOMPUTE = ("none", "selective", "full")
+_SCOPE = {"selective": "attention", "full": "full"}
+STATE_BYTES = 16  # per parameter: fp32 weight and gradient, AdamW's two moments
+
+
+# --- the search over numbers ---------------------------------------------------------------------------
+def _segment_best(seconds, saved, extra, budget: int, start: int) -> list[tuple]:
+    """For each end j > start: (least seconds of layers start..j-1, the final (option, units) and
+    the tables of its path) whose Σ saved plus the extras of the options used fit `budget` units;
+    (inf, ...) where none. Each set of options is tried alone (its extras charged once), so the
+    dynamic program stays additive and exact."""
+    layers, k = len(seconds), len(extra)
+    out = [(math.inf, None, None)] * (layers + 1)
+    if start >= layers:
+        return out
+    for size in range(1, k + 1):
+        for used in itertools.combinations(range(k), size):
+            charge = sum(extra[c] for c in used)
+            if charge > budget:
+                continue
+            times = [[t if c in used else math.inf for c, t in enumerate(seconds[i])] for i in range(start, layers)]
+            bests, backs = H.layer_tables(times, [list(m) for m in saved[start:]], budget - charge)
+            for j, best in enumerate(bests):
+                c, m = np.unravel_index(np.argmin(best), best.shape)
+                if best[c, m] < out[start + j + 1][0]:
+                    out[start + j + 1] = (float(best[c, m]), (int(c), int(m)), backs)
+    return out
+
+
+def search_stages(
+    seconds: Sequence[Sequence[float]],
+    saved: Sequence[Sequence[Sequence[int]]],
+    extra: Sequence[int],
+    budgets: Sequence[int],
+    stage_seconds: Sequence[float] | None = None,
+) -> tuple[list[int], list[int], float]:
+    """The split of the layers into `len(budgets)` contiguous non-empty stages and an option per
+    layer that minimise the slowest stage's time: a stage's time is its layers' `seconds[l][c]`
+    plus `stage_seconds[s]`; its memory `Σ saved[s][l][c]` (stage s's in-flight copies) plus
+    `extra[c]` once for each option c its layers use, at most `budgets[s]` (integer units). Returns (the first
+    layer of each stage, the option of each layer, the slowest stage's time); HotSPaError when
+    nothing fits."""
+    pp, layers = len(budgets), len(seconds)
+    if layers < pp:
+        raise H.HotSPaError(f"search_stages: {layers} layers cannot fill {pp} stages")
+    fixed = list(stage_seconds) if stage_seconds is not None else [0.0] * pp
+    segments = [[_segment_best(seconds, saved[s], extra, int(budgets[s]), i) for i in range(layers)] for s in range(pp)]
+    # worst[s][j]: the least slowest-stage time of stages 0..s covering layers 0..j-1
+    worst = np.full((pp, layers + 1), math.inf)
+    cut = np.full((pp, layers + 1), -1, dtype=np.int64)
+    for j in range(1, layers + 1):
+        worst[0, j] = segments[0][0][j][0] + fixed[0]
+        cut[0, j] = 0
+    for s in range(1, pp):
+        for j in range(s + 1, layers + 1):
+            for i in range(s, j):
+                t = max(worst[s - 1, i], segments[s][i][j][0] + fixed[s])
+                if t < worst[s, j]:
+                    worst[s, j], cut[s, j] = t, i
+    if not math.isfinite(worst[pp - 1, layers]):
+        raise H.HotSPaError(
+            f"search_stages: no split of {layers} layers into {pp} stages fits the budgets {list(budgets)}"
+        )
+    starts, j = [], layers
+    for s in range(pp - 1, -1, -1):
+        starts.append(int(cut[s, j]))
+        j = starts[-1]
+    starts.reverse()
+    choices: list[int] = []
+    for s, i in enumerate(starts):
+        j = starts[s + 1] if s + 1 < pp else layers
+        _, (c, m), backs = segments[s][i][j]
+        choices += H.layer_path(backs, j - i - 1, c, m)
+    return starts, choices, float(worst[pp - 1, layers])
+
+
+def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None) -> float:
+    """The slowest-stage time `search_stages` must reach, over every split and every choice."""
+    pp, layers, k = len(budgets), len(seconds), len(seconds[0])
+    fixed = list(stage_seconds) if stage_seconds is not None else [0.0] * pp
+    best = math.inf
+    for inner in itertools.combinations(range(1, layers), pp - 1):
+        bounds = [0, *inner, layers]
+        for pick in itertools.product(range(k), repeat=layers):
+            worst = 0.0
+            for s in range(pp):
+                span = range(bounds[s], bounds[s + 1])
+                memory = sum(saved[s][i][pick[i]] for i in span) + sum(extra[c] for c in {pick[i] for i in span})
+                if memory > budgets[s]:
+                    worst = math.inf
+                    break
+                worst = max(worst, sum(seconds[i][pick[i]] for i in span) + fixed[s])
+            best = min(best, worst)
+    if not math.isfinite(best):
+        raise H.HotSPaError("nothing fits")
+    return best
+
+
+# --- the model's costs -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerMemory:
+    """Measured activation bytes per recompute option of one block at (rows, row_len) (module docstring)."""
+
+    rows: int
+    row_len: int
+    saved: dict
+    extra: dict
+    outside: int
+
+
+def _copy_with_layers(model: Module, layers: int) -> Module:
+    config = model.config
+    name = "n_layer" if hasattr(config, "n_layer") else "n_layers"
+    copy = type(model)(dataclasses.replace(config, **{name: layers, "recompute": False}))
+    return copy.to(dtype=model.parameters()[0].dtype)
+
+
+def measure_layers(model: Module, rows: int, row_len: int) -> LayerMemory:
+    """One block's saved and extra activation bytes under each recompute option, and the bytes
+    outside the blocks, from the plans' peaks of fresh copies of `model`'s architecture with one
+    and with two blocks on `rows` packed rows of `row_len` tokens (one step each, one process)."""
+    peaks = {}
+    for option in RECOMPUTE:
+        for layers in (1, 2):
+            copy = _copy_with_layers(model, layers)
+            _, blocks = _layers(copy)
+            if option != "none":
+                for block in blocks:
+                    recompute(block, _SCOPE[option])
+            g, fetches, phs, _ = hotspa_profile._lm_graph(copy)
+            feeds = hotspa_profile._lm_feeds(phs, copy.config.vocab_size, int(rows), int(row_len),
+                                             np.random.default_rng(0))
+            peaks[option, layers] = int(g.memory(fetches, feeds).peak_activations)
+    saved = {c: max(peaks[c, 2] - peaks[c, 1], 0) for c in RECOMPUTE}
+    outside = min(peaks[c, 1] - saved[c] for c in RECOMPUTE)
+    extra = {c: peaks[c, 1] - saved[c] - outside for c in RECOMPUTE}
+    return LayerMemory(int(rows), int(row_len), saved, extra, int(outside))
+
+
+def _held(model: Module, tp: int) -> tuple[list[int], int]:
+    """(parameters one rank holds per block, outside the blocks) under tp: what the Megatron plan
+    splits (a column-parallel layer's weight and bias, a row-parallel one's weight, the tables)
+    divided by tp."""
+    prefix, blocks = _layers(model)
+
+    def count(module: Module, skip: str | None = None) -> int:
+        total = 0
+        for name, m in module.named_modules():
+            if skip is not None and (name == skip or name.startswith(skip + ".")):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            layout = MEGATRON_PLAN.get(leaf)
+            for pname, p in m._parameters.items():
+                if p is None:
+                    continue
+                split = layout is not None and (pname == "weight" or layout == COLWISE)
+                total += p.numel() // tp if split else p.numel()
+        return total
+
+    return [count(b) for b in blocks], count(model, skip=prefix)
+
+
+@dataclass
+class LayerPlan:
+    """The search's result: the strategy, each layer's recompute, the stages' first layers, the
+    predicted step time and peak memory per device (the worst stage's) and their parts."""
+
+    strategy: H.Strategy
+    recompute: list[str]
+    stages: list[int]
+    time_s: float
+    memory_bytes: float
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        st = self.strategy
+        return f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
+
+    def as_dict(self) -> dict:
+        return {
+            "strategy": self.text,
+            "recompute": list(self.recompute),
+            "stages": list(self.stages),
+            "predicted_step_s": self.time_s,
+            "predicted_memory_bytes": self.memory_bytes,
+            **{k: v for k, v in self.parts.items()},
+        }
+
+
+def _candidates(world: int, spec: H.ModelSpec, pipeline: bool) -> list[H.Strategy]:
+    out = []
+    for st in hotspa_profile.runnable(world, spec):
+        for pp in [p for p in range(1, st.dp + 1) if st.dp % p == 0 and p <= spec.layers] if pipeline else [1]:
+            for sp in (False, True) if st.tp > 1 else (False,):
+                out.append(H.Strategy(st.dp // pp, st.tp, pp, sp=sp))
+    return out
+
+
+def _scale(spec: H.ModelSpec, rows: int, row_len: int, st: H.Strategy, option: str) -> float:
+    """Korthikanti et al.'s bytes under st's tp and sp over those of one device (option's formula)."""
+    plain = H.layer_activation_bytes(spec, rows, row_len, 1, False, option)
+    return H.layer_activation_bytes(spec, rows, row_len, st.tp, st.sp, option) / plain
+
+
+def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengths: Sequence[int],
+             budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
+    """The fastest `LayerPlan` under strategy `st` whose every stage fits `budget` bytes, or (when
+    none fits) the least bytes per device it needs. `measured(rows)` gives `measure_layers` at this
+    replica's rows."""
+    spec = prof.spec
+    layers = spec.layers
+    world = st.dp * st.tp * st.pp
+    cl = hotspa_profile.cluster(prof, world)
+    replica_rows = math.ceil(rows / st.dp)
+    mem = measured(replica_rows)
+    m = st.pp  # HotSPa's pipelines run pp micro-batches; a stage keeps up to pp - s of them
+    in_flight = [(st.pp - s) / m for s in range(st.pp)]
+    scale = {c: _scale(spec, replica_rows, row_len, st, c) for c in RECOMPUTE}
+    extra_scale = _scale(spec, replica_rows, row_len, st, "none")
+    per_block, outside = _held(model, st.tp)
+    block_states = STATE_BYTES * max(per_block)
+    stage_fixed = [STATE_BYTES * outside + mem.outside] * st.pp  # conservative: every stage holds them all
+    seconds_of = {c: H.layer_time(spec, cl, replica_rows, row_len, st.tp, st.sp, c) for c in RECOMPUTE}
+    seconds = [[seconds_of[c] for c in RECOMPUTE] for _ in range(layers)]
+    head = 6.0 * replica_rows * row_len * spec.hidden * spec.vocab / st.tp / (cl.flops * cl.mfu)
+    stage_seconds = [0.0] * (st.pp - 1) + [head]
+    saved_b = [[block_states + mem.saved[c] * scale[c] * f for c in RECOMPUTE] for f in in_flight]
+    extra_b = [mem.extra[c] * extra_scale / m for c in RECOMPUTE]
+    if math.isinf(budget):
+        unit, budgets = 1.0, [0] * st.pp
+        saved_u = [[[0] * len(RECOMPUTE) for _ in range(layers)] for _ in range(st.pp)]
+        extra_u = [0] * len(RECOMPUTE)
+    else:
+        unit = max(float(budget) / resolution, 1.0)
+        budgets = [math.floor((budget - fixed) / unit) for fixed in stage_fixed]
+        saved_u = [[[math.ceil(b / unit) for b in row] for _ in range(layers)] for row in saved_b]
+        extra_u = [math.ceil(b / unit) for b in extra_b]
+    if min(budgets) < 0:
+        return _least(saved_b, extra_b, stage_fixed, layers)
+    try:
+        starts, picks, slowest = search_stages(seconds, saved_u, extra_u, budgets, stage_seconds)
+    except H.HotSPaError:
+        return _least(saved_b, extra_b, stage_fixed, layers)
+    choices = [RECOMPUTE[c] for c in picks]
+    # predicted bytes per stage (unrounded)
+    ends = starts[1:] + [layers]
+    stage_bytes = []
+    for s, (i, j) in enumerate(zip(starts, ends)):
+        opts = [RECOMPUTE.index(c) for c in choices[i:j]]
+        stage_bytes.append(stage_fixed[s] + sum(saved_b[s][c] for c in opts) + sum(extra_b[c] for c in set(opts)))
+    flat = H.Strategy(st.dp, st.tp, st.pp)  # sp moves the same bytes: the profiled runs of tp price both
+    base = H.predict(spec, cl, flat, lengths, row_len, micro_batches=st.pp)
+    if st.pp == 1:
+        time = base.time_s + sum(seconds_of[c] - seconds_of["none"] for c in choices)
+    else:
+        time = base.time_s - base.parts["pipeline"] + slowest * (m + st.pp - 1) / m
+    worst = int(np.argmax(stage_bytes))
+    activations = stage_bytes[worst] - STATE_BYTES * (outside + sum(per_block[starts[worst]:ends[worst]]))
+    parts = {
+        "predicted_stage_bytes": stage_bytes,
+        "predicted_activation_bytes": activations,
+        "predicted_state_bytes": stage_bytes[worst] - activations,
+        "replica_rows": replica_rows,
+        "row_len": row_len,
+    }
+    return LayerPlan(st, choices, starts, time, float(stage_bytes[worst]), parts)
+
+
+def _least(saved_b, extra_b, stage_fixed, layers: int) -> float:
+    """The least peak bytes per device any split and choice needs: per stage its fixed bytes and
+    its layers under the one option that needs least (a second option only adds its extra); the
+    split that makes the neediest stage least (min-max over the stages' lengths; the layers are alike)."""
+    pp = len(stage_fixed)
+
+    def need(s: int, n: int) -> float:
+        return min(stage_fixed[s] + n * saved_b[s][c] + extra_b[c] for c in range(len(extra_b)))
+
+    worst = [0.0] + [math.inf] * layers  # worst[j]: the least neediest stage over stages so far covering j layers
+    for s in range(pp):
+        new = [math.inf] * (layers + 1)
+        for j in range(s + 1, layers - (pp - 1 - s) + 1):
+            new[j] = min(max(worst[i], need(s, j - i)) for i in range(s, j))
+        worst = new
+    return worst[layers]
+
+
+def search_plan(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
+                budget: float = math.inf, pipeline: bool = False, resolution: int = 2048,
+                measured=None) -> tuple[LayerPlan, list]:
+    """The fastest `LayerPlan` over `world` ranks for batches packed into `rows` rows of `row_len`
+    tokens (sequences of `lengths`) within `budget` bytes per device; also every candidate's plan
+    (or least need in bytes). `pipeline`: pp > 1 candidates too. Raises HotSPaError naming each
+    candidate's least need when none fits."""
+    spec = prof.spec
+    cache: dict[int, LayerMemory] = {}
+
+    def measure(r: int) -> LayerMemory:
+        if measured is not None:
+            return measured(r)
+        if r not in cache:
+            cache[r] = measure_layers(model, r, row_len)
+        return cache[r]
+
+    table = []
+    for st in _candidates(world, spec, pipeline):
+        table.append((st, plan_for(prof, model, st, rows, row_len, lengths, budget, measure, resolution)))
+    fitting = [p for _, p in table if isinstance(p, LayerPlan)]
+    if not fitting:
+        needs = ", ".join(f"{H.Strategy(st.dp, st.tp, st.pp, sp=st.sp)} {need / 2**20:.2f} MiB" for st, need in table)
+        least = min(need for _, need in table)
+        raise H.HotSPaError(
+            f"--parallel auto: no strategy over {world} ranks holds {rows} rows of {row_len} tokens in "
+            f"{budget / 2**20:.2f} MiB per device per the layer-wise cost model, even with recompute; the least "
+            f"memory needed is {least / 2**20:.2f} MiB ({needs})"
+        )
+    return min(fitting, key=lambda p: p.time_s), table
+
+
+def apply_plan(model: Module, choices: Sequence[str]) -> Module:
+    """Marks block l of `model` for recompute as `choices[l]` says ("none", "selective": its
+    attention, "full": the block), clearing any mark it had; returns `model`."""
+    _, blocks = _layers(model)
+    if len(choices) != len(blocks):
+        raise H.HotSPaError(f"apply_plan: {len(blocks)} blocks need as many recompute choices, found {len(choices)}")
+    for block, choice in zip(blocks, choices):
+        if choice not in RECOMPUTE:
+            raise H.HotSPaError(f"apply_plan: recompute choice must be one of {RECOMPUTE}, found {choice!r}")
+        recompute(block, "full", enabled=False)
+        recompute(block, "attention", enabled=False)
+        if choice != "none":
+            recompute(block, _SCOPE[choice])
+    return model
+
+
+__all__ = [
+    "RECOMPUTE",
+    "LayerMemory",
+    "LayerPlan",
+    "apply_plan",
+    "brute_force_stages",
+    "measure_layers",
+    "plan_for",
+    "search_plan",
+    "search_stages",
+]
