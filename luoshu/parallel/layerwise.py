@@ -43,10 +43,11 @@ What the runtime can carry (and so what `luoshu train --parallel auto` searches)
   whole graph over one TP group; resharding activations between blocks of different tp groups
   would need a device-group change inside a plan (the send/recv the pipeline pass derives
   between stages), which the states pass does not do within a stage. Every layer has the job's tp;
-- pipeline: the search chooses pp and the split (`pipeline=True`), and `Pipeline(stages=...)`
-  accepts a given split, but HotSPa's runtime, which runs the job, keeps every parameter and
-  the optimizer state on a pp = 1 owner, so a pp > 1 job would hold all model states anyway;
-  `--parallel auto` searches pp = 1 only.
+- pipeline: the search chooses pp and the split (`pipeline=True`), and the partition pass
+  accepts a given split (`Pipeline(stages=...)`): a hot-switching job's pp > 1 strategies run
+  the split `pipeline_stages` balances by the cost model (HotSPa's `stages`). But HotSPa's
+  runtime keeps every parameter and the optimizer state on a pp = 1 owner, so a static pp > 1
+  job would hold all model states anyway: `--parallel auto` searches pp = 1 only.
 """
 
 from __future__ import annotations
@@ -385,6 +386,23 @@ def search_plan(prof, model: Module, world: int, rows: int, row_len: int, length
     return min(fitting, key=lambda p: p.time_s), table
 
 
+def pipeline_stages(model: Module, st: H.Strategy, row_len: int, lengths: Sequence[int] | None = None,
+                    prof=None) -> list[str]:
+    """The module name of each stage's first layer for pipeline strategy `st` (HotSPa's `stages`):
+    the split that minimises the slowest stage's predicted time (the last stage runs the head too),
+    one row of `row_len` tokens per micro-batch. `prof`: a profile's rates (default: FLOP-
+    proportional times, which is what the split's balance depends on)."""
+    spec = H.model_spec(model)
+    if spec is None:
+        raise H.HotSPaError(f"pipeline_stages: {type(model).__name__} is not a zoo language model")
+    prof = prof or hotspa_profile.Profile(spec, flops=1e12)
+    rows = st.dp * st.pp
+    zero = LayerMemory(rows, row_len, dict.fromkeys(RECOMPUTE, 0), dict.fromkeys(RECOMPUTE, 0), 0)
+    plan = plan_for(prof, model, st, rows, row_len, list(lengths or [row_len] * rows), math.inf, lambda r: zero)
+    prefix, _ = _layers(model)
+    return [f"{prefix}.{i}" for i in plan.stages]
+
+
 def apply_plan(model: Module, choices: Sequence[str]) -> Module:
     """Marks block l of `model` for recompute as `choices[l]` says ("none", "selective": its
     attention, "full": the block), clearing any mark it had; returns `model`."""
@@ -408,6 +426,7 @@ __all__ = [
     "apply_plan",
     "brute_force_stages",
     "measure_layers",
+    "pipeline_stages",
     "plan_for",
     "search_plan",
     "search_stages",

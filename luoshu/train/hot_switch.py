@@ -264,7 +264,15 @@ def train_hot_switch(config) -> dict[str, float]:
         layerwise.apply_plan(model, plan.recompute)  # before HotSPa traces the model
         strategies, recompute = [plan.text], plan.recompute
     budget = None if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
-    hot = HotSPa(model, strategies, bounds, memory_budget=budget if config.hot_switch is not None else None)
+    # pipeline strategies: the split the cost model balances (the last stage also runs the head)
+    stages = {
+        i: layerwise.pipeline_stages(model, parse_strategy(s), bounds[i])
+        for i, s in enumerate(strategies)
+        if parse_strategy(s).pp > 1
+    }
+    hot = HotSPa(
+        model, strategies, bounds, memory_budget=budget if config.hot_switch is not None else None, stages=stages
+    )
     optimizer = build_optimizer(config, model.parameters())
     first = 0
     if resume is not None:

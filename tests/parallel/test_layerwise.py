@@ -194,6 +194,27 @@ def test_candidates_cover_sequence_parallelism_and_pipelines(measured):
     assert best.time_s == min(p.time_s for p in plans.values())
 
 
+def test_pipeline_stages_balance_the_head_and_hotspa_takes_them_only_for_pipelines():
+    """A large vocabulary makes the last stage's head cost layers: the cost model's split gives that
+    stage fewer blocks than the parameter-count balance (3 and 3 of 6), and the slowest stage is
+    no slower than under any other split of the same predicted times."""
+    ls.manual_seed(0)
+    model = GPT2(GPTConfig(vocab_size=50000, block_size=64, n_layer=6, n_head=4, n_embd=32))
+    st = H.Strategy(1, 2, 2)
+    names = LW.pipeline_stages(model, st, 64)
+    assert names[0] == "h.0" and int(names[1].split(".")[1]) > 3
+    cl = P.cluster(P.Profile(H.model_spec(model), flops=1e12), 4)
+    layer = H.layer_time(H.model_spec(model), cl, 2, 64, 2, False, "none")  # a replica's 2 rows (one per micro-batch)
+    head = 6.0 * 2 * 64 * 32 * 50000 / 2 / cl.flops
+
+    def slowest(k: int) -> float:
+        return max(k * layer, (6 - k) * layer + head)
+
+    assert slowest(int(names[1].split(".")[1])) == pytest.approx(min(slowest(k) for k in range(1, 6)))
+    with pytest.raises(H.HotSPaError, match=r"stages names strategies \[0\], which are not pipeline strategies"):
+        ls.parallel.HotSPa(_model(), ["dp1,tp1,pp1"], [ROW_LEN, 0], stages={0: ["h.0"]})
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_a_searched_plan_on_4_processes_matches_one_process(tmp_path):

@@ -4,6 +4,7 @@ tokens of each bucket's group, the switch bytes and the switch time; bad setting
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +15,14 @@ from tests.distributed.launcher import launch
 
 BUCKETS = [64, 24, 8, 0]
 DATA = {"num_docs": 48, "vocab": 64, "min_len": 2, "max_len": 64}
+ARGS = {"n_layer": 1, "n_head": 4, "n_embd": 32}
 
 
 def _values(tmp_path, strategies, **extra):
     return {
         "model": "gpt2",
         "dataset": "synthetic-lm",
-        "model_args": {"n_layer": 1, "n_head": 4, "n_embd": 32},
+        "model_args": dict(ARGS),
         "data_args": DATA,
         "optimizer": "adamw",
         "lr": 1e-3,
@@ -207,13 +209,16 @@ def test_parallel_auto_picks_records_and_trains_a_static_strategy(tmp_path, caps
     metrics = ls.train.train(TrainConfig.from_dict(_auto_values(tmp_path, max_steps=2)))
     record = json.loads((tmp_path / "run" / "parallel.json").read_text())
     assert record["strategy"] == "dp1,tp1,pp1"  # the only strategy over one process
+    assert record["recompute"] == ["none"]  # no budget: nothing to recompute
     assert record["predicted_step_s"] > 0 and record["predicted_memory_bytes"] > 0
     assert "--parallel auto: dp1,tp1,pp1" in capsys.readouterr().out
     assert len(_losses(tmp_path / "run")) == 2 and np.isfinite(metrics["train_loss"])
 
 
 def test_parallel_auto_with_an_infeasible_budget_is_a_clear_error(tmp_path):
-    with pytest.raises(ls.Error, match=r"no strategy over 1 ranks holds sequences of \d+ tokens in 0.01 MiB"):
+    with pytest.raises(
+        ls.Error, match=r"no strategy over 1 ranks holds \d+ rows of 64 tokens in 0.01 MiB .* least memory needed is"
+    ):
         ls.train.train(TrainConfig.from_dict(_auto_values(tmp_path, memory_budget_mb=0.01)))
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
@@ -236,38 +241,55 @@ def test_parallel_auto_and_hot_switch_together_are_refused(tmp_path):
         TrainConfig.from_dict(_values(tmp_path, ["dp1,tp1,pp1"] * 3, parallel="auto"))
 
 
+def _tight_budget_mb(world: int, n_layer: int) -> float:
+    """A budget below what every candidate over `world` ranks needs without recompute and above the
+    least any of them needs with it (memory only: the plans' accounting, no timing)."""
+    import math
+
+    from luoshu.parallel import hotspa as H
+    from luoshu.parallel import hotspa_profile, layerwise
+    from luoshu.train import hot_switch
+
+    config = TrainConfig.from_dict(_auto_values(Path("/nonexistent"), model_args={**ARGS, "n_layer": n_layer}))
+    model, _ = ls.train.builders.build_model("gpt2", {}, config.model_args, {"vocab_size": DATA["vocab"],
+                                                                             "block_size": 64})
+    docs = ls.data.synthetic_sequences(48, DATA["vocab"], DATA["min_len"], DATA["max_len"], num_special=1, seed=0)
+    lengths, rows = hot_switch._worst_batch(config, docs, 64)
+    prof = hotspa_profile.Profile(H.model_spec(model), flops=1e9)
+    cache = {}
+
+    def measured(r):
+        return cache.setdefault(r, layerwise.measure_layers(model, r, 64))
+
+    frees, leasts = [], []
+    for st in layerwise._candidates(world, prof.spec, False):
+        frees.append(layerwise.plan_for(prof, model, st, rows, 64, lengths, math.inf, measured).memory_bytes)
+        leasts.append(layerwise.plan_for(prof, model, st, rows, 64, lengths, 1.0, measured))
+    assert min(leasts) < min(frees)
+    return (min(frees) + min(leasts)) / 2 / 2**20
+
+
 @pytest.mark.dist
 @pytest.mark.slow
-def test_parallel_auto_under_launch_respects_the_budget(tmp_path):
-    """Two processes, a budget between what dp2 and tp2 need per the profiled model: the search
-    must take tp2 (the memory figures come from the plans' accounting, not from timings)."""
+def test_parallel_auto_under_launch_recomputes_within_the_budget_and_matches_one_process(tmp_path):
+    """Two processes, two layers, a budget no candidate holds without recompute: the plan recomputes
+    some blocks, its predicted peak is within the budget, and the losses are one process's."""
     import json
 
     import yaml
 
-    from luoshu.parallel import hotspa as H
-    from luoshu.parallel import hotspa_profile
-
-    model, _ = ls.train.builders.build_model(
-        "gpt2", {}, {"n_layer": 1, "n_head": 4, "n_embd": 32}, {"vocab_size": DATA["vocab"], "block_size": 64}
-    )
-    prof = hotspa_profile.profile(model)
-    docs = ls.data.synthetic_sequences(48, DATA["vocab"], DATA["min_len"], DATA["max_len"], num_special=1, seed=0)
-    lengths = [len(d) for d in docs[:16]]
-    cl = hotspa_profile.cluster(prof, 2)
-    need = {
-        tp: H.predict(prof.spec, cl, H.Strategy(2 // tp, tp, 1), lengths, max(lengths)).memory_bytes
-        * prof.activation_scale
-        for tp in (1, 2)
-    }
-    assert need[2] < need[1]
-    budget_mb = (need[1] + need[2]) / 2 / 2**20
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(_auto_values(tmp_path, max_steps=2, memory_budget_mb=budget_mb)))
-    proc = launch(2, "luoshu/cli.py", "train", "--config", str(tmp_path / "job.yaml"), timeout=240)
+    budget_mb = _tight_budget_mb(2, 2)
+    model_args = {**ARGS, "n_layer": 2}
+    values = _auto_values(tmp_path, max_steps=2, memory_budget_mb=budget_mb, model_args=model_args)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(values))
+    proc = launch(2, "luoshu/cli.py", "train", "--config", str(tmp_path / "job.yaml"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "parallel.json").read_text())
-    assert record["strategy"] == "dp1,tp2,pp1", record
+    assert any(c != "none" for c in record["recompute"]), record
     assert record["predicted_memory_bytes"] <= budget_mb * 2**20
+    assert all(c["fits"] or c["least_memory_bytes"] > budget_mb * 2**20 for c in record["candidates"])
     ref = tmp_path / "ref"
-    ls.train.train(TrainConfig.from_dict({**_auto_values(tmp_path, max_steps=2), "out": str(ref)}))
+    ls.train.train(TrainConfig.from_dict({**_auto_values(tmp_path, max_steps=2, model_args=model_args),
+                                          "out": str(ref)}))
+    assert json.loads((ref / "parallel.json").read_text())["recompute"] == ["none", "none"]
     assert np.allclose(_losses(tmp_path / "run"), _losses(ref), rtol=1e-4, atol=0)
