@@ -18,9 +18,12 @@ The cost model per layer and recompute option:
   of mixed choices hold both a recomputed block's working set and a selective one's), plus 16
   bytes per parameter it holds (fp32 weight and gradient, AdamW's two moments). It is
   conservative where a fully recomputed block is not the last (the plan has freed the later
-  blocks' saved bytes by the time it comes back). Tensor (and sequence) parallelism scale the
-  measured bytes by the ratio of Korthikanti et al.'s formula under that tp
-  (`hotspa.layer_activation_bytes`);
+  blocks' saved bytes by the time it comes back). Under the job's ranks each candidate's tp
+  (and sp) plans are measured as they run, on this rank of that tensor parallelism; bytes
+  measured on one device only (`measured=`, or a search for other ranks than this job's) are
+  scaled by the ratio of Korthikanti et al.'s formula under that tp
+  (`hotspa.layer_activation_bytes`), which under-counts a TP plan's (measured 1.1-2.1x at tp2:
+  the outside bytes, and a fully recomputed block's, do not split);
 - time: `hotspa.layer_time` of the block under that option (full recompute one more forward,
   selective the attention scores again) over the rows a replica runs; a job's step is
   `hotspa.predict`'s (the profiled whole-model runs, the gradient all-reduce, the update) plus the
@@ -60,12 +63,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from luoshu.compiler import states
+from luoshu.core.tensor import IndexedSlices
+from luoshu.distributed import env
+from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn.module import Module
 from luoshu.nn.recompute import recompute
 from luoshu.parallel import hotspa as H
 from luoshu.parallel import hotspa_profile
 from luoshu.parallel.pipeline import _layers
-from luoshu.parallel.tensor_parallel import COLWISE, MEGATRON_PLAN
+from luoshu.parallel.tensor_parallel import COLWISE, MEGATRON_PLAN, parallelize
 
 RECOMPUTE = ("none", "selective", "full")
 _SCOPE = {"selective": "attention", "full": "full"}
@@ -168,13 +175,16 @@ def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None) -> fl
 # --- the model's costs -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerMemory:
-    """Measured activation bytes per recompute option of one block at (rows, row_len) (module docstring)."""
+    """Measured activation bytes per recompute option of one block at (rows, row_len) on one rank
+    of a plan under tensor parallelism `tp` (with sequence parallelism `sp`) (module docstring)."""
 
     rows: int
     row_len: int
     saved: dict
     extra: dict
     outside: int
+    tp: int = 1
+    sp: bool = False
 
 
 def _copy_with_layers(model: Module, layers: int) -> Module:
@@ -184,26 +194,42 @@ def _copy_with_layers(model: Module, layers: int) -> Module:
     return copy.to(dtype=model.parameters()[0].dtype)
 
 
-def measure_layers(model: Module, rows: int, row_len: int) -> LayerMemory:
+def _peak(model: Module, option: str, layers: int, rows: int, row_len: int, mesh, sp: bool) -> int:
+    """The peak activation bytes of one run of HotSPa's training graph of a copy of `model` with
+    `layers` blocks under `option`, on this rank of `mesh`'s tensor parallelism (a collective)."""
+    copy = _copy_with_layers(model, layers)
+    _, blocks = _layers(copy)
+    if option != "none":
+        for block in blocks:
+            recompute(block, _SCOPE[option])
+    tpar = None
+    if mesh is not None and mesh.tp > 1:
+        tpar = parallelize(copy, mesh, sp, broadcast=False)
+    states.set_default(None)
+    try:
+        g, fetches, phs, grads = hotspa_profile._lm_graph(copy)
+        if tpar is not None:  # the gradients fetched in their parameters' states, as HotSPa's plans
+            wanted = {id(gr): p.ds[0] for p, gr in zip(copy.parameters(), grads)
+                      if gr is not None and not isinstance(gr, IndexedSlices)}
+            states.attach(g, dataclasses.replace(tpar.strategy, dp_group=(), fetch_states=wanted))
+        feeds = hotspa_profile._lm_feeds(phs, copy.config.vocab_size, int(rows), int(row_len),
+                                         np.random.default_rng(0))
+        return int(g.memory(fetches, feeds).peak_activations)
+    finally:
+        states.set_default(None)
+
+
+def measure_layers(model: Module, rows: int, row_len: int, mesh=None, sequence_parallel: bool = False) -> LayerMemory:
     """One block's saved and extra activation bytes under each recompute option, and the bytes
     outside the blocks, from the plans' peaks of fresh copies of `model`'s architecture with one
-    and with two blocks on `rows` packed rows of `row_len` tokens (one step each, one process)."""
-    peaks = {}
-    for option in RECOMPUTE:
-        for layers in (1, 2):
-            copy = _copy_with_layers(model, layers)
-            _, blocks = _layers(copy)
-            if option != "none":
-                for block in blocks:
-                    recompute(block, _SCOPE[option])
-            g, fetches, phs, _ = hotspa_profile._lm_graph(copy)
-            feeds = hotspa_profile._lm_feeds(phs, copy.config.vocab_size, int(rows), int(row_len),
-                                             np.random.default_rng(0))
-            peaks[option, layers] = int(g.memory(fetches, feeds).peak_activations)
+    and with two blocks on `rows` packed rows of `row_len` tokens (one step each). `mesh`: on this
+    rank of its tensor parallelism (every rank of the mesh calls it: the plans run collectives)."""
+    peaks = {(c, n): _peak(model, c, n, rows, row_len, mesh, sequence_parallel) for c in RECOMPUTE for n in (1, 2)}
     saved = {c: max(peaks[c, 2] - peaks[c, 1], 0) for c in RECOMPUTE}
     outside = min(peaks[c, 1] - saved[c] for c in RECOMPUTE)
     extra = {c: peaks[c, 1] - saved[c] - outside for c in RECOMPUTE}
-    return LayerMemory(int(rows), int(row_len), saved, extra, int(outside))
+    tp = 1 if mesh is None else mesh.tp
+    return LayerMemory(int(rows), int(row_len), saved, extra, int(outside), tp, bool(sequence_parallel and tp > 1))
 
 
 def _held(model: Module, tp: int) -> tuple[list[int], int]:
@@ -285,8 +311,11 @@ def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengt
     mem = measured(replica_rows)
     m = st.pp  # HotSPa's pipelines run pp micro-batches; a stage keeps up to pp - s of them
     in_flight = [(st.pp - s) / m for s in range(st.pp)]
-    scale = {c: _scale(spec, replica_rows, row_len, st, c) for c in RECOMPUTE}
-    extra_scale = _scale(spec, replica_rows, row_len, st, "none")
+    if (mem.tp, mem.sp) == (st.tp, st.sp):  # measured under this tp and sp: as measured
+        scale, extra_scale = dict.fromkeys(RECOMPUTE, 1.0), 1.0
+    else:  # measured on one device: Korthikanti et al.'s ratio (conservative for the outside bytes)
+        scale = {c: _scale(spec, replica_rows, row_len, st, c) for c in RECOMPUTE}
+        extra_scale = _scale(spec, replica_rows, row_len, st, "none")
     per_block, outside = _held(model, st.tp)
     block_states = STATE_BYTES * max(per_block)
     stage_fixed = [STATE_BYTES * outside + mem.outside] * st.pp  # conservative: every stage holds them all
@@ -358,30 +387,44 @@ def search_plan(prof, model: Module, world: int, rows: int, row_len: int, length
                 budget: float = math.inf, pipeline: bool = False, resolution: int = 2048,
                 measured=None) -> tuple[LayerPlan, list]:
     """The fastest `LayerPlan` over `world` ranks for batches packed into `rows` rows of `row_len`
-    tokens (sequences of `lengths`) within `budget` bytes per device; also every candidate's plan
-    (or least need in bytes). `pipeline`: pp > 1 candidates too. Raises HotSPaError naming each
+    tokens (sequences of `lengths`) within `budget` bytes per device; also, per candidate,
+    (strategy, its plan or else its least need in bytes, {"free_bytes": its peak without
+    recompute, "least_bytes": the least it needs}). `pipeline`: pp > 1 candidates too. Raises HotSPaError naming each
     candidate's least need when none fits."""
     spec = prof.spec
-    cache: dict[int, LayerMemory] = {}
+    cache: dict[tuple, LayerMemory] = {}
+    # under this job's ranks each candidate's tp (and sp) plans are measured as they will run
+    distributed = env.is_distributed() and env.world_size() == world
 
-    def measure(r: int) -> LayerMemory:
+    def measure(r: int, st: H.Strategy) -> LayerMemory:
         if measured is not None:
             return measured(r)
-        if r not in cache:
-            cache[r] = measure_layers(model, r, row_len)
-        return cache[r]
+        tp = st.tp if distributed else 1
+        key = (r, tp, st.sp and tp > 1)
+        if key not in cache:
+            mesh = DeviceMesh(dp=world // tp, tp=tp, world_size=world, rank=env.rank()) if tp > 1 else None
+            cache[key] = measure_layers(model, r, row_len, mesh, key[2])
+        return cache[key]
 
     table = []
     for st in _candidates(world, spec, pipeline):
-        table.append((st, plan_for(prof, model, st, rows, row_len, lengths, budget, measure, resolution)))
-    fitting = [p for _, p in table if isinstance(p, LayerPlan)]
+        def plan(memory: float, st=st):
+            return plan_for(prof, model, st, rows, row_len, lengths, memory, lambda r: measure(r, st), resolution)
+
+        chosen = plan(budget)
+        needs = {"free_bytes": plan(math.inf).memory_bytes, "least_bytes": plan(1.0)}  # without recompute, at least
+        table.append((st, chosen, needs))
+    fitting = [p for _, p, _ in table if isinstance(p, LayerPlan)]
     if not fitting:
-        needs = ", ".join(f"{H.Strategy(st.dp, st.tp, st.pp, sp=st.sp)} {need / 2**20:.2f} MiB" for st, need in table)
-        least = min(need for _, need in table)
+        needs = ", ".join(
+            f"{H.Strategy(st.dp, st.tp, st.pp, sp=st.sp)} {need / 2**20:.2f} MiB" for st, need, _ in table
+        )
+        least = min(need for _, need, _ in table)
         raise H.HotSPaError(
             f"--parallel auto: no strategy over {world} ranks holds {rows} rows of {row_len} tokens in "
             f"{budget / 2**20:.2f} MiB per device per the layer-wise cost model, even with recompute; the least "
-            f"memory needed is {least / 2**20:.2f} MiB ({needs})"
+            f"memory needed is {least / 2**20:.2f} MiB ({needs}; the search rounds each layer's bytes up to "
+            f"1/{resolution} of the budget, so allow about {100 * (spec.layers + 3) / resolution:.1f}% more)"
         )
     return min(fitting, key=lambda p: p.time_s), table
 

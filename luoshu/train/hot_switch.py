@@ -196,12 +196,17 @@ def _choose_static(config, model, docs, row_len: int) -> layerwise.LayerPlan:
     lengths, rows = _worst_batch(config, docs, row_len)
     plan, table = layerwise.search_plan(prof, model, env.world_size(), rows, row_len, lengths, budget)
     candidates = []
-    for st, p in table:
-        if isinstance(p, layerwise.LayerPlan):
-            candidates.append({**p.as_dict(), "fits": True})
-        else:
-            name = f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
-            candidates.append({"strategy": name, "fits": False, "least_memory_bytes": p})
+    for st, p, needs in table:
+        name = f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
+        fits = isinstance(p, layerwise.LayerPlan)
+        candidates.append(
+            {
+                **(p.as_dict() if fits else {"strategy": name}),
+                "fits": fits,
+                "least_memory_bytes": needs["least_bytes"],
+                "memory_without_recompute_bytes": needs["free_bytes"],
+            }
+        )
     if env.rank() == 0:
         print(
             f"--parallel auto: {plan.text} over {env.world_size()} ranks, recompute per layer {plan.recompute}, "

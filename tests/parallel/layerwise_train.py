@@ -11,7 +11,6 @@ parameters to PREFIX.rank<r>.npz (compared with `hotspa_train.reference`, one pr
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
@@ -36,20 +35,13 @@ def main() -> None:
     batches = list(T.batches())
     rows = max(bucket_batch(b, [T.MAX_LEN, 0])[0].rows.num_rows for b in batches)
     lengths = [len(s) for s in batches[0]]
-    cache = {}
-
-    def measured(r):
-        if r not in cache:
-            cache[r] = LW.measure_layers(model, r, T.MAX_LEN)
-        return cache[r]
-
     # a budget below every candidate's plan without recompute, above the least any of them needs
-    frees, leasts = [], []
-    for st in LW._candidates(world, prof.spec, False):
-        frees.append(LW.plan_for(prof, model, st, rows, T.MAX_LEN, lengths, math.inf, measured).memory_bytes)
-        leasts.append(LW.plan_for(prof, model, st, rows, T.MAX_LEN, lengths, 1.0, measured))
-    budget = (min(frees) + min(leasts)) / 2
-    plan, _ = LW.search_plan(prof, model, world, rows, T.MAX_LEN, lengths, budget, measured=measured)
+    # (each candidate's tp and sp plans measured as they run on these ranks: a collective)
+    _, table = LW.search_plan(prof, model, world, rows, T.MAX_LEN, lengths)
+    free = min(needs["free_bytes"] for _, _, needs in table)
+    least = min(needs["least_bytes"] for _, _, needs in table)
+    budget = (free + least) / 2
+    plan, _ = LW.search_plan(prof, model, world, rows, T.MAX_LEN, lengths, budget)
     LW.apply_plan(model, plan.recompute)
     hot = ls.parallel.HotSPa(model, [plan.text], [T.MAX_LEN, 0])
     opt = T.optimizer(model)

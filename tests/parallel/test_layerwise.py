@@ -181,7 +181,7 @@ def test_candidates_cover_sequence_parallelism_and_pipelines(measured):
     model, mem = measured
     prof = _profile(model)
     best, table = LW.search_plan(prof, model, 4, 4, ROW_LEN, LENGTHS * 2, measured=lambda r: mem, pipeline=True)
-    plans = {p.text: p for _, p in table}
+    plans = {p.text: p for _, p, _ in table}
     wanted = {"dp4,tp1,pp1", "dp2,tp2,pp1", "dp2,tp2,pp1,sp", "dp1,tp4,pp1,sp", "dp2,tp1,pp2", "dp1,tp2,pp2,sp"}
     assert wanted <= set(plans)
     for tp in (2, 4):
