@@ -518,6 +518,52 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
 
 
 # --- layer-wise search (Galvatron) -----------------------------------------------------------------------
+def layer_tables(times: Sequence[Sequence[float]], memories: Sequence[Sequence[int]], budget: int,
+                 transition: Sequence[Sequence[float]] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The dynamic program of `search_layers`, every prefix kept: (best, back) where best[l][c, m] is
+    the least time of layers 0..l with layer l under option c and exactly m memory units in all
+    (inf where none), back[l - 1][c, m] the (option, units) of layer l - 1 on that path. An option
+    whose time is inf is never taken."""
+    layers = len(times)
+    k = len(times[0])
+    if any(len(t) != k for t in times) or any(len(m) != k for m in memories) or len(memories) != layers:
+        raise HotSPaError("search_layers: every layer needs one time and one memory per option")
+    if transition is None:
+        transition = [[0.0] * k for _ in range(k)]
+    inf = float("inf")
+    best = np.full((k, budget + 1), inf)
+    for c in range(k):
+        if 0 <= memories[0][c] <= budget:
+            best[c, memories[0][c]] = times[0][c]
+    bests, backs = [best], []
+    for layer in range(1, layers):
+        new = np.full((k, budget + 1), inf)
+        arg = np.full((k, budget + 1, 2), -1, dtype=np.int64)
+        for c in range(k):
+            need = memories[layer][c]
+            if need > budget or not math.isfinite(times[layer][c]):
+                continue
+            for p in range(k):
+                cand = best[p, :budget + 1 - need] + transition[p][c] + times[layer][c]
+                target = new[c, need:]
+                better = cand < target
+                target[better] = cand[better]
+                arg[c, need:][better] = np.stack([np.full(better.sum(), p), np.nonzero(better)[0]], axis=1)
+        backs.append(arg)
+        best = new
+        bests.append(best)
+    return bests, backs
+
+
+def layer_path(backs: Sequence[np.ndarray], last: int, c: int, m: int) -> list[int]:
+    """The options of layers 0..last on the path of `layer_tables` that ends at (c, m) on layer `last`."""
+    path = [int(c)]
+    for arg in reversed(backs[:last]):
+        c, m = arg[c, m]
+        path.append(int(c))
+    return path[::-1]
+
+
 def search_layers(times: Sequence[Sequence[float]], memories: Sequence[Sequence[int]], budget: int,
                   transition: Sequence[Sequence[float]] | None = None) -> tuple[list[int], float]:
     """The choice per layer (indices into each layer's options) of least total time whose
@@ -527,43 +573,13 @@ def search_layers(times: Sequence[Sequence[float]], memories: Sequence[Sequence[
     layers = len(times)
     if layers == 0:
         return [], 0.0
-    k = len(times[0])
-    if any(len(t) != k for t in times) or any(len(m) != k for m in memories) or len(memories) != layers:
-        raise HotSPaError("search_layers: every layer needs one time and one memory per option")
-    if transition is None:
-        transition = [[0.0] * k for _ in range(k)]
-    inf = float("inf")
-    # best[c][m]: least time of layers so far ending with option c using exactly m memory units
-    best = np.full((k, budget + 1), inf)
-    back: list[np.ndarray] = []
-    for c in range(k):
-        if memories[0][c] <= budget:
-            best[c, memories[0][c]] = times[0][c]
-    for layer in range(1, layers):
-        new = np.full((k, budget + 1), inf)
-        arg = np.full((k, budget + 1, 2), -1, dtype=np.int64)
-        for c in range(k):
-            need = memories[layer][c]
-            if need > budget:
-                continue
-            for p in range(k):
-                cand = best[p, :budget + 1 - need] + transition[p][c] + times[layer][c]
-                target = new[c, need:]
-                better = cand < target
-                target[better] = cand[better]
-                arg[c, need:][better] = np.stack([np.full(better.sum(), p), np.nonzero(better)[0]], axis=1)
-        back.append(arg)
-        best = new
-    c, m = np.unravel_index(np.argmin(best), best.shape)
-    total = float(best[c, m])
+    bests, backs = layer_tables(times, memories, budget, transition)
+    c, m = np.unravel_index(np.argmin(bests[-1]), bests[-1].shape)
+    total = float(bests[-1][c, m])
     if not math.isfinite(total):
         raise HotSPaError(f"no choice of options fits {layers} layers in a memory budget of {budget}; the least "
                           f"they need is {sum(min(m) for m in memories)}")
-    path = [int(c)]
-    for arg in reversed(back):
-        c, m = arg[c, m]
-        path.append(int(c))
-    return path[::-1], total
+    return layer_path(backs, layers - 1, c, m), total
 
 
 def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[int], float]:
@@ -584,5 +600,5 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 __all__ = ["A800", "LLAMA_7B", "RECOMPUTE", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy",
            "bucketize",
            "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",
-           "layer_time", "parse_strategy", "predict", "run_time",
+           "layer_path", "layer_tables", "layer_time", "parse_strategy", "predict", "run_time",
            "search_layers", "simulate", "static_strategies", "switch_time"]

@@ -445,8 +445,9 @@ def choose_strategies(
 def choose_static(
     prof: Profile, world: int, lengths: Sequence[int], memory: float = float("inf")
 ) -> tuple[H.Strategy, H.Prediction, list[H.Prediction]]:
-    """The static strategy (`luoshu train --parallel auto`) of a job over `world` ranks whose
-    batches hold sequences of these `lengths`: the runnable strategy the profiled cost model
+    """The static strategy of a job over `world` ranks whose batches hold sequences of these
+    `lengths`, one (dp, tp) for every layer and no recompute (`luoshu train --parallel auto` runs
+    the layer-wise search instead, `layerwise.search_plan`): the runnable strategy the profiled cost model
     predicts fastest among those that hold the longest sequence in `memory` bytes per device.
     Returns (strategy, its prediction, every candidate's prediction); a `HotSPaError` naming
     each candidate's need when none fits."""

@@ -179,7 +179,9 @@ class HotSPa:
     optimizer state (default: least model-state memory per rank). `memory_budget`: bytes per
     device; every bucket's strategy must hold its bound in it per the cost model
     (`hotspa.predict`). `node_size`: ranks per node for the planner (default: the launcher's
-    local world size). Create the optimizer after `HotSPa` (the parameters then hold the owner's
+    local world size). `stages`: {strategy index: the module name of each stage's first layer}
+    for pipeline strategies (default: balanced by parameter count; `layerwise.pipeline_stages`
+    balances them by the cost model). Create the optimizer after `HotSPa` (the parameters then hold the owner's
     shards) and call `step(sequences, optimizer)` once per batch.
     """
 
@@ -195,6 +197,7 @@ class HotSPa:
         broadcast: bool = True,
         plan: dict | None = None,
         auto_lengths: Sequence[int] | None = None,
+        stages: dict | None = None,
     ):
         if not isinstance(model, Module):
             raise HotSPaError(f"HotSPa: expected a luoshu.nn.Module, found {type(model).__name__}")
@@ -228,6 +231,12 @@ class HotSPa:
                 f"HotSPa: owner strategy {owner} {_name(meshes[owner])} has {meshes[owner].pp} pipeline stages; "
                 f"the owner must have pp=1 (one of strategies {flat})"
             )
+        # --- layer-wise search: a given split per pipeline strategy (`layerwise.pipeline_stages`)
+        self._stage_names = dict(stages or {})
+        wrong = [i for i in self._stage_names if not (isinstance(i, int) and 0 <= i < len(meshes) and meshes[i].pp > 1)]
+        if wrong:
+            raise HotSPaError(f"HotSPa: stages names strategies {wrong}, which are not pipeline strategies (pp > 1)")
+        # ---
         # "…,sp": the strategy's graph keeps activations between TP regions split along the sequence;
         # "…,rc=full|selective": its graph recomputes the blocks' (or their attention's) activations
         parsed = [parse_strategy(s) if isinstance(s, str) else None for s in strategies]
@@ -320,7 +329,7 @@ class HotSPa:
         """Strategy i's pipeline: this rank's stage plans (the partition pass under strategy i's
         states), and per parameter the stages that read it (one all-gather over the world)."""
         mesh = self.meshes[i]
-        pipe = Pipeline(self.model, mesh, micro_batches=mesh.pp)
+        pipe = Pipeline(self.model, mesh, stages=self._stage_names.get(i), micro_batches=mesh.pp)
         dtype = self.params[0].dtype
         table = (None, None)
         # the optimizer only names the parameters (their order); HotSPa's own one updates the owner's shards

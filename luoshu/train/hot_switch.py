@@ -11,12 +11,15 @@ Rank 0 writes `metrics.csv`: per step the loss, the tokens each bucket's group r
 the switches moved, the seconds rank 0 spent in them and the step time.
 
 `parallel: auto` (`luoshu train --parallel auto`, with `--memory-budget-mb`) trains the same job
-under one static strategy that the strategy search picks: this machine's per-layer profile
-(`hotspa_profile.profile`) feeds the cost model, and `hotspa_profile.choose_static` takes the
-fastest (dp, tp) over the launched ranks that holds the corpus's longest document in the budget
-(an infeasible budget: a `HotSPaError` naming what each candidate needs). The choice, its
-predicted step time and memory are printed and written to `parallel.json`; the job then runs
-as a one-bucket HotSPa, i.e. `ls.parallel.parallelize` under that mesh.
+under one static plan that the layer-wise search picks (`luoshu.parallel.layerwise`): this
+machine's per-layer profile (`hotspa_profile.profile`) and per-option activation bytes
+(`layerwise.measure_layers`) feed the cost model, and `layerwise.search_plan` takes the fastest
+(dp, tp, sequence parallel) over the launched ranks with a recompute choice per block (none,
+selective, full) whose peak per device holds the epoch's batch of most packed rows in the budget
+(an infeasible budget: a `HotSPaError` naming the least memory needed). The plan (per-layer
+choices, predicted step time and memory) is printed and written to `parallel.json`; the chosen
+blocks are marked for recompute (overriding the model's `recompute` setting) and the job runs as
+a one-bucket HotSPa, i.e. `ls.parallel.parallelize` under that mesh.
 
 Checkpoints: at every `checkpoint_interval` steps (default: every epoch; 0: only at the end)
 and at the end, the full parameters and optimizer state, gathered from the owner strategy's
@@ -47,10 +50,10 @@ import torch.distributed as torch_dist
 from luoshu.checkpoint import load, load_tensors, save_full, verify
 from luoshu.core import manual_seed
 from luoshu.core.errors import CheckpointError, Error
-from luoshu.data.packing import _check_bounds
+from luoshu.data.packing import _check_bounds, bucket_batch
 from luoshu.data.synthetic import synthetic_sequences
 from luoshu.distributed import env
-from luoshu.parallel import hotspa_profile
+from luoshu.parallel import hotspa_profile, layerwise
 from luoshu.parallel.hotspa import parse_strategy
 from luoshu.parallel.hotspa_runtime import HotSPa
 from luoshu.train.builders import build_model, build_optimizer, build_scheduler
@@ -193,31 +196,53 @@ def _load_optimizer(path: Path, hot: HotSPa, optimizer) -> None:
     optimizer.load_state_dict({"tensors": sharded, "meta": meta["meta"]})
 
 
-def _choose_static(config, model, docs) -> str:
-    """`parallel: auto`: the searched strategy string, printed and written to parallel.json."""
+def _worst_batch(config, docs, row_len: int) -> tuple[list[int], int]:
+    """(lengths, rows) of the epoch's batch that packs into the most rows of `row_len` tokens (the
+    activation memory a budget must hold grows with them)."""
+    batches = [docs[i : i + config.batch_size] for i in range(0, len(docs) - config.batch_size + 1, config.batch_size)]
+    rows = [bucket_batch(b, [row_len, 0])[0].rows.num_rows for b in batches]
+    return [len(d) for d in batches[max(range(len(batches)), key=rows.__getitem__)]], max(rows)
+
+
+def _choose_static(config, model, docs, row_len: int) -> layerwise.LayerPlan:
+    """`parallel: auto`: the layer-wise search's plan (strategy, each block's recompute), printed
+    and written to parallel.json."""
     budget = float("inf") if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
     prof = hotspa_profile.profile(model)
-    lengths = [len(d) for d in docs[: config.batch_size]]
-    strategy, best, table = hotspa_profile.choose_static(prof, env.world_size(), lengths, budget)
-    text = f"dp{strategy.dp},tp{strategy.tp},pp{strategy.pp}"
+    lengths, rows = _worst_batch(config, docs, row_len)
+    plan, table = layerwise.search_plan(prof, model, env.world_size(), rows, row_len, lengths, budget)
+    candidates = []
+    for st, p, needs in table:
+        name = f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
+        fits = isinstance(p, layerwise.LayerPlan)
+        candidates.append(
+            {
+                **(p.as_dict() if fits else {"strategy": name}),
+                "fits": fits,
+                "least_memory_bytes": needs["least_bytes"],
+                "memory_without_recompute_bytes": needs["free_bytes"],
+            }
+        )
     if env.rank() == 0:
         print(
-            f"--parallel auto: {text} over {env.world_size()} ranks, predicted {best.time_s * 1e3:.2f} ms per step "
-            f"and {best.memory_bytes / 2**20:.2f} MiB per device (candidates: "
-            + ", ".join(f"{p.strategy} {p.time_s * 1e3:.2f} ms {p.memory_bytes / 2**20:.2f} MiB" for p in table)
+            f"--parallel auto: {plan.text} over {env.world_size()} ranks, recompute per layer {plan.recompute}, "
+            f"predicted {plan.time_s * 1e3:.2f} ms per step and {plan.memory_bytes / 2**20:.2f} MiB per device "
+            f"(candidates: "
+            + ", ".join(
+                f"{c['strategy']} {c['predicted_step_s'] * 1e3:.2f} ms {c['predicted_memory_bytes'] / 2**20:.2f} MiB"
+                if c["fits"]
+                else f"{c['strategy']} needs {c['least_memory_bytes'] / 2**20:.2f} MiB"
+                for c in candidates
+            )
             + ")",
             flush=True,
         )
         config.job_dir.mkdir(parents=True, exist_ok=True)
         record = {
-            "strategy": text,
-            "predicted_step_s": best.time_s,
-            "predicted_memory_bytes": best.memory_bytes,
+            **plan.as_dict(),
             "memory_budget_bytes": None if config.memory_budget_mb is None else budget,
-            "candidates": [
-                {"strategy": p.strategy, "step_s": p.time_s, "memory_bytes": p.memory_bytes, "fits": p.fits}
-                for p in table
-            ],
+            "batch_rows": rows,
+            "candidates": candidates,
             "profile": {
                 "flops": prof.flops,
                 "layer_overhead_s": prof.layer_overhead_s,
@@ -226,7 +251,7 @@ def _choose_static(config, model, docs) -> str:
             },
         }
         (config.job_dir / "parallel.json").write_text(json.dumps(record, indent=1))
-    return text
+    return plan
 
 
 def train_hot_switch(config) -> dict[str, float]:
@@ -257,10 +282,21 @@ def train_hot_switch(config) -> dict[str, float]:
             load(resume[0], model)
         except CheckpointError as exc:  # verified before anything changed: another model's shapes
             raise CheckpointError(f"cannot resume from {resume[0]}: {exc}") from None
+    recompute = None
     if strategies is None:
-        strategies = [_choose_static(config, model, docs)]
+        plan = _choose_static(config, model, docs, bounds[0])
+        layerwise.apply_plan(model, plan.recompute)  # before HotSPa traces the model
+        strategies, recompute = [plan.text], plan.recompute
     budget = None if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
-    hot = HotSPa(model, strategies, bounds, memory_budget=budget if config.hot_switch is not None else None)
+    # pipeline strategies: the split the cost model balances (the last stage also runs the head)
+    stages = {
+        i: layerwise.pipeline_stages(model, parse_strategy(s), bounds[i])
+        for i, s in enumerate(strategies)
+        if parse_strategy(s).pp > 1
+    }
+    hot = HotSPa(
+        model, strategies, bounds, memory_budget=budget if config.hot_switch is not None else None, stages=stages
+    )
     optimizer = build_optimizer(config, model.parameters())
     scheduler = build_scheduler(config, optimizer, total)
     first = 0
@@ -333,6 +369,7 @@ def train_hot_switch(config) -> dict[str, float]:
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "loss_scaler": None,
                     "strategies": list(strategies),
+                    "recompute": recompute,
                     "bounds": list(bounds),
                     "train_loss": loss,
                 }

@@ -1,0 +1,476 @@
+"""Layer-wise strategy search (Galvatron): per layer an activation recompute choice, per job the
+(dp, tp, sequence parallel) strategy and the pipeline's stages, under a per-device memory budget.
+
+`search_plan(prof, model, world, rows, row_len, lengths, budget)` returns the `LayerPlan` the cost
+model predicts fastest among every candidate strategy over `world` ranks whose peak fits the
+budget; `apply_plan(model, plan)` marks exactly the chosen blocks for recompute
+(`luoshu.nn.recompute`: "selective" recomputes a block's attention, "full" the whole block).
+
+The cost model per layer and recompute option:
+
+- memory, measured on this machine by the plans' own accounting (`Graph.memory`) of the model's
+  training graph (HotSPa's: packed rows, next-token loss, parameter gradients) with one and with
+  two blocks under that option (`measure_layers`): `saved`, the bytes a block keeps from its
+  forward until its backward (the two-block peak less the one-block peak), `extra`, what its
+  backward adds on top (a fully recomputed block's activations come back then), and `outside`,
+  the embeddings', head's and loss's. A stage's peak is taken as outside + Σ saved · in-flight
+  micro-batches + the extra of each option its blocks use (once per option: the plans' peaks
+  of mixed choices hold both a recomputed block's working set and a selective one's), plus 16
+  bytes per parameter it holds (fp32 weight and gradient, AdamW's two moments). It is
+  conservative where a fully recomputed block is not the last (the plan has freed the later
+  blocks' saved bytes by the time it comes back). Under the job's ranks each candidate's tp
+  (and sp) plans are measured as they run, on this rank of that tensor parallelism; bytes
+  measured on one device only (`measured=`, or a search for other ranks than this job's) are
+  scaled by the ratio of Korthikanti et al.'s formula under that tp
+  (`hotspa.layer_activation_bytes`), which under-counts a TP plan's (measured 1.1-2.1x at tp2:
+  the outside bytes, and a fully recomputed block's, do not split);
+- time: `hotspa.layer_time` of the block under that option (full recompute one more forward,
+  selective the attention scores again) over the rows a replica runs; a job's step is
+  `hotspa.predict`'s (the profiled whole-model runs, the gradient all-reduce, the update) plus the
+  recompute it chooses; a pipeline's step its slowest stage times (m + pp - 1)/m.
+
+Search: for each candidate the stage programs are exact dynamic programs over layers × options
+(`hotspa.layer_tables`, memory in integer units of budget/`resolution`, rounded up), one for
+each set of options a stage may use (its extras charged up front, the others excluded), and the
+split into stages a min-max dynamic program over the stages' first layers; on tiny
+configurations it equals brute force over every split and choice (the tests). Nothing that
+fits: a `HotSPaError` naming the least memory needed and each candidate's.
+
+What the runtime can carry (and so what `luoshu train --parallel auto` searches):
+
+- recompute per block: yes, the marks are per module and the recompute pass rewrites each region;
+- sequence parallelism: per job only. It is `states.Strategy.sequence_parallel`, one flag of the
+  graph's whole localisation (which conversion the states pass prefers between TP regions), so it
+  cannot differ between the blocks of one plan; the search chooses it per strategy;
+- tp per layer: no. A parameter's `DStates` are per strategy, and one strategy localises the
+  whole graph over one TP group; resharding activations between blocks of different tp groups
+  would need a device-group change inside a plan (the send/recv the pipeline pass derives
+  between stages), which the states pass does not do within a stage. Every layer has the job's tp;
+- pipeline: the search chooses pp and the split (`pipeline=True`), and the partition pass
+  accepts a given split (`Pipeline(stages=...)`): a hot-switching job's pp > 1 strategies run
+  the split `pipeline_stages` balances by the cost model (HotSPa's `stages`). But HotSPa's
+  runtime keeps every parameter and the optimizer state on a pp = 1 owner, so a static pp > 1
+  job would hold all model states anyway: `--parallel auto` searches pp = 1 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from luoshu.compiler import states
+from luoshu.core.tensor import IndexedSlices
+from luoshu.distributed import env
+from luoshu.distributed.mesh import DeviceMesh
+from luoshu.nn.module import Module
+from luoshu.nn.recompute import recompute
+from luoshu.parallel import hotspa as H
+from luoshu.parallel import hotspa_profile
+from luoshu.parallel.pipeline import _layers
+from luoshu.parallel.tensor_parallel import COLWISE, MEGATRON_PLAN, parallelize
+
+RECOMPUTE = ("none", "selective", "full")
+_SCOPE = {"selective": "attention", "full": "full"}
+STATE_BYTES = 16  # per parameter: fp32 weight and gradient, AdamW's two moments
+
+
+# --- the search over numbers ---------------------------------------------------------------------------
+def _segment_best(seconds, saved, extra, budget: int, start: int) -> list[tuple]:
+    """For each end j > start: (least seconds of layers start..j-1, the final (option, units) and
+    the tables of its path) whose Σ saved plus the extras of the options used fit `budget` units;
+    (inf, ...) where none. Each set of options is tried alone (its extras charged once), so the
+    dynamic program stays additive and exact."""
+    layers, k = len(seconds), len(extra)
+    out = [(math.inf, None, None)] * (layers + 1)
+    if start >= layers:
+        return out
+    for size in range(1, k + 1):
+        for used in itertools.combinations(range(k), size):
+            charge = sum(extra[c] for c in used)
+            if charge > budget:
+                continue
+            times = [[t if c in used else math.inf for c, t in enumerate(seconds[i])] for i in range(start, layers)]
+            bests, backs = H.layer_tables(times, [list(m) for m in saved[start:]], budget - charge)
+            for j, best in enumerate(bests):
+                c, m = np.unravel_index(np.argmin(best), best.shape)
+                if best[c, m] < out[start + j + 1][0]:
+                    out[start + j + 1] = (float(best[c, m]), (int(c), int(m)), backs)
+    return out
+
+
+def search_stages(
+    seconds: Sequence[Sequence[float]],
+    saved: Sequence[Sequence[Sequence[int]]],
+    extra: Sequence[int],
+    budgets: Sequence[int],
+    stage_seconds: Sequence[float] | None = None,
+) -> tuple[list[int], list[int], float]:
+    """The split of the layers into `len(budgets)` contiguous non-empty stages and an option per
+    layer that minimise the slowest stage's time: a stage's time is its layers' `seconds[l][c]`
+    plus `stage_seconds[s]`; its memory `Σ saved[s][l][c]` (stage s's in-flight copies) plus
+    `extra[c]` once for each option c its layers use, at most `budgets[s]` (integer units). Returns (the first
+    layer of each stage, the option of each layer, the slowest stage's time); HotSPaError when
+    nothing fits."""
+    pp, layers = len(budgets), len(seconds)
+    if layers < pp:
+        raise H.HotSPaError(f"search_stages: {layers} layers cannot fill {pp} stages")
+    fixed = list(stage_seconds) if stage_seconds is not None else [0.0] * pp
+    segments = [[_segment_best(seconds, saved[s], extra, int(budgets[s]), i) for i in range(layers)] for s in range(pp)]
+    # worst[s][j]: the least slowest-stage time of stages 0..s covering layers 0..j-1
+    worst = np.full((pp, layers + 1), math.inf)
+    cut = np.full((pp, layers + 1), -1, dtype=np.int64)
+    for j in range(1, layers + 1):
+        worst[0, j] = segments[0][0][j][0] + fixed[0]
+        cut[0, j] = 0
+    for s in range(1, pp):
+        for j in range(s + 1, layers + 1):
+            for i in range(s, j):
+                t = max(worst[s - 1, i], segments[s][i][j][0] + fixed[s])
+                if t < worst[s, j]:
+                    worst[s, j], cut[s, j] = t, i
+    if not math.isfinite(worst[pp - 1, layers]):
+        raise H.HotSPaError(
+            f"search_stages: no split of {layers} layers into {pp} stages fits the budgets {list(budgets)}"
+        )
+    starts, j = [], layers
+    for s in range(pp - 1, -1, -1):
+        starts.append(int(cut[s, j]))
+        j = starts[-1]
+    starts.reverse()
+    choices: list[int] = []
+    for s, i in enumerate(starts):
+        j = starts[s + 1] if s + 1 < pp else layers
+        _, (c, m), backs = segments[s][i][j]
+        choices += H.layer_path(backs, j - i - 1, c, m)
+    return starts, choices, float(worst[pp - 1, layers])
+
+
+def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None) -> float:
+    """The slowest-stage time `search_stages` must reach, over every split and every choice."""
+    pp, layers, k = len(budgets), len(seconds), len(seconds[0])
+    fixed = list(stage_seconds) if stage_seconds is not None else [0.0] * pp
+    best = math.inf
+    for inner in itertools.combinations(range(1, layers), pp - 1):
+        bounds = [0, *inner, layers]
+        for pick in itertools.product(range(k), repeat=layers):
+            worst = 0.0
+            for s in range(pp):
+                span = range(bounds[s], bounds[s + 1])
+                memory = sum(saved[s][i][pick[i]] for i in span) + sum(extra[c] for c in {pick[i] for i in span})
+                if memory > budgets[s]:
+                    worst = math.inf
+                    break
+                worst = max(worst, sum(seconds[i][pick[i]] for i in span) + fixed[s])
+            best = min(best, worst)
+    if not math.isfinite(best):
+        raise H.HotSPaError("nothing fits")
+    return best
+
+
+# --- the model's costs -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerMemory:
+    """Measured activation bytes per recompute option of one block at (rows, row_len) on one rank
+    of a plan under tensor parallelism `tp` (with sequence parallelism `sp`) (module docstring)."""
+
+    rows: int
+    row_len: int
+    saved: dict
+    extra: dict
+    outside: int
+    tp: int = 1
+    sp: bool = False
+
+
+def _copy_with_layers(model: Module, layers: int) -> Module:
+    config = model.config
+    name = "n_layer" if hasattr(config, "n_layer") else "n_layers"
+    copy = type(model)(dataclasses.replace(config, **{name: layers, "recompute": False}))
+    return copy.to(dtype=model.parameters()[0].dtype)
+
+
+def _peak(model: Module, option: str, layers: int, rows: int, row_len: int, mesh, sp: bool) -> int:
+    """The peak activation bytes of one run of HotSPa's training graph of a copy of `model` with
+    `layers` blocks under `option`, on this rank of `mesh`'s tensor parallelism (a collective)."""
+    copy = _copy_with_layers(model, layers)
+    _, blocks = _layers(copy)
+    if option != "none":
+        for block in blocks:
+            recompute(block, _SCOPE[option])
+    tpar = None
+    if mesh is not None and mesh.tp > 1:
+        tpar = parallelize(copy, mesh, sp, broadcast=False)
+    states.set_default(None)
+    try:
+        g, fetches, phs, grads = hotspa_profile._lm_graph(copy)
+        if tpar is not None:  # the gradients fetched in their parameters' states, as HotSPa's plans
+            wanted = {id(gr): p.ds[0] for p, gr in zip(copy.parameters(), grads)
+                      if gr is not None and not isinstance(gr, IndexedSlices)}
+            states.attach(g, dataclasses.replace(tpar.strategy, dp_group=(), fetch_states=wanted))
+        feeds = hotspa_profile._lm_feeds(phs, copy.config.vocab_size, int(rows), int(row_len),
+                                         np.random.default_rng(0))
+        return int(g.memory(fetches, feeds).peak_activations)
+    finally:
+        states.set_default(None)
+
+
+def measure_layers(model: Module, rows: int, row_len: int, mesh=None, sequence_parallel: bool = False) -> LayerMemory:
+    """One block's saved and extra activation bytes under each recompute option, and the bytes
+    outside the blocks, from the plans' peaks of fresh copies of `model`'s architecture with one
+    and with two blocks on `rows` packed rows of `row_len` tokens (one step each). `mesh`: on this
+    rank of its tensor parallelism (every rank of the mesh calls it: the plans run collectives)."""
+    peaks = {(c, n): _peak(model, c, n, rows, row_len, mesh, sequence_parallel) for c in RECOMPUTE for n in (1, 2)}
+    saved = {c: max(peaks[c, 2] - peaks[c, 1], 0) for c in RECOMPUTE}
+    outside = min(peaks[c, 1] - saved[c] for c in RECOMPUTE)
+    extra = {c: peaks[c, 1] - saved[c] - outside for c in RECOMPUTE}
+    tp = 1 if mesh is None else mesh.tp
+    return LayerMemory(int(rows), int(row_len), saved, extra, int(outside), tp, bool(sequence_parallel and tp > 1))
+
+
+def _held(model: Module, tp: int) -> tuple[list[int], int]:
+    """(parameters one rank holds per block, outside the blocks) under tp: what the Megatron plan
+    splits (a column-parallel layer's weight and bias, a row-parallel one's weight, the tables)
+    divided by tp."""
+    prefix, blocks = _layers(model)
+
+    def count(module: Module, skip: str | None = None) -> int:
+        total = 0
+        for name, m in module.named_modules():
+            if skip is not None and (name == skip or name.startswith(skip + ".")):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            layout = MEGATRON_PLAN.get(leaf)
+            for pname, p in m._parameters.items():
+                if p is None:
+                    continue
+                split = layout is not None and (pname == "weight" or layout == COLWISE)
+                total += p.numel() // tp if split else p.numel()
+        return total
+
+    return [count(b) for b in blocks], count(model, skip=prefix)
+
+
+@dataclass
+class LayerPlan:
+    """The search's result: the strategy, each layer's recompute, the stages' first layers, the
+    predicted step time and peak memory per device (the worst stage's) and their parts."""
+
+    strategy: H.Strategy
+    recompute: list[str]
+    stages: list[int]
+    time_s: float
+    memory_bytes: float
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        st = self.strategy
+        return f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
+
+    def as_dict(self) -> dict:
+        return {
+            "strategy": self.text,
+            "recompute": list(self.recompute),
+            "stages": list(self.stages),
+            "predicted_step_s": self.time_s,
+            "predicted_memory_bytes": self.memory_bytes,
+            **{k: v for k, v in self.parts.items()},
+        }
+
+
+def _candidates(world: int, spec: H.ModelSpec, pipeline: bool) -> list[H.Strategy]:
+    out = []
+    for st in hotspa_profile.runnable(world, spec):
+        for pp in [p for p in range(1, st.dp + 1) if st.dp % p == 0 and p <= spec.layers] if pipeline else [1]:
+            for sp in (False, True) if st.tp > 1 else (False,):
+                out.append(H.Strategy(st.dp // pp, st.tp, pp, sp=sp))
+    return out
+
+
+def _scale(spec: H.ModelSpec, rows: int, row_len: int, st: H.Strategy, option: str) -> float:
+    """Korthikanti et al.'s bytes under st's tp and sp over those of one device (option's formula)."""
+    plain = H.layer_activation_bytes(spec, rows, row_len, 1, False, option)
+    return H.layer_activation_bytes(spec, rows, row_len, st.tp, st.sp, option) / plain
+
+
+def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengths: Sequence[int],
+             budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
+    """The fastest `LayerPlan` under strategy `st` whose every stage fits `budget` bytes, or (when
+    none fits) the least bytes per device it needs. `measured(rows)` gives `measure_layers` at this
+    replica's rows."""
+    spec = prof.spec
+    layers = spec.layers
+    world = st.dp * st.tp * st.pp
+    cl = hotspa_profile.cluster(prof, world)
+    replica_rows = math.ceil(rows / st.dp)
+    mem = measured(replica_rows)
+    m = st.pp  # HotSPa's pipelines run pp micro-batches; a stage keeps up to pp - s of them
+    in_flight = [(st.pp - s) / m for s in range(st.pp)]
+    if (mem.tp, mem.sp) == (st.tp, st.sp):  # measured under this tp and sp: as measured
+        scale, extra_scale = dict.fromkeys(RECOMPUTE, 1.0), 1.0
+    else:  # measured on one device: Korthikanti et al.'s ratio (conservative for the outside bytes)
+        scale = {c: _scale(spec, replica_rows, row_len, st, c) for c in RECOMPUTE}
+        extra_scale = _scale(spec, replica_rows, row_len, st, "none")
+    per_block, outside = _held(model, st.tp)
+    block_states = STATE_BYTES * max(per_block)
+    stage_fixed = [STATE_BYTES * outside + mem.outside] * st.pp  # conservative: every stage holds them all
+    seconds_of = {c: H.layer_time(spec, cl, replica_rows, row_len, st.tp, st.sp, c) for c in RECOMPUTE}
+    seconds = [[seconds_of[c] for c in RECOMPUTE] for _ in range(layers)]
+    head = 6.0 * replica_rows * row_len * spec.hidden * spec.vocab / st.tp / (cl.flops * cl.mfu)
+    stage_seconds = [0.0] * (st.pp - 1) + [head]
+    saved_b = [[block_states + mem.saved[c] * scale[c] * f for c in RECOMPUTE] for f in in_flight]
+    extra_b = [mem.extra[c] * extra_scale / m for c in RECOMPUTE]
+    if math.isinf(budget):
+        unit, budgets = 1.0, [0] * st.pp
+        saved_u = [[[0] * len(RECOMPUTE) for _ in range(layers)] for _ in range(st.pp)]
+        extra_u = [0] * len(RECOMPUTE)
+    else:
+        unit = max(float(budget) / resolution, 1.0)
+        budgets = [math.floor((budget - fixed) / unit) for fixed in stage_fixed]
+        saved_u = [[[math.ceil(b / unit) for b in row] for _ in range(layers)] for row in saved_b]
+        extra_u = [math.ceil(b / unit) for b in extra_b]
+    if min(budgets) < 0:
+        return _least(saved_b, extra_b, stage_fixed, layers)
+    try:
+        starts, picks, slowest = search_stages(seconds, saved_u, extra_u, budgets, stage_seconds)
+    except H.HotSPaError:
+        return _least(saved_b, extra_b, stage_fixed, layers)
+    choices = [RECOMPUTE[c] for c in picks]
+    # predicted bytes per stage (unrounded)
+    ends = starts[1:] + [layers]
+    stage_bytes = []
+    for s, (i, j) in enumerate(zip(starts, ends)):
+        opts = [RECOMPUTE.index(c) for c in choices[i:j]]
+        stage_bytes.append(stage_fixed[s] + sum(saved_b[s][c] for c in opts) + sum(extra_b[c] for c in set(opts)))
+    flat = H.Strategy(st.dp, st.tp, st.pp)  # sp moves the same bytes: the profiled runs of tp price both
+    base = H.predict(spec, cl, flat, lengths, row_len, micro_batches=st.pp)
+    if st.pp == 1:
+        time = base.time_s + sum(seconds_of[c] - seconds_of["none"] for c in choices)
+    else:
+        time = base.time_s - base.parts["pipeline"] + slowest * (m + st.pp - 1) / m
+    worst = int(np.argmax(stage_bytes))
+    activations = stage_bytes[worst] - STATE_BYTES * (outside + sum(per_block[starts[worst]:ends[worst]]))
+    parts = {
+        "predicted_stage_bytes": stage_bytes,
+        "predicted_activation_bytes": activations,
+        "predicted_state_bytes": stage_bytes[worst] - activations,
+        "replica_rows": replica_rows,
+        "row_len": row_len,
+    }
+    return LayerPlan(st, choices, starts, time, float(stage_bytes[worst]), parts)
+
+
+def _least(saved_b, extra_b, stage_fixed, layers: int) -> float:
+    """The least peak bytes per device any split and choice needs: per stage its fixed bytes and
+    its layers under the one option that needs least (a second option only adds its extra); the
+    split that makes the neediest stage least (min-max over the stages' lengths; the layers are alike)."""
+    pp = len(stage_fixed)
+
+    def need(s: int, n: int) -> float:
+        return min(stage_fixed[s] + n * saved_b[s][c] + extra_b[c] for c in range(len(extra_b)))
+
+    worst = [0.0] + [math.inf] * layers  # worst[j]: the least neediest stage over stages so far covering j layers
+    for s in range(pp):
+        new = [math.inf] * (layers + 1)
+        for j in range(s + 1, layers - (pp - 1 - s) + 1):
+            new[j] = min(max(worst[i], need(s, j - i)) for i in range(s, j))
+        worst = new
+    return worst[layers]
+
+
+def search_plan(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
+                budget: float = math.inf, pipeline: bool = False, resolution: int = 2048,
+                measured=None) -> tuple[LayerPlan, list]:
+    """The fastest `LayerPlan` over `world` ranks for batches packed into `rows` rows of `row_len`
+    tokens (sequences of `lengths`) within `budget` bytes per device; also, per candidate,
+    (strategy, its plan or else its least need in bytes, {"free_bytes": its peak without
+    recompute, "least_bytes": the least it needs}). `pipeline`: pp > 1 candidates too. Raises HotSPaError naming each
+    candidate's least need when none fits."""
+    spec = prof.spec
+    cache: dict[tuple, LayerMemory] = {}
+    # under this job's ranks each candidate's tp (and sp) plans are measured as they will run
+    distributed = env.is_distributed() and env.world_size() == world
+
+    def measure(r: int, st: H.Strategy) -> LayerMemory:
+        if measured is not None:
+            return measured(r)
+        tp = st.tp if distributed else 1
+        key = (r, tp, st.sp and tp > 1)
+        if key not in cache:
+            mesh = DeviceMesh(dp=world // tp, tp=tp, world_size=world, rank=env.rank()) if tp > 1 else None
+            cache[key] = measure_layers(model, r, row_len, mesh, key[2])
+        return cache[key]
+
+    table = []
+    for st in _candidates(world, spec, pipeline):
+        def plan(memory: float, st=st):
+            return plan_for(prof, model, st, rows, row_len, lengths, memory, lambda r: measure(r, st), resolution)
+
+        chosen = plan(budget)
+        needs = {"free_bytes": plan(math.inf).memory_bytes, "least_bytes": plan(1.0)}  # without recompute, at least
+        table.append((st, chosen, needs))
+    fitting = [p for _, p, _ in table if isinstance(p, LayerPlan)]
+    if not fitting:
+        needs = ", ".join(
+            f"{H.Strategy(st.dp, st.tp, st.pp, sp=st.sp)} {need / 2**20:.2f} MiB" for st, need, _ in table
+        )
+        least = min(need for _, need, _ in table)
+        raise H.HotSPaError(
+            f"--parallel auto: no strategy over {world} ranks holds {rows} rows of {row_len} tokens in "
+            f"{budget / 2**20:.2f} MiB per device per the layer-wise cost model, even with recompute; the least "
+            f"memory needed is {least / 2**20:.2f} MiB ({needs}; the search rounds each layer's bytes up to "
+            f"1/{resolution} of the budget, so allow about {100 * (spec.layers + 3) / resolution:.1f}% more)"
+        )
+    return min(fitting, key=lambda p: p.time_s), table
+
+
+def pipeline_stages(model: Module, st: H.Strategy, row_len: int, lengths: Sequence[int] | None = None,
+                    prof=None) -> list[str]:
+    """The module name of each stage's first layer for pipeline strategy `st` (HotSPa's `stages`):
+    the split that minimises the slowest stage's predicted time (the last stage runs the head too),
+    one row of `row_len` tokens per micro-batch. `prof`: a profile's rates (default: FLOP-
+    proportional times, which is what the split's balance depends on)."""
+    spec = H.model_spec(model)
+    if spec is None:
+        raise H.HotSPaError(f"pipeline_stages: {type(model).__name__} is not a zoo language model")
+    prof = prof or hotspa_profile.Profile(spec, flops=1e12)
+    rows = st.dp * st.pp
+    zero = LayerMemory(rows, row_len, dict.fromkeys(RECOMPUTE, 0), dict.fromkeys(RECOMPUTE, 0), 0)
+    plan = plan_for(prof, model, st, rows, row_len, list(lengths or [row_len] * rows), math.inf, lambda r: zero)
+    prefix, _ = _layers(model)
+    return [f"{prefix}.{i}" for i in plan.stages]
+
+
+def apply_plan(model: Module, choices: Sequence[str]) -> Module:
+    """Marks block l of `model` for recompute as `choices[l]` says ("none", "selective": its
+    attention, "full": the block), clearing any mark it had; returns `model`."""
+    _, blocks = _layers(model)
+    if len(choices) != len(blocks):
+        raise H.HotSPaError(f"apply_plan: {len(blocks)} blocks need as many recompute choices, found {len(choices)}")
+    for block, choice in zip(blocks, choices):
+        if choice not in RECOMPUTE:
+            raise H.HotSPaError(f"apply_plan: recompute choice must be one of {RECOMPUTE}, found {choice!r}")
+        recompute(block, "full", enabled=False)
+        recompute(block, "attention", enabled=False)
+        if choice != "none":
+            recompute(block, _SCOPE[choice])
+    return model
+
+
+__all__ = [
+    "RECOMPUTE",
+    "LayerMemory",
+    "LayerPlan",
+    "apply_plan",
+    "brute_force_stages",
+    "measure_layers",
+    "pipeline_stages",
+    "plan_for",
+    "search_plan",
+    "search_stages",
+]

@@ -1,0 +1,234 @@
+"""The layer-wise strategy search (`luoshu.parallel.layerwise`): exact against brute force (the stage
+program and the real recompute option set of a model), a tight budget recomputes some layers and
+the plan's measured peak fits what the cost model assumed, an infeasible budget names the least
+memory needed, recompute changes no number, and the pipeline split is searched too."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import numpy as np
+import pytest
+
+import luoshu as ls
+from luoshu.models.language import GPT2, GPTConfig
+from luoshu.parallel import hotspa as H
+from luoshu.parallel import hotspa_profile as P
+from luoshu.parallel import layerwise as LW
+from tests.distributed.launcher import launch
+
+ROWS, ROW_LEN = 4, 32
+LENGTHS = [32, 30, 24, 20, 12, 9, 5, 3]
+
+
+def _model(n_layer: int = 3, dtype: str = "float32"):
+    ls.manual_seed(3)
+    model = GPT2(GPTConfig(vocab_size=32, block_size=ROW_LEN, n_layer=n_layer, n_head=4, n_embd=16))
+    return model.to(dtype=dtype)
+
+
+def _profile(model) -> P.Profile:
+    """Fixed rates (no timing): every run and every rank finds the same plan."""
+    return P.Profile(H.model_spec(model), flops=2e9, layer_overhead_s=1e-5)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model = _model()
+    return model, LW.measure_layers(model, ROWS, ROW_LEN)
+
+
+def test_the_stage_program_equals_brute_force_over_every_split_and_choice():
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        layers, pp = int(rng.integers(2, 6)), int(rng.integers(1, 4))
+        if layers < pp:
+            continue
+        seconds = rng.uniform(1, 3, (layers, 3)).round(3).tolist()
+        saved = [rng.integers(1, 9, (layers, 3)).tolist() for _ in range(pp)]
+        extra = rng.integers(0, 6, 3).tolist()
+        budgets = rng.integers(8, 30, pp).tolist()
+        fixed = rng.uniform(0, 2, pp).tolist()
+        try:
+            expected = LW.brute_force_stages(seconds, saved, extra, budgets, fixed)
+        except ls.Error:
+            with pytest.raises(H.HotSPaError, match="no split of"):
+                LW.search_stages(seconds, saved, extra, budgets, fixed)
+            continue
+        starts, choices, slowest = LW.search_stages(seconds, saved, extra, budgets, fixed)
+        assert slowest == pytest.approx(expected), trial
+        # the returned split and choices reach that time and fit every stage
+        ends = starts[1:] + [layers]
+        assert starts[0] == 0 and all(a < b for a, b in zip(starts, ends))
+        worst = 0.0
+        for s, (i, j) in enumerate(zip(starts, ends)):
+            span = range(i, j)
+            memory = sum(saved[s][k][choices[k]] for k in span) + sum(extra[c] for c in {choices[k] for k in span})
+            assert memory <= budgets[s]
+            worst = max(worst, sum(seconds[k][choices[k]] for k in span) + fixed[s])
+        assert worst == pytest.approx(slowest)
+
+
+def _brute_force_plan(prof, model, mem, budget: float) -> float:
+    """The least predicted step time over every per-layer recompute choice of dp1,tp1,pp1 whose
+    predicted peak (the module's formula, in bytes) fits the budget."""
+    spec = prof.spec
+    cl = P.cluster(prof, 1)
+    per_block, outside = LW._held(model, 1)
+    seconds = {c: H.layer_time(spec, cl, ROWS, ROW_LEN, 1, False, c) for c in LW.RECOMPUTE}
+    base = H.predict(spec, cl, H.Strategy(1, 1, 1), LENGTHS, ROW_LEN, micro_batches=1).time_s
+    best = math.inf
+    for pick in itertools.product(LW.RECOMPUTE, repeat=spec.layers):
+        peak = 16 * (outside + sum(per_block)) + mem.outside + sum(mem.saved[c] for c in pick)
+        peak += sum(mem.extra[c] for c in set(pick))
+        if peak <= budget:
+            best = min(best, base + sum(seconds[c] - seconds["none"] for c in pick))
+    return best
+
+
+def test_the_plan_equals_brute_force_with_the_real_option_set(measured):
+    model, mem = measured
+    prof = _profile(model)
+    free = LW.plan_for(prof, model, H.Strategy(1, 1, 1), ROWS, ROW_LEN, LENGTHS, math.inf, lambda r: mem)
+    assert free.recompute == ["none"] * 3
+    assert mem.saved["full"] < mem.saved["selective"] < mem.saved["none"]  # what recompute is for
+    for fraction in (1.0, 0.95, 0.9, 0.8, 0.7, 0.6):
+        budget = float(int(free.memory_bytes * fraction) // 4 * 4)
+        expected = _brute_force_plan(prof, model, mem, budget)
+        # memory units of 4 bytes: every byte count is a multiple, so the program is exact in bytes
+        plan = LW.plan_for(prof, model, H.Strategy(1, 1, 1), ROWS, ROW_LEN, LENGTHS, budget, lambda r: mem,
+                           resolution=int(budget) // 4)
+        if math.isinf(expected):
+            assert not isinstance(plan, LW.LayerPlan), fraction
+            continue
+        assert isinstance(plan, LW.LayerPlan), fraction
+        assert plan.time_s == pytest.approx(expected, rel=1e-12), fraction
+        assert plan.memory_bytes <= budget
+
+
+def _peak(model, choices) -> int:
+    """The measured peak activation bytes of the model's HotSPa training graph with `choices` applied."""
+    LW.apply_plan(model, choices)
+    g, fetches, phs, _ = P._lm_graph(model)
+    return int(g.memory(fetches, P._lm_feeds(phs, 32, ROWS, ROW_LEN, np.random.default_rng(0))).peak_activations)
+
+
+def test_a_tight_budget_recomputes_some_layers_and_the_measured_peak_fits(measured):
+    model, mem = measured
+    prof = _profile(model)
+    free, _ = LW.search_plan(prof, model, 1, ROWS, ROW_LEN, LENGTHS, measured=lambda r: mem)
+    assert free.recompute == ["none"] * 3
+    least = LW.plan_for(prof, model, H.Strategy(1, 1, 1), ROWS, ROW_LEN, LENGTHS, 1.0, lambda r: mem)
+    seen = set()
+    for fraction in (0.1, 0.3, 0.5, 0.7, 0.9):
+        budget = least + (free.memory_bytes - least) * fraction
+        plan, _ = LW.search_plan(prof, model, 1, ROWS, ROW_LEN, LENGTHS, budget, measured=lambda r: mem)
+        assert plan.memory_bytes <= budget
+        assert any(c != "none" for c in plan.recompute), fraction
+        seen.add(tuple(plan.recompute))
+        peak = _peak(_model(), plan.recompute)
+        # the plan's own accounting against what the cost model assumed
+        assert peak <= plan.parts["predicted_activation_bytes"], (plan.recompute, peak)
+        assert peak + plan.parts["predicted_state_bytes"] <= budget
+    assert any(len(set(choices)) > 1 for choices in seen), seen  # some plans recompute only some layers
+
+
+def test_an_infeasible_budget_names_the_least_memory_needed(measured):
+    model, mem = measured
+    prof = _profile(model)
+    with pytest.raises(H.HotSPaError, match="the least memory needed is") as info:
+        LW.search_plan(prof, model, 1, ROWS, ROW_LEN, LENGTHS, 2**16, measured=lambda r: mem)
+    least = float(re.search(r"the least memory needed is ([\d.]+) MiB", str(info.value)).group(1)) * 2**20
+    assert "dp1,tp1,pp1" in str(info.value)
+    plan, _ = LW.search_plan(prof, model, 1, ROWS, ROW_LEN, LENGTHS, least * 1.02, measured=lambda r: mem)
+    assert plan.recompute == ["full"] * 3  # the least is every layer fully recomputed
+    with pytest.raises(H.HotSPaError):
+        LW.search_plan(prof, model, 1, ROWS, ROW_LEN, LENGTHS, least * 0.98, measured=lambda r: mem)
+
+
+def test_recompute_per_layer_changes_no_number():
+    """One process, float64: HotSPa steps of a model with mixed recompute marks equal those of
+    the plain model (the recomputed activations are the forward's)."""
+    rng = np.random.default_rng(1)
+    batch = [rng.integers(0, 32, n) for n in (32, 20, 11, 7, 4, 3)]
+    runs = []
+    for choices in (["none"] * 3, ["selective", "full", "none"]):
+        model = LW.apply_plan(_model(dtype="float64"), choices)
+        hot = ls.parallel.HotSPa(model, ["dp1,tp1,pp1"], [ROW_LEN, 0])
+        opt = ls.optim.AdamW(model.parameters(), lr=1e-2)
+        runs.append([hot.step(batch, opt).loss for _ in range(3)])
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-12)
+
+
+def test_apply_plan_marks_exactly_the_chosen_blocks():
+    model = _model()
+    model.h[0]._recompute = True  # an old mark is cleared
+    LW.apply_plan(model, ["none", "selective", "full"])
+    assert not model.h[0].__dict__.get("_recompute") and not model.h[0].attn.__dict__.get("_recompute")
+    assert model.h[1].attn.__dict__.get("_recompute") and not model.h[1].__dict__.get("_recompute")
+    assert model.h[2].__dict__.get("_recompute")
+    with pytest.raises(H.HotSPaError, match="one of"):
+        LW.apply_plan(model, ["none", "some", "full"])
+    with pytest.raises(H.HotSPaError, match="3 blocks need as many"):
+        LW.apply_plan(model, ["none"])
+
+
+def test_candidates_cover_sequence_parallelism_and_pipelines(measured):
+    """Four ranks: sp per strategy (it holds fewer activation bytes than the same tp without it)
+    and, with `pipeline=True`, pp > 1 with the split searched (a valid first layer per stage)."""
+    model, mem = measured
+    prof = _profile(model)
+    best, table = LW.search_plan(prof, model, 4, 4, ROW_LEN, LENGTHS * 2, measured=lambda r: mem, pipeline=True)
+    plans = {p.text: p for _, p, _ in table}
+    wanted = {"dp4,tp1,pp1", "dp2,tp2,pp1", "dp2,tp2,pp1,sp", "dp1,tp4,pp1,sp", "dp2,tp1,pp2", "dp1,tp2,pp2,sp"}
+    assert wanted <= set(plans)
+    for tp in (2, 4):
+        plain, sp = plans[f"dp{4 // tp},tp{tp},pp1"], plans[f"dp{4 // tp},tp{tp},pp1,sp"]
+        assert sp.parts["predicted_activation_bytes"] < plain.parts["predicted_activation_bytes"]
+        assert sp.time_s == plain.time_s  # the same bytes, moved as all-gathers and reduce-scatters
+    for p in plans.values():
+        assert len(p.stages) == p.strategy.pp and p.stages[0] == 0 and p.stages == sorted(set(p.stages))
+        assert p.stages[-1] < 3 and len(p.recompute) == 3
+    assert best.time_s == min(p.time_s for p in plans.values())
+
+
+def test_pipeline_stages_balance_the_head_and_hotspa_takes_them_only_for_pipelines():
+    """A large vocabulary makes the last stage's head cost layers: the cost model's split gives that
+    stage fewer blocks than the parameter-count balance (3 and 3 of 6), and the slowest stage is
+    no slower than under any other split of the same predicted times."""
+    ls.manual_seed(0)
+    model = GPT2(GPTConfig(vocab_size=50000, block_size=64, n_layer=6, n_head=4, n_embd=32))
+    st = H.Strategy(1, 2, 2)
+    names = LW.pipeline_stages(model, st, 64)
+    assert names[0] == "h.0" and int(names[1].split(".")[1]) > 3
+    cl = P.cluster(P.Profile(H.model_spec(model), flops=1e12), 4)
+    layer = H.layer_time(H.model_spec(model), cl, 2, 64, 2, False, "none")  # a replica's 2 rows (one per micro-batch)
+    head = 6.0 * 2 * 64 * 32 * 50000 / 2 / cl.flops
+
+    def slowest(k: int) -> float:
+        return max(k * layer, (6 - k) * layer + head)
+
+    assert slowest(int(names[1].split(".")[1])) == pytest.approx(min(slowest(k) for k in range(1, 6)))
+    with pytest.raises(H.HotSPaError, match=r"stages names strategies \[0\], which are not pipeline strategies"):
+        ls.parallel.HotSPa(_model(), ["dp1,tp1,pp1"], [ROW_LEN, 0], stages={0: ["h.0"]})
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_searched_plan_on_4_processes_matches_one_process(tmp_path):
+    """float64, 4 processes: a plan the search picks under a budget that makes it recompute (and
+    run sequence parallel) trains to the one-process reference's losses and parameters."""
+    from tests.parallel import hotspa_train as T
+
+    out = tmp_path / "lw"
+    proc = launch(4, "tests/parallel/layerwise_train.py", "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, ref_params = T.reference("gpt2")
+    for rank in range(4):
+        run = np.load(f"{out}.rank{rank}.npz")
+        assert any(str(c) != "none" for c in run["recompute"]), run["recompute"]
+        np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
+        for name, value in ref_params.items():
+            np.testing.assert_allclose(run[name], value, rtol=0, atol=1e-6, err_msg=name)
