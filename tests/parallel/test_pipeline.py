@@ -110,9 +110,10 @@ def test_recompute_inside_a_stage_keeps_only_the_layers_inputs(schedule):
         np.testing.assert_allclose(value, ref_params[name], atol=1e-10, err_msg=name)
 
 
-def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None, recompute=False):
+def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None, recompute=False,
+             zero=0, steps=pp_train.STEPS):
     """Runs the pipeline job and checks it against one process; returns every rank's npz."""
-    out = tmp_path / ("pp-recompute" if recompute else "pp")
+    out = tmp_path / ("pp-recompute" if recompute else f"pp-zero{zero}" if zero else "pp")
     args = (
         [
             "--model",
@@ -135,10 +136,12 @@ def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2"
         + (["--stages", ",".join(stages)] if stages else [])
         + (["--clip", str(clip)] if clip else [])
         + (["--recompute"] if recompute else [])
+        + (["--zero", str(zero)] if zero else [])
+        + (["--steps", str(steps)] if steps != pp_train.STEPS else [])
     )
     proc = launch(dp * tp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref_losses, ref_params = pp_train.reference(layers, model, clip)
+    ref_losses, ref_params = pp_train.reference(layers, model, clip, steps)
     runs = [np.load(f"{out}.rank{r}.npz") for r in range(dp * tp * pp)]
     last = [r for r in runs if int(r["stage"]) == pp - 1]
     np.testing.assert_allclose(np.mean([r["losses"] for r in last], axis=0), ref_losses, atol=1e-6)
