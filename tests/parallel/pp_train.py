@@ -100,9 +100,19 @@ def main() -> None:
                                 zero=args.zero)
     pipe.compile([("ids", (None, LENGTH), "int64")], [("y", (None, LENGTH), "int64")], loss_fn, opt)
     losses, peak, peak_bytes = [], 0, 0
+    scatters: list = []  # ZeRO: the reduce-scatters each step started
+    if args.zero:
+        scatter = pipe.zero.scatter
+
+        def counted(*a, **k):
+            scatters[-1] += 1
+            return scatter(*a, **k)
+
+        pipe.zero.scatter = counted
     need_inputs, need_labels = pipe.feeds_of()
     for ids, y in batches(steps=args.steps):
         # a rank passes only what its stage reads
+        scatters.append(0)
         losses.append(pipe.step([ids] if need_inputs else None, [y] if need_labels else None))
         peak, peak_bytes = max(peak, pipe.ledger.peak), max(peak_bytes, pipe.ledger.peak_bytes)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -118,6 +128,8 @@ def main() -> None:
         peak=peak,
         peak_bytes=peak_bytes,
         state_bytes=state_bytes(pipe.optimizers()),
+        scatters=np.array(scatters, dtype=np.int64),
+        buckets=len(pipe.zero.groups) if args.zero else 0,
         stage=pipe.stage,
         rank=ls.distributed.rank(),
         feeds=json.dumps(sorted(feeds)),
