@@ -130,6 +130,7 @@ def main() -> None:
         state_bytes=state_bytes(pipe.optimizers()),
         scatters=np.array(scatters, dtype=np.int64),
         buckets=len(pipe.zero.groups) if args.zero else 0,
+        local_numel=sum(p.value.numel() for p in pipe.params),  # this rank's blocks of its stage's parameters
         stage=pipe.stage,
         rank=ls.distributed.rank(),
         feeds=json.dumps(sorted(feeds)),
