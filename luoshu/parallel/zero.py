@@ -73,6 +73,12 @@ parameter, a row-parallel bias on members other than 0, which then has no gather
 registers a pass on every local graph the strategy compiles (`Strategy.graph_passes`), so the
 readers of a plan of another fetch set (an evaluation) gather too.
 
+In a pipeline (`pipeline(..., zero=1 | 2)`) the stage builds this mode over its DP group and hands it
+each step's gradients, accumulated over the micro-batches, once after the last (`step_accumulated`):
+stage 1 all-reduces them and takes the shard, stage 2 reduce-scatters each bucket; the pipeline's
+`ShardNorm` (shards weighed as their parameters, summed over the stages and TP members) then the DP
+group give clipping's norm.
+
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
 (`non_blocking`). `offload="parameters"` (stage 3) is accepted and for now does the same: the
