@@ -415,3 +415,12 @@ def test_zero_dp2_tp2_pp2_with_clipping_matches_one_process(tmp_path, zero):
     """Eight processes: each rank's TP blocks of its stage sharded over the stage's DP group; the norm
     weighs the TP-duplicated pieces 1/tp and sums over shards, TP members and stages."""
     _zero_compare(tmp_path, zero, tp=2)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero_with_a_sparse_table_on_one_stage_matches_one_process(tmp_path, zero):
+    """LLaMA's untied table: its rows stay on the model's optimizer (gathered over DP), on stage 0 only;
+    clipping's factor reaches it without a norm collective the other stage would not join."""
+    _compare(tmp_path, 2, 2, 2, 2, "1f1b", model="llama", clip=0.05, zero=zero, steps=3)
