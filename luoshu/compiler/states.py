@@ -643,11 +643,13 @@ class ShardNorm:
 
     def squared(self, indices: list, grads: list, device=None) -> torch.Tensor:
         """The squared norm (summed over `group`); `grads` may be pieces of gradient i (ZeRO's
-        shards), each counting with `weights[i]`; `device` where there are none on this rank."""
+        shards), each counting with `weights[i]`; `device` where there are none on this rank. The
+        sum is float64 on every rank: the all-reduce must match where the members hold gradients
+        of other dtypes, or none (a pipeline stage without sparse rows)."""
         dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        total = torch.zeros((), dtype=dtype, device=grads[0].device if grads else device)
+        total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else device)
         for i, g in zip(indices, grads):
-            total += torch.linalg.vector_norm(g.to(dtype)) ** 2 * self.weights.get(i, 1.0)
+            total += (torch.linalg.vector_norm(g.to(dtype)) ** 2).double() * self.weights.get(i, 1.0)
         if len(self.group) > 1:
             total = get_opdef("all_reduce").compute(total, reduce="sum", group=self.group, async_op=False)
         return total

@@ -338,12 +338,13 @@ class Optimizer:
         return apply("optimizer_update", *inputs, optimizer=self._key, params=tuple(used),
                      kinds="".join(kinds), loss_scaler=scaler_key)
 
-    def apply_gradients(self, grads: list, loss_scaler=None, other_norm_sq: torch.Tensor | None = None) -> None:
+    def apply_gradients(self, grads: list, loss_scaler=None, clip_coef: torch.Tensor | None = None) -> None:
         """The update path of both modes: `grads` pairs a parameter index with a torch
         tensor (dense), an `(indices, values)` tuple (sparse) or `(indices, values, GLOBAL)`
         (sparse applied to every row). Data-parallel sync modes call it with synchronised
-        gradients. `other_norm_sq`: the squared norm of gradients applied elsewhere (ZeRO's
-        shards) that global-norm clipping counts in."""
+        gradients. `clip_coef`: global-norm clipping's factor, computed by the caller over these
+        and the gradients it applies elsewhere (ZeRO's shards), in place of the norm of `grads`
+        (whose sum over a group would be a collective only some ranks of a pipeline reach)."""
         with torch.no_grad():
             entries = self._entries(grads)
             if not entries:
@@ -355,12 +356,12 @@ class Optimizer:
                 entries = _replace_dense_parts(entries, unscaled)
             if self.max_grad_norm is not None:
                 tensors = [_dense_part(g) for _, g in entries]
-                # a graph's states pass installs `shard_norm`; an eager TP step asks for it here
-                shard_norm = self.shard_norm or states.eager_shard_norm(self.parameters())
-                total = _total_norm(tensors) if shard_norm is None else shard_norm([i for i, _ in entries], tensors)
-                if other_norm_sq is not None:
-                    total = (total.double() ** 2 + other_norm_sq.double()).sqrt()
-                coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+                coef = clip_coef
+                if coef is None:
+                    # a graph's states pass installs `shard_norm`; an eager TP step asks for it here
+                    shard_norm = self.shard_norm or states.eager_shard_norm(self.parameters())
+                    total = _total_norm(tensors) if shard_norm is None else shard_norm([i for i, _ in entries], tensors)
+                    coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
                 entries = _replace_dense_parts(entries, _scaled(tensors, coef))
             by_group: dict[int, list] = {}
             for i, g in entries:

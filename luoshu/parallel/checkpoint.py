@@ -23,7 +23,9 @@ Installed at import of `luoshu.parallel`, so plain `ls.save(path, model, optimiz
   optimizer state broadcast from the stage that trains it, over the pp group), then writes
   as above (with TP inside the stages, the TP gather follows); `ls.load` reads the full
   package on every rank (each rank then trains its stage's part). A pipeline checkpoint loads
-  into one process, and one process's into a pipeline of any pp (or pp x tp).
+  into one process, and one process's into a pipeline of any pp (or pp x tp). Under ZeRO
+  (`pipeline(..., zero=1 | 2)`) each stage's shard state is first consolidated over its DP
+  group; `ls.load` gives the plain state to the ZeRO mode, whose shards take their slices.
 
 All these `save`s are collectives: call them on every rank. A job with none of them (plain
 data parallelism) saves as before, from whichever rank calls.
@@ -167,8 +169,10 @@ class _ShardedLayouts(package.LayoutHook):
 
     def save(self, path, module, optimizer, metadata, group: tuple | None = None) -> Path | None:
         pipe = _distributed_pipeline(module, optimizer)
+        whole_state = None
         if pipe is not None:  # every rank holds the whole model (its TP blocks) and its optimizer state
-            pipe.gather_stages(with_state=optimizer is not None and optimizer is pipe.optimizer)
+            # (ZeRO: each stage's shards consolidated over its DP group, then gathered over the stages)
+            whole_state = pipe.gather_stages(with_state=optimizer is not None and optimizer is pipe.optimizer)
         zero = _zero_of(optimizer)
         group = _tp_group() if group is None else group
         whole = zero.gathered_parameters() if zero is not None else contextlib.nullcontext()  # ZeRO-3's shards
@@ -177,7 +181,8 @@ class _ShardedLayouts(package.LayoutHook):
             # DP group first (this rank's TP blocks), then gathered over the TP group.
             opt_state = None
             if zero is not None:
-                opt_state = _full_state_dict(zero.consolidated_state_dict(), optimizer, module, group)
+                consolidated = whole_state if whole_state is not None else zero.consolidated_state_dict()
+                opt_state = _full_state_dict(consolidated, optimizer, module, group)
             with _full_tensors(module, optimizer if zero is None else None, group):
                 written = package.save_full(path, module, optimizer, metadata, opt_state) if env.rank() == 0 \
                     else None

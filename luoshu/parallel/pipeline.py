@@ -34,6 +34,19 @@ Data convention: every rank passes the same global batch to `step` (or None for 
 stage does not read); the first stage reads only the inputs and the last only the labels
 (`feeds_of` / `feeds` say what a rank's plans read), each rank takes its DP share
 (`mesh.batch_slice`) and cuts it into M micro-batches.
+
+ZeRO over the DP axis (`pipeline(..., zero=1 | 2)`, `luoshu.parallel.zero`): each stage's
+parameters are sharded over that stage's DP group (the ranks of the same pp and tp
+coordinates), and the DP reduction of the stage's accumulated gradients is the ZeRO mode's,
+once per step after the last micro-batch: stage 1 all-reduces them (plain data parallelism's
+buckets) and each rank updates its 1/dp shard of the optimizer state, stage 2 reduce-scatters
+them (a rank keeps only its shard of each bucket), then the updated shards are all-gathered
+into the parameters. Clipping's norm is summed over the shards, the stages and the TP members
+(each parameter counted once). `ls.save` consolidates each stage's shards over its DP group,
+then gathers the stages: the checkpoint holds full tensors and the plain optimizer's state,
+and loads into one process (and a plain one into a ZeRO pipeline). Stage 3 (parameters
+sharded between uses, gathered per layer inside every micro-batch's forward and backward) is
+not built for pipelines and is refused.
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ from luoshu.nn.container import ModuleList
 from luoshu.nn.module import Module
 from luoshu.ops.comm import shapes_once
 from luoshu.optim.optimizer import Optimizer
+from luoshu.parallel.data_parallel import DataParallel
 from luoshu.runtime.pipeline import SCHEDULES, ActivationLedger, StageRunner, schedule
 
 
@@ -83,13 +97,22 @@ def _balance(sizes: list[int], parts: int) -> list[int]:
 class Pipeline:
     """One rank's stage of a pipeline-parallel model; `compile` builds its plans, `step` trains one batch."""
 
-    def __init__(self, model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b"):
+    def __init__(self, model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b",
+                 zero: int = 0, **zero_options):
         if not isinstance(mesh, DeviceMesh):
             raise PipelineError(f"pipeline: mesh must be a DeviceMesh, found {type(mesh).__name__}")
         if schedule not in SCHEDULES:
             raise PipelineError(f"pipeline: unknown schedule {schedule!r}; the schedules are {SCHEDULES}")
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise PipelineError(f"pipeline: micro_batches must be a positive int, found {micro_batches!r}")
+        if isinstance(zero, bool) or zero not in (0, 1, 2, 3):
+            raise PipelineError(f"pipeline: zero must be 0 (off), 1 or 2, found {zero!r}")
+        if zero == 3:
+            raise PipelineError("pipeline: zero=3 (parameters sharded between uses) is not built for pipeline stages; "
+                                "zero=1 shards each stage's optimizer state over its DP group, zero=2 also its "
+                                "gradients")
+        if zero_options and not zero:
+            raise PipelineError(f"pipeline: {sorted(zero_options)} are ZeRO options; they need zero=1 or 2")
         prefix, layers = _layers(model)
         pp = mesh.pp
         if len(layers) < pp:
@@ -117,6 +140,8 @@ class Pipeline:
         self.first, self.last = starts[self.stage], ends[self.stage] - 1
         self.boundaries = list(zip(starts, ends))
         self.ledger = ActivationLedger()
+        self.zero_stage, self.zero_options = zero, zero_options
+        self.zero = None  # the ZeRO sync mode over this stage's DP group (compile)
         self._compiled = False
 
     # --- building --------------------------------------------------------------------
@@ -195,6 +220,10 @@ class Pipeline:
         self.feeds = self.program.feed_names
         self._shared = self._shared_parameters({id(p) for p in self.params})
         self._install_norm(strategy)
+        if self.zero_stage:  # this stage's parameters sharded over its DP group; laid out at the first step
+            dp_group = self.mesh.group("dp")
+            self.zero = DataParallel(optimizer=optimizer, group=dp_group, broadcast=False, zero=self.zero_stage,
+                                     **self.zero_options).sync
         self._compiled = True
         self._key = live.register(self)  # ls.save / ls.load find the pipeline of a model (parallel.checkpoint)
 
@@ -234,17 +263,24 @@ class Pipeline:
         return shared
 
     # --- whole-model views ---------------------------------------------------------------
-    def gather_stages(self, with_state: bool = False) -> None:
+    def gather_stages(self, with_state: bool = False) -> dict | None:
         """Every parameter (and, `with_state`, its optimizer state) from the stage that trains it,
         so every rank of the pipeline holds the whole model: before an evaluation on every rank
         or a checkpoint (a collective over the pp group; under TP, each member of a stage sends
-        its blocks to its counterparts)."""
-        if not self._compiled or self.stages == 1 or not env.is_distributed():
-            return
+        its blocks to its counterparts). Returns, `with_state`, the whole model's optimizer state
+        dict, which the model's optimizer then holds; under ZeRO the state of each stage's shards
+        consolidated over its DP group (the plain optimizer's layout), which stays with the shards:
+        the model's optimizer does not take it."""
+        if not self._compiled:
+            return None
         optimizer = self.optimizer
+        # this stage's state whole (ZeRO: gathered over the stage's DP group, a collective there)
+        plain = (self.zero.consolidated_state_dict() if self.zero is not None else optimizer.state_dict()) \
+            if with_state else None
+        if self.stages == 1 or not env.is_distributed():
+            return plain
         pg, pp_ranks = self.mesh.process_group("pp"), self.mesh.group("pp").ranks
         params = optimizer.parameters()
-        plain = optimizer.state_dict() if with_state else None
         mine = {
             "owned": list(self.param_index),
             "state": plain["meta"]["state"] if plain else None,
@@ -275,8 +311,12 @@ class Pipeline:
                     value = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
                 torch_dist.broadcast(value, src=pp_ranks[stage], group=pg)
                 tensors[key] = value
-        if with_state:
-            optimizer.load_state_dict({"tensors": tensors, "meta": {**plain["meta"], "state": state}})
+        if not with_state:
+            return None
+        whole = {"tensors": tensors, "meta": {**plain["meta"], "state": state}}
+        if self.zero is None:
+            optimizer.load_state_dict(whole)
+        return whole
 
     # --- running ---------------------------------------------------------------------
     def step(self, inputs: list | None, labels: list | None) -> float | None:
@@ -376,6 +416,13 @@ class Pipeline:
                 rows, values = grads[pos]
                 grads[pos] = torch.zeros_like(self.params[pos]._value).index_add_(0, rows, values)
             torch_dist.all_reduce(grads[pos], group=env.process_group(users))
+        if self.zero is not None:
+            # The DP reduction of the dense gradients is the shards' (stage 2: a reduce-scatter), a
+            # shared table's summed rows among them (as below); the other rows are gathered already.
+            pairs = list(zip(self.param_index, grads))
+            self.zero.step_accumulated([(i, g) for i, g in pairs if isinstance(g, torch.Tensor)],
+                                       [(i, g) for i, g in pairs if not isinstance(g, torch.Tensor)])
+            return
         if dp > 1 and env.is_distributed():
             pg = self.mesh.process_group("dp")
             for k, g in enumerate(grads):
@@ -383,6 +430,11 @@ class Pipeline:
                     torch_dist.all_reduce(g, group=pg)
                     g.div_(dp)
         self.optimizer.apply_gradients(list(zip(self.param_index, grads)))
+
+    def optimizers(self) -> list[Optimizer]:
+        """The optimizers this rank steps: under ZeRO the shard optimizers of its stage (and the
+        model's, which holds only the state of parameters with sparse gradients), else the model's."""
+        return self.zero.optimizers() if self.zero is not None else [self.optimizer]
 
     def _gather_rows(self, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every DP peer's sparse rows (unequal counts), in DP order."""
@@ -413,9 +465,11 @@ def pipeline_of(module, optimizer=None) -> Pipeline | None:
     return max(found, key=lambda p: p._key) if found else None
 
 
-def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b") -> Pipeline:
-    """This rank's stage of `model` cut over `mesh.pp` stages (see the module docstring)."""
-    return Pipeline(model, mesh, stages, micro_batches, schedule)
+def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b",
+             zero: int = 0, **zero_options) -> Pipeline:
+    """This rank's stage of `model` cut over `mesh.pp` stages (see the module docstring); `zero=1 | 2`
+    shards each stage over its DP group (`zero_options`: `DataParallel`'s ZeRO options)."""
+    return Pipeline(model, mesh, stages, micro_batches, schedule, zero, **zero_options)
 
 
 __all__ = ["Pipeline", "PipelineError", "pipeline", "pipeline_of"]

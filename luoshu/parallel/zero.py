@@ -73,6 +73,12 @@ parameter, a row-parallel bias on members other than 0, which then has no gather
 registers a pass on every local graph the strategy compiles (`Strategy.graph_passes`), so the
 readers of a plan of another fetch set (an evaluation) gather too.
 
+In a pipeline (`pipeline(..., zero=1 | 2)`) the stage builds this mode over its DP group and hands it
+each step's gradients, accumulated over the micro-batches, once after the last (`step_accumulated`):
+stage 1 all-reduces them and takes the shard, stage 2 reduce-scatters each bucket; the pipeline's
+`ShardNorm` (shards weighed as their parameters, summed over the stages and TP members) then the DP
+group give clipping's norm.
+
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
 (`non_blocking`). `offload="parameters"` (stage 3) is accepted and for now does the same: the
@@ -559,6 +565,38 @@ class ZeroSync(SyncMode):
             return
         self._update_all_reduced(pairs)
 
+    def step_accumulated(self, dense: list, reduced: list) -> None:
+        """One step of gradients accumulated outside this mode (a pipeline stage's, over its
+        micro-batches), once after the last of them. `dense`: (index, gradient) pairs not reduced
+        over the DP group yet, sharded here: stage 1 all-reduces them (plain data parallelism's
+        buckets) and takes this rank's slice, stage 2 reduce-scatters each bucket (`BucketFiller`
+        in the order of `dense`). `reduced`: gradients already synchronised over the DP group (a
+        table's gathered rows), which the model's optimizer applies. The layout is made at the
+        first step."""
+        if self.stage == 3:
+            raise DistError("DataParallel(zero=3): a step of gradients accumulated outside the mode (a pipeline "
+                            "stage's) is not built; zero=1 and 2 are")
+        if self.groups is None:
+            indices = [i for i, _ in dense]
+            self._build(self._bucket_layout(indices) if self.stage == 2 else self._layout(sorted(indices)))
+        unknown = sorted({i for i, _ in dense} ^ set(self.owner))
+        if unknown:
+            raise DistError(f"DataParallel(zero={self.stage}): parameters {unknown} got a dense gradient in one step "
+                            "and not in another; ZeRO lays out the parameters at the first step")
+        got = dict(dense)
+        with torch.no_grad():
+            if self.stage == 1:
+                sync = self.plain.begin_gradients(self.dp.optimizer)
+                for i, g in dense:
+                    sync.add(i, g)
+                got = dict(sync.finish())
+                for group in self.groups:
+                    group.take_shard(got)
+            else:
+                for group in self.groups:
+                    group.grad_shard = self.scatter(group, [got[i] for i in group.indices])
+        self._update_shards(reduced, reduced=True)
+
     def _update_all_reduced(self, pairs: list) -> None:
         """Stage 1: `pairs` are all-reduced (dense) and all-gathered (sparse) already."""
         dense = [(i, g) for i, g in pairs if not isinstance(g, tuple)]
@@ -588,7 +626,7 @@ class ZeroSync(SyncMode):
                 gathered = self._unscale(gathered, pg)
                 if gathered is None:  # an overflow on some rank: every rank skips the step
                     return
-            dense_sq = None
+            coef = None
             if opt.max_grad_norm is not None:
                 # The global norm over every shard and the (replicated) plain-path gradients;
                 # under tensor parallelism each parameter's pieces weighed as its TP states say
@@ -615,7 +653,7 @@ class ZeroSync(SyncMode):
                 if self.stage <= 2 and pg is not None:
                     torch_dist.all_gather_single(group.flat, group.shard.clone(), group=pg)
         if gathered:
-            opt.apply_gradients(gathered, other_norm_sq=dense_sq)
+            opt.apply_gradients(gathered, clip_coef=coef)
 
     def _unscale(self, gathered: list, pg) -> list | None:
         """fp16: divides every gradient shard and the plain path's gradients by the loss scale and

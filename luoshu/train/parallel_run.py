@@ -7,8 +7,9 @@ strategies of `luoshu.parallel` to the model the trainer built (before its optim
   trainer's one define-and-run graph compiles to this rank's tensor-parallel plan and the DP
   axis averages gradients with the bucketed all-reduce; each rank feeds its DP share of the
   global batch (`mesh.batch_slice`);
-- pp > 1: `pipeline(model, mesh, micro_batches, schedule)` trains each step (every rank passes
-  the global batch; the first stage reads the tokens, the last the targets).
+- pp > 1: `pipeline(model, mesh, micro_batches, schedule, zero)` trains each step (every rank
+  passes the global batch; the first stage reads the tokens, the last the targets); `zero = 1 | 2`
+  shards each stage over its DP group.
 
 Every rank sees the same data order (the seed decides it) and the same logged loss (the mean
 over the DP shares). Only rank 0 writes the job directory; checkpoints are written by rank 0
@@ -60,7 +61,7 @@ class ParallelRun:
     def build_pipeline(self, model: Module, optimizer: Optimizer, task, example: dict) -> Pipeline:
         """This rank's stage, compiled from the task's inputs and target."""
         c = self.config
-        pipe = Pipeline(model, self.mesh, micro_batches=c.micro_batches, schedule=c.pipeline_schedule)
+        pipe = Pipeline(model, self.mesh, micro_batches=c.micro_batches, schedule=c.pipeline_schedule, zero=c.zero)
 
         def spec(key):
             value = np.asarray(example[key])

@@ -113,8 +113,9 @@ class Trainer:
         if config.pp > 1:  # the stages' graphs are recorded here: under the same autocast
             with autocast(low or "bfloat16", enabled=low is not None):
                 self.parallel.build_pipeline(self.model, self.optimizer, self.task, self.data.train or self.data.eval)
-        # ZeRO: the shards' state is checkpointed as the plain optimizer's (consolidated_state_dict)
-        self.dp = DataParallel(graph, zero=config.zero) if config.zero else None
+        # ZeRO: the shards' state is checkpointed as the plain optimizer's (consolidated_state_dict);
+        # a pipeline shards its stages itself (build_pipeline), its checkpoints through the layout hook
+        self.dp = DataParallel(graph, zero=config.zero) if config.zero and config.pp == 1 else None
         if config.compile:
             graph.compile([self.loss, self.train_op])
         self.step = 0

@@ -1,11 +1,12 @@
 """`ls.save` / `ls.load` called directly in a pipeline job; run under `luoshu launch` by the tests.
 
-    luoshu launch -n N tests/parallel/pp_checkpoint.py --pp P --tp T --resume CKPT --out DIR
+    luoshu launch -n N tests/parallel/pp_checkpoint.py --pp P --tp T --dp D --zero S --resume CKPT --out DIR
 
 Trains GPT-2 (float64) for two steps through `pipeline` and saves with `ls.save` to DIR/trained
 (a collective: the stages are gathered, rank 0 writes full tensors); its stage's parameters go
 to DIR/stage.rank<r>.npz. Then a fresh model (other initial values) under a new pipeline loads
-CKPT with `ls.load`, trains the third batch and saves to DIR/resumed.
+CKPT with `ls.load`, trains the third batch and saves to DIR/resumed. `--zero S` shards each
+stage over its DP group (ZeRO stage S) in both pipelines.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import luoshu as ls
 from tests.parallel import pp_train
 
 
-def pipelined(mesh, seed: int):
+def pipelined(mesh, seed: int, zero: int = 0):
     ls.manual_seed(seed)
     model = pp_train.build("gpt2", 2)
     if mesh.tp > 1:
         ls.parallel.parallelize(model, mesh)
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    pipe = ls.parallel.pipeline(model, mesh, micro_batches=2)
+    pipe = ls.parallel.pipeline(model, mesh, micro_batches=2, zero=zero)
     pipe.compile(
         [("ids", (None, pp_train.LENGTH), "int64")], [("y", (None, pp_train.LENGTH), "int64")], pp_train.loss_fn, opt
     )
@@ -37,16 +38,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--resume", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
-    mesh = ls.distributed.DeviceMesh(tp=args.tp, pp=args.pp)
+    mesh = ls.distributed.DeviceMesh(dp=args.dp, tp=args.tp, pp=args.pp)
     out = Path(args.out)
     data = list(pp_train.batches())
 
-    model, opt, pipe = pipelined(mesh, 11)
+    model, opt, pipe = pipelined(mesh, 11, args.zero)
     for ids, y in data[:2]:
         pipe.step([ids], [y])
     names = {id(p): n for n, p in model.named_parameters()}
@@ -55,7 +58,7 @@ def main() -> None:
     np.savez(out / f"stage.rank{ls.distributed.rank()}.npz", **stage)
     ls.save(out / "trained", model, opt)
 
-    model, opt, pipe = pipelined(mesh, 3)
+    model, opt, pipe = pipelined(mesh, 3, args.zero)
     ls.load(args.resume, model, opt)  # every rank reads the whole package; each trains its stage
     pipe.step(*[[a] for a in data[2]])
     ls.save(out / "resumed", model, opt)

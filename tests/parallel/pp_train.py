@@ -2,9 +2,10 @@
 
     luoshu launch -n N tests/parallel/pp_train.py --dp D --tp T --pp P --micro-batches M --schedule 1f1b --out PREFIX
 
-Rank r writes the losses (last stage), its stage's parameters and the peak number of
-micro-batches (and bytes) of activations its stage kept alive to PREFIX.rank<r>.npz.
-`--recompute` marks every layer with `ls.nn.recompute`.
+Rank r writes the losses (last stage), its stage's parameters, the peak number of
+micro-batches (and bytes) of activations its stage kept alive and the bytes of optimizer
+state it holds to PREFIX.rank<r>.npz. `--recompute` marks every layer with `ls.nn.recompute`;
+`--zero S` shards each stage over its DP group (ZeRO stage S); `--steps` batches are trained.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def build(model: str, layers: int):
     return GPT2(config(layers)).to(dtype="float64")
 
 
-def batches(seed: int = 5):
+def batches(seed: int = 5, steps: int = STEPS):
     rng = np.random.default_rng(seed)
-    for _ in range(STEPS):
+    for _ in range(steps):
         ids = rng.integers(0, VOCAB, (BATCH, LENGTH))
         yield ids, np.roll(ids, -1, axis=1)
 
@@ -47,7 +48,13 @@ def loss_fn(logits, y):
     return ls.nn.functional.cross_entropy(logits.reshape((-1, VOCAB)), y.reshape((-1,)))
 
 
-def reference(layers: int, model_name: str = "gpt2", clip: float | None = None):
+def state_bytes(optimizers) -> int:
+    """The bytes of optimizer state (moments; not the step counts) the optimizers hold."""
+    return sum(t.numel() * t.element_size() for o in optimizers for st in o.state.values()
+               for k, t in st.items() if k != "step")
+
+
+def reference(layers: int, model_name: str = "gpt2", clip: float | None = None, steps: int = STEPS):
     """One process, the whole batch at once: (losses, parameters); `clip`: global-norm clipping."""
     ls.manual_seed(11)
     model = build(model_name, layers)
@@ -57,7 +64,7 @@ def reference(layers: int, model_name: str = "gpt2", clip: float | None = None):
         y = ls.placeholder("y", (None, LENGTH), "int64")
         loss = loss_fn(model(ids), y)
         step = opt.minimize(loss)
-    losses = [float(g.run([loss, step], {ids: i, y: t})[0]) for i, t in batches()]
+    losses = [float(g.run([loss, step], {ids: i, y: t})[0]) for i, t in batches(steps=steps)]
     return np.array(losses), {n: p.numpy() for n, p in model.named_parameters()}
 
 
@@ -73,6 +80,8 @@ def main() -> None:
     parser.add_argument("--stages", default=None)
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--recompute", action="store_true")
+    parser.add_argument("--zero", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -87,12 +96,23 @@ def main() -> None:
             ls.nn.recompute(layer)
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=args.clip)
     stages = args.stages.split(",") if args.stages else None
-    pipe = ls.parallel.pipeline(model, mesh, stages=stages, micro_batches=args.micro_batches, schedule=args.schedule)
+    pipe = ls.parallel.pipeline(model, mesh, stages=stages, micro_batches=args.micro_batches, schedule=args.schedule,
+                                zero=args.zero)
     pipe.compile([("ids", (None, LENGTH), "int64")], [("y", (None, LENGTH), "int64")], loss_fn, opt)
     losses, peak, peak_bytes = [], 0, 0
+    scatters: list = []  # ZeRO: the reduce-scatters each step started
+    if args.zero:
+        scatter = pipe.zero.scatter
+
+        def counted(*a, **k):
+            scatters[-1] += 1
+            return scatter(*a, **k)
+
+        pipe.zero.scatter = counted
     need_inputs, need_labels = pipe.feeds_of()
-    for ids, y in batches():
+    for ids, y in batches(steps=args.steps):
         # a rank passes only what its stage reads
+        scatters.append(0)
         losses.append(pipe.step([ids] if need_inputs else None, [y] if need_labels else None))
         peak, peak_bytes = max(peak, pipe.ledger.peak), max(peak_bytes, pipe.ledger.peak_bytes)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -107,6 +127,10 @@ def main() -> None:
         losses=np.array([x if x is not None else np.nan for x in losses]),
         peak=peak,
         peak_bytes=peak_bytes,
+        state_bytes=state_bytes(pipe.optimizers()),
+        scatters=np.array(scatters, dtype=np.int64),
+        buckets=len(pipe.zero.groups) if args.zero else 0,
+        local_numel=sum(p.value.numel() for p in pipe.params),  # this rank's blocks of its stage's parameters
         stage=pipe.stage,
         rank=ls.distributed.rank(),
         feeds=json.dumps(sorted(feeds)),

@@ -76,27 +76,36 @@ def _assert_same(model, opt, ref_model, ref_opt, atol):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("pp, tp", [(2, 1), pytest.param(2, 2, marks=pytest.mark.slow)])
-def test_a_pipeline_checkpoint_loads_into_one_process_and_back(tmp_path, pp, tp):
+@pytest.mark.parametrize(
+    "pp, tp, dp, zero",
+    [
+        (2, 1, 1, 0),
+        pytest.param(2, 2, 1, 0, marks=pytest.mark.slow),
+        pytest.param(2, 1, 2, 1, marks=pytest.mark.slow),
+        pytest.param(2, 1, 2, 2, marks=pytest.mark.slow),
+    ],
+)
+def test_a_pipeline_checkpoint_loads_into_one_process_and_back(tmp_path, pp, tp, dp, zero):
     """`ls.save` called directly on every rank of a pipeline job writes the whole model and optimizer
-    state (the stages gathered): loaded into one process it holds exactly the stages' trained values
-    and matches one process trained on the same batches; a one-process checkpoint loaded into the
-    pipeline resumes training as one process does."""
+    state (the stages gathered; under ZeRO each stage's shards consolidated over its DP group first):
+    loaded into one process it holds exactly the stages' trained values and matches one process
+    trained on the same batches; a one-process checkpoint loaded into the pipeline (its ZeRO shards)
+    resumes training as one process does."""
     from tests.distributed.launcher import launch
     from tests.parallel import pp_train
 
     data = list(pp_train.batches())
     ref_model, ref_opt = _one_process(11, data[:2])
     ls.save(tmp_path / "reference", ref_model, ref_opt)
-    proc = launch(pp * tp, "tests/parallel/pp_checkpoint.py", "--pp", str(pp), "--tp", str(tp), "--resume",
-                  str(tmp_path / "reference"), "--out", str(tmp_path), timeout=240)
+    proc = launch(pp * tp * dp, "tests/parallel/pp_checkpoint.py", "--pp", str(pp), "--tp", str(tp), "--dp", str(dp),
+                  "--zero", str(zero), "--resume", str(tmp_path / "reference"), "--out", str(tmp_path), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     model, opt = _one_process(5, [])  # other initial values: everything comes from the checkpoint
     ls.load(tmp_path / "trained", model, opt)
     values = dict(model.named_parameters())
     seen = set()
-    for r in range(pp * tp):
+    for r in range(pp * tp * dp):
         stage = np.load(tmp_path / f"stage.rank{r}.npz")
         for name in stage.files:  # the values the stage trained, bit for bit
             np.testing.assert_array_equal(values[name].numpy(), stage[name], err_msg=name)

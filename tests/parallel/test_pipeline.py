@@ -110,9 +110,10 @@ def test_recompute_inside_a_stage_keeps_only_the_layers_inputs(schedule):
         np.testing.assert_allclose(value, ref_params[name], atol=1e-10, err_msg=name)
 
 
-def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None, recompute=False):
+def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None, recompute=False,
+             zero=0, steps=pp_train.STEPS):
     """Runs the pipeline job and checks it against one process; returns every rank's npz."""
-    out = tmp_path / ("pp-recompute" if recompute else "pp")
+    out = tmp_path / ("pp-recompute" if recompute else f"pp-zero{zero}" if zero else "pp")
     args = (
         [
             "--model",
@@ -135,10 +136,12 @@ def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2"
         + (["--stages", ",".join(stages)] if stages else [])
         + (["--clip", str(clip)] if clip else [])
         + (["--recompute"] if recompute else [])
+        + (["--zero", str(zero)] if zero else [])
+        + (["--steps", str(steps)] if steps != pp_train.STEPS else [])
     )
     proc = launch(dp * tp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref_losses, ref_params = pp_train.reference(layers, model, clip)
+    ref_losses, ref_params = pp_train.reference(layers, model, clip, steps)
     runs = [np.load(f"{out}.rank{r}.npz") for r in range(dp * tp * pp)]
     last = [r for r in runs if int(r["stage"]) == pp - 1]
     np.testing.assert_allclose(np.mean([r["losses"] for r in last], axis=0), ref_losses, atol=1e-6)
@@ -334,3 +337,90 @@ def test_posted_receives_take_the_messages_in_order_and_count_them(monkeypatch):
 def test_recompute_inside_tensor_parallel_stages_matches_one_process(tmp_path):
     """pp2 x tp2 with every layer recomputed: the regions carry into the localized stage graphs."""
     _compare(tmp_path, 1, 2, 2, 2, "1f1b", tp=2, recompute=True)
+
+
+# --- ZeRO over each stage's DP group ------------------------------------------------------------
+def test_zero_in_a_pipeline_refuses_what_is_not_built():
+    mesh = ls.distributed.DeviceMesh(world_size=1)
+    with pytest.raises(ls.Error, match=r"zero=3 \(parameters sharded between uses\) is not built for pipeline"):
+        ls.parallel.pipeline(_model(2), mesh, zero=3)
+    for bad in (4, True, "1"):
+        with pytest.raises(ls.Error, match=r"zero must be 0 \(off\), 1 or 2, found"):
+            ls.parallel.pipeline(_model(2), mesh, zero=bad)
+    with pytest.raises(ls.Error, match=r"\['unit_size_mb'\] are ZeRO options; they need zero=1 or 2"):
+        ls.parallel.pipeline(_model(2), mesh, unit_size_mb=1.0)
+    model = _model(2)
+    pipe = ls.parallel.pipeline(model, mesh, zero=1)
+    with pytest.raises(ls.Error, match="LAMB cannot be sharded elementwise"):
+        pipe.compile([("ids", (None, 16), "int64")], [("y", (None, 16), "int64")], pp_train.loss_fn,
+                     ls.optim.LAMB(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero_one_stage_equals_the_whole_batch_with_clipping(zero):
+    """One process, one stage, four micro-batches, clipping active: the shard update (its own optimizer
+    over the flat shard) and the norm over the shards give one process's steps."""
+    ref_losses, ref_params = pp_train.reference(2, clip=0.05)
+    model = _model(2)
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=0.05)
+    pipe = ls.parallel.pipeline(model, ls.distributed.DeviceMesh(world_size=1), micro_batches=4, zero=zero)
+    pipe.compile([("ids", (None, 16), "int64")], [("y", (None, 16), "int64")], pp_train.loss_fn, opt)
+    losses = [pipe.step([i], [t]) for i, t in pp_train.batches()]
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-10)
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(p.numpy(), ref_params[name], atol=1e-10, err_msg=name)
+    assert opt.state == {} and pipe.optimizers()[-1] is opt  # the shard optimizers hold every moment
+
+
+def _zero_compare(tmp_path, zero, dp=2, pp=2, tp=1):
+    """dp x pp (x tp) with ZeRO-`zero` over each stage's DP group, clipping active, five AdamW steps:
+    one process's losses and parameters, each rank 1/dp of its stage's optimizer state, and (stage 2)
+    one reduce-scatter per bucket per step, after the last micro-batch."""
+    runs = _compare(tmp_path, dp, pp, 2, 2, "1f1b", tp=tp, clip=0.05, zero=zero, steps=5)
+    for run in runs:
+        # plain pipeline: AdamW's two float64 moments of every parameter the stage trains (its TP blocks)
+        plain = 2 * 8 * int(run["local_numel"])
+        buckets = int(run["buckets"])
+        # each bucket (flat group) is padded to a multiple of dp elements
+        assert plain / dp <= int(run["state_bytes"]) < plain / dp + 2 * 8 * buckets, (int(run["state_bytes"]), plain)
+        expected = buckets if zero == 2 else 0
+        assert list(run["scatters"]) == [expected] * 5
+    return runs
+
+
+@pytest.mark.dist
+def test_zero2_dp2_pp2_with_clipping_matches_one_process(tmp_path):
+    _zero_compare(tmp_path, 2)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero1_dp2_pp2_with_clipping_matches_one_process_and_the_plain_pipeline(tmp_path):
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "plain").mkdir()
+    zero = {int(r["rank"]): r for r in _zero_compare(tmp_path / "zero", 1)}
+    plain = {int(r["rank"]): r for r in _compare(tmp_path / "plain", 2, 2, 2, 2, "1f1b", clip=0.05, steps=5)}
+    _, names = pp_train.reference(2, steps=1)
+    for rank, run in zero.items():
+        np.testing.assert_allclose(run["losses"], plain[rank]["losses"], atol=1e-9)
+        for name in set(run.files) & set(names):
+            np.testing.assert_allclose(run[name], plain[rank][name], atol=1e-9, err_msg=name)
+        assert int(run["state_bytes"]) * 2 == int(plain[rank]["state_bytes"])
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero_dp2_tp2_pp2_with_clipping_matches_one_process(tmp_path, zero):
+    """Eight processes: each rank's TP blocks of its stage sharded over the stage's DP group; the norm
+    weighs the TP-duplicated pieces 1/tp and sums over shards, TP members and stages."""
+    _zero_compare(tmp_path, zero, tp=2)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero_with_a_sparse_table_on_one_stage_matches_one_process(tmp_path, zero):
+    """LLaMA's untied table: its rows stay on the model's optimizer (gathered over DP), on stage 0 only;
+    clipping's factor reaches it without a norm collective the other stage would not join."""
+    _compare(tmp_path, 2, 2, 2, 2, "1f1b", model="llama", clip=0.05, zero=zero, steps=3)

@@ -44,6 +44,28 @@ def test_zero3_dp2_tp2_from_yaml_resumes_under_zero1_and_equals_one_process(tmp_
     _check_weights(_final_weights(job), weights)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero2_dp2_pp2_resumes_in_a_plain_pipeline_and_equals_one_process(tmp_path, reference):
+    """`luoshu train --dp 2 --pp 2 --zero 2`: each stage sharded over its DP group; its checkpoint (the
+    shards consolidated, the stages gathered) resumes in a plain dp2 x pp2 job, which equals one process."""
+    rows, weights = reference
+    job = tmp_path / "job"
+    _launched(4, job, "--dp", "2", "--pp", "2", "--micro-batches", "2", "--zero", "2", steps=2)
+    resumed = _launched(4, job, "--dp", "2", "--pp", "2", "--micro-batches", "2", extra=("--resume",))
+    _check_rows(resumed, rows)
+    _check_weights(_final_weights(job), weights)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero1_dp2_pp2_equals_one_process(tmp_path, reference):
+    rows, weights = reference
+    job = tmp_path / "job"
+    _check_rows(_launched(4, job, "--dp", "2", "--pp", "2", "--micro-batches", "2", "--zero", "1"), rows)
+    _check_weights(_final_weights(job), weights)
+
+
 @pytest.fixture(scope="module")
 def bf16_reference(tmp_path_factory):
     return _one_process(tmp_path_factory.mktemp("bf16") / "job", precision="bf16")
@@ -70,7 +92,8 @@ def test_fp16_dp2_tp2_equals_one_process_with_loss_scaling(tmp_path):
 @pytest.mark.parametrize(
     "changes,world,message",
     [
-        ({"tp": 2, "pp": 2, "zero": 1}, 4, r"zero = 1 with dp = 1, tp = 2, pp = 2"),
+        ({"tp": 2, "pp": 2, "zero": 3}, 4, r"zero = 3 with dp = 1, tp = 2, pp = 2: .*ZeRO-3 with pipeline stages is "
+                                            r"not built"),
         ({"pp": 2, "precision": "fp16"}, 2, r"precision 'fp16' with pp = 2: the pipeline's update has no loss scaling"),
         ({"dp": 2, "tp": 2, "zero": 1}, 2, r"= 4 must equal the world size of the launch, found 2"),
     ],
@@ -84,7 +107,8 @@ def test_check_config_refuses_zero_and_precision_layouts_not_built(monkeypatch, 
 @pytest.mark.parametrize("changes,world", [({"dp": 2, "tp": 2, "zero": 2}, 4), ({"dp": 2, "tp": 2, "zero": 3}, 4),
                                            ({"tp": 2, "precision": "bf16"}, 2),
                                            ({"dp": 2, "precision": "fp16"}, 2),
-                                           ({"pp": 2, "precision": "bf16"}, 2)])
+                                           ({"pp": 2, "precision": "bf16"}, 2),
+                                           ({"dp": 2, "pp": 2, "zero": 1}, 4), ({"dp": 2, "pp": 2, "zero": 2}, 4)])
 def test_check_config_allows_zero_over_dp_tp_and_mixed_precision(monkeypatch, tmp_path, changes, world):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     config = TrainConfig.from_dict({**JOB, "out": str(tmp_path / "job"), **changes})
