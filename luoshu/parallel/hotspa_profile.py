@@ -127,24 +127,27 @@ def _together() -> None:
         torch_dist.barrier()
 
 
-def _timed_runs(g: Graph, fetches: list, feeds: dict | Sequence[dict], repeats: int) -> float | list[float]:
-    """The median busy seconds (`_clock`) of `repeats` runs (compiled and warm first). Given a list
-    of feeds, each feed's median (a list): the repeats go round the feeds, so that a run follows
-    another point's as a step's plan follows other work (not its own warm buffers), and a busy
-    moment of the machine falls on every point alike rather than on all the repeats of one."""
-    many = not isinstance(feeds, dict)
-    points = list(feeds) if many else [feeds]
-    for f in points:
-        g.run(fetches, f)
+def _timed_runs(g: Graph, fetches: list, feeds: dict, repeats: int) -> float:
+    """The median busy seconds (`_clock`) of `repeats` runs (compiled and warm first)."""
+    return _round_robin([(g, fetches, feeds)], repeats)[0]
+
+
+def _round_robin(runs: Sequence[tuple], repeats: int) -> list[float]:
+    """Each (graph, fetches, feeds)'s median busy seconds (`_clock`) over `repeats` runs (compiled
+    and warm first), the repeats going round all of them: a run follows another's as a step's plan
+    follows other work (not its own warm buffers), and a busy moment of the machine (which slows
+    CPU seconds too, if less than wall seconds) falls on every point and plan alike rather than on
+    all the repeats of one, so what the strategies are compared by was timed at the same moments."""
+    for g, fetches, feeds in runs:
+        g.run(fetches, feeds)
     _together()
-    times: list[list[float]] = [[] for _ in points]
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        for f, t in zip(points, times):
+        for (g, fetches, feeds), t in zip(runs, times):
             start = _clock()
-            g.run(fetches, f)
+            g.run(fetches, feeds)
             t.append(_clock() - start)
-    medians = [statistics.median(t) for t in times]
-    return medians if many else medians[0]
+    return [statistics.median(t) for t in times]
 
 
 def _time_block(block: Module, dtype: str, b: int, s: int, h: int, repeats: int) -> tuple[float, int]:
@@ -212,16 +215,17 @@ def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repe
     spec = H.model_spec(model)
     world = env.world_size() if env.is_distributed() else 1
     rng = np.random.default_rng(0)
-    out = []
-    for n in range(1, world + 1):
-        if world % n or spec.heads % n:
-            continue
-        copy = type(model)(model.config)
-        if n > 1:
-            tpar = parallelize(copy, DeviceMesh(dp=world // n, tp=n, world_size=world, rank=env.rank()),
-                               broadcast=False)
-        states.set_default(None)
-        try:
+    at = [(int(b), int(s_len)) for b in batches for s_len in _model_lengths(model, lengths)]
+    sizes, runs = [], []
+    try:
+        for n in range(1, world + 1):
+            if world % n or spec.heads % n:
+                continue
+            copy = type(model)(model.config)
+            if n > 1:
+                tpar = parallelize(copy, DeviceMesh(dp=world // n, tp=n, world_size=world, rank=env.rank()),
+                                   broadcast=False)
+            states.set_default(None)
             g, fetches, phs, grads = _lm_graph(copy)
             if n > 1:
                 wanted = {
@@ -230,14 +234,16 @@ def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repe
                     if gr is not None and not isinstance(gr, IndexedSlices)
                 }
                 states.attach(g, dataclasses.replace(tpar.strategy, dp_group=(), fetch_states=wanted))
-            at = [(int(b), int(s_len)) for b in batches for s_len in _model_lengths(model, lengths)]
-            feeds = [_lm_feeds(phs, spec.vocab, b, s_len, rng) for b, s_len in at]
-            seconds = _mean_over_ranks(_timed_runs(g, fetches, feeds, repeats))
-            points = [(b, s_len, t) for (b, s_len), t in zip(at, seconds)]
-        finally:
-            states.set_default(None)
-        out.append((n, tuple(points)))
-    return tuple(out)
+            sizes.append(n)
+            runs += [(g, fetches, _lm_feeds(phs, spec.vocab, b, s_len, rng)) for b, s_len in at]
+        seconds = _mean_over_ranks(_round_robin(runs, repeats))  # every n's plans timed round by round
+    finally:
+        states.set_default(None)
+    per_n = len(at)
+    return tuple(
+        (n, tuple((b, s_len, t) for (b, s_len), t in zip(at, seconds[j * per_n : (j + 1) * per_n])))
+        for j, n in enumerate(sizes)
+    )
 
 
 _COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
