@@ -454,7 +454,8 @@ def cluster(
     devices_per_node: int | None = None,
 ) -> H.ClusterSpec:
     """The cost model's cluster for `devices` of this machine: profiled FLOP/s, measured (or given)
-    bandwidth; activation bytes in the cost model's units, so `memory` is scaled alike."""
+    bandwidth, the cores the devices (processes) share; activation bytes in the cost model's units,
+    so `memory` is scaled alike."""
     bw = bandwidth or prof.bandwidth or 1e9
     per_node = devices_per_node or devices
     return H.ClusterSpec(
