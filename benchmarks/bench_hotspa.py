@@ -16,8 +16,10 @@ against first-come-first-served.
    buckets under tp4, dp2-tp2, dp4, parameters and gradients switched inside the step), in the
    same processes with repeats interleaved (`_timing.interleaved`); median step time, and the
    share of the hot-switching step spent in switches. With `--profile`, the cost model fed by
-   this machine's profile (`hotspa_profile`) predicts the same step times, and their order is
-   printed beside the measured one.
+   this machine's profile (`hotspa_profile`) predicts the same steps, and their order is
+   printed beside the measured one. The cost model predicts busy seconds (CPU time, module
+   docstring of `hotspa_profile`); each step's ranks' busy seconds are combined as it combines
+   them (busy_ms), next to the wall clock (step_ms), which also holds the machine's other load.
 
     .venv/bin/python benchmarks/bench_hotspa.py [--batch 512] [--out runs/bench_hotspa.csv]
     .venv/bin/python benchmarks/bench_hotspa.py --runtime [--layers 2] [--width 64] [--seqs 32] [--max-len 512]
@@ -31,6 +33,7 @@ import argparse
 import csv
 import os
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,11 +143,22 @@ def runtime_worker(args) -> None:
 
         def step(i, name=name):
             hot, opt = jobs[name]
+            busy = time.process_time()
             report = hot.step(batches[i % len(batches)], opt)
-            seconds[name].append((report.step_seconds, report.switch_seconds, report.switch_bytes))
+            seconds[name].append((report.step_seconds, report.switch_seconds, report.switch_bytes,
+                                  time.process_time() - busy))
 
         contenders[name] = step
     rates = interleaved(contenders, args.steps, args.repeats, warmup=1)
+    # every rank's busy seconds (CPU time) of each step, past the warm-up: the cost model's step is the
+    # slowest rank's or all ranks' over the cores they share, whichever is longer (`hotspa.predict`)
+    world = ls.distributed.world_size()
+    busy_steps = {}
+    for name, timed in seconds.items():
+        per_rank = torch.zeros((len(timed) - 1, world), dtype=torch.float64)
+        per_rank[:, rank] = torch.tensor([t[3] for t in timed[1:]], dtype=torch.float64)
+        torch.distributed.all_reduce(per_rank)
+        busy_steps[name] = per_rank
     if args.profile:
         from luoshu.parallel import hotspa_profile
 
@@ -154,13 +168,17 @@ def runtime_worker(args) -> None:
         ls.distributed.shutdown()
         return
     tokens = sum(len(s) for s in batches[0])
+    cores = profile.cores if args.profile else 1.0
     rows = []
     for name in contenders:
         timed = seconds[name][1:]  # past the warm-up step
         step_s = 1.0 / rates[name]
-        share = statistics.median(sw / st for st, sw, _ in timed) if timed else 0.0
+        share = statistics.median(sw / st for st, sw, _, _ in timed) if timed else 0.0
         fits = name == "hot switching" or need[name.removeprefix("static ")] <= budget
+        per_rank = busy_steps[name]
+        busy_s = float(torch.maximum(per_rank.max(1).values, per_rank.sum(1) / cores).median())
         rows.append({"strategy": name, "fits_budget": fits, "step_ms": round(step_s * 1e3, 1),
+                     "busy_ms": round(busy_s * 1e3, 1),
                      "tokens_per_s": round(tokens / step_s),
                      "switch_share": round(share, 3), "switch_mib": round(timed[0][2] / 2**20, 2) if timed else 0})
     statics = [r for r in rows if r["strategy"].startswith("static")]
@@ -171,14 +189,20 @@ def runtime_worker(args) -> None:
         r["vs_best_static"] = round(best["step_ms"] / r["step_ms"], 3)
         r["vs_best_fitting"] = round(best_fit["step_ms"] / r["step_ms"], 3)
     print(f"Runtime (4 processes, GPT-2 {args.layers} layers width {args.width}, {args.seqs} sequences up to "
-          f"{args.max_len}, {tokens} tokens per step, bounds {bounds}):")
+          f"{args.max_len}, {tokens} tokens per step, bounds {bounds}; load average "
+          + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "):")
+    print("step_ms: wall clock (rank 0, interleaved medians); busy_ms: the ranks' CPU seconds per step, the slowest "
+          f"rank's or all of them over {cores:g} cores, whichever is longer (what the cost model predicts)")
     if args.profile:
         predicted = hotspa_profile.predict_steps(profile, build(), batches[0], RUNTIME_STRATEGIES, bounds)
         for r in rows:
             r["predicted_ms"] = round(predicted[r["strategy"]] * 1e3, 1)
-        measured_order = [r["strategy"] for r in sorted(rows, key=lambda r: r["step_ms"])]
-        predicted_order = [r["strategy"] for r in sorted(rows, key=lambda r: r["predicted_ms"])]
-        print(f"measured order:  {measured_order}\npredicted order: {predicted_order}")
+            r["busy_over_predicted"] = round(r["busy_ms"] / r["predicted_ms"], 2)
+            r["wall_over_predicted"] = round(r["step_ms"] / r["predicted_ms"], 2)
+        orders = {key: [r["strategy"] for r in sorted(rows, key=lambda r: r[key])]
+                  for key in ("busy_ms", "step_ms", "predicted_ms")}
+        print(f"measured order (busy): {orders['busy_ms']}\nmeasured order (wall): {orders['step_ms']}\n"
+              f"predicted order:       {orders['predicted_ms']}")
         print(f"profile: {profile.flops / 1e9:.2f} GFLOP/s, layer overhead {profile.layer_overhead_s * 1e3:.2f} ms, "
               f"run overhead {profile.run_overhead_s * 1e3:.2f} ms, collective latency "
               + ", ".join(f"n={n} {a * 1e3:.2f} ms" for n, a in profile.latency)

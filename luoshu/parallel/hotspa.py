@@ -34,7 +34,10 @@ latency terms, zero for the paper's cluster: every collective costs its group's 
 top of its bytes over β (Gloo on CPU pays ~ms per call, more than its bytes), a TP plan issues
 `layer_collectives` of them per layer and `run_collectives` per run of the plan (vocab-parallel
 embedding and loss), each run costs `run_overhead` beyond its layers, and the optimizer update
-`update_seconds` per parameter a device holds. `predict(..., micro_batches=k)` models HotSPa's
+`update_seconds` per parameter a device holds. Where the devices are processes sharing `cores`
+CPU cores, a step takes the longer of its slowest device's busy seconds and all devices' busy
+seconds over the cores (the profile's times are busy seconds: what a device takes with a core
+of its own). `predict(..., micro_batches=k)` models HotSPa's
 runtime rather than the simulator's GPU pipeline: a replica's packed rows run as k plans (1 for
 pp = 1, the pipeline's micro-batches otherwise), attention over whole rows where the model has
 no fused variable-length kernel, the LM head's FLOPs counted.
@@ -106,6 +109,9 @@ class ClusterSpec:
     # ((tp, ((rows, row length, seconds), ...)), ...): profiled runs of the whole model's plan under
     # tp (its repeated work and collectives in them); `run_time` interpolates them where given
     tp_runs: tuple = ()
+    # devices that run at full speed at once (a CPU machine's cores shared by one process per
+    # device; None: each device its own): a step takes at least its devices' busy seconds over them
+    cores: float | None = None
 
     @property
     def world(self) -> int:
@@ -350,7 +356,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Seque
         per_replica = [[n for row in packed[i::st.dp] for n in row] for i in range(st.dp)]
         rows_of = [packed[i::st.dp] for i in range(st.dp)]
     layers_per_stage = math.ceil(model.layers / st.pp)
-    worst = peak_act = 0.0
+    worst = peak_act = busy = 0.0
     for r, seqs in enumerate(per_replica):
         micro = _micro_batches(seqs, tokens_per_micro) if micro_batches is None else rows_of[r]
         if micro_batches is None:
@@ -369,6 +375,7 @@ def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Seque
         m = max(len(micro), 1)
         # 1F1B: (m + pp - 1) slots of the slowest stage's per-micro-batch time
         worst = max(worst, (t_stage + p2p) * (m + st.pp - 1) / m)
+        busy += st.tp * st.pp * (t_stage + p2p)  # the replica's devices, each as busy as the slowest stage
         # the first stage keeps up to pp micro-batches in flight: at worst the largest
         largest = sorted((sum(mb) for mb in micro), reverse=True)[:st.pp]
         peak_act = max(peak_act, sum(layers_per_stage * layer_activation_bytes(model, 1, t, st.tp, st.sp,
@@ -378,11 +385,17 @@ def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Seque
     dp_sync = _ring(grad_bytes, st.dp, _group_bw(cluster, cluster.world if st.dp > 1 else 1))
     if micro_batches is not None and st.dp > 1:  # the runtime's one flat all-reduce of its gradients
         dp_sync = collective_time(cluster, cluster.value_bytes * model.params / (st.tp * st.pp), st.dp)
+    if micro_batches is not None:  # and its step's loss and a table's touched rows, summed over the world
+        dp_sync += 2 * collective_time(cluster, 4.0 * model.vocab, cluster.world)
     update = cluster.update_seconds * model.params / (st.tp * st.pp)
     memory = states + peak_act
-    return Prediction(str(st), worst + dp_sync + update, memory, memory <= cluster.memory,
+    cores = cluster.cores or float("inf")  # the devices' busy seconds over the cores they share
+    runs = max(worst, busy / cores)
+    busy += cluster.world * (dp_sync + update)
+    step = max(worst + dp_sync + update, busy / cores)
+    return Prediction(str(st), step, memory, memory <= cluster.memory,
                       {"pipeline": worst, "dp_sync": dp_sync, "update": update, "states": states,
-                       "activations": peak_act})
+                       "activations": peak_act, "busy": busy, "once_per_step": step - runs})
 
 
 def _micro_batches(seqs: list[int], tokens: int) -> list[list[int]]:
@@ -462,14 +475,14 @@ def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, che
             raise HotSPaError(f"bucket up to length {max(seqs, default=0)}: strategy {st} needs "
                               f"{p.memory_bytes / 2**30:.1f} GiB per device, more than {cluster.memory / 2**30:.0f}")
         switch = switch_time(model, cluster, previous, st)
-        total += p.time_s - p.parts.get("dp_sync", 0.0) - p.parts.get("update", 0.0) + switch
+        total += p.time_s - p.parts.get("once_per_step", 0.0) + switch
         memory = max(memory, p.memory_bytes)
         parts.append({"strategy": str(st), "sequences": len(seqs), "tokens": sum(seqs), "time_s": p.time_s,
                       "switch_s": switch})
         previous = st
     total += switch_time(model, cluster, previous, owner)
-    once = predict(model, cluster, owner, [1], None).parts  # one gradient sync and one update, at the owner
-    total += once.get("dp_sync", 0.0) + once.get("update", 0.0)
+    # one gradient sync and one update, at the owner
+    total += predict(model, cluster, owner, [1], None).parts.get("once_per_step", 0.0)
     return total, memory, parts
 
 

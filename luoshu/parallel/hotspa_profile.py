@@ -10,17 +10,26 @@ model's dtype, and records the median time and the block's activation bytes at t
 - activations = k · s·b·h·(34 + 5·a·s/h): k scales the model's bytes to this dtype and these
   kernels (the formula is for fp16 on GPUs).
 
+Every time is a process's busy seconds (`_clock`): its CPU time, its collectives' threads
+included, where its kernels run on one thread (the launcher's default), else the wall clock.
+A CPU machine runs a job's processes on shared cores, and shares them with whatever else it
+runs; a process's CPU seconds are what it would take on a core of its own, whatever the load,
+where its wall time under a load that comes and goes is not (a point timed in a busy second
+came out twice one timed in a quiet one, and that ranked dp2·tp2 against dp4 by chance). The
+cores enter once, in the cost model: `Profile.cores` processes run at full speed at once, and a
+step takes at least its processes' busy seconds summed over them (`ClusterSpec.cores`).
+
 With several processes, `profile` also times an all-reduce between them for the bandwidth, and
 it measures what the cost model's latency terms need (`ClusterSpec.latency` ...):
 
-- every process profiles at once (a barrier before each point), so F and c are the rates of this
-  job's process count sharing the machine's cores, as its steps will;
+- every process profiles at once (a barrier before each point), as a job's steps run;
 - α per group size: tiny all-reduces in every group of n consecutive ranks at once (TP groups;
   the slowest rank's median);
 - the collectives a TP plan issues per layer and per run, counted in the localised graph of the
   model itself (one and two layers, tp=2);
 - the plan's own overhead per run beyond its layers (the whole model at the smallest point, less
-  its layers and head), and the optimizer update's seconds per parameter (AdamW).
+  its layers and head), and the optimizer update's seconds per parameter (AdamW over tensors
+  shaped as the model's).
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate` over the runnable
 (pp=1) strategies; `predict_steps` predicts the step time of each static strategy and of hot
@@ -30,6 +39,7 @@ switching for one batch (the benchmark prints it beside the measured times).
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -72,6 +82,8 @@ class Profile:
     run_overhead_s: float = 0.0
     update_seconds: float = 0.0  # per parameter element
     tp_runs: tuple = ()  # ((tp, ((rows, row length, seconds), ...)), ...): the whole model's plan, timed
+    cores: float | None = None  # processes that run at full speed at once (`_cores`)
+    clock: str = "cpu"  # what the seconds are (`_clock`): "cpu" (busy CPU seconds) or "wall"
 
     def layer_seconds(self, b: int, s: int) -> float:
         scores = self.attention_seconds * b * self.spec.heads * s * s
@@ -86,6 +98,29 @@ def _block(model: Module):
     raise H.HotSPaError(f"profile: {type(model).__name__} has no transformer blocks (h or layers)")
 
 
+def _cpu_clock() -> bool:
+    """Whether a process's busy seconds are its CPU time: where its kernels run on one thread
+    (`luoshu launch` sets OMP_NUM_THREADS=1), CPU seconds are the time on a core of its own;
+    kernels on several threads would count each thread's, so those are timed by the wall clock."""
+    return torch.get_num_threads() == 1
+
+
+def _clock() -> float:
+    """This process's busy seconds so far (module docstring): CPU time (every thread of the
+    process, the collectives' included) under `_cpu_clock`, else the wall clock."""
+    return time.process_time() if _cpu_clock() else time.perf_counter()
+
+
+def _cores() -> float:
+    """How many of this job's processes run at full speed at once: the cores this process may
+    use over the threads each process's kernels take."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(cores / torch.get_num_threads(), 1.0)
+
+
 def _together() -> None:
     """Every process starts the next measurement at once (they share the cores as a job does)."""
     if env.is_distributed():
@@ -93,15 +128,26 @@ def _together() -> None:
 
 
 def _timed_runs(g: Graph, fetches: list, feeds: dict, repeats: int) -> float:
-    """The median of `repeats` runs (compiled and warm first)."""
-    g.run(fetches, feeds)
-    _together()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """The median busy seconds (`_clock`) of `repeats` runs (compiled and warm first)."""
+    return _round_robin([(g, fetches, feeds)], repeats)[0]
+
+
+def _round_robin(runs: Sequence[tuple], repeats: int) -> list[float]:
+    """Each (graph, fetches, feeds)'s median busy seconds (`_clock`) over `repeats` runs (compiled
+    and warm first), the repeats going round all of them: a run follows another's as a step's plan
+    follows other work (not its own warm buffers), and a busy moment of the machine (which slows
+    CPU seconds too, if less than wall seconds) falls on every point and plan alike rather than on
+    all the repeats of one, so what the strategies are compared by was timed at the same moments."""
+    for g, fetches, feeds in runs:
         g.run(fetches, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    _together()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for (g, fetches, feeds), t in zip(runs, times):
+            start = _clock()
+            g.run(fetches, feeds)
+            t.append(_clock() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _time_block(block: Module, dtype: str, b: int, s: int, h: int, repeats: int) -> tuple[float, int]:
@@ -169,16 +215,17 @@ def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repe
     spec = H.model_spec(model)
     world = env.world_size() if env.is_distributed() else 1
     rng = np.random.default_rng(0)
-    out = []
-    for n in range(1, world + 1):
-        if world % n or spec.heads % n:
-            continue
-        copy = type(model)(model.config)
-        if n > 1:
-            tpar = parallelize(copy, DeviceMesh(dp=world // n, tp=n, world_size=world, rank=env.rank()),
-                               broadcast=False)
-        states.set_default(None)
-        try:
+    at = [(int(b), int(s_len)) for b in batches for s_len in _model_lengths(model, lengths)]
+    sizes, runs = [], []
+    try:
+        for n in range(1, world + 1):
+            if world % n or spec.heads % n:
+                continue
+            copy = type(model)(model.config)
+            if n > 1:
+                tpar = parallelize(copy, DeviceMesh(dp=world // n, tp=n, world_size=world, rank=env.rank()),
+                                   broadcast=False)
+            states.set_default(None)
             g, fetches, phs, grads = _lm_graph(copy)
             if n > 1:
                 wanted = {
@@ -187,16 +234,16 @@ def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repe
                     if gr is not None and not isinstance(gr, IndexedSlices)
                 }
                 states.attach(g, dataclasses.replace(tpar.strategy, dp_group=(), fetch_states=wanted))
-            points = []
-            for b in batches:
-                for s_len in _model_lengths(model, lengths):
-                    feeds = _lm_feeds(phs, spec.vocab, int(b), int(s_len), rng)
-                    t = _mean_over_ranks(_timed_runs(g, fetches, feeds, repeats))
-                    points.append((int(b), int(s_len), t))
-        finally:
-            states.set_default(None)
-        out.append((n, tuple(points)))
-    return tuple(out)
+            sizes.append(n)
+            runs += [(g, fetches, _lm_feeds(phs, spec.vocab, b, s_len, rng)) for b, s_len in at]
+        seconds = _mean_over_ranks(_round_robin(runs, repeats))  # every n's plans timed round by round
+    finally:
+        states.set_default(None)
+    per_n = len(at)
+    return tuple(
+        (n, tuple((b, s_len, t) for (b, s_len), t in zip(at, seconds[j * per_n : (j + 1) * per_n])))
+        for j, n in enumerate(sizes)
+    )
 
 
 _COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -240,12 +287,12 @@ def _busy(work: torch.Tensor, calls: int, group=None, nbytes: int = 4) -> float:
     `group` (none when None), on every rank at once; the slowest rank's."""
     value = torch.zeros(max(nbytes // 4, 1), dtype=torch.float32)
     _together()
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(calls):
         torch.mm(work, work)
         if group is not None:
             torch_dist.all_reduce(value, group=group)
-    slowest = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    slowest = torch.tensor([_clock() - start], dtype=torch.float64)
     torch_dist.all_reduce(slowest, op=torch_dist.ReduceOp.MAX)
     return float(slowest[0])
 
@@ -258,8 +305,9 @@ def _collective_costs(calls: int = 12, repeats: int = 3) -> tuple[tuple, tuple]:
     all-reduce adds to processes that compute between collectives, as a plan's do (groups of n
     consecutive ranks, all at once): rounds of work plus an all-reduce of each size in
     `SWEEP_BYTES`, less the work alone, per call (the median of `repeats`), fitted as
-    α + 2(n-1)/n · bytes / β. Busy processes that share cores meet at a collective only when the
-    slowest is scheduled: that wait, not the wire, is most of α on a CPU."""
+    α + 2(n-1)/n · bytes / β, in busy seconds (`_clock`): what a collective costs its processes
+    (Gloo's copies, sums and socket calls), not the wait for a peer that a loaded machine has not
+    scheduled yet (that wait comes and goes with the load; the cores bound models the sharing)."""
     if not env.is_distributed() or env.world_size() < 2:
         return (), ()
     world, rank = env.world_size(), env.rank()
@@ -285,20 +333,21 @@ def _collective_costs(calls: int = 12, repeats: int = 3) -> tuple[tuple, tuple]:
 
 
 def _update_seconds(model: Module, repeats: int = 5) -> float:
-    """AdamW's seconds per parameter element (one update of a buffer the model's size)."""
-    n = sum(p.numel() for p in model.parameters())
+    """AdamW's seconds per parameter element: one update of tensors shaped as the model's (its
+    per-tensor cost spread over their elements)."""
+    shapes = [tuple(p.shape) for p in model.parameters()]
     dtype = model.parameters()[0]._value.dtype
-    p = Parameter(torch.zeros(n, dtype=dtype))
-    opt = AdamW([p], lr=1e-3)
-    grad = torch.ones(n, dtype=dtype)
-    opt.apply_gradients([(0, grad)])
+    params = [Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes]
+    opt = AdamW(params, lr=1e-3)
+    grads = [(k, torch.ones(shape, dtype=dtype)) for k, shape in enumerate(shapes)]
+    opt.apply_gradients(grads)
     _together()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        opt.apply_gradients([(0, grad)])
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) / n
+        start = _clock()
+        opt.apply_gradients(grads)
+        times.append(_clock() - start)
+    return statistics.median(times) / sum(p.numel() for p in params)
 
 
 def _bandwidth(nbytes: int = 8 * 2**20, repeats: int = 3) -> float | None:
@@ -309,9 +358,9 @@ def _bandwidth(nbytes: int = 8 * 2**20, repeats: int = 3) -> float | None:
     torch_dist.all_reduce(buffer)  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _clock()
         torch_dist.all_reduce(buffer)
-        times.append(time.perf_counter() - start)
+        times.append(_clock() - start)
     # the ring's volume per rank, 2(n-1)/n of the buffer, over the slowest rank's time
     seconds = torch.tensor([statistics.median(times)], dtype=torch.float64)
     torch_dist.all_reduce(seconds, op=torch_dist.ReduceOp.MAX)
@@ -382,15 +431,19 @@ def profile(
         run_overhead_s=run_overhead,
         update_seconds=_mean_over_ranks(_update_seconds(model)),
         tp_runs=_tp_runs(model, lengths, batches, repeats),
+        cores=_cores(),
+        clock="cpu" if _cpu_clock() else "wall",
     )
 
 
-def _mean_over_ranks(value: float) -> float:
+def _mean_over_ranks(value):
+    """The mean over ranks of a float (or of each of a list's)."""
     if not env.is_distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float64)
     torch_dist.all_reduce(t)
-    return float(t[0]) / env.world_size()
+    mean = (t / env.world_size()).tolist()
+    return mean if isinstance(value, list) else mean[0]
 
 
 def cluster(
@@ -401,7 +454,8 @@ def cluster(
     devices_per_node: int | None = None,
 ) -> H.ClusterSpec:
     """The cost model's cluster for `devices` of this machine: profiled FLOP/s, measured (or given)
-    bandwidth; activation bytes in the cost model's units, so `memory` is scaled alike."""
+    bandwidth, the cores the devices (processes) share; activation bytes in the cost model's units,
+    so `memory` is scaled alike."""
     bw = bandwidth or prof.bandwidth or 1e9
     per_node = devices_per_node or devices
     return H.ClusterSpec(
@@ -422,6 +476,7 @@ def cluster(
         value_bytes=prof.value_bytes,
         attention_seconds=prof.attention_seconds,
         tp_runs=prof.tp_runs,
+        cores=prof.cores,
     )
 
 

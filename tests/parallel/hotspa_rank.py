@@ -5,15 +5,17 @@
 Every rank trains GPT-2 (2 layers, width 64, float32) on one long-tailed batch under each static
 strategy (tp4, dp2·tp2, dp4: HotSPa with one strategy, every sequence packed into rows of the
 longest bound), the strategies interleaved round by round; the step time of a round is the
-slowest rank's. Then `hotspa_profile.profile` measures this machine with the four processes
-running at once, and `predict_static` predicts each strategy's step. Rank 0 writes the rounds'
-times and the predictions to PREFIX.npz.
+slowest rank's, and each rank's busy seconds (CPU time, every thread of the process) in it are
+kept too. Then `hotspa_profile.profile` measures this machine with the four processes running
+at once, and `predict_static` predicts each strategy's step. Rank 0 writes the rounds' times,
+busy seconds (rounds x strategies x ranks), the predictions and the cores to PREFIX.npz.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
@@ -52,21 +54,28 @@ def main() -> None:
         hot = ls.parallel.HotSPa(model, [s], [MAX_LEN, 0])
         jobs[s] = (hot, ls.optim.AdamW(model.parameters(), lr=1e-4))
 
-    def step(s: str) -> float:
+    world = ls.distributed.world_size()
+
+    def step(s: str) -> tuple[float, np.ndarray]:
+        """(the slowest rank's seconds, every rank's busy seconds) of one step under s."""
         hot, opt = jobs[s]
         torch_dist.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         hot.step(seqs, opt)
+        busy = torch.zeros(world, dtype=torch.float64)
+        busy[ls.distributed.rank()] = time.process_time() - cpu
         seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         torch_dist.all_reduce(seconds, op=torch_dist.ReduceOp.MAX)
-        return float(seconds[0])
+        torch_dist.all_reduce(busy)
+        return float(seconds[0]), busy.numpy()
 
     for s in STRATEGIES:  # warm-up: plans compiled, process groups made
         step(s)
     measured = np.zeros((ROUNDS, len(STRATEGIES)))
+    busy = np.zeros((ROUNDS, len(STRATEGIES), world))
     for r in range(ROUNDS):  # interleaved, the order rotating from round to round
         for k in [(r + j) % len(STRATEGIES) for j in range(len(STRATEGIES))]:
-            measured[r, k] = step(STRATEGIES[k])
+            measured[r, k], busy[r, k] = step(STRATEGIES[k])
     # profiled at the rows' length and at the row counts the strategies' replicas run
     rows = bucket_batch(seqs, [MAX_LEN, 0])[0].rows.num_rows
     counts = sorted({1} | {math.ceil(rows / ls.parallel.hotspa.parse_strategy(s).dp) for s in STRATEGIES})
@@ -75,7 +84,8 @@ def main() -> None:
     if ls.distributed.rank() == 0:
         runs = np.array([(n, b, s, t) for n, points in prof.tp_runs for b, s, t in points])
         np.savez(
-            args.out + ".npz", measured=measured, predicted=np.array([predicted[s] for s in STRATEGIES]), tp_runs=runs
+            args.out + ".npz", measured=measured, busy=busy, predicted=np.array([predicted[s] for s in STRATEGIES]),
+            tp_runs=runs, cores=prof.cores, load=np.array(os.getloadavg()),
         )
     ls.distributed.shutdown()
 
