@@ -684,17 +684,24 @@ class BucketAllReduce(OpDef):
         # Per step this is the bucket's only CPU work besides the collective, so what does not
         # change between steps is found once: the buffer's holder here, the group and the scale at
         # the first run (a plan may be built before luoshu.distributed.init), the pieces and their
-        # offsets on the buffer itself. At 1-4 MB the per-step Python was a sizeable part of the step.
+        # offsets on the buffer itself, and the bucket_place pieces that filled it whole last step
+        # (known again by identity alone). At 1-4 MB the per-step Python was a sizeable part of the step.
         name, reduce, group, key = self.name, attrs["reduce"], attrs["group"], attrs["buffer"]
         holder = live.lookup(key, "bucket buffer", name) if key >= 0 else None
         resolved: list = []  # [process group, scale or None]
+        placed: list = [None, ()]  # a buffer and the bucket_place pieces last found to fill it whole
 
         def kernel(*xs):
             if not resolved:
                 pg, size, _ = _group(name, group)
                 resolved[:] = pg, (1.0 / size if reduce == "mean" and size > 1 else None)
             pg, scale = resolved
-            flat = _fill_bucket(holder, key, xs, scale)
+            flat = holder.tensor if holder is not None else None
+            # the very pieces bucket_place wrote this step (gradients as bucket views): nothing to do
+            if flat is None or flat is not placed[0] or len(xs) != len(placed[1]) or \
+                    any(x is not p for x, p in zip(xs, placed[1])):
+                flat, all_placed = _fill_bucket(holder, key, xs, scale)
+                placed[:] = (flat, xs) if all_placed else (None, ())
             if pg is None:
                 return flat
             return _run(name, group, lambda a: torch_dist.all_reduce(flat, group=pg, async_op=a), flat, True)
@@ -702,9 +709,10 @@ class BucketAllReduce(OpDef):
         return kernel
 
 
-def _fill_bucket(holder, key: int, xs: tuple, scale: float | None) -> torch.Tensor:
-    """The bucket's flat buffer holding `xs` back to back, each times `scale` (None: as they are).
-    A piece bucket_place computed there (already scaled) is left as it is."""
+def _fill_bucket(holder, key: int, xs: tuple, scale: float | None) -> tuple[torch.Tensor, bool]:
+    """The bucket's flat buffer holding `xs` back to back, each times `scale` (None: as they are),
+    and whether every piece was already there: one bucket_place computed in place (scaled), left
+    as it is."""
     flat = holder.tensor if holder is not None else None
     layout = _layout_like(flat, xs) if flat is not None else None
     if layout is None:  # a new layout (or no buffer yet): the buffer is reused if it fits
@@ -716,7 +724,7 @@ def _fill_bucket(holder, key: int, xs: tuple, scale: float | None) -> torch.Tens
     at = flat.__dict__.get(_PIECES_AT)
     placed = [at.get(o) is x for o, x in zip(offsets, xs)] if at else [False] * len(xs)
     if all(placed):  # gradients as bucket views: nothing to copy, nothing to scale
-        return flat
+        return flat, True
     if _aliases(flat, [x for x, p in zip(xs, placed) if not p]):  # the fill would overwrite an input
         flat = _bucket_buffer(key, flat.numel(), xs[0], [flat])
         pieces, _ = _layout(flat, tuple(tuple(x.shape) for x in xs))
@@ -736,7 +744,7 @@ def _fill_bucket(holder, key: int, xs: tuple, scale: float | None) -> torch.Tens
     else:
         for v, x in fill:  # past the cache a second pass costs more than a launch per piece
             torch.mul(x, scale, out=v)
-    return flat
+    return flat, False
 
 
 # Buckets up to this size are filled by a copy and an in-place scale (two passes over memory that
