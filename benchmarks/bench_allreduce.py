@@ -4,13 +4,14 @@ For each total size, the "gradients" are ~20 float32 tensors of mixed sizes (lik
 model's weights and biases). luoshu's path is what `DataParallel(mode="allreduce")`
 inserts into a define-and-run graph: `bucket_all_reduce` (flatten + async all-reduce,
 mean) per bucket and `bucket_unpack` (wait + split), run as a compiled plan. The
-references, in the same processes: one `torch.distributed.all_reduce` of a flat
-buffer of the same bytes (the ideal: no flattening, one collective) and one
-all_reduce per tensor (no bucketing). A second comparison times gradients that the step
-itself makes by matmuls: luoshu writes each into its bucket (gradients as bucket views), the
-reference computes the same matmuls with `out=` into one flat buffer, pre-divides it and
-all-reduces it once. Timings are medians over interleaved repeats after warm-up;
-bandwidth is bus bandwidth, 2(n-1)/n * bytes / time (as nccl-tests report it).
+references, in the same processes, take the mean as luoshu does (a pre-division, as DDP's
+buckets): one `torch.distributed.all_reduce` of a flat buffer of the same bytes (the
+ideal: no flattening, one collective) and one all_reduce per tensor (no bucketing). A
+second comparison times gradients that the step itself makes by matmuls: luoshu writes
+each into its bucket (gradients as bucket views), the reference computes the same matmuls
+with `out=` into one flat buffer, pre-divides it and all-reduces it once. Timings are
+medians over interleaved repeats after warm-up; bandwidth is bus bandwidth,
+2(n-1)/n * bytes / time (as nccl-tests report it).
 
     .venv/bin/python benchmarks/bench_allreduce.py [--procs 2 4] [--sizes-mb 1 4 16 64] [--repeats 9]
 
@@ -70,6 +71,14 @@ def _median_times(contenders: dict, repeats: int, warmup: int = 2) -> dict[str, 
     t = torch.tensor([statistics.median(times[name]) for name in names], dtype=torch.float64)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return dict(zip(names, t.tolist()))
+
+
+def _mean_all_reduce(tensors: list[torch.Tensor], world: int) -> None:
+    """The mean over the workers of each tensor, pre-divided (as luoshu's buckets and DDP's are),
+    one all_reduce per tensor."""
+    torch._foreach_mul_(tensors, 1.0 / world)
+    for t in tensors:
+        torch_dist.all_reduce(t)
 
 
 def _luoshu_path(grads: list[torch.Tensor], bucket_mb: float):
@@ -141,8 +150,8 @@ def worker(args) -> None:
         flat = torch.cat([t.reshape(-1) for t in grads])
         run_luoshu, n_buckets = _luoshu_path(grads, args.bucket_mb)
         reference, produced, placed = _produced_paths(grads, args.bucket_mb)
-        t = _median_times({"flat": lambda flat=flat: torch_dist.all_reduce(flat), "luoshu": run_luoshu,
-                           "each": lambda grads=grads: [torch_dist.all_reduce(t) for t in grads],
+        t = _median_times({"flat": lambda flat=flat: _mean_all_reduce([flat], n), "luoshu": run_luoshu,
+                           "each": lambda grads=grads: _mean_all_reduce(grads, n),
                            "reference": reference, "produced": produced}, args.repeats)
         t_flat, t_luoshu, t_each, t_ref, t_produced = (t[k] for k in ("flat", "luoshu", "each", "reference",
                                                                       "produced"))

@@ -7,6 +7,7 @@ either computes at once (eager) or records the op in the current graph (define-a
 
 from __future__ import annotations
 
+import functools
 import numbers
 import weakref
 from collections.abc import Callable
@@ -70,6 +71,12 @@ class OpDef:
 
     def compute(self, *values, **attrs):
         raise NotImplementedError
+
+    def bind(self, attrs: dict) -> Callable:
+        """The kernel a plan calls for an op with these (complete) attributes: `compute` with them
+        bound. An operator whose per-call work depends on its attributes alone (finding a persistent
+        buffer, a group's size) overrides it to do that work once per plan step, not once per run."""
+        return functools.partial(self.compute, **attrs) if attrs else self.compute
 
     def gradient(self, op: Op, grads: list) -> list:
         raise GradientError(f"op '{self.name}' has no gradient rule")

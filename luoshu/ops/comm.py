@@ -678,49 +678,73 @@ class BucketAllReduce(OpDef):
         return TensorMeta((total,), inputs[0].dtype)
 
     def compute(self, *xs, reduce, group, buffer):
+        return self.bind({"reduce": reduce, "group": group, "buffer": buffer})(*xs)
+
+    def bind(self, attrs):
         # Per step this is the bucket's only CPU work besides the collective, so what does not
-        # change between steps (the pieces of the persistent buffer) is looked up, not rebuilt,
-        # and the copies go through one foreach kernel: at 1-4 MB the per-piece Python and
-        # dispatch cost was a sizeable part of the step.
-        pg, size, _ = _group(self.name, group)
-        current = live.lookup(buffer, "bucket buffer", self.name).tensor if buffer >= 0 else None
-        pieces = _pieces_like(current, xs) if current is not None else None
-        if pieces is None:  # a new layout (or no buffer yet): the buffer is reused if it fits
-            flat = _bucket_buffer(buffer, sum(x.numel() for x in xs), xs[0])
-            pieces = _pieces(flat, tuple(tuple(x.shape) for x in xs))
+        # change between steps is found once: the buffer's holder here, the group and the scale at
+        # the first run (a plan may be built before luoshu.distributed.init), the pieces and their
+        # offsets on the buffer itself, and the bucket_place pieces that filled it whole last step
+        # (known again by identity alone). At 1-4 MB the per-step Python was a sizeable part of the step.
+        name, reduce, group, key = self.name, attrs["reduce"], attrs["group"], attrs["buffer"]
+        holder = live.lookup(key, "bucket buffer", name) if key >= 0 else None
+        resolved: list = []  # [process group, scale or None]
+        placed: list = [None, ()]  # a buffer and the bucket_place pieces last found to fill it whole
+
+        def kernel(*xs):
+            if not resolved:
+                pg, size, _ = _group(name, group)
+                resolved[:] = pg, (1.0 / size if reduce == "mean" and size > 1 else None)
+            pg, scale = resolved
+            flat = holder.tensor if holder is not None else None
+            # the very pieces bucket_place wrote this step (gradients as bucket views): nothing to do
+            if flat is None or flat is not placed[0] or len(xs) != len(placed[1]) or \
+                    any(x is not p for x, p in zip(xs, placed[1])):
+                flat, all_placed = _fill_bucket(holder, key, xs, scale)
+                placed[:] = (flat, xs) if all_placed else (None, ())
+            if pg is None:
+                return flat
+            return _run(name, group, lambda a: torch_dist.all_reduce(flat, group=pg, async_op=a), flat, True)
+
+        return kernel
+
+
+def _fill_bucket(holder, key: int, xs: tuple, scale: float | None) -> tuple[torch.Tensor, bool]:
+    """The bucket's flat buffer holding `xs` back to back, each times `scale` (None: as they are),
+    and whether every piece was already there: one bucket_place computed in place (scaled), left
+    as it is."""
+    flat = holder.tensor if holder is not None else None
+    layout = _layout_like(flat, xs) if flat is not None else None
+    if layout is None:  # a new layout (or no buffer yet): the buffer is reused if it fits
+        flat = _bucket_buffer(key, sum(x.numel() for x in xs), xs[0])
+        layout = _layout(flat, tuple(tuple(x.shape) for x in xs))
+    pieces, offsets = layout
+    # computed in the bucket at its position by bucket_place (already scaled): its very piece, not
+    # merely a tensor there (an earlier bucket_unpack's piece fed back in still has to be scaled)
+    at = flat.__dict__.get(_PIECES_AT)
+    placed = [at.get(o) is x for o, x in zip(offsets, xs)] if at else [False] * len(xs)
+    if all(placed):  # gradients as bucket views: nothing to copy, nothing to scale
+        return flat, True
+    if _aliases(flat, [x for x, p in zip(xs, placed) if not p]):  # the fill would overwrite an input
+        flat = _bucket_buffer(key, flat.numel(), xs[0], [flat])
+        pieces, _ = _layout(flat, tuple(tuple(x.shape) for x in xs))
+    copy = [(v, x) for x, v, p in zip(xs, pieces, placed) if p and v.data_ptr() != x.data_ptr()]  # scaled
+    fill = [(v, x) for x, v, p in zip(xs, pieces, placed) if not p]
+    if scale is None:
+        copy, fill = copy + fill, []
+    if copy:
+        torch._foreach_copy_(*map(list, zip(*copy)))
+    if fill and flat.numel() * flat.element_size() <= _TWO_PASS_BYTES:
+        dst, src = map(list, zip(*fill))
+        torch._foreach_copy_(dst, src)  # then scaled in place: one kernel each, in cache
+        if len(fill) == len(xs):
+            flat.mul_(scale)
         else:
-            flat = current
-        # computed in the bucket at its position by bucket_place (already scaled): its very piece, not
-        # merely a tensor there (an earlier bucket_unpack's piece fed back in still has to be scaled)
-        at = flat.__dict__.get(_PIECES_AT)
-        if at:
-            base, item = flat.data_ptr(), flat.element_size()
-            placed = [at.get((v.data_ptr() - base) // item) is x for x, v in zip(xs, pieces)]
-        else:
-            placed = [False] * len(xs)
-        if _aliases(flat, [x for x, p in zip(xs, placed) if not p]):  # the fill would overwrite an input
-            flat = _bucket_buffer(buffer, flat.numel(), xs[0], [flat])
-            pieces = _pieces(flat, tuple(tuple(x.shape) for x in xs))
-        scale = 1.0 / size if reduce == "mean" and size > 1 else None
-        copy = [(v, x) for x, v, p in zip(xs, pieces, placed) if p and v.data_ptr() != x.data_ptr()]  # scaled
-        fill = [(v, x) for x, v, p in zip(xs, pieces, placed) if not p]
-        if scale is None:
-            copy, fill = copy + fill, []
-        if copy:
-            torch._foreach_copy_(*map(list, zip(*copy)))
-        if fill and flat.numel() * flat.element_size() <= _TWO_PASS_BYTES:
-            dst, src = map(list, zip(*fill))
-            torch._foreach_copy_(dst, src)  # then scaled in place: one kernel each, in cache
-            if len(fill) == len(xs):
-                flat.mul_(scale)
-            else:
-                torch._foreach_mul_(dst, scale)
-        else:
-            for v, x in fill:  # past the cache a second pass costs more than a launch per piece
-                torch.mul(x, scale, out=v)
-        if pg is None:
-            return flat
-        return _run(self.name, group, lambda a: torch_dist.all_reduce(flat, group=pg, async_op=a), flat, True)
+            torch._foreach_mul_(dst, scale)
+    else:
+        for v, x in fill:  # past the cache a second pass costs more than a launch per piece
+            torch.mul(x, scale, out=v)
+    return flat, False
 
 
 # Buckets up to this size are filled by a copy and an in-place scale (two passes over memory that
@@ -765,40 +789,52 @@ class BucketPlace(OpDef):
                           f"{total} (buffer {buffer})")
         return meta
 
-    def compute(self, *values, op, op_attrs, shape, dtype, buffer, offset, total, reduce, group):
+    def compute(self, *values, **attrs):
+        return self.bind(attrs)(*values)
+
+    def bind(self, attrs):
         # What does not change between steps (the op, its attributes, the scale, the piece of the
-        # persistent buffer) is prepared once per attribute dict, which the plan's kernel binds for
-        # good: at 1 MB buckets the per-step Python work was a sizeable part of the step.
-        prepared = _PLACED.get(id(op_attrs))
-        if prepared is None or prepared[0] is not op_attrs:
-            _, size, _ = _group(self.name, group)
-            opdef = get_opdef(op)
-            scale = 1.0 / size if reduce == "mean" and size > 1 else 1.0
-            prepared = (op_attrs, opdef, {**opdef.attrs, **op_attrs}, scale)
-            if len(_PLACED) > 4096:  # attribute dicts of plans gone: start over
-                _PLACED.clear()
-            _PLACED[id(op_attrs)] = prepared
-        _, opdef, attrs, scale = prepared
-        flat = live.lookup(buffer, "bucket buffer", self.name).tensor
-        pieces = flat.__dict__.get(_PIECES_AT) if flat is not None else None
-        piece = pieces.get(offset) if pieces is not None else None
-        if piece is None or tuple(piece.shape) != tuple(shape):
-            device = next(v.device for v in values if isinstance(v, torch.Tensor))
-            like = torch.empty(0, dtype=dtypes.to_torch(dtype), device=device)
-            flat = _bucket_buffer(buffer, total, like)
-            piece = flat[offset:offset + numel(tuple(shape))].view(tuple(shape))
-            flat.__dict__.setdefault(_PIECES_AT, {})[offset] = piece
-        if opdef.compute_into is None or not opdef.compute_into(piece, scale, *values, **attrs):
-            result = opdef.compute(*values, **attrs)
-            if scale == 1.0:
-                piece.copy_(result)
-            else:
-                torch.mul(result, scale, out=piece)
-        return piece
+        # persistent buffer) is found once per plan step, and again only when the buffer is
+        # reallocated: at 1 MB buckets the per-step Python work was a sizeable part of the step.
+        opdef = get_opdef(attrs["op"])
+        op_attrs = {**opdef.attrs, **attrs["op_attrs"]}
+        compute, into = opdef.compute, opdef.compute_into
+        holder = live.lookup(attrs["buffer"], "bucket buffer", self.name)
+        cut: list = [None, None, 1.0]  # the buffer the piece is cut from, the piece, the scale
+
+        def kernel(*values):
+            if cut[0] is None or holder.tensor is not cut[0]:
+                cut[:] = _cut_piece(holder, attrs, values)
+            _, piece, scale = cut
+            if into is None or not into(piece, scale, *values, **op_attrs):
+                result = compute(*values, **op_attrs)
+                if scale == 1.0:
+                    piece.copy_(result)
+                else:
+                    torch.mul(result, scale, out=piece)
+            return piece
+
+        return kernel
 
 
-# id(attribute dict of a bucket_place kernel) -> (that dict, opdef, attributes, scale)
-_PLACED: dict[int, tuple] = {}
+def _cut_piece(holder: BucketBuffer, attrs: dict, values: tuple) -> list:
+    """[bucket buffer, the piece bucket_place `attrs` writes, its scale]: the buffer allocated if
+    missing, the piece kept on it (so bucket_all_reduce knows it by identity)."""
+    shape, offset = tuple(attrs["shape"]), attrs["offset"]
+    _, size, _ = _group(BucketPlace.name, attrs["group"])
+    scale = 1.0 / size if attrs["reduce"] == "mean" and size > 1 else 1.0
+    flat = holder.tensor
+    pieces = flat.__dict__.get(_PIECES_AT) if flat is not None else None
+    piece = pieces.get(offset) if pieces is not None else None
+    if piece is None or tuple(piece.shape) != shape:
+        device = next(v.device for v in values if isinstance(v, torch.Tensor))
+        like = torch.empty(0, dtype=dtypes.to_torch(attrs["dtype"]), device=device)
+        flat = _bucket_buffer(attrs["buffer"], attrs["total"], like)
+        piece = flat[offset:offset + numel(shape)].view(shape)
+        flat.__dict__.setdefault(_PIECES_AT, {})[offset] = piece
+    return [flat, piece, scale]
+
+
 _PIECES_AT = "_luoshu_pieces_at"  # attribute of a bucket buffer: offset -> the piece bucket_place writes
 
 
@@ -821,34 +857,35 @@ class BucketUnpack(OpDef):
 
     @staticmethod
     def compute(flat, shapes):
-        out = _pieces(_finish(flat, "bucket_unpack"), shapes)
+        out, _ = _layout(_finish(flat, "bucket_unpack"), shapes)
         return out if len(out) > 1 else out[0]
 
 
-_PIECES = "_luoshu_pieces"  # attribute of a bucket buffer: (shapes, its pieces), made once per layout
+_LAYOUT = "_luoshu_layout"  # attribute of a bucket buffer: (shapes, its pieces, their offsets), made once
 
 
-def _pieces(flat: torch.Tensor, shapes: tuple) -> tuple:
-    """The views of `flat` with `shapes`, back to back. A persistent bucket buffer comes back every
-    step: its pieces are made once and kept on it (they die with it)."""
-    cached = flat.__dict__.get(_PIECES)
+def _layout(flat: torch.Tensor, shapes: tuple) -> tuple[tuple, tuple]:
+    """The views of `flat` with `shapes`, back to back, and their element offsets. A persistent
+    bucket buffer comes back every step: its layout is made once and kept on it (it dies with it)."""
+    cached = flat.__dict__.get(_LAYOUT)
     if cached is not None and cached[0] == shapes:
-        return cached[1]
-    out, pos = [], 0
+        return cached[1:]
+    out, offsets, pos = [], [], 0
     for s in shapes:
         n = numel(tuple(s))
         out.append(flat[pos:pos + n].view(tuple(s)))
+        offsets.append(pos)
         pos += n
-    flat.__dict__[_PIECES] = (shapes, tuple(out))
-    return tuple(out)
+    flat.__dict__[_LAYOUT] = (shapes, tuple(out), tuple(offsets))
+    return tuple(out), tuple(offsets)
 
 
-def _pieces_like(flat: torch.Tensor, xs: tuple) -> tuple | None:
-    """`flat`'s cached pieces when they have the shapes of `xs`, else None."""
-    cached = flat.__dict__.get(_PIECES)
+def _layout_like(flat: torch.Tensor, xs: tuple) -> tuple[tuple, tuple] | None:
+    """`flat`'s cached layout when its pieces have the shapes of `xs`, else None."""
+    cached = flat.__dict__.get(_LAYOUT)
     if cached is None or len(cached[1]) != len(xs) or any(v.shape != x.shape for v, x in zip(cached[1], xs)):
         return None
-    return cached[1]
+    return cached[1:]
 
 
 @register

@@ -68,6 +68,8 @@ def gradient_pairs(params, kinds: str, values) -> list:
     """Torch values as the optimizer takes them: `(index, tensor)` for a dense gradient,
     `(index, (indices, values))` for a sparse one, `(index, (indices, values, GLOBAL))` for
     a global one."""
+    if len(kinds) == len(params) == len(values) and kinds.count("d") == len(kinds):  # all dense: one input each
+        return list(zip(params, values))
     pairs = []
     for e in update_entries(params, kinds, values):
         if e.kind == "d":

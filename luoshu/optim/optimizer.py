@@ -363,6 +363,9 @@ class Optimizer:
                     total = _total_norm(tensors) if shard_norm is None else shard_norm([i for i, _ in entries], tensors)
                     coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
                 entries = _replace_dense_parts(entries, _scaled(tensors, coef))
+            if len(self.param_groups) == 1:
+                self._update_group(self.param_groups[0], entries)
+                return
             by_group: dict[int, list] = {}
             for i, g in entries:
                 by_group.setdefault(self._group_of[i], []).append((i, g))
@@ -377,7 +380,7 @@ class Optimizer:
             if isinstance(g, tuple):
                 entries.append((i, _coalesce(g[0], g[1], p) + tuple(g[2:])))
                 continue
-            if tuple(g.shape) != tuple(p.shape):
+            if g.shape != p.shape:
                 raise GradientError(f"{type(self).__name__}: the gradient of parameter {i} has shape "
                                     f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
             # Fused kernels need a layout like the parameter's; eager gradients can be

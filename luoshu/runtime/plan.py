@@ -9,7 +9,6 @@ after its last reader.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -123,8 +122,7 @@ def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:
 
 
 def _step(op, inputs: tuple[int, ...], outputs: tuple[int, ...]) -> Step:
-    kernel = functools.partial(op.opdef.compute, **op.attrs) if op.attrs else op.opdef.compute
-    return Step(op, kernel, inputs, outputs)
+    return Step(op, op.opdef.bind(op.attrs), inputs, outputs)
 
 
 def _stand_in_shape_reads(steps: list[Step], graph, slot) -> list[Step]:

@@ -71,7 +71,7 @@ class StoreBackedModel:
                     if t.producer is None and t.kind != "placeholder":
                         leaves[slot_of(t)] = t
             else:
-                kernel = functools.partial(op.opdef.compute, **op.attrs) if op.attrs else op.opdef.compute
+                kernel = op.opdef.bind(op.attrs)
                 ins = tuple(slot_of(t) for t in op.inputs)
                 for t in op.inputs:
                     if t.producer is None and t.kind != "placeholder":

@@ -114,6 +114,48 @@ def test_gradients_are_computed_as_views_of_their_bucket():
             np.testing.assert_allclose(p.numpy(), b - 0.1 * e, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("bucket_mb", [0.0005, 25.0])
+def test_bucket_views_follow_a_reallocated_bucket_buffer(bucket_mb):
+    """bucket_place and bucket_all_reduce find their piece and buffer once, then by identity: when a
+    bucket's buffer is dropped or replaced between steps, the next step writes the gradients into
+    the new one and training still equals the plain graph's (one process, no DataParallel)."""
+    import torch
+
+    from luoshu.compiler.gradient_allreduce import _BUFFERS_OF
+    from tests.parallel.dp_train import batches
+
+    runs = []
+    for data_parallel in (False, True):
+        ls.manual_seed(3)
+        model, g, loss, _, train_op, feed = _training_graph()
+        ids, dense = list(feed)
+        if data_parallel:
+            ls.parallel.DataParallel(g, bucket_size_mb=bucket_mb)
+        for step, (ids_value, dense_value, _) in enumerate(batches(4, 6)):
+            if data_parallel and step == 2:
+                for buffer in _BUFFERS_OF[g]:
+                    buffer.tensor = None
+            if data_parallel and step == 3:
+                fresh = {id(b): torch.full_like(b.tensor, float("nan")) for b in _BUFFERS_OF[g]}
+                for buffer in _BUFFERS_OF[g]:
+                    buffer.tensor = fresh[id(buffer)]
+            g.run([loss, train_op], {ids: ids_value, dense: dense_value})
+        runs.append([p.numpy().copy() for p in model.parameters()])
+        if data_parallel:
+            names = [step.op.opdef.name for step in g.plan([loss, train_op], feed).steps]
+            assert names.count("bucket_place") == 4
+            placed = []
+            for buffer in _BUFFERS_OF[g]:  # the fresh buffer kept (it fits) and the gradients made in it
+                assert buffer.tensor is fresh[id(buffer)] and not torch.isnan(buffer.tensor).any()
+                pieces = buffer.tensor.__dict__.get("_luoshu_pieces_at", {}).values()
+                assert all(p.untyped_storage().data_ptr() == buffer.tensor.untyped_storage().data_ptr()
+                           for p in pieces)
+                placed += pieces
+            assert len(placed) == 4
+    for plain, bucketed in zip(*runs):
+        np.testing.assert_allclose(bucketed, plain, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_arguments_are_refused():
     model = Net()
     with pytest.raises(ls.Error, match="unknown mode"):
