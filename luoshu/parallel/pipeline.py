@@ -17,7 +17,9 @@ per micro-batch (1F1B: at most `pp` at once). Gradients accumulate over the micr
 and are scaled once (1/M: each micro-batch's loss is a mean over its rows); a table's
 sparse gradient stays rows (so a lazy optimizer touches the rows one whole batch would);
 parameters used by several stages (GPT-2's tied embedding) sum their gradients over
-those stages; the DP axis averages them; then the optimizer applies one update, clipping
+those stages; the DP axis averages them once per step, after the last micro-batch, in plain
+data parallelism's buckets (`bucket_size_mb`: one asynchronous all-reduce per bucket, started
+as it fills, not one per parameter); then the optimizer applies one update, clipping
 (`max_grad_norm`) by the norm of the whole model's gradient, summed over the stages and
 TP members of this DP replica. A stage may be tensor parallel (`parallelize` the model
 first): its graph is localized by the states pass, its gradients are this rank's blocks.
@@ -111,8 +113,9 @@ class Pipeline:
             raise PipelineError("pipeline: zero=3 (parameters sharded between uses) is not built for pipeline stages; "
                                 "zero=1 shards each stage's optimizer state over its DP group, zero=2 also its "
                                 "gradients")
-        if zero_options and not zero:
-            raise PipelineError(f"pipeline: {sorted(zero_options)} are ZeRO options; they need zero=1 or 2")
+        if set(zero_options) - {"bucket_size_mb"} and not zero:
+            raise PipelineError(f"pipeline: {sorted(set(zero_options) - {'bucket_size_mb'})} are ZeRO options; "
+                                "they need zero=1 or 2")
         prefix, layers = _layers(model)
         pp = mesh.pp
         if len(layers) < pp:
@@ -142,6 +145,7 @@ class Pipeline:
         self.ledger = ActivationLedger()
         self.zero_stage, self.zero_options = zero, zero_options
         self.zero = None  # the ZeRO sync mode over this stage's DP group (compile)
+        self._dp_sync = None  # zero=0: plain data parallelism's bucketed all-reduce over that group (compile)
         self._compiled = False
 
     # --- building --------------------------------------------------------------------
@@ -220,10 +224,12 @@ class Pipeline:
         self.feeds = self.program.feed_names
         self._shared = self._shared_parameters({id(p) for p in self.params})
         self._install_norm(strategy)
-        if self.zero_stage:  # this stage's parameters sharded over its DP group; laid out at the first step
-            dp_group = self.mesh.group("dp")
-            self.zero = DataParallel(optimizer=optimizer, group=dp_group, broadcast=False, zero=self.zero_stage,
-                                     **self.zero_options).sync
+        if self.zero_stage or self.mesh.dp > 1:
+            # the DP reduction over this stage's DP group: plain data parallelism's buckets (zero=0), or the
+            # ZeRO mode's (this stage's parameters sharded over the group; laid out at the first step)
+            sync = DataParallel(optimizer=optimizer, group=self.mesh.group("dp"), broadcast=False,
+                                zero=self.zero_stage, **self.zero_options).sync
+            self.zero, self._dp_sync = (sync, None) if self.zero_stage else (None, sync)
         self._compiled = True
         self._key = live.register(self)  # ls.save / ls.load find the pipeline of a model (parallel.checkpoint)
 
@@ -423,12 +429,15 @@ class Pipeline:
             self.zero.step_accumulated([(i, g) for i, g in pairs if isinstance(g, torch.Tensor)],
                                        [(i, g) for i, g in pairs if not isinstance(g, torch.Tensor)])
             return
-        if dp > 1 and env.is_distributed():
-            pg = self.mesh.process_group("dp")
+        if self._dp_sync is not None:
+            # The mean over DP of the dense gradients (a shared table's summed rows among them; the other
+            # rows are gathered already): one asynchronous all-reduce per bucket, each started as it fills.
+            sync = self._dp_sync.begin_gradients(self.optimizer)
             for k, g in enumerate(grads):
-                if not self._sparse[k] or isinstance(g, torch.Tensor):
-                    torch_dist.all_reduce(g, group=pg)
-                    g.div_(dp)
+                if isinstance(g, torch.Tensor):
+                    sync.add(k, g)
+            reduced = dict(sync.finish())
+            grads = [reduced.get(k, g) for k, g in enumerate(grads)]
         self.optimizer.apply_gradients(list(zip(self.param_index, grads)))
 
     def optimizers(self) -> list[Optimizer]:
@@ -468,7 +477,8 @@ def pipeline_of(module, optimizer=None) -> Pipeline | None:
 def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b",
              zero: int = 0, **zero_options) -> Pipeline:
     """This rank's stage of `model` cut over `mesh.pp` stages (see the module docstring); `zero=1 | 2`
-    shards each stage over its DP group (`zero_options`: `DataParallel`'s ZeRO options)."""
+    shards each stage over its DP group (`zero_options`: `DataParallel`'s ZeRO options; `bucket_size_mb`,
+    the DP all-reduce buckets' bound, with any `zero`)."""
     return Pipeline(model, mesh, stages, micro_batches, schedule, zero, **zero_options)
 
 

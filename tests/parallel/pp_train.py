@@ -5,7 +5,9 @@
 Rank r writes the losses (last stage), its stage's parameters, the peak number of
 micro-batches (and bytes) of activations its stage kept alive and the bytes of optimizer
 state it holds to PREFIX.rank<r>.npz. `--recompute` marks every layer with `ls.nn.recompute`;
-`--zero S` shards each stage over its DP group (ZeRO stage S); `--steps` batches are trained.
+`--zero S` shards each stage over its DP group (ZeRO stage S); `--steps` batches are trained;
+`--bucket-size-mb` bounds the DP all-reduce buckets. It also counts, per step, the all-reduces
+over its DP group (torch's own collective calls) and writes its stage's dense gradient sizes.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--recompute", action="store_true")
     parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--bucket-size-mb", type=float, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -97,7 +100,8 @@ def main() -> None:
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=args.clip)
     stages = args.stages.split(",") if args.stages else None
     pipe = ls.parallel.pipeline(model, mesh, stages=stages, micro_batches=args.micro_batches, schedule=args.schedule,
-                                zero=args.zero)
+                                zero=args.zero,
+                                **({"bucket_size_mb": args.bucket_size_mb} if args.bucket_size_mb else {}))
     pipe.compile([("ids", (None, LENGTH), "int64")], [("y", (None, LENGTH), "int64")], loss_fn, opt)
     losses, peak, peak_bytes = [], 0, 0
     scatters: list = []  # ZeRO: the reduce-scatters each step started
@@ -109,15 +113,27 @@ def main() -> None:
             return scatter(*a, **k)
 
         pipe.zero.scatter = counted
+    reduces: list = []  # the all-reduces over this rank's DP group each step issued
+    dp_group, all_reduce = mesh.process_group("dp"), torch.distributed.all_reduce
+
+    def counted_all_reduce(tensor, *a, group=None, **k):
+        if dp_group is not None and group is dp_group:
+            reduces[-1] += 1
+        return all_reduce(tensor, *a, group=group, **k)
+
+    torch.distributed.all_reduce = counted_all_reduce
     need_inputs, need_labels = pipe.feeds_of()
     for ids, y in batches(steps=args.steps):
         # a rank passes only what its stage reads
         scatters.append(0)
+        reduces.append(0)
         losses.append(pipe.step([ids] if need_inputs else None, [y] if need_labels else None))
         peak, peak_bytes = max(peak, pipe.ledger.peak), max(peak_bytes, pipe.ledger.peak_bytes)
+    torch.distributed.all_reduce = all_reduce
     names = {id(p): n for n, p in model.named_parameters()}
     full = ls.parallel.gather_parameters(model, mesh)  # whole values of TP-split ones (collective)
     params = {names[id(p)]: full[names[id(p)]].numpy() for p in pipe.params}
+    shared = {pos for pos, _ in pipe._shared}  # parameters other stages use too (GPT-2's tied table)
     feeds = pipe.feeds  # the placeholders this rank's stage plans read
     forward_ops = [step.op for step in pipe.runner.forward_plan.steps]
     sends = [op.attrs["peer"] for op in forward_ops if op.opdef.name == "send"]
@@ -129,6 +145,11 @@ def main() -> None:
         peak_bytes=peak_bytes,
         state_bytes=state_bytes(pipe.optimizers()),
         scatters=np.array(scatters, dtype=np.int64),
+        reduces=np.array(reduces, dtype=np.int64),
+        # the bytes of each dense gradient of the stage, in parameter order: a sparse table's rows are
+        # gathered (0), unless other stages share the table (then its rows are summed into a dense one)
+        dense_bytes=np.array([p.value.numel() * p.value.element_size() if not sparse or k in shared else 0
+                              for k, (p, sparse) in enumerate(zip(pipe.params, pipe._sparse))], dtype=np.int64),
         buckets=len(pipe.zero.groups) if args.zero else 0,
         local_numel=sum(p.value.numel() for p in pipe.params),  # this rank's blocks of its stage's parameters
         stage=pipe.stage,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import luoshu as ls
+from luoshu.compiler.gradient_allreduce import plan_buckets
 from luoshu.parallel.pipeline import _balance
 from luoshu.runtime.pipeline import ActivationLedger, schedule
 from tests.distributed.launcher import launch
@@ -111,7 +112,7 @@ def test_recompute_inside_a_stage_keeps_only_the_layers_inputs(schedule):
 
 
 def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None, recompute=False,
-             zero=0, steps=pp_train.STEPS):
+             zero=0, steps=pp_train.STEPS, bucket_mb=None):
     """Runs the pipeline job and checks it against one process; returns every rank's npz."""
     out = tmp_path / ("pp-recompute" if recompute else f"pp-zero{zero}" if zero else "pp")
     args = (
@@ -138,6 +139,7 @@ def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2"
         + (["--recompute"] if recompute else [])
         + (["--zero", str(zero)] if zero else [])
         + (["--steps", str(steps)] if steps != pp_train.STEPS else [])
+        + (["--bucket-size-mb", str(bucket_mb)] if bucket_mb else [])
     )
     proc = launch(dp * tp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -424,3 +426,17 @@ def test_zero_with_a_sparse_table_on_one_stage_matches_one_process(tmp_path, zer
     """LLaMA's untied table: its rows stay on the model's optimizer (gathered over DP), on stage 0 only;
     clipping's factor reaches it without a norm collective the other stage would not join."""
     _compare(tmp_path, 2, 2, 2, 2, "1f1b", model="llama", clip=0.05, zero=zero, steps=3)
+
+
+@pytest.mark.dist
+def test_plain_dp2_pp2_reduces_over_dp_in_buckets_and_matches_one_process(tmp_path):
+    """zero=0: each stage's DP mean is one all-reduce per gradient bucket per step (torch's own calls
+    over the DP group counted), after the last micro-batch, not one per parameter; the tied embedding
+    still sums over its two stages first (the parameters equal one process)."""
+    bucket_mb = 0.05  # ~52 KB: several buckets per stage of this GPT-2
+    runs = _compare(tmp_path, 2, 2, 2, 2, "1f1b", clip=0.05, steps=3, bucket_mb=bucket_mb)
+    for run in runs:
+        sizes = [int(b) for b in run["dense_bytes"] if b]
+        buckets = plan_buckets(sizes, ["float64"] * len(sizes), int(bucket_mb * 2**20))
+        assert 1 < len(buckets) < len(sizes)
+        assert list(run["reduces"]) == [len(buckets)] * 3
