@@ -363,6 +363,12 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
         k = (id(t), S.key(S.dup(n) if want is S.WHOLE else want))
         if k not in cache:
             cache[k] = convert_to(tensors[id(t)], src, want, t.shape, shard)
+            if S.key(src) == PARTIAL and k[1] == DUPLICATE:
+                # Once all-reduced, the whole value serves every later reader (a partial costs
+                # nothing less to compute on, and a reader wanting it back gets a local mask):
+                # readers left on the partial would all-reduce again, or gather their other
+                # input (an RMSNorm's x * rsqrt(mean(x * x)), the backward's weight gradients).
+                tensors[id(t)], states[id(t)] = cache[k], S.dup(n)
         return cache[k]
 
     with local:

@@ -3,6 +3,8 @@ multi-process training against one process (float64, three AdamW steps, to 1e-6)
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -98,6 +100,55 @@ def test_every_rank_holds_half_of_each_split_weight(rank):
         else:
             assert value.nbytes == whole.nbytes
     assert split == 1 + 2 * 10  # wte; per block q/k/v weight+bias, o weight, c_fc weight+bias, c_proj weight
+
+
+def _training_step_collectives(model_name: str) -> dict:
+    """{kind: [input shapes]} of the collectives in rank 0's local plan of a tp=2 training step."""
+    ls.manual_seed(0)
+    model = tp_train.build(model_name)
+    mesh = ls.distributed.DeviceMesh(tp=2, world_size=2, rank=0)
+    strategy = ls.parallel.parallelize(model, mesh, broadcast=False).strategy
+    ST.set_default(None)  # localised by hand
+    opt = ls.optim.AdamW(model.parameters(), lr=1e-2)
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, tp_train.LENGTH), "int64")
+        y = ls.placeholder("y", (None, tp_train.LENGTH), "int64")
+        logits = model(ids).reshape((-1, tp_train.VOCAB))
+        loss = ls.nn.functional.cross_entropy(logits, y.reshape((-1,)))
+        step = opt.minimize(loss)
+    local = ST.localize_graph(topological_ops([loss, step], g), [loss, step], strategy)
+    found = {}
+    for op in local.graph.ops:
+        if op.opdef.name in COMM:
+            found.setdefault(op.opdef.name, []).append(tuple(op.inputs[0].shape))
+    return found
+
+
+def test_gpt2_tp2_training_step_issues_megatrons_collectives():
+    """Megatron without SP, 2 blocks: per block 2 forward all-reduces (o_proj, c_proj) and their
+    duals backward (q/k/v, c_fc input gradients): 8; the vocabulary-parallel embedding's forward
+    all-reduce and the LM head's input-gradient all-reduce: 2; all (batch, 16, 64). The
+    vocabulary-parallel loss: sum-exp and target-logit all-reduces over rows, and the row maxima
+    (an all-gather of (rows, 1): all_reduce has no max). No activation is gathered."""
+    found = _training_step_collectives("gpt2")
+    activation = (None, tp_train.LENGTH, 64)
+    assert sorted(found) == ["all_gather", "all_reduce"]
+    assert found["all_reduce"].count(activation) == 10
+    assert sorted(s for s in found["all_reduce"] if s != activation) == [(None,), (None, 1)]
+    assert found["all_gather"] == [(None, 1)]
+
+
+def test_llama_tp2_training_step_gathers_no_activation_or_gradient():
+    """LLaMA's RMSNorm reads its input twice (x * rsqrt(mean(x * x))): once all-reduced, the value
+    stays whole for the other readers and the backward. Before, the partial was all-reduced again
+    and every column-parallel weight gradient gathered its output gradient (9 all-gathers) and was
+    reduce-scattered (8). 1 block: embedding, o_proj, down_proj forward; the q/k/v and gate/up
+    input gradients and the embedding's sparse gradient backward: 6 of (rows, 64)."""
+    found = _training_step_collectives("llama")
+    assert "reduce_scatter" not in found and "all_to_all" not in found
+    assert found["all_gather"] == [(None, 1)]  # the loss's row maxima
+    big = [s for s in found["all_reduce"] if math.prod(d or 1 for d in s) >= 64 and len(s) >= 2]
+    assert len(big) == 6, found["all_reduce"]
 
 
 def test_bad_input_is_refused_clearly():
