@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -40,18 +42,75 @@ def _need(prof, st: str, length: int, world: int) -> float:
     return H.predict(prof.spec, cluster, s, [length] * s.dp).memory_bytes * prof.activation_scale
 
 
-def test_auto_strategies_hold_each_bucket_in_the_budget(profiled):
+LENGTHS = [256, 200, 60, 40, 30, 12, 10, 8, 6, 4]
+
+
+def _bucket_needs(prof, world: int, memory: float = float("inf")) -> list[dict]:
+    """Per bucket of LENGTHS, each candidate's prediction as the search makes it (packed to the bound)."""
+    cl = P.cluster(prof, world, memory)
+    return [
+        {str(st): H.predict(prof.spec, cl, st, seqs, bound) for st in P.variants(world, prof.spec)}
+        for seqs, bound in zip(H.bucketize(LENGTHS, BOUNDS), BOUNDS)
+    ]
+
+
+def _brute_force(prof, world: int, memory: float) -> tuple[list[str], float]:
+    """The cost model's fastest combination over every candidate per bucket that fits (switches included)."""
+    spec, cl = prof.spec, P.cluster(prof, world, memory)
+    buckets = H.bucketize(LENGTHS, BOUNDS)
+    options = [[st for st in P.variants(world, spec) if H.predict(spec, cl, st, seqs, bound).fits]
+               for seqs, bound in zip(buckets, BOUNDS)]
+    best = min(itertools.product(*options), key=lambda c: H._hot_step(spec, cl, list(c), buckets, BOUNDS[:-1], None)[0])
+    return [str(st) for st in best], H._hot_step(spec, cl, list(best), buckets, BOUNDS[:-1], None)[0]
+
+
+def _total(prof, world: int, memory: float, chosen: list[str]) -> float:
+    cl = P.cluster(prof, world, memory)
+    return H._hot_step(prof.spec, cl, [H.parse_strategy(s) for s in chosen], H.bucketize(LENGTHS, BOUNDS),
+                       BOUNDS[:-1], None)[0]
+
+
+def test_auto_candidates_are_every_runnable_strategy_with_sp_and_recompute(profiled):
     _, prof = profiled
-    lengths = [256, 200, 60, 40, 30, 12, 10, 8, 6, 4]
-    free = P.choose_strategies(prof, 4, BOUNDS, lengths)
-    assert len(free) == 3 and all(H.parse_strategy(s).dp * H.parse_strategy(s).tp == 4 for s in free)
-    budget = (_need(prof, "dp1,tp4,pp1", 256, 4) + _need(prof, "dp2,tp2,pp1", 256, 4)) / 2
-    tight = P.choose_strategies(prof, 4, BOUNDS, lengths, memory=budget)
-    assert tight[0] == "dp1,tp4,pp1"  # only tp4 holds the longest bucket
-    for st, bound in zip(tight, BOUNDS):
-        assert _need(prof, st, bound, 4) <= budget * (1 + 1e-9)
-    with pytest.raises(ls.Error, match="no strategy holds a bucket of lengths up to 256"):
-        P.choose_strategies(prof, 4, BOUNDS, lengths, memory=_need(prof, "dp1,tp4,pp1", 256, 4) * 0.5)
+    names = {str(st) for st in P.variants(4, prof.spec)}
+    assert len(names) == 3 + 2 * (2 * 3)  # tp1: 3 recompute options; tp2, tp4: each with and without sp
+    assert {"dp4,tp1,pp1", "dp4,tp1,pp1,rc=full", "dp2,tp2,pp1,sp,rc=selective", "dp1,tp4,pp1,sp"} <= names
+    assert "dp4,tp1,pp1,sp" not in names
+    assert all(H.parse_strategy(n) == st for n, st in zip(map(str, P.variants(4, prof.spec)), P.variants(4, prof.spec)))
+
+
+def test_auto_choice_is_the_brute_force_optimum_and_a_tight_budget_recomputes_the_long_bucket(profiled):
+    _, prof = profiled
+    free = P.choose_strategies(prof, 4, BOUNDS, LENGTHS)
+    plain = [H.parse_strategy(s) for s in free]
+    # a budget that holds the short buckets under their unbounded choice, not the long one's
+    needs = _bucket_needs(prof, 4)
+    units = max(max(needs[i][free[i]].memory_bytes for i in (1, 2)), min(p.memory_bytes for p in needs[0].values()))
+    units *= 1.01
+    assert units < needs[0][free[0]].memory_bytes
+    budget = units * prof.activation_scale  # in this machine's bytes
+    tight = P.choose_strategies(prof, 4, BOUNDS, LENGTHS, memory=budget)
+    first = H.parse_strategy(tight[0])
+    assert first.sp or first.recompute != "none", tight  # the long bucket recomputes (or splits its sequence)
+    fastest_plain = min((p.time_s, n) for n, p in needs[0].items() if "rc=" not in n and p.memory_bytes <= units)
+    assert needs[0][tight[0]].time_s < fastest_plain[0]  # faster than any plain strategy that holds it
+    for st, need in zip(tight, _bucket_needs(prof, 4, budget)):
+        assert need[st].fits
+    for st in tight[1:]:  # the short buckets need no recompute
+        assert H.parse_strategy(st).recompute == "none", tight
+    for memory, chosen in ((float("inf"), free), (budget, tight)):
+        best, seconds = _brute_force(prof, 4, memory)
+        assert _total(prof, 4, memory, chosen) == pytest.approx(seconds, rel=1e-12), (chosen, best)
+    assert all(st.recompute == "none" for st in plain)  # nothing to gain from recompute without a budget
+
+
+def test_auto_with_a_budget_nothing_holds_names_the_bucket_and_the_least_need(profiled):
+    _, prof = profiled
+    least = min(p.memory_bytes for p in _bucket_needs(prof, 4)[0].values()) * prof.activation_scale
+    with pytest.raises(ls.Error, match=r"bucket \(64, 256\] \(sequences up to 256 tokens\)") as err:
+        P.choose_strategies(prof, 4, BOUNDS, LENGTHS, memory=least * 0.9)
+    assert f"the least it needs is {least / 2**20:.2f} MiB" in str(err.value)
+    P.choose_strategies(prof, 4, BOUNDS, LENGTHS, memory=least * 1.001)  # just enough: a choice
 
 
 def test_hotspa_auto_in_one_process_trains(profiled):
