@@ -199,3 +199,33 @@ def test_the_profiled_cost_model_ranks_the_static_strategies_as_measured(tmp_pat
             assert (predicted[a] < predicted[b]) == faster, f"{R.STRATEGIES[a]} vs {R.STRATEGIES[b]}: {table}"
     if not told_apart:  # nothing to check: every difference is within noise
         pytest.skip(f"every measured pair is within noise on this machine now: {table}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_auto_chosen_recompute_set_on_4_processes_matches_one_process(tmp_path):
+    """The set `strategies="auto"` picks over 4 ranks under a budget that no plain strategy holds
+    the long bucket in (so it recomputes or splits the sequence there) trains GPT-2 in float64 as
+    one process does (`hotspa_train.reference`)."""
+    from tests.distributed.launcher import launch
+    from tests.parallel import hotspa_train as T
+
+    prof = P.profile(T.build("gpt2"), lengths=(6, 12, 32), batches=(1, 2), repeats=1)
+    lengths = [len(s) for s in next(T.batches())]
+    cl = P.cluster(prof, 4)
+    seqs = H.bucketize(lengths, T.BOUNDS)[0]
+    needs = {str(st): H.predict(prof.spec, cl, st, seqs, T.BOUNDS[0]).memory_bytes for st in P.variants(4, prof.spec)}
+    plain = min(v for n, v in needs.items() if "sp" not in n and "rc=" not in n)
+    budget = (min(needs.values()) + plain) / 2 * prof.activation_scale
+    chosen = P.choose_strategies(prof, 4, T.BOUNDS, lengths, memory=budget)
+    assert any(H.parse_strategy(s).sp or H.parse_strategy(s).recompute != "none" for s in chosen), chosen
+    out = tmp_path / "auto"
+    proc = launch(4, "tests/parallel/hotspa_train.py", "--models", "gpt2", "--strategies", ";".join(chosen),
+                  "--out", str(out), timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, ref_params = T.reference("gpt2")
+    for r in range(4):
+        run = np.load(f"{out}.gpt2.rank{r}.npz")
+        np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6, err_msg=str(chosen))
+        for pname, value in ref_params.items():
+            np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{chosen} {pname}")
