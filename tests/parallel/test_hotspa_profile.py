@@ -127,6 +127,26 @@ def test_hotspa_auto_in_one_process_trains(profiled):
         ls.parallel.HotSPa(model, "fastest", BOUNDS)
 
 
+def test_hotspa_auto_under_a_budget_recomputes_the_long_bucket_and_trains():
+    """One process: a memory_budget that no plain strategy holds the longest bucket in (by the
+    profiled bytes nor by the cost model's own, which HotSPa checks) makes "auto" recompute there."""
+    ls.manual_seed(0)
+    model = GPT2(GPTConfig(vocab_size=128, block_size=256, n_layer=1, n_head=4, n_embd=32))
+    prof = P.profile(model, repeats=1)
+    cl = P.cluster(prof, 1)
+    need = {st.recompute: H.predict(prof.spec, cl, st, [256], 256).memory_bytes for st in P.variants(1, prof.spec)}
+    scales = (1.0, prof.activation_scale)
+    budget = 1.01 * max(need["full"] * k for k in scales)
+    assert budget < min(need["none"] * k for k in scales)
+    hot = ls.parallel.HotSPa(model, "auto", BOUNDS, memory_budget=budget)
+    assert hot.recompute[0] != "none", hot.recompute
+    opt = ls.optim.SGD(model.parameters(), lr=0.1)
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, 128, n) for n in (200, 50, 9, 5)]
+    first = hot.step(batch, opt).loss
+    assert hot.step(batch, opt).loss < first
+
+
 def test_choose_static_takes_the_fastest_strategy_the_budget_holds(profiled):
     """`--parallel auto`'s search over 4 ranks: unbounded, the fastest candidate; with a budget
     between the candidates' needs, one that fits, and every faster candidate does not."""
