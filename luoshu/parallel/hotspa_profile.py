@@ -32,8 +32,9 @@ it measures what the cost model's latency terms need (`ClusterSpec.latency` ...)
   shaped as the model's).
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate` over the runnable
-(pp=1) strategies with each recompute option and sequence parallelism (`variants`); `predict_steps` predicts the step time of each static strategy and of hot
-switching for one batch (the benchmark prints it beside the measured times).
+(pp=1) strategies with each recompute option and sequence parallelism (`variants`);
+`predict_steps` predicts the step time of each static strategy and of hot switching for one batch
+(the benchmark prints it beside the measured times).
 """
 
 from __future__ import annotations
