@@ -45,6 +45,7 @@ no fused variable-length kernel, the LM head's FLOPs counted.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -439,6 +440,7 @@ def weight_layouts(st: Strategy, world: int) -> tuple[Layout, Layout]:
     return layout(0), layout(1)
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of frozen specs; a search asks it once per combination
 def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> float:
     """Time of one switch of parameters (and, back, of gradients) from `src` to `dst`, from
     the planner's plan of one layer's weights, times the layers a device holds."""

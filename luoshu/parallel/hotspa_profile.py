@@ -32,8 +32,9 @@ it measures what the cost model's latency terms need (`ClusterSpec.latency` ...)
   shaped as the model's).
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate` over the runnable
-(pp=1) strategies; `predict_steps` predicts the step time of each static strategy and of hot
-switching for one batch (the benchmark prints it beside the measured times).
+(pp=1) strategies with each recompute option and sequence parallelism (`variants`);
+`predict_steps` predicts the step time of each static strategy and of hot switching for one batch
+(the benchmark prints it beside the measured times).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from luoshu.core.autodiff import gradients
 from luoshu.core.graph import Graph
 from luoshu.core.op import topological_ops
 from luoshu.core.tensor import IndexedSlices
+from luoshu.data.packing import bucketize
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
@@ -487,13 +489,41 @@ def runnable(world: int, spec: H.ModelSpec) -> list[H.Strategy]:
     ]
 
 
+def variants(world: int, spec: H.ModelSpec) -> list[H.Strategy]:
+    """HotSPa's per-bucket candidates (`strategies="auto"`): every runnable strategy with each
+    activation recompute option ("none", "selective", "full"), and with sequence parallelism
+    where tp > 1 (what HotSPa's runtime runs: one recorded graph per recompute setting)."""
+    return [
+        dataclasses.replace(st, sp=sp, recompute=rc)
+        for st in runnable(world, spec)
+        for sp in ((False, True) if st.tp > 1 else (False,))
+        for rc in H.RECOMPUTE
+    ]
+
+
 def choose_strategies(
     prof: Profile, world: int, bounds: Sequence[int], lengths: Sequence[int], memory: float = float("inf")
 ) -> list[str]:
-    """One strategy string per bucket (HotSPa's `strategies="auto"`): the combination the profiled
-    cost model predicts fastest for a batch with these `lengths`, every bucket within `memory`."""
+    """One strategy string per bucket (HotSPa's `strategies="auto"`): the combination of `variants`
+    the profiled cost model predicts fastest for a batch with these `lengths` (recompute's extra
+    forward in `hotspa.layer_time`, its and sequence parallelism's activations in
+    `hotspa.layer_activation_bytes`), every bucket within `memory` bytes per device. Every fitting
+    candidate of every bucket enters `hotspa.simulate`'s search of the combinations (switch costs
+    included), so the choice is the cost model's optimum over the candidates. A bucket no
+    candidate holds: a `HotSPaError` naming it and the least memory a candidate needs."""
     spec = prof.spec
-    result = H.simulate(spec, cluster(prof, world, memory), lengths, bounds, options=runnable(world, spec))
+    options = variants(world, spec)
+    cl = cluster(prof, world, memory)
+    for seqs, bound, upper in zip(bucketize(lengths, bounds), bounds[1:], bounds):
+        need = [H.predict(spec, cl, st, seqs, int(upper)) for st in options] if seqs else []
+        if need and not any(p.fits for p in need):
+            least = min(need, key=lambda p: p.memory_bytes)
+            raise H.HotSPaError(
+                f"HotSPa auto: no strategy over {world} ranks holds bucket ({bound}, {upper}] (sequences up to "
+                f"{max(seqs)} tokens) in {memory / 2**20:.2f} MiB per device per the profiled cost model; the "
+                f"least it needs is {least.memory_bytes * prof.activation_scale / 2**20:.2f} MiB ({least.strategy})"
+            )
+    result = H.simulate(spec, cl, lengths, bounds, options=options, candidates=len(options))
     return [str(st) for st in result["chosen"]]
 
 
@@ -565,4 +595,5 @@ __all__ = [
     "predict_steps",
     "profile",
     "runnable",
+    "variants",
 ]

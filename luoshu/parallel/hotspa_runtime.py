@@ -207,6 +207,9 @@ class HotSPa:
             prof = hotspa_profile.profile(model)
             lengths = list(auto_lengths) if auto_lengths is not None else bounds[:-1]
             memory = float("inf") if memory_budget is None else float(memory_budget)
+            # the choice must hold in the profiled bytes (choose_strategies) and in the cost model's
+            # own, which the budget check below applies: the smaller of the two budgets
+            memory *= min(1.0, prof.activation_scale)
             strategies = hotspa_profile.choose_strategies(prof, env.world_size(), bounds, lengths, memory)
         elif isinstance(strategies, str):
             raise HotSPaError(f"HotSPa: strategies must be a list (one per bucket) or 'auto', found {strategies!r}")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -40,18 +42,75 @@ def _need(prof, st: str, length: int, world: int) -> float:
     return H.predict(prof.spec, cluster, s, [length] * s.dp).memory_bytes * prof.activation_scale
 
 
-def test_auto_strategies_hold_each_bucket_in_the_budget(profiled):
+LENGTHS = [256, 200, 60, 40, 30, 12, 10, 8, 6, 4]
+
+
+def _bucket_needs(prof, world: int, memory: float = float("inf")) -> list[dict]:
+    """Per bucket of LENGTHS, each candidate's prediction as the search makes it (packed to the bound)."""
+    cl = P.cluster(prof, world, memory)
+    return [
+        {str(st): H.predict(prof.spec, cl, st, seqs, bound) for st in P.variants(world, prof.spec)}
+        for seqs, bound in zip(H.bucketize(LENGTHS, BOUNDS), BOUNDS)
+    ]
+
+
+def _brute_force(prof, world: int, memory: float) -> tuple[list[str], float]:
+    """The cost model's fastest combination over every candidate per bucket that fits (switches included)."""
+    spec, cl = prof.spec, P.cluster(prof, world, memory)
+    buckets = H.bucketize(LENGTHS, BOUNDS)
+    options = [[st for st in P.variants(world, spec) if H.predict(spec, cl, st, seqs, bound).fits]
+               for seqs, bound in zip(buckets, BOUNDS)]
+    best = min(itertools.product(*options), key=lambda c: H._hot_step(spec, cl, list(c), buckets, BOUNDS[:-1], None)[0])
+    return [str(st) for st in best], H._hot_step(spec, cl, list(best), buckets, BOUNDS[:-1], None)[0]
+
+
+def _total(prof, world: int, memory: float, chosen: list[str]) -> float:
+    cl = P.cluster(prof, world, memory)
+    return H._hot_step(prof.spec, cl, [H.parse_strategy(s) for s in chosen], H.bucketize(LENGTHS, BOUNDS),
+                       BOUNDS[:-1], None)[0]
+
+
+def test_auto_candidates_are_every_runnable_strategy_with_sp_and_recompute(profiled):
     _, prof = profiled
-    lengths = [256, 200, 60, 40, 30, 12, 10, 8, 6, 4]
-    free = P.choose_strategies(prof, 4, BOUNDS, lengths)
-    assert len(free) == 3 and all(H.parse_strategy(s).dp * H.parse_strategy(s).tp == 4 for s in free)
-    budget = (_need(prof, "dp1,tp4,pp1", 256, 4) + _need(prof, "dp2,tp2,pp1", 256, 4)) / 2
-    tight = P.choose_strategies(prof, 4, BOUNDS, lengths, memory=budget)
-    assert tight[0] == "dp1,tp4,pp1"  # only tp4 holds the longest bucket
-    for st, bound in zip(tight, BOUNDS):
-        assert _need(prof, st, bound, 4) <= budget * (1 + 1e-9)
-    with pytest.raises(ls.Error, match="no strategy holds a bucket of lengths up to 256"):
-        P.choose_strategies(prof, 4, BOUNDS, lengths, memory=_need(prof, "dp1,tp4,pp1", 256, 4) * 0.5)
+    names = {str(st) for st in P.variants(4, prof.spec)}
+    assert len(names) == 3 + 2 * (2 * 3)  # tp1: 3 recompute options; tp2, tp4: each with and without sp
+    assert {"dp4,tp1,pp1", "dp4,tp1,pp1,rc=full", "dp2,tp2,pp1,sp,rc=selective", "dp1,tp4,pp1,sp"} <= names
+    assert "dp4,tp1,pp1,sp" not in names
+    assert all(H.parse_strategy(n) == st for n, st in zip(map(str, P.variants(4, prof.spec)), P.variants(4, prof.spec)))
+
+
+def test_auto_choice_is_the_brute_force_optimum_and_a_tight_budget_recomputes_the_long_bucket(profiled):
+    _, prof = profiled
+    free = P.choose_strategies(prof, 4, BOUNDS, LENGTHS)
+    plain = [H.parse_strategy(s) for s in free]
+    # a budget that holds the short buckets under their unbounded choice, not the long one's
+    needs = _bucket_needs(prof, 4)
+    units = max(max(needs[i][free[i]].memory_bytes for i in (1, 2)), min(p.memory_bytes for p in needs[0].values()))
+    units *= 1.01
+    assert units < needs[0][free[0]].memory_bytes
+    budget = units * prof.activation_scale  # in this machine's bytes
+    tight = P.choose_strategies(prof, 4, BOUNDS, LENGTHS, memory=budget)
+    first = H.parse_strategy(tight[0])
+    assert first.sp or first.recompute != "none", tight  # the long bucket recomputes (or splits its sequence)
+    fastest_plain = min((p.time_s, n) for n, p in needs[0].items() if "rc=" not in n and p.memory_bytes <= units)
+    assert needs[0][tight[0]].time_s < fastest_plain[0]  # faster than any plain strategy that holds it
+    for st, need in zip(tight, _bucket_needs(prof, 4, budget)):
+        assert need[st].fits
+    for st in tight[1:]:  # the short buckets need no recompute
+        assert H.parse_strategy(st).recompute == "none", tight
+    for memory, chosen in ((float("inf"), free), (budget, tight)):
+        best, seconds = _brute_force(prof, 4, memory)
+        assert _total(prof, 4, memory, chosen) == pytest.approx(seconds, rel=1e-12), (chosen, best)
+    assert all(st.recompute == "none" for st in plain)  # nothing to gain from recompute without a budget
+
+
+def test_auto_with_a_budget_nothing_holds_names_the_bucket_and_the_least_need(profiled):
+    _, prof = profiled
+    least = min(p.memory_bytes for p in _bucket_needs(prof, 4)[0].values()) * prof.activation_scale
+    with pytest.raises(ls.Error, match=r"bucket \(64, 256\] \(sequences up to 256 tokens\)") as err:
+        P.choose_strategies(prof, 4, BOUNDS, LENGTHS, memory=least * 0.9)
+    assert f"the least it needs is {least / 2**20:.2f} MiB" in str(err.value)
+    P.choose_strategies(prof, 4, BOUNDS, LENGTHS, memory=least * 1.001)  # just enough: a choice
 
 
 def test_hotspa_auto_in_one_process_trains(profiled):
@@ -66,6 +125,26 @@ def test_hotspa_auto_in_one_process_trains(profiled):
     assert hot.step(batch, opt).loss < first
     with pytest.raises(ls.Error, match="a list \\(one per bucket\\) or 'auto'"):
         ls.parallel.HotSPa(model, "fastest", BOUNDS)
+
+
+def test_hotspa_auto_under_a_budget_recomputes_the_long_bucket_and_trains():
+    """One process: a memory_budget that no plain strategy holds the longest bucket in (by the
+    profiled bytes nor by the cost model's own, which HotSPa checks) makes "auto" recompute there."""
+    ls.manual_seed(0)
+    model = GPT2(GPTConfig(vocab_size=128, block_size=256, n_layer=1, n_head=4, n_embd=32))
+    prof = P.profile(model, repeats=1)
+    cl = P.cluster(prof, 1)
+    need = {st.recompute: H.predict(prof.spec, cl, st, [256], 256).memory_bytes for st in P.variants(1, prof.spec)}
+    scales = (1.0, prof.activation_scale)
+    budget = 1.01 * max(need["full"] * k for k in scales)
+    assert budget < min(need["none"] * k for k in scales)
+    hot = ls.parallel.HotSPa(model, "auto", BOUNDS, memory_budget=budget)
+    assert hot.recompute[0] != "none", hot.recompute
+    opt = ls.optim.SGD(model.parameters(), lr=0.1)
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, 128, n) for n in (200, 50, 9, 5)]
+    first = hot.step(batch, opt).loss
+    assert hot.step(batch, opt).loss < first
 
 
 def test_choose_static_takes_the_fastest_strategy_the_budget_holds(profiled):
@@ -140,3 +219,33 @@ def test_the_profiled_cost_model_ranks_the_static_strategies_as_measured(tmp_pat
             assert (predicted[a] < predicted[b]) == faster, f"{R.STRATEGIES[a]} vs {R.STRATEGIES[b]}: {table}"
     if not told_apart:  # nothing to check: every difference is within noise
         pytest.skip(f"every measured pair is within noise on this machine now: {table}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_auto_chosen_recompute_set_on_4_processes_matches_one_process(tmp_path):
+    """The set `strategies="auto"` picks over 4 ranks under a budget that no plain strategy holds
+    the long bucket in (so it recomputes or splits the sequence there) trains GPT-2 in float64 as
+    one process does (`hotspa_train.reference`)."""
+    from tests.distributed.launcher import launch
+    from tests.parallel import hotspa_train as T
+
+    prof = P.profile(T.build("gpt2"), lengths=(6, 12, 32), batches=(1, 2), repeats=1)
+    lengths = [len(s) for s in next(T.batches())]
+    cl = P.cluster(prof, 4)
+    seqs = H.bucketize(lengths, T.BOUNDS)[0]
+    needs = {str(st): H.predict(prof.spec, cl, st, seqs, T.BOUNDS[0]).memory_bytes for st in P.variants(4, prof.spec)}
+    plain = min(v for n, v in needs.items() if "sp" not in n and "rc=" not in n)
+    budget = (min(needs.values()) + plain) / 2 * prof.activation_scale
+    chosen = P.choose_strategies(prof, 4, T.BOUNDS, lengths, memory=budget)
+    assert any(H.parse_strategy(s).sp or H.parse_strategy(s).recompute != "none" for s in chosen), chosen
+    out = tmp_path / "auto"
+    proc = launch(4, "tests/parallel/hotspa_train.py", "--models", "gpt2", "--strategies", ";".join(chosen),
+                  "--out", str(out), timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, ref_params = T.reference("gpt2")
+    for r in range(4):
+        run = np.load(f"{out}.gpt2.rank{r}.npz")
+        np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6, err_msg=str(chosen))
+        for pname, value in ref_params.items():
+            np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{chosen} {pname}")
