@@ -82,26 +82,23 @@ def test_auto_candidates_are_every_runnable_strategy_with_sp_and_recompute(profi
 def test_auto_choice_is_the_brute_force_optimum_and_a_tight_budget_recomputes_the_long_bucket(profiled):
     _, prof = profiled
     free = P.choose_strategies(prof, 4, BOUNDS, LENGTHS)
-    plain = [H.parse_strategy(s) for s in free]
-    # a budget that holds the short buckets under their unbounded choice, not the long one's
+    # a budget no plain strategy holds the long bucket in, but a recompute / sp variant does (the
+    # predicted bytes are the formula's, so which candidates fit does not depend on the timings)
     needs = _bucket_needs(prof, 4)
-    units = max(max(needs[i][free[i]].memory_bytes for i in (1, 2)), min(p.memory_bytes for p in needs[0].values()))
-    units *= 1.01
-    assert units < needs[0][free[0]].memory_bytes
+    plain_least = min(p.memory_bytes for n, p in needs[0].items() if "rc=" not in n and ",sp" not in n)
+    units = 0.99 * plain_least
+    assert min(p.memory_bytes for p in needs[0].values()) < units
     budget = units * prof.activation_scale  # in this machine's bytes
     tight = P.choose_strategies(prof, 4, BOUNDS, LENGTHS, memory=budget)
     first = H.parse_strategy(tight[0])
     assert first.sp or first.recompute != "none", tight  # the long bucket recomputes (or splits its sequence)
-    fastest_plain = min((p.time_s, n) for n, p in needs[0].items() if "rc=" not in n and p.memory_bytes <= units)
-    assert needs[0][tight[0]].time_s < fastest_plain[0]  # faster than any plain strategy that holds it
     for st, need in zip(tight, _bucket_needs(prof, 4, budget)):
         assert need[st].fits
-    for st in tight[1:]:  # the short buckets need no recompute
-        assert H.parse_strategy(st).recompute == "none", tight
     for memory, chosen in ((float("inf"), free), (budget, tight)):
         best, seconds = _brute_force(prof, 4, memory)
         assert _total(prof, 4, memory, chosen) == pytest.approx(seconds, rel=1e-12), (chosen, best)
-    assert all(st.recompute == "none" for st in plain)  # nothing to gain from recompute without a budget
+    # without a budget recompute only costs time; sp may tie with plain tp in the model's time
+    assert all(H.parse_strategy(st).recompute == "none" for st in free), free
 
 
 def test_auto_with_a_budget_nothing_holds_names_the_bucket_and_the_least_need(profiled):
