@@ -1,15 +1,14 @@
 """Matrix decompositions: the `LDA` topic model (variational Bayes, online or batch) and `NMF`.
 
-LDA follows Hoffman, Blei & Bach (2010) and scikit-learn's `LatentDirichletAllocation`: the E-step updates
-every document of a chunk at once over the non-zeros of its CSR rows (an nnz x topics gather, a row-wise
-`index_add_` back to documents), freezing each document once its topic weights change by less than
-`mean_change_tol`, exactly as the per-document loop does; the M-step blends the sufficient statistics into
-`components_` with step (offset + t)^-decay (online) or replaces them (batch). `learning_method="gibbs"` fits
-by collapsed Gibbs sampling instead (Griffiths & Steyvers 2004): a compiled sweep (`_gibbs_sweep`) over the
-corpus' tokens, one per unit of count, resamples each token's topic from its document's and its word's topic
-counts; `components_` is then the topic-word counts plus the prior, averaged over the second half of the sweeps,
-and `transform`, `perplexity` and `score` run the same variational E-step given `components_` as the other
-methods, so perplexities compare on one definition.
+LDA follows Hoffman, Blei & Bach (2010) and scikit-learn's `LatentDirichletAllocation`: the E-step is its per-
+document loop compiled by numba (`_e_step_docs`: each document's topic weights updated over its CSR row's words
+until they change by less than `mean_change_tol`, digamma as scikit-learn computes it); the M-step blends the
+sufficient statistics into `components_` with step (offset + t)^-decay (online) or replaces them (batch).
+`learning_method="gibbs"` fits by collapsed Gibbs sampling instead (Griffiths & Steyvers 2004): a compiled sweep
+(`_gibbs_sweep`) over the corpus' tokens, one per unit of count, resamples each token's topic from its
+document's and its word's topic counts; `components_` is then the topic-word counts plus the prior, averaged
+over the second half of the sweeps, and `transform`, `perplexity` and `score` run the same variational E-step
+given `components_` as the other methods, so perplexities compare on one definition.
 
 NMF minimises the Frobenius norm ||X - WH|| with W, H >= 0 by coordinate descent on one column/row at a time
 (HALS, the update scikit-learn's "cd" solver makes) or by Lee & Seung's multiplicative updates ("mu").
@@ -92,6 +91,85 @@ def _gibbs_sweep(tok_doc, tok_word, z, ndk, nwk, nk, alpha, eta, uniforms):  # p
         inv_nk[t] = 1.0 / (nk[t] + v_eta)
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _psi(x):  # pragma: no cover - compiled
+    """The digamma function as scikit-learn's LDA computes it (recurrence to x >= 6, then the asymptotic series)."""
+    if x <= 1e-6:
+        return -0.577215664901532860606512090082402431 - 1.0 / x
+    result = 0.0
+    while x < 6.0:
+        result -= 1.0 / x
+        x += 1.0
+    r = 1.0 / x
+    result += np.log(x) - 0.5 * r
+    r = r * r
+    return result - r * ((1.0 / 12) - r * ((1.0 / 120) - r * (1.0 / 252)))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _exp_dirichlet(gamma, out):  # pragma: no cover - compiled
+    """out = exp(E[log theta]) for theta ~ Dirichlet(gamma)."""
+    total = 0.0
+    for k in range(gamma.shape[0]):
+        total += gamma[k]
+    psi_total = _psi(total)
+    for k in range(gamma.shape[0]):
+        out[k] = np.exp(_psi(gamma[k]) - psi_total)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _norm_phi(theta, beta_t, words, start, stop, norm):  # pragma: no cover - compiled
+    for j in range(start, stop):
+        w = words[j]
+        acc = 0.0
+        for k in range(theta.shape[0]):
+            acc += theta[k] * beta_t[w, k]
+        norm[j - start] = acc + 2.220446049250313e-16
+
+
+@numba.njit(nogil=True, cache=True)
+def _e_step_docs(indptr, words, counts, beta_t, gamma, alpha, max_iter, tol, sstats_t):  # pragma: no cover
+    """The variational E-step of each document (row of gamma, updated in place from its initial value),
+    as scikit-learn's per-document loop: theta's expectation from gamma, then up to `max_iter` updates
+    gamma = alpha + theta * (counts / (theta . beta_w)) . beta_w over the document's words, stopping once
+    gamma's mean absolute change is below `tol`. With a non-empty `sstats_t` (V x K) each document adds
+    theta (x) counts / norm_phi at its words (the caller multiplies by exp E[log beta])."""
+    n, k_topics = gamma.shape
+    longest = 0
+    for d in range(n):
+        longest = max(longest, indptr[d + 1] - indptr[d])
+    norm = np.empty(longest)
+    theta = np.empty(k_topics)
+    acc = np.empty(k_topics)
+    for d in range(n):
+        start, stop = indptr[d], indptr[d + 1]
+        g = gamma[d]
+        _exp_dirichlet(g, theta)
+        _norm_phi(theta, beta_t, words, start, stop, norm)
+        for _ in range(max_iter):
+            acc[:] = 0.0
+            for j in range(start, stop):
+                scale = counts[j] / norm[j - start]
+                w = words[j]
+                for k in range(k_topics):
+                    acc[k] += scale * beta_t[w, k]
+            change = 0.0
+            for k in range(k_topics):
+                new = alpha + theta[k] * acc[k]
+                change += abs(new - g[k])
+                g[k] = new
+            _exp_dirichlet(g, theta)
+            _norm_phi(theta, beta_t, words, start, stop, norm)
+            if change / k_topics < tol:
+                break
+        if sstats_t.shape[0]:
+            for j in range(start, stop):
+                scale = counts[j] / norm[j - start]
+                w = words[j]
+                for k in range(k_topics):
+                    sstats_t[w, k] += theta[k] * scale
+
+
 class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
     """Latent Dirichlet allocation by variational Bayes or collapsed Gibbs sampling (scikit-learn's parameters and
     attributes).
@@ -138,43 +216,19 @@ class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Estimator):
     # --- the variational steps ----------------------------------------------------------------------
     def _e_step(self, corpus: _Corpus, s: slice, exp_elog_beta: torch.Tensor, rng, want_sstats: bool):
         """(unnormalised doc-topic gamma of rows s, sufficient statistics K x V or None)."""
-        rows, cols, counts, n = corpus.part(s)
-        k = self.n_components
-        alpha = self.doc_topic_prior_
+        sub = corpus.X[s]
+        n, k = sub.shape[0], self.n_components
         if rng is not None:
-            gamma = torch.from_numpy(rng.gamma(100.0, 1.0 / 100.0, (n, k)))
+            gamma = rng.gamma(100.0, 1.0 / 100.0, (n, k))
         else:
-            gamma = torch.ones(n, k, dtype=torch.float64)
-        exp_elog_theta = torch.exp(_dirichlet_expectation(gamma))
-        beta_cols = exp_elog_beta[:, cols].T.contiguous()  # nnz x K: each non-zero's word column
-        # only documents still changing are updated (a converged one keeps its values, as the per-document
-        # loop stops updating it); `act` indexes them, and the non-zeros are compacted to theirs
-        act = torch.arange(n)
-        sub_rows, sub_beta, sub_counts = rows, beta_cols, counts
-        for _ in range(self.max_doc_update_iter):
-            theta = exp_elog_theta[act]
-            norm_phi = (theta[sub_rows] * sub_beta).sum(1) + _EPS
-            acc = torch.zeros(len(act), k, dtype=torch.float64).index_add_(
-                0, sub_rows, sub_beta * (sub_counts / norm_phi)[:, None]
-            )
-            new_gamma = alpha + theta * acc
-            change = (new_gamma - gamma[act]).abs().mean(1)
-            gamma[act] = new_gamma
-            exp_elog_theta[act] = torch.exp(_dirichlet_expectation(new_gamma))
-            still = change >= self.mean_change_tol
-            if not still.any():
-                break
-            if not still.all():
-                keep = still[sub_rows]
-                renumber = torch.cumsum(still, 0) - 1
-                act = act[still]
-                sub_rows, sub_beta, sub_counts = renumber[sub_rows[keep]], sub_beta[keep], sub_counts[keep]
+            gamma = np.ones((n, k))
+        beta_t = np.ascontiguousarray(exp_elog_beta.numpy().T)  # V x K: a word's topics contiguous
+        sstats_t = np.zeros((corpus.n_words, k) if want_sstats else (0, k))
+        _e_step_docs(sub.indptr, sub.indices, sub.data, beta_t, gamma, float(self.doc_topic_prior_),
+                     self.max_doc_update_iter, float(self.mean_change_tol), sstats_t)
         if not want_sstats:
-            return gamma, None
-        norm_phi = (exp_elog_theta[rows] * beta_cols).sum(1) + _EPS
-        vals = exp_elog_theta[rows] * (counts / norm_phi)[:, None]
-        sstats = torch.zeros(corpus.n_words, k, dtype=torch.float64).index_add_(0, cols, vals).T
-        return gamma, sstats * exp_elog_beta
+            return torch.from_numpy(gamma), None
+        return torch.from_numpy(gamma), torch.from_numpy(sstats_t.T) * exp_elog_beta
 
     def _sstats(self, corpus: _Corpus, s: slice, rng) -> torch.Tensor:
         total = torch.zeros(self.n_components, corpus.n_words, dtype=torch.float64)

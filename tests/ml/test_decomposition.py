@@ -264,3 +264,25 @@ def test_save_and_load(tmp_path):
 )
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-12])
+def test_lda_compiled_e_step_equals_sklearns_per_document_loop(tol):
+    """`_e_step_docs` against scikit-learn's `_update_doc_distribution` from the same initial gamma: the doc-topic
+    weights and the sufficient statistics, with early stops (tol 1e-3) and without (1e-12: every iteration),
+    an empty document among them."""
+    from sklearn.decomposition._lda import _update_doc_distribution
+
+    from luoshu.ml.decomposition import _e_step_docs
+
+    X, _ = topic_corpus(n_docs=60, seed=4)
+    X = sp.vstack([X[:10], sp.csr_matrix((1, X.shape[1])), X[10:]]).tocsr()
+    rng = np.random.default_rng(5)
+    beta = np.exp(rng.standard_normal((5, X.shape[1])))
+    ref_gamma, ref_sstats = _update_doc_distribution(X, beta, 0.2, 100, tol, True, np.random.RandomState(7))
+    gamma = np.random.RandomState(7).gamma(100.0, 1.0 / 100.0, (X.shape[0], 5))
+    sstats_t = np.zeros((X.shape[1], 5))
+    _e_step_docs(X.indptr, X.indices, X.data, np.ascontiguousarray(beta.T), gamma, 0.2, 100, tol, sstats_t)
+    np.testing.assert_allclose(gamma, ref_gamma, rtol=1e-10)
+    np.testing.assert_allclose(sstats_t.T, ref_sstats, rtol=1e-10, atol=1e-300)
+    assert np.all(gamma[10] == 0.2)  # the empty document keeps the prior
