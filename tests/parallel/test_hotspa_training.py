@@ -18,24 +18,31 @@ from tests.parallel import hotspa_train as H
 ONE = ["dp1,tp1,pp1"] * 3
 
 
-@pytest.mark.dist
-def test_hot_switching_gpt2_and_llama_on_4_processes_match_one_process(tmp_path):
-    out = tmp_path / "hot"
-    proc = launch(4, "tests/parallel/hotspa_train.py", "--models", "gpt2,llama", "--out", str(out), timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("gpt2", "llama"):
+def _runs_equal_to_one_process(out, models=("gpt2", "llama")):
+    """Each rank's results of a 4-process hotspa_train job over `models`, after checking its losses and
+    final parameters against one process training on the same batches (to 1e-6)."""
+    for name in models:
         ref_losses, ref_params = H.reference(name)
-        batch_tokens = [sum(len(s) for s in seqs) for seqs in H.batches()]
         for r in range(4):
             run = np.load(f"{out}.{name}.rank{r}.npz")
             np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
             for pname, value in ref_params.items():
                 np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{name} {pname}")
-            assert int(run["owner"]) == 0  # tp4 holds a quarter of the split weights: least memory per rank
-            assert run["order"][0] == 0 and sorted(run["order"]) == [0, 1, 2]
-            assert (run["switch_bytes"] > 0).all()  # parameters really moved between layouts
-            assert run["tokens"].sum(axis=1).tolist() == batch_tokens
-            assert (run["tokens"] > 0).all()  # every bucket ran under its strategy
+            yield run
+
+
+@pytest.mark.dist
+def test_hot_switching_gpt2_and_llama_on_4_processes_match_one_process(tmp_path):
+    out = tmp_path / "hot"
+    proc = launch(4, "tests/parallel/hotspa_train.py", "--models", "gpt2,llama", "--out", str(out), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    batch_tokens = [sum(len(s) for s in seqs) for seqs in H.batches()]
+    for run in _runs_equal_to_one_process(out):
+        assert int(run["owner"]) == 0  # tp4 holds a quarter of the split weights: least memory per rank
+        assert run["order"][0] == 0 and sorted(run["order"]) == [0, 1, 2]
+        assert (run["switch_bytes"] > 0).all()  # parameters really moved between layouts
+        assert run["tokens"].sum(axis=1).tolist() == batch_tokens
+        assert (run["tokens"] > 0).all()  # every bucket ran under its strategy
     unclipped, _ = H.reference("llama", clip=False)
     assert np.abs(unclipped - H.reference("llama")[0]).max() > 1e-4  # LLaMA's clipping took effect
 
@@ -58,12 +65,7 @@ def test_sequence_parallel_strategies_on_4_processes_match_one_process(tmp_path)
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ref_losses, ref_params = H.reference("gpt2")
-    for r in range(4):
-        run = np.load(f"{out}.gpt2.rank{r}.npz")
-        np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
-        for pname, value in ref_params.items():
-            np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=pname)
+    for run in _runs_equal_to_one_process(out, ("gpt2",)):
         assert (run["switch_bytes"] > 0).all()
         # the sp strategies' plans really reduce-scatter; dp4 has no tensor-parallel collective
         assert run["reduce_scatter"][0] > 0 and run["reduce_scatter"][1] > 0 and run["reduce_scatter"][2] == 0
@@ -82,18 +84,12 @@ def test_a_pipeline_strategy_in_the_set_on_4_processes_matches_one_process(tmp_p
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("gpt2", "llama"):
-        ref_losses, ref_params = H.reference(name)
-        for r in range(4):
-            run = np.load(f"{out}.{name}.rank{r}.npz")
-            np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
-            for pname, value in ref_params.items():
-                np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{name} {pname}")
-            assert int(run["owner"]) == 1  # dp2·tp2: the least memory per rank of the pp=1 strategies
-            assert sorted(run["order"]) == [0, 1, 2] and (run["switch_bytes"] > 0).all()
-            assert (run["tokens"] > 0).all()  # the pipeline bucket ran every step
-            assert run["micro_batches"].max() > 1  # with several micro-batches in flight
-            assert bool(run["pp_owner_refused"])
+    for run in _runs_equal_to_one_process(out):
+        assert int(run["owner"]) == 1  # dp2·tp2: the least memory per rank of the pp=1 strategies
+        assert sorted(run["order"]) == [0, 1, 2] and (run["switch_bytes"] > 0).all()
+        assert (run["tokens"] > 0).all()  # the pipeline bucket ran every step
+        assert run["micro_batches"].max() > 1  # with several micro-batches in flight
+        assert bool(run["pp_owner_refused"])
 
 
 @pytest.mark.dist
@@ -109,19 +105,13 @@ def test_sequence_parallel_and_recompute_with_pipelines_on_4_processes_match_one
         "--bounds", "32,12,8,5,0", "--out", str(out), timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("gpt2", "llama"):
-        ref_losses, ref_params = H.reference(name)
-        for r in range(4):
-            run = np.load(f"{out}.{name}.rank{r}.npz")
-            np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
-            for pname, value in ref_params.items():
-                np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{name} {pname}")
-            assert int(run["owner"]) == 2 and sorted(run["order"]) == [0, 1, 2, 3]
-            assert (run["tokens"] > 0).all() and run["micro_batches"].max() > 1
-            (sp_scatter, sp_saved, sp_regions), (rc_scatter, rc_saved, rc_regions) = run["stage_counts"][:2]
-            assert sp_scatter > rc_scatter and sp_regions == 0
-            assert rc_regions == 2 and rc_saved < sp_saved
-            assert run["reduce_scatter"][2] > 0  # the pp=1 sp strategy too
+    for run in _runs_equal_to_one_process(out):
+        assert int(run["owner"]) == 2 and sorted(run["order"]) == [0, 1, 2, 3]
+        assert (run["tokens"] > 0).all() and run["micro_batches"].max() > 1
+        (sp_scatter, sp_saved, sp_regions), (rc_scatter, rc_saved, rc_regions) = run["stage_counts"][:2]
+        assert sp_scatter > rc_scatter and sp_regions == 0
+        assert rc_regions == 2 and rc_saved < sp_saved
+        assert run["reduce_scatter"][2] > 0  # the pp=1 sp strategy too
 
 
 def test_a_sequence_parallel_strategy_string_needs_tp():
