@@ -57,10 +57,9 @@ from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
 from luoshu.nn.module import Module
-from luoshu.nn.recompute import _is_attention, recompute
 from luoshu.optim import SGD
 from luoshu.parallel import hot_switch as hs
-from luoshu.parallel import hotspa_profile
+from luoshu.parallel import hotspa_profile, layerwise
 from luoshu.parallel.hotspa import ClusterSpec, HotSPaError, model_spec, parse_strategy, predict
 from luoshu.parallel.hotspa import Strategy as CostStrategy
 from luoshu.parallel.pipeline import Pipeline, _layers
@@ -119,17 +118,16 @@ def _name(mesh: DeviceMesh) -> str:
 @contextlib.contextmanager
 def _recompute_marks(model: Module, setting: str):
     """While a strategy's graph records: the model's transformer blocks (its first ModuleList, as
-    the pipeline cuts it) marked for activation recompute as the strategy says ("full": each block,
-    "selective": each block's attention; "none": the model's own marks), then the marks as they were."""
+    the pipeline cuts it) marked for activation recompute as the strategy says, every block alike
+    (`layerwise.apply_plan`: "full" each block, "selective" its attention; "none": the model's own
+    marks), then the marks as they were."""
     if setting == "none":
         yield
         return
     _, blocks = _layers(model)
-    inside = [(block, m) for block in blocks for m in block.modules()]
-    saved = [(m, "_recompute" in m.__dict__, m.__dict__.get("_recompute")) for _, m in inside]
+    saved = [(m, "_recompute" in m.__dict__, m.__dict__.get("_recompute")) for block in blocks for m in block.modules()]
     try:
-        for block, m in inside:
-            recompute(m, enabled=m is block if setting == "full" else _is_attention(m))
+        layerwise.apply_plan(model, [setting] * len(blocks))
         yield
     finally:
         for m, had, value in saved:
