@@ -25,6 +25,15 @@ of each stage's first layer). `partition` then builds this rank's stage:
    keeps them per micro-batch and the stage forward runs once. The backward is recorded
    input gradients first: what the sends to the previous stage need runs (and is sent)
    before this stage's weight gradients.
+
+Co-located stages (`colocated=True`, HotSPa's per-layer tensor parallelism: every rank runs
+every stage, each under its own TP group) cross no device group by point-to-point pairs: a
+received tensor is a placeholder `boundary<tag>`, a sent one an output of the forward
+(`StageProgram.outputs`), the gradient coming back for it a placeholder `boundary<tag>.grad`,
+and a received tensor's gradient a fetch after the parameters' (`input_grads`); the caller
+moves them between the stages' row layouts. Ops that read only the model's feeds, parameters
+and constants (the attention mask of packed rows) are copied into every stage that reads them,
+as parameter-only ops are: each stage is fed its own rows.
 """
 
 from __future__ import annotations
@@ -88,6 +97,10 @@ class StageProgram:
     boundaries: list
     forward_feeds: dict = field(default_factory=dict)  # id(placeholder of forward) -> name
     backward_feeds: dict = field(default_factory=dict)  # id(placeholder of backward) -> name
+    # co-located stages: the sent tensors, fetched after the loss, as (boundary, local tensor);
+    # the received tensors' gradients, fetched after the parameters', as (boundary, gradient)
+    outputs: list = field(default_factory=list)
+    input_grads: list = field(default_factory=list)
 
     @property
     def feed_names(self) -> set:
@@ -105,9 +118,12 @@ def stage_of_ops(ops: list[Op], graph: Graph, starts: list[int]) -> dict[int, in
     return out
 
 
-def _replicable(ops: list[Op]) -> set[int]:
-    """ids of ops that read only parameters and constants (and other such ops), nothing random."""
+def _replicable(ops: list[Op], feeds: bool = False) -> set[int]:
+    """ids of ops that read only parameters and constants (and other such ops), nothing random;
+    with `feeds`, also those that read only placeholders and constants, no parameter (and other
+    such ops: each co-located stage computes them from its own rows)."""
     rep: set[int] = set()
+    fed: set[int] = set()  # reads no parameter, directly or through another op of rep | fed
     for op in ops:
         if not op.inputs or op.opdef.random:
             continue
@@ -116,7 +132,13 @@ def _replicable(ops: list[Op]) -> set[int]:
             for t in op.inputs
         ):
             rep.add(id(op))
-    return rep
+        if feeds and all(
+            (t.producer is None and (t.kind == "placeholder" or not t.requires_grad))
+            or (t.producer is not None and id(t.producer[0]) in fed)
+            for t in op.inputs
+        ):
+            fed.add(id(op))
+    return rep | fed
 
 
 def boundaries(ops: list[Op], stage: dict[int, int], rep: set[int]) -> list[Boundary]:
@@ -181,16 +203,18 @@ def partition(
     rank: int,
     params: list[Tensor],
     strategy: states.Strategy | None = None,
+    colocated: bool = False,
 ) -> StageProgram:
     """This rank's stage program of the traced `graph` (see the module docstring).
 
     `starts[s]`: the position in `graph.ops` where stage s begins; `groups[s]`: the
     ranks of stage s (its tensor-parallel group, in mesh order: member i of one stage
     talks to member i of another); `params`: the optimizer's parameters (the stage keeps
-    those it reads); `strategy`: the tensor-parallel strategy inside the stage, if any.
+    those it reads); `strategy`: the tensor-parallel strategy inside the stage, if any;
+    `colocated`: every rank runs every stage (the module docstring; `groups` is then unused).
     """
     n_stages = len(starts)
-    if not 0 <= stage < n_stages or len(groups) != n_stages:
+    if not 0 <= stage < n_stages or (not colocated and len(groups) != n_stages):
         raise PartitionError(f"pipeline partition: stage {stage} of {n_stages} with {len(groups)} device groups")
     ops = prune(graph, [loss])
     where = stage_of_ops(ops, graph, starts)
@@ -199,7 +223,7 @@ def partition(
             f"pipeline partition: the loss is made on stage {where[id(loss.producer[0])]}, "
             f"not on the last stage {n_stages - 1}"
         )
-    rep = _replicable(ops)
+    rep = _replicable(ops, feeds=colocated)
     cuts = boundaries(ops, where, rep)
     mine = [op for op in ops if where[id(op)] == stage and id(op) not in rep]
     # parameter-only ops this stage reads (transposed tied weights...), copied in
@@ -216,6 +240,8 @@ def partition(
     placeholders: dict[int, Tensor] = {}
     received: list[tuple[Tensor, Op]] = []  # (received tensor, its recv op)
     sent: list[tuple[Tensor, Op]] = []  # (sent tensor, its send op)
+    crossing_in: list[tuple[Boundary, Tensor]] = []  # colocated: (boundary, its placeholder)
+    crossing_out: list[tuple[Boundary, Tensor]] = []  # colocated: (boundary, the local sent tensor)
     tokens: list[Tensor] = []
     outgoing: dict[int, list[Boundary]] = {}
     for c in cuts:
@@ -223,7 +249,11 @@ def partition(
             outgoing.setdefault(id(c.tensor), []).append(c)
     with g:
         for c in cuts:
-            if c.dest == stage:
+            if c.dest == stage and colocated:
+                ph = g.placeholder(f"boundary{c.tag}", c.tensor.shape, c.tensor.dtype, c.tensor.device)
+                local[id(c.tensor)] = ph
+                crossing_in.append((c, ph))
+            elif c.dest == stage:
                 r = states.transfer(None, c.tensor, groups[c.source], groups[c.dest], rank, c.tag)
                 local[id(c.tensor)] = r
                 received.append((r, r.producer[0]))
@@ -248,6 +278,9 @@ def partition(
             for t, lt in zip(op.outputs, outs):
                 local[id(t)] = lt
                 for c in outgoing.get(id(t), ()):
+                    if colocated:
+                        crossing_out.append((c, lt))
+                        continue
                     token = states.transfer(lt, t, groups[c.source], groups[c.dest], rank, c.tag)
                     tokens.append(token)
                     sent.append((lt, token.producer[0]))
@@ -266,24 +299,40 @@ def partition(
                 ys.append(t)
                 seeds.append(gy)
                 drained.append(gy)  # received even where t reaches nothing differentiable
-        xs = [p for p in stage_params] + [r for r, _ in received]
+        for c, lt in crossing_out:
+            ys.append(lt)
+            seeds.append(g.placeholder(f"boundary{c.tag}.grad", c.tensor.shape, c.tensor.dtype, c.tensor.device))
+        xs = [p for p in stage_params] + [r for r, _ in received] + [ph for _, ph in crossing_in]
         grads = gradients(ys, xs, seeds) if ys and xs else [None] * len(xs)
         param_grads = grads[: len(stage_params)]
         for p, gr in zip(stage_params, param_grads):
             if gr is None:
                 raise PartitionError(f"pipeline: parameter {p.name} of stage {stage} gets no gradient")
         back_tokens = []
-        for (_, recv_op), gr in zip(received, grads[len(stage_params) :]):
+        for (_, recv_op), gr in zip(received, grads[len(stage_params) : len(stage_params) + len(received)]):
             token = recv_dual(recv_op, gr)
             if token is not None:
                 back_tokens.append(token)
-    _stage_regions(graph, g, stage_op, local, [lt for lt, _ in sent] + ([out_loss] if out_loss is not None else []))
+        input_grads = []
+        for (c, _), gr in zip(crossing_in, grads[len(stage_params) + len(received) :]):
+            if gr is None:
+                raise PartitionError(
+                    f"pipeline partition: stage {stage} reads {c.tensor.name or 'a tensor'} from stage {c.source} "
+                    "but it reaches nothing differentiable (a co-located stage sends every input's gradient back)"
+                )
+            input_grads.append((c, gr))
+    leaving = [lt for lt, _ in sent] + [lt for _, lt in crossing_out] + ([out_loss] if out_loss is not None else [])
+    _stage_regions(graph, g, stage_op, local, leaving)
     apply_recompute(g)  # before the cut: the backward then reads the regions' inputs, not their insides
     sparse = [isinstance(gr, IndexedSlices) for gr in param_grads]
     grad_fetch = [
         t for gr in param_grads for t in ((gr.indices, gr.values) if isinstance(gr, IndexedSlices) else (gr,))
     ]
-    forward_fetches = list(tokens) + ([out_loss] if out_loss is not None else [])
+    forward_fetches = list(tokens) + ([out_loss] if out_loss is not None else []) + [lt for _, lt in crossing_out]
+    # a co-located stage's input gradients are fetched with its parameters' (the runner returns both)
+    grad_fetch += [gr for _, gr in input_grads]
+    urgent = (len(grad_fetch), len(grad_fetch) + len(back_tokens)) if not colocated else \
+        (len(grad_fetch) - len(input_grads), len(grad_fetch))
     backward_fetches = grad_fetch + back_tokens + drained
 
     if strategy is not None:
@@ -303,7 +352,7 @@ def partition(
     made = {id(t) for op in forward_ops for t in op.outputs}
     backward_ops = _input_gradients_first(
         [op for op in prune(g, backward_fetches) if id(op) not in {id(o) for o in forward_ops}],
-        backward_fetches[len(grad_fetch) : len(grad_fetch) + len(back_tokens)],
+        backward_fetches[urgent[0] : urgent[1]],
     )
     saved, seen = [], set()
     for op in backward_ops:
@@ -340,6 +389,9 @@ def partition(
         forward_fetches=forward_fetches + saved,
         send_tokens=len(tokens),
         loss=forward_fetches[len(tokens)] if out_loss is not None else None,
+        outputs=[(c, t) for (c, _), t in zip(crossing_out, forward_fetches[len(tokens) + (out_loss is not None) :])],
+        input_grads=[(c, t) for (c, _), t in zip(input_grads, backward_fetches[len(grad_fetch) - len(input_grads) :
+                                                                               len(grad_fetch)])],
         saved=saved,
         backward=bg,
         saved_inputs=saved_inputs,

@@ -128,30 +128,121 @@ RECOMPUTE = ("none", "selective", "full")
 
 @dataclass(frozen=True)
 class Strategy:
+    """A static (dp, tp, pp) strategy; or, where `layer_tp` is given, a per-layer one: block l
+    under tensor parallelism `layer_tp[l]` over dp = world / layer_tp[l] replicas, with
+    `layer_sp[l]` and `layer_recompute[l]` (`hotspa_runtime`'s mixed-tp runtime; dp, tp, pp,
+    sp and recompute are then 1, 1, 1, False, "none": the per-layer fields say it all)."""
+
     dp: int
     tp: int
     pp: int
     sp: bool = False
     recompute: str = "none"  # "none", "selective" (attention only), "full" (whole layers)
+    layer_tp: tuple = ()
+    layer_sp: tuple = ()
+    layer_recompute: tuple = ()
 
     def __post_init__(self):
         if self.recompute not in RECOMPUTE:
             raise HotSPaError(f"Strategy: recompute must be one of {RECOMPUTE}, found {self.recompute!r}")
+        if not self.layer_tp:
+            if self.layer_sp or self.layer_recompute:
+                raise HotSPaError("Strategy: layer_sp / layer_recompute need layer_tp (one tp per layer)")
+            return
+        n = len(self.layer_tp)
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.layer_tp):
+            raise HotSPaError(f"Strategy: layer_tp must be positive ints, found {self.layer_tp}")
+        if (self.dp, self.tp, self.pp, self.sp, self.recompute) != (1, 1, 1, False, "none"):
+            raise HotSPaError(
+                f"Strategy: a per-layer strategy (layer_tp {self.layer_tp}) takes dp=tp=pp=1, sp=False, "
+                f"recompute='none' (dp is world/tp per layer, no pipeline), found dp{self.dp},tp{self.tp},"
+                f"pp{self.pp},sp={self.sp},recompute={self.recompute!r}"
+            )
+        layer_sp = tuple(bool(v) for v in self.layer_sp) or (False,) * n
+        layer_rc = tuple(self.layer_recompute) or ("none",) * n
+        if len(layer_sp) != n or len(layer_rc) != n:
+            raise HotSPaError(
+                f"Strategy: {n} layers in layer_tp {self.layer_tp} need as many layer_sp and layer_recompute, "
+                f"found {len(layer_sp)} and {len(layer_rc)}"
+            )
+        bad = [i for i, (t, s) in enumerate(zip(self.layer_tp, layer_sp)) if s and t == 1]
+        if bad:
+            raise HotSPaError(f"Strategy: layers {bad} have sequence parallelism but tp 1 (sp splits over tp)")
+        wrong = [r for r in layer_rc if r not in RECOMPUTE]
+        if wrong:
+            raise HotSPaError(f"Strategy: layer_recompute must be of {RECOMPUTE}, found {wrong[0]!r}")
+        object.__setattr__(self, "layer_tp", tuple(self.layer_tp))
+        object.__setattr__(self, "layer_sp", layer_sp)
+        object.__setattr__(self, "layer_recompute", layer_rc)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the layers have their own tp (and sp, recompute): `layer_tp` given."""
+        return bool(self.layer_tp)
 
     def __str__(self) -> str:
+        if self.mixed:
+            text = "tp[" + ",".join(map(str, self.layer_tp)) + "]"
+            if any(self.layer_sp):
+                text += ",sp[" + ",".join(str(int(s)) for s in self.layer_sp) + "]"
+            if any(r != "none" for r in self.layer_recompute):
+                text += ",rc[" + ",".join(self.layer_recompute) + "]"
+            return text
         extra = (",sp" if self.sp else "") + ("" if self.recompute == "none" else f",rc={self.recompute}")
         return f"dp{self.dp},tp{self.tp},pp{self.pp}{extra}"
+
+
+def _split_parts(text: str) -> list[str]:
+    """The comma-separated parts of a strategy string, a bracketed list one part."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _bracketed(text: str, part: str, name: str) -> list[str]:
+    inner = part[len(name):]
+    if not (inner.startswith("[") and inner.endswith("]")) or len(inner) < 3:
+        raise HotSPaError(f"strategy {text!r}: part {part!r}: expected {name}[a,b,...] with one entry per block")
+    return inner[1:-1].split(",")
 
 
 def parse_strategy(text: str) -> Strategy:
     """'dp2,tp2,pp2' (any order; a missing axis is 1; a part 'sp': sequence parallelism over
     the tp axis; 'rc=selective' or 'rc=full': activation recompute of the attention or of whole
-    layers) -> Strategy; `parse_strategy(str(s)) == s`."""
+    layers) -> Strategy; `parse_strategy(str(s)) == s`.
+
+    A per-block (mixed) strategy: 'tp[4,2,1,2]' (block l under tp[l], dp = world / tp[l]),
+    optionally 'sp[0,1,0,0]' (sequence parallelism per block; a plain 'sp': every block with
+    tp > 1) and 'rc[none,full,none,none]' (recompute per block; 'rc=full': every block); no dp
+    or pp part (dp follows from each block's tp; no pipeline)."""
     sizes = {"dp": 1, "tp": 1, "pp": 1}
     sp, recompute = False, "none"
-    for part in str(text).replace(" ", "").split(","):
+    layer_tp = layer_sp = layer_rc = None
+    given = set()
+    for part in _split_parts(str(text).replace(" ", "")):
         if part == "sp":
             sp = True
+            continue
+        if part.startswith("sp["):
+            entries = _bracketed(text, part, "sp")
+            if any(e not in ("0", "1") for e in entries):
+                raise HotSPaError(f"strategy {text!r}: part {part!r}: sp entries must be 0 or 1")
+            layer_sp = tuple(e == "1" for e in entries)
+            continue
+        if part.startswith("rc["):
+            layer_rc = tuple(_bracketed(text, part, "rc"))
+            continue
+        if part.startswith("tp["):
+            entries = _bracketed(text, part, "tp")
+            if any(not e.isdigit() or int(e) < 1 for e in entries):
+                raise HotSPaError(f"strategy {text!r}: part {part!r}: tp entries must be integers >= 1")
+            layer_tp = tuple(int(e) for e in entries)
             continue
         if part.startswith("rc="):
             if part[3:] not in RECOMPUTE:
@@ -162,12 +253,36 @@ def parse_strategy(text: str) -> Strategy:
         if name not in sizes or not digits.isdigit() or int(digits) < 1:
             raise HotSPaError(
                 f"unknown strategy {text!r}: part {part!r} is none of dpN, tpN, ppN (N >= 1), sp, "
-                "rc=selective, rc=full; expected parts like dp2,tp4,pp1"
+                "rc=selective, rc=full, tp[..], sp[..], rc[..]; expected parts like dp2,tp4,pp1 or tp[4,2,1,2]"
             )
         sizes[name] = int(digits)
-    if sp and sizes["tp"] == 1:
-        raise HotSPaError(f"strategy {text!r}: sequence parallelism (sp) splits over tp, which is 1")
-    return Strategy(**sizes, sp=sp, recompute=recompute)
+        given.add(name)
+    if layer_tp is None:
+        if layer_sp is not None or layer_rc is not None:
+            raise HotSPaError(f"strategy {text!r}: per-block sp[..] / rc[..] need a per-block tp[..]")
+        if sp and sizes["tp"] == 1:
+            raise HotSPaError(f"strategy {text!r}: sequence parallelism (sp) splits over tp, which is 1")
+        return Strategy(**sizes, sp=sp, recompute=recompute)
+    if given:
+        raise HotSPaError(
+            f"strategy {text!r}: a per-block tp[..] takes no {'/'.join(sorted(given))} part (dp is world / tp "
+            "per block; no pipeline)"
+        )
+    n = len(layer_tp)
+    if sp:
+        layer_sp = layer_sp or tuple(t > 1 for t in layer_tp)
+    if recompute != "none":
+        layer_rc = layer_rc or (recompute,) * n
+    for name, values in (("sp", layer_sp), ("rc", layer_rc)):
+        if values is not None and len(values) != n:
+            raise HotSPaError(f"strategy {text!r}: tp[..] names {n} blocks but {name}[..] {len(values)}")
+    return Strategy(1, 1, 1, layer_tp=layer_tp, layer_sp=layer_sp or (), layer_recompute=layer_rc or ())
+
+
+def mixed_strategy(layer_tp, layer_sp=None, layer_recompute=None) -> Strategy:
+    """The per-block strategy of a plan: one tp (and sp flag, recompute choice) per block."""
+    return Strategy(1, 1, 1, layer_tp=tuple(layer_tp), layer_sp=tuple(layer_sp or ()),
+                    layer_recompute=tuple(layer_recompute or ()))
 
 
 def model_spec(model) -> ModelSpec | None:
@@ -615,5 +730,5 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 __all__ = ["A800", "LLAMA_7B", "RECOMPUTE", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy",
            "bucketize",
            "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",
-           "layer_path", "layer_tables", "layer_time", "parse_strategy", "predict", "run_time",
+           "layer_path", "layer_tables", "layer_time", "mixed_strategy", "parse_strategy", "predict", "run_time",
            "search_layers", "simulate", "static_strategies", "switch_time"]

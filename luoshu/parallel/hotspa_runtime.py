@@ -59,7 +59,7 @@ from luoshu.nn import functional as F
 from luoshu.nn.module import Module
 from luoshu.optim import SGD
 from luoshu.parallel import hot_switch as hs
-from luoshu.parallel import hotspa_profile, layerwise
+from luoshu.parallel import hotspa_profile, layerwise, mixed_tp, pipeline
 from luoshu.parallel.hotspa import ClusterSpec, HotSPaError, model_spec, parse_strategy, predict
 from luoshu.parallel.hotspa import Strategy as CostStrategy
 from luoshu.parallel.pipeline import Pipeline, _layers
@@ -80,11 +80,22 @@ class StepReport:
     switch_bytes: int = 0
     switch_seconds: float = 0.0
     step_seconds: float = 0.0
+    # mixed (per-block tp) strategies: the activations' re-batches between segments, forward and
+    # backward (bytes and messages over all ranks)
+    rebatch_bytes: int = 0
+    rebatch_messages: int = 0
 
 
 def _strategy_mesh(spec, i: int, world: int, rank: int) -> DeviceMesh:
     if isinstance(spec, str):
         st = parse_strategy(spec)  # an unknown string: HotSPaError
+        if st.mixed:  # per-block tp: the first block's mesh names it (mixed_tp runs the segments)
+            bad = [t for t in st.layer_tp if world % t]
+            if bad:
+                raise HotSPaError(
+                    f"HotSPa: strategy {i} {spec!r}: tp {bad[0]} does not divide the world of {world} ranks"
+                )
+            return DeviceMesh(dp=world // st.layer_tp[0], tp=st.layer_tp[0], pp=1, world_size=world, rank=rank)
         if st.dp * st.tp * st.pp != world:
             raise HotSPaError(
                 f"HotSPa: strategy {i} {spec!r} covers {st.dp * st.tp * st.pp} devices, but the world has {world} ranks"
@@ -116,18 +127,19 @@ def _name(mesh: DeviceMesh) -> str:
 
 
 @contextlib.contextmanager
-def _recompute_marks(model: Module, setting: str):
+def _recompute_marks(model: Module, setting):
     """While a strategy's graph records: the model's transformer blocks (its first ModuleList, as
     the pipeline cuts it) marked for activation recompute as the strategy says, every block alike
-    (`layerwise.apply_plan`: "full" each block, "selective" its attention; "none": the model's own
-    marks), then the marks as they were."""
-    if setting == "none":
+    or (a sequence) per block (`layerwise.apply_plan`: "full" each block, "selective" its
+    attention; "none" everywhere: the model's own marks), then the marks as they were."""
+    _, blocks = _layers(model)
+    settings = [setting] * len(blocks) if isinstance(setting, str) else list(setting)
+    if all(s == "none" for s in settings):
         yield
         return
-    _, blocks = _layers(model)
     saved = [(m, "_recompute" in m.__dict__, m.__dict__.get("_recompute")) for block in blocks for m in block.modules()]
     try:
-        layerwise.apply_plan(model, [setting] * len(blocks))
+        layerwise.apply_plan(model, settings)
         yield
     finally:
         for m, had, value in saved:
@@ -243,6 +255,9 @@ class HotSPa:
         parsed = [parse_strategy(s) if isinstance(s, str) else None for s in strategies]
         self.sequence_parallel = [st is not None and st.sp for st in parsed]
         self.recompute = [st.recompute if st is not None else "none" for st in parsed]
+        # per-block tp (`mixed_tp`): each one's segments, checked against the model's blocks
+        mixed = {i: st for i, st in enumerate(parsed) if st is not None and st.mixed}
+        segs_of = {i: mixed_tp.segments(st, world, len(_layers(model)[1])) for i, st in mixed.items()}
         spec = model_spec(model)
         if memory_budget is not None:
             if spec is None:
@@ -252,7 +267,11 @@ class HotSPa:
             )
             for i, mesh in enumerate(meshes):
                 st = CostStrategy(mesh.dp, mesh.tp, mesh.pp, self.sequence_parallel[i], self.recompute[i])
-                p = predict(spec, cluster, st, [bounds[i]] * mesh.dp)
+                if i in mixed:  # the cost model has no per-block strategy: its most demanding block's, throughout
+                    st = max((CostStrategy(s.dp, s.tp, 1, s.sp, rc) for s in segs_of[i]
+                              for rc in mixed[i].layer_recompute[s.first:s.stop]),
+                             key=lambda c: predict(spec, cluster, c, [bounds[i]] * c.dp).memory_bytes)
+                p = predict(spec, cluster, st, [bounds[i]] * st.dp)
                 if not p.fits:
                     raise HotSPaError(
                         f"HotSPa: bucket {i} (sequences up to {bounds[i]} tokens) under strategy {_name(mesh)} needs "
@@ -276,6 +295,21 @@ class HotSPa:
                 plans_strategy.append(dataclasses.replace(tp.strategy, dp_group=(), strategy=i))
                 if mesh.dp > 1 and env.is_distributed():
                     mesh.process_group("dp")
+            # a mixed strategy's segments: one more entry of Tensor.ds per (tp, sp), after the strategies'
+            seg_index: dict[tuple, int] = {}
+            seg_strategy: dict[int, states.Strategy] = {}
+            for i in mixed:
+                for seg in segs_of[i]:
+                    if (seg.tp, seg.sp) in seg_index:
+                        continue
+                    for p, v in zip(params, full):
+                        p.ds, p._value = [], v
+                    mesh = DeviceMesh(dp=seg.dp, tp=seg.tp, pp=1, world_size=world, rank=rank)
+                    tp = parallelize(model, mesh, seg.sp, broadcast=False, plan=plan)
+                    seg_index[(seg.tp, seg.sp)] = j = len(per_strategy_ds)
+                    seg_strategy[j] = tp.strategy
+                    per_strategy_ds.append([p.ds[0] for p in params])
+                    per_strategy_value.append([p._value for p in params])
         except Error:  # a strategy the model cannot take (heads that tp does not divide): the model as it was
             for p, v in zip(params, full):
                 p.ds, p._value = [], v
@@ -287,6 +321,18 @@ class HotSPa:
         self.model, self.meshes, self.bounds, self.params = model, meshes, bounds, params
         self.rank, self.world = rank, world
         self.node_size = int(node_size or os.environ.get("LOCAL_WORLD_SIZE", world))
+        self._mixed: dict[int, mixed_tp.MixedTP] = {}
+        try:
+            for i, st in mixed.items():
+                self._mixed[i] = m = self._mixed_program(i, st, segs_of[i], seg_index, seg_strategy,
+                                                         per_strategy_value)
+                per_strategy_value[i] = list(m.home_values)  # each parameter in its home segment's layout
+                for p, ds in zip(params, m.home_ds):
+                    p.ds[i] = ds
+        except Error:  # a plan the model cannot take: the model as it was
+            for p, v in zip(params, full):
+                p.ds, p._value = [], v
+            raise
         sizes = [sum(v.numel() for v in per_strategy_value[i]) for i in flat]
         self.owner = flat[int(np.argmin(sizes))] if owner is None else int(owner)
         # the pipeline strategies' stage programs (traced from the model, as a Pipeline job's)
@@ -307,7 +353,7 @@ class HotSPa:
         self._owner_values = list(per_strategy_value[self.owner])
         del full, per_strategy_value
         self._layouts = [
-            [
+            list(self._mixed[i].home_layouts) if i in self._mixed else [
                 _world_layout(p.ds[i], mesh, stages_of[i][k] if i in stages_of else (0,))
                 for k, p in enumerate(params)
             ]
@@ -356,6 +402,20 @@ class HotSPa:
             if not s:
                 raise HotSPaError(f"HotSPa: strategy {i} {_name(mesh)}: no pipeline stage reads {self.params[k].name}")
         return pipe, stages
+
+    def _mixed_program(self, i: int, st: CostStrategy, segs: list, seg_index: dict, seg_strategy: dict,
+                       values: list) -> mixed_tp.MixedTP:
+        """Mixed strategy i's segments as co-located stages of the model's loss, traced once with
+        the blocks' recompute marks and each segment's first block marked."""
+        _, blocks = _layers(self.model)
+        index = [seg_index[(seg.tp, seg.sp)] for seg in segs]
+        with _recompute_marks(self.model, st.layer_recompute):
+            g = Graph(name=f"hotspa-mixed{i}")
+            with pipeline.marking(g, [blocks[seg.first] for seg in segs]) as marks:
+                feeds, loss = self._trace(g)
+        strategies = [mixed_tp.segment_strategy(seg_strategy[j], j, seg.tp) for seg, j in zip(segs, index)]
+        return mixed_tp.MixedTP(self, st, segs, (g, feeds, loss), [0] + [marks[s] for s in range(1, len(segs))],
+                                index, strategies, [values[j] for j in index], _world_layout)
 
     def _plans(self, a: int, b: int) -> tuple[dict[int, int], list[hs.SwitchPlan]]:
         """(bytes each rank sends, the plan of every parameter) for a switch from strategy a to b."""
@@ -414,8 +474,22 @@ class HotSPa:
             self._strategies.append(dataclasses.replace(st, fetch_states=wanted))
 
     def _record(self) -> _Program:
+        g = Graph(name="hotspa")
+        (ids, positions, segments, labels, scale), loss = self._trace(g)
+        with g:
+            grads = gradients(loss, self.params)
+        fetches = [loss]
+        for gr in grads:
+            if gr is None:
+                continue
+            fetches += [gr.indices, gr.values] if isinstance(gr, IndexedSlices) else [gr]
+        return _Program(g, (ids, positions, segments, labels, scale), grads, fetches)
+
+    def _trace(self, g: Graph) -> tuple[tuple, object]:
+        """(the feeds, the loss) of the model recorded into `g`: the packed rows' ids, positions,
+        segment ids and labels, and the scale (1 / the step's target tokens) of the summed loss."""
         dtype = self.params[0].dtype
-        with Graph(name="hotspa") as g:
+        with g:
             ids = g.placeholder("ids", (None, None), "int64")
             positions = g.placeholder("positions", (None, None), "int64")
             segments = g.placeholder("segment_ids", (None, None), "int64")
@@ -427,13 +501,7 @@ class HotSPa:
                 logits.reshape((-1, vocab)), labels.reshape((-1,)), ignore_index=IGNORE_INDEX, reduction="sum"
             )
             loss = total * scale
-            grads = gradients(loss, self.params)
-        fetches = [loss]
-        for gr in grads:
-            if gr is None:
-                continue
-            fetches += [gr.indices, gr.values] if isinstance(gr, IndexedSlices) else [gr]
-        return _Program(g, (ids, positions, segments, labels, scale), grads, fetches)
+        return (ids, positions, segments, labels, scale), loss
 
     # --- one step ---------------------------------------------------------------------------------
     def _local_grads(self, i: int, rows, scale: float, touched: dict) -> tuple[float, list[torch.Tensor]]:
@@ -465,15 +533,16 @@ class HotSPa:
                 device = values[k].device
                 idx, val = torch.from_numpy(rest[0]).to(device), torch.from_numpy(rest[1]).to(device)
                 rest = rest[2:]
-                grads.append(self._rows_block(i, k, idx, val, values[k].dtype, touched))
+                grads.append(self._rows_block(self._layouts[i][k], k, idx, val, values[k].dtype, touched))
             else:
                 grads.append(torch.from_numpy(rest[0]).to(device=values[k].device, dtype=values[k].dtype))
                 rest = rest[1:]
         return (loss if mesh.index("tp") == 0 else 0.0), grads
 
-    def _rows_block(self, i: int, k: int, idx: torch.Tensor, val: torch.Tensor, dtype, touched: dict) -> torch.Tensor:
+    def _rows_block(self, layout: hs.Layout, k: int, idx: torch.Tensor, val: torch.Tensor, dtype,
+                    touched: dict) -> torch.Tensor:
         """A table's sparse gradient (global row ids, their values) summed into this rank's block of
-        parameter k under strategy i; the rows are marked in `touched[k]` where the whole model's
+        parameter k in `layout` (its layout under a strategy); the rows are marked in `touched[k]` where the whole model's
         gradient of k is sparse (a pipeline stage's lookup of GPT-2's tied table is rows, the
         table's gradient is dense)."""
         p = self.params[k]
@@ -481,7 +550,7 @@ class HotSPa:
         dense.index_add_(0, idx.reshape(-1), val.reshape(-1, *dense.shape[1:]).to(dtype))
         if k in touched:
             touched[k][idx.reshape(-1).cpu()] = 1
-        box = self._layouts[i][k].boxes(tuple(p.shape))[self.rank]
+        box = layout.boxes(tuple(p.shape))[self.rank]
         return dense[tuple(slice(a, b) for a, b in box)].contiguous()
 
     def _pipeline_grads(self, i: int, rows, scale: float, touched: dict) -> tuple[float, list]:
@@ -517,7 +586,7 @@ class HotSPa:
             if pipe._sparse[pos]:
                 idx = torch.cat([r for r, _ in acc])
                 val = torch.cat([v for _, v in acc])
-                grads[k] = self._rows_block(i, k, idx, val, dtype, touched)
+                grads[k] = self._rows_block(self._layouts[i][k], k, idx, val, dtype, touched)
             else:
                 grads[k] = acc
         share = float(sum(losses)) if pipe.is_last and self.meshes[i].index("tp") == 0 else 0.0
@@ -527,22 +596,28 @@ class HotSPa:
         """Sums the gradients over strategy i's data-parallel group (one flat all-reduce; a
         pipeline stage's members hold the same parameters), then those of parameters that several
         pipeline stages read over those stages."""
-        mesh = self.meshes[i]
         if not env.is_distributed():
             return grads
-        out = list(grads)
-        if mesh.dp > 1:
-            held = [k for k, g in enumerate(grads) if g is not None]
-            flat = torch.cat([grads[k].reshape(-1) for k in held])
-            torch_dist.all_reduce(flat, group=mesh.process_group("dp"))
-            pos = 0
-            for k in held:
-                out[k] = flat[pos : pos + grads[k].numel()].view(grads[k].shape)
-                pos += grads[k].numel()
+        out = self._all_reduce_flat(grads, self.meshes[i])
         if i in self._pipelines:
             pipe = self._pipelines[i]
             for pos, users in pipe._shared:
                 torch_dist.all_reduce(out[pipe.param_index[pos]], group=env.process_group(users))
+        return out
+
+    @staticmethod
+    def _all_reduce_flat(grads: list, mesh: DeviceMesh) -> list:
+        """The gradients (None: not held) summed over `mesh`'s data-parallel group in one flat all-reduce."""
+        if mesh.dp == 1 or not env.is_distributed():
+            return list(grads)
+        out = list(grads)
+        held = [k for k, g in enumerate(grads) if g is not None]
+        flat = torch.cat([grads[k].reshape(-1) for k in held])
+        torch_dist.all_reduce(flat, group=mesh.process_group("dp"))
+        pos = 0
+        for k in held:
+            out[k] = flat[pos : pos + grads[k].numel()].view(grads[k].shape)
+            pos += grads[k].numel()
         return out
 
     def _switch(self, a: int, b: int, values: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, float]:
@@ -602,6 +677,17 @@ class HotSPa:
                     report.switch_bytes += nbytes
                     report.switch_seconds += seconds
                     current = i
+                if i in self._mixed:  # every segment's replicas take their own rows of the bucket
+                    share, grads = self._mixed[i].grads(gr.rows, 1.0 / total, touched)
+                    report.rebatch_bytes += self._mixed[i].rebatch_bytes
+                    report.rebatch_messages += self._mixed[i].rebatch_messages
+                    loss += share
+                    grads, nbytes, seconds = self._switch(i, self.owner, grads)
+                    report.switch_bytes += nbytes
+                    report.switch_seconds += seconds
+                    for acc, g in zip(accumulated, grads):
+                        acc += g
+                    continue
                 mesh = self.meshes[i]
                 mine = np.arange(gr.rows.num_rows)[mesh.index("dp") :: mesh.dp]  # this replica's rows
                 rows = None

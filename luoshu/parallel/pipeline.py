@@ -53,6 +53,8 @@ not built for pipelines and is refused.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.distributed as torch_dist
@@ -94,6 +96,29 @@ def _balance(sizes: list[int], parts: int) -> list[int]:
     while len(starts) < parts:  # too few layers passed a boundary: take the last ones one by one
         starts.append(len(sizes) - (parts - len(starts)))
     return starts
+
+
+@contextlib.contextmanager
+def marking(g: Graph, firsts: list):
+    """While the model records into `g`: {stage: the position in g.ops where `firsts[stage]` (the
+    stage's first layer) begins}, filled as the layers are called (the partition pass's starts)."""
+    marks: dict[int, int] = {}
+    originals = [layer.forward for layer in firsts]
+
+    def marked(s, forward):
+        def first_forward(*args, **kwargs):
+            marks.setdefault(s, len(g.ops))
+            return forward(*args, **kwargs)
+
+        return first_forward
+
+    for s, layer in enumerate(firsts):
+        object.__setattr__(layer, "forward", marked(s, originals[s]))
+    try:
+        yield marks
+    finally:
+        for layer in firsts:
+            object.__delattr__(layer, "forward")
 
 
 class Pipeline:
@@ -178,26 +203,10 @@ class Pipeline:
         self.optimizer = optimizer
         g = Graph(name="pipeline")
         firsts = [self.layers[a] for a, _ in self.boundaries]
-        marks: dict[int, int] = {}  # stage -> position in g.ops where its first layer begins
-        originals = [layer.forward for layer in firsts]
-
-        def marked(s, forward):
-            def first_forward(*args, **kwargs):
-                marks.setdefault(s, len(g.ops))
-                return forward(*args, **kwargs)
-
-            return first_forward
-
-        for s, layer in enumerate(firsts):
-            object.__setattr__(layer, "forward", marked(s, originals[s]))
-        try:
-            with g:
-                self.input_phs = [make_placeholder(n, sh, d) for n, sh, d in inputs]
-                self.label_phs = [make_placeholder(n, sh, d) for n, sh, d in labels]
-                loss = loss_fn(self.model(*self.input_phs), *self.label_phs)
-        finally:
-            for layer in firsts:
-                object.__delattr__(layer, "forward")
+        with marking(g, firsts) as marks, g:
+            self.input_phs = [make_placeholder(n, sh, d) for n, sh, d in inputs]
+            self.label_phs = [make_placeholder(n, sh, d) for n, sh, d in labels]
+            loss = loss_fn(self.model(*self.input_phs), *self.label_phs)
         if len(marks) != self.stages:
             raise PipelineError(
                 f"pipeline: the model's forward called the first layers of stages {sorted(marks)} "
@@ -482,4 +491,4 @@ def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 
     return Pipeline(model, mesh, stages, micro_batches, schedule, zero, **zero_options)
 
 
-__all__ = ["Pipeline", "PipelineError", "pipeline", "pipeline_of"]
+__all__ = ["Pipeline", "PipelineError", "marking", "pipeline", "pipeline_of"]

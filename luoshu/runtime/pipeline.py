@@ -83,7 +83,8 @@ class StageRunner:
     """One stage's forward and backward plans and the micro-batch steps of a schedule.
 
     `forward(m, feeds)` runs the forward plan (feeds: placeholder name -> torch value), keeps
-    its saved activations in the ledger and returns the loss (last stage) or None;
+    its saved activations in the ledger and returns the loss (last stage) or None (a co-located
+    stage's sent tensors are then in `outputs`);
     `backward(m, feeds)` runs the backward plan on them and returns the gradients fetched
     (per `program.grad_fetches`), each the caller's to accumulate into in place. Sends complete
     in the background; `wait_sends` waits for them. `busy_s` is the time in the plans minus the
@@ -105,6 +106,8 @@ class StageRunner:
         ]
         self._tokens = p.send_tokens
         self._has_loss = p.loss is not None
+        self._outputs = len(p.outputs)  # co-located stages: the sent tensors, fetched after the loss
+        self.outputs: list = []
         self._grads = len(p.grad_fetches)
         self._backward_tokens = len(p.backward_tokens)
         self.ledger = ActivationLedger()
@@ -143,7 +146,9 @@ class StageRunner:
         out = self._timed(self.forward_plan, [feeds[n] for n in self._forward_names])
         self.pending += out[: self._tokens]
         loss = out[self._tokens] if self._has_loss else None
-        self.ledger.saved(m, out[self._tokens + self._has_loss :])
+        first = self._tokens + self._has_loss
+        self.outputs = out[first : first + self._outputs]
+        self.ledger.saved(m, out[first + self._outputs :])
         return loss
 
     def backward(self, m: int, feeds: dict) -> list:
