@@ -441,15 +441,17 @@ class HotSPa:
 
     def _build_programs(self, strategies: list[states.Strategy]) -> None:
         """The loss and gradient graph of every recompute setting the pp = 1 strategies use (the
-        pipeline strategies trace their own stages), and each strategy's states with its gradients
-        fetched in their parameter's states under it."""
+        pipeline and per-block strategies trace their own stages), and each strategy's states with its
+        gradients fetched in their parameter's states under it."""
         by_setting: dict[str, _Program] = {}
         for i, mesh in enumerate(self.meshes):
-            if mesh.pp == 1 and self.recompute[i] not in by_setting:
+            if mesh.pp == 1 and i not in self._mixed and self.recompute[i] not in by_setting:
                 with _recompute_marks(self.model, self.recompute[i]):
                     by_setting[self.recompute[i]] = self._record()
-        self._programs = [by_setting.get(self.recompute[i]) for i in range(len(self.meshes))]
-        owner = self._programs[self.owner]
+        self._programs = [None if i in self._mixed else by_setting.get(self.recompute[i])
+                          for i in range(len(self.meshes))]
+        # a per-block owner runs no whole program; one recorded for the kinds of the gradients
+        owner = self._programs[self.owner] or by_setting.get("none") or self._record()
         self.graph, self._grads = owner.graph, owner.grads  # the owner's; every program's grads are alike in kind
         # A table looked up at the fed positions (GPT-2's learned positions) has rows for a gradient here, but
         # the model run alone reads its first rows as a slice, whose gradient is dense: it updates every row
@@ -542,9 +544,9 @@ class HotSPa:
     def _rows_block(self, layout: hs.Layout, k: int, idx: torch.Tensor, val: torch.Tensor, dtype,
                     touched: dict) -> torch.Tensor:
         """A table's sparse gradient (global row ids, their values) summed into this rank's block of
-        parameter k in `layout` (its layout under a strategy); the rows are marked in `touched[k]` where the whole model's
-        gradient of k is sparse (a pipeline stage's lookup of GPT-2's tied table is rows, the
-        table's gradient is dense)."""
+        parameter k in `layout` (its layout under a strategy or segment); the rows are marked in
+        `touched[k]` where the whole model's gradient of k is sparse (a pipeline stage's lookup of
+        GPT-2's tied table is rows, the table's gradient is dense)."""
         p = self.params[k]
         dense = torch.zeros(tuple(p.shape), dtype=dtype, device=val.device)
         dense.index_add_(0, idx.reshape(-1), val.reshape(-1, *dense.shape[1:]).to(dtype))

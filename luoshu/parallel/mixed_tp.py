@@ -127,6 +127,7 @@ class MixedTP:
                  strategies: list, seg_values: list[list[torch.Tensor]], world_layout):
         self.st, self.segs, self.hot = st, segs, hot
         graph, self.feeds, loss = traced
+        self.graph = graph  # the traced loss (its recompute regions: the blocks marked)
         params, rank, world = hot.params, hot.rank, hot.world
         self.meshes = [DeviceMesh(dp=s.dp, tp=s.tp, pp=1, world_size=world, rank=rank) for s in segs]
         self.programs, self.runners = [], []

@@ -24,14 +24,14 @@ BOUNDS = [32, 12, 6, 0]
 STRATEGIES = ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1"]
 
 
-def build(name: str):
+def build(name: str, layers: int = 2):
     ls.manual_seed(7)
     if name == "gpt2":
-        model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=MAX_LEN, n_layer=2, n_head=4, n_embd=32))
+        model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=MAX_LEN, n_layer=layers, n_head=4, n_embd=32))
     else:
         model = Llama(
             LlamaConfig(
-                vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=64, max_seq_len=MAX_LEN
+                vocab_size=VOCAB, dim=32, n_layers=layers, n_heads=4, n_kv_heads=4, hidden_dim=64, max_seq_len=MAX_LEN
             )
         )
     return model.to(dtype="float64")
@@ -55,10 +55,10 @@ def optimizer(model, clip=None):
     return ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
 
 
-def reference(name: str, clip: bool = True, longest: int = MAX_LEN):
+def reference(name: str, clip: bool = True, longest: int = MAX_LEN, layers: int = 2):
     """(losses, {name: parameter}) of one process on the same batches: the mean next-token loss
     over every target of the batch, each sequence run alone (no packing, no parallelism)."""
-    model = build(name)
+    model = build(name, layers)
     opt = optimizer(model, CLIP[name] if clip else None)
     losses = []
     for seqs in batches(longest=longest):
@@ -80,8 +80,8 @@ def reference(name: str, clip: bool = True, longest: int = MAX_LEN):
     return np.array(losses), {n: p.value.clone().numpy() for n, p in model.named_parameters()}
 
 
-def train(name: str, strategies=STRATEGIES, bounds=BOUNDS, longest: int = MAX_LEN):
-    model = build(name)
+def train(name: str, strategies=STRATEGIES, bounds=BOUNDS, longest: int = MAX_LEN, layers: int = 2):
+    model = build(name, layers)
     hot = ls.parallel.HotSPa(model, strategies, bounds)
     opt = optimizer(model, CLIP[name])
     losses, reports = [], []
@@ -104,6 +104,20 @@ def _collectives(hot, i: int, name: str) -> int:
     return sum(op.opdef.name == name for op in local.graph.ops)
 
 
+def _segment_counts(hot, i: int) -> np.ndarray:
+    """Per segment of mixed strategy i: (reduce-scatters in this rank's segment plans, recompute
+    regions of the traced graph (the blocks marked), values its forward saves for the backward);
+    an empty array for another strategy."""
+    if i not in hot._mixed:
+        return np.zeros((0, 3), np.int64)
+    rows = []
+    regions = len(hot._mixed[i].graph.recompute_regions)
+    for program in hot._mixed[i].programs:
+        ops = program.forward.ops + program.backward.ops
+        rows.append((sum(op.opdef.name == "reduce_scatter" for op in ops), regions, len(program.saved)))
+    return np.array(rows, np.int64)
+
+
 def _stage_counts(hot, i: int) -> tuple[int, int, int]:
     """(reduce-scatters in this rank's stage graphs, values each micro-batch's forward saves for
     the backward, recompute regions traced) of pipeline strategy i; zeros for a pp = 1 one."""
@@ -124,6 +138,8 @@ def activation_peaks(hot, sequences) -> list[int]:
     rows = bucket_batch(sequences, [MAX_LEN, 0])[0].rows
     peaks = []
     for i, program in enumerate(hot._programs):
+        if program is None:  # a pipeline or per-block strategy
+            continue
         states.select(program.graph, hot._strategies[i], ("hotspa", i))
         ids, positions, segments, labels, scale = program.feeds
         feed = {ids: rows.tokens, positions: rows.positions, segments: rows.segment_ids, labels: rows.labels,
@@ -151,23 +167,30 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategies", default=";".join(STRATEGIES), help="';'-separated strategy strings")
     parser.add_argument("--bounds", default=",".join(map(str, BOUNDS)), help="bucket bounds, one more than strategies")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks of each model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
     for name in args.models.split(","):
         bounds = [int(b) for b in args.bounds.split(",")]
-        losses, params, reports, hot = train(name, args.strategies.split(";"), bounds)
+        losses, params, reports, hot = train(name, args.strategies.split(";"), bounds, layers=args.layers)
+        mixed = sorted(hot._mixed)
         extra = {
             "owner": np.array(hot.owner),
             "order": np.array(reports[0].order),
             "switch_bytes": np.array([r.switch_bytes for r in reports]),
             "tokens": np.array([[r.tokens.get(i, 0) for i in range(len(hot.meshes))] for r in reports]),
             "reduce_scatter": np.array(
-                [0 if i in hot._pipelines else _collectives(hot, i, "reduce_scatter") for i in range(len(hot.meshes))]
+                [0 if hot._programs[i] is None else _collectives(hot, i, "reduce_scatter")
+                 for i in range(len(hot.meshes))]
             ),
             "stage_counts": np.array([_stage_counts(hot, i) for i in range(len(hot.meshes))]),
             "micro_batches": np.array([max(r.micro_batches.values(), default=0) for r in reports]),
             "pp_owner_refused": np.array(_pp_owner_refused(name, args.strategies.split(";"), bounds)),
+            "rebatch": np.array([(r.rebatch_bytes, r.rebatch_messages) for r in reports]),
+            # per mixed strategy's boundary (tag order): (bytes, messages) of the last step's re-batch forward
+            "traffic": np.array([v for i in mixed for _, v in sorted(hot._mixed[i].traffic().items())]),
+            "segment_counts": np.concatenate([_segment_counts(hot, i) for i in mixed] or [np.zeros((0, 3))]),
         }
         np.savez(f"{args.out}.{name}.rank{ls.distributed.rank()}.npz", losses=losses, **extra, **params)
     ls.distributed.shutdown()
