@@ -50,7 +50,7 @@ from luoshu.data.packing import IGNORE_INDEX
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.parallel import hot_switch as hs
-from luoshu.parallel.hotspa import HotSPaError
+from luoshu.parallel.hotspa import HotSPaError, mixed_strategy
 from luoshu.parallel.hotspa import Strategy as CostStrategy
 from luoshu.runtime.pipeline import StageRunner
 
@@ -298,10 +298,26 @@ class MixedTP:
         return out
 
 
+def plan_text(strategy: CostStrategy, recompute: Sequence[str], layer_tp: Sequence[int] | None = None,
+              layer_sp: Sequence[bool] | None = None) -> str:
+    """The HotSPa strategy string of a layer-wise plan (`luoshu train --parallel auto`): where the
+    plan gives one tp (and sp flag) per block that is not the same for every block, or its
+    strategy is per-block, the per-block strategy with each block's `recompute`
+    ("tp[4,2,1,2],sp[..],rc[..]"; sp default: the strategy's flag on every block with tp > 1);
+    else the strategy's plain text ("dp2,tp2,pp1,sp"; the blocks are marked for recompute apart)."""
+    if strategy.mixed and layer_tp is None:
+        layer_tp, layer_sp = strategy.layer_tp, strategy.layer_sp
+    if layer_tp is not None:
+        layer_sp = tuple(layer_sp) if layer_sp is not None else tuple(strategy.sp and t > 1 for t in layer_tp)
+        if strategy.mixed or len(set(zip(layer_tp, layer_sp))) > 1:
+            return str(mixed_strategy(layer_tp, layer_sp, recompute))
+    return f"dp{strategy.dp},tp{strategy.tp},pp{strategy.pp}" + (",sp" if strategy.sp else "")
+
+
 def segment_strategy(strategy: states.Strategy, index: int, tp: int) -> states.Strategy | None:
     """A segment's states.Strategy (its entry `index` of Tensor.ds), None under tp = 1 (the
     segment's graph runs as it is, on the full values)."""
     return None if tp == 1 else dataclasses.replace(strategy, dp_group=(), strategy=index)
 
 
-__all__ = ["MixedTP", "Segment", "rebatch_plan", "row_layout", "segments"]
+__all__ = ["MixedTP", "Segment", "plan_text", "rebatch_plan", "row_layout", "segments"]

@@ -53,7 +53,7 @@ from luoshu.core.errors import CheckpointError, Error
 from luoshu.data.packing import _check_bounds, bucket_batch
 from luoshu.data.synthetic import synthetic_sequences
 from luoshu.distributed import env
-from luoshu.parallel import hotspa_profile, layerwise
+from luoshu.parallel import hotspa_profile, layerwise, mixed_tp
 from luoshu.parallel.hotspa import parse_strategy
 from luoshu.parallel.hotspa_runtime import HotSPa
 from luoshu.train.builders import build_model, build_optimizer, build_scheduler
@@ -286,7 +286,10 @@ def train_hot_switch(config) -> dict[str, float]:
     if strategies is None:
         plan = _choose_static(config, model, docs, bounds[0])
         layerwise.apply_plan(model, plan.recompute)  # before HotSPa traces the model
-        strategies, recompute = [plan.text], plan.recompute
+        # a plan with one tp (and sp) per block runs as a per-block strategy (`mixed_tp`)
+        text = mixed_tp.plan_text(plan.strategy, plan.recompute, getattr(plan, "layer_tp", None),
+                                  getattr(plan, "layer_sp", None))
+        strategies, recompute = [text], plan.recompute
     budget = None if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
     # pipeline strategies: the split the cost model balances (the last stage also runs the head)
     stages = {

@@ -101,6 +101,38 @@ def test_luoshu_train_hot_switch_with_a_pp2_strategy_matches_one_process(tmp_pat
     np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(tmp_path / "one" / "run"), rtol=1e-5)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_luoshu_train_hot_switch_with_per_block_tp_strategies_matches_one_process(tmp_path):
+    """Per-block strings ("tp[4,2]": block 0 under tp4, block 1 under dp2·tp2; "tp[1,4],sp[0,1]")
+    among the buckets' strategies under `luoshu launch -n 4`: the one-process losses, and the
+    checkpoint gathered from the owner's per-parameter layouts."""
+    import yaml
+
+    layers = {"model_args": {"n_layer": 2, "n_head": 4, "n_embd": 32}}
+    one = _values(tmp_path / "one", ["dp1,tp1,pp1"] * 3, **layers)
+    ls.train.train(TrainConfig.from_dict(one))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_values(tmp_path, ["tp[4,2]", "dp2,tp2,pp1", "tp[1,4],sp[0,1]"], **layers)))
+    proc = launch(4, "luoshu/cli.py", "train", "--config", str(path), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    assert [[int(r[f"tokens_bucket{i}"]) for i in range(3)] for r in rows] == _expected_tokens(3)
+    np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(tmp_path / "one" / "run"), rtol=1e-5)
+
+
+def test_a_layer_wise_plan_with_per_block_tp_runs_as_a_per_block_strategy():
+    from luoshu.parallel.hotspa import Strategy, parse_strategy
+    from luoshu.parallel.mixed_tp import plan_text
+
+    st = Strategy(2, 2, 1, sp=True)
+    assert plan_text(st, ["none", "full"]) == "dp2,tp2,pp1,sp"  # the plan's own text; recompute marked apart
+    assert plan_text(st, ["none", "full"], (2, 2), (True, True)) == "dp2,tp2,pp1,sp"
+    text = plan_text(st, ["none", "full"], (4, 1))
+    assert text == "tp[4,1],sp[1,0],rc[none,full]" and parse_strategy(text).layer_tp == (4, 1)
+    assert plan_text(parse_strategy("tp[4,2]"), ["full", "none"]) == "tp[4,2],rc[full,none]"
+
+
 @pytest.mark.parametrize(
     "hot_switch,match",
     [
