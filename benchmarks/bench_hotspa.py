@@ -23,6 +23,10 @@ against first-come-first-served.
 
     .venv/bin/python benchmarks/bench_hotspa.py [--batch 512] [--out runs/bench_hotspa.csv]
     .venv/bin/python benchmarks/bench_hotspa.py --runtime [--layers 2] [--width 64] [--seqs 32] [--max-len 512]
+        [--mixed 'tp[4,1];tp[4,2]']
+
+`--mixed`: per-block strategies (`luoshu.parallel.mixed_tp`, block l under tp[l] over 4 / tp[l]
+replicas) as more static rows, interleaved with the others.
 
 Parts 1 and 2 are model predictions and plans, not timings of a run: no GPU cluster is needed.
 """
@@ -132,8 +136,11 @@ def runtime_worker(args) -> None:
     need = {s: H.predict(spec, cluster, H.parse_strategy(s), [args.max_len] * H.parse_strategy(s).dp).memory_bytes
             for s in RUNTIME_STRATEGIES}
     budget = (need["dp1,tp4,pp1"] + need["dp2,tp2,pp1"]) / 2
+    mixed = [s for s in args.mixed.split(";") if s]
+    for s in mixed:  # per-block: its most demanding block's need throughout (the cost model is per strategy)
+        need[s] = max(need[f"dp{4 // t},tp{t},pp1"] for t in H.parse_strategy(s).layer_tp)
     contenders, jobs, seconds = {}, {}, {}
-    for name, strategies, bnds in [*((f"static {s}", [s], [args.max_len, 0]) for s in RUNTIME_STRATEGIES),
+    for name, strategies, bnds in [*((f"static {s}", [s], [args.max_len, 0]) for s in [*RUNTIME_STRATEGIES, *mixed]),
                                    ("hot switching", RUNTIME_STRATEGIES, bounds)]:
         model = build()
         hot = ls.parallel.HotSPa(model, strategies, bnds, memory_budget=budget if len(strategies) > 1 else None)
@@ -195,6 +202,7 @@ def runtime_worker(args) -> None:
           f"rank's or all of them over {cores:g} cores, whichever is longer (what the cost model predicts)")
     if args.profile:
         predicted = hotspa_profile.predict_steps(profile, build(), batches[0], RUNTIME_STRATEGIES, bounds)
+        rows = [r for r in rows if r["strategy"] in predicted]  # no per-block strategy in the cost model
         for r in rows:
             r["predicted_ms"] = round(predicted[r["strategy"]] * 1e3, 1)
             r["busy_over_predicted"] = round(r["busy_ms"] / r["predicted_ms"], 2)
@@ -237,6 +245,8 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--mixed", default="",
+                        help="';'-separated per-block strategies (e.g. 'tp[4,1]') run as static rows beside the others")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=int, nargs="?", const=1, default=0,
                         help="predict the runtime steps from this machine's profile")

@@ -11,8 +11,10 @@ everywhere (tp inner): rank r is replica r // tp, member r % tp of that replica'
   (`compiler.pipeline.partition(..., colocated=True)`), each localised for this rank's position
   in its segment's TP group (its own entry of `Tensor.ds`, appended after HotSPa's strategies)
   and split into a forward and a backward plan (`runtime.pipeline.StageRunner`).
-- A step's packed rows, padded with target-less rows to a multiple of lcm(dp), are cut into
-  contiguous blocks: replica j of segment k owns rows [j·B/d_k, (j+1)·B/d_k). A tensor that
+- A step's B packed rows, counted up to B' (a multiple of lcm(dp)), are cut into contiguous
+  blocks: replica j of segment k owns rows [j·B'/d_k, (j+1)·B'/d_k) and runs those below B (the
+  rows past B exist only as zeros in the plans' boxes; a replica with none skips its segment:
+  no compute on padding, at most one row less than an even share). A tensor that
   crosses from segment a to segment b (the hidden state) moves between the two row layouts by
   the hot-switch planner (`rebatch_plan`: rows split over the replicas, duplicated over each TP
   group; a rank that holds a slice itself copies it locally, senders on the receiver's node and
@@ -46,7 +48,6 @@ import torch
 from luoshu.compiler import states
 from luoshu.compiler.pipeline import partition
 from luoshu.core.dstates import DUPLICATE, DStates
-from luoshu.data.packing import IGNORE_INDEX
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.parallel import hot_switch as hs
@@ -195,24 +196,31 @@ class MixedTP:
             return list(values)
         return hs.run_switches(plans, values, self.hot.rank, dtype=values[0].dtype)
 
-    def _feeds(self, arrays: dict, s: int, scale: torch.Tensor) -> dict:
-        mine = self.segs[s].rows(len(arrays["ids"]), self.meshes[s].index("dp"))
-        feeds = {name: torch.from_numpy(np.ascontiguousarray(arrays[name][mine])) for name in FEEDS}
-        feeds["scale"] = scale
-        return feeds
+    def _mine(self, s: int, n: int, total: int) -> slice:
+        """The real rows (of `n`; the rest up to `total` are the plans' padding) this rank's replica
+        of segment s runs."""
+        block = self.segs[s].rows(total, self.meshes[s].index("dp"))
+        return slice(min(block.start, n), min(block.stop, n))
+
+    @staticmethod
+    def _padded(v: torch.Tensor, rows: int) -> torch.Tensor:
+        """`v` with zero rows appended up to `rows` (its box in a row layout; the rows no replica runs)."""
+        if v.shape[0] == rows:
+            return v
+        return torch.cat([v, v.new_zeros((rows - v.shape[0], *v.shape[1:]))])
 
     def grads(self, rows, scale: float, touched: dict) -> tuple[float, list[torch.Tensor]]:
         """(this rank's loss share, each parameter's gradient in its home layout, summed over the
-        replicas of every segment that reads it) for the step's packed `rows` (all of them)."""
+        replicas of every segment that reads it) for the step's packed `rows` (all of them).
+
+        The row layouts split a multiple of lcm(dp) rows; the rows past the real ones exist only
+        in the plans (sent as zeros), no replica runs them: a replica left without real rows
+        skips its segment's plans (its gradients are zeros)."""
         hot, params = self.hot, self.hot.params
-        lcm = math.lcm(*(s.dp for s in self.segs))
         n = rows.num_rows
-        pad = -n % lcm
-        arrays = {}
-        for name, a in zip(FEEDS, (rows.tokens, rows.positions, rows.segment_ids, rows.labels)):
-            fill = IGNORE_INDEX if name == "labels" else 0  # packing's own padding: segment 0, no target
-            arrays[name] = np.concatenate([a, np.full((pad, a.shape[1]), fill, a.dtype)])
-        total = n + pad
+        total = n + (-n % math.lcm(*(s.dp for s in self.segs)))
+        arrays = dict(zip(FEEDS, (rows.tokens, rows.positions, rows.segment_ids, rows.labels)))
+        row_len = rows.tokens.shape[1]
         dtype = self.home_values[0].dtype
         scale_t = torch.tensor(scale, dtype=dtype)
         self.rebatch_bytes = self.rebatch_messages = 0
@@ -227,43 +235,65 @@ class MixedTP:
             for k in self.param_index[s]:
                 params[k]._value = values_at[s].get(k, home[k])
 
-        crossing: dict[int, torch.Tensor] = {}  # boundary tag -> this rank's value in its source's layout
+        def box(c, s: int) -> torch.Tensor:
+            """Zeros of boundary c's box under segment s (rows, then the row length for a run-time dim)."""
+            shape = [d if d is not None else row_len for d in c.tensor.shape]
+            shape[0] = total // self.segs[s].dp
+            return torch.zeros(shape, dtype=dtype)
+
+        crossing: dict[int, torch.Tensor] = {}  # boundary tag -> this rank's box in its source's layout
         feeds_of, loss = [], 0.0
         try:
             for s, runner in enumerate(self.runners):
-                program = self.programs[s]
+                program, mine = self.programs[s], self._mine(s, n, total)
                 incoming = [c for c in program.boundaries if c.dest == s]
                 arrived = self._move(incoming, [crossing[c.tag] for c in incoming], False, total)
-                feeds = self._feeds(arrays, s, scale_t)
-                feeds.update((f"boundary{c.tag}", v) for c, v in zip(incoming, arrived))
+                count = mine.stop - mine.start
+                if count == 0:  # no real rows here: nothing to run (the boxes still moved)
+                    for c, _ in program.outputs:
+                        crossing[c.tag] = box(c, s)
+                    feeds_of.append(None)
+                    continue
+                feeds = {name: torch.from_numpy(np.ascontiguousarray(arrays[name][mine])) for name in FEEDS}
+                feeds["scale"] = scale_t
+                feeds.update((f"boundary{c.tag}", v[:count]) for c, v in zip(incoming, arrived))
                 select(s)
                 runner.reset()
                 out = runner.forward(0, feeds)
                 if out is not None and self.meshes[s].index("tp") == 0:
                     loss = float(out)
+                per = total // self.segs[s].dp
                 for (c, _), v in zip(program.outputs, runner.outputs):
-                    crossing[c.tag] = v
+                    crossing[c.tag] = self._padded(v, per)
                 feeds_of.append(feeds)
             del crossing
-            seeds: dict[int, torch.Tensor] = {}  # boundary tag -> its gradient in its source's layout
+            seeds: dict[int, torch.Tensor] = {}  # boundary tag -> its gradient's box in its source's layout
             per_segment = []
             for s in reversed(range(len(self.segs))):
                 program, feeds = self.programs[s], feeds_of[s]
-                feeds.update((f"boundary{c.tag}.grad", seeds.pop(c.tag)) for c, _ in program.outputs)
-                select(s)
-                values = self.runners[s].backward(0, feeds)
-                feeds_of[s] = None
-                grads, pos = {}, 0
-                for k, sparse in zip(self.param_index[s], program.sparse):
-                    if sparse:
-                        grads[k] = hot._rows_block(self.layouts[s][k], k, values[pos], values[pos + 1], dtype,
-                                                   touched)
-                        pos += 2
-                    else:
-                        grads[k] = values[pos]
-                        pos += 1
                 inputs = [c for c, _ in program.input_grads]
-                back = self._move(inputs, values[pos:], True, total)
+                if feeds is None:  # no real rows: zero gradients, zero boxes back
+                    for c, _ in program.outputs:
+                        seeds.pop(c.tag)
+                    grads = {k: torch.zeros_like(values_at[s].get(k, home[k])) for k in self.param_index[s]}
+                    back = self._move(inputs, [box(c, s) for c in inputs], True, total)
+                else:
+                    count = feeds["ids"].shape[0]
+                    feeds.update((f"boundary{c.tag}.grad", seeds.pop(c.tag)[:count]) for c, _ in program.outputs)
+                    select(s)
+                    values = self.runners[s].backward(0, feeds)
+                    feeds_of[s] = None
+                    grads, pos = {}, 0
+                    for k, sparse in zip(self.param_index[s], program.sparse):
+                        if sparse:
+                            grads[k] = hot._rows_block(self.layouts[s][k], k, values[pos], values[pos + 1], dtype,
+                                                       touched)
+                            pos += 2
+                        else:
+                            grads[k] = values[pos]
+                            pos += 1
+                    per = total // self.segs[s].dp
+                    back = self._move(inputs, [self._padded(v, per) for v in values[pos:]], True, total)
                 seeds.update((c.tag, v) for c, v in zip(inputs, back))
                 per_segment.append((s, grads))
         finally:
