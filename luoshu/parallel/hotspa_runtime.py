@@ -25,7 +25,11 @@ short ones under plain data parallelism. Training stays exactly that of one stra
   parameter lives only on the ranks of the stages that read it, so the planner sends its slices
   from one stage's ranks to every rank of the next strategy, and back; a parameter that several
   stages read (GPT-2's tied embedding) sums its stages' gradients before it goes back. The owner
-  is a strategy with pp = 1 (every rank holds its shards for the one update).
+  is a strategy with pp = 1 (every rank holds its shards for the one update);
+- a per-block strategy ("tp[4,2,1,2]", `luoshu.parallel.mixed_tp`) runs each run of blocks with
+  one (tp, sp) under its own TP group over all ranks, the activations re-batched between them;
+  its parameters each live in the layout of the first segment that reads it, so switches to and
+  from it, and its being the owner, go through the same per-parameter layouts.
 
 Each rank's loss is the sum of its tokens' cross entropies divided by the step's total target
 tokens, so the buckets' gradients add up to the gradient of the whole batch's mean loss.
@@ -795,9 +799,8 @@ class HotSPa:
         return {names.get(id(p), p.name): self.gather(k, p._value) for k, p in enumerate(self.params)}
 
     def __repr__(self) -> str:
-        return (
-            f"HotSPa({[_name(m) for m in self.meshes]}, bounds={self.bounds}, owner={_name(self.meshes[self.owner])})"
-        )
+        names = [str(self._mixed[i].st) if i in self._mixed else _name(m) for i, m in enumerate(self.meshes)]
+        return f"HotSPa({names}, bounds={self.bounds}, owner={names[self.owner]})"
 
 
 __all__ = ["HotSPa", "StepReport", "model_spec"]

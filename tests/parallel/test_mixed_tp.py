@@ -200,3 +200,10 @@ def test_one_process_per_block_strategy_matches_the_reference():
     for name, value in ref_params.items():
         np.testing.assert_allclose(params[name], value, rtol=0, atol=1e-10)
     assert len(hot._mixed[0].segs) == 1 and reports[0].rebatch_bytes == 0
+    assert repr(hot) == "HotSPa(['tp[1,1,1,1]'], bounds=[32, 0], owner=tp[1,1,1,1])"
+
+
+def test_a_per_block_strategy_is_held_to_the_memory_budget_by_its_most_demanding_block():
+    with pytest.raises(HotSPaError, match="per the cost model, more than the budget"):
+        ls.parallel.HotSPa(H.build("gpt2", LAYERS), ["tp[1,1,1,1],rc[full,none,none,none]"], [32, 0],
+                           memory_budget=1024.0)
