@@ -80,27 +80,85 @@ STATE_BYTES = 16  # per parameter: fp32 weight and gradient, AdamW's two moments
 
 
 # --- the search over numbers ---------------------------------------------------------------------------
-def _segment_best(seconds, saved, extra, budget: int, start: int) -> list[tuple]:
-    """For each end j > start: (least seconds of layers start..j-1, the final (option, units) and
-    the tables of its path) whose Σ saved plus the extras of the options used fit `budget` units;
-    (inf, ...) where none. Each set of options is tried alone (its extras charged once), so the
-    dynamic program stays additive and exact."""
-    layers, k = len(seconds), len(extra)
-    out = [(math.inf, None, None)] * (layers + 1)
+def _states(extra, groups, cap) -> tuple[list[tuple[int, int]], list[int]]:
+    """The stage program's states under a cap on a segment's charge: (option c, the options of c's
+    group its segment has used so far, as a mask over the group's options in order), each mask's
+    charge (the Σ of its options' extras) at most `cap`; and each option's bit in its group's masks."""
+    members: dict = {}
+    for c, g in enumerate(groups):
+        members.setdefault(g, []).append(c)
+    bit = [1 << members[g].index(c) for c, g in enumerate(groups)]
+    states = []
+    for c, g in enumerate(groups):
+        opts = members[g]
+        for mask in range(1, 1 << len(opts)):
+            if mask & bit[c] and sum(extra[o] for i, o in enumerate(opts) if mask >> i & 1) <= cap:
+                states.append((c, mask))
+    return states, bit
+
+
+def _charges(extra, groups) -> list:
+    """Every charge a segment can have (the Σ extras of a set of one group's options), ascending."""
+    members: dict = {}
+    for c, g in enumerate(groups):
+        members.setdefault(g, []).append(c)
+    return sorted({sum(extra[o] for i, o in enumerate(opts) if mask >> i & 1)
+                   for opts in members.values() for mask in range(1, 1 << len(opts))})
+
+
+def _capped(seconds, saved, extra, groups, transition, units: int, start: int, cap):
+    """`hotspa.layer_tables` over layers start.. with `_states(extra, groups, cap)` as its options: a
+    state's time and memory its option's, a move between states allowed where it keeps the mask (the
+    same group: the mask grows by the new option; another group: a new segment, the mask the new
+    option alone) at `transition`'s cost. Returns (states, bests, backs)."""
+    states, bit = _states(extra, groups, cap)
+    times = [[seconds[i][c] if i > start or mask == bit[c] else math.inf for c, mask in states]
+             for i in range(start, len(seconds))]
+    memories = [[saved[i][c] for c, _ in states] for i in range(start, len(seconds))]
+    moves = [[transition[p][c] if (mc == mp | bit[c] if groups[p] == groups[c] else mc == bit[c]) else math.inf
+              for c, mc in states] for p, mp in states]
+    bests, backs = H.layer_tables(times, memories, units, moves)
+    return states, bests, backs
+
+
+def _segment_best(seconds, saved, extra, budget: int, start: int, groups, transition) -> list[tuple]:
+    """For each end j > start: (least seconds of layers start..j-1 whose Σ saved plus the largest
+    charge of a segment fits `budget` units, the cap on the charge that reaches it); (inf, None)
+    where none. Exact: a cap at each possible charge, its units taken from the saved bytes' budget."""
+    layers = len(seconds)
+    out = [(math.inf, None)] * (layers + 1)
     if start >= layers:
         return out
-    for size in range(1, k + 1):
-        for used in itertools.combinations(range(k), size):
-            charge = sum(extra[c] for c in used)
-            if charge > budget:
-                continue
-            times = [[t if c in used else math.inf for c, t in enumerate(seconds[i])] for i in range(start, layers)]
-            bests, backs = H.layer_tables(times, [list(m) for m in saved[start:]], budget - charge)
-            for j, best in enumerate(bests):
-                c, m = np.unravel_index(np.argmin(best), best.shape)
-                if best[c, m] < out[start + j + 1][0]:
-                    out[start + j + 1] = (float(best[c, m]), (int(c), int(m)), backs)
+    for cap in _charges(extra, groups):
+        if cap > budget:
+            break
+        _, bests, _ = _capped(seconds, saved, extra, groups, transition, budget - cap, start, cap)
+        for j, best in enumerate(bests):
+            value = float(best.min())
+            if value < out[start + j + 1][0]:
+                out[start + j + 1] = (value, cap)
     return out
+
+
+def _segment_path(seconds, saved, extra, budget: int, start: int, end: int, groups, transition, cap) -> list[int]:
+    """The options of layers start..end-1 on `_segment_best`'s path under `cap`."""
+    states, bests, backs = _capped(seconds, saved, extra, groups, transition, budget - cap, start, cap)
+    best = bests[end - start - 1]
+    s, m = np.unravel_index(np.argmin(best), best.shape)
+    return [states[x][0] for x in H.layer_path(backs, end - start - 1, s, m)]
+
+
+def _defaults(seconds, extra, groups, transition):
+    k = len(extra)
+    if any(len(row) != k for row in seconds):
+        raise H.HotSPaError(f"search_stages: every layer needs one time per option ({k} extras), "
+                            f"found {[len(row) for row in seconds]}")
+    groups = [0] * k if groups is None else list(groups)
+    transition = [[0.0] * k for _ in range(k)] if transition is None else [list(row) for row in transition]
+    if len(groups) != k or len(transition) != k or any(len(row) != k for row in transition):
+        raise H.HotSPaError(f"search_stages: {k} options need {k} groups and a {k}x{k} transition matrix, found "
+                            f"{len(groups)} groups and {[len(row) for row in transition]}")
+    return groups, transition
 
 
 def search_stages(
@@ -109,18 +167,28 @@ def search_stages(
     extra: Sequence[int],
     budgets: Sequence[int],
     stage_seconds: Sequence[float] | None = None,
+    groups: Sequence | None = None,
+    transition: Sequence[Sequence[float]] | None = None,
 ) -> tuple[list[int], list[int], float]:
     """The split of the layers into `len(budgets)` contiguous non-empty stages and an option per
-    layer that minimise the slowest stage's time: a stage's time is its layers' `seconds[l][c]`
-    plus `stage_seconds[s]`; its memory `Σ saved[s][l][c]` (stage s's in-flight copies) plus
-    `extra[c]` once for each option c its layers use, at most `budgets[s]` (integer units). Returns (the first
-    layer of each stage, the option of each layer, the slowest stage's time); HotSPaError when
-    nothing fits."""
+    layer that minimise the slowest stage's time: a stage's time is its layers' `seconds[l][c]`,
+    `transition[a][b]` between consecutive layers of the stage under options a then b, and
+    `stage_seconds[s]`. Options of equal `groups[c]` (a (tp, sp): default one group) run in one
+    plan: a stage's *segments* are its maximal runs of layers of one group, a segment's charge the
+    Σ `extra[c]` of the distinct options it uses (a plan's working sets add up), and a stage's
+    memory `Σ saved[s][l][c]` (stage s's in-flight copies) plus its largest segment charge (the
+    segments' plans run one after another), at most `budgets[s]` (integer units). Returns (the
+    first layer of each stage, the option of each layer, the slowest stage's time); HotSPaError
+    when nothing fits."""
     pp, layers = len(budgets), len(seconds)
     if layers < pp:
         raise H.HotSPaError(f"search_stages: {layers} layers cannot fill {pp} stages")
+    groups, transition = _defaults(seconds, extra, groups, transition)
     fixed = list(stage_seconds) if stage_seconds is not None else [0.0] * pp
-    segments = [[_segment_best(seconds, saved[s], extra, int(budgets[s]), i) for i in range(layers)] for s in range(pp)]
+    empty = [(math.inf, None)] * (layers + 1)
+    # segments[s][i]: stage s starting at layer i (only where the stages before and after fit)
+    segments = [[_segment_best(seconds, saved[s], extra, int(budgets[s]), i, groups, transition)
+                 if s <= i <= layers - pp + s else empty for i in range(layers)] for s in range(pp)]
     # worst[s][j]: the least slowest-stage time of stages 0..s covering layers 0..j-1
     worst = np.full((pp, layers + 1), math.inf)
     cut = np.full((pp, layers + 1), -1, dtype=np.int64)
@@ -145,14 +213,26 @@ def search_stages(
     choices: list[int] = []
     for s, i in enumerate(starts):
         j = starts[s + 1] if s + 1 < pp else layers
-        _, (c, m), backs = segments[s][i][j]
-        choices += H.layer_path(backs, j - i - 1, c, m)
+        choices += _segment_path(seconds, saved[s], extra, int(budgets[s]), i, j, groups, transition,
+                                 segments[s][i][j][1])
     return starts, choices, float(worst[pp - 1, layers])
 
 
-def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None) -> float:
+def stage_charge(picks: Sequence[int], extra, groups) -> float:
+    """The largest segment charge of one stage's options `picks` (`search_stages`)."""
+    worst, segment = 0, set()
+    for i, c in enumerate(picks):
+        if i and groups[c] != groups[picks[i - 1]]:
+            segment = set()
+        segment.add(c)
+        worst = max(worst, sum(extra[o] for o in segment))
+    return worst
+
+
+def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None, groups=None, transition=None) -> float:
     """The slowest-stage time `search_stages` must reach, over every split and every choice."""
     pp, layers, k = len(budgets), len(seconds), len(seconds[0])
+    groups, transition = _defaults(seconds, extra, groups, transition)
     fixed = list(stage_seconds) if stage_seconds is not None else [0.0] * pp
     best = math.inf
     for inner in itertools.combinations(range(1, layers), pp - 1):
@@ -160,12 +240,14 @@ def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None) -> fl
         for pick in itertools.product(range(k), repeat=layers):
             worst = 0.0
             for s in range(pp):
-                span = range(bounds[s], bounds[s + 1])
-                memory = sum(saved[s][i][pick[i]] for i in span) + sum(extra[c] for c in {pick[i] for i in span})
+                span = list(range(bounds[s], bounds[s + 1]))
+                picks = [pick[i] for i in span]
+                memory = sum(saved[s][i][pick[i]] for i in span) + stage_charge(picks, extra, groups)
                 if memory > budgets[s]:
                     worst = math.inf
                     break
-                worst = max(worst, sum(seconds[i][pick[i]] for i in span) + fixed[s])
+                moves = sum(transition[a][b] for a, b in zip(picks, picks[1:]))
+                worst = max(worst, sum(seconds[i][pick[i]] for i in span) + moves + fixed[s])
             best = min(best, worst)
     if not math.isfinite(best):
         raise H.HotSPaError("nothing fits")
