@@ -340,17 +340,35 @@ def _held(model: Module, tp: int) -> tuple[list[int], int]:
 @dataclass
 class LayerPlan:
     """The search's result: the strategy, each layer's recompute, the stages' first layers, the
-    predicted step time and peak memory per device (the worst stage's) and their parts."""
+    predicted step time and peak memory per device (the worst stage's) and their parts; each
+    block's `tp` and `sp` (the strategy's throughout for a uniform plan). A mixed plan (blocks of
+    different (tp, sp), `mixed`) has no one strategy (`strategy` None) and one stage."""
 
-    strategy: H.Strategy
+    strategy: H.Strategy | None
     recompute: list[str]
     stages: list[int]
     time_s: float
     memory_bytes: float
     parts: dict = field(default_factory=dict)
+    tp: tuple = ()
+    sp: tuple = ()
+
+    def __post_init__(self):
+        if not self.tp:
+            self.tp = (self.strategy.tp,) * len(self.recompute)
+            self.sp = (self.strategy.sp,) * len(self.recompute)
+        self.tp, self.sp = tuple(int(t) for t in self.tp), tuple(bool(v) for v in self.sp)
+
+    @property
+    def mixed(self) -> bool:
+        return self.strategy is None
 
     @property
     def text(self) -> str:
+        """'dp2,tp2,pp1,sp' (uniform) or the per-block 'tp[4,2,1],sp[1,0,0]' (mixed)."""
+        if self.mixed:
+            return "tp[" + ",".join(map(str, self.tp)) + "]" + (
+                ",sp[" + ",".join(str(int(v)) for v in self.sp) + "]" if any(self.sp) else "")
         st = self.strategy
         return f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
 
@@ -358,6 +376,8 @@ class LayerPlan:
         return {
             "strategy": self.text,
             "recompute": list(self.recompute),
+            "tp": list(self.tp),
+            "sp": list(self.sp),
             "stages": list(self.stages),
             "predicted_step_s": self.time_s,
             "predicted_memory_bytes": self.memory_bytes,
@@ -380,42 +400,79 @@ def _scale(spec: H.ModelSpec, rows: int, row_len: int, st: H.Strategy, option: s
     return H.layer_activation_bytes(spec, rows, row_len, st.tp, st.sp, option) / plain
 
 
-def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengths: Sequence[int],
-             budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
-    """The fastest `LayerPlan` under strategy `st` whose every stage fits `budget` bytes, or (when
-    none fits) the least bytes per device it needs. `measured(rows)` gives `measure_layers` at this
-    replica's rows."""
+@dataclass
+class _Costs:
+    """One strategy's per-option costs of a block (module docstring): seconds per recompute option,
+    the activation bytes one in-flight copy saves and the extra its backward adds, the model-state
+    bytes of a block (the largest) and outside them, the bytes outside the blocks' activations, and
+    the whole step's prediction without recompute."""
+
+    replica_rows: int
+    seconds: dict
+    saved: dict
+    extra: dict
+    block_states: float
+    per_block: list
+    outside_params: int
+    outside_bytes: float
+    base: H.Prediction
+    head_seconds: float
+
+
+def _costs(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengths: Sequence[int], measured) -> _Costs:
     spec = prof.spec
-    layers = spec.layers
     world = st.dp * st.tp * st.pp
     cl = hotspa_profile.cluster(prof, world)
     replica_rows = math.ceil(rows / st.dp)
     mem = measured(replica_rows)
-    m = st.pp  # HotSPa's pipelines run pp micro-batches; a stage keeps up to pp - s of them
-    in_flight = [(st.pp - s) / m for s in range(st.pp)]
     if (mem.tp, mem.sp) == (st.tp, st.sp):  # measured under this tp and sp: as measured
         scale, extra_scale = dict.fromkeys(RECOMPUTE, 1.0), 1.0
     else:  # measured on one device: Korthikanti et al.'s ratio (conservative for the outside bytes)
         scale = {c: _scale(spec, replica_rows, row_len, st, c) for c in RECOMPUTE}
         extra_scale = _scale(spec, replica_rows, row_len, st, "none")
     per_block, outside = _held(model, st.tp)
-    block_states = STATE_BYTES * max(per_block)
-    stage_fixed = [STATE_BYTES * outside + mem.outside] * st.pp  # conservative: every stage holds them all
-    seconds_of = {c: H.layer_time(spec, cl, replica_rows, row_len, st.tp, st.sp, c) for c in RECOMPUTE}
-    seconds = [[seconds_of[c] for c in RECOMPUTE] for _ in range(layers)]
-    head = 6.0 * replica_rows * row_len * spec.hidden * spec.vocab / st.tp / (cl.flops * cl.mfu)
-    stage_seconds = [0.0] * (st.pp - 1) + [head]
-    saved_b = [[block_states + mem.saved[c] * scale[c] * f for c in RECOMPUTE] for f in in_flight]
-    extra_b = [mem.extra[c] * extra_scale / m for c in RECOMPUTE]
-    if math.isinf(budget):
-        unit, budgets = 1.0, [0] * st.pp
-        saved_u = [[[0] * len(RECOMPUTE) for _ in range(layers)] for _ in range(st.pp)]
-        extra_u = [0] * len(RECOMPUTE)
-    else:
-        unit = max(float(budget) / resolution, 1.0)
-        budgets = [math.floor((budget - fixed) / unit) for fixed in stage_fixed]
-        saved_u = [[[math.ceil(b / unit) for b in row] for _ in range(layers)] for row in saved_b]
-        extra_u = [math.ceil(b / unit) for b in extra_b]
+    flat = H.Strategy(st.dp, st.tp, st.pp)  # sp moves the same bytes: the profiled runs of tp price both
+    return _Costs(
+        replica_rows,
+        {c: H.layer_time(spec, cl, replica_rows, row_len, st.tp, st.sp, c) for c in RECOMPUTE},
+        {c: mem.saved[c] * scale[c] for c in RECOMPUTE},
+        {c: mem.extra[c] * extra_scale for c in RECOMPUTE},
+        STATE_BYTES * max(per_block),
+        per_block,
+        outside,
+        STATE_BYTES * outside + mem.outside,
+        H.predict(spec, cl, flat, lengths, row_len, micro_batches=st.pp),
+        6.0 * replica_rows * row_len * spec.hidden * spec.vocab / st.tp / (cl.flops * cl.mfu),
+    )
+
+
+def _units(budget: float, resolution: int) -> float:
+    return 1.0 if math.isinf(budget) else max(float(budget) / resolution, 1.0)
+
+
+def _in_units(nbytes: float, unit: float, budget: float) -> int:
+    """Bytes a layer needs in the budget's units, rounded up (0 without a budget)."""
+    return 0 if math.isinf(budget) else math.ceil(nbytes / unit)
+
+
+def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengths: Sequence[int],
+             budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
+    """The fastest `LayerPlan` under strategy `st` whose every stage fits `budget` bytes, or (when
+    none fits) the least bytes per device it needs. `measured(rows)` gives `measure_layers` at this
+    replica's rows."""
+    layers = prof.spec.layers
+    k = _costs(prof, model, st, rows, row_len, lengths, measured)
+    m = st.pp  # HotSPa's pipelines run pp micro-batches; a stage keeps up to pp - s of them
+    in_flight = [(st.pp - s) / m for s in range(st.pp)]
+    stage_fixed = [k.outside_bytes] * st.pp  # conservative: every stage holds them all
+    seconds = [[k.seconds[c] for c in RECOMPUTE] for _ in range(layers)]
+    stage_seconds = [0.0] * (st.pp - 1) + [k.head_seconds]
+    saved_b = [[k.block_states + k.saved[c] * f for c in RECOMPUTE] for f in in_flight]
+    extra_b = [k.extra[c] / m for c in RECOMPUTE]
+    unit = _units(budget, resolution)
+    budgets = [0 if math.isinf(budget) else math.floor((budget - fixed) / unit) for fixed in stage_fixed]
+    saved_u = [[[_in_units(b, unit, budget) for b in row] for _ in range(layers)] for row in saved_b]
+    extra_u = [_in_units(b, unit, budget) for b in extra_b]
     if min(budgets) < 0:
         return _least(saved_b, extra_b, stage_fixed, layers)
     try:
@@ -429,19 +486,17 @@ def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengt
     for s, (i, j) in enumerate(zip(starts, ends)):
         opts = [RECOMPUTE.index(c) for c in choices[i:j]]
         stage_bytes.append(stage_fixed[s] + sum(saved_b[s][c] for c in opts) + sum(extra_b[c] for c in set(opts)))
-    flat = H.Strategy(st.dp, st.tp, st.pp)  # sp moves the same bytes: the profiled runs of tp price both
-    base = H.predict(spec, cl, flat, lengths, row_len, micro_batches=st.pp)
     if st.pp == 1:
-        time = base.time_s + sum(seconds_of[c] - seconds_of["none"] for c in choices)
+        time = k.base.time_s + sum(k.seconds[c] - k.seconds["none"] for c in choices)
     else:
-        time = base.time_s - base.parts["pipeline"] + slowest * (m + st.pp - 1) / m
+        time = k.base.time_s - k.base.parts["pipeline"] + slowest * (m + st.pp - 1) / m
     worst = int(np.argmax(stage_bytes))
-    activations = stage_bytes[worst] - STATE_BYTES * (outside + sum(per_block[starts[worst]:ends[worst]]))
+    activations = stage_bytes[worst] - STATE_BYTES * (k.outside_params + sum(k.per_block[starts[worst]:ends[worst]]))
     parts = {
         "predicted_stage_bytes": stage_bytes,
         "predicted_activation_bytes": activations,
         "predicted_state_bytes": stage_bytes[worst] - activations,
-        "replica_rows": replica_rows,
+        "replica_rows": k.replica_rows,
         "row_len": row_len,
     }
     return LayerPlan(st, choices, starts, time, float(stage_bytes[worst]), parts)
@@ -465,14 +520,113 @@ def _least(saved_b, extra_b, stage_fixed, layers: int) -> float:
     return worst[layers]
 
 
+@dataclass
+class MixedOptions:
+    """The options of a mixed plan's blocks, one per (tp, sp, recompute) (`mixed_options`): per layer
+    and option the seconds and bytes, each option's extra bytes and group (its (tp, sp)), the
+    transition seconds between options."""
+
+    options: list  # (tp, sp, recompute)
+    seconds: list
+    saved: list
+    extra: list
+    groups: list
+    transition: list
+    costs: dict  # (tp, sp) -> _Costs
+
+    def charge(self, picks: Sequence[int]) -> float:
+        return stage_charge(picks, self.extra, self.groups)
+
+
+def mixed_options(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
+                  measured) -> MixedOptions:
+    """Every block's options under per-block tensor parallelism over `world` ranks (pp = 1): each tp of
+    `hotspa_profile.runnable` (dp = world / tp), with sp where tp > 1, and each recompute option.
+    `measured(rows, strategy)` gives `measure_layers` for that strategy's tp and sp at its replica's
+    rows. The cost model (module docstring): a block under tp costs 1/layers of the uniform tp
+    strategy's predicted step (its compute, TP collectives, share of the runs' overheads and the
+    head, and of the gradients' all-reduce over its own dp group world / tp) plus its recompute; it
+    holds the strategy's saved bytes and block states; the first block also what lies outside the
+    blocks under its tp; consecutive blocks of different (tp, sp) pay `hotspa.transition_time`."""
+    spec = prof.spec
+    layers = spec.layers
+    cl = hotspa_profile.cluster(prof, world)
+    options, groups, costs = [], [], {}
+    for st in _candidates(world, spec, False):
+        key = (st.tp, st.sp)
+        costs[key] = _costs(prof, model, st, rows, row_len, lengths, lambda r, st=st: measured(r, st))
+        for c in RECOMPUTE:
+            options.append((st.tp, st.sp, c))
+            groups.append(len(costs) - 1)
+    seconds = [[costs[(t, v)].base.time_s / layers + costs[(t, v)].seconds[c] - costs[(t, v)].seconds["none"]
+                for t, v, c in options] for _ in range(layers)]
+    saved = [[costs[(t, v)].block_states + costs[(t, v)].saved[c] + (costs[(t, v)].outside_bytes if i == 0 else 0.0)
+              for t, v, c in options] for i in range(layers)]
+    extra = [costs[(t, v)].extra[c] for t, v, c in options]
+    transition = [[H.transition_time(spec, cl, rows, row_len, a[:2], b[:2]) for b in options] for a in options]
+    return MixedOptions(options, seconds, saved, extra, groups, transition, costs)
+
+
+def mixed_plan_for(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
+                   budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
+    """The fastest per-block (tp, sp, recompute) plan over `world` ranks (`mixed_options`' costs) whose
+    peak fits `budget` bytes: Σ of its blocks' bytes plus its largest segment charge (`search_stages`,
+    one stage); or (when none fits) the least bytes it needs. A plan whose blocks share one (tp, sp)
+    comes back as that uniform strategy's."""
+    mo = mixed_options(prof, model, world, rows, row_len, lengths, measured)
+    unit = _units(budget, resolution)
+    units = 0 if math.isinf(budget) else math.floor(budget / unit)
+    saved_u = [[[_in_units(b, unit, budget) for b in row] for row in mo.saved]]
+    extra_u = [_in_units(b, unit, budget) for b in mo.extra]
+    try:
+        _, picks, time = search_stages(mo.seconds, saved_u, extra_u, [units], None, mo.groups, mo.transition)
+    except H.HotSPaError:
+        return _least_mixed(mo)
+    memory = sum(mo.saved[i][c] for i, c in enumerate(picks)) + mo.charge(picks)
+    tp = [mo.options[c][0] for c in picks]
+    sp = [mo.options[c][1] for c in picks]
+    first = mo.costs[(tp[0], sp[0])]
+    states = STATE_BYTES * first.outside_params + sum(
+        STATE_BYTES * max(_held(model, t)[0]) for t in tp)
+    moves = sum(mo.transition[a][b] for a, b in zip(picks, picks[1:]))
+    parts = {
+        "predicted_stage_bytes": [memory],
+        "predicted_activation_bytes": memory - states,
+        "predicted_state_bytes": states,
+        "predicted_transition_s": moves,
+        "replica_rows": [mo.costs[(t, v)].replica_rows for t, v in zip(tp, sp)],
+        "row_len": row_len,
+    }
+    strategy = None
+    if len(set(zip(tp, sp))) == 1:
+        strategy = H.Strategy(world // tp[0], tp[0], 1, sp=sp[0])
+    return LayerPlan(strategy, [mo.options[c][2] for c in picks], [0], time, float(memory), parts, tp, sp)
+
+
+def _least_mixed(mo: MixedOptions) -> float:
+    """The least peak bytes any per-block choice needs: for each cap on a segment's charge, the least
+    Σ bytes of the blocks whose segments keep under it (the stage program with bytes for seconds),
+    plus the cap."""
+    layers = len(mo.seconds)
+    best = math.inf
+    zeros = [[0] * len(mo.options) for _ in range(layers)]
+    no_moves = [[0.0] * len(mo.options) for _ in mo.options]
+    for cap in _charges(mo.extra, mo.groups):
+        _, bests, _ = _capped(mo.saved, zeros, mo.extra, mo.groups, no_moves, 0, 0, cap)
+        best = min(best, cap + float(bests[-1].min()))
+    return best
+
+
 def search_plan(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
                 budget: float = math.inf, pipeline: bool = False, resolution: int = 2048,
-                measured=None) -> tuple[LayerPlan, list]:
+                measured=None, mixed_tp: bool = False) -> tuple[LayerPlan, list]:
     """The fastest `LayerPlan` over `world` ranks for batches packed into `rows` rows of `row_len`
     tokens (sequences of `lengths`) within `budget` bytes per device; also, per candidate,
     (strategy, its plan or else its least need in bytes, {"free_bytes": its peak without
-    recompute, "least_bytes": the least it needs}). `pipeline`: pp > 1 candidates too. Raises HotSPaError naming each
-    candidate's least need when none fits."""
+    recompute, "least_bytes": the least it needs}). `pipeline`: pp > 1 candidates too. `mixed_tp`:
+    also the per-block (tp, sp, recompute) search (`mixed_plan_for`; its row's strategy None), whose
+    plan wins only where its blocks differ in (tp, sp) and it is faster. Raises HotSPaError naming
+    each candidate's least need when none fits."""
     spec = prof.spec
     cache: dict[tuple, LayerMemory] = {}
     # under this job's ranks each candidate's tp (and sp) plans are measured as they will run
@@ -489,18 +643,19 @@ def search_plan(prof, model: Module, world: int, rows: int, row_len: int, length
         return cache[key]
 
     table = []
-    for st in _candidates(world, spec, pipeline):
-        def plan(memory: float, st=st):
-            return plan_for(prof, model, st, rows, row_len, lengths, memory, lambda r: measure(r, st), resolution)
-
+    searches = [(st, lambda memory, st=st: plan_for(prof, model, st, rows, row_len, lengths, memory,
+                                                    lambda r: measure(r, st), resolution))
+                for st in _candidates(world, spec, pipeline)]
+    if mixed_tp:
+        searches.append((None, lambda memory: mixed_plan_for(prof, model, world, rows, row_len, lengths, memory,
+                                                             measure, resolution)))
+    for st, plan in searches:
         chosen = plan(budget)
         needs = {"free_bytes": plan(math.inf).memory_bytes, "least_bytes": plan(1.0)}  # without recompute, at least
         table.append((st, chosen, needs))
-    fitting = [p for _, p, _ in table if isinstance(p, LayerPlan)]
+    fitting = [p for st, p, _ in table if isinstance(p, LayerPlan) and (st is not None or p.mixed)]
     if not fitting:
-        needs = ", ".join(
-            f"{H.Strategy(st.dp, st.tp, st.pp, sp=st.sp)} {need / 2**20:.2f} MiB" for st, need, _ in table
-        )
+        needs = ", ".join(f"{'mixed tp' if st is None else st} {need / 2**20:.2f} MiB" for st, need, _ in table)
         least = min(need for _, need, _ in table)
         raise H.HotSPaError(
             f"--parallel auto: no strategy over {world} ranks holds {rows} rows of {row_len} tokens in "
