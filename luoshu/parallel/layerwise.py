@@ -1,5 +1,6 @@
-"""Layer-wise strategy search (Galvatron): per layer an activation recompute choice, per job the
-(dp, tp, sequence parallel) strategy and the pipeline's stages, under a per-device memory budget.
+"""Layer-wise strategy search (Galvatron): per layer an activation recompute choice (and, with
+`mixed_tp`, its tp and sequence parallelism), per job the (dp, tp, sequence parallel) strategy and
+the pipeline's stages, under a per-device memory budget.
 
 `search_plan(prof, model, world, rows, row_len, lengths, budget)` returns the `LayerPlan` the cost
 model predicts fastest among every candidate strategy over `world` ranks whose peak fits the
@@ -29,23 +30,40 @@ The cost model per layer and recompute option:
   `hotspa.predict`'s (the profiled whole-model runs, the gradient all-reduce, the update) plus the
   recompute it chooses; a pipeline's step its slowest stage times (m + pp - 1)/m.
 
+Per-block tensor parallelism (`search_plan(..., mixed_tp=True)`, `mixed_plan_for`): the options of
+a block are (tp, sp, recompute) over the tp degrees `hotspa_profile.runnable` gives (dividing the
+world and the heads; dp = world / tp; sp only with tp > 1), pp = 1. A block under tp costs 1/layers
+of that uniform strategy's predicted step (its compute and TP collectives, its share of the runs'
+overheads and head, and of the gradients' all-reduce over its own dp group) plus its recompute,
+so a plan whose blocks share one (tp, sp) costs what the uniform search says; it holds that tp's
+measured saved bytes (each tp and sp measured once, the cache of `search_plan`) and block states
+(16 B/param / tp); the first block also the bytes outside the blocks under its tp. Consecutive
+blocks of different (tp, sp) pay `hotspa.transition_time`: the boundary activation re-batched
+between the two row layouts forward and its gradient back, priced from the hot-switch planner's
+plans (`hotspa.rebatch_bytes`: largest per-rank send over the link's bandwidth plus a latency),
+and the all-gather a sequence-parallel side needs. A run of blocks of one (tp, sp) is a *segment*
+(one plan of the runtime): its working sets add up (the extras of the options it uses), while the
+segments' plans run one after another, so a stage is charged its largest segment's extras.
+
 Search: for each candidate the stage programs are exact dynamic programs over layers × options
-(`hotspa.layer_tables`, memory in integer units of budget/`resolution`, rounded up), one for
-each set of options a stage may use (its extras charged up front, the others excluded), and the
-split into stages a min-max dynamic program over the stages' first layers; on tiny
+(`hotspa.layer_tables`, memory in integer units of budget/`resolution`, rounded up) whose states
+are (option, the options its segment has used so far); the largest segment charge is a cap tried
+at every value it can take (its units taken from the budget up front, states over it excluded),
+which keeps the program exact and its size linear in the number of charges rather than 2^options;
+the split into stages a min-max dynamic program over the stages' first layers; on tiny
 configurations it equals brute force over every split and choice (the tests). Nothing that
 fits: a `HotSPaError` naming the least memory needed and each candidate's.
 
 What the runtime can carry (and so what `luoshu train --parallel auto` searches):
 
 - recompute per block: yes, the marks are per module and the recompute pass rewrites each region;
-- sequence parallelism: per job only. It is `states.Strategy.sequence_parallel`, one flag of the
-  graph's whole localisation (which conversion the states pass prefers between TP regions), so it
-  cannot differ between the blocks of one plan; the search chooses it per strategy;
-- tp per layer: no. A parameter's `DStates` are per strategy, and one strategy localises the
-  whole graph over one TP group; resharding activations between blocks of different tp groups
-  would need a device-group change inside a plan (the send/recv the pipeline pass derives
-  between stages), which the states pass does not do within a stage. Every layer has the job's tp;
+- sequence parallelism: per job in a uniform plan. It is `states.Strategy.sequence_parallel`, one
+  flag of the graph's whole localisation (which conversion the states pass prefers between TP
+  regions), so it cannot differ between the blocks of one plan; the search chooses it per
+  strategy (a mixed plan per segment, each segment its own plan);
+- tp per layer: being built (branch s-pertp: a mixed strategy's segments run as co-located stages,
+  activations re-batched between their row layouts by the hot-switch planner). Until it lands
+  `--parallel auto` searches uniform plans (`mixed_tp=False`, the default): every layer the job's tp;
 - pipeline: the search chooses pp and the split (`pipeline=True`), and the partition pass
   accepts a given split (`Pipeline(stages=...)`): a hot-switching job's pp > 1 strategies run
   the split `pipeline_stages` balances by the cost model (HotSPa's `stages`). But HotSPa's
@@ -703,11 +721,15 @@ __all__ = [
     "RECOMPUTE",
     "LayerMemory",
     "LayerPlan",
+    "MixedOptions",
     "apply_plan",
     "brute_force_stages",
     "measure_layers",
+    "mixed_options",
+    "mixed_plan_for",
     "pipeline_stages",
     "plan_for",
     "search_plan",
     "search_stages",
+    "stage_charge",
 ]
