@@ -100,17 +100,20 @@ STATE_BYTES = 16  # per parameter: fp32 weight and gradient, AdamW's two moments
 # --- the search over numbers ---------------------------------------------------------------------------
 def _states(extra, groups, cap) -> tuple[list[tuple[int, int]], list[int]]:
     """The stage program's states under a cap on a segment's charge: (option c, the options of c's
-    group its segment has used so far, as a mask over the group's options in order), each mask's
-    charge (the Σ of its options' extras) at most `cap`; and each option's bit in its group's masks."""
+    group its segment has used so far, as a mask over the group's options with an extra, in order:
+    one without adds nothing to a charge), each mask's charge (the Σ of its options' extras) at most
+    `cap`; and each option's bit in its group's masks (0 for an option without an extra)."""
     members: dict = {}
     for c, g in enumerate(groups):
-        members.setdefault(g, []).append(c)
-    bit = [1 << members[g].index(c) for c, g in enumerate(groups)]
+        members.setdefault(g, [])
+        if extra[c]:
+            members[g].append(c)
+    bit = [1 << members[g].index(c) if extra[c] else 0 for c, g in enumerate(groups)]
     states = []
     for c, g in enumerate(groups):
         opts = members[g]
-        for mask in range(1, 1 << len(opts)):
-            if mask & bit[c] and sum(extra[o] for i, o in enumerate(opts) if mask >> i & 1) <= cap:
+        for mask in range(1 << len(opts)):
+            if mask & bit[c] == bit[c] and sum(extra[o] for i, o in enumerate(opts) if mask >> i & 1) <= cap:
                 states.append((c, mask))
     return states, bit
 
