@@ -573,6 +573,81 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
     return 2.0 * seconds * layers_held
 
 
+def all_gather_time(cluster: ClusterSpec, nbytes: float, n: int) -> float:
+    """α + the ring all-gather of `nbytes` (the gathered tensor's) over a group of n: half the
+    volume of `collective_time`'s all-reduce."""
+    if n <= 1:
+        return 0.0
+    bw = _by_group(cluster.group_bandwidth, n) if cluster.group_bandwidth else _group_bw(cluster, n)
+    return collective_latency(cluster, n) + (n - 1) / n * nbytes / bw
+
+
+def row_layout(dp: int, tp: int) -> Layout:
+    """A (rows, ...) activation under dp replicas of tp ranks each (rank = replica·tp + member, tp
+    inner as everywhere): rows split in dp contiguous blocks, each duplicated over its replica's
+    TP group."""
+    states, order = {}, []
+    if dp > 1:
+        states[0] = dp
+        order.append(0)
+    if tp > 1:
+        states[DUPLICATE] = tp
+        order.append(DUPLICATE)
+    return Layout(DStates(dp * tp, states, tuple(order)), range(dp * tp))
+
+
+@functools.lru_cache(maxsize=1024)  # pure; a search asks every pair of tp degrees per candidate
+def _rebatch_plan(rows: int, row_len: int, width: int, dtype_bytes: int, src_tp: int, dst_tp: int, world: int,
+                  node_size: int):
+    for tp in (src_tp, dst_tp):
+        if tp < 1 or world % tp:
+            raise HotSPaError(f"rebatch: tp {tp} does not divide the world of {world} ranks")
+    src_dp, dst_dp = world // src_tp, world // dst_tp
+    step = math.lcm(src_dp, dst_dp)  # the runtime pads the rows to a multiple of every segment's dp
+    padded = step * math.ceil(max(int(rows), 1) / step)
+    return plan_hot_switch((padded, int(row_len), int(width)), int(dtype_bytes), row_layout(src_dp, src_tp),
+                           row_layout(dst_dp, dst_tp), node_size=int(node_size))
+
+
+def rebatch_bytes(rows: int, row_len: int, width: int, dtype_bytes: int, src_tp: int, dst_tp: int, world: int,
+                  node_size: int = 8) -> int:
+    """The largest bytes one rank sends when the hot-switch planner moves a (rows, row_len, width)
+    activation from the row layout of tp `src_tp` (dp = world / src_tp replicas, `row_layout`) to
+    that of `dst_tp` (rows padded to a multiple of both dp; a rank copies what it holds itself)."""
+    return _rebatch_plan(rows, row_len, width, dtype_bytes, src_tp, dst_tp, world, node_size).max_send_bytes
+
+
+def _rebatch_time(cluster: ClusterSpec, tensor: tuple, src_tp: int, dst_tp: int) -> float:
+    plan = _rebatch_plan(*tensor, src_tp, dst_tp, cluster.world, cluster.gpus_per_node)
+    if plan.max_send_bytes == 0:
+        return 0.0
+    bw = cluster.inter_bw if plan.inter_node_bytes else cluster.intra_bw
+    return collective_latency(cluster, 2) + plan.max_send_bytes / bw  # one batch of point-to-point messages
+
+
+def transition_time(model: ModelSpec, cluster: ClusterSpec, rows: int, row_len: int, src: tuple, dst: tuple) -> float:
+    """Seconds between consecutive layers under (tp, sp) `src` then `dst` over the cluster's ranks for
+    a step of `rows` rows of `row_len` tokens: the boundary activation (rows·row_len·hidden values)
+    re-batched from src's row layout to dst's forward and its gradient back (`rebatch_bytes`' plans),
+    plus the all-gather a sequence-parallel side needs (src's activation forward, dst's gradient
+    backward: boundaries cross whole per TP group). 0 for equal (tp, sp)."""
+    (src_tp, src_sp), (dst_tp, dst_sp) = (int(src[0]), bool(src[1])), (int(dst[0]), bool(dst[1]))
+    if (src_tp, src_sp) == (dst_tp, dst_sp):
+        return 0.0
+    args = (int(rows), int(row_len), model.hidden, int(cluster.value_bytes))
+    world = cluster.world
+
+    def replica_bytes(tp: int) -> float:
+        return math.ceil(rows / (world // tp)) * row_len * model.hidden * cluster.value_bytes
+
+    seconds = _rebatch_time(cluster, args, src_tp, dst_tp) + _rebatch_time(cluster, args, dst_tp, src_tp)
+    if src_sp:
+        seconds += all_gather_time(cluster, replica_bytes(src_tp), src_tp)
+    if dst_sp:
+        seconds += all_gather_time(cluster, replica_bytes(dst_tp), dst_tp)
+    return seconds
+
+
 def _runs(st: Strategy, runtime: bool) -> int | None:
     """`predict`'s micro_batches for HotSPa's runtime (one plan per replica, a pipeline's pp), else None."""
     return st.pp if runtime else None
@@ -653,7 +728,7 @@ def layer_tables(times: Sequence[Sequence[float]], memories: Sequence[Sequence[i
     """The dynamic program of `search_layers`, every prefix kept: (best, back) where best[l][c, m] is
     the least time of layers 0..l with layer l under option c and exactly m memory units in all
     (inf where none), back[l - 1][c, m] the (option, units) of layer l - 1 on that path. An option
-    whose time is inf is never taken."""
+    whose time is inf, and a transition that is inf, are never taken."""
     layers = len(times)
     k = len(times[0])
     if any(len(t) != k for t in times) or any(len(m) != k for m in memories) or len(memories) != layers:
@@ -666,6 +741,7 @@ def layer_tables(times: Sequence[Sequence[float]], memories: Sequence[Sequence[i
         if 0 <= memories[0][c] <= budget:
             best[c, memories[0][c]] = times[0][c]
     bests, backs = [best], []
+    trans = np.asarray(transition, dtype=float)
     for layer in range(1, layers):
         new = np.full((k, budget + 1), inf)
         arg = np.full((k, budget + 1, 2), -1, dtype=np.int64)
@@ -673,12 +749,15 @@ def layer_tables(times: Sequence[Sequence[float]], memories: Sequence[Sequence[i
             need = memories[layer][c]
             if need > budget or not math.isfinite(times[layer][c]):
                 continue
-            for p in range(k):
-                cand = best[p, :budget + 1 - need] + transition[p][c] + times[layer][c]
-                target = new[c, need:]
-                better = cand < target
-                target[better] = cand[better]
-                arg[c, need:][better] = np.stack([np.full(better.sum(), p), np.nonzero(better)[0]], axis=1)
+            preds = np.nonzero(np.isfinite(trans[:, c]))[0]  # an inf transition is never taken
+            if preds.size == 0:
+                continue
+            cand = best[preds, :budget + 1 - need] + trans[preds, c][:, None] + times[layer][c]
+            pick = np.argmin(cand, axis=0)  # the lowest option among equals, as a scan in order keeps
+            value = cand[pick, np.arange(cand.shape[1])]
+            reached = np.isfinite(value)
+            new[c, need:][reached] = value[reached]
+            arg[c, need:][reached] = np.stack([preds[pick[reached]], np.nonzero(reached)[0]], axis=1)
         backs.append(arg)
         best = new
         bests.append(best)
@@ -728,7 +807,7 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 
 
 __all__ = ["A800", "LLAMA_7B", "RECOMPUTE", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy",
-           "bucketize",
+           "bucketize", "all_gather_time", "rebatch_bytes", "row_layout", "transition_time",
            "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",
            "layer_path", "layer_tables", "layer_time", "mixed_strategy", "parse_strategy", "predict", "run_time",
            "search_layers", "simulate", "static_strategies", "switch_time"]

@@ -1,5 +1,6 @@
-"""Layer-wise strategy search (Galvatron): per layer an activation recompute choice, per job the
-(dp, tp, sequence parallel) strategy and the pipeline's stages, under a per-device memory budget.
+"""Layer-wise strategy search (Galvatron): per layer an activation recompute choice (and, with
+`mixed_tp`, its tp and sequence parallelism), per job the (dp, tp, sequence parallel) strategy and
+the pipeline's stages, under a per-device memory budget.
 
 `search_plan(prof, model, world, rows, row_len, lengths, budget)` returns the `LayerPlan` the cost
 model predicts fastest among every candidate strategy over `world` ranks whose peak fits the
@@ -29,23 +30,40 @@ The cost model per layer and recompute option:
   `hotspa.predict`'s (the profiled whole-model runs, the gradient all-reduce, the update) plus the
   recompute it chooses; a pipeline's step its slowest stage times (m + pp - 1)/m.
 
+Per-block tensor parallelism (`search_plan(..., mixed_tp=True)`, `mixed_plan_for`): the options of
+a block are (tp, sp, recompute) over the tp degrees `hotspa_profile.runnable` gives (dividing the
+world and the heads; dp = world / tp; sp only with tp > 1), pp = 1. A block under tp costs 1/layers
+of that uniform strategy's predicted step (its compute and TP collectives, its share of the runs'
+overheads and head, and of the gradients' all-reduce over its own dp group) plus its recompute,
+so a plan whose blocks share one (tp, sp) costs what the uniform search says; it holds that tp's
+measured saved bytes (each tp and sp measured once, the cache of `search_plan`) and block states
+(16 B/param / tp); the first block also the bytes outside the blocks under its tp. Consecutive
+blocks of different (tp, sp) pay `hotspa.transition_time`: the boundary activation re-batched
+between the two row layouts forward and its gradient back, priced from the hot-switch planner's
+plans (`hotspa.rebatch_bytes`: largest per-rank send over the link's bandwidth plus a latency),
+and the all-gather a sequence-parallel side needs. A run of blocks of one (tp, sp) is a *segment*
+(one plan of the runtime): its working sets add up (the extras of the options it uses), while the
+segments' plans run one after another, so a stage is charged its largest segment's extras.
+
 Search: for each candidate the stage programs are exact dynamic programs over layers × options
-(`hotspa.layer_tables`, memory in integer units of budget/`resolution`, rounded up), one for
-each set of options a stage may use (its extras charged up front, the others excluded), and the
-split into stages a min-max dynamic program over the stages' first layers; on tiny
+(`hotspa.layer_tables`, memory in integer units of budget/`resolution`, rounded up) whose states
+are (option, the options its segment has used so far); the largest segment charge is a cap tried
+at every value it can take (its units taken from the budget up front, states over it excluded),
+which keeps the program exact and its size linear in the number of charges rather than 2^options;
+the split into stages a min-max dynamic program over the stages' first layers; on tiny
 configurations it equals brute force over every split and choice (the tests). Nothing that
 fits: a `HotSPaError` naming the least memory needed and each candidate's.
 
 What the runtime can carry (and so what `luoshu train --parallel auto` searches):
 
 - recompute per block: yes, the marks are per module and the recompute pass rewrites each region;
-- sequence parallelism: per job only. It is `states.Strategy.sequence_parallel`, one flag of the
-  graph's whole localisation (which conversion the states pass prefers between TP regions), so it
-  cannot differ between the blocks of one plan; the search chooses it per strategy;
-- tp per layer: no. A parameter's `DStates` are per strategy, and one strategy localises the
-  whole graph over one TP group; resharding activations between blocks of different tp groups
-  would need a device-group change inside a plan (the send/recv the pipeline pass derives
-  between stages), which the states pass does not do within a stage. Every layer has the job's tp;
+- sequence parallelism: per job in a uniform plan. It is `states.Strategy.sequence_parallel`, one
+  flag of the graph's whole localisation (which conversion the states pass prefers between TP
+  regions), so it cannot differ between the blocks of one plan; the search chooses it per
+  strategy (a mixed plan per segment, each segment its own plan);
+- tp per layer: being built (branch s-pertp: a mixed strategy's segments run as co-located stages,
+  activations re-batched between their row layouts by the hot-switch planner). Until it lands
+  `--parallel auto` searches uniform plans (`mixed_tp=False`, the default): every layer the job's tp;
 - pipeline: the search chooses pp and the split (`pipeline=True`), and the partition pass
   accepts a given split (`Pipeline(stages=...)`): a hot-switching job's pp > 1 strategies run
   the split `pipeline_stages` balances by the cost model (HotSPa's `stages`). But HotSPa's
@@ -80,27 +98,88 @@ STATE_BYTES = 16  # per parameter: fp32 weight and gradient, AdamW's two moments
 
 
 # --- the search over numbers ---------------------------------------------------------------------------
-def _segment_best(seconds, saved, extra, budget: int, start: int) -> list[tuple]:
-    """For each end j > start: (least seconds of layers start..j-1, the final (option, units) and
-    the tables of its path) whose Σ saved plus the extras of the options used fit `budget` units;
-    (inf, ...) where none. Each set of options is tried alone (its extras charged once), so the
-    dynamic program stays additive and exact."""
-    layers, k = len(seconds), len(extra)
-    out = [(math.inf, None, None)] * (layers + 1)
+def _states(extra, groups, cap) -> tuple[list[tuple[int, int]], list[int]]:
+    """The stage program's states under a cap on a segment's charge: (option c, the options of c's
+    group its segment has used so far, as a mask over the group's options with an extra, in order:
+    one without adds nothing to a charge), each mask's charge (the Σ of its options' extras) at most
+    `cap`; and each option's bit in its group's masks (0 for an option without an extra)."""
+    members: dict = {}
+    for c, g in enumerate(groups):
+        members.setdefault(g, [])
+        if extra[c]:
+            members[g].append(c)
+    bit = [1 << members[g].index(c) if extra[c] else 0 for c, g in enumerate(groups)]
+    states = []
+    for c, g in enumerate(groups):
+        opts = members[g]
+        for mask in range(1 << len(opts)):
+            if mask & bit[c] == bit[c] and sum(extra[o] for i, o in enumerate(opts) if mask >> i & 1) <= cap:
+                states.append((c, mask))
+    return states, bit
+
+
+def _charges(extra, groups) -> list:
+    """Every charge a segment can have (the Σ extras of a set of one group's options), ascending."""
+    members: dict = {}
+    for c, g in enumerate(groups):
+        members.setdefault(g, []).append(c)
+    return sorted({sum(extra[o] for i, o in enumerate(opts) if mask >> i & 1)
+                   for opts in members.values() for mask in range(1, 1 << len(opts))})
+
+
+def _capped(seconds, saved, extra, groups, transition, units: int, start: int, cap):
+    """`hotspa.layer_tables` over layers start.. with `_states(extra, groups, cap)` as its options: a
+    state's time and memory its option's, a move between states allowed where it keeps the mask (the
+    same group: the mask grows by the new option; another group: a new segment, the mask the new
+    option alone) at `transition`'s cost. Returns (states, bests, backs)."""
+    states, bit = _states(extra, groups, cap)
+    times = [[seconds[i][c] if i > start or mask == bit[c] else math.inf for c, mask in states]
+             for i in range(start, len(seconds))]
+    memories = [[saved[i][c] for c, _ in states] for i in range(start, len(seconds))]
+    moves = [[transition[p][c] if (mc == mp | bit[c] if groups[p] == groups[c] else mc == bit[c]) else math.inf
+              for c, mc in states] for p, mp in states]
+    bests, backs = H.layer_tables(times, memories, units, moves)
+    return states, bests, backs
+
+
+def _segment_best(seconds, saved, extra, budget: int, start: int, groups, transition) -> list[tuple]:
+    """For each end j > start: (least seconds of layers start..j-1 whose Σ saved plus the largest
+    charge of a segment fits `budget` units, the cap on the charge that reaches it); (inf, None)
+    where none. Exact: a cap at each possible charge, its units taken from the saved bytes' budget."""
+    layers = len(seconds)
+    out = [(math.inf, None)] * (layers + 1)
     if start >= layers:
         return out
-    for size in range(1, k + 1):
-        for used in itertools.combinations(range(k), size):
-            charge = sum(extra[c] for c in used)
-            if charge > budget:
-                continue
-            times = [[t if c in used else math.inf for c, t in enumerate(seconds[i])] for i in range(start, layers)]
-            bests, backs = H.layer_tables(times, [list(m) for m in saved[start:]], budget - charge)
-            for j, best in enumerate(bests):
-                c, m = np.unravel_index(np.argmin(best), best.shape)
-                if best[c, m] < out[start + j + 1][0]:
-                    out[start + j + 1] = (float(best[c, m]), (int(c), int(m)), backs)
+    for cap in _charges(extra, groups):
+        if cap > budget:
+            break
+        _, bests, _ = _capped(seconds, saved, extra, groups, transition, budget - cap, start, cap)
+        for j, best in enumerate(bests):
+            value = float(best.min())
+            if value < out[start + j + 1][0]:
+                out[start + j + 1] = (value, cap)
     return out
+
+
+def _segment_path(seconds, saved, extra, budget: int, start: int, end: int, groups, transition, cap) -> list[int]:
+    """The options of layers start..end-1 on `_segment_best`'s path under `cap`."""
+    states, bests, backs = _capped(seconds, saved, extra, groups, transition, budget - cap, start, cap)
+    best = bests[end - start - 1]
+    s, m = np.unravel_index(np.argmin(best), best.shape)
+    return [states[x][0] for x in H.layer_path(backs, end - start - 1, s, m)]
+
+
+def _defaults(seconds, extra, groups, transition):
+    k = len(extra)
+    if any(len(row) != k for row in seconds):
+        raise H.HotSPaError(f"search_stages: every layer needs one time per option ({k} extras), "
+                            f"found {[len(row) for row in seconds]}")
+    groups = [0] * k if groups is None else list(groups)
+    transition = [[0.0] * k for _ in range(k)] if transition is None else [list(row) for row in transition]
+    if len(groups) != k or len(transition) != k or any(len(row) != k for row in transition):
+        raise H.HotSPaError(f"search_stages: {k} options need {k} groups and a {k}x{k} transition matrix, found "
+                            f"{len(groups)} groups and {[len(row) for row in transition]}")
+    return groups, transition
 
 
 def search_stages(
@@ -109,18 +188,28 @@ def search_stages(
     extra: Sequence[int],
     budgets: Sequence[int],
     stage_seconds: Sequence[float] | None = None,
+    groups: Sequence | None = None,
+    transition: Sequence[Sequence[float]] | None = None,
 ) -> tuple[list[int], list[int], float]:
     """The split of the layers into `len(budgets)` contiguous non-empty stages and an option per
-    layer that minimise the slowest stage's time: a stage's time is its layers' `seconds[l][c]`
-    plus `stage_seconds[s]`; its memory `Σ saved[s][l][c]` (stage s's in-flight copies) plus
-    `extra[c]` once for each option c its layers use, at most `budgets[s]` (integer units). Returns (the first
-    layer of each stage, the option of each layer, the slowest stage's time); HotSPaError when
-    nothing fits."""
+    layer that minimise the slowest stage's time: a stage's time is its layers' `seconds[l][c]`,
+    `transition[a][b]` between consecutive layers of the stage under options a then b, and
+    `stage_seconds[s]`. Options of equal `groups[c]` (a (tp, sp): default one group) run in one
+    plan: a stage's *segments* are its maximal runs of layers of one group, a segment's charge the
+    Σ `extra[c]` of the distinct options it uses (a plan's working sets add up), and a stage's
+    memory `Σ saved[s][l][c]` (stage s's in-flight copies) plus its largest segment charge (the
+    segments' plans run one after another), at most `budgets[s]` (integer units). Returns (the
+    first layer of each stage, the option of each layer, the slowest stage's time); HotSPaError
+    when nothing fits."""
     pp, layers = len(budgets), len(seconds)
     if layers < pp:
         raise H.HotSPaError(f"search_stages: {layers} layers cannot fill {pp} stages")
+    groups, transition = _defaults(seconds, extra, groups, transition)
     fixed = list(stage_seconds) if stage_seconds is not None else [0.0] * pp
-    segments = [[_segment_best(seconds, saved[s], extra, int(budgets[s]), i) for i in range(layers)] for s in range(pp)]
+    empty = [(math.inf, None)] * (layers + 1)
+    # segments[s][i]: stage s starting at layer i (only where the stages before and after fit)
+    segments = [[_segment_best(seconds, saved[s], extra, int(budgets[s]), i, groups, transition)
+                 if s <= i <= layers - pp + s else empty for i in range(layers)] for s in range(pp)]
     # worst[s][j]: the least slowest-stage time of stages 0..s covering layers 0..j-1
     worst = np.full((pp, layers + 1), math.inf)
     cut = np.full((pp, layers + 1), -1, dtype=np.int64)
@@ -145,14 +234,26 @@ def search_stages(
     choices: list[int] = []
     for s, i in enumerate(starts):
         j = starts[s + 1] if s + 1 < pp else layers
-        _, (c, m), backs = segments[s][i][j]
-        choices += H.layer_path(backs, j - i - 1, c, m)
+        choices += _segment_path(seconds, saved[s], extra, int(budgets[s]), i, j, groups, transition,
+                                 segments[s][i][j][1])
     return starts, choices, float(worst[pp - 1, layers])
 
 
-def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None) -> float:
+def stage_charge(picks: Sequence[int], extra, groups) -> float:
+    """The largest segment charge of one stage's options `picks` (`search_stages`)."""
+    worst, segment = 0, set()
+    for i, c in enumerate(picks):
+        if i and groups[c] != groups[picks[i - 1]]:
+            segment = set()
+        segment.add(c)
+        worst = max(worst, sum(extra[o] for o in segment))
+    return worst
+
+
+def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None, groups=None, transition=None) -> float:
     """The slowest-stage time `search_stages` must reach, over every split and every choice."""
     pp, layers, k = len(budgets), len(seconds), len(seconds[0])
+    groups, transition = _defaults(seconds, extra, groups, transition)
     fixed = list(stage_seconds) if stage_seconds is not None else [0.0] * pp
     best = math.inf
     for inner in itertools.combinations(range(1, layers), pp - 1):
@@ -160,12 +261,14 @@ def brute_force_stages(seconds, saved, extra, budgets, stage_seconds=None) -> fl
         for pick in itertools.product(range(k), repeat=layers):
             worst = 0.0
             for s in range(pp):
-                span = range(bounds[s], bounds[s + 1])
-                memory = sum(saved[s][i][pick[i]] for i in span) + sum(extra[c] for c in {pick[i] for i in span})
+                span = list(range(bounds[s], bounds[s + 1]))
+                picks = [pick[i] for i in span]
+                memory = sum(saved[s][i][pick[i]] for i in span) + stage_charge(picks, extra, groups)
                 if memory > budgets[s]:
                     worst = math.inf
                     break
-                worst = max(worst, sum(seconds[i][pick[i]] for i in span) + fixed[s])
+                moves = sum(transition[a][b] for a, b in zip(picks, picks[1:]))
+                worst = max(worst, sum(seconds[i][pick[i]] for i in span) + moves + fixed[s])
             best = min(best, worst)
     if not math.isfinite(best):
         raise H.HotSPaError("nothing fits")
@@ -258,17 +361,35 @@ def _held(model: Module, tp: int) -> tuple[list[int], int]:
 @dataclass
 class LayerPlan:
     """The search's result: the strategy, each layer's recompute, the stages' first layers, the
-    predicted step time and peak memory per device (the worst stage's) and their parts."""
+    predicted step time and peak memory per device (the worst stage's) and their parts; each
+    block's `tp` and `sp` (the strategy's throughout for a uniform plan). A mixed plan (blocks of
+    different (tp, sp), `mixed`) has no one strategy (`strategy` None) and one stage."""
 
-    strategy: H.Strategy
+    strategy: H.Strategy | None
     recompute: list[str]
     stages: list[int]
     time_s: float
     memory_bytes: float
     parts: dict = field(default_factory=dict)
+    tp: tuple = ()
+    sp: tuple = ()
+
+    def __post_init__(self):
+        if not self.tp:
+            self.tp = (self.strategy.tp,) * len(self.recompute)
+            self.sp = (self.strategy.sp,) * len(self.recompute)
+        self.tp, self.sp = tuple(int(t) for t in self.tp), tuple(bool(v) for v in self.sp)
+
+    @property
+    def mixed(self) -> bool:
+        return self.strategy is None
 
     @property
     def text(self) -> str:
+        """'dp2,tp2,pp1,sp' (uniform) or the per-block 'tp[4,2,1],sp[1,0,0]' (mixed)."""
+        if self.mixed:
+            return "tp[" + ",".join(map(str, self.tp)) + "]" + (
+                ",sp[" + ",".join(str(int(v)) for v in self.sp) + "]" if any(self.sp) else "")
         st = self.strategy
         return f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
 
@@ -276,6 +397,8 @@ class LayerPlan:
         return {
             "strategy": self.text,
             "recompute": list(self.recompute),
+            "tp": list(self.tp),
+            "sp": list(self.sp),
             "stages": list(self.stages),
             "predicted_step_s": self.time_s,
             "predicted_memory_bytes": self.memory_bytes,
@@ -298,42 +421,79 @@ def _scale(spec: H.ModelSpec, rows: int, row_len: int, st: H.Strategy, option: s
     return H.layer_activation_bytes(spec, rows, row_len, st.tp, st.sp, option) / plain
 
 
-def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengths: Sequence[int],
-             budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
-    """The fastest `LayerPlan` under strategy `st` whose every stage fits `budget` bytes, or (when
-    none fits) the least bytes per device it needs. `measured(rows)` gives `measure_layers` at this
-    replica's rows."""
+@dataclass
+class _Costs:
+    """One strategy's per-option costs of a block (module docstring): seconds per recompute option,
+    the activation bytes one in-flight copy saves and the extra its backward adds, the model-state
+    bytes of a block (the largest) and outside them, the bytes outside the blocks' activations, and
+    the whole step's prediction without recompute."""
+
+    replica_rows: int
+    seconds: dict
+    saved: dict
+    extra: dict
+    block_states: float
+    per_block: list
+    outside_params: int
+    outside_bytes: float
+    base: H.Prediction
+    head_seconds: float
+
+
+def _costs(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengths: Sequence[int], measured) -> _Costs:
     spec = prof.spec
-    layers = spec.layers
     world = st.dp * st.tp * st.pp
     cl = hotspa_profile.cluster(prof, world)
     replica_rows = math.ceil(rows / st.dp)
     mem = measured(replica_rows)
-    m = st.pp  # HotSPa's pipelines run pp micro-batches; a stage keeps up to pp - s of them
-    in_flight = [(st.pp - s) / m for s in range(st.pp)]
     if (mem.tp, mem.sp) == (st.tp, st.sp):  # measured under this tp and sp: as measured
         scale, extra_scale = dict.fromkeys(RECOMPUTE, 1.0), 1.0
     else:  # measured on one device: Korthikanti et al.'s ratio (conservative for the outside bytes)
         scale = {c: _scale(spec, replica_rows, row_len, st, c) for c in RECOMPUTE}
         extra_scale = _scale(spec, replica_rows, row_len, st, "none")
     per_block, outside = _held(model, st.tp)
-    block_states = STATE_BYTES * max(per_block)
-    stage_fixed = [STATE_BYTES * outside + mem.outside] * st.pp  # conservative: every stage holds them all
-    seconds_of = {c: H.layer_time(spec, cl, replica_rows, row_len, st.tp, st.sp, c) for c in RECOMPUTE}
-    seconds = [[seconds_of[c] for c in RECOMPUTE] for _ in range(layers)]
-    head = 6.0 * replica_rows * row_len * spec.hidden * spec.vocab / st.tp / (cl.flops * cl.mfu)
-    stage_seconds = [0.0] * (st.pp - 1) + [head]
-    saved_b = [[block_states + mem.saved[c] * scale[c] * f for c in RECOMPUTE] for f in in_flight]
-    extra_b = [mem.extra[c] * extra_scale / m for c in RECOMPUTE]
-    if math.isinf(budget):
-        unit, budgets = 1.0, [0] * st.pp
-        saved_u = [[[0] * len(RECOMPUTE) for _ in range(layers)] for _ in range(st.pp)]
-        extra_u = [0] * len(RECOMPUTE)
-    else:
-        unit = max(float(budget) / resolution, 1.0)
-        budgets = [math.floor((budget - fixed) / unit) for fixed in stage_fixed]
-        saved_u = [[[math.ceil(b / unit) for b in row] for _ in range(layers)] for row in saved_b]
-        extra_u = [math.ceil(b / unit) for b in extra_b]
+    flat = H.Strategy(st.dp, st.tp, st.pp)  # sp moves the same bytes: the profiled runs of tp price both
+    return _Costs(
+        replica_rows,
+        {c: H.layer_time(spec, cl, replica_rows, row_len, st.tp, st.sp, c) for c in RECOMPUTE},
+        {c: mem.saved[c] * scale[c] for c in RECOMPUTE},
+        {c: mem.extra[c] * extra_scale for c in RECOMPUTE},
+        STATE_BYTES * max(per_block),
+        per_block,
+        outside,
+        STATE_BYTES * outside + mem.outside,
+        H.predict(spec, cl, flat, lengths, row_len, micro_batches=st.pp),
+        6.0 * replica_rows * row_len * spec.hidden * spec.vocab / st.tp / (cl.flops * cl.mfu),
+    )
+
+
+def _units(budget: float, resolution: int) -> float:
+    return 1.0 if math.isinf(budget) else max(float(budget) / resolution, 1.0)
+
+
+def _in_units(nbytes: float, unit: float, budget: float) -> int:
+    """Bytes a layer needs in the budget's units, rounded up (0 without a budget)."""
+    return 0 if math.isinf(budget) else math.ceil(nbytes / unit)
+
+
+def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengths: Sequence[int],
+             budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
+    """The fastest `LayerPlan` under strategy `st` whose every stage fits `budget` bytes, or (when
+    none fits) the least bytes per device it needs. `measured(rows)` gives `measure_layers` at this
+    replica's rows."""
+    layers = prof.spec.layers
+    k = _costs(prof, model, st, rows, row_len, lengths, measured)
+    m = st.pp  # HotSPa's pipelines run pp micro-batches; a stage keeps up to pp - s of them
+    in_flight = [(st.pp - s) / m for s in range(st.pp)]
+    stage_fixed = [k.outside_bytes] * st.pp  # conservative: every stage holds them all
+    seconds = [[k.seconds[c] for c in RECOMPUTE] for _ in range(layers)]
+    stage_seconds = [0.0] * (st.pp - 1) + [k.head_seconds]
+    saved_b = [[k.block_states + k.saved[c] * f for c in RECOMPUTE] for f in in_flight]
+    extra_b = [k.extra[c] / m for c in RECOMPUTE]
+    unit = _units(budget, resolution)
+    budgets = [0 if math.isinf(budget) else math.floor((budget - fixed) / unit) for fixed in stage_fixed]
+    saved_u = [[[_in_units(b, unit, budget) for b in row] for _ in range(layers)] for row in saved_b]
+    extra_u = [_in_units(b, unit, budget) for b in extra_b]
     if min(budgets) < 0:
         return _least(saved_b, extra_b, stage_fixed, layers)
     try:
@@ -347,19 +507,17 @@ def plan_for(prof, model: Module, st: H.Strategy, rows: int, row_len: int, lengt
     for s, (i, j) in enumerate(zip(starts, ends)):
         opts = [RECOMPUTE.index(c) for c in choices[i:j]]
         stage_bytes.append(stage_fixed[s] + sum(saved_b[s][c] for c in opts) + sum(extra_b[c] for c in set(opts)))
-    flat = H.Strategy(st.dp, st.tp, st.pp)  # sp moves the same bytes: the profiled runs of tp price both
-    base = H.predict(spec, cl, flat, lengths, row_len, micro_batches=st.pp)
     if st.pp == 1:
-        time = base.time_s + sum(seconds_of[c] - seconds_of["none"] for c in choices)
+        time = k.base.time_s + sum(k.seconds[c] - k.seconds["none"] for c in choices)
     else:
-        time = base.time_s - base.parts["pipeline"] + slowest * (m + st.pp - 1) / m
+        time = k.base.time_s - k.base.parts["pipeline"] + slowest * (m + st.pp - 1) / m
     worst = int(np.argmax(stage_bytes))
-    activations = stage_bytes[worst] - STATE_BYTES * (outside + sum(per_block[starts[worst]:ends[worst]]))
+    activations = stage_bytes[worst] - STATE_BYTES * (k.outside_params + sum(k.per_block[starts[worst]:ends[worst]]))
     parts = {
         "predicted_stage_bytes": stage_bytes,
         "predicted_activation_bytes": activations,
         "predicted_state_bytes": stage_bytes[worst] - activations,
-        "replica_rows": replica_rows,
+        "replica_rows": k.replica_rows,
         "row_len": row_len,
     }
     return LayerPlan(st, choices, starts, time, float(stage_bytes[worst]), parts)
@@ -383,14 +541,113 @@ def _least(saved_b, extra_b, stage_fixed, layers: int) -> float:
     return worst[layers]
 
 
+@dataclass
+class MixedOptions:
+    """The options of a mixed plan's blocks, one per (tp, sp, recompute) (`mixed_options`): per layer
+    and option the seconds and bytes, each option's extra bytes and group (its (tp, sp)), the
+    transition seconds between options."""
+
+    options: list  # (tp, sp, recompute)
+    seconds: list
+    saved: list
+    extra: list
+    groups: list
+    transition: list
+    costs: dict  # (tp, sp) -> _Costs
+
+    def charge(self, picks: Sequence[int]) -> float:
+        return stage_charge(picks, self.extra, self.groups)
+
+
+def mixed_options(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
+                  measured) -> MixedOptions:
+    """Every block's options under per-block tensor parallelism over `world` ranks (pp = 1): each tp of
+    `hotspa_profile.runnable` (dp = world / tp), with sp where tp > 1, and each recompute option.
+    `measured(rows, strategy)` gives `measure_layers` for that strategy's tp and sp at its replica's
+    rows. The cost model (module docstring): a block under tp costs 1/layers of the uniform tp
+    strategy's predicted step (its compute, TP collectives, share of the runs' overheads and the
+    head, and of the gradients' all-reduce over its own dp group world / tp) plus its recompute; it
+    holds the strategy's saved bytes and block states; the first block also what lies outside the
+    blocks under its tp; consecutive blocks of different (tp, sp) pay `hotspa.transition_time`."""
+    spec = prof.spec
+    layers = spec.layers
+    cl = hotspa_profile.cluster(prof, world)
+    options, groups, costs = [], [], {}
+    for st in _candidates(world, spec, False):
+        key = (st.tp, st.sp)
+        costs[key] = _costs(prof, model, st, rows, row_len, lengths, lambda r, st=st: measured(r, st))
+        for c in RECOMPUTE:
+            options.append((st.tp, st.sp, c))
+            groups.append(len(costs) - 1)
+    seconds = [[costs[(t, v)].base.time_s / layers + costs[(t, v)].seconds[c] - costs[(t, v)].seconds["none"]
+                for t, v, c in options] for _ in range(layers)]
+    saved = [[costs[(t, v)].block_states + costs[(t, v)].saved[c] + (costs[(t, v)].outside_bytes if i == 0 else 0.0)
+              for t, v, c in options] for i in range(layers)]
+    extra = [costs[(t, v)].extra[c] for t, v, c in options]
+    transition = [[H.transition_time(spec, cl, rows, row_len, a[:2], b[:2]) for b in options] for a in options]
+    return MixedOptions(options, seconds, saved, extra, groups, transition, costs)
+
+
+def mixed_plan_for(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
+                   budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
+    """The fastest per-block (tp, sp, recompute) plan over `world` ranks (`mixed_options`' costs) whose
+    peak fits `budget` bytes: Σ of its blocks' bytes plus its largest segment charge (`search_stages`,
+    one stage); or (when none fits) the least bytes it needs. A plan whose blocks share one (tp, sp)
+    comes back as that uniform strategy's."""
+    mo = mixed_options(prof, model, world, rows, row_len, lengths, measured)
+    unit = _units(budget, resolution)
+    units = 0 if math.isinf(budget) else math.floor(budget / unit)
+    saved_u = [[[_in_units(b, unit, budget) for b in row] for row in mo.saved]]
+    extra_u = [_in_units(b, unit, budget) for b in mo.extra]
+    try:
+        _, picks, time = search_stages(mo.seconds, saved_u, extra_u, [units], None, mo.groups, mo.transition)
+    except H.HotSPaError:
+        return _least_mixed(mo)
+    memory = sum(mo.saved[i][c] for i, c in enumerate(picks)) + mo.charge(picks)
+    tp = [mo.options[c][0] for c in picks]
+    sp = [mo.options[c][1] for c in picks]
+    first = mo.costs[(tp[0], sp[0])]
+    states = STATE_BYTES * first.outside_params + sum(
+        STATE_BYTES * max(_held(model, t)[0]) for t in tp)
+    moves = sum(mo.transition[a][b] for a, b in zip(picks, picks[1:]))
+    parts = {
+        "predicted_stage_bytes": [memory],
+        "predicted_activation_bytes": memory - states,
+        "predicted_state_bytes": states,
+        "predicted_transition_s": moves,
+        "replica_rows": [mo.costs[(t, v)].replica_rows for t, v in zip(tp, sp)],
+        "row_len": row_len,
+    }
+    strategy = None
+    if len(set(zip(tp, sp))) == 1:
+        strategy = H.Strategy(world // tp[0], tp[0], 1, sp=sp[0])
+    return LayerPlan(strategy, [mo.options[c][2] for c in picks], [0], time, float(memory), parts, tp, sp)
+
+
+def _least_mixed(mo: MixedOptions) -> float:
+    """The least peak bytes any per-block choice needs: for each cap on a segment's charge, the least
+    Σ bytes of the blocks whose segments keep under it (the stage program with bytes for seconds),
+    plus the cap."""
+    layers = len(mo.seconds)
+    best = math.inf
+    zeros = [[0] * len(mo.options) for _ in range(layers)]
+    no_moves = [[0.0] * len(mo.options) for _ in mo.options]
+    for cap in _charges(mo.extra, mo.groups):
+        _, bests, _ = _capped(mo.saved, zeros, mo.extra, mo.groups, no_moves, 0, 0, cap)
+        best = min(best, cap + float(bests[-1].min()))
+    return best
+
+
 def search_plan(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
                 budget: float = math.inf, pipeline: bool = False, resolution: int = 2048,
-                measured=None) -> tuple[LayerPlan, list]:
+                measured=None, mixed_tp: bool = False) -> tuple[LayerPlan, list]:
     """The fastest `LayerPlan` over `world` ranks for batches packed into `rows` rows of `row_len`
     tokens (sequences of `lengths`) within `budget` bytes per device; also, per candidate,
     (strategy, its plan or else its least need in bytes, {"free_bytes": its peak without
-    recompute, "least_bytes": the least it needs}). `pipeline`: pp > 1 candidates too. Raises HotSPaError naming each
-    candidate's least need when none fits."""
+    recompute, "least_bytes": the least it needs}). `pipeline`: pp > 1 candidates too. `mixed_tp`:
+    also the per-block (tp, sp, recompute) search (`mixed_plan_for`; its row's strategy None), whose
+    plan wins only where its blocks differ in (tp, sp) and it is faster. Raises HotSPaError naming
+    each candidate's least need when none fits."""
     spec = prof.spec
     cache: dict[tuple, LayerMemory] = {}
     # under this job's ranks each candidate's tp (and sp) plans are measured as they will run
@@ -407,18 +664,19 @@ def search_plan(prof, model: Module, world: int, rows: int, row_len: int, length
         return cache[key]
 
     table = []
-    for st in _candidates(world, spec, pipeline):
-        def plan(memory: float, st=st):
-            return plan_for(prof, model, st, rows, row_len, lengths, memory, lambda r: measure(r, st), resolution)
-
+    searches = [(st, lambda memory, st=st: plan_for(prof, model, st, rows, row_len, lengths, memory,
+                                                    lambda r: measure(r, st), resolution))
+                for st in _candidates(world, spec, pipeline)]
+    if mixed_tp:
+        searches.append((None, lambda memory: mixed_plan_for(prof, model, world, rows, row_len, lengths, memory,
+                                                             measure, resolution)))
+    for st, plan in searches:
         chosen = plan(budget)
         needs = {"free_bytes": plan(math.inf).memory_bytes, "least_bytes": plan(1.0)}  # without recompute, at least
         table.append((st, chosen, needs))
-    fitting = [p for _, p, _ in table if isinstance(p, LayerPlan)]
+    fitting = [p for st, p, _ in table if isinstance(p, LayerPlan) and (st is not None or p.mixed)]
     if not fitting:
-        needs = ", ".join(
-            f"{H.Strategy(st.dp, st.tp, st.pp, sp=st.sp)} {need / 2**20:.2f} MiB" for st, need, _ in table
-        )
+        needs = ", ".join(f"{'mixed tp' if st is None else st} {need / 2**20:.2f} MiB" for st, need, _ in table)
         least = min(need for _, need, _ in table)
         raise H.HotSPaError(
             f"--parallel auto: no strategy over {world} ranks holds {rows} rows of {row_len} tokens in "
@@ -466,11 +724,15 @@ __all__ = [
     "RECOMPUTE",
     "LayerMemory",
     "LayerPlan",
+    "MixedOptions",
     "apply_plan",
     "brute_force_stages",
     "measure_layers",
+    "mixed_options",
+    "mixed_plan_for",
     "pipeline_stages",
     "plan_for",
     "search_plan",
     "search_stages",
+    "stage_charge",
 ]

@@ -213,8 +213,8 @@ def _choose_static(config, model, docs, row_len: int) -> layerwise.LayerPlan:
     plan, table = layerwise.search_plan(prof, model, env.world_size(), rows, row_len, lengths, budget)
     candidates = []
     for st, p, needs in table:
-        name = f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
         fits = isinstance(p, layerwise.LayerPlan)
+        name = "mixed tp" if st is None else f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
         candidates.append(
             {
                 **(p.as_dict() if fits else {"strategy": name}),

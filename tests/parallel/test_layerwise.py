@@ -232,3 +232,152 @@ def test_a_searched_plan_on_4_processes_matches_one_process(tmp_path):
         np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
         for name, value in ref_params.items():
             np.testing.assert_allclose(run[name], value, rtol=0, atol=1e-6, err_msg=name)
+
+
+# --- per-block (tp, sp, recompute) -----------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_the_stage_program_with_groups_and_transitions_equals_brute_force(seed):
+    """Options in groups (a (tp, sp) each): a stage's memory is Σ saved plus its largest segment's Σ
+    extras of the options it uses, consecutive layers pay the transition; tight budgets, pipeline splits."""
+    rng = np.random.default_rng(100 + seed)
+    checked = 0
+    for _ in range(8):
+        layers, k, pp = int(rng.integers(3, 5)), int(rng.integers(3, 5)), int(rng.integers(1, 3))
+        seconds = rng.uniform(1, 3, (layers, k)).round(3).tolist()
+        saved = [rng.integers(1, 9, (layers, k)).tolist() for _ in range(pp)]
+        extra = rng.integers(0, 6, k).tolist()
+        groups = rng.integers(0, 2, k).tolist()
+        transition = rng.uniform(0, 1.5, (k, k)).round(3)
+        for c in range(k):  # within a group no re-batch
+            for d in range(k):
+                if groups[c] == groups[d]:
+                    transition[c, d] = 0.0
+        transition = transition.tolist()
+        budgets = rng.integers(6, 4 * layers, pp).tolist()
+        fixed = rng.uniform(0, 2, pp).tolist()
+        try:
+            expected = LW.brute_force_stages(seconds, saved, extra, budgets, fixed, groups, transition)
+        except ls.Error:
+            with pytest.raises(H.HotSPaError, match="no split of"):
+                LW.search_stages(seconds, saved, extra, budgets, fixed, groups, transition)
+            continue
+        starts, choices, slowest = LW.search_stages(seconds, saved, extra, budgets, fixed, groups, transition)
+        assert slowest == pytest.approx(expected)
+        ends = starts[1:] + [layers]
+        worst = 0.0
+        for s, (i, j) in enumerate(zip(starts, ends)):
+            picks = choices[i:j]
+            assert sum(saved[s][i + n][c] for n, c in enumerate(picks)) + LW.stage_charge(picks, extra, groups) \
+                <= budgets[s]
+            moves = sum(transition[a][b] for a, b in zip(picks, picks[1:]))
+            worst = max(worst, sum(seconds[i + n][c] for n, c in enumerate(picks)) + moves + fixed[s])
+        assert worst == pytest.approx(slowest)
+        checked += 1
+    assert checked
+
+
+def test_segment_charges_add_within_a_segment_and_take_the_largest_across():
+    extra, groups = [5, 3, 4, 1], [0, 0, 1, 1]
+    assert LW.stage_charge([0, 1, 0], extra, groups) == 8  # one segment: 5 + 3
+    assert LW.stage_charge([0, 2, 3, 1], extra, groups) == 5  # segments {0}, {2, 3}, {1}: max(5, 5, 3)
+    assert LW.stage_charge([1, 2, 1], extra, groups) == 4  # {1}, {2}, {1}: separate plans
+
+
+def test_rebatch_bytes_and_transition_time_are_the_planners_plan():
+    """Hand-computed row re-batches over 4 ranks (rank = replica·tp + member): from tp1 (each rank a
+    row) to tp2 each rank lacks one row of its replica's two; to tp4 each rank sends its row to the
+    3 others; tp2 to tp4: each rank receives the other replica's 2 rows, the 4 senders balanced;
+    to a smaller tp (sub-blocks of rows a rank holds) nothing moves."""
+    row = 8 * 16 * 4  # row_len 8, width 16, fp32
+    cases = {(1, 2): 1, (1, 4): 3, (2, 4): 2, (2, 1): 0, (4, 1): 0, (4, 2): 0, (2, 2): 0}
+    for (src, dst), rows in cases.items():
+        assert H.rebatch_bytes(4, 8, 16, 4, src, dst, 4) == rows * row, (src, dst)
+    assert H.rebatch_bytes(3, 8, 16, 4, 1, 2, 4) == row  # padded to 4 rows (a multiple of dp 4 and 2)
+    with pytest.raises(H.HotSPaError, match="tp 3 does not divide the world of 4"):
+        H.rebatch_bytes(4, 8, 16, 4, 1, 3, 4)
+    spec = H.ModelSpec(layers=3, hidden=16, heads=4, vocab=32)
+    cl = H.ClusterSpec(4, 1, 1e12, 1e9, 1e8, 2**30, latency=((2, 1e-4), (4, 2e-4)), value_bytes=4)
+    assert H.transition_time(spec, cl, 4, 8, (1, False), (2, False)) == pytest.approx(1e-4 + row / 1e9)
+    assert H.transition_time(spec, cl, 4, 8, (1, False), (4, False)) == pytest.approx(1e-4 + 3 * row / 1e9)
+    # forward 2 rows from the other replica; the gradient back to tp2 is local (each rank holds every row)
+    assert H.transition_time(spec, cl, 4, 8, (2, False), (4, False)) == pytest.approx(1e-4 + 2 * row / 1e9)
+    assert H.transition_time(spec, cl, 4, 8, (2, True), (2, True)) == 0.0
+    # sp -> no sp inside tp2: the all-gather of a replica's 2 rows (half of them sent by each member)
+    gather = 1e-4 + 0.5 * 2 * row / 1e9
+    assert H.transition_time(spec, cl, 4, 8, (2, True), (2, False)) == pytest.approx(gather)
+    assert H.transition_time(spec, cl, 4, 8, (2, False), (2, True)) == pytest.approx(gather)  # the gradient's
+    # two nodes of 2: rank 0's rows 2 and 3 for tp4 come over the slower links
+    two_nodes = H.ClusterSpec(2, 2, 1e12, 1e9, 1e8, 2**30, latency=((2, 1e-4), (4, 2e-4)), value_bytes=4)
+    assert H.transition_time(spec, two_nodes, 4, 8, (1, False), (4, False)) == pytest.approx(1e-4 + 3 * row / 1e8)
+
+
+def _latency_profile(model) -> P.Profile:
+    """Fixed rates with costly collectives: tensor parallelism is slow, so only memory makes it worth it."""
+    return P.Profile(H.model_spec(model), flops=2e9, layer_overhead_s=1e-5, latency=((2, 1e-3), (4, 2e-3)))
+
+
+def _brute_force_mixed(mo, budget: float, resolution: int = 2048) -> float:
+    """The least time over every per-block option of `mixed_options`, memory in the search's units."""
+    unit = max(budget / resolution, 1.0)
+    saved = [[math.ceil(b / unit) for b in row] for row in mo.saved]
+    extra = [math.ceil(b / unit) for b in mo.extra]
+    best = math.inf
+    for pick in itertools.product(range(len(mo.options)), repeat=len(mo.seconds)):
+        if sum(saved[i][c] for i, c in enumerate(pick)) + LW.stage_charge(pick, extra, mo.groups) > budget // unit:
+            continue
+        moves = sum(mo.transition[a][b] for a, b in zip(pick, pick[1:]))
+        best = min(best, sum(mo.seconds[i][c] for i, c in enumerate(pick)) + moves)
+    return best
+
+
+def test_a_mixed_plan_equals_brute_force_and_wins_only_under_a_tight_budget(measured):
+    model, mem = measured
+    prof = _latency_profile(model)
+    lengths = LENGTHS * 2
+    free, table = LW.search_plan(prof, model, 4, 4, ROW_LEN, lengths, measured=lambda r: mem, mixed_tp=True)
+    assert not free.mixed and free.text == "dp4,tp1,pp1"  # uniform wins without a budget: tp only costs
+    assert table[-1][0] is None and table[-1][1].text == "dp4,tp1,pp1"  # the per-block search agrees
+    mo = LW.mixed_options(prof, model, 4, 4, ROW_LEN, lengths, lambda r, st: mem)
+    assert {o[:2] for o in mo.options} == {(1, False), (2, False), (2, True), (4, False), (4, True)}
+    least = min(n["least_bytes"] for _, _, n in table)
+    most = max(n["free_bytes"] for _, _, n in table)
+    won = 0
+    for fraction in (0.14, 0.3, 0.47, 0.8):
+        budget = least + (most - least) * fraction
+        best, table = LW.search_plan(prof, model, 4, 4, ROW_LEN, lengths, budget, measured=lambda r: mem,
+                                     mixed_tp=True)
+        mixed = table[-1][1]
+        assert mixed.time_s == pytest.approx(_brute_force_mixed(mo, budget), rel=1e-12), fraction
+        assert mixed.memory_bytes <= budget and best.memory_bytes <= budget
+        uniform = min(p.time_s for st, p, _ in table if st is not None and isinstance(p, LW.LayerPlan))
+        if best.mixed:
+            assert len(set(zip(best.tp, best.sp))) > 1 and best.time_s < uniform
+            assert best.text.startswith("tp[") and best.as_dict()["tp"] == list(best.tp)
+            assert best.stages == [0] and len(best.recompute) == 3
+            won += 1
+        else:
+            assert best.time_s == uniform
+    assert won  # some tight budget is met faster by blocks of different tp
+
+
+def test_mixed_tp_false_searches_uniform_plans_only(measured):
+    model, mem = measured
+    prof = _latency_profile(model)
+    best, table = LW.search_plan(prof, model, 4, 4, ROW_LEN, LENGTHS * 2, 300_000, measured=lambda r: mem)
+    assert all(st is not None for st, _, _ in table)
+    assert best.tp == (best.strategy.tp,) * 3 and best.sp == (best.strategy.sp,) * 3
+    assert best.as_dict()["strategy"] == best.text == str(best.strategy).split(",rc")[0]
+
+
+def test_an_infeasible_budget_names_the_least_memory_with_mixed_tp(measured):
+    model, mem = measured
+    prof = _latency_profile(model)
+    with pytest.raises(H.HotSPaError, match="the least memory needed is") as info:
+        LW.search_plan(prof, model, 4, 4, ROW_LEN, LENGTHS * 2, 2**16, measured=lambda r: mem, mixed_tp=True)
+    assert "mixed tp" in str(info.value)
+    least = float(re.search(r"the least memory needed is ([\d.]+) MiB", str(info.value)).group(1)) * 2**20
+    plan, _ = LW.search_plan(prof, model, 4, 4, ROW_LEN, LENGTHS * 2, least * 1.02, measured=lambda r: mem,
+                             mixed_tp=True)
+    assert plan.memory_bytes <= least * 1.02
+    with pytest.raises(H.HotSPaError):
+        LW.search_plan(prof, model, 4, 4, ROW_LEN, LENGTHS * 2, least * 0.98, measured=lambda r: mem, mixed_tp=True)
