@@ -729,8 +729,13 @@ def _value(t: Tensor, values: dict):
 
 
 def _sim_all_reduce(args, attrs):
-    total = sum(a[0] for a in args)
-    if attrs.get("reduce") == "mean":
+    reduce = attrs.get("reduce")
+    if reduce in ("max", "min"):
+        stacked = torch.stack([a[0] for a in args])
+        total = stacked.amax(0) if reduce == "max" else stacked.amin(0)
+    else:
+        total = sum(a[0] for a in args)
+    if reduce == "mean":
         total = total / len(args)
     return [total.clone() for _ in args]
 
