@@ -438,10 +438,20 @@ def _deduce(op: Op, in_ds: list, strategy: Strategy):
         fixed = [t.producer is None and t.kind == "variable" for t in op.inputs]
 
         def cost(c):
-            return sum(
-                0.0 if w is None else conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
-                for d, w, t, f in zip(in_ds, c.inputs, op.inputs, fixed)
-            )
+            # One tensor read twice (x * x) is converted once per wanted states (the pass caches
+            # conversions), and once a partial is all-reduced its other readers here read it whole:
+            # reading it partial as well defers a second all-reduce, as duplicate -> partial does.
+            whole = {id(t) for d, w, t in zip(in_ds, c.inputs, op.inputs) if _all_reduces(d, w, n)}
+            seen, total = set(), 0.0
+            for d, w, t, f in zip(in_ds, c.inputs, op.inputs, fixed):
+                w = d if w is None else w
+                if id(t) in whole and not _all_reduces(d, w, n):
+                    d = S.dup(n)
+                key = (id(t), "whole" if w is S.WHOLE else S.key(w))
+                if key not in seen:
+                    seen.add(key)
+                    total += conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
+            return total
 
         best = min(need.candidates, key=cost)
         return _pad(best.outputs, nout, n), list(best.inputs)
@@ -456,6 +466,11 @@ def _deduce(op: Op, in_ds: list, strategy: Strategy):
                 stacklevel=2,
             )
         return [S.dup(n)] * nout, [S.dup(n)] * len(in_ds)
+
+
+def _all_reduces(src: DStates, want, n: int) -> bool:
+    """Whether converting `src` to `want` is an all-reduce (partial to whole)."""
+    return want is not None and S.key(src) == PARTIAL and S.key(S.dup(n) if want is S.WHOLE else want) == DUPLICATE
 
 
 def _pad(out, nout: int, n: int) -> list:

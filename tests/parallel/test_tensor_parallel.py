@@ -152,6 +152,12 @@ def test_llama_tp2_training_step_gathers_no_activation_or_gradient():
     assert found["all_reduce_max"] == [(None, 1)]  # the loss's row maxima
     big = [s for s in found["all_reduce"] if math.prod(d or 1 for d in s) >= 64 and len(s) >= 2]
     assert len(big) == 6, found["all_reduce"]
+    # the first RMSNorm's x * x reads the embedding's partial output twice: one all-reduce of x
+    # serves both (the mean of squares is not all-reduced again as (rows, 16, 1))
+    assert (None, tp_train.LENGTH, 1) not in found["all_reduce"]
+    # the rest: the loss's sum-exp and target logits, and the three RMSNorm weights' gradients
+    rest = sorted((s for s in found["all_reduce"] if s not in big), key=str)
+    assert rest == [(64,), (64,), (64,), (None, 1), (None,)], found["all_reduce"]
 
 
 def test_bad_input_is_refused_clearly():
