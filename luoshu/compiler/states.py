@@ -333,7 +333,7 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
     tensors: dict[int, Tensor] = {}
     states: dict[int, DStates] = {}
     feeds: dict[int, Tensor] = {}
-    cache: dict[tuple, Tensor] = {}
+    cache: dict[int, dict] = {}  # id(logical tensor) -> {wanted states key: its local conversion}
 
     def leaf(t: Tensor) -> Tensor:
         ds = states_of(t, strategy.strategy, n)
@@ -360,16 +360,10 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
         src = states[id(t)]
         if S.same(src, want):
             return tensors[id(t)]
-        k = (id(t), S.key(S.dup(n) if want is S.WHOLE else want))
-        if k not in cache:
-            cache[k] = convert_to(tensors[id(t)], src, want, t.shape, shard)
-            if S.key(src) == PARTIAL and k[1] == DUPLICATE:
-                # Once all-reduced, the whole value serves every later reader (a partial costs
-                # nothing less to compute on, and a reader wanting it back gets a local mask):
-                # readers left on the partial would all-reduce again, or gather their other
-                # input (an RMSNorm's x * rsqrt(mean(x * x)), the backward's weight gradients).
-                tensors[id(t)], states[id(t)] = cache[k], S.dup(n)
-        return cache[k]
+        out, now = _convert_once(cache.setdefault(id(t), {}), tensors[id(t)], src, want, t.shape, shard)
+        if now is not src:
+            tensors[id(t)], states[id(t)] = out, now
+        return out
 
     with local:
         for op in ops:
@@ -399,6 +393,23 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
 def leaf_source(t: Tensor) -> Tensor:
     """The logical tensor (a parameter) a local graph's leaf reads; `t` itself for any other."""
     return t._source if isinstance(t, _LeafView) else t
+
+
+def _convert_once(done: dict, x: Tensor, src: DStates, want: DStates, global_shape, shard: Shard):
+    """(`x`, local in states `src`, in states `want`; the states the tensor is in for its later
+    readers). Each conversion of a tensor is made once (`done`: wanted states key -> the local
+    result, kept per tensor): q, k and v projections of one gathered input share the gather. The
+    graph pass and the eager dispatch both convert through here."""
+    key = S.key(S.dup(shard.size) if want is S.WHOLE else want)
+    if key not in done:
+        done[key] = convert_to(x, src, want, global_shape, shard)
+    if S.key(src) == PARTIAL and key == DUPLICATE:
+        # Once all-reduced, the whole value serves every later reader (a partial costs nothing
+        # less to compute on, and a reader wanting it back gets a local mask): readers left on
+        # the partial would all-reduce again, or gather their other input (an RMSNorm's
+        # x * rsqrt(mean(x * x)), the backward's weight gradients).
+        return done[key], S.dup(shard.size)
+    return done[key], src
 
 
 def convert_to(x: Tensor, src: DStates, want: DStates, global_shape, shard: Shard) -> Tensor:
@@ -438,10 +449,20 @@ def _deduce(op: Op, in_ds: list, strategy: Strategy):
         fixed = [t.producer is None and t.kind == "variable" for t in op.inputs]
 
         def cost(c):
-            return sum(
-                0.0 if w is None else conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
-                for d, w, t, f in zip(in_ds, c.inputs, op.inputs, fixed)
-            )
+            # One tensor read twice (x * x) is converted once per wanted states (the pass caches
+            # conversions), and once a partial is all-reduced its other readers here read it whole:
+            # reading it partial as well defers a second all-reduce, as duplicate -> partial does.
+            whole = {id(t) for d, w, t in zip(in_ds, c.inputs, op.inputs) if _all_reduces(d, w, n)}
+            seen, total = set(), 0.0
+            for d, w, t, f in zip(in_ds, c.inputs, op.inputs, fixed):
+                w = d if w is None else w
+                if id(t) in whole and not _all_reduces(d, w, n):
+                    d = S.dup(n)
+                key = (id(t), "whole" if w is S.WHOLE else S.key(w))
+                if key not in seen:
+                    seen.add(key)
+                    total += conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
+            return total
 
         best = min(need.candidates, key=cost)
         return _pad(best.outputs, nout, n), list(best.inputs)
@@ -456,6 +477,11 @@ def _deduce(op: Op, in_ds: list, strategy: Strategy):
                 stacklevel=2,
             )
         return [S.dup(n)] * nout, [S.dup(n)] * len(in_ds)
+
+
+def _all_reduces(src: DStates, want, n: int) -> bool:
+    """Whether converting `src` to `want` is an all-reduce (partial to whole)."""
+    return want is not None and S.key(src) == PARTIAL and S.key(S.dup(n) if want is S.WHOLE else want) == DUPLICATE
 
 
 def _pad(out, nout: int, n: int) -> list:
@@ -529,7 +555,8 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
 # pass's own step: the same `deduce_states` rules, the same derived comm, run at once on the
 # local values). Autodiff records the logical op, so its gradient ops are logical ops too and
 # dispatch the same way: the backward's comm follows from the states, as in the graph pass.
-# id(eager activation) -> (a weak reference to it, {states key: its local value in those states})
+# id(eager activation) -> [a weak reference to it, {states key: its local value in those states},
+# (local value, states) it is read in from now on, or None for its own]
 _EAGER_CONVERTED: dict = {}
 
 
@@ -549,21 +576,26 @@ def eager_apply(opdef, tensors: list, attrs: dict, metas) -> tuple | None:
     device = tensors[0].device if tensors else "cpu"
     op._outputs = [Tensor(m.shape, m.dtype, m.device or device) for m in metas]
     local = [Tensor.from_value(t._value) for t in tensors]
+    for i, t in enumerate(tensors):  # an activation all-reduced before is read whole, as in the graph pass
+        entry = _EAGER_CONVERTED.get(id(t))
+        if entry is not None and entry[2] is not None:
+            local[i], in_ds[i] = entry[2]
 
     def converted(i: int, want: DStates) -> Tensor:
         t = tensors[i]
         if t.kind == "variable":  # a parameter changes in place: converted afresh each time
             return convert_to(local[i], in_ds[i], want, t.shape, shard)
-        # An activation read by several consumers in one other states (q, k and v projections of
-        # one gathered input) is converted once, as the graph pass's cache does.
+        if S.same(in_ds[i], want):
+            return local[i]
+        # An activation is converted once per states and read whole once all-reduced, as in the
+        # graph pass (the same _convert_once)
         entry = _EAGER_CONVERTED.get(id(t))
         if entry is None:  # keyed by identity (Tensor's == is an op); dropped with the tensor
-            entry = _EAGER_CONVERTED[id(t)] = (weakref.ref(t, _forget(id(t))), {})
-        cache = entry[1]
-        key = S.key(S.dup(n) if want is S.WHOLE else want)
-        if key not in cache:
-            cache[key] = convert_to(local[i], in_ds[i], want, t.shape, shard)
-        return cache[key]
+            entry = _EAGER_CONVERTED[id(t)] = [weakref.ref(t, _forget(id(t))), {}, None]
+        out, now = _convert_once(entry[1], local[i], in_ds[i], want, t.shape, shard)
+        if now is not in_ds[i]:
+            entry[2] = (out, now)
+        return out
 
     with context.no_grad():  # autodiff records the logical op (the caller does), not these
         outs, out_ds = localize_op(op, in_ds, local, converted, strategy)
@@ -729,8 +761,13 @@ def _value(t: Tensor, values: dict):
 
 
 def _sim_all_reduce(args, attrs):
-    total = sum(a[0] for a in args)
-    if attrs.get("reduce") == "mean":
+    reduce = attrs.get("reduce")
+    if reduce in ("max", "min"):
+        stacked = torch.stack([a[0] for a in args])
+        total = stacked.amax(0) if reduce == "max" else stacked.amin(0)
+    else:
+        total = sum(a[0] for a in args)
+    if reduce == "mean":
         total = total / len(args)
     return [total.clone() for _ in args]
 

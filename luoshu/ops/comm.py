@@ -36,6 +36,9 @@ __all__ = ["all_gather", "all_reduce", "all_to_all", "broadcast", "comm_wait", "
            "recv_wait_seconds", "reduce", "reduce_scatter", "shapes_once"]
 
 _REDUCE = ("sum", "mean")
+# all_reduce also takes the elementwise max and min over the group (a stabiliser's row maxima)
+_ALL_REDUCE = _REDUCE + ("max", "min")
+_TORCH_OPS = {"max": torch_dist.ReduceOp.MAX, "min": torch_dist.ReduceOp.MIN}
 # torch 2.13 renamed the single-tensor collectives; the old names warn.
 _all_gather_single = getattr(torch_dist, "all_gather_single", None) or torch_dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(torch_dist, "reduce_scatter_single", None) or torch_dist.reduce_scatter_tensor
@@ -105,9 +108,9 @@ def _check_group_attr(name: str, group) -> None:
         raise OpError(f"{name}: group must be a tuple of worker ranks (() = all workers), found {group!r}")
 
 
-def _check_reduce(name: str, reduce: str) -> None:
-    if reduce not in _REDUCE:
-        raise OpError(f"{name}: reduce must be one of {_REDUCE}, found {reduce!r}")
+def _check_reduce(name: str, reduce: str, allowed: tuple = _REDUCE) -> None:
+    if reduce not in allowed:
+        raise OpError(f"{name}: reduce must be one of {allowed}, found {reduce!r}")
 
 
 def _static_size(name: str, group) -> int | None:
@@ -154,13 +157,13 @@ def _run(name: str, ranks, fn, buffer: torch.Tensor, async_op: bool, finish: Cal
 
 @register
 class AllReduce(OpDef):
-    """Sum (or mean) of `x` over the group, on every member."""
+    """Sum (or mean, max, min) of `x` over the group, elementwise, on every member."""
 
     name = "all_reduce"
     attrs = {"reduce": "sum", "group": (), "async_op": False}
 
     def infer(self, inputs, reduce, group, async_op):
-        _check_reduce(self.name, reduce)
+        _check_reduce(self.name, reduce, _ALL_REDUCE)
         _check_group_attr(self.name, group)
         return TensorMeta(inputs[0].shape, inputs[0].dtype)
 
@@ -170,13 +173,24 @@ class AllReduce(OpDef):
         if pg is None:
             return out
         finish = (lambda: out.div_(size)) if reduce == "mean" else None
-        return _run(self.name, group, lambda a: torch_dist.all_reduce(out, group=pg, async_op=a), out,
+        op = _TORCH_OPS.get(reduce, torch_dist.ReduceOp.SUM)
+        return _run(self.name, group, lambda a: torch_dist.all_reduce(out, op=op, group=pg, async_op=a), out,
                     async_op, finish)
 
     def gradient(self, op, grads):
-        return [apply("all_reduce", grads[0], reduce=op.attrs["reduce"], group=op.attrs["group"])]
+        reduce, group = op.attrs["reduce"], op.attrs["group"]
+        if reduce in _REDUCE:
+            return [apply("all_reduce", grads[0], reduce=reduce, group=group)]
+        # max / min: every member's output gradient goes to the members holding the extreme,
+        # shared evenly among tied members (as torch.amax / amin share it among tied elements)
+        x, y = op.inputs[0], op.outputs[0]
+        at = apply("cast", apply("equal", x, y), dtype=x.dtype)
+        ties = apply("all_reduce", at, reduce="sum", group=group)
+        return [apply("all_reduce", grads[0], reduce="sum", group=group) * at / ties]
 
-    def deduce_states(self, input_ds, **attrs):
+    def deduce_states(self, input_ds, reduce="sum", **attrs):
+        if reduce not in _REDUCE:  # partial states are sums: a max of partials means nothing
+            raise OpError(f"{self.name}: reduce={reduce!r} has no distributed-states rule (partials are sums)")
         return _move_states(self.name, input_ds[0], PARTIAL, DUPLICATE)  # partial -> duplicate
 
 
@@ -948,8 +962,8 @@ def _ranks(group) -> tuple:
 
 
 def all_reduce(x: Tensor, reduce: str = "sum", group=None, async_op: bool = False) -> Tensor:
-    """Sum (or mean) over `group` (a DeviceGroup or worker ranks; None = all workers).
-    With `async_op`, pass the result through `comm_wait` before reading it."""
+    """Sum (or mean, max, min: `reduce`) over `group` (a DeviceGroup or worker ranks; None = all
+    workers). With `async_op`, pass the result through `comm_wait` before reading it."""
     return apply("all_reduce", x, reduce=reduce, group=_ranks(group), async_op=async_op)
 
 

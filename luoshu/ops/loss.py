@@ -69,14 +69,15 @@ def _vocab_parallel_ok(io, attrs, n: int, inputs: int) -> bool:
 
 def _vocab_parallel_cross_entropy(x, target, attrs, shard):
     """Cross entropy of (N, C/n) logit blocks (Megatron's vocabulary-parallel loss): the row max
-    and the sum of exponentials are combined over the group, then the target's log-probability
-    from the member that owns it; the full (N, C) logits never exist on one member."""
+    (a max all-reduce) and the sum of exponentials are combined over the group, then the
+    target's log-probability from the member that owns it; the full (N, C) logits never exist
+    on one member."""
     from luoshu.ops import comm
 
-    n, classes = shard.size, x.shape[1]
-    row_max = apply("max", x, axis=1, keepdims=True)
-    maxima = apply("reshape", comm.all_gather(row_max, group=shard.group), shape=(n, -1, 1))
-    shifted = x - apply("max", maxima, axis=0)
+    classes = x.shape[1]
+    # the rows' maxima over the group only stabilise the exponentials (logp does not depend on
+    # them); the backward is cross_entropy_backward's own localize, from logp
+    shifted = x - comm.all_reduce(apply("max", x, axis=1, keepdims=True), reduce="max", group=shard.group)
     total = comm.all_reduce(apply("sum", apply("exp", shifted), axis=1, keepdims=True), group=shard.group)
     logp = shifted - apply("log", total)
     local = target - shard.index * classes

@@ -213,6 +213,9 @@ class _ShardedLayouts(package.LayoutHook):
         # below, and ZeRO then takes those (a plain state dict of this layout) for its shards
         tp_zero = zero is not None and bool(params)
         load_state = None if zero is None else optimizer.load_state_dict if tp_zero else zero.load_state_dict
+        pipe = _distributed_pipeline(module, optimizer)
+        if pipe is not None and optimizer is pipe.optimizer:  # a stage keeps its own parameters' state only
+            load_state = _own_stage_state(optimizer, load_state or optimizer.load_state_dict, set(pipe.param_index))
         try:
             meta = package.load_full(path, module, optimizer, load_state)
         except BaseException:
@@ -243,6 +246,21 @@ class _ShardedLayouts(package.LayoutHook):
         if tp_zero:
             zero.load_state_dict(optimizer.state_dict())
         return meta
+
+
+def _own_stage_state(optimizer: Optimizer, load_state, owned: set):
+    """`load_state` given only the state of `optimizer`'s parameters `owned` (a pipeline stage's:
+    the other stages' state would sit unused in this rank's memory), once the whole state checks."""
+
+    def load(state_dict: dict) -> None:
+        optimizer._check_state_dict(state_dict)  # all of it, before any is dropped
+        meta = state_dict["meta"]
+        kept = {k: v for k, v in meta["state"].items() if int(k) in owned}
+        tensors = {f"state.{k}.{name}": state_dict["tensors"][f"state.{k}.{name}"]
+                   for k, entry in kept.items() for name in entry["tensors"]}
+        load_state({"tensors": tensors, "meta": {**meta, "state": kept}})
+
+    return load
 
 
 _HOOK = _ShardedLayouts()

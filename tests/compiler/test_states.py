@@ -146,13 +146,15 @@ def test_cross_entropy_vocab_parallel(rng, reduction):
     for x in [DUP, PART, 0, 1]:
         got = check(build, (x,), [(8, 16)], rng)
         assert got[0] == "dup" or reduction == "none"
-    # split logits: the loss comes out without gathering them (no all_gather of (8, 16))
+    # split logits: the loss comes out without gathering anything: the rows' maxima are a max
+    # all-reduce, the sums of exponentials and the targets' log-probabilities sum all-reduces
     with ls.Graph() as g:
         x = leaf(rng, (8, 16), 1)
         loss = build(x)
     _, _, locs = ST.simulate(topological_ops([loss], g), [loss], N)
-    gathered = [op for op in locs[0].graph.ops if op.opdef.name == "all_gather"]
-    assert all(op.outputs[0].shape[-1] == 1 for op in gathered)  # only the (rows, 1) maxima
+    comm = [(op.opdef.name, op.attrs.get("reduce"), tuple(op.inputs[0].shape)) for op in locs[0].graph.ops
+            if op.opdef.name in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")]
+    assert comm == [("all_reduce", "max", (8, 1)), ("all_reduce", "sum", (8, 1)), ("all_reduce", "sum", (8,))]
 
 
 def test_layer_norm_and_rms_norm(rng):

@@ -52,6 +52,8 @@ def cases(rank: int, n: int):
         ("all_reduce_sum", (3, 2), lambda x: O.all_reduce(x), (3, 2)),
         ("all_reduce_mean", (3, 2), lambda x: O.all_reduce(x, reduce="mean"), (3, 2)),
         ("all_reduce_async", (3, 2), lambda x: O.comm_wait(O.all_reduce(x, async_op=True)), (3, 2)),
+        ("all_reduce_max", (3, 2), lambda x: O.all_reduce(x, reduce="max"), (3, 2)),
+        ("all_reduce_min", (3, 2), lambda x: O.all_reduce(x, reduce="min"), (3, 2)),
         ("all_gather", (2, 3), lambda x: O.all_gather(x), (2 * n, 3)),
         ("all_gather_async", (2, 3), lambda x: O.comm_wait(O.all_gather(x, async_op=True)), (2 * n, 3)),
         ("reduce_scatter", (2 * n, 3), lambda x: O.reduce_scatter(x), (2, 3)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -27,6 +29,10 @@ def _expected(name: str, rank: int, n: int):
     xs = {r: x_of(r, shape) for r in members}
     gs = {r: cotangent(r, out_shape) for r in members}
     m, me = len(members), members.index(rank)
+    if name in ("all_reduce_max", "all_reduce_min"):  # the output gradients all go to the extreme's holder
+        pick = np.maximum if name.endswith("max") else np.minimum
+        y = functools.reduce(pick, xs.values())
+        return y, np.where(xs[rank] == y, sum(gs.values()), 0.0)
     if name.endswith("all_reduce") or name.startswith("all_reduce"):
         div = m if name == "all_reduce_mean" else 1
         return sum(xs.values()) / div, sum(gs.values()) / div
@@ -129,3 +135,42 @@ def test_states_rules_resolve_partial_and_split_parts():
         rule("all_reduce", ls.DStates.duplicate(2))
     with pytest.raises(ls.Error, match=r"no split\(0\) part"):
         rule("all_gather", ls.DStates(2, {1: 2}))
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_an_extremum_all_reduce_shares_its_gradient_among_tied_members(reduce):
+    """Three simulated members in lockstep (one process): where two members hold the extreme, each
+    gets half of the summed output gradients, as torch.amax shares them among tied elements."""
+    import torch
+
+    import luoshu as ls
+    from luoshu.compiler import states as ST
+
+    xs = [torch.tensor([1.0, 5.0, -2.0], dtype=torch.float64), torch.tensor([3.0, 5.0, -2.0], dtype=torch.float64),
+          torch.tensor([3.0, 0.0, 4.0], dtype=torch.float64)]
+    gs = [torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * (r + 1) for r in range(3)]
+    graphs, values, fetched = [], [], []
+    for r in range(3):
+        with ls.Graph() as g:
+            x = ls.placeholder("x", (3,), "float64")
+            cot = ls.placeholder("g", (3,), "float64")
+            y = ls.ops.all_reduce(x, reduce=reduce, group=(0, 1, 2))
+            (dx,) = ls.gradients(y, [x], [cot])
+        graphs.append(g)
+        values.append({id(x): xs[r], id(cot): gs[r]})
+        fetched.append((y, dx))
+    ST.run_lockstep(graphs, values)
+    stacked = torch.stack(xs).requires_grad_(True)
+    want = stacked.amax(0) if reduce == "max" else stacked.amin(0)
+    (want_dx,) = torch.autograd.grad(want, stacked, sum(gs))  # every member's cotangent reaches the output
+    for r, (y, dx) in enumerate(fetched):
+        torch.testing.assert_close(values[r][id(y)], want.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(values[r][id(dx)], want_dx[r], rtol=1e-12, atol=1e-12)
+
+
+def test_an_unknown_reduction_is_refused():
+    import luoshu as ls
+
+    with pytest.raises(ls.Error, match=r"all_reduce: reduce must be one of \('sum', 'mean', 'max', 'min'\), "
+                                       r"found 'prod'"):
+        ls.ops.all_reduce(ls.tensor([1.0]), reduce="prod")

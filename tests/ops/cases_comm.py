@@ -14,6 +14,8 @@ O = ls.ops
 CASES = [
     OpCase("all_reduce_sum", lambda x: O.all_reduce(x) * x, lambda x: x * x, [(3, 4)], second_order=True),
     OpCase("all_reduce_mean", lambda x: O.all_reduce(x, reduce="mean"), lambda x: x.clone(), [(5,)]),
+    OpCase("all_reduce_max", lambda x: O.all_reduce(x, reduce="max") * x, lambda x: x * x, [(3, 4)]),
+    OpCase("all_reduce_min", lambda x: O.all_reduce(x, reduce="min"), lambda x: x.clone(), [(2, 3)]),
     OpCase("all_reduce_async_wait", lambda x: O.comm_wait(O.all_reduce(x.exp(), async_op=True)),
            lambda x: x.exp(), [(2, 3)]),
     OpCase("all_gather", lambda x: O.all_gather(x) * 2, lambda x: x * 2, [(3, 2)]),

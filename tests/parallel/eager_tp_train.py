@@ -12,6 +12,7 @@ one-process reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import numpy as np
@@ -72,9 +73,36 @@ def train(mesh=None, sequence_parallel: bool = False, minimize: bool = False, mo
 COMM = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
+@contextlib.contextmanager
+def _counting(counts: dict, phase: list):
+    """Counts the collectives run (on activations: 2-D or more) into counts[phase[0]], by kind (a max
+    all-reduce as "all_reduce_max")."""
+    from luoshu.core.op import get_opdef
+
+    originals = {name: get_opdef(name).compute for name in COMM}
+
+    def counting(name):
+        def compute(x, *args, **attrs):
+            if x.ndim >= 2:
+                reduce = attrs.get("reduce", "sum")
+                kind = name if reduce in ("sum", "mean") else f"{name}_{reduce}"
+                counts[phase[0]][kind] = counts[phase[0]].get(kind, 0) + 1
+            return originals[name](x, *args, **attrs)
+
+        return compute
+
+    for name in COMM:
+        get_opdef(name).compute = counting(name)
+    try:
+        yield
+    finally:
+        for name in COMM:
+            get_opdef(name).compute = originals[name]
+        states.set_default(None)
+
+
 def block_collectives(mesh, sequence_parallel: bool) -> dict:
     """The collectives (on activations) one eager GPT-2 block's forward and backward run under `mesh`."""
-    from luoshu.core.op import get_opdef
     from luoshu.models.language import GPTBlock
 
     ls.manual_seed(1)
@@ -83,19 +111,7 @@ def block_collectives(mesh, sequence_parallel: bool) -> dict:
     ls.parallel.parallelize(block, mesh, sequence_parallel=sequence_parallel)
     counts: dict = {"forward": {}, "backward": {}}
     phase = ["forward"]
-    originals = {name: get_opdef(name).compute for name in COMM}
-
-    def counting(name):
-        def compute(x, *args, **attrs):
-            if x.ndim >= 2:
-                counts[phase[0]][name] = counts[phase[0]].get(name, 0) + 1
-            return originals[name](x, *args, **attrs)
-
-        return compute
-
-    for name in COMM:
-        get_opdef(name).compute = counting(name)
-    try:
+    with _counting(counts, phase):
 
         def global_tensor(full):  # with sequence parallelism the activations between blocks hold the sequence split
             if not sequence_parallel:
@@ -109,10 +125,22 @@ def block_collectives(mesh, sequence_parallel: bool) -> dict:
         phase[0] = "backward"
         seed = global_tensor(torch.randn(BATCH, LENGTH, 32, dtype=torch.float64))
         ls.gradients(out, block.parameters() + [x], grad_ys=seed)
-    finally:
-        for name in COMM:
-            get_opdef(name).compute = originals[name]
-        states.set_default(None)
+    return counts
+
+
+def llama_step_collectives(mesh) -> dict:
+    """The collectives (on activations) of one eager LLaMA loss's forward and backward under `mesh`."""
+    ls.manual_seed(1)
+    model = build("llama").to(dtype="float64")
+    ls.parallel.parallelize(model, mesh)
+    counts: dict = {"forward": {}, "backward": {}}
+    phase = ["forward"]
+    ids_v, y_v = next(batches())
+    with _counting(counts, phase):
+        ids, y = ls.tensor(ids_v, dtype="int64"), ls.tensor(y_v, dtype="int64")
+        loss = ls.nn.functional.cross_entropy(model(ids).reshape((-1, VOCAB)), y.reshape((-1,)))
+        phase[0] = "backward"
+        loss.backward()
     return counts
 
 
@@ -131,7 +159,10 @@ def main() -> None:
     losses, params = train(mesh, args.sp, args.minimize, args.model, args.clip)
     np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
     with open(f"{args.out}.rank{ls.distributed.rank()}.json", "w") as f:
-        json.dump(block_collectives(mesh, args.sp), f)
+        counts = block_collectives(mesh, args.sp)
+        if args.model == "llama" and not args.sp:
+            counts["llama"] = llama_step_collectives(mesh)
+        json.dump(counts, f)
     ls.distributed.shutdown()
 
 

@@ -5,13 +5,16 @@
 Trains GPT-2 (float64) for two steps through `pipeline` and saves with `ls.save` to DIR/trained
 (a collective: the stages are gathered, rank 0 writes full tensors); its stage's parameters go
 to DIR/stage.rank<r>.npz. Then a fresh model (other initial values) under a new pipeline loads
-CKPT with `ls.load`, trains the third batch and saves to DIR/resumed. `--zero S` shards each
-stage over its DP group (ZeRO stage S) in both pipelines.
+CKPT with `ls.load`, trains the third batch and saves to DIR/resumed; the optimizer state bytes
+the rank holds then, and those of a fresh pipeline after one step, go to
+DIR/state_bytes.rank<r>.json. `--zero S` shards each stage over its DP group (ZeRO stage S) in
+both pipelines.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +64,19 @@ def main() -> None:
     model, opt, pipe = pipelined(mesh, 3, args.zero)
     ls.load(args.resume, model, opt)  # every rank reads the whole package; each trains its stage
     pipe.step(*[[a] for a in data[2]])
+    loaded = state_bytes(pipe)
     ls.save(out / "resumed", model, opt)
+
+    _, _, fresh = pipelined(mesh, 3, args.zero)
+    fresh.step(*[[a] for a in data[2]])
+    (out / f"state_bytes.rank{ls.distributed.rank()}.json").write_text(
+        json.dumps({"loaded": loaded, "fresh": state_bytes(fresh)}))
     ls.distributed.shutdown()
+
+
+def state_bytes(pipe) -> int:
+    """The bytes of optimizer state this rank holds (every optimizer it steps)."""
+    return sum(t.numel() * t.element_size() for o in pipe.optimizers() for t in o.state_dict()["tensors"].values())
 
 
 if __name__ == "__main__":

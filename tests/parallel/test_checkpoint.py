@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,6 @@ def test_a_pipeline_checkpoint_loads_into_one_process_and_back(tmp_path, pp, tp,
     model, opt = _one_process(7, [])
     ls.load(tmp_path / "resumed", model, opt)
     _assert_same(model, opt, ref_model, ref_opt, atol=1e-6)
+    for r in range(pp * tp * dp):  # a rank keeps its own stage's state only, as a fresh run holds
+        held = json.loads((tmp_path / f"state_bytes.rank{r}.json").read_text())
+        assert held["loaded"] == held["fresh"] > 0, (r, held)

@@ -67,6 +67,7 @@ def test_the_clipping_case_clips():
     "model, sp, minimize, clip",
     [("gpt2", False, False, None), ("gpt2", True, True, None),
      ("llama", True, False, None),  # llama: a sparse row-split table gradient
+     ("llama", False, False, None),  # and its whole step's collectives
      ("gpt2", True, False, CLIP)],  # clipped by the whole model's norm across the TP shards
 )
 def test_eager_tp2_training_matches_one_process(tmp_path, model, sp, minimize, clip):
@@ -88,4 +89,12 @@ def test_eager_tp2_training_matches_one_process(tmp_path, model, sp, minimize, c
             each = {"all_gather": 2, "reduce_scatter": 2}
         else:
             each = {"all_reduce": 2}
+        step = counts.pop("llama", None)
         assert counts == {"forward": each, "backward": each}
+        if model == "llama" and not sp:
+            # A partial all-reduced to whole stays whole for later readers, as in the graph pass:
+            # before, RMSNorm's x * rsqrt(mean(x * x)) all-reduced the embedding's output and then
+            # the partial mean of squares, and the backward gathered the column-parallel weight
+            # gradients' output gradients (8 all-gathers) and reduce-scattered them (8). Forward:
+            # embedding, o_proj, down_proj and the loss's sum of exponentials; the row maxima.
+            assert step == {"forward": {"all_reduce": 4, "all_reduce_max": 1}, "backward": {"all_reduce": 7}}

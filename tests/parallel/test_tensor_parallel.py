@@ -103,7 +103,8 @@ def test_every_rank_holds_half_of_each_split_weight(rank):
 
 
 def _training_step_collectives(model_name: str) -> dict:
-    """{kind: [input shapes]} of the collectives in rank 0's local plan of a tp=2 training step."""
+    """{kind: [input shapes]} of the collectives in rank 0's local plan of a tp=2 training step
+    (a max all-reduce counts as "all_reduce_max")."""
     ls.manual_seed(0)
     model = tp_train.build(model_name)
     mesh = ls.distributed.DeviceMesh(tp=2, world_size=2, rank=0)
@@ -120,7 +121,9 @@ def _training_step_collectives(model_name: str) -> dict:
     found = {}
     for op in local.graph.ops:
         if op.opdef.name in COMM:
-            found.setdefault(op.opdef.name, []).append(tuple(op.inputs[0].shape))
+            reduce = op.attrs.get("reduce", "sum")
+            kind = op.opdef.name if reduce in ("sum", "mean") else f"{op.opdef.name}_{reduce}"
+            found.setdefault(kind, []).append(tuple(op.inputs[0].shape))
     return found
 
 
@@ -129,13 +132,13 @@ def test_gpt2_tp2_training_step_issues_megatrons_collectives():
     duals backward (q/k/v, c_fc input gradients): 8; the vocabulary-parallel embedding's forward
     all-reduce and the LM head's input-gradient all-reduce: 2; all (batch, 16, 64). The
     vocabulary-parallel loss: sum-exp and target-logit all-reduces over rows, and the row maxima
-    (an all-gather of (rows, 1): all_reduce has no max). No activation is gathered."""
+    (a max all-reduce of (rows, 1)). Nothing is gathered."""
     found = _training_step_collectives("gpt2")
     activation = (None, tp_train.LENGTH, 64)
-    assert sorted(found) == ["all_gather", "all_reduce"]
+    assert sorted(found) == ["all_reduce", "all_reduce_max"]
     assert found["all_reduce"].count(activation) == 10
     assert sorted(s for s in found["all_reduce"] if s != activation) == [(None,), (None, 1)]
-    assert found["all_gather"] == [(None, 1)]
+    assert found["all_reduce_max"] == [(None, 1)]
 
 
 def test_llama_tp2_training_step_gathers_no_activation_or_gradient():
@@ -145,10 +148,16 @@ def test_llama_tp2_training_step_gathers_no_activation_or_gradient():
     reduce-scattered (8). 1 block: embedding, o_proj, down_proj forward; the q/k/v and gate/up
     input gradients and the embedding's sparse gradient backward: 6 of (rows, 64)."""
     found = _training_step_collectives("llama")
-    assert "reduce_scatter" not in found and "all_to_all" not in found
-    assert found["all_gather"] == [(None, 1)]  # the loss's row maxima
+    assert sorted(found) == ["all_reduce", "all_reduce_max"]  # nothing gathered, nothing scattered
+    assert found["all_reduce_max"] == [(None, 1)]  # the loss's row maxima
     big = [s for s in found["all_reduce"] if math.prod(d or 1 for d in s) >= 64 and len(s) >= 2]
     assert len(big) == 6, found["all_reduce"]
+    # the first RMSNorm's x * x reads the embedding's partial output twice: one all-reduce of x
+    # serves both (the mean of squares is not all-reduced again as (rows, 16, 1))
+    assert (None, tp_train.LENGTH, 1) not in found["all_reduce"]
+    # the rest: the loss's sum-exp and target logits, and the three RMSNorm weights' gradients
+    rest = sorted((s for s in found["all_reduce"] if s not in big), key=str)
+    assert rest == [(64,), (64,), (64,), (None, 1), (None,)], found["all_reduce"]
 
 
 def test_bad_input_is_refused_clearly():
