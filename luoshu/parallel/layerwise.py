@@ -61,9 +61,10 @@ What the runtime can carry (and so what `luoshu train --parallel auto` searches)
   flag of the graph's whole localisation (which conversion the states pass prefers between TP
   regions), so it cannot differ between the blocks of one plan; the search chooses it per
   strategy (a mixed plan per segment, each segment its own plan);
-- tp per layer: being built (branch s-pertp: a mixed strategy's segments run as co-located stages,
-  activations re-batched between their row layouts by the hot-switch planner). Until it lands
-  `--parallel auto` searches uniform plans (`mixed_tp=False`, the default): every layer the job's tp;
+- tp per layer: yes (`luoshu.parallel.mixed_tp`): a mixed plan's segments run as co-located stages,
+  activations re-batched between their row layouts by the hot-switch planner; `--parallel auto`
+  searches uniform and per-block plans (`mixed_tp=True`), and a mixed plan trains as the per-block
+  HotSPa strategy `tp[..],sp[..],rc[..]`;
 - pipeline: the search chooses pp and the split (`pipeline=True`), and the partition pass
   accepts a given split (`Pipeline(stages=...)`): a hot-switching job's pp > 1 strategies run
   the split `pipeline_stages` balances by the cost model (HotSPa's `stages`). But HotSPa's

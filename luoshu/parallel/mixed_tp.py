@@ -47,11 +47,10 @@ import torch
 
 from luoshu.compiler import states
 from luoshu.compiler.pipeline import partition
-from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.parallel import hot_switch as hs
-from luoshu.parallel.hotspa import HotSPaError, mixed_strategy
+from luoshu.parallel.hotspa import HotSPaError, mixed_strategy, row_layout
 from luoshu.parallel.hotspa import Strategy as CostStrategy
 from luoshu.runtime.pipeline import StageRunner
 
@@ -92,19 +91,6 @@ def segments(st: CostStrategy, world: int, blocks: int) -> list[Segment]:
         else:
             out.append(Segment(b, b + 1, t, sp, world // t))
     return out
-
-
-def row_layout(dp: int, tp: int) -> hs.Layout:
-    """A (rows, ...) activation under a segment of `dp` replicas of `tp` ranks: rows split in dp
-    contiguous blocks, each duplicated over its replica's TP group (rank = replica·tp + member)."""
-    st, order = {}, []
-    if dp > 1:
-        st[0] = dp
-        order.append(0)
-    if tp > 1:
-        st[DUPLICATE] = tp
-        order.append(DUPLICATE)
-    return hs.Layout(DStates(dp * tp, st, tuple(order)), range(dp * tp))
 
 
 def rebatch_plan(shape: Sequence[int], itemsize: int, source: Segment, dest: Segment, node_size: int,
@@ -328,13 +314,16 @@ class MixedTP:
         return out
 
 
-def plan_text(strategy: CostStrategy, recompute: Sequence[str], layer_tp: Sequence[int] | None = None,
+def plan_text(strategy: CostStrategy | None, recompute: Sequence[str], layer_tp: Sequence[int] | None = None,
               layer_sp: Sequence[bool] | None = None) -> str:
     """The HotSPa strategy string of a layer-wise plan (`luoshu train --parallel auto`): where the
     plan gives one tp (and sp flag) per block that is not the same for every block, or its
     strategy is per-block, the per-block strategy with each block's `recompute`
     ("tp[4,2,1,2],sp[..],rc[..]"; sp default: the strategy's flag on every block with tp > 1);
-    else the strategy's plain text ("dp2,tp2,pp1,sp"; the blocks are marked for recompute apart)."""
+    else the strategy's plain text ("dp2,tp2,pp1,sp"; the blocks are marked for recompute apart).
+    `strategy` None: the per-block search's mixed plan (`layerwise.LayerPlan.mixed`)."""
+    if strategy is None:
+        return str(mixed_strategy(layer_tp, layer_sp, recompute))
     if strategy.mixed and layer_tp is None:
         layer_tp, layer_sp = strategy.layer_tp, strategy.layer_sp
     if layer_tp is not None:

@@ -210,7 +210,7 @@ def _choose_static(config, model, docs, row_len: int) -> layerwise.LayerPlan:
     budget = float("inf") if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
     prof = hotspa_profile.profile(model)
     lengths, rows = _worst_batch(config, docs, row_len)
-    plan, table = layerwise.search_plan(prof, model, env.world_size(), rows, row_len, lengths, budget)
+    plan, table = layerwise.search_plan(prof, model, env.world_size(), rows, row_len, lengths, budget, mixed_tp=True)
     candidates = []
     for st, p, needs in table:
         fits = isinstance(p, layerwise.LayerPlan)
@@ -287,8 +287,7 @@ def train_hot_switch(config) -> dict[str, float]:
         plan = _choose_static(config, model, docs, bounds[0])
         layerwise.apply_plan(model, plan.recompute)  # before HotSPa traces the model
         # a plan with one tp (and sp) per block runs as a per-block strategy (`mixed_tp`)
-        text = mixed_tp.plan_text(plan.strategy, plan.recompute, getattr(plan, "layer_tp", None),
-                                  getattr(plan, "layer_sp", None))
+        text = mixed_tp.plan_text(plan.strategy, plan.recompute, plan.tp, plan.sp)
         strategies, recompute = [text], plan.recompute
     budget = None if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
     # pipeline strategies: the split the cost model balances (the last stage also runs the head)

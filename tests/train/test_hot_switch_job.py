@@ -131,6 +131,7 @@ def test_a_layer_wise_plan_with_per_block_tp_runs_as_a_per_block_strategy():
     text = plan_text(st, ["none", "full"], (4, 1))
     assert text == "tp[4,1],sp[1,0],rc[none,full]" and parse_strategy(text).layer_tp == (4, 1)
     assert plan_text(parse_strategy("tp[4,2]"), ["full", "none"]) == "tp[4,2],rc[full,none]"
+    assert plan_text(None, ["none", "full"], (4, 1), (True, False)) == "tp[4,1],sp[1,0],rc[none,full]"
 
 
 @pytest.mark.parametrize(
