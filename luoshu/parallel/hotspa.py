@@ -678,6 +678,109 @@ def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, che
     return total, memory, parts
 
 
+def best_per_bucket(seconds: Sequence[Sequence[float]], switch, once: Sequence[float], frugality: Sequence[float],
+                    visited: Sequence[bool]) -> tuple[list[int], float]:
+    """The choice per bucket (indices into the candidates) of least hot-switching step time, as
+    `_hot_step` adds it up: each visited bucket b under candidate c costs seconds[b][c] plus the
+    switch from the candidate of the previous visited bucket (the owner's before the first),
+    the last switches back to the owner, and the owner adds once[owner]; the owner is the first
+    chosen candidate (over every bucket, visited or not) of the least frugality (model-state
+    bytes per device). `switch(a, c)` is the cost between candidates a and c.
+
+    Exact and polynomial, O(C · B · C²) for B buckets of C candidates rather than C^B: fixing the
+    owner o, a choice has owner o iff every bucket before o's first occurrence takes a candidate
+    of more bytes than o's and every one after a candidate of no fewer; the cost is then a path
+    o -> c_1 -> ... -> c_B -> o over the visited buckets, so a dynamic program over (bucket,
+    previous visited candidate, whether o has occurred yet) gives the least valid cost for o,
+    and the least over o is the brute force's minimum."""
+    n_buckets = len(seconds)
+    if n_buckets == 0:
+        return [], 0.0
+    k = len(once)
+    inf = float("inf")
+    best_total, best_pick = inf, None
+    for o in range(k):
+        if not math.isfinite(once[o]):
+            continue
+        # cost[(prev, seen)] = least cost so far; back[b][(prev, seen)] = (previous state, candidate)
+        cost = {(o, False): 0.0}
+        back = []
+        for b in range(n_buckets):
+            new, arg = {}, {}
+            for (prev, seen), base in cost.items():
+                for c in range(k):
+                    if not math.isfinite(seconds[b][c]):
+                        continue
+                    if frugality[c] < frugality[o] or (not seen and frugality[c] == frugality[o] and c != o):
+                        continue  # c, not o, would be the owner
+                    now_seen = seen or c == o
+                    if visited[b]:
+                        total, at = base + switch(prev, c) + seconds[b][c], c
+                    else:
+                        total, at = base, prev
+                    key = (at, now_seen)
+                    if total < new.get(key, inf):
+                        new[key], arg[key] = total, ((prev, seen), c)
+            cost = new
+            back.append(arg)
+        for (prev, seen), base in cost.items():
+            if not seen:
+                continue
+            total = base + switch(prev, o) + once[o]
+            if total < best_total:
+                pick, key = [], (prev, seen)
+                for arg in reversed(back):
+                    key, c = arg[key]
+                    pick.append(c)
+                best_total, best_pick = total, pick[::-1]
+    if best_pick is None:
+        raise HotSPaError("best_per_bucket: no bucket has a candidate of finite time")
+    return best_pick, best_total
+
+
+def brute_force_buckets(seconds, switch, once, frugality, visited) -> tuple[list[int], float]:
+    """`best_per_bucket` by trying every combination (tests)."""
+    best = None
+    for pick in itertools.product(range(len(once)), repeat=len(seconds)):
+        if any(not math.isfinite(seconds[b][c]) for b, c in enumerate(pick)):
+            continue
+        owner = min(pick, key=lambda c: frugality[c])
+        total, prev = 0.0, owner
+        for b, c in enumerate(pick):
+            if visited[b]:
+                total += switch(prev, c) + seconds[b][c]
+                prev = c
+        total += switch(prev, owner) + once[owner]
+        if best is None or total < best[1]:
+            best = (list(pick), total)
+    if best is None:
+        raise HotSPaError("brute_force_buckets: nothing to choose")
+    return best
+
+
+def _best_combination(model, cluster, options, buckets, bound_of, micro_batch_tokens, runtime) -> list[Strategy]:
+    """The combination of per-bucket `options` of least `_hot_step` time (`best_per_bucket` over
+    the candidates' predicted times, switch times and model-state bytes)."""
+    candidates = list(dict.fromkeys(st for top in options for st in top))
+    index = {st: c for c, st in enumerate(candidates)}
+    inf = float("inf")
+    seconds = []
+    for top, seqs, bound in zip(options, buckets, bound_of):
+        row = [inf] * len(candidates)
+        for st in top:
+            if seqs:
+                p = predict(model, cluster, st, seqs, micro_batch_tokens or bound, _runs(st, runtime))
+                row[index[st]] = p.time_s - p.parts.get("once_per_step", 0.0)
+            else:
+                row[index[st]] = 0.0
+        seconds.append(row)
+    once = [predict(model, cluster, st, [1], None).parts.get("once_per_step", 0.0) for st in candidates]
+    frugality = [16.0 * model.params / (st.tp * st.pp) for st in candidates]
+    pick, _ = best_per_bucket(seconds, lambda a, c: switch_time(model, cluster, candidates[a], candidates[c]),
+                              once, frugality, [bool(seqs) for seqs in buckets])
+    return [candidates[c] for c in pick]
+
+
 def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bounds: Sequence[int],
              strategies: Sequence[Strategy | str] | None = None, micro_batch_tokens: int | None = None,
              candidates: int = 3, options: Sequence[Strategy] | None = None, runtime: bool = False) -> dict:
@@ -708,9 +811,7 @@ def simulate(model: ModelSpec, cluster: ClusterSpec, lengths: Sequence[int], bou
             if best_static_strategy is not None and best_static_strategy not in top:
                 top.append(best_static_strategy)  # one strategy throughout is always a candidate
             options.append(top)
-        chosen = min((list(c) for c in itertools.product(*options)),
-                     key=lambda c: _hot_step(model, cluster, c, buckets, bound_of, micro_batch_tokens,
-                                             runtime=runtime)[0])
+        chosen = _best_combination(model, cluster, options, buckets, bound_of, micro_batch_tokens, runtime)
     else:
         chosen = [parse_strategy(s) if isinstance(s, str) else s for s in strategies]
         if len(chosen) != len(buckets):
@@ -807,7 +908,8 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 
 
 __all__ = ["A800", "LLAMA_7B", "RECOMPUTE", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy",
-           "bucketize", "all_gather_time", "rebatch_bytes", "row_layout", "transition_time",
+           "all_gather_time", "best_per_bucket", "brute_force_buckets", "bucketize", "rebatch_bytes", "row_layout",
+           "transition_time",
            "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",
            "layer_path", "layer_tables", "layer_time", "mixed_strategy", "parse_strategy", "predict", "run_time",
            "search_layers", "simulate", "static_strategies", "switch_time"]

@@ -108,3 +108,31 @@ def test_an_unknown_strategy_part_is_named(text, match):
         H.parse_strategy(text)
     with pytest.raises(H.HotSPaError, match="recompute must be one of"):
         H.Strategy(1, 1, 1, recompute="attention")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_best_per_bucket_equals_brute_force_on_synthetic_costs(seed):
+    """4-5 buckets, 5-6 candidates with tied model-state bytes, an unvisited (empty) bucket,
+    candidates a bucket cannot take (inf), asymmetric switch costs: the DP's total is the brute
+    force's minimum and its pick costs that total."""
+    rng = np.random.default_rng(seed)
+    buckets, k = 4 + seed % 2, 5 + seed % 2
+    seconds = rng.uniform(1.0, 10.0, (buckets, k))
+    seconds[rng.random((buckets, k)) < 0.2] = np.inf
+    seconds[:, rng.integers(k)] = rng.uniform(1.0, 10.0, buckets)  # every bucket has a candidate
+    switch = rng.uniform(0.0, 6.0, (k, k))
+    np.fill_diagonal(switch, 0.0)
+    once = rng.uniform(0.0, 3.0, k)
+    frugality = rng.integers(1, 4, k).astype(float)  # ties: the first chosen of least bytes owns
+    visited = [True] * buckets
+    visited[seed % buckets] = seed % 3 != 0
+    cost = lambda a, c: float(switch[a, c])  # noqa: E731
+    pick, total = H.best_per_bucket(seconds.tolist(), cost, once.tolist(), frugality.tolist(), visited)
+    _, expected = H.brute_force_buckets(seconds.tolist(), cost, once.tolist(), frugality.tolist(), visited)
+    assert total == pytest.approx(expected, rel=1e-12)
+    owner = min(pick, key=lambda c: frugality[c])
+    again, prev = 0.0, owner
+    for b, c in enumerate(pick):
+        if visited[b]:
+            again, prev = again + cost(prev, c) + seconds[b, c], c
+    assert again + cost(prev, owner) + once[owner] == pytest.approx(expected, rel=1e-12)
