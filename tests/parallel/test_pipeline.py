@@ -418,8 +418,8 @@ def test_zero3_dp2_pp2_with_clipping_matches_one_process_at_1_over_dp_of_the_mem
         # densifies them to sum over the stages: a whole gradient, as many bytes as the parameter)
         for key, plain_key, copies in (("parameters", "parameters", 1), ("gradients", "parameters", 1),
                                        ("optimizer_state", "optimizer_state", 2)):
-            want = base[plain_key] / 2
-            assert want - 64 <= mem[key] <= want + copies * pad + 64, (key, mem[key], base[plain_key])  # 64: step counters
+            want = base[plain_key] / 2  # +-64: the optimizers' step counters
+            assert want - 64 <= mem[key] <= want + copies * pad + 64, (key, mem[key], base[plain_key])
         assert base["gradients"] <= base["parameters"]
 
 
