@@ -46,9 +46,15 @@ them (a rank keeps only its shard of each bucket), then the updated shards are a
 into the parameters. Clipping's norm is summed over the shards, the stages and the TP members
 (each parameter counted once). `ls.save` consolidates each stage's shards over its DP group,
 then gathers the stages: the checkpoint holds full tensors and the plain optimizer's state,
-and loads into one process (and a plain one into a ZeRO pipeline). Stage 3 (parameters
-sharded between uses, gathered per layer inside every micro-batch's forward and backward) is
-not built for pipelines and is refused.
+and loads into one process (and a plain one into a ZeRO pipeline). Stage 3 (`zero=3`,
+`ZeroSync.shard_stage`) also shards the stage's parameters in units (`unit_size_mb`; a parameter
+several stages share, the tied table, is a unit of its own laid out alike on each): the forward
+and backward plans gather each unit just before its first reader (the next unit's gather
+prefetched) and reduce-scatter its gradients right after the last is made, in every micro-batch:
+the stage keeps only shard accumulators (1/dp of the gradient bytes; a shared unit's shards sum over
+its stages after the last micro-batch), at the cost of M reduce-scatters per unit per step instead
+of one and a gather per unit per forward and per backward. `Pipeline.memory` reports the bytes from
+the plans' accounting.
 """
 
 from __future__ import annotations

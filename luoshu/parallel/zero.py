@@ -77,7 +77,9 @@ In a pipeline (`pipeline(..., zero=1 | 2)`) the stage builds this mode over its 
 each step's gradients, accumulated over the micro-batches, once after the last (`step_accumulated`):
 stage 1 all-reduces them and takes the shard, stage 2 reduce-scatters each bucket; the pipeline's
 `ShardNorm` (shards weighed as their parameters, summed over the stages and TP members) then the DP
-group give clipping's norm.
+group give clipping's norm. Stage 3 in a pipeline lays out the units of the stage program at compile
+(`shard_stage`: gathers in its forward and backward graphs, a reduce-scatter per unit per micro-batch)
+and takes the accumulated shards once a step (`step_shards`).
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
