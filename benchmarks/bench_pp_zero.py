@@ -1,4 +1,4 @@
-"""ZeRO over each pipeline stage's DP group: a dp2 x pp2 GPT-2 training step, plain vs zero=1 vs zero=2.
+"""ZeRO over each pipeline stage's DP group: a dp2 x pp2 GPT-2 training step, plain vs zero=1, 2 and 3.
 
 The reference is luoshu's own plain pipeline (torch has no ZeRO x pipeline to compare against
 on CPU): the same model, stages, micro-batches and AdamW with clipping, built three times in the
@@ -41,7 +41,7 @@ def main() -> None:
     ls.distributed.init()
     mesh = ls.distributed.DeviceMesh(dp=2, pp=2)
     pipes = {}
-    for zero in (0, 1, 2):
+    for zero in (0, 1, 2, 3):
         ls.manual_seed(1)
         model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=LENGTH, n_layer=4, n_head=4, n_embd=128))
         opt = ls.optim.AdamW(model.parameters(), lr=1e-3, max_grad_norm=1.0)

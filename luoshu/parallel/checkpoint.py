@@ -170,13 +170,13 @@ class _ShardedLayouts(package.LayoutHook):
     def save(self, path, module, optimizer, metadata, group: tuple | None = None) -> Path | None:
         pipe = _distributed_pipeline(module, optimizer)
         whole_state = None
-        if pipe is not None:  # every rank holds the whole model (its TP blocks) and its optimizer state
-            # (ZeRO: each stage's shards consolidated over its DP group, then gathered over the stages)
-            whole_state = pipe.gather_stages(with_state=optimizer is not None and optimizer is pipe.optimizer)
         zero = _zero_of(optimizer)
         group = _tp_group() if group is None else group
         whole = zero.gathered_parameters() if zero is not None else contextlib.nullcontext()  # ZeRO-3's shards
         with whole:
+            if pipe is not None:  # every rank holds the whole model (its TP blocks) and its optimizer state
+                # (ZeRO: each stage's shards consolidated over its DP group, then gathered over the stages)
+                whole_state = pipe.gather_stages(with_state=optimizer is not None and optimizer is pipe.optimizer)
             # every rank takes part in the gathers; one writes. ZeRO's state is consolidated over the
             # DP group first (this rank's TP blocks), then gathered over the TP group.
             opt_state = None

@@ -46,9 +46,15 @@ them (a rank keeps only its shard of each bucket), then the updated shards are a
 into the parameters. Clipping's norm is summed over the shards, the stages and the TP members
 (each parameter counted once). `ls.save` consolidates each stage's shards over its DP group,
 then gathers the stages: the checkpoint holds full tensors and the plain optimizer's state,
-and loads into one process (and a plain one into a ZeRO pipeline). Stage 3 (parameters
-sharded between uses, gathered per layer inside every micro-batch's forward and backward) is
-not built for pipelines and is refused.
+and loads into one process (and a plain one into a ZeRO pipeline). Stage 3 (`zero=3`,
+`ZeroSync.shard_stage`) also shards the stage's parameters in units (`unit_size_mb`; a parameter
+several stages share, the tied table, is a unit of its own laid out alike on each): the forward
+and backward plans gather each unit just before its first reader (the next unit's gather
+prefetched) and reduce-scatter its gradients right after the last is made, in every micro-batch:
+the stage keeps only shard accumulators (1/dp of the gradient bytes; a shared unit's shards sum over
+its stages after the last micro-batch), at the cost of M reduce-scatters per unit per step instead
+of one and a gather per unit per forward and per backward. `Pipeline.memory` reports the bytes from
+the plans' accounting.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ from luoshu.nn.module import Module
 from luoshu.ops.comm import shapes_once
 from luoshu.optim.optimizer import Optimizer
 from luoshu.parallel.data_parallel import DataParallel
+from luoshu.runtime.memory import optimizer_state_bytes
 from luoshu.runtime.pipeline import SCHEDULES, ActivationLedger, StageRunner, schedule
 
 
@@ -133,14 +140,10 @@ class Pipeline:
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise PipelineError(f"pipeline: micro_batches must be a positive int, found {micro_batches!r}")
         if isinstance(zero, bool) or zero not in (0, 1, 2, 3):
-            raise PipelineError(f"pipeline: zero must be 0 (off), 1 or 2, found {zero!r}")
-        if zero == 3:
-            raise PipelineError("pipeline: zero=3 (parameters sharded between uses) is not built for pipeline stages; "
-                                "zero=1 shards each stage's optimizer state over its DP group, zero=2 also its "
-                                "gradients")
+            raise PipelineError(f"pipeline: zero must be 0 (off), 1, 2 or 3, found {zero!r}")
         if set(zero_options) - {"bucket_size_mb"} and not zero:
             raise PipelineError(f"pipeline: {sorted(set(zero_options) - {'bucket_size_mb'})} are ZeRO options; "
-                                "they need zero=1 or 2")
+                                "they need zero=1, 2 or 3")
         prefix, layers = _layers(model)
         pp = mesh.pp
         if len(layers) < pp:
@@ -229,16 +232,26 @@ class Pipeline:
         ids = {id(p): i for i, p in enumerate(params)}
         self.param_index = [ids[id(p)] for p in self.params]
         self._sparse = self.program.sparse
-        self.runner = StageRunner(self.program)
-        self.feeds = self.program.feed_names
         self._shared = self._shared_parameters({id(p) for p in self.params})
         self._install_norm(strategy)
         if self.zero_stage or self.mesh.dp > 1:
             # the DP reduction over this stage's DP group: plain data parallelism's buckets (zero=0), or the
-            # ZeRO mode's (this stage's parameters sharded over the group; laid out at the first step)
+            # ZeRO mode's (this stage's parameters sharded over the group; stages 1-2: laid out at the first
+            # step; stage 3: now, the stage plans then gather the units and reduce-scatter their gradients)
             sync = DataParallel(optimizer=optimizer, group=self.mesh.group("dp"), broadcast=False,
                                 zero=self.zero_stage, **self.zero_options).sync
             self.zero, self._dp_sync = (sync, None) if self.zero_stage else (None, sync)
+        # what the backward plan fetches, in order: (accumulator, sparse) per parameter, or at stage 3 the
+        # sparse gradients, then one gradient shard per unit (accumulators after the parameters')
+        self._fetched = list(enumerate(self._sparse))
+        if self.zero_stage == 3:
+            units = self.zero.shard_stage(self.program, self.param_index,
+                                          {self.param_index[pos] for pos, _ in self._shared})
+            shared = {pos for pos, _ in self._shared}
+            self._fetched = [(k, True) for k, sparse in enumerate(self._sparse) if sparse and k not in shared]
+            self._fetched += [(len(self.params) + u, False) for u in range(len(units))]
+        self.runner = StageRunner(self.program)
+        self.feeds = self.program.feed_names
         self._compiled = True
         self._key = live.register(self)  # ls.save / ls.load find the pipeline of a model (parallel.checkpoint)
 
@@ -288,6 +301,11 @@ class Pipeline:
         the model's optimizer does not take it."""
         if not self._compiled:
             return None
+        # ZeRO-3: this stage's parameters whole while they are sent (each rank keeps its shard after)
+        with self.zero.gathered_parameters() if self.zero is not None else contextlib.nullcontext():
+            return self._gather_stages(with_state)
+
+    def _gather_stages(self, with_state: bool) -> dict | None:
         optimizer = self.optimizer
         # this stage's state whole (ZeRO: gathered over the stage's DP group, a collective there)
         plain = (self.zero.consolidated_state_dict() if self.zero is not None else optimizer.state_dict()) \
@@ -369,7 +387,7 @@ class Pipeline:
         runner.reset()
         self.ledger = runner.ledger
         losses = []
-        accum = [None] * len(self.params)
+        accum = [None] * (len(self.params) + (len(self.zero.groups) if self.zero_stage == 3 else 0))
         self.run_schedule(feeds, size, losses, accum)
         self.busy_s = runner.busy_s
         self._apply(accum)
@@ -395,8 +413,10 @@ class Pipeline:
                     losses.append(float(loss))
                 continue
             values = runner.backward(mb, micro)
+            if self.zero_stage == 3:
+                self.zero.wait_scatters()  # the units' gradient shards are written
             pos = 0
-            for k, sparse in enumerate(self._sparse):
+            for k, sparse in self._fetched:
                 if sparse:
                     rows = (values[pos], values[pos + 1])
                     accum[k] = [rows] if accum[k] is None else accum[k] + [rows]
@@ -409,8 +429,14 @@ class Pipeline:
 
     def _apply(self, accum: list) -> None:
         m, dp = self.micro_batches, self.mesh.dp
+        if self.zero_stage == 3:  # each unit's shards, summed over the micro-batches already
+            shards = [acc.div_(m) for acc in accum[len(self.params):]]
+            accum = accum[:len(self.params)]
         grads = []
         for k, acc in enumerate(accum):
+            if acc is None:  # stage 3: a dense parameter's gradient is its unit's shard
+                grads.append(None)
+                continue
             if not self._sparse[k]:
                 grads.append(acc.div_(m))  # the mean over micro-batches: scaled once
                 continue
@@ -426,6 +452,13 @@ class Pipeline:
                 keep = (rows >= start) & (rows < start + local)
                 rows, values = rows[keep] - start, values[keep]
             grads.append((rows, values))
+        if self.zero_stage == 3:
+            # a unit several stages share is laid out alike on each: its shards sum over them
+            for pos, users in self._shared:
+                unit = self.zero.owner[self.param_index[pos]]
+                torch_dist.all_reduce(shards[unit.position], group=env.process_group(users))
+            self.zero.step_shards(shards, [(i, g) for i, g in zip(self.param_index, grads) if g is not None])
+            return
         for pos, users in self._shared:
             if self._sparse[pos]:
                 rows, values = grads[pos]
@@ -448,6 +481,36 @@ class Pipeline:
             reduced = dict(sync.finish())
             grads = [reduced.get(k, g) for k, g in enumerate(grads)]
         self.optimizer.apply_gradients(list(zip(self.param_index, grads)))
+
+    def memory(self, inputs: list | None, labels: list | None) -> dict:
+        """Trains one batch as `step` does, with this stage's plans run step by step and their memory
+        accounted (`Plan.memory`), and returns this rank's bytes: `parameters` (what its plans read
+        between uses: the stage's parameters, or under ZeRO-3 their shards), `optimizer_state` (after
+        the step), `gradients` (what the stage keeps and accumulates over the micro-batches: one
+        micro-batch's fetched gradients; ZeRO-3: the units' shards), `peak_gradients` (the most
+        alive at once inside a backward run, the unit gradients not yet reduce-scattered too),
+        `peak_gathered_parameters` (ZeRO-3's whole units), `peak_activations` (inside one run) and
+        `saved_activations` (the most the stage keeps between forwards and backwards); `loss`: what
+        `step` returns."""
+        runner = self.runner
+        runner.reports = []
+        try:
+            loss = self.step(inputs, labels)
+            reports = runner.reports
+        finally:
+            runner.reports = None
+        forward = [r for kind, r in reports if kind == "F"]
+        backward = [r for kind, r in reports if kind == "B"]
+        return {
+            "loss": loss,
+            "parameters": max(r.parameters for r in forward),
+            "optimizer_state": optimizer_state_bytes(self.optimizers()),
+            "gradients": max(r.update_gradients for r in backward),
+            "peak_gradients": max(r.peak_gradients for r in backward),
+            "peak_gathered_parameters": max(r.peak_gathered_parameters for r in forward + backward),
+            "peak_activations": max(r.peak_activations for r in forward + backward),
+            "saved_activations": self.ledger.peak_bytes,
+        }
 
     def optimizers(self) -> list[Optimizer]:
         """The optimizers this rank steps: under ZeRO the shard optimizers of its stage (and the

@@ -77,7 +77,9 @@ In a pipeline (`pipeline(..., zero=1 | 2)`) the stage builds this mode over its 
 each step's gradients, accumulated over the micro-batches, once after the last (`step_accumulated`):
 stage 1 all-reduces them and takes the shard, stage 2 reduce-scatters each bucket; the pipeline's
 `ShardNorm` (shards weighed as their parameters, summed over the stages and TP members) then the DP
-group give clipping's norm.
+group give clipping's norm. Stage 3 in a pipeline lays out the units of the stage program at compile
+(`shard_stage`: gathers in its forward and backward graphs, a reduce-scatter per unit per micro-batch)
+and takes the accumulated shards once a step (`step_shards`).
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
@@ -95,7 +97,7 @@ import torch.distributed as torch_dist
 
 from luoshu.compiler import insert_gradient_allreduce, states
 from luoshu.compiler.gradient_allreduce import BucketFiller
-from luoshu.compiler.passes import reposition
+from luoshu.compiler.passes import prune, reposition
 from luoshu.compiler.recompute import apply_recompute
 from luoshu.compiler.states import ShardNorm
 from luoshu.core import context, dtypes, live
@@ -574,8 +576,9 @@ class ZeroSync(SyncMode):
         table's gathered rows), which the model's optimizer applies. The layout is made at the
         first step."""
         if self.stage == 3:
-            raise DistError("DataParallel(zero=3): a step of gradients accumulated outside the mode (a pipeline "
-                            "stage's) is not built; zero=1 and 2 are")
+            raise DistError("DataParallel(zero=3): a step of whole gradients accumulated outside the mode is not "
+                            "built; a pipeline stage's plans reduce-scatter each micro-batch (shard_stage, "
+                            "step_shards)")
         if self.groups is None:
             indices = [i for i, _ in dense]
             self._build(self._bucket_layout(indices) if self.stage == 2 else self._layout(sorted(indices)))
@@ -808,7 +811,17 @@ class ZeroSync(SyncMode):
         """Stages 2-3: one `zero3_reduce_scatter` per bucket (unit) of `self.groups`, recorded right
         after the last of its gradients is made (so they die there), the new ops of `before` /
         `after` put in place, and `update` reading the shards."""
-        grad_of = {e.index: e.inputs[0] for e in entries if e.kind == "d"}
+        self._place_scatters(graph, {e.index: e.inputs[0] for e in entries if e.kind == "d"}, made_at, before, after)
+        rest = [e for e in entries if e.kind != "d"]
+        dense = [e for e in entries if e.kind == "d"]
+        shards = [dense[0]._replace(index=u.indices[0], inputs=[u.grad_tensor]) for u in self.groups]
+        update.attrs["params"], update.attrs["kinds"], update.inputs = update_inputs(shards + rest)
+
+    def _place_scatters(self, graph, grad_of: dict, made_at, before: dict, after: dict) -> None:
+        """One `zero3_reduce_scatter` per bucket (unit) of `self.groups` over its gradients
+        (`grad_of`: parameter index -> gradient tensor of `graph`), recorded right after the last of
+        them is made (so they die there; `unit.grad_tensor`: the shard), and the new ops of `before`
+        / `after` put in place."""
         with graph:
             for unit in self.groups:
                 grads = [grad_of[i] for i in unit.indices]
@@ -822,10 +835,89 @@ class ZeroSync(SyncMode):
                     after.setdefault(id(graph.ops[last]), []).extend(ops)
                 unit.grad_tensor = shard
         reposition(graph, before, after)
-        rest = [e for e in entries if e.kind != "d"]
-        dense = [e for e in entries if e.kind == "d"]
-        shards = [dense[0]._replace(index=u.indices[0], inputs=[u.grad_tensor]) for u in self.groups]
-        update.attrs["params"], update.attrs["kinds"], update.inputs = update_inputs(shards + rest)
+
+    # --- stage 3, a pipeline stage --------------------------------------------------------------
+    def shard_stage(self, program, indices: list[int], alone: set[int]) -> list:
+        """Stage 3 in a pipeline (`pipeline(..., zero=3)`): shards the dense parameters of one stage
+        program (`luoshu.compiler.pipeline.StageProgram`; `indices`: the optimizer index of each of
+        its parameters) and rewrites its plans' graphs. Units: the parameters in the order the
+        forward first reads them, filled like buckets (`unit_size_mb`); a parameter of `alone` (one
+        several stages share) is a unit of its own, laid out alike on every stage that holds it, so
+        their shards cover the same elements. The forward and the backward graph each read every
+        unit through one `zero3_gather` + `zero3_unpack` (the next unit's gather recorded right after
+        this one's wait: prefetched), and the backward reduce-scatters each unit's gradients right
+        after the last of them is made (so the stage never holds a whole gradient beyond one unit's
+        at a time). `program.grad_fetches` becomes the sparse gradients' tensors (in parameter
+        order), then one gradient shard per unit (this micro-batch's, the mean over the DP group,
+        still being written until `wait_scatters`). Returns the units."""
+        if self.groups is not None:
+            raise DistError("DataParallel(zero=3) shards one stage program; this mode has laid out its units already")
+        opt = self.dp.optimizer
+        params = opt.parameters()
+        dense = [i for i, sparse in zip(indices, program.sparse) if not sparse or i in alone]
+        if not dense:
+            raise DistError(f"pipeline(zero=3): stage {program.stage} has no dense parameter to shard")
+        forward = {id(op) for op in prune(program.forward, program.forward_fetches)}
+        readers = self._readers(program.forward, {id(params[i]): i for i in dense})
+        readers = {i: [(k, op) for k, op in found if id(op) in forward] for i, found in readers.items()}
+        first_read = {i: readers[i][0][0] if readers.get(i) else len(program.forward.ops) for i in dense}
+        group_of = {id(p): gi for gi, group in enumerate(opt.param_groups) for p in group["params"]}
+        filler, units = BucketFiller(self.unit_bytes), []
+        for i in sorted(dense, key=lambda i: first_read[i]):
+            p = params[i]
+            if i in alone:
+                units += filler.close() + [[i]]
+                continue
+            closed = filler.add(i, p._value.numel() * p._value.element_size(), (group_of[id(p)], p.dtype))
+            if closed is not None:
+                units.append(closed)
+        units += filler.close()
+        units.sort(key=lambda u: first_read[u[0]])
+        self._build_units([(group_of[id(params[u[0]])], u) for u in units])
+        before: dict[int, list] = {}
+        self._gather_readers(program.forward, readers, (lambda k: True,), before)
+        reposition(program.forward, before, {})
+        backward = program.backward
+        before = {}
+        self._gather_readers(backward, self._readers(backward, {id(params[i]): i for i in dense}), (lambda k: True,),
+                             before)
+        position = {id(op): k for k, op in enumerate(backward.ops)}
+        made_from: dict[int, Tensor] = {}  # id(densified gradient) -> the rows' values it is made from
+
+        def made_at(t) -> int:
+            t = made_from.get(id(t), t)
+            return position.get(id(t.producer[0]), -1) if t.producer is not None else -1
+
+        grad_of, rest, pos, after = {}, [], 0, {}
+        for i, sparse in zip(indices, program.sparse):
+            if not sparse:
+                grad_of[i] = program.grad_fetches[pos]
+                pos += 1
+                continue
+            rows, values = program.grad_fetches[pos:pos + 2]
+            pos += 2
+            if i not in alone:  # a table's rows keep the plain path (gathered over DP, the model's optimizer)
+                rest += [rows, values]
+                continue
+            # a shared table's rows on this stage: its unit's gradient is dense on every stage that holds it
+            with backward:
+                mark = len(backward.ops)
+                grad_of[i] = apply("sparse_to_dense", rows, values, num_rows=params[i]._value.shape[0])
+            made_from[id(grad_of[i])] = values
+            if made_at(values) >= 0:
+                after.setdefault(id(backward.ops[made_at(values)]), []).extend(backward.ops[mark:])
+        self._place_scatters(backward, grad_of, made_at, before, after)
+        program.grad_fetches = rest + [unit.grad_tensor for unit in self.groups]
+        return self.groups
+
+    def step_shards(self, shards: list, reduced: list) -> None:
+        """One pipeline step at stage 3: `shards`, each unit's gradient shard of the step (the
+        micro-batches' reduce-scattered shards accumulated and scaled by the pipeline; a shared
+        unit's summed over its stages); `reduced`: gradients already synchronised over the DP group
+        (a table's gathered rows), which the model's optimizer applies."""
+        for unit, shard in zip(self.groups, shards):
+            unit.grad_shard = shard
+        self._update_shards(reduced, reduced=True)
 
     # --- stage 3, eager -------------------------------------------------------------------------
     def _wrap_modules(self, model) -> None:

@@ -84,15 +84,18 @@ def _storage(value) -> tuple[int, int] | None:
     return storage.data_ptr(), storage.nbytes()
 
 
-def _gradient_slots(plan) -> set[int]:
-    """Slots that hold gradients: inputs of update ops, and inputs of the collectives whose
-    results flow only into updates (bucket all-reduce and its unpacking, sparse gathers)."""
+def _gradient_slots(plan, fetched: int = 0) -> set[int]:
+    """Slots that hold gradients: inputs of update ops, the first `fetched` fetches (gradients an
+    update outside the plan applies), and inputs of the collectives whose results flow only into
+    those (bucket all-reduce and its unpacking, sparse gathers, ZeRO's reduce-scatter)."""
     producer_step = {}
     for i, step in enumerate(plan.steps):
         for s in step.outputs:
             producer_step[s] = i
-    grads: set[int] = set()
+    grads: set[int] = set(plan.fetch_slots[:fetched])
     frontier = [i for i, step in enumerate(plan.steps) if step.op.opdef.name in UPDATE_OPS]
+    frontier += [j for s in grads if (j := producer_step.get(s)) is not None
+                 and plan.steps[j].op.opdef.name in GRADIENT_CARRIERS]
     seen = set(frontier)
     while frontier:
         i = frontier.pop()
@@ -118,8 +121,13 @@ def _optimizers(plan) -> list:
 
 
 def _optimizer_state_bytes(plan) -> int:
+    return optimizer_state_bytes(_optimizers(plan))
+
+
+def optimizer_state_bytes(optimizers: list) -> int:
+    """The bytes of the state tensors `optimizers` hold (each storage once)."""
     storages = {}
-    for opt in _optimizers(plan):
+    for opt in optimizers:
         for state in opt.state.values():
             for t in state.values():
                 found = _storage(t)
@@ -128,9 +136,12 @@ def _optimizer_state_bytes(plan) -> int:
     return sum(storages.values())
 
 
-def measure(plan, feed_values: list) -> MemoryReport:
+def measure(plan, feed_values: list, gradient_fetches: int = 0) -> MemoryReport:
     """Runs `plan` once on `feed_values` (as `Plan.run` takes them), step by step, and
-    accounts for every buffer it holds. The step really runs: updates are applied."""
+    accounts for every buffer it holds. The step really runs: updates are applied.
+    `gradient_fetches`: the first that many fetches are gradients an update outside the plan
+    applies (a pipeline stage's backward: the stage accumulates them over its micro-batches); they
+    count as gradients, and `update_gradients` is their bytes."""
     slots: dict[int, object] = {}
     leaf_slots = set()
     for t, v in zip(plan.feed_tensors, feed_values):
@@ -144,7 +155,7 @@ def measure(plan, feed_values: list) -> MemoryReport:
             found = _storage(t._value)
             if found is not None:
                 parameter_storages[found[0]] = found[1]
-    gradient_slots = _gradient_slots(plan)
+    gradient_slots = _gradient_slots(plan, gradient_fetches)
     # persistent gradient buckets (kept across steps by their BucketBuffer): alive throughout,
     # counted once whether or not this run has written them yet
     bucket_storages: dict[int, int] = {}
@@ -218,6 +229,7 @@ def measure(plan, feed_values: list) -> MemoryReport:
     peak_grads += kept
     step_index = best[1]
     fetched = [slots.get(s) for s in plan.fetch_slots]
+    update_grads += sum(dict(filter(None, (_storage(v) for v in fetched[:gradient_fetches]))).values())
     return MemoryReport(
         peak_bytes=parameters + state + best[0], peak_step=step_index,
         peak_op=plan.steps[step_index].op.opdef.name if step_index >= 0 else "(inputs)",

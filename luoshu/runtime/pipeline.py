@@ -114,6 +114,9 @@ class StageRunner:
         self.pending: list = []
         self.busy_s = 0.0
         self._leaves: set | None = None
+        # when a list: the plans run step by step with their memory accounted (`Plan.memory`), one
+        # ("F" | "B", MemoryReport) per run appended
+        self.reports: list | None = None
 
     def receiving(self, steps: list[tuple[str, int]], depth: int = 2):
         """The scope in which the receives of `steps` (a schedule) are posted ahead of need: each
@@ -138,7 +141,13 @@ class StageRunner:
 
     def _timed(self, plan, values):
         wait0, start = recv_wait_seconds(), time.perf_counter()
-        out = plan.run(values)
+        if self.reports is not None:
+            backward = plan is self.backward_plan
+            report = plan.memory(values, self._grads if backward else 0)
+            self.reports.append(("B" if backward else "F", report))
+            out = report.outputs
+        else:
+            out = plan.run(values)
         self.busy_s += (time.perf_counter() - start) - (recv_wait_seconds() - wait0)
         return out
 

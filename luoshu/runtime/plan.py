@@ -55,11 +55,12 @@ class Plan:
         self.compiled = CompiledStep(self, backend, cuda_graphs)
         return self.compiled
 
-    def memory(self, feed_values: list[torch.Tensor]) -> MemoryReport:
+    def memory(self, feed_values: list[torch.Tensor], gradient_fetches: int = 0) -> MemoryReport:
         """Runs the plan once, step by step, and reports its peak live bytes, the step that
         reaches it and the split into parameters, optimizer state, gradients and activations
-        (`luoshu.runtime.memory`). The step really runs: updates are applied."""
-        return measure(self, feed_values)
+        (`luoshu.runtime.memory`). The step really runs: updates are applied. `gradient_fetches`:
+        the first that many fetches are gradients applied outside the plan (a pipeline stage's)."""
+        return measure(self, feed_values, gradient_fetches)
 
 
 def build_plan(graph, fetches: list[Tensor], fed: dict) -> Plan:

@@ -13,6 +13,7 @@ over its DP group (torch's own collective calls) and writes its stage's dense gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import numpy as np
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--zero", type=int, default=0)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--bucket-size-mb", type=float, default=None)
+    parser.add_argument("--unit-size-mb", type=float, default=None)
+    parser.add_argument("--memory", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -101,7 +104,8 @@ def main() -> None:
     stages = args.stages.split(",") if args.stages else None
     pipe = ls.parallel.pipeline(model, mesh, stages=stages, micro_batches=args.micro_batches, schedule=args.schedule,
                                 zero=args.zero,
-                                **({"bucket_size_mb": args.bucket_size_mb} if args.bucket_size_mb else {}))
+                                **({"bucket_size_mb": args.bucket_size_mb} if args.bucket_size_mb else {}),
+                                **({"unit_size_mb": args.unit_size_mb} if args.unit_size_mb else {}))
     pipe.compile([("ids", (None, LENGTH), "int64")], [("y", (None, LENGTH), "int64")], loss_fn, opt)
     losses, peak, peak_bytes = [], 0, 0
     scatters: list = []  # ZeRO: the reduce-scatters each step started
@@ -123,17 +127,30 @@ def main() -> None:
 
     torch.distributed.all_reduce = counted_all_reduce
     need_inputs, need_labels = pipe.feeds_of()
+    memory = {}
     for ids, y in batches(steps=args.steps):
         # a rank passes only what its stage reads
         scatters.append(0)
         reduces.append(0)
-        losses.append(pipe.step([ids] if need_inputs else None, [y] if need_labels else None))
+        feeds = ([ids] if need_inputs else None, [y] if need_labels else None)
+        if args.memory and not memory:  # the first step with the plans' memory accounted
+            memory = pipe.memory(*feeds)
+            losses.append(memory.pop("loss"))
+        else:
+            losses.append(pipe.step(*feeds))
         peak, peak_bytes = max(peak, pipe.ledger.peak), max(peak_bytes, pipe.ledger.peak_bytes)
     torch.distributed.all_reduce = all_reduce
     names = {id(p): n for n, p in model.named_parameters()}
-    full = ls.parallel.gather_parameters(model, mesh)  # whole values of TP-split ones (collective)
+    whole = pipe.zero.gathered_parameters() if args.zero else contextlib.nullcontext()  # ZeRO-3's shards
+    with whole:
+        full = ls.parallel.gather_parameters(model, mesh)  # whole values of TP-split ones (collective)
+        local_numel = sum(p.value.numel() for p in pipe.params)  # this rank's blocks of its stage's parameters
+        shared = {pos for pos, _ in pipe._shared}  # parameters other stages use too (GPT-2's tied table)
+        # the bytes of each dense gradient of the stage, in parameter order: a sparse table's rows are
+        # gathered (0), unless other stages share the table (then its rows are summed into a dense one)
+        dense_bytes = [p.value.numel() * p.value.element_size() if not sparse or k in shared else 0
+                       for k, (p, sparse) in enumerate(zip(pipe.params, pipe._sparse))]
     params = {names[id(p)]: full[names[id(p)]].numpy() for p in pipe.params}
-    shared = {pos for pos, _ in pipe._shared}  # parameters other stages use too (GPT-2's tied table)
     feeds = pipe.feeds  # the placeholders this rank's stage plans read
     forward_ops = [step.op for step in pipe.runner.forward_plan.steps]
     sends = [op.attrs["peer"] for op in forward_ops if op.opdef.name == "send"]
@@ -146,12 +163,10 @@ def main() -> None:
         state_bytes=state_bytes(pipe.optimizers()),
         scatters=np.array(scatters, dtype=np.int64),
         reduces=np.array(reduces, dtype=np.int64),
-        # the bytes of each dense gradient of the stage, in parameter order: a sparse table's rows are
-        # gathered (0), unless other stages share the table (then its rows are summed into a dense one)
-        dense_bytes=np.array([p.value.numel() * p.value.element_size() if not sparse or k in shared else 0
-                              for k, (p, sparse) in enumerate(zip(pipe.params, pipe._sparse))], dtype=np.int64),
+        dense_bytes=np.array(dense_bytes, dtype=np.int64),
         buckets=len(pipe.zero.groups) if args.zero else 0,
-        local_numel=sum(p.value.numel() for p in pipe.params),  # this rank's blocks of its stage's parameters
+        local_numel=local_numel,
+        memory=json.dumps(memory),
         stage=pipe.stage,
         rank=ls.distributed.rank(),
         feeds=json.dumps(sorted(feeds)),

@@ -344,12 +344,10 @@ def test_recompute_inside_tensor_parallel_stages_matches_one_process(tmp_path):
 # --- ZeRO over each stage's DP group ------------------------------------------------------------
 def test_zero_in_a_pipeline_refuses_what_is_not_built():
     mesh = ls.distributed.DeviceMesh(world_size=1)
-    with pytest.raises(ls.Error, match=r"zero=3 \(parameters sharded between uses\) is not built for pipeline"):
-        ls.parallel.pipeline(_model(2), mesh, zero=3)
     for bad in (4, True, "1"):
-        with pytest.raises(ls.Error, match=r"zero must be 0 \(off\), 1 or 2, found"):
+        with pytest.raises(ls.Error, match=r"zero must be 0 \(off\), 1, 2 or 3, found"):
             ls.parallel.pipeline(_model(2), mesh, zero=bad)
-    with pytest.raises(ls.Error, match=r"\['unit_size_mb'\] are ZeRO options; they need zero=1 or 2"):
+    with pytest.raises(ls.Error, match=r"\['unit_size_mb'\] are ZeRO options; they need zero=1, 2 or 3"):
         ls.parallel.pipeline(_model(2), mesh, unit_size_mb=1.0)
     model = _model(2)
     pipe = ls.parallel.pipeline(model, mesh, zero=1)
@@ -358,7 +356,7 @@ def test_zero_in_a_pipeline_refuses_what_is_not_built():
                      ls.optim.LAMB(model.parameters(), lr=0.1))
 
 
-@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("zero", [1, 2, 3])
 def test_zero_one_stage_equals_the_whole_batch_with_clipping(zero):
     """One process, one stage, four micro-batches, clipping active: the shard update (its own optimizer
     over the flat shard) and the norm over the shards give one process's steps."""
@@ -369,8 +367,9 @@ def test_zero_one_stage_equals_the_whole_batch_with_clipping(zero):
     pipe.compile([("ids", (None, 16), "int64")], [("y", (None, 16), "int64")], pp_train.loss_fn, opt)
     losses = [pipe.step([i], [t]) for i, t in pp_train.batches()]
     np.testing.assert_allclose(losses, ref_losses, atol=1e-10)
-    for name, p in model.named_parameters():
-        np.testing.assert_allclose(p.numpy(), ref_params[name], atol=1e-10, err_msg=name)
+    with pipe.zero.gathered_parameters():
+        for name, p in model.named_parameters():
+            np.testing.assert_allclose(p.numpy(), ref_params[name], atol=1e-10, err_msg=name)
     assert opt.state == {} and pipe.optimizers()[-1] is opt  # the shard optimizers hold every moment
 
 
@@ -388,6 +387,40 @@ def _zero_compare(tmp_path, zero, dp=2, pp=2, tp=1):
         expected = buckets if zero == 2 else 0
         assert list(run["scatters"]) == [expected] * 5
     return runs
+
+
+@pytest.mark.dist
+def test_zero3_dp2_pp2_with_clipping_matches_one_process_at_1_over_dp_of_the_memory(tmp_path):
+    """ZeRO-3 over each stage's DP group: one process's five clipped AdamW steps; each unit's gradients
+    reduce-scattered once per micro-batch (2 micro-batches); from the plans' accounting (`Pipeline.memory`),
+    parameter, gradient and optimizer-state bytes 1/dp of the plain pipeline's (up to each unit's padding)."""
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "plain").mkdir()
+    args = ["--dp", "2", "--pp", "2", "--layers", "2", "--micro-batches", "2", "--clip", "0.05", "--steps", "5",
+            "--memory"]
+    ref_losses, ref_params = pp_train.reference(2, "gpt2", 0.05, 5)
+    runs = {}
+    for name, extra in (("zero", ["--zero", "3"]), ("plain", [])):
+        out = tmp_path / name / "pp"
+        proc = launch(4, "tests/parallel/pp_train.py", *args, *extra, "--out", str(out), timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [np.load(f"{out}.rank{r}.npz") for r in range(4)]
+    last = [r for r in runs["zero"] if int(r["stage"]) == 1]
+    np.testing.assert_allclose(np.mean([r["losses"] for r in last], axis=0), ref_losses, atol=1e-6)
+    for run, plain in zip(runs["zero"], runs["plain"]):
+        for name in set(run.files) & set(ref_params):
+            np.testing.assert_allclose(run[name], ref_params[name], atol=1e-6, err_msg=name)
+        units = int(run["buckets"])
+        assert list(run["scatters"]) == [2 * units] * 5  # per micro-batch, one per unit
+        mem, base = json.loads(str(run["memory"])), json.loads(str(plain["memory"]))
+        pad = 8 * units  # at most one float64 of padding per unit
+        # the plain stage's gradients: one per parameter (stage 0 fetches the tied table's as rows, then
+        # densifies them to sum over the stages: a whole gradient, as many bytes as the parameter)
+        for key, plain_key, copies in (("parameters", "parameters", 1), ("gradients", "parameters", 1),
+                                       ("optimizer_state", "optimizer_state", 2)):
+            want = base[plain_key] / 2  # +-64: the optimizers' step counters
+            assert want - 64 <= mem[key] <= want + copies * pad + 64, (key, mem[key], base[plain_key])
+        assert base["gradients"] <= base["parameters"]
 
 
 @pytest.mark.dist
