@@ -349,6 +349,8 @@ def test_zero_in_a_pipeline_refuses_what_is_not_built():
             ls.parallel.pipeline(_model(2), mesh, zero=bad)
     with pytest.raises(ls.Error, match=r"\['unit_size_mb'\] are ZeRO options; they need zero=1, 2 or 3"):
         ls.parallel.pipeline(_model(2), mesh, unit_size_mb=1.0)
+    with pytest.raises(ls.Error, match=r"zero=3 .* tensor-parallel stages \(tp=2\) it is not supported"):
+        ls.parallel.pipeline(_model(2), ls.distributed.DeviceMesh(tp=2, pp=2, world_size=4, rank=0), zero=3)
     model = _model(2)
     pipe = ls.parallel.pipeline(model, mesh, zero=1)
     with pytest.raises(ls.Error, match="LAMB cannot be sharded elementwise"):
