@@ -81,24 +81,30 @@ def test_luoshu_train_hot_switch_under_launch_on_4_processes(tmp_path):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
 
+def _two_layer_job_matches_one_process(tmp_path, strategies):
+    """A two-layer `hot_switch` job over `strategies` under `luoshu launch -n 4`: each bucket's
+    tokens, and the losses of the same job in one process to float32 rounding; its metrics rows."""
+    import yaml
+
+    layers = {"model_args": {"n_layer": 2, "n_head": 4, "n_embd": 32}}
+    ls.train.train(TrainConfig.from_dict(_values(tmp_path / "one", ["dp1,tp1,pp1"] * 3, **layers)))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(_values(tmp_path, strategies, **layers)))
+    proc = launch(4, "luoshu/cli.py", "train", "--config", str(path), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path / "run" / "metrics.csv")
+    assert [[int(r[f"tokens_bucket{i}"]) for i in range(3)] for r in rows] == _expected_tokens(3)
+    np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(tmp_path / "one" / "run"), rtol=1e-5)
+    return rows
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_luoshu_train_hot_switch_with_a_pp2_strategy_matches_one_process(tmp_path):
     """`hot_switch` strings with pp2 (two layers, two stages of tp2) under `luoshu launch -n 4`: the
     losses of the job run in one process (every bucket under dp1,tp1,pp1), to float32 rounding."""
-    import yaml
-
-    layers = {"model_args": {"n_layer": 2, "n_head": 4, "n_embd": 32}}
-    one = _values(tmp_path / "one", ["dp1,tp1,pp1"] * 3, **layers)
-    ls.train.train(TrainConfig.from_dict(one))
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(_values(tmp_path, ["dp1,tp2,pp2", "dp2,tp2,pp1", "dp4,tp1,pp1"], **layers)))
-    proc = launch(4, "luoshu/cli.py", "train", "--config", str(path), timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _rows(tmp_path / "run" / "metrics.csv")
-    assert [[int(r[f"tokens_bucket{i}"]) for i in range(3)] for r in rows] == _expected_tokens(3)
+    rows = _two_layer_job_matches_one_process(tmp_path, ["dp1,tp2,pp2", "dp2,tp2,pp1", "dp4,tp1,pp1"])
     assert all(int(r["switch_bytes"]) > 0 for r in rows)
-    np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(tmp_path / "one" / "run"), rtol=1e-5)
 
 
 @pytest.mark.dist
@@ -107,18 +113,7 @@ def test_luoshu_train_hot_switch_with_per_block_tp_strategies_matches_one_proces
     """Per-block strings ("tp[4,2]": block 0 under tp4, block 1 under dp2·tp2; "tp[1,4],sp[0,1]")
     among the buckets' strategies under `luoshu launch -n 4`: the one-process losses, and the
     checkpoint gathered from the owner's per-parameter layouts."""
-    import yaml
-
-    layers = {"model_args": {"n_layer": 2, "n_head": 4, "n_embd": 32}}
-    one = _values(tmp_path / "one", ["dp1,tp1,pp1"] * 3, **layers)
-    ls.train.train(TrainConfig.from_dict(one))
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(_values(tmp_path, ["tp[4,2]", "dp2,tp2,pp1", "tp[1,4],sp[0,1]"], **layers)))
-    proc = launch(4, "luoshu/cli.py", "train", "--config", str(path), timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _rows(tmp_path / "run" / "metrics.csv")
-    assert [[int(r[f"tokens_bucket{i}"]) for i in range(3)] for r in rows] == _expected_tokens(3)
-    np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(tmp_path / "one" / "run"), rtol=1e-5)
+    _two_layer_job_matches_one_process(tmp_path, ["tp[4,2]", "dp2,tp2,pp1", "tp[1,4],sp[0,1]"])
 
 
 def test_a_layer_wise_plan_with_per_block_tp_runs_as_a_per_block_strategy():
