@@ -16,9 +16,10 @@ the tensor (splits cut it, duplicates repeat it). The planner
 `plan_hot_switch(..., policy="fcfs")` is the first-come-first-served baseline: the lowest
 source rank that holds a slice sends it. `best_order` chooses the order in which a step visits
 its strategies so that the switches between them cost least, starting and ending at the
-strategy that owns the parameters (exactly, by Held-Karp). `run_switch` executes a plan as one batch of point-to-point
-sends and receives (`run_switches`: the plans of many tensors in one batch, one message per
-peer); `simulate` executes it in one process for tests and cost estimates.
+strategy that owns the parameters (exactly, by Held-Karp). `run_switch` executes a plan as
+one batch of point-to-point sends and receives (`run_switches`: the plans of many tensors in
+one batch, one message per peer); `simulate` executes it in one process for tests and cost
+estimates.
 """
 
 from __future__ import annotations
