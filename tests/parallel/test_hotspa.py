@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -136,3 +138,49 @@ def test_best_per_bucket_equals_brute_force_on_synthetic_costs(seed):
         if visited[b]:
             again, prev = again + cost(prev, c) + seconds[b, c], c
     assert again + cost(prev, owner) + once[owner] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_best_per_bucket_tour_equals_brute_force_on_synthetic_costs(seed):
+    """The runtime's step (switches a function of the owner and the set of strategies visited):
+    the DP's total is the brute force's minimum over every combination and its pick costs it."""
+    rng = np.random.default_rng(100 + seed)
+    buckets, k = 4 + seed % 2, 5 + seed % 2
+    seconds = rng.uniform(1.0, 10.0, (buckets, k))
+    seconds[rng.random((buckets, k)) < 0.2] = np.inf
+    seconds[:, rng.integers(k)] = rng.uniform(1.0, 10.0, buckets)
+    there = rng.uniform(0.0, 6.0, (k, k))  # asymmetric: parameters along a path, gradients back
+    np.fill_diagonal(there, 0.0)
+    once = rng.uniform(0.0, 3.0, k)
+    frugality = rng.integers(1, 4, k).astype(float)
+    visited = [True] * buckets
+    visited[seed % buckets] = seed % 3 != 0
+
+    def tour(o, used):  # the cheapest path from o through the others, each one's gradients back to o
+        others = sorted(used - {o})
+        paths = [sum(there[a, b] for a, b in zip((o, *p), p)) for p in itertools.permutations(others)]
+        return min(paths) + sum(there[c, o] for c in others)
+
+    args = (seconds.tolist(), tour, once.tolist(), frugality.tolist(), visited)
+    pick, total = H.best_per_bucket_tour(*args)
+    _, expected = H.brute_force_buckets_tour(*args)
+    assert total == pytest.approx(expected, rel=1e-12)
+    owner = min(pick, key=lambda c: frugality[c])
+    used = frozenset(c for b, c in enumerate(pick) if visited[b])
+    again = sum(seconds[b, c] for b, c in enumerate(pick) if visited[b]) + tour(owner, used) + once[owner]
+    assert again == pytest.approx(expected, rel=1e-12)
+
+
+def test_runtime_switches_follow_the_best_order_one_way_and_gradients_back():
+    """`runtime_switches_time`: parameters from the owner along the cheapest path (no way back),
+    every other strategy's gradients back to the owner; the order of `visited` does not matter."""
+    cluster = H.ClusterSpec(4, 1, 1e12, 1e9, 1e9, 1e12, switch_overhead=1e-3, value_bytes=4)
+    spec = H.ModelSpec(layers=2, hidden=64, heads=4, vocab=256)
+    tp4, tp2, tp1 = (H.parse_strategy(s) for s in ("dp1,tp4", "dp2,tp2", "dp4,tp1"))
+    one = lambda a, b: H.runtime_switch_time(spec, cluster, a, b)  # noqa: E731
+    assert one(tp4, tp4) == 0.0 and one(tp4, tp1) > one(tp1, tp4) == pytest.approx(1e-3)  # split from dup: local
+    paths = [one(tp4, tp2) + one(tp2, tp1), one(tp4, tp1) + one(tp1, tp2)]
+    expected = min(paths) + one(tp2, tp4) + one(tp1, tp4)
+    for visited in ([tp4, tp2, tp1], [tp1, tp2, tp4, tp2]):
+        assert H.runtime_switches_time(spec, cluster, tp4, visited) == pytest.approx(expected)
+    assert H.runtime_switches_time(spec, cluster, tp4, [tp4]) == 0.0
