@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -184,3 +185,35 @@ def test_runtime_switches_follow_the_best_order_one_way_and_gradients_back():
     for visited in ([tp4, tp2, tp1], [tp1, tp2, tp4, tp2]):
         assert H.runtime_switches_time(spec, cluster, tp4, visited) == pytest.approx(expected)
     assert H.runtime_switches_time(spec, cluster, tp4, [tp4]) == 0.0
+
+
+def test_runtime_simulation_picks_the_brute_force_optimum_of_its_hot_step():
+    """`simulate(..., runtime=True)`'s choice per bucket costs what the least `_hot_step` over every
+    combination of the candidates that fit costs, with the runtime's per-bucket gradient syncs
+    and its switches (an overhead large enough that the fastest strategy per bucket, switches
+    ignored, is not the optimum), the long bucket kept off the strategies that need most memory."""
+    spec = H.ModelSpec(layers=2, hidden=64, heads=4, vocab=256, flash_attention=False)
+    cluster = H.ClusterSpec(4, 1, 2e9, 1e9, 1e9, float("inf"), mfu=1.0, latency=((2, 1e-3), (4, 1.5e-3)),
+                            layer_collectives=10, run_collectives=3, update_seconds=2e-9, value_bytes=4,
+                            cores=2.0, switch_overhead=0.05)
+    options = [H.parse_strategy(s) for s in ("dp4,tp1", "dp2,tp2", "dp1,tp4", "dp2,tp2,sp", "dp1,tp4,sp")]
+    lengths = [512, 400, 130, 100, 90, 30, 20, 12, 8, 6, 5, 4]
+    bounds = [512, 128, 32, 0]
+    buckets = H.bucketize(lengths, bounds)
+    need = {str(st): H.predict(spec, cluster, st, buckets[0], bounds[0], 1).memory_bytes for st in options}
+    cluster = dataclasses.replace(cluster, memory=(need["dp1,tp4,pp1"] + need["dp2,tp2,pp1"]) / 2)
+    result = H.simulate(spec, cluster, lengths, bounds, options=options, candidates=len(options), runtime=True)
+
+    def step(chosen):
+        return H._hot_step(spec, cluster, list(chosen), buckets, bounds[:-1], None, runtime=True)[0]
+
+    def fits(chosen):
+        return all(H.predict(spec, cluster, st, seqs, b).fits for st, seqs, b in zip(chosen, buckets, bounds))
+
+    combos = [c for c in itertools.product(options, repeat=len(buckets)) if fits(c)]
+    best = min(step(c) for c in combos)
+    assert step(result["chosen"]) == pytest.approx(best, rel=1e-12)
+    assert result["hot_switch"].time_s == pytest.approx(best, rel=1e-12)
+    alone = min(combos, key=lambda c: sum(H.predict(spec, cluster, st, seqs, b, 1).time_s
+                                          for st, seqs, b in zip(c, buckets, bounds)))
+    assert step(alone) > best * 1.01  # the switches change the choice
