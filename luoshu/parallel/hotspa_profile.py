@@ -29,7 +29,10 @@ it measures what the cost model's latency terms need (`ClusterSpec.latency` ...)
   model itself (one and two layers, tp=2);
 - the plan's own overhead per run beyond its layers (the whole model at the smallest point, less
   its layers and head), and the optimizer update's seconds per parameter (AdamW over tensors
-  shaped as the model's).
+  shaped as the model's);
+- the busy seconds of a hot switch of every parameter beyond its bytes (`hot_switch.run_switches`
+  of the model's tensors both ways between duplicated and split over the world): HotSPa's
+  runtime switches parameters and gradients so, several times a step.
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate` over the runnable
 (pp=1) strategies with each recompute option and sequence parallelism (`variants`);
