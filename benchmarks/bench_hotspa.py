@@ -256,7 +256,7 @@ def runtime_worker(args) -> None:
               + ", ".join(f"n={n} {a * 1e3:.2f} ms" for n, a in profile.latency)
               + f", {profile.layer_collectives} collectives per layer and {profile.run_collectives} per run (tp), "
               f"update {profile.update_seconds * 1e9:.2f} ns per parameter, switch overhead "
-              f"{profile.switch_overhead_s * 1e3:.2f} ms")
+              f"{profile.switch_overhead_s * 1e3:.2f} ms + {profile.switch_message_s * 1e3:.2f} ms per message")
     _print(rows)
     print("\nwhere a rank's busy ms of a step go (medians, mean over ranks): run = its plans (forward, loss, "
           "backward), dp_sum = the gradients' all-reduce, switch = hot switches, update = the optimizer, "

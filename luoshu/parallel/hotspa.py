@@ -44,9 +44,9 @@ no fused variable-length kernel, the LM head's FLOPs counted; and its hot step
 (`simulate(..., runtime=True)`): each bucket's gradients all-reduced over its strategy's
 data-parallel group, the parameters switched from the owner along `hot_switch.best_order`'s path
 (one way) and each visited strategy's gradients back to the owner (`runtime_switches_time`, each
-switch `switch_overhead` plus its largest rank's bytes), the loss and the update once; the
-search over per-bucket choices is then exact over the set of strategies a step visits
-(`best_per_bucket_tour`).
+switch `switch_overhead`, `switch_message_overhead` per message and its largest rank's bytes), the
+loss and the update once; the search over per-bucket choices is then exact over the set of
+strategies a step visits (`best_per_bucket_tour`).
 """
 
 from __future__ import annotations
@@ -120,8 +120,10 @@ class ClusterSpec:
     # device; None: each device its own): a step takes at least its devices' busy seconds over them
     cores: float | None = None
     # busy seconds of one of HotSPa's runtime switches of every parameter beyond its bytes over the
-    # bandwidth (its per-tensor slicing, packing and copies, its batch of isend/irecv; profiled)
+    # bandwidth: its per-tensor slicing and copies, and per message a rank sends or receives (one per
+    # peer and direction) its packing and point-to-point call (profiled)
     switch_overhead: float = 0.0
+    switch_message_overhead: float = 0.0
 
     @property
     def world(self) -> int:
@@ -594,34 +596,50 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
 
 
 @functools.lru_cache(maxsize=4096)
-def runtime_switch_bytes(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> int:
-    """The largest bytes one rank sends when HotSPa's runtime switches every parameter (or its
-    gradient) one way, `src` layouts to `dst` (pp = 1): the planner's plans of one layer's weights
-    times the layers, and of the token and position tables (split as a column-parallel weight), the
-    senders balanced over all of them (one `run_switches` batch), values of `cluster.value_bytes`."""
+def runtime_switch_plan(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> tuple[int, int]:
+    """(the largest bytes one rank sends, the most messages one rank sends and receives) when
+    HotSPa's runtime switches every parameter (or its gradient) one way, `src` layouts to `dst`
+    (pp = 1): the planner's plans of one layer's weights times the layers, and of the token and
+    position tables (split as a column-parallel weight), the senders balanced over all of them and
+    one message per peer and direction (one `run_switches` batch), values of `cluster.value_bytes`."""
     if src == dst:
-        return 0
+        return 0, 0
     h, f, item = model.hidden, model.ffn_dim, int(cluster.value_bytes)
     (s_col, s_row), (d_col, d_row) = weight_layouts(src, cluster.world), weight_layouts(dst, cluster.world)
     layer: dict[int, int] = {}
-    for shape, a, b in [((3 * h, h), s_col, d_col), ((h, h), s_row, d_row), ((2 * f, h), s_col, d_col),
-                        ((h, f), s_row, d_row)]:
-        plan_hot_switch(shape, item, a, b, node_size=cluster.gpus_per_node, load=layer)
+    pairs: set[tuple[int, int]] = set()
+    plans = [plan_hot_switch(shape, item, a, b, node_size=cluster.gpus_per_node, load=layer)
+             for shape, a, b in [((3 * h, h), s_col, d_col), ((h, h), s_row, d_row), ((2 * f, h), s_col, d_col),
+                                 ((h, f), s_row, d_row)]]
     tables: dict[int, int] = {}
-    plan_hot_switch((2 * model.vocab, h), item, s_col, d_col, node_size=cluster.gpus_per_node, load=tables)
+    plans.append(plan_hot_switch((2 * model.vocab, h), item, s_col, d_col, node_size=cluster.gpus_per_node,
+                                 load=tables))
+    for plan in plans:
+        pairs.update((m.sender, m.receiver) for m in plan.messages)
     ranks = set(layer) | set(tables)
-    return max((model.layers * layer.get(r, 0) + tables.get(r, 0) for r in ranks), default=0)
+    nbytes = max((model.layers * layer.get(r, 0) + tables.get(r, 0) for r in ranks), default=0)
+    messages: dict[int, int] = {}
+    for a, b in pairs:
+        messages[a] = messages.get(a, 0) + 1
+        messages[b] = messages.get(b, 0) + 1
+    return nbytes, max(messages.values(), default=0)
+
+
+def runtime_switch_bytes(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> int:
+    """The largest bytes one rank sends in a runtime switch (`runtime_switch_plan`)."""
+    return runtime_switch_plan(model, cluster, src, dst)[0]
 
 
 def runtime_switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> float:
     """Busy seconds of one of HotSPa's runtime switches of every parameter (or gradient) from `src`
-    to `dst`, one way: the profiled per-switch overhead plus the largest rank's bytes at the link's
-    bandwidth (0 for src == dst: the runtime then switches nothing)."""
+    to `dst`, one way: the profiled per-switch overhead, its per-message overhead times the most
+    messages a rank has, and the largest rank's bytes at the link's bandwidth (0 for src == dst:
+    the runtime then switches nothing)."""
     if src == dst:
         return 0.0
-    nbytes = runtime_switch_bytes(model, cluster, src, dst)
+    nbytes, messages = runtime_switch_plan(model, cluster, src, dst)
     bw = cluster.intra_bw if cluster.nodes == 1 else cluster.inter_bw
-    return cluster.switch_overhead + nbytes / bw
+    return cluster.switch_overhead + messages * cluster.switch_message_overhead + nbytes / bw
 
 
 def runtime_switches_time(model: ModelSpec, cluster: ClusterSpec, owner: Strategy,
@@ -1066,7 +1084,8 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 
 __all__ = ["A800", "LLAMA_7B", "RECOMPUTE", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy",
            "all_gather_time", "best_per_bucket", "best_per_bucket_tour", "brute_force_buckets",
-           "brute_force_buckets_tour", "runtime_switch_bytes", "runtime_switch_time", "runtime_switches_time",
+           "brute_force_buckets_tour", "runtime_switch_bytes", "runtime_switch_plan", "runtime_switch_time",
+           "runtime_switches_time",
            "bucketize", "rebatch_bytes", "row_layout",
            "transition_time",
            "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",

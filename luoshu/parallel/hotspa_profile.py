@@ -31,8 +31,9 @@ it measures what the cost model's latency terms need (`ClusterSpec.latency` ...)
   its layers and head), and the optimizer update's seconds per parameter (AdamW over tensors
   shaped as the model's);
 - the busy seconds of a hot switch of every parameter beyond its bytes (`hot_switch.run_switches`
-  of the model's tensors both ways between duplicated and split over the world): HotSPa's
-  runtime switches parameters and gradients so, several times a step.
+  of the model's tensors both ways between duplicated and split over the world: per switch, and
+  per message a rank sends or receives): HotSPa's runtime switches parameters and gradients so,
+  several times a step.
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate` over the runnable
 (pp=1) strategies with each recompute option and sequence parallelism (`variants`);
@@ -91,6 +92,7 @@ class Profile:
     tp_runs: tuple = ()  # ((tp, ((rows, row length, seconds), ...)), ...): the whole model's plan, timed
     cores: float | None = None  # processes that run at full speed at once (`_cores`)
     switch_overhead_s: float = 0.0  # busy seconds of a hot switch of every parameter beyond its bytes
+    switch_message_s: float = 0.0  # and per message a rank sends or receives in it
     clock: str = "cpu"  # what the seconds are (`_clock`): "cpu" (busy CPU seconds) or "wall"
 
     def layer_seconds(self, b: int, s: int) -> float:
@@ -358,15 +360,16 @@ def _update_seconds(model: Module, repeats: int = 5) -> float:
     return statistics.median(times) / sum(p.numel() for p in params)
 
 
-def _switch_overhead(model: Module, bandwidth: float | None, repeats: int = 5) -> float:
-    """Busy seconds of one hot switch of every parameter of `model` (`hot_switch.run_switches`, as
-    HotSPa's runtime switches them) beyond its bytes over `bandwidth`: each parameter's slicing,
-    packing and copies and the batch of isend/irecv. Timed both ways between every parameter
-    duplicated on every rank and split over them on its first dimension where that divides
-    (tp = world against dp = world: the local copies one way, messages to every peer the other),
-    the median of `repeats` each, the mean of the two directions less their bytes, over ranks."""
+def _switch_overhead(model: Module, bandwidth: float | None, repeats: int = 5) -> tuple[float, float]:
+    """(busy seconds of one hot switch of every parameter of `model` beyond its bytes over
+    `bandwidth`, and per message a rank sends or receives) as HotSPa's runtime switches them
+    (`hot_switch.run_switches`): timed both ways between every parameter duplicated on every rank
+    and split over them on its first dimension where that divides (tp = world against dp = world),
+    the median of `repeats` each, the mean over ranks. One way is local copies only (the per-switch
+    overhead); the other sends to and receives from every peer: beyond the first and its bytes,
+    what its 2 (world - 1) messages per rank cost."""
     if not env.is_distributed() or env.world_size() < 2:
-        return 0.0
+        return 0.0, 0.0
     world, rank = env.world_size(), env.rank()
     ranks = range(world)
     dup = hs.Layout(DStates(world, {DUPLICATE: world}), ranks)
@@ -395,8 +398,9 @@ def _switch_overhead(model: Module, bandwidth: float | None, repeats: int = 5) -
             for r, nbytes in plan.send_bytes().items():
                 load[r] = load.get(r, 0) + nbytes
         sent.append(max(load.values(), default=0))
-    over = statistics.mean(seconds) - statistics.mean(sent) / (bandwidth or float("inf"))
-    return max(_mean_over_ranks(over), 0.0)
+    local, messages = _mean_over_ranks(seconds)
+    per_message = (messages - local - sent[1] / (bandwidth or float("inf"))) / (2 * (world - 1))
+    return max(local, 0.0), max(per_message, 0.0)
 
 
 def _bandwidth(nbytes: int = 8 * 2**20, repeats: int = 3) -> float | None:
@@ -465,6 +469,7 @@ def profile(
     per_layer, per_run = _collective_counts(model)
     alphas, betas = _collective_costs()
     bandwidth = _bandwidth()
+    switch = _switch_overhead(model, bandwidth)
     return Profile(
         spec,
         points,
@@ -483,7 +488,8 @@ def profile(
         tp_runs=_tp_runs(model, lengths, batches, repeats),
         cores=_cores(),
         clock="cpu" if _cpu_clock() else "wall",
-        switch_overhead_s=_switch_overhead(model, bandwidth),
+        switch_overhead_s=switch[0],
+        switch_message_s=switch[1],
     )
 
 
@@ -529,6 +535,7 @@ def cluster(
         tp_runs=prof.tp_runs,
         cores=prof.cores,
         switch_overhead=prof.switch_overhead_s,
+        switch_message_overhead=prof.switch_message_s,
     )
 
 

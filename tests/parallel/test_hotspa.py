@@ -175,11 +175,16 @@ def test_best_per_bucket_tour_equals_brute_force_on_synthetic_costs(seed):
 def test_runtime_switches_follow_the_best_order_one_way_and_gradients_back():
     """`runtime_switches_time`: parameters from the owner along the cheapest path (no way back),
     every other strategy's gradients back to the owner; the order of `visited` does not matter."""
-    cluster = H.ClusterSpec(4, 1, 1e12, 1e9, 1e9, 1e12, switch_overhead=1e-3, value_bytes=4)
+    cluster = H.ClusterSpec(4, 1, 1e12, 1e9, 1e9, 1e12, switch_overhead=1e-3, switch_message_overhead=1e-4,
+                            value_bytes=4)
     spec = H.ModelSpec(layers=2, hidden=64, heads=4, vocab=256)
     tp4, tp2, tp1 = (H.parse_strategy(s) for s in ("dp1,tp4", "dp2,tp2", "dp4,tp1"))
     one = lambda a, b: H.runtime_switch_time(spec, cluster, a, b)  # noqa: E731
-    assert one(tp4, tp4) == 0.0 and one(tp4, tp1) > one(tp1, tp4) == pytest.approx(1e-3)  # split from dup: local
+    assert one(tp4, tp4) == 0.0 and one(tp1, tp4) == pytest.approx(1e-3)  # split from duplicated: local copies
+    # duplicated from split: every rank sends its quarter of every tensor to the 3 others, receives theirs
+    quarter = 4 * (spec.layers * spec.layer_params - 2 * spec.layers * spec.hidden + 2 * spec.vocab * spec.hidden) / 4
+    assert H.runtime_switch_plan(spec, cluster, tp4, tp1) == (pytest.approx(3 * quarter, rel=0.02), 6)
+    assert one(tp4, tp1) == pytest.approx(1e-3 + 6e-4 + H.runtime_switch_bytes(spec, cluster, tp4, tp1) / 1e9)
     paths = [one(tp4, tp2) + one(tp2, tp1), one(tp4, tp1) + one(tp1, tp2)]
     expected = min(paths) + one(tp2, tp4) + one(tp1, tp4)
     for visited in ([tp4, tp2, tp1], [tp1, tp2, tp4, tp2]):
