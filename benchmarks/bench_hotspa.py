@@ -19,11 +19,16 @@ against first-come-first-served.
    this machine's profile (`hotspa_profile`) predicts the same steps, and their order is
    printed beside the measured one. The cost model predicts busy seconds (CPU time, module
    docstring of `hotspa_profile`); each step's ranks' busy seconds are combined as it combines
-   them (busy_ms), next to the wall clock (step_ms), which also holds the machine's other load.
+   them (busy_ms), next to the wall clock (step_ms), which also holds the machine's other load;
+   busy_over_predicted is their ratio. A second table says where a rank's busy seconds go (its
+   plans, the gradients' all-reduce, switches, the update, packing, the rest), beside the cost
+   model's parts with `--profile`. The processes keep freed memory (`keep_freed_memory`;
+   `--keep-memory 0`: glibc's defaults, under which the plans' page faults cost up to half their
+   CPU seconds, unevenly from run to run).
 
     .venv/bin/python benchmarks/bench_hotspa.py [--batch 512] [--out runs/bench_hotspa.csv]
     .venv/bin/python benchmarks/bench_hotspa.py --runtime [--layers 2] [--width 64] [--seqs 32] [--max-len 512]
-        [--mixed 'tp[4,1];tp[4,2]']
+        [--mixed 'tp[4,1];tp[4,2]'] [--profile [--profile-repeats 7]] [--keep-memory 0]
 
 `--mixed`: per-block strategies (`luoshu.parallel.mixed_tp`, block l under tp[l] over 4 / tp[l]
 replicas) as more static rows, interleaved with the others.
@@ -209,7 +214,9 @@ def runtime_worker(args) -> None:
         from luoshu.parallel import hotspa_profile
 
         # at the bucket bounds (the rows' lengths) and around the rows a replica runs
-        profile = hotspa_profile.profile(build(), lengths=sorted(bounds[:-1]), batches=(1, 2, 3, 5))
+        # (`--profile-repeats` rounds: a shared machine's load moves a median of 3 by ~20 %)
+        profile = hotspa_profile.profile(build(), lengths=sorted(bounds[:-1]), batches=(1, 2, 3, 5),
+                                         repeats=args.profile_repeats)
     if rank != 0:
         ls.distributed.shutdown()
         return
@@ -315,6 +322,7 @@ def main() -> None:
     parser.add_argument("--mixed", default="",
                         help="';'-separated per-block strategies (e.g. 'tp[4,1]') run as static rows beside the others")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile-repeats", type=int, default=7, help="rounds of each profiled point")
     parser.add_argument("--keep-memory", type=int, nargs="?", const=1, default=1,
                         help="1 (default): glibc keeps freed memory (`keep_freed_memory`); 0: its defaults")
     parser.add_argument("--profile", type=int, nargs="?", const=1, default=0,
