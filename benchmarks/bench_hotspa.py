@@ -19,11 +19,16 @@ against first-come-first-served.
    this machine's profile (`hotspa_profile`) predicts the same steps, and their order is
    printed beside the measured one. The cost model predicts busy seconds (CPU time, module
    docstring of `hotspa_profile`); each step's ranks' busy seconds are combined as it combines
-   them (busy_ms), next to the wall clock (step_ms), which also holds the machine's other load.
+   them (busy_ms), next to the wall clock (step_ms), which also holds the machine's other load;
+   busy_over_predicted is their ratio. A second table says where a rank's busy seconds go (its
+   plans, the gradients' all-reduce, switches, the update, packing, the rest), beside the cost
+   model's parts with `--profile`. The processes keep freed memory (`keep_freed_memory`;
+   `--keep-memory 0`: glibc's defaults, under which the plans' page faults cost up to half their
+   CPU seconds, unevenly from run to run).
 
     .venv/bin/python benchmarks/bench_hotspa.py [--batch 512] [--out runs/bench_hotspa.csv]
     .venv/bin/python benchmarks/bench_hotspa.py --runtime [--layers 2] [--width 64] [--seqs 32] [--max-len 512]
-        [--mixed 'tp[4,1];tp[4,2]']
+        [--mixed 'tp[4,1];tp[4,2]'] [--profile [--profile-repeats 7]] [--keep-memory 0]
 
 `--mixed`: per-block strategies (`luoshu.parallel.mixed_tp`, block l under tp[l] over 4 / tp[l]
 replicas) as more static rows, interleaved with the others.
@@ -113,11 +118,33 @@ def runtime_batches(args, count: int) -> list[list[np.ndarray]]:
     return out
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Has glibc keep freed memory in the process (no trimming, no mmap below 32 MiB, its largest
+    threshold) rather than hand it back to the kernel, so that the next plan run's tensors do not
+    page-fault fresh zeroed pages in again. By default glibc mmaps (and on free unmaps) blocks
+    over a threshold that moves with the process's history: a run of this benchmark's plans then
+    spent up to half of its CPU seconds in the kernel's page faults (5 rows of 512 tokens, tp1,
+    one process, load 6: 287 ms with 57k faults, 129 ms with none), more or less from run to run
+    and unlike the profile's runs, whatever the cost model said. False where there is no glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20))
+
+
 def runtime_worker(args) -> None:
     import luoshu as ls
     from luoshu.models.language import GPT2, GPTConfig
+    from luoshu.parallel import hotspa_runtime
 
     torch.set_num_threads(1)
+    kept = keep_freed_memory() if args.keep_memory else False
     ls.distributed.init()
     rank = ls.distributed.rank()
     bounds = [args.max_len, args.max_len // 4, args.max_len // 16, 0]
@@ -140,20 +167,29 @@ def runtime_worker(args) -> None:
     for s in mixed:  # per-block: its most demanding block's need throughout (the cost model is per strategy)
         need[s] = max(need[f"dp{4 // t},tp{t},pp1"] for t in H.parse_strategy(s).layer_tp)
     contenders, jobs, seconds = {}, {}, {}
+    parts: dict[str, list[dict]] = {}  # per step, this rank's busy seconds in each part of HotSPa.step
+    current = {"parts": {}}
+    for module_attr in ("bucket_batch",):  # packing: a module function of the runtime
+        _timed_part(hotspa_runtime, module_attr, "pack", current)
     for name, strategies, bnds in [*((f"static {s}", [s], [args.max_len, 0]) for s in [*RUNTIME_STRATEGIES, *mixed]),
                                    ("hot switching", RUNTIME_STRATEGIES, bounds)]:
         model = build()
         hot = ls.parallel.HotSPa(model, strategies, bnds, memory_budget=budget if len(strategies) > 1 else None)
         opt = ls.optim.AdamW(model.parameters(), lr=1e-4)
+        for attr, part in (("_local_grads", "run"), ("_dp_sum", "dp_sum"), ("_switch", "switch")):
+            _timed_part(hot, attr, part, current)
+        _timed_part(opt, "apply_gradients", "update", current)
         jobs[name] = (hot, opt)
-        seconds[name] = []
+        seconds[name], parts[name] = [], []
 
         def step(i, name=name):
             hot, opt = jobs[name]
+            current["parts"] = {}
             busy = time.process_time()
             report = hot.step(batches[i % len(batches)], opt)
             seconds[name].append((report.step_seconds, report.switch_seconds, report.switch_bytes,
                                   time.process_time() - busy))
+            parts[name].append(current["parts"])
 
         contenders[name] = step
     rates = interleaved(contenders, args.steps, args.repeats, warmup=1)
@@ -166,11 +202,21 @@ def runtime_worker(args) -> None:
         per_rank[:, rank] = torch.tensor([t[3] for t in timed[1:]], dtype=torch.float64)
         torch.distributed.all_reduce(per_rank)
         busy_steps[name] = per_rank
+    # each part's median busy seconds per step past the warm-up, the mean over ranks
+    part_ms = {}
+    for name, steps in parts.items():
+        mine = [statistics.median(p.get(k, 0.0) for p in steps[1:]) for k in PARTS]
+        mine.append(statistics.median(t[3] for t in seconds[name][1:]) - sum(mine))  # the rest of the step
+        value = torch.tensor(mine, dtype=torch.float64)
+        torch.distributed.all_reduce(value)
+        part_ms[name] = [round(v * 1e3 / world, 1) for v in value.tolist()]
     if args.profile:
         from luoshu.parallel import hotspa_profile
 
         # at the bucket bounds (the rows' lengths) and around the rows a replica runs
-        profile = hotspa_profile.profile(build(), lengths=sorted(bounds[:-1]), batches=(1, 2, 3, 5))
+        # (`--profile-repeats` rounds: a shared machine's load moves a median of 3 by ~20 %)
+        profile = hotspa_profile.profile(build(), lengths=sorted(bounds[:-1]), batches=(1, 2, 3, 5),
+                                         repeats=args.profile_repeats)
     if rank != 0:
         ls.distributed.shutdown()
         return
@@ -197,11 +243,12 @@ def runtime_worker(args) -> None:
         r["vs_best_fitting"] = round(best_fit["step_ms"] / r["step_ms"], 3)
     print(f"Runtime (4 processes, GPT-2 {args.layers} layers width {args.width}, {args.seqs} sequences up to "
           f"{args.max_len}, {tokens} tokens per step, bounds {bounds}; load average "
-          + " ".join(f"{x:.1f}" for x in os.getloadavg()) + "):")
+          + " ".join(f"{x:.1f}" for x in os.getloadavg()) + f"; freed memory kept (--keep-memory): {kept}):")
     print("step_ms: wall clock (rank 0, interleaved medians); busy_ms: the ranks' CPU seconds per step, the slowest "
           f"rank's or all of them over {cores:g} cores, whichever is longer (what the cost model predicts)")
     if args.profile:
         predicted = hotspa_profile.predict_steps(profile, build(), batches[0], RUNTIME_STRATEGIES, bounds)
+        predicted_parts = hotspa_profile.predict_step_parts(profile, build(), batches[0], RUNTIME_STRATEGIES, bounds)
         rows = [r for r in rows if r["strategy"] in predicted]  # no per-block strategy in the cost model
         for r in rows:
             r["predicted_ms"] = round(predicted[r["strategy"]] * 1e3, 1)
@@ -215,14 +262,41 @@ def runtime_worker(args) -> None:
               f"run overhead {profile.run_overhead_s * 1e3:.2f} ms, collective latency "
               + ", ".join(f"n={n} {a * 1e3:.2f} ms" for n, a in profile.latency)
               + f", {profile.layer_collectives} collectives per layer and {profile.run_collectives} per run (tp), "
-              f"update {profile.update_seconds * 1e9:.2f} ns per parameter")
+              f"update {profile.update_seconds * 1e9:.2f} ns per parameter, switch overhead "
+              f"{profile.switch_overhead_s * 1e3:.2f} ms + {profile.switch_message_s * 1e3:.2f} ms per message")
     _print(rows)
+    print("\nwhere a rank's busy ms of a step go (medians, mean over ranks): run = its plans (forward, loss, "
+          "backward), dp_sum = the gradients' all-reduce, switch = hot switches, update = the optimizer, "
+          "pack = bucketing and packing, rest = the step's other work (loss and touched-row all-reduces, copies)")
+    table = [{"strategy": name, **dict(zip([*PARTS, "rest"], values))} for name, values in part_ms.items()]
+    if args.profile:
+        for r in table:
+            pred = predicted_parts.get(r["strategy"], {})
+            r.update({f"predicted_{k}": round(v * 1e3, 1) for k, v in pred.items()})
+    _print(table)
     print(f"memory budget {budget / 2**20:.2f} MiB per device (cost model): static needs at {args.max_len} tokens "
           + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in need.items()))
     print(f"hot switching: {hot_row['vs_best_static']}x the fastest static strategy ({best['strategy']}), "
           f"{hot_row['vs_best_fitting']}x the fastest that fits the budget ({best_fit['strategy']}); "
           f"{hot_row['switch_share'] * 100:.1f}% of its step in switches")
     ls.distributed.shutdown()
+
+
+PARTS = ("run", "dp_sum", "switch", "update", "pack")
+
+
+def _timed_part(obj, attr: str, part: str, current: dict) -> None:
+    """Wraps obj.attr so that its busy seconds (CPU time) add to current["parts"][part]."""
+    inner = getattr(obj, attr)
+
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            current["parts"][part] = current["parts"].get(part, 0.0) + time.process_time() - start
+
+    setattr(obj, attr, timed)
 
 
 def _print(rows: list[dict]) -> None:
@@ -248,6 +322,9 @@ def main() -> None:
     parser.add_argument("--mixed", default="",
                         help="';'-separated per-block strategies (e.g. 'tp[4,1]') run as static rows beside the others")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile-repeats", type=int, default=7, help="rounds of each profiled point")
+    parser.add_argument("--keep-memory", type=int, nargs="?", const=1, default=1,
+                        help="1 (default): glibc keeps freed memory (`keep_freed_memory`); 0: its defaults")
     parser.add_argument("--profile", type=int, nargs="?", const=1, default=0,
                         help="predict the runtime steps from this machine's profile")
     args = parser.parse_args()

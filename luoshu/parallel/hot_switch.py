@@ -16,9 +16,10 @@ the tensor (splits cut it, duplicates repeat it). The planner
 `plan_hot_switch(..., policy="fcfs")` is the first-come-first-served baseline: the lowest
 source rank that holds a slice sends it. `best_order` chooses the order in which a step visits
 its strategies so that the switches between them cost least, starting and ending at the
-strategy that owns the parameters. `run_switch` executes a plan as one batch of point-to-point
-sends and receives (`run_switches`: the plans of many tensors in one batch, one message per
-peer); `simulate` executes it in one process for tests and cost estimates.
+strategy that owns the parameters (exactly, by Held-Karp). `run_switch` executes a plan as
+one batch of point-to-point sends and receives (`run_switches`: the plans of many tensors in
+one batch, one message per peer); `simulate` executes it in one process for tests and cost
+estimates.
 """
 
 from __future__ import annotations
@@ -375,18 +376,39 @@ def switch_cost(
 
 def best_order(costs: Sequence[Sequence[float]], owner: int = 0) -> tuple[list[int], float]:
     """The visiting order of strategies (indices into `costs`, costs[i][j] = switching from i to
-    j) that starts and ends at `owner` and costs least in total; exact over every order."""
+    j) that starts and ends at `owner` and costs least in total, and among the least the
+    lexicographically first path (as trying every order would pick).
+
+    Held-Karp: the cheapest path from `owner` through a set S of the others that ends at j,
+    for every S and j (O(2^n n^2) time, O(2^n n) paths kept). Totals add left to right, as a
+    path is walked, so the least total is exact wherever sums are (byte counts); with general
+    floats it is the least up to rounding."""
     n = len(costs)
     if not 0 <= owner < n:
         raise HotSwitchError(f"owner strategy {owner} is not one of the {n} strategies")
     others = [i for i in range(n) if i != owner]
-    best: tuple[list[int], float] | None = None
-    for perm in itertools.permutations(others):
-        path = [owner, *perm, owner]
-        total = sum(costs[a][b] for a, b in zip(path[:-1], path[1:]))
-        if best is None or total < best[1]:
-            best = (path, total)
-    return best if best is not None else ([owner, owner], 0.0)
+    m = len(others)
+    if m == 0:  # the one order stays at the owner (as trying every order of none says)
+        return [owner, owner], 0 + costs[owner][owner]
+    # best[S][j]: (cost, path) of the cheapest, then lexicographically first, path that leaves
+    # the owner, visits the set S (bits over `others`) and ends at others[j] (a bit of S). Two
+    # prefixes of one (S, j) have the same length and end, so ties among them break for good.
+    best: list[dict[int, tuple[float, tuple[int, ...]]]] = [{} for _ in range(1 << m)]
+    for j, node in enumerate(others):
+        best[1 << j][j] = (0 + costs[owner][node], (owner, node))
+    for subset in range(1, 1 << m):
+        for j, (cost, path) in best[subset].items():
+            here = others[j]
+            for k in range(m):
+                if subset >> k & 1:
+                    continue
+                entry = (cost + costs[here][others[k]], (*path, others[k]))
+                table = best[subset | 1 << k]
+                if k not in table or entry < table[k]:
+                    table[k] = entry
+    full = best[(1 << m) - 1]
+    total, path = min((cost + costs[others[j]][owner], (*path, owner)) for j, (cost, path) in full.items())
+    return list(path), total
 
 
 __all__ = [

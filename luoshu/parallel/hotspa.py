@@ -40,7 +40,13 @@ seconds over the cores (the profile's times are busy seconds: what a device take
 of its own). `predict(..., micro_batches=k)` models HotSPa's
 runtime rather than the simulator's GPU pipeline: a replica's packed rows run as k plans (1 for
 pp = 1, the pipeline's micro-batches otherwise), attention over whole rows where the model has
-no fused variable-length kernel, the LM head's FLOPs counted.
+no fused variable-length kernel, the LM head's FLOPs counted; and its hot step
+(`simulate(..., runtime=True)`): each bucket's gradients all-reduced over its strategy's
+data-parallel group, the parameters switched from the owner along `hot_switch.best_order`'s path
+(one way) and each visited strategy's gradients back to the owner (`runtime_switches_time`, each
+switch `switch_overhead`, `switch_message_overhead` per message and its largest rank's bytes), the
+loss and the update once; the search over per-bucket choices is then exact over the set of
+strategies a step visits (`best_per_bucket_tour`).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ import numpy as np
 from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.core.errors import Error
 from luoshu.data.packing import bucketize
-from luoshu.parallel.hot_switch import Layout, plan_hot_switch
+from luoshu.parallel.hot_switch import Layout, best_order, plan_hot_switch
 
 
 class HotSPaError(Error, ValueError):
@@ -113,6 +119,11 @@ class ClusterSpec:
     # devices that run at full speed at once (a CPU machine's cores shared by one process per
     # device; None: each device its own): a step takes at least its devices' busy seconds over them
     cores: float | None = None
+    # busy seconds of one of HotSPa's runtime switches of every parameter beyond its bytes over the
+    # bandwidth: its per-tensor slicing and copies, and per message a rank sends or receives (one per
+    # peer and direction) its packing and point-to-point call (profiled)
+    switch_overhead: float = 0.0
+    switch_message_overhead: float = 0.0
 
     @property
     def world(self) -> int:
@@ -498,20 +509,31 @@ def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Seque
                                                                                st.recompute) for t in largest))
     states = 16.0 * model.params / (st.tp * st.pp)
     grad_bytes = 2.0 * model.params / (st.tp * st.pp)
-    dp_sync = _ring(grad_bytes, st.dp, _group_bw(cluster, cluster.world if st.dp > 1 else 1))
-    if micro_batches is not None and st.dp > 1:  # the runtime's one flat all-reduce of its gradients
-        dp_sync = collective_time(cluster, cluster.value_bytes * model.params / (st.tp * st.pp), st.dp)
-    if micro_batches is not None:  # and its step's loss and a table's touched rows, summed over the world
-        dp_sync += 2 * collective_time(cluster, 4.0 * model.vocab, cluster.world)
+    grad_sync = _ring(grad_bytes, st.dp, _group_bw(cluster, cluster.world if st.dp > 1 else 1))
+    step_sync = 0.0
+    if micro_batches is not None:
+        # the runtime's one flat all-reduce of its gradients, after each strategy's runs (a hot step
+        # pays it per bucket) ...
+        grad_sync = 0.0
+        if st.dp > 1:
+            grad_sync = collective_time(cluster, cluster.value_bytes * model.params / (st.tp * st.pp), st.dp)
+        # ... and, once per step, its loss and a table's touched rows, summed over the world
+        step_sync = 2 * collective_time(cluster, 4.0 * model.vocab, cluster.world)
+    dp_sync = grad_sync + step_sync
     update = cluster.update_seconds * model.params / (st.tp * st.pp)
     memory = states + peak_act
     cores = cluster.cores or float("inf")  # the devices' busy seconds over the cores they share
-    runs = max(worst, busy / cores)
+    run_busy = busy
+    if micro_batches is None:  # the simulator's hot step syncs the accumulated gradients once, at the owner
+        runs = max(worst, busy / cores)
+    else:
+        runs = max(worst + grad_sync, (busy + cluster.world * grad_sync) / cores)
     busy += cluster.world * (dp_sync + update)
     step = max(worst + dp_sync + update, busy / cores)
     return Prediction(str(st), step, memory, memory <= cluster.memory,
-                      {"pipeline": worst, "dp_sync": dp_sync, "update": update, "states": states,
-                       "activations": peak_act, "busy": busy, "once_per_step": step - runs})
+                      {"pipeline": worst, "dp_sync": dp_sync, "grad_sync": grad_sync, "step_sync": step_sync,
+                       "update": update, "states": states, "activations": peak_act, "busy": busy,
+                       "run_busy": run_busy, "once_per_step": step - runs})
 
 
 def _micro_batches(seqs: list[int], tokens: int) -> list[list[int]]:
@@ -571,6 +593,70 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
             seconds += count * plan.max_send_bytes / bw
     layers_held = math.ceil(model.layers / min(src.pp, dst.pp))
     return 2.0 * seconds * layers_held
+
+
+@functools.lru_cache(maxsize=4096)
+def runtime_switch_plan(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> tuple[int, int]:
+    """(the largest bytes one rank sends, the most messages one rank sends and receives) when
+    HotSPa's runtime switches every parameter (or its gradient) one way, `src` layouts to `dst`
+    (pp = 1): the planner's plans of one layer's weights times the layers, and of the token and
+    position tables (split as a column-parallel weight), the senders balanced over all of them and
+    one message per peer and direction (one `run_switches` batch), values of `cluster.value_bytes`."""
+    if src == dst:
+        return 0, 0
+    h, f, item = model.hidden, model.ffn_dim, int(cluster.value_bytes)
+    (s_col, s_row), (d_col, d_row) = weight_layouts(src, cluster.world), weight_layouts(dst, cluster.world)
+    layer: dict[int, int] = {}
+    pairs: set[tuple[int, int]] = set()
+    plans = [plan_hot_switch(shape, item, a, b, node_size=cluster.gpus_per_node, load=layer)
+             for shape, a, b in [((3 * h, h), s_col, d_col), ((h, h), s_row, d_row), ((2 * f, h), s_col, d_col),
+                                 ((h, f), s_row, d_row)]]
+    tables: dict[int, int] = {}
+    plans.append(plan_hot_switch((2 * model.vocab, h), item, s_col, d_col, node_size=cluster.gpus_per_node,
+                                 load=tables))
+    for plan in plans:
+        pairs.update((m.sender, m.receiver) for m in plan.messages)
+    ranks = set(layer) | set(tables)
+    nbytes = max((model.layers * layer.get(r, 0) + tables.get(r, 0) for r in ranks), default=0)
+    messages: dict[int, int] = {}
+    for a, b in pairs:
+        messages[a] = messages.get(a, 0) + 1
+        messages[b] = messages.get(b, 0) + 1
+    return nbytes, max(messages.values(), default=0)
+
+
+def runtime_switch_bytes(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> int:
+    """The largest bytes one rank sends in a runtime switch (`runtime_switch_plan`)."""
+    return runtime_switch_plan(model, cluster, src, dst)[0]
+
+
+def runtime_switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> float:
+    """Busy seconds of one of HotSPa's runtime switches of every parameter (or gradient) from `src`
+    to `dst`, one way: the profiled per-switch overhead, its per-message overhead times the most
+    messages a rank has, and the largest rank's bytes at the link's bandwidth (0 for src == dst:
+    the runtime then switches nothing)."""
+    if src == dst:
+        return 0.0
+    nbytes, messages = runtime_switch_plan(model, cluster, src, dst)
+    bw = cluster.intra_bw if cluster.nodes == 1 else cluster.inter_bw
+    return cluster.switch_overhead + messages * cluster.switch_message_overhead + nbytes / bw
+
+
+def runtime_switches_time(model: ModelSpec, cluster: ClusterSpec, owner: Strategy,
+                          visited: Sequence[Strategy]) -> float:
+    """Busy seconds of a runtime hot step's switches over the strategies `visited` (any order,
+    repeats ignored) with the parameters at `owner`: as `HotSPa.step` runs them, the parameters go
+    from the owner through every other visited strategy in `hot_switch.best_order`'s order (no way
+    back: the owner keeps its shards) and each such strategy's gradients go back to the owner."""
+    others = sorted({st for st in visited if st != owner}, key=str)
+    if not others:
+        return 0.0
+    nodes = [owner, *others]
+    costs = [[0.0 if b == 0 or a == b else runtime_switch_time(model, cluster, nodes[a], nodes[b])
+              for b in range(len(nodes))] for a in range(len(nodes))]
+    _, there = best_order(costs, 0)
+    back = sum(runtime_switch_time(model, cluster, st, owner) for st in others)
+    return there + back
 
 
 def all_gather_time(cluster: ClusterSpec, nbytes: float, n: int) -> float:
@@ -655,7 +741,15 @@ def _runs(st: Strategy, runtime: bool) -> int | None:
 
 def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, check=False, runtime=False):
     """(step time, peak memory, per-bucket parts) of running bucket i under chosen[i], starting
-    and ending at the owner (the strategy with the least model-state memory per device)."""
+    and ending at the owner (the strategy with the least model-state memory per device).
+
+    The simulator's step (`runtime` False) visits the buckets in order, each switch priced both
+    ways (`switch_time`: parameters there, gradients back), the last one back to the owner, and
+    syncs the accumulated gradients once there. HotSPa's runtime's (`runtime` True) sums each
+    bucket's gradients over its strategy's data-parallel group after its runs, switches as
+    `runtime_switches_time` says (parameters along `best_order`'s path, each strategy's gradients
+    back to the owner) and syncs the loss and updates once, at the owner. A bucket's parts
+    ("parts": per rank, the mean over ranks) say what its time is made of."""
     parts, memory, total = [], 0.0, 0.0
     owner = min(chosen, key=lambda st: 16.0 * model.params / (st.tp * st.pp))
     previous = owner
@@ -666,15 +760,28 @@ def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, che
         if check and not p.fits:
             raise HotSPaError(f"bucket up to length {max(seqs, default=0)}: strategy {st} needs "
                               f"{p.memory_bytes / 2**30:.1f} GiB per device, more than {cluster.memory / 2**30:.0f}")
-        switch = switch_time(model, cluster, previous, st)
+        switch = 0.0 if runtime else switch_time(model, cluster, previous, st)
         total += p.time_s - p.parts.get("once_per_step", 0.0) + switch
         memory = max(memory, p.memory_bytes)
+        sync = p.parts["grad_sync"] if runtime else 0.0
         parts.append({"strategy": str(st), "sequences": len(seqs), "tokens": sum(seqs), "time_s": p.time_s,
-                      "switch_s": switch})
+                      "switch_s": switch, "parts": {"run": p.parts["run_busy"] / cluster.world, "dp_sum": sync,
+                                                    "switch": switch, "update": 0.0}})
         previous = st
-    total += switch_time(model, cluster, previous, owner)
-    # one gradient sync and one update, at the owner
-    total += predict(model, cluster, owner, [1], None).parts.get("once_per_step", 0.0)
+    if runtime:
+        visited = [st for st, seqs in zip(chosen, buckets) if seqs]
+        switches = runtime_switches_time(model, cluster, owner, visited)
+        total += switches
+        if parts:  # the step's switches, not one bucket's: shown with the first bucket (the owner's path starts)
+            parts[0]["switch_s"] = parts[0]["parts"]["switch"] = switches
+    else:
+        total += switch_time(model, cluster, previous, owner)
+    # one gradient sync (the simulator's; the runtime's loss and touched rows) and one update, at the owner
+    once = predict(model, cluster, owner, [1], None, _runs(owner, runtime))
+    total += once.parts.get("once_per_step", 0.0)
+    if parts:
+        parts[-1]["parts"]["dp_sum"] += once.parts["step_sync"] if runtime else once.parts["dp_sync"]
+        parts[-1]["parts"]["update"] += once.parts["update"]
     return total, memory, parts
 
 
@@ -738,6 +845,66 @@ def best_per_bucket(seconds: Sequence[Sequence[float]], switch, once: Sequence[f
     return best_pick, best_total
 
 
+def best_per_bucket_tour(seconds: Sequence[Sequence[float]], tour, once: Sequence[float],
+                         frugality: Sequence[float], visited: Sequence[bool]) -> tuple[list[int], float]:
+    """`best_per_bucket` for a step whose switches depend on the set of strategies it visits, not
+    on the buckets' order (HotSPa's runtime, `runtime_switches_time`): each visited bucket b under
+    candidate c costs seconds[b][c]; the step adds tour(o, U) for the owner o and the frozenset U
+    of candidates the visited buckets take, and once[o]; the owner as in `best_per_bucket`.
+
+    Exact: for each owner o, a dynamic program over (bucket, U so far, whether o has occurred)
+    keeps the least sum of seconds; the tour is added once U is complete. The visited buckets
+    take at most B candidates, so the sets are few (at most sum_j C(C, j), j <= B)."""
+    n_buckets = len(seconds)
+    if n_buckets == 0:
+        return [], 0.0
+    k = len(once)
+    inf = float("inf")
+    best_total, best_pick = inf, None
+    for o in range(k):
+        if not math.isfinite(once[o]):
+            continue
+        cost: dict[tuple[frozenset, bool], tuple[float, list[int]]] = {(frozenset(), False): (0.0, [])}
+        for b in range(n_buckets):
+            new: dict[tuple[frozenset, bool], tuple[float, list[int]]] = {}
+            for (used, seen), (base, pick) in cost.items():
+                for c in range(k):
+                    if not math.isfinite(seconds[b][c]):
+                        continue
+                    if frugality[c] < frugality[o] or (not seen and frugality[c] == frugality[o] and c != o):
+                        continue  # c, not o, would be the owner
+                    key = (used | {c} if visited[b] else used, seen or c == o)
+                    total = base + (seconds[b][c] if visited[b] else 0.0)
+                    if total < new.get(key, (inf,))[0]:
+                        new[key] = (total, [*pick, c])
+            cost = new
+        for (used, seen), (base, pick) in cost.items():
+            if not seen:
+                continue
+            total = base + tour(o, used) + once[o]
+            if total < best_total:
+                best_total, best_pick = total, pick
+    if best_pick is None:
+        raise HotSPaError("best_per_bucket_tour: no bucket has a candidate of finite time")
+    return best_pick, best_total
+
+
+def brute_force_buckets_tour(seconds, tour, once, frugality, visited) -> tuple[list[int], float]:
+    """`best_per_bucket_tour` by trying every combination (tests)."""
+    best = None
+    for pick in itertools.product(range(len(once)), repeat=len(seconds)):
+        if any(not math.isfinite(seconds[b][c]) for b, c in enumerate(pick)):
+            continue
+        owner = min(pick, key=lambda c: frugality[c])
+        used = frozenset(c for b, c in enumerate(pick) if visited[b])
+        total = sum(seconds[b][c] for b, c in enumerate(pick) if visited[b]) + tour(owner, used) + once[owner]
+        if best is None or total < best[1]:
+            best = (list(pick), total)
+    if best is None:
+        raise HotSPaError("brute_force_buckets_tour: nothing to choose")
+    return best
+
+
 def brute_force_buckets(seconds, switch, once, frugality, visited) -> tuple[list[int], float]:
     """`best_per_bucket` by trying every combination (tests)."""
     best = None
@@ -774,10 +941,18 @@ def _best_combination(model, cluster, options, buckets, bound_of, micro_batch_to
             else:
                 row[index[st]] = 0.0
         seconds.append(row)
-    once = [predict(model, cluster, st, [1], None).parts.get("once_per_step", 0.0) for st in candidates]
+    once = [predict(model, cluster, st, [1], None, _runs(st, runtime)).parts.get("once_per_step", 0.0)
+            for st in candidates]
     frugality = [16.0 * model.params / (st.tp * st.pp) for st in candidates]
-    pick, _ = best_per_bucket(seconds, lambda a, c: switch_time(model, cluster, candidates[a], candidates[c]),
-                              once, frugality, [bool(seqs) for seqs in buckets])
+    visited = [bool(seqs) for seqs in buckets]
+    if runtime:
+        def tour(o: int, used: frozenset) -> float:
+            return runtime_switches_time(model, cluster, candidates[o], [candidates[c] for c in sorted(used)])
+
+        pick, _ = best_per_bucket_tour(seconds, tour, once, frugality, visited)
+    else:
+        pick, _ = best_per_bucket(seconds, lambda a, c: switch_time(model, cluster, candidates[a], candidates[c]),
+                                  once, frugality, visited)
     return [candidates[c] for c in pick]
 
 
@@ -908,7 +1083,10 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 
 
 __all__ = ["A800", "LLAMA_7B", "RECOMPUTE", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy",
-           "all_gather_time", "best_per_bucket", "brute_force_buckets", "bucketize", "rebatch_bytes", "row_layout",
+           "all_gather_time", "best_per_bucket", "best_per_bucket_tour", "brute_force_buckets",
+           "brute_force_buckets_tour", "runtime_switch_bytes", "runtime_switch_plan", "runtime_switch_time",
+           "runtime_switches_time",
+           "bucketize", "rebatch_bytes", "row_layout",
            "transition_time",
            "brute_force_layers", "collective_latency", "collective_time", "layer_activation_bytes", "layer_flops",
            "layer_path", "layer_tables", "layer_time", "mixed_strategy", "parse_strategy", "predict", "run_time",

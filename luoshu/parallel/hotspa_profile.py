@@ -29,7 +29,11 @@ it measures what the cost model's latency terms need (`ClusterSpec.latency` ...)
   model itself (one and two layers, tp=2);
 - the plan's own overhead per run beyond its layers (the whole model at the smallest point, less
   its layers and head), and the optimizer update's seconds per parameter (AdamW over tensors
-  shaped as the model's).
+  shaped as the model's);
+- the busy seconds of a hot switch of every parameter beyond its bytes (`hot_switch.run_switches`
+  of the model's tensors both ways between duplicated and split over the world: per switch, and
+  per message a rank sends or receives): HotSPa's runtime switches parameters and gradients so,
+  several times a step.
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate` over the runnable
 (pp=1) strategies with each recompute option and sequence parallelism (`variants`);
@@ -52,6 +56,7 @@ import torch.distributed as torch_dist
 
 from luoshu.compiler import states
 from luoshu.core.autodiff import gradients
+from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.core.graph import Graph
 from luoshu.core.op import topological_ops
 from luoshu.core.tensor import IndexedSlices
@@ -61,6 +66,7 @@ from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
 from luoshu.nn.module import Module, Parameter
 from luoshu.optim import AdamW
+from luoshu.parallel import hot_switch as hs
 from luoshu.parallel import hotspa as H
 from luoshu.parallel.tensor_parallel import parallelize
 
@@ -85,6 +91,8 @@ class Profile:
     update_seconds: float = 0.0  # per parameter element
     tp_runs: tuple = ()  # ((tp, ((rows, row length, seconds), ...)), ...): the whole model's plan, timed
     cores: float | None = None  # processes that run at full speed at once (`_cores`)
+    switch_overhead_s: float = 0.0  # busy seconds of a hot switch of every parameter beyond its bytes
+    switch_message_s: float = 0.0  # and per message a rank sends or receives in it
     clock: str = "cpu"  # what the seconds are (`_clock`): "cpu" (busy CPU seconds) or "wall"
 
     def layer_seconds(self, b: int, s: int) -> float:
@@ -352,6 +360,49 @@ def _update_seconds(model: Module, repeats: int = 5) -> float:
     return statistics.median(times) / sum(p.numel() for p in params)
 
 
+def _switch_overhead(model: Module, bandwidth: float | None, repeats: int = 5) -> tuple[float, float]:
+    """(busy seconds of one hot switch of every parameter of `model` beyond its bytes over
+    `bandwidth`, and per message a rank sends or receives) as HotSPa's runtime switches them
+    (`hot_switch.run_switches`): timed both ways between every parameter duplicated on every rank
+    and split over them on its first dimension where that divides (tp = world against dp = world),
+    the median of `repeats` each, the mean over ranks. One way is local copies only (the per-switch
+    overhead); the other sends to and receives from every peer: beyond the first and its bytes,
+    what its 2 (world - 1) messages per rank cost."""
+    if not env.is_distributed() or env.world_size() < 2:
+        return 0.0, 0.0
+    world, rank = env.world_size(), env.rank()
+    ranks = range(world)
+    dup = hs.Layout(DStates(world, {DUPLICATE: world}), ranks)
+    split = hs.Layout(DStates(world, {0: world}), ranks)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    dtype = model.parameters()[0]._value.dtype
+    itemsize = model.parameters()[0]._value.element_size()
+    targets = [split if shape[0] % world == 0 else dup for shape in shapes]
+    there = [hs.plan_hot_switch(sh, itemsize, dup, t) for sh, t in zip(shapes, targets)]
+    back = [hs.plan_hot_switch(sh, itemsize, t, dup) for sh, t in zip(shapes, targets)]
+    full = [torch.zeros(sh, dtype=dtype) for sh in shapes]
+    seconds, sent = [], []
+    for plans, values in ((there, full), (back, None)):
+        if values is None:  # this rank's shards of the split ones
+            values = hs.run_switches(there, full, rank, dtype)
+        hs.run_switches(plans, values, rank, dtype)  # warm
+        _together()
+        times = []
+        for _ in range(repeats):
+            start = _clock()
+            hs.run_switches(plans, values, rank, dtype)
+            times.append(_clock() - start)
+        seconds.append(statistics.median(times))
+        load: dict[int, int] = {}
+        for plan in plans:
+            for r, nbytes in plan.send_bytes().items():
+                load[r] = load.get(r, 0) + nbytes
+        sent.append(max(load.values(), default=0))
+    local, messages = _mean_over_ranks(seconds)
+    per_message = (messages - local - sent[1] / (bandwidth or float("inf"))) / (2 * (world - 1))
+    return max(local, 0.0), max(per_message, 0.0)
+
+
 def _bandwidth(nbytes: int = 8 * 2**20, repeats: int = 3) -> float | None:
     if not env.is_distributed() or env.world_size() < 2:
         return None
@@ -417,13 +468,15 @@ def profile(
     run_overhead = max(whole - spec.layers * layer_s - head, 0.0)
     per_layer, per_run = _collective_counts(model)
     alphas, betas = _collective_costs()
+    bandwidth = _bandwidth()
+    switch = _switch_overhead(model, bandwidth)
     return Profile(
         spec,
         points,
         flops_rate,
         overhead,
         scale,
-        _bandwidth(),
+        bandwidth,
         latency=alphas,
         group_bandwidth=betas,
         value_bytes=int(block.parameters()[0]._value.element_size()),
@@ -435,6 +488,8 @@ def profile(
         tp_runs=_tp_runs(model, lengths, batches, repeats),
         cores=_cores(),
         clock="cpu" if _cpu_clock() else "wall",
+        switch_overhead_s=switch[0],
+        switch_message_s=switch[1],
     )
 
 
@@ -479,6 +534,8 @@ def cluster(
         attention_seconds=prof.attention_seconds,
         tp_runs=prof.tp_runs,
         cores=prof.cores,
+        switch_overhead=prof.switch_overhead_s,
+        switch_message_overhead=prof.switch_message_s,
     )
 
 
@@ -574,6 +631,37 @@ def predict_steps(
     return out
 
 
+def predict_step_parts(
+    prof: Profile, model: Module, sequences: Sequence, strategies: Sequence[str], bounds: Sequence[int]
+) -> dict[str, dict[str, float]]:
+    """What `predict_steps` adds up, per rank (the mean over ranks, in busy seconds) and for the
+    same rows: "run" (the plans), "dp_sum" (gradient and step all-reduces), "switch" (hot
+    switches), "update" (the optimizer); the benchmark prints them beside the measured parts."""
+    spec = prof.spec
+    first = H.parse_strategy(strategies[0])
+    world = first.dp * first.tp * first.pp
+    cl = cluster(prof, world)
+    lengths = [len(s) for s in sequences]
+
+    def parts(p: H.Prediction) -> dict[str, float]:
+        sync, update = p.parts["dp_sync"], p.parts["update"]
+        run = p.parts["busy"] / world - sync - update
+        return {"run": run, "dp_sum": sync, "switch": 0.0, "update": update}
+
+    out = {}
+    for text in strategies:
+        st = H.parse_strategy(text)
+        out[f"static {text}"] = parts(H.predict(spec, cl, st, lengths, int(bounds[0]), micro_batches=st.pp))
+    hot = H.simulate(spec, cl, lengths, bounds, strategies=list(strategies), options=runnable(world, spec),
+                     runtime=True)
+    total = {"run": 0.0, "dp_sum": 0.0, "switch": 0.0, "update": 0.0}
+    for bucket in hot["hot_switch"].parts["buckets"]:
+        for k, v in bucket["parts"].items():
+            total[k] += v
+    out["hot switching"] = total
+    return out
+
+
 def predict_static(prof: Profile, sequences: Sequence, strategies: Sequence[str], bound: int) -> dict[str, float]:
     """Predicted step seconds of each strategy run alone over one batch, every sequence packed into
     rows of `bound` tokens, as HotSPa's runtime runs it (one plan per replica, a pipeline's
@@ -592,6 +680,7 @@ __all__ = [
     "choose_strategies",
     "cluster",
     "predict_static",
+    "predict_step_parts",
     "predict_steps",
     "profile",
     "runnable",

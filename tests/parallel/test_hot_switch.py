@@ -5,6 +5,9 @@ the brute-force optimum on small cases."""
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import numpy as np
 import pytest
 
@@ -123,6 +126,53 @@ def test_best_order_is_exact():
     assert path[0] == path[-1] == 0 and total == 7  # 0 -> 2 -> 1 -> 0 or 0 -> 1 -> 2 -> 0 both cost 7
     path, total = best_order([[0, 9, 1], [1, 0, 9], [9, 1, 0]], owner=0)
     assert path == [0, 2, 1, 0] and total == 3
+
+
+def _orders_by_brute_force(costs, owner):
+    """Every order tried, lexicographically (the reference `best_order` must agree with)."""
+    others = [i for i in range(len(costs)) if i != owner]
+    best = None
+    for perm in itertools.permutations(others):
+        path = [owner, *perm, owner]
+        total = sum(costs[a][b] for a, b in zip(path[:-1], path[1:]))
+        if best is None or total < best[1]:
+            best = (path, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_order_equals_brute_force_on_asymmetric_costs(seed):
+    rng = np.random.default_rng(seed)
+    for n in range(1, 9):
+        # small integers: many ties and zeros, where only the tie-break tells orders apart
+        high = (2, 4, 1000)[seed % 3]
+        costs = rng.integers(0, high, size=(n, n)).tolist()
+        owner = int(rng.integers(n))
+        assert best_order(costs, owner) == _orders_by_brute_force(costs, owner), (n, owner, costs)
+    for n in range(2, 8):
+        costs = rng.exponential(size=(n, n)).tolist()
+        owner = int(rng.integers(n))
+        path, total = best_order(costs, owner)
+        ref_path, ref_total = _orders_by_brute_force(costs, owner)
+        assert path == ref_path and total == pytest.approx(ref_total, rel=1e-12)
+        assert sorted(path[:-1]) == list(range(n)) and path[0] == path[-1] == owner
+
+
+def test_best_order_on_twelve_strategies_is_fast():
+    rng = np.random.default_rng(12)
+    n = 12
+    costs = rng.integers(1, 100, size=(n, n)).tolist()
+    start = time.perf_counter()
+    path, total = best_order(costs, owner=5)
+    assert time.perf_counter() - start < 10  # 11! = 4e7 orders would take minutes
+    assert path[0] == path[-1] == 5 and sorted(path[:-1]) == list(range(n))
+    assert total == sum(costs[a][b] for a, b in zip(path[:-1], path[1:]))
+    # a known tour: cost 0 along 5 -> 6 -> ... -> 11 -> 0 -> ... -> 4 -> 5, 1000 elsewhere
+    ring = [(5 + i) % n for i in range(n + 1)]
+    costs = [[1000] * n for _ in range(n)]
+    for a, b in zip(ring[:-1], ring[1:]):
+        costs[a][b] = 0
+    assert best_order(costs, owner=5) == (ring, 0)
 
 
 def test_bad_input():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import numpy as np
 import pytest
 
@@ -136,3 +139,86 @@ def test_best_per_bucket_equals_brute_force_on_synthetic_costs(seed):
         if visited[b]:
             again, prev = again + cost(prev, c) + seconds[b, c], c
     assert again + cost(prev, owner) + once[owner] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_best_per_bucket_tour_equals_brute_force_on_synthetic_costs(seed):
+    """The runtime's step (switches a function of the owner and the set of strategies visited):
+    the DP's total is the brute force's minimum over every combination and its pick costs it."""
+    rng = np.random.default_rng(100 + seed)
+    buckets, k = 4 + seed % 2, 5 + seed % 2
+    seconds = rng.uniform(1.0, 10.0, (buckets, k))
+    seconds[rng.random((buckets, k)) < 0.2] = np.inf
+    seconds[:, rng.integers(k)] = rng.uniform(1.0, 10.0, buckets)
+    there = rng.uniform(0.0, 6.0, (k, k))  # asymmetric: parameters along a path, gradients back
+    np.fill_diagonal(there, 0.0)
+    once = rng.uniform(0.0, 3.0, k)
+    frugality = rng.integers(1, 4, k).astype(float)
+    visited = [True] * buckets
+    visited[seed % buckets] = seed % 3 != 0
+
+    def tour(o, used):  # the cheapest path from o through the others, each one's gradients back to o
+        others = sorted(used - {o})
+        paths = [sum(there[a, b] for a, b in zip((o, *p), p)) for p in itertools.permutations(others)]
+        return min(paths) + sum(there[c, o] for c in others)
+
+    args = (seconds.tolist(), tour, once.tolist(), frugality.tolist(), visited)
+    pick, total = H.best_per_bucket_tour(*args)
+    _, expected = H.brute_force_buckets_tour(*args)
+    assert total == pytest.approx(expected, rel=1e-12)
+    owner = min(pick, key=lambda c: frugality[c])
+    used = frozenset(c for b, c in enumerate(pick) if visited[b])
+    again = sum(seconds[b, c] for b, c in enumerate(pick) if visited[b]) + tour(owner, used) + once[owner]
+    assert again == pytest.approx(expected, rel=1e-12)
+
+
+def test_runtime_switches_follow_the_best_order_one_way_and_gradients_back():
+    """`runtime_switches_time`: parameters from the owner along the cheapest path (no way back),
+    every other strategy's gradients back to the owner; the order of `visited` does not matter."""
+    cluster = H.ClusterSpec(4, 1, 1e12, 1e9, 1e9, 1e12, switch_overhead=1e-3, switch_message_overhead=1e-4,
+                            value_bytes=4)
+    spec = H.ModelSpec(layers=2, hidden=64, heads=4, vocab=256)
+    tp4, tp2, tp1 = (H.parse_strategy(s) for s in ("dp1,tp4", "dp2,tp2", "dp4,tp1"))
+    one = lambda a, b: H.runtime_switch_time(spec, cluster, a, b)  # noqa: E731
+    assert one(tp4, tp4) == 0.0 and one(tp1, tp4) == pytest.approx(1e-3)  # split from duplicated: local copies
+    # duplicated from split: every rank sends its quarter of every tensor to the 3 others, receives theirs
+    quarter = 4 * (spec.layers * spec.layer_params - 2 * spec.layers * spec.hidden + 2 * spec.vocab * spec.hidden) / 4
+    assert H.runtime_switch_plan(spec, cluster, tp4, tp1) == (pytest.approx(3 * quarter, rel=0.02), 6)
+    assert one(tp4, tp1) == pytest.approx(1e-3 + 6e-4 + H.runtime_switch_bytes(spec, cluster, tp4, tp1) / 1e9)
+    paths = [one(tp4, tp2) + one(tp2, tp1), one(tp4, tp1) + one(tp1, tp2)]
+    expected = min(paths) + one(tp2, tp4) + one(tp1, tp4)
+    for visited in ([tp4, tp2, tp1], [tp1, tp2, tp4, tp2]):
+        assert H.runtime_switches_time(spec, cluster, tp4, visited) == pytest.approx(expected)
+    assert H.runtime_switches_time(spec, cluster, tp4, [tp4]) == 0.0
+
+
+def test_runtime_simulation_picks_the_brute_force_optimum_of_its_hot_step():
+    """`simulate(..., runtime=True)`'s choice per bucket costs what the least `_hot_step` over every
+    combination of the candidates that fit costs, with the runtime's per-bucket gradient syncs
+    and its switches (an overhead large enough that the fastest strategy per bucket, switches
+    ignored, is not the optimum), the long bucket kept off the strategies that need most memory."""
+    spec = H.ModelSpec(layers=2, hidden=64, heads=4, vocab=256, flash_attention=False)
+    cluster = H.ClusterSpec(4, 1, 2e9, 1e9, 1e9, float("inf"), mfu=1.0, latency=((2, 1e-3), (4, 1.5e-3)),
+                            layer_collectives=10, run_collectives=3, update_seconds=2e-9, value_bytes=4,
+                            cores=2.0, switch_overhead=0.05)
+    options = [H.parse_strategy(s) for s in ("dp4,tp1", "dp2,tp2", "dp1,tp4", "dp2,tp2,sp", "dp1,tp4,sp")]
+    lengths = [512, 400, 130, 100, 90, 30, 20, 12, 8, 6, 5, 4]
+    bounds = [512, 128, 32, 0]
+    buckets = H.bucketize(lengths, bounds)
+    need = {str(st): H.predict(spec, cluster, st, buckets[0], bounds[0], 1).memory_bytes for st in options}
+    cluster = dataclasses.replace(cluster, memory=(need["dp1,tp4,pp1"] + need["dp2,tp2,pp1"]) / 2)
+    result = H.simulate(spec, cluster, lengths, bounds, options=options, candidates=len(options), runtime=True)
+
+    def step(chosen):
+        return H._hot_step(spec, cluster, list(chosen), buckets, bounds[:-1], None, runtime=True)[0]
+
+    def fits(chosen):
+        return all(H.predict(spec, cluster, st, seqs, b).fits for st, seqs, b in zip(chosen, buckets, bounds))
+
+    combos = [c for c in itertools.product(options, repeat=len(buckets)) if fits(c)]
+    best = min(step(c) for c in combos)
+    assert step(result["chosen"]) == pytest.approx(best, rel=1e-12)
+    assert result["hot_switch"].time_s == pytest.approx(best, rel=1e-12)
+    alone = min(combos, key=lambda c: sum(H.predict(spec, cluster, st, seqs, b, 1).time_s
+                                          for st, seqs, b in zip(c, buckets, bounds)))
+    assert step(alone) > best * 1.01  # the switches change the choice
