@@ -147,13 +147,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
-        if self.parallel is not None:  # pipeline ranks hold only their stage's trained values
-            self.parallel.sync_stages(self.optimizer, with_state=False)
         if self._eval_data is None:
             self._eval_data = self.data.eval
             if self.data.transform is not None:  # no augmentation; masks (BERT) fixed for every evaluation
                 self._eval_data = self.data.transform(self.data.eval, np.random.default_rng([c.seed, 1 << 31]), False)
-        return self.task.evaluate(self.predict, self._eval_data, c.eval_batch_size or 4 * c.batch_size)
+        # pipeline ranks hold only their stage's trained values (ZeRO-3: only their shards of them)
+        with self.parallel.whole_model() if self.parallel is not None else contextlib.nullcontext():
+            return self.task.evaluate(self.predict, self._eval_data, c.eval_batch_size or 4 * c.batch_size)
 
     def _epoch_batches(self):
         """The training batches of the current epoch from `batch_in_epoch` on, as a dataset for DataLoader."""

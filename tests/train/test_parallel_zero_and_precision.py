@@ -59,6 +59,22 @@ def test_zero2_dp2_pp2_resumes_in_a_plain_pipeline_and_equals_one_process(tmp_pa
 
 @pytest.mark.dist
 @pytest.mark.slow
+def test_zero3_dp2_pp2_trains_evaluates_and_resumes_like_one_process(tmp_path, reference):
+    """`luoshu train --dp 2 --pp 2 --zero 3`: each stage's parameters sharded over its DP group (gathered
+    for every evaluation, one per step here); two steps, its checkpoint (the shards consolidated, the
+    stages gathered), then resumed under zero 3 (the checkpoint re-sharded): the losses, metrics and
+    final weights of one process."""
+    rows, weights = reference
+    job = tmp_path / "job"
+    layout = ("--dp", "2", "--pp", "2", "--micro-batches", "2", "--zero", "3")
+    _launched(4, job, *layout, steps=2)
+    resumed = _launched(4, job, *layout, extra=("--resume",))
+    _check_rows(resumed, rows)
+    _check_weights(_final_weights(job), weights)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
 def test_zero1_dp2_pp2_equals_one_process(tmp_path, reference):
     rows, weights = reference
     job = tmp_path / "job"
@@ -92,8 +108,8 @@ def test_fp16_dp2_tp2_equals_one_process_with_loss_scaling(tmp_path):
 @pytest.mark.parametrize(
     "changes,world,message",
     [
-        ({"tp": 2, "pp": 2, "zero": 3}, 4, r"zero = 3 with dp = 1, tp = 2, pp = 2: .*ZeRO-3 with pipeline stages is "
-                                            r"not built"),
+        ({"tp": 2, "pp": 2, "zero": 3}, 4, r"zero = 3 with dp = 1, tp = 2, pp = 2: .*ZeRO-3 with tensor-parallel "
+                                            r"pipeline stages is not built"),
         ({"pp": 2, "precision": "fp16"}, 2, r"precision 'fp16' with pp = 2: the pipeline's update has no loss scaling"),
         ({"dp": 2, "tp": 2, "zero": 1}, 2, r"= 4 must equal the world size of the launch, found 2"),
     ],
@@ -108,7 +124,8 @@ def test_check_config_refuses_zero_and_precision_layouts_not_built(monkeypatch, 
                                            ({"tp": 2, "precision": "bf16"}, 2),
                                            ({"dp": 2, "precision": "fp16"}, 2),
                                            ({"pp": 2, "precision": "bf16"}, 2),
-                                           ({"dp": 2, "pp": 2, "zero": 1}, 4), ({"dp": 2, "pp": 2, "zero": 2}, 4)])
+                                           ({"dp": 2, "pp": 2, "zero": 1}, 4), ({"dp": 2, "pp": 2, "zero": 2}, 4),
+                                           ({"dp": 2, "pp": 2, "zero": 3}, 4)])
 def test_check_config_allows_zero_over_dp_tp_and_mixed_precision(monkeypatch, tmp_path, changes, world):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     config = TrainConfig.from_dict({**JOB, "out": str(tmp_path / "job"), **changes})
