@@ -144,9 +144,6 @@ class Pipeline:
         if set(zero_options) - {"bucket_size_mb"} and not zero:
             raise PipelineError(f"pipeline: {sorted(set(zero_options) - {'bucket_size_mb'})} are ZeRO options; "
                                 "they need zero=1, 2 or 3")
-        if zero == 3 and mesh.tp > 1:
-            raise PipelineError(f"pipeline: zero=3 shards whole stage parameters over the DP group; with "
-                                f"tensor-parallel stages (tp={mesh.tp}) it is not supported: use zero=1 or 2, or tp=1")
         prefix, layers = _layers(model)
         pp = mesh.pp
         if len(layers) < pp:

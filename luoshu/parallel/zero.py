@@ -900,9 +900,13 @@ class ZeroSync(SyncMode):
                 rest += [rows, values]
                 continue
             # a shared table's rows on this stage: its unit's gradient is dense on every stage that holds it
+            local = params[i]._value.shape[0]
             with backward:
                 mark = len(backward.ops)
-                grad_of[i] = apply("sparse_to_dense", rows, values, num_rows=params[i]._value.shape[0])
+                kept = rows, values
+                if params[i].ds and not params[i].ds[0].is_pure_duplicate():  # a row-split table: its block's rows
+                    kept = apply("shard_rows", rows, values, start=states.default().index * local, rows=local)
+                grad_of[i] = apply("sparse_to_dense", *kept, num_rows=local)
             made_from[id(grad_of[i])] = values
             if made_at(values) >= 0:
                 after.setdefault(id(backward.ops[made_at(values)]), []).extend(backward.ops[mark:])
