@@ -240,10 +240,6 @@ def _check_parallel(config: TrainConfig, task: str) -> None:
             raise TrainConfigError(f"zero = {c.zero} without dp/tp: leave micro_batches and sequence_parallel at "
                                    "their defaults")
         return
-    if c.zero == 3 and c.pp > 1 and c.tp > 1:  # pipeline(zero=3) shards whole stage parameters (tp = 1)
-        raise TrainConfigError(f"zero = 3 with dp = {c.dp}, tp = {c.tp}, pp = {c.pp}: a pipeline shards each "
-                               "stage's parameters over its DP group (zero = 3) only with tp = 1; ZeRO-3 with "
-                               "tensor-parallel pipeline stages is not built (use zero = 1 or 2, or tp = 1)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if product != world:
         raise TrainConfigError(f"dp x tp x pp = {c.dp} x {c.tp} x {c.pp} = {product} must equal the world size of "

@@ -9,7 +9,7 @@ strategies of `luoshu.parallel` to the model the trainer built (before its optim
   global batch (`mesh.batch_slice`);
 - pp > 1: `pipeline(model, mesh, micro_batches, schedule, zero)` trains each step (every rank
   passes the global batch; the first stage reads the tokens, the last the targets); `zero = 1 | 2 | 3`
-  shards each stage over its DP group (tp = 1 for zero = 3).
+  shards each stage (its TP blocks) over its DP group.
 
 Every rank sees the same data order (the seed decides it) and the same logged loss (the mean
 over the DP shares). Only rank 0 writes the job directory; checkpoints are written by rank 0

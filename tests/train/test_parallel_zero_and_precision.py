@@ -75,6 +75,16 @@ def test_zero3_dp2_pp2_trains_evaluates_and_resumes_like_one_process(tmp_path, r
 
 @pytest.mark.dist
 @pytest.mark.slow
+def test_zero3_dp2_tp2_pp2_equals_one_process(tmp_path, reference):
+    """Eight processes: each rank's TP blocks of its stage sharded over the stage's DP group."""
+    rows, weights = reference
+    job = tmp_path / "job"
+    _check_rows(_launched(8, job, "--dp", "2", "--tp", "2", "--pp", "2", "--micro-batches", "2", "--zero", "3"), rows)
+    _check_weights(_final_weights(job), weights)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
 def test_zero1_dp2_pp2_equals_one_process(tmp_path, reference):
     rows, weights = reference
     job = tmp_path / "job"
@@ -108,8 +118,6 @@ def test_fp16_dp2_tp2_equals_one_process_with_loss_scaling(tmp_path):
 @pytest.mark.parametrize(
     "changes,world,message",
     [
-        ({"tp": 2, "pp": 2, "zero": 3}, 4, r"zero = 3 with dp = 1, tp = 2, pp = 2: .*ZeRO-3 with tensor-parallel "
-                                            r"pipeline stages is not built"),
         ({"pp": 2, "precision": "fp16"}, 2, r"precision 'fp16' with pp = 2: the pipeline's update has no loss scaling"),
         ({"dp": 2, "tp": 2, "zero": 1}, 2, r"= 4 must equal the world size of the launch, found 2"),
     ],
@@ -125,7 +133,8 @@ def test_check_config_refuses_zero_and_precision_layouts_not_built(monkeypatch, 
                                            ({"dp": 2, "precision": "fp16"}, 2),
                                            ({"pp": 2, "precision": "bf16"}, 2),
                                            ({"dp": 2, "pp": 2, "zero": 1}, 4), ({"dp": 2, "pp": 2, "zero": 2}, 4),
-                                           ({"dp": 2, "pp": 2, "zero": 3}, 4)])
+                                           ({"dp": 2, "pp": 2, "zero": 3}, 4),
+                                           ({"dp": 2, "tp": 2, "pp": 2, "zero": 3}, 8)])
 def test_check_config_allows_zero_over_dp_tp_and_mixed_precision(monkeypatch, tmp_path, changes, world):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     config = TrainConfig.from_dict({**JOB, "out": str(tmp_path / "job"), **changes})
