@@ -24,8 +24,9 @@ Installed at import of `luoshu.parallel`, so plain `ls.save(path, model, optimiz
   as above (with TP inside the stages, the TP gather follows); `ls.load` reads the full
   package on every rank (each rank then trains its stage's part). A pipeline checkpoint loads
   into one process, and one process's into a pipeline of any pp (or pp x tp). Under ZeRO
-  (`pipeline(..., zero=1 | 2)`) each stage's shard state is first consolidated over its DP
-  group; `ls.load` gives the plain state to the ZeRO mode, whose shards take their slices.
+  (`pipeline(..., zero=1 | 2 | 3)`) each stage's shard state is first consolidated over its DP
+  group (ZeRO-3: the stage's parameters gathered over it while they are written or read);
+  `ls.load` gives the plain state to the ZeRO mode, whose shards take their slices.
 
 All these `save`s are collectives: call them on every rank. A job with none of them (plain
 data parallelism) saves as before, from whichever rank calls.

@@ -79,7 +79,8 @@ stage 1 all-reduces them and takes the shard, stage 2 reduce-scatters each bucke
 `ShardNorm` (shards weighed as their parameters, summed over the stages and TP members) then the DP
 group give clipping's norm. Stage 3 in a pipeline lays out the units of the stage program at compile
 (`shard_stage`: gathers in its forward and backward graphs, a reduce-scatter per unit per micro-batch)
-and takes the accumulated shards once a step (`step_shards`).
+and takes the accumulated shards once a step (`step_shards`); a tensor-parallel stage's program is
+this rank's local graphs, so its units hold this rank's TP blocks (every stage, 1-3, alike).
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
