@@ -88,6 +88,17 @@ class ParallelRun:
         loss = self.pipe.step([batch[k] for k in task.inputs], [batch[task.target]])
         return self._mean_over_last_stage(loss)
 
+    def pipeline_memory(self, batch: dict, task) -> tuple[float, list[dict]]:
+        """`pipeline_step` with the stage plans' memory accounted (`Pipeline.memory`): the mean loss
+        and every rank's bytes (in rank order, on every rank: a collective)."""
+        report = self.pipe.memory([batch[k] for k in task.inputs], [batch[task.target]])
+        loss = report.pop("loss")
+        mine = {"rank": self.rank, "stage": self.pipe.stage, "dp": self.mesh.index("dp"), "tp": self.mesh.index("tp"),
+                **report}
+        everyone: list = [None] * env.world_size()
+        torch_dist.all_gather_object(everyone, mine)
+        return self._mean_over_last_stage(loss), everyone
+
     def mean_loss(self, loss: float) -> float:
         """The loss of the whole global batch: the mean over the DP shares (TP peers hold the same value)."""
         if not env.is_distributed():

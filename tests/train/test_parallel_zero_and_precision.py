@@ -9,6 +9,8 @@ test_parallel_run's 1e-5.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -63,14 +65,24 @@ def test_zero3_dp2_pp2_trains_evaluates_and_resumes_like_one_process(tmp_path, r
     """`luoshu train --dp 2 --pp 2 --zero 3`: each stage's parameters sharded over its DP group (gathered
     for every evaluation, one per step here); two steps, its checkpoint (the shards consolidated, the
     stages gathered), then resumed under zero 3 (the checkpoint re-sharded): the losses, metrics and
-    final weights of one process."""
+    final weights of one process. `--profile-memory` (the first step through the stage plans' accounting)
+    reports each rank's bytes: parameters and optimizer state 1/dp of the plain pipeline's."""
     rows, weights = reference
     job = tmp_path / "job"
-    layout = ("--dp", "2", "--pp", "2", "--micro-batches", "2", "--zero", "3")
-    _launched(4, job, *layout, steps=2)
-    resumed = _launched(4, job, *layout, extra=("--resume",))
+    layout = ("--dp", "2", "--pp", "2", "--micro-batches", "2")
+    _launched(4, job, *layout, "--zero", "3", "--profile-memory", steps=2)
+    resumed = _launched(4, job, *layout, "--zero", "3", extra=("--resume",))
     _check_rows(resumed, rows)
     _check_weights(_final_weights(job), weights)
+    _launched(4, tmp_path / "plain", *layout, "--profile-memory", steps=1)
+    zero = json.loads((job / "memory.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "memory.json").read_text())
+    assert (zero["zero"], plain["zero"]) == (3, 0) and len(zero["ranks"]) == len(plain["ranks"]) == 4
+    for z, p in zip(zero["ranks"], plain["ranks"]):
+        assert (z["rank"], z["stage"]) == (p["rank"], p["stage"])
+        for key in ("parameters", "optimizer_state"):  # 1/dp, up to each unit's padding and the step counters
+            assert p[key] / 2 - 64 <= z[key] <= p[key] / 2 + 1024, (key, z, p)
+        assert z["peak_gathered_parameters"] > 0 == p["peak_gathered_parameters"]
 
 
 @pytest.mark.dist
