@@ -10,7 +10,9 @@ the rank holds then, and those of a fresh pipeline after one step, go to
 DIR/state_bytes.rank<r>.json. `--zero S` shards each stage over its DP group (ZeRO stage S) in
 both pipelines. `--bad BAD`: after that step, `ls.load` of the bad checkpoint BAD must raise
 `CheckpointError` on every rank and leave the rank's parameters (its shards) and optimizer state
-bit for bit as they were (DIR/bad.rank<r>.json says what was refused).
+bit for bit as they were (DIR/bad.rank<r>.json says what was refused); before that, a second
+`ls.save` to DIR/trained whose write fails on rank 0 must raise on every rank and keep DIR/trained
+(DIR/failed_save.rank<r>.json says what each rank raised).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def main() -> None:
     stage = {names[id(p)]: full[names[id(p)]].numpy() for p in pipe.params}
     np.savez(out / f"stage.rank{ls.distributed.rank()}.npz", **stage)
     ls.save(out / "trained", model, opt)
+    if args.bad:  # a save that fails on rank 0 (the disk full) raises on every rank and keeps "trained"
+        failed_save(out, model, opt)
 
     model, opt, pipe = pipelined(mesh, 3, args.zero)
     ls.load(args.resume, model, opt)  # every rank reads the whole package; each trains its stage
@@ -89,6 +93,26 @@ def main() -> None:
     (out / f"state_bytes.rank{ls.distributed.rank()}.json").write_text(
         json.dumps({"loaded": loaded, "fresh": state_bytes(fresh)}))
     ls.distributed.shutdown()
+
+
+def failed_save(out: Path, model, opt) -> None:
+    import luoshu.checkpoint as package
+
+    def full(*args, **kwargs):
+        raise OSError("disk full")
+
+    real = package.save_file
+    if ls.distributed.rank() == 0:
+        package.save_file = full
+    try:
+        ls.save(out / "trained", model, opt)
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+        raised = f"{type(exc).__name__}: {exc}"
+    else:
+        raised = None
+    finally:
+        package.save_file = real
+    (out / f"failed_save.rank{ls.distributed.rank()}.json").write_text(json.dumps({"raised": raised}))
 
 
 def whole(pipe):

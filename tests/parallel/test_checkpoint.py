@@ -95,9 +95,10 @@ def test_a_pipeline_checkpoint_loads_into_one_process_and_back(tmp_path, pp, tp,
     state (the stages gathered; under ZeRO each stage's shards consolidated over its DP group first):
     loaded into one process it holds exactly the stages' trained values and matches one process
     trained on the same batches; a one-process checkpoint loaded into the pipeline (its ZeRO shards)
-    resumes training as one process does. A corrupt checkpoint loaded into the trained pipeline is
-    refused on every rank and changes nothing it holds (its shards, its optimizer state), nor the
-    good checkpoint it was copied from."""
+    resumes training as one process does. A save whose write fails on rank 0 raises on every rank and
+    keeps the checkpoint saved there before (which then loads as above); a corrupt checkpoint loaded
+    into the trained pipeline is refused on every rank and changes nothing it holds (its shards, its
+    optimizer state), nor the good checkpoint it was copied from."""
     from tests.distributed.launcher import launch
     from tests.parallel import pp_train
 
@@ -115,6 +116,11 @@ def test_a_pipeline_checkpoint_loads_into_one_process_and_back(tmp_path, pp, tp,
                   "--bad", str(tmp_path / "corrupt"), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in range(pp * tp * dp):
+        raised = json.loads((tmp_path / f"failed_save.rank{r}.json").read_text())["raised"]
+        if r == 0:
+            assert raised == "OSError: disk full", raised
+        else:
+            assert raised is not None and "CheckpointError" in raised and "rank 0" in raised, (r, raised)
         bad = json.loads((tmp_path / f"bad.rank{r}.json").read_text())
         assert bad["refused"] is not None and "corrupt" in bad["refused"], (r, bad)
         assert bad["unchanged"] and bad["held"] > 0, (r, bad)
