@@ -24,8 +24,9 @@ Installed at import of `luoshu.parallel`, so plain `ls.save(path, model, optimiz
   as above (with TP inside the stages, the TP gather follows); `ls.load` reads the full
   package on every rank (each rank then trains its stage's part). A pipeline checkpoint loads
   into one process, and one process's into a pipeline of any pp (or pp x tp). Under ZeRO
-  (`pipeline(..., zero=1 | 2)`) each stage's shard state is first consolidated over its DP
-  group; `ls.load` gives the plain state to the ZeRO mode, whose shards take their slices.
+  (`pipeline(..., zero=1 | 2 | 3)`) each stage's shard state is first consolidated over its DP
+  group (ZeRO-3: the stage's parameters gathered over it while they are written or read);
+  `ls.load` gives the plain state to the ZeRO mode, whose shards take their slices.
 
 All these `save`s are collectives: call them on every rank. A job with none of them (plain
 data parallelism) saves as before, from whichever rank calls.
@@ -39,10 +40,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 
 from luoshu import checkpoint as package
 from luoshu.compiler import states
 from luoshu.core import context, live
+from luoshu.core.errors import CheckpointError
 from luoshu.core.op import apply
 from luoshu.core.tensor import Tensor
 from luoshu.distributed import env
@@ -184,9 +187,8 @@ class _ShardedLayouts(package.LayoutHook):
                 consolidated = whole_state if whole_state is not None else zero.consolidated_state_dict()
                 opt_state = _full_state_dict(consolidated, optimizer, module, group)
             with _full_tensors(module, optimizer if zero is None else None, group):
-                written = package.save_full(path, module, optimizer, metadata, opt_state) if env.rank() == 0 \
-                    else None
-        env.barrier()
+                written = _written_by_rank0(path, lambda: package.save_full(path, module, optimizer, metadata,
+                                                                            opt_state))
         return written
 
     def load(self, path, module, optimizer) -> dict:
@@ -248,6 +250,27 @@ class _ShardedLayouts(package.LayoutHook):
         return meta
 
 
+def _written_by_rank0(path, write) -> Path | None:
+    """Rank 0 runs `write` (the package's own staged write: a failure keeps what `path` held), then every
+    rank learns whether it succeeded (a collective): on a failure every rank raises, not only rank 0
+    (whose peers would otherwise go on, or wait at the next collective, as if it were saved)."""
+    written, failure = None, None
+    if env.rank() == 0:
+        try:
+            written = write()
+        except Exception as exc:  # re-raised below, after the peers have been told
+            failure = exc
+    if env.is_distributed():
+        failed = torch.tensor([failure is not None], dtype=torch.int64)
+        torch_dist.broadcast(failed, src=0)
+        if failure is None and bool(failed.item()):
+            raise CheckpointError(f"checkpoint {path}: writing it failed on rank 0 (see its error); "
+                                          "what the path held before is kept")
+    if failure is not None:
+        raise failure
+    return written
+
+
 def _own_stage_state(optimizer: Optimizer, load_state, owned: set):
     """`load_state` given only the state of `optimizer`'s parameters `owned` (a pipeline stage's:
     the other stages' state would sit unused in this rank's memory), once the whole state checks."""
@@ -275,9 +298,7 @@ def save(path, model: Module, optimizer: Optimizer | None = None, mesh=None, met
     if _HOOK.applies(model, optimizer):
         _HOOK.save(path, model, optimizer, meta, mesh.group("tp").ranks if mesh is not None else None)
     else:
-        if env.rank() == 0:
-            package.save_full(path, model, optimizer, meta)
-        env.barrier()
+        _written_by_rank0(path, lambda: package.save_full(path, model, optimizer, meta))
 
 
 def load(path, model: Module, optimizer: Optimizer | None = None) -> dict:

@@ -53,8 +53,11 @@ and backward plans gather each unit just before its first reader (the next unit'
 prefetched) and reduce-scatter its gradients right after the last is made, in every micro-batch:
 the stage keeps only shard accumulators (1/dp of the gradient bytes; a shared unit's shards sum over
 its stages after the last micro-batch), at the cost of M reduce-scatters per unit per step instead
-of one and a gather per unit per forward and per backward. `Pipeline.memory` reports the bytes from
-the plans' accounting.
+of one and a gather per unit per forward and per backward. With tensor-parallel stages every stage
+shards this rank's TP blocks (the units laid out from its local values, alike on its DP peers, who
+hold the same blocks); a vocabulary-split shared table's rows are cut to this rank's block before
+they are densified into its unit's gradient. `Pipeline.memory` reports the bytes from the plans'
+accounting.
 """
 
 from __future__ import annotations
@@ -144,9 +147,6 @@ class Pipeline:
         if set(zero_options) - {"bucket_size_mb"} and not zero:
             raise PipelineError(f"pipeline: {sorted(set(zero_options) - {'bucket_size_mb'})} are ZeRO options; "
                                 "they need zero=1, 2 or 3")
-        if zero == 3 and mesh.tp > 1:
-            raise PipelineError(f"pipeline: zero=3 shards whole stage parameters over the DP group; with "
-                                f"tensor-parallel stages (tp={mesh.tp}) it is not supported: use zero=1 or 2, or tp=1")
         prefix, layers = _layers(model)
         pp = mesh.pp
         if len(layers) < pp:
@@ -551,7 +551,7 @@ def pipeline_of(module, optimizer=None) -> Pipeline | None:
 
 def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 1, schedule: str = "1f1b",
              zero: int = 0, **zero_options) -> Pipeline:
-    """This rank's stage of `model` cut over `mesh.pp` stages (see the module docstring); `zero=1 | 2`
+    """This rank's stage of `model` cut over `mesh.pp` stages (see the module docstring); `zero=1 | 2 | 3`
     shards each stage over its DP group (`zero_options`: `DataParallel`'s ZeRO options; `bucket_size_mb`,
     the DP all-reduce buckets' bound, with any `zero`)."""
     return Pipeline(model, mesh, stages, micro_batches, schedule, zero, **zero_options)

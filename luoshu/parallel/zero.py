@@ -79,7 +79,8 @@ stage 1 all-reduces them and takes the shard, stage 2 reduce-scatters each bucke
 `ShardNorm` (shards weighed as their parameters, summed over the stages and TP members) then the DP
 group give clipping's norm. Stage 3 in a pipeline lays out the units of the stage program at compile
 (`shard_stage`: gathers in its forward and backward graphs, a reduce-scatter per unit per micro-batch)
-and takes the accumulated shards once a step (`step_shards`).
+and takes the accumulated shards once a step (`step_shards`); a tensor-parallel stage's program is
+this rank's local graphs, so its units hold this rank's TP blocks (every stage, 1-3, alike).
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
@@ -900,9 +901,13 @@ class ZeroSync(SyncMode):
                 rest += [rows, values]
                 continue
             # a shared table's rows on this stage: its unit's gradient is dense on every stage that holds it
+            local = params[i]._value.shape[0]
             with backward:
                 mark = len(backward.ops)
-                grad_of[i] = apply("sparse_to_dense", rows, values, num_rows=params[i]._value.shape[0])
+                kept = rows, values
+                if params[i].ds and not params[i].ds[0].is_pure_duplicate():  # a row-split table: its block's rows
+                    kept = apply("shard_rows", rows, values, start=states.default().index * local, rows=local)
+                grad_of[i] = apply("sparse_to_dense", *kept, num_rows=local)
             made_from[id(grad_of[i])] = values
             if made_at(values) >= 0:
                 after.setdefault(id(backward.ops[made_at(values)]), []).extend(backward.ops[mark:])

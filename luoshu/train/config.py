@@ -240,10 +240,6 @@ def _check_parallel(config: TrainConfig, task: str) -> None:
             raise TrainConfigError(f"zero = {c.zero} without dp/tp: leave micro_batches and sequence_parallel at "
                                    "their defaults")
         return
-    if c.zero == 3 and c.pp > 1:  # a pipeline shards each stage over its DP group: stages 1 and 2
-        raise TrainConfigError(f"zero = 3 with dp = {c.dp}, tp = {c.tp}, pp = {c.pp}: a pipeline shards each "
-                               "stage's optimizer state (zero = 1) and gradients (zero = 2) over its DP group; "
-                               "ZeRO-3 with pipeline stages is not built (use zero = 1 or 2, or leave pp at 1)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if product != world:
         raise TrainConfigError(f"dp x tp x pp = {c.dp} x {c.tp} x {c.pp} = {product} must equal the world size of "

@@ -8,18 +8,21 @@ strategies of `luoshu.parallel` to the model the trainer built (before its optim
   axis averages gradients with the bucketed all-reduce; each rank feeds its DP share of the
   global batch (`mesh.batch_slice`);
 - pp > 1: `pipeline(model, mesh, micro_batches, schedule, zero)` trains each step (every rank
-  passes the global batch; the first stage reads the tokens, the last the targets); `zero = 1 | 2`
-  shards each stage over its DP group.
+  passes the global batch; the first stage reads the tokens, the last the targets); `zero = 1 | 2 | 3`
+  shards each stage (its TP blocks) over its DP group.
 
 Every rank sees the same data order (the seed decides it) and the same logged loss (the mean
 over the DP shares). Only rank 0 writes the job directory; checkpoints are written by rank 0
 with full tensors (`luoshu.parallel.checkpoint.save`), so a job of any layout, or one
 process, resumes from them. A pipeline rank trains only its stage's parameters: before an
 evaluation or a checkpoint the stages' values (and optimizer state, for a checkpoint) are
-broadcast from the stage that trains them, so every rank holds the whole model.
+broadcast from the stage that trains them, so every rank holds the whole model (under ZeRO-3 for
+the evaluation's duration: `whole_model`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -85,6 +88,17 @@ class ParallelRun:
         loss = self.pipe.step([batch[k] for k in task.inputs], [batch[task.target]])
         return self._mean_over_last_stage(loss)
 
+    def pipeline_memory(self, batch: dict, task) -> tuple[float, list[dict]]:
+        """`pipeline_step` with the stage plans' memory accounted (`Pipeline.memory`): the mean loss
+        and every rank's bytes (in rank order, on every rank: a collective)."""
+        report = self.pipe.memory([batch[k] for k in task.inputs], [batch[task.target]])
+        loss = report.pop("loss")
+        mine = {"rank": self.rank, "stage": self.pipe.stage, "dp": self.mesh.index("dp"), "tp": self.mesh.index("tp"),
+                **report}
+        everyone: list = [None] * env.world_size()
+        torch_dist.all_gather_object(everyone, mine)
+        return self._mean_over_last_stage(loss), everyone
+
     def mean_loss(self, loss: float) -> float:
         """The loss of the whole global batch: the mean over the DP shares (TP peers hold the same value)."""
         if not env.is_distributed():
@@ -99,11 +113,19 @@ class ParallelRun:
         torch_dist.all_reduce(t)  # only the last stage's ranks add their share
         return float(t.item())
 
-    def sync_stages(self, optimizer: Optimizer, with_state: bool) -> None:
-        """Every parameter (and, `with_state`, its optimizer state) from the stage that trains it,
-        so every rank of a pipeline holds the whole model (`Pipeline.gather_stages`, a collective)."""
-        if self.pipe is not None:
-            self.pipe.gather_stages(with_state and optimizer is self.pipe.optimizer)
+    @contextlib.contextmanager
+    def whole_model(self):
+        """A context in which every rank of a pipeline holds the whole model (an evaluation): every
+        parameter from the stage that trains it (`Pipeline.gather_stages`, a collective); under ZeRO-3
+        the stage's own parameters stay gathered over its DP group until the context ends (then each
+        rank keeps its shard again)."""
+        pipe = self.pipe
+        if pipe is None:
+            yield
+            return
+        with pipe.zero.gathered_parameters() if pipe.zero is not None else contextlib.nullcontext():
+            pipe.gather_stages()
+            yield
 
     def save(self, path, model: Module, optimizer: Optimizer, metadata: dict) -> None:
         """The full-tensor checkpoint, written by rank 0 (a collective; the layout hook gathers the stages)."""

@@ -137,6 +137,21 @@ class Trainer:
             {**report.as_dict(), "timeline": report.timeline}, indent=1))
         return report.outputs[0]
 
+    def _profile_pipeline_step(self, batch: dict, bar) -> float:
+        """A pipeline job's first step through its stage plans' memory accounting (`Pipeline.memory`,
+        every rank): rank 0 prints each rank's bytes and writes them to memory.json. Returns the loss."""
+        loss, ranks = self.parallel.pipeline_memory(batch, self.task)
+        self.memory_report = ranks
+        if self.writes:
+            keys = [k for k in ranks[0] if k not in ("rank", "stage", "dp", "tp")]
+            lines = [f"rank {r['rank']} (stage {r['stage']}, dp {r['dp']}, tp {r['tp']}): "
+                     + ", ".join(f"{k.replace('_', ' ')} {r[k] / 2**20:.3f} MiB" for k in keys) for r in ranks]
+            bar.write(f"memory of one training step of {self.config.model} (zero = {self.config.zero}):\n"
+                      + "\n".join(lines))
+            (self.config.job_dir / "memory.json").write_text(json.dumps({"zero": self.config.zero, "ranks": ranks},
+                                                                        indent=1))
+        return loss
+
     def _feed(self, batch: dict[str, np.ndarray]) -> dict:
         return {ph: batch[key] for key, ph in self.feeds.items() if key in batch}
 
@@ -147,13 +162,13 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
-        if self.parallel is not None:  # pipeline ranks hold only their stage's trained values
-            self.parallel.sync_stages(self.optimizer, with_state=False)
         if self._eval_data is None:
             self._eval_data = self.data.eval
             if self.data.transform is not None:  # no augmentation; masks (BERT) fixed for every evaluation
                 self._eval_data = self.data.transform(self.data.eval, np.random.default_rng([c.seed, 1 << 31]), False)
-        return self.task.evaluate(self.predict, self._eval_data, c.eval_batch_size or 4 * c.batch_size)
+        # pipeline ranks hold only their stage's trained values (ZeRO-3: only their shards of them)
+        with self.parallel.whole_model() if self.parallel is not None else contextlib.nullcontext():
+            return self.task.evaluate(self.predict, self._eval_data, c.eval_batch_size or 4 * c.batch_size)
 
     def _epoch_batches(self):
         """The training batches of the current epoch from `batch_in_epoch` on, as a dataset for DataLoader."""
@@ -311,7 +326,9 @@ class Trainer:
                 loader = DataLoader(self._epoch_batches(), batch_size=None, num_workers=c.num_workers)
                 tick, first = time.perf_counter(), self.batch_in_epoch
                 for batch in loader:
-                    if self.parallel is not None and c.pp > 1:
+                    if self.parallel is not None and c.pp > 1 and c.profile_memory and self.memory_report is None:
+                        loss = self._profile_pipeline_step(batch, bar)
+                    elif self.parallel is not None and c.pp > 1:
                         loss = self.parallel.pipeline_step(batch, self.task)
                     elif self.parallel is not None:
                         loss, _ = self.graph.run([self.loss, self.train_op], self._feed(self.parallel.share(batch)))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -85,6 +86,8 @@ def _assert_same(model, opt, ref_model, ref_opt, atol):
         pytest.param(2, 2, 1, 0, marks=pytest.mark.slow),
         pytest.param(2, 1, 2, 1, marks=pytest.mark.slow),
         pytest.param(2, 1, 2, 2, marks=pytest.mark.slow),
+        pytest.param(2, 1, 2, 3, marks=pytest.mark.slow),
+        pytest.param(2, 2, 2, 3, marks=pytest.mark.slow),
     ],
 )
 def test_a_pipeline_checkpoint_loads_into_one_process_and_back(tmp_path, pp, tp, dp, zero):
@@ -92,16 +95,36 @@ def test_a_pipeline_checkpoint_loads_into_one_process_and_back(tmp_path, pp, tp,
     state (the stages gathered; under ZeRO each stage's shards consolidated over its DP group first):
     loaded into one process it holds exactly the stages' trained values and matches one process
     trained on the same batches; a one-process checkpoint loaded into the pipeline (its ZeRO shards)
-    resumes training as one process does."""
+    resumes training as one process does. A save whose write fails on rank 0 raises on every rank and
+    keeps the checkpoint saved there before (which then loads as above); a corrupt checkpoint loaded
+    into the trained pipeline is refused on every rank and changes nothing it holds (its shards, its
+    optimizer state), nor the good checkpoint it was copied from."""
     from tests.distributed.launcher import launch
     from tests.parallel import pp_train
 
     data = list(pp_train.batches())
     ref_model, ref_opt = _one_process(11, data[:2])
     ls.save(tmp_path / "reference", ref_model, ref_opt)
+    good = {f.name: f.read_bytes() for f in (tmp_path / "reference").iterdir()}
+    shutil.copytree(tmp_path / "reference", tmp_path / "corrupt")
+    weights = tmp_path / "corrupt" / "weights.safetensors"
+    corrupted = bytearray(weights.read_bytes())
+    corrupted[-5] ^= 0xFF
+    weights.write_bytes(bytes(corrupted))
     proc = launch(pp * tp * dp, "tests/parallel/pp_checkpoint.py", "--pp", str(pp), "--tp", str(tp), "--dp", str(dp),
-                  "--zero", str(zero), "--resume", str(tmp_path / "reference"), "--out", str(tmp_path), timeout=240)
+                  "--zero", str(zero), "--resume", str(tmp_path / "reference"), "--out", str(tmp_path),
+                  "--bad", str(tmp_path / "corrupt"), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in range(pp * tp * dp):
+        raised = json.loads((tmp_path / f"failed_save.rank{r}.json").read_text())["raised"]
+        if r == 0:
+            assert raised == "OSError: disk full", raised
+        else:
+            assert raised is not None and "CheckpointError" in raised and "rank 0" in raised, (r, raised)
+        bad = json.loads((tmp_path / f"bad.rank{r}.json").read_text())
+        assert bad["refused"] is not None and "corrupt" in bad["refused"], (r, bad)
+        assert bad["unchanged"] and bad["held"] > 0, (r, bad)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "reference").iterdir()} == good
 
     model, opt = _one_process(5, [])  # other initial values: everything comes from the checkpoint
     ls.load(tmp_path / "trained", model, opt)

@@ -349,8 +349,6 @@ def test_zero_in_a_pipeline_refuses_what_is_not_built():
             ls.parallel.pipeline(_model(2), mesh, zero=bad)
     with pytest.raises(ls.Error, match=r"\['unit_size_mb'\] are ZeRO options; they need zero=1, 2 or 3"):
         ls.parallel.pipeline(_model(2), mesh, unit_size_mb=1.0)
-    with pytest.raises(ls.Error, match=r"zero=3 .* tensor-parallel stages \(tp=2\) it is not supported"):
-        ls.parallel.pipeline(_model(2), ls.distributed.DeviceMesh(tp=2, pp=2, world_size=4, rank=0), zero=3)
     model = _model(2)
     pipe = ls.parallel.pipeline(model, mesh, zero=1)
     with pytest.raises(ls.Error, match="LAMB cannot be sharded elementwise"):
@@ -391,38 +389,60 @@ def _zero_compare(tmp_path, zero, dp=2, pp=2, tp=1):
     return runs
 
 
-@pytest.mark.dist
-def test_zero3_dp2_pp2_with_clipping_matches_one_process_at_1_over_dp_of_the_memory(tmp_path):
-    """ZeRO-3 over each stage's DP group: one process's five clipped AdamW steps; each unit's gradients
-    reduce-scattered once per micro-batch (2 micro-batches); from the plans' accounting (`Pipeline.memory`),
-    parameter, gradient and optimizer-state bytes 1/dp of the plain pipeline's (up to each unit's padding)."""
+def _zero3_compare(tmp_path, tp: int) -> None:
+    """ZeRO-3 over each stage's DP group of dp2 x tp x pp2: one process's five clipped AdamW steps; each
+    unit's gradients reduce-scattered once per micro-batch (2 micro-batches); from the plans' accounting
+    (`Pipeline.memory`), parameter, gradient and optimizer-state bytes 1/dp of the plain dp x tp x pp
+    pipeline's on the same rank (up to each unit's padding)."""
     (tmp_path / "zero").mkdir()
     (tmp_path / "plain").mkdir()
-    args = ["--dp", "2", "--pp", "2", "--layers", "2", "--micro-batches", "2", "--clip", "0.05", "--steps", "5",
-            "--memory"]
+    args = ["--dp", "2", "--tp", str(tp), "--pp", "2", "--layers", "2", "--micro-batches", "2", "--clip", "0.05",
+            "--steps", "5", "--memory"]
     ref_losses, ref_params = pp_train.reference(2, "gpt2", 0.05, 5)
-    runs = {}
+    runs, world = {}, 4 * tp
     for name, extra in (("zero", ["--zero", "3"]), ("plain", [])):
         out = tmp_path / name / "pp"
-        proc = launch(4, "tests/parallel/pp_train.py", *args, *extra, "--out", str(out), timeout=240)
+        proc = launch(world, "tests/parallel/pp_train.py", *args, *extra, "--out", str(out), timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = [np.load(f"{out}.rank{r}.npz") for r in range(4)]
+        runs[name] = [np.load(f"{out}.rank{r}.npz") for r in range(world)]
     last = [r for r in runs["zero"] if int(r["stage"]) == 1]
     np.testing.assert_allclose(np.mean([r["losses"] for r in last], axis=0), ref_losses, atol=1e-6)
+    seen = set()
     for run, plain in zip(runs["zero"], runs["plain"]):
         for name in set(run.files) & set(ref_params):
             np.testing.assert_allclose(run[name], ref_params[name], atol=1e-6, err_msg=name)
+            seen.add(name)
         units = int(run["buckets"])
         assert list(run["scatters"]) == [2 * units] * 5  # per micro-batch, one per unit
         mem, base = json.loads(str(run["memory"])), json.loads(str(plain["memory"]))
         pad = 8 * units  # at most one float64 of padding per unit
-        # the plain stage's gradients: one per parameter (stage 0 fetches the tied table's as rows, then
-        # densifies them to sum over the stages: a whole gradient, as many bytes as the parameter)
-        for key, plain_key, copies in (("parameters", "parameters", 1), ("gradients", "parameters", 1),
-                                       ("optimizer_state", "optimizer_state", 2)):
-            want = base[plain_key] / 2  # +-64: the optimizers' step counters
-            assert want - 64 <= mem[key] <= want + copies * pad + 64, (key, mem[key], base[plain_key])
-        assert base["gradients"] <= base["parameters"]
+        # what the plain rank holds: its stage's parameters (its TP blocks: 8 * local_numel bytes) and their
+        # gradients, one per parameter (stage 0 fetches the tied table's as rows, then densifies them to sum
+        # over the stages: a whole gradient, as many bytes as the parameter). Under TP a member other than 0
+        # never reads the row-parallel biases: its plans' parameter bytes leave them out (plain: the biases,
+        # ZeRO-3: the shard of the unit they fill), its fetched gradients do not (zeros; ZeRO-3: shards)
+        held = 8 * int(plain["local_numel"])
+        assert int(run["local_numel"]) * 8 == held and base["gradients"] <= held and base["parameters"] <= held
+        assert base["parameters"] == held or tp > 1
+        for key, low, high, copies in (("parameters", base["parameters"], held, 1), ("gradients", held, held, 1),
+                                       ("optimizer_state", base["optimizer_state"], base["optimizer_state"], 2)):
+            # 1/dp of the plain rank's, +-64: the optimizers' step counters
+            assert low / 2 - 64 <= mem[key] <= high / 2 + copies * pad + 64, (key, mem[key], low, high)
+    assert seen == set(ref_params)
+
+
+@pytest.mark.dist
+def test_zero3_dp2_pp2_with_clipping_matches_one_process_at_1_over_dp_of_the_memory(tmp_path):
+    _zero3_compare(tmp_path, tp=1)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero3_dp2_tp2_pp2_with_clipping_matches_one_process_at_1_over_dp_of_the_memory(tmp_path):
+    """Eight processes: each rank's TP blocks of its stage in units sharded over the stage's DP group (the
+    tied table vocabulary-split: stage 0 densifies only its block's rows); the norm weighs the shards as
+    their TP states say and sums over shards, TP members and stages."""
+    _zero3_compare(tmp_path, tp=2)
 
 
 @pytest.mark.dist

@@ -9,6 +9,8 @@ test_parallel_run's 1e-5.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -59,6 +61,42 @@ def test_zero2_dp2_pp2_resumes_in_a_plain_pipeline_and_equals_one_process(tmp_pa
 
 @pytest.mark.dist
 @pytest.mark.slow
+def test_zero3_dp2_pp2_trains_evaluates_and_resumes_like_one_process(tmp_path, reference):
+    """`luoshu train --dp 2 --pp 2 --zero 3`: each stage's parameters sharded over its DP group (gathered
+    for every evaluation, one per step here); two steps, its checkpoint (the shards consolidated, the
+    stages gathered), then resumed under zero 3 (the checkpoint re-sharded): the losses, metrics and
+    final weights of one process. `--profile-memory` (the first step through the stage plans' accounting)
+    reports each rank's bytes: parameters and optimizer state 1/dp of the plain pipeline's."""
+    rows, weights = reference
+    job = tmp_path / "job"
+    layout = ("--dp", "2", "--pp", "2", "--micro-batches", "2")
+    _launched(4, job, *layout, "--zero", "3", "--profile-memory", steps=2)
+    resumed = _launched(4, job, *layout, "--zero", "3", extra=("--resume",))
+    _check_rows(resumed, rows)
+    _check_weights(_final_weights(job), weights)
+    _launched(4, tmp_path / "plain", *layout, "--profile-memory", steps=1)
+    zero = json.loads((job / "memory.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "memory.json").read_text())
+    assert (zero["zero"], plain["zero"]) == (3, 0) and len(zero["ranks"]) == len(plain["ranks"]) == 4
+    for z, p in zip(zero["ranks"], plain["ranks"]):
+        assert (z["rank"], z["stage"]) == (p["rank"], p["stage"])
+        for key in ("parameters", "optimizer_state"):  # 1/dp, up to each unit's padding and the step counters
+            assert p[key] / 2 - 64 <= z[key] <= p[key] / 2 + 1024, (key, z, p)
+        assert z["peak_gathered_parameters"] > 0 == p["peak_gathered_parameters"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_zero3_dp2_tp2_pp2_equals_one_process(tmp_path, reference):
+    """Eight processes: each rank's TP blocks of its stage sharded over the stage's DP group."""
+    rows, weights = reference
+    job = tmp_path / "job"
+    _check_rows(_launched(8, job, "--dp", "2", "--tp", "2", "--pp", "2", "--micro-batches", "2", "--zero", "3"), rows)
+    _check_weights(_final_weights(job), weights)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
 def test_zero1_dp2_pp2_equals_one_process(tmp_path, reference):
     rows, weights = reference
     job = tmp_path / "job"
@@ -92,8 +130,6 @@ def test_fp16_dp2_tp2_equals_one_process_with_loss_scaling(tmp_path):
 @pytest.mark.parametrize(
     "changes,world,message",
     [
-        ({"tp": 2, "pp": 2, "zero": 3}, 4, r"zero = 3 with dp = 1, tp = 2, pp = 2: .*ZeRO-3 with pipeline stages is "
-                                            r"not built"),
         ({"pp": 2, "precision": "fp16"}, 2, r"precision 'fp16' with pp = 2: the pipeline's update has no loss scaling"),
         ({"dp": 2, "tp": 2, "zero": 1}, 2, r"= 4 must equal the world size of the launch, found 2"),
     ],
@@ -108,7 +144,9 @@ def test_check_config_refuses_zero_and_precision_layouts_not_built(monkeypatch, 
                                            ({"tp": 2, "precision": "bf16"}, 2),
                                            ({"dp": 2, "precision": "fp16"}, 2),
                                            ({"pp": 2, "precision": "bf16"}, 2),
-                                           ({"dp": 2, "pp": 2, "zero": 1}, 4), ({"dp": 2, "pp": 2, "zero": 2}, 4)])
+                                           ({"dp": 2, "pp": 2, "zero": 1}, 4), ({"dp": 2, "pp": 2, "zero": 2}, 4),
+                                           ({"dp": 2, "pp": 2, "zero": 3}, 4),
+                                           ({"dp": 2, "tp": 2, "pp": 2, "zero": 3}, 8)])
 def test_check_config_allows_zero_over_dp_tp_and_mixed_precision(monkeypatch, tmp_path, changes, world):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     config = TrainConfig.from_dict({**JOB, "out": str(tmp_path / "job"), **changes})
