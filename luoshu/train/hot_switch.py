@@ -133,13 +133,7 @@ def save_checkpoint(path: Path, hot: HotSPa, model, optimizer, metadata: dict) -
     state tensor gathered from the owner strategy's shards (a collective: every rank calls it).
     Returns the path on rank 0, None elsewhere."""
     full = [hot.gather(k, p._value) for k, p in enumerate(hot.params)]
-    state = optimizer._state
-    full_state = {}
-    for k, p in enumerate(hot.params):
-        i = optimizer._index[id(p)]
-        if state[i] is not None:
-            for name in sorted(n for n in state[i] if n != "step"):
-                full_state[(i, name)] = hot.gather(k, state[i][name])
+    full_state = hot.full_optimizer_state(optimizer)
     written = None
     if env.rank() == 0:
         # the writer reads the module's and the optimizer's tensors: the full ones stand in for the
@@ -147,18 +141,16 @@ def save_checkpoint(path: Path, hot: HotSPa, model, optimizer, metadata: dict) -
         # are whole already, and `ls.save`'s layout hook would gather the TP-annotated parameters
         # again as a collective that only this rank joins
         shards = [p._value for p in hot.params]
-        shard_state = {key: state[key[0]][key[1]] for key in full_state}
+        shard_state = list(optimizer._state)
         try:
             for p, v in zip(hot.params, full):
                 p._value = v
-            for (i, name), v in full_state.items():
-                state[i][name] = v
+            optimizer._state[:] = full_state
             written = save_full(path, model, optimizer, metadata=json.loads(json.dumps(metadata)))
         finally:
             for p, v in zip(hot.params, shards):
                 p._value = v
-            for (i, name), v in shard_state.items():
-                state[i][name] = v
+            optimizer._state[:] = shard_state
     _barrier()
     return written
 
@@ -192,8 +184,12 @@ def _load_optimizer(path: Path, hot: HotSPa, optimizer) -> None:
     sharded = {}
     for key, value in tensors.items():
         _, i, _ = key.split(".", 2)
-        sharded[key] = hot.shard(k_of[int(i)], value)
-    optimizer.load_state_dict({"tensors": sharded, "meta": meta["meta"]})
+        shard = hot.shard(k_of[int(i)], value)
+        if shard is not None:  # a pipeline owner's stage keeps the state of the parameters it holds
+            sharded[key] = shard
+    held = {str(i) for i, k in k_of.items() if hot.holds(k)}
+    state_meta = {**meta["meta"], "state": {i: e for i, e in meta["meta"]["state"].items() if i in held}}
+    optimizer.load_state_dict({"tensors": sharded, "meta": state_meta})
 
 
 def _worst_batch(config, docs, row_len: int) -> tuple[list[int], int]:
