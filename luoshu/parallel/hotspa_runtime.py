@@ -24,8 +24,11 @@ short ones under plain data parallelism. Training stays exactly that of one stra
   pass's stage plans, micro-batches over each replica's packed rows, a 1F1B schedule): there a
   parameter lives only on the ranks of the stages that read it, so the planner sends its slices
   from one stage's ranks to every rank of the next strategy, and back; a parameter that several
-  stages read (GPT-2's tied embedding) sums its stages' gradients before it goes back. The owner
-  is a strategy with pp = 1 (every rank holds its shards for the one update);
+  stages read (GPT-2's tied embedding) sums its stages' gradients before it goes back. A pipeline
+  strategy may be the owner (by default it is whenever its stages hold least): a rank then holds,
+  updates and clips over only its stage's shards (the tied table on both its stages, which apply
+  the same update); where it holds none of a parameter its value is an empty tensor, and the
+  clipping norm, `gather` and `full_optimizer_state` are collectives every rank joins;
 - a per-block strategy ("tp[4,2,1,2]", `luoshu.parallel.mixed_tp`) runs each run of blocks with
   one (tp, sp) under its own TP group over all ranks, the activations re-batched between them;
   its parameters each live in the layout of the first segment that reads it, so switches to and
@@ -190,7 +193,8 @@ class HotSPa:
     for a batch with `auto_lengths` (default: one sequence at each bucket's bound).
     `bucket_bounds`: strictly descending, ending with 0 (bucket i takes lengths in
     (bounds[i+1], bounds[i]]). `owner`: the strategy index that holds the parameters and
-    optimizer state (default: least model-state memory per rank). `memory_budget`: bytes per
+    optimizer state (default: least model-state memory on a rank, from the layouts: a pipeline
+    strategy's stages hold only their parameters; ties: the first). `memory_budget`: bytes per
     device; every bucket's strategy must hold its bound in it per the cost model
     (`hotspa.predict`). `node_size`: ranks per node for the planner (default: the launcher's
     local world size). `stages`: {strategy index: the module name of each stage's first layer}
