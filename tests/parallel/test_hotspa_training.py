@@ -365,3 +365,16 @@ def test_a_mesh_of_another_world_or_a_bad_owner_leaves_the_model_as_it_was():
     assert _untouched(model)
     for n, p in model.named_parameters():
         assert p.value.shape == before[n].shape and (p.value == before[n]).all()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_one_pipeline_strategy_alone_on_2_processes_matches_one_process(tmp_path):
+    """A static pipeline plan (what `luoshu train --parallel auto` runs when the search picks pp > 1):
+    one bucket under dp1·pp2, which owns; nothing is switched."""
+    out = tmp_path / "static"
+    _job(out, "dp1,tp1,pp2", "gpt2,llama", "--bounds", "32,0", ranks=2, timeout=240)
+    for name in ("gpt2", "llama"):
+        for run in _runs_equal_to_one_process(out, (name,), ranks=2):
+            assert int(run["owner"]) == 0 and (run["switch_bytes"] == 0).all() and run["micro_batches"].max() > 1
+            _stage_holds(run, name)
