@@ -24,8 +24,11 @@ short ones under plain data parallelism. Training stays exactly that of one stra
   pass's stage plans, micro-batches over each replica's packed rows, a 1F1B schedule): there a
   parameter lives only on the ranks of the stages that read it, so the planner sends its slices
   from one stage's ranks to every rank of the next strategy, and back; a parameter that several
-  stages read (GPT-2's tied embedding) sums its stages' gradients before it goes back. The owner
-  is a strategy with pp = 1 (every rank holds its shards for the one update);
+  stages read (GPT-2's tied embedding) sums its stages' gradients before it goes back. A pipeline
+  strategy may be the owner (by default it is whenever its stages hold least): a rank then holds,
+  updates and clips over only its stage's shards (the tied table on both its stages, which apply
+  the same update); where it holds none of a parameter its value is an empty tensor, and the
+  clipping norm, `gather` and `full_optimizer_state` are collectives every rank joins;
 - a per-block strategy ("tp[4,2,1,2]", `luoshu.parallel.mixed_tp`) runs each run of blocks with
   one (tp, sp) under its own TP group over all ranks, the activations re-batched between them;
   its parameters each live in the layout of the first segment that reads it, so switches to and
@@ -190,7 +193,8 @@ class HotSPa:
     for a batch with `auto_lengths` (default: one sequence at each bucket's bound).
     `bucket_bounds`: strictly descending, ending with 0 (bucket i takes lengths in
     (bounds[i+1], bounds[i]]). `owner`: the strategy index that holds the parameters and
-    optimizer state (default: least model-state memory per rank). `memory_budget`: bytes per
+    optimizer state (default: least model-state memory on a rank, from the layouts: a pipeline
+    strategy's stages hold only their parameters; ties: the first). `memory_budget`: bytes per
     device; every bucket's strategy must hold its bound in it per the cost model
     (`hotspa.predict`). `node_size`: ranks per node for the planner (default: the launcher's
     local world size). `stages`: {strategy index: the module name of each stage's first layer}
@@ -237,17 +241,6 @@ class HotSPa:
             raise HotSPaError(f"HotSPa: owner must index one of the {len(strategies)} strategies, found {owner!r}")
         world, rank = env.world_size(), env.rank()
         meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
-        flat = [i for i, m in enumerate(meshes) if m.pp == 1]  # the owner's candidates: every rank holds shards
-        if not flat:
-            raise HotSPaError(
-                f"HotSPa: every strategy {[_name(m) for m in meshes]} has pipeline stages; one with pp=1 must hold "
-                "the parameters and the optimizer state"
-            )
-        if owner is not None and meshes[owner].pp > 1:
-            raise HotSPaError(
-                f"HotSPa: owner strategy {owner} {_name(meshes[owner])} has {meshes[owner].pp} pipeline stages; "
-                f"the owner must have pp=1 (one of strategies {flat})"
-            )
         # --- layer-wise search: a given split per pipeline strategy (`layerwise.pipeline_stages`)
         self._stage_names = dict(stages or {})
         wrong = [i for i in self._stage_names if not (isinstance(i, int) and 0 <= i < len(meshes) and meshes[i].pp > 1)]
@@ -337,8 +330,6 @@ class HotSPa:
             for p, v in zip(params, full):
                 p.ds, p._value = [], v
             raise
-        sizes = [sum(v.numel() for v in per_strategy_value[i]) for i in flat]
-        self.owner = flat[int(np.argmin(sizes))] if owner is None else int(owner)
         # the pipeline strategies' stage programs (traced from the model, as a Pipeline job's)
         self._pipelines: dict[int, Pipeline] = {}
         stages_of: dict[int, list[list[int]]] = {}
@@ -352,10 +343,6 @@ class HotSPa:
             for p, v in zip(params, full):
                 p.ds, p._value = [], v
             raise
-        for p, v in zip(params, per_strategy_value[self.owner]):
-            p._value = v
-        self._owner_values = list(per_strategy_value[self.owner])
-        del full, per_strategy_value
         self._layouts = [
             list(self._mixed[i].home_layouts) if i in self._mixed else [
                 _world_layout(p.ds[i], mesh, stages_of[i][k] if i in stages_of else (0,))
@@ -363,8 +350,21 @@ class HotSPa:
             ]
             for i, mesh in enumerate(meshes)
         ]
+        # the owner: the least model-state bytes on its most loaded rank (a pipeline stage holds only
+        # the parameters it reads), from the layouts, so every rank picks the same; ties: the first
+        sizes = [max(self._held_numels(i).values()) for i in range(len(meshes))]
+        self.owner = int(np.argmin(sizes)) if owner is None else int(owner)
+        # a rank outside a parameter's owner layout (a pipeline stage that does not read it) holds
+        # none of it: its owner value is None and the parameter shows an empty tensor
+        self._dtype, self._device = full[0].dtype, full[0].device
+        self._owner_values = [
+            v if self.rank in self._layouts[self.owner][k].boxes(tuple(p.shape)) else None
+            for k, (p, v) in enumerate(zip(params, per_strategy_value[self.owner]))
+        ]
+        self._install_owner_values()
+        del full, per_strategy_value
         self._switch_plans: dict[tuple[int, int], list[hs.SwitchPlan]] = {}
-        self._itemsize = params[0]._value.element_size()  # every parameter has the model's one dtype
+        self._itemsize = torch.empty((), dtype=self._dtype).element_size()  # the model's one dtype
         n = len(meshes)
         self._costs = [
             [
@@ -376,6 +376,24 @@ class HotSPa:
         self._build_programs(plans_strategy)
 
     # --- set-up -----------------------------------------------------------------------------------
+    def _held_numels(self, i: int) -> dict[int, int]:
+        """Per rank, the parameter elements it holds in strategy i's layouts."""
+        held = dict.fromkeys(range(self.world), 0)
+        for k, p in enumerate(self.params):
+            for r, box in self._layouts[i][k].boxes(tuple(p.shape)).items():
+                held[r] += int(np.prod([b - a for a, b in box], dtype=np.int64))
+        return held
+
+    def holds(self, k: int) -> bool:
+        """Whether this rank holds a shard of parameter k in the owner's layout."""
+        return self._owner_values[k] is not None
+
+    def _install_owner_values(self) -> None:
+        """The parameters' values: the owner's shards; an empty tensor where this rank holds none
+        (a parameter the optimizer can name; HotSPa never gives it a gradient on this rank)."""
+        for p, v in zip(self.params, self._owner_values):
+            p._value = v if v is not None else torch.empty(0, dtype=self._dtype, device=self._device)
+
     def _stage_program(self, i: int, strategy: states.Strategy) -> tuple[Pipeline, list[list[int]]]:
         """Strategy i's pipeline: this rank's stage plans (the partition pass under strategy i's
         states), and per parameter the stages that read it (one all-gather over the world)."""
@@ -573,7 +591,7 @@ class HotSPa:
         n = rows.num_rows
         pipe.micro_batches = m = min(pipe.stages, n)
         pad = -n % m
-        dtype = self._owner_values[0].dtype
+        dtype = self._dtype
         arrays = {
             "ids": rows.tokens,
             "positions": rows.positions,
@@ -633,7 +651,7 @@ class HotSPa:
         sent, plans = self._plans(a, b)
         start = time.perf_counter()
         if env.is_distributed():
-            out = hs.run_switches(plans, values, self.rank, dtype=self._owner_values[0].dtype)
+            out = hs.run_switches(plans, values, self.rank, dtype=self._dtype)
         else:
             out = values
         return out, sum(sent.values()), time.perf_counter() - start
@@ -662,7 +680,7 @@ class HotSPa:
             raise HotSPaError("HotSPa.step: the batch has no target tokens (every sequence has one token or none)")
         used = [i for i, gr in enumerate(groups) if gr.rows.num_rows]
         report = StepReport(0.0, self.order(used))
-        accumulated = [torch.zeros_like(v) for v in self._owner_values]
+        accumulated = [None if v is None else torch.zeros_like(v) for v in self._owner_values]
         # a table's sparse gradient updates only the rows some group touched (as one process would)
         touched = {
             k: torch.zeros(p.shape[0], dtype=torch.int32)
@@ -677,7 +695,8 @@ class HotSPa:
                 if not gr.rows.num_rows:
                     continue
                 if i != current:  # parameters there, from wherever they are now
-                    values, nbytes, seconds = self._switch(current, i, [p._value for p in self.params])
+                    here = self._owner_values if current == self.owner else [p._value for p in self.params]
+                    values, nbytes, seconds = self._switch(current, i, here)
                     for p, v in zip(self.params, values):
                         p._value = v
                     report.switch_bytes += nbytes
@@ -691,8 +710,7 @@ class HotSPa:
                     grads, nbytes, seconds = self._switch(i, self.owner, grads)
                     report.switch_bytes += nbytes
                     report.switch_seconds += seconds
-                    for acc, g in zip(accumulated, grads):
-                        acc += g
+                    self._accumulate(accumulated, grads)
                     continue
                 mesh = self.meshes[i]
                 mine = np.arange(gr.rows.num_rows)[mesh.index("dp") :: mesh.dp]  # this replica's rows
@@ -716,11 +734,8 @@ class HotSPa:
                 grads, nbytes, seconds = self._switch(i, self.owner, grads)  # gradients back to the owner
                 report.switch_bytes += nbytes
                 report.switch_seconds += seconds
-                for acc, g in zip(accumulated, grads):
-                    acc += g
-            for p, v in zip(self.params, self._owner_values):
-                p._value = v
-            updates = [(optimizer._index[id(p)], g) for p, g in zip(self.params, accumulated)]
+                self._accumulate(accumulated, grads)
+            self._install_owner_values()
             if touched and env.is_distributed():
                 flat = torch.cat(list(touched.values()))
                 torch_dist.all_reduce(flat)
@@ -728,15 +743,19 @@ class HotSPa:
                 for mark in touched.values():
                     mark.copy_(flat[pos : pos + len(mark)])
                     pos += len(mark)
+            updates = {k: g for k, g in enumerate(accumulated) if g is not None}  # this rank's shards only
             for k, mark in touched.items():
-                first, last = self._layouts[self.owner][k].boxes(tuple(self.params[k].shape))[self.rank][0]
-                rows = torch.nonzero(mark[first:last] > 0).reshape(-1).to(accumulated[k].device)
-                updates[k] = (updates[k][0], (rows, accumulated[k].index_select(0, rows)))
-            if optimizer.max_grad_norm is not None:
-                optimizer.shard_norm = self._global_norm(optimizer)
-            optimizer.apply_gradients(updates)
+                if k not in updates:
+                    continue
+                first, last = self._my_box(k)[0]
+                rows = torch.nonzero(mark[first:last] > 0).reshape(-1).to(updates[k].device)
+                updates[k] = (rows, updates[k].index_select(0, rows))
+            pairs = [(optimizer._index[id(self.params[k])], g) for k, g in updates.items()]
+            # every rank joins the clipping norm's all-reduce, also one that holds no shard at all
+            coef = self._clip_coef(optimizer, updates) if optimizer.max_grad_norm is not None else None
+            optimizer.apply_gradients(pairs, clip_coef=coef)
             # the optimizer updated the owner's shards in place; they stay the parameters' values
-            self._owner_values = [p._value for p in self.params]
+            self._owner_values = [None if v is None else p._value for p, v in zip(self.params, self._owner_values)]
         if env.is_distributed():
             value = torch.tensor([loss], dtype=torch.float64)
             torch_dist.all_reduce(value)
@@ -745,53 +764,89 @@ class HotSPa:
         report.step_seconds = time.perf_counter() - start
         return report
 
-    def _global_norm(self, optimizer):
-        """The clipping norm over the owner's shards: each box counted once however many ranks
-        hold it, summed over every rank (one all-reduce of a scalar)."""
-        copies = {}
-        for k, p in enumerate(self.params):
-            boxes = list(self._layouts[self.owner][k].boxes(tuple(p.shape)).values())
-            copies[optimizer._index[id(p)]] = boxes.count(boxes[self.rank])
+    @staticmethod
+    def _accumulate(accumulated: list, grads: list) -> None:
+        """Adds a bucket's gradients, in the owner's layout, to the step's (None: not held here)."""
+        for acc, g in zip(accumulated, grads):
+            if acc is not None:
+                acc += g
 
-        def norm(indices: list, grads: list) -> torch.Tensor:
-            total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
-            for i, g in zip(indices, grads):
-                total += torch.linalg.vector_norm(g.double()) ** 2 / copies[i]
-            if env.is_distributed():
-                torch_dist.all_reduce(total)
-            return total.sqrt()
+    def _clip_coef(self, optimizer, updates: dict) -> torch.Tensor:
+        """Global-norm clipping's factor over the owner's shards `updates` ({parameter: dense
+        gradient or (rows, values)}): each box counted once however many ranks hold it, summed over
+        every rank (one all-reduce of a scalar)."""
+        total = torch.zeros((), dtype=torch.float64, device=self._device)
+        for k, g in updates.items():
+            copies = list(self._layouts[self.owner][k].boxes(tuple(self.params[k].shape)).values()).count(
+                self._my_box(k))
+            dense = g[1] if isinstance(g, tuple) else g
+            total += torch.linalg.vector_norm(dense.double()).to(total.device) ** 2 / copies
+        if env.is_distributed():
+            torch_dist.all_reduce(total)
+        return torch.clamp(optimizer.max_grad_norm / (total.sqrt() + 1e-6), max=1.0)
 
-        return norm
+    def _my_box(self, k: int):
+        """This rank's box of parameter k in the owner's layout (it must hold one)."""
+        return self._layouts[self.owner][k].boxes(tuple(self.params[k].shape))[self.rank]
 
     def _box(self, k: int) -> tuple[slice, ...]:
-        box = self._layouts[self.owner][k].boxes(tuple(self.params[k].shape))[self.rank]
-        return tuple(slice(a, b) for a, b in box)
+        return tuple(slice(a, b) for a, b in self._my_box(k))
 
-    def gather(self, k: int, local: torch.Tensor) -> torch.Tensor:
+    def gather(self, k: int, local: torch.Tensor | None) -> torch.Tensor:
         """The full value of a tensor laid out like parameter k in the owner's layout (this rank's
-        shard `local`: the parameter itself or an optimizer moment of it); a collective."""
+        shard `local`: the parameter itself or an optimizer moment of it; ignored where this rank
+        holds none of k); a collective every rank joins, in the same order."""
         p = self.params[k]
         boxes = self._layouts[self.owner][k].boxes(tuple(p.shape))
-        full = torch.zeros(tuple(p.shape), dtype=local.dtype, device=local.device)
-        mine = boxes[self.rank]
-        full[self._box(k)] = local
+        dtype = local.dtype if local is not None and self.holds(k) else self._dtype
+        full = torch.zeros(tuple(p.shape), dtype=dtype, device=self._device)
+        # every box is held by dp copies (a shared parameter's also by its stages): each box summed
+        # once, from the lowest rank holding it
+        first = {}
+        for r in sorted(boxes):
+            first.setdefault(boxes[r], r)
+        if self.holds(k) and first[boxes[self.rank]] == self.rank:
+            full[self._box(k)] = local
         if env.is_distributed():
-            # every box is held by dp copies: sum once per box, by the lowest rank holding it
-            first = {}
-            for r in sorted(boxes):
-                first.setdefault(boxes[r], r)
-            if first[mine] != self.rank:
-                full.zero_()
             torch_dist.all_reduce(full)
         return full
 
-    def shard(self, k: int, full: torch.Tensor) -> torch.Tensor:
-        """This rank's shard, in the owner's layout, of a full tensor shaped like parameter k."""
+    def shard(self, k: int, full: torch.Tensor) -> torch.Tensor | None:
+        """This rank's shard, in the owner's layout, of a full tensor shaped like parameter k (None
+        where this rank holds none of k)."""
         if tuple(full.shape) != tuple(self.params[k].shape):
             raise HotSPaError(
                 f"HotSPa.shard: parameter {k} has shape {tuple(self.params[k].shape)}, found {tuple(full.shape)}"
             )
+        if not self.holds(k):
+            return None
         return full[self._box(k)].clone().contiguous()
+
+    def full_optimizer_state(self, optimizer) -> list[dict | None]:
+        """Per optimizer parameter index, its full state ({"step": ..., moment name: full tensor}),
+        None where no rank has any (no update yet), gathered from the owner's shards: a collective
+        every rank joins in the same order, also a rank that holds none of a parameter (a pipeline
+        owner's stage that does not read it)."""
+        state = optimizer._state
+        index = [optimizer._index[id(p)] for p in self.params]
+        steps = torch.full((len(self.params),), -1.0, dtype=torch.float64)
+        for k, i in enumerate(index):
+            if self.holds(k) and state[i] is not None:
+                steps[k] = float(state[i]["step"])
+        if env.is_distributed():
+            torch_dist.all_reduce(steps, op=torch_dist.ReduceOp.MAX)
+        out: list[dict | None] = list(state)  # a parameter HotSPa does not train keeps this rank's
+        for k, i in enumerate(index):
+            out[i] = None
+            if steps[k] < 0:
+                continue
+            mine = state[i] if self.holds(k) else None
+            group = optimizer.param_groups[optimizer._group_of[i]]
+            entry = {"step": torch.tensor(float(steps[k]), dtype=torch.float32, device=self._device)}
+            for name in sorted(optimizer._state_names(group)):
+                entry[name] = self.gather(k, None if mine is None else mine[name])
+            out[i] = entry
+        return out
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter's full value by name, gathered from the owner's shards (a collective)."""

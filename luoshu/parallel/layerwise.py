@@ -67,9 +67,9 @@ What the runtime can carry (and so what `luoshu train --parallel auto` searches)
   HotSPa strategy `tp[..],sp[..],rc[..]`;
 - pipeline: the search chooses pp and the split (`pipeline=True`), and the partition pass
   accepts a given split (`Pipeline(stages=...)`): a hot-switching job's pp > 1 strategies run
-  the split `pipeline_stages` balances by the cost model (HotSPa's `stages`). But HotSPa's
-  runtime keeps every parameter and the optimizer state on a pp = 1 owner, so a static pp > 1
-  job would hold all model states anyway: `--parallel auto` searches pp = 1 only.
+  the split `pipeline_stages` balances by the cost model (HotSPa's `stages`). A pipeline strategy
+  can own HotSPa's parameters and optimizer state (each stage holding its own, the states this
+  search counts per stage), so `--parallel auto` searches pp > 1 too and runs the split it chose.
 """
 
 from __future__ import annotations

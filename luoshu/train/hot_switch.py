@@ -14,12 +14,13 @@ the switches moved, the seconds rank 0 spent in them and the step time.
 under one static plan that the layer-wise search picks (`luoshu.parallel.layerwise`): this
 machine's per-layer profile (`hotspa_profile.profile`) and per-option activation bytes
 (`layerwise.measure_layers`) feed the cost model, and `layerwise.search_plan` takes the fastest
-(dp, tp, sequence parallel) over the launched ranks with a recompute choice per block (none,
+(dp, tp, pp and its split, sequence parallel) over the launched ranks with a recompute choice per block (none,
 selective, full) whose peak per device holds the epoch's batch of most packed rows in the budget
 (an infeasible budget: a `HotSPaError` naming the least memory needed). The plan (per-layer
 choices, predicted step time and memory) is printed and written to `parallel.json`; the chosen
 blocks are marked for recompute (overriding the model's `recompute` setting) and the job runs as
-a one-bucket HotSPa, i.e. `ls.parallel.parallelize` under that mesh.
+a one-bucket HotSPa, i.e. `ls.parallel.parallelize` under that mesh (a pp > 1 plan: its pipeline, at the
+searched split, owns the parameters, each stage holding its own).
 
 Checkpoints: at every `checkpoint_interval` steps (default: every epoch; 0: only at the end)
 and at the end, the full parameters and optimizer state, gathered from the owner strategy's
@@ -56,6 +57,7 @@ from luoshu.distributed import env
 from luoshu.parallel import hotspa_profile, layerwise, mixed_tp
 from luoshu.parallel.hotspa import parse_strategy
 from luoshu.parallel.hotspa_runtime import HotSPa
+from luoshu.parallel.pipeline import _layers
 from luoshu.train.builders import build_model, build_optimizer, build_scheduler
 from luoshu.train.checkpoints import (
     checkpoint_dir,
@@ -133,13 +135,7 @@ def save_checkpoint(path: Path, hot: HotSPa, model, optimizer, metadata: dict) -
     state tensor gathered from the owner strategy's shards (a collective: every rank calls it).
     Returns the path on rank 0, None elsewhere."""
     full = [hot.gather(k, p._value) for k, p in enumerate(hot.params)]
-    state = optimizer._state
-    full_state = {}
-    for k, p in enumerate(hot.params):
-        i = optimizer._index[id(p)]
-        if state[i] is not None:
-            for name in sorted(n for n in state[i] if n != "step"):
-                full_state[(i, name)] = hot.gather(k, state[i][name])
+    full_state = hot.full_optimizer_state(optimizer)
     written = None
     if env.rank() == 0:
         # the writer reads the module's and the optimizer's tensors: the full ones stand in for the
@@ -147,18 +143,16 @@ def save_checkpoint(path: Path, hot: HotSPa, model, optimizer, metadata: dict) -
         # are whole already, and `ls.save`'s layout hook would gather the TP-annotated parameters
         # again as a collective that only this rank joins
         shards = [p._value for p in hot.params]
-        shard_state = {key: state[key[0]][key[1]] for key in full_state}
+        shard_state = list(optimizer._state)
         try:
             for p, v in zip(hot.params, full):
                 p._value = v
-            for (i, name), v in full_state.items():
-                state[i][name] = v
+            optimizer._state[:] = full_state
             written = save_full(path, model, optimizer, metadata=json.loads(json.dumps(metadata)))
         finally:
             for p, v in zip(hot.params, shards):
                 p._value = v
-            for (i, name), v in shard_state.items():
-                state[i][name] = v
+            optimizer._state[:] = shard_state
     _barrier()
     return written
 
@@ -192,8 +186,12 @@ def _load_optimizer(path: Path, hot: HotSPa, optimizer) -> None:
     sharded = {}
     for key, value in tensors.items():
         _, i, _ = key.split(".", 2)
-        sharded[key] = hot.shard(k_of[int(i)], value)
-    optimizer.load_state_dict({"tensors": sharded, "meta": meta["meta"]})
+        shard = hot.shard(k_of[int(i)], value)
+        if shard is not None:  # a pipeline owner's stage keeps the state of the parameters it holds
+            sharded[key] = shard
+    held = {str(i) for i, k in k_of.items() if hot.holds(k)}
+    state_meta = {**meta["meta"], "state": {i: e for i, e in meta["meta"]["state"].items() if i in held}}
+    optimizer.load_state_dict({"tensors": sharded, "meta": state_meta})
 
 
 def _worst_batch(config, docs, row_len: int) -> tuple[list[int], int]:
@@ -210,7 +208,10 @@ def _choose_static(config, model, docs, row_len: int) -> layerwise.LayerPlan:
     budget = float("inf") if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
     prof = hotspa_profile.profile(model)
     lengths, rows = _worst_batch(config, docs, row_len)
-    plan, table = layerwise.search_plan(prof, model, env.world_size(), rows, row_len, lengths, budget, mixed_tp=True)
+    # pp > 1 candidates too: a pipeline plan trains as a one-strategy HotSPa whose pipeline owns the
+    # parameters, each stage holding only its own (the states the plan's memory counts)
+    plan, table = layerwise.search_plan(prof, model, env.world_size(), rows, row_len, lengths, budget,
+                                        pipeline=True, mixed_tp=True)
     candidates = []
     for st, p, needs in table:
         fits = isinstance(p, layerwise.LayerPlan)
@@ -282,20 +283,21 @@ def train_hot_switch(config) -> dict[str, float]:
             load(resume[0], model)
         except CheckpointError as exc:  # verified before anything changed: another model's shapes
             raise CheckpointError(f"cannot resume from {resume[0]}: {exc}") from None
-    recompute = None
+    recompute, stages = None, {}
     if strategies is None:
         plan = _choose_static(config, model, docs, bounds[0])
         layerwise.apply_plan(model, plan.recompute)  # before HotSPa traces the model
         # a plan with one tp (and sp) per block runs as a per-block strategy (`mixed_tp`)
         text = mixed_tp.plan_text(plan.strategy, plan.recompute, plan.tp, plan.sp)
         strategies, recompute = [text], plan.recompute
+        if not plan.mixed and plan.strategy.pp > 1:  # the split the search chose
+            prefix, _ = _layers(model)
+            stages = {0: [f"{prefix}.{i}" for i in plan.stages]}
     budget = None if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
     # pipeline strategies: the split the cost model balances (the last stage also runs the head)
-    stages = {
-        i: layerwise.pipeline_stages(model, parse_strategy(s), bounds[i])
-        for i, s in enumerate(strategies)
-        if parse_strategy(s).pp > 1
-    }
+    for i, s in enumerate(strategies):
+        if parse_strategy(s).pp > 1 and i not in stages:
+            stages[i] = layerwise.pipeline_stages(model, parse_strategy(s), bounds[i])
     hot = HotSPa(
         model, strategies, bounds, memory_budget=budget if config.hot_switch is not None else None, stages=stages
     )

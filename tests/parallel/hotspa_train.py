@@ -11,13 +11,13 @@ one-process reference: each sequence alone, eagerly, losses summed over the batc
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import luoshu as ls
 from luoshu.models.language import GPT2, GPTConfig, Llama, LlamaConfig
-from luoshu.parallel.hotspa import parse_strategy
 
 VOCAB, MAX_LEN, STEPS, BATCH = 64, 32, 5, 14
 BOUNDS = [32, 12, 6, 0]
@@ -55,9 +55,10 @@ def optimizer(model, clip=None):
     return ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
 
 
-def reference(name: str, clip: bool = True, longest: int = MAX_LEN, layers: int = 2):
+def reference(name: str, clip: bool = True, longest: int = MAX_LEN, layers: int = 2, with_optimizer: bool = False):
     """(losses, {name: parameter}) of one process on the same batches: the mean next-token loss
-    over every target of the batch, each sequence run alone (no packing, no parallelism)."""
+    over every target of the batch, each sequence run alone (no packing, no parallelism); with
+    `with_optimizer`, also the optimizer."""
     model = build(name, layers)
     opt = optimizer(model, CLIP[name] if clip else None)
     losses = []
@@ -77,12 +78,16 @@ def reference(name: str, clip: bool = True, longest: int = MAX_LEN, layers: int 
             value += loss.item()
         opt.step()
         losses.append(value)
-    return np.array(losses), {n: p.value.clone().numpy() for n, p in model.named_parameters()}
+    params = {n: p.value.clone().numpy() for n, p in model.named_parameters()}
+    return (np.array(losses), params, opt) if with_optimizer else (np.array(losses), params)
 
 
-def train(name: str, strategies=STRATEGIES, bounds=BOUNDS, longest: int = MAX_LEN, layers: int = 2):
+def train(name: str, strategies=STRATEGIES, bounds=BOUNDS, longest: int = MAX_LEN, layers: int = 2,
+          owner: int | None = None, checkpoint: str | None = None):
+    """HotSPa's training on the batches; `checkpoint`: then the job's checkpoint package written
+    there (`luoshu.train.hot_switch.save_checkpoint`, gathered from the owner's shards)."""
     model = build(name, layers)
-    hot = ls.parallel.HotSPa(model, strategies, bounds)
+    hot = ls.parallel.HotSPa(model, strategies, bounds, owner=owner)
     opt = optimizer(model, CLIP[name])
     losses, reports = [], []
     for seqs in batches(longest=longest):
@@ -90,6 +95,10 @@ def train(name: str, strategies=STRATEGIES, bounds=BOUNDS, longest: int = MAX_LE
         losses.append(report.loss)
         reports.append(report)
     params = {n: v.numpy() for n, v in hot.full_parameters().items()}
+    if checkpoint is not None:
+        from luoshu.train.hot_switch import save_checkpoint
+
+        save_checkpoint(Path(checkpoint), hot, model, opt, {"step": STEPS})
     return np.array(losses), params, reports, hot
 
 
@@ -148,17 +157,9 @@ def activation_peaks(hot, sequences) -> list[int]:
     return peaks
 
 
-def _pp_owner_refused(name: str, strategies: list[str], bounds=BOUNDS) -> bool:
-    """Whether naming a pipeline strategy the owner is refused with a luoshu.Error (False when
-    the set has none)."""
-    pp = [i for i, s in enumerate(strategies) if parse_strategy(s).pp > 1]
-    if not pp:
-        return False
-    try:
-        ls.parallel.HotSPa(build(name), strategies, bounds, owner=pp[0])
-    except ls.Error as exc:
-        return "the owner must have pp=1" in str(exc)
-    return False
+def _held(hot) -> np.ndarray:
+    """Per parameter, whether this rank holds a shard of it in the owner's layout."""
+    return np.array([hot.holds(k) for k in range(len(hot.params))])
 
 
 def main() -> None:
@@ -168,12 +169,16 @@ def main() -> None:
     parser.add_argument("--strategies", default=";".join(STRATEGIES), help="';'-separated strategy strings")
     parser.add_argument("--bounds", default=",".join(map(str, BOUNDS)), help="bucket bounds, one more than strategies")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks of each model")
+    parser.add_argument("--owner", type=int, default=None, help="the owner strategy (default: HotSPa's choice)")
+    parser.add_argument("--checkpoint", default=None, help="write each model's checkpoint to CHECKPOINT.<model>")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
     for name in args.models.split(","):
         bounds = [int(b) for b in args.bounds.split(",")]
-        losses, params, reports, hot = train(name, args.strategies.split(";"), bounds, layers=args.layers)
+        checkpoint = None if args.checkpoint is None else f"{args.checkpoint}.{name}"
+        losses, params, reports, hot = train(name, args.strategies.split(";"), bounds, layers=args.layers,
+                                             owner=args.owner, checkpoint=checkpoint)
         mixed = sorted(hot._mixed)
         extra = {
             "owner": np.array(hot.owner),
@@ -186,7 +191,9 @@ def main() -> None:
             ),
             "stage_counts": np.array([_stage_counts(hot, i) for i in range(len(hot.meshes))]),
             "micro_batches": np.array([max(r.micro_batches.values(), default=0) for r in reports]),
-            "pp_owner_refused": np.array(_pp_owner_refused(name, args.strategies.split(";"), bounds)),
+            "held": _held(hot),
+            # parameter elements this rank holds in the owner's layout
+            "held_numel": np.array(sum(p._value.numel() for p in hot.params)),
             "rebatch": np.array([(r.rebatch_bytes, r.rebatch_messages) for r in reports]),
             # per mixed strategy's boundary (tag order): (bytes, messages) of the last step's re-batch forward
             "traffic": np.array([v for i in mixed for _, v in sorted(hot._mixed[i].traffic().items())]),

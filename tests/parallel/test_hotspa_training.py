@@ -18,12 +18,12 @@ from tests.parallel import hotspa_train as H
 ONE = ["dp1,tp1,pp1"] * 3
 
 
-def _runs_equal_to_one_process(out, models=("gpt2", "llama")):
-    """Each rank's results of a 4-process hotspa_train job over `models`, after checking its losses and
-    final parameters against one process training on the same batches (to 1e-6)."""
+def _runs_equal_to_one_process(out, models=("gpt2", "llama"), ranks: int = 4):
+    """Each rank's results of a `ranks`-process hotspa_train job over `models`, after checking its losses
+    and final parameters against one process training on the same batches (to 1e-6)."""
     for name in models:
         ref_losses, ref_params = H.reference(name)
-        for r in range(4):
+        for r in range(ranks):
             run = np.load(f"{out}.{name}.rank{r}.npz")
             np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6)
             for pname, value in ref_params.items():
@@ -71,31 +71,110 @@ def test_sequence_parallel_strategies_on_4_processes_match_one_process(tmp_path)
         assert run["reduce_scatter"][0] > 0 and run["reduce_scatter"][1] > 0 and run["reduce_scatter"][2] == 0
 
 
+def _job(out, strategies: str, models: str = "gpt2,llama", *args: str, ranks: int = 4, timeout: float = 300):
+    proc = launch(ranks, "tests/parallel/hotspa_train.py", "--models", models, "--strategies", strategies,
+                  "--out", str(out), *args, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _stage_holds(run, name: str) -> None:
+    """On a pipeline owner a rank holds only its stage's parameters: some, not all; GPT-2's tied
+    table (read by the first and the last stage) on every rank."""
+    assert 0 < run["held"].sum() < len(run["held"])
+    if name == "gpt2":
+        assert bool(run["held"][0])  # wte, the model's first parameter
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_a_pipeline_strategy_in_the_set_on_4_processes_matches_one_process(tmp_path):
-    """A pp=2 strategy (two stages of tp2, micro-batches under 1F1B) among the hot-switched ones:
-    its parameters live on one stage's ranks, GPT-2's tied table on both; the owner is a pp=1
-    strategy, and naming the pipeline one the owner is refused."""
+    """A pp=2 strategy (two stages of tp2, micro-batches under 1F1B) among the hot-switched ones,
+    with a pp=1 owner named: its parameters live on one stage's ranks, GPT-2's tied table on both."""
     out = tmp_path / "pp"
-    strategies = "dp1,tp2,pp2;dp2,tp2,pp1;dp4,tp1,pp1"
-    proc = launch(
-        4, "tests/parallel/hotspa_train.py", "--models", "gpt2,llama", "--strategies", strategies, "--out", str(out),
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _job(out, "dp1,tp2,pp2;dp2,tp2,pp1;dp4,tp1,pp1", "gpt2,llama", "--owner", "1")
     for run in _runs_equal_to_one_process(out):
-        assert int(run["owner"]) == 1  # dp2·tp2: the least memory per rank of the pp=1 strategies
+        assert int(run["owner"]) == 1
         assert sorted(run["order"]) == [0, 1, 2] and (run["switch_bytes"] > 0).all()
         assert (run["tokens"] > 0).all()  # the pipeline bucket ran every step
         assert run["micro_batches"].max() > 1  # with several micro-batches in flight
-        assert bool(run["pp_owner_refused"])
+        assert run["held"].all()  # a pp=1 owner: every rank holds a shard of every parameter
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_pipeline_owner_by_default_on_4_processes_matches_one_process_and_checkpoints(tmp_path):
+    """dp1·tp2·pp2 holds a quarter of the blocks per rank, less than dp2·tp2's half: the default
+    owner. Every rank updates only its stage's shards (GPT-2's tied table on both stages, its
+    gradient their sum; LLaMA's gradients clipped by the norm over every stage); the training is
+    one process's, and the checkpoint gathered from the stages loads into a plain model and
+    optimizer with the one-process values."""
+    out, ckpt = tmp_path / "ppowner", tmp_path / "ckpt"
+    _job(out, "dp1,tp2,pp2;dp2,tp2,pp1;dp4,tp1,pp1", "gpt2,llama", "--checkpoint", str(ckpt))
+    for name in ("gpt2", "llama"):
+        runs = list(_runs_equal_to_one_process(out, (name,)))
+        for run in runs:
+            assert int(run["owner"]) == 0 and run["order"][0] == 0 and sorted(run["order"]) == [0, 1, 2]
+            assert (run["tokens"] > 0).all() and (run["switch_bytes"] > 0).all()
+            _stage_holds(run, name)
+        # the stages' ranks hold different parameters, the two tp members of a stage the same ones
+        assert (runs[0]["held"] == runs[1]["held"]).all() and (runs[0]["held"] != runs[2]["held"]).any()
+        assert max(int(r["held_numel"]) for r in runs) < sum(v.size for v in H.reference(name)[1].values()) / 2
+        _, ref_params, ref_opt = H.reference(name, with_optimizer=True)
+        model = H.build(name)
+        opt = H.optimizer(model, H.CLIP[name])
+        meta = ls.load(f"{ckpt}.{name}", model, opt)
+        assert meta["step"] == H.STEPS
+        for pname, p in model.named_parameters():
+            np.testing.assert_allclose(p.value.numpy(), ref_params[pname], rtol=0, atol=1e-6, err_msg=pname)
+        for i, (mine, ref) in enumerate(zip(opt._state, ref_opt._state)):
+            assert float(mine["step"]) == float(ref["step"]) == H.STEPS
+            for key in ("exp_avg", "exp_avg_sq"):
+                np.testing.assert_allclose(mine[key].numpy(), ref[key].numpy(), rtol=0, atol=1e-6,
+                                           err_msg=f"{name} {i} {key}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_named_pipeline_owner_with_data_parallel_stages_on_4_processes_matches_one_process(tmp_path):
+    """owner= a dp2·pp2 strategy (each stage two data-parallel replicas) though tp4 holds less."""
+    out = tmp_path / "named"
+    _job(out, "dp1,tp4,pp1;dp2,tp1,pp2;dp4,tp1,pp1", "gpt2,llama", "--owner", "1")
+    for name in ("gpt2", "llama"):
+        for run in _runs_equal_to_one_process(out, (name,)):
+            assert int(run["owner"]) == 1 and run["order"][0] == 1 and (run["tokens"] > 0).all()
+            _stage_holds(run, name)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_set_of_pipeline_strategies_only_on_4_processes_matches_one_process(tmp_path):
+    """Every strategy has pipeline stages (tp2 stages, then dp2 stages): one of them owns."""
+    out = tmp_path / "allpp"
+    _job(out, "dp1,tp2,pp2;dp2,tp1,pp2", "gpt2,llama", "--bounds", "32,8,0")
+    for name in ("gpt2", "llama"):
+        for run in _runs_equal_to_one_process(out, (name,)):
+            assert int(run["owner"]) == 0 and sorted(run["order"]) == [0, 1] and (run["tokens"] > 0).all()
+            assert (run["switch_bytes"] > 0).all()
+            _stage_holds(run, name)
+
+
+@pytest.mark.dist
+def test_a_pipeline_owner_on_2_processes_matches_one_process(tmp_path):
+    """The default suite's pipeline owner: dp1·pp2 (each rank one stage) owns, a dp2 strategy's
+    bucket switches the parameters from the stages to both ranks and the gradients back."""
+    out = tmp_path / "pp2"
+    _job(out, "dp1,tp1,pp2;dp2,tp1,pp1", "gpt2", "--bounds", "32,8,0", ranks=2, timeout=240)
+    runs = list(_runs_equal_to_one_process(out, ("gpt2",), ranks=2))
+    for run in runs:
+        assert int(run["owner"]) == 0 and (run["tokens"] > 0).all() and (run["switch_bytes"] > 0).all()
+        _stage_holds(run, "gpt2")
+    assert (runs[0]["held"] != runs[1]["held"]).any()
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 def test_sequence_parallel_and_recompute_with_pipelines_on_4_processes_match_one_process(tmp_path):
-    """'sp' and 'rc=…' inside pipeline strategies (pp2 of tp2) and a pp=1 one, four buckets: the
+    """'sp' and 'rc=…' inside pipeline strategies (pp2 of tp2, the first the owner) and a pp=1 one, four buckets: the
     one-process training; the sp stages really reduce-scatter, the rc=full stages trace a region
     per block and save fewer values per micro-batch for their backward."""
     out = tmp_path / "opts"
@@ -106,7 +185,7 @@ def test_sequence_parallel_and_recompute_with_pipelines_on_4_processes_match_one
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for run in _runs_equal_to_one_process(out):
-        assert int(run["owner"]) == 2 and sorted(run["order"]) == [0, 1, 2, 3]
+        assert int(run["owner"]) == 0 and sorted(run["order"]) == [0, 1, 2, 3]  # a pipeline (sp) owns
         assert (run["tokens"] > 0).all() and run["micro_batches"].max() > 1
         (sp_scatter, sp_saved, sp_regions), (rc_scatter, rc_saved, rc_regions) = run["stage_counts"][:2]
         assert sp_scatter > rc_scatter and sp_regions == 0
@@ -286,3 +365,16 @@ def test_a_mesh_of_another_world_or_a_bad_owner_leaves_the_model_as_it_was():
     assert _untouched(model)
     for n, p in model.named_parameters():
         assert p.value.shape == before[n].shape and (p.value == before[n]).all()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_one_pipeline_strategy_alone_on_2_processes_matches_one_process(tmp_path):
+    """A static pipeline plan (what `luoshu train --parallel auto` runs when the search picks pp > 1):
+    one bucket under dp1·pp2, which owns; nothing is switched."""
+    out = tmp_path / "static"
+    _job(out, "dp1,tp1,pp2", "gpt2,llama", "--bounds", "32,0", ranks=2, timeout=240)
+    for name in ("gpt2", "llama"):
+        for run in _runs_equal_to_one_process(out, (name,), ranks=2):
+            assert int(run["owner"]) == 0 and (run["switch_bytes"] == 0).all() and run["micro_batches"].max() > 1
+            _stage_holds(run, name)

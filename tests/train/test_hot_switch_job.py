@@ -294,6 +294,10 @@ def test_parallel_auto_under_launch_recomputes_within_the_budget_and_matches_one
     job("run", memory_budget_mb=budget_mb)
     record = json.loads((tmp_path / "run" / "parallel.json").read_text())
     assert any(c != "none" for c in record["recompute"]), record
+    # pipeline plans are searched (a pipeline owner holds only its stage's states): at this budget
+    # dp1·pp2 holds its stages where no pp=1 uniform strategy does (it was the plan run here when written)
+    fits = {c["strategy"]: c["fits"] for c in record["candidates"]}
+    assert fits["dp1,tp1,pp2"] and not fits["dp2,tp1,pp1"] and not fits["dp1,tp2,pp1"], record
     assert record["predicted_memory_bytes"] <= budget_mb * 2**20
     # a candidate that does not fit needs more (up to the search's rounding of bytes to 1/2048 of the budget)
     assert all(c["fits"] or c["least_memory_bytes"] > 0.99 * budget_mb * 2**20 for c in record["candidates"])
