@@ -785,6 +785,14 @@ def _hot_step(model, cluster, chosen, buckets, bound_of, micro_batch_tokens, che
     return total, memory, parts
 
 
+def _owner_keeping(seconds_b: Sequence[float], frugality: Sequence[float], o: int, seen: bool) -> list[int]:
+    """The candidates of finite time a bucket can take while o stays the owner (the first chosen
+    candidate of least frugality): none of fewer bytes than o's, and none of o's bytes but o
+    before o has occurred."""
+    return [c for c, t in enumerate(seconds_b) if math.isfinite(t) and not (
+        frugality[c] < frugality[o] or (not seen and frugality[c] == frugality[o] and c != o))]
+
+
 def best_per_bucket(seconds: Sequence[Sequence[float]], switch, once: Sequence[float], frugality: Sequence[float],
                     visited: Sequence[bool]) -> tuple[list[int], float]:
     """The choice per bucket (indices into the candidates) of least hot-switching step time, as
@@ -815,11 +823,7 @@ def best_per_bucket(seconds: Sequence[Sequence[float]], switch, once: Sequence[f
         for b in range(n_buckets):
             new, arg = {}, {}
             for (prev, seen), base in cost.items():
-                for c in range(k):
-                    if not math.isfinite(seconds[b][c]):
-                        continue
-                    if frugality[c] < frugality[o] or (not seen and frugality[c] == frugality[o] and c != o):
-                        continue  # c, not o, would be the owner
+                for c in _owner_keeping(seconds[b], frugality, o, seen):
                     now_seen = seen or c == o
                     if visited[b]:
                         total, at = base + switch(prev, c) + seconds[b][c], c
@@ -868,11 +872,7 @@ def best_per_bucket_tour(seconds: Sequence[Sequence[float]], tour, once: Sequenc
         for b in range(n_buckets):
             new: dict[tuple[frozenset, bool], tuple[float, list[int]]] = {}
             for (used, seen), (base, pick) in cost.items():
-                for c in range(k):
-                    if not math.isfinite(seconds[b][c]):
-                        continue
-                    if frugality[c] < frugality[o] or (not seen and frugality[c] == frugality[o] and c != o):
-                        continue  # c, not o, would be the owner
+                for c in _owner_keeping(seconds[b], frugality, o, seen):
                     key = (used | {c} if visited[b] else used, seen or c == o)
                     total = base + (seconds[b][c] if visited[b] else 0.0)
                     if total < new.get(key, (inf,))[0]:
