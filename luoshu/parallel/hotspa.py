@@ -140,9 +140,10 @@ RECOMPUTE = ("none", "selective", "full")
 @dataclass(frozen=True)
 class Strategy:
     """A static (dp, tp, pp) strategy; or, where `layer_tp` is given, a per-layer one: block l
-    under tensor parallelism `layer_tp[l]` over dp = world / layer_tp[l] replicas, with
-    `layer_sp[l]` and `layer_recompute[l]` (`hotspa_runtime`'s mixed-tp runtime; dp, tp, pp,
-    sp and recompute are then 1, 1, 1, False, "none": the per-layer fields say it all)."""
+    under tensor parallelism `layer_tp[l]` over dp = (world / pp) / layer_tp[l] replicas inside its
+    pipeline stage's world / pp ranks, with `layer_sp[l]` and `layer_recompute[l]`
+    (`hotspa_runtime`'s mixed-tp runtime; dp, tp, sp and recompute are then 1, 1, False, "none":
+    the per-layer fields say it all; `pp` the stages, 1 without a pipeline)."""
 
     dp: int
     tp: int
@@ -163,12 +164,14 @@ class Strategy:
         n = len(self.layer_tp)
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.layer_tp):
             raise HotSPaError(f"Strategy: layer_tp must be positive ints, found {self.layer_tp}")
-        if (self.dp, self.tp, self.pp, self.sp, self.recompute) != (1, 1, 1, False, "none"):
+        if (self.dp, self.tp, self.sp, self.recompute) != (1, 1, False, "none") or self.pp < 1:
             raise HotSPaError(
-                f"Strategy: a per-layer strategy (layer_tp {self.layer_tp}) takes dp=tp=pp=1, sp=False, "
-                f"recompute='none' (dp is world/tp per layer, no pipeline), found dp{self.dp},tp{self.tp},"
+                f"Strategy: a per-layer strategy (layer_tp {self.layer_tp}) takes dp=tp=1, pp>=1, sp=False, "
+                f"recompute='none' (dp is (world/pp)/tp per layer), found dp{self.dp},tp{self.tp},"
                 f"pp{self.pp},sp={self.sp},recompute={self.recompute!r}"
             )
+        if self.pp > n:
+            raise HotSPaError(f"Strategy: {n} layers in layer_tp {self.layer_tp} cannot fill pp={self.pp} stages")
         layer_sp = tuple(bool(v) for v in self.layer_sp) or (False,) * n
         layer_rc = tuple(self.layer_recompute) or ("none",) * n
         if len(layer_sp) != n or len(layer_rc) != n:
@@ -193,7 +196,7 @@ class Strategy:
 
     def __str__(self) -> str:
         if self.mixed:
-            text = "tp[" + ",".join(map(str, self.layer_tp)) + "]"
+            text = (f"pp{self.pp}," if self.pp > 1 else "") + "tp[" + ",".join(map(str, self.layer_tp)) + "]"
             if any(self.layer_sp):
                 text += ",sp[" + ",".join(str(int(s)) for s in self.layer_sp) + "]"
             if any(r != "none" for r in self.layer_recompute):
@@ -230,8 +233,9 @@ def parse_strategy(text: str) -> Strategy:
 
     A per-block (mixed) strategy: 'tp[4,2,1,2]' (block l under tp[l], dp = world / tp[l]),
     optionally 'sp[0,1,0,0]' (sequence parallelism per block; a plain 'sp': every block with
-    tp > 1) and 'rc[none,full,none,none]' (recompute per block; 'rc=full': every block); no dp
-    or pp part (dp follows from each block's tp; no pipeline)."""
+    tp > 1) and 'rc[none,full,none,none]' (recompute per block; 'rc=full': every block), and a
+    pipeline 'pp2' (each stage world / pp ranks, block l under tp[l] over (world / pp) / tp[l]
+    replicas of its stage); no dp part (dp follows from each block's tp)."""
     sizes = {"dp": 1, "tp": 1, "pp": 1}
     sp, recompute = False, "none"
     layer_tp = layer_sp = layer_rc = None
@@ -274,10 +278,10 @@ def parse_strategy(text: str) -> Strategy:
         if sp and sizes["tp"] == 1:
             raise HotSPaError(f"strategy {text!r}: sequence parallelism (sp) splits over tp, which is 1")
         return Strategy(**sizes, sp=sp, recompute=recompute)
-    if given:
+    if given - {"pp"}:
         raise HotSPaError(
-            f"strategy {text!r}: a per-block tp[..] takes no {'/'.join(sorted(given))} part (dp is world / tp "
-            "per block; no pipeline)"
+            f"strategy {text!r}: a per-block tp[..] takes no {'/'.join(sorted(given - {'pp'}))} part (dp is "
+            "(world / pp) / tp per block)"
         )
     n = len(layer_tp)
     if sp:
@@ -287,12 +291,13 @@ def parse_strategy(text: str) -> Strategy:
     for name, values in (("sp", layer_sp), ("rc", layer_rc)):
         if values is not None and len(values) != n:
             raise HotSPaError(f"strategy {text!r}: tp[..] names {n} blocks but {name}[..] {len(values)}")
-    return Strategy(1, 1, 1, layer_tp=layer_tp, layer_sp=layer_sp or (), layer_recompute=layer_rc or ())
+    return Strategy(1, 1, sizes["pp"], layer_tp=layer_tp, layer_sp=layer_sp or (), layer_recompute=layer_rc or ())
 
 
-def mixed_strategy(layer_tp, layer_sp=None, layer_recompute=None) -> Strategy:
-    """The per-block strategy of a plan: one tp (and sp flag, recompute choice) per block."""
-    return Strategy(1, 1, 1, layer_tp=tuple(layer_tp), layer_sp=tuple(layer_sp or ()),
+def mixed_strategy(layer_tp, layer_sp=None, layer_recompute=None, pp: int = 1) -> Strategy:
+    """The per-block strategy of a plan: one tp (and sp flag, recompute choice) per block, over `pp`
+    pipeline stages."""
+    return Strategy(1, 1, int(pp), layer_tp=tuple(layer_tp), layer_sp=tuple(layer_sp or ()),
                     layer_recompute=tuple(layer_recompute or ()))
 
 
@@ -668,10 +673,10 @@ def all_gather_time(cluster: ClusterSpec, nbytes: float, n: int) -> float:
     return collective_latency(cluster, n) + (n - 1) / n * nbytes / bw
 
 
-def row_layout(dp: int, tp: int) -> Layout:
-    """A (rows, ...) activation under dp replicas of tp ranks each (rank = replica·tp + member, tp
-    inner as everywhere): rows split in dp contiguous blocks, each duplicated over its replica's
-    TP group."""
+def row_layout(dp: int, tp: int, first: int = 0) -> Layout:
+    """A (rows, ...) activation under dp replicas of tp ranks each on ranks first.. (rank = first +
+    replica·tp + member, tp inner as everywhere; `first` the first rank of a pipeline stage's
+    group): rows split in dp contiguous blocks, each duplicated over its replica's TP group."""
     states, order = {}, []
     if dp > 1:
         states[0] = dp
@@ -679,7 +684,7 @@ def row_layout(dp: int, tp: int) -> Layout:
     if tp > 1:
         states[DUPLICATE] = tp
         order.append(DUPLICATE)
-    return Layout(DStates(dp * tp, states, tuple(order)), range(dp * tp))
+    return Layout(DStates(dp * tp, states, tuple(order)), range(first, first + dp * tp))
 
 
 @functools.lru_cache(maxsize=1024)  # pure; a search asks every pair of tp degrees per candidate

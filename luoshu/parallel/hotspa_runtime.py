@@ -69,7 +69,7 @@ from luoshu.parallel import hot_switch as hs
 from luoshu.parallel import hotspa_profile, layerwise, mixed_tp, pipeline
 from luoshu.parallel.hotspa import ClusterSpec, HotSPaError, model_spec, parse_strategy, predict
 from luoshu.parallel.hotspa import Strategy as CostStrategy
-from luoshu.parallel.pipeline import Pipeline, _layers
+from luoshu.parallel.pipeline import Pipeline, _layers, stage_starts
 from luoshu.parallel.tensor_parallel import _broadcast, parallelize
 
 
@@ -97,12 +97,20 @@ def _strategy_mesh(spec, i: int, world: int, rank: int) -> DeviceMesh:
     if isinstance(spec, str):
         st = parse_strategy(spec)  # an unknown string: HotSPaError
         if st.mixed:  # per-block tp: the first block's mesh names it (mixed_tp runs the segments)
-            bad = [t for t in st.layer_tp if world % t]
+            if world % st.pp:
+                raise HotSPaError(f"HotSPa: strategy {i} {spec!r}: pp {st.pp} does not divide the world of {world} ranks")
+            group = world // st.pp
+            bad = [(b, t) for b, t in enumerate(st.layer_tp) if group % t]
+            if bad and st.pp == 1:
+                raise HotSPaError(
+                    f"HotSPa: strategy {i} {spec!r}: tp {bad[0][1]} does not divide the world of {world} ranks"
+                )
             if bad:
                 raise HotSPaError(
-                    f"HotSPa: strategy {i} {spec!r}: tp {bad[0]} does not divide the world of {world} ranks"
+                    f"HotSPa: strategy {i} {spec!r}: tp {bad[0][1]} of block {bad[0][0]} does not divide the {group} "
+                    f"ranks of a pipeline stage (world {world} / pp {st.pp})"
                 )
-            return DeviceMesh(dp=world // st.layer_tp[0], tp=st.layer_tp[0], pp=1, world_size=world, rank=rank)
+            return DeviceMesh(dp=group // st.layer_tp[0], tp=st.layer_tp[0], pp=st.pp, world_size=world, rank=rank)
         if st.dp * st.tp * st.pp != world:
             raise HotSPaError(
                 f"HotSPa: strategy {i} {spec!r} covers {st.dp * st.tp * st.pp} devices, but the world has {world} ranks"
@@ -254,8 +262,15 @@ class HotSPa:
         self.recompute = [st.recompute if st is not None else "none" for st in parsed]
         # per-block tp (`mixed_tp`): each one's segments, checked against the model's blocks
         mixed = {i: st for i, st in enumerate(parsed) if st is not None and st.mixed}
-        segs_of = {i: mixed_tp.segments(st, world, len(_layers(model)[1])) for i, st in mixed.items()}
         spec = model_spec(model)
+        for i, st in mixed.items():
+            bad = [(b, t) for b, t in enumerate(st.layer_tp) if spec is not None and spec.heads % t]
+            if bad:
+                raise HotSPaError(f"HotSPa: strategy {i} {st}: tp {bad[0][1]} of block {bad[0][0]} does not divide the "
+                                  f"model's {spec.heads} attention heads")
+        segs_of = {i: mixed_tp.segments(st, world, len(_layers(model)[1]),
+                                        stage_starts(model, st.pp, self._stage_names.get(i)))
+                   for i, st in mixed.items()}
         if memory_budget is not None:
             if spec is None:
                 raise HotSPaError("HotSPa: memory_budget needs a model with a GPT-2 or LLaMA config for the cost model")
@@ -265,7 +280,7 @@ class HotSPa:
             for i, mesh in enumerate(meshes):
                 st = CostStrategy(mesh.dp, mesh.tp, mesh.pp, self.sequence_parallel[i], self.recompute[i])
                 if i in mixed:  # the cost model has no per-block strategy: its most demanding block's, throughout
-                    st = max((CostStrategy(s.dp, s.tp, 1, s.sp, rc) for s in segs_of[i]
+                    st = max((CostStrategy(s.dp, s.tp, mixed[i].pp, s.sp, rc) for s in segs_of[i]
                               for rc in mixed[i].layer_recompute[s.first:s.stop]),
                              key=lambda c: predict(spec, cluster, c, [bounds[i]] * c.dp).memory_bytes)
                 p = predict(spec, cluster, st, [bounds[i]] * st.dp)
@@ -297,13 +312,14 @@ class HotSPa:
             seg_strategy: dict[int, states.Strategy] = {}
             for i in mixed:
                 for seg in segs_of[i]:
-                    if (seg.tp, seg.sp) in seg_index:
+                    if (seg.tp, seg.sp, mixed[i].pp) in seg_index:
                         continue
                     for p, v in zip(params, full):
                         p.ds, p._value = [], v
-                    mesh = DeviceMesh(dp=seg.dp, tp=seg.tp, pp=1, world_size=world, rank=rank)
+                    # inside this rank's pipeline stage (its TP group there)
+                    mesh = DeviceMesh(dp=seg.dp, tp=seg.tp, pp=mixed[i].pp, world_size=world, rank=rank)
                     tp = parallelize(model, mesh, seg.sp, broadcast=False, plan=plan)
-                    seg_index[(seg.tp, seg.sp)] = j = len(per_strategy_ds)
+                    seg_index[(seg.tp, seg.sp, mixed[i].pp)] = j = len(per_strategy_ds)
                     seg_strategy[j] = tp.strategy
                     per_strategy_ds.append([p.ds[0] for p in params])
                     per_strategy_value.append([p._value for p in params])
@@ -335,7 +351,7 @@ class HotSPa:
         stages_of: dict[int, list[list[int]]] = {}
         try:
             for i, mesh in enumerate(meshes):
-                if mesh.pp > 1:
+                if mesh.pp > 1 and i not in mixed:
                     for p, v in zip(params, per_strategy_value[i]):
                         p._value = v
                     self._pipelines[i], stages_of[i] = self._stage_program(i, plans_strategy[i])
@@ -430,7 +446,7 @@ class HotSPa:
         """Mixed strategy i's segments as co-located stages of the model's loss, traced once with
         the blocks' recompute marks and each segment's first block marked."""
         _, blocks = _layers(self.model)
-        index = [seg_index[(seg.tp, seg.sp)] for seg in segs]
+        index = [seg_index[(seg.tp, seg.sp, st.pp)] for seg in segs]
         with _recompute_marks(self.model, st.layer_recompute):
             g = Graph(name=f"hotspa-mixed{i}")
             with pipeline.marking(g, [blocks[seg.first] for seg in segs]) as marks:
@@ -704,6 +720,8 @@ class HotSPa:
                     current = i
                 if i in self._mixed:  # every segment's replicas take their own rows of the bucket
                     share, grads = self._mixed[i].grads(gr.rows, 1.0 / total, touched)
+                    if self._mixed[i].pp > 1:
+                        report.micro_batches[i] = self._mixed[i].micro_batches
                     report.rebatch_bytes += self._mixed[i].rebatch_bytes
                     report.rebatch_messages += self._mixed[i].rebatch_messages
                     loss += share

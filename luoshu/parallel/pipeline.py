@@ -108,6 +108,27 @@ def _balance(sizes: list[int], parts: int) -> list[int]:
     return starts
 
 
+def stage_starts(model: Module, pp: int, stages=None) -> list[int]:
+    """The first layer (index into the model's repeated layers) of each of `pp` stages: balanced by
+    parameter count (`stages=None`) or at the module names `stages` gives (each stage's first layer)."""
+    prefix, layers = _layers(model)
+    if len(layers) < pp:
+        raise PipelineError(f"pipeline: {len(layers)} layers in {prefix!r} cannot fill {pp} stages")
+    names = [f"{prefix}.{i}" for i in range(len(layers))]
+    if stages is None:
+        return _balance([sum(p.numel() for p in layer.parameters()) for layer in layers], pp)
+    stages = list(stages)
+    if len(stages) != pp:
+        raise PipelineError(f"pipeline: stages names {len(stages)} modules, one per stage of pp={pp} expected")
+    for s in stages:
+        if s not in names:
+            raise PipelineError(f"pipeline: stages names unknown module {s!r}; the layers are {names[0]} .. {names[-1]}")
+    starts = [names.index(s) for s in stages]
+    if starts[0] != 0 or starts != sorted(set(starts)):
+        raise PipelineError(f"pipeline: stages {stages} must start at {names[0]} and increase")
+    return starts
+
+
 @contextlib.contextmanager
 def marking(g: Graph, firsts: list):
     """While the model records into `g`: {stage: the position in g.ops where `firsts[stage]` (the
@@ -147,26 +168,9 @@ class Pipeline:
         if set(zero_options) - {"bucket_size_mb"} and not zero:
             raise PipelineError(f"pipeline: {sorted(set(zero_options) - {'bucket_size_mb'})} are ZeRO options; "
                                 "they need zero=1, 2 or 3")
-        prefix, layers = _layers(model)
+        _, layers = _layers(model)
         pp = mesh.pp
-        if len(layers) < pp:
-            raise PipelineError(f"pipeline: {len(layers)} layers in {prefix!r} cannot fill {pp} stages")
-        names = [f"{prefix}.{i}" for i in range(len(layers))]
-        if stages is None:
-            sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-            starts = _balance(sizes, pp)
-        else:
-            stages = list(stages)
-            if len(stages) != pp:
-                raise PipelineError(f"pipeline: stages names {len(stages)} modules, one per stage of pp={pp} expected")
-            for s in stages:
-                if s not in names:
-                    raise PipelineError(
-                        f"pipeline: stages names unknown module {s!r}; the layers are {names[0]} .. {names[-1]}"
-                    )
-            starts = [names.index(s) for s in stages]
-            if starts[0] != 0 or starts != sorted(set(starts)):
-                raise PipelineError(f"pipeline: stages {stages} must start at {names[0]} and increase")
+        starts = stage_starts(model, pp, stages)
         self.model, self.mesh, self.micro_batches, self.schedule_name = model, mesh, micro_batches, schedule
         self.stage, self.stages = mesh.index("pp"), pp
         ends = starts[1:] + [len(layers)]
@@ -557,4 +561,4 @@ def pipeline(model: Module, mesh: DeviceMesh, stages=None, micro_batches: int = 
     return Pipeline(model, mesh, stages, micro_batches, schedule, zero, **zero_options)
 
 
-__all__ = ["Pipeline", "PipelineError", "marking", "pipeline", "pipeline_of"]
+__all__ = ["Pipeline", "PipelineError", "marking", "pipeline", "pipeline_of", "stage_starts"]

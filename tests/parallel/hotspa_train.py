@@ -115,13 +115,16 @@ def _collectives(hot, i: int, name: str) -> int:
 
 def _segment_counts(hot, i: int) -> np.ndarray:
     """Per segment of mixed strategy i: (reduce-scatters in this rank's segment plans, recompute
-    regions of the traced graph (the blocks marked), values its forward saves for the backward);
-    an empty array for another strategy."""
+    regions of the traced graph (the blocks marked), values its forward saves for the backward;
+    -1 for a segment of another pipeline stage); an empty array for another strategy."""
     if i not in hot._mixed:
         return np.zeros((0, 3), np.int64)
     rows = []
     regions = len(hot._mixed[i].graph.recompute_regions)
     for program in hot._mixed[i].programs:
+        if program is None:  # another pipeline stage's segment
+            rows.append((-1, regions, -1))
+            continue
         ops = program.forward.ops + program.backward.ops
         rows.append((sum(op.opdef.name == "reduce_scatter" for op in ops), regions, len(program.saved)))
     return np.array(rows, np.int64)

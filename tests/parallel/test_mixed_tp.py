@@ -150,11 +150,20 @@ def test_per_block_strategy_strings_round_trip():
     assert parse_strategy("tp[4,2,1],sp") == mixed_strategy((4, 2, 1), (True, True, False))
     assert parse_strategy("tp[2,1],rc=full").layer_recompute == ("full", "full")
     assert not parse_strategy("dp2,tp2,pp1").mixed
+    for text in ["pp2,tp[2,1,1,2]", "pp2,tp[2,2,1,2],sp[1,1,0,1]", "pp4,tp[1,1,1,1],rc[none,full,none,none]"]:
+        st = parse_strategy(text)
+        assert st.mixed and str(st) == text and parse_strategy(str(st)) == st
+    st = parse_strategy("tp[2,1,1,2],pp2")  # any order
+    assert (st.pp, st.dp, st.tp, st.layer_tp) == (2, 1, 1, (2, 1, 1, 2)) and str(st) == "pp2,tp[2,1,1,2]"
+    assert parse_strategy("pp1,tp[2,1]") == parse_strategy("tp[2,1]")
+    assert mixed_strategy((2, 1), pp=2) == parse_strategy("pp2,tp[2,1]")
 
 
 @pytest.mark.parametrize("text, words", [
     ("tp[4,2],dp2", "takes no dp part"),
-    ("tp[4,2],pp2", "takes no pp part"),
+    ("tp[4,2],pp2,dp2", "takes no dp part"),
+    ("tp[4,2],pp3", "cannot fill pp=3 stages"),
+    ("tp[4,2],pp0", "none of dpN"),
     ("tp[1,2],sp[1,0]", "sequence parallelism but tp 1"),
     ("tp[4,2],sp[1]", "names 2 blocks but sp"),
     ("tp[4,2],rc[none]", "names 2 blocks but rc"),
