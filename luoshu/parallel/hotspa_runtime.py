@@ -98,7 +98,9 @@ def _strategy_mesh(spec, i: int, world: int, rank: int) -> DeviceMesh:
         st = parse_strategy(spec)  # an unknown string: HotSPaError
         if st.mixed:  # per-block tp: the first block's mesh names it (mixed_tp runs the segments)
             if world % st.pp:
-                raise HotSPaError(f"HotSPa: strategy {i} {spec!r}: pp {st.pp} does not divide the world of {world} ranks")
+                raise HotSPaError(
+                    f"HotSPa: strategy {i} {spec!r}: pp {st.pp} does not divide the world of {world} ranks"
+                )
             group = world // st.pp
             bad = [(b, t) for b, t in enumerate(st.layer_tp) if group % t]
             if bad and st.pp == 1:
@@ -248,6 +250,13 @@ class HotSPa:
         if owner is not None and not (isinstance(owner, int) and 0 <= owner < len(strategies)):
             raise HotSPaError(f"HotSPa: owner must index one of the {len(strategies)} strategies, found {owner!r}")
         world, rank = env.world_size(), env.rank()
+        heads = getattr(model_spec(model), "heads", None)
+        for i, s in enumerate(strategies):  # a per-block tp must split the attention heads
+            st = parse_strategy(s) if isinstance(s, str) else None
+            bad = [(b, t) for b, t in enumerate(st.layer_tp if st is not None else ()) if heads and heads % t]
+            if bad:
+                raise HotSPaError(f"HotSPa: strategy {i} {s!r}: tp {bad[0][1]} of block {bad[0][0]} does not divide "
+                                  f"the model's {heads} attention heads")
         meshes = [_strategy_mesh(s, i, world, rank) for i, s in enumerate(strategies)]
         # --- layer-wise search: a given split per pipeline strategy (`layerwise.pipeline_stages`)
         self._stage_names = dict(stages or {})
@@ -263,11 +272,6 @@ class HotSPa:
         # per-block tp (`mixed_tp`): each one's segments, checked against the model's blocks
         mixed = {i: st for i, st in enumerate(parsed) if st is not None and st.mixed}
         spec = model_spec(model)
-        for i, st in mixed.items():
-            bad = [(b, t) for b, t in enumerate(st.layer_tp) if spec is not None and spec.heads % t]
-            if bad:
-                raise HotSPaError(f"HotSPa: strategy {i} {st}: tp {bad[0][1]} of block {bad[0][0]} does not divide the "
-                                  f"model's {spec.heads} attention heads")
         segs_of = {i: mixed_tp.segments(st, world, len(_layers(model)[1]),
                                         stage_starts(model, st.pp, self._stage_names.get(i)))
                    for i, st in mixed.items()}

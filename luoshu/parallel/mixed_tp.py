@@ -60,7 +60,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
 import torch.distributed as torch_dist
 
 from luoshu.compiler import states

@@ -122,7 +122,9 @@ def stage_starts(model: Module, pp: int, stages=None) -> list[int]:
         raise PipelineError(f"pipeline: stages names {len(stages)} modules, one per stage of pp={pp} expected")
     for s in stages:
         if s not in names:
-            raise PipelineError(f"pipeline: stages names unknown module {s!r}; the layers are {names[0]} .. {names[-1]}")
+            raise PipelineError(
+                f"pipeline: stages names unknown module {s!r}; the layers are {names[0]} .. {names[-1]}"
+            )
     starts = [names.index(s) for s in stages]
     if starts[0] != 0 or starts != sorted(set(starts)):
         raise PipelineError(f"pipeline: stages {stages} must start at {names[0]} and increase")

@@ -79,6 +79,42 @@ def test_a_per_block_strategy_hot_switched_with_uniform_ones_matches_one_process
         assert (run["rebatch"][:, 0] > 0).all()
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_gpt2_and_llama_under_per_block_tp_inside_two_pipeline_stages_match_one_process(tmp_path):
+    """pp2,tp[2,1,1,2]: stage 0 (ranks 0-1) runs blocks 0-1 under tp2 then dp2, stage 1 (ranks 2-3)
+    blocks 2-3 under dp2 then tp2, two micro-batches a step; GPT-2's tied table lives on stage 0 and
+    goes to stage 1's head (its gradient back)."""
+    out = _job(tmp_path, "pp", "gpt2,llama", "pp2,tp[2,1,1,2]")
+    held = {}
+    for name, run in _runs(out, ("gpt2", "llama")):
+        # boundaries: tp2 -> dp2 in stage 0 is a local slice; the hidden state crosses to stage 1 from
+        # each dp replica to its peer (two messages of half the padded rows each: 4 rows of 32 x 32 floats);
+        # dp2 -> tp2 in stage 1 gathers (each rank the other half)
+        assert run["traffic"].tolist() == [[0, 0], [4 * 32 * 32 * 8, 2], [4 * 32 * 32 * 8, 2]]
+        assert (run["micro_batches"] == 2).all() and (run["rebatch"][:, 0] > 0).all()
+        held.setdefault(name, []).append(run["held"])
+        counts = run["segment_counts"]  # -1: a segment of the other stage (this rank builds no plans for it)
+        assert counts.shape == (4, 3) and sorted(counts[:, 0].tolist()).count(-1) == 2
+    for masks in held.values():  # each stage holds only its own parameters, both stages all of them
+        assert (masks[0] == masks[1]).all() and (masks[2] == masks[3]).all()
+        assert not masks[0].all() and not masks[2].all() and (masks[0] | masks[2]).all()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_pipeline_per_block_strategy_owns_and_hot_switches_with_uniform_ones(tmp_path):
+    """pp2,tp[2,1,1,2] as the owner (each stage updating its own shards) among dp4 and tp4 buckets."""
+    out = tmp_path / "ppset"
+    proc = launch(4, "tests/parallel/hotspa_train.py", "--models", "gpt2", "--strategies",
+                  "pp2,tp[2,1,1,2];dp4,tp1,pp1;dp1,tp4,pp1", "--bounds", "32,12,6,0", "--owner", "0",
+                  "--layers", str(LAYERS), "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for _, run in _runs(out, ("gpt2",)):
+        assert int(run["owner"]) == 0 and sorted(run["order"]) == [0, 1, 2]
+        assert (run["switch_bytes"] > 0).all() and (run["tokens"] > 0).all()
+
+
 # --- the re-batch plan (one process) ------------------------------------------------------------------
 def _check_rebatch(src: Segment, dst: Segment, rows: int, node_size: int):
     shape, itemsize = (rows, 3, 2), 8
@@ -189,6 +225,22 @@ def test_segments_group_equal_consecutive_blocks():
         segments(Strategy(4, 1, 1), 4, 2)
 
 
+def test_segments_inside_pipeline_stages():
+    segs = segments(parse_strategy("pp2,tp[2,2,2,1]"), 4, 4, [0, 2])
+    assert [(s.first, s.stop, s.tp, s.dp, s.stage, s.first_rank) for s in segs] == [
+        (0, 2, 2, 1, 0, 0), (2, 3, 2, 1, 1, 2), (3, 4, 1, 2, 1, 2)]  # equal tp across a stage cut: two segments
+    assert [s.stage for s in segments(parse_strategy("pp2,tp[1,1,1,1]"), 4, 4)] == [0, 1]  # default: equal counts
+    with pytest.raises(HotSPaError, match="tp 4 of block 0 does not divide the 2 ranks of a pipeline stage"):
+        segments(parse_strategy("pp2,tp[4,1]"), 4, 2, [0, 1])
+    with pytest.raises(HotSPaError, match="pp 2 does not divide the world of 3"):
+        segments(parse_strategy("pp2,tp[1,1,1]"), 3, 3, [0, 1])
+    with pytest.raises(HotSPaError, match="stage starts"):
+        segments(parse_strategy("pp2,tp[1,1,1,1]"), 4, 4, [0, 4])
+    # a stage's row layout names its own ranks: the re-batch between stages is point-to-point
+    plan = rebatch_plan((4, 3), 8, segs[0], segs[1], 4)
+    assert plan.local == {} and sorted((m.sender, m.receiver) for m in plan.messages) == [(0, 2), (1, 3)]
+
+
 def test_hotspa_refuses_a_per_block_strategy_that_does_not_fit_the_model_or_the_world():
     model = H.build("gpt2", LAYERS)
     before = [p.value.clone() for p in model.parameters()]
@@ -196,6 +248,10 @@ def test_hotspa_refuses_a_per_block_strategy_that_does_not_fit_the_model_or_the_
         ls.parallel.HotSPa(model, ["tp[1,1,1]"], [32, 0])
     with pytest.raises(HotSPaError, match="tp 2 does not divide the world of 1"):
         ls.parallel.HotSPa(model, ["tp[1,2,1,1]"], [32, 0])
+    with pytest.raises(HotSPaError, match="pp 2 does not divide the world of 1"):
+        ls.parallel.HotSPa(model, ["pp2,tp[1,1,1,1]"], [32, 0])
+    with pytest.raises(HotSPaError, match="tp 3 of block 1 does not divide the model's 4 attention heads"):
+        ls.parallel.HotSPa(model, ["tp[1,3,1,1]"], [32, 0])
     assert all(not p.ds for p in model.parameters())  # the model as it was
     assert all((p.value == b).all() for p, b in zip(model.parameters(), before))
 
