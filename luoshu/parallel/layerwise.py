@@ -32,7 +32,9 @@ The cost model per layer and recompute option:
 
 Per-block tensor parallelism (`search_plan(..., mixed_tp=True)`, `mixed_plan_for`): the options of
 a block are (tp, sp, recompute) over the tp degrees `hotspa_profile.runnable` gives (dividing the
-world and the heads; dp = world / tp; sp only with tp > 1), pp = 1. A block under tp costs 1/layers
+world and the heads; dp = world / tp; sp only with tp > 1), pp = 1; with `pipeline=True` also
+inside the stages of each pp > 1 (tp dividing world / pp; the split and the options one program
+over stages × layers × options with a budget per stage, `mixed_options(..., pp)`). A block under tp costs 1/layers
 of that uniform strategy's predicted step (its compute and TP collectives, its share of the runs'
 overheads and head, and of the gradients' all-reduce over its own dp group) plus its recompute,
 so a plan whose blocks share one (tp, sp) costs what the uniform search says; it holds that tp's
@@ -64,7 +66,9 @@ What the runtime can carry (and so what `luoshu train --parallel auto` searches)
 - tp per layer: yes (`luoshu.parallel.mixed_tp`): a mixed plan's segments run as co-located stages,
   activations re-batched between their row layouts by the hot-switch planner; `--parallel auto`
   searches uniform and per-block plans (`mixed_tp=True`), and a mixed plan trains as the per-block
-  HotSPa strategy `tp[..],sp[..],rc[..]`;
+  HotSPa strategy `tp[..],sp[..],rc[..]`; inside pipeline stages too (`pp2,tp[..]`: each stage's
+  segments on its own ranks, the hidden state re-batched between the stages' groups, the split the
+  search chose as HotSPa's `stages`);
 - pipeline: the search chooses pp and the split (`pipeline=True`), and the partition pass
   accepts a given split (`Pipeline(stages=...)`): a hot-switching job's pp > 1 strategies run
   the split `pipeline_stages` balances by the cost model (HotSPa's `stages`). A pipeline strategy
@@ -364,7 +368,8 @@ class LayerPlan:
     """The search's result: the strategy, each layer's recompute, the stages' first layers, the
     predicted step time and peak memory per device (the worst stage's) and their parts; each
     block's `tp` and `sp` (the strategy's throughout for a uniform plan). A mixed plan (blocks of
-    different (tp, sp), `mixed`) has no one strategy (`strategy` None) and one stage."""
+    different (tp, sp), `mixed`) has no one strategy (`strategy` None), its blocks cut into `pp`
+    stages (one without a pipeline) at `stages`."""
 
     strategy: H.Strategy | None
     recompute: list[str]
@@ -374,12 +379,15 @@ class LayerPlan:
     parts: dict = field(default_factory=dict)
     tp: tuple = ()
     sp: tuple = ()
+    pp: int = 1
 
     def __post_init__(self):
         if not self.tp:
             self.tp = (self.strategy.tp,) * len(self.recompute)
             self.sp = (self.strategy.sp,) * len(self.recompute)
         self.tp, self.sp = tuple(int(t) for t in self.tp), tuple(bool(v) for v in self.sp)
+        if self.strategy is not None:
+            self.pp = self.strategy.pp
 
     @property
     def mixed(self) -> bool:
@@ -387,9 +395,10 @@ class LayerPlan:
 
     @property
     def text(self) -> str:
-        """'dp2,tp2,pp1,sp' (uniform) or the per-block 'tp[4,2,1],sp[1,0,0]' (mixed)."""
+        """'dp2,tp2,pp1,sp' (uniform) or the per-block 'tp[4,2,1],sp[1,0,0]' (mixed; 'pp2,tp[2,1,1]'
+        in pipeline stages)."""
         if self.mixed:
-            return "tp[" + ",".join(map(str, self.tp)) + "]" + (
+            return (f"pp{self.pp}," if self.pp > 1 else "") + "tp[" + ",".join(map(str, self.tp)) + "]" + (
                 ",sp[" + ",".join(str(int(v)) for v in self.sp) + "]" if any(self.sp) else "")
         st = self.strategy
         return f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
@@ -400,6 +409,7 @@ class LayerPlan:
             "recompute": list(self.recompute),
             "tp": list(self.tp),
             "sp": list(self.sp),
+            "pp": self.pp,
             "stages": list(self.stages),
             "predicted_step_s": self.time_s,
             "predicted_memory_bytes": self.memory_bytes,
@@ -545,8 +555,9 @@ def _least(saved_b, extra_b, stage_fixed, layers: int) -> float:
 @dataclass
 class MixedOptions:
     """The options of a mixed plan's blocks, one per (tp, sp, recompute) (`mixed_options`): per layer
-    and option the seconds and bytes, each option's extra bytes and group (its (tp, sp)), the
-    transition seconds between options."""
+    and option the seconds, per stage, layer and option the bytes (`stage_saved`; `saved` stage 0's),
+    each option's extra bytes and group (its (tp, sp)), the transition seconds between options, over
+    `pp` pipeline stages."""
 
     options: list  # (tp, sp, recompute)
     seconds: list
@@ -555,64 +566,108 @@ class MixedOptions:
     groups: list
     transition: list
     costs: dict  # (tp, sp) -> _Costs
+    pp: int = 1
+    stage_saved: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.stage_saved:
+            self.stage_saved = [self.saved]
 
     def charge(self, picks: Sequence[int]) -> float:
         return stage_charge(picks, self.extra, self.groups)
 
 
 def mixed_options(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
-                  measured) -> MixedOptions:
-    """Every block's options under per-block tensor parallelism over `world` ranks (pp = 1): each tp of
-    `hotspa_profile.runnable` (dp = world / tp), with sp where tp > 1, and each recompute option.
+                  measured, pp: int = 1) -> MixedOptions:
+    """Every block's options under per-block tensor parallelism over `world` ranks in `pp` pipeline
+    stages of world / pp ranks: each tp of `hotspa_profile.runnable` dividing a stage's ranks (dp =
+    (world / pp) / tp inside it), with sp where tp > 1, and each recompute option.
     `measured(rows, strategy)` gives `measure_layers` for that strategy's tp and sp at its replica's
-    rows. The cost model (module docstring): a block under tp costs 1/layers of the uniform tp
-    strategy's predicted step (its compute, TP collectives, share of the runs' overheads and the
-    head, and of the gradients' all-reduce over its own dp group world / tp) plus its recompute; it
-    holds the strategy's saved bytes and block states; the first block also what lies outside the
-    blocks under its tp; consecutive blocks of different (tp, sp) pay `hotspa.transition_time`."""
+    rows. The cost model (module docstring): without a pipeline a block under tp costs 1/layers of
+    the uniform tp strategy's predicted step (its compute, TP collectives, share of the runs'
+    overheads and the head, and of the gradients' all-reduce over its own dp group world / tp) plus
+    its recompute; it holds the strategy's saved bytes and block states; the first block also what
+    lies outside the blocks under its tp; consecutive blocks of different (tp, sp) pay
+    `hotspa.transition_time`. With pp > 1 (HotSPa's runtime: pp micro-batches on the GPipe schedule,
+    every one in flight on every stage) a block costs its `hotspa.layer_time` over the replica's rows
+    times the bubble (m + pp - 1) / m, plus pp/layers of the uniform (dp, tp, pp) step's parts
+    outside the pipeline (its stage's share of the gradients' all-reduce and the update), the last
+    block also the head; transitions (between the blocks of a stage) are priced inside a stage's
+    group and times the bubble; every block holds its saved bytes of all micro-batches and each
+    option's extra once per micro-batch's share; the first and the last block (the first and the
+    last stage) each hold the bytes outside the blocks."""
     spec = prof.spec
     layers = spec.layers
-    cl = hotspa_profile.cluster(prof, world)
+    group = world // pp
+    cl = hotspa_profile.cluster(prof, group)
     options, groups, costs = [], [], {}
-    for st in _candidates(world, spec, False):
+    for st in _candidates(world, spec, pp > 1):
+        if st.pp != pp:
+            continue
         key = (st.tp, st.sp)
         costs[key] = _costs(prof, model, st, rows, row_len, lengths, lambda r, st=st: measured(r, st))
         for c in RECOMPUTE:
             options.append((st.tp, st.sp, c))
             groups.append(len(costs) - 1)
-    seconds = [[costs[(t, v)].base.time_s / layers + costs[(t, v)].seconds[c] - costs[(t, v)].seconds["none"]
-                for t, v, c in options] for _ in range(layers)]
-    saved = [[costs[(t, v)].block_states + costs[(t, v)].saved[c] + (costs[(t, v)].outside_bytes if i == 0 else 0.0)
-              for t, v, c in options] for i in range(layers)]
-    extra = [costs[(t, v)].extra[c] for t, v, c in options]
-    transition = [[H.transition_time(spec, cl, rows, row_len, a[:2], b[:2]) for b in options] for a in options]
-    return MixedOptions(options, seconds, saved, extra, groups, transition, costs)
+    if pp == 1:
+        seconds = [[costs[(t, v)].base.time_s / layers + costs[(t, v)].seconds[c] - costs[(t, v)].seconds["none"]
+                    for t, v, c in options] for _ in range(layers)]
+        saved = [[costs[(t, v)].block_states + costs[(t, v)].saved[c]
+                  + (costs[(t, v)].outside_bytes if i == 0 else 0.0) for t, v, c in options] for i in range(layers)]
+        extra = [costs[(t, v)].extra[c] for t, v, c in options]
+        transition = [[H.transition_time(spec, cl, rows, row_len, a[:2], b[:2]) for b in options] for a in options]
+        return MixedOptions(options, seconds, saved, extra, groups, transition, costs)
+    m = pp  # HotSPa's pipelines run pp micro-batches
+    bubble = (m + pp - 1) / m
+    seconds = []
+    for i in range(layers):
+        row = []
+        for t, v, c in options:
+            k = costs[(t, v)]
+            outside = k.base.time_s - k.base.parts["pipeline"]
+            row.append(bubble * (k.seconds[c] + (k.head_seconds if i == layers - 1 else 0.0)) + pp * outside / layers)
+        seconds.append(row)
+    ends = (0, layers - 1)
+    saved = [[costs[(t, v)].block_states + costs[(t, v)].saved[c]
+              + (costs[(t, v)].outside_bytes if i in ends else 0.0) for t, v, c in options] for i in range(layers)]
+    extra = [costs[(t, v)].extra[c] / m for t, v, c in options]
+    transition = [[bubble * H.transition_time(spec, cl, rows, row_len, a[:2], b[:2]) for b in options]
+                  for a in options]
+    return MixedOptions(options, seconds, saved, extra, groups, transition, costs, pp, [saved] * pp)
 
 
 def mixed_plan_for(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
-                   budget: float, measured, resolution: int = 2048) -> LayerPlan | float:
-    """The fastest per-block (tp, sp, recompute) plan over `world` ranks (`mixed_options`' costs) whose
-    peak fits `budget` bytes: Σ of its blocks' bytes plus its largest segment charge (`search_stages`,
-    one stage); or (when none fits) the least bytes it needs. A plan whose blocks share one (tp, sp)
-    comes back as that uniform strategy's."""
-    mo = mixed_options(prof, model, world, rows, row_len, lengths, measured)
+                   budget: float, measured, resolution: int = 2048, pp: int = 1) -> LayerPlan | float:
+    """The fastest per-block (tp, sp, recompute) plan over `world` ranks in `pp` pipeline stages
+    (`mixed_options`' costs) whose every stage's peak fits `budget` bytes: Σ of its blocks' bytes
+    plus its largest segment charge; the stages' split and the blocks' options one exact program
+    (`search_stages`; the slowest stage's time); or (when none fits) the least bytes it needs. A plan
+    whose blocks share one (tp, sp) comes back as that uniform strategy's."""
+    mo = mixed_options(prof, model, world, rows, row_len, lengths, measured, pp)
     unit = _units(budget, resolution)
     units = 0 if math.isinf(budget) else math.floor(budget / unit)
-    saved_u = [[[_in_units(b, unit, budget) for b in row] for row in mo.saved]]
+    saved_u = [[[_in_units(b, unit, budget) for b in row] for row in stage] for stage in mo.stage_saved]
     extra_u = [_in_units(b, unit, budget) for b in mo.extra]
     try:
-        _, picks, time = search_stages(mo.seconds, saved_u, extra_u, [units], None, mo.groups, mo.transition)
+        starts, picks, time = search_stages(mo.seconds, saved_u, extra_u, [units] * pp, None, mo.groups,
+                                            mo.transition)
     except H.HotSPaError:
         return _least_mixed(mo)
-    memory = sum(mo.saved[i][c] for i, c in enumerate(picks)) + mo.charge(picks)
+    ends = starts[1:] + [len(picks)]
+    stage_bytes = [sum(mo.stage_saved[s][i][picks[i]] for i in range(a, b)) + mo.charge(picks[a:b])
+                   for s, (a, b) in enumerate(zip(starts, ends))]
+    worst = int(np.argmax(stage_bytes))
+    memory = stage_bytes[worst]
     tp = [mo.options[c][0] for c in picks]
     sp = [mo.options[c][1] for c in picks]
-    first = mo.costs[(tp[0], sp[0])]
-    states = STATE_BYTES * first.outside_params + sum(
-        STATE_BYTES * max(_held(model, t)[0]) for t in tp)
-    moves = sum(mo.transition[a][b] for a, b in zip(picks, picks[1:]))
+    a, b = starts[worst], ends[worst]
+    outside = [i for i in (0, len(picks) - 1) if a <= i < b][:1 if pp == 1 else 2]
+    states = sum(STATE_BYTES * mo.costs[(tp[i], sp[i])].outside_params for i in outside) + sum(
+        STATE_BYTES * max(_held(model, t)[0]) for t in tp[a:b])
+    moves = sum(mo.transition[x][y] for s, (i, j) in enumerate(zip(starts, ends))
+                for x, y in zip(picks[i:j], picks[i + 1:j]))
     parts = {
-        "predicted_stage_bytes": [memory],
+        "predicted_stage_bytes": stage_bytes,
         "predicted_activation_bytes": memory - states,
         "predicted_state_bytes": states,
         "predicted_transition_s": moves,
@@ -621,22 +676,34 @@ def mixed_plan_for(prof, model: Module, world: int, rows: int, row_len: int, len
     }
     strategy = None
     if len(set(zip(tp, sp))) == 1:
-        strategy = H.Strategy(world // tp[0], tp[0], 1, sp=sp[0])
-    return LayerPlan(strategy, [mo.options[c][2] for c in picks], [0], time, float(memory), parts, tp, sp)
+        strategy = H.Strategy(world // (pp * tp[0]), tp[0], pp, sp=sp[0])
+    return LayerPlan(strategy, [mo.options[c][2] for c in picks], starts, time, float(memory), parts, tp, sp,
+                     pp)
 
 
 def _least_mixed(mo: MixedOptions) -> float:
-    """The least peak bytes any per-block choice needs: for each cap on a segment's charge, the least
-    Σ bytes of the blocks whose segments keep under it (the stage program with bytes for seconds),
-    plus the cap."""
-    layers = len(mo.seconds)
-    best = math.inf
+    """The least peak bytes any split into `mo.pp` stages and per-block choice needs: per stage and
+    first block, for each cap on a segment's charge, the least Σ bytes of the blocks whose segments
+    keep under it (the stage program with bytes for seconds) plus the cap; then the split whose
+    neediest stage needs least (min-max over the stages' first blocks)."""
+    layers, pp = len(mo.seconds), mo.pp
     zeros = [[0] * len(mo.options) for _ in range(layers)]
     no_moves = [[0.0] * len(mo.options) for _ in mo.options]
-    for cap in _charges(mo.extra, mo.groups):
-        _, bests, _ = _capped(mo.saved, zeros, mo.extra, mo.groups, no_moves, 0, 0, cap)
-        best = min(best, cap + float(bests[-1].min()))
-    return best
+    need = {}  # (stage, first, end) -> least bytes
+    for s in range(pp):
+        for i in range(s, layers - (pp - 1 - s)):
+            for cap in _charges(mo.extra, mo.groups):
+                _, bests, _ = _capped(mo.stage_saved[s], zeros, mo.extra, mo.groups, no_moves, 0, i, cap)
+                for j, best in enumerate(bests):
+                    key = (s, i, i + j + 1)
+                    need[key] = min(need.get(key, math.inf), cap + float(best.min()))
+    worst = [0.0] + [math.inf] * layers  # worst[j]: the least neediest stage of the stages so far over j blocks
+    for s in range(pp):
+        new = [math.inf] * (layers + 1)
+        for j in range(s + 1, layers - (pp - 1 - s) + 1):
+            new[j] = min((max(worst[i], need.get((s, i, j), math.inf)) for i in range(s, j)), default=math.inf)
+        worst = new
+    return worst[layers]
 
 
 def search_plan(prof, model: Module, world: int, rows: int, row_len: int, lengths: Sequence[int],
@@ -645,10 +712,11 @@ def search_plan(prof, model: Module, world: int, rows: int, row_len: int, length
     """The fastest `LayerPlan` over `world` ranks for batches packed into `rows` rows of `row_len`
     tokens (sequences of `lengths`) within `budget` bytes per device; also, per candidate,
     (strategy, its plan or else its least need in bytes, {"free_bytes": its peak without
-    recompute, "least_bytes": the least it needs}). `pipeline`: pp > 1 candidates too. `mixed_tp`:
-    also the per-block (tp, sp, recompute) search (`mixed_plan_for`; its row's strategy None), whose
-    plan wins only where its blocks differ in (tp, sp) and it is faster. Raises HotSPaError naming
-    each candidate's least need when none fits."""
+    recompute, "least_bytes": the least it needs, and for a per-block row "pp": its stages}).
+    `pipeline`: pp > 1 candidates too. `mixed_tp`: also the per-block (tp, sp, recompute) search
+    (`mixed_plan_for`; its rows' strategy None), with `pipeline` also inside the stages of every pp
+    > 1 dividing the world, whose plan wins only where its blocks differ in (tp, sp) and it is
+    faster. Raises HotSPaError naming each candidate's least need when none fits."""
     spec = prof.spec
     cache: dict[tuple, LayerMemory] = {}
     # under this job's ranks each candidate's tp (and sp) plans are measured as they will run
@@ -665,19 +733,25 @@ def search_plan(prof, model: Module, world: int, rows: int, row_len: int, length
         return cache[key]
 
     table = []
-    searches = [(st, lambda memory, st=st: plan_for(prof, model, st, rows, row_len, lengths, memory,
-                                                    lambda r: measure(r, st), resolution))
+    searches = [(st, None, lambda memory, st=st: plan_for(prof, model, st, rows, row_len, lengths, memory,
+                                                          lambda r: measure(r, st), resolution))
                 for st in _candidates(world, spec, pipeline)]
-    if mixed_tp:
-        searches.append((None, lambda memory: mixed_plan_for(prof, model, world, rows, row_len, lengths, memory,
-                                                             measure, resolution)))
-    for st, plan in searches:
+    if mixed_tp:  # per-block (tp, sp, recompute), without a pipeline and (`pipeline`) inside each pp's stages
+        for pp in [1] + ([p for p in range(2, min(world, spec.layers) + 1) if world % p == 0] if pipeline else []):
+            searches.append((None, pp, lambda memory, pp=pp: mixed_plan_for(
+                prof, model, world, rows, row_len, lengths, memory, measure, resolution, pp)))
+    for st, pp, plan in searches:
         chosen = plan(budget)
         needs = {"free_bytes": plan(math.inf).memory_bytes, "least_bytes": plan(1.0)}  # without recompute, at least
+        if pp is not None:
+            needs["pp"] = pp
         table.append((st, chosen, needs))
     fitting = [p for st, p, _ in table if isinstance(p, LayerPlan) and (st is not None or p.mixed)]
     if not fitting:
-        needs = ", ".join(f"{'mixed tp' if st is None else st} {need / 2**20:.2f} MiB" for st, need, _ in table)
+        def label(st, needs) -> str:
+            return str(st) if st is not None else "mixed tp" + (f" pp{needs['pp']}" if needs["pp"] > 1 else "")
+
+        needs = ", ".join(f"{label(st, n)} {need / 2**20:.2f} MiB" for st, need, n in table)
         least = min(need for _, need, _ in table)
         raise H.HotSPaError(
             f"--parallel auto: no strategy over {world} ranks holds {rows} rows of {row_len} tokens in "

@@ -381,3 +381,82 @@ def test_an_infeasible_budget_names_the_least_memory_with_mixed_tp(measured):
     assert plan.memory_bytes <= least * 1.02
     with pytest.raises(H.HotSPaError):
         LW.search_plan(prof, model, 4, 4, ROW_LEN, LENGTHS * 2, least * 0.98, measured=lambda r: mem, mixed_tp=True)
+
+
+# --- per-block tp inside pipeline stages -------------------------------------------------------------------
+def _brute_force_mixed_stages(mo, budget: float, resolution: int = 2048) -> float:
+    """The least slowest-stage time over every split of the blocks into `mo.pp` stages and every
+    per-block option, each stage's Σ bytes plus its largest segment charge within the budget (units)."""
+    unit = max(budget / resolution, 1.0)
+    units = budget // unit
+    layers, best = len(mo.seconds), math.inf
+    for inner in itertools.combinations(range(1, layers), mo.pp - 1):
+        bounds = [0, *inner, layers]
+        for pick in itertools.product(range(len(mo.options)), repeat=layers):
+            worst = 0.0
+            for s in range(mo.pp):
+                span = range(bounds[s], bounds[s + 1])
+                picks = [pick[i] for i in span]
+                need = sum(math.ceil(mo.stage_saved[s][i][pick[i]] / unit) for i in span)
+                need += LW.stage_charge(picks, [math.ceil(b / unit) for b in mo.extra], mo.groups)
+                if need > units:
+                    worst = math.inf
+                    break
+                moves = sum(mo.transition[a][b] for a, b in zip(picks, picks[1:]))
+                worst = max(worst, sum(mo.seconds[i][pick[i]] for i in span) + moves)
+            best = min(best, worst)
+    return best
+
+
+def test_per_block_plans_inside_two_pipeline_stages_equal_brute_force(measured):
+    """World 4, pp 2: each stage's 2 ranks run its blocks under tp 1 or 2 (sp where 2) and each recompute
+    option; the split and the options (3 blocks, 9 options, 2 splits) equal brute force at every budget."""
+    model, mem = measured
+    prof = _latency_profile(model)
+    lengths = LENGTHS * 2
+    mo = LW.mixed_options(prof, model, 4, 4, ROW_LEN, lengths, lambda r, st: mem, pp=2)
+    assert {o[:2] for o in mo.options} == {(1, False), (2, False), (2, True)}  # tp divides a stage's 2 ranks
+    assert mo.pp == 2 and len(mo.stage_saved) == 2
+    free, table = LW.search_plan(prof, model, 4, 4, ROW_LEN, lengths, measured=lambda r: mem, mixed_tp=True,
+                                 pipeline=True)
+    rows = [(p, n) for st, p, n in table if st is None]
+    assert [n["pp"] for _, n in rows] == [1, 2]  # every pp dividing the world that 3 blocks can fill
+    least = min(n["least_bytes"] for _, _, n in table)
+    most = max(n["free_bytes"] for _, _, n in table)
+    for fraction in (0.05, 0.14, 0.3, 0.8, 2.0):
+        budget = least + (most - least) * fraction
+        best, table = LW.search_plan(prof, model, 4, 4, ROW_LEN, lengths, budget, measured=lambda r: mem,
+                                     mixed_tp=True, pipeline=True)
+        (plan,) = [p for st, p, n in table if st is None and n["pp"] == 2]
+        assert plan.time_s == pytest.approx(_brute_force_mixed_stages(mo, budget), rel=1e-12), fraction
+        assert plan.memory_bytes <= budget and len(plan.stages) == 2 and plan.stages[0] == 0
+        # the plan's own numbers: its slowest stage's time and its stages' bytes
+        picks = [mo.options.index((t, v, c)) for t, v, c in zip(plan.tp, plan.sp, plan.recompute)]
+        ends = plan.stages[1:] + [3]
+        times = [sum(mo.seconds[i][picks[i]] for i in range(a, b))
+                 + sum(mo.transition[x][y] for x, y in zip(picks[a:b], picks[a + 1:b]))
+                 for a, b in zip(plan.stages, ends)]
+        assert max(times) == pytest.approx(plan.time_s, rel=1e-12)
+        assert plan.parts["predicted_stage_bytes"] == pytest.approx(
+            [sum(mo.stage_saved[s][i][picks[i]] for i in range(a, b)) + mo.charge(picks[a:b])
+             for s, (a, b) in enumerate(zip(plan.stages, ends))])
+        if plan.mixed:
+            assert plan.pp == 2 and plan.text.startswith("pp2,tp[") and plan.as_dict()["pp"] == 2
+        else:  # one (tp, sp) throughout: the uniform pipeline strategy, its split the searched one
+            assert plan.strategy.pp == 2 and plan.strategy.tp == plan.tp[0]
+        assert best.time_s <= plan.time_s or not plan.mixed
+    with pytest.raises(H.HotSPaError, match="mixed tp pp2"):
+        LW.search_plan(prof, model, 4, 4, ROW_LEN, lengths, 2**16, measured=lambda r: mem, mixed_tp=True,
+                       pipeline=True)
+
+
+def test_a_per_block_pipeline_plan_is_the_hotspa_strategy_it_names():
+    """`plan_text` of a per-block plan in two stages: 'pp2,tp[..]' with its recompute, parsed back alike."""
+    from luoshu.parallel import mixed_tp
+
+    text = mixed_tp.plan_text(None, ["none", "full", "none"], (2, 1, 2), (True, False, False), pp=2)
+    assert text == "pp2,tp[2,1,2],sp[1,0,0],rc[none,full,none]"
+    st = H.parse_strategy(text)
+    assert st.pp == 2 and st.layer_tp == (2, 1, 2) and st.layer_recompute == ("none", "full", "none")
+    plan = LW.LayerPlan(None, ["none"] * 3, [0, 2], 1.0, 1.0, {}, (2, 1, 2), (True, False, False), 2)
+    assert plan.text == "pp2,tp[2,1,2],sp[1,0,0]"
