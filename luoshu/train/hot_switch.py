@@ -20,7 +20,8 @@ selective, full) whose peak per device holds the epoch's batch of most packed ro
 choices, predicted step time and memory) is printed and written to `parallel.json`; the chosen
 blocks are marked for recompute (overriding the model's `recompute` setting) and the job runs as
 a one-bucket HotSPa, i.e. `ls.parallel.parallelize` under that mesh (a pp > 1 plan: its pipeline, at the
-searched split, owns the parameters, each stage holding its own).
+searched split, owns the parameters, each stage holding its own; a per-block plan as the per-block
+strategy `tp[..]`, in pipeline stages `pp2,tp[..]` at the searched split: `plan_strategy`).
 
 Checkpoints: at every `checkpoint_interval` steps (default: every epoch; 0: only at the end)
 and at the end, the full parameters and optimizer state, gathered from the owner strategy's
@@ -215,7 +216,8 @@ def _choose_static(config, model, docs, row_len: int) -> layerwise.LayerPlan:
     candidates = []
     for st, p, needs in table:
         fits = isinstance(p, layerwise.LayerPlan)
-        name = "mixed tp" if st is None else f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else "")
+        name = ("mixed tp" + (f" pp{needs['pp']}" if needs.get("pp", 1) > 1 else "") if st is None
+                else f"dp{st.dp},tp{st.tp},pp{st.pp}" + (",sp" if st.sp else ""))
         candidates.append(
             {
                 **(p.as_dict() if fits else {"strategy": name}),
@@ -255,6 +257,17 @@ def _choose_static(config, model, docs, row_len: int) -> layerwise.LayerPlan:
     return plan
 
 
+def plan_strategy(model, plan: layerwise.LayerPlan) -> tuple[str, list[str] | None]:
+    """(the HotSPa strategy string, each stage's first module name or None) that runs the layer-wise
+    search's `plan`: a plan with one tp (and sp) per block as a per-block strategy (`mixed_tp`), in
+    its pipeline stages ("pp2,tp[..]") where it has them; a pipeline plan at the split it chose."""
+    text = mixed_tp.plan_text(plan.strategy, plan.recompute, plan.tp, plan.sp, plan.pp)
+    if plan.pp == 1:
+        return text, None
+    prefix, _ = _layers(model)
+    return text, [f"{prefix}.{i}" for i in plan.stages]
+
+
 def train_hot_switch(config) -> dict[str, float]:
     """Runs the job (`hot_switch` or `parallel: auto`); returns {"train_loss": the last step's loss}."""
     bounds, strategies = check_hot_switch(config)
@@ -287,17 +300,17 @@ def train_hot_switch(config) -> dict[str, float]:
     if strategies is None:
         plan = _choose_static(config, model, docs, bounds[0])
         layerwise.apply_plan(model, plan.recompute)  # before HotSPa traces the model
-        # a plan with one tp (and sp) per block runs as a per-block strategy (`mixed_tp`)
-        text = mixed_tp.plan_text(plan.strategy, plan.recompute, plan.tp, plan.sp)
+        text, split = plan_strategy(model, plan)
         strategies, recompute = [text], plan.recompute
-        if not plan.mixed and plan.strategy.pp > 1:  # the split the search chose
-            prefix, _ = _layers(model)
-            stages = {0: [f"{prefix}.{i}" for i in plan.stages]}
+        if split is not None:
+            stages = {0: split}
     budget = None if config.memory_budget_mb is None else float(config.memory_budget_mb) * 2**20
-    # pipeline strategies: the split the cost model balances (the last stage also runs the head)
+    # uniform pipeline strategies: the split the cost model balances (the last stage also runs the head);
+    # a per-block one in stages ("pp2,tp[..]") without a searched split: HotSPa's, by parameter count
     for i, s in enumerate(strategies):
-        if parse_strategy(s).pp > 1 and i not in stages:
-            stages[i] = layerwise.pipeline_stages(model, parse_strategy(s), bounds[i])
+        st = parse_strategy(s)
+        if st.pp > 1 and not st.mixed and i not in stages:
+            stages[i] = layerwise.pipeline_stages(model, st, bounds[i])
     hot = HotSPa(
         model, strategies, bounds, memory_budget=budget if config.hot_switch is not None else None, stages=stages
     )
@@ -387,4 +400,4 @@ def train_hot_switch(config) -> dict[str, float]:
     return {"train_loss": loss}
 
 
-__all__ = ["check_hot_switch", "save_checkpoint", "train_hot_switch"]
+__all__ = ["check_hot_switch", "plan_strategy", "save_checkpoint", "train_hot_switch"]

@@ -83,11 +83,15 @@ def reference(name: str, clip: bool = True, longest: int = MAX_LEN, layers: int 
 
 
 def train(name: str, strategies=STRATEGIES, bounds=BOUNDS, longest: int = MAX_LEN, layers: int = 2,
-          owner: int | None = None, checkpoint: str | None = None):
+          owner: int | None = None, checkpoint: str | None = None, stages: list[int] | None = None):
     """HotSPa's training on the batches; `checkpoint`: then the job's checkpoint package written
-    there (`luoshu.train.hot_switch.save_checkpoint`, gathered from the owner's shards)."""
+    there (`luoshu.train.hot_switch.save_checkpoint`, gathered from the owner's shards); `stages`:
+    the first block of each pipeline stage of strategy 0 (HotSPa's `stages`)."""
+    from luoshu.parallel.pipeline import _layers
+
     model = build(name, layers)
-    hot = ls.parallel.HotSPa(model, strategies, bounds, owner=owner)
+    split = None if stages is None else {0: [f"{_layers(model)[0]}.{i}" for i in stages]}
+    hot = ls.parallel.HotSPa(model, strategies, bounds, owner=owner, stages=split)
     opt = optimizer(model, CLIP[name])
     losses, reports = [], []
     for seqs in batches(longest=longest):
@@ -174,14 +178,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks of each model")
     parser.add_argument("--owner", type=int, default=None, help="the owner strategy (default: HotSPa's choice)")
     parser.add_argument("--checkpoint", default=None, help="write each model's checkpoint to CHECKPOINT.<model>")
+    parser.add_argument("--stages", default=None, help="strategy 0's pipeline stages' first blocks, e.g. 0,3")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
     for name in args.models.split(","):
         bounds = [int(b) for b in args.bounds.split(",")]
         checkpoint = None if args.checkpoint is None else f"{args.checkpoint}.{name}"
+        stages = None if args.stages is None else [int(b) for b in args.stages.split(",")]
         losses, params, reports, hot = train(name, args.strategies.split(";"), bounds, layers=args.layers,
-                                             owner=args.owner, checkpoint=checkpoint)
+                                             owner=args.owner, checkpoint=checkpoint, stages=stages)
         mixed = sorted(hot._mixed)
         extra = {
             "owner": np.array(hot.owner),

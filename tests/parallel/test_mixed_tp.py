@@ -20,10 +20,11 @@ from tests.parallel import hotspa_train as H
 LAYERS = 4
 
 
-def _job(tmp_path, tag: str, models: str, strategies: str, bounds: str = "32,0", timeout: float = 300):
+def _job(tmp_path, tag: str, models: str, strategies: str, bounds: str = "32,0", timeout: float = 300,
+         extra: tuple = ()):
     out = tmp_path / tag
     proc = launch(4, "tests/parallel/hotspa_train.py", "--models", models, "--strategies", strategies,
-                  "--bounds", bounds, "--layers", str(LAYERS), "--out", str(out), timeout=timeout)
+                  "--bounds", bounds, "--layers", str(LAYERS), "--out", str(out), *extra, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -99,6 +100,21 @@ def test_gpt2_and_llama_under_per_block_tp_inside_two_pipeline_stages_match_one_
     for masks in held.values():  # each stage holds only its own parameters, both stages all of them
         assert (masks[0] == masks[1]).all() and (masks[2] == masks[3]).all()
         assert not masks[0].all() and not masks[2].all() and (masks[0] | masks[2]).all()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_a_pipeline_per_block_strategy_at_a_given_split_with_recompute_matches_one_process(tmp_path):
+    """HotSPa's `stages` for a per-block pipeline (the split a search carries): blocks 0-2 on stage 0
+    (tp2 then sp-free tp1 with full recompute), block 3 alone on stage 1 under tp2 with sp."""
+    out = _job(tmp_path, "split", "gpt2,llama", "pp2,tp[2,2,1,2],sp[0,0,0,1],rc[none,none,full,none]",
+               extra=("--stages", "0,3"))
+    for _, run in _runs(out, ("gpt2", "llama")):
+        # boundaries: tp2 -> tp1 inside stage 0 (a local slice), stage 0's dp2 -> stage 1's tp2 (each of
+        # ranks 2 and 3 gets a half from rank 0 and one from rank 1: four messages)
+        assert [m for _, m in run["traffic"].tolist()] == [0, 4]
+        counts = run["segment_counts"]
+        assert counts.shape == (3, 3) and (counts[:, 1] == 1).all()  # one recompute region traced (block 2)
 
 
 @pytest.mark.dist

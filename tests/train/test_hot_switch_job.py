@@ -224,6 +224,32 @@ def test_resume_on_4_processes_under_other_strategies_equals_one_process(tmp_pat
     _close(_final_tensors(run), _final_tensors(ref), atol=1e-4)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_luoshu_train_hot_switch_with_a_per_block_pipeline_strategy_matches_one_process(tmp_path):
+    """'pp2,tp[2,1]' (block 0 under tp2 on ranks 0-1, block 1 under dp2 on ranks 2-3) hot-switched with
+    uniform strategies in a `luoshu train` job under `luoshu launch -n 4`: one process's losses."""
+    rows = _two_layer_job_matches_one_process(tmp_path, ["pp2,tp[2,1]", "dp2,tp2,pp1", "dp4,tp1,pp1"])
+    assert all(int(r["switch_bytes"]) > 0 for r in rows)
+
+
+def test_a_searched_plan_runs_as_the_strategy_and_split_it_names():
+    """`--parallel auto`'s hand-over (`plan_strategy`): a per-block plan in two stages runs as
+    'pp2,tp[..]' at the searched split; a uniform pipeline plan at its split; a pp = 1 plan alone."""
+    from luoshu.parallel import hotspa as H
+    from luoshu.parallel import layerwise as LW
+    from luoshu.train.hot_switch import plan_strategy
+
+    model, _ = ls.train.builders.build_model("gpt2", {}, {"n_layer": 3, "n_head": 4, "n_embd": 32},
+                                             {"vocab_size": 64, "block_size": 64})
+    mixed = LW.LayerPlan(None, ["none", "full", "none"], [0, 2], 1.0, 1.0, {}, (2, 1, 2), (False,) * 3, 2)
+    assert plan_strategy(model, mixed) == ("pp2,tp[2,1,2],rc[none,full,none]", ["h.0", "h.2"])
+    uniform = LW.LayerPlan(H.Strategy(1, 2, 2), ["none"] * 3, [0, 1], 1.0, 1.0)
+    assert plan_strategy(model, uniform) == ("dp1,tp2,pp2", ["h.0", "h.1"])
+    flat = LW.LayerPlan(None, ["none"] * 3, [0], 1.0, 1.0, {}, (4, 2, 2), (False,) * 3)
+    assert plan_strategy(model, flat) == ("tp[4,2,2]", None)
+
+
 # --- parallel: auto ----------------------------------------------------------------------------------------
 def _auto_values(tmp_path, **extra):
     values = _values(tmp_path, [], parallel="auto", **extra)
