@@ -32,7 +32,10 @@ short ones under plain data parallelism. Training stays exactly that of one stra
 - a per-block strategy ("tp[4,2,1,2]", `luoshu.parallel.mixed_tp`) runs each run of blocks with
   one (tp, sp) under its own TP group over all ranks, the activations re-batched between them;
   its parameters each live in the layout of the first segment that reads it, so switches to and
-  from it, and its being the owner, go through the same per-parameter layouts.
+  from it, and its being the owner, go through the same per-parameter layouts. In pipeline stages
+  ("pp2,tp[2,1,1,2]") each stage's world / pp ranks run its segments (the split: `stages`, default
+  balanced by parameter count), pp micro-batches on the GPipe schedule, the hidden state re-batched
+  between the stages' groups by the same planner; a stage's ranks hold only its parameters.
 
 Each rank's loss is the sum of its tokens' cross entropies divided by the step's total target
 tokens, so the buckets' gradients add up to the gradient of the whole batch's mean loss.
@@ -208,9 +211,10 @@ class HotSPa:
     device; every bucket's strategy must hold its bound in it per the cost model
     (`hotspa.predict`). `node_size`: ranks per node for the planner (default: the launcher's
     local world size). `stages`: {strategy index: the module name of each stage's first layer}
-    for pipeline strategies (default: balanced by parameter count; `layerwise.pipeline_stages`
-    balances them by the cost model). Create the optimizer after `HotSPa` (the parameters then hold the owner's
-    shards) and call `step(sequences, optimizer)` once per batch.
+    for pipeline strategies, uniform or per-block ("pp2,tp[..]") (default: balanced by parameter
+    count; `layerwise.pipeline_stages` balances uniform ones by the cost model). Create the
+    optimizer after `HotSPa` (the parameters then hold the owner's shards) and call
+    `step(sequences, optimizer)` once per batch.
     """
 
     def __init__(
