@@ -250,6 +250,29 @@ def test_a_searched_plan_runs_as_the_strategy_and_split_it_names():
     assert plan_strategy(model, flat) == ("tp[4,2,2]", None)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_parallel_auto_runs_a_per_block_pipeline_plan_as_one_process_does(tmp_path):
+    """Under `luoshu launch -n 4`, a `parallel: auto` job whose search returns the per-block pipeline
+    plan pp2, tp [2, 1], block 1 fully recomputed (tests/train/auto_plan_job.py): it records the plan,
+    HotSPa runs 'pp2,tp[2,1],rc[none,full]' at the split [0, 1], and the losses are one process's."""
+    import json
+
+    import yaml
+
+    layers = {"model_args": {"n_layer": 2, "n_head": 4, "n_embd": 32}}
+    ls.train.train(TrainConfig.from_dict(_auto_values(tmp_path / "one", max_steps=3, **layers)))
+    values = _auto_values(tmp_path, max_steps=3, **layers)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(values))
+    proc = launch(4, "tests/train/auto_plan_job.py", str(tmp_path / "job.yaml"), "--pp", "2", "--tp", "2,1",
+                  "--stages", "0,1", "--recompute", "none,full", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "parallel.json").read_text())
+    assert record["strategy"] == "pp2,tp[2,1]" and record["pp"] == 2 and record["stages"] == [0, 1]
+    assert "--parallel auto: pp2,tp[2,1] over 4 ranks" in proc.stdout
+    np.testing.assert_allclose(_losses(tmp_path / "run"), _losses(tmp_path / "one" / "run"), rtol=1e-5)
+
+
 # --- parallel: auto ----------------------------------------------------------------------------------------
 def _auto_values(tmp_path, **extra):
     values = _values(tmp_path, [], parallel="auto", **extra)
