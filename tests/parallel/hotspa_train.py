@@ -204,6 +204,7 @@ def main() -> None:
             # parameter elements this rank holds in the owner's layout
             "held_numel": np.array(sum(p._value.numel() for p in hot.params)),
             "rebatch": np.array([(r.rebatch_bytes, r.rebatch_messages) for r in reports]),
+            "step_seconds": np.array([r.step_seconds for r in reports]),
             # per mixed strategy's boundary (tag order): (bytes, messages) of the last step's re-batch forward
             "traffic": np.array([v for i in mixed for _, v in sorted(hot._mixed[i].traffic().items())]),
             "segment_counts": np.concatenate([_segment_counts(hot, i) for i in mixed] or [np.zeros((0, 3))]),
