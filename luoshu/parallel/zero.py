@@ -138,7 +138,16 @@ class _Sharded:
     """What every ZeRO layout shares: parameters `params` at `offsets` (`numels` elements) of one
     padded flat tensor of `padded` elements, rank r owning elements [r*shard_size, (r+1)*shard_size),
     and the reduce-scatter of their gradients into this rank's shard (the one copy of it: stage 2's
-    buckets and stage 3's units)."""
+    buckets and stage 3's units). `group`: the data-parallel worker ranks (None: every worker)."""
+
+    group: tuple | None
+
+    @property
+    def pg(self):
+        """The data-parallel process group, looked up (cached by `env`) rather than kept: a layout
+        that outlives `luoshu.distributed.shutdown()` must not keep the destroyed group's native
+        threads alive until the interpreter's teardown."""
+        return env.process_group(self.group)
 
     def start_reduce_scatter(self, grads: list) -> tuple[torch.Tensor, object, torch.Tensor]:
         """Starts the reduce-scatter (mean over the ranks) of `grads` (in `params` order; None:
@@ -172,7 +181,7 @@ class _FlatGroup(_Sharded):
     rank's shard of it and the optimizer over that shard."""
 
     def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
-                 pg, stage: int):
+                 group: tuple | None, stage: int):
         self.indices = indices
         self.params = params
         self.numels = [p._value.numel() for p in params]
@@ -188,7 +197,7 @@ class _FlatGroup(_Sharded):
             p._value = self.flat[pos:pos + n].view(p._value.shape)  # the parameter now views the flat buffer
             self.offsets.append(pos)
             pos += n
-        self.rank, self.world, self.pg = rank, world, pg
+        self.rank, self.world, self.group = rank, world, group
         self.shard = self.flat[rank * self.shard_size:(rank + 1) * self.shard_size]
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero_shard", kind="variable")
         self.optimizer = opt_class([self.shard_param])
@@ -214,7 +223,7 @@ class _Unit(_Sharded):
     Between uses a rank keeps only its shard of their padded flat concatenation."""
 
     def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
-                 pg, group_index: int, offload: Offload, labels: list[str]):
+                 group: tuple | None, group_index: int, offload: Offload, labels: list[str]):
         self.indices, self.params, self.group_index = indices, params, group_index
         self.released = [_released_message(label, p) for label, p in zip(labels, params)]
         # this rank's values (under tensor parallelism: its TP shards of the parameters)
@@ -226,7 +235,7 @@ class _Unit(_Sharded):
             pos += n
         self.shard_size = -(-pos // world)
         self.padded = self.shard_size * world
-        self.world, self.rank, self.pg, self.offload = world, rank, pg, offload
+        self.world, self.rank, self.group, self.offload = world, rank, group, offload
         first = params[0]._value
         flat = torch.zeros(self.padded, dtype=first.dtype, device=first.device)
         for p, offset, n in zip(params, self.offsets, self.numels):
@@ -493,12 +502,11 @@ class ZeroSync(SyncMode):
         """Stages 1-2: one `_FlatGroup` per (parameter group, indices) of `layout`."""
         opt = self.dp.optimizer
         world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
-        pg = env.process_group(self.dp.group or None)
         params = opt.parameters()
         self.groups = []
         for gi, indices in layout:
-            group = _FlatGroup(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank, pg,
-                               self.stage)
+            group = _FlatGroup(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank,
+                               self.dp.group or None, self.stage)
             group.group_index = gi
             group.position = len(self.groups)
             self.offload.enabled = self.offload.applies_to(group.flat.device)
@@ -516,7 +524,6 @@ class ZeroSync(SyncMode):
         """Stage 3: shards every unit (a parameter group index and parameter indices)."""
         opt = self.dp.optimizer
         world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
-        pg = env.process_group(self.dp.group or None)
         params = opt.parameters()
         self.groups = []
         for gi, indices in units:
@@ -525,8 +532,8 @@ class ZeroSync(SyncMode):
             labels = [repr(self._names[id(params[i])]) if id(params[i]) in self._names else
                       f"{params[i].name!r} (index {i} in the optimizer)" if params[i].name else
                       f"of index {i} in the optimizer" for i in indices]
-            unit = _Unit(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank, pg, gi,
-                         self.offload, labels)
+            unit = _Unit(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank,
+                         self.dp.group or None, gi, self.offload, labels)
             unit.position = len(self.groups)
             self.groups.append(unit)
             for i in indices:
