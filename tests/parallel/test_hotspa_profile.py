@@ -271,3 +271,44 @@ def test_auto_chosen_recompute_set_on_4_processes_matches_one_process(tmp_path):
         np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6, err_msg=str(chosen))
         for pname, value in ref_params.items():
             np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{chosen} {pname}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two (or a profiling) 4-process jobs on shared cores
+def test_auto_on_4_processes_takes_a_pipeline_for_the_long_bucket_and_matches_one_process(tmp_path):
+    """GPT-2 with 2 heads over 4 ranks (tp at most 2): only a pipeline (dp1·tp2·pp2, dp2·pp2)
+    holds a quarter of the model states per rank. The job itself runs `strategies="auto"` (its own
+    profile, the runtime's hot step) under a `memory_budget` that no pp = 1 candidate holds the long
+    bucket in; the bucket runs as a pipeline, and the training is one process's (float64, 1e-6)."""
+    from tests.distributed.launcher import launch
+    from tests.parallel import hotspa_train as T
+
+    # the activation bytes the job's profile fits are measured, not timed: this profile's scale is its
+    prof = P.profile(T.build("gpt2", heads=2), repeats=1)
+    lengths = [len(s) for s in next(T.batches())]
+    cl = P.cluster(prof, 4)
+    seqs = H.bucketize(lengths, T.BOUNDS)[0]
+    # HotSPa's auto holds the choice in the profiled bytes and in the cost model's own: the larger need
+    scale = max(prof.activation_scale, 1.0)
+    needs = {str(st): H.predict(prof.spec, cl, st, seqs, T.BOUNDS[0], st.pp).memory_bytes * scale
+             for st in P.variants(4, prof.spec)}
+    flat = min(v for n, v in needs.items() if ",pp1" in n)
+    piped = min(v for n, v in needs.items() if ",pp1" not in n)
+    assert piped < flat
+    out = tmp_path / "auto"
+    proc = launch(4, "tests/parallel/hotspa_train.py", "--models", "gpt2", "--heads", "2", "--strategies", "auto",
+                  "--budget", repr((piped + flat) / 2), "--out", str(out), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, ref_params = T.reference("gpt2", heads=2)
+    chosen = None
+    for r in range(4):
+        run = np.load(f"{out}.gpt2.rank{r}.npz")
+        names = [f"{s} rc={c}" for s, c in zip(run["strategies"], run["recompute"])]
+        assert chosen is None or names == chosen  # every rank chose alike
+        chosen = names
+        assert H.parse_strategy(str(run["strategies"][0])).pp == 2, chosen
+        assert (run["tokens"] > 0).all()  # every bucket ran under its strategy
+        np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6, err_msg=str(chosen))
+        for pname, value in ref_params.items():
+            np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{chosen} {pname}")

@@ -215,6 +215,7 @@ def test_a_pipeline_owners_checkpoint_resumes_on_2_processes_as_one_process_trai
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two (or a profiling) 4-process jobs on shared cores
 def test_a_pipeline_owners_checkpoint_resumes_on_4_processes_as_one_process_trains_straight_through(tmp_path):
     """dp1·tp2·pp2 owns (a quarter of the blocks per rank; GPT-2's tied table on both stages, LLaMA's
     gradients clipped over every stage) with dp2·tp2 and dp4: saved after two steps, resumed."""
