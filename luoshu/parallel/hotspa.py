@@ -44,7 +44,8 @@ no fused variable-length kernel, the LM head's FLOPs counted; and its hot step
 (`simulate(..., runtime=True)`): each bucket's gradients all-reduced over its strategy's
 data-parallel group, the parameters switched from the owner along `hot_switch.best_order`'s path
 (one way) and each visited strategy's gradients back to the owner (`runtime_switches_time`, each
-switch `switch_overhead`, `switch_message_overhead` per message and its largest rank's bytes), the
+switch `switch_overhead`, `switch_message_overhead` per message and its largest rank's bytes; a
+pipeline strategy's layers on their stage's ranks, `runtime_layouts`), the
 loss and the update once; the search over per-bucket choices is then exact over the set of
 strategies a step visits (`best_per_bucket_tour`).
 """
