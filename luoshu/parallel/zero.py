@@ -49,7 +49,8 @@ uses; a parameter's `_value` is then a tensor on the "meta" device (shape, no st
 
 Read or set the parameters of a stage-3 run inside `with dp.sync.gathered_parameters():`
 (`model.state_dict()`, `model.load_state_dict(...)`): on exit each rank keeps its shard of
-what they hold (stages 1-2: a no-op, the parameters are whole).
+what they hold (stages 1-2: the parameters are whole; under tensor parallelism it also brings
+what a TP member left to member 0, see below).
 
 The result equals plain data parallelism up to floating-point summation order: the update
 rules are elementwise. Sparse (`IndexedSlices`) gradients — embedding tables — keep the plain
@@ -68,10 +69,14 @@ calls this mode's update rewrite on each rank's local graph (`Strategy.update_pa
 the DP all-reduce, clipping weighs each parameter's pieces as its TP states say (a split
 parameter once on each TP member, a duplicated one 1/tp) and sums over both groups, and the
 checkpoint hook consolidates over DP, then gathers over TP. Stage 3 shards each rank's TP shards
-(its units are laid out from this rank's values; a TP member's local graph may not read a
-parameter, a row-parallel bias on members other than 0, which then has no gather) and also
-registers a pass on every local graph the strategy compiles (`Strategy.graph_passes`), so the
-readers of a plan of another fetch set (an evaluation) gather too.
+(its units are laid out from this rank's values) and also registers a pass on every local graph
+the strategy compiles (`Strategy.graph_passes`), so the readers of a plan of another fetch set (an
+evaluation) gather too. Every stage leaves to TP member 0 the duplicated parameters a member's
+local graph never reads (the row-parallel biases: the partial sums get the bias once, on member 0;
+`_leave_to_member0`): the other members hold no value, optimizer state or shard of them and
+reduce, update and count none of their gradients; clipping weighs such a parameter whole on
+member 0, `gathered_parameters()` broadcasts it from there, and the checkpoints (written by rank 0,
+TP member 0) hold it as a plain run's do. A later graph that reads one on such a member is refused.
 
 In a pipeline (`pipeline(..., zero=1 | 2)`) the stage builds this mode over its DP group and hands it
 each step's gradients, accumulated over the micro-batches, once after the last (`step_accumulated`):
