@@ -53,7 +53,8 @@ def test_zero_1_2_3_over_dp_of_dp2_tp2_match_one_process_and_checkpoints_cross_l
     which train on like one process."""
     ref_losses, ref_params, ref_memory = zero_tp_train.train()
     unclipped, _ = tp_train.train("gpt2")
-    assert np.abs(ref_losses - unclipped).max() > 1e-5  # the clipping takes effect
+    assert len(ref_losses) == 5
+    assert np.abs(ref_losses[:len(unclipped)] - unclipped).max() > 1e-5  # the clipping takes effect
     plain_ckpt = tmp_path / "plain"
     _, _, _ = zero_tp_train.train(save=plain_ckpt)  # one process, saved after its steps
     ref_load_losses, ref_load_params, _ = zero_tp_train.train(load=plain_ckpt)
@@ -147,6 +148,6 @@ def _reference_state() -> dict:
         y = ls.placeholder("y", (None, tp_train.LENGTH), "int64")
         loss = ls.nn.functional.cross_entropy(model(ids).reshape((-1, tp_train.VOCAB)), y.reshape((-1,)))
         step = opt.minimize(loss)
-    for ids_v, y_v in tp_train.batches():
+    for ids_v, y_v in tp_train.batches(steps=zero_tp_train.STEPS):
         g.run([loss, step], {ids: ids_v, y: y_v})
     return full_state(model, opt)

@@ -24,12 +24,13 @@ import luoshu as ls
 from tests.parallel import tp_train
 
 CLIP = 0.05  # below the gradients' norm: the clipping takes effect
+STEPS = 5
 
 
 def train(mesh=None, zero: int = 0, save=None, load=None, optimizer: str = "adamw"):
     """(losses, {name: full parameter}, {optimizer-state and parameter bytes at the first step
     (`plan.memory()`), the loss of the last batch after the last step, the error a read of a
-    row-parallel bias raises there, or "" (`left_read`)}) after `tp_train.STEPS` steps;
+    row-parallel bias raises there, or "" (`left_read`)}) after `STEPS` steps;
     `load`: a checkpoint loaded before the first, `save`: saved after the last."""
     ls.manual_seed(11)
     model = tp_train.build("gpt2").to(dtype="float64")
@@ -46,7 +47,7 @@ def train(mesh=None, zero: int = 0, save=None, load=None, optimizer: str = "adam
         ls.load(load, model, opt)
     rows = mesh.batch_slice(tp_train.BATCH) if mesh is not None else slice(None)
     losses, memory = [], None
-    for i, (ids_v, y_v) in enumerate(tp_train.batches()):
+    for i, (ids_v, y_v) in enumerate(tp_train.batches(steps=STEPS)):
         feed = {ids: ids_v[rows], y: y_v[rows]}
         if i == 0:
             report = g.memory([loss, step], feed)
