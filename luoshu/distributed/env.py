@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import json
 import logging
 import os
@@ -501,6 +502,12 @@ def shutdown() -> None:
             torch_dist.destroy_process_group()
         except Exception as exc:  # noqa: BLE001 - a peer may be gone already
             failures.append(exc)
+        # A destroyed group lives on while anything refers to it, and its native threads with it
+        # (Gloo's worker and transport loops); left to the interpreter's teardown they are
+        # destroyed in static-destructor order, which aborted a loaded worker now and then
+        # ("terminate called without an active exception"). Garbage holding them (a finished
+        # job's graphs and plans are cycles) is freed now, while the interpreter is whole.
+        gc.collect()
     if _state.role == "worker" and _state.num_servers and _state.store is not None:
         _count_worker_exit(_state.store)
     _state.__init__()

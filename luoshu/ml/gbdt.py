@@ -50,16 +50,25 @@ class _Collectives:
     """Sums and gathers across data-parallel workers (identities in one process)."""
 
     def __init__(self, distributed: bool):
-        self.pg = None
+        self.distributed = distributed
         self.world = 1
         self.rank = 0
         if distributed:
             from luoshu import distributed as dist
 
             dist.init()
-            self.pg = dist.process_group()
             self.world = dist.world_size()
             self.rank = dist.rank()
+
+    @property
+    def pg(self):
+        """The workers' process group (None in one process), looked up rather than kept: a fitted
+        model that outlives `luoshu.distributed.shutdown()` must not keep the destroyed group alive."""
+        if not self.distributed:
+            return None
+        from luoshu import distributed as dist
+
+        return dist.process_group()
 
     def allreduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.pg is None:

@@ -696,20 +696,19 @@ class BucketAllReduce(OpDef):
 
     def bind(self, attrs):
         # Per step this is the bucket's only CPU work besides the collective, so what does not
-        # change between steps is found once: the buffer's holder here, the group and the scale at
-        # the first run (a plan may be built before luoshu.distributed.init), the pieces and their
+        # change between steps is found once: the buffer's holder here, the pieces and their
         # offsets on the buffer itself, and the bucket_place pieces that filled it whole last step
         # (known again by identity alone). At 1-4 MB the per-step Python was a sizeable part of the step.
         name, reduce, group, key = self.name, attrs["reduce"], attrs["group"], attrs["buffer"]
         holder = live.lookup(key, "bucket buffer", name) if key >= 0 else None
-        resolved: list = []  # [process group, scale or None]
         placed: list = [None, ()]  # a buffer and the bucket_place pieces last found to fill it whole
 
         def kernel(*xs):
-            if not resolved:
-                pg, size, _ = _group(name, group)
-                resolved[:] = pg, (1.0 / size if reduce == "mean" and size > 1 else None)
-            pg, scale = resolved
+            # the group is looked up per run, not kept here: a plan that outlives
+            # luoshu.distributed.shutdown() must not keep the destroyed group (and its native
+            # threads) alive until the interpreter's teardown
+            pg, size, _ = _group(name, group)
+            scale = 1.0 / size if reduce == "mean" and size > 1 else None
             flat = holder.tensor if holder is not None else None
             # the very pieces bucket_place wrote this step (gradients as bucket views): nothing to do
             if flat is None or flat is not placed[0] or len(xs) != len(placed[1]) or \

@@ -44,7 +44,8 @@ no fused variable-length kernel, the LM head's FLOPs counted; and its hot step
 (`simulate(..., runtime=True)`): each bucket's gradients all-reduced over its strategy's
 data-parallel group, the parameters switched from the owner along `hot_switch.best_order`'s path
 (one way) and each visited strategy's gradients back to the owner (`runtime_switches_time`, each
-switch `switch_overhead`, `switch_message_overhead` per message and its largest rank's bytes), the
+switch `switch_overhead`, `switch_message_overhead` per message and its largest rank's bytes; a
+pipeline strategy's layers on their stage's ranks, `runtime_layouts`), the
 loss and the update once; the search over per-bucket choices is then exact over the set of
 strategies a step visits (`best_per_bucket_tour`).
 """
@@ -423,10 +424,27 @@ def run_time(model: ModelSpec, cluster: ClusterSpec, rows: Sequence[Sequence[int
     """One run of the runtime's plan over packed `rows` (each a list of sequence lengths in a row of
     `row_len` tokens) through `layers` layers: the layers as one batch (their overhead and
     collectives once), attention over whole rows unless the model has fused attention; the
-    plan's own overhead and, on the last stage, the LM head."""
-    flat = [n for row in rows for n in row]
-    if not flat:
+    plan's own overhead and, on the last stage, the LM head. Where the cluster has profiled runs
+    of the plan under this tp (`ClusterSpec.tp_runs`), its layers' share of those; a recompute or
+    sequence-parallel variant, that times the formula's ratio of the variant to the plain plan
+    (so a variant never looks cheaper than the plan it changes for being priced another way)."""
+    if not any(row for row in rows):
         return 0.0
+    measured = [points for n, points in cluster.tp_runs if n == tp]
+    if not measured:
+        return _formula_run(model, cluster, rows, row_len, layers, tp, sp, recompute, last)
+    base = _interpolated_run(measured[0], len(rows), row_len) * layers / model.layers
+    if not sp and recompute == "none":
+        return base
+    plain = _formula_run(model, cluster, rows, row_len, layers, tp, False, "none", last)
+    variant = _formula_run(model, cluster, rows, row_len, layers, tp, sp, recompute, last)
+    return base * variant / plain if plain > 0 else base
+
+
+def _formula_run(model: ModelSpec, cluster: ClusterSpec, rows: Sequence[Sequence[int]], row_len: int, layers: int,
+                 tp: int, sp: bool, recompute: str, last: bool) -> float:
+    """`run_time` from the cost model's formulas alone (FLOPs, overheads, collectives, the head)."""
+    flat = [n for row in rows for n in row]
     rate = cluster.flops * cluster.mfu
     passes = 3.0 + (1.0 if recompute == "full" else 0.0)
     tokens = float(len(rows) * row_len)  # the rows' padding runs through the kernels too
@@ -435,9 +453,6 @@ def run_time(model: ModelSpec, cluster: ClusterSpec, rows: Sequence[Sequence[int
         squares = float(sum(n * n for n in flat))
     else:  # the masked scores of every row, not of each sequence alone
         squares = float(len(rows) * row_len * row_len)
-    measured = [points for n, points in cluster.tp_runs if n == tp]
-    if measured and not sp and recompute == "none":  # the profiled plan: its layers' share of the whole
-        return _interpolated_run(measured[0], len(rows), row_len) * layers / model.layers
     flops = (24.0 * tokens * h * h + 4.0 * h * squares) * passes
     if recompute == "selective":
         flops += 4.0 * h * squares
@@ -600,34 +615,72 @@ def switch_time(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Stra
     return 2.0 * seconds * layers_held
 
 
+def layer_stages(model: ModelSpec, pp: int) -> list[int]:
+    """The pipeline stage of each layer under `pp` stages as the cost model splits them: contiguous,
+    ceil(layers / pp) a stage (`predict`'s layers per stage), the last stage what is left."""
+    per = math.ceil(model.layers / pp)
+    return [min(layer // per, pp - 1) for layer in range(model.layers)]
+
+
+def runtime_layouts(st: Strategy, stages: Sequence[int]) -> tuple[Layout, Layout]:
+    """Layouts of a column- and a row-parallel weight under `st` as HotSPa's runtime holds it
+    (`hotspa_runtime._world_layout`): on the ranks of the pipeline `stages` that read it (ranks
+    pp-major, then dp, tp-minor), split over each TP group, duplicated over dp and those stages."""
+    ranks = [s * st.dp * st.tp + d * st.tp + t for s in stages for d in range(st.dp) for t in range(st.tp)]
+
+    def layout(dim: int) -> Layout:
+        states, order = {}, []
+        if len(stages) * st.dp > 1:
+            states[DUPLICATE] = len(stages) * st.dp
+            order.append(DUPLICATE)
+        if st.tp > 1:
+            states[dim] = st.tp
+            order.append(dim)
+        return Layout(DStates(len(ranks), states, tuple(order)), ranks)
+
+    return layout(0), layout(1)
+
+
 @functools.lru_cache(maxsize=4096)
 def runtime_switch_plan(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> tuple[int, int]:
     """(the largest bytes one rank sends, the most messages one rank sends and receives) when
     HotSPa's runtime switches every parameter (or its gradient) one way, `src` layouts to `dst`
-    (pp = 1): the planner's plans of one layer's weights times the layers, and of the token and
-    position tables (split as a column-parallel weight), the senders balanced over all of them and
-    one message per peer and direction (one `run_switches` batch), values of `cluster.value_bytes`."""
+    (`runtime_layouts`; a pipeline strategy's layer on its stage's ranks, `layer_stages`): the
+    planner's plans of one layer's weights for each pair of (src, dst) stages times the layers of
+    that pair, and of the token and position tables (split as a column-parallel weight; on the
+    first and the last stage of a pipeline, which read them), the senders balanced over one
+    layer's weights and over the tables, one message per peer and direction (one `run_switches`
+    batch), values of `cluster.value_bytes`."""
     if src == dst:
         return 0, 0
     h, f, item = model.hidden, model.ffn_dim, int(cluster.value_bytes)
-    (s_col, s_row), (d_col, d_row) = weight_layouts(src, cluster.world), weight_layouts(dst, cluster.world)
-    layer: dict[int, int] = {}
+    node = cluster.gpus_per_node
     pairs: set[tuple[int, int]] = set()
-    plans = [plan_hot_switch(shape, item, a, b, node_size=cluster.gpus_per_node, load=layer)
-             for shape, a, b in [((3 * h, h), s_col, d_col), ((h, h), s_row, d_row), ((2 * f, h), s_col, d_col),
-                                 ((h, f), s_row, d_row)]]
+    sent: dict[int, int] = {}
+    layer_pairs: dict[tuple[int, int], int] = {}
+    for a, b in zip(layer_stages(model, src.pp), layer_stages(model, dst.pp)):
+        layer_pairs[(a, b)] = layer_pairs.get((a, b), 0) + 1
+    for (a, b), count in layer_pairs.items():
+        (s_col, s_row), (d_col, d_row) = runtime_layouts(src, [a]), runtime_layouts(dst, [b])
+        layer: dict[int, int] = {}
+        for shape, x, y in [((3 * h, h), s_col, d_col), ((h, h), s_row, d_row), ((2 * f, h), s_col, d_col),
+                            ((h, f), s_row, d_row)]:
+            plan = plan_hot_switch(shape, item, x, y, node_size=node, load=layer)
+            pairs.update((m.sender, m.receiver) for m in plan.messages)
+        for r, nbytes in layer.items():
+            sent[r] = sent.get(r, 0) + count * nbytes
     tables: dict[int, int] = {}
-    plans.append(plan_hot_switch((2 * model.vocab, h), item, s_col, d_col, node_size=cluster.gpus_per_node,
-                                 load=tables))
-    for plan in plans:
-        pairs.update((m.sender, m.receiver) for m in plan.messages)
-    ranks = set(layer) | set(tables)
-    nbytes = max((model.layers * layer.get(r, 0) + tables.get(r, 0) for r in ranks), default=0)
+    ends = [sorted({0, st.pp - 1}) for st in (src, dst)]
+    plan = plan_hot_switch((2 * model.vocab, h), item, runtime_layouts(src, ends[0])[0],
+                           runtime_layouts(dst, ends[1])[0], node_size=node, load=tables)
+    pairs.update((m.sender, m.receiver) for m in plan.messages)
+    for r, nbytes in tables.items():
+        sent[r] = sent.get(r, 0) + nbytes
     messages: dict[int, int] = {}
     for a, b in pairs:
         messages[a] = messages.get(a, 0) + 1
         messages[b] = messages.get(b, 0) + 1
-    return nbytes, max(messages.values(), default=0)
+    return max(sent.values(), default=0), max(messages.values(), default=0)
 
 
 def runtime_switch_bytes(model: ModelSpec, cluster: ClusterSpec, src: Strategy, dst: Strategy) -> int:
@@ -1089,7 +1142,8 @@ def brute_force_layers(times, memories, budget, transition=None) -> tuple[list[i
 
 __all__ = ["A800", "LLAMA_7B", "RECOMPUTE", "ClusterSpec", "HotSPaError", "ModelSpec", "Prediction", "Strategy",
            "all_gather_time", "best_per_bucket", "best_per_bucket_tour", "brute_force_buckets",
-           "brute_force_buckets_tour", "runtime_switch_bytes", "runtime_switch_plan", "runtime_switch_time",
+           "brute_force_buckets_tour", "layer_stages", "runtime_layouts", "runtime_switch_bytes", "runtime_switch_plan",
+           "runtime_switch_time",
            "runtime_switches_time",
            "bucketize", "rebatch_bytes", "row_layout",
            "transition_time",

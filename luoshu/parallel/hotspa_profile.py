@@ -35,10 +35,11 @@ it measures what the cost model's latency terms need (`ClusterSpec.latency` ...)
   per message a rank sends or receives): HotSPa's runtime switches parameters and gradients so,
   several times a step.
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
-`strategies="auto"`) picks each bucket's strategy with `hotspa.simulate` over the runnable
-(pp=1) strategies with each recompute option and sequence parallelism (`variants`);
-`predict_steps` predicts the step time of each static strategy and of hot switching for one batch
-(the benchmark prints it beside the measured times).
+`strategies="auto"`) picks each bucket's strategy with `hotspa.simulate(..., runtime=True)` (the
+runtime's hot step as it runs) over the strategies HotSPa runs, pipelines included, with each
+recompute option and sequence parallelism (`variants`); `predict_steps` predicts the step time of
+each static strategy and of hot switching for one batch (the benchmark prints it beside the
+measured times).
 """
 
 from __future__ import annotations
@@ -539,20 +540,26 @@ def cluster(
     )
 
 
-def runnable(world: int, spec: H.ModelSpec) -> list[H.Strategy]:
-    """The strategies HotSPa runs over `world` ranks: pp=1, tp dividing the heads."""
-    return [
-        H.Strategy(world // tp, tp, 1) for tp in (1, 2, 4, 8, 16, 32, 64) if world % tp == 0 and spec.heads % tp == 0
-    ]
+def runnable(world: int, spec: H.ModelSpec, pipeline: bool = False) -> list[H.Strategy]:
+    """The (dp, tp, pp) strategies HotSPa runs over `world` ranks: tp dividing the heads; pp = 1,
+    or with `pipeline` also every pp > 1 dividing the blocks (and world / tp), a strategy of
+    `pp` stages of dp·tp ranks each (`hotspa_runtime`'s pipeline strategies)."""
+    out = []
+    for tp in (t for t in (1, 2, 4, 8, 16, 32, 64) if world % t == 0 and spec.heads % t == 0):
+        for pp in (p for p in range(1, world // tp + 1) if world // tp % p == 0) if pipeline else (1,):
+            if pp == 1 or spec.layers % pp == 0:
+                out.append(H.Strategy(world // (tp * pp), tp, pp))
+    return out
 
 
 def variants(world: int, spec: H.ModelSpec) -> list[H.Strategy]:
-    """HotSPa's per-bucket candidates (`strategies="auto"`): every runnable strategy with each
-    activation recompute option ("none", "selective", "full"), and with sequence parallelism
-    where tp > 1 (what HotSPa's runtime runs: one recorded graph per recompute setting)."""
+    """HotSPa's per-bucket candidates (`strategies="auto"`): every runnable strategy, pipelines
+    included (`runnable(..., pipeline=True)`), with each activation recompute option ("none",
+    "selective", "full"), and with sequence parallelism where tp > 1 (what HotSPa's runtime runs:
+    one recorded graph per recompute setting, a pipeline's stages traced so marked)."""
     return [
         dataclasses.replace(st, sp=sp, recompute=rc)
-        for st in runnable(world, spec)
+        for st in runnable(world, spec, pipeline=True)
         for sp in ((False, True) if st.tp > 1 else (False,))
         for rc in H.RECOMPUTE
     ]
@@ -562,17 +569,20 @@ def choose_strategies(
     prof: Profile, world: int, bounds: Sequence[int], lengths: Sequence[int], memory: float = float("inf")
 ) -> list[str]:
     """One strategy string per bucket (HotSPa's `strategies="auto"`): the combination of `variants`
-    the profiled cost model predicts fastest for a batch with these `lengths` (recompute's extra
-    forward in `hotspa.layer_time`, its and sequence parallelism's activations in
-    `hotspa.layer_activation_bytes`), every bucket within `memory` bytes per device. Every fitting
-    candidate of every bucket enters `hotspa.simulate`'s search of the combinations (switch costs
-    included), so the choice is the cost model's optimum over the candidates. A bucket no
-    candidate holds: a `HotSPaError` naming it and the least memory a candidate needs."""
+    (pipeline strategies included) whose hot step, as HotSPa's runtime runs it
+    (`hotspa.simulate(..., runtime=True)`: each strategy's plans and micro-batches, its
+    data-parallel gradient sum, the switches from the owner and the gradients back, recompute's
+    extra forward, its and sequence parallelism's activations), the profiled cost model predicts
+    fastest for a batch with these `lengths`, every bucket within `memory` bytes per device. Every
+    fitting candidate of every bucket enters the search of the combinations
+    (`hotspa.best_per_bucket_tour`, exact), so the choice is the cost model's optimum over what the
+    runtime runs. A bucket no candidate holds: a `HotSPaError` naming it and the least memory a
+    candidate needs."""
     spec = prof.spec
     options = variants(world, spec)
     cl = cluster(prof, world, memory)
     for seqs, bound, upper in zip(bucketize(lengths, bounds), bounds[1:], bounds):
-        need = [H.predict(spec, cl, st, seqs, int(upper)) for st in options] if seqs else []
+        need = [H.predict(spec, cl, st, seqs, int(upper), st.pp) for st in options] if seqs else []
         if need and not any(p.fits for p in need):
             least = min(need, key=lambda p: p.memory_bytes)
             raise H.HotSPaError(
@@ -580,7 +590,7 @@ def choose_strategies(
                 f"{max(seqs)} tokens) in {memory / 2**20:.2f} MiB per device per the profiled cost model; the "
                 f"least it needs is {least.memory_bytes * prof.activation_scale / 2**20:.2f} MiB ({least.strategy})"
             )
-    result = H.simulate(spec, cl, lengths, bounds, options=options, candidates=len(options))
+    result = H.simulate(spec, cl, lengths, bounds, options=options, candidates=len(options), runtime=True)
     return [str(st) for st in result["chosen"]]
 
 
@@ -588,16 +598,18 @@ def choose_static(
     prof: Profile, world: int, lengths: Sequence[int], memory: float = float("inf")
 ) -> tuple[H.Strategy, H.Prediction, list[H.Prediction]]:
     """The static strategy of a job over `world` ranks whose batches hold sequences of these
-    `lengths`, one (dp, tp) for every layer and no recompute (`luoshu train --parallel auto` runs
-    the layer-wise search instead, `layerwise.search_plan`): the runnable strategy the profiled cost model
-    predicts fastest among those that hold the longest sequence in `memory` bytes per device.
-    Returns (strategy, its prediction, every candidate's prediction); a `HotSPaError` naming
-    each candidate's need when none fits."""
+    `lengths`, one (dp, tp, pp) for every layer and no recompute (`luoshu train --parallel auto`
+    runs the layer-wise search instead, `layerwise.search_plan`): of the runnable strategies,
+    pipelines included (a one-strategy HotSPa runs a pipeline as its owner), the one the profiled
+    cost model predicts fastest as the runtime runs it (rows of the longest sequence, a pipeline's
+    micro-batches) among those that hold them in `memory` bytes per device. Returns (strategy,
+    its prediction, every candidate's prediction); a `HotSPaError` naming each candidate's need
+    when none fits."""
     spec = prof.spec
     cl = cluster(prof, world, memory)
-    options = runnable(world, spec)
+    options = runnable(world, spec, pipeline=True)
     tokens = max(int(n) for n in lengths)
-    table = [H.predict(spec, cl, st, lengths, tokens) for st in options]
+    table = [H.predict(spec, cl, st, lengths, tokens, st.pp) for st in options]
     fitting = [(p, st) for p, st in zip(table, options) if p.fits]
     # predictions are in the cost model's units; memory back in this machine's bytes
     scale = prof.activation_scale
@@ -625,7 +637,8 @@ def predict_steps(
     lengths = [len(s) for s in sequences]
     out = {f"static {s}": t for s, t in predict_static(prof, sequences, strategies, int(bounds[0])).items()}
     hot = H.simulate(
-        spec, cl, lengths, bounds, strategies=list(strategies), options=runnable(world, spec), runtime=True
+        spec, cl, lengths, bounds, strategies=list(strategies), options=runnable(world, spec, pipeline=True),
+        runtime=True
     )
     out["hot switching"] = hot["hot_switch"].time_s
     return out
@@ -652,8 +665,8 @@ def predict_step_parts(
     for text in strategies:
         st = H.parse_strategy(text)
         out[f"static {text}"] = parts(H.predict(spec, cl, st, lengths, int(bounds[0]), micro_batches=st.pp))
-    hot = H.simulate(spec, cl, lengths, bounds, strategies=list(strategies), options=runnable(world, spec),
-                     runtime=True)
+    hot = H.simulate(spec, cl, lengths, bounds, strategies=list(strategies),
+                     options=runnable(world, spec, pipeline=True), runtime=True)
     total = {"run": 0.0, "dp_sum": 0.0, "switch": 0.0, "update": 0.0}
     for bucket in hot["hot_switch"].parts["buckets"]:
         for k, v in bucket["parts"].items():

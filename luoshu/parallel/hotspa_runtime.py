@@ -203,7 +203,8 @@ class HotSPa:
 
     `strategies`: one `DeviceMesh` or string ("dp2,tp2,pp1") per bucket, each covering the
     world, or "auto": the cost model fed by this machine's profile (`hotspa_profile`) picks them
-    for a batch with `auto_lengths` (default: one sequence at each bucket's bound).
+    for a batch with `auto_lengths` (default: one sequence at each bucket's bound), pipeline
+    strategies included (each at `layerwise.pipeline_stages`' split unless `stages` names one).
     `bucket_bounds`: strictly descending, ending with 0 (bucket i takes lengths in
     (bounds[i+1], bounds[i]]). `owner`: the strategy index that holds the parameters and
     optimizer state (default: least model-state memory on a rank, from the layouts: a pipeline
@@ -243,6 +244,12 @@ class HotSPa:
             # own, which the budget check below applies: the smaller of the two budgets
             memory *= min(1.0, prof.activation_scale)
             strategies = hotspa_profile.choose_strategies(prof, env.world_size(), bounds, lengths, memory)
+            # a chosen pipeline's split: the one the cost model balances (as `luoshu train` gives it)
+            stages = dict(stages or {})
+            for i, text in enumerate(strategies):
+                st = parse_strategy(text)
+                if st.pp > 1 and i not in stages:
+                    stages[i] = layerwise.pipeline_stages(model, st, bounds[i])
         elif isinstance(strategies, str):
             raise HotSPaError(f"HotSPa: strategies must be a list (one per bucket) or 'auto', found {strategies!r}")
         strategies = list(strategies)

@@ -49,7 +49,8 @@ uses; a parameter's `_value` is then a tensor on the "meta" device (shape, no st
 
 Read or set the parameters of a stage-3 run inside `with dp.sync.gathered_parameters():`
 (`model.state_dict()`, `model.load_state_dict(...)`): on exit each rank keeps its shard of
-what they hold (stages 1-2: a no-op, the parameters are whole).
+what they hold (stages 1-2: the parameters are whole; under tensor parallelism it also brings
+what a TP member left to member 0, see below).
 
 The result equals plain data parallelism up to floating-point summation order: the update
 rules are elementwise. Sparse (`IndexedSlices`) gradients — embedding tables — keep the plain
@@ -68,10 +69,14 @@ calls this mode's update rewrite on each rank's local graph (`Strategy.update_pa
 the DP all-reduce, clipping weighs each parameter's pieces as its TP states say (a split
 parameter once on each TP member, a duplicated one 1/tp) and sums over both groups, and the
 checkpoint hook consolidates over DP, then gathers over TP. Stage 3 shards each rank's TP shards
-(its units are laid out from this rank's values; a TP member's local graph may not read a
-parameter, a row-parallel bias on members other than 0, which then has no gather) and also
-registers a pass on every local graph the strategy compiles (`Strategy.graph_passes`), so the
-readers of a plan of another fetch set (an evaluation) gather too.
+(its units are laid out from this rank's values) and also registers a pass on every local graph
+the strategy compiles (`Strategy.graph_passes`), so the readers of a plan of another fetch set (an
+evaluation) gather too. Every stage leaves to TP member 0 the duplicated parameters a member's
+local graph never reads (the row-parallel biases: the partial sums get the bias once, on member 0;
+`_leave_to_member0`): the other members hold no value, optimizer state or shard of them and
+reduce, update and count none of their gradients; clipping weighs such a parameter whole on
+member 0, `gathered_parameters()` broadcasts it from there, and the checkpoints (written by rank 0,
+TP member 0) hold it as a plain run's do. A later graph that reads one on such a member is refused.
 
 In a pipeline (`pipeline(..., zero=1 | 2)`) the stage builds this mode over its DP group and hands it
 each step's gradients, accumulated over the micro-batches, once after the last (`step_accumulated`):
@@ -134,11 +139,27 @@ def _released_message(label: str, p: Tensor) -> str:
             "it inside `with dp.sync.gathered_parameters():`")
 
 
+def _left_message(label: str, p: Tensor) -> str:
+    return (f"DataParallel(zero=...) under tensor parallelism: parameter {label} {tuple(p.shape)} {p.dtype} is kept "
+            "on tensor-parallel member 0 only (this member's graphs never read it: a row-parallel bias, added once on "
+            "member 0), and this member holds no data of it; read or set it inside "
+            "`with dp.sync.gathered_parameters():`")
+
+
 class _Sharded:
     """What every ZeRO layout shares: parameters `params` at `offsets` (`numels` elements) of one
     padded flat tensor of `padded` elements, rank r owning elements [r*shard_size, (r+1)*shard_size),
     and the reduce-scatter of their gradients into this rank's shard (the one copy of it: stage 2's
-    buckets and stage 3's units)."""
+    buckets and stage 3's units). `group`: the data-parallel worker ranks (None: every worker)."""
+
+    group: tuple | None
+
+    @property
+    def pg(self):
+        """The data-parallel process group, looked up (cached by `env`) rather than kept: a layout
+        that outlives `luoshu.distributed.shutdown()` must not keep the destroyed group's native
+        threads alive until the interpreter's teardown."""
+        return env.process_group(self.group)
 
     def start_reduce_scatter(self, grads: list) -> tuple[torch.Tensor, object, torch.Tensor]:
         """Starts the reduce-scatter (mean over the ranks) of `grads` (in `params` order; None:
@@ -172,7 +193,7 @@ class _FlatGroup(_Sharded):
     rank's shard of it and the optimizer over that shard."""
 
     def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
-                 pg, stage: int):
+                 group: tuple | None, stage: int):
         self.indices = indices
         self.params = params
         self.numels = [p._value.numel() for p in params]
@@ -188,7 +209,7 @@ class _FlatGroup(_Sharded):
             p._value = self.flat[pos:pos + n].view(p._value.shape)  # the parameter now views the flat buffer
             self.offsets.append(pos)
             pos += n
-        self.rank, self.world, self.pg = rank, world, pg
+        self.rank, self.world, self.group = rank, world, group
         self.shard = self.flat[rank * self.shard_size:(rank + 1) * self.shard_size]
         self.shard_param = Tensor.from_value(self.shard, requires_grad=True, name="zero_shard", kind="variable")
         self.optimizer = opt_class([self.shard_param])
@@ -214,7 +235,7 @@ class _Unit(_Sharded):
     Between uses a rank keeps only its shard of their padded flat concatenation."""
 
     def __init__(self, indices: list[int], params: list[Tensor], hyper: dict, opt_class, world: int, rank: int,
-                 pg, group_index: int, offload: Offload, labels: list[str]):
+                 group: tuple | None, group_index: int, offload: Offload, labels: list[str]):
         self.indices, self.params, self.group_index = indices, params, group_index
         self.released = [_released_message(label, p) for label, p in zip(labels, params)]
         # this rank's values (under tensor parallelism: its TP shards of the parameters)
@@ -226,7 +247,7 @@ class _Unit(_Sharded):
             pos += n
         self.shard_size = -(-pos // world)
         self.padded = self.shard_size * world
-        self.world, self.rank, self.pg, self.offload = world, rank, pg, offload
+        self.world, self.rank, self.group, self.offload = world, rank, group, offload
         first = params[0]._value
         flat = torch.zeros(self.padded, dtype=first.dtype, device=first.device)
         for p, offset, n in zip(params, self.offsets, self.numels):
@@ -385,7 +406,12 @@ class ZeroSync(SyncMode):
         self.owner: dict[int, object] = {}
         self._loaded = False  # a plain state dict was loaded and still has to reach the shards
         self._loss_scaler = None  # fp16: the update's LossScaler (use_loss_scaler)
-        self._logical_graphs: list = []  # stage 3 under TP: graphs whose cached plans read whole parameters
+        self._logical_graphs: list = []  # under TP: graphs whose cached plans may read what the layout frees
+        # under TP (`_leave_to_member0`): the parameters this TP member leaves to member 0, each with the
+        # device its value was on (None: not decided yet), and for each parameter fewer than all TP
+        # members keep, how many keep it
+        self._left: dict | None = None if self.tensor_parallel is not None else {}
+        self._keepers: dict[int, int] = {}
         self._gather_depth = 0  # nesting of gathered_parameters() contexts
         self._key = live.register(self)  # what sharded_update and the zero3 ops name in their attributes
         self._scatters: list = []  # (work, flat copy it reads) of the reduce-scatter still in flight
@@ -416,18 +442,54 @@ class ZeroSync(SyncMode):
             # The states pass makes each rank's local graph; this mode rewrites the local update
             # there (the gradients are then this rank's TP shards), in place of the DP all-reduce.
             self.tensor_parallel.update_passes[update_op.attrs["optimizer"]] = self._rewrite_local
-            if self.stage == 3:  # the parameters are sharded: every local graph reads them through gathers
-                self.tensor_parallel.graph_passes.append(self._gather_local_reads)
-                self._logical_graphs.append(graph)
+            # every local graph: no reader of a parameter left to TP member 0; stage 3: readers gather
+            self.tensor_parallel.graph_passes.append(self._check_local_reads)
+            self._logical_graphs.append(graph)
             graph._plans.clear()
             return
         self._rewrite(graph, update_op)
 
     def _rewrite_local(self, graph, update_op) -> None:
         """The tensor-parallel case: `update_op` of a rank's local graph (compiled again for each
-        fetch set and feed signature; the shards' layout is made once, at the first)."""
+        fetch set and feed signature; the shards' layout is made once, at the first). The duplicated
+        parameters this TP member's graph never reads are left to member 0 first (`_leave_to_member0`)."""
         live.keep_alive(graph, self)
+        if self._left is None:
+            self._leave_to_member0(graph, update_op)
+        entries = update_entries(update_op.attrs["params"], update_op.attrs["kinds"], update_op.inputs)
+        kept = [e for e in entries if e.index not in self._left]
+        update_op.attrs["params"], update_op.attrs["kinds"], update_op.inputs = update_inputs(kept)
         self._rewrite(graph, update_op)
+
+    def _leave_to_member0(self, graph, update_op) -> None:
+        """Tensor parallelism, the first local update: on a TP member other than 0, the duplicated
+        dense parameters its local graph never reads (a row-parallel bias: the partial sums get it
+        once, on member 0) are left to member 0, which keeps every parameter. This member then holds
+        no value, no optimizer state and no shard of them, reduces and updates none of their
+        gradients (the graph's op that makes one is pruned), and `gathered_parameters()` brings them
+        from member 0. Every member learns how many members keep each parameter (one all-reduce over
+        the TP group), for clipping's weights and the broadcast in `gathered_parameters()`."""
+        strategy = self.tensor_parallel
+        n = len(strategy.group)
+        params = self.dp.optimizer.parameters()
+        dense = [e.index for e in update_entries(update_op.attrs["params"], update_op.attrs["kinds"], update_op.inputs)
+                 if e.kind == "d"]
+        left = []
+        if strategy.index != 0:
+            readers = self._readers(graph, {id(params[i]): i for i in dense})
+            left = [i for i in dense if i not in readers
+                    and states.states_of(params[i], strategy.strategy, n).is_pure_duplicate()]
+        counts = torch.zeros(len(params), dtype=torch.float64)
+        for i in left:
+            counts[i] = 1.0
+        if n > 1 and env.is_distributed():
+            counts = get_opdef("all_reduce").compute(counts, reduce="sum", group=tuple(strategy.group), async_op=False)
+        # parameter index -> how many TP members keep it, where fewer than all do
+        self._keepers = {i: n - int(c) for i, c in enumerate(counts.tolist()) if c > 0}
+        self._left = {i: params[i]._value.device for i in left}
+        self._free_left()
+        for g in self._logical_graphs:  # plans compiled before may read them
+            g._plans.clear()
 
     def _rewrite(self, graph, update_op) -> None:
         if self.stage == 3:
@@ -493,12 +555,11 @@ class ZeroSync(SyncMode):
         """Stages 1-2: one `_FlatGroup` per (parameter group, indices) of `layout`."""
         opt = self.dp.optimizer
         world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
-        pg = env.process_group(self.dp.group or None)
         params = opt.parameters()
         self.groups = []
         for gi, indices in layout:
-            group = _FlatGroup(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank, pg,
-                               self.stage)
+            group = _FlatGroup(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank,
+                               self.dp.group or None, self.stage)
             group.group_index = gi
             group.position = len(self.groups)
             self.offload.enabled = self.offload.applies_to(group.flat.device)
@@ -516,17 +577,13 @@ class ZeroSync(SyncMode):
         """Stage 3: shards every unit (a parameter group index and parameter indices)."""
         opt = self.dp.optimizer
         world, rank = env.group_size(self.dp.group or None), env.group_rank(self.dp.group or None)
-        pg = env.process_group(self.dp.group or None)
         params = opt.parameters()
         self.groups = []
         for gi, indices in units:
             device = params[indices[0]]._value.device
             self.offload.enabled = self.offload.applies_to(device)
-            labels = [repr(self._names[id(params[i])]) if id(params[i]) in self._names else
-                      f"{params[i].name!r} (index {i} in the optimizer)" if params[i].name else
-                      f"of index {i} in the optimizer" for i in indices]
-            unit = _Unit(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank, pg, gi,
-                         self.offload, labels)
+            unit = _Unit(indices, [params[i] for i in indices], self._hyper(gi), type(opt), world, rank,
+                         self.dp.group or None, gi, self.offload, [self._label(i) for i in indices])
             unit.position = len(self.groups)
             self.groups.append(unit)
             for i in indices:
@@ -536,6 +593,13 @@ class ZeroSync(SyncMode):
             graph._plans.clear()
         if self._loaded:
             self._scatter_loaded_state()
+
+    def _label(self, i: int) -> str:
+        """Parameter `i` of the optimizer, as an error names it."""
+        p = self.dp.optimizer.parameters()[i]
+        if id(p) in self._names:
+            return repr(self._names[id(p)])
+        return f"{p.name!r} (index {i} in the optimizer)" if p.name else f"of index {i} in the optimizer"
 
     def scatter(self, group: _Sharded, grads: list) -> torch.Tensor:
         """Starts the reduce-scatter of one bucket (stage 2) or unit (stage 3) and returns its
@@ -637,6 +701,8 @@ class ZeroSync(SyncMode):
                 # (`opt.shard_norm`, installed by the states pass) and summed over the TP group too.
                 pieces = [piece for g in self.groups for piece in g.gradient_pieces()]
                 norm = opt.shard_norm if opt.shard_norm is not None else ShardNorm({}, ())
+                if self._keepers:  # a duplicated parameter left to TP member 0: counted whole by its keepers
+                    norm = ShardNorm({**norm.weights, **{i: 1.0 / k for i, k in self._keepers.items()}}, norm.group)
                 dense_sq = norm.squared([i for i, _ in pieces], [t for _, t in pieces],
                                         device=self.groups[0].device).double()
                 if pg is not None:
@@ -770,12 +836,19 @@ class ZeroSync(SyncMode):
                     recorded = (starts[0] if k == 0 else []) + waits[k] + (starts[k + 1] if k + 1 < len(chain) else [])
                     before.setdefault(id(first), []).extend(recorded)
 
-    def _gather_local_reads(self, graph) -> None:
-        """Tensor parallelism, stage 3: run on every local graph the strategy compiles. Readers of
-        the sharded parameters that no update rewired (an evaluation's) read them through gathers."""
-        if self.groups is None:
-            return
+    def _check_local_reads(self, graph) -> None:
+        """Tensor parallelism: run on every local graph the strategy compiles. A graph may not read a
+        parameter this TP member left to member 0; at stage 3, readers of the sharded parameters that
+        no update rewired (an evaluation's) read them through gathers."""
         params = self.dp.optimizer.parameters()
+        read = self._readers(graph, {id(params[i]): i for i in self._left or ()})
+        if read:
+            raise DistError(f"DataParallel(zero={self.stage}): graph '{graph.name}' reads parameters "
+                            f"{[self._label(i) for i in sorted(read)]} on tensor-parallel member "
+                            f"{self.tensor_parallel.index}, which left them to member 0 (the training graph never "
+                            "reads them here)")
+        if self.stage != 3 or self.groups is None:
+            return
         readers = self._readers(graph, {id(params[i]): i for i in self.owner})
         if readers:
             before = {}
@@ -1009,9 +1082,13 @@ class ZeroSync(SyncMode):
             self._module_units[id(module)] = unit
 
     def gathered_parameters(self):
-        """A context in which every sharded parameter is whole; on exit each rank keeps its shard
-        of what they then hold (stage 3; stages 1-2 keep them whole: nothing to do)."""
-        return self._gathered() if self.stage == 3 and self.groups else contextlib.nullcontext()
+        """A context in which every parameter is whole on every rank: stage 3's sharded ones, and
+        under tensor parallelism those a TP member left to member 0 (broadcast from it). On exit
+        each rank keeps its shard of what they then hold, and drops what it left to member 0
+        (stages 1-2 without such parameters: nothing to do)."""
+        if (self.stage == 3 and self.groups) or self._keepers:
+            return self._gathered()
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -1019,18 +1096,47 @@ class ZeroSync(SyncMode):
         # only the outermost context gathers and reshards
         depth = self._gather_depth
         self._gather_depth = depth + 1
+        units = self.groups if self.stage == 3 and self.groups else []
         if depth == 0:
-            for unit in self.groups:
+            for unit in units:
                 unit.drain()
                 unit.acquire()
+            self._bring_from_member0()
         try:
             yield
         finally:
             self._gather_depth = depth
             if depth == 0:
-                for unit in self.groups:
+                for unit in units:
                     unit.reshard_from_parameters()
                     unit.release()
+                self._free_left()
+
+    def _free_left(self) -> None:
+        """What a TP member holds of the parameters it left to member 0: their shapes, no storage."""
+        params = self.dp.optimizer.parameters()
+        for i in self._left or ():
+            p = params[i]
+            p._value = _freed(p, tuple(p._value.shape), _left_message(self._label(i), p))
+
+    def _bring_from_member0(self) -> None:
+        """Every parameter some TP member left to member 0, broadcast from member 0 over the TP group
+        (member 0's is whole: stage 3's units are gathered first)."""
+        if not self._keepers:
+            return
+        group = tuple(self.tensor_parallel.group)
+        src = sorted(group).index(group[0])  # the broadcast's root: a position by ascending rank
+        broadcast = get_opdef("broadcast")
+        params = self.dp.optimizer.parameters()
+        with torch.no_grad():
+            for i in sorted(self._keepers):
+                p = params[i]
+                value = p._value
+                if i in self._left:  # left here: receive into a fresh buffer
+                    value = torch.empty(value.shape, dtype=value.dtype, device=self._left[i])
+                got = broadcast.compute(value, src=src, group=group, async_op=False)
+                if i in self._left:
+                    p._value = got
 
 
     # --- memory and checkpoints -----------------------------------------------------------------
@@ -1091,6 +1197,9 @@ class ZeroSync(SyncMode):
         opt = self.dp.optimizer
         plain = opt.state_dict()
         meta_state, tensors = plain["meta"]["state"], plain["tensors"]
+        for i in self._left:  # left to TP member 0, which keeps their state
+            for name in meta_state.pop(str(i), {}).get("tensors", ()):
+                tensors.pop(f"state.{i}.{name}", None)
         for group in self.groups:
             entries = [meta_state.get(str(i)) for i in group.indices]
             if all(e is None for e in entries):

@@ -177,8 +177,9 @@ def _resume_point(config) -> tuple[Path, dict]:
     return path, saved
 
 
-def _load_optimizer(path: Path, hot: HotSPa, optimizer) -> None:
-    """The checkpoint's full optimizer state, sharded into the owner's layout on this rank."""
+def load_optimizer(path: Path, hot: HotSPa, optimizer) -> None:
+    """The full optimizer state of the checkpoint package at `path`, sharded into `hot`'s owner's
+    layout on this rank (a pipeline owner's stage: the state of the parameters it holds only)."""
     meta = json.loads((path / "optimizer.json").read_text())
     if meta.get("class") != type(optimizer).__name__:
         raise CheckpointError(f"checkpoint {path} holds {meta.get('class')} state, not {type(optimizer).__name__}")
@@ -318,7 +319,7 @@ def train_hot_switch(config) -> dict[str, float]:
     scheduler = build_scheduler(config, optimizer, total)
     first = 0
     if resume is not None:  # the position is the step: this job's batches are the documents from it on
-        _load_optimizer(resume[0], hot, optimizer)
+        load_optimizer(resume[0], hot, optimizer)
         saved = resume[1]
         first = int(saved["step"])
         set_generator_state("cpu", saved["generator"])
@@ -400,4 +401,4 @@ def train_hot_switch(config) -> dict[str, float]:
     return {"train_loss": loss}
 
 
-__all__ = ["check_hot_switch", "plan_strategy", "save_checkpoint", "train_hot_switch"]
+__all__ = ["check_hot_switch", "load_optimizer", "plan_strategy", "save_checkpoint", "train_hot_switch"]

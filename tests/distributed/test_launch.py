@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -254,3 +255,17 @@ def test_ps_rows_arrive_on_the_ids_device():
     key = live.register(table)
     rows = PSLookup().compute(torch.empty(0, 2), torch.zeros(3, dtype=torch.int64, device="meta"), table=key)
     assert rows.device.type == "meta" and rows.shape == (3, 2)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists native threads through /proc")
+def test_shutdown_leaves_no_process_group_threads_behind(tmp_path):
+    """Graphs, eager DataParallel and ZeRO layouts still alive at `shutdown()` must not keep the
+    destroyed groups: their native threads (Gloo's workers and transport loop) would otherwise
+    live on into the interpreter's teardown, which aborted a loaded worker now and then."""
+    job = launch(2, "tests/distributed/held_groups_script.py", str(tmp_path), timeout=150)
+    assert job.returncode == 0, job.stderr[-3000:]
+    for r in range(2):
+        left = (tmp_path / f"threads{r}").read_text().split()
+        assert left and not [name for name in left if "gloo" in name], f"rank {r} threads after shutdown: {left}"

@@ -144,6 +144,40 @@ def llama_step_collectives(mesh) -> dict:
     return counts
 
 
+def llama_graph_collectives(index: int, tp: int = 2) -> dict:
+    """The collectives (on activations, as `_counting` counts them) of the define-and-run LLaMA step
+    (loss, `minimize`) on TP member `index`: the states pass alone, in one process (nothing runs);
+    what `llama_step_collectives`' eager step is compared with."""
+    from luoshu.compiler.passes import prune
+
+    ls.manual_seed(1)
+    model = build("llama").to(dtype="float64")
+    ls.parallel.parallelize(model, ls.distributed.DeviceMesh(tp=tp, world_size=tp), broadcast=False)
+    try:
+        opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        with ls.Graph() as g:
+            ids = ls.placeholder("ids", (BATCH, LENGTH), "int64")
+            y = ls.placeholder("y", (BATCH, LENGTH), "int64")
+            loss = ls.nn.functional.cross_entropy(model(ids).reshape((-1, VOCAB)), y.reshape((-1,)))
+            step = opt.minimize(loss)
+        strategy = states.Strategy(tuple(range(tp)), index)
+
+        def count(fetches) -> dict:
+            found: dict = {}
+            for op in states.localize_graph(prune(g, fetches), fetches, strategy).graph.ops:
+                if op.opdef.name in COMM and len(op.inputs[0].shape) >= 2:
+                    reduce = op.attrs.get("reduce", "sum")
+                    kind = op.opdef.name if reduce in ("sum", "mean") else f"{op.opdef.name}_{reduce}"
+                    found[kind] = found.get(kind, 0) + 1
+            return found
+
+        forward, both = count([loss]), count([loss, step])
+    finally:
+        states.set_default(None)
+    backward = {k: n - forward.get(k, 0) for k, n in both.items() if n - forward.get(k, 0)}
+    return {"forward": forward, "backward": backward}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gpt2")

@@ -24,14 +24,15 @@ BOUNDS = [32, 12, 6, 0]
 STRATEGIES = ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1"]
 
 
-def build(name: str, layers: int = 2):
+def build(name: str, layers: int = 2, heads: int = 4):
     ls.manual_seed(7)
     if name == "gpt2":
-        model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=MAX_LEN, n_layer=layers, n_head=4, n_embd=32))
+        model = GPT2(GPTConfig(vocab_size=VOCAB, block_size=MAX_LEN, n_layer=layers, n_head=heads, n_embd=32))
     else:
         model = Llama(
             LlamaConfig(
-                vocab_size=VOCAB, dim=32, n_layers=layers, n_heads=4, n_kv_heads=4, hidden_dim=64, max_seq_len=MAX_LEN
+                vocab_size=VOCAB, dim=32, n_layers=layers, n_heads=heads, n_kv_heads=heads, hidden_dim=64,
+                max_seq_len=MAX_LEN,
             )
         )
     return model.to(dtype="float64")
@@ -55,11 +56,12 @@ def optimizer(model, clip=None):
     return ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=clip)
 
 
-def reference(name: str, clip: bool = True, longest: int = MAX_LEN, layers: int = 2, with_optimizer: bool = False):
+def reference(name: str, clip: bool = True, longest: int = MAX_LEN, layers: int = 2, with_optimizer: bool = False,
+              heads: int = 4):
     """(losses, {name: parameter}) of one process on the same batches: the mean next-token loss
     over every target of the batch, each sequence run alone (no packing, no parallelism); with
     `with_optimizer`, also the optimizer."""
-    model = build(name, layers)
+    model = build(name, layers, heads)
     opt = optimizer(model, CLIP[name] if clip else None)
     losses = []
     for seqs in batches(longest=longest):
@@ -83,26 +85,41 @@ def reference(name: str, clip: bool = True, longest: int = MAX_LEN, layers: int 
 
 
 def train(name: str, strategies=STRATEGIES, bounds=BOUNDS, longest: int = MAX_LEN, layers: int = 2,
-          owner: int | None = None, checkpoint: str | None = None, stages: list[int] | None = None):
+          owner: int | None = None, checkpoint: str | None = None, heads: int = 4, budget: float | None = None,
+          steps: int = STEPS, resume: str | None = None, stages: list[int] | None = None):
     """HotSPa's training on the batches; `checkpoint`: then the job's checkpoint package written
-    there (`luoshu.train.hot_switch.save_checkpoint`, gathered from the owner's shards); `stages`:
-    the first block of each pipeline stage of strategy 0 (HotSPa's `stages`)."""
+    there (`luoshu.train.hot_switch.save_checkpoint`, gathered from the owner's shards).
+    `strategies="auto"`: HotSPa's own choice for the first batch's lengths under `budget` bytes.
+    `steps`: stop after that many batches; `resume`: a checkpoint package of this training to go on
+    from (as `luoshu train --resume` does: the full values into the model before HotSPa shards them,
+    the optimizer state into the owner's shards), from the batch after its step. `stages`: the first
+    block of each pipeline stage of strategy 0 (HotSPa's `stages`)."""
     from luoshu.parallel.pipeline import _layers
+    from luoshu.train.hot_switch import load_optimizer, save_checkpoint
 
-    model = build(name, layers)
+    model = build(name, layers, heads)
+    first = 0
+    if resume is not None:
+        first = int(ls.load(resume, model)["step"])
+    auto = {"memory_budget": budget, "auto_lengths": [len(s) for s in next(batches(longest=longest))]}
     split = None if stages is None else {0: [f"{_layers(model)[0]}.{i}" for i in stages]}
-    hot = ls.parallel.HotSPa(model, strategies, bounds, owner=owner, stages=split)
+    hot = ls.parallel.HotSPa(model, strategies, bounds, owner=owner, stages=split,
+                             **(auto if strategies == "auto" else {}))
     opt = optimizer(model, CLIP[name])
+    if resume is not None:
+        load_optimizer(Path(resume), hot, opt)
     losses, reports = [], []
-    for seqs in batches(longest=longest):
+    for step, seqs in enumerate(batches(longest=longest)):
+        if step < first:
+            continue
+        if step >= steps:
+            break
         report = hot.step(seqs, opt)
         losses.append(report.loss)
         reports.append(report)
     params = {n: v.numpy() for n, v in hot.full_parameters().items()}
     if checkpoint is not None:
-        from luoshu.train.hot_switch import save_checkpoint
-
-        save_checkpoint(Path(checkpoint), hot, model, opt, {"step": STEPS})
+        save_checkpoint(Path(checkpoint), hot, model, opt, {"step": min(steps, STEPS)})
     return np.array(losses), params, reports, hot
 
 
@@ -179,6 +196,10 @@ def main() -> None:
     parser.add_argument("--owner", type=int, default=None, help="the owner strategy (default: HotSPa's choice)")
     parser.add_argument("--checkpoint", default=None, help="write each model's checkpoint to CHECKPOINT.<model>")
     parser.add_argument("--stages", default=None, help="strategy 0's pipeline stages' first blocks, e.g. 0,3")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads of each model")
+    parser.add_argument("--budget", type=float, default=None, help="memory_budget (bytes) of --strategies auto")
+    parser.add_argument("--steps", type=int, default=STEPS, help="stop after this many batches")
+    parser.add_argument("--resume", default=None, help="go on from each model's checkpoint RESUME.<model>")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ls.distributed.init()
@@ -186,11 +207,16 @@ def main() -> None:
         bounds = [int(b) for b in args.bounds.split(",")]
         checkpoint = None if args.checkpoint is None else f"{args.checkpoint}.{name}"
         stages = None if args.stages is None else [int(b) for b in args.stages.split(",")]
-        losses, params, reports, hot = train(name, args.strategies.split(";"), bounds, layers=args.layers,
-                                             owner=args.owner, checkpoint=checkpoint, stages=stages)
+        strategies = "auto" if args.strategies == "auto" else args.strategies.split(";")
+        resume = None if args.resume is None else f"{args.resume}.{name}"
+        losses, params, reports, hot = train(name, strategies, bounds, layers=args.layers, owner=args.owner,
+                                             checkpoint=checkpoint, heads=args.heads, budget=args.budget,
+                                             steps=args.steps, resume=resume, stages=stages)
         mixed = sorted(hot._mixed)
         extra = {
             "owner": np.array(hot.owner),
+            "strategies": np.array([f"dp{m.dp},tp{m.tp},pp{m.pp}" for m in hot.meshes]),
+            "recompute": np.array(hot.recompute),
             "order": np.array(reports[0].order),
             "switch_bytes": np.array([r.switch_bytes for r in reports]),
             "tokens": np.array([[r.tokens.get(i, 0) for i in range(len(hot.meshes))] for r in reports]),

@@ -8,7 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
+from luoshu.core.dstates import DStates
 from luoshu.data import DataError, corpus_lengths
+from luoshu.distributed.mesh import DeviceMesh
 from luoshu.parallel import hotspa as H
 
 CLUSTER8 = H.ClusterSpec(gpus_per_node=8, nodes=1, **H.A800)
@@ -190,6 +192,42 @@ def test_runtime_switches_follow_the_best_order_one_way_and_gradients_back():
     for visited in ([tp4, tp2, tp1], [tp1, tp2, tp4, tp2]):
         assert H.runtime_switches_time(spec, cluster, tp4, visited) == pytest.approx(expected)
     assert H.runtime_switches_time(spec, cluster, tp4, [tp4]) == 0.0
+
+
+def test_runtime_layouts_are_the_runtimes_own_over_a_pipelines_stages():
+    """`runtime_layouts` (the cost model's) lay a weight out as `hotspa_runtime._world_layout` does
+    (the runtime's): the same boxes on the same ranks, for every stage set of dp·tp·pp meshes."""
+    from luoshu.parallel.hotspa_runtime import _world_layout
+
+    shape = (8, 12)
+    for dp, tp, pp in ((1, 2, 2), (2, 1, 2), (1, 1, 4), (2, 2, 1), (1, 4, 2)):
+        mesh = DeviceMesh(dp=dp, tp=tp, pp=pp, world_size=dp * tp * pp, rank=0)
+        st = H.Strategy(dp, tp, pp)
+        for stages in ([0], [pp - 1], sorted({0, pp - 1})):
+            col, row = H.runtime_layouts(st, stages)
+            for dim, layout in ((0, col), (1, row)):
+                ds = DStates(tp, {dim: tp}) if tp > 1 else DStates(1, {})
+                assert layout.boxes(shape) == _world_layout(ds, mesh, stages).boxes(shape), (dp, tp, pp, stages)
+
+
+def test_a_pipelines_runtime_switch_sends_each_stages_layers_from_its_ranks():
+    """dp1·pp2 -> dp2 on 2 ranks (worked by hand): each rank holds its stage's layer and both the
+    tables (the first and the last stage read them), so each sends its layer's weights to the other,
+    one message each way; back, every rank already holds what its stage reads: nothing is sent."""
+    cluster = H.ClusterSpec(2, 1, 1e12, 1e9, 1e9, 1e12, value_bytes=4)
+    spec = H.ModelSpec(layers=2, hidden=64, heads=4, vocab=256)
+    pp2, dp2 = H.parse_strategy("dp1,pp2"), H.parse_strategy("dp2")
+    layer = 4 * (4 * spec.hidden**2 + 3 * spec.hidden * spec.ffn_dim)
+    assert H.layer_stages(spec, 2) == [0, 1] and H.layer_stages(H.ModelSpec(5, 64, 4, 256), 2) == [0, 0, 0, 1, 1]
+    assert H.runtime_switch_plan(spec, cluster, pp2, dp2) == (layer, 2)
+    assert H.runtime_switch_plan(spec, cluster, dp2, pp2) == (0, 0)
+    # dp1·tp2·pp2 -> dp4: a stage's two ranks each hold half its layer (the only copy), which the three
+    # other ranks need; the tables' halves are on both stages, each sent once to the rank lacking it.
+    # Each rank sends to and receives from all three others
+    four = dataclasses.replace(cluster, gpus_per_node=4)
+    table_half = spec.vocab * spec.hidden * 4
+    assert H.runtime_switch_plan(spec, four, H.parse_strategy("dp1,tp2,pp2"), H.parse_strategy("dp4")) == (
+        3 * layer // 2 + table_half, 6)
 
 
 def test_runtime_simulation_picks_the_brute_force_optimum_of_its_hot_step():

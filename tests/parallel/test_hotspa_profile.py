@@ -46,36 +46,39 @@ LENGTHS = [256, 200, 60, 40, 30, 12, 10, 8, 6, 4]
 
 
 def _bucket_needs(prof, world: int, memory: float = float("inf")) -> list[dict]:
-    """Per bucket of LENGTHS, each candidate's prediction as the search makes it (packed to the bound)."""
+    """Per bucket of LENGTHS, each candidate's prediction as the search makes it: packed to the
+    bound, as the runtime runs it (a pipeline's micro-batches)."""
     cl = P.cluster(prof, world, memory)
     return [
-        {str(st): H.predict(prof.spec, cl, st, seqs, bound) for st in P.variants(world, prof.spec)}
+        {str(st): H.predict(prof.spec, cl, st, seqs, bound, st.pp) for st in P.variants(world, prof.spec)}
         for seqs, bound in zip(H.bucketize(LENGTHS, BOUNDS), BOUNDS)
     ]
 
 
-def _brute_force(prof, world: int, memory: float) -> tuple[list[str], float]:
-    """The cost model's fastest combination over every candidate per bucket that fits (switches included)."""
-    spec, cl = prof.spec, P.cluster(prof, world, memory)
-    buckets = H.bucketize(LENGTHS, BOUNDS)
-    options = [[st for st in P.variants(world, spec) if H.predict(spec, cl, st, seqs, bound).fits]
-               for seqs, bound in zip(buckets, BOUNDS)]
-    best = min(itertools.product(*options), key=lambda c: H._hot_step(spec, cl, list(c), buckets, BOUNDS[:-1], None)[0])
-    return [str(st) for st in best], H._hot_step(spec, cl, list(best), buckets, BOUNDS[:-1], None)[0]
-
-
-def _total(prof, world: int, memory: float, chosen: list[str]) -> float:
+def _step(prof, world: int, memory: float, chosen) -> float:
+    """The runtime's hot step (`_hot_step(..., runtime=True)`) of bucket i of LENGTHS under chosen[i]."""
     cl = P.cluster(prof, world, memory)
-    return H._hot_step(prof.spec, cl, [H.parse_strategy(s) for s in chosen], H.bucketize(LENGTHS, BOUNDS),
-                       BOUNDS[:-1], None)[0]
+    return H._hot_step(prof.spec, cl, [H.parse_strategy(str(s)) for s in chosen], H.bucketize(LENGTHS, BOUNDS),
+                       BOUNDS[:-1], None, runtime=True)[0]
+
+
+def _brute_force(prof, world: int, memory: float) -> tuple[list[str], float]:
+    """The least runtime hot step over every per-bucket assignment of the candidates that fit."""
+    needs = _bucket_needs(prof, world, memory)
+    options = [[n for n, p in need.items() if p.fits] for need in needs]
+    best = min(itertools.product(*options), key=lambda c: _step(prof, world, memory, c))
+    return list(best), _step(prof, world, memory, best)
 
 
 def test_auto_candidates_are_every_runnable_strategy_with_sp_and_recompute(profiled):
     _, prof = profiled
     names = {str(st) for st in P.variants(4, prof.spec)}
-    assert len(names) == 3 + 2 * (2 * 3)  # tp1: 3 recompute options; tp2, tp4: each with and without sp
-    assert {"dp4,tp1,pp1", "dp4,tp1,pp1,rc=full", "dp2,tp2,pp1,sp,rc=selective", "dp1,tp4,pp1,sp"} <= names
-    assert "dp4,tp1,pp1,sp" not in names
+    # (dp, tp, pp): dp4, dp2·pp2 (3 recompute options each), dp2·tp2, dp1·tp2·pp2, dp1·tp4 (also with sp)
+    assert len(names) == 2 * 3 + 3 * (2 * 3)
+    assert {"dp4,tp1,pp1", "dp4,tp1,pp1,rc=full", "dp2,tp2,pp1,sp,rc=selective", "dp1,tp4,pp1,sp",
+            "dp2,tp1,pp2,rc=selective", "dp1,tp2,pp2,sp,rc=full"} <= names
+    assert "dp4,tp1,pp1,sp" not in names and not any(",pp4" in n for n in names)  # 2 blocks: at most 2 stages
+    assert {str(st) for st in P.runnable(4, prof.spec)} == {"dp4,tp1,pp1", "dp2,tp2,pp1", "dp1,tp4,pp1"}
     assert all(H.parse_strategy(n) == st for n, st in zip(map(str, P.variants(4, prof.spec)), P.variants(4, prof.spec)))
 
 
@@ -96,9 +99,27 @@ def test_auto_choice_is_the_brute_force_optimum_and_a_tight_budget_recomputes_th
         assert need[st].fits
     for memory, chosen in ((float("inf"), free), (budget, tight)):
         best, seconds = _brute_force(prof, 4, memory)
-        assert _total(prof, 4, memory, chosen) == pytest.approx(seconds, rel=1e-12), (chosen, best)
+        assert _step(prof, 4, memory, chosen) == pytest.approx(seconds, rel=1e-12), (chosen, best)
     # without a budget recompute only costs time; sp may tie with plain tp in the model's time
     assert all(H.parse_strategy(st).recompute == "none" for st in free), free
+
+
+def test_auto_over_8_ranks_takes_a_pipeline_where_only_one_holds_the_long_bucket(profiled):
+    """8 ranks, 4 heads, 2 blocks: only dp1·tp4·pp2 (a pipeline of two tp4 stages) holds an eighth of
+    the model states per rank; under a budget no pp = 1 candidate holds the long bucket in, the choice
+    runs it as a pipeline, and it is the least runtime hot step over every per-bucket assignment."""
+    _, prof = profiled
+    needs = _bucket_needs(prof, 8)
+    flat = min(p.memory_bytes for n, p in needs[0].items() if ",pp1" in n)
+    piped = min(p.memory_bytes for n, p in needs[0].items() if ",pp1" not in n)
+    assert piped < flat
+    budget = (piped + flat) / 2 * prof.activation_scale
+    chosen = P.choose_strategies(prof, 8, BOUNDS, LENGTHS, memory=budget)
+    assert H.parse_strategy(chosen[0]).pp == 2, chosen
+    for st, need in zip(chosen, _bucket_needs(prof, 8, budget)):
+        assert need[st].fits
+    best, seconds = _brute_force(prof, 8, budget)
+    assert _step(prof, 8, budget, chosen) == pytest.approx(seconds, rel=1e-12), (chosen, best)
 
 
 def test_auto_with_a_budget_nothing_holds_names_the_bucket_and_the_least_need(profiled):
@@ -150,7 +171,11 @@ def test_choose_static_takes_the_fastest_strategy_the_budget_holds(profiled):
     _, prof = profiled
     lengths = [256, 64, 40, 16, 16, 8]
     st, best, table = P.choose_static(prof, 4, lengths)
-    assert {p.strategy for p in table} == {"dp4,tp1,pp1", "dp2,tp2,pp1", "dp1,tp4,pp1"}
+    assert {p.strategy for p in table} == {"dp4,tp1,pp1", "dp2,tp2,pp1", "dp1,tp4,pp1", "dp2,tp1,pp2", "dp1,tp2,pp2"}
+    cl = P.cluster(prof, 4)
+    for p in table:  # predicted as the runtime runs each (rows of the longest sequence, a pipeline's micro-batches)
+        s = H.parse_strategy(p.strategy)
+        assert p.time_s == H.predict(prof.spec, cl, s, lengths, 256, s.pp).time_s
     assert best.time_s == min(p.time_s for p in table) and str(st) == best.strategy
     needs = sorted(p.memory_bytes for p in table)
     assert needs[0] < needs[-1]
@@ -243,6 +268,47 @@ def test_auto_chosen_recompute_set_on_4_processes_matches_one_process(tmp_path):
     ref_losses, ref_params = T.reference("gpt2")
     for r in range(4):
         run = np.load(f"{out}.gpt2.rank{r}.npz")
+        np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6, err_msg=str(chosen))
+        for pname, value in ref_params.items():
+            np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{chosen} {pname}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two (or a profiling) 4-process jobs on shared cores
+def test_auto_on_4_processes_takes_a_pipeline_for_the_long_bucket_and_matches_one_process(tmp_path):
+    """GPT-2 with 2 heads over 4 ranks (tp at most 2): only a pipeline (dp1·tp2·pp2, dp2·pp2)
+    holds a quarter of the model states per rank. The job itself runs `strategies="auto"` (its own
+    profile, the runtime's hot step) under a `memory_budget` that no pp = 1 candidate holds the long
+    bucket in; the bucket runs as a pipeline, and the training is one process's (float64, 1e-6)."""
+    from tests.distributed.launcher import launch
+    from tests.parallel import hotspa_train as T
+
+    # the activation bytes the job's profile fits are measured, not timed: this profile's scale is its
+    prof = P.profile(T.build("gpt2", heads=2), repeats=1)
+    lengths = [len(s) for s in next(T.batches())]
+    cl = P.cluster(prof, 4)
+    seqs = H.bucketize(lengths, T.BOUNDS)[0]
+    # HotSPa's auto holds the choice in the profiled bytes and in the cost model's own: the larger need
+    scale = max(prof.activation_scale, 1.0)
+    needs = {str(st): H.predict(prof.spec, cl, st, seqs, T.BOUNDS[0], st.pp).memory_bytes * scale
+             for st in P.variants(4, prof.spec)}
+    flat = min(v for n, v in needs.items() if ",pp1" in n)
+    piped = min(v for n, v in needs.items() if ",pp1" not in n)
+    assert piped < flat
+    out = tmp_path / "auto"
+    proc = launch(4, "tests/parallel/hotspa_train.py", "--models", "gpt2", "--heads", "2", "--strategies", "auto",
+                  "--budget", repr((piped + flat) / 2), "--out", str(out), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_losses, ref_params = T.reference("gpt2", heads=2)
+    chosen = None
+    for r in range(4):
+        run = np.load(f"{out}.gpt2.rank{r}.npz")
+        names = [f"{s} rc={c}" for s, c in zip(run["strategies"], run["recompute"])]
+        assert chosen is None or names == chosen  # every rank chose alike
+        chosen = names
+        assert H.parse_strategy(str(run["strategies"][0])).pp == 2, chosen
+        assert (run["tokens"] > 0).all()  # every bucket ran under its strategy
         np.testing.assert_allclose(run["losses"], ref_losses, rtol=0, atol=1e-6, err_msg=str(chosen))
         for pname, value in ref_params.items():
             np.testing.assert_allclose(run[pname], value, rtol=0, atol=1e-6, err_msg=f"{chosen} {pname}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import luoshu as ls
-from luoshu.parallel.hotspa import ClusterSpec, Strategy, predict
+from luoshu.parallel.hotspa import ClusterSpec, Strategy, parse_strategy, predict
 from luoshu.parallel.hotspa_runtime import model_spec
 from tests.distributed.launcher import launch
 from tests.parallel import hotspa_train as H
@@ -169,6 +169,57 @@ def test_a_pipeline_owner_on_2_processes_matches_one_process(tmp_path):
         assert int(run["owner"]) == 0 and (run["tokens"] > 0).all() and (run["switch_bytes"] > 0).all()
         _stage_holds(run, "gpt2")
     assert (runs[0]["held"] != runs[1]["held"]).any()
+
+
+def _resumed_pipeline_owner_matches_one_process(tmp_path, strategies: str, bounds: str, ranks: int,
+                                                 models=("gpt2", "llama"), split: int = 2):
+    """`split` steps under `strategies` (a pipeline owns) saved, then a fresh job on `ranks` processes
+    resumes the checkpoint into the same set (the full values into the model, the optimizer state
+    into the pipeline owner's stage shards) for the rest: its losses follow the first job's as one
+    process's straight run, and its final checkpoint holds that run's parameters and moments (1e-6)."""
+    first, second, ckpt, final = tmp_path / "first", tmp_path / "second", tmp_path / "ckpt", tmp_path / "final"
+    models_arg = ",".join(models)
+    _job(first, strategies, models_arg, "--bounds", bounds, "--steps", str(split), "--checkpoint", str(ckpt),
+         ranks=ranks, timeout=300)
+    _job(second, strategies, models_arg, "--bounds", bounds, "--resume", str(ckpt), "--checkpoint", str(final),
+         ranks=ranks, timeout=300)
+    for name in models:
+        ref_losses, ref_params, ref_opt = H.reference(name, with_optimizer=True)
+        for r in range(ranks):
+            before, after = np.load(f"{first}.{name}.rank{r}.npz"), np.load(f"{second}.{name}.rank{r}.npz")
+            assert int(after["owner"]) == 0 and parse_strategy(str(after["strategies"][0])).pp > 1
+            _stage_holds(after, name)
+            assert len(before["losses"]) == split and len(after["losses"]) == H.STEPS - split
+            np.testing.assert_allclose(np.concatenate([before["losses"], after["losses"]]), ref_losses, rtol=0,
+                                       atol=1e-6, err_msg=name)
+            for pname, value in ref_params.items():
+                np.testing.assert_allclose(after[pname], value, rtol=0, atol=1e-6, err_msg=f"{name} {pname}")
+        model = H.build(name)
+        opt = H.optimizer(model, H.CLIP[name])
+        assert ls.load(f"{final}.{name}", model, opt)["step"] == H.STEPS
+        for pname, p in model.named_parameters():
+            np.testing.assert_allclose(p.value.numpy(), ref_params[pname], rtol=0, atol=1e-6, err_msg=pname)
+        for i, (mine, ref) in enumerate(zip(opt._state, ref_opt._state)):
+            assert float(mine["step"]) == float(ref["step"]) == H.STEPS
+            for key in ("exp_avg", "exp_avg_sq"):
+                np.testing.assert_allclose(mine[key].numpy(), ref[key].numpy(), rtol=0, atol=1e-6,
+                                           err_msg=f"{name} {i} {key}")
+
+
+@pytest.mark.dist
+def test_a_pipeline_owners_checkpoint_resumes_on_2_processes_as_one_process_trains_straight_through(tmp_path):
+    """dp1·pp2 owns (each rank one stage's parameters and moments), dp2 takes the short bucket: two
+    steps, saved; a fresh job resumes them for the other three."""
+    _resumed_pipeline_owner_matches_one_process(tmp_path, "dp1,tp1,pp2;dp2,tp1,pp1", "32,8,0", 2, ("gpt2",))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two (or a profiling) 4-process jobs on shared cores
+def test_a_pipeline_owners_checkpoint_resumes_on_4_processes_as_one_process_trains_straight_through(tmp_path):
+    """dp1·tp2·pp2 owns (a quarter of the blocks per rank; GPT-2's tied table on both stages, LLaMA's
+    gradients clipped over every stage) with dp2·tp2 and dp4: saved after two steps, resumed."""
+    _resumed_pipeline_owner_matches_one_process(tmp_path, "dp1,tp2,pp2;dp2,tp2,pp1;dp4,tp1,pp1", "32,12,6,0", 4)
 
 
 @pytest.mark.dist

@@ -25,12 +25,21 @@ def _one_process_state(steps_from=None):
     return full_state(model, opt)
 
 
-def _local_numel(names_split: set) -> int:
-    """Elements of one TP rank's parameters: a split parameter 1/TP of its size (independent of the
-    code under test: from the one-process model and the Megatron plan's names)."""
+def _local_numel(names_split: set, without: set = frozenset()) -> int:
+    """Elements of one TP rank's parameters: a split parameter 1/TP of its size, the names of
+    `without` left out (independent of the code under test: from the one-process model and the
+    Megatron plan's names)."""
     ls.manual_seed(11)
     model = tp_train.build("gpt2")
-    return sum(p.value.numel() // (TP if n in names_split else 1) for n, p in model.named_parameters())
+    return sum(p.value.numel() // (TP if n in names_split else 1) for n, p in model.named_parameters()
+               if n not in without)
+
+
+def _row_parallel_biases() -> set:
+    """The biases of the layers the Megatron plan splits row-wise: added once, on TP member 0."""
+    rowwise = {k for k, v in ls.parallel.MEGATRON_PLAN.items() if v == "rowwise"}
+    return {n for n, _ in tp_train.build("gpt2").named_parameters()
+            if n.endswith(".bias") and n.rsplit(".", 2)[-2] in rowwise}
 
 
 @pytest.mark.dist
@@ -38,11 +47,14 @@ def _local_numel(names_split: set) -> int:
 def test_zero_1_2_3_over_dp_of_dp2_tp2_match_one_process_and_checkpoints_cross_layouts(tmp_path):
     """dp2 x tp2 with zero=0, 1, 2, 3 (AdamW, clipping below the gradients' norm) equals one process
     (and an evaluation plan compiled after the steps too); each rank keeps 1/DP of its TP shard's
-    optimizer state (ZeRO-3: and of its parameters); a ZeRO-3 x TP checkpoint loads into one
-    process, and a one-process checkpoint into ZeRO-2 and ZeRO-3 x TP, which train on like one process."""
+    optimizer state (ZeRO-3: and of its parameters), where TP members other than 0 hold nothing of
+    the row-parallel biases (added on member 0 only; a read of one there says so); a ZeRO-3 x TP
+    checkpoint loads into one process, and a one-process checkpoint into ZeRO-2 and ZeRO-3 x TP,
+    which train on like one process."""
     ref_losses, ref_params, ref_memory = zero_tp_train.train()
     unclipped, _ = tp_train.train("gpt2")
-    assert np.abs(ref_losses - unclipped).max() > 1e-5  # the clipping takes effect
+    assert len(ref_losses) == 5
+    assert np.abs(ref_losses[:len(unclipped)] - unclipped).max() > 1e-5  # the clipping takes effect
     plain_ckpt = tmp_path / "plain"
     _, _, _ = zero_tp_train.train(save=plain_ckpt)  # one process, saved after its steps
     ref_load_losses, ref_load_params, _ = zero_tp_train.train(load=plain_ckpt)
@@ -56,7 +68,11 @@ def test_zero_1_2_3_over_dp_of_dp2_tp2_match_one_process_and_checkpoints_cross_l
     tp = ls.parallel.parallelize(tp_train.build("gpt2"), ls.distributed.DeviceMesh(tp=TP, world_size=TP),
                                  broadcast=False)
     states.set_default(None)
+    biases = _row_parallel_biases()
+    assert len(biases) == 4  # o_proj and c_proj of each of the two blocks
     local = _local_numel(set(tp.split))
+    # ZeRO: a TP member other than 0 holds no row-parallel bias (no value, state or shard)
+    zero_local = [local if r % TP == 0 else _local_numel(set(tp.split), biases) for r in range(DP * TP)]
     for zero in (0, 1, 2, 3):
         runs = [np.load(f"{out}.zero{zero}.rank{r}.npz") for r in range(DP * TP)]
         mesh_losses = np.mean([runs[r * TP]["losses"] for r in range(DP)], axis=0)  # each DP rank: its half
@@ -66,14 +82,28 @@ def test_zero_1_2_3_over_dp_of_dp2_tp2_match_one_process_and_checkpoints_cross_l
         for run in runs:
             for name, value in ref_params.items():
                 np.testing.assert_allclose(run[name], value, rtol=0, atol=1e-6, err_msg=f"zero={zero} {name}")
-        # AdamW: two float64 moments per element (+ float32 step counters); ZeRO: of 1/DP of the TP shard
-        moments = [int(run["state_bytes"]) for run in runs]
-        expected = 2 * 8 * (local if zero == 0 else -(-local // DP))
-        for got in moments:
-            assert expected <= got <= expected + 4 * 64, (zero, got, expected)
-        for run in runs:  # the float64 parameters the step reads from storage kept between steps
+        # AdamW: two float64 moments per element and a float32 step counter per parameter; ZeRO: of
+        # 1/DP of the rank's TP shard, in one shard (the model is below one unit, `unit_size_mb`), so
+        # one step counter
+        for r, run in enumerate(runs):
+            got = int(run["state_bytes"])
+            expected = 2 * 8 * local + 4 * len(ref_params) if zero == 0 else 2 * 8 * -(-zero_local[r] // DP) + 4
+            assert got == expected, (zero, r, got, expected)
+        for r, run in enumerate(runs):  # the float64 parameters the step reads from storage kept between steps
             got = int(run["parameter_bytes"])
-            assert (8 * local / DP <= got <= 8 * local / DP + 8 * 64) if zero == 3 else got <= 8 * local, (zero, got)
+            if zero == 3:  # the rank's shard of its unit
+                assert got == 8 * -(-zero_local[r] // DP), (zero, r, got)
+            elif zero == 2:  # the flat buffer the parameters view (padded to a multiple of DP)
+                assert got == 8 * DP * -(-zero_local[r] // DP), (zero, r, got)
+            else:
+                assert got <= 8 * local, (zero, got)
+            read = str(run["left_read"])  # of a row-parallel bias, outside gathered_parameters()
+            if zero and r % TP:
+                assert "kept on tensor-parallel member 0 only" in read and "gathered_parameters()" in read, read
+            elif zero == 3:  # member 0 keeps its shard of it
+                assert "sharded over the data-parallel ranks" in read, read
+            else:
+                assert read == "", (zero, r, read)
 
     saved = _one_process_state(ckpt)  # the ZeRO-3 x TP checkpoint, in one process
     expected_state = _reference_state()
@@ -118,6 +148,6 @@ def _reference_state() -> dict:
         y = ls.placeholder("y", (None, tp_train.LENGTH), "int64")
         loss = ls.nn.functional.cross_entropy(model(ids).reshape((-1, tp_train.VOCAB)), y.reshape((-1,)))
         step = opt.minimize(loss)
-    for ids_v, y_v in tp_train.batches():
+    for ids_v, y_v in tp_train.batches(steps=zero_tp_train.STEPS):
         g.run([loss, step], {ids: ids_v, y: y_v})
     return full_state(model, opt)

@@ -31,9 +31,9 @@ def build(model: str):
     )
 
 
-def batches(seed: int = 3):
+def batches(seed: int = 3, steps: int = STEPS):
     rng = np.random.default_rng(seed)
-    for _ in range(STEPS):
+    for _ in range(steps):
         ids = rng.integers(0, VOCAB, (BATCH, LENGTH))
         yield ids, np.roll(ids, -1, axis=1)
 

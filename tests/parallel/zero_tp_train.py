@@ -6,7 +6,8 @@ under `luoshu launch` by the tests.
 
 For each stage of `--zero` (0: plain dp x tp) rank r writes the losses, the full parameters
 (all-gathered over its TP group) and its optimizer-state bytes at the first step (`plan.memory()`)
-(and parameter bytes, and an evaluation's loss) to PREFIX.zero<N>.rank<r>.npz. `--save`: the
+(and parameter bytes, an evaluation's loss, and the error of reading a row-parallel bias outside
+`gathered_parameters()`) to PREFIX.zero<N>.rank<r>.npz. `--save`: the
 `--save-zero` run then saves a checkpoint (`ls.save`, the layout hook). `--load`: a run of each
 stage of `--load-zero` loads CKPT2 before training and writes PREFIX.load<N>.rank<r>.npz.
 """
@@ -23,11 +24,13 @@ import luoshu as ls
 from tests.parallel import tp_train
 
 CLIP = 0.05  # below the gradients' norm: the clipping takes effect
+STEPS = 5
 
 
 def train(mesh=None, zero: int = 0, save=None, load=None, optimizer: str = "adamw"):
     """(losses, {name: full parameter}, {optimizer-state and parameter bytes at the first step
-    (`plan.memory()`), the loss of the last batch after the last step}) after `tp_train.STEPS` steps;
+    (`plan.memory()`), the loss of the last batch after the last step, the error a read of a
+    row-parallel bias raises there, or "" (`left_read`)}) after `STEPS` steps;
     `load`: a checkpoint loaded before the first, `save`: saved after the last."""
     ls.manual_seed(11)
     model = tp_train.build("gpt2").to(dtype="float64")
@@ -44,7 +47,7 @@ def train(mesh=None, zero: int = 0, save=None, load=None, optimizer: str = "adam
         ls.load(load, model, opt)
     rows = mesh.batch_slice(tp_train.BATCH) if mesh is not None else slice(None)
     losses, memory = [], None
-    for i, (ids_v, y_v) in enumerate(tp_train.batches()):
+    for i, (ids_v, y_v) in enumerate(tp_train.batches(steps=STEPS)):
         feed = {ids: ids_v[rows], y: y_v[rows]}
         if i == 0:
             report = g.memory([loss, step], feed)
@@ -57,12 +60,19 @@ def train(mesh=None, zero: int = 0, save=None, load=None, optimizer: str = "adam
     eval_loss = float(g.run(loss, {ids: ids_v[rows], y: y_v[rows]}))
     if save is not None:
         ls.save(save, model, opt)
+    # what a read of a row-parallel bias gives outside `gathered_parameters()` (ZeRO x TP: TP members
+    # other than 0 hold none of it)
+    try:
+        model.h[0].mlp.c_proj.bias.value
+        left_read = ""
+    except ls.Error as exc:
+        left_read = str(exc)
     with dp.sync.gathered_parameters() if dp is not None else contextlib.nullcontext():  # ZeRO-3: whole
         if tp is not None:
             params = ls.parallel.gather_parameters(model, mesh)
         else:
             params = {n: p.value.clone() for n, p in model.named_parameters()}
-    memory["eval_loss"] = eval_loss
+    memory["eval_loss"], memory["left_read"] = eval_loss, left_read
     return np.array(losses), {n: v.numpy() for n, v in params.items()}, memory
 
 
