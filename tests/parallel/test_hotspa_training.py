@@ -31,6 +31,21 @@ def _runs_equal_to_one_process(out, models=("gpt2", "llama"), ranks: int = 4):
             yield run
 
 
+def _checkpoint_is_one_process(path, name: str, ref_params: dict, ref_opt) -> None:
+    """The checkpoint package at `path` loads into a plain model and AdamW with one process's final
+    parameters, moments and step (to 1e-6)."""
+    model = H.build(name)
+    opt = H.optimizer(model, H.CLIP[name])
+    assert ls.load(path, model, opt)["step"] == H.STEPS
+    for pname, p in model.named_parameters():
+        np.testing.assert_allclose(p.value.numpy(), ref_params[pname], rtol=0, atol=1e-6, err_msg=pname)
+    for i, (mine, ref) in enumerate(zip(opt._state, ref_opt._state)):
+        assert float(mine["step"]) == float(ref["step"]) == H.STEPS
+        for key in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_allclose(mine[key].numpy(), ref[key].numpy(), rtol=0, atol=1e-6,
+                                       err_msg=f"{name} {i} {key}")
+
+
 @pytest.mark.dist
 def test_hot_switching_gpt2_and_llama_on_4_processes_match_one_process(tmp_path):
     out = tmp_path / "hot"
@@ -120,17 +135,7 @@ def test_a_pipeline_owner_by_default_on_4_processes_matches_one_process_and_chec
         assert (runs[0]["held"] == runs[1]["held"]).all() and (runs[0]["held"] != runs[2]["held"]).any()
         assert max(int(r["held_numel"]) for r in runs) < sum(v.size for v in H.reference(name)[1].values()) / 2
         _, ref_params, ref_opt = H.reference(name, with_optimizer=True)
-        model = H.build(name)
-        opt = H.optimizer(model, H.CLIP[name])
-        meta = ls.load(f"{ckpt}.{name}", model, opt)
-        assert meta["step"] == H.STEPS
-        for pname, p in model.named_parameters():
-            np.testing.assert_allclose(p.value.numpy(), ref_params[pname], rtol=0, atol=1e-6, err_msg=pname)
-        for i, (mine, ref) in enumerate(zip(opt._state, ref_opt._state)):
-            assert float(mine["step"]) == float(ref["step"]) == H.STEPS
-            for key in ("exp_avg", "exp_avg_sq"):
-                np.testing.assert_allclose(mine[key].numpy(), ref[key].numpy(), rtol=0, atol=1e-6,
-                                           err_msg=f"{name} {i} {key}")
+        _checkpoint_is_one_process(f"{ckpt}.{name}", name, ref_params, ref_opt)
 
 
 @pytest.mark.dist
@@ -194,16 +199,7 @@ def _resumed_pipeline_owner_matches_one_process(tmp_path, strategies: str, bound
                                        atol=1e-6, err_msg=name)
             for pname, value in ref_params.items():
                 np.testing.assert_allclose(after[pname], value, rtol=0, atol=1e-6, err_msg=f"{name} {pname}")
-        model = H.build(name)
-        opt = H.optimizer(model, H.CLIP[name])
-        assert ls.load(f"{final}.{name}", model, opt)["step"] == H.STEPS
-        for pname, p in model.named_parameters():
-            np.testing.assert_allclose(p.value.numpy(), ref_params[pname], rtol=0, atol=1e-6, err_msg=pname)
-        for i, (mine, ref) in enumerate(zip(opt._state, ref_opt._state)):
-            assert float(mine["step"]) == float(ref["step"]) == H.STEPS
-            for key in ("exp_avg", "exp_avg_sq"):
-                np.testing.assert_allclose(mine[key].numpy(), ref[key].numpy(), rtol=0, atol=1e-6,
-                                           err_msg=f"{name} {i} {key}")
+        _checkpoint_is_one_process(f"{final}.{name}", name, ref_params, ref_opt)
 
 
 @pytest.mark.dist
