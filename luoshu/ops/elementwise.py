@@ -73,7 +73,7 @@ class AddN(OpDef):
         # a left fold, each step the kernel of `add`: the bits of the chain ((a + b) + c) + ...
         out = torch.add(values[0], values[1]) if len(values) > 1 else values[0].clone()
         for v in values[2:]:
-            out = out.add_(v) if torch.result_type(out, v) == out.dtype else torch.add(out, v)
+            out = out.add_(v) if v.dtype == out.dtype else torch.add(out, v)  # in place on its own sum
         return out
 
     def gradient(self, op, grads):
