@@ -426,6 +426,8 @@ def localize_op(op: Op, in_ds: list, inputs: list, converted, strategy: Strategy
     version to the local `inputs`. Returns (local outputs, their states). The graph pass and the
     eager dispatch both run every op through here."""
     n = len(strategy.group)
+    if op.opdef.sums_inputs and n > 1 and len({S.key(d) for d in in_ds}) > 1:
+        return _localize_sum(op, in_ds, inputs, converted, strategy)
     out_ds, want = _deduce(op, in_ds, strategy)
     inputs = [x if w is None else converted(i, w) for i, (x, w) in enumerate(zip(inputs, want))]
     in_ds = [
@@ -434,6 +436,37 @@ def localize_op(op: Op, in_ds: list, inputs: list, converted, strategy: Strategy
     ]
     outs = _localize_op(op, inputs, in_ds, out_ds, strategy.shard)
     return outs, [S.dup(n) if ds is None else ds for ds in out_ds]
+
+
+def _localize_sum(op: Op, in_ds: list, inputs: list, converted, strategy: Strategy) -> tuple[list, list]:
+    """`localize_op` for a sum (`sums_inputs`) of inputs in several layouts: the inputs of each layout
+    are added locally (a sum of partials is partial, of splits split), each layout's sum is converted
+    once to the layout of least comm, and those sums are added. A residual's gradient thus takes its
+    partial contributions (an RMSNorm's branches over the q, k and v projections) in one all-reduce,
+    as Megatron-LM's `f` does, rather than one each as it joins the whole ones."""
+    n = len(strategy.group)
+    layouts: dict[int, list[int]] = {}  # layout key -> its inputs, in order of first appearance
+    for i, d in enumerate(in_ds):
+        layouts.setdefault(S.key(d), []).append(i)
+    shape = op.outputs[0].shape
+
+    def cost(target: DStates) -> float:
+        total = 0.0
+        for members in layouts.values():
+            first = op.inputs[members[0]]
+            fixed = len(members) == 1 and first.producer is None and first.kind == "variable"
+            total += conversion_cost(in_ds[members[0]], target, shape, fixed, strategy.sequence_parallel)
+        return total
+
+    target = min([S.dup(n)] + [in_ds[m[0]] for m in layouts.values()], key=cost)
+    sums = []
+    for members in layouts.values():
+        if len(members) == 1:
+            sums.append(converted(members[0], target))
+        else:
+            local = apply(op.opdef, *(inputs[i] for i in members), **op.attrs)
+            sums.append(convert_to(local, in_ds[members[0]], target, shape, strategy.shard))
+    return [apply(op.opdef, *sums, **op.attrs)], [target]
 
 
 def _deduce(op: Op, in_ds: list, strategy: Strategy):

@@ -24,15 +24,27 @@ def accumulate(existing, grad):
         return grad
     if grad is None:
         return existing
-    if isinstance(existing, IndexedSlices) and isinstance(grad, IndexedSlices):
-        return IndexedSlices(apply("concat", existing.indices, grad.indices, axis=0),
-                             apply("concat", existing.values, grad.values, axis=0),
-                             existing.dense_shape)
-    if isinstance(grad, IndexedSlices):
-        existing, grad = grad, existing
-    if isinstance(existing, IndexedSlices):
-        return apply("index_add", grad, existing.indices, existing.values, axis=0)
-    return apply("add", existing, grad)
+    return sum_gradients([existing, grad])
+
+
+def sum_gradients(contributions: list):
+    """One gradient from its contributions, in arrival order: the dense ones in one n-ary `add_n`
+    (so the states pass sees them all at once: it adds the partial ones locally and all-reduces
+    their sum once), the sparse ones concatenated (IndexedSlices stay sparse), then the sparse
+    rows added into the dense sum."""
+    dense = [g for g in contributions if not isinstance(g, IndexedSlices)]
+    sparse = [g for g in contributions if isinstance(g, IndexedSlices)]
+    total = None
+    if dense:
+        total = dense[0] if len(dense) == 1 else apply("add_n", *dense)
+    if sparse:
+        rows = sparse[0]
+        if len(sparse) > 1:
+            rows = IndexedSlices(apply("concat", *(s.indices for s in sparse), axis=0),
+                                 apply("concat", *(s.values for s in sparse), axis=0),
+                                 sparse[0].dense_shape)
+        total = rows if total is None else apply("index_add", total, rows.indices, rows.values, axis=0)
+    return total
 
 
 def _densify(grad):
@@ -92,19 +104,31 @@ def _backprop(ys, xs, grad_ys, graph, on_ready=None):
             relevant.append(op)
             reaches.update((id(op), i) for i in range(len(op._outputs)))
 
-    grads: dict[int, object] = {}
+    # A tensor's gradient contributions wait in a list until its producer's gradient rule (or the
+    # caller) reads them, then are summed at once (`sum_gradients`).
+    grads: dict = {}
+
+    def final(key, pop: bool):
+        parts = grads.pop(key, None) if pop else grads.get(key)
+        if not isinstance(parts, list):
+            return parts
+        total = sum_gradients(parts)
+        if not pop:
+            grads[key] = total
+        return total
+
     for y, gy in zip(ys, grad_ys):
         if _key(y) not in reaches:
             continue
         seed = _ones_like(y) if gy is None else _seed(y, gy)
-        grads[_key(y)] = accumulate(grads.get(_key(y)), seed)
+        grads.setdefault(_key(y), []).append(seed)
 
     ready_after = _ready_positions(relevant, xs) if on_ready is not None else {}
     for pos, op in enumerate(reversed(relevant)):
         for i in ready_after.pop(pos - 1, ()):
-            on_ready(i, grads.get(_key(xs[i])))
+            on_ready(i, final(_key(xs[i]), pop=False))
         keys = [(id(op), i) for i in range(len(op._outputs))]
-        outs = [(grads.get(k) if k in x_ids else grads.pop(k, None)) for k in keys]
+        outs = [final(k, pop=k not in x_ids) for k in keys]
         if all(g is None for g in outs):
             continue
         outs = [_densify(g) for g in outs]
@@ -118,11 +142,11 @@ def _backprop(ys, xs, grad_ys, graph, on_ready=None):
                 continue
             if isinstance(g, Tensor) and g.dtype != t.dtype and dtypes.is_floating(t.dtype):
                 g = apply("cast", g, dtype=t.dtype)
-            grads[_key(t)] = accumulate(grads.get(_key(t)), g)
+            grads.setdefault(_key(t), []).append(g)
     for pos in sorted(ready_after):
         for i in ready_after[pos]:
-            on_ready(i, grads.get(_key(xs[i])))
-    return [grads.get(_key(x)) for x in xs]
+            on_ready(i, final(_key(xs[i]), pop=False))
+    return [final(_key(x), pop=False) for x in xs]
 
 
 def _ready_positions(relevant, xs) -> dict[int, list[int]]:

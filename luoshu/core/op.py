@@ -65,6 +65,10 @@ class OpDef:
     # plan hands it a one-element stand-in made right after the input's producer
     # (`shape_stand_in`), so the input's buffer is freed after its last real reader.
     shape_inputs: ClassVar[tuple[int, ...]] = ()
+    # True where the one output is the sum of the inputs (`add_n`): the states pass adds the inputs
+    # that share a layout locally first and converts each layout's sum once (a gradient's partial
+    # contributions are all-reduced together, not each as it joins a whole one).
+    sums_inputs: ClassVar[bool] = False
 
     def infer(self, inputs: list[Tensor], **attrs) -> list[TensorMeta] | TensorMeta:
         raise NotImplementedError

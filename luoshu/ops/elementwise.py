@@ -9,7 +9,7 @@ import torch
 from luoshu.core import dtypes
 from luoshu.core.errors import DTypeError, OpError
 from luoshu.core.op import OpDef, apply, register
-from luoshu.core.shapes import broadcast_shapes
+from luoshu.core.shapes import broadcast_shapes, same_dim
 from luoshu.core.tensor import TensorMeta
 from luoshu.ops import _states
 from luoshu.ops._util import float_dtype, sum_to, wants
@@ -46,6 +46,49 @@ class Add(_Binary):
         g, = grads
         a, b = op.inputs
         return [sum_to(g, a) if wants(op, 0) else None, sum_to(g, b) if wants(op, 1) else None]
+
+
+@register
+class AddN(OpDef):
+    """The sum of n tensors of one shape, added in input order (autodiff sums a tensor's gradient
+    contributions with one: the states pass adds the contributions of each layout locally and
+    converts each layout's sum once, e.g. one all-reduce of all the partial ones)."""
+
+    name = "add_n"
+    sums_inputs = True
+
+    def infer(self, inputs):
+        first = inputs[0]
+        for t in inputs[1:]:
+            if t.ndim != first.ndim or not all(same_dim(a, b) for a, b in zip(t.shape, first.shape)):
+                raise self.shape_error(inputs, "all inputs must have one shape")
+        dtype = first.dtype
+        for t in inputs[1:]:
+            dtype = dtypes.promote(dtype, t.dtype)
+        shape = tuple(next((d for d in dims if d is not None), None) for dims in zip(*(t.shape for t in inputs)))
+        return TensorMeta(shape, dtype)
+
+    @staticmethod
+    def compute(*values):
+        # a left fold, each step the kernel of `add`: the bits of the chain ((a + b) + c) + ...
+        out = torch.add(values[0], values[1]) if len(values) > 1 else values[0].clone()
+        for v in values[2:]:
+            out = out.add_(v) if v.dtype == out.dtype else torch.add(out, v)  # in place on its own sum
+        return out
+
+    def gradient(self, op, grads):
+        g, = grads
+        return [g if wants(op, i) else None for i in range(len(op.inputs))]
+
+    def deduce_states(self, input_ds, _io=None, **attrs):
+        n = _states.group_size(input_ds)
+        if n is None or n == 1:
+            return [input_ds[0]]
+        if _io is None:
+            return super().deduce_states(input_ds)
+        # One layout for all (a sum of partials is partial); inputs in several layouts are added per
+        # layout by the states pass (`sums_inputs`) before these per-input conversions would apply.
+        return _states.elementwise(self.name, input_ds, _io, "all")
 
 
 @register
@@ -579,6 +622,10 @@ def add(x, y):
     return apply("add", x, y)
 
 
+def add_n(*xs):
+    return apply("add_n", *xs)
+
+
 def sub(x, y):
     return apply("sub", x, y)
 
@@ -735,7 +782,7 @@ def cast(x, dtype):
     return apply("cast", x, dtype=dtypes.dtype_name(dtype))
 
 
-__all__ = ["abs", "add", "cast", "clamp", "cos", "div", "elu", "equal", "erf", "exp", "gelu", "greater",
+__all__ = ["abs", "add", "add_n", "cast", "clamp", "cos", "div", "elu", "equal", "erf", "exp", "gelu", "greater",
            "greater_equal", "isfinite", "leaky_relu", "less", "less_equal", "log", "log1p",
            "logical_and", "logical_not", "logical_or", "logical_xor", "maximum", "minimum", "mul",
            "neg", "not_equal", "pow", "relu", "rsqrt", "sigmoid", "sign", "silu", "sin", "softplus",

@@ -325,3 +325,17 @@ def test_ctr_model_with_row_wise_table_on_four_simulated_ranks(rng, model):
     for i in range(len(fetches)):
         got = ST.assemble([v[i] for v in values], [d[i] for d in ds]).numpy()
         np.testing.assert_allclose(got, expected[i], rtol=1e-10, atol=1e-10)
+
+
+def test_a_sum_of_several_layouts_converts_each_layout_once(rng):
+    """`add_n` (autodiff's sum of a gradient's contributions) adds the inputs of each layout locally
+    and converts each layout's sum once: a whole input and three partial ones make one all-reduce,
+    where a chain of adds all-reduced each partial as it joined the whole one (3)."""
+    for specs in [(DUP, PART, PART, PART), (PART, DUP, PART), (0, PART, 0, DUP), (1, 0, PART, 1)]:
+        check(lambda *xs: ls.ops.add_n(*xs), specs, [(8, 12)] * len(specs), rng)
+    with ls.Graph() as g:
+        xs = [leaf(rng, (8, 12), sp) for sp in (DUP, PART, PART, PART)]
+        out = ls.ops.add_n(*xs)
+    _, ds, locs = ST.simulate(topological_ops([out], g), [out], N, partial_weights=WEIGHTS)
+    assert [op.opdef.name for op in locs[0].graph.ops].count("all_reduce") == 1
+    assert S._show(ds[0][0]) == "dup"

@@ -74,3 +74,23 @@ def test_shared_subexpression_gradients_accumulate():
     h2 = ls.ops.tanh(a)
     (h2 * h2 + h2).sum().backward()
     np.testing.assert_allclose(a.grad.numpy(), t.grad.numpy(), rtol=1e-12)
+
+
+def test_a_tensors_gradient_contributions_are_summed_by_one_add_n():
+    """h read by three ops: its gradient is one n-ary sum of the three contributions (what lets the
+    states pass all-reduce a gradient's partial contributions together), in arrival order, so a
+    one-process graph has the bits of the chain ((a + b) + c); the values are torch autograd's."""
+    x = np.array([[0.3, -0.7, 1.1], [0.2, 0.5, -1.3]])
+    t = torch.tensor(x, requires_grad=True)
+    ht = torch.tanh(t)
+    (ht * ht + ht.exp() + ht.sin()).sum().backward()
+    with ls.Graph() as g:
+        p = ls.placeholder("p", (2, 3), "float64")
+        h = ls.ops.tanh(p)
+        (grad,) = ls.gradients((h * h + ls.ops.exp(h) + ls.ops.sin(h)).sum(), [p])
+    sums = [op for op in g.ops if op.opdef.name == "add_n"]
+    assert [len(op.inputs) for op in sums] == [4]  # h * h reads h twice: four contributions
+    np.testing.assert_allclose(g.run(grad, {p: x}), t.grad.numpy(), rtol=1e-12)
+    parts = [ls.tensor(np.random.default_rng(s).standard_normal(5)) for s in range(4)]
+    chain = ((parts[0] + parts[1]) + parts[2]) + parts[3]
+    assert torch.equal(ls.ops.add_n(*parts).value, chain.value)

@@ -15,6 +15,8 @@ CASES = [
     OpCase("add_rank_broadcast", O.add, torch.add, B2),
     OpCase("add_scalar", lambda a: a + 2.5, lambda a: a + 2.5, [(3, 4)]),
     OpCase("radd_scalar", lambda a: 2.5 + a, lambda a: 2.5 + a, [(3,)]),
+    OpCase("add_n", O.add_n, lambda a, b, c: a + b + c, [(3, 4)] * 3, second_order=True),
+    OpCase("add_n_one_input_twice", lambda a: O.add_n(a, a), lambda a: a + a, [(2, 3)]),
     OpCase("sub", O.sub, torch.sub, B, second_order=True),
     OpCase("rsub_scalar", lambda a: 1.0 - a, lambda a: 1.0 - a, [(3,)]),
     OpCase("mul", O.mul, torch.mul, B2, second_order=True),
