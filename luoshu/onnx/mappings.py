@@ -141,6 +141,12 @@ def _binary(b, op, ins):
     return [b.node(_BINARY[op.opdef.name], [_as(b, n, t, out) for n, t in zip(ins, op.inputs)])]
 
 
+@mapping("add_n")
+def _add_n(b, op, ins):
+    out = op.outputs[0].dtype
+    return [b.node("Sum", [_as(b, n, t, out) for n, t in zip(ins, op.inputs)])]
+
+
 _COMPARE = {
     "equal": ("Equal", False),
     "not_equal": ("Equal", True),

@@ -68,6 +68,7 @@ CASES = {
     "binary": (
         lambda x, y: (
             O.add(x, y) * O.sub(x, y) / (O.maximum(x, y).abs() + 1.0) + O.minimum(x, y) + O.pow(x.abs() + 1.0, 1.5)
+            + O.add_n(x, y, x * y)
         ),
         [_f(3, 4), _f(3, 4)],
     ),
