@@ -863,15 +863,27 @@ class ZeroSync(SyncMode):
 
     def _check_local_reads(self, graph) -> None:
         """Tensor parallelism: run on every local graph the strategy compiles. A graph may not read a
-        parameter this TP member left to member 0; at stage 3, readers of the sharded parameters that
-        no update rewired (an evaluation's) read them through gathers."""
+        parameter a TP member left to member 0 on that member; at stage 3, readers of the sharded
+        parameters that no update rewired (an evaluation's) read them through gathers. Where some
+        member left parameters (every member knows: `_keepers`), the members tell each other what
+        they read of them (one all-reduce over the TP group: every member compiles the same local
+        graphs), so all of them refuse the graph, not only the reader while member 0 goes on into a
+        collective its peers never join."""
         params = self.dp.optimizer.parameters()
         read = self._readers(graph, {id(params[i]): i for i in self._left or ()})
-        if read:
-            raise DistError(f"DataParallel(zero={self.stage}): graph '{graph.name}' reads parameters "
-                            f"{[self._label(i) for i in sorted(read)]} on tensor-parallel member "
-                            f"{self._tp_member}, which left them to member 0 (the training graph never "
-                            "reads them here)")
+        n = len(self._tp_group)
+        if self._keepers and n > 1 and env.is_distributed():
+            found = torch.zeros((n, len(params)), dtype=torch.float64)
+            found[self._tp_member, sorted(read)] = 1.0
+            found = get_opdef("all_reduce").compute(found, reduce="sum", group=self._tp_group, async_op=False)
+            readers = {m: [i for i in range(len(params)) if found[m, i]] for m in range(n) if found[m].any()}
+        else:
+            readers = {self._tp_member: sorted(read)} if read else {}
+        if readers:
+            where = "; ".join(f"member {m}: {[self._label(i) for i in indices]}" for m, indices in readers.items())
+            raise DistError(f"DataParallel(zero={self.stage}): graph '{graph.name}' reads, on tensor-parallel members "
+                            f"other than 0, parameters they left to member 0 (their training graphs never read "
+                            f"them there) ({where}); every member refuses it (this is member {self._tp_member})")
         if self.stage != 3 or self.groups is None:
             return
         readers = self._readers(graph, {id(params[i]): i for i in self.owner})
