@@ -56,7 +56,10 @@ its stages after the last micro-batch), at the cost of M reduce-scatters per uni
 of one and a gather per unit per forward and per backward. With tensor-parallel stages every stage
 shards this rank's TP blocks (the units laid out from its local values, alike on its DP peers, who
 hold the same blocks); a vocabulary-split shared table's rows are cut to this rank's block before
-they are densified into its unit's gradient. `Pipeline.memory` reports the bytes from the plans'
+they are densified into its unit's gradient. Under every ZeRO stage a TP member other than 0 leaves
+to member 0 the duplicated parameters its stage plans never read (the row-parallel biases,
+`ZeroSync.leave_stage`): it holds no value, shard or optimizer state of them and its backward no
+longer makes their gradients. `Pipeline.memory` reports the bytes from the plans'
 accounting.
 """
 

@@ -76,7 +76,9 @@ local graph never reads (the row-parallel biases: the partial sums get the bias 
 `_leave_to_member0`): the other members hold no value, optimizer state or shard of them and
 reduce, update and count none of their gradients; clipping weighs such a parameter whole on
 member 0, `gathered_parameters()` broadcasts it from there, and the checkpoints (written by rank 0,
-TP member 0) hold it as a plain run's do. A later graph that reads one on such a member is refused.
+TP member 0) hold it as a plain run's do. A later graph that reads one on such a member is refused on
+every member (the members tell each other what they read of those parameters, one all-reduce over the
+TP group per compiled local graph), so member 0 does not go on alone into a collective.
 
 In a pipeline (`pipeline(..., zero=1 | 2)`) the stage builds this mode over its DP group and hands it
 each step's gradients, accumulated over the micro-batches, once after the last (`step_accumulated`):
@@ -85,7 +87,13 @@ stage 1 all-reduces them and takes the shard, stage 2 reduce-scatters each bucke
 group give clipping's norm. Stage 3 in a pipeline lays out the units of the stage program at compile
 (`shard_stage`: gathers in its forward and backward graphs, a reduce-scatter per unit per micro-batch)
 and takes the accumulated shards once a step (`step_shards`); a tensor-parallel stage's program is
-this rank's local graphs, so its units hold this rank's TP blocks (every stage, 1-3, alike).
+this rank's local graphs, so its units hold this rank's TP blocks (every stage, 1-3, alike), and
+before any layout the stage leaves to TP member 0 what this member's forward and backward graphs never
+read (`leave_stage`, the same `_leave_to_member0` over the stage's TP group): no value, shard, gradient
+fetch (the backward no longer makes it), reduction, state or update of a row-parallel bias on the
+other members, clipping counting it whole on member 0 (its weight, shared among the stages that hold
+it, scaled by tp / keepers), `gathered_parameters()` (`Pipeline.gather_stages`, checkpoints) bringing it
+from member 0.
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
@@ -407,9 +415,9 @@ class ZeroSync(SyncMode):
         self._loaded = False  # a plain state dict was loaded and still has to reach the shards
         self._loss_scaler = None  # fp16: the update's LossScaler (use_loss_scaler)
         self._logical_graphs: list = []  # under TP: graphs whose cached plans may read what the layout frees
-        # under TP (`_leave_to_member0`): the parameters this TP member leaves to member 0, each with the
-        # device its value was on (None: not decided yet), and for each parameter fewer than all TP
-        # members keep, how many keep it
+        # under TP (`_leave_to_member0`; a pipeline stage: `leave_stage`): the parameters this TP member
+        # leaves to member 0, each with the device its value was on (None: not decided yet), and for each
+        # parameter fewer than all TP members keep, how many keep it
         self._left: dict | None = None if self.tensor_parallel is not None else {}
         self._keepers: dict[int, int] = {}
         self._tp_group, self._tp_member = (), 0  # the TP group (member order) and this rank's place in it
