@@ -56,7 +56,10 @@ its stages after the last micro-batch), at the cost of M reduce-scatters per uni
 of one and a gather per unit per forward and per backward. With tensor-parallel stages every stage
 shards this rank's TP blocks (the units laid out from its local values, alike on its DP peers, who
 hold the same blocks); a vocabulary-split shared table's rows are cut to this rank's block before
-they are densified into its unit's gradient. `Pipeline.memory` reports the bytes from the plans'
+they are densified into its unit's gradient. Under every ZeRO stage a TP member other than 0 leaves
+to member 0 the duplicated parameters its stage plans never read (the row-parallel biases,
+`ZeroSync.leave_stage`): it holds no value, shard or optimizer state of them and its backward no
+longer makes their gradients. `Pipeline.memory` reports the bytes from the plans'
 accounting.
 """
 
@@ -250,9 +253,16 @@ class Pipeline:
             sync = DataParallel(optimizer=optimizer, group=self.mesh.group("dp"), broadcast=False,
                                 zero=self.zero_stage, **self.zero_options).sync
             self.zero, self._dp_sync = (sync, None) if self.zero_stage else (None, sync)
-        # what the backward plan fetches, in order: (accumulator, sparse) per parameter, or at stage 3 the
-        # sparse gradients, then one gradient shard per unit (accumulators after the parameters')
-        self._fetched = list(enumerate(self._sparse))
+        left = set()
+        if self.zero_stage and strategy is not None:
+            # ZeRO x TP: a TP member other than 0 leaves to member 0 the duplicated parameters its plans never
+            # read (row-parallel biases): no value, state, shard, gradient or update of them here
+            left = self.zero.leave_stage(self.program, self.param_index, groups[self.stage], mesh.index("tp"),
+                                         strategy.strategy)
+        # what the backward plan fetches, in order: (accumulator, sparse) per parameter (but those left to TP
+        # member 0), or at stage 3 the sparse gradients, then one gradient shard per unit (accumulators after
+        # the parameters')
+        self._fetched = [(k, sparse) for k, sparse in enumerate(self._sparse) if self.param_index[k] not in left]
         if self.zero_stage == 3:
             units = self.zero.shard_stage(self.program, self.param_index,
                                           {self.param_index[pos] for pos, _ in self._shared})
@@ -443,7 +453,7 @@ class Pipeline:
             accum = accum[:len(self.params)]
         grads = []
         for k, acc in enumerate(accum):
-            if acc is None:  # stage 3: a dense parameter's gradient is its unit's shard
+            if acc is None:  # stage 3: a dense parameter's gradient is its unit's shard; or left to TP member 0
                 grads.append(None)
                 continue
             if not self._sparse[k]:
@@ -478,7 +488,7 @@ class Pipeline:
             # shared table's summed rows among them (as below); the other rows are gathered already.
             pairs = list(zip(self.param_index, grads))
             self.zero.step_accumulated([(i, g) for i, g in pairs if isinstance(g, torch.Tensor)],
-                                       [(i, g) for i, g in pairs if not isinstance(g, torch.Tensor)])
+                                       [(i, g) for i, g in pairs if isinstance(g, tuple)])
             return
         if self._dp_sync is not None:
             # The mean over DP of the dense gradients (a shared table's summed rows among them; the other

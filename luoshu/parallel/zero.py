@@ -76,7 +76,9 @@ local graph never reads (the row-parallel biases: the partial sums get the bias 
 `_leave_to_member0`): the other members hold no value, optimizer state or shard of them and
 reduce, update and count none of their gradients; clipping weighs such a parameter whole on
 member 0, `gathered_parameters()` broadcasts it from there, and the checkpoints (written by rank 0,
-TP member 0) hold it as a plain run's do. A later graph that reads one on such a member is refused.
+TP member 0) hold it as a plain run's do. A later graph that reads one on such a member is refused on
+every member (the members tell each other what they read of those parameters, one all-reduce over the
+TP group per compiled local graph), so member 0 does not go on alone into a collective.
 
 In a pipeline (`pipeline(..., zero=1 | 2)`) the stage builds this mode over its DP group and hands it
 each step's gradients, accumulated over the micro-batches, once after the last (`step_accumulated`):
@@ -85,7 +87,13 @@ stage 1 all-reduces them and takes the shard, stage 2 reduce-scatters each bucke
 group give clipping's norm. Stage 3 in a pipeline lays out the units of the stage program at compile
 (`shard_stage`: gathers in its forward and backward graphs, a reduce-scatter per unit per micro-batch)
 and takes the accumulated shards once a step (`step_shards`); a tensor-parallel stage's program is
-this rank's local graphs, so its units hold this rank's TP blocks (every stage, 1-3, alike).
+this rank's local graphs, so its units hold this rank's TP blocks (every stage, 1-3, alike), and
+before any layout the stage leaves to TP member 0 what this member's forward and backward graphs never
+read (`leave_stage`, the same `_leave_to_member0` over the stage's TP group): no value, shard, gradient
+fetch (the backward no longer makes it), reduction, state or update of a row-parallel bias on the
+other members, clipping counting it whole on member 0 (its weight, shared among the stages that hold
+it, scaled by tp / keepers), `gathered_parameters()` (`Pipeline.gather_stages`, checkpoints) bringing it
+from member 0.
 
 `offload="optimizer"` keeps each shard's optimizer state (and fp32 shard) in pinned host memory
 and runs the shard update there, copies to and from the device on a side stream
@@ -407,11 +415,12 @@ class ZeroSync(SyncMode):
         self._loaded = False  # a plain state dict was loaded and still has to reach the shards
         self._loss_scaler = None  # fp16: the update's LossScaler (use_loss_scaler)
         self._logical_graphs: list = []  # under TP: graphs whose cached plans may read what the layout frees
-        # under TP (`_leave_to_member0`): the parameters this TP member leaves to member 0, each with the
-        # device its value was on (None: not decided yet), and for each parameter fewer than all TP
-        # members keep, how many keep it
+        # under TP (`_leave_to_member0`; a pipeline stage: `leave_stage`): the parameters this TP member
+        # leaves to member 0, each with the device its value was on (None: not decided yet), and for each
+        # parameter fewer than all TP members keep, how many keep it
         self._left: dict | None = None if self.tensor_parallel is not None else {}
         self._keepers: dict[int, int] = {}
+        self._tp_group, self._tp_member = (), 0  # the TP group (member order) and this rank's place in it
         self._gather_depth = 0  # nesting of gathered_parameters() contexts
         self._key = live.register(self)  # what sharded_update and the zero3 ops name in their attributes
         self._scatters: list = []  # (work, flat copy it reads) of the reduce-scatter still in flight
@@ -454,42 +463,62 @@ class ZeroSync(SyncMode):
         fetch set and feed signature; the shards' layout is made once, at the first). The duplicated
         parameters this TP member's graph never reads are left to member 0 first (`_leave_to_member0`)."""
         live.keep_alive(graph, self)
-        if self._left is None:
-            self._leave_to_member0(graph, update_op)
         entries = update_entries(update_op.attrs["params"], update_op.attrs["kinds"], update_op.inputs)
+        if self._left is None:
+            strategy = self.tensor_parallel
+            self._leave_to_member0([graph], [e.index for e in entries if e.kind == "d"], tuple(strategy.group),
+                                   strategy.index, strategy.strategy)
         kept = [e for e in entries if e.index not in self._left]
         update_op.attrs["params"], update_op.attrs["kinds"], update_op.inputs = update_inputs(kept)
         self._rewrite(graph, update_op)
 
-    def _leave_to_member0(self, graph, update_op) -> None:
-        """Tensor parallelism, the first local update: on a TP member other than 0, the duplicated
-        dense parameters its local graph never reads (a row-parallel bias: the partial sums get it
-        once, on member 0) are left to member 0, which keeps every parameter. This member then holds
-        no value, no optimizer state and no shard of them, reduces and updates none of their
-        gradients (the graph's op that makes one is pruned), and `gathered_parameters()` brings them
-        from member 0. Every member learns how many members keep each parameter (one all-reduce over
-        the TP group), for clipping's weights and the broadcast in `gathered_parameters()`."""
-        strategy = self.tensor_parallel
-        n = len(strategy.group)
+    def _leave_to_member0(self, graphs: list, dense: list[int], tp_group: tuple, member: int, strategy: int) -> None:
+        """Tensor parallelism, once (the first local update; a pipeline stage's compile): on a TP
+        member other than 0, the duplicated dense parameters of `dense` (optimizer indices) that none
+        of its local `graphs` reads (a row-parallel bias: the partial sums get it once, on member 0)
+        are left to member 0, which keeps every parameter. This member then holds no value, no
+        optimizer state and no shard of them, reduces and updates none of their gradients (the
+        graph's op that makes one is pruned), and `gathered_parameters()` brings them from member 0.
+        Every member learns how many members keep each parameter (one all-reduce over `tp_group`, in
+        TP member order; `member`: this rank's position in it; `strategy`: the states' index), for
+        clipping's weights, the broadcast in `gathered_parameters()` and the check of later graphs."""
+        n = len(tp_group)
         params = self.dp.optimizer.parameters()
-        dense = [e.index for e in update_entries(update_op.attrs["params"], update_op.attrs["kinds"], update_op.inputs)
-                 if e.kind == "d"]
         left = []
-        if strategy.index != 0:
-            readers = self._readers(graph, {id(params[i]): i for i in dense})
-            left = [i for i in dense if i not in readers
-                    and states.states_of(params[i], strategy.strategy, n).is_pure_duplicate()]
+        if member != 0:
+            index_of = {id(params[i]): i for i in dense}
+            read = {i for graph in graphs for i in self._readers(graph, index_of)}
+            left = [i for i in dense if i not in read and states.states_of(params[i], strategy, n).is_pure_duplicate()]
         counts = torch.zeros(len(params), dtype=torch.float64)
         for i in left:
             counts[i] = 1.0
         if n > 1 and env.is_distributed():
-            counts = get_opdef("all_reduce").compute(counts, reduce="sum", group=tuple(strategy.group), async_op=False)
+            counts = get_opdef("all_reduce").compute(counts, reduce="sum", group=tuple(tp_group), async_op=False)
+        self._tp_group, self._tp_member = tuple(tp_group), member
         # parameter index -> how many TP members keep it, where fewer than all do
         self._keepers = {i: n - int(c) for i, c in enumerate(counts.tolist()) if c > 0}
         self._left = {i: params[i]._value.device for i in left}
         self._free_left()
         for g in self._logical_graphs:  # plans compiled before may read them
             g._plans.clear()
+
+    def leave_stage(self, program, indices: list[int], tp_group: tuple, member: int, strategy: int) -> set[int]:
+        """ZeRO in a tensor-parallel pipeline stage (`pipeline(..., zero=1 | 2 | 3)`), at its compile,
+        before `shard_stage`: the duplicated dense parameters of the stage program that this TP
+        member's forward and backward graphs never read are left to member 0 (`_leave_to_member0`;
+        `indices`: the optimizer index of each of the program's parameters, `tp_group`: the stage's
+        TP ranks in member order). Their gradients leave `program.grad_fetches` (the backward no
+        longer makes them). Returns the indices left here."""
+        dense = [i for i, sparse in zip(indices, program.sparse) if not sparse]
+        self._leave_to_member0([program.forward, program.backward], dense, tp_group, member, strategy)
+        fetches, pos = [], 0
+        for i, sparse in zip(indices, program.sparse):
+            width = 2 if sparse else 1
+            if i not in self._left:
+                fetches += program.grad_fetches[pos:pos + width]
+            pos += width
+        program.grad_fetches = fetches + program.grad_fetches[pos:]
+        return set(self._left)
 
     def _rewrite(self, graph, update_op) -> None:
         if self.stage == 3:
@@ -701,8 +730,12 @@ class ZeroSync(SyncMode):
                 # (`opt.shard_norm`, installed by the states pass) and summed over the TP group too.
                 pieces = [piece for g in self.groups for piece in g.gradient_pieces()]
                 norm = opt.shard_norm if opt.shard_norm is not None else ShardNorm({}, ())
-                if self._keepers:  # a duplicated parameter left to TP member 0: counted whole by its keepers
-                    norm = ShardNorm({**norm.weights, **{i: 1.0 / k for i, k in self._keepers.items()}}, norm.group)
+                if self._keepers:
+                    # a duplicated parameter left to TP member 0 counts whole over its k keepers, not
+                    # 1/n on each of the n members (a pipeline's weight also shares it among stages)
+                    n = len(self._tp_group)
+                    norm = ShardNorm({**norm.weights, **{i: norm.weights.get(i, 1.0 / n) * n / k
+                                                         for i, k in self._keepers.items()}}, norm.group)
                 dense_sq = norm.squared([i for i, _ in pieces], [t for _, t in pieces],
                                         device=self.groups[0].device).double()
                 if pg is not None:
@@ -838,15 +871,27 @@ class ZeroSync(SyncMode):
 
     def _check_local_reads(self, graph) -> None:
         """Tensor parallelism: run on every local graph the strategy compiles. A graph may not read a
-        parameter this TP member left to member 0; at stage 3, readers of the sharded parameters that
-        no update rewired (an evaluation's) read them through gathers."""
+        parameter a TP member left to member 0 on that member; at stage 3, readers of the sharded
+        parameters that no update rewired (an evaluation's) read them through gathers. Where some
+        member left parameters (every member knows: `_keepers`), the members tell each other what
+        they read of them (one all-reduce over the TP group: every member compiles the same local
+        graphs), so all of them refuse the graph, not only the reader while member 0 goes on into a
+        collective its peers never join."""
         params = self.dp.optimizer.parameters()
         read = self._readers(graph, {id(params[i]): i for i in self._left or ()})
-        if read:
-            raise DistError(f"DataParallel(zero={self.stage}): graph '{graph.name}' reads parameters "
-                            f"{[self._label(i) for i in sorted(read)]} on tensor-parallel member "
-                            f"{self.tensor_parallel.index}, which left them to member 0 (the training graph never "
-                            "reads them here)")
+        n = len(self._tp_group)
+        if self._keepers and n > 1 and env.is_distributed():
+            found = torch.zeros((n, len(params)), dtype=torch.float64)
+            found[self._tp_member, sorted(read)] = 1.0
+            found = get_opdef("all_reduce").compute(found, reduce="sum", group=self._tp_group, async_op=False)
+            readers = {m: [i for i in range(len(params)) if found[m, i]] for m in range(n) if found[m].any()}
+        else:
+            readers = {self._tp_member: sorted(read)} if read else {}
+        if readers:
+            where = "; ".join(f"member {m}: {[self._label(i) for i in indices]}" for m, indices in readers.items())
+            raise DistError(f"DataParallel(zero={self.stage}): graph '{graph.name}' reads, on tensor-parallel members "
+                            f"other than 0, parameters they left to member 0 (their training graphs never read "
+                            f"them there) ({where}); every member refuses it (this is member {self._tp_member})")
         if self.stage != 3 or self.groups is None:
             return
         readers = self._readers(graph, {id(params[i]): i for i in self.owner})
@@ -928,7 +973,8 @@ class ZeroSync(SyncMode):
             raise DistError("DataParallel(zero=3) shards one stage program; this mode has laid out its units already")
         opt = self.dp.optimizer
         params = opt.parameters()
-        dense = [i for i, sparse in zip(indices, program.sparse) if not sparse or i in alone]
+        # what this TP member left to member 0 (`leave_stage`) has no unit and no gradient fetch here
+        dense = [i for i, sparse in zip(indices, program.sparse) if (not sparse or i in alone) and i not in self._left]
         if not dense:
             raise DistError(f"pipeline(zero=3): stage {program.stage} has no dense parameter to shard")
         forward = {id(op) for op in prune(program.forward, program.forward_fetches)}
@@ -964,6 +1010,8 @@ class ZeroSync(SyncMode):
 
         grad_of, rest, pos, after = {}, [], 0, {}
         for i, sparse in zip(indices, program.sparse):
+            if i in self._left:
+                continue
             if not sparse:
                 grad_of[i] = program.grad_fetches[pos]
                 pos += 1
@@ -1124,7 +1172,7 @@ class ZeroSync(SyncMode):
         (member 0's is whole: stage 3's units are gathered first)."""
         if not self._keepers:
             return
-        group = tuple(self.tensor_parallel.group)
+        group = self._tp_group
         src = sorted(group).index(group[0])  # the broadcast's root: a position by ascending rank
         broadcast = get_opdef("broadcast")
         params = self.dp.optimizer.parameters()

@@ -87,6 +87,7 @@ def _assert_same(model, opt, ref_model, ref_opt, atol):
         pytest.param(2, 1, 2, 1, marks=pytest.mark.slow),
         pytest.param(2, 1, 2, 2, marks=pytest.mark.slow),
         pytest.param(2, 1, 2, 3, marks=pytest.mark.slow),
+        pytest.param(2, 2, 2, 1, marks=pytest.mark.slow),
         pytest.param(2, 2, 2, 3, marks=pytest.mark.slow),
     ],
 )

@@ -112,7 +112,7 @@ def test_recompute_inside_a_stage_keeps_only_the_layers_inputs(schedule):
 
 
 def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2", clip=None, recompute=False,
-             zero=0, steps=pp_train.STEPS, bucket_mb=None):
+             zero=0, steps=pp_train.STEPS, bucket_mb=None, memory=False):
     """Runs the pipeline job and checks it against one process; returns every rank's npz."""
     out = tmp_path / ("pp-recompute" if recompute else f"pp-zero{zero}" if zero else "pp")
     args = (
@@ -140,6 +140,7 @@ def _compare(tmp_path, dp, pp, layers, m, sched, stages=None, tp=1, model="gpt2"
         + (["--zero", str(zero)] if zero else [])
         + (["--steps", str(steps)] if steps != pp_train.STEPS else [])
         + (["--bucket-size-mb", str(bucket_mb)] if bucket_mb else [])
+        + (["--memory"] if memory else [])
     )
     proc = launch(dp * tp * pp, "tests/parallel/pp_train.py", *args, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -373,17 +374,72 @@ def test_zero_one_stage_equals_the_whole_batch_with_clipping(zero):
     assert opt.state == {} and pipe.optimizers()[-1] is opt  # the shard optimizers hold every moment
 
 
+def _kept_numel(tp: int) -> dict:
+    """(stage, TP member) -> [elements per ZeRO-3 unit] of the parameters a rank of the dp x tp x pp2 GPT-2
+    (two layers) keeps under ZeRO, independent of the code under test: from the one-process model's names
+    and shapes, the stages' layers (embeddings with h.0 on stage 0; h.1, ln_f and the tied head on stage 1),
+    the Megatron plan's split parameters (1/tp of their elements on each member) and its row-parallel biases
+    (added once, on member 0: the other members leave them to member 0). Units: the tied table (several
+    stages share it) alone, then the rest (below one `unit_size_mb`)."""
+    from luoshu.compiler import states
+
+    model = pp_train.build("gpt2", 2)
+    split = set(ls.parallel.parallelize(pp_train.build("gpt2", 2), ls.distributed.DeviceMesh(tp=tp, world_size=tp),
+                                        broadcast=False).split) if tp > 1 else set()
+    states.set_default(None)
+    rowwise = {k for k, v in ls.parallel.MEGATRON_PLAN.items() if v == "rowwise"}
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias") and n.rsplit(".", 2)[-2] in rowwise}
+    assert tp == 1 or len(biases) == 4  # attn.c_proj and mlp.c_proj of each block
+    stages = [lambda n: n.startswith(("wte", "wpe", "h.0.")), lambda n: n.startswith(("h.1.", "ln_f", "wte"))]
+    kept = {}
+    for stage, member in ((s, t) for s in range(2) for t in range(tp)):
+        numel = {n: p.value.numel() // (tp if n in split else 1) for n, p in model.named_parameters()
+                 if stages[stage](n) and not (member and n in biases)}
+        kept[stage, member] = [numel.pop("wte.weight"), sum(numel.values())]
+    return kept
+
+
+def _check_kept_bytes(runs, zero: int, dp: int, tp: int) -> None:
+    """Each rank's exact float64 bytes under ZeRO-`zero` (`_kept_numel`): stages 1-2 one flat buffer
+    (the model is below one bucket) padded to a multiple of dp, of which the rank's optimizer state
+    covers its 1/dp shard; stage 3 one shard per unit (parameters, the accumulated gradient shards and
+    the state). AdamW: two moments per element, a float32 step counter per shard optimizer. A TP member
+    other than 0 neither keeps nor fetches the gradients of the biases it leaves to member 0."""
+    kept = _kept_numel(tp)
+    fetched = {}
+    for run in runs:
+        stage, member = int(run["stage"]), int(run["rank"]) % tp
+        units = kept[stage, member]
+        shards = [-(-u // dp) for u in units] if zero == 3 else [-(-sum(units) // dp)]
+        mem = json.loads(str(run["memory"]))
+        assert int(run["buckets"]) == len(shards), (zero, int(run["buckets"]))
+        assert int(run["state_bytes"]) == 2 * 8 * sum(shards), (zero, stage, member, int(run["state_bytes"]))
+        assert mem["optimizer_state"] == 2 * 8 * sum(shards) + 4 * len(shards), (zero, stage, member, mem)
+        assert mem["parameters"] == 8 * (sum(shards) if zero == 3 else dp * sum(shards)), (zero, stage, member, mem)
+        if zero == 3:
+            assert mem["gradients"] == 8 * sum(shards), (zero, stage, member, mem)
+        fetched[stage, member] = mem["gradients"]
+    for stage, member in fetched if zero != 3 else ():  # stages 1-2: what member 0 fetches, less the biases'
+        assert fetched[stage, member] == fetched[stage, 0] - 8 * (sum(kept[stage, 0]) - sum(kept[stage, member]))
+    assert tp == 1 or all(sum(kept[s, 0]) - sum(kept[s, 1]) == 2 * 64 for s in range(2))
+
+
 def _zero_compare(tmp_path, zero, dp=2, pp=2, tp=1):
     """dp x pp (x tp) with ZeRO-`zero` over each stage's DP group, clipping active, five AdamW steps:
     one process's losses and parameters, each rank 1/dp of its stage's optimizer state, and (stage 2)
-    one reduce-scatter per bucket per step, after the last micro-batch."""
-    runs = _compare(tmp_path, dp, pp, 2, 2, "1f1b", tp=tp, clip=0.05, zero=zero, steps=5)
+    one reduce-scatter per bucket per step, after the last micro-batch. Under TP each rank's exact
+    bytes (`_check_kept_bytes`, the first step through `Pipeline.memory`)."""
+    runs = _compare(tmp_path, dp, pp, 2, 2, "1f1b", tp=tp, clip=0.05, zero=zero, steps=5, memory=tp > 1)
+    if tp > 1:
+        _check_kept_bytes(runs, zero, dp, tp)
     for run in runs:
         # plain pipeline: AdamW's two float64 moments of every parameter the stage trains (its TP blocks)
         plain = 2 * 8 * int(run["local_numel"])
         buckets = int(run["buckets"])
-        # each bucket (flat group) is padded to a multiple of dp elements
-        assert plain / dp <= int(run["state_bytes"]) < plain / dp + 2 * 8 * buckets, (int(run["state_bytes"]), plain)
+        # each bucket (flat group) is padded to a multiple of dp elements (under TP a member other than 0
+        # holds less: no state of the biases it leaves to member 0, `_check_kept_bytes`)
+        low = plain / dp if tp == 1 else 0
+        assert low <= int(run["state_bytes"]) < plain / dp + 2 * 8 * buckets, (int(run["state_bytes"]), plain)
         expected = buckets if zero == 2 else 0
         assert list(run["scatters"]) == [expected] * 5
     return runs
@@ -419,16 +475,17 @@ def _zero3_compare(tmp_path, tp: int) -> None:
         # what the plain rank holds: its stage's parameters (its TP blocks: 8 * local_numel bytes) and their
         # gradients, one per parameter (stage 0 fetches the tied table's as rows, then densifies them to sum
         # over the stages: a whole gradient, as many bytes as the parameter). Under TP a member other than 0
-        # never reads the row-parallel biases: its plans' parameter bytes leave them out (plain: the biases,
-        # ZeRO-3: the shard of the unit they fill), its fetched gradients do not (zeros; ZeRO-3: shards)
+        # never reads the row-parallel biases: its plans' parameter bytes leave them out; under ZeRO it
+        # leaves them to member 0 (no shard, gradient or state of them: `_check_kept_bytes`)
         held = 8 * int(plain["local_numel"])
         assert int(run["local_numel"]) * 8 == held and base["gradients"] <= held and base["parameters"] <= held
         assert base["parameters"] == held or tp > 1
-        for key, low, high, copies in (("parameters", base["parameters"], held, 1), ("gradients", held, held, 1),
-                                       ("optimizer_state", base["optimizer_state"], base["optimizer_state"], 2)):
-            # 1/dp of the plain rank's, +-64: the optimizers' step counters
-            assert low / 2 - 64 <= mem[key] <= high / 2 + copies * pad + 64, (key, mem[key], low, high)
+        # parameters 1/dp of the plain rank's (its plans already never read the biases), optimizer state at
+        # most 1/dp (less the biases' left to member 0), up to each unit's padding, +-64: the step counters
+        assert base["parameters"] / 2 - 64 <= mem["parameters"] <= held / 2 + pad + 64, (mem, base)
+        assert mem["optimizer_state"] <= base["optimizer_state"] / 2 + 2 * pad + 64, (mem, base)
     assert seen == set(ref_params)
+    _check_kept_bytes(runs["zero"], 3, 2, tp)
 
 
 @pytest.mark.dist

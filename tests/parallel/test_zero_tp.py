@@ -69,6 +69,7 @@ def test_zero_1_2_3_over_dp_of_dp2_tp2_match_one_process_and_checkpoints_cross_l
                                  broadcast=False)
     states.set_default(None)
     biases = _row_parallel_biases()
+    bias_index = [n for n, _ in tp_train.build("gpt2").named_parameters()].index("h.0.mlp.c_proj.bias")
     assert len(biases) == 4  # o_proj and c_proj of each of the two blocks
     local = _local_numel(set(tp.split))
     # ZeRO: a TP member other than 0 holds no row-parallel bias (no value, state or shard)
@@ -104,6 +105,14 @@ def test_zero_1_2_3_over_dp_of_dp2_tp2_match_one_process_and_checkpoints_cross_l
                 assert "sharded over the data-parallel ranks" in read, read
             else:
                 assert read == "", (zero, r, read)
+            # a graph reading a row-parallel bias: refused on every member, naming the members that left it
+            refused = str(run["bias_graph"])
+            if zero:
+                assert "left to member 0" in refused, refused
+                assert f"member 1: [\"'bias' (index {bias_index} in" in refused, refused
+                assert f"this is member {r % TP}" in refused, refused
+            else:
+                assert refused == "", (r, refused)
 
     saved = _one_process_state(ckpt)  # the ZeRO-3 x TP checkpoint, in one process
     expected_state = _reference_state()

@@ -30,7 +30,8 @@ STEPS = 5
 def train(mesh=None, zero: int = 0, save=None, load=None, optimizer: str = "adamw"):
     """(losses, {name: full parameter}, {optimizer-state and parameter bytes at the first step
     (`plan.memory()`), the loss of the last batch after the last step, the error a read of a
-    row-parallel bias raises there, or "" (`left_read`)}) after `STEPS` steps;
+    row-parallel bias raises there, or "" (`left_read`), and what compiling a graph that reads one
+    raises, or "" (`bias_graph`)}) after `STEPS` steps;
     `load`: a checkpoint loaded before the first, `save`: saved after the last."""
     ls.manual_seed(11)
     model = tp_train.build("gpt2").to(dtype="float64")
@@ -58,6 +59,15 @@ def train(mesh=None, zero: int = 0, save=None, load=None, optimizer: str = "adam
         losses.append(float(value))
     # a plan of another fetch set, compiled after the layout (ZeRO-3: its reads gather too)
     eval_loss = float(g.run(loss, {ids: ids_v[rows], y: y_v[rows]}))
+    # a graph of the same model that reads a row-parallel bias on every member: under ZeRO x TP refused
+    # on every member (members other than 0 left it to member 0), none going on alone
+    with g:
+        bias_read = (model.h[0].mlp.c_proj.bias * 2.0).sum()
+    try:
+        g.run(bias_read, {})
+        bias_graph = ""
+    except ls.Error as exc:
+        bias_graph = str(exc)
     if save is not None:
         ls.save(save, model, opt)
     # what a read of a row-parallel bias gives outside `gathered_parameters()` (ZeRO x TP: TP members
@@ -72,7 +82,7 @@ def train(mesh=None, zero: int = 0, save=None, load=None, optimizer: str = "adam
             params = ls.parallel.gather_parameters(model, mesh)
         else:
             params = {n: p.value.clone() for n, p in model.named_parameters()}
-    memory["eval_loss"], memory["left_read"] = eval_loss, left_read
+    memory["eval_loss"], memory["left_read"], memory["bias_graph"] = eval_loss, left_read, bias_graph
     return np.array(losses), {n: v.numpy() for n, v in params.items()}, memory
 
 
