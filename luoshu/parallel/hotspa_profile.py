@@ -56,12 +56,13 @@ import torch
 import torch.distributed as torch_dist
 
 from luoshu.compiler import states
+from luoshu.core import context
 from luoshu.core.autodiff import gradients
 from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.core.graph import Graph
 from luoshu.core.op import topological_ops
 from luoshu.core.tensor import IndexedSlices
-from luoshu.data.packing import bucketize
+from luoshu.data.packing import bucket_batch, bucketize
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
@@ -95,6 +96,10 @@ class Profile:
     switch_overhead_s: float = 0.0  # busy seconds of a hot switch of every parameter beyond its bytes
     switch_message_s: float = 0.0  # and per message a rank sends or receives in it
     clock: str = "cpu"  # what the seconds are (`_clock`): "cpu" (busy CPU seconds) or "wall"
+    # ((tp, ((rows, row length, micro-batches, seconds), ...)), ...): a real pp = 2 pipeline's run, timed
+    pipeline_runs: tuple = ()
+    # ((tp, seconds), ...): per micro-batch and stage, a pipeline's time beyond the cost model's stage
+    stage_overhead_s: tuple = ()
 
     def layer_seconds(self, b: int, s: int) -> float:
         scores = self.attention_seconds * b * self.spec.heads * s * s
@@ -255,6 +260,82 @@ def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repe
         (n, tuple((b, s_len, t) for (b, s_len), t in zip(at, seconds[j * per_n : (j + 1) * per_n])))
         for j, n in enumerate(sizes)
     )
+
+
+def _pipeline_points(model: Module, lengths: Sequence[int], batches: Sequence[int], repeats: int) -> tuple:
+    """((tp, ((rows, row length, micro-batches, seconds), ...)), ...): the busy seconds (`_clock`, the
+    mean over ranks) of one replica's pipeline run (`HotSPa._pipeline_grads`: every micro-batch's
+    forward and backward stage plans, the sends and receives between them, the gradients gathered)
+    of a fresh copy of the model under HotSPa's runtime with pp = 2 stages of tp ranks, for each tp
+    that divides half the world and the heads, at each point (rows per replica of one sequence of
+    the row's length each), with every replica of the job running at once; the points go round
+    all the pipelines repeat by repeat (`_round_robin`'s reasons). None where the world is odd
+    or a single process, or the blocks do not split in two."""
+    from luoshu.parallel.hotspa_runtime import HotSPa  # the runtime imports this module
+
+    spec = H.model_spec(model)
+    world = env.world_size() if env.is_distributed() else 1
+    if world < 2 or world % 2 or spec.layers % 2:
+        return ()
+    rng = np.random.default_rng(0)
+    at = [(int(b), int(s_len)) for b in batches for s_len in _model_lengths(model, lengths)]
+    runs, sizes = [], []
+    for tp in (t for t in range(1, world // 2 + 1) if world // 2 % t == 0 and spec.heads % t == 0):
+        dp = world // (2 * tp)
+        hot = HotSPa(type(model)(model.config), [f"dp{dp},tp{tp},pp2"], [max(s for _, s in at), 0], broadcast=False)
+        if 0 not in hot._pipelines:  # a model the pipeline cannot take: nothing to time
+            continue
+        sizes.append(tp)
+        replica = hot.meshes[0].index("dp")
+        for b, s_len in at:
+            seqs = [rng.integers(0, spec.vocab, s_len) for _ in range(dp * b)]
+            rows = bucket_batch(seqs, [max(s for _, s in at), 0], row_tokens=s_len)[0].rows
+            mine = np.arange(rows.num_rows)[replica::dp]
+            rows = dataclasses.replace(rows, tokens=rows.tokens[mine], positions=rows.positions[mine],
+                                       segment_ids=rows.segment_ids[mine], labels=rows.labels[mine])
+            runs.append((hot, rows, 1.0 / max(int((rows.labels >= 0).sum()), 1)))
+    if not runs:
+        return ()
+
+    def run(hot, rows, scale):
+        touched = {k: torch.zeros(p.shape[0], dtype=torch.int32)
+                   for k, (p, g) in enumerate(zip(hot.params, hot._grads))
+                   if isinstance(g, IndexedSlices) and k not in hot._dense_rows}
+        with context.no_grad():
+            hot._pipeline_grads(0, rows, scale, touched)
+
+    for r in runs:  # compiled and warm
+        run(*r)
+    _together()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for r, t in zip(runs, times):
+            start = _clock()
+            run(*r)
+            t.append(_clock() - start)
+    seconds = _mean_over_ranks([statistics.median(t) for t in times])
+    per_tp = len(at)
+    return tuple(
+        (tp, tuple((b, s_len, min(2, b), t) for (b, s_len), t in zip(at, seconds[j * per_tp : (j + 1) * per_tp])))
+        for j, tp in enumerate(sizes)
+    )
+
+
+def _stage_overheads(prof: Profile, points: tuple, world: int) -> tuple:
+    """((tp, seconds), ...): per micro-batch and pipeline stage, what a profiled pp = 2 pipeline run
+    (`_pipeline_points`) took beyond the cost model's stage (its layers' share of the profiled plan,
+    `hotspa.run_time`, and its messages; `hotspa.pipeline_stage_time` with no stage overhead): the
+    mean over the points of each one's excess over its micro-batches (at least 0), over `world` ranks."""
+    cl = dataclasses.replace(cluster(prof, world), stage_overhead=())
+    out = []
+    for tp, pts in points:
+        st = H.Strategy(world // (2 * tp), tp, 2)
+        excess = []
+        for b, s_len, m, seconds in pts:
+            t_stage, p2p, _ = H.pipeline_stage_time(prof.spec, cl, st, [[s_len]] * b, s_len, m)
+            excess.append((seconds - t_stage - p2p) / m)
+        out.append((tp, max(float(np.mean(excess)), 0.0)))
+    return tuple(out)
 
 
 _COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -471,7 +552,7 @@ def profile(
     alphas, betas = _collective_costs()
     bandwidth = _bandwidth()
     switch = _switch_overhead(model, bandwidth)
-    return Profile(
+    prof = Profile(
         spec,
         points,
         flops_rate,
@@ -491,7 +572,10 @@ def profile(
         clock="cpu" if _cpu_clock() else "wall",
         switch_overhead_s=switch[0],
         switch_message_s=switch[1],
+        pipeline_runs=_pipeline_points(model, lengths, batches, repeats),
     )
+    prof.stage_overhead_s = _stage_overheads(prof, prof.pipeline_runs, env.world_size() if env.is_distributed() else 1)
+    return prof
 
 
 def _mean_over_ranks(value):
@@ -537,6 +621,7 @@ def cluster(
         cores=prof.cores,
         switch_overhead=prof.switch_overhead_s,
         switch_message_overhead=prof.switch_message_s,
+        stage_overhead=prof.stage_overhead_s,
     )
 
 
