@@ -40,7 +40,10 @@ seconds over the cores (the profile's times are busy seconds: what a device take
 of its own). `predict(..., micro_batches=k)` models HotSPa's
 runtime rather than the simulator's GPU pipeline: a replica's packed rows run as k plans (1 for
 pp = 1, the pipeline's micro-batches otherwise), attention over whole rows where the model has
-no fused variable-length kernel, the LM head's FLOPs counted; and its hot step
+no fused variable-length kernel, the LM head's FLOPs counted, and each micro-batch of a pipeline
+costs every stage `stage_overhead` more (profiled from a real pipeline: a stage's two plans per
+micro-batch, its sends and receives, the embedding and the head on the end stages,
+`pipeline_stage_time`); and its hot step
 (`simulate(..., runtime=True)`): each bucket's gradients all-reduced over its strategy's
 data-parallel group, the parameters switched from the owner along `hot_switch.best_order`'s path
 (one way) and each visited strategy's gradients back to the owner (`runtime_switches_time`, each

@@ -33,7 +33,13 @@ it measures what the cost model's latency terms need (`ClusterSpec.latency` ...)
 - the busy seconds of a hot switch of every parameter beyond its bytes (`hot_switch.run_switches`
   of the model's tensors both ways between duplicated and split over the world: per switch, and
   per message a rank sends or receives): HotSPa's runtime switches parameters and gradients so,
-  several times a step.
+  several times a step;
+- a pipeline's stage time per micro-batch beyond its layers' share of the profiled plan and its
+  messages (`_pipeline_points`, `_stage_overheads`): a fresh copy of the model run as HotSPa's
+  runtime runs a pp = 2 strategy (each micro-batch a forward and a backward stage plan, sends
+  and receives between the stages, the embedding on the first and the head and loss on the last)
+  under each tp, timed at the profile's points; the excess over the cost model's stage, per
+  micro-batch, is what `hotspa.pipeline_stage_time` charges every stage per micro-batch.
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate(..., runtime=True)` (the
 runtime's hot step as it runs) over the strategies HotSPa runs, pipelines included, with each

@@ -3,13 +3,14 @@
     luoshu launch -n 4 tests/parallel/hotspa_rank.py --out PREFIX [--strategies 'dp4,tp1,pp1;dp2,tp1,pp2']
 
 Every rank trains GPT-2 (2 layers, width 64, float32) on one long-tailed batch under each static
-strategy (tp4, dp2·tp2, dp4 unless `--strategies` names others, pipelines included: HotSPa with
-one strategy, every sequence packed into rows of the longest bound), the strategies interleaved
-round by round; the step time of a round is the slowest rank's, and each rank's busy seconds (CPU
-time, every thread of the process) in it are kept too. Then `hotspa_profile.profile` measures this
-machine with the four processes running at once, and `predict_static` predicts each strategy's
-step. Rank 0 writes the rounds' times, busy seconds (rounds x strategies x ranks), the
-predictions, the cores and the profiled pipeline runs and stage overheads to PREFIX.npz.
+strategy (tp4, dp2·tp2, dp4, dp2·pp2, dp1·tp2·pp2 unless `--strategies` names others: HotSPa
+with one strategy, a pipeline's replica in pp micro-batches, every sequence packed into rows of
+the longest bound), the strategies interleaved round by round; the step time of a round is the
+slowest rank's, and each rank's busy seconds (CPU time, every thread of the process) in it are
+kept too. Then `hotspa_profile.profile` measures this machine with the four processes running at
+once, and `predict_static` predicts each strategy's step. Rank 0 writes the rounds' times, busy
+seconds (rounds x strategies x ranks), the predictions, the cores and the profiled pipeline runs
+and stage overheads to PREFIX.npz.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from luoshu.models.language import GPT2, GPTConfig
 from luoshu.parallel import hotspa_profile
 
 VOCAB, MAX_LEN, SEQS, ROUNDS = 256, 512, 32, 5
-STRATEGIES = ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1"]
+STRATEGIES = ["dp1,tp4,pp1", "dp2,tp2,pp1", "dp4,tp1,pp1", "dp2,tp1,pp2", "dp1,tp2,pp2"]
 
 
 def build():

@@ -255,8 +255,9 @@ def _busy_steps(busy: np.ndarray, cores: float) -> np.ndarray:
 @pytest.mark.dist
 @pytest.mark.slow
 def test_the_profiled_cost_model_ranks_the_static_strategies_as_measured(tmp_path):
-    """4 processes: the static strategies' measured steps (interleaved rounds) and the profiled
-    cost model's predictions order them alike. The cost model predicts busy seconds (each rank's
+    """4 processes: the static strategies' measured steps (interleaved rounds), pipelines included
+    (dp2·pp2, dp1·tp2·pp2: their stages' per-micro-batch overhead profiled from a real pipeline),
+    and the profiled cost model's predictions order them alike. The cost model predicts busy seconds (each rank's
     CPU time, its collectives' threads included, the ranks sharing the machine's cores), so the
     measured side is each round's ranks' busy seconds combined as the model combines them: a
     shared machine's wall clock also holds whatever else it runs at the time (reported, not
@@ -267,9 +268,13 @@ def test_the_profiled_cost_model_ranks_the_static_strategies_as_measured(tmp_pat
     from tests.parallel import hotspa_rank as R
 
     out = tmp_path / "rank"
-    proc = launch(4, "tests/parallel/hotspa_rank.py", "--out", str(out), timeout=280)
+    proc = launch(4, "tests/parallel/hotspa_rank.py", "--out", str(out), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = np.load(f"{out}.npz")
+    # the profile timed a real pp = 2 pipeline under tp 1 and 2 (dp2·pp2, dp1·tp2·pp2) at every point
+    assert sorted(set(run["pipeline_runs"][:, 0].astype(int))) == [1, 2]
+    overhead = run["stage_overhead"]
+    assert sorted(overhead[:, 0].astype(int).tolist()) == [1, 2] and (overhead[:, 1] >= 0).all()
     wall, predicted = run["measured"], run["predicted"]
     measured = _busy_steps(run["busy"], float(run["cores"]))
     table = ", ".join(
