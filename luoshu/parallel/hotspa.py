@@ -566,11 +566,15 @@ def pipeline_stage_time(model: ModelSpec, cluster: ClusterSpec, st: Strategy, ro
     """(seconds of a replica's slowest stage over its micro-batches, of their point-to-point messages,
     the micro-batches' sequence lengths) as HotSPa's runtime runs `rows` (packed rows of `row_len`
     tokens, each a list of sequence lengths) under `st`: min(micro_batches, rows) plans of every
-    k-th row, each through a stage's layers (`run_time`); with pp > 1, each micro-batch's stage
-    overhead (`stage_overhead`) on every stage, and per boundary its activations forward and their
-    gradients back, each a message."""
+    k-th row, each through a stage's layers (`run_time`); with pp > 1, every micro-batch as many
+    rows (the runtime pads them with rows that have no targets, `HotSPa._pipeline_grads`), each
+    micro-batch's stage overhead (`stage_overhead`) on every stage, and per boundary its
+    activations forward and their gradients back, each a message."""
     k = max(1, min(int(micro_batches), len(rows)))
     groups = [list(rows[j::k]) for j in range(k)]
+    if st.pp > 1:  # the runtime pads the rows to a multiple of the micro-batches (rows without targets)
+        size = math.ceil(len(rows) / k)
+        groups = [g + [[]] * (size - len(g)) for g in groups]
     layers_per_stage = math.ceil(model.layers / st.pp)
     t_stage = sum(run_time(model, cluster, g, row_len, layers_per_stage, st.tp, st.sp, st.recompute) for g in groups)
     micro = [[n for row in g for n in row] for g in groups]

@@ -62,6 +62,18 @@ def test_a_pipeline_stage_overhead_adds_its_seconds_per_micro_batch_on_the_criti
         assert parts[1] - parts[0] == pytest.approx(4 * m * over[st.tp] if st.pp > 1 else 0.0, abs=1e-12), name
 
 
+def test_a_pipelines_rows_are_padded_to_a_multiple_of_its_micro_batches(profiled):
+    """HotSPa's runtime pads a pipeline replica's rows to a multiple of its micro-batches (rows
+    without targets that run through the kernels all the same): 3 rows in 2 micro-batches cost
+    the stage what 4 do; a pp = 1 strategy runs its 3 rows as they are."""
+    _, prof = profiled
+    cl = P.cluster(prof, 4)
+    stage = [H.pipeline_stage_time(prof.spec, cl, H.Strategy(2, 1, 2), [[256]] * n, 256, 2)[0] for n in (3, 4)]
+    assert stage[0] == pytest.approx(stage[1], rel=1e-12)
+    flat = [H.pipeline_stage_time(prof.spec, cl, H.Strategy(4, 1, 1), [[256]] * n, 256, 1)[0] for n in (3, 4)]
+    assert flat[0] < flat[1]
+
+
 def test_the_stage_overhead_is_the_profiled_pipeline_runs_excess_over_the_cost_models_stage(profiled):
     """`_stage_overheads` recovers a known per-micro-batch excess from pipeline runs timed as the cost
     model's stage (its layers' share of the profiled plan and its messages) plus that excess, and
