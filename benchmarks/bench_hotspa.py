@@ -28,8 +28,11 @@ against first-come-first-served.
 
     .venv/bin/python benchmarks/bench_hotspa.py [--batch 512] [--out runs/bench_hotspa.csv]
     .venv/bin/python benchmarks/bench_hotspa.py --runtime [--layers 2] [--width 64] [--seqs 32] [--max-len 512]
-        [--mixed 'tp[4,1];tp[4,2]'] [--profile [--profile-repeats 7]] [--keep-memory 0]
+        [--mixed 'tp[4,1];tp[4,2]'] [--pipelines 'dp2,tp1,pp2;dp1,tp2,pp2'] [--profile [--profile-repeats 7]]
+        [--keep-memory 0]
 
+`--pipelines`: static pipeline strategies (HotSPa's runtime: pp stages, pp micro-batches a replica)
+as more rows (default dp2·pp2 and dp1·tp2·pp2; '' for none), interleaved with the others.
 `--mixed`: per-block strategies (`luoshu.parallel.mixed_tp`, block l under tp[l] over 4 / tp[l]
 replicas) as more static rows, interleaved with the others.
 
@@ -164,6 +167,9 @@ def runtime_worker(args) -> None:
             for s in RUNTIME_STRATEGIES}
     budget = (need["dp1,tp4,pp1"] + need["dp2,tp2,pp1"]) / 2
     mixed = [s for s in args.mixed.split(";") if s]
+    pipelines = [s for s in args.pipelines.split(";") if s]
+    need.update({s: H.predict(spec, cluster, H.parse_strategy(s), [args.max_len] * H.parse_strategy(s).dp).memory_bytes
+                 for s in pipelines})
     for s in mixed:  # per-block: its most demanding block's need throughout (the cost model is per strategy)
         need[s] = max(need[f"dp{4 // t},tp{t},pp1"] for t in H.parse_strategy(s).layer_tp)
     contenders, jobs, seconds = {}, {}, {}
@@ -171,12 +177,14 @@ def runtime_worker(args) -> None:
     current = {"parts": {}}
     for module_attr in ("bucket_batch",):  # packing: a module function of the runtime
         _timed_part(hotspa_runtime, module_attr, "pack", current)
-    for name, strategies, bnds in [*((f"static {s}", [s], [args.max_len, 0]) for s in [*RUNTIME_STRATEGIES, *mixed]),
+    statics = [*RUNTIME_STRATEGIES, *pipelines, *mixed]
+    for name, strategies, bnds in [*((f"static {s}", [s], [args.max_len, 0]) for s in statics),
                                    ("hot switching", RUNTIME_STRATEGIES, bounds)]:
         model = build()
         hot = ls.parallel.HotSPa(model, strategies, bnds, memory_budget=budget if len(strategies) > 1 else None)
         opt = ls.optim.AdamW(model.parameters(), lr=1e-4)
-        for attr, part in (("_local_grads", "run"), ("_dp_sum", "dp_sum"), ("_switch", "switch")):
+        for attr, part in (("_local_grads", "run"), ("_pipeline_grads", "run"), ("_dp_sum", "dp_sum"),
+                           ("_switch", "switch")):
             _timed_part(hot, attr, part, current)
         _timed_part(opt, "apply_gradients", "update", current)
         jobs[name] = (hot, opt)
@@ -249,6 +257,10 @@ def runtime_worker(args) -> None:
     if args.profile:
         predicted = hotspa_profile.predict_steps(profile, build(), batches[0], RUNTIME_STRATEGIES, bounds)
         predicted_parts = hotspa_profile.predict_step_parts(profile, build(), batches[0], RUNTIME_STRATEGIES, bounds)
+        for s in pipelines:  # static rows alone (not in the hot switching's strategies)
+            predicted[f"static {s}"] = hotspa_profile.predict_static(profile, batches[0], [s], args.max_len)[s]
+            predicted_parts[f"static {s}"] = hotspa_profile.predict_step_parts(
+                profile, build(), batches[0], [s], [args.max_len, 0])[f"static {s}"]
         rows = [r for r in rows if r["strategy"] in predicted]  # no per-block strategy in the cost model
         for r in rows:
             r["predicted_ms"] = round(predicted[r["strategy"]] * 1e3, 1)
@@ -263,7 +275,9 @@ def runtime_worker(args) -> None:
               + ", ".join(f"n={n} {a * 1e3:.2f} ms" for n, a in profile.latency)
               + f", {profile.layer_collectives} collectives per layer and {profile.run_collectives} per run (tp), "
               f"update {profile.update_seconds * 1e9:.2f} ns per parameter, switch overhead "
-              f"{profile.switch_overhead_s * 1e3:.2f} ms + {profile.switch_message_s * 1e3:.2f} ms per message")
+              f"{profile.switch_overhead_s * 1e3:.2f} ms + {profile.switch_message_s * 1e3:.2f} ms per message, "
+              "pipeline stage overhead per micro-batch "
+              + ", ".join(f"tp={n} {o * 1e3:.2f} ms" for n, o in profile.stage_overhead_s))
     _print(rows)
     print("\nwhere a rank's busy ms of a step go (medians, mean over ranks): run = its plans (forward, loss, "
           "backward), dp_sum = the gradients' all-reduce, switch = hot switches, update = the optimizer, "
@@ -322,6 +336,8 @@ def main() -> None:
     parser.add_argument("--mixed", default="",
                         help="';'-separated per-block strategies (e.g. 'tp[4,1]') run as static rows beside the others")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pipelines", default="dp2,tp1,pp2;dp1,tp2,pp2",
+                        help="pipeline strategies (';'-separated) run as more static rows, interleaved with the others")
     parser.add_argument("--profile-repeats", type=int, default=7, help="rounds of each profiled point")
     parser.add_argument("--keep-memory", type=int, nargs="?", const=1, default=1,
                         help="1 (default): glibc keeps freed memory (`keep_freed_memory`); 0: its defaults")

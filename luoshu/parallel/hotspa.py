@@ -40,7 +40,10 @@ seconds over the cores (the profile's times are busy seconds: what a device take
 of its own). `predict(..., micro_batches=k)` models HotSPa's
 runtime rather than the simulator's GPU pipeline: a replica's packed rows run as k plans (1 for
 pp = 1, the pipeline's micro-batches otherwise), attention over whole rows where the model has
-no fused variable-length kernel, the LM head's FLOPs counted; and its hot step
+no fused variable-length kernel, the LM head's FLOPs counted, and each micro-batch of a pipeline
+costs every stage `stage_overhead` more (profiled from a real pipeline: a stage's two plans per
+micro-batch, its sends and receives, the embedding and the head on the end stages,
+`pipeline_stage_time`); and its hot step
 (`simulate(..., runtime=True)`): each bucket's gradients all-reduced over its strategy's
 data-parallel group, the parameters switched from the owner along `hot_switch.best_order`'s path
 (one way) and each visited strategy's gradients back to the owner (`runtime_switches_time`, each
@@ -125,6 +128,13 @@ class ClusterSpec:
     # peer and direction) its packing and point-to-point call (profiled)
     switch_overhead: float = 0.0
     switch_message_overhead: float = 0.0
+    # ((tp, seconds), ...): what a pipeline stage of HotSPa's runtime takes per micro-batch beyond its
+    # layers' share of the profiled plan (`run_time`) and its point-to-point messages: its two plans
+    # (forward, backward) launched per micro-batch, its sends' and receives' calls, the first
+    # stage's embedding and the last stage's head and loss (not spread over the stages); profiled
+    # from a real pp = 2 pipeline under each tp (`hotspa_profile`), charged per micro-batch on every
+    # stage of a pp > 1 strategy (`pipeline_stage_time`)
+    stage_overhead: tuple = ()
 
     @property
     def world(self) -> int:
@@ -509,16 +519,9 @@ def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Seque
         if micro_batches is None:
             t_stage = sum(layers_per_stage * layer_time(model, cluster, 1, 0, st.tp, st.sp, st.recompute, mb)
                           for mb in micro)
-        else:  # the rows in k plans; the slowest stage is the last (it adds the head)
-            k = max(1, min(int(micro_batches), len(micro)))
-            groups = [micro[j::k] for j in range(k)]
-            t_stage = sum(run_time(model, cluster, g, tokens_per_micro, layers_per_stage, st.tp, st.sp,
-                                   st.recompute) for g in groups)
-            micro = [[n for row in g for n in row] for g in groups]
-        p2p = 0.0
-        if st.pp > 1:
-            p2p = sum(2 * (2.0 * sum(mb) * model.hidden / _group_bw(cluster, st.tp * st.pp)
-                           + collective_latency(cluster, 2)) for mb in micro)
+            p2p = _p2p_time(model, cluster, st, micro)
+        else:  # the rows in k plans, each stage's per-micro-batch overhead on them
+            t_stage, p2p, micro = pipeline_stage_time(model, cluster, st, micro, tokens_per_micro, micro_batches)
         m = max(len(micro), 1)
         # 1F1B: (m + pp - 1) slots of the slowest stage's per-micro-batch time
         worst = max(worst, (t_stage + p2p) * (m + st.pp - 1) / m)
@@ -554,6 +557,44 @@ def predict(model: ModelSpec, cluster: ClusterSpec, st: Strategy, lengths: Seque
                       {"pipeline": worst, "dp_sync": dp_sync, "grad_sync": grad_sync, "step_sync": step_sync,
                        "update": update, "states": states, "activations": peak_act, "busy": busy,
                        "run_busy": run_busy, "once_per_step": step - runs})
+
+
+def stage_overhead(cluster: ClusterSpec, tp: int) -> float:
+    """The profiled seconds per micro-batch of a pipeline stage of tp ranks beyond its plans' layers and
+    messages (`ClusterSpec.stage_overhead`; that of the largest profiled tp no larger, else the
+    smallest's; 0 where none was profiled)."""
+    return _by_group(cluster.stage_overhead, tp) if cluster.stage_overhead else 0.0
+
+
+def pipeline_stage_time(model: ModelSpec, cluster: ClusterSpec, st: Strategy, rows: Sequence[Sequence[int]],
+                        row_len: int, micro_batches: int) -> tuple[float, float, list[list[int]]]:
+    """(seconds of a replica's slowest stage over its micro-batches, of their point-to-point messages,
+    the micro-batches' sequence lengths) as HotSPa's runtime runs `rows` (packed rows of `row_len`
+    tokens, each a list of sequence lengths) under `st`: min(micro_batches, rows) plans of every
+    k-th row, each through a stage's layers (`run_time`); with pp > 1, every micro-batch as many
+    rows (the runtime pads them with rows that have no targets, `HotSPa._pipeline_grads`), each
+    micro-batch's stage overhead (`stage_overhead`) on every stage, and per boundary its
+    activations forward and their gradients back, each a message."""
+    k = max(1, min(int(micro_batches), len(rows)))
+    groups = [list(rows[j::k]) for j in range(k)]
+    if st.pp > 1:  # the runtime pads the rows to a multiple of the micro-batches (rows without targets)
+        size = math.ceil(len(rows) / k)
+        groups = [g + [[]] * (size - len(g)) for g in groups]
+    layers_per_stage = math.ceil(model.layers / st.pp)
+    t_stage = sum(run_time(model, cluster, g, row_len, layers_per_stage, st.tp, st.sp, st.recompute) for g in groups)
+    micro = [[n for row in g for n in row] for g in groups]
+    if st.pp > 1:
+        t_stage += len(groups) * stage_overhead(cluster, st.tp)
+    return t_stage, _p2p_time(model, cluster, st, micro), micro
+
+
+def _p2p_time(model: ModelSpec, cluster: ClusterSpec, st: Strategy, micro: Sequence[Sequence[int]]) -> float:
+    """A stage's point-to-point messages over the micro-batches (sequence lengths each): per boundary
+    its activations forward and their gradients back, each a message (none where pp = 1)."""
+    if st.pp <= 1:
+        return 0.0
+    return sum(2 * (2.0 * sum(mb) * model.hidden / _group_bw(cluster, st.tp * st.pp)
+                    + collective_latency(cluster, 2)) for mb in micro)
 
 
 def _micro_batches(seqs: list[int], tokens: int) -> list[list[int]]:

@@ -33,7 +33,14 @@ it measures what the cost model's latency terms need (`ClusterSpec.latency` ...)
 - the busy seconds of a hot switch of every parameter beyond its bytes (`hot_switch.run_switches`
   of the model's tensors both ways between duplicated and split over the world: per switch, and
   per message a rank sends or receives): HotSPa's runtime switches parameters and gradients so,
-  several times a step.
+  several times a step;
+- a pipeline's stage time per micro-batch beyond its layers' share of the profiled plan and its
+  messages (`_pipeline_calls`, `_stage_overheads`): a fresh copy of the model run as HotSPa's
+  runtime runs a pp = 2 strategy (each micro-batch a forward and a backward stage plan, sends
+  and receives between the stages, the embedding on the first and the head and loss on the last)
+  under each tp, timed at the profile's points round by round with the tp plans (`_plan_runs`);
+  the excess over the cost model's stage, per micro-batch, is what `hotspa.pipeline_stage_time`
+  charges every stage per micro-batch.
 `cluster(profile, ...)` turns the fit into a `ClusterSpec`; `choose_strategies` (HotSPa's
 `strategies="auto"`) picks each bucket's strategy with `hotspa.simulate(..., runtime=True)` (the
 runtime's hot step as it runs) over the strategies HotSPa runs, pipelines included, with each
@@ -56,12 +63,13 @@ import torch
 import torch.distributed as torch_dist
 
 from luoshu.compiler import states
+from luoshu.core import context
 from luoshu.core.autodiff import gradients
 from luoshu.core.dstates import DUPLICATE, DStates
 from luoshu.core.graph import Graph
 from luoshu.core.op import topological_ops
 from luoshu.core.tensor import IndexedSlices
-from luoshu.data.packing import bucketize
+from luoshu.data.packing import bucket_batch, bucketize
 from luoshu.distributed import env
 from luoshu.distributed.mesh import DeviceMesh
 from luoshu.nn import functional as F
@@ -95,6 +103,10 @@ class Profile:
     switch_overhead_s: float = 0.0  # busy seconds of a hot switch of every parameter beyond its bytes
     switch_message_s: float = 0.0  # and per message a rank sends or receives in it
     clock: str = "cpu"  # what the seconds are (`_clock`): "cpu" (busy CPU seconds) or "wall"
+    # ((tp, ((rows, row length, micro-batches, seconds), ...)), ...): a real pp = 2 pipeline's run, timed
+    pipeline_runs: tuple = ()
+    # ((tp, seconds), ...): per micro-batch and stage, a pipeline's time beyond the cost model's stage
+    stage_overhead_s: tuple = ()
 
     def layer_seconds(self, b: int, s: int) -> float:
         scores = self.attention_seconds * b * self.spec.heads * s * s
@@ -149,14 +161,19 @@ def _round_robin(runs: Sequence[tuple], repeats: int) -> list[float]:
     follows other work (not its own warm buffers), and a busy moment of the machine (which slows
     CPU seconds too, if less than wall seconds) falls on every point and plan alike rather than on
     all the repeats of one, so what the strategies are compared by was timed at the same moments."""
-    for g, fetches, feeds in runs:
-        g.run(fetches, feeds)
+    return _round_robin_calls([lambda g=g, f=f, d=d: g.run(f, d) for g, f, d in runs], repeats)
+
+
+def _round_robin_calls(calls: Sequence, repeats: int) -> list[float]:
+    """`_round_robin` of functions of no arguments (each run once warm first)."""
+    for call in calls:
+        call()
     _together()
-    times: list[list[float]] = [[] for _ in runs]
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
-        for (g, fetches, feeds), t in zip(runs, times):
+        for call, t in zip(calls, times):
             start = _clock()
-            g.run(fetches, feeds)
+            call()
             t.append(_clock() - start)
     return [statistics.median(t) for t in times]
 
@@ -217,12 +234,25 @@ def _model_lengths(model: Module, lengths: Sequence[int]) -> list[int]:
     return sorted({min(int(s), most) for s in lengths})
 
 
-def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repeats: int) -> tuple:
+def _plan_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repeats: int) -> tuple[tuple, tuple]:
+    """(`_tp_runs`, the `_pipeline_calls` points with their seconds) timed in one round robin: a
+    pipeline's excess over the tp plans it is priced from (`_stage_overheads`) is a difference of
+    the two, so a load that comes and goes falls on both alike."""
+    points, calls = _pipeline_calls(model, lengths, batches)
+    tp, seconds = _tp_runs(model, lengths, batches, repeats, calls)
+    piped = iter(seconds)
+    return tp, tuple((n, tuple((*pt, next(piped)) for pt in pts)) for n, pts in points)
+
+
+def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repeats: int,
+             extra: Sequence = ()) -> tuple[tuple, list[float]]:
     """((n, ((rows, row length, seconds), ...)), ...): one run of the whole model's plan (forward,
     loss, backward, as HotSPa's plans) under tensor parallelism over n ranks at each point, timed on
     a fresh copy of its architecture with every TP group of the job running at once (the mean over
     ranks), for each n that divides the world and the heads. What a TP plan costs beyond its split
-    FLOPs (work each member repeats, its collectives, its kernels' overhead) is in it."""
+    FLOPs (work each member repeats, its collectives, its kernels' overhead) is in it. Returns
+    (these runs, the busy seconds of each of the `extra` calls, the mean over ranks), the calls
+    timed round by round with the plans."""
     spec = H.model_spec(model)
     world = env.world_size() if env.is_distributed() else 1
     rng = np.random.default_rng(0)
@@ -247,14 +277,77 @@ def _tp_runs(model: Module, lengths: Sequence[int], batches: Sequence[int], repe
                 states.attach(g, dataclasses.replace(tpar.strategy, dp_group=(), fetch_states=wanted))
             sizes.append(n)
             runs += [(g, fetches, _lm_feeds(phs, spec.vocab, b, s_len, rng)) for b, s_len in at]
-        seconds = _mean_over_ranks(_round_robin(runs, repeats))  # every n's plans timed round by round
+        calls = [lambda g=g, f=f, d=d: g.run(f, d) for g, f, d in runs] + list(extra)
+        seconds = _mean_over_ranks(_round_robin_calls(calls, repeats))  # every n's plans timed round by round
     finally:
         states.set_default(None)
     per_n = len(at)
-    return tuple(
+    tp = tuple(
         (n, tuple((b, s_len, t) for (b, s_len), t in zip(at, seconds[j * per_n : (j + 1) * per_n])))
         for j, n in enumerate(sizes)
     )
+    return tp, seconds[len(runs):]
+
+
+def _pipeline_calls(model: Module, lengths: Sequence[int], batches: Sequence[int]) -> tuple[tuple, list]:
+    """(((tp, ((rows, row length, micro-batches), ...)), ...), one function per point that runs it):
+    one replica's pipeline run (`HotSPa._pipeline_grads`: every micro-batch's forward and backward
+    stage plans, the sends and receives between them, the gradients gathered) of a fresh copy of
+    the model under HotSPa's runtime with pp = 2 stages of tp ranks, for each tp that divides half
+    the world and the heads, at each point (rows per replica of one sequence of the row's length
+    each), every replica of the job running at once (`_plan_runs` times them). None where the
+    world is odd or a single process, or the blocks do not split in two."""
+    from luoshu.parallel.hotspa_runtime import HotSPa  # the runtime imports this module
+
+    spec = H.model_spec(model)
+    world = env.world_size() if env.is_distributed() else 1
+    if world < 2 or world % 2 or spec.layers % 2:
+        return (), []
+    rng = np.random.default_rng(0)
+    at = [(int(b), int(s_len)) for b in batches for s_len in _model_lengths(model, lengths)]
+    longest = max(s_len for _, s_len in at)
+
+    def run(hot, rows, scale):
+        touched = {k: torch.zeros(p.shape[0], dtype=torch.int32)
+                   for k, (p, g) in enumerate(zip(hot.params, hot._grads))
+                   if isinstance(g, IndexedSlices) and k not in hot._dense_rows}
+        with context.no_grad():
+            hot._pipeline_grads(0, rows, scale, touched)
+
+    points, calls = [], []
+    for tp in (t for t in range(1, world // 2 + 1) if world // 2 % t == 0 and spec.heads % t == 0):
+        dp = world // (2 * tp)
+        hot = HotSPa(type(model)(model.config), [f"dp{dp},tp{tp},pp2"], [longest, 0], broadcast=False)
+        if 0 not in hot._pipelines:  # a model the pipeline cannot take: nothing to time
+            continue
+        replica = hot.meshes[0].index("dp")
+        for b, s_len in at:
+            seqs = [rng.integers(0, spec.vocab, s_len) for _ in range(dp * b)]
+            rows = bucket_batch(seqs, [longest, 0], row_tokens=s_len)[0].rows
+            mine = np.arange(rows.num_rows)[replica::dp]
+            rows = dataclasses.replace(rows, tokens=rows.tokens[mine], positions=rows.positions[mine],
+                                       segment_ids=rows.segment_ids[mine], labels=rows.labels[mine])
+            scale = 1.0 / max(int((rows.labels >= 0).sum()), 1)
+            calls.append(lambda hot=hot, rows=rows, scale=scale: run(hot, rows, scale))
+        points.append((tp, tuple((b, s_len, min(2, b)) for b, s_len in at)))
+    return tuple(points), calls
+
+
+def _stage_overheads(prof: Profile, points: tuple, world: int) -> tuple:
+    """((tp, seconds), ...): per micro-batch and pipeline stage, what a profiled pp = 2 pipeline run
+    (`_plan_runs`) took beyond the cost model's stage (its layers' share of the profiled plan,
+    `hotspa.run_time`, and its messages; `hotspa.pipeline_stage_time` with no stage overhead): the
+    mean over the points of each one's excess over its micro-batches (at least 0), over `world` ranks."""
+    cl = dataclasses.replace(cluster(prof, world), stage_overhead=())
+    out = []
+    for tp, pts in points:
+        st = H.Strategy(world // (2 * tp), tp, 2)
+        excess = []
+        for b, s_len, m, seconds in pts:
+            t_stage, p2p, _ = H.pipeline_stage_time(prof.spec, cl, st, [[s_len]] * b, s_len, m)
+            excess.append((seconds - t_stage - p2p) / m)
+        out.append((tp, max(float(np.mean(excess)), 0.0)))
+    return tuple(out)
 
 
 _COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -471,7 +564,8 @@ def profile(
     alphas, betas = _collective_costs()
     bandwidth = _bandwidth()
     switch = _switch_overhead(model, bandwidth)
-    return Profile(
+    tp_runs, pipeline_runs = _plan_runs(model, lengths, batches, repeats)
+    prof = Profile(
         spec,
         points,
         flops_rate,
@@ -486,12 +580,15 @@ def profile(
         run_collectives=per_run,
         run_overhead_s=run_overhead,
         update_seconds=_mean_over_ranks(_update_seconds(model)),
-        tp_runs=_tp_runs(model, lengths, batches, repeats),
+        tp_runs=tp_runs,
         cores=_cores(),
         clock="cpu" if _cpu_clock() else "wall",
         switch_overhead_s=switch[0],
         switch_message_s=switch[1],
+        pipeline_runs=pipeline_runs,
     )
+    prof.stage_overhead_s = _stage_overheads(prof, prof.pipeline_runs, env.world_size() if env.is_distributed() else 1)
+    return prof
 
 
 def _mean_over_ranks(value):
@@ -537,6 +634,7 @@ def cluster(
         cores=prof.cores,
         switch_overhead=prof.switch_overhead_s,
         switch_message_overhead=prof.switch_message_s,
+        stage_overhead=prof.stage_overhead_s,
     )
 
 

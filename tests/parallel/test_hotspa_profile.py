@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -34,6 +35,63 @@ def test_profile_measures_every_point_and_fits_the_cost_model(profiled):
     # the fitted activation model is the cost model's formula scaled once: within 2x at the longest
     want = prof.activation_scale * H.layer_activation_bytes(prof.spec, 2, 256, 1, False, "none")
     assert 0.5 < act[(2, 256)] / want < 2.0
+
+
+PIPELINE_SEQS = [256] * 8  # 8 full rows: 4 a replica under dp2·pp2, 8 under dp1·tp2·pp2; 2 micro-batches each
+
+
+def test_a_pipeline_stage_overhead_adds_its_seconds_per_micro_batch_on_the_critical_path(profiled):
+    """A profile whose pipeline stages take o more seconds per micro-batch (`stage_overhead_s`, per tp)
+    predicts each pipeline strategy's step (HotSPa's runtime: pp micro-batches a replica, 1F1B)
+    longer by o times the m + pp - 1 micro-batch slots of the critical path (no cores bound here),
+    and every rank busier by o per micro-batch; pp = 1 strategies do not change."""
+    _, prof = profiled
+    base = dataclasses.replace(prof, cores=None, stage_overhead_s=())
+    over = {1: 0.004, 2: 0.007}
+    charged = dataclasses.replace(base, stage_overhead_s=tuple(over.items()))
+    names = ["dp4,tp1,pp1", "dp2,tp2,pp1", "dp2,tp1,pp2", "dp1,tp2,pp2"]
+    seqs = [np.zeros(n, np.int64) for n in PIPELINE_SEQS]
+    before, after = P.predict_static(base, seqs, names, 256), P.predict_static(charged, seqs, names, 256)
+    for name in names:
+        st = H.parse_strategy(name)
+        m = st.pp if st.pp > 1 else 0  # each replica's rows (4 or 8) in pp micro-batches
+        want = over[st.tp] * (m + st.pp - 1) if st.pp > 1 else 0.0
+        assert after[name] - before[name] == pytest.approx(want, rel=1e-9, abs=1e-12), name
+        parts = [H.predict(p.spec, P.cluster(p, 4), st, PIPELINE_SEQS, 256, st.pp).parts["run_busy"]
+                 for p in (base, charged)]
+        assert parts[1] - parts[0] == pytest.approx(4 * m * over[st.tp] if st.pp > 1 else 0.0, abs=1e-12), name
+
+
+def test_a_pipelines_rows_are_padded_to_a_multiple_of_its_micro_batches(profiled):
+    """HotSPa's runtime pads a pipeline replica's rows to a multiple of its micro-batches (rows
+    without targets that run through the kernels all the same): 3 rows in 2 micro-batches cost
+    the stage what 4 do; a pp = 1 strategy runs its 3 rows as they are."""
+    _, prof = profiled
+    cl = P.cluster(prof, 4)
+    stage = [H.pipeline_stage_time(prof.spec, cl, H.Strategy(2, 1, 2), [[256]] * n, 256, 2)[0] for n in (3, 4)]
+    assert stage[0] == pytest.approx(stage[1], rel=1e-12)
+    flat = [H.pipeline_stage_time(prof.spec, cl, H.Strategy(4, 1, 1), [[256]] * n, 256, 1)[0] for n in (3, 4)]
+    assert flat[0] < flat[1]
+
+
+def test_the_stage_overhead_is_the_profiled_pipeline_runs_excess_over_the_cost_models_stage(profiled):
+    """`_stage_overheads` recovers a known per-micro-batch excess from pipeline runs timed as the cost
+    model's stage (its layers' share of the profiled plan and its messages) plus that excess, and
+    clamps a run faster than the model at 0."""
+    _, prof = profiled
+    cl = P.cluster(prof, 4)
+    runs = []
+    for tp, extra in ((1, 0.003), (2, -1.0)):
+        st = H.Strategy(4 // (2 * tp), tp, 2)
+        pts = []
+        for b, s_len in ((1, 64), (2, 64), (2, 256)):
+            m = min(2, b)
+            t_stage, p2p, _ = H.pipeline_stage_time(prof.spec, cl, st, [[s_len]] * b, s_len, m)
+            pts.append((b, s_len, m, t_stage + p2p + m * extra))
+        runs.append((tp, tuple(pts)))
+    fitted = dict(P._stage_overheads(prof, tuple(runs), 4))
+    assert fitted[1] == pytest.approx(0.003, rel=1e-9)
+    assert fitted[2] == 0.0
 
 
 def _need(prof, st: str, length: int, world: int) -> float:
@@ -209,8 +267,9 @@ def _busy_steps(busy: np.ndarray, cores: float) -> np.ndarray:
 @pytest.mark.dist
 @pytest.mark.slow
 def test_the_profiled_cost_model_ranks_the_static_strategies_as_measured(tmp_path):
-    """4 processes: the static strategies' measured steps (interleaved rounds) and the profiled
-    cost model's predictions order them alike. The cost model predicts busy seconds (each rank's
+    """4 processes: the static strategies' measured steps (interleaved rounds), pipelines included
+    (dp2·pp2, dp1·tp2·pp2: their stages' per-micro-batch overhead profiled from a real pipeline),
+    and the profiled cost model's predictions order them alike. The cost model predicts busy seconds (each rank's
     CPU time, its collectives' threads included, the ranks sharing the machine's cores), so the
     measured side is each round's ranks' busy seconds combined as the model combines them: a
     shared machine's wall clock also holds whatever else it runs at the time (reported, not
@@ -221,9 +280,13 @@ def test_the_profiled_cost_model_ranks_the_static_strategies_as_measured(tmp_pat
     from tests.parallel import hotspa_rank as R
 
     out = tmp_path / "rank"
-    proc = launch(4, "tests/parallel/hotspa_rank.py", "--out", str(out), timeout=280)
+    proc = launch(4, "tests/parallel/hotspa_rank.py", "--out", str(out), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = np.load(f"{out}.npz")
+    # the profile timed a real pp = 2 pipeline under tp 1 and 2 (dp2·pp2, dp1·tp2·pp2) at every point
+    assert sorted(set(run["pipeline_runs"][:, 0].astype(int))) == [1, 2]
+    overhead = run["stage_overhead"]
+    assert sorted(overhead[:, 0].astype(int).tolist()) == [1, 2] and (overhead[:, 1] >= 0).all()
     wall, predicted = run["measured"], run["predicted"]
     measured = _busy_steps(run["busy"], float(run["cores"]))
     table = ", ".join(
