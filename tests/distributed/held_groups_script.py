@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import luoshu as ls
-from tests.parallel.dp_train import DENSE, FIELDS, Net, batches
+from tests.parallel.dp_train import Net, batches, training_graph
 
 
 def main() -> None:
@@ -24,12 +24,7 @@ def main() -> None:
     kept = []
     model = Net()
     opt = ls.optim.Adam(model.parameters(), lr=0.01)
-    with ls.Graph() as g:
-        ids = ls.placeholder("ids", (None, FIELDS), "int64")
-        dense = ls.placeholder("dense", (None, DENSE), "float32")
-        y = ls.placeholder("y", (None,), "float32")
-        loss = ls.nn.functional.mse_loss(model(ids, dense), y)
-        train_op = opt.minimize(loss)
+    g, (ids, dense, y), loss, train_op = training_graph(model, opt)
     ls.parallel.DataParallel(g, bucket_size_mb=0.0005)
     kept += [model, g]
     for zero in (1, 3):

@@ -41,6 +41,17 @@ def batches(steps: int, global_batch: int, seed: int = 7):
         yield ids, dense, y
 
 
+def training_graph(model: Net, opt):
+    """(graph, its (ids, dense, y) placeholders, the loss, the update) of one MSE training step."""
+    with ls.Graph() as g:
+        ids = ls.placeholder("ids", (None, FIELDS), "int64")
+        dense = ls.placeholder("dense", (None, DENSE), "float32")
+        y = ls.placeholder("y", (None,), "float32")
+        loss = ls.nn.functional.mse_loss(model(ids, dense), y)
+        train_op = opt.minimize(loss)
+    return g, (ids, dense, y), loss, train_op
+
+
 def train(mode: str, batch: int, steps: int, workers: int, rank: int, bucket_mb: float, optimizer: str,
           data_parallel: bool = True) -> dict:
     """Trains; returns the parameters by name. Parameters start equal on every worker only
@@ -50,12 +61,7 @@ def train(mode: str, batch: int, steps: int, workers: int, rank: int, bucket_mb:
     opt = ls.optim.Adam(model.parameters(), lr=0.01) if optimizer == "adam" else \
         ls.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if mode == "graph":
-        with ls.Graph() as g:
-            ids = ls.placeholder("ids", (None, FIELDS), "int64")
-            dense = ls.placeholder("dense", (None, DENSE), "float32")
-            y = ls.placeholder("y", (None,), "float32")
-            loss = ls.nn.functional.mse_loss(model(ids, dense), y)
-            train_op = opt.minimize(loss)
+        g, (ids, dense, y), loss, train_op = training_graph(model, opt)
         if data_parallel:
             ls.parallel.DataParallel(g, bucket_size_mb=bucket_mb)
     else:
