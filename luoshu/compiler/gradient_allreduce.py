@@ -68,11 +68,11 @@ def plan_buckets(sizes_bytes: list[int], dtype_names: list[str], bucket_bytes: i
 
 def _placeable(g, update: Op, graph) -> bool:
     """Whether gradient `g` can be computed straight into its bucket: made by a graph op with
-    a `compute_into` kernel and one output, and read by nothing but the update."""
+    a `bind_into` kernel and one output, and read by nothing but the update."""
     if g.producer is None:
         return False
     producer = g.producer[0]
-    if producer.graph is not graph or producer.opdef.compute_into is None or len(producer.outputs) != 1:
+    if producer.graph is not graph or producer.opdef.bind_into is None or len(producer.outputs) != 1:
         return False
     return not any(t is g for op in graph.ops if op is not update for t in op.inputs)
 

@@ -56,11 +56,12 @@ class OpDef:
     def replay(self, op: Op, inputs: list[Tensor]) -> list[Tensor] | None:
         return None
 
-    # Optional kernel `compute_into(out, scale, *values, **attrs) -> bool` writing the (one)
-    # output times `scale` into `out`, a view of a preallocated buffer, instead of returning a
-    # new tensor; it returns False where it cannot for these values (the caller then copies).
-    # Data parallelism uses it to compute gradients straight into their all-reduce bucket.
-    compute_into: ClassVar[Callable | None] = None
+    # Optional `bind_into(out, scale, attrs) -> write`: a kernel `write(*values) -> bool` writing
+    # the (one) output times `scale` into `out`, a view of a preallocated buffer, instead of
+    # returning a new tensor; it returns False where it cannot for these values (the caller then
+    # copies). Bound once per buffer, so the per-run call does no attribute handling. Data
+    # parallelism uses it to compute gradients straight into their all-reduce bucket.
+    bind_into: ClassVar[Callable | None] = None
     # Inputs the kernel reads only for their shape, dtype and device (the `like` of sum_to): a
     # plan hands it a one-element stand-in made right after the input's producer
     # (`shape_stand_in`), so the input's buffer is freed after its last real reader.

@@ -18,6 +18,7 @@ layer does not import the layers above it).
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from collections.abc import Callable, Iterator
 
@@ -712,7 +713,7 @@ class BucketAllReduce(OpDef):
             flat = holder.tensor if holder is not None else None
             # the very pieces bucket_place wrote this step (gradients as bucket views): nothing to do
             if flat is None or flat is not placed[0] or len(xs) != len(placed[1]) or \
-                    any(x is not p for x, p in zip(xs, placed[1])):
+                    not all(map(operator.is_, xs, placed[1])):
                 flat, all_placed = _fill_bucket(holder, key, xs, scale)
                 placed[:] = (flat, xs) if all_placed else (None, ())
             if pg is None:
@@ -778,7 +779,7 @@ class BucketPlace(OpDef):
     `shape` and `dtype`), times 1/size for a mean, straight into bucket `buffer` at element
     `offset` (a bucket of `total` elements): the gradient is born as a view of the bucket
     (PyTorch DDP's `gradient_as_bucket_view`), so `bucket_all_reduce` has nothing to copy.
-    Ops with a `compute_into` kernel (matmul, sum) write there themselves; others are
+    Ops with a `bind_into` kernel (matmul, sum) write there themselves; others are
     computed and copied in.
     """
 
@@ -807,24 +808,26 @@ class BucketPlace(OpDef):
 
     def bind(self, attrs):
         # What does not change between steps (the op, its attributes, the scale, the piece of the
-        # persistent buffer) is found once per plan step, and again only when the buffer is
-        # reallocated: at 1 MB buckets the per-step Python work was a sizeable part of the step.
+        # persistent buffer, the kernel writing into it) is found once per plan step, and again only
+        # when the buffer is reallocated: at 1 MB buckets the per-step Python work was a sizeable
+        # part of the step.
         opdef = get_opdef(attrs["op"])
         op_attrs = {**opdef.attrs, **attrs["op_attrs"]}
-        compute, into = opdef.compute, opdef.compute_into
+        compute = opdef.compute
         holder = live.lookup(attrs["buffer"], "bucket buffer", self.name)
-        cut: list = [None, None, 1.0]  # the buffer the piece is cut from, the piece, the scale
+        cut: list = [None, None, 1.0, None]  # the buffer the piece is cut from, the piece, the scale, its writer
 
         def kernel(*values):
             if cut[0] is None or holder.tensor is not cut[0]:
-                cut[:] = _cut_piece(holder, attrs, values)
-            _, piece, scale = cut
-            if into is None or not into(piece, scale, *values, **op_attrs):
+                cut[:3] = _cut_piece(holder, attrs, values)
+                cut[3] = opdef.bind_into(cut[1], cut[2], op_attrs)
+            piece, write = cut[1], cut[3]
+            if write is None or not write(*values):
                 result = compute(*values, **op_attrs)
-                if scale == 1.0:
+                if cut[2] == 1.0:
                     piece.copy_(result)
                 else:
-                    torch.mul(result, scale, out=piece)
+                    torch.mul(result, cut[2], out=piece)
             return piece
 
         return kernel

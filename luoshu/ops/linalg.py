@@ -85,12 +85,17 @@ class Matmul(OpDef):
         return torch.matmul(a, b)
 
     @staticmethod
-    def compute_into(out, scale, a, b, trans_a, trans_b):
+    def bind_into(out, scale, attrs):
         """2-D operands: one addmm writes scale * (a @ b) into `out` (beta 0 ignores its contents)."""
-        if a.ndim != 2 or b.ndim != 2 or a.dtype != out.dtype or b.dtype != out.dtype:
-            return False
-        torch.addmm(out, a.t() if trans_a else a, b.t() if trans_b else b, beta=0, alpha=scale, out=out)
-        return True
+        trans_a, trans_b, dtype = attrs["trans_a"], attrs["trans_b"], out.dtype
+
+        def write(a, b):
+            if a.ndim != 2 or b.ndim != 2 or a.dtype is not dtype or b.dtype is not dtype:
+                return False
+            out.addmm_(a.t() if trans_a else a, b.t() if trans_b else b, beta=0, alpha=scale)
+            return True
+
+        return write
 
     def gradient(self, op, grads):
         g, = grads

@@ -219,14 +219,19 @@ class Sum(_Reduce):
         return x.sum(dim=axes, keepdim=keepdims)
 
     @staticmethod
-    def compute_into(out, scale, x, axis, keepdims):
-        axes = _axes(x, axis)
-        if not axes or x.dtype != out.dtype or not x.is_floating_point():
-            return False
-        torch.sum(x, dim=axes, keepdim=keepdims, out=out)
-        if scale != 1.0:
-            out.mul_(scale)
-        return True
+    def bind_into(out, scale, attrs):
+        axis, keepdims, dtype = attrs["axis"], attrs["keepdims"], out.dtype
+
+        def write(x):
+            axes = _axes(x, axis)
+            if not axes or x.dtype is not dtype or not x.is_floating_point():
+                return False
+            torch.sum(x, dim=axes, keepdim=keepdims, out=out)
+            if scale != 1.0:
+                out.mul_(scale)
+            return True
+
+        return write
 
     def gradient(self, op, grads):
         return [apply("broadcast_like", _kept(op, grads[0]), op.inputs[0])]

@@ -96,10 +96,24 @@ class OptimizerUpdate(OpDef):
         return TensorMeta((), "float32")
 
     def compute(self, *values, optimizer, params, kinds, loss_scaler):
-        opt = live.lookup(optimizer, "optimizer", self.name)
-        scaler = live.lookup(loss_scaler, "loss scaler", self.name) if loss_scaler >= 0 else None
-        opt.apply_gradients(gradient_pairs(params, kinds, values), scaler)
-        return None
+        return self.bind({"optimizer": optimizer, "params": params, "kinds": kinds,
+                          "loss_scaler": loss_scaler})(*values)
+
+    def bind(self, attrs):
+        # the optimizer and the loss scaler are looked up per run (either may be gone), the layout
+        # of the inputs is read once: all dense (the common step) pairs them with the indices as they are
+        name, optimizer, params, kinds, loss_scaler = (self.name, attrs["optimizer"], attrs["params"],
+                                                       attrs["kinds"], attrs["loss_scaler"])
+        dense = len(kinds) == len(params) and kinds.count("d") == len(kinds)
+
+        def kernel(*values):
+            opt = live.lookup(optimizer, "optimizer", name)
+            scaler = live.lookup(loss_scaler, "loss scaler", name) if loss_scaler >= 0 else None
+            pairs = list(zip(params, values)) if dense and len(values) == len(params) else \
+                gradient_pairs(params, kinds, values)
+            opt.apply_gradients(pairs, scaler)
+
+        return kernel
 
     def lower(self, *, optimizer, params, kinds, loss_scaler):
         """The update as pure tensor math for whole-step compilation (`luoshu.compiler.inductor`):

@@ -20,6 +20,8 @@ from luoshu.core.op import Op, get_opdef
 from luoshu.core.tensor import Tensor
 from luoshu.runtime.memory import MemoryReport, measure
 
+_set_grad_enabled = torch._C._set_grad_enabled  # what torch.no_grad() calls on entry and exit
+
 
 @dataclass
 class Step:
@@ -42,12 +44,18 @@ class Plan:
     compiled: CompiledStep | None = field(default=None, repr=False)  # set by `compile`
 
     def run(self, feed_values: list[torch.Tensor]) -> list:
-        with torch.no_grad():
+        # torch.no_grad()'s context manager, without its Python frames (a few µs a run, several
+        # times that when the run follows a wait and little of it is in cache)
+        enabled = torch.is_grad_enabled()
+        _set_grad_enabled(False)
+        try:
             if self.compiled is not None:
                 out = self.compiled.run(feed_values)
                 if out is not None:
                     return out
             return self._fn(feed_values)
+        finally:
+            _set_grad_enabled(enabled)
 
     def compile(self, backend: str = "inductor", cuda_graphs: bool | None = None) -> CompiledStep:
         """Runs the steps as one compiled graph from the next run on (`luoshu.compiler.inductor`);
