@@ -378,6 +378,7 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
                 [tensors[id(t)] for t in op.inputs],
                 lambda i, w, op=op: converted(op.inputs[i], w),
                 strategy,
+                lambda i, op=op: cache.get(id(op.inputs[i]), {}),
             )
             for t, lt, ds in zip(op.outputs, outs, out_ds):
                 tensors[id(t)], states[id(t)] = lt, ds
@@ -419,16 +420,17 @@ def convert_to(x: Tensor, src: DStates, want: DStates, global_shape, shard: Shar
     return convert(x, src, S.dup(shard.size) if want is S.WHOLE else want, global_shape, shard)
 
 
-def localize_op(op: Op, in_ds: list, inputs: list, converted, strategy: Strategy) -> tuple[list, list]:
+def localize_op(op: Op, in_ds: list, inputs: list, converted, strategy: Strategy, made=None) -> tuple[list, list]:
     """One logical op on this rank, in the current mode (a graph being built, or eager): deduces its
     output states from `in_ds` (its inputs' states), converts the inputs it needs in other states
     with `converted(i, wanted states)` (the comm op of the pair), and applies the op's local
-    version to the local `inputs`. Returns (local outputs, their states). The graph pass and the
-    eager dispatch both run every op through here."""
+    version to the local `inputs`. Returns (local outputs, their states). `made(i)`: the states keys
+    input i was already converted to (free to read again). The graph pass and the eager dispatch
+    both run every op through here."""
     n = len(strategy.group)
     if op.opdef.sums_inputs and n > 1 and len({S.key(d) for d in in_ds}) > 1:
         return _localize_sum(op, in_ds, inputs, converted, strategy)
-    out_ds, want = _deduce(op, in_ds, strategy)
+    out_ds, want = _deduce(op, in_ds, strategy, made)
     inputs = [x if w is None else converted(i, w) for i, (x, w) in enumerate(zip(inputs, want))]
     in_ds = [
         d if w is None or (w is S.WHOLE and S.same(w, d)) else (S.dup(n) if w is S.WHOLE else w)
@@ -469,8 +471,8 @@ def _localize_sum(op: Op, in_ds: list, inputs: list, converted, strategy: Strate
     return [apply(op.opdef, *sums, **op.attrs)], [target]
 
 
-def _deduce(op: Op, in_ds: list, strategy: Strategy):
-    """(output states, wanted input states or None per input)."""
+def _deduce(op: Op, in_ds: list, strategy: Strategy, made=None):
+    """(output states, wanted input states or None per input); `made` as `localize_op`'s."""
     n = len(strategy.group)
     io = S.OpIO(tuple(t.shape for t in op.inputs), tuple(t.shape for t in op.outputs))
     nout = len(op.outputs)
@@ -485,16 +487,22 @@ def _deduce(op: Op, in_ds: list, strategy: Strategy):
             # One tensor read twice (x * x) is converted once per wanted states (the pass caches
             # conversions), and once a partial is all-reduced its other readers here read it whole:
             # reading it partial as well defers a second all-reduce, as duplicate -> partial does.
+            # A conversion an earlier reader made is free: an RMSNorm under sequence parallelism
+            # reduce-scatters x for mean(x * x), and x * rsqrt(...) then reads that split x too,
+            # rather than gathering the statistic onto the partial x (an all-reduce later).
             whole = {id(t) for d, w, t in zip(in_ds, c.inputs, op.inputs) if _all_reduces(d, w, n)}
             seen, total = set(), 0.0
-            for d, w, t, f in zip(in_ds, c.inputs, op.inputs, fixed):
+            for i, (d, w, t, f) in enumerate(zip(in_ds, c.inputs, op.inputs, fixed)):
                 w = d if w is None else w
                 if id(t) in whole and not _all_reduces(d, w, n):
                     d = S.dup(n)
                 key = (id(t), "whole" if w is S.WHOLE else S.key(w))
                 if key not in seen:
                     seen.add(key)
-                    total += conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
+                    if made is None or w is S.WHOLE or S.key(w) not in made(i):
+                        total += conversion_cost(d, w, t.shape, f, strategy.sequence_parallel)
+            if strategy.sequence_parallel:
+                total += _gather_into_partial(in_ds, c.inputs, op.inputs, n)
             return total
 
         best = min(need.candidates, key=cost)
@@ -510,6 +518,24 @@ def _deduce(op: Op, in_ds: list, strategy: Strategy):
                 stacklevel=2,
             )
         return [S.dup(n)] * nout, [S.dup(n)] * len(in_ds)
+
+
+def _gather_into_partial(in_ds: list, wants: tuple, inputs: list, n: int) -> float:
+    """Under sequence parallelism, what a layout that gathers a split input to meet a partial one
+    (kept partial) really costs besides the gather: the partial's reduce-scatter. The gather is
+    cheap when the split input is small (an RMSNorm's rsqrt(mean(x * x)) per position), but the op
+    then runs full-size on the partial and so does everything after it, gathering each split
+    tensor it meets (x for the norm weight's gradient), up to an all-reduce where the partial
+    ends. Megatron-LM reduce-scatters the partial where it meets the split region."""
+    kept, gathers = 0.0, False
+    for d, w, t in zip(in_ds, wants, inputs):
+        w = d if w is None else w
+        a, b = S.key(d), S.key(S.dup(n) if w is S.WHOLE else w)
+        if a == PARTIAL and b == PARTIAL:
+            kept = max(kept, _numel(t.shape))
+        elif a >= 0 and b == DUPLICATE:
+            gathers = True
+    return kept if gathers else 0.0
 
 
 def _all_reduces(src: DStates, want, n: int) -> bool:
@@ -631,7 +657,8 @@ def eager_apply(opdef, tensors: list, attrs: dict, metas) -> tuple | None:
         return out
 
     with context.no_grad():  # autodiff records the logical op (the caller does), not these
-        outs, out_ds = localize_op(op, in_ds, local, converted, strategy)
+        outs, out_ds = localize_op(op, in_ds, local, converted, strategy,
+                                   lambda i: (_EAGER_CONVERTED.get(id(tensors[i])) or (None, {}))[1])
     return op, [o._value for o in outs], [[None] * strategy.strategy + [d] for d in out_ds]
 
 

@@ -102,13 +102,13 @@ def test_every_rank_holds_half_of_each_split_weight(rank):
     assert split == 1 + 2 * 10  # wte; per block q/k/v weight+bias, o weight, c_fc weight+bias, c_proj weight
 
 
-def _training_step_collectives(model_name: str) -> dict:
+def _training_step_collectives(model_name: str, sp: bool = False, phases: bool = False) -> dict:
     """{kind: [input shapes]} of the collectives in rank 0's local plan of a tp=2 training step
-    (a max all-reduce counts as "all_reduce_max")."""
+    (a max all-reduce counts as "all_reduce_max"); with `phases`, {"forward": .., "backward": ..}."""
     ls.manual_seed(0)
     model = tp_train.build(model_name)
     mesh = ls.distributed.DeviceMesh(tp=2, world_size=2, rank=0)
-    strategy = ls.parallel.parallelize(model, mesh, broadcast=False).strategy
+    strategy = ls.parallel.parallelize(model, mesh, sequence_parallel=sp, broadcast=False).strategy
     ST.set_default(None)  # localised by hand
     opt = ls.optim.AdamW(model.parameters(), lr=1e-2)
     with ls.Graph() as g:
@@ -117,9 +117,20 @@ def _training_step_collectives(model_name: str) -> dict:
         logits = model(ids).reshape((-1, tp_train.VOCAB))
         loss = ls.nn.functional.cross_entropy(logits, y.reshape((-1,)))
         step = opt.minimize(loss)
-    local = ST.localize_graph(topological_ops([loss, step], g), [loss, step], strategy)
+    found = _collectives(ST.localize_graph(topological_ops([loss, step], g), [loss, step], strategy).graph.ops)
+    if not phases:
+        return found
+    forward = _collectives(ST.localize_graph(topological_ops([loss], g), [loss], strategy).graph.ops)
+    backward = {k: list(v) for k, v in found.items()}
+    for kind, shapes in forward.items():
+        for shape in shapes:
+            backward[kind].remove(shape)
+    return {"forward": forward, "backward": {k: v for k, v in backward.items() if v}}
+
+
+def _collectives(ops) -> dict:
     found = {}
-    for op in local.graph.ops:
+    for op in ops:
         if op.opdef.name in COMM:
             reduce = op.attrs.get("reduce", "sum")
             kind = op.opdef.name if reduce in ("sum", "mean") else f"{op.opdef.name}_{reduce}"
@@ -158,6 +169,30 @@ def test_llama_tp2_training_step_gathers_no_activation_or_gradient():
     # the rest: the loss's sum-exp and target logits, and the three RMSNorm weights' gradients
     rest = sorted((s for s in found["all_reduce"] if s not in big), key=str)
     assert rest == [(64,), (64,), (64,), (None, 1), (None,)], found["all_reduce"]
+
+
+def test_llama_sp_training_step_keeps_the_norms_in_the_sequence_split():
+    """Megatron-LM's sequence-parallel collectives for 1 LLaMA block: forward, the embedding, o_proj
+    and down_proj outputs reduce-scattered and the three RMSNorm outputs all-gathered for the
+    column-parallel projections (attention, MLP, LM head); nothing of activation size all-reduced.
+
+    Before, RMSNorm's statistic rsqrt(mean(x * x)) was reduce-scattered, gathered back (rows, 16, 1)
+    and multiplied onto the partial x, which was then all-reduced: 3 activation all-reduces forward
+    (an all-reduce moves twice a gather's bytes), and backward the norm ran on the partial gradient,
+    gathering x and the statistic for it and all-reducing 3 more. Backward now: the six
+    column-parallel input gradients and LM head's reduce-scattered (q/k/v summed first), the three
+    norm outputs' gradients gathered; of activation size nothing else."""
+    found = _training_step_collectives("llama", sp=True, phases=True)
+    length, width = tp_train.LENGTH, 64
+    split, whole = (length // 2, None, width), (length, None, width)  # sequence-first around a collective
+    forward, backward = found["forward"], found["backward"]
+    assert forward["reduce_scatter"] == [whole] * 3 and forward["all_gather"] == [split] * 3
+    # the loss only: the vocabulary-parallel sum-exp and target logits, the row maxima
+    assert forward["all_reduce"] == [(None, 1), (None,)] and forward["all_reduce_max"] == [(None, 1)]
+    assert sorted(backward) == ["all_gather", "all_reduce", "reduce_scatter"]
+    assert backward["all_gather"] == [split] * 3
+    assert backward["reduce_scatter"] == [whole] * 6
+    assert sorted(backward["all_reduce"], key=str) == [(64,), (64,), (64,)]  # the norm weights' gradients
 
 
 def test_bad_input_is_refused_clearly():
