@@ -365,10 +365,13 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
             tensors[id(t)], states[id(t)] = out, now
         return out
 
+    gradient_of = _gradient_of(ops) if strategy.sequence_parallel and n > 1 else {}
     with local:
         for op in ops:
             for t in op.inputs:
                 get(t)
+                if id(t) in gradient_of and S.key(states[id(t)]) == PARTIAL:
+                    _to_primal_split(t, gradient_of[id(t)][1], states, converted)
             if op.opdef.name == "optimizer_update":
                 _localize_update(op, tensors, states, converted, shard, strategy)
                 continue
@@ -391,6 +394,27 @@ def localize_graph(ops: list[Op], fetches: list[Tensor], strategy: Strategy, lea
     return Localized(local, tensors, states, feeds)
 
 
+def _gradient_of(ops: list[Op]) -> dict:
+    """The autodiff records (`Graph.gradient_of`) of the graphs `ops` belong to."""
+    found: dict = {}
+    for graph in {id(op.graph): op.graph for op in ops if op.graph is not None}.values():
+        found.update(getattr(graph, "gradient_of", {}))
+    return found
+
+
+def _to_primal_split(grad: Tensor, primals: list, states: dict, converted) -> None:
+    """Under sequence parallelism, a partial gradient of a tensor held split (the sequence split of
+    a norm's output or the residual stream) is reduce-scattered into that split where it is first
+    read, and read split from then on (`_convert_once`): Megatron-LM's dual of the forward's
+    all-gather. Left partial, its first reader (RMSNorm's gy * w) keeps the full-size partial and
+    the next reader (gy * x_hat for the weight gradient) reduce-scatters the gradient again."""
+    for primal in primals:
+        ds = states.get(id(primal))
+        if ds is not None and S.key(ds) >= 0 and tuple(primal.shape) == tuple(grad.shape):
+            converted(grad, ds)
+            return
+
+
 def leaf_source(t: Tensor) -> Tensor:
     """The logical tensor (a parameter) a local graph's leaf reads; `t` itself for any other."""
     return t._source if isinstance(t, _LeafView) else t
@@ -410,6 +434,12 @@ def _convert_once(done: dict, x: Tensor, src: DStates, want: DStates, global_sha
         # the partial would all-reduce again, or gather their other input (an RMSNorm's
         # x * rsqrt(mean(x * x)), the backward's weight gradients).
         return done[key], S.dup(shard.size)
+    if S.key(src) == PARTIAL and key >= 0:
+        # Likewise once reduce-scattered (sequence parallelism): later readers take the split value
+        # (Megatron-LM's layout after a row-parallel output). Left on the partial, a reader's result
+        # would be reduce-scattered once more: RMSNorm's backward reads its output gradient for the
+        # input gradient (gy * w) and for the weight gradient (gy * x_hat, split).
+        return done[key], want
     return done[key], src
 
 

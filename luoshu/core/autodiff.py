@@ -131,6 +131,10 @@ def _backprop(ys, xs, grad_ys, graph, on_ready=None):
         outs = [final(k, pop=k not in x_ids) for k in keys]
         if all(g is None for g in outs):
             continue
+        if graph is not None:
+            for primal, g in zip(op._outputs, outs):
+                if isinstance(g, Tensor) and g.graph is graph:
+                    graph.gradient_of.setdefault(id(g), (g, []))[1].append(primal)
         outs = [_densify(g) for g in outs]
         op.needs_grad = tuple(_key(t) in reaches for t in op.inputs)
         in_grads = op.opdef.gradient(op, outs)

@@ -73,6 +73,9 @@ class Graph:
         # Regions whose intermediate activations are recomputed in the backward instead of
         # kept (`luoshu.nn.recompute` records them; `luoshu.compiler.recompute` rewrites them).
         self.recompute_regions: list[RecomputeRegion] = []
+        # id(gradient tensor) -> (it, the tensors it is the gradient of), recorded by autodiff: the
+        # states pass reduce-scatters a partial gradient into its tensor's sequence split
+        self.gradient_of: dict[int, tuple[Tensor, list[Tensor]]] = {}
 
     def __enter__(self) -> Graph:
         context.push_graph(self)
