@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 
 from luoshu.core import context, live
+from luoshu.core.autodiff import eager_gradient_of
 from luoshu.core.dstates import DUPLICATE, PARTIAL, DStates
 from luoshu.core.errors import Error, GraphError
 from luoshu.core.graph import Graph
@@ -224,6 +225,11 @@ def conversion_cost(src: DStates, dst: DStates, shape, fixed: bool, sequence_par
         return 0.01 * size
     if a == PARTIAL:
         cost = 2.0 * size if b == DUPLICATE else (1.0 if sequence_parallel else 4.0) * size
+        if sequence_parallel and b == 0 and len(shape) >= 3 and shape[1] is not None and shape[1] > 1:
+            # a (batch, sequence, ...) activation: split the sequence, as Megatron-LM does. The batch
+            # split ties in bytes here, but a known batch size made the pass pick it (the first
+            # candidate), and the backward's (rows, dim) weight gradients then regathered their blocks.
+            cost *= 1.01
     else:
         cost = size
     return cost * (1e6 if fixed else 1.0)
@@ -649,6 +655,15 @@ def _localize_update(op: Op, tensors, states, converted, shard: Shard, strategy:
 _EAGER_CONVERTED: dict = {}
 
 
+def _eager_states(t: Tensor, strategy: Strategy, n: int) -> DStates:
+    """The states eager tensor `t` is read in now: those of its conversion later readers take
+    (after an all-reduce or a reduce-scatter), else its own."""
+    entry = _EAGER_CONVERTED.get(id(t))
+    if entry is not None and entry[2] is not None and entry[0]() is t:
+        return entry[2][1]
+    return states_of(t, strategy.strategy, n)
+
+
 def _forget(key: int):
     return lambda _: _EAGER_CONVERTED.pop(key, None)
 
@@ -687,6 +702,15 @@ def eager_apply(opdef, tensors: list, attrs: dict, metas) -> tuple | None:
         return out
 
     with context.no_grad():  # autodiff records the logical op (the caller does), not these
+        if strategy.sequence_parallel:  # a partial gradient of a split tensor goes split, as in the graph pass
+            for i, t in enumerate(tensors):
+                if S.key(in_ds[i]) == PARTIAL:
+                    primals = eager_gradient_of(t)
+                    _to_primal_split(t, primals, {id(p): _eager_states(p, strategy, n) for p in primals},
+                                     lambda g, w, i=i: converted(i, w))
+                    entry = _EAGER_CONVERTED.get(id(t))
+                    if entry is not None and entry[2] is not None:
+                        local[i], in_ds[i] = entry[2]
         outs, out_ds = localize_op(op, in_ds, local, converted, strategy,
                                    lambda i: (_EAGER_CONVERTED.get(id(tensors[i])) or (None, {}))[1])
     return op, [o._value for o in outs], [[None] * strategy.strategy + [d] for d in out_ds]

@@ -8,6 +8,7 @@ graph; in eager mode they compute at once (and record history only with
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -135,6 +136,10 @@ def _backprop(ys, xs, grad_ys, graph, on_ready=None):
             for primal, g in zip(op._outputs, outs):
                 if isinstance(g, Tensor) and g.graph is graph:
                     graph.gradient_of.setdefault(id(g), (g, []))[1].append(primal)
+        elif op_module.eager_to_states is not None:  # eager tensor parallelism: the same record, weakly
+            for primal, g in zip(op._outputs, outs):
+                if isinstance(g, Tensor):
+                    _record_eager_gradient(g, primal)
         outs = [_densify(g) for g in outs]
         op.needs_grad = tuple(_key(t) in reaches for t in op.inputs)
         in_grads = op.opdef.gradient(op, outs)
@@ -151,6 +156,28 @@ def _backprop(ys, xs, grad_ys, graph, on_ready=None):
         for i in ready_after[pos]:
             on_ready(i, final(_key(xs[i]), pop=False))
     return [final(_key(x), pop=False) for x in xs]
+
+
+# id(eager gradient tensor) -> (weakref to it, weakrefs to the tensors it is the gradient of): the
+# eager counterpart of `Graph.gradient_of`, kept while the gradient lives (keyed by identity, as
+# Tensor's == is an op)
+EAGER_GRADIENT_OF: dict[int, tuple] = {}
+
+
+def _record_eager_gradient(g: Tensor, primal: Tensor) -> None:
+    entry = EAGER_GRADIENT_OF.get(id(g))
+    if entry is None or entry[0]() is not g:
+        key = id(g)
+        entry = EAGER_GRADIENT_OF[key] = (weakref.ref(g, lambda _: EAGER_GRADIENT_OF.pop(key, None)), [])
+    entry[1].append(weakref.ref(primal))
+
+
+def eager_gradient_of(t: Tensor) -> list[Tensor]:
+    """The live tensors eager tensor `t` is the gradient of (recorded under eager tensor parallelism)."""
+    entry = EAGER_GRADIENT_OF.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return []
+    return [p for p in (ref() for ref in entry[1]) if p is not None]
 
 
 def _ready_positions(relevant, xs) -> dict[int, list[int]]:

@@ -128,11 +128,11 @@ def block_collectives(mesh, sequence_parallel: bool) -> dict:
     return counts
 
 
-def llama_step_collectives(mesh) -> dict:
+def llama_step_collectives(mesh, sequence_parallel: bool = False) -> dict:
     """The collectives (on activations) of one eager LLaMA loss's forward and backward under `mesh`."""
     ls.manual_seed(1)
     model = build("llama").to(dtype="float64")
-    ls.parallel.parallelize(model, mesh)
+    ls.parallel.parallelize(model, mesh, sequence_parallel=sequence_parallel)
     counts: dict = {"forward": {}, "backward": {}}
     phase = ["forward"]
     ids_v, y_v = next(batches())
@@ -144,7 +144,7 @@ def llama_step_collectives(mesh) -> dict:
     return counts
 
 
-def llama_graph_collectives(index: int, tp: int = 2) -> dict:
+def llama_graph_collectives(index: int, tp: int = 2, sequence_parallel: bool = False) -> dict:
     """The collectives (on activations, as `_counting` counts them) of the define-and-run LLaMA step
     (loss, `minimize`) on TP member `index`: the states pass alone, in one process (nothing runs);
     what `llama_step_collectives`' eager step is compared with."""
@@ -152,7 +152,8 @@ def llama_graph_collectives(index: int, tp: int = 2) -> dict:
 
     ls.manual_seed(1)
     model = build("llama").to(dtype="float64")
-    ls.parallel.parallelize(model, ls.distributed.DeviceMesh(tp=tp, world_size=tp), broadcast=False)
+    ls.parallel.parallelize(model, ls.distributed.DeviceMesh(tp=tp, world_size=tp), sequence_parallel=sequence_parallel,
+                            broadcast=False)
     try:
         opt = ls.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         with ls.Graph() as g:
@@ -160,7 +161,7 @@ def llama_graph_collectives(index: int, tp: int = 2) -> dict:
             y = ls.placeholder("y", (BATCH, LENGTH), "int64")
             loss = ls.nn.functional.cross_entropy(model(ids).reshape((-1, VOCAB)), y.reshape((-1,)))
             step = opt.minimize(loss)
-        strategy = states.Strategy(tuple(range(tp)), index)
+        strategy = states.Strategy(tuple(range(tp)), index, sequence_parallel)
 
         def count(fetches) -> dict:
             found: dict = {}
@@ -194,8 +195,8 @@ def main() -> None:
     np.savez(f"{args.out}.rank{ls.distributed.rank()}.npz", losses=losses, **params)
     with open(f"{args.out}.rank{ls.distributed.rank()}.json", "w") as f:
         counts = block_collectives(mesh, args.sp)
-        if args.model == "llama" and not args.sp:
-            counts["llama"] = llama_step_collectives(mesh)
+        if args.model == "llama":
+            counts["llama"] = llama_step_collectives(mesh, args.sp)
         json.dump(counts, f)
     ls.distributed.shutdown()
 

@@ -100,6 +100,14 @@ def test_eager_tp2_training_matches_one_process(tmp_path, model, sp, minimize, c
             assert step == {"forward": {"all_reduce": 4, "all_reduce_max": 1}, "backward": {"all_reduce": 3}}
             # and the define-and-run step's local graph on this member makes the same
             assert step == eager_tp_train.llama_graph_collectives(r), (step, eager_tp_train.llama_graph_collectives(r))
+        if model == "llama" and sp:
+            # Megatron-LM's sequence-parallel collectives, eager as in the graph pass (see
+            # test_tensor_parallel's test_llama_sp_training_step_keeps_the_norms_in_the_sequence_split):
+            # before, 3 activation all-reduces forward and 11 reduce-scatters, 4 gathers and an
+            # all-reduce backward. This job's batch size is static: the sequence is split, not the batch.
+            assert step == {"forward": {"reduce_scatter": 3, "all_gather": 3, "all_reduce": 1, "all_reduce_max": 1},
+                            "backward": {"reduce_scatter": 3, "all_gather": 3}}, step
+            assert step == eager_tp_train.llama_graph_collectives(r, sequence_parallel=True), step
 
 
 def test_the_llama_graph_step_makes_megatrons_collectives_and_3_backward_all_reduces():
